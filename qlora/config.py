@@ -1,0 +1,271 @@
+"""Typed recipe: one `Config` of six sections, loaded from a Python file and overridden from the command line.
+
+A recipe is a Python file that defines `config = Config(...)`. Overrides look like `--train.lr=1e-4`; each is parsed
+to the field's declared type, and an unknown key is an error that names the closest real key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("qlora", "lora", "full")
+
+
+class ConfigError(ValueError):
+    """A mistake in a recipe or an override; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hub id or local directory of a Hugging Face checkpoint."""
+    build: str | None = None
+    """Name of a builder in `qlora.model.BUILDERS` that writes the checkpoint at `path` once if it is missing."""
+    synthetic: bool = False
+    """Random weights quantised straight to NF4 from `config_json` alone: measures memory without a download."""
+    config_json: str | None = None
+    """A local `config.json` for `synthetic` (the hub cannot be reached)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the checkpoint. Off unless the recipe asks: it executes arbitrary code."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa (default), eager or flash_attention_2."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path is empty: set it to a hub id or a local checkpoint directory")
+
+
+@dataclass
+class QuantConfig:
+    method: str = "qlora"
+    """qlora: NF4 base + LoRA; lora: 16-bit base + LoRA; full: 16-bit base, every weight trains (no LoRA)."""
+    quant_type: str = "nf4"
+    """bitsandbytes 4-bit type for qlora: nf4 (QLoRA paper, sec. 3) or fp4."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too: 0.37 bits/param saved (QLoRA paper, sec. 3)."""
+    compute_dtype: str = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU (a bf16 matmul is ~40x slower than fp32 on our CPUs)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"quant.method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"quant.quant_type={self.quant_type!r}: use nf4 or fp4")
+        if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"quant.compute_dtype={self.compute_dtype!r}: use auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / r) B A x."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input only."""
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module name suffixes to adapt (q_proj, ...), or all-linear: every linear layer but lm_head, found in the model."""
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r={self.r} must be a positive integer, e.g. --lora.r=16")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be positive, e.g. --lora.alpha=16")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout={self.dropout} must lie in [0, 1), e.g. --lora.dropout=0.05")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty: use all-linear or module names such as q_proj,v_proj")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Local JSONL/JSON/Parquet/CSV file, or a hub dataset id."""
+    eval: str | None = None
+    """Held-out file; when None, `eval_fraction` of `train` is split off by seed."""
+    eval_fraction: float = 0.05
+    """Share of `train` held out when `eval` is not given."""
+    format: str = "auto"
+    """messages (chat, loss on assistant turns), instruction (instruction/input/output), text, or auto-detect."""
+    max_seq_len: int = 2048
+    """Rows are truncated to this many tokens."""
+    pack: bool = False
+    """Pack rows into max_seq_len rows; position ids restart per document and attention never crosses documents."""
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError("data.train is empty: set it to a data file or a hub dataset id")
+        if self.format not in ("auto", "messages", "instruction", "text"):
+            raise ConfigError(f"data.format={self.format!r}: use auto, messages, instruction or text")
+        if self.max_seq_len <= 0:
+            raise ConfigError(f"data.max_seq_len={self.max_seq_len} must be positive, e.g. --data.max_seq_len=2048")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must lie in (0, 1), e.g. 0.05")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 1
+    """Rows per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """cosine or constant, after linear warmup."""
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Clip the adapters' gradient norm to this; 0 turns clipping off."""
+    optimizer: str = "paged_adamw_32bit"
+    """paged_adamw_32bit or paged_adamw_8bit (bitsandbytes), or adamw (torch)."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer in the backward (non-reentrant) instead of keeping its activations."""
+    offload_activations: bool = False
+    """Keep each checkpointed layer input in pinned CPU memory until the backward needs it (CUDA only)."""
+    loss_chunk_size: int = 0
+    """Compute lm_head + cross-entropy this many tokens at a time, never materialising all logits; 0 = all at once."""
+    eval_every: int = 50
+    """Evaluate on the held-out split every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 0
+    """Cap on held-out batches per evaluation; 0 = the whole split."""
+    log_every: int = 1
+    save_every: int = 0
+    """Write checkpoint-<step>/ every this many steps; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Older checkpoints beyond this many are deleted."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cuda or cpu."""
+    max_bad_steps: int = 3
+    """Steps with a non-finite loss or gradient that are skipped before the run stops."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be a positive integer")
+        for key in ("warmup_steps", "eval_every", "eval_batches", "save_every", "log_every", "loss_chunk_size",
+                    "max_bad_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr} must be positive, e.g. --train.lr=2e-4")
+        if self.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.schedule={self.schedule!r}: use cosine or constant")
+        if self.optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
+            raise ConfigError(f"train.optimizer={self.optimizer!r}: use paged_adamw_32bit, paged_adamw_8bit or adamw")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"train.device={self.device!r}: use auto, cuda or cpu")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    """Run directory: adapter, checkpoints, metrics.jsonl, memory.json."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path) -> Config:
+    """Execute a recipe file and return its `config`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found: pass the path of a recipe file such as recipes/tiny.py")
+    spec = importlib.util.spec_from_file_location(f"qlora_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    except SyntaxError as err:
+        raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
+    config = getattr(module, "config", None)
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `--section.key=value` overrides, each parsed to the field's type, then re-run every check."""
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    known = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form --section.key=value, e.g. --train.lr=1e-4")
+        key, raw = item[2:].split("=", 1)
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.4)
+            hint = f"did you mean --{close[0]}?" if close else "see the fields in qlora/config.py"
+            raise ConfigError(f"unknown key --{key}: {hint}")
+        section, name = key.split(".", 1)
+        obj = sections[section]
+        hints = typing.get_type_hints(type(obj))
+        setattr(obj, name, _parse(raw, hints[name], key))
+    for obj in sections.values():  # re-check: overrides must pass the same __post_init__ checks as the recipe
+        if hasattr(obj, "__post_init__"):
+            obj.__post_init__()
+    return config
+
+
+def _parse(raw: str, annotation: object, key: str) -> object:
+    """Parse a command-line string to `annotation` (bool, int, float, str, list[str], or X | None)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(raw, inner[0], key)
+    if annotation is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={raw}: expected true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise ConfigError(f"--{key}={raw}: expected {annotation.__name__}, e.g. --{key}=1") from None
+    if typing.get_origin(annotation) is list:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def parse_args(argv: list[str], usage: str) -> tuple[Config, list[str]]:
+    """Split argv into recipe path, flags (--resume, ...) and overrides; return the config and the flags."""
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError(f"no recipe given: {usage}")
+    flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
+    overrides = [a for a in argv[1:] if a not in flags]
+    config = load_recipe(argv[0])
+    return apply_overrides(config, overrides), flags
+
+
+if __name__ == "__main__":  # python -m qlora.config RECIPE.py [overrides]: print the resolved config
+    import json
+
+    cfg, _ = parse_args(sys.argv[1:], "python -m qlora.config RECIPE.py [--section.key=value ...]")
+    print(json.dumps(cfg.to_dict(), indent=2))

