@@ -83,9 +83,10 @@ def prepare(cfg: Config) -> dict:
         attach_lora(model, cfg.lora, dtype)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
-        # transformers 5 renamed the method; the GPU image may carry either.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; the GPU image may be 4.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_rows, eval_rows = load_splits(cfg.data, tokenizer, cfg.train.seed)
     return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype,
                 train_rows=train_rows, eval_rows=eval_rows)
