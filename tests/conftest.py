@@ -1,0 +1,34 @@
+"""Shared fixtures: the tiny recipe with a short run into a temporary directory, and the repo root as cwd."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from qlora.config import Config, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes name their data relative to the repo root."""
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Config:
+    """recipes/tiny.py cut to a few steps, writing into tmp_path/run."""
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.output.dir = str(tmp_path / "run")
+    cfg.train.steps = 4
+    cfg.train.eval_every = 0
+    cfg.train.log_every = 1
+    return cfg
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two cores: one BLAS thread per test process avoids oversubscription when subprocess tests run beside it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
