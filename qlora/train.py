@@ -55,6 +55,21 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], chunk_size: int = 0) -> float:
+    """Forward and backward over one optimizer step's micro-batches; return the step's mean loss per target token.
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, not its own
+    (transformers PR 34191), so 4 micro-batches of 1 give the loss and gradients of 1 batch of 4.
+    """
+    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total = 0.0
+    for batch in micro:
+        loss = loss_sum(model, batch, chunk_size) / n_targets
+        loss.backward()  # gradients accumulate in the trainable parameters
+        total += float(loss.detach())
+    return total
+
+
 def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: int, device: torch.device) -> dict:
     """Held-out loss per target token, perplexity and exact-match accuracy of the answers."""
     was_training = model.training
@@ -140,14 +155,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     while step < t.steps:
         started = time.perf_counter()
         micro = [to_device(b, device) for _, b in (next(batches) for _ in range(t.grad_accum))]
-        # Normalise by the target tokens of the whole accumulated batch, not per micro-batch (transformers PR 34191).
-        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        total_loss = 0.0
-        for b in micro:
-            # forward + backward, one micro-batch at a time; gradients accumulate in the adapters
-            loss = loss_sum(model, b, t.loss_chunk_size) / n_targets
-            loss.backward()
-            total_loss += float(loss.detach())
+        total_loss = forward_backward(model, micro, t.loss_chunk_size)
         # clip, step, schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
         optimizer.step()
