@@ -1,0 +1,66 @@
+"""Recipes and command-line overrides: typed parsing, checks, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora.config import ConfigError, apply_overrides, load_recipe, parse_args
+
+TINY = "recipes/tiny.py"
+
+
+def test_overrides_are_parsed_to_the_field_types():
+    cfg = apply_overrides(load_recipe(TINY), ["--train.lr=1e-4", "--train.steps=7", "--lora.targets=q_proj,v_proj",
+                                              "--train.gradient_checkpointing=false", "--data.eval=none"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.lora.targets == ["q_proj", "v_proj"]
+    assert cfg.train.gradient_checkpointing is False
+    assert cfg.data.eval is None
+
+
+def test_an_unknown_key_suggests_the_closest_real_one():
+    with pytest.raises(ConfigError, match=r"unknown key --train.learning_rate.*did you mean --train.lr\?"):
+        apply_overrides(load_recipe(TINY), ["--train.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"did you mean --train.warmup_steps\?"):
+        apply_overrides(load_recipe(TINY), ["--train.warmup_step=3"])
+    with pytest.raises(ConfigError, match=r"did you mean --lora.alpha\?"):
+        apply_overrides(load_recipe(TINY), ["--lora.alpah=8"])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("--train.steps=ten", r"--train.steps=ten: expected int"),
+    ("--train.gradient_checkpointing=maybe", r"expected true or false"),
+    ("--lora.r=0", r"lora.r=0 must be a positive integer"),
+    ("--lora.alpha=-1", r"lora.alpha=-1.0 must be positive"),
+    ("--lora.dropout=1", r"lora.dropout=1.0 must lie in \[0, 1\)"),
+    ("--train.lr=0", r"train.lr=0.0 must be positive"),
+    ("--data.max_seq_len=0", r"data.max_seq_len=0 must be positive"),
+    ("--train.steps=-3", r"train.steps=-3 must be a positive integer"),
+    ("--quant.method=int8", r"quant.method='int8' is not one of qlora, lora, full"),
+    ("train.lr=1", r"not of the form --section.key=value"),
+])
+def test_bad_values_are_refused_with_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_recipe(TINY), [override])
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "missing.py")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match=r"empty.py defines no `config = Config\(...\)`"):
+        load_recipe(empty)
+    bad = tmp_path / "bad.py"
+    bad.write_text("from qlora.config import *\nconfig = Config(model=ModelConfig(path='x'), data=DataConfig(train='y',"
+                   " max_seq_len=-1))\n")
+    with pytest.raises(ConfigError, match=r"bad.py: data.max_seq_len=-1"):
+        load_recipe(bad)
+
+
+def test_parse_args_separates_flags_from_overrides():
+    cfg, flags = parse_args([TINY, "--resume", "--train.steps=2"], "usage")
+    assert flags == ["--resume"] and cfg.train.steps == 2
+    with pytest.raises(ConfigError, match="no recipe given"):
+        parse_args(["--train.steps=2"], "usage")
