@@ -1,1 +1,8 @@
+"""QLoRA fine-tuning: NF4 base, our LoRA, paged AdamW, memory reports."""
 
+import logging
+
+# bitsandbytes 0.50 logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels` package (a hub
+# download) is missing. Its bf16 CPU kernel is never used here (model.keep_cpu_weights_exact turns that path off), and
+# the line would be a second line under every one-line error, so it is silenced before anything imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

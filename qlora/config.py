@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import re
 import sys
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +30,37 @@ class ConfigError(ValueError):
     """A mistake in a recipe or an override; the message names the key and the fix."""
 
 
+TYPE_EXAMPLES = {bool: "true or false", int: "an integer such as 16", float: "a number such as 2e-4",
+                 str: "a string", list: "a list of strings such as ['q_proj', 'v_proj']"}
+
+
+def check_types(section: object) -> None:
+    """Raise if a field's value is not of its declared type: a recipe is plain Python, so nothing else checks it."""
+    name = type(section).__name__.removesuffix("Config").lower()  # LoRAConfig -> lora
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, hint = getattr(section, f.name), hints[f.name]
+        if not _has_type(value, hint):
+            wanted = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            origin = typing.get_origin(wanted[0]) or wanted[0]
+            raise ConfigError(f"{name}.{f.name}={value!r} is a {type(value).__name__}: set it to "
+                              f"{TYPE_EXAMPLES.get(origin, getattr(origin, '__name__', origin))}"
+                              f"{' or None' if type(None) in typing.get_args(hint) else ''}")
+
+
+def _has_type(value: object, hint: object) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # an int is a fine float; a bool is neither, though Python calls it an int
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 @dataclass
 class ModelConfig:
     path: str = ""
@@ -40,6 +73,8 @@ class ModelConfig:
     """A local `config.json` for `synthetic` (the hub cannot be reached)."""
     trust_remote_code: bool = False
     """Run Python code shipped with the checkpoint. Off unless the recipe asks: it executes arbitrary code."""
+    allow_pickle: bool = False
+    """Load pytorch_model.bin (a pickle) when the checkpoint has no safetensors. Off: unpickling can run code."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa (default), eager or flash_attention_2."""
     embeddings_on_cpu: bool = False
@@ -47,6 +82,7 @@ class ModelConfig:
     (saves vocab x hidden x 2 bytes: 1.0 GiB for Llama-3.1-8B, 2.1 GiB for 70B). Frozen methods only."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not self.path:
             raise ConfigError("model.path is empty: set it to a hub id or a local checkpoint directory")
 
@@ -63,9 +99,11 @@ class QuantConfig:
     """auto: bf16 on CUDA, fp32 on CPU (a bf16 matmul is ~40x slower than fp32 on our CPUs)."""
     quantize_lm_head: bool = False
     """Store the (frozen) output head in NF4 as well: saves ~3/4 of vocab x hidden x 2 bytes (0.75 GiB for 8B,
-    1.5 GiB for 70B) at the cost of quantisation error in the logits. qlora only; needs untied embeddings."""
+    1.5 GiB for 70B) at the cost of quantisation error in the logits; its backward still dequantises it whole for a
+    moment. qlora only; needs untied embeddings."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.method not in METHODS:
             raise ConfigError(f"quant.method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.quantize_lm_head and self.method != "qlora":
@@ -89,9 +127,10 @@ class LoRAConfig:
     """Module name suffixes to adapt (q_proj, ...), or all-linear: every linear layer but lm_head, found in the model."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.r <= 0:
             raise ConfigError(f"lora.r={self.r} must be a positive integer, e.g. --lora.r=16")
-        if self.alpha <= 0:
+        if not self.alpha > 0:
             raise ConfigError(f"lora.alpha={self.alpha} must be positive, e.g. --lora.alpha=16")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout={self.dropout} must lie in [0, 1), e.g. --lora.dropout=0.05")
@@ -115,6 +154,7 @@ class DataConfig:
     """Pack rows into max_seq_len rows; position ids restart per document and attention never crosses documents."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not self.train:
             raise ConfigError("data.train is empty: set it to a data file or a hub dataset id")
         if self.format not in ("auto", "messages", "instruction", "text"):
@@ -175,6 +215,7 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient that are skipped before the run stops."""
 
     def __post_init__(self) -> None:
+        check_types(self)
         for key in ("steps", "batch_size", "grad_accum"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be a positive integer")
@@ -182,7 +223,7 @@ class TrainConfig:
                     "max_bad_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative")
-        if self.lr <= 0:
+        if not self.lr > 0:  # also refuses nan
             raise ConfigError(f"train.lr={self.lr} must be positive, e.g. --train.lr=2e-4")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule={self.schedule!r}: use cosine or constant")
@@ -208,6 +249,11 @@ class OutputConfig:
     dir: str = "runs/default"
     """Run directory: adapter, checkpoints, metrics.jsonl, memory.json."""
 
+    def __post_init__(self) -> None:
+        check_types(self)
+        if not self.dir:
+            raise ConfigError("output.dir is empty: set it to the run directory, e.g. --output.dir=runs/mine")
+
 
 @dataclass
 class Config:
@@ -217,6 +263,12 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), section := typing.get_type_hints(Config)[f.name]):
+                raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
+                                  f"not a {type(getattr(self, f.name)).__name__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,14 +283,38 @@ def load_recipe(path: str | Path) -> Config:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
     except SyntaxError as err:
         raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
+    except Exception as err:  # a failed check, a NameError, an unknown keyword...: name the recipe's line, not ours
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+        raise ConfigError(f"{where}: {_recipe_error(err)}") from err
     config = getattr(module, "config", None)
     if not isinstance(config, Config):
         raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
     return config
+
+
+def _recipe_error(err: Exception) -> str:
+    if isinstance(err, ConfigError):
+        return str(err)
+    unknown = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+    section = unknown and globals().get(unknown.group(1))
+    if section is Config:
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
+        return f"Config has no section {unknown.group(2)!r}: use {sections}"
+    if isinstance(section, type) and dataclasses.is_dataclass(section):
+        name = section.__name__.removesuffix("Config").lower()
+        known = [f"{name}.{f.name}" for f in dataclasses.fields(section)]
+        return f"unknown key {name}.{unknown.group(2)}: {_hint(f'{name}.{unknown.group(2)}', known)}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _hint(key: str, known: list[str]) -> str:
+    """The closest real key: a transformers/peft name's equivalent first, then the nearest spelling."""
+    alias = ALIASES.get(key.rsplit(".", 1)[-1])
+    close = [k for k in known if k.endswith(f".{alias}")] or difflib.get_close_matches(key, known, 1, 0.4)
+    return f"did you mean {close[0]}?" if close else "see the fields in qlora/config.py"
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -250,12 +326,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} is not of the form --section.key=value, e.g. --train.lr=1e-4")
         key, raw = item[2:].split("=", 1)
         if key not in known:
-            hint = "see the fields in qlora/config.py"
-            alias = ALIASES.get(key.rsplit(".", 1)[-1])
-            close = [k for k in known if k.endswith(f".{alias}")] or difflib.get_close_matches(key, known, 1, 0.4)
-            if close:
-                hint = f"did you mean --{close[0]}?"
-            raise ConfigError(f"unknown key --{key}: {hint}")
+            raise ConfigError(f"unknown key --{key}: {_hint(key, known).replace('mean ', 'mean --')}")
         section, name = key.split(".", 1)
         obj = sections[section]
         hints = typing.get_type_hints(type(obj))

@@ -8,6 +8,7 @@ and the micro-batch index, so a resumed run sees exactly the batches an uninterr
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ IGNORE = -100  # torch.nn.functional.cross_entropy's ignore_index
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FORMAT_FIELDS = {"messages": ("messages",), "instruction": ("instruction", "output"), "text": ("text",)}
 ROLES = ("system", "user", "assistant")
+_LEARNED = {"messages": "assistant turn", "instruction": "output", "text": "text"}  # what a row's labels are
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
@@ -27,19 +29,28 @@ ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\
 def read_rows(source: str) -> list[dict]:
     """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
     path = Path(source).expanduser()
-    if path.suffix in LOADERS or path.exists():
+    # A hub id is `name` or `owner/name`; anything else that does not exist is a mistyped path, not a download.
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if path.suffix in LOADERS or path.exists() or looks_local:
         if not path.is_file():
-            raise ConfigError(f"data file {path} not found: check data.train / data.eval")
+            problem = "is a directory, not a file" if path.is_dir() else "not found"
+            raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
         if path.suffix == ".jsonl":
             return _read_jsonl(path)
         if path.suffix not in LOADERS:
             raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
         import datasets
 
+        logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
         try:
             return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").to_list()
-        except Exception as err:  # datasets wraps parse errors in several types
-            raise ConfigError(f"data file {path} could not be read: {str(err).splitlines()[0]}") from err
+        except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
+            cause = err
+            while cause.__cause__ or cause.__context__:
+                cause = cause.__cause__ or cause.__context__
+            text = (str(cause).strip() or "no details").splitlines()[0]
+            raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
+                              "or convert it to JSONL") from err
     import datasets
 
     try:
@@ -52,10 +63,15 @@ def read_rows(source: str) -> list[dict]:
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"data file {path} is unreadable: {err}") from err
-    for number, line in enumerate(lines, 1):
+        lines = path.read_bytes().splitlines()
+    except OSError as err:
+        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
+                              "as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -84,6 +100,9 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
     if missing:
         raise ConfigError(f"{where}: row lacks field(s) {', '.join(missing)} that format {fmt!r} needs")
     if fmt == "messages":
+        if not isinstance(row["messages"], list):
+            raise ConfigError(f"{where}: messages must be a list of {{role, content}} objects, "
+                              f"got {type(row['messages']).__name__}")
         return _tokenize_chat(row["messages"], tokenizer, where)
     if fmt == "instruction":
         template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
@@ -128,20 +147,23 @@ def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) 
 def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, source: str,
                   max_seq_len: int) -> list[dict[str, list[int]]]:
     """Tokenise and truncate every row; drop rows left with nothing to learn, and say how many."""
-    examples, dropped = [], 0
+    if not rows:
+        raise ConfigError(f"{source} holds no rows: add data or point data.train / data.eval at another file")
+    examples, dropped = [], []
     for number, row in enumerate(rows, 1):
         ex = tokenize_row(row, fmt, tokenizer, f"{source}:{number}")
         ex = {k: v[:max_seq_len] for k, v in ex.items()}
         # Position t predicts token t+1, so a label at position 0 is never learned.
         if all(label == IGNORE for label in ex["labels"][1:]):
-            dropped += 1
+            dropped.append(number)
             continue
         examples.append(ex)
-    if dropped:
-        print(f"{source}: dropped {dropped} of {len(rows)} rows with no learnable token within "
-              f"max_seq_len={max_seq_len}")
     if not examples:
-        raise ConfigError(f"{source}: no row has a learnable token: raise data.max_seq_len or check the format")
+        raise ConfigError(f"{source}: every row has all its labels masked (no {_LEARNED[fmt]} within "
+                          f"data.max_seq_len={max_seq_len}): check the data, the format, or raise data.max_seq_len")
+    if dropped:
+        print(f"{source}: dropped {len(dropped)} of {len(rows)} rows with no learnable token within "
+              f"max_seq_len={max_seq_len} (first: line {dropped[0]})")
     return examples
 
 
@@ -166,11 +188,18 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": torch.full((len(examples), width), pad_id),
              "labels": torch.full((len(examples), width), IGNORE),
              "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
+    packed = "position_ids" in examples[0]  # rows from qlora.pack: documents keep apart by restarting positions
+    if packed:
+        batch["position_ids"] = torch.zeros(len(examples), width, dtype=torch.long)
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
         batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
         batch["labels"][i, :n] = torch.tensor(ex["labels"])
         batch["attention_mask"][i, :n] = 1
+        if packed:
+            # The padding tail restarts at 0 too, so it forms its own segment that no document attends to.
+            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
+            batch["position_ids"][i, n:] = torch.arange(width - n)
     return batch
 
 
@@ -180,14 +209,18 @@ def micro_batches(examples: list[dict], batch_size: int, seed: int, pad_id: int,
 
     The batch at index i depends only on (seed, i), which is what makes resume exact.
     """
-    per_epoch = max(1, len(examples) // batch_size)  # a ragged last batch would change the token count per step
     index = start
     while True:
-        epoch, offset = divmod(index, per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        rows = order[offset * batch_size:(offset + 1) * batch_size].tolist()
-        yield index, collate([examples[i] for i in rows], pad_id)
+        yield index, collate([examples[i] for i in batch_rows(len(examples), batch_size, seed, index)], pad_id)
         index += 1
+
+
+def batch_rows(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:
+    """Positions in the training split of the rows in micro-batch `index`."""
+    per_epoch = max(1, n_examples // batch_size)  # a ragged last batch would change the token count per step
+    epoch, offset = divmod(index, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[offset * batch_size:(offset + 1) * batch_size].tolist()
 
 
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -1,17 +1,34 @@
-"""Memory: peak bytes per named phase of a run.
+"""Memory: peak bytes per named phase of a run, broken down by what holds them; the memory report CLI.
 
-CUDA: torch's allocator counters, reset at each phase. CPU: the process's peak resident set (VmHWM), which Linux
-lets us reset by writing 5 to /proc/self/clear_refs.
+    python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--section.key=value ...]
+
+Phases: loaded, lora_attached, first_forward, backward, optimizer_step, steady (and evaluate). Each mark records the
+peak since the previous mark, then resets it.
+
+CUDA: PyTorch's allocator counters (allocated, reserved, active). bitsandbytes' paged optimizer keeps its larger
+state buffers in CUDA managed memory, outside that allocator, so torch's counters miss them: they are counted from the
+optimizer's state. The figure to compare with the card is reserved + outside the allocator + the CUDA context, and
+NVML's device-wide use is recorded beside it at each mark as a cross-check.
+
+CPU: the process's peak resident set (VmHWM, which Linux resets when 5 is written to /proc/self/clear_refs) minus the
+resident set before the model was loaded, less resident pages of memory-mapped checkpoint files that no tensor uses
+(clean file pages the kernel may drop at any time; safetensors maps the file to load it).
 """
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 from pathlib import Path
 
 import torch
 
+from qlora.config import Config, ConfigError
+
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
+GIB = 2**30
 
 
 def _vm_field(name: str) -> int:
@@ -38,14 +55,203 @@ def reset_peak(device: torch.device) -> None:
             pass
 
 
+def _storages(tensors: list[torch.Tensor], seen: set[int]) -> int:
+    """Bytes of the tensors' storages, each storage counted once across calls sharing `seen`."""
+    total = 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _quant_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    """A 4-bit weight's storage and its quant state (absmax, codes, and the nested state of double quant)."""
+    qs = param.quant_state
+    out = [param, qs.absmax, qs.code, getattr(qs, "offset", None)]
+    if getattr(qs, "state2", None) is not None:
+        out += [qs.state2.absmax, qs.state2.code]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of the model's and optimizer's tensors by category (each storage once), plus `outside_allocator`:
+    the optimizer state bitsandbytes paged into CUDA managed memory."""
+    seen: set[int] = set()
+    out = dict.fromkeys(("quantized_weights", "unquantized_weights", "adapters", "gradients", "optimizer_state",
+                         "outside_allocator"), 0)
+    adapters = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    ids = {id(p) for p in adapters}
+    for p in model.parameters():
+        if getattr(p, "quant_state", None) is not None:
+            out["quantized_weights"] += _storages(_quant_tensors(p), seen)
+    out["adapters"] = _storages(adapters, seen)
+    out["unquantized_weights"] = _storages([p for p in model.parameters() if id(p) not in ids], seen) + \
+        _storages(list(model.buffers()), seen)
+    out["gradients"] = _storages([p.grad for p in model.parameters()], seen)
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                size = _storages([v], seen)
+                out["optimizer_state"] += size
+                if getattr(v, "is_paged", False):
+                    out["outside_allocator"] += size
+    return out
+
+
+def unused_file_pages(model: torch.nn.Module | None) -> int:
+    """Resident bytes of memory-mapped checkpoint files that no parameter or buffer of `model` lies in."""
+    smaps = Path("/proc/self/smaps")
+    if model is None or not smaps.exists():
+        return 0
+    maps = []
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps.read_text()):
+        head = block.split("\n", 1)[0]
+        if head.endswith((".safetensors", ".bin", ".gguf")):
+            start, end = (int(x, 16) for x in head.split()[0].split("-"))
+            rss = re.search(r"^Rss:\s+(\d+) kB", block, re.M)
+            maps.append((start, end, int(rss.group(1)) * 1024 if rss else 0))
+    if not maps:
+        return 0
+    used = 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for t in {t.untyped_storage().data_ptr(): t for t in tensors if t.device.type == "cpu"}.values():
+        ptr = t.untyped_storage().data_ptr()
+        if any(start <= ptr < end for start, end, _ in maps):
+            used += t.untyped_storage().nbytes()
+    return max(0, sum(rss for _, _, rss in maps) - used)
+
+
 class PhaseTracker:
-    """Records the peak of each named phase; a phase ends when the next is marked."""
+    """Records the peak of each named phase; a phase ends when the next is marked. A repeated name keeps the larger.
+
+    `phases` maps each phase to its peak in bytes (CUDA: reserved; CPU: resident above the baseline); `records` holds
+    every figure of the phase's peak mark, with the tensors by category at that mark.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.phases: dict[str, int] = {}
+        self.records: dict[str, dict] = {}
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.context = 0
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)  # creates the context if nothing has yet
+            # Device-wide: on a shared GPU other processes' memory lands here too.
+            self.context = total - free - torch.cuda.memory_reserved(device)
+            self.baseline = 0
+        else:
+            self.baseline = _vm_field("VmRSS")
         reset_peak(device)
 
-    def mark(self, phase: str) -> None:
-        self.phases[phase] = max(self.phases.get(phase, 0), peak_bytes(self.device))
+    def watch(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Break later marks down by category over these."""
+        self.model = model if model is not None else self.model
+        self.optimizer = optimizer if optimizer is not None else self.optimizer
+
+    def mark(self, phase: str) -> dict:
+        cats = tensor_categories(self.model, self.optimizer) if self.model is not None else {}
+        outside = cats.pop("outside_allocator", 0)
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device)
+            record = {"allocated": torch.cuda.max_memory_allocated(self.device), "reserved": reserved,
+                      "active": stats.get("active_bytes.all.peak", 0), "outside_allocator": outside,
+                      "cuda_context": self.context, "card_total": reserved + outside + self.context,
+                      "card_total_now": torch.cuda.memory_reserved(self.device) + outside + self.context,
+                      "nvml_used_now": _nvml_used(self.device)}
+            peak = record["allocated"] + outside
+        else:
+            peak = max(0, _vm_field("VmHWM") - self.baseline - unused_file_pages(self.model))
+            record = {"allocated": peak, "reserved": peak, "active": peak, "outside_allocator": 0}
+        record["categories"] = cats
+        # Everything the categories do not name: activations, temporaries, allocator slack, (CPU) Python objects.
+        record["activations"] = max(0, peak - sum(cats.values()))
+        key = record["card_total"] if self.device.type == "cuda" else peak
+        if phase not in self.phases or key > self.phases[phase]:
+            self.phases[phase], self.records[phase] = key, record
         reset_peak(self.device)
+        return record
+
+    def peak(self, skip: tuple[str, ...] = ("loaded", "lora_attached", "evaluate")) -> tuple[str, dict] | None:
+        """The training phase with the highest peak (loading and evaluation are reported, not counted)."""
+        phases = [p for p in self.phases if p not in skip]
+        if not phases:
+            return None
+        name = max(phases, key=self.phases.get)
+        return name, self.records[name]
+
+    def summary(self, estimate: int | None = None) -> dict:
+        """memory.json: every phase, the training peak by category, and the estimate when one is given."""
+        found = self.peak()
+        out = {"device": str(self.device), "unit": "bytes", "definition": DEFINITION[self.device.type],
+               "phases": self.records, "peak_phase": found[0] if found else None,
+               "peak_bytes": self.phases[found[0]] if found else None, "estimated_peak_bytes": estimate}
+        if found:
+            rec = found[1]
+            out["peak_by_category"] = {**rec["categories"], "activations": rec["activations"],
+                                       "cuda_context": rec.get("cuda_context", 0)}
+        return out
+
+    def write(self, path: Path, cfg: Config | None = None) -> str:
+        """Write memory.json (with the estimator's figure for `cfg`) and return the one-line summary."""
+        summary = self.summary(estimated_peak(cfg, self.device) if cfg is not None else None)
+        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+        return one_line(summary)
+
+
+DEFINITION = {
+    "cuda": "peak = PyTorch reserved + outside its allocator (paged optimizer state) + CUDA context",
+    "cpu": "peak = peak RSS minus RSS before the model was loaded, less unused pages of mapped checkpoint files "
+           "(in a training run this includes code imported while loading; python -m qlora.memory --measure warms up "
+           "first)",
+}
+
+
+def estimated_peak(cfg: Config, device: torch.device) -> int | None:
+    """The estimator's peak for this run, or None where it cannot tell (an architecture it does not know)."""
+    from qlora.arch import load_arch
+    from qlora.estimate import estimate
+
+    try:
+        return estimate(cfg, load_arch(cfg), cfg.quant.method, device.type).peak_bytes
+    except (ConfigError, OSError, ValueError, KeyError) as err:
+        print(f"memory: no estimate for this model ({err})", file=sys.stderr)
+        return None
+
+
+def human(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def one_line(summary: dict) -> str:
+    if summary.get("peak_bytes") is None:
+        return "memory: no training step was recorded"
+    peak, est = summary["peak_bytes"], summary.get("estimated_peak_bytes")
+    parts = ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in summary["peak_by_category"].items()
+                      if v >= peak / 100)
+    vs = f", estimated {human(est)} ({100 * (est / peak - 1):+.0f}%)" if est else ""
+    return f"memory: peak {human(peak)} in {summary['peak_phase']} on {summary['device']}{vs} ({parts})"
+
+
+def _nvml_used(device: torch.device) -> int | None:
+    """Device-wide memory in use per NVML, as nvidia-smi shows it (torch >= 2.6 with nvidia-ml-py), else None."""
+    try:
+        return int(torch.cuda.device_memory_used(device))
+    except Exception:  # no nvidia-ml-py, an old torch, or any pynvml error class: the cross-check is optional
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qlora.memory_report import main as report_main
+
+    return report_main(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qlora.config import Config, ConfigError, QuantConfig
@@ -96,10 +96,14 @@ def ensure_checkpoint(cfg: Config) -> str:
     if not (target / "config.json").is_file():
         print(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed
+        # mid-build never leaves a half checkpoint at `target` (a leftover without config.json is cleared first).
+        tmp = target.parent / f".{target.name}.building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
         try:
             BUILDERS[cfg.model.build](tmp)
-            os.replace(tmp, target)  # atomic: a run killed mid-build never leaves a half checkpoint at `target`
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target.resolve())
@@ -111,8 +115,27 @@ def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesC
                               bnb_4bit_quant_storage=torch.uint8)
 
 
+def load_error(path: str, err: Exception) -> str:
+    """One line for a checkpoint transformers could not load: the cause in the user's terms, and the fix."""
+    if "trust_remote_code" in str(err):
+        return (f"model.path={path} ships its own Python code (auto_map in its config.json): read that code, then "
+                "set --model.trust_remote_code=true to run it")
+    has_pickle = any(os.path.isfile(os.path.join(path, name))
+                     for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+    if isinstance(err, OSError) and has_pickle:
+        return (f"model.path={path} has only pickle weights (pytorch_model.bin), and unpickling can run code: "
+                "convert them to safetensors, or set --model.allow_pickle=true if you trust the checkpoint")
+    if isinstance(err, SafetensorError):
+        return f"model.path={path}: a safetensors file is damaged ({err}): download or build the checkpoint again"
+    return (f"model.path={path} could not be loaded ({str(err).splitlines()[0]}): "
+            "check the path, or download the checkpoint first")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(load_error(path, err).replace("could not be loaded", "has no usable tokenizer")) from err
     if tokenizer.pad_token is None:  # Llama-3 has none; padding is masked out of the loss anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -121,8 +144,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 def keep_cpu_weights_exact(model: torch.nn.Module) -> None:
     """Stop bitsandbytes (0.50) repacking 4-bit weights for its bf16 CPU kernel on the first no-grad forward.
 
-    That repack (`_convert_weight_packed_for_cpu`) rewrites the weight in place and computes in bf16: eval then
-    drifts from training by ~4e-3 on tiny-Llama logits, and training after an eval runs on the repacked weight.
+    That repack (`_convert_weight_packed_for_cpu`) rewrites the weight in place for a kernel with no backward: after
+    one evaluation, no gradient flows back through the frozen base, so adapters below the top layer stop learning
+    (SmolLM2 stayed at loss 6-8 after an eval before training). It also computes in bf16 (logits drift by ~4e-3).
     """
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -135,19 +159,77 @@ def load_base(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, PreTr
     if cfg.model.synthetic:
         from qlora.synthetic import load_synthetic
 
-        return load_synthetic(cfg, device, dtype)
+        model, tokenizer, path = load_synthetic(cfg, device, dtype)
+        apply_load_levers(model, cfg, device, dtype)
+        return model, tokenizer, path
     path = ensure_checkpoint(cfg)
     if not os.path.isdir(path) and os.path.sep in path:
         raise ConfigError(f"model.path={path} does not exist: point it at a checkpoint directory or a hub id")
     kwargs = dict(dtype=dtype, device_map={"": device}, attn_implementation=cfg.model.attn_implementation,
-                  trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True)
+                  trust_remote_code=cfg.model.trust_remote_code,
+                  # None lets transformers fall back to pytorch_model.bin, a pickle: only when the recipe opts in.
+                  use_safetensors=None if cfg.model.allow_pickle else True)
     if cfg.quant.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg.quant, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ConfigError(f"model.path={path} could not be loaded ({str(err).splitlines()[0]}): "
-                          "check the path, or download the checkpoint first") from err
+    except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying "not a usable checkpoint"
+        raise ConfigError(load_error(path, err)) from err
     model.config.use_cache = False  # the KV cache only costs memory in training
     keep_cpu_weights_exact(model)
+    apply_load_levers(model, cfg, device, dtype)
     return model, load_tokenizer(path, cfg.model.trust_remote_code), path
+
+
+def apply_load_levers(model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
+    """The memory levers that change where or how frozen weights are stored: quant.quantize_lm_head and
+    model.embeddings_on_cpu."""
+    if cfg.quant.quantize_lm_head:
+        saved = quantize_lm_head(model, cfg.quant, dtype)
+        print(f"quant.quantize_lm_head: lm_head in {cfg.quant.quant_type}, {saved / 2**20:,.1f} MiB saved")
+    if cfg.model.embeddings_on_cpu:
+        if cfg.quant.method == "full":
+            raise ConfigError("model.embeddings_on_cpu keeps a frozen table, but quant.method=full trains every "
+                              "weight: set --model.embeddings_on_cpu=false or use qlora/lora")
+        from qlora.offload import embeddings_to_cpu
+
+        freed = embeddings_to_cpu(model, device)
+        print(f"model.embeddings_on_cpu: input embeddings in CPU memory, {freed / 2**20:,.1f} MiB of {device} freed")
+
+
+def quantize_lm_head(model: torch.nn.Module, quant: QuantConfig, dtype: torch.dtype) -> int:
+    """Replace the 16-bit output head with a `Linear4bit` quantised from it, as transformers would quantise it if
+    it did not skip the head; return the bytes saved. The head is frozen in LoRA methods, so only storage changes."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise ConfigError(f"quant.quantize_lm_head expects a 16-bit nn.Linear head, found {type(head).__name__}")
+    if head.weight is model.get_input_embeddings().weight:
+        raise ConfigError("quant.quantize_lm_head: this model ties lm_head to the input embeddings, so quantising "
+                          "the head would add a copy, not save one: set --quant.quantize_lm_head=false")
+    weight = head.weight.detach()
+    q = bnb.nn.Linear4bit(head.in_features, head.out_features, bias=head.bias is not None, compute_dtype=dtype,
+                          compress_statistics=quant.double_quant, quant_type=quant.quant_type,
+                          quant_storage=torch.uint8, device="meta")
+    # Params4bit quantises when first moved to a real device: on the head's own device, so no CPU round trip.
+    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
+                                 quant_type=quant.quant_type, quant_storage=torch.uint8).to(weight.device)
+    if head.bias is not None:
+        q.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
+    q.requires_grad_(False)
+    model.set_output_embeddings(q)
+    keep_cpu_weights_exact(model)
+    before = weight.numel() * weight.element_size()
+    after = sum(t.numel() * t.element_size() for t in _quant_tensors(q))
+    del weight, head
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return before - after
+
+
+def _quant_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """The packed 4-bit weight and every tensor of its (possibly nested) quantisation state."""
+    state = layer.weight.quant_state
+    tensors = [layer.weight.data, state.absmax]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code]
+    return tensors

@@ -5,24 +5,31 @@ recipe -> base in NF4 -> LoRA on every linear layer -> data -> this loop -> adap
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm import tqdm
 
-from qlora import checkpoint, memory
+from qlora import checkpoint, guard, memory
 from qlora.config import Config, ConfigError, parse_args
 from qlora.data import eval_batches, load_splits, micro_batches
 from qlora.lora import attach_lora
-from qlora.loss import eval_stats, loss_sum
+from qlora.loss import eval_stats, loss_sum, use_liger_ce
 from qlora.model import compute_dtype, load_base, resolve_device
+from qlora.offload import enable_activation_offload
+from qlora.pack import check_packing, pack_examples, packing_summary
+from qlora.speed import apply_speed_levers
 
 USAGE = "python -m qlora.train RECIPE.py [--section.key=value ...] [--resume] [--overwrite] [--debug]"
+FLAGS = ("--resume", "--overwrite", "--debug")
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
@@ -55,7 +62,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], chunk_size: int = 0) -> float:
+def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], chunk_size: int = 0,
+                     profiler: memory.PhaseTracker | None = None) -> float:
     """Forward and backward over one optimizer step's micro-batches; return the step's mean loss per target token.
 
     Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, not its own
@@ -65,6 +73,9 @@ def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]
     total = 0.0
     for batch in micro:
         loss = loss_sum(model, batch, chunk_size) / n_targets
+        if profiler is not None:  # the run's first forward: marked once, apart from its backward
+            profiler.mark("first_forward")
+            profiler = None
         loss.backward()  # gradients accumulate in the trainable parameters
         total += float(loss.detach())
     return total
@@ -85,12 +96,16 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1)}
 
 
-def prepare(cfg: Config) -> dict:
-    """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
+def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dict:
+    """Load the base, attach adapters, switch on checkpointing and the memory and speed levers the recipe asks for."""
     torch.manual_seed(cfg.train.seed)
+    check_packing(cfg)
     device = resolve_device(cfg.train.device)
     dtype = compute_dtype(cfg.quant, device)
-    model, tokenizer, base_path = load_base(cfg, device)
+    model, tokenizer, base_path = load_base(cfg, device)  # also quant.quantize_lm_head, model.embeddings_on_cpu
+    if profiler is not None:
+        profiler.watch(model)
+        profiler.mark("loaded")
     if cfg.quant.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -102,9 +117,29 @@ def prepare(cfg: Config) -> dict:
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_rows, eval_rows = load_splits(cfg.data, tokenizer, cfg.train.seed)
-    return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype,
-                train_rows=train_rows, eval_rows=eval_rows)
+        if cfg.train.offload_activations:
+            enable_activation_offload(model, device)
+    if cfg.train.liger_ce:
+        if device.type != "cuda":
+            print("train.liger_ce: liger-kernel runs on CUDA only; using the PyTorch loss on this device")
+        else:
+            use_liger_ce(model)
+    for lever in apply_speed_levers(model, cfg.train):
+        print(f"train.{lever}")
+    if profiler is not None:
+        profiler.mark("lora_attached")
+    return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype)
+
+
+def prepare(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dict:
+    """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
+    run = build_model(cfg, profiler)
+    train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed)
+    if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
+        packed = pack_examples(train_rows, cfg.data.max_seq_len)
+        print(packing_summary(train_rows, packed, cfg.data.max_seq_len))
+        train_rows = packed
+    return dict(**run, train_rows=train_rows, eval_rows=eval_rows)
 
 
 def print_summary(cfg: Config, run: dict) -> None:
@@ -121,48 +156,73 @@ def print_summary(cfg: Config, run: dict) -> None:
           f"max {cfg.data.max_seq_len}); {len(run['train_rows'])} train rows, {len(run['eval_rows'])} held out")
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run the recipe; return the final metrics."""
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the recipe; return the final metrics. A run that ends early raises guard.Stop (see qlora/guard.py)."""
+    with guard.RunGuard(cfg) as watch:  # turns an out-of-memory error anywhere below into a report
+        return _train(cfg, resume, overwrite, watch)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) -> dict:
     run_dir = Path(cfg.output.dir)
-    run = prepare(cfg)
+    checkpoint.check_run_dir(run_dir, cfg, resume, overwrite)  # reads only: a refused run leaves the dir as it was
+    # Created before loading: on CPU its baseline is the resident memory before the model exists.
+    profiler = memory.PhaseTracker(resolve_device(cfg.train.device))
+    watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
+    run = prepare(cfg, profiler)
     model, device, tokenizer = run["model"], run["device"], run["tokenizer"]
     print_summary(cfg, run)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    step, first = 0, {}
+    step, first, bad_steps, state = 0, {}, 0, {}
     latest = checkpoint.list_checkpoints(run_dir)
     if resume and latest:
         state = checkpoint.load_checkpoint(latest[-1], model, cfg, optimizer, scheduler)
-        step, first = state["step"], state.get("first_eval", {})
+        step, first, bad_steps = state["step"], state.get("first_eval", {}), state.get("bad_steps", 0)
         print(f"resumed from {latest[-1]} at step {step}")
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_through=step)
+    elif resume:
+        print(f"no checkpoint in {run_dir} yet: starting at step 0")
+    checkpoint.start_run(run_dir, cfg, overwrite)  # the first write: model, data, config and checkpoint are checked
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_bytes=state.get("metrics_bytes", 0))
+    watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint
     if step == 0:
+        watch.at("the evaluation before training", 0)
         first = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device)
         metrics_log.write({"step": 0, **first})
         print(f"before training: held-out loss {first['eval_loss']:.4f}, "
               f"exact match {100 * first['eval_exact_match']:.1f}%")
+        profiler.mark("evaluate")
 
     t = cfg.train
     batches = micro_batches(run["train_rows"], t.batch_size, t.seed, tokenizer.pad_token_id, start=step * t.grad_accum)
-    profiler = memory.PhaseTracker(device)
+    profiler.watch(model, optimizer)
     model.train()
     bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
-    last = {}
+    last, first_step = {}, True
     while step < t.steps:
         started = time.perf_counter()
         micro = [to_device(b, device) for _, b in (next(batches) for _ in range(t.grad_accum))]
-        total_loss = forward_backward(model, micro, t.loss_chunk_size)
-        # clip, step, schedule
+        watch.at("the forward and backward", step, micro)
+        total_loss = forward_backward(model, micro, t.loss_chunk_size, profiler if first_step else None)
+        profiler.mark("backward" if first_step else "steady")
+        # clip, step (unless the loss or a gradient is inf/nan: skip the update), schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
+        watch.at("the optimizer step", step)
+        good = guard.finite(total_loss, grad_norm)
+        if good:
+            optimizer.step()
+        scheduler.step()  # a skipped step still counts: the schedule and the data move on past its batch
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        profiler.mark("steady" if step > 1 else "first_step")
+        profiler.mark("optimizer_step" if first_step else "steady")
+        first_step = False
+        if not good:
+            bad_steps += 1
+            where = guard.data_position((step - 1) * t.grad_accum, t.grad_accum, len(run["train_rows"]),
+                                        t.batch_size, t.seed)
+            print(f"step {step}: non-finite loss or gradient in {where}: skipped, no update "
+                  f"({bad_steps} of train.max_bad_steps={t.max_bad_steps})", file=sys.stderr)
 
         # log
         seconds = time.perf_counter() - started
@@ -176,55 +236,98 @@ def train(cfg: Config, resume: bool = False) -> dict:
         bar.update(1)
 
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+            watch.at("an evaluation", step)
             metrics_log.write({"step": step, **evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device)})
-        if (t.save_every and step % t.save_every == 0) or step == t.steps:
-            checkpoint.save_checkpoint(run_dir, step, model, cfg, run["base_path"], optimizer, scheduler,
-                                       {"first_eval": first})
+            profiler.mark("evaluate")
+        # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
+        stop_signal, too_many_bad = watch.signal, not good and bad_steps > t.max_bad_steps
+        if (t.save_every and step % t.save_every == 0) or step == t.steps or too_many_bad or stop_signal:
+            watch.at("saving a checkpoint", step)
+            saved = checkpoint.save_checkpoint(run_dir, step, model, cfg, run["base_path"], optimizer, scheduler,
+                                               {"first_eval": first, "bad_steps": bad_steps,
+                                                "metrics_bytes": metrics_log.size()})
+        if too_many_bad:
+            raise guard.too_many_bad_steps(step, bad_steps, t.max_bad_steps, where, saved)
+        if stop_signal:
+            raise watch.stopped_by_signal(step, saved)
     bar.close()
 
+    watch.at("the final evaluation", step)
     final = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device)
     metrics_log.write({"step": step, **final})
-    checkpoint.save_weights(model, cfg, run["base_path"], run_dir)
+    checkpoint.save_final(model, cfg, run["base_path"], run_dir)
     print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
           f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}%")
     print(f"adapter written to {run_dir}")
+    print(profiler.write(run_dir / "memory.json", cfg))  # one line: the peak, by category, against the estimate
     return {"before": first, "after": final, "last_step": last}
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step and eval. On resume, lines past the checkpoint are dropped,
-    since those steps are about to be run again."""
+    """metrics.jsonl: one JSON object per logged step and eval. Each checkpoint records the file's length when it
+    was saved; resuming from it cuts the file back to that length, dropping what was logged after the save (steps
+    about to be run again, a final evaluation, a line cut short by a kill -9)."""
 
-    def __init__(self, path: Path, keep_through: int) -> None:
+    def __init__(self, path: Path, keep_bytes: int = 0) -> None:
         self.path = path
-        kept = []
-        if keep_through and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_through]
+        kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_bytes(kept)
         os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def size(self) -> int:
+        return self.path.stat().st_size
+
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when the run completes, else one of the exit codes in qlora/guard.py, with one line on
+    stderr saying what went wrong and what to do (a traceback only with --debug)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not sys.stderr.isatty():  # as our own bar (tqdm disable=None): no progress bars in logs, or above an error
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        transformers.utils.logging.disable_progress_bar()
+    cfg = None
     try:
         cfg, flags = parse_args(argv, USAGE)
-        unknown = [f for f in flags if f not in ("--resume", "--overwrite", "--debug")]
+        unknown = [f for f in flags if f not in FLAGS]
         if unknown:
-            raise ConfigError(f"unknown flag {unknown[0]}: {USAGE}")
-        train(cfg, resume="--resume" in flags)
-    except ConfigError as err:
-        if debug:
+            raise ConfigError(_flag_error(unknown[0]))
+        train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
+    except (ConfigError, guard.Stop, checkpoint.SaveError, OSError, KeyboardInterrupt) as err:
+        if debug or (isinstance(err, OSError) and err.errno not in checkpoint.DISK_FULL):
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        code, message = _exit_status(err, cfg)
+        print(message if code >= 128 else f"error: {message}", file=sys.stderr)
+        return code
     return 0
+
+
+def _flag_error(flag: str) -> str:
+    if "." in flag:
+        return f"{flag} has no value: write {flag}=VALUE"
+    close = difflib.get_close_matches(flag, FLAGS, 1, 0.5)
+    return f"unknown flag {flag}: {f'did you mean {close[0]}? ' if close else ''}{USAGE}"
+
+
+def _exit_status(err: BaseException, cfg: Config | None) -> tuple[int, str]:
+    """The exit code and one-line message for an error that ends the run (codes: qlora/guard.py)."""
+    latest = checkpoint.list_checkpoints(Path(cfg.output.dir)) if cfg else []
+    intact = f"{latest[-1]} is intact" if latest else "no checkpoint was written"
+    if isinstance(err, ConfigError):
+        return guard.EXIT_BAD_INPUT, str(err)
+    if isinstance(err, guard.Stop):
+        return err.code, str(err)
+    if isinstance(err, checkpoint.SaveError):
+        return guard.EXIT_SAVE, str(err)
+    if isinstance(err, OSError):  # disk full outside a checkpoint: metrics.jsonl, run_config.json
+        return guard.EXIT_SAVE, (f"could not write {err.filename or cfg.output.dir} ({err.strerror}); {intact}: "
+                                 "free some space, then continue with --resume")
+    return 128 + signal.SIGINT, f"interrupted; {intact}" + (": continue with --resume" if latest else "")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_recipe_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from qlora.config import *\nconfig = Config(model=ModelConfig(path='x'), data=DataConfig(train='y',"
                    " max_seq_len=-1))\n")
-    with pytest.raises(ConfigError, match=r"bad.py: data.max_seq_len=-1"):
+    with pytest.raises(ConfigError, match=r"bad.py:2: data.max_seq_len=-1"):
         load_recipe(bad)
 
 

@@ -118,3 +118,25 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_config, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     with peft_model.disable_adapter(), torch.no_grad():
         assert (peft_model(x).logits - ours).abs().max() > 1e-4  # the adapter really contributes
+
+
+def test_an_evaluation_leaves_the_next_gradients_unchanged(tiny_config):
+    """bitsandbytes repacks 4-bit weights on a CPU no-grad forward into a kernel without a backward; an eval before
+    training then silently cut the gradient through every base layer (model.keep_cpu_weights_exact prevents it)."""
+    from qlora.train import evaluate
+
+    grads = []
+    for run_eval in (False, True):
+        run = prepare(tiny_config)
+        model = run["model"]
+        if run_eval:
+            evaluate(model, run["eval_rows"][:8], tiny_config, run["tokenizer"].pad_token_id, run["device"])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        model.train()
+        forward_backward(model, [collate(run["train_rows"][:2], run["tokenizer"].pad_token_id)])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,91 @@
+"""The numbers of a decoder that memory depends on, read from its config.json alone (no weights, no transformers).
+
+Llama-style decoders: per layer q/k/v/o attention projections (grouped-query: k and v have kv_heads heads) and a
+gated MLP (gate, up, down), RMSNorm before each, an embedding table and an output head that may share its weights.
+Llama, Mistral, Qwen2/3, SmolLM and their kin all fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora.config import Config, ConfigError
+
+UNTIED_BY_DEFAULT = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The numbers of a Llama-style decoder that memory depends on, read from its config.json."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes.values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, lm_head (unless tied) and the 2L+1 RMSNorm weights: never quantised."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    @property
+    def buffer_bytes(self) -> int:
+        """The rotary tables' inverse frequencies (inv_freq and original_inv_freq, fp32)."""
+        return 2 * (self.head_dim // 2) * 4
+
+
+def config_json_path(cfg: Config) -> Path:
+    """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
+    if cfg.model.config_json:
+        path = Path(cfg.model.config_json).expanduser()
+        return path / "config.json" if path.is_dir() else path
+    path = Path(cfg.model.path).expanduser() / "config.json"
+    if not path.is_file() and cfg.model.build:
+        from qlora.model import ensure_checkpoint
+
+        path = Path(ensure_checkpoint(cfg)) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json at {path}: set model.config_json to a local copy of the model's config.json")
+    return path
+
+
+def load_arch(cfg: Config) -> Arch:
+    """Read config.json as plain JSON: no transformers import, so an estimate takes a second, not ten."""
+    path = config_json_path(cfg)
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not a readable config.json ({err}): point model.config_json at one") from err
+    c = c.get("text_config", c)  # multimodal checkpoints nest the language model's config
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if c.get(k) is None]
+    if missing:
+        raise ConfigError(f"{path} has no {', '.join(missing)}: the estimator knows Llama-style decoders only")
+    heads = c["num_attention_heads"]
+    # transformers' default when the key is absent: False for these families, True (PretrainedConfig) otherwise.
+    tied = c.get("tie_word_embeddings", c.get("model_type") not in UNTIED_BY_DEFAULT)
+    return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                intermediate=c["intermediate_size"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
+                head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"], tied=bool(tied))

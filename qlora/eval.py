@@ -1,0 +1,112 @@
+"""`python -m qlora.eval RUN_DIR [--data FILE]`: reload a finished run and measure it on held-out data.
+
+The numbers come from `qlora.train.evaluate` (loss per target token, perplexity, teacher-forced exact match of the
+answers), on the held-out split the run itself used unless `--data` names another file: for the same run and data
+they are the numbers training logged at its final eval.
+
+`load_run` rebuilds a run's model from RUN_DIR alone (run_config.json + the saved weights); generate and merge use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qlora import checkpoint
+from qlora.config import Config, ConfigError
+from qlora.data import detect_format, load_splits, read_rows, tokenize_rows
+from qlora.lora import ADAPTER_WEIGHTS, attach_lora
+from qlora.model import compute_dtype, load_base, resolve_device
+from qlora.train import evaluate
+
+RUN_CONFIG = "run_config.json"  # written by qlora.train at the start of every run
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The recipe a run trained with, from RUN_DIR/run_config.json (or its parent's, for RUN_DIR/checkpoint-N)."""
+    path = next((d / RUN_CONFIG for d in (run_dir, run_dir.parent) if (d / RUN_CONFIG).is_file()), None)
+    if path is None:
+        raise ConfigError(f"{run_dir / RUN_CONFIG} not found: RUN_DIR must be a training output directory "
+                          "(the --output.dir of python -m qlora.train)")
+    raw = json.loads(path.read_text())
+    sections = typing.get_type_hints(Config)
+    try:
+        return Config(**{name: sections[name](**raw[name]) for name in sections if name in raw})
+    except TypeError as err:  # a key this version of Config does not know: the run is from another version
+        raise ConfigError(f"{path} does not fit this version of qlora.config ({err})") from None
+
+
+def load_run(run_dir: Path, device: str | None = None, compute: str | None = None, method: str | None = None,
+             base_path: str | None = None) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
+    """Rebuild a run's trained model in eval mode: its base as it trained (NF4 for qlora), adapters loaded.
+
+    `device`, `compute` (a quant.compute_dtype), `method` (qlora or lora: the same adapter on a 4-bit or a 16-bit
+    base) and `base_path` (another copy of the base) override the run's own settings.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if device is not None:
+        cfg.train.device = device
+    if compute is not None:
+        cfg.quant.compute_dtype = compute
+    if method is not None:
+        cfg.quant.method = method
+        cfg.quant.quantize_lm_head &= method == "qlora"  # a 16-bit base keeps its 16-bit head
+    if base_path is not None:
+        cfg.model.path, cfg.model.build = base_path, None
+    weights = checkpoint.FULL_WEIGHTS if cfg.quant.method == "full" else ADAPTER_WEIGHTS
+    if not (run_dir / weights).is_file():
+        raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
+                          "checkpoint-N directories instead")
+    dev = resolve_device(cfg.train.device)
+    model, tokenizer, _ = load_base(cfg, dev)
+    if cfg.quant.method != "full":
+        attach_lora(model, cfg.lora, compute_dtype(cfg.quant, dev))
+    checkpoint.load_weights(model, cfg, run_dir)
+    model.eval()
+    return cfg, model, tokenizer, dev
+
+
+def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None) -> dict:
+    """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
+    cfg, model, tokenizer, dev = load_run(Path(run_dir), device)
+    if data is None:
+        # The split training held out: the same file, or the same seeded carve-out of the train file.
+        _, examples = load_splits(cfg.data, tokenizer, cfg.train.seed)
+        data = cfg.data.eval or f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
+    else:
+        rows = read_rows(data)
+        fmt = detect_format(rows, data) if cfg.data.format == "auto" else cfg.data.format
+        examples = tokenize_rows(rows, fmt, tokenizer, data, cfg.data.max_seq_len)
+    return {**evaluate(model, examples, cfg, tokenizer.pad_token_id, dev), "data": data, "rows": len(examples)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
+    parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_run(args.run_dir, args.data, args.device)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    capped = " (capped by train.eval_batches)" if read_run_config(args.run_dir).train.eval_batches else ""
+    print(f"{result['data']}: {result['rows']} rows{capped}")
+    print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "
+          f"exact match {100 * result['eval_exact_match']:.1f}%")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""`python -m qlora.generate RUN_DIR [--prompt TEXT]`: talk to a trained adapter on its 4-bit base, unmerged.
+
+The model is exactly the one training evaluated (base as it trained, adapters beside it), so what it says is what the
+run learned, before any merge or export. Tokens are printed as they are generated. Each prompt is one user turn,
+rendered with the tokenizer's chat template when it has one, as the chat training data was. Without --prompt, every
+line read from stdin is a prompt, until end of input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase, TextStreamer
+
+from qlora.config import ConfigError
+from qlora.eval import load_run
+
+
+def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The prompt as a user turn plus the assistant header when the tokenizer has a chat template, else as is."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 256,
+             temperature: float = 0.0, stream: bool = True) -> str:
+    """Complete one prompt (greedy when temperature is 0); print tokens as they come when `stream`; return the text."""
+    # add_special_tokens=False: the template already holds every special token, as in qlora.data's tokenisation.
+    inputs = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(model.device)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, use_cache=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
+    parser.add_argument("--prompt", help="one prompt; without it, each stdin line is a prompt until end of input")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0 or args.temperature < 0:
+        parser.error("--max-new-tokens must be positive and --temperature not negative")
+    try:
+        _, model, tokenizer, _ = load_run(args.run_dir, args.device)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.prompt is not None:
+        generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input (Ctrl-D)
+            return 0
+        if line.strip():
+            generate(model, tokenizer, line.rstrip("\n"), args.max_new_tokens, args.temperature)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The memory report as markdown, and its few-line console summary."""
+
+from __future__ import annotations
+
+GIB = 2**30
+LABELS = {"quantized_weights": "quantised base weights (NF4 + quant state)",
+          "unquantized_weights": "unquantised weights (embeddings, lm_head, norms; every weight for full/lora)",
+          "adapters": "LoRA adapters", "gradients": "gradients", "optimizer_state": "optimizer state",
+          "activations": "activations and temporaries (measured: the rest)", "cuda_context": "CUDA context"}
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA, 16-bit base", "qlora": "QLoRA, NF4 + double quant"}
+
+
+def gib(n: int | None) -> str:
+    return "–" if n is None else f"{n / GIB:,.3f}" if n < GIB else f"{n / GIB:,.2f}"
+
+
+def _verdict(entry: dict, report: dict) -> str:
+    if entry["fits"]:
+        return "fits"
+    return f"**does not fit** ({gib(entry['estimated_peak_bytes'])} > {gib(report['device_memory_bytes'])} GiB)"
+
+
+def summary_lines(report: dict) -> list[str]:
+    out = [f"{report['model']} | {report['settings']['batch_size']} x {report['settings']['seq_len']} tokens | "
+           f"estimate for {report['estimate_for']} | measured on {report['device']}"]
+    for method, e in report["methods"].items():
+        measured = e.get("measured_peak_bytes")
+        vs = f", measured {gib(measured)} GiB (estimate {100 * e['error']:+.1f}%)" if measured else \
+            (f", {e['measure_error']}" if e.get("measure_error") else "")
+        out.append(f"  {method:5s} estimated {gib(e['estimated_peak_bytes'])} GiB "
+                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){vs}{'' if e['fits'] else ' [does not fit]'}")
+    return out
+
+
+def markdown(report: dict, png_name: str) -> str:
+    s, methods = report["settings"], report["methods"]
+    measured = report["measured"] and any(e.get("measured_peak_bytes") for e in methods.values())
+    lines = [f"# Memory budget: `{report['recipe']}` ({report['model']})", ""]
+    if not measured:
+        lines += [f"> **Estimate only: nothing here was measured.** Device: none. The estimate is for "
+                  f"{'one CUDA GPU' if report['estimate_for'] == 'cuda' else 'CPU'} "
+                  f"({s['compute_dtype']} compute), from `{report['config_json']}` and the recipe alone.", ""]
+    lines += [f"- device: {report['device']}" + (f" (measured); drawn against {report['device_memory']}" if measured
+                                                 else f"; drawn against {report['device_memory']}"),
+              f"- date: {report['date']}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+              f"- command: `{report['command']}`",
+              f"- shape: batch {s['batch_size']} x {s['seq_len']} tokens of random ids, every position a target; "
+              f"LoRA r={s['lora_r']} alpha={s['lora_alpha']:g} dropout={s['lora_dropout']:g} on "
+              f"{','.join(s['lora_targets'])}; {s['optimizer']}; gradient checkpointing "
+              f"{'on' if s['gradient_checkpointing'] else 'off'}; loss chunk "
+              f"{s['loss_chunk_size'] or 'off'}; compute {s['compute_dtype']}", "",
+              f"![peak memory by method and category]({png_name})", "",
+              "| method | estimated peak GiB (GB) | measured peak GiB | estimate vs measured | on the device |",
+              "|---|---|---|---|---|"]
+    for m, e in methods.items():
+        got = e.get("measured_peak_bytes")
+        error = f"{100 * e['error']:+.1f}%" if got else "–"
+        lines.append(f"| {METHOD_NAMES[m]} | {gib(e['estimated_peak_bytes'])} ({e['estimated_peak_bytes'] / 1e9:,.1f})"
+                     f" | {gib(got) if got else e.get('measure_error', 'not measured')} | {error} | "
+                     f"{_verdict(e, report)} |")
+    if measured:
+        lines += ["", f"**Measured** means: {report['measurement']}. Peak over the training phases (first forward, "
+                      "backward, optimizer step, steady state); loading is listed apart."]
+    lines += ["", "## Components", "", "GiB at each method's estimated peak; measured columns break the measured peak "
+              "down by the tensors alive at that phase's end, the rest being activations and temporaries.", "",
+              "| component | " + " | ".join(f"{m} est." + (f" | {m} meas." if measured else "") for m in methods)
+              + " |", "|---|" + "---|" * (len(methods) * (2 if measured else 1))]
+    for cat, label in LABELS.items():
+        row = []
+        for e in methods.values():
+            row.append(gib(e["components"].get(cat, 0)))
+            if measured:
+                row.append(gib((e.get("measured_components") or {}).get(cat)) if e.get("measured_components") else "–")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    lines += _formulas(report)
+    if measured:
+        lines += _phases(methods)
+    return "\n".join(lines) + "\n"
+
+
+def _formulas(report: dict) -> list[str]:
+    a = report["arch"]
+    out = ["", "## How each estimate is made", "",
+           f"Symbols: L={a['layers']} layers, h={a['hidden']}, i={a['intermediate']}, nh={a['heads']} heads "
+           f"({a['kv_heads']} kv, head_dim {a['head_dim']}), V={a['vocab']}, P={a['params']:,} parameters of which "
+           f"P_lin={a['linear_params']:,} in linear layers; b={report['settings']['batch_size']}, "
+           f"s={report['settings']['seq_len']}, T=b*s, N=b*(s-1); e = bytes per element of the compute dtype.", ""]
+    for m, e in report["methods"].items():
+        out += [f"### {METHOD_NAMES[m]}", "", f"Peak moment: {e['estimated_peak_phase']} (candidates, GiB: "
+                + ", ".join(f"{k} {gib(v)}" for k, v in e["estimated_phases"].items()) + ").", "",
+                "| component | GiB | formula |", "|---|---|---|"]
+        for cat, formula in e["formulas"].items():
+            out.append(f"| {cat} | {gib(e['components'].get(cat)) if cat in e['components'] else ''} | {formula} |")
+        out += [""] + [f"- {x}" for x in e["assumptions"]] + [""]
+    return out
+
+
+def _phases(methods: dict) -> list[str]:
+    names = []
+    for e in methods.values():
+        names += [p for p in (e.get("measured_phases") or {}) if p not in names]
+    out = ["## Measured phases", "", "Peak of each phase in GiB (each phase's peak counter is reset when it starts).",
+           "", "| phase | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for p in names:
+        out.append(f"| {p} | " + " | ".join(gib((e.get("measured_phases") or {}).get(p)) for e in methods.values())
+                   + " |")
+    return out

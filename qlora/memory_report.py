@@ -1,0 +1,211 @@
+"""The memory report: estimated (and, with --measure, measured) peak of full fine-tuning, LoRA and QLoRA for a recipe.
+
+    python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--section.key=value ...]
+
+Writes memory_reports/<recipe>-<device>.md, .json and .png, where <device> is the device that measured ("cpu", the
+GPU's name) or "none" when nothing was measured. Without --measure nothing is loaded: config.json and the recipe
+are enough, and it answers in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import platform
+import re
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from qlora.arch import Arch, config_json_path, load_arch
+from qlora.config import METHODS, Config, ConfigError, parse_args
+from qlora.estimate import Estimate, compute_bytes, estimate
+
+USAGE = ("python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--out-dir=memory_reports] "
+         "[--section.key=value ...]")
+GIB = 2**30
+REFERENCE_GPU = 80 * 10**9  # an estimate for CUDA made without a GPU is drawn against one 80 GB card (A100/H100)
+
+
+def method_config(cfg: Config, method: str) -> tuple[Config, list[str]]:
+    """`cfg` for `method`, with the recipe's levers that do not apply to it switched off (and the overrides)."""
+    out = copy.deepcopy(cfg)
+    out.quant.method = method
+    extra = [f"--quant.method={method}"]
+    if out.quant.quantize_lm_head and method != "qlora":
+        out.quant.quantize_lm_head = False
+        extra.append("--quant.quantize_lm_head=false")
+    if out.model.embeddings_on_cpu and method == "full":
+        out.model.embeddings_on_cpu = False
+        extra.append("--model.embeddings_on_cpu=false")
+    return out, extra
+
+
+def target_device(cfg: Config) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def device_memory(device: str) -> tuple[int, str]:
+    """(bytes, label) of the device the report is drawn against."""
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
+    if device == "cuda":
+        return REFERENCE_GPU, "an 80 GB GPU (reference)"
+    total = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    return total, f"this machine's RAM ({total / GIB:.0f} GiB)"
+
+
+def available_ram() -> int:
+    return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "bitsandbytes", "accelerate", "qlora"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda or ""
+    return out
+
+
+def settings(cfg: Config, device: str) -> dict:
+    t = cfg.train
+    return {"seq_len": cfg.data.max_seq_len, "batch_size": t.batch_size, "lora_r": cfg.lora.r,
+            "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout, "lora_targets": cfg.lora.targets,
+            "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
+            "loss_chunk_size": t.loss_chunk_size, "offload_activations": t.offload_activations,
+            "quantize_lm_head": cfg.quant.quantize_lm_head, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
+            "compute_dtype": compute_bytes(cfg, device)[0]}
+
+
+def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str], methods: list[str],
+                 measure: bool) -> dict:
+    device = target_device(cfg)
+    arch = load_arch(cfg)
+    total, total_label = device_memory(device)
+    if measure and device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--measure: the recipe trains on CUDA (train.device=cuda) but no GPU is visible; drop "
+                          "--measure for an estimate, or measure on CPU with --train.device=cpu")
+    report = {"model": cfg.model.path, "config_json": str(config_json_path(cfg)), "recipe": recipe,
+              "device": "none", "estimate_for": device, "device_memory_bytes": total, "device_memory": total_label,
+              "measured": measure, "command": "python -m qlora.memory " + shlex.join(argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "versions": versions(), "settings": settings(cfg, device), "arch": arch_dict(arch), "methods": {}}
+    for method in methods:
+        mcfg, extra = method_config(cfg, method)
+        est = estimate(mcfg, arch, method, device)
+        entry = estimate_entry(est, total)
+        if measure:
+            entry.update(measure_entry(recipe, overrides + extra, est, device))
+            if "measured_device" in entry:
+                report["device"] = entry.pop("measured_device")
+        report["methods"][method] = entry
+    if measure:
+        from qlora.measure import CPU_DEFINITION
+
+        report["measurement"] = CPU_DEFINITION if device == "cpu" else \
+            "PyTorch reserved at its peak + memory outside its allocator (paged optimizer state) + CUDA context"
+    return report
+
+
+def arch_dict(arch: Arch) -> dict:
+    return {"layers": arch.layers, "hidden": arch.hidden, "intermediate": arch.intermediate, "heads": arch.heads,
+            "kv_heads": arch.kv_heads, "head_dim": arch.head_dim, "vocab": arch.vocab, "tied_embeddings": arch.tied,
+            "params": arch.params, "linear_params": arch.linear_params}
+
+
+def estimate_entry(est: Estimate, device_total: int) -> dict:
+    return {"estimated_peak_bytes": est.peak_bytes, "measured_peak_bytes": None, "error": None,
+            "fits": est.peak_bytes <= device_total, "components": est.components, "formulas": est.formulas,
+            "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions}
+
+
+def measure_entry(recipe: str, overrides: list[str], est: Estimate, device: str) -> dict:
+    """Measure one method in a fresh process, unless its estimate says it cannot fit."""
+    from qlora.measure import measure_in_subprocess
+
+    room = available_ram() * 0.8 if device == "cpu" else device_memory(device)[0]
+    if est.peak_bytes > room:
+        return {"measure_error": f"not measured: the estimate ({est.peak_bytes / GIB:.1f} GiB) exceeds the "
+                                 f"{room / GIB:.1f} GiB available"}
+    print(f"measuring {est.method} ...", file=sys.stderr)
+    got = measure_in_subprocess(recipe, overrides, est.method)
+    if "error" in got:
+        return {"measure_error": got["error"]}
+    measured = got["measured_peak_bytes"]
+    return {"measured_peak_bytes": measured, "error": est.peak_bytes / measured - 1,
+            "measured_components": got["measured_components"], "measured_peak_phase": got["peak_phase"],
+            "measured_phases": {k: v["card_total"] if "card_total" in v else v["allocated"]
+                                for k, v in got["phases"].items()},
+            "load_peak_bytes": got["load_peak_bytes"], "measure_seconds": got["seconds"],
+            "measured_device": "cpu" if got["device"] == "cpu" else got["device"]}
+
+
+def device_slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower().removeprefix("nvidia ")).strip("-") or "none"
+
+
+def write_report(report: dict, out_dir: Path) -> Path:
+    """Write <recipe>-<device>.json, .md and .png into out_dir; return the .md path."""
+    from qlora.memory_markdown import markdown
+    from qlora.memory_plot import plot_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{Path(report['recipe']).stem}-{device_slug(report['device'])}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_report(report, out_dir / f"{stem}.png")
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown(report, f"{stem}.png"))
+    return md
+
+
+def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path]:
+    """(recipe + overrides, methods, --measure, --json, --out-dir)."""
+    rest, methods, measure, as_json, out_dir = [], list(METHODS), False, False, Path("memory_reports")
+    args = iter(argv)
+    for arg in args:
+        if arg == "--measure":
+            measure = True
+        elif arg == "--json":
+            as_json = True
+        elif arg == "--methods" or arg.startswith("--methods="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            methods = [m.strip() for m in value.split(",") if m.strip()]
+            unknown = [m for m in methods if m not in METHODS]
+            if unknown or not methods:
+                raise ConfigError(f"--methods {value!r}: use a comma-separated subset of {','.join(METHODS)}")
+        elif arg.startswith("--out-dir="):
+            out_dir = Path(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    return rest, methods, measure, as_json, out_dir
+
+
+def main(argv: list[str]) -> int:
+    try:
+        rest, methods, measure, as_json, out_dir = parse_cli(argv)
+        cfg, flags = parse_args(rest, USAGE)
+        if flags:
+            raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
+        report = build_report(rest[0], argv, cfg, rest[1:], methods, measure)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    md = write_report(report, out_dir)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    from qlora.memory_markdown import summary_lines
+
+    for line in summary_lines(report) + [f"written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}"]:
+        print(line, file=sys.stderr if as_json else sys.stdout)
+    return 0

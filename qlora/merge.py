@@ -1,0 +1,315 @@
+"""`python -m qlora.merge RUN_DIR --out DIR [--base-16bit PATH]`: fold a trained adapter into a plain bf16 checkpoint.
+
+    W = W0 + (alpha / r) B A        in fp32, then cast once to the output dtype (bf16 by default)
+
+W0 is, by default, the base weight as the adapter saw it in training: quantised to NF4 (with double quant) exactly as
+the 4-bit load does and dequantised back, so the merged model computes what the adapter model computed. With
+--base-16bit PATH, W0 is the original 16-bit weight instead: closer to the unquantised model, further from what the
+adapter was trained against. The merged weight is never quantised again: NF4's rounding (steps of ~1/8 of a block's
+absmax) is far coarser than a LoRA update, so re-quantising erases it (transformers 31293, peft 2321 and 1043).
+
+The base checkpoint is read one tensor at a time (safetensors' safe_open) and written shard by shard, so merging a
+70B model holds one tensor in memory beside the shard being filled. The result is checked last: max |logits merged -
+logits of the adapter model| over a fixed prompt set, both on CPU in fp32 (--skip-check for models too big for that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qlora.config import Config, ConfigError
+from qlora.eval import load_run, read_run_config
+from qlora.generate import render
+from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from qlora.model import DTYPES, compute_dtype, ensure_checkpoint, load_tokenizer, quantization_config, resolve_device
+
+INDEX = "model.safetensors.index.json"
+INFO = "merge_info.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of the tensors a merge casts
+
+# Short and varied: prose, code, a question, digits. The check compares every position's logits, not just the last.
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Where does the 9 am flight from Oslo go?",
+           "reverse: dog moon red", "12 + 35 = "]
+
+
+def local_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a hub id's snapshot (from the cache that loading it for training filled)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(path, allow_patterns=patterns))
+    except Exception as err:  # huggingface_hub raises several types for a missing repo or no network
+        raise ConfigError(f"base {path} is neither a local directory nor a reachable hub checkpoint "
+                          f"({str(err).splitlines()[0]}): fetch it first with huggingface-cli download {path}") from err
+
+
+def base_shards(root: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in the order its index lists them."""
+    if (root / INDEX).is_file():
+        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        return [root / name for name in dict.fromkeys(weight_map.values())]
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: merge reads safetensors checkpoints only; "
+                      "re-save the base with save_pretrained(safe_serialization=True)")
+
+
+def quantized_modules(base_path: str, cfg: Config) -> set[str]:
+    """Names of the layers the 4-bit load holds in NF4: those transformers' own quantizer converts, plus the output
+    head under quant.quantize_lm_head (qlora.model.quantize_lm_head).
+
+    Run on a weightless (meta) copy of the model, so it costs nothing and follows whatever transformers skips
+    (the output head, tied weights, a model's fp32-only modules) without restating its rules here.
+    """
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    head = model.get_output_embeddings()
+    quantizer = AutoHfQuantizer.from_config(quantization_config(cfg.quant, torch.float32), pre_quantized=False)
+    quantizer.preprocess_model(model, device_map={"": "cpu"})
+    return {name for name, module in model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit) or (module is head and cfg.quant.quantize_lm_head)}
+
+
+def nf4_roundtrip(weight: torch.Tensor, cfg: Config, load_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`weight` as the 4-bit model holds it: quantised by bitsandbytes as the 4-bit load does, then dequantised.
+
+    transformers casts the checkpoint tensor to the load dtype and wraps it in `Params4bit`, whose move to the device
+    quantises it (blocksize 64, quant_type and double quant from the quant config); doing the same here gives the
+    weights the adapter was trained against, to the bit.
+    """
+    param = bnb.nn.Params4bit(weight.to(load_dtype), requires_grad=False, compress_statistics=cfg.quant.double_quant,
+                              quant_type=cfg.quant.quant_type, quant_storage=torch.uint8).to(device)
+    return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count; decimal units as in transformers' max_shard_size."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
+    if not match:
+        raise ConfigError(f"--max-shard-size={text!r}: use a size such as 5GB or 500MB")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+
+
+def plan_shards(shards: list[Path], dtype: torch.dtype, max_bytes: int) -> list[list[tuple[str, Path]]]:
+    """Group the base tensors into output shards of at most `max_bytes` (a larger tensor gets a shard of its own).
+
+    Sizes come from the safetensors headers alone, so the shard count, and with it every file name, is known before
+    a single tensor is read.
+    """
+    groups, size = [[]], 0
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                info = f.get_slice(name)
+                kind = info.get_dtype()
+                # Floating tensors are written in `dtype`; others (integer buffers) keep their own width.
+                width = dtype.itemsize if kind in FLOAT_KINDS else int(re.sub(r"\D", "", kind) or 8) // 8
+                nbytes = torch.Size(info.get_shape()).numel() * width
+                if groups[-1] and size + nbytes > max_bytes:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((name, shard))
+                size += nbytes
+    return groups
+
+
+def copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
+    """Config, generation config, tokenizer and chat template from the base; the config says the new dtype."""
+    for item in base.iterdir():
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX:
+            shutil.copy2(item, out / item.name)
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config", None)  # the merged checkpoint is plain 16-bit, whatever the base was
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name  # transformers 5
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name  # transformers 4
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tensor], torch.Tensor],
+                 dtype: torch.dtype, max_bytes: int) -> int:
+    """Read every base tensor once, pass it through `fold`, write safetensors shards (+ index); return the bytes."""
+    groups = plan_shards(shards, dtype, max_bytes)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    weight_map, total = {}, 0
+    for file_name, group in zip(names, groups, strict=True):
+        shard = {}
+        for name, source in group:
+            with safe_open(str(source), "pt") as f:  # memory-mapped: opening it again per tensor costs nothing
+                shard[name] = fold(name, f.get_tensor(name)).contiguous()
+            weight_map[name] = file_name
+            total += shard[name].numel() * shard[name].element_size()
+        save_file(shard, str(out / file_name), metadata={"format": "pt"})
+        del shard  # only this shard's tensors were ever held
+    if len(names) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def read_scaling(run_dir: Path, cfg: Config) -> float:
+    """alpha / r of the run's adapter, after checking it is an adapter this merge knows how to fold."""
+    if cfg.quant.method == "full":
+        raise ConfigError(f"{run_dir} is a full fine-tuning run (quant.method=full): it has no adapter to merge")
+    if cfg.model.synthetic:
+        raise ConfigError(f"{run_dir} trained on synthetic weights (model.synthetic=true): there is no base to merge")
+    if not (run_dir / ADAPTER_WEIGHTS).is_file():
+        raise ConfigError(f"{run_dir / ADAPTER_WEIGHTS} not found: the run has not finished; pass one of its "
+                          "checkpoint-N directories instead")
+    adapter_cfg = json.loads((run_dir / ADAPTER_CONFIG).read_text())
+    if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
+        raise ConfigError(f"{run_dir / ADAPTER_CONFIG}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
+    return adapter_cfg["lora_alpha"] / adapter_cfg["r"]
+
+
+def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.dtype = torch.bfloat16,
+          max_shard_bytes: int = 5 * 10**9, device: str | None = None) -> dict:
+    """Write the merged checkpoint into `out` (built aside and renamed into place); return what was done."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = read_run_config(run_dir)
+    scaling = read_scaling(run_dir, cfg)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
+    base = str(local_checkpoint(base_16bit or ensure_checkpoint(cfg)))
+    # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
+    dequantise = cfg.quant.method == "qlora" and base_16bit is None
+    dev = resolve_device(device or cfg.train.device)
+    load_dtype = compute_dtype(cfg.quant, dev)  # what the 4-bit load casts each tensor to before quantising it
+    quantized = quantized_modules(base, cfg) if dequantise else set()
+    double = " with double quant" if cfg.quant.double_quant else ""
+    onto = (f"the dequantised {cfg.quant.quant_type.upper()}{double} base of {base} (what the adapter trained on)"
+            if dequantise else f"the original 16-bit weights of {base}")
+    print(f"merging {run_dir} onto {onto}, written as {str(dtype).removeprefix('torch.')}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
+    merged = set()
+    try:
+        with safe_open(str(run_dir / ADAPTER_WEIGHTS), "pt") as adapter:
+            adapted = {k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in adapter.keys()
+                       if k.endswith(".lora_A.weight")}
+
+            def fold(name: str, tensor: torch.Tensor) -> torch.Tensor:
+                """W0 (dequantised when the run was qlora) + scaling * B A, in fp32, cast once to `dtype`."""
+                module = name.removesuffix(".weight")
+                if not tensor.is_floating_point():
+                    return tensor
+                if name.endswith(".weight") and module in quantized:
+                    tensor = nf4_roundtrip(tensor, cfg, load_dtype, dev)
+                if name.endswith(".weight") and module in adapted:
+                    a = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dev, torch.float32)
+                    b = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").to(dev, torch.float32)
+                    tensor = tensor.to(dev, torch.float32) + scaling * (b @ a)
+                    merged.add(module)
+                return tensor.to("cpu", dtype)
+
+            total = write_shards(base_shards(Path(base)), tmp, fold, dtype, max_shard_bytes)
+        if merged != adapted:
+            raise ConfigError(f"adapter layers {sorted(adapted - merged)[:3]} have no weight in {base}: "
+                              "was the run trained on another base?")
+        copy_side_files(Path(base), tmp, dtype)
+        info = {"run_dir": str(run_dir.resolve()), "base": str(base), "merged_onto": onto,
+                "base_weights": "dequantised-nf4" if dequantise else "16bit",
+                "dtype": str(dtype).removeprefix("torch."), "scaling": scaling, "merged_layers": len(merged)}
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {len(merged)} merged layers, {total / 1e9:.3f} GB, to {out}")
+    return info
+
+
+@torch.no_grad()
+def prompt_logits(model: torch.nn.Module, tokenizer: object) -> list[torch.Tensor]:
+    """fp32 logits at every position of every prompt in PROMPTS, one prompt at a time (no padding to mask)."""
+    out = []
+    for prompt in PROMPTS:
+        ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out.append(model(input_ids=ids.to(model.device), use_cache=False).logits[0].float().cpu())
+    return out
+
+
+def merge_error(run_dir: Path, out: Path) -> dict:
+    """max |logits merged - logits of the adapter model| over PROMPTS, both on CPU in fp32.
+
+    The reference is the adapter on the base it was merged onto: the 4-bit base for a default merge, the 16-bit base
+    for --base-16bit (and then also the 4-bit one the adapter trained on, whose gap includes NF4's rounding).
+    """
+    info = json.loads((Path(out) / INFO).read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
+    merged = prompt_logits(model, load_tokenizer(str(out)))
+    del model
+    cfg = read_run_config(Path(run_dir))
+    references = [("4-bit", "qlora", None)] if info["base_weights"] == "dequantised-nf4" else [
+        ("16-bit", "lora", info["base"])] + ([("4-bit", "qlora", None)] if cfg.quant.method == "qlora" else [])
+    errors = {}
+    for label, method, base_path in references:
+        _, ref_model, tokenizer, _ = load_run(run_dir, "cpu", "fp32", method, base_path)
+        reference = prompt_logits(ref_model, tokenizer)
+        del ref_model
+        diff = max(float((m - r).abs().max()) for m, r in zip(merged, reference, strict=True))
+        agree = sum(int((m.argmax(-1) == r.argmax(-1)).sum()) for m, r in zip(merged, reference, strict=True))
+        positions = sum(m.shape[0] for m in merged)
+        scale = max(float(r.abs().max()) for r in reference)
+        errors[f"vs adapter on {label} base"] = {"max_abs_logit_diff": diff, "max_abs_logit": scale,
+                                                 "argmax_agreement": agree / positions, "positions": positions}
+        print(f"merge error vs the adapter on the {label} base: max |logit diff| {diff:.3e} (logits up to "
+              f"{scale:.1f}), same argmax at {agree}/{positions} positions")
+    info["merge_error"] = errors
+    (Path(out) / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora.merge", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
+    parser.add_argument("--base-16bit", metavar="PATH",
+                        help="merge onto these original 16-bit weights instead of the dequantised NF4 base")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the merged weights")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB (default)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                        help="where to quantise and merge; default: the run's train.device")
+    parser.add_argument("--skip-check", action="store_true",
+                        help="skip the merge-error check (it loads both models on CPU: too much for a huge model)")
+    args = parser.parse_args(argv)
+    try:
+        merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
+        if not args.skip_check:
+            merge_error(args.run_dir, args.out)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

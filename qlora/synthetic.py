@@ -1,0 +1,103 @@
+"""Synthetic weights: any architecture from its config.json, with random weights quantised straight to NF4.
+
+Measures the memory of Llama-3.1 8B and 70B without downloading them. The model is built on the meta device
+(accelerate's `init_empty_weights`: no memory at all), then made real one weight at a time on the target device:
+each linear layer's weight is drawn in the compute dtype and quantised to NF4 at once (bitsandbytes `Params4bit`,
+the same call transformers' loader makes), so the 16-bit model never exists, only one 16-bit weight at a time (at
+most 28672 x 8192 x 2 B = 470 MB for 70B). Embeddings, lm_head and norms stay in the compute dtype, as the loader
+leaves them; for lora and full every weight does.
+
+Values: normal(0, initializer_range) for linear layers and embeddings, ones for norms, zeros for biases, as
+transformers initialises a fresh model. The outputs are meaningless; the shapes, dtypes and memory are the model's.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qlora.config import Config, ConfigError
+
+
+def _nf4_linear(linear: nn.Linear, cfg: Config, dtype: torch.dtype, device: torch.device,
+                generator: torch.Generator, std: float) -> bnb.nn.Linear4bit:
+    """A `Linear4bit` with the shape of meta `linear`, its random weight drawn on `device` and quantised there."""
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=dtype, compress_statistics=cfg.quant.double_quant,
+                              quant_type=cfg.quant.quant_type, quant_storage=torch.uint8, device="meta")
+    weight = torch.empty(linear.out_features, linear.in_features, dtype=dtype, device=device)
+    weight.normal_(0.0, std, generator=generator)
+    # .to(device) on an unquantised Params4bit quantises it (bitsandbytes nn/modules.py, Params4bit.to).
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.quant.double_quant,
+                                     quant_type=cfg.quant.quant_type, quant_storage=torch.uint8,
+                                     module=layer).to(device)
+    del weight
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=dtype, device=device), requires_grad=False)
+    return layer
+
+
+def quantize_linears(model: nn.Module, cfg: Config, dtype: torch.dtype, device: torch.device,
+                     generator: torch.Generator, std: float) -> list[str]:
+    """Swap every meta `nn.Linear` but the output head for an NF4 layer; return the names swapped."""
+    head = model.get_output_embeddings()
+    swapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child is not head:
+                setattr(parent, name, _nf4_linear(child, cfg, dtype, device, generator, std))
+                swapped.append(f"{parent_name}.{name}" if parent_name else name)
+    return swapped
+
+
+def materialise(model: nn.Module, dtype: torch.dtype, device: torch.device, generator: torch.Generator,
+                std: float) -> None:
+    """Give every parameter still on the meta device real values on `device`; tied weights stay tied."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device.type != "meta":
+                continue
+            if id(param) not in made:
+                data = torch.empty(param.shape, dtype=dtype, device=device)
+                if isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                    data.normal_(0.0, std, generator=generator)
+                elif name == "bias":
+                    data.zero_()
+                else:  # norm weights
+                    data.fill_(1.0)
+                made[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+            setattr(module, name, made[id(param)])
+        for name, buf in list(module.named_buffers(recurse=False)):
+            module._buffers[name] = buf.to(device)  # rotary tables: computed on CPU at construction
+
+
+def load_synthetic(cfg: Config, device: torch.device,
+                   dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
+    """The architecture of `cfg.model.config_json` with random weights on `device`: NF4 linear layers for qlora,
+    every weight in `dtype` otherwise. Returns the model, a byte-level tokenizer and the config's directory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.arch import config_json_path
+    from qlora.model import byte_tokenizer, keep_cpu_weights_exact
+
+    if not cfg.model.config_json:
+        raise ConfigError("model.synthetic=true needs model.config_json: the path of the model's config.json")
+    path = config_json_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"model.config_json={cfg.model.config_json}: no such file; point it at a config.json")
+    config = AutoConfig.from_pretrained(str(path.parent), trust_remote_code=cfg.model.trust_remote_code)
+    config.use_cache = False  # the KV cache only costs memory in training
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real, on CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    std = getattr(config, "initializer_range", 0.02)
+    if cfg.quant.method == "qlora":
+        quantize_linears(model, cfg, dtype, device, generator, std)
+    materialise(model, dtype, device, generator, std)
+    keep_cpu_weights_exact(model)
+    return model, byte_tokenizer(), str(path.parent)

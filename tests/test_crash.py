@@ -1,0 +1,345 @@
+"""A run that is killed, interrupted, starved of disk or memory, or fed non-finite numbers: nothing is lost.
+
+Real processes (forked from one that imported qlora.train once, see tests/forked_cli.py) run the tiny recipe; each
+interrupted run is resumed and must end with exactly the adapter, losses and learning rates of an uninterrupted one.
+Faults that cannot be caused from outside (a kill at an exact point of a save, NaN, CUDA out of memory) are injected
+by a `prelude` that patches torch in the child before the CLI starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from forked_cli import ROOT, ForkedCLI
+from safetensors.torch import load_file
+
+from qlora.arch import load_arch
+from qlora.checkpoint import STATE, list_checkpoints
+from qlora.config import load_recipe
+from qlora.data import batch_rows
+from qlora.estimate import estimate
+from qlora.guard import HEADROOM
+from qlora.train import MetricsLog
+
+STEPS = 8
+# 4 rows x 2 micro-batches per step, dropout on (resume must restore its RNG), an evaluation every 3 steps.
+ARGS = ["recipes/tiny.py", f"--train.steps={STEPS}", "--train.save_every=1", "--train.keep_checkpoints=2",
+        "--train.eval_every=3", "--train.log_every=1", "--train.batch_size=4", "--train.grad_accum=2",
+        "--lora.dropout=0.1"]
+N_TRAIN = 200  # rows of recipes/data/tiny/train.jsonl (the held-out rows are a file of their own)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    with ForkedCLI() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = cli.run([*ARGS, f"--output.dir={out}"])
+    assert result.status == 0, result.stderr
+    return out
+
+
+def adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    """What must match between runs: every logged loss, lr, gradient norm and evaluation (not speed or memory)."""
+    keep = ("step", "loss", "lr", "grad_norm", "eval_loss", "eval_exact_match")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k in keep} for line in lines]
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    expected, got = adapter(reference), adapter(run)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    assert metrics(run) == metrics(reference)
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 120) -> None:
+    """Until metrics.jsonl has a training line for `step` (written right after that step's update)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if any(f'"step": {step},' in line and '"loss"' in line for line in lines):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"{run} never reached step {step}")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_random_moments_then_resume_ends_with_the_same_adapter(cli, reference, tmp_path, seed):
+    rng = random.Random(seed)
+    out = tmp_path / "run"
+    # First kill: a random moment after a random step (in the update, an evaluation, or a save that follows it).
+    pid = cli.start([*ARGS, f"--output.dir={out}"])
+    wait_for_step(out, rng.randint(1, STEPS - 3))
+    time.sleep(rng.uniform(0, 0.4))
+    os.kill(pid, signal.SIGKILL)
+    assert cli.wait(pid).status == -signal.SIGKILL, "the run ended before the kill: nothing was tested"
+    # Second kill: a random moment of the resumed run, loading included.
+    pid = cli.start([*ARGS, f"--output.dir={out}", "--resume"])
+    time.sleep(rng.uniform(0.2, 2.5))
+    os.kill(pid, signal.SIGKILL)
+    cli.wait(pid)
+    result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert_same_run(out, reference)
+
+
+KILL_ON_SAVE = """
+import os, signal, torch
+save, calls = torch.save, [0]
+def killing_save(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {call}:  # this save never happens: the process dies with its checkpoint half-written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(*args, **kwargs)
+torch.save = killing_save
+"""
+
+
+def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(cli, reference, tmp_path):
+    out = tmp_path / "run"
+    # torch.save runs twice per checkpoint (optimizer, trainer state): the 3rd call is checkpoint-2's optimizer,
+    # after its adapter is on disk.
+    result = cli.run([*ARGS, f"--output.dir={out}"], prelude=KILL_ON_SAVE.format(call=3))
+    assert result.status == -signal.SIGKILL
+    # optimizer.pt is there but empty: opened, then the process died inside torch.save.
+    assert sorted(p.name for p in (out / ".tmp-checkpoint-2").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "optimizer.pt"]
+    assert list_checkpoints(out) == [out / "checkpoint-1"]
+    result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "resumed from" in result.stdout and "checkpoint-1 at step 1" in result.stdout
+    assert_same_run(out, reference)
+
+
+KILL_IN_FINAL_SAVE = """
+import os, signal
+import qlora.checkpoint as ckpt
+save_weights = ckpt.save_weights
+def killing_save_weights(model, cfg, base_path, out_dir):
+    save_weights(model, cfg, base_path, out_dir)
+    if out_dir.name == ".tmp-final":  # the adapter is written, but not yet renamed into place
+        os.kill(os.getpid(), signal.SIGKILL)
+ckpt.save_weights = killing_save_weights
+"""
+
+
+def test_a_kill_while_the_adapter_is_written_leaves_no_half_adapter(cli, reference, tmp_path):
+    out = tmp_path / "run"
+    assert cli.run([*ARGS, f"--output.dir={out}"], prelude=KILL_IN_FINAL_SAVE).status == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists() and (out / ".tmp-final").is_dir()
+    result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert_same_run(out, reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_exits(cli, reference, tmp_path, sig):
+    out = tmp_path / "run"
+    # No periodic saves: the checkpoint the run stops with is the signal's own.
+    pid = cli.start([*ARGS, f"--output.dir={out}", "--train.save_every=0"])
+    wait_for_step(out, 2)
+    os.kill(pid, sig)
+    result = cli.wait(pid)
+    assert result.status == 128 + sig, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    m = re.fullmatch(rf"stopped by {sig.name} after step (\d+); (.+) holds it: continue with --resume", last)
+    assert m, result.stderr
+    step = int(m.group(1))
+    assert 2 <= step < STEPS and list_checkpoints(out) == [out / f"checkpoint-{step}"] == [Path(m.group(2))]
+    logged = [line["step"] for line in metrics(out) if "loss" in line]
+    assert logged == list(range(1, step + 1))  # the step in flight finished; no other began
+    result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert_same_run(out, reference)
+
+
+def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cli, reference, tmp_path):
+    checkpoint_bytes = sum(f.stat().st_size for f in (reference / f"checkpoint-{STEPS}").iterdir())
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # Room for two checkpoints and part of a third: the third save fails halfway through.
+    size_kib = int(2.5 * checkpoint_bytes / 1024) + 64
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        out = disk / "run"
+        result = cli.run([*ARGS, f"--output.dir={out}"])
+        assert result.status == 5, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last == (f"error: could not write checkpoint-3 in {out} (No space left on device); "
+                        f"{out}/checkpoint-2 is intact: free some space, then continue with --resume")
+        assert "Traceback" not in result.stderr
+        assert list_checkpoints(out) == [out / "checkpoint-1", out / "checkpoint-2"]
+        assert not (out / ".tmp-checkpoint-3").exists()
+        moved = tmp_path / "run"  # "free some space": the run moves to a disk with room, and resumes
+        shutil.copytree(out, moved)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+    result = cli.run([*ARGS, f"--output.dir={moved}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "checkpoint-2 at step 2" in result.stdout
+    assert_same_run(moved, reference)
+
+
+NON_FINITE = """
+import torch, qlora.loss
+class InfGrad(torch.autograd.Function):  # a finite loss whose gradients are inf
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+loss_sum, calls = qlora.loss.loss_sum, [0]
+def faulty_loss_sum(model, batch, chunk_size=0):
+    calls[0] += 1
+    loss = loss_sum(model, batch, chunk_size)
+    if calls[0] == 3:  # micro-batch 2 (step 2): the loss itself is nan
+        return loss * float("nan")
+    if calls[0] == 8:  # micro-batch 7 (step 4): the loss is fine, its gradients are not
+        return InfGrad.apply(loss)
+    return loss
+qlora.loss.loss_sum = faulty_loss_sum
+"""
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_their_position(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--output.dir={out}", "--train.max_bad_steps=1", "--train.keep_checkpoints=8"],
+                     prelude=NON_FINITE)
+    assert result.status == 3, result.stderr
+
+    def rows(first: int) -> str:
+        return ", ".join(map(str, sorted(batch_rows(N_TRAIN, 4, 0, first) + batch_rows(N_TRAIN, 4, 0, first + 1))))
+
+    lines = result.stderr.strip().splitlines()
+    assert (f"step 2: non-finite loss or gradient in micro-batches 2-3 (rows {rows(2)} of the training split): "
+            "skipped, no update (1 of train.max_bad_steps=1)") in lines
+    assert lines[-1] == (f"error: stopped at step 4: 2 steps with a non-finite loss or gradient, more than "
+                         f"train.max_bad_steps=1; the last in micro-batches 6-7 (rows {rows(6)} of the training "
+                         f"split). {out}/checkpoint-4 holds the run without their updates: check those rows or "
+                         "lower train.lr, then continue with --resume")
+    assert list_checkpoints(out) == [out / f"checkpoint-{s}" for s in range(1, 5)]
+    a = {s: adapter(out / f"checkpoint-{s}") for s in range(1, 5)}
+    for key in a[1]:  # skipped steps change nothing; the good step between them does
+        torch.testing.assert_close(a[2][key], a[1][key], rtol=0, atol=0)
+        torch.testing.assert_close(a[4][key], a[3][key], rtol=0, atol=0)
+    assert any(not torch.equal(a[3][key], a[2][key]) for key in a[1])
+    assert all(torch.isfinite(t).all() for t in a[4].values())
+    assert torch.load(out / "checkpoint-4" / STATE, weights_only=True)["bad_steps"] == 2
+
+
+OOM = """
+import torch
+import qlora.guard
+qlora.guard._device_total = lambda device: {total}  # a device just too small for this recipe
+forwards = [0]
+def out_of_memory(module, args, output):
+    if type(module).__name__ == "LlamaModel" and module.training:
+        forwards[0] += 1
+        if forwards[0] == 5:  # micro-batch 4: step 3's first
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total "
+                                         "capacity of 1 GiB of which 2.00 MiB is free.")
+torch.nn.modules.module.register_module_forward_hook(out_of_memory)
+"""
+
+
+def test_out_of_memory_reports_the_phase_and_what_would_fit_and_keeps_the_checkpoint(cli, tmp_path):
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.train.batch_size = 4
+    arch = load_arch(cfg)
+    peaks = {}
+    for seq in (64, 128):
+        cfg.data.max_seq_len = seq
+        peaks[seq] = estimate(cfg, arch, "qlora", "cpu").peak_bytes
+    total = int((peaks[64] + peaks[128]) / 2 / HEADROOM)  # seq 64 fits, 128 (the recipe's) does not
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--output.dir={out}", "--train.save_every=2"], prelude=OOM.format(total=total))
+    assert result.status == 4, result.stderr
+    report = result.stderr[result.stderr.index("error: out of memory"):]  # after the library warnings
+    lines = report.strip().splitlines()
+    assert re.fullmatch(r"error: out of memory in the forward and backward of step 3, micro-batch 4 rows x \d+ "
+                        r"tokens: CUDA out of memory\. Tried to allocate 1\.50 GiB\..*", lines[0]), lines[0]
+    assert lines[1].startswith("memory when it failed: ")
+    assert lines[2].startswith("peaks of the phases before: ")
+    assert lines[3].startswith("estimated peak of this recipe ") and "(qlora.estimate)" in lines[3]
+    assert any(line.startswith("  --data.max_seq_len=64: the longest that fits") for line in lines)
+    assert lines[-1] == f"{out}/checkpoint-2 is kept: apply one of these, then continue with --resume"
+    assert "Traceback" not in result.stderr
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+
+
+def test_list_checkpoints_sees_only_complete_ones(tmp_path):
+    for name, files in {"checkpoint-3": ["optimizer.pt", STATE], "checkpoint-5": [STATE],
+                        ".tmp-checkpoint-6": ["optimizer.pt", STATE], ".trash-checkpoint-1": ["optimizer.pt", STATE],
+                        "checkpoint-x": ["optimizer.pt", STATE]}.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_bytes(b"")
+    assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-3"]
+
+
+@pytest.mark.parametrize("cls", [bnb.optim.PagedAdamW32bit, bnb.optim.PagedAdamW8bit])
+def test_bitsandbytes_optimizer_state_survives_weights_only_loading(tmp_path, cls):
+    """torch.load(weights_only=True) refuses arbitrary pickles: the optimizer state must be plain tensors and
+    numbers (the 8-bit one includes its quantisation maps), and the run must continue exactly."""
+    torch.manual_seed(0)
+    # 8-bit state only for tensors of >= 4096 elements (bitsandbytes' min_8bit_size); the small one stays 32-bit.
+    params = [torch.nn.Parameter(torch.randn(64, 128)), torch.nn.Parameter(torch.randn(8, 16))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    def step(ps: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
+        (ps[0].square().sum() + ps[1].pow(3).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+
+    opt = cls(params, lr=1e-2)
+    for _ in range(2):
+        step(params, opt)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    with torch.no_grad():
+        for c, p in zip(copies, params, strict=True):
+            c.copy_(p)
+    restored = cls(copies, lr=1e-2)
+    restored.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    for _ in range(2):
+        step(params, opt)
+        step(copies, restored)
+    for c, p in zip(copies, params, strict=True):
+        torch.testing.assert_close(c, p, rtol=0, atol=0)
+
+
+def test_resume_cuts_metrics_back_to_what_the_checkpoint_saw(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    kept = '{"step": 0, "eval_loss": 5.0}\n{"step": 1, "loss": 4.0}\n'  # logged before checkpoint-1 was saved
+    path.write_text(kept + '{"step": 2, "loss": 3.9}\n{"step": 3, "lo')  # after it; the last line cut by a kill
+    log = MetricsLog(path, keep_bytes=len(kept))
+    assert path.read_text() == kept and log.size() == len(kept)

@@ -1,0 +1,213 @@
+"""After training: merge (onto the dequantised NF4 base and onto 16-bit weights), generate and eval, on a real tiny run.
+
+One short qlora run of the tiny recipe is trained once for the module; every test reads its real files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from qlora import eval as run_eval
+from qlora import generate as gen
+from qlora import merge
+from qlora.config import ConfigError, load_recipe
+from qlora.lora import merge_all
+from qlora.model import load_base
+from qlora.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The README's "Merging" section states these. fp32 output: the merge is exact up to fp32 summation order. bf16
+# output (the default): each merged weight is rounded to bf16 once (relative error <= 2^-9), which moves the logits by
+# well under 1% of their range.
+FP32_TOL = 1e-4
+BF16_REL_TOL = 0.01
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished 20-step qlora run of the tiny recipe: its directory and train()'s final metrics."""
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)  # cwd-independent
+    cfg.output.dir = str(tmp_path_factory.mktemp("qlora") / "run")
+    cfg.train.steps, cfg.train.eval_every, cfg.train.log_every = 20, 0, 10
+    result = train(cfg)
+    return {"dir": Path(cfg.output.dir), "final": result["after"], "cfg": cfg}
+
+
+def logits(model: torch.nn.Module, tokenizer: object) -> torch.Tensor:
+    return torch.cat(merge.prompt_logits(model, tokenizer))
+
+
+def plain_model(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_nf4_roundtrip_equals_the_4bit_load(run: dict, tmp_path: Path, stored: torch.dtype) -> None:
+    """The merge's dequantised base is, bit for bit, what the 4-bit model holds, for fp32 and bf16 checkpoints."""
+    cfg = run["cfg"]
+    base = tmp_path / "base"
+    shutil.copytree(cfg.model.path, base)  # tokenizer and config; the weights are re-saved in `stored` below
+    plain_model(Path(cfg.model.path)).to(stored).save_pretrained(base)
+    cfg4 = run_eval.read_run_config(run["dir"])
+    cfg4.model.path, cfg4.model.build = str(base), None
+    model, _, _ = load_base(cfg4, torch.device("cpu"))
+    four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert merge.quantized_modules(str(base), cfg4) == set(four_bit)
+    stored_weights = load_file(base / "model.safetensors")
+    for name, module in four_bit.items():
+        held = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        ours = merge.nf4_roundtrip(stored_weights[f"{name}.weight"], cfg4, torch.float32, torch.device("cpu"))
+        torch.testing.assert_close(ours, held, rtol=0, atol=0)
+
+
+def test_merge_matches_the_adapter_on_the_4bit_base(run: dict, tmp_path: Path) -> None:
+    _, reference_model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu", "fp32")
+    reference = logits(reference_model, tokenizer)
+
+    info = merge.merge(run["dir"], tmp_path / "fp32", dtype=torch.float32)
+    assert info["base_weights"] == "dequantised-nf4" and info["merged_layers"] == 14
+    torch.testing.assert_close(logits(plain_model(tmp_path / "fp32"), tokenizer), reference, rtol=0, atol=FP32_TOL)
+
+    merge.merge(run["dir"], tmp_path / "bf16")
+    merged = logits(plain_model(tmp_path / "bf16"), tokenizer)
+    assert (merged - reference).abs().max() <= BF16_REL_TOL * reference.abs().max()
+    # The adapter matters at this tolerance: the bare dequantised base is further from the adapter model.
+    bare = logits(_bare_4bit(run), tokenizer)
+    assert (bare - reference).abs().max() > 10 * (merged - reference).abs().max()
+
+    recorded = merge.merge_error(run["dir"], tmp_path / "bf16")["vs adapter on 4-bit base"]
+    assert recorded["max_abs_logit_diff"] == pytest.approx(float((merged - reference).abs().max()), rel=1e-6)
+    assert json.loads((tmp_path / "bf16" / merge.INFO).read_text())["merge_error"]["vs adapter on 4-bit base"]
+
+
+def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
+    """Under quant.quantize_lm_head the adapter trained beside an NF4 head: the merge dequantises that head too."""
+    shutil.copytree(run["dir"], tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
+    raw = json.loads((tmp_path / "run" / run_eval.RUN_CONFIG).read_text())
+    raw["quant"]["quantize_lm_head"] = True
+    (tmp_path / "run" / run_eval.RUN_CONFIG).write_text(json.dumps(raw))
+    _, reference_model, tokenizer, _ = run_eval.load_run(tmp_path / "run", "cpu", "fp32")
+    assert isinstance(reference_model.lm_head, bnb.nn.Linear4bit)
+    merge.merge(tmp_path / "run", tmp_path / "m", dtype=torch.float32)
+    torch.testing.assert_close(logits(plain_model(tmp_path / "m"), tokenizer), logits(reference_model, tokenizer),
+                               rtol=0, atol=FP32_TOL)
+
+
+def _bare_4bit(run: dict) -> torch.nn.Module:
+    """The 4-bit base with no adapter."""
+    cfg = run_eval.read_run_config(run["dir"])
+    cfg.train.device, cfg.quant.compute_dtype = "cpu", "fp32"
+    return load_base(cfg, torch.device("cpu"))[0].eval()
+
+
+def test_merge_onto_16bit_weights_equals_loralinear_merge(run: dict, tmp_path: Path) -> None:
+    """--base-16bit folds the same update as our LoRALinear.merge does on the 16-bit base."""
+    base = run["cfg"].model.path
+    info = merge.merge(run["dir"], tmp_path / "m", base_16bit=base, dtype=torch.float32)
+    assert info["base_weights"] == "16bit"
+    _, model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu", "fp32", method="lora", base_path=base)
+    unmerged = logits(model, tokenizer)
+    merge_all(model)
+    ours = load_file(tmp_path / "m" / "model.safetensors")
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert set(ours) == set(state)
+    for name, tensor in state.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
+    merged = logits(plain_model(tmp_path / "m"), tokenizer)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=FP32_TOL)
+
+
+def test_merged_checkpoint_is_a_plain_sharded_hf_checkpoint(run: dict, tmp_path: Path) -> None:
+    merge.merge(run["dir"], tmp_path / "one")
+    merge.merge(run["dir"], tmp_path / "sharded", max_shard_bytes=merge.parse_size("200KB"))
+    index = json.loads((tmp_path / "sharded" / merge.INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "sharded" / s).stat().st_size < 300_000 for s in shards)
+
+    model, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+    assert model.dtype == torch.bfloat16 and not hasattr(model.config, "quantization_config")
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, one[name], rtol=0, atol=0)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sharded")
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    assert GenerationConfig.from_pretrained(tmp_path / "sharded").eos_token_id == tokenizer.eos_token_id
+
+    # A sharded base is read through its index: the same merge as from the single-file base.
+    base = run["cfg"].model.path
+    shutil.copytree(base, tmp_path / "base")
+    plain_model(Path(base)).save_pretrained(tmp_path / "base", max_shard_size="300KB")
+    assert (tmp_path / "base" / merge.INDEX).is_file()
+    merge.merge(run["dir"], tmp_path / "from-sharded", base_16bit=str(tmp_path / "base"))
+    merge.merge(run["dir"], tmp_path / "from-one", base_16bit=base)
+    one, sharded = (load_file(tmp_path / d / "model.safetensors") for d in ("from-one", "from-sharded"))
+    assert set(one) == set(sharded)
+    for name, tensor in one.items():
+        torch.testing.assert_close(sharded[name], tensor, rtol=0, atol=0)
+
+
+def test_merge_refuses_what_it_cannot_do(run: dict, tmp_path: Path) -> None:
+    (tmp_path / "full").mkdir()
+    shutil.copy(run["dir"] / "adapter_config.json", tmp_path / "full")
+    raw = json.loads((run["dir"] / run_eval.RUN_CONFIG).read_text())
+    raw["quant"]["method"] = "full"
+    (tmp_path / "full" / run_eval.RUN_CONFIG).write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="full fine-tuning run"):
+        merge.merge(tmp_path / "full", tmp_path / "out")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    assert merge.main([str(run["dir"]), "--out", str(tmp_path / "taken"), "--skip-check"]) == 2
+    assert not list(tmp_path.glob(".taken.partial-*"))
+    assert merge.parse_size("5GB") == 5 * 10**9 and merge.parse_size("2GiB") == 2 * 2**30
+    with pytest.raises(ConfigError, match="max-shard-size"):
+        merge.parse_size("lots")
+
+
+def test_generate_streams_the_greedy_completion(run: dict, capsys: pytest.CaptureFixture) -> None:
+    _, model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu")
+    text = gen.generate(model, tokenizer, "reverse: dog moon red", max_new_tokens=12)
+    assert text and capsys.readouterr().out.strip() == text.strip()
+    # The same tokens from a plain argmax loop without the KV cache: generate's cached path is right with adapters.
+    ids = tokenizer(gen.render(tokenizer, "reverse: dog moon red"), add_special_tokens=False,
+                    return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(12):
+            token = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            if token == tokenizer.eos_token_id:
+                break
+    assert text == tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_generate_cli_prompt_and_stdin(run: dict, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    assert gen.main([str(run["dir"]), "--prompt", "reverse: dog moon red", "--max-new-tokens", "6"]) == 0
+    one = capsys.readouterr().out
+    assert one.strip()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("reverse: dog moon red\n\nreverse: dog moon red\n"))
+    assert gen.main([str(run["dir"]), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == one + one  # the blank line is skipped; both prompts answered, then EOF
+
+
+def test_eval_equals_the_final_eval_of_training(run: dict, tmp_path: Path) -> None:
+    again = run_eval.evaluate_run(run["dir"])
+    for key in ("eval_loss", "eval_ppl", "eval_exact_match"):
+        assert again[key] == pytest.approx(run["final"][key], rel=1e-6, abs=1e-9), key
+    assert again["rows"] == 40
+    out = tmp_path / "eval.json"
+    assert run_eval.main([str(run["dir"]), "--data", run["cfg"].data.eval, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["eval_loss"] == pytest.approx(again["eval_loss"], rel=1e-9)
