@@ -124,7 +124,8 @@ class LoRAConfig:
     dropout: float = 0.05
     """Dropout on the adapter's input only."""
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Module name suffixes to adapt (q_proj, ...), or all-linear: every linear layer but lm_head, found in the model."""
+    """Module name suffixes to adapt (q_proj, ...), or all-linear: every linear layer but lm_head, found in the
+    model."""
 
     def __post_init__(self) -> None:
         check_types(self)

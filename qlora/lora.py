@@ -1,4 +1,4 @@
-"""LoRA adapters, our own: wrap a frozen linear layer (bitsandbytes `Linear4bit` or `nn.Linear`) and add a low-rank update.
+"""LoRA adapters, our own: wrap a frozen linear layer (bitsandbytes `Linear4bit` or `nn.Linear`), add a low-rank update.
 
     h = W0 x + (alpha / r) * B A dropout(x)
 

@@ -85,8 +85,8 @@ def train_steps(cfg: Config, steps: int, tracker: PhaseTracker | None) -> None:
         mark("backward" if first else "steady")
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         optimizer.step()
+        mark("optimizer_step" if first else "steady")  # before zero_grad, so that the breakdown shows the gradients
         optimizer.zero_grad(set_to_none=True)
-        mark("optimizer_step" if first else "steady")
 
 
 def measure(cfg: Config, steps: int = 3) -> dict:

@@ -20,9 +20,15 @@ def _verdict(entry: dict, report: dict) -> str:
     return f"**does not fit** ({gib(entry['estimated_peak_bytes'])} > {gib(report['device_memory_bytes'])} GiB)"
 
 
+def model_name(model: str) -> str:
+    """A hub id as is; a local checkpoint by its folder name (no machine's paths in a committed report)."""
+    return model.rstrip("/").rsplit("/", 1)[-1] if model.startswith(("/", "~", ".")) else model
+
+
 def summary_lines(report: dict) -> list[str]:
-    out = [f"{report['model']} | {report['settings']['batch_size']} x {report['settings']['seq_len']} tokens | "
-           f"estimate for {report['estimate_for']} | measured on {report['device']}"]
+    s = report["settings"]
+    out = [f"{model_name(report['model'])} | {s['batch_size']} x {s['seq_len']} tokens | estimate for "
+           f"{report['estimate_for']} | measured on {report['device']}"]
     for method, e in report["methods"].items():
         measured = e.get("measured_peak_bytes")
         vs = f", measured {gib(measured)} GiB (estimate {100 * e['error']:+.1f}%)" if measured else \
@@ -35,7 +41,7 @@ def summary_lines(report: dict) -> list[str]:
 def markdown(report: dict, png_name: str) -> str:
     s, methods = report["settings"], report["methods"]
     measured = report["measured"] and any(e.get("measured_peak_bytes") for e in methods.values())
-    lines = [f"# Memory budget: `{report['recipe']}` ({report['model']})", ""]
+    lines = [f"# Memory budget: `{report['recipe']}` ({model_name(report['model'])})", ""]
     if not measured:
         lines += [f"> **Estimate only: nothing here was measured.** Device: none. The estimate is for "
                   f"{'one CUDA GPU' if report['estimate_for'] == 'cuda' else 'CPU'} "

@@ -14,6 +14,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from qlora.memory_markdown import model_name  # noqa: E402
+
 COLORS = {"quantized_weights": "#1d4e89", "unquantized_weights": "#7fb3e6", "adapters": "#3f9b4a",
           "gradients": "#f0a030", "optimizer_state": "#d9534f", "activations": "#9b7fd1", "cuda_context": "#9e9e9e"}
 NAMES = {"quantized_weights": "NF4 base weights + quant state", "unquantized_weights": "16/32-bit weights",
@@ -106,7 +108,7 @@ def plot_report(report: dict, path: Path) -> None:
     s = report["settings"]
     where = f"measured on {report['device']}" if report["measured"] else \
         f"estimate only, for {report['estimate_for'].upper()} with {s['compute_dtype']} compute: nothing measured"
-    ax.set_title(f"{_model_name(report)}: peak memory of one training step, by what holds it\n"
+    ax.set_title(f"{model_name(report['model'])}: peak memory of one training step, by what holds it\n"
                  f"batch {s['batch_size']} x {s['seq_len']} tokens, LoRA r={s['lora_r']} on "
                  f"{','.join(s['lora_targets'])}, {s['optimizer']}, checkpointing "
                  f"{'on' if s['gradient_checkpointing'] else 'off'}\n{where}", fontsize=9.5)
@@ -117,12 +119,6 @@ def plot_report(report: dict, path: Path) -> None:
     fig.subplots_adjust(left=0.08, right=0.76, bottom=0.2, top=0.86)
     fig.savefig(path)
     plt.close(fig)
-
-
-def _model_name(report: dict) -> str:
-    """A hub id as is; a local checkpoint by its folder name."""
-    model = report["model"]
-    return Path(model).name if model.startswith(("/", "~", ".")) else model
 
 
 def _num(x: float) -> str:

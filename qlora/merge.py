@@ -42,6 +42,11 @@ INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of the tensors a merge casts
 
+# The tolerance README.md ("Merging") states, as a share of the largest |logit| on PROMPTS. fp32 output: exact up to
+# summation order (measured 4e-6 on SmolLM2-135M). bf16/fp16 output: each merged weight is rounded once (relative
+# error <= 2^-9 in bf16), which no merge can avoid (measured 1.8% on SmolLM2-135M, argmax unchanged at every position).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.03, "float16": 0.03}  # keyed by merge_info.json's "dtype"
+
 # Short and varied: prose, code, a question, digits. The check compares every position's logits, not just the last.
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Where does the 9 am flight from Oslo go?",
            "reverse: dog moon red", "12 + 35 = "]
@@ -260,8 +265,9 @@ def prompt_logits(model: torch.nn.Module, tokenizer: object) -> list[torch.Tenso
 def merge_error(run_dir: Path, out: Path) -> dict:
     """max |logits merged - logits of the adapter model| over PROMPTS, both on CPU in fp32.
 
-    The reference is the adapter on the base it was merged onto: the 4-bit base for a default merge, the 16-bit base
-    for --base-16bit (and then also the 4-bit one the adapter trained on, whose gap includes NF4's rounding).
+    The reference is the adapter on the base it was merged onto, held to TOLERANCE: the 4-bit base for a default
+    merge, the 16-bit base for --base-16bit (and then also, for information, the 4-bit base the adapter trained on,
+    whose gap includes NF4's rounding).
     """
     info = json.loads((Path(out) / INFO).read_text())
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
@@ -270,8 +276,8 @@ def merge_error(run_dir: Path, out: Path) -> dict:
     cfg = read_run_config(Path(run_dir))
     references = [("4-bit", "qlora", None)] if info["base_weights"] == "dequantised-nf4" else [
         ("16-bit", "lora", info["base"])] + ([("4-bit", "qlora", None)] if cfg.quant.method == "qlora" else [])
-    errors = {}
-    for label, method, base_path in references:
+    errors, tolerance = {}, TOLERANCE[info["dtype"]]
+    for i, (label, method, base_path) in enumerate(references):
         _, ref_model, tokenizer, _ = load_run(run_dir, "cpu", "fp32", method, base_path)
         reference = prompt_logits(ref_model, tokenizer)
         del ref_model
@@ -279,10 +285,14 @@ def merge_error(run_dir: Path, out: Path) -> dict:
         agree = sum(int((m.argmax(-1) == r.argmax(-1)).sum()) for m, r in zip(merged, reference, strict=True))
         positions = sum(m.shape[0] for m in merged)
         scale = max(float(r.abs().max()) for r in reference)
+        within = diff <= tolerance * scale if i == 0 else None  # only the base merged onto is held to it
         errors[f"vs adapter on {label} base"] = {"max_abs_logit_diff": diff, "max_abs_logit": scale,
-                                                 "argmax_agreement": agree / positions, "positions": positions}
+                                                 "argmax_agreement": agree / positions, "positions": positions,
+                                                 "within_tolerance": within}
+        verdict = "" if within is None else (f"; {'within' if within else 'OVER'} the tolerance of "
+                                             f"{100 * tolerance:g}% of the largest logit")
         print(f"merge error vs the adapter on the {label} base: max |logit diff| {diff:.3e} (logits up to "
-              f"{scale:.1f}), same argmax at {agree}/{positions} positions")
+              f"{scale:.1f}), same argmax at {agree}/{positions} positions{verdict}")
     info["merge_error"] = errors
     (Path(out) / INFO).write_text(json.dumps(info, indent=2) + "\n")
     return errors
@@ -304,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
         if not args.skip_check:
-            merge_error(args.run_dir, args.out)
+            errors = merge_error(args.run_dir, args.out)
+            if not next(iter(errors.values()))["within_tolerance"]:
+                print("error: the merged model is further from the adapter model than README.md states",
+                      file=sys.stderr)
+                return 1
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

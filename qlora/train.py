@@ -213,9 +213,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
         if good:
             optimizer.step()
         scheduler.step()  # a skipped step still counts: the schedule and the data move on past its batch
+        profiler.mark("optimizer_step" if first_step else "steady")  # before zero_grad: the breakdown shows gradients
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        profiler.mark("optimizer_step" if first_step else "steady")
         first_step = False
         if not good:
             bad_steps += 1

@@ -7,7 +7,7 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from qlora.config import ConfigError, LoRAConfig
+from qlora.config import ConfigError
 from qlora.lora import LoRALinear, attach_lora, lora_layers, merge_all, target_names, unmerge_all
 from qlora.model import load_base
 

@@ -108,18 +108,20 @@ def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout
     assert saved_bytes_of_layer(cfg, method, dtype) == per_token * 2 * 32
 
 
-def measure(recipe: str, method: str, tmp_path: Path) -> dict:
+def measure(recipe: str, method: str, tmp_path: Path, *overrides: str) -> dict:
     out = tmp_path / f"{method}.json"
-    subprocess.run([sys.executable, "-m", "qlora.measure", recipe, f"--quant.method={method}", f"--out={out}"],
-                   check=True, cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "-m", "qlora.measure", recipe, f"--quant.method={method}", f"--out={out}",
+                    *overrides], check=True, cwd=ROOT, capture_output=True)
     return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_estimate_within_10_percent_of_measured_peak_on_cpu(method, tmp_path):
     """Real steps of recipes/tiny.py in a fresh process: its peak resident memory against the estimate."""
-    got = measure("recipes/tiny.py", method, tmp_path)
-    cfg = tiny(f"--quant.method={method}")
+    # Rows of 512 tokens: at the recipe's 128 the whole peak is ~13 MiB and ~1 MiB of Python objects the estimator
+    # does not model is 7% of it (measured -6.6%); at 512 activations dominate and the estimate is within ~2%.
+    got = measure("recipes/tiny.py", method, tmp_path, "--data.max_seq_len=512")
+    cfg = tiny(f"--quant.method={method}", "--data.max_seq_len=512")
     est = estimate(cfg, load_arch(cfg), method, "cpu").peak_bytes
     assert set(got["phases"]) >= {"loaded", "lora_attached", "first_forward", "backward", "optimizer_step", "steady"}
     assert abs(est / got["measured_peak_bytes"] - 1) <= 0.10, (est, got["measured_peak_bytes"])
