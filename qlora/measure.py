@@ -28,24 +28,13 @@ import torch
 
 from qlora.config import Config, ConfigError, parse_args
 from qlora.loss import loss_sum
-from qlora.memory import PhaseTracker, _vm_field
+from qlora.memory import PhaseTracker, _vm_field, glibc_returns_freed_memory
 from qlora.train import build_optimizer, prepare
 
 USAGE = "python -m qlora.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]"
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 CPU_DEFINITION = ("resident memory (RSS) of a fresh process at its peak, minus its RSS just before the model was "
                   "loaded, after a warm-up run of the same load and step was freed (so imports and one-time kernel "
                   "set-up are excluded), less resident pages of memory-mapped checkpoint files that no tensor uses")
-
-
-def _glibc_returns_freed_memory() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the resident set may then include malloc's cache
-        return
-    # A fixed threshold also turns off glibc's dynamic one, which would otherwise rise to the largest block freed.
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
 
 
 def _release() -> None:
@@ -96,7 +85,7 @@ def measure(cfg: Config, steps: int = 3) -> dict:
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
     if device.type == "cpu":
-        _glibc_returns_freed_memory()
+        glibc_returns_freed_memory()
         train_steps(cfg, 1, None)  # warm-up, freed below
         _release()
     tracker = PhaseTracker(device)
