@@ -1,12 +1,14 @@
 """`python -m qlora.merge RUN_DIR --out DIR [--base-16bit PATH]`: fold a trained adapter into a plain bf16 checkpoint.
 
-    W = W0 + (alpha / r) B A        in fp32, then cast once to the output dtype (bf16 by default)
+    W = W0 + (alpha / r) B A        in fp32, then rounded once to the output dtype (bf16 by default)
 
 W0 is, by default, the base weight as the adapter saw it in training: quantised to NF4 (with double quant) exactly as
 the 4-bit load does and dequantised back, so the merged model computes what the adapter model computed. With
 --base-16bit PATH, W0 is the original 16-bit weight instead: closer to the unquantised model, further from what the
 adapter was trained against. The merged weight is never quantised again: NF4's rounding (steps of ~1/8 of a block's
 absmax) is far coarser than a LoRA update, so re-quantising erases it (transformers 31293, peft 2321 and 1043).
+Rounding to bf16 is to nearest, or stochastic where W0 is already bf16, where nearest would erase it too
+(`round_stochastic`).
 
 The base checkpoint is read one tensor at a time (safetensors' safe_open) and written shard by shard, so merging a
 70B model holds one tensor in memory beside the shard being filled. The result is checked last: max |logits merged -
@@ -45,7 +47,8 @@ FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of the te
 
 # The tolerance README.md ("Merging") states, as a share of the largest |logit| on PROMPTS. fp32 output: exact up to
 # summation order (measured 4e-6 on SmolLM2-135M). bf16/fp16 output: each merged weight is rounded once (relative
-# error <= 2^-9 in bf16), which no merge can avoid (measured 1.8% on SmolLM2-135M, argmax unchanged at every position).
+# error <= 2^-9 in bf16), which no 16-bit export avoids (measured on SmolLM2-135M: 1.8% for the default merge of a
+# qlora run, 0.9% for a lora run; 7% for the latter with nearest rounding, see round_stochastic).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.03, "float16": 0.03}  # keyed by merge_info.json's "dtype"
 
 # Short and varied: prose, code, a question, digits. The check compares every position's logits, not just the last.
@@ -113,11 +116,12 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int, chunk: int 
     """fp32 `x` to `dtype`, each value rounded to its lower or upper neighbour with probability given by its distance
     to the other: unbiased, E[result] = x.
 
-    Why not round to nearest: a LoRA update is small against its weight (~0.2% of |W| in the SmolLM2 runs, below bf16's
-    ~0.4% step), so on a base already in bf16, rounding W0 + update to nearest gives back W0 for most entries (62% in
-    those runs) and erases ~60% of the update; the merged logits then drift 7% of their range from the adapter's.
-    Stochastic rounding keeps the update in expectation and leaves zero-mean noise instead (1.1%). Seeded per tensor,
-    so a merge is reproducible whatever the shard layout.
+    Used where W0 already lies on the output grid (a bf16 base, merged to bf16). A LoRA update is small against its
+    weight (~0.2% of |W| in the SmolLM2 runs, under bf16's ~0.4% step), so rounding W0 + update to nearest hands back
+    W0 for most entries (62% there) and erases ~60% of the update: the merged logits drifted 7% of their range from
+    the adapter model's, the held-out loss 10%. Stochastic rounding keeps the update in expectation (0.9%, 1.5%).
+    A dequantised NF4 base lies off the grid, so nearest rounding is unbiased there and adds less noise: it is kept.
+    Seeded per tensor, so a merge is reproducible whatever the shard layout.
     """
     generator = torch.Generator(device=x.device).manual_seed(seed)
     flat, out = x.reshape(-1), torch.empty(x.numel(), dtype=dtype, device=x.device)
@@ -245,7 +249,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                        if k.endswith(".lora_A.weight")}
 
             def fold(name: str, tensor: torch.Tensor) -> torch.Tensor:
-                """W0 (dequantised when the run was qlora) + scaling * B A, in fp32, cast once to `dtype`."""
+                """W0 (dequantised when the run was qlora) + scaling * B A, in fp32, rounded once to `dtype`."""
                 module = name.removesuffix(".weight")
                 if not tensor.is_floating_point():
                     return tensor
@@ -254,9 +258,12 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                 if name.endswith(".weight") and module in adapted:
                     a = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dev, torch.float32)
                     b = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").to(dev, torch.float32)
-                    tensor = tensor.to(dev, torch.float32) + scaling * (b @ a)
+                    tensor = tensor.to(dev, torch.float32)
+                    # W0 already on the output grid (a bf16 base): nearest rounding would hand W0 back, see below.
+                    on_grid = dtype != torch.float32 and torch.equal(tensor.to(dtype).float(), tensor)
+                    tensor = tensor + scaling * (b @ a)
                     merged.add(module)
-                    if dtype != torch.float32:
+                    if on_grid:
                         return round_stochastic(tensor, dtype, seed=zlib.crc32(name.encode())).cpu()
                 return tensor.to("cpu", dtype)
 
@@ -309,17 +316,19 @@ def merge_error(run_dir: Path, out: Path) -> dict:
         reference = prompt_logits(ref_model, tokenizer)
         del ref_model
         diff = max(float((m - r).abs().max()) for m, r in zip(merged, reference, strict=True))
+        mean = float(torch.cat([(m - r).abs().flatten() for m, r in zip(merged, reference, strict=True)]).mean())
         agree = sum(int((m.argmax(-1) == r.argmax(-1)).sum()) for m, r in zip(merged, reference, strict=True))
         positions = sum(m.shape[0] for m in merged)
         scale = max(float(r.abs().max()) for r in reference)
         within = diff <= tolerance * scale if i == 0 else None  # only the base merged onto is held to it
-        errors[f"vs adapter on {label} base"] = {"max_abs_logit_diff": diff, "max_abs_logit": scale,
+        errors[f"vs adapter on {label} base"] = {"max_abs_logit_diff": diff, "mean_abs_logit_diff": mean,
+                                                 "max_abs_logit": scale,
                                                  "argmax_agreement": agree / positions, "positions": positions,
                                                  "within_tolerance": within}
         verdict = "" if within is None else (f"; {'within' if within else 'OVER'} the tolerance of "
                                              f"{100 * tolerance:g}% of the largest logit")
-        print(f"merge error vs the adapter on the {label} base: max |logit diff| {diff:.3e} (logits up to "
-              f"{scale:.1f}), same argmax at {agree}/{positions} positions{verdict}")
+        print(f"merge error vs the adapter on the {label} base: max |logit diff| {diff:.3e} (mean {mean:.1e}, logits "
+              f"up to {scale:.1f}), same argmax at {agree}/{positions} positions{verdict}")
     info["merge_error"] = errors
     (Path(out) / INFO).write_text(json.dumps(info, indent=2) + "\n")
     return errors

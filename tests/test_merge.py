@@ -14,12 +14,12 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from qlora import eval as run_eval
 from qlora import generate as gen
-from qlora import merge
+from qlora import lora, merge
 from qlora.config import ConfigError, load_recipe
 from qlora.lora import merge_all
 from qlora.model import load_base
@@ -127,6 +127,43 @@ def test_merge_onto_16bit_weights_equals_loralinear_merge(run: dict, tmp_path: P
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
     merged = logits(plain_model(tmp_path / "m"), tokenizer)
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=FP32_REL_TOL * unmerged.abs().max())
+
+
+def test_round_stochastic_is_unbiased_and_picks_a_neighbour() -> None:
+    step = 2.0**-7  # bf16's spacing in [1, 2)
+    x = (1 + torch.arange(8) * step / 8).repeat(20_000)  # every eighth of a step between 1 and 1 + step
+    x = torch.cat([x, -x, torch.tensor([0.0, 3.0, -0.5])])  # negatives, and values bf16 holds exactly
+    out = merge.round_stochastic(x, torch.bfloat16, seed=0, chunk=10_000).float()  # several chunks
+    assert torch.all((out[:-3].abs() == 1) | (out[:-3].abs() == 1 + step))
+    assert torch.equal(out[-3:], x[-3:])
+    means = out[:160_000].view(20_000, 8).mean(0)
+    torch.testing.assert_close(means, x[:8], rtol=0, atol=2e-4)
+    torch.testing.assert_close(-out[160_000:320_000].view(20_000, 8).mean(0), x[:8], rtol=0, atol=2e-4)
+
+
+def test_bf16_merge_onto_a_bf16_base_keeps_a_small_update(run: dict, tmp_path: Path) -> None:
+    """An update under half a bf16 step of its weight: rounding to nearest would hand back W0; the merge keeps it."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["dir"], run_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    adapter = load_file(run_dir / lora.ADAPTER_WEIGHTS)
+    save_file({k: v * 1e-3 if ".lora_B." in k else v for k, v in adapter.items()}, run_dir / lora.ADAPTER_WEIGHTS)
+    base = tmp_path / "base"
+    shutil.copytree(run["cfg"].model.path, base)
+    plain_model(Path(run["cfg"].model.path)).to(torch.bfloat16).save_pretrained(base)
+    merge.merge(run_dir, tmp_path / "m", base_16bit=str(base))
+
+    merged, w0, small = load_file(tmp_path / "m" / "model.safetensors"), load_file(base / "model.safetensors"), {}
+    for key in adapter:
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix(lora.PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight"
+            b = adapter[key.replace("lora_A", "lora_B")] * 1e-3
+            small[name] = merge.read_scaling(run_dir, run["cfg"]) * (b @ adapter[key])
+    d = torch.cat([small[n].flatten() for n in small])
+    w = torch.cat([w0[n].float().flatten() for n in small])
+    kept = torch.cat([merged[n].float().flatten() for n in small]) - w
+    nearest = (w + d).bfloat16().float() - w
+    assert (nearest @ d) / (d @ d) < 0.5  # the regime where rounding to nearest erases most of the update
+    assert float((kept @ d) / (d @ d)) == pytest.approx(1.0, abs=0.05)
 
 
 def test_merged_checkpoint_is_a_plain_sharded_hf_checkpoint(run: dict, tmp_path: Path) -> None:
