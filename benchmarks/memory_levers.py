@@ -21,9 +21,7 @@ Writes benchmarks/results/memory-levers-<cpu|cuda>-<size>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import command, header, now, versions  # noqa: E402
 from throughput import (  # noqa: E402  (a sibling script, not a package)
     RESULTS,
     ROOT,
@@ -39,7 +38,6 @@ from throughput import (  # noqa: E402  (a sibling script, not a package)
     card_peak,
     reset_peak,
     synthetic_batch,
-    versions,
 )
 
 BASELINE = ["--train.gradient_checkpointing=true", "--train.offload_activations=false", "--train.loss_chunk_size=0",
@@ -142,12 +140,9 @@ def max_context(args: argparse.Namespace) -> tuple[int | None, list[tuple[int, d
 
 
 def report(args: argparse.Namespace, device: str, levers_: dict, best: int | None, probes: list) -> str:
-    lines = [f"# Memory levers: {args.size} on {device}", "",
-             f"`{shlex.join(['python', 'benchmarks/memory_levers.py', *sys.argv[1:]])}`, "
-             f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", ""]
-    if device == "cpu":
-        lines += ["CPU run at a tiny size: peak resident set of the whole process, most of it the Python and "
-                  "library baseline. It shows the benchmark works; it says nothing about GPU memory.", ""]
+    lines = header(f"Memory levers: {args.size} on {device}", "memory_levers.py", device,
+                   "CPU run at a tiny size: peak resident set of the whole process, most of it the Python and "
+                   "library baseline. It shows the benchmark works; it says nothing about GPU memory.")
     if levers_:
         base = levers_.get("baseline (checkpointing only)", {}).get("peak_gib")
         lines += [f"batch {args.batch} x seq {args.seq}, {args.probe_steps} training steps per probe", "",
@@ -211,8 +206,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"memory-levers-{device}-{args.size}"
     record = {"device": device, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
-              "date": datetime.datetime.now().astimezone().isoformat(),
-              "command": shlex.join(["python", "benchmarks/memory_levers.py", *sys.argv[1:]]),
+              "date": now(),
+              "command": command("memory_levers.py"),
               "versions": versions(), "setup": {k: v for k, v in vars(args).items() if k not in ("probe", "no_write")},
               "levers": levers_, "max_context": best, "probes": probes}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

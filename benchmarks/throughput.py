@@ -24,20 +24,20 @@ Writes benchmarks/results/throughput-<cpu|cuda>-<size>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import command, header, now, versions  # noqa: E402  (a sibling script, not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -222,20 +222,6 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
     return json.loads(found[-1].removeprefix("RESULT "))
 
 
-def versions() -> dict[str, str]:
-    found = {}
-    for package in ("torch", "transformers", "bitsandbytes", "peft", "liger-kernel"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True)
-    found["qlora"] = commit.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
-    return found
-
-
 def ratios(results: dict[str, dict]) -> dict[str, float]:
     ok = {k: v for k, v in results.items() if "error" not in v}
     out = {}
@@ -252,12 +238,9 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
 
 
 def report(args: argparse.Namespace, device: str, device_name: str, results: dict, rat: dict) -> str:
-    lines = [f"# Throughput: {args.size} on {device_name} ({device})", "",
-             f"`{shlex.join(['python', 'benchmarks/throughput.py', *sys.argv[1:]])}`, "
-             f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}", ""]
-    if device == "cpu":
-        lines += ["CPU run at a tiny size: it shows the benchmark works end to end; its numbers say nothing about "
-                  "GPU speed or memory.", ""]
+    lines = header(f"Throughput: {args.size} on {device_name} ({device})", "throughput.py", device,
+                   "CPU run at a tiny size: it shows the benchmark works end to end; its numbers say nothing about "
+                   "GPU speed or memory.")
     lines += [f"batch {args.batch} x seq {args.seq}, {args.warmup} warmup + {args.steps} timed steps (median), "
               f"peak over the steps; MFU against {args.peak_tflops or 'n/a'} TFLOP/s and 6N FLOPs/token", "",
               "| stack | tokens/s | step s | peak GiB | MFU |", "|---|---:|---:|---:|---:|"]
@@ -319,8 +302,8 @@ def main() -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}"
-    record = {"device": device, "device_name": device_name, "date": datetime.datetime.now().astimezone().isoformat(),
-              "command": shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]]), "versions": versions(),
+    record = {"device": device, "device_name": device_name, "date": now(),
+              "command": command("throughput.py"), "versions": versions(),
               "setup": {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps,
                         "warmup": args.warmup, "rank": args.rank, "standard_prep": args.standard_prep,
                         "peak_tflops": args.peak_tflops, "overrides": args.override},

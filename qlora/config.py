@@ -126,9 +126,15 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module name suffixes to adapt (q_proj, ...), or all-linear: every linear layer but lm_head, found in the
     model."""
+    init: str = "zero"
+    """zero: B = 0, training starts at the base as loaded (LoRA paper, sec. 4.1). loftq (quant.method=qlora only):
+    B A starts as the rank-r part of each layer's NF4 rounding error, read from the 16-bit checkpoint
+    (qlora/loftq.py)."""
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.init not in ("zero", "loftq"):
+            raise ConfigError(f"lora.init={self.init!r}: use zero or loftq")
         if self.r <= 0:
             raise ConfigError(f"lora.r={self.r} must be a positive integer, e.g. --lora.r=16")
         if not self.alpha > 0:
@@ -270,6 +276,11 @@ class Config:
             if not isinstance(getattr(self, f.name), section := typing.get_type_hints(Config)[f.name]):
                 raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
                                   f"not a {type(getattr(self, f.name)).__name__}")
+        if self.lora.init == "loftq" and (self.quant.method != "qlora" or self.model.synthetic):
+            raise ConfigError("lora.init=loftq corrects the rounding of a 4-bit base loaded from 16-bit weights: "
+                              f"with quant.method={self.quant.method}"
+                              f"{' and model.synthetic=true' if self.model.synthetic else ''} there is none; "
+                              "set --lora.init=zero")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -332,7 +343,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         obj = sections[section]
         hints = typing.get_type_hints(type(obj))
         setattr(obj, name, _parse(raw, hints[name], key))
-    for obj in sections.values():  # re-check: overrides must pass the same __post_init__ checks as the recipe
+    for obj in [*sections.values(), config]:  # overrides must pass the same checks as the recipe
         if hasattr(obj, "__post_init__"):
             obj.__post_init__()
     return config

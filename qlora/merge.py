@@ -38,9 +38,18 @@ from qlora.config import Config, ConfigError
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from qlora.model import DTYPES, compute_dtype, ensure_checkpoint, load_tokenizer, quantization_config, resolve_device
+from qlora.model import (
+    DTYPES,
+    INDEX,
+    checkpoint_shards,
+    compute_dtype,
+    ensure_checkpoint,
+    load_tokenizer,
+    local_checkpoint,
+    quantization_config,
+    resolve_device,
+)
 
-INDEX = "model.safetensors.index.json"
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of the tensors a merge casts
@@ -54,31 +63,6 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 0.03, "float16": 0.03}  # keyed by mer
 # Short and varied: prose, code, a question, digits. The check compares every position's logits, not just the last.
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Where does the 9 am flight from Oslo go?",
            "reverse: dog moon red", "12 + 35 = "]
-
-
-def local_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a hub id's snapshot (from the cache that loading it for training filled)."""
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(path, allow_patterns=patterns))
-    except Exception as err:  # huggingface_hub raises several types for a missing repo or no network
-        raise ConfigError(f"base {path} is neither a local directory nor a reachable hub checkpoint "
-                          f"({str(err).splitlines()[0]}): fetch it first with huggingface-cli download {path}") from err
-
-
-def base_shards(root: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in the order its index lists them."""
-    if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-        return [root / name for name in dict.fromkeys(weight_map.values())]
-    if (root / "model.safetensors").is_file():
-        return [root / "model.safetensors"]
-    raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: merge reads safetensors checkpoints only; "
-                      "re-save the base with save_pretrained(safe_serialization=True)")
 
 
 def quantized_modules(base_path: str, cfg: Config) -> set[str]:
@@ -228,6 +212,9 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     scaling = read_scaling(run_dir, cfg)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
+    if base_16bit is not None and cfg.lora.init == "loftq":
+        raise ConfigError(f"{run_dir} started its adapter as a correction of NF4 rounding (lora.init=loftq), so it "
+                          "belongs on the dequantised base, where it was trained: drop --base-16bit")
     base = str(local_checkpoint(base_16bit or ensure_checkpoint(cfg)))
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None
@@ -267,7 +254,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                         return round_stochastic(tensor, dtype, seed=zlib.crc32(name.encode())).cpu()
                 return tensor.to("cpu", dtype)
 
-            total = write_shards(base_shards(Path(base)), tmp, fold, dtype, max_shard_bytes)
+            total = write_shards(checkpoint_shards(Path(base)), tmp, fold, dtype, max_shard_bytes)
         if merged != adapted:
             raise ConfigError(f"adapter layers {sorted(adapted - merged)[:3]} have no weight in {base}: "
                               "was the run trained on another base?")

@@ -6,6 +6,7 @@ once by a builder into the cache and then loaded like any Hugging Face checkpoin
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora.config import Config, ConfigError, QuantConfig
 
+INDEX = "model.safetensors.index.json"  # a sharded safetensors checkpoint's tensor -> file map
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ChatML, as SmolLM2 uses it; the tiny tokenizer gets it so chat data trains the same way on both.
@@ -107,6 +109,31 @@ def ensure_checkpoint(cfg: Config) -> str:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target.resolve())
+
+
+def local_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a hub id's snapshot (from the cache that loading it for training filled)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(path, allow_patterns=patterns))
+    except Exception as err:  # huggingface_hub raises several types for a missing repo or no network
+        raise ConfigError(f"base {path} is neither a local directory nor a reachable hub checkpoint "
+                          f"({str(err).splitlines()[0]}): fetch it first with huggingface-cli download {path}") from err
+
+
+def checkpoint_shards(root: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in the order its index lists them."""
+    if (root / INDEX).is_file():
+        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        return [root / name for name in dict.fromkeys(weight_map.values())]
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: merge reads safetensors checkpoints only; "
+                      "re-save the base with save_pretrained(safe_serialization=True)")
 
 
 def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesConfig:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from qlora import checkpoint, guard, memory
 from qlora.config import Config, ConfigError, parse_args
 from qlora.data import eval_batches, load_splits, micro_batches
+from qlora.loftq import init_loftq
 from qlora.lora import attach_lora
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
 from qlora.model import compute_dtype, load_base, resolve_device
@@ -111,6 +112,10 @@ def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dic
             p.requires_grad_(True)
     else:
         attach_lora(model, cfg.lora, dtype)
+        if cfg.lora.init == "loftq":
+            held = init_loftq(model, cfg, base_path)
+            print(f"lora.init=loftq: at rank {cfg.lora.r} the adapters start holding {100 * held:.1f}% of the "
+                  "base's NF4 rounding error (squared norm)")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; the GPU image may be 4.x

@@ -1,0 +1,69 @@
+"""Where a benchmark result came from: the command, the date, package versions, the qlora commit and the machine.
+
+Every report in benchmarks/results/ opens with these, so a number can be traced to the run that produced it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "transformers", "bitsandbytes", "peft", "safetensors", "liger-kernel")
+
+
+def command(script: str, argv: list[str] | None = None) -> str:
+    """The command line that ran `script` (benchmarks/<script>), as a user would type it."""
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def git_commit() -> str:
+    """The short commit, marked when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on (absent ones left out), and the qlora commit."""
+    found = {}
+    for package in PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {**found, "qlora": git_commit()}
+
+
+def machine(device: str) -> str:
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads{gpu}"
+
+
+def header(title: str, script: str, device: str, cpu_caveat: str | None = None) -> list[str]:
+    """A report's first lines: title, command, date, versions, machine, and on CPU what the numbers do not say."""
+    lines = [f"# {title}", "", f"- command: `{command(script)}`", f"- date: {now()}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in versions().items())}", f"- machine: {machine(device)}",
+             ""]
+    if device == "cpu" and cpu_caveat:
+        lines += [cpu_caveat, ""]
+    return lines

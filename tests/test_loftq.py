@@ -1,0 +1,94 @@
+"""lora.init=loftq on the tiny Llama: the adapters start as the rank-r correction of the NF4 rounding."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora import merge
+from qlora.config import ConfigError, apply_overrides
+from qlora.loftq import init_loftq, rank_r_factors
+from qlora.lora import attach_lora, lora_layers
+from qlora.model import load_base
+from qlora.train import train
+
+
+def test_rank_r_factors_give_the_truncated_svd() -> None:
+    gen = torch.Generator().manual_seed(0)
+    # A flat, noise-like spectrum (as NF4 rounding error is): the hard case for a randomised SVD.
+    residual = torch.randn(96, 160, generator=gen)
+    a, b = rank_r_factors(residual, r=8, scaling=2.0, seed=0)
+    assert a.shape == (8, 160) and b.shape == (96, 8)
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    exact = (u[:, :8] * s[:8]) @ vh[:8]
+    ours = 2.0 * b @ a
+    exact_err, our_err = (residual - exact).norm(), (residual - ours).norm()
+    assert our_err <= exact_err * 1.002, (our_err, exact_err)  # within 0.2% of the best rank-8 approximation
+    # A matrix of rank r is reproduced exactly.
+    low = torch.randn(96, 4, generator=gen) @ torch.randn(4, 160, generator=gen)
+    a, b = rank_r_factors(low, r=4, scaling=0.5, seed=0)
+    torch.testing.assert_close(0.5 * b @ a, low, rtol=1e-4, atol=1e-4)
+
+
+def test_loftq_brings_each_layer_and_the_logits_closer_to_16bit(tiny_config) -> None:
+    tiny_config.lora.r = 32
+    dense, _, _ = load_base(apply_overrides(tiny_config, ["--quant.method=lora"]), torch.device("cpu"))
+    tiny_config.quant.method = "qlora"
+    model, _, base_path = load_base(tiny_config, torch.device("cpu"))
+    attach_lora(model, tiny_config.lora, torch.float32)
+    rng_before = torch.get_rng_state()
+    held = init_loftq(model, tiny_config, base_path)
+    torch.testing.assert_close(torch.get_rng_state(), rng_before)  # dropout and data order are left alone
+    assert 0.2 < held < 1
+    for name, layer in lora_layers(model).items():
+        w16 = dense.get_submodule(name).weight.float()
+        base = layer.base_layer
+        assert isinstance(base, bnb.nn.Linear4bit)
+        q = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+        assert (w16 - q - layer.delta_weight()).norm() < 0.95 * (w16 - q).norm(), name
+    x = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        reference = dense(x).logits
+        corrected = model(x).logits
+        for layer in lora_layers(model).values():
+            layer.lora_B.weight.zero_()
+        plain = model(x).logits
+    assert (corrected - reference).abs().mean() < 0.8 * (plain - reference).abs().mean()
+
+
+def test_loftq_is_refused_without_a_4bit_base(tiny_config) -> None:
+    with pytest.raises(ConfigError, match="lora.init=loftq .* quant.method=lora .* --lora.init=zero"):
+        apply_overrides(tiny_config, ["--lora.init=loftq", "--quant.method=lora"])
+    with pytest.raises(ConfigError, match="lora.init='gauss': use zero or loftq"):
+        apply_overrides(tiny_config, ["--lora.init=gauss"])
+
+
+def test_a_loftq_run_resumes_exactly_and_merges_onto_the_dequantised_base(tiny_config, tmp_path: Path) -> None:
+    tiny_config.lora.init = "loftq"
+    tiny_config.train.steps = 2
+    tiny_config.train.save_every = 1
+    tiny_config.train.keep_checkpoints = 2
+    whole = train(tiny_config)
+    run_dir = Path(tiny_config.output.dir)
+    adapter = load_file(str(run_dir / "adapter_model.safetensors"))
+    # The init reads the checkpoint again on resume; the checkpoint's adapter must win, and the RNG must match.
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(run_dir / "checkpoint-1", resumed_dir / "checkpoint-1")
+    tiny_config.output.dir = str(resumed_dir)
+    assert train(tiny_config, resume=True)["after"] == whole["after"]
+    resumed = load_file(str(resumed_dir / "adapter_model.safetensors"))
+    for key in adapter:
+        torch.testing.assert_close(resumed[key], adapter[key], rtol=0, atol=0)
+
+    with pytest.raises(ConfigError, match="drop --base-16bit"):
+        merge.merge(run_dir, tmp_path / "merged16", base_16bit=str(run_dir))
+    info = merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
+    assert info["base_weights"] == "dequantised-nf4"
+    assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
