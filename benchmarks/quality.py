@@ -131,9 +131,13 @@ def write_markdown(path: Path, result: dict) -> None:
                      f"{v['em_points_gap']:+.1f} points ({ok_em} the ±2 point target). Seed by seed: loss "
                      f"{paired}; exact match {paired_em} points.")
     before = {method: runs[min(runs)]["before"]["eval_loss"] for method, runs in result["runs"].items()}
+    smallest = {m: min(v["paired_loss_rel_gaps"], key=abs) for m, v in result["verdict"].items()}
     lines += ["", f"Noise: 16-bit LoRA alone moves by {100 * spread(result['runs']['lora']):.0f}% of its mean "
-              "held-out loss from one seed to another, so with this many seeds a gap of 2% cannot be told from zero; "
-              "the exact-match score moves in steps of 1/150 held-out rows (0.7 points).", "",
+              "held-out loss from one seed to another, so a few seeds cannot resolve a 2% gap; the exact-match score "
+              f"moves in steps of 1/{result['eval_rows']} held-out rows. The smallest same-seed loss gap to 16-bit "
+              "LoRA was " + ", ".join(f"{100 * g:+.0f}% for {METHODS[m][0].split(' (')[0].split(',')[0]}"
+                                      + (" with lora.init=loftq" if m == "qlora-loftq" else "")
+                                      for m, g in smallest.items()) + ".", "",
               f"Before any training, NF4 rounding alone moves the base's held-out loss from {before['lora']:.4f} "
               f"(16-bit) to {before['qlora']:.4f} (NF4 + double quant), "
               f"{100 * (before['qlora'] / before['lora'] - 1):+.0f}%; the adapters train on top of that gap."
@@ -173,6 +177,12 @@ def plot(path: Path, result: dict) -> None:
                  f"({result['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def eval_rows(cfg: object) -> int | str:
+    """How many held-out rows the recipe scores (a file's line count; "?" for a split carved out of train)."""
+    path = Path(cfg.data.eval or "")
+    return sum(1 for line in path.open() if line.strip()) if cfg.data.eval and path.is_file() else "?"
 
 
 def parse_seeds(text: str | None, methods: list[str], default: int) -> dict[str, list[int]]:
@@ -256,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "date": now(), "command": command("quality.py", argv),
         "recipe": args.recipe, "steps": base.train.steps, "seeds": sorted({s for v in seeds.values() for s in v}),
-        "full_lr": full_lr, "lora_r": base.lora.r, "device": device,
+        "full_lr": full_lr, "lora_r": base.lora.r, "device": device, "eval_rows": eval_rows(base),
         "versions": versions(), "machine": machine(device),
         "runs": runs, "target": {"loss_rel": TARGET_LOSS_REL, "em_points": TARGET_EM_POINTS},
     }
