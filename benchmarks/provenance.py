@@ -30,12 +30,13 @@ def now() -> str:
 
 
 def git_commit() -> str:
-    """The short commit, marked when tracked files differ from it."""
+    """The short commit, marked when tracked files other than results (which a run rewrites) differ from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (
-        " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
+                  ":!memory_reports")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if changed else "")
 
 
 def versions() -> dict[str, str]:
