@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import command, header, now, versions  # noqa: E402
+from provenance import header, record, write_result  # noqa: E402
 from throughput import (  # noqa: E402  (a sibling script, not a package)
     RESULTS,
     ROOT,
@@ -139,8 +139,8 @@ def max_context(args: argparse.Namespace) -> tuple[int | None, list[tuple[int, d
     return lo, probes
 
 
-def report(args: argparse.Namespace, device: str, levers_: dict, best: int | None, probes: list) -> str:
-    lines = header(f"Memory levers: {args.size} on {device}", "memory_levers.py", device,
+def report(args: argparse.Namespace, prov: dict, device: str, levers_: dict, best: int | None, probes: list) -> str:
+    lines = header(f"Memory levers: {args.size} on {device}", prov, device,
                    "CPU run at a tiny size: peak resident set of the whole process, most of it the Python and "
                    "library baseline. It shows the benchmark works; it says nothing about GPU memory.")
     if levers_:
@@ -199,20 +199,15 @@ def main() -> None:
     levers_ = {} if args.no_levers else lever_table(args)
     best, probes = max_context(args) if args.max_context else (None, [])
     device = "cuda" if cuda else "cpu"
-    text = report(args, device, levers_, best, probes)
+    prov = record("memory_levers.py", device)
+    text = report(args, prov, device, levers_, best, probes)
     print("\n" + text)
     if args.no_write:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"memory-levers-{device}-{args.size}"
-    record = {"device": device, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
-              "date": now(),
-              "command": command("memory_levers.py"),
-              "versions": versions(), "setup": {k: v for k, v in vars(args).items() if k not in ("probe", "no_write")},
-              "levers": levers_, "max_context": best, "probes": probes}
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(f"wrote {stem}.json and .md")
+    write_result(RESULTS / f"memory-levers-{device}-{args.size}",
+                 {"device": device, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu", **prov,
+                  "setup": {k: v for k, v in vars(args).items() if k not in ("probe", "no_write")},
+                  "levers": levers_, "max_context": best, "probes": probes}, text)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Every report in benchmarks/results/ opens with these, so a number can be traced 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -60,11 +61,25 @@ def machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads{gpu}"
 
 
-def header(title: str, script: str, device: str, cpu_caveat: str | None = None) -> list[str]:
-    """A report's first lines: title, command, date, versions, machine, and on CPU what the numbers do not say."""
-    lines = [f"# {title}", "", f"- command: `{command(script)}`", f"- date: {now()}",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in versions().items())}", f"- machine: {machine(device)}",
-             ""]
+def record(script: str, device: str, argv: list[str] | None = None) -> dict[str, object]:
+    """Taken once per run: the same values go into the report's header and its JSON."""
+    return {"command": command(script, argv), "date": now(), "versions": versions(), "machine": machine(device)}
+
+
+def header(title: str, prov: dict, device: str, cpu_caveat: str | None = None) -> list[str]:
+    """A report's first lines from `record`: title, command, date, versions, machine, and on CPU what the numbers do
+    not say."""
+    lines = [f"# {title}", "", f"- command: `{prov['command']}`", f"- date: {prov['date']}",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in prov['versions'].items())}",
+             f"- machine: {prov['machine']}", ""]
     if device == "cpu" and cpu_caveat:
         lines += [cpu_caveat, ""]
     return lines
+
+
+def write_result(stem: Path, result: dict, text: str) -> None:
+    """`stem`.json (the record) and `stem`.md (the report) in benchmarks/results/."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(f"wrote {stem}.json and .md")

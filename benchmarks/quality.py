@@ -25,9 +25,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import command, machine, now, versions  # noqa: E402  (a sibling script, not a package)
+from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each method: its label and the overrides that make it. Every LoRA run names its init, so a recipe's own choice
@@ -74,10 +75,6 @@ def read_run(run_dir: Path, seconds: float | None) -> dict:
             "wall_seconds": seconds}
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def verdict(lora: dict[int, dict], qlora: dict[int, dict]) -> dict:
     """A QLoRA method against 16-bit LoRA over the same seeds: the gaps of the means, held to the target, and the
     paired gap of each seed (same data order, same adapter init draw)."""
@@ -99,17 +96,15 @@ def spread(runs: dict[int, dict]) -> float:
     return (max(losses) - min(losses)) / mean(losses)
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def markdown(result: dict, plot_name: str) -> str:
     seeds = ", ".join(map(str, result["seeds"]))
-    lines = [f"# Quality: full fine-tuning vs 16-bit LoRA vs QLoRA ({result['device']})", "",
-             f"- date: {result['date']}", f"- command: `{result['command']}`",
-             f"- recipe: `{result['recipe']}`; {result['steps']} steps; seeds {seeds} (a seed sets the data order, "
-             "the adapter init and dropout; every method gets the same ones); full fine-tuning lr "
-             f"{result['full_lr']:g}",
-             f"- versions: {', '.join(f'{k} {v}' for k, v in result['versions'].items())}",
-             f"- machine: {result['machine']}", "",
-             "| method | seeds | held-out loss, mean (per seed) | exact match, mean (per seed) | before training "
-             "(loss) | trainable params | wall time per run |", "|---|---|---|---|---|---|---|"]
+    lines = header(f"Quality: full fine-tuning vs 16-bit LoRA vs QLoRA ({result['device']})", result,
+                   result["device"])
+    lines += [f"Recipe `{result['recipe']}`, {result['steps']} steps; seeds {seeds} (a seed sets the data order, the "
+              "adapter init and dropout; every method gets the same ones); full fine-tuning lr "
+              f"{result['full_lr']:g}.", "",
+              "| method | seeds | held-out loss, mean (per seed) | exact match, mean (per seed) | before training "
+              "(loss) | trainable params | wall time per run |", "|---|---|---|---|---|---|---|"]
     for method, runs in result["runs"].items():
         first = runs[min(runs)]
         losses = ", ".join(f"{run['eval_loss']:.4f}" for run in runs.values())
@@ -144,8 +139,8 @@ def write_markdown(path: Path, result: dict) -> None:
               + (f" Started at the rank-{result['lora_r']} correction (lora.init=loftq), the same NF4 base scores "
                  f"{before['qlora-loftq']:.4f}." if "qlora-loftq" in before else ""),
               "Wall times are from runs on a machine shared with other jobs: indicative only.", "",
-              f"![held-out loss and exact match per seed]({path.with_suffix('.png').name})", ""]
-    path.write_text("\n".join(lines))
+              f"![held-out loss and exact match per seed]({plot_name})", ""]
+    return "\n".join(lines)
 
 
 def plot(path: Path, result: dict) -> None:
@@ -264,20 +259,18 @@ def main(argv: list[str] | None = None) -> int:
             runs[method][seed] = read_run(run_dir, float(timing.read_text()) if timing.is_file() else None)
 
     result = {
-        "date": now(), "command": command("quality.py", argv),
+        **record("quality.py", device, argv),
         "recipe": args.recipe, "steps": base.train.steps, "seeds": sorted({s for v in seeds.values() for s in v}),
         "full_lr": full_lr, "lora_r": base.lora.r, "device": device, "eval_rows": eval_rows(base),
-        "versions": versions(), "machine": machine(device),
         "runs": runs, "target": {"loss_rel": TARGET_LOSS_REL, "em_points": TARGET_EM_POINTS},
     }
     if "lora" in runs:
         result["verdict"] = {m: verdict(runs["lora"], runs[m]) for m in QLORA if m in runs}
-    args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"quality-{device}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(stem.with_suffix(".md"), result)
+    text = markdown(result, stem.with_suffix(".png").name)
+    print("\n" + text)
+    write_result(stem, result, text)
     plot(stem.with_suffix(".png"), result)
-    print("\n" + stem.with_suffix(".md").read_text())
     return 0
 
 

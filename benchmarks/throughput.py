@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import command, header, now, versions  # noqa: E402  (a sibling script, not a package)
+from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -237,8 +237,8 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def report(args: argparse.Namespace, device: str, device_name: str, results: dict, rat: dict) -> str:
-    lines = header(f"Throughput: {args.size} on {device_name} ({device})", "throughput.py", device,
+def report(args: argparse.Namespace, prov: dict, device: str, device_name: str, results: dict, rat: dict) -> str:
+    lines = header(f"Throughput: {args.size} on {device_name} ({device})", prov, device,
                    "CPU run at a tiny size: it shows the benchmark works end to end; its numbers say nothing about "
                    "GPU speed or memory.")
     lines += [f"batch {args.batch} x seq {args.seq}, {args.warmup} warmup + {args.steps} timed steps (median), "
@@ -296,21 +296,17 @@ def main() -> None:
     rat = ratios(results)
     device = "cuda" if cuda else "cpu"
     device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
-    text = report(args, device, device_name, results, rat)
+    prov = record("throughput.py", device)
+    text = report(args, prov, device, device_name, results, rat)
     print("\n" + text)
     if args.no_write:
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}"
-    record = {"device": device, "device_name": device_name, "date": now(),
-              "command": command("throughput.py"), "versions": versions(),
-              "setup": {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-                        "warmup": args.warmup, "rank": args.rank, "standard_prep": args.standard_prep,
-                        "peak_tflops": args.peak_tflops, "overrides": args.override},
-              "results": results, "ratios": rat}
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(f"wrote {stem}.json and .md")
+    write_result(RESULTS / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}",
+                 {"device": device, "device_name": device_name, **prov,
+                  "setup": {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps,
+                            "warmup": args.warmup, "rank": args.rank, "standard_prep": args.standard_prep,
+                            "peak_tflops": args.peak_tflops, "overrides": args.override},
+                  "results": results, "ratios": rat}, text)
 
 
 if __name__ == "__main__":
