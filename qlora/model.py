@@ -132,8 +132,8 @@ def checkpoint_shards(root: Path) -> list[Path]:
         return [root / name for name in dict.fromkeys(weight_map.values())]
     if (root / "model.safetensors").is_file():
         return [root / "model.safetensors"]
-    raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: merge reads safetensors checkpoints only; "
-                      "re-save the base with save_pretrained(safe_serialization=True)")
+    raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: the 16-bit weights are read from "
+                      "safetensors only; re-save the base with save_pretrained(safe_serialization=True)")
 
 
 def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesConfig:

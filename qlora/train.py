@@ -97,7 +97,7 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1)}
 
 
-def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dict:
+def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None, resuming: bool = False) -> dict:
     """Load the base, attach adapters, switch on checkpointing and the memory and speed levers the recipe asks for."""
     torch.manual_seed(cfg.train.seed)
     check_packing(cfg)
@@ -112,7 +112,7 @@ def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dic
             p.requires_grad_(True)
     else:
         attach_lora(model, cfg.lora, dtype)
-        if cfg.lora.init == "loftq":
+        if cfg.lora.init == "loftq" and not resuming:  # a resumed run's adapters come from its checkpoint
             held = init_loftq(model, cfg, base_path)
             print(f"lora.init=loftq: at rank {cfg.lora.r} the adapters start holding {100 * held:.1f}% of the "
                   "base's NF4 rounding error (squared norm)")
@@ -136,9 +136,9 @@ def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dic
     return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype)
 
 
-def prepare(cfg: Config, profiler: memory.PhaseTracker | None = None) -> dict:
+def prepare(cfg: Config, profiler: memory.PhaseTracker | None = None, resuming: bool = False) -> dict:
     """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
-    run = build_model(cfg, profiler)
+    run = build_model(cfg, profiler, resuming)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed)
     if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
         packed = pack_examples(train_rows, cfg.data.max_seq_len)
@@ -173,7 +173,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
     # Created before loading: on CPU its baseline is the resident memory before the model exists.
     profiler = memory.PhaseTracker(resolve_device(cfg.train.device))
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
-    run = prepare(cfg, profiler)
+    latest = checkpoint.list_checkpoints(run_dir)
+    run = prepare(cfg, profiler, resuming=resume and bool(latest))
     model, device, tokenizer = run["model"], run["device"], run["tokenizer"]
     print_summary(cfg, run)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,7 +182,6 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
     scheduler = build_scheduler(optimizer, cfg)
 
     step, first, bad_steps, state = 0, {}, 0, {}
-    latest = checkpoint.list_checkpoints(run_dir)
     if resume and latest:
         state = checkpoint.load_checkpoint(latest[-1], model, cfg, optimizer, scheduler)
         step, first, bad_steps = state["step"], state.get("first_eval", {}), state.get("bad_steps", 0)

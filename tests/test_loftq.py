@@ -69,20 +69,23 @@ def test_loftq_is_refused_without_a_4bit_base(tiny_config) -> None:
         apply_overrides(tiny_config, ["--lora.init=gauss"])
 
 
-def test_a_loftq_run_resumes_exactly_and_merges_onto_the_dequantised_base(tiny_config, tmp_path: Path) -> None:
+def test_a_loftq_run_resumes_exactly_and_merges_onto_the_dequantised_base(tiny_config, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
     tiny_config.lora.init = "loftq"
     tiny_config.train.steps = 2
     tiny_config.train.save_every = 1
     tiny_config.train.keep_checkpoints = 2
     whole = train(tiny_config)
+    assert "lora.init=loftq: at rank" in capsys.readouterr().out
     run_dir = Path(tiny_config.output.dir)
     adapter = load_file(str(run_dir / "adapter_model.safetensors"))
-    # The init reads the checkpoint again on resume; the checkpoint's adapter must win, and the RNG must match.
+    # A resumed run takes its adapters from the checkpoint, with no second pass over the base; the RNG must match.
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(run_dir / "checkpoint-1", resumed_dir / "checkpoint-1")
     tiny_config.output.dir = str(resumed_dir)
     assert train(tiny_config, resume=True)["after"] == whole["after"]
+    assert "lora.init=loftq" not in capsys.readouterr().out
     resumed = load_file(str(resumed_dir / "adapter_model.safetensors"))
     for key in adapter:
         torch.testing.assert_close(resumed[key], adapter[key], rtol=0, atol=0)
