@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)}; use some of {', '.join(METHODS)}")
+    if "lora" not in methods:  # every verdict, the noise line and the before-training line compare with it
+        raise SystemExit(f"--methods {args.methods}: add lora, the reference every other method is held to "
+                         "(with --reuse its finished runs are re-read, not trained)")
     seeds = parse_seeds(args.seeds, methods, base.train.seed)
 
     runs: dict[str, dict[int, dict]] = {m: {} for m in methods}
