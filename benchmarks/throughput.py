@@ -92,7 +92,7 @@ def base_parameters(model: torch.nn.Module) -> int:
 
 
 def reset_peak(device: torch.device) -> None:
-    from qlora import memory
+    from qlora.memory import profiler as memory
 
     gc.collect()
     if device.type == "cuda":
@@ -105,7 +105,7 @@ def card_peak(device: torch.device) -> dict[str, float]:
     """Peak since the last reset, in GiB. CUDA: what a user compares with the card (issue 4): PyTorch's peak
     reserved + memory outside its allocator (CUDA context, cuBLAS workspaces, NCCL) read now from the driver.
     CPU: the process's peak resident set."""
-    from qlora import memory
+    from qlora.memory import profiler as memory
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

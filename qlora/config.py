@@ -66,7 +66,7 @@ class ModelConfig:
     path: str = ""
     """Hub id or local directory of a Hugging Face checkpoint."""
     build: str | None = None
-    """Name of a builder in `qlora.model.BUILDERS` that writes the checkpoint at `path` once if it is missing."""
+    """Name of a builder in `qlora.build.BUILDERS` that writes the checkpoint at `path` once if it is missing."""
     synthetic: bool = False
     """Random weights quantised straight to NF4 from `config_json` alone: measures memory without a download."""
     config_json: str | None = None

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from qlora import memory
 from qlora.checkpoint import list_checkpoints
 from qlora.config import Config
 from qlora.data import batch_rows
+from qlora.memory.profiler import resident_bytes
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE = 2, 3, 4, 5
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
@@ -116,7 +116,7 @@ def _in_use(device: torch.device) -> tuple[int, int]:
     """(bytes allocated now, peak since the last phase mark): PyTorch's allocator on CUDA, the process RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
-    return memory._vm_field("VmRSS"), memory._vm_field("VmHWM")
+    return resident_bytes("VmRSS"), resident_bytes("VmHWM")
 
 
 def _size(n: float) -> str:
@@ -167,8 +167,8 @@ def _latest(cfg: Config) -> Path | None:
 def suggestions(cfg: Config, device: torch.device, total: int, needed: int, width: int) -> list[str]:
     """Changes that would fit under HEADROOM x `total`, each alone, from qlora.estimate where it knows the model
     (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak."""
-    from qlora.arch import load_arch
-    from qlora.estimate import estimate
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
 
     budget, arch = HEADROOM * total, load_arch(cfg)
 

@@ -21,9 +21,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from qlora.build import checkpoint_shards, local_checkpoint
 from qlora.config import Config, ConfigError
 from qlora.lora import lora_layers
-from qlora.model import checkpoint_shards, local_checkpoint
 
 # torch.svd_lowrank's oversampling and power iterations: with both, the top r singular pairs of a flat, noise-like
 # spectrum come out within ~1% of the exact SVD's energy, at the cost of a few matmuls rather than a full SVD

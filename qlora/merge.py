@@ -34,21 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qlora.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
 from qlora.config import Config, ConfigError
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from qlora.model import (
-    DTYPES,
-    INDEX,
-    checkpoint_shards,
-    compute_dtype,
-    ensure_checkpoint,
-    load_tokenizer,
-    local_checkpoint,
-    quantization_config,
-    resolve_device,
-)
+from qlora.model import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
 
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")

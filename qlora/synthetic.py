@@ -81,8 +81,7 @@ def load_synthetic(cfg: Config, device: torch.device,
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlora.arch import config_json_path
-    from qlora.model import byte_tokenizer, keep_cpu_weights_exact
+    from qlora.build import byte_tokenizer, config_json_path
 
     if not cfg.model.config_json:
         raise ConfigError("model.synthetic=true needs model.config_json: the path of the model's config.json")
@@ -99,5 +98,4 @@ def load_synthetic(cfg: Config, device: torch.device,
     if cfg.quant.method == "qlora":
         quantize_linears(model, cfg, dtype, device, generator, std)
     materialise(model, dtype, device, generator, std)
-    keep_cpu_weights_exact(model)
     return model, byte_tokenizer(), str(path.parent)

@@ -18,16 +18,17 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from qlora import checkpoint, guard, memory
+from qlora import checkpoint, guard
 from qlora.config import Config, ConfigError, parse_args
 from qlora.data import eval_batches, load_splits, micro_batches
+from qlora.levers.offload import enable_activation_offload
+from qlora.levers.speed import apply_speed_levers
 from qlora.loftq import init_loftq
 from qlora.lora import attach_lora
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
+from qlora.memory.profiler import PhaseTracker, peak_bytes
 from qlora.model import compute_dtype, load_base, resolve_device
-from qlora.offload import enable_activation_offload
 from qlora.pack import check_packing, pack_examples, packing_summary
-from qlora.speed import apply_speed_levers
 
 USAGE = "python -m qlora.train RECIPE.py [--section.key=value ...] [--resume] [--overwrite] [--debug]"
 FLAGS = ("--resume", "--overwrite", "--debug")
@@ -64,7 +65,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], chunk_size: int = 0,
-                     profiler: memory.PhaseTracker | None = None) -> float:
+                     profiler: PhaseTracker | None = None) -> float:
     """Forward and backward over one optimizer step's micro-batches; return the step's mean loss per target token.
 
     Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, not its own
@@ -97,7 +98,7 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1)}
 
 
-def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None, resuming: bool = False) -> dict:
+def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False) -> dict:
     """Load the base, attach adapters, switch on checkpointing and the memory and speed levers the recipe asks for."""
     torch.manual_seed(cfg.train.seed)
     check_packing(cfg)
@@ -136,7 +137,7 @@ def build_model(cfg: Config, profiler: memory.PhaseTracker | None = None, resumi
     return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype)
 
 
-def prepare(cfg: Config, profiler: memory.PhaseTracker | None = None, resuming: bool = False) -> dict:
+def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False) -> dict:
     """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
     run = build_model(cfg, profiler, resuming)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed)
@@ -171,7 +172,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
     run_dir = Path(cfg.output.dir)
     checkpoint.check_run_dir(run_dir, cfg, resume, overwrite)  # reads only: a refused run leaves the dir as it was
     # Created before loading: on CPU its baseline is the resident memory before the model exists.
-    profiler = memory.PhaseTracker(resolve_device(cfg.train.device))
+    profiler = PhaseTracker(resolve_device(cfg.train.device))
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     latest = checkpoint.list_checkpoints(run_dir)
     run = prepare(cfg, profiler, resuming=resume and bool(latest))
@@ -233,7 +234,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
         seconds = time.perf_counter() - started
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         last = {"step": step, "loss": total_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens / seconds, "peak_gib": memory.peak_bytes(device) / 2**30}
+                "tokens_per_s": tokens / seconds, "peak_gib": peak_bytes(device) / 2**30}
         if step % t.log_every == 0 or step == t.steps:
             metrics_log.write(last)
         bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}",

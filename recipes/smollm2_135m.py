@@ -6,8 +6,8 @@ model can read the sentences but answers in chatty sentences, so exact match sta
 cities and travellers absent from train, so a high score after training means the rule was learned, not the rows.
 """
 
+from qlora.build import cache_dir
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
-from qlora.model import cache_dir
 
 config = Config(
     model=ModelConfig(path=str(cache_dir() / "smollm2-135m-instruct"), build="smollm2-135m-instruct"),

@@ -3,11 +3,11 @@
 For tests and smoke runs; it learns to reverse three-word lists, nothing more.
 """
 
+from qlora.build import cache_dir
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
-from qlora.model import cache_dir
 
 config = Config(
-    # Built once from qlora.model.TINY_LLAMA with seed 0 and saved, so peft can load the same base by path.
+    # Built once from qlora.build.TINY_LLAMA with seed 0 and saved, so peft can load the same base by path.
     model=ModelConfig(path=str(cache_dir() / "tiny-llama"), build="tiny-llama"),
     data=DataConfig(train="recipes/data/tiny/train.jsonl", eval="recipes/data/tiny/heldout.jsonl", max_seq_len=128),
     lora=LoRAConfig(r=8, alpha=16, dropout=0.0),

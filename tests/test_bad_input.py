@@ -20,9 +20,9 @@ import torch
 from forked_cli import ROOT, ForkedCLI
 from safetensors.torch import load_file
 
+from qlora.build import ensure_checkpoint
 from qlora.checkpoint import list_checkpoints
 from qlora.config import load_recipe
-from qlora.model import ensure_checkpoint
 
 TINY = "recipes/tiny.py"
 RECIPE = "from qlora.config import *\nrequired = dict(model=ModelConfig(path='m'), data=DataConfig(train='t'))\n"

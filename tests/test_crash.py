@@ -24,12 +24,12 @@ import torch
 from forked_cli import ROOT, ForkedCLI
 from safetensors.torch import load_file
 
-from qlora.arch import load_arch
 from qlora.checkpoint import STATE, list_checkpoints
 from qlora.config import load_recipe
 from qlora.data import batch_rows
-from qlora.estimate import estimate
 from qlora.guard import HEADROOM
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
 from qlora.train import MetricsLog
 
 STEPS = 8

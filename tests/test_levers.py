@@ -16,9 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.config import Config, ConfigError, apply_overrides
 from qlora.data import collate, load_splits
+from qlora.levers.offload import CPUEmbedding, enable_activation_offload
 from qlora.lora import lora_layers
 from qlora.loss import loss_sum, target_hidden
-from qlora.offload import CPUEmbedding, enable_activation_offload
 from qlora.train import build_model
 
 
@@ -36,7 +36,8 @@ def build(cfg: Config, *overrides: str) -> torch.nn.Module:
 
 @pytest.fixture
 def batch(tiny_config: Config) -> dict[str, torch.Tensor]:
-    from qlora.model import ensure_checkpoint, load_tokenizer
+    from qlora.build import ensure_checkpoint
+    from qlora.model import load_tokenizer
 
     tokenizer = load_tokenizer(ensure_checkpoint(tiny_config))
     rows, _ = load_splits(tiny_config.data, tokenizer, seed=0)
@@ -201,7 +202,7 @@ def test_fuse_lora_add_keeps_loss_and_grads(tiny_config: Config, batch: dict, me
 
 @pytest.mark.parametrize("what", ["lora", "layers"])
 def test_compile_keeps_loss_and_grads(tiny_config: Config, batch: dict, what: str) -> None:
-    from qlora.speed import compile_model
+    from qlora.levers.speed import compile_model
 
     torch._dynamo.reset()
     plain = loss_and_grads(build(tiny_config), batch)

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.arch import load_arch
 from qlora.config import Config, apply_overrides, load_recipe
-from qlora.estimate import compute_bytes, estimate, layer_bytes_per_token, nf4_bytes
 from qlora.lora import attach_lora
-from qlora.memory import PhaseTracker, tensor_categories
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import compute_bytes, estimate, layer_bytes_per_token, nf4_bytes
+from qlora.memory.profiler import PhaseTracker, tensor_categories
 from qlora.model import compute_dtype, load_base
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +110,7 @@ def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout
 
 def measure(recipe: str, method: str, tmp_path: Path, *overrides: str) -> dict:
     out = tmp_path / f"{method}.json"
-    subprocess.run([sys.executable, "-m", "qlora.measure", recipe, f"--quant.method={method}", f"--out={out}",
+    subprocess.run([sys.executable, "-m", "qlora.memory.measure", recipe, f"--quant.method={method}", f"--out={out}",
                     *overrides], check=True, cwd=ROOT, capture_output=True)
     return json.loads(out.read_text())
 

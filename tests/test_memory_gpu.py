@@ -15,10 +15,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: paged optimizer buffers and the card-level peak exist only there",
                 allow_module_level=True)
 
-from qlora.arch import load_arch  # noqa: E402
 from qlora.config import apply_overrides, load_recipe  # noqa: E402
-from qlora.estimate import estimate  # noqa: E402
-from qlora.memory import PhaseTracker, tensor_categories  # noqa: E402
+from qlora.memory.arch import load_arch  # noqa: E402
+from qlora.memory.estimate import estimate  # noqa: E402
+from qlora.memory.profiler import PhaseTracker, tensor_categories  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def test_paged_optimizer_state_is_counted_outside_the_allocator():
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_llama8b_estimate_within_10_percent_of_measured(method, tmp_path):
     out = tmp_path / "measured.json"
-    subprocess.run([sys.executable, "-m", "qlora.measure", "recipes/llama8b.py", f"--quant.method={method}",
+    subprocess.run([sys.executable, "-m", "qlora.memory.measure", "recipes/llama8b.py", f"--quant.method={method}",
                     f"--out={out}"], check=True, cwd=ROOT)
     got = json.loads(out.read_text())
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), [f"--quant.method={method}"])

@@ -1,6 +1,6 @@
 """Measure the memory of real training steps for one method, in a process of its own.
 
-    python -m qlora.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]
+    python -m qlora.memory.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]
 
 The steps take the trainer's own path: `qlora.train.prepare` (load, adapters, checkpointing, levers), `loss_sum`,
 backward, gradient clipping and the optimizer of `build_optimizer`. The batch is random token ids of exactly
@@ -28,10 +28,11 @@ import torch
 
 from qlora.config import Config, ConfigError, parse_args
 from qlora.loss import loss_sum
-from qlora.memory import PhaseTracker, _vm_field, glibc_returns_freed_memory
+from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
 from qlora.train import build_optimizer, prepare
 
-USAGE = "python -m qlora.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]"
+USAGE = ("python -m qlora.memory.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] "
+         "[--section.key=value ...]")
 CPU_DEFINITION = ("resident memory (RSS) of a fresh process at its peak, minus its RSS just before the model was "
                   "loaded, after a warm-up run of the same load and step was freed (so imports and one-time kernel "
                   "set-up are excluded), less resident pages of memory-mapped checkpoint files that no tensor uses")
@@ -89,7 +90,7 @@ def measure(cfg: Config, steps: int = 3) -> dict:
         train_steps(cfg, 1, None)  # warm-up, freed below
         _release()
     tracker = PhaseTracker(device)
-    baseline = _vm_field("VmRSS") if device.type == "cpu" else 0
+    baseline = resident_bytes("VmRSS") if device.type == "cpu" else 0
     train_steps(cfg, steps, tracker)
     summary = tracker.summary()
     return {"method": cfg.quant.method, "device": device_name(device), "steps": steps,
@@ -112,7 +113,7 @@ def measure_in_subprocess(recipe: str, overrides: list[str], method: str, steps:
     """Run `measure` for one method in a fresh Python process; return its result, or {"error": ...}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "measured.json"
-        cmd = [sys.executable, "-m", "qlora.measure", recipe, *overrides, f"--quant.method={method}",
+        cmd = [sys.executable, "-m", "qlora.memory.measure", recipe, *overrides, f"--quant.method={method}",
                f"--out={out}", f"--steps={steps}"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0 or not out.exists():

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
+from qlora.build import config_json_path
 from qlora.config import Config, ConfigError
 
 UNTIED_BY_DEFAULT = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
@@ -54,21 +54,6 @@ class Arch:
     def buffer_bytes(self) -> int:
         """The rotary tables' inverse frequencies (inv_freq and original_inv_freq, fp32)."""
         return 2 * (self.head_dim // 2) * 4
-
-
-def config_json_path(cfg: Config) -> Path:
-    """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
-    if cfg.model.config_json:
-        path = Path(cfg.model.config_json).expanduser()
-        return path / "config.json" if path.is_dir() else path
-    path = Path(cfg.model.path).expanduser() / "config.json"
-    if not path.is_file() and cfg.model.build:
-        from qlora.model import ensure_checkpoint
-
-        path = Path(ensure_checkpoint(cfg)) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"no config.json at {path}: set model.config_json to a local copy of the model's config.json")
-    return path
 
 
 def load_arch(cfg: Config) -> Arch:

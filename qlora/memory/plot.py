@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from qlora.memory_markdown import model_name  # noqa: E402
+from qlora.memory.markdown import model_name  # noqa: E402
 
 COLORS = {"quantized_weights": "#1d4e89", "unquantized_weights": "#7fb3e6", "adapters": "#3f9b4a",
           "gradients": "#f0a030", "optimizer_state": "#d9534f", "activations": "#9b7fd1", "cuda_context": "#9e9e9e"}

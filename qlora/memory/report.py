@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from qlora.arch import Arch, config_json_path, load_arch
+from qlora.build import config_json_path
 from qlora.config import METHODS, Config, ConfigError, parse_args
-from qlora.estimate import Estimate, compute_bytes, estimate
+from qlora.memory.arch import Arch, load_arch
+from qlora.memory.estimate import Estimate, compute_bytes, estimate
 
 USAGE = ("python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--out-dir=memory_reports] "
          "[--section.key=value ...]")
@@ -111,7 +112,7 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
                 report["device"] = entry.pop("measured_device")
         report["methods"][method] = entry
     if measure:
-        from qlora.measure import CPU_DEFINITION
+        from qlora.memory.measure import CPU_DEFINITION
 
         report["measurement"] = CPU_DEFINITION if device == "cpu" else \
             "PyTorch reserved at its peak + memory outside its allocator (paged optimizer state) + CUDA context"
@@ -132,7 +133,7 @@ def estimate_entry(est: Estimate, device_total: int) -> dict:
 
 def measure_entry(recipe: str, overrides: list[str], est: Estimate, device: str) -> dict:
     """Measure one method in a fresh process, unless its estimate says it cannot fit."""
-    from qlora.measure import measure_in_subprocess
+    from qlora.memory.measure import measure_in_subprocess
 
     room = available_ram() * 0.8 if device == "cpu" else device_memory(device)[0]
     if est.peak_bytes > room:
@@ -157,8 +158,8 @@ def device_slug(device: str) -> str:
 
 def write_report(report: dict, out_dir: Path) -> Path:
     """Write <recipe>-<device>.json, .md and .png into out_dir; return the .md path."""
-    from qlora.memory_markdown import markdown
-    from qlora.memory_plot import plot_report
+    from qlora.memory.markdown import markdown
+    from qlora.memory.plot import plot_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{Path(report['recipe']).stem}-{device_slug(report['device'])}"
@@ -191,7 +192,8 @@ def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path]:
     return rest, methods, measure, as_json, out_dir
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         rest, methods, measure, as_json, out_dir = parse_cli(argv)
         cfg, flags = parse_args(rest, USAGE)
@@ -204,7 +206,7 @@ def main(argv: list[str]) -> int:
     md = write_report(report, out_dir)
     if as_json:
         print(json.dumps(report, indent=2))
-    from qlora.memory_markdown import summary_lines
+    from qlora.memory.markdown import summary_lines
 
     for line in summary_lines(report) + [f"written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}"]:
         print(line, file=sys.stderr if as_json else sys.stdout)

@@ -1,6 +1,4 @@
-"""Memory: peak bytes per named phase of a run, broken down by what holds them; the memory report CLI.
-
-    python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--section.key=value ...]
+"""The memory profiler: peak bytes per named phase of a run, broken down by what holds them (`memory.json`).
 
 Phases: loaded, lora_attached, first_forward, backward, optimizer_step, steady (and evaluate). Each mark records the
 peak since the previous mark, then resets it.
@@ -32,7 +30,7 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 GIB = 2**30
 
 
-def _vm_field(name: str) -> int:
+def resident_bytes(name: str) -> int:
     for line in PROC_STATUS.read_text().splitlines():
         if line.startswith(name + ":"):
             return int(line.split()[1]) * 1024
@@ -62,7 +60,7 @@ def peak_bytes(device: torch.device) -> int:
     """Peak since the last reset: reserved bytes on CUDA, resident bytes on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device)
-    return _vm_field("VmHWM")
+    return resident_bytes("VmHWM")
 
 
 def reset_peak(device: torch.device) -> None:
@@ -166,7 +164,7 @@ class PhaseTracker:
             self.baseline = 0
         else:
             glibc_returns_freed_memory()
-            self.baseline = _vm_field("VmRSS")
+            self.baseline = resident_bytes("VmRSS")
         reset_peak(device)
 
     def watch(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -187,7 +185,7 @@ class PhaseTracker:
                       "nvml_used_now": _nvml_used(self.device)}
             peak = record["allocated"] + outside
         else:
-            peak = max(0, _vm_field("VmHWM") - self.baseline - unused_file_pages(self.model))
+            peak = max(0, resident_bytes("VmHWM") - self.baseline - unused_file_pages(self.model))
             record = {"allocated": peak, "reserved": peak, "active": peak, "outside_allocator": 0}
         record["categories"] = cats
         # Everything the categories do not name: activations, temporaries, allocator slack, (CPU) Python objects.
@@ -235,8 +233,8 @@ DEFINITION = {
 
 def estimated_peak(cfg: Config, device: torch.device) -> int | None:
     """The estimator's peak for this run, or None where it cannot tell (an architecture it does not know)."""
-    from qlora.arch import load_arch
-    from qlora.estimate import estimate
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
 
     try:
         return estimate(cfg, load_arch(cfg), cfg.quant.method, device.type).peak_bytes
@@ -265,14 +263,3 @@ def _nvml_used(device: torch.device) -> int | None:
         return int(torch.cuda.device_memory_used(device))
     except Exception:  # no nvidia-ml-py, an old torch, or any pynvml error class: the cross-check is optional
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    from qlora.memory_report import main as report_main
-
-    return report_main(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
