@@ -1,8 +1,14 @@
 """QLoRA fine-tuning: NF4 base, our LoRA, paged AdamW, memory reports."""
 
 import logging
+import sys
 
 # bitsandbytes 0.50 logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels` package (a hub
 # download) is missing. Its bf16 CPU kernel is never used here (model.keep_cpu_weights_exact turns that path off), and
 # the line would be a second line under every one-line error, so it is silenced before anything imports bitsandbytes.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+if sys.argv[:1] == ["-m"]:  # `python -m qlora.<command>`: runpy imports this package before the command's imports
+    from qlora.cli import catch_early_signals
+
+    catch_early_signals()  # a Ctrl-C or SIGTERM while torch loads ends in one line, not a traceback

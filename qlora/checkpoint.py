@@ -10,7 +10,6 @@ checkpoint as it was.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qlora.cli import DISK_FULL, EXIT_SAVE, Stop
 from qlora.config import Config, ConfigError
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 
@@ -33,11 +33,13 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # What makes two runs the same run: the base and its quantisation, and the adapters' shape. Anything else (steps, lr)
 # may change on --resume.
 IDENTITY = ("model.path", "quant.method", "quant.quant_type", "lora.r", "lora.alpha", "lora.targets")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class SaveError(RuntimeError):
+class SaveError(Stop):
     """A checkpoint or the adapter could not be written; the message says which, why, and what is intact."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_SAVE, message)
 
 
 def rng_state() -> dict:

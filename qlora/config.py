@@ -384,8 +384,24 @@ def parse_args(argv: list[str], usage: str) -> tuple[Config, list[str]]:
     return apply_overrides(config, overrides), flags
 
 
-if __name__ == "__main__":  # python -m qlora.config RECIPE.py [overrides]: print the resolved config
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qlora.config RECIPE.py [overrides]`: print the resolved config as JSON."""
+    from qlora.cli import run
+
+    return run(_print_resolved, argv)
+
+
+def _print_resolved(argv: list[str]) -> None:
     import json
 
-    cfg, _ = parse_args(sys.argv[1:], "python -m qlora.config RECIPE.py [--section.key=value ...]")
+    usage = "python -m qlora.config RECIPE.py [--section.key=value ...]"
+    cfg, flags = parse_args(argv, usage)
+    if flags:
+        raise ConfigError(f"unknown flag {flags[0]}: {usage}")
     print(json.dumps(cfg.to_dict(), indent=2))
+
+
+if __name__ == "__main__":  # run as qlora.config, so that recipes and this command share one Config class
+    from qlora.config import main as config_main
+
+    sys.exit(config_main())

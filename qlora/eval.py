@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qlora import checkpoint
+from qlora.cli import run
 from qlora.config import Config, ConfigError
 from qlora.data import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.lora import ADAPTER_WEIGHTS, attach_lora
@@ -88,17 +89,17 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora.eval", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
-    try:
-        result = evaluate_run(args.run_dir, args.data, args.device)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = evaluate_run(args.run_dir, args.data, args.device)
     capped = " (capped by train.eval_batches)" if read_run_config(args.run_dir).train.eval_batches else ""
     print(f"{result['data']}: {result['rows']} rows{capped}")
     print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "

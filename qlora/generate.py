@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from qlora.config import ConfigError
+from qlora.cli import run
 from qlora.eval import load_run
 
 
@@ -41,6 +41,10 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora.generate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--prompt", help="one prompt; without it, each stdin line is a prompt until end of input")
@@ -50,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0 or args.temperature < 0:
         parser.error("--max-new-tokens must be positive and --temperature not negative")
-    try:
-        _, model, tokenizer, _ = load_run(args.run_dir, args.device)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    _, model, tokenizer, _ = load_run(args.run_dir, args.device)
     if args.prompt is not None:
         generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
         return 0

@@ -1,12 +1,7 @@
 """What ends a run early, and how: SIGINT/SIGTERM, non-finite steps, CUDA out of memory.
 
-Each ends in a `Stop` whose exit code and message `qlora.train.main` passes on (README: "What happens when ..."):
-
-    2    bad input (a ConfigError), found before anything is written
-    3    more than train.max_bad_steps steps with a non-finite loss or gradient; a checkpoint is saved
-    4    CUDA out of memory; the last checkpoint is kept, the report says what would fit
-    5    a checkpoint or the adapter could not be written (disk full); earlier checkpoints are intact
-    130  SIGINT, 143 SIGTERM (128 + the signal): the step in flight finishes and a checkpoint is saved
+Each ends in a `qlora.cli.Stop` carrying its exit status (listed in qlora/cli.py) and the message to print (README:
+"What happens when ..."). SIGINT and SIGTERM in the loop let the step in flight finish and save a checkpoint.
 """
 
 from __future__ import annotations
@@ -21,21 +16,13 @@ from pathlib import Path
 import torch
 
 from qlora.checkpoint import list_checkpoints
+from qlora.cli import EXIT_NONFINITE, EXIT_OOM, Stop
 from qlora.config import Config
 from qlora.data import batch_rows
 from qlora.memory.profiler import resident_bytes
 
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE = 2, 3, 4, 5
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
 GIB = 2**30
-
-
-class Stop(Exception):
-    """The run ends here on purpose; `code` is the process exit status, the message says why and what to do."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class RunGuard:

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
+from qlora.cli import run
 from qlora.config import Config, ConfigError
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
@@ -313,6 +314,10 @@ def merge_error(run_dir: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora.merge", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
@@ -325,17 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-check", action="store_true",
                         help="skip the merge-error check (it loads both models on CPU: too much for a huge model)")
     args = parser.parse_args(argv)
-    try:
-        merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
-        if not args.skip_check:
-            errors = merge_error(args.run_dir, args.out)
-            if not next(iter(errors.values()))["within_tolerance"]:
-                print("error: the merged model is further from the adapter model than README.md states",
-                      file=sys.stderr)
-                return 1
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
+    if not args.skip_check:
+        errors = merge_error(args.run_dir, args.out)
+        if not next(iter(errors.values()))["within_tolerance"]:
+            print("error: the merged model is further from the adapter model than README.md states", file=sys.stderr)
+            return 1
     return 0
 
 

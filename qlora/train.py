@@ -9,7 +9,6 @@ import difflib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import transformers
 from tqdm import tqdm
 
 from qlora import checkpoint, guard
+from qlora.cli import Session, run
 from qlora.config import Config, ConfigError, parse_args
 from qlora.data import eval_batches, load_splits, micro_batches
 from qlora.levers.offload import enable_activation_offload
@@ -290,27 +290,20 @@ class MetricsLog:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: 0 when the run completes, else one of the exit codes in qlora/guard.py, with one line on
-    stderr saying what went wrong and what to do (a traceback only with --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
+    """The command line: 0 when the run completes, else an exit status of qlora/cli.py with one line on stderr."""
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> None:
     if not sys.stderr.isatty():  # as our own bar (tqdm disable=None): no progress bars in logs, or above an error
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         transformers.utils.logging.disable_progress_bar()
-    cfg = None
-    try:
-        cfg, flags = parse_args(argv, USAGE)
-        unknown = [f for f in flags if f not in FLAGS]
-        if unknown:
-            raise ConfigError(_flag_error(unknown[0]))
-        train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
-    except (ConfigError, guard.Stop, checkpoint.SaveError, OSError, KeyboardInterrupt) as err:
-        if debug or (isinstance(err, OSError) and err.errno not in checkpoint.DISK_FULL):
-            raise
-        code, message = _exit_status(err, cfg)
-        print(message if code >= 128 else f"error: {message}", file=sys.stderr)
-        return code
-    return 0
+    cfg, flags = parse_args(argv, USAGE)
+    unknown = [f for f in flags if f not in FLAGS]
+    if unknown:
+        raise ConfigError(_flag_error(unknown[0]))
+    Session.run_dir = Path(cfg.output.dir)  # an interruption or a full disk from here on names what is intact
+    train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
 
 
 def _flag_error(flag: str) -> str:
@@ -318,22 +311,6 @@ def _flag_error(flag: str) -> str:
         return f"{flag} has no value: write {flag}=VALUE"
     close = difflib.get_close_matches(flag, FLAGS, 1, 0.5)
     return f"unknown flag {flag}: {f'did you mean {close[0]}? ' if close else ''}{USAGE}"
-
-
-def _exit_status(err: BaseException, cfg: Config | None) -> tuple[int, str]:
-    """The exit code and one-line message for an error that ends the run (codes: qlora/guard.py)."""
-    latest = checkpoint.list_checkpoints(Path(cfg.output.dir)) if cfg else []
-    intact = f"{latest[-1]} is intact" if latest else "no checkpoint was written"
-    if isinstance(err, ConfigError):
-        return guard.EXIT_BAD_INPUT, str(err)
-    if isinstance(err, guard.Stop):
-        return err.code, str(err)
-    if isinstance(err, checkpoint.SaveError):
-        return guard.EXIT_SAVE, str(err)
-    if isinstance(err, OSError):  # disk full outside a checkpoint: metrics.jsonl, run_config.json
-        return guard.EXIT_SAVE, (f"could not write {err.filename or cfg.output.dir} ({err.strerror}); {intact}: "
-                                 "free some space, then continue with --resume")
-    return 128 + signal.SIGINT, f"interrupted; {intact}" + (": continue with --resume" if latest else "")
 
 
 if __name__ == "__main__":

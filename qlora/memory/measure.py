@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.cli import run
 from qlora.config import Config, ConfigError, parse_args
 from qlora.loss import loss_sum
 from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
@@ -123,18 +124,17 @@ def measure_in_subprocess(recipe: str, overrides: list[str], method: str, steps:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
     steps = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--steps=")), 3))
     rest = [a for a in argv if not a.startswith(("--out=", "--steps="))]
-    try:
-        cfg, flags = parse_args(rest, USAGE)
-        if flags or out is None:
-            raise ConfigError(f"{'unknown flag ' + flags[0] if flags else 'no --out=FILE.json'}: {USAGE}")
-        result = measure(cfg, steps)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg, flags = parse_args(rest, USAGE)
+    if flags or out is None:
+        raise ConfigError(f"{'unknown flag ' + flags[0] if flags else 'no --out=FILE.json'}: {USAGE}")
+    result = measure(cfg, steps)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qlora.build import config_json_path
+from qlora.cli import run
 from qlora.config import METHODS, Config, ConfigError, parse_args
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
@@ -193,16 +194,15 @@ def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        rest, methods, measure, as_json, out_dir = parse_cli(argv)
-        cfg, flags = parse_args(rest, USAGE)
-        if flags:
-            raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
-        report = build_report(rest[0], argv, cfg, rest[1:], methods, measure)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    rest, methods, measure, as_json, out_dir = parse_cli(argv)
+    cfg, flags = parse_args(rest, USAGE)
+    if flags:
+        raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
+    report = build_report(rest[0], argv, cfg, rest[1:], methods, measure)
     md = write_report(report, out_dir)
     if as_json:
         print(json.dumps(report, indent=2))
