@@ -10,7 +10,11 @@ NVML's device-wide use is recorded beside it at each mark as a cross-check.
 
 CPU: the process's peak resident set (VmHWM, which Linux resets when 5 is written to /proc/self/clear_refs) minus the
 resident set before the model was loaded, less resident pages of memory-mapped checkpoint files that no tensor uses
-(clean file pages the kernel may drop at any time; safetensors maps the file to load it).
+(clean file pages the kernel may drop at any time; safetensors maps the file to load it). A training run keeps
+glibc's own allocator settings, so a tensor may reuse pages an earlier one freed without the resident set rising:
+its figure is the process's, not the step's. `qlora.memory --measure` (measure.py) calls `glibc_returns_freed_memory`
+first for the exact figure; a training run does not, because that setting costs ~1.7x CPU time per step (every
+tensor of 64 KiB or more becomes a fresh mmap, its pages faulted in again on every step).
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.
 
 
 def glibc_returns_freed_memory() -> None:
-    """Make the resident set follow the live tensors rather than malloc's free lists (CPU runs).
+    """Make the resident set follow the live tensors rather than malloc's free lists: for measurement runs only.
 
     Otherwise a long-lived process serves new tensors from freed pages that are still resident, and its peak RSS no
-    longer rises with them: in a full test session the measured step peak came out 0.
+    longer rises with them: in a full test session the measured step peak came out 0. The price is speed: every
+    block of 64 KiB or more is a fresh mmap whose pages fault in on first touch (~1.7x CPU time per training step on
+    SmolLM2-135M), so ordinary training keeps glibc's defaults.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -163,7 +169,6 @@ class PhaseTracker:
             self.context = total - free - torch.cuda.memory_reserved(device)
             self.baseline = 0
         else:
-            glibc_returns_freed_memory()
             self.baseline = resident_bytes("VmRSS")
         reset_peak(device)
 
