@@ -6,10 +6,12 @@
 
 Stacks, each in its own process (clean allocator, honest peak), all on the same base load, batch, sequence length,
 rank, alpha, dropout and targets (every linear layer but lm_head):
-    standard    transformers + peft LoRA on the bitsandbytes NF4 double-quant model, peft's
-                prepare_model_for_kbit_training (it upcasts the non-4-bit weights to fp32, as peft's and the QLoRA
-                repo's recipes do; --standard-prep none skips it), non-reentrant gradient checkpointing, SDPA,
-                model(labels=...) loss, bitsandbytes PagedAdamW32bit, grad-norm clip 1.0 (HF Trainer's default)
+    standard    what Trainer / SFTTrainer run with bf16=True, gradient_checkpointing=True and
+                optim="paged_adamw_32bit": the bitsandbytes NF4 double-quant model, peft's
+                prepare_model_for_kbit_training (upcasts the non-4-bit weights to fp32, checkpoints every decoder
+                layer, non-reentrant; --standard-prep none skips the upcast), peft's bnb Linear4bit LoRA layers,
+                the forward and model(labels=...) loss under bf16 autocast (SDPA), bitsandbytes PagedAdamW32bit,
+                grad-norm clip 1.0 (Trainer's default)
     ours        qlora.train.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
 
@@ -24,6 +26,7 @@ Writes benchmarks/results/throughput-<cpu|cuda>-<size>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -123,14 +126,14 @@ def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # n
                ) -> tuple[torch.nn.Module, Callable, torch.device]:
     """Our trainer's model, optimizer and step; `adjust` may change the model first (memory_levers.py uses it)."""
     from qlora.loss import loss_sum
-    from qlora.train import build_model, build_optimizer
+    from qlora.train import build_model, build_optimizer, stepped_params
 
     run = build_model(cfg)
     model, device = run["model"].train(), run["device"]
     if adjust is not None:
         adjust(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params = stepped_params(optimizer)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
         n_targets = int((batch["labels"][:, 1:] != -100).sum())
@@ -145,12 +148,16 @@ def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # n
 
 
 def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.device]:  # noqa: ANN001
-    """transformers + peft + bitsandbytes as their docs put them together; the base load is transformers'
-    from_pretrained with BitsAndBytesConfig (or the synthetic loader), shared with ours so both train one model."""
+    """What a Hugging Face user runs: the 4-bit base as transformers' loader leaves it (for synthetic weights the same
+    Linear4bit layers, marked as the loader marks them), peft's prepare_model_for_kbit_training (it upcasts every
+    other weight to fp32 and, seeing a 4-bit model, checkpoints every decoder layer, non-reentrant), get_peft_model
+    (peft's bitsandbytes Linear4bit LoRA layer on every linear layer), and the step of Trainer / SFTTrainer with
+    bf16=True (the forward and loss under torch.autocast in bf16, the backward outside it), optim="paged_adamw_32bit"
+    and max_grad_norm=1.0. The base load is shared with ours, so both train one model."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlora.model import load_base, resolve_device
+    from qlora.model import compute_dtype, load_base, resolve_device
 
     device = resolve_device(cfg.train.device)
     cfg.quant.quantize_lm_head = cfg.model.embeddings_on_cpu = False  # our levers, not the standard stack's
@@ -167,9 +174,12 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     model = get_peft_model(model, lora).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW32bit(params, lr=cfg.train.lr)
+    # Trainer(bf16=True) autocasts where the recipe computes in bf16 (CUDA); an fp32 run (CPU) has nothing to cast.
+    dtype = compute_dtype(cfg.quant, device)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
-        loss = model(**batch, use_cache=False).loss
+        with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -42,18 +42,29 @@ class SaveError(Stop):
         super().__init__(EXIT_SAVE, message)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The generators a resumed run must continue: Python's, the CPU's and, on a CUDA run, its own GPU's only. A CPU
+    run never touches CUDA (in a forked process that would fail; on a shared machine another process owns the other
+    GPUs)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device.type == "cuda":
+        if isinstance(cuda, list):  # checkpoints written before this: every visible GPU's, by index
+            cuda = cuda[device.index or 0]
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def run_device(model: torch.nn.Module) -> torch.device:
+    """Where the run trains: the device of its trainable parameters."""
+    return next(p for p in model.parameters() if p.requires_grad).device
 
 
 def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: Path) -> None:
@@ -124,7 +135,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         tmp.mkdir(parents=True)
         save_weights(model, cfg, base_path, tmp)
         _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
-        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(), **extra}, tmp / STATE)
+        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra}, tmp / STATE)
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -184,7 +195,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, cfg: Config, optimizer: 
     optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
     state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], run_device(model))
     return state
 
 

@@ -145,8 +145,9 @@ def quantize_lm_head(model: torch.nn.Module, quant: QuantConfig, dtype: torch.dt
     keep_cpu_weights_exact(model)
     before = weight.numel() * weight.element_size()
     after = sum(t.numel() * t.element_size() for t in _quant_tensors(q))
+    on_cuda = weight.is_cuda
     del weight, head
-    if torch.cuda.is_available():
+    if on_cuda:  # the old head is unreferenced now: hand its memory back (a CPU run never initialises CUDA)
         torch.cuda.empty_cache()
     return before - after
 

@@ -97,5 +97,9 @@ def load_synthetic(cfg: Config, device: torch.device,
     std = getattr(config, "initializer_range", 0.02)
     if cfg.quant.method == "qlora":
         quantize_linears(model, cfg, dtype, device, generator, std)
+        # What transformers' bitsandbytes loader marks a 4-bit model with: peft reads it to checkpoint the layers
+        # (prepare_model_for_kbit_training) and to wrap Linear4bit in its bnb LoRA layer.
+        model.is_loaded_in_4bit = model.is_quantized = True
+        model.quantization_method = "bitsandbytes"
     materialise(model, dtype, device, generator, std)
     return model, byte_tokenizer(), str(path.parent)

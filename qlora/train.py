@@ -21,12 +21,13 @@ from qlora import checkpoint, guard
 from qlora.cli import Session, run
 from qlora.config import Config, ConfigError, parse_args
 from qlora.data import eval_batches, load_splits, micro_batches
-from qlora.levers.offload import enable_activation_offload
+from qlora.levers.offload import check_pinned_memory, enable_activation_offload
 from qlora.levers.speed import apply_speed_levers
 from qlora.loftq import init_loftq
 from qlora.lora import attach_lora
+from qlora.master import MasterWeights, needs_masters
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
-from qlora.memory.profiler import PhaseTracker, peak_bytes
+from qlora.memory.profiler import PhaseTracker, available_bytes, peak_bytes
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.pack import check_packing, pack_examples, packing_summary
 
@@ -35,14 +36,34 @@ FLAGS = ("--resume", "--overwrite", "--debug")
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
-    """bitsandbytes' paged AdamW over the trainable parameters only: its state pages to CPU under memory pressure."""
+    """bitsandbytes' paged AdamW over the trainable parameters only: its state pages to CPU under memory pressure.
+    16-bit adapters train through fp32 master copies (qlora/master.py): clip and step `optimizer.param_groups`."""
     t = cfg.train
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    import bitsandbytes as bnb
 
-    cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    def make(tensors: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(tensors, lr=t.lr, weight_decay=t.weight_decay)
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+        optimizer = cls(tensors, lr=t.lr, weight_decay=t.weight_decay)
+        optimizer.register_step_pre_hook(empty_cache_before_state)
+        return optimizer
+
+    return MasterWeights(params, make) if cfg.quant.method != "full" and needs_masters(params) else make(params)
+
+
+def empty_cache_before_state(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """bitsandbytes allocates the paged state in the first step, right after the first backward, when PyTorch's
+    cache still holds that backward's freed activations: hand them back to the driver first, so the state's pages
+    find room on the card instead of thrashing at its edge."""
+    if not optimizer.state and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def stepped_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """What the optimizer updates and whose gradients are clipped: the trainable parameters, or their fp32 masters."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -104,6 +125,10 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     check_packing(cfg)
     device = resolve_device(cfg.train.device)
     dtype = compute_dtype(cfg.quant, device)
+    if dtype == torch.float16 and device.type == "cuda":
+        raise ConfigError("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would "
+                          "underflow to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU "
+                          "without bf16")
     model, tokenizer, base_path = load_base(cfg, device)  # also quant.quantize_lm_head, model.embeddings_on_cpu
     if profiler is not None:
         profiler.watch(model)
@@ -119,11 +144,15 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
                   "base's NF4 rounding error (squared norm)")
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it; the GPU image may be 4.x
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.offload_activations:
+            if device.type == "cuda":  # refused now, not by a failed pinned allocation mid-run
+                text = model.config.get_text_config()
+                check_pinned_memory(text.num_hidden_layers, cfg.train.batch_size, cfg.data.max_seq_len,
+                                    text.hidden_size, dtype.itemsize, cfg.data.pack, available_bytes())
             enable_activation_offload(model, device)
     if cfg.train.liger_ce:
         if device.type != "cuda":
@@ -178,8 +207,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
     run = prepare(cfg, profiler, resuming=resume and bool(latest))
     model, device, tokenizer = run["model"], run["device"], run["tokenizer"]
     print_summary(cfg, run)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params = stepped_params(optimizer)
     scheduler = build_scheduler(optimizer, cfg)
 
     step, first, bad_steps, state = 0, {}, 0, {}

@@ -29,6 +29,21 @@ def tiny_config(tmp_path: Path) -> Config:
     return cfg
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine where torch sees one GPU and initialising CUDA fails, as in a forked child of a process that
+    initialised it: code that must stay on the CPU, or refuse before touching the GPU, can be checked anywhere."""
+    import torch
+
+    def no_cuda(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA was initialised")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for module in (torch.cuda, torch.cuda.random):  # random.py binds these names at import
+        monkeypatch.setattr(module, "device_count", lambda: 1)
+        monkeypatch.setattr(module, "_lazy_init", no_cuda)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Two cores: one BLAS thread per test process avoids oversubscription when subprocess tests run beside it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")

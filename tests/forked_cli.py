@@ -4,7 +4,9 @@ Importing torch, transformers and bitsandbytes takes 5-15 s of CPU on the shared
 tests start the CLI dozens of times. So a server process imports qlora.train once and forks a child per command.
 Each child is a real process with its own pid, exit status, stdout and stderr, that runs the module exactly as
 `python -m qlora.train ARGS` does (runpy, as `__main__`), and that a test may SIGKILL or SIGTERM. Forking is safe here
-because the server never runs a torch op (no thread pool exists yet) and OMP_NUM_THREADS=1.
+because the server never runs a torch op (no thread pool exists yet), OMP_NUM_THREADS=1, and no GPU is visible:
+importing bitsandbytes initialises CUDA where a GPU is (it reads each device's compute capability), and a forked
+child of a process with CUDA initialised dies on its first CUDA call. These are CPU tests, wherever they run.
 
     with ForkedCLI() as cli:
         result = cli.run(["recipes/tiny.py", "--output.dir=/tmp/x"])  # Result(status, stdout, stderr)
@@ -38,7 +40,7 @@ class Result:
 
 class ForkedCLI:
     def __init__(self) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         self.server = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        text=True, cwd=ROOT, env=env)
         self.logs = Path(tempfile.mkdtemp(prefix="forked-cli-"))

@@ -9,6 +9,7 @@ pinned memory, liger-kernel) cannot run here; the offload hooks are exercised wi
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.config import Config, ConfigError, apply_overrides
 from qlora.data import collate, load_splits
-from qlora.levers.offload import CPUEmbedding, enable_activation_offload
+from qlora.levers.offload import CPUEmbedding, embeddings_to_cpu, enable_activation_offload
 from qlora.lora import lora_layers
 from qlora.loss import loss_sum, target_hidden
 from qlora.train import build_model
@@ -163,6 +164,18 @@ def test_embeddings_on_cpu_keep_loss_and_grads(tiny_config: Config, batch: dict)
     assert isinstance(embedding, CPUEmbedding)
     assert not any(p is embedding.table for p in model.parameters())  # .to(device) must not move it back
     assert_same(loss_and_grads(model, batch), plain)
+
+
+def test_embeddings_to_cpu_empties_the_cache_once_the_old_table_is_unreferenced(tiny_config: Config,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU model told its device is CUDA: only the order of release and empty_cache is checked here (the bytes
+    # freed on a real GPU: tests/test_gpu.py).
+    model = build(tiny_config)
+    old = weakref.ref(model.get_input_embeddings().weight)
+    released = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append(old() is None))
+    assert embeddings_to_cpu(model, torch.device("cuda")) == 0  # the table was in CPU memory already
+    assert released == [True]
 
 
 # --- speed levers (issue 5) ---

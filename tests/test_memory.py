@@ -43,21 +43,23 @@ def test_compute_dtype_mirrors_the_loader():
             assert compute_bytes(cfg, device)[1] == compute_dtype(cfg.quant, torch.device(device)).itemsize
 
 
-@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
-def test_weights_adapters_and_optimizer_state_match_the_real_model(method):
-    """The estimator's static components equal the bytes of the loaded tiny model's tensors, to the byte."""
-    cfg = tiny(f"--quant.method={method}")
+@pytest.mark.parametrize(("method", "compute"), [("qlora", "fp32"), ("lora", "fp32"), ("full", "fp32"),
+                                                  ("qlora", "bf16"), ("lora", "bf16")])
+def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compute):
+    """The estimator's static components equal the bytes of the loaded tiny model's tensors, to the byte; bf16
+    adapters add their fp32 masters to the optimizer state and keep fp32 gradients."""
+    cfg = tiny(f"--quant.method={method}", f"--quant.compute_dtype={compute}")
     model, _, _ = load_base(cfg, CPU)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        attach_lora(model, cfg.lora, torch.float32)
-    from qlora.train import build_optimizer
+        attach_lora(model, cfg.lora, compute_dtype(cfg.quant, CPU))
+    from qlora.train import build_optimizer, stepped_params
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
-    for p in params:
+    for p in stepped_params(optimizer):
         p.grad = torch.zeros_like(p)
     optimizer.step()
     real = tensor_categories(model, optimizer)

@@ -80,6 +80,19 @@ def test_resume_ends_with_the_same_adapter(tiny_config, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 6
 
 
+def test_a_cpu_run_on_a_gpu_machine_stays_on_the_cpu(tiny_config, fake_gpu):
+    """The tiny recipe and the fixtures train on the CPU wherever they run, and saving a checkpoint of a CPU run
+    reads no GPU's random state (once, every visible GPU's was saved, initialising CUDA)."""
+    tiny_config.train.steps = 2
+    tiny_config.train.save_every = 1
+    result = train(tiny_config)
+    out = tiny_config.output.dir
+    state = torch.load(f"{out}/checkpoint-2/trainer_state.pt", weights_only=True)
+    assert "cuda" not in state["rng"]
+    assert all(t.device.type == "cpu" for t in load_file(f"{out}/adapter_model.safetensors").values())
+    assert result["last_step"]["step"] == 2
+
+
 def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_config, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

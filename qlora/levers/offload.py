@@ -117,6 +117,37 @@ class ActivationOffload:
             self.log.append((what, id(handle)))
 
 
+PINNED_HEADROOM = 0.9  # of the host's available memory: the rest is the process's own (data, a CPU embedding table)
+
+
+def pinned_need(layers: int, tokens: int, hidden: int, elem_bytes: int, one_shape: bool) -> int:
+    """Pinned host memory that offloading `layers` layer inputs of `tokens` x `hidden` can hold. PyTorch's caching
+    host allocator rounds each block up to a power of two and keeps freed blocks by size class, never splitting one
+    (aten/src/ATen/core/CachingHostAllocator.h): micro-batches padded to other lengths leave blocks of each smaller
+    class cached as well, which together stay under as much again. With one shape (packed rows) there is one class."""
+    block = 1 << (tokens * hidden * elem_bytes - 1).bit_length()
+    return layers * block * (1 if one_shape else 2)
+
+
+def check_pinned_memory(layers: int, batch: int, seq: int, hidden: int, elem_bytes: int, one_shape: bool,
+                        available: int) -> None:
+    """Refuse, before the first step, an offload whose pinned blocks cannot fit in the host's available memory,
+    naming the longest data.max_seq_len whose blocks do."""
+    need = pinned_need(layers, batch * seq, hidden, elem_bytes, one_shape)
+    room = int(available * PINNED_HEADROOM)
+    if need <= room:
+        return
+    per_layer = room // (layers * (1 if one_shape else 2))
+    fit = (1 << per_layer.bit_length() - 1) // (batch * hidden * elem_bytes) if per_layer else 0
+    advice = f"--data.max_seq_len={fit} or less" if fit else "a smaller train.batch_size"
+    raise ConfigError(
+        f"train.offload_activations would pin up to {need / 2**30:,.1f} GiB of host memory ({layers} layer inputs "
+        f"of {batch} x {seq:,} tokens x {hidden} x {elem_bytes} B, each rounded up to a power of two by the pinned "
+        f"allocator{'' if one_shape else ', twice that as rows of other lengths leave smaller blocks cached'}) but "
+        f"{available / 2**30:,.1f} GiB is available: use {advice}{'' if one_shape else ', or --data.pack=true'}, "
+        "or --train.offload_activations=false")
+
+
 def offloaded_checkpoint(offload: ActivationOffload, function: Callable, *args: object, **kwargs: object) -> object:
     """`torch.utils.checkpoint.checkpoint` with the layer inputs it saves kept by `offload`."""
     with offload.hooks():
@@ -174,7 +205,8 @@ class CPUEmbedding(nn.Module):
 
 
 def embeddings_to_cpu(model: nn.Module, device: torch.device) -> int:
-    """Move the input embedding table to CPU memory (model.embeddings_on_cpu); return the device bytes freed."""
+    """Move the input embedding table to CPU memory (model.embeddings_on_cpu); return the accelerator bytes freed
+    (none where the table already lived in CPU memory)."""
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ConfigError(f"model.embeddings_on_cpu expects an nn.Embedding, found {type(embedding).__name__}")
@@ -182,8 +214,10 @@ def embeddings_to_cpu(model: nn.Module, device: torch.device) -> int:
     if output is not None and output.weight is embedding.weight:
         raise ConfigError("model.embeddings_on_cpu: this model ties lm_head to the input embeddings, so the table "
                          "must stay on the device for the head: set --model.embeddings_on_cpu=false")
-    freed = embedding.weight.numel() * embedding.weight.element_size() if embedding.weight.device == device else 0
+    # By type: the trainer names the device `cuda`, the table's tensor says `cuda:0`.
+    freed = embedding.weight.numel() * embedding.weight.element_size() if embedding.weight.is_cuda else 0
     model.set_input_embeddings(CPUEmbedding(embedding, device))
+    del embedding, output  # the last references to the old table: the cache can only hand back unreferenced memory
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the table's device memory back, so reserved memory shows the saving
     return freed

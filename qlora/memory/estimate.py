@@ -180,7 +180,12 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
         comp["adapters"] = sum(sizes) * e
         fx["adapters"] = "L r sum(in + out of each adapted layer) e"
     comp["optimizer_state"], _paged, step_tmp, fx["optimizer_state"] = optimizer_bytes(sizes, t.optimizer, e, device)
-    grads = sum(sizes) * e
+    g = e  # bytes per gradient element
+    if method != "full" and e < 4:  # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py)
+        g = 4
+        comp["optimizer_state"] += 4 * sum(sizes)
+        fx["optimizer_state"] += " + 4 P_train (fp32 master copies)"
+    grads = sum(sizes) * g
 
     # Candidate peak moments: (activation-side bytes, gradient bytes). zero_grad(set_to_none=True) frees gradients
     # before each forward, so none exist in the loss's backward; they build up layer by layer after it.
@@ -210,7 +215,8 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
                                                + (" (the backward's first layer: every checkpoint)" if at_first
                                                   else " (its last layer: one checkpoint, every gradient)"),
                              "optimizer_step": "the update's temporaries (CPU: 12 B x the largest tensor)"}
-        fx["gradients"] = "P_train e / L: one layer's" if at_first else "P_train e, all of them"
+        fx["gradients"] = f"P_train {'e' if g == e else 4} / L: one layer's" if at_first else \
+            f"P_train {'e' if g == e else 4}, all of them"
     else:
         phases["loss_backward"] = (L * T * per_token + rotary + loss, 0)
         fx["activations"] = {"loss_backward": f"L T [{layer_fx}] + {loss_fx}",
@@ -220,7 +226,7 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
     fx["activations"] = f"at {peak_phase}: {fx['activations'][peak_phase]}"
     if peak_phase != "layer_backward":
         fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
-                           "optimizer_step": "P_train e, all of them"}[peak_phase]
+                           "optimizer_step": f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
     if device == "cuda":
         comp["cuda_context"] = CUDA_CONTEXT
         fx["cuda_context"] = "0.5 GiB, typical of CUDA 12 (a measured run records the real one)"
@@ -233,12 +239,13 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
     optimizer = {"adamw": "torch AdamW (moments in the parameter dtype)",
                  "paged_adamw_8bit": "bitsandbytes paged AdamW with 8-bit moments",
                  "paged_adamw_32bit": "bitsandbytes paged AdamW with fp32 moments"}[t.optimizer]
+    adapters = f"adapters and their gradients in {dname}" if dname == "fp32" else \
+        f"adapters in {dname}, with fp32 master copies and fp32 gradients (qlora/master.py)"
     out = [{"full": f"every weight and its gradient in {dname}; {optimizer}; no fp32 master copy (as qlora.train "
                     "runs it: mixed-precision trainers that keep one add 4 bytes per parameter)",
-            "lora": f"frozen base in {dname}; adapters and their gradients in {dname}; {optimizer} over the adapters",
+            "lora": f"frozen base in {dname}; {adapters}; {optimizer} over the adapters",
             "qlora": f"linear layers in NF4 with double quant, 4.127 bits per parameter (QLoRA paper, sec. 3); "
-                     f"embeddings, lm_head, norms in {dname}; adapters and their gradients in {dname}; {optimizer} "
-                     "over the adapters"}[method],
+                     f"embeddings, lm_head, norms in {dname}; {adapters}; {optimizer} over the adapters"}[method],
            f"batch {t.batch_size} x {cfg.data.max_seq_len} tokens, every position a target (the worst case: chat "
            "data trains on assistant tokens only)",
            "gradient checkpointing: each layer keeps its input and is recomputed in the backward"

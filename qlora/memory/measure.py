@@ -30,7 +30,7 @@ from qlora.cli import run
 from qlora.config import Config, ConfigError, parse_args
 from qlora.loss import loss_sum
 from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
-from qlora.train import build_optimizer, prepare
+from qlora.train import build_optimizer, prepare, stepped_params
 
 USAGE = ("python -m qlora.memory.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] "
          "[--section.key=value ...]")
@@ -57,8 +57,8 @@ def train_steps(cfg: Config, steps: int, tracker: PhaseTracker | None) -> None:
     """Load, attach, then `steps` optimizer steps on random tokens, marking each phase on `tracker`."""
     run = prepare(cfg, profiler=tracker)
     model = run["model"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params = stepped_params(optimizer)
     mark = tracker.mark if tracker is not None else (lambda phase: None)
     if tracker is not None:
         tracker.watch(model, optimizer)

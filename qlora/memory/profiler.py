@@ -41,6 +41,14 @@ def resident_bytes(name: str) -> int:
     return 0
 
 
+def available_bytes() -> int:
+    """Host memory the kernel can still hand out without swapping (MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
@@ -116,6 +124,10 @@ def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     out["unquantized_weights"] = _storages([p for p in model.parameters() if id(p) not in ids], seen) + \
         _storages(list(model.buffers()), seen)
     out["gradients"] = _storages([p.grad for p in model.parameters()], seen)
+    if optimizer is not None:  # its own copies of the weights (qlora.master's fp32 masters) and their gradients
+        own = [p for group in optimizer.param_groups for p in group["params"]]
+        out["gradients"] += _storages([p.grad for p in own], seen)
+        out["optimizer_state"] += _storages(own, seen)
     for state in (optimizer.state.values() if optimizer is not None else ()):
         for v in state.values():
             if isinstance(v, torch.Tensor):
