@@ -51,14 +51,25 @@ def versions() -> dict[str, str]:
     return {**found, "qlora": git_commit()}
 
 
+def gpu() -> str:
+    """The GPU's name and memory from nvidia-smi: a benchmark's parent process must not create a CUDA context of its
+    own, which would count in its children's device-wide figures."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        out = []
+    return out[0].strip() if out else "a CUDA GPU (nvidia-smi not found)"
+
+
 def machine(device: str) -> str:
     cpu = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads{gpu}"
+    return f"{cpu}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads" + \
+        (f", {gpu()}" if device == "cuda" else "")
 
 
 def record(script: str, device: str, argv: list[str] | None = None) -> dict[str, object]:
@@ -77,9 +88,13 @@ def header(title: str, prov: dict, device: str, cpu_caveat: str | None = None) -
     return lines
 
 
-def write_result(stem: Path, result: dict, text: str) -> None:
-    """`stem`.json (the record) and `stem`.md (the report) in benchmarks/results/."""
+def write_result(stem: Path, result: dict, text: str, quiet: bool = False) -> None:
+    """`stem`.json (the record) and `stem`.md (the report), each replaced whole (a kill mid-write leaves the last)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(text)
-    print(f"wrote {stem}.json and .md")
+    files = {stem.with_suffix(".json"): json.dumps(result, indent=2) + "\n", stem.with_suffix(".md"): text}
+    for path, content in files.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(content)
+        os.replace(tmp, path)
+    if not quiet:
+        print(f"wrote {stem}.json and .md")

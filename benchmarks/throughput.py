@@ -20,7 +20,12 @@ token (forward 2N, recompute 2N, input-gradient backward 2N; no weight gradients
 parameter, embeddings included, as issue 5's bound does (~16K tok/s for 8B at 790 TFLOP/s). Attention FLOPs are
 left out, so MFU reads low at long context.
 
-Writes benchmarks/results/throughput-<cpu|cuda>-<size>.{json,md}.
+Each stack gets at most --probe-timeout seconds and the run --deadline seconds; each stack's figures are appended to
+<stem>.probes.jsonl as they come and the report is rewritten after each, and a rerun with the same settings measures
+only the stacks missing (--fresh starts over). The parent never touches CUDA: its context would count in the
+children's peaks.
+
+Writes <out-dir>/throughput-<cpu|cuda>-<size>.{json,md} (default out-dir: benchmarks/results).
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import gc
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +44,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
+from probes import Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts, not a package)
+from provenance import gpu, header, record, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -214,23 +219,11 @@ def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
               **card_peak(device)}
     if args.peak_tflops:
         result["mfu"] = 6 * n_params * result["tokens_per_s"] / (args.peak_tflops * 1e12)
+    result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return result
 
 
 # --- the run: one child process per stack, then the table ---
-
-def run_child(args: argparse.Namespace, name: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, *sys.argv[1:]]
-    print(f"== {name}", flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not found:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        print("\n".join(tail))
-        oom = "out of memory" in proc.stderr.lower() or "OutOfMemoryError" in proc.stderr
-        return {"error": "out of memory" if oom else (tail[-1] if tail else f"exit {proc.returncode}")}
-    return json.loads(found[-1].removeprefix("RESULT "))
-
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
     ok = {k: v for k, v in results.items() if "error" not in v}
@@ -264,7 +257,7 @@ def report(args: argparse.Namespace, prov: dict, device: str, device_name: str, 
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seq", type=int, help="tokens per row (default: 128 tiny, 2048 otherwise)")
@@ -281,12 +274,17 @@ def main() -> None:
                         "on CUDA, i.e. an H100's dense bf16; none on CPU)")
     parser.add_argument("--override", action="append", default=[], metavar="--section.key=value",
                         help="recipe override for every stack, e.g. --override=--train.loss_chunk_size=4096")
+    parser.add_argument("--probe-timeout", type=float, default=600, help="seconds one stack may take")
+    parser.add_argument("--deadline", type=float, help="seconds for this whole run (default: none)")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where the report and the probe log go")
+    parser.add_argument("--fresh", action="store_true", help="ignore stacks logged by an earlier run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--no-write", action="store_true", help="print only; write nothing to benchmarks/results")
-    args = parser.parse_args()
+    parser.add_argument("--no-write", action="store_true", help="print only; write no report")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     spec = SIZES[args.size]
     args.seq, args.batch, args.steps = args.seq or spec["seq"], args.batch or spec["batch"], args.steps or spec["steps"]
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()  # asks the driver: no CUDA context in this (parent) process
     if args.peak_tflops is None and cuda:
         args.peak_tflops = H100_BF16_DENSE_TFLOPS
     every = {**STACKS, **LEVERS}
@@ -302,21 +300,34 @@ def main() -> None:
         parser.error(f"unknown stack {unknown[0]}: use {', '.join(every)}")
     if not cuda:
         names = [n for n in names if n != "ours+liger_ce"]  # liger-kernel is Triton: CUDA only
-    results = {name: run_child(args, name) for name in names}
-    rat = ratios(results)
     device = "cuda" if cuda else "cpu"
-    device_name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
-    prov = record("throughput.py", device)
-    text = report(args, prov, device, device_name, results, rat)
+    stem = Path(args.out_dir) / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}"
+    setup = {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+             "rank": args.rank, "standard_prep": args.standard_prep, "peak_tflops": args.peak_tflops,
+             "overrides": args.override}
+    log, deadline = ProbeLog(stem.with_suffix(".probes.jsonl"), setup, args.fresh), Deadline(args.deadline)
+    prov = record("throughput.py", device, argv)
+    results: dict[str, dict] = {}
+    passed = [f"--size={args.size}", f"--seq={args.seq}", f"--batch={args.batch}", f"--steps={args.steps}",
+              f"--warmup={args.warmup}", f"--standard-prep={args.standard_prep}",
+              *([f"--rank={args.rank}"] if args.rank else []),
+              *([f"--peak-tflops={args.peak_tflops}"] if args.peak_tflops else []),
+              *[f"--override={o}" for o in args.override]]
+    for name in names:
+        print(f"== {name}", flush=True)
+        result = measured(log, deadline, name, child_command("throughput.py", ["--child", name, *passed]),
+                          args.probe_timeout)
+        results[name] = result if result is not None else {"error": "not run (deadline)"}
+        names_seen = [r["device_name"] for r in results.values() if r.get("device_name")]
+        device_name = names_seen[0] if names_seen else (gpu() if cuda else platform.machine())
+        rat = ratios(results)
+        text = report(args, prov, device, device_name, results, rat)
+        if not args.no_write:
+            write_result(stem, {"device": device, "device_name": device_name, **prov, "setup": setup,
+                                "results": results, "ratios": rat}, text, quiet=True)
     print("\n" + text)
-    if args.no_write:
-        return
-    write_result(RESULTS / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}",
-                 {"device": device, "device_name": device_name, **prov,
-                  "setup": {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-                            "warmup": args.warmup, "rank": args.rank, "standard_prep": args.standard_prep,
-                            "peak_tflops": args.peak_tflops, "overrides": args.override},
-                  "results": results, "ratios": rat}, text)
+    if not args.no_write:
+        print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

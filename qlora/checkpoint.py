@@ -135,7 +135,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         tmp.mkdir(parents=True)
         save_weights(model, cfg, base_path, tmp)
         _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
-        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra}, tmp / STATE)
+        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra},
+                    tmp / STATE)
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)

@@ -25,8 +25,8 @@ from qlora.levers.offload import check_pinned_memory, enable_activation_offload
 from qlora.levers.speed import apply_speed_levers
 from qlora.loftq import init_loftq
 from qlora.lora import attach_lora
-from qlora.master import MasterWeights, needs_masters
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
+from qlora.master import MasterWeights, needs_masters
 from qlora.memory.profiler import PhaseTracker, available_bytes, peak_bytes
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.pack import check_packing, pack_examples, packing_summary

@@ -64,3 +64,90 @@ def test_standard_stack_in_bf16_computes_q_proj_and_attention_in_bf16(standard) 
             hook.remove()
     assert {what for what, _ in seen} == {"q_proj lora_A", "o_proj input"}
     assert all(dtype == torch.bfloat16 for _, dtype in seen), seen
+
+
+# --- memory_levers.py: transformers' offload on the GPU image's transformers, and a bounded search ---
+
+def test_transformers_offload_probe_works_without_the_transformers_5_23_method(tiny_config, monkeypatch) -> None:
+    """transformers 5.17 (the GPU image) has no activation_checkpointing_enable(offload=True): the probe wraps each
+    checkpoint in save_on_cpu itself, and the loss and gradients stay those of plain checkpointing."""
+    from transformers import PreTrainedModel
+
+    from qlora.loss import loss_sum
+    from qlora.train import build_model
+
+    def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = loss_sum(model.train(), batch)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    def built() -> torch.nn.Module:
+        model = build_model(tiny_config)["model"]
+        with torch.no_grad():  # a non-zero B, so that every adapter gets a gradient
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        return model
+
+    batch = throughput.synthetic_batch(259, 2, 64, torch.device("cpu"))
+    plain = loss_and_grads(built(), batch)
+    model = built()
+    monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
+    entered = []
+    real_save_on_cpu = torch.autograd.graph.save_on_cpu
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", lambda **kw: entered.append(kw) or real_save_on_cpu(**kw))
+    memory_levers.hf_offload(model)
+    offloaded = loss_and_grads(model, batch)
+    assert len(entered) == model.config.num_hidden_layers  # every layer's checkpoint, in the forward
+    torch.testing.assert_close(offloaded[0], plain[0])
+    for got, expected in zip(offloaded[1], plain[1], strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def limit_search(limit: int, start: int, max_probes: int = 99, **kw: object) -> tuple[tuple, list[int]]:
+    asked: list[int] = []
+
+    def fits(seq: int) -> bool | None:
+        if len(asked) >= max_probes:
+            return None
+        asked.append(seq)
+        return seq <= limit
+
+    return memory_levers.search_max_context(fits, start, granularity=256, max_seq=262_144, **kw), asked
+
+
+@pytest.mark.parametrize("limit", [700, 5_000, 31_000, 150_000])
+@pytest.mark.parametrize("start", [2048, 30_000])
+def test_max_context_search_brackets_the_limit_within_its_precision_in_few_probes(limit: int, start: int) -> None:
+    (lo, hi), asked = limit_search(limit, start, growth=2.0)
+    assert lo <= limit < hi
+    assert hi - lo <= max(256, lo / 16)
+    assert len(asked) <= 12 and len(set(asked)) == len(asked)
+
+
+def test_max_context_search_from_a_close_estimate_costs_a_few_probes() -> None:
+    (lo, hi), asked = limit_search(100_000, 92_000)  # an estimate 8% short
+    assert lo <= 100_000 < hi and hi - lo <= lo / 16
+    assert len(asked) <= 4, asked
+
+
+def test_max_context_search_stops_when_told_and_at_its_bounds() -> None:
+    (lo, hi), asked = limit_search(150_000, 2048, max_probes=3, growth=2.0)
+    assert len(asked) == 3 and (lo, hi) == (asked[-1], None)  # cut short: what it knows, not a guess
+    assert limit_search(10**9, 2048)[0] == (262_144, None)  # everything fits: up to --max-seq
+    assert limit_search(100, 2048)[0] == (None, 256)  # nothing fits: down to one granularity step
+
+
+def test_benchmark_parents_never_initialise_cuda(tmp_path, fake_gpu) -> None:
+    """Where torch sees a GPU, the parent processes read its name from nvidia-smi and leave the budget to the
+    children (real processes, on this CPU): a context of their own would count in every child's peak."""
+    memory_levers.main(["--size=tiny", "--levers=baseline", f"--out-dir={tmp_path}", "--probe-steps=1"])
+    report = (tmp_path / "memory-levers-cuda-tiny.md").read_text()
+    assert "| baseline (checkpointing only) | 0." in report
+    throughput.main(["--size=tiny", "--stacks=ours", "--steps=1", "--warmup=0", f"--out-dir={tmp_path}"])
+    assert "| ours | " in (tmp_path / "throughput-cuda-tiny.md").read_text()
+
+
+def test_max_context_search_steps_at_least_one_granularity() -> None:
+    (lo, hi), asked = limit_search(1000, 256)  # 256 x 1.25 rounds back to 256: the step must still move
+    assert lo <= 1000 < hi and asked[:2] == [256, 512]

@@ -1,0 +1,315 @@
+"""One command for a borrowed GPU: its tests, the memory reports, the lever tables, the max-context searches and the
+throughput comparison, in parts of at most nine minutes, every result kept the moment it is measured.
+
+    bash benchmarks/gpu.sh OUT --part 1                  # then --part 2, 3, 4: one command each
+    bash benchmarks/gpu.sh OUT --size tiny --part all    # the same plumbing on the CPU, at the tiny size
+
+Parts at full size (each item gets what is left of the part's --budget, 540 s by default, and stops itself in time):
+  1  the wheels missing here installed from --wheels (no network), the GPU tests, the memory reports of SmolLM2-135M
+     (synthetic weights: its GGUF is not here) and Llama-3.1-8B, and the 8B throughput comparison
+  2  the 8B lever table and max-context search
+  3  the 70B memory report and lever table
+  4  the 70B max-context search, the CPU test suite on this machine (CPU tests must stay on the CPU here too), and
+     the 8B estimate-against-measurement test
+
+OUT receives four files, each rewritten after every item, so a command cut short leaves everything finished:
+summary.md (device, date, command, versions, then each item's outcome and reports), results.jsonl (one line per
+item), log.txt (all the items printed), reports.tar.gz (the reports at their paths in the repository,
+memory_reports/... and benchmarks/results/..., to unpack at its root; and each item's log under logs/). Work files
+live in --work: an item finished there is not run again by a later command on the same machine, and the benchmarks
+take up their logged probes from there (--fresh starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GRACE = 20  # seconds between an item's own deadline and the kill: to write its report and end its probe
+
+
+@dataclass
+class Item:
+    part: int
+    name: str
+    cmd: list[str]
+    cap: float
+    """Seconds at most, within what is left of the part's budget."""
+    reports: list[str] = field(default_factory=list)
+    """Globs, under the work dir, of the reports the item writes."""
+    deadline: bool = False
+    """The command takes --deadline=SECONDS and stops itself by then, keeping what it measured."""
+
+
+def plan(size: str, work: Path, python: str) -> list[Item]:
+    """Every item, in order. At the tiny size the same kinds of items on the tiny Llama, cut to what the CPU does in
+    minutes; part 3 and 4 there take up the probes of part 2 from the log."""
+    mem, res = f"--out-dir={work}/memory_reports", f"--out-dir={work}/benchmarks/results"
+    memory = [python, "-m", "qlora.memory"]
+    levers = [python, "benchmarks/memory_levers.py", res]
+    speed = [python, "benchmarks/throughput.py", res]
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    # The 8B estimate test measures what memory-llama8b measures: it runs last, in what part 4 leaves.
+    gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
+                 "tests/test_levers.py"]
+    if size == "tiny":
+        return [
+            Item(1, "gpu-tests", gpu_tests, 120),
+            Item(1, "memory-tiny", [*memory, "recipes/tiny.py", "--measure", "--methods=qlora", mem], 240,
+                 ["memory_reports/tiny-*.md"]),
+            Item(1, "throughput-tiny", [*speed, "--size=tiny", "--stacks=standard,ours", "--steps=2", "--warmup=1",
+                                        "--probe-timeout=120"], 240, ["benchmarks/results/throughput-*-tiny.md"], True),
+            Item(2, "levers-tiny", [*levers, "--size=tiny", "--levers=baseline,hf_offload",
+                                    "--probe-steps=1", "--probe-timeout=120"], 240,
+                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
+            Item(2, "context-tiny", [*levers, "--size=tiny", "--no-levers", "--max-context", "--max-probes=2",
+                                     "--probe-steps=1", "--probe-timeout=120"], 240,
+                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
+            Item(3, "levers-tiny-more", [*levers, "--size=tiny", "--levers=baseline,quantize_lm_head",
+                                         "--probe-steps=1", "--probe-timeout=120"], 240,
+                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
+            Item(4, "context-tiny-more", [*levers, "--size=tiny", "--no-levers", "--max-context", "--max-probes=1",
+                                          "--probe-steps=1", "--probe-timeout=120"], 240,
+                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
+        ]
+    smollm2 = ["--model.synthetic=true", "--model.config_json=recipes/configs/smollm2-135m/config.json",
+               "--model.build=none"]
+    return [
+        Item(1, "gpu-tests", gpu_tests, 180),
+        Item(1, "memory-smollm2", [*memory, "recipes/smollm2_135m.py", "--measure", mem, *smollm2], 150,
+             ["memory_reports/smollm2_135m-*.md"]),
+        Item(1, "memory-llama8b", [*memory, "recipes/llama8b.py", "--measure", mem], 240,
+             ["memory_reports/llama8b-*.md"]),
+        Item(1, "throughput-8b", [*speed, "--size=8b", "--probe-timeout=180"], 420,
+             ["benchmarks/results/throughput-*-8b.md"], True),
+        Item(2, "levers-8b", [*levers, "--size=8b", "--probe-timeout=150"], 300,
+             ["benchmarks/results/memory-levers-*-8b.md"], True),
+        Item(2, "context-8b", [*levers, "--size=8b", "--no-levers", "--max-context", "--probe-timeout=300"], 540,
+             ["benchmarks/results/memory-levers-*-8b.md"], True),
+        Item(3, "memory-llama70b", [*memory, "recipes/llama70b.py", "--measure", mem], 300,
+             ["memory_reports/llama70b-*.md"]),
+        Item(3, "levers-70b", [*levers, "--size=70b", "--probe-timeout=200"], 540,
+             ["benchmarks/results/memory-levers-*-70b.md"], True),
+        Item(4, "context-70b", [*levers, "--size=70b", "--no-levers", "--max-context", "--probe-timeout=300"], 300,
+             ["benchmarks/results/memory-levers-*-70b.md"], True),
+        Item(4, "cpu-tests", [*pytest, "-k", "not gpu and not on_cuda", "tests"], 200),
+        Item(4, "gpu-test-8b-estimate", [*pytest, "-k", "llama8b", "tests/test_memory_gpu.py"], 200),
+    ]
+
+
+# --- installing what is missing, without a network ---
+
+def missing_wheels(wheels: Path, site: Path) -> list[Path]:
+    """The wheels in `wheels` whose distribution is installed neither here nor in `site`."""
+    sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    missing = []
+    for wheel in sorted(wheels.glob("*.whl")):
+        try:
+            importlib.metadata.version(wheel.name.split("-")[0])
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(wheel)
+    return missing
+
+
+def install(wheels: Path, site: Path, python: str) -> list[str]:
+    """Install the missing wheels into `site` (on every item's PYTHONPATH); return their distribution names."""
+    if not wheels.is_dir():
+        return []
+    missing = missing_wheels(wheels, site)
+    if missing:
+        subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, missing)], check=True)
+    return [w.name.split("-")[0] for w in missing]
+
+
+VERSIONS = """
+import importlib.metadata as m, json, platform, sys, torch
+found = {"python": platform.python_version()}
+for name in ("torch", "transformers", "bitsandbytes", "peft", "accelerate", "datasets", "gguf", *sys.argv[1:]):
+    try:
+        found[name] = m.version(name)
+    except m.PackageNotFoundError:
+        found[name] = "not installed"
+import bitsandbytes  # the import that fails where its CUDA library does not load
+cuda = torch.cuda.is_available()
+found["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
+found["cuda"] = torch.version.cuda if cuda else None
+print("RESULT " + json.dumps(found))
+"""
+
+
+# --- the run ---
+
+class Battery:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out, self.work = Path(args.out), Path(args.work)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.command = shlex.join(["bash", "benchmarks/gpu.sh", *args.argv])
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.site, str(ROOT),
+                                                                 os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        self.done_before = {} if args.fresh else self.read(self.work / "results.jsonl")
+        self.rows: list[dict] = []
+        self.setup: dict = {}
+        for name in ("summary.md", "results.jsonl", "log.txt"):
+            (self.out / name).unlink(missing_ok=True)
+
+    @staticmethod
+    def read(path: Path) -> dict[str, dict]:
+        if not path.exists():
+            return {}
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {row["item"]: row for row in rows if row["status"] == "ok"}
+
+    def left(self) -> float:
+        return self.args.budget - (time.monotonic() - self.started)
+
+    def log(self, text: str) -> None:
+        print(text, flush=True)
+        with open(self.out / "log.txt", "a") as f:
+            f.write(text + "\n")
+
+    def prepare(self) -> None:
+        """Install what is missing, then read the versions and the device as the items will see them."""
+        wheels, site = Path(self.args.wheels), self.args.site
+        try:
+            installed = install(wheels, Path(site), self.args.python)
+            self.setup["install"] = f"installed from {wheels} into {site}: {', '.join(installed)}" if installed \
+                else f"nothing to install from {wheels}" + ("" if wheels.is_dir() else " (no such folder)")
+        except subprocess.CalledProcessError as err:
+            installed, self.setup["install"] = [], f"pip install from {wheels} failed (exit {err.returncode})"
+        self.log(f"== setup: {self.setup['install']}")
+        proc = subprocess.run([self.args.python, "-c", VERSIONS, *installed], capture_output=True, text=True,
+                              env=self.env, cwd=ROOT, timeout=300)
+        found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        self.setup["versions"] = json.loads(found[-1][7:]) if found else {"error": proc.stderr.strip()[-500:]}
+        self.log(f"   {self.setup['versions']}")
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        self.setup["qlora"] = commit.stdout.strip() or "unknown"
+
+    def run(self, item: Item) -> dict:
+        row = {"part": item.part, "item": item.name, "command": shlex.join(item.cmd)}
+        if item.name in self.done_before:
+            return {**self.done_before[item.name], "status": "ok", "note": "finished by an earlier command"}
+        limit = min(item.cap, self.left())
+        if limit < 30:
+            return {**row, "status": "not run", "note": f"{self.left():.0f} s left of the part's budget"}
+        cmd = item.cmd + ([f"--deadline={max(10, limit - GRACE):.0f}"] if item.deadline else [])
+        row["command"] = shlex.join(cmd)
+        self.log(f"== part {item.part}: {item.name} (at most {limit:.0f} s)\n$ {row['command']}")
+        started = time.monotonic()
+        item_log = self.work / "logs" / f"{item.name}.txt"
+        with open(item_log, "w") as f:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc, status = proc.wait(timeout=limit), None
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGTERM)  # a benchmark kills its probe, then exits
+                try:
+                    proc.wait(timeout=GRACE)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                rc, status = proc.returncode, "timed out"
+        text = item_log.read_text(errors="replace")
+        self.log(text.rstrip())
+        lines = [line for line in text.splitlines() if line.strip()]
+        row.update(status=status or ("ok" if rc == 0 else "failed"), rc=rc,
+                   seconds=round(time.monotonic() - started, 1), last_line=lines[-1][:300] if lines else "",
+                   reports=sorted(str(p.relative_to(self.work)) for pattern in item.reports
+                                  for p in self.work.glob(pattern)))
+        with open(self.work / "results.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    def write(self) -> None:
+        """summary.md, results.jsonl and reports.tar.gz in OUT, each replaced whole."""
+        v = self.setup.get("versions", {})
+        lines = [f"# GPU battery, part {self.args.part}, {self.args.size} size", "",
+                 f"- device: {v.get('device', 'unknown')} (CUDA {v.get('cuda')})",
+                 f"- date: {self.date}", f"- command: `{self.command}`",
+                 f"- versions: {', '.join(f'{k} {val}' for k, val in v.items() if k not in ('device', 'cuda'))}",
+                 f"- qlora: {self.setup.get('qlora')}", f"- setup: {self.setup.get('install')}", "",
+                 "| part | item | status | seconds | last line |", "|---:|---|---|---:|---|"]
+        lines += [f"| {r['part']} | {r['item']} | {r['status']}{' (' + r['note'] + ')' if r.get('note') else ''} | "
+                  f"{r.get('seconds', '')} | {r.get('last_line', '').replace('|', '/')} |" for r in self.rows]
+        reports = dict.fromkeys(report for r in self.rows for report in r.get("reports", []))  # each once, as now
+        for report in reports:
+            path = self.work / report
+            if path.suffix == ".md" and path.exists():
+                text = path.read_text()
+                lines += ["", f"## {report}", "", "##" + text if text.startswith("# ") else text]
+        replace(self.out / "summary.md", "\n".join(lines) + "\n")
+        replace(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp = self.out / ".reports.tar.gz.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for sub in ("memory_reports", "benchmarks/results", "logs"):
+                if (self.work / sub).is_dir():
+                    tar.add(self.work / sub, arcname=sub)
+        os.replace(tmp, self.out / "reports.tar.gz")
+
+
+def replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="where the four result files go (e.g. $OUT)")
+    parser.add_argument("--part", default="1", help="1, 2, 3, 4, a list such as 1,2, or all")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the CPU plumbing run")
+    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole command")
+    parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install where missing")
+    parser.add_argument("--site", default="/tmp/qlora-gpu-site", help="where they are installed")
+    parser.add_argument("--work", help="work files (default runs/gpu-battery, runs/gpu-battery-tiny)")
+    parser.add_argument("--python", default=sys.executable, help="the interpreter of every item")
+    parser.add_argument("--fresh", action="store_true", help="run every item again, every probe too")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan only")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    args.work = args.work or str(ROOT / "runs" / ("gpu-battery-tiny" if args.size == "tiny" else "gpu-battery"))
+    parts = {1, 2, 3, 4} if args.part == "all" else {int(p) for p in args.part.split(",")}
+    items = [i for i in plan(args.size, Path(args.work), args.python) if i.part in parts]
+    if args.fresh:
+        items = [Item(i.part, i.name, [*i.cmd, "--fresh"] if i.deadline else i.cmd, i.cap, i.reports, i.deadline)
+                 for i in items]
+    if args.dry_run:
+        for i in items:
+            print(f"part {i.part} {i.name} (<= {i.cap:.0f} s): {shlex.join(i.cmd)}")
+        return 0
+    battery = Battery(args)
+    battery.prepare()
+    battery.write()
+    for item in items:
+        battery.rows.append(battery.run(item))
+        battery.write()
+    failed = [r["item"] for r in battery.rows if r["status"] != "ok"]
+    battery.log(f"== done in {time.monotonic() - battery.started:.0f} s; "
+                f"{'not ok: ' + ', '.join(failed) if failed else 'every item ok'}; results in {battery.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`bash benchmarks/gpu.sh OUT --size tiny`: the GPU battery's plumbing, run for real on the CPU as on a CI machine
+(no GPU, no network): wheels installed from a folder, every part, the four files in OUT, resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wheel(folder: Path) -> Path:
+    """A real, minimal wheel of a package installed nowhere: what the battery must install from --wheels."""
+    name = "qlora_battery_probe"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}/__init__.py": "VALUE = 1\n",
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                            "Tag: py3-none-any\n"}
+    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{name}-1.0.dist-info/RECORD"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def battery(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)  # the battery sets its own: the wheel site, then the repository
+    return subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp / "out"), "--size=tiny", f"--work={tmp / 'work'}",
+                           f"--wheels={tmp / 'wheels'}", f"--site={tmp / 'site'}", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
+    wheel(tmp_path / "wheels")
+    done = battery(tmp_path, "--part=all")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "reports.tar.gz", "results.jsonl", "summary.md"]
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["part"] for r in rows} == {1, 2, 3, 4}
+    assert [r["status"] for r in rows] == ["ok"] * len(rows), rows
+    summary = (out / "summary.md").read_text()
+    assert "- device: cpu" in summary and "- date: " in summary
+    assert "- command: `bash benchmarks/gpu.sh " in summary
+    assert "installed from" in summary and "qlora_battery_probe" in summary  # the missing wheel, installed
+    assert (tmp_path / "site" / "qlora_battery_probe" / "__init__.py").is_file()
+
+    with tarfile.open(out / "reports.tar.gz") as tar:
+        names = set(tar.getnames())
+    for report in ("memory_reports/tiny-cpu.md", "benchmarks/results/throughput-cpu-tiny.md",
+                   "benchmarks/results/memory-levers-cpu-tiny.md"):
+        assert report in names, names
+    levers = (tmp_path / "work" / "benchmarks/results/memory-levers-cpu-tiny.md").read_text()
+    for lever in ("baseline (checkpointing only)", "offload (transformers, sync)", "quantize_lm_head"):
+        assert f"| {lever} | 0." in levers
+    assert "Max context of the recipe within 0.50 GiB: **" in levers
+    # Part 3 and 4 took their repeated probes from part 2's log: each probe was measured once.
+    log = (tmp_path / "work" / "benchmarks/results/memory-levers-cpu-tiny.probes.jsonl").read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in log]
+    assert len(keys) == len(set(keys)) and "lever baseline seq 128" in keys
+
+    again = battery(tmp_path, "--part=2")  # the same machine, a later command: nothing to measure again
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["item"], r["note"]) for r in rows] == [("levers-tiny", "finished by an earlier command"),
+                                                      ("context-tiny", "finished by an earlier command")]
