@@ -4,13 +4,15 @@ throughput comparison, in parts of at most nine minutes, every result kept the m
     bash benchmarks/gpu.sh OUT --part 1                  # then --part 2, 3, 4: one command each
     bash benchmarks/gpu.sh OUT --size tiny --part all    # the same plumbing on the CPU, at the tiny size
 
-Parts at full size (each item gets what is left of the part's --budget, 540 s by default, and stops itself in time):
-  1  the wheels missing here installed from --wheels (no network), the GPU tests, the memory reports of SmolLM2-135M
-     (synthetic weights: its GGUF is not here) and Llama-3.1-8B, and the 8B throughput comparison
-  2  the 8B lever table and max-context search
-  3  the 70B memory report and lever table
-  4  the 70B max-context search, the CPU test suite on this machine (CPU tests must stay on the CPU here too), and
-     the 8B estimate-against-measurement test
+Parts at full size (each item gets at most its cap and what is left of the part's --budget, 540 s by default, and
+stops itself in time); each part first installs the wheels missing here from --wheels (no network):
+  1  the GPU tests, the memory reports of SmolLM2-135M (synthetic weights: its GGUF is not here) and Llama-3.1-8B,
+     and the 8B throughput comparison
+  2  the 70B memory report, the 8B lever table and max-context search
+  3  the 70B lever table and max-context search
+  4  optional: the lever tables and searches again where the deadline cut them short (on the same machine they go on
+     from their logs), the CPU test suite on this machine (CPU tests must stay on the CPU here too), and the 8B
+     estimate-against-measurement test
 
 OUT receives four files, each rewritten after every item, so a command cut short leaves everything finished:
 summary.md (device, date, command, versions, then each item's outcome and reports), results.jsonl (one line per
@@ -37,7 +39,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import CUT_SHORT, ROOT  # noqa: E402  (sibling scripts, not a package)
+from provenance import git_commit  # noqa: E402
+
 GRACE = 20  # seconds between an item's own deadline and the kill: to write its report and end its probe
 
 
@@ -55,8 +60,9 @@ class Item:
 
 
 def plan(size: str, work: Path, python: str) -> list[Item]:
-    """Every item, in order. At the tiny size the same kinds of items on the tiny Llama, cut to what the CPU does in
-    minutes; part 3 and 4 there take up the probes of part 2 from the log."""
+    """Every item, in order. An item of part 4 that already ran in an earlier part goes on from its log there (or is
+    skipped, if it finished). At the tiny size the same kinds of items on the tiny Llama, cut to what the CPU does in
+    minutes."""
     mem, res = f"--out-dir={work}/memory_reports", f"--out-dir={work}/benchmarks/results"
     memory = [python, "-m", "qlora.memory"]
     levers = [python, "benchmarks/memory_levers.py", res]
@@ -66,45 +72,47 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
     gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
                  "tests/test_levers.py"]
     if size == "tiny":
+        tiny = ["--size=tiny", "--probe-steps=1", "--probe-timeout=120"]
+        context = [*levers, *tiny, "--no-levers", "--max-context"]
+        reports = ["benchmarks/results/memory-levers-*-tiny.md"]
         return [
             Item(1, "gpu-tests", gpu_tests, 120),
             Item(1, "memory-tiny", [*memory, "recipes/tiny.py", "--measure", "--methods=qlora", mem], 240,
                  ["memory_reports/tiny-*.md"]),
             Item(1, "throughput-tiny", [*speed, "--size=tiny", "--stacks=standard,ours", "--steps=2", "--warmup=1",
                                         "--probe-timeout=120"], 240, ["benchmarks/results/throughput-*-tiny.md"], True),
-            Item(2, "levers-tiny", [*levers, "--size=tiny", "--levers=baseline,hf_offload",
-                                    "--probe-steps=1", "--probe-timeout=120"], 240,
-                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
-            Item(2, "context-tiny", [*levers, "--size=tiny", "--no-levers", "--max-context", "--max-probes=2",
-                                     "--probe-steps=1", "--probe-timeout=120"], 240,
-                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
-            Item(3, "levers-tiny-more", [*levers, "--size=tiny", "--levers=baseline,quantize_lm_head",
-                                         "--probe-steps=1", "--probe-timeout=120"], 240,
-                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
-            Item(4, "context-tiny-more", [*levers, "--size=tiny", "--no-levers", "--max-context", "--max-probes=1",
-                                          "--probe-steps=1", "--probe-timeout=120"], 240,
-                 ["benchmarks/results/memory-levers-*-tiny.md"], True),
+            Item(2, "levers-tiny", [*levers, *tiny, "--levers=baseline,hf_offload"], 240, reports, True),
+            Item(2, "context-tiny", [*context, "--max-probes=2"], 240, reports, True),
+            Item(3, "levers-tiny-more", [*levers, *tiny, "--levers=baseline,quantize_lm_head"], 240, reports, True),
+            Item(4, "context-tiny-more", [*context, "--max-probes=1"], 240, reports, True),
         ]
     smollm2 = ["--model.synthetic=true", "--model.config_json=recipes/configs/smollm2-135m/config.json",
                "--model.build=none"]
+    def search(part: int, size: str, cap: float) -> Item:
+        return Item(part, f"context-{size}", [*levers, f"--size={size}", "--no-levers", "--max-context",
+                                              "--probe-timeout=300"], cap,
+                    [f"benchmarks/results/memory-levers-*-{size}.md"], True)
+
+    def table(part: int, size: str, cap: float) -> Item:
+        return Item(part, f"levers-{size}", [*levers, f"--size={size}", "--probe-timeout=150"], cap,
+                    [f"benchmarks/results/memory-levers-*-{size}.md"], True)
+
     return [
-        Item(1, "gpu-tests", gpu_tests, 180),
-        Item(1, "memory-smollm2", [*memory, "recipes/smollm2_135m.py", "--measure", mem, *smollm2], 150,
+        Item(1, "gpu-tests", gpu_tests, 150),
+        Item(1, "memory-smollm2", [*memory, "recipes/smollm2_135m.py", "--measure", mem, *smollm2], 90,
              ["memory_reports/smollm2_135m-*.md"]),
-        Item(1, "memory-llama8b", [*memory, "recipes/llama8b.py", "--measure", mem], 240,
+        Item(1, "memory-llama8b", [*memory, "recipes/llama8b.py", "--measure", mem], 150,
              ["memory_reports/llama8b-*.md"]),
-        Item(1, "throughput-8b", [*speed, "--size=8b", "--probe-timeout=180"], 420,
+        Item(1, "throughput-8b", [*speed, "--size=8b", "--probe-timeout=150"], 540,
              ["benchmarks/results/throughput-*-8b.md"], True),
-        Item(2, "levers-8b", [*levers, "--size=8b", "--probe-timeout=150"], 300,
-             ["benchmarks/results/memory-levers-*-8b.md"], True),
-        Item(2, "context-8b", [*levers, "--size=8b", "--no-levers", "--max-context", "--probe-timeout=300"], 540,
-             ["benchmarks/results/memory-levers-*-8b.md"], True),
-        Item(3, "memory-llama70b", [*memory, "recipes/llama70b.py", "--measure", mem], 300,
+        Item(2, "memory-llama70b", [*memory, "recipes/llama70b.py", "--measure", mem], 150,
              ["memory_reports/llama70b-*.md"]),
-        Item(3, "levers-70b", [*levers, "--size=70b", "--probe-timeout=200"], 540,
-             ["benchmarks/results/memory-levers-*-70b.md"], True),
-        Item(4, "context-70b", [*levers, "--size=70b", "--no-levers", "--max-context", "--probe-timeout=300"], 300,
-             ["benchmarks/results/memory-levers-*-70b.md"], True),
+        table(2, "8b", 200),
+        search(2, "8b", 540),
+        table(3, "70b", 300),
+        search(3, "70b", 540),
+        # Part 4 goes on with whatever parts 2 and 3 left cut short (an item that finished is skipped at no cost).
+        table(4, "8b", 90), search(4, "8b", 120), table(4, "70b", 120), search(4, "70b", 120),
         Item(4, "cpu-tests", [*pytest, "-k", "not gpu and not on_cuda", "tests"], 200),
         Item(4, "gpu-test-8b-estimate", [*pytest, "-k", "llama8b", "tests/test_memory_gpu.py"], 200),
     ]
@@ -131,8 +139,11 @@ def install(wheels: Path, site: Path, python: str) -> list[str]:
         return []
     missing = missing_wheels(wheels, site)
     if missing:
-        subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, missing)], check=True)
+        pip = subprocess.run([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                              "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, missing)],
+                             capture_output=True, text=True)
+        if pip.returncode:
+            raise RuntimeError(f"pip install from {wheels} failed: {(pip.stderr or pip.stdout).strip()[-400:]}")
     return [w.name.split("-")[0] for w in missing]
 
 
@@ -195,16 +206,15 @@ class Battery:
             installed = install(wheels, Path(site), self.args.python)
             self.setup["install"] = f"installed from {wheels} into {site}: {', '.join(installed)}" if installed \
                 else f"nothing to install from {wheels}" + ("" if wheels.is_dir() else " (no such folder)")
-        except subprocess.CalledProcessError as err:
-            installed, self.setup["install"] = [], f"pip install from {wheels} failed (exit {err.returncode})"
+        except RuntimeError as err:
+            installed, self.setup["install"] = [], str(err)
         self.log(f"== setup: {self.setup['install']}")
         proc = subprocess.run([self.args.python, "-c", VERSIONS, *installed], capture_output=True, text=True,
                               env=self.env, cwd=ROOT, timeout=300)
         found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         self.setup["versions"] = json.loads(found[-1][7:]) if found else {"error": proc.stderr.strip()[-500:]}
         self.log(f"   {self.setup['versions']}")
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        self.setup["qlora"] = commit.stdout.strip() or "unknown"
+        self.setup["qlora"] = git_commit() or "unknown (no git history here)"
 
     def run(self, item: Item) -> dict:
         row = {"part": item.part, "item": item.name, "command": shlex.join(item.cmd)}
@@ -234,12 +244,14 @@ class Battery:
         text = item_log.read_text(errors="replace")
         self.log(text.rstrip())
         lines = [line for line in text.splitlines() if line.strip()]
-        row.update(status=status or ("ok" if rc == 0 else "failed"), rc=rc,
+        row.update(status=status or {0: "ok", CUT_SHORT: "cut short"}.get(rc, "failed"), rc=rc,
                    seconds=round(time.monotonic() - started, 1), last_line=lines[-1][:300] if lines else "",
                    reports=sorted(str(p.relative_to(self.work)) for pattern in item.reports
                                   for p in self.work.glob(pattern)))
         with open(self.work / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if row["status"] == "ok":
+            self.done_before[item.name] = row
         return row
 
     def write(self) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probes import Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts, not a package)
+from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
 from throughput import RESULTS, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
 
@@ -114,14 +114,14 @@ def device_info(device: torch.device) -> dict:
 
 
 def probe(args: argparse.Namespace, spec: dict) -> dict:
+    """One probe, in this (child) process: build, `--probe-steps` steps, the peak; or how it failed."""
     from qlora.config import ConfigError
+    from qlora.model import resolve_device
 
     # Every probe batch has one shape, as packed rows do (it sizes the pinned-memory check of activation offload).
     overrides = ([] if spec.get("recipe") else BASELINE) + spec.get("overrides", []) + args.override + \
         [f"--data.max_seq_len={args.seq}", "--data.pack=true"]
     cfg = base_config(args.size, overrides)
-    from qlora.model import resolve_device
-
     device = resolve_device(cfg.train.device)
     try:
         model, step, device = build_ours(cfg, hf_offload if spec.get("hf_offload") else None)
@@ -236,7 +236,8 @@ class Run:
             keys = [k.strip() for k in self.args.levers.split(",") if k.strip()]
             unknown = [k for k in keys if k not in chosen]
             if unknown:
-                raise SystemExit(f"error: --levers {unknown[0]}: use all or some of {','.join(chosen)}")
+                print(f"error: --levers {unknown[0]}: use all or some of {','.join(chosen)}", file=sys.stderr)
+                raise SystemExit(2)
             chosen = {k: chosen[k] for k in keys}
         for key, spec in chosen.items():
             print(f"== {spec['name']} at seq {self.args.seq}", flush=True)
@@ -392,11 +393,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """0 when every probe asked for was measured (or the search ended within --max-probes); CUT_SHORT when the
+    deadline left some out: a rerun goes on from the log."""
     args = parse(argv)
     if args.probe:
         print("RESULT " + json.dumps(probe(args, json.loads(args.probe))), flush=True)
-        return
+        return 0
     run = Run(args, torch.cuda.is_available())  # is_available asks the driver; it creates no context
     if not args.no_levers:
         run.lever_table()
@@ -405,7 +408,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + report(run))
     if not args.no_write:
         print(f"wrote {run.stem}.json and .md")
+    if run.deadline.hit:
+        print(f"stopped at --deadline={args.deadline:.0f}: run the same command again to go on", flush=True)
+        return CUT_SHORT
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CUT_SHORT = 3  # exit status of a benchmark that stopped at its --deadline: run it again to go on from its log
 
 
 def run_child(cmd: list[str], timeout: float) -> dict:
@@ -92,12 +93,17 @@ class Deadline:
 
     def __init__(self, budget: float | None) -> None:
         self.end = None if budget is None else time.monotonic() + budget
+        self.hit = False
+        """A probe was left out or stopped for lack of time."""
 
     def left(self) -> float:
         return float("inf") if self.end is None else self.end - time.monotonic()
 
     def allows(self, expected: float) -> bool:
-        return self.left() > max(expected, 1.0)
+        if self.left() > max(expected, 1.0):
+            return True
+        self.hit = True
+        return False
 
 
 def measured(log: ProbeLog, deadline: Deadline, key: str, cmd: list[str], probe_timeout: float) -> dict | None:
@@ -114,6 +120,7 @@ def measured(log: ProbeLog, deadline: Deadline, key: str, cmd: list[str], probe_
     seconds = time.monotonic() - started
     if result.get("timed_out") and limit < probe_timeout:  # cut by the deadline, not too slow: a rerun tries again
         print(f"   {key}: stopped at the deadline after {seconds:.0f} s", flush=True)
+        deadline.hit = True
         return None
     log.put(key, result, seconds)
     print(f"   {key}: {result} ({seconds:.0f} s)", flush=True)

@@ -33,11 +33,15 @@ def now() -> str:
 def git_commit() -> str:
     """The short commit, marked when tracked files other than results (which a run rewrites) differ from it."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on this machine (a GPU box given a copy of the tree)
+            return ""
 
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
                   ":!memory_reports")
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if changed else "")
+    commit = git("rev-parse", "--short", "HEAD")
+    return commit + (" + uncommitted changes" if commit and changed else "")
 
 
 def versions() -> dict[str, str]:

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from probes import Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts, not a package)
+from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,7 +257,8 @@ def report(args: argparse.Namespace, prov: dict, device: str, device_name: str, 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """0 when every stack was measured; CUT_SHORT when the deadline left some out (a rerun measures only those)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seq", type=int, help="tokens per row (default: 128 tiny, 2048 otherwise)")
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         result = measure(args, args.child, every[args.child] or [])
         print("RESULT " + json.dumps(result), flush=True)
-        return
+        return 0
 
     names = [n.strip() for n in args.stacks.split(",") if n.strip()] + (list(LEVERS) if args.levers else [])
     unknown = [n for n in names if n not in every]
@@ -328,7 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     if not args.no_write:
         print(f"wrote {stem}.json and .md")
+    if deadline.hit:
+        print(f"stopped at --deadline={args.deadline:.0f}: run the same command again to go on", flush=True)
+        return CUT_SHORT
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
