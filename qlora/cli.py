@@ -6,7 +6,11 @@
     3      more than train.max_bad_steps steps with a non-finite loss or gradient; a checkpoint is saved
     4      out of memory; the last checkpoint is kept, the message says what would fit
     5      a file could not be written (disk full); the message names what is intact
+    6      several processes: another one died or hung; the newest checkpoint is intact (qlora/distributed.py)
     128+N  stopped by signal N: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
+
+Of several processes of one run (torchrun sets RANK), rank 0 speaks for all: an ending every process meets alike
+prints once; one that befell a single process (it lost the others, ran out of memory) prints there, after its rank.
 
 Every `python -m qlora.<command>` calls `run(main)`; `--debug` anywhere on its command line shows the traceback
 instead of the line. A Ctrl-C or SIGTERM that arrives while Python is still importing torch ends in one line too:
@@ -25,7 +29,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-EXIT_BUG, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE = 1, 2, 3, 4, 5
+EXIT_BUG, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE, EXIT_PEER = 1, 2, 3, 4, 5, 6
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -114,11 +118,21 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         if debug or ending is None:
             raise
         code, line = ending
-        print(line, file=sys.stderr)
+        if (line := line_of_this_rank(code, line)) is not None:
+            print(line, file=sys.stderr)
         return code
     finally:
         if default_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def line_of_this_rank(code: int, line: str) -> str | None:
+    """`line` on rank 0 (or a command run alone); on another rank of several, prefixed with it where the ending was
+    this process's own (exit 4 or 6), else None: rank 0 prints what every process met alike."""
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit() or int(rank) == 0:
+        return line
+    return f"rank {rank}: {line}" if code in (EXIT_OOM, EXIT_PEER) else None
 
 
 def _early_excepthook(kind: type[BaseException], err: BaseException, tb: object) -> None:

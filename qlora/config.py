@@ -220,6 +220,13 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cuda or cpu."""
     max_bad_steps: int = 3
     """Steps with a non-finite loss or gradient that are skipped before the run stops."""
+    shard_base: bool = False
+    """Several processes (torchrun): shard the frozen base across them with FSDP2's fully_shard, so each holds about
+    1/N of it (qlora/distributed.py). Off: each process holds the whole model (data parallel). Adapters are whole on
+    every process either way."""
+    dist_timeout: int = 600
+    """Several processes: seconds one waits in a collective for the others before the run stops (exit 6). Bounds the
+    wait for a process that hangs; one that dies is noticed within a second."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -238,6 +245,13 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer={self.optimizer!r}: use paged_adamw_32bit, paged_adamw_8bit or adamw")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"train.device={self.device!r}: use auto, cuda or cpu")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"train.dist_timeout={self.dist_timeout} must be a positive number of seconds, "
+                              "e.g. --train.dist_timeout=600")
+        if self.shard_base and (self.liger_ce or self.compile != "none"):
+            raise ConfigError(f"train.shard_base with train.{'liger_ce' if self.liger_ce else 'compile'}: not "
+                              "supported together (the head's weight is sharded; compile is untested under FSDP): "
+                              "turn one of them off")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1")
         if self.compile not in ("none", "lora", "layers"):
@@ -276,6 +290,12 @@ class Config:
             if not isinstance(getattr(self, f.name), section := typing.get_type_hints(Config)[f.name]):
                 raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
                                   f"not a {type(getattr(self, f.name)).__name__}")
+        if self.train.shard_base and self.quant.method == "full":
+            raise ConfigError("train.shard_base shards a frozen base, but quant.method=full trains every weight: "
+                              "use --train.shard_base=false (data parallel) or quant.method qlora or lora")
+        if self.train.shard_base and self.model.embeddings_on_cpu:
+            raise ConfigError("train.shard_base shards the embeddings across the processes' devices; "
+                              "model.embeddings_on_cpu keeps them in CPU memory: turn one of them off")
         if self.lora.init == "loftq" and (self.quant.method != "qlora" or self.model.synthetic):
             raise ConfigError("lora.init=loftq corrects the rounding of a 4-bit base loaded from 16-bit weights: "
                               f"with quant.method={self.quant.method}"

@@ -203,16 +203,26 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def micro_batches(examples: list[dict], batch_size: int, seed: int, pad_id: int,
-                  start: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+def micro_batches(examples: list[dict], batch_size: int, seed: int, pad_id: int, start: int = 0, rank: int = 0,
+                  world: int = 1) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Endless (index, batch) pairs from micro-batch `start` on; each epoch is a fresh permutation by seed.
 
-    The batch at index i depends only on (seed, i), which is what makes resume exact.
+    The batch at index i depends only on (seed, i), which is what makes resume exact. With `world` processes, micro-
+    batch i of the run holds the rows one process with batch `world * batch_size` would take, and process `rank`
+    takes its rank-th `batch_size` of them: N processes x batch b see exactly the rows of 1 process x batch N b.
     """
     index = start
     while True:
-        yield index, collate([examples[i] for i in batch_rows(len(examples), batch_size, seed, index)], pad_id)
+        rows = batch_rows(len(examples), batch_size * world, seed, index)[rank * batch_size:(rank + 1) * batch_size]
+        yield index, collate([examples[i] for i in rows], pad_id)
         index += 1
+
+
+def target_tokens(examples: list[dict], batch_size: int, seed: int, index: int) -> int:
+    """Target tokens of micro-batch `index` (labels after the one-token shift that are not IGNORE), from the rows
+    alone: what a process divides its summed loss by when it collates only its share of the batch."""
+    return sum(sum(label != IGNORE for label in examples[i]["labels"][1:])
+               for i in batch_rows(len(examples), batch_size, seed, index))
 
 
 def batch_rows(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:

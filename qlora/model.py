@@ -77,9 +77,14 @@ def keep_cpu_weights_exact(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_base(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
-    """Load the base model for `cfg.quant.method` onto `device`; return it, its tokenizer and its path."""
+def load_base(cfg: Config, device: torch.device,
+              place: torch.device | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
+    """Load the base model for `cfg.quant.method` to compute on `device`; return it, its tokenizer and its path.
+
+    `place`, when given, is where the weights are loaded instead: a base that several processes will shard is loaded
+    into CPU memory, and each process moves only its shard to `device` (qlora/distributed.py)."""
     dtype = compute_dtype(cfg.quant, device)
+    device = place or device
     if cfg.model.synthetic:
         from qlora.synthetic import load_synthetic
 

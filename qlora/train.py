@@ -17,7 +17,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from qlora import checkpoint, guard
+from qlora import checkpoint, distributed, guard
 from qlora.cli import Session, run
 from qlora.config import Config, ConfigError, parse_args
 from qlora.data import eval_batches, load_splits, micro_batches
@@ -86,13 +86,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], chunk_size: int = 0,
-                     profiler: PhaseTracker | None = None) -> float:
+                     profiler: PhaseTracker | None = None, n_targets: int | None = None) -> float:
     """Forward and backward over one optimizer step's micro-batches; return the step's mean loss per target token.
 
     Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, not its own
-    (transformers PR 34191), so 4 micro-batches of 1 give the loss and gradients of 1 batch of 4.
+    (transformers PR 34191), so 4 micro-batches of 1 give the loss and gradients of 1 batch of 4. With several
+    processes, `n_targets` is the target tokens of the global batch, of which `micro` is this process's share.
     """
-    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    if n_targets is None:
+        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     total = 0.0
     for batch in micro:
         loss = loss_sum(model, batch, chunk_size) / n_targets
@@ -104,32 +106,41 @@ def forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]
     return total
 
 
-def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: int, device: torch.device) -> dict:
-    """Held-out loss per target token, perplexity and exact-match accuracy of the answers."""
+def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: int, device: torch.device,
+             ranks: distributed.Ranks | None = None) -> dict:
+    """Held-out loss per target token, perplexity and exact-match accuracy of the answers (the batches shared
+    among the processes of a run that has several)."""
+    ranks = ranks or distributed.Ranks()
     was_training = model.training
     model.eval()
     loss = tokens = exact = rows = 0
-    for i, batch in enumerate(eval_batches(examples, cfg.train.batch_size, pad_id)):
-        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-            break
+    n = math.ceil(len(examples) / cfg.train.batch_size)
+    n = min(n, cfg.train.eval_batches) if cfg.train.eval_batches else n
+    for batch, counted in ranks.share(eval_batches(examples, cfg.train.batch_size, pad_id), n):
         b_loss, b_tokens, b_exact, b_rows = eval_stats(model, to_device(batch, device))
-        loss, tokens, exact, rows = loss + b_loss, tokens + b_tokens, exact + b_exact, rows + b_rows
+        if counted:
+            loss, tokens, exact, rows = loss + b_loss, tokens + b_tokens, exact + b_exact, rows + b_rows
+    loss, tokens, exact, rows = ranks.sum_values(loss, tokens, exact, rows)
     model.train(was_training)
     mean = loss / max(tokens, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1)}
 
 
-def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False) -> dict:
-    """Load the base, attach adapters, switch on checkpointing and the memory and speed levers the recipe asks for."""
+def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
+                ranks: distributed.Ranks | None = None) -> dict:
+    """Load the base, attach adapters, switch on checkpointing and the memory and speed levers the recipe asks for;
+    with several processes, shard the base (train.shard_base)."""
+    ranks = ranks or distributed.Ranks()
     torch.manual_seed(cfg.train.seed)
     check_packing(cfg)
-    device = resolve_device(cfg.train.device)
+    device = ranks.device if ranks.several else resolve_device(cfg.train.device)
     dtype = compute_dtype(cfg.quant, device)
     if dtype == torch.float16 and device.type == "cuda":
         raise ConfigError("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would "
                           "underflow to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU "
                           "without bf16")
-    model, tokenizer, base_path = load_base(cfg, device)  # also quant.quantize_lm_head, model.embeddings_on_cpu
+    # Also quant.quantize_lm_head and model.embeddings_on_cpu.
+    model, tokenizer, base_path = load_base(cfg, device, place=ranks.base_place(cfg, device))
     if profiler is not None:
         profiler.watch(model)
         profiler.mark("loaded")
@@ -161,14 +172,16 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
             use_liger_ce(model)
     for lever in apply_speed_levers(model, cfg.train):
         print(f"train.{lever}")
+    ranks.distribute(model, cfg, device)
     if profiler is not None:
         profiler.mark("lora_attached")
     return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype)
 
 
-def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False) -> dict:
+def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
+            ranks: distributed.Ranks | None = None) -> dict:
     """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
-    run = build_model(cfg, profiler, resuming)
+    run = build_model(cfg, profiler, resuming, ranks)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed)
     if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
         packed = pack_examples(train_rows, cfg.data.max_seq_len)
@@ -177,69 +190,83 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
     return dict(**run, train_rows=train_rows, eval_rows=eval_rows)
 
 
-def print_summary(cfg: Config, run: dict) -> None:
+def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     """Derived quantities, once, before the first step."""
     model, t = run["model"], cfg.train
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # A 4-bit weight is stored packed two to a byte, so count its elements from the quant state's shape.
-    total = sum(getattr(getattr(p, "quant_state", None), "shape", p).numel() for p in model.parameters())
+    # A 4-bit weight is stored packed (two to a byte), so count its elements from the quant state's shape, which a
+    # sharded one keeps on its module (qlora/distributed.py).
+    packed = {id(m.weight): m.quant_state.shape for m in model.modules() if getattr(m, "quant_state", None) is not None}
+    total = sum(packed.get(id(p), getattr(getattr(p, "quant_state", None), "shape", p)).numel()
+                for p in model.parameters())
     mean_len = sum(len(r["input_ids"]) for r in run["train_rows"]) / len(run["train_rows"])
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
     print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    print(f"{t.batch_size} rows x {t.grad_accum} accum = {t.batch_size * t.grad_accum} rows/step, about "
-          f"{t.batch_size * t.grad_accum * mean_len:,.0f} tokens/step (mean row {mean_len:.0f} tokens, "
+    rows = t.batch_size * t.grad_accum * processes
+    print(f"{t.batch_size} rows x {t.grad_accum} accum{f' x {processes} processes' if processes > 1 else ''} = "
+          f"{rows} rows/step, about {rows * mean_len:,.0f} tokens/step (mean row {mean_len:.0f} tokens, "
           f"max {cfg.data.max_seq_len}); {len(run['train_rows'])} train rows, {len(run['eval_rows'])} held out")
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises guard.Stop (see qlora/guard.py)."""
-    with guard.RunGuard(cfg) as watch:  # turns an out-of-memory error anywhere below into a report
-        return _train(cfg, resume, overwrite, watch)
+    # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
+    with distributed.joined(cfg) as ranks, guard.RunGuard(cfg) as watch:
+        return _train(cfg, resume, overwrite, watch, ranks)
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) -> dict:
+def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ranks: distributed.Ranks) -> dict:
     run_dir = Path(cfg.output.dir)
     checkpoint.check_run_dir(run_dir, cfg, resume, overwrite)  # reads only: a refused run leaves the dir as it was
     # Created before loading: on CPU its baseline is the resident memory before the model exists.
     profiler = PhaseTracker(resolve_device(cfg.train.device))
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     latest = checkpoint.list_checkpoints(run_dir)
-    run = prepare(cfg, profiler, resuming=resume and bool(latest))
+    run = prepare(cfg, profiler, resuming=resume and bool(latest), ranks=ranks)
     model, device, tokenizer = run["model"], run["device"], run["tokenizer"]
-    print_summary(cfg, run)
+    print_summary(cfg, run, ranks.size)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    params = stepped_params(optimizer)
+    params = stepped_params(optimizer)  # with several processes, their gradients are what is summed
     scheduler = build_scheduler(optimizer, cfg)
 
     step, first, bad_steps, state = 0, {}, 0, {}
     if resume and latest:
         state = checkpoint.load_checkpoint(latest[-1], model, cfg, optimizer, scheduler)
         step, first, bad_steps = state["step"], state.get("first_eval", {}), state.get("bad_steps", 0)
+        ranks.restore_rng(state)
         print(f"resumed from {latest[-1]} at step {step}")
     elif resume:
         print(f"no checkpoint in {run_dir} yet: starting at step 0")
-    checkpoint.start_run(run_dir, cfg, overwrite)  # the first write: model, data, config and checkpoint are checked
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_bytes=state.get("metrics_bytes", 0))
+    # The first write: model, data, config and checkpoint are checked (by every process).
+    ranks.on_main(checkpoint.start_run, run_dir, cfg, overwrite)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_bytes=state.get("metrics_bytes", 0), write=ranks.main)
     watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint
     if step == 0:
         watch.at("the evaluation before training", 0)
-        first = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device)
+        first = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
         metrics_log.write({"step": 0, **first})
         print(f"before training: held-out loss {first['eval_loss']:.4f}, "
               f"exact match {100 * first['eval_exact_match']:.1f}%")
         profiler.mark("evaluate")
 
     t = cfg.train
-    batches = micro_batches(run["train_rows"], t.batch_size, t.seed, tokenizer.pad_token_id, start=step * t.grad_accum)
+    batches = micro_batches(run["train_rows"], t.batch_size, t.seed, tokenizer.pad_token_id, start=step * t.grad_accum,
+                            rank=ranks.rank, world=ranks.size)
     profiler.watch(model, optimizer)
     model.train()
-    bar = tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    # Rank 0's bar; loss and tokens/s are the global batch's.
+    bar = tqdm(total=t.steps, initial=step, desc="train" if not ranks.several else f"train ({ranks.size} processes)",
+               dynamic_ncols=True, disable=None if ranks.main else True)
     last, first_step = {}, True
     while step < t.steps:
         started = time.perf_counter()
-        micro = [to_device(b, device) for _, b in (next(batches) for _ in range(t.grad_accum))]
+        indexed = [next(batches) for _ in range(t.grad_accum)]
+        micro = [to_device(b, device) for _, b in indexed]
         watch.at("the forward and backward", step, micro)
-        total_loss = forward_backward(model, micro, t.loss_chunk_size, profiler if first_step else None)
+        n_targets = ranks.global_targets(run["train_rows"], t.batch_size, t.seed, [i for i, _ in indexed])
+        total_loss = forward_backward(model, micro, t.loss_chunk_size, profiler if first_step else None, n_targets)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        total_loss, tokens = ranks.sum_gradients(params, total_loss, tokens)  # with several processes
         profiler.mark("backward" if first_step else "steady")
         # clip, step (unless the loss or a gradient is inf/nan: skip the update), schedule
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
@@ -255,13 +282,13 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
         if not good:
             bad_steps += 1
             where = guard.data_position((step - 1) * t.grad_accum, t.grad_accum, len(run["train_rows"]),
-                                        t.batch_size, t.seed)
-            print(f"step {step}: non-finite loss or gradient in {where}: skipped, no update "
-                  f"({bad_steps} of train.max_bad_steps={t.max_bad_steps})", file=sys.stderr)
+                                        t.batch_size * ranks.size, t.seed)
+            if ranks.main:  # every process skips the same step: the loss and gradients were summed
+                print(f"step {step}: non-finite loss or gradient in {where}: skipped, no update "
+                      f"({bad_steps} of train.max_bad_steps={t.max_bad_steps})", file=sys.stderr)
 
         # log
         seconds = time.perf_counter() - started
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         last = {"step": step, "loss": total_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens / seconds, "peak_gib": peak_bytes(device) / 2**30}
         if step % t.log_every == 0 or step == t.steps:
@@ -272,15 +299,17 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
 
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             watch.at("an evaluation", step)
-            metrics_log.write({"step": step, **evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device)})
+            metrics_log.write({"step": step, **evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device,
+                                                        ranks)})
             profiler.mark("evaluate")
         # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
-        stop_signal, too_many_bad = watch.signal, not good and bad_steps > t.max_bad_steps
+        stop_signal, too_many_bad = ranks.agree_signal(watch), not good and bad_steps > t.max_bad_steps
         if (t.save_every and step % t.save_every == 0) or step == t.steps or too_many_bad or stop_signal:
             watch.at("saving a checkpoint", step)
-            saved = checkpoint.save_checkpoint(run_dir, step, model, cfg, run["base_path"], optimizer, scheduler,
-                                               {"first_eval": first, "bad_steps": bad_steps,
-                                                "metrics_bytes": metrics_log.size()})
+            extra = {"first_eval": first, "bad_steps": bad_steps, "metrics_bytes": metrics_log.size(),
+                     **ranks.rng_states()}
+            saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
+                                  scheduler, extra)
         if too_many_bad:
             raise guard.too_many_bad_steps(step, bad_steps, t.max_bad_steps, where, saved)
         if stop_signal:
@@ -288,13 +317,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard) ->
     bar.close()
 
     watch.at("the final evaluation", step)
-    final = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device)
+    final = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
     metrics_log.write({"step": step, **final})
-    checkpoint.save_final(model, cfg, run["base_path"], run_dir)
+    ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
     print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
           f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}%")
     print(f"adapter written to {run_dir}")
-    print(profiler.write(run_dir / "memory.json", cfg))  # one line: the peak, by category, against the estimate
+    # One line: the peak, by category, against the estimate (rank 0's, with several processes).
+    print(ranks.on_main(profiler.write, run_dir / "memory.json", cfg))
     return {"before": first, "after": final, "last_step": last}
 
 
@@ -303,19 +333,22 @@ class MetricsLog:
     was saved; resuming from it cuts the file back to that length, dropping what was logged after the save (steps
     about to be run again, a final evaluation, a line cut short by a kill -9)."""
 
-    def __init__(self, path: Path, keep_bytes: int = 0) -> None:
-        self.path = path
+    def __init__(self, path: Path, keep_bytes: int = 0, write: bool = True) -> None:
+        self.path, self.enabled = path, write  # only rank 0 of several processes writes
+        if not write:
+            return
         kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(kept)
         os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def size(self) -> int:
-        return self.path.stat().st_size
+        return self.path.stat().st_size if self.enabled else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,11 @@ Symbols: L layers, h hidden, i intermediate, nh heads, q = nh*hd and kv = nkv*hd
 b batch, s sequence length, T = b*s tokens, N = b*(s-1) predicted positions, e bytes per element of the compute dtype
 (bf16 on CUDA, fp32 on CPU; the model is loaded in it, so unquantised weights take e bytes too).
 
+Several processes (`gpus` > 1, qlora/distributed.py), per process: data parallel holds everything one process does,
+plus one bucket of gradients being summed; `train.shard_base` holds 1/gpus of the frozen base (packed 4-bit weights,
+embeddings, head, norms; the quantisation state and a tied embedding table whole), plus what FSDP all-gathers for the
+moment: two decoder layers in the backward (the one computing and the one prefetched), the head in the loss.
+
 The activation formulas count what autograd saves in a Llama-style decoder layer (pre-norm RMSNorm, GQA attention
 through an SDPA flash/efficient kernel, gated MLP); they were checked tensor by tensor against torch's saved-tensor
 hooks on the tiny Llama in fp32 and bf16, with and without LoRA dropout, for all three methods.
@@ -33,8 +38,9 @@ MIN_8BIT_NUMEL = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (Op
 # typical for CUDA 12 with lazy module loading. memory.json measures the real figure on each run.
 CUDA_CONTEXT = 512 * 2**20
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-CATEGORIES = ("quantized_weights", "unquantized_weights", "adapters", "gradients", "optimizer_state", "activations",
-              "cuda_context")
+ALLREDUCE_BUCKET = 25 * 2**20  # gradients summed at once across processes: qlora/distributed.py BUCKET_BYTES
+CATEGORIES = ("quantized_weights", "unquantized_weights", "gathered_weights", "adapters", "gradients",
+              "optimizer_state", "activations", "cuda_context")
 
 
 @dataclass
@@ -72,13 +78,15 @@ def adapted_layers(arch: Arch, targets: list[str]) -> dict[str, tuple[int, int]]
     return chosen
 
 
-def nf4_bytes(n: int, double_quant: bool = True) -> int:
+def nf4_bytes(n: int, double_quant: bool = True, shards: int = 1) -> int:
     """Packed 4-bit weights + 8-bit absmax per 64 + fp32 absmax per 256 blocks + the code tables; without double
-    quant, an fp32 absmax per 64 (4.5 bits per parameter)."""
+    quant, an fp32 absmax per 64 (4.5 bits per parameter). `shards`: one process's part when the packed weights are
+    sharded over that many (the quantisation state stays whole on each)."""
     blocks = math.ceil(n / NF4_BLOCK)
+    packed = math.ceil((n + 1) // 2 / shards)
     if not double_quant:
-        return (n + 1) // 2 + 4 * blocks + 16 * 4
-    return (n + 1) // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + NF4_TABLES
+        return packed + 4 * blocks + 16 * 4
+    return packed + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + NF4_TABLES
 
 
 def trainable_tensors(arch: Arch, method: str, cfg: Config) -> list[int]:
@@ -153,28 +161,35 @@ def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tup
     return total, formula
 
 
-def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
-    """Peak bytes of one steady-state training step of `method` on `device` ("cuda" or "cpu")."""
+def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -> Estimate:
+    """Peak bytes of one steady-state training step of `method` on `device` ("cuda" or "cpu"), on each of `gpus`
+    processes: data parallel, or with train.shard_base (qlora and lora) the frozen base sharded over them."""
     dname, e = compute_bytes(cfg, device)
     t, L, h, V = cfg.train, arch.layers, arch.hidden, arch.vocab
     T = t.batch_size * cfg.data.max_seq_len
     comp, fx = dict.fromkeys(CATEGORIES, 0), {}
     head_nf4 = method == "qlora" and getattr(cfg.quant, "quantize_lm_head", False) and not arch.tied
     emb_off = method != "full" and device == "cuda" and getattr(cfg.model, "embeddings_on_cpu", False)
+    shards = gpus if gpus > 1 and getattr(t, "shard_base", False) and method != "full" else 1
+    per = f" / {shards} (sharded)" if shards > 1 else ""
     if method == "qlora":
         dq = cfg.quant.double_quant
-        comp["quantized_weights"] = L * sum(nf4_bytes(a * o, dq) for a, o in arch.linear_shapes.values()) + \
-            (nf4_bytes(V * h, dq) if head_nf4 else 0)
-        fx["quantized_weights"] = ("P_lin (1/2 + 1/64 + 4/(64*256)) B = 4.127 bits/param, + 1.1 KB of code tables "
-                                   "per layer" if dq else "P_lin (1/2 + 4/64) B = 4.5 bits/param (no double quant)") + \
-            (" (lm_head too)" if head_nf4 else "")
+        comp["quantized_weights"] = L * sum(nf4_bytes(a * o, dq, shards) for a, o in arch.linear_shapes.values()) + \
+            (nf4_bytes(V * h, dq, shards) if head_nf4 else 0)
+        fx["quantized_weights"] = (f"P_lin (1/2{per} + 1/64 + 4/(64*256)) B, 4.127 bits/param unsharded, + 1.1 KB of "
+                                   "code tables per layer" if dq else f"P_lin (1/2{per} + 4/64) B = 4.5 bits/param "
+                                   "unsharded (no double quant)") + (" (lm_head too)" if head_nf4 else "")
         unquantized = arch.other_params - (V * h if head_nf4 else 0) - (V * h if emb_off else 0)
         fx["unquantized_weights"] = f"(V h {'' if arch.tied else 'x 2 '}+ (2L+1) h) e: embeddings, lm_head, norms" + \
             (" - V h e (lm_head in NF4)" if head_nf4 else "") + (" - V h e (embeddings on CPU)" if emb_off else "")
     else:
         unquantized = arch.params - (V * h if emb_off else 0)
         fx["unquantized_weights"] = "P e: every weight" + (" - V h e (embeddings on CPU)" if emb_off else "")
-    comp["unquantized_weights"] = unquantized * e + arch.buffer_bytes
+    whole = V * h if shards > 1 and arch.tied else 0  # a tied table stays whole on every process
+    comp["unquantized_weights"] = math.ceil((unquantized - whole) * e / shards) + whole * e + arch.buffer_bytes
+    if shards > 1:
+        fx["unquantized_weights"] = f"({fx['unquantized_weights']}){per}" + \
+            (" (the tied embedding table whole)" if whole else "")
     sizes = trainable_tensors(arch, method, cfg)
     if method != "full":
         comp["adapters"] = sum(sizes) * e
@@ -192,6 +207,8 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
     per_token, layer_fx = layer_bytes_per_token(arch, method, cfg, e)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
     rotary = 2 * cfg.data.max_seq_len * arch.head_dim * e
+    if gpus > 1:  # the gradients are summed across processes in buckets, each concatenated into one tensor
+        step_tmp += min(grads, ALLREDUCE_BUCKET)
     phases = {"optimizer_step": (step_tmp, grads)}
     if t.gradient_checkpointing:
         offload = t.offload_activations and device == "cuda"  # layer inputs wait in pinned CPU memory
@@ -221,8 +238,15 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
         phases["loss_backward"] = (L * T * per_token + rotary + loss, 0)
         fx["activations"] = {"loss_backward": f"L T [{layer_fx}] + {loss_fx}",
                              "optimizer_step": "the update's temporaries (CPU: 12 B x the largest tensor)"}
+    gathered = gathered_bytes(cfg, arch, method, e) if shards > 1 else {}
+    phases = {k: (v[0] + gathered.get(k, 0), v[1]) for k, v in phases.items()}  # peaks compared with them in
     peak_phase = max(phases, key=lambda k: sum(phases[k]))
-    comp["activations"], comp["gradients"] = phases[peak_phase]
+    comp["gathered_weights"] = gathered.get(peak_phase, 0)
+    comp["activations"] = phases[peak_phase][0] - comp["gathered_weights"]
+    comp["gradients"] = phases[peak_phase][1]
+    if comp["gathered_weights"]:
+        fx["gathered_weights"] = ("two decoder layers whole (FSDP: the one in its backward, the next prefetched)"
+                                  if peak_phase == "layer_backward" else "the head whole (FSDP), for the loss")
     fx["activations"] = f"at {peak_phase}: {fx['activations'][peak_phase]}"
     if peak_phase != "layer_backward":
         fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
@@ -230,8 +254,24 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str) -> Estimate:
     if device == "cuda":
         comp["cuda_context"] = CUDA_CONTEXT
         fx["cuda_context"] = "0.5 GiB, typical of CUDA 12 (a measured run records the real one)"
-    return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase,
-                    assumptions(cfg, method, dname, device))
+    notes = assumptions(cfg, method, dname, device)
+    if gpus > 1:
+        notes.append(f"per process of {gpus}: " + (
+            "the frozen base sharded (train.shard_base, FSDP2), quantisation state whole on each" if shards > 1 else
+            "data parallel, every process holds the whole model") + f"; gradients summed in buckets of up to "
+            f"{ALLREDUCE_BUCKET // 2**20} MiB; the communication library's own buffers are not counted")
+    return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase, notes)
+
+
+def gathered_bytes(cfg: Config, arch: Arch, method: str, e: int) -> dict[str, int]:
+    """What a process holding 1/N of the base all-gathers at each candidate peak: two decoder layers in their
+    backward (FSDP prefetches the next while one computes), the (untied) head in the loss."""
+    linear = sum(a * o for a, o in arch.linear_shapes.values())
+    layer = (sum((a * o + 1) // 2 for a, o in arch.linear_shapes.values()) if method == "qlora" else linear * e) + \
+        2 * arch.hidden * e
+    head_nf4 = method == "qlora" and getattr(cfg.quant, "quantize_lm_head", False)
+    head = 0 if arch.tied else ((arch.vocab * arch.hidden + 1) // 2 if head_nf4 else arch.vocab * arch.hidden * e)
+    return {"layer_backward": 2 * layer, "loss_backward": head}
 
 
 def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:

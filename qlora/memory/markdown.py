@@ -5,6 +5,7 @@ from __future__ import annotations
 GIB = 2**30
 LABELS = {"quantized_weights": "quantised base weights (NF4 + quant state)",
           "unquantized_weights": "unquantised weights (embeddings, lm_head, norms; every weight for full/lora)",
+          "gathered_weights": "weights all-gathered for the moment (several GPUs, base sharded)",
           "adapters": "LoRA adapters", "gradients": "gradients", "optimizer_state": "optimizer state",
           "activations": "activations and temporaries (measured: the rest)", "cuda_context": "CUDA context"}
 METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA, 16-bit base", "qlora": "QLoRA, NF4 + double quant"}
@@ -35,6 +36,10 @@ def summary_lines(report: dict) -> list[str]:
             (f", {e['measure_error']}" if e.get("measure_error") else "")
         out.append(f"  {method:5s} estimated {gib(e['estimated_peak_bytes'])} GiB "
                    f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){vs}{'' if e['fits'] else ' [does not fit]'}")
+        if "per_gpu" in e:
+            out.append(f"        on {report['gpus']} GPUs, per GPU: " + ", ".join(
+                f"{CASES[case]} {gib(c['estimated_peak_bytes'])} GiB{'' if c['fits'] else ' [does not fit]'}"
+                for case, c in e["per_gpu"].items()))
     return out
 
 
@@ -79,10 +84,35 @@ def markdown(report: dict, png_name: str) -> str:
             if measured:
                 row.append(gib((e.get("measured_components") or {}).get(cat)) if e.get("measured_components") else "–")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
+    if report.get("gpus"):
+        lines += _several_gpus(report)
     lines += _formulas(report)
     if measured:
         lines += _phases(methods)
     return "\n".join(lines) + "\n"
+
+
+CASES = {"data_parallel": "data parallel", "shard_base": "base sharded"}
+
+
+def _several_gpus(report: dict) -> list[str]:
+    n, methods = report["gpus"], {m: e for m, e in report["methods"].items() if "per_gpu" in e}
+    lines = ["", f"## On {n} GPUs, per GPU (estimated)", "",
+             f"`torchrun --nproc-per-node={n} -m qlora.train RECIPE.py`: data parallel holds the whole model on each "
+             f"GPU; `--train.shard_base=true` shards the frozen base over the {n} (FSDP2), each GPU all-gathering two "
+             "decoder layers, or the head, at a time. Same batch per GPU as above.", "",
+             f"| method | 1 GPU | {n} GPUs, data parallel | {n} GPUs, base sharded |", "|---|---|---|---|"]
+    for m, e in methods.items():
+        cells = [f"{gib(c['estimated_peak_bytes'])} ({_verdict(c, report)})" if (c := e["per_gpu"].get(case)) else
+                 "– (full fine-tuning trains every weight)" for case in CASES]
+        lines.append(f"| {METHOD_NAMES[m]} | {gib(e['estimated_peak_bytes'])} | " + " | ".join(cells) + " |")
+    sharded = {m: e["per_gpu"]["shard_base"] for m, e in methods.items() if "shard_base" in e["per_gpu"]}
+    if sharded:
+        lines += ["", "GiB per GPU with the base sharded:", "",
+                  "| component | " + " | ".join(sharded) + " |", "|---|" + "---|" * len(sharded)]
+        lines += [f"| {label} | " + " | ".join(gib(c["components"].get(cat, 0)) for c in sharded.values()) + " |"
+                  for cat, label in LABELS.items()]
+    return lines
 
 
 def _formulas(report: dict) -> list[str]:

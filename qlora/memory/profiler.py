@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from qlora.config import Config, ConfigError
 
@@ -87,12 +88,18 @@ def reset_peak(device: torch.device) -> None:
             pass
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a tensor: the local shard of one FSDP sharded (train.shard_base), else itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _storages(tensors: list[torch.Tensor], seen: set[int]) -> int:
     """Bytes of the tensors' storages, each storage counted once across calls sharing `seen`."""
     total = 0
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
+        t = _local(t)
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
@@ -100,9 +107,8 @@ def _storages(tensors: list[torch.Tensor], seen: set[int]) -> int:
     return total
 
 
-def _quant_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+def _quant_tensors(param: torch.Tensor, qs: object) -> list[torch.Tensor]:
     """A 4-bit weight's storage and its quant state (absmax, codes, and the nested state of double quant)."""
-    qs = param.quant_state
     out = [param, qs.absmax, qs.code, getattr(qs, "offset", None)]
     if getattr(qs, "state2", None) is not None:
         out += [qs.state2.absmax, qs.state2.code]
@@ -117,9 +123,13 @@ def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                          "outside_allocator"), 0)
     adapters = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
     ids = {id(p) for p in adapters}
-    for p in model.parameters():
-        if getattr(p, "quant_state", None) is not None:
-            out["quantized_weights"] += _storages(_quant_tensors(p), seen)
+    # Sharded by FSDP, a 4-bit weight is a DTensor and its quant state is left on the module (qlora/distributed.py).
+    quantized = {id(p): (p, p.quant_state) for p in model.parameters() if getattr(p, "quant_state", None) is not None}
+    quantized.update({id(m.weight): (m.weight, m.quant_state) for m in model.modules()
+                      if isinstance(getattr(m, "weight", None), DTensor)
+                      and getattr(m, "quant_state", None) is not None})
+    for p, qs in quantized.values():
+        out["quantized_weights"] += _storages(_quant_tensors(p, qs), seen)
     out["adapters"] = _storages(adapters, seen)
     out["unquantized_weights"] = _storages([p for p in model.parameters() if id(p) not in ids], seen) + \
         _storages(list(model.buffers()), seen)
@@ -153,7 +163,7 @@ def unused_file_pages(model: torch.nn.Module | None) -> int:
     if not maps:
         return 0
     used = 0
-    tensors = list(model.parameters()) + list(model.buffers())
+    tensors = [_local(t) for t in [*model.parameters(), *model.buffers()]]
     for t in {t.untyped_storage().data_ptr(): t for t in tensors if t.device.type == "cpu"}.values():
         ptr = t.untyped_storage().data_ptr()
         if any(start <= ptr < end for start, end, _ in maps):

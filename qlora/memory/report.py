@@ -1,6 +1,9 @@
 """The memory report: estimated (and, with --measure, measured) peak of full fine-tuning, LoRA and QLoRA for a recipe.
 
-    python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--section.key=value ...]
+    python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] [--section.key=v ...]
+
+With --gpus N the report adds each method's peak per process of a run over N GPUs (torchrun): data parallel, and for
+qlora and lora the frozen base sharded (train.shard_base), estimated only.
 
 Writes memory_reports/<recipe>-<device>.md, .json and .png, where <device> is the device that measured ("cpu", the
 GPU's name) or "none" when nothing was measured. Without --measure nothing is loaded: config.json and the recipe
@@ -27,8 +30,8 @@ from qlora.config import METHODS, Config, ConfigError, parse_args
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
 
-USAGE = ("python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--json] [--out-dir=memory_reports] "
-         "[--section.key=value ...]")
+USAGE = ("python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] "
+         "[--out-dir=memory_reports] [--section.key=value ...]")
 GIB = 2**30
 REFERENCE_GPU = 80 * 10**9  # an estimate for CUDA made without a GPU is drawn against one 80 GB card (A100/H100)
 
@@ -91,7 +94,7 @@ def settings(cfg: Config, device: str) -> dict:
 
 
 def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str], methods: list[str],
-                 measure: bool) -> dict:
+                 measure: bool, gpus: int = 1) -> dict:
     device = target_device(cfg)
     arch = load_arch(cfg)
     total, total_label = device_memory(device)
@@ -111,13 +114,29 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
             entry.update(measure_entry(recipe, overrides + extra, est, device))
             if "measured_device" in entry:
                 report["device"] = entry.pop("measured_device")
+        if gpus > 1:
+            entry["per_gpu"] = per_gpu(mcfg, arch, method, device, gpus, total)
         report["methods"][method] = entry
+    if gpus > 1:
+        report["gpus"] = gpus
     if measure:
         from qlora.memory.measure import CPU_DEFINITION
 
         report["measurement"] = CPU_DEFINITION if device == "cpu" else \
             "PyTorch reserved at its peak + memory outside its allocator (paged optimizer state) + CUDA context"
     return report
+
+
+def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device_total: int) -> dict:
+    """The estimate per process of `gpus`: data parallel, and (qlora, lora) with the frozen base sharded."""
+    out = {}
+    for case, shard in (("data_parallel", False), ("shard_base", True)):
+        if shard and method == "full":  # every weight trains: qlora.train refuses train.shard_base
+            continue
+        c = copy.deepcopy(cfg)
+        c.train.shard_base = shard
+        out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total)
+    return out
 
 
 def arch_dict(arch: Arch) -> dict:
@@ -171,12 +190,17 @@ def write_report(report: dict, out_dir: Path) -> Path:
     return md
 
 
-def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path]:
-    """(recipe + overrides, methods, --measure, --json, --out-dir)."""
-    rest, methods, measure, as_json, out_dir = [], list(METHODS), False, False, Path("memory_reports")
+def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path, int]:
+    """(recipe + overrides, methods, --measure, --json, --out-dir, --gpus)."""
+    rest, methods, measure, as_json, out_dir, gpus = [], list(METHODS), False, False, Path("memory_reports"), 1
     args = iter(argv)
     for arg in args:
-        if arg == "--measure":
+        if arg == "--gpus" or arg.startswith("--gpus="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--gpus {value!r}: give the number of GPUs (processes), e.g. --gpus 2")
+            gpus = int(value)
+        elif arg == "--measure":
             measure = True
         elif arg == "--json":
             as_json = True
@@ -190,7 +214,7 @@ def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path]:
             out_dir = Path(arg.split("=", 1)[1])
         else:
             rest.append(arg)
-    return rest, methods, measure, as_json, out_dir
+    return rest, methods, measure, as_json, out_dir, gpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    rest, methods, measure, as_json, out_dir = parse_cli(argv)
+    rest, methods, measure, as_json, out_dir, gpus = parse_cli(argv)
     cfg, flags = parse_args(rest, USAGE)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
-    report = build_report(rest[0], argv, cfg, rest[1:], methods, measure)
+    report = build_report(rest[0], argv, cfg, rest[1:], methods, measure, gpus)
     md = write_report(report, out_dir)
     if as_json:
         print(json.dumps(report, indent=2))

@@ -1,0 +1,374 @@
+"""Several processes, one run: `torchrun --nproc-per-node=N -m qlora.train RECIPE.py` (or `accelerate launch`).
+
+Every process (rank) runs the same loop on its share of each batch. Micro-batch i of the run holds the rows one process
+with batch N*b would take (qlora.data.micro_batches); rank r collates its r-th b of them, and every rank divides its
+summed token loss by the target tokens of the whole global batch, so N ranks x batch b compute the loss and gradients
+of one process with batch N*b.
+
+Data parallel (the default): every rank holds the whole model. After the accumulation, one summing all-reduce of the
+adapters' gradients (in buckets, as DDP does) gives every rank the same gradient, so clipping, the optimizer step, the
+adapters and the optimizer state stay identical everywhere with no more communication. DDP itself is not used: it
+hooks the model's forward, and the loss calls the decoder and the head directly (qlora/loss.py).
+
+`train.shard_base`: FSDP2's `fully_shard` on each decoder layer, the embeddings, the rest of the decoder and the head,
+so each rank holds 1/N of the frozen base and all-gathers one layer at a time. FSDP shards floating-point tensors only,
+so each packed 4-bit weight is viewed as the compute dtype: the same bytes, stored as `bnb_4bit_quant_storage`
+would store them (bitsandbytes PR 970, used by Answer.AI's fsdp_qlora and HF's FSDP-QLoRA). The quantisation state
+(absmax, code tables) stays whole on its `Linear4bit`, where bitsandbytes picks it up again when FSDP hands the layer a
+plain all-gathered tensor (`fix_4bit_weight_quant_state_from_module`, as accelerate's FSDP2 path relies on). FSDP
+ignores the adapters: they are whole on every rank and summed as in data parallel.
+
+Only rank 0 writes (checkpoints, adapter, metrics, memory report) and prints; an error every rank meets alike prints
+once. A rank that dies breaks the others' next collective within a second (gloo: "Connection reset by peer"); one that
+hangs trips `train.dist_timeout`. Either way the others stop with exit 6 and one line, and the newest checkpoint, which
+only rank 0 writes, atomically, is intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import bitsandbytes as bnb
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qlora import guard
+from qlora.build import ensure_checkpoint
+from qlora.checkpoint import list_checkpoints, rng_state, set_rng_state
+from qlora.cli import EXIT_BUG, EXIT_PEER, Stop, exit_status
+from qlora.config import Config, ConfigError
+from qlora.data import target_tokens
+from qlora.model import compute_dtype, resolve_device
+
+BUCKET_BYTES = 25 * 2**20  # gradients summed per all-reduce: DDP's default bucket_cap_mb
+T = TypeVar("T")
+
+
+@dataclass
+class Ranks:
+    """This process's place in the run; one process (rank 0 of 1) when not launched by torchrun or accelerate."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where this rank computes, and where its collectives' tensors live: its own GPU (NCCL) or CPU (gloo)."""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.size > 1
+
+    def on_main(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn` on rank 0 alone once every rank has got here; every rank returns its result, or ends as it did
+        (rank 0 with the original error, the others with its exit status, in silence: qlora.cli prints it once)."""
+        if not self.several:
+            return fn(*args)
+        dist.barrier()  # all ranks have read and checked what they need before rank 0 writes
+        outcome: list[object] = [None]
+        original = None
+        if self.main:
+            try:
+                outcome = [("ok", fn(*args))]
+            except Exception as err:  # its exit status goes to the others, then it is raised here
+                original, ending = err, exit_status(err)
+                outcome = [("error", (ending[0] if ending else EXIT_BUG, f"rank 0: {err}"))]
+        dist.broadcast_object_list(outcome, src=0)
+        kind, value = outcome[0]
+        if kind == "error":
+            raise original or Stop(*value)
+        return value
+
+    def global_targets(self, examples: list[dict], batch_size: int, seed: int, indices: list[int]) -> int | None:
+        """Target tokens of the global batch made of micro-batches `indices`; None for one process (forward_backward
+        counts its own micro-batches, which are the whole batch)."""
+        if not self.several:
+            return None
+        return sum(target_tokens(examples, batch_size * self.size, seed, i) for i in indices)
+
+    def sum_gradients(self, params: list[nn.Parameter], loss: float, tokens: int) -> tuple[float, int]:
+        """Sum the adapters' gradients over the ranks, once per optimizer step (DDP's all-reduce under no_sync for
+        the accumulation); return the global batch's loss and token count. Each rank's loss was divided by the
+        global batch's target tokens, so the sum is the gradient of the global batch's mean token loss."""
+        if not self.several:
+            return loss, tokens
+        grads = []
+        for p in params:
+            if p.grad is None:  # every rank must send the same tensors, whatever its batch reached
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        for bucket in buckets(grads, BUCKET_BYTES):
+            if len(bucket) == 1:
+                dist.all_reduce(bucket[0])
+                continue
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                g.copy_(part.view_as(g))
+        total_loss, total_tokens = self.sum_values(loss, tokens)
+        return total_loss, int(total_tokens)
+
+    def sum_values(self, *values: float) -> tuple[float, ...]:
+        """Numbers summed over the ranks (float64); as given for one process."""
+        if not self.several:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return tuple(type(v)(x) for v, x in zip(values, t.tolist(), strict=True))
+
+    def agree_signal(self, watch: guard.RunGuard) -> int | None:
+        """The signal (SIGINT/SIGTERM) every rank stops for at the end of this step: the one any rank has received.
+        Each rank catches its own, at its own moment; deciding together keeps them stopping at the same step (a rank
+        that stopped alone would leave the others waiting in the next step's all-reduce)."""
+        if not self.several:
+            return watch.signal
+        flag = torch.tensor([watch.signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = int(flag.item()) or None
+        if agreed and watch.signal is None:  # for its exit status; a rank's own later signal is kept for next step
+            watch.signal = agreed
+        return agreed
+
+    def rng_states(self) -> dict:
+        """Every rank's RNG state, for the checkpoint rank 0 writes (dropout draws differ between ranks)."""
+        if not self.several:
+            return {}
+        states: list[object] = [None] * self.size
+        dist.all_gather_object(states, rng_state(self.device))
+        return {"rng_ranks": states}
+
+    def restore_rng(self, state: dict) -> None:
+        """After `checkpoint.load_checkpoint` (which restored rank 0's RNG everywhere): this rank's own."""
+        ranks = state.get("rng_ranks")
+        if self.several and ranks and len(ranks) == self.size:
+            set_rng_state(ranks[self.rank], self.device)
+        elif self.several:
+            print(f"the checkpoint was written by {len(ranks or [0])} process(es), this run has {self.size}: the "
+                  "global batch and dropout draws differ from the run that wrote it")
+
+    def share(self, batches: Iterable[T], n: int) -> Iterator[tuple[T, bool]]:
+        """This rank's share of the first `n` batches (round robin), each with whether its statistics count. Every
+        rank runs the same number of forwards, as a sharded base all-gathers in each: a rank one short runs the
+        first batch again, uncounted."""
+        first, mine = None, 0
+        for i, batch in enumerate(batches):
+            if i >= n:
+                break
+            first = batch if first is None else first
+            if i % self.size == self.rank:
+                mine += 1
+                yield batch, True
+        for _ in range(math.ceil(n / self.size) - mine):  # fewer batches than ranks: some have none of their own
+            yield first, False
+
+    def distribute(self, model: nn.Module, cfg: Config, device: torch.device) -> None:
+        """Make this rank's model ready to train beside the others: the base sharded (train.shard_base) and a
+        dropout stream of its own (the adapters were initialised alike on every rank from train.seed)."""
+        if not self.several:
+            return
+        if cfg.train.shard_base:
+            shard_base(model, cfg, self, device)
+        for p in model.parameters():  # as DDP does: every rank starts from rank 0's trainable weights
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+        torch.manual_seed(cfg.train.seed * 100_003 + self.rank)
+
+    def base_place(self, cfg: Config, device: torch.device) -> torch.device | None:
+        """Where the base is loaded: CPU memory when it will be sharded onto the GPUs (no GPU holds it whole)."""
+        return torch.device("cpu") if self.several and cfg.train.shard_base else None
+
+
+def buckets(tensors: list[torch.Tensor], cap: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, up to `cap` bytes a group (a larger tensor goes alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (size + nbytes > cap or t.dtype != bucket[0].dtype or t.device != bucket[0].device):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def from_env() -> Ranks:
+    """This process's rank, from the variables torchrun and accelerate launch set (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    try:
+        return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                     int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as err:
+        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({err}): launch with torchrun "
+                          "--nproc-per-node=N -m qlora.train RECIPE.py") from None
+
+
+def quiet() -> None:
+    """Ranks but 0 print nothing of their own: rank 0 speaks for the run. Their errors still reach stderr."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115  for the life of the process
+    warnings.simplefilter("ignore")
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def start(cfg: Config, ranks: Ranks) -> None:
+    """Join the run's other processes (nothing to do when alone) and build the base checkpoint once, on rank 0."""
+    if not ranks.several:
+        if cfg.train.shard_base:
+            print("train.shard_base: one process, nothing to shard (launch with torchrun --nproc-per-node=N)")
+        return
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={ranks.local_rank} but {torch.cuda.device_count()} GPU(s) are visible: "
+                              f"launch at most --nproc-per-node={torch.cuda.device_count()}")
+        torch.cuda.set_device(ranks.local_rank)  # "cuda" means this rank's GPU from here on
+        device = torch.device("cuda", ranks.local_rank)
+    ranks.device = device
+    if not ranks.main:
+        quiet()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=cfg.train.dist_timeout))
+    ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
+
+
+@contextlib.contextmanager
+def joined(cfg: Config) -> Iterator[Ranks]:
+    """The run's processes, for the length of a run: a collective broken by a process that died or hung becomes a
+    `Stop` with exit 6 and one line; the process group is taken down at the end (a gloo group left to the
+    interpreter's exit aborts it with "terminate called without an active exception")."""
+    ranks = from_env()
+    try:
+        start(cfg, ranks)
+        yield ranks
+    except RuntimeError as err:  # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
+        if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
+            raise Stop(EXIT_PEER, peer_lost(err, cfg)) from err
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def peer_lost(err: BaseException, cfg: Config) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = text.split("] ", 1)[-1].split(". This is", 1)[0]  # gloo: "[.../pair.cc:537] Read error ...: why."
+    latest = list_checkpoints(Path(cfg.output.dir))
+    kept = (f"{latest[-1]} is intact: see the other processes' output, then continue with --resume" if latest else
+            "no checkpoint was written yet: see the other processes' output and start again")
+    return (f"lost the other processes of this run ({reason}): one died or hung (train.dist_timeout="
+            f"{cfg.train.dist_timeout}s); {kept}")
+
+
+def shard_base(model: nn.Module, cfg: Config, ranks: Ranks, device: torch.device) -> None:
+    """FSDP2 over the frozen base: each decoder layer, the input embeddings and the head a unit of their own, the
+    decoder (final norm, rotary tables) the root. Adapters, and a head tied to the embeddings, stay whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    decoder, head, embed = model.get_decoder(), model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        raise ConfigError(f"train.shard_base shards decoders with a .layers list; {type(decoder).__name__} has none: "
+                          "use --train.shard_base=false")
+    dtype = compute_dtype(cfg.quant, device)  # FSDP gathers a unit's tensors as one: one dtype for all of them
+    before = base_bytes(model)
+    store_packed_as(model, dtype)
+    check_gathered_bytes(model)
+    tied = head.weight is embed.weight
+    # Whole on every rank: the adapters (summed like data parallel), and a tied table, which the head uses outside
+    # the decoder's forward (FSDP would need both in one unit; a tied table is a small model's anyway).
+    kept = {p for p in model.parameters() if p.requires_grad} | ({embed.weight} if tied else set())
+    mesh = init_device_mesh(device.type, (ranks.size,))
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh, ignored_params=kept)
+    if not tied:
+        fully_shard(embed, mesh=mesh, ignored_params=kept)
+    fully_shard(decoder, mesh=mesh, ignored_params=kept)
+    if not tied:
+        # The loss calls the head outside the decoder, so it is a root of its own; freed after its forward and
+        # gathered again for its backward, so it is whole only while the loss needs it.
+        fully_shard(head, mesh=mesh, ignored_params=kept, reshard_after_forward=True)
+    for p in kept:  # FSDP moved what it shards; the rest follows (a base loaded into CPU memory)
+        p.data = p.data.to(device)
+    held: list[object] = [None] * ranks.size
+    dist.all_gather_object(held, base_bytes(model))
+    print(f"train.shard_base: the frozen base sharded over {ranks.size} processes (FSDP2), "
+          f"{', '.join(f'{b / 2**20:,.2f}' for b in held)} MiB per process of {before / 2**20:,.2f} MiB "
+          f"(quantisation state whole on each{', embeddings tied to the head whole' if tied else ''})")
+
+
+def store_packed_as(model: nn.Module, dtype: torch.dtype) -> None:
+    """View each packed 4-bit weight as `dtype`, as bitsandbytes stores it under `quant_storage=dtype`: the same bytes
+    (flattened, viewed, a column again), so outputs are bitwise unchanged."""
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.dtype == dtype:
+            continue
+        weight = module.weight
+        nbytes = weight.numel() * weight.element_size()
+        if nbytes % dtype.itemsize:
+            raise ConfigError(f"train.shard_base: a 4-bit weight of {nbytes} bytes cannot be stored as {dtype}: "
+                              "use --train.shard_base=false")
+        weight.data = weight.data.reshape(-1).view(dtype).reshape(-1, 1)
+        weight.quant_storage = module.quant_storage = dtype
+        # Where bitsandbytes looks when FSDP's all-gathered plain tensor has lost the Params4bit's own attribute
+        # (quant.quantize_lm_head builds its Params4bit without a module, so it is not set there yet).
+        module.quant_state = weight.quant_state
+
+
+def byte_sum(t: torch.Tensor) -> int:
+    return int(torch.sum(t.detach().reshape(-1).view(torch.uint8), dtype=torch.int64))
+
+
+def check_gathered_bytes(model: nn.Module) -> None:
+    """Check, at each 4-bit layer's first forward, that the weight FSDP all-gathered holds the bytes loaded. Packed
+    nibbles viewed as a float dtype include NaN bit patterns (about 0.1% of bf16 elements), which a float copy
+    that canonicalises NaNs would silently change (reported for FSDP2 on CUDA: bitsandbytes issue 1945; not seen
+    with gloo on CPU, where the tests compare a sharded run bitwise with an unsharded one)."""
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            expected = byte_sum(module.weight)
+
+            def first_forward(layer: nn.Module, args: tuple, expected: int = expected) -> None:
+                layer.gathered_check.remove()
+                if byte_sum(layer.weight) != expected:
+                    raise ConfigError("train.shard_base: the 4-bit weights FSDP all-gathered differ from those loaded "
+                                      "(a copy that canonicalises NaN bit patterns, bitsandbytes issue 1945?): train "
+                                      "with --train.shard_base=false")
+
+            module.gathered_check = module.register_forward_pre_hook(first_forward)
+
+
+def base_bytes(model: nn.Module) -> int:
+    """Bytes of the frozen base this process holds: its shard of each sharded tensor, the whole of the others, the
+    buffers (rotary tables) and every 4-bit layer's quantisation state."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in [*(p for p in model.parameters() if not p.requires_grad), *model.buffers()]:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        state = module.quant_state if module.quant_state is not None else module.weight.quant_state
+        parts = [state.absmax, state.code]
+        if state.nested:
+            parts += [state.state2.absmax, state.state2.code, state.offset]
+        total += sum(t.numel() * t.element_size() for t in parts if t is not None)
+    return total

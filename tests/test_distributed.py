@@ -1,0 +1,324 @@
+"""Several processes, one run (gloo on CPU): data parallel and a sharded base against one process, a process killed
+or hung, signals, errors printed once, and the torchrun command itself.
+
+Each rank is a real process forked from one that imported qlora.train once (tests/forked_cli.py), given the variables
+torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); one test launches torchrun itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from forked_cli import ROOT, ForkedCLI, Result
+from safetensors.torch import load_file
+
+from qlora.checkpoint import list_checkpoints
+from qlora.config import load_recipe
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+
+STEPS = 6
+# 2 micro-batches per step, an evaluation every 3 steps (held-out batches shared by the ranks), a checkpoint per step.
+ARGS = ["recipes/tiny.py", f"--train.steps={STEPS}", "--train.save_every=1", "--train.keep_checkpoints=2",
+        "--train.eval_every=3", "--train.log_every=1", "--train.grad_accum=2"]
+ONE = ["--train.batch_size=4"]  # one process, 4 rows per micro-batch ...
+TWO = ["--train.batch_size=2"]  # ... the rows two processes of 2 take between them
+# Two ranks sum their gradients in another order than one process's matmuls do, and pad their rows to other widths:
+# float32 rounding, carried through 6 Adam steps at lr 3e-3. Measured: losses and gradient norms within 1.2e-7
+# relative, adapter weights within 2.2e-7 absolute (largest |w| 0.097); the tolerances are ten times that.
+LOSS_TOL = dict(rtol=1e-6, atol=1e-7)
+ADAPTER_TOL = dict(rtol=0, atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    with ForkedCLI() as server:
+        yield server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = "") -> list[int]:
+    """Start `world` ranks of `python -m qlora.train ARGV`, as torchrun would; return their pids, rank 0 first."""
+    port = free_port()
+    pids = []
+    for rank in range(world):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+        pids.append(cli.start(argv, prelude=f"import os\nos.environ.update({env!r})\n{prelude}"))
+    return pids
+
+
+def run_ranks(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = "") -> list[Result]:
+    return [cli.wait(pid) for pid in launch(cli, argv, world, prelude)]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter_model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    keep = ("step", "loss", "lr", "grad_norm", "eval_loss", "eval_exact_match")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k in keep} for line in lines]
+
+
+def assert_same_run(run: Path, reference: Path, loss_tol: dict | None = None, adapter_tol: dict | None = None) -> None:
+    """The adapter and every logged number alike: bitwise by default, else within the tolerances given."""
+    got, expected = metrics(run), metrics(reference)
+    assert [sorted(m) for m in got] == [sorted(m) for m in expected]
+    if loss_tol is None:
+        assert got == expected
+    else:
+        torch.testing.assert_close(got, expected, **loss_tol)
+    a, b = adapter(run), adapter(reference)
+    assert a.keys() == b.keys()
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], **(adapter_tol or dict(rtol=0, atol=0)))
+
+
+def wait_for_step(run: Path, step: int, timeout: float = 120) -> None:
+    """Until rank 0 has logged the training line of `step`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        if any(f'"step": {step},' in line and '"loss"' in line for line in lines):
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"{run} never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def one_process(cli, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    result = cli.run([*ARGS, *ONE, f"--output.dir={out}"])
+    assert result.status == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cli, tmp_path_factory) -> tuple[Path, list[Result]]:
+    out = tmp_path_factory.mktemp("two") / "run"
+    results = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}"])
+    assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    return out, results
+
+
+@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 6])
+def test_every_rank_runs_as_many_evaluation_forwards_and_each_batch_counts_once(size, n):
+    from qlora.distributed import Ranks
+
+    shares = [list(Ranks(rank, size).share(iter(range(10)), n)) for rank in range(size)]
+    assert all(len(share) == -(-n // size) for share in shares)  # a sharded base all-gathers in each forward
+    assert sorted(b for share in shares for b, counted in share if counted) == list(range(n))
+
+
+def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(one_process, two_ranks):
+    out, (rank0, rank1) = two_ranks
+    assert_same_run(out, one_process, LOSS_TOL, ADAPTER_TOL)
+    assert "2 rows x 2 accum x 2 processes = 8 rows/step" in rank0.stdout
+    assert rank1.stdout == "" and rank1.stderr == ""  # rank 0 speaks for the run
+    # Rank 0 alone wrote, and what a one-process run writes.
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+
+
+def test_the_adapter_of_two_ranks_loads_in_peft(one_process, two_ranks):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora.model import keep_cpu_weights_exact
+
+    logits = []
+    for run in (two_ranks[0], one_process):
+        base_path = json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant, dtype=torch.float32,
+                                                    device_map={"": "cpu"})
+        keep_cpu_weights_exact(base)
+        model = PeftModel.from_pretrained(base, str(run)).eval()
+        x = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits.append(model(x).logits)
+            with model.disable_adapter():
+                assert (model(x).logits - logits[-1]).abs().max() > 1e-3  # the adapter contributes
+    torch.testing.assert_close(logits[0], logits[1], **ADAPTER_TOL)
+
+
+FREED = """
+import gc, json, os, weakref
+import qlora.distributed as dist_mod
+shard_base = dist_mod.shard_base
+def watched(model, cfg, ranks, device):
+    base = [weakref.ref(p) for p in model.parameters() if not p.requires_grad]
+    shard_base(model, cfg, ranks, device)
+    gc.collect()
+    with open(os.environ["FREED_LOG"] + str(ranks.rank), "w") as f:
+        json.dump({"alive": sum(r() is not None for r in base), "of": len(base),
+                   "held": dist_mod.base_bytes(model)}, f)
+dist_mod.shard_base = watched
+"""
+
+
+def test_a_sharded_base_gives_the_same_run_with_half_the_base_per_rank(cli, two_ranks, tmp_path, monkeypatch):
+    out, log = tmp_path / "run", tmp_path / "freed-"
+    monkeypatch.setenv("FREED_LOG", str(log))  # the forked ranks inherit the server's environment: set it there
+    results = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}", "--train.shard_base=true"],
+                        prelude=f"os.environ['FREED_LOG'] = {str(log)!r}\n{FREED}")
+    assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    # FSDP all-gathers the very bytes each rank held: the run is bitwise the data-parallel one.
+    assert_same_run(out, two_ranks[0])
+    m = re.search(r"sharded over 2 processes \(FSDP2\), ([\d.]+), ([\d.]+) MiB per process of ([\d.]+) MiB",
+                  results[0].stdout)
+    assert m, results[0].stdout
+    held, whole = [float(m.group(1)), float(m.group(2))], float(m.group(3))
+    # Half of every weight, plus the quantisation state (absmax, code tables) that each rank keeps whole.
+    assert all(0.5 * whole < h < 0.56 * whole for h in held), (held, whole)
+    # The estimator's per-process weights for 2 GPUs (qlora.memory --gpus 2) are what each rank holds.
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.train.shard_base = True
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu", gpus=2).components
+    for rank in (0, 1):  # the unsharded weights were let go: what each rank holds is its shard alone
+        freed = json.loads(Path(f"{log}{rank}").read_text())
+        assert freed["of"] > 0 and freed["alive"] == 0, freed
+        assert freed["held"] == pytest.approx(est["quantized_weights"] + est["unquantized_weights"], rel=0.01)
+
+
+CORRUPT = """
+import torch
+import qlora.distributed as dist_mod
+shard_base = dist_mod.shard_base
+def corrupting(model, cfg, ranks, device):
+    shard_base(model, cfg, ranks, device)
+    if ranks.rank == 1:  # one byte of one packed weight, as a NaN-canonicalising copy would change it
+        local = model.get_decoder().layers[0].mlp.down_proj.base_layer.weight.to_local()
+        local.data.reshape(-1).view(torch.uint8)[0] += 1
+dist_mod.shard_base = corrupting
+"""
+
+
+def test_changed_bytes_in_a_gathered_4bit_weight_stop_the_run(cli, tmp_path):
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}", "--train.shard_base=true"],
+                             prelude=CORRUPT)
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert rank0.stderr.strip().splitlines()[-1].startswith(
+        "error: train.shard_base: the 4-bit weights FSDP all-gathered differ from those loaded") and rank1.stderr == ""
+
+
+def test_kill_9_of_one_rank_stops_the_other_with_one_line_and_resume_ends_the_same(cli, two_ranks, tmp_path):
+    out = tmp_path / "run"
+    for victim in (1, 0):  # the writer's peer, then the writer itself (rank 0, resumed)
+        pids = launch(cli, [*ARGS, *TWO, f"--output.dir={out}", *(["--resume"] if victim == 0 else [])])
+        wait_for_step(out, 2 if victim == 1 else 4)
+        os.kill(pids[victim], signal.SIGKILL)
+        killed = time.monotonic()
+        survivor = cli.wait(pids[1 - victim])
+        seconds = time.monotonic() - killed
+        assert cli.wait(pids[victim]).status == -signal.SIGKILL, "the run ended before the kill: nothing was tested"
+        assert survivor.status == 6 and seconds < 60, (survivor.status, seconds, survivor.stderr)
+        lines = [line for line in survivor.stderr.splitlines() if "Warning" not in line and "state1" not in line]
+        assert len(lines) == 1 and re.fullmatch(
+            rf"{'rank 1: ' if victim == 0 else ''}error: lost the other processes of this run \(.+\): one died or "
+            rf"hung \(train.dist_timeout=600s\); {re.escape(str(out))}/checkpoint-\d+ is intact: see the other "
+            r"processes' output, then continue with --resume", lines[0]), survivor.stderr
+        assert list_checkpoints(out)
+    results = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}", "--resume"])
+    assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    assert_same_run(out, two_ranks[0])
+
+
+def test_a_hung_rank_stops_the_other_after_train_dist_timeout(cli, tmp_path):
+    out = tmp_path / "run"
+    pids = launch(cli, [*ARGS, *TWO, f"--output.dir={out}", "--train.dist_timeout=5"])
+    wait_for_step(out, 1)
+    os.kill(pids[1], signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        rank0 = cli.wait(pids[0])
+        seconds = time.monotonic() - stopped
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+        cli.wait(pids[1])
+    assert rank0.status == 6 and 4 < seconds < 60, (rank0.status, seconds, rank0.stderr)
+    last = rank0.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: lost the other processes of this run \(Timed out waiting \d+ms for \w+ operation "
+                        r"to complete\): one died or hung \(train.dist_timeout=5s\); .*", last), rank0.stderr
+    assert "Traceback" not in rank0.stderr and "terminate called" not in rank0.stderr
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_then_resumes(cli, two_ranks, tmp_path):
+    out = tmp_path / "run"
+    pids = launch(cli, [*ARGS, *TWO, f"--output.dir={out}", "--train.save_every=0"])
+    wait_for_step(out, 2)
+    # Each rank catches a signal at its own moment; the extreme case, one rank only: all stop after the same step.
+    os.kill(pids[1], signal.SIGTERM)
+    rank0, rank1 = (cli.wait(pid) for pid in pids)
+    assert rank0.status == rank1.status == 128 + signal.SIGTERM, (rank0.stderr, rank1.stderr)
+    m = re.fullmatch(r"stopped by SIGTERM after step (\d+); (.+) holds it: continue with --resume",
+                     rank0.stderr.strip().splitlines()[-1])
+    assert m and rank1.stderr == "", (rank0.stderr, rank1.stderr)
+    assert list_checkpoints(out) == [out / f"checkpoint-{m.group(1)}"]
+    results = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}", "--resume"])
+    assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    assert_same_run(out, two_ranks[0])
+
+
+@pytest.mark.parametrize("bad", ["--train.steps=ten", "--data.train=recipes/data/tiny/missing.jsonl"],
+                         ids=["override, before the processes meet", "data, after they met"])
+def test_bad_input_is_reported_once(cli, tmp_path, bad):
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}", bad])
+    assert rank0.status == rank1.status == 2
+    assert len(rank0.stderr.strip().splitlines()) == 1 and rank0.stderr.startswith("error: ")
+    assert rank1.stderr == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_runs_the_recipe_as_the_readme_says(two_ranks, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # `torchrun` is this module with a console-script name.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "qlora.train",
+                             *ARGS, *TWO, f"--output.dir={out}"], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(out, two_ranks[0])
+
+
+def test_memory_report_for_several_gpus(tmp_path):
+    """qlora.memory --gpus 2 on Llama-3.1-70B: data parallel needs what one GPU does; a sharded base halves the NF4
+    weights (their quantisation state stays whole) and the 16-bit ones, and adds the layers FSDP gathers."""
+    proc = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama70b.py", "--gpus", "2", "--json",
+                           f"--out-dir={tmp_path}"], check=True, cwd=ROOT, capture_output=True, text=True)
+    report = json.loads(proc.stdout)
+    assert report["gpus"] == 2
+    qlora, full = report["methods"]["qlora"], report["methods"]["full"]
+    dp, sharded = qlora["per_gpu"]["data_parallel"], qlora["per_gpu"]["shard_base"]
+    assert dp["estimated_peak_bytes"] >= qlora["estimated_peak_bytes"]
+    assert 0.5 < sharded["estimated_peak_bytes"] / qlora["estimated_peak_bytes"] < 0.7
+    one, half = qlora["components"], sharded["components"]
+    state = one["quantized_weights"] - report["arch"]["linear_params"] // 2  # absmax, nested absmax, code tables
+    assert half["quantized_weights"] == pytest.approx(report["arch"]["linear_params"] / 4 + state, rel=1e-6)
+    assert half["unquantized_weights"] == pytest.approx(one["unquantized_weights"] / 2, rel=1e-6)
+    assert half["gathered_weights"] > 0 and sum(half.values()) == sharded["estimated_peak_bytes"]
+    assert "shard_base" not in full["per_gpu"]  # full fine-tuning trains every weight: nothing frozen to shard
+    md = (tmp_path / "llama70b-none.md").read_text()
+    assert "## On 2 GPUs, per GPU (estimated)" in md and "base sharded" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama70b.py", "--gpus", "0"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --gpus '0': give the number of GPUs (processes), e.g. --gpus 2"]
