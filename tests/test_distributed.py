@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from forked_cli import ROOT, ForkedCLI, Result
-from safetensors.torch import load_file
+from test_crash import adapter, metrics, wait_for_step  # the run dir's adapter, metrics, progress (rank 0 writes)
 
 from qlora.checkpoint import list_checkpoints
 from qlora.config import load_recipe
@@ -67,16 +67,6 @@ def run_ranks(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = ""
     return [cli.wait(pid) for pid in launch(cli, argv, world, prelude)]
 
 
-def adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "adapter_model.safetensors"))
-
-
-def metrics(run: Path) -> list[dict]:
-    keep = ("step", "loss", "lr", "grad_norm", "eval_loss", "eval_exact_match")
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k in keep} for line in lines]
-
-
 def assert_same_run(run: Path, reference: Path, loss_tol: dict | None = None, adapter_tol: dict | None = None) -> None:
     """The adapter and every logged number alike: bitwise by default, else within the tolerances given."""
     got, expected = metrics(run), metrics(reference)
@@ -89,17 +79,6 @@ def assert_same_run(run: Path, reference: Path, loss_tol: dict | None = None, ad
     assert a.keys() == b.keys()
     for key in b:
         torch.testing.assert_close(a[key], b[key], **(adapter_tol or dict(rtol=0, atol=0)))
-
-
-def wait_for_step(run: Path, step: int, timeout: float = 120) -> None:
-    """Until rank 0 has logged the training line of `step`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-        if any(f'"step": {step},' in line and '"loss"' in line for line in lines):
-            return
-        time.sleep(0.005)
-    raise TimeoutError(f"{run} never reached step {step}")
 
 
 @pytest.fixture(scope="module")
@@ -299,12 +278,14 @@ def test_torchrun_runs_the_recipe_as_the_readme_says(two_ranks, tmp_path):
     assert_same_run(out, two_ranks[0])
 
 
-def test_memory_report_for_several_gpus(tmp_path):
+def test_memory_report_for_several_gpus(tmp_path, capsys):
     """qlora.memory --gpus 2 on Llama-3.1-70B: data parallel needs what one GPU does; a sharded base halves the NF4
     weights (their quantisation state stays whole) and the 16-bit ones, and adds the layers FSDP gathers."""
-    proc = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama70b.py", "--gpus", "2", "--json",
-                           f"--out-dir={tmp_path}"], check=True, cwd=ROOT, capture_output=True, text=True)
-    report = json.loads(proc.stdout)
+    from qlora.memory.report import main
+
+    assert main(["recipes/llama70b.py", "--gpus", "2", "--json", f"--out-dir={tmp_path}"]) == 0
+    proc = capsys.readouterr()
+    report = json.loads(proc.out)
     assert report["gpus"] == 2
     qlora, full = report["methods"]["qlora"], report["methods"]["full"]
     dp, sharded = qlora["per_gpu"]["data_parallel"], qlora["per_gpu"]["shard_base"]
@@ -317,8 +298,7 @@ def test_memory_report_for_several_gpus(tmp_path):
     assert half["gathered_weights"] > 0 and sum(half.values()) == sharded["estimated_peak_bytes"]
     assert "shard_base" not in full["per_gpu"]  # full fine-tuning trains every weight: nothing frozen to shard
     md = (tmp_path / "llama70b-none.md").read_text()
-    assert "## On 2 GPUs, per GPU (estimated)" in md and "base sharded" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama70b.py", "--gpus", "0"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    assert "## On 2 GPUs, per GPU (estimated)" in md and "base sharded" in proc.err
+    assert main(["recipes/llama70b.py", "--gpus", "0", f"--out-dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: --gpus '0': give the number of GPUs (processes), e.g. --gpus 2"]
