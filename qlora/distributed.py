@@ -156,8 +156,9 @@ class Ranks:
         if self.several and ranks and len(ranks) == self.size:
             set_rng_state(ranks[self.rank], self.device)
         elif self.several:
-            print(f"the checkpoint was written by {len(ranks or [0])} process(es), this run has {self.size}: the "
-                  "global batch and dropout draws differ from the run that wrote it")
+            print(f"the checkpoint was written by {len(ranks or [0])} process(es), this run has {self.size}: dropout "
+                  "draws differ from the run that wrote it, and so do the batches unless processes x "
+                  "train.batch_size is the same")
 
     def share(self, batches: Iterable[T], n: int) -> Iterator[tuple[T, bool]]:
         """This rank's share of the first `n` batches (round robin), each with whether its statistics count. Every
