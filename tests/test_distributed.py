@@ -141,16 +141,16 @@ def test_the_adapter_of_two_ranks_loads_in_peft(one_process, two_ranks):
 
 FREED = """
 import gc, json, os, weakref
-import qlora.distributed as dist_mod
-shard_base = dist_mod.shard_base
-def watched(model, cfg, ranks, device):
+import qlora.shard
+shard_base = qlora.shard.shard_base
+def watched(model, cfg, size, device):
     base = [weakref.ref(p) for p in model.parameters() if not p.requires_grad]
-    shard_base(model, cfg, ranks, device)
+    shard_base(model, cfg, size, device)
     gc.collect()
-    with open(os.environ["FREED_LOG"] + str(ranks.rank), "w") as f:
+    with open(os.environ["FREED_LOG"] + os.environ["RANK"], "w") as f:
         json.dump({"alive": sum(r() is not None for r in base), "of": len(base),
-                   "held": dist_mod.base_bytes(model)}, f)
-dist_mod.shard_base = watched
+                   "held": qlora.shard.base_bytes(model)}, f)
+qlora.shard.shard_base = watched
 """
 
 
@@ -180,14 +180,14 @@ def test_a_sharded_base_gives_the_same_run_with_half_the_base_per_rank(cli, two_
 
 CORRUPT = """
 import torch
-import qlora.distributed as dist_mod
-shard_base = dist_mod.shard_base
-def corrupting(model, cfg, ranks, device):
-    shard_base(model, cfg, ranks, device)
-    if ranks.rank == 1:  # one byte of one packed weight, as a NaN-canonicalising copy would change it
+import qlora.shard
+shard_base = qlora.shard.shard_base
+def corrupting(model, cfg, size, device):
+    shard_base(model, cfg, size, device)
+    if os.environ["RANK"] == "1":  # one byte of one packed weight, as a NaN-canonicalising copy would change it
         local = model.get_decoder().layers[0].mlp.down_proj.base_layer.weight.to_local()
         local.data.reshape(-1).view(torch.uint8)[0] += 1
-dist_mod.shard_base = corrupting
+qlora.shard.shard_base = corrupting
 """
 
 
