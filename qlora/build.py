@@ -7,9 +7,12 @@ heavy is imported at module level: recipes import `cache_dir` from here, and rea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,6 +99,41 @@ def ensure_checkpoint(cfg: Config) -> str:
     return str(target.resolve())
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """`name` or `owner/name`, and no local path: anything else that does not exist is a mistyped path, not a
+    download."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not os.path.exists(name)
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None if it can.
+
+    Without a network, huggingface_hub and datasets retry each request for ~25 s before they fail. So one connection
+    is tried first (3 s at most); if it fails, the hub libraries are switched to offline mode for the rest of the
+    command, and a copy in the local cache still loads while anything else fails at once. Behind a proxy the direct
+    connection proves nothing, so it is not tried.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return None
+    except OSError as err:
+        reason = f"no network: {url.hostname} cannot be reached ({err.strerror or err})"
+    constants.HF_HUB_OFFLINE = True  # read by huggingface_hub (and transformers) at each request
+    if "datasets.config" in sys.modules:  # datasets keeps its own copy of the flag
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = True
+    return reason
+
+
 def local_checkpoint(path: str) -> Path:
     """A checkpoint directory, or a hub id's snapshot (from the cache that loading it for training filled)."""
     if Path(path).is_dir():
@@ -103,11 +141,16 @@ def local_checkpoint(path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    hub = looks_like_hub_id(path)
+    offline = hub_unreachable() if hub else None
     try:
+        if not hub:
+            raise FileNotFoundError(f"no directory {path}")
         return Path(snapshot_download(path, allow_patterns=patterns))
     except Exception as err:  # huggingface_hub raises several types for a missing repo or no network
-        raise ConfigError(f"base {path} is neither a local directory nor a reachable hub checkpoint "
-                          f"({str(err).splitlines()[0]}): fetch it first with huggingface-cli download {path}") from err
+        why = f"{offline}, and it is not in the local cache" if offline else str(err).splitlines()[0]
+        raise ConfigError(f"base {path} is neither a local directory nor a reachable hub checkpoint ({why}): fetch "
+                          f"it first with huggingface-cli download {path}, or give a local directory") from err
 
 
 def checkpoint_shards(root: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""The run directory: checkpoints, the final adapter, run_config.json, and the check that a run dir is ours to use.
+"""Checkpoints and the final adapter: written atomically, read back with every file checked.
 
 Every write is atomic. A checkpoint is written into `.tmp-checkpoint-<step>/`, flushed to disk, then renamed to
 `checkpoint-<step>/`, so a directory of that name is always complete and a run killed mid-save leaves only a `.tmp-`
@@ -6,11 +6,16 @@ directory that resume ignores (and the next start removes). Old checkpoints are 
 so a half-deleted one is never taken for complete either. The final adapter files are written the same way, each
 renamed over its predecessor. A failed save (disk full) removes its own `.tmp-` directory and leaves every earlier
 checkpoint as it was.
+
+A checkpoint can still be damaged afterwards (a file truncated by a copy, deleted, or replaced): `--resume` reads
+every file of the newest one and checks names, shapes and values before using any of it, and falls back to the newest
+one that is whole (`resume_latest`), saying which and why; the run directory (qlora/rundir.py) then renames the
+damaged ones aside for inspection.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import random
 import re
@@ -22,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.cli import DISK_FULL, EXIT_SAVE, Stop
 from qlora.config import Config, ConfigError
-from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from qlora.lora import load_adapter, save_adapter
 
 STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
@@ -30,9 +35,6 @@ FULL_WEIGHTS = "trainable.safetensors"
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# What makes two runs the same run: the base and its quantisation, and the adapters' shape. Anything else (steps, lr)
-# may change on --resume.
-IDENTITY = ("model.path", "quant.method", "quant.quant_type", "lora.r", "lora.alpha", "lora.targets")
 
 
 class SaveError(Stop):
@@ -40,6 +42,10 @@ class SaveError(Stop):
 
     def __init__(self, message: str) -> None:
         super().__init__(EXIT_SAVE, message)
+
+
+class Unusable(Exception):
+    """A checkpoint that cannot be resumed from; the message names the file and what is wrong with it."""
 
 
 def rng_state(device: torch.device) -> dict:
@@ -77,9 +83,17 @@ def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: P
 
 
 def load_weights(model: torch.nn.Module, cfg: Config, ckpt: Path) -> None:
+    """Load the weights saved in `ckpt`; on ValueError (names, shapes, nan) or OSError the model is as it was."""
     if cfg.quant.method == "full":
         state = load_file(str(ckpt / FULL_WEIGHTS))
-        params = dict(model.named_parameters())
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != set(params):
+            missing, extra = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
+            raise ValueError(f"{FULL_WEIGHTS} does not hold this model's weights (missing {missing}, unexpected "
+                             f"{extra})")
+        for name, tensor in state.items():
+            if tensor.shape != params[name].shape or not torch.isfinite(tensor).all():
+                raise ValueError(f"{FULL_WEIGHTS}: {name} has another shape than this model's, or holds nan/inf")
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)
@@ -96,15 +110,32 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _reason(err: BaseException) -> str:
-    """The root cause in words: torch.save reports a full disk as "unexpected pos 704 vs 598", caused by an OSError."""
+def _os_cause(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: torch.save reports a full disk as "unexpected pos 704 vs 598", caused by one."""
     cause: BaseException | None = err
     while cause is not None:
         if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
+            return cause
         cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """The root cause in words."""
+    if (cause := _os_cause(err)) is not None:
+        return cause.strerror
     text = str(err).strip()
     return text.splitlines()[-1] if text else type(err).__name__
+
+
+def _fix(err: BaseException, run_dir: Path) -> str:
+    """What to do about a failed save, by its cause: only a full disk is helped by freeing space."""
+    code = getattr(_os_cause(err), "errno", None)
+    if code in DISK_FULL:
+        return "free some space"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {run_dir} writable"
+    return "remove the cause"
 
 
 def _torch_save(obj: object, path: Path) -> None:
@@ -117,7 +148,7 @@ def _intact(run_dir: Path) -> str:
     return f"{latest[-1]} is intact" if latest else "there is no earlier checkpoint"
 
 
-def _remove(path: Path) -> None:
+def remove_checkpoint(path: Path) -> None:
     """Delete a directory by first renaming it out of the checkpoint namespace: never half-deleted under its name."""
     trash = path.with_name(f".trash-{path.name}")
     shutil.rmtree(trash, ignore_errors=True)
@@ -141,17 +172,17 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
             _fsync(file)
         _fsync(tmp)
         if final.exists():  # a re-save of the same step: the old one goes only once the new one is whole
-            _remove(final)
+            remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync(run_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception):
             raise SaveError(f"could not write checkpoint-{step} in {run_dir} ({_reason(err)}); {_intact(run_dir)}: "
-                            "free some space, then continue with --resume") from err
+                            f"{_fix(err, run_dir)}, then continue with --resume") from err
         raise  # KeyboardInterrupt, SystemExit: the .tmp- directory is gone, the rest untouched
     for old in list_checkpoints(run_dir)[:-cfg.train.keep_checkpoints]:
-        _remove(old)
+        remove_checkpoint(old)
     return final
 
 
@@ -169,98 +200,112 @@ def save_final(model: torch.nn.Module, cfg: Config, base_path: str, run_dir: Pat
             os.replace(file, run_dir / file.name)
         _fsync(run_dir)
     except Exception as err:
-        raise SaveError(f"could not write the adapter to {run_dir} ({_reason(err)}); {_intact(run_dir)}: free some "
-                        "space, then rerun with --resume to write it") from err
+        raise SaveError(f"could not write the adapter to {run_dir} ({_reason(err)}); {_intact(run_dir)}: "
+                        f"{_fix(err, run_dir)}, then rerun with --resume to write it") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Every `checkpoint-<step>` directory, complete or not, oldest first."""
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
-             if (m := PATTERN.match(p.name)) and (p / STATE).is_file() and (p / OPTIMIZER).is_file()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := PATTERN.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [p for p in checkpoint_dirs(run_dir) if (p / STATE).is_file() and (p / OPTIMIZER).is_file()]
+
+
+def _read(ckpt: Path, name: str) -> dict:
+    # weights_only: a checkpoint is data, never code (torch.load's pickle would run whatever it holds).
+    try:
+        value = torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, truncated, not a torch file, a pickle that is not plain data
+        raise Unusable(f"{name} is unreadable ({_reason(err)})") from err
+    if not isinstance(value, dict):
+        raise Unusable(f"{name} holds a {type(value).__name__}, not a state dict")
+    return value
+
+
+def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Raise Unusable unless `saved` is a state of `optimizer`'s parameters with finite moments: torch checks only the
+    group sizes, and a moment of another shape would fail at the next step, after the run directory was written."""
+    if "masters" in saved:  # qlora/master.py: the fp32 copies of 16-bit adapters, beside the inner optimizer's state
+        masters, ours = saved["masters"], [p for g in optimizer.param_groups for p in g["params"]]
+        if not isinstance(masters, list) or [getattr(m, "shape", None) for m in masters] != [p.shape for p in ours]:
+            raise Unusable(f"{OPTIMIZER} holds fp32 master weights of other shapes than this model's adapters")
+        if not all(torch.isfinite(m).all() for m in masters):
+            raise Unusable(f"{OPTIMIZER} holds fp32 master weights with nan or inf")
+        saved = saved.get("inner", {})
+    groups = saved.get("param_groups")
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [
+            len(g["params"]) for g in optimizer.param_groups]:
+        raise Unusable(f"{OPTIMIZER} is the state of other parameters than this model's adapters")
+    ours = [p for g in optimizer.param_groups for p in g["params"]]
+    params = dict(zip((i for g in groups for i in g["params"]), ours, strict=True))
+    for index, state in saved.get("state", {}).items():
+        if index not in params:
+            raise Unusable(f"{OPTIMIZER} holds state for parameter {index}, which this model does not have")
+        # bitsandbytes keeps its moments one level down, under __bnb_optimizer_quant_state__
+        nested = [v.items() for v in state.values() if isinstance(v, dict)]
+        for name, value in [*state.items(), *(item for items in nested for item in items)]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name in ("exp_avg", "exp_avg_sq", "state1", "state2") and value.shape != params[index].shape:
+                raise Unusable(f"{OPTIMIZER}: {name} of parameter {index} has shape {tuple(value.shape)}, not "
+                               f"{tuple(params[index].shape)}")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise Unusable(f"{OPTIMIZER}: {name} of parameter {index} holds nan or inf")
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer,
                     scheduler: object) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from `ckpt`; return the trainer state (step, ...)."""
+    """Restore weights, optimizer, scheduler and RNG from `ckpt`; return the trainer state (step, ...).
+
+    Every file is read and checked before any is applied; Unusable names the first that fails. The optimizer state
+    is kept only if the checkpoint was written with the same train.optimizer (the state of one is no state of another:
+    the optimizer then starts afresh, and the returned state says so under "optimizer_restarted").
+    """
+    state = _read(ckpt, STATE)
+    if not isinstance(state.get("step"), int) or state["step"] < 0 or not isinstance(state.get("scheduler"), dict) \
+            or not isinstance(state.get("rng"), dict):
+        raise Unusable(f"{STATE} lacks the step, scheduler or RNG state of a checkpoint")
+    same_optimizer = state.get("optimizer", cfg.train.optimizer) == cfg.train.optimizer
+    optimizer_state = _read(ckpt, OPTIMIZER) if same_optimizer else None
+    if optimizer_state is not None:
+        _check_optimizer_state(optimizer_state, optimizer)
     try:
-        load_weights(model, cfg, ckpt)
-    except (OSError, ValueError) as err:  # another base, other lora.targets, or a damaged file
-        raise ConfigError(f"{ckpt} does not fit this model ({str(err).splitlines()[0]}): resume with the recipe "
-                          "that wrote it, or use --overwrite to start over") from err
-    # weights_only: a checkpoint is data, never code (torch.load's pickle would run whatever it holds).
-    optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True))
-    state = torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"], run_device(model))
+        load_weights(model, cfg, ckpt)  # checks every name, shape and value before it copies one
+    except Exception as err:  # missing, truncated (SafetensorError), another shape, nan
+        weights = FULL_WEIGHTS if cfg.quant.method == "full" else "the adapter"
+        raise Unusable(f"{weights} is unusable ({_reason(err)})") from err
+    try:
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], run_device(model))
+    except Exception as err:  # well-formed files whose contents still do not fit (a state from another version)
+        raise Unusable(f"its optimizer, scheduler or RNG state does not fit this run ({_reason(err)})") from err
+    if not same_optimizer:
+        state["optimizer_restarted"] = state["optimizer"]
     return state
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-def _same_path(a: object, b: object) -> bool:
-    norm = [os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and os.path.exists(p) else p for p in (a, b)]
-    return norm[0] == norm[1]
-
-
-def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse an output dir that holds another run, or a run that would be started over by mistake. Reads only."""
-    if resume and overwrite:
-        raise ConfigError("--resume continues the run in output.dir and --overwrite discards it: pass one of them")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output.dir={run_dir} is a file: point output.dir at a directory")
-    if overwrite or not run_dir.is_dir():
-        return
-    latest = list_checkpoints(run_dir)
-    saved_path = run_dir / RUN_CONFIG
-    if saved_path.is_file():
+def resume_latest(run_dir: Path, model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer,
+                  scheduler: object) -> tuple[Path | None, dict, list[tuple[Path, str]]]:
+    """Restore the newest usable checkpoint: (its path or None if there is none, its trainer state, and the newer
+    ones that were unusable, each with the reason). Raises ConfigError when checkpoints exist and none is usable."""
+    damaged: list[tuple[Path, str]] = []
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
         try:
-            saved = _flat(json.loads(saved_path.read_text()))
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{saved_path} is unreadable ({err}): use another output.dir, or --overwrite") from err
-        ours = _flat(cfg.to_dict())
-        keys = [k for k in IDENTITY if not (k.startswith("lora.") and cfg.quant.method == "full")]
-        differ = [f"{k}={saved.get(k)!r}, this recipe {ours[k]!r}" for k in keys
-                  if not (_same_path(saved.get(k), ours[k]) if k == "model.path" else saved.get(k) == ours[k])]
-        if differ:
-            raise ConfigError(f"output.dir={run_dir} holds another run ({'; '.join(differ)}): use another "
-                              "output.dir, or --overwrite to replace that run")
-        if resume:
-            changed = [f"{k} {saved[k]!r} -> {ours[k]!r}" for k in ours if k in saved and saved[k] != ours[k]]
-            if changed:
-                print(f"resuming with changed settings: {', '.join(changed)}")
-    if latest and not resume:
-        raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
-                          "continue it, or --overwrite to start over")
-
-
-def start_run(run_dir: Path, cfg: Config, overwrite: bool) -> None:
-    """The first write of a run, once every input is validated: clear a replaced run, record the config."""
-    try:
-        if overwrite and run_dir.is_dir():
-            for path in run_dir.iterdir():
-                if PATTERN.match(path.name):
-                    _remove(path)  # renamed first: a kill mid-delete never leaves a partial checkpoint-N
-                elif path.name in (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, "memory.json"):
-                    path.unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for path in run_dir.iterdir():  # what a killed run left half-written: never read, so only in the way
-            if path.name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        tmp = run_dir / f".tmp-{RUN_CONFIG}"
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        os.replace(tmp, run_dir / RUN_CONFIG)
-    except OSError as err:
-        if err.errno in DISK_FULL:
-            raise  # not the user's choice of directory: reported as a full disk, exit 5
-        raise ConfigError(f"output.dir={run_dir} cannot be written ({err.strerror}): choose another output.dir") \
-            from err
+            return ckpt, load_checkpoint(ckpt, model, cfg, optimizer, scheduler), damaged
+        except Unusable as err:
+            damaged.append((ckpt, str(err)))
+    if damaged:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise ConfigError(f"no checkpoint in {run_dir} can be resumed from ({reasons}): restore one, or start "
+                          "again with --overwrite")
+    return None, {}, []

@@ -16,12 +16,17 @@ Every `python -m qlora.<command>` calls `run(main)`; `--debug` anywhere on its c
 instead of the line. A Ctrl-C or SIGTERM that arrives while Python is still importing torch ends in one line too:
 `qlora/__init__.py` calls `catch_early_signals()` as such a command starts.
 
-Nothing is imported here at module level, not even qlora.config: this module runs before anything else is loaded
-(and `python -m qlora.config` must find qlora.config not yet imported).
+A file or directory the command cannot use (permission denied, a read-only disk, a directory where a file should be,
+or the other way round) is bad input too (2), whichever command met it; argparse's own errors are one line with
+exit 2 as well (`ArgumentParser`). A closed stdout (`... | head`) ends the command quietly.
+
+Nothing is imported here at module level but the standard library, not even qlora.config: this module runs before
+anything else is loaded (and `python -m qlora.config` must find qlora.config not yet imported).
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import signal
@@ -31,6 +36,9 @@ from pathlib import Path
 
 EXIT_BUG, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE, EXIT_PEER = 1, 2, 3, 4, 5, 6
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Errors of a path the user chose, not of the program: "cannot use PATH (reason)", exit 2.
+UNUSABLE_PATH = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
+                 errno.ENAMETOOLONG, errno.ELOOP)
 
 
 class Stop(Exception):
@@ -39,6 +47,31 @@ class Stop(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line and exit 2, like every other bad input (argparse prints a usage line
+    above the error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        raise Stop(EXIT_BAD_INPUT, f"{message} (usage: {usage})")
+
+
+def check_writable(path: Path, what: str, directory: bool = False) -> None:
+    """Refuse (exit 2) a `path` a command is told to write (a file, or with `directory` one to create or fill) that
+    cannot be: of the other kind, under a file, or in a directory it may not write. Checked before any work."""
+    if path.exists() and path.is_dir() != directory:
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} is a {'directory' if path.is_dir() else 'file'}: give "
+                                   f"{'a directory' if directory else 'the path of a file'}")
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest existing ancestor: where creating starts
+        probe = probe.parent
+    if not probe.is_dir() and probe != path:
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} is not writable ({probe}: permission denied): choose another "
+                                   "path or make it writable")
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -99,6 +132,8 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
         return EXIT_SAVE, (f"error: could not write {err.filename or 'a file'} ({err.strerror}); "
                            + (f"{intact}: free some space, then continue with --resume" if intact
                               else "free some space, then run the command again"))
+    if isinstance(err, OSError) and err.errno in UNUSABLE_PATH and err.filename is not None:
+        return EXIT_BAD_INPUT, f"error: cannot use {err.filename} ({err.strerror}): check that path, or choose another"
     return None
 
 
@@ -107,12 +142,20 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    Session.run_dir = Session.signal = None
-    default_term = signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # it would end the process without a word
-    if default_term:
-        signal.signal(signal.SIGTERM, raise_signal_interrupt)
+    if Session.signal is not None:  # a Ctrl-C during the imports that a library caught and went on from
+        signum, Session.signal = Session.signal, None
+        print(f"stopped by {signal.Signals(signum).name} while starting: nothing was written", file=sys.stderr)
+        return 128 + signum
+    Session.run_dir = None
+    replaced = {}  # from here on a signal is raised, so that what a command started can be cleaned up
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIG_DFL: SIGTERM would end the process without a word
+        if signal.getsignal(sig) in (signal.SIG_DFL, exit_while_starting):
+            replaced[sig] = signal.signal(sig, raise_signal_interrupt)
     try:
         return main(argv) or 0
+    except BrokenPipeError:  # stdout closed by its reader (`| head`): nothing more to say, and no one to say it to
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (Exception, KeyboardInterrupt) as err:
         ending = exit_status(err)
         if debug or ending is None:
@@ -122,8 +165,17 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             print(line, file=sys.stderr)
         return code
     finally:
-        if default_term:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        Session.run_dir = Session.signal = None  # a later command in this process starts afresh
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
+
+
+def exit_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM during the imports, before `run` took over: nothing is written yet, so the process ends here,
+    at once. Raising instead can abort the interpreter: an exception thrown through torch's C++ while it imports
+    ends in "terminate called after throwing an instance of 'pybind11::error_already_set'" and SIGABRT."""
+    os.write(2, f"stopped by {signal.Signals(signum).name} while starting: nothing was written\n".encode())
+    os._exit(128 + signum)
 
 
 def line_of_this_rank(code: int, line: str) -> str | None:
@@ -136,7 +188,8 @@ def line_of_this_rank(code: int, line: str) -> str | None:
 
 
 def _early_excepthook(kind: type[BaseException], err: BaseException, tb: object) -> None:
-    """A Ctrl-C or SIGTERM during the imports, before `run` took over: one line, and the signal's exit status."""
+    """A Ctrl-C or SIGTERM raised during the imports (with --debug, or one a library turned into another error):
+    one line, and the signal's exit status."""
     if (signum := interrupting_signal(err)) is not None and "--debug" not in sys.argv:
         print(f"stopped by {signal.Signals(signum).name} while starting: nothing was written", file=sys.stderr)
         sys.stderr.flush()
@@ -145,7 +198,9 @@ def _early_excepthook(kind: type[BaseException], err: BaseException, tb: object)
 
 
 def catch_early_signals() -> None:
-    """From the first import of a command on, Ctrl-C and SIGTERM end it with one line."""
-    signal.signal(signal.SIGINT, raise_signal_interrupt)
-    signal.signal(signal.SIGTERM, raise_signal_interrupt)
+    """From the first import of a command on, Ctrl-C and SIGTERM end it with one line (with --debug, by raising:
+    the traceback shows where the imports were)."""
+    handler = raise_signal_interrupt if "--debug" in sys.argv else exit_while_starting
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
     sys.excepthook = _early_excepthook

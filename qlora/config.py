@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import json
+import math
 import re
 import sys
 import traceback
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("qlora", "lora", "full")
+# Attention kernels transformers offers for our models, and the package each needs beyond torch.
+ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn"}
 
 # Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
 ALIASES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
@@ -34,8 +38,12 @@ TYPE_EXAMPLES = {bool: "true or false", int: "an integer such as 16", float: "a 
                  str: "a string", list: "a list of strings such as ['q_proj', 'v_proj']"}
 
 
+INT64 = 2**63  # every integer setting ends up in a torch or numpy int64 somewhere (a seed, a step, a shape)
+
+
 def check_types(section: object) -> None:
-    """Raise if a field's value is not of its declared type: a recipe is plain Python, so nothing else checks it."""
+    """Raise if a field's value is not of its declared type, or is a number no setting can mean (nan, inf, an integer
+    beyond 64 bits): a recipe is plain Python, so nothing else checks it."""
     name = type(section).__name__.removesuffix("Config").lower()  # LoRAConfig -> lora
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
@@ -46,6 +54,14 @@ def check_types(section: object) -> None:
             raise ConfigError(f"{name}.{f.name}={value!r} is a {type(value).__name__}: set it to "
                               f"{TYPE_EXAMPLES.get(origin, getattr(origin, '__name__', origin))}"
                               f"{' or None' if type(None) in typing.get_args(hint) else ''}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}.{f.name}={value} is not a finite number: set it to one, e.g. the default "
+                              f"--{name}.{f.name}={f.default}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+            raise ConfigError(f"{name}.{f.name}={value} does not fit in 64 bits: set it to a sensible value, e.g. "
+                              f"the default --{name}.{f.name}={f.default}")
+        if isinstance(value, str) and "\0" in value:
+            raise ConfigError(f"{name}.{f.name}={value!r} holds a NUL character: no path or name can")
 
 
 def _has_type(value: object, hint: object) -> bool:
@@ -85,6 +101,14 @@ class ModelConfig:
         check_types(self)
         if not self.path:
             raise ConfigError("model.path is empty: set it to a hub id or a local checkpoint directory")
+        if self.attn_implementation not in ATTENTION:
+            raise ConfigError(f"model.attn_implementation={self.attn_implementation!r}: use "
+                              f"{', '.join(ATTENTION)}")
+        package = ATTENTION[self.attn_implementation]
+        if package and importlib.util.find_spec(package) is None:  # found here, not minutes later by transformers
+            raise ConfigError(f"model.attn_implementation={self.attn_implementation} needs the {package} package, "
+                              f"which is not installed: pip install {package.replace('_', '-')} (CUDA only), or "
+                              "use --model.attn_implementation=sdpa")
 
 
 @dataclass
@@ -230,15 +254,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for key in ("steps", "batch_size", "grad_accum"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, key) <= 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be a positive integer")
-        for key in ("warmup_steps", "eval_every", "eval_batches", "save_every", "log_every", "loss_chunk_size",
-                    "max_bad_steps"):
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be a positive integer, e.g. "
+                                  f"--train.{key}=1")
+        for key in ("warmup_steps", "eval_every", "eval_batches", "save_every", "loss_chunk_size", "max_bad_steps"):
             if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative")
-        if not self.lr > 0:  # also refuses nan
+                raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}=0")
+        if not self.lr > 0:  # nan and inf are refused by check_types
             raise ConfigError(f"train.lr={self.lr} must be positive, e.g. --train.lr=2e-4")
+        for key in ("weight_decay", "max_grad_norm"):  # AdamW refuses a negative decay; a negative clip flips gradients
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}="
+                                  f"{getattr(TrainConfig, key)}")
+        if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit, and batch order mixes the seed with the epoch
+            raise ConfigError(f"train.seed={self.seed} must lie in [0, 2**32), e.g. --train.seed=0")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule={self.schedule!r}: use cosine or constant")
         if self.optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
@@ -296,6 +326,9 @@ class Config:
         if self.train.shard_base and self.model.embeddings_on_cpu:
             raise ConfigError("train.shard_base shards the embeddings across the processes' devices; "
                               "model.embeddings_on_cpu keeps them in CPU memory: turn one of them off")
+        if self.model.embeddings_on_cpu and self.quant.method == "full":
+            raise ConfigError("model.embeddings_on_cpu keeps a frozen table, but quant.method=full trains every "
+                              "weight: set --model.embeddings_on_cpu=false or use qlora/lora")
         if self.lora.init == "loftq" and (self.quant.method != "qlora" or self.model.synthetic):
             raise ConfigError("lora.init=loftq corrects the rounding of a 4-bit base loaded from 16-bit weights: "
                               f"with quant.method={self.quant.method}"
@@ -306,17 +339,48 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def config_from_dict(raw: object, source: str) -> Config:
+    """A Config from its `to_dict()` form (a run's run_config.json), checked as a recipe is; `source` names it."""
+    sections = typing.get_type_hints(Config)
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(name, {}), dict) for name in sections):
+        raise ConfigError(f"{source} is not a run config (a JSON object of sections model, data, ...): restore it, "
+                          "or start the run again with --overwrite")
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source} has no section {unknown[0]!r} in this version of qlora: restore the file")
+    try:
+        return Config(**{name: sections[name](**raw[name]) for name in sections if name in raw})
+    except TypeError as err:  # a key this version of Config does not know, or a missing section
+        raise ConfigError(f"{source} does not fit this version of qlora.config ({err})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def read_config_json(path: Path) -> Config:
+    """The Config a run recorded in `path` (its run_config.json)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else str(err)
+        raise ConfigError(f"{path} is unreadable ({reason}): restore it, or start the run again with --overwrite") \
+            from None
+    return config_from_dict(raw, str(path))
+
+
 def load_recipe(path: str | Path) -> Config:
     """Execute a recipe file and return its `config`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} not found: pass the path of a recipe file such as recipes/tiny.py")
+        problem = "is a directory" if path.is_dir() else "not found"
+        raise ConfigError(f"recipe {path} {problem}: pass the path of a recipe file such as recipes/tiny.py")
     spec = importlib.util.spec_from_file_location(f"qlora_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
         raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
+    except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
+        raise ConfigError(f"{path}: the recipe called exit({err.code!r}): a recipe only builds `config`") from None
     except Exception as err:  # a failed check, a NameError, an unknown keyword...: name the recipe's line, not ours
         frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
@@ -394,14 +458,18 @@ def _parse(raw: str, annotation: object, key: str) -> object:
     return raw
 
 
-def parse_args(argv: list[str], usage: str) -> tuple[Config, list[str]]:
-    """Split argv into recipe path, flags (--resume, ...) and overrides; return the config and the flags."""
+def split_args(argv: list[str], usage: str) -> tuple[str, list[str], list[str]]:
+    """Split argv into the recipe path, flags (--resume, ...) and overrides (--section.key=value)."""
     if not argv or argv[0].startswith("-"):
         raise ConfigError(f"no recipe given: {usage}")
     flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
-    overrides = [a for a in argv[1:] if a not in flags]
-    config = load_recipe(argv[0])
-    return apply_overrides(config, overrides), flags
+    return argv[0], flags, [a for a in argv[1:] if a not in flags]
+
+
+def parse_args(argv: list[str], usage: str) -> tuple[Config, list[str]]:
+    """Split argv into recipe path, flags (--resume, ...) and overrides; return the config and the flags."""
+    recipe, flags, overrides = split_args(argv, usage)
+    return apply_overrides(load_recipe(recipe), overrides), flags
 
 
 def main(argv: list[str] | None = None) -> int:

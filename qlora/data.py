@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from qlora.build import hub_unreachable, looks_like_hub_id
 from qlora.config import ConfigError, DataConfig
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's ignore_index
@@ -29,11 +30,10 @@ ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\
 def read_rows(source: str) -> list[dict]:
     """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
     path = Path(source).expanduser()
-    # A hub id is `name` or `owner/name`; anything else that does not exist is a mistyped path, not a download.
-    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
-    if path.suffix in LOADERS or path.exists() or looks_local:
+    if path.suffix in LOADERS or not looks_like_hub_id(source):
         if not path.is_file():
-            problem = "is a directory, not a file" if path.is_dir() else "not found"
+            problem = ("is a directory, not a file" if path.is_dir() else
+                       "is not a regular file" if path.exists() else "not found")
             raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
         if path.suffix == ".jsonl":
             return _read_jsonl(path)
@@ -53,11 +53,13 @@ def read_rows(source: str) -> list[dict]:
                               "or convert it to JSONL") from err
     import datasets
 
+    offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     try:
         return datasets.load_dataset(source, split="train").to_list()
     except Exception as err:
-        raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset: "
-                          f"{str(err).splitlines()[0]}") from err
+        why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
+        raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
+                          "give a local file, or download the dataset first") from err
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -68,7 +70,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
     for number, raw in enumerate(lines, 1):
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark some editors write
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
                               "as UTF-8") from None
@@ -144,14 +146,42 @@ def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) 
     return {"input_ids": input_ids, "labels": labels}
 
 
+def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters in the tokenizer's longest vocabulary entry: no token covers more text than that.
+
+    Entries are spelled in the tokenizer's own alphabet (byte-level BPE: one character per byte; SentencePiece: `▁`
+    for a space; byte fallback: `<0x0A>` for one byte), each at least as long as the text it stands for, unless a
+    normaliser shortens text before it is split (no tokenizer of ours does).
+    """
+    return max(1, max(map(len, tokenizer.get_vocab())))
+
+
+def cut_row(row: dict, limit: int) -> dict:
+    """`row` with every text field cut to `limit` characters (chat messages' contents too)."""
+    def cut(value: object) -> object:
+        return value[:limit] if isinstance(value, str) else value
+
+    out = {k: cut(v) for k, v in row.items()}
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [{k: cut(v) for k, v in m.items()} if isinstance(m, dict) else m for m in out["messages"]]
+    return out
+
+
 def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, source: str,
                   max_seq_len: int) -> list[dict[str, list[int]]]:
-    """Tokenise and truncate every row; drop rows left with nothing to learn, and say how many."""
+    """Tokenise and truncate every row; drop rows left with nothing to learn, and say how many.
+
+    Memory per row is bounded whatever the data holds (a single 50 MB line once took 2 GB for a row cut to 128
+    tokens): each text field is cut before tokenisation to the characters max_seq_len + 1 tokens can cover at most
+    (`longest_token`). Text beyond that lies past max_seq_len tokens, where the row is truncated anyway, assuming (as
+    for every BPE or SentencePiece tokenizer) that where a field ends changes only the tokens of its last word.
+    """
     if not rows:
         raise ConfigError(f"{source} holds no rows: add data or point data.train / data.eval at another file")
+    limit = (max_seq_len + 1) * longest_token(tokenizer)
     examples, dropped = [], []
     for number, row in enumerate(rows, 1):
-        ex = tokenize_row(row, fmt, tokenizer, f"{source}:{number}")
+        ex = tokenize_row(cut_row(row, limit), fmt, tokenizer, f"{source}:{number}")
         ex = {k: v[:max_seq_len] for k, v in ex.items()}
         # Position t predicts token t+1, so a label at position 0 is never learned.
         if all(label == IGNORE for label in ex["labels"][1:]):
@@ -231,6 +261,18 @@ def batch_rows(n_examples: int, batch_size: int, seed: int, index: int) -> list[
     epoch, offset = divmod(index, per_epoch)
     order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return order[offset * batch_size:(offset + 1) * batch_size].tolist()
+
+
+def resume_position(state: dict, batch_size: int, n_examples: int, default: int) -> int:
+    """The micro-batch a resumed run starts at: the one after the checkpoint's last (`state["micro_batch"]`), or,
+    when train.batch_size changed on --resume, the first of the new size that starts at or after the same row of the
+    same epoch, so no row is seen twice or skipped in that epoch. `default` serves checkpoints that do not record it."""
+    index, old_size = state.get("micro_batch", default), state.get("batch_size", batch_size)
+    if old_size == batch_size:
+        return index
+    epoch, offset = divmod(index, max(1, n_examples // old_size))
+    per_epoch = max(1, n_examples // batch_size)
+    return epoch * per_epoch + min(-(-offset * old_size // batch_size), per_epoch)
 
 
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -9,18 +9,17 @@ they are the numbers training logged at its final eval.
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
-import typing
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from qlora import checkpoint
-from qlora.cli import run
-from qlora.config import Config, ConfigError
+from qlora.cli import EXIT_NONFINITE, ArgumentParser, Stop, check_writable, run
+from qlora.config import Config, ConfigError, read_config_json
 from qlora.data import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.lora import ADAPTER_WEIGHTS, attach_lora
 from qlora.model import compute_dtype, load_base, resolve_device
@@ -35,12 +34,7 @@ def read_run_config(run_dir: Path) -> Config:
     if path is None:
         raise ConfigError(f"{run_dir / RUN_CONFIG} not found: RUN_DIR must be a training output directory "
                           "(the --output.dir of python -m qlora.train)")
-    raw = json.loads(path.read_text())
-    sections = typing.get_type_hints(Config)
-    try:
-        return Config(**{name: sections[name](**raw[name]) for name in sections if name in raw})
-    except TypeError as err:  # a key this version of Config does not know: the run is from another version
-        raise ConfigError(f"{path} does not fit this version of qlora.config ({err})") from None
+    return read_config_json(path)
 
 
 def load_run(run_dir: Path, device: str | None = None, compute: str | None = None, method: str | None = None,
@@ -69,20 +63,25 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     model, tokenizer, _ = load_base(cfg, dev)
     if cfg.quant.method != "full":
         attach_lora(model, cfg.lora, compute_dtype(cfg.quant, dev))
-    checkpoint.load_weights(model, cfg, run_dir)
+    try:
+        checkpoint.load_weights(model, cfg, run_dir)  # checks names, shapes and values against the base
+    except Exception as err:  # another rank or base than run_config.json says, a damaged file (SafetensorError), nan
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{run_dir / weights} does not fit the run's base {cfg.model.path} ({reason}): pass the "
+                          "run directory that wrote it, untouched") from err
     model.eval()
     return cfg, model, tokenizer, dev
 
 
 def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None) -> dict:
     """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
+    rows = read_rows(data) if data is not None else None  # a missing file is found before the model loads
     cfg, model, tokenizer, dev = load_run(Path(run_dir), device)
     if data is None:
         # The split training held out: the same file, or the same seeded carve-out of the train file.
         _, examples = load_splits(cfg.data, tokenizer, cfg.train.seed)
         data = cfg.data.eval or f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
     else:
-        rows = read_rows(data)
         fmt = detect_format(rows, data) if cfg.data.format == "auto" else cfg.data.format
         examples = tokenize_rows(rows, fmt, tokenizer, data, cfg.data.max_seq_len)
     return {**evaluate(model, examples, cfg, tokenizer.pad_token_id, dev), "data": data, "rows": len(examples)}
@@ -93,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora.eval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m qlora.eval", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "--json")
     result = evaluate_run(args.run_dir, args.data, args.device)
     capped = " (capped by train.eval_batches)" if read_run_config(args.run_dir).train.eval_batches else ""
     print(f"{result['data']}: {result['rows']} rows{capped}")
@@ -106,6 +107,9 @@ def _main(argv: list[str]) -> int:
           f"exact match {100 * result['eval_exact_match']:.1f}%")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if not math.isfinite(result["eval_loss"]):  # as training: a non-finite held-out loss never ends in success
+        raise Stop(EXIT_NONFINITE, f"the held-out loss of {args.run_dir} is {result['eval_loss']}: its weights give "
+                                   "non-finite logits on this data")
     return 0
 
 

@@ -8,14 +8,14 @@ line read from stdin is a prompt, until end of input.
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from qlora.cli import run
+from qlora.cli import ArgumentParser, run
 from qlora.eval import load_run
 
 
@@ -45,15 +45,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora.generate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m qlora.generate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--prompt", help="one prompt; without it, each stdin line is a prompt until end of input")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
     args = parser.parse_args(argv)
-    if args.max_new_tokens <= 0 or args.temperature < 0:
-        parser.error("--max-new-tokens must be positive and --temperature not negative")
+    if args.max_new_tokens <= 0:
+        parser.error(f"--max-new-tokens={args.max_new_tokens} must be positive, e.g. 256")
+    if not 0 <= args.temperature < math.inf:  # nan fails too
+        parser.error(f"--temperature={args.temperature} must be a finite number >= 0 (0 decodes greedily)")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty: give the text to complete")
     _, model, tokenizer, _ = load_run(args.run_dir, args.device)
     if args.prompt is not None:
         generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)

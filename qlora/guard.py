@@ -1,4 +1,4 @@
-"""What ends a run early, and how: SIGINT/SIGTERM, non-finite steps, CUDA out of memory.
+"""What ends a run early, and how: SIGINT/SIGTERM, non-finite steps, weights or held-out losses, out of memory.
 
 Each ends in a `qlora.cli.Stop` carrying its exit status (listed in qlora/cli.py) and the message to print (README:
 "What happens when ..."). SIGINT and SIGTERM in the loop let the step in flight finish and save a checkpoint.
@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 
 from qlora.checkpoint import list_checkpoints
-from qlora.cli import EXIT_NONFINITE, EXIT_OOM, Stop
+from qlora.cli import EXIT_NONFINITE, EXIT_OOM, Session, Stop
 from qlora.config import Config
 from qlora.data import batch_rows
+from qlora.loss import eval_stats
 from qlora.memory.profiler import resident_bytes
 
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
@@ -41,11 +42,13 @@ class RunGuard:
 
     def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> None:
         self.release_signals()
-        if isinstance(err, torch.OutOfMemoryError):
+        if isinstance(err, torch.OutOfMemoryError) or out_of_host_memory(err):
             raise Stop(EXIT_OOM, oom_report(self, err)) from err
 
     def catch_signals(self) -> None:
         """From here on, SIGINT and SIGTERM ask the loop to stop after the step in flight."""
+        # One that came while a library was loading, and that the library caught and went on from, is not lost.
+        self.signal = self.signal or Session.signal
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -59,8 +62,11 @@ class RunGuard:
         self.signal = signum
         self.release_signals()  # a second Ctrl-C or SIGTERM acts at once; checkpoints are atomic, so that is safe
 
-    def stopped_by_signal(self, step: int, saved: Path) -> Stop:
+    def stopped_by_signal(self, step: int, saved: Path | None) -> Stop:
         name = signal.Signals(self.signal).name
+        if saved is None:
+            return Stop(128 + self.signal, f"stopped by {name} before the first step; no checkpoint was written: "
+                                           "run the command again to start")
         return Stop(128 + self.signal, f"stopped by {name} after step {step}; {saved} holds it: continue with "
                                        "--resume")
 
@@ -70,16 +76,75 @@ class RunGuard:
         self.batch_shape = tuple(micro[0]["input_ids"].shape) if micro else None
 
 
+def out_of_host_memory(err: BaseException | None) -> bool:
+    """CPU memory exhausted: Python's MemoryError, or PyTorch's CPU allocator refusing ("can't allocate memory")."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 def finite(loss: float, grad_norm: torch.Tensor) -> bool:
     """Whether a step may be applied: its loss and its gradients' total norm (inf/nan if any gradient is) finite."""
     return math.isfinite(loss) and bool(torch.isfinite(grad_norm))
 
 
+def all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every trainable weight is finite: checked after each update, so no checkpoint or adapter holds nan."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
+@torch.no_grad()
+def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the model as it stands gives a finite loss on a held-out batch: after a run of non-finite steps, tells
+    an adapter that diverged (every batch fails) from rows that did."""
+    was_training = model.training
+    model.eval()
+    try:
+        return math.isfinite(eval_stats(model, batch)[0])
+    finally:
+        model.train(was_training)
+
+
+def _newest(cfg: Config, then: str) -> str:
+    """Where a run stopped for its numbers stands: the newest checkpoint and how to go on from it."""
+    latest = _latest(cfg)
+    if latest is None:
+        return "No checkpoint was written: start again with a lower train.lr (--overwrite)"
+    return (f"{latest} is the newest checkpoint: {then} with --resume and a lower train.lr, or start again with "
+            "--overwrite if that one has diverged too")
+
+
+def non_finite_weights(cfg: Config, step: int) -> Stop:
+    return Stop(EXIT_NONFINITE, f"stopped at step {step}: its update left trainable weights nan or inf (train.lr="
+                                f"{cfg.train.lr:g} is too high for them), and nothing of it was saved. "
+                                + _newest(cfg, "continue from it"))
+
+
+def non_finite_eval(cfg: Config, step: int, loss: float) -> Stop:
+    if step == 0:
+        return Stop(EXIT_NONFINITE, f"the held-out loss before training is {loss}: the base model gives non-finite "
+                                    f"logits on the held-out data (nan or inf in its weights, or an overflow in "
+                                    f"quant.compute_dtype={cfg.quant.compute_dtype}): check model.path, or try "
+                                    "--quant.compute_dtype=fp32")
+    # After the last step, its checkpoint holds the very adapter that failed: resuming it would only evaluate it again.
+    then = ("start again with a lower train.lr (--overwrite)" if step >= cfg.train.steps else
+            _newest(cfg, "continue from it"))
+    return Stop(EXIT_NONFINITE, f"stopped at step {step}: the held-out loss is {loss} although every trainable weight "
+                                "is finite: the adapter has diverged (or the forward overflows in quant.compute_dtype="
+                                f"{cfg.quant.compute_dtype}); it is not written as the result. " + then[0].upper()
+                                + then[1:])
+
+
+def diverged(cfg: Config, step: int, bad_steps: int, where: str) -> Stop:
+    return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, the "
+                                f"last in {where}, and a held-out batch fails too: the adapter itself has diverged "
+                                f"(train.lr={cfg.train.lr:g} is too high), so no checkpoint was written of it. "
+                                + _newest(cfg, "continue from it"))
+
+
 def too_many_bad_steps(step: int, bad_steps: int, limit: int, where: str, saved: Path) -> Stop:
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, "
                                 f"more than train.max_bad_steps={limit}; the last in {where}. {saved} holds the run "
-                                "without their updates: check those rows or lower train.lr, then continue with "
-                                "--resume")
+                                "without their updates: check those rows, lower train.lr or raise "
+                                "train.max_bad_steps, then continue with --resume")
 
 
 def data_position(first_index: int, count: int, n_examples: int, batch_size: int, seed: int) -> str:
@@ -112,8 +177,8 @@ def _size(n: float) -> str:
 
 def _requested(err: BaseException) -> int:
     """The allocation that failed, from PyTorch's message ("Tried to allocate 1.96 GiB")."""
-    m = re.search(r"Tried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB)", str(err))
-    units = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    m = re.search(r"[Tt]ried to allocate ([\d.]+) (B|KiB|MiB|GiB|TiB|bytes)", str(err))  # CUDA's, then the CPU's
+    units = {"B": 1, "bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
     return int(float(m.group(1)) * units[m.group(2)]) if m else 0
 
 
@@ -139,7 +204,8 @@ def oom_report(guard: RunGuard, err: BaseException) -> str:
     except Exception:  # an architecture the estimator does not model: scale the measurement instead
         lines += _scaled_suggestions(cfg, HEADROOM * total, needed, width)
     if guard.phase == "the optimizer step" and cfg.train.optimizer == "paged_adamw_32bit":
-        lines.append("  --train.optimizer=paged_adamw_8bit: 8-bit moments, a quarter of the optimizer state")
+        lines.append("  --train.optimizer=paged_adamw_8bit: 8-bit moments, a quarter of the optimizer state (on "
+                     "--resume the optimizer state starts afresh)")
     latest = _latest(cfg)
     lines.append(f"{latest} is kept: apply one of these, then continue with --resume" if latest else
                  "no checkpoint was written yet: apply one of these and start again")
@@ -193,8 +259,8 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int, widt
     if not t.loss_chunk_size:
         offer("--train.loss_chunk_size=1024", "never all logits at once", train__loss_chunk_size=1024)
     if cfg.quant.method != "full" and cfg.lora.r > 1:
-        offer(f"--lora.r={cfg.lora.r // 2}", "half the adapter, gradient and optimizer memory",
-              lora__r=cfg.lora.r // 2)
+        offer(f"--lora.r={cfg.lora.r // 2}", "half the adapter, gradient and optimizer memory; a rank cannot change "
+              "on --resume: start a new run with it (--overwrite or another output.dir)", lora__r=cfg.lora.r // 2)
     head = [f"estimated peak of this recipe {_size(peak())} (qlora.estimate"
             + (f", scaled x{scale:.2f} to what the failed step needed" if scale > 1 else "")
             + f"); each of these alone fits under {_size(budget)}:"]

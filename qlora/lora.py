@@ -96,6 +96,14 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> list[s
     for param in model.parameters():
         param.requires_grad_(False)
     names = target_names(model, cfg.targets)
+    # A rank beyond a layer's smaller side adds parameters, never expressiveness; an absurd one would only fail later,
+    # allocating its matrices.
+    sides = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names}
+    narrowest = min(sides, key=lambda name: min(sides[name]))
+    if cfg.r > min(sides[narrowest]):
+        raise ConfigError(f"lora.r={cfg.r} exceeds the smaller side of layer {narrowest} ({sides[narrowest][1]} x "
+                          f"{sides[narrowest][0]}): use a rank up to {min(sides[narrowest])}, e.g. "
+                          f"--lora.r={min(16, min(sides[narrowest]))}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -116,12 +124,21 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter weights into the model's LoRA layers, after checking every name, shape and value: a mismatch or a
+    nan raises ValueError with the model untouched."""
     layers = lora_layers(model)
-    expected = {f"{PEFT_PREFIX}{name}.{part}.weight" for name in layers for part in ("lora_A", "lora_B")}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+    expected = {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(layer, part).weight
+                for name, layer in layers.items() for part in ("lora_A", "lora_B")}
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
         raise ValueError(f"adapter does not match this model's LoRA layers (missing {missing}, unexpected {extra}): "
                          "was it trained with other lora.targets or another base?")
+    for key, weight in expected.items():
+        if state[key].shape != weight.shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, this model's "
+                             f"{tuple(weight.shape)}: was it trained with another lora.r or another base?")
+        if not torch.isfinite(state[key]).all():
+            raise ValueError(f"adapter tensor {key} holds nan or inf: the adapter is broken")
     with torch.no_grad():
         for name, layer in layers.items():
             for part in ("lora_A", "lora_B"):

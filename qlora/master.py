@@ -59,6 +59,13 @@ class MasterWeights(torch.optim.Optimizer):
             param.copy_(master)  # round to nearest: unbiased, and the copy keeps what the rounding drops
         return loss
 
+    @torch.no_grad()
+    def copy_from_params(self) -> None:
+        """The fp32 copies set from the 16-bit weights: after those were loaded by another route than this
+        optimizer's state (a resume that changed train.optimizer, whose old state is of no use)."""
+        for param, master in zip(self.params16, self.masters, strict=True):
+            master.copy_(param)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none)
 

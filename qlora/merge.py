@@ -17,7 +17,6 @@ logits of the adapter model| over a fixed prompt set, both on CPU in fp32 (--ski
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
-from qlora.cli import run
+from qlora.cli import ArgumentParser, check_writable, run
 from qlora.config import Config, ConfigError
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
@@ -119,7 +118,10 @@ def parse_size(text: str) -> int:
     if not match:
         raise ConfigError(f"--max-shard-size={text!r}: use a size such as 5GB or 500MB")
     number, unit, binary = match.groups()
-    return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+    size = int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size={text!r} must be more than 0 bytes, e.g. 5GB")
+    return size
 
 
 def plan_shards(shards: list[Path], dtype: torch.dtype, max_bytes: int) -> list[list[tuple[str, Path]]]:
@@ -190,10 +192,54 @@ def read_scaling(run_dir: Path, cfg: Config) -> float:
     if not (run_dir / ADAPTER_WEIGHTS).is_file():
         raise ConfigError(f"{run_dir / ADAPTER_WEIGHTS} not found: the run has not finished; pass one of its "
                           "checkpoint-N directories instead")
-    adapter_cfg = json.loads((run_dir / ADAPTER_CONFIG).read_text())
-    if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
-        raise ConfigError(f"{run_dir / ADAPTER_CONFIG}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
+    adapter_cfg = read_adapter_config(run_dir)
     return adapter_cfg["lora_alpha"] / adapter_cfg["r"]
+
+
+def read_adapter_config(run_dir: Path) -> dict:
+    """adapter_config.json, checked for what a merge reads from it."""
+    path = run_dir / ADAPTER_CONFIG
+    try:
+        adapter_cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is unreadable ({getattr(err, 'strerror', None) or err}): restore it from the run "
+                          "(its checkpoint-N directories hold copies)") from None
+    numbers = [adapter_cfg.get(k) if isinstance(adapter_cfg, dict) else None for k in ("r", "lora_alpha")]
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in numbers):
+        raise ConfigError(f"{path} lacks a positive r and lora_alpha: restore it from the run (its checkpoint-N "
+                          "directories hold copies)")
+    if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
+        raise ConfigError(f"{path}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
+    return adapter_cfg
+
+
+def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
+    """Every adapter pair fits a weight of the base, at the rank adapter_config.json says, with finite values: checked
+    from the safetensors headers (and the adapter's small tensors) before a single merged shard is written."""
+    shapes = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    path = run_dir / ADAPTER_WEIGHTS
+    try:
+        with safe_open(str(path), "pt") as adapter:
+            for key in adapter.keys():
+                if not key.endswith(".lora_A.weight"):
+                    continue
+                module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+                a, b = adapter.get_tensor(key), adapter.get_tensor(key.replace(".lora_A.", ".lora_B."))
+                base = shapes.get(f"{module}.weight")
+                if base is None or a.shape[0] != rank or b.shape != (base[0], rank) or a.shape[1] != base[1]:
+                    raise ConfigError(f"{path}: the adapter of {module} (B {tuple(b.shape)}, A {tuple(a.shape)}) does "
+                                      f"not fit rank {rank} on the base weight {base}: was the run trained with "
+                                      "another base or rank than its run_config.json says?")
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ConfigError(f"{path}: the adapter of {module} holds nan or inf: there is nothing to merge")
+    except ConfigError:
+        raise
+    except Exception as err:  # damaged (SafetensorError), or an A without its B
+        raise ConfigError(f"{path} is unreadable ({str(err).strip().splitlines()[0]}): restore it from the run") \
+            from err
 
 
 def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.dtype = torch.bfloat16,
@@ -202,12 +248,14 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     run_dir, out = Path(run_dir), Path(out)
     cfg = read_run_config(run_dir)
     scaling = read_scaling(run_dir, cfg)
+    check_writable(out, "--out", directory=True)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
     if base_16bit is not None and cfg.lora.init == "loftq":
         raise ConfigError(f"{run_dir} started its adapter as a correction of NF4 rounding (lora.init=loftq), so it "
                           "belongs on the dequantised base, where it was trained: drop --base-16bit")
     base = str(local_checkpoint(base_16bit or ensure_checkpoint(cfg)))
+    check_adapter(run_dir, read_adapter_config(run_dir)["r"], checkpoint_shards(Path(base)))
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None
     dev = resolve_device(device or cfg.train.device)
@@ -318,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora.merge", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m qlora.merge", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
     parser.add_argument("--base-16bit", metavar="PATH",

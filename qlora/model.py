@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from qlora.build import ensure_checkpoint
+from qlora.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
 from qlora.config import Config, ConfigError, QuantConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -93,8 +93,14 @@ def load_base(cfg: Config, device: torch.device,
         apply_load_levers(model, cfg, device, dtype)
         return model, tokenizer, path
     path = ensure_checkpoint(cfg)
-    if not os.path.isdir(path) and os.path.sep in path:
-        raise ConfigError(f"model.path={path} does not exist: point it at a checkpoint directory or a hub id")
+    offline = None
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise ConfigError(f"model.path={path} is a file, not a checkpoint directory: point it at the directory "
+                              "holding config.json and the weights")
+        if not looks_like_hub_id(path):
+            raise ConfigError(f"model.path={path} does not exist: point it at a checkpoint directory or a hub id")
+        offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     kwargs = dict(dtype=dtype, device_map={"": device}, attn_implementation=cfg.model.attn_implementation,
                   trust_remote_code=cfg.model.trust_remote_code,
                   # None lets transformers fall back to pytorch_model.bin, a pickle: only when the recipe opts in.
@@ -104,6 +110,10 @@ def load_base(cfg: Config, device: torch.device,
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying "not a usable checkpoint"
+        if offline:
+            raise ConfigError(f"model.path={path} is not a local directory, and the hub cannot be reached ({offline}) "
+                              "nor holds it in its local cache: download it first, or point model.path at a local "
+                              "copy") from err
         raise ConfigError(load_error(path, err)) from err
     model.config.use_cache = False  # the KV cache only costs memory in training
     keep_cpu_weights_exact(model)
@@ -117,10 +127,7 @@ def apply_load_levers(model: torch.nn.Module, cfg: Config, device: torch.device,
     if cfg.quant.quantize_lm_head:
         saved = quantize_lm_head(model, cfg.quant, dtype)
         print(f"quant.quantize_lm_head: lm_head in {cfg.quant.quant_type}, {saved / 2**20:,.1f} MiB saved")
-    if cfg.model.embeddings_on_cpu:
-        if cfg.quant.method == "full":
-            raise ConfigError("model.embeddings_on_cpu keeps a frozen table, but quant.method=full trains every "
-                              "weight: set --model.embeddings_on_cpu=false or use qlora/lora")
+    if cfg.model.embeddings_on_cpu:  # quant.method=full is refused by Config
         from qlora.levers.offload import embeddings_to_cpu
 
         freed = embeddings_to_cpu(model, device)

@@ -88,7 +88,11 @@ def load_synthetic(cfg: Config, device: torch.device,
     path = config_json_path(cfg)
     if not path.is_file():
         raise ConfigError(f"model.config_json={cfg.model.config_json}: no such file; point it at a config.json")
-    config = AutoConfig.from_pretrained(str(path.parent), trust_remote_code=cfg.model.trust_remote_code)
+    try:  # the file itself: its directory's config.json may be another
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not JSON, no model_type, an unknown architecture
+        raise ConfigError(f"model.config_json={path} is not a usable config.json ({str(err).splitlines()[0]}): point "
+                          "it at a model's config.json") from err
     config.use_cache = False  # the KV cache only costs memory in training
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real, on CPU
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.model.attn_implementation,

@@ -17,10 +17,10 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from qlora import checkpoint, distributed, guard
+from qlora import checkpoint, distributed, guard, rundir
 from qlora.cli import Session, run
-from qlora.config import Config, ConfigError, parse_args
-from qlora.data import eval_batches, load_splits, micro_batches
+from qlora.config import Config, ConfigError, apply_overrides, load_recipe, split_args
+from qlora.data import eval_batches, load_splits, micro_batches, resume_position
 from qlora.levers.offload import check_pinned_memory, enable_activation_offload
 from qlora.levers.speed import apply_speed_levers
 from qlora.loftq import init_loftq
@@ -64,6 +64,16 @@ def empty_cache_before_state(optimizer: torch.optim.Optimizer, args: tuple, kwar
 def stepped_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     """What the optimizer updates and whose gradients are clipped: the trainable parameters, or their fp32 masters."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def retarget(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config) -> None:
+    """After a resume: the lr, schedule and weight decay of `cfg`, not those the checkpoint's state dicts carry, from
+    the resumed step on (so `--resume --train.lr=1e-4` trains at 1e-4). Unchanged settings give back the very same
+    numbers: the lr is the schedule's own formula at the same step."""
+    scheduler.base_lrs = [cfg.train.lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["weight_decay"] = cfg.train.lr, cfg.train.weight_decay
+        group["lr"] = cfg.train.lr * factor(scheduler.last_epoch)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
@@ -212,45 +222,70 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises guard.Stop (see qlora/guard.py)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
     with distributed.joined(cfg) as ranks, guard.RunGuard(cfg) as watch:
-        return _train(cfg, resume, overwrite, watch, ranks)
+        try:
+            return _train(cfg, resume, overwrite, watch, ranks)
+        finally:
+            rundir.unlock(Path(cfg.output.dir))
 
 
 def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ranks: distributed.Ranks) -> dict:
     run_dir = Path(cfg.output.dir)
-    checkpoint.check_run_dir(run_dir, cfg, resume, overwrite)  # reads only: a refused run leaves the dir as it was
+    rundir.check_run_dir(run_dir, cfg, resume, overwrite)  # reads only: a refused run leaves the dir as it was
     # Created before loading: on CPU its baseline is the resident memory before the model exists.
     profiler = PhaseTracker(resolve_device(cfg.train.device))
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
-    latest = checkpoint.list_checkpoints(run_dir)
-    run = prepare(cfg, profiler, resuming=resume and bool(latest), ranks=ranks)
+    run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
     model, device, tokenizer = run["model"], run["device"], run["tokenizer"]
+    t, n_rows = cfg.train, len(run["train_rows"])
+    if t.batch_size * ranks.size > n_rows:
+        raise ConfigError(f"train.batch_size={t.batch_size}{f' x {ranks.size} processes' if ranks.several else ''} "
+                          f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: use at "
+                          f"most --train.batch_size={max(1, n_rows // ranks.size)}")
     print_summary(cfg, run, ranks.size)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     params = stepped_params(optimizer)  # with several processes, their gradients are what is summed
     scheduler = build_scheduler(optimizer, cfg)
 
-    step, first, bad_steps, state = 0, {}, 0, {}
-    if resume and latest:
-        state = checkpoint.load_checkpoint(latest[-1], model, cfg, optimizer, scheduler)
-        step, first, bad_steps = state["step"], state.get("first_eval", {}), state.get("bad_steps", 0)
-        ranks.restore_rng(state)
-        print(f"resumed from {latest[-1]} at step {step}")
-    elif resume:
-        print(f"no checkpoint in {run_dir} yet: starting at step 0")
+    step, first, bad_steps, state, damaged = 0, {}, 0, {}, []
+    if resume:
+        resumed, state, damaged = checkpoint.resume_latest(run_dir, model, cfg, optimizer, scheduler)
+        for path, why in damaged if ranks.main else ():
+            print(f"{path} is damaged ({why}): it is set aside as {rundir.aside_name(path).name} for inspection",
+                  file=sys.stderr)
+        if resumed is None:
+            print(f"no checkpoint in {run_dir} yet: starting at step 0")
+        else:
+            step, first, bad_steps = state["step"], state.get("first_eval", {}), state.get("bad_steps", 0)
+            if step > t.steps:
+                raise ConfigError(f"train.steps={t.steps} is below step {step}, where {resumed} stands: set "
+                                  f"--train.steps={step} or more to continue")
+            ranks.restore_rng(state)
+            print(f"resumed from {resumed} at step {step}" + (" (the newest usable checkpoint)" if damaged else ""))
+            if "optimizer_restarted" in state:  # cfg's optimizer, fresh; its fp32 masters from the resumed weights
+                if isinstance(optimizer, MasterWeights):
+                    optimizer.copy_from_params()
+                print(f"train.optimizer {state['optimizer_restarted']} -> {t.optimizer}: its state starts afresh")
+            retarget(optimizer, scheduler, cfg)
     # The first write: model, data, config and checkpoint are checked (by every process).
-    ranks.on_main(checkpoint.start_run, run_dir, cfg, overwrite)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", keep_bytes=state.get("metrics_bytes", 0), write=ranks.main)
+    ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, [p for p, _ in damaged])
+    metrics_log = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=state.get("metrics_bytes", 0),
+                             write=ranks.main)
     watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint
     if step == 0:
         watch.at("the evaluation before training", 0)
         first = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
         metrics_log.write({"step": 0, **first})
+        if not math.isfinite(first["eval_loss"]):
+            raise guard.non_finite_eval(cfg, 0, first["eval_loss"])
         print(f"before training: held-out loss {first['eval_loss']:.4f}, "
               f"exact match {100 * first['eval_exact_match']:.1f}%")
         profiler.mark("evaluate")
+        if ranks.agree_signal(watch):  # no step is in flight: stop now rather than after one
+            raise watch.stopped_by_signal(0, None)
 
-    t = cfg.train
-    batches = micro_batches(run["train_rows"], t.batch_size, t.seed, tokenizer.pad_token_id, start=step * t.grad_accum,
+    # The next micro-batch (of batch_size x processes rows): after the checkpoint's, from the same row if either changed.
+    index = resume_position(state, t.batch_size * ranks.size, n_rows, step * t.grad_accum)
+    batches = micro_batches(run["train_rows"], t.batch_size, t.seed, tokenizer.pad_token_id, start=index,
                             rank=ranks.rank, world=ranks.size)
     profiler.watch(model, optimizer)
     model.train()
@@ -261,7 +296,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     while step < t.steps:
         started = time.perf_counter()
         indexed = [next(batches) for _ in range(t.grad_accum)]
-        micro = [to_device(b, device) for _, b in indexed]
+        index, micro = indexed[-1][0] + 1, [to_device(b, device) for _, b in indexed]
         watch.at("the forward and backward", step, micro)
         n_targets = ranks.global_targets(run["train_rows"], t.batch_size, t.seed, [i for i, _ in indexed])
         total_loss = forward_backward(model, micro, t.loss_chunk_size, profiler if first_step else None, n_targets)
@@ -274,6 +309,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         good = guard.finite(total_loss, grad_norm)
         if good:
             optimizer.step()
+            if not guard.all_finite(params):  # a finite gradient, an update too large: the weights are lost
+                raise guard.non_finite_weights(cfg, step + 1)
         scheduler.step()  # a skipped step still counts: the schedule and the data move on past its batch
         profiler.mark("optimizer_step" if first_step else "steady")  # before zero_grad: the breakdown shows gradients
         optimizer.zero_grad(set_to_none=True)
@@ -281,8 +318,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         first_step = False
         if not good:
             bad_steps += 1
-            where = guard.data_position((step - 1) * t.grad_accum, t.grad_accum, len(run["train_rows"]),
-                                        t.batch_size * ranks.size, t.seed)
+            where = guard.data_position(indexed[0][0], t.grad_accum, n_rows, t.batch_size * ranks.size, t.seed)
             if ranks.main:  # every process skips the same step: the loss and gradients were summed
                 print(f"step {step}: non-finite loss or gradient in {where}: skipped, no update "
                       f"({bad_steps} of train.max_bad_steps={t.max_bad_steps})", file=sys.stderr)
@@ -299,14 +335,21 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
 
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             watch.at("an evaluation", step)
-            metrics_log.write({"step": step, **evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device,
-                                                        ranks)})
+            result = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
+            metrics_log.write({"step": step, **result})
+            if not math.isfinite(result["eval_loss"]):
+                raise guard.non_finite_eval(cfg, step, result["eval_loss"])
             profiler.mark("evaluate")
         # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
         stop_signal, too_many_bad = ranks.agree_signal(watch), not good and bad_steps > t.max_bad_steps
+        if too_many_bad:  # the adapter, not the data, if held-out rows fail too: a checkpoint of it is of no use
+            probe = next(eval_batches(run["eval_rows"], t.batch_size, tokenizer.pad_token_id))
+            if not guard.finite_held_out(model, to_device(probe, device)):  # every process: the same rows
+                raise guard.diverged(cfg, step, bad_steps, where)
         if (t.save_every and step % t.save_every == 0) or step == t.steps or too_many_bad or stop_signal:
             watch.at("saving a checkpoint", step)
             extra = {"first_eval": first, "bad_steps": bad_steps, "metrics_bytes": metrics_log.size(),
+                     "micro_batch": index, "batch_size": t.batch_size * ranks.size, "optimizer": t.optimizer,
                      **ranks.rng_states()}
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
                                   scheduler, extra)
@@ -319,12 +362,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     watch.at("the final evaluation", step)
     final = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
     metrics_log.write({"step": step, **final})
+    if not math.isfinite(final["eval_loss"]):  # never the result of a run, whatever its weights
+        raise guard.non_finite_eval(cfg, step, final["eval_loss"])
     ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
     print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
           f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}%")
     print(f"adapter written to {run_dir}")
     # One line: the peak, by category, against the estimate (rank 0's, with several processes).
-    print(ranks.on_main(profiler.write, run_dir / "memory.json", cfg))
+    print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg))
     return {"before": first, "after": final, "last_step": last}
 
 
@@ -338,7 +383,7 @@ class MetricsLog:
         if not write:
             return
         kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_bytes(kept)
         os.replace(tmp, path)
 
@@ -360,10 +405,13 @@ def _main(argv: list[str]) -> None:
     if not sys.stderr.isatty():  # as our own bar (tqdm disable=None): no progress bars in logs, or above an error
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         transformers.utils.logging.disable_progress_bar()
-    cfg, flags = parse_args(argv, USAGE)
+    recipe, flags, overrides = split_args(argv, USAGE)
+    cfg = apply_overrides(load_recipe(recipe), overrides)
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ConfigError(_flag_error(unknown[0]))
+    if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
+        cfg = rundir.resume_config(cfg, overrides)
     Session.run_dir = Path(cfg.output.dir)  # an interruption or a full disk from here on names what is intact
     train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
 

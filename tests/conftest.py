@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny recipe with a short run into a temporary directory, and the repo root as cwd."""
+"""Shared fixtures: the tiny recipe with a short run into a temporary directory, the repo root as cwd, and a forked-CLI
+server per test module (tests/forked_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from forked_cli import ForkedCLI
 
 from qlora.config import Config, load_recipe
 
@@ -16,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def _repo_root_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     """Recipes name their data relative to the repo root."""
     monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """Runs `python -m qlora.<command>` in real processes forked from one that imported qlora once."""
+    with ForkedCLI() as server:
+        yield server
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Run `python -m qlora.train ...` many times, each in its own process, paying for the imports once.
+"""Run `python -m qlora.train ...` (or another qlora command) many times, each in its own process, paying for the
+imports once.
 
 Importing torch, transformers and bitsandbytes takes 5-15 s of CPU on the shared test machine, and the reliability
 tests start the CLI dozens of times. So a server process imports qlora.train once and forks a child per command.
@@ -12,7 +13,8 @@ child of a process with CUDA initialised dies on its first CUDA call. These are 
         result = cli.run(["recipes/tiny.py", "--output.dir=/tmp/x"])  # Result(status, stdout, stderr)
         pid = cli.start([...]); ...; os.kill(pid, signal.SIGKILL); cli.wait(pid)
 
-`prelude` is Python run in the child before the module, for tests that inject a fault (a forward hook that raises).
+`prelude` is Python run in the child before the module, for tests that inject a fault (a forward hook that raises);
+`module` runs another command (`qlora.eval`, `qlora.merge`, ...).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ForkedCLI:
                                        text=True, cwd=ROOT, env=env)
         self.logs = Path(tempfile.mkdtemp(prefix="forked-cli-"))
         self._files: dict[int, tuple[Path, Path]] = {}
+        self._count = 0
         assert self._reply() == {"ready": True}
 
     def __enter__(self) -> ForkedCLI:
@@ -65,11 +68,11 @@ class ForkedCLI:
         self.server.stdin.flush()
         return self._reply()
 
-    def start(self, argv: list[str], prelude: str = "", cwd: Path = ROOT) -> int:
-        n = len(self._files)
+    def start(self, argv: list[str], prelude: str = "", cwd: Path = ROOT, module: str = "qlora.train") -> int:
+        n = self._count = self._count + 1
         out, err = self.logs / f"{n}.out", self.logs / f"{n}.err"
         pid = self._send({"argv": argv, "prelude": prelude, "cwd": str(cwd), "stdout": str(out),
-                          "stderr": str(err)})["pid"]
+                          "stderr": str(err), "module": module})["pid"]
         self._files[pid] = (out, err)
         return pid
 
@@ -78,12 +81,12 @@ class ForkedCLI:
         out, err = self._files.pop(pid)
         return Result(status, out.read_text(), err.read_text())
 
-    def run(self, argv: list[str], prelude: str = "", cwd: Path = ROOT) -> Result:
-        return self.wait(self.start(argv, prelude, cwd))
+    def run(self, argv: list[str], prelude: str = "", cwd: Path = ROOT, module: str = "qlora.train") -> Result:
+        return self.wait(self.start(argv, prelude, cwd, module))
 
 
 def _child(command: dict) -> None:
-    """In the forked child: become `python -m qlora.train ARGV`, then exit with its status. Never returns."""
+    """In the forked child: become `python -m MODULE ARGV`, then exit with its status. Never returns."""
     import runpy
     import signal
     import traceback
@@ -97,9 +100,11 @@ def _child(command: dict) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if command["prelude"]:
             exec(command["prelude"], {"__name__": "prelude"})
-        sys.argv = ["qlora.train", *command["argv"]]
-        del sys.modules["qlora.train"]  # runpy runs it afresh as __main__ (its imports stay cached), without a warning
-        runpy.run_module("qlora.train", run_name="__main__", alter_sys=True)
+        module = command["module"]
+        sys.argv = [module, *command["argv"]]
+        if not hasattr(sys.modules.get(module), "__path__"):  # a package (qlora.memory) runs its __main__ instead
+            sys.modules.pop(module, None)  # runpy runs it afresh as __main__ (its imports stay cached), no warning
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exit_:
         if isinstance(exit_.code, int) or exit_.code is None:
@@ -136,7 +141,7 @@ def _wait(pid: int, timeout: float = TIMEOUT) -> int:
 
 
 def _serve() -> None:
-    import qlora.train  # noqa: F401  the expensive import, shared by every child
+    import qlora.merge  # noqa: F401  the expensive imports (merge imports eval, generate, train), shared by every child
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

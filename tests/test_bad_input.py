@@ -13,11 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from forked_cli import ROOT, ForkedCLI
+from forked_cli import ROOT
 from safetensors.torch import load_file
 
 from qlora.build import ensure_checkpoint
@@ -42,6 +43,8 @@ FILES = {  # name -> content, in a scratch folder: data files, recipes
     "wrong_type.py": RECIPE + "config = Config(**required, lora=LoRAConfig(r='8'))\n",
     "unknown_key.py": RECIPE + "config = Config(**required, lora=LoRAConfig(rank=8))\n",
     "bad_value.py": RECIPE + "config = Config(**required, train=TrainConfig(lr=-1.0))\n",
+    "exits.py": "import sys\nsys.exit(3)\n",
+    "inf_alpha.py": RECIPE + "config = Config(**required, lora=LoRAConfig(alpha=float('inf')))\n",
 }
 
 # (id, arguments after the recipe, or with {d}/ a recipe from the scratch folder; the one line must match this)
@@ -62,7 +65,7 @@ CASES = [
     ("r <= 0", [TINY, "--lora.r=0"], r"lora.r=0 must be a positive integer"),
     ("alpha <= 0", [TINY, "--lora.alpha=0"], r"lora.alpha=0.0 must be positive"),
     ("lr <= 0", [TINY, "--train.lr=0"], r"train.lr=0.0 must be positive"),
-    ("lr nan", [TINY, "--train.lr=nan"], r"train.lr=nan must be positive"),
+    ("lr nan", [TINY, "--train.lr=nan"], r"train.lr=nan is not a finite number"),
     ("seq len <= 0", [TINY, "--data.max_seq_len=0"], r"data.max_seq_len=0 must be positive"),
     ("negative steps", [TINY, "--train.steps=-5"], r"train.steps=-5 must be a positive integer"),
     ("dropout = 1", [TINY, "--lora.dropout=1"], r"lora.dropout=1.0 must lie in \[0, 1\)"),
@@ -101,13 +104,48 @@ CASES = [
     ("remote code", [TINY, "--model.path={d}/remote", "--model.build=none"],
      r"ships its own Python code .* --model.trust_remote_code=true"),
     ("resume and overwrite", [TINY, "--resume", "--overwrite"], r"pass one of them"),
+    # Every field's domain, checked before anything is read or written (issue 12, kind 1).
+    ("log_every = 0", [TINY, "--train.log_every=0"], r"train.log_every=0 must be a positive integer"),
+    ("log_every < 0", [TINY, "--train.log_every=-3"], r"train.log_every=-3 must be a positive integer"),
+    ("negative weight decay", [TINY, "--train.weight_decay=-1"], r"train.weight_decay=-1.0 must not be negative"),
+    ("infinite weight decay", [TINY, "--train.weight_decay=inf"], r"train.weight_decay=inf is not a finite number"),
+    ("negative clipping", [TINY, "--train.max_grad_norm=-1"], r"train.max_grad_norm=-1.0 must not be negative"),
+    ("nan clipping", [TINY, "--train.max_grad_norm=nan"], r"train.max_grad_norm=nan is not a finite number"),
+    ("flash attention not installed", [TINY, "--model.attn_implementation=flash_attention_2"],
+     r"needs the flash_attn package, which is not installed: pip install flash-attn .* --model.attn_implementation="
+     r"sdpa"),
+    ("unknown attention", [TINY, "--model.attn_implementation=bogus"], r"model.attn_implementation='bogus': use sdpa, "
+                                                                       r"eager, flash_attention_2"),
+    ("seed beyond 64 bits", [TINY, "--train.seed=99999999999999999999999"], r"train.seed=9+ does not fit in 64 bits"),
+    ("seed beyond 32 bits", [TINY, "--train.seed=4294967296"], r"train.seed=4294967296 must lie in \[0, 2\*\*32\)"),
+    ("negative seed", [TINY, "--train.seed=-1"], r"train.seed=-1 must lie in \[0, 2\*\*32\)"),
+    ("absurd rank", [TINY, "--lora.r=100000000"], r"lora.r=100000000 exceeds the smaller side of layer "
+                                                  r"model.layers.0.self_attn.k_proj \(64 x 128\): use a rank up to 64"),
+    ("rank just beyond a layer", [TINY, "--lora.r=65"], r"lora.r=65 exceeds the smaller side"),
+    ("lr inf", [TINY, "--train.lr=inf"], r"train.lr=inf is not a finite number"),
+    ("lr -inf", [TINY, "--train.lr=-inf"], r"train.lr=-inf is not a finite number"),
+    ("alpha inf in a recipe", ["{d}/inf_alpha.py"], r"inf_alpha.py:3: lora.alpha=inf is not a finite number"),
+    ("alpha nan", [TINY, "--lora.alpha=nan"], r"lora.alpha=nan is not a finite number"),
+    ("steps beyond 64 bits", [TINY, "--train.steps=99999999999999999999"], r"train.steps=9+ does not fit in 64 bits"),
+    ("grad_accum beyond 64 bits", [TINY, "--train.grad_accum=99999999999999999999"], r"does not fit in 64 bits"),
+    ("max_seq_len beyond 64 bits", [TINY, "--data.max_seq_len=99999999999999999999"], r"does not fit in 64 bits"),
+    ("eval_fraction = 1", [TINY, "--data.eval=none", "--data.eval_fraction=1"], r"data.eval_fraction=1.0 must lie "
+                                                                                 r"in \(0, 1\)"),
+    ("keep no checkpoint", [TINY, "--train.keep_checkpoints=0"], r"train.keep_checkpoints=0 must be at least 1"),
+    ("batch beyond the data", [TINY, "--train.batch_size=1000"], r"train.batch_size=1000 exceeds the 200 training "
+                                                                 r"rows: use at most --train.batch_size=200"),
+    ("empty targets", [TINY, "--lora.targets=,"], r"lora.targets is empty"),
+    ("unknown compute dtype", [TINY, "--quant.compute_dtype=fp8"], r"quant.compute_dtype='fp8': use auto, bf16"),
+    ("unknown data format", [TINY, "--data.format=chat"], r"data.format='chat': use auto, messages"),
+    ("empty model path", [TINY, "--model.path="], r"model.path is empty"),
+    ("cpu embeddings with full", [TINY, "--model.embeddings_on_cpu=true", "--quant.method=full"],
+     r"model.embeddings_on_cpu keeps a frozen table, but quant.method=full"),
+    ("recipe is a directory", ["recipes"], r"recipe recipes is a directory"),
+    ("recipe calls exit", ["{d}/exits.py"], r"exits.py: the recipe called exit\(3\): a recipe only builds"),
+    ("data file not a regular file", [TINY, "--data.train=/dev/null"], r"data file /dev/null is not a regular file"),
+    ("model path is a file", [TINY, "--model.path={d}/exits.py", "--model.build=none"],
+     r"model.path=.*exits.py is a file, not a checkpoint directory"),
 ]
-
-
-@pytest.fixture(scope="module")
-def cli():
-    with ForkedCLI() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +246,83 @@ def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, fl
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("--train.seed=1", r"--resume cannot change train.seed \(0 -> 1\): it fixes the data order and the held-out split; "
+                       r"drop --train.seed to continue the run, or start a new run with --overwrite"),
+    ("--data.train=recipes/data/tiny/heldout.jsonl", r"--resume cannot change data.train .*: it fixes the data the run "
+                                                     r"trains on"),
+    ("--data.eval=none", r"--resume cannot change data.eval .*: it fixes the held-out split"),
+    ("--data.pack=true", r"--resume cannot change data.pack \(False -> True\)"),
+    ("--quant.double_quant=false", r"--resume cannot change quant.double_quant .*: it fixes the base the adapter"),
+    ("--lora.init=loftq", r"--resume cannot change lora.init \('zero' -> 'loftq'\): it fixes how the adapter started"),
+    ("--lora.alpha=32", r"holds another run \(lora.alpha=16, this recipe 32.0\)"),
+    ("--quant.method=lora", r"holds another run \(quant.method='qlora', this recipe 'lora'\)"),
+    ("--train.lr=nan", r"train.lr=nan is not a finite number"),
+], ids=["seed", "train data", "held-out data", "packing", "double quant", "lora init", "alpha", "method", "lr nan"])
+def test_resume_refuses_what_may_not_change_before_writing_anything(cli, tmp_path, override, pattern):
+    """The run on disk (run_config.json, checkpoint-50) is left byte for byte as it was: a refused resume rewrites
+    nothing (changing the optimizer used to crash after run_config.json had been rewritten)."""
+    out = tmp_path / "run"
+    write_run(out)
+    before = snapshot(out)
+    check_refused(cli.run([TINY, f"--output.dir={out}", "--resume", override]), pattern)
+    assert snapshot(out) == before
+
+
+def broken(name: str, content: bytes | None) -> Callable[[Path], None]:
+    """A setup that puts `content` (None: a directory) at `name` in an output dir holding a run (write_run)."""
+    def setup(out: Path) -> None:
+        write_run(out)
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        target.mkdir() if content is None else target.write_bytes(content)
+    return setup
+
+
+@pytest.mark.parametrize(("setup", "flags", "pattern"), [
+    (broken("run_config.json", None), ["--resume"], r"run/run_config.json is not a file, yet the run writes that file "
+                                                    r"there: move it away, or use another output.dir"),
+    (broken("metrics.jsonl", None), ["--resume"], r"run/metrics.jsonl is not a file"),
+    (broken("adapter_model.safetensors", None), ["--resume"], r"run/adapter_model.safetensors is not a file"),
+    (broken("checkpoint-60", b"my notes"), ["--resume"], r"run/checkpoint-60 is not a checkpoint directory, yet the "
+                                                         r"run writes one under that name"),
+    (broken("run_config.json", b'{"model": '), ["--resume"], r"run_config.json is unreadable \(Expecting value.*\): "
+                                                            r"restore it, or start the run again with --overwrite"),
+    (broken("run_config.json", b"[1, 2]"), [], r"run_config.json is not a run config \(a JSON object of sections"),
+    (broken("run_config.json", b'{"model": {"path": "m"}, "data": {"train": "t"}, "extra": {}}'), ["--resume"],
+     r"run_config.json has no section 'extra' in this version of qlora"),
+    (broken("run_config.json", b'{"model": {"path": "m"}, "data": {"train": "t"}, "train": {"lr": -1.0}}'),
+     ["--resume"], r"run_config.json: train.lr=-1.0 must be positive"),
+    (broken("run_config.json", b'{"model": {"path": "m", "size": 7}, "data": {"train": "t"}}'), ["--resume"],
+     r"run_config.json does not fit this version of qlora.config \(.*unexpected keyword argument 'size'\)"),
+    (broken("run_config.json", b"\xff\xfe{}"), ["--resume"], r"run_config.json is unreadable \('utf-8' codec"),
+    (broken("run_config.json", b'{"model": "tiny", "data": {"train": "t"}}'), [], r"is not a run config"),
+], ids=["run config is a dir", "metrics is a dir", "adapter is a dir", "checkpoint is a file", "run config cut short",
+        "run config a list", "unknown section", "invalid value", "unknown key", "run config not UTF-8",
+        "section not an object"])
+def test_a_damaged_run_dir_is_refused_in_one_line(cli, tmp_path, setup, flags, pattern):
+    """Not a traceback, and not the advice for a full disk: what is wrong, where, and what to do."""
+    out = tmp_path / "run"
+    setup(out)
+    before = snapshot(out)
+    check_refused(cli.run([TINY, f"--output.dir={out}", *flags]), pattern)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(("where", "pattern"), [
+    ("{tmp}/notes.txt/run", r"output.dir=.*notes.txt/run cannot be created: .*notes.txt is a file"),
+    ("{tmp}/notes.txt", r"output.dir=.*notes.txt is a file: point output.dir at a directory"),
+    ("", r"output.dir is empty: set it to the run directory"),
+], ids=["under a file", "a file", "empty"])
+def test_an_output_dir_that_cannot_be_one_is_refused(cli, tmp_path, where, pattern):
+    (tmp_path / "notes.txt").write_text("the user's own file\n")
+    check_refused(cli.run([TINY, f"--output.dir={where.replace('{tmp}', str(tmp_path))}"]), pattern)
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file\n"
+
+
 def test_overwrite_replaces_the_other_run(cli, tmp_path):
     out = tmp_path / "run"
     write_run(out, lora__r=4)
@@ -226,3 +341,12 @@ def test_cold_start_prints_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
     assert "matches no linear layer" in result.stderr
+
+
+def test_a_byte_order_mark_is_not_malformed_json(tmp_path):
+    """Some editors start a UTF-8 file with a byte order mark; json.loads calls that line malformed."""
+    from qlora.data import read_rows
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"text": "a"}\n{"text": "b"}\n')
+    assert read_rows(str(path)) == [{"text": "a"}, {"text": "b"}]

@@ -44,3 +44,42 @@ def test_signal_while_importing_ends_in_one_line(tmp_path: Path, sig: signal.Sig
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stopped by {sig.name}"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("module", "args", "sig"), [
+    ("qlora.eval", ["runs/none"], signal.SIGINT), ("qlora.merge", ["runs/none", "--out=x"], signal.SIGTERM),
+    ("qlora.memory", ["recipes/tiny.py", "--out-dir={tmp}"], signal.SIGINT),
+    ("qlora.generate", ["runs/none"], signal.SIGTERM),
+], ids=["eval SIGINT", "merge SIGTERM", "memory SIGINT", "generate SIGTERM"])
+def test_every_command_ends_in_one_line_when_interrupted_while_importing(tmp_path, module, args, sig):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]  # a report goes to tmp_path, never into the checkout
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # torch is still loading: each of these commands ends within a second or two of its imports
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines() == [f"stopped by {sig.name} while starting: nothing was written"], err
+
+
+def test_a_closed_stdout_ends_quietly():
+    """`python -m qlora.config RECIPE | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "qlora.config", "recipes/tiny.py"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `head` does once it has its line
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode == 128 + signal.SIGPIPE
+
+
+def test_a_signal_a_library_swallowed_while_importing_still_stops_the_command(capsys):
+    """transformers' lazy imports can turn a Ctrl-C into an ImportError that a caller catches and goes on from: the
+    signal, recorded as it came, still ends the command before it does anything."""
+    from qlora import cli
+    from qlora.config import main
+
+    cli.Session.signal = signal.SIGINT  # as raise_signal_interrupt records it, in the middle of an import
+    assert main(["recipes/tiny.py"]) == 130
+    assert capsys.readouterr() == ("", "stopped by SIGINT while starting: nothing was written\n")
+    assert main(["recipes/tiny.py"]) == 0  # the next command in this process starts afresh

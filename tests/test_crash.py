@@ -21,9 +21,10 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from forked_cli import ROOT, ForkedCLI
-from safetensors.torch import load_file
+from forked_cli import ROOT
+from safetensors.torch import load_file, save_file
 
+from qlora.build import ensure_checkpoint
 from qlora.checkpoint import STATE, list_checkpoints
 from qlora.config import load_recipe
 from qlora.data import batch_rows
@@ -38,12 +39,6 @@ ARGS = ["recipes/tiny.py", f"--train.steps={STEPS}", "--train.save_every=1", "--
         "--train.eval_every=3", "--train.log_every=1", "--train.batch_size=4", "--train.grad_accum=2",
         "--lora.dropout=0.1"]
 N_TRAIN = 200  # rows of recipes/data/tiny/train.jsonl (the held-out rows are a file of their own)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    with ForkedCLI() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +240,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_their_position(cli
             "skipped, no update (1 of train.max_bad_steps=1)") in lines
     assert lines[-1] == (f"error: stopped at step 4: 2 steps with a non-finite loss or gradient, more than "
                          f"train.max_bad_steps=1; the last in micro-batches 6-7 (rows {rows(6)} of the training "
-                         f"split). {out}/checkpoint-4 holds the run without their updates: check those rows or "
-                         "lower train.lr, then continue with --resume")
+                         f"split). {out}/checkpoint-4 holds the run without their updates: check those rows, "
+                         "lower train.lr or raise train.max_bad_steps, then continue with --resume")
     assert list_checkpoints(out) == [out / f"checkpoint-{s}" for s in range(1, 5)]
     a = {s: adapter(out / f"checkpoint-{s}") for s in range(1, 5)}
     for key in a[1]:  # skipped steps change nothing; the good step between them does
@@ -343,3 +338,131 @@ def test_resume_cuts_metrics_back_to_what_the_checkpoint_saw(tmp_path):
     path.write_text(kept + '{"step": 2, "loss": 3.9}\n{"step": 3, "lo')  # after it; the last line cut by a kill
     log = MetricsLog(path, keep_bytes=len(kept))
     assert path.read_text() == kept and log.size() == len(kept)
+
+
+def all_finite(run: Path) -> bool:
+    return all(torch.isfinite(t).all() for ckpt in list_checkpoints(run) for t in adapter(ckpt).values())
+
+
+def test_a_diverging_lr_never_saves_the_diverged_adapter(cli, tmp_path):
+    """lr=1e30: one update makes the adapter huge, every later step non-finite. The run stops (exit 3) without a
+    checkpoint of that adapter (resuming it could never recover) and says so."""
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, "--train.lr=1e30", "--train.save_every=0", "--train.eval_every=0", f"--output.dir={out}"])
+    assert result.status == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: stopped at step \d: 4 steps with a non-finite loss or gradient, the last in "
+                        r"micro-batches .*, and a held-out batch fails too: the adapter itself has diverged \(train.lr="
+                        r"1e\+30 is too high\), so no checkpoint was written of it\. No checkpoint was written: start "
+                        r"again with a lower train.lr \(--overwrite\)", last), last
+    assert list_checkpoints(out) == [] and not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_nan_held_out_loss_is_never_the_result(cli, tmp_path):
+    """With enough bad steps allowed, the diverged run reaches its end: the final held-out loss is nan, so the adapter
+    is not written and the run exits 3 (it used to exit 0 with every adapter tensor nan)."""
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, "--train.lr=1e30", "--train.max_bad_steps=100", "--train.eval_every=0",
+                      f"--output.dir={out}"])
+    assert result.status == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: stopped at step {STEPS}: the held-out loss is nan although every trainable weight is "
+                    "finite: the adapter has diverged (or the forward overflows in quant.compute_dtype=auto); it is "
+                    "not written as the result. Start again with a lower train.lr (--overwrite)")
+    assert not (out / "adapter_model.safetensors").exists() and all_finite(out)
+
+
+NAN_UPDATE = """
+import bitsandbytes as bnb
+step, calls = bnb.optim.PagedAdamW32bit.step, [0]
+def nan_step(self, *args, **kwargs):
+    out = step(self, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 3:  # the third update leaves a weight nan (finite loss, finite gradients)
+        self.param_groups[0]["params"][0].data[0, 0] = float("nan")
+    return out
+bnb.optim.PagedAdamW32bit.step = nan_step
+"""
+
+
+def test_an_update_that_leaves_a_weight_nan_stops_before_saving_it(cli, tmp_path):
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--output.dir={out}"], prelude=NAN_UPDATE)
+    assert result.status == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("error: stopped at step 3: its update left trainable weights nan or inf (train.lr=0.003 is too "
+                    f"high for them), and nothing of it was saved. {out}/checkpoint-2 is the newest checkpoint: "
+                    "continue from it with --resume and a lower train.lr, or start again with --overwrite if that one "
+                    "has diverged too")
+    assert list_checkpoints(out) == [out / "checkpoint-1", out / "checkpoint-2"] and all_finite(out)
+    result = cli.run([*ARGS, f"--output.dir={out}", "--resume", "--train.lr=1e-3"])  # the advice works
+    assert result.status == 0, result.stderr
+
+
+def test_a_base_that_gives_nan_stops_before_training(cli, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")), base)
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--model.path={base}", "--model.build=none", f"--output.dir={out}"])
+    assert result.status == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: the held-out loss before training is nan: the base model gives non-finite logits on the held-out "
+        "data (nan or inf in its weights, or an overflow in quant.compute_dtype=auto): check model.path, or try "
+        "--quant.compute_dtype=fp32")
+    assert list_checkpoints(out) == []
+
+
+def slowed(target: str, seconds: float) -> str:
+    """A prelude: `target` ("module:function" or "module:Class.method") writes {marker}, then waits `seconds`, before
+    doing its work; a test sends its signal once the marker is there."""
+    module, qualname = target.split(":")
+    owner, name = f"{module}.{qualname}".rsplit(".", 1)
+    return f"""
+import pathlib, time, {module}
+work = {owner}.{name}
+def slowed(*args, **kwargs):
+    pathlib.Path("{{marker}}").write_text("here")
+    time.sleep({seconds})
+    return work(*args, **kwargs)
+{owner}.{name} = slowed
+"""
+
+
+def wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def interrupt(cli, argv: list[str], prelude: str, marker: Path, sig: int):
+    """Run the CLI with a `prelude` that writes `marker` where it waits, and send `sig` once it does."""
+    pid = cli.start(argv, prelude=prelude.format(marker=marker))
+    wait_for(marker)
+    os.kill(pid, sig)
+    return cli.wait(pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_the_model_loads_ends_in_one_line(cli, tmp_path, sig):
+    """SIGTERM while loading once ended the process without a word."""
+    out = tmp_path / "run"
+    slow_load = slowed("transformers:AutoModelForCausalLM.from_pretrained", 60)
+    result = interrupt(cli, [*ARGS, f"--output.dir={out}"], slow_load, tmp_path / "loading", sig)
+    assert result.status == 128 + sig, result.stderr
+    assert result.stderr.strip().splitlines() == [f"stopped by {sig.name}; no checkpoint was written"]
+    assert not out.exists()
+
+
+def test_a_signal_during_the_first_evaluation_stops_without_training_a_step(cli, tmp_path):
+    out = tmp_path / "run"
+    argv = [*ARGS, "--train.eval_batches=3", f"--output.dir={out}"]
+    result = interrupt(cli, argv, slowed("qlora.loss:eval_stats", 0.5), tmp_path / "evaluating", signal.SIGTERM)
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM before the first step; no checkpoint was "
+                                                      "written: run the command again to start")
+    assert list_checkpoints(out) == [] and not [line for line in metrics(out) if "loss" in line]
+    assert cli.run([*argv, "--train.steps=1"]).status == 0  # the advice works

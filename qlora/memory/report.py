@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from qlora.build import config_json_path
-from qlora.cli import run
+from qlora.cli import check_writable, run
 from qlora.config import METHODS, Config, ConfigError, parse_args
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
@@ -212,6 +212,9 @@ def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path, 
                 raise ConfigError(f"--methods {value!r}: use a comma-separated subset of {','.join(METHODS)}")
         elif arg.startswith("--out-dir="):
             out_dir = Path(arg.split("=", 1)[1])
+            if not str(arg.split("=", 1)[1]).strip():
+                raise ConfigError("--out-dir= is empty: give the directory for the report, e.g. --out-dir=reports")
+            check_writable(out_dir, "--out-dir", directory=True)  # before the report is built, not after
         else:
             rest.append(arg)
     return rest, methods, measure, as_json, out_dir, gpus

@@ -1,0 +1,213 @@
+"""The commands after training (qlora.eval, qlora.generate, qlora.merge) and beside it (qlora.memory, qlora.config),
+given what a hostile user gives them: each ends in one line on stderr and exit 2, never a traceback, and writes
+nothing. Real processes, forked from one that imported them once (tests/forked_cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from qlora.build import TINY_LLAMA, byte_tokenizer
+from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+TINY = "recipes/tiny.py"
+PROGRESS = re.compile(r"^Loading weights: +\d+%\|")  # transformers' loading bar; issue 16 silences it
+
+
+@pytest.fixture(scope="module")
+def finished(cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-step tiny run (copied, never changed, by each case)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = cli.run([TINY, "--train.steps=2", "--train.eval_every=0", "--train.eval_batches=1",
+                      f"--output.dir={out}"])
+    assert result.status == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with a wider MLP: the tiny run's adapter does not fit it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("other-base")
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **{**TINY_LLAMA, "intermediate_size": 192})
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def edit_json(name: str, change: Callable[[dict], object]) -> Callable[[Path, Path], None]:
+    def setup(run: Path, other: Path) -> None:
+        raw = json.loads((run / name).read_text())
+        change(raw)
+        (run / name).write_text(json.dumps(raw))
+    return setup
+
+
+def write(name: str, content: bytes | None) -> Callable[[Path, Path], None]:
+    """Put `content` at `name` in the run (None: delete it)."""
+    def setup(run: Path, other: Path) -> None:
+        (run / name).unlink()
+        if content is not None:
+            (run / name).write_bytes(content)
+    return setup
+
+
+def lower_rank(run: Path, other: Path) -> None:
+    """The adapter file of a rank-4 run in a directory whose run_config.json says rank 8."""
+    tensors = load_file(str(run / ADAPTER_WEIGHTS))
+    cut = {k: (v[:4] if ".lora_A." in k else v[:, :4]).contiguous() for k, v in tensors.items()}
+    save_file(cut, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def nan_adapter(run: Path, other: Path) -> None:
+    tensors = load_file(str(run / ADAPTER_WEIGHTS))
+    for value in tensors.values():
+        value.fill_(float("nan"))
+    save_file(tensors, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def on_other_base(run: Path, other: Path) -> None:
+    raw = json.loads((run / "run_config.json").read_text())
+    raw["model"]["path"], raw["model"]["build"] = str(other), None
+    (run / "run_config.json").write_text(json.dumps(raw))
+
+
+def noop(run: Path, other: Path) -> None:
+    pass
+
+
+def a_file(name: str, text: str = "the user's own file\n") -> Callable[[Path, Path], None]:
+    def setup(run: Path, other: Path) -> None:
+        (run.parent / name).write_text(text)
+    return setup
+
+
+def a_dir(name: str) -> Callable[[Path, Path], None]:
+    def setup(run: Path, other: Path) -> None:
+        (run.parent / name).mkdir()
+    return setup
+
+
+# (id, module, arguments: {run} is a finished run's copy, {tmp} its parent; setup; the one line must match this)
+CASES = [
+    ("eval: no run", "qlora.eval", ["{tmp}/nothing"], noop, r"nothing/run_config.json not found: RUN_DIR must be a "
+                                                            r"training output directory"),
+    ("eval: run config cut short", "qlora.eval", ["{run}"], write("run_config.json", b'{"model": {'),
+     r"run_config.json is unreadable \(Expecting"),
+    ("eval: run config a list", "qlora.eval", ["{run}"], write("run_config.json", b"[]"), r"is not a run config"),
+    ("eval: run config invalid value", "qlora.eval", ["{run}"],
+     edit_json("run_config.json", lambda c: c["lora"].update(r=0)), r"run_config.json: lora.r=0 must be a positive"),
+    ("eval: run config unknown key", "qlora.eval", ["{run}"],
+     edit_json("run_config.json", lambda c: c["train"].update(learning_rate=1)), r"does not fit this version of "
+                                                                                 r"qlora.config"),
+    ("eval: adapter of another rank", "qlora.eval", ["{run}"], lower_rank,
+     r"adapter_model.safetensors does not fit the run's base .*tiny-llama \(adapter tensor .* has shape \(4, 128\), "
+     r"this model's \(8, 128\): was it trained with another lora.r or another base\?\)"),
+    ("eval: adapter for another base", "qlora.eval", ["{run}"], on_other_base,
+     r"adapter_model.safetensors does not fit the run's base .*other-base.* has shape .*, this model's"),
+    ("eval: adapter holds nan", "qlora.eval", ["{run}"], nan_adapter, r"holds nan or inf: the adapter is broken"),
+    ("eval: adapter cut short", "qlora.eval", ["{run}"], write(ADAPTER_WEIGHTS, b"\x08\x00\x00\x00\x00\x00\x00\x00{"),
+     r"adapter_model.safetensors does not fit the run's base"),
+    ("eval: --json is a directory", "qlora.eval", ["{run}", "--json={tmp}/out"], a_dir("out"),
+     r"--json=.*out is a directory: give the path of a file"),
+    ("eval: --json under a file", "qlora.eval", ["{run}", "--json={tmp}/out/x.json"], a_file("out"),
+     r"--json=.*out/x.json cannot be created: .*out is a file"),
+    ("eval: --data missing", "qlora.eval", ["{run}", "--data={tmp}/none.jsonl"], noop, r"data file .*none.jsonl not "
+                                                                                       r"found"),
+    ("eval: bad --device", "qlora.eval", ["{run}", "--device=tpu"], noop,
+     r"argument --device: invalid choice: 'tpu' .*\(usage: python -m qlora.eval "),
+    ("eval: no arguments", "qlora.eval", [], noop, r"the following arguments are required: run_dir \(usage: "),
+    ("eval: unknown flag", "qlora.eval", ["{run}", "--bogus"], noop, r"unrecognized arguments: --bogus"),
+    ("generate: no new tokens", "qlora.generate", ["{run}", "--max-new-tokens=0", "--prompt=hi"], noop,
+     r"--max-new-tokens=0 must be positive"),
+    ("generate: nan temperature", "qlora.generate", ["{run}", "--temperature=nan", "--prompt=hi"], noop,
+     r"--temperature=nan must be a finite number >= 0"),
+    ("generate: tokens not a number", "qlora.generate", ["{run}", "--max-new-tokens=ten"], noop,
+     r"argument --max-new-tokens: invalid int value: 'ten'"),
+    ("generate: empty prompt", "qlora.generate", ["{run}", "--prompt="], noop, r"--prompt is empty"),
+    ("generate: adapter of another rank", "qlora.generate", ["{run}", "--prompt=hi"], lower_rank,
+     r"does not fit the run's base"),
+    ("merge: --out is a file", "qlora.merge", ["{run}", "--out={tmp}/merged"], a_file("merged"),
+     r"--out=.*merged is a file: give a directory"),
+    ("merge: --out under a file", "qlora.merge", ["{run}", "--out={tmp}/merged/here"], a_file("merged"),
+     r"--out=.*merged/here cannot be created: .*merged is a file"),
+    ("merge: no --out", "qlora.merge", ["{run}"], noop, r"the following arguments are required: --out"),
+    ("merge: zero shard size", "qlora.merge", ["{run}", "--out={tmp}/m", "--max-shard-size=0"], noop,
+     r"--max-shard-size='0' must be more than 0 bytes"),
+    ("merge: adapter config cut short", "qlora.merge", ["{run}", "--out={tmp}/m"], write(ADAPTER_CONFIG, b'{"r": '),
+     r"adapter_config.json is unreadable \(Expecting"),
+    ("merge: adapter config missing", "qlora.merge", ["{run}", "--out={tmp}/m"], write(ADAPTER_CONFIG, None),
+     r"adapter_config.json is unreadable \(No such file"),
+    ("merge: adapter config rank 0", "qlora.merge", ["{run}", "--out={tmp}/m"],
+     edit_json(ADAPTER_CONFIG, lambda c: c.update(r=0)), r"adapter_config.json lacks a positive r and lora_alpha"),
+    ("merge: adapter of another rank", "qlora.merge", ["{run}", "--out={tmp}/m"], lower_rank,
+     r"adapter_model.safetensors: the adapter of .* \(B \(\d+, 4\), A \(4, \d+\)\) does not fit rank 8"),
+    ("merge: onto another base", "qlora.merge", ["{run}", "--out={tmp}/m", "--base-16bit={other}"], noop,
+     r"the adapter of model.layers.0.mlp.* does not fit rank 8 on the base weight"),
+    ("merge: adapter holds nan", "qlora.merge", ["{run}", "--out={tmp}/m"], nan_adapter, r"holds nan or inf: there is "
+                                                                                        r"nothing to merge"),
+    ("merge: missing 16-bit base", "qlora.merge", ["{run}", "--out={tmp}/m", "--base-16bit={tmp}/none"], noop,
+     r"base .*none is neither a local directory nor a reachable hub checkpoint \(no directory"),
+    ("memory: --out-dir is a file", "qlora.memory", [TINY, "--out-dir={tmp}/report"], a_file("report"),
+     r"--out-dir=.*report is a file: give a directory"),
+    ("memory: empty --out-dir", "qlora.memory", [TINY, "--out-dir="], noop, r"--out-dir= is empty"),
+    ("memory: unknown method", "qlora.memory", [TINY, "--methods=qlora,int8"], noop, r"--methods 'qlora,int8': use"),
+    ("memory: bad override", "qlora.memory", [TINY, "--lora.r=-1", "--out-dir={tmp}/r"], noop, r"lora.r=-1 must be"),
+    ("memory: malformed config_json", "qlora.memory", [TINY, "--model.synthetic=true",
+                                                       "--model.config_json={tmp}/config.json", "--out-dir={tmp}/r"],
+     a_file("config.json"), r"config.json is not a readable config.json"),
+    ("memory: config_json a list", "qlora.memory", [TINY, "--model.synthetic=true", "--model.config_json={tmp}/c.json",
+                                                    "--out-dir={tmp}/r"], a_file("c.json", "[1]"),
+     r"c.json has no positive integer hidden_size"),
+    ("train: synthetic, config_json a list", "qlora.train",
+     [TINY, "--model.synthetic=true", "--model.config_json={tmp}/c.json", "--output.dir={tmp}/o"],
+     a_file("c.json", "[1]"), r"model.config_json=.*c.json is not a usable config.json \(Unrecognized model"),
+    ("config: a flag", "qlora.config", [TINY, "--resume"], noop, r"unknown flag --resume"),
+    ("config: seed beyond 64 bits", "qlora.config", [TINY, "--train.seed=18446744073709551616"], noop,
+     r"train.seed=18446744073709551616 does not fit in 64 bits"),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "setup", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_a_bad_input_to_a_command_is_one_line_and_exit_2(cli, finished, other_base, tmp_path, module, args, setup,
+                                                        pattern):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    setup(run, other_base)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    argv = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp_path)).replace("{other}", str(other_base))
+            for a in args]
+    result = cli.run(argv, module=module)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS.match(line)]
+    assert result.status == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing removed
+
+
+def test_eval_of_a_run_whose_held_out_loss_is_nan_does_not_succeed(cli, finished, tmp_path):
+    """As training never ends in success with a nan held-out loss, neither does a later evaluation of the run."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    silent_nan = "import qlora.train\nqlora.train.eval_stats = lambda *a, **k: (float('nan'), 1, 0, 1)\n"
+    result = cli.run([str(run)], module="qlora.eval", prelude=silent_nan)
+    assert result.status == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: the held-out loss of {run} is nan: its weights give "
+                                                      "non-finite logits on this data")
+
+
+def test_generate_still_answers(cli, finished):
+    """The checks above refuse bad input only: a plain prompt still gets its tokens."""
+    result = cli.run([str(finished), "--prompt=dog moon red", "--max-new-tokens=4"], module="qlora.generate")
+    assert result.status == 0, result.stderr

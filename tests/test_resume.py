@@ -1,0 +1,224 @@
+"""`--resume`: what it continues (the run on disk), what may change and takes effect, what is refused, and a damaged
+newest checkpoint, which it passes over for the newest intact one and sets aside. Real processes, forked from one
+that imported qlora.train once (tests/forked_cli.py), train the tiny recipe.
+
+The schedule is constant, so a run of 4 steps resumed with --train.steps=6 is the same run as one of 6 steps: a
+resume that falls back to checkpoint-3 must end bitwise equal to the uninterrupted 6-step run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_crash import adapter, assert_same_run, metrics
+
+from qlora.checkpoint import OPTIMIZER, STATE, list_checkpoints
+from qlora.data import batch_rows, resume_position
+from qlora.lora import ADAPTER_WEIGHTS
+
+# 4 rows per step, dropout on (resume must restore its RNG), constant lr 3e-3 (the recipe's), one checkpoint per step.
+ARGS = ["recipes/tiny.py", "--train.batch_size=4", "--train.grad_accum=1", "--train.save_every=1",
+        "--train.keep_checkpoints=4", "--train.eval_every=0", "--train.eval_batches=2", "--train.schedule=constant",
+        "--train.warmup_steps=0", "--lora.dropout=0.1", "--train.log_every=1"]
+
+
+def finished_run(cli, tmp_path_factory: pytest.TempPathFactory, steps: int) -> Path:
+    out = tmp_path_factory.mktemp(f"steps-{steps}") / "run"
+    result = cli.run([*ARGS, f"--train.steps={steps}", f"--output.dir={out}"])
+    assert result.status == 0, result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def partial(cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 4-step run: checkpoints 1-4 (copied, never changed, by each test that resumes it)."""
+    out = finished_run(cli, tmp_path_factory, 4)
+    assert list_checkpoints(out) == [out / f"checkpoint-{s}" for s in range(1, 5)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run, 6 steps without a stop."""
+    return finished_run(cli, tmp_path_factory, 6)
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+# --- what --resume continues, and what may change --------------------------------------------------------------------
+
+def test_resume_without_overrides_continues_the_run_on_disk_not_the_recipe(cli, partial, tmp_path):
+    """The run was started with --train.steps=4; the recipe says 60. --resume alone ends the run at 4."""
+    out = copy_of(partial, tmp_path)
+    result = cli.run(["recipes/tiny.py", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "resumed from" in result.stdout and "checkpoint-4 at step 4" in result.stdout
+    assert "the recipe's own values are not used: " in result.stdout and "train.steps=60 (the run has 4)" in \
+        result.stdout
+    assert max(line["step"] for line in metrics(out)) == 4
+    assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 4
+
+
+def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):
+    """The exit-3 advice "lower train.lr, then --resume" works: the resumed steps run at the new lr, in the optimizer
+    (the adapter moves ~30x less per step) as in the log."""
+    out = copy_of(partial, tmp_path)
+    result = cli.run([*ARGS, "--train.steps=6", "--train.lr=1e-4", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "changed on the command line: train.steps 4 -> 6, train.lr 0.003 -> 0.0001" in result.stdout
+    lrs = {line["step"]: line["lr"] for line in metrics(out) if "lr" in line}
+    assert [lrs[s] for s in range(1, 7)] == [3e-3] * 4 + [1e-4] * 2
+    a3, a4, a5 = (adapter(out / f"checkpoint-{s}") for s in (3, 4, 5))
+    moved = {s: sum(float((b[k] - a[k]).norm()) for k in a) for s, (a, b) in {4: (a3, a4), 5: (a4, a5)}.items()}
+    assert moved[5] < 0.2 * moved[4], moved
+    assert json.loads((out / "run_config.json").read_text())["train"]["lr"] == 1e-4
+
+
+def test_another_optimizer_on_resume_starts_its_state_afresh(cli, partial, tmp_path):
+    """Used to crash after run_config.json was rewritten; now the run goes on with the new optimizer, and a later
+    --resume without the override keeps it (the run on disk says adamw)."""
+    out = copy_of(partial, tmp_path)
+    result = cli.run([*ARGS, "--train.steps=5", "--train.optimizer=adamw", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "train.optimizer paged_adamw_32bit -> adamw: its state starts afresh" in result.stdout
+    assert json.loads((out / "run_config.json").read_text())["train"]["optimizer"] == "adamw"
+    result = cli.run(["recipes/tiny.py", "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "starts afresh" not in result.stdout and "checkpoint-5 at step 5" in result.stdout
+    assert "exp_avg" in torch.load(out / "checkpoint-6" / OPTIMIZER, weights_only=True)["state"][0]
+
+
+def test_another_optimizer_keeps_the_resumed_weights_of_16_bit_adapters(cli, tmp_path):
+    """bf16 adapters train through fp32 master copies (qlora/master.py); a fresh optimizer's copies must start from
+    the resumed adapter, not from the adapter as initialised (B = 0)."""
+    out = tmp_path / "run"
+    bf16 = [*ARGS, "--quant.compute_dtype=bf16", f"--output.dir={out}"]
+    assert cli.run([*bf16, "--train.steps=3"]).status == 0
+    result = cli.run([*bf16, "--train.steps=4", "--train.optimizer=adamw", "--resume"])
+    assert result.status == 0, result.stderr
+    b3, b4 = ({k: v.float() for k, v in adapter(out / f"checkpoint-{s}").items() if "lora_B" in k} for s in (3, 4))
+    assert sum(float(v.norm()) for v in b4.values()) > 0.9 * sum(float(v.norm()) for v in b3.values()) > 0
+
+
+def test_a_smaller_batch_on_resume_continues_from_the_same_row(cli, partial, tmp_path):
+    out = copy_of(partial, tmp_path)
+    result = cli.run([*ARGS, "--train.steps=6", "--train.batch_size=2", "--train.grad_accum=2",
+                      "--data.max_seq_len=96", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "data.max_seq_len 128 -> 96, train.steps 4 -> 6, train.batch_size 4 -> 2, train.grad_accum 1 -> 2" in \
+        result.stdout
+    assert torch.load(out / "checkpoint-6" / STATE, weights_only=True)["micro_batch"] == 12  # rows 16-23: 8 + 4
+
+
+@pytest.mark.parametrize(("n", "old", "new", "seen"), [(200, 4, 2, 4), (200, 4, 3, 7), (200, 8, 5, 30), (10, 3, 4, 5)])
+def test_resume_position_neither_repeats_nor_skips_a_row_of_the_epoch(n, old, new, seen):
+    """After `seen` micro-batches of `old` rows, the first micro-batch of `new` rows starts at the first boundary of
+    its size at or after the rows already seen in that epoch (or at the next epoch, if none is left)."""
+    epoch, offset = divmod(seen, n // old)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch)).tolist()  # batch_rows' order, seed 0
+    consumed = order[:offset * old]
+    start = resume_position({"micro_batch": seen, "batch_size": old}, new, n, 0)
+    first = batch_rows(n, new, 0, start)
+    if start // (n // new) == epoch:
+        assert not set(first) & set(consumed)
+        assert offset * old <= order.index(first[0]) < offset * old + new
+    else:  # no whole micro-batch of the new size was left in the epoch
+        assert start == (epoch + 1) * (n // new) and offset * old + new > (n // new) * new
+
+
+def test_fewer_steps_than_the_checkpoint_are_refused_before_writing(cli, partial, tmp_path):
+    out = copy_of(partial, tmp_path)
+    before = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=2", f"--output.dir={out}", "--resume"])
+    assert result.status == 2, result.stderr
+    assert error_lines(result)[-1].startswith("error: train.steps=2 is below step 4, where ")
+    assert error_lines(result)[-1].endswith("checkpoint-4 stands: set --train.steps=4 or more to continue")
+    assert snapshot(out) == before
+
+
+# --- a damaged newest checkpoint ------------------------------------------------------------------------------------
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def nan_adapter(path: Path) -> None:
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def reshape_optimizer_state(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    moments = state["state"][0]["__bnb_optimizer_quant_state__"]  # where bitsandbytes keeps them
+    moments["state1"] = moments["state1"][:, :2].contiguous()  # a moment of another shape
+    torch.save(state, path)
+
+
+def pickle_with_code(path: Path) -> None:
+    torch.save({"step": 4, "when": datetime.date(2026, 1, 1)}, path)  # weights_only refuses arbitrary objects
+
+
+DAMAGE = {
+    "adapter cut short": (ADAPTER_WEIGHTS, truncate, r"the adapter is unusable \("),
+    "adapter missing": (ADAPTER_WEIGHTS, lambda p: p.unlink(), r"the adapter is unusable \(No such file"),
+    "adapter holds nan": (ADAPTER_WEIGHTS, nan_adapter, r"holds nan or inf: the adapter is broken"),
+    "optimizer cut short": (OPTIMIZER, truncate, r"optimizer.pt is unreadable \("),
+    "optimizer of another shape": (OPTIMIZER, reshape_optimizer_state, r"optimizer.pt: state1 of parameter 0 has "
+                                                                       r"shape \(8, 2\), not \(8, 128\)"),
+    "trainer state garbage": (STATE, lambda p: p.write_bytes(b"not a torch file"), r"trainer_state.pt is "
+                                                                                     r"unreadable \("),
+    "trainer state with code": (STATE, pickle_with_code, r"trainer_state.pt is unreadable \(.*[Ww]eights"),
+    "trainer state missing": (STATE, lambda p: p.unlink(), r"trainer_state.pt is unreadable \(No such file"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(cli, partial, reference, tmp_path, damage):
+    """Says which and why, resumes from checkpoint-3, keeps checkpoint-4 aside as it was, and ends with exactly the
+    adapter and metrics of the uninterrupted run."""
+    name, spoil, why = DAMAGE[damage]
+    out = copy_of(partial, tmp_path)
+    spoil(out / "checkpoint-4" / name)
+    damaged = snapshot(out / "checkpoint-4")
+    result = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    lines = [line for line in error_lines(result) if "damaged" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{out}/checkpoint-4 is damaged (") and re.search(why, lines[0])
+    assert lines[0].endswith("it is set aside as checkpoint-4.damaged for inspection"), lines[0]
+    assert f"resumed from {out}/checkpoint-3 at step 3 (the newest usable checkpoint)" in result.stdout
+    assert snapshot(out / "checkpoint-4.damaged") == damaged
+    assert_same_run(out, reference)
+
+
+def test_no_usable_checkpoint_is_refused_and_nothing_is_touched(cli, partial, tmp_path):
+    out = copy_of(partial, tmp_path)
+    for step in range(1, 5):
+        truncate(out / f"checkpoint-{step}" / ADAPTER_WEIGHTS)
+    before = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 2, result.stderr
+    line = error_lines(result)[-1]
+    assert line.startswith(f"error: no checkpoint in {out} can be resumed from (checkpoint-4: the adapter is unusable")
+    assert "checkpoint-1: " in line and line.endswith("restore one, or start again with --overwrite")
+    assert snapshot(out) == before

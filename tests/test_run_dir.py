@@ -1,0 +1,114 @@
+"""The output directory is the user's too: a run removes only what it wrote, and one trainer at a time uses it.
+
+Real processes, forked from one that imported qlora.train once (tests/forked_cli.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from test_crash import wait_for_step
+
+import qlora.train as train_module
+from qlora.checkpoint import list_checkpoints
+from qlora.cli import Stop
+
+TINY = "recipes/tiny.py"
+QUICK = ["--train.steps=1", "--train.eval_every=0", "--train.eval_batches=1"]
+
+
+def test_a_run_removes_only_the_leftovers_it_wrote(cli, tmp_path):
+    """Once every file beginning `.tmp-` or `.trash-` was deleted at start, the user's among them."""
+    out = tmp_path / "run"
+    mine = {".tmp-notes.txt": "a user's scratch file", ".trash-keep": "kept on purpose", "metrics.tmp": "mine",
+            ".tmp-checkpoint-x": "not a checkpoint of ours", ".tmp-final.txt": "mine too", "notes.txt": "mine"}
+    ours = [".tmp-checkpoint-7", ".trash-checkpoint-2", ".tmp-final", ".trash-checkpoint-3.damaged"]
+    out.mkdir()
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    (out / ".tmp-mine").mkdir()
+    (out / ".tmp-mine" / "data.jsonl").write_text("{}\n")
+    for name in ours:  # what a killed run of ours leaves: half-written checkpoints and the adapter, being deleted
+        (out / name).mkdir()
+        (out / name / "adapter_model.safetensors").write_bytes(b"half")
+    (out / ".tmp-run_config.json").write_text("{")
+    result = cli.run([TINY, *QUICK, f"--output.dir={out}"])
+    assert result.status == 0, result.stderr
+    for name, text in mine.items():
+        assert (out / name).read_text() == text, name
+    assert (out / ".tmp-mine" / "data.jsonl").read_text() == "{}\n"
+    for name in [*ours, ".tmp-run_config.json"]:
+        assert not (out / name).exists(), name
+
+
+def test_overwrite_deletes_the_other_runs_files_and_no_others(cli, tmp_path):
+    out = tmp_path / "run"
+    assert cli.run([TINY, *QUICK, f"--output.dir={out}", "--lora.r=4"]).status == 0
+    (out / "checkpoint-1.damaged").mkdir()  # set aside by an earlier resume: part of that run
+    (out / "checkpoint-notes").write_text("mine")
+    (out / ".tmp-notes").write_text("mine")
+    result = cli.run([TINY, *QUICK, f"--output.dir={out}", "--overwrite"])
+    assert result.status == 0, result.stderr
+    assert not (out / "checkpoint-1.damaged").exists()
+    assert (out / "checkpoint-notes").read_text() == (out / ".tmp-notes").read_text() == "mine"
+
+
+def test_a_second_trainer_on_the_same_dir_is_refused_while_the_first_runs(cli, tmp_path):
+    """Two trainers once interleaved metrics.jsonl and broke each other's checkpoints. The second is refused in one
+    line, with --resume or --overwrite too, and the first is not disturbed; once it ended, the directory is free."""
+    out = tmp_path / "run"
+    first = cli.start([TINY, "--train.steps=400", "--train.eval_every=0", "--train.log_every=1", f"--output.dir={out}"])
+    wait_for_step(out, 1)
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        result = cli.run([TINY, "--train.steps=400", "--train.eval_every=0", f"--output.dir={out}", *flags])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.status == 2 and len(lines) == 1, result.stderr
+        assert lines[0] == (f"error: output.dir={out} is in use by another trainer (pid {first}): wait for it to end, "
+                            "or use another output.dir")
+    os.kill(first, signal.SIGTERM)
+    stopped = cli.wait(first)
+    assert stopped.status == 128 + signal.SIGTERM, stopped.stderr
+    step = int(list_checkpoints(out)[-1].name.split("-")[1])
+    logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(logged) == step  # the refused trainers logged nothing
+    result = cli.run([TINY, f"--train.steps={step}", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+
+
+def test_the_lock_is_released_when_a_run_ends_in_its_process(tiny_config, monkeypatch):
+    """In one process (a notebook, a sweep), a run that stopped with an error leaves its directory usable."""
+    tiny_config.train.steps = 1
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"eval_loss": float("nan"), "eval_ppl": 0.0,
+                                                                    "eval_exact_match": 0.0})
+    with pytest.raises(Stop) as stop:
+        train_module.train(tiny_config)
+    assert stop.value.code == 3 and "held-out loss before training is nan" in str(stop.value)
+    monkeypatch.undo()
+    train_module.train(tiny_config, overwrite=True)
+    assert list_checkpoints(Path(tiny_config.output.dir))
+
+
+def test_an_unwritable_output_dir_is_refused_before_loading(cli, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root may write anywhere: permissions cannot be tested")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = cli.run([TINY, *QUICK, f"--output.dir={locked}/run"])
+    assert result.status == 2 and "is not writable" in result.stderr, result.stderr
+
+
+def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli, tmp_path):
+    """A save that fails for another reason than a full disk does not tell the user to free space."""
+    out = tmp_path / "run"
+    fail = ("import errno, qlora.checkpoint as c\n"
+            "def refuse(obj, path):\n"
+            "    raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
+            "c._torch_save = refuse\n")
+    result = cli.run([TINY, *QUICK, f"--output.dir={out}"], prelude=fail)
+    assert result.status == 5, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: could not write checkpoint-1 in {out} (Permission denied); there is no earlier "
+                    f"checkpoint: make {out} writable, then continue with --resume")
