@@ -283,7 +283,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         if ranks.agree_signal(watch):  # no step is in flight: stop now rather than after one
             raise watch.stopped_by_signal(0, None)
 
-    # The next micro-batch (of batch_size x processes rows): after the checkpoint's, from the same row if either changed.
+    # The next micro-batch (batch_size x processes rows): after the checkpoint's, from the same row if either changed.
     index = resume_position(state, t.batch_size * ranks.size, n_rows, step * t.grad_accum)
     batches = micro_batches(run["train_rows"], t.batch_size, t.seed, tokenizer.pad_token_id, start=index,
                             rank=ranks.rank, world=ranks.size)
