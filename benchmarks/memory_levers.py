@@ -34,7 +34,6 @@ Writes <out-dir>/memory-levers-<device>-<size>.{json,md} (default out-dir: bench
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import inspect
 import json
@@ -52,8 +51,11 @@ from throughput import RESULTS, base_config, build_ours, card_peak, reset_peak, 
 
 BASELINE = ["--train.gradient_checkpointing=true", "--train.offload_activations=false", "--train.loss_chunk_size=0",
             "--train.liger_ce=false", "--quant.quantize_lm_head=false", "--model.embeddings_on_cpu=false",
-            "--train.optimizer=paged_adamw_32bit", "--train.reuse_dequant=false"]
+            "--train.optimizer=paged_adamw_32bit", "--train.reuse_dequant=false", "--train.tile_size=0",
+            "--train.tile_projections=false", "--train.checkpoint_every=1", "--train.offload_budget_gib=0",
+            "--train.optimizer_on_cpu=false"]
 REFERENCE_GPU_GIB = 80e9 / 2**30  # the estimate's start without nvidia-smi: one 80 GB card
+TABLE_TILE = 512  # tokens per tile in the lever table: several tiles at its lengths (a row of one tile runs as is)
 
 
 def levers(chunk: int, cuda: bool) -> dict[str, dict]:
@@ -68,6 +70,10 @@ def levers(chunk: int, cuda: bool) -> dict[str, dict]:
         "liger_ce": {"name": "liger_ce", "overrides": ["--train.liger_ce=true"]},
         "quantize_lm_head": {"name": "quantize_lm_head", "overrides": ["--quant.quantize_lm_head=true"]},
         "embeddings_on_cpu": {"name": "embeddings_on_cpu", "overrides": ["--model.embeddings_on_cpu=true"]},
+        "optimizer_on_cpu": {"name": "optimizer_on_cpu", "overrides": ["--train.optimizer_on_cpu=true"]},
+        "tiles": {"name": f"tile_size={TABLE_TILE} + tile_projections",
+                  "overrides": [f"--train.tile_size={TABLE_TILE}", "--train.tile_projections=true"]},
+        "checkpoint_every": {"name": "checkpoint_every=4", "overrides": ["--train.checkpoint_every=4"]},
         "paged_adamw_8bit": {"name": "paged_adamw_8bit", "overrides": ["--train.optimizer=paged_adamw_8bit"]},
         "reuse_dequant": {"name": "reuse_dequant (a speed lever's memory cost)",
                           "overrides": ["--train.reuse_dequant=true"]},
@@ -185,25 +191,20 @@ def search_max_context(fits: Callable[[int], bool | None], start: int, granulari
 
 
 def estimated_start(cfg, budget_bytes: float, granularity: int, max_seq: int) -> int:  # noqa: ANN001 (Config)
-    """The estimator's longest max_seq_len for the recipe within the budget, where the measured search starts. (Issue
-    13 puts this estimate into `python -m qlora.memory --max-context`; until then it is found here.)"""
-    from qlora.memory.arch import load_arch
-    from qlora.memory.estimate import estimate
+    """Where the measured search starts: the estimator's longest context for the recipe on a card of `budget_bytes`
+    and this host's memory (qlora/memory/context.py, as `python -m qlora.memory --max-context` prints it)."""
+    from qlora.memory.context import max_context
 
-    arch = load_arch(cfg)
+    tokens, _, _ = max_context(cfg, int(budget_bytes), host_bytes())
+    return min(max(tokens // granularity * granularity, granularity), max_seq)
 
-    def peak(seq: int) -> int:
-        trial = copy.deepcopy(cfg)
-        trial.data.max_seq_len = seq
-        return estimate(trial, arch, trial.quant.method, "cuda").peak_bytes
 
-    lo, hi = granularity, max_seq
-    if peak(lo) > budget_bytes:
-        return lo
-    while hi - lo > granularity:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if peak(mid) <= budget_bytes else (lo, mid)
-    return lo
+def host_bytes() -> int:
+    """This machine's memory (MemTotal): what a plan's pinned layer inputs and host optimizer must fit in."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def card_gib() -> float:

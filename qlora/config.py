@@ -218,6 +218,21 @@ class TrainConfig:
     """Recompute each decoder layer in the backward (non-reentrant) instead of keeping its activations."""
     offload_activations: bool = False
     """Keep each checkpointed layer input in pinned CPU memory until the backward needs it (CUDA only)."""
+    offload_budget_gib: float = 0.0
+    """Pinned CPU memory the offloaded layer inputs may take; the inputs beyond it stay on the device. 0 = no limit.
+    `python -m qlora.memory RECIPE --max-context` says what a host's memory allows."""
+    checkpoint_every: int = 1
+    """Keep the input of every k-th decoder layer only; the backward replays each group of k layers from its first
+    input to get the others back: L/k + k layer inputs instead of L, for one more forward of k-1 layers in k."""
+    tile_size: int = 0
+    """Run each decoder layer's MLP this many tokens at a time, forward and backward (recomputing each tile), so none
+    of its seq x intermediate tensors exists at full length; one more MLP forward per step. 0 = off."""
+    tile_projections: bool = False
+    """With tile_size: tile the attention's q/k/v/o projections too, which keeps LoRA dropout's dropped inputs and
+    masks (seq x hidden each) out of memory; pays only with lora.dropout > 0."""
+    optimizer_on_cpu: bool = False
+    """Keep the optimizer state in CPU memory from the start and run the update there (parameters and gradients are
+    copied over and back each step): the state never takes device memory. Changes nothing on a CPU device."""
     loss_chunk_size: int = 0
     """Compute lm_head + cross-entropy this many tokens at a time, never materialising all logits; 0 = all at once."""
     liger_ce: bool = False
@@ -258,7 +273,8 @@ class TrainConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be a positive integer, e.g. "
                                   f"--train.{key}=1")
-        for key in ("warmup_steps", "eval_every", "eval_batches", "save_every", "loss_chunk_size", "max_bad_steps"):
+        for key in ("warmup_steps", "eval_every", "eval_batches", "save_every", "loss_chunk_size", "max_bad_steps",
+                    "tile_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}=0")
         if not self.lr > 0:  # nan and inf are refused by check_types
@@ -293,6 +309,24 @@ class TrainConfig:
         if self.offload_activations and not self.gradient_checkpointing:
             raise ConfigError("train.offload_activations offloads the checkpointed layer inputs: set "
                               "--train.gradient_checkpointing=true or --train.offload_activations=false")
+        if not self.offload_budget_gib >= 0:
+            raise ConfigError(f"train.offload_budget_gib={self.offload_budget_gib} must be >= 0 (0 = no limit)")
+        if self.offload_budget_gib and not self.offload_activations:
+            raise ConfigError("train.offload_budget_gib limits train.offload_activations: set "
+                              "--train.offload_activations=true or --train.offload_budget_gib=0")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"train.checkpoint_every={self.checkpoint_every} must be at least 1 (every layer), "
+                              "e.g. --train.checkpoint_every=2")
+        if self.checkpoint_every > 1 and not self.gradient_checkpointing:
+            raise ConfigError("train.checkpoint_every chooses which checkpointed layers keep their input: set "
+                              "--train.gradient_checkpointing=true or --train.checkpoint_every=1")
+        if self.tile_projections and not self.tile_size:
+            raise ConfigError("train.tile_projections tiles by train.tile_size, which is 0: set "
+                              "--train.tile_size=4096 or --train.tile_projections=false")
+        if self.tile_size and self.compile == "layers" or self.tile_projections and self.compile == "lora":
+            raise ConfigError(f"train.tile_size: torch.compile cannot trace the tiles inside a compiled "
+                              f"{'layer' if self.compile == 'layers' else 'adapter'}: set --train.compile=none or "
+                              "--train.tile_size=0")
 
 
 @dataclass
@@ -329,6 +363,9 @@ class Config:
         if self.model.embeddings_on_cpu and self.quant.method == "full":
             raise ConfigError("model.embeddings_on_cpu keeps a frozen table, but quant.method=full trains every "
                               "weight: set --model.embeddings_on_cpu=false or use qlora/lora")
+        if self.train.tile_size and self.quant.method == "full":
+            raise ConfigError("train.tile_size is for adapters on a frozen base: with quant.method=full each tile "
+                              "would add up full-size weight gradients: set --train.tile_size=0 or use qlora/lora")
         if self.lora.init == "loftq" and (self.quant.method != "qlora" or self.model.synthetic):
             raise ConfigError("lora.init=loftq corrects the rounding of a 4-bit base loaded from 16-bit weights: "
                               f"with quant.method={self.quant.method}"

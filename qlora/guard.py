@@ -258,6 +258,11 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int, widt
         out.append(f"  --train.offload_activations=true: the layer inputs ({_size(saved)}) wait in CPU memory")
     if not t.loss_chunk_size:
         offer("--train.loss_chunk_size=1024", "never all logits at once", train__loss_chunk_size=1024)
+    if not t.tile_size and cfg.quant.method != "full":
+        offer("--train.tile_size=4096 --train.tile_projections=true", "the MLP and projections 4096 tokens at a time",
+              train__tile_size=4096, train__tile_projections=True)
+    if device.type == "cuda" and not t.optimizer_on_cpu:
+        offer("--train.optimizer_on_cpu=true", "the optimizer state in host memory", train__optimizer_on_cpu=True)
     if cfg.quant.method != "full" and cfg.lora.r > 1:
         offer(f"--lora.r={cfg.lora.r // 2}", "half the adapter, gradient and optimizer memory; a rank cannot change "
               "on --resume: start a new run with it (--overwrite or another output.dir)", lora__r=cfg.lora.r // 2)

@@ -6,6 +6,7 @@ recipe -> base in NF4 -> LoRA on every linear layer -> data -> this loop -> adap
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import os
@@ -21,8 +22,10 @@ from qlora import checkpoint, distributed, guard, rundir
 from qlora.cli import Session, run
 from qlora.config import Config, ConfigError, apply_overrides, load_recipe, split_args
 from qlora.data import eval_batches, load_splits, micro_batches, resume_position
-from qlora.levers.offload import check_pinned_memory, enable_activation_offload
+from qlora.levers.checkpoints import check_pinned_memory, keep_layer_inputs
+from qlora.levers.offload import HostOptimizer
 from qlora.levers.speed import apply_speed_levers
+from qlora.levers.tiling import tile_layers
 from qlora.loftq import init_loftq
 from qlora.lora import attach_lora
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
@@ -36,21 +39,34 @@ FLAGS = ("--resume", "--overwrite", "--debug")
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
-    """bitsandbytes' paged AdamW over the trainable parameters only: its state pages to CPU under memory pressure.
-    16-bit adapters train through fp32 master copies (qlora/master.py): clip and step `optimizer.param_groups`."""
-    t = cfg.train
-
-    def make(tensors: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        if t.optimizer == "adamw":
-            return torch.optim.AdamW(tensors, lr=t.lr, weight_decay=t.weight_decay)
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
-        optimizer = cls(tensors, lr=t.lr, weight_decay=t.weight_decay)
-        optimizer.register_step_pre_hook(empty_cache_before_state)
-        return optimizer
-
+    """AdamW over the trainable parameters only: bitsandbytes' paged one, whose state pages to CPU under memory
+    pressure. 16-bit adapters train through fp32 master copies (qlora/master.py): clip and step
+    `optimizer.param_groups`. With train.optimizer_on_cpu on CUDA, the masters, the state and the update live in host
+    memory from the start (qlora/levers/offload.py)."""
+    if cfg.train.optimizer_on_cpu:
+        if any(p.is_cuda for p in params):
+            return HostOptimizer(params, functools.partial(make_optimizer, cfg=cfg, paged=False))
+        print("train.optimizer_on_cpu: the parameters are in CPU memory already: nothing to do")
+    make = functools.partial(make_optimizer, cfg=cfg)
     return MasterWeights(params, make) if cfg.quant.method != "full" and needs_masters(params) else make(params)
+
+
+def make_optimizer(tensors: list[torch.Tensor], cfg: Config, paged: bool = True) -> torch.optim.Optimizer:
+    """The AdamW of train.optimizer over `tensors`: torch's, or bitsandbytes' with 32- or 8-bit moments, paged or
+    not (a host optimizer's tensors are in CPU memory already)."""
+    t = cfg.train
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(tensors, lr=t.lr, weight_decay=t.weight_decay)
+    import bitsandbytes as bnb
+
+    if t.optimizer == "paged_adamw_8bit":
+        cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    else:
+        cls = bnb.optim.PagedAdamW32bit if paged else bnb.optim.AdamW32bit
+    optimizer = cls(tensors, lr=t.lr, weight_decay=t.weight_decay)
+    if paged:
+        optimizer.register_step_pre_hook(empty_cache_before_state)
+    return optimizer
 
 
 def empty_cache_before_state(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
@@ -62,7 +78,8 @@ def empty_cache_before_state(optimizer: torch.optim.Optimizer, args: tuple, kwar
 
 
 def stepped_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    """What the optimizer updates and whose gradients are clipped: the trainable parameters, or their fp32 masters."""
+    """What the optimizer updates and whose gradients are clipped: the trainable parameters, or their fp32 masters
+    (or, with train.optimizer_on_cpu, what holds their fp32 gradients on the device)."""
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -169,12 +186,12 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.offload_activations:
-            if device.type == "cuda":  # refused now, not by a failed pinned allocation mid-run
-                text = model.config.get_text_config()
-                check_pinned_memory(text.num_hidden_layers, cfg.train.batch_size, cfg.data.max_seq_len,
-                                    text.hidden_size, dtype.itemsize, cfg.data.pack, available_bytes())
-            enable_activation_offload(model, device)
+        if cfg.train.offload_activations and device.type == "cuda":  # refused now, not when pinning fails mid-run
+            text = model.config.get_text_config()
+            check_pinned_memory(text.num_hidden_layers, cfg.train, cfg.data.max_seq_len, text.hidden_size,
+                                dtype.itemsize, available_bytes())
+        keep_layer_inputs(model, device, cfg.train.offload_activations, cfg.train.checkpoint_every,
+                          cfg.train.offload_budget_gib)
     if cfg.train.liger_ce:
         if device.type != "cuda":
             print("train.liger_ce: liger-kernel runs on CUDA only; using the PyTorch loss on this device")
@@ -182,6 +199,9 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
             use_liger_ce(model)
     for lever in apply_speed_levers(model, cfg.train):
         print(f"train.{lever}")
+    if cfg.train.tile_size:  # after the speed levers: a tile runs whatever forward a module has by now
+        n = tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections)
+        print(f"train.tile_size={cfg.train.tile_size}: {n} modules run in sequence tiles")
     ranks.distribute(model, cfg, device)
     if profiler is not None:
         profiler.mark("lora_attached")

@@ -5,24 +5,38 @@ hub's) with random weights quantised straight to NF4 layer by layer, so memory c
 download. To train the real model, point `path` at a local copy of meta-llama/Llama-3.1-70B and set synthetic=False.
 
     python -m qlora.memory recipes/llama70b.py            # the estimate, from config.json alone, in seconds
+    python -m qlora.memory recipes/llama70b.py --max-context --gpu-gib 24,48,80 --host-gib 128  # longest context
     python -m qlora.memory recipes/llama70b.py --measure  # on a GPU: real steps on synthetic weights
+
+Memory levers (issue 13), each on because it pays, by the estimate for one 80 GB card and a 128 GiB host (a step at
+2048 tokens, in GB; the longest context on 48 / 80 GiB cards, in tokens). All on: 39.5 GB, 58,368 / 189,440.
+Each off alone: offload_activations 42.1 GB, 27,648 / 99,328; optimizer_on_cpu 42.0 GB, 48,128 / 179,200;
+embeddings_on_cpu 41.6 GB, 49,152 / 181,248; quantize_lm_head 41.0 GB, 51,200 / 183,296; loss_chunk_size 1024
+instead of 256 40.6 GB; tile_size 19,456 / 69,632 tokens; tile_projections 43,008 / 154,624 tokens. The two tile
+switches change nothing at 2048 tokens (one tile).
 """
 
-from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
+from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, QuantConfig, TrainConfig
 
 config = Config(
+    # The input embeddings (2.1 GB in bf16) stay in host memory; only each step's looked-up vectors are copied over.
     model=ModelConfig(path="meta-llama/Llama-3.1-70B", synthetic=True,
-                      config_json="recipes/configs/llama-3.1-70b/config.json"),
+                      config_json="recipes/configs/llama-3.1-70b/config.json", embeddings_on_cpu=True),
+    # lm_head in NF4 too: 0.54 GB instead of 2.1 GB, for quantisation error in the logits (tests/test_levers.py).
+    quant=QuantConfig(quantize_lm_head=True),
     # The demo chat task; with synthetic weights the byte-level tokenizer stands in for Llama-3's.
     data=DataConfig(train="recipes/data/destination/train.jsonl", eval="recipes/data/destination/heldout.jsonl",
                     max_seq_len=2048),
     # r=16, alpha=16 on all linear layers (QLoRA paper, sec. 4: adapters on every layer are what match 16-bit
     # fine-tuning); dropout 0.05 as the paper used for its 33B and 65B models.
     lora=LoRAConfig(r=16, alpha=16, dropout=0.05),
-    # 1 row x 16 accum x 2048 tokens = 32,768 tokens/step at most. The loss runs 1024 positions at a time, so the
+    # 1 row x 16 accum x 2048 tokens = 32,768 tokens/step at most. The loss runs 256 positions at a time, so the
     # fp32 logits of all 2047 positions (2047 x 128256 x 4 B = 1.05 GB, three such buffers in the backward) never
-    # exist at once. CUDA only: 70B in fp32 on a CPU would need ~300 GB.
-    train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=1024,
+    # exist at once: 0.39 GB for a chunk's three. Layer inputs wait in pinned host memory (2.7 GB at 2048 tokens);
+    # the optimizer state and the fp32 masters (2.5 GB) live there from the start; the MLP and the attention
+    # projections run 4096 tokens at a time once rows are longer. CUDA only: 70B in fp32 on a CPU would need ~300 GB.
+    train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=256,
+                      offload_activations=True, optimizer_on_cpu=True, tile_size=4096, tile_projections=True,
                       eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama70b"),
 )

@@ -5,14 +5,22 @@ hub's) with random weights quantised straight to NF4 layer by layer, so memory c
 download. To train the real model, point `path` at a local copy of meta-llama/Llama-3.1-8B and set synthetic=False.
 
     python -m qlora.memory recipes/llama8b.py            # the estimate, from config.json alone, in seconds
+    python -m qlora.memory recipes/llama8b.py --max-context --gpu-gib 24,48,80 --host-gib 128  # longest context
     python -m qlora.memory recipes/llama8b.py --measure  # on a GPU: real steps on synthetic weights
+
+Memory levers (issue 13), each on because it pays, by the estimate for a 128 GiB host (the longest context on 24 /
+48 / 80 GiB cards, in tokens). All on: 159,744 / 367,616 / 605,184. Each off alone: offload_activations 99,328 /
+230,400 / 404,480; tile_size 56,320 / 131,072 / 230,400; tile_projections 130,048 / 299,008 / 510,976;
+embeddings_on_cpu 150,528 / 359,424 / 596,992. Left off: quantize_lm_head (no gain here, error in the logits) and
+optimizer_on_cpu (162,816 / 371,712 / 609,280: under 2%, for a host round trip and a CPU update per step).
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
 
 config = Config(
+    # The input embeddings (1.05 GB in bf16) stay in host memory; only each step's looked-up vectors are copied over.
     model=ModelConfig(path="meta-llama/Llama-3.1-8B", synthetic=True,
-                      config_json="recipes/configs/llama-3.1-8b/config.json"),
+                      config_json="recipes/configs/llama-3.1-8b/config.json", embeddings_on_cpu=True),
     # The demo chat task; with synthetic weights the byte-level tokenizer stands in for Llama-3's.
     data=DataConfig(train="recipes/data/destination/train.jsonl", eval="recipes/data/destination/heldout.jsonl",
                     max_seq_len=2048),
@@ -21,8 +29,10 @@ config = Config(
     lora=LoRAConfig(r=16, alpha=16, dropout=0.05),
     # 1 row x 16 accum x 2048 tokens = 32,768 tokens/step at most. The loss runs 1024 positions at a time, so the
     # fp32 logits of all 2047 positions (2047 x 128256 x 4 B = 1.05 GB, three such buffers in the backward) never
-    # exist at once. CUDA only: 8B in fp32 on a CPU would need ~40 GB.
+    # exist at once. Layer inputs wait in pinned host memory; the MLP and the attention projections run 4096 tokens
+    # at a time once rows are longer. CUDA only: 8B in fp32 on a CPU would need ~40 GB.
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=1024,
+                      offload_activations=True, tile_size=4096, tile_projections=True,
                       eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama8b"),
 )

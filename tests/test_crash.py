@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.build import ensure_checkpoint
 from qlora.checkpoint import STATE, list_checkpoints
-from qlora.config import load_recipe
+from qlora.config import apply_overrides, load_recipe
 from qlora.data import batch_rows
 from qlora.guard import HEADROOM
 from qlora.memory.arch import load_arch
@@ -268,8 +268,7 @@ torch.nn.modules.module.register_module_forward_hook(out_of_memory)
 
 
 def test_out_of_memory_reports_the_phase_and_what_would_fit_and_keeps_the_checkpoint(cli, tmp_path):
-    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
-    cfg.train.batch_size = 4
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ARGS[1:])  # the run's config, dropout included
     arch = load_arch(cfg)
     peaks = {}
     for seq in (64, 128):

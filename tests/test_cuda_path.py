@@ -9,7 +9,7 @@ import torch
 
 from qlora.config import Config, ConfigError, apply_overrides
 from qlora.data import collate
-from qlora.levers.offload import check_pinned_memory, pinned_need
+from qlora.levers.checkpoints import check_pinned_memory, pinned_need
 from qlora.train import build_model, build_optimizer, forward_backward, prepare, stepped_params
 
 GIB = 2**30
@@ -21,27 +21,32 @@ def test_fp16_compute_on_cuda_is_refused_before_the_gpu_is_touched(tiny_config: 
         build_model(cfg)
 
 
-def test_pinned_need_rounds_each_layer_input_up_to_a_power_of_two() -> None:
-    # Llama-70B at 100,000 tokens: each layer input is 1.53 GiB in bf16, a 2 GiB pinned block.
-    assert pinned_need(80, 100_000, 8192, 2, one_shape=True) == 80 * 2 * GIB
-    assert pinned_need(80, 100_000, 8192, 2, one_shape=False) == 2 * 80 * 2 * GIB
-    assert pinned_need(80, 65_536, 8192, 2, one_shape=True) == 80 * GIB  # exactly a power of two: no rounding
+def test_pinned_need_is_each_offloaded_layer_input_at_its_exact_size(tiny_config: Config) -> None:
+    # Llama-70B at 100,000 tokens: each layer input is 1.53 GiB in bf16, pinned as exactly that (offload.pinned_buffer:
+    # torch's pinned allocator would round each up to 2 GiB, and keep smaller blocks for rows of other lengths).
+    train = tiny_config.train
+    train.batch_size = 1
+    assert pinned_need(80, train, 100_000, 8192, 2) == 80 * 100_000 * 8192 * 2
+    train.checkpoint_every = 3  # every third layer keeps its input: 27 of 80
+    assert pinned_need(80, train, 100_000, 8192, 2) == 27 * 100_000 * 8192 * 2
+    train.offload_budget_gib = 20.0  # 13 inputs fit in 20 GiB: the other 14 stay on the device
+    assert pinned_need(80, train, 100_000, 8192, 2) == 13 * 100_000 * 8192 * 2
 
 
-def test_offload_that_cannot_pin_its_inputs_is_refused_with_what_fits() -> None:
-    available = 150 * GIB  # 135 GiB of room: the 122 GiB of inputs fit, their 160 GiB of pinned blocks do not
-    assert 80 * 100_000 * 8192 * 2 < 0.9 * available
+def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits(tiny_config: Config) -> None:
+    available = 130 * GIB  # 117 GiB of room: the 122 GiB of inputs do not fit
+    train = tiny_config.train
+    train.batch_size = 1
     with pytest.raises(ConfigError) as refused:
-        check_pinned_memory(80, 1, 100_000, 8192, 2, True, available)
+        check_pinned_memory(80, train, 100_000, 8192, 2, available)
     message = str(refused.value)
-    assert message.startswith("train.offload_activations would pin up to 160.0 GiB of host memory (80 layer inputs")
-    assert "but 150.0 GiB is available: use --data.max_seq_len=65536 or less" in message
+    assert message.startswith("train.offload_activations would pin 122.1 GiB of host memory (80 layer inputs of 1 x")
+    assert "but 130.0 GiB is available: set --train.offload_budget_gib=117.0 (the other inputs stay" in message
     assert "\n" not in message
-    check_pinned_memory(80, 1, 65_536, 8192, 2, True, available)  # what it names does fit
-    with pytest.raises(ConfigError):
-        check_pinned_memory(80, 1, 65_537, 8192, 2, True, available)  # and is the longest that does
-    with pytest.raises(ConfigError, match=r"use --data.max_seq_len=32768 or less, or --data.pack=true"):
-        check_pinned_memory(80, 1, 65_536, 8192, 2, False, available)  # unpacked rows: other lengths cached too
+    train.offload_budget_gib = 117.0  # what it names does fit
+    check_pinned_memory(80, train, 100_000, 8192, 2, available)
+    train.offload_budget_gib, train.checkpoint_every = 0.0, 2  # as does keeping every other input
+    check_pinned_memory(80, train, 100_000, 8192, 2, available)
 
 
 def test_the_cache_is_emptied_once_before_the_paged_state_exists(tiny_config: Config,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from qlora.config import Config, apply_overrides, load_recipe
+from qlora.levers.tiling import tile_layers
 from qlora.lora import attach_lora
+from qlora.memory.activations import layer_terms
 from qlora.memory.arch import load_arch
-from qlora.memory.estimate import compute_bytes, estimate, layer_bytes_per_token, nf4_bytes
+from qlora.memory.estimate import compute_bytes, estimate, nf4_bytes
 from qlora.memory.profiler import PhaseTracker, tensor_categories
 from qlora.model import compute_dtype, load_base
 
@@ -69,6 +72,15 @@ def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compu
     assert real["gradients"] == sum(p.numel() for p in params) * 4
 
 
+def test_quantized_lm_head_saves_what_the_estimate_says():
+    """quant.quantize_lm_head on CPU: the loaded model's weights, to the byte, with and without the NF4 head."""
+    for cfg in (tiny(), tiny("--quant.quantize_lm_head=true")):
+        real = tensor_categories(load_base(cfg, CPU)[0])
+        est = estimate(cfg, load_arch(cfg), "qlora", "cpu").components
+        for key in ("quantized_weights", "unquantized_weights"):
+            assert est[key] == real[key], (cfg.quant.quantize_lm_head, key)
+
+
 def saved_bytes_of_layer(cfg: Config, method: str, dtype: torch.dtype) -> int:
     """Bytes of new tensors autograd saves in decoder layer 1's forward (no checkpointing), each storage once."""
     model, _, _ = load_base(cfg, CPU)
@@ -77,6 +89,8 @@ def saved_bytes_of_layer(cfg: Config, method: str, dtype: torch.dtype) -> int:
             p.requires_grad_(True)
     else:
         attach_lora(model, cfg.lora, dtype)
+    if cfg.train.tile_size:
+        tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections)
     known = {p.untyped_storage().data_ptr() for p in model.parameters()}
     known |= {t.untyped_storage().data_ptr() for p in model.parameters() if hasattr(p, "quant_state")
               for t in (p.quant_state.absmax, p.quant_state.code)}
@@ -99,18 +113,24 @@ def saved_bytes_of_layer(cfg: Config, method: str, dtype: torch.dtype) -> int:
     return sum(counted.values())
 
 
-@pytest.mark.parametrize("method,compute,dropout", [("qlora", "fp32", 0.0), ("qlora", "bf16", 0.0),
-                                                    ("lora", "bf16", 0.1), ("full", "fp32", 0.0),
-                                                    ("full", "bf16", 0.0)])
-def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout):
+@pytest.mark.parametrize("method,compute,dropout,tiles", [
+    ("qlora", "fp32", 0.0, ""), ("qlora", "bf16", 0.0, ""), ("qlora", "fp32", 0.1, ""), ("lora", "bf16", 0.1, ""),
+    ("full", "fp32", 0.0, ""), ("full", "bf16", 0.0, ""),
+    # Sequence tiles (train.tile_size): the MLP, then the projections too, keep only their inputs.
+    ("qlora", "fp32", 0.0, "mlp"), ("qlora", "fp32", 0.1, "mlp"), ("qlora", "bf16", 0.1, "all"),
+    ("qlora", "fp32", 0.0, "all")])
+def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout, tiles):
     cfg = tiny(f"--quant.method={method}", f"--quant.compute_dtype={compute}", f"--lora.dropout={dropout}",
-               "--train.batch_size=2", "--data.max_seq_len=32", "--train.gradient_checkpointing=false")
+               "--train.batch_size=2", "--data.max_seq_len=32", "--train.gradient_checkpointing=false",
+               f"--train.tile_size={16 if tiles else 0}", f"--train.tile_projections={tiles == 'all'}")
     dtype = compute_dtype(cfg.quant, CPU)
-    per_token, _ = layer_bytes_per_token(load_arch(cfg), method, cfg, dtype.itemsize)
-    assert saved_bytes_of_layer(cfg, method, dtype) == per_token * 2 * 32
+    layer = layer_terms(load_arch(cfg), method, cfg, dtype.itemsize, "cpu", tiled=bool(tiles),
+                        tiled_projections=tiles == "all")
+    assert saved_bytes_of_layer(cfg, method, dtype) == layer.saved * 2 * 32
 
 
 def measure(recipe: str, method: str, tmp_path: Path, *overrides: str) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"{method}.json"
     subprocess.run([sys.executable, "-m", "qlora.memory.measure", recipe, f"--quant.method={method}", f"--out={out}",
                     *overrides], check=True, cwd=ROOT, capture_output=True)
@@ -148,14 +168,15 @@ def test_committed_smollm2_report_agrees_with_the_estimator():
 
 
 def test_llama70b_estimate_from_config_alone(tmp_path):
-    """The acceptance figures: QLoRA 70B at 2048 tokens between 36 and 48 GB, full fine-tuning above 700 GB."""
+    """The acceptance figures: QLoRA 70B at 2048 tokens between 36 and 40 GB on the card (issue 13); full fine-tuning
+    above 700 GB, card and host (its optimizer state waits in host memory with the recipe's optimizer_on_cpu)."""
     proc = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama70b.py", "--json",
                            f"--out-dir={tmp_path}"], check=True, cwd=ROOT, capture_output=True, text=True)
     report = json.loads(proc.stdout)
     assert report["device"] == "none" and report["estimate_for"] == "cuda" and not report["measured"]
     methods = report["methods"]
-    assert 36e9 <= methods["qlora"]["estimated_peak_bytes"] <= 48e9
-    assert methods["full"]["estimated_peak_bytes"] > 700e9
+    assert 36e9 <= methods["qlora"]["estimated_peak_bytes"] <= 40e9
+    assert methods["full"]["estimated_peak_bytes"] + methods["full"]["host_bytes"] > 700e9
     for entry in methods.values():
         assert entry["measured_peak_bytes"] is None
         assert sum(entry["components"].values()) == entry["estimated_peak_bytes"]
@@ -239,3 +260,154 @@ def test_training_keeps_the_fast_allocator_and_measurement_sets_the_exact_one(tm
         assert proc.returncode == 0, proc.stderr
         faults[mode] = float(proc.stdout.split()[-1])
     assert faults["measure"] >= 200 and faults["train"] < 10, faults
+
+# --- issue 13: each lever's CPU saving against the estimator's, long context, and the longest context ---
+
+LEVER_BASE = ["--data.max_seq_len=4096", "--train.batch_size=1", "--lora.dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def sixteen_layers(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The tiny Llama's shape with 16 layers, synthetic weights: enough layer inputs for checkpoint_every to save
+    well above the ~1 MiB a resident-set measurement wanders by."""
+    from transformers import LlamaConfig
+
+    from qlora.build import TINY_LLAMA
+
+    path = tmp_path_factory.mktemp("tiny16") / "config.json"
+    LlamaConfig(vocab_size=259, **{**TINY_LLAMA, "num_hidden_layers": 16}).to_json_file(path)
+    return ["--model.synthetic=true", f"--model.config_json={path}"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Measured CPU peaks by override tuple, each taken once per session in a fresh process (qlora.memory.measure)."""
+    cache, out = {}, tmp_path_factory.mktemp("measured")
+
+    def peak(*overrides: str, steps: int = 1) -> int:
+        if (overrides, steps) not in cache:
+            got = measure("recipes/tiny.py", "qlora", out / str(len(cache)), f"--steps={steps}", *overrides)
+            cache[overrides, steps] = got["measured_peak_bytes"]
+        return cache[overrides, steps]
+
+    return peak
+
+
+def estimated(*overrides: str) -> int:
+    cfg = tiny(*overrides)
+    return estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+
+
+@pytest.mark.parametrize("lever", ["tile_size", "tile_projections", "checkpoint_every"])
+def test_lever_saving_measured_on_cpu_matches_the_estimate(lever, measured, sixteen_layers):
+    """Real steps with and without the lever in fresh processes (tiny Llama, 4096 tokens, fp32): the measured peak
+    saving within 10% of the estimator's for the same two configurations."""
+    without, with_lever = {
+        "tile_size": (LEVER_BASE, LEVER_BASE + ["--train.tile_size=512"]),
+        "tile_projections": (LEVER_BASE + ["--train.tile_size=512"],
+                             LEVER_BASE + ["--train.tile_size=512", "--train.tile_projections=true"]),
+        # Sixteen layers: every 4th keeps its input, so 3 + 4 inputs at the backward's first group instead of 16.
+        "checkpoint_every": (LEVER_BASE[:2] + sixteen_layers,
+                             LEVER_BASE[:2] + sixteen_layers + ["--train.checkpoint_every=4"]),
+    }[lever]
+    saving = measured(*without) - measured(*with_lever)
+    predicted = estimated(*without) - estimated(*with_lever)
+    assert predicted > 10 * 2**20  # well above what a resident-set measurement wanders by (~1 MiB)
+    assert abs(saving / predicted - 1) <= 0.10, (lever, saving / 2**20, predicted / 2**20)
+
+
+@pytest.mark.parametrize("lever", ["--train.offload_activations=true", "--train.optimizer_on_cpu=true",
+                                   "--model.embeddings_on_cpu=true"])
+def test_cuda_only_levers_do_not_lower_a_cpu_estimate(lever):
+    """On a CPU device these levers change nothing in the trainer, so the estimate must not claim a saving there;
+    on CUDA they move bytes from the device to the host (Llama-3.1-8B, from its config.json)."""
+    off = ["--train.offload_activations=false", "--train.optimizer_on_cpu=false", "--model.embeddings_on_cpu=false"]
+    plain, with_lever = llama("llama8b", *off), llama("llama8b", *off, lever)
+    arch = load_arch(plain)
+    on_cpu = estimate(with_lever, arch, "qlora", "cpu")
+    assert on_cpu.peak_bytes == estimate(plain, arch, "qlora", "cpu").peak_bytes
+    assert not on_cpu.host and on_cpu.levers == estimate(plain, arch, "qlora", "cpu").levers
+    on_cuda, before = estimate(with_lever, arch, "qlora", "cuda"), estimate(plain, arch, "qlora", "cuda")
+    assert on_cuda.peak_bytes < before.peak_bytes and on_cuda.host_bytes > before.host_bytes
+
+
+def test_estimate_within_10_percent_at_long_context_on_cpu(measured):
+    """8192 tokens with every CPU lever on (tiles, projections, LoRA dropout): a real step against the estimate."""
+    overrides = ("--data.max_seq_len=8192", "--train.batch_size=1", "--lora.dropout=0.1", "--train.tile_size=1024",
+                 "--train.tile_projections=true")
+    got, est = measured(*overrides), estimated(*overrides)
+    assert abs(est / got - 1) <= 0.10, (est / 2**20, got / 2**20)
+
+
+def llama(name: str, *overrides: str) -> Config:
+    return apply_overrides(load_recipe(ROOT / "recipes" / f"{name}.py"), list(overrides))
+
+
+def test_llama70b_as_shipped_fits_40_gb_and_the_context_targets():
+    """Issue 13's targets, estimated for one card (GiB as given) and a 128 GiB host: the 70B recipe's step at 2048
+    tokens <= 40 GB with the CUDA context; 70B >= 100K tokens and 8B >= 350K on an 80 GB card, taken here as the
+    smaller 80e9 bytes."""
+    from qlora.memory.context import max_context
+
+    cfg = llama("llama70b")
+    est = estimate(cfg, load_arch(cfg), "qlora", "cuda")
+    assert est.peak_bytes <= 40e9 and est.components["cuda_context"] > 0
+    assert est.host_bytes <= 128 * 2**30
+    for name, target in (("llama70b", 100_000), ("llama8b", 350_000)):
+        tokens, limit, levers = max_context(llama(name), int(80e9), 128 * 2**30)
+        assert tokens >= target and limit in ("card", "host") and levers, (name, tokens)
+
+
+def test_max_context_is_the_longest_that_fits_card_and_host():
+    from qlora.memory.context import GRANULARITY, fit_context, fitting_plan
+
+    cfg = llama("llama70b")
+    arch = load_arch(cfg)
+    for gpu, host in ((80 * 2**30, 128 * 2**30), (48 * 2**30, 128 * 2**30), (80 * 2**30, 48 * 2**30)):
+        fit = fit_context(cfg, gpu, host)
+        assert fit.estimate.peak_bytes <= gpu and fit.estimate.host_bytes <= host
+        assert fitting_plan(cfg, arch, fit.tokens + GRANULARITY, gpu, host) is None  # one step more fits no plan
+        # The plan's overrides reproduce it on the recipe, estimated the ordinary way.
+        again = estimate(apply_overrides(copy.deepcopy(cfg), fit.overrides), arch, "qlora", "cuda")
+        assert again.peak_bytes <= gpu and again.host_bytes <= host
+    # A small host: the layer inputs the card cannot take must wait somewhere, and that limits the context.
+    small = fit_context(cfg, 80 * 2**30, 48 * 2**30)
+    assert small.limit == "host" and small.tokens < fit_context(cfg, 80 * 2**30, 128 * 2**30).tokens
+    # Without room for the process itself nothing fits; a card below the weights fits nothing either.
+    assert fit_context(cfg, 80 * 2**30, 2**30).tokens == 0
+    assert fit_context(cfg, 24 * 2**30, 128 * 2**30).tokens == 0
+
+
+def test_max_context_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama8b.py", "--max-context", "--gpu-gib",
+                           "24,80", "--host-gib=128", f"--out-dir={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    report = json.loads((tmp_path / "llama8b-max-context.json").read_text())
+    assert [row["gpu_gib"] for row in report["rows"]] == [24, 80]
+    for row in report["rows"]:
+        assert f"{row['tokens']:,} tokens, limited by the {row['limit']}" in proc.stdout
+    assert "levers: offload_activations" in proc.stdout and "Estimate only" in (tmp_path / "llama8b-max-context.md"
+                                                                                 ).read_text()
+    for args, message in ((["--gpu-gib=0"], "--gpu-gib '0': use positive sizes"),
+                          (["--gpu-gib=80"], "sizes the cards of --max-context: add --max-context")):
+        bad = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama8b.py", *args] +
+                             (["--max-context"] if args == ["--gpu-gib=0"] else []) + [f"--out-dir={tmp_path}"],
+                             cwd=ROOT, capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["llama70b", "llama8b"])
+def test_committed_llama_reports_agree_with_the_estimator(name):
+    """memory_reports/ holds estimate-only reports and the longest-context table for the shipped recipes: they
+    must be what today's estimator says (regenerate with the command each one names)."""
+    from qlora.memory.context import max_context
+
+    cfg = llama(name)
+    report = json.loads((ROOT / "memory_reports" / f"{name}-none.json").read_text())
+    assert report["device"] == "none" and not report["measured"]
+    assert report["methods"]["qlora"]["estimated_peak_bytes"] == estimate(cfg, load_arch(cfg), "qlora",
+                                                                          "cuda").peak_bytes
+    table = json.loads((ROOT / "memory_reports" / f"{name}-max-context.json").read_text())
+    for row in table["rows"]:
+        tokens, limit, _ = max_context(cfg, int(row["gpu_gib"] * 2**30), int(table["host_gib"] * 2**30))
+        assert (row["tokens"], row["limit"]) == (tokens, limit), row["gpu_gib"]

@@ -1,17 +1,11 @@
-"""Keep what the step does not need right now in CPU memory: checkpointed layer inputs and the input embeddings.
+"""Keep what the step does not need on the device in CPU memory: the input embeddings and the optimizer, in host
+buffers pinned at their exact size. (Checkpointed layer inputs: qlora/levers/checkpoints.py.)
 
-Activation offload. With gradient checkpointing, each decoder layer keeps only its input for the backward (batch x
-seq x hidden x 2 bytes: 1.6 GiB per layer at 100K tokens of Llama-70B, 131 GiB over its 80 layers). Here that input
-is copied to pinned CPU memory on a side CUDA stream while the layer computes, and its GPU memory is released once
-the copy lands. In the backward, fetching layer i's input also starts the copy of layer i-1's, so the transfer
-overlaps layer i's recompute and backward instead of stalling it. transformers 5 has the synchronous version
-(`activation_checkpointing_enable(offload=True)`, torch's `save_on_cpu` on the compute stream), which
-benchmarks/memory_levers.py measures beside this one.
-
-How: non-reentrant `torch.utils.checkpoint` saves the checkpointed function's positional tensor inputs as saved
-tensors, so a `saved_tensors_hooks` pair around the checkpoint call sees exactly the layer inputs (everything the
-layer saves inside is the checkpoint's own business). transformers passes the hidden states positionally and the
-rotary tables and mask as keywords, which are shared by all layers and stay put.
+Pinned buffers. torch's caching host allocator (`pin_memory=True`) rounds every pinned block up to a power of two
+(ATen/core/CachingHostAllocator.h: "Round up the allocation to the nearest power of two"), so a 3.1 GB layer input
+would take 4 GiB of the host. `pinned_buffer` allocates ordinary CPU memory of the exact size and registers it with
+the driver (cudaHostRegister, as torch.cuda's own `_pin_memory_utils`), so copies to and from it run asynchronously
+and the host holds what the estimate counts.
 
 Input embeddings. `CPUEmbedding` looks tokens up in a table left in CPU memory and sends only their vectors to the
 device: vocab x hidden x 2 bytes of device memory saved (1.0 GiB for Llama-3.1-8B, 2.1 GiB for 70B) for one
@@ -22,158 +16,39 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from qlora.config import ConfigError
+from qlora.master import accumulate_fp32
 
 
-class _Offloaded:
-    """One offloaded tensor: its CPU copy, the device copy once fetched back, and the tensor offloaded before it
-    (weakly: the autograd graph owns each handle, so handles die with the graph)."""
+def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """`nbytes` of CPU memory as a flat uint8 tensor, page-locked for the GPU when `pin` (CUDA); plain otherwise."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if pin and nbytes:
+        from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
 
-    def __init__(self, cpu: torch.Tensor, device: torch.device, prev: _Offloaded | None) -> None:
-        self.cpu = cpu
-        self.device = device
-        self.fetched: torch.Tensor | None = None
-        self.ready: torch.cuda.Event | None = None
-        self.prev = weakref.ref(prev) if prev is not None else None
-
-
-class ActivationOffload:
-    """`saved_tensors_hooks` that keep the checkpointed layer inputs in CPU memory between forward and backward.
-
-    Only floating-point tensors that require grad and hold at least `min_bytes` are moved: the hidden states, one per
-    layer. On CUDA the copies run on a side stream into pinned memory; elsewhere (the CPU tests) they are plain
-    synchronous copies, which exercises the same bookkeeping and order. `log`, when given, records
-    ("offload" | "fetch" | "prefetch", id) events for tests.
-    """
-
-    def __init__(self, device: torch.device, min_bytes: int = 1 << 20, log: list | None = None) -> None:
-        self.cuda = device.type == "cuda"
-        if self.cuda and device.index is None:  # tensors say cuda:0, and torch.device("cuda") != that
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
-        self.min_bytes = min_bytes
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.last: _Offloaded | None = None
-        self.log = log
-        self.offloaded_bytes = 0  # running total, for start-up summaries and tests
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor | _Offloaded:
-        if not (tensor.is_floating_point() and tensor.requires_grad and tensor.device == self.device
-                and tensor.numel() * tensor.element_size() >= self.min_bytes):
-            return tensor
-        if self.cuda:
-            cpu = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # torch caches pinned blocks
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the layer input must be written first
-            with torch.cuda.stream(self.stream):
-                cpu.copy_(tensor, non_blocking=True)
-            # The caching allocator must not hand this memory out again until the side stream has read it.
-            tensor.record_stream(self.stream)
-        else:
-            cpu = tensor.detach().clone()
-        handle = _Offloaded(cpu, tensor.device, self.last)
-        self.last = handle
-        self.offloaded_bytes += tensor.numel() * tensor.element_size()
-        self._record("offload", handle)
-        return handle
-
-    def unpack(self, handle: torch.Tensor | _Offloaded) -> torch.Tensor:
-        if isinstance(handle, torch.Tensor):
-            return handle
-        if handle.fetched is None:
-            self._fetch(handle)
-            self._record("fetch", handle)
-        tensor, handle.fetched = handle.fetched, None  # the handle keeps only the CPU copy (retain_graph re-fetches)
-        if self.cuda:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(handle.ready)
-            tensor.record_stream(current)  # allocated on the side stream, used on the compute stream
-        # The backward recomputes layers last to first: start bringing back the input of the layer before this one.
-        prev = handle.prev() if handle.prev is not None else None
-        if prev is not None and prev.fetched is None:
-            self._fetch(prev)
-            self._record("prefetch", prev)
-        return tensor
-
-    def _fetch(self, handle: _Offloaded) -> None:
-        if self.cuda:
-            with torch.cuda.stream(self.stream):
-                handle.fetched = handle.cpu.to(handle.device, non_blocking=True)
-                handle.ready = torch.cuda.Event()
-                handle.ready.record(self.stream)
-        else:
-            handle.fetched = handle.cpu.clone()
-
-    def _record(self, what: str, handle: _Offloaded) -> None:
-        if self.log is not None:
-            self.log.append((what, id(handle)))
+        pin_memory(buffer.data_ptr(), nbytes)
+        # Unregister when the tensor goes, before its memory returns to the allocator.
+        weakref.finalize(buffer, unpin_memory, buffer.data_ptr())
+    return buffer
 
 
-PINNED_HEADROOM = 0.9  # of the host's available memory: the rest is the process's own (data, a CPU embedding table)
+def typed_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `buffer` shaped and typed as each tensor of `like`, one after another (each at an aligned offset)."""
+    out, offset = [], 0
+    for t in like:
+        size = t.numel() * t.element_size()
+        out.append(buffer[offset:offset + size].view(t.dtype).view(t.shape))
+        offset += -(-size // 64) * 64
+    return out
 
 
-def pinned_need(layers: int, tokens: int, hidden: int, elem_bytes: int, one_shape: bool) -> int:
-    """Pinned host memory that offloading `layers` layer inputs of `tokens` x `hidden` can hold. PyTorch's caching
-    host allocator rounds each block up to a power of two and keeps freed blocks by size class, never splitting one
-    (aten/src/ATen/core/CachingHostAllocator.h): micro-batches padded to other lengths leave blocks of each smaller
-    class cached as well, which together stay under as much again. With one shape (packed rows) there is one class."""
-    block = 1 << (tokens * hidden * elem_bytes - 1).bit_length()
-    return layers * block * (1 if one_shape else 2)
-
-
-def check_pinned_memory(layers: int, batch: int, seq: int, hidden: int, elem_bytes: int, one_shape: bool,
-                        available: int) -> None:
-    """Refuse, before the first step, an offload whose pinned blocks cannot fit in the host's available memory,
-    naming the longest data.max_seq_len whose blocks do."""
-    need = pinned_need(layers, batch * seq, hidden, elem_bytes, one_shape)
-    room = int(available * PINNED_HEADROOM)
-    if need <= room:
-        return
-    per_layer = room // (layers * (1 if one_shape else 2))
-    fit = (1 << per_layer.bit_length() - 1) // (batch * hidden * elem_bytes) if per_layer else 0
-    advice = f"--data.max_seq_len={fit} or less" if fit else "a smaller train.batch_size"
-    raise ConfigError(
-        f"train.offload_activations would pin up to {need / 2**30:,.1f} GiB of host memory ({layers} layer inputs "
-        f"of {batch} x {seq:,} tokens x {hidden} x {elem_bytes} B, each rounded up to a power of two by the pinned "
-        f"allocator{'' if one_shape else ', twice that as rows of other lengths leave smaller blocks cached'}) but "
-        f"{available / 2**30:,.1f} GiB is available: use {advice}{'' if one_shape else ', or --data.pack=true'}, "
-        "or --train.offload_activations=false")
-
-
-def offloaded_checkpoint(offload: ActivationOffload, function: Callable, *args: object, **kwargs: object) -> object:
-    """`torch.utils.checkpoint.checkpoint` with the layer inputs it saves kept by `offload`."""
-    with offload.hooks():
-        return checkpoint(function, *args, **kwargs)
-
-
-def enable_activation_offload(model: nn.Module, device: torch.device, force: bool = False) -> ActivationOffload | None:
-    """Offload every checkpointed layer's input (call after enabling gradient checkpointing). A no-op off CUDA,
-    where activations already live in CPU memory, unless `force` (tests)."""
-    if device.type != "cuda" and not force:
-        print("train.offload_activations: no CUDA device, activations already live in CPU memory: nothing to do")
-        return None
-    offload = ActivationOffload(device)
-    func = functools.partial(offloaded_checkpoint, offload, use_reentrant=False)
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    # The decoder layers; the decoder itself carries the same flag but does not checkpoint anything.
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    if not layers:
-        raise ValueError("train.offload_activations found no checkpointed layer: enable gradient checkpointing first")
-    for module in layers:
-        # transformers' GradientCheckpointingLayer calls this attribute with (partial(forward, **kwargs), *args).
-        module._gradient_checkpointing_func = func
-    print(f"train.offload_activations: inputs of {len(layers)} checkpointed layers go to pinned CPU memory "
-          "(async, side stream)")
-    return offload
+def views_size(like: list[torch.Tensor]) -> int:
+    return sum(-(-t.numel() * t.element_size() // 64) * 64 for t in like)
 
 
 class CPUEmbedding(nn.Module):
@@ -221,3 +96,91 @@ def embeddings_to_cpu(model: nn.Module, device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the table's device memory back, so reserved memory shows the saving
     return freed
+
+
+class HostOptimizer(torch.optim.Optimizer):
+    """The optimizer of `train.optimizer`, in host memory from the start (train.optimizer_on_cpu).
+
+    The trainable parameters stay on the device for the forward and backward, and their gradients are summed there in
+    fp32. The fp32 master copy of each parameter (qlora/master.py explains why 16-bit adapters need one), its
+    gradient for the update and the optimizer's state live in host memory, pinned at their exact size: `step` copies
+    the gradients over, runs the inner optimizer on the masters, and writes each master back into its parameter,
+    rounded to the parameter's dtype. The device holds no state and no master: per trainable parameter, its 16-bit
+    value and, from its backward to the step, its fp32 gradient. For fp32 parameters (the CPU) the update is the
+    inner optimizer's on copies, to the bit.
+
+    Its `param_groups` are its own, over the device side: the gradients to clip (for 16-bit parameters, zero-stride
+    fp32 stand-ins of each parameter's shape that hold the fp32 gradient and take no memory) and the learning rate
+    the schedule sets, copied to the inner optimizer at each step. `state` is the inner optimizer's, so checkpoints
+    and the memory profiler see it.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], build: Callable[[list[torch.Tensor]],
+                                                                              torch.optim.Optimizer]) -> None:
+        self.params = list(params)
+        pin = any(p.is_cuda for p in self.params)
+        self.pinned = pin
+        like = [torch.empty(p.shape, device="meta") for p in self.params]  # fp32, the shapes: no memory
+        self.masters = typed_views(pinned_buffer(views_size(like), pin), like)
+        self.host_grads = typed_views(pinned_buffer(views_size(like), pin), like)
+        with torch.no_grad():
+            for master, p in zip(self.masters, self.params, strict=True):
+                master.copy_(p)
+                master.requires_grad_(True)
+        # What the trainer clips: the parameters' own gradients when they are fp32, else fp32 gradients summed on the
+        # device into stand-ins that hold them (an expanded scalar has the shape and no memory of its own).
+        self.holders = []
+        for p in self.params:
+            if p.dtype == torch.float32:
+                self.holders.append(p)
+                continue
+            holder = torch.zeros((), dtype=torch.float32, device=p.device).expand(p.shape).requires_grad_(True)
+            p.register_post_accumulate_grad_hook(functools.partial(accumulate_fp32, holder))
+            self.holders.append(holder)
+        self.inner = build(self.masters)
+        super().__init__(self.holders, self.inner.defaults)
+        self.state = self.inner.state
+
+    def _sync_groups(self) -> None:
+        """The schedule sets the learning rate on our groups; the inner optimizer steps with its own."""
+        for ours, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            inner.update({k: v for k, v in ours.items() if k != "params"})
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:
+        if closure is not None:
+            raise ValueError("train.optimizer_on_cpu: a closure would run the model on the host copies")
+        self._sync_groups()
+        for holder, master, grad in zip(self.holders, self.masters, self.host_grads, strict=True):
+            # As on the device: no gradient, no update.
+            master.grad = None if holder.grad is None else grad.copy_(holder.grad, non_blocking=True)
+        if self.pinned:
+            torch.cuda.current_stream().synchronize()  # the gradients must have landed before the CPU reads them
+        self.inner.step()
+        for p, master in zip(self.params, self.masters, strict=True):
+            # Rounded to the parameter's dtype on the way; the next step's copies wait on this stream, so the host
+            # buffers may be reused.
+            p.copy_(master, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)  # the device side: the gradients the next backward sums afresh
+
+    def state_dict(self) -> dict:
+        self._sync_groups()
+        return {"inner": self.inner.state_dict(), "masters": [m.detach() for m in self.masters]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """qlora/master.py's format ({"inner", "masters"}), or a plain optimizer's, whose weights are the model's."""
+        if "masters" in state_dict:
+            self.inner.load_state_dict(state_dict["inner"])
+            saved = state_dict["masters"]
+        else:
+            self.inner.load_state_dict(state_dict)
+            saved = self.params
+        self.state = self.inner.state
+        for ours, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            ours.update({k: v for k, v in inner.items() if k != "params"})
+        for p, master, value in zip(self.params, self.masters, saved, strict=True):
+            master.copy_(value)
+            p.copy_(master)

@@ -15,17 +15,24 @@ plus one bucket of gradients being summed; `train.shard_base` holds 1/gpus of th
 embeddings, head, norms; the quantisation state and a tied embedding table whole), plus what FSDP all-gathers for the
 moment: two decoder layers in the backward (the one computing and the one prefetched), the head in the loss.
 
-The activation formulas count what autograd saves in a Llama-style decoder layer (pre-norm RMSNorm, GQA attention
-through an SDPA flash/efficient kernel, gated MLP); they were checked tensor by tensor against torch's saved-tensor
-hooks on the tiny Llama in fp32 and bf16, with and without LoRA dropout, for all three methods.
+The activation formulas (activations.py) count what autograd saves in a Llama-style decoder layer; they were checked
+tensor by tensor against torch's saved-tensor hooks on the tiny Llama in fp32 and bf16, with and without LoRA dropout,
+for all three methods, and whole steps against CPU measurements with and without each lever (tests/test_memory.py).
+
+Two memories are counted. `components` is the device's (what the card would show, CUDA context included; on a CPU
+device, the process's RAM). `host` is the CPU memory a CUDA run needs besides: offloaded layer inputs (pinned), the
+optimizer when it runs on the CPU, the embedding table kept there, and the process's own runtime. A plan that does
+not fit the host is no plan (qlora/memory/context.py).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
-from qlora.config import Config, ConfigError
+from qlora.config import Config
+from qlora.memory.activations import CheckpointPlan, adapted_layers, checkpoint_plan, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
 # NF4 with double quantisation (QLoRA paper, sec. 3): 4 bits per weight, one 8-bit absmax per block of 64 weights,
@@ -37,6 +44,9 @@ MIN_8BIT_NUMEL = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (Op
 # The CUDA context (driver, kernels, cuBLAS handles) that nvidia-smi counts beside PyTorch's memory; ~0.5 GiB is
 # typical for CUDA 12 with lazy module loading. memory.json measures the real figure on each run.
 CUDA_CONTEXT = 512 * 2**20
+# What a CUDA PyTorch process holds in host memory of its own (libraries, the CUDA driver's host allocations, Python,
+# the tokenizer and data): an allowance, not a measurement, until a GPU run records it (VmRSS in memory.json).
+HOST_RUNTIME = 6 * 2**30
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ALLREDUCE_BUCKET = 25 * 2**20  # gradients summed at once across processes: qlora/distributed.py BUCKET_BYTES
 CATEGORIES = ("quantized_weights", "unquantized_weights", "gathered_weights", "adapters", "gradients",
@@ -54,10 +64,21 @@ class Estimate:
     """Activation + gradient bytes of each candidate peak moment; the largest sets the peak."""
     peak_phase: str
     assumptions: list[str] = field(default_factory=list)
+    host: dict[str, int] = field(default_factory=dict)
+    """CUDA: host-memory bytes the plan needs besides the device's (empty for a CPU device: it is all `components`)."""
+    host_formulas: dict[str, str] = field(default_factory=dict)
+    levers: list[str] = field(default_factory=list)
+    """The memory levers in effect, each as the recipe spells it, with what it does here."""
+    checkpoints: CheckpointPlan | None = None
+    """Where the checkpointed layer inputs wait (None without gradient checkpointing)."""
 
     @property
     def peak_bytes(self) -> int:
         return sum(self.components.values())
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
 
 
 def compute_bytes(cfg: Config, device: str) -> tuple[str, int]:
@@ -66,16 +87,6 @@ def compute_bytes(cfg: Config, device: str) -> tuple[str, int]:
     if name == "auto":
         name = "bf16" if device == "cuda" else "fp32"
     return name, DTYPE_BYTES[name]
-
-
-def adapted_layers(arch: Arch, targets: list[str]) -> dict[str, tuple[int, int]]:
-    shapes = arch.linear_shapes
-    if targets == ["all-linear"]:
-        return shapes
-    chosen = {name: shape for name, shape in shapes.items() if name in targets}
-    if not chosen:
-        raise ConfigError(f"lora.targets={','.join(targets)}: the estimator knows all-linear and {', '.join(shapes)}")
-    return chosen
 
 
 def nf4_bytes(n: int, double_quant: bool = True, shards: int = 1) -> int:
@@ -99,7 +110,8 @@ def trainable_tensors(arch: Arch, method: str, cfg: Config) -> list[int]:
     return [n for a, b in adapted_layers(arch, cfg.lora.targets).values() for n in (r * a, r * b)] * arch.layers
 
 
-def optimizer_bytes(sizes: list[int], optimizer: str, e: int, device: str) -> tuple[int, int, int, str]:
+@functools.lru_cache(maxsize=64)  # max_context asks thousands of times for the same adapters
+def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, e: int, device: str) -> tuple[int, int, int, str]:
     """(state bytes, the part paged into CUDA managed memory, temporaries of one step, formula)."""
     if optimizer == "adamw":  # torch: moments in the parameter dtype; foreach ops hold about one temporary per state
         return 2 * e * sum(sizes), 0, e * sum(sizes), "2 P_train e (torch AdamW: moments in the parameter dtype)"
@@ -117,60 +129,18 @@ def optimizer_bytes(sizes: list[int], optimizer: str, e: int, device: str) -> tu
     return sum(per), paged, transient, formula + (f"; {paged / 2**30:.2f} GiB of it paged" if paged else "")
 
 
-def layer_bytes_per_token(arch: Arch, method: str, cfg: Config, e: int) -> tuple[int, str]:
-    """Bytes autograd saves per token in one decoder layer, and the formula."""
-    h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
-    kv = arch.kv_heads * arch.head_dim
-    adapted = arch.linear_shapes if method == "full" else adapted_layers(arch, cfg.lora.targets)
-    # A frozen layer's input is saved only where a trained weight needs it (q/k/v share one, gate/up another).
-    y1 = any(n in adapted for n in ("q_proj", "k_proj", "v_proj"))
-    y2 = any(n in adapted for n in ("gate_proj", "up_proj"))
-    # q and out of attention, k and v, the normed inputs, the MLP's gate, up, act(gate) and product (kept for down),
-    # the two fp32 norm inputs (at fp32 one is the layer input itself), SDPA's logsumexp and the norms' rsqrt.
-    per_token = e * (2 * q + 2 * kv + h * (y1 + y2) + i * (3 + ("down_proj" in adapted))) + 8 * h + 4 * arch.heads + 8
-    formula = "e(2q + 2kv + 2h + 4i) + 8h + 4nh + 8"
-    if method == "full":  # the norms' weights train: each keeps its normalised input
-        return per_token + 2 * h * e, formula + " + 2he"
-    per_token += len(adapted) * cfg.lora.r * e
-    formula += " + r e per adapter"
-    if cfg.lora.dropout > 0:  # dropout keeps its output and a bool mask for each adapter
-        per_token += sum(a for a, _ in adapted.values()) * (e + 1)
-        formula += " + in_features (e+1) per adapter (dropout)"
-    return per_token, formula
-
-
-def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:
-    """Bytes alive beyond the layers in the loss's backward (final norm, labels, logits), and the formula."""
-    b, s, t = cfg.train.batch_size, cfg.data.max_seq_len, cfg.train
-    T, N, h, V = b * s, b * (s - 1), arch.hidden, arch.vocab
-    # The final norm's fp32 input and rsqrt; the labels (int64) and their mask.
-    total, formula = T * (4 * h + 4) + 9 * N, "T(4h + 4) + 9N"
-    if getattr(t, "liger_ce", False) and device == "cuda":  # fused: chunks of ~T*h/V tokens' logits, input grads
-        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(N / math.ceil(V / h)))))
-        return total + 2 * chunk * V * e + N * h * e, formula + f" + 2 c V e + N h e (liger chunks of c={chunk})"
-    n = min(N, t.loss_chunk_size) if t.loss_chunk_size > 0 else N
-    # Log-softmax keeps fp32 log-probs; its backward holds them with the incoming and outgoing fp32 gradients.
-    total += 12 * n * V
-    formula += f" + 12 {'min(N, chunk)' if t.loss_chunk_size > 0 else 'N'} V"
-    if method == "full" or t.loss_chunk_size > 0:  # lm_head's input: its weight gradient, or the chunks, keep it
-        total, formula = total + N * h * e, formula + " + N h e"
-    if method == "full":
-        total, formula = total + T * h * e, formula + " + T h e"
-    if getattr(cfg.quant, "quantize_lm_head", False) and method == "qlora":  # the NF4 head, dequantised to compute
-        total, formula = total + V * h * e, formula + " + V h e (NF4 head dequantised)"
-    return total, formula
-
-
 def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -> Estimate:
     """Peak bytes of one steady-state training step of `method` on `device` ("cuda" or "cpu"), on each of `gpus`
-    processes: data parallel, or with train.shard_base (qlora and lora) the frozen base sharded over them."""
+    processes: data parallel, or with train.shard_base (qlora and lora) the frozen base sharded over them; and on
+    CUDA the host memory each process needs besides."""
     dname, e = compute_bytes(cfg, device)
     t, L, h, V = cfg.train, arch.layers, arch.hidden, arch.vocab
     T = t.batch_size * cfg.data.max_seq_len
-    comp, fx = dict.fromkeys(CATEGORIES, 0), {}
-    head_nf4 = method == "qlora" and getattr(cfg.quant, "quantize_lm_head", False) and not arch.tied
-    emb_off = method != "full" and device == "cuda" and getattr(cfg.model, "embeddings_on_cpu", False)
-    shards = gpus if gpus > 1 and getattr(t, "shard_base", False) and method != "full" else 1
+    comp, fx, host, hfx = dict.fromkeys(CATEGORIES, 0), {}, {}, {}
+    cuda = device == "cuda"
+    head_nf4 = method == "qlora" and cfg.quant.quantize_lm_head and not arch.tied
+    emb_off = method != "full" and cuda and cfg.model.embeddings_on_cpu
+    shards = gpus if gpus > 1 and t.shard_base and method != "full" else 1
     per = f" / {shards} (sharded)" if shards > 1 else ""
     if method == "qlora":
         dq = cfg.quant.double_quant
@@ -190,53 +160,73 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     if shards > 1:
         fx["unquantized_weights"] = f"({fx['unquantized_weights']}){per}" + \
             (" (the tied embedding table whole)" if whole else "")
-    sizes = trainable_tensors(arch, method, cfg)
+    sizes = tuple(trainable_tensors(arch, method, cfg))
     if method != "full":
         comp["adapters"] = sum(sizes) * e
         fx["adapters"] = "L r sum(in + out of each adapted layer) e"
-    comp["optimizer_state"], _paged, step_tmp, fx["optimizer_state"] = optimizer_bytes(sizes, t.optimizer, e, device)
+    state, _paged, step_tmp, state_fx = optimizer_bytes(sizes, t.optimizer, e, device)
     g = e  # bytes per gradient element
-    if method != "full" and e < 4:  # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py)
-        g = 4
-        comp["optimizer_state"] += 4 * sum(sizes)
-        fx["optimizer_state"] += " + 4 P_train (fp32 master copies)"
+    masters = 0
+    host_optimizer = t.optimizer_on_cpu and cuda
+    if e < 4 and (method != "full" or host_optimizer):
+        # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py); the host optimizer keeps
+        # fp32 masters for every 16-bit weight, full fine-tuning's too (qlora/levers/offload.py)
+        g, masters = 4, 4 * sum(sizes)
     grads = sum(sizes) * g
+    if host_optimizer:  # state, fp32 masters and the update in host memory; gradients summed on the card
+        _, _, host_tmp, _ = optimizer_bytes(sizes, t.optimizer, 4, "cpu")
+        host["optimizer"] = state + 8 * sum(sizes) + host_tmp
+        hfx["optimizer"] = f"{state_fx.split(';')[0]} + 8 P_train (fp32 masters and their gradients, pinned) + the " \
+                           "CPU update's temporaries (12 B x the largest tensor)"
+        step_tmp, fx["optimizer_state"] = 0, "none on the device: train.optimizer_on_cpu"
+    else:
+        comp["optimizer_state"] = state + masters
+        fx["optimizer_state"] = state_fx + (" + 4 P_train (fp32 master copies)" if masters else "")
+    if emb_off:
+        host["embeddings"], hfx["embeddings"] = V * h * e, "V h e: the input embedding table"
 
     # Candidate peak moments: (activation-side bytes, gradient bytes). zero_grad(set_to_none=True) frees gradients
     # before each forward, so none exist in the loss's backward; they build up layer by layer after it.
-    per_token, layer_fx = layer_bytes_per_token(arch, method, cfg, e)
+    saved, extra, layer_fx = layer_backward(arch, method, cfg, e, device, T)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
     rotary = 2 * cfg.data.max_seq_len * arch.head_dim * e
+    # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward.
+    largest = max(a * o for a, o in arch.linear_shapes.values())
+    dq_w = (sum(a * o for a, o in arch.linear_shapes.values()) if t.reuse_dequant else largest) * e \
+        if method == "qlora" else 0
     if gpus > 1:  # the gradients are summed across processes in buckets, each concatenated into one tensor
         step_tmp += min(grads, ALLREDUCE_BUCKET)
     phases = {"optimizer_step": (step_tmp, grads)}
+    plan = None
     if t.gradient_checkpointing:
-        offload = t.offload_activations and device == "cuda"  # layer inputs wait in pinned CPU memory
-        kept = (2 if offload else L) * T * h * e + rotary
-        kept_fx = "2 T h e (the rest offloaded to CPU)" if offload else "L T h e"
-        # Backward through one recomputed layer: its saved tensors (at fp32 the first norm's input is the checkpoint
-        # itself), the gradients of its output and input, two MLP gradients at once, and for qlora one weight
-        # dequantised to the compute dtype (a whole layer's with train.reuse_dequant).
-        largest = max(a * o for a, o in arch.linear_shapes.values())
-        dq = (sum(a * o for a, o in arch.linear_shapes.values()) if getattr(t, "reuse_dequant", False) else largest)
-        work = T * per_token - (4 * h * T if e == 4 else 0) + 2 * T * h * e + 2 * T * arch.intermediate * e + \
-            (dq * e if method == "qlora" else 0)
-        # First layer of the backward: every checkpoint, one layer's gradients; last: one checkpoint, all gradients.
-        first, last = (kept + work, grads // L), (T * h * e + rotary + work, grads)
+        plan = checkpoint_plan(cfg, arch, e, device)
+        size = plan.input_bytes
+        # At fp32 the recomputed layer's first norm keeps the layer input itself as its fp32 input: counted once.
+        work = saved - (4 * h * T if e == 4 else 0) + extra
+        # First layer of the backward: the inputs kept on the device beside the group being replayed, one layer's
+        # gradients; last: its group's inputs, all gradients.
+        first = (plan.device_inputs("first") * size + rotary + work + dq_w, grads // L)
+        last = (plan.device_inputs("last") * size + rotary + work + dq_w, grads)
         phases["layer_backward"] = max(first, last, key=sum)
-        phases["loss_backward"] = (kept + loss, 0)
+        phases["loss_backward"] = (plan.device_inputs("loss") * size + rotary + loss, 0)
         at_first = phases["layer_backward"] is first
-        fx["activations"] = {"loss_backward": f"{kept_fx} (checkpoints) + {loss_fx}",
-                             "layer_backward": f"{kept_fx if at_first else 'T h e'} + T [{layer_fx}] + 2 T h e + "
-                                               "2 T i e" + (" + one dequantised weight" if method == "qlora" else "")
-                                               + (" (the backward's first layer: every checkpoint)" if at_first
-                                                  else " (its last layer: one checkpoint, every gradient)"),
+        kept_fx = f"{plan.device_inputs('first' if at_first else 'last')} T h e (layer inputs: {plan.describe()})"
+        fx["activations"] = {"loss_backward": f"{plan.device_inputs('loss')} T h e (layer inputs) + {loss_fx}",
+                             "layer_backward": f"{kept_fx} + {layer_fx}" +
+                                               (" + one dequantised weight" if method == "qlora" else "") +
+                                               (" (the backward's first layer)" if at_first
+                                                else " (its last layer: every gradient)"),
                              "optimizer_step": "the update's temporaries (CPU: 12 B x the largest tensor)"}
         fx["gradients"] = f"P_train {'e' if g == e else 4} / L: one layer's" if at_first else \
             f"P_train {'e' if g == e else 4}, all of them"
+        if plan.host:
+            host["checkpoints"] = plan.host_bytes
+            hfx["checkpoints"] = f"{plan.host} x T h e: offloaded layer inputs, pinned"
     else:
-        phases["loss_backward"] = (L * T * per_token + rotary + loss, 0)
-        fx["activations"] = {"loss_backward": f"L T [{layer_fx}] + {loss_fx}",
+        phases["loss_backward"] = (L * saved + rotary + loss, 0)
+        phases["layer_backward"] = (L * saved + extra + rotary + dq_w, grads // L)
+        fx["activations"] = {"loss_backward": f"L layers' saved tensors + {loss_fx}",
+                             "layer_backward": f"L layers' saved tensors + the last one's backward: {layer_fx}",
                              "optimizer_step": "the update's temporaries (CPU: 12 B x the largest tensor)"}
     gathered = gathered_bytes(cfg, arch, method, e) if shards > 1 else {}
     phases = {k: (v[0] + gathered.get(k, 0), v[1]) for k, v in phases.items()}  # peaks compared with them in
@@ -251,16 +241,19 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     if peak_phase != "layer_backward":
         fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
                            "optimizer_step": f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
-    if device == "cuda":
+    if cuda:
         comp["cuda_context"] = CUDA_CONTEXT
         fx["cuda_context"] = "0.5 GiB, typical of CUDA 12 (a measured run records the real one)"
+        host["runtime"], hfx["runtime"] = HOST_RUNTIME, "6 GiB allowance for the process itself (not measured yet)"
     notes = assumptions(cfg, method, dname, device)
     if gpus > 1:
         notes.append(f"per process of {gpus}: " + (
             "the frozen base sharded (train.shard_base, FSDP2), quantisation state whole on each" if shards > 1 else
             "data parallel, every process holds the whole model") + f"; gradients summed in buckets of up to "
-            f"{ALLREDUCE_BUCKET // 2**20} MiB; the communication library's own buffers are not counted")
-    return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase, notes)
+            f"{ALLREDUCE_BUCKET // 2**20} MiB; the communication library's own buffers are not counted; host memory "
+            "is each process's")
+    return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase, notes, host, hfx,
+                    levers(cfg, method, device), plan)
 
 
 def gathered_bytes(cfg: Config, arch: Arch, method: str, e: int) -> dict[str, int]:
@@ -274,8 +267,36 @@ def gathered_bytes(cfg: Config, arch: Arch, method: str, e: int) -> dict[str, in
     return {"layer_backward": 2 * layer, "loss_backward": head}
 
 
+def levers(cfg: Config, method: str, device: str) -> list[str]:
+    """The memory levers this estimate counts, as the recipe spells them, each with what it does on `device` (where
+    the layer inputs wait is the checkpoint plan's to say: `Estimate.checkpoints`)."""
+    t, cuda, out = cfg.train, device == "cuda", []
+    if t.offload_activations and t.gradient_checkpointing and cuda:
+        out.append("offload_activations: layer inputs in pinned host memory" +
+                   (f", up to {t.offload_budget_gib:g} GiB" if t.offload_budget_gib else ""))
+    if t.checkpoint_every > 1 and t.gradient_checkpointing:
+        out.append(f"checkpoint_every={t.checkpoint_every}: every {t.checkpoint_every}th layer input kept, the "
+                   "others replayed")
+    if t.tile_size and method != "full":
+        out.append(f"tile_size={t.tile_size}" + (" with tile_projections" if t.tile_projections else "") +
+                   ": the MLP" + (" and q/k/v/o" if t.tile_projections else "") + " in sequence tiles")
+    if t.loss_chunk_size:
+        out.append(f"loss_chunk_size={t.loss_chunk_size}: logits {t.loss_chunk_size} positions at a time")
+    if t.liger_ce and cuda:
+        out.append("liger_ce: fused head and cross-entropy")
+    if t.optimizer_on_cpu and cuda:
+        out.append("optimizer_on_cpu: the optimizer state in host memory")
+    if cfg.quant.quantize_lm_head and method == "qlora":
+        out.append("quantize_lm_head: lm_head in NF4")
+    if cfg.model.embeddings_on_cpu and method != "full" and cuda:
+        out.append("embeddings_on_cpu: the input embeddings in host memory")
+    if t.optimizer == "paged_adamw_8bit":
+        out.append("paged_adamw_8bit: 8-bit moments")
+    return out
+
+
 def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
-    t = cfg.train
+    t, cuda = cfg.train, device == "cuda"
     optimizer = {"adamw": "torch AdamW (moments in the parameter dtype)",
                  "paged_adamw_8bit": "bitsandbytes paged AdamW with 8-bit moments",
                  "paged_adamw_32bit": "bitsandbytes paged AdamW with fp32 moments"}[t.optimizer]
@@ -288,14 +309,30 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
                      f"embeddings, lm_head, norms in {dname}; {adapters}; {optimizer} over the adapters"}[method],
            f"batch {t.batch_size} x {cfg.data.max_seq_len} tokens, every position a target (the worst case: chat "
            "data trains on assistant tokens only)",
-           "gradient checkpointing: each layer keeps its input and is recomputed in the backward"
-           if t.gradient_checkpointing else "no gradient checkpointing: every layer keeps its activations",
+           "gradient checkpointing: each layer is recomputed in the backward from its input, kept or replayed "
+           "(where the inputs wait: the checkpoint plan)" if t.gradient_checkpointing
+           else "no gradient checkpointing: every layer keeps its activations",
            f"loss over {f'chunks of {t.loss_chunk_size}' if t.loss_chunk_size else 'all'} positions, fp32 logits; "
-           "attention through SDPA's flash/efficient kernels (no s x s matrix is stored)"]
+           "attention through SDPA's flash kernel (no s x s matrix is stored; its backward's buffers as "
+           "FlashAttention-2 allocates them on CUDA, cuDNN's attention, which recent torch prefers on H100, not "
+           "modelled apart)"]
+    if t.tile_size and method != "full":
+        out.append(f"sequence tiles of {t.tile_size} tokens: one tile's intermediates at a time, the module's input "
+                   "at full length (qlora/levers/tiling.py)")
     if device == "cpu":
-        out.append("CPU: weights and compute in fp32 unless quant.compute_dtype says otherwise; bitsandbytes pages "
-                   "optimizer state only on CUDA")
+        out.append("CPU: weights and compute in fp32 unless quant.compute_dtype says otherwise (checked against "
+                   "measurements in fp32; bf16 kernels' own fp32 buffers are not modelled); bitsandbytes pages "
+                   "optimizer state only on CUDA; the CUDA-only levers (offload_activations, optimizer_on_cpu, "
+                   "embeddings_on_cpu) change nothing here")
+    elif t.optimizer_on_cpu:
+        out.append("CUDA: the optimizer state, the fp32 masters and the update in host memory, the fp32 gradients "
+                   "summed on the card (train.optimizer_on_cpu); PyTorch's "
+                   "caching allocator may reserve a few percent more than this (fragmentation)")
     else:
         out.append("CUDA: paged optimizer state counted as resident on the GPU (it moves to CPU memory only under "
                    "pressure); PyTorch's caching allocator may reserve a few percent more than this (fragmentation)")
+    if cuda:
+        out.append(f"host: {HOST_RUNTIME / 2**30:.0f} GiB allowed for the process itself and the OS, beside what the "
+                   "levers keep there (offloaded layer inputs pinned at their exact size, the optimizer, the "
+                   "embedding table)")
     return out

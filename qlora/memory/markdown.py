@@ -34,8 +34,9 @@ def summary_lines(report: dict) -> list[str]:
         measured = e.get("measured_peak_bytes")
         vs = f", measured {gib(measured)} GiB (estimate {100 * e['error']:+.1f}%)" if measured else \
             (f", {e['measure_error']}" if e.get("measure_error") else "")
+        host = f", host {gib(e['host_bytes'])} GiB" if e.get("host_bytes") else ""
         out.append(f"  {method:5s} estimated {gib(e['estimated_peak_bytes'])} GiB "
-                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){vs}{'' if e['fits'] else ' [does not fit]'}")
+                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){host}{vs}{'' if e['fits'] else ' [does not fit]'}")
         if "per_gpu" in e:
             out.append(f"        on {report['gpus']} GPUs, per GPU: " + ", ".join(
                 f"{CASES[case]} {gib(c['estimated_peak_bytes'])} GiB{'' if c['fits'] else ' [does not fit]'}"
@@ -62,12 +63,13 @@ def markdown(report: dict, png_name: str) -> str:
               f"{'on' if s['gradient_checkpointing'] else 'off'}; loss chunk "
               f"{s['loss_chunk_size'] or 'off'}; compute {s['compute_dtype']}", "",
               f"![peak memory by method and category]({png_name})", "",
-              "| method | estimated peak GiB (GB) | measured peak GiB | estimate vs measured | on the device |",
-              "|---|---|---|---|---|"]
+              "| method | estimated peak GiB (GB) | host memory besides, GiB | measured peak GiB | estimate vs measured"
+              " | on the device |", "|---|---|---|---|---|---|"]
     for m, e in methods.items():
         got = e.get("measured_peak_bytes")
         error = f"{100 * e['error']:+.1f}%" if got else "–"
         lines.append(f"| {METHOD_NAMES[m]} | {gib(e['estimated_peak_bytes'])} ({e['estimated_peak_bytes'] / 1e9:,.1f})"
+                     f" | {gib(e['host_bytes']) if e.get('host_bytes') else '–'}"
                      f" | {gib(got) if got else e.get('measure_error', 'not measured')} | {error} | "
                      f"{_verdict(e, report)} |")
     if measured:
@@ -128,6 +130,13 @@ def _formulas(report: dict) -> list[str]:
                 "| component | GiB | formula |", "|---|---|---|"]
         for cat, formula in e["formulas"].items():
             out.append(f"| {cat} | {gib(e['components'].get(cat)) if cat in e['components'] else ''} | {formula} |")
+        if e.get("host"):
+            out += ["", f"Host memory beside the device: {gib(e['host_bytes'])} GiB.", "",
+                    "| host | GiB | formula |", "|---|---|---|"]
+            out += [f"| {k} | {gib(v)} | {e['host_formulas'].get(k, '')} |" for k, v in e["host"].items()]
+        if e.get("levers") or e.get("checkpoints"):
+            out += ["", "Memory levers: " + "; ".join((e.get("levers") or []) + (
+                [f"where the layer inputs wait: {e['checkpoints']}"] if e.get("checkpoints") else [])) + "."]
         out += [""] + [f"- {x}" for x in e["assumptions"]] + [""]
     return out
 
@@ -142,3 +151,51 @@ def _phases(methods: dict) -> list[str]:
         out.append(f"| {p} | " + " | ".join(gib((e.get("measured_phases") or {}).get(p)) for e in methods.values())
                    + " |")
     return out
+
+
+def _row_note(row: dict, report: dict) -> str:
+    if not row["tokens"]:
+        return f"weights, adapters and context alone take {gib(report['fixed_bytes'])} GiB"
+    return f"{gib(row['device_bytes'])} GiB on the card, {gib(row['host_bytes'])} GiB of host"
+
+
+def context_lines(report: dict) -> list[str]:
+    """The --max-context answer in a few lines: one per card size, then the levers."""
+    out = [f"{model_name(report['model'])} ({report['method']}, r={report['lora_r']}, batch {report['batch_size']}): "
+           f"longest context per card, estimated for CUDA from config.json alone (no GPU used); host "
+           f"{report['host_gib']:g} GiB"]
+    for row in report["rows"]:
+        out.append(f"  {row['gpu_gib']:>5g} GiB card: {row['tokens']:>9,} tokens, limited by the {row['limit']} "
+                   f"({_row_note(row, report)})" + (f"; {row['checkpoints']}" if row.get("checkpoints") else ""))
+        if row["tokens"]:
+            out.append(f"      train it with: {' '.join(row['overrides'])}")
+    out.append("  levers: " + ("; ".join(report["levers"]) if report["levers"] else "none"))
+    return out
+
+
+def context_markdown(report: dict) -> str:
+    rows = report["rows"]
+    lines = [f"# Longest context: `{report['recipe']}` ({model_name(report['model'])})", "",
+             "> **Estimate only: nothing here was measured.** Device: none. For one CUDA GPU per row (bf16 compute) "
+             f"and {report['host_gib']:g} GiB of host memory, from `{report['config_json']}` and the recipe alone.",
+             "", f"- date: {report['date']}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+             f"- command: `{report['command']}`",
+             f"- shape: batch {report['batch_size']}, {report['method']} with LoRA r={report['lora_r']} on "
+             f"{','.join(report['lora_targets'])}; lengths in steps of {report['granularity']} tokens", "",
+             "| card | longest context (tokens) | limited by | on the card GiB | host GiB | layer inputs | "
+             "to train it |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if row["tokens"]:
+            lines.append(f"| {row['gpu_gib']:g} GiB | {row['tokens']:,} | {row['limit']} | "
+                         f"{gib(row['device_bytes'])} | {gib(row['host_bytes'])} | {row['checkpoints'] or '–'} | "
+                         f"`{' '.join(row['overrides'])}` |")
+        else:
+            lines.append(f"| {row['gpu_gib']:g} GiB | 0 | {row['limit']}: {_row_note(row, report)} | – | – | – | – |")
+    if any(row["limit"] == "host" for row in rows):
+        lines += ["", "Limited by host: a larger host would hold every layer input, and the card would take a longer "
+                  "row."]
+    lines += ["", "## Levers", "", "The recipe's, as it sets them; where layer inputs wait is chosen per row above.",
+              ""] + [f"- {x}" for x in report["levers"] or ["none"]]
+    lines += ["", "## Assumptions", ""] + [f"- {x}" for x in report["assumptions"]]
+    return "\n".join(lines) + "\n"

@@ -115,10 +115,18 @@ def _quant_tensors(param: torch.Tensor, qs: object) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
-def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                      device: torch.device | None = None) -> dict[str, int]:
     """Bytes of the model's and optimizer's tensors by category (each storage once), plus `outside_allocator`:
-    the optimizer state bitsandbytes paged into CUDA managed memory."""
+    the optimizer state bitsandbytes paged into CUDA managed memory. On a CUDA `device`, tensors kept in host memory
+    (train.optimizer_on_cpu's state, model.embeddings_on_cpu's table) are not the card's and are left out."""
+    # Storages already counted; host tensors are marked seen up front so that no category counts them.
     seen: set[int] = set()
+    if device is not None and device.type == "cuda":
+        host = [p for p in model.parameters() if p.device.type == "cpu"] + [
+            v for state in (optimizer.state.values() if optimizer is not None else ()) for v in state.values()
+            if isinstance(v, torch.Tensor) and v.device.type == "cpu"]
+        _storages(host, seen)
     out = dict.fromkeys(("quantized_weights", "unquantized_weights", "adapters", "gradients", "optimizer_state",
                          "outside_allocator"), 0)
     adapters = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
@@ -200,7 +208,7 @@ class PhaseTracker:
         self.optimizer = optimizer if optimizer is not None else self.optimizer
 
     def mark(self, phase: str) -> dict:
-        cats = tensor_categories(self.model, self.optimizer) if self.model is not None else {}
+        cats = tensor_categories(self.model, self.optimizer, self.device) if self.model is not None else {}
         outside = cats.pop("outside_allocator", 0)
         if self.device.type == "cuda":
             stats = torch.cuda.memory_stats(self.device)

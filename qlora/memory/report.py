@@ -1,13 +1,15 @@
 """The memory report: estimated (and, with --measure, measured) peak of full fine-tuning, LoRA and QLoRA for a recipe.
 
     python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] [--section.key=v ...]
+    python -m qlora.memory RECIPE.py --max-context [--gpu-gib 24,48,80] [--host-gib 128]
 
 With --gpus N the report adds each method's peak per process of a run over N GPUs (torchrun): data parallel, and for
 qlora and lora the frozen base sharded (train.shard_base), estimated only.
 
 Writes memory_reports/<recipe>-<device>.md, .json and .png, where <device> is the device that measured ("cpu", the
 GPU's name) or "none" when nothing was measured. Without --measure nothing is loaded: config.json and the recipe
-are enough, and it answers in seconds.
+are enough, and it answers in seconds. --max-context writes memory_reports/<recipe>-max-context.md and .json: the
+longest context per card size (qlora/memory/context.py), estimated.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import platform
 import re
 import shlex
 import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
 
 USAGE = ("python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] "
-         "[--out-dir=memory_reports] [--section.key=value ...]")
+         "[--out-dir=memory_reports] [--max-context [--gpu-gib 24,48,80] [--host-gib 128]] [--section.key=value ...]")
 GIB = 2**30
 REFERENCE_GPU = 80 * 10**9  # an estimate for CUDA made without a GPU is drawn against one 80 GB card (A100/H100)
 
@@ -47,6 +50,9 @@ def method_config(cfg: Config, method: str) -> tuple[Config, list[str]]:
     if out.model.embeddings_on_cpu and method == "full":
         out.model.embeddings_on_cpu = False
         extra.append("--model.embeddings_on_cpu=false")
+    if out.train.tile_size and method == "full":
+        out.train.tile_size, out.train.tile_projections = 0, False
+        extra += ["--train.tile_size=0", "--train.tile_projections=false"]
     return out, extra
 
 
@@ -89,6 +95,8 @@ def settings(cfg: Config, device: str) -> dict:
             "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout, "lora_targets": cfg.lora.targets,
             "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
             "loss_chunk_size": t.loss_chunk_size, "offload_activations": t.offload_activations,
+            "offload_budget_gib": t.offload_budget_gib, "checkpoint_every": t.checkpoint_every,
+            "tile_size": t.tile_size, "tile_projections": t.tile_projections, "optimizer_on_cpu": t.optimizer_on_cpu,
             "quantize_lm_head": cfg.quant.quantize_lm_head, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
             "compute_dtype": compute_bytes(cfg, device)[0]}
 
@@ -135,6 +143,8 @@ def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device
             continue
         c = copy.deepcopy(cfg)
         c.train.shard_base = shard
+        if shard:  # the sharded base includes the embeddings: qlora.train refuses them in CPU memory beside it
+            c.model.embeddings_on_cpu = False
         out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total)
     return out
 
@@ -148,7 +158,9 @@ def arch_dict(arch: Arch) -> dict:
 def estimate_entry(est: Estimate, device_total: int) -> dict:
     return {"estimated_peak_bytes": est.peak_bytes, "measured_peak_bytes": None, "error": None,
             "fits": est.peak_bytes <= device_total, "components": est.components, "formulas": est.formulas,
-            "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions}
+            "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions,
+            "levers": est.levers, "checkpoints": est.checkpoints.describe() if est.checkpoints else None,
+            "host_bytes": est.host_bytes, "host": est.host, "host_formulas": est.host_formulas}
 
 
 def measure_entry(recipe: str, overrides: list[str], est: Estimate, device: str) -> dict:
@@ -190,34 +202,70 @@ def write_report(report: dict, out_dir: Path) -> Path:
     return md
 
 
-def parse_cli(argv: list[str]) -> tuple[list[str], list[str], bool, bool, Path, int]:
-    """(recipe + overrides, methods, --measure, --json, --out-dir, --gpus)."""
-    rest, methods, measure, as_json, out_dir, gpus = [], list(METHODS), False, False, Path("memory_reports"), 1
+@dataclass
+class Cli:
+    """The command line of `python -m qlora.memory`, apart from the recipe's overrides."""
+
+    rest: list[str] = field(default_factory=list)
+    """The recipe and its --section.key=value overrides."""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    measure: bool = False
+    as_json: bool = False
+    out_dir: Path = Path("memory_reports")
+    gpus: int = 1
+    max_context: bool = False
+    gpu_gib: list[float] = field(default_factory=lambda: [24.0, 48.0, 80.0])
+    host_gib: float = 128.0
+
+
+def _numbers(flag: str, value: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or any(not v > 0 for v in out):
+        raise ConfigError(f"{flag} {value!r}: use positive sizes in GiB, e.g. {flag}=24,48,80")
+    return out
+
+
+def parse_cli(argv: list[str]) -> Cli:
+    cli, sized = Cli(), []
     args = iter(argv)
     for arg in args:
-        if arg == "--gpus" or arg.startswith("--gpus="):
-            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
+        name, sep, value = arg.partition("=")
+        if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus") and not sep:
+            value = next(args, "")
+        if name == "--gpus":
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"--gpus {value!r}: give the number of GPUs (processes), e.g. --gpus 2")
-            gpus = int(value)
+            cli.gpus = int(value)
         elif arg == "--measure":
-            measure = True
+            cli.measure = True
         elif arg == "--json":
-            as_json = True
-        elif arg == "--methods" or arg.startswith("--methods="):
-            value = arg.split("=", 1)[1] if "=" in arg else next(args, "")
-            methods = [m.strip() for m in value.split(",") if m.strip()]
-            unknown = [m for m in methods if m not in METHODS]
-            if unknown or not methods:
+            cli.as_json = True
+        elif arg == "--max-context":
+            cli.max_context = True
+        elif name == "--methods":
+            cli.methods = [m.strip() for m in value.split(",") if m.strip()]
+            unknown = [m for m in cli.methods if m not in METHODS]
+            if unknown or not cli.methods:
                 raise ConfigError(f"--methods {value!r}: use a comma-separated subset of {','.join(METHODS)}")
+        elif name == "--gpu-gib":
+            cli.gpu_gib, sized = _numbers(name, value), sized + [name]
+        elif name == "--host-gib":
+            cli.host_gib, sized = _numbers(name, value)[0], sized + [name]
         elif arg.startswith("--out-dir="):
-            out_dir = Path(arg.split("=", 1)[1])
-            if not str(arg.split("=", 1)[1]).strip():
+            cli.out_dir = Path(value)
+            if not value.strip():
                 raise ConfigError("--out-dir= is empty: give the directory for the report, e.g. --out-dir=reports")
-            check_writable(out_dir, "--out-dir", directory=True)  # before the report is built, not after
+            check_writable(cli.out_dir, "--out-dir", directory=True)  # before the report is built, not after
         else:
-            rest.append(arg)
-    return rest, methods, measure, as_json, out_dir, gpus
+            cli.rest.append(arg)
+    if sized and not cli.max_context:
+        raise ConfigError(f"{sized[0]} sizes the cards of --max-context: add --max-context ({USAGE})")
+    if cli.max_context and cli.gpus > 1:
+        raise ConfigError("--max-context sizes one card; --gpus N asks about several: drop one of them")
+    return cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,16 +273,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    rest, methods, measure, as_json, out_dir, gpus = parse_cli(argv)
-    cfg, flags = parse_args(rest, USAGE)
+    cli = parse_cli(argv)
+    cfg, flags = parse_args(cli.rest, USAGE)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
-    report = build_report(rest[0], argv, cfg, rest[1:], methods, measure, gpus)
-    md = write_report(report, out_dir)
-    if as_json:
+    if cli.max_context:
+        return max_context_main(cli, argv, cfg)
+    report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus)
+    md = write_report(report, cli.out_dir)
+    if cli.as_json:
         print(json.dumps(report, indent=2))
     from qlora.memory.markdown import summary_lines
 
     for line in summary_lines(report) + [f"written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}"]:
-        print(line, file=sys.stderr if as_json else sys.stdout)
+        print(line, file=sys.stderr if cli.as_json else sys.stdout)
+    return 0
+
+
+def max_context_main(cli: Cli, argv: list[str], cfg: Config) -> int:
+    """--max-context: the table per card size, on stdout and into <recipe>-max-context.md/.json."""
+    from qlora.memory.context import context_report
+    from qlora.memory.markdown import context_lines, context_markdown
+
+    report = context_report(cfg, cli.gpu_gib, cli.host_gib)
+    report.update(recipe=cli.rest[0], command="python -m qlora.memory " + shlex.join(argv),
+                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  versions=versions())
+    cli.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = cli.out_dir / f"{Path(cli.rest[0]).stem}-max-context"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(context_markdown(report))
+    if cli.as_json:
+        print(json.dumps(report, indent=2))
+    for line in context_lines(report) + [f"written: {stem}.md, {stem}.json"]:
+        print(line, file=sys.stderr if cli.as_json else sys.stdout)
     return 0

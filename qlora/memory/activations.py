@@ -1,0 +1,234 @@
+"""What a training step keeps beyond the weights, per token: a decoder layer's saved tensors (with or without sequence
+tiles), the working set of its backward, the loss; and where the checkpointed layer inputs wait (the checkpoint plan).
+
+Symbols as in estimate.py: h hidden, i intermediate, q = nh*hd and kv = nkv*hd attention widths, nh heads, V
+vocabulary, r LoRA rank, e bytes per element of the compute dtype, T tokens of the micro-batch, t tokens per tile.
+
+What autograd saves in one Llama decoder layer (pre-norm RMSNorm, GQA attention through an SDPA flash kernel, gated
+MLP), checked tensor by tensor against torch's saved-tensor hooks on the tiny Llama (tests/test_memory.py):
+
+    norms       8h + 8          each RMSNorm's fp32 input and rsqrt (at fp32 the first one is the layer input itself)
+    attention   e(2q + 2kv) + 4nh   SDPA's query, key, value, output and logsumexp (the output is o_proj's input)
+    MLP         3ie             gate, up and act(gate)
+    inputs      e(h + h + i)    the normed inputs of q/k/v and of gate/up, and act(gate)*up for down: each kept once,
+                                by an adapter without dropout (a frozen weight needs no input for its backward)
+    adapters    r e             each adapter's A x, for B's gradient
+    dropout     in (e + m)      each adapter's dropped input and its mask: m = 1 byte on CUDA (a bool from the fused
+                                kernel), e on CPU (the mask is a tensor of the compute dtype there)
+
+A tiled module (qlora/levers/tiling.py) keeps only its input at full length; the rest exists for one tile at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qlora.config import Config, ConfigError
+from qlora.memory.arch import Arch
+
+QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = (*QKV, "o_proj")
+
+
+def adapted_layers(arch: Arch, targets: list[str]) -> dict[str, tuple[int, int]]:
+    shapes = arch.linear_shapes
+    if targets == ["all-linear"]:
+        return shapes
+    chosen = {name: shape for name, shape in shapes.items() if name in targets}
+    if not chosen:
+        raise ConfigError(f"lora.targets={','.join(targets)}: the estimator knows all-linear and {', '.join(shapes)}")
+    return chosen
+
+
+def mask_bytes(e: int, device: str) -> int:
+    """Bytes per element of LoRA dropout's saved mask."""
+    return 1 if device == "cuda" else e
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Bytes per token of one decoder layer's activations, split by who keeps them."""
+
+    norms: int
+    attention: int
+    mlp: int
+    inputs: dict[str, int]
+    """Saved inputs of the linear layers, by the group that reads them: qkv, mlp (gate/up), down."""
+    adapters: dict[str, int]
+    """Each adapted layer's A x and (with dropout) its dropped input and mask."""
+    full_norm_outputs: int = 0
+    """full fine-tuning: the norms' weights train, and each keeps its normalised input."""
+
+    @property
+    def saved(self) -> int:
+        return self.norms + self.attention + self.mlp + sum(self.inputs.values()) + sum(self.adapters.values()) + \
+            self.full_norm_outputs
+
+
+def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled: bool = False,
+                tiled_projections: bool = False) -> Layer:
+    """What one recomputed layer keeps at full length; with `tiled`, the MLP (and with `tiled_projections`, the
+    q/k/v/o projections) keep only their input."""
+    h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    norms, attention, mlp = 8 * h + 8, e * (2 * q + 2 * kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
+    if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
+        return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e}, {}, 2 * h * e)
+    adapted = adapted_layers(arch, cfg.lora.targets)
+    drop, m = cfg.lora.dropout > 0, mask_bytes(e, device)
+    in_tile = set(MLP if tiled else ()) | set(PROJECTIONS if tiled_projections else ())
+    adapters = {n: cfg.lora.r * e + (a * (e + m) if drop else 0) for n, (a, _) in adapted.items() if n not in in_tile}
+    # An input is kept once if an adapter reads it undropped, or if a tiled module keeps it for its recompute.
+    inputs = {"qkv": h * e if (not drop and any(n in adapted for n in QKV)) or tiled_projections else 0,
+              "mlp": h * e if (not drop and any(n in adapted for n in MLP[:2])) or tiled else 0,
+              "down": i * e if not drop and "down_proj" in adapted and not tiled else 0}
+    return Layer(norms, attention, mlp, inputs, adapters)
+
+
+def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool) -> str:
+    parts = ["8h + 8", "e(2q + 2kv) + 4nh"]
+    if not tiled:
+        parts.append("3ie")
+    if layer.full_norm_outputs:
+        return " + ".join(parts + ["e(2h + i)", "2he"])
+    parts += [{"qkv": "he", "mlp": "he", "down": "ie"}[k] + (" (tile input)" if (k == "mlp" and tiled) or
+                                                              (k == "qkv" and tiled_projections) else "")
+              for k, v in layer.inputs.items() if v]
+    if layer.adapters:
+        parts.append(f"r e + dropout's in (e + m), for {len(layer.adapters)} untiled adapters")
+    return " + ".join(parts)
+
+
+def sdpa_backward_bytes(arch: Arch, e: int, device: str) -> int:
+    """Per token, what SDPA's flash backward allocates: dq, dk, dv, and with grouped-query attention dk and dv first
+    at the query heads' count. CUDA (FlashAttention-2, flash_api.cpp mha_bwd): dk_expanded and dv_expanded, an fp32 dq
+    accumulator and fp32 softmax row sums. CPU (torch's flash kernel, measured on torch 2.13): one such buffer, plus a
+    few MiB of per-thread blocks that do not grow with the sequence (not counted)."""
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    gqa = arch.kv_heads != arch.heads
+    if device == "cuda":
+        return e * (q + 2 * kv) + (2 * q * e if gqa else 0) + 4 * q + 4 * arch.heads
+    return e * (q + 2 * kv) + (q * e if gqa else 0)
+
+
+def mlp_tile_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> int:
+    """Per tile token, the working set of one MLP tile's recompute and backward: what the MLP saves, its two
+    intermediate gradients, the tile's output and its input's gradient."""
+    h, i = arch.hidden, arch.intermediate
+    full = layer_terms(arch, method, cfg, e, device)
+    return full.mlp + full.inputs["down"] + sum(full.adapters.get(n, 0) for n in MLP) + 2 * i * e + 2 * h * e
+
+
+def projection_tile_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> int:
+    """Per tile token, the largest projection tile's working set: its adapter's saved tensors, output and input
+    gradient."""
+    full = layer_terms(arch, method, cfg, e, device)
+    return max(full.adapters.get(n, 0) + (a + o) * e for n, (a, o) in arch.linear_shapes.items() if n in PROJECTIONS)
+
+
+def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T: int) -> tuple[int, int, str]:
+    """(saved, working set, formula) of one layer's backward: what the layer saved, and beyond it the larger of two
+    moments, the MLP's backward and SDPA's."""
+    t = cfg.train
+    tiled = 0 < t.tile_size < T and method != "full"  # one tile or fewer: the modules run as they are
+    proj = tiled and t.tile_projections
+    layer = layer_terms(arch, method, cfg, e, device, tiled, proj)
+    h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
+    saved = T * layer.saved
+    tile = min(t.tile_size, T) if tiled else 0
+    # The MLP's backward: the layer output's gradient and the MLP input's, and the MLP's two intermediate gradients
+    # at full length, or one tile's working set.
+    mlp = 2 * T * h * e + (tile * mlp_tile_bytes(arch, method, cfg, e, device) if tiled else 2 * T * i * e)
+    # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
+    # output's, SDPA's own buffers (and a projection tile) are alive.
+    done = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + 4 * h + 4 + \
+        sum(layer.adapters.get(n, 0) for n in (*MLP, "o_proj"))
+    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device)) + \
+        (tile * projection_tile_bytes(arch, method, cfg, e, device) if proj else 0)
+    phase = "MLP backward" if mlp >= sdpa else "SDPA backward"
+    formula = (f"T [{layer_formula(layer, tiled, proj)}] + at the {phase}: " +
+               ("2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e")
+                if mlp >= sdpa else "T (h e + q e) + SDPA's gradients and buffers, less the MLP side"))
+    return saved, max(mlp, sdpa), formula
+
+
+def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:
+    """Bytes alive beyond the layers in the loss's backward (final norm, labels, logits), and the formula."""
+    b, s, t = cfg.train.batch_size, cfg.data.max_seq_len, cfg.train
+    T, N, h, V = b * s, b * (s - 1), arch.hidden, arch.vocab
+    # The final norm's fp32 input and rsqrt; the labels (int64) and their mask.
+    total, formula = T * (4 * h + 4) + 9 * N, "T(4h + 4) + 9N"
+    if getattr(t, "liger_ce", False) and device == "cuda":  # fused: chunks of ~T*h/V tokens' logits, input grads
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(N / math.ceil(V / h)))))
+        return total + 2 * chunk * V * e + N * h * e, formula + f" + 2 c V e + N h e (liger chunks of c={chunk})"
+    n = min(N, t.loss_chunk_size) if t.loss_chunk_size > 0 else N
+    # Log-softmax keeps fp32 log-probs; its backward holds them with the incoming and outgoing fp32 gradients.
+    total += 12 * n * V
+    formula += f" + 12 {'min(N, chunk)' if t.loss_chunk_size > 0 else 'N'} V"
+    if method == "full" or t.loss_chunk_size > 0:  # lm_head's input: its weight gradient, or the chunks, keep it
+        total, formula = total + N * h * e, formula + " + N h e"
+    if method == "full":
+        total, formula = total + T * h * e, formula + " + T h e"
+    if getattr(cfg.quant, "quantize_lm_head", False) and method == "qlora":  # the NF4 head, dequantised to compute
+        total, formula = total + V * h * e, formula + " + V h e (NF4 head dequantised)"
+    return total, formula
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Where the checkpointed layer inputs wait: every k-th layer keeps its input, the first `host` of those in
+    pinned CPU memory, the rest on the device."""
+
+    layers: int
+    every: int
+    host: int
+    input_bytes: int
+    """Bytes of one layer input (T h e)."""
+    offload: bool
+
+    @property
+    def kept(self) -> int:
+        return -(-self.layers // self.every)
+
+    @property
+    def on_device(self) -> int:
+        return self.kept - self.host
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host * self.input_bytes
+
+    def device_inputs(self, moment: str) -> int:
+        """Layer inputs on the device at the backward's first layer ("first"), its last ("last"), or in the loss's
+        backward ("loss"): the inputs that stayed, the group being replayed, and one fetched ahead."""
+        ahead = 1 if self.host else 0  # an offloaded input is fetched back while the layer after it runs
+        if moment == "loss":
+            return self.on_device + ahead
+        if moment == "last":  # the first group: its inputs replayed, every gradient built
+            return min(self.every, self.layers)
+        # The last group's inputs are replayed beside every input that stayed; its own first input is among those
+        # that stayed, or fetched from the host.
+        return max(self.on_device - 1, 0) + min(self.every, self.layers) + ahead
+
+    def describe(self) -> str:
+        where = (f"{self.host} in pinned CPU memory" + (f", {self.on_device} on the device" if self.on_device else "")
+                 if self.offload else "on the device")
+        replay = f"; the other {self.layers - self.kept} replayed from their group's first" if self.every > 1 else ""
+        return f"{self.kept} of {self.layers} layer inputs kept ({where}){replay}"
+
+
+def checkpoint_plan(cfg: Config, arch: Arch, e: int, device: str, budget_bytes: int | None = None,
+                    every: int | None = None) -> CheckpointPlan:
+    """The recipe's plan (`train.checkpoint_every`, `offload_activations`, `offload_budget_gib`), or the given `every`
+    and host budget in its place. Offloading happens on CUDA only: on a CPU device the inputs already are in CPU
+    memory, and the lever changes nothing there."""
+    t = cfg.train
+    T = t.batch_size * cfg.data.max_seq_len
+    size = T * arch.hidden * e
+    every = every or t.checkpoint_every
+    plan = CheckpointPlan(arch.layers, every, 0, size, t.offload_activations and device == "cuda")
+    if not plan.offload:
+        return plan
+    if budget_bytes is None:  # the recipe's budget; 0 = no limit
+        budget_bytes = int(t.offload_budget_gib * 2**30) or plan.kept * size
+    return CheckpointPlan(arch.layers, every, min(plan.kept, max(budget_bytes, 0) // size), size, True)

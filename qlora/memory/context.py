@@ -1,0 +1,145 @@
+"""The longest context a recipe trains on one CUDA card, from the estimator alone: what limits it, and how.
+
+    python -m qlora.memory RECIPE.py --max-context [--gpu-gib 24,48,80] [--host-gib 128]
+
+For each card size the sequence length is bisected (in steps of 1024 tokens, batch as in the recipe) with the recipe's
+levers as they are, except the one choice that depends on the length and the host: where the checkpointed layer
+inputs wait. With `train.offload_activations` they go to pinned host memory as far as the host holds them (after the
+process's own allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot
+take the rest either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as
+that costs the least recompute. A plan needing more host memory than the host has is no plan.
+
+`max_context(cfg, gpu_bytes, host_bytes)` is the function the GPU battery uses as its bisection bracket.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from qlora.config import Config
+from qlora.memory.arch import Arch, load_arch
+from qlora.memory.estimate import Estimate, estimate
+
+GIB = 2**30
+GRANULARITY = 1024
+
+LONGEST = 1 << 24  # 16M tokens: past anything a single card holds
+
+
+@dataclass
+class Fit:
+    """The longest context found for one card and host, and the plan that reaches it."""
+
+    tokens: int
+    limit: str
+    """What stops a longer context: "card" (device memory) or "host" (host memory: the card would take more)."""
+    levers: list[str]
+    """The recipe's levers in this plan (where the layer inputs wait: `estimate.checkpoints`)."""
+    overrides: list[str] = field(default_factory=list)
+    """The overrides that set this plan on the recipe: --data.max_seq_len=..., and the checkpoint plan's."""
+    estimate: Estimate | None = None
+
+
+def planned(cfg: Config, tokens: int, every: int, budget_bytes: int | None) -> Config:
+    """`cfg` at `tokens` per row with checkpoint_every=`every` and, unless None, `budget_bytes` of host memory for
+    offloaded layer inputs (0: none of them offloaded)."""
+    out = copy.copy(cfg)  # shallow, section by section: the bisection builds thousands of these
+    out.data, out.train = copy.copy(cfg.data), copy.copy(cfg.train)
+    out.data.max_seq_len = tokens
+    out.train.checkpoint_every = every
+    if budget_bytes is not None:  # offload_budget_gib=0 means no limit: a budget of one byte offloads nothing
+        out.train.offload_budget_gib = max(budget_bytes, 1) / GIB
+    return out
+
+
+def fitting_plan(cfg: Config, arch: Arch, tokens: int, gpu_bytes: int,
+                 host_bytes: int | None) -> tuple[Config, Estimate] | None:
+    """The plan with the fewest replayed layers whose estimate fits the card and (unless None) the host, or None."""
+    t = cfg.train
+    if not t.gradient_checkpointing:
+        est = estimate(planned(cfg, tokens, 1, None), arch, cfg.quant.method, "cuda")
+        fits = est.peak_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes)
+        return (planned(cfg, tokens, 1, None), est) if fits else None
+    for every in range(1, arch.layers + 1):
+        budget = None
+        if t.offload_activations:
+            # The host's room for layer inputs: what is left after everything else it holds.
+            bare = estimate(planned(cfg, tokens, every, 0), arch, cfg.quant.method, "cuda")
+            budget = (host_bytes - bare.host_bytes) if host_bytes is not None else 1 << 62
+            if budget < 0:
+                return None
+        plan = planned(cfg, tokens, every, budget)
+        est = estimate(plan, arch, cfg.quant.method, "cuda")
+        if est.peak_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes):
+            return plan, est
+        if t.offload_activations and est.checkpoints.on_device == 0:
+            return None  # every kept input is on the host already: a larger k only replays more on the card
+    return None
+
+
+def longest(cfg: Config, arch: Arch, gpu_bytes: int, host_bytes: int | None) -> tuple[int, Config | None,
+                                                                                         Estimate | None]:
+    """Bisect the longest multiple of GRANULARITY that fits; (0, None, None) if not even one does."""
+    lo, hi, best = 0, LONGEST // GRANULARITY, (None, None)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        found = fitting_plan(cfg, arch, mid * GRANULARITY, gpu_bytes, host_bytes)
+        if found:
+            lo, best = mid, found
+        else:
+            hi = mid - 1
+    return lo * GRANULARITY, *best
+
+
+def max_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> tuple[int, str, list[str]]:
+    """(tokens, limit, levers): the longest row of the recipe that trains on one CUDA card of `gpu_bytes` (CUDA
+    context included) with `host_bytes` of host memory; "card" or "host" as what limits it; the levers it uses."""
+    fit = fit_context(cfg, gpu_bytes, host_bytes)
+    return fit.tokens, fit.limit, fit.levers
+
+
+def fit_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> Fit:
+    """`max_context` with the plan's overrides and its estimate."""
+    arch = load_arch(cfg)
+    tokens, plan, est = longest(cfg, arch, gpu_bytes, host_bytes)
+    # Host memory limits when the card alone would take a longer context.
+    limit = "host" if longest(cfg, arch, gpu_bytes, None)[0] > tokens else "card"
+    if plan is None:
+        return Fit(0, limit, [])
+    overrides = [f"--data.max_seq_len={tokens}"]
+    chosen = est.checkpoints
+    if chosen is not None and chosen.every != cfg.train.checkpoint_every:
+        overrides.append(f"--train.checkpoint_every={chosen.every}")
+    if chosen is not None and chosen.offload and chosen.on_device:  # the host's budget binds: say how much
+        overrides.append(f"--train.offload_budget_gib={chosen.host_bytes / GIB:.2f}")
+    return Fit(tokens, limit, est.levers, overrides, est)
+
+
+def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
+    """The --max-context report: one row per card size, each with its plan, as a JSON-ready dict."""
+    from qlora.build import config_json_path
+
+    rows = []
+    for size in gpu_gib:
+        fit = fit_context(cfg, int(size * GIB), int(host_gib * GIB))
+        row = {"gpu_gib": size, "tokens": fit.tokens, "limit": fit.limit, "levers": fit.levers,
+               "overrides": fit.overrides}
+        if fit.estimate is not None:
+            est = fit.estimate
+            row.update(device_bytes=est.peak_bytes, host_bytes=est.host_bytes, peak_phase=est.peak_phase,
+                       components=est.components, host=est.host,
+                       checkpoints=est.checkpoints.describe() if est.checkpoints else None)
+        rows.append(row)
+    shortest = estimate(planned(cfg, GRANULARITY, cfg.train.checkpoint_every, None), load_arch(cfg),
+                        cfg.quant.method, "cuda")
+    fixed = sum(v for k, v in shortest.components.items() if k not in ("activations", "gradients"))
+    return {"model": cfg.model.path, "config_json": str(config_json_path(cfg)), "method": cfg.quant.method,
+            "estimate_for": "cuda", "host_gib": host_gib, "granularity": GRANULARITY,
+            "batch_size": cfg.train.batch_size, "lora_r": cfg.lora.r, "lora_targets": cfg.lora.targets,
+            "fixed_bytes": fixed, "rows": rows, "levers": shortest.levers,
+            "assumptions": [a for a in shortest.assumptions if not a.startswith("batch ")] + [
+                f"the longest data.max_seq_len in steps of {GRANULARITY} tokens whose estimated step fits the card "
+                "(CUDA context included) and whose host side fits the host; the recipe's levers as they are, the "
+                "checkpoint plan (offload budget, checkpoint_every) chosen per length: offload what the host holds, "
+                "keep the rest on the card, and only if that fails keep every k-th layer input, smallest k first"]}
