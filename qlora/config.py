@@ -294,6 +294,11 @@ class TrainConfig:
         if self.dist_timeout <= 0:
             raise ConfigError(f"train.dist_timeout={self.dist_timeout} must be a positive number of seconds, "
                               "e.g. --train.dist_timeout=600")
+        if self.shard_base and (self.tile_size or self.checkpoint_every > 1):
+            key = "tile_size" if self.tile_size else "checkpoint_every"
+            raise ConfigError(f"train.shard_base with train.{key}: not supported together (the tiles' recompute and "
+                              "the replayed layers run outside the decoder layers' FSDP hooks; untested): turn one "
+                              "of them off")
         if self.shard_base and (self.liger_ce or self.compile != "none"):
             raise ConfigError(f"train.shard_base with train.{'liger_ce' if self.liger_ce else 'compile'}: not "
                               "supported together (the head's weight is sharded; compile is untested under FSDP): "

@@ -43,7 +43,7 @@ def test_an_unknown_key_suggests_the_closest_real_one():
     ("--train.tile_projections=true", r"train.tile_projections tiles by train.tile_size, which is 0"),
     ("--train.checkpoint_every=0", r"train.checkpoint_every=0 must be at least 1"),
     ("--train.offload_budget_gib=8", r"train.offload_budget_gib limits train.offload_activations"),
-    ("--train.offload_budget_gib=nan", r"train.offload_budget_gib=nan must be >= 0"),
+    ("--train.offload_budget_gib=-1", r"train.offload_budget_gib=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_refused_with_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):

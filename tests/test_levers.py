@@ -331,6 +331,8 @@ def test_tiles_leave_evaluation_untiled(tiny_config: Config, batch: dict, monkey
     (["--train.tile_size=512", "--train.tile_projections=true", "--train.compile=lora"], "inside a compiled adapter"),
     (["--train.tile_size=512", "--quant.method=full"], "train.tile_size is for adapters on a frozen base"),
     (["--train.checkpoint_every=2", "--train.gradient_checkpointing=false"], "train.checkpoint_every chooses"),
+    (["--train.tile_size=512", "--train.shard_base=true"], "train.shard_base with train.tile_size: not supported"),
+    (["--train.checkpoint_every=2", "--train.shard_base=true"], "with train.checkpoint_every: not supported"),
 ])
 def test_lever_combinations_that_cannot_work_are_refused(tiny_config: Config, overrides: list[str],
                                                          message: str) -> None:

@@ -143,8 +143,8 @@ def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device
             continue
         c = copy.deepcopy(cfg)
         c.train.shard_base = shard
-        if shard:  # the sharded base includes the embeddings: qlora.train refuses them in CPU memory beside it
-            c.model.embeddings_on_cpu = False
+        if shard:  # what qlora.train refuses beside a sharded base: embeddings in CPU memory, sequence tiles
+            c.model.embeddings_on_cpu, c.train.tile_size, c.train.tile_projections = False, 0, False
         out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total)
     return out
 
