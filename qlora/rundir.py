@@ -11,7 +11,7 @@ and to check that the directory holds this recipe's run. A setting given on the 
   - changes anything else from the resumed step on, and is said: how long (train.steps), how it learns (lr,
     schedule, warmup, weight decay, clipping, optimizer: its state then starts afresh, dropout), in how much memory
     and how fast (data.max_seq_len, batch_size and grad_accum: the data continues from the same row, the levers),
-    and how it reports (eval, log, save, keep, max_bad_steps, device).
+    and how it reports (eval, eval_before: only at step 0, log, save, keep, max_bad_steps, device).
 
 One trainer at a time: `start_run` takes an exclusive lock (flock on `.qlora.lock`, released when the run or its
 process ends), and `check_run_dir` refuses a directory whose lock another process holds (on a file system without

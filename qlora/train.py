@@ -291,7 +291,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     metrics_log = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=state.get("metrics_bytes", 0),
                              write=ranks.main)
     watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint
-    if step == 0:
+    if step == 0 and cfg.train.eval_before:
         watch.at("the evaluation before training", 0)
         first = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
         metrics_log.write({"step": 0, **first})
@@ -385,8 +385,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     if not math.isfinite(final["eval_loss"]):  # never the result of a run, whatever its weights
         raise guard.non_finite_eval(cfg, step, final["eval_loss"])
     ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
-    print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
-          f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}%")
+    if first:
+        print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
+              f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}%")
+    else:  # train.eval_before=false
+        print(f"held-out loss {final['eval_loss']:.4f}, exact match {100 * final['eval_exact_match']:.1f}%")
     print(f"adapter written to {run_dir}")
     # One line: the peak, by category, against the estimate (rank 0's, with several processes).
     print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg))
