@@ -6,13 +6,16 @@ to the field's declared type, and an unknown key is an error that names the clos
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import math
 import re
 import sys
+import textwrap
 import traceback
 import types
 import typing
@@ -209,7 +212,9 @@ class TrainConfig:
     schedule: str = "cosine"
     """cosine or constant, after linear warmup."""
     warmup_steps: int = 10
+    """Steps of linear warmup to the peak lr (step k at (k+1)/(warmup_steps+1) of it)."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay on the trained parameters."""
     max_grad_norm: float = 1.0
     """Clip the adapters' gradient norm to this; 0 turns clipping off."""
     optimizer: str = "paged_adamw_32bit"
@@ -253,11 +258,13 @@ class TrainConfig:
     eval_batches: int = 0
     """Cap on held-out batches per evaluation; 0 = the whole split."""
     log_every: int = 1
+    """Write the step's loss, lr, grad norm, tokens/s and peak memory to metrics.jsonl every this many steps."""
     save_every: int = 0
     """Write checkpoint-<step>/ every this many steps; 0 = only at the end."""
     keep_checkpoints: int = 2
     """Older checkpoints beyond this many are deleted."""
     seed: int = 0
+    """Seeds the adapters' initialisation, dropout, the batch order and the held-out split."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cuda or cpu."""
     max_bad_steps: int = 3
@@ -412,6 +419,26 @@ def read_config_json(path: Path) -> Config:
     return config_from_dict(raw, str(path))
 
 
+def field_docs(section: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), by field name."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(section))).body[0].body
+    return {node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:], strict=False)
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+def describe(config: Config, width: int = 100) -> str:
+    """Every field as `section.key: type = value` and its docstring, for `--help` after a recipe."""
+    lines = []
+    for section in dataclasses.fields(config):
+        obj = getattr(config, section.name)
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            lines.append(f"  {section.name}.{f.name}: {f.type} = {getattr(obj, f.name)!r}")
+            lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 def load_recipe(path: str | Path) -> Config:
     """Execute a recipe file and return its `config`."""
     path = Path(path)
@@ -525,9 +552,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_resolved(argv: list[str]) -> None:
-    import json
+    from qlora.commands import CONFIG, help_text, wants_help
 
-    usage = "python -m qlora.config RECIPE.py [--section.key=value ...]"
+    if wants_help(argv):
+        print(help_text("qlora.config", argv), end="")
+        return
+    usage = CONFIG.usage
     cfg, flags = parse_args(argv, usage)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {usage}")

@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qlora import checkpoint
-from qlora.cli import EXIT_NONFINITE, ArgumentParser, Stop, check_writable, run
+from qlora.cli import EXIT_NONFINITE, Stop, check_writable, run
+from qlora.commands import eval_parser
 from qlora.config import Config, ConfigError, read_config_json
 from qlora.data import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.lora import ADAPTER_WEIGHTS, attach_lora
@@ -92,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m qlora.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
-    parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
-    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
-    args = parser.parse_args(argv)
+    args = eval_parser().parse_args(argv)
     if args.json:
         check_writable(args.json, "--json")
     result = evaluate_run(args.run_dir, args.data, args.device)

@@ -3,19 +3,22 @@
 The model is exactly the one training evaluated (base as it trained, adapters beside it), so what it says is what the
 run learned, before any merge or export. Tokens are printed as they are generated. Each prompt is one user turn,
 rendered with the tokenizer's chat template when it has one, as the chat training data was. Without --prompt, every
-line read from stdin is a prompt, until end of input.
+line read from stdin is a prompt, until end of input; with --jsonl each line is a JSON string or an object with a
+"prompt" field, so a prompt can hold newlines (`{"prompt": "Tom flies to Rome.\\nDestination city?"}`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from qlora.cli import ArgumentParser, run
+from qlora.cli import run
+from qlora.commands import generate_parser
+from qlora.config import ConfigError
 from qlora.eval import load_run
 
 
@@ -40,17 +43,28 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def read_prompt(line: str, jsonl: bool, number: int) -> str:
+    """The prompt on one stdin line: the line itself, or with `jsonl` the JSON string (or "prompt" field) on it."""
+    if not jsonl:
+        return line.rstrip("\n")
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"stdin:{number}: not JSON ({err.msg}): with --jsonl write each prompt as a JSON string, "
+                          'e.g. "first line\\nsecond line"') from None
+    value = value.get("prompt") if isinstance(value, dict) else value
+    if not isinstance(value, str):
+        raise ConfigError(f'stdin:{number}: with --jsonl a line is a JSON string or an object with a "prompt" '
+                          "string")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(_main, argv)
 
 
 def _main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m qlora.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
-    parser.add_argument("--prompt", help="one prompt; without it, each stdin line is a prompt until end of input")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
+    parser = generate_parser()
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
         parser.error(f"--max-new-tokens={args.max_new_tokens} must be positive, e.g. 256")
@@ -63,14 +77,16 @@ def _main(argv: list[str]) -> int:
         generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
         return 0
     interactive = sys.stdin.isatty()
+    number = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
         line = sys.stdin.readline()
+        number += 1
         if not line:  # end of input (Ctrl-D)
             return 0
         if line.strip():
-            generate(model, tokenizer, line.rstrip("\n"), args.max_new_tokens, args.temperature)
+            generate(model, tokenizer, read_prompt(line, args.jsonl, number), args.max_new_tokens, args.temperature)
 
 
 if __name__ == "__main__":

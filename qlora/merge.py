@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
-from qlora.cli import ArgumentParser, check_writable, run
+from qlora.cli import check_writable, run
+from qlora.commands import merge_parser
 from qlora.config import Config, ConfigError
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
@@ -366,18 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m qlora.merge", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
-    parser.add_argument("--base-16bit", metavar="PATH",
-                        help="merge onto these original 16-bit weights instead of the dequantised NF4 base")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the merged weights")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB (default)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                        help="where to quantise and merge; default: the run's train.device")
-    parser.add_argument("--skip-check", action="store_true",
-                        help="skip the merge-error check (it loads both models on CPU: too much for a huge model)")
-    args = parser.parse_args(argv)
+    args = merge_parser().parse_args(argv)
     merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
     if not args.skip_check:
         errors = merge_error(args.run_dir, args.out)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from qlora import checkpoint, distributed, guard, rundir
 from qlora.cli import Session, run
+from qlora.commands import TRAIN, help_text, wants_help
 from qlora.config import Config, ConfigError, apply_overrides, load_recipe, split_args
 from qlora.data import eval_batches, load_splits, micro_batches, resume_position
 from qlora.levers.checkpoints import check_pinned_memory, keep_layer_inputs
@@ -34,8 +35,7 @@ from qlora.memory.profiler import PhaseTracker, available_bytes, peak_bytes
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.pack import check_packing, pack_examples, packing_summary
 
-USAGE = "python -m qlora.train RECIPE.py [--section.key=value ...] [--resume] [--overwrite] [--debug]"
-FLAGS = ("--resume", "--overwrite", "--debug")
+USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.optim.Optimizer:
@@ -425,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> None:
+    if wants_help(argv):  # `python -m qlora.train --help` is answered earlier, by qlora/__init__.py
+        print(help_text("qlora.train", argv), end="")
+        return
     if not sys.stderr.isatty():  # as our own bar (tqdm disable=None): no progress bars in logs, or above an error
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         transformers.utils.logging.disable_progress_bar()

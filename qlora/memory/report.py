@@ -29,12 +29,12 @@ import torch
 
 from qlora.build import config_json_path
 from qlora.cli import check_writable, run
+from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, ConfigError, parse_args
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
 
-USAGE = ("python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] "
-         "[--out-dir=memory_reports] [--max-context [--gpu-gib 24,48,80] [--host-gib 128]] [--section.key=value ...]")
+USAGE = MEMORY.usage
 GIB = 2**30
 REFERENCE_GPU = 80 * 10**9  # an estimate for CUDA made without a GPU is drawn against one 80 GB card (A100/H100)
 
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(help_text("qlora.memory", argv), end="")
+        return 0
     cli = parse_cli(argv)
     cfg, flags = parse_args(cli.rest, USAGE)
     if flags:
