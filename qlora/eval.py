@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,10 +22,11 @@ from qlora import checkpoint
 from qlora.cli import EXIT_NONFINITE, Stop, check_writable, run
 from qlora.commands import eval_parser
 from qlora.config import Config, ConfigError, read_config_json
+from qlora.console import quiet_libraries
 from qlora.data import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.lora import ADAPTER_WEIGHTS, attach_lora
 from qlora.model import compute_dtype, load_base, resolve_device
-from qlora.train import evaluate
+from qlora.train import announce_evaluation, evaluate
 
 RUN_CONFIG = "run_config.json"  # written by qlora.train at the start of every run
 
@@ -85,7 +87,9 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
     else:
         fmt = detect_format(rows, data) if cfg.data.format == "auto" else cfg.data.format
         examples = tokenize_rows(rows, fmt, tokenizer, data, cfg.data.max_seq_len)
-    return {**evaluate(model, examples, cfg, tokenizer.pad_token_id, dev), "data": data, "rows": len(examples)}
+    started = announce_evaluation(examples, cfg, f"of {data}")
+    scores = evaluate(model, examples, cfg, tokenizer.pad_token_id, dev)
+    return {**scores, "data": data, "rows": len(examples), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +100,12 @@ def _main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     if args.json:
         check_writable(args.json, "--json")
+    quiet_libraries()
     result = evaluate_run(args.run_dir, args.data, args.device)
     capped = " (capped by train.eval_batches)" if read_run_config(args.run_dir).train.eval_batches else ""
     print(f"{result['data']}: {result['rows']} rows{capped}")
     print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "
-          f"exact match {100 * result['eval_exact_match']:.1f}%")
+          f"exact match {100 * result['eval_exact_match']:.1f}% ({result['seconds']:g} s)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if not math.isfinite(result["eval_loss"]):  # as training: a non-finite held-out loss never ends in success

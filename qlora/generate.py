@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from qlora.cli import run
 from qlora.commands import generate_parser
 from qlora.config import ConfigError
+from qlora.console import quiet_libraries
 from qlora.eval import load_run
 
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     parser = generate_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     if args.max_new_tokens <= 0:
         parser.error(f"--max-new-tokens={args.max_new_tokens} must be positive, e.g. 256")
     if not 0 <= args.temperature < math.inf:  # nan fails too

@@ -35,6 +35,7 @@ class RunGuard:
         self.signal: int | None = None
         self.phase, self.step, self.batch_shape = "loading the model", 0, None
         self.device, self.profiler = torch.device("cpu"), None
+        self.bar = None  # the loop's progress bar: closed (its line ended) before any line that ends the run
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> RunGuard:
@@ -42,6 +43,8 @@ class RunGuard:
 
     def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> None:
         self.release_signals()
+        if self.bar is not None:
+            self.bar.close()
         if isinstance(err, torch.OutOfMemoryError) or out_of_host_memory(err):
             raise Stop(EXIT_OOM, oom_report(self, err)) from err
 

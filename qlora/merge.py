@@ -37,6 +37,7 @@ from qlora.build import INDEX, checkpoint_shards, ensure_checkpoint, local_check
 from qlora.cli import check_writable, run
 from qlora.commands import merge_parser
 from qlora.config import Config, ConfigError
+from qlora.console import announce, progress, quiet_libraries, since
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
@@ -169,9 +170,10 @@ def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tenso
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
     weight_map, total = {}, 0
-    for file_name, group in zip(names, groups, strict=True):
+    announce(f"reading {sum(map(len, groups))} base tensors, folding in the adapter, writing {len(groups)} shard(s)")
+    for k, (file_name, group) in enumerate(zip(names, groups, strict=True), 1):
         shard = {}
-        for name, source in group:
+        for name, source in progress(group, len(group), f"shard {k}/{len(groups)}", "tensor"):
             with safe_open(str(source), "pt") as f:  # memory-mapped: opening it again per tensor costs nothing
                 shard[name] = fold(name, f.get_tensor(name)).contiguous()
             weight_map[name] = file_name
@@ -265,7 +267,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     double = " with double quant" if cfg.quant.double_quant else ""
     onto = (f"the dequantised {cfg.quant.quant_type.upper()}{double} base of {base} (what the adapter trained on)"
             if dequantise else f"the original 16-bit weights of {base}")
-    print(f"merging {run_dir} onto {onto}, written as {str(dtype).removeprefix('torch.')}")
+    started = announce(f"merging {run_dir} onto {onto}, written as {str(dtype).removeprefix('torch.')}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -310,7 +312,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {len(merged)} merged layers, {total / 1e9:.3f} GB, to {out}")
+    print(f"wrote {len(merged)} merged layers, {total / 1e9:.3f} GB, to {out} ({since(started)})")
     return info
 
 
@@ -340,6 +342,8 @@ def merge_error(run_dir: Path, out: Path) -> dict:
         ("16-bit", "lora", info["base"])] + ([("4-bit", "qlora", None)] if cfg.quant.method == "qlora" else [])
     errors, tolerance = {}, TOLERANCE[info["dtype"]]
     for i, (label, method, base_path) in enumerate(references):
+        announce(f"checking the merge: logits at every position of {len(PROMPTS)} prompts, merged model against the "
+                 f"adapter on the {label} base, both on CPU in fp32 (--skip-check skips this)")
         _, ref_model, tokenizer, _ = load_run(run_dir, "cpu", "fp32", method, base_path)
         reference = prompt_logits(ref_model, tokenizer)
         del ref_model
@@ -368,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = merge_parser().parse_args(argv)
+    quiet_libraries()
     merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
     if not args.skip_check:
         errors = merge_error(args.run_dir, args.out)

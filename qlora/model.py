@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
 from qlora.config import Config, ConfigError, QuantConfig
+from qlora.console import announce, since
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -107,6 +108,7 @@ def load_base(cfg: Config, device: torch.device,
                   use_safetensors=None if cfg.model.allow_pickle else True)
     if cfg.quant.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg.quant, dtype)
+    started = announce(f"loading {path}{checkpoint_size(path)} as {load_form(cfg, dtype)} onto {device}")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying "not a usable checkpoint"
@@ -115,10 +117,28 @@ def load_base(cfg: Config, device: torch.device,
                               "nor holds it in its local cache: download it first, or point model.path at a local "
                               "copy") from err
         raise ConfigError(load_error(path, err)) from err
+    print(f"loaded in {since(started)}")
     model.config.use_cache = False  # the KV cache only costs memory in training
     keep_cpu_weights_exact(model)
     apply_load_levers(model, cfg, device, dtype)
     return model, load_tokenizer(path, cfg.model.trust_remote_code), path
+
+
+def checkpoint_size(path: str) -> str:
+    """` (270 MB of safetensors)` for a local checkpoint, for the loading line; empty for a hub id."""
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")] \
+        if os.path.isdir(path) else []
+    size = sum(map(os.path.getsize, files))
+    return f" ({size / 1e9:.1f} GB of safetensors)" if size >= 1e9 else \
+        f" ({size / 1e6:.1f} MB of safetensors)" if files else ""
+
+
+def load_form(cfg: Config, dtype: torch.dtype) -> str:
+    """How the base is held: `NF4 + double quant, fp32 compute` or `bf16`."""
+    name = str(dtype).removeprefix("torch.")
+    if cfg.quant.method != "qlora":
+        return name
+    return f"{cfg.quant.quant_type.upper()}{' + double quant' if cfg.quant.double_quant else ''}, {name} compute"
 
 
 def apply_load_levers(model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 from tqdm import tqdm
 
 from qlora import checkpoint, distributed, guard, rundir
 from qlora.cli import Session, run
 from qlora.commands import TRAIN, help_text, wants_help
 from qlora.config import Config, ConfigError, apply_overrides, load_recipe, split_args
-from qlora.data import eval_batches, load_splits, micro_batches, resume_position
+from qlora.console import announce, progress, quiet_libraries, since
+from qlora.data import eval_batches, eval_rows, load_splits, micro_batches, resume_position
 from qlora.levers.checkpoints import check_pinned_memory, keep_layer_inputs
 from qlora.levers.offload import HostOptimizer
 from qlora.levers.speed import apply_speed_levers
@@ -141,9 +141,10 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     was_training = model.training
     model.eval()
     loss = tokens = exact = rows = 0
-    n = math.ceil(len(examples) / cfg.train.batch_size)
-    n = min(n, cfg.train.eval_batches) if cfg.train.eval_batches else n
-    for batch, counted in ranks.share(eval_batches(examples, cfg.train.batch_size, pad_id), n):
+    scored, size = eval_rows(examples, cfg.train.batch_size, cfg.train.eval_batches), cfg.train.batch_size
+    n = -(-len(scored) // size)
+    shared = ranks.share(eval_batches(scored, size, pad_id), n)
+    for batch, counted in progress(shared, -(-n // ranks.size), "evaluate", "batch", show=ranks.main):
         b_loss, b_tokens, b_exact, b_rows = eval_stats(model, to_device(batch, device))
         if counted:
             loss, tokens, exact, rows = loss + b_loss, tokens + b_tokens, exact + b_exact, rows + b_rows
@@ -151,6 +152,12 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     model.train(was_training)
     mean = loss / max(tokens, 1)
     return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1)}
+
+
+def announce_evaluation(examples: list[dict], cfg: Config, when: str, note: str = "") -> float:
+    """The line before an evaluation: when, how many rows and batches; returns its start (console.announce)."""
+    n, size = len(eval_rows(examples, cfg.train.batch_size, cfg.train.eval_batches)), cfg.train.batch_size
+    return announce(f"evaluating {n} held-out rows {when} ({-(-n // size)} batches of {size}{note})")
 
 
 def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
@@ -232,6 +239,8 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     mean_len = sum(len(r["input_ids"]) for r in run["train_rows"]) / len(run["train_rows"])
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
     print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    paged = t.optimizer.startswith("paged") and run["device"].type == "cpu"
+    print(f"optimizer {t.optimizer}{': on CPU nothing pages (bitsandbytes pages CUDA memory only)' if paged else ''}")
     rows = t.batch_size * t.grad_accum * processes
     print(f"{t.batch_size} rows x {t.grad_accum} accum{f' x {processes} processes' if processes > 1 else ''} = "
           f"{rows} rows/step, about {rows * mean_len:,.0f} tokens/step (mean row {mean_len:.0f} tokens, "
@@ -293,12 +302,13 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint
     if step == 0 and cfg.train.eval_before:
         watch.at("the evaluation before training", 0)
+        started = announce_evaluation(run["eval_rows"], cfg, "before training", "; --train.eval_before=false skips it")
         first = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
         metrics_log.write({"step": 0, **first})
         if not math.isfinite(first["eval_loss"]):
             raise guard.non_finite_eval(cfg, 0, first["eval_loss"])
         print(f"before training: held-out loss {first['eval_loss']:.4f}, "
-              f"exact match {100 * first['eval_exact_match']:.1f}%")
+              f"exact match {100 * first['eval_exact_match']:.1f}% ({since(started)})")
         profiler.mark("evaluate")
         if ranks.agree_signal(watch):  # no step is in flight: stop now rather than after one
             raise watch.stopped_by_signal(0, None)
@@ -309,15 +319,20 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
                             rank=ranks.rank, world=ranks.size)
     profiler.watch(model, optimizer)
     model.train()
-    # Rank 0's bar; loss and tokens/s are the global batch's.
-    bar = tqdm(total=t.steps, initial=step, desc="train" if not ranks.several else f"train ({ranks.size} processes)",
-               dynamic_ncols=True, disable=None if ranks.main else True)
-    last, first_step = {}, True
+    # Rank 0's bar, or in a log a line per tenth of the run (the bar's frames would be noise there); loss and
+    # tokens/s are the global batch's.
+    watch.bar = bar = tqdm(total=t.steps, initial=step,
+                           desc="train" if not ranks.several else f"train ({ranks.size} processes)",
+                           dynamic_ncols=True, disable=None if ranks.main else True)
+    if bar.disable:
+        announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
+    last, first_step, longest = {}, True, 0
     while step < t.steps:
         started = time.perf_counter()
         indexed = [next(batches) for _ in range(t.grad_accum)]
         index, micro = indexed[-1][0] + 1, [to_device(b, device) for _, b in indexed]
         watch.at("the forward and backward", step, micro)
+        longest = max(longest, *(b["input_ids"].shape[1] for b in micro))  # the estimate is for this row length
         n_targets = ranks.global_targets(run["train_rows"], t.batch_size, t.seed, [i for i, _ in indexed])
         total_loss = forward_backward(model, micro, t.loss_chunk_size, profiler if first_step else None, n_targets)
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
@@ -352,13 +367,19 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}",
                         mem=f"{last['peak_gib']:.2f}G")
         bar.update(1)
+        if bar.disable and (step % max(1, t.steps // 10) == 0 or step == t.steps):
+            print(f"step {step}/{t.steps}: loss {total_loss:.4f}, lr {last['lr']:.2e}, "
+                  f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_gib']:.2f} GiB", flush=True)
 
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
             watch.at("an evaluation", step)
-            result = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
-            metrics_log.write({"step": step, **result})
-            if not math.isfinite(result["eval_loss"]):
-                raise guard.non_finite_eval(cfg, step, result["eval_loss"])
+            started = announce_evaluation(run["eval_rows"], cfg, f"at step {step}")
+            scores = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
+            metrics_log.write({"step": step, **scores})
+            if not math.isfinite(scores["eval_loss"]):
+                raise guard.non_finite_eval(cfg, step, scores["eval_loss"])
+            tqdm.write(f"step {step}: held-out loss {scores['eval_loss']:.4f}, exact match "
+                       f"{100 * scores['eval_exact_match']:.1f}% ({since(started)})", file=sys.stdout)
             profiler.mark("evaluate")
         # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
         stop_signal, too_many_bad = ranks.agree_signal(watch), not good and bad_steps > t.max_bad_steps
@@ -380,6 +401,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     bar.close()
 
     watch.at("the final evaluation", step)
+    started = announce_evaluation(run["eval_rows"], cfg, "after training")
     final = evaluate(model, run["eval_rows"], cfg, tokenizer.pad_token_id, device, ranks)
     metrics_log.write({"step": step, **final})
     if not math.isfinite(final["eval_loss"]):  # never the result of a run, whatever its weights
@@ -387,12 +409,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
     if first:
         print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
-              f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}%")
+              f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}% ({since(started)})")
     else:  # train.eval_before=false
-        print(f"held-out loss {final['eval_loss']:.4f}, exact match {100 * final['eval_exact_match']:.1f}%")
+        print(f"held-out loss {final['eval_loss']:.4f}, exact match {100 * final['eval_exact_match']:.1f}% "
+              f"({since(started)})")
     print(f"adapter written to {run_dir}")
-    # One line: the peak, by category, against the estimate (rank 0's, with several processes).
-    print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg))
+    # One line: the peak, by category, and the estimate for the longest micro-batch this run padded to (rank 0's,
+    # with several processes).
+    print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg, longest or None))
     return {"before": first, "after": final, "last_step": last}
 
 
@@ -428,9 +452,7 @@ def _main(argv: list[str]) -> None:
     if wants_help(argv):  # `python -m qlora.train --help` is answered earlier, by qlora/__init__.py
         print(help_text("qlora.train", argv), end="")
         return
-    if not sys.stderr.isatty():  # as our own bar (tqdm disable=None): no progress bars in logs, or above an error
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-        transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()  # for a run started in-process; `python -m qlora.train` did it before importing transformers
     recipe, flags, overrides = split_args(argv, USAGE)
     cfg = apply_overrides(load_recipe(recipe), overrides)
     unknown = [f for f in flags if f not in FLAGS]

@@ -38,7 +38,7 @@ STEPS = 8
 ARGS = ["recipes/tiny.py", f"--train.steps={STEPS}", "--train.save_every=1", "--train.keep_checkpoints=2",
         "--train.eval_every=3", "--train.log_every=1", "--train.batch_size=4", "--train.grad_accum=2",
         "--lora.dropout=0.1"]
-N_TRAIN = 200  # rows of recipes/data/tiny/train.jsonl (the held-out rows are a file of their own)
+N_TRAIN = len((ROOT / "recipes/data/tiny/train.jsonl").read_text().splitlines())  # held-out rows: a file of their own
 
 
 @pytest.fixture(scope="module")

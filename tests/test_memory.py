@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from qlora.config import Config, apply_overrides, load_recipe
+from qlora.data import batch_rows, load_splits
 from qlora.levers.tiling import tile_layers
 from qlora.lora import attach_lora
 from qlora.memory.activations import layer_terms
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import compute_bytes, estimate, nf4_bytes
-from qlora.memory.profiler import PhaseTracker, tensor_categories
-from qlora.model import compute_dtype, load_base
+from qlora.memory.profiler import PhaseTracker, one_line, tensor_categories
+from qlora.model import compute_dtype, load_base, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -210,10 +211,35 @@ def test_training_run_writes_memory_json(tiny_config, capsys):
     assert {"loaded", "lora_attached", "first_forward", "backward", "optimizer_step", "steady"} <= set(
         summary["phases"])
     assert summary["peak_phase"] in ("first_forward", "backward", "optimizer_step", "steady")
-    est = estimate(tiny_config, load_arch(tiny_config), "qlora", "cpu")
+    # The estimate is for the batches the run met: its rows padded to the longest of its micro-batches.
+    tokenizer = load_tokenizer(str(ROOT / tiny_config.model.path))
+    rows, _ = load_splits(tiny_config.data, tokenizer, tiny_config.train.seed)
+    t = tiny_config.train
+    longest = max(len(rows[i]["input_ids"]) for step in range(t.steps)
+                  for i in batch_rows(len(rows), t.batch_size, t.seed, step))
+    assert longest < tiny_config.data.max_seq_len  # so the test tells the run's shape from the recipe's worst case
+    assert summary["estimated_for"] == {"batch_size": t.batch_size, "seq_len": longest}
+    cfg = apply_overrides(copy.deepcopy(tiny_config), [f"--data.max_seq_len={longest}"])
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu")
     assert summary["estimated_peak_bytes"] == est.peak_bytes
     assert summary["peak_by_category"]["adapters"] == est.components["adapters"]
-    assert "memory: peak" in capsys.readouterr().out
+    assert "memory: peak resident set" in capsys.readouterr().out
+
+
+SUMMARY = {"peak_bytes": 600 * 2**20, "estimated_peak_bytes": 660 * 2**20, "peak_phase": "backward",
+           "estimated_for": {"batch_size": 8, "seq_len": 61},
+           "peak_by_category": {"quantized_weights": 100 * 2**20, "activations": 500 * 2**20}}
+
+
+def test_closing_memory_line_compares_like_with_like_on_cuda_and_says_what_each_is_on_cpu():
+    cuda = one_line({**SUMMARY, "device": "cuda:0"})
+    assert cuda.startswith("memory: peak 0.59 GiB in backward on cuda:0") and cuda.endswith(
+        "estimated 0.64 GiB for batches of 8 x 61 tokens (+10%)")
+    cpu = one_line({**SUMMARY, "device": "cpu"})
+    # Process memory against tensors: no percentage, and each figure says what it is.
+    assert "%" not in cpu and "peak resident set 0.59 GiB above the start" in cpu, cpu
+    assert "activations and the rest 0.49 GiB" in cpu and "estimator's 0.64 GiB for batches of 8 x 61 tokens " \
+        "counts tensors only" in cpu, cpu
 
 
 def test_phase_tracker_keeps_the_larger_peak_of_a_repeated_phase():

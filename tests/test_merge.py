@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -215,6 +216,7 @@ def test_merge_refuses_what_it_cannot_do(run: dict, tmp_path: Path) -> None:
 
 def test_generate_streams_the_greedy_completion(run: dict, capsys: pytest.CaptureFixture) -> None:
     _, model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu")
+    capsys.readouterr()  # the loading lines
     text = gen.generate(model, tokenizer, "reverse: dog moon red", max_new_tokens=12)
     assert text and capsys.readouterr().out.strip() == text.strip()
     # The same tokens from a plain argmax loop without the KV cache: generate's cached path is right with adapters.
@@ -230,21 +232,39 @@ def test_generate_streams_the_greedy_completion(run: dict, capsys: pytest.Captur
     assert text == tokenizer.decode(ids[0, start:], skip_special_tokens=True)
 
 
+def answers(out: str) -> str:
+    """What generate printed after its loading lines ("loading ...", "loaded in 0.1 s")."""
+    return re.split(r"^loaded in [\d.]+ s\n", out, maxsplit=1, flags=re.M)[1]
+
+
 def test_generate_cli_prompt_and_stdin(run: dict, capsys: pytest.CaptureFixture,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     assert gen.main([str(run["dir"]), "--prompt", "reverse: dog moon red", "--max-new-tokens", "6"]) == 0
-    one = capsys.readouterr().out
-    assert one.strip()
+    out = capsys.readouterr().out
+    one = answers(out)
+    assert one.strip() and out.startswith("loading ")
     monkeypatch.setattr(sys, "stdin", io.StringIO("reverse: dog moon red\n\nreverse: dog moon red\n"))
     assert gen.main([str(run["dir"]), "--max-new-tokens", "6"]) == 0
-    assert capsys.readouterr().out == one + one  # the blank line is skipped; both prompts answered, then EOF
+    # The blank line is skipped; both prompts answered, then EOF.
+    assert answers(capsys.readouterr().out) == one + one
+    # --jsonl: a prompt with a newline in it is one prompt, as a JSON string or an object's "prompt".
+    two_lines = "reverse: dog moon red\nreverse: sun cat fish"
+    assert gen.main([str(run["dir"]), "--prompt", two_lines, "--max-new-tokens", "6"]) == 0
+    whole = answers(capsys.readouterr().out)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(two_lines) + "\n" + json.dumps({"prompt": two_lines})))
+    assert gen.main([str(run["dir"]), "--jsonl", "--max-new-tokens", "6"]) == 0
+    assert answers(capsys.readouterr().out) == whole + whole
+    monkeypatch.setattr(sys, "stdin", io.StringIO("reverse: dog\n"))  # not JSON: one line, exit 2
+    assert gen.main([str(run["dir"]), "--jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: stdin:1: not JSON (Expecting value): with --jsonl write each "
+                                               'prompt as a JSON string, e.g. "first line\\nsecond line"')
 
 
 def test_eval_equals_the_final_eval_of_training(run: dict, tmp_path: Path) -> None:
     again = run_eval.evaluate_run(run["dir"])
     for key in ("eval_loss", "eval_ppl", "eval_exact_match"):
         assert again[key] == pytest.approx(run["final"][key], rel=1e-6, abs=1e-9), key
-    assert again["rows"] == 40
+    assert again["rows"] == len((ROOT / "recipes/data/tiny/heldout.jsonl").read_text().splitlines())
     out = tmp_path / "eval.json"
     assert run_eval.main([str(run["dir"]), "--data", run["cfg"].data.eval, "--json", str(out)]) == 0
     assert json.loads(out.read_text())["eval_loss"] == pytest.approx(again["eval_loss"], rel=1e-9)

@@ -153,3 +153,16 @@ def test_an_evaluation_leaves_the_next_gradients_unchanged(tiny_config):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_tiny_recipe_learns_what_it_says(tmp_path):
+    """recipes/tiny.py, as it stands: "reverse lists of three words it never saw as a whole", 0% -> ~90% held-out
+    exact match in its default steps (93% measured; the held-out lists are all absent from train)."""
+    from qlora.config import load_recipe
+
+    cfg = load_recipe("recipes/tiny.py")
+    cfg.output.dir, cfg.train.eval_every = str(tmp_path / "run"), 0
+    train_lists = {json.loads(line)["messages"][0]["content"] for line in open(cfg.data.train)}
+    assert not train_lists & {json.loads(line)["messages"][0]["content"] for line in open(cfg.data.eval)}
+    result = train(cfg)
+    assert result["before"]["eval_exact_match"] == 0 and result["after"]["eval_exact_match"] >= 0.8, result

@@ -19,6 +19,7 @@ tensor of 64 KiB or more becomes a fresh mmap, its pages faulted in again on eve
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import re
@@ -239,21 +240,29 @@ class PhaseTracker:
         name = max(phases, key=self.phases.get)
         return name, self.records[name]
 
-    def summary(self, estimate: int | None = None) -> dict:
-        """memory.json: every phase, the training peak by category, and the estimate when one is given."""
+    def summary(self, estimate: int | None = None, shape: tuple[int, int] | None = None) -> dict:
+        """memory.json: every phase, the training peak by category, and the estimate (for batches of `shape`, rows x
+        tokens) when one is given."""
         found = self.peak()
         out = {"device": str(self.device), "unit": "bytes", "definition": DEFINITION[self.device.type],
                "phases": self.records, "peak_phase": found[0] if found else None,
-               "peak_bytes": self.phases[found[0]] if found else None, "estimated_peak_bytes": estimate}
+               "peak_bytes": self.phases[found[0]] if found else None, "estimated_peak_bytes": estimate,
+               "estimated_for": {"batch_size": shape[0], "seq_len": shape[1]} if shape else None}
         if found:
             rec = found[1]
             out["peak_by_category"] = {**rec["categories"], "activations": rec["activations"],
                                        "cuda_context": rec.get("cuda_context", 0)}
         return out
 
-    def write(self, path: Path, cfg: Config | None = None) -> str:
-        """Write memory.json (with the estimator's figure for `cfg`) and return the one-line summary."""
-        summary = self.summary(estimated_peak(cfg, self.device) if cfg is not None else None)
+    def write(self, path: Path, cfg: Config | None = None, seq_len: int | None = None) -> str:
+        """Write memory.json and return the one-line summary. With `cfg`, the estimator's figure beside the measured
+        one, for the shape the run met: `cfg.train.batch_size` rows of `seq_len` tokens (the longest micro-batch
+        it padded to; the estimator's worst case is data.max_seq_len, which a run with shorter rows never reaches)."""
+        estimate, shape = None, None
+        if cfg is not None:
+            shape = (cfg.train.batch_size, seq_len or cfg.data.max_seq_len)
+            estimate = estimated_peak(cfg, self.device, shape[1])
+        summary = self.summary(estimate, shape)
         Path(path).write_text(json.dumps(summary, indent=2) + "\n")
         return one_line(summary)
 
@@ -266,11 +275,15 @@ DEFINITION = {
 }
 
 
-def estimated_peak(cfg: Config, device: torch.device) -> int | None:
-    """The estimator's peak for this run, or None where it cannot tell (an architecture it does not know)."""
+def estimated_peak(cfg: Config, device: torch.device, seq_len: int | None = None) -> int | None:
+    """The estimator's peak for this run (at `seq_len` tokens per row if given, else data.max_seq_len), or None
+    where it cannot tell (an architecture it does not know)."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
 
+    if seq_len is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.data.max_seq_len = seq_len
     try:
         return estimate(cfg, load_arch(cfg), cfg.quant.method, device.type).peak_bytes
     except (ConfigError, OSError, ValueError, KeyError) as err:
@@ -283,13 +296,29 @@ def human(n: int) -> str:
 
 
 def one_line(summary: dict) -> str:
+    """The run's closing memory line: the measured peak, by category, and the estimate for the same batch shape.
+
+    On CUDA both count the same things (PyTorch's memory, paged optimizer state, the CUDA context), so the line gives
+    the estimate's error. On CPU the measured figure is the process's resident set above its start, which includes
+    libraries loaded with the model and malloc's free lists, and the estimate counts tensors only: the line says so
+    instead of a percentage (`python -m qlora.memory RECIPE --measure` compares the two like with like).
+    """
     if not summary.get("peak_bytes"):  # None: no step ran; 0: the resident set never rose above its baseline
         return "memory: no training step was recorded"
-    peak, est = summary["peak_bytes"], summary.get("estimated_peak_bytes")
-    parts = ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in summary["peak_by_category"].items()
-                      if v >= peak / 100)
-    vs = f", estimated {human(est)} ({100 * (est / peak - 1):+.0f}%)" if est else ""
-    return f"memory: peak {human(peak)} in {summary['peak_phase']} on {summary['device']}{vs} ({parts})"
+    peak, est, shape = summary["peak_bytes"], summary.get("estimated_peak_bytes"), summary.get("estimated_for")
+    cpu = not summary["device"].startswith("cuda")
+    # On CPU what the categories do not name is more than activations: libraries, Python objects, malloc slack.
+    names = {"activations": "activations and the rest" if cpu else "activations"}
+    parts = ", ".join(f"{names.get(k, k.replace('_', ' '))} {human(v)}"
+                      for k, v in summary["peak_by_category"].items() if v >= peak / 100)
+    batch = f"batches of {shape['batch_size']} x {shape['seq_len']} tokens" if shape else "the recipe's batches"
+    if not cpu:
+        vs = f"; estimated {human(est)} for {batch} ({100 * (est / peak - 1):+.0f}%)" if est else ""
+        return f"memory: peak {human(peak)} in {summary['peak_phase']} on {summary['device']} ({parts}){vs}"
+    vs = (f"; the estimator's {human(est)} for {batch} counts tensors only (python -m qlora.memory RECIPE "
+          "--measure compares like with like)") if est else ""
+    return (f"memory: peak resident set {human(peak)} above the start, in {summary['peak_phase']} on "
+            f"{summary['device']}: tensors and the libraries loaded with them ({parts}){vs}")
 
 
 def _nvml_used(device: torch.device) -> int | None:

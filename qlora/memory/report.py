@@ -6,10 +6,12 @@
 With --gpus N the report adds each method's peak per process of a run over N GPUs (torchrun): data parallel, and for
 qlora and lora the frozen base sharded (train.shard_base), estimated only.
 
-Writes memory_reports/<recipe>-<device>.md, .json and .png, where <device> is the device that measured ("cpu", the
-GPU's name) or "none" when nothing was measured. Without --measure nothing is loaded: config.json and the recipe
-are enough, and it answers in seconds. --max-context writes memory_reports/<recipe>-max-context.md and .json: the
-longest context per card size (qlora/memory/context.py), estimated.
+Prints the report's summary (all of it as JSON with --json). Only with --out-dir=DIR does it write files:
+DIR/<recipe>-<device>.md, .json and .png, where <device> is the device that measured ("cpu", the GPU's name) or
+"none" when nothing was measured; memory_reports/ holds the committed ones, made with --out-dir=memory_reports.
+Without --measure nothing is loaded: config.json and the recipe are enough, and it answers in seconds.
+--max-context prints the longest context per card size (qlora/memory/context.py), estimated; with --out-dir it
+writes DIR/<recipe>-max-context.md and .json.
 """
 
 from __future__ import annotations
@@ -211,7 +213,8 @@ class Cli:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     measure: bool = False
     as_json: bool = False
-    out_dir: Path = Path("memory_reports")
+    out_dir: Path | None = None
+    """Where to write the report's files; None: write nothing, print only."""
     gpus: int = 1
     max_context: bool = False
     gpu_gib: list[float] = field(default_factory=lambda: [24.0, 48.0, 80.0])
@@ -283,18 +286,29 @@ def _main(argv: list[str]) -> int:
     if cli.max_context:
         return max_context_main(cli, argv, cfg)
     report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus)
-    md = write_report(report, cli.out_dir)
     if cli.as_json:
         print(json.dumps(report, indent=2))
     from qlora.memory.markdown import summary_lines
 
-    for line in summary_lines(report) + [f"written: {md}, {md.with_suffix('.json')}, {md.with_suffix('.png')}"]:
+    written = None
+    if cli.out_dir is not None:
+        md = write_report(report, cli.out_dir)
+        written = [md, md.with_suffix(".json"), md.with_suffix(".png")]
+    for line in summary_lines(report) + [written_line(written, ".md, .json and .png")]:
         print(line, file=sys.stderr if cli.as_json else sys.stdout)
     return 0
 
 
+def written_line(paths: list[Path] | None, kinds: str) -> str:
+    """The report's closing line: the files written, or how to write them (nothing is written unless told where)."""
+    if paths is not None:
+        return "written: " + ", ".join(map(str, paths))
+    return (f"nothing written: --out-dir=DIR writes the report as {kinds} (memory_reports/ holds the committed ones, "
+            "made with --out-dir=memory_reports)")
+
+
 def max_context_main(cli: Cli, argv: list[str], cfg: Config) -> int:
-    """--max-context: the table per card size, on stdout and into <recipe>-max-context.md/.json."""
+    """--max-context: the table per card size, on stdout and, with --out-dir, into <recipe>-max-context.md/.json."""
     from qlora.memory.context import context_report
     from qlora.memory.markdown import context_lines, context_markdown
 
@@ -302,12 +316,15 @@ def max_context_main(cli: Cli, argv: list[str], cfg: Config) -> int:
     report.update(recipe=cli.rest[0], command="python -m qlora.memory " + shlex.join(argv),
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   versions=versions())
-    cli.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = cli.out_dir / f"{Path(cli.rest[0]).stem}-max-context"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(context_markdown(report))
+    written = None
+    if cli.out_dir is not None:
+        cli.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = cli.out_dir / f"{Path(cli.rest[0]).stem}-max-context"
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(context_markdown(report))
+        written = [stem.with_suffix(".md"), stem.with_suffix(".json")]
     if cli.as_json:
         print(json.dumps(report, indent=2))
-    for line in context_lines(report) + [f"written: {stem}.md, {stem}.json"]:
+    for line in context_lines(report) + [written_line(written, ".md and .json")]:
         print(line, file=sys.stderr if cli.as_json else sys.stdout)
     return 0

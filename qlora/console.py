@@ -1,0 +1,63 @@
+"""What a command shows while it works, besides its results: a line for each long phase saying what and how many,
+a progress bar under it on a terminal, and the libraries' own chatter kept out of the way.
+
+Phase lines go to stdout with the command's other lines (so that stderr holds only an error's one line); bars go to
+stderr and only when it is a terminal, as tqdm's `disable=None` decides, so a log file gets lines, not bar frames.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def quiet_libraries() -> None:
+    """Library output we know and accept, said once in our words or not at all. Called as every `python -m qlora.*`
+    command starts (qlora/__init__.py), and again by each command for runs started in-process; idempotent.
+
+    - transformers' "Loading weights" and datasets' bars: only on a terminal. The environment switches work when set
+      before transformers is imported; transformers' own switch covers a process that imported it already.
+    - bitsandbytes' "Paged optimizers are not supported on CPU" (a two-line UserWarning at the first optimizer step,
+      in the middle of the progress bar): the trainer's summary says instead that nothing pages on CPU.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging
+
+            logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def announce(what: str) -> float:
+    """Say now what a long phase does and how many (`loading ... (272 tensors)`); return when it started.
+
+    Written through tqdm so that a progress bar already on the terminal (the training loop's) is redrawn below it.
+    """
+    from tqdm import tqdm
+
+    tqdm.write(f"{what} ...", file=sys.stdout)
+    sys.stdout.flush()
+    return time.perf_counter()
+
+
+def since(started: float) -> str:
+    """The time since `started` (from `announce`), for the line that ends the phase."""
+    seconds = time.perf_counter() - started
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def progress(items: Iterable[T], total: int, what: str, unit: str, show: bool = True) -> Iterator[T]:
+    """`items` with a progress bar on a terminal (stderr), gone when done; nothing otherwise, or without `show` (a
+    process of several other than rank 0)."""
+    from tqdm import tqdm
+
+    yield from tqdm(items, total=total, desc=what, unit=unit, leave=False, disable=None if show else True,
+                    dynamic_ncols=True)

@@ -1,0 +1,105 @@
+"""What the commands show while they work, in real processes: a line for each long phase, no library noise in a log,
+and on a terminal a stop line that starts a line of its own."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["--train.steps=4", "--train.eval_every=2", "--train.eval_batches=2", "--train.log_every=1"]
+
+
+def command(*args: str) -> subprocess.CompletedProcess:
+    """`python -m ARGS` with stdout and stderr to pipes, as in a log file."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("console") / "run"
+    return out, command("qlora.train", "recipes/tiny.py", f"--output.dir={out}", *QUICK)
+
+
+def test_a_logged_run_says_each_phase_and_nothing_else_on_stderr(logged_run) -> None:
+    _, proc = logged_run
+    assert proc.returncode == 0, proc.stderr
+    # No bitsandbytes "Paged optimizers are not supported on CPU" warning, no transformers or tqdm bars.
+    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    expected = [r"loading .*tiny-llama-v2 \(.* MB of safetensors\) as NF4 \+ double quant, float32 compute onto "
+                r"cpu \.\.\.", r"loaded in [\d.]+ s",
+                r"optimizer paged_adamw_32bit: on CPU nothing pages",
+                r"evaluating 16 held-out rows before training \(2 batches of 8; --train.eval_before=false skips it\)",
+                r"before training: held-out loss [\d.]+, exact match [\d.]+% \([\d.]+ s\)",
+                r"training 4 steps of 8 rows \.\.\.", r"step 1/4: loss [\d.]+, lr",
+                r"evaluating 16 held-out rows at step 2 ", r"step 2: held-out loss [\d.]+, exact match",
+                r"step 4/4: loss", r"evaluating 16 held-out rows after training ",
+                r"held-out loss [\d.]+ -> [\d.]+, exact match [\d.]+% -> [\d.]+% \([\d.]+ s\)", r"memory: peak"]
+    at = 0
+    for pattern in expected:  # each in this order
+        found = next((i for i in range(at, len(lines)) if re.match(pattern, lines[i])), None)
+        assert found is not None, (pattern, lines[at:])
+        at = found + 1
+
+
+def test_eval_generate_and_merge_in_a_log_show_no_loading_bars(logged_run, tmp_path: Path) -> None:
+    run_dir, _ = logged_run
+    for args in (["qlora.eval", str(run_dir)], ["qlora.generate", str(run_dir), "--prompt", "reverse: a b c",
+                                                "--max-new-tokens=4"],
+                 ["qlora.merge", str(run_dir), f"--out={tmp_path / 'merged'}"]):
+        proc = command(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "", (args, proc.stderr)  # transformers' "Loading weights" bar included
+        assert proc.stdout.startswith("merging " if args[0] == "qlora.merge" else "loading "), proc.stdout
+        if args[0] == "qlora.eval":  # silent for minutes before: now says what it scores, and how many
+            assert re.search(r"^evaluating 16 held-out rows of recipes/data/tiny/heldout.jsonl \(2 batches of 8\)",
+                             proc.stdout, re.M), proc.stdout
+        if args[0] == "qlora.merge":
+            assert re.search(r"^reading \d+ base tensors, folding in the adapter, writing 1 shard", proc.stdout, re.M)
+            assert "checking the merge: logits" in proc.stdout
+
+
+def test_a_stop_on_a_terminal_ends_the_bar_before_its_line(tmp_path: Path) -> None:
+    """On a terminal the progress bar holds the last line; the SIGINT stop line must start a line of its own."""
+    out = tmp_path / "run"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        os.chdir(ROOT)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={out}",
+                                  "--train.steps=300", "--train.eval_before=false", "--train.eval_every=0"])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    seen, deadline, sent = b"", time.monotonic() + 300, False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        if not sent and re.search(rb"train: +\d+%.*\| *[1-9]\d*/300", seen):  # a few steps into the bar
+            os.kill(pid, signal.SIGINT)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    text = seen.decode(errors="replace")
+    assert sent and os.waitstatus_to_exitcode(status) == 130, text[-2000:]
+    assert re.search(r"\n\s*stopped by SIGINT after step \d+", text), text[-2000:]
+    assert not re.search(r"[^\n\s]stopped by SIGINT", text), text[-2000:]
