@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import torch
 from safetensors.torch import load_file
 
-from qlora.data import collate
+from qlora.data import collate, eval_rows
 from qlora.model import keep_cpu_weights_exact
 from qlora.train import forward_backward, prepare, train
 
@@ -166,3 +167,18 @@ def test_the_tiny_recipe_learns_what_it_says(tmp_path):
     assert not train_lists & {json.loads(line)["messages"][0]["content"] for line in open(cfg.data.eval)}
     result = train(cfg)
     assert result["before"]["eval_exact_match"] == 0 and result["after"]["eval_exact_match"] >= 0.8, result
+
+
+def test_eval_before_false_skips_the_first_evaluation(tiny_config, capsys):
+    tiny_config.train.steps, tiny_config.train.eval_before = 2, False
+    result = train(tiny_config)
+    logged = [json.loads(line) for line in open(f"{tiny_config.output.dir}/metrics.jsonl")]
+    assert result["before"] == {} and [r["step"] for r in logged if "eval_loss" in r] == [2]
+    out = capsys.readouterr().out
+    assert "before training" not in out and re.search(r"^held-out loss [\d.]+, exact match", out, re.M), out
+
+
+def test_an_evaluation_scores_its_rows_shortest_first_and_keeps_the_capped_subset():
+    rows = [{"input_ids": [0] * n} for n in (5, 9, 2, 7, 3, 8)]
+    assert [len(r["input_ids"]) for r in eval_rows(rows, 2)] == [2, 3, 5, 7, 8, 9]
+    assert [len(r["input_ids"]) for r in eval_rows(rows, 2, max_batches=2)] == [2, 5, 7, 9]  # the first 4 rows
