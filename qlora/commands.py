@@ -84,9 +84,13 @@ CONFIG = RecipeCommand(
 RECIPE_COMMANDS = {"qlora.train": TRAIN, "qlora.memory": MEMORY, "qlora.config": CONFIG}
 
 
-def run_dir_parser(command: str, about: str) -> argparse.ArgumentParser:
+def run_dir_parser(command: str, about: str,
+                   device: str = "default: the run's train.device") -> argparse.ArgumentParser:
+    """The part every command on a finished run shares: the run directory, and the device to use (`device`: its
+    help)."""
     parser = argparse.ArgumentParser(prog=f"python -m {command}", description=about)
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device)
     return parser
 
 
@@ -94,7 +98,6 @@ def eval_parser() -> argparse.ArgumentParser:
     parser = run_dir_parser("qlora.eval", "Reload a finished run and score it on held-out data: loss per target "
                                           "token, perplexity, exact match.")
     parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     return parser
 
@@ -108,19 +111,17 @@ def generate_parser() -> argparse.ArgumentParser:
                              "field, so a prompt may hold newlines; without --jsonl each stdin line is one prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's train.device")
     return parser
 
 
 def merge_parser() -> argparse.ArgumentParser:
-    parser = run_dir_parser("qlora.merge", "Fold a trained adapter into a plain bf16 Hugging Face checkpoint.")
+    parser = run_dir_parser("qlora.merge", "Fold a trained adapter into a plain bf16 Hugging Face checkpoint.",
+                            "where to quantise and merge; default: the run's train.device")
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
     parser.add_argument("--base-16bit", metavar="PATH",
                         help="merge onto these original 16-bit weights instead of the dequantised NF4 base")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the merged weights")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB (default)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                        help="where to quantise and merge; default: the run's train.device")
     parser.add_argument("--skip-check", action="store_true",
                         help="skip the merge-error check (it loads both models on CPU: too much for a huge model)")
     return parser
