@@ -26,6 +26,7 @@ from qlora.checkpoint import list_checkpoints
 from qlora.config import load_recipe
 
 TINY = "recipes/tiny.py"
+TINY_R = load_recipe(ROOT / TINY).lora.r
 RECIPE = "from qlora.config import *\nrequired = dict(model=ModelConfig(path='m'), data=DataConfig(train='t'))\n"
 CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
 FILES = {  # name -> content, in a scratch folder: data files, recipes
@@ -233,8 +234,9 @@ def write_run(out: Path, **changes: object) -> None:
 
 
 @pytest.mark.parametrize(("changes", "flags", "pattern"), [
-    ({"lora__r": 4}, [], r"holds another run \(lora.r=4, this recipe 8\): use another output.dir, or --overwrite"),
-    ({"lora__r": 4}, ["--resume"], r"holds another run \(lora.r=4, this recipe 8\)"),
+    ({"lora__r": 4}, [], rf"holds another run \(lora.r=4, this recipe {TINY_R}\): use another output.dir, or "
+                         r"--overwrite"),
+    ({"lora__r": 4}, ["--resume"], rf"holds another run \(lora.r=4, this recipe {TINY_R}\)"),
     ({"model__path": "/models/other"}, ["--resume"], r"holds another run \(model.path='/models/other', this recipe"),
     ({}, [], r"already holds a run \(up to checkpoint-50\): pass --resume to continue it, or --overwrite"),
 ], ids=["other rank", "other rank, --resume", "other base, --resume", "same run without --resume"])
@@ -331,7 +333,7 @@ def test_overwrite_replaces_the_other_run(cli, tmp_path):
     assert result.status == 0, result.stderr
     assert list_checkpoints(out) == [out / "checkpoint-1"]  # checkpoint-50 of the other run is gone
     assert (out / "notes.txt").exists() and (out / "adapter_model.safetensors").exists()
-    assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 8
+    assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == TINY_R
 
 
 def test_cold_start_prints_one_line(tmp_path):
