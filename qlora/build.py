@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora.config import Config, ConfigError
+from qlora.console import announce, since
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -88,7 +89,7 @@ def ensure_checkpoint(cfg: Config) -> str:
         raise ConfigError(f"model.build={cfg.model.build!r} is not one of {', '.join(BUILDERS)}")
     target = Path(path)
     if not (target / "config.json").is_file():
-        print(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
+        started = announce(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed
         # mid-build never leaves a half checkpoint at `target` (a leftover without config.json is cleared first).
@@ -100,6 +101,7 @@ def ensure_checkpoint(cfg: Config) -> str:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        print(f"built in {since(started)}")
     return str(target.resolve())
 
 
