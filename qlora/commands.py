@@ -3,16 +3,17 @@
 `python -m qlora.<command> ... --help` is answered from here as the command starts, before it imports torch
 (qlora/__init__.py calls `answer_help_early`), so help comes at once. The commands parse their own arguments with the
 same definitions: the recipe commands (train, memory, config) with `RecipeCommand.flags`, the others (eval, generate,
-merge) with the argparse parsers below.
+merge) with the parsers below (qlora.cli.ArgumentParser: an error is one line and exit 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlora.cli import ArgumentParser, run
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -85,16 +86,16 @@ RECIPE_COMMANDS = {"qlora.train": TRAIN, "qlora.memory": MEMORY, "qlora.config":
 
 
 def run_dir_parser(command: str, about: str,
-                   device: str = "default: the run's train.device") -> argparse.ArgumentParser:
+                   device: str = "default: the run's train.device") -> ArgumentParser:
     """The part every command on a finished run shares: the run directory, and the device to use (`device`: its
     help)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {command}", description=about)
+    parser = ArgumentParser(prog=f"python -m {command}", description=about)
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device)
     return parser
 
 
-def eval_parser() -> argparse.ArgumentParser:
+def eval_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.eval", "Reload a finished run and score it on held-out data: loss per target "
                                           "token, perplexity, exact match.")
     parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
@@ -102,7 +103,7 @@ def eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def generate_parser() -> argparse.ArgumentParser:
+def generate_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.generate", "Talk to a trained adapter on its 4-bit base, unmerged; tokens are "
                                               "printed as they come.")
     parser.add_argument("--prompt", help="one prompt; without it, prompts are read from stdin until end of input")
@@ -114,7 +115,7 @@ def generate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def merge_parser() -> argparse.ArgumentParser:
+def merge_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.merge", "Fold a trained adapter into a plain bf16 Hugging Face checkpoint.",
                             "where to quantise and merge; default: the run's train.device")
     parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
@@ -127,7 +128,7 @@ def merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
+PARSERS: dict[str, Callable[[], ArgumentParser]] = {
     "qlora.eval": eval_parser, "qlora.generate": generate_parser, "qlora.merge": merge_parser}
 
 
@@ -161,7 +162,6 @@ def answer_help_early() -> None:
     command = running_command()
     if command not in RECIPE_COMMANDS and command not in PARSERS or not wants_help(sys.argv[1:]):
         return
-    from qlora.cli import run
 
     def show(argv: list[str]) -> None:
         print(help_text(command, argv), end="")
