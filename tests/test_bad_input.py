@@ -26,7 +26,7 @@ from qlora.checkpoint import list_checkpoints
 from qlora.config import load_recipe
 
 TINY = "recipes/tiny.py"
-TINY_R = load_recipe(ROOT / TINY).lora.r
+TINY_R, TINY_ALPHA = load_recipe(ROOT / TINY).lora.r, load_recipe(ROOT / TINY).lora.alpha
 RECIPE = "from qlora.config import *\nrequired = dict(model=ModelConfig(path='m'), data=DataConfig(train='t'))\n"
 CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
 FILES = {  # name -> content, in a scratch folder: data files, recipes
@@ -133,8 +133,8 @@ CASES = [
     ("eval_fraction = 1", [TINY, "--data.eval=none", "--data.eval_fraction=1"], r"data.eval_fraction=1.0 must lie "
                                                                                  r"in \(0, 1\)"),
     ("keep no checkpoint", [TINY, "--train.keep_checkpoints=0"], r"train.keep_checkpoints=0 must be at least 1"),
-    ("batch beyond the data", [TINY, "--train.batch_size=1000"], r"train.batch_size=1000 exceeds the 200 training "
-                                                                 r"rows: use at most --train.batch_size=200"),
+    ("batch beyond the data", [TINY, "--train.batch_size=100000"], r"train.batch_size=100000 exceeds the (\d+) "
+                                                                   r"training rows: use at most --train.batch_size=\1"),
     ("empty targets", [TINY, "--lora.targets=,"], r"lora.targets is empty"),
     ("unknown compute dtype", [TINY, "--quant.compute_dtype=fp8"], r"quant.compute_dtype='fp8': use auto, bf16"),
     ("unknown data format", [TINY, "--data.format=chat"], r"data.format='chat': use auto, messages"),
@@ -257,7 +257,8 @@ def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, fl
     ("--data.pack=true", r"--resume cannot change data.pack \(False -> True\)"),
     ("--quant.double_quant=false", r"--resume cannot change quant.double_quant .*: it fixes the base the adapter"),
     ("--lora.init=loftq", r"--resume cannot change lora.init \('zero' -> 'loftq'\): it fixes how the adapter started"),
-    ("--lora.alpha=32", r"holds another run \(lora.alpha=16, this recipe 32.0\)"),
+    (f"--lora.alpha={2 * TINY_ALPHA}", rf"holds another run \(lora.alpha={TINY_ALPHA!r}, this recipe "
+                                       rf"{float(2 * TINY_ALPHA)!r}\)"),
     ("--quant.method=lora", r"holds another run \(quant.method='qlora', this recipe 'lora'\)"),
     ("--train.lr=nan", r"train.lr=nan is not a finite number"),
 ], ids=["seed", "train data", "held-out data", "packing", "double quant", "lora init", "alpha", "method", "lr nan"])

@@ -35,9 +35,12 @@ ONE = ["--train.batch_size=4"]  # one process, 4 rows per micro-batch ...
 TWO = ["--train.batch_size=2"]  # ... the rows two processes of 2 take between them
 # Two ranks sum their gradients in another order than one process's matmuls do, and pad their rows to other widths:
 # float32 rounding, carried through 6 Adam steps at lr 3e-3. Measured: losses and gradient norms within 1.2e-7
-# relative, adapter weights within 2.2e-7 absolute (largest |w| 0.097); the tolerances are ten times that.
+# relative (the tolerance is ten times that); on the tiny recipe's std-0.1 base at rank 32, adapter weights within
+# 2.1e-6 absolute (Adam turns a rounding in a near-zero gradient into up to lr of update) and the logits of the two
+# adapters loaded in peft within 4.2e-6: those tolerances are about five times that.
 LOSS_TOL = dict(rtol=1e-6, atol=1e-7)
-ADAPTER_TOL = dict(rtol=0, atol=2e-6)
+ADAPTER_TOL = dict(rtol=0, atol=1e-5)
+LOGITS_TOL = dict(rtol=0, atol=2e-5)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def test_the_adapter_of_two_ranks_loads_in_peft(one_process, two_ranks):
             logits.append(model(x).logits)
             with model.disable_adapter():
                 assert (model(x).logits - logits[-1]).abs().max() > 1e-3  # the adapter contributes
-    torch.testing.assert_close(logits[0], logits[1], **ADAPTER_TOL)
+    torch.testing.assert_close(logits[0], logits[1], **LOGITS_TOL)
 
 
 FREED = """
