@@ -369,6 +369,13 @@ def test_a_nan_held_out_loss_is_never_the_result(cli, tmp_path):
                     "finite: the adapter has diverged (or the forward overflows in quant.compute_dtype=auto); it is "
                     "not written as the result. Start again with a lower train.lr (--overwrite)")
     assert not (out / "adapter_model.safetensors").exists() and all_finite(out)
+    # metrics.jsonl stays strict JSON: the nan loss is null, not a bare NaN that jq or JavaScript refuse
+    final = [json.loads(line, parse_constant=refuse_constant) for line in (out / "metrics.jsonl").open()][-1]
+    assert final["step"] == STEPS and final["eval_loss"] is None and final["eval_ppl"] is None, final
+
+
+def refuse_constant(name: str) -> None:
+    raise AssertionError(f"{name} in metrics.jsonl: not JSON")
 
 
 NAN_UPDATE = """
