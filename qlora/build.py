@@ -170,6 +170,17 @@ def checkpoint_shards(root: Path) -> list[Path]:
                       "safetensors only; re-save the base with save_pretrained(safe_serialization=True)")
 
 
+def weight_locations(base_path: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file of the checkpoint that holds it."""
+    from safetensors import safe_open
+
+    where = {}
+    for shard in checkpoint_shards(local_checkpoint(base_path)):
+        with safe_open(str(shard), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), str(shard)))
+    return where
+
+
 def config_json_path(cfg: Config) -> Path:
     """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
     if cfg.model.config_json:

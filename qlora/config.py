@@ -128,6 +128,21 @@ class QuantConfig:
     """Store the (frozen) output head in NF4 as well: saves ~3/4 of vocab x hidden x 2 bytes (0.75 GiB for 8B,
     1.5 GiB for 70B) at the cost of quantisation error in the logits; its backward still dequantises it whole for a
     moment. qlora only; needs untied embeddings."""
+    blocksize: int = 64
+    """Weights per 4-bit block, each with its own scale (absmax): 64 as in the QLoRA paper and transformers' load.
+    32 rounds each weight against a scale fitted to fewer neighbours, for 1/8 bit more per parameter with double
+    quant (+3% of the 4-bit bytes); bitsandbytes >= 0.49 supports it on CPU and CUDA. Layers are re-read from the
+    checkpoint and quantised again after loading (qlora/quantize.py). qlora only."""
+    keep_16bit_budget: float = 0.0
+    """Keep the linear layers whose 4-bit rounding costs the most in 16-bit, within this share of extra base-weight
+    bytes: 0.05 = at most 5% more than the 4-bit base. The cost is measured on calibration batches of the training
+    data (qlora/sensitivity.py); the chosen layers go into keep_16bit. 0 = off. qlora only."""
+    keep_16bit: list[str] = field(default_factory=list)
+    """Full names of linear layers to keep in 16-bit (model.layers.3.mlp.down_proj, ...). When empty and
+    keep_16bit_budget is set, the trainer fills it with the layers it chose, so run_config.json records them and eval,
+    generate and merge load the same base."""
+    calibration_rows: int = 64
+    """Training rows (drawn by seed) on which keep_16bit_budget measures each layer's cost."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -140,6 +155,17 @@ class QuantConfig:
             raise ConfigError(f"quant.quant_type={self.quant_type!r}: use nf4 or fp4")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"quant.compute_dtype={self.compute_dtype!r}: use auto, bf16, fp16 or fp32")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ConfigError(f"quant.blocksize={self.blocksize}: bitsandbytes quantises 4-bit weights in blocks of "
+                              "32, 64 (the default), 128, ... 4096, e.g. --quant.blocksize=32")
+        if not 0 <= self.keep_16bit_budget < 1:  # also refuses nan
+            raise ConfigError(f"quant.keep_16bit_budget={self.keep_16bit_budget} must lie in [0, 1): the share of "
+                              "extra base-weight bytes, e.g. --quant.keep_16bit_budget=0.05 for at most 5% more")
+        if self.calibration_rows <= 0:
+            raise ConfigError(f"quant.calibration_rows={self.calibration_rows} must be positive, e.g. 64")
+        if self.method != "qlora" and (self.keep_16bit_budget or self.keep_16bit or self.blocksize != 64):
+            raise ConfigError(f"quant.keep_16bit_budget, quant.keep_16bit and quant.blocksize shape a 4-bit base, "
+                              f"but quant.method={self.method} loads none: leave them at 0, [] and 64")
 
 
 @dataclass

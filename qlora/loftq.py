@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qlora.build import checkpoint_shards, local_checkpoint
+from qlora.build import weight_locations
 from qlora.config import Config, ConfigError
 from qlora.lora import lora_layers
 
@@ -43,15 +43,6 @@ def rank_r_factors(residual: torch.Tensor, r: int, scaling: float, seed: int) ->
         u, s, v = torch.svd_lowrank(residual, q=q, niter=POWER_ITERATIONS)
     root = (s[:r] / scaling).sqrt()
     return root[:, None] * v[:, :r].T, u[:, :r] * root[None, :]
-
-
-def weight_locations(base_path: str) -> dict[str, str]:
-    """Tensor name -> the safetensors file of the checkpoint that holds it."""
-    where = {}
-    for shard in checkpoint_shards(local_checkpoint(base_path)):
-        with safe_open(str(shard), "pt") as f:
-            where.update(dict.fromkeys(f.keys(), str(shard)))
-    return where
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
     W = W0 + (alpha / r) B A        in fp32, then rounded once to the output dtype (bf16 by default)
 
 W0 is, by default, the base weight as the adapter saw it in training: quantised to NF4 (with double quant) exactly as
-the 4-bit load does and dequantised back, so the merged model computes what the adapter model computed. With
+the 4-bit load does and dequantised back, so the merged model computes what the adapter model computed (layers the run
+kept in 16-bit, quant.keep_16bit, are taken as they are; quant.blocksize is followed). With
 --base-16bit PATH, W0 is the original 16-bit weight instead: closer to the unquantised model, further from what the
 adapter was trained against. The merged weight is never quantised again: NF4's rounding (steps of ~1/8 of a block's
 absmax) is far coarser than a LoRA update, so re-quantising erases it (transformers 31293, peft 2321 and 1043).
@@ -42,6 +43,7 @@ from qlora.eval import load_run, read_run_config
 from qlora.generate import render
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from qlora.model import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
+from qlora.quantize import roundtrip
 
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -60,7 +62,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Where does th
 
 def quantized_modules(base_path: str, cfg: Config) -> set[str]:
     """Names of the layers the 4-bit load holds in NF4: those transformers' own quantizer converts, plus the output
-    head under quant.quantize_lm_head (qlora.model.quantize_lm_head).
+    head under quant.quantize_lm_head (qlora.model.quantize_lm_head), less those in quant.keep_16bit.
 
     Run on a weightless (meta) copy of the model, so it costs nothing and follows whatever transformers skips
     (the output head, tied weights, a model's fp32-only modules) without restating its rules here.
@@ -74,19 +76,8 @@ def quantized_modules(base_path: str, cfg: Config) -> set[str]:
     quantizer = AutoHfQuantizer.from_config(quantization_config(cfg.quant, torch.float32), pre_quantized=False)
     quantizer.preprocess_model(model, device_map={"": "cpu"})
     return {name for name, module in model.named_modules()
-            if isinstance(module, bnb.nn.Linear4bit) or (module is head and cfg.quant.quantize_lm_head)}
-
-
-def nf4_roundtrip(weight: torch.Tensor, cfg: Config, load_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`weight` as the 4-bit model holds it: quantised by bitsandbytes as the 4-bit load does, then dequantised.
-
-    transformers casts the checkpoint tensor to the load dtype and wraps it in `Params4bit`, whose move to the device
-    quantises it (blocksize 64, quant_type and double quant from the quant config); doing the same here gives the
-    weights the adapter was trained against, to the bit.
-    """
-    param = bnb.nn.Params4bit(weight.to(load_dtype), requires_grad=False, compress_statistics=cfg.quant.double_quant,
-                              quant_type=cfg.quant.quant_type, quant_storage=torch.uint8).to(device)
-    return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+            if isinstance(module, bnb.nn.Linear4bit) or (module is head and cfg.quant.quantize_lm_head)} - \
+        set(cfg.quant.keep_16bit)
 
 
 def round_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int, chunk: int = 1 << 24) -> torch.Tensor:
@@ -284,7 +275,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                 if not tensor.is_floating_point():
                     return tensor
                 if name.endswith(".weight") and module in quantized:
-                    tensor = nf4_roundtrip(tensor, cfg, load_dtype, dev)
+                    tensor = roundtrip(tensor, cfg.quant, load_dtype, dev)
                 if name.endswith(".weight") and module in adapted:
                     a = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dev, torch.float32)
                     b = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").to(dev, torch.float32)

@@ -16,6 +16,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from qlora.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
 from qlora.config import Config, ConfigError, QuantConfig
 from qlora.console import announce, since
+from qlora.quantize import (
+    LOADER_BLOCKSIZE,
+    dense_linear,
+    linear4bit,
+    quant_tensors,
+    rebuild_from_checkpoint,
+    weight_bytes,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -120,6 +128,8 @@ def load_base(cfg: Config, device: torch.device,
     print(f"loaded in {since(started)}")
     model.config.use_cache = False  # the KV cache only costs memory in training
     keep_cpu_weights_exact(model)
+    if cfg.quant.method == "qlora":
+        rebuild_base(model, cfg, path, dtype)
     apply_load_levers(model, cfg, device, dtype)
     return model, load_tokenizer(path, cfg.model.trust_remote_code), path
 
@@ -139,6 +149,34 @@ def load_form(cfg: Config, dtype: torch.dtype) -> str:
     if cfg.quant.method != "qlora":
         return name
     return f"{cfg.quant.quant_type.upper()}{' + double quant' if cfg.quant.double_quant else ''}, {name} compute"
+
+
+def rebuild_base(model: torch.nn.Module, cfg: Config, path: str, dtype: torch.dtype) -> None:
+    """The 4-bit layers the recipe wants other than transformers' load made them, re-read from the checkpoint one
+    at a time: quant.keep_16bit in the load dtype, and every other one at quant.blocksize when that is not 64."""
+    quantized = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    unknown = [name for name in cfg.quant.keep_16bit if name not in quantized]
+    if unknown:
+        raise ConfigError(f"quant.keep_16bit names {unknown[0]}, which is not a 4-bit linear layer of {path}: "
+                          f"use full names such as {quantized[0]}")
+    keep = [name for name in quantized if name in set(cfg.quant.keep_16bit)]
+    if keep:
+        before = weight_bytes(model)
+        keep_16bit(model, path, keep, dtype)
+        print(f"quant.keep_16bit: {len(keep)} linear layers in {str(dtype).removeprefix('torch.')}, base weights "
+              f"+{(weight_bytes(model) - before) / 2**20:,.2f} MiB ({100 * (weight_bytes(model) / before - 1):+.1f}%)")
+    if cfg.quant.blocksize != LOADER_BLOCKSIZE:
+        before = weight_bytes(model)
+        rebuild_from_checkpoint(model, path, [name for name in quantized if name not in keep], dtype,
+                                lambda _, weight, old: linear4bit(weight, old.bias, cfg.quant, dtype))
+        print(f"quant.blocksize={cfg.quant.blocksize}: {len(quantized) - len(keep)} layers quantised again from "
+              f"the checkpoint, base weights {100 * (weight_bytes(model) / before - 1):+.1f}%")
+
+
+def keep_16bit(model: torch.nn.Module, path: str, names: list[str], dtype: torch.dtype) -> None:
+    """Put the named 4-bit layers back in 16-bit: their checkpoint weights cast to `dtype`, as a 16-bit load holds
+    them (bit-identical to quant.method=lora's layers)."""
+    rebuild_from_checkpoint(model, path, names, dtype, lambda _, weight, old: dense_linear(weight, old.bias))
 
 
 def apply_load_levers(model: torch.nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype) -> None:
@@ -164,30 +202,13 @@ def quantize_lm_head(model: torch.nn.Module, quant: QuantConfig, dtype: torch.dt
         raise ConfigError("quant.quantize_lm_head: this model ties lm_head to the input embeddings, so quantising "
                           "the head would add a copy, not save one: set --quant.quantize_lm_head=false")
     weight = head.weight.detach()
-    q = bnb.nn.Linear4bit(head.in_features, head.out_features, bias=head.bias is not None, compute_dtype=dtype,
-                          compress_statistics=quant.double_quant, quant_type=quant.quant_type,
-                          quant_storage=torch.uint8, device="meta")
-    # Params4bit quantises when first moved to a real device: on the head's own device, so no CPU round trip.
-    q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=quant.double_quant,
-                                 quant_type=quant.quant_type, quant_storage=torch.uint8).to(weight.device)
-    if head.bias is not None:
-        q.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
-    q.requires_grad_(False)
+    # Quantised on the head's own device, so no CPU round trip.
+    q = linear4bit(weight, head.bias.detach().clone() if head.bias is not None else None, quant, dtype)
     model.set_output_embeddings(q)
-    keep_cpu_weights_exact(model)
     before = weight.numel() * weight.element_size()
-    after = sum(t.numel() * t.element_size() for t in _quant_tensors(q))
+    after = sum(t.numel() * t.element_size() for t in quant_tensors(q.weight))
     on_cuda = weight.is_cuda
     del weight, head
     if on_cuda:  # the old head is unreferenced now: hand its memory back (a CPU run never initialises CUDA)
         torch.cuda.empty_cache()
     return before - after
-
-
-def _quant_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
-    """The packed 4-bit weight and every tensor of its (possibly nested) quantisation state."""
-    state = layer.weight.quant_state
-    tensors = [layer.weight.data, state.absmax]
-    if state.nested:
-        tensors += [state.state2.absmax, state.state2.code]
-    return tensors

@@ -19,36 +19,30 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qlora.config import Config, ConfigError
+from qlora.quantize import linear4bit
 
 
 def _nf4_linear(linear: nn.Linear, cfg: Config, dtype: torch.dtype, device: torch.device,
-                generator: torch.Generator, std: float) -> bnb.nn.Linear4bit:
+               generator: torch.Generator, std: float) -> bnb.nn.Linear4bit:
     """A `Linear4bit` with the shape of meta `linear`, its random weight drawn on `device` and quantised there."""
-    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=dtype, compress_statistics=cfg.quant.double_quant,
-                              quant_type=cfg.quant.quant_type, quant_storage=torch.uint8, device="meta")
     weight = torch.empty(linear.out_features, linear.in_features, dtype=dtype, device=device)
     weight.normal_(0.0, std, generator=generator)
-    # .to(device) on an unquantised Params4bit quantises it (bitsandbytes nn/modules.py, Params4bit.to).
-    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.quant.double_quant,
-                                     quant_type=cfg.quant.quant_type, quant_storage=torch.uint8,
-                                     module=layer).to(device)
-    del weight
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=dtype, device=device), requires_grad=False)
-    return layer
+    bias = torch.zeros(linear.out_features, dtype=dtype, device=device) if linear.bias is not None else None
+    return linear4bit(weight, bias, cfg.quant, dtype)
 
 
 def quantize_linears(model: nn.Module, cfg: Config, dtype: torch.dtype, device: torch.device,
                      generator: torch.Generator, std: float) -> list[str]:
-    """Swap every meta `nn.Linear` but the output head for an NF4 layer; return the names swapped."""
+    """Swap every meta `nn.Linear` but the output head and those in quant.keep_16bit for an NF4 layer; return the
+    names swapped (the kept ones are made real in the compute dtype by `materialise`)."""
     head = model.get_output_embeddings()
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child is not head:
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is nn.Linear and child is not head and full not in cfg.quant.keep_16bit:
                 setattr(parent, name, _nf4_linear(child, cfg, dtype, device, generator, std))
-                swapped.append(f"{parent_name}.{name}" if parent_name else name)
+                swapped.append(full)
     return swapped
 
 

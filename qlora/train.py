@@ -34,6 +34,7 @@ from qlora.master import MasterWeights, needs_masters
 from qlora.memory.profiler import PhaseTracker, available_bytes, peak_bytes
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.pack import check_packing, pack_examples, packing_summary
+from qlora.sensitivity import keep_sensitive_layers
 
 USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 
@@ -178,6 +179,15 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     if profiler is not None:
         profiler.watch(model)
         profiler.mark("loaded")
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.quant.method == "qlora" and cfg.quant.keep_16bit_budget and not cfg.quant.keep_16bit:
+        # Chosen when the run starts; run_config.json records the choice for eval, generate, merge and --resume.
+        cfg.quant.keep_16bit = keep_sensitive_layers(model, cfg, tokenizer, base_path, dtype, resuming)
     if cfg.quant.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -188,11 +198,6 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
             print(f"lora.init=loftq: at rank {cfg.lora.r} the adapters start holding {100 * held:.1f}% of the "
                   "base's NF4 rounding error (squared norm)")
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.offload_activations and device.type == "cuda":  # refused now, not when pinning fails mid-run
             text = model.config.get_text_config()
             check_pinned_memory(text.num_hidden_layers, cfg.train, cfg.data.max_seq_len, text.hidden_size,

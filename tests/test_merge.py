@@ -24,6 +24,7 @@ from qlora import lora, merge
 from qlora.config import ConfigError, load_recipe
 from qlora.lora import merge_all
 from qlora.model import load_base
+from qlora.quantize import roundtrip
 from qlora.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def test_nf4_roundtrip_equals_the_4bit_load(run: dict, tmp_path: Path, stored: t
     stored_weights = load_file(base / "model.safetensors")
     for name, module in four_bit.items():
         held = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-        ours = merge.nf4_roundtrip(stored_weights[f"{name}.weight"], cfg4, torch.float32, torch.device("cpu"))
+        ours = roundtrip(stored_weights[f"{name}.weight"], cfg4.quant, torch.float32, torch.device("cpu"))
         torch.testing.assert_close(ours, held, rtol=0, atol=0)
 
 

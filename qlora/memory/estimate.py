@@ -31,7 +31,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from qlora.config import Config
+from qlora.config import Config, ConfigError
 from qlora.memory.activations import CheckpointPlan, adapted_layers, checkpoint_plan, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
@@ -89,15 +89,25 @@ def compute_bytes(cfg: Config, device: str) -> tuple[str, int]:
     return name, DTYPE_BYTES[name]
 
 
-def nf4_bytes(n: int, double_quant: bool = True, shards: int = 1) -> int:
-    """Packed 4-bit weights + 8-bit absmax per 64 + fp32 absmax per 256 blocks + the code tables; without double
-    quant, an fp32 absmax per 64 (4.5 bits per parameter). `shards`: one process's part when the packed weights are
-    sharded over that many (the quantisation state stays whole on each)."""
-    blocks = math.ceil(n / NF4_BLOCK)
+def nf4_bytes(n: int, double_quant: bool = True, shards: int = 1, blocksize: int = NF4_BLOCK) -> int:
+    """Packed 4-bit weights + 8-bit absmax per block of 64 (quant.blocksize) + fp32 absmax per 256 blocks + the code
+    tables; without double quant, an fp32 absmax per block (4.5 bits per parameter at 64). `shards`: one process's
+    part when the packed weights are sharded over that many (the quantisation state stays whole on each)."""
+    blocks = math.ceil(n / blocksize)
     packed = math.ceil((n + 1) // 2 / shards)
     if not double_quant:
         return packed + 4 * blocks + 16 * 4
     return packed + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + NF4_TABLES
+
+
+def kept_16bit(arch: Arch, names: list[str]) -> list[tuple[int, int]]:
+    """(in_features, out_features) of each layer named in quant.keep_16bit, from its last name part."""
+    shapes = arch.linear_shapes
+    unknown = [name for name in names if name.rsplit(".", 1)[-1] not in shapes]
+    if unknown:
+        raise ConfigError(f"quant.keep_16bit names {unknown[0]}: the estimator knows the layers "
+                          f"{', '.join(shapes)} of each decoder layer")
+    return [shapes[name.rsplit(".", 1)[-1]] for name in names]
 
 
 def trainable_tensors(arch: Arch, method: str, cfg: Config) -> list[int]:
@@ -143,15 +153,23 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     shards = gpus if gpus > 1 and t.shard_base and method != "full" else 1
     per = f" / {shards} (sharded)" if shards > 1 else ""
     if method == "qlora":
-        dq = cfg.quant.double_quant
-        comp["quantized_weights"] = L * sum(nf4_bytes(a * o, dq, shards) for a, o in arch.linear_shapes.values()) + \
-            (nf4_bytes(V * h, dq, shards) if head_nf4 else 0)
-        fx["quantized_weights"] = (f"P_lin (1/2{per} + 1/64 + 4/(64*256)) B, 4.127 bits/param unsharded, + 1.1 KB of "
-                                   "code tables per layer" if dq else f"P_lin (1/2{per} + 4/64) B = 4.5 bits/param "
-                                   "unsharded (no double quant)") + (" (lm_head too)" if head_nf4 else "")
-        unquantized = arch.other_params - (V * h if head_nf4 else 0) - (V * h if emb_off else 0)
+        q = cfg.quant
+        dq, bs = q.double_quant, q.blocksize
+        kept = kept_16bit(arch, q.keep_16bit)
+        comp["quantized_weights"] = \
+            L * sum(nf4_bytes(a * o, dq, shards, bs) for a, o in arch.linear_shapes.values()) + \
+            (nf4_bytes(V * h, dq, shards, bs) if head_nf4 else 0) - \
+            sum(nf4_bytes(a * o, dq, shards, bs) for a, o in kept)
+        fx["quantized_weights"] = (f"P_lin (1/2{per} + 1/{bs} + 4/({bs}*256)) B, {4 + 8 / bs + 32 / bs / 256:.3f} "
+                                   "bits/param unsharded, + 1.1 KB of code tables per layer" if dq else
+                                   f"P_lin (1/2{per} + 4/{bs}) B = {4 + 32 / bs:.3f} bits/param unsharded (no double "
+                                   "quant)") + (" (lm_head too)" if head_nf4 else "") + \
+            (f", less the {len(kept)} layers kept in 16-bit" if kept else "")
+        unquantized = arch.other_params - (V * h if head_nf4 else 0) - (V * h if emb_off else 0) + \
+            sum(a * o for a, o in kept)
         fx["unquantized_weights"] = f"(V h {'' if arch.tied else 'x 2 '}+ (2L+1) h) e: embeddings, lm_head, norms" + \
-            (" - V h e (lm_head in NF4)" if head_nf4 else "") + (" - V h e (embeddings on CPU)" if emb_off else "")
+            (" - V h e (lm_head in NF4)" if head_nf4 else "") + (" - V h e (embeddings on CPU)" if emb_off else "") + \
+            (f" + {len(kept)} linear layers kept in 16-bit (quant.keep_16bit)" if kept else "")
     else:
         unquantized = arch.params - (V * h if emb_off else 0)
         fx["unquantized_weights"] = "P e: every weight" + (" - V h e (embeddings on CPU)" if emb_off else "")
@@ -160,6 +178,11 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     if shards > 1:
         fx["unquantized_weights"] = f"({fx['unquantized_weights']}){per}" + \
             (" (the tied embedding table whole)" if whole else "")
+    if method == "qlora" and cfg.quant.keep_16bit_budget and not cfg.quant.keep_16bit:
+        # The layers are chosen by measurement at load time; the budget bounds what they add.
+        budget = cfg.quant.keep_16bit_budget
+        comp["unquantized_weights"] += int(budget * (comp["quantized_weights"] + comp["unquantized_weights"]))
+        fx["unquantized_weights"] += f" + at most {budget:g} x the base weights (quant.keep_16bit_budget)"
     sizes = tuple(trainable_tensors(arch, method, cfg))
     if method != "full":
         comp["adapters"] = sum(sizes) * e
@@ -305,8 +328,11 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
     out = [{"full": f"every weight and its gradient in {dname}; {optimizer}; no fp32 master copy (as qlora.train "
                     "runs it: mixed-precision trainers that keep one add 4 bytes per parameter)",
             "lora": f"frozen base in {dname}; {adapters}; {optimizer} over the adapters",
-            "qlora": f"linear layers in NF4 with double quant, 4.127 bits per parameter (QLoRA paper, sec. 3); "
-                     f"embeddings, lm_head, norms in {dname}; {adapters}; {optimizer} over the adapters"}[method],
+            "qlora": f"linear layers in {cfg.quant.quant_type.upper()}"
+                     f"{' with double quant' if cfg.quant.double_quant else ''} in blocks of {cfg.quant.blocksize}"
+                     f"{', 4.127 bits per parameter (QLoRA paper, sec. 3)' if cfg.quant.blocksize == 64 else ''}"
+                     f"{kept_text(cfg, dname)}; embeddings, lm_head, norms in {dname}; {adapters}; {optimizer} "
+                     "over the adapters"}[method],
            f"batch {t.batch_size} x {cfg.data.max_seq_len} tokens, every position a target (the worst case: chat "
            "data trains on assistant tokens only)",
            "gradient checkpointing: each layer is recomputed in the backward from its input, kept or replayed "
@@ -336,3 +362,13 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
                    "levers keep there (offloaded layer inputs pinned at their exact size, the optimizer, the "
                    "embedding table)")
     return out
+
+
+def kept_text(cfg: Config, dname: str) -> str:
+    """The assumption about layers kept in 16-bit, if any."""
+    if cfg.quant.keep_16bit:
+        return f", but {len(cfg.quant.keep_16bit)} kept in {dname} (quant.keep_16bit)"
+    if cfg.quant.keep_16bit_budget:
+        return (f", but those chosen by quant.keep_16bit_budget={cfg.quant.keep_16bit_budget:g} in {dname}, counted "
+                "at the full budget")
+    return ""

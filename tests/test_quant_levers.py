@@ -1,0 +1,219 @@
+"""The base's quantisation levers on the tiny Llama: layers kept in 16-bit by measured sensitivity
+(quant.keep_16bit_budget), smaller 4-bit blocks (quant.blocksize)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from qlora import merge
+from qlora import eval as run_eval
+from qlora.config import Config, ConfigError, apply_overrides, load_recipe
+from qlora.data import IGNORE
+from qlora.loss import loss_sum
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate, nf4_bytes
+from qlora.memory.profiler import tensor_categories
+from qlora.model import keep_16bit, keep_cpu_weights_exact, load_base, load_tokenizer
+from qlora.quantize import dequantize, roundtrip, weight_bytes
+from qlora.sensitivity import calibration_batches, candidates, choose, input_output_moments, layer_costs
+from qlora.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+def tiny(*overrides: str) -> Config:
+    return apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), list(overrides))
+
+
+def checkpoint_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(cfg.model.path) / "model.safetensors"))
+
+
+def moments_and_costs(cfg: Config, checkpointing: bool) -> tuple[nn.Module, dict, list]:
+    model, tokenizer, path = load_base(cfg, CPU)
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    moments = input_output_moments(model, calibration_batches(cfg, tokenizer), candidates(model))
+    return model, moments, layer_costs(model, path, moments, torch.float32)
+
+
+def test_moments_are_the_same_with_and_without_checkpointing() -> None:
+    """A checkpointed layer runs twice (forward, then recompute in the backward); it must be counted once."""
+    cfg = tiny()
+    _, plain, costs = moments_and_costs(cfg, checkpointing=False)
+    _, checkpointed, _ = moments_and_costs(cfg, checkpointing=True)
+    assert set(plain) == set(checkpointed) and len(plain) == 14
+    for name in plain:
+        for ours, theirs in zip(plain[name], checkpointed[name], strict=True):
+            assert ours.abs().sum() > 0, name
+            torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0)
+    assert all(c.cost > 0 and c.extra_bytes > 0 for c in costs)
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: list[dict]) -> float:
+    total = sum(float(loss_sum(model, b)) for b in batches)
+    return total / sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+
+
+def test_the_cost_ranks_layers_by_what_restoring_them_gives_back() -> None:
+    """The layer the estimate ranks first gives back more calibration loss, restored alone to 16-bit, than the one it
+    ranks last: the estimate measures where rounding matters to the loss."""
+    cfg = tiny()
+    model, _, costs = moments_and_costs(cfg, checkpointing=False)
+    path = cfg.model.path
+    batches = calibration_batches(cfg, load_tokenizer(path))
+    model.eval()
+    nf4 = calibration_loss(model, batches)
+    ranked = sorted(costs, key=lambda c: c.cost, reverse=True)
+    gains = []
+    for layer in (ranked[0], ranked[-1]):
+        restored, _, _ = load_base(cfg, CPU)
+        keep_16bit(restored, path, [layer.name], torch.float32)
+        gains.append(nf4 - calibration_loss(restored.eval(), batches))
+    assert gains[0] > 0 and gains[0] > 5 * abs(gains[1]), gains
+
+
+def test_choose_spends_the_budget_by_cost_per_byte() -> None:
+    from qlora.sensitivity import LayerCost
+
+    costs = [LayerCost("a", 10.0, 100), LayerCost("b", 9.0, 30), LayerCost("c", 1.0, 50), LayerCost("d", 0.0, 1)]
+    assert [c.name for c in choose(costs, 140)] == ["b", "a"]  # b first (0.3 per byte), then a fits; c does not
+    assert [c.name for c in choose(costs, 99)] == ["b", "c"]  # a no longer fits; c does; d gives nothing
+    assert choose(costs, 0) == []
+
+
+def test_kept_layers_are_exactly_the_16bit_ones_within_the_budget(tiny_config: Config, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    tiny_config.quant.keep_16bit_budget = 0.15
+    tiny_config.train.steps = 3
+    result = train(tiny_config)
+    out = capsys.readouterr().out
+    run_dir = Path(tiny_config.output.dir)
+    kept = json.loads((run_dir / "run_config.json").read_text())["quant"]["keep_16bit"]
+    assert kept and "quant.keep_16bit_budget=0.15" in out and all(f"  {name}: " in out for name in kept)
+
+    # eval, generate and merge rebuild the run from run_config.json: the same mixed base, the same numbers.
+    cfg, model, _, _ = run_eval.load_run(run_dir)
+    assert cfg.quant.keep_16bit == kept
+    weights = checkpoint_weights(cfg)
+    bases = {name: layer.base_layer for name, layer in model.named_modules() if hasattr(layer, "base_layer")}
+    assert {name for name, base in bases.items() if type(base) is nn.Linear} == set(kept)
+    assert all(isinstance(base, bnb.nn.Linear4bit) for name, base in bases.items() if name not in kept)
+    for name in kept:  # the checkpoint's weights, as a 16-bit load holds them
+        torch.testing.assert_close(bases[name].weight, weights[f"{name}.weight"].float(), rtol=0, atol=0)
+    again = run_eval.evaluate_run(run_dir)
+    assert {key: again[key] for key in result["after"]} == result["after"]
+
+    # The budget: what the kept layers add to the 4-bit base's weights.
+    plain, _, _ = load_base(tiny(), CPU)
+    mixed, _, _ = load_base(cfg, CPU)
+    assert 0 < weight_bytes(mixed) - weight_bytes(plain) <= 0.15 * weight_bytes(plain)
+
+    # The merge takes the kept layers as they are and dequantises the rest.
+    info = merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
+    assert merge.quantized_modules(cfg.model.path, cfg) == set(bases) - set(kept)
+    assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    layer = model.get_submodule(kept[0])
+    torch.testing.assert_close(merged[f"{kept[0]}.weight"], weights[f"{kept[0]}.weight"].float() +
+                               layer.delta_weight(), rtol=0, atol=1e-6)
+    assert info["merged_layers"] == len(bases)
+
+
+def test_peft_loads_the_adapter_onto_the_mixed_base(tiny_config: Config) -> None:
+    """The adapter format is unchanged: PEFT loads it onto transformers' own 4-bit load that skips the kept layers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_config.quant.keep_16bit_budget = 0.15
+    tiny_config.train.steps = 3
+    train(tiny_config)
+    run_dir = Path(tiny_config.output.dir)
+    cfg, ours, _, _ = run_eval.load_run(run_dir)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32,
+                               llm_int8_skip_modules=[*cfg.quant.keep_16bit, "lm_head"])
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=quant, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+    keep_cpu_weights_exact(base)
+    theirs = PeftModel.from_pretrained(base, str(run_dir)).eval()
+    x = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_resumed_run_keeps_the_layers_chosen_at_its_start(tiny_config: Config, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    tiny_config.quant.keep_16bit_budget = 0.15
+    tiny_config.train.steps, tiny_config.train.save_every = 2, 1
+    whole = train(tiny_config)
+    kept = json.loads((Path(tiny_config.output.dir) / "run_config.json").read_text())["quant"]["keep_16bit"]
+    # The first run's directory cut back to its first checkpoint; the choice in it is then changed by hand, so only
+    # reading it (not measuring again) keeps the changed layers.
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(Path(tiny_config.output.dir) / "checkpoint-1", resumed / "checkpoint-1")
+    shutil.copy(Path(tiny_config.output.dir) / "run_config.json", resumed / "run_config.json")
+    capsys.readouterr()
+    cfg = tiny_config
+    cfg.output.dir, cfg.quant.keep_16bit = str(resumed), []
+    assert train(cfg, resume=True)["after"] == whole["after"]
+    assert "as chosen when the run started" in capsys.readouterr().out
+    assert json.loads((resumed / "run_config.json").read_text())["quant"]["keep_16bit"] == kept
+
+
+@pytest.mark.parametrize("overrides", [["--quant.blocksize=32"],
+                                       ["--quant.keep_16bit=model.layers.0.mlp.down_proj,model.layers.1.self_attn.q_proj"],
+                                       ["--quant.keep_16bit_budget=0.05"]])
+def test_the_estimate_counts_kept_layers_and_block_size(overrides: list[str]) -> None:
+    """The estimator's weights equal the loaded model's to the byte; a budget alone is counted in full."""
+    cfg = tiny(*overrides)
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu").components
+    if cfg.quant.keep_16bit_budget:
+        plain = estimate(tiny(), load_arch(cfg), "qlora", "cpu").components
+        weights = plain["quantized_weights"] + plain["unquantized_weights"]
+        assert est["unquantized_weights"] - plain["unquantized_weights"] == int(0.05 * weights)
+        return
+    real = tensor_categories(load_base(cfg, CPU)[0])
+    for key in ("quantized_weights", "unquantized_weights"):
+        assert est[key] == real[key], key
+
+
+def test_smaller_blocks_are_the_loaders_rounding_at_that_size_and_closer_to_16bit() -> None:
+    cfg = tiny("--quant.blocksize=32")
+    model, _, _ = load_base(cfg, CPU)
+    plain, _, _ = load_base(tiny(), CPU)
+    weights = checkpoint_weights(cfg)
+    errors = {32: 0.0, 64: 0.0}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            continue
+        assert layer.weight.quant_state.blocksize == 32
+        held, w16 = dequantize(layer), weights[f"{name}.weight"].float()
+        torch.testing.assert_close(held, roundtrip(w16, cfg.quant, torch.float32, CPU), rtol=0, atol=0)  # merge's
+        errors[32] += float((held - w16).square().sum())
+        errors[64] += float((dequantize(plain.get_submodule(name)) - w16).square().sum())
+    assert errors[32] < 0.95 * errors[64], errors
+    assert nf4_bytes(128 * 256, blocksize=32) > nf4_bytes(128 * 256)
+
+
+def test_bad_settings_are_refused_with_the_key_and_the_fix() -> None:
+    with pytest.raises(ConfigError, match=r"quant.blocksize=48: .* --quant.blocksize=32"):
+        tiny("--quant.blocksize=48")
+    with pytest.raises(ConfigError, match=r"quant.keep_16bit_budget=1.5 must lie in \[0, 1\)"):
+        tiny("--quant.keep_16bit_budget=1.5")
+    with pytest.raises(ConfigError, match="quant.method=lora loads none"):
+        tiny("--quant.method=lora", "--quant.keep_16bit_budget=0.05")
+    with pytest.raises(ConfigError, match="quant.keep_16bit names model.layers.9.mlp.up_proj, which is not a 4-bit"):
+        load_base(tiny("--quant.keep_16bit=model.layers.9.mlp.up_proj"), CPU)
