@@ -183,11 +183,21 @@ class LoRAConfig:
     """zero: B = 0, training starts at the base as loaded (LoRA paper, sec. 4.1). loftq (quant.method=qlora only):
     B A starts as the rank-r part of each layer's NF4 rounding error, read from the 16-bit checkpoint
     (qlora/loftq.py)."""
+    loftq_iters: int = 1
+    """LoftQ's alternating steps (Li et al. 2023, alg. 1): each after the first quantises W minus the last
+    correction again and fits the correction anew. 1 keeps the ordinary 4-bit load as the base. More change the base
+    to NF4(W - correction): the run saves the correction's factors (loftq_shifts.safetensors) and eval, generate,
+    merge and --resume rebuild that base from them; PEFT alone cannot."""
 
     def __post_init__(self) -> None:
         check_types(self)
         if self.init not in ("zero", "loftq"):
             raise ConfigError(f"lora.init={self.init!r}: use zero or loftq")
+        if self.loftq_iters < 1:
+            raise ConfigError(f"lora.loftq_iters={self.loftq_iters} must be at least 1, e.g. --lora.loftq_iters=3")
+        if self.loftq_iters > 1 and self.init != "loftq":
+            raise ConfigError(f"lora.loftq_iters={self.loftq_iters} needs lora.init=loftq: set --lora.init=loftq or "
+                              "--lora.loftq_iters=1")
         if self.r <= 0:
             raise ConfigError(f"lora.r={self.r} must be a positive integer, e.g. --lora.r=16")
         if not self.alpha > 0:

@@ -24,6 +24,7 @@ from qlora.commands import eval_parser
 from qlora.config import Config, ConfigError, read_config_json
 from qlora.console import quiet_libraries
 from qlora.data import detect_format, load_splits, read_rows, tokenize_rows
+from qlora.loftq import apply_shifts, load_shifts
 from qlora.lora import ADAPTER_WEIGHTS, attach_lora
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.train import announce_evaluation, evaluate
@@ -63,7 +64,9 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
         raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
                           "checkpoint-N directories instead")
     dev = resolve_device(cfg.train.device)
-    model, tokenizer, _ = load_base(cfg, dev)
+    model, tokenizer, path = load_base(cfg, dev)
+    if cfg.quant.method == "qlora" and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1:
+        apply_shifts(model, cfg, path, load_shifts(run_dir))  # the base LoftQ's later steps quantised
     if cfg.quant.method != "full":
         attach_lora(model, cfg.lora, compute_dtype(cfg.quant, dev))
     try:

@@ -41,6 +41,7 @@ from qlora.config import Config, ConfigError
 from qlora.console import announce, progress, quiet_libraries, since
 from qlora.eval import load_run, read_run_config
 from qlora.generate import render
+from qlora.loftq import load_shifts, shifted
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from qlora.model import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
 from qlora.quantize import roundtrip
@@ -255,6 +256,8 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     dev = resolve_device(device or cfg.train.device)
     load_dtype = compute_dtype(cfg.quant, dev)  # what the 4-bit load casts each tensor to before quantising it
     quantized = quantized_modules(base, cfg) if dequantise else set()
+    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.loftq.shifted).
+    shifts = load_shifts(run_dir) if dequantise and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 else {}
     double = " with double quant" if cfg.quant.double_quant else ""
     onto = (f"the dequantised {cfg.quant.quant_type.upper()}{double} base of {base} (what the adapter trained on)"
             if dequantise else f"the original 16-bit weights of {base}")
@@ -275,6 +278,9 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                 if not tensor.is_floating_point():
                     return tensor
                 if name.endswith(".weight") and module in quantized:
+                    if f"{module}.A" in shifts:
+                        tensor = shifted(tensor.to(dev, torch.float32), shifts[f"{module}.A"], shifts[f"{module}.B"],
+                                         scaling)
                     tensor = roundtrip(tensor, cfg.quant, load_dtype, dev)
                 if name.endswith(".weight") and module in adapted:
                     a = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dev, torch.float32)

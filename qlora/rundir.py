@@ -33,14 +33,15 @@ from pathlib import Path
 from qlora.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 from qlora.cli import DISK_FULL, check_writable
 from qlora.config import Config, ConfigError, apply_overrides, read_config_json
+from qlora.loftq import SHIFTS
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 MEMORY = "memory.json"
 LOCK = ".qlora.lock"
-RUN_FILES = (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, MEMORY)  # what a run writes on top
+RUN_FILES = (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, MEMORY, SHIFTS)  # a run's own files
 # What a killed run may leave half-written (qlora/checkpoint.py, train.MetricsLog, start_run): never read, so only
 # in the way. Nothing else is removed, whatever its name.
-LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl)"
+LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl|loftq_shifts\.safetensors)"
                       r"$")
 RUN_DIRS = re.compile(r"^checkpoint-\d+(\.damaged(-\d+)?)?$")  # a run's checkpoints, damaged ones set aside included
 
@@ -50,7 +51,9 @@ BASE, DATA, HELD_OUT = ("the base the adapter trains against", "the data the run
                         "the held-out split its losses compare")
 FIXED_ON_RESUME = {
     "model.synthetic": BASE, "model.config_json": BASE, "quant.double_quant": BASE, "quant.quantize_lm_head": BASE,
-    "lora.init": "how the adapter started", "data.train": DATA, "data.format": DATA, "data.pack": DATA,
+    # The layers kept in 16-bit are chosen once, when the run starts, and recorded in quant.keep_16bit.
+    "quant.blocksize": BASE, "quant.keep_16bit": BASE, "quant.keep_16bit_budget": BASE, "quant.calibration_rows": BASE,
+    "lora.init": "how the adapter started", "lora.loftq_iters": "how the adapter started (and the base LoftQ made)", "data.train": DATA, "data.format": DATA, "data.pack": DATA,
     "data.eval": HELD_OUT, "data.eval_fraction": HELD_OUT, "train.seed": "the data order and the held-out split",
 }
 

@@ -86,8 +86,10 @@ def input_output_moments(model: nn.Module, batches: list[dict[str, torch.Tensor]
     handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
     # The base is frozen: an input that requires grad is what makes the backward run through it.
     handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-    was_training = model.training
+    was_training, frozen = model.training, [p for p in model.parameters() if p.requires_grad]
     model.train()  # transformers checkpoints layers in training mode only; the frozen base has no dropout of its own
+    for param in frozen:  # only activations' gradients are wanted: none for the weights (an 8B embedding's is 1 GB)
+        param.requires_grad_(False)
     try:
         for batch in batches:
             seen.clear()
@@ -98,6 +100,8 @@ def input_output_moments(model: nn.Module, batches: list[dict[str, torch.Tensor]
         for handle in handles:
             handle.remove()
         model.train(was_training)
+        for param in frozen:
+            param.requires_grad_(True)
     return sums
 
 

@@ -27,7 +27,7 @@ from qlora.levers.checkpoints import check_pinned_memory, keep_layer_inputs
 from qlora.levers.offload import HostOptimizer
 from qlora.levers.speed import apply_speed_levers
 from qlora.levers.tiling import tile_layers
-from qlora.loftq import init_loftq
+from qlora.loftq import apply_shifts, init_loftq, load_shifts, save_shifts
 from qlora.lora import attach_lora
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
 from qlora.master import MasterWeights, needs_masters
@@ -188,15 +188,18 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     if cfg.quant.method == "qlora" and cfg.quant.keep_16bit_budget and not cfg.quant.keep_16bit:
         # Chosen when the run starts; run_config.json records the choice for eval, generate, merge and --resume.
         cfg.quant.keep_16bit = keep_sensitive_layers(model, cfg, tokenizer, base_path, dtype, resuming)
+    shifts = {}
+    if cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 and resuming:  # the base as the run quantised it
+        apply_shifts(model, cfg, base_path, load_shifts(Path(cfg.output.dir)))
     if cfg.quant.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
     else:
         attach_lora(model, cfg.lora, dtype)
         if cfg.lora.init == "loftq" and not resuming:  # a resumed run's adapters come from its checkpoint
-            held = init_loftq(model, cfg, base_path)
-            print(f"lora.init=loftq: at rank {cfg.lora.r} the adapters start holding {100 * held:.1f}% of the "
-                  "base's NF4 rounding error (squared norm)")
+            held, shifts = init_loftq(model, cfg, base_path)
+            print(f"lora.init=loftq: after {cfg.lora.loftq_iters} step(s) at rank {cfg.lora.r}, base and adapters "
+                  f"remove {100 * held:.1f}% of the plain NF4 rounding error (squared norm)")
     if cfg.train.gradient_checkpointing:
         if cfg.train.offload_activations and device.type == "cuda":  # refused now, not when pinning fails mid-run
             text = model.config.get_text_config()
@@ -217,7 +220,7 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     ranks.distribute(model, cfg, device)
     if profiler is not None:
         profiler.mark("lora_attached")
-    return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype)
+    return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype, loftq_shifts=shifts)
 
 
 def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
@@ -302,6 +305,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             retarget(optimizer, scheduler, cfg)
     # The first write: model, data, config and checkpoint are checked (by every process).
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, [p for p, _ in damaged])
+    if run["loftq_shifts"]:
+        ranks.on_main(save_shifts, run_dir, run["loftq_shifts"])
     metrics_log = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=state.get("metrics_bytes", 0),
                              write=ranks.main)
     watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from qlora import merge
 from qlora.config import ConfigError, apply_overrides
-from qlora.loftq import init_loftq, rank_r_factors
+from qlora.eval import evaluate_run, load_run
+from qlora.loftq import SHIFTS, init_loftq, rank_r_factors
 from qlora.lora import attach_lora, lora_layers
 from qlora.model import load_base
 from qlora.train import train
@@ -42,7 +43,7 @@ def test_loftq_brings_each_layer_and_the_logits_closer_to_16bit(tiny_config) -> 
     model, _, base_path = load_base(tiny_config, torch.device("cpu"))
     attach_lora(model, tiny_config.lora, torch.float32)
     rng_before = torch.get_rng_state()
-    held = init_loftq(model, tiny_config, base_path)
+    held, _ = init_loftq(model, tiny_config, base_path)
     torch.testing.assert_close(torch.get_rng_state(), rng_before)  # dropout and data order are left alone
     assert 0.2 < held < 1
     for name, layer in lora_layers(model).items():
@@ -76,7 +77,7 @@ def test_a_loftq_run_resumes_exactly_and_merges_onto_the_dequantised_base(tiny_c
     tiny_config.train.save_every = 1
     tiny_config.train.keep_checkpoints = 2
     whole = train(tiny_config)
-    assert "lora.init=loftq: at rank" in capsys.readouterr().out
+    assert "lora.init=loftq: after 1 step(s) at rank" in capsys.readouterr().out
     run_dir = Path(tiny_config.output.dir)
     adapter = load_file(str(run_dir / "adapter_model.safetensors"))
     # A resumed run takes its adapters from the checkpoint, with no second pass over the base; the RNG must match.
@@ -95,3 +96,45 @@ def test_a_loftq_run_resumes_exactly_and_merges_onto_the_dequantised_base(tiny_c
     info = merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
     assert info["base_weights"] == "dequantised-nf4"
     assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
+
+
+def test_more_loftq_steps_remove_more_error_and_every_reload_rebuilds_that_base(tiny_config, tmp_path: Path) -> None:
+    """lora.loftq_iters=3: base and adapters end closer to the 16-bit weights than after one step; the base differs
+    from the ordinary load, and eval, resume and merge rebuild it from the saved shifts, to the bit."""
+    tiny_config.lora.init, tiny_config.lora.r = "loftq", 8
+    held = {}
+    for steps in (1, 3):
+        tiny_config.lora.loftq_iters = steps
+        model, _, base_path = load_base(tiny_config, torch.device("cpu"))
+        attach_lora(model, tiny_config.lora, torch.float32)
+        held[steps], shifts = init_loftq(model, tiny_config, base_path)
+        assert len(shifts) == (0 if steps == 1 else 2 * 14)
+    assert held[3] > held[1] + 0.02, held
+
+    tiny_config.train.steps, tiny_config.train.save_every = 2, 1
+    whole = train(tiny_config)
+    run_dir = Path(tiny_config.output.dir)
+    assert (run_dir / SHIFTS).is_file()
+    trained = {name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+               for name, m in load_run(run_dir)[1].named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    plain, _, _ = load_base(apply_overrides(tiny_config, ["--lora.loftq_iters=1"]), torch.device("cpu"))
+    name = next(iter(trained))
+    assert not torch.equal(trained[name], bnb.functional.dequantize_4bit(
+        plain.get_submodule(name.removesuffix(".base_layer")).weight.data,
+        plain.get_submodule(name.removesuffix(".base_layer")).weight.quant_state))
+    again = evaluate_run(run_dir)
+    assert {key: again[key] for key in whole["after"]} == whole["after"]  # the same base as in training
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for item in ("checkpoint-1", "run_config.json", SHIFTS):
+        copy = shutil.copytree if (run_dir / item).is_dir() else shutil.copy
+        copy(run_dir / item, resumed / item)
+    tiny_config.output.dir = str(resumed)
+    assert train(apply_overrides(tiny_config, ["--lora.loftq_iters=3"]), resume=True)["after"] == whole["after"]
+
+    merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
+    assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
+    (run_dir / SHIFTS).unlink()
+    with pytest.raises(ConfigError, match=f"{SHIFTS} not found"):
+        load_run(run_dir)

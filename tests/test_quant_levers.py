@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from qlora import merge
 from qlora import eval as run_eval
+from qlora import merge
 from qlora.config import Config, ConfigError, apply_overrides, load_recipe
 from qlora.data import IGNORE
 from qlora.loss import loss_sum
@@ -49,7 +49,8 @@ def test_moments_are_the_same_with_and_without_checkpointing() -> None:
     """A checkpointed layer runs twice (forward, then recompute in the backward); it must be counted once."""
     cfg = tiny()
     _, plain, costs = moments_and_costs(cfg, checkpointing=False)
-    _, checkpointed, _ = moments_and_costs(cfg, checkpointing=True)
+    model, checkpointed, _ = moments_and_costs(cfg, checkpointing=True)
+    assert all(p.grad is None for p in model.parameters())  # only activations' gradients were made
     assert set(plain) == set(checkpointed) and len(plain) == 14
     for name in plain:
         for ours, theirs in zip(plain[name], checkpointed[name], strict=True):
