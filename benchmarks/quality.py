@@ -33,20 +33,25 @@ from provenance import header, record, write_result  # noqa: E402  (a sibling sc
 ROOT = Path(__file__).resolve().parent.parent
 # Each method: its label, a short name for plots and lists, and the overrides that make it. Every run names its init,
 # block size and 16-bit budget (DEFAULTS), so a recipe's own choice cannot leak into another method.
-DEFAULTS = ["--lora.init=zero", "--quant.blocksize=64", "--quant.keep_16bit_budget=0", "--quant.keep_16bit="]
+DEFAULTS = ["--lora.init=zero", "--lora.loftq_iters=1", "--quant.blocksize=64", "--quant.keep_16bit_budget=0",
+            "--quant.keep_16bit="]
+KEEP5 = "--quant.keep_16bit_budget=0.05"
 METHODS = {"full": ("full fine-tuning", "full FT", ["--quant.method=full"]),
            "lora": ("16-bit LoRA", "16-bit LoRA", ["--quant.method=lora"]),
            "qlora": ("QLoRA (NF4 + double quant)", "QLoRA", ["--quant.method=qlora"]),
            "qlora-loftq": ("QLoRA, adapters started at the NF4 correction (lora.init=loftq)", "QLoRA\n+ LoftQ init",
                            ["--quant.method=qlora", "--lora.init=loftq"]),
+           "qlora-loftq3": ("QLoRA, LoftQ with 3 alternating steps (lora.loftq_iters=3)", "QLoRA\n+ LoftQ x3",
+                            ["--quant.method=qlora", "--lora.init=loftq", "--lora.loftq_iters=3"]),
            "qlora-bs32": ("QLoRA, blocks of 32 (quant.blocksize=32)", "QLoRA\nblocks of 32",
                           ["--quant.method=qlora", "--quant.blocksize=32"]),
-           "qlora-keep2": ("QLoRA, most sensitive layers in 16-bit (quant.keep_16bit_budget=0.02)",
-                           "QLoRA\n+2% in 16-bit", ["--quant.method=qlora", "--quant.keep_16bit_budget=0.02"]),
            "qlora-keep5": ("QLoRA, most sensitive layers in 16-bit (quant.keep_16bit_budget=0.05)",
-                           "QLoRA\n+5% in 16-bit", ["--quant.method=qlora", "--quant.keep_16bit_budget=0.05"]),
+                           "QLoRA\n+5% in 16-bit", ["--quant.method=qlora", KEEP5]),
            "qlora-keep10": ("QLoRA, most sensitive layers in 16-bit (quant.keep_16bit_budget=0.1)",
-                            "QLoRA\n+10% in 16-bit", ["--quant.method=qlora", "--quant.keep_16bit_budget=0.1"])}
+                            "QLoRA\n+10% in 16-bit", ["--quant.method=qlora", "--quant.keep_16bit_budget=0.1"]),
+           "qlora-keep5-bs32": ("QLoRA, blocks of 32 and the most sensitive layers in 16-bit (quant.blocksize=32, "
+                                "quant.keep_16bit_budget=0.05)", "QLoRA, blocks of 32\n+5% in 16-bit",
+                                ["--quant.method=qlora", "--quant.blocksize=32", KEEP5])}
 QLORA = [m for m in METHODS if m.startswith("qlora")]  # each is held to the target against 16-bit LoRA
 TARGET_LOSS_REL, TARGET_EM_POINTS = 0.02, 2.0
 # Issue 15: a variant should close at least half of QLoRA's held-out loss gap to 16-bit LoRA, keep QLoRA's exact

@@ -61,7 +61,12 @@ def markdown(report: dict, png_name: str) -> str:
               f"LoRA r={s['lora_r']} alpha={s['lora_alpha']:g} dropout={s['lora_dropout']:g} on "
               f"{','.join(s['lora_targets'])}; {s['optimizer']}; gradient checkpointing "
               f"{'on' if s['gradient_checkpointing'] else 'off'}; loss chunk "
-              f"{s['loss_chunk_size'] or 'off'}; compute {s['compute_dtype']}", "",
+              f"{s['loss_chunk_size'] or 'off'}; compute {s['compute_dtype']}",
+              f"- 4-bit base (qlora): blocks of {s.get('blocksize', 64)}; " + (
+                  f"{s['keep_16bit']} linear layers kept in 16-bit (quant.keep_16bit)" if s.get("keep_16bit") else
+                  f"the most sensitive layers in 16-bit within {100 * s['keep_16bit_budget']:g}% more base weights, "
+                  "counted in full (quant.keep_16bit_budget)" if s.get("keep_16bit_budget") else
+                  "every linear layer but the head in 4-bit"), "",
               f"![peak memory by method and category]({png_name})", "",
               "| method | estimated peak GiB (GB) | host memory besides, GiB | measured peak GiB | estimate vs measured"
               " | on the device |", "|---|---|---|---|---|---|"]

@@ -49,6 +49,13 @@ def method_config(cfg: Config, method: str) -> tuple[Config, list[str]]:
     if out.quant.quantize_lm_head and method != "qlora":
         out.quant.quantize_lm_head = False
         extra.append("--quant.quantize_lm_head=false")
+    # The 4-bit base's own settings, which a 16-bit base does not have.
+    for section, key, off, flag in (("quant", "blocksize", 64, "64"), ("quant", "keep_16bit_budget", 0.0, "0"),
+                                    ("quant", "keep_16bit", [], ""), ("lora", "init", "zero", "zero"),
+                                    ("lora", "loftq_iters", 1, "1")):
+        if method != "qlora" and getattr(getattr(out, section), key) != off:
+            setattr(getattr(out, section), key, off)
+            extra.append(f"--{section}.{key}={flag}")
     if out.model.embeddings_on_cpu and method == "full":
         out.model.embeddings_on_cpu = False
         extra.append("--model.embeddings_on_cpu=false")
@@ -100,6 +107,8 @@ def settings(cfg: Config, device: str) -> dict:
             "offload_budget_gib": t.offload_budget_gib, "checkpoint_every": t.checkpoint_every,
             "tile_size": t.tile_size, "tile_projections": t.tile_projections, "optimizer_on_cpu": t.optimizer_on_cpu,
             "quantize_lm_head": cfg.quant.quantize_lm_head, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
+            "blocksize": cfg.quant.blocksize, "keep_16bit_budget": cfg.quant.keep_16bit_budget,
+            "keep_16bit": len(cfg.quant.keep_16bit),
             "compute_dtype": compute_bytes(cfg, device)[0]}
 
 
