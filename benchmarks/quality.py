@@ -1,15 +1,19 @@
-"""Does a 4-bit base train adapters as good as a 16-bit one? Full fine-tuning, 16-bit LoRA and QLoRA, same everything.
+"""Does a 4-bit base train adapters as good as a 16-bit one, and which changes to the 4-bit base close the gap?
 
-    nice -n 10 python benchmarks/quality.py [RECIPE] [--section.key=value ...]
+    nice -n 10 python benchmarks/quality.py [RECIPE] [--methods lora,qlora,...] [--seeds 0,1,2] [--section.key=value]
 
 Each method trains from the same recipe (default recipes/smollm2_135m.py: SmolLM2-135M-Instruct on the shipped
 destination task) with the same data, steps, batches and seed, in its own process (clean memory, honest wall time).
-Only quant.method changes, and full fine-tuning's learning rate (--full-lr): every weight moving at a LoRA learning
-rate overshoots. QLoRA runs twice: with zero-initialised adapters as in the paper, and with adapters started at the
-rank-r correction of the NF4 rounding (lora.init=loftq, qlora/loftq.py). The held-out loss and the task metric
-(teacher-forced exact match of the answer, qlora.loss.eval_stats) come from each run's final eval. The QLoRA
-paper's claim (sec. 4: adapters on an NF4 + double quant base match 16-bit ones) is the target: QLoRA's held-out loss
-within 2% of 16-bit LoRA's, exact match within 2 points.
+Only the method's own settings change (METHODS), and full fine-tuning's learning rate (--full-lr): every weight
+moving at a LoRA learning rate overshoots. Besides full fine-tuning, 16-bit LoRA and QLoRA as in the paper, the QLoRA
+variants change the 4-bit base: adapters started at LoftQ's correction (lora.init=loftq, one or three alternating
+steps), blocks of 32 (quant.blocksize), the layers whose rounding costs most kept in 16-bit (quant.keep_16bit_budget),
+and combinations. The held-out loss and the task metric (teacher-forced exact match of the answer,
+qlora.loss.eval_stats) come from each run's final eval; the base-weight bytes from its memory.json and the estimator.
+
+Two targets: the QLoRA paper's claim (sec. 4: adapters on an NF4 + double quant base match 16-bit ones), held-out
+loss within 2% of 16-bit LoRA's and exact match within 2 points; and issue 15's for a variant: close at least half of
+standard QLoRA's held-out loss gap to 16-bit LoRA, keep its exact match, add at most 10% to the base weights.
 
 Runs go to runs/quality/seed-<seed>/<method>; --reuse re-reads a run that already finished with the same config instead
 of training it again. Writes benchmarks/results/quality-<device>.{md,json,png}.

@@ -405,6 +405,11 @@ class Config:
             if not isinstance(getattr(self, f.name), section := typing.get_type_hints(Config)[f.name]):
                 raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
                                   f"not a {type(getattr(self, f.name)).__name__}")
+        if self.train.shard_base and self.quant.keep_16bit_budget and not self.quant.keep_16bit:
+            raise ConfigError("quant.keep_16bit_budget measures each layer on the whole base before train.shard_base "
+                              "shards it, which every process would do on its CPU copy: choose the layers in a "
+                              "single-process run and pass its quant.keep_16bit (run_config.json), or "
+                              "--quant.keep_16bit_budget=0")
         if self.train.shard_base and self.quant.method == "full":
             raise ConfigError("train.shard_base shards a frozen base, but quant.method=full trains every weight: "
                               "use --train.shard_base=false (data parallel) or quant.method qlora or lora")

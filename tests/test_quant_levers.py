@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -218,3 +219,49 @@ def test_bad_settings_are_refused_with_the_key_and_the_fix() -> None:
         tiny("--quant.method=lora", "--quant.keep_16bit_budget=0.05")
     with pytest.raises(ConfigError, match="quant.keep_16bit names model.layers.9.mlp.up_proj, which is not a 4-bit"):
         load_base(tiny("--quant.keep_16bit=model.layers.9.mlp.up_proj"), CPU)
+
+
+def test_quality_benchmark_holds_a_variant_to_the_gap_target() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    def runs(*losses: float, em: float = 0.9, base: int = 100) -> dict[int, dict]:
+        return {seed: {"eval_loss": loss, "eval_exact_match": em, "base_bytes": base, "base_bytes_cuda": base}
+                for seed, loss in enumerate(losses)}
+
+    lora, qlora = runs(0.06, 0.05), runs(0.12, 0.11)
+    half = quality.improvement(lora, qlora, runs(0.09, 0.08, base=105))
+    assert half["gap_closed"] == pytest.approx(0.5) and half["paired_gap_closed"] == pytest.approx([0.5, 0.5])
+    assert half["meets_target"] and half["weights_rel"]["base_bytes"] == pytest.approx(0.05)
+    assert not quality.improvement(lora, qlora, runs(0.09, 0.08, base=111))["meets_target"]  # > 10% more weights
+    assert not quality.improvement(lora, qlora, runs(0.09, 0.08, em=0.8))["meets_target"]  # loses exact match
+    assert not quality.improvement(lora, qlora, runs(0.10, 0.09))["meets_target"]  # a third of the gap
+
+
+def test_quality_benchmark_reuses_a_run_that_chose_its_layers(tiny_config: Config) -> None:
+    """--reuse compares the recipe's config with the run's: the layers a budget chose are the run's, not a change."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    tiny_config.quant.keep_16bit_budget, tiny_config.train.steps = 0.15, 2
+    train(tiny_config)
+    run_dir = Path(tiny_config.output.dir)
+    run_dir.with_suffix(".log").write_text("trainable 1 of 2 parameters\n")
+    again = tiny("--quant.keep_16bit_budget=0.15", "--train.steps=2", "--train.eval_every=0", "--train.log_every=1")
+    assert quality.finished_with(run_dir, again)
+    assert not quality.finished_with(run_dir, tiny("--quant.keep_16bit_budget=0.1", "--train.steps=2",
+                                                   "--train.eval_every=0", "--train.log_every=1"))
+    base = quality.base_weights(run_dir)
+    assert base["base_bytes"] > 0 and base["base_bytes_cuda"] > 0
+
+
+def test_the_screen_scores_each_untrained_base_against_the_16bit_one(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quant_screen
+
+    quant_screen.main(["recipes/tiny.py", "--methods", "qlora,qlora-keep10", "--rows", "8",
+                       "--results", str(tmp_path)])
+    result = json.loads((tmp_path / "quant-screen-cpu.json").read_text())["methods"]
+    assert "kl" not in result["lora"] and result["qlora"]["kl"] > 0
+    assert result["qlora-keep10"]["kept_16bit"] and result["qlora-keep10"]["base_bytes"] > result["qlora"]["base_bytes"]
+    assert "| QLoRA (NF4 + double quant) |" in (tmp_path / "quant-screen-cpu.md").read_text()
