@@ -10,6 +10,11 @@ Measured on SmolLM2-135M (benchmarks/results/quality-cpu.md): rank 16 holds 12% 
 takes the held-out loss of the untrained base from 4.66 (NF4) to 4.06-4.12 (16-bit: 3.64); after 36 steps it gained
 2.7 points of exact match over zero-initialised QLoRA on average, but not held-out loss.
 
+With lora.loftq_iters = T > 1 the steps alternate (alg. 1): Q_t = NF4(W - scaling B_{t-1} A_{t-1}), then A_t, B_t
+from the rank-r truncation of W - Q_t. The base is then Q_T, not the ordinary load of W, so the factors of step T-1
+are saved with the run (loftq_shifts.safetensors, the size of the adapter) and every reload rebuilds Q_T from the
+checkpoint and them (`apply_shifts`); the merge dequantises that base.
+
 The 16-bit weights are read from the checkpoint one tensor at a time, so the extra memory is one layer's weight and
 residual (fp32), freed before the next.
 """
