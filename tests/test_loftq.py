@@ -138,3 +138,33 @@ def test_more_loftq_steps_remove_more_error_and_every_reload_rebuilds_that_base(
     (run_dir / SHIFTS).unlink()
     with pytest.raises(ConfigError, match=f"{SHIFTS} not found"):
         load_run(run_dir)
+
+
+def test_peft_loads_a_multi_step_loftq_adapter_onto_the_rebuilt_base(tiny_config) -> None:
+    """lora.loftq_iters=3: the adapter files are PEFT's own; on transformers' 4-bit load with the saved shifts applied
+    (apply_shifts) PEFT gives our logits, and without them it does not (the base really moved)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora.loftq import apply_shifts, load_shifts
+    from qlora.model import keep_cpu_weights_exact
+
+    tiny_config.lora.init, tiny_config.lora.loftq_iters, tiny_config.train.steps = "loftq", 3, 2
+    train(tiny_config)
+    run_dir = Path(tiny_config.output.dir)
+    cfg, ours, _, _ = load_run(run_dir)
+    x = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for shifted in (True, False):
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+        base = AutoModelForCausalLM.from_pretrained(cfg.model.path, quantization_config=quant, dtype=torch.float32,
+                                                    device_map={"": "cpu"})
+        keep_cpu_weights_exact(base)
+        if shifted:
+            apply_shifts(base, cfg, cfg.model.path, load_shifts(run_dir))
+        with torch.no_grad():
+            logits[shifted] = PeftModel.from_pretrained(base, str(run_dir)).eval()(x).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits[True], ours(x).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits[False], logits[True], rtol=1e-3, atol=1e-3)

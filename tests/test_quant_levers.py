@@ -119,6 +119,14 @@ def test_kept_layers_are_exactly_the_16bit_ones_within_the_budget(tiny_config: C
     plain, _, _ = load_base(tiny(), CPU)
     mixed, _, _ = load_base(cfg, CPU)
     assert 0 < weight_bytes(mixed) - weight_bytes(plain) <= 0.15 * weight_bytes(plain)
+    # The estimator counts the chosen layers to the byte, and the run's memory.json carries its figure for them.
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu")
+    real = tensor_categories(mixed)
+    assert {k: est.components[k] for k in real if k.endswith("_weights")} == \
+        {k: v for k, v in real.items() if k.endswith("_weights")}
+    memory = json.loads((run_dir / "memory.json").read_text())
+    assert memory["estimated_peak_bytes"] == est.peak_bytes
+    assert memory["peak_by_category"]["unquantized_weights"] == real["unquantized_weights"]
 
     # The merge takes the kept layers as they are and dequantises the rest.
     info = merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
