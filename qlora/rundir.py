@@ -41,8 +41,8 @@ LOCK = ".qlora.lock"
 RUN_FILES = (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, MEMORY, SHIFTS)  # a run's own files
 # What a killed run may leave half-written (qlora/checkpoint.py, train.MetricsLog, start_run): never read, so only
 # in the way. Nothing else is removed, whatever its name.
-LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl|loftq_shifts\.safetensors)"
-                      r"$")
+LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl"
+                      r"|loftq_shifts\.safetensors)$")
 RUN_DIRS = re.compile(r"^checkpoint-\d+(\.damaged(-\d+)?)?$")  # a run's checkpoints, damaged ones set aside included
 
 # What makes two runs the same run: the base and its quantisation, and the adapters' shape.
@@ -53,7 +53,8 @@ FIXED_ON_RESUME = {
     "model.synthetic": BASE, "model.config_json": BASE, "quant.double_quant": BASE, "quant.quantize_lm_head": BASE,
     # The layers kept in 16-bit are chosen once, when the run starts, and recorded in quant.keep_16bit.
     "quant.blocksize": BASE, "quant.keep_16bit": BASE, "quant.keep_16bit_budget": BASE, "quant.calibration_rows": BASE,
-    "lora.init": "how the adapter started", "lora.loftq_iters": "how the adapter started (and the base LoftQ made)", "data.train": DATA, "data.format": DATA, "data.pack": DATA,
+    "lora.init": "how the adapter started", "lora.loftq_iters": "how the adapter started (and the base LoftQ made)",
+    "data.train": DATA, "data.format": DATA, "data.pack": DATA,
     "data.eval": HELD_OUT, "data.eval_fraction": HELD_OUT, "train.seed": "the data order and the held-out split",
 }
 

@@ -257,11 +257,17 @@ def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, fl
     ("--data.pack=true", r"--resume cannot change data.pack \(False -> True\)"),
     ("--quant.double_quant=false", r"--resume cannot change quant.double_quant .*: it fixes the base the adapter"),
     ("--lora.init=loftq", r"--resume cannot change lora.init \('zero' -> 'loftq'\): it fixes how the adapter started"),
+    ("--quant.blocksize=32", r"--resume cannot change quant.blocksize \(64 -> 32\): it fixes the base the adapter"),
+    ("--quant.keep_16bit_budget=0.05", r"--resume cannot change quant.keep_16bit_budget \(0.0 -> 0.05\): it fixes the "
+                                       r"base the adapter"),
+    ("--quant.keep_16bit=model.layers.0.mlp.up_proj", r"--resume cannot change quant.keep_16bit "),
+    ("--quant.calibration_rows=8", r"--resume cannot change quant.calibration_rows \(64 -> 8\)"),
     (f"--lora.alpha={2 * TINY_ALPHA}", rf"holds another run \(lora.alpha={TINY_ALPHA!r}, this recipe "
                                        rf"{float(2 * TINY_ALPHA)!r}\)"),
     ("--quant.method=lora", r"holds another run \(quant.method='qlora', this recipe 'lora'\)"),
     ("--train.lr=nan", r"train.lr=nan is not a finite number"),
-], ids=["seed", "train data", "held-out data", "packing", "double quant", "lora init", "alpha", "method", "lr nan"])
+], ids=["seed", "train data", "held-out data", "packing", "double quant", "lora init", "block size", "16-bit budget",
+        "16-bit layers", "calibration rows", "alpha", "method", "lr nan"])
 def test_resume_refuses_what_may_not_change_before_writing_anything(cli, tmp_path, override, pattern):
     """The run on disk (run_config.json, checkpoint-50) is left byte for byte as it was: a refused resume rewrites
     nothing (changing the optimizer used to crash after run_config.json had been rewritten)."""
