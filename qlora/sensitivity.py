@@ -148,7 +148,7 @@ def keep_sensitive_layers(model: nn.Module, cfg: Config, tokenizer: object, base
     if cfg.model.synthetic:
         raise ConfigError("quant.keep_16bit_budget measures the rounding of real weights, and model.synthetic=true "
                           "has none: list the layers in quant.keep_16bit, or set --quant.keep_16bit_budget=0")
-    saved = Path(cfg.output.dir) / "run_config.json"  # written by qlora.checkpoint.start_run when the run began
+    saved = Path(cfg.output.dir) / "run_config.json"  # written by qlora.rundir.start_run when the run began
     if resuming and saved.is_file():
         chosen = json.loads(saved.read_text())["quant"].get("keep_16bit", [])
         keep_16bit(model, base_path, chosen, dtype)
