@@ -16,7 +16,9 @@ loss within 2% of 16-bit LoRA's and exact match within 2 points; and issue 15's 
 standard QLoRA's held-out loss gap to 16-bit LoRA, keep its exact match, add at most 10% to the base weights.
 
 Runs go to runs/quality/seed-<seed>/<method>; --reuse re-reads a run that already finished with the same config instead
-of training it again. Writes benchmarks/results/quality-<device>.{md,json,png}.
+of training it again; --earlier RESULT.json takes the (method, seed) runs not trained here from an earlier result of the
+same recipe (said in the report, with the pairs trained both times side by side). Writes
+benchmarks/results/quality-<device>.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -142,14 +144,39 @@ def improvement(lora: dict[int, dict], qlora: dict[int, dict], variant: dict[int
             (("lora", lora), ("qlora", qlora), ("variant", variant))}
     closed = gap_closed(loss["lora"], loss["qlora"], loss["variant"])
     em_points = 100 * mean([variant[s]["eval_exact_match"] - qlora[s]["eval_exact_match"] for s in seeds])
-    weights = {key: variant[seeds[0]][key] / qlora[seeds[0]][key] - 1 for key in ("base_bytes", "base_bytes_cuda")}
+    weights = {key: variant[seeds[0]][key] / qlora[seeds[0]][key] - 1 if variant[seeds[0]][key] else None
+               for key in ("base_bytes", "base_bytes_cuda")}
     return {"seeds": seeds, "gap_closed": closed, "em_points_vs_qlora": em_points, "weights_rel": weights,
             "paired_gap_closed": [gap_closed(lora[s]["eval_loss"], qlora[s]["eval_loss"], variant[s]["eval_loss"])
                                   for s in seeds],
             "paired_em_points_vs_qlora": [100 * (variant[s]["eval_exact_match"] - qlora[s]["eval_exact_match"])
                                           for s in seeds],
-            "meets_target": closed >= TARGET_GAP_CLOSED and em_points >= 0
+            "meets_target": closed >= TARGET_GAP_CLOSED and em_points >= 0 and None not in weights.values()
             and max(weights.values()) <= TARGET_WEIGHTS_REL}
+
+
+def take_earlier(runs: dict[str, dict[int, dict]], earlier: dict) -> dict:
+    """Fill `runs` with an earlier result's runs (quality-<device>.json, same recipe and steps) for the (method, seed)
+    pairs not trained here, marked "earlier"; return where they came from and, for the pairs trained both times, both
+    final scores (a run on CPU is deterministic, so they show whether the earlier code still trains the same)."""
+    taken, compared = [], []
+    for method, by_seed in earlier["runs"].items():
+        ours = runs.setdefault(method, {})
+        here = [run for run in ours.values() if not run.get("earlier")]
+        for key, run in sorted(by_seed.items(), key=lambda item: int(item[0])):
+            seed = int(key)
+            if seed in ours:
+                compared.append({"method": method, "seed": seed,
+                                 "eval_loss": [ours[seed]["eval_loss"], run["eval_loss"]],
+                                 "eval_exact_match": [ours[seed]["eval_exact_match"], run["eval_exact_match"]]})
+                continue
+            # The base is the same for every seed of a method: its bytes come from a run trained here, if any.
+            weights = {k: here[0][k] if here else None for k in ("base_bytes", "base_bytes_cuda")}
+            ours[seed] = {**weights, **run, "earlier": True}
+            taken.append([method, seed])
+        runs[method] = dict(sorted(ours.items()))
+    return {"date": earlier["date"], "command": earlier["command"], "versions": earlier["versions"], "taken": taken,
+            "compared": compared}
 
 
 def spread(runs: dict[int, dict]) -> float:
@@ -158,8 +185,16 @@ def spread(runs: dict[int, dict]) -> float:
     return (max(losses) - min(losses)) / mean(losses)
 
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def short_name(method: str) -> str:
+    return METHODS[method][1].replace("\n", " ")
+
+
+def mib(n: int | None) -> str:
+    return f"{n / 2**20:.1f} MiB" if n else "?"
+
+
+def percent(share: float | None) -> str:
+    return f"{100 * share:+.1f}%" if share is not None else "?"
 
 
 def markdown(result: dict, plot_name: str) -> str:
@@ -206,8 +241,8 @@ def markdown(result: dict, plot_name: str) -> str:
         w = v["weights_rel"]
         lines.append(f"- **{METHODS[method][0]}**: closes **{100 * v['gap_closed']:.0f}%** of the gap (of the means; "
                      f"seed by seed {paired}), exact match {v['em_points_vs_qlora']:+.1f} points vs QLoRA (seed by "
-                     f"seed {paired_em}), base weights {100 * w['base_bytes']:+.1f}% here, "
-                     f"{100 * w['base_bytes_cuda']:+.1f}% on CUDA: "
+                     f"seed {paired_em}), base weights {percent(w['base_bytes'])} here, "
+                     f"{percent(w['base_bytes_cuda'])} on CUDA: "
                      f"{'meets' if v['meets_target'] else 'does NOT meet'} the target.")
     before = {method: runs[min(runs)]["before"]["eval_loss"] for method, runs in runs_of.items()}
     lora_losses = [run["eval_loss"] for run in runs_of["lora"].values()]
@@ -217,10 +252,31 @@ def markdown(result: dict, plot_name: str) -> str:
               + f"; the exact-match score moves in steps of 1/{result['eval_rows']} held-out rows. Same-seed "
               "comparisons (same data order, same adapter init draw) are the paired numbers above.", "",
               "Before any training (held-out loss of the base with zero adapters, or LoftQ's initial ones): "
-              + ", ".join(f"{METHODS[m][1].replace(chr(10), ' ')} {b:.4f}" for m, b in before.items()) + ".",
+              + ", ".join(f"{short_name(m)} {b:.4f}" for m, b in before.items()) + ".",
               "Wall times are from runs on a machine shared with other jobs: indicative only.", "",
+              *earlier_lines(result.get("earlier")),
               f"![held-out loss and exact match per seed]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def earlier_lines(earlier: dict | None) -> list[str]:
+    """What came from an earlier result (--earlier), and whether the runs trained both times agree."""
+    if not earlier:
+        return []
+    taken: dict[str, list[int]] = {}
+    for method, seed in earlier["taken"]:
+        taken.setdefault(method, []).append(seed)
+    v = earlier["versions"]
+    pairs = "; ".join(f"{short_name(m)} seed {', '.join(map(str, seeds))}" for m, seeds in taken.items())
+    lines = [f"Not trained again here, taken from the earlier result of {earlier['date'][:10]} (qlora {v['qlora']}, "
+             f"transformers {v['transformers']}, `{earlier['command']}`): {pairs} (base weights not recorded then: ? "
+             "where no run of the method was trained here)."]
+    if earlier["compared"]:
+        lines[-1] += " Trained both times, final held-out loss and exact match now vs then: " + "; ".join(
+            f"{short_name(c['method'])} seed {c['seed']} {c['eval_loss'][0]:.4f} vs "
+            f"{c['eval_loss'][1]:.4f}, {100 * c['eval_exact_match'][0]:.1f}% vs {100 * c['eval_exact_match'][1]:.1f}%"
+            for c in earlier["compared"]) + "."
+    return [*lines, ""]
 
 
 def plot(path: Path, result: dict) -> None:
@@ -307,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default=None,
                         help="comma-separated train.seed values, each method trained once per seed; "
                              "a method:seeds entry such as full:0 limits one method (default: the recipe's seed)")
+    parser.add_argument("--earlier", type=Path, default=None,
+                        help="an earlier quality-<device>.json of the same recipe and steps: its runs stand in for "
+                             "the (method, seed) pairs not trained here, and are compared with those that are")
     parser.add_argument("--reuse", action="store_true",
                         help="re-read a run that already finished with exactly this config instead of training it")
     args, overrides = parser.parse_known_args(argv)
@@ -342,12 +401,22 @@ def main(argv: list[str] | None = None) -> int:
                 timing.write_text(f"{train_one(args.recipe, method, run_dir, run_overrides)}\n")
             runs[method][seed] = read_run(run_dir, float(timing.read_text()) if timing.is_file() else None)
 
+    taken = None
+    if args.earlier:
+        earlier = json.loads(args.earlier.read_text())
+        if (earlier["recipe"], earlier["steps"]) != (args.recipe, base.train.steps):
+            raise SystemExit(f"--earlier {args.earlier}: its runs trained {earlier['recipe']} for {earlier['steps']} "
+                             f"steps, not {args.recipe} for {base.train.steps}: use a result of the same recipe")
+        taken = take_earlier(runs, earlier)
+        runs = {m: runs[m] for m in METHODS if m in runs}
     result = {
         **record("quality.py", device, argv),
-        "recipe": args.recipe, "steps": base.train.steps, "seeds": sorted({s for v in seeds.values() for s in v}),
+        "recipe": args.recipe, "steps": base.train.steps, "seeds": sorted({s for v in runs.values() for s in v}),
         "full_lr": full_lr, "lora_r": base.lora.r, "device": device, "eval_rows": eval_rows(base),
         "runs": runs, "target": {"loss_rel": TARGET_LOSS_REL, "em_points": TARGET_EM_POINTS},
     }
+    if taken:
+        result["earlier"] = taken
     result["verdict"] = {m: verdict(runs["lora"], runs[m]) for m in QLORA if m in runs}
     if "qlora" in runs:
         result["improvement"] = {m: improvement(runs["lora"], runs["qlora"], runs[m]) for m in QLORA

@@ -273,3 +273,27 @@ def test_the_screen_scores_each_untrained_base_against_the_16bit_one(tmp_path: P
     assert "kl" not in result["lora"] and result["qlora"]["kl"] > 0
     assert result["qlora-keep10"]["kept_16bit"] and result["qlora-keep10"]["base_bytes"] > result["qlora"]["base_bytes"]
     assert "| QLoRA (NF4 + double quant) |" in (tmp_path / "quant-screen-cpu.md").read_text()
+
+
+def test_quality_benchmark_takes_untrained_pairs_from_an_earlier_result() -> None:
+    """--earlier: the pairs not trained here come from the earlier result (without base-weight bytes of their own
+    unless a run of the method was trained here); a pair trained both times is kept from here and set side by side."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    def run(loss: float, base: int | None = None) -> dict:
+        weights = {"base_bytes": base, "base_bytes_cuda": base} if base else {}
+        return {**weights, "eval_loss": loss, "eval_exact_match": 0.9, "before": {"eval_loss": 4.0}}
+
+    runs = {"lora": {0: run(0.06, 500)}, "qlora": {0: run(0.12, 100)}, "qlora-keep10": {0: run(0.09, 110)}}
+    earlier = {"date": "2026-11-23T21:52:50+00:00", "command": "python benchmarks/quality.py", "versions": {},
+               "runs": {"lora": {"0": run(0.0683), "1": run(0.0494)}, "qlora": {"1": run(0.1228)},
+                        "qlora-loftq": {"0": run(0.0956)}}}
+    taken = quality.take_earlier(runs, earlier)
+    assert taken["taken"] == [["lora", 1], ["qlora", 1], ["qlora-loftq", 0]]
+    assert taken["compared"] == [{"method": "lora", "seed": 0, "eval_loss": [0.06, 0.0683],
+                                  "eval_exact_match": [0.9, 0.9]}]
+    assert runs["lora"][0]["eval_loss"] == 0.06 and runs["lora"][1]["eval_loss"] == 0.0494
+    assert runs["qlora"][1]["base_bytes"] == 100 and runs["qlora-loftq"][0]["base_bytes"] is None
+    loftq = quality.improvement(runs["lora"], runs["qlora"], runs["qlora-loftq"])
+    assert loftq["weights_rel"]["base_bytes"] is None and not loftq["meets_target"]
