@@ -23,12 +23,16 @@ def quiet_libraries() -> None:
 
     - transformers' "Loading weights" and datasets' bars: only on a terminal. The environment switches work when set
       before transformers is imported; transformers' own switch covers a process that imported it already.
+    - bars of libraries that leave `disable` to tqdm's default (transformers' "Converting and de-quantizing GGUF
+      tensors" as the demo builds SmolLM2): TQDM_DISABLE, off the terminal only. tqdm reads it as a default, so the
+      bars that pass `disable` themselves (ours: `progress`, the training bar) still decide for themselves.
     - bitsandbytes' "Paged optimizers are not supported on CPU" (a two-line UserWarning at the first optimizer step,
       in the middle of the progress bar): the trainer's summary says instead that nothing pages on CPU.
     """
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
         if "transformers" in sys.modules:
             from transformers.utils import logging
 

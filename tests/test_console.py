@@ -57,6 +57,26 @@ def test_a_logged_run_says_each_phase_and_nothing_else_on_stderr(logged_run) -> 
         at = found + 1
 
 
+LIBRARY_BAR = """
+import sys
+sys.argv = ["-m"]  # as runpy has it while `python -m qlora.train` imports the package
+import qlora
+from tqdm.auto import tqdm
+from qlora.console import progress
+list(tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))  # transformers' call, disable left default
+list(progress(range(3), 3, "ours", "rows", show=True))
+print("done")
+"""
+
+
+def test_a_library_bar_that_sets_no_disable_stays_out_of_a_log() -> None:
+    """transformers' GGUF conversion (the demo's first run) drew its bar frames into a log file."""
+    proc = subprocess.run([sys.executable, "-c", LIBRARY_BAR], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
+    assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
+    assert proc.stderr == ""
+
+
 def test_eval_generate_and_merge_in_a_log_show_no_loading_bars(logged_run, tmp_path: Path) -> None:
     run_dir, _ = logged_run
     for args in (["qlora.eval", str(run_dir)], ["qlora.generate", str(run_dir), "--prompt", "reverse: a b c",
