@@ -29,14 +29,13 @@ from qlora.lora import ADAPTER_WEIGHTS, attach_lora
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.train import announce_evaluation, evaluate
 
-RUN_CONFIG = "run_config.json"  # written by qlora.train at the start of every run
-
 
 def read_run_config(run_dir: Path) -> Config:
     """The recipe a run trained with, from RUN_DIR/run_config.json (or its parent's, for RUN_DIR/checkpoint-N)."""
-    path = next((d / RUN_CONFIG for d in (run_dir, run_dir.parent) if (d / RUN_CONFIG).is_file()), None)
+    candidates = (d / checkpoint.RUN_CONFIG for d in (run_dir, run_dir.parent))
+    path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise ConfigError(f"{run_dir / RUN_CONFIG} not found: RUN_DIR must be a training output directory "
+        raise ConfigError(f"{run_dir / checkpoint.RUN_CONFIG} not found: RUN_DIR must be a training output directory "
                           "(the --output.dir of python -m qlora.train)")
     return read_config_json(path)
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from qlora import eval as run_eval
 from qlora import generate as gen
 from qlora import lora, merge
+from qlora.checkpoint import RUN_CONFIG
 from qlora.config import ConfigError, load_recipe
 from qlora.lora import merge_all
 from qlora.model import load_base
@@ -96,9 +97,9 @@ def test_merge_matches_the_adapter_on_the_4bit_base(run: dict, tmp_path: Path) -
 def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
     """Under quant.quantize_lm_head the adapter trained beside an NF4 head: the merge dequantises that head too."""
     shutil.copytree(run["dir"], tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
-    raw = json.loads((tmp_path / "run" / run_eval.RUN_CONFIG).read_text())
+    raw = json.loads((tmp_path / "run" / RUN_CONFIG).read_text())
     raw["quant"]["quantize_lm_head"] = True
-    (tmp_path / "run" / run_eval.RUN_CONFIG).write_text(json.dumps(raw))
+    (tmp_path / "run" / RUN_CONFIG).write_text(json.dumps(raw))
     _, reference_model, tokenizer, _ = run_eval.load_run(tmp_path / "run", "cpu", "fp32")
     assert isinstance(reference_model.lm_head, bnb.nn.Linear4bit)
     merge.merge(tmp_path / "run", tmp_path / "m", dtype=torch.float32)
@@ -201,9 +202,9 @@ def test_merged_checkpoint_is_a_plain_sharded_hf_checkpoint(run: dict, tmp_path:
 def test_merge_refuses_what_it_cannot_do(run: dict, tmp_path: Path) -> None:
     (tmp_path / "full").mkdir()
     shutil.copy(run["dir"] / "adapter_config.json", tmp_path / "full")
-    raw = json.loads((run["dir"] / run_eval.RUN_CONFIG).read_text())
+    raw = json.loads((run["dir"] / RUN_CONFIG).read_text())
     raw["quant"]["method"] = "full"
-    (tmp_path / "full" / run_eval.RUN_CONFIG).write_text(json.dumps(raw))
+    (tmp_path / "full" / RUN_CONFIG).write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="full fine-tuning run"):
         merge.merge(tmp_path / "full", tmp_path / "out")
     (tmp_path / "taken").mkdir()
