@@ -201,10 +201,9 @@ def estimated_start(cfg, budget_bytes: float, granularity: int, max_seq: int) ->
 
 def host_bytes() -> int:
     """This machine's memory (MemTotal): what a plan's pinned layer inputs and host optimizer must fit in."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    from qlora.memory.profiler import meminfo_bytes
+
+    return meminfo_bytes("MemTotal")
 
 
 def card_gib() -> float:

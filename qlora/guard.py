@@ -20,7 +20,7 @@ from qlora.cli import EXIT_NONFINITE, EXIT_OOM, Session, Stop
 from qlora.config import Config
 from qlora.data import batch_rows
 from qlora.loss import eval_stats
-from qlora.memory.profiler import resident_bytes
+from qlora.memory.profiler import meminfo_bytes, resident_bytes
 
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
 GIB = 2**30
@@ -161,10 +161,7 @@ def data_position(first_index: int, count: int, n_examples: int, batch_size: int
 def _device_total(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return meminfo_bytes("MemTotal")
 
 
 def _in_use(device: torch.device) -> tuple[int, int]:

@@ -43,12 +43,18 @@ def resident_bytes(name: str) -> int:
     return 0
 
 
-def available_bytes() -> int:
-    """Host memory the kernel can still hand out without swapping (MemAvailable)."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
+def meminfo_bytes(field: str) -> int:
+    """One field of /proc/meminfo (MemTotal, MemAvailable, ...) in bytes; 0 where there is none (not Linux)."""
+    path = Path("/proc/meminfo")
+    for line in path.read_text().splitlines() if path.exists() else ():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def available_bytes() -> int:
+    """Host memory the kernel can still hand out without swapping (MemAvailable)."""
+    return meminfo_bytes("MemAvailable")
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)

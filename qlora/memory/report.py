@@ -35,6 +35,7 @@ from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, ConfigError, parse_args
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
+from qlora.memory.profiler import available_bytes, meminfo_bytes
 
 USAGE = MEMORY.usage
 GIB = 2**30
@@ -78,12 +79,8 @@ def device_memory(device: str) -> tuple[int, str]:
         return props.total_memory, f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
     if device == "cuda":
         return REFERENCE_GPU, "an 80 GB GPU (reference)"
-    total = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    total = meminfo_bytes("MemTotal")
     return total, f"this machine's RAM ({total / GIB:.0f} GiB)"
-
-
-def available_ram() -> int:
-    return int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024
 
 
 def versions() -> dict[str, str]:
@@ -178,7 +175,7 @@ def measure_entry(recipe: str, overrides: list[str], est: Estimate, device: str)
     """Measure one method in a fresh process, unless its estimate says it cannot fit."""
     from qlora.memory.measure import measure_in_subprocess
 
-    room = available_ram() * 0.8 if device == "cpu" else device_memory(device)[0]
+    room = available_bytes() * 0.8 if device == "cpu" else device_memory(device)[0]
     if est.peak_bytes > room:
         return {"measure_error": f"not measured: the estimate ({est.peak_bytes / GIB:.1f} GiB) exceeds the "
                                  f"{room / GIB:.1f} GiB available"}
