@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", default="/tmp/qlora-gpu-site", help="where they are installed")
     parser.add_argument("--work", help="work files (default runs/gpu-battery, runs/gpu-battery-tiny)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter of every item")
+    parser.add_argument("--items", help="only these items of the parts, in the order given (e.g. "
+                        "gpu-tests,memory-llama70b): for a lease shorter than the parts")
     parser.add_argument("--fresh", action="store_true", help="run every item again, every probe too")
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = parser.parse_args(argv)
@@ -304,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     args.work = args.work or str(ROOT / "runs" / ("gpu-battery-tiny" if args.size == "tiny" else "gpu-battery"))
     parts = {1, 2, 3, 4} if args.part == "all" else {int(p) for p in args.part.split(",")}
     items = [i for i in plan(args.size, Path(args.work), args.python) if i.part in parts]
+    if args.items:
+        named: dict[str, Item] = {}
+        for i in items:  # the first of two items of one name: part 4's are shorter goes at what 2 and 3 left
+            named.setdefault(i.name, i)
+        unknown = [name for name in args.items.split(",") if name not in named]
+        if unknown:
+            parser.error(f"--items: no item {', '.join(unknown)} in part {args.part}; the items: {', '.join(named)}")
+        items = [named[name] for name in args.items.split(",")]
     if args.fresh:
         items = [Item(i.part, i.name, [*i.cmd, "--fresh"] if i.deadline else i.cmd, i.cap, i.reports, i.deadline)
                  for i in items]

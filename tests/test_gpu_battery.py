@@ -73,3 +73,13 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["item"], r["note"]) for r in rows] == [("levers-tiny", "finished by an earlier command"),
                                                       ("context-tiny", "finished by an earlier command")]
+
+
+def test_items_pick_from_the_parts_in_the_order_given_and_an_unknown_one_is_named(tmp_path: Path) -> None:
+    """A lease shorter than the parts: --items runs the named items alone, in the order given, each once."""
+    plan = battery(tmp_path, "--part=all", "--items=levers-tiny,gpu-tests", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert [line.split()[2] for line in plan.stdout.splitlines()] == ["levers-tiny", "gpu-tests"]
+    wrong = battery(tmp_path, "--part=1", "--items=gpu-tests,levers-tiny", "--dry-run")
+    assert wrong.returncode == 2 and "no item levers-tiny in part 1" in wrong.stderr
+    assert "the items: gpu-tests, memory-tiny, throughput-tiny" in wrong.stderr
