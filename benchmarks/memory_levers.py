@@ -251,8 +251,11 @@ class Run:
         if fresh and self.new_context_probes >= self.args.max_probes:
             print(f"   seq {seq:,}: not run, --max-probes={self.args.max_probes} reached", flush=True)
             return None
-        result = measured(self.log, self.deadline, key, probe_command(self.args, {"recipe": True}, seq),
-                          self.args.probe_timeout)
+        plan = self.plan(seq)
+        if plan:
+            print(f"   seq {seq:,}: the estimator's plan for this card and host: {' '.join(plan)}", flush=True)
+        result = measured(self.log, self.deadline, key,
+                          probe_command(self.args, {"recipe": True, "overrides": plan}, seq), self.args.probe_timeout)
         if result is None:
             return None
         self.new_context_probes += fresh
@@ -260,6 +263,18 @@ class Run:
         if result.get("timed_out"):  # too slow to measure within --probe-timeout: longer ones are slower still
             return None
         return bool(result.get("ok"))
+
+    def plan(self, seq: int) -> list[str]:
+        """Where the layer inputs wait at `seq` tokens (checkpoint_every, offload budget), as the estimator plans it
+        for this card and host: the recipe's one plan, made for 2,048 tokens, would pin more than the host has long
+        before the card is full (the H200 battery of 2026-12-04 saw every 70B probe refused so)."""
+        if not self.cuda:
+            return []
+        from qlora.memory.context import probe_overrides
+
+        cfg = base_config(self.args.size, self.args.override)
+        budget = int((self.args.budget_gib or card_gib()) * 2**30)
+        return [o for o in probe_overrides(cfg, seq, budget, host_bytes()) if not o.startswith("--data.max_seq_len=")]
 
     def max_context(self) -> None:
         args = self.args

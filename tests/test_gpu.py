@@ -46,7 +46,8 @@ def test_embeddings_to_cpu_frees_the_table_on_the_card(tiny_config: Config) -> N
 def test_offload_that_cannot_pin_its_inputs_is_refused_before_a_step(tiny_config: Config) -> None:
     # 2 layers x 2^30 tokens x 128 x 2 B: two 256 GiB pinned blocks, more than any host here.
     cfg = on_cuda(tiny_config, "--train.offload_activations=true", "--data.max_seq_len=1073741824")
-    with pytest.raises(ConfigError, match=r"train.offload_activations would pin up to .* GiB is available: use "):
+    with pytest.raises(ConfigError, match=r"train.offload_activations would pin 4,096.0 GiB of host memory .* GiB is "
+                                          r"available: set --train.offload_budget_gib="):
         build_model(cfg)
 
 

@@ -292,6 +292,32 @@ def test_tiles_keep_loss_and_grads(tiny_config: Config, batch: dict, projections
     assert_same(tiled, plain, rtol=1e-5, atol=1e-6)
 
 
+def distance(a: tuple[torch.Tensor, dict], exact: tuple[torch.Tensor, dict]) -> float:
+    """Every gradient's distance from the exact run's, relative to the exact ones' norm, all of them together."""
+    diff = sum(float((a[1][n].float() - g.float()).square().sum()) for n, g in exact[1].items())
+    return (diff / sum(float(g.float().square().sum()) for g in exact[1].values())) ** 0.5
+
+
+def assert_tiles_as_close_in_bf16(tiled: tuple, plain: tuple, exact: tuple) -> None:
+    """In bf16 the untiled run is no exact reference (a tile's GEMM may round differently, and the difference grows
+    through the layers): the tiled gradients must lie as near the fp32 run's as the untiled ones do, within 10%."""
+    torch.testing.assert_close(tiled[0].float(), exact[0].float(), rtol=2e-2, atol=0)
+    assert distance(tiled, exact) <= 1.1 * distance(plain, exact) + 1e-3, (distance(tiled, exact),
+                                                                             distance(plain, exact))
+
+
+def test_tiles_in_bf16_are_as_near_the_fp32_gradients_as_the_untiled_path(tiny_config: Config, batch: dict) -> None:
+    # Measured on this CPU: 0.2007 untiled, 0.2007 tiled (relative distance of all gradients from the fp32 run; a
+    # random tiny model in bf16 is far from its fp32 self); on the H200 of 2026-12-04 the tiled bf16 gradients were up
+    # to 0.094 from the untiled ones, elementwise, which is why the comparison is with fp32.
+    exact = loss_and_grads(build(tiny_config), batch)
+    bf16 = ["--quant.compute_dtype=bf16"]
+    plain = loss_and_grads(build(tiny_config, *bf16), batch)
+    tiled = loss_and_grads(build(tiny_config, *bf16, "--train.tile_size=16", "--train.tile_projections=true"), batch)
+    assert all(g.dtype == torch.bfloat16 for g in tiled[1].values())
+    assert_tiles_as_close_in_bf16(tiled, plain, exact)
+
+
 def plain_tiles(module: torch.nn.Module, tile: int) -> None:
     """The same tiles run through plain autograd, every intermediate kept: the reference for the recomputed ones."""
     inner = module.forward
@@ -458,7 +484,7 @@ def test_optimizer_on_cpu_is_a_noop_on_a_cpu_device(tiny_config: Config, capsys:
 @cuda_only
 def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: dict) -> None:
     """Tiles, every-k-th inputs offloaded into exact-size pinned buffers, and the optimizer in host memory, on the
-    GPU: the numbers of the plain path (bf16 tiles within the tolerance of their sums; the rest exact)."""
+    GPU: the numbers of the plain path (bf16 tiles as near an fp32 run as the plain path; the rest exact)."""
     from qlora.train import build_optimizer
 
     batch = {k: v.cuda() for k, v in batch.items()}
@@ -470,7 +496,8 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
     assert_same(loss_and_grads(model, batch), reference)
     assert store.slots and all(b.is_pinned() for b in store.slots)
     tiled = build(tiny_config, "--train.device=cuda", "--train.tile_size=16", "--train.tile_projections=true")
-    assert_same(loss_and_grads(tiled, batch), reference, rtol=2e-2, atol=1e-3)
+    exact = loss_and_grads(build(tiny_config, "--train.device=cuda", "--quant.compute_dtype=fp32"), batch)
+    assert_tiles_as_close_in_bf16(loss_and_grads(tiled, batch), reference, exact)
     cfg = apply_overrides(tiny_config, ["--train.device=cuda", "--train.optimizer_on_cpu=true"])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     host = build_optimizer(list(params.values()), cfg)

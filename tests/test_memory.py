@@ -73,6 +73,22 @@ def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compu
     assert real["gradients"] == sum(p.numel() for p in params) * 4
 
 
+def test_paged_state_is_the_cards_though_its_tensor_says_cpu():
+    """bitsandbytes wraps a paged buffer's managed pointer with torch.frombuffer, so the state tensor's device is `cpu`
+    and it carries `is_paged`: on a CUDA device it is optimizer state outside the allocator, not host memory. (The H200
+    battery of 2026-12-04 found the paged state dropped as host memory; a host tensor without the flag still is.)"""
+    import bitsandbytes as bnb
+
+    model = torch.nn.Linear(512, 512, bias=False)
+    optimizer = bnb.optim.PagedAdamW32bit(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 512)).sum().backward()
+    optimizer.step()
+    state = optimizer.state[model.weight]
+    state["state1"].is_paged = True  # as bitsandbytes.functional.get_paged marks its buffers on CUDA
+    cats = tensor_categories(model, optimizer, torch.device("cuda"))
+    assert cats["outside_allocator"] == cats["optimizer_state"] == 4 * 512 * 512  # state2 unmarked: host memory
+
+
 def test_quantized_lm_head_saves_what_the_estimate_says():
     """quant.quantize_lm_head on CPU: the loaded model's weights, to the byte, with and without the NF4 head."""
     for cfg in (tiny(), tiny("--quant.quantize_lm_head=true")):
@@ -389,6 +405,35 @@ def test_llama70b_as_shipped_fits_40_gb_and_the_context_targets():
         assert tokens >= target and limit in ("card", "host") and levers, (name, tokens)
 
 
+def assert_the_trainer_pins_it(cfg: Config, arch, est, host: int) -> None:  # noqa: ANN001 (Arch, Estimate)
+    """The trainer's own check before the first step (qlora/levers/checkpoints.py) passes the plan on a host of
+    `host` bytes, whose available memory is then taken as the host less the process's allowance and its embeddings."""
+    from qlora.levers.checkpoints import check_pinned_memory
+
+    available = host - est.host.get("runtime", 0) - est.host.get("embeddings", 0)
+    if cfg.train.offload_activations and cfg.train.gradient_checkpointing:
+        check_pinned_memory(arch.layers, cfg.train, cfg.data.max_seq_len, arch.hidden, 2, available)
+
+
+def test_probes_of_the_max_context_search_run_the_plan_the_trainer_accepts():
+    """The GPU battery's max-context probes (benchmarks/memory_levers.py): at each length the estimator's plan for
+    that length, card and host, which the trainer's pinned-memory check lets through. On the H200 of 2026-12-04 every
+    70B probe (134K to 262K tokens) ran the recipe's own plan and was refused before a step."""
+    from qlora.memory.context import probe_overrides
+
+    cfg, gpu, host = llama("llama70b"), int(139.8 * 2**30), 126 * 2**30
+    arch = load_arch(cfg)
+    for tokens in (2048, 54_784, 134_144, 209_664, 262_144):
+        overrides = probe_overrides(cfg, tokens, gpu, host)
+        assert overrides[0] == f"--data.max_seq_len={tokens}"
+        planned_cfg = apply_overrides(copy.deepcopy(cfg), overrides)
+        est = estimate(planned_cfg, arch, "qlora", "cuda")
+        assert est.host_bytes <= host, tokens
+        assert_the_trainer_pins_it(planned_cfg, arch, est, host)
+        if tokens >= 134_144:  # 80 inputs of 2 GiB and more: only a plan keeps them from the host
+            assert any(o.startswith(("--train.checkpoint_every=", "--train.offload_budget_gib=")) for o in overrides)
+
+
 def test_max_context_is_the_longest_that_fits_card_and_host():
     from qlora.memory.context import GRANULARITY, fit_context, fitting_plan
 
@@ -401,6 +446,7 @@ def test_max_context_is_the_longest_that_fits_card_and_host():
         # The plan's overrides reproduce it on the recipe, estimated the ordinary way.
         again = estimate(apply_overrides(copy.deepcopy(cfg), fit.overrides), arch, "qlora", "cuda")
         assert again.peak_bytes <= gpu and again.host_bytes <= host
+        assert_the_trainer_pins_it(apply_overrides(copy.deepcopy(cfg), fit.overrides), arch, again, host)
     # A small host: the layer inputs the card cannot take must wait somewhere, and that limits the context.
     small = fit_context(cfg, 80 * 2**30, 48 * 2**30)
     assert small.limit == "host" and small.tokens < fit_context(cfg, 80 * 2**30, 128 * 2**30).tokens

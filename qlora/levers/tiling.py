@@ -12,8 +12,10 @@ path; its forward tiles run under no_grad, ours with autograd on and nothing sav
 levers choose the same kernels in the forward as in the recompute.
 
 Each tile's forward and its recompute see the same random state (LoRA dropout draws the same mask), as
-`torch.utils.checkpoint` arranges. The sums over tokens that make a weight gradient are added tile by tile, so the
-gradients equal the untiled ones up to floating-point rounding, not bitwise (tests/test_levers.py states the tolerance).
+`torch.utils.checkpoint` arranges. The sums over tokens that make a weight gradient are added tile by tile (in fp32,
+whatever the adapters' dtype), so the gradients equal the untiled ones up to floating-point rounding, not bitwise
+(tests/test_levers.py states the tolerance). In bf16 the untiled path is no exact reference either: both are held to
+their distance from an fp32 run instead.
 """
 
 from __future__ import annotations
@@ -86,9 +88,10 @@ class SequenceTiles(torch.autograd.Function):
             if want_x:
                 grad_x[start:start + ctx.tile] = grads[0]
                 grads = grads[1:]
-            for i, g in enumerate(grads):
+            for i, g in enumerate(grads):  # summed in fp32: a bf16 sum would round at every tile
                 if g is not None:
-                    grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+                    grad_params[i] = g.float() if grad_params[i] is None else grad_params[i].add_(g)
+        grad_params = [g if g is None else g.to(p.dtype) for g, p in zip(grad_params, ctx.params, strict=True)]
         return (grad_x.view_as(x) if want_x else None, None, None, *grad_params)
 
 

@@ -7,17 +7,21 @@ levers as they are, except the one choice that depends on the length and the hos
 inputs wait. With `train.offload_activations` they go to pinned host memory as far as the host holds them (after the
 process's own allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot
 take the rest either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as
-that costs the least recompute. A plan needing more host memory than the host has is no plan.
+that costs the least recompute. A plan needing more host memory than the host has is no plan, nor one pinning more
+than the trainer's check before the first step allows (qlora/levers/checkpoints.py, `check_pinned_memory`).
 
-`max_context(cfg, gpu_bytes, host_bytes)` is the function the GPU battery uses as its bisection bracket.
+`max_context(cfg, gpu_bytes, host_bytes)` is where the GPU battery's search starts, and `probe_overrides` the plan
+each of its probes runs at its length.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from qlora.config import Config
+from qlora.levers.checkpoints import PINNED_HEADROOM
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
 
@@ -56,26 +60,64 @@ def planned(cfg: Config, tokens: int, every: int, budget_bytes: int | None) -> C
 def fitting_plan(cfg: Config, arch: Arch, tokens: int, gpu_bytes: int,
                  host_bytes: int | None) -> tuple[Config, Estimate] | None:
     """The plan with the fewest replayed layers whose estimate fits the card and (unless None) the host, or None."""
+    for plan, est in plans(cfg, arch, tokens, host_bytes):
+        if est.peak_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes):
+            return plan, est
+    return None
+
+
+def pinned_room(host_bytes: int, bare: Estimate) -> int:
+    """Host memory the offloaded layer inputs may pin, beside what `bare` (the same plan, none offloaded) keeps
+    there: what is left of the host, and no more than the trainer's own check allows before the first step
+    (PINNED_HEADROOM of the memory then available: the host less the process's allowance and its embedding table)."""
+    check = PINNED_HEADROOM * (host_bytes - bare.host.get("runtime", 0) - bare.host.get("embeddings", 0))
+    return int(min(host_bytes - bare.host_bytes, check))
+
+
+def plans(cfg: Config, arch: Arch, tokens: int, host_bytes: int | None) -> Iterator[tuple[Config, Estimate]]:
+    """The checkpoint plans for rows of `tokens`, fewest replayed layers first: checkpoint_every 1, 2, ... with, under
+    train.offload_activations, as many layer inputs pinned as the host holds (unless `host_bytes` is None). Ends where
+    a larger k cannot help: the host has no room, or every kept input is on the host already."""
     t = cfg.train
     if not t.gradient_checkpointing:
-        est = estimate(planned(cfg, tokens, 1, None), arch, cfg.quant.method, "cuda")
-        fits = est.peak_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes)
-        return (planned(cfg, tokens, 1, None), est) if fits else None
+        yield planned(cfg, tokens, 1, None), estimate(planned(cfg, tokens, 1, None), arch, cfg.quant.method, "cuda")
+        return
     for every in range(1, arch.layers + 1):
         budget = None
         if t.offload_activations:
-            # The host's room for layer inputs: what is left after everything else it holds.
             bare = estimate(planned(cfg, tokens, every, 0), arch, cfg.quant.method, "cuda")
-            budget = (host_bytes - bare.host_bytes) if host_bytes is not None else 1 << 62
+            budget = pinned_room(host_bytes, bare) if host_bytes is not None else 1 << 62
             if budget < 0:
-                return None
+                return
         plan = planned(cfg, tokens, every, budget)
         est = estimate(plan, arch, cfg.quant.method, "cuda")
-        if est.peak_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes):
-            return plan, est
+        yield plan, est
         if t.offload_activations and est.checkpoints.on_device == 0:
-            return None  # every kept input is on the host already: a larger k only replays more on the card
-    return None
+            return  # a larger k only replays more on the card
+
+
+def plan_overrides(cfg: Config, est: Estimate) -> list[str]:
+    """The overrides that set `est`'s checkpoint plan on the recipe `cfg` (its length aside)."""
+    chosen, out = est.checkpoints, []
+    if chosen is not None and chosen.every != cfg.train.checkpoint_every:
+        out.append(f"--train.checkpoint_every={chosen.every}")
+    if chosen is not None and chosen.offload and chosen.on_device:  # the host's budget binds: say how much
+        out.append(f"--train.offload_budget_gib={chosen.host_bytes / GIB:.2f}")
+    return out
+
+
+def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -> list[str]:
+    """What a measurement of rows of `tokens` on this card and host should run: the estimator's plan where one fits,
+    else the one the host holds with the least on the card (a measurement may find room the estimate did not)."""
+    arch = load_arch(cfg)
+    found = fitting_plan(cfg, arch, tokens, gpu_bytes, host_bytes)
+    if found is None:
+        candidates = [(plan, est) for plan, est in plans(cfg, arch, tokens, host_bytes)
+                      if est.host_bytes <= host_bytes]
+        if not candidates:
+            return [f"--data.max_seq_len={tokens}"]
+        found = min(candidates, key=lambda c: c[1].peak_bytes)
+    return [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, found[1])]
 
 
 def longest(cfg: Config, arch: Arch, gpu_bytes: int, host_bytes: int | None) -> tuple[int, Config | None,
@@ -107,13 +149,7 @@ def fit_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> Fit:
     limit = "host" if longest(cfg, arch, gpu_bytes, None)[0] > tokens else "card"
     if plan is None:
         return Fit(0, limit, [])
-    overrides = [f"--data.max_seq_len={tokens}"]
-    chosen = est.checkpoints
-    if chosen is not None and chosen.every != cfg.train.checkpoint_every:
-        overrides.append(f"--train.checkpoint_every={chosen.every}")
-    if chosen is not None and chosen.offload and chosen.on_device:  # the host's budget binds: say how much
-        overrides.append(f"--train.offload_budget_gib={chosen.host_bytes / GIB:.2f}")
-    return Fit(tokens, limit, est.levers, overrides, est)
+    return Fit(tokens, limit, est.levers, [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, est)], est)
 
 
 def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
