@@ -63,3 +63,20 @@ def test_the_cache_is_emptied_once_before_the_paged_state_exists(tiny_config: Co
         optimizer.zero_grad(set_to_none=True)
     assert states == [0]
     assert len(optimizer.state) == len(stepped_params(optimizer))
+
+
+@pytest.mark.parametrize("env, expected", [({}, ("expandable_segments:True", None)),
+                                           ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:256"},
+                                            ("max_split_size_mb:256", None)),
+                                           ({"PYTORCH_ALLOC_CONF": "backend:native"}, (None, "backend:native"))])
+def test_the_allocator_gets_expandable_segments_unless_the_user_chose(env: dict, expected: tuple) -> None:
+    """Set when qlora is imported (CUDA reads it at its first allocation); a user's own setting, under either name
+    torch reads, stays as it is."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    code = "import os, qlora; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), os.environ.get('PYTORCH_ALLOC_CONF'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(v) for v in expected]
