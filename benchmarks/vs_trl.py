@@ -13,7 +13,7 @@ torch.set_num_threads(1)), each stack in a fresh process.
 
     ours               python -m qlora.train's `train()`, as the demo runs it (no evaluation before training)
     ours-exact-alloc   the same, with glibc's allocator set as the memory profiler set it on every run before
-                       2244670 (mmap threshold 64 KiB: what `qlora.memory --measure` still uses, for exact peaks)
+                       2244670 (mmap threshold 64 KiB then; `qlora.memory --measure` uses 8 KiB since, for exact peaks)
     trl                SFTTrainer(model, peft_config=LoraConfig(...)) on the model from
                        AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(nf4, double
                        quant, fp32 compute)); SFTTrainer casts a quantised model's adapters to bf16 (QLoRA paper,

@@ -311,8 +311,9 @@ LEVER_BASE = ["--data.max_seq_len=4096", "--train.batch_size=1", "--lora.dropout
 @pytest.fixture(scope="module")
 def deep_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """The tiny Llama's shape with 32 layers, synthetic weights: enough layer inputs for checkpoint_every to save
-    42 MiB. With 16 layers (18 MiB) one full-suite run measured 12.6 MiB of it: a resident-set peak wanders by a
-    few MiB now and then, so the saving must stand well above that."""
+    42 MiB (measured 41.7). Before measurement runs mmapped every block of 8 KiB or more (profiler.
+    MEASURE_MMAP_THRESHOLD; it was 64 KiB), holes in malloc's heap made the same step's peak vary by up to 38 MiB
+    from run to run, and savings of 12.6, 36.7 and 116.6 MiB were measured where the estimate said 18, 42 and 90."""
     from transformers import LlamaConfig
 
     from qlora.build import TINY_LLAMA
@@ -325,9 +326,8 @@ def deep_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Measured CPU peaks by override tuple, taken once per session: the smaller of two fresh processes
-    (qlora.memory.measure). A resident-set peak only errs upward (memory the allocator has not handed back yet), and
-    now and then by 5-20 MiB in one process of a full suite: a saving taken from single runs measured 12.6 and 64.4
-    MiB where the estimate says 18 and 42."""
+    (qlora.memory.measure), should one of them meet a machine's own disturbance (deep_tiny says what made the peaks
+    wander before)."""
     cache, out = {}, tmp_path_factory.mktemp("measured")
 
     def peak(*overrides: str, steps: int = 1) -> int:

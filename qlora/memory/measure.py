@@ -8,8 +8,9 @@ backward, gradient clipping and the optimizer of `build_optimizer`. The batch is
 
 Each method gets a fresh process, so that no method inherits another's allocator caches. On CPU the process first
 runs the same load and one step once and frees them (a warm-up), so that one-time costs (imports, kernel and thread
-pool set-up, per-shape kernel caches) stay out of the figure; and glibc is told to return every block of 64 KiB or
-more to the OS when freed, so that the resident set follows the live tensors instead of malloc's free lists.
+pool set-up, per-shape kernel caches) stay out of the figure; and glibc is told to return every block of 8 KiB or
+more to the OS when freed (profiler.MEASURE_MMAP_THRESHOLD), so that the resident set follows the live tensors instead
+of malloc's free lists.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ resident set before the model was loaded, less resident pages of memory-mapped c
 glibc's own allocator settings, so a tensor may reuse pages an earlier one freed without the resident set rising:
 its figure is the process's, not the step's. `qlora.memory --measure` (measure.py) calls `glibc_returns_freed_memory`
 first for the exact figure; a training run does not, because that setting costs ~1.7x CPU time per step (every
-tensor of 64 KiB or more becomes a fresh mmap, its pages faulted in again on every step).
+block of MEASURE_MMAP_THRESHOLD bytes or more becomes a fresh mmap, its pages faulted in again on every step).
 """
 
 from __future__ import annotations
@@ -58,6 +58,10 @@ def available_bytes() -> int:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+# Blocks of this size or more are mmapped in measurement runs. At 64 KiB the smaller blocks left holes in malloc's heap,
+# resident though free, whose extent varied from run to run: the same 64-layer tiny step measured 215.6, 244.4 and
+# 253.4 MiB (heap free space 15 to 56 MiB at the forward's end). At 8 KiB three runs measured 203.3 to 203.5 MiB.
+MEASURE_MMAP_THRESHOLD = 8 * 1024
 
 
 def glibc_returns_freed_memory() -> None:
@@ -65,15 +69,15 @@ def glibc_returns_freed_memory() -> None:
 
     Otherwise a long-lived process serves new tensors from freed pages that are still resident, and its peak RSS no
     longer rises with them: in a full test session the measured step peak came out 0. The price is speed: every
-    block of 64 KiB or more is a fresh mmap whose pages fault in on first touch (~1.7x CPU time per training step on
-    SmolLM2-135M), so ordinary training keeps glibc's defaults.
+    block of MEASURE_MMAP_THRESHOLD or more is a fresh mmap whose pages fault in on first touch (~1.7x CPU time per
+    training step on SmolLM2-135M at 64 KiB), so ordinary training keeps glibc's defaults.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: the resident set may then include malloc's cache
         return
     # A fixed threshold also turns off glibc's dynamic one, which would otherwise rise to the largest block freed.
-    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.mallopt(M_MMAP_THRESHOLD, MEASURE_MMAP_THRESHOLD)
     libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
     libc.malloc_trim(0)
 
