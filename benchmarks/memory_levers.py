@@ -273,16 +273,21 @@ class Run:
         from qlora.memory.context import probe_overrides
 
         cfg = base_config(self.args.size, self.args.override)
-        budget = int((self.args.budget_gib or card_gib()) * 2**30)
-        return [o for o in probe_overrides(cfg, seq, budget, host_bytes()) if not o.startswith("--data.max_seq_len=")]
+        return [o for o in probe_overrides(cfg, seq, self.card_bytes, host_bytes())
+                if not o.startswith("--data.max_seq_len=")]
+
+    @functools.cached_property  # nvidia-smi once, not at every probe
+    def card_bytes(self) -> int:
+        """The memory budget of the search: --budget-gib, else the card's."""
+        return int((self.args.budget_gib or card_gib()) * 2**30)
 
     def max_context(self) -> None:
         args = self.args
         start = args.start_seq
         if start is None:
             if self.cuda:
-                budget = (args.budget_gib or card_gib()) * 2**30
-                start = estimated_start(base_config(args.size, args.override), budget, args.granularity, args.max_seq)
+                start = estimated_start(base_config(args.size, args.override), self.card_bytes, args.granularity,
+                                        args.max_seq)
             else:
                 start = args.seq
         print(f"== max context of the recipe, starting at {start:,} tokens", flush=True)

@@ -80,7 +80,8 @@ def plans(cfg: Config, arch: Arch, tokens: int, host_bytes: int | None) -> Itera
     a larger k cannot help: the host has no room, or every kept input is on the host already."""
     t = cfg.train
     if not t.gradient_checkpointing:
-        yield planned(cfg, tokens, 1, None), estimate(planned(cfg, tokens, 1, None), arch, cfg.quant.method, "cuda")
+        plan = planned(cfg, tokens, 1, None)
+        yield plan, estimate(plan, arch, cfg.quant.method, "cuda")
         return
     for every in range(1, arch.layers + 1):
         budget = None
@@ -109,15 +110,12 @@ def plan_overrides(cfg: Config, est: Estimate) -> list[str]:
 def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -> list[str]:
     """What a measurement of rows of `tokens` on this card and host should run: the estimator's plan where one fits,
     else the one the host holds with the least on the card (a measurement may find room the estimate did not)."""
-    arch = load_arch(cfg)
-    found = fitting_plan(cfg, arch, tokens, gpu_bytes, host_bytes)
-    if found is None:
-        candidates = [(plan, est) for plan, est in plans(cfg, arch, tokens, host_bytes)
-                      if est.host_bytes <= host_bytes]
-        if not candidates:
-            return [f"--data.max_seq_len={tokens}"]
-        found = min(candidates, key=lambda c: c[1].peak_bytes)
-    return [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, found[1])]
+    held = [est for _, est in plans(cfg, load_arch(cfg), tokens, host_bytes) if est.host_bytes <= host_bytes]
+    if not held:
+        return [f"--data.max_seq_len={tokens}"]
+    # The first that fits the card is fitting_plan's choice; the plans come fewest replayed layers first.
+    found = next((est for est in held if est.peak_bytes <= gpu_bytes), None) or min(held, key=lambda e: e.peak_bytes)
+    return [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, found)]
 
 
 def longest(cfg: Config, arch: Arch, gpu_bytes: int, host_bytes: int | None) -> tuple[int, Config | None,
