@@ -121,8 +121,8 @@ def device_info(device: torch.device) -> dict:
 
 def probe(args: argparse.Namespace, spec: dict) -> dict:
     """One probe, in this (child) process: build, `--probe-steps` steps, the peak; or how it failed."""
-    from qlora.config import ConfigError
-    from qlora.model import resolve_device
+    from qlora.base.load import resolve_device
+    from qlora.errors import ConfigError
 
     # Every probe batch has one shape, as packed rows do (it sizes the pinned-memory check of activation offload).
     overrides = ([] if spec.get("recipe") else BASELINE) + spec.get("overrides", []) + args.override + \

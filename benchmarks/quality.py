@@ -9,7 +9,7 @@ moving at a LoRA learning rate overshoots. Besides full fine-tuning, 16-bit LoRA
 variants change the 4-bit base: adapters started at LoftQ's correction (lora.init=loftq, one or three alternating
 steps), blocks of 32 (quant.blocksize), the layers whose rounding costs most kept in 16-bit (quant.keep_16bit_budget),
 and combinations. The held-out loss and the task metric (teacher-forced exact match of the answer,
-qlora.loss.eval_stats) come from each run's final eval; the base-weight bytes from its memory.json and the estimator.
+qlora.training.loss.eval_stats) come from each run's final eval; the base-weight bytes from its memory.json and the estimator.
 
 Two targets: the QLoRA paper's claim (sec. 4: adapters on an NF4 + double quant base match 16-bit ones), held-out
 loss within 2% of 16-bit LoRA's and exact match within 2 points; and issue 15's for a variant: close at least half of
@@ -102,9 +102,9 @@ def base_weights(run_dir: Path) -> dict[str, int]:
     """Bytes of the frozen base's weights: as this run held them (memory.json, once the adapters were attached:
     4-bit layers with their quantisation state, every other weight in the compute dtype), and as the estimator counts
     them for the same recipe on CUDA, where the dense weights are bf16."""
-    from qlora.eval import read_run_config
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
+    from qlora.training.assemble import read_run_config
 
     held = json.loads((run_dir / "memory.json").read_text())["phases"]["lora_attached"]["categories"]
     cfg = read_run_config(run_dir)
@@ -336,7 +336,7 @@ def method_config(method: str, seed: int, overrides: list[str], full_lr: float |
 
 def finished_with(run_dir: Path, cfg: object) -> bool:
     """Did `run_dir` finish training with exactly `cfg` (its output.dir aside)? Then --reuse re-reads it."""
-    from qlora.eval import read_run_config
+    from qlora.training.assemble import read_run_config
 
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file() or not run_dir.with_suffix(".log").is_file():
@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-read a run that already finished with exactly this config instead of training it")
     args, overrides = parser.parse_known_args(argv)
     sys.path.insert(0, str(ROOT))
+    from qlora.base.load import resolve_device
     from qlora.config import apply_overrides, load_recipe
-    from qlora.model import resolve_device
 
     base = apply_overrides(load_recipe(ROOT / args.recipe), overrides)
     # Every weight moving at a LoRA learning rate overshoots; a tenth of it is the customary full fine-tuning rate.

@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/quant_screen.py [RECIPE] [--methods qlora,qlora-bs32,...] [--rows 48]
 
-For each method of benchmarks/quality.py the model is built exactly as training builds it (qlora.train.build_model:
+For each method of benchmarks/quality.py the model is built exactly as training builds it (qlora.training.assemble.build_model:
 the base with its block size and kept layers, the adapters with their initialisation, LoftQ's included) and scored,
 untrained, on the recipe's held-out split: the held-out loss the quality table shows "before training", and the mean
 KL divergence from the 16-bit model's next-token distribution over every position of the first --rows held-out rows
@@ -50,7 +50,8 @@ def screen(recipe: str, method: str, overrides: list[str], batches: list[dict], 
     """Build one method's untrained model and score it; return its numbers (and its log-probs, for 16-bit LoRA)."""
     from qlora.config import apply_overrides, load_recipe
     from qlora.memory.profiler import tensor_categories
-    from qlora.train import evaluate, prepare
+    from qlora.training.assemble import prepare
+    from qlora.training.step import evaluate
 
     cfg = apply_overrides(load_recipe(ROOT / recipe), [*overrides, *DEFAULTS, *METHODS[method][2]])
     run = prepare(cfg)
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args, overrides = parser.parse_known_args(argv)
     sys.path.insert(0, str(ROOT))
+    from qlora.base.load import load_tokenizer, resolve_device
     from qlora.config import apply_overrides, load_recipe
-    from qlora.data import collate, load_splits
-    from qlora.model import load_tokenizer, resolve_device
+    from qlora.data.read import collate, load_splits
 
     methods = [m for m in args.methods.split(",") if m != "lora"]
     unknown = [m for m in methods if m not in METHODS or m == "full"]

@@ -12,7 +12,7 @@ rank, alpha, dropout and targets (every linear layer but lm_head):
                 layer, non-reentrant; --standard-prep none skips the upcast), peft's bnb Linear4bit LoRA layers,
                 the forward and model(labels=...) loss under bf16 autocast (SDPA), bitsandbytes PagedAdamW32bit,
                 grad-norm clip 1.0 (Trainer's default)
-    ours        qlora.train.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
+    ours        qlora.training.assemble.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
 
 The batch is random token ids with every token a label, so both stacks do the same work. MFU counts 6N FLOPs per
@@ -130,8 +130,9 @@ def card_peak(device: torch.device) -> dict[str, float]:
 def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # noqa: ANN001
                ) -> tuple[torch.nn.Module, Callable, torch.device]:
     """Our trainer's model, optimizer and step; `adjust` may change the model first (memory_levers.py uses it)."""
-    from qlora.loss import loss_sum
-    from qlora.train import build_model, build_optimizer, stepped_params
+    from qlora.training.assemble import build_model
+    from qlora.training.loss import loss_sum
+    from qlora.training.optimizer import build_optimizer, stepped_params
 
     run = build_model(cfg)
     model, device = run["model"].train(), run["device"]
@@ -162,7 +163,7 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlora.model import compute_dtype, load_base, resolve_device
+    from qlora.base.load import compute_dtype, load_base, resolve_device
 
     device = resolve_device(cfg.train.device)
     cfg.quant.quantize_lm_head = cfg.model.embeddings_on_cpu = False  # our levers, not the standard stack's

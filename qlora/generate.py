@@ -18,9 +18,9 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from qlora.cli import run
 from qlora.commands import generate_parser
-from qlora.config import ConfigError
 from qlora.console import quiet_libraries
-from qlora.eval import load_run
+from qlora.errors import ConfigError
+from qlora.training.assemble import load_run
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -35,7 +35,7 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 256,
              temperature: float = 0.0, stream: bool = True) -> str:
     """Complete one prompt (greedy when temperature is 0); print tokens as they come when `stream`; return the text."""
-    # add_special_tokens=False: the template already holds every special token, as in qlora.data's tokenisation.
+    # add_special_tokens=False: the template already holds every special token, as in qlora.data.read's tokenisation.
     inputs = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(model.device)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None

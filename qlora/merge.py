@@ -34,17 +34,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from qlora.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
-from qlora.cli import check_writable, run
+from qlora.adapters.loftq import load_shifts, shifted
+from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
+from qlora.base.load import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
+from qlora.base.quantize import roundtrip
+from qlora.cli import run
 from qlora.commands import merge_parser
-from qlora.config import Config, ConfigError
+from qlora.config import Config
 from qlora.console import announce, progress, quiet_libraries, since
-from qlora.eval import load_run, read_run_config
+from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
-from qlora.loftq import load_shifts, shifted
-from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from qlora.model import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
-from qlora.quantize import roundtrip
+from qlora.training.assemble import load_run, read_run_config
 
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -63,7 +64,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Where does th
 
 def quantized_modules(base_path: str, cfg: Config) -> set[str]:
     """Names of the layers the 4-bit load holds in NF4: those transformers' own quantizer converts, plus the output
-    head under quant.quantize_lm_head (qlora.model.quantize_lm_head), less those in quant.keep_16bit.
+    head under quant.quantize_lm_head (qlora.base.load.quantize_lm_head), less those in quant.keep_16bit.
 
     Run on a weightless (meta) copy of the model, so it costs nothing and follows whatever transformers skips
     (the output head, tied weights, a model's fp32-only modules) without restating its rules here.
@@ -256,7 +257,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     dev = resolve_device(device or cfg.train.device)
     load_dtype = compute_dtype(cfg.quant, dev)  # what the 4-bit load casts each tensor to before quantising it
     quantized = quantized_modules(base, cfg) if dequantise else set()
-    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.loftq.shifted).
+    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.adapters.loftq.shifted).
     shifts = load_shifts(run_dir) if dequantise and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 else {}
     double = " with double quant" if cfg.quant.double_quant else ""
     onto = (f"the dequantised {cfg.quant.quant_type.upper()}{double} base of {base} (what the adapter trained on)"

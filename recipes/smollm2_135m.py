@@ -6,7 +6,7 @@ model can read the sentences but answers in chatty sentences, so exact match sta
 cities and travellers absent from train, so a high score after training means the rule was learned, not the rows.
 """
 
-from qlora.build import cache_dir
+from qlora.base.build import cache_dir
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
 
 config = Config(

@@ -4,11 +4,11 @@ For tests (which cut it to a few steps) and smoke runs. In its 300 steps (~40 s 
 three words it never saw as a whole: held-out exact match goes from 0% to ~90% (the task: recipes/data/make_reverse.py).
 """
 
-from qlora.build import cache_dir
+from qlora.base.build import cache_dir
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
 
 config = Config(
-    # Built once from qlora.build.TINY_LLAMA with seed 0 and saved, so peft can load the same base by path. "-v2":
+    # Built once from qlora.base.build.TINY_LLAMA with seed 0 and saved, so peft can load the same base by path. "-v2":
     # weights drawn with std 0.1 (see TINY_LLAMA); a cache built before that keeps its own name.
     model=ModelConfig(path=str(cache_dir() / "tiny-llama-v2"), build="tiny-llama"),
     data=DataConfig(train="recipes/data/tiny/train.jsonl", eval="recipes/data/tiny/heldout.jsonl", max_seq_len=128),

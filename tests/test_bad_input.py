@@ -21,9 +21,9 @@ import torch
 from forked_cli import ROOT
 from safetensors.torch import load_file
 
-from qlora.build import ensure_checkpoint
-from qlora.checkpoint import list_checkpoints
+from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
+from qlora.training.checkpoint import list_checkpoints
 
 TINY = "recipes/tiny.py"
 TINY_R, TINY_ALPHA = load_recipe(ROOT / TINY).lora.r, load_recipe(ROOT / TINY).lora.alpha
@@ -354,7 +354,7 @@ def test_cold_start_prints_one_line(tmp_path):
 
 def test_a_byte_order_mark_is_not_malformed_json(tmp_path):
     """Some editors start a UTF-8 file with a byte order mark; json.loads calls that line malformed."""
-    from qlora.data import read_rows
+    from qlora.data.read import read_rows
 
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + b'{"text": "a"}\n{"text": "b"}\n')

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.build import ensure_checkpoint
+from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +73,8 @@ def test_transformers_offload_probe_works_without_the_transformers_5_23_method(t
     checkpoint in save_on_cpu itself, and the loss and gradients stay those of plain checkpointing."""
     from transformers import PreTrainedModel
 
-    from qlora.loss import loss_sum
-    from qlora.train import build_model
+    from qlora.training.assemble import build_model
+    from qlora.training.loss import loss_sum
 
     def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
         loss = loss_sum(model.train(), batch)

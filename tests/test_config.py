@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.config import ConfigError, apply_overrides, load_recipe, parse_args
+from qlora.config import apply_overrides, load_recipe, parse_args
+from qlora.errors import ConfigError
 
 TINY = "recipes/tiny.py"
 

@@ -24,14 +24,14 @@ import torch
 from forked_cli import ROOT
 from safetensors.torch import load_file, save_file
 
-from qlora.build import ensure_checkpoint
-from qlora.checkpoint import STATE, list_checkpoints
+from qlora.base.build import ensure_checkpoint
 from qlora.config import apply_overrides, load_recipe
-from qlora.data import batch_rows
-from qlora.guard import HEADROOM
+from qlora.data.read import batch_rows
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
-from qlora.train import MetricsLog
+from qlora.training.checkpoint import STATE, list_checkpoints
+from qlora.training.guard import HEADROOM
+from qlora.training.metrics import MetricsLog
 
 STEPS = 8
 # 4 rows x 2 micro-batches per step, dropout on (resume must restore its RNG), an evaluation every 3 steps.
@@ -134,7 +134,7 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(cli, refere
 
 KILL_IN_FINAL_SAVE = """
 import os, signal
-import qlora.checkpoint as ckpt
+import qlora.training.checkpoint as ckpt
 save_weights = ckpt.save_weights
 def killing_save_weights(model, cfg, base_path, out_dir):
     save_weights(model, cfg, base_path, out_dir)
@@ -205,7 +205,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cli, reference, tmp
 
 
 NON_FINITE = """
-import torch, qlora.loss
+import torch, qlora.training.loss
 class InfGrad(torch.autograd.Function):  # a finite loss whose gradients are inf
     @staticmethod
     def forward(ctx, x):
@@ -213,7 +213,7 @@ class InfGrad(torch.autograd.Function):  # a finite loss whose gradients are inf
     @staticmethod
     def backward(ctx, grad):
         return grad * float("inf")
-loss_sum, calls = qlora.loss.loss_sum, [0]
+loss_sum, calls = qlora.training.loss.loss_sum, [0]
 def faulty_loss_sum(model, batch, chunk_size=0):
     calls[0] += 1
     loss = loss_sum(model, batch, chunk_size)
@@ -222,7 +222,7 @@ def faulty_loss_sum(model, batch, chunk_size=0):
     if calls[0] == 8:  # micro-batch 7 (step 4): the loss is fine, its gradients are not
         return InfGrad.apply(loss)
     return loss
-qlora.loss.loss_sum = faulty_loss_sum
+qlora.training.loss.loss_sum = faulty_loss_sum
 """
 
 
@@ -254,8 +254,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_their_position(cli
 
 OOM = """
 import torch
-import qlora.guard
-qlora.guard._device_total = lambda device: {total}  # a device just too small for this recipe
+import qlora.training.guard
+qlora.training.guard._device_total = lambda device: {total}  # a device just too small for this recipe
 forwards = [0]
 def out_of_memory(module, args, output):
     if type(module).__name__ == "LlamaModel" and module.training:
@@ -466,7 +466,7 @@ def test_a_signal_while_the_model_loads_ends_in_one_line(cli, tmp_path, sig):
 def test_a_signal_during_the_first_evaluation_stops_without_training_a_step(cli, tmp_path):
     out = tmp_path / "run"
     argv = [*ARGS, "--train.eval_batches=3", f"--output.dir={out}"]
-    result = interrupt(cli, argv, slowed("qlora.loss:eval_stats", 0.5), tmp_path / "evaluating", signal.SIGTERM)
+    result = interrupt(cli, argv, slowed("qlora.training.loss:eval_stats", 0.5), tmp_path / "evaluating", signal.SIGTERM)
     assert result.status == 128 + signal.SIGTERM, result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM before the first step; no checkpoint was "
                                                       "written: run the command again to start")

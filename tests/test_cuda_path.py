@@ -7,10 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora.config import Config, ConfigError, apply_overrides
-from qlora.data import collate
-from qlora.levers.checkpoints import check_pinned_memory, pinned_need
-from qlora.train import build_model, build_optimizer, forward_backward, prepare, stepped_params
+from qlora.config import Config, apply_overrides
+from qlora.data.read import collate
+from qlora.errors import ConfigError
+from qlora.training.assemble import build_model, prepare
+from qlora.training.optimizer import build_optimizer, stepped_params
+from qlora.training.step import forward_backward
 
 GIB = 2**30
 
@@ -21,32 +23,8 @@ def test_fp16_compute_on_cuda_is_refused_before_the_gpu_is_touched(tiny_config: 
         build_model(cfg)
 
 
-def test_pinned_need_is_each_offloaded_layer_input_at_its_exact_size(tiny_config: Config) -> None:
-    # Llama-70B at 100,000 tokens: each layer input is 1.53 GiB in bf16, pinned as exactly that (offload.pinned_buffer:
-    # torch's pinned allocator would round each up to 2 GiB, and keep smaller blocks for rows of other lengths).
-    train = tiny_config.train
-    train.batch_size = 1
-    assert pinned_need(80, train, 100_000, 8192, 2) == 80 * 100_000 * 8192 * 2
-    train.checkpoint_every = 3  # every third layer keeps its input: 27 of 80
-    assert pinned_need(80, train, 100_000, 8192, 2) == 27 * 100_000 * 8192 * 2
-    train.offload_budget_gib = 20.0  # 13 inputs fit in 20 GiB: the other 14 stay on the device
-    assert pinned_need(80, train, 100_000, 8192, 2) == 13 * 100_000 * 8192 * 2
 
 
-def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits(tiny_config: Config) -> None:
-    available = 130 * GIB  # 117 GiB of room: the 122 GiB of inputs do not fit
-    train = tiny_config.train
-    train.batch_size = 1
-    with pytest.raises(ConfigError) as refused:
-        check_pinned_memory(80, train, 100_000, 8192, 2, available)
-    message = str(refused.value)
-    assert message.startswith("train.offload_activations would pin 122.1 GiB of host memory (80 layer inputs of 1 x")
-    assert "but 130.0 GiB is available: set --train.offload_budget_gib=117.0 (the other inputs stay" in message
-    assert "\n" not in message
-    train.offload_budget_gib = 117.0  # what it names does fit
-    check_pinned_memory(80, train, 100_000, 8192, 2, available)
-    train.offload_budget_gib, train.checkpoint_every = 0.0, 2  # as does keeping every other input
-    check_pinned_memory(80, train, 100_000, 8192, 2, available)
 
 
 def test_the_cache_is_emptied_once_before_the_paged_state_exists(tiny_config: Config,

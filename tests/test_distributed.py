@@ -22,10 +22,10 @@ import torch
 from forked_cli import ROOT, ForkedCLI, Result
 from test_crash import adapter, metrics, wait_for_step  # the run dir's adapter, metrics, progress (rank 0 writes)
 
-from qlora.checkpoint import list_checkpoints
 from qlora.config import load_recipe
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
+from qlora.training.checkpoint import list_checkpoints
 
 STEPS = 6
 # 2 micro-batches per step, an evaluation every 3 steps (held-out batches shared by the ranks), a checkpoint per step.
@@ -103,7 +103,7 @@ def two_ranks(cli, tmp_path_factory) -> tuple[Path, list[Result]]:
 @pytest.mark.parametrize("size", [2, 3])
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 6])
 def test_every_rank_runs_as_many_evaluation_forwards_and_each_batch_counts_once(size, n):
-    from qlora.distributed import Ranks
+    from qlora.training.distributed import Ranks
 
     shares = [list(Ranks(rank, size).share(iter(range(10)), n)) for rank in range(size)]
     assert all(len(share) == -(-n // size) for share in shares)  # a sharded base all-gathers in each forward
@@ -123,7 +123,7 @@ def test_the_adapter_of_two_ranks_loads_in_peft(one_process, two_ranks):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.model import keep_cpu_weights_exact
+    from qlora.base.load import keep_cpu_weights_exact
 
     logits = []
     for run in (two_ranks[0], one_process):
@@ -144,16 +144,16 @@ def test_the_adapter_of_two_ranks_loads_in_peft(one_process, two_ranks):
 
 FREED = """
 import gc, json, os, weakref
-import qlora.shard
-shard_base = qlora.shard.shard_base
+import qlora.base.shard
+shard_base = qlora.base.shard.shard_base
 def watched(model, cfg, size, device):
     base = [weakref.ref(p) for p in model.parameters() if not p.requires_grad]
     shard_base(model, cfg, size, device)
     gc.collect()
     with open(os.environ["FREED_LOG"] + os.environ["RANK"], "w") as f:
         json.dump({"alive": sum(r() is not None for r in base), "of": len(base),
-                   "held": qlora.shard.base_bytes(model)}, f)
-qlora.shard.shard_base = watched
+                   "held": qlora.base.shard.base_bytes(model)}, f)
+qlora.base.shard.shard_base = watched
 """
 
 
@@ -183,14 +183,14 @@ def test_a_sharded_base_gives_the_same_run_with_half_the_base_per_rank(cli, two_
 
 CORRUPT = """
 import torch
-import qlora.shard
-shard_base = qlora.shard.shard_base
+import qlora.base.shard
+shard_base = qlora.base.shard.shard_base
 def corrupting(model, cfg, size, device):
     shard_base(model, cfg, size, device)
     if os.environ["RANK"] == "1":  # one byte of one packed weight, as a NaN-canonicalising copy would change it
         local = model.get_decoder().layers[0].mlp.down_proj.base_layer.weight.to_local()
         local.data.reshape(-1).view(torch.uint8)[0] += 1
-qlora.shard.shard_base = corrupting
+qlora.base.shard.shard_base = corrupting
 """
 
 
@@ -284,7 +284,7 @@ def test_torchrun_runs_the_recipe_as_the_readme_says(two_ranks, tmp_path):
 def test_memory_report_for_several_gpus(tmp_path, capsys):
     """qlora.memory --gpus 2 on Llama-3.1-70B: data parallel needs what one GPU does; a sharded base halves the NF4
     weights (their quantisation state stays whole) and the 16-bit ones, and adds the layers FSDP gathers."""
-    from qlora.memory.report import main
+    from qlora.report.memory import main
 
     # The weights as loaded (no NF4 head, embeddings on the GPU), so that halves are halves of the same tensors.
     assert main(["recipes/llama70b.py", "--gpus", "2", "--json", f"--out-dir={tmp_path}",

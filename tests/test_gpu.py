@@ -15,12 +15,16 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: device memory, the caching allocator and bf16 adapters on CUDA",
                 allow_module_level=True)
 
-from qlora.build import ensure_checkpoint  # noqa: E402
-from qlora.config import Config, ConfigError, apply_overrides  # noqa: E402
-from qlora.data import collate  # noqa: E402
-from qlora.levers.offload import embeddings_to_cpu  # noqa: E402
-from qlora.master import MasterWeights  # noqa: E402
-from qlora.train import build_model, build_optimizer, forward_backward, prepare, stepped_params, train  # noqa: E402
+from qlora.adapters.master import MasterWeights  # noqa: E402
+from qlora.base.build import ensure_checkpoint  # noqa: E402
+from qlora.config import Config, apply_overrides  # noqa: E402
+from qlora.data.read import collate  # noqa: E402
+from qlora.errors import ConfigError
+from qlora.levers.host_optimizer.optimizer import embeddings_to_cpu  # noqa: E402
+from qlora.train import train  # noqa: E402
+from qlora.training.assemble import build_model, prepare
+from qlora.training.optimizer import build_optimizer, stepped_params
+from qlora.training.step import forward_backward
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -122,7 +126,7 @@ def test_standard_stack_on_cuda_checkpoints_wraps_and_autocasts(tiny_config: Con
 
 
 def test_transformers_offload_probe_on_cuda_keeps_the_loss(tiny_config: Config) -> None:
-    from qlora.loss import loss_sum
+    from qlora.training.loss import loss_sum
 
     batch = throughput.synthetic_batch(259, 2, 64, torch.device("cuda"))
     losses = []

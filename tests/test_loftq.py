@@ -11,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from qlora import merge
-from qlora.config import ConfigError, apply_overrides
-from qlora.eval import evaluate_run, load_run
-from qlora.loftq import SHIFTS, init_loftq, rank_r_factors
-from qlora.lora import attach_lora, lora_layers
-from qlora.model import load_base
+from qlora.adapters.loftq import SHIFTS, init_loftq, rank_r_factors
+from qlora.adapters.lora import attach_lora, lora_layers
+from qlora.base.load import load_base
+from qlora.config import apply_overrides
+from qlora.errors import ConfigError
+from qlora.eval import evaluate_run
 from qlora.train import train
+from qlora.training.assemble import load_run
 
 
 def test_rank_r_factors_give_the_truncated_svd() -> None:
@@ -146,8 +148,8 @@ def test_peft_loads_a_multi_step_loftq_adapter_onto_the_rebuilt_base(tiny_config
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.loftq import apply_shifts, load_shifts
-    from qlora.model import keep_cpu_weights_exact
+    from qlora.adapters.loftq import apply_shifts, load_shifts
+    from qlora.base.load import keep_cpu_weights_exact
 
     tiny_config.lora.init, tiny_config.lora.loftq_iters, tiny_config.train.steps = "loftq", 3, 2
     train(tiny_config)

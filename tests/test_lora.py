@@ -7,9 +7,9 @@ import bitsandbytes.functional as bnbF
 import pytest
 import torch
 
-from qlora.config import ConfigError
-from qlora.lora import LoRALinear, attach_lora, lora_layers, merge_all, target_names, unmerge_all
-from qlora.model import load_base
+from qlora.adapters.lora import LoRALinear, attach_lora, lora_layers, merge_all, target_names, unmerge_all
+from qlora.base.load import load_base
+from qlora.errors import ConfigError
 
 
 def tokens(n_rows: int = 2, width: int = 24) -> torch.Tensor:

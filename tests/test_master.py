@@ -1,4 +1,4 @@
-"""bf16 adapters lose no update: fp32 master copies in the optimizer, gradients summed in fp32 (qlora/master.py).
+"""bf16 adapters lose no update: fp32 master copies in the optimizer, gradients summed in fp32 (qlora/adapters/master.py).
 
 Run on the CPU with quant.compute_dtype=bf16, which gives the adapters the dtype they have on CUDA.
 """
@@ -11,11 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora.adapters.master import MasterWeights
 from qlora.config import Config, apply_overrides
-from qlora.data import collate
-from qlora.loss import loss_sum
-from qlora.master import MasterWeights
-from qlora.train import build_optimizer, forward_backward, prepare, stepped_params, train
+from qlora.data.read import collate
+from qlora.train import train
+from qlora.training.assemble import prepare
+from qlora.training.loss import loss_sum
+from qlora.training.optimizer import build_optimizer, stepped_params
+from qlora.training.step import forward_backward
 
 
 def bf16_run(cfg: Config, *overrides: str) -> dict:

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from qlora.adapters.lora import attach_lora
+from qlora.base.load import compute_dtype, load_base, load_tokenizer
 from qlora.config import Config, apply_overrides, load_recipe
-from qlora.data import batch_rows, load_splits
-from qlora.levers.tiling import tile_layers
-from qlora.lora import attach_lora
+from qlora.data.read import batch_rows, load_splits
+from qlora.levers.tiling.tiles import tile_layers
 from qlora.memory.activations import layer_terms
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import compute_bytes, estimate, nf4_bytes
 from qlora.memory.profiler import PhaseTracker, one_line, tensor_categories
-from qlora.model import compute_dtype, load_base, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -59,7 +59,7 @@ def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compu
             p.requires_grad_(True)
     else:
         attach_lora(model, cfg.lora, compute_dtype(cfg.quant, CPU))
-    from qlora.train import build_optimizer, stepped_params
+    from qlora.training.optimizer import build_optimizer, stepped_params
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
@@ -89,13 +89,6 @@ def test_paged_state_is_the_cards_though_its_tensor_says_cpu():
     assert cats["outside_allocator"] == cats["optimizer_state"] == 4 * 512 * 512  # state2 unmarked: host memory
 
 
-def test_quantized_lm_head_saves_what_the_estimate_says():
-    """quant.quantize_lm_head on CPU: the loaded model's weights, to the byte, with and without the NF4 head."""
-    for cfg in (tiny(), tiny("--quant.quantize_lm_head=true")):
-        real = tensor_categories(load_base(cfg, CPU)[0])
-        est = estimate(cfg, load_arch(cfg), "qlora", "cpu").components
-        for key in ("quantized_weights", "unquantized_weights"):
-            assert est[key] == real[key], (cfg.quant.quantize_lm_head, key)
 
 
 def saved_bytes_of_layer(cfg: Config, method: str, dtype: torch.dtype) -> int:
@@ -149,7 +142,7 @@ def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout
 def measure(recipe: str, method: str, tmp_path: Path, *overrides: str) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"{method}.json"
-    subprocess.run([sys.executable, "-m", "qlora.memory.measure", recipe, f"--quant.method={method}", f"--out={out}",
+    subprocess.run([sys.executable, "-m", "qlora.report.measure", recipe, f"--quant.method={method}", f"--out={out}",
                     *overrides], check=True, cwd=ROOT, capture_output=True)
     return json.loads(out.read_text())
 
@@ -274,7 +267,7 @@ from qlora.config import apply_overrides, load_recipe
 from qlora.memory.profiler import glibc_returns_freed_memory
 
 if sys.argv[1] == "measure":
-    glibc_returns_freed_memory()  # as qlora.memory.measure does, before anything is allocated
+    glibc_returns_freed_memory()  # as qlora.report.measure does, before anything is allocated
 else:
     from qlora.train import train
 
@@ -316,7 +309,7 @@ def deep_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     from run to run, and savings of 12.6, 36.7 and 116.6 MiB were measured where the estimate said 18, 42 and 90."""
     from transformers import LlamaConfig
 
-    from qlora.build import TINY_LLAMA
+    from qlora.base.build import TINY_LLAMA
 
     path = tmp_path_factory.mktemp("tiny32") / "config.json"
     LlamaConfig(vocab_size=259, **{**TINY_LLAMA, "num_hidden_layers": 32}).to_json_file(path)
@@ -326,7 +319,7 @@ def deep_tiny(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Measured CPU peaks by override tuple, taken once per session: the smaller of two fresh processes
-    (qlora.memory.measure), should one of them meet a machine's own disturbance (deep_tiny says what made the peaks
+    (qlora.report.measure), should one of them meet a machine's own disturbance (deep_tiny says what made the peaks
     wander before)."""
     cache, out = {}, tmp_path_factory.mktemp("measured")
 
@@ -406,9 +399,9 @@ def test_llama70b_as_shipped_fits_40_gb_and_the_context_targets():
 
 
 def assert_the_trainer_pins_it(cfg: Config, arch, est, host: int) -> None:  # noqa: ANN001 (Arch, Estimate)
-    """The trainer's own check before the first step (qlora/levers/checkpoints.py) passes the plan on a host of
+    """The trainer's own check before the first step (qlora/levers/checkpoints/layer_inputs.py) passes the plan on a host of
     `host` bytes, whose available memory is then taken as the host less the process's allowance and its embeddings."""
-    from qlora.levers.checkpoints import check_pinned_memory
+    from qlora.levers.checkpoints.layer_inputs import check_pinned_memory
 
     available = host - est.host.get("runtime", 0) - est.host.get("embeddings", 0)
     if cfg.train.offload_activations and cfg.train.gradient_checkpointing:

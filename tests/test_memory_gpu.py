@@ -43,7 +43,7 @@ def test_paged_optimizer_state_is_counted_outside_the_allocator():
 @pytest.mark.parametrize("method", ["qlora", "lora"])
 def test_llama8b_estimate_within_10_percent_of_measured(method, tmp_path):
     out = tmp_path / "measured.json"
-    subprocess.run([sys.executable, "-m", "qlora.memory.measure", "recipes/llama8b.py", f"--quant.method={method}",
+    subprocess.run([sys.executable, "-m", "qlora.report.measure", "recipes/llama8b.py", f"--quant.method={method}",
                     f"--out={out}"], check=True, cwd=ROOT)
     got = json.loads(out.read_text())
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), [f"--quant.method={method}"])

@@ -20,13 +20,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from qlora import eval as run_eval
 from qlora import generate as gen
-from qlora import lora, merge
-from qlora.checkpoint import RUN_CONFIG
-from qlora.config import ConfigError, load_recipe
-from qlora.lora import merge_all
-from qlora.model import load_base
-from qlora.quantize import roundtrip
+from qlora import merge
+from qlora.adapters import lora
+from qlora.adapters.lora import merge_all
+from qlora.base.load import load_base
+from qlora.base.quantize import roundtrip
+from qlora.config import load_recipe
+from qlora.errors import ConfigError
 from qlora.train import train
+from qlora.training.assemble import load_run, read_run_config
+from qlora.training.checkpoint import RUN_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +63,7 @@ def test_nf4_roundtrip_equals_the_4bit_load(run: dict, tmp_path: Path, stored: t
     base = tmp_path / "base"
     shutil.copytree(cfg.model.path, base)  # tokenizer and config; the weights are re-saved in `stored` below
     plain_model(Path(cfg.model.path)).to(stored).save_pretrained(base)
-    cfg4 = run_eval.read_run_config(run["dir"])
+    cfg4 = read_run_config(run["dir"])
     cfg4.model.path, cfg4.model.build = str(base), None
     model, _, _ = load_base(cfg4, torch.device("cpu"))
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -73,7 +76,7 @@ def test_nf4_roundtrip_equals_the_4bit_load(run: dict, tmp_path: Path, stored: t
 
 
 def test_merge_matches_the_adapter_on_the_4bit_base(run: dict, tmp_path: Path) -> None:
-    _, reference_model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu", "fp32")
+    _, reference_model, tokenizer, _ = load_run(run["dir"], "cpu", "fp32")
     reference = logits(reference_model, tokenizer)
 
     info = merge.merge(run["dir"], tmp_path / "fp32", dtype=torch.float32)
@@ -100,7 +103,7 @@ def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
     raw = json.loads((tmp_path / "run" / RUN_CONFIG).read_text())
     raw["quant"]["quantize_lm_head"] = True
     (tmp_path / "run" / RUN_CONFIG).write_text(json.dumps(raw))
-    _, reference_model, tokenizer, _ = run_eval.load_run(tmp_path / "run", "cpu", "fp32")
+    _, reference_model, tokenizer, _ = load_run(tmp_path / "run", "cpu", "fp32")
     assert isinstance(reference_model.lm_head, bnb.nn.Linear4bit)
     merge.merge(tmp_path / "run", tmp_path / "m", dtype=torch.float32)
     reference = logits(reference_model, tokenizer)
@@ -110,7 +113,7 @@ def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
 
 def _bare_4bit(run: dict) -> torch.nn.Module:
     """The 4-bit base with no adapter."""
-    cfg = run_eval.read_run_config(run["dir"])
+    cfg = read_run_config(run["dir"])
     cfg.train.device, cfg.quant.compute_dtype = "cpu", "fp32"
     return load_base(cfg, torch.device("cpu"))[0].eval()
 
@@ -120,7 +123,7 @@ def test_merge_onto_16bit_weights_equals_loralinear_merge(run: dict, tmp_path: P
     base = run["cfg"].model.path
     info = merge.merge(run["dir"], tmp_path / "m", base_16bit=base, dtype=torch.float32)
     assert info["base_weights"] == "16bit"
-    _, model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu", "fp32", method="lora", base_path=base)
+    _, model, tokenizer, _ = load_run(run["dir"], "cpu", "fp32", method="lora", base_path=base)
     unmerged = logits(model, tokenizer)
     merge_all(model)
     ours = load_file(tmp_path / "m" / "model.safetensors")
@@ -217,7 +220,7 @@ def test_merge_refuses_what_it_cannot_do(run: dict, tmp_path: Path) -> None:
 
 
 def test_generate_streams_the_greedy_completion(run: dict, capsys: pytest.CaptureFixture) -> None:
-    _, model, tokenizer, _ = run_eval.load_run(run["dir"], "cpu")
+    _, model, tokenizer, _ = load_run(run["dir"], "cpu")
     capsys.readouterr()  # the loading lines
     text = gen.generate(model, tokenizer, "reverse: dog moon red", max_new_tokens=12)
     assert text and capsys.readouterr().out.strip() == text.strip()

@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.config import Config, ConfigError, apply_overrides
-from qlora.data import IGNORE, collate, tokenize_rows
-from qlora.loss import loss_sum, target_hidden
-from qlora.pack import check_packing, join_documents, pack_examples
-from qlora.train import build_model, prepare
+from qlora.config import Config, apply_overrides
+from qlora.data.pack import check_packing, join_documents, pack_examples
+from qlora.data.read import IGNORE, collate, tokenize_rows
+from qlora.errors import ConfigError
+from qlora.training.assemble import build_model, prepare
+from qlora.training.loss import loss_sum, target_hidden
 
 TEXTS = ["the quick brown fox", "jumps", "over the lazy dog and keeps running far away",
          "a b c", "packing must not leak", "x"]

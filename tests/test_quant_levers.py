@@ -16,15 +16,17 @@ from torch import nn
 
 from qlora import eval as run_eval
 from qlora import merge
-from qlora.config import Config, ConfigError, apply_overrides, load_recipe
-from qlora.data import IGNORE
+from qlora.base.load import keep_16bit, keep_cpu_weights_exact, load_base, load_tokenizer
+from qlora.base.quantize import dequantize, roundtrip, weight_bytes
+from qlora.config import Config, apply_overrides, load_recipe
+from qlora.data.read import IGNORE
+from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate, nf4_bytes
 from qlora.memory.profiler import estimated_peak, tensor_categories
-from qlora.model import keep_16bit, keep_cpu_weights_exact, load_base, load_tokenizer
-from qlora.quantize import dequantize, roundtrip, weight_bytes
-from qlora.sensitivity import calibration_batches, candidates, choose, input_output_moments, layer_costs
 from qlora.train import train
+from qlora.training.assemble import load_run
+from qlora.training.sensitivity import calibration_batches, candidates, choose, input_output_moments, layer_costs
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -92,7 +94,7 @@ def test_the_cost_ranks_layers_by_what_restoring_them_gives_back() -> None:
 
 
 def test_choose_spends_the_budget_by_cost_per_byte() -> None:
-    from qlora.sensitivity import LayerCost
+    from qlora.training.sensitivity import LayerCost
 
     costs = [LayerCost("a", 10.0, 100), LayerCost("b", 9.0, 30), LayerCost("c", 1.0, 50), LayerCost("d", 0.0, 1)]
     assert [c.name for c in choose(costs, 140)] == ["b", "a"]  # b first (0.3 per byte), then a fits; c does not
@@ -111,7 +113,7 @@ def test_kept_layers_are_exactly_the_16bit_ones_within_the_budget(tiny_config: C
     assert kept and "quant.keep_16bit_budget=0.15" in out and all(f"  {name}: " in out for name in kept)
 
     # eval, generate and merge rebuild the run from run_config.json: the same mixed base, the same numbers.
-    cfg, model, _, _ = run_eval.load_run(run_dir)
+    cfg, model, _, _ = load_run(run_dir)
     assert cfg.quant.keep_16bit == kept
     weights = checkpoint_weights(cfg)
     bases = {name: layer.base_layer for name, layer in model.named_modules() if hasattr(layer, "base_layer")}
@@ -161,7 +163,7 @@ def test_peft_loads_the_adapter_onto_the_mixed_base(tiny_config: Config) -> None
     tiny_config.train.steps = 3
     train(tiny_config)
     run_dir = Path(tiny_config.output.dir)
-    cfg, ours, _, _ = run_eval.load_run(run_dir)
+    cfg, ours, _, _ = load_run(run_dir)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32,
                                llm_int8_skip_modules=[*cfg.quant.keep_16bit, "lm_head"])

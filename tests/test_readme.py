@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.build import ensure_checkpoint
+from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,8 +94,8 @@ def test_readme_peft_snippet_loads_the_adapter_on_the_base_as_trained(clone: tup
     assert str(run_dir) in snippet
     scope: dict = {}
     exec(snippet, scope)  # noqa: S102 (README.md's own code)
-    from qlora.eval import load_run
-    from qlora.model import keep_cpu_weights_exact
+    from qlora.base.load import keep_cpu_weights_exact
+    from qlora.training.assemble import load_run
 
     _, ours, _, _ = load_run(run_dir, "cpu")
     model = scope["model"].eval()

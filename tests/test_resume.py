@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_crash import adapter, assert_same_run, metrics
 
-from qlora.checkpoint import OPTIMIZER, STATE, list_checkpoints
+from qlora.adapters.lora import ADAPTER_WEIGHTS
 from qlora.config import load_recipe
-from qlora.data import batch_rows, resume_position
-from qlora.lora import ADAPTER_WEIGHTS
+from qlora.data.read import batch_rows, resume_position
+from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
 
 TINY = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py")
 TINY_STEPS, TINY_R = TINY.train.steps, TINY.lora.r
@@ -111,7 +111,7 @@ def test_another_optimizer_on_resume_starts_its_state_afresh(cli, partial, tmp_p
 
 
 def test_another_optimizer_keeps_the_resumed_weights_of_16_bit_adapters(cli, tmp_path):
-    """bf16 adapters train through fp32 master copies (qlora/master.py); a fresh optimizer's copies must start from
+    """bf16 adapters train through fp32 master copies (qlora/adapters/master.py); a fresh optimizer's copies must start from
     the resumed adapter, not from the adapter as initialised (B = 0)."""
     out = tmp_path / "run"
     bf16 = [*ARGS, "--quant.compute_dtype=bf16", f"--output.dir={out}"]

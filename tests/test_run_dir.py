@@ -13,8 +13,8 @@ import pytest
 from test_crash import wait_for_step
 
 import qlora.train as train_module
-from qlora.checkpoint import list_checkpoints
-from qlora.cli import Stop
+from qlora.errors import Stop
+from qlora.training.checkpoint import list_checkpoints
 
 TINY = "recipes/tiny.py"
 QUICK = ["--train.steps=1", "--train.eval_every=0", "--train.eval_batches=1"]
@@ -103,7 +103,7 @@ def test_an_unwritable_output_dir_is_refused_before_loading(cli, tmp_path):
 def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli, tmp_path):
     """A save that fails for another reason than a full disk does not tell the user to free space."""
     out = tmp_path / "run"
-    fail = ("import errno, qlora.checkpoint as c\n"
+    fail = ("import errno, qlora.training.checkpoint as c\n"
             "def refuse(obj, path):\n"
             "    raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
             "c._torch_save = refuse\n")

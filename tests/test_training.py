@@ -9,9 +9,11 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from qlora.data import collate, eval_rows
-from qlora.model import keep_cpu_weights_exact
-from qlora.train import forward_backward, prepare, train
+from qlora.base.load import keep_cpu_weights_exact
+from qlora.data.read import collate, eval_rows
+from qlora.train import train
+from qlora.training.assemble import prepare
+from qlora.training.step import forward_backward
 
 
 def test_loss_falls_when_overfitting_one_batch(tiny_config):
@@ -111,7 +113,7 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_config, tmp_path):
 
     # Ours: rebuild exactly as training did, load the saved adapter.
     run = prepare(tiny_config)
-    from qlora.lora import load_adapter
+    from qlora.adapters.lora import load_adapter
 
     load_adapter(run["model"], out)
     run["model"].eval()
@@ -137,7 +139,7 @@ def test_saved_adapter_loads_in_peft_with_equal_logits(tiny_config, tmp_path):
 def test_an_evaluation_leaves_the_next_gradients_unchanged(tiny_config):
     """bitsandbytes repacks 4-bit weights on a CPU no-grad forward into a kernel without a backward; an eval before
     training then silently cut the gradient through every base layer (model.keep_cpu_weights_exact prevents it)."""
-    from qlora.train import evaluate
+    from qlora.training.step import evaluate
 
     grads = []
     for run_eval in (False, True):

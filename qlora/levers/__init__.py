@@ -1,5 +1,53 @@
-"""Switches that trade compute for memory or memory for speed, each a recipe field (`train.*`, `model.*`).
+"""Memory and speed levers: recipe switches that trade compute for memory, or memory for speed. One folder each:
 
-    offload.py  checkpointed layer inputs in pinned CPU memory; input embeddings in CPU memory
-    speed.py    reuse of dequantised weights, fused LoRA add, torch.compile
+    settings.py   its recipe fields (a dataclass its section of Config inherits), their rules, and its `Lever`
+                  records: when it acts and what it does, as start-up and the estimate say it
+    memory.py     what it changes in the estimate (qlora/memory/ reads it)
+    <name>.py     what it does to the model or the step (the trainer runs it)
+    test_*.py     its tests
+
+settings.py and memory.py are plain Python: the config and the estimator read them without torch. Adding a lever is
+its folder, its records in `LEVERS` and its fields in `FIELDS` below, and its hook in qlora/levers/apply.py.
+
+    checkpoints      train.offload_activations, offload_budget_gib, checkpoint_every: where checkpointed layer
+                     inputs wait (pinned host memory; only every k-th kept, the rest replayed)
+    tiling           train.tile_size, tile_projections: the MLP and projections in sequence tiles
+    loss             train.loss_chunk_size, liger_ce: logits a chunk at a time, or liger-kernel's fused loss
+    host_optimizer   train.optimizer_on_cpu: optimizer state and fp32 masters in host memory
+    lm_head          quant.quantize_lm_head: the output head in NF4
+    cpu_embeddings   model.embeddings_on_cpu: the input embedding table in host memory
+    speed            train.reuse_dequant, fuse_lora_add, compile: fewer dequantisations, a fused add, torch.compile
 """
+
+from __future__ import annotations
+
+from qlora.levers.checkpoints.settings import LEVERS as CHECKPOINTS
+from qlora.levers.checkpoints.settings import CheckpointFields
+from qlora.levers.cpu_embeddings.settings import LEVERS as CPU_EMBEDDINGS
+from qlora.levers.cpu_embeddings.settings import CPUEmbeddingFields
+from qlora.levers.host_optimizer.settings import LEVERS as HOST_OPTIMIZER
+from qlora.levers.host_optimizer.settings import HostOptimizerFields
+from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lm_head.settings import LEVERS as LM_HEAD
+from qlora.levers.lm_head.settings import LMHeadFields
+from qlora.levers.loss.settings import LEVERS as LOSS
+from qlora.levers.loss.settings import LossFields
+from qlora.levers.speed.settings import LEVERS as SPEED
+from qlora.levers.speed.settings import SpeedFields
+from qlora.levers.tiling.settings import LEVERS as TILING
+from qlora.levers.tiling.settings import TilingFields
+
+LEVERS: tuple[Lever, ...] = (*CHECKPOINTS, *TILING, *LOSS, *HOST_OPTIMIZER, *LM_HEAD, *CPU_EMBEDDINGS, *SPEED)
+
+# The fields each section of Config inherits from the levers, in the order --help lists them.
+FIELDS: dict[str, tuple[type, ...]] = {
+    "model": (CPUEmbeddingFields,),
+    "quant": (LMHeadFields,),
+    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields),
+}
+
+
+def check_levers(cfg: RunConfig) -> None:
+    """Every lever's rules across sections (qlora.config.Config runs them once its sections are set)."""
+    for lever in LEVERS:
+        lever.check(cfg)

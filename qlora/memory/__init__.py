@@ -1,11 +1,11 @@
-"""Where every gigabyte goes: the estimate from a config.json, the profiler of a run, measured steps, the report.
+"""Where every gigabyte goes, before a run and during it (the report, made of both, is qlora/report/):
 
-    arch.py      the shapes memory depends on, read from config.json alone
-    estimate.py  peak bytes of one training step per method, with its formulas
-    profiler.py  peak per named phase of a run, by category (memory.json)
-    measure.py   real training steps of one method in a fresh process
-    report.py    `python -m qlora.memory`: estimate (and measurement) for full, LoRA and QLoRA
-    markdown.py, plot.py  the report as markdown and PNG
+    arch.py         the shapes memory depends on, read from config.json alone
+    activations.py  what a training step keeps per token: a decoder layer's saved tensors, its backward, the loss
+    estimate.py     peak bytes of one training step per method, device and host, with its formulas; each lever's
+                    terms come from its folder (qlora/levers/*/memory.py)
+    context.py      the longest context a recipe trains on a card, and the plan that reaches it
+    profiler.py     peak per named phase of a run, by category (memory.json)
 
-Nothing is imported here: the trainer needs only the profiler, and the report must not pull in the trainer.
+Nothing is imported here: the trainer needs only parts of it, and none of it needs the trainer.
 """

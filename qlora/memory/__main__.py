@@ -1,7 +1,7 @@
-"""`python -m qlora.memory RECIPE.py [...]`: the memory report (qlora/memory/report.py)."""
+"""`python -m qlora.memory RECIPE.py [...]`: the memory report (qlora/report/memory.py)."""
 
 import sys
 
-from qlora.memory.report import main
+from qlora.report.memory import main
 
 sys.exit(main())

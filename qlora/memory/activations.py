@@ -16,15 +16,21 @@ MLP), checked tensor by tensor against torch's saved-tensor hooks on the tiny Ll
     dropout     in (e + m)      each adapter's dropped input and its mask: m = 1 byte on CUDA (a bool from the fused
                                 kernel), e on CPU (the mask is a tensor of the compute dtype there)
 
-A tiled module (qlora/levers/tiling.py) keeps only its input at full length; the rest exists for one tile at a time.
+A tiled module (qlora/levers/tiling/tiles.py) keeps only its input at full length; the rest exists for one tile at a time.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from qlora.config import Config, ConfigError
+from qlora.config import Config
+from qlora.errors import ConfigError
+from qlora.levers.lm_head.memory import dequantised_bytes
+from qlora.levers.lm_head.settings import LM_HEAD
+from qlora.levers.loss.memory import logits_bytes
+from qlora.levers.loss.settings import LIGER
+from qlora.levers.tiling import settings as tiling
+from qlora.levers.tiling.memory import mlp_tile_bytes, projection_tile_bytes
 from qlora.memory.arch import Arch
 
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
@@ -111,26 +117,23 @@ def sdpa_backward_bytes(arch: Arch, e: int, device: str) -> int:
     return e * (q + 2 * kv) + (q * e if gqa else 0)
 
 
-def mlp_tile_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> int:
-    """Per tile token, the working set of one MLP tile's recompute and backward: what the MLP saves, its two
-    intermediate gradients, the tile's output and its input's gradient."""
-    h, i = arch.hidden, arch.intermediate
+def mlp_saved(arch: Arch, method: str, cfg: Config, e: int, device: str) -> int:
+    """Per token, what the untiled MLP saves: gate, up, act(gate), down's input and its adapters' saved tensors."""
     full = layer_terms(arch, method, cfg, e, device)
-    return full.mlp + full.inputs["down"] + sum(full.adapters.get(n, 0) for n in MLP) + 2 * i * e + 2 * h * e
+    return full.mlp + full.inputs["down"] + sum(full.adapters.get(n, 0) for n in MLP)
 
 
-def projection_tile_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> int:
-    """Per tile token, the largest projection tile's working set: its adapter's saved tensors, output and input
-    gradient."""
+def projection_saved(arch: Arch, method: str, cfg: Config, e: int, device: str) -> dict[str, tuple[int, int, int]]:
+    """Per token and projection: its adapter's saved bytes, in features, out features."""
     full = layer_terms(arch, method, cfg, e, device)
-    return max(full.adapters.get(n, 0) + (a + o) * e for n, (a, o) in arch.linear_shapes.items() if n in PROJECTIONS)
+    return {n: (full.adapters.get(n, 0), a, o) for n, (a, o) in arch.linear_shapes.items() if n in PROJECTIONS}
 
 
 def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T: int) -> tuple[int, int, str]:
     """(saved, working set, formula) of one layer's backward: what the layer saved, and beyond it the larger of two
     moments, the MLP's backward and SDPA's."""
     t = cfg.train
-    tiled = 0 < t.tile_size < T and method != "full"  # one tile or fewer: the modules run as they are
+    tiled = tiling.tiled(cfg, method, T)
     proj = tiled and t.tile_projections
     layer = layer_terms(arch, method, cfg, e, device, tiled, proj)
     h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
@@ -138,13 +141,13 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     tile = min(t.tile_size, T) if tiled else 0
     # The MLP's backward: the layer output's gradient and the MLP input's, and the MLP's two intermediate gradients
     # at full length, or one tile's working set.
-    mlp = 2 * T * h * e + (tile * mlp_tile_bytes(arch, method, cfg, e, device) if tiled else 2 * T * i * e)
+    mlp = 2 * T * h * e + (tile * mlp_tile_bytes(mlp_saved(arch, method, cfg, e, device), h, i, e) if tiled else 2 * T * i * e)
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
     # output's, SDPA's own buffers (and a projection tile) are alive.
     done = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + 4 * h + 4 + \
         sum(layer.adapters.get(n, 0) for n in (*MLP, "o_proj"))
     sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device)) + \
-        (tile * projection_tile_bytes(arch, method, cfg, e, device) if proj else 0)
+        (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
     phase = "MLP backward" if mlp >= sdpa else "SDPA backward"
     formula = (f"T [{layer_formula(layer, tiled, proj)}] + at the {phase}: " +
                ("2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e")
@@ -154,81 +157,15 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
 
 def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:
     """Bytes alive beyond the layers in the loss's backward (final norm, labels, logits), and the formula."""
-    b, s, t = cfg.train.batch_size, cfg.data.max_seq_len, cfg.train
+    b, s = cfg.train.batch_size, cfg.data.max_seq_len
     T, N, h, V = b * s, b * (s - 1), arch.hidden, arch.vocab
     # The final norm's fp32 input and rsqrt; the labels (int64) and their mask.
-    total, formula = T * (4 * h + 4) + 9 * N, "T(4h + 4) + 9N"
-    if getattr(t, "liger_ce", False) and device == "cuda":  # fused: chunks of ~T*h/V tokens' logits, input grads
-        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(N / math.ceil(V / h)))))
-        return total + 2 * chunk * V * e + N * h * e, formula + f" + 2 c V e + N h e (liger chunks of c={chunk})"
-    n = min(N, t.loss_chunk_size) if t.loss_chunk_size > 0 else N
-    # Log-softmax keeps fp32 log-probs; its backward holds them with the incoming and outgoing fp32 gradients.
-    total += 12 * n * V
-    formula += f" + 12 {'min(N, chunk)' if t.loss_chunk_size > 0 else 'N'} V"
-    if method == "full" or t.loss_chunk_size > 0:  # lm_head's input: its weight gradient, or the chunks, keep it
-        total, formula = total + N * h * e, formula + " + N h e"
+    logits, logits_fx = logits_bytes(cfg, method, device, N, V, h, e)
+    total, formula = T * (4 * h + 4) + 9 * N + logits, f"T(4h + 4) + 9N + {logits_fx}"
+    if LIGER.active(cfg, method, device):  # the fused kernel takes the head's weight as it is
+        return total, formula
     if method == "full":
         total, formula = total + T * h * e, formula + " + T h e"
-    if getattr(cfg.quant, "quantize_lm_head", False) and method == "qlora":  # the NF4 head, dequantised to compute
-        total, formula = total + V * h * e, formula + " + V h e (NF4 head dequantised)"
+    if LM_HEAD.active(cfg, method, device):  # the NF4 head, dequantised to compute
+        total, formula = total + dequantised_bytes(V, h, e), formula + " + V h e (NF4 head dequantised)"
     return total, formula
-
-
-@dataclass(frozen=True)
-class CheckpointPlan:
-    """Where the checkpointed layer inputs wait: every k-th layer keeps its input, the first `host` of those in
-    pinned CPU memory, the rest on the device."""
-
-    layers: int
-    every: int
-    host: int
-    input_bytes: int
-    """Bytes of one layer input (T h e)."""
-    offload: bool
-
-    @property
-    def kept(self) -> int:
-        return -(-self.layers // self.every)
-
-    @property
-    def on_device(self) -> int:
-        return self.kept - self.host
-
-    @property
-    def host_bytes(self) -> int:
-        return self.host * self.input_bytes
-
-    def device_inputs(self, moment: str) -> int:
-        """Layer inputs on the device at the backward's first layer ("first"), its last ("last"), or in the loss's
-        backward ("loss"): the inputs that stayed, the group being replayed, and one fetched ahead."""
-        ahead = 1 if self.host else 0  # an offloaded input is fetched back while the layer after it runs
-        if moment == "loss":
-            return self.on_device + ahead
-        if moment == "last":  # the first group: its inputs replayed, every gradient built
-            return min(self.every, self.layers)
-        # The last group's inputs are replayed beside every input that stayed; its own first input is among those
-        # that stayed, or fetched from the host.
-        return max(self.on_device - 1, 0) + min(self.every, self.layers) + ahead
-
-    def describe(self) -> str:
-        where = (f"{self.host} in pinned CPU memory" + (f", {self.on_device} on the device" if self.on_device else "")
-                 if self.offload else "on the device")
-        replay = f"; the other {self.layers - self.kept} replayed from their group's first" if self.every > 1 else ""
-        return f"{self.kept} of {self.layers} layer inputs kept ({where}){replay}"
-
-
-def checkpoint_plan(cfg: Config, arch: Arch, e: int, device: str, budget_bytes: int | None = None,
-                    every: int | None = None) -> CheckpointPlan:
-    """The recipe's plan (`train.checkpoint_every`, `offload_activations`, `offload_budget_gib`), or the given `every`
-    and host budget in its place. Offloading happens on CUDA only: on a CPU device the inputs already are in CPU
-    memory, and the lever changes nothing there."""
-    t = cfg.train
-    T = t.batch_size * cfg.data.max_seq_len
-    size = T * arch.hidden * e
-    every = every or t.checkpoint_every
-    plan = CheckpointPlan(arch.layers, every, 0, size, t.offload_activations and device == "cuda")
-    if not plan.offload:
-        return plan
-    if budget_bytes is None:  # the recipe's budget; 0 = no limit
-        budget_bytes = int(t.offload_budget_gib * 2**30) or plan.kept * size
-    return CheckpointPlan(arch.layers, every, min(plan.kept, max(budget_bytes, 0) // size), size, True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from qlora.build import config_json_path
-from qlora.config import Config, ConfigError
+from qlora.base.build import config_json_path
+from qlora.config import Config
+from qlora.errors import ConfigError
 
 UNTIED_BY_DEFAULT = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
 

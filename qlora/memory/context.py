@@ -8,7 +8,7 @@ inputs wait. With `train.offload_activations` they go to pinned host memory as f
 process's own allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot
 take the rest either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as
 that costs the least recompute. A plan needing more host memory than the host has is no plan, nor one pinning more
-than the trainer's check before the first step allows (qlora/levers/checkpoints.py, `check_pinned_memory`).
+than the trainer's check before the first step allows (qlora/levers/checkpoints/layer_inputs.py, `check_pinned_memory`).
 
 `max_context(cfg, gpu_bytes, host_bytes)` is where the GPU battery's search starts, and `probe_overrides` the plan
 each of its probes runs at its length.
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from qlora.config import Config
-from qlora.levers.checkpoints import PINNED_HEADROOM
+from qlora.levers.checkpoints.memory import PINNED_HEADROOM
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
 
@@ -152,7 +152,7 @@ def fit_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> Fit:
 
 def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
     """The --max-context report: one row per card size, each with its plan, as a JSON-ready dict."""
-    from qlora.build import config_json_path
+    from qlora.base.build import config_json_path
 
     rows = []
     for size in gpu_gib:

@@ -10,7 +10,7 @@ Symbols: L layers, h hidden, i intermediate, nh heads, q = nh*hd and kv = nkv*hd
 b batch, s sequence length, T = b*s tokens, N = b*(s-1) predicted positions, e bytes per element of the compute dtype
 (bf16 on CUDA, fp32 on CPU; the model is loaded in it, so unquantised weights take e bytes too).
 
-Several processes (`gpus` > 1, qlora/distributed.py), per process: data parallel holds everything one process does,
+Several processes (`gpus` > 1, qlora/training/distributed.py), per process: data parallel holds everything one process does,
 plus one bucket of gradients being summed; `train.shard_base` holds 1/gpus of the frozen base (packed 4-bit weights,
 embeddings, head, norms; the quantisation state and a tied embedding table whole), plus what FSDP all-gathers for the
 moment: two decoder layers in the backward (the one computing and the one prefetched), the head in the loss.
@@ -31,8 +31,18 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from qlora.config import Config, ConfigError
-from qlora.memory.activations import CheckpointPlan, adapted_layers, checkpoint_plan, layer_backward, loss_bytes
+from qlora.config import Config
+from qlora.errors import ConfigError
+from qlora.levers import LEVERS
+from qlora.levers.checkpoints.memory import CheckpointPlan, checkpoint_plan
+from qlora.levers.cpu_embeddings.memory import table_bytes
+from qlora.levers.cpu_embeddings.settings import CPU_EMBEDDINGS
+from qlora.levers.host_optimizer import memory as host_optimizer
+from qlora.levers.host_optimizer.settings import HOST_OPTIMIZER
+from qlora.levers.lm_head.settings import LM_HEAD
+from qlora.levers.speed.memory import dequantised_bytes
+from qlora.levers.speed.settings import REUSE_DEQUANT
+from qlora.memory.activations import adapted_layers, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
 # NF4 with double quantisation (QLoRA paper, sec. 3): 4 bits per weight, one 8-bit absmax per block of 64 weights,
@@ -51,7 +61,7 @@ ALLOCATOR = ("PyTorch's caching allocator may reserve more than this (blocks fre
              "expandable segments, which qlora sets unless PYTORCH_CUDA_ALLOC_CONF says otherwise, an H200 measured "
              "1.4 GiB more for the 70B step at 2048 tokens")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-ALLREDUCE_BUCKET = 25 * 2**20  # gradients summed at once across processes: qlora/distributed.py BUCKET_BYTES
+ALLREDUCE_BUCKET = 25 * 2**20  # gradients summed at once across processes: qlora/training/distributed.py BUCKET_BYTES
 CATEGORIES = ("quantized_weights", "unquantized_weights", "gathered_weights", "adapters", "gradients",
               "optimizer_state", "activations", "cuda_context")
 
@@ -85,7 +95,7 @@ class Estimate:
 
 
 def compute_bytes(cfg: Config, device: str) -> tuple[str, int]:
-    """(name, bytes per element) of the compute dtype: mirrors qlora.model.compute_dtype without importing torch."""
+    """(name, bytes per element) of the compute dtype: mirrors qlora.base.load.compute_dtype without importing torch."""
     name = cfg.quant.compute_dtype
     if name == "auto":
         name = "bf16" if device == "cuda" else "fp32"
@@ -151,8 +161,8 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     T = t.batch_size * cfg.data.max_seq_len
     comp, fx, host, hfx = dict.fromkeys(CATEGORIES, 0), {}, {}, {}
     cuda = device == "cuda"
-    head_nf4 = method == "qlora" and cfg.quant.quantize_lm_head and not arch.tied
-    emb_off = method != "full" and cuda and cfg.model.embeddings_on_cpu
+    head_nf4 = LM_HEAD.active(cfg, method, device) and not arch.tied
+    emb_off = CPU_EMBEDDINGS.active(cfg, method, device)
     shards = gpus if gpus > 1 and t.shard_base and method != "full" else 1
     per = f" / {shards} (sharded)" if shards > 1 else ""
     if method == "qlora":
@@ -193,23 +203,22 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     state, _paged, step_tmp, state_fx = optimizer_bytes(sizes, t.optimizer, e, device)
     g = e  # bytes per gradient element
     masters = 0
-    host_optimizer = t.optimizer_on_cpu and cuda
-    if e < 4 and (method != "full" or host_optimizer):
+    host_opt = HOST_OPTIMIZER.active(cfg, method, device)
+    if e < 4 and (method != "full" or host_opt):
         # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py); the host optimizer keeps
-        # fp32 masters for every 16-bit weight, full fine-tuning's too (qlora/levers/offload.py)
+        # fp32 masters for every 16-bit weight, full fine-tuning's too (qlora/levers/host_optimizer/optimizer.py)
         g, masters = 4, 4 * sum(sizes)
     grads = sum(sizes) * g
-    if host_optimizer:  # state, fp32 masters and the update in host memory; gradients summed on the card
+    if host_opt:  # state, fp32 masters and the update in host memory; gradients summed on the card
         _, _, host_tmp, _ = optimizer_bytes(sizes, t.optimizer, 4, "cpu")
-        host["optimizer"] = state + 8 * sum(sizes) + host_tmp
-        hfx["optimizer"] = f"{state_fx.split(';')[0]} + 8 P_train (fp32 masters and their gradients, pinned) + the " \
-                           "CPU update's temporaries (12 B x the largest tensor)"
+        host["optimizer"] = host_optimizer.host_bytes(state, sum(sizes), host_tmp)
+        hfx["optimizer"] = f"{state_fx.split(';')[0]} {host_optimizer.FORMULA}"
         step_tmp, fx["optimizer_state"] = 0, "none on the device: train.optimizer_on_cpu"
     else:
         comp["optimizer_state"] = state + masters
         fx["optimizer_state"] = state_fx + (" + 4 P_train (fp32 master copies)" if masters else "")
     if emb_off:
-        host["embeddings"], hfx["embeddings"] = V * h * e, "V h e: the input embedding table"
+        host["embeddings"], hfx["embeddings"] = table_bytes(V, h, e), "V h e: the input embedding table"
 
     # Candidate peak moments: (activation-side bytes, gradient bytes). zero_grad(set_to_none=True) frees gradients
     # before each forward, so none exist in the loss's backward; they build up layer by layer after it.
@@ -217,15 +226,14 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
     rotary = 2 * cfg.data.max_seq_len * arch.head_dim * e
     # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward.
-    largest = max(a * o for a, o in arch.linear_shapes.values())
-    dq_w = (sum(a * o for a, o in arch.linear_shapes.values()) if t.reuse_dequant else largest) * e \
+    dq_w = dequantised_bytes(arch.linear_shapes, REUSE_DEQUANT.active(cfg, method, device), e) \
         if method == "qlora" else 0
     if gpus > 1:  # the gradients are summed across processes in buckets, each concatenated into one tensor
         step_tmp += min(grads, ALLREDUCE_BUCKET)
     phases = {"optimizer_step": (step_tmp, grads)}
     plan = None
     if t.gradient_checkpointing:
-        plan = checkpoint_plan(cfg, arch, e, device)
+        plan = checkpoint_plan(t, arch.layers, T * h * e, device)
         size = plan.input_bytes
         # At fp32 the recomputed layer's first norm keeps the layer input itself as its fp32 input: counted once.
         work = saved - (4 * h * T if e == 4 else 0) + extra
@@ -294,29 +302,10 @@ def gathered_bytes(cfg: Config, arch: Arch, method: str, e: int) -> dict[str, in
 
 
 def levers(cfg: Config, method: str, device: str) -> list[str]:
-    """The memory levers this estimate counts, as the recipe spells them, each with what it does on `device` (where
-    the layer inputs wait is the checkpoint plan's to say: `Estimate.checkpoints`)."""
-    t, cuda, out = cfg.train, device == "cuda", []
-    if t.offload_activations and t.gradient_checkpointing and cuda:
-        out.append("offload_activations: layer inputs in pinned host memory" +
-                   (f", up to {t.offload_budget_gib:g} GiB" if t.offload_budget_gib else ""))
-    if t.checkpoint_every > 1 and t.gradient_checkpointing:
-        out.append(f"checkpoint_every={t.checkpoint_every}: every {t.checkpoint_every}th layer input kept, the "
-                   "others replayed")
-    if t.tile_size and method != "full":
-        out.append(f"tile_size={t.tile_size}" + (" with tile_projections" if t.tile_projections else "") +
-                   ": the MLP" + (" and q/k/v/o" if t.tile_projections else "") + " in sequence tiles")
-    if t.loss_chunk_size:
-        out.append(f"loss_chunk_size={t.loss_chunk_size}: logits {t.loss_chunk_size} positions at a time")
-    if t.liger_ce and cuda:
-        out.append("liger_ce: fused head and cross-entropy")
-    if t.optimizer_on_cpu and cuda:
-        out.append("optimizer_on_cpu: the optimizer state in host memory")
-    if cfg.quant.quantize_lm_head and method == "qlora":
-        out.append("quantize_lm_head: lm_head in NF4")
-    if cfg.model.embeddings_on_cpu and method != "full" and cuda:
-        out.append("embeddings_on_cpu: the input embeddings in host memory")
-    if t.optimizer == "paged_adamw_8bit":
+    """The memory levers this estimate counts, each as its lever says what it does (where the layer inputs wait is
+    the checkpoint plan's to say: `Estimate.checkpoints`), and the 8-bit optimizer's moments."""
+    out = [lever.effect(cfg, method) for lever in LEVERS if lever.kind == "memory" and lever.active(cfg, method, device)]
+    if cfg.train.optimizer == "paged_adamw_8bit":
         out.append("paged_adamw_8bit: 8-bit moments")
     return out
 
@@ -327,7 +316,7 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
                  "paged_adamw_8bit": "bitsandbytes paged AdamW with 8-bit moments",
                  "paged_adamw_32bit": "bitsandbytes paged AdamW with fp32 moments"}[t.optimizer]
     adapters = f"adapters and their gradients in {dname}" if dname == "fp32" else \
-        f"adapters in {dname}, with fp32 master copies and fp32 gradients (qlora/master.py)"
+        f"adapters in {dname}, with fp32 master copies and fp32 gradients (qlora/adapters/master.py)"
     out = [{"full": f"every weight and its gradient in {dname}; {optimizer}; no fp32 master copy (as qlora.train "
                     "runs it: mixed-precision trainers that keep one add 4 bytes per parameter)",
             "lora": f"frozen base in {dname}; {adapters}; {optimizer} over the adapters",
@@ -347,7 +336,7 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
            "modelled apart)"]
     if t.tile_size and method != "full":
         out.append(f"sequence tiles of {t.tile_size} tokens: one tile's intermediates at a time, the module's input "
-                   "at full length (qlora/levers/tiling.py)")
+                   "at full length (qlora/levers/tiling/tiles.py)")
     if device == "cpu":
         out.append("CPU: weights and compute in fp32 unless quant.compute_dtype says otherwise (checked against "
                    "measurements in fp32; bf16 kernels' own fp32 buffers are not modelled); bitsandbytes pages "

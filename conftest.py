@@ -1,0 +1,73 @@
+"""Fixtures for every test, those under tests/ and those in the lever folders (qlora/levers/*/test_*.py): the tiny
+recipe cut to a short run into a temporary directory, a batch of its rows, the repo root as cwd, and a forked-CLI
+server per test module (tests/forked_cli.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from forked_cli import ForkedCLI
+
+from qlora.config import Config, load_recipe
+from qlora.data.read import collate, load_splits
+
+ROOT = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _repo_root_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recipes name their data relative to the repo root."""
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    """Runs `python -m qlora.<command>` in real processes forked from one that imported qlora once."""
+    with ForkedCLI() as server:
+        yield server
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Config:
+    """recipes/tiny.py cut to a few steps, writing into tmp_path/run."""
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.output.dir = str(tmp_path / "run")
+    cfg.train.steps = 4
+    cfg.train.eval_every = 0
+    cfg.train.log_every = 1
+    return cfg
+
+
+@pytest.fixture
+def batch(tiny_config: Config) -> dict:
+    """Four rows of the tiny recipe's training data, collated."""
+    from qlora.base.build import ensure_checkpoint
+    from qlora.base.load import load_tokenizer
+
+    tokenizer = load_tokenizer(ensure_checkpoint(tiny_config))
+    rows, _ = load_splits(tiny_config.data, tokenizer, seed=0)
+    return collate(rows[:4], tokenizer.pad_token_id)
+
+
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine where torch sees one GPU and initialising CUDA fails, as in a forked child of a process that
+    initialised it: code that must stay on the CPU, or refuse before touching the GPU, can be checked anywhere."""
+    import torch
+
+    def no_cuda(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUDA was initialised")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for module in (torch.cuda, torch.cuda.random):  # random.py binds these names at import
+        monkeypatch.setattr(module, "device_count", lambda: 1)
+        monkeypatch.setattr(module, "_lazy_init", no_cuda)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two cores: one BLAS thread per test process avoids oversubscription when subprocess tests run beside it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

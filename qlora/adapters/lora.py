@@ -1,0 +1,197 @@
+"""LoRA adapters, our own: wrap a frozen linear layer (bitsandbytes `Linear4bit` or `nn.Linear`), add a low-rank update.
+
+    h = W0 x + (alpha / r) * B A dropout(x)
+
+A is Kaiming-uniform and B is zero, so a fresh adapter leaves the model exactly as it was (LoRA paper, sec. 4.1).
+Saved adapters use PEFT's file format and key names, so `peft.PeftModel.from_pretrained(base, dir)` loads them as is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qlora.config import LoRAConfig
+from qlora.errors import ConfigError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model: the two wrappers PEFT puts around the base
+
+
+class LoRALinear(nn.Module):
+    """A frozen base linear layer plus a trainable rank-r update; the base is wrapped, never subclassed."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base_layer.weight.device
+        # PEFT's names (lora_A / lora_B as nn.Linear) keep the state dict keys identical to a PEFT adapter's.
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+        self.fuse_add = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        # Cast the input to the adapter dtype (peft/tuners/lora/bnb.py): the 4-bit layer may hand back another dtype.
+        down = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
+        if self.fuse_add and result.is_contiguous():  # train.fuse_lora_add (qlora/levers/speed/)
+            return self.add_in_place(result, down)
+        return result + (self.lora_B(down) * self.scaling).to(result.dtype)
+
+    def add_in_place(self, result: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """result += scaling * down B^T, written into result's own memory by one GEMM (beta = 1): the update never
+        exists as a tensor of its own, forward or backward."""
+        flat = result.view(-1, result.shape[-1])
+        flat.addmm_(down.reshape(-1, down.shape[-1]).to(result.dtype), self.lora_B.weight.t().to(result.dtype),
+                    alpha=self.scaling)
+        return result
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into a 16/32-bit base weight; a 4-bit weight would be re-quantised and lose quality."""
+        self._require_dense("merge")
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self._require_dense("unmerge")
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+    def _require_dense(self, what: str) -> None:
+        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+            raise ValueError(f"cannot {what} into a 4-bit layer: merge onto dequantised weights with qlora.merge")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of every linear layer in the model except the output head."""
+    out_head = model.get_output_embeddings()
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, bnb.nn.Linear4bit)) and module is not out_head]
+
+
+def target_names(model: nn.Module, targets: list[str]) -> list[str]:
+    """Resolve `lora.targets` (all-linear, or name suffixes like q_proj) to the full names of the layers to adapt."""
+    candidates = linear_names(model)
+    if targets == ["all-linear"]:
+        return candidates
+    chosen = [name for name in candidates if name.rsplit(".", 1)[-1] in targets or name in targets]
+    if not chosen:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+        raise ConfigError(f"lora.targets={','.join(targets)} matches no linear layer: "
+                          f"use all-linear or some of {','.join(suffixes)}")
+    return chosen
+
+
+def attach_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> list[str]:
+    """Freeze the model, wrap every targeted linear layer in `LoRALinear`, and return the wrapped names."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    names = target_names(model, cfg.targets)
+    # A rank beyond a layer's smaller side adds parameters, never expressiveness; an absurd one would only fail later,
+    # allocating its matrices.
+    sides = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names}
+    narrowest = min(sides, key=lambda name: min(sides[name]))
+    if cfg.r > min(sides[narrowest]):
+        raise ConfigError(f"lora.r={cfg.r} exceeds the smaller side of layer {narrowest} ({sides[narrowest][1]} x "
+                          f"{sides[narrowest][0]}): use a rank up to {min(sides[narrowest])}, e.g. "
+                          f"--lora.r={min(16, min(sides[narrowest]))}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout, dtype))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), "only adapters may train"
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's key names (`base_model.model.<layer>.lora_A.weight`)."""
+    return {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(layer, part).weight.detach().contiguous()
+            for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy adapter weights into the model's LoRA layers, after checking every name, shape and value: a mismatch or a
+    nan raises ValueError with the model untouched."""
+    layers = lora_layers(model)
+    expected = {f"{PEFT_PREFIX}{name}.{part}.weight": getattr(layer, part).weight
+                for name, layer in layers.items() for part in ("lora_A", "lora_B")}
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state))[:3], sorted(set(state) - set(expected))[:3]
+        raise ValueError(f"adapter does not match this model's LoRA layers (missing {missing}, unexpected {extra}): "
+                         "was it trained with other lora.targets or another base?")
+    for key, weight in expected.items():
+        if state[key].shape != weight.shape:
+            raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, this model's "
+                             f"{tuple(weight.shape)}: was it trained with another lora.r or another base?")
+        if not torch.isfinite(state[key]).all():
+            raise ValueError(f"adapter tensor {key} holds nan or inf: the adapter is broken")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part).weight.copy_(state[f"{PEFT_PREFIX}{name}.{part}.weight"])
+
+
+def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Path) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(lora_layers(model))
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        # Suffixes, as PEFT matches them against the end of each module name.
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    load_adapter_state_dict(model, load_file(str(adapter_dir / ADAPTER_WEIGHTS)))
+
+
+def merge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()

@@ -1,0 +1,195 @@
+"""Where a base checkpoint's files come from: built once into the cache (the tiny random Llama, SmolLM2 from its
+GGUF), a local directory, or a hub snapshot; and which of its files hold the weights and the config.
+
+Builders write a checkpoint that is then loaded like any Hugging Face one, so every method takes one path. Nothing
+heavy is imported at module level: recipes import `cache_dir` from here, and reading a recipe must stay instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlora.config import Config
+from qlora.console import announce, since
+from qlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+INDEX = "model.safetensors.index.json"  # a sharded safetensors checkpoint's tensor -> file map
+
+# ChatML, as SmolLM2 uses it; the tiny tokenizer gets it so chat data trains the same way on both.
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# A small Llama: every kind of layer the big ones have (GQA attention, SwiGLU MLP, RMSNorm, RoPE), trains in seconds.
+# Weights drawn with std 0.1, not transformers' 0.02: behind a frozen RMSNorm (weight 1) and a frozen random lm_head,
+# a logit can reach only std x hidden = 2.6 at 0.02, so no token ever got more than ~5% probability and adapters
+# learned the tiny task too slowly to show it (0% exact match after 400 steps); at 0.1 the ceiling is 12.8.
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  initializer_range=0.1)
+
+
+def cache_dir() -> Path:
+    """Where built checkpoints live: $QLORA_CACHE, else ~/.cache/qlora."""
+    return Path(os.environ.get("QLORA_CACHE", Path.home() / ".cache" / "qlora")).expanduser()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + ChatML specials; needs no download or corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256 + len(specials), special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHATML)
+
+
+def build_tiny_llama(out_dir: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_LLAMA)
+    torch.manual_seed(0)  # the same tiny base on every machine
+    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_smollm2(out_dir: Path) -> None:
+    from qlora.base.convert import write_smollm2_checkpoint
+
+    write_smollm2_checkpoint(out_dir)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama, "smollm2-135m-instruct": build_smollm2}
+
+
+def ensure_checkpoint(cfg: Config) -> str:
+    """Return the checkpoint path (or hub id), building it into place first when the recipe names a builder."""
+    path = os.path.expanduser(cfg.model.path)
+    if cfg.model.build is None:
+        return path
+    if cfg.model.build not in BUILDERS:
+        raise ConfigError(f"model.build={cfg.model.build!r} is not one of {', '.join(BUILDERS)}")
+    target = Path(path)
+    if not (target / "config.json").is_file():
+        started = announce(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed
+        # mid-build never leaves a half checkpoint at `target` (a leftover without config.json is cleared first).
+        tmp = target.parent / f".{target.name}.building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            BUILDERS[cfg.model.build](tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"built in {since(started)}")
+    return str(target.resolve())
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`name` or `owner/name`, and no local path: anything else that does not exist is a mistyped path, not a
+    download."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not os.path.exists(name)
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None if it can.
+
+    Without a network, huggingface_hub and datasets retry each request for ~25 s before they fail. So one connection
+    is tried first (3 s at most); if it fails, the hub libraries are switched to offline mode for the rest of the
+    command, and a copy in the local cache still loads while anything else fails at once. Behind a proxy the direct
+    connection proves nothing, so it is not tried.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return None
+    except OSError as err:
+        reason = f"no network: {url.hostname} cannot be reached ({err.strerror or err})"
+    constants.HF_HUB_OFFLINE = True  # read by huggingface_hub (and transformers) at each request
+    if "datasets.config" in sys.modules:  # datasets keeps its own copy of the flag
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = True
+    return reason
+
+
+def local_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a hub id's snapshot (from the cache that loading it for training filled)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    hub = looks_like_hub_id(path)
+    offline = hub_unreachable() if hub else None
+    try:
+        if not hub:
+            raise FileNotFoundError(f"no directory {path}")
+        return Path(snapshot_download(path, allow_patterns=patterns))
+    except Exception as err:  # huggingface_hub raises several types for a missing repo or no network
+        why = f"{offline}, and it is not in the local cache" if offline else str(err).splitlines()[0]
+        raise ConfigError(f"base {path} is neither a local directory nor a reachable hub checkpoint ({why}): fetch "
+                          f"it first with huggingface-cli download {path}, or give a local directory") from err
+
+
+def checkpoint_shards(root: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in the order its index lists them."""
+    if (root / INDEX).is_file():
+        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        return [root / name for name in dict.fromkeys(weight_map.values())]
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: the 16-bit weights are read from "
+                      "safetensors only; re-save the base with save_pretrained(safe_serialization=True)")
+
+
+def weight_locations(base_path: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file of the checkpoint that holds it."""
+    from safetensors import safe_open
+
+    where = {}
+    for shard in checkpoint_shards(local_checkpoint(base_path)):
+        with safe_open(str(shard), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), str(shard)))
+    return where
+
+
+def config_json_path(cfg: Config) -> Path:
+    """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
+    if cfg.model.config_json:
+        path = Path(cfg.model.config_json).expanduser()
+        return path / "config.json" if path.is_dir() else path
+    path = Path(cfg.model.path).expanduser() / "config.json"
+    if not path.is_file() and cfg.model.build:
+        path = Path(ensure_checkpoint(cfg)) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json at {path}: set model.config_json to a local copy of the model's config.json")
+    return path

@@ -1,0 +1,24 @@
+"""The recipe: a typed `Config` (sections.py), read from a Python file and overridden from the command line
+(recipe.py); `python -m qlora.config RECIPE.py` prints it resolved (__main__.py).
+
+Recipes import what they build from here: `from qlora.config import Config, ModelConfig, DataConfig, ...`.
+"""
+
+from qlora.config.recipe import apply_overrides, describe, field_docs, load_recipe, parse_args, split_args
+from qlora.config.sections import (
+    METHODS,
+    Config,
+    DataConfig,
+    LoRAConfig,
+    ModelConfig,
+    OutputConfig,
+    QuantConfig,
+    TrainConfig,
+    config_from_dict,
+    read_config_json,
+)
+from qlora.errors import ConfigError
+
+__all__ = ["METHODS", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "OutputConfig", "QuantConfig",
+           "TrainConfig", "apply_overrides", "config_from_dict", "describe", "field_docs", "load_recipe", "parse_args",
+           "read_config_json", "split_args"]

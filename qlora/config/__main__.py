@@ -1,0 +1,30 @@
+"""`python -m qlora.config RECIPE.py [overrides]`: print the resolved config as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from qlora.cli import run
+from qlora.commands import CONFIG, help_text, wants_help
+from qlora.config import parse_args
+from qlora.errors import ConfigError
+
+
+def print_resolved(argv: list[str]) -> None:
+    if wants_help(argv):
+        print(help_text("qlora.config", argv), end="")
+        return
+    usage = CONFIG.usage
+    cfg, flags = parse_args(argv, usage)
+    if flags:
+        raise ConfigError(f"unknown flag {flags[0]}: {usage}")
+    print(json.dumps(cfg.to_dict(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(print_resolved, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

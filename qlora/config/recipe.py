@@ -1,0 +1,156 @@
+"""A recipe file read into a `Config`, `--section.key=value` overrides applied to it, and the fields described for help.
+
+A recipe is a Python file that defines `config = Config(...)`. Overrides look like `--train.lr=1e-4`; each is parsed
+to the field's declared type, and an unknown key is an error that names the closest real key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import re
+import textwrap
+import traceback
+import types
+import typing
+from pathlib import Path
+
+from qlora.config import sections
+from qlora.config.sections import ALIASES, Config
+from qlora.errors import ConfigError
+
+
+def field_docs(section: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), by field name: the section's own and
+    those it inherits from the levers (qlora/levers/*/settings.py)."""
+    docs: dict[str, str] = {}
+    for cls in reversed(section.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        docs.update({node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:], strict=False)
+                     if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                     and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                     and isinstance(doc.value.value, str)})
+    return docs
+
+
+def describe(config: Config, width: int = 100) -> str:
+    """Every field as `section.key: type = value` and its docstring, for `--help` after a recipe: each section's own
+    fields first, then its levers'."""
+    lines = []
+    for section in dataclasses.fields(config):
+        obj = getattr(config, section.name)
+        docs, own = field_docs(type(obj)), type(obj).__dict__.get("__annotations__", {})
+        for f in sorted(dataclasses.fields(obj), key=lambda f: f.name not in own):
+            lines.append(f"  {section.name}.{f.name}: {f.type} = {getattr(obj, f.name)!r}")
+            lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | Path) -> Config:
+    """Execute a recipe file and return its `config`."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory" if path.is_dir() else "not found"
+        raise ConfigError(f"recipe {path} {problem}: pass the path of a recipe file such as recipes/tiny.py")
+    spec = importlib.util.spec_from_file_location(f"qlora_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
+    except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
+        raise ConfigError(f"{path}: the recipe called exit({err.code!r}): a recipe only builds `config`") from None
+    except Exception as err:  # a failed check, a NameError, an unknown keyword...: name the recipe's line, not ours
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+        raise ConfigError(f"{where}: {_recipe_error(err)}") from err
+    config = getattr(module, "config", None)
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
+    return config
+
+
+def _recipe_error(err: Exception) -> str:
+    if isinstance(err, ConfigError):
+        return str(err)
+    unknown = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+    section = unknown and vars(sections).get(unknown.group(1))
+    if section is Config:
+        names = ", ".join(f.name for f in dataclasses.fields(Config))
+        return f"Config has no section {unknown.group(2)!r}: use {names}"
+    if isinstance(section, type) and dataclasses.is_dataclass(section):
+        name = section.__name__.removesuffix("Config").lower()
+        known = [f"{name}.{f.name}" for f in dataclasses.fields(section)]
+        return f"unknown key {name}.{unknown.group(2)}: {_hint(f'{name}.{unknown.group(2)}', known)}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _hint(key: str, known: list[str]) -> str:
+    """The closest real key: a transformers/peft name's equivalent first, then the nearest spelling."""
+    alias = ALIASES.get(key.rsplit(".", 1)[-1])
+    close = [k for k in known if k.endswith(f".{alias}")] or difflib.get_close_matches(key, known, 1, 0.4)
+    return f"did you mean {close[0]}?" if close else "see the fields in qlora/config/sections.py"
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `--section.key=value` overrides, each parsed to the field's type, then re-run every check."""
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    known = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form --section.key=value, e.g. --train.lr=1e-4")
+        key, raw = item[2:].split("=", 1)
+        if key not in known:
+            raise ConfigError(f"unknown key --{key}: {_hint(key, known).replace('mean ', 'mean --')}")
+        section, name = key.split(".", 1)
+        obj = sections[section]
+        hints = typing.get_type_hints(type(obj))
+        setattr(obj, name, _parse(raw, hints[name], key))
+    for obj in [*sections.values(), config]:  # overrides must pass the same checks as the recipe
+        if hasattr(obj, "__post_init__"):
+            obj.__post_init__()
+    return config
+
+
+def _parse(raw: str, annotation: object, key: str) -> object:
+    """Parse a command-line string to `annotation` (bool, int, float, str, list[str], or X | None)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(raw, inner[0], key)
+    if annotation is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"--{key}={raw}: expected true or false")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise ConfigError(f"--{key}={raw}: expected {annotation.__name__}, e.g. --{key}=1") from None
+    if typing.get_origin(annotation) is list:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def split_args(argv: list[str], usage: str) -> tuple[str, list[str], list[str]]:
+    """Split argv into the recipe path, flags (--resume, ...) and overrides (--section.key=value)."""
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError(f"no recipe given: {usage}")
+    flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
+    return argv[0], flags, [a for a in argv[1:] if a not in flags]
+
+
+def parse_args(argv: list[str], usage: str) -> tuple[Config, list[str]]:
+    """Split argv into recipe path, flags (--resume, ...) and overrides; return the config and the flags."""
+    recipe, flags, overrides = split_args(argv, usage)
+    return apply_overrides(load_recipe(recipe), overrides), flags

@@ -1,0 +1,289 @@
+"""Data: read rows (local JSONL/JSON/Parquet/CSV or a hub dataset), tokenise them with labels masked, batch them.
+
+Labels are -100 wherever no loss is wanted: prompts, system and user turns, padding. Only assistant turns (chat), the
+output (instruction) or every token (text) are learned. The order of micro-batches is a pure function of the seed
+and the micro-batch index, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qlora.base.build import hub_unreachable, looks_like_hub_id
+from qlora.config import DataConfig
+from qlora.errors import ConfigError
+
+IGNORE = -100  # torch.nn.functional.cross_entropy's ignore_index
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FORMAT_FIELDS = {"messages": ("messages",), "instruction": ("instruction", "output"), "text": ("text",)}
+ROLES = ("system", "user", "assistant")
+_LEARNED = {"messages": "assistant turn", "instruction": "output", "text": "text"}  # what a row's labels are
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def read_rows(source: str) -> list[dict]:
+    """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
+    path = Path(source).expanduser()
+    if path.suffix in LOADERS or not looks_like_hub_id(source):
+        if not path.is_file():
+            problem = ("is a directory, not a file" if path.is_dir() else
+                       "is not a regular file" if path.exists() else "not found")
+            raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        if path.suffix not in LOADERS:
+            raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
+        import datasets
+
+        logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
+        try:
+            return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").to_list()
+        except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
+            cause = err
+            while cause.__cause__ or cause.__context__:
+                cause = cause.__cause__ or cause.__context__
+            text = (str(cause).strip() or "no details").splitlines()[0]
+            raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
+                              "or convert it to JSONL") from err
+    import datasets
+
+    offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
+    try:
+        return datasets.load_dataset(source, split="train").to_list()
+    except Exception as err:
+        why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
+        raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
+                          "give a local file, or download the dataset first") from err
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as err:
+        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark some editors write
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
+                              "as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def detect_format(rows: list[dict], source: str) -> str:
+    if not rows:
+        raise ConfigError(f"{source} holds no rows: add data or point data.train at another file")
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in rows[0] for f in fields):
+            return fmt
+    raise ConfigError(f"{source}: first row has fields {sorted(rows[0])}, none of the formats "
+                      "messages / instruction+output / text: rename the fields or set data.format")
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
+    """Token ids and labels (prompt tokens masked) for one row; `where` names the row in errors (file:line)."""
+    missing = [f for f in FORMAT_FIELDS[fmt] if f not in row]
+    if missing:
+        raise ConfigError(f"{where}: row lacks field(s) {', '.join(missing)} that format {fmt!r} needs")
+    if fmt == "messages":
+        if not isinstance(row["messages"], list):
+            raise ConfigError(f"{where}: messages must be a list of {{role, content}} objects, "
+                              f"got {type(row['messages']).__name__}")
+        return _tokenize_chat(row["messages"], tokenizer, where)
+    if fmt == "instruction":
+        template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
+        prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
+        return _join([(prompt, False), (str(row["output"]) + tokenizer.eos_token, True)], tokenizer)
+    return _join([(str(row["text"]) + tokenizer.eos_token, True)], tokenizer)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"{where}: chat data needs a tokenizer with a chat template, and this one has none: "
+                          "use a chat model's tokenizer or data.format=instruction/text")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+    # Render the conversation one turn longer at a time; the text each turn adds is its segment. Assistant segments
+    # (content + end-of-turn) are learned; everything the template adds around them is masked.
+    segments, previous = [], ""
+    for i, message in enumerate(messages):
+        prefix = messages[: i + 1]
+        if message["role"] == "assistant":
+            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            segments.append((head[len(previous):], False))
+            previous = head
+        text = tokenizer.apply_chat_template(prefix, tokenize=False)
+        if not text.startswith(previous):
+            raise ConfigError(f"{where}: the chat template re-renders earlier turns, so turns cannot be masked")
+        segments.append((text[len(previous):], message["role"] == "assistant"))
+        previous = text
+    return _join(segments, tokenizer)
+
+
+def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    input_ids, labels = [], []
+    for text, learn in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if learn else [IGNORE] * len(ids)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Characters in the tokenizer's longest vocabulary entry: no token covers more text than that.
+
+    Entries are spelled in the tokenizer's own alphabet (byte-level BPE: one character per byte; SentencePiece: `▁`
+    for a space; byte fallback: `<0x0A>` for one byte), each at least as long as the text it stands for, unless a
+    normaliser shortens text before it is split (no tokenizer of ours does).
+    """
+    return max(1, max(map(len, tokenizer.get_vocab())))
+
+
+def cut_row(row: dict, limit: int) -> dict:
+    """`row` with every text field cut to `limit` characters (chat messages' contents too)."""
+    def cut(value: object) -> object:
+        return value[:limit] if isinstance(value, str) else value
+
+    out = {k: cut(v) for k, v in row.items()}
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [{k: cut(v) for k, v in m.items()} if isinstance(m, dict) else m for m in out["messages"]]
+    return out
+
+
+def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase, source: str,
+                  max_seq_len: int) -> list[dict[str, list[int]]]:
+    """Tokenise and truncate every row; drop rows left with nothing to learn, and say how many.
+
+    Memory per row is bounded whatever the data holds (a single 50 MB line once took 2 GB for a row cut to 128
+    tokens): each text field is cut before tokenisation to the characters max_seq_len + 1 tokens can cover at most
+    (`longest_token`). Text beyond that lies past max_seq_len tokens, where the row is truncated anyway, assuming (as
+    for every BPE or SentencePiece tokenizer) that where a field ends changes only the tokens of its last word.
+    """
+    if not rows:
+        raise ConfigError(f"{source} holds no rows: add data or point data.train / data.eval at another file")
+    limit = (max_seq_len + 1) * longest_token(tokenizer)
+    examples, dropped = [], []
+    for number, row in enumerate(rows, 1):
+        ex = tokenize_row(cut_row(row, limit), fmt, tokenizer, f"{source}:{number}")
+        ex = {k: v[:max_seq_len] for k, v in ex.items()}
+        # Position t predicts token t+1, so a label at position 0 is never learned.
+        if all(label == IGNORE for label in ex["labels"][1:]):
+            dropped.append(number)
+            continue
+        examples.append(ex)
+    if not examples:
+        raise ConfigError(f"{source}: every row has all its labels masked (no {_LEARNED[fmt]} within "
+                          f"data.max_seq_len={max_seq_len}): check the data, the format, or raise data.max_seq_len")
+    if dropped:
+        print(f"{source}: dropped {len(dropped)} of {len(rows)} rows with no learnable token within "
+              f"max_seq_len={max_seq_len} (first: line {dropped[0]})")
+    return examples
+
+
+def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[dict], list[dict]]:
+    """Tokenised train and held-out examples; the held-out split is carved from train by seed when not given."""
+    rows = read_rows(cfg.train)
+    fmt = detect_format(rows, cfg.train) if cfg.format == "auto" else cfg.format
+    train = tokenize_rows(rows, fmt, tokenizer, cfg.train, cfg.max_seq_len)
+    if cfg.eval:
+        eval_rows = read_rows(cfg.eval)
+        return train, tokenize_rows(eval_rows, fmt, tokenizer, cfg.eval, cfg.max_seq_len)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(len(train) * cfg.eval_fraction))
+    if n_eval >= len(train):
+        raise ConfigError(f"{cfg.train}: {len(train)} rows are too few to hold out {n_eval}: give data.eval")
+    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row in the batch (right padding, masked out of attention and loss)."""
+    width = max(len(ex["input_ids"]) for ex in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_id),
+             "labels": torch.full((len(examples), width), IGNORE),
+             "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
+    packed = "position_ids" in examples[0]  # rows from qlora.data.pack: documents keep apart by restarting positions
+    if packed:
+        batch["position_ids"] = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
+        batch["labels"][i, :n] = torch.tensor(ex["labels"])
+        batch["attention_mask"][i, :n] = 1
+        if packed:
+            # The padding tail restarts at 0 too, so it forms its own segment that no document attends to.
+            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
+            batch["position_ids"][i, n:] = torch.arange(width - n)
+    return batch
+
+
+def micro_batches(examples: list[dict], batch_size: int, seed: int, pad_id: int, start: int = 0, rank: int = 0,
+                  world: int = 1) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Endless (index, batch) pairs from micro-batch `start` on; each epoch is a fresh permutation by seed.
+
+    The batch at index i depends only on (seed, i), which is what makes resume exact. With `world` processes, micro-
+    batch i of the run holds the rows one process with batch `world * batch_size` would take, and process `rank`
+    takes its rank-th `batch_size` of them: N processes x batch b see exactly the rows of 1 process x batch N b.
+    """
+    index = start
+    while True:
+        rows = batch_rows(len(examples), batch_size * world, seed, index)[rank * batch_size:(rank + 1) * batch_size]
+        yield index, collate([examples[i] for i in rows], pad_id)
+        index += 1
+
+
+def target_tokens(examples: list[dict], batch_size: int, seed: int, index: int) -> int:
+    """Target tokens of micro-batch `index` (labels after the one-token shift that are not IGNORE), from the rows
+    alone: what a process divides its summed loss by when it collates only its share of the batch."""
+    return sum(sum(label != IGNORE for label in examples[i]["labels"][1:])
+               for i in batch_rows(len(examples), batch_size, seed, index))
+
+
+def batch_rows(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:
+    """Positions in the training split of the rows in micro-batch `index`."""
+    per_epoch = max(1, n_examples // batch_size)  # a ragged last batch would change the token count per step
+    epoch, offset = divmod(index, per_epoch)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[offset * batch_size:(offset + 1) * batch_size].tolist()
+
+
+def resume_position(state: dict, batch_size: int, n_examples: int, default: int) -> int:
+    """The micro-batch a resumed run starts at: the one after the checkpoint's last (`state["micro_batch"]`), or,
+    when train.batch_size changed on --resume, the first of the new size that starts at or after the same row of the
+    same epoch, so no row is seen twice or skipped in that epoch. `default` serves checkpoints that do not record it."""
+    index, old_size = state.get("micro_batch", default), state.get("batch_size", batch_size)
+    if old_size == batch_size:
+        return index
+    epoch, offset = divmod(index, max(1, n_examples // old_size))
+    per_epoch = max(1, n_examples // batch_size)
+    return epoch * per_epoch + min(-(-offset * old_size // batch_size), per_epoch)
+
+
+def eval_rows(examples: list[dict], batch_size: int, max_batches: int = 0) -> list[dict]:
+    """The held-out rows an evaluation scores (the first `max_batches` batches' worth when > 0), shortest first: a
+    batch of similar lengths pads little (8% fewer tokens on the demo), and a row's score does not depend on its
+    neighbours."""
+    rows = examples[:max_batches * batch_size] if max_batches else examples
+    return sorted(rows, key=lambda ex: len(ex["input_ids"]))
+
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i:i + batch_size], pad_id)

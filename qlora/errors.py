@@ -1,0 +1,94 @@
+"""How a command can end, and the line it ends with: error types, exit statuses, and the mapping from one to the other.
+
+    0      done
+    1      a bug: the traceback
+    2      bad input (a ConfigError), found before anything is written
+    3      more than train.max_bad_steps steps with a non-finite loss or gradient; a checkpoint is saved
+    4      out of memory; the last checkpoint is kept, the message says what would fit
+    5      a file could not be written (disk full); the message names what is intact
+    6      several processes: another one died or hung; the newest checkpoint is intact (qlora/training/distributed.py)
+    128+N  stopped by signal N: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
+
+A file or directory the command cannot use (permission denied, a read-only disk, a directory where a file should be,
+or the other way round) is bad input too (2), whichever command met it. Every module may import this one: it imports
+nothing but the standard library. `qlora.cli.run` is the one place that turns an ending into its status and prints the
+line (`exit_status` here says which).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_BUG, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE, EXIT_PEER = 1, 2, 3, 4, 5, 6
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Errors of a path the user chose, not of the program: "cannot use PATH (reason)", exit 2.
+UNUSABLE_PATH = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
+                 errno.ENAMETOOLONG, errno.ELOOP)
+
+
+class ConfigError(ValueError):
+    """A mistake in a recipe, an override or another input; the message names the key (or file) and the fix."""
+
+
+class Stop(Exception):
+    """The command ends here on purpose; `code` is the exit status, the message says why and what to do."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Session:
+    """What the command has reached, for the line it ends with: what of its run is intact (set by a command once it
+    has a run directory whose checkpoints may be), and the signal that is ending it, if one is."""
+
+    intact: Callable[[], str] | None = None
+    signal: int | None = None
+
+
+def check_writable(path: Path, what: str, directory: bool = False) -> None:
+    """Refuse (exit 2) a `path` a command is told to write (a file, or with `directory` one to create or fill) that
+    cannot be: of the other kind, under a file, or in a directory it may not write. Checked before any work."""
+    if path.exists() and path.is_dir() != directory:
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} is a {'directory' if path.is_dir() else 'file'}: give "
+                                   f"{'a directory' if directory else 'the path of a file'}")
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest existing ancestor: where creating starts
+        probe = probe.parent
+    if not probe.is_dir() and probe != path:
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} is not writable ({probe}: permission denied): choose another "
+                                   "path or make it writable")
+
+
+def interrupting_signal(err: BaseException) -> int | None:
+    """The signal that ended the command, whatever `err` it surfaced as; None if none did."""
+    if Session.signal is not None:
+        return Session.signal
+    return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None  # Ctrl-C under Python's own handler
+
+
+def exit_status(err: BaseException) -> tuple[int, str] | None:
+    """The exit status and the line for an error that ends a command, or None for a bug (show the traceback)."""
+    signum = interrupting_signal(err)
+    if signum is not None and not (isinstance(err, Stop) and err.code >= 128):  # the loop's own stop says more
+        intact = Session.intact() if Session.intact else ""
+        tail = (f"; {intact}" + (": continue with --resume" if "intact" in intact else "")) if intact else ""
+        return 128 + signum, f"stopped by {signal.Signals(signum).name}{tail}"
+    if isinstance(err, ConfigError):
+        return EXIT_BAD_INPUT, f"error: {err}"
+    if isinstance(err, Stop):
+        return err.code, str(err) if err.code >= 128 else f"error: {err}"
+    if isinstance(err, OSError) and err.errno in DISK_FULL:  # outside a checkpoint: metrics.jsonl, run_config.json
+        intact = Session.intact() if Session.intact else ""
+        return EXIT_SAVE, (f"error: could not write {err.filename or 'a file'} ({err.strerror}); "
+                           + (f"{intact}: free some space, then continue with --resume" if "intact" in intact
+                              else "free some space, then run the command again"))
+    if isinstance(err, OSError) and err.errno in UNUSABLE_PATH and err.filename is not None:
+        return EXIT_BAD_INPUT, f"error: cannot use {err.filename} ({err.strerror}): check that path, or choose another"
+    return None

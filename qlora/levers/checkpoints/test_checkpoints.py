@@ -1,0 +1,127 @@
+"""Where checkpointed layer inputs wait (offload_activations, checkpoint_every): loss and gradients unchanged,
+inputs offloaded, fetched ahead and replayed as planned, and the pinned memory the trainer checks before the first
+step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import assert_same, build, cuda_only, loss_and_grads
+
+from qlora.config import Config, apply_overrides
+from qlora.errors import ConfigError
+from qlora.levers.checkpoints.layer_inputs import LayerInputs, check_pinned_memory, keep_layer_inputs
+from qlora.levers.checkpoints.memory import GIB, pinned_need
+
+
+def test_activation_offload_keeps_loss_and_grads_and_fetches_ahead(tiny_config: Config, batch: dict) -> None:
+    plain = loss_and_grads(build(tiny_config), batch)
+    model = build(tiny_config)
+    # force: run the hook machinery with CPU-to-CPU copies.
+    offload = keep_layer_inputs(model, torch.device("cpu"), offload=True, force=True)
+    offload.log = []
+    assert_same(loss_and_grads(model, batch), plain)
+
+    n_layers = model.config.num_hidden_layers
+    hidden = batch["input_ids"].numel() * model.config.hidden_size * 4  # fp32 on CPU
+    assert offload.offloaded_bytes == n_layers * hidden  # exactly one tensor per layer: its input hidden states
+    events = [what for what, _ in offload.log]
+    # Forward offloads layers 0..L-1; the backward fetches the last layer on demand and every earlier one ahead.
+    assert events == ["offload"] * n_layers + ["fetch"] + ["prefetch"] * (n_layers - 1)
+    offloaded = [handle for what, handle in offload.log if what == "offload"]
+    fetched = [handle for what, handle in offload.log if what in ("fetch", "prefetch")]
+    assert fetched == offloaded[::-1]
+
+
+def test_activation_offload_is_a_noop_off_cuda(tiny_config: Config, capsys: pytest.CaptureFixture) -> None:
+    model = build(tiny_config)
+    funcs = {id(m._gradient_checkpointing_func) for m in model.modules() if getattr(m, "gradient_checkpointing", 0)}
+    assert keep_layer_inputs(model, torch.device("cpu"), offload=True) is None
+    assert "nothing to do" in capsys.readouterr().out
+    assert {id(m._gradient_checkpointing_func) for m in model.modules()
+            if getattr(m, "gradient_checkpointing", 0)} == funcs
+
+
+def test_offload_needs_checkpointing(tiny_config: Config) -> None:
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        apply_overrides(tiny_config, ["--train.gradient_checkpointing=false", "--train.offload_activations=true"])
+
+
+@cuda_only
+def test_activation_offload_on_cuda_keeps_loss_and_grads(tiny_config: Config, batch: dict) -> None:
+    batch = {k: v.cuda() for k, v in batch.items()}
+    plain = loss_and_grads(build(tiny_config, "--train.device=cuda"), batch)
+    model = build(tiny_config, "--train.device=cuda")
+    offload = keep_layer_inputs(model, torch.device("cuda"), offload=True)  # as the trainer passes it: no index
+    offload.log = []
+    assert_same(loss_and_grads(model, batch), plain)
+    assert [what for what, _ in offload.log].count("offload") == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_checkpoint_every_replays_the_group_exactly(tiny_config: Config, batch: dict, dropout: float) -> None:
+    # With dropout the replayed layer must draw the masks of its first forward, or the gradients would differ.
+    plain = loss_and_grads(build(tiny_config, f"--lora.dropout={dropout}"), batch)
+    model = build(tiny_config, f"--lora.dropout={dropout}", "--train.checkpoint_every=2")
+    store = model.model.layers[0]._gradient_checkpointing_func.func.__self__
+    assert isinstance(store, LayerInputs) and store.every == 2
+    store.log = []
+    assert_same(loss_and_grads(model, batch), plain)  # the same arithmetic on the same inputs: exact
+    # Layer 1's input was dropped in the forward and replayed once from layer 0's in the backward.
+    assert [what for what, _ in store.log] == ["drop", "replay"]
+
+
+def test_checkpoint_every_composes_with_offload_and_its_budget(tiny_config: Config, batch: dict) -> None:
+    plain = loss_and_grads(build(tiny_config), batch)
+    model = build(tiny_config, "--train.checkpoint_every=2")
+    size = batch["input_ids"].numel() * model.config.hidden_size * 4
+    # force: the hooks with CPU copies; every=2 over 2 layers: layer 0's input offloaded, layer 1's replayed.
+    store = keep_layer_inputs(model, torch.device("cpu"), offload=True, every=2, force=True)
+    store.log = []
+    assert_same(loss_and_grads(model, batch), plain)
+    assert [what for what, _ in store.log] == ["offload", "drop", "replay", "fetch"]
+    assert store.offloaded_bytes == size
+    # A budget for one input of two: the first goes to the host, the second stays where it is.
+    model = build(tiny_config)
+    store = keep_layer_inputs(model, torch.device("cpu"), offload=True, budget_gib=1.5 * size / 2**30, force=True)
+    assert_same(loss_and_grads(model, batch), plain)
+    assert (store.offloaded_bytes, store.kept_on_device_bytes) == (size, size)
+
+
+def test_offload_reuses_its_host_buffers_from_step_to_step(tiny_config: Config, batch: dict) -> None:
+    model = build(tiny_config)
+    store = keep_layer_inputs(model, torch.device("cpu"), offload=True, force=True)
+    first = loss_and_grads(model, batch)
+    buffers = [b.data_ptr() for b in store.slots]
+    assert len(buffers) == model.config.num_hidden_layers
+    assert_same(loss_and_grads(model, batch), first)
+    assert [b.data_ptr() for b in store.slots] == buffers  # no new host memory per step
+
+
+def test_pinned_need_is_each_offloaded_layer_input_at_its_exact_size(tiny_config: Config) -> None:
+    # Llama-70B at 100,000 tokens: each layer input is 1.53 GiB in bf16, pinned as exactly that (levers/pinned.py:
+    # torch's pinned allocator would round each up to 2 GiB, and keep smaller blocks for rows of other lengths).
+    train, size = tiny_config.train, 100_000 * 8192 * 2
+    assert pinned_need(train, 80, size) == 0  # nothing offloaded, nothing pinned
+    train.offload_activations = True
+    assert pinned_need(train, 80, size) == 80 * size
+    train.checkpoint_every = 3  # every third layer keeps its input: 27 of 80
+    assert pinned_need(train, 80, size) == 27 * size
+    train.offload_budget_gib = 20.0  # 13 inputs fit in 20 GiB: the other 14 stay on the device
+    assert pinned_need(train, 80, size) == 13 * size
+
+
+def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits(tiny_config: Config) -> None:
+    available = 130 * GIB  # 117 GiB of room: the 122 GiB of inputs do not fit
+    train = tiny_config.train
+    train.batch_size, train.offload_activations = 1, True
+    with pytest.raises(ConfigError) as refused:
+        check_pinned_memory(80, train, 100_000, 8192, 2, available)
+    message = str(refused.value)
+    assert message.startswith("train.offload_activations would pin 122.1 GiB of host memory (80 layer inputs of 1 x")
+    assert "but 130.0 GiB is available: set --train.offload_budget_gib=117.0 (the other inputs stay" in message
+    assert "\n" not in message
+    train.offload_budget_gib = 117.0  # what it names does fit
+    check_pinned_memory(80, train, 100_000, 8192, 2, available)
+    train.offload_budget_gib, train.checkpoint_every = 0.0, 2  # as does keeping every other input
+    check_pinned_memory(80, train, 100_000, 8192, 2, available)

@@ -1,0 +1,101 @@
+"""The optimizer in host memory from the start (train.optimizer_on_cpu): its state, the fp32 master copies and the
+update live in buffers pinned at their exact size (qlora/levers/pinned.py), and the device holds none of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+
+import torch
+
+from qlora.adapters.master import accumulate_fp32
+from qlora.levers.pinned import pinned_buffer, typed_views, views_size
+
+
+class HostOptimizer(torch.optim.Optimizer):
+    """The optimizer of `train.optimizer`, in host memory from the start (train.optimizer_on_cpu).
+
+    The trainable parameters stay on the device for the forward and backward, and their gradients are summed there in
+    fp32. The fp32 master copy of each parameter (qlora/adapters/master.py explains why 16-bit adapters need one), its
+    gradient for the update and the optimizer's state live in host memory, pinned at their exact size: `step` copies
+    the gradients over, runs the inner optimizer on the masters, and writes each master back into its parameter,
+    rounded to the parameter's dtype. The device holds no state and no master: per trainable parameter, its 16-bit
+    value and, from its backward to the step, its fp32 gradient. For fp32 parameters (the CPU) the update is the
+    inner optimizer's on copies, to the bit.
+
+    Its `param_groups` are its own, over the device side: the gradients to clip (for 16-bit parameters, zero-stride
+    fp32 stand-ins of each parameter's shape that hold the fp32 gradient and take no memory) and the learning rate
+    the schedule sets, copied to the inner optimizer at each step. `state` is the inner optimizer's, so checkpoints
+    and the memory profiler see it.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], build: Callable[[list[torch.Tensor]],
+                                                                              torch.optim.Optimizer]) -> None:
+        self.params = list(params)
+        pin = any(p.is_cuda for p in self.params)
+        self.pinned = pin
+        like = [torch.empty(p.shape, device="meta") for p in self.params]  # fp32, the shapes: no memory
+        self.masters = typed_views(pinned_buffer(views_size(like), pin), like)
+        self.host_grads = typed_views(pinned_buffer(views_size(like), pin), like)
+        with torch.no_grad():
+            for master, p in zip(self.masters, self.params, strict=True):
+                master.copy_(p)
+                master.requires_grad_(True)
+        # What the trainer clips: the parameters' own gradients when they are fp32, else fp32 gradients summed on the
+        # device into stand-ins that hold them (an expanded scalar has the shape and no memory of its own).
+        self.holders = []
+        for p in self.params:
+            if p.dtype == torch.float32:
+                self.holders.append(p)
+                continue
+            holder = torch.zeros((), dtype=torch.float32, device=p.device).expand(p.shape).requires_grad_(True)
+            p.register_post_accumulate_grad_hook(functools.partial(accumulate_fp32, holder))
+            self.holders.append(holder)
+        self.inner = build(self.masters)
+        super().__init__(self.holders, self.inner.defaults)
+        self.state = self.inner.state
+
+    def _sync_groups(self) -> None:
+        """The schedule sets the learning rate on our groups; the inner optimizer steps with its own."""
+        for ours, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            inner.update({k: v for k, v in ours.items() if k != "params"})
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> None:
+        if closure is not None:
+            raise ValueError("train.optimizer_on_cpu: a closure would run the model on the host copies")
+        self._sync_groups()
+        for holder, master, grad in zip(self.holders, self.masters, self.host_grads, strict=True):
+            # As on the device: no gradient, no update.
+            master.grad = None if holder.grad is None else grad.copy_(holder.grad, non_blocking=True)
+        if self.pinned:
+            torch.cuda.current_stream().synchronize()  # the gradients must have landed before the CPU reads them
+        self.inner.step()
+        for p, master in zip(self.params, self.masters, strict=True):
+            # Rounded to the parameter's dtype on the way; the next step's copies wait on this stream, so the host
+            # buffers may be reused.
+            p.copy_(master, non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)  # the device side: the gradients the next backward sums afresh
+
+    def state_dict(self) -> dict:
+        self._sync_groups()
+        return {"inner": self.inner.state_dict(), "masters": [m.detach() for m in self.masters]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """qlora/adapters/master.py's format ({"inner", "masters"}), or a plain optimizer's, whose weights are the model's."""
+        if "masters" in state_dict:
+            self.inner.load_state_dict(state_dict["inner"])
+            saved = state_dict["masters"]
+        else:
+            self.inner.load_state_dict(state_dict)
+            saved = self.params
+        self.state = self.inner.state
+        for ours, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            ours.update({k: v for k, v in inner.items() if k != "params"})
+        for p, master, value in zip(self.params, self.masters, saved, strict=True):
+            master.copy_(value)
+            p.copy_(master)

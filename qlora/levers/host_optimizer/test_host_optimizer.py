@@ -1,0 +1,84 @@
+"""The optimizer in host memory (optimizer_on_cpu): the same steps as the optimizer on the device, resumable."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from support import build
+
+from qlora.config import Config, apply_overrides
+from qlora.levers.host_optimizer.optimizer import HostOptimizer
+from qlora.training.loss import loss_sum
+
+
+def steps(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg: Config, n: int = 3) -> dict:
+    """`n` of the trainer's steps: backward, clip what the optimizer steps (a norm small enough to bite), step."""
+    from qlora.training.optimizer import build_scheduler, stepped_params
+
+    scheduler = build_scheduler(optimizer, cfg)
+    for _ in range(n):
+        (loss_sum(model, batch) / 100).backward()
+        assert torch.nn.utils.clip_grad_norm_(stepped_params(optimizer), 0.05) > 0.05
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def host_optimizer(model: torch.nn.Module, cfg: Config) -> HostOptimizer:
+    """Built directly: on a CPU device train.optimizer_on_cpu has nothing to move, and build_optimizer says so."""
+    from qlora.training.optimizer import make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return HostOptimizer(params, functools.partial(make_optimizer, cfg=cfg, paged=False))
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw"])
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_host_optimizer_steps_as_the_optimizer_on_the_device(tiny_config: Config, batch: dict, optimizer: str,
+                                                             compute: str) -> None:
+    # bf16 adapters: the device path steps fp32 masters on the device (qlora/adapters/master.py), this one in host memory.
+    from qlora.training.optimizer import build_optimizer
+
+    cfg = apply_overrides(tiny_config, [f"--train.optimizer={optimizer}", f"--quant.compute_dtype={compute}"])
+    model = build(cfg)
+    reference = steps(model, batch, build_optimizer([p for p in model.parameters() if p.requires_grad], cfg), cfg)
+    model = build(cfg)
+    host = host_optimizer(model, cfg)
+    assert all(m.dtype == torch.float32 and not m.is_cuda for m in host.masters)
+    got = steps(model, batch, host, cfg)
+    assert got.keys() == reference.keys()
+    for name in got:  # the same update on copies: exact
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0, msg=name)
+
+
+def test_host_optimizer_resumes_from_its_state_dict(tiny_config: Config, batch: dict) -> None:
+    cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16"])
+    model = build(cfg)
+    first = host_optimizer(model, cfg)
+    steps(model, batch, first, cfg, n=2)
+    saved, adapters = first.state_dict(), {n: p.detach().clone() for n, p in model.named_parameters()
+                                           if p.requires_grad}
+    assert saved.keys() == {"inner", "masters"}  # qlora/adapters/master.py's format: a checkpoint loads either way
+    resumed = build(cfg)
+    with torch.no_grad():
+        for name, p in resumed.named_parameters():
+            if p.requires_grad:
+                p.copy_(adapters[name])
+    second = host_optimizer(resumed, cfg)
+    second.load_state_dict(saved)
+    torch.testing.assert_close(second.masters, first.masters, rtol=0, atol=0)
+    after_resume, uninterrupted = steps(resumed, batch, second, cfg, n=1), steps(model, batch, first, cfg, n=1)
+    for name, value in after_resume.items():
+        torch.testing.assert_close(value, uninterrupted[name], rtol=0, atol=0, msg=name)
+
+
+def test_optimizer_on_cpu_is_a_noop_on_a_cpu_device(tiny_config: Config, capsys: pytest.CaptureFixture) -> None:
+    from qlora.training.optimizer import build_optimizer
+
+    cfg = apply_overrides(tiny_config, ["--train.optimizer_on_cpu=true"])
+    model = build(cfg)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    assert not isinstance(optimizer, HostOptimizer) and "nothing to do" in capsys.readouterr().out

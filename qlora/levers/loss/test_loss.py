@@ -1,0 +1,39 @@
+"""The head and cross-entropy in chunks (loss_chunk_size) or fused by liger-kernel (liger_ce): the loss and gradients
+of computing all logits at once."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from support import assert_same, build, loss_and_grads
+
+from qlora.config import Config
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 32])
+def test_chunked_loss_matches_unchunked(tiny_config: Config, batch: dict, chunk_size: int) -> None:
+    model = build(tiny_config)
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_targets > chunk_size  # otherwise loss_sum takes the one-chunk path and nothing is compared
+    assert_same(loss_and_grads(model, batch, chunk_size), loss_and_grads(model, batch, 0))
+
+
+def test_liger_ce_needs_the_package_or_falls_back(tiny_config: Config, capsys: pytest.CaptureFixture) -> None:
+    # On CPU the switch is accepted and the PyTorch loss is used; liger-kernel itself is CUDA-only.
+    build(tiny_config, "--train.liger_ce=true")
+    assert "CUDA only" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="needs a CUDA GPU and liger-kernel")
+def test_liger_ce_matches_pytorch_chunks_on_cuda(tiny_config: Config, batch: dict) -> None:
+    batch = {k: v.cuda() for k, v in batch.items()}
+    model = build(tiny_config, "--train.device=cuda")
+    reference = loss_and_grads(model, batch, chunk_size=16)
+    from qlora.training.loss import use_liger_ce
+
+    assert use_liger_ce(model)
+    # bf16 logits from two different kernels: close, not bitwise.
+    assert_same(loss_and_grads(model, batch), reference, rtol=2e-2, atol=1e-3)

@@ -1,0 +1,40 @@
+"""Host buffers pinned at their exact size, for the levers that keep tensors in CPU memory (layer inputs, the optimizer).
+
+torch's caching host allocator (`pin_memory=True`) rounds every pinned block up to a power of two
+(ATen/core/CachingHostAllocator.h: "Round up the allocation to the nearest power of two"), so a 3.1 GB layer input
+would take 4 GiB of the host. `pinned_buffer` allocates ordinary CPU memory of the exact size and registers it with
+the driver (cudaHostRegister, as torch.cuda's own `_pin_memory_utils`), so copies to and from it run asynchronously
+and the host holds what the estimate counts.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """`nbytes` of CPU memory as a flat uint8 tensor, page-locked for the GPU when `pin` (CUDA); plain otherwise."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    if pin and nbytes:
+        from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
+
+        pin_memory(buffer.data_ptr(), nbytes)
+        # Unregister when the tensor goes, before its memory returns to the allocator.
+        weakref.finalize(buffer, unpin_memory, buffer.data_ptr())
+    return buffer
+
+
+def typed_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `buffer` shaped and typed as each tensor of `like`, one after another (each at an aligned offset)."""
+    out, offset = [], 0
+    for t in like:
+        size = t.numel() * t.element_size()
+        out.append(buffer[offset:offset + size].view(t.dtype).view(t.shape))
+        offset += -(-size // 64) * 64
+    return out
+
+
+def views_size(like: list[torch.Tensor]) -> int:
+    return sum(-(-t.numel() * t.element_size() // 64) * 64 for t in like)

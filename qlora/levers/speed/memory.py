@@ -1,0 +1,11 @@
+"""What the speed levers cost in memory: with train.reuse_dequant, a whole decoder layer of dequantised 16-bit
+weights is kept from its recompute to its backward, instead of one weight at a time."""
+
+from __future__ import annotations
+
+
+def dequantised_bytes(linear_shapes: dict[str, tuple[int, int]], reuse: bool, e: int) -> int:
+    """The dequantised weights alive through a layer's backward: the largest one, or with reuse_dequant all of the
+    layer's (`linear_shapes`: in and out features of each linear layer of a decoder layer)."""
+    sizes = [a * o for a, o in linear_shapes.values()]
+    return (sum(sizes) if reuse else max(sizes)) * e

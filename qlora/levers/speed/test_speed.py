@@ -1,0 +1,56 @@
+"""Speed levers (reuse_dequant, fuse_lora_add, compile): loss and gradients of the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import CountOps, assert_same, build, loss_and_grads
+
+from qlora.config import Config, apply_overrides
+from qlora.errors import ConfigError
+
+
+def test_reuse_dequant_keeps_grads_and_saves_a_third_of_dequantisations(tiny_config: Config, batch: dict) -> None:
+    def dequantisations(model: torch.nn.Module) -> tuple[int, tuple]:
+        with CountOps() as ops:
+            result = loss_and_grads(model, batch)
+        # bitsandbytes' forward dequantises inside gemm_4bit; its backward and DequantLinear4bit call dequantize_4bit.
+        return ops.calls.get("bitsandbytes.gemm_4bit.default", 0) + ops.calls.get(
+            "bitsandbytes.dequantize_4bit.default", 0), result
+
+    import bitsandbytes as bnb
+
+    plain_model = build(tiny_config)
+    n_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in plain_model.modules())  # 7 projections x 2 layers
+    plain_count, plain = dequantisations(plain_model)
+    reuse_count, reused = dequantisations(build(tiny_config, "--train.reuse_dequant=true"))
+    assert_same(reused, plain)
+    assert (plain_count, reuse_count) == (3 * n_4bit, 2 * n_4bit)  # forward, recompute, backward -> no backward
+
+
+def test_reuse_dequant_needs_checkpointing(tiny_config: Config) -> None:
+    with pytest.raises(ConfigError, match="reuse_dequant"):
+        apply_overrides(tiny_config, ["--train.gradient_checkpointing=false", "--train.reuse_dequant=true"])
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_fuse_lora_add_keeps_loss_and_grads(tiny_config: Config, batch: dict, method: str) -> None:
+    plain = loss_and_grads(build(tiny_config, f"--quant.method={method}"), batch)
+    model = build(tiny_config, f"--quant.method={method}", "--train.fuse_lora_add=true")
+    with CountOps() as ops:
+        fused = loss_and_grads(model, batch)
+    assert_same(fused, plain)
+    assert ops.calls.get("aten.addmm_.default", 0) >= 14  # the in-place path ran (forward and recompute)
+
+
+@pytest.mark.parametrize("what", ["lora", "layers"])
+def test_compile_keeps_loss_and_grads(tiny_config: Config, batch: dict, what: str) -> None:
+    from qlora.levers.speed.kernels import compile_model
+
+    torch._dynamo.reset()
+    plain = loss_and_grads(build(tiny_config), batch)
+    model = build(tiny_config)
+    # aot_eager traces and partitions forward/backward like inductor but skips code generation, which takes
+    # minutes on two CPU cores; the trainer's switch uses inductor.
+    assert compile_model(model, what, backend="aot_eager") > 0
+    assert_same(loss_and_grads(model, batch), plain)

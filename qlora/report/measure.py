@@ -1,0 +1,146 @@
+"""Measure the memory of real training steps for one method, in a process of its own.
+
+    python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]
+
+The steps take the trainer's own path: `qlora.training.assemble.prepare` (load, adapters, checkpointing, levers), `loss_sum`,
+backward, gradient clipping and the optimizer of `build_optimizer`. The batch is random token ids of exactly
+`train.batch_size` x `data.max_seq_len`, every position a target: the worst case of the recipe's shape.
+
+Each method gets a fresh process, so that no method inherits another's allocator caches. On CPU the process first
+runs the same load and one step once and frees them (a warm-up), so that one-time costs (imports, kernel and thread
+pool set-up, per-shape kernel caches) stay out of the figure; and glibc is told to return every block of 8 KiB or
+more to the OS when freed (profiler.MEASURE_MMAP_THRESHOLD), so that the resident set follows the live tensors instead
+of malloc's free lists.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from qlora.cli import run
+from qlora.config import Config, parse_args
+from qlora.errors import ConfigError
+from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
+from qlora.training.assemble import prepare
+from qlora.training.loss import loss_sum
+from qlora.training.optimizer import build_optimizer, stepped_params
+
+USAGE = ("python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] "
+         "[--section.key=value ...]")
+CPU_DEFINITION = ("resident memory (RSS) of a fresh process at its peak, minus its RSS just before the model was "
+                  "loaded, after a warm-up run of the same load and step was freed (so imports and one-time kernel "
+                  "set-up are excluded), less resident pages of memory-mapped checkpoint files that no tensor uses")
+
+
+def _release() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def random_batch(cfg: Config, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    ids = torch.randint(0, vocab, (cfg.train.batch_size, cfg.data.max_seq_len), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+
+
+def train_steps(cfg: Config, steps: int, tracker: PhaseTracker | None) -> None:
+    """Load, attach, then `steps` optimizer steps on random tokens, marking each phase on `tracker`."""
+    run = prepare(cfg, profiler=tracker)
+    model = run["model"]
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params = stepped_params(optimizer)
+    mark = tracker.mark if tracker is not None else (lambda phase: None)
+    if tracker is not None:
+        tracker.watch(model, optimizer)
+    batch = random_batch(cfg, model.config.vocab_size, run["device"])
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    model.train()
+    t = cfg.train
+    for step in range(steps):
+        first = step == 0
+        loss = loss_sum(model, batch, t.loss_chunk_size) / n_targets
+        if first:
+            mark("first_forward")
+        loss.backward()
+        del loss
+        mark("backward" if first else "steady")
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        mark("optimizer_step" if first else "steady")  # before zero_grad, so that the breakdown shows the gradients
+        optimizer.zero_grad(set_to_none=True)
+
+
+def measure(cfg: Config, steps: int = 3) -> dict:
+    """Peak memory of `steps` training steps of `cfg` (its quant.method), phase by phase."""
+    from qlora.base.load import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    started = time.perf_counter()
+    if device.type == "cpu":
+        glibc_returns_freed_memory()
+        train_steps(cfg, 1, None)  # warm-up, freed below
+        _release()
+    tracker = PhaseTracker(device)
+    baseline = resident_bytes("VmRSS") if device.type == "cpu" else 0
+    train_steps(cfg, steps, tracker)
+    summary = tracker.summary()
+    return {"method": cfg.quant.method, "device": device_name(device), "steps": steps,
+            "seconds": round(time.perf_counter() - started, 1), "baseline_rss_bytes": baseline,
+            "measured_peak_bytes": summary["peak_bytes"], "peak_phase": summary["peak_phase"],
+            "measured_components": summary.get("peak_by_category"),
+            "load_peak_bytes": max((v for k, v in tracker.phases.items() if k in ("loaded", "lora_attached")),
+                                   default=None),
+            "definition": CPU_DEFINITION if device.type == "cpu" else summary["definition"],
+            "phases": summary["phases"]}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def measure_in_subprocess(recipe: str, overrides: list[str], method: str, steps: int = 3) -> dict:
+    """Run `measure` for one method in a fresh Python process; return its result, or {"error": ...}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "measured.json"
+        cmd = [sys.executable, "-m", "qlora.report.measure", recipe, *overrides, f"--quant.method={method}",
+               f"--out={out}", f"--steps={steps}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
+    steps = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--steps=")), 3))
+    rest = [a for a in argv if not a.startswith(("--out=", "--steps="))]
+    cfg, flags = parse_args(rest, USAGE)
+    if flags or out is None:
+        raise ConfigError(f"{'unknown flag ' + flags[0] if flags else 'no --out=FILE.json'}: {USAGE}")
+    result = measure(cfg, steps)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

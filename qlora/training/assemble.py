@@ -1,0 +1,162 @@
+"""Where a model is put together: the base loaded, adapters attached, checkpointing and the levers switched on. One
+path for a run about to train (`build_model`, `prepare`) and for a finished run read back from its directory
+(`load_run`), so eval, generate, merge and export see the model training saw.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
+from qlora.adapters.lora import ADAPTER_WEIGHTS, attach_lora
+from qlora.base.load import compute_dtype, load_base, resolve_device
+from qlora.config import Config, read_config_json
+from qlora.data.pack import check_packing, pack_examples, packing_summary
+from qlora.data.read import load_splits
+from qlora.errors import ConfigError
+from qlora.levers import apply as levers
+from qlora.memory.profiler import PhaseTracker, available_bytes
+from qlora.training import checkpoint, distributed
+from qlora.training.sensitivity import keep_sensitive_layers
+
+
+def load_model(cfg: Config, device: torch.device,
+               place: torch.device | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
+    """The base as the run holds it: loaded (qlora/base/load.py; `place`: where, when not `device`), then stored as
+    the levers that act at load time say (an NF4 head, the input embeddings in host memory)."""
+    model, tokenizer, path = load_base(cfg, device, place)
+    levers.at_load(model, cfg, place or device, compute_dtype(cfg.quant, device))
+    return model, tokenizer, path
+
+
+def attach_adapters(model: torch.nn.Module, cfg: Config, base_path: str, dtype: torch.dtype,
+                    run_dir: Path | None) -> None:
+    """What trains, on the base as loaded: LoRA adapters on the targeted layers, or every weight (quant.method=full).
+    `run_dir`: a run that saved LoftQ shifts (lora.loftq_iters > 1), whose base they rebuild first as the run
+    quantised it; None for a run about to start."""
+    if run_dir is not None and cfg.quant.method == "qlora" and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1:
+        apply_shifts(model, cfg, base_path, load_shifts(run_dir))
+    if cfg.quant.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        attach_lora(model, cfg.lora, dtype)
+
+
+def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
+                ranks: distributed.Ranks | None = None) -> dict:
+    """Load the base, attach adapters, switch on checkpointing and the memory and speed levers the recipe asks for;
+    with several processes, shard the base (train.shard_base)."""
+    ranks = ranks or distributed.Ranks()
+    torch.manual_seed(cfg.train.seed)
+    check_packing(cfg)
+    device = ranks.device if ranks.several else resolve_device(cfg.train.device)
+    dtype = compute_dtype(cfg.quant, device)
+    if dtype == torch.float16 and device.type == "cuda":
+        raise ConfigError("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would "
+                          "underflow to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU "
+                          "without bf16")
+    model, tokenizer, base_path = load_model(cfg, device, place=ranks.base_place(cfg, device))
+    if profiler is not None:
+        profiler.watch(model)
+        profiler.mark("loaded")
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.quant.method == "qlora" and cfg.quant.keep_16bit_budget and not cfg.quant.keep_16bit:
+        # Chosen when the run starts; run_config.json records the choice for eval, generate, merge and --resume.
+        cfg.quant.keep_16bit = keep_sensitive_layers(model, cfg, tokenizer, base_path, dtype, resuming)
+    shifts = {}
+    attach_adapters(model, cfg, base_path, dtype, Path(cfg.output.dir) if resuming else None)
+    if cfg.quant.method != "full" and cfg.lora.init == "loftq" and not resuming:  # resumed adapters: the checkpoint's
+        held, shifts = init_loftq(model, cfg, base_path)
+        print(f"lora.init=loftq: after {cfg.lora.loftq_iters} step(s) at rank {cfg.lora.r}, base and adapters "
+              f"remove {100 * held:.1f}% of the plain NF4 rounding error (squared norm)")
+    levers.on_model(model, cfg, device, dtype, available_bytes())
+    ranks.distribute(model, cfg, device)
+    if profiler is not None:
+        profiler.mark("lora_attached")
+    return dict(model=model, tokenizer=tokenizer, base_path=base_path, device=device, dtype=dtype, loftq_shifts=shifts)
+
+
+def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
+            ranks: distributed.Ranks | None = None) -> dict:
+    """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
+    run = build_model(cfg, profiler, resuming, ranks)
+    train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed)
+    if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
+        packed = pack_examples(train_rows, cfg.data.max_seq_len)
+        print(packing_summary(train_rows, packed, cfg.data.max_seq_len))
+        train_rows = packed
+    return dict(**run, train_rows=train_rows, eval_rows=eval_rows)
+
+
+def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
+    """Derived quantities, once, before the first step."""
+    model, t = run["model"], cfg.train
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # A 4-bit weight is stored packed (two to a byte), so count its elements from the quant state's shape, which a
+    # sharded one keeps on its module (qlora/training/distributed.py).
+    packed = {id(m.weight): m.quant_state.shape for m in model.modules() if getattr(m, "quant_state", None) is not None}
+    total = sum(packed.get(id(p), getattr(getattr(p, "quant_state", None), "shape", p)).numel()
+                for p in model.parameters())
+    mean_len = sum(len(r["input_ids"]) for r in run["train_rows"]) / len(run["train_rows"])
+    print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
+    print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    paged = t.optimizer.startswith("paged") and run["device"].type == "cpu"
+    print(f"optimizer {t.optimizer}{': on CPU nothing pages (bitsandbytes pages CUDA memory only)' if paged else ''}")
+    rows = t.batch_size * t.grad_accum * processes
+    print(f"{t.batch_size} rows x {t.grad_accum} accum{f' x {processes} processes' if processes > 1 else ''} = "
+          f"{rows} rows/step, about {rows * mean_len:,.0f} tokens/step (mean row {mean_len:.0f} tokens, "
+          f"max {cfg.data.max_seq_len}); {len(run['train_rows'])} train rows, {len(run['eval_rows'])} held out")
+
+
+def read_run_config(run_dir: Path) -> Config:
+    """The recipe a run trained with, from RUN_DIR/run_config.json (or its parent's, for RUN_DIR/checkpoint-N)."""
+    candidates = (d / checkpoint.RUN_CONFIG for d in (run_dir, run_dir.parent))
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise ConfigError(f"{run_dir / checkpoint.RUN_CONFIG} not found: RUN_DIR must be a training output directory "
+                          "(the --output.dir of python -m qlora.train)")
+    return read_config_json(path)
+
+
+def load_run(run_dir: Path, device: str | None = None, compute: str | None = None, method: str | None = None,
+             base_path: str | None = None) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
+    """Rebuild a run's trained model in eval mode: its base as it trained (NF4 for qlora), adapters loaded.
+
+    `device`, `compute` (a quant.compute_dtype), `method` (qlora or lora: the same adapter on a 4-bit or a 16-bit
+    base) and `base_path` (another copy of the base) override the run's own settings.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    if device is not None:
+        cfg.train.device = device
+    if compute is not None:
+        cfg.quant.compute_dtype = compute
+    if method is not None:
+        cfg.quant.method = method
+        cfg.quant.quantize_lm_head &= method == "qlora"  # a 16-bit base keeps its 16-bit head
+    if base_path is not None:
+        cfg.model.path, cfg.model.build = base_path, None
+    weights = checkpoint.FULL_WEIGHTS if cfg.quant.method == "full" else ADAPTER_WEIGHTS
+    if not (run_dir / weights).is_file():
+        raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
+                          "checkpoint-N directories instead")
+    dev = resolve_device(cfg.train.device)
+    model, tokenizer, path = load_model(cfg, dev)
+    attach_adapters(model, cfg, path, compute_dtype(cfg.quant, dev), run_dir)
+    try:
+        checkpoint.load_weights(model, cfg, run_dir)  # checks names, shapes and values against the base
+    except Exception as err:  # another rank or base than run_config.json says, a damaged file (SafetensorError), nan
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{run_dir / weights} does not fit the run's base {cfg.model.path} ({reason}): pass the "
+                          "run directory that wrote it, untouched") from err
+    model.eval()
+    return cfg, model, tokenizer, dev

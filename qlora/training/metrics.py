@@ -1,0 +1,43 @@
+"""metrics.jsonl: one strict-JSON line per logged step and evaluation, cut back on resume to the checkpoint's length."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def finite_or_null(value: object) -> object:
+    """A non-finite float (a diverged loss, an overflowing grad norm) as None: NaN and Infinity are not JSON, and a
+    strict reader (jq, JavaScript, Go) refuses the whole line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step and eval, non-finite numbers as null. Each checkpoint records the
+    file's length when it was saved; resuming from it cuts the file back to that length, dropping what was logged after
+    the save (steps about to be run again, a final evaluation, a line cut short by a kill -9)."""
+
+    def __init__(self, path: Path, keep_bytes: int = 0, write: bool = True) -> None:
+        self.path, self.enabled = path, write  # only rank 0 of several processes writes
+        if not write:
+            return
+        kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.enabled else 0

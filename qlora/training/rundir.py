@@ -1,0 +1,244 @@
+"""The output directory: whose run it holds, what `--resume` may change, the lock, and the first write of a run.
+
+Everything here but `start_run` only reads, so a refused command leaves the directory as it was.
+
+`--resume` continues the run on disk as its `run_config.json` records it: the recipe is read only for `output.dir`
+and to check that the directory holds this recipe's run. A setting given on the command line with `--resume`
+  - may never differ (the directory holds another run; --overwrite replaces it): IDENTITY;
+  - may not change once a checkpoint exists, since the run would no longer be the one its checkpoints continue (the
+    base the adapter trains against, how the adapter started, the data, its order and held-out split):
+    FIXED_ON_RESUME;
+  - changes anything else from the resumed step on, and is said: how long (train.steps), how it learns (lr,
+    schedule, warmup, weight decay, clipping, optimizer: its state then starts afresh, dropout), in how much memory
+    and how fast (data.max_seq_len, batch_size and grad_accum: the data continues from the same row, the levers),
+    and how it reports (eval, eval_before: only at step 0, log, save, keep, max_bad_steps, device).
+
+One trainer at a time: `start_run` takes an exclusive lock (flock on `.qlora.lock`, released when the run or its
+process ends), and `check_run_dir` refuses a directory whose lock another process holds (on a file system without
+flock, the run goes on unguarded). Of the hidden files a run leaves, only
+those this code writes (LEFTOVER) are ever removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from qlora.adapters.loftq import SHIFTS
+from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from qlora.config import Config, apply_overrides, read_config_json
+from qlora.errors import DISK_FULL, ConfigError, check_writable
+from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
+
+MEMORY = "memory.json"
+LOCK = ".qlora.lock"
+RUN_FILES = (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, MEMORY, SHIFTS)  # a run's own files
+# What a killed run may leave half-written (qlora/training/checkpoint.py, train.MetricsLog, start_run): never read, so only
+# in the way. Nothing else is removed, whatever its name.
+LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl"
+                      r"|loftq_shifts\.safetensors)$")
+RUN_DIRS = re.compile(r"^checkpoint-\d+(\.damaged(-\d+)?)?$")  # a run's checkpoints, damaged ones set aside included
+
+# What makes two runs the same run: the base and its quantisation, and the adapters' shape.
+IDENTITY = ("model.path", "quant.method", "quant.quant_type", "lora.r", "lora.alpha", "lora.targets")
+BASE, DATA, HELD_OUT = ("the base the adapter trains against", "the data the run trains on",
+                        "the held-out split its losses compare")
+FIXED_ON_RESUME = {
+    "model.synthetic": BASE, "model.config_json": BASE, "quant.double_quant": BASE, "quant.quantize_lm_head": BASE,
+    # The layers kept in 16-bit are chosen once, when the run starts, and recorded in quant.keep_16bit.
+    "quant.blocksize": BASE, "quant.keep_16bit": BASE, "quant.keep_16bit_budget": BASE, "quant.calibration_rows": BASE,
+    "lora.init": "how the adapter started", "lora.loftq_iters": "how the adapter started (and the base LoftQ made)",
+    "data.train": DATA, "data.format": DATA, "data.pack": DATA,
+    "data.eval": HELD_OUT, "data.eval_fraction": HELD_OUT, "train.seed": "the data order and the held-out split",
+}
+
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without flock (some network mounts)
+_held: dict[Path, int] = {}  # run dir -> the file descriptor holding its lock
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _same_path(a: object, b: object) -> bool:
+    norm = [os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and os.path.exists(p) else p for p in (a, b)]
+    return norm[0] == norm[1]
+
+
+def _check_identity(saved: Config, cfg: Config, run_dir: Path) -> None:
+    theirs, ours = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    keys = [k for k in IDENTITY if not (k.startswith("lora.") and cfg.quant.method == "full")]
+    differ = [f"{k}={theirs[k]!r}, this recipe {ours[k]!r}" for k in keys
+              if not (_same_path(theirs[k], ours[k]) if k == "model.path" else theirs[k] == ours[k])]
+    if differ:
+        raise ConfigError(f"output.dir={run_dir} holds another run ({'; '.join(differ)}): use another "
+                          "output.dir, or --overwrite to replace that run")
+
+
+def _lock_holder(run_dir: Path) -> str | None:
+    """The pid written by the process that holds the directory's lock, or None if no process holds it."""
+    path = run_dir / LOCK
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken and, by the close below, released: a probe
+        return None
+    except BlockingIOError:
+        return path.read_text().strip() or "unknown"
+    except OSError as err:
+        if err.errno in NO_LOCKS:
+            return None
+        raise
+    finally:
+        os.close(fd)
+
+
+def _in_use(run_dir: Path, pid: str) -> ConfigError:
+    return ConfigError(f"output.dir={run_dir} is in use by another trainer (pid {pid}): wait for it to end, or use "
+                       "another output.dir")
+
+
+def _check_paths(run_dir: Path) -> None:
+    """The directory can be created or written, and every name the run writes is free or of the kind it writes."""
+    check_writable(run_dir, "output.dir", directory=True)
+    if not run_dir.is_dir():
+        return
+    for name in RUN_FILES:
+        path = run_dir / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise ConfigError(f"{path} is not a file, yet the run writes that file there: move it away, or use "
+                              "another output.dir")
+    for path in run_dir.iterdir():
+        if RUN_DIRS.match(path.name) and not path.is_dir():
+            raise ConfigError(f"{path} is not a checkpoint directory, yet the run writes one under that name: move "
+                              "it away, or use another output.dir")
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse an output dir that holds another run, one in use, one the run cannot write, or a run that would be
+    started over by mistake. Reads only."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output.dir and --overwrite discards it: pass one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output.dir={run_dir} is a file: point output.dir at a directory")
+    _check_paths(run_dir)
+    if not run_dir.is_dir():
+        return
+    if (pid := _lock_holder(run_dir)) is not None:
+        raise _in_use(run_dir, pid)
+    if overwrite:
+        return
+    if (run_dir / RUN_CONFIG).is_file():
+        _check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir)
+    latest = checkpoint_dirs(run_dir)
+    if latest and not resume:
+        raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
+                          "continue it, or --overwrite to start over")
+
+
+def resume_config(cfg: Config, overrides: list[str]) -> Config:
+    """The config `--resume` continues with: the run's run_config.json, changed by the command line's overrides where
+    the rules above allow (said in one line); `cfg` (recipe and overrides) if the directory holds no run yet."""
+    run_dir = Path(cfg.output.dir)
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        if checkpoint_dirs(run_dir):
+            print(f"{path} is missing: resuming with the recipe's settings")
+        return cfg
+    saved = read_config_json(path)
+    _check_identity(saved, cfg, run_dir)
+    resumed = apply_overrides(copy.deepcopy(saved), overrides)
+    resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
+    before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
+    changed = [k for k in after if after[k] != before[k] and k != "output.dir"]
+    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    if fixed and checkpoint_dirs(run_dir):
+        k = fixed[0]
+        raise ConfigError(f"--resume cannot change {k} ({before[k]!r} -> {after[k]!r}): it fixes "
+                          f"{FIXED_ON_RESUME[k]}; drop --{k} to continue the run, or start a new run with "
+                          "--overwrite or another output.dir")
+    ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
+               if recipe[k] != after[k] and k != "output.dir"]
+    line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
+    if changed:
+        line += "; changed on the command line: " + ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed)
+    if ignored:
+        line += "; the recipe's own values are not used: " + ", ".join(ignored)
+    print(line)
+    return resumed
+
+
+def _lock(run_dir: Path) -> None:
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = (run_dir / LOCK).read_text().strip() or "unknown"
+        os.close(fd)
+        raise _in_use(run_dir, pid) from None
+    except OSError as err:
+        os.close(fd)
+        if err.errno in NO_LOCKS:
+            return  # the run goes on unguarded rather than not at all
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[run_dir.resolve()] = fd
+
+
+def unlock(run_dir: Path) -> None:
+    """Release the lock `start_run` took (a process that ends releases it anyway)."""
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def aside_name(path: Path) -> Path:
+    """A free name beside `path` for a damaged checkpoint kept for inspection: checkpoint-8.damaged(-2, ...)."""
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    return target
+
+
+def start_run(run_dir: Path, cfg: Config, overwrite: bool, damaged: list[Path] | tuple = ()) -> None:
+    """The first write of a run, once every input is validated: take the lock, clear a replaced run, set damaged
+    checkpoints aside, remove this code's own leftovers, record the config."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _lock(run_dir)
+        if overwrite:
+            for path in run_dir.iterdir():
+                if RUN_DIRS.match(path.name):
+                    remove_checkpoint(path)
+                elif path.name in RUN_FILES:
+                    path.unlink()
+        for path in damaged:
+            os.replace(path, aside_name(path))  # out of the checkpoint names: never resumed, pruned or overwritten
+        for path in run_dir.iterdir():
+            if LEFTOVER.match(path.name):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        tmp = run_dir / f".tmp-{RUN_CONFIG}"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        os.replace(tmp, run_dir / RUN_CONFIG)
+    except OSError as err:
+        unlock(run_dir)
+        if err.errno in DISK_FULL:
+            raise  # not the user's choice of directory: reported as a full disk, exit 5
+        raise ConfigError(f"output.dir={run_dir} cannot be written ({err.strerror}): choose another output.dir") \
+            from err
+    except BaseException:
+        unlock(run_dir)
+        raise
+

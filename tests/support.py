@@ -1,0 +1,58 @@
+"""What the lever tests share: the trainer's model with live adapters, its loss and gradients, and exact comparison.
+
+Each lever is switched on through the same `build_model` the trainer uses and compared with the plain path: exactly
+(default assert_close tolerances) where the lever only moves or reorders the same arithmetic, and within a stated
+tolerance where it changes the numbers (a quantised lm_head). The CUDA-only parts (side-stream copies, pinned memory,
+liger-kernel) cannot run on the CPU; the offload hooks are exercised there with CPU-to-CPU copies instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora.adapters.lora import lora_layers
+from qlora.config import Config, apply_overrides
+from qlora.training.assemble import build_model
+from qlora.training.loss import loss_sum
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: side streams, pinned memory")
+
+
+def build(cfg: Config, *overrides: str) -> torch.nn.Module:
+    """The trainer's model for `cfg` + overrides, in training mode, with every adapter's B non-zero (a fresh B is
+    zero, which would leave A without gradient and the adapters without effect). On the CPU, in fp32, unless an
+    override names another device: the comparisons below are exact."""
+    model = build_model(apply_overrides(cfg, ["--train.device=cpu", *overrides]))["model"]
+    generator = torch.Generator().manual_seed(1)
+    for layer in lora_layers(model).values():
+        with torch.no_grad():
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.05)
+    return model.train()
+
+
+def loss_and_grads(model: torch.nn.Module, batch: dict, chunk_size: int = 0) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_sum(model, batch, chunk_size)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict], **tol: float) -> None:
+    torch.testing.assert_close(a[0], b[0], **tol)
+    assert a[1].keys() == b[1].keys() and a[1]
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class CountOps(TorchDispatchMode):
+    """Counts calls of each aten / bitsandbytes op below autograd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.calls[str(func)] = self.calls.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))

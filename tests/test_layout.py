@@ -1,0 +1,104 @@
+"""README's Layout section is true: the package's modules are in the stages its table lists, every import (those inside
+functions included) goes to the same stage or an earlier one, and no module reaches itself through imports."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "qlora"
+
+
+def stages() -> list[list[str]]:
+    """The path patterns of each stage, in order, from README's Layout table (`| stage | modules | owns |`)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Layout"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = [line for line in section.splitlines() if re.match(r"\|\s*\d+ ", line)]
+    return [re.findall(r"`([^`]+)`", row.split("|")[2]) for row in rows]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the package but the lever folders' tests."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if not p.name.startswith("test_")}
+
+
+def stage_of(path: Path, table: list[list[str]]) -> int:
+    """The stage whose pattern matches `path` most specifically: a file pattern before a folder pattern, and among
+    those the longest."""
+    rel = path.relative_to(ROOT).as_posix()
+    found = [(not pattern.endswith("/"), len(pattern), n) for n, patterns in enumerate(table) for pattern in patterns
+             if (rel.startswith(pattern) if pattern.endswith("/") else fnmatch.fnmatch(rel, pattern))]
+    assert found, f"{rel} is in no stage of README's Layout table"
+    return max(found)[2]
+
+
+def imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The package modules `path` imports, at module level or inside functions: `from qlora.x import y` counts as
+    qlora.x.y where that is a module, else as qlora.x."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        else:
+            continue
+        found |= {n for n in names if n in modules}
+    return found - {module_name(path)}
+
+
+def graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    return {name: imports(path, modules) for name, path in modules.items()}
+
+
+def test_every_import_goes_to_the_same_stage_or_an_earlier_one() -> None:
+    table, modules = stages(), package_modules()
+    assert len(table) >= 8, "README's Layout table lists the stages"
+    upward = []
+    for name, targets in graph().items():
+        for target in targets:
+            if stage_of(modules[target], table) > stage_of(modules[name], table):
+                upward.append(f"{name} (stage {stage_of(modules[name], table) + 1}) imports {target} "
+                              f"(stage {stage_of(modules[target], table) + 1})")
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_reaches_itself_through_imports() -> None:
+    edges = graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(edges[name]):
+            if state.get(target) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(target):] + [target]))
+            if target not in state:
+                visit(target, path + [target])
+        state[name] = 2
+
+    for name in sorted(edges):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_the_checks_can_fail() -> None:
+    """The two rules above, on a made-up graph that breaks each: the check is not vacuous."""
+    table = stages()
+    errors = PACKAGE / "errors.py"
+    train = PACKAGE / "train.py"
+    assert stage_of(errors, table) < stage_of(train, table)  # so errors.py importing train.py would be caught
+    assert "qlora.errors" in graph()["qlora.cli"]  # imports inside the package are seen
+    source = "def f():\n    from qlora.train import main\n"
+    tree_imports = {n.module for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    assert tree_imports == {"qlora.train"}  # and so are those inside functions
