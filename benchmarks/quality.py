@@ -9,7 +9,7 @@ moving at a LoRA learning rate overshoots. Besides full fine-tuning, 16-bit LoRA
 variants change the 4-bit base: adapters started at LoftQ's correction (lora.init=loftq, one or three alternating
 steps), blocks of 32 (quant.blocksize), the layers whose rounding costs most kept in 16-bit (quant.keep_16bit_budget),
 and combinations. The held-out loss and the task metric (teacher-forced exact match of the answer,
-qlora.training.loss.eval_stats) come from each run's final eval; the base-weight bytes from its memory.json and the estimator.
+qlora.training.loss.eval_stats) come from each run's final eval; base-weight bytes: its memory.json and the estimator.
 
 Two targets: the QLoRA paper's claim (sec. 4: adapters on an NF4 + double quant base match 16-bit ones), held-out
 loss within 2% of 16-bit LoRA's and exact match within 2 points; and issue 15's for a variant: close at least half of

@@ -2,7 +2,7 @@
 
     nice -n 10 python benchmarks/quant_screen.py [RECIPE] [--methods qlora,qlora-bs32,...] [--rows 48]
 
-For each method of benchmarks/quality.py the model is built exactly as training builds it (qlora.training.assemble.build_model:
+For each method of benchmarks/quality.py the model is built as training builds it (qlora.training.assemble.build_model:
 the base with its block size and kept layers, the adapters with their initialisation, LoftQ's included) and scored,
 untrained, on the recipe's held-out split: the held-out loss the quality table shows "before training", and the mean
 KL divergence from the 16-bit model's next-token distribution over every position of the first --rows held-out rows

@@ -12,7 +12,7 @@ rank, alpha, dropout and targets (every linear layer but lm_head):
                 layer, non-reentrant; --standard-prep none skips the upcast), peft's bnb Linear4bit LoRA layers,
                 the forward and model(labels=...) loss under bf16 autocast (SDPA), bitsandbytes PagedAdamW32bit,
                 grad-norm clip 1.0 (Trainer's default)
-    ours        qlora.training.assemble.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
+    ours        training.assemble.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
 
 The batch is random token ids with every token a label, so both stacks do the same work. MFU counts 6N FLOPs per
@@ -148,7 +148,7 @@ def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # n
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return model, step, device
 
@@ -172,6 +172,9 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     if prep == "kbit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
+        model.activation_checkpointing_enable(kwargs)
+        model.enable_input_require_grads()
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
@@ -190,7 +193,7 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return model, step, device
 

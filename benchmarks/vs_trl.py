@@ -7,7 +7,7 @@ Every stack trains recipes/smollm2_135m.py as it stands: SmolLM2-135M-Instruct i
 fp32 LoRA adapters (r 16, alpha 16, dropout 0.05) on every linear layer but lm_head, bitsandbytes' paged AdamW 32-bit
 (on CPU it pages nothing), lr 5e-4 with 3 warmup steps and cosine decay, gradient-norm clip 1.0, non-reentrant
 gradient checkpointing, SDPA attention, batches of 8 rows padded to their longest. Same data in the same order: our
-tokenised rows (labels on the assistant turn only), batch i holding the rows of `qlora.data.read.batch_rows(..., i)`, are
+tokenised rows (labels on the assistant turn only), batch i holding the rows of `data.read.batch_rows(..., i)`, are
 handed to SFTTrainer pre-tokenised with a sequential sampler. Same seed. One thread (OMP_NUM_THREADS=1 and
 torch.set_num_threads(1)), each stack in a fresh process.
 
@@ -24,7 +24,7 @@ torch.set_num_threads(1)), each stack in a fresh process.
 Measured per step: CPU seconds (user and system, getrusage) between consecutive optimizer steps, read by a global
 optimizer-step hook that is the same for every stack, so collation, forward, backward, clipping and the update all
 fall inside; the median is over the steps after the first two. Also the process's peak resident set, the whole run's
-CPU time, and the held-out loss and exact match after training, scored by `qlora.training.step.evaluate` for every stack.
+CPU time, and the held-out loss and exact match after training, scored by `training.step.evaluate` for every stack.
 CPU time, not wall time: it stays comparable on a machine shared with other jobs (the load is recorded), though
 cache contention still inflates it somewhat.
 

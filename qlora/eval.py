@@ -1,7 +1,7 @@
 """`python -m qlora.eval RUN_DIR [--data FILE]`: reload a finished run and measure it on held-out data.
 
-The numbers come from `qlora.training.step.evaluate` (loss per target token, perplexity, teacher-forced exact match of the
-answers), on the held-out split the run itself used unless `--data` names another file: for the same run and data
+The numbers come from `qlora.training.step.evaluate` (loss per target token, perplexity, teacher-forced exact match
+of the answers), on the held-out split the run itself used unless `--data` names another file: for the same run and data
 they are the numbers training logged at its final eval.
 
 `load_run` rebuilds a run's model from RUN_DIR alone (run_config.json + the saved weights); generate and merge use it.

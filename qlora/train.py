@@ -52,7 +52,7 @@ class Progress:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the recipe; return the final metrics. A run that ends early raises guard.Stop (see qlora/training/guard.py)."""
+    """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
     with distributed.joined(cfg) as ranks, guard.RunGuard(cfg) as watch:
         try:

@@ -14,7 +14,8 @@ child of a process with CUDA initialised dies on its first CUDA call. These are 
         pid = cli.start([...]); ...; os.kill(pid, signal.SIGKILL); cli.wait(pid)
 
 `prelude` is Python run in the child before the module, for tests that inject a fault (a forward hook that raises);
-`module` runs another command (`qlora.eval`, `qlora.merge`, ...).
+`module` runs another command (`qlora.eval`, `qlora.merge`, ...); `env` sets environment variables in the child
+only (a model cache of its own: QLORA_CACHE).
 """
 
 from __future__ import annotations
@@ -68,11 +69,12 @@ class ForkedCLI:
         self.server.stdin.flush()
         return self._reply()
 
-    def start(self, argv: list[str], prelude: str = "", cwd: Path = ROOT, module: str = "qlora.train") -> int:
+    def start(self, argv: list[str], prelude: str = "", cwd: Path = ROOT, module: str = "qlora.train",
+              env: dict[str, str] | None = None) -> int:
         n = self._count = self._count + 1
         out, err = self.logs / f"{n}.out", self.logs / f"{n}.err"
         pid = self._send({"argv": argv, "prelude": prelude, "cwd": str(cwd), "stdout": str(out),
-                          "stderr": str(err), "module": module})["pid"]
+                          "stderr": str(err), "module": module, "env": env or {}})["pid"]
         self._files[pid] = (out, err)
         return pid
 
@@ -81,8 +83,9 @@ class ForkedCLI:
         out, err = self._files.pop(pid)
         return Result(status, out.read_text(), err.read_text())
 
-    def run(self, argv: list[str], prelude: str = "", cwd: Path = ROOT, module: str = "qlora.train") -> Result:
-        return self.wait(self.start(argv, prelude, cwd, module))
+    def run(self, argv: list[str], prelude: str = "", cwd: Path = ROOT, module: str = "qlora.train",
+            env: dict[str, str] | None = None) -> Result:
+        return self.wait(self.start(argv, prelude, cwd, module, env))
 
 
 def _child(command: dict) -> None:
@@ -94,6 +97,7 @@ def _child(command: dict) -> None:
     code = 1
     try:
         os.chdir(command["cwd"])
+        os.environ.update(command["env"])
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, command["stdout"], os.O_WRONLY | os.O_CREAT),
                                 (2, command["stderr"], os.O_WRONLY | os.O_CREAT)):
             os.dup2(os.open(path, flags | (os.O_TRUNC if fd else 0), 0o644), fd)
@@ -141,7 +145,8 @@ def _wait(pid: int, timeout: float = TIMEOUT) -> int:
 
 
 def _serve() -> None:
-    import qlora.merge  # noqa: F401  the expensive imports (merge imports eval, generate, train), shared by every child
+    import qlora.merge  # noqa: F401  the expensive imports (torch, transformers, bitsandbytes, the training
+    import qlora.train  # noqa: F401  components), shared by every child
 
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

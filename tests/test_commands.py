@@ -201,7 +201,8 @@ def test_eval_of_a_run_whose_held_out_loss_is_nan_does_not_succeed(cli, finished
     """As training never ends in success with a nan held-out loss, neither does a later evaluation of the run."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    silent_nan = "import qlora.training.step\nqlora.training.step.eval_stats = lambda *a, **k: (float('nan'), 1, 0, 1)\n"
+    silent_nan = ("import qlora.training.step\n"
+                  "qlora.training.step.eval_stats = lambda *a, **k: (float('nan'), 1, 0, 1)\n")
     result = cli.run([str(run)], module="qlora.eval", prelude=silent_nan)
     assert result.status == 3, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (f"error: the held-out loss of {run} is nan: its weights give "

@@ -301,6 +301,8 @@ def test_list_checkpoints_sees_only_complete_ones(tmp_path):
     assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-3"]
 
 
+# The paged classes, whose state a CUDA run saves; on the CPU they run unpaged, and bitsandbytes warns that they do.
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU:UserWarning")
 @pytest.mark.parametrize("cls", [bnb.optim.PagedAdamW32bit, bnb.optim.PagedAdamW8bit])
 def test_bitsandbytes_optimizer_state_survives_weights_only_loading(tmp_path, cls):
     """torch.load(weights_only=True) refuses arbitrary pickles: the optimizer state must be plain tensors and
@@ -466,7 +468,8 @@ def test_a_signal_while_the_model_loads_ends_in_one_line(cli, tmp_path, sig):
 def test_a_signal_during_the_first_evaluation_stops_without_training_a_step(cli, tmp_path):
     out = tmp_path / "run"
     argv = [*ARGS, "--train.eval_batches=3", f"--output.dir={out}"]
-    result = interrupt(cli, argv, slowed("qlora.training.loss:eval_stats", 0.5), tmp_path / "evaluating", signal.SIGTERM)
+    result = interrupt(cli, argv, slowed("qlora.training.loss:eval_stats", 0.5), tmp_path / "evaluating",
+                       signal.SIGTERM)
     assert result.status == 128 + signal.SIGTERM, result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM before the first step; no checkpoint was "
                                                       "written: run the command again to start")

@@ -1,4 +1,4 @@
-"""bf16 adapters lose no update: fp32 master copies in the optimizer, gradients summed in fp32 (qlora/adapters/master.py).
+"""bf16 adapters lose no update: fp32 masters in the optimizer, gradients summed in fp32 (qlora/adapters/master.py).
 
 Run on the CPU with quant.compute_dtype=bf16, which gives the adapters the dtype they have on CUDA.
 """

@@ -90,7 +90,7 @@ def test_pack_examples_places_every_document_once_within_max_len() -> None:
             assert len(set(row["input_ids"][start:end])) == 1  # one document per segment
             assert row["labels"][start] == IGNORE and row["labels"][start + 1:end] == row["input_ids"][start + 1:end]
     assert pack_examples(examples, 16) == packed  # deterministic, so resume packs the same rows
-    with pytest.raises(ValueError, match="longer than max_seq_len"):
+    with pytest.raises(ConfigError, match="longer than data.max_seq_len"):
         pack_examples(examples, max_seq_len=10)
 
 
@@ -108,3 +108,13 @@ def test_prepare_packs_train_rows_only(tiny_config: Config) -> None:
     assert all("position_ids" in row for row in run["train_rows"])
     assert all(len(row["input_ids"]) <= tiny_config.data.max_seq_len for row in run["train_rows"])
     assert not any("position_ids" in row for row in run["eval_rows"])
+
+
+def test_an_example_longer_than_a_row_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """Issue 23: this was a ValueError and a traceback; as every bad input, it is one line and exit 2."""
+    from qlora.cli import run
+
+    example = {"input_ids": [1] * 9, "labels": [1] * 9}
+    assert run(lambda argv: pack_examples([example], 8), []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 examples are longer than data.max_seq_len=8 (longest 9)") and err.count("\n") == 1

@@ -1,16 +1,18 @@
 """README.md's commands, run as written in a scratch clone of the checkout: each leaves `git status` clean, unless it
 is one of those told where to write (`--out-dir=...`, the benchmarks); and its PEFT snippet loads a run's adapter.
 
-Two things keep it fast without changing where anything is written: the model cache ($QLORA_CACHE) of the clone holds
-the tiny random Llama under SmolLM2's name too, so the demo's commands run on it; and every `qlora.train` command gets
-`FAST` appended (2 steps, 1 held-out batch; rows up to 512 tokens, as the tiny model's bytes are longer than
-SmolLM2's tokens).
+Three things keep it fast without changing where anything is written: the model cache ($QLORA_CACHE) of the clone
+holds the tiny random Llama under SmolLM2's name too, so the demo's commands run on it; every `qlora.train` command
+gets `FAST` appended (2 steps, 1 held-out batch; rows up to 512 tokens, as the tiny model's bytes are longer than
+SmolLM2's tokens); and a plain `python -m qlora.<command> ...` line runs in a process forked from one that imported
+qlora already (tests/forked_cli.py), as `python -m` would run it, while a line with a pipe or a variable runs in bash.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,19 +62,24 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
     return root, env
 
 
-def test_readme_commands_leave_the_checkout_clean(clone: tuple[Path, dict[str, str]]) -> None:
+def test_readme_commands_leave_the_checkout_clean(cli, clone: tuple[Path, dict[str, str]]) -> None:
     root, env = clone
     commands = readme_commands()
     assert len(commands) >= 10 and any("qlora.merge" in c for c in commands), commands
     for line in commands:
         if any(flag in line for flag in TOLD_TO_WRITE):
             continue
-        run = line.replace("python -m", f"{sys.executable} -m")
-        if "qlora.train" in line and "--help" not in line:
-            run += " " + " ".join(FAST)
-        proc = subprocess.run(["bash", "-c", run], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        fast = FAST if "qlora.train" in line and "--help" not in line else []
+        words = shlex.split(line)
+        if words[:2] == ["python", "-m"] and not set("|$;&<>").intersection(line):
+            result = cli.run([*words[3:], *fast], cwd=root, module=words[2], env={"QLORA_CACHE": env["QLORA_CACHE"]})
+            status, stdout, stderr = result.status, result.stdout, result.stderr
+        else:
+            run = line.replace("python -m", f"{sys.executable} -m") + "".join(f" {f}" for f in fast)
+            proc = subprocess.run(["bash", "-c", run], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+            status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
         expected = 2 if "llama70b.py" in line and "qlora.train" in line and not torch.cuda.is_available() else 0
-        assert proc.returncode == expected, (line, proc.stdout[-1000:], proc.stderr[-1000:])
+        assert status == expected, (line, stdout[-1000:], stderr[-1000:])
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout
         assert status == "", (line, status)

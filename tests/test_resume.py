@@ -111,7 +111,7 @@ def test_another_optimizer_on_resume_starts_its_state_afresh(cli, partial, tmp_p
 
 
 def test_another_optimizer_keeps_the_resumed_weights_of_16_bit_adapters(cli, tmp_path):
-    """bf16 adapters train through fp32 master copies (qlora/adapters/master.py); a fresh optimizer's copies must start from
+    """bf16 adapters train through fp32 masters (qlora/adapters/master.py); a fresh optimizer's copies must start from
     the resumed adapter, not from the adapter as initialised (B = 0)."""
     out = tmp_path / "run"
     bf16 = [*ARGS, "--quant.compute_dtype=bf16", f"--output.dir={out}"]

@@ -94,12 +94,21 @@ def ensure_checkpoint(cfg: Config) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed
         # mid-build never leaves a half checkpoint at `target` (a leftover without config.json is cleared first).
+        # Several processes may build at once (test workers, two first runs): the first rename wins, and a later
+        # builder keeps the checkpoint already in place (builders are deterministic) rather than replace it under
+        # a process that may be reading it.
         tmp = target.parent / f".{target.name}.building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             BUILDERS[cfg.model.build](tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            if not (target / "config.json").is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                try:
+                    os.replace(tmp, target)
+                except OSError as err:  # ENOTEMPTY, EEXIST: another process's rename came first
+                    if not (target / "config.json").is_file():
+                        raise ConfigError(f"could not put the built checkpoint at {target} ({err.strerror}): "
+                                          "remove that directory and run again") from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"built in {since(started)}")

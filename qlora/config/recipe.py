@@ -31,7 +31,8 @@ def field_docs(section: type) -> dict[str, str]:
         if not dataclasses.is_dataclass(cls):
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-        docs.update({node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:], strict=False)
+        docs.update({node.target.id: inspect.cleandoc(doc.value.value)
+                     for node, doc in zip(body, body[1:], strict=False)
                      if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                      and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
                      and isinstance(doc.value.value, str)})

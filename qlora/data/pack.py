@@ -30,7 +30,7 @@ def pack_examples(examples: list[dict[str, list[int]]], max_seq_len: int) -> lis
     too_long = [len(ex["input_ids"]) for ex in examples if len(ex["input_ids"]) > max_seq_len]
     if too_long:
         raise ConfigError(f"{len(too_long)} examples are longer than data.max_seq_len={max_seq_len} "
-                         f"(longest {max(too_long)}): truncate them first (data.tokenize_rows does)")
+                          f"(longest {max(too_long)}): truncate them first (data.read.tokenize_rows does)")
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     rows: list[list[int]] = []  # example indices per packed row
     free: list[tuple[int, int]] = []  # (tokens still free, row index), sorted: best fit is the first that fits

@@ -1,4 +1,4 @@
-"""Host buffers pinned at their exact size, for the levers that keep tensors in CPU memory (layer inputs, the optimizer).
+"""Host buffers pinned at their exact size, for the levers that keep tensors in host memory (layer inputs, optimizer).
 
 torch's caching host allocator (`pin_memory=True`) rounds every pinned block up to a power of two
 (ATen/core/CachingHostAllocator.h: "Round up the allocation to the nearest power of two"), so a 3.1 GB layer input

@@ -16,7 +16,7 @@ MLP), checked tensor by tensor against torch's saved-tensor hooks on the tiny Ll
     dropout     in (e + m)      each adapter's dropped input and its mask: m = 1 byte on CUDA (a bool from the fused
                                 kernel), e on CPU (the mask is a tensor of the compute dtype there)
 
-A tiled module (qlora/levers/tiling/tiles.py) keeps only its input at full length; the rest exists for one tile at a time.
+A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     tile = min(t.tile_size, T) if tiled else 0
     # The MLP's backward: the layer output's gradient and the MLP input's, and the MLP's two intermediate gradients
     # at full length, or one tile's working set.
-    mlp = 2 * T * h * e + (tile * mlp_tile_bytes(mlp_saved(arch, method, cfg, e, device), h, i, e) if tiled else 2 * T * i * e)
+    mlp = 2 * T * h * e + (tile * mlp_tile_bytes(mlp_saved(arch, method, cfg, e, device), h, i, e) if tiled
+                           else 2 * T * i * e)
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
     # output's, SDPA's own buffers (and a projection tile) are alive.
     done = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + 4 * h + 4 + \

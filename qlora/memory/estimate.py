@@ -10,7 +10,7 @@ Symbols: L layers, h hidden, i intermediate, nh heads, q = nh*hd and kv = nkv*hd
 b batch, s sequence length, T = b*s tokens, N = b*(s-1) predicted positions, e bytes per element of the compute dtype
 (bf16 on CUDA, fp32 on CPU; the model is loaded in it, so unquantised weights take e bytes too).
 
-Several processes (`gpus` > 1, qlora/training/distributed.py), per process: data parallel holds everything one process does,
+Several processes (`gpus` > 1, qlora/training/distributed.py), per process: data parallel holds all one process does,
 plus one bucket of gradients being summed; `train.shard_base` holds 1/gpus of the frozen base (packed 4-bit weights,
 embeddings, head, norms; the quantisation state and a tied embedding table whole), plus what FSDP all-gathers for the
 moment: two decoder layers in the backward (the one computing and the one prefetched), the head in the loss.
@@ -304,7 +304,8 @@ def gathered_bytes(cfg: Config, arch: Arch, method: str, e: int) -> dict[str, in
 def levers(cfg: Config, method: str, device: str) -> list[str]:
     """The memory levers this estimate counts, each as its lever says what it does (where the layer inputs wait is
     the checkpoint plan's to say: `Estimate.checkpoints`), and the 8-bit optimizer's moments."""
-    out = [lever.effect(cfg, method) for lever in LEVERS if lever.kind == "memory" and lever.active(cfg, method, device)]
+    out = [lever.effect(cfg, method) for lever in LEVERS
+           if lever.kind == "memory" and lever.active(cfg, method, device)]
     if cfg.train.optimizer == "paged_adamw_8bit":
         out.append("paged_adamw_8bit: 8-bit moments")
     return out

@@ -144,7 +144,7 @@ def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                          "outside_allocator"), 0)
     adapters = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
     ids = {id(p) for p in adapters}
-    # Sharded by FSDP, a 4-bit weight is a DTensor and its quant state is left on the module (qlora/training/distributed.py).
+    # Sharded by FSDP, a 4-bit weight is a DTensor, its quant state left on the module (qlora/training/distributed.py).
     quantized = {id(p): (p, p.quant_state) for p in model.parameters() if getattr(p, "quant_state", None) is not None}
     quantized.update({id(m.weight): (m.weight, m.quant_state) for m in model.modules()
                       if isinstance(getattr(m, "weight", None), DTensor)
@@ -155,7 +155,7 @@ def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     out["unquantized_weights"] = _storages([p for p in model.parameters() if id(p) not in ids], seen) + \
         _storages(list(model.buffers()), seen)
     out["gradients"] = _storages([p.grad for p in model.parameters()], seen)
-    if optimizer is not None:  # its own copies of the weights (qlora.adapters.master's fp32 masters) and their gradients
+    if optimizer is not None:  # its own copies of the weights (adapters/master.py's fp32 masters) and their gradients
         own = [p for group in optimizer.param_groups for p in group["params"]]
         out["gradients"] += _storages([p.grad for p in own], seen)
         out["optimizer_state"] += _storages(own, seen)

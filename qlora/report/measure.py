@@ -2,8 +2,8 @@
 
     python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]
 
-The steps take the trainer's own path: `qlora.training.assemble.prepare` (load, adapters, checkpointing, levers), `loss_sum`,
-backward, gradient clipping and the optimizer of `build_optimizer`. The batch is random token ids of exactly
+The steps take the trainer's own path: `qlora.training.assemble.prepare` (load, adapters, checkpointing, levers),
+`loss_sum`, backward, gradient clipping and the optimizer of `build_optimizer`. The batch is random token ids of exactly
 `train.batch_size` x `data.max_seq_len`, every position a target: the worst case of the recipe's shape.
 
 Each method gets a fresh process, so that no method inherits another's allocator caches. On CPU the process first

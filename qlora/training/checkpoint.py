@@ -239,7 +239,7 @@ def _read(ckpt: Path, name: str) -> dict:
 def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
     """Raise Unusable unless `saved` is a state of `optimizer`'s parameters with finite moments: torch checks only the
     group sizes, and a moment of another shape would fail at the next step, after the run directory was written."""
-    if "masters" in saved:  # qlora/adapters/master.py: the fp32 copies of 16-bit adapters, beside the inner optimizer's state
+    if "masters" in saved:  # adapters/master.py: the fp32 copies of 16-bit adapters, beside the inner optimizer's state
         masters, ours = saved["masters"], [p for g in optimizer.param_groups for p in g["params"]]
         if not isinstance(masters, list) or [getattr(m, "shape", None) for m in masters] != [p.shape for p in ours]:
             raise Unusable(f"{OPTIMIZER} holds fp32 master weights of other shapes than this model's adapters")

@@ -1,7 +1,7 @@
 """Several processes, one run: `torchrun --nproc-per-node=N -m qlora.train RECIPE.py` (or `accelerate launch`).
 
 Every process (rank) runs the same loop on its share of each batch. Micro-batch i of the run holds the rows one process
-with batch N*b would take (qlora.data.read.micro_batches); rank r collates its r-th b of them, and every rank divides its
+with batch N*b would take (data.read.micro_batches); rank r collates its r-th b of them, and every rank divides its
 summed token loss by the target tokens of the whole global batch, so N ranks x batch b compute the loss and gradients
 of one process with batch N*b.
 
@@ -10,8 +10,8 @@ adapters' gradients (in buckets, as DDP does) gives every rank the same gradient
 adapters and the optimizer state stay identical everywhere with no more communication. DDP itself is not used: it
 hooks the model's forward, and the loss calls the decoder and the head directly (qlora/training/loss.py).
 
-`train.shard_base`: the frozen base sharded over the ranks by FSDP2 (qlora/base/shard.py); the adapters stay whole on every
-rank and are summed as in data parallel.
+`train.shard_base`: the frozen base sharded over the ranks by FSDP2 (qlora/base/shard.py); the adapters stay whole on
+every rank and are summed as in data parallel.
 
 Only rank 0 writes (checkpoints, adapter, metrics, memory report) and prints; an error every rank meets alike prints
 once. A rank that dies breaks the others' next collective within a second (gloo: "Connection reset by peer"); one that

@@ -36,6 +36,8 @@ def make_optimizer(tensors: list[torch.Tensor], cfg: Config, paged: bool = True)
         return torch.optim.AdamW(tensors, lr=t.lr, weight_decay=t.weight_decay)
     import bitsandbytes as bnb
 
+    # bitsandbytes pages CUDA memory only: on the CPU its paged class runs as the plain one, after a warning.
+    paged = paged and any(x.is_cuda for x in tensors)
     if t.optimizer == "paged_adamw_8bit":
         cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     else:

@@ -39,7 +39,7 @@ from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpo
 MEMORY = "memory.json"
 LOCK = ".qlora.lock"
 RUN_FILES = (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, MEMORY, SHIFTS)  # a run's own files
-# What a killed run may leave half-written (qlora/training/checkpoint.py, train.MetricsLog, start_run): never read, so only
+# What a killed run may leave half-written (checkpoint.py, metrics.MetricsLog, start_run): never read, so only
 # in the way. Nothing else is removed, whatever its name.
 LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl"
                       r"|loftq_shifts\.safetensors)$")

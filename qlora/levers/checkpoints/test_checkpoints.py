@@ -125,3 +125,14 @@ def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
     train.offload_budget_gib, train.checkpoint_every = 0.0, 2  # as does keeping every other input
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
+
+
+def test_a_model_without_checkpointed_layers_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """Issue 23: this was a ValueError and a traceback; as every bad input, it is one line and exit 2."""
+    from qlora.cli import run
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert run(lambda argv: keep_layer_inputs(model, torch.device("cpu"), offload=True, force=True), []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.offload_activations and train.checkpoint_every act on checkpointed layers")
+    assert err.count("\n") == 1

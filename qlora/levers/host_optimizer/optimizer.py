@@ -86,7 +86,7 @@ class HostOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """qlora/adapters/master.py's format ({"inner", "masters"}), or a plain optimizer's, whose weights are the model's."""
+        """qlora/adapters/master.py's format ({"inner", "masters"}), or a plain optimizer's (the model's weights)."""
         if "masters" in state_dict:
             self.inner.load_state_dict(state_dict["inner"])
             saved = state_dict["masters"]

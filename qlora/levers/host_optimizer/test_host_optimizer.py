@@ -39,7 +39,7 @@ def host_optimizer(model: torch.nn.Module, cfg: Config) -> HostOptimizer:
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_host_optimizer_steps_as_the_optimizer_on_the_device(tiny_config: Config, batch: dict, optimizer: str,
                                                              compute: str) -> None:
-    # bf16 adapters: the device path steps fp32 masters on the device (qlora/adapters/master.py), this one in host memory.
+    # bf16 adapters: the device path steps fp32 masters on the device (qlora/adapters/master.py), this one on the host.
     from qlora.training.optimizer import build_optimizer
 
     cfg = apply_overrides(tiny_config, [f"--train.optimizer={optimizer}", f"--quant.compute_dtype={compute}"])

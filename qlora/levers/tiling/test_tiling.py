@@ -92,3 +92,13 @@ def test_tiles_leave_evaluation_untiled(tiny_config: Config, batch: dict, monkey
     with torch.no_grad():
         loss_sum(model, batch)
     assert not calls
+
+
+def test_a_model_without_decoder_layers_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """Issue 23: this was a ValueError and a traceback; as every bad input, it is one line and exit 2."""
+    from qlora.cli import run
+    from qlora.levers.tiling.tiles import tile_layers
+
+    assert run(lambda argv: tile_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)), 16, False), []) == 2
+    assert capsys.readouterr().err == ("error: train.tile_size found no decoder layer with an mlp and a self_attn in "
+                                       "this model: set --train.tile_size=0\n")
