@@ -31,6 +31,7 @@ from qlora.loftq import apply_shifts, init_loftq, load_shifts, save_shifts
 from qlora.lora import attach_lora
 from qlora.loss import eval_stats, loss_sum, use_liger_ce
 from qlora.master import MasterWeights, needs_masters
+from qlora.memory.preflight import check_fits
 from qlora.memory.profiler import PhaseTracker, available_bytes, peak_bytes
 from qlora.model import compute_dtype, load_base, resolve_device
 from qlora.pack import check_packing, pack_examples, packing_summary
@@ -268,6 +269,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ranks: distributed.Ranks) -> dict:
     run_dir = Path(cfg.output.dir)
     rundir.check_run_dir(run_dir, cfg, resume, overwrite)  # reads only: a refused run leaves the dir as it was
+    # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base
+    # is loaded, with the longest data.max_seq_len that fits.
+    check_fits(cfg, ranks.device if ranks.several else resolve_device(cfg.train.device), ranks.size)
     # Created before loading: on CPU its baseline is the resident memory before the model exists.
     profiler = PhaseTracker(resolve_device(cfg.train.device))
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
