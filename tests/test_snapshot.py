@@ -118,6 +118,17 @@ def test_reserved_memory_follows_the_segments_and_expandable_mappings() -> None:
     assert "14.000 MiB of it not allocated" in snapshot.report({"segments": segments, "device_traces": [trace]})
 
 
+@pytest.mark.parametrize("name", ["torch::autograd::generated::PowBackward0::apply(std::vector<at::Tensor>&&)",
+                                  "_ZN5torch8autograd9generated12PowBackward05applyEOSt6vectorIN2at6TensorESaIS5_EE"])
+def test_the_autograd_node_is_read_from_a_named_or_a_mangled_frame(name: str) -> None:
+    """A CUDA snapshot's C++ frames are named by addr2line, or left mangled by the faster dladdr the battery asks
+    for (TORCH_SYMBOLIZE_MODE): either names the node, which tells an RMSNorm's fp32 gradients from SDPA's."""
+    frames = [{"filename": "", "line": 0, "name": "c10::cuda::CUDACachingAllocator::malloc"},
+              {"filename": "", "line": 0, "name": name}]
+    assert snapshot.autograd_node(frames) == "PowBackward0"
+    assert snapshot.autograd_node(frames[:1]) == ""
+
+
 def test_an_rmsnorm_backward_holds_the_fp32_temporaries_the_estimate_counts() -> None:
     """transformers' LlamaRMSNorm in bf16 computes in fp32; torch's autograd formulas for it hold NORM_BACKWARD_FP32
     fp32 tensors of the input's size at once (the term behind the 70B's missing ~110 KB per token on the H200)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -206,13 +207,15 @@ MARKERS: list[tuple[str, tuple[str, ...], str]] = [
 NORM_NODES = ("MulBackward0", "MeanBackward1", "PowBackward0", "RsqrtBackward0", "ToCopyBackward0", "AddBackward0")
 
 
+NODE = re.compile(r"([A-Z][A-Za-z]*Backward\d)")  # PowBackward0, in a demangled name or a mangled one (12PowBackward05)
+
+
 def autograd_node(frames: list[dict]) -> str:
     """The autograd node whose backward made the block ("PowBackward0"), from the C++ frames of a CUDA snapshot
-    recorded with stacks="all" or the recorder's; "" when there is none."""
+    recorded with stacks="all" (named by addr2line, or mangled by dladdr) or the recorder's; "" when there is none."""
     for f in frames:
-        name = f["name"]
-        if "::apply" in name and "autograd" in name:
-            return name.split("::apply")[0].rsplit("::", 1)[-1]
+        if "autograd" in f["name"] and (found := NODE.search(f["name"])):
+            return found.group(1)
     return ""
 
 
@@ -364,13 +367,16 @@ def report(snapshot: dict, shape: Shape | None = None, min_bytes: int = 2 * MIB,
     return "\n".join(lines)
 
 
-def compact(snapshot: dict) -> dict:
+def compact(snapshot: dict, frames_from: int = 0) -> dict:
     """The snapshot with only what `report` reads: per event action, addr, size, stream, time and the frames that
-    name something (Python files, autograd's nodes, ATen's kernels), each distinct frame stored once."""
+    name something (Python files, autograd's nodes, ATen's kernels), each distinct frame stored once; blocks smaller
+    than `frames_from` bytes lose their frames (the attribution names only larger ones)."""
     kept: dict[tuple, dict] = {}
 
-    def frames(fs: list[dict]) -> list[dict]:
+    def frames(fs: list[dict], size: int) -> list[dict]:
         out = []
+        if size < frames_from:
+            return out
         for f in fs:
             name, file = f.get("name", ""), f.get("filename", "")
             if file.endswith(".py") or "autograd" in name or "at::native" in name or "at::_ops" in name or \
@@ -380,11 +386,12 @@ def compact(snapshot: dict) -> dict:
         return out
 
     traces = [[{"action": e["action"], "addr": e.get("addr", 0), "size": e.get("size", 0),
-                "stream": e.get("stream", 0), "time_us": e.get("time_us", 0), "frames": frames(e.get("frames", []))}
+                "stream": e.get("stream", 0), "time_us": e.get("time_us", 0),
+                "frames": frames(e.get("frames", []), e.get("size", 0))}
                for e in trace] for trace in snapshot.get("device_traces", [])]
     segments = [{**{k: v for k, v in s.items() if k not in ("blocks", "frames")},
                  "blocks": [{**{k: v for k, v in b.items() if k not in ("frames", "history")},
-                             "frames": frames(b.get("frames", []))} for b in s["blocks"]]}
+                             "frames": frames(b.get("frames", []), b["size"])} for b in s["blocks"]]}
                 for s in snapshot.get("segments", [])]
     return {"segments": segments, "device_traces": traces}
 
