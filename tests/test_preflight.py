@@ -46,6 +46,7 @@ def test_a_step_beyond_the_card_is_refused_naming_the_longest_that_fits() -> Non
     assert message.startswith("data.max_seq_len=65536: the step is estimated at ") and "\n" not in message
     assert "with the allocator's margin and the card has 48.00 GiB" in message
     longest = int(message.split("--data.max_seq_len=")[1].split(",")[0])
+    assert "--train.batch_size" not in message  # one row a micro-batch already
     assert fits(at(cfg, longest, "cuda"), card, host) and not fits(at(cfg, longest + 64, "cuda"), card, host)
     # The margin is what decides it: the tensors alone would fit 64 tokens more.
     assert at(cfg, longest + 64, "cuda").peak_bytes <= card
@@ -62,17 +63,34 @@ def test_the_trainer_refuses_before_loading_on_a_small_card(tmp_path: Path, smal
     code = main(["recipes/tiny.py", "--train.device=cuda", "--data.max_seq_len=1048576", f"--output.dir={out}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: data.max_seq_len=1048576: the step is estimated at ")
+    assert err[0].startswith("error: train.batch_size=8 x data.max_seq_len=1048576: the step is estimated at ")
     assert "a 1 GiB card has 1.00 GiB" in err[0] and not out.exists()
-    longest = int(err[0].split("--data.max_seq_len=")[1].split(",")[0])
-    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    longest = int(err[0].split("--data.max_seq_len=")[1].split()[0].rstrip(","))
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")  # 8 rows a micro-batch, one micro-batch a step
     assert 0 < longest < 1048576 and at(cfg, longest, "cuda").card_bytes <= small_card < \
         at(cfg, longest + 64, "cuda").card_bytes
+    # Or fewer rows at a time, as many per step: one row of 2^20 tokens does not fit either.
+    assert " or --train.batch_size" not in err[0]
     # A card smaller than the context and the margin takes nothing at all.
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(total_memory=GIB // 2, name="x"))
     assert main(["recipes/tiny.py", "--train.device=cuda", f"--output.dir={out}"]) == 2
-    assert "not even 64 tokens fit: use a larger card" in capsys.readouterr().err
+    assert "not even one row of 64 tokens fits: use a larger card" in capsys.readouterr().err
+
+
+def test_a_micro_batch_beyond_the_host_is_refused_naming_the_largest_that_fits() -> None:
+    """The tiny recipe's rows of 128 tokens in micro-batches of 10^5 rows on a 2 GiB host: fewer rows at a time,
+    with as many rows per step, or shorter rows."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--train.batch_size=100000"])
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, torch.device("cpu"), device_bytes=2 * GIB)
+    message = str(refused.value)
+    assert message.startswith("train.batch_size=100000 x data.max_seq_len=128: the step is estimated at ")
+    batch = int(message.split("--train.batch_size=")[1].split()[0])
+    assert f"--train.grad_accum={-(-100000 // batch)}, the most that fits" in message
+    rows = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={batch}"])
+    more = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={batch + 1}"])
+    assert fits(at(rows, 128, "cpu"), 2 * GIB, None) and not fits(at(more, 128, "cpu"), 2 * GIB, None)
 
 
 def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -84,4 +102,4 @@ def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, ca
     code = main(["recipes/llama70b.py", "--train.device=cpu", f"--output.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "available (python -m qlora.memory RECIPE estimates it, nothing " \
-        "loaded): not even 64 tokens fit: use a GPU, or a machine with more memory" in err[0], err
+        "loaded): not even one row of 64 tokens fits: use a GPU, or a machine with more memory" in err[0], err
