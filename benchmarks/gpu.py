@@ -13,6 +13,13 @@ stops itself in time); each part first installs the wheels missing here from --w
   4  optional: the lever tables and searches again where the deadline cut them short (on the same machine they go on
      from their logs), the CPU test suite on this machine (CPU tests must stay on the CPU here too), and the 8B
      estimate-against-measurement test
+  5  issue 22, each item alone under nine minutes (truncated-depth probes, qlora/memory/depth.py): snapshot-70b (the
+     allocator recorded through one 70B probe at 58,368 tokens: the snapshot, compacted, and what it holds at its
+     peak, by term of the estimator); rows-70b and rows-8b (the estimate beside the measured card peak at 2K / ~30K /
+     ~60K and 2K / ~100K / ~300K tokens, the plan of an 80 GB card, one full-depth probe each as the check); and the
+     longest context of each recipe on emulated cards, context-70b-45, context-70b-79.6, context-8b-24,
+     context-8b-45, context-8b-79.6 (--budget-gib: nvidia-smi's totals for an L40S, an H100 80GB, an RTX 4090; the
+     70B's weights alone exceed 24 GiB). Their reports go to memory_reports/ (in reports.tar.gz).
 
 OUT receives four files, each rewritten after every item, so a command cut short leaves everything finished:
 summary.md (device, date, command, versions, then each item's outcome and reports), results.jsonl (one line per
@@ -71,6 +78,8 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
     # The 8B estimate test measures what memory-llama8b measures: it runs last, in what part 4 leaves.
     gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
                  "tests/test_levers.py"]
+    reports22 = f"{work}/memory_reports"
+    issue22 = [python, "benchmarks/memory_levers.py", f"--out-dir={reports22}", "--no-levers", "--probe-steps=1"]
     if size == "tiny":
         tiny = ["--size=tiny", "--probe-steps=1", "--probe-timeout=120"]
         context = [*levers, *tiny, "--no-levers", "--max-context"]
@@ -85,6 +94,10 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
             Item(2, "context-tiny", [*context, "--max-probes=2"], 240, reports, True),
             Item(3, "levers-tiny-more", [*levers, *tiny, "--levers=baseline,quantize_lm_head"], 240, reports, True),
             Item(4, "context-tiny-more", [*context, "--max-probes=1"], 240, reports, True),
+            # The tiny Llama has two layers: a probe of one, predicted for both, beside one of both; recorded.
+            Item(5, "rows-tiny", [*issue22, "--size=tiny", "--rows=256", "--full-depth-at=256", "--depth=1",
+                                  "--probe-timeout=120", f"--history={reports22}/snapshots/tiny-256-cpu.pickle.gz"],
+                 240, ["memory_reports/tiny-rows-*.md"], True),
         ]
     smollm2 = ["--model.synthetic=true", "--model.config_json=recipes/configs/smollm2-135m/config.json",
                "--model.build=none"]
@@ -92,6 +105,13 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
         return Item(part, f"context-{size}", [*levers, f"--size={size}", "--no-levers", "--max-context",
                                               "--probe-timeout=300"], cap,
                     [f"benchmarks/results/memory-levers-*-{size}.md"], True)
+
+    def card(size: str, budget: float) -> Item:  # the longest context on an emulated card, truncated probes
+        name = f"{budget:g}gib".replace(".", "_")  # as memory_levers.py names the report
+        return Item(5, f"context-{size}-{budget:g}", [*issue22, f"--size={size}", "--max-context", "--depth=auto",
+                                                      f"--budget-gib={budget}", "--probe-timeout=300",
+                                                      "--max-seq=1048576"], 540,
+                    [f"memory_reports/llama{size}-context-cuda-{name}.md"], True)
 
     def table(part: int, size: str, cap: float) -> Item:
         return Item(part, f"levers-{size}", [*levers, f"--size={size}", "--probe-timeout=150"], cap,
@@ -115,6 +135,18 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
         table(4, "8b", 90), search(4, "8b", 120), table(4, "70b", 120), search(4, "70b", 120),
         Item(4, "cpu-tests", [*pytest, "-k", "not gpu and not on_cuda", "tests"], 200),
         Item(4, "gpu-test-8b-estimate", [*pytest, "-k", "llama8b", "tests/test_memory_gpu.py"], 200),
+        # Issue 22. The rows share their probe logs with the snapshot's (the same setup): its 58,368 row is theirs.
+        Item(5, "snapshot-70b", [*issue22, "--size=70b", "--rows=58368", "--depth=auto", "--budget-gib=79.6",
+                                 "--probe-timeout=420",
+                                 f"--history={reports22}/snapshots/llama70b-58368-cuda.pickle.gz"], 480,
+             ["memory_reports/llama70b-rows-*.md"], True),
+        Item(5, "rows-70b", [*issue22, "--size=70b", "--rows=2048,29696,58368", "--full-depth-at=29696",
+                             "--depth=auto", "--budget-gib=79.6", "--probe-timeout=240"], 540,
+             ["memory_reports/llama70b-rows-*.md"], True),
+        Item(5, "rows-8b", [*issue22, "--size=8b", "--rows=2048,100352,300032", "--full-depth-at=100352",
+                            "--depth=auto", "--budget-gib=79.6", "--probe-timeout=240"], 540,
+             ["memory_reports/llama8b-rows-*.md"], True),
+        card("70b", 45.0), card("70b", 79.6), card("8b", 24.0), card("8b", 45.0), card("8b", 79.6),
     ]
 
 
@@ -290,7 +322,7 @@ def replace(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="where the four result files go (e.g. $OUT)")
-    parser.add_argument("--part", default="1", help="1, 2, 3, 4, a list such as 1,2, or all")
+    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, a list such as 1,2, or all")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the CPU plumbing run")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole command")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install where missing")
@@ -304,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.work = args.work or str(ROOT / "runs" / ("gpu-battery-tiny" if args.size == "tiny" else "gpu-battery"))
-    parts = {1, 2, 3, 4} if args.part == "all" else {int(p) for p in args.part.split(",")}
+    parts = {1, 2, 3, 4, 5} if args.part == "all" else {int(p) for p in args.part.split(",")}
     items = [i for i in plan(args.size, Path(args.work), args.python) if i.part in parts]
     if args.items:
         named: dict[str, Item] = {}

@@ -22,13 +22,23 @@ each checkpoint in torch's `save_on_cpu` done here (the GPU image's transformers
 and a longer one fails, then bisects until the two lie within `--precision` of each other (or `--granularity`
 tokens), in at most `--max-probes` new probes.
 
+Cheap probes (issue 22): with `--depth=auto` (or a number) each probe runs the recipe cut to k of its decoder layers
+at full width and length (qlora/memory/depth.py) and reports the whole model's peak as the probe's measured peak plus
+the known bytes of the missing layers; fit and `--budget-gib` are judged on that. `--rows 2048,29696,58368` measures
+one probe per length (the estimator's plan for the card of --budget-gib and this host) and writes the estimate beside
+each to <out-dir>/<recipe>-rows-<device>.json and .md; `--full-depth-at N` adds one probe of the whole model, the
+check of the truncated ones. `--history=FILE.pickle.gz` records the allocator through each probe
+(`torch.cuda.memory._record_memory_history`; on CPU qlora/report/recorder.py), writes the snapshot compacted and the
+attribution of its peak (`python -m qlora.report.snapshot`) beside it (FILE's name up to its first dot, .txt).
+
 Bounded and resumable: each probe gets at most `--probe-timeout` seconds and the whole run `--deadline` seconds
 (a probe starts only if the longest so far would still finish); each result is appended to
 `<out-dir>/memory-levers-<device>-<size>.probes.jsonl` as it finishes and the report is rewritten after every probe;
 a rerun with the same settings measures only what is missing (`--fresh` starts over). The parent process never
 touches CUDA, so no context of its own inflates the children's peaks.
 
-Writes <out-dir>/memory-levers-<device>-<size>.{json,md} (default out-dir: benchmarks/results).
+Writes <out-dir>/memory-levers-<device>-<size>.{json,md} (default out-dir: benchmarks/results); with --depth, a
+max-context search writes <out-dir>/<recipe>-context-<device>-<budget>gib.{json,md} (memory_reports/ keeps them).
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ import argparse
 import functools
 import inspect
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
-from throughput import RESULTS, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
+from throughput import RESULTS, SIZES, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
 
 BASELINE = ["--train.gradient_checkpointing=true", "--train.offload_activations=false", "--train.loss_chunk_size=0",
             "--train.liger_ce=false", "--quant.quantize_lm_head=false", "--model.embeddings_on_cpu=false",
@@ -120,15 +132,24 @@ def device_info(device: torch.device) -> dict:
 
 
 def probe(args: argparse.Namespace, spec: dict) -> dict:
-    """One probe, in this (child) process: build, `--probe-steps` steps, the peak; or how it failed."""
+    """One probe, in this (child) process: build, `--probe-steps` steps, the peak; or how it failed. With --depth the
+    recipe runs cut to that many decoder layers and the whole model's peak is predicted from it."""
     from qlora.base.load import resolve_device
     from qlora.errors import ConfigError
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
 
     # Every probe batch has one shape, as packed rows do (it sizes the pinned-memory check of activation offload).
     overrides = ([] if spec.get("recipe") else BASELINE) + spec.get("overrides", []) + args.override + \
         [f"--data.max_seq_len={args.seq}", "--data.pack=true"]
-    cfg = base_config(args.size, overrides)
-    device = resolve_device(cfg.train.device)
+    whole = base_config(args.size, overrides)
+    device = resolve_device(whole.train.device)
+    cfg, cut = whole, depth_of(args, spec, whole, device.type)
+    if cut is not None:
+        from qlora.memory.depth import truncated_config
+
+        cfg = truncated_config(whole, cut, Path(tempfile.mkdtemp(prefix="qlora-depth-")))
+    recorder = start_history(args, device)
     try:
         model, step, device = build_ours(cfg, hf_offload if spec.get("hf_offload") else None)
         batch = synthetic_batch(model.get_input_embeddings().num_embeddings, args.batch, args.seq, device)
@@ -140,11 +161,79 @@ def probe(args: argparse.Namespace, spec: dict) -> dict:
         result = {"ok": False, "oom": True}
     except ConfigError as err:
         result = {"ok": False, "refused": str(err)}
-    result.update(device_info(device))
+    result.update(device_info(device), plan=spec.get("overrides", []) if spec.get("recipe") else None)
+    est = estimate(whole, load_arch(whole), whole.quant.method, device.type)
+    result.update(estimated_gib=est.card_bytes / 2**30, estimated_peak_gib=est.peak_bytes / 2**30,
+                  layers=load_arch(whole).layers)
+    if recorder is not None:
+        result["history"] = stop_history(args, recorder, cfg, device)
+    if result.get("ok") and cut is not None:
+        from qlora.memory.depth import full_depth
+
+        try:
+            predicted = full_depth(whole, cut, int(result["peak_gib"] * 2**30), device.type)
+        except ConfigError as err:  # the probe peaks elsewhere than the whole model: it stands for nothing
+            return {**result, "ok": False, "refused": str(err), "depth": cut}
+        result.update(depth=cut, probe_peak_gib=result["peak_gib"], peak_gib=predicted.predicted / 2**30,
+                      known_gib={k: v / 2**30 for k, v in predicted.known.items()})
     budget = args.budget_gib or result["total_gib"] or 0.5
     if result.get("ok") and result["peak_gib"] > budget:
         result.update(ok=False, over_budget=True)
     return result
+
+
+def depth_of(args: argparse.Namespace, spec: dict, cfg, device: str) -> int | None:  # noqa: ANN001 (Config)
+    """The decoder layers this probe runs (None: all of them): --depth, or with --depth=auto the fewest whose peak
+    stands for the whole model's (qlora/memory/depth.py; the whole model where that takes more than half of it)."""
+    wanted = spec.get("depth", args.depth)
+    if not wanted or wanted == "full":
+        return None
+    from qlora.memory.arch import load_arch
+    from qlora.memory.depth import probe_depth
+
+    layers = load_arch(cfg).layers
+    depth = probe_depth(cfg, device) if wanted == "auto" else int(wanted)
+    return depth if depth <= layers // 2 else None
+
+
+def start_history(args: argparse.Namespace, device: torch.device) -> object | None:
+    """Start recording the allocator (--history); returns what stop_history needs."""
+    if not args.history:
+        return None
+    if device.type == "cuda":
+        # dladdr names the C++ frames at once; torch's default (addr2line) can take minutes for a long trace.
+        os.environ.setdefault("TORCH_SYMBOLIZE_MODE", "dladdr")
+        torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks=args.history_stacks,
+                                                 max_entries=args.history_entries)
+        return "cuda"
+    from qlora.report.recorder import AllocationRecorder
+
+    return AllocationRecorder().__enter__()
+
+
+def stop_history(args: argparse.Namespace, recorder: object, cfg, device: torch.device) -> dict:  # noqa: ANN001
+    """Write the snapshot (compacted, gzip) to --history and the attribution of its peak beside it (.txt); on CUDA
+    the frames of blocks under 1 MiB are left out, which keeps a 70B probe's snapshot to a few MB."""
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+    from qlora.report import snapshot
+    from qlora.report.recorder import write_snapshot
+
+    if recorder == "cuda":
+        taken = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+    else:
+        taken = recorder.snapshot()
+        recorder.__exit__(None, None, None)
+    path = Path(args.history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_snapshot(snapshot.compact(taken, frames_from=2**20 if device.type == "cuda" else 0), path)
+    shape = snapshot.shape_for(cfg, args.seq, device.type)
+    est = estimate(cfg, load_arch(cfg), cfg.quant.method, device.type)
+    text = snapshot.report(snapshot.load(path), shape, int(args.history_min_mib * 2**20), est)
+    attribution = path.with_name(path.name.split(".")[0] + ".txt")
+    attribution.write_text(text + "\n")
+    return {"snapshot": str(path), "bytes": path.stat().st_size, "attribution": str(attribution)}
 
 
 def probe_command(args: argparse.Namespace, spec: dict, seq: int) -> list[str]:
@@ -152,6 +241,11 @@ def probe_command(args: argparse.Namespace, spec: dict, seq: int) -> list[str]:
               *[f"--override={o}" for o in args.override], "--probe", json.dumps(spec)]
     if args.budget_gib:
         passed.append(f"--budget-gib={args.budget_gib}")
+    if args.depth:
+        passed.append(f"--depth={args.depth}")
+    if args.history:
+        passed += [f"--history={args.history}", f"--history-stacks={args.history_stacks}",
+                   f"--history-entries={args.history_entries}", f"--history-min-mib={args.history_min_mib}"]
     return child_command("memory_levers.py", passed)
 
 
@@ -224,7 +318,15 @@ class Run:
         self.args, self.cuda = args, cuda
         self.device = "cuda" if cuda else "cpu"
         self.stem = Path(args.out_dir) / f"memory-levers-{self.device}-{args.size}"
+        recipe = Path(SIZES[args.size]["recipe"]).stem
+        if args.rows:
+            self.stem = Path(args.out_dir) / f"{recipe}-rows-{self.device}"
+        elif args.depth and args.max_context:  # one report per emulated card: the budget is in its name
+            budget = f"{args.budget_gib:g}gib".replace(".", "_") if args.budget_gib else "card"
+            self.stem = Path(args.out_dir) / f"{recipe}-context-{self.device}-{budget}"
         setup = {k: getattr(args, k) for k in ("size", "batch", "probe_steps", "override", "budget_gib")}
+        if args.depth:  # probes at another depth are other measurements (earlier logs have no such key)
+            setup["depth"] = args.depth
         self.log = ProbeLog(self.stem.with_suffix(".probes.jsonl"), setup, fresh=args.fresh)
         self.deadline = Deadline(args.deadline)
         self.prov = record("memory_levers.py", self.device, args.argv)
@@ -294,6 +396,43 @@ class Run:
         search_max_context(self.fits, start, args.granularity, args.max_seq, args.precision, args.growth)
         self.write()
 
+    def rows(self) -> None:
+        """--rows: one probe per length with the estimator's plan for it, and --full-depth-at: the whole model once."""
+        lengths = [int(x) for x in self.args.rows.split(",") if x.strip()]
+        full = [self.args.full_depth_at] if self.args.full_depth_at else []
+        for seq, depth in [(n, None) for n in lengths] + [(n, "full") for n in full]:
+            key = f"row seq {seq}" + (" full depth" if depth else "")
+            plan = self.plan(seq)
+            print(f"== {key}" + (f": the estimator's plan {' '.join(plan)}" if plan else ""), flush=True)
+            spec = {"recipe": True, "overrides": plan, **({"depth": depth} if depth else {})}
+            if self.args.history and not (self.log.get(key) or {}).get("history"):
+                self.log.done.pop(key, None)  # measured before without the recording asked for now: again
+            measured(self.log, self.deadline, key, probe_command(self.args, spec, seq), self.args.probe_timeout)
+            self.write()
+
+    def row_results(self) -> list[dict]:
+        """The estimate-vs-measured rows (issue 22), each with at least model, tokens, budget_gib, estimated_gib and
+        measured_gib: the card's peak, predicted from a truncated probe where `depth` < `layers`."""
+        cfg = base_config(self.args.size, self.args.override)
+        out = []
+        for key, entry in sorted(self.log.done.items(), key=lambda kv: int(kv[0].split()[2])):
+            if not key.startswith("row seq "):
+                continue
+            r = entry["result"]
+            measured_gib = r.get("peak_gib") if r.get("ok") or r.get("over_budget") else None
+            out.append({"model": cfg.model.path, "recipe": SIZES[self.args.size]["recipe"],
+                        "tokens": int(key.split()[2]), "budget_gib": self.args.budget_gib or r.get("total_gib"),
+                        "estimated_gib": r.get("estimated_gib"), "estimated_peak_gib": r.get("estimated_peak_gib"),
+                        "measured_gib": measured_gib,
+                        "error": measured_gib and r.get("estimated_gib") and r["estimated_gib"] / measured_gib - 1,
+                        "depth": r.get("depth", r.get("layers")), "layers": r.get("layers"),
+                        "probe_gib": r.get("probe_peak_gib", measured_gib), "known_gib": r.get("known_gib"),
+                        "reserved_gib": r.get("reserved_gib"), "allocated_gib": r.get("allocated_gib"),
+                        "outside_gib": r.get("outside_gib"), "plan": r.get("plan"), "fits": bool(r.get("ok")),
+                        "outcome": "measured" if measured_gib is not None else outcome(r),
+                        "device": r.get("device_name"), "seconds": entry.get("seconds")})
+        return out
+
     def lever_results(self) -> dict[str, dict]:
         """Name -> result of each lever logged at --seq, in the table's order."""
         found = {spec["name"]: self.log.get(f"lever {key} seq {self.args.seq}")
@@ -314,6 +453,10 @@ class Run:
 
     def write(self) -> None:
         if self.args.no_write:
+            return
+        if self.args.rows:
+            write_result(self.stem, {"device": self.device, "device_name": self.device_name(), **self.prov,
+                                     "rows": self.row_results()}, rows_report(self), quiet=True)
             return
         lo, hi = self.bracket()
         write_result(self.stem, {"device": self.device, "device_name": self.device_name(), **self.prov,
@@ -370,11 +513,48 @@ def report(run: Run) -> str:
         else:
             found += " (no failing length found yet: the search was cut short)"
         lines += ["", f"Max context of the recipe within {budget}: {found} (precision {args.precision:.3g}, "
-                  f"granularity {args.granularity})", "", "| seq | fits | peak GiB |", "|---:|---|---:|"]
+                  f"granularity {args.granularity})"]
+        if (theirs := UNSLOTH.get((args.size, args.budget_gib))) is not None:
+            lines.append(f"Unsloth's published figure for this card: {theirs:,} tokens (QLoRA r=32, batch 1); "
+                         f"issue 22's target, 1.5x: {int(1.5 * theirs):,}.")
+        depth = "predicted from a probe of the depth shown" if args.depth else "measured"
+        lines += ["", f"| seq | fits | peak GiB ({depth}) | estimate GiB | depth | plan |",
+                  "|---:|---|---:|---:|---|---|"]
         for seq, r in context.items():
             peak = f"{r['peak_gib']:.3f}" if "peak_gib" in r else outcome(r)
-            lines.append(f"| {seq:,} | {'yes' if r.get('ok') else 'no'} | {peak} |")
+            est = f"{r['estimated_gib']:.3f}" if r.get("estimated_gib") is not None else ""
+            plan = " ".join(r.get("plan") or []) or "as the recipe"
+            lines.append(f"| {seq:,} | {'yes' if r.get('ok') else 'no'} | {peak} | {est} | "
+                         f"{r.get('depth', r.get('layers', ''))} | {plan} |")
     return "\n".join(lines) + "\n"
+
+
+def rows_report(run: Run) -> str:
+    rows = run.row_results()
+    lines = header(f"Estimate against measurement: {run.args.size} on {run.device_name()} ({run.device})", run.prov,
+                   run.device, "CPU run at a tiny size: resident memory, not a card's. It shows the benchmark works.")
+    lines += ["Each row: the card's peak (reserved + outside the allocator + context) of one probe at the recipe's "
+              "plan for the length, predicted from a probe of `depth` of the model's layers plus the known bytes of "
+              "the others where depth < layers (qlora/memory/depth.py); the estimate with the allocator's margin.", "",
+              "| tokens | budget GiB | estimated GiB | measured GiB | estimate vs measured | depth | probe GiB | "
+              "reserved / allocated / outside GiB | plan |", "|---:|---:|---:|---:|---:|---|---:|---|---|"]
+
+    def gib(x: float | None) -> str:
+        return f"{x:.2f}" if isinstance(x, int | float) else "–"
+
+    for r in rows:
+        error = f"{100 * r['error']:+.1f}%" if isinstance(r["error"], float) else r["outcome"]
+        lines.append(f"| {r['tokens']:,} | {gib(r['budget_gib'])} | {gib(r['estimated_gib'])} | "
+                     f"{gib(r['measured_gib'])} | {error} | {r['depth']} of {r['layers']} | {gib(r['probe_gib'])} | "
+                     f"{gib(r['reserved_gib'])} / {gib(r['allocated_gib'])} / {gib(r['outside_gib'])} | "
+                     f"{' '.join(r['plan'] or []) or 'as the recipe'} |")
+    return "\n".join(lines) + "\n"
+
+
+# Unsloth's published longest contexts (QLoRA r=32 on all linear layers, batch 1; issue 22), by the --budget-gib that
+# stands for their card: 24.0 an RTX 4090, 45.0 an L40S (48 GB), 79.6 an H100 80GB (nvidia-smi's totals).
+UNSLOTH = {("70b", 45.0): 12_106, ("70b", 79.6): 89_389, ("8b", 24.0): 78_475, ("8b", 45.0): 191_728,
+           ("8b", 79.6): 342_733}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -397,6 +577,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-probes", type=int, default=6, help="new probes of the search, at most")
     parser.add_argument("--probe-timeout", type=float, default=600, help="seconds a probe may take")
     parser.add_argument("--deadline", type=float, help="seconds for this whole run (default: none)")
+    parser.add_argument("--depth", help="probe this many decoder layers, or auto (qlora/memory/depth.py), and "
+                        "predict the whole model's peak")
+    parser.add_argument("--rows", help="comma-separated lengths: one probe each, estimate beside measurement")
+    parser.add_argument("--full-depth-at", type=int, help="with --rows: one probe of the whole model at this length")
+    parser.add_argument("--history", help="record the allocator through each probe: the snapshot (.pickle.gz) here")
+    parser.add_argument("--history-stacks", choices=["python", "all"], default="all",
+                        help="frames to record: all adds C++ (autograd's nodes, the kernels)")
+    parser.add_argument("--history-entries", type=int, default=1_000_000, help="events kept, the newest")
+    parser.add_argument("--history-min-mib", type=float, default=2.0, help="blocks named in the attribution")
     parser.add_argument("--override", action="append", default=[], metavar="--section.key=value",
                         help="recipe override for every probe, e.g. --override=--train.loss_chunk_size=4096")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where reports and the probe log go")
@@ -421,11 +610,13 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(probe(args, json.loads(args.probe))), flush=True)
         return 0
     run = Run(args, torch.cuda.is_available())  # is_available asks the driver; it creates no context
-    if not args.no_levers:
+    if not args.no_levers and not args.rows:
         run.lever_table()
+    if args.rows:
+        run.rows()
     if args.max_context:
         run.max_context()
-    print("\n" + report(run))
+    print("\n" + (rows_report(run) if args.rows else report(run)))
     if not args.no_write:
         print(f"wrote {run.stem}.json and .md")
     if run.deadline.hit:

@@ -9,11 +9,11 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
     python -m qlora.memory recipes/llama70b.py --measure  # on a GPU: real steps on synthetic weights
 
 Memory levers (issue 13), each on because it pays, by the estimate for one 80 GB card and a 128 GiB host (a step at
-2048 tokens, in GB; the longest context on 48 / 80 GiB cards, in tokens). All on: 39.5 GB, 58,368 / 181,248.
-Each off alone: offload_activations 42.1 GB, 27,648 / 99,328; optimizer_on_cpu 42.0 GB, 48,128 / 179,200;
-embeddings_on_cpu 41.6 GB, 49,152 / 181,248; quantize_lm_head 41.0 GB, 51,200 / 181,248; loss_chunk_size 1024
-instead of 256 40.6 GB; tile_size 19,456 / 69,632 tokens; tile_projections 43,008 / 154,624 tokens. The two tile
-switches change nothing at 2048 tokens (one tile).
+2048 tokens, in GB; the longest context on 48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's
+H200 rows showed). All on: 39.5 GB, 33,792 / 115,712. Each off alone: offload_activations 42.1 GB, 20,480 / 74,752;
+optimizer_on_cpu 42.0 GB, 26,624 / 109,568; embeddings_on_cpu 41.6 GB, 27,648 / 110,592; quantize_lm_head 41.0 GB,
+29,696 / 111,616; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size 17,408 / 63,488 tokens; tile_projections
+27,648 / 96,256 tokens. The two tile switches change nothing at 2048 tokens (one tile).
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, QuantConfig, TrainConfig

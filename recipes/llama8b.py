@@ -9,10 +9,11 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
     python -m qlora.memory recipes/llama8b.py --measure  # on a GPU: real steps on synthetic weights
 
 Memory levers (issue 13), each on because it pays, by the estimate for a 128 GiB host (the longest context on 24 /
-48 / 80 GiB cards, in tokens). All on: 159,744 / 367,616 / 605,184. Each off alone: offload_activations 99,328 /
-230,400 / 404,480; tile_size 56,320 / 131,072 / 230,400; tile_projections 130,048 / 299,008 / 510,976;
-embeddings_on_cpu 150,528 / 359,424 / 596,992. Left off: quantize_lm_head (no gain here, error in the logits) and
-optimizer_on_cpu (162,816 / 371,712 / 609,280: under 2%, for a host round trip and a CPU update per step).
+48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's H200 rows showed). All on: 96,256 /
+224,256 / 394,240. Each off alone: offload_activations 70,656 / 163,840 / 288,768; tile_size 50,176 / 118,784 /
+208,896; tile_projections 79,872 / 186,368 / 327,680; embeddings_on_cpu 91,136 / 219,136 / 389,120. Left off:
+quantize_lm_head (no gain here, error in the logits) and optimizer_on_cpu (98,304 / 226,304 / 397,312: about 2%, for
+a host round trip and a CPU update per step).
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig

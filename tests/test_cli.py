@@ -77,7 +77,7 @@ def test_a_signal_a_library_swallowed_while_importing_still_stops_the_command(ca
     """transformers' lazy imports can turn a Ctrl-C into an ImportError that a caller catches and goes on from: the
     signal, recorded as it came, still ends the command before it does anything."""
     from qlora import cli
-    from qlora.config import main
+    from qlora.config.__main__ import main
 
     cli.Session.signal = signal.SIGINT  # as raise_signal_interrupt records it, in the middle of an import
     assert main(["recipes/tiny.py"]) == 130

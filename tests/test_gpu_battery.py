@@ -46,7 +46,7 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "reports.tar.gz", "results.jsonl", "summary.md"]
 
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["part"] for r in rows} == {1, 2, 3, 4}
+    assert {r["part"] for r in rows} == {1, 2, 3, 4, 5}
     assert [r["status"] for r in rows] == ["ok"] * len(rows), rows
     summary = (out / "summary.md").read_text()
     assert "- device: cpu" in summary and "- date: " in summary
@@ -57,8 +57,17 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
     with tarfile.open(out / "reports.tar.gz") as tar:
         names = set(tar.getnames())
     for report in ("memory_reports/tiny-cpu.md", "benchmarks/results/throughput-cpu-tiny.md",
-                   "benchmarks/results/memory-levers-cpu-tiny.md"):
+                   "benchmarks/results/memory-levers-cpu-tiny.md", "memory_reports/tiny-rows-cpu.json",
+                   "memory_reports/snapshots/tiny-256-cpu.pickle.gz", "memory_reports/snapshots/tiny-256-cpu.txt"):
         assert report in names, names
+    # Part 5 (issue 22): a probe of one of the tiny Llama's two layers, the whole model's peak predicted from it, and
+    # one probe of both; each row machine-readable; the allocator's history recorded and attributed.
+    measured = json.loads((tmp_path / "work" / "memory_reports/tiny-rows-cpu.json").read_text())["rows"]
+    assert [(r["tokens"], r["depth"], r["layers"]) for r in measured] == [(256, 1, 2), (256, 2, 2)]
+    for r in measured:
+        assert {"model", "tokens", "budget_gib", "estimated_gib", "measured_gib"} <= r.keys() and r["measured_gib"]
+    assert measured[0]["measured_gib"] > measured[0]["probe_gib"]  # the missing layer's known bytes added
+    assert "peak allocated" in (tmp_path / "work" / "memory_reports/snapshots/tiny-256-cpu.txt").read_text()
     levers = (tmp_path / "work" / "benchmarks/results/memory-levers-cpu-tiny.md").read_text()
     for lever in ("baseline (checkpointing only)", "offload (transformers, sync)", "quantize_lm_head"):
         assert f"| {lever} | 0." in levers

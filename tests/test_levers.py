@@ -13,6 +13,7 @@ from qlora.errors import ConfigError
 from qlora.levers.checkpoints.layer_inputs import keep_layer_inputs
 from qlora.levers.host_optimizer.optimizer import HostOptimizer
 from qlora.levers.tiling.test_tiling import assert_tiles_as_close_in_bf16
+from qlora.training.loss import loss_sum
 
 
 def test_levers_compose(tiny_config: Config, batch: dict) -> None:
@@ -59,11 +60,13 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
     cfg = apply_overrides(tiny_config, ["--train.device=cuda", "--train.optimizer_on_cpu=true"])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     host = build_optimizer(list(params.values()), cfg)
-    assert isinstance(host, HostOptimizer) and all(h.is_pinned() for h in host.host)
+    # Its fp32 masters and their gradients: views of two host buffers pinned at their exact size.
+    assert isinstance(host, HostOptimizer) and all(t.is_pinned() for t in host.masters + host.host_grads)
     device_opt = build_optimizer([p for p in plain.parameters() if p.requires_grad],
                                  apply_overrides(tiny_config, ["--train.device=cuda"]))
-    loss_and_grads(model, batch)
-    loss_and_grads(plain, batch)
+    for m in (model, plain):  # not loss_and_grads: each optimizer's hooks move the gradients to its fp32 copies
+        m.zero_grad(set_to_none=True)
+        loss_sum(m, batch).backward()
     host.step()
     device_opt.step()
     for name, p in plain.named_parameters():

@@ -35,6 +35,11 @@ from qlora.memory.arch import Arch
 
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = (*QKV, "o_proj")
+# fp32 tensors of one hidden state's width that an RMSNorm's backward holds at once (transformers' LlamaRMSNorm upcasts
+# to fp32; torch's autograd formulas, FunctionsManual.cpp): MulBackward0's gradient of the fp32 input, waiting to be
+# summed; MeanBackward1's mean gradient, expanded and divided; PowBackward0's x^1, 2 x^1 and grad * 2 x. Found at the
+# peak of a bf16 step, tensor by tensor, by qlora/report/recorder.py (tests/test_snapshot.py).
+NORM_BACKWARD_FP32 = 5
 
 
 def adapted_layers(arch: Arch, targets: list[str]) -> dict[str, tuple[int, int]]:
@@ -130,8 +135,8 @@ def projection_saved(arch: Arch, method: str, cfg: Config, e: int, device: str) 
 
 
 def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T: int) -> tuple[int, int, str]:
-    """(saved, working set, formula) of one layer's backward: what the layer saved, and beyond it the larger of two
-    moments, the MLP's backward and SDPA's."""
+    """(saved, working set, formula) of one layer's backward: what the layer saved, and beyond it the largest of three
+    moments, the MLP's backward, the post-attention norm's and SDPA's."""
     t = cfg.train
     tiled = tiling.tiled(cfg, method, T)
     proj = tiled and t.tile_projections
@@ -143,17 +148,22 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     # at full length, or one tile's working set.
     mlp = 2 * T * h * e + (tile * mlp_tile_bytes(mlp_saved(arch, method, cfg, e, device), h, i, e) if tiled
                            else 2 * T * i * e)
+    mlp_side = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + sum(layer.adapters.get(n, 0) for n in MLP)
+    # The post-attention norm's backward: the MLP side is done with, the layer output's gradient and the norm's fp32
+    # temporaries are alive beside everything attention saved.
+    norm = T * (h * e + NORM_BACKWARD_FP32 * 4 * h - mlp_side)
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
     # output's, SDPA's own buffers (and a projection tile) are alive.
-    done = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + 4 * h + 4 + \
-        sum(layer.adapters.get(n, 0) for n in (*MLP, "o_proj"))
+    done = mlp_side + 4 * h + 4 + layer.adapters.get("o_proj", 0)
     sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device)) + \
         (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
-    phase = "MLP backward" if mlp >= sdpa else "SDPA backward"
-    formula = (f"T [{layer_formula(layer, tiled, proj)}] + at the {phase}: " +
-               ("2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e")
-                if mlp >= sdpa else "T (h e + q e) + SDPA's gradients and buffers, less the MLP side"))
-    return saved, max(mlp, sdpa), formula
+    moments = {"MLP backward": mlp, "post-attention norm's backward": norm, "SDPA backward": sdpa}
+    phase = max(moments, key=moments.get)
+    at = {"MLP backward": "2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e"),
+          "post-attention norm's backward": f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer output's gradient and "
+                                            "the norm's fp32 temporaries), less the MLP side",
+          "SDPA backward": "T (h e + q e) + SDPA's gradients and buffers, less the MLP side"}[phase]
+    return saved, moments[phase], f"T [{layer_formula(layer, tiled, proj)}] + at the {phase}: {at}"
 
 
 def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:

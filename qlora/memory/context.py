@@ -59,9 +59,10 @@ def planned(cfg: Config, tokens: int, every: int, budget_bytes: int | None) -> C
 
 def fitting_plan(cfg: Config, arch: Arch, tokens: int, gpu_bytes: int,
                  host_bytes: int | None) -> tuple[Config, Estimate] | None:
-    """The plan with the fewest replayed layers whose estimate fits the card and (unless None) the host, or None."""
+    """The plan with the fewest replayed layers whose estimate, with the allocator's margin, fits the card and (unless
+    None) the host, or None."""
     for plan, est in plans(cfg, arch, tokens, host_bytes):
-        if est.peak_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes):
+        if est.card_bytes <= gpu_bytes and (host_bytes is None or est.host_bytes <= host_bytes):
             return plan, est
     return None
 
@@ -114,7 +115,7 @@ def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -
     if not held:
         return [f"--data.max_seq_len={tokens}"]
     # The first that fits the card is fitting_plan's choice; the plans come fewest replayed layers first.
-    found = next((est for est in held if est.peak_bytes <= gpu_bytes), None) or min(held, key=lambda e: e.peak_bytes)
+    found = next((est for est in held if est.card_bytes <= gpu_bytes), None) or min(held, key=lambda e: e.card_bytes)
     return [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, found)]
 
 
@@ -161,7 +162,8 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
                "overrides": fit.overrides}
         if fit.estimate is not None:
             est = fit.estimate
-            row.update(device_bytes=est.peak_bytes, host_bytes=est.host_bytes, peak_phase=est.peak_phase,
+            row.update(device_bytes=est.peak_bytes, card_bytes=est.card_bytes, host_bytes=est.host_bytes,
+                       peak_phase=est.peak_phase,
                        components=est.components, host=est.host,
                        checkpoints=est.checkpoints.describe() if est.checkpoints else None)
         rows.append(row)
@@ -174,6 +176,7 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
             "fixed_bytes": fixed, "rows": rows, "levers": shortest.levers,
             "assumptions": [a for a in shortest.assumptions if not a.startswith("batch ")] + [
                 f"the longest data.max_seq_len in steps of {GRANULARITY} tokens whose estimated step fits the card "
-                "(CUDA context included) and whose host side fits the host; the recipe's levers as they are, the "
+                "(CUDA context and the allocator's margin included) and whose host side fits the host; the recipe's "
+                "levers as they are, the "
                 "checkpoint plan (offload budget, checkpoint_every) chosen per length: offload what the host holds, "
                 "keep the rest on the card, and only if that fails keep every k-th layer input, smallest k first"]}

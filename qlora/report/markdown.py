@@ -35,8 +35,11 @@ def summary_lines(report: dict) -> list[str]:
         vs = f", measured {gib(measured)} GiB (estimate {100 * e['error']:+.1f}%)" if measured else \
             (f", {e['measure_error']}" if e.get("measure_error") else "")
         host = f", host {gib(e['host_bytes'])} GiB" if e.get("host_bytes") else ""
+        margin = e.get("allocator_margin_bytes") or 0
+        card = f", {gib(e['estimated_peak_bytes'] + margin)} GiB with the allocator's margin" if margin else ""
         out.append(f"  {method:5s} estimated {gib(e['estimated_peak_bytes'])} GiB "
-                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){host}{vs}{'' if e['fits'] else ' [does not fit]'}")
+                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){card}{host}{vs}"
+                   f"{'' if e['fits'] else ' [does not fit]'}")
         if "per_gpu" in e:
             out.append(f"        on {report['gpus']} GPUs, per GPU: " + ", ".join(
                 f"{CASES[case]} {gib(c['estimated_peak_bytes'])} GiB{'' if c['fits'] else ' [does not fit]'}"
@@ -91,6 +94,11 @@ def markdown(report: dict, png_name: str) -> str:
             if measured:
                 row.append(gib((e.get("measured_components") or {}).get(cat)) if e.get("measured_components") else "–")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
+    if any(e.get("allocator_margin_bytes") for e in methods.values()):
+        lines.append("| *beside the peak: the allocator's margin* | " + " | ".join(
+            gib(e.get("allocator_margin_bytes") or 0) + (" | –" if measured else "") for e in methods.values()) + " |")
+        lines += ["", "The allocator's margin: " + next(e["allocator_margin_formula"] for e in methods.values()) +
+                  "; a card must hold the peak and the margin."]
     if report.get("gpus"):
         lines += _several_gpus(report)
     lines += _formulas(report)
@@ -161,7 +169,8 @@ def _phases(methods: dict) -> list[str]:
 def _row_note(row: dict, report: dict) -> str:
     if not row["tokens"]:
         return f"weights, adapters and context alone take {gib(report['fixed_bytes'])} GiB"
-    return f"{gib(row['device_bytes'])} GiB on the card, {gib(row['host_bytes'])} GiB of host"
+    return (f"{gib(row['card_bytes'])} GiB on the card with the allocator's margin, {gib(row['host_bytes'])} GiB of "
+            "host")
 
 
 def context_lines(report: dict) -> list[str]:
@@ -188,12 +197,13 @@ def context_markdown(report: dict) -> str:
              f"- command: `{report['command']}`",
              f"- shape: batch {report['batch_size']}, {report['method']} with LoRA r={report['lora_r']} on "
              f"{','.join(report['lora_targets'])}; lengths in steps of {report['granularity']} tokens", "",
-             "| card | longest context (tokens) | limited by | on the card GiB | host GiB | layer inputs | "
-             "to train it |", "|---|---|---|---|---|---|---|"]
+             "| card | longest context (tokens) | limited by | on the card GiB (with the allocator's margin) | "
+             "host GiB | layer inputs | to train it |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         if row["tokens"]:
             lines.append(f"| {row['gpu_gib']:g} GiB | {row['tokens']:,} | {row['limit']} | "
-                         f"{gib(row['device_bytes'])} | {gib(row['host_bytes'])} | {row['checkpoints'] or '–'} | "
+                         f"{gib(row['device_bytes'])} ({gib(row['card_bytes'])}) | {gib(row['host_bytes'])} | "
+                         f"{row['checkpoints'] or '–'} | "
                          f"`{' '.join(row['overrides'])}` |")
         else:
             lines.append(f"| {row['gpu_gib']:g} GiB | 0 | {row['limit']}: {_row_note(row, report)} | – | – | – | – |")

@@ -166,7 +166,8 @@ def arch_dict(arch: Arch) -> dict:
 
 def estimate_entry(est: Estimate, device_total: int) -> dict:
     return {"estimated_peak_bytes": est.peak_bytes, "measured_peak_bytes": None, "error": None,
-            "fits": est.peak_bytes <= device_total, "components": est.components, "formulas": est.formulas,
+            "allocator_margin_bytes": est.margin, "allocator_margin_formula": est.margin_formula,
+            "fits": est.card_bytes <= device_total, "components": est.components, "formulas": est.formulas,
             "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions,
             "levers": est.levers, "checkpoints": est.checkpoints.describe() if est.checkpoints else None,
             "host_bytes": est.host_bytes, "host": est.host, "host_formulas": est.host_formulas}

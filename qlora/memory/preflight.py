@@ -1,0 +1,117 @@
+"""Before the base is loaded: will the step fit where it runs? The trainer asks the estimator, with the allocator's
+margin (qlora/memory/estimate.py), and refuses in one line a step that does not fit the card, or the host's available
+memory on a CPU device, naming the longest `data.max_seq_len` that does (and, for micro-batches of several rows, the
+largest `train.batch_size`). Loading a 70B base takes minutes; running out
+of memory after it helps nobody (issue 22: `--train.device=cpu` would start a 70B run the estimator puts at 49 GiB on a
+23 GiB machine).
+
+On CUDA the host side is checked too: what the plan keeps in host memory (offloaded layer inputs, the optimizer on the
+CPU, the embedding table) against what the host has available, beside the process's own use. An architecture the
+estimator does not know, or adapters the model cannot have (a rank above a layer's side, targets it lacks), is not
+checked: the loader's own refusal names the fix (and the out-of-memory report still names what would fit).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+from qlora.config import Config
+from qlora.errors import ConfigError
+from qlora.memory.activations import adapted_layers
+from qlora.memory.arch import Arch, load_arch
+from qlora.memory.estimate import Estimate, estimate
+from qlora.memory.profiler import available_bytes
+
+GIB = 2**30
+STEP = 64  # the suggested lengths are multiples of this
+
+
+def room(device: torch.device) -> tuple[int, str]:
+    """(bytes, what they are) of the memory a step on `device` has: the card's, or on a CPU device the host's
+    available memory (MemAvailable: what the kernel can hand out now, beside this process's own use so far)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} has {props.total_memory / GIB:.2f} GiB"
+    free = available_bytes()
+    return free, f"this host has {free / GIB:.2f} GiB available"
+
+
+def needs(est: Estimate) -> tuple[int, int]:
+    """(device bytes, host bytes) a step needs: the peak with the allocator's margin, and on CUDA what its plan keeps
+    in host memory beside the process's own allowance (which the available memory already excludes)."""
+    return est.card_bytes, est.host_bytes - est.host.get("runtime", 0)
+
+
+def fits(est: Estimate, device_bytes: int, host_bytes: int | None) -> bool:
+    card, host = needs(est)
+    return card <= device_bytes and (host_bytes is None or est.device == "cpu" or host <= host_bytes)
+
+
+def largest(ok: Callable[[int], bool], below: int, step: int) -> int:
+    """The largest multiple of `step` under `below` for which `ok` holds (it holds for all smaller ones), else 0."""
+    lo, hi = 0, max(0, (below - 1) // step)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid * step) else (lo, mid - 1)
+    return lo * step
+
+
+def fitting(cfg: Config, arch: Arch, device: str, device_bytes: int, host_bytes: int | None,
+            gpus: int = 1) -> tuple[int, int]:
+    """(the longest data.max_seq_len, the largest train.batch_size) below the recipe's that fit, each alone, the
+    recipe otherwise as it is; 0 where none does."""
+    def ok(section: str, key: str, value: int) -> bool:
+        c = copy.copy(cfg)
+        setattr(c, section, copy.copy(getattr(cfg, section)))
+        setattr(getattr(c, section), key, value)
+        return fits(estimate(c, arch, c.quant.method, device, gpus), device_bytes, host_bytes)
+
+    return (largest(lambda n: ok("data", "max_seq_len", n), cfg.data.max_seq_len, STEP),
+            largest(lambda n: ok("train", "batch_size", n), cfg.train.batch_size, 1))
+
+
+def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: int | None = None,
+               host_bytes: int | None = None) -> Estimate | None:
+    """Refuse (ConfigError) a step whose estimate does not fit `device`: the card's memory (or, on a CPU device, the
+    host's available memory) unless `device_bytes` is given, and on CUDA the host's available memory for what the
+    plan keeps there. Returns the estimate, or None for an architecture the estimator does not know."""
+    try:
+        arch = load_arch(cfg)
+        adapted = adapted_layers(arch, cfg.lora.targets) if cfg.quant.method != "full" else {}
+        est = estimate(cfg, arch, cfg.quant.method, device.type, gpus)
+    except (ConfigError, OSError, ValueError, KeyError):
+        return None  # the loader says what is wrong with the model, or the out-of-memory report scales instead
+    if any(cfg.lora.r > min(shape) for shape in adapted.values()):
+        return None  # no such adapter: attach_lora refuses it, naming the layer and the largest rank
+    where = None
+    if device_bytes is None:
+        device_bytes, where = room(device)
+    where = where or f"the card has {device_bytes / GIB:.2f} GiB"
+    if device.type == "cuda" and host_bytes is None:
+        host_bytes = available_bytes()
+    if fits(est, device_bytes, host_bytes):
+        return est
+    card, host = needs(est)
+    t = cfg.train
+    shape = f"data.max_seq_len={cfg.data.max_seq_len}" if t.batch_size == 1 else \
+        f"train.batch_size={t.batch_size} x data.max_seq_len={cfg.data.max_seq_len}"
+    if card > device_bytes:
+        need = f"the step is estimated at {card / GIB:.2f} GiB" + \
+            (" with the allocator's margin" if est.margin else "") + f" and {where}"
+    else:
+        need = f"the plan keeps {host / GIB:.2f} GiB in host memory and {host_bytes / GIB:.2f} GiB is available"
+    longest, batch = fitting(cfg, arch, device.type, device_bytes, host_bytes, gpus)
+    fixes = [f"--data.max_seq_len={longest}"] if longest else []
+    if batch:  # as many rows per step, in smaller micro-batches
+        fixes.append(f"--train.batch_size={batch} --train.grad_accum={-(-t.batch_size * t.grad_accum // batch)}")
+    if fixes:
+        fix = "set " + " or ".join(fixes) + ", the most that fits as the recipe stands" + \
+            (" (python -m qlora.memory RECIPE --max-context finds plans that reach further)" if est.margin else "")
+    else:
+        fix = "not even one row of 64 tokens fits: " + ("use a larger card, or several with train.shard_base"
+                                                       if device.type == "cuda" else
+                                                       "use a GPU, or a machine with more memory")
+    raise ConfigError(f"{shape}: {need} (python -m qlora.memory RECIPE estimates it, nothing loaded): {fix}")

@@ -1,0 +1,61 @@
+"""Cheap probes (qlora/memory/depth.py): a model cut to k of its L decoder layers, measured at full width and length,
+and the known bytes of the missing layers added, against the whole model measured the same way (CPU, tensor by
+tensor with qlora/report/recorder.py: what the CUDA allocator's allocated counter counts, without a resident set's
+noise or a fresh process per run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from qlora.base.build import TINY_LLAMA
+from qlora.config import apply_overrides, load_recipe
+from qlora.errors import ConfigError
+from qlora.memory.arch import load_arch
+from qlora.memory.depth import full_depth, probe_depth, truncated_config
+from qlora.report.recorder import record_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+# The tiny Llama's width, four layers, at 8192 tokens with the long-context levers: the layer inputs the two missing
+# layers keep (2 x 4 MiB) are a sixth of the step.
+LONG = ["--data.max_seq_len=8192", "--train.batch_size=1", "--lora.dropout=0.1", "--train.tile_size=1024",
+        "--train.tile_projections=true"]
+
+
+def deep_tiny(tmp_path: Path, layers: int, *overrides: str):  # noqa: ANN201 (Config)
+    path = tmp_path / f"tiny{layers}" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    LlamaConfig(vocab_size=259, **{**TINY_LLAMA, "num_hidden_layers": layers}).to_json_file(path)
+    return apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"),
+                           ["--model.synthetic=true", f"--model.config_json={path}", *overrides])
+
+
+def test_a_truncated_probe_predicts_the_whole_models_peak(tmp_path: Path) -> None:
+    cfg = deep_tiny(tmp_path, 4, *LONG)
+    k = probe_depth(cfg, "cpu")
+    assert k == 2
+    truncated = truncated_config(cfg, k, tmp_path / "cut")
+    assert load_arch(truncated).layers == 2 and load_arch(truncated).hidden == load_arch(cfg).hidden
+    _, part = record_steps(truncated, 1)
+    _, whole = record_steps(cfg, 1)
+    predicted = full_depth(cfg, k, part, "cpu")
+    # One step: its peak, in the backward, comes before the optimizer state exists (on CUDA a probe's state is read
+    # after its step, so there the known bytes keep it).
+    expected = predicted.predicted - predicted.known["optimizer_state"]
+    assert whole - part > 0.10 * whole  # the known bytes matter: leaving them out would miss by more than 10%
+    assert abs(expected / whole - 1) <= 0.05, (part, whole, predicted)
+    assert predicted.known["activations"] == 2 * 8192 * 128 * 4  # two more layer inputs kept (fp32)
+
+
+def test_a_probe_that_peaks_elsewhere_than_the_whole_model_is_refused(tmp_path: Path) -> None:
+    """Rows of 16 tokens without checkpointing: the optimizer step (every gradient, the update's temporaries) is the
+    4-layer model's peak but not a 1-layer model's, whose measurement would then say nothing of the whole's."""
+    cfg = deep_tiny(tmp_path, 4, "--data.max_seq_len=16", "--train.batch_size=1",
+                    "--train.gradient_checkpointing=false")
+    assert probe_depth(cfg, "cpu") == 3
+    with pytest.raises(ConfigError, match=r"^a probe of 1 of 4 layers peaks at layer_backward, the whole model at "
+                                          r"optimizer_step: its measurement says nothing of the whole's; probe 3 "
+                                          r"layers$"):
+        full_depth(cfg, 1, 10**6, "cpu")

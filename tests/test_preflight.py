@@ -1,0 +1,106 @@
+"""The trainer's check before it loads (qlora/memory/preflight.py): a step the estimate, with the allocator's margin,
+puts beyond the card (or on a CPU device beyond the host's available memory) is refused in one line, exit 2, naming
+the longest data.max_seq_len that fits, and nothing is loaded."""
+
+from __future__ import annotations
+
+import copy
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.config import apply_overrides, load_recipe
+from qlora.errors import ConfigError
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+from qlora.memory.preflight import check_fits, fits
+from qlora.memory.profiler import available_bytes
+from qlora.train import main  # before fake_gpu: bitsandbytes picks its backend at import
+
+ROOT = Path(__file__).resolve().parent.parent
+GIB = 2**30
+
+
+def at(cfg, tokens: int, device: str):  # noqa: ANN001, ANN202 (Config, Estimate)
+    c = copy.deepcopy(cfg)
+    c.data.max_seq_len = tokens
+    return estimate(c, load_arch(c), c.quant.method, device)
+
+
+@pytest.fixture
+def small_card(fake_gpu: None, monkeypatch: pytest.MonkeyPatch) -> int:
+    """fake_gpu's machine with a 1 GiB card: its size read as the trainer reads it, no CUDA initialised."""
+    size = GIB
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=size, name="a 1 GiB card"))
+    return size
+
+
+def test_a_step_beyond_the_card_is_refused_naming_the_longest_that_fits() -> None:
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama70b.py"), ["--data.max_seq_len=65536"])
+    card, host = 48 * GIB, 128 * GIB
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host)
+    message = str(refused.value)
+    assert message.startswith("data.max_seq_len=65536: the step is estimated at ") and "\n" not in message
+    assert "with the allocator's margin and the card has 48.00 GiB" in message
+    longest = int(message.split("--data.max_seq_len=")[1].split(",")[0])
+    assert "--train.batch_size" not in message  # one row a micro-batch already
+    assert fits(at(cfg, longest, "cuda"), card, host) and not fits(at(cfg, longest + 64, "cuda"), card, host)
+    # The margin is what decides it: the tensors alone would fit 64 tokens more.
+    assert at(cfg, longest + 64, "cuda").peak_bytes <= card
+    assert check_fits(apply_overrides(cfg, [f"--data.max_seq_len={longest}"]), torch.device("cuda"),
+                      device_bytes=card, host_bytes=host) is not None
+
+
+def test_the_trainer_refuses_before_loading_on_a_small_card(tmp_path: Path, small_card: int,
+                                                           capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny recipe on CUDA (fake_gpu: initialising CUDA raises, so loading would fail otherwise) at rows of 2^20
+    tokens: exit 2, one line, the longest length the 1 GiB card takes, and no run directory written."""
+    out = tmp_path / "run"
+    code = main(["recipes/tiny.py", "--train.device=cuda", "--data.max_seq_len=1048576", f"--output.dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: train.batch_size=8 x data.max_seq_len=1048576: the step is estimated at ")
+    assert "a 1 GiB card has 1.00 GiB" in err[0] and not out.exists()
+    longest = int(err[0].split("--data.max_seq_len=")[1].split()[0].rstrip(","))
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")  # 8 rows a micro-batch, one micro-batch a step
+    assert 0 < longest < 1048576 and at(cfg, longest, "cuda").card_bytes <= small_card < \
+        at(cfg, longest + 64, "cuda").card_bytes
+    # Or fewer rows at a time, as many per step: one row of 2^20 tokens does not fit either.
+    assert " or --train.batch_size" not in err[0]
+    # A card smaller than the context and the margin takes nothing at all.
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=GIB // 2, name="x"))
+    assert main(["recipes/tiny.py", "--train.device=cuda", f"--output.dir={out}"]) == 2
+    assert "not even one row of 64 tokens fits: use a larger card" in capsys.readouterr().err
+
+
+def test_a_micro_batch_beyond_the_host_is_refused_naming_the_largest_that_fits() -> None:
+    """The tiny recipe's rows of 128 tokens in micro-batches of 10^5 rows on a 2 GiB host: fewer rows at a time,
+    with as many rows per step, or shorter rows."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--train.batch_size=100000"])
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, torch.device("cpu"), device_bytes=2 * GIB)
+    message = str(refused.value)
+    assert message.startswith("train.batch_size=100000 x data.max_seq_len=128: the step is estimated at ")
+    batch = int(message.split("--train.batch_size=")[1].split()[0])
+    assert f"--train.grad_accum={-(-100000 // batch)}, the most that fits" in message
+    rows = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={batch}"])
+    more = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={batch + 1}"])
+    assert fits(at(rows, 128, "cpu"), 2 * GIB, None) and not fits(at(more, 128, "cpu"), 2 * GIB, None)
+
+
+def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """recipes/llama70b.py --train.device=cpu, which the CUDA refusal suggests: on a host with less available memory
+    than its estimate, one line and exit 2 instead of a load of minutes and an out-of-memory error."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama70b.py"), ["--train.device=cpu"])
+    if estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes <= available_bytes():
+        pytest.skip("this host has the memory for 70B on its CPU")
+    code = main(["recipes/llama70b.py", "--train.device=cpu", f"--output.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "available (python -m qlora.memory RECIPE estimates it, nothing " \
+        "loaded): not even one row of 64 tokens fits: use a GPU, or a machine with more memory" in err[0], err

@@ -1,0 +1,170 @@
+"""The allocator-snapshot reader (qlora/report/snapshot.py) on snapshots in the CUDA allocator's own format, recorded
+on the CPU by qlora/report/recorder.py: the peak it replays, what it names at the peak, and what it cannot name."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora.config import apply_overrides, load_recipe
+from qlora.memory.activations import NORM_BACKWARD_FP32
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+from qlora.report import snapshot
+from qlora.report.recorder import AllocationRecorder, record_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import snapshot_fixture  # noqa: E402  (the committed snapshot's recipe and its stray block)
+
+ACTIONS = {"alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
+           "segment_unmap", "snapshot", "oom"}
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return snapshot.load(snapshot_fixture.FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def shape() -> snapshot.Shape:
+    return snapshot.shape_for(snapshot_fixture.config(), snapshot_fixture.TOKENS, "cpu")
+
+
+def test_the_committed_snapshot_is_small_and_in_the_allocators_format(committed: dict) -> None:
+    assert snapshot_fixture.FIXTURE.stat().st_size < 2**20
+    events = committed["device_traces"][0]
+    assert events and {e["action"] for e in events} <= ACTIONS
+    for e in events:
+        assert {"action", "addr", "size", "stream", "frames"} <= e.keys() and e["size"] % 512 == 0
+        assert all(f.keys() == {"filename", "line", "name"} for f in e["frames"])
+    for seg in committed["segments"]:
+        assert {"device", "address", "total_size", "blocks"} <= seg.keys()
+        assert all(b["state"] == "active_allocated" and "frames" in b for b in seg["blocks"])
+    # No machine's paths: repository files and installed packages are named from their own roots.
+    files = {f["filename"] for e in events for f in e["frames"]}
+    assert "qlora/levers/tiling/tiles.py" in files and not any(f.startswith(("/work", "/home", "/root")) for f in files)
+
+
+def test_every_block_at_the_peak_is_named_but_the_stray_one(committed: dict, shape: snapshot.Shape) -> None:
+    found = snapshot.peak(committed)
+    terms, unexplained, small = snapshot.attribute(found, shape, 64 * 2**10)
+    assert [b.size for b in unexplained] == [snapshot_fixture.STRAY_BYTES]
+    assert snapshot.where_text(unexplained[0]).count("stray_buffer") == 1
+    assert sum(b.size for blocks in terms.values() for b in blocks) + unexplained[0].size + small == found.allocated
+    # What the peak of a tiled bf16 step holds: the layer's saved tensors, a tile's working set, gradients.
+    assert {"saved: norms (fp32 input, rsqrt)", "tiles: one tile's working set", "quantized_weights",
+            "optimizer_state", "layer inputs (checkpoint plan: kept on the device)"} <= terms.keys()
+    text = snapshot.report(committed, shape, 64 * 2**10)
+    assert "| **unexplained** | 1 | 0.750 | 1,536 | 3.00 |" in text and "stray_buffer" in text
+
+
+def test_the_estimate_accounts_for_the_recorded_peak(committed: dict) -> None:
+    """The recording counts tensors as the estimator does, without the noise of a resident set: the peak less the
+    stray block within 5% of the estimate for the same recipe and shape."""
+    cfg = snapshot_fixture.config()
+    tensors = snapshot.peak(committed).allocated - snapshot_fixture.STRAY_BYTES
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+    assert abs(est / tensors - 1) <= 0.05, (est, tensors)
+
+
+def test_the_replayed_peak_is_the_recorders_even_when_the_trace_lost_its_start() -> None:
+    """A fresh recording (the tiny Llama, one step): the replay finds the peak the recorder kept as it went; with the
+    oldest events gone, as `max_entries` drops them, the blocks alive before the trace come from the end state and the
+    frees of blocks never seen allocated, and the peak stays where it was."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"),
+                          ["--model.synthetic=true", "--model.config_json=tests/snapshots/narrow-llama.json",
+                           "--data.max_seq_len=256", "--train.batch_size=1"])
+    recorded, live_peak = record_steps(cfg, 1)
+    whole = snapshot.peak(recorded)
+    assert whole.allocated == live_peak and whole.allocated == sum(b.size for b in whole.blocks)
+    cut = copy.copy(recorded)
+    events = recorded["device_traces"][0]
+    drop = whole.index // 2
+    cut["device_traces"] = [events[drop:]]
+    lost = snapshot.peak(cut)
+    assert lost.allocated == whole.allocated and lost.index == whole.index - drop
+    assert sorted((b.addr, b.size) for b in lost.blocks) == sorted((b.addr, b.size) for b in whole.blocks)
+
+
+def test_reserved_memory_follows_the_segments_and_expandable_mappings() -> None:
+    """A CUDA-style trace: a cudaMalloc'd segment, then an expandable segment mapped and unmapped around blocks. The
+    peak of allocated memory and what was reserved at it (and at most) come from the events; the end state agrees."""
+    mib = 2**20
+
+    def event(action: str, addr: int, size: int) -> dict:
+        return {"action": action, "addr": addr, "size": size, "stream": 0, "frames": []}
+
+    trace = [event("segment_alloc", 0, 20 * mib), event("alloc", 0, 8 * mib),  # 8 of 20 reserved
+             event("segment_map", 100 * mib, 32 * mib), event("alloc", 100 * mib, 30 * mib),  # 38 of 52: the peak
+             event("free_requested", 100 * mib, 30 * mib), event("free_completed", 100 * mib, 30 * mib),
+             event("alloc", 100 * mib, 10 * mib),  # 18 of 52: the freed block stays mapped
+             event("segment_unmap", 120 * mib, 12 * mib)]  # 18 of 40
+    segments = [{"device": 0, "address": 0, "total_size": 20 * mib, "blocks": [
+                    {"address": 0, "size": 8 * mib, "state": "active_allocated", "frames": []},
+                    {"address": 8 * mib, "size": 12 * mib, "state": "inactive", "frames": []}]},
+                {"device": 0, "address": 100 * mib, "total_size": 20 * mib, "blocks": [
+                    {"address": 100 * mib, "size": 10 * mib, "state": "active_allocated", "frames": []},
+                    {"address": 110 * mib, "size": 10 * mib, "state": "inactive", "frames": []}]}]
+    found = snapshot.peak({"segments": segments, "device_traces": [trace]})
+    assert (found.allocated, found.index, found.reserved_then, found.peak_reserved) == (38 * mib, 3, 52 * mib,
+                                                                                       52 * mib)
+    assert (found.allocated_end, found.reserved_end) == (18 * mib, 40 * mib)
+    assert "14.000 MiB of it not allocated" in snapshot.report({"segments": segments, "device_traces": [trace]})
+
+
+@pytest.mark.parametrize("name", ["torch::autograd::generated::PowBackward0::apply(std::vector<at::Tensor>&&)",
+                                  "_ZN5torch8autograd9generated12PowBackward05applyEOSt6vectorIN2at6TensorESaIS5_EE"])
+def test_the_autograd_node_is_read_from_a_named_or_a_mangled_frame(name: str) -> None:
+    """A CUDA snapshot's C++ frames are named by addr2line, or left mangled by the faster dladdr the battery asks
+    for (TORCH_SYMBOLIZE_MODE): either names the node, which tells an RMSNorm's fp32 gradients from SDPA's."""
+    frames = [{"filename": "", "line": 0, "name": "c10::cuda::CUDACachingAllocator::malloc"},
+              {"filename": "", "line": 0, "name": name}]
+    assert snapshot.autograd_node(frames) == "PowBackward0"
+    assert snapshot.autograd_node(frames[:1]) == ""
+
+
+def test_an_rmsnorm_backward_holds_the_fp32_temporaries_the_estimate_counts() -> None:
+    """transformers' LlamaRMSNorm in bf16 computes in fp32; torch's autograd formulas for it hold NORM_BACKWARD_FP32
+    fp32 tensors of the input's size at once (the term behind the 70B's missing ~110 KB per token on the H200)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(256).to(torch.bfloat16)
+    x = torch.randn(1, 512, 256, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    fp32 = 512 * 256 * 4
+    with AllocationRecorder() as recorder:
+        y = norm(x)
+        mark = len(recorder.events)
+        y.backward(grad)
+        recorded = recorder.snapshot()
+    alive, most = set(), 0
+    for e in recorded["device_traces"][0][mark:]:  # fp32 blocks of the input's size the backward made, at once
+        if e["size"] == fp32 and e["action"] == "alloc":
+            alive.add(e["addr"])
+            most = max(most, len(alive))
+        elif e["action"] == "free_requested":
+            alive.discard(e["addr"])
+    assert most == NORM_BACKWARD_FP32
+
+
+def test_the_command_reads_a_snapshot_and_compacts_it(tmp_path: Path) -> None:
+    args = ["--recipe=recipes/tiny.py", f"--tokens={snapshot_fixture.TOKENS}", "--device=cpu", "--min-mib=0.0625",
+            *[f"--override={o}" for o in snapshot_fixture.OVERRIDES if not o.startswith("--data.max_seq_len")]]
+    out = tmp_path / "compact.pickle.gz"
+    done = subprocess.run([sys.executable, "-m", "qlora.report.snapshot", str(snapshot_fixture.FIXTURE),
+                           f"--compact={out}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shown = [subprocess.run([sys.executable, "-m", "qlora.report.snapshot", str(path), *args], cwd=ROOT,
+                            capture_output=True, text=True) for path in (snapshot_fixture.FIXTURE, out)]
+    assert shown[0].returncode == 0, shown[0].stderr
+    assert shown[0].stdout == shown[1].stdout and "stray_buffer" in shown[0].stdout
+    refused = subprocess.run([sys.executable, "-m", "qlora.report.snapshot", str(out), "--recipe=recipes/tiny.py"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: --recipe needs --tokens: the length of " \
+                                                                  "the run's rows"
