@@ -37,16 +37,18 @@ class RecipeCommand:
         rows = [("--section.key=value", "override a recipe field (parsed to the field's type and checked)"),
                 *self.flags.items(), ("-h, --help", "this help; after RECIPE.py also every field with its type, "
                                                     "value and meaning")]
-        text = [f"usage: {self.usage}", "", self.about, ""] + [f"  {f.ljust(width)}{what}" for f, what in rows]
+        flags = [f"  {f.ljust(width)}{what}" for f, what in rows]
         recipe = next((a for a in argv if not a.startswith("-")), None)
         if recipe is None:
-            return "\n".join(text + ["", "With RECIPE.py, --help also lists the recipe's fields."]) + "\n"
+            return "\n".join([f"usage: {self.usage}", "", self.about, "", *flags, "",
+                              "With RECIPE.py, --help also lists the recipe's fields."]) + "\n"
         from qlora.config import apply_overrides, describe, load_recipe
 
         overrides = [a for a in argv if a.startswith("--") and "." in a.split("=", 1)[0]]
         config = apply_overrides(load_recipe(recipe), overrides)
-        return "\n".join(text + ["", f"fields of {recipe}, overrides applied (set any as --section.key=value):",
-                                 describe(config)]) + "\n"
+        # The recipe's fields first: `RECIPE --help | head` shows what this recipe sets, not the flags every one takes.
+        return "\n".join([f"usage: {self.usage}", "", f"fields of {recipe}, overrides applied (set any as "
+                          "--section.key=value):", describe(config), "", self.about, "", *flags]) + "\n"
 
 
 TRAIN = RecipeCommand(

@@ -8,15 +8,23 @@ liger-kernel) cannot run on the CPU; the offload hooks are exercised there with 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.adapters.lora import lora_layers
-from qlora.config import Config, apply_overrides
+from qlora.config import Config, apply_overrides, load_recipe
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
 from qlora.training.assemble import build_model
 from qlora.training.loss import loss_sum
 
+ROOT = Path(__file__).resolve().parent.parent
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: side streams, pinned memory")
 
 
@@ -56,3 +64,18 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         self.calls[str(func)] = self.calls.get(str(func), 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def measure(recipe: str, method: str, out_dir: Path, *overrides: str) -> dict:
+    """Real training steps of `recipe` in a fresh process (qlora/report/measure.py): its measured peak and phases."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{method}.json"
+    subprocess.run([sys.executable, "-m", "qlora.report.measure", recipe, f"--quant.method={method}", f"--out={out}",
+                    *overrides], check=True, cwd=ROOT, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def estimated(*overrides: str) -> int:
+    """The estimator's CPU peak for recipes/tiny.py with `overrides`, as a qlora run: what `measured` is held to."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), list(overrides))
+    return estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
