@@ -51,7 +51,7 @@ INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of the tensors a merge casts
 
-# The tolerance README.md ("Merging") states, as a share of the largest |logit| on PROMPTS. fp32 output: exact up to
+# The tolerance docs/after-training.md states, as a share of the largest |logit| on PROMPTS. fp32 output: exact up to
 # summation order (measured 4e-6 on SmolLM2-135M). bf16/fp16 output: each merged weight is rounded once (relative
 # error <= 2^-9 in bf16), which no 16-bit export avoids (measured on SmolLM2-135M: 1.8% for the default merge of a
 # qlora run, 0.9% for a lora run; 7% for the latter with nearest rounding, see round_stochastic).
@@ -375,7 +375,8 @@ def _main(argv: list[str]) -> int:
     if not args.skip_check:
         errors = merge_error(args.run_dir, args.out)
         if not next(iter(errors.values()))["within_tolerance"]:
-            print("error: the merged model is further from the adapter model than README.md states", file=sys.stderr)
+            print("error: the merged model is further from the adapter model than docs/after-training.md states",
+                  file=sys.stderr)
             return 1
     return 0
 

@@ -33,7 +33,7 @@ from qlora.training.checkpoint import RUN_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The tolerances README.md's "Merging" section states, as a share of the largest |logit|.
+# The tolerances docs/after-training.md states, as a share of the largest |logit|.
 FP32_REL_TOL, BF16_REL_TOL = merge.TOLERANCE["float32"], merge.TOLERANCE["bfloat16"]
 
 

@@ -1,5 +1,6 @@
-"""README.md's commands, run as written in a scratch clone of the checkout: each leaves `git status` clean, unless it
-is one of those told where to write (`--out-dir=...`, the benchmarks); and its PEFT snippet loads a run's adapter.
+"""The commands of README.md and of the pages it links (docs/*.md, memory_reports/README.md), run as written in a
+scratch clone of the checkout: each leaves `git status` clean, unless it is one of those told where to write
+(`--out-dir=...`, the benchmarks); and the PEFT snippet of docs/training.md loads a run's adapter.
 
 Three things keep it fast without changing where anything is written: the model cache ($QLORA_CACHE) of the clone
 holds the tiny random Llama under SmolLM2's name too, so the demo's commands run on it; every `qlora.train` command
@@ -29,14 +30,19 @@ FAST = ["--train.steps=2", "--train.eval_every=0", "--train.eval_batches=1", "--
 TOLD_TO_WRITE = ("--out-dir=",)  # memory reports made for memory_reports/
 
 
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme_commands() -> list[str]:
-    """Every line that runs `python -m qlora...` in README.md's bash blocks and memory_reports/README.md, in order,
-    without its trailing comment."""
-    text = (ROOT / "README.md").read_text()
+    """Every line that runs `python -m qlora...` in the bash blocks of README.md and docs/*.md, and in
+    memory_reports/README.md, in order, without its trailing comment."""
+    text = "\n".join(page.read_text() for page in DOCS)
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))
     blocks += "\n" + (ROOT / "memory_reports" / "README.md").read_text()
     lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in blocks.splitlines()]
-    return [line for line in lines if re.search(r"(^|\| )python -m qlora\.", line)]
+    # The two commands' last steps run qlora from the venv they make (`... && .venv/bin/python -m qlora.train ...`).
+    parts = [part.removeprefix(".venv/bin/") for line in lines for part in line.split(" && ")]
+    return [part for part in parts if re.search(r"(^|\| )python -m qlora\.", part)]
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +95,14 @@ def test_readme_commands_leave_the_checkout_clean(cli, clone: tuple[Path, dict[s
         assert (root / path).is_file(), path
 
 
-def test_readme_peft_snippet_loads_the_adapter_on_the_base_as_trained(clone: tuple[Path, dict[str, str]],
+def test_the_peft_snippet_loads_the_adapter_on_the_base_as_trained(clone: tuple[Path, dict[str, str]],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The snippet, as written, on a run of the clone: the logits of the model it builds are ours."""
     root, env = clone
     run_dir = root / "runs" / "snippet"
     subprocess.run([sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={run_dir}", *FAST],
                    cwd=root, env=env, check=True, capture_output=True)
-    snippet = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "training.md").read_text(), re.S).group(1)
     snippet = snippet.replace('run = "runs/smollm2_135m"', f'run = "{run_dir}"')
     assert str(run_dir) in snippet
     scope: dict = {}

@@ -168,18 +168,68 @@ def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, e: int, device: str)
     return sum(per), paged, transient, formula + (f"; {paged / 2**30:.2f} GiB of it paged" if paged else "")
 
 
+@dataclass
+class Tally:
+    """What an estimate collects as it goes: device bytes and host bytes by category, each with its formula."""
+
+    comp: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    fx: dict[str, str] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+    hfx: dict[str, str] = field(default_factory=dict)
+
+
 def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -> Estimate:
     """Peak bytes of one steady-state training step of `method` on `device` ("cuda" or "cpu"), on each of `gpus`
     processes: data parallel, or with train.shard_base (qlora and lora) the frozen base sharded over them; and on
     CUDA the host memory each process needs besides."""
     dname, e = compute_bytes(cfg, device)
-    t, L, h, V = cfg.train, arch.layers, arch.hidden, arch.vocab
-    T = t.batch_size * cfg.data.max_seq_len
-    comp, fx, host, hfx = dict.fromkeys(CATEGORIES, 0), {}, {}, {}
-    cuda = device == "cuda"
+    shards = gpus if gpus > 1 and cfg.train.shard_base and method != "full" else 1
+    tally = Tally()
+    count_weights(tally, cfg, arch, method, device, e, shards)
+    sizes = tuple(trainable_tensors(arch, method, cfg))
+    g, step_tmp = count_trained(tally, cfg, sizes, method, device, e)
+    if gpus > 1:  # the gradients are summed across processes in buckets, each concatenated into one tensor
+        step_tmp += min(sum(sizes) * g, ALLREDUCE_BUCKET)
+    phases, plan = count_step(tally, cfg, arch, method, device, e, g, sum(sizes) * g, step_tmp)
+    gathered = gathered_bytes(cfg, arch, method, e) if shards > 1 else {}
+    phases = {k: (v[0] + gathered.get(k, 0), v[1]) for k, v in phases.items()}  # peaks compared with them in
+    peak_phase = max(phases, key=lambda k: sum(phases[k]))
+    comp, fx, host, hfx = tally.comp, tally.fx, tally.host, tally.hfx
+    comp["gathered_weights"] = gathered.get(peak_phase, 0)
+    comp["activations"] = phases[peak_phase][0] - comp["gathered_weights"]
+    comp["gradients"] = phases[peak_phase][1]
+    if comp["gathered_weights"]:
+        fx["gathered_weights"] = ("two decoder layers whole (FSDP: the one in its backward, the next prefetched)"
+                                  if peak_phase == "layer_backward" else "the head whole (FSDP), for the loss")
+    fx["activations"] = f"at {peak_phase}: {fx['activations'][peak_phase]}"
+    if peak_phase != "layer_backward":
+        fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
+                           "optimizer_step": f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
+    margin, margin_fx = 0, ""
+    if device == "cuda":
+        comp["cuda_context"] = CUDA_CONTEXT
+        fx["cuda_context"] = "0.5 GiB, typical of CUDA 12 (a measured run records the real one)"
+        host["runtime"], hfx["runtime"] = HOST_RUNTIME, "6 GiB allowance for the process itself (not measured yet)"
+        T = cfg.train.batch_size * cfg.data.max_seq_len
+        margin = RESERVE_HIDDEN_STATES * T * arch.hidden * e + OUTSIDE_BEYOND_CONTEXT
+        margin_fx = f"{RESERVE_HIDDEN_STATES} T h e + {OUTSIDE_BEYOND_CONTEXT / 2**30:.1f} GiB (fitted on an H200)"
+    notes = assumptions(cfg, method, dname, device)
+    if gpus > 1:
+        notes.append(f"per process of {gpus}: " + (
+            "the frozen base sharded (train.shard_base, FSDP2), quantisation state whole on each" if shards > 1 else
+            "data parallel, every process holds the whole model") + f"; gradients summed in buckets of up to "
+            f"{ALLREDUCE_BUCKET // 2**20} MiB; the communication library's own buffers are not counted; host memory "
+            "is each process's")
+    return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase, notes, host, hfx,
+                    levers(cfg, method, device), plan, margin, margin_fx)
+
+
+def count_weights(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, e: int, shards: int) -> None:
+    """The base's weights on the device: 4-bit layers (qlora) and the rest in the compute dtype, less what the levers
+    keep elsewhere (an NF4 head, the embeddings on the host), each process's part when the base is sharded."""
+    comp, fx, L, h, V = tally.comp, tally.fx, arch.layers, arch.hidden, arch.vocab
     head_nf4 = LM_HEAD.active(cfg, method, device) and not arch.tied
     emb_off = CPU_EMBEDDINGS.active(cfg, method, device)
-    shards = gpus if gpus > 1 and t.shard_base and method != "full" else 1
     per = f" / {shards} (sharded)" if shards > 1 else ""
     if method == "qlora":
         q = cfg.quant
@@ -212,7 +262,15 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
         budget = cfg.quant.keep_16bit_budget
         comp["unquantized_weights"] += int(budget * (comp["quantized_weights"] + comp["unquantized_weights"]))
         fx["unquantized_weights"] += f" + at most {budget:g} x the base weights (quant.keep_16bit_budget)"
-    sizes = tuple(trainable_tensors(arch, method, cfg))
+    if emb_off:
+        tally.host["embeddings"], tally.hfx["embeddings"] = table_bytes(V, h, e), "V h e: the input embedding table"
+
+
+def count_trained(tally: Tally, cfg: Config, sizes: tuple[int, ...], method: str, device: str,
+                  e: int) -> tuple[int, int]:
+    """What trains and its optimizer: adapters, optimizer state and fp32 masters, on the device or (optimizer_on_cpu)
+    the host. Returns (bytes per gradient element, the update's temporaries)."""
+    comp, fx, t = tally.comp, tally.fx, cfg.train
     if method != "full":
         comp["adapters"] = sum(sizes) * e
         fx["adapters"] = "L r sum(in + out of each adapted layer) e"
@@ -224,90 +282,64 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
         # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py); the host optimizer keeps
         # fp32 masters for every 16-bit weight, full fine-tuning's too (qlora/levers/host_optimizer/optimizer.py)
         g, masters = 4, 4 * sum(sizes)
-    grads = sum(sizes) * g
     if host_opt:  # state, fp32 masters and the update in host memory; gradients summed on the card
         _, _, host_tmp, _ = optimizer_bytes(sizes, t.optimizer, 4, "cpu")
-        host["optimizer"] = host_optimizer.host_bytes(state, sum(sizes), host_tmp)
-        hfx["optimizer"] = f"{state_fx.split(';')[0]} {host_optimizer.FORMULA}"
+        tally.host["optimizer"] = host_optimizer.host_bytes(state, sum(sizes), host_tmp)
+        tally.hfx["optimizer"] = f"{state_fx.split(';')[0]} {host_optimizer.FORMULA}"
         step_tmp, fx["optimizer_state"] = 0, "none on the device: train.optimizer_on_cpu"
     else:
         comp["optimizer_state"] = state + masters
         fx["optimizer_state"] = state_fx + (" + 4 P_train (fp32 master copies)" if masters else "")
-    if emb_off:
-        host["embeddings"], hfx["embeddings"] = table_bytes(V, h, e), "V h e: the input embedding table"
+    return g, step_tmp
 
-    # Candidate peak moments: (activation-side bytes, gradient bytes). zero_grad(set_to_none=True) frees gradients
-    # before each forward, so none exist in the loss's backward; they build up layer by layer after it.
+
+def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, e: int, g: int, grads: int,
+               step_tmp: int) -> tuple[dict[str, tuple[int, int]], CheckpointPlan | None]:
+    """The candidate peak moments of a step, each as (activation-side bytes, gradient bytes), and where the
+    checkpointed layer inputs wait. zero_grad(set_to_none=True) frees gradients before each forward, so none exist
+    in the loss's backward; they build up layer by layer after it. `g`: bytes per gradient element, `grads`: all of
+    them."""
+    t, L, h, fx = cfg.train, arch.layers, arch.hidden, tally.fx
+    T = t.batch_size * cfg.data.max_seq_len
+    g_fx = "e" if g == e else "4"
     saved, extra, layer_fx = layer_backward(arch, method, cfg, e, device, T)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
     rotary = 2 * cfg.data.max_seq_len * arch.head_dim * e
     # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward.
     dq_w = dequantised_bytes(arch.linear_shapes, REUSE_DEQUANT.active(cfg, method, device), e) \
         if method == "qlora" else 0
-    if gpus > 1:  # the gradients are summed across processes in buckets, each concatenated into one tensor
-        step_tmp += min(grads, ALLREDUCE_BUCKET)
     phases = {"optimizer_step": (step_tmp, grads)}
-    plan = None
-    if t.gradient_checkpointing:
-        plan = checkpoint_plan(t, arch.layers, T * h * e, device)
-        size = plan.input_bytes
-        # At fp32 the recomputed layer's first norm keeps the layer input itself as its fp32 input: counted once.
-        work = saved - (4 * h * T if e == 4 else 0) + extra
-        # First layer of the backward: the inputs kept on the device beside the group being replayed, one layer's
-        # gradients; last: its group's inputs, all gradients.
-        first = (plan.device_inputs("first") * size + rotary + work + dq_w, grads // L)
-        last = (plan.device_inputs("last") * size + rotary + work + dq_w, grads)
-        phases["layer_backward"] = max(first, last, key=sum)
-        phases["loss_backward"] = (plan.device_inputs("loss") * size + rotary + loss, 0)
-        at_first = phases["layer_backward"] is first
-        kept_fx = f"{plan.device_inputs('first' if at_first else 'last')} T h e (layer inputs: {plan.describe()})"
-        fx["activations"] = {"loss_backward": f"{plan.device_inputs('loss')} T h e (layer inputs) + {loss_fx}",
-                             "layer_backward": f"{kept_fx} + {layer_fx}" +
-                                               (" + one dequantised weight" if method == "qlora" else "") +
-                                               (" (the backward's first layer)" if at_first
-                                                else " (its last layer: every gradient)"),
-                             "optimizer_step": "the update's temporaries (CPU: 12 B x the largest tensor)"}
-        fx["gradients"] = f"P_train {'e' if g == e else 4} / L: one layer's" if at_first else \
-            f"P_train {'e' if g == e else 4}, all of them"
-        if plan.host:
-            host["checkpoints"] = plan.host_bytes
-            hfx["checkpoints"] = f"{plan.host} x T h e: offloaded layer inputs, pinned"
-    else:
+    step_fx = "the update's temporaries (CPU: 12 B x the largest tensor)"
+    if not t.gradient_checkpointing:
         phases["loss_backward"] = (L * saved + rotary + loss, 0)
         phases["layer_backward"] = (L * saved + extra + rotary + dq_w, grads // L)
         fx["activations"] = {"loss_backward": f"L layers' saved tensors + {loss_fx}",
                              "layer_backward": f"L layers' saved tensors + the last one's backward: {layer_fx}",
-                             "optimizer_step": "the update's temporaries (CPU: 12 B x the largest tensor)"}
-    gathered = gathered_bytes(cfg, arch, method, e) if shards > 1 else {}
-    phases = {k: (v[0] + gathered.get(k, 0), v[1]) for k, v in phases.items()}  # peaks compared with them in
-    peak_phase = max(phases, key=lambda k: sum(phases[k]))
-    comp["gathered_weights"] = gathered.get(peak_phase, 0)
-    comp["activations"] = phases[peak_phase][0] - comp["gathered_weights"]
-    comp["gradients"] = phases[peak_phase][1]
-    if comp["gathered_weights"]:
-        fx["gathered_weights"] = ("two decoder layers whole (FSDP: the one in its backward, the next prefetched)"
-                                  if peak_phase == "layer_backward" else "the head whole (FSDP), for the loss")
-    fx["activations"] = f"at {peak_phase}: {fx['activations'][peak_phase]}"
-    if peak_phase != "layer_backward":
-        fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
-                           "optimizer_step": f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
-    if cuda:
-        comp["cuda_context"] = CUDA_CONTEXT
-        fx["cuda_context"] = "0.5 GiB, typical of CUDA 12 (a measured run records the real one)"
-        host["runtime"], hfx["runtime"] = HOST_RUNTIME, "6 GiB allowance for the process itself (not measured yet)"
-    notes = assumptions(cfg, method, dname, device)
-    if gpus > 1:
-        notes.append(f"per process of {gpus}: " + (
-            "the frozen base sharded (train.shard_base, FSDP2), quantisation state whole on each" if shards > 1 else
-            "data parallel, every process holds the whole model") + f"; gradients summed in buckets of up to "
-            f"{ALLREDUCE_BUCKET // 2**20} MiB; the communication library's own buffers are not counted; host memory "
-            "is each process's")
-    margin, margin_fx = 0, ""
-    if cuda:
-        margin = RESERVE_HIDDEN_STATES * T * h * e + OUTSIDE_BEYOND_CONTEXT
-        margin_fx = f"{RESERVE_HIDDEN_STATES} T h e + {OUTSIDE_BEYOND_CONTEXT / 2**30:.1f} GiB (fitted on an H200)"
-    return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase, notes, host, hfx,
-                    levers(cfg, method, device), plan, margin, margin_fx)
+                             "optimizer_step": step_fx}
+        return phases, None
+    plan = checkpoint_plan(t, arch.layers, T * h * e, device)
+    size = plan.input_bytes
+    # At fp32 the recomputed layer's first norm keeps the layer input itself as its fp32 input: counted once.
+    work = saved - (4 * h * T if e == 4 else 0) + extra
+    # First layer of the backward: the inputs kept on the device beside the group being replayed, one layer's
+    # gradients; last: its group's inputs, all gradients.
+    first = (plan.device_inputs("first") * size + rotary + work + dq_w, grads // L)
+    last = (plan.device_inputs("last") * size + rotary + work + dq_w, grads)
+    phases["layer_backward"] = max(first, last, key=sum)
+    phases["loss_backward"] = (plan.device_inputs("loss") * size + rotary + loss, 0)
+    at_first = phases["layer_backward"] is first
+    kept_fx = f"{plan.device_inputs('first' if at_first else 'last')} T h e (layer inputs: {plan.describe()})"
+    fx["activations"] = {"loss_backward": f"{plan.device_inputs('loss')} T h e (layer inputs) + {loss_fx}",
+                         "layer_backward": f"{kept_fx} + {layer_fx}" +
+                                           (" + one dequantised weight" if method == "qlora" else "") +
+                                           (" (the backward's first layer)" if at_first
+                                            else " (its last layer: every gradient)"),
+                         "optimizer_step": step_fx}
+    fx["gradients"] = f"P_train {g_fx} / L: one layer's" if at_first else f"P_train {g_fx}, all of them"
+    if plan.host:
+        tally.host["checkpoints"] = plan.host_bytes
+        tally.hfx["checkpoints"] = f"{plan.host} x T h e: offloaded layer inputs, pinned"
+    return phases, plan
 
 
 def gathered_bytes(cfg: Config, arch: Arch, method: str, e: int) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """What ends a run early, and how: SIGINT/SIGTERM, non-finite steps, weights or held-out losses, out of memory.
 
-Each ends in a `qlora.cli.Stop` carrying its exit status (listed in qlora/cli.py) and the message to print (README:
-"What happens when ..."). SIGINT and SIGTERM in the loop let the step in flight finish and save a checkpoint.
+Each ends in a `qlora.errors.Stop` carrying its exit status (listed in qlora/errors.py) and the message to print
+(docs/failures.md). SIGINT and SIGTERM in the loop let the step in flight finish and save a checkpoint.
 """
 
 from __future__ import annotations
