@@ -401,10 +401,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if not isinstance(getattr(self, f.name), section := typing.get_type_hints(Config)[f.name]):
-                raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
-                                  f"not a {type(getattr(self, f.name)).__name__}")
+        check_sections(self)
         if self.train.shard_base and self.quant.keep_16bit_budget and not self.quant.keep_16bit:
             raise ConfigError("quant.keep_16bit_budget measures each layer on the whole base before train.shard_base "
                               "shards it, which every process would do on its CPU copy: choose the layers in a "
@@ -430,6 +427,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_sections(config: Config) -> None:
+    """Each section of `config` is of its section's type."""
+    for f in dataclasses.fields(config):
+        if not isinstance(getattr(config, f.name), section := typing.get_type_hints(Config)[f.name]):
+            raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
+                              f"not a {type(getattr(config, f.name)).__name__}")
 
 
 def config_from_dict(raw: object, source: str) -> Config:
@@ -486,6 +491,8 @@ def load_recipe(path: str | Path) -> Config:
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "not found"
         raise ConfigError(f"recipe {path} {problem}: pass the path of a recipe file such as recipes/tiny.py")
+    if path.suffix != ".py":  # importlib finds no loader for any other name, and would fail in its own words
+        raise ConfigError(f"recipe {path} is not a .py file: a recipe is Python; rename it to {path.stem}.py")
     spec = importlib.util.spec_from_file_location(f"qlora_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -501,6 +508,20 @@ def load_recipe(path: str | Path) -> Config:
     config = getattr(module, "config", None)
     if not isinstance(config, Config):
         raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
+    try:  # a recipe is plain Python: it may change its config after building it (`config.train = None`)
+        return check_all(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err} (set after the recipe built its Config: change it inside Config(...))") \
+            from None
+
+
+def check_all(config: Config) -> Config:
+    """Every check a Config passed when it was built, again, now that its fields may have changed: the sections'
+    types first (a section set to None has no checks of its own), then each section, then the sections together."""
+    check_sections(config)
+    for f in dataclasses.fields(config):
+        getattr(config, f.name).__post_init__()
+    config.__post_init__()
     return config
 
 
@@ -540,10 +561,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         obj = sections[section]
         hints = typing.get_type_hints(type(obj))
         setattr(obj, name, _parse(raw, hints[name], key))
-    for obj in [*sections.values(), config]:  # overrides must pass the same checks as the recipe
-        if hasattr(obj, "__post_init__"):
-            obj.__post_init__()
-    return config
+    return check_all(config)  # overrides must pass the same checks as the recipe
 
 
 def _parse(raw: str, annotation: object, key: str) -> object:

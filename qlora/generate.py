@@ -20,14 +20,15 @@ from qlora.cli import run
 from qlora.commands import generate_parser
 from qlora.config import ConfigError
 from qlora.console import quiet_libraries
+from qlora.data import render_chat
 from qlora.eval import load_run
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The prompt as a user turn plus the assistant header when the tokenizer has a chat template, else as is."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_chat(tokenizer, [{"role": "user", "content": prompt}], f"prompt {prompt[:40]!r}",
+                           add_generation_prompt=True)
     return prompt
 
 

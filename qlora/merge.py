@@ -46,6 +46,7 @@ from qlora.generate import render
 from qlora.loftq import load_shifts, shifted
 from qlora.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from qlora.model import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
+from qlora.model_dir import check_model_dir
 from qlora.quantize import roundtrip
 
 INFO = "merge_info.json"
@@ -265,6 +266,8 @@ def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | Non
         raise ConfigError(f"{run_dir} started its adapter as a correction of NF4 rounding (lora.init=loftq), so it "
                           "belongs on the dequantised base, where it was trained: drop --base-16bit")
     base = str(local_checkpoint(base_16bit or ensure_checkpoint(cfg)))
+    check_model_dir(base, f"--base-16bit={base}" if base_16bit else f"the run's base {base}",
+                    cfg.model.trust_remote_code)
     check_adapter(run_dir, read_adapter_config(run_dir)["r"], checkpoint_shards(Path(base)))
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None

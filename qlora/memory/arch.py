@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from qlora.build import config_json_path
 from qlora.config import Config, ConfigError
+from qlora.model_dir import check_config_file
 
 UNTIED_BY_DEFAULT = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
 
@@ -69,6 +70,7 @@ def load_arch(cfg: Config) -> Arch:
     if missing:
         raise ConfigError(f"{path} has no positive integer {', '.join(missing)}: the estimator knows Llama-style "
                           "decoders only")
+    check_config_file(path, f"model.config_json={path}" if cfg.model.config_json else f"model.path={path.parent}")
     heads = c["num_attention_heads"]
     # transformers' default when the key is absent: False for these families, True (PretrainedConfig) otherwise.
     tied = c.get("tie_word_embeddings", c.get("model_type") not in UNTIED_BY_DEFAULT)
