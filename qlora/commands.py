@@ -133,8 +133,8 @@ def export_parser() -> ArgumentParser:
                                             "one GGUF file for llama.cpp, Ollama or LM Studio, then check it against "
                                             "the run.", "where to quantise and merge; default: the run's train.device")
     parser.add_argument("--gguf", type=Path, required=True, help="the file to write, e.g. runs/mine.gguf (new)")
-    parser.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default="q8_0",
-                        help="type of the weight matrices (norms stay f32); default q8_0")
+    parser.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default="f16",
+                        help="type of the weight matrices (norms stay f32); default f16, the trained model to rounding")
     parser.add_argument("--rows", type=int, default=32, help="held-out rows the check runs through both models")
     parser.add_argument("--skip-check", action="store_true",
                         help="skip reading the file back and comparing it with the trained model (it loads both on "

@@ -1,5 +1,5 @@
-"""`python -m qlora.export RUN_DIR --gguf OUT.gguf [--type q8_0]`: the trained model as one GGUF file, the format
-llama.cpp, Ollama and LM Studio run, checked against the run before it is called good.
+"""`python -m qlora.export RUN_DIR --gguf OUT.gguf [--type f16|bf16|q8_0|q4_0]`: the trained model as one GGUF file,
+the format llama.cpp, Ollama and LM Studio run, checked against the run before it is called good.
 
     W = W0 + (alpha / r) B A        qlora.merge's fold: W0 as the run trained on it (dequantised NF4, LoftQ shifts)
 
@@ -11,13 +11,16 @@ merges, special tokens) and its chat template.
 
 The file is streamed: the tensor infos are planned from the safetensors headers, the header, metadata and infos
 written, then each base tensor is read, merged, quantised and appended in turn, so memory holds one tensor, not the
-model (a 70B export needs what its largest tensor does). It is written aside and renamed into place.
+model (for a 70B, its largest, the 4.2 GB fp32 embedding, and what quantising it takes). It is written aside and
+renamed into place.
 
 Then it checks itself. transformers reads the file back (its own GGUF loader, tokenizer and chat template included):
 the file's template must render a held-out conversation exactly as the trained tokenizer does, and its tokenizer give
 the same ids on held-out text. Held-out rows go through the trained model (qlora.eval.load_run: the run as it
 trained, adapter on its NF4 base) and through the exported one; the mean KL divergence per token and the top-1
-agreement must lie within BOUNDS for the type (--skip-check skips this, for a model too big to load twice).
+agreement must lie within BOUNDS for the type (--skip-check skips this, for a model too big to load twice). A file
+that fails its check is kept for inspection and the command exits 1, as qlora.merge does for a merge beyond its
+tolerance.
 """
 
 from __future__ import annotations
@@ -61,11 +64,13 @@ class Bound(NamedTuple):
     """Smallest share of positions where both models' most likely next token is the same."""
 
 
-# What README.md ("Exporting to GGUF") states, from the demo's figures there (SmolLM2-135M) with room for other runs
-# and rows. The 16-bit types only round the merged weights (2^-11 relative in f16, 2^-8 in bf16); q8_0 rounds each
-# block of 32 to 8 bits, a step a tenth of NF4's, which on a 135M model already moves a few positions' top token; q4_0
-# re-quantises NF4's 4-bit weights to another 4-bit grid, about as much rounding again as the run trained through.
-BOUNDS = {"f16": Bound(0.001, 0.99), "bf16": Bound(0.005, 0.98), "q8_0": Bound(0.03, 0.93), "q4_0": Bound(0.5, 0.75)}
+# What README.md ("Exporting to GGUF") states. Measured on the demo (SmolLM2-135M, 32 held-out rows): f16 7.7e-6
+# nats/token and 100% top-1, bf16 3.3e-4 and 99.6%, q8_0 1.4e-2 and 94.0%, q4_0 2.4 and 38%; each bound leaves room for
+# other runs and rows, yet stays below what a file without the adapter scores (KL ~0.1, top-1 ~88% on short runs of the
+# demo). The 16-bit types only round the merged weights (2^-11 relative in f16, 2^-8 in bf16); q8_0 rounds each block of
+# 32 to 8 bits, a step a tenth of NF4's. q4_0 puts NF4's levels, densest near zero where most weights are, onto a
+# uniform grid of 16 steps: the bound is what a usable 4-bit file scores, and the demo's is outside it.
+BOUNDS = {"f16": Bound(0.001, 0.99), "bf16": Bound(0.005, 0.98), "q8_0": Bound(0.03, 0.90), "q4_0": Bound(0.15, 0.85)}
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -302,7 +307,7 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
             "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def export(run_dir: Path, out: Path, kind: str = "q8_0", device: str | None = None) -> dict:
+def export(run_dir: Path, out: Path, kind: str = "f16", device: str | None = None) -> dict:
     """Merge the run's adapter onto its base as it trained and write it to `out` as a `kind` GGUF file."""
     source = merge_source(Path(run_dir), device=device)
     trust = source.cfg.model.trust_remote_code
@@ -381,11 +386,11 @@ def read_back(out: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
 
 def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
                  trained: tuple[Config, torch.nn.Module, PreTrainedTokenizerBase] | None = None,
-                 exported: tuple[PreTrainedTokenizerBase, torch.nn.Module] | None = None) -> dict:
+                 exported: tuple[PreTrainedTokenizerBase, torch.nn.Module] | None = None, refuse: bool = True) -> dict:
     """Read `out` back with transformers and hold it to the run: the chat template and tokenizer, then KL and top-1
     agreement on `rows` held-out rows against BOUNDS[kind]. `trained` (the run's config, model and tokenizer from
     load_run) and `exported` (read_back's) are passed by a caller that holds them already. Raises Stop (exit 1)
-    beyond a bound."""
+    beyond the bound, or with `refuse=False` (a benchmark) says so in the result."""
     out = Path(out)
     announce(f"checking {out}: transformers reads it back; its chat template and tokenizer against the run's, then "
              f"{rows} held-out rows through the trained model and the file, both on CPU in fp32")
@@ -403,11 +408,12 @@ def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
           f"{scores['kl_mean']:.2e} nats/token (largest {scores['kl_max']:.2e}), top-1 agreement "
           f"{100 * scores['top1']:.2f}%: {'within' if within else 'OUTSIDE'} the {kind} bound (KL <= {bound.kl:g}, "
           f"agreement >= {100 * bound.top1:g}%)")
-    if not within:
+    if not within and refuse:
         raise Stop(1, f"{out} is further from the trained model than README.md states for {kind} (mean KL "
                       f"{scores['kl_mean']:.2e} nats/token, top-1 agreement {100 * scores['top1']:.2f}%): the file is "
                       "kept for inspection, but do not use it")
-    return {**scores, "rows": len(examples), "template": template, "bound": bound._asdict(), "type": kind}
+    return {**scores, "rows": len(examples), "template": template, "bound": bound._asdict(), "within": within,
+            "type": kind}
 
 
 def main(argv: list[str] | None = None) -> int:

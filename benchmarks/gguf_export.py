@@ -1,6 +1,6 @@
 """Is the exported GGUF the model the run trained, read by transformers and run by llama.cpp itself?
 
-    nice -n 10 python benchmarks/gguf.py RUN_DIR [--types f16,bf16,q8_0,q4_0] [--rows 32] [--out-dir DIR]
+    nice -n 10 python benchmarks/gguf_export.py RUN_DIR [--types f16,bf16,q8_0,q4_0] [--rows 32] [--out-dir DIR]
 
 Exports RUN_DIR once per type (python -m qlora.export, into --out-dir, default runs/gguf/), times it, and holds each
 file to its bound as the command does (transformers reads it back: KL per token and top-1 agreement against the run
@@ -8,7 +8,8 @@ as it trained, on the held-out rows). Where llama-cpp-python is installed, llama
 same rows with its own kernels: its tokenizer against the run's on the rendered held-out conversations, and its
 logits against the trained model's at every position (KL, top-1 agreement). llama-cpp-python is not a dependency:
 PyPI ships it as source only, a build of several minutes (`pip install llama-cpp-python`); without it those columns
-say so. Writes benchmarks/results/gguf-cpu.{md,json}.
+say so. Writes benchmarks/results/gguf-cpu.{md,json}. (Not named gguf.py: that would hide the gguf package from the
+imports of the scripts in this folder.)
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
     unknown = [k for k in kinds if k not in TYPES]
     if unknown:
         parser.error(f"--types: {unknown[0]} is not one of {', '.join(TYPES)}")
-    prov = record("gguf.py", "cpu")
+    prov = record("gguf_export.py", "cpu")
     try:
         import llama_cpp
         runtime = f"llama-cpp-python {llama_cpp.__version__}"
@@ -88,7 +89,7 @@ def main() -> None:
         out.unlink(missing_ok=True)
         written = export(args.run_dir, out, kind, "cpu")
         started = time.perf_counter()
-        checked = check_export(args.run_dir, out, kind, args.rows, trained[:3])
+        checked = check_export(args.run_dir, out, kind, args.rows, trained[:3], refuse=False)
         row = {"type": kind, "mb": written["bytes"] / 1e6, "export_s": written["seconds"],
                "check_s": round(time.perf_counter() - started, 1), "transformers": checked}
         if runtime:
@@ -98,15 +99,16 @@ def main() -> None:
     lines += [f"{len(examples)} held-out rows, every position; the trained model is the run as load_run rebuilds it "
               "(adapter on its NF4 base, CPU, fp32). KL is KL(trained || file) in nats per token. llama.cpp: "
               f"{runtime or 'llama-cpp-python not installed (pip install llama-cpp-python: a source build)'}.", "",
-              "| type | MB | export s | check s | KL, transformers | top-1, transformers | KL, llama.cpp | "
-              "top-1, llama.cpp | llama.cpp tokens same | template same |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| type | MB | export s | check s | KL, transformers | top-1, transformers | bound (KL, top-1) | "
+              "KL, llama.cpp | top-1, llama.cpp | llama.cpp tokens same | template same |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         t, c = r["transformers"], r.get("llama_cpp")
         cpp = [f"{c['kl_mean']:.2e}", f"{100 * c['top1']:.2f}%", c["tokenizer_same"], "yes" if c["template_same"]
                else "no"] if c else ["-"] * 4
+        bound = f"{t['bound']['kl']:g}, {100 * t['bound']['top1']:g}%: {'within' if t['within'] else 'OUTSIDE'}"
         lines.append(f"| {r['type']} | {r['mb']:.1f} | {r['export_s']:g} | {r['check_s']:g} | {t['kl_mean']:.2e} | "
-                     f"{100 * t['top1']:.2f}% | " + " | ".join(cpp) + " |")
+                     f"{100 * t['top1']:.2f}% | {bound} | " + " | ".join(cpp) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
     write_result(ROOT / "benchmarks" / "results" / "gguf-cpu", {**prov, "rows": rows}, text)
