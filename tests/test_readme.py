@@ -71,7 +71,10 @@ def test_readme_commands_leave_the_checkout_clean(clone: tuple[Path, dict[str, s
         if "qlora.train" in line and "--help" not in line:
             run += " " + " ".join(FAST)
         proc = subprocess.run(["bash", "-c", run], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-        expected = 2 if "llama70b.py" in line and "qlora.train" in line and not torch.cuda.is_available() else 0
+        # Refused in one line, writing nothing: the 70B without a GPU, and a GGUF export of the tiny model standing in
+        # for SmolLM2 (its byte tokenizer has no merges, which llama.cpp needs).
+        refused = "llama70b.py" in line and "qlora.train" in line and not torch.cuda.is_available()
+        expected = 2 if refused or "qlora.export" in line else 0
         assert proc.returncode == expected, (line, proc.stdout[-1000:], proc.stderr[-1000:])
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout
