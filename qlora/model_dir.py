@@ -110,15 +110,22 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
         raise
     except (OSError, KeyError, ValueError) as err:  # an index that is not JSON or lacks its weight_map
         raise ConfigError(f"{what}: {INDEX} is unreadable ({err}): download or build the checkpoint again") from err
-    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or [])]
+    # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
+    # transformers adds on load.
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    stored = {prefix + n if prefix + n in expected and n not in expected else n: v for n, v in stored.items()}
     for name, shape in expected.items():
         if name in stored and stored[name][0] != shape:
             got, file = stored[name]
             raise ConfigError(f"{what}: config.json makes {name} {list(shape)}, but {file} holds it as {list(got)}: "
                               f"the config and the weights are of different models; {RESTORE}")
-        if name not in stored and not any(p.search(name) for p in ignored):
-            raise ConfigError(f"{what}: config.json describes {name}, which no safetensors file holds (transformers "
-                              f"would fill it with random numbers): {RESTORE}")
+    if 2 * len(expected.keys() & stored.keys()) < len(expected):
+        return  # names in a scheme of transformers' own conversions (legacy checkpoints): the loader maps them
+    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or [])]
+    missing = [n for n in expected if n not in stored and not any(p.search(n) for p in ignored)]
+    if missing:
+        raise ConfigError(f"{what}: config.json describes {missing[0]}, which no safetensors file holds (transformers "
+                          f"would fill it with random numbers, {len(missing)} tensor(s) in all): {RESTORE}")
     ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or [])]
     extra = [n for n in stored if n not in expected and not any(p.search(n) for p in ignored)
              and n not in (model._tied_weights_keys or {})]

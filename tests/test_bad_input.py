@@ -187,7 +187,7 @@ CASES = [
      r"it as \[259, 128\]: the config and the weights are of different models; restore the config.json"),
     ("config lists a layer the weights lack", [TINY, "--model.path={d}/extra_layer", "--model.build=none"],
      r"config.json describes model.layers.2.self_attn.q_proj.weight, which no safetensors file holds \(transformers "
-     r"would fill it with random numbers\)"),
+     r"would fill it with random numbers, 9 tensor\(s\) in all\)"),
     ("weights hold a layer the config lacks", [TINY, "--model.path={d}/fewer_layers", "--model.build=none"],
      r"model.safetensors holds model.layers.1.input_layernorm.weight, which the model config.json describes has no "
      r"place for \(transformers would drop it, 9 tensor\(s\) in all\)"),
