@@ -3,7 +3,7 @@
 `python -m qlora.<command> ... --help` is answered from here as the command starts, before it imports torch
 (qlora/__init__.py calls `answer_help_early`), so help comes at once. The commands parse their own arguments with the
 same definitions: the recipe commands (train, memory, config) with `RecipeCommand.flags`, the others (eval, generate,
-merge) with the parsers below (qlora.cli.ArgumentParser: an error is one line and exit 2).
+merge, export) with the parsers below (qlora.cli.ArgumentParser: an error is one line and exit 2).
 """
 
 from __future__ import annotations
@@ -130,8 +130,23 @@ def merge_parser() -> ArgumentParser:
     return parser
 
 
+def export_parser() -> ArgumentParser:
+    parser = run_dir_parser("qlora.export", "Write the trained model (adapter merged onto its base as it trained) as "
+                                            "one GGUF file for llama.cpp, Ollama or LM Studio, then check it against "
+                                            "the run.", "where to quantise and merge; default: the run's train.device")
+    parser.add_argument("--gguf", type=Path, required=True, help="the file to write, e.g. runs/mine.gguf (new)")
+    parser.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default="f16",
+                        help="type of the weight matrices (norms stay f32); default f16, the trained model to rounding")
+    parser.add_argument("--rows", type=int, default=32, help="held-out rows the check runs through both models")
+    parser.add_argument("--skip-check", action="store_true",
+                        help="skip reading the file back and comparing it with the trained model (it loads both on "
+                             "CPU: too much for a huge model)")
+    return parser
+
+
 PARSERS: dict[str, Callable[[], ArgumentParser]] = {
-    "qlora.eval": eval_parser, "qlora.generate": generate_parser, "qlora.merge": merge_parser}
+    "qlora.eval": eval_parser, "qlora.generate": generate_parser, "qlora.merge": merge_parser,
+    "qlora.export": export_parser}
 
 
 def wants_help(argv: list[str]) -> bool:

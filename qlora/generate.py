@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from qlora.cli import run
 from qlora.commands import generate_parser
 from qlora.console import quiet_libraries
+from qlora.data.read import render_chat
 from qlora.errors import ConfigError
 from qlora.training.assemble import load_run
 
@@ -26,8 +27,8 @@ from qlora.training.assemble import load_run
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The prompt as a user turn plus the assistant header when the tokenizer has a chat template, else as is."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_chat(tokenizer, [{"role": "user", "content": prompt}], f"prompt {prompt[:40]!r}",
+                           add_generation_prompt=True)
     return prompt
 
 

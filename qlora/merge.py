@@ -25,7 +25,9 @@ import shutil
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -38,6 +40,7 @@ from qlora.adapters.loftq import load_shifts, shifted
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
 from qlora.base.load import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
+from qlora.base.model_dir import check_model_dir
 from qlora.base.quantize import roundtrip
 from qlora.cli import run
 from qlora.commands import merge_parser
@@ -64,7 +67,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Where does th
 
 def quantized_modules(base_path: str, cfg: Config) -> set[str]:
     """Names of the layers the 4-bit load holds in NF4: those transformers' own quantizer converts, plus the output
-    head under quant.quantize_lm_head (qlora.base.load.quantize_lm_head), less those in quant.keep_16bit.
+    head under quant.quantize_lm_head (qlora.model.quantize_lm_head), less those in quant.keep_16bit.
 
     Run on a weightless (meta) copy of the model, so it costs nothing and follows whatever transformers skips
     (the output head, tied weights, a model's fp32-only modules) without restating its rules here.
@@ -238,71 +241,115 @@ def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
             from err
 
 
-def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.dtype = torch.bfloat16,
-          max_shard_bytes: int = 5 * 10**9, device: str | None = None) -> dict:
-    """Write the merged checkpoint into `out` (built aside and renamed into place); return what was done."""
-    run_dir, out = Path(run_dir), Path(out)
+@dataclass(frozen=True)
+class MergeSource:
+    """What a merge folds onto what, read and checked from the run before a single base tensor is (qlora.merge and
+    qlora.export alike)."""
+
+    run_dir: Path
+    cfg: Config
+    base: str
+    """The checkpoint W0 is read from: the run's base, or --base-16bit."""
+    dequantise: bool
+    """W0 = dequant(NF4(W)) as the 4-bit load held it (a qlora run), else the 16-bit weight as stored."""
+    scaling: float
+    device: torch.device
+    onto: str
+    """The base in words, for the announcement and merge_info.json."""
+
+
+def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | None = None) -> MergeSource:
+    """The run's adapter and the base it folds onto, each checked: a finished, finite adapter that fits the base."""
+    run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     scaling = read_scaling(run_dir, cfg)
-    check_writable(out, "--out", directory=True)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
     if base_16bit is not None and cfg.lora.init == "loftq":
         raise ConfigError(f"{run_dir} started its adapter as a correction of NF4 rounding (lora.init=loftq), so it "
                           "belongs on the dequantised base, where it was trained: drop --base-16bit")
     base = str(local_checkpoint(base_16bit or ensure_checkpoint(cfg)))
+    check_model_dir(base, f"--base-16bit={base}" if base_16bit else f"the run's base {base}",
+                    cfg.model.trust_remote_code)
     check_adapter(run_dir, read_adapter_config(run_dir)["r"], checkpoint_shards(Path(base)))
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None
-    dev = resolve_device(device or cfg.train.device)
-    load_dtype = compute_dtype(cfg.quant, dev)  # what the 4-bit load casts each tensor to before quantising it
-    quantized = quantized_modules(base, cfg) if dequantise else set()
-    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.adapters.loftq.shifted).
-    shifts = load_shifts(run_dir) if dequantise and cfg.lora.init == "loftq" and cfg.lora.loftq_iters > 1 else {}
     double = " with double quant" if cfg.quant.double_quant else ""
     onto = (f"the dequantised {cfg.quant.quant_type.upper()}{double} base of {base} (what the adapter trained on)"
             if dequantise else f"the original 16-bit weights of {base}")
-    started = announce(f"merging {run_dir} onto {onto}, written as {str(dtype).removeprefix('torch.')}")
+    return MergeSource(run_dir, cfg, base, dequantise, scaling, resolve_device(device or cfg.train.device), onto)
+
+
+Fold = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
+
+
+@contextmanager
+def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
+    """Yield `fold(name, tensor, dtype)`, the base tensor `name` as the merged model holds it in `dtype`, and the set
+    of adapter layers folded so far.
+
+    W0 (dequantised when the run was qlora, from W minus LoftQ's last correction where the run had one) + scaling *
+    B A, in fp32, rounded once to `dtype`. Leaving the block checks that every adapter layer found its weight.
+    """
+    cfg, dev, scaling = source.cfg, source.device, source.scaling
+    load_dtype = compute_dtype(cfg.quant, dev)  # what the 4-bit load casts each tensor to before quantising it
+    quantized = quantized_modules(source.base, cfg) if source.dequantise else set()
+    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.loftq.shifted).
+    shifts = (load_shifts(source.run_dir) if source.dequantise and cfg.lora.init == "loftq"
+              and cfg.lora.loftq_iters > 1 else {})
+    merged = set()
+    with safe_open(str(source.run_dir / ADAPTER_WEIGHTS), "pt") as adapter:
+        adapted = {k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in adapter.keys()
+                   if k.endswith(".lora_A.weight")}
+
+        def fold(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            module = name.removesuffix(".weight")
+            if not tensor.is_floating_point():
+                return tensor
+            if name.endswith(".weight") and module in quantized:
+                if f"{module}.A" in shifts:
+                    tensor = shifted(tensor.to(dev, torch.float32), shifts[f"{module}.A"], shifts[f"{module}.B"],
+                                     scaling)
+                tensor = roundtrip(tensor, cfg.quant, load_dtype, dev)
+            if name.endswith(".weight") and module in adapted:
+                a = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dev, torch.float32)
+                b = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").to(dev, torch.float32)
+                tensor = tensor.to(dev, torch.float32)
+                # W0 already on the output grid (a bf16 base): nearest rounding would hand W0 back, see below.
+                on_grid = dtype != torch.float32 and torch.equal(tensor.to(dtype).float(), tensor)
+                tensor = tensor + scaling * (b @ a)
+                merged.add(module)
+                if on_grid:
+                    return round_stochastic(tensor, dtype, seed=zlib.crc32(name.encode())).cpu()
+            return tensor.to("cpu", dtype)
+
+        yield fold, merged
+    if merged != adapted:
+        raise ConfigError(f"adapter layers {sorted(adapted - merged)[:3]} have no weight in {source.base}: "
+                          "was the run trained on another base?")
+
+
+def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.dtype = torch.bfloat16,
+          max_shard_bytes: int = 5 * 10**9, device: str | None = None) -> dict:
+    """Write the merged checkpoint into `out` (built aside and renamed into place); return what was done."""
+    run_dir, out = Path(run_dir), Path(out)
+    read_scaling(run_dir, read_run_config(run_dir))  # a run that cannot be merged is named before --out
+    check_writable(out, "--out", directory=True)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
+    source = merge_source(run_dir, base_16bit, device)
+    base = source.base
+    started = announce(f"merging {run_dir} onto {source.onto}, written as {str(dtype).removeprefix('torch.')}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
-    merged = set()
     try:
-        with safe_open(str(run_dir / ADAPTER_WEIGHTS), "pt") as adapter:
-            adapted = {k.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight") for k in adapter.keys()
-                       if k.endswith(".lora_A.weight")}
-
-            def fold(name: str, tensor: torch.Tensor) -> torch.Tensor:
-                """W0 (dequantised when the run was qlora) + scaling * B A, in fp32, rounded once to `dtype`."""
-                module = name.removesuffix(".weight")
-                if not tensor.is_floating_point():
-                    return tensor
-                if name.endswith(".weight") and module in quantized:
-                    if f"{module}.A" in shifts:
-                        tensor = shifted(tensor.to(dev, torch.float32), shifts[f"{module}.A"], shifts[f"{module}.B"],
-                                         scaling)
-                    tensor = roundtrip(tensor, cfg.quant, load_dtype, dev)
-                if name.endswith(".weight") and module in adapted:
-                    a = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_A.weight").to(dev, torch.float32)
-                    b = adapter.get_tensor(f"{PEFT_PREFIX}{module}.lora_B.weight").to(dev, torch.float32)
-                    tensor = tensor.to(dev, torch.float32)
-                    # W0 already on the output grid (a bf16 base): nearest rounding would hand W0 back, see below.
-                    on_grid = dtype != torch.float32 and torch.equal(tensor.to(dtype).float(), tensor)
-                    tensor = tensor + scaling * (b @ a)
-                    merged.add(module)
-                    if on_grid:
-                        return round_stochastic(tensor, dtype, seed=zlib.crc32(name.encode())).cpu()
-                return tensor.to("cpu", dtype)
-
-            total = write_shards(checkpoint_shards(Path(base)), tmp, fold, dtype, max_shard_bytes)
-        if merged != adapted:
-            raise ConfigError(f"adapter layers {sorted(adapted - merged)[:3]} have no weight in {base}: "
-                              "was the run trained on another base?")
+        with folding(source) as (fold, merged):
+            total = write_shards(checkpoint_shards(Path(base)), tmp, lambda name, t: fold(name, t, dtype), dtype,
+                                 max_shard_bytes)
         copy_side_files(Path(base), tmp, dtype)
-        info = {"run_dir": str(run_dir.resolve()), "base": str(base), "merged_onto": onto,
-                "base_weights": "dequantised-nf4" if dequantise else "16bit",
-                "dtype": str(dtype).removeprefix("torch."), "scaling": scaling, "merged_layers": len(merged)}
+        info = {"run_dir": str(run_dir.resolve()), "base": str(base), "merged_onto": source.onto,
+                "base_weights": "dequantised-nf4" if source.dequantise else "16bit",
+                "dtype": str(dtype).removeprefix("torch."), "scaling": source.scaling, "merged_layers": len(merged)}
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
         if out.exists():
             out.rmdir()  # empty, checked above

@@ -64,32 +64,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
 
 def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ranks: distributed.Ranks) -> dict:
     t, run_dir = cfg.train, Path(cfg.output.dir)
-    # set up: the run dir checked (read only), the model and data, the optimizer; the newest intact checkpoint
-    rundir.check_run_dir(run_dir, cfg, resume, overwrite)
-    # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base
-    # is loaded, with the longest data.max_seq_len that fits.
-    check_fits(cfg, ranks.device if ranks.several else resolve_device(t.device), ranks.size)
-    profiler = PhaseTracker(resolve_device(t.device))  # before loading: on CPU its baseline is the process without it
-    watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
-    run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
+    run, optimizer, scheduler, progress, metrics, profiler = _start(cfg, resume, overwrite, watch, ranks)
     model, device, pad_id, n_rows = run["model"], run["device"], run["tokenizer"].pad_token_id, len(run["train_rows"])
-    if t.batch_size * ranks.size > n_rows:
-        raise ConfigError(f"train.batch_size={t.batch_size}{f' x {ranks.size} processes' if ranks.several else ''} "
-                          f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: use at "
-                          f"most --train.batch_size={max(1, n_rows // ranks.size)}")
-    print_summary(cfg, run, ranks.size)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     params = stepped_params(optimizer)  # what is clipped, stepped and (with several processes) summed
-    scheduler = build_scheduler(optimizer, cfg)
-    progress, damaged = _resume(cfg, model, optimizer, scheduler, ranks) if resume else (Progress(), [])
-
-    # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
-    ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, damaged)
-    if run["loftq_shifts"]:
-        ranks.on_main(save_shifts, run_dir, run["loftq_shifts"])
-    metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=progress.state.get("metrics_bytes", 0),
-                         write=ranks.main)
-    watch.catch_signals()  # from here on, SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint
 
     def held_out(step: int, when: str, note: str = "") -> tuple[dict, float]:
         """Score the held-out rows, log them, refuse a non-finite loss; (scores, when it started)."""
@@ -198,6 +175,39 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     print(f"adapter written to {run_dir}")
     print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg, longest or None))
     return {"before": first, "after": final, "last_step": last}
+
+
+def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
+           ranks: distributed.Ranks) -> tuple[dict, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Progress,
+                                              MetricsLog, PhaseTracker]:
+    """Everything before the first step: the run dir checked (read only) and the plan against the card, the model and
+    data, the optimizer and schedule, the newest intact checkpoint; then the run's first write and its metrics file.
+    From here on SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint."""
+    t, run_dir = cfg.train, Path(cfg.output.dir)
+    rundir.check_run_dir(run_dir, cfg, resume, overwrite)
+    # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base
+    # is loaded, with the longest data.max_seq_len that fits.
+    check_fits(cfg, ranks.device if ranks.several else resolve_device(t.device), ranks.size)
+    profiler = PhaseTracker(resolve_device(t.device))  # before loading: on CPU its baseline is the process without it
+    watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
+    run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
+    n_rows = len(run["train_rows"])
+    if t.batch_size * ranks.size > n_rows:
+        raise ConfigError(f"train.batch_size={t.batch_size}{f' x {ranks.size} processes' if ranks.several else ''} "
+                          f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: use at "
+                          f"most --train.batch_size={max(1, n_rows // ranks.size)}")
+    print_summary(cfg, run, ranks.size)
+    optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    progress, damaged = _resume(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
+    # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
+    ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, damaged)
+    if run["loftq_shifts"]:
+        ranks.on_main(save_shifts, run_dir, run["loftq_shifts"])
+    metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=progress.state.get("metrics_bytes", 0),
+                         write=ranks.main)
+    watch.catch_signals()
+    return run, optimizer, scheduler, progress, metrics, profiler
 
 
 def _resume(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -46,7 +46,32 @@ FILES = {  # name -> content, in a scratch folder: data files, recipes
     "bad_value.py": RECIPE + "config = Config(**required, train=TrainConfig(lr=-1.0))\n",
     "exits.py": "import sys\nsys.exit(3)\n",
     "inf_alpha.py": RECIPE + "config = Config(**required, lora=LoRAConfig(alpha=float('inf')))\n",
+    # A recipe is plain Python: it may change its config once built, past the checks Config(...) ran (issue 26).
+    "recipe.txt": RECIPE + "config = Config(**required)\n",
+    "section_none.py": RECIPE + "config = Config(**required)\nconfig.train = None\n",
+    "section_dict.py": RECIPE + "config = Config(**required)\nconfig.lora = {'r': 8}\n",
+    "changed_after.py": RECIPE + "config = Config(**required)\nconfig.train.lr = -1.0\n",
+    "retyped_after.py": RECIPE + "config = Config(**required)\nconfig.lora.r = '8'\n",
+    "system.jsonl": '{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, '
+                    '{"role": "assistant", "content": "yo"}]}\n',
+    "two_users.jsonl": '{"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}, '
+                       '{"role": "assistant", "content": "yo"}]}\n',
 }
+# Chat templates that fail on some turns, as real ones do (raise_exception), or on any (issue 26).
+TEMPLATES = {
+    "no_system": "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}",
+    "alternating": "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}{% endfor %}",
+    "template_syntax": "{% for m in messages %}{{ m['content'] }{% endfor %}",
+    "template_type_error": "{{ messages[0]['content'] + 1 }}",
+}
+# Model directories whose config.json says what cannot be, or not what the weights are (issue 26).
+CONFIGS = {"mismatch": {"hidden_size": 64}, "zero_heads": {"num_attention_heads": 0},
+           "kv_zero": {"num_key_value_heads": 0}, "count_string": {"hidden_size": "128"},
+           "extra_layer": {"num_hidden_layers": 3}, "fewer_layers": {"num_hidden_layers": 1},
+           "heads_kv": {"num_key_value_heads": 3},
+           "transformers_refuses": {"num_attention_heads": 3, "num_key_value_heads": 1}}
 
 # (id, arguments after the recipe, or with {d}/ a recipe from the scratch folder; the one line must match this)
 CASES = [
@@ -147,6 +172,54 @@ CASES = [
     ("data file not a regular file", [TINY, "--data.train=/dev/null"], r"data file /dev/null is not a regular file"),
     ("model path is a file", [TINY, "--model.path={d}/exits.py", "--model.build=none"],
      r"model.path=.*exits.py is a file, not a checkpoint directory"),
+    # Issue 26: five kinds of input that ended in a traceback, and their siblings.
+    ("recipe not named .py", ["{d}/recipe.txt"], r"recipe .*recipe.txt is not a .py file: a recipe is Python; rename "
+                                                 r"it to recipe.py"),
+    ("recipe sets a section to None", ["{d}/section_none.py"], r"section_none.py: Config\(train=...\) must be a "
+                                                               r"TrainConfig\(...\), not a NoneType \(set after the "
+                                                               r"recipe built its Config: change it inside Config"),
+    ("recipe sets a section to a dict", ["{d}/section_dict.py"], r"section_dict.py: Config\(lora=...\) must be a "
+                                                                 r"LoRAConfig\(...\), not a dict"),
+    ("recipe changes a value after", ["{d}/changed_after.py"], r"changed_after.py: train.lr=-1.0 must be positive.* "
+                                                               r"\(set after the recipe built its Config"),
+    ("recipe changes a type after", ["{d}/retyped_after.py"], r"retyped_after.py: lora.r='8' is a str"),
+    ("config disagrees with weights", [TINY, "--model.path={d}/mismatch", "--model.build=none"],
+     r"model.path=.*mismatch: config.json makes model.embed_tokens.weight \[259, 64\], but model.safetensors holds "
+     r"it as \[259, 128\]: the config and the weights are of different models; restore the config.json"),
+    ("config lists a layer the weights lack", [TINY, "--model.path={d}/extra_layer", "--model.build=none"],
+     r"config.json describes model.layers.2.self_attn.q_proj.weight, which no safetensors file holds \(transformers "
+     r"would fill it with random numbers, 9 tensor\(s\) in all\)"),
+    ("weights hold a layer the config lacks", [TINY, "--model.path={d}/fewer_layers", "--model.build=none"],
+     r"model.safetensors holds model.layers.1.input_layernorm.weight, which the model config.json describes has no "
+     r"place for \(transformers would drop it, 9 tensor\(s\) in all\)"),
+    ("config count zero", [TINY, "--model.path={d}/zero_heads", "--model.build=none"],
+     r"model.path=.*zero_heads: config.json has num_attention_heads=0, but it counts something and must be a "
+     r"positive integer"),
+    ("config kv heads zero", [TINY, "--model.path={d}/kv_zero", "--model.build=none"], r"num_key_value_heads=0"),
+    ("config count a string", [TINY, "--model.path={d}/count_string", "--model.build=none"], r'hidden_size="128"'),
+    ("config heads not in groups", [TINY, "--model.path={d}/heads_kv", "--model.build=none"],
+     r"num_attention_heads=4, not a multiple of num_key_value_heads=3"),
+    ("config transformers refuses", [TINY, "--model.path={d}/transformers_refuses", "--model.build=none"],
+     r"transformers refuses its config.json \(ValueError: The hidden size \(128\) is not a multiple of the number of "
+     r"attention heads \(3\).\)"),
+    ("synthetic config count zero", [TINY, "--model.synthetic=true", "--model.config_json={d}/zero_heads/config.json"],
+     r"model.config_json=.*zero_heads/config.json: config.json has num_attention_heads=0"),
+    ("tokenizer past the embedding", [TINY, "--model.path={d}/vocab", "--model.build=none"],
+     r"the tokenizer has token '<\|extra\|>' at id 259, but the embedding \(config.json vocab_size=259\) ends at 258: "
+     r"use the tokenizer that came with the weights"),
+    ("template refuses a system turn", [TINY, "--model.path={d}/no_system", "--model.build=none",
+                                        "--data.train={d}/system.jsonl"],
+     r"system.jsonl:1: the chat template of .*no_system fails on the turns \[system\] \(TemplateError: System role "
+     r"not supported\): drop or merge the turns it refuses"),
+    ("template refuses two user turns", [TINY, "--model.path={d}/alternating", "--model.build=none",
+                                         "--data.train={d}/two_users.jsonl"],
+     r"two_users.jsonl:1: the chat template .* fails on the turns \[user, user\] \(TemplateError: Conversation "
+     r"roles must alternate"),
+    ("template does not parse", [TINY, "--model.path={d}/template_syntax", "--model.build=none"],
+     r"train.jsonl:1: the chat template of .*template_syntax does not parse \(its line 1: unexpected '}'\): fix its "
+     r"chat_template.jinja"),
+    ("template raises a TypeError", [TINY, "--model.path={d}/template_type_error", "--model.build=none"],
+     r"train.jsonl:1: the chat template .* fails on the turns \[user\] \(TypeError: "),
 ]
 
 
@@ -158,8 +231,17 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (d / name).write_bytes(text.encode("latin-1" if name == "not_utf8.jsonl" else "utf-8"))
     (d / "folder.jsonl").mkdir()
     tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))  # built into the cache on first use
-    for name in ("no_template", "damaged", "pickle", "remote"):
+    for name in ("no_template", "damaged", "pickle", "remote", "vocab", *TEMPLATES, *CONFIGS):
         shutil.copytree(tiny, d / name)
+    for name, template in TEMPLATES.items():
+        (d / name / "chat_template.jinja").write_text(template)
+    for name, changes in CONFIGS.items():
+        config = json.loads((d / name / "config.json").read_text())
+        (d / name / "config.json").write_text(json.dumps({**config, **changes}))
+    spec = json.loads((d / "vocab" / "tokenizer.json").read_text())  # one added token past the 259-row embedding
+    spec["added_tokens"].append({"id": 259, "content": "<|extra|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (d / "vocab" / "tokenizer.json").write_text(json.dumps(spec))
     (d / "no_template" / "chat_template.jinja").unlink()
     weights = d / "damaged" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])

@@ -17,7 +17,8 @@ from qlora.config import Config, apply_overrides, field_docs, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "bitsandbytes", "numpy", "safetensors", "peft", "datasets")
-COMMANDS = ["qlora.train", "qlora.memory", "qlora.config", "qlora.eval", "qlora.generate", "qlora.merge"]
+COMMANDS = ["qlora.train", "qlora.memory", "qlora.config", "qlora.eval", "qlora.generate", "qlora.merge",
+            "qlora.export"]
 
 
 def command(*args: str) -> subprocess.CompletedProcess:

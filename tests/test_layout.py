@@ -16,7 +16,8 @@ def stages() -> list[list[str]]:
     """The path patterns of each stage, in order, from README's Layout table (`| stage | modules | owns |`)."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("\n## Layout"):]
-    section = section[:section.index("\n## ", 1)]
+    end = section.find("\n## ", 1)
+    section = section if end == -1 else section[:end]
     rows = [line for line in section.splitlines() if re.match(r"\|\s*\d+ ", line)]
     return [re.findall(r"`([^`]+)`", row.split("|")[2]) for row in rows]
 

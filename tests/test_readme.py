@@ -84,7 +84,10 @@ def test_readme_commands_leave_the_checkout_clean(cli, clone: tuple[Path, dict[s
             run = line.replace("python -m", f"{sys.executable} -m") + "".join(f" {f}" for f in fast)
             proc = subprocess.run(["bash", "-c", run], cwd=root, env=env, capture_output=True, text=True, timeout=600)
             status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-        expected = 2 if "llama70b.py" in line and "qlora.train" in line and not torch.cuda.is_available() else 0
+        # Refused in one line, writing nothing: the 70B without a GPU, and a GGUF export of the tiny model standing in
+        # for SmolLM2 (its byte tokenizer has no merges, which llama.cpp needs).
+        refused = "llama70b.py" in line and "qlora.train" in line and not torch.cuda.is_available()
+        expected = 2 if refused or "qlora.export" in line else 0
         assert status == expected, (line, stdout[-1000:], stderr[-1000:])
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
+from qlora.base.model_dir import check_model_dir, check_vocab, damaged
 from qlora.base.quantize import (
     LOADER_BLOCKSIZE,
     dense_linear,
@@ -59,7 +60,7 @@ def load_error(path: str, err: Exception) -> str:
         return (f"model.path={path} has only pickle weights (pytorch_model.bin), and unpickling can run code: "
                 "convert them to safetensors, or set --model.allow_pickle=true if you trust the checkpoint")
     if isinstance(err, SafetensorError):
-        return f"model.path={path}: a safetensors file is damaged ({err}): download or build the checkpoint again"
+        return damaged(f"model.path={path}", err)
     return (f"model.path={path} could not be loaded ({str(err).splitlines()[0]}): "
             "check the path, or download the checkpoint first")
 
@@ -109,6 +110,8 @@ def load_base(cfg: Config, device: torch.device,
         if not looks_like_hub_id(path):
             raise ConfigError(f"model.path={path} does not exist: point it at a checkpoint directory or a hub id")
         offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
+    else:
+        check_model_dir(path, f"model.path={path}", cfg.model.trust_remote_code)
     kwargs = dict(dtype=dtype, device_map={"": device}, attn_implementation=cfg.model.attn_implementation,
                   trust_remote_code=cfg.model.trust_remote_code,
                   # None lets transformers fall back to pytorch_model.bin, a pickle: only when the recipe opts in.
@@ -129,7 +132,9 @@ def load_base(cfg: Config, device: torch.device,
     keep_cpu_weights_exact(model)
     if cfg.quant.method == "qlora":
         rebuild_base(model, cfg, path, dtype)
-    return model, load_tokenizer(path, cfg.model.trust_remote_code), path
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    check_vocab(model.get_input_embeddings().num_embeddings, tokenizer, f"model.path={path}")
+    return model, tokenizer, path
 
 
 def checkpoint_size(path: str) -> str:

@@ -77,12 +77,14 @@ def load_synthetic(cfg: Config, device: torch.device,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora.base.build import byte_tokenizer, config_json_path
+    from qlora.base.model_dir import check_config_file
 
     if not cfg.model.config_json:
         raise ConfigError("model.synthetic=true needs model.config_json: the path of the model's config.json")
     path = config_json_path(cfg)
     if not path.is_file():
         raise ConfigError(f"model.config_json={cfg.model.config_json}: no such file; point it at a config.json")
+    check_config_file(path, f"model.config_json={path}")
     try:  # the file itself: its directory's config.json may be another
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as err:  # not JSON, no model_type, an unknown architecture

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 
 from qlora.config import sections
-from qlora.config.sections import ALIASES, Config
+from qlora.config.sections import ALIASES, Config, check_all
 from qlora.errors import ConfigError
 
 
@@ -58,6 +58,8 @@ def load_recipe(path: str | Path) -> Config:
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "not found"
         raise ConfigError(f"recipe {path} {problem}: pass the path of a recipe file such as recipes/tiny.py")
+    if path.suffix != ".py":  # importlib finds no loader for any other name, and would fail in its own words
+        raise ConfigError(f"recipe {path} is not a .py file: a recipe is Python; rename it to {path.stem}.py")
     spec = importlib.util.spec_from_file_location(f"qlora_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -73,7 +75,11 @@ def load_recipe(path: str | Path) -> Config:
     config = getattr(module, "config", None)
     if not isinstance(config, Config):
         raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
-    return config
+    try:  # a recipe is plain Python: it may change its config after building it (`config.train = None`)
+        return check_all(config)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err} (set after the recipe built its Config: change it inside Config(...))") \
+            from None
 
 
 def _recipe_error(err: Exception) -> str:
@@ -112,10 +118,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         obj = sections[section]
         hints = typing.get_type_hints(type(obj))
         setattr(obj, name, _parse(raw, hints[name], key))
-    for obj in [*sections.values(), config]:  # overrides must pass the same checks as the recipe
-        if hasattr(obj, "__post_init__"):
-            obj.__post_init__()
-    return config
+    return check_all(config)  # overrides must pass the same checks as the recipe
 
 
 def _parse(raw: str, annotation: object, key: str) -> object:

@@ -326,10 +326,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if not isinstance(getattr(self, f.name), section := typing.get_type_hints(Config)[f.name]):
-                raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
-                                  f"not a {type(getattr(self, f.name)).__name__}")
+        check_sections(self)
         if self.train.shard_base and self.quant.keep_16bit_budget and not self.quant.keep_16bit:
             raise ConfigError("quant.keep_16bit_budget measures each layer on the whole base before train.shard_base "
                               "shards it, which every process would do on its CPU copy: choose the layers in a "
@@ -347,6 +344,24 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_sections(config: Config) -> None:
+    """Each section of `config` is of its section's type."""
+    for f in dataclasses.fields(config):
+        if not isinstance(getattr(config, f.name), section := typing.get_type_hints(Config)[f.name]):
+            raise ConfigError(f"Config({f.name}=...) must be a {section.__name__}(...), "
+                              f"not a {type(getattr(config, f.name)).__name__}")
+
+
+def check_all(config: Config) -> Config:
+    """Every check a Config passed when it was built, again, now that its fields may have changed: the sections'
+    types first (a section set to None has no checks of its own), then each section, then the sections together."""
+    check_sections(config)
+    for f in dataclasses.fields(config):
+        getattr(config, f.name).__post_init__()
+    config.__post_init__()
+    return config
 
 
 def config_from_dict(raw: object, source: str) -> Config:

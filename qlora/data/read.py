@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -114,6 +115,24 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
     return _join([(str(row["text"]) + tokenizer.eos_token, True)], tokenizer)
 
 
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
+                add_generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template writes it. The template is code that came with the model:
+    one that does not parse, is not a template, or raises on these turns (many refuse a system turn, or two turns of
+    one role in a row, with raise_exception) is named in one line, with `where` (file:line, the prompt) and the fix."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateSyntaxError as err:
+        raise ConfigError(f"{where}: the chat template of {tokenizer.name_or_path} does not parse (its line "
+                          f"{err.lineno}: {err.message}): fix its chat_template.jinja") from err
+    except Exception as err:  # noqa: BLE001  whatever the template's own code raised (TemplateError, TypeError, ...)
+        roles = ", ".join(m.get("role", "?") for m in messages if isinstance(m, dict))
+        raise ConfigError(f"{where}: the chat template of {tokenizer.name_or_path} fails on the turns [{roles}] "
+                          f"({type(err).__name__}: {str(err).strip() or 'no message'}): drop or merge the turns it "
+                          "refuses (a system turn, two of one role in a row), or use a model whose template accepts "
+                          "them") from err
+
+
 def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
     if tokenizer.chat_template is None:
         raise ConfigError(f"{where}: chat data needs a tokenizer with a chat template, and this one has none: "
@@ -127,10 +146,10 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
     for i, message in enumerate(messages):
         prefix = messages[: i + 1]
         if message["role"] == "assistant":
-            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+            head = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
             segments.append((head[len(previous):], False))
             previous = head
-        text = tokenizer.apply_chat_template(prefix, tokenize=False)
+        text = render_chat(tokenizer, prefix, where)
         if not text.startswith(previous):
             raise ConfigError(f"{where}: the chat template re-renders earlier turns, so turns cannot be masked")
         segments.append((text[len(previous):], message["role"] == "assistant"))

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from qlora.base.build import config_json_path
+from qlora.base.model_dir import check_config_file
 from qlora.config import Config
 from qlora.errors import ConfigError
 
@@ -70,6 +71,7 @@ def load_arch(cfg: Config) -> Arch:
     if missing:
         raise ConfigError(f"{path} has no positive integer {', '.join(missing)}: the estimator knows Llama-style "
                           "decoders only")
+    check_config_file(path, f"model.config_json={path}" if cfg.model.config_json else f"model.path={path.parent}")
     heads = c["num_attention_heads"]
     # transformers' default when the key is absent: False for these families, True (PretrainedConfig) otherwise.
     tied = c.get("tie_word_embeddings", c.get("model_type") not in UNTIED_BY_DEFAULT)

@@ -1,0 +1,152 @@
+"""A model directory checked before anything loads it: config.json's counts possible, the weights the model that
+config.json describes (every tensor there, of its shape, nothing else), each safetensors file readable, the tokenizer
+within the embedding.
+
+transformers meets each of these late and in its own words: a zero head count is a ZeroDivisionError inside
+LlamaConfig, a config that disagrees with its weights a RuntimeError after a report of every layer, a token id past
+the embedding an IndexError in the first forward. Worse, a layer the weights lack is initialised at random with a
+warning, and one the config does not know is dropped: the run then trains on another model than the user's. Here
+each is one line that names the file, the key or the layer, and the fix (exit 2), before a weight is read.
+
+Reading config.json as JSON and the safetensors headers costs milliseconds; the model whose shapes they are compared
+with is built on the meta device (no memory for weights), as qlora.merge.quantized_modules does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from qlora.errors import ConfigError
+
+# Counts a decoder config holds, each a positive integer where present (head_dim and num_key_value_heads may be null).
+COUNTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "head_dim", "vocab_size", "max_position_embeddings")
+RESTORE = "restore the config.json that came with the weights"
+
+
+def damaged(what: str, err: Exception) -> str:
+    """The line for a safetensors file that cannot be read."""
+    return f"{what}: a safetensors file is damaged ({err}): download or build the checkpoint again"
+
+
+def check_config_file(path: Path, what: str) -> None:
+    """config.json's counts positive integers that divide as attention needs. `what` names the checkpoint for the
+    user (`model.path=DIR`). A file that is not JSON, or not an object, is left to the loader, which says so."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(config, dict):
+        return
+    c = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    for key in COUNTS:
+        value = c.get(key)
+        if key in c and not (value is None and key in ("head_dim", "num_key_value_heads")) and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{what}: config.json has {key}={json.dumps(value)}, but it counts something and must "
+                              f"be a positive integer: {RESTORE}")
+    heads, kv_heads = c.get("num_attention_heads"), c.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigError(f"{what}: config.json has num_attention_heads={heads}, not a multiple of "
+                          f"num_key_value_heads={kv_heads}: each key/value head serves a whole group of query heads; "
+                          f"{RESTORE}")
+    hidden = c.get("hidden_size")
+    if heads and hidden and not c.get("head_dim") and hidden % heads:
+        raise ConfigError(f"{what}: config.json has hidden_size={hidden}, not a multiple of num_attention_heads="
+                          f"{heads}, and no head_dim: {RESTORE}")
+
+
+def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Tensor name -> (shape, file name), from the safetensors headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt") as f:
+                shapes.update({name: (tuple(f.get_slice(name).get_shape()), shard.name) for name in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(damaged(what, f"{shard.name}: {err}")) from err
+    return shapes
+
+
+def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> None:
+    """Every tensor of the model config.json describes is in the safetensors files, of its shape, and they hold no
+    other. A checkpoint transformers cannot describe (an unknown architecture, remote code, pickle weights only,
+    pre-quantised weights) is left to the loader."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.base.build import INDEX, checkpoint_shards
+
+    path = Path(path)
+    if not ((path / "model.safetensors").is_file() or (path / INDEX).is_file()):
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # not JSON, an unknown architecture, remote code: the loader's line says which
+        return
+    except Exception as err:  # transformers' own checks of the values (a strict dataclass validator)
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(f"{what}: transformers refuses its config.json ({reason}): {RESTORE}") from err
+    if getattr(config, "quantization_config", None) is not None:
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001  no causal LM class for it: the loader says so in its own line
+        return
+    # named_parameters lists a tied weight (lm_head sharing the embedding) once, as the checkpoint stores it.
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                expected[f"{module_name}.{name}" if module_name else name] = tuple(buffer.shape)
+    try:
+        stored = stored_shapes(checkpoint_shards(path), what)
+    except ConfigError:
+        raise
+    except (OSError, KeyError, ValueError) as err:  # an index that is not JSON or lacks its weight_map
+        raise ConfigError(f"{what}: {INDEX} is unreadable ({err}): download or build the checkpoint again") from err
+    # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
+    # transformers adds on load.
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    stored = {prefix + n if prefix + n in expected and n not in expected else n: v for n, v in stored.items()}
+    for name, shape in expected.items():
+        if name in stored and stored[name][0] != shape:
+            got, file = stored[name]
+            raise ConfigError(f"{what}: config.json makes {name} {list(shape)}, but {file} holds it as {list(got)}: "
+                              f"the config and the weights are of different models; {RESTORE}")
+    if 2 * len(expected.keys() & stored.keys()) < len(expected):
+        return  # names in a scheme of transformers' own conversions (legacy checkpoints): the loader maps them
+    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or [])]
+    missing = [n for n in expected if n not in stored and not any(p.search(n) for p in ignored)]
+    if missing:
+        raise ConfigError(f"{what}: config.json describes {missing[0]}, which no safetensors file holds (transformers "
+                          f"would fill it with random numbers, {len(missing)} tensor(s) in all): {RESTORE}")
+    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or [])]
+    extra = [n for n in stored if n not in expected and not any(p.search(n) for p in ignored)
+             and n not in (model._tied_weights_keys or {})]
+    if extra:
+        raise ConfigError(f"{what}: {stored[extra[0]][1]} holds {extra[0]}, which the model config.json describes has "
+                          f"no place for (transformers would drop it, {len(extra)} tensor(s) in all): {RESTORE}")
+
+
+def check_vocab(vocab_size: int, tokenizer: object, what: str) -> None:
+    """No token id of the tokenizer lies past the embedding (an IndexError in the first forward otherwise)."""
+    vocab = tokenizer.get_vocab()
+    token, top = max(vocab.items(), key=lambda item: item[1])
+    if top >= vocab_size:
+        raise ConfigError(f"{what}: the tokenizer has token {token!r} at id {top}, but the embedding (config.json "
+                          f"vocab_size={vocab_size}) ends at {vocab_size - 1}: use the tokenizer that came with the "
+                          "weights")
+
+
+def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False) -> None:
+    """config.json's values, then the weights against it (`what` names the directory for the user)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        check_config_file(path / "config.json", what)
+        check_weights(path, what, trust_remote_code)

@@ -1,0 +1,182 @@
+"""The GGUF export (qlora/export.py) on the demo model, SmolLM2-135M-Instruct: one short qlora run, exported once per
+type (f16, q8_0) and read back by transformers' own GGUF loader, held to README.md's bounds; the file's chat template
+and tokenizer against the run's; and what the export refuses, through the real CLI: one line, exit 2, nothing written.
+
+Everything shares one 3-step run and the run's model as load_run rebuilds it (module fixtures): reading a GGUF back
+is the slow part (transformers parses the 49,152-token vocabulary and 48,900 merges each time it opens the file).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qlora import export
+from qlora.adapters.lora import LoRALinear
+from qlora.base.build import ensure_checkpoint
+from qlora.config import load_recipe
+from qlora.data.read import load_splits
+from qlora.errors import Stop
+from qlora.train import train
+from qlora.training.assemble import load_run
+from qlora.training.checkpoint import RUN_CONFIG
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = 8  # held-out rows each check runs (the CLI's default is 32)
+KINDS = ("f16", "q8_0")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-step qlora run of the demo recipe, batches of 2."""
+    cfg = load_recipe(ROOT / "recipes" / "smollm2_135m.py")
+    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)  # cwd-independent
+    cfg.output.dir = str(tmp_path_factory.mktemp("smollm2") / "run")
+    cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps = 3, 2, 1
+    cfg.train.eval_before, cfg.train.eval_batches, cfg.train.log_every = False, 1, 3
+    train(cfg)
+    return Path(cfg.output.dir)
+
+
+@pytest.fixture(scope="module")
+def trained(run: Path) -> tuple:
+    """The run as it trained (adapter on its NF4 base), on CPU in fp32: what every check compares with."""
+    cfg, model, tokenizer, _ = load_run(run, "cpu", "fp32")
+    return cfg, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def files(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    for kind in KINDS:
+        export.export(run, out / f"{kind}.gguf", kind, "cpu")
+    return {kind: out / f"{kind}.gguf" for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def read(files: dict[str, Path]) -> dict[str, tuple]:
+    """Each file's tokenizer and model as transformers' GGUF loader reads them, once."""
+    return {kind: export.read_back(path) for kind, path in files.items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_file_read_back_is_the_trained_model_within_its_bound(run, trained, files, read, kind, capsys) -> None:
+    result = export.check_export(run, files[kind], kind, ROWS, trained, read[kind])
+    bound = export.BOUNDS[kind]
+    assert result["kl_mean"] <= bound.kl and result["top1"] >= bound.top1, result
+    assert result["positions"] > 200 and result["rows"] == ROWS
+    out = capsys.readouterr().out
+    assert re.search(r"chat template and tokenizer: \d+ held-out conversation\(s\) render identically", out), out
+    assert re.search(rf"mean KL .* top-1 agreement .*: within the {kind} bound", out), out
+
+
+def test_a_q8_0_file_is_about_half_an_f16_one(files) -> None:
+    """8.5 bits a weight (a 16-bit scale per 32) against 16; the norms stay f32 in both."""
+    assert files["q8_0"].stat().st_size / files["f16"].stat().st_size == pytest.approx(8.5 / 16, abs=0.02)
+
+
+def test_the_bound_notices_a_file_without_the_adapter(trained, read) -> None:
+    """The bounds are tight enough to matter: the base the run started from (its adapters scaled to zero) is
+    outside the q8_0 bound against the exported file, which holds the adapter."""
+    cfg, model, tokenizer = trained
+    examples = load_splits(cfg.data, tokenizer, cfg.train.seed)[1][:ROWS]
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    scalings = [m.scaling for m in adapters]
+    try:
+        for m in adapters:
+            m.scaling = 0.0
+        bare = export.divergence(model, read["f16"][1], examples, tokenizer.pad_token_id)
+    finally:
+        for m, s in zip(adapters, scalings, strict=True):
+            m.scaling = s
+    assert bare["kl_mean"] > export.BOUNDS["q8_0"].kl, bare
+
+
+def test_the_template_check_refuses_a_template_that_renders_otherwise(trained, files, read) -> None:
+    """The file's template as transformers reads it renders held-out conversations as trained; one changed
+    character in it is refused, naming where."""
+    _, _, tokenizer = trained
+    exported = read["q8_0"][0]
+    assert exported.chat_template == tokenizer.chat_template
+    conversations = [json.loads(line)["messages"] for line in
+                     (ROOT / "recipes/data/destination/heldout.jsonl").read_text().splitlines()[:2]]
+    assert "render identically" in export.check_template(tokenizer, exported, conversations, files["q8_0"])
+    original = exported.chat_template
+    try:
+        exported.chat_template = original.replace("<|im_start|>", "<|im_start|> ", 1)
+        with pytest.raises(Stop, match=r"renders held-out conversation 1 otherwise than the trained tokenizer: "
+                                       r"' system\\nYou are.*' where it had 'system\\nYou are.*' \(character 12\): "
+                                       r"do not use the file"):
+            export.check_template(tokenizer, exported, conversations, files["q8_0"])
+    finally:
+        exported.chat_template = original
+
+
+def run_with_base(run: Path, tmp: Path, change: Callable[[Path], None]) -> Path:
+    """A copy of `run` whose run_config.json points at a copy of its base that `change(base_dir)` altered."""
+    base = Path(ensure_checkpoint(load_recipe(ROOT / "recipes" / "smollm2_135m.py")))
+    copy = tmp / "base"
+    copy.mkdir()
+    for item in base.iterdir():
+        (copy / item.name).symlink_to(item)
+    change(copy)
+    runs = tmp / "run"
+    shutil.copytree(run, runs, ignore=shutil.ignore_patterns("checkpoint-*"))
+    raw = json.loads((runs / RUN_CONFIG).read_text())
+    raw["model"]["path"], raw["model"]["build"] = str(copy), None
+    (runs / RUN_CONFIG).write_text(json.dumps(raw))
+    return runs
+
+
+def rewrite(name: str, edit: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def change(base: Path) -> None:
+        text = (base / name).read_bytes()
+        (base / name).unlink()  # a symlink to the cache: replaced, not written through
+        (base / name).write_bytes(edit(text))
+    return change
+
+
+def json_edit(**changes: object) -> Callable[[bytes], bytes]:
+    return lambda text: json.dumps({**json.loads(text), **changes}).encode()
+
+
+def no_merges(text: bytes) -> bytes:
+    spec = json.loads(text)
+    spec["model"]["merges"] = []
+    return json.dumps(spec).encode()
+
+
+@pytest.mark.parametrize(("change", "args", "pattern"), [
+    (rewrite("config.json", json_edit(architectures=["MistralForCausalLM"], model_type="mistral")), [],
+     r"is a MistralForCausalLM: the GGUF export writes LlamaForCausalLM models only"),
+    (rewrite("model.safetensors", lambda text: text[:5000]), [], r"a safetensors file is damaged \(model.safetensors"),
+    (rewrite("config.json", json_edit(num_key_value_heads=2)), [],
+     r"config.json has num_attention_heads=9, not a multiple of num_key_value_heads=2"),
+    (rewrite("tokenizer.json", no_merges), [], r"is byte-level BPE without merges .*llama.cpp cannot load"),
+    (None, ["--gguf={tmp}/model.bin"], r"--gguf=.*model.bin does not end in .gguf.* use model.gguf"),
+    (None, ["--gguf={tmp}"], r"--gguf=.* is a directory: give the path of a file"),
+    (None, ["--gguf={tmp}/notes.txt/m.gguf"], r"cannot be created: .*notes.txt is a file"),
+    (None, ["--gguf={tmp}/notes.gguf"], r"--gguf=.*notes.gguf exists: choose another path or delete it"),
+    (None, ["--type=q4_k"], r"argument --type: invalid choice: 'q4_k'"),
+    (None, ["--rows=0"], r"--rows=0: the check needs at least one held-out row"),
+], ids=["other architecture", "damaged weights", "impossible config", "tokenizer without merges", "not .gguf",
+        "a directory", "under a file", "exists", "unknown type", "no rows"])
+def test_an_export_that_cannot_be_made_is_refused_in_one_line(cli, run, tmp_path, change, args, pattern) -> None:
+    runs = run_with_base(run, tmp_path, change) if change else run
+    (tmp_path / "notes.txt").write_text("the user's own file\n")
+    (tmp_path / "notes.gguf").write_text("the user's own file\n")
+    argv = [str(runs), *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    if not any(a.startswith("--gguf") for a in argv):
+        argv.append(f"--gguf={tmp_path}/out.gguf")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    result = cli.run(argv, module="qlora.export")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.status == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing removed
