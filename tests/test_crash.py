@@ -205,7 +205,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cli, reference, tmp
 
 
 NON_FINITE = """
-import torch, qlora.training.loss
+import torch, qlora.training.step
 class InfGrad(torch.autograd.Function):  # a finite loss whose gradients are inf
     @staticmethod
     def forward(ctx, x):
@@ -213,7 +213,7 @@ class InfGrad(torch.autograd.Function):  # a finite loss whose gradients are inf
     @staticmethod
     def backward(ctx, grad):
         return grad * float("inf")
-loss_sum, calls = qlora.training.loss.loss_sum, [0]
+loss_sum, calls = qlora.training.step.loss_sum, [0]
 def faulty_loss_sum(model, batch, chunk_size=0):
     calls[0] += 1
     loss = loss_sum(model, batch, chunk_size)
@@ -222,7 +222,7 @@ def faulty_loss_sum(model, batch, chunk_size=0):
     if calls[0] == 8:  # micro-batch 7 (step 4): the loss is fine, its gradients are not
         return InfGrad.apply(loss)
     return loss
-qlora.training.loss.loss_sum = faulty_loss_sum
+qlora.training.step.loss_sum = faulty_loss_sum  # where the step looks it up
 """
 
 
@@ -382,14 +382,15 @@ def refuse_constant(name: str) -> None:
 
 NAN_UPDATE = """
 import bitsandbytes as bnb
-step, calls = bnb.optim.PagedAdamW32bit.step, [0]
+# On the CPU the trainer builds bitsandbytes' plain AdamW32bit: its paged class pages CUDA memory only.
+step, calls = bnb.optim.AdamW32bit.step, [0]
 def nan_step(self, *args, **kwargs):
     out = step(self, *args, **kwargs)
     calls[0] += 1
     if calls[0] == 3:  # the third update leaves a weight nan (finite loss, finite gradients)
         self.param_groups[0]["params"][0].data[0, 0] = float("nan")
     return out
-bnb.optim.PagedAdamW32bit.step = nan_step
+bnb.optim.AdamW32bit.step = nan_step
 """
 
 
@@ -468,7 +469,7 @@ def test_a_signal_while_the_model_loads_ends_in_one_line(cli, tmp_path, sig):
 def test_a_signal_during_the_first_evaluation_stops_without_training_a_step(cli, tmp_path):
     out = tmp_path / "run"
     argv = [*ARGS, "--train.eval_batches=3", f"--output.dir={out}"]
-    result = interrupt(cli, argv, slowed("qlora.training.loss:eval_stats", 0.5), tmp_path / "evaluating",
+    result = interrupt(cli, argv, slowed("qlora.training.step:eval_stats", 0.5), tmp_path / "evaluating",
                        signal.SIGTERM)
     assert result.status == 128 + signal.SIGTERM, result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("stopped by SIGTERM before the first step; no checkpoint was "

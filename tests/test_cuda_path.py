@@ -11,7 +11,7 @@ from qlora.config import Config, apply_overrides
 from qlora.data.read import collate
 from qlora.errors import ConfigError
 from qlora.training.assemble import build_model, prepare
-from qlora.training.optimizer import build_optimizer, stepped_params
+from qlora.training.optimizer import build_optimizer, empty_cache_before_state, stepped_params
 from qlora.training.step import forward_backward
 
 GIB = 2**30
@@ -31,6 +31,9 @@ def test_the_cache_is_emptied_once_before_the_paged_state_exists(tiny_config: Co
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     run = prepare(tiny_config)
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], tiny_config)
+    # On CUDA the paged optimizer carries this hook (training/optimizer.py); on the CPU nothing pages, so the trainer
+    # builds the plain class without it, and the test puts it on by hand (tests/test_gpu.py checks the real thing).
+    optimizer.register_step_pre_hook(empty_cache_before_state)
     states = []  # how many parameters had optimizer state each time the cache was emptied
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # as after a CUDA forward and backward
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: states.append(len(optimizer.state)))
