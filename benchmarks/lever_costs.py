@@ -3,12 +3,15 @@
     python benchmarks/lever_costs.py                 # CPU: a small synthetic Llama (below), ~2 minutes on 2 cores
     python benchmarks/lever_costs.py --size 8b       # GPU: Llama-3.1-8B architecture, synthetic NF4, 1 x 2048 tokens
 
-Each configuration is our trainer's step (benchmarks/throughput.py's `ours`, each in a child process of its own) with
-every lever off and no checkpointing (`plain`), then with checkpointing (how every recipe runs), then with one lever
-more. A lever's cost is the time it adds as a share of the plain step: (t(lever) - t(reference)) / t(plain), the
-reference being checkpointing alone for the levers that act within it; negative for a lever that saves time. The CPU
-model is small enough to measure in minutes and shaped like a Llama (grouped-query attention, a gated MLP, a vocabulary
-32x the hidden size, as Llama-3's is); the tiles and loss chunks are a quarter of the row, so that they act.
+Each configuration is our trainer's step (benchmarks/throughput.py's `ours`) with every lever off and no checkpointing
+(`plain`), then with checkpointing (how every recipe runs), then with one lever more. On a GPU each configuration runs
+in a child process of its own (a clean allocator); on a CPU, where other work shares the cores and its load drifts
+over minutes, all configurations are built in one child and timed round-robin, one step each per round, so that a
+drift in load weighs on every configuration alike. A lever's cost is the time it adds as a share of the plain step:
+(t(lever) - t(reference)) / t(plain), the reference being checkpointing alone for the levers that act within it;
+negative for a lever that saves time. The CPU model is small enough to measure in minutes and shaped like a Llama
+(grouped-query attention, a gated MLP, a vocabulary 32x the hidden size, as Llama-3's is); the tiles and loss chunks
+are a quarter of the row, so that they act.
 
 Writes <out-dir>/lever-costs-<cpu|cuda>-<size>.{json,md}: the table's figures with the command, date and machine.
 """
@@ -75,11 +78,33 @@ def costs(results: dict[str, dict], table: dict[str, tuple[str | None, list[str]
     return out
 
 
+def round_robin(spec: argparse.Namespace, overrides: dict[str, list[str]]) -> dict[str, dict]:
+    """Every configuration built in this process, then timed one step each per round; the median step of each."""
+    import statistics
+    import time
+
+    steps = {}
+    for name, extra in overrides.items():
+        cfg = throughput.base_config(spec.size, [*spec.override, *OFF, *extra])
+        throughput.torch.manual_seed(0)
+        model, step, device = throughput.build_ours(cfg)
+        steps[name] = step
+    batch = throughput.synthetic_batch(model.config.vocab_size, spec.batch, spec.seq, device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(spec.warmup + spec.steps):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step(batch)
+            if i >= spec.warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: {"step_s": statistics.median(t), "steps_s": t} for name, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["small", "8b", "70b"], default="small")
     parser.add_argument("--seq", type=int, help="tokens per row (default 512 small, 2048 otherwise)")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per configuration (the median is kept)")
+    parser.add_argument("--steps", type=int, default=9, help="timed steps per configuration (the median is kept)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", help="comma-separated configurations (default: all that act on this device)")
     parser.add_argument("--probe-timeout", type=float, default=300)
@@ -99,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         # throughput.measure's settings: ours, one row, the rank and dropout of the recipe.
         spec = argparse.Namespace(size="tiny" if args.size == "small" else args.size, override=args.override,
                                   rank=None, batch=1, seq=args.seq, steps=args.steps, warmup=args.warmup,
-                                  standard_prep="kbit", peak_tflops=None)
-        result = throughput.measure(spec, "ours", [*OFF, *table[args.child][1]])
+                                  standard_prep="kbit", peak_tflops=None, profile=0, out_dir=args.out_dir)
+        if "," in args.child:
+            result = round_robin(spec, {name: table[name][1] for name in args.child.split(",")})
+        else:
+            result = throughput.measure(spec, "ours", [*OFF, *table[args.child][1]])
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -123,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     log, deadline = ProbeLog(stem.with_suffix(".probes.jsonl"), setup, args.fresh), Deadline(args.deadline)
     prov = record("lever_costs.py", device, argv)
     results: dict[str, dict] = {}
-    for name in names:
-        print(f"== {name}", flush=True)
-        cmd = child_command("lever_costs.py", ["--child", name, f"--size={args.size}", f"--seq={args.seq}",
+    groups = [names] if not cuda else [[name] for name in names]  # CPU: one child, round-robin
+    for group in groups:
+        key = ",".join(group)
+        print(f"== {key}", flush=True)
+        cmd = child_command("lever_costs.py", ["--child", key, f"--size={args.size}", f"--seq={args.seq}",
                                                f"--steps={args.steps}", f"--warmup={args.warmup}",
                                                *[f"--override={o}" for o in base]])
-        results[name] = measured(log, deadline, name, cmd, args.probe_timeout) or {"error": "not run (deadline)"}
+        found = measured(log, deadline, key, cmd, args.probe_timeout) or {"error": "not run (deadline)"}
+        results.update(found if len(group) > 1 and "error" not in found else {key: found})
     found = costs(results, table)
     lines = header(f"Lever costs: {args.size} on {device}", prov, device,
                    "CPU figures: what the plan's cost table uses on a CPU device, and until a GPU measures them, "
