@@ -283,6 +283,9 @@ class TrainConfig(*FIELDS["train"]):
     plan_keep: list[str] = field(default_factory=list)
     """With plan=fastest: levers left as the recipe sets them, whatever the card (e.g. train.compile). A lever set on
     the command line of qlora.train is added here."""
+    plan_gib: float = 0.0
+    """With plan=fastest: the most device memory the plan may use, in GiB (with the allocator's margin); 0 = the
+    card's (on a CPU device, the host's available memory)."""
     plan_chose: list[str] = field(default_factory=list)
     """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers, for the record."""
 
@@ -316,6 +319,9 @@ class TrainConfig(*FIELDS["train"]):
             raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1")
         if self.plan not in PLANS:
             raise ConfigError(f"train.plan={self.plan!r}: use {' or '.join(PLANS)}")
+        if not self.plan_gib >= 0:
+            raise ConfigError(f"train.plan_gib={self.plan_gib} must be >= 0 (0 = the whole card), e.g. "
+                              "--train.plan_gib=14")
         if self.plan_keep and self.plan != "fastest":
             raise ConfigError("train.plan_keep names the levers train.plan=fastest leaves alone: set "
                               "--train.plan=fastest, or leave train.plan_keep empty")

@@ -167,6 +167,13 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
     does. `device`: "cuda" or "cpu", whose column of the cost table counts."""
     arch = load_arch(cfg)
     options, left = choices(cfg, device)
+    # Where even every memory lever on and the fewest layer inputs kept do not fit, nothing does: said at once.
+    frugal = with_settings(cfg, {row.lever: value for row, value in options if row.kind != "kernels"})
+    if frugal is not None and frugal.train.gradient_checkpointing:
+        least = min((e for _, e, _ in checkpoint_plans(frugal, arch, device, host_bytes, gpus)),
+                    key=lambda e: e.card_bytes, default=None)
+        if least is not None and least.card_bytes > card_bytes:
+            return None
     combos = []
     for switches in itertools.product((False, True), repeat=len(options)):
         on = [option for option, s in zip(options, switches, strict=True) if s]
@@ -236,6 +243,8 @@ def use_plan(cfg: Config, device: torch.device, gpus: int = 1) -> Plan | None:
     and print what was chosen and why; with several processes the host is not counted, so that every process
     chooses alike (each checks its own host before loading)."""
     card, where = room(device)
+    if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
+        card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
     host = available_bytes() if device.type == "cuda" and gpus == 1 else None
     try:
         plan = choose(cfg, device.type, card, host, gpus)
