@@ -32,8 +32,8 @@ The batch is random token ids with every token a label, so both stacks do the sa
     penalised. LoRA's own FLOPs (under 1% at r=16) count in neither.
 
 --profile=N records N more steps of each stack under torch.profiler and adds a kernel table (benchmarks/kernel_table.py:
-time per kernel family) and the SDPA backend that ran; each record's trace goes to <out-dir>/../traces/ (gzipped
-Chrome trace, not in the report).
+time per kernel family) and the SDPA backend that ran; each record's trace goes to <out-dir>/traces/ (a gzipped Chrome
+trace for Perfetto or chrome://tracing; ignored by git; the GPU battery brings them back in traces.tar.gz).
 
 Each stack gets at most --probe-timeout seconds and the run --deadline seconds; each stack's figures are appended to
 <stem>.probes.jsonl as they come and the report is rewritten after each, and a rerun with the same settings measures
@@ -359,7 +359,7 @@ def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result["plan_chose"] = cfg.train.plan_chose
     if args.profile:
-        trace = Path(args.out_dir).parent / "traces" / f"{name}-{device.type}-{args.size}.json.gz"
+        trace = Path(args.out_dir) / "traces" / f"{name}-{device.type}-{args.size}.json.gz"  # ignored by git
         result.update(profiled(step, batch, args.profile, cfg.lora.r, trace))
     return result
 
