@@ -108,7 +108,7 @@ def test_the_trainer_prints_the_plan_and_records_it(tiny_config: Config, capsys)
                                         "--train.eval_batches=1"])
     train(cfg)
     out = capsys.readouterr().out
-    assert "train.plan=fastest on " in out and "off: train.gradient_checkpointing" in out
+    assert "train.plan=fastest (this host has " in out and "off: train.gradient_checkpointing" in out
     assert out.index("train.plan=fastest") < out.index("loading ")  # before the base is loaded
     recorded = json.loads((Path(cfg.output.dir) / "run_config.json").read_text())["train"]
     assert recorded["plan"] == "fastest" and "--train.gradient_checkpointing=false" in recorded["plan_chose"]

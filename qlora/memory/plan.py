@@ -111,6 +111,8 @@ def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], d
         if row.lever == EVERY.lever:
             continue  # searched with the checkpoint plan
         figure = row.figure(device)
+        if device == "cpu" and row.cpu is None:
+            continue  # a CUDA-only lever: it does nothing on a CPU device, whatever it is set to
         if row.lever in keep:
             left[row.lever] = "train.plan_keep"
         elif figure is None:
@@ -214,16 +216,17 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
 def explain(cfg: Config, plan: Plan, device: str, where: str) -> list[str]:
     """What start-up prints: what was chosen and why, lever by lever."""
     est = plan.estimate
-    lines = [f"train.plan=fastest on {where}: the step estimated at {est.card_bytes / GIB:.2f} GiB"
+    lines = [f"train.plan=fastest ({where}): the step estimated at {est.card_bytes / GIB:.2f} GiB"
              + (" with the allocator's margin" if est.margin else "")
              + (f", {est.host_bytes / GIB:.2f} GiB in host memory" if est.host else "")
              + f"; {100 * plan.cost:+.0f}% of a plain step by the cost table (qlora/memory/costs.py)"]
     for row in plan.considered:
         value, figure = plan.settings[row.lever], row.figure(device)
         if value != off(row.lever):
-            lines.append(f"  on:  {row.lever}={value} ({row.kind}, {100 * figure:+.0f}%)")
+            shown = str(value).lower() if isinstance(value, bool) else value
+            lines.append(f"  on:  {row.lever}={shown} ({row.kind}, {100 * figure:+.0f}%)")
         else:
-            why = "saves no time here" if row.kind == "kernels" else "not needed on this card"
+            why = "saves no time here" if row.kind == "kernels" else "not needed here"
             lines.append(f"  off: {row.lever} ({row.kind}, {100 * figure:+.0f}%): {why}")
     cp = est.checkpoints
     if cp is not None and (cp.every > 1 or cp.host):
