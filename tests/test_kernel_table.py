@@ -4,6 +4,8 @@ the SDPA backend that ran is named; and throughput.py's two MFU conventions."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import sys
 from pathlib import Path
 
@@ -16,6 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts, not a package
 import throughput  # noqa: E402
 from kernel_table import FAMILIES, table_text  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory() -> None:
+    """A profile's record is large and freed at the end: hand its pages back to the OS, or the resident-set baseline of
+    a later test in this process (tests/test_memory.py's memory.json) starts above what that test's run will use."""
+    yield
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def profile(cfg: Config, steps: int = 1) -> tuple[dict, torch.nn.Module]:
