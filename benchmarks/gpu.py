@@ -20,8 +20,16 @@ stops itself in time); each part first installs the wheels missing here from --w
      longest context of each recipe on emulated cards, context-70b-45, context-70b-79.6, context-8b-24,
      context-8b-45, context-8b-79.6 (--budget-gib: nvidia-smi's totals for an L40S, an H100 80GB, an RTX 4090; the
      70B's weights alone exceed 24 GiB). Their reports go to memory_reports/ (in reports.tar.gz).
+  6  issue 24, each item alone under nine minutes: speed-8b (throughput.py at 8B, 1 x 2048: the standard stack, ours
+     as shipped, ours with train.plan=fastest on the whole card and within 14 GiB (the standard stack's peak), ours on
+     a 16-bit base; 2 more steps of each profiled: the kernel table
+     and the SDPA backend that ran), unsloth-8b (the same command with Unsloth's stack added: only Unsloth is measured,
+     the others come from speed-8b's log, and the report holds all five side by side), speed-70b (the standard stack,
+     the 70B recipe as shipped and its fastest plan, with their kernel tables), lever-costs-8b (every lever's step
+     time at 8B: the CUDA column of qlora/memory/costs.py)
 
-OUT receives four files, each rewritten after every item, so a command cut short leaves everything finished:
+OUT receives four files (five with traces.tar: the profiler traces of part 6, as many as fit 15 MiB), each rewritten
+after every item, so a command cut short leaves everything finished:
 summary.md (device, date, command, versions, then each item's outcome and reports), results.jsonl (one line per
 item), log.txt (all the items printed), reports.tar.gz (the reports at their paths in the repository,
 memory_reports/... and benchmarks/results/..., to unpack at its root; and each item's log under logs/). Work files
@@ -51,6 +59,8 @@ from probes import CUT_SHORT, ROOT  # noqa: E402  (sibling scripts, not a packag
 from provenance import git_commit  # noqa: E402
 
 GRACE = 20  # seconds between an item's own deadline and the kill: to write its report and end its probe
+TRACES_BYTES = 15 * 2**20  # traces.tar: under the 16 MiB a file from $OUT may have
+UNSLOTH_SITE = "/tmp/qlora-unsloth-site"  # WHEELS/unsloth/ installed apart: Unsloth pins datasets < 5, trl <= 1.15
 
 
 @dataclass
@@ -77,7 +87,9 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     # The 8B estimate test measures what memory-llama8b measures: it runs last, in what part 4 leaves.
     gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
-                 "tests/test_levers.py"]
+                 "tests/test_levers.py", "qlora/levers/liger/test_liger.py"]
+    unsloth = f"--unsloth-site={UNSLOTH_SITE}"
+    speed8b = [*speed, "--size=8b", "--profile=2", unsloth]
     reports22 = f"{work}/memory_reports"
     issue22 = [python, "benchmarks/memory_levers.py", f"--out-dir={reports22}", "--no-levers", "--probe-steps=1"]
     if size == "tiny":
@@ -98,6 +110,11 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
             Item(5, "rows-tiny", [*issue22, "--size=tiny", "--rows=256", "--full-depth-at=256", "--depth=1",
                                   "--probe-timeout=120", f"--history={reports22}/snapshots/tiny-256-cpu.pickle.gz"],
                  240, ["memory_reports/tiny-rows-*.md"], True),
+            # Issue 24: our step as shipped and as the plan picks it, profiled, and Unsloth's row (on a CPU machine
+            # without its site folder it says why it did not run).
+            Item(6, "speed-tiny", [*speed, "--size=tiny", "--stacks=ours-fastest,unsloth", "--steps=1",
+                                   "--warmup=0", "--profile=1", "--probe-timeout=120", unsloth], 240,
+                 ["benchmarks/results/throughput-*-tiny.md"], True),
         ]
     smollm2 = ["--model.synthetic=true", "--model.config_json=recipes/configs/smollm2-135m/config.json",
                "--model.build=none"]
@@ -147,6 +164,16 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
                             "--depth=auto", "--budget-gib=79.6", "--probe-timeout=240"], 540,
              ["memory_reports/llama8b-rows-*.md"], True),
         card("70b", 45.0), card("70b", 79.6), card("8b", 24.0), card("8b", 45.0), card("8b", 79.6),
+        # Issue 24. Unsloth's item runs speed-8b's command with its stack added: the others come from the log.
+        Item(6, "speed-8b", [*speed8b, "--stacks=standard,ours,ours-fastest,ours-fastest-14gib,ours-lora16",
+                             "--probe-timeout=150"],
+             420, ["benchmarks/results/throughput-*-8b.md"], True),
+        Item(6, "unsloth-8b", [*speed8b, "--stacks=standard,ours,ours-fastest,ours-fastest-14gib,ours-lora16,unsloth",
+                               "--probe-timeout=420"], 500, ["benchmarks/results/throughput-*-8b.md"], True),
+        Item(6, "speed-70b", [*speed, "--size=70b", "--stacks=standard,ours,ours-fastest", "--steps=3", "--profile=1",
+                              "--probe-timeout=240"], 540, ["benchmarks/results/throughput-*-70b.md"], True),
+        Item(6, "lever-costs-8b", [python, "benchmarks/lever_costs.py", res, "--size=8b", "--probe-timeout=120"], 540,
+             ["benchmarks/results/lever-costs-*-8b.md"], True),
     ]
 
 
@@ -240,6 +267,13 @@ class Battery:
                 else f"nothing to install from {wheels}" + ("" if wheels.is_dir() else " (no such folder)")
         except RuntimeError as err:
             installed, self.setup["install"] = [], str(err)
+        unsloth = Path(self.args.wheels) / "unsloth"
+        if unsloth.is_dir() and any(unsloth.glob("*.whl")) and not (Path(UNSLOTH_SITE) / "unsloth").is_dir():
+            pip = subprocess.run([self.args.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                  "--no-compile", "--no-cache-dir", "--upgrade", "--target", UNSLOTH_SITE,
+                                  *map(str, sorted(unsloth.glob("*.whl")))], capture_output=True, text=True)
+            self.setup["install"] += f"; {unsloth}: " + (f"installed into {UNSLOTH_SITE}" if not pip.returncode else
+                                                         f"failed: {(pip.stderr or pip.stdout).strip()[-300:]}")
         self.log(f"== setup: {self.setup['install']}")
         proc = subprocess.run([self.args.python, "-c", VERSIONS, *installed], capture_output=True, text=True,
                               env=self.env, cwd=ROOT, timeout=300)
@@ -309,8 +343,17 @@ class Battery:
         with tarfile.open(tmp, "w:gz") as tar:
             for sub in ("memory_reports", "benchmarks/results", "logs"):
                 if (self.work / sub).is_dir():
-                    tar.add(self.work / sub, arcname=sub)
+                    tar.add(self.work / sub, arcname=sub, filter=lambda m: None if "/traces" in m.name else m)
         os.replace(tmp, self.out / "reports.tar.gz")
+        # The profiler traces (throughput.py --profile), apart: a file comes back only up to 16 MiB.
+        traces = sorted((self.work / "benchmarks/results/traces").glob("*.json.gz"))
+        kept = [t for t in traces if t.stat().st_size <= TRACES_BYTES]
+        kept = [t for i, t in enumerate(kept) if sum(k.stat().st_size for k in kept[:i + 1]) <= TRACES_BYTES]
+        if kept:
+            with tarfile.open(tmp, "w") as tar:  # gzipped already
+                for trace in kept:
+                    tar.add(trace, arcname=f"traces/{trace.name}")
+            os.replace(tmp, self.out / "traces.tar")
 
 
 def replace(path: Path, text: str) -> None:
@@ -322,7 +365,7 @@ def replace(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="where the four result files go (e.g. $OUT)")
-    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, a list such as 1,2, or all")
+    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, 6, a list such as 1,2, or all")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the CPU plumbing run")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole command")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install where missing")
@@ -336,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.work = args.work or str(ROOT / "runs" / ("gpu-battery-tiny" if args.size == "tiny" else "gpu-battery"))
-    parts = {1, 2, 3, 4, 5} if args.part == "all" else {int(p) for p in args.part.split(",")}
+    parts = {1, 2, 3, 4, 5, 6} if args.part == "all" else {int(p) for p in args.part.split(",")}
     items = [i for i in plan(args.size, Path(args.work), args.python) if i.part in parts]
     if args.items:
         named: dict[str, Item] = {}

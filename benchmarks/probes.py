@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CUT_SHORT = 3  # exit status of a benchmark that stopped at its --deadline: run it again to go on from its log
 
 
-def run_child(cmd: list[str], timeout: float) -> dict:
+def run_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict:
     """Run `cmd` in a process group of its own; return the JSON after the last `RESULT ` line of its stdout, or
     {"error": ...}. Past `timeout` seconds the whole group is killed: {"error": "timed out ...", "timed_out": True}.
     A SIGTERM to this process (benchmarks/gpu.py at the end of its budget) kills the child's group first: a probe
     left running would hold the GPU."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
     def stop(signum: int, frame: object) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -106,7 +106,8 @@ class Deadline:
         return False
 
 
-def measured(log: ProbeLog, deadline: Deadline, key: str, cmd: list[str], probe_timeout: float) -> dict | None:
+def measured(log: ProbeLog, deadline: Deadline, key: str, cmd: list[str], probe_timeout: float,
+             env: dict[str, str] | None = None) -> dict | None:
     """The probe `key`: from the log, or run now and logged; None when the deadline leaves no room for it."""
     known = log.get(key)
     if known is not None:
@@ -116,7 +117,7 @@ def measured(log: ProbeLog, deadline: Deadline, key: str, cmd: list[str], probe_
         print(f"   {key}: not run, {deadline.left():.0f} s left of the deadline", flush=True)
         return None
     started, limit = time.monotonic(), min(probe_timeout, deadline.left())
-    result = run_child(cmd, limit)
+    result = run_child(cmd, limit, env)
     seconds = time.monotonic() - started
     if result.get("timed_out") and limit < probe_timeout:  # cut by the deadline, not too slow: a rerun tries again
         print(f"   {key}: stopped at the deadline after {seconds:.0f} s", flush=True)

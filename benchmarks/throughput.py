@@ -14,11 +14,26 @@ rank, alpha, dropout and targets (every linear layer but lm_head):
                 grad-norm clip 1.0 (Trainer's default)
     ours        training.assemble.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
+    ours-fastest ours with train.plan=fastest: the levers the trainer picks for this card (qlora/memory/plan.py)
+    unsloth     Unsloth's FastLanguageModel (load_in_4bit, get_peft_model with its gradient checkpointing) on a
+                16-bit checkpoint of the same architecture written first (Unsloth loads from files; throughput does
+                not depend on the weights' values), the same batch, rank, alpha, dropout, optimizer and clip. It runs
+                from its own site folder (--unsloth-site: unsloth 2026.10 pins transformers <= 5.17, datasets < 5,
+                trl <= 1.15); where it cannot run, its row says precisely why
 
-The batch is random token ids with every token a label, so both stacks do the same work. MFU counts 6N FLOPs per
-token (forward 2N, recompute 2N, input-gradient backward 2N; no weight gradients for a frozen base), N = every base
-parameter, embeddings included, as issue 5's bound does (~16K tok/s for 8B at 790 TFLOP/s). Attention FLOPs are
-left out, so MFU reads low at long context.
+The batch is random token ids with every token a label, so both stacks do the same work. MFU in two conventions:
+  - "MFU 6N": 6N FLOPs per token (forward 2N, recompute 2N, input-gradient backward 2N; no weight gradients for a
+    frozen base), N = every base parameter, embeddings included, as issue 5's bound does (~16K tok/s for 8B at 790
+    TFLOP/s); attention left out;
+  - "useful MFU" (issue 24's convention): only the work a step must do: 4 N' FLOPs per token (forward 2N', input
+    gradients 2N'; N' = the parameters that multiply, every base parameter but the input embedding table) plus
+    attention, 12 L d (s + 1) / 2 per token (QK^T and PV forward, 4 s d, their input gradients 8 s d, causal: half the
+    keys on average; d = heads x head_dim); recomputation earns no credit, so a plan without checkpointing is not
+    penalised. LoRA's own FLOPs (under 1% at r=16) count in neither.
+
+--profile=N records N more steps of each stack under torch.profiler and adds a kernel table (benchmarks/kernel_table.py:
+time per kernel family) and the SDPA backend that ran; each record's trace goes to <out-dir>/traces/ (a gzipped Chrome
+trace for Perfetto or chrome://tracing; ignored by git; the GPU battery brings them back in traces.tar.gz).
 
 Each stack gets at most --probe-timeout seconds and the run --deadline seconds; each stack's figures are appended to
 <stem>.probes.jsonl as they come and the report is rewritten after each, and a rerun with the same settings measures
@@ -34,6 +49,7 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -57,13 +73,21 @@ SIZES = {  # recipe (when it exists), fallback config.json for a synthetic model
     "70b": dict(recipe="recipes/llama70b.py", config_json="recipes/configs/llama-3.1-70b/config.json", seq=2048,
                 batch=1, steps=5),
 }
-STACKS = {"standard": None, "ours": [], "ours-lora16": ["--quant.method=lora"]}
+STACKS = {"standard": None, "ours": [], "ours-lora16": ["--quant.method=lora"],
+          "ours-fastest": ["--train.plan=fastest"], "unsloth": None,
+          # Issue 24's target is 2x the standard stack's tokens/s at no more than its peak: 14.89 GiB on the H200 of
+          # 2026-12-04 (benchmarks/results/throughput-cuda-8b.md), so the plan gets 14 GiB.
+          "ours-fastest-14gib": ["--train.plan=fastest", "--train.plan_gib=14"]}
+UNSLOTH_SITE = "/tmp/qlora-unsloth-site"  # benchmarks/gpu.py installs .whl/unsloth/*.whl there
 LEVERS = {  # --levers: ours with one speed lever on
     "ours+reuse_dequant": ["--train.reuse_dequant=true"],
     "ours+fuse_lora_add": ["--train.fuse_lora_add=true"],
     "ours+compile_lora": ["--train.compile=lora"],
     "ours+compile_layers": ["--train.compile=layers"],
     "ours+liger_ce": ["--train.liger_ce=true"],
+    "ours+liger_kernels": ["--train.liger_kernels=true"],
+    "ours+fuse_lora": ["--train.fuse_lora=true"],
+    "ours+dequant_once": ["--train.dequant_once=true"],
 }
 
 
@@ -130,10 +154,14 @@ def card_peak(device: torch.device) -> dict[str, float]:
 def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # noqa: ANN001
                ) -> tuple[torch.nn.Module, Callable, torch.device]:
     """Our trainer's model, optimizer and step; `adjust` may change the model first (memory_levers.py uses it)."""
+    from qlora.base.load import resolve_device
+    from qlora.memory.plan import use_plan
     from qlora.training.assemble import build_model
     from qlora.training.loss import loss_sum
     from qlora.training.optimizer import build_optimizer, stepped_params
 
+    if cfg.train.plan == "fastest":  # as qlora.train does before loading: the levers for this card and host
+        use_plan(cfg, resolve_device(cfg.train.device))
     run = build_model(cfg)
     model, device = run["model"].train(), run["device"]
     if adjust is not None:
@@ -198,11 +226,114 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     return model, step, device
 
 
+def unsloth_checkpoint(cfg, seq: int, device: torch.device) -> Path:  # noqa: ANN001
+    """A 16-bit checkpoint of the recipe's architecture with random weights, for Unsloth, which loads from files:
+    made on the device (fast), written once per machine beside the results (runs/ by default), with the byte-level
+    tokenizer our synthetic runs use."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.base.build import byte_tokenizer, config_json_path
+
+    source = Path(config_json_path(cfg))
+    path = ROOT / "runs" / "unsloth-checkpoints" / source.parent.name
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path
+    config = AutoConfig.from_pretrained(source.parent)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return path
+
+
+def build_unsloth(cfg, seq: int) -> tuple[torch.nn.Module, Callable, torch.device]:  # noqa: ANN001
+    """Unsloth as its notebooks run it: FastLanguageModel.from_pretrained(load_in_4bit=True) (its NF4 load with double
+    quant), get_peft_model on the seven projections with use_gradient_checkpointing="unsloth" (its offloaded
+    checkpointing), and the step of the other stacks: model(labels=...).loss, backward, clip 1.0, paged AdamW 32-bit.
+    Unsloth patches its fast LoRA kernels in only with lora_dropout=0 (it says so on loading); the recipe's dropout is
+    kept, as for the other stacks: --override=--lora.dropout=0 measures every stack without it."""
+    import bitsandbytes as bnb
+
+    try:  # first of what touches transformers: unsloth patches it and peft as it is imported
+        from unsloth import FastLanguageModel
+    except Exception as err:  # a missing wheel, or a version it refuses: said as it is, with where it looked
+        raise RuntimeError(f"unsloth could not be imported from --unsloth-site ({os.environ.get('PYTHONPATH')}): "
+                           f"{type(err).__name__}: {err}") from err
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = unsloth_checkpoint(cfg, seq, device)
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=seq, dtype=torch.bfloat16,
+                                                 load_in_4bit=True, full_finetuning=False)
+    model = FastLanguageModel.get_peft_model(
+        model, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth", random_state=0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.PagedAdamW32bit(params, lr=cfg.train.lr)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return model, step, device
+
+
+def flops_per_token(model: torch.nn.Module, n_params: int, seq: int) -> tuple[float, float]:
+    """(6N, useful) FLOPs per token, the module docstring's two conventions."""
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    table = model.get_input_embeddings()
+    table = getattr(table, "table", None) if getattr(table, "weight", None) is None else table.weight
+    tied = getattr(config, "tie_word_embeddings", False)
+    matmul = n_params - (0 if tied or table is None else table.numel())
+    attention = 12 * layers * heads * head_dim * (seq + 1) / 2
+    return 6 * n_params, 4 * matmul + attention
+
+
+def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | None) -> dict:
+    """`steps` more steps under torch.profiler: the kernel table (ms per step by family) and the SDPA backend."""
+    from kernel_table import kernel_table, sdpa_backends
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if trace is not None:
+        import gzip
+        import shutil
+
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        raw = trace.with_suffix("")
+        prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+    return {"kernels": kernel_table(prof, rank, steps), "sdpa": sdpa_backends(prof), "profiled_steps": steps}
+
+
 def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     """Build one stack, run warmup + timed steps on the synthetic batch, return its figures."""
     cfg = base_config(args.size, [*args.override, *extra] + ([f"--lora.r={args.rank}"] if args.rank else []))
     torch.manual_seed(0)
-    model, step, device = build_standard(cfg, args.standard_prep) if name == "standard" else build_ours(cfg)
+    if name == "unsloth":
+        model, step, device = build_unsloth(cfg, args.seq)
+    elif name == "standard":
+        model, step, device = build_standard(cfg, args.standard_prep)
+    else:
+        model, step, device = build_ours(cfg)
     n_params = base_parameters(model)
     vocab = model.get_input_embeddings().num_embeddings
     batch = synthetic_batch(vocab, args.batch, args.seq, device)
@@ -221,22 +352,35 @@ def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     tokens = args.batch * args.seq
     result = {"step_s": step_s, "tokens_per_s": tokens / step_s, "n_params": n_params, "losses": losses,
               **card_peak(device)}
+    six_n, useful = flops_per_token(model, n_params, args.seq)
     if args.peak_tflops:
-        result["mfu"] = 6 * n_params * result["tokens_per_s"] / (args.peak_tflops * 1e12)
+        result["mfu"] = six_n * result["tokens_per_s"] / (args.peak_tflops * 1e12)
+        result["useful_mfu"] = useful * result["tokens_per_s"] / (args.peak_tflops * 1e12)
     result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result["plan_chose"] = cfg.train.plan_chose
+    if args.profile:
+        trace = Path(args.out_dir) / "traces" / f"{name}-{device.type}-{args.size}.json.gz"  # ignored by git
+        result.update(profiled(step, batch, args.profile, cfg.lora.r, trace))
     return result
 
 
 # --- the run: one child process per stack, then the table ---
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """The ratios issue 24 sets targets for, for each of our stacks that ran (as shipped, and the plan's)."""
     ok = {k: v for k, v in results.items() if "error" not in v}
     out = {}
-    if "ours" in ok and "standard" in ok:
-        out["tokens_per_s ours/standard (target >= 1.5)"] = ok["ours"]["tokens_per_s"] / ok["standard"]["tokens_per_s"]
-        out["peak ours/standard (target <= 1.0)"] = ok["ours"]["peak_gib"] / ok["standard"]["peak_gib"]
+    for ours in ("ours", "ours-fastest", "ours-fastest-14gib"):
+        if ours in ok and "standard" in ok:
+            out[f"tokens_per_s {ours}/standard (target >= 2.0)"] = ok[ours]["tokens_per_s"] / \
+                ok["standard"]["tokens_per_s"]
+            out[f"peak {ours}/standard (target <= 1.0)"] = ok[ours]["peak_gib"] / ok["standard"]["peak_gib"]
+        if ours in ok and "unsloth" in ok:
+            out[f"tokens_per_s {ours}/unsloth (target > 1.0)"] = ok[ours]["tokens_per_s"] / \
+                ok["unsloth"]["tokens_per_s"]
+            out[f"peak {ours}/unsloth"] = ok[ours]["peak_gib"] / ok["unsloth"]["peak_gib"]
     if "ours" in ok and "ours-lora16" in ok:
-        key = "step time ours QLoRA/ours 16-bit LoRA (target <= 1.2)"
+        key = "step time ours QLoRA/ours 16-bit LoRA (target <= 1.1)"
         out[key] = ok["ours"]["step_s"] / ok["ours-lora16"]["step_s"]
     for name in ok:
         if name.startswith("ours+") and "ours" in ok:
@@ -245,19 +389,35 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
 
 
 def report(args: argparse.Namespace, prov: dict, device: str, device_name: str, results: dict, rat: dict) -> str:
+    from kernel_table import table_text
+
     lines = header(f"Throughput: {args.size} on {device_name} ({device})", prov, device,
                    "CPU run at a tiny size: it shows the benchmark works end to end; its numbers say nothing about "
                    "GPU speed or memory.")
     lines += [f"batch {args.batch} x seq {args.seq}, {args.warmup} warmup + {args.steps} timed steps (median), "
-              f"peak over the steps; MFU against {args.peak_tflops or 'n/a'} TFLOP/s and 6N FLOPs/token", "",
-              "| stack | tokens/s | step s | peak GiB | MFU |", "|---|---:|---:|---:|---:|"]
+              f"peak over the steps; MFU against {args.peak_tflops or 'n/a'} TFLOP/s: 6N FLOPs per token, and "
+              "useful (4N' + attention, no credit for recompute; the docstring of benchmarks/throughput.py)", "",
+              "| stack | tokens/s | step s | peak GiB | MFU 6N | useful MFU | SDPA backend |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:80]} | | | |")
+            lines.append(f"| {name} | failed: {r['error'][:160]} | | | | | |")
         else:
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
-            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | {mfu} |")
+            useful = f"{100 * r['useful_mfu']:.1f}%" if "useful_mfu" in r else "n/a"
+            sdpa = ", ".join(f"{k} x{v}" for k, v in r.get("sdpa", {}).items()) or ("not profiled" if "kernels" not in r
+                                                                                    else "none seen")
+            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | {mfu} | "
+                         f"{useful} | {sdpa} |")
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v:.3f} |" for k, v in rat.items()]
+    chosen = {name: r["plan_chose"] for name, r in results.items() if r.get("plan_chose")}
+    if chosen:
+        lines += ["", "train.plan=fastest chose: " + "; ".join(f"{n}: {' '.join(c)}" for n, c in chosen.items())]
+    tables = {name: r["kernels"] for name, r in results.items() if "kernels" in r}
+    if tables:
+        steps = next(r["profiled_steps"] for r in results.values() if "kernels" in r)
+        lines += ["", f"Kernel time per step by family ({'device' if device == 'cuda' else 'CPU operator'} time, "
+                  f"{steps} profiled steps after the timed ones; benchmarks/kernel_table.py):", "", *table_text(tables)]
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, help="seconds for this whole run (default: none)")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where the report and the probe log go")
     parser.add_argument("--fresh", action="store_true", help="ignore stacks logged by an earlier run")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="record N more steps of each stack under torch.profiler: the kernel table, SDPA backend")
+    parser.add_argument("--unsloth-site", default=UNSLOTH_SITE,
+                        help="site folder with unsloth and the versions it pins (before the others on its path)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; write no report")
     args = parser.parse_args(argv)
@@ -309,19 +473,24 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.out_dir) / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}"
     setup = {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
              "rank": args.rank, "standard_prep": args.standard_prep, "peak_tflops": args.peak_tflops,
-             "overrides": args.override}
+             "overrides": args.override, "profile": args.profile}
     log, deadline = ProbeLog(stem.with_suffix(".probes.jsonl"), setup, args.fresh), Deadline(args.deadline)
     prov = record("throughput.py", device, argv)
     results: dict[str, dict] = {}
     passed = [f"--size={args.size}", f"--seq={args.seq}", f"--batch={args.batch}", f"--steps={args.steps}",
               f"--warmup={args.warmup}", f"--standard-prep={args.standard_prep}",
               *([f"--rank={args.rank}"] if args.rank else []),
-              *([f"--peak-tflops={args.peak_tflops}"] if args.peak_tflops else []),
+              *([f"--peak-tflops={args.peak_tflops}"] if args.peak_tflops else []), f"--profile={args.profile}",
+              f"--out-dir={args.out_dir}",
               *[f"--override={o}" for o in args.override]]
     for name in names:
         print(f"== {name}", flush=True)
+        env = None
+        if name == "unsloth":  # its pinned versions first on the path, ours after
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [args.unsloth_site, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
         result = measured(log, deadline, name, child_command("throughput.py", ["--child", name, *passed]),
-                          args.probe_timeout)
+                          args.probe_timeout, env=env)
         results[name] = result if result is not None else {"error": "not run (deadline)"}
         names_seen = [r["device_name"] for r in results.values() if r.get("device_name")]
         device_name = names_seen[0] if names_seen else (gpu() if cuda else platform.machine())

@@ -29,6 +29,7 @@ from qlora.config import Config, apply_overrides, load_recipe, split_args
 from qlora.console import announce, quiet_libraries, since
 from qlora.data.read import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
+from qlora.memory.plan import keep_overridden, use_plan
 from qlora.memory.preflight import check_fits
 from qlora.memory.profiler import PhaseTracker, peak_bytes
 from qlora.training import checkpoint, distributed, guard, rundir
@@ -185,9 +186,12 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     From here on SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint."""
     t, run_dir = cfg.train, Path(cfg.output.dir)
     rundir.check_run_dir(run_dir, cfg, resume, overwrite)
+    device = ranks.device if ranks.several else resolve_device(t.device)
+    if t.plan == "fastest":  # the levers for this card and host, printed and recorded before loading
+        use_plan(cfg, device, ranks.size)
     # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base
     # is loaded, with the longest data.max_seq_len that fits.
-    check_fits(cfg, ranks.device if ranks.several else resolve_device(t.device), ranks.size)
+    check_fits(cfg, device, ranks.size)
     profiler = PhaseTracker(resolve_device(t.device))  # before loading: on CPU its baseline is the process without it
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
@@ -274,6 +278,8 @@ def _main(argv: list[str]) -> None:
         raise ConfigError(_flag_error(unknown[0]))
     if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
         cfg = rundir.resume_config(cfg, overrides)
+    if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's
+        keep_overridden(cfg, overrides)
     # An interruption or a full disk from here on names what is intact.
     Session.intact = functools.partial(checkpoint.intact_line, Path(cfg.output.dir))
     train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)

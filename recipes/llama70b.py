@@ -14,6 +14,16 @@ H200 rows showed). All on: 39.5 GB, 33,792 / 115,712. Each off alone: offload_ac
 optimizer_on_cpu 42.0 GB, 26,624 / 109,568; embeddings_on_cpu 41.6 GB, 27,648 / 110,592; quantize_lm_head 41.0 GB,
 29,696 / 111,616; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size 17,408 / 63,488 tokens; tile_projections
 27,648 / 96,256 tokens. The two tile switches change nothing at 2048 tokens (one tile).
+
+Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
+what a 48 GiB card needs for the longest rows, and `python -m qlora.memory` (the estimate, --max-context, --measure)
+reads them as they stand; before loading, the trainer keeps of them only what the card it finds needs, the cheapest by
+the cost table (qlora/memory/costs.py) first, and prints why. quantize_lm_head changes the numbers, so it is the
+recipe's, not the plan's. By the estimate, with 120 GiB of host memory available, at 2048 tokens: a 48 or 80 GiB card
+keeps checkpointing alone (46.5 GiB; +36% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
++0%). At 32,768 tokens a 48 GiB card keeps every lever (47.5 GiB, +158%), an 80 GiB one checkpointing, loss chunks and
+offloaded layer inputs (62.7 GiB, +49%), an H200 checkpointing alone (130.9 GiB, +36%). No plan fits 24 GiB: the NF4
+weights alone exceed it. --train.plan=recipe runs every lever as set.
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, QuantConfig, TrainConfig
@@ -35,8 +45,9 @@ config = Config(
     # exist at once: 0.39 GB for a chunk's three. Layer inputs wait in pinned host memory (2.7 GB at 2048 tokens);
     # the optimizer state and the fp32 masters (2.5 GB) live there from the start; the MLP and the attention
     # projections run 4096 tokens at a time once rows are longer. CUDA only: 70B in fp32 on a CPU would need ~300 GB.
+    # train.plan="fastest": of these levers the trainer keeps those the card it finds needs (the docstring).
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=256,
                       offload_activations=True, optimizer_on_cpu=True, tile_size=4096, tile_projections=True,
-                      eval_every=50, eval_batches=20, device="cuda"),
+                      plan="fastest", eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama70b"),
 )

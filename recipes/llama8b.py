@@ -14,6 +14,17 @@ Memory levers (issue 13), each on because it pays, by the estimate for a 128 GiB
 208,896; tile_projections 79,872 / 186,368 / 327,680; embeddings_on_cpu 91,136 / 219,136 / 389,120. Left off:
 quantize_lm_head (no gain here, error in the logits) and optimizer_on_cpu (98,304 / 226,304 / 397,312: about 2%, for
 a host round trip and a CPU update per step).
+
+Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
+what the longest rows on a 24 GiB card need, and `python -m qlora.memory` (the estimate, --max-context, --measure)
+reads them as they stand; before loading, the trainer keeps of them (and of optimizer_on_cpu) only what the card it
+finds needs, the cheapest by the cost table (qlora/memory/costs.py) first, and prints why. By the estimate, with 120 GiB
+of host memory available, at 2048 tokens: within 14 GiB (--train.plan_gib=14, the standard stack's measured peak) it
+keeps checkpointing alone (10.3 GiB; +36% of a plain step by the table); a 24 GiB card drops checkpointing and keeps
+the loss in chunks (24.0 GiB, +8%); 48 GiB and more drop every memory lever (25.4 GiB, +0%). At 65,536 tokens a 24
+GiB card keeps checkpointing, tiles, loss chunks and offloaded layer inputs (21.7 GiB, +113%), an 80 GiB one
+checkpointing and loss chunks (45.1 GiB, +44%), an H200 (139.8 GiB) checkpointing alone (119.7 GiB, +36%).
+--train.plan=recipe runs every lever as set.
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
@@ -32,8 +43,9 @@ config = Config(
     # fp32 logits of all 2047 positions (2047 x 128256 x 4 B = 1.05 GB, three such buffers in the backward) never
     # exist at once. Layer inputs wait in pinned host memory; the MLP and the attention projections run 4096 tokens
     # at a time once rows are longer. CUDA only: 8B in fp32 on a CPU would need ~40 GB.
+    # train.plan="fastest": of these levers the trainer keeps those the card it finds needs (the docstring).
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=1024,
-                      offload_activations=True, tile_size=4096, tile_projections=True,
+                      offload_activations=True, tile_size=4096, tile_projections=True, plan="fastest",
                       eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama8b"),
 )

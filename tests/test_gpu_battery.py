@@ -43,10 +43,13 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
     done = battery(tmp_path, "--part=all")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "reports.tar.gz", "results.jsonl", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "reports.tar.gz", "results.jsonl", "summary.md",
+                                                     "traces.tar"]
+    with tarfile.open(out / "traces.tar") as tar:  # the profiler's record of part 6, apart from the reports
+        assert "traces/ours-fastest-cpu-tiny.json.gz" in tar.getnames()
 
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["part"] for r in rows} == {1, 2, 3, 4, 5}
+    assert {r["part"] for r in rows} == {1, 2, 3, 4, 5, 6}
     assert [r["status"] for r in rows] == ["ok"] * len(rows), rows
     summary = (out / "summary.md").read_text()
     assert "- device: cpu" in summary and "- date: " in summary
@@ -68,6 +71,13 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
         assert {"model", "tokens", "budget_gib", "estimated_gib", "measured_gib"} <= r.keys() and r["measured_gib"]
     assert measured[0]["measured_gib"] > measured[0]["probe_gib"]  # the missing layer's known bytes added
     assert "peak allocated" in (tmp_path / "work" / "memory_reports/snapshots/tiny-256-cpu.txt").read_text()
+    # Part 6 (issue 24): our step as shipped and as train.plan=fastest picks it, with their kernel tables; Unsloth's
+    # row says why it did not run on a machine without its site folder.
+    speed = (tmp_path / "work" / "benchmarks/results/throughput-cpu-tiny.md").read_text()
+    assert "| ours-fastest | " in speed and "train.plan=fastest chose: ours-fastest: --train.gradient_checkpointing=" \
+        "false" in speed
+    assert "Kernel time per step by family" in speed and "| LoRA matmuls | " in speed
+    assert "| unsloth | failed: RuntimeError: unsloth could not be imported from --unsloth-site" in speed
     levers = (tmp_path / "work" / "benchmarks/results/memory-levers-cpu-tiny.md").read_text()
     for lever in ("baseline (checkpointing only)", "offload (transformers, sync)", "quantize_lm_head"):
         assert f"| {lever} | 0." in levers
@@ -92,3 +102,25 @@ def test_items_pick_from_the_parts_in_the_order_given_and_an_unknown_one_is_name
     wrong = battery(tmp_path, "--part=1", "--items=gpu-tests,levers-tiny", "--dry-run")
     assert wrong.returncode == 2 and "no item levers-tiny in part 1" in wrong.stderr
     assert "the items: gpu-tests, memory-tiny, throughput-tiny" in wrong.stderr
+
+
+def test_a_cut_wheel_installs_without_the_members_dropped(tmp_path: Path) -> None:
+    """benchmarks/wheels.py, as gpu_wheels.sh cuts bitsandbytes to the image's CUDA library: the members matching a
+    glob and their RECORD lines go, and pip installs the rest."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from wheels import cut
+
+    path = wheel(tmp_path / "wheels")
+    with zipfile.ZipFile(path, "a") as z:  # two "libraries", as bitsandbytes ships one per CUDA version
+        for cuda in ("118", "130"):
+            z.writestr(f"qlora_battery_probe/lib_cuda{cuda}.so", b"\0" * 50_000)
+    cut(path, ["qlora_battery_probe/lib_cuda1[12]*.so"])
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        record = z.read("qlora_battery_probe-1.0.dist-info/RECORD").decode()
+    assert "qlora_battery_probe/lib_cuda130.so" in names and "qlora_battery_probe/lib_cuda118.so" not in names
+    assert "lib_cuda118" not in record
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                    str(tmp_path / "site"), str(path)], check=True, capture_output=True)
+    installed = {p.name for p in (tmp_path / "site" / "qlora_battery_probe").iterdir()} - {"__pycache__"}
+    assert installed == {"__init__.py", "lib_cuda130.so"}

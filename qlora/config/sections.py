@@ -20,6 +20,7 @@ from qlora.errors import ConfigError
 from qlora.levers import FIELDS, check_levers
 
 METHODS = ("qlora", "lora", "full")
+PLANS = ("recipe", "fastest")  # train.plan: the levers as set, or the fastest that fit (qlora/memory/plan.py)
 # Attention kernels transformers offers for our models, and the package each needs beyond torch.
 ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn"}
 
@@ -274,6 +275,19 @@ class TrainConfig(*FIELDS["train"]):
     dist_timeout: int = 600
     """Several processes: seconds one waits in a collective for the others before the run stops (exit 6). Bounds the
     wait for a process that hangs; one that dies is noticed within a second."""
+    plan: str = "recipe"
+    """recipe: the memory and speed levers as the recipe sets them. fastest: before loading, the trainer picks for the
+    card and host it finds the combination of levers (each off, or as the recipe sets it, or at its usual setting)
+    that costs least time by the cost table (qlora/memory/costs.py) and whose estimate fits with the allocator's
+    margin, prints it and why, and records it here (plan_chose) and in the levers' fields (qlora/memory/plan.py)."""
+    plan_keep: list[str] = field(default_factory=list)
+    """With plan=fastest: levers left as the recipe sets them, whatever the card (e.g. train.compile). A lever set on
+    the command line of qlora.train is added here."""
+    plan_gib: float = 0.0
+    """With plan=fastest: the most device memory the plan may use, in GiB (with the allocator's margin); 0 = the
+    card's (on a CPU device, the host's available memory)."""
+    plan_chose: list[str] = field(default_factory=list)
+    """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers, for the record."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -303,6 +317,14 @@ class TrainConfig(*FIELDS["train"]):
                               "e.g. --train.dist_timeout=600")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"train.keep_checkpoints={self.keep_checkpoints} must be at least 1")
+        if self.plan not in PLANS:
+            raise ConfigError(f"train.plan={self.plan!r}: use {' or '.join(PLANS)}")
+        if not self.plan_gib >= 0:
+            raise ConfigError(f"train.plan_gib={self.plan_gib} must be >= 0 (0 = the whole card), e.g. "
+                              "--train.plan_gib=14")
+        if self.plan_keep and self.plan != "fastest":
+            raise ConfigError("train.plan_keep names the levers train.plan=fastest leaves alone: set "
+                              "--train.plan=fastest, or leave train.plan_keep empty")
         check_lever_fields(self, "train")
 
 @dataclass
@@ -340,6 +362,12 @@ class Config:
                               f"with quant.method={self.quant.method}"
                               f"{' and model.synthetic=true' if self.model.synthetic else ''} there is none; "
                               "set --lora.init=zero")
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in self.train.plan_keep:
+            section, _, name = key.partition(".")
+            if section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+                raise ConfigError(f"train.plan_keep names {key!r}, which is no field: name levers as a recipe spells "
+                                  "them, e.g. --train.plan_keep=train.offload_activations")
         check_levers(self)
 
     def to_dict(self) -> dict:

@@ -16,7 +16,9 @@ its folder, its records in `LEVERS` and its fields in `FIELDS` below, and its ho
     host_optimizer   train.optimizer_on_cpu: optimizer state and fp32 masters in host memory
     lm_head          quant.quantize_lm_head: the output head in NF4
     cpu_embeddings   model.embeddings_on_cpu: the input embedding table in host memory
-    speed            train.reuse_dequant, fuse_lora_add, compile: fewer dequantisations, a fused add, torch.compile
+    speed            train.reuse_dequant, dequant_once, fuse_lora_add, fuse_lora, compile: fewer dequantisations, a
+                     fused add or a fused adapted layer, torch.compile
+    liger            train.liger_kernels: liger-kernel's RMSNorm, SwiGLU and RoPE (CUDA)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from qlora.levers.cpu_embeddings.settings import CPUEmbeddingFields
 from qlora.levers.host_optimizer.settings import LEVERS as HOST_OPTIMIZER
 from qlora.levers.host_optimizer.settings import HostOptimizerFields
 from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.liger.settings import LEVERS as LIGER
+from qlora.levers.liger.settings import LigerFields
 from qlora.levers.lm_head.settings import LEVERS as LM_HEAD
 from qlora.levers.lm_head.settings import LMHeadFields
 from qlora.levers.loss.settings import LEVERS as LOSS
@@ -37,13 +41,14 @@ from qlora.levers.speed.settings import SpeedFields
 from qlora.levers.tiling.settings import LEVERS as TILING
 from qlora.levers.tiling.settings import TilingFields
 
-LEVERS: tuple[Lever, ...] = (*CHECKPOINTS, *TILING, *LOSS, *HOST_OPTIMIZER, *LM_HEAD, *CPU_EMBEDDINGS, *SPEED)
+LEVERS: tuple[Lever, ...] = (*CHECKPOINTS, *TILING, *LOSS, *HOST_OPTIMIZER, *LM_HEAD, *CPU_EMBEDDINGS, *SPEED,
+                             *LIGER)
 
 # The fields each section of Config inherits from the levers, in the order --help lists them.
 FIELDS: dict[str, tuple[type, ...]] = {
     "model": (CPUEmbeddingFields,),
     "quant": (LMHeadFields,),
-    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields),
+    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields, LigerFields),
 }
 
 

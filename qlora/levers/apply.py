@@ -12,6 +12,7 @@ import torch
 from qlora.levers.checkpoints import layer_inputs
 from qlora.levers.cpu_embeddings import embedding
 from qlora.levers.lever import RunConfig
+from qlora.levers.liger import kernels as liger
 from qlora.levers.lm_head import head
 from qlora.levers.loss import chunks
 from qlora.levers.speed import kernels
@@ -23,7 +24,7 @@ Hook = Callable[[torch.nn.Module, RunConfig, torch.device, torch.dtype], None]
 AT_LOAD: tuple[Hook, ...] = (head.apply, embedding.apply)
 # Once adapters and checkpointing are on, in the order they compose: a tile runs whatever forward its module has by
 # then (a speed lever's included), so tiles come last.
-ON_MODEL: tuple[Hook, ...] = (chunks.apply, kernels.apply, tiles.apply)
+ON_MODEL: tuple[Hook, ...] = (chunks.apply, kernels.apply, liger.apply, tiles.apply)
 
 
 def at_load(model: torch.nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> None:

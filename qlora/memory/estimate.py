@@ -40,8 +40,8 @@ from qlora.levers.cpu_embeddings.settings import CPU_EMBEDDINGS
 from qlora.levers.host_optimizer import memory as host_optimizer
 from qlora.levers.host_optimizer.settings import HOST_OPTIMIZER
 from qlora.levers.lm_head.settings import LM_HEAD
-from qlora.levers.speed.memory import dequantised_bytes
-from qlora.levers.speed.settings import REUSE_DEQUANT
+from qlora.levers.speed.memory import dequantised_bytes, kept_dequantised_bytes
+from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
 from qlora.memory.activations import adapted_layers, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
@@ -257,6 +257,10 @@ def count_weights(tally: Tally, cfg: Config, arch: Arch, method: str, device: st
     if shards > 1:
         fx["unquantized_weights"] = f"({fx['unquantized_weights']}){per}" + \
             (" (the tied embedding table whole)" if whole else "")
+    once = method == "qlora" and DEQUANT_ONCE.active(cfg, method, device)
+    if once:  # the dequantised copies, made by the first micro-batch and kept (qlora/levers/speed/fused.py)
+        comp["unquantized_weights"] += kept_dequantised_bytes(arch.linear_shapes, arch.layers, e)
+        fx["unquantized_weights"] += " + L P_layer e: every 4-bit layer dequantised once and kept (train.dequant_once)"
     if method == "qlora" and cfg.quant.keep_16bit_budget and not cfg.quant.keep_16bit:
         # The layers are chosen by measurement at load time; the budget bounds what they add.
         budget = cfg.quant.keep_16bit_budget
@@ -305,9 +309,10 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     saved, extra, layer_fx = layer_backward(arch, method, cfg, e, device, T)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
     rotary = 2 * cfg.data.max_seq_len * arch.head_dim * e
-    # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward.
+    # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward;
+    # none with train.dequant_once, whose copies are counted with the weights.
     dq_w = dequantised_bytes(arch.linear_shapes, REUSE_DEQUANT.active(cfg, method, device), e) \
-        if method == "qlora" else 0
+        if method == "qlora" and not DEQUANT_ONCE.active(cfg, method, device) else 0
     phases = {"optimizer_step": (step_tmp, grads)}
     step_fx = "the update's temporaries (CPU: 12 B x the largest tensor)"
     if not t.gradient_checkpointing:

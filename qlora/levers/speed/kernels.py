@@ -9,6 +9,7 @@
 - `fuse_lora_add`: h = W0 x + s B (A x) as one `addmm_` into the base output (`LoRALinear.add_in_place`), so the
   update never exists as a tensor of its own: no tokens x out_features temporaries for B A x, its scaling and the
   sum, forward or backward.
+- `dequant_once`, `fuse_lora`: our own fused paths (fused.py).
 - `compile`: `torch.compile` of each adapter's update (lora) or of each decoder layer's attention and MLP blocks
   (layers). Compiling inside the checkpoint, not around it, keeps transformers' checkpoint wrapper and our
   activation offload hooks in eager mode, where saved-tensor hooks work.
@@ -25,6 +26,7 @@ from torch import nn
 
 from qlora.adapters.lora import LoRALinear
 from qlora.levers.lever import RunConfig
+from qlora.levers.speed.fused import dequant_once, fuse_lora
 from qlora.levers.speed.settings import SpeedFields
 
 
@@ -95,8 +97,12 @@ def apply_speed_levers(model: nn.Module, cfg: SpeedFields) -> list[str]:
     done = []
     if cfg.reuse_dequant:
         done.append(f"reuse_dequant on {reuse_dequant(model)} 4-bit layers")
+    if cfg.dequant_once:
+        done.append(f"dequant_once on {dequant_once(model)} 4-bit layers")
     if cfg.fuse_lora_add:
         done.append(f"fuse_lora_add on {fuse_lora_add(model)} adapters")
+    if cfg.fuse_lora:
+        done.append(f"fuse_lora on {fuse_lora(model)} adapters")
     if cfg.compile != "none":
         done.append(f"compile={cfg.compile}: {compile_model(model, cfg.compile)} modules")
     return done

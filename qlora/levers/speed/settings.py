@@ -1,4 +1,5 @@
-"""Speed levers (train.reuse_dequant, train.fuse_lora_add, train.compile): the recipe fields and their rules."""
+"""Speed levers (train.reuse_dequant, train.dequant_once, train.fuse_lora_add, train.fuse_lora, train.compile): the
+recipe fields and their rules."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ class SpeedFields:
     """Add the LoRA update into the base output in place (one addmm) instead of as a separate tensor and add."""
     compile: str = "none"
     """torch.compile: none, lora (each adapter's update) or layers (each decoder layer)."""
+    dequant_once: bool = False
+    """Dequantise each NF4 weight the first time it is used and keep the 16-bit weight: every later micro-batch and
+    step (forward, recompute, backward) uses it, none dequantises again. Costs a 16-bit copy of every 4-bit linear
+    layer beside the NF4 one (15 GB for Llama-3.1-8B in bf16): for cards with room to spare."""
+    fuse_lora: bool = False
+    """Each adapted layer's base output, LoRA's two thin matmuls and their backward as one autograd node
+    (qlora/levers/speed/fused.py): the update added into the base output in place, the adapter's input gradient
+    added into the base's in place; nothing of tokens x out_features but the output exists."""
 
     def check_fields(self) -> None:
         if self.compile not in COMPILE_TARGETS:
@@ -31,6 +40,17 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("train.reuse_dequant keeps dequantised weights until the backward, which without "
                           "checkpointing is every layer's: set --train.gradient_checkpointing=true or "
                           "--train.reuse_dequant=false")
+    if t.dequant_once and t.reuse_dequant:
+        raise ConfigError("train.dequant_once keeps every dequantised weight, so train.reuse_dequant has nothing "
+                          "left to save: set --train.reuse_dequant=false")
+    if t.dequant_once and t.shard_base:
+        raise ConfigError("train.shard_base with train.dequant_once: not supported together (each process would "
+                          "keep whole dequantised layers it holds a shard of): turn one of them off")
+    if t.fuse_lora and t.fuse_lora_add:
+        raise ConfigError("train.fuse_lora adds the update in place already: set --train.fuse_lora_add=false")
+    if t.fuse_lora and t.compile == "lora":
+        raise ConfigError("train.fuse_lora with train.compile=lora: torch.compile cannot trace the fused node's "
+                          "custom backward: set --train.compile=none or --train.fuse_lora=false")
     if t.compile != "none" and t.shard_base:
         raise ConfigError("train.shard_base with train.compile: not supported together (compile is untested under "
                           "FSDP): turn one of them off")
@@ -53,4 +73,14 @@ COMPILE = Lever(
     effect=lambda cfg, method: f"compile={cfg.train.compile}: torch.compile of each "
     f"{'adapter' if cfg.train.compile == 'lora' else 'decoder layer'}")
 
-LEVERS = (REUSE_DEQUANT, FUSE_LORA_ADD, COMPILE)
+DEQUANT_ONCE = Lever(
+    name="train.dequant_once", kind="speed",
+    active=lambda cfg, method, device: cfg.train.dequant_once and method == "qlora",
+    effect=lambda cfg, method: "dequant_once: each NF4 weight dequantised once, its 16-bit copy kept")
+
+FUSE_LORA = Lever(
+    name="train.fuse_lora", kind="speed",
+    active=lambda cfg, method, device: cfg.train.fuse_lora and method != "full",
+    effect=lambda cfg, method: "fuse_lora: base output and LoRA update as one node, forward and backward")
+
+LEVERS = (REUSE_DEQUANT, FUSE_LORA_ADD, COMPILE, DEQUANT_ONCE, FUSE_LORA)

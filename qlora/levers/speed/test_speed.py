@@ -54,3 +54,56 @@ def test_compile_keeps_loss_and_grads(tiny_config: Config, batch: dict, what: st
     # minutes on two CPU cores; the trainer's switch uses inductor.
     assert compile_model(model, what, backend="aot_eager") > 0
     assert_same(loss_and_grads(model, batch), plain)
+
+
+# The fused paths (fused.py) reorder sums (the adapter's input gradient added into the base's by one addmm), so they
+# equal the plain path to fp32 rounding, not bitwise.
+FUSED_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "dropout"), [("qlora", "0.1"), ("qlora", "0"), ("lora", "0.1")])
+def test_fuse_lora_keeps_loss_and_grads(tiny_config: Config, batch: dict, method: str, dropout: str) -> None:
+    overrides = (f"--quant.method={method}", f"--lora.dropout={dropout}")
+    plain = loss_and_grads(build(tiny_config, *overrides), batch)
+    model = build(tiny_config, *overrides, "--train.fuse_lora=true")
+    with CountOps() as ops:
+        fused = loss_and_grads(model, batch)
+    assert_same(fused, plain, **FUSED_TOL)
+    adapters = 14  # 7 projections x 2 layers
+    # The update added in place in the forward and its recompute; with no dropout the input gradients too.
+    assert ops.calls.get("aten.addmm_.default", 0) == 2 * adapters + (adapters if dropout == "0" else 0)
+
+
+def test_dequant_once_dequantises_each_weight_once_for_the_run(tiny_config: Config, batch: dict) -> None:
+    import bitsandbytes as bnb
+
+    plain_model = build(tiny_config)
+    n_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in plain_model.modules())
+    plain = loss_and_grads(plain_model, batch)
+    model = build(tiny_config, "--train.dequant_once=true")
+    with CountOps() as ops:
+        first, second = loss_and_grads(model, batch), loss_and_grads(model, batch)  # two micro-batches (or steps)
+    assert_same(first, plain)
+    assert_same(second, plain)
+    dequantised = ops.calls.get("bitsandbytes.dequantize_4bit.default", 0) + ops.calls.get(
+        "bitsandbytes.gemm_4bit.default", 0)
+    assert dequantised == n_4bit  # plain: 3 x n_4bit per micro-batch (forward, recompute, backward)
+    # With fuse_lora as well, the fused node reads the same kept weights.
+    both = build(tiny_config, "--train.dequant_once=true", "--train.fuse_lora=true")
+    with CountOps() as ops:
+        assert_same(loss_and_grads(both, batch), plain, **FUSED_TOL)
+    assert ops.calls.get("bitsandbytes.dequantize_4bit.default", 0) == n_4bit
+
+
+def test_dequant_once_is_counted_by_the_estimate(tiny_config: Config) -> None:
+    from qlora.levers.speed.memory import kept_dequantised_bytes
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+
+    arch = load_arch(tiny_config)
+    plain = estimate(tiny_config, arch, "qlora", "cpu")
+    once = estimate(apply_overrides(tiny_config, ["--train.dequant_once=true"]), arch, "qlora", "cpu")
+    extra = once.components["unquantized_weights"] - plain.components["unquantized_weights"]
+    assert extra == kept_dequantised_bytes(arch.linear_shapes, arch.layers, 4) > 0
+    with pytest.raises(ConfigError, match="reuse_dequant"):
+        apply_overrides(tiny_config, ["--train.reuse_dequant=true"])

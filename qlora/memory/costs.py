@@ -1,0 +1,80 @@
+"""What each lever costs in step time: the one table train.plan=fastest orders the levers by (qlora/memory/plan.py).
+
+A figure is the time a lever adds to a step, as a share of the plain step (no checkpointing, no lever): +0.30 makes a
+step 30% longer than the plain one; a negative figure saves time. Figures add up. Each comes from
+`python benchmarks/lever_costs.py` (the step of `benchmarks/throughput.py`'s `ours`, one configuration per process,
+the median of 7 steps), and the `source` of each row says which measurement. What the kinds of cost are:
+
+    recompute      the step runs part of the forward again: gradient_checkpointing (the whole forward, in the
+                   backward), checkpoint_every (k-1 of each k layers once more: (k-1)/k of its figure, which is that
+                   of replaying every layer), tile_size / tile_projections (the MLP / q,k,v,o once more, for rows
+                   longer than a tile), loss_chunk_size (the head, for rows longer than a chunk)
+    host traffic   bytes cross PCIe each step: layer inputs (offload_activations; scaled by the share of them the
+                   plan pins on the host), the adapters' gradients and weights and a CPU update (optimizer_on_cpu),
+                   each step's embedding rows (embeddings_on_cpu)
+    kernels        the same arithmetic in other kernels: speed levers, negative where they save time
+
+PROVENANCE, read before trusting an order. The CPU column is measured (below); the CUDA column is NOT yet: no GPU
+has run benchmarks/lever_costs.py. Until the GPU battery's `lever-costs-8b` item does, the CUDA column holds
+  - for recompute, the CPU figure: replaying a forward costs its share of FLOPs on any device, though on the CPU
+    dequantisation weighs more in it;
+  - for host traffic, an assumption (marked ASSUMED), ordered by the bytes each moves per step for Llama-3.1-8B at
+    2048 tokens: embedding rows 16 MiB, layer inputs 2 x 512 MiB overlapped with compute on a side stream, the
+    adapters' fp32 gradients and weights 2 x 160 MiB plus a CPU AdamW over 42M parameters, not overlapped;
+  - for speed levers, None: the plan leaves a lever it has no figure for as the recipe sets it, so no speed lever is
+    chosen on CUDA before a GPU measured that it pays.
+Replace the CUDA column from the battery's report (benchmarks/results/lever-costs-cuda-8b.md) and say so in `source`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The CPU measurement behind the cpu column: benchmarks/results/lever-costs-cpu-small.md (figures rounded to 0.01).
+CPU_RUN = ("CPU (2-core AMD EPYC, 1 thread, load average ~9 from other work: timed round-robin), 2026-12-04, "
+           "python benchmarks/lever_costs.py: 4-layer Llama, hidden 256, vocabulary 8192, 1 x 512 tokens")
+
+
+@dataclass(frozen=True)
+class LeverCost:
+    lever: str
+    """The field, as a recipe spells it."""
+    kind: str
+    """recompute, host traffic or kernels (the module docstring)."""
+    setting: object
+    """The value the plan switches it on with when the recipe leaves it at its default (else the recipe's value)."""
+    cpu: float | None
+    """Added step time / the plain step on a CPU device; None where the lever changes nothing on a CPU."""
+    cuda: float | None
+    """The same on CUDA; None where not measured: the plan then leaves the lever as the recipe sets it."""
+    source: str
+
+    def figure(self, device: str) -> float | None:
+        return self.cpu if device == "cpu" else self.cuda
+
+
+MEASURED = f"measured: {CPU_RUN}"
+STAND_IN = "CUDA: the CPU figure stands in until the GPU battery measures it"
+ASSUMED = "CUDA: ASSUMED, not measured (no effect on a CPU device); the GPU battery's lever-costs-8b measures it"
+NO_GPU = "CUDA: not measured yet (the GPU battery's lever-costs-8b): left as the recipe sets it"
+
+TABLE: tuple[LeverCost, ...] = (
+    LeverCost("train.gradient_checkpointing", "recompute", True, 0.36, 0.36, f"{MEASURED}; {STAND_IN}"),
+    LeverCost("train.checkpoint_every", "recompute", None, 0.41, 0.41,
+              f"{MEASURED} (checkpoint_every=4 of 4 layers, +0.31, scaled by 4/3 to a whole forward); {STAND_IN}"),
+    LeverCost("train.tile_size", "recompute", 4096, 0.64, 0.64,
+              f"{MEASURED} (tiles of 128 of 512 tokens: small tiles cost a CPU more than a card); {STAND_IN}"),
+    LeverCost("train.tile_projections", "recompute", True, 0.34, 0.34, f"{MEASURED}; {STAND_IN}"),
+    LeverCost("train.loss_chunk_size", "recompute", 1024, 0.08, 0.08,
+              f"{MEASURED} (chunks of 128 of 512 tokens); {STAND_IN}"),
+    LeverCost("model.embeddings_on_cpu", "host traffic", True, None, 0.01, ASSUMED),
+    LeverCost("train.offload_activations", "host traffic", True, None, 0.05, ASSUMED),
+    LeverCost("train.optimizer_on_cpu", "host traffic", True, None, 0.10, ASSUMED),
+    LeverCost("train.fuse_lora_add", "kernels", True, 0.01, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.fuse_lora", "kernels", True, -0.18, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.reuse_dequant", "kernels", True, 0.01, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.dequant_once", "kernels", True, -0.05, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.liger_kernels", "kernels", True, None, None, f"CUDA only (Triton); {NO_GPU}"),
+    LeverCost("train.liger_ce", "kernels", True, None, None, f"CUDA only (Triton); {NO_GPU}"),
+)
+COSTS = {row.lever: row for row in TABLE}

@@ -1,0 +1,267 @@
+"""train.plan=fastest: the levers for the card and host the trainer finds, chosen before the base is loaded.
+
+The rule: of every combination of the levers in the cost table (qlora/memory/costs.py), each off or on, take the one
+whose added step time (the sum of its levers' figures) is least among those whose estimate fits: the step with the
+allocator's margin within the card (on a CPU device, within the host's available memory) and what it keeps in host
+memory within the host's. With checkpointing on, where the layer inputs wait is searched as `python -m qlora.memory
+--max-context` searches it (context.py): as many offloaded as the host holds, and only every k-th kept (k-1 of k
+layers replayed) when the card needs it, each at its cost. Ties go to fewer levers on. So on a card with room to spare
+every memory lever is off, checkpointing too, and the speed levers that save time on this device are on; on a small
+card the cheapest savings come first.
+
+What the plan may choose, and what it leaves alone:
+- a lever "on" is the recipe's setting (loss_chunk_size=256, say), or the table's where the recipe leaves the lever
+  at its default; a lever "off" is its default (gradient_checkpointing: false). So a recipe lists the memory levers
+  its smallest card needs (the memory tools read them as they stand) and the trainer drops those this card does not;
+- a lever in train.plan_keep stays as set (qlora.train adds every lever set on its command line), and so does one
+  the table has no figure for on this device (no speed lever is chosen on CUDA before a GPU measured it);
+- levers that change the numbers (quant.quantize_lm_head, the 8-bit optimizer) are the recipe's: not in the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qlora.config import Config
+from qlora.errors import ConfigError
+from qlora.levers.tiling.settings import tiled
+from qlora.memory.arch import Arch, load_arch
+from qlora.memory.context import planned, plans
+from qlora.memory.costs import COSTS, TABLE, LeverCost
+from qlora.memory.estimate import HOST_RUNTIME, Estimate, estimate
+from qlora.memory.preflight import fits, room
+from qlora.memory.profiler import available_bytes
+
+GIB = 2**30
+EVERY = COSTS["train.checkpoint_every"]
+OFFLOAD = COSTS["train.offload_activations"]
+
+
+@dataclass
+class Plan:
+    """The levers chosen, what they cost and what the step then needs."""
+
+    settings: dict[str, object]
+    """Every lever the plan chose, at the value chosen (the checkpoint plan's fields included)."""
+    cost: float
+    """Added step time over the plain step, by the cost table."""
+    estimate: Estimate
+    considered: list[LeverCost] = field(default_factory=list)
+    """The levers it chose among."""
+    left: dict[str, str] = field(default_factory=dict)
+    """The levers it left as set, and why."""
+
+    def overrides(self, cfg: Config) -> list[str]:
+        """The overrides that turn `cfg` into this plan (those settings that differ from it)."""
+        out = []
+        for key, value in self.settings.items():
+            if get(cfg, key) != value:
+                shown = str(value).lower() if isinstance(value, bool) else f"{value:.2f}" if isinstance(
+                    value, float) else value
+                out.append(f"--{key}={shown}")
+        return out
+
+
+def get(cfg: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def off(key: str) -> object:
+    """The value of a lever switched off: its default, but checkpointing is on by default."""
+    return False if key == "train.gradient_checkpointing" else default(key)
+
+
+def default(key: str) -> object:
+    """The value a lever has when a recipe leaves it alone."""
+    section, name = key.split(".")
+    f = next(f for f in dataclasses.fields(typing.get_type_hints(Config)[section]) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def with_settings(cfg: Config, settings: dict[str, object]) -> Config | None:
+    """`cfg` with `settings`, section by section (a shallow copy), or None where the levers' rules refuse it."""
+    out = copy.copy(cfg)
+    for section in {key.split(".")[0] for key in settings}:
+        setattr(out, section, copy.copy(getattr(cfg, section)))
+    for key, value in settings.items():
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, value)
+    try:
+        for section in {key.split(".")[0] for key in settings}:
+            getattr(out, section).__post_init__()
+        out.__post_init__()
+    except ConfigError:
+        return None
+    return out
+
+
+def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], dict[str, str]]:
+    """The levers the plan chooses among, each with its "on" value; and those it leaves as set, with why."""
+    keep = set(cfg.train.plan_keep)
+    out, left = [], {}
+    for row in TABLE:
+        if row.lever == EVERY.lever:
+            continue  # searched with the checkpoint plan
+        figure = row.figure(device)
+        if device == "cpu" and row.cpu is None:
+            continue  # a CUDA-only lever: it does nothing on a CPU device, whatever it is set to
+        if row.lever in keep:
+            left[row.lever] = "train.plan_keep"
+        elif figure is None:
+            if get(cfg, row.lever) != default(row.lever):  # a lever at its default is simply off: nothing to say
+                left[row.lever] = f"no {device} figure in the cost table yet"
+        elif row.kind == "kernels" and figure >= 0 and get(cfg, row.lever) == default(row.lever):
+            continue  # costs time and saves no memory: never chosen
+        else:
+            recipe = get(cfg, row.lever)
+            out.append((row, recipe if recipe != off(row.lever) else row.setting))
+    return out, left
+
+
+def step_cost(cfg: Config, arch: Arch, device: str, on: list[tuple[LeverCost, object]]) -> float:
+    """The levers' figures, each counted only where it acts at this row length."""
+    tokens = cfg.train.batch_size * cfg.data.max_seq_len
+    total = 0.0
+    for row, value in on:
+        if row.lever in ("train.tile_size", "train.tile_projections") and not tiled(cfg, cfg.quant.method, tokens):
+            continue  # rows no longer than a tile run untiled
+        if row.lever == "train.loss_chunk_size" and value >= tokens:
+            continue
+        if row.lever == OFFLOAD.lever:
+            continue  # by the share it offloads: checkpoint_plans
+        total += row.figure(device)
+    return total
+
+
+def checkpoint_plans(cfg: Config, arch: Arch, device: str, host_bytes: int | None, gpus: int
+                     ) -> Iterator[tuple[Config, Estimate, float]]:
+    """Where the layer inputs wait, fewest replayed layers first: (config, estimate, its added cost)."""
+    tokens = cfg.data.max_seq_len
+    if device == "cuda" and gpus == 1 and EVERY.lever not in cfg.train.plan_keep:
+        candidates = ((p, e) for p, e in plans(cfg, arch, tokens, None if host_bytes is None
+                                               else host_bytes + HOST_RUNTIME))
+    else:  # a CPU device offloads nothing; several processes keep the recipe's placement
+        kept = gpus > 1 or EVERY.lever in cfg.train.plan_keep
+        everies = [cfg.train.checkpoint_every] if kept else range(1, arch.layers + 1)
+        candidates = ((p, estimate(p, arch, cfg.quant.method, device, gpus))
+                      for p in (planned(cfg, tokens, k, None) for k in everies))
+    for plan, est in candidates:
+        cp = est.checkpoints
+        if cp is None:
+            yield plan, est, 0.0
+            continue
+        cost = EVERY.figure(device) * (cp.every - 1) / cp.every
+        if plan.train.offload_activations and device == "cuda" and cp.kept:
+            cost += OFFLOAD.figure(device) * cp.host / cp.kept
+        yield plan, est, cost
+
+
+def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gpus: int = 1) -> Plan | None:
+    """The fastest plan whose estimate fits `card_bytes` (and the host's `host_bytes`, None: unbounded); None if none
+    does. `device`: "cuda" or "cpu", whose column of the cost table counts."""
+    arch = load_arch(cfg)
+    options, left = choices(cfg, device)
+    # Where even every memory lever on and the fewest layer inputs kept do not fit, nothing does: said at once.
+    frugal = with_settings(cfg, {row.lever: value for row, value in options if row.kind != "kernels"})
+    if frugal is not None and frugal.train.gradient_checkpointing:
+        least = min((e for _, e, _ in checkpoint_plans(frugal, arch, device, host_bytes, gpus)),
+                    key=lambda e: e.card_bytes, default=None)
+        if least is not None and least.card_bytes > card_bytes:
+            return None
+    combos = []
+    for switches in itertools.product((False, True), repeat=len(options)):
+        on = [option for option, s in zip(options, switches, strict=True) if s]
+        settings = {row.lever: value if s else off(row.lever)
+                    for (row, value), s in zip(options, switches, strict=True)}
+        if settings.get(OFFLOAD.lever) is False:
+            settings["train.offload_budget_gib"] = 0.0  # a budget limits offloading: none without it
+        combos.append((settings, on))
+    scored = []
+    for settings, on in combos:
+        candidate = with_settings(cfg, settings)
+        if candidate is not None:
+            scored.append((step_cost(candidate, arch, device, on), len(on), settings, candidate))
+    scored.sort(key=lambda x: (round(x[0], 9), x[1]))
+    best: Plan | None = None
+    for cost, _, settings, candidate in scored:
+        if best is not None and cost >= best.cost:
+            break  # every later combination costs at least this much before its checkpoint plan
+        if candidate.train.gradient_checkpointing:
+            found = ((p, e, c) for p, e, c in checkpoint_plans(candidate, arch, device, host_bytes, gpus)
+                     if fits(e, card_bytes, host_bytes))
+        else:
+            est = estimate(candidate, arch, candidate.quant.method, device, gpus)
+            found = iter([(candidate, est, 0.0)] if fits(est, card_bytes, host_bytes) else [])
+        hit = next(found, None)
+        if hit is not None and (best is None or cost + hit[2] < best.cost):
+            plan, est, extra = hit
+            cp = est.checkpoints
+            # A budget only where the host cannot take every kept input (as `--max-context` says it).
+            budget = plan.train.offload_budget_gib if cp is not None and cp.offload and cp.on_device else \
+                (candidate.train.offload_budget_gib if candidate.train.offload_activations else 0.0)
+            chosen = {**settings, "train.checkpoint_every": plan.train.checkpoint_every,
+                      "train.offload_budget_gib": budget}
+            best = Plan(chosen, cost + extra, est, [row for row, _ in options], left)
+    return best
+
+
+def explain(cfg: Config, plan: Plan, device: str, where: str) -> list[str]:
+    """What start-up prints: what was chosen and why, lever by lever."""
+    est = plan.estimate
+    lines = [f"train.plan=fastest ({where}): the step estimated at {est.card_bytes / GIB:.2f} GiB"
+             + (" with the allocator's margin" if est.margin else "")
+             + (f", {est.host_bytes / GIB:.2f} GiB in host memory" if est.host else "")
+             + f"; {100 * plan.cost:+.0f}% of a plain step by the cost table (qlora/memory/costs.py)"]
+    for row in plan.considered:
+        value, figure = plan.settings[row.lever], row.figure(device)
+        if value != off(row.lever):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            lines.append(f"  on:  {row.lever}={shown} ({row.kind}, {100 * figure:+.0f}%)")
+        else:
+            why = "saves no time here" if row.kind == "kernels" else "not needed here"
+            lines.append(f"  off: {row.lever} ({row.kind}, {100 * figure:+.0f}%): {why}")
+    cp = est.checkpoints
+    if cp is not None and (cp.every > 1 or cp.host):
+        lines.append(f"  checkpoints: {cp.describe()}")
+    lines += [f"  as set: {lever}={get(cfg, lever)} ({why})" for lever, why in plan.left.items()]
+    return lines
+
+
+def keep_overridden(cfg: Config, overrides: list[str]) -> None:
+    """A lever set on the command line stays as set: add it to train.plan_keep."""
+    keys = [item[2:].split("=", 1)[0] for item in overrides]
+    cfg.train.plan_keep += [key for key in keys if key in COSTS and key not in cfg.train.plan_keep]
+
+
+def use_plan(cfg: Config, device: torch.device, gpus: int = 1) -> Plan | None:
+    """Choose the plan for `device` and the host, set its levers on `cfg` (train.plan_chose records the overrides)
+    and print what was chosen and why; with several processes the host is not counted, so that every process
+    chooses alike (each checks its own host before loading)."""
+    card, where = room(device)
+    if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
+        card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
+    host = available_bytes() if device.type == "cuda" and gpus == 1 else None
+    try:
+        plan = choose(cfg, device.type, card, host, gpus)
+    except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
+        print(f"train.plan=fastest: no estimate for this model ({err}): the recipe's levers as set")
+        return None
+    if plan is None:
+        print(f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set")
+        return None
+    lines = explain(cfg, plan, device.type, where + (f", {host / GIB:.2f} GiB of host memory available"
+                                                     if host is not None else ""))
+    cfg.train.plan_chose = plan.overrides(cfg)
+    for key, value in plan.settings.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    print("\n".join(lines))
+    return plan
