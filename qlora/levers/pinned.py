@@ -17,13 +17,21 @@ import torch
 def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """`nbytes` of CPU memory as a flat uint8 tensor, page-locked for the GPU when `pin` (CUDA); plain otherwise."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    if pin and nbytes:
+    if pin:
+        pin_in_place(buffer)
+    return buffer
+
+
+def pin_in_place(buffer: torch.Tensor) -> None:
+    """Page-lock `buffer` (a flat CPU tensor with a storage of its own) for the GPU as it is, until it goes. Filled
+    before it is pinned, its pages come into memory one copy at a time: pinning first would fault them all in at
+    once, beside whatever is being copied into it."""
+    if buffer.numel():
         from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
 
-        pin_memory(buffer.data_ptr(), nbytes)
+        pin_memory(buffer.data_ptr(), buffer.numel() * buffer.element_size())
         # Unregister when the tensor goes, before its memory returns to the allocator.
         weakref.finalize(buffer, unpin_memory, buffer.data_ptr())
-    return buffer
 
 
 def typed_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
