@@ -17,6 +17,7 @@ its folder, its records in `LEVERS` and its fields in `FIELDS` below, and its ho
     lm_head          quant.quantize_lm_head: the output head in NF4
     cpu_embeddings   model.embeddings_on_cpu: the input embedding table in host memory
     speed            train.reuse_dequant, fuse_lora_add, compile: fewer dequantisations, a fused add, torch.compile
+    stream_base      train.stream_base: the 4-bit decoder layers in pinned host memory, two at a time on the device
 """
 
 from __future__ import annotations
@@ -34,16 +35,19 @@ from qlora.levers.loss.settings import LEVERS as LOSS
 from qlora.levers.loss.settings import LossFields
 from qlora.levers.speed.settings import LEVERS as SPEED
 from qlora.levers.speed.settings import SpeedFields
+from qlora.levers.stream_base.settings import LEVERS as STREAM_BASE
+from qlora.levers.stream_base.settings import StreamFields
 from qlora.levers.tiling.settings import LEVERS as TILING
 from qlora.levers.tiling.settings import TilingFields
 
-LEVERS: tuple[Lever, ...] = (*CHECKPOINTS, *TILING, *LOSS, *HOST_OPTIMIZER, *LM_HEAD, *CPU_EMBEDDINGS, *SPEED)
+LEVERS: tuple[Lever, ...] = (*CHECKPOINTS, *TILING, *LOSS, *HOST_OPTIMIZER, *LM_HEAD, *CPU_EMBEDDINGS, *SPEED,
+                             *STREAM_BASE)
 
 # The fields each section of Config inherits from the levers, in the order --help lists them.
 FIELDS: dict[str, tuple[type, ...]] = {
     "model": (CPUEmbeddingFields,),
     "quant": (LMHeadFields,),
-    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields),
+    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields, StreamFields),
 }
 
 
