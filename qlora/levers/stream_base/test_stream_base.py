@@ -1,10 +1,12 @@
 """The 4-bit base streamed from host memory (train.stream_base): the losses, gradients and adapter of the base held
-whole, and every byte as loaded after the round trip. A synthetic tiny Llama of five layers: more than the two slots,
+whole, every byte as loaded after the round trip, the estimate's terms as the streamer pins, holds and moves them,
+and the refusal of a host that cannot pin the base. A synthetic tiny Llama of five layers: more than the two slots,
 so every slot is refilled in the forward and again in the backward."""
 
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
 
 import pytest
@@ -12,15 +14,22 @@ import torch
 from support import assert_same, build, cuda_only, loss_and_grads
 from test_crash import assert_same_run
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
 from qlora.base.build import TINY_LLAMA
 from qlora.base.quantize import linear4bit
-from qlora.config import Config, apply_overrides
+from qlora.config import Config, apply_overrides, load_recipe
 from qlora.errors import ConfigError
 from qlora.levers.stream_base.stream import LayerStream, travelling
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+from qlora.memory.preflight import check_fits
+from qlora.report.memory import main as memory_main
 from qlora.train import main  # before fake_gpu: bitsandbytes picks its backend at import
 
+ROOT = Path(__file__).resolve().parents[3]
+GIB = 2**30
 LAYERS = 5
 
 
@@ -90,9 +99,84 @@ def test_nf4_bytes_survive_the_round_trip_bit_for_bit(tiny_config: Config, deep:
     assert layer.weight.device.type == device and torch.equal(as_bytes(layer.weight), patterns)
 
 
+class CopiedInto(TorchDispatchMode):
+    """Bytes copied into the given tensors' storages while active (autograd's engine carries the mode into the
+    backward, where the streamer's hooks copy too)."""
+
+    def __init__(self, targets: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.ptrs = {t.untyped_storage().data_ptr() for t in targets}
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        if func is torch.ops.aten.copy_.default and args[0].untyped_storage().data_ptr() in self.ptrs:
+            self.bytes += args[0].numel() * args[0].element_size()
+        return func(*args, **(kwargs or {}))
+
+
+def test_estimate_counts_what_the_streamer_pins_holds_and_moves(tiny_config: Config, batch: dict,
+                                                                 deep: list[str]) -> None:
+    """The estimator's terms against the streamer measured on CPU: the host buffer's bytes (pinned on CUDA), the
+    device's two slots, the code tables left beside them, and the bytes copied into the slots in a step once
+    training runs."""
+    cfg = apply_overrides(tiny_config, [*deep, "--train.device=cpu", "--train.stream_base=true"])
+    arch = load_arch(cfg)
+    on_cpu, on_cuda = estimate(cfg, arch, "qlora", "cpu"), estimate(cfg, arch, "qlora", "cuda")
+    model = build(tiny_config, *deep, "--train.stream_base=true")
+    stream, layers = model.layer_stream, model.get_decoder().layers
+    assert on_cuda.host["streamed_base"] == on_cpu.streamed.host_bytes == stream.buffer.numel()
+    # Every travelling tensor of every layer is a view of one of the two slots: the device's share of the base.
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for layer in layers for owner, name in travelling(layer) for t in [getattr(owner, name)]}
+    assert len(held) == 2
+    assert sum(held.values()) == on_cpu.components["gathered_weights"] == on_cuda.components["gathered_weights"]
+    # What stays of the 4-bit weights besides: their code tables and offsets, the CUDA estimate's quantized_weights.
+    states = [owner for layer in layers for owner, name in travelling(layer) if name == "data"]
+    tables = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for w in states
+              for t in (w.quant_state.code, w.quant_state.offset, w.quant_state.state2.code)}
+    assert sum(tables.values()) == on_cuda.components["quantized_weights"]
+    # On a CPU device the base is the process's memory wherever it waits, and the slots come on top of it.
+    plain = estimate(apply_overrides(cfg, ["--train.stream_base=false"]), arch, "qlora", "cpu")
+    assert on_cpu.peak_bytes - plain.peak_bytes == on_cpu.components["gathered_weights"]
+    loss_and_grads(model, batch)  # the first step starts with empty slots
+    before = stream.moved_bytes
+    with CopiedInto(stream.slots) as copied:
+        loss_and_grads(model, batch)
+    assert copied.bytes == stream.moved_bytes - before == on_cuda.streamed.moved_bytes
+    assert on_cuda.streamed.moved_bytes == 2 * (LAYERS - 2) * on_cuda.streamed.layer_bytes
+
+
 def test_stream_base_refuses_what_it_cannot_stream(tiny_config: Config) -> None:
     for flags, says in ((["--quant.method=lora"], "quant.method=lora loads a 16-bit one"),
                         (["--train.checkpoint_every=2"], "set --train.checkpoint_every=1"),
                         (["--train.shard_base=true"], "turn one of them off")):
         with pytest.raises(ConfigError, match=says):
             apply_overrides(copy.deepcopy(tiny_config), ["--train.stream_base=true", *flags])
+
+
+def test_a_host_that_cannot_pin_the_streamed_base_is_refused_in_one_line(
+        fake_gpu: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """recipes/llama70b_24gb.py on a 24 GiB card (fake_gpu: nothing may touch CUDA) with 32 GiB of host memory
+    available: exit 2 and one line before anything loads; with 48 GiB the check lets it through."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=24 * GIB, name="a 24 GiB card"))
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: 32 * GIB)
+    out = tmp_path / "run"
+    assert main(["recipes/llama70b_24gb.py", f"--output.dir={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and not out.exists(), err
+    assert err[0].startswith("error: train.stream_base keeps the 4-bit base in pinned host memory: the plan keeps "
+                             "40.43 GiB there (32.89 GiB of it the base) and this host has 32.00 GiB available"), err
+    cfg = load_recipe(ROOT / "recipes" / "llama70b_24gb.py")
+    assert check_fits(cfg, torch.device("cuda"), device_bytes=24 * GIB, host_bytes=48 * GIB) is not None
+
+
+def test_max_context_plans_the_streamed_70b_on_a_24_gib_card(capsys: pytest.CaptureFixture) -> None:
+    """python -m qlora.memory recipes/llama70b_24gb.py --max-context --gpu-gib 24: a plan that keeps every layer
+    input (no checkpoint_every, which the streamer refuses), its base streamed, within the card."""
+    assert memory_main(["recipes/llama70b_24gb.py", "--max-context", "--gpu-gib", "24"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if "24 GiB card:" in line)
+    tokens = int(row.split("card:")[1].split("tokens")[0].replace(",", ""))
+    assert tokens >= 2048 and "train.checkpoint_every" not in "\n".join(lines)
+    assert any(line.strip().startswith("base streamed: 80 layers of 420.9 MiB in pinned host memory") for line in lines)
