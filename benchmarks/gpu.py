@@ -20,6 +20,12 @@ stops itself in time); each part first installs the wheels missing here from --w
      longest context of each recipe on emulated cards, context-70b-45, context-70b-79.6, context-8b-24,
      context-8b-45, context-8b-79.6 (--budget-gib: nvidia-smi's totals for an L40S, an H100 80GB, an RTX 4090; the
      70B's weights alone exceed 24 GiB). Their reports go to memory_reports/ (in reports.tar.gz).
+  6  issue 25, the 4-bit base streamed from host memory (train.stream_base), each item alone under nine minutes:
+     stream-tests (its CUDA tests: the loss and gradients of the base held whole, the bytes after the round trip);
+     stream-70b (recipes/llama70b_24gb.py, a step at 2,048 tokens judged against 12 GiB, the smallest-card target:
+     its peak answers the 24 GiB one too); stream-8b (recipes/llama8b_6gb.py against 6 GiB); context-70b-24gb-24
+     (its longest context within 24 GiB, truncated-depth probes); throughput-70b-stream (recipes/llama70b.py at
+     4,096 tokens, the base streamed against resident in one command: the step-time ratio, target <= 1.3).
 
 OUT receives four files, each rewritten after every item, so a command cut short leaves everything finished:
 summary.md (device, date, command, versions, then each item's outcome and reports), results.jsonl (one line per
@@ -106,12 +112,13 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
                                               "--probe-timeout=300"], cap,
                     [f"benchmarks/results/memory-levers-*-{size}.md"], True)
 
-    def card(size: str, budget: float) -> Item:  # the longest context on an emulated card, truncated probes
+    def card(size: str, budget: float, part: int = 5) -> Item:  # the longest context on an emulated card
         name = f"{budget:g}gib".replace(".", "_")  # as memory_levers.py names the report
-        return Item(5, f"context-{size}-{budget:g}", [*issue22, f"--size={size}", "--max-context", "--depth=auto",
+        recipe = f"llama{size}".replace("-", "_")  # 70b-24gb: recipes/llama70b_24gb.py
+        return Item(part, f"context-{size}-{budget:g}", [*issue22, f"--size={size}", "--max-context", "--depth=auto",
                                                       f"--budget-gib={budget}", "--probe-timeout=300",
                                                       "--max-seq=1048576"], 540,
-                    [f"memory_reports/llama{size}-context-cuda-{name}.md"], True)
+                    [f"memory_reports/{recipe}-context-cuda-{name}.md"], True)
 
     def table(part: int, size: str, cap: float) -> Item:
         return Item(part, f"levers-{size}", [*levers, f"--size={size}", "--probe-timeout=150"], cap,
@@ -147,6 +154,16 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
                             "--depth=auto", "--budget-gib=79.6", "--probe-timeout=240"], 540,
              ["memory_reports/llama8b-rows-*.md"], True),
         card("70b", 45.0), card("70b", 79.6), card("8b", 24.0), card("8b", 45.0), card("8b", 79.6),
+        # Issue 25. stream-70b's peak at 2,048 tokens is the card it needs: judged against the smallest-card target.
+        Item(6, "stream-tests", [*pytest, "-k", "cuda", "qlora/levers/stream_base/test_stream_base.py"], 150),
+        Item(6, "stream-70b", [*levers, "--size=70b-24gb", "--levers=recipe", "--budget-gib=12",
+                               "--probe-timeout=420"], 480, ["benchmarks/results/memory-levers-*-70b-24gb.md"], True),
+        Item(6, "stream-8b", [*levers, "--size=8b-6gb", "--levers=recipe", "--budget-gib=6", "--probe-timeout=240"],
+             300, ["benchmarks/results/memory-levers-*-8b-6gb.md"], True),
+        card("70b-24gb", 24.0, part=6),
+        Item(6, "throughput-70b-stream", [*speed, "--size=70b", "--seq=4096", "--stacks=ours,ours-streamed",
+                                          "--steps=3", "--warmup=1", "--probe-timeout=250"], 540,
+             ["benchmarks/results/throughput-*-70b.md"], True),
     ]
 
 
@@ -322,7 +339,7 @@ def replace(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="where the four result files go (e.g. $OUT)")
-    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, a list such as 1,2, or all")
+    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, 6, a list such as 1,2, or all")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the CPU plumbing run")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole command")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install where missing")
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.work = args.work or str(ROOT / "runs" / ("gpu-battery-tiny" if args.size == "tiny" else "gpu-battery"))
-    parts = {1, 2, 3, 4, 5} if args.part == "all" else {int(p) for p in args.part.split(",")}
+    parts = {1, 2, 3, 4, 5, 6} if args.part == "all" else {int(p) for p in args.part.split(",")}
     items = [i for i in plan(args.size, Path(args.work), args.python) if i.part in parts]
     if args.items:
         named: dict[str, Item] = {}
