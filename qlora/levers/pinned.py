@@ -9,9 +9,12 @@ and the host holds what the estimate counts.
 
 from __future__ import annotations
 
+import mmap
 import weakref
 
 import torch
+
+PAGE = mmap.PAGESIZE
 
 
 def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
@@ -20,6 +23,15 @@ def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     if pin:
         pin_in_place(buffer)
     return buffer
+
+
+def page_aligned(nbytes: int) -> torch.Tensor:
+    """`nbytes` of CPU memory as a flat uint8 tensor that starts on a page boundary, inside an allocation a page longer
+    at each end: the pages it covers hold nothing else. cudaHostRegister pins whole pages and refuses a page another
+    registration holds, which two small buffers side by side in malloc's heap would share."""
+    raw = torch.empty(nbytes + 2 * PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start:start + nbytes]
 
 
 def pin_in_place(buffer: torch.Tensor) -> None:

@@ -53,7 +53,7 @@ from torch import nn
 
 from qlora.errors import ConfigError
 from qlora.levers.lever import RunConfig
-from qlora.levers.pinned import pin_in_place, typed_views, views_size
+from qlora.levers.pinned import page_aligned, pin_in_place, typed_views, views_size
 from qlora.levers.stream_base.memory import SLOTS
 from qlora.levers.stream_base.settings import STREAM_BASE
 
@@ -97,9 +97,9 @@ class LayerStream:
         starts = [sum(self.sizes[:i]) for i in range(len(parts))]
         self.slots = [torch.empty(max(self.sizes), dtype=torch.uint8, device=device)
                       for _ in range(min(SLOTS, len(layers)))]
-        # One host buffer for every layer (one registration with the driver: small ones would share pages), pinned
-        # once filled: the loaded tensors are let go layer by layer, so the host holds the base and one layer more.
-        self.buffer = torch.empty(sum(self.sizes), dtype=torch.uint8)
+        # One host buffer for every layer, on pages of its own (one registration with the driver), pinned once
+        # filled: the loaded tensors are let go layer by layer, so the host holds the base and one layer more.
+        self.buffer = page_aligned(sum(self.sizes))
         self.host = [self.buffer[start:start + size] for start, size in zip(starts, self.sizes, strict=True)]
         for i, part in enumerate(parts):
             loaded = [getattr(owner, name) for owner, name in part]

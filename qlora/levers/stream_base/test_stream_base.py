@@ -47,12 +47,14 @@ def test_streamed_base_keeps_loss_and_grads(tiny_config: Config, batch: dict, de
                                             checkpointing: bool) -> None:
     """Two steps with a forward without gradients between them (an evaluation, which leaves other layers in the
     slots): the loss and gradients of the base held whole, with checkpointed layers (recomputed in the backward) and
-    without (their saved views of the weight read in the backward). Bitwise on CPU; on CUDA (side stream, events,
-    pinned memory) within bf16's tolerance, as its attention backward need not add in one order."""
+    without (their saved views of the weight read in the backward). Bitwise on CPU; within bf16's tolerance on CUDA
+    (side stream, events, pinned memory)."""
     flags = [*deep, f"--train.gradient_checkpointing={str(checkpointing).lower()}", f"--train.device={device}"]
     plain, streamed = build(tiny_config, *flags), build(tiny_config, *flags, "--train.stream_base=true")
     assert all(p.device.type == device for p in streamed.parameters())
-    exact = dict(rtol=0, atol=0) if device == "cpu" else {}
+    # CUDA: bf16, and an attention backward that need not add in one order; wrong weights miss by far more (a layer
+    # left out of its slot in the backward moved gradients by up to 2,400x on CPU).
+    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-2, atol=1e-3)
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     first = loss_and_grads(streamed, batch), loss_and_grads(plain, batch)
