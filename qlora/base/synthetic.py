@@ -75,8 +75,9 @@ def materialise(model: nn.Module, dtype: torch.dtype, device: torch.device, gene
 def load_synthetic(cfg: Config, device: torch.device, dtype: torch.dtype,
                    place: torch.device | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
     """The architecture of `cfg.model.config_json` with random weights on `device`: NF4 linear layers for qlora,
-    every weight in `dtype` otherwise. `place`: where the weights are kept instead (the NF4 layers still drawn and
-    quantised on `device`, one at a time). Returns the model, a byte-level tokenizer and the config's directory."""
+    every weight in `dtype` otherwise. `place`: where the weights are kept instead, drawn on `device` all the same
+    (the NF4 layers quantised there one at a time and moved at once), so they are the values a load onto `device`
+    draws. Returns the model, a byte-level tokenizer and the config's directory."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,7 +105,7 @@ def load_synthetic(cfg: Config, device: torch.device, dtype: torch.dtype,
         # (prepare_model_for_kbit_training) and to wrap Linear4bit in its bnb LoRA layer.
         model.is_loaded_in_4bit = model.is_quantized = True
         model.quantization_method = "bitsandbytes"
-    if place is not None and place != device:  # the rest is drawn where it is kept, from the same seed
-        generator = torch.Generator(device=place).manual_seed(cfg.train.seed)
-    materialise(model, dtype, place or device, generator, std)
+    materialise(model, dtype, device, generator, std)
+    if place is not None and place != device:  # drawn on `device` like the rest (the same values), kept on `place`
+        model.to(place)
     return model, byte_tokenizer(), str(path.parent)
