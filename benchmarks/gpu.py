@@ -27,6 +27,12 @@ stops itself in time); each part first installs the wheels missing here from --w
      the others come from speed-8b's log, and the report holds all five side by side), speed-70b (the standard stack,
      the 70B recipe as shipped and its fastest plan, with their kernel tables), lever-costs-8b (every lever's step
      time at 8B: the CUDA column of qlora/memory/costs.py)
+  7  issue 25, the 4-bit base streamed from host memory (train.stream_base), each item alone under nine minutes:
+     stream-tests (its CUDA tests: the loss and gradients of the base held whole, the bytes after the round trip);
+     stream-70b (recipes/llama70b_24gb.py, a step at 2,048 tokens judged against 12 GiB, the smallest-card target:
+     its peak answers the 24 GiB one too); stream-8b (recipes/llama8b_6gb.py against 6 GiB); context-70b-24gb-24
+     (its longest context within 24 GiB, truncated-depth probes); throughput-70b-stream (recipes/llama70b.py at
+     4,096 tokens, the base streamed against resident in one command: the step-time ratio, target <= 1.3).
 
 OUT receives four files (five with traces.tar: the profiler traces of part 6, as many as fit 15 MiB), each rewritten
 after every item, so a command cut short leaves everything finished:
@@ -123,12 +129,13 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
                                               "--probe-timeout=300"], cap,
                     [f"benchmarks/results/memory-levers-*-{size}.md"], True)
 
-    def card(size: str, budget: float) -> Item:  # the longest context on an emulated card, truncated probes
+    def card(size: str, budget: float, part: int = 5) -> Item:  # the longest context on an emulated card
         name = f"{budget:g}gib".replace(".", "_")  # as memory_levers.py names the report
-        return Item(5, f"context-{size}-{budget:g}", [*issue22, f"--size={size}", "--max-context", "--depth=auto",
+        recipe = f"llama{size}".replace("-", "_")  # 70b-24gb: recipes/llama70b_24gb.py
+        return Item(part, f"context-{size}-{budget:g}", [*issue22, f"--size={size}", "--max-context", "--depth=auto",
                                                       f"--budget-gib={budget}", "--probe-timeout=300",
                                                       "--max-seq=1048576"], 540,
-                    [f"memory_reports/llama{size}-context-cuda-{name}.md"], True)
+                    [f"memory_reports/{recipe}-context-cuda-{name}.md"], True)
 
     def table(part: int, size: str, cap: float) -> Item:
         return Item(part, f"levers-{size}", [*levers, f"--size={size}", "--probe-timeout=150"], cap,
@@ -174,6 +181,16 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
                               "--probe-timeout=240"], 540, ["benchmarks/results/throughput-*-70b.md"], True),
         Item(6, "lever-costs-8b", [python, "benchmarks/lever_costs.py", res, "--size=8b", "--probe-timeout=120"], 540,
              ["benchmarks/results/lever-costs-*-8b.md"], True),
+        # Issue 25. stream-70b's peak at 2,048 tokens is the card it needs: judged against the smallest-card target.
+        Item(7, "stream-tests", [*pytest, "-k", "cuda", "qlora/levers/stream_base/test_stream_base.py"], 150),
+        Item(7, "stream-70b", [*levers, "--size=70b-24gb", "--levers=recipe", "--budget-gib=12",
+                               "--probe-timeout=420"], 480, ["benchmarks/results/memory-levers-*-70b-24gb.md"], True),
+        Item(7, "stream-8b", [*levers, "--size=8b-6gb", "--levers=recipe", "--budget-gib=6", "--probe-timeout=240"],
+             300, ["benchmarks/results/memory-levers-*-8b-6gb.md"], True),
+        card("70b-24gb", 24.0, part=7),
+        Item(7, "throughput-70b-stream", [*speed, "--size=70b", "--seq=4096", "--stacks=ours,ours-streamed",
+                                          "--steps=3", "--warmup=1", "--probe-timeout=250"], 540,
+             ["benchmarks/results/throughput-*-70b.md"], True),
     ]
 
 
@@ -365,7 +382,7 @@ def replace(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="where the four result files go (e.g. $OUT)")
-    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, 6, a list such as 1,2, or all")
+    parser.add_argument("--part", default="1", help="1, 2, 3, 4, 5, 6, 7, a list such as 1,2, or all")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="tiny: the CPU plumbing run")
     parser.add_argument("--budget", type=float, default=540, help="seconds for the whole command")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheels to install where missing")
@@ -379,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     args.work = args.work or str(ROOT / "runs" / ("gpu-battery-tiny" if args.size == "tiny" else "gpu-battery"))
-    parts = {1, 2, 3, 4, 5, 6} if args.part == "all" else {int(p) for p in args.part.split(",")}
+    parts = {1, 2, 3, 4, 5, 6, 7} if args.part == "all" else {int(p) for p in args.part.split(",")}
     items = [i for i in plan(args.size, Path(args.work), args.python) if i.part in parts]
     if args.items:
         named: dict[str, Item] = {}

@@ -559,7 +559,9 @@ UNSLOTH = {("70b", 45.0): 12_106, ("70b", 79.6): 89_389, ("8b", 24.0): 78_475, (
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "8b", "70b"], default="tiny")
+    parser.add_argument("--size", choices=["tiny", "8b", "70b", "70b-24gb", "8b-6gb"], default="tiny",
+                        help="a recipe: tiny, llama8b, llama70b, and (issue 25, the base streamed) llama70b_24gb, "
+                        "llama8b_6gb")
     parser.add_argument("--seq", type=int, help="sequence length of the lever table (default 128 tiny, else 2048)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--chunk", type=int, help="loss_chunk_size to measure (default 32 tiny, 1024 otherwise)")

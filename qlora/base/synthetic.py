@@ -24,25 +24,28 @@ from qlora.errors import ConfigError
 
 
 def _nf4_linear(linear: nn.Linear, cfg: Config, dtype: torch.dtype, device: torch.device,
-               generator: torch.Generator, std: float) -> bnb.nn.Linear4bit:
-    """A `Linear4bit` with the shape of meta `linear`, its random weight drawn on `device` and quantised there."""
+               generator: torch.Generator, std: float, place: torch.device) -> bnb.nn.Linear4bit:
+    """A `Linear4bit` with the shape of meta `linear`, its random weight drawn on `device` and quantised there, then
+    kept on `place` (its quantisation state with it)."""
     weight = torch.empty(linear.out_features, linear.in_features, dtype=dtype, device=device)
     weight.normal_(0.0, std, generator=generator)
     bias = torch.zeros(linear.out_features, dtype=dtype, device=device) if linear.bias is not None else None
-    return linear4bit(weight, bias, cfg.quant, dtype)
+    layer = linear4bit(weight, bias, cfg.quant, dtype)
+    return layer if place == device else layer.to(place)
 
 
 def quantize_linears(model: nn.Module, cfg: Config, dtype: torch.dtype, device: torch.device,
-                     generator: torch.Generator, std: float) -> list[str]:
-    """Swap every meta `nn.Linear` but the output head and those in quant.keep_16bit for an NF4 layer; return the
-    names swapped (the kept ones are made real in the compute dtype by `materialise`)."""
+                     generator: torch.Generator, std: float, place: torch.device | None = None) -> list[str]:
+    """Swap every meta `nn.Linear` but the output head and those in quant.keep_16bit for an NF4 layer made on
+    `device` and kept on `place` (default: `device`); return the names swapped (the kept ones are made real in the
+    compute dtype by `materialise`)."""
     head = model.get_output_embeddings()
     swapped = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             full = f"{parent_name}.{name}" if parent_name else name
             if type(child) is nn.Linear and child is not head and full not in cfg.quant.keep_16bit:
-                setattr(parent, name, _nf4_linear(child, cfg, dtype, device, generator, std))
+                setattr(parent, name, _nf4_linear(child, cfg, dtype, device, generator, std, place or device))
                 swapped.append(full)
     return swapped
 
@@ -69,10 +72,12 @@ def materialise(model: nn.Module, dtype: torch.dtype, device: torch.device, gene
             module._buffers[name] = buf.to(device)  # rotary tables: computed on CPU at construction
 
 
-def load_synthetic(cfg: Config, device: torch.device,
-                   dtype: torch.dtype) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
+def load_synthetic(cfg: Config, device: torch.device, dtype: torch.dtype,
+                   place: torch.device | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
     """The architecture of `cfg.model.config_json` with random weights on `device`: NF4 linear layers for qlora,
-    every weight in `dtype` otherwise. Returns the model, a byte-level tokenizer and the config's directory."""
+    every weight in `dtype` otherwise. `place`: where the weights are kept instead, drawn on `device` all the same
+    (the NF4 layers quantised there one at a time and moved at once), so they are the values a load onto `device`
+    draws. Returns the model, a byte-level tokenizer and the config's directory."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,10 +102,12 @@ def load_synthetic(cfg: Config, device: torch.device,
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     std = getattr(config, "initializer_range", 0.02)
     if cfg.quant.method == "qlora":
-        quantize_linears(model, cfg, dtype, device, generator, std)
+        quantize_linears(model, cfg, dtype, device, generator, std, place)
         # What transformers' bitsandbytes loader marks a 4-bit model with: peft reads it to checkpoint the layers
         # (prepare_model_for_kbit_training) and to wrap Linear4bit in its bnb LoRA layer.
         model.is_loaded_in_4bit = model.is_quantized = True
         model.quantization_method = "bitsandbytes"
     materialise(model, dtype, device, generator, std)
+    if place is not None and place != device:  # drawn on `device` like the rest (the same values), kept on `place`
+        model.to(place)
     return model, byte_tokenizer(), str(path.parent)

@@ -19,6 +19,7 @@ its folder, its records in `LEVERS` and its fields in `FIELDS` below, and its ho
     speed            train.reuse_dequant, dequant_once, fuse_lora_add, fuse_lora, compile: fewer dequantisations, a
                      fused add or a fused adapted layer, torch.compile
     liger            train.liger_kernels: liger-kernel's RMSNorm, SwiGLU and RoPE (CUDA)
+    stream_base      train.stream_base: the 4-bit decoder layers in pinned host memory, two at a time on the device
 """
 
 from __future__ import annotations
@@ -38,17 +39,20 @@ from qlora.levers.loss.settings import LEVERS as LOSS
 from qlora.levers.loss.settings import LossFields
 from qlora.levers.speed.settings import LEVERS as SPEED
 from qlora.levers.speed.settings import SpeedFields
+from qlora.levers.stream_base.settings import LEVERS as STREAM_BASE
+from qlora.levers.stream_base.settings import StreamFields
 from qlora.levers.tiling.settings import LEVERS as TILING
 from qlora.levers.tiling.settings import TilingFields
 
 LEVERS: tuple[Lever, ...] = (*CHECKPOINTS, *TILING, *LOSS, *HOST_OPTIMIZER, *LM_HEAD, *CPU_EMBEDDINGS, *SPEED,
-                             *LIGER)
+                             *LIGER, *STREAM_BASE)
 
 # The fields each section of Config inherits from the levers, in the order --help lists them.
 FIELDS: dict[str, tuple[type, ...]] = {
     "model": (CPUEmbeddingFields,),
     "quant": (LMHeadFields,),
-    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields, LigerFields),
+    "train": (CheckpointFields, TilingFields, HostOptimizerFields, LossFields, SpeedFields, LigerFields,
+              StreamFields),
 }
 
 

@@ -9,21 +9,41 @@ and the host holds what the estimate counts.
 
 from __future__ import annotations
 
+import mmap
 import weakref
 
 import torch
+
+PAGE = mmap.PAGESIZE
 
 
 def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     """`nbytes` of CPU memory as a flat uint8 tensor, page-locked for the GPU when `pin` (CUDA); plain otherwise."""
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    if pin and nbytes:
+    if pin:
+        pin_in_place(buffer)
+    return buffer
+
+
+def page_aligned(nbytes: int) -> torch.Tensor:
+    """`nbytes` of CPU memory as a flat uint8 tensor that starts on a page boundary, inside an allocation a page longer
+    at each end: the pages it covers hold nothing else. cudaHostRegister pins whole pages and refuses a page another
+    registration holds, which two small buffers side by side in malloc's heap would share."""
+    raw = torch.empty(nbytes + 2 * PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start:start + nbytes]
+
+
+def pin_in_place(buffer: torch.Tensor) -> None:
+    """Page-lock `buffer` (a flat CPU tensor with a storage of its own) for the GPU as it is, until it goes. Filled
+    before it is pinned, its pages come into memory one copy at a time: pinning first would fault them all in at
+    once, beside whatever is being copied into it."""
+    if buffer.numel():
         from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
 
-        pin_memory(buffer.data_ptr(), nbytes)
+        pin_memory(buffer.data_ptr(), buffer.numel() * buffer.element_size())
         # Unregister when the tensor goes, before its memory returns to the allocator.
         weakref.finalize(buffer, unpin_memory, buffer.data_ptr())
-    return buffer
 
 
 def typed_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

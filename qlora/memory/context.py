@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from qlora.config import Config
 from qlora.levers.checkpoints.memory import PINNED_HEADROOM
+from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
 
@@ -70,8 +71,10 @@ def fitting_plan(cfg: Config, arch: Arch, tokens: int, gpu_bytes: int,
 def pinned_room(host_bytes: int, bare: Estimate) -> int:
     """Host memory the offloaded layer inputs may pin, beside what `bare` (the same plan, none offloaded) keeps
     there: what is left of the host, and no more than the trainer's own check allows before the first step
-    (PINNED_HEADROOM of the memory then available: the host less the process's allowance and its embedding table)."""
-    check = PINNED_HEADROOM * (host_bytes - bare.host.get("runtime", 0) - bare.host.get("embeddings", 0))
+    (PINNED_HEADROOM of the memory then available: the host less the process's allowance, its embedding table and
+    a base it streams, all loaded into host memory by then)."""
+    loaded = sum(bare.host.get(k, 0) for k in ("runtime", "embeddings", "streamed_base"))
+    check = PINNED_HEADROOM * (host_bytes - loaded)
     return int(min(host_bytes - bare.host_bytes, check))
 
 
@@ -84,7 +87,8 @@ def plans(cfg: Config, arch: Arch, tokens: int, host_bytes: int | None) -> Itera
         plan = planned(cfg, tokens, 1, None)
         yield plan, estimate(plan, arch, cfg.quant.method, "cuda")
         return
-    for every in range(1, arch.layers + 1):
+    # A streamed base keeps every layer input (its streamer follows the backward's order; replays would break it).
+    for every in range(1, 2 if STREAM_BASE.active(cfg, cfg.quant.method, "cuda") else arch.layers + 1):
         budget = None
         if t.offload_activations:
             bare = estimate(planned(cfg, tokens, every, 0), arch, cfg.quant.method, "cuda")
@@ -151,6 +155,15 @@ def fit_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> Fit:
     return Fit(tokens, limit, est.levers, [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, est)], est)
 
 
+def streamed_row(est: Estimate) -> dict:
+    """train.stream_base's figures for a plan: the base in host memory, the device's two layers, the bytes that cross
+    per micro-batch and the seconds they take at the stated link speed."""
+    s = est.streamed
+    return {"layer_bytes": s.layer_bytes, "host_bytes": s.host_bytes, "card_bytes": s.card_bytes,
+            "moved_bytes": s.moved_bytes, "link_gb_s": s.link_gb_s, "transfer_s": s.transfer_s,
+            "describe": s.describe()}
+
+
 def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
     """The --max-context report: one row per card size, each with its plan, as a JSON-ready dict."""
     from qlora.base.build import config_json_path
@@ -166,6 +179,8 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
                        peak_phase=est.peak_phase,
                        components=est.components, host=est.host,
                        checkpoints=est.checkpoints.describe() if est.checkpoints else None)
+            if est.streamed is not None:
+                row["streamed"] = streamed_row(est)
         rows.append(row)
     shortest = estimate(planned(cfg, GRANULARITY, cfg.train.checkpoint_every, None), load_arch(cfg),
                         cfg.quant.method, "cuda")

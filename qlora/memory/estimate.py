@@ -21,8 +21,9 @@ for all three methods, and whole steps against CPU measurements with and without
 
 Two memories are counted. `components` is the device's (what the card would show, CUDA context included; on a CPU
 device, the process's RAM). `host` is the CPU memory a CUDA run needs besides: offloaded layer inputs (pinned), the
-optimizer when it runs on the CPU, the embedding table kept there, and the process's own runtime. A plan that does
-not fit the host is no plan (qlora/memory/context.py).
+optimizer when it runs on the CPU, the embedding table kept there, the 4-bit base streamed from there
+(train.stream_base: the device keeps two decoder layers of it, as `gathered_weights`, and the code tables), and the
+process's own runtime. A plan that does not fit the host is no plan (qlora/memory/context.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from qlora.levers.host_optimizer.settings import HOST_OPTIMIZER
 from qlora.levers.lm_head.settings import LM_HEAD
 from qlora.levers.speed.memory import dequantised_bytes, kept_dequantised_bytes
 from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
+from qlora.levers.stream_base.memory import StreamPlan, stream_plan
+from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.memory.activations import adapted_layers, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
@@ -95,6 +98,8 @@ class Estimate:
     margin: int = 0
     """CUDA: the allocator's margin beyond `peak_bytes` (its reserve, memory outside it beyond the context)."""
     margin_formula: str = ""
+    streamed: StreamPlan | None = None
+    """train.stream_base: the base in host memory, what the device holds of it and what crosses per micro-batch."""
 
     @property
     def peak_bytes(self) -> int:
@@ -176,6 +181,7 @@ class Tally:
     fx: dict[str, str] = field(default_factory=dict)
     host: dict[str, int] = field(default_factory=dict)
     hfx: dict[str, str] = field(default_factory=dict)
+    streamed: StreamPlan | None = None
 
 
 def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -> Estimate:
@@ -192,13 +198,19 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
         step_tmp += min(sum(sizes) * g, ALLREDUCE_BUCKET)
     phases, plan = count_step(tally, cfg, arch, method, device, e, g, sum(sizes) * g, step_tmp)
     gathered = gathered_bytes(cfg, arch, method, e) if shards > 1 else {}
+    streamed = tally.streamed
+    if streamed is not None:  # the streamer's two slots, there from the first step to the last
+        gathered = dict.fromkeys(phases, streamed.card_bytes)
     phases = {k: (v[0] + gathered.get(k, 0), v[1]) for k, v in phases.items()}  # peaks compared with them in
     peak_phase = max(phases, key=lambda k: sum(phases[k]))
     comp, fx, host, hfx = tally.comp, tally.fx, tally.host, tally.hfx
     comp["gathered_weights"] = gathered.get(peak_phase, 0)
     comp["activations"] = phases[peak_phase][0] - comp["gathered_weights"]
     comp["gradients"] = phases[peak_phase][1]
-    if comp["gathered_weights"]:
+    if comp["gathered_weights"] and streamed is not None:
+        fx["gathered_weights"] = ("two decoder layers' packed weights and absmax (train.stream_base: the one "
+                                  "computing, the next being copied in)")
+    elif comp["gathered_weights"]:
         fx["gathered_weights"] = ("two decoder layers whole (FSDP: the one in its backward, the next prefetched)"
                                   if peak_phase == "layer_backward" else "the head whole (FSDP), for the loss")
     fx["activations"] = f"at {peak_phase}: {fx['activations'][peak_phase]}"
@@ -214,6 +226,10 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
         margin = RESERVE_HIDDEN_STATES * T * arch.hidden * e + OUTSIDE_BEYOND_CONTEXT
         margin_fx = f"{RESERVE_HIDDEN_STATES} T h e + {OUTSIDE_BEYOND_CONTEXT / 2**30:.1f} GiB (fitted on an H200)"
     notes = assumptions(cfg, method, dname, device)
+    if streamed is not None:
+        notes.append(f"train.stream_base: {streamed.describe()} (hidden behind the compute where a layer computes "
+                     "longer than its copy takes" + ("" if device == "cuda" else "; on a CPU device host and device "
+                                                     "are one memory, so the two layers come on top") + ")")
     if gpus > 1:
         notes.append(f"per process of {gpus}: " + (
             "the frozen base sharded (train.shard_base, FSDP2), quantisation state whole on each" if shards > 1 else
@@ -221,7 +237,7 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
             f"{ALLREDUCE_BUCKET // 2**20} MiB; the communication library's own buffers are not counted; host memory "
             "is each process's")
     return Estimate(method, device, comp, fx, {k: sum(v) for k, v in phases.items()}, peak_phase, notes, host, hfx,
-                    levers(cfg, method, device), plan, margin, margin_fx)
+                    levers(cfg, method, device), plan, margin, margin_fx, streamed)
 
 
 def count_weights(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, e: int, shards: int) -> None:
@@ -244,6 +260,16 @@ def count_weights(tally: Tally, cfg: Config, arch: Arch, method: str, device: st
                                    f"P_lin (1/2{per} + 4/{bs}) B = {4 + 32 / bs:.3f} bits/param unsharded (no double "
                                    "quant)") + (" (lm_head too)" if head_nf4 else "") + \
             (f", less the {len(kept)} layers kept in 16-bit" if kept else "")
+        if STREAM_BASE.active(cfg, method, device):
+            tally.streamed = stream_plan(L, arch.linear_shapes.values(), dq, bs, kept)
+            if device == "cuda":  # the packed weights and absmax wait in host memory; two layers are gathered_weights
+                tables = (L * len(arch.linear_shapes) - len(kept)) * (NF4_TABLES if dq else 16 * 4)
+                comp["quantized_weights"] = tables + (nf4_bytes(V * h, dq, 1, bs) if head_nf4 else 0)
+                fx["quantized_weights"] = "the code tables of every 4-bit weight (1.1 KB each; train.stream_base)" + \
+                    (" + lm_head in NF4" if head_nf4 else "")
+                tally.host["streamed_base"] = tally.streamed.host_bytes
+                tally.hfx["streamed_base"] = (f"L x {tally.streamed.layer_bytes / 2**20:,.1f} MiB: every decoder "
+                                              "layer's packed weights and absmax, pinned at their exact size")
         unquantized = arch.other_params - (V * h if head_nf4 else 0) - (V * h if emb_off else 0) + \
             sum(a * o for a, o in kept)
         fx["unquantized_weights"] = f"(V h {'' if arch.tied else 'x 2 '}+ (2L+1) h) e: embeddings, lm_head, norms" + \

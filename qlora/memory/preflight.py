@@ -6,7 +6,8 @@ of memory after it helps nobody (issue 22: `--train.device=cpu` would start a 70
 23 GiB machine).
 
 On CUDA the host side is checked too: what the plan keeps in host memory (offloaded layer inputs, the optimizer on the
-CPU, the embedding table) against what the host has available, beside the process's own use. An architecture the
+CPU, the embedding table, a base streamed from there) against what the host has available, beside the process's own
+use; a streamed base the host cannot pin is refused as such, for no shorter row would help. An architecture the
 estimator does not know, or adapters the model cannot have (a rank above a layer's side, targets it lacks), is not
 checked: the loader's own refusal names the fix (and the out-of-memory report still names what would fit).
 """
@@ -95,6 +96,15 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     if fits(est, device_bytes, host_bytes):
         return est
     card, host = needs(est)
+    streamed = est.host.get("streamed_base", 0)
+    # What no shorter row can shrink: the streamed base, and the optimizer and embeddings kept beside it.
+    fixed = streamed + est.host.get("optimizer", 0) + est.host.get("embeddings", 0)
+    if streamed and card <= device_bytes and est.device == "cuda" and fixed > host_bytes:
+        raise ConfigError(f"train.stream_base keeps the 4-bit base in pinned host memory: the plan keeps "
+                          f"{host / GIB:.2f} GiB there ({streamed / GIB:.2f} GiB of it the base) and this host has "
+                          f"{host_bytes / GIB:.2f} GiB available (python -m qlora.memory RECIPE estimates it, nothing "
+                          "loaded): use a host with more memory, or a card that holds the base with "
+                          "--train.stream_base=false")
     t = cfg.train
     shape = f"data.max_seq_len={cfg.data.max_seq_len}" if t.batch_size == 1 else \
         f"train.batch_size={t.batch_size} x data.max_seq_len={cfg.data.max_seq_len}"

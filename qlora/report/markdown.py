@@ -40,6 +40,8 @@ def summary_lines(report: dict) -> list[str]:
         out.append(f"  {method:5s} estimated {gib(e['estimated_peak_bytes'])} GiB "
                    f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){card}{host}{vs}"
                    f"{'' if e['fits'] else ' [does not fit]'}")
+        if e.get("streamed"):
+            out.append(f"        base streamed: {e['streamed']}")
         if "per_gpu" in e:
             out.append(f"        on {report['gpus']} GPUs, per GPU: " + ", ".join(
                 f"{CASES[case]} {gib(c['estimated_peak_bytes'])} GiB{'' if c['fits'] else ' [does not fit]'}"
@@ -183,6 +185,8 @@ def context_lines(report: dict) -> list[str]:
                    f"({_row_note(row, report)})" + (f"; {row['checkpoints']}" if row.get("checkpoints") else ""))
         if row["tokens"]:
             out.append(f"      train it with: {' '.join(row['overrides'])}")
+        if row.get("streamed"):
+            out.append(f"      base streamed: {row['streamed']['describe']}")
     out.append("  levers: " + ("; ".join(report["levers"]) if report["levers"] else "none"))
     return out
 

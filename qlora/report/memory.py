@@ -105,6 +105,7 @@ def settings(cfg: Config, device: str) -> dict:
             "offload_budget_gib": t.offload_budget_gib, "checkpoint_every": t.checkpoint_every,
             "tile_size": t.tile_size, "tile_projections": t.tile_projections, "optimizer_on_cpu": t.optimizer_on_cpu,
             "quantize_lm_head": cfg.quant.quantize_lm_head, "embeddings_on_cpu": cfg.model.embeddings_on_cpu,
+            "stream_base": t.stream_base,
             "blocksize": cfg.quant.blocksize, "keep_16bit_budget": cfg.quant.keep_16bit_budget,
             "keep_16bit": len(cfg.quant.keep_16bit),
             "compute_dtype": compute_bytes(cfg, device)[0]}
@@ -152,6 +153,7 @@ def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device
             continue
         c = copy.deepcopy(cfg)
         c.train.shard_base = shard
+        c.train.stream_base = False  # one process's lever: qlora.train refuses it beside others
         if shard:  # what qlora.train refuses beside a sharded base: embeddings in CPU memory, sequence tiles
             c.model.embeddings_on_cpu, c.train.tile_size, c.train.tile_projections = False, 0, False
         out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total)
@@ -170,7 +172,8 @@ def estimate_entry(est: Estimate, device_total: int) -> dict:
             "fits": est.card_bytes <= device_total, "components": est.components, "formulas": est.formulas,
             "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions,
             "levers": est.levers, "checkpoints": est.checkpoints.describe() if est.checkpoints else None,
-            "host_bytes": est.host_bytes, "host": est.host, "host_formulas": est.host_formulas}
+            "host_bytes": est.host_bytes, "host": est.host, "host_formulas": est.host_formulas,
+            "streamed": est.streamed.describe() if est.streamed else None}
 
 
 def measure_entry(recipe: str, overrides: list[str], est: Estimate, device: str) -> dict:

@@ -25,9 +25,10 @@ from qlora.training.sensitivity import keep_sensitive_layers
 
 def load_model(cfg: Config, device: torch.device,
                place: torch.device | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
-    """The base as the run holds it: loaded (qlora/base/load.py; `place`: where, when not `device`), then stored as
-    the levers that act at load time say (an NF4 head, the input embeddings in host memory)."""
-    model, tokenizer, path = load_base(cfg, device, place)
+    """The base as the run holds it: loaded (qlora/base/load.py; `place`: where, when not `device`; a lever may keep
+    it off the device too, to bring it there itself), then stored as the levers that act at load time say (an NF4
+    head, the input embeddings in host memory)."""
+    model, tokenizer, path = load_base(cfg, device, place or levers.base_place(cfg, device))
     levers.at_load(model, cfg, place or device, compute_dtype(cfg.quant, device))
     return model, tokenizer, path
 
@@ -79,6 +80,7 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
         print(f"lora.init=loftq: after {cfg.lora.loftq_iters} step(s) at rank {cfg.lora.r}, base and adapters "
               f"remove {100 * held:.1f}% of the plain NF4 rounding error (squared norm)")
     levers.on_model(model, cfg, device, dtype, available_bytes())
+    levers.on_complete(model, cfg, device, dtype)
     ranks.distribute(model, cfg, device)
     if profiler is not None:
         profiler.mark("lora_attached")
@@ -158,5 +160,6 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{run_dir / weights} does not fit the run's base {cfg.model.path} ({reason}): pass the "
                           "run directory that wrote it, untouched") from err
+    levers.on_complete(model, cfg, dev, compute_dtype(cfg.quant, dev))
     model.eval()
     return cfg, model, tokenizer, dev
