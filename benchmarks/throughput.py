@@ -190,6 +190,23 @@ def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # n
     return model, step, device
 
 
+def hf_step(model: torch.nn.Module, params: list, optimizer: torch.optim.Optimizer, device: torch.device,
+            dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], float]:
+    """The step of transformers' Trainer over `model`'s own loss: the forward under autocast in `dtype` (none in fp32),
+    the backward outside it, clip at 1.0, the optimizer's step."""
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
+            loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
 def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.device]:  # noqa: ANN001
     """What a Hugging Face user runs: the 4-bit base as transformers' loader leaves it (for synthetic weights the same
     Linear4bit layers, marked as the loader marks them), peft's prepare_model_for_kbit_training (it upcasts every
@@ -223,16 +240,7 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     # Trainer(bf16=True) autocasts where the recipe computes in bf16 (CUDA); an fp32 run (CPU) has nothing to cast.
     dtype = compute_dtype(cfg.quant, device)
 
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
-            loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return model, step, device
+    return model, hf_step(model, params, optimizer, device, dtype), device
 
 
 def unsloth_checkpoint(cfg, seq: int, device: torch.device) -> Path:  # noqa: ANN001
@@ -284,15 +292,7 @@ def build_unsloth(cfg, seq: int) -> tuple[torch.nn.Module, Callable, torch.devic
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = bnb.optim.PagedAdamW32bit(params, lr=cfg.train.lr)
 
-    def step(batch: dict[str, torch.Tensor]) -> float:
-        loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return model, step, device
+    return model, hf_step(model, params, optimizer, device, torch.float32), device
 
 
 def flops_per_token(model: torch.nn.Module, n_params: int, seq: int) -> tuple[float, float]:

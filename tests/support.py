@@ -79,3 +79,16 @@ def estimated(*overrides: str) -> int:
     """The estimator's CPU peak for recipes/tiny.py with `overrides`, as a qlora run: what `measured` is held to."""
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), list(overrides))
     return estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+
+
+def finished_run(recipe: str, out_dir: Path, **train_fields: object) -> tuple[Config, dict]:
+    """A finished run of `recipe` (a path under recipes/) into `out_dir`, with `train_fields` set on its train section:
+    its config and train()'s final metrics. Data paths are made absolute, so the run does not depend on the cwd."""
+    from qlora.train import train
+
+    cfg = load_recipe(ROOT / "recipes" / recipe)
+    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)
+    cfg.output.dir = str(out_dir)
+    for key, value in train_fields.items():
+        setattr(cfg.train, key, value)
+    return cfg, train(cfg)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import finished_run
 
 from qlora import export
 from qlora.adapters.lora import LoRALinear
@@ -22,7 +23,6 @@ from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
 from qlora.data.read import load_splits
 from qlora.errors import Stop
-from qlora.train import train
 from qlora.training.assemble import load_run
 from qlora.training.checkpoint import RUN_CONFIG
 
@@ -34,12 +34,8 @@ KINDS = ("f16", "q8_0")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 3-step qlora run of the demo recipe, batches of 2."""
-    cfg = load_recipe(ROOT / "recipes" / "smollm2_135m.py")
-    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)  # cwd-independent
-    cfg.output.dir = str(tmp_path_factory.mktemp("smollm2") / "run")
-    cfg.train.steps, cfg.train.batch_size, cfg.train.warmup_steps = 3, 2, 1
-    cfg.train.eval_before, cfg.train.eval_batches, cfg.train.log_every = False, 1, 3
-    train(cfg)
+    cfg, _ = finished_run("smollm2_135m.py", tmp_path_factory.mktemp("smollm2") / "run", steps=3, batch_size=2,
+                          warmup_steps=1, eval_before=False, eval_batches=1, log_every=3)
     return Path(cfg.output.dir)
 
 

@@ -16,6 +16,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import finished_run
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from qlora import eval as run_eval
@@ -25,9 +26,7 @@ from qlora.adapters import lora
 from qlora.adapters.lora import merge_all
 from qlora.base.load import load_base
 from qlora.base.quantize import roundtrip
-from qlora.config import load_recipe
 from qlora.errors import ConfigError
-from qlora.train import train
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG
 
@@ -40,11 +39,8 @@ FP32_REL_TOL, BF16_REL_TOL = merge.TOLERANCE["float32"], merge.TOLERANCE["bfloat
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finished 20-step qlora run of the tiny recipe: its directory and train()'s final metrics."""
-    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
-    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)  # cwd-independent
-    cfg.output.dir = str(tmp_path_factory.mktemp("qlora") / "run")
-    cfg.train.steps, cfg.train.eval_every, cfg.train.log_every = 20, 0, 10
-    result = train(cfg)
+    cfg, result = finished_run("tiny.py", tmp_path_factory.mktemp("qlora") / "run", steps=20, eval_every=0,
+                               log_every=10)
     return {"dir": Path(cfg.output.dir), "final": result["after"], "cfg": cfg}
 
 

@@ -35,14 +35,15 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 def readme_commands() -> list[str]:
     """Every line that runs `python -m qlora...` in the bash blocks of README.md and docs/*.md, and in
-    memory_reports/README.md, in order, without its trailing comment."""
+    memory_reports/README.md, in order, without its trailing comment, each once."""
     text = "\n".join(page.read_text() for page in DOCS)
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S))
     blocks += "\n" + (ROOT / "memory_reports" / "README.md").read_text()
     lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in blocks.splitlines()]
     # The two commands' last steps run qlora from the venv they make (`... && .venv/bin/python -m qlora.train ...`).
     parts = [part.removeprefix(".venv/bin/") for line in lines for part in line.split(" && ")]
-    return [part for part in parts if re.search(r"(^|\| )python -m qlora\.", part)]
+    # A command a page repeats from another (the README's map, then the page it points to) runs once.
+    return list(dict.fromkeys(part for part in parts if re.search(r"(^|\| )python -m qlora\.", part)))
 
 
 @pytest.fixture(scope="module")

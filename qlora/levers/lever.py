@@ -11,6 +11,13 @@ from typing import Any
 RunConfig = Any
 
 
+class LeverFields:
+    """What a lever's fields dataclass inherits: its section runs `check_fields` on it as it is set."""
+
+    def check_fields(self) -> None:
+        """The rules on the lever's own fields, raised as ConfigError; none unless the lever says so."""
+
+
 def no_rule(cfg: RunConfig) -> None:
     """A lever without rules across sections."""
 

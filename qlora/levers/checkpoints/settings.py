@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 
 @dataclass
-class CheckpointFields:
+class CheckpointFields(LeverFields):
     offload_activations: bool = False
     """Keep each checkpointed layer input in pinned CPU memory until the backward needs it (CUDA only)."""
     offload_budget_gib: float = 0.0

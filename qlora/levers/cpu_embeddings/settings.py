@@ -5,17 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 
 @dataclass
-class CPUEmbeddingFields:
+class CPUEmbeddingFields(LeverFields):
     embeddings_on_cpu: bool = False
     """Keep the input embedding table in CPU memory; look tokens up there and send only their vectors to the device
     (saves vocab x hidden x 2 bytes: 1.0 GiB for Llama-3.1-8B, 2.1 GiB for 70B). Frozen methods only."""
-
-    def check_fields(self) -> None:
-        pass
 
 
 def check(cfg: RunConfig) -> None:

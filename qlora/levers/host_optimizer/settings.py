@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora.levers.lever import Lever
+from qlora.levers.lever import Lever, LeverFields
 
 
 @dataclass
-class HostOptimizerFields:
+class HostOptimizerFields(LeverFields):
     optimizer_on_cpu: bool = False
     """Keep the optimizer state in CPU memory from the start and run the update there (parameters and gradients are
     copied over and back each step): the state never takes device memory. Changes nothing on a CPU device."""
-
-    def check_fields(self) -> None:
-        pass
 
 
 HOST_OPTIMIZER = Lever(

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora.levers.lever import Lever
+from qlora.levers.lever import Lever, LeverFields
 
 
 @dataclass
-class LigerFields:
+class LigerFields(LeverFields):
     liger_kernels: bool = False
     """CUDA: run each decoder layer's RMSNorm, SwiGLU (silu(gate) * up) and rotary embedding through liger-kernel's
     Triton kernels (pip install liger-kernel) instead of PyTorch's elementwise ops. Changes nothing on a CPU device."""
-
-    def check_fields(self) -> None:
-        pass
 
 
 LIGER_KERNELS = Lever(

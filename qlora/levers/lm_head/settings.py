@@ -5,18 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 
 @dataclass
-class LMHeadFields:
+class LMHeadFields(LeverFields):
     quantize_lm_head: bool = False
     """Store the (frozen) output head in NF4 as well: saves ~3/4 of vocab x hidden x 2 bytes (0.75 GiB for 8B,
     1.5 GiB for 70B) at the cost of quantisation error in the logits; its backward still dequantises it whole for a
     moment. qlora only; needs untied embeddings."""
-
-    def check_fields(self) -> None:
-        pass
 
 
 def check(cfg: RunConfig) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 
 @dataclass
-class LossFields:
+class LossFields(LeverFields):
     loss_chunk_size: int = 0
     """Compute lm_head + cross-entropy this many tokens at a time, never materialising all logits; 0 = all at once."""
     liger_ce: bool = False

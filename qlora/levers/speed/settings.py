@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 COMPILE_TARGETS = ("none", "lora", "layers")
 
 
 @dataclass
-class SpeedFields:
+class SpeedFields(LeverFields):
     reuse_dequant: bool = False
     """Keep each NF4 weight dequantised in the recompute for its backward instead of dequantising it again: one
     dequantisation fewer per weight and step, one layer of 16-bit weights more at peak. Needs gradient_checkpointing."""

@@ -5,19 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 
 @dataclass
-class StreamFields:
+class StreamFields(LeverFields):
     stream_base: bool = False
     """Keep the 4-bit decoder layers (packed weights and absmax) in pinned host memory and bring each to the device
     just before it runs, the next one copied on a side stream while the current one computes, in the forward and
     again in the backward: two layers on the device instead of all of them (Llama-3.1-70B: 0.8 GiB instead of 33
     GiB) for 2 (L-2) layer copies per micro-batch (70B: 69 GB, 2.8 s at 25 GB/s). qlora only, one process."""
-
-    def check_fields(self) -> None:
-        pass
 
 
 def check(cfg: RunConfig) -> None:

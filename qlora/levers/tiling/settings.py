@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
-from qlora.levers.lever import Lever, RunConfig
+from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 
 @dataclass
-class TilingFields:
+class TilingFields(LeverFields):
     tile_size: int = 0
     """Run each decoder layer's MLP this many tokens at a time, forward and backward (recomputing each tile), so none
     of its seq x intermediate tensors exists at full length; one more MLP forward per step. 0 = off."""
