@@ -1,6 +1,6 @@
 """Fixtures for every test, those under tests/ and those in the lever folders (qlora/levers/*/test_*.py): the tiny
 recipe cut to a short run into a temporary directory, a batch of its rows, the repo root as cwd, and a forked-CLI
-server per test module (tests/forked_cli.py)."""
+server per pytest worker (tests/forked_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from forked_cli import ForkedCLI
 
 from qlora.config import Config, load_recipe
@@ -22,9 +23,10 @@ def _repo_root_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cli():
-    """Runs `python -m qlora.<command>` in real processes forked from one that imported qlora once."""
+    """Runs `python -m qlora.<command>` in real processes forked from one that imported qlora once (per pytest
+    worker: the server never runs anything itself, so every child starts from the same state)."""
     with ForkedCLI() as server:
         yield server
 
@@ -54,7 +56,7 @@ def batch(tiny_config: Config) -> dict:
 
 
 @pytest.fixture(scope="session")
-def measured(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (a function of overrides)
+def measured(cli: ForkedCLI, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (a function of overrides)
     """Measured CPU peaks of recipes/tiny.py by override tuple, taken once per session: the smaller of two fresh
     processes (qlora.report.measure), should one of them meet a machine's own disturbance. Before measurement runs
     mmapped every block of 8 KiB or more (profiler.MEASURE_MMAP_THRESHOLD; it was 64 KiB), holes in malloc's heap
@@ -66,7 +68,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (a funct
     def peak(*overrides: str, steps: int = 1) -> int:
         if (overrides, steps) not in cache:
             cache[overrides, steps] = min(
-                measure("recipes/tiny.py", "qlora", out / f"{len(cache)}-{run}", f"--steps={steps}",
+                measure(cli, "recipes/tiny.py", "qlora", out / f"{len(cache)}-{run}", f"--steps={steps}",
                         *overrides)["measured_peak_bytes"] for run in range(2))
         return cache[overrides, steps]
 
@@ -89,5 +91,8 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Two cores: one BLAS thread per test process avoids oversubscription when subprocess tests run beside it.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Two cores and two pytest workers: one thread per process avoids oversubscription, in the subprocesses tests
+    # start and in the workers themselves (which imported torch, with a thread per core, before this ran).
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)

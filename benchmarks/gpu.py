@@ -90,7 +90,9 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
     memory = [python, "-m", "qlora.memory"]
     levers = [python, "benchmarks/memory_levers.py", res]
     speed = [python, "benchmarks/throughput.py", res]
-    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    # One process, whatever pyproject's addopts say: the image has no pytest-xdist (its `-n 2` would be refused), and
+    # two workers on one card would measure each other's memory.
+    pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=-ra"]
     # The 8B estimate test measures what memory-llama8b measures: it runs last, in what part 4 leaves.
     gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
                  "tests/test_levers.py", "qlora/levers/liger/test_liger.py"]

@@ -6,7 +6,8 @@
 #   FOLDER/          what every item may import: bitsandbytes cut to the CUDA 13.0 library the image loads (43 MB
 #                    with every CUDA and ROCm version, 3.9 MB cut: benchmarks/wheels.py), liger-kernel (issue 24's
 #                    fused norm, SwiGLU, RoPE and loss; pure Python and Triton, 0.9 MB), datasets with the
-#                    dependencies the image does not have (pandas, dill, multiprocess, xxhash), and gguf
+#                    dependencies the image does not have (pandas, dill, multiprocess, xxhash), gguf, and pytest
+#                    (0.4 MB with pluggy and iniconfig; installed only where the image lacks it)
 #   FOLDER/unsloth/  Unsloth's stack of benchmarks/throughput.py, installed into a site of its own (it pins
 #                    datasets < 5, trl <= 1.15): unsloth cut of its web UI (28.6 MB -> 2.2 MB), unsloth-zoo, trl,
 #                    torchao, datasets 4.3, and what the image lacks of their imports. Left out: xformers (Unsloth
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 folder=${1:-.whl}
 python=${PYTHON:-python3}
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 pandas==3.1.1 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
-        gguf==0.19.0 liger-kernel==0.8.5)
+        gguf==0.19.0 liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1)
 unsloth=(unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 torchao==0.18.0 datasets==4.3.0
          cut-cross-entropy==25.1.1 msgspec==0.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
          typing-inspection==0.4.5 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 shtab==1.13.0

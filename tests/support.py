@@ -9,12 +9,11 @@ liger-kernel) cannot run on the CPU; the offload hooks are exercised there with 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked_cli import ForkedCLI
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.adapters.lora import lora_layers
@@ -66,12 +65,13 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(recipe: str, method: str, out_dir: Path, *overrides: str) -> dict:
-    """Real training steps of `recipe` in a fresh process (qlora/report/measure.py): its measured peak and phases."""
+def measure(cli: ForkedCLI, recipe: str, method: str, out_dir: Path, *overrides: str) -> dict:
+    """Real training steps of `recipe` in a fresh process (`python -m qlora.report.measure`, forked from the `cli`
+    server, which imported qlora and ran nothing): its measured peak and phases."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{method}.json"
-    subprocess.run([sys.executable, "-m", "qlora.report.measure", recipe, f"--quant.method={method}", f"--out={out}",
-                    *overrides], check=True, cwd=ROOT, capture_output=True)
+    done = cli.run([recipe, f"--quant.method={method}", f"--out={out}", *overrides], module="qlora.report.measure")
+    assert done.status == 0, done.stderr[-2000:]
     return json.loads(out.read_text())
 
 

@@ -43,12 +43,6 @@ ADAPTER_TOL = dict(rtol=0, atol=1e-5)
 LOGITS_TOL = dict(rtol=0, atol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def cli():
-    with ForkedCLI() as server:
-        yield server
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

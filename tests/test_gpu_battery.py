@@ -104,6 +104,19 @@ def test_items_pick_from_the_parts_in_the_order_given_and_an_unknown_one_is_name
     assert "the items: gpu-tests, memory-tiny, throughput-tiny" in wrong.stderr
 
 
+def test_the_batterys_pytest_runs_in_one_process_without_xdist() -> None:
+    """The GPU image has no pytest-xdist: pyproject's `-n 2` would stop every test item there at its command line,
+    and two workers on one card would measure each other's memory."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu import plan
+
+    items = [i for size in ("full", "tiny") for i in plan(size, Path("/w"), "python") if "pytest" in i.cmd]
+    assert {i.name for i in items} >= {"gpu-tests"}
+    for item in items:
+        at = item.cmd.index("pytest")
+        assert item.cmd[at + 1:at + 8] == ["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=-ra"]
+
+
 def test_a_cut_wheel_installs_without_the_members_dropped(tmp_path: Path) -> None:
     """benchmarks/wheels.py, as gpu_wheels.sh cuts bitsandbytes to the image's CUDA library: the members matching a
     glob and their RECORD lines go, and pip installs the rest."""

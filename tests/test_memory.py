@@ -141,11 +141,11 @@ def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
-def test_estimate_within_10_percent_of_measured_peak_on_cpu(method, tmp_path):
+def test_estimate_within_10_percent_of_measured_peak_on_cpu(method, cli, tmp_path):
     """Real steps of recipes/tiny.py in a fresh process: its peak resident memory against the estimate."""
     # Rows of 512 tokens: at the recipe's 128 the whole peak is ~13 MiB and ~1 MiB of Python objects the estimator
     # does not model is 7% of it (measured -6.6%); at 512 activations dominate and the estimate is within ~2%.
-    got = measure("recipes/tiny.py", method, tmp_path, "--data.max_seq_len=512")
+    got = measure(cli, "recipes/tiny.py", method, tmp_path, "--data.max_seq_len=512")
     cfg = tiny(f"--quant.method={method}", "--data.max_seq_len=512")
     est = estimate(cfg, load_arch(cfg), method, "cpu").peak_bytes
     assert set(got["phases"]) >= {"loaded", "lora_attached", "first_forward", "backward", "optimizer_step", "steady"}
