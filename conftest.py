@@ -57,19 +57,21 @@ def batch(tiny_config: Config) -> dict:
 
 @pytest.fixture(scope="session")
 def measured(cli: ForkedCLI, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (a function of overrides)
-    """Measured CPU peaks of recipes/tiny.py by override tuple, taken once per session: the smaller of two fresh
-    processes (qlora.report.measure), should one of them meet a machine's own disturbance. Before measurement runs
-    mmapped every block of 8 KiB or more (profiler.MEASURE_MMAP_THRESHOLD; it was 64 KiB), holes in malloc's heap
-    made the same step's peak vary by up to 38 MiB from run to run."""
+    """Measured CPU peaks of recipes/tiny.py by override tuple, taken once per session: the smaller of two runs in one
+    measuring process (qlora.report.measure --runs=2: a warm-up, then two measured runs, each freed before the
+    next), should one of them meet a machine's own disturbance. Before measurement runs mmapped every block of 8 KiB
+    or more (profiler.MEASURE_MMAP_THRESHOLD; it was 64 KiB), holes in malloc's heap made the same step's peak vary
+    by up to 38 MiB from run to run."""
     from support import measure
 
     cache, out = {}, tmp_path_factory.mktemp("measured")
 
     def peak(*overrides: str, steps: int = 1) -> int:
         if (overrides, steps) not in cache:
-            cache[overrides, steps] = min(
-                measure(cli, "recipes/tiny.py", "qlora", out / f"{len(cache)}-{run}", f"--steps={steps}",
-                        *overrides)["measured_peak_bytes"] for run in range(2))
+            result = measure(cli, "recipes/tiny.py", "qlora", out / str(len(cache)), f"--steps={steps}", "--runs=2",
+                             *overrides)
+            assert len(result["runs"]) == 2 and result["measured_peak_bytes"] == min(result["runs"]), result
+            cache[overrides, steps] = result["measured_peak_bytes"]
         return cache[overrides, steps]
 
     return peak

@@ -327,8 +327,11 @@ def one_line(summary: dict) -> str:
     instead of a percentage (`python -m qlora.memory RECIPE --measure` compares the two like with like; docs/memory.md
     says how the run's figures relate).
     """
-    if not summary.get("peak_bytes"):  # None: no step ran; 0: the resident set never rose above its baseline
+    if summary.get("peak_bytes") is None:
         return "memory: no training step was recorded"
+    if not summary["peak_bytes"]:  # a CPU process that freed more before the run than the run then took
+        return ("memory: the resident set never rose above its level before loading (memory this process had freed "
+                "was reused): python -m qlora.memory RECIPE --measure measures the steps in a fresh process")
     peak, est, shape = summary["peak_bytes"], summary.get("estimated_peak_bytes"), summary.get("estimated_for")
     cpu = not summary["device"].startswith("cuda")
     # On CPU what the categories do not name is more than activations: libraries, Python objects, malloc slack.

@@ -1,6 +1,7 @@
 """Measure the memory of real training steps for one method, in a process of its own.
 
-    python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--section.key=value ...]
+    python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--runs=1]
+        [--section.key=value ...]
 
 The steps take the trainer's own path: `qlora.training.assemble.prepare` (load, adapters, checkpointing, levers),
 `loss_sum`, backward, gradient clipping and the optimizer of `build_optimizer`. The batch is random token ids of exactly
@@ -35,11 +36,12 @@ from qlora.training.assemble import prepare
 from qlora.training.loss import loss_sum
 from qlora.training.optimizer import build_optimizer, stepped_params
 
-USAGE = ("python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] "
+USAGE = ("python -m qlora.report.measure RECIPE.py --quant.method=qlora --out=FILE.json [--steps=3] [--runs=1] "
          "[--section.key=value ...]")
 CPU_DEFINITION = ("resident memory (RSS) of a fresh process at its peak, minus its RSS just before the model was "
                   "loaded, after a warm-up run of the same load and step was freed (so imports and one-time kernel "
-                  "set-up are excluded), less resident pages of memory-mapped checkpoint files that no tensor uses")
+                  "set-up are excluded), less resident pages of memory-mapped checkpoint files that no tensor uses; "
+                  "with --runs=N, the smallest of N such runs, each begun after the one before it was freed")
 
 
 def _release() -> None:
@@ -83,23 +85,35 @@ def train_steps(cfg: Config, steps: int, tracker: PhaseTracker | None) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
-def measure(cfg: Config, steps: int = 3) -> dict:
-    """Peak memory of `steps` training steps of `cfg` (its quant.method), phase by phase."""
+def measure(cfg: Config, steps: int = 3, runs: int = 1) -> dict:
+    """Peak memory of `steps` training steps of `cfg` (its quant.method), phase by phase. With `runs` > 1 the load and
+    steps run that many times, each freed before the next (as the warm-up is before the first), and the run with the
+    smallest peak is the figure: one that met the machine's own disturbance does not count."""
     from qlora.base.load import resolve_device
 
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
+
+    def one_run(n_steps: int) -> tuple[dict, PhaseTracker, int]:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        tracker = PhaseTracker(device)
+        baseline = resident_bytes("VmRSS") if device.type == "cpu" else 0
+        train_steps(cfg, n_steps, tracker)
+        summary = tracker.summary()
+        tracker.model = tracker.optimizer = None  # the run's model and optimizer freed before the next run
+        _release()
+        return summary, tracker, baseline
+
     if device.type == "cpu":
         glibc_returns_freed_memory()
-        train_steps(cfg, 1, None)  # warm-up, freed below
-        _release()
-    tracker = PhaseTracker(device)
-    baseline = resident_bytes("VmRSS") if device.type == "cpu" else 0
-    train_steps(cfg, steps, tracker)
-    summary = tracker.summary()
+        one_run(1)  # the warm-up, through the same code as the runs (the tracker's included); its figure dropped
+    measured = [one_run(steps) for _ in range(runs)]
+    summary, tracker, baseline = min(measured, key=lambda m: m[0]["peak_bytes"] or 0)
     return {"method": cfg.quant.method, "device": device_name(device), "steps": steps,
             "seconds": round(time.perf_counter() - started, 1), "baseline_rss_bytes": baseline,
             "measured_peak_bytes": summary["peak_bytes"], "peak_phase": summary["peak_phase"],
+            "runs": [m[0]["peak_bytes"] for m in measured],
             "measured_components": summary.get("peak_by_category"),
             "load_peak_bytes": max((v for k, v in tracker.phases.items() if k in ("loaded", "lora_attached")),
                                    default=None),
@@ -132,12 +146,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
-    steps = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--steps=")), 3))
-    rest = [a for a in argv if not a.startswith(("--out=", "--steps="))]
+    counts = {}
+    for flag, default in (("--steps=", 3), ("--runs=", 1)):
+        value = next((a.split("=", 1)[1] for a in argv if a.startswith(flag)), str(default))
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{flag}{value}: give a whole number of at least 1 ({USAGE})")
+        counts[flag] = int(value)
+    rest = [a for a in argv if not a.startswith(("--out=", "--steps=", "--runs="))]
     cfg, flags = parse_args(rest, USAGE)
     if flags or out is None:
         raise ConfigError(f"{'unknown flag ' + flags[0] if flags else 'no --out=FILE.json'}: {USAGE}")
-    result = measure(cfg, steps)
+    result = measure(cfg, counts["--steps="], counts["--runs="])
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
