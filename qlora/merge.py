@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -38,6 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.adapters.loftq import load_shifts, shifted
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from qlora.base.bnb import bnb
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
 from qlora.base.load import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
 from qlora.base.model_dir import check_model_dir

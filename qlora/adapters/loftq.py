@@ -24,13 +24,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qlora.adapters.lora import lora_layers
+from qlora.base.bnb import bnb
 from qlora.base.build import weight_locations
 from qlora.base.load import compute_dtype
 from qlora.base.quantize import dequantize, linear4bit, params4bit, rebuild_from_checkpoint

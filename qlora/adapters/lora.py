@@ -12,11 +12,11 @@ import json
 import math
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qlora.base.bnb import bnb
 from qlora.config import LoRAConfig
 from qlora.errors import ConfigError
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 
-import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from qlora.base.bnb import bnb
 from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
 from qlora.base.model_dir import check_model_dir, check_vocab, damaged
 from qlora.base.quantize import (

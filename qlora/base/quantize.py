@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import bitsandbytes as bnb
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from qlora.base.bnb import bnb
 from qlora.base.build import weight_locations
 from qlora.config import QuantConfig
 from qlora.errors import ConfigError

@@ -12,11 +12,11 @@ adapters: qlora/training/distributed.py sums their gradients as in data parallel
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from qlora.base.bnb import bnb
 from qlora.base.load import compute_dtype
 from qlora.config import Config
 from qlora.errors import ConfigError

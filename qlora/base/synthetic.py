@@ -13,11 +13,11 @@ transformers initialises a fresh model. The outputs are meaningless; the shapes,
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from qlora.base.bnb import bnb
 from qlora.base.quantize import linear4bit
 from qlora.config import Config
 from qlora.errors import ConfigError

@@ -34,7 +34,7 @@ def make_optimizer(tensors: list[torch.Tensor], cfg: Config, paged: bool = True)
     t = cfg.train
     if t.optimizer == "adamw":
         return torch.optim.AdamW(tensors, lr=t.lr, weight_decay=t.weight_decay)
-    import bitsandbytes as bnb
+    from qlora.base.bnb import bnb
 
     # bitsandbytes pages CUDA memory only: on the CPU its paged class runs as the plain one, after a warning.
     paged = paged and any(x.is_cuda for x in tensors)

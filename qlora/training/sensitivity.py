@@ -24,11 +24,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from qlora.base.bnb import bnb
 from qlora.base.build import weight_locations
 from qlora.base.load import keep_16bit
 from qlora.base.quantize import dequantize, quant_tensors, weight_bytes

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import types
 
-import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qlora.adapters.lora import LoRALinear
+from qlora.base.bnb import bnb
 
 
 def base_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:

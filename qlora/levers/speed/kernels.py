@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import types
 
-import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qlora.adapters.lora import LoRALinear
+from qlora.base.bnb import bnb
 from qlora.levers.lever import RunConfig
 from qlora.levers.speed.fused import dequant_once, fuse_lora
 from qlora.levers.speed.settings import SpeedFields

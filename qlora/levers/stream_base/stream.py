@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import functools
 
-import bitsandbytes as bnb
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from qlora.base.bnb import bnb
 from qlora.errors import ConfigError
 from qlora.levers.lever import RunConfig
 from qlora.levers.pinned import page_aligned, pin_in_place, typed_views, views_size

@@ -1,0 +1,28 @@
+"""What a process pays before it does anything: `python -m qlora.train` (and every probe, benchmark child and test
+process that imports it) imports bitsandbytes without torch.compile's 3.7 s of dynamo and inductor
+(qlora/base/bnb.py), and what bitsandbytes compiles still compiles, on its first call."""
+
+from __future__ import annotations
+
+import torch
+
+from qlora.base.bnb import _compiled_on_first_call
+
+
+def test_importing_the_trainer_leaves_dynamo_unimported(cli) -> None:
+    # The forked-CLI server imported qlora.train and qlora.merge, and nothing else; a child reads what it holds.
+    check = "import sys\nsys.exit(3 if 'torch._dynamo' in sys.modules else 0)\n"
+    assert cli.run([], prelude=check).status == 0
+
+
+def test_a_deferred_compile_compiles_on_its_first_call_with_its_options() -> None:
+    import torch._dynamo.utils
+
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    double = _compiled_on_first_call(torch.compile)(lambda x: x * 2, backend="eager", dynamic=False)
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames  # nothing compiled yet
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    assert torch._dynamo.utils.counters["frames"]["total"] > frames  # compiled, by dynamo, at the call
+    assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
+    as_decorator = _compiled_on_first_call(torch.compile)(backend="eager")(lambda x: x + 1)
+    assert torch.equal(as_decorator(torch.zeros(2)), torch.ones(2))
