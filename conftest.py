@@ -92,6 +92,20 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "_lazy_init", no_cuda)
 
 
+# pytest-xdist hands whole files to its two workers in collection order, the next as a worker finishes one: a long file
+# collected last runs alone at the end while the other worker waits (the GPU battery's ~115 s did, 2026-12-04). The
+# longest files, in seconds on the 2-core machine that day: battery 117, crash 94, export 83, distributed 61,
+# bad_input 61, memory 58, checkpoints 43; they go first.
+LONGEST_FIRST = ["tests/test_gpu_battery.py", "tests/test_crash.py", "tests/test_export.py",
+                 "tests/test_distributed.py", "tests/test_bad_input.py", "tests/test_memory.py",
+                 "qlora/levers/checkpoints/test_checkpoints.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Two cores and two pytest workers: one thread per process avoids oversubscription, in the subprocesses tests
     # start and in the workers themselves (which imported torch, with a thread per core, before this ran).
