@@ -4,8 +4,6 @@ process that imports it) imports bitsandbytes without torch.compile's 3.7 s of d
 
 from __future__ import annotations
 
-import torch
-
 from qlora.base.bnb import _compiled_on_first_call
 
 
