@@ -251,7 +251,8 @@ class PhaseTracker:
         key = record["card_total"] if self.device.type == "cuda" else peak
         if phase not in self.phases or key > self.phases[phase]:
             self.phases[phase], self.records[phase] = key, record
-            self._high[phase] = high if self.device.type != "cuda" else key
+            if self.device.type != "cuda":
+                self._high[phase] = high
         reset_peak(self.device)
         return record
 
