@@ -9,7 +9,9 @@ in a child process of its own (a clean allocator); on a CPU, where other work sh
 over minutes, all configurations are built in one child and timed round-robin, one step each per round, so that a
 drift in load weighs on every configuration alike. A lever's cost is the time it adds as a share of the plain step:
 (t(lever) - t(reference)) / t(plain), the reference being checkpointing alone for the levers that act within it;
-negative for a lever that saves time. The CPU model is small enough to measure in minutes and shaped like a Llama
+negative for a lever that saves time. The batch shape (train.batch_size) is measured as one micro-batch of two rows
+against checkpointing alone; its figure, 2 - t(2 rows) / t(1 row), is the share of a one-row step that does not grow
+with the rows (qlora/memory/costs.py). The CPU model is small enough to measure in minutes and shaped like a Llama
 (grouped-query attention, a gated MLP, a vocabulary 32x the hidden size, as Llama-3's is); the tiles and loss chunks
 are a quarter of the row, so that they act.
 
@@ -36,7 +38,10 @@ SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "
          "tie_word_embeddings": False}
 OFF = ["--train.offload_activations=false", "--train.tile_size=0", "--train.tile_projections=false",
        "--train.loss_chunk_size=0", "--train.optimizer_on_cpu=false", "--model.embeddings_on_cpu=false",
-       "--quant.quantize_lm_head=false", "--train.plan=recipe"]
+       "--quant.quantize_lm_head=false", "--train.plan=recipe", "--train.batch_size=1"]
+# Rows in the one micro-batch a configuration's step runs (1 unless named): the batch shape's figure is the share of
+# a one-row step that a second row does not add, 2 - t(2 rows) / t(1 row), against checkpointing alone.
+ROWS = {"train.batch_size": 2}
 
 
 def configs(seq: int, layers: int) -> dict[str, tuple[str | None, list[str]]]:
@@ -60,6 +65,7 @@ def configs(seq: int, layers: int) -> dict[str, tuple[str | None, list[str]]]:
         "train.fuse_lora": ("train.gradient_checkpointing", [*gc, "--train.fuse_lora=true"]),
         "train.liger_kernels": ("train.gradient_checkpointing", [*gc, "--train.liger_kernels=true"]),
         "train.liger_ce": ("train.gradient_checkpointing", [*gc, "--train.liger_ce=true"]),
+        "train.batch_size": ("train.gradient_checkpointing", [*gc, f"--train.batch_size={ROWS['train.batch_size']}"]),
     }
 
 
@@ -73,7 +79,9 @@ def costs(results: dict[str, dict], table: dict[str, tuple[str | None, list[str]
     out = {}
     for name, (reference, _) in table.items():
         got, ref = results.get(name, {}).get("step_s"), results.get(reference or "", {}).get("step_s")
-        if plain and got and ref:
+        if name in ROWS and got and ref:
+            out[name] = ROWS[name] - got / ref  # the batch shape's figure (qlora/memory/costs.py)
+        elif plain and got and ref:
             out[name] = (got - ref) / plain
     return out
 
@@ -89,12 +97,13 @@ def round_robin(spec: argparse.Namespace, overrides: dict[str, list[str]]) -> di
         throughput.torch.manual_seed(0)
         model, step, device = throughput.build_ours(cfg)
         steps[name] = step
-    batch = throughput.synthetic_batch(model.config.vocab_size, spec.batch, spec.seq, device)
+    batches = {rows: throughput.synthetic_batch(model.config.vocab_size, rows, spec.seq, device)
+               for rows in {ROWS.get(name, spec.batch) for name in steps}}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(spec.warmup + spec.steps):
         for name, step in steps.items():
             started = time.perf_counter()
-            step(batch)
+            step(batches[ROWS.get(name, spec.batch)])
             if i >= spec.warmup:
                 times[name].append(time.perf_counter() - started)
     return {name: {"step_s": statistics.median(t), "steps_s": t} for name, t in times.items()}
@@ -121,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     layers = SMALL["num_hidden_layers"] if args.size == "small" else 4
     table = configs(args.seq, layers)
     if args.child:
-        # throughput.measure's settings: ours, one row, the rank and dropout of the recipe.
+        # throughput.measure's settings: ours, one row (ROWS), the rank and dropout of the recipe.
         spec = argparse.Namespace(size="tiny" if args.size == "small" else args.size, override=args.override,
-                                  rank=None, batch=1, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                                  rank=None, batch=ROWS.get(args.child, 1), seq=args.seq, steps=args.steps,
+                                  warmup=args.warmup,
                                   standard_prep="kbit", peak_tflops=None, profile=0, out_dir=args.out_dir)
         if "," in args.child:
             result = round_robin(spec, {name: table[name][1] for name in args.child.split(",")})
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                    "CPU figures: what the plan's cost table uses on a CPU device, and until a GPU measures them, "
                    "in its order of the memory levers on CUDA (qlora/memory/costs.py says which).")
     lines += [f"1 x {args.seq} tokens, {args.warmup} warmup + {args.steps} timed steps (median) per configuration; "
-              "cost = added step time / the plain step (no checkpointing, no lever)", "",
+              "cost = added step time / the plain step (no checkpointing, no lever); for train.batch_size (2 rows in "
+              "one micro-batch) 2 - t(2 rows) / t(1 row), the share of a one-row step that does not grow with rows", "",
               "| configuration | step s | against | cost |", "|---|---:|---|---:|"]
     for name, r in results.items():
         reference = table[name][0] or ""

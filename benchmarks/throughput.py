@@ -15,6 +15,8 @@ rank, alpha, dropout and targets (every linear layer but lm_head):
     ours        training.assemble.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
     ours-fastest ours with train.plan=fastest: the levers the trainer picks for this card (qlora/memory/plan.py)
+    ours-batched ours-fastest with the batch shape left to the plan too (train.plan_batch): a step is one micro-batch
+                of the rows the plan chose (of the recipe's rows a step), not --batch (not in the default --stacks)
     ours-streamed  ours with the 4-bit base streamed from host memory (train.stream_base): its step time against
                 the base resident, issue 25's <= 1.3 (not in the default --stacks)
     unsloth     Unsloth's FastLanguageModel (load_in_4bit, get_peft_model with its gradient checkpointing) on a
@@ -82,6 +84,9 @@ SIZES = {  # recipe (when it exists), fallback config.json for a synthetic model
 }
 STACKS = {"standard": None, "ours": [], "ours-lora16": ["--quant.method=lora"],
           "ours-fastest": ["--train.plan=fastest"], "unsloth": None,
+          # The plan with the batch shape left to it (train.plan_batch): its micro-batch of the recipe's rows a step,
+          # timed as one micro-batch and its optimizer step like the others. Every other stack runs --batch rows.
+          "ours-batched": ["--train.plan=fastest", "--train.plan_batch=true"],
           # Issue 24's target is 2x the standard stack's tokens/s at no more than its peak: 14.89 GiB on the H200 of
           # 2026-12-04 (benchmarks/results/throughput-cuda-8b.md), so the plan gets 14 GiB.
           "ours-fastest-14gib": ["--train.plan=fastest", "--train.plan_gib=14"],
@@ -335,7 +340,8 @@ def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | N
 
 def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     """Build one stack, run warmup + timed steps on the synthetic batch, return its figures."""
-    cfg = base_config(args.size, [*args.override, *extra] + ([f"--lora.r={args.rank}"] if args.rank else []))
+    cfg = base_config(args.size, ["--train.plan_batch=false", *args.override, *extra]
+                      + ([f"--lora.r={args.rank}"] if args.rank else []))
     torch.manual_seed(0)
     if name == "unsloth":
         model, step, device = build_unsloth(cfg, args.seq)
@@ -345,7 +351,8 @@ def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
         model, step, device = build_ours(cfg)
     n_params = base_parameters(model)
     vocab = model.get_input_embeddings().num_embeddings
-    batch = synthetic_batch(vocab, args.batch, args.seq, device)
+    rows = cfg.train.batch_size if cfg.train.plan_batch else args.batch  # ours-batched: the plan's micro-batch
+    batch = synthetic_batch(vocab, rows, args.seq, device)
     reset_peak(device)  # the peak below covers the steps, with the weights already in place
     times, losses = [], []
     for i in range(args.warmup + args.steps):
@@ -358,8 +365,8 @@ def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - started)
     step_s = statistics.median(times)
-    tokens = args.batch * args.seq
-    result = {"step_s": step_s, "tokens_per_s": tokens / step_s, "n_params": n_params, "losses": losses,
+    tokens = rows * args.seq
+    result = {"step_s": step_s, "tokens_per_s": tokens / step_s, "rows": rows, "n_params": n_params, "losses": losses,
               **card_peak(device)}
     six_n, useful = flops_per_token(model, n_params, args.seq)
     if args.peak_tflops:

@@ -29,7 +29,7 @@ from qlora.config import Config, apply_overrides, load_recipe, split_args
 from qlora.console import announce, quiet_libraries, since
 from qlora.data.read import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
-from qlora.memory.plan import keep_overridden, use_plan
+from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, use_plan
 from qlora.memory.preflight import check_fits
 from qlora.memory.profiler import PhaseTracker, peak_bytes
 from qlora.training import checkpoint, distributed, guard, rundir
@@ -196,6 +196,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
     n_rows = len(run["train_rows"])
+    if t.batch_size * ranks.size > n_rows and reshaped(cfg):  # the plan chose the shape before the rows were counted
+        fewer_rows(cfg, n_rows // ranks.size)
     if t.batch_size * ranks.size > n_rows:
         raise ConfigError(f"train.batch_size={t.batch_size}{f' x {ranks.size} processes' if ranks.several else ''} "
                           f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: use at "

@@ -20,10 +20,13 @@ what a 48 GiB card needs for the longest rows, and `python -m qlora.memory` (the
 reads them as they stand; before loading, the trainer keeps of them only what the card it finds needs, the cheapest by
 the cost table (qlora/memory/costs.py) first, and prints why. quantize_lm_head changes the numbers, so it is the
 recipe's, not the plan's. By the estimate, with 120 GiB of host memory available, at 2048 tokens: a 48 or 80 GiB card
-keeps checkpointing alone (46.5 GiB; +36% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
-+0%). At 32,768 tokens a 48 GiB card keeps every lever (47.5 GiB, +158%), an 80 GiB one checkpointing, loss chunks and
-offloaded layer inputs (62.7 GiB, +49%), an H200 checkpointing alone (130.9 GiB, +36%). No plan fits 24 GiB: the NF4
+keeps checkpointing alone (46.5 GiB; +39% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
++0%). At 32,768 tokens a 48 GiB card keeps every lever (47.5 GiB, +190%), an 80 GiB one checkpointing, loss chunks and
+offloaded layer inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB, +39%). No plan fits 24 GiB: the NF4
 weights alone exceed it. --train.plan=recipe runs every lever as set.
+train.plan_batch=True leaves it the batch shape as well: the 16 rows of a step may run as fewer, larger
+micro-batches where the card holds them (docs/speed.md), once a GPU has measured the fixed part of a micro-batch
+for the cost table; until then the trainer runs 1 x 16 as set and says so.
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, QuantConfig, TrainConfig
@@ -48,6 +51,6 @@ config = Config(
     # train.plan="fastest": of these levers the trainer keeps those the card it finds needs (the docstring).
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=256,
                       offload_activations=True, optimizer_on_cpu=True, tile_size=4096, tile_projections=True,
-                      plan="fastest", eval_every=50, eval_batches=20, device="cuda"),
+                      plan="fastest", plan_batch=True, eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama70b"),
 )

@@ -20,11 +20,15 @@ what the longest rows on a 24 GiB card need, and `python -m qlora.memory` (the e
 reads them as they stand; before loading, the trainer keeps of them (and of optimizer_on_cpu) only what the card it
 finds needs, the cheapest by the cost table (qlora/memory/costs.py) first, and prints why. By the estimate, with 120 GiB
 of host memory available, at 2048 tokens: within 14 GiB (--train.plan_gib=14, the standard stack's measured peak) it
-keeps checkpointing alone (10.3 GiB; +36% of a plain step by the table); a 24 GiB card drops checkpointing and keeps
-the loss in chunks (24.0 GiB, +8%); 48 GiB and more drop every memory lever (25.4 GiB, +0%). At 65,536 tokens a 24
-GiB card keeps checkpointing, tiles, loss chunks and offloaded layer inputs (21.7 GiB, +113%), an 80 GiB one
-checkpointing and loss chunks (45.1 GiB, +44%), an H200 (139.8 GiB) checkpointing alone (119.7 GiB, +36%).
+keeps checkpointing alone (10.3 GiB; +39% of a plain step by the table); a 24 GiB card drops checkpointing and keeps
+the embeddings and the optimizer in host memory (24.0 GiB, +11%); 48 GiB and more drop every memory lever (25.4 GiB,
++0%). At 65,536 tokens a 24 GiB card keeps checkpointing, tiles, loss chunks and offloaded layer inputs (21.7 GiB,
++123%), an 80 GiB one checkpointing and loss chunks (45.1 GiB, +55%), an H200 (139.8 GiB) checkpointing alone
+(119.7 GiB, +39%).
 --train.plan=recipe runs every lever as set.
+train.plan_batch=True leaves it the batch shape as well: the 16 rows of a step may run as fewer, larger
+micro-batches where the card holds them (docs/speed.md), once a GPU has measured the fixed part of a micro-batch
+for the cost table; until then the trainer runs 1 x 16 as set and says so.
 """
 
 from qlora.config import Config, DataConfig, LoRAConfig, ModelConfig, OutputConfig, TrainConfig
@@ -46,6 +50,6 @@ config = Config(
     # train.plan="fastest": of these levers the trainer keeps those the card it finds needs (the docstring).
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=1024,
                       offload_activations=True, tile_size=4096, tile_projections=True, plan="fastest",
-                      eval_every=50, eval_batches=20, device="cuda"),
+                      plan_batch=True, eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama8b"),
 )

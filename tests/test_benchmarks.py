@@ -16,6 +16,7 @@ from qlora.config import load_recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts, not a package
+import lever_costs  # noqa: E402
 import memory_levers  # noqa: E402
 import throughput  # noqa: E402
 
@@ -155,3 +156,24 @@ def test_benchmark_parents_never_initialise_cuda(tmp_path, fake_gpu) -> None:
 def test_max_context_search_steps_at_least_one_granularity() -> None:
     (lo, hi), asked = limit_search(1000, 256)  # 256 x 1.25 rounds back to 256: the step must still move
     assert lo <= 1000 < hi and asked[:2] == [256, 512]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu: one child, round-robin", "gpu: a child per configuration"])
+def test_lever_costs_measure_the_batch_shape_against_one_row(tmp_path: Path, request: pytest.FixtureRequest,
+                                                             gpu: bool) -> None:
+    """The batch shape's figure is 2 - t(2 rows) / t(1 row) against checkpointing alone, its step running two rows;
+    with a GPU each configuration is a process of its own (the children run on this CPU: the small size is CPU)."""
+    import json
+
+    if gpu:
+        request.getfixturevalue("fake_gpu")
+    assert lever_costs.main(["--size=small", "--seq=64", "--steps=1", "--warmup=0", f"--out-dir={tmp_path}",
+                             "--only=plain,train.gradient_checkpointing,train.batch_size"]) == 0
+    found = json.loads((tmp_path / f"lever-costs-{'cuda' if gpu else 'cpu'}-small.json").read_text())
+    results, costs = found["results"], found["costs"]
+    one, two = results["train.gradient_checkpointing"]["step_s"], results["train.batch_size"]["step_s"]
+    assert costs["train.batch_size"] == pytest.approx(2 - two / one)
+    assert costs["train.gradient_checkpointing"] == pytest.approx((one - results["plain"]["step_s"])
+                                                                  / results["plain"]["step_s"])
+    if gpu:  # throughput.measure's record: the step ran two rows
+        assert results["train.batch_size"]["rows"] == 2 and results["plain"]["rows"] == 1

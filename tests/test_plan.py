@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from qlora.config import Config, apply_overrides, load_recipe
+from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.costs import COSTS, TABLE
 from qlora.memory.estimate import estimate
@@ -113,3 +115,145 @@ def test_the_trainer_prints_the_plan_and_records_it(tiny_config: Config, capsys)
     recorded = json.loads((Path(cfg.output.dir) / "run_config.json").read_text())["train"]
     assert recorded["plan"] == "fastest" and "--train.gradient_checkpointing=false" in recorded["plan_chose"]
     assert recorded["gradient_checkpointing"] is False
+
+
+# --- the batch shape (train.plan_batch) ---
+
+def with_batch_figure(monkeypatch: pytest.MonkeyPatch, figure: float) -> None:
+    """A CUDA figure for the batch shape (none is measured yet: the GPU battery's lever-costs-8b measures it)."""
+    import dataclasses
+
+    from qlora.memory import plan
+
+    monkeypatch.setattr(plan, "BATCH", dataclasses.replace(plan.BATCH, cuda=figure))
+
+
+@pytest.mark.parametrize("card_gib", [16, 24, 48, 80, 139.8])
+def test_the_plan_runs_the_steps_rows_in_the_cheapest_micro_batches_that_fit(monkeypatch: pytest.MonkeyPatch,
+                                                                            card_gib: float) -> None:
+    """The 8B recipe (1 row x 16 a step) with the batch shape left to the plan: the rows per step stay 16, the plan
+    fits the card, and no shape with a larger micro-batch and the same levers fits at less cost."""
+    with_batch_figure(monkeypatch, 0.1)
+    cfg = recipe("llama8b")  # the recipe leaves the batch shape to the plan
+    card = int(card_gib * GIB)
+    plan = choose(cfg, "cuda", card, HOST)
+    planned, est = as_user_runs_it(cfg, plan.overrides(cfg))
+    t = planned.train
+    assert t.batch_size * t.grad_accum == 16 and est.card_bytes <= card
+    for b in (2, 4, 8, 16):
+        if b <= t.batch_size:
+            continue
+        bigger = with_settings(planned, {"train.batch_size": b, "train.grad_accum": 16 // b})
+        assert estimate(bigger, load_arch(bigger), "qlora", "cuda").card_bytes > card, b
+    if card_gib >= 48:  # room beyond a plain step: larger micro-batches, which save time
+        assert t.batch_size > 1 and "--train.batch_size=1" not in plan.overrides(cfg)
+
+
+def test_the_batch_shape_is_the_recipes_unless_left_to_the_plan_and_measured(monkeypatch: pytest.MonkeyPatch
+                                                                            ) -> None:
+    big = int(139.8 * GIB)
+    unmeasured = choose(recipe("llama8b", "--train.plan_batch=true"), "cuda", big, HOST)  # no CUDA figure yet
+    assert "train.batch_size" not in unmeasured.settings
+    assert unmeasured.left["train.batch_size"] == "no cuda figure in the cost table yet"
+    with_batch_figure(monkeypatch, 0.1)
+    assert "train.batch_size" not in choose(recipe("llama8b", "--train.plan_batch=false"), "cuda", big,
+                                            HOST).settings
+    kept = choose(recipe("llama8b", "--train.plan_batch=true", "--train.plan_keep=train.grad_accum"), "cuda", big,
+                  HOST)
+    assert "train.batch_size" not in kept.settings and kept.left["train.batch_size"] == "train.plan_keep"
+    chosen = choose(recipe("llama8b", "--train.plan_batch=true"), "cuda", big, HOST)
+    assert chosen.settings["train.batch_size"] > 1
+    with pytest.raises(ConfigError, match="train.plan_batch leaves the batch shape to train.plan=fastest"):
+        apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), ["--train.plan=recipe",
+                                                                        "--train.plan_batch=true"])
+
+
+def test_a_smaller_micro_batch_is_the_plans_way_to_fit_a_small_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    """32 rows x 2048 tokens in one micro-batch fit 16 GiB with no lever; the plan splits them rather than give up."""
+    with_batch_figure(monkeypatch, 0.1)
+    assert choose(recipe("llama8b", "--train.plan_batch=false", "--train.batch_size=32", "--train.grad_accum=1"),
+                  "cuda", 16 * GIB, HOST) is None
+    plan = choose(recipe("llama8b", "--train.plan_batch=true", "--train.batch_size=32", "--train.grad_accum=1"), "cuda",
+                  16 * GIB, HOST)
+    assert plan is not None and plan.settings["train.batch_size"] < 32 and plan.estimate.card_bytes <= 16 * GIB
+    assert plan.settings["train.batch_size"] * plan.settings["train.grad_accum"] == 32
+
+
+def test_the_batch_cost_follows_the_fixed_share_of_a_micro_batch() -> None:
+    from qlora.memory.costs import MEASURED_TOKENS
+    from qlora.memory.plan import BATCH, batch_cost
+
+    f = BATCH.cpu
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [
+        "--train.batch_size=1", "--train.grad_accum=16", f"--data.max_seq_len={MEASURED_TOKENS['cpu']}"])
+    assert batch_cost(cfg, 1, "cpu") == 0
+    assert batch_cost(cfg, 16, "cpu") == pytest.approx(-(15 / 16) * f)  # 15 of 16 fixed parts saved
+    assert batch_cost(cfg, 2, "cpu") > batch_cost(cfg, 4, "cpu") > batch_cost(cfg, 16, "cpu")
+    longer = apply_overrides(copy.deepcopy(cfg), [f"--data.max_seq_len={4 * MEASURED_TOKENS['cpu']}"])
+    assert batch_cost(cfg, 16, "cpu") < batch_cost(longer, 16, "cpu") < 0  # the fixed part weighs less in long rows
+
+
+def test_the_same_rows_in_other_micro_batches_give_the_same_losses_and_adapter(tiny_config: Config,
+                                                                              tmp_path: Path) -> None:
+    """4 rows a step as 1 x 4 and as 4 x 1, over two epochs of 40 rows (a multiple of both sizes, so every epoch holds
+    the same rows): the loss of each step and the trained adapter agree (fp32, no dropout)."""
+    from safetensors.torch import load_file
+
+    from qlora.train import train
+
+    rows = (ROOT / "recipes" / "data" / "tiny" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "forty.jsonl").write_text("\n".join(rows[:40]) + "\n")
+    runs = {}
+    for b, g in ((1, 4), (4, 1)):
+        cfg = apply_overrides(copy.deepcopy(tiny_config), [
+            f"--train.batch_size={b}", f"--train.grad_accum={g}", "--lora.dropout=0", "--train.steps=16",
+            f"--data.train={tmp_path / 'forty.jsonl'}", "--train.eval_before=false", "--train.eval_batches=1",
+            f"--output.dir={tmp_path / str(b)}"])
+        train(cfg)
+        run = Path(cfg.output.dir)
+        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+        runs[b] = losses, load_file(run / "adapter_model.safetensors")
+    (one, a1), (four, a4) = runs[1], runs[4]
+    assert len(one) == len(four) == 16  # 64 rows: into the second epoch
+    assert one == pytest.approx(four, rel=1e-4, abs=1e-5)
+    assert one[-1] < one[0]  # it trains
+    for name, value in a1.items():
+        assert torch.allclose(value, a4[name], rtol=1e-3, atol=1e-5), name
+
+
+def test_the_trainer_runs_the_planned_shape_and_cuts_it_to_the_rows_there_are(tiny_config: Config, tmp_path: Path,
+                                                                             capsys) -> None:
+    """On a CPU device with room, 1 x 8 rows become one micro-batch of 8; with 6 training rows, micro-batches of 4
+    (the largest that divides the 8 rows a step and that the rows fill); run_config.json records either."""
+    from qlora.train import train
+
+    base = ["--train.plan=fastest", "--train.plan_batch=true", "--train.batch_size=1", "--train.grad_accum=8",
+            "--train.steps=1", "--train.eval_before=false", "--train.eval_batches=1"]
+    train(apply_overrides(copy.deepcopy(tiny_config), base))
+    out = capsys.readouterr().out
+    assert "batch: 8 rows x 1 micro-batch a step (the recipe: 1 x 8;" in out
+    recorded = json.loads((Path(tiny_config.output.dir) / "run_config.json").read_text())["train"]
+    assert (recorded["batch_size"], recorded["grad_accum"]) == (8, 1)
+    assert {"--train.batch_size=8", "--train.grad_accum=1"} <= set(recorded["plan_chose"])
+
+    rows = (ROOT / "recipes" / "data" / "tiny" / "train.jsonl").read_text().splitlines()
+    (tmp_path / "six.jsonl").write_text("\n".join(rows[:6]) + "\n")
+    few = apply_overrides(copy.deepcopy(tiny_config), [*base, f"--data.train={tmp_path / 'six.jsonl'}",
+                                                       f"--output.dir={tmp_path / 'six'}"])
+    train(few)
+    assert "exceed the 6 training rows of a process: 4 rows x 2 micro-batches a step instead" in capsys.readouterr().out
+    recorded = json.loads((tmp_path / "six" / "run_config.json").read_text())["train"]
+    assert (recorded["batch_size"], recorded["grad_accum"]) == (4, 2)
+    assert {"--train.batch_size=4", "--train.grad_accum=2"} <= set(recorded["plan_chose"])
+
+
+def test_a_batch_shape_set_on_the_command_line_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlora.memory.plan import keep_overridden
+
+    with_batch_figure(monkeypatch, 0.1)
+    cfg = recipe("llama8b", "--train.grad_accum=8")
+    keep_overridden(cfg, ["--train.grad_accum=8", "--data.max_seq_len=2048"])
+    assert cfg.train.plan_keep == ["train.grad_accum"]
+    plan = choose(cfg, "cuda", int(139.8 * GIB), HOST)
+    assert "train.batch_size" not in plan.settings and plan.left["train.batch_size"] == "train.plan_keep"

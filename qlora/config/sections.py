@@ -288,6 +288,12 @@ class TrainConfig(*FIELDS["train"]):
     card's (on a CPU device, the host's available memory)."""
     plan_chose: list[str] = field(default_factory=list)
     """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers, for the record."""
+    plan_batch: bool = False
+    """With plan=fastest: the batch shape is the plan's too. The rows per step (batch_size x grad_accum) stay; the plan
+    runs them as micro-batches of any size that divides them (fewer, larger ones where the card holds them and the
+    cost table says they save time; smaller ones where the card needs it). The loss (summed over the step's target
+    tokens, divided by their count) and the schedule are unchanged (qlora/memory/plan.py). Setting batch_size or
+    grad_accum on the command line keeps the shape."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -322,6 +328,9 @@ class TrainConfig(*FIELDS["train"]):
         if not self.plan_gib >= 0:
             raise ConfigError(f"train.plan_gib={self.plan_gib} must be >= 0 (0 = the whole card), e.g. "
                               "--train.plan_gib=14")
+        if self.plan_batch and self.plan != "fastest":
+            raise ConfigError("train.plan_batch leaves the batch shape to train.plan=fastest: set "
+                              "--train.plan=fastest, or --train.plan_batch=false")
         if self.plan_keep and self.plan != "fastest":
             raise ConfigError("train.plan_keep names the levers train.plan=fastest leaves alone: set "
                               "--train.plan=fastest, or leave train.plan_keep empty")

@@ -13,6 +13,10 @@ the median of 7 steps), and the `source` of each row says which measurement. Wha
                    plan pins on the host), the adapters' gradients and weights and a CPU update (optimizer_on_cpu),
                    each step's embedding rows (embeddings_on_cpu)
     kernels        the same arithmetic in other kernels: speed levers, negative where they save time
+    batch shape    train.batch_size (with train.plan_batch): its figure is of another kind, the share of a one-row
+                   micro-batch's step (checkpointing on, as recipes run) that does not grow with its rows (every
+                   weight dequantised, every kernel launched, the optimizer), measured as 2 - t(2 rows) / t(1 row)
+                   at MEASURED_TOKENS[device] tokens a row; plan.batch_cost turns it into a share of the step
 
 PROVENANCE, read before trusting an order. The CPU column is measured (below); the CUDA column is NOT yet: no GPU
 has run benchmarks/lever_costs.py. Until the GPU battery's `lever-costs-8b` item does, the CUDA column holds
@@ -31,8 +35,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # The CPU measurement behind the cpu column: benchmarks/results/lever-costs-cpu-small.md (figures rounded to 0.01).
-CPU_RUN = ("CPU (2-core AMD EPYC, 1 thread, load average ~9 from other work: timed round-robin), 2026-12-04, "
-           "python benchmarks/lever_costs.py: 4-layer Llama, hidden 256, vocabulary 8192, 1 x 512 tokens")
+CPU_RUN = ("CPU (2-core AMD EPYC, 2 threads, no other work; timed round-robin), 2026-12-05, python "
+           "benchmarks/lever_costs.py --steps=31 --warmup=3: 4-layer Llama, hidden 256, vocabulary 8192, "
+           "1 x 512 tokens")
+
+
+# Tokens a row in the measurement behind each column (what the batch shape's figure scales with).
+MEASURED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 
 @dataclass(frozen=True)
@@ -59,21 +68,22 @@ ASSUMED = "CUDA: ASSUMED, not measured (no effect on a CPU device); the GPU batt
 NO_GPU = "CUDA: not measured yet (the GPU battery's lever-costs-8b): left as the recipe sets it"
 
 TABLE: tuple[LeverCost, ...] = (
-    LeverCost("train.gradient_checkpointing", "recompute", True, 0.36, 0.36, f"{MEASURED}; {STAND_IN}"),
-    LeverCost("train.checkpoint_every", "recompute", None, 0.41, 0.41,
-              f"{MEASURED} (checkpoint_every=4 of 4 layers, +0.31, scaled by 4/3 to a whole forward); {STAND_IN}"),
-    LeverCost("train.tile_size", "recompute", 4096, 0.64, 0.64,
+    LeverCost("train.gradient_checkpointing", "recompute", True, 0.39, 0.39, f"{MEASURED}; {STAND_IN}"),
+    LeverCost("train.checkpoint_every", "recompute", None, 0.38, 0.38,
+              f"{MEASURED} (checkpoint_every=4 of 4 layers, +0.285, scaled by 4/3 to a whole forward); {STAND_IN}"),
+    LeverCost("train.tile_size", "recompute", 4096, 0.63, 0.63,
               f"{MEASURED} (tiles of 128 of 512 tokens: small tiles cost a CPU more than a card); {STAND_IN}"),
-    LeverCost("train.tile_projections", "recompute", True, 0.34, 0.34, f"{MEASURED}; {STAND_IN}"),
-    LeverCost("train.loss_chunk_size", "recompute", 1024, 0.08, 0.08,
+    LeverCost("train.tile_projections", "recompute", True, 0.56, 0.56, f"{MEASURED}; {STAND_IN}"),
+    LeverCost("train.loss_chunk_size", "recompute", 1024, 0.16, 0.16,
               f"{MEASURED} (chunks of 128 of 512 tokens); {STAND_IN}"),
     LeverCost("model.embeddings_on_cpu", "host traffic", True, None, 0.01, ASSUMED),
     LeverCost("train.offload_activations", "host traffic", True, None, 0.05, ASSUMED),
     LeverCost("train.optimizer_on_cpu", "host traffic", True, None, 0.10, ASSUMED),
-    LeverCost("train.fuse_lora_add", "kernels", True, 0.01, None, f"{MEASURED}; {NO_GPU}"),
-    LeverCost("train.fuse_lora", "kernels", True, -0.18, None, f"{MEASURED}; {NO_GPU}"),
-    LeverCost("train.reuse_dequant", "kernels", True, 0.01, None, f"{MEASURED}; {NO_GPU}"),
-    LeverCost("train.dequant_once", "kernels", True, -0.05, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.batch_size", "batch shape", None, 0.18, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.fuse_lora_add", "kernels", True, -0.05, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.fuse_lora", "kernels", True, -0.09, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.reuse_dequant", "kernels", True, -0.05, None, f"{MEASURED}; {NO_GPU}"),
+    LeverCost("train.dequant_once", "kernels", True, -0.13, None, f"{MEASURED}; {NO_GPU}"),
     LeverCost("train.liger_kernels", "kernels", True, None, None, f"CUDA only (Triton); {NO_GPU}"),
     LeverCost("train.liger_ce", "kernels", True, None, None, f"CUDA only (Triton); {NO_GPU}"),
 )

@@ -16,6 +16,17 @@ What the plan may choose, and what it leaves alone:
 - a lever in train.plan_keep stays as set (qlora.train adds every lever set on its command line), and so does one
   the table has no figure for on this device (no speed lever is chosen on CUDA before a GPU measured it);
 - levers that change the numbers (quant.quantize_lm_head, the 8-bit optimizer) are the recipe's: not in the table.
+
+The batch shape, where the recipe leaves it to the plan (train.plan_batch): the step's rows R = batch_size x
+grad_accum stay, and every micro-batch size b dividing R is a choice (grad_accum = R / b). A micro-batch costs a fixed
+part (every weight dequantised, every kernel launched) and a part that grows with its tokens, so b rows cost
+(b0 / b - 1) f / (f + b0 (1 - f) s / s_ref) of the recipe's step of b0 rows (batch_cost; f: the table's batch-shape
+figure, measured at s_ref tokens a row; s: data.max_seq_len). The loss of a step is its summed loss over its target
+tokens divided by their count (qlora/training/step.py) and the schedule counts optimizer steps, so neither changes.
+Micro-batch i of b k rows holds the rows of micro-batches i k ... i k + k - 1 of b rows (qlora/data/read.py), so a
+step trains the same rows in the first epoch, and in every epoch where the training rows are a multiple of both
+micro-batch sizes (an epoch ends at its last whole micro-batch); with lora.dropout > 0 the masks are drawn in another
+order. The estimate counts every row at data.max_seq_len, so the shape chosen fits whatever the rows' lengths.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from qlora.errors import ConfigError
 from qlora.levers.tiling.settings import tiled
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.context import planned, plans
-from qlora.memory.costs import COSTS, TABLE, LeverCost
+from qlora.memory.costs import COSTS, MEASURED_TOKENS, TABLE, LeverCost
 from qlora.memory.estimate import HOST_RUNTIME, Estimate, estimate
 from qlora.memory.preflight import fits, room
 from qlora.memory.profiler import available_bytes
@@ -42,6 +53,8 @@ from qlora.memory.profiler import available_bytes
 GIB = 2**30
 EVERY = COSTS["train.checkpoint_every"]
 OFFLOAD = COSTS["train.offload_activations"]
+BATCH = COSTS["train.batch_size"]
+SHAPE = ("train.batch_size", "train.grad_accum")
 
 
 @dataclass
@@ -108,8 +121,8 @@ def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], d
     keep = set(cfg.train.plan_keep)
     out, left = [], {}
     for row in TABLE:
-        if row.lever == EVERY.lever:
-            continue  # searched with the checkpoint plan
+        if row.lever in (EVERY.lever, BATCH.lever):
+            continue  # searched with the checkpoint plan, and with the batch shape (sizes)
         figure = row.figure(device)
         if device == "cpu" and row.cpu is None:
             continue  # a CUDA-only lever: it does nothing on a CPU device, whatever it is set to
@@ -124,6 +137,35 @@ def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], d
             recipe = get(cfg, row.lever)
             out.append((row, recipe if recipe != off(row.lever) else row.setting))
     return out, left
+
+
+def sizes(cfg: Config, device: str) -> tuple[list[int], str | None]:
+    """The micro-batch sizes the plan may run the step's rows in; where only the recipe's, why (None: not asked)."""
+    t = cfg.train
+    if not t.plan_batch:
+        return [t.batch_size], None
+    if set(SHAPE) & set(t.plan_keep):
+        return [t.batch_size], "train.plan_keep"
+    if BATCH.figure(device) is None:
+        return [t.batch_size], f"no {device} figure in the cost table yet"
+    rows = t.batch_size * t.grad_accum
+    return [b for b in range(1, rows + 1) if rows % b == 0], None
+
+
+def shaped(cfg: Config, b: int) -> dict[str, int]:
+    """The settings that run the step's rows in micro-batches of `b` rows (none for the recipe's own)."""
+    t = cfg.train
+    return {} if b == t.batch_size else {"train.batch_size": b, "train.grad_accum": t.batch_size * t.grad_accum // b}
+
+
+def batch_cost(cfg: Config, b: int, device: str) -> float:
+    """Step time with micro-batches of `b` rows against the recipe's, as a share of its step (the module docstring)."""
+    b0 = cfg.train.batch_size
+    if b == b0:
+        return 0.0
+    f = BATCH.figure(device)
+    per_row = (1 - f) * cfg.data.max_seq_len / MEASURED_TOKENS[device]
+    return (b0 / b - 1) * f / (f + b0 * per_row)
 
 
 def step_cost(cfg: Config, arch: Arch, device: str, on: list[tuple[LeverCost, object]]) -> float:
@@ -169,8 +211,13 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
     does. `device`: "cuda" or "cpu", whose column of the cost table counts."""
     arch = load_arch(cfg)
     options, left = choices(cfg, device)
-    # Where even every memory lever on and the fewest layer inputs kept do not fit, nothing does: said at once.
-    frugal = with_settings(cfg, {row.lever: value for row, value in options if row.kind != "kernels"})
+    shapes, why = sizes(cfg, device)
+    if why is not None:
+        left[BATCH.lever] = why
+    # Where even every memory lever on, the smallest micro-batch and the fewest layer inputs kept do not fit, nothing
+    # does: said at once.
+    frugal = with_settings(cfg, {**{row.lever: value for row, value in options if row.kind != "kernels"},
+                                 **shaped(cfg, min(shapes))})
     if frugal is not None and frugal.train.gradient_checkpointing:
         least = min((e for _, e, _ in checkpoint_plans(frugal, arch, device, host_bytes, gpus)),
                     key=lambda e: e.card_bytes, default=None)
@@ -185,10 +232,12 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
             settings["train.offload_budget_gib"] = 0.0  # a budget limits offloading: none without it
         combos.append((settings, on))
     scored = []
-    for settings, on in combos:
+    for (settings, on), b in itertools.product(combos, shapes):
+        settings = {**settings, **shaped(cfg, b)}
         candidate = with_settings(cfg, settings)
         if candidate is not None:
-            scored.append((step_cost(candidate, arch, device, on), len(on), settings, candidate))
+            cost = step_cost(candidate, arch, device, on) + batch_cost(cfg, b, device)
+            scored.append((cost, len(on) + (b != cfg.train.batch_size), settings, candidate))
     scored.sort(key=lambda x: (round(x[0], 9), x[1]))
     best: Plan | None = None
     for cost, _, settings, candidate in scored:
@@ -231,14 +280,40 @@ def explain(cfg: Config, plan: Plan, device: str, where: str) -> list[str]:
     cp = est.checkpoints
     if cp is not None and (cp.every > 1 or cp.host):
         lines.append(f"  checkpoints: {cp.describe()}")
+    if cfg.train.plan_batch and BATCH.lever not in plan.left:
+        b, g = plan.settings.get("train.batch_size", cfg.train.batch_size), plan.settings.get(
+            "train.grad_accum", cfg.train.grad_accum)
+        recipe = "as the recipe" if b == cfg.train.batch_size else \
+            f"the recipe: {cfg.train.batch_size} x {cfg.train.grad_accum}"
+        lines.append(f"  batch: {b} row{'s' if b != 1 else ''} x {g} micro-batch{'es' if g != 1 else ''} a step "
+                     f"({recipe}; {100 * batch_cost(cfg, b, device):+.0f}% by the cost table)")
     lines += [f"  as set: {lever}={get(cfg, lever)} ({why})" for lever, why in plan.left.items()]
     return lines
+
+
+def reshaped(cfg: Config) -> bool:
+    """Whether the plan changed the recipe's batch shape."""
+    return any(item[2:].split("=", 1)[0] in SHAPE for item in cfg.train.plan_chose)
+
+
+def fewer_rows(cfg: Config, most: int) -> None:
+    """With the batch shape the plan's and fewer training rows per process than its micro-batch (known only once the
+    data is read, after the plan): the largest micro-batch of at most `most` rows that divides the step's rows. Fewer
+    rows need less memory, so it still fits; printed and recorded in train.plan_chose."""
+    t = cfg.train
+    rows = t.batch_size * t.grad_accum
+    b = max(n for n in range(1, max(1, most) + 1) if rows % n == 0)
+    print(f"train.plan=fastest: micro-batches of {t.batch_size} rows exceed the {most} training rows of a process: "
+          f"{b} rows x {rows // b} micro-batches a step instead")
+    t.batch_size, t.grad_accum = b, rows // b
+    t.plan_chose = [item for item in t.plan_chose if item[2:].split("=", 1)[0] not in SHAPE] + [
+        f"--train.batch_size={b}", f"--train.grad_accum={rows // b}"]
 
 
 def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     """A lever set on the command line stays as set: add it to train.plan_keep."""
     keys = [item[2:].split("=", 1)[0] for item in overrides]
-    cfg.train.plan_keep += [key for key in keys if key in COSTS and key not in cfg.train.plan_keep]
+    cfg.train.plan_keep += [key for key in keys if (key in COSTS or key in SHAPE) and key not in cfg.train.plan_keep]
 
 
 def use_plan(cfg: Config, device: torch.device, gpus: int = 1) -> Plan | None:
