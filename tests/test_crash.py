@@ -167,6 +167,8 @@ def test_a_signal_finishes_the_step_saves_and_exits(cli, reference, tmp_path, si
     assert m, result.stderr
     step = int(m.group(1))
     assert 2 <= step < STEPS and list_checkpoints(out) == [out / f"checkpoint-{step}"] == [Path(m.group(2))]
+    assert f"{sig.name}: stopping after the step in flight, with a checkpoint ({sig.name} again stops at once)" in \
+        result.stderr  # said when the signal came, not only at the end
     logged = [line["step"] for line in metrics(out) if "loss" in line]
     assert logged == list(range(1, step + 1))  # the step in flight finished; no other began
     result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])

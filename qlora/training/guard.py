@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import signal
 import threading
@@ -64,6 +65,12 @@ class RunGuard:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum
         self.release_signals()  # a second Ctrl-C or SIGTERM acts at once; checkpoints are atomic, so that is safe
+        if os.environ.get("RANK", "0") == "0":  # said once for the run, not by every process
+            # A step of a large model takes minutes: say at once that the signal was heard. os.write, not print: the
+            # handler runs between two bytecodes of the main thread, perhaps inside a print to the same stream.
+            name = signal.Signals(signum).name
+            os.write(2, f"\n{name}: stopping after the step in flight, with a checkpoint ({name} again stops at "
+                        "once)\n".encode())
 
     def stopped_by_signal(self, step: int, saved: Path | None) -> Stop:
         name = signal.Signals(self.signal).name
