@@ -257,3 +257,22 @@ def test_a_batch_shape_set_on_the_command_line_is_kept(monkeypatch: pytest.Monke
     assert cfg.train.plan_keep == ["train.grad_accum"]
     plan = choose(cfg, "cuda", int(139.8 * GIB), HOST)
     assert "train.batch_size" not in plan.settings and plan.left["train.batch_size"] == "train.plan_keep"
+
+
+def test_a_lever_that_saves_time_but_is_off_says_why(tiny_config: Config) -> None:
+    """On a CPU device fuse_lora is on, so fuse_lora_add, which saves time too but which the config refuses beside it,
+    is off: the plan says it is not allowed, not that it saves no time; dequant_once, off where the host has no room
+    for its copies, does not fit."""
+    from qlora.memory.plan import explain
+
+    cfg = apply_overrides(tiny_config, ["--train.plan=fastest"])
+    roomy = choose(cfg, "cpu", 64 * GIB, None)
+    assert roomy.settings["train.fuse_lora"] is True
+    said = {line.split(" (")[0].strip(): line.split("): ")[-1] for line in explain(cfg, roomy, "cpu", "")[1:]}
+    assert said["off: train.fuse_lora_add"] == "not allowed beside the levers on"
+    plain = estimate(with_settings(cfg, {"train.gradient_checkpointing": False}), load_arch(cfg), "qlora", "cpu")
+    tight = choose(cfg, "cpu", plain.card_bytes, None)  # room for the plain step, not for 16-bit copies of the base
+    assert tight.settings["train.dequant_once"] is False
+    said = {line.split(" (")[0].strip(): line.split("): ")[-1] for line in explain(cfg, tight, "cpu", "")[1:]}
+    assert said["off: train.dequant_once"] == "does not fit beside the levers on"
+    assert said["off: train.tile_size"] == "not needed here"

@@ -134,9 +134,14 @@ def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], d
         elif row.kind == "kernels" and figure >= 0 and get(cfg, row.lever) == default(row.lever):
             continue  # costs time and saves no memory: never chosen
         else:
-            recipe = get(cfg, row.lever)
-            out.append((row, recipe if recipe != off(row.lever) else row.setting))
+            out.append((row, on_value(cfg, row)))
     return out, left
+
+
+def on_value(cfg: Config, row: LeverCost) -> object:
+    """A lever's value switched on: the recipe's, or the table's where the recipe leaves it off."""
+    recipe = get(cfg, row.lever)
+    return recipe if recipe != off(row.lever) else row.setting
 
 
 def sizes(cfg: Config, device: str) -> tuple[list[int], str | None]:
@@ -275,8 +280,7 @@ def explain(cfg: Config, plan: Plan, device: str, where: str) -> list[str]:
             shown = str(value).lower() if isinstance(value, bool) else value
             lines.append(f"  on:  {row.lever}={shown} ({row.kind}, {100 * figure:+.0f}%)")
         else:
-            why = "saves no time here" if row.kind == "kernels" else "not needed here"
-            lines.append(f"  off: {row.lever} ({row.kind}, {100 * figure:+.0f}%): {why}")
+            lines.append(f"  off: {row.lever} ({row.kind}, {100 * figure:+.0f}%): {why_off(cfg, plan, row, figure)}")
     cp = est.checkpoints
     if cp is not None and (cp.every > 1 or cp.host):
         lines.append(f"  checkpoints: {cp.describe()}")
@@ -289,6 +293,15 @@ def explain(cfg: Config, plan: Plan, device: str, where: str) -> list[str]:
                      f"({recipe}; {100 * batch_cost(cfg, b, device):+.0f}% by the cost table)")
     lines += [f"  as set: {lever}={get(cfg, lever)} ({why})" for lever, why in plan.left.items()]
     return lines
+
+
+def why_off(cfg: Config, plan: Plan, row: LeverCost, figure: float) -> str:
+    """Why the plan left a lever off: it costs time, or (one that saves time) the rules or the card keep it out."""
+    if figure >= 0:
+        return "saves no time here" if row.kind == "kernels" else "not needed here"
+    if with_settings(cfg, {**plan.settings, row.lever: on_value(cfg, row)}) is None:
+        return "not allowed beside the levers on"
+    return "does not fit beside the levers on"
 
 
 def reshaped(cfg: Config) -> bool:
