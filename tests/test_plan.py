@@ -276,3 +276,26 @@ def test_a_lever_that_saves_time_but_is_off_says_why(tiny_config: Config) -> Non
     said = {line.split(" (")[0].strip(): line.split("): ")[-1] for line in explain(cfg, tight, "cpu", "")[1:]}
     assert said["off: train.dequant_once"] == "does not fit beside the levers on"
     assert said["off: train.tile_size"] == "not needed here"
+
+
+def test_a_run_resumed_where_the_plan_picks_another_micro_batch_continues_exactly(cli, tmp_path: Path) -> None:
+    """8 rows a step run as 8 x 1 for 4 steps, then resumed under a ceiling that leaves room for one row only (1 x 8):
+    the 8 losses are those of the run that never stopped (fp32, no dropout: the same rows, the same loss)."""
+    base = ["recipes/tiny.py", "--train.plan=fastest", "--train.plan_batch=true", "--train.eval_before=false",
+            "--train.eval_every=0", "--train.eval_batches=1", "--lora.dropout=0", "--train.log_every=1"]
+    one_row = "0.006"  # GiB: the tiny model's step of 1 row fits, of 2 rows not (the estimate)
+    assert choose(apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), base[1:4]), "cpu",
+                  int(float(one_row) * GIB), None).settings["train.batch_size"] == 1
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli.run([*base, "--train.steps=8", f"--output.dir={full}"]).status == 0
+    first = cli.run([*base, "--train.steps=4", f"--output.dir={part}"])
+    assert first.status == 0 and "batch: 8 rows x 1 micro-batch a step (as the recipe;" in first.stdout
+    resumed = cli.run([*base, "--train.steps=8", f"--output.dir={part}", "--resume", f"--train.plan_gib={one_row}"])
+    assert resumed.status == 0, resumed.stderr
+    assert "batch: 1 row x 8 micro-batches a step (the recipe: 8 x 1;" in resumed.stdout
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    assert len(losses(part)) == 8 and losses(part) == pytest.approx(losses(full), rel=1e-5)
