@@ -20,7 +20,7 @@ from qlora.base.build import ensure_checkpoint  # noqa: E402
 from qlora.config import Config, apply_overrides  # noqa: E402
 from qlora.data.read import collate  # noqa: E402
 from qlora.errors import ConfigError
-from qlora.levers.host_optimizer.optimizer import embeddings_to_cpu  # noqa: E402
+from qlora.levers.cpu_embeddings.embedding import embeddings_to_cpu  # noqa: E402
 from qlora.train import train  # noqa: E402
 from qlora.training.assemble import build_model, prepare
 from qlora.training.optimizer import build_optimizer, stepped_params

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_same, build, cuda_only, loss_and_grads
+from support import CUDA_SAME, assert_same, build, cuda_only, loss_and_grads
 
 from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
@@ -52,7 +52,7 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
     model = build(tiny_config, "--train.device=cuda", "--train.offload_activations=true",
                   "--train.checkpoint_every=2")
     store = model.model.layers[0]._gradient_checkpointing_func.func.__self__
-    assert_same(loss_and_grads(model, batch), reference)
+    assert_same(loss_and_grads(model, batch), reference, **CUDA_SAME)
     assert store.slots and all(b.is_pinned() for b in store.slots)
     tiled = build(tiny_config, "--train.device=cuda", "--train.tile_size=16", "--train.tile_projections=true")
     exact = loss_and_grads(build(tiny_config, "--train.device=cuda", "--quant.compute_dtype=fp32"), batch)
@@ -72,3 +72,34 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
     for name, p in plain.named_parameters():
         if p.requires_grad:  # bitsandbytes' CPU and CUDA kernels on bf16 weights: the same update to a bf16 step
             torch.testing.assert_close(params[name], p, rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_a_pinned_buffer_stays_pinned_while_any_view_of_it_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host optimizer keeps only typed views of its two pinned buffers: the registration must last as long as
+    they do (it once ended with the temporary buffer object, so its copies ran from pageable memory). Each pinned
+    buffer has pages of its own (cudaHostRegister refuses a page another registration holds). The driver's calls
+    are recorded, not made: no GPU here."""
+    import gc
+
+    import torch.cuda._pin_memory_utils as driver
+
+    from qlora.levers.pinned import PAGE, pinned_buffer, typed_views, views_size
+
+    log: list[tuple] = []
+    monkeypatch.setattr(driver, "pin_memory", lambda ptr, size: log.append(("pin", ptr, size)))
+    monkeypatch.setattr(driver, "unpin_memory", lambda ptr: log.append(("unpin", ptr)))
+    like = [torch.empty(3, 5, device="meta"), torch.empty(7, device="meta")]
+    views = typed_views(pinned_buffer(views_size(like), True), like)
+    other = pinned_buffer(100, True)
+    gc.collect()
+    (_, ptr, size), (_, other_ptr, other_size) = log
+    assert [entry[0] for entry in log] == ["pin", "pin"] and ptr % PAGE == 0 == other_ptr % PAGE
+    pages = set(range(ptr // PAGE, -(-(ptr + size) // PAGE)))
+    assert not pages & set(range(other_ptr // PAGE, -(-(other_ptr + other_size) // PAGE)))
+    views[0].fill_(1.0)  # still in use, still pinned
+    del views
+    gc.collect()
+    assert log[2:] == [("unpin", ptr)]
+    del other
+    gc.collect()
+    assert log[3:] == [("unpin", other_ptr)]

@@ -18,10 +18,12 @@ PAGE = mmap.PAGESIZE
 
 
 def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
-    """`nbytes` of CPU memory as a flat uint8 tensor, page-locked for the GPU when `pin` (CUDA); plain otherwise."""
-    buffer = torch.empty(nbytes, dtype=torch.uint8)
-    if pin:
-        pin_in_place(buffer)
+    """`nbytes` of CPU memory as a flat uint8 tensor, page-locked for the GPU when `pin` (CUDA; on pages of its own,
+    see page_aligned); plain otherwise."""
+    if not pin:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    buffer = page_aligned(nbytes)
+    pin_in_place(buffer)
     return buffer
 
 
@@ -35,15 +37,16 @@ def page_aligned(nbytes: int) -> torch.Tensor:
 
 
 def pin_in_place(buffer: torch.Tensor) -> None:
-    """Page-lock `buffer` (a flat CPU tensor with a storage of its own) for the GPU as it is, until it goes. Filled
-    before it is pinned, its pages come into memory one copy at a time: pinning first would fault them all in at
-    once, beside whatever is being copied into it."""
+    """Page-lock `buffer` (a flat CPU tensor) for the GPU as it is, until its memory goes. Filled before it is pinned,
+    its pages come into memory one copy at a time: pinning first would fault them all in at once, beside whatever is
+    being copied into it."""
     if buffer.numel():
         from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
 
         pin_memory(buffer.data_ptr(), buffer.numel() * buffer.element_size())
-        # Unregister when the tensor goes, before its memory returns to the allocator.
-        weakref.finalize(buffer, unpin_memory, buffer.data_ptr())
+        # Unregistered when the storage goes, before its memory returns to the allocator: not when this tensor object
+        # goes, for views of it (typed_views) may outlive it and still be copied to and from the card.
+        weakref.finalize(buffer.untyped_storage(), unpin_memory, buffer.data_ptr())
 
 
 def typed_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

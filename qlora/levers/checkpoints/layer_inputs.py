@@ -170,6 +170,8 @@ class LayerInputs:
         """This forward's next host slot, shaped as `tensor` (grown if a longer batch needs more)."""
         size = tensor.numel() * tensor.element_size()
         if self._slot == len(self.slots) or self.slots[self._slot].numel() < size:
+            if self.cuda and self._slot < len(self.slots):  # no copy of the slot replaced may still be in flight
+                self.stream.synchronize()
             buffer = pinned_buffer(size, pin=self.cuda)
             if self._slot == len(self.slots):
                 self.slots.append(buffer)

@@ -32,7 +32,7 @@ def test_liger_ce_matches_pytorch_chunks_on_cuda(tiny_config: Config, batch: dic
     batch = {k: v.cuda() for k, v in batch.items()}
     model = build(tiny_config, "--train.device=cuda")
     reference = loss_and_grads(model, batch, chunk_size=16)
-    from qlora.training.loss import use_liger_ce
+    from qlora.levers.loss.chunks import use_liger_ce
 
     assert use_liger_ce(model)
     # bf16 logits from two different kernels: close, not bitwise.

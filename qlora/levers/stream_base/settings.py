@@ -27,6 +27,9 @@ def check(cfg: RunConfig) -> None:
     if t.shard_base:
         raise ConfigError("train.shard_base and train.stream_base both place the base (sharded over the processes' "
                           "devices, or streamed from host memory): turn one of them off")
+    if t.dequant_once:
+        raise ConfigError("train.dequant_once keeps a 16-bit copy of every layer's weights on the device, which "
+                          "train.stream_base keeps in host memory to save: set --train.dequant_once=false")
     if t.checkpoint_every > 1:
         raise ConfigError("train.stream_base with train.checkpoint_every: not supported together (a group's replay "
                           "runs earlier layers inside a later layer's backward, while the streamer holds two layers "

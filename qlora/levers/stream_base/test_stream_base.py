@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import assert_same, build, cuda_only, loss_and_grads
+from support import CUDA_SAME, assert_same, build, cuda_only, loss_and_grads
 from test_crash import assert_same_run
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -52,9 +52,7 @@ def test_streamed_base_keeps_loss_and_grads(tiny_config: Config, batch: dict, de
     flags = [*deep, f"--train.gradient_checkpointing={str(checkpointing).lower()}", f"--train.device={device}"]
     plain, streamed = build(tiny_config, *flags), build(tiny_config, *flags, "--train.stream_base=true")
     assert all(p.device.type == device for p in streamed.parameters())
-    # CUDA: bf16, and an attention backward that need not add in one order; wrong weights miss by far more (a layer
-    # left out of its slot in the backward moved gradients by up to 2,400x on CPU).
-    exact = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=2e-2, atol=1e-3)
+    exact = dict(rtol=0, atol=0) if device == "cpu" else CUDA_SAME
     batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     first = loss_and_grads(streamed, batch), loss_and_grads(plain, batch)
@@ -97,8 +95,12 @@ def test_nf4_bytes_survive_the_round_trip_bit_for_bit(tiny_config: Config, deep:
     layer = linear4bit(torch.randn(512, 512, device=device), None, tiny_config.quant, torch.float32)
     patterns = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.uint8)  # 512 x 512 / 2 bytes
     layer.weight.data.view(-1).copy_(patterns)
-    LayerStream(nn.ModuleList([nn.Sequential(layer)]), torch.device(device)).bring(0)
+    one = LayerStream(nn.ModuleList([nn.Sequential(layer)]), torch.device(device))  # kept: its host buffer is the
+    one.bring(0)                                                                         # copy's source
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert layer.weight.device.type == device and torch.equal(as_bytes(layer.weight), patterns)
+    del one
 
 
 class CopiedInto(TorchDispatchMode):
@@ -151,7 +153,8 @@ def test_estimate_counts_what_the_streamer_pins_holds_and_moves(tiny_config: Con
 def test_stream_base_refuses_what_it_cannot_stream(tiny_config: Config) -> None:
     for flags, says in ((["--quant.method=lora"], "quant.method=lora loads a 16-bit one"),
                         (["--train.checkpoint_every=2"], "set --train.checkpoint_every=1"),
-                        (["--train.shard_base=true"], "turn one of them off")):
+                        (["--train.shard_base=true"], "turn one of them off"),
+                        (["--train.dequant_once=true"], "set --train.dequant_once=false")):
         with pytest.raises(ConfigError, match=says):
             apply_overrides(copy.deepcopy(tiny_config), ["--train.stream_base=true", *flags])
 
