@@ -49,6 +49,7 @@ import argparse
 import datetime
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
@@ -90,12 +91,18 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
     memory = [python, "-m", "qlora.memory"]
     levers = [python, "benchmarks/memory_levers.py", res]
     speed = [python, "benchmarks/throughput.py", res]
-    # One process, whatever pyproject's addopts say: the image has no pytest-xdist (its `-n 2` would be refused), and
-    # two workers on one card would measure each other's memory.
+    # The GPU tests in one process, whatever pyproject's addopts say: two workers on one card would measure each
+    # other's memory (and an image without pytest-xdist would refuse addopts' `-n 2`).
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=-ra"]
     # The 8B estimate test measures what memory-llama8b measures: it runs last, in what part 4 leaves.
     gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
-                 "tests/test_levers.py", "qlora/levers/liger/test_liger.py"]
+                 "tests/test_levers.py", "qlora/levers/liger/test_liger.py",
+                 "qlora/levers/checkpoints/test_checkpoints.py", "qlora/levers/loss/test_loss.py"]
+    # The CPU suite on the image's versions, the GPU hidden (so that no test touches it), in 8 workers where the image
+    # has pytest-xdist (it had on 2026-11-17): one process would not finish in its cap.
+    xdist = " -n 8 --dist loadfile" if importlib.util.find_spec("xdist") else ""
+    cpu_tests = ["env", "CUDA_VISIBLE_DEVICES=", python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o",
+                 f"addopts=-ra{xdist}", "-k", "not gpu and not on_cuda", "tests", "qlora"]
     unsloth = f"--unsloth-site={UNSLOTH_SITE}"
     speed8b = [*speed, "--size=8b", "--profile=2", unsloth]
     reports22 = f"{work}/memory_reports"
@@ -159,7 +166,7 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
         search(3, "70b", 540),
         # Part 4 goes on with whatever parts 2 and 3 left cut short (an item that finished is skipped at no cost).
         table(4, "8b", 90), search(4, "8b", 120), table(4, "70b", 120), search(4, "70b", 120),
-        Item(4, "cpu-tests", [*pytest, "-k", "not gpu and not on_cuda", "tests"], 200),
+        Item(4, "cpu-tests", cpu_tests, 300),
         Item(4, "gpu-test-8b-estimate", [*pytest, "-k", "llama8b", "tests/test_memory_gpu.py"], 200),
         # Issue 22. The rows share their probe logs with the snapshot's (the same setup): its 58,368 row is theirs.
         Item(5, "snapshot-70b", [*issue22, "--size=70b", "--rows=58368", "--depth=auto", "--budget-gib=79.6",
@@ -191,8 +198,8 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
              300, ["benchmarks/results/memory-levers-*-8b-6gb.md"], True),
         card("70b-24gb", 24.0, part=7),
         Item(7, "throughput-70b-stream", [*speed, "--size=70b", "--seq=4096", "--stacks=ours,ours-streamed",
-                                          "--steps=3", "--warmup=1", "--probe-timeout=250"], 540,
-             ["benchmarks/results/throughput-*-70b.md"], True),
+                                          "--steps=3", "--warmup=1", "--probe-timeout=250", "--tag=stream"], 540,
+             ["benchmarks/results/throughput-*-70b-stream.md"], True),
     ]
 
 
@@ -362,17 +369,27 @@ class Battery:
         with tarfile.open(tmp, "w:gz") as tar:
             for sub in ("memory_reports", "benchmarks/results", "logs"):
                 if (self.work / sub).is_dir():
-                    tar.add(self.work / sub, arcname=sub, filter=lambda m: None if "/traces" in m.name else m)
+                    tar.add(self.work / sub, arcname=sub, filter=lambda m: None if "/traces" in m.name
+                            or m.name.endswith(".pickle.gz") else m)
         os.replace(tmp, self.out / "reports.tar.gz")
-        # The profiler traces (throughput.py --profile), apart: a file comes back only up to 16 MiB.
-        traces = sorted((self.work / "benchmarks/results/traces").glob("*.json.gz"))
-        kept = [t for t in traces if t.stat().st_size <= TRACES_BYTES]
-        kept = [t for i, t in enumerate(kept) if sum(k.stat().st_size for k in kept[:i + 1]) <= TRACES_BYTES]
-        if kept:
-            with tarfile.open(tmp, "w") as tar:  # gzipped already
-                for trace in kept:
-                    tar.add(trace, arcname=f"traces/{trace.name}")
-            os.replace(tmp, self.out / "traces.tar")
+        # The profiler traces (throughput.py --profile) and the allocator snapshots (--history), each apart: a file
+        # comes back only up to 16 MiB, and the reports must come back whatever these weigh.
+        capped(sorted((self.work / "benchmarks/results/traces").glob("*.json.gz")), "traces", self.out / "traces.tar")
+        capped(sorted((self.work / "memory_reports/snapshots").glob("*.pickle.gz")), "memory_reports/snapshots",
+               self.out / "snapshots.tar")
+
+
+def capped(files: list[Path], folder: str, tar_path: Path) -> None:
+    """`files` (gzipped already) into an uncompressed tar under `folder`/, as many as fit TRACES_BYTES in order; none
+    larger than that alone. No tar when none fits."""
+    kept = [f for f in files if f.stat().st_size <= TRACES_BYTES]
+    kept = [f for i, f in enumerate(kept) if sum(k.stat().st_size for k in kept[:i + 1]) <= TRACES_BYTES]
+    if kept:
+        tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for f in kept:
+                tar.add(f, arcname=f"{folder}/{f.name}")
+        os.replace(tmp, tar_path)
 
 
 def replace(path: Path, text: str) -> None:

@@ -10,8 +10,9 @@
 #                    (0.4 MB with pluggy and iniconfig; installed only where the image lacks it)
 #   FOLDER/unsloth/  Unsloth's stack of benchmarks/throughput.py, installed into a site of its own (it pins
 #                    datasets < 5, trl <= 1.15): unsloth cut of its web UI (28.6 MB -> 2.2 MB), unsloth-zoo, trl,
-#                    torchao, datasets 4.3, and what the image lacks of their imports. Left out: xformers (Unsloth
-#                    falls back to SDPA without it; its wheel alone exceeds the limit), hf_transfer and diffusers
+#                    torchao, datasets 4.8 (trl 1.15 needs >= 4.7), and what the image lacks of their imports. Left
+#                    out: xformers (Unsloth falls back to SDPA without it; its wheel alone exceeds the limit),
+#                    hf_transfer and diffusers
 #                    (not imported to train).
 # The versions are those the CPU tests pass with (Unsloth's: the ones it pins). The script fails if all the wheels
 # come to more than 60 MB: a call carries 64 MiB, the checkout included.
@@ -21,7 +22,7 @@ folder=${1:-.whl}
 python=${PYTHON:-python3}
 wheels=(bitsandbytes==0.50.2 datasets==5.2.0 pandas==3.1.1 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0
         gguf==0.19.0 liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1)
-unsloth=(unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 torchao==0.18.0 datasets==4.3.0
+unsloth=(unsloth==2026.10.9 unsloth-zoo==2026.10.9 trl==1.15.0 torchao==0.18.0 datasets==4.8.5
          cut-cross-entropy==25.1.1 msgspec==0.23.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
          typing-inspection==0.4.5 tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 shtab==1.13.0
          structlog==26.1.0 json5==0.17.3 nest-asyncio==1.6.0)

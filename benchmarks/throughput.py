@@ -469,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="site folder with unsloth and the versions it pins (before the others on its path)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="print only; write no report")
+    parser.add_argument("--tag", default="", help="added to the report's name (throughput-DEVICE-SIZE-TAG.md), so "
+                        "that runs of one size with other settings keep their own reports")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     spec = SIZES[args.size]
@@ -490,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         names = [n for n in names if n != "ours+liger_ce"]  # liger-kernel is Triton: CUDA only
     device = "cuda" if cuda else "cpu"
-    stem = Path(args.out_dir) / f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}"
+    stem = Path(args.out_dir) / (f"throughput-{device}-{args.size}{'-levers' if args.levers else ''}"
+                                 + (f"-{args.tag}" if args.tag else ""))
     setup = {"size": args.size, "seq": args.seq, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
              "rank": args.rank, "standard_prep": args.standard_prep, "peak_tflops": args.peak_tflops,
              "overrides": args.override, "profile": args.profile}

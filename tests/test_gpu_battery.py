@@ -11,6 +11,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,8 +45,10 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
     done = battery(tmp_path, "--part=all")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "reports.tar.gz", "results.jsonl", "summary.md",
-                                                     "traces.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "reports.tar.gz", "results.jsonl", "snapshots.tar",
+                                                     "summary.md", "traces.tar"]
+    with tarfile.open(out / "snapshots.tar") as tar:  # the allocator's history of part 5, apart from the reports
+        assert tar.getnames() == ["memory_reports/snapshots/tiny-256-cpu.pickle.gz"]
     with tarfile.open(out / "traces.tar") as tar:  # the profiler's record of part 6, apart from the reports
         assert "traces/ours-fastest-cpu-tiny.json.gz" in tar.getnames()
 
@@ -61,7 +65,7 @@ def test_the_battery_runs_every_part_at_tiny_size(tmp_path: Path) -> None:
         names = set(tar.getnames())
     for report in ("memory_reports/tiny-cpu.md", "benchmarks/results/throughput-cpu-tiny.md",
                    "benchmarks/results/memory-levers-cpu-tiny.md", "memory_reports/tiny-rows-cpu.json",
-                   "memory_reports/snapshots/tiny-256-cpu.pickle.gz", "memory_reports/snapshots/tiny-256-cpu.txt"):
+                   "memory_reports/snapshots/tiny-256-cpu.txt"):
         assert report in names, names
     # Part 5 (issue 22): a probe of one of the tiny Llama's two layers, the whole model's peak predicted from it, and
     # one probe of both; each row machine-readable; the allocator's history recorded and attributed.
@@ -104,17 +108,30 @@ def test_items_pick_from_the_parts_in_the_order_given_and_an_unknown_one_is_name
     assert "the items: gpu-tests, memory-tiny, throughput-tiny" in wrong.stderr
 
 
-def test_the_batterys_pytest_runs_in_one_process_without_xdist() -> None:
-    """The GPU image has no pytest-xdist: pyproject's `-n 2` would stop every test item there at its command line,
-    and two workers on one card would measure each other's memory."""
+def test_the_batterys_gpu_tests_run_in_one_process_and_its_cpu_suite_without_the_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers on one card would measure each other's memory: the GPU items run pytest in one process, whatever
+    pyproject's addopts (`-n 2`) say. The CPU suite on the image hides the GPU and runs in 8 workers where the image
+    has pytest-xdist (one process would not finish in its cap), in one where it has not (`-n` would be refused)."""
+    import importlib.util
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gpu import plan
 
     items = [i for size in ("full", "tiny") for i in plan(size, Path("/w"), "python") if "pytest" in i.cmd]
-    assert {i.name for i in items} >= {"gpu-tests"}
+    assert {i.name for i in items} >= {"gpu-tests", "stream-tests", "cpu-tests"}
     for item in items:
         at = item.cmd.index("pytest")
-        assert item.cmd[at + 1:at + 8] == ["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=-ra"]
+        if item.name != "cpu-tests":
+            assert item.cmd[at + 1:at + 8] == ["-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=-ra"]
+
+    def cpu_tests() -> list[str]:
+        return next(i.cmd for i in plan("full", Path("/w"), "python") if i.name == "cpu-tests")
+
+    assert cpu_tests()[:2] == ["env", "CUDA_VISIBLE_DEVICES="] and "addopts=-ra -n 8 --dist loadfile" in cpu_tests()
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xdist" else found(name, *a))
+    assert "addopts=-ra" in cpu_tests() and "-n" not in " ".join(cpu_tests())
 
 
 def test_a_cut_wheel_installs_without_the_members_dropped(tmp_path: Path) -> None:
