@@ -59,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
-from throughput import RESULTS, SIZES, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
+from throughput import AS_SET, RESULTS, SIZES, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
 
 BASELINE = ["--train.gradient_checkpointing=true", "--train.offload_activations=false", "--train.loss_chunk_size=0",
             "--train.liger_ce=false", "--quant.quantize_lm_head=false", "--model.embeddings_on_cpu=false",
@@ -131,6 +131,14 @@ def device_info(device: torch.device) -> dict:
     return {"device_name": "cpu", "total_gib": None}
 
 
+def probe_config(args: argparse.Namespace, spec: dict):  # noqa: ANN201 (Config)
+    """The recipe a probe runs: its levers as set (not train.plan's for this card), the baseline's or the spec's
+    overrides, --override, and one batch shape, as packed rows have (it sizes the pinned-memory check of activation
+    offload)."""
+    return base_config(args.size, [*AS_SET, *([] if spec.get("recipe") else BASELINE), *spec.get("overrides", []),
+                                   *args.override, f"--data.max_seq_len={args.seq}", "--data.pack=true"])
+
+
 def probe(args: argparse.Namespace, spec: dict) -> dict:
     """One probe, in this (child) process: build, `--probe-steps` steps, the peak; or how it failed. With --depth the
     recipe runs cut to that many decoder layers and the whole model's peak is predicted from it."""
@@ -139,10 +147,7 @@ def probe(args: argparse.Namespace, spec: dict) -> dict:
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
 
-    # Every probe batch has one shape, as packed rows do (it sizes the pinned-memory check of activation offload).
-    overrides = ([] if spec.get("recipe") else BASELINE) + spec.get("overrides", []) + args.override + \
-        [f"--data.max_seq_len={args.seq}", "--data.pack=true"]
-    whole = base_config(args.size, overrides)
+    whole = probe_config(args, spec)
     device = resolve_device(whole.train.device)
     cfg, cut = whole, depth_of(args, spec, whole, device.type)
     if cut is not None:

@@ -12,7 +12,8 @@ rank, alpha, dropout and targets (every linear layer but lm_head):
                 layer, non-reentrant; --standard-prep none skips the upcast), peft's bnb Linear4bit LoRA layers,
                 the forward and model(labels=...) loss under bf16 autocast (SDPA), bitsandbytes PagedAdamW32bit,
                 grad-norm clip 1.0 (Trainer's default)
-    ours        training.assemble.build_model with the recipe's levers, loss_sum, the recipe's optimizer, same clip
+    ours        training.assemble.build_model with the recipe's levers as they stand (train.plan=recipe: AS_SET),
+                loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
     ours-fastest ours with train.plan=fastest: the levers the trainer picks for this card (qlora/memory/plan.py)
     ours-batched ours-fastest with the batch shape left to the plan too (train.plan_batch): a step is one micro-batch
@@ -106,6 +107,11 @@ LEVERS = {  # --levers: ours with one speed lever on
 
 
 # --- configuration shared with benchmarks/memory_levers.py ---
+
+# The recipe's levers as they stand. The 8B and 70B recipes leave their levers to train.plan=fastest, which would
+# choose others for the card it finds (on an H200 every memory lever off): a stack or a probe measures the levers it
+# names, and a stack that measures the plan says --train.plan=fastest after these.
+AS_SET = ["--train.plan_batch=false", "--train.plan=recipe"]
 
 def base_config(size: str, overrides: list[str]):  # noqa: ANN201 (Config; imported lazily to keep --help fast)
     """The recipe for `size` with `overrides`; for 8b/70b a synthetic-weights config when the recipe is missing."""
@@ -338,10 +344,14 @@ def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | N
     return {"kernels": kernel_table(prof, rank, steps), "sdpa": sdpa_backends(prof), "profiled_steps": steps}
 
 
+def stack_config(args: argparse.Namespace, extra: list[str]):  # noqa: ANN201 (Config)
+    """A stack's recipe: the levers as set, then --override and the stack's own (ours-fastest: the plan's)."""
+    return base_config(args.size, [*AS_SET, *args.override, *extra] + ([f"--lora.r={args.rank}"] if args.rank else []))
+
+
 def measure(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
     """Build one stack, run warmup + timed steps on the synthetic batch, return its figures."""
-    cfg = base_config(args.size, ["--train.plan_batch=false", *args.override, *extra]
-                      + ([f"--lora.r={args.rank}"] if args.rank else []))
+    cfg = stack_config(args, extra)
     torch.manual_seed(0)
     if name == "unsloth":
         model, step, device = build_unsloth(cfg, args.seq)

@@ -177,3 +177,22 @@ def test_lever_costs_measure_the_batch_shape_against_one_row(tmp_path: Path, req
                                                                   / results["plain"]["step_s"])
     if gpu:  # throughput.measure's record: the step ran two rows
         assert results["train.batch_size"]["rows"] == 2 and results["plain"]["rows"] == 1
+
+
+@pytest.mark.parametrize("size", ["8b", "70b", "70b-24gb", "8b-6gb"])
+def test_probes_and_stacks_measure_the_levers_they_name_not_the_plans(size: str) -> None:
+    """The big recipes leave their levers to train.plan=fastest, which picks others for the card it finds (on an
+    H200: every memory lever off). A lever probe, a max-context probe with the parent's plan for an emulated card, and
+    the `ours` stack measure the levers as they are given; the plan's stacks plan."""
+    import argparse
+
+    assert throughput.base_config(size, []).train.plan == "fastest"
+    args = argparse.Namespace(size=size, override=[], seq=2048, rank=None)
+    given = memory_levers.probe_config(args, {"recipe": True, "overrides": ["--train.loss_chunk_size=512"]})
+    assert given.train.plan == "recipe" and given.train.loss_chunk_size == 512 and given.data.pack
+    baseline = memory_levers.probe_config(args, {"name": "baseline"})
+    assert baseline.train.plan == "recipe" and baseline.train.gradient_checkpointing
+    assert throughput.stack_config(args, throughput.STACKS["ours"]).train.plan == "recipe"
+    assert throughput.stack_config(args, throughput.STACKS["ours-fastest"]).train.plan == "fastest"
+    batched = throughput.stack_config(args, throughput.STACKS["ours-batched"]).train
+    assert batched.plan == "fastest" and batched.plan_batch
