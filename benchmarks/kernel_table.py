@@ -40,7 +40,7 @@ LOSS = re.compile(r"cross_entropy|log_softmax|nll_loss|CrossEntropy", re.I)
 ELEMENTWISE = re.compile(r"^aten::(mul|add|sub|div|neg|pow|rsqrt|sqrt|mean|sum|silu|sigmoid|gelu|cat|exp|rms_norm|"
                          r"_fused_rms_norm|layer_norm|native_layer_norm|where|fill_|zero_|masked_fill|dropout|"
                          r"native_dropout|bernoulli|threshold|clamp)|elementwise|vectorized|reduce|rms_norm|swiglu|"
-                         r"silu|rope|rotary|liger", re.I)
+                         r"silu|rope|rotary|liger|rms_?layernorm|_fg_kernel|dfg_kernel", re.I)  # Unsloth's Triton
 BACKENDS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_cudnn_attention": "cudnn",
             "_scaled_dot_product_efficient_attention": "efficient", "_scaled_dot_product_attention_math": "math",
             "_scaled_dot_product_fused_attention_overrideable": "overrideable"}

@@ -71,3 +71,24 @@ def test_mfu_conventions(cfg: Config) -> None:
     assert six_n == 6 * n
     assert useful == 4 * (n - (0 if c.tie_word_embeddings else table)) + \
         12 * c.num_hidden_layers * c.num_attention_heads * head_dim * 2049 / 2
+
+
+@pytest.mark.parametrize(("ops", "kernel", "expected"), [
+    (["aten::copy_"], "Memcpy HtoD (Pinned -> Device)", "host copies"),
+    (["bitsandbytes::dequantize_4bit"], "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>", "dequantisation"),
+    (["aten::_scaled_dot_product_flash_attention"], "flash_fwd_kernel", "attention"),
+    (["Fast_RMS_Layernorm"], "_rms_layernorm_forward", "norms/activations"),  # Unsloth's Triton kernels
+    (["LoRA_MLP"], "_DWf_DW_dfg_kernel", "norms/activations"),
+    (["LigerRMSNormFunction"], "_rms_norm_forward_kernel", "norms/activations"),
+    (["Optimizer.step#PagedAdamW.step", "bitsandbytes::optimizer_update_32bit"], "kOptimizer32bit2State", "optimizer"),
+])
+def test_cuda_kernel_names_land_in_their_families(ops: list[str], kernel: str, expected: str) -> None:
+    """Device kernels by the names CUDA libraries give them, under the operators that launch them (outermost first)."""
+    from types import SimpleNamespace
+
+    from kernel_table import family
+
+    event = None
+    for name in ops:
+        event = SimpleNamespace(name=name, cpu_parent=event, input_shapes=[])
+    assert family(event, 16, kernel) == expected
