@@ -66,7 +66,7 @@ from probes import CUT_SHORT, ROOT  # noqa: E402  (sibling scripts, not a packag
 from provenance import git_commit  # noqa: E402
 
 GRACE = 20  # seconds between an item's own deadline and the kill: to write its report and end its probe
-TRACES_BYTES = 15 * 2**20  # traces.tar: under the 16 MiB a file from $OUT may have
+APART_BYTES = 15 * 2**20  # traces.tar, snapshots.tar: under the 16 MiB a file from $OUT may have
 UNSLOTH_SITE = "/tmp/qlora-unsloth-site"  # WHEELS/unsloth/ installed apart: Unsloth pins datasets < 5, trl <= 1.15
 
 
@@ -380,10 +380,10 @@ class Battery:
 
 
 def capped(files: list[Path], folder: str, tar_path: Path) -> None:
-    """`files` (gzipped already) into an uncompressed tar under `folder`/, as many as fit TRACES_BYTES in order; none
+    """`files` (gzipped already) into an uncompressed tar under `folder`/, as many as fit APART_BYTES in order; none
     larger than that alone. No tar when none fits."""
-    kept = [f for f in files if f.stat().st_size <= TRACES_BYTES]
-    kept = [f for i, f in enumerate(kept) if sum(k.stat().st_size for k in kept[:i + 1]) <= TRACES_BYTES]
+    kept = [f for f in files if f.stat().st_size <= APART_BYTES]
+    kept = [f for i, f in enumerate(kept) if sum(k.stat().st_size for k in kept[:i + 1]) <= APART_BYTES]
     if kept:
         tmp = tar_path.with_name(f".{tar_path.name}.tmp")
         with tarfile.open(tmp, "w") as tar:

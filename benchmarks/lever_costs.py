@@ -38,7 +38,7 @@ SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "
          "tie_word_embeddings": False}
 OFF = ["--train.offload_activations=false", "--train.tile_size=0", "--train.tile_projections=false",
        "--train.loss_chunk_size=0", "--train.optimizer_on_cpu=false", "--model.embeddings_on_cpu=false",
-       "--quant.quantize_lm_head=false", "--train.plan=recipe", "--train.batch_size=1"]
+       "--quant.quantize_lm_head=false", "--train.batch_size=1"]  # the plan off: throughput.AS_SET
 # Rows in the one micro-batch a configuration's step runs (1 unless named): the batch shape's figure is the share of
 # a one-row step that a second row does not add, 2 - t(2 rows) / t(1 row), against checkpointing alone.
 ROWS = {"train.batch_size": 2}
@@ -93,7 +93,7 @@ def round_robin(spec: argparse.Namespace, overrides: dict[str, list[str]]) -> di
 
     steps = {}
     for name, extra in overrides.items():
-        cfg = throughput.base_config(spec.size, [*spec.override, *OFF, *extra])
+        cfg = throughput.stack_config(spec, [*OFF, *extra])  # as throughput.measure builds a stack
         throughput.torch.manual_seed(0)
         model, step, device = throughput.build_ours(cfg)
         steps[name] = step

@@ -56,7 +56,7 @@ class Progress:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
-    with distributed.joined(cfg) as ranks, guard.RunGuard(cfg) as watch:
+    with distributed.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main) as watch:
         try:
             return _train(cfg, resume, overwrite, watch, ranks)
         finally:

@@ -2,8 +2,9 @@
 
 A figure is the time a lever adds to a step, as a share of the plain step (no checkpointing, no lever): +0.30 makes a
 step 30% longer than the plain one; a negative figure saves time. Figures add up. Each comes from
-`python benchmarks/lever_costs.py` (the step of `benchmarks/throughput.py`'s `ours`, one configuration per process,
-the median of 7 steps), and the `source` of each row says which measurement. What the kinds of cost are:
+`python benchmarks/lever_costs.py` (the step of `benchmarks/throughput.py`'s `ours`: on a GPU one configuration per
+process, on a CPU all in one, timed round-robin; the median of its timed steps), and the `source` of each row says
+which measurement. What the kinds of cost are:
 
     recompute      the step runs part of the forward again: gradient_checkpointing (the whole forward, in the
                    backward), checkpoint_every (k-1 of each k layers once more: (k-1)/k of its figure, which is that

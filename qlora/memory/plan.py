@@ -153,8 +153,12 @@ def sizes(cfg: Config, device: str) -> tuple[list[int], str | None]:
         return [t.batch_size], "train.plan_keep"
     if BATCH.figure(device) is None:
         return [t.batch_size], f"no {device} figure in the cost table yet"
-    rows = t.batch_size * t.grad_accum
-    return [b for b in range(1, rows + 1) if rows % b == 0], None
+    return divisors(t.batch_size * t.grad_accum), None
+
+
+def divisors(rows: int) -> list[int]:
+    """The micro-batch sizes that run `rows` rows a step in whole micro-batches."""
+    return [b for b in range(1, rows + 1) if rows % b == 0]
 
 
 def shaped(cfg: Config, b: int) -> dict[str, int]:
@@ -304,9 +308,14 @@ def why_off(cfg: Config, plan: Plan, row: LeverCost, figure: float) -> str:
     return "does not fit beside the levers on"
 
 
+def override_key(item: str) -> str:
+    """The field an override sets: `--train.batch_size=8` -> train.batch_size."""
+    return item[2:].split("=", 1)[0]
+
+
 def reshaped(cfg: Config) -> bool:
     """Whether the plan changed the recipe's batch shape."""
-    return any(item[2:].split("=", 1)[0] in SHAPE for item in cfg.train.plan_chose)
+    return any(override_key(item) in SHAPE for item in cfg.train.plan_chose)
 
 
 def fewer_rows(cfg: Config, most: int) -> None:
@@ -315,17 +324,17 @@ def fewer_rows(cfg: Config, most: int) -> None:
     rows need less memory, so it still fits; printed and recorded in train.plan_chose."""
     t = cfg.train
     rows = t.batch_size * t.grad_accum
-    b = max(n for n in range(1, max(1, most) + 1) if rows % n == 0)
+    b = max(n for n in divisors(rows) if n <= max(1, most))
     print(f"train.plan=fastest: micro-batches of {t.batch_size} rows exceed the {most} training rows of a process: "
           f"{b} rows x {rows // b} micro-batches a step instead")
     t.batch_size, t.grad_accum = b, rows // b
-    t.plan_chose = [item for item in t.plan_chose if item[2:].split("=", 1)[0] not in SHAPE] + [
+    t.plan_chose = [item for item in t.plan_chose if override_key(item) not in SHAPE] + [
         f"--train.batch_size={b}", f"--train.grad_accum={rows // b}"]
 
 
 def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     """A lever set on the command line stays as set: add it to train.plan_keep."""
-    keys = [item[2:].split("=", 1)[0] for item in overrides]
+    keys = [override_key(item) for item in overrides]
     cfg.train.plan_keep += [key for key in keys if (key in COSTS or key in SHAPE) and key not in cfg.train.plan_keep]
 
 

@@ -31,8 +31,9 @@ class RunGuard:
     """One run's watch: turns SIGINT/SIGTERM into a flag the loop checks between steps, and an out-of-memory error
     anywhere in the run into a `Stop` carrying the memory profile of the phase in flight and what would fit."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, main: bool = True) -> None:
         self.cfg = cfg
+        self.main = main  # the process that speaks for the run (rank 0 of several)
         self.signal: int | None = None
         self.phase, self.step, self.batch_shape = "loading the model", 0, None
         self.device, self.profiler = torch.device("cpu"), None
@@ -65,7 +66,7 @@ class RunGuard:
     def _on_signal(self, signum: int, frame: object) -> None:
         self.signal = signum
         self.release_signals()  # a second Ctrl-C or SIGTERM acts at once; checkpoints are atomic, so that is safe
-        if os.environ.get("RANK", "0") == "0":  # said once for the run, not by every process
+        if self.main:  # said once for the run, not by every process
             # A step of a large model takes minutes: say at once that the signal was heard. os.write, not print: the
             # handler runs between two bytecodes of the main thread, perhaps inside a print to the same stream.
             name = signal.Signals(signum).name

@@ -95,8 +95,9 @@ def test_nf4_bytes_survive_the_round_trip_bit_for_bit(tiny_config: Config, deep:
     layer = linear4bit(torch.randn(512, 512, device=device), None, tiny_config.quant, torch.float32)
     patterns = torch.arange(2**16, dtype=torch.int32).to(torch.int16).view(torch.uint8)  # 512 x 512 / 2 bytes
     layer.weight.data.view(-1).copy_(patterns)
-    one = LayerStream(nn.ModuleList([nn.Sequential(layer)]), torch.device(device))  # kept: its host buffer is the
-    one.bring(0)                                                                         # copy's source
+    # Kept until the bytes are read: its host buffer is the copy's source.
+    one = LayerStream(nn.ModuleList([nn.Sequential(layer)]), torch.device(device))
+    one.bring(0)
     if device == "cuda":
         torch.cuda.synchronize()
     assert layer.weight.device.type == device and torch.equal(as_bytes(layer.weight), patterns)
