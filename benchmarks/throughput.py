@@ -229,19 +229,16 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from qlora.base.load import compute_dtype, load_base, resolve_device
+    from qlora.training.assemble import checkpoint_every_layer
 
     device = resolve_device(cfg.train.device)
     cfg.quant.quantize_lm_head = cfg.model.embeddings_on_cpu = False  # our levers, not the standard stack's
     model, _, _ = load_base(cfg, device)
-    kwargs = {"use_reentrant": False}
     if prep == "kbit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
-        model.activation_checkpointing_enable(kwargs)
-        model.enable_input_require_grads()
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        checkpoint_every_layer(model)
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")

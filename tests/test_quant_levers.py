@@ -25,7 +25,7 @@ from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate, nf4_bytes
 from qlora.memory.profiler import estimated_peak, tensor_categories
 from qlora.train import train
-from qlora.training.assemble import load_run
+from qlora.training.assemble import checkpoint_every_layer, load_run
 from qlora.training.sensitivity import calibration_batches, candidates, choose, input_output_moments, layer_costs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def checkpoint_weights(cfg: Config) -> dict[str, torch.Tensor]:
 def moments_and_costs(cfg: Config, checkpointing: bool) -> tuple[nn.Module, dict, list]:
     model, tokenizer, path = load_base(cfg, CPU)
     if checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        checkpoint_every_layer(model)
     moments = input_output_moments(model, calibration_batches(cfg, tokenizer), candidates(model))
     return model, moments, layer_costs(model, path, moments, torch.float32)
 

@@ -33,13 +33,15 @@ def damaged(what: str, err: Exception) -> str:
 
 def check_config_file(path: Path, what: str) -> None:
     """config.json's counts positive integers that divide as attention needs. `what` names the checkpoint for the
-    user (`model.path=DIR`). A file that is not JSON, or not an object, is left to the loader, which says so."""
+    user (`model.path=DIR`). A file that is not JSON is left to the loader, which says so; JSON that is not an object
+    is refused here (transformers' own message for it changes between releases and names no key)."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return
     if not isinstance(config, dict):
-        return
+        raise ConfigError(f"{what}: config.json holds a JSON {type(config).__name__}, not an object of settings "
+                          f"(hidden_size, num_hidden_layers, ...): {RESTORE}")
     c = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
     for key in COUNTS:
         value = c.get(key)

@@ -65,13 +65,14 @@ def load_arch(cfg: Config) -> Arch:
         c = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path} is not a readable config.json ({err}): point model.config_json at one") from err
-    c = c.get("text_config", c) if isinstance(c, dict) else {}  # multimodal checkpoints nest the language model's
+    check_config_file(path, f"model.config_json={path}" if cfg.model.config_json else f"model.path={path.parent}")
+    # multimodal checkpoints nest the language model's
+    c = c["text_config"] if isinstance(c.get("text_config"), dict) else c
     numbers = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in numbers if not (isinstance(c.get(k), int) and c[k] > 0)]
     if missing:
         raise ConfigError(f"{path} has no positive integer {', '.join(missing)}: the estimator knows Llama-style "
                           "decoders only")
-    check_config_file(path, f"model.config_json={path}" if cfg.model.config_json else f"model.path={path.parent}")
     heads = c["num_attention_heads"]
     # transformers' default when the key is absent: False for these families, True (PretrainedConfig) otherwise.
     tied = c.get("tie_word_embeddings", c.get("model_type") not in UNTIED_BY_DEFAULT)

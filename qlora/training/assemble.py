@@ -23,6 +23,15 @@ from qlora.training import checkpoint, distributed
 from qlora.training.sensitivity import keep_sensitive_layers
 
 
+def checkpoint_every_layer(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing on every decoder layer, non-reentrant: it works with a frozen base whose
+    inputs need no grad, and keeps dropout's RNG on recompute."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_model(cfg: Config, device: torch.device,
                place: torch.device | None = None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, str]:
     """The base as the run holds it: loaded (qlora/base/load.py; `place`: where, when not `device`; a lever may keep
@@ -65,11 +74,7 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
         profiler.watch(model)
         profiler.mark("loaded")
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant: works with a frozen base whose inputs need no grad, and keeps dropout's RNG on recompute.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.23 renamed it; 5.17 has the old name
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_every_layer(model)
     if cfg.quant.method == "qlora" and cfg.quant.keep_16bit_budget and not cfg.quant.keep_16bit:
         # Chosen when the run starts; run_config.json records the choice for eval, generate, merge and --resume.
         cfg.quant.keep_16bit = keep_sensitive_layers(model, cfg, tokenizer, base_path, dtype, resuming)

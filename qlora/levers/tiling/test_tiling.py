@@ -42,16 +42,22 @@ def distance(a: tuple[torch.Tensor, dict], exact: tuple[torch.Tensor, dict]) -> 
 
 def assert_tiles_as_close_in_bf16(tiled: tuple, plain: tuple, exact: tuple) -> None:
     """In bf16 the untiled run is no exact reference (a tile's GEMM may round differently, and the difference grows
-    through the layers): the tiled gradients must lie as near the fp32 run's as the untiled ones do, within 10%."""
-    torch.testing.assert_close(tiled[0].float(), exact[0].float(), rtol=2e-2, atol=0)
+    through the layers): the tiled loss and gradients must lie as near the fp32 run's as the untiled ones do, within
+    10%. How near that is depends on torch's bf16 kernels: the untiled loss was 0.8% from fp32 on torch 2.13's CPU
+    path and 4.4% on torch 2.11's (the GPU image's), the tiled one the same in both."""
+    def loss_gap(run: tuple) -> float:
+        return abs(float(run[0]) - float(exact[0])) / abs(float(exact[0]))
+
+    assert loss_gap(tiled) <= 1.1 * loss_gap(plain) + 1e-3, (loss_gap(tiled), loss_gap(plain))
     assert distance(tiled, exact) <= 1.1 * distance(plain, exact) + 1e-3, (distance(tiled, exact),
                                                                              distance(plain, exact))
 
 
 def test_tiles_in_bf16_are_as_near_the_fp32_gradients_as_the_untiled_path(tiny_config: Config, batch: dict) -> None:
-    # Measured on this CPU: 0.2007 untiled, 0.2007 tiled (relative distance of all gradients from the fp32 run; a
-    # random tiny model in bf16 is far from its fp32 self); on the H200 of 2026-12-04 the tiled bf16 gradients were up
-    # to 0.094 from the untiled ones, elementwise, which is why the comparison is with fp32.
+    # Measured on this CPU: 0.196 untiled, 0.196 tiled (relative distance of all gradients from the fp32 run; a
+    # random tiny model in bf16 is far from its fp32 self), 1.142 both on torch 2.11's CPU kernels; on the H200 of
+    # 2026-12-04 the tiled bf16 gradients were up to 0.094 from the untiled ones, elementwise, which is why the
+    # comparison is with fp32.
     exact = loss_and_grads(build(tiny_config), batch)
     bf16 = ["--quant.compute_dtype=bf16"]
     plain = loss_and_grads(build(tiny_config, *bf16), batch)
