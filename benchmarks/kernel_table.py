@@ -103,13 +103,19 @@ def sdpa_backends(prof: torch.profiler.profile) -> dict[str, int]:
     return found
 
 
-def table_text(tables: dict[str, dict[str, float]]) -> list[str]:
-    """One markdown table: a column per stack, ms per step and share of the step for each family."""
+def table_text(tables: dict[str, dict[str, float]], walls: dict[str, float] | None = None) -> list[str]:
+    """One markdown table: a column per stack, ms per step and share of the step for each family. The total sums the
+    kernels of every stream, so where copies on a side stream overlap the compute (offloaded layer inputs, a streamed
+    base) it exceeds the step's wall-clock time; `walls` (ms per profiled step, the profiler's own overhead included)
+    adds that time as a last row, so the overlap shows."""
     names = list(tables)
     lines = ["| family | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     totals = {n: sum(tables[n].values()) or 1.0 for n in names}
     for fam in FAMILIES:
         cells = [f"{tables[n].get(fam, 0):.1f} ms ({100 * tables[n].get(fam, 0) / totals[n]:.0f}%)" for n in names]
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
-    lines.append("| total | " + " | ".join(f"{totals[n]:.1f} ms" for n in names) + " |")
+    lines.append("| total, every stream | " + " | ".join(f"{totals[n]:.1f} ms" for n in names) + " |")
+    if walls:
+        lines.append("| step, wall clock | " + " | ".join(f"{walls[n]:.1f} ms" if n in walls else "" for n in names)
+                     + " |")
     return lines

@@ -324,10 +324,12 @@ def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | N
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        started = time.perf_counter()
         for _ in range(steps):
             step(batch)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3 / steps
     if trace is not None:
         import gzip
         import shutil
@@ -338,7 +340,8 @@ def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | N
         with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
-    return {"kernels": kernel_table(prof, rank, steps), "sdpa": sdpa_backends(prof), "profiled_steps": steps}
+    return {"kernels": kernel_table(prof, rank, steps), "sdpa": sdpa_backends(prof), "profiled_steps": steps,
+            "profiled_step_ms": wall_ms}
 
 
 def stack_config(args: argparse.Namespace, extra: list[str]):  # noqa: ANN201 (Config)
@@ -443,8 +446,10 @@ def report(args: argparse.Namespace, prov: dict, device: str, device_name: str, 
     tables = {name: r["kernels"] for name, r in results.items() if "kernels" in r}
     if tables:
         steps = next(r["profiled_steps"] for r in results.values() if "kernels" in r)
+        walls = {name: r["profiled_step_ms"] for name, r in results.items() if "profiled_step_ms" in r}
         lines += ["", f"Kernel time per step by family ({'device' if device == 'cuda' else 'CPU operator'} time, "
-                  f"{steps} profiled steps after the timed ones; benchmarks/kernel_table.py):", "", *table_text(tables)]
+                  f"{steps} profiled steps after the timed ones; benchmarks/kernel_table.py):", "",
+                  *table_text(tables, walls)]
     return "\n".join(lines) + "\n"
 
 

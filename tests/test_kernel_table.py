@@ -51,8 +51,9 @@ def test_every_family_of_our_step_is_found_and_they_add_up(cfg: Config) -> None:
     assert table["host copies"] == 0  # a CPU device copies nothing between host and card
     assert table["other"] < 0.5 * total
     assert found["sdpa"] and set(found["sdpa"]) <= {"flash", "math"}  # what torch's CPU SDPA has
-    lines = table_text({"ours": table})
-    assert lines[0] == "| family | ours |" and lines[-1].startswith("| total | ")
+    lines = table_text({"ours": table}, {"ours": 12.5})
+    assert lines[0] == "| family | ours |" and lines[-2].startswith("| total, every stream | ")
+    assert lines[-1] == "| step, wall clock | 12.5 ms |"
 
 
 def test_dequant_once_empties_the_dequantisation_row_and_eager_attention_has_no_sdpa(cfg: Config) -> None:
