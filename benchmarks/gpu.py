@@ -257,7 +257,7 @@ class Battery:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        self.date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         self.command = shlex.join(["bash", "benchmarks/gpu.sh", *args.argv])
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.site, str(ROOT),
                                                                  os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),

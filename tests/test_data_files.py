@@ -1,0 +1,53 @@
+"""The data file types training.md names besides JSONL (a JSON array, Parquet, CSV) give the rows the JSONL file
+gives, through `datasets` (the version range pyproject.toml admits: 4.8 is Unsloth's stack's, 5.2 ours)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qlora.data.read import read_rows
+from qlora.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = ROOT / "recipes" / "data" / "tiny" / "train.jsonl"
+
+
+def instruction_rows() -> list[dict]:
+    """The tiny task as instruction rows (CSV holds flat fields only), with a comma, a quote and a line break."""
+    rows = [{"instruction": r["messages"][0]["content"], "output": r["messages"][1]["content"]}
+            for r in read_rows(str(CHAT))[:20]]
+    rows[0]["instruction"] = 'reverse, "quoted":\nred blue'
+    return rows
+
+
+def test_a_json_array_and_parquet_give_the_chat_rows_of_the_jsonl_file(tmp_path: Path) -> None:
+    rows = read_rows(str(CHAT))
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps(rows))
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    assert read_rows(str(array)) == rows
+    assert read_rows(str(parquet)) == rows
+
+
+def test_csv_gives_the_instruction_rows_it_was_written_from(tmp_path: Path) -> None:
+    rows = instruction_rows()
+    path = tmp_path / "train.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["instruction", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert read_rows(str(path)) == rows
+
+
+def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(ConfigError, match=r"data file .*train.parquet could not be read \(.*\): fix the file"):
+        read_rows(str(path))
