@@ -5,7 +5,9 @@ Real processes, forked from one that imported qlora.train once (tests/forked_cli
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -112,3 +114,86 @@ def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli,
     last = result.stderr.strip().splitlines()[-1]
     assert last == (f"error: could not write checkpoint-1 in {out} (Permission denied); there is no earlier "
                     f"checkpoint: make {out} writable, then continue with --resume")
+
+
+def test_a_trained_adapter_without_checkpoints_is_never_trained_over(cli, tmp_path):
+    """A finished run whose checkpoints were deleted to save space, and a checkpoint's own folder given as output.dir:
+    a new run (or --resume, which would start at step 0) once replaced the adapter and exited 0."""
+    out = tmp_path / "run"
+    assert cli.run([TINY, "--train.steps=2", "--train.save_every=1", "--train.eval_every=0",
+                    "--train.keep_checkpoints=1", f"--output.dir={out}"]).status == 0
+    for target, flags in ((out / "checkpoint-2", []), (out / "checkpoint-2", ["--resume"])):
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        result = cli.run([TINY, *QUICK, f"--output.dir={target}", *flags])
+        assert result.status == 2 and "holds a trained adapter_model.safetensors and no checkpoint to continue " \
+                                       "from" in result.stderr, result.stderr
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    for path in list_checkpoints(out):
+        shutil.rmtree(path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for flags in ([], ["--resume"]):
+        result = cli.run([TINY, *QUICK, f"--output.dir={out}", *flags])
+        assert result.status == 2 and "no checkpoint to continue from" in result.stderr, result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert cli.run([TINY, *QUICK, f"--output.dir={out}", "--overwrite"]).status == 0
+
+
+def test_the_base_models_directory_is_no_output_dir(cli, tmp_path):
+    # transformers loads an adapter it finds beside a model's weights: the base would come with it from then on.
+    from qlora.base.build import ensure_checkpoint
+    from qlora.config import load_recipe
+
+    base = tmp_path / "base"
+    shutil.copytree(ensure_checkpoint(load_recipe(Path(TINY))), base)
+    before = sorted(p.name for p in base.iterdir())
+    result = cli.run([TINY, *QUICK, f"--model.path={base}", f"--output.dir={base}/."])
+    assert result.status == 2 and "is the base model's directory (model.path)" in result.stderr, result.stderr
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(cli, tmp_path):
+    out, target = tmp_path / "run", tmp_path / "precious.txt"
+    out.mkdir()
+    target.write_text("keep me")
+    (out / ".qlora.lock").symlink_to(target)
+    result = cli.run([TINY, *QUICK, f"--output.dir={out}"])
+    assert result.status == 2 and ".qlora.lock is not a plain file" in result.stderr, result.stderr
+    assert target.read_text() == "keep me"
+
+
+KILL_AFTER_REMOVING = """
+import os, signal
+import qlora.training.rundir as rundir
+removed = []
+real = rundir.remove_checkpoint
+def remove_checkpoint(path):
+    real(path)
+    removed.append(path)
+    if len(removed) == {n}:
+        os.kill(os.getpid(), signal.{sig})
+rundir.remove_checkpoint = remove_checkpoint
+"""
+
+
+def test_an_overwrite_cut_short_leaves_the_old_run_or_the_new_one(cli, tmp_path):
+    """--overwrite deletes the old run: killed in the middle, what is left was the old run with its run_config.json
+    (it went last), so a --resume with the new run's settings is refused instead of continuing an old checkpoint under
+    them; and without run_config.json, checkpoints are never resumed. A SIGTERM there waits for the deletion to end."""
+    out = tmp_path / "run"
+    old = [TINY, "--train.steps=3", "--train.save_every=1", "--train.eval_every=0", "--train.keep_checkpoints=3"]
+    assert cli.run([*old, f"--output.dir={out}"]).status == 0
+    result = cli.run([*old, "--train.seed=7", f"--output.dir={out}", "--overwrite"],
+                     prelude=KILL_AFTER_REMOVING.format(n=1, sig="SIGKILL"))
+    assert result.status == -signal.SIGKILL
+    assert (out / "run_config.json").is_file() and len(list_checkpoints(out)) == 2
+    result = cli.run([*old, "--train.seed=7", f"--output.dir={out}", "--resume"])
+    assert result.status == 2 and "--resume cannot change train.seed (0 -> 7)" in result.stderr, result.stderr
+    (out / "run_config.json").unlink()
+    result = cli.run([*old, "--train.seed=7", f"--output.dir={out}", "--resume"])
+    assert result.status == 2 and "holds checkpoints but no run_config.json" in result.stderr, result.stderr
+    assert cli.run([*old, f"--output.dir={out}", "--overwrite"]).status == 0
+    result = cli.run([*old, "--train.seed=7", f"--output.dir={out}", "--overwrite"],
+                     prelude=KILL_AFTER_REMOVING.format(n=1, sig="SIGTERM"))
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert list_checkpoints(out) == [] and "checkpoint-" not in result.stderr, result.stderr
+    assert json.loads((out / "run_config.json").read_text())["train"]["seed"] == 7

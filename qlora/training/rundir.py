@@ -21,6 +21,7 @@ those this code writes (LEFTOVER) are ever removed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import fcntl
@@ -28,6 +29,8 @@ import json
 import os
 import re
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from qlora.adapters.loftq import SHIFTS
@@ -118,6 +121,10 @@ def _check_paths(run_dir: Path) -> None:
         if (path.exists() or path.is_symlink()) and not path.is_file():
             raise ConfigError(f"{path} is not a file, yet the run writes that file there: move it away, or use "
                               "another output.dir")
+    lock = run_dir / LOCK
+    if lock.is_symlink() or (lock.exists() and not lock.is_file()):  # the lock file is written: never through a link
+        raise ConfigError(f"{lock} is not a plain file (a trainer's lock is written there): remove it, or use "
+                          "another output.dir")
     for path in run_dir.iterdir():
         if RUN_DIRS.match(path.name) and not path.is_dir():
             raise ConfigError(f"{path} is not a checkpoint directory, yet the run writes one under that name: move "
@@ -131,6 +138,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise ConfigError("--resume continues the run in output.dir and --overwrite discards it: pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir={run_dir} is a file: point output.dir at a directory")
+    base = Path(cfg.model.path).expanduser() if cfg.model.path else None
+    if base is not None and base.is_dir() and run_dir.is_dir() and os.path.samefile(base, run_dir):
+        raise ConfigError(f"output.dir={run_dir} is the base model's directory (model.path): transformers would load "
+                          "the adapter written there with the base from then on; choose another output.dir")
     _check_paths(run_dir)
     if not run_dir.is_dir():
         return
@@ -144,6 +155,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if latest and not resume:
         raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
                           "continue it, or --overwrite to start over")
+    finished = next((name for name in (ADAPTER_WEIGHTS, FULL_WEIGHTS) if (run_dir / name).exists()), None)
+    if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
+        raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
+                          "another output.dir, or --overwrite to replace it")
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
@@ -152,8 +167,9 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     run_dir = Path(cfg.output.dir)
     path = run_dir / RUN_CONFIG
     if not path.is_file():
-        if checkpoint_dirs(run_dir):
-            print(f"{path} is missing: resuming with the recipe's settings")
+        if checkpoint_dirs(run_dir):  # never written without it: a cut-short --overwrite, or deleted by hand
+            raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
+                              f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
     saved = read_config_json(path)
     _check_identity(saved, cfg, run_dir)
@@ -179,7 +195,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
 
 
 def _lock(run_dir: Path) -> None:
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -212,26 +228,43 @@ def aside_name(path: Path) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends, then delivered as they would have been."""
+    heard: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: heard.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in heard[:1]:
+            signal.raise_signal(sig)
+
+
 def start_run(run_dir: Path, cfg: Config, overwrite: bool, damaged: list[Path] | tuple = ()) -> None:
     """The first write of a run, once every input is validated: take the lock, clear a replaced run, set damaged
     checkpoints aside, remove this code's own leftovers, record the config."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _lock(run_dir)
-        if overwrite:
+        # Ctrl-C or SIGTERM in here would leave half of a replaced run: they wait for the new run_config.json.
+        with deferred_signals():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _lock(run_dir)
+            if overwrite:  # run_config.json last: until it goes, what is left is the old run, resumable as it was
+                for path in sorted(run_dir.iterdir(), key=lambda p: p.name == RUN_CONFIG):
+                    if RUN_DIRS.match(path.name):
+                        remove_checkpoint(path)
+                    elif path.name in RUN_FILES:
+                        path.unlink()
+            for path in damaged:
+                os.replace(path, aside_name(path))  # out of the checkpoint names: never resumed, pruned or overwritten
             for path in run_dir.iterdir():
-                if RUN_DIRS.match(path.name):
-                    remove_checkpoint(path)
-                elif path.name in RUN_FILES:
-                    path.unlink()
-        for path in damaged:
-            os.replace(path, aside_name(path))  # out of the checkpoint names: never resumed, pruned or overwritten
-        for path in run_dir.iterdir():
-            if LEFTOVER.match(path.name):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        tmp = run_dir / f".tmp-{RUN_CONFIG}"
-        tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        os.replace(tmp, run_dir / RUN_CONFIG)
+                if LEFTOVER.match(path.name):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            tmp = run_dir / f".tmp-{RUN_CONFIG}"
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            os.replace(tmp, run_dir / RUN_CONFIG)
     except OSError as err:
         unlock(run_dir)
         if err.errno in DISK_FULL:
