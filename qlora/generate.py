@@ -23,6 +23,10 @@ from qlora.data.read import render_chat
 from qlora.errors import ConfigError
 from qlora.training.assemble import load_run
 
+# Below this, sampling is greedy decoding in all but name, and far below it the logits divided by the temperature
+# overflow float32, so sampling fails on infinities (1e-320 did).
+MIN_TEMPERATURE = 1e-4
+
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The prompt as a user turn plus the assistant header when the tokenizer has a chat template, else as is."""
@@ -73,9 +77,18 @@ def _main(argv: list[str]) -> int:
         parser.error(f"--max-new-tokens={args.max_new_tokens} must be positive, e.g. 256")
     if not 0 <= args.temperature < math.inf:  # nan fails too
         parser.error(f"--temperature={args.temperature} must be a finite number >= 0 (0 decodes greedily)")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        parser.error(f"--temperature={args.temperature} is below {MIN_TEMPERATURE}, where sampling is greedy decoding "
+                     f"(and tinier values overflow float32): use 0 to decode greedily, or at least {MIN_TEMPERATURE}")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty: give the text to complete")
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
     _, model, tokenizer, _ = load_run(args.run_dir, args.device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and args.max_new_tokens > context:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} exceeds the model's context of {context} tokens "
+                          f"(max_position_embeddings): use at most {context}")
     if args.prompt is not None:
         generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
         return 0
@@ -84,12 +97,28 @@ def _main(argv: list[str]) -> int:
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
         number += 1
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"stdin:{number}: not UTF-8 ({err.reason} at byte {err.start}): give prompts as "
+                              "UTF-8 text") from None
         if not line:  # end of input (Ctrl-D)
             return 0
         if line.strip():
-            generate(model, tokenizer, read_prompt(line, args.jsonl, number), args.max_new_tokens, args.temperature)
+            prompt = read_prompt(line, args.jsonl, number)
+            check_utf8(prompt, f"stdin:{number}")
+            generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature)
+
+
+def check_utf8(prompt: str, where: str) -> None:
+    """A prompt the tokenizer can take: Python hands bytes that are not UTF-8 (in argv) and JSON's "\\ud800" escapes
+    over as lone surrogates, which no tokenizer accepts."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{where}: not UTF-8 text ({err.object[err.start:err.end]!a}): give the prompt as UTF-8") \
+            from None
 
 
 if __name__ == "__main__":

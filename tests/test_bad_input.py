@@ -32,6 +32,13 @@ CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "
 FILES = {  # name -> content, in a scratch folder: data files, recipes
     "malformed.jsonl": CHAT + '{"messages": [}\n',
     "missing_field.jsonl": '{"text": "hello world"}\n{"txt": "hi"}\n',
+    "surrogate.jsonl": CHAT + '{"messages": [{"role": "user", "content": "a \\ud800"}, '
+                              '{"role": "assistant", "content": "b"}]}\n',
+    "huge_int.jsonl": '{"text": "hello world"}\n{"text": ' + "9" * 5000 + '}\n',
+    "deep.jsonl": '{"text": "hello world"}\n{"text": ' + "[" * 100000 + "]" * 100000 + '}\n',
+    "null_text.jsonl": '{"text": "hello world"}\n{"text": null}\n',
+    "object_output.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": {"x": 1}}\n',
+    "typo_after.py": RECIPE + "config = Config(**required)\nconfig.train.stepz = 3\n",
     "empty.jsonl": "",
     "not_utf8.jsonl": CHAT + '{"text": "caf\xe9"}\n',  # written as latin-1 below
     "no_assistant.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n' * 3,
@@ -106,6 +113,17 @@ CASES = [
                                                                     r"file, or convert it to JSONL"),
     ("mistyped data path", [TINY, "--data.train=recipes/data/tiny/train"], r"data file recipes/data/tiny/train not "
                                                                            r"found"),
+    ("lone surrogate", [TINY, "--data.train={d}/surrogate.jsonl"], r"surrogate.jsonl:2: holds a lone UTF-16 "
+                                                                   r"surrogate \('\\ud800'\)"),
+    ("integer of 5000 digits", [TINY, "--data.train={d}/huge_int.jsonl"], r"huge_int.jsonl:2: unreadable JSON \("
+                                                                         r"Exceeds the limit"),
+    ("JSON nested too deep", [TINY, "--data.train={d}/deep.jsonl"], r"deep.jsonl:2: unreadable JSON \(nested too "
+                                                                    r"deeply\)"),
+    ("null text", [TINY, "--data.train={d}/null_text.jsonl"], r"null_text.jsonl:2: field text must be text, got null"),
+    ("object as output", [TINY, "--data.train={d}/object_output.jsonl"],
+     r"object_output.jsonl:2: field output must be text, got \{\"x\": 1\}"),
+    ("recipe typo after Config", ["{d}/typo_after.py"], r"typo_after.py: unknown key train.stepz: did you mean "
+                                                        r"train.steps\? \(set after the recipe built its Config"),
     ("row missing its field", [TINY, "--data.train={d}/missing_field.jsonl"],
      r"missing_field.jsonl:2: row lacks field\(s\) text that format 'text' needs"),
     ("empty data file", [TINY, "--data.train={d}/empty.jsonl"], r"empty.jsonl holds no rows"),

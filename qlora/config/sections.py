@@ -8,6 +8,7 @@ here (qlora/levers/__init__.py lists them); the section checks them with the res
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -395,6 +396,13 @@ def check_all(config: Config) -> Config:
     """Every check a Config passed when it was built, again, now that its fields may have changed: the sections'
     types first (a section set to None has no checks of its own), then each section, then the sections together."""
     check_sections(config)
+    for prefix, obj in [("", config)] + [(f"{f.name}.", getattr(config, f.name)) for f in dataclasses.fields(config)]:
+        known = [f.name for f in dataclasses.fields(obj)]
+        for name in vars(obj):  # `config.train.stepz = 3`: Python takes any attribute, and the run would ignore it
+            if name not in known and not name.startswith("_"):
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ConfigError(f"unknown key {prefix}{name}" + (f": did you mean {prefix}{close[0]}?" if close
+                                                                    else f"; {prefix or 'a config'} has {known}"))
     for f in dataclasses.fields(config):
         getattr(config, f.name).__post_init__()
     config.__post_init__()

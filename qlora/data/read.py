@@ -82,6 +82,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
+        except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; objects nested too deep
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+            raise ConfigError(f"{path}:{number}: unreadable JSON ({why}): fix or delete that line") from None
         if not isinstance(row, dict):
             raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
@@ -103,6 +106,17 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
     missing = [f for f in FORMAT_FIELDS[fmt] if f not in row]
     if missing:
         raise ConfigError(f"{where}: row lacks field(s) {', '.join(missing)} that format {fmt!r} needs")
+    try:  # tokenizers refuse what UTF-8 cannot hold: a lone surrogate (JSON's "\ud800" escape)
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{where}: holds a lone UTF-16 surrogate ({err.object[err.start:err.end]!a}), which is no "
+                          "text: fix or delete that row") from None
+    for name in FORMAT_FIELDS[fmt] + (("input",) if fmt == "instruction" else ()) if fmt != "messages" else ():
+        value = row.get(name)
+        if name == "input" and value is None:  # absent, or null: no input (as many Alpaca-style sets write it)
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):  # a number is its digits
+            raise ConfigError(f"{where}: field {name} must be text, got {json.dumps(value)[:60]}: fix that row")
     if fmt == "messages":
         if not isinstance(row["messages"], list):
             raise ConfigError(f"{where}: messages must be a list of {{role, content}} objects, "
