@@ -78,7 +78,9 @@ CONFIGS = {"mismatch": {"hidden_size": 64}, "zero_heads": {"num_attention_heads"
            "kv_zero": {"num_key_value_heads": 0}, "count_string": {"hidden_size": "128"},
            "extra_layer": {"num_hidden_layers": 3}, "fewer_layers": {"num_hidden_layers": 1},
            "heads_kv": {"num_key_value_heads": 3},
-           "transformers_refuses": {"num_attention_heads": 3, "num_key_value_heads": 1}}
+           "transformers_refuses": {"num_attention_heads": 3, "num_key_value_heads": 1},
+           "unknown_act": {"hidden_act": "nonesuch"}, "pad_past_vocab": {"pad_token_id": 100000},
+           "unknown_rope": {"rope_parameters": {"rope_type": "nonesuch", "rope_theta": 10000.0}}}
 
 # (id, arguments after the recipe, or with {d}/ a recipe from the scratch folder; the one line must match this)
 CASES = [
@@ -220,6 +222,12 @@ CASES = [
     ("config transformers refuses", [TINY, "--model.path={d}/transformers_refuses", "--model.build=none"],
      r"transformers refuses its config.json \(ValueError: The hidden size \(128\) is not a multiple of the number of "
      r"attention heads \(3\).\)"),
+    ("unknown activation", [TINY, "--model.path={d}/unknown_act", "--model.build=none"],
+     r"unknown_act: config.json has hidden_act=\"nonesuch\", an activation transformers does not know"),
+    ("unknown rotary scaling", [TINY, "--model.path={d}/unknown_rope", "--model.build=none"],
+     r"config.json has rope_parameters.rope_type=\"nonesuch\", a rotary scaling transformers does not know"),
+    ("pad token past the vocabulary", [TINY, "--model.path={d}/pad_past_vocab", "--model.build=none"],
+     r"config.json has pad_token_id=100000, outside the embedding's 259 rows"),
     ("synthetic config count zero", [TINY, "--model.synthetic=true", "--model.config_json={d}/zero_heads/config.json"],
      r"model.config_json=.*zero_heads/config.json: config.json has num_attention_heads=0"),
     ("tokenizer past the embedding", [TINY, "--model.path={d}/vocab", "--model.build=none"],

@@ -58,6 +58,32 @@ def check_config_file(path: Path, what: str) -> None:
     if heads and hidden and not c.get("head_dim") and hidden % heads:
         raise ConfigError(f"{what}: config.json has hidden_size={hidden}, not a multiple of num_attention_heads="
                           f"{heads}, and no head_dim: {RESTORE}")
+    check_named_values(c, what)
+
+
+def check_named_values(c: dict, what: str) -> None:
+    """The activation and rotary scaling are names transformers looks up when it builds the model (a KeyError deep in
+    its code otherwise); the special token ids lie within the embedding (an assertion in nn.Embedding otherwise)."""
+    from transformers.activations import ACT2FN
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    act = c.get("hidden_act")
+    if isinstance(act, str) and act not in ACT2FN:
+        raise ConfigError(f"{what}: config.json has hidden_act={json.dumps(act)}, an activation transformers does not "
+                          f"know (it knows {', '.join(sorted(ACT2FN)[:8])}, ...): {RESTORE}")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = c.get(key)
+        kind = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
+        if isinstance(kind, str) and kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+            raise ConfigError(f"{what}: config.json has {key}.rope_type={json.dumps(kind)}, a rotary scaling "
+                              f"transformers does not know (default, {', '.join(ROPE_INIT_FUNCTIONS)}): {RESTORE}")
+    vocab = c.get("vocab_size")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        ids = c.get(key) if isinstance(c.get(key), list) else [c.get(key)]
+        for i in ids:
+            if isinstance(vocab, int) and isinstance(i, int) and not isinstance(i, bool) and not 0 <= i < vocab:
+                raise ConfigError(f"{what}: config.json has {key}={i}, outside the embedding's {vocab} rows "
+                                  f"(vocab_size): {RESTORE}")
 
 
 def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -166,8 +166,8 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     the rules above allow (said in one line); `cfg` (recipe and overrides) if the directory holds no run yet."""
     run_dir = Path(cfg.output.dir)
     path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        if checkpoint_dirs(run_dir):  # never written without it: a cut-short --overwrite, or deleted by hand
+    if not path.is_file():  # one that is no file is check_run_dir's to name
+        if not (path.exists() or path.is_symlink()) and checkpoint_dirs(run_dir):  # a cut-short --overwrite?
             raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
                               f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
