@@ -51,3 +51,23 @@ def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path: Path) -> None:
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(ConfigError, match=r"data file .*train.parquet could not be read \(.*\): fix the file"):
         read_rows(str(path))
+
+
+def test_a_bad_row_is_named_by_its_line_in_the_file(tmp_path: Path) -> None:
+    """Blank lines count in a JSONL file, and a CSV file's header is its line 1: the line a user's editor shows."""
+    from qlora.base.build import ensure_checkpoint
+    from qlora.base.load import load_tokenizer
+    from qlora.config import load_recipe
+    from qlora.data.read import tokenize_rows
+
+    tokenizer = load_tokenizer(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('\n\n{"text": "a"}\n\n{"text": null}\n')
+    with pytest.raises(ConfigError, match=r"train.jsonl:5: field text must be text, got null"):
+        tokenize_rows(read_rows(str(jsonl)), "text", tokenizer, str(jsonl), 64)
+    table = tmp_path / "train.csv"
+    table.write_text("instruction,output,input\na,b,\nc,d,\n")
+    rows = read_rows(str(table))
+    rows[1]["output"] = None  # what a CSV cell cannot say: the row of line 3 made bad after reading
+    with pytest.raises(ConfigError, match=r"train.csv:3: field output must be text, got null"):
+        tokenize_rows(rows, "instruction", tokenizer, str(table), 64)

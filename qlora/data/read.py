@@ -29,7 +29,16 @@ ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
-def read_rows(source: str) -> list[dict]:
+class Rows(list):
+    """A source's rows, each with where it stands (`places`), for the messages that name a row: `file:LINE` in a
+    JSONL file (blank lines count) or a CSV file (its header is line 1), `file: row N` in the other kinds."""
+
+    def __init__(self, rows: list[dict], places: list[str]) -> None:
+        super().__init__(rows)
+        self.places = places
+
+
+def read_rows(source: str) -> Rows:
     """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
     path = Path(source).expanduser()
     if path.suffix in LOADERS or not looks_like_hub_id(source):
@@ -45,7 +54,7 @@ def read_rows(source: str) -> list[dict]:
 
         logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
         try:
-            return datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").to_list()
+            rows = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").to_list()
         except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
             cause = err
             while cause.__cause__ or cause.__context__:
@@ -53,19 +62,22 @@ def read_rows(source: str) -> list[dict]:
             text = (str(cause).strip() or "no details").splitlines()[0]
             raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
                               "or convert it to JSONL") from err
+        csv = path.suffix == ".csv"  # a row per line after the header (unless a quoted field spans lines)
+        return Rows(rows, [f"{path}:{i + 2}" if csv else f"{path}: row {i + 1}" for i in range(len(rows))])
     import datasets
 
     offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     try:
-        return datasets.load_dataset(source, split="train").to_list()
+        rows = datasets.load_dataset(source, split="train").to_list()
+        return Rows(rows, [f"{source}: row {i + 1}" for i in range(len(rows))])
     except Exception as err:
         why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
         raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
                           "give a local file, or download the dataset first") from err
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _read_jsonl(path: Path) -> Rows:
+    rows, places = [], []
     try:
         lines = path.read_bytes().splitlines()
     except OSError as err:
@@ -88,7 +100,8 @@ def _read_jsonl(path: Path) -> list[dict]:
         if not isinstance(row, dict):
             raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
         rows.append(row)
-    return rows
+        places.append(f"{path}:{number}")
+    return Rows(rows, places)
 
 
 def detect_format(rows: list[dict], source: str) -> str:
@@ -214,12 +227,13 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
         raise ConfigError(f"{source} holds no rows: add data or point data.train / data.eval at another file")
     limit = (max_seq_len + 1) * longest_token(tokenizer)
     examples, dropped = [], []
-    for number, row in enumerate(rows, 1):
-        ex = tokenize_row(cut_row(row, limit), fmt, tokenizer, f"{source}:{number}")
+    places = getattr(rows, "places", None) or [f"{source}: row {n}" for n in range(1, len(rows) + 1)]
+    for row, where in zip(rows, places, strict=True):
+        ex = tokenize_row(cut_row(row, limit), fmt, tokenizer, where)
         ex = {k: v[:max_seq_len] for k, v in ex.items()}
         # Position t predicts token t+1, so a label at position 0 is never learned.
         if all(label == IGNORE for label in ex["labels"][1:]):
-            dropped.append(number)
+            dropped.append(where)
             continue
         examples.append(ex)
     if not examples:
@@ -227,7 +241,7 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
                           f"data.max_seq_len={max_seq_len}): check the data, the format, or raise data.max_seq_len")
     if dropped:
         print(f"{source}: dropped {len(dropped)} of {len(rows)} rows with no learnable token within "
-              f"max_seq_len={max_seq_len} (first: line {dropped[0]})")
+              f"max_seq_len={max_seq_len} (the first: {dropped[0]})")
     return examples
 
 
