@@ -5,12 +5,17 @@ of the answers), on the held-out split the run itself used unless `--data` names
 they are the numbers training logged at its final eval.
 
 `load_run` rebuilds a run's model from RUN_DIR alone (run_config.json + the saved weights); generate and merge use it.
+
+`--json FILE` writes the numbers aside and renames them into place. It refuses a FILE that is the run's own (anything
+the trainer writes in RUN_DIR, or any file there that is not an earlier result of qlora.eval) or data the evaluation
+reads: the same command may run again over its own result, but never over what it measures.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +24,13 @@ from qlora.cli import run
 from qlora.commands import eval_parser
 from qlora.console import quiet_libraries
 from qlora.data.read import detect_format, load_splits, read_rows, tokenize_rows
-from qlora.errors import EXIT_NONFINITE, Stop, check_writable
+from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.training.assemble import load_run, read_run_config
+from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
+
+# The keys of evaluate_run's result, none of which a file of the trainer holds all of: how an earlier --json is known.
+RESULT_KEYS = {"eval_loss", "eval_ppl", "eval_exact_match", "data", "rows"}
 
 
 def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None) -> dict:
@@ -40,6 +49,49 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
     return {**scores, "data": data, "rows": len(examples), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def is_result(path: Path) -> bool:
+    """`path` holds an earlier result of qlora.eval: a small JSON object with RESULT_KEYS."""
+    try:
+        if path.stat().st_size > 2**20:
+            return False
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(found, dict) and RESULT_KEYS <= found.keys()
+
+
+def check_json_path(path: Path, run_dir: Path, data: str | None) -> None:
+    """Refuse (exit 2) a --json that would overwrite the run's own files or the data the evaluation reads."""
+    check_writable(path, "--json")
+    fix = f"choose another path, e.g. {Path(run_dir) / 'eval.json'}"
+    cfg = read_run_config(Path(run_dir))
+    for source in (data, cfg.data.train, cfg.data.eval):
+        if source and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise ConfigError(f"--json={path} is the data file {source}: writing it would destroy the data; {fix}")
+    target, run = path.resolve(), Path(run_dir).resolve()
+    if not target.is_relative_to(run):
+        return
+    top = target.relative_to(run).parts[0]
+    if top in RUN_FILES or top == LOCK or RUN_DIRS.match(top) or LEFTOVER.match(top):
+        raise ConfigError(f"--json={path} is the run's own {top}: writing it would damage the run; {fix}")
+    if path.exists() and not is_result(path):
+        raise ConfigError(f"--json={path} is a file in the run {run_dir} that qlora.eval did not write: writing it "
+                          f"would destroy it; {fix}")
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write `result` aside and rename it into place: a kill leaves the earlier file whole, never half of one."""
+    target = path.resolve()  # through a symlink, as write_text would: the link itself stays
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(_main, argv)
 
@@ -47,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
     if args.json:
-        check_writable(args.json, "--json")
+        check_json_path(args.json, args.run_dir, args.data)
     quiet_libraries()
     result = evaluate_run(args.run_dir, args.data, args.device)
     capped = " (capped by train.eval_batches)" if read_run_config(args.run_dir).train.eval_batches else ""
@@ -55,7 +107,7 @@ def _main(argv: list[str]) -> int:
     print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "
           f"exact match {100 * result['eval_exact_match']:.1f}% ({result['seconds']:g} s)")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     if not math.isfinite(result["eval_loss"]):  # as training: a non-finite held-out loss never ends in success
         raise Stop(EXIT_NONFINITE, f"the held-out loss of {args.run_dir} is {result['eval_loss']}: its weights give "
                                    "non-finite logits on this data")

@@ -11,8 +11,9 @@ merges, special tokens) and its chat template.
 
 The file is streamed: the tensor infos are planned from the safetensors headers, the header, metadata and infos
 written, then each base tensor is read, merged, quantised and appended in turn, so memory holds one tensor, not the
-model (for a 70B, its largest, the 4.2 GB fp32 embedding, and what quantising it takes). It is written aside and
-renamed into place.
+model (for a 70B, its largest, the 4.2 GB fp32 embedding, and what quantising it takes). It is written aside, as a
+hidden `.OUT.gguf.partial-PID-*` that the next export to the same path removes if a kill left it, and renamed into
+place.
 
 Then it checks itself. transformers reads the file back (its own GGUF loader, tokenizer and chat template included):
 the file's template must render a held-out conversation exactly as the trained tokenizer does, and its tokenizer give
@@ -32,6 +33,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
 from typing import NamedTuple
@@ -51,7 +53,7 @@ from qlora.config import Config
 from qlora.console import announce, progress, quiet_libraries, since
 from qlora.data.read import collate, load_splits, read_rows, render_chat
 from qlora.errors import ConfigError, Stop, check_writable
-from qlora.merge import MergeSource, folding, merge_source
+from qlora.merge import MergeSource, folding, merge_source, ordinary_modes, partial_prefix, remove_abandoned
 from qlora.training.assemble import load_run, read_run_config
 
 Q = gguf.GGMLQuantizationType
@@ -264,8 +266,11 @@ FOLD_DTYPES = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}  # others are folde
 
 
 def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, out: Path,
-               kind: str) -> dict:
-    """Stream the merged model into `out`: infos planned first, then one tensor at a time."""
+               kind: str, check: Callable[[Path], object] | None = None) -> dict:
+    """Stream the merged model into `out`: infos planned first, then one tensor at a time. `check` is run on the file
+    while it still has its hidden name, so `out` appears only once checked: a kill in the check leaves no unchecked
+    file under the name llama.cpp would load (a file the check finds too far is renamed all the same, for
+    inspection)."""
     planned = plan(source.base, config, kind)
     total = sum(math.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)) for p in planned)
     heads = config.num_attention_heads
@@ -273,7 +278,9 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
     started = announce(f"exporting {source.run_dir} merged onto {source.onto} to {out} as {kind} ({len(planned)} "
                        f"tensors, {total / 1e6:.1f} MB)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    remove_abandoned(out)  # what an export killed before its rename left: a whole model's size each
+    fd, tmp = tempfile.mkstemp(prefix=partial_prefix(out), suffix=".gguf", dir=out.parent)  # transformers reads
+    # a GGUF file by that suffix
     os.close(fd)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
@@ -298,25 +305,35 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
                     tensor = interleave_rotary(tensor, kv_heads)
                 writer.write_tensor_data(encode(tensor, p.qtype))
         writer.close()
+        ordinary_modes(Path(tmp))  # mkstemp's file is private; the model is an ordinary file
+        print(f"wrote {len(planned)} tensors ({len(merged)} with the adapter folded in), "
+              f"{Path(tmp).stat().st_size / 1e6:.1f} MB, pre-tokenizer {pre} ({since(started)})")
+        try:
+            if check is not None:
+                check(Path(tmp))
+        except Stop:
+            os.replace(tmp, out)  # too far from the trained model: kept for inspection, as the line says
+            raise
         os.replace(tmp, out)
     except BaseException:
         writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
-    print(f"wrote {out}: {len(planned)} tensors ({len(merged)} with the adapter folded in), "
-          f"{out.stat().st_size / 1e6:.1f} MB, pre-tokenizer {pre} ({since(started)})")
+    print(f"wrote {out}")
     return {"gguf": str(out), "type": kind, "tensors": len(planned), "merged_layers": len(merged),
             "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def export(run_dir: Path, out: Path, kind: str = "f16", device: str | None = None) -> dict:
-    """Merge the run's adapter onto its base as it trained and write it to `out` as a `kind` GGUF file."""
+def export(run_dir: Path, out: Path, kind: str = "f16", device: str | None = None,
+           check: Callable[[Path], object] | None = None) -> dict:
+    """Merge the run's adapter onto its base as it trained and write it to `out` as a `kind` GGUF file (`check`: run
+    on the file before it takes that name, write_gguf)."""
     source = merge_source(Path(run_dir), device=device)
     trust = source.cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(source.base, trust_remote_code=trust)
     tokenizer = load_tokenizer(source.base, trust)
     check_exportable(config, tokenizer, source.base)
-    return write_gguf(source, config, tokenizer, Path(out), kind)
+    return write_gguf(source, config, tokenizer, Path(out), kind, check)
 
 
 # For data without conversations: any turns exercise the template, which is code.
@@ -373,11 +390,11 @@ def divergence(trained: torch.nn.Module, exported: torch.nn.Module, examples: li
     return {"kl_mean": kl_sum / positions, "kl_max": kl_max, "top1": agree / positions, "positions": positions}
 
 
-def read_back(out: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
-    """The file's tokenizer and model as transformers' own GGUF loader reads them (fp32, CPU); a file it cannot read
-    fails its check (Stop, exit 1)."""
+def read_back(out: Path, path: Path | None = None) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """The file's tokenizer and model as transformers' own GGUF loader reads them (fp32, CPU), from `path` when it
+    does not have its name `out` yet; a file it cannot read fails its check (Stop, exit 1)."""
     try:
-        tokenizer, model = read_gguf(out, dtype=torch.float32, device_map={"": "cpu"})
+        tokenizer, model = read_gguf(path or out, dtype=torch.float32, device_map={"": "cpu"})
     except Exception as err:  # noqa: BLE001  any way the reader fails is the file's failure
         raise Stop(1, f"transformers cannot read {out} back ({type(err).__name__}: {str(err).strip()[:200]}): the "
                       "file is kept for inspection, but do not use it") from err
@@ -386,16 +403,18 @@ def read_back(out: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
 
 def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
                  trained: tuple[Config, torch.nn.Module, PreTrainedTokenizerBase] | None = None,
-                 exported: tuple[PreTrainedTokenizerBase, torch.nn.Module] | None = None, refuse: bool = True) -> dict:
+                 exported: tuple[PreTrainedTokenizerBase, torch.nn.Module] | None = None, refuse: bool = True,
+                 path: Path | None = None) -> dict:
     """Read `out` back with transformers and hold it to the run: the chat template and tokenizer, then KL and top-1
     agreement on `rows` held-out rows against BOUNDS[kind]. `trained` (the run's config, model and tokenizer from
     load_run) and `exported` (read_back's) are passed by a caller that holds them already. Raises Stop (exit 1)
-    beyond the bound, or with `refuse=False` (a benchmark) says so in the result."""
+    beyond the bound, or with `refuse=False` (a benchmark) says so in the result. `path`: where the file is read
+    from, when it does not have its name `out` yet."""
     out = Path(out)
     announce(f"checking {out}: transformers reads it back; its chat template and tokenizer against the run's, then "
              f"{rows} held-out rows through the trained model and the file, both on CPU in fp32")
     cfg, model, tokenizer = trained or load_run(Path(run_dir), "cpu", "fp32")[:3]
-    exported_tokenizer, exported_model = exported or read_back(out)
+    exported_tokenizer, exported_model = exported or read_back(out, path)
     conversations = [r["messages"] for r in read_rows(cfg.data.eval or cfg.data.train)
                      if isinstance(r.get("messages"), list)][:rows]
     template = check_template(tokenizer, exported_tokenizer, conversations, out)
@@ -434,9 +453,8 @@ def _main(argv: list[str]) -> int:
     if args.rows < 1:
         raise ConfigError(f"--rows={args.rows}: the check needs at least one held-out row, e.g. --rows=32")
     read_run_config(args.run_dir)  # a missing run is named before anything loads
-    export(args.run_dir, out, args.type, args.device)
-    if not args.skip_check:
-        check_export(args.run_dir, out, args.type, args.rows)
+    check = None if args.skip_check else lambda path: check_export(args.run_dir, out, args.type, args.rows, path=path)
+    export(args.run_dir, out, args.type, args.device, check)
     return 0
 
 

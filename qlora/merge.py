@@ -12,8 +12,10 @@ Rounding to bf16 is to nearest, or stochastic where W0 is already bf16, where ne
 (`round_stochastic`).
 
 The base checkpoint is read one tensor at a time (safetensors' safe_open) and written shard by shard, so merging a
-70B model holds one tensor in memory beside the shard being filled. The result is checked last: max |logits merged -
-logits of the adapter model| over a fixed prompt set, both on CPU in fp32 (--skip-check for models too big for that).
+70B model holds one tensor in memory beside the shard being filled. The result is checked before it is renamed to
+--out: max |logits merged - logits of the adapter model| over a fixed prompt set, both on CPU in fp32 (--skip-check for
+models too big for that). So --out holds a merge only once it is whole and checked; a killed merge leaves a hidden
+`.OUT.partial-PID-*` that the next merge to the same --out removes.
 """
 
 from __future__ import annotations
@@ -327,9 +329,65 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
                           "was the run trained on another base?")
 
 
+def partial_prefix(out: Path) -> str:
+    """The start of the hidden name `out` is written under, aside, until it is whole: `.NAME.partial-PID-`, then
+    mkdtemp's or mkstemp's random tail. The pid tells a later run a partial of a live run from one a kill -9 left
+    (no cleanup runs then: each killed 70B merge would leave 140 GB behind for good)."""
+    return f".{out.name}.partial-{os.getpid()}-"
+
+
+def remove_abandoned(out: Path) -> None:
+    """Remove the partials of `out` (partial_prefix) whose run is no live process, saying so; a live one is kept.
+
+    A process alive in another pid namespace (another container writing into the same directory) looks dead here, as
+    would one on another machine sharing the filesystem: those cases are not supported. A reused pid keeps a
+    leftover one more time, which is the safe side."""
+    prefix = f".{out.name}.partial-"
+    if not out.parent.is_dir():
+        return
+    for path in sorted(out.parent.iterdir()):
+        pid = re.fullmatch(r"([0-9]+)-.+", path.name.removeprefix(prefix)) if path.name.startswith(prefix) else None
+        if pid is None or int(pid[1]) == 0 or process_alive(int(pid[1])):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:
+            continue  # another run removed it first
+        except OSError as err:
+            print(f"could not remove {path.name} left by a run that was killed ({err.strerror}): delete it to free "
+                  "its space")
+            continue
+        print(f"removed {path.name} left by a run that was killed")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def ordinary_modes(path: Path) -> None:
+    """Give `path` (a file, or a directory and the files in it) the mode open() or mkdir() would: 0644 and 0755 under
+    the usual umask of 022. mkdtemp and mkstemp make them private, and safetensors writes its files 0600."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    for item in [path, *path.iterdir()] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.dtype = torch.bfloat16,
-          max_shard_bytes: int = 5 * 10**9, device: str | None = None) -> dict:
-    """Write the merged checkpoint into `out` (built aside and renamed into place); return what was done."""
+          max_shard_bytes: int = 5 * 10**9, device: str | None = None, check: bool = False) -> dict:
+    """Write the merged checkpoint into `out`; return what was done, with the check's numbers under "merge_error"
+    when `check` (merge_error; a merge beyond its tolerance is kept all the same, for inspection).
+
+    Built and checked in a hidden sibling (partial_prefix), then renamed to `out` as the very last step: `out` exists
+    only whole, and with `check` only checked. A kill at any moment leaves `out` as it was, and the next run removes
+    the killed run's partial (remove_abandoned).
+    """
     run_dir, out = Path(run_dir), Path(out)
     read_scaling(run_dir, read_run_config(run_dir))  # a run that cannot be merged is named before --out
     check_writable(out, "--out", directory=True)
@@ -340,8 +398,8 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     started = announce(f"merging {run_dir} onto {source.onto}, written as {str(dtype).removeprefix('torch.')}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
+    remove_abandoned(out)  # before writing: a 70B merge needs the space a killed one holds
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out), dir=out.parent))
     try:
         with folding(source) as (fold, merged):
             total = write_shards(checkpoint_shards(Path(base)), tmp, lambda name, t: fold(name, t, dtype), dtype,
@@ -351,6 +409,9 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                 "base_weights": "dequantised-nf4" if source.dequantise else "16bit",
                 "dtype": str(dtype).removeprefix("torch."), "scaling": source.scaling, "merged_layers": len(merged)}
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if check:
+            info["merge_error"] = merge_error(run_dir, tmp)  # records itself in tmp's merge_info.json
+        ordinary_modes(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -407,7 +468,9 @@ def merge_error(run_dir: Path, out: Path) -> dict:
         print(f"merge error vs the adapter on the {label} base: max |logit diff| {diff:.3e} (mean {mean:.1e}, logits "
               f"up to {scale:.1f}), same argmax at {agree}/{positions} positions{verdict}")
     info["merge_error"] = errors
-    (Path(out) / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    tmp = Path(out) / f".{INFO}.partial-{os.getpid()}"  # a kill while writing leaves the file as it was
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, Path(out) / INFO)
     return errors
 
 
@@ -418,13 +481,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = merge_parser().parse_args(argv)
     quiet_libraries()
-    merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size), args.device)
-    if not args.skip_check:
-        errors = merge_error(args.run_dir, args.out)
-        if not next(iter(errors.values()))["within_tolerance"]:
-            print("error: the merged model is further from the adapter model than docs/after-training.md states",
-                  file=sys.stderr)
-            return 1
+    info = merge(args.run_dir, args.out, args.base_16bit, DTYPES[args.dtype], parse_size(args.max_shard_size),
+                 args.device, check=not args.skip_check)
+    if "merge_error" in info and not next(iter(info["merge_error"].values()))["within_tolerance"]:
+        print("error: the merged model is further from the adapter model than docs/after-training.md states",
+              file=sys.stderr)
+        return 1  # the merge is kept, its numbers in merge_info.json, for inspection
     return 0
 
 

@@ -6,12 +6,15 @@ nothing. Real processes, forked from one that imported them once (tests/forked_c
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -94,6 +97,16 @@ def a_file(name: str, text: str = "the user's own file\n") -> Callable[[Path, Pa
     return setup
 
 
+def in_run(name: str, text: str = "the user's own notes\n") -> Callable[[Path, Path], None]:
+    def setup(run: Path, other: Path) -> None:
+        (run / name).write_text(text)
+    return setup
+
+
+def held_out_copy(run: Path, other: Path) -> None:
+    shutil.copy("recipes/data/tiny/heldout.jsonl", run.parent / "held.jsonl")
+
+
 def a_dir(name: str) -> Callable[[Path, Path], None]:
     def setup(run: Path, other: Path) -> None:
         (run.parent / name).mkdir()
@@ -124,6 +137,20 @@ CASES = [
      r"--json=.*out is a directory: give the path of a file"),
     ("eval: --json under a file", "qlora.eval", ["{run}", "--json={tmp}/out/x.json"], a_file("out"),
      r"--json=.*out/x.json cannot be created: .*out is a file"),
+    ("eval: --json is the run's config", "qlora.eval", ["{run}", "--json={run}/run_config.json"], noop,
+     r"--json=.*run_config.json is the run's own run_config.json: writing it would damage the run; choose another "
+     r"path, e.g. .*run/eval.json"),
+    ("eval: --json is the run's metrics", "qlora.eval", ["{run}", "--json={run}/metrics.jsonl"], noop,
+     r"is the run's own metrics.jsonl"),
+    ("eval: --json is the adapter", "qlora.eval", ["{run}", f"--json={{run}}/{ADAPTER_WEIGHTS}"], noop,
+     rf"is the run's own {ADAPTER_WEIGHTS}"),
+    ("eval: --json in a checkpoint", "qlora.eval", ["{run}", "--json={run}/checkpoint-2/eval.json"], noop,
+     r"is the run's own checkpoint-2"),
+    ("eval: --json is the user's file in the run", "qlora.eval", ["{run}", "--json={run}/notes.json"],
+     in_run("notes.json"), r"notes.json is a file in the run .* that qlora.eval did not write: writing it would "
+                           r"destroy it"),
+    ("eval: --json is the --data file", "qlora.eval", ["{run}", "--data={tmp}/held.jsonl", "--json={tmp}/held.jsonl"],
+     held_out_copy, r"--json=.*held.jsonl is the data file .*held.jsonl: writing it would destroy the data"),
     ("eval: --data missing", "qlora.eval", ["{run}", "--data={tmp}/none.jsonl"], noop, r"data file .*none.jsonl not "
                                                                                        r"found"),
     ("eval: bad --device", "qlora.eval", ["{run}", "--device=tpu"], noop,
@@ -184,6 +211,11 @@ CASES = [
      r"--runs=0: give a whole number of at least 1"),
     ("measure: steps not a number", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=two"], noop,
      r"--steps=two: give a whole number of at least 1"),
+    ("measure: --out is a directory", "qlora.report.measure", [TINY, "--out={tmp}/out"], a_dir("out"),
+     r"--out=.*out is a directory: give the path of a file"),
+    ("measure: --out under a file", "qlora.report.measure", [TINY, "--out={tmp}/notes/m.json"], a_file("notes"),
+     r"--out=.*notes/m.json cannot be created: .*notes is a file"),
+    ("measure: empty --out", "qlora.report.measure", [TINY, "--out="], noop, r"--out= is empty: give the path"),
     ("config: a flag", "qlora.config", [TINY, "--resume"], noop, r"unknown flag --resume"),
     ("config: seed beyond 64 bits", "qlora.config", [TINY, "--train.seed=18446744073709551616"], noop,
      r"train.seed=18446744073709551616 does not fit in 64 bits"),
@@ -223,3 +255,104 @@ def test_generate_still_answers(cli, finished):
     """The checks above refuse bad input only: a plain prompt still gets its tokens."""
     result = cli.run([str(finished), "--prompt=dog moon red", "--max-new-tokens=4"], module="qlora.generate")
     assert result.status == 0, result.stderr
+
+
+# In the child, before the command: the first write_text of a text holding MARK writes half of it, then the process
+# dies (kill -9: no cleanup runs), as a kill in the middle of writing a file would leave it.
+KILL_MID_WRITE = """
+import os, pathlib, signal
+write_text = pathlib.Path.write_text
+def half_then_die(self, text, *args, **kwargs):
+    if {mark!r} in text:
+        write_text(self, text[:len(text) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_text(self, text, *args, **kwargs)
+pathlib.Path.write_text = half_then_die
+"""
+
+
+def test_eval_json_is_written_whole_and_may_be_written_again(cli, finished, tmp_path):
+    """The same `--json` twice is the same command run again (an earlier result may be replaced); a kill while it is
+    written leaves the earlier result whole, never half of one."""
+    out = tmp_path / "eval.json"
+    argv = [str(finished), f"--json={out}"]
+    assert cli.run(argv, module="qlora.eval").status == 0
+    first = out.read_text()
+    assert cli.run(argv, module="qlora.eval", prelude=KILL_MID_WRITE.format(mark="eval_loss")).status == -signal.SIGKILL
+    assert out.read_text() == first
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    for _ in range(2):  # inside the run too: its own earlier result is not the run's file
+        result = cli.run([str(run), f"--json={run}/eval.json"], module="qlora.eval")
+        assert result.status == 0, result.stderr
+        assert json.loads((run / "eval.json").read_text())["eval_loss"] == json.loads(first)["eval_loss"]
+
+
+def test_measure_out_is_written_whole(cli, tmp_path):
+    out = tmp_path / "measured.json"
+    out.write_text('{"an earlier": "measurement"}\n')
+    result = cli.run([TINY, f"--out={out}", "--steps=1"], module="qlora.report.measure",
+                     prelude=KILL_MID_WRITE.format(mark="measured_peak_bytes"))
+    assert result.status == -signal.SIGKILL, result.stderr
+    assert out.read_text() == '{"an earlier": "measurement"}\n'
+
+
+KILL_IN_PLOT = """
+import os, signal
+import qlora.report.plot
+def die_while_plotting(report, path):
+    open(path, "wb").close()  # savefig has opened its file: a kill now left a 0-byte .png in place
+    os.kill(os.getpid(), signal.SIGKILL)
+qlora.report.plot.plot_report = die_while_plotting
+"""
+
+
+def test_a_memory_report_killed_while_written_leaves_the_earlier_report_whole(cli, tmp_path):
+    result = cli.run([TINY, f"--out-dir={tmp_path}"], module="qlora.memory")
+    assert result.status == 0, result.stderr
+    report = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(report) == ["tiny-none.json", "tiny-none.md", "tiny-none.png"]
+    result = cli.run([TINY, "--lora.r=16", f"--out-dir={tmp_path}"], module="qlora.memory", prelude=KILL_IN_PLOT)
+    assert result.status == -signal.SIGKILL, result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.startswith(".")} == report
+
+
+KILL_IN_CHECK = """
+import os, signal
+import qlora.training.assemble
+def die(*args, **kwargs):  # the check loads the adapter model to compare with: the merge is written by now
+    os.kill(os.getpid(), signal.SIGKILL)
+qlora.training.assemble.load_run = die
+"""
+
+
+def test_a_merge_killed_in_its_check_leaves_no_out_and_the_next_one_cleans_up(cli, finished, tmp_path):
+    """--out appears only once the merge is whole and checked; what a kill -9 left (no cleanup runs) is removed by the
+    next merge to the same --out, and a partial of a live merge is not."""
+    out = tmp_path / "merged"
+    pid = cli.start([str(finished), f"--out={out}"], module="qlora.merge", prelude=KILL_IN_CHECK)
+    assert cli.wait(pid).status == -signal.SIGKILL
+    assert not out.exists()
+    [killed] = tmp_path.glob(".merged.partial-*")
+    assert killed.name.startswith(f".merged.partial-{pid}-") and (killed / "model.safetensors").is_file()
+    live = tmp_path / f".merged.partial-{os.getpid()}-live"  # this test's own process: alive
+    live.mkdir()
+
+    result = cli.run([str(finished), f"--out={out}"], module="qlora.merge")
+    assert result.status == 0, result.stderr
+    assert f"removed {killed.name} left by a run that was killed\n" in result.stdout
+    assert sorted(tmp_path.iterdir()) == [live, out]
+    assert json.loads((out / "merge_info.json").read_text())["merge_error"]["vs adapter on 4-bit base"][
+        "within_tolerance"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777, (out / "model.safetensors").stat().st_mode & 0o777) == (
+        0o777 & ~umask, 0o666 & ~umask)  # as readable as any checkpoint: safetensors alone writes 0600
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a machine without a CUDA GPU")
+def test_eval_on_cuda_without_a_gpu_names_its_own_flag(cli, finished):
+    result = cli.run([str(finished), "--device=cuda"], module="qlora.eval")
+    assert result.status == 2 and result.stderr.strip() == ("error: --device=cuda but no CUDA GPU is visible: pass "
+                                                            "--device=cpu (or auto)"), result.stderr
+

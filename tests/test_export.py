@@ -9,8 +9,10 @@ is the slow part (transformers parses the 49,152-token vocabulary and 48,900 mer
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,9 +51,48 @@ def trained(run: Path) -> tuple:
 @pytest.fixture(scope="module")
 def files(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
+    # Beside the first file: a partial a killed export left (its pid is gone), and one of a live export (this one's).
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / f".{KINDS[0]}.gguf.partial-{dead.pid}-abcd").write_bytes(b"GGUF cut short")
+    (out / f".{KINDS[0]}.gguf.partial-{os.getpid()}-efgh").write_bytes(b"GGUF being written")
     for kind in KINDS:
         export.export(run, out / f"{kind}.gguf", kind, "cpu")
     return {kind: out / f"{kind}.gguf" for kind in KINDS}
+
+
+def test_an_export_removes_what_a_killed_one_left_and_writes_an_ordinary_file(files) -> None:
+    """kill -9 skips every cleanup: the next export to the same path removes the partial whose process is gone, and
+    never one of a live process. The file is as readable as any (mkstemp alone makes it 0600)."""
+    out = files[KINDS[0]].parent
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f".{KINDS[0]}.gguf.partial-{os.getpid()}-efgh", *(f"{kind}.gguf" for kind in KINDS)])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {path.stat().st_mode & 0o777 for path in files.values()} == {0o666 & ~umask}
+
+
+def test_the_file_takes_its_name_only_once_checked(run: Path, tmp_path: Path) -> None:
+    """The check reads the file under its hidden name: stopped there (a kill, Ctrl-C), no unchecked file lies where
+    llama.cpp would load it; found too far, it takes its name all the same, for inspection, as the error says."""
+    out, seen = tmp_path / "x.gguf", []
+
+    def interrupted(path: Path) -> None:
+        seen.append((path.name, out.exists(), path.stat().st_size))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export.export(run, out, "f16", "cpu", interrupted)
+    [(name, existed, size)] = seen
+    assert name.startswith(".x.gguf.partial-") and name.endswith(".gguf") and not existed and size > 0
+    assert list(tmp_path.iterdir()) == []
+
+    def too_far(path: Path) -> None:
+        raise Stop(1, f"{out} is further from the trained model than README.md states")
+
+    with pytest.raises(Stop):
+        export.export(run, out, "f16", "cpu", too_far)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
 
 
 @pytest.fixture(scope="module")

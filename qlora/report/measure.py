@@ -30,7 +30,7 @@ import torch
 
 from qlora.cli import run
 from qlora.config import Config, parse_args
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, check_writable
 from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
 from qlora.training.assemble import prepare
 from qlora.training.loss import loss_sum
@@ -156,9 +156,25 @@ def _main(argv: list[str]) -> int:
     cfg, flags = parse_args(rest, USAGE)
     if flags or out is None:
         raise ConfigError(f"{'unknown flag ' + flags[0] if flags else 'no --out=FILE.json'}: {USAGE}")
+    if not out.strip():
+        raise ConfigError("--out= is empty: give the path of the JSON file, e.g. --out=measured.json")
+    check_writable(Path(out), "--out")  # before the model loads and the steps run, not after
     result = measure(cfg, counts["--steps="], counts["--runs="])
-    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    write_aside(Path(out), json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def write_aside(path: Path, text: str) -> None:
+    """Write `text` under a hidden temporary name beside `path`, then rename it into place: a kill never leaves a
+    truncated file at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

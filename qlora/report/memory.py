@@ -19,10 +19,12 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import os
 import platform
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -122,7 +124,7 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
     report = {"model": cfg.model.path, "config_json": str(config_json_path(cfg)), "recipe": recipe,
               "device": "none", "estimate_for": device, "device_memory_bytes": total, "device_memory": total_label,
               "measured": measure, "command": "python -m qlora.memory " + shlex.join(argv),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "versions": versions(), "settings": settings(cfg, device), "arch": arch_dict(arch), "methods": {}}
     for method in methods:
         mcfg, extra = method_config(cfg, method)
@@ -202,17 +204,38 @@ def device_slug(device: str) -> str:
 
 
 def write_report(report: dict, out_dir: Path) -> Path:
-    """Write <recipe>-<device>.json, .md and .png into out_dir; return the .md path."""
+    """Write <recipe>-<device>.json, .md and .png into out_dir (write_together); return the .md path."""
     from qlora.report.markdown import markdown
     from qlora.report.plot import plot_report
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{Path(report['recipe']).stem}-{device_slug(report['device'])}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_report(report, out_dir / f"{stem}.png")
-    md = out_dir / f"{stem}.md"
-    md.write_text(markdown(report, f"{stem}.png"))
-    return md
+    write_together(out_dir, {f"{stem}.png": lambda path: plot_report(report, path),
+                             f"{stem}.md": lambda path: path.write_text(markdown(report, f"{stem}.png")),
+                             f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n")})
+    return out_dir / f"{stem}.md"
+
+
+def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Write each file of a report (its name -> a function that writes it at a path) under a hidden temporary name in
+    out_dir, then rename them into place, in the order given; on failure remove the temporaries.
+
+    The files are one report: written in place, a kill (the plot takes most of the time) would leave a new .json
+    beside an old .md, or a 0-byte .png. Written aside, a kill while writing leaves the old set as it was, and only a
+    kill between the renames (microseconds) can mix them. The .json goes last: it is the record a tool reads, with the
+    command that made it, so a .json is never newer than the .md and .png beside it.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The suffix stays last: matplotlib picks the image format from it.
+    temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(temps[name])
+        for name, tmp in temps.items():
+            os.replace(tmp, out_dir / name)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -325,15 +348,14 @@ def max_context_main(cli: Cli, argv: list[str], cfg: Config) -> int:
 
     report = context_report(cfg, cli.gpu_gib, cli.host_gib)
     report.update(recipe=cli.rest[0], command="python -m qlora.memory " + shlex.join(argv),
-                  date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                   versions=versions())
     written = None
     if cli.out_dir is not None:
-        cli.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = cli.out_dir / f"{Path(cli.rest[0]).stem}-max-context"
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(context_markdown(report))
-        written = [stem.with_suffix(".md"), stem.with_suffix(".json")]
+        stem = f"{Path(cli.rest[0]).stem}-max-context"
+        write_together(cli.out_dir, {f"{stem}.md": lambda path: path.write_text(context_markdown(report)),
+                                     f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n")})
+        written = [cli.out_dir / f"{stem}.md", cli.out_dir / f"{stem}.json"]
     if cli.as_json:
         print(json.dumps(report, indent=2))
     for line in context_lines(report) + [written_line(written, ".md and .json")]:
