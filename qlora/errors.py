@@ -80,8 +80,8 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
         intact = Session.intact() if Session.intact else ""
         tail = (f"; {intact}" + (": continue with --resume" if "intact" in intact else "")) if intact else ""
         return 128 + signum, f"stopped by {signal.Signals(signum).name}{tail}"
-    if isinstance(err, ConfigError):
-        return EXIT_BAD_INPUT, f"error: {err}"
+    if isinstance(err, ConfigError):  # one line, whatever the bad value held (`--train.steps=$'3\n4'`)
+        return EXIT_BAD_INPUT, "error: " + str(err).replace("\r", "\\r").replace("\n", "\\n")
     if isinstance(err, Stop):
         return err.code, str(err) if err.code >= 128 else f"error: {err}"
     if isinstance(err, OSError) and err.errno in DISK_FULL:  # outside a checkpoint: metrics.jsonl, run_config.json

@@ -95,6 +95,10 @@ CASES = [
     ("override unknown key", [TINY, "--train.learning_rate=1e-4"], r"unknown key --train.learning_rate: did you "
                                                                    r"mean --train.lr\?"),
     ("override without value", [TINY, "--train.lr"], r"--train.lr has no value: write --train.lr=VALUE"),
+    ("flag with a value", [TINY, "--overwrite=1"], r"--overwrite=1 sets no key: a flag takes no value \(write "
+                                                   r"--overwrite\)"),
+    ("key without its section", [TINY, "--steps=3"], r"--steps=3 sets no key: did you mean --train.steps=3\?"),
+    ("newline in a value", [TINY, "--train.steps=3\n4"], r"--train.steps=3\\n4: expected int"),
     ("unknown flag", [TINY, "--resum"], r"unknown flag --resum: did you mean --resume\?"),
     ("no recipe", ["--resume"], r"no recipe given"),
     ("r <= 0", [TINY, "--lora.r=0"], r"lora.r=0 must be a positive integer"),

@@ -112,6 +112,10 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form --section.key=value, e.g. --train.lr=1e-4")
         key, raw = item[2:].split("=", 1)
+        if "." not in key:  # `--overwrite=1`, `--steps=3`: no section
+            same = [k for k in known if k.endswith(f".{key}")]
+            raise ConfigError(f"--{key}={raw} sets no key: " + (f"did you mean --{same[0]}={raw}?" if same else
+                              f"a flag takes no value (write --{key}), a setting is --section.key=value"))
         if key not in known:
             raise ConfigError(f"unknown key --{key}: {_hint(key, known).replace('mean ', 'mean --')}")
         section, name = key.split(".", 1)

@@ -143,6 +143,9 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
+    if (device or cfg.train.device) == "cuda" and not torch.cuda.is_available():  # resolve_device names the trainer's
+        raise ConfigError(("--device=cuda" if device else f"{run_dir} trained with train.device=cuda,")
+                          + " but no CUDA GPU is visible: pass --device=cpu (or auto)")
     if device is not None:
         cfg.train.device = device
     if compute is not None:
