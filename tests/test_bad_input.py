@@ -39,6 +39,9 @@ FILES = {  # name -> content, in a scratch folder: data files, recipes
     "null_text.jsonl": '{"text": "hello world"}\n{"text": null}\n',
     "object_output.jsonl": '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": {"x": 1}}\n',
     "typo_after.py": RECIPE + "config = Config(**required)\nconfig.train.stepz = 3\n",
+    "generator_exit.py": "raise GeneratorExit\n",
+    "bad_str.py": "class E(Exception):\n    def __str__(self):\n        raise ValueError('boom')\nraise E()\n",
+    "module_getattr.py": "def __getattr__(name):\n    raise RuntimeError(name)\n",
     "empty.jsonl": "",
     "not_utf8.jsonl": CHAT + '{"text": "caf\xe9"}\n',  # written as latin-1 below
     "no_assistant.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n' * 3,
@@ -128,6 +131,10 @@ CASES = [
     ("null text", [TINY, "--data.train={d}/null_text.jsonl"], r"null_text.jsonl:2: field text must be text, got null"),
     ("object as output", [TINY, "--data.train={d}/object_output.jsonl"],
      r"object_output.jsonl:2: field output must be text, got \{\"x\": 1\}"),
+    ("recipe raising GeneratorExit", ["{d}/generator_exit.py"], r"generator_exit.py:1: GeneratorExit"),
+    ("recipe error without a message", ["{d}/bad_str.py"], r"bad_str.py:4: E \(its message cannot be shown\)"),
+    ("recipe __getattr__ raising", ["{d}/module_getattr.py"], r"module_getattr.py: reading its `config` raised "
+                                                              r"RuntimeError"),
     ("recipe typo after Config", ["{d}/typo_after.py"], r"typo_after.py: unknown key train.stepz: did you mean "
                                                         r"train.steps\? \(set after the recipe built its Config"),
     ("row missing its field", [TINY, "--data.train={d}/missing_field.jsonl"],

@@ -68,11 +68,15 @@ def load_recipe(path: str | Path) -> Config:
         raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
     except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
         raise ConfigError(f"{path}: the recipe called exit({err.code!r}): a recipe only builds `config`") from None
-    except Exception as err:  # a failed check, a NameError, an unknown keyword...: name the recipe's line, not ours
+    except (Exception, GeneratorExit) as err:  # a failed check, a NameError, an unknown keyword...: the recipe's line
         frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
         raise ConfigError(f"{where}: {_recipe_error(err)}") from err
-    config = getattr(module, "config", None)
+    try:
+        config = getattr(module, "config", None)
+    except Exception as err:  # noqa: BLE001  a module-level __getattr__ of the recipe's own
+        raise ConfigError(f"{path}: reading its `config` raised {type(err).__name__}: a recipe defines `config = "
+                          "Config(...)` at module level") from err
     if not isinstance(config, Config):
         raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
     try:  # a recipe is plain Python: it may change its config after building it (`config.train = None`)
@@ -82,10 +86,14 @@ def load_recipe(path: str | Path) -> Config:
             from None
 
 
-def _recipe_error(err: Exception) -> str:
+def _recipe_error(err: BaseException) -> str:
+    try:
+        text = str(err)
+    except Exception:  # noqa: BLE001  an exception whose own __str__ fails
+        return f"{type(err).__name__} (its message cannot be shown)"
     if isinstance(err, ConfigError):
-        return str(err)
-    unknown = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+        return text
+    unknown = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", text)
     section = unknown and vars(sections).get(unknown.group(1))
     if section is Config:
         names = ", ".join(f.name for f in dataclasses.fields(Config))
@@ -94,7 +102,7 @@ def _recipe_error(err: Exception) -> str:
         name = section.__name__.removesuffix("Config").lower()
         known = [f"{name}.{f.name}" for f in dataclasses.fields(section)]
         return f"unknown key {name}.{unknown.group(2)}: {_hint(f'{name}.{unknown.group(2)}', known)}"
-    return f"{type(err).__name__}: {err}"
+    return f"{type(err).__name__}: {text}"
 
 
 def _hint(key: str, known: list[str]) -> str:

@@ -149,7 +149,7 @@ def _main(argv: list[str]) -> int:
     counts = {}
     for flag, default in (("--steps=", 3), ("--runs=", 1)):
         value = next((a.split("=", 1)[1] for a in argv if a.startswith(flag)), str(default))
-        if not value.isdigit() or int(value) < 1:
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes '²', int() does not
             raise ConfigError(f"{flag}{value}: give a whole number of at least 1 ({USAGE})")
         counts[flag] = int(value)
     rest = [a for a in argv if not a.startswith(("--out=", "--steps=", "--runs="))]

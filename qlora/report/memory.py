@@ -260,8 +260,8 @@ def _numbers(flag: str, value: str) -> list[float]:
         out = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         out = []
-    if not out or any(not v > 0 for v in out):
-        raise ConfigError(f"{flag} {value!r}: use positive sizes in GiB, e.g. {flag}=24,48,80")
+    if not out or any(not 0 < v <= 2**20 for v in out):  # 1 PiB: beyond it the bisection's sizes overflow
+        raise ConfigError(f"{flag} {value!r}: use positive sizes in GiB up to 1048576, e.g. {flag}=24,48,80")
     return out
 
 
