@@ -53,7 +53,8 @@ from qlora.config import Config
 from qlora.console import announce, progress, quiet_libraries, since
 from qlora.data.read import collate, load_splits, read_rows, render_chat
 from qlora.errors import ConfigError, Stop, check_writable
-from qlora.merge import MergeSource, folding, merge_source, ordinary_modes, partial_prefix, remove_abandoned
+from qlora.merge import MergeSource, folding, merge_source
+from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
 from qlora.training.assemble import load_run, read_run_config
 
 Q = gguf.GGMLQuantizationType

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.adapters.loftq import load_shifts, shifted
-from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from qlora.adapters.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
 from qlora.base.bnb import bnb
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
 from qlora.base.load import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
@@ -50,6 +50,7 @@ from qlora.config import Config
 from qlora.console import announce, progress, quiet_libraries, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
+from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
 from qlora.training.assemble import load_run, read_run_config
 
 INFO = "merge_info.json"
@@ -197,23 +198,6 @@ def read_scaling(run_dir: Path, cfg: Config) -> float:
     return adapter_cfg["lora_alpha"] / adapter_cfg["r"]
 
 
-def read_adapter_config(run_dir: Path) -> dict:
-    """adapter_config.json, checked for what a merge reads from it."""
-    path = run_dir / ADAPTER_CONFIG
-    try:
-        adapter_cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is unreadable ({getattr(err, 'strerror', None) or err}): restore it from the run "
-                          "(its checkpoint-N directories hold copies)") from None
-    numbers = [adapter_cfg.get(k) if isinstance(adapter_cfg, dict) else None for k in ("r", "lora_alpha")]
-    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in numbers):
-        raise ConfigError(f"{path} lacks a positive r and lora_alpha: restore it from the run (its checkpoint-N "
-                          "directories hold copies)")
-    if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
-        raise ConfigError(f"{path}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
-    return adapter_cfg
-
-
 def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
     """Every adapter pair fits a weight of the base, at the rank adapter_config.json says, with finite values: checked
     from the safetensors headers (and the adapter's small tensors) before a single merged shard is written."""
@@ -234,6 +218,9 @@ def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
                     raise ConfigError(f"{path}: the adapter of {module} (B {tuple(b.shape)}, A {tuple(a.shape)}) does "
                                       f"not fit rank {rank} on the base weight {base}: was the run trained with "
                                       "another base or rank than its run_config.json says?")
+                if not (a.is_floating_point() and b.is_floating_point()):  # folded in, they would be cast silently
+                    raise ConfigError(f"{path}: the adapter of {module} is stored as {a.dtype} / {b.dtype}, not "
+                                      "floating point: restore it from the run")
                 if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                     raise ConfigError(f"{path}: the adapter of {module} holds nan or inf: there is nothing to merge")
     except ConfigError:
@@ -327,56 +314,6 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
     if merged != adapted:
         raise ConfigError(f"adapter layers {sorted(adapted - merged)[:3]} have no weight in {source.base}: "
                           "was the run trained on another base?")
-
-
-def partial_prefix(out: Path) -> str:
-    """The start of the hidden name `out` is written under, aside, until it is whole: `.NAME.partial-PID-`, then
-    mkdtemp's or mkstemp's random tail. The pid tells a later run a partial of a live run from one a kill -9 left
-    (no cleanup runs then: each killed 70B merge would leave 140 GB behind for good)."""
-    return f".{out.name}.partial-{os.getpid()}-"
-
-
-def remove_abandoned(out: Path) -> None:
-    """Remove the partials of `out` (partial_prefix) whose run is no live process, saying so; a live one is kept.
-
-    A process alive in another pid namespace (another container writing into the same directory) looks dead here, as
-    would one on another machine sharing the filesystem: those cases are not supported. A reused pid keeps a
-    leftover one more time, which is the safe side."""
-    prefix = f".{out.name}.partial-"
-    if not out.parent.is_dir():
-        return
-    for path in sorted(out.parent.iterdir()):
-        pid = re.fullmatch(r"([0-9]+)-.+", path.name.removeprefix(prefix)) if path.name.startswith(prefix) else None
-        if pid is None or int(pid[1]) == 0 or process_alive(int(pid[1])):
-            continue
-        try:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        except FileNotFoundError:
-            continue  # another run removed it first
-        except OSError as err:
-            print(f"could not remove {path.name} left by a run that was killed ({err.strerror}): delete it to free "
-                  "its space")
-            continue
-        print(f"removed {path.name} left by a run that was killed")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: delivers nothing, only asks whether the process exists
-    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
-def ordinary_modes(path: Path) -> None:
-    """Give `path` (a file, or a directory and the files in it) the mode open() or mkdir() would: 0644 and 0755 under
-    the usual umask of 022. mkdtemp and mkstemp make them private, and safetensors writes its files 0600."""
-    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(umask)
-    for item in [path, *path.iterdir()] if path.is_dir() else [path]:
-        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
 
 
 def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.dtype = torch.bfloat16,

@@ -87,6 +87,19 @@ def on_other_base(run: Path, other: Path) -> None:
     (run / "run_config.json").write_text(json.dumps(raw))
 
 
+def int_adapter(run: Path, other: Path) -> None:
+    """The adapter's tensors re-saved as int32, names and shapes unchanged."""
+    tensors = load_file(str(run / ADAPTER_WEIGHTS))
+    save_file({k: v.to(torch.int32) for k, v in tensors.items()}, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def edit_adapter_config(**changes: object) -> Callable[[Path, Path], None]:
+    def setup(run: Path, other: Path) -> None:
+        config = json.loads((run / ADAPTER_CONFIG).read_text())
+        (run / ADAPTER_CONFIG).write_text(json.dumps({**config, **changes}))
+    return setup
+
+
 def noop(run: Path, other: Path) -> None:
     pass
 
@@ -120,6 +133,13 @@ CASES = [
     ("eval: run config cut short", "qlora.eval", ["{run}"], write("run_config.json", b'{"model": {'),
      r"run_config.json is unreadable \(Expecting"),
     ("eval: run config a list", "qlora.eval", ["{run}"], write("run_config.json", b"[]"), r"is not a run config"),
+    ("eval: adapter config a list", "qlora.eval", ["{run}"], write(ADAPTER_CONFIG, b"[]"),
+     r"adapter_config.json lacks a positive r and lora_alpha"),
+    ("eval: adapter config of another alpha", "qlora.eval", ["{run}"], edit_adapter_config(lora_alpha=1),
+     r"adapter_config.json says r=\d+, lora_alpha=1 but run_config.json lora.r=\d+, lora.alpha="),
+    ("eval: adapter stored as int32", "qlora.eval", ["{run}"], int_adapter, r"is int32, not floating point"),
+    ("merge: adapter stored as int32", "qlora.merge", ["{run}", "--out={tmp}/m"], int_adapter,
+     r"is stored as torch.int32 / torch.int32, not floating point"),
     ("eval: run config invalid value", "qlora.eval", ["{run}"],
      edit_json("run_config.json", lambda c: c["lora"].update(r=0)), r"run_config.json: lora.r=0 must be a positive"),
     ("eval: run config unknown key", "qlora.eval", ["{run}"],

@@ -149,6 +149,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         if state[key].shape != weight.shape:
             raise ValueError(f"adapter tensor {key} has shape {tuple(state[key].shape)}, this model's "
                              f"{tuple(weight.shape)}: was it trained with another lora.r or another base?")
+        if not state[key].is_floating_point():  # copy_ would cast int or bool values without a word
+            raise ValueError(f"adapter tensor {key} is {str(state[key].dtype).removeprefix('torch.')}, not floating "
+                             "point: the adapter is broken")
         if not torch.isfinite(state[key]).all():
             raise ValueError(f"adapter tensor {key} holds nan or inf: the adapter is broken")
     with torch.no_grad():
@@ -181,6 +184,23 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
     state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
     save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+
+
+def read_adapter_config(run_dir: Path) -> dict:
+    """adapter_config.json, checked for what eval, generate and a merge read from it (rank and alpha; no DoRA)."""
+    path = run_dir / ADAPTER_CONFIG
+    try:
+        adapter_cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is unreadable ({getattr(err, 'strerror', None) or err}): restore it from the run "
+                          "(its checkpoint-N directories hold copies)") from None
+    numbers = [adapter_cfg.get(k) if isinstance(adapter_cfg, dict) else None for k in ("r", "lora_alpha")]
+    if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in numbers):
+        raise ConfigError(f"{path} lacks a positive r and lora_alpha: restore it from the run (its checkpoint-N "
+                          "directories hold copies)")
+    if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
+        raise ConfigError(f"{path}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
+    return adapter_cfg
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:

