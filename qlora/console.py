@@ -38,6 +38,9 @@ def quiet_libraries() -> None:
 
             logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    # A step skipped for a non-finite loss steps the schedule on purpose (the data and the schedule move on); if it is
+    # the first, torch warns that the scheduler stepped before its optimizer.
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step")
 
 
 def announce(what: str) -> float:

@@ -146,8 +146,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         stop_signal, too_many_bad = ranks.agree_signal(watch), not good and progress.bad_steps > t.max_bad_steps
         if too_many_bad:  # the adapter, not the data, if held-out rows fail too: a checkpoint of it is of no use
             probe = next(eval_batches(run["eval_rows"], t.batch_size, pad_id))
-            if not guard.finite_held_out(model, to_device(probe, device)):  # every process: the same rows
-                raise guard.diverged(cfg, step, progress.bad_steps, where)
+            probe = to_device(probe, device)
+            if not guard.finite_held_out(model, probe):  # every process: the same rows
+                base_fails = not guard.finite_held_out(model, probe, adapters=False)
+                raise guard.diverged(cfg, step, progress.bad_steps, where, base_fails)
         if (t.save_every and step % t.save_every == 0) or step == t.steps or too_many_bad or stop_signal:
             watch.at("saving a checkpoint", step)
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,

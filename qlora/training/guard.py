@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.adapters.lora import lora_layers
 from qlora.config import Config
 from qlora.data.read import batch_rows
 from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop
@@ -103,14 +104,22 @@ def all_finite(params: list[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapters: bool = True) -> bool:
     """Whether the model as it stands gives a finite loss on a held-out batch: after a run of non-finite steps, tells
-    an adapter that diverged (every batch fails) from rows that did."""
+    an adapter that diverged (every batch fails) from rows that did. `adapters=False`: the base alone (each LoRA
+    layer's scaling 0 for the call; its weights are finite, checked after every update), which tells a base that gives
+    nan (with train.eval_before=false nothing else would have) from an adapter that does."""
     was_training = model.training
+    layers = [] if adapters else list(lora_layers(model).values())
+    scalings = [layer.scaling for layer in layers]
     model.eval()
     try:
+        for layer in layers:
+            layer.scaling = 0.0
         return math.isfinite(eval_stats(model, batch)[0])
     finally:
+        for layer, scaling in zip(layers, scalings, strict=True):
+            layer.scaling = scaling
         model.train(was_training)
 
 
@@ -144,7 +153,13 @@ def non_finite_eval(cfg: Config, step: int, loss: float) -> Stop:
                                 + then[1:])
 
 
-def diverged(cfg: Config, step: int, bad_steps: int, where: str) -> Stop:
+def diverged(cfg: Config, step: int, bad_steps: int, where: str, base_fails: bool = False) -> Stop:
+    if base_fails:
+        return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, "
+                                    f"the last in {where}, and a held-out batch fails even with the adapters switched "
+                                    "off: the base model gives non-finite logits (nan or inf in its weights, or an "
+                                    f"overflow in quant.compute_dtype={cfg.quant.compute_dtype}): check model.path, or "
+                                    "try --quant.compute_dtype=fp32; no checkpoint was written of it")
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, the "
                                 f"last in {where}, and a held-out batch fails too: the adapter itself has diverged "
                                 f"(train.lr={cfg.train.lr:g} is too high), so no checkpoint was written of it. "
