@@ -478,3 +478,22 @@ def test_a_signal_during_the_first_evaluation_stops_without_training_a_step(cli,
                                                       "written: run the command again to start")
     assert list_checkpoints(out) == [] and not [line for line in metrics(out) if "loss" in line]
     assert cli.run([*argv, "--train.steps=1"]).status == 0  # the advice works
+
+
+def test_a_base_that_gives_nan_is_named_when_training_starts_without_an_evaluation(cli, tmp_path):
+    """With train.eval_before=false the first thing to meet a nan base is a step: skipped until max_bad_steps, then
+    the held-out check names the base (it fails with the adapters switched off too), not the learning rate, and torch
+    says nothing of a schedule stepped before its optimizer."""
+    base = tmp_path / "base"
+    shutil.copytree(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")), base)
+    weights = load_file(str(base / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--model.path={base}", "--model.build=none", f"--output.dir={out}",
+                      "--train.eval_before=false", "--train.max_bad_steps=1"])
+    assert result.status == 3, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "a held-out batch fails even with the adapters switched off: the base model gives non-finite logits" in last
+    assert last.endswith("then start again with --overwrite (what this run saved trained on that base)"), last
+    assert "lr_scheduler" not in result.stderr, result.stderr

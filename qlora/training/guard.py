@@ -159,7 +159,8 @@ def diverged(cfg: Config, step: int, bad_steps: int, where: str, base_fails: boo
                                     f"the last in {where}, and a held-out batch fails even with the adapters switched "
                                     "off: the base model gives non-finite logits (nan or inf in its weights, or an "
                                     f"overflow in quant.compute_dtype={cfg.quant.compute_dtype}): check model.path, or "
-                                    "try --quant.compute_dtype=fp32; no checkpoint was written of it")
+                                    "try --quant.compute_dtype=fp32, then start again with --overwrite (what this run "
+                                    "saved trained on that base)")
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, the "
                                 f"last in {where}, and a held-out batch fails too: the adapter itself has diverged "
                                 f"(train.lr={cfg.train.lr:g} is too high), so no checkpoint was written of it. "
