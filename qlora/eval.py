@@ -25,6 +25,7 @@ from qlora.commands import eval_parser
 from qlora.console import quiet_libraries
 from qlora.data.read import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
+from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
@@ -79,19 +80,6 @@ def check_json_path(path: Path, run_dir: Path, data: str | None) -> None:
                           f"would destroy it; {fix}")
 
 
-def write_result(path: Path, result: dict) -> None:
-    """Write `result` aside and rename it into place: a kill leaves the earlier file whole, never half of one."""
-    target = path.resolve()  # through a symlink, as write_text would: the link itself stays
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     return run(_main, argv)
 
@@ -107,7 +95,7 @@ def _main(argv: list[str]) -> int:
     print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "
           f"exact match {100 * result['eval_exact_match']:.1f}% ({result['seconds']:g} s)")
     if args.json:
-        write_result(args.json, result)
+        write_aside(args.json, json.dumps(result, indent=2) + "\n")
     if not math.isfinite(result["eval_loss"]):  # as training: a non-finite held-out loss never ends in success
         raise Stop(EXIT_NONFINITE, f"the held-out loss of {args.run_dir} is {result['eval_loss']}: its weights give "
                                    "non-finite logits on this data")

@@ -50,7 +50,7 @@ from qlora.config import Config
 from qlora.console import announce, progress, quiet_libraries, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
-from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
+from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned, write_aside
 from qlora.training.assemble import load_run, read_run_config
 
 INFO = "merge_info.json"
@@ -405,9 +405,7 @@ def merge_error(run_dir: Path, out: Path) -> dict:
         print(f"merge error vs the adapter on the {label} base: max |logit diff| {diff:.3e} (mean {mean:.1e}, logits "
               f"up to {scale:.1f}), same argmax at {agree}/{positions} positions{verdict}")
     info["merge_error"] = errors
-    tmp = Path(out) / f".{INFO}.partial-{os.getpid()}"  # a kill while writing leaves the file as it was
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, Path(out) / INFO)
+    write_aside(Path(out) / INFO, json.dumps(info, indent=2) + "\n")  # a kill while writing leaves it as it was
     return errors
 
 

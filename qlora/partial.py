@@ -15,6 +15,20 @@ import shutil
 from pathlib import Path
 
 
+def write_aside(path: Path, text: str) -> None:
+    """Write `text` under a hidden name beside `path` (through a symlink, to its target, as write_text would), then
+    rename it into place: a kill leaves the earlier file whole, never half of one."""
+    target = path.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def partial_prefix(out: Path) -> str:
     """The start of the hidden name `out` is written under until it is whole: `.NAME.partial-PID-`, then mkdtemp's
     or mkstemp's random tail."""

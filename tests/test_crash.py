@@ -410,12 +410,18 @@ def test_an_update_that_leaves_a_weight_nan_stops_before_saving_it(cli, tmp_path
     assert result.status == 0, result.stderr
 
 
-def test_a_base_that_gives_nan_stops_before_training(cli, tmp_path):
+def nan_base(tmp_path: Path) -> Path:
+    """A copy of the tiny Llama whose final norm is nan: every logit it gives is nan, whatever the adapter."""
     base = tmp_path / "base"
     shutil.copytree(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")), base)
     weights = load_file(str(base / "model.safetensors"))
     weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
+def test_a_base_that_gives_nan_stops_before_training(cli, tmp_path):
+    base = nan_base(tmp_path)
     out = tmp_path / "run"
     result = cli.run([*ARGS, f"--model.path={base}", "--model.build=none", f"--output.dir={out}"])
     assert result.status == 3, result.stderr
@@ -484,11 +490,7 @@ def test_a_base_that_gives_nan_is_named_when_training_starts_without_an_evaluati
     """With train.eval_before=false the first thing to meet a nan base is a step: skipped until max_bad_steps, then
     the held-out check names the base (it fails with the adapters switched off too), not the learning rate, and torch
     says nothing of a schedule stepped before its optimizer."""
-    base = tmp_path / "base"
-    shutil.copytree(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")), base)
-    weights = load_file(str(base / "model.safetensors"))
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
-    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    base = nan_base(tmp_path)
     out = tmp_path / "run"
     result = cli.run([*ARGS, f"--model.path={base}", "--model.build=none", f"--output.dir={out}",
                       "--train.eval_before=false", "--train.max_bad_steps=1"])

@@ -124,7 +124,8 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
     except UnicodeEncodeError as err:
         raise ConfigError(f"{where}: holds a lone UTF-16 surrogate ({err.object[err.start:err.end]!a}), which is no "
                           "text: fix or delete that row") from None
-    for name in FORMAT_FIELDS[fmt] + (("input",) if fmt == "instruction" else ()) if fmt != "messages" else ():
+    text_fields = () if fmt == "messages" else FORMAT_FIELDS[fmt] + (("input",) if fmt == "instruction" else ())
+    for name in text_fields:
         value = row.get(name)
         if name == "input" and value is None:  # absent, or null: no input (as many Alpaca-style sets write it)
             continue

@@ -32,6 +32,7 @@ from qlora.cli import run
 from qlora.config import Config, parse_args
 from qlora.errors import ConfigError, check_writable
 from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
+from qlora.partial import write_aside
 from qlora.training.assemble import prepare
 from qlora.training.loss import loss_sum
 from qlora.training.optimizer import build_optimizer, stepped_params
@@ -162,19 +163,6 @@ def _main(argv: list[str]) -> int:
     result = measure(cfg, counts["--steps="], counts["--runs="])
     write_aside(Path(out), json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def write_aside(path: Path, text: str) -> None:
-    """Write `text` under a hidden temporary name beside `path`, then rename it into place: a kill never leaves a
-    truncated file at `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":
