@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8,
          "num_key_value_heads": 4, "head_dim": 32, "vocab_size": 8192, "max_position_embeddings": 4096,
          "tie_word_embeddings": False}
+# Every lever off, the plan too (throughput.AS_SET).
 OFF = ["--train.offload_activations=false", "--train.tile_size=0", "--train.tile_projections=false",
-       "--train.loss_chunk_size=0", "--train.optimizer_on_cpu=false", "--model.embeddings_on_cpu=false",
-       "--quant.quantize_lm_head=false", "--train.batch_size=1"]  # the plan off: throughput.AS_SET
+       "--train.tile_norms=false", "--train.loss_chunk_size=0", "--train.optimizer_on_cpu=false",
+       "--model.embeddings_on_cpu=false", "--quant.quantize_lm_head=false", "--train.batch_size=1"]
 # Rows in the one micro-batch a configuration's step runs (1 unless named): the batch shape's figure is the share of
 # a one-row step that a second row does not add, 2 - t(2 rows) / t(1 row), against checkpointing alone.
 ROWS = {"train.batch_size": 2}
@@ -55,6 +56,7 @@ def configs(seq: int, layers: int) -> dict[str, tuple[str | None, list[str]]]:
         "train.tile_size": ("train.gradient_checkpointing", [*gc, f"--train.tile_size={quarter}"]),
         "train.tile_projections": ("train.tile_size", [*gc, f"--train.tile_size={quarter}",
                                                        "--train.tile_projections=true"]),
+        "train.tile_norms": ("train.tile_size", [*gc, f"--train.tile_size={quarter}", "--train.tile_norms=true"]),
         "train.loss_chunk_size": ("train.gradient_checkpointing", [*gc, f"--train.loss_chunk_size={quarter}"]),
         "train.offload_activations": ("train.gradient_checkpointing", [*gc, "--train.offload_activations=true"]),
         "train.optimizer_on_cpu": ("train.gradient_checkpointing", [*gc, "--train.optimizer_on_cpu=true"]),
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                                                f"--steps={args.steps}", f"--warmup={args.warmup}",
                                                *[f"--override={o}" for o in base]])
         found = measured(log, deadline, key, cmd, args.probe_timeout) or {"error": "not run (deadline)"}
-        results.update(found if len(group) > 1 and "error" not in found else {key: found})
+        # A group's child reports each configuration; one that failed fails every configuration of its group.
+        results.update(found if len(group) > 1 and "error" not in found else {name: found for name in group})
     found = costs(results, table)
     lines = header(f"Lever costs: {args.size} on {device}", prov, device,
                    "CPU figures: what the plan's cost table uses on a CPU device, and until a GPU measures them, "

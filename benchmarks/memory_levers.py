@@ -64,8 +64,8 @@ from throughput import AS_SET, RESULTS, SIZES, base_config, build_ours, card_pea
 BASELINE = ["--train.gradient_checkpointing=true", "--train.offload_activations=false", "--train.loss_chunk_size=0",
             "--train.liger_ce=false", "--quant.quantize_lm_head=false", "--model.embeddings_on_cpu=false",
             "--train.optimizer=paged_adamw_32bit", "--train.reuse_dequant=false", "--train.tile_size=0",
-            "--train.tile_projections=false", "--train.checkpoint_every=1", "--train.offload_budget_gib=0",
-            "--train.optimizer_on_cpu=false"]
+            "--train.tile_projections=false", "--train.tile_norms=false", "--train.checkpoint_every=1",
+            "--train.offload_budget_gib=0", "--train.optimizer_on_cpu=false"]
 REFERENCE_GPU_GIB = 80e9 / 2**30  # the estimate's start without nvidia-smi: one 80 GB card
 TABLE_TILE = 512  # tokens per tile in the lever table: several tiles at its lengths (a row of one tile runs as is)
 
@@ -85,6 +85,9 @@ def levers(chunk: int, cuda: bool) -> dict[str, dict]:
         "optimizer_on_cpu": {"name": "optimizer_on_cpu", "overrides": ["--train.optimizer_on_cpu=true"]},
         "tiles": {"name": f"tile_size={TABLE_TILE} + tile_projections",
                   "overrides": [f"--train.tile_size={TABLE_TILE}", "--train.tile_projections=true"]},
+        "tile_norms": {"name": f"tile_size={TABLE_TILE} + tile_projections + tile_norms",
+                       "overrides": [f"--train.tile_size={TABLE_TILE}", "--train.tile_projections=true",
+                                     "--train.tile_norms=true"]},
         "checkpoint_every": {"name": "checkpoint_every=4", "overrides": ["--train.checkpoint_every=4"]},
         "paged_adamw_8bit": {"name": "paged_adamw_8bit", "overrides": ["--train.optimizer=paged_adamw_8bit"]},
         "reuse_dequant": {"name": "reuse_dequant (a speed lever's memory cost)",

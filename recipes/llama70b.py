@@ -10,10 +10,11 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
 
 Memory levers (issue 13), each on because it pays, by the estimate for one 80 GB card and a 128 GiB host (a step at
 2048 tokens, in GB; the longest context on 48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's
-H200 rows showed). All on: 39.5 GB, 33,792 / 115,712. Each off alone: offload_activations 42.1 GB, 20,480 / 74,752;
-optimizer_on_cpu 42.0 GB, 26,624 / 109,568; embeddings_on_cpu 41.6 GB, 27,648 / 110,592; quantize_lm_head 41.0 GB,
-29,696 / 111,616; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size 17,408 / 63,488 tokens; tile_projections
-27,648 / 96,256 tokens. The two tile switches change nothing at 2048 tokens (one tile).
+H200 rows showed). All on: 39.5 GB, 49,152 / 165,888. Each off alone: offload_activations 42.1 GB, 25,600 / 92,160;
+optimizer_on_cpu 42.0 GB, 39,936 / 157,696; embeddings_on_cpu 41.6 GB, 40,960 / 158,720; quantize_lm_head 41.0 GB,
+43,008 / 160,768; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size (and with it the other tile switches)
+17,408 / 63,488 tokens; tile_projections 38,912 / 139,264 tokens; tile_norms 33,792 / 115,712 tokens. The tile
+switches change nothing at 2048 tokens (one tile).
 
 Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
 what a 48 GiB card needs for the longest rows, and `python -m qlora.memory` (the estimate, --max-context, --measure)
@@ -21,7 +22,7 @@ reads them as they stand; before loading, the trainer keeps of them only what th
 the cost table (qlora/memory/costs.py) first, and prints why. quantize_lm_head changes the numbers, so it is the
 recipe's, not the plan's. By the estimate, with 120 GiB of host memory available, at 2048 tokens: a 48 or 80 GiB card
 keeps checkpointing alone (46.5 GiB; +39% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
-+0%). At 32,768 tokens a 48 GiB card keeps every lever (47.5 GiB, +190%), an 80 GiB one checkpointing, loss chunks and
++0%). At 32,768 tokens a 48 GiB card keeps every lever but tile_projections (46.3 GiB, +142%), an 80 GiB one checkpointing, loss chunks and
 offloaded layer inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB, +39%). No plan fits 24 GiB: the NF4
 weights alone exceed it. --train.plan=recipe runs every lever as set.
 train.plan_batch=True leaves it the batch shape as well: the 16 rows of a step may run as fewer, larger
@@ -47,10 +48,11 @@ config = Config(
     # fp32 logits of all 2047 positions (2047 x 128256 x 4 B = 1.05 GB, three such buffers in the backward) never
     # exist at once: 0.39 GB for a chunk's three. Layer inputs wait in pinned host memory (2.7 GB at 2048 tokens);
     # the optimizer state and the fp32 masters (2.5 GB) live there from the start; the MLP and the attention
-    # projections run 4096 tokens at a time once rows are longer. CUDA only: 70B in fp32 on a CPU would need ~300 GB.
+    # projections and the norms run 4096 tokens at a time once rows are longer (a norm then keeps its bf16 input,
+    # not an fp32 copy). CUDA only: 70B in fp32 on a CPU would need ~300 GB.
     # train.plan="fastest": of these levers the trainer keeps those the card it finds needs (the docstring).
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=256,
                       offload_activations=True, optimizer_on_cpu=True, tile_size=4096, tile_projections=True,
-                      plan="fastest", plan_batch=True, eval_every=50, eval_batches=20, device="cuda"),
+                      tile_norms=True, plan="fastest", plan_batch=True, eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama70b"),
 )

@@ -9,11 +9,11 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
     python -m qlora.memory recipes/llama8b.py --measure  # on a GPU: real steps on synthetic weights
 
 Memory levers (issue 13), each on because it pays, by the estimate for a 128 GiB host (the longest context on 24 /
-48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's H200 rows showed). All on: 96,256 /
-224,256 / 394,240. Each off alone: offload_activations 70,656 / 163,840 / 288,768; tile_size 50,176 / 118,784 /
-208,896; tile_projections 79,872 / 186,368 / 327,680; embeddings_on_cpu 91,136 / 219,136 / 389,120. Left off:
-quantize_lm_head (no gain here, error in the logits) and optimizer_on_cpu (98,304 / 226,304 / 397,312: about 2%, for
-a host round trip and a CPU update per step).
+48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's H200 rows showed). All on: 137,216 /
+321,536 / 535,552. Each off alone: offload_activations 90,112 / 210,944 / 370,688; tile_size (and with it the other
+tile switches) 50,176 / 118,784 / 208,896; tile_projections 114,688 / 267,264 / 459,776; tile_norms 96,256 / 224,256 /
+394,240; embeddings_on_cpu 130,048 / 314,368 / 528,384. Left off: quantize_lm_head (no gain here, error in the logits)
+and optimizer_on_cpu (141,312 / 324,608 / 538,624: 1-3%, for a host round trip and a CPU update per step).
 
 Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
 what the longest rows on a 24 GiB card need, and `python -m qlora.memory` (the estimate, --max-context, --measure)
@@ -45,11 +45,13 @@ config = Config(
     lora=LoRAConfig(r=16, alpha=16, dropout=0.05),
     # 1 row x 16 accum x 2048 tokens = 32,768 tokens/step at most. The loss runs 1024 positions at a time, so the
     # fp32 logits of all 2047 positions (2047 x 128256 x 4 B = 1.05 GB, three such buffers in the backward) never
-    # exist at once. Layer inputs wait in pinned host memory; the MLP and the attention projections run 4096 tokens
-    # at a time once rows are longer. CUDA only: 8B in fp32 on a CPU would need ~40 GB.
+    # exist at once. Layer inputs wait in pinned host memory; the MLP, the attention projections and the norms run
+    # 4096 tokens at a time once rows are longer (a norm then keeps its bf16 input, not an fp32 copy). CUDA only: 8B
+    # in fp32 on a CPU would need ~40 GB.
     # train.plan="fastest": of these levers the trainer keeps those the card it finds needs (the docstring).
     train=TrainConfig(steps=100, batch_size=1, grad_accum=16, lr=1e-4, warmup_steps=10, loss_chunk_size=1024,
-                      offload_activations=True, tile_size=4096, tile_projections=True, plan="fastest",
+                      offload_activations=True, tile_size=4096, tile_projections=True, tile_norms=True,
+                      plan="fastest",
                       plan_batch=True, eval_every=50, eval_batches=20, device="cuda"),
     output=OutputConfig(dir="runs/llama8b"),
 )

@@ -42,6 +42,7 @@ def test_an_unknown_key_suggests_the_closest_real_one():
     ("train.lr=1", r"not of the form --section.key=value"),
     ("--train.tile_size=-1", r"train.tile_size=-1 must not be negative"),
     ("--train.tile_projections=true", r"train.tile_projections tiles by train.tile_size, which is 0"),
+    ("--train.tile_norms=true", r"train.tile_norms tiles by train.tile_size, which is 0"),
     ("--train.checkpoint_every=0", r"train.checkpoint_every=0 must be at least 1"),
     ("--train.offload_budget_gib=8", r"train.offload_budget_gib limits train.offload_activations"),
     ("--train.offload_budget_gib=-1", r"train.offload_budget_gib=-1.0 must be >= 0"),

@@ -54,7 +54,8 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
     store = model.model.layers[0]._gradient_checkpointing_func.func.__self__
     assert_same(loss_and_grads(model, batch), reference, **CUDA_SAME)
     assert store.slots and all(b.is_pinned() for b in store.slots)
-    tiled = build(tiny_config, "--train.device=cuda", "--train.tile_size=16", "--train.tile_projections=true")
+    tiled = build(tiny_config, "--train.device=cuda", "--train.tile_size=16", "--train.tile_projections=true",
+                  "--train.tile_norms=true")
     exact = loss_and_grads(build(tiny_config, "--train.device=cuda", "--quant.compute_dtype=fp32"), batch)
     assert_tiles_as_close_in_bf16(loss_and_grads(tiled, batch), reference, exact)
     cfg = apply_overrides(tiny_config, ["--train.device=cuda", "--train.optimizer_on_cpu=true"])

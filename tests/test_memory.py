@@ -101,7 +101,7 @@ def saved_bytes_of_layer(cfg: Config, method: str, dtype: torch.dtype) -> int:
     else:
         attach_lora(model, cfg.lora, dtype)
     if cfg.train.tile_size:
-        tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections)
+        tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections, cfg.train.tile_norms)
     known = {p.untyped_storage().data_ptr() for p in model.parameters()}
     known |= {t.untyped_storage().data_ptr() for p in model.parameters() if hasattr(p, "quant_state")
               for t in (p.quant_state.absmax, p.quant_state.code)}
@@ -129,15 +129,22 @@ def saved_bytes_of_layer(cfg: Config, method: str, dtype: torch.dtype) -> int:
     ("full", "fp32", 0.0, ""), ("full", "bf16", 0.0, ""),
     # Sequence tiles (train.tile_size): the MLP, then the projections too, keep only their inputs.
     ("qlora", "fp32", 0.0, "mlp"), ("qlora", "fp32", 0.1, "mlp"), ("qlora", "bf16", 0.1, "all"),
-    ("qlora", "fp32", 0.0, "all")])
+    ("qlora", "fp32", 0.0, "all"),
+    # ... and the norms (train.tile_norms): each keeps its input, not an fp32 copy.
+    ("qlora", "bf16", 0.0, "norms"), ("qlora", "bf16", 0.1, "all+norms"), ("qlora", "fp32", 0.0, "all+norms")])
 def test_layer_activation_formula_matches_saved_tensors(method, compute, dropout, tiles):
+    norms = tiles.endswith("norms")
     cfg = tiny(f"--quant.method={method}", f"--quant.compute_dtype={compute}", f"--lora.dropout={dropout}",
                "--train.batch_size=2", "--data.max_seq_len=32", "--train.gradient_checkpointing=false",
-               f"--train.tile_size={16 if tiles else 0}", f"--train.tile_projections={tiles == 'all'}")
+               f"--train.tile_size={16 if tiles else 0}", f"--train.tile_projections={tiles.startswith('all')}",
+               f"--train.tile_norms={norms}")
     dtype = compute_dtype(cfg.quant, CPU)
-    layer = layer_terms(load_arch(cfg), method, cfg, dtype.itemsize, "cpu", tiled=bool(tiles),
-                        tiled_projections=tiles == "all")
-    assert saved_bytes_of_layer(cfg, method, dtype) == layer.saved * 2 * 32
+    arch = load_arch(cfg)
+    layer = layer_terms(arch, method, cfg, dtype.itemsize, "cpu", tiled=bool(tiles),
+                        tiled_projections=tiles.startswith("all"), tiled_norms=norms)
+    # A tiled input norm keeps the layer's input itself, which the checkpoint plan counts: new to this layer here.
+    layer_input = arch.hidden * dtype.itemsize if norms else 0
+    assert saved_bytes_of_layer(cfg, method, dtype) == (layer.saved + layer_input) * 2 * 32
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
@@ -318,10 +325,12 @@ def test_cuda_only_levers_do_not_lower_a_cpu_estimate(lever):
     assert on_cuda.peak_bytes < before.peak_bytes and on_cuda.host_bytes > before.host_bytes
 
 
-def test_estimate_within_10_percent_at_long_context_on_cpu(measured):
-    """8192 tokens with every CPU lever on (tiles, projections, LoRA dropout): a real step against the estimate."""
+@pytest.mark.parametrize("norms", [False, True])
+def test_estimate_within_10_percent_at_long_context_on_cpu(measured, norms):
+    """8192 tokens with every CPU lever on (tiles, projections, LoRA dropout; then norms): a real step against the
+    estimate."""
     overrides = ("--data.max_seq_len=8192", "--train.batch_size=1", "--lora.dropout=0.1", "--train.tile_size=1024",
-                 "--train.tile_projections=true")
+                 "--train.tile_projections=true", f"--train.tile_norms={norms}")
     got, est = measured(*overrides), estimated(*overrides)
     assert abs(est / got - 1) <= 0.10, (est / 2**20, got / 2**20)
 

@@ -169,14 +169,14 @@ def test_the_batch_shape_is_the_recipes_unless_left_to_the_plan_and_measured(mon
 
 
 def test_a_smaller_micro_batch_is_the_plans_way_to_fit_a_small_card(monkeypatch: pytest.MonkeyPatch) -> None:
-    """32 rows x 2048 tokens in one micro-batch fit 16 GiB with no lever; the plan splits them rather than give up."""
+    """48 rows x 2048 tokens in one micro-batch fit 16 GiB with no lever; the plan splits them rather than give up."""
     with_batch_figure(monkeypatch, 0.1)
-    assert choose(recipe("llama8b", "--train.plan_batch=false", "--train.batch_size=32", "--train.grad_accum=1"),
+    assert choose(recipe("llama8b", "--train.plan_batch=false", "--train.batch_size=48", "--train.grad_accum=1"),
                   "cuda", 16 * GIB, HOST) is None
-    plan = choose(recipe("llama8b", "--train.plan_batch=true", "--train.batch_size=32", "--train.grad_accum=1"), "cuda",
+    plan = choose(recipe("llama8b", "--train.plan_batch=true", "--train.batch_size=48", "--train.grad_accum=1"), "cuda",
                   16 * GIB, HOST)
-    assert plan is not None and plan.settings["train.batch_size"] < 32 and plan.estimate.card_bytes <= 16 * GIB
-    assert plan.settings["train.batch_size"] * plan.settings["train.grad_accum"] == 32
+    assert plan is not None and plan.settings["train.batch_size"] < 48 and plan.estimate.card_bytes <= 16 * GIB
+    assert plan.settings["train.batch_size"] * plan.settings["train.grad_accum"] == 48
 
 
 def test_the_batch_cost_follows_the_fixed_share_of_a_micro_batch() -> None:

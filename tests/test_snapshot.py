@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from qlora.config import apply_overrides, load_recipe
+from qlora.levers.tiling.memory import NORM_TILE_BYTES_PER_HIDDEN
+from qlora.levers.tiling.tiles import tile_module
 from qlora.memory.activations import NORM_BACKWARD_FP32
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
@@ -151,6 +153,29 @@ def test_an_rmsnorm_backward_holds_the_fp32_temporaries_the_estimate_counts() ->
         elif e["action"] == "free_requested":
             alive.discard(e["addr"])
     assert most == NORM_BACKWARD_FP32
+
+
+def test_a_tiled_rmsnorm_backward_holds_one_tiles_fp32_working_set() -> None:
+    """train.tile_norms: the tiled norm's backward grows by NORM_TILE_BYTES_PER_HIDDEN per tile token and hidden unit
+    (a tile's recompute and backward in fp32), and beyond the tiles holds only its input's gradient at full length,
+    where the plain norm's holds NORM_BACKWARD_FP32 fp32 tensors of the whole row."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    h, T = 256, 8192
+    peaks = {}
+    for tile in (512, 1024, 2048):
+        norm = LlamaRMSNorm(h).to(torch.bfloat16)
+        tile_module(norm, tile)
+        x = torch.randn(1, T, h, dtype=torch.bfloat16, requires_grad=True)
+        y = norm(x)
+        with AllocationRecorder() as recorder:
+            y.backward(torch.randn_like(y))
+        peaks[tile] = recorder.peak_bytes
+    assert peaks[2048] - peaks[1024] == 2 * (peaks[1024] - peaks[512]) == NORM_TILE_BYTES_PER_HIDDEN * 1024 * h
+    full_length = peaks[512] - NORM_TILE_BYTES_PER_HIDDEN * 512 * h
+    # The input's gradient and what autograd does with it for a leaf (measured: 3 bf16 copies of the row, and a few
+    # KiB), against the plain norm's 5 fp32 ones.
+    assert full_length <= 3 * T * h * 2 + 2**16 < NORM_BACKWARD_FP32 * T * h * 4, full_length / (T * h)
 
 
 def test_the_command_reads_a_snapshot_and_compacts_it(tmp_path: Path) -> None:

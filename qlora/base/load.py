@@ -118,7 +118,11 @@ def load_base(cfg: Config, device: torch.device,
     kwargs = dict(dtype=dtype, device_map={"": device}, attn_implementation=cfg.model.attn_implementation,
                   trust_remote_code=cfg.model.trust_remote_code,
                   # None lets transformers fall back to pytorch_model.bin, a pickle: only when the recipe opts in.
-                  use_safetensors=None if cfg.model.allow_pickle else True)
+                  use_safetensors=None if cfg.model.allow_pickle else True,
+                  # transformers 5.25 swaps layers for hub kernels by default (it installs the `kernels` package),
+                  # and again at every train()/eval(), undoing the forwards the levers give a module (a tiled or
+                  # liger-kernel RMSNorm; 5.24 and before: off unless asked). The levers choose kernels here.
+                  use_kernels=False)
     if cfg.quant.method == "qlora":
         kwargs["quantization_config"] = quantization_config(cfg.quant, dtype)
     started = announce(f"loading {path}{checkpoint_size(path)} as {load_form(cfg, dtype)} onto {device}")

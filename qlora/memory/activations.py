@@ -17,6 +17,8 @@ MLP), checked tensor by tensor against torch's saved-tensor hooks on the tiny Ll
                                 kernel), e on CPU (the mask is a tensor of the compute dtype there)
 
 A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
+Tiled norms (train.tile_norms) keep their bf16 inputs: the first is the layer's input itself (which the checkpoint plan
+counts), the second the residual stream after attention, h e.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from qlora.levers.lm_head.settings import LM_HEAD
 from qlora.levers.loss.memory import logits_bytes
 from qlora.levers.loss.settings import LIGER
 from qlora.levers.tiling import settings as tiling
-from qlora.levers.tiling.memory import mlp_tile_bytes, projection_tile_bytes
+from qlora.levers.tiling.memory import mlp_tile_bytes, norm_tile_bytes, projection_tile_bytes
 from qlora.memory.arch import Arch
 
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
@@ -78,11 +80,12 @@ class Layer:
 
 
 def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled: bool = False,
-                tiled_projections: bool = False) -> Layer:
+                tiled_projections: bool = False, tiled_norms: bool = False) -> Layer:
     """What one recomputed layer keeps at full length; with `tiled`, the MLP (and with `tiled_projections`, the
-    q/k/v/o projections) keep only their input."""
+    q/k/v/o projections, with `tiled_norms` the two norms) keep only their input."""
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    norms, attention, mlp = 8 * h + 8, e * (2 * q + 2 * kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
+    norms = h * e if tiled_norms else 8 * h + 8
+    attention, mlp = e * (2 * q + 2 * kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
     if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
         return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e}, {}, 2 * h * e)
     adapted = adapted_layers(arch, cfg.lora.targets)
@@ -96,8 +99,8 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     return Layer(norms, attention, mlp, inputs, adapters)
 
 
-def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool) -> str:
-    parts = ["8h + 8", "e(2q + 2kv) + 4nh"]
+def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norms: bool = False) -> str:
+    parts = ["he (tiled norms' input)" if tiled_norms else "8h + 8", "e(2q + 2kv) + 4nh"]
     if not tiled:
         parts.append("3ie")
     if layer.full_norm_outputs:
@@ -139,8 +142,8 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     moments, the MLP's backward, the post-attention norm's and SDPA's."""
     t = cfg.train
     tiled = tiling.tiled(cfg, method, T)
-    proj = tiled and t.tile_projections
-    layer = layer_terms(arch, method, cfg, e, device, tiled, proj)
+    proj, norms_tiled = tiled and t.tile_projections, tiled and t.tile_norms
+    layer = layer_terms(arch, method, cfg, e, device, tiled, proj, norms_tiled)
     h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
     saved = T * layer.saved
     tile = min(t.tile_size, T) if tiled else 0
@@ -150,29 +153,36 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
                            else 2 * T * i * e)
     mlp_side = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + sum(layer.adapters.get(n, 0) for n in MLP)
     # The post-attention norm's backward: the MLP side is done with, the layer output's gradient and the norm's fp32
-    # temporaries are alive beside everything attention saved.
-    norm = T * (h * e + NORM_BACKWARD_FP32 * 4 * h - mlp_side)
+    # temporaries are alive beside everything attention saved. Tiled: the norm output's gradient and its input's at
+    # full length, the fp32 temporaries of one tile's recompute and backward.
+    norm = T * (3 * h * e - mlp_side) + tile * norm_tile_bytes(h) if norms_tiled else \
+        T * (h * e + NORM_BACKWARD_FP32 * 4 * h - mlp_side)
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
     # output's, SDPA's own buffers (and a projection tile) are alive.
-    done = mlp_side + 4 * h + 4 + layer.adapters.get("o_proj", 0)
+    second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
+    done = mlp_side + second_norm + layer.adapters.get("o_proj", 0)
     sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device)) + \
         (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
     moments = {"MLP backward": mlp, "post-attention norm's backward": norm, "SDPA backward": sdpa}
     phase = max(moments, key=moments.get)
     at = {"MLP backward": "2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e"),
-          "post-attention norm's backward": f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer output's gradient and "
-                                            "the norm's fp32 temporaries), less the MLP side",
+          "post-attention norm's backward": (f"3 T h e + t x one norm tile's fp32 working set (t={tile})" if
+                                             norms_tiled else f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer "
+                                             "output's gradient and the norm's fp32 temporaries)") + ", less the MLP "
+                                            "side",
           "SDPA backward": "T (h e + q e) + SDPA's gradients and buffers, less the MLP side"}[phase]
-    return saved, moments[phase], f"T [{layer_formula(layer, tiled, proj)}] + at the {phase}: {at}"
+    return saved, moments[phase], f"T [{layer_formula(layer, tiled, proj, norms_tiled)}] + at the {phase}: {at}"
 
 
 def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:
     """Bytes alive beyond the layers in the loss's backward (final norm, labels, logits), and the formula."""
     b, s = cfg.train.batch_size, cfg.data.max_seq_len
     T, N, h, V = b * s, b * (s - 1), arch.hidden, arch.vocab
-    # The final norm's fp32 input and rsqrt; the labels (int64) and their mask.
+    # The final norm's fp32 input and rsqrt (tiled: its bf16 input); the labels (int64) and their mask.
     logits, logits_fx = logits_bytes(cfg, method, device, N, V, h, e)
-    total, formula = T * (4 * h + 4) + 9 * N + logits, f"T(4h + 4) + 9N + {logits_fx}"
+    norm, norm_fx = (h * e, "T h e") if tiling.tiled(cfg, method, T) and cfg.train.tile_norms else (4 * h + 4,
+                                                                                                   "T(4h + 4)")
+    total, formula = T * norm + 9 * N + logits, f"{norm_fx} + 9N + {logits_fx}"
     if LIGER.active(cfg, method, device):  # the fused kernel takes the head's weight as it is
         return total, formula
     if method == "full":

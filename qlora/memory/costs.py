@@ -8,8 +8,8 @@ which measurement. What the kinds of cost are:
 
     recompute      the step runs part of the forward again: gradient_checkpointing (the whole forward, in the
                    backward), checkpoint_every (k-1 of each k layers once more: (k-1)/k of its figure, which is that
-                   of replaying every layer), tile_size / tile_projections (the MLP / q,k,v,o once more, for rows
-                   longer than a tile), loss_chunk_size (the head, for rows longer than a chunk)
+                   of replaying every layer), tile_size / tile_projections / tile_norms (the MLP / q,k,v,o / the
+                   norms once more, for rows longer than a tile), loss_chunk_size (the head, for rows longer than a chunk)
     host traffic   bytes cross PCIe each step: layer inputs (offload_activations; scaled by the share of them the
                    plan pins on the host), the adapters' gradients and weights and a CPU update (optimizer_on_cpu),
                    each step's embedding rows (embeddings_on_cpu)
@@ -40,6 +40,10 @@ CPU_RUN = ("CPU (2-core AMD EPYC, 2 threads, no other work; timed round-robin), 
            "benchmarks/lever_costs.py --steps=31 --warmup=3: 4-layer Llama, hidden 256, vocabulary 8192, "
            "1 x 512 tokens")
 
+# tile_norms came later, measured with the configurations it is set against, in one round-robin:
+# benchmarks/results/lever-costs-cpu-small-tile-norms.md (tile_size +0.62 and tile_projections +0.58 there).
+NORMS_RUN = ("the same machine and model, 2026-12-05, python benchmarks/lever_costs.py --steps=31 --warmup=3 --only "
+             "plain,train.gradient_checkpointing,train.tile_size,train.tile_norms,train.tile_projections")
 
 # Tokens a row in the measurement behind each column (what the batch shape's figure scales with).
 MEASURED_TOKENS = {"cpu": 512, "cuda": 2048}
@@ -75,6 +79,8 @@ TABLE: tuple[LeverCost, ...] = (
     LeverCost("train.tile_size", "recompute", 4096, 0.63, 0.63,
               f"{MEASURED} (tiles of 128 of 512 tokens: small tiles cost a CPU more than a card); {STAND_IN}"),
     LeverCost("train.tile_projections", "recompute", True, 0.56, 0.56, f"{MEASURED}; {STAND_IN}"),
+    LeverCost("train.tile_norms", "recompute", True, 0.08, 0.08,
+              f"measured: {NORMS_RUN} (+0.079 against tile_size alone); {STAND_IN}"),
     LeverCost("train.loss_chunk_size", "recompute", 1024, 0.16, 0.16,
               f"{MEASURED} (chunks of 128 of 512 tokens); {STAND_IN}"),
     LeverCost("model.embeddings_on_cpu", "host traffic", True, None, 0.01, ASSUMED),

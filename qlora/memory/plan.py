@@ -55,6 +55,7 @@ EVERY = COSTS["train.checkpoint_every"]
 OFFLOAD = COSTS["train.offload_activations"]
 BATCH = COSTS["train.batch_size"]
 SHAPE = ("train.batch_size", "train.grad_accum")
+TILE_SWITCHES = ("train.tile_size", "train.tile_projections", "train.tile_norms")
 
 
 @dataclass
@@ -182,7 +183,7 @@ def step_cost(cfg: Config, arch: Arch, device: str, on: list[tuple[LeverCost, ob
     tokens = cfg.train.batch_size * cfg.data.max_seq_len
     total = 0.0
     for row, value in on:
-        if row.lever in ("train.tile_size", "train.tile_projections") and not tiled(cfg, cfg.quant.method, tokens):
+        if row.lever in TILE_SWITCHES and not tiled(cfg, cfg.quant.method, tokens):
             continue  # rows no longer than a tile run untiled
         if row.lever == "train.loss_chunk_size" and value >= tokens:
             continue

@@ -65,8 +65,8 @@ def method_config(cfg: Config, method: str) -> tuple[Config, list[str]]:
         out.model.embeddings_on_cpu = False
         extra.append("--model.embeddings_on_cpu=false")
     if out.train.tile_size and method == "full":
-        out.train.tile_size, out.train.tile_projections = 0, False
-        extra += ["--train.tile_size=0", "--train.tile_projections=false"]
+        out.train.tile_size, out.train.tile_projections, out.train.tile_norms = 0, False, False
+        extra += ["--train.tile_size=0", "--train.tile_projections=false", "--train.tile_norms=false"]
     return out, extra
 
 
@@ -159,6 +159,7 @@ def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device
         c.train.stream_base = False  # one process's lever: qlora.train refuses it beside others
         if shard:  # what qlora.train refuses beside a sharded base: embeddings in CPU memory, sequence tiles
             c.model.embeddings_on_cpu, c.train.tile_size, c.train.tile_projections = False, 0, False
+            c.train.tile_norms = False
         out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total)
     return out
 

@@ -283,8 +283,12 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int, widt
     if not t.loss_chunk_size:
         offer("--train.loss_chunk_size=1024", "never all logits at once", train__loss_chunk_size=1024)
     if not t.tile_size and cfg.quant.method != "full":
-        offer("--train.tile_size=4096 --train.tile_projections=true", "the MLP and projections 4096 tokens at a time",
-              train__tile_size=4096, train__tile_projections=True)
+        offer("--train.tile_size=4096 --train.tile_projections=true --train.tile_norms=true",
+              "the MLP, projections and norms 4096 tokens at a time", train__tile_size=4096,
+              train__tile_projections=True, train__tile_norms=True)
+    elif not t.tile_norms and cfg.quant.method != "full":
+        offer("--train.tile_norms=true", "the norms in tiles too: no full-length fp32 copies",
+              train__tile_norms=True)
     if device.type == "cuda" and not t.optimizer_on_cpu:
         offer("--train.optimizer_on_cpu=true", "the optimizer state in host memory", train__optimizer_on_cpu=True)
     if cfg.quant.method != "full" and cfg.lora.r > 1:

@@ -16,6 +16,11 @@ class TilingFields(LeverFields):
     tile_projections: bool = False
     """With tile_size: tile the attention's q/k/v/o projections too, which keeps LoRA dropout's dropped inputs and
     masks (seq x hidden each) out of memory; pays only with lora.dropout > 0."""
+    tile_norms: bool = False
+    """With tile_size: run the RMSNorms (each decoder layer's and the final one) in tiles too. transformers' RMSNorm
+    computes in fp32: autograd keeps an fp32 copy of each norm's input, and its backward holds five more fp32 tensors
+    of the input's size at once, 4 x 5 = 20 bytes per token and hidden unit (the peak of a long row's step); tiled,
+    a norm keeps its bf16 input and the fp32 tensors exist for one tile."""
 
     def check_fields(self) -> None:
         if self.tile_size < 0:
@@ -23,6 +28,9 @@ class TilingFields(LeverFields):
         if self.tile_projections and not self.tile_size:
             raise ConfigError("train.tile_projections tiles by train.tile_size, which is 0: set "
                               "--train.tile_size=4096 or --train.tile_projections=false")
+        if self.tile_norms and not self.tile_size:
+            raise ConfigError("train.tile_norms tiles by train.tile_size, which is 0: set --train.tile_size=4096 or "
+                              "--train.tile_norms=false")
 
 
 def check(cfg: RunConfig) -> None:
@@ -44,12 +52,18 @@ def tiled(cfg: RunConfig, method: str, tokens: int) -> bool:
     return 0 < cfg.train.tile_size < tokens and method != "full"
 
 
+def effect(t: TilingFields) -> str:
+    """tile_size=4096 with tile_projections: the MLP and q/k/v/o in sequence tiles (and so on)."""
+    switches = [name for name, on in (("tile_projections", t.tile_projections), ("tile_norms", t.tile_norms)) if on]
+    modules = ["the MLP"] + [what for what, on in (("q/k/v/o", t.tile_projections), ("the norms", t.tile_norms)) if on]
+    return f"tile_size={t.tile_size}" + (f" with {' and '.join(switches)}" if switches else "") + \
+        f": {', '.join(modules[:-1]) + ' and ' if len(modules) > 1 else ''}{modules[-1]} in sequence tiles"
+
+
 TILES = Lever(
     name="train.tile_size", kind="memory",
     active=lambda cfg, method, device: bool(cfg.train.tile_size) and method != "full",
-    effect=lambda cfg, method: f"tile_size={cfg.train.tile_size}" + (
-        " with tile_projections" if cfg.train.tile_projections else "") + ": the MLP" + (
-        " and q/k/v/o" if cfg.train.tile_projections else "") + " in sequence tiles",
+    effect=lambda cfg, method: effect(cfg.train),
     check=check)
 
 LEVERS = (TILES,)

@@ -114,8 +114,14 @@ def tile_module(module: nn.Module, tile: int) -> None:
     module.forward = forward
 
 
-def tile_layers(model: nn.Module, tile: int, projections: bool) -> int:
-    """Tile each decoder layer's MLP and, with `projections`, its q/k/v/o projections; return how many modules."""
+def is_norm(module: nn.Module) -> bool:
+    """An RMSNorm over the hidden state (transformers names each model's own: LlamaRMSNorm, Qwen2RMSNorm, ...)."""
+    return type(module).__name__.endswith("RMSNorm")
+
+
+def tile_layers(model: nn.Module, tile: int, projections: bool, norms: bool = False) -> int:
+    """Tile each decoder layer's MLP and, with `projections`, its q/k/v/o projections, with `norms` its RMSNorms and
+    the final one; return how many modules."""
     layers = [m for m in model.modules() if hasattr(m, "mlp") and hasattr(m, "self_attn")]
     if not layers:
         raise ConfigError("train.tile_size found no decoder layer with an mlp and a self_attn in this model: set "
@@ -124,6 +130,12 @@ def tile_layers(model: nn.Module, tile: int, projections: bool) -> int:
     if projections:
         targets += [getattr(layer.self_attn, name) for layer in layers for name in PROJECTIONS
                     if hasattr(layer.self_attn, name)]
+    if norms:
+        # The norms on the residual stream: a layer's own children and the final norm, the decoder's child. (The
+        # per-head q/k norms of some models sit inside self_attn and work on head_dim: too small to pay.)
+        decoders = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)]
+        parents = [*layers, *decoders]
+        targets += [child for parent in parents for child in parent.children() if is_norm(child)]
     for module in targets:
         tile_module(module, tile)
     return len(targets)
@@ -132,5 +144,5 @@ def tile_layers(model: nn.Module, tile: int, projections: bool) -> int:
 def apply(model: nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> None:
     """The trainer's hook, last: a tile runs whatever forward its module has by then (a speed lever's included)."""
     if TILES.active(cfg, cfg.quant.method, device.type):
-        n = tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections)
+        n = tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections, cfg.train.tile_norms)
         print(f"train.tile_size={cfg.train.tile_size}: {n} modules run in sequence tiles")
