@@ -178,6 +178,23 @@ def test_a_tiled_rmsnorm_backward_holds_one_tiles_fp32_working_set() -> None:
     assert full_length <= 3 * T * h * 2 + 2**16 < NORM_BACKWARD_FP32 * T * h * 4, full_length / (T * h)
 
 
+def test_tiled_norms_save_in_a_bf16_step_what_the_estimate_says() -> None:
+    """train.tile_norms where it matters, a bf16 step at long context (8,192 tokens of the tiny Llama, tiles of 1,024,
+    loss chunks so the layers' backward is the peak): each recorded peak within 5% above or below the estimate, the
+    saving within 10% of the estimated one. Recorded on this CPU: 44.5 and 26.0 MiB, estimated 45.5 and 27.2."""
+    base = ["--data.max_seq_len=8192", "--train.batch_size=1", "--train.tile_size=1024",
+            "--train.tile_projections=true", "--quant.compute_dtype=bf16", "--train.loss_chunk_size=1024"]
+    recorded, estimated = {}, {}
+    for norms in (False, True):
+        cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [*base, f"--train.tile_norms={norms}"])
+        _, recorded[norms] = record_steps(cfg, 1)
+        estimated[norms] = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+        assert abs(estimated[norms] / recorded[norms] - 1) <= 0.05, (norms, estimated[norms], recorded[norms])
+    saving = recorded[False] - recorded[True]
+    assert saving > 0.3 * recorded[False]
+    assert abs(saving / (estimated[False] - estimated[True]) - 1) <= 0.10, (saving, estimated)
+
+
 def test_the_command_reads_a_snapshot_and_compacts_it(tmp_path: Path) -> None:
     args = ["--recipe=recipes/tiny.py", f"--tokens={snapshot_fixture.TOKENS}", "--device=cpu", "--min-mib=0.0625",
             *[f"--override={o}" for o in snapshot_fixture.OVERRIDES if not o.startswith("--data.max_seq_len")]]

@@ -9,7 +9,8 @@ which measurement. What the kinds of cost are:
     recompute      the step runs part of the forward again: gradient_checkpointing (the whole forward, in the
                    backward), checkpoint_every (k-1 of each k layers once more: (k-1)/k of its figure, which is that
                    of replaying every layer), tile_size / tile_projections / tile_norms (the MLP / q,k,v,o / the
-                   norms once more, for rows longer than a tile), loss_chunk_size (the head, for rows longer than a chunk)
+                   norms once more, for rows longer than a tile), loss_chunk_size (the head, for rows longer than a
+                   chunk)
     host traffic   bytes cross PCIe each step: layer inputs (offload_activations; scaled by the share of them the
                    plan pins on the host), the adapters' gradients and weights and a CPU update (optimizer_on_cpu),
                    each step's embedding rows (embeddings_on_cpu)
