@@ -42,7 +42,8 @@ def test_an_unknown_key_suggests_the_closest_real_one():
     ("train.lr=1", r"not of the form --section.key=value"),
     ("--train.tile_size=-1", r"train.tile_size=-1 must not be negative"),
     ("--train.tile_projections=true", r"train.tile_projections tiles by train.tile_size, which is 0"),
-    ("--train.tile_norms=true", r"train.tile_norms tiles by train.tile_size, which is 0"),
+    ("--train.tile_norms=true", r"train.tile_norms tiles by train.tile_size, which is 0: set "
+                                r"--train.tile_size=4096, or --train.tile_norms=false$"),
     ("--train.checkpoint_every=0", r"train.checkpoint_every=0 must be at least 1"),
     ("--train.offload_budget_gib=8", r"train.offload_budget_gib limits train.offload_activations"),
     ("--train.offload_budget_gib=-1", r"train.offload_budget_gib=-1.0 must be >= 0"),
@@ -50,6 +51,18 @@ def test_an_unknown_key_suggests_the_closest_real_one():
 def test_bad_values_are_refused_with_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(load_recipe(TINY), [override])
+
+
+def test_tiles_off_on_a_recipe_with_both_tile_switches_names_both_in_one_line():
+    """--train.tile_size=0 on the 8B recipe: one line for the two switches that tile by it, not one per attempt."""
+    with pytest.raises(ConfigError, match=r"^train.tile_projections and train.tile_norms tile by train.tile_size, "
+                                          r"which is 0: set --train.tile_size=4096, or "
+                                          r"--train.tile_projections=false --train.tile_norms=false$"):
+        apply_overrides(load_recipe("recipes/llama8b.py"), ["--train.tile_size=0"])
+    cfg = apply_overrides(load_recipe("recipes/llama8b.py"), ["--train.tile_size=0",
+                                                                    "--train.tile_projections=false",
+                                                                    "--train.tile_norms=false"])
+    assert cfg.train.tile_size == 0
 
 
 def test_recipe_errors_name_the_file(tmp_path):

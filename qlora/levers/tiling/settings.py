@@ -25,12 +25,11 @@ class TilingFields(LeverFields):
     def check_fields(self) -> None:
         if self.tile_size < 0:
             raise ConfigError(f"train.tile_size={self.tile_size} must not be negative, e.g. --train.tile_size=0")
-        if self.tile_projections and not self.tile_size:
-            raise ConfigError("train.tile_projections tiles by train.tile_size, which is 0: set "
-                              "--train.tile_size=4096 or --train.tile_projections=false")
-        if self.tile_norms and not self.tile_size:
-            raise ConfigError("train.tile_norms tiles by train.tile_size, which is 0: set --train.tile_size=4096 or "
-                              "--train.tile_norms=false")
+        switches = [name for name in ("tile_projections", "tile_norms") if getattr(self, name)]
+        if switches and not self.tile_size:  # both named at once: --train.tile_size=0 on a recipe with both on
+            raise ConfigError(f"{' and '.join(f'train.{n}' for n in switches)} tile{'s' if len(switches) == 1 else ''}"
+                              " by train.tile_size, which is 0: set --train.tile_size=4096, or "
+                              + " ".join(f"--train.{n}=false" for n in switches))
 
 
 def check(cfg: RunConfig) -> None:
