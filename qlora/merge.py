@@ -377,7 +377,8 @@ def merge_error(run_dir: Path, out: Path) -> dict:
     whose gap includes NF4's rounding).
     """
     info = json.loads((Path(out) / INFO).read_text())
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"})
+    # PyTorch's own layers, as the references run them (transformers 5.25 would swap in hub kernels by default)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"}, use_kernels=False)
     merged = prompt_logits(model, load_tokenizer(str(out)))
     del model
     cfg = read_run_config(Path(run_dir))

@@ -112,7 +112,9 @@ def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBa
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
     with name_map_built_once():
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config, **model_kwargs)
+        # PyTorch's own layers (export's read-back compares logits): transformers 5.25 would look for hub kernels
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                     **{"use_kernels": False, **model_kwargs})
     return tokenizer, model
 
 
