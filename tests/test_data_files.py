@@ -71,3 +71,19 @@ def test_a_bad_row_is_named_by_its_line_in_the_file(tmp_path: Path) -> None:
     rows[1]["output"] = None  # what a CSV cell cannot say: the row of line 3 made bad after reading
     with pytest.raises(ConfigError, match=r"train.csv:3: field output must be text, got null"):
         tokenize_rows(rows, "instruction", tokenizer, str(table), 64)
+
+
+@pytest.mark.parametrize("first", ["chat", "text"])
+def test_a_json_array_mixing_formats_names_the_row_that_lacks_the_first_rows_field(tmp_path: Path, first: str) -> None:
+    """Arrow gives every row of a JSON array every column, a missing one as None: read as absent, so the format is
+    the first row's and the other row is named for the field it lacks (not `messages must be a list, got NoneType`,
+    nor a text row taken for a chat row)."""
+    from qlora.data.read import detect_format
+
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    rows = [chat, {"text": "plain"}] if first == "chat" else [{"text": "plain"}, chat]
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps(rows))
+    got = read_rows(str(array))
+    assert got == rows
+    assert detect_format(got, str(array)) == ("messages" if first == "chat" else "text")

@@ -54,7 +54,7 @@ def read_rows(source: str) -> Rows:
 
         logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
         try:
-            rows = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").to_list()
+            rows = columnar_rows(datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train"))
         except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
             cause = err
             while cause.__cause__ or cause.__context__:
@@ -68,12 +68,19 @@ def read_rows(source: str) -> Rows:
 
     offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     try:
-        rows = datasets.load_dataset(source, split="train").to_list()
+        rows = columnar_rows(datasets.load_dataset(source, split="train"))
         return Rows(rows, [f"{source}: row {i + 1}" for i in range(len(rows))])
     except Exception as err:
         why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
         raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
                           "give a local file, or download the dataset first") from err
+
+
+def columnar_rows(table: object) -> list[dict]:
+    """A `datasets` table's rows as the file wrote them. Arrow gives every row every column, a field the row lacks as
+    None (a JSON array of chat rows and text rows: `messages: None` in each text row), so None is taken for absent,
+    as a CSV's empty cell is (its input field, say)."""
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_list()]
 
 
 def _read_jsonl(path: Path) -> Rows:
