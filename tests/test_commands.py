@@ -382,3 +382,17 @@ def test_eval_on_cuda_without_a_gpu_names_its_own_flag(cli, finished):
     assert result.status == 2 and result.stderr.strip() == ("error: --device=cuda but no CUDA GPU is visible: pass "
                                                             "--device=cpu (or auto)"), result.stderr
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a machine without a CUDA GPU")
+def test_a_run_trained_on_cuda_read_back_without_a_gpu_says_so_and_the_flag(cli, finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    config = json.loads((run / "run_config.json").read_text())
+    config["train"]["device"] = "cuda"
+    (run / "run_config.json").write_text(json.dumps(config))
+    result = cli.run([str(run)], module="qlora.eval")
+    assert result.status == 2, result.stderr
+    assert result.stderr.strip() == (f"error: {run} trained with train.device=cuda, but no CUDA GPU is visible: pass "
+                                     "--device=cpu (or auto)")
+    assert cli.run([str(run), "--device=cpu"], module="qlora.eval").status == 0
+

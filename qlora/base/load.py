@@ -28,9 +28,12 @@ from qlora.errors import ConfigError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, asked: str = "train.device=cuda", fix: str = "use --train.device=cpu or auto"
+                   ) -> torch.device:
+    """`name` (cuda, cpu or auto) as a device; a CUDA device no GPU backs is refused in one line naming where it was
+    `asked` for and the `fix` there."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is visible: use --train.device=cpu or auto")
+        raise ConfigError(f"{asked} but no CUDA GPU is visible: {fix}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -143,9 +143,8 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    if (device or cfg.train.device) == "cuda" and not torch.cuda.is_available():  # resolve_device names the trainer's
-        raise ConfigError(("--device=cuda" if device else f"{run_dir} trained with train.device=cuda,")
-                          + " but no CUDA GPU is visible: pass --device=cpu (or auto)")
+    asked = "--device=cuda" if device else f"{run_dir} trained with train.device=cuda,"
+    dev = resolve_device(device or cfg.train.device, asked, "pass --device=cpu (or auto)")  # before any loading
     if device is not None:
         cfg.train.device = device
     if compute is not None:
@@ -165,7 +164,6 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
             raise ConfigError(f"{run_dir / ADAPTER_CONFIG} says r={adapter['r']}, lora_alpha={adapter['lora_alpha']} "
                               f"but run_config.json lora.r={cfg.lora.r}, lora.alpha={cfg.lora.alpha}: restore the "
                               "one that was edited (the checkpoint-N directories hold copies)")
-    dev = resolve_device(cfg.train.device)
     model, tokenizer, path = load_model(cfg, dev)
     attach_adapters(model, cfg, path, compute_dtype(cfg.quant, dev), run_dir)
     try:
