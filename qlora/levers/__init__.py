@@ -11,7 +11,8 @@ its folder, its records in `LEVERS` and its fields in `FIELDS` below, and its ho
 
     checkpoints      train.offload_activations, offload_budget_gib, checkpoint_every: where checkpointed layer
                      inputs wait (pinned host memory; only every k-th kept, the rest replayed)
-    tiling           train.tile_size, tile_projections: the MLP and projections in sequence tiles
+    tiling           train.tile_size, tile_projections, tile_norms: the MLP, projections and norms in sequence
+                     tiles
     loss             train.loss_chunk_size, liger_ce: logits a chunk at a time, or liger-kernel's fused loss
     host_optimizer   train.optimizer_on_cpu: optimizer state and fp32 masters in host memory
     lm_head          quant.quantize_lm_head: the output head in NF4

@@ -1,3 +1,3 @@
-"""Sequence tiles (train.tile_size, train.tile_projections): the MLP, and the attention projections, run a few thousand
-tokens at a time forward and backward, so none of their seq x intermediate tensors exists at full length; one more
-forward of the tiled modules per step."""
+"""Sequence tiles (train.tile_size, train.tile_projections, train.tile_norms): the MLP, and the attention projections
+and the RMSNorms, run a few thousand tokens at a time forward and backward, so none of their seq x intermediate
+tensors (a norm's: fp32 copies of the row) exists at full length; one more forward of the tiled modules per step."""

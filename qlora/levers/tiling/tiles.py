@@ -9,7 +9,9 @@ No full-length intermediate of the module exists at once, for the price of one m
 checkpointed layer's recompute already ran it once: three in all). DeepSpeed's `TiledMLP`
 (deepspeed/runtime/sequence_parallel/ulysses_sp.py; Arctic Long Sequence Training, arXiv 2506.13996) takes the same
 path; its forward tiles run under no_grad, ours with autograd on and nothing saved, so that bitsandbytes and the speed
-levers choose the same kernels in the forward as in the recompute.
+levers choose the same kernels in the forward as in the recompute. An RMSNorm is position-wise too, and once the MLP
+is tiled its intermediates are the layer's largest: transformers' norm computes in fp32, so autograd keeps an fp32
+copy of its input and the backward holds five fp32 tensors of the row at once (train.tile_norms tiles it).
 
 Each tile's forward and its recompute see the same random state (LoRA dropout draws the same mask), as
 `torch.utils.checkpoint` arranges. The sums over tokens that make a weight gradient are added tile by tile (in fp32,
