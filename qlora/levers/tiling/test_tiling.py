@@ -132,3 +132,19 @@ def test_the_saving_measured_on_cpu_is_the_estimates(measured, without: list[str
     predicted = estimated(*without) - estimated(*with_lever)
     assert predicted > 10 * 2**20  # well above what a resident-set measurement wanders by (~1 MiB)
     assert abs(saving / predicted - 1) <= 0.10, (saving / 2**20, predicted / 2**20)
+
+
+def test_tile_norms_on_a_model_without_rmsnorms_is_refused_in_one_line() -> None:
+    """Phi's decoder layers have an mlp and a self_attn but a LayerNorm: the estimate would count tiled norms that
+    do not exist, so the switch is refused, not ignored."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    from qlora.errors import ConfigError
+    from qlora.levers.tiling.tiles import tile_layers
+
+    model = PhiForCausalLM(PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4))
+    assert tile_layers(model, 16, projections=False) == 2
+    with pytest.raises(ConfigError, match=r"^train.tile_norms found no RMSNorm in this model's decoder layers: set "
+                                          r"--train.tile_norms=false$"):
+        tile_layers(model, 16, projections=False, norms=True)

@@ -136,8 +136,11 @@ def tile_layers(model: nn.Module, tile: int, projections: bool, norms: bool = Fa
         # The norms on the residual stream: a layer's own children and the final norm, the decoder's child. (The
         # per-head q/k norms of some models sit inside self_attn and work on head_dim: too small to pay.)
         decoders = [m for m in model.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList)]
-        parents = [*layers, *decoders]
-        targets += [child for parent in parents for child in parent.children() if is_norm(child)]
+        norms_found = [child for parent in [*layers, *decoders] for child in parent.children() if is_norm(child)]
+        if not norms_found:  # the estimate counts them tiled: say so rather than run them as they are
+            raise ConfigError("train.tile_norms found no RMSNorm in this model's decoder layers: set "
+                              "--train.tile_norms=false")
+        targets += norms_found
     for module in targets:
         tile_module(module, tile)
     return len(targets)
