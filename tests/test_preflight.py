@@ -104,3 +104,18 @@ def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "available (python -m qlora.memory RECIPE estimates it, nothing " \
         "loaded): not even one row of 64 tokens fits: use a GPU, or a machine with more memory" in err[0], err
+
+
+@pytest.mark.parametrize("overrides,offered", [
+    (["--train.tile_norms=false"], "--train.tile_norms=true: the norms in tiles too"),
+    (["--train.tile_size=0", "--train.tile_projections=false", "--train.tile_norms=false"],
+     "--train.tile_size=4096 --train.tile_projections=true --train.tile_norms=true: the MLP, projections and norms")])
+def test_out_of_memory_advice_offers_the_tiles_the_recipe_lacks(overrides: list[str], offered: str) -> None:
+    """What a CUDA out-of-memory names as fitting (qlora/training/guard.py): the 8B recipe at 131,072 tokens on a
+    24 GiB card, without tiled norms (or without any tiles), fits once the missing switch is on, by the estimate."""
+    from qlora.training.guard import suggestions
+
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), ["--data.max_seq_len=131072", *overrides])
+    lines = suggestions(cfg, torch.device("cuda"), 24 * GIB, 0, 40)
+    assert lines[0].startswith("estimated peak of this recipe") and "fits under 22.80 GiB" in lines[0]
+    assert any(line.strip().startswith(offered) for line in lines[1:]), lines
