@@ -71,7 +71,8 @@ OUTSIDE_BEYOND_CONTEXT = 2**30 * 2 // 5  # 0.4 GiB
 ALLOCATOR = (f"PyTorch's caching allocator reserves more than the tensors, and memory outside it grows beyond the "
              f"context: the allocator's margin, {RESERVE_HIDDEN_STATES} T h e + {OUTSIDE_BEYOND_CONTEXT / 2**30:.1f} "
              "GiB, fitted to the 70B recipe on an H200 at 30K-58K tokens with expandable segments (which qlora sets "
-             "unless PYTORCH_CUDA_ALLOC_CONF says otherwise), is counted beside the peak: a card must hold both")
+             "unless PYTORCH_CUDA_ALLOC_CONF says otherwise) and the norms untiled (their fp32 blocks, which "
+             "train.tile_norms removes, may have made part of it), is counted beside the peak: a card must hold both")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ALLREDUCE_BUCKET = 25 * 2**20  # gradients summed at once across processes: qlora/training/distributed.py BUCKET_BYTES
 CATEGORIES = ("quantized_weights", "unquantized_weights", "gathered_weights", "adapters", "gradients",
