@@ -142,7 +142,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     moments, the MLP's backward, the post-attention norm's and SDPA's."""
     t = cfg.train
     tiled = tiling.tiled(cfg, method, T)
-    proj, norms_tiled = tiled and t.tile_projections, tiled and t.tile_norms
+    proj, norms_tiled = tiled and t.tile_projections, tiling.norms_tiled(cfg, method, T)
     layer = layer_terms(arch, method, cfg, e, device, tiled, proj, norms_tiled)
     h, i, q = arch.hidden, arch.intermediate, arch.heads * arch.head_dim
     saved = T * layer.saved
@@ -180,8 +180,7 @@ def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tup
     T, N, h, V = b * s, b * (s - 1), arch.hidden, arch.vocab
     # The final norm's fp32 input and rsqrt (tiled: its bf16 input); the labels (int64) and their mask.
     logits, logits_fx = logits_bytes(cfg, method, device, N, V, h, e)
-    norm, norm_fx = (h * e, "T h e") if tiling.tiled(cfg, method, T) and cfg.train.tile_norms else (4 * h + 4,
-                                                                                                   "T(4h + 4)")
+    norm, norm_fx = (h * e, "T h e") if tiling.norms_tiled(cfg, method, T) else (4 * h + 4, "T(4h + 4)")
     total, formula = T * norm + 9 * N + logits, f"{norm_fx} + 9N + {logits_fx}"
     if LIGER.active(cfg, method, device):  # the fused kernel takes the head's weight as it is
         return total, formula

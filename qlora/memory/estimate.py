@@ -45,7 +45,7 @@ from qlora.levers.speed.memory import dequantised_bytes, kept_dequantised_bytes
 from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
 from qlora.levers.stream_base.memory import StreamPlan, stream_plan
 from qlora.levers.stream_base.settings import STREAM_BASE
-from qlora.levers.tiling.settings import tiled
+from qlora.levers.tiling.settings import norms_tiled
 from qlora.memory.activations import adapted_layers, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
@@ -354,8 +354,7 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     size = plan.input_bytes
     # At fp32 the recomputed layer's first norm keeps the layer input itself as its fp32 input: counted once. (A
     # tiled norm's input is not in `saved`: the layer's own terms leave it to the checkpoint plan.)
-    norms_tiled = tiled(cfg, method, T) and t.tile_norms
-    work = saved - (4 * h * T if e == 4 and not norms_tiled else 0) + extra
+    work = saved - (4 * h * T if e == 4 and not norms_tiled(cfg, method, T) else 0) + extra
     # First layer of the backward: the inputs kept on the device beside the group being replayed, one layer's
     # gradients; last: its group's inputs, all gradients.
     first = (plan.device_inputs("first") * size + rotary + work + dq_w, grads // L)

@@ -51,6 +51,11 @@ def tiled(cfg: RunConfig, method: str, tokens: int) -> bool:
     return 0 < cfg.train.tile_size < tokens and method != "full"
 
 
+def norms_tiled(cfg: RunConfig, method: str, tokens: int) -> bool:
+    """Whether the RMSNorms of a micro-batch of `tokens` run in tiles (train.tile_norms, where tiles act)."""
+    return tiled(cfg, method, tokens) and cfg.train.tile_norms
+
+
 def effect(t: TilingFields) -> str:
     """tile_size=4096 with tile_projections: the MLP and q/k/v/o in sequence tiles (and so on)."""
     switches = [name for name, on in (("tile_projections", t.tile_projections), ("tile_norms", t.tile_norms)) if on]
