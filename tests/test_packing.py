@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qlora.config import Config, apply_overrides
+from qlora.config import Config, apply_overrides, load_recipe
 from qlora.data.pack import check_packing, join_documents, pack_examples
 from qlora.data.read import IGNORE, collate, tokenize_rows
 from qlora.errors import ConfigError
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+from qlora.report.recorder import record_steps
 from qlora.training.assemble import build_model, prepare
 from qlora.training.loss import loss_sum, target_hidden
 
+ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["the quick brown fox", "jumps", "over the lazy dog and keeps running far away",
          "a b c", "packing must not leak", "x"]
 
@@ -118,3 +124,39 @@ def test_an_example_longer_than_a_row_is_refused_in_one_line(capsys: pytest.Capt
     assert run(lambda argv: pack_examples([example], 8), []) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 1 examples are longer than data.max_seq_len=8 (longest 9)") and err.count("\n") == 1
+
+
+def test_a_mask_with_padding_still_masks(docs: tuple) -> None:
+    """A caller's own 2D mask with padding (left padding here, which the trainer never makes) goes to transformers'
+    mask and stock SDPA: the padded row's logits are the unpadded row's (its positions shifted by the padding, which
+    rotary embeddings leave to rounding). Without the mask the row's tokens would see the padding."""
+    model, tokenizer, examples = docs
+    ids = torch.tensor([examples[2]["input_ids"]])
+    pad = 5
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], 1)
+    padded = torch.cat([torch.full((1, pad), tokenizer.pad_token_id), ids], 1)
+    with torch.no_grad():
+        alone = model(input_ids=ids).logits
+        left = model(input_ids=padded, attention_mask=mask).logits
+    torch.testing.assert_close(left[:, pad:], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_rows_attend_by_document_with_no_row_sized_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recorded step of 2,048 tokens on the narrow Llama (four documents a row, qlora.report.measure.random_batch):
+    packed, it holds what the unpacked step holds and one copy of o_proj's input (T q e, the estimate's term), where
+    transformers' own sdpa would hold a T x T mask and K and V repeated to every head."""
+    import qlora.base.synthetic
+
+    base = ["--model.synthetic=true", "--model.config_json=tests/snapshots/narrow-llama.json",
+            "--data.max_seq_len=2048", "--train.batch_size=1", "--train.device=cpu"]
+    recorded, estimated = {}, {}
+    for pack in (False, True):
+        cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [*base, f"--data.pack={pack}"])
+        _, recorded[pack] = record_steps(cfg, 1)
+        estimated[pack] = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+    copy = 2048 * 256 * 4  # T q e: fp32 on a CPU, q = 8 heads x 32
+    assert estimated[True] - estimated[False] == copy
+    assert abs(recorded[True] - recorded[False] - copy) <= 2**16, recorded
+    monkeypatch.setattr(qlora.base.synthetic, "implementation", lambda name: name)  # transformers' sdpa as it is
+    _, stock = record_steps(cfg, 1)
+    assert stock - recorded[True] > 2048 * 2048, (stock, recorded)

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from qlora.base.attention import implementation
 from qlora.base.bnb import bnb
 from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
 from qlora.base.model_dir import check_model_dir, check_vocab, damaged
@@ -118,7 +119,8 @@ def load_base(cfg: Config, device: torch.device,
         offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     else:
         check_model_dir(path, f"model.path={path}", cfg.model.trust_remote_code)
-    kwargs = dict(dtype=dtype, device_map={"": device}, attn_implementation=cfg.model.attn_implementation,
+    kwargs = dict(dtype=dtype, device_map={"": device},
+                  attn_implementation=implementation(cfg.model.attn_implementation),
                   trust_remote_code=cfg.model.trust_remote_code,
                   # None lets transformers fall back to pytorch_model.bin, a pickle: only when the recipe opts in.
                   use_safetensors=None if cfg.model.allow_pickle else True,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from qlora.base.attention import implementation
 from qlora.base.bnb import bnb
 from qlora.base.quantize import linear4bit
 from qlora.config import Config
@@ -97,7 +98,8 @@ def load_synthetic(cfg: Config, device: torch.device, dtype: torch.dtype,
                           "it at a model's config.json") from err
     config.use_cache = False  # the KV cache only costs memory in training
     with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) real, on CPU
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=implementation(cfg.model.attn_implementation),
                                                  trust_remote_code=cfg.model.trust_remote_code)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     std = getattr(config, "initializer_range", 0.02)

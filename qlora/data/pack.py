@@ -4,11 +4,12 @@ Padding every row to the longest in its batch wastes compute on pad tokens; pack
 instead. Done naively, packed documents attend to each other and the last token of one is trained to predict the
 first token of the next (trl issues 805, 1230). Here neither happens:
 
-- Position ids restart at 0 for every document. With no 2D attention mask, transformers (>= 4.55, PR 39194) reads
-  the document boundaries from them (`masking_utils.find_packed_sequence_indices`: a new document wherever the
-  position does not grow by one) and builds a block-diagonal causal mask for sdpa, eager and flex attention.
-  flash-attention-2 reads the same boundaries as variable-length sequences, but only for a batch of one row
-  (`modeling_flash_attention_utils._is_packed_sequence`), so `check_packing` asks for batch_size 1 there.
+- Position ids restart at 0 for every document, and attention reads the boundaries from them (a new document
+  wherever the position does not grow by one). With sdpa each document is one SDPA call on its slice of the row
+  (qlora/base/attention.py), as flash-attention-2 reads the same boundaries as variable-length sequences, but only
+  for a batch of one row (`modeling_flash_attention_utils._is_packed_sequence`), so `check_packing` asks for
+  batch_size 1 there. Eager attention gets transformers' block-diagonal causal mask (>= 4.55, PR 39194), a
+  row x row tensor.
 - The first label of every document is masked: position t predicts token t+1, and across a boundary that would
   be the next document's first token.
 

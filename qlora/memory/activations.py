@@ -16,6 +16,9 @@ MLP), checked tensor by tensor against torch's saved-tensor hooks on the tiny Ll
     dropout     in (e + m)      each adapter's dropped input and its mask: m = 1 byte on CUDA (a bool from the fused
                                 kernel), e on CPU (the mask is a tensor of the compute dtype there)
 
+Packed rows (data.pack) through sdpa attend one document at a time (qlora/base/attention.py): no T x T mask, but
+o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q e more.
+
 A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
 Tiled norms (train.tile_norms) keep their bf16 inputs: the first is the layer's input itself (which the checkpoint plan
 counts), the second the residual stream after attention, h e.
@@ -67,7 +70,8 @@ class Layer:
     attention: int
     mlp: int
     inputs: dict[str, int]
-    """Saved inputs of the linear layers, by the group that reads them: qkv, mlp (gate/up), down."""
+    """Saved inputs of the linear layers, by the group that reads them: qkv, mlp (gate/up), down, and o when it is not
+    SDPA's output itself (attention by document)."""
     adapters: dict[str, int]
     """Each adapted layer's A x and (with dropout) its dropped input and mask."""
     full_norm_outputs: int = 0
@@ -79,6 +83,11 @@ class Layer:
             self.full_norm_outputs
 
 
+def by_document(cfg: Config) -> bool:
+    """Whether attention runs one packed document at a time (qlora/base/attention.py)."""
+    return cfg.data.pack and cfg.model.attn_implementation == "sdpa"
+
+
 def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled: bool = False,
                 tiled_projections: bool = False, tiled_norms: bool = False) -> Layer:
     """What one recomputed layer keeps at full length; with `tiled`, the MLP (and with `tiled_projections`, the
@@ -86,8 +95,11 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norms = h * e if tiled_norms else 8 * h + 8
     attention, mlp = e * (2 * q + 2 * kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
+    # o_proj's input is SDPA's output, which SDPA keeps anyway; by document it is their concatenation, a copy.
+    copy = q * e if by_document(cfg) else 0
     if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
-        return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e}, {}, 2 * h * e)
+        return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e, "o": copy}, {},
+                     2 * h * e)
     adapted = adapted_layers(arch, cfg.lora.targets)
     drop, m = cfg.lora.dropout > 0, mask_bytes(e, device)
     in_tile = set(MLP if tiled else ()) | set(PROJECTIONS if tiled_projections else ())
@@ -95,7 +107,8 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     # An input is kept once if an adapter reads it undropped, or if a tiled module keeps it for its recompute.
     inputs = {"qkv": h * e if (not drop and any(n in adapted for n in QKV)) or tiled_projections else 0,
               "mlp": h * e if (not drop and any(n in adapted for n in MLP[:2])) or tiled else 0,
-              "down": i * e if not drop and "down_proj" in adapted and not tiled else 0}
+              "down": i * e if not drop and "down_proj" in adapted and not tiled else 0,
+              "o": copy if (not drop and "o_proj" in adapted) or tiled_projections else 0}
     return Layer(norms, attention, mlp, inputs, adapters)
 
 
@@ -104,25 +117,27 @@ def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norm
     if not tiled:
         parts.append("3ie")
     if layer.full_norm_outputs:
-        return " + ".join(parts + ["e(2h + i)", "2he"])
-    parts += [{"qkv": "he", "mlp": "he", "down": "ie"}[k] + (" (tile input)" if (k == "mlp" and tiled) or
-                                                              (k == "qkv" and tiled_projections) else "")
+        return " + ".join(parts + ["e(2h + i)" + (" + qe (o_proj's, the documents' outputs joined)"
+                                                  if layer.inputs["o"] else ""), "2he"])
+    parts += [{"qkv": "he", "mlp": "he", "down": "ie", "o": "qe (the documents' outputs joined)"}[k] +
+              (" (tile input)" if (k == "mlp" and tiled) or (k in ("qkv", "o") and tiled_projections) else "")
               for k, v in layer.inputs.items() if v]
     if layer.adapters:
         parts.append(f"r e + dropout's in (e + m), for {len(layer.adapters)} untiled adapters")
     return " + ".join(parts)
 
 
-def sdpa_backward_bytes(arch: Arch, e: int, device: str) -> int:
+def sdpa_backward_bytes(arch: Arch, e: int, device: str, documents: bool = False) -> int:
     """Per token, what SDPA's flash backward allocates: dq, dk, dv, and with grouped-query attention dk and dv first
     at the query heads' count. CUDA (FlashAttention-2, flash_api.cpp mha_bwd): dk_expanded and dv_expanded, an fp32 dq
     accumulator and fp32 softmax row sums. CPU (torch's flash kernel, measured on torch 2.13): one such buffer, plus a
-    few MiB of per-thread blocks that do not grow with the sequence (not counted)."""
+    few MiB of per-thread blocks that do not grow with the sequence (not counted). By `documents`
+    (qlora/base/attention.py): the buffers are one document's (at most the row's), and once every document is done its
+    dq, dk and dv pieces are concatenated, dq the largest, q e more while the pieces are alive."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     gqa = arch.kv_heads != arch.heads
-    if device == "cuda":
-        return e * (q + 2 * kv) + (2 * q * e if gqa else 0) + 4 * q + 4 * arch.heads
-    return e * (q + 2 * kv) + (q * e if gqa else 0)
+    buffers = (2 * q * e if gqa else 0) + 4 * q + 4 * arch.heads if device == "cuda" else (q * e if gqa else 0)
+    return e * (q + 2 * kv) + (max(buffers, q * e) if documents else buffers)
 
 
 def mlp_saved(arch: Arch, method: str, cfg: Config, e: int, device: str) -> int:
@@ -160,8 +175,8 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
     # output's, SDPA's own buffers (and a projection tile) are alive.
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
-    done = mlp_side + second_norm + layer.adapters.get("o_proj", 0)
-    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device)) + \
+    done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
+    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device, by_document(cfg))) + \
         (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
     moments = {"MLP backward": mlp, "post-attention norm's backward": norm, "SDPA backward": sdpa}
     phase = max(moments, key=moments.get)

@@ -46,7 +46,7 @@ from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
 from qlora.levers.stream_base.memory import StreamPlan, stream_plan
 from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import norms_tiled
-from qlora.memory.activations import adapted_layers, layer_backward, loss_bytes
+from qlora.memory.activations import adapted_layers, by_document, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
 # NF4 with double quantisation (QLoRA paper, sec. 3): 4 bits per weight, one 8-bit absmax per block of 64 weights,
@@ -420,7 +420,8 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
            f"loss over {f'chunks of {t.loss_chunk_size}' if t.loss_chunk_size else 'all'} positions, fp32 logits; "
            "attention through SDPA's flash kernel (no s x s matrix is stored; its backward's buffers as "
            "FlashAttention-2 allocates them on CUDA, cuDNN's attention, which recent torch prefers on H100, not "
-           "modelled apart)"]
+           "modelled apart)" + ("; packed rows one document at a time, no T x T mask (qlora/base/attention.py)"
+                                if by_document(cfg) else "")]
     if t.tile_size and method != "full":
         out.append(f"sequence tiles of {t.tile_size} tokens: one tile's intermediates at a time, the module's input "
                    "at full length (qlora/levers/tiling/tiles.py)")

@@ -5,7 +5,8 @@
 
 The steps take the trainer's own path: `qlora.training.assemble.prepare` (load, adapters, checkpointing, levers),
 `loss_sum`, backward, gradient clipping and the optimizer of `build_optimizer`. The batch is random token ids of exactly
-`train.batch_size` x `data.max_seq_len`, every position a target: the worst case of the recipe's shape.
+`train.batch_size` x `data.max_seq_len`, every position a target: the worst case of the recipe's shape (with
+`data.pack`, each row four documents).
 
 Each method gets a fresh process, so that no method inherits another's allocator caches. On CPU the process first
 runs the same load and one step once and frees them (a warm-up), so that one-time costs (imports, kernel and thread
@@ -53,10 +54,20 @@ def _release() -> None:
         pass
 
 
+PACKED_DOCUMENTS = 4  # with data.pack, each measured row holds this many documents of (nearly) equal length
+
+
 def random_batch(cfg: Config, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random ids, every position a target; with data.pack, rows of PACKED_DOCUMENTS documents whose positions
+    restart, as qlora.data.pack makes them (a packed row's attention is its documents')."""
     g = torch.Generator().manual_seed(cfg.train.seed)
-    ids = torch.randint(0, vocab, (cfg.train.batch_size, cfg.data.max_seq_len), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+    b, s = cfg.train.batch_size, cfg.data.max_seq_len
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    if cfg.data.pack:
+        docs = [len(part) for part in torch.arange(s).tensor_split(min(PACKED_DOCUMENTS, s))]
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in docs]).expand(b, s).contiguous()
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def train_steps(cfg: Config, steps: int, tracker: PhaseTracker | None) -> None:

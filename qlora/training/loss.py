@@ -21,8 +21,9 @@ def target_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     """Hidden states at positions that predict a label, those labels, and the row each came from."""
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "position_ids" in batch:
-        # Packed rows (data/pack.py): transformers reads document boundaries from position_ids only when no 2D mask is
-        # given, and right padding needs none under causal attention, as no real token comes after it.
+        # Packed rows (data/pack.py): attention reads document boundaries from position_ids only when no 2D mask is
+        # given (qlora/base/attention.py), and right padding needs none under causal attention, as no real token
+        # comes after it.
         kwargs.pop("attention_mask", None)
     hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t+1

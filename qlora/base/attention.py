@@ -1,0 +1,91 @@
+"""Attention by document: a packed row runs through SDPA one document at a time, and no T x T mask is ever made.
+
+transformers reads packed documents' boundaries from restarting position ids and, for `sdpa`, builds a boolean mask of
+the whole row (masking_utils.sdpa_mask: batch x T x T bytes, 4.3 GB at 65,536 tokens, 90 GB at 300,000). A mask then
+keeps SDPA off its flash and cuDNN kernels (torch's check_for_attn_mask) and transformers off grouped-query attention
+(integrations/sdpa_attention.use_gqa_in_sdpa: K and V repeated to every query head). Documents in a packed row never
+see each other, so here each is one causal SDPA call on its own slice of the row, what flash-attention's varlen kernel
+does, on torch's kernels and in memory that grows with T, not T squared.
+
+`model.attn_implementation=sdpa` loads as SDPA_BY_DOCUMENT, registered with transformers' two interfaces:
+- its mask function makes no mask unless the caller passed a 2D mask with padding in it (then transformers' own
+  `sdpa_mask`, packing included, and the stock path below take over): the trainer's rows are right-padded
+  (qlora.data.read.collate) and under causal attention no real token sees the padding, so it passes none;
+- its attention function splits each row where the position ids do not grow by one, as transformers does
+  (masking_utils.find_packed_sequence_indices), and gives a row of one document, a mask or a KV cache to
+  transformers' `sdpa_attention_forward` unchanged.
+
+What autograd keeps beyond the stock path (qlora/memory/activations.py counts it): the documents' outputs, which SDPA
+saves, are concatenated into o_proj's input, a second T x q copy; in the backward the documents' q, k and v gradients
+are concatenated as well, one more T x (q + 2 kv) while the pieces are alive. SDPA's own buffers are a document's.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+SDPA_BY_DOCUMENT = "qlora_sdpa"
+# The position ids last split, and their document lengths: every layer of a forward (and a checkpointed layer's
+# recompute) gets the same tensor, and reading it costs a device-to-host copy.
+_last: tuple[weakref.ref, list[list[int]] | None] | None = None
+
+
+def document_lengths(position_ids: torch.Tensor | None) -> list[list[int]] | None:
+    """Per row, its documents' lengths: a new document wherever the position does not grow by one. None when no row
+    holds more than one."""
+    global _last
+    if position_ids is None:
+        return None
+    if _last is not None and _last[0]() is position_ids:
+        return _last[1]
+    rows = []
+    for row in position_ids.tolist():
+        starts = [0] + [t for t in range(1, len(row)) if row[t] != row[t - 1] + 1] + [len(row)]
+        rows.append([b - a for a, b in zip(starts, starts[1:], strict=False)])
+    lengths = rows if any(len(r) > 1 for r in rows) else None
+    _last = (weakref.ref(position_ids), lengths)
+    return lengths
+
+
+def sdpa_by_document(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (b, nh, T, hd), key and value (b, nkv, T, hd); returns the
+    output as (b, T, nh, hd)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    packed = attention_mask is None and causal and query.shape[2] == key.shape[2] > 1  # not a decoding step
+    lengths = document_lengths(kwargs.get("position_ids")) if packed else None
+    if lengths is None or len(lengths) != query.shape[0] or any(sum(r) != query.shape[2] for r in lengths):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    b, t, heads, d = query.shape[0], query.shape[2], query.shape[1], value.shape[3]
+    # The rows end to end, each document a slice, in (b, T, heads, hd) order: the layout the projections wrote, so
+    # that this is a view, and that the documents' gradients concatenate into the one the projections' backward reads.
+    docs = [n for row in lengths for n in row]
+    q, k, v = (x.transpose(1, 2).reshape(1, b * t, x.shape[1], x.shape[3]).split(docs, 1) for x in (query, key, value))
+    out = [F.scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), dropout_p=dropout,
+                                          is_causal=True, scale=scaling, enable_gqa=heads != key.shape[1])
+           for qd, kd, vd in zip(q, k, v, strict=True)]
+    return torch.cat([o.transpose(1, 2) for o in out], dim=1).view(b, t, heads, d), None
+
+
+def mask_unless_padded(attention_mask: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor | None:
+    """transformers' mask-function signature: no mask, unless a 2D mask with padding in it came with the inputs."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
+AttentionInterface.register(SDPA_BY_DOCUMENT, sdpa_by_document)
+AttentionMaskInterface.register(SDPA_BY_DOCUMENT, mask_unless_padded)
+
+
+def implementation(name: str) -> str:
+    """The name transformers loads for `model.attn_implementation`: sdpa runs by document; the others as they are."""
+    return SDPA_BY_DOCUMENT if name == "sdpa" else name
