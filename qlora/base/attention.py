@@ -26,9 +26,6 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SDPA_BY_DOCUMENT = "qlora_sdpa"
 # The position ids last split, and their document lengths: every layer of a forward (and a checkpointed layer's
@@ -62,6 +59,8 @@ def sdpa_by_document(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     packed = attention_mask is None and causal and query.shape[2] == key.shape[2] > 1  # not a decoding step
     lengths = document_lengths(kwargs.get("position_ids")) if packed else None
     if lengths is None or len(lengths) != query.shape[0] or any(sum(r) != query.shape[2] for r in lengths):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     b, t, heads, d = query.shape[0], query.shape[2], query.shape[1], value.shape[3]
@@ -79,13 +78,20 @@ def mask_unless_padded(attention_mask: torch.Tensor | None = None, **kwargs: obj
     """transformers' mask-function signature: no mask, unless a 2D mask with padding in it came with the inputs."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
+    from transformers.masking_utils import sdpa_mask
+
     return sdpa_mask(attention_mask=attention_mask, **kwargs)
 
 
-AttentionInterface.register(SDPA_BY_DOCUMENT, sdpa_by_document)
-AttentionMaskInterface.register(SDPA_BY_DOCUMENT, mask_unless_padded)
-
-
 def implementation(name: str) -> str:
-    """The name transformers loads for `model.attn_implementation`: sdpa runs by document; the others as they are."""
-    return SDPA_BY_DOCUMENT if name == "sdpa" else name
+    """The name transformers loads for `model.attn_implementation`: sdpa runs by document (registered here, at load:
+    transformers' masking code imports torch._dynamo, which the trainer's start-up leaves for later); the others as
+    they are."""
+    if name != "sdpa":
+        return name
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SDPA_BY_DOCUMENT, sdpa_by_document)
+    AttentionMaskInterface.register(SDPA_BY_DOCUMENT, mask_unless_padded)
+    return SDPA_BY_DOCUMENT

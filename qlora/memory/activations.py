@@ -16,6 +16,11 @@ MLP), checked tensor by tensor against torch's saved-tensor hooks on the tiny Ll
     dropout     in (e + m)      each adapter's dropped input and its mask: m = 1 byte on CUDA (a bool from the fused
                                 kernel), e on CPU (the mask is a tensor of the compute dtype there)
 
+Eager attention (model.attn_implementation=eager, transformers' eager_attention_forward) keeps the scores: per row
+and head an s x s softmax output in fp32 and, below fp32, its cast for the matmul with V, e; its backward holds
+two more fp32 score tensors (recorded on the narrow Llama at 2,048 tokens: three of 4 bytes at the peak); it keeps
+q, K and V repeated to every head and its output's copy, 4 q e, and the model one s x s mask in the compute dtype.
+
 Packed rows (data.pack) through sdpa attend one document at a time (qlora/base/attention.py): no T x T mask, but
 o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q e more.
 
@@ -88,6 +93,17 @@ def by_document(cfg: Config) -> bool:
     return cfg.data.pack and cfg.model.attn_implementation == "sdpa"
 
 
+def eager(cfg: Config) -> bool:
+    """Whether attention is transformers' eager path, which stores s x s scores (the module docstring)."""
+    return cfg.model.attn_implementation == "eager"
+
+
+def score_bytes(cfg: Config, arch: Arch, e: int) -> tuple[int, int]:
+    """Eager attention's s x s terms of one layer, per score (b nh s^2 of them): (saved, its backward's beyond)."""
+    cast = e if e != 4 else 0  # the softmax output's cast to the compute dtype, the same tensor at fp32
+    return 4 + cast, 8 - cast
+
+
 def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled: bool = False,
                 tiled_projections: bool = False, tiled_norms: bool = False) -> Layer:
     """What one recomputed layer keeps at full length; with `tiled`, the MLP (and with `tiled_projections`, the
@@ -95,6 +111,8 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norms = h * e if tiled_norms else 8 * h + 8
     attention, mlp = e * (2 * q + 2 * kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
+    if eager(cfg):  # q, K and V at every head, and the output's copy (o_proj's input); the scores apart
+        attention = 4 * q * e
     # o_proj's input is SDPA's output, which SDPA keeps anyway; by document it is their concatenation, a copy.
     copy = q * e if by_document(cfg) else 0
     if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
@@ -178,6 +196,12 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
     sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device, by_document(cfg))) + \
         (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
+    scores_fx = ""
+    if eager(cfg):
+        scores = t.batch_size * arch.heads * cfg.data.max_seq_len ** 2
+        kept, held = score_bytes(cfg, arch, e)
+        saved, sdpa, scores_fx = saved + kept * scores, sdpa + held * scores, \
+            f" + b nh s^2 x {kept} (eager attention's scores)"
     moments = {"MLP backward": mlp, "post-attention norm's backward": norm, "SDPA backward": sdpa}
     phase = max(moments, key=moments.get)
     at = {"MLP backward": "2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e"),
@@ -185,8 +209,11 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
                                              norms_tiled else f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer "
                                              "output's gradient and the norm's fp32 temporaries)") + ", less the MLP "
                                             "side",
-          "SDPA backward": "T (h e + q e) + SDPA's gradients and buffers, less the MLP side"}[phase]
-    return saved, moments[phase], f"T [{layer_formula(layer, tiled, proj, norms_tiled)}] + at the {phase}: {at}"
+          "SDPA backward": "T (h e + q e) + SDPA's gradients and buffers" +
+                           (f" + b nh s^2 x {score_bytes(cfg, arch, e)[1]} (the scores' fp32 gradients)"
+                            if eager(cfg) else "") + ", less the MLP side"}[phase]
+    return saved, moments[phase], \
+        f"T [{layer_formula(layer, tiled, proj, norms_tiled)}]{scores_fx} + at the {phase}: {at}"
 
 
 def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:

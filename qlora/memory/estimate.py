@@ -46,7 +46,7 @@ from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
 from qlora.levers.stream_base.memory import StreamPlan, stream_plan
 from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import norms_tiled
-from qlora.memory.activations import adapted_layers, by_document, layer_backward, loss_bytes
+from qlora.memory.activations import adapted_layers, by_document, eager, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
 # NF4 with double quantisation (QLoRA paper, sec. 3): 4 bits per weight, one 8-bit absmax per block of 64 weights,
@@ -336,7 +336,9 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     g_fx = "e" if g == e else "4"
     saved, extra, layer_fx = layer_backward(arch, method, cfg, e, device, T)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
-    rotary = 2 * cfg.data.max_seq_len * arch.head_dim * e
+    # Every layer's inputs: the rotary tables and, for eager attention, the model's s x s mask in the compute dtype.
+    s = cfg.data.max_seq_len
+    rotary = 2 * s * arch.head_dim * e + (t.batch_size * s * s * e if eager(cfg) else 0)
     # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward;
     # none with train.dequant_once, whose copies are counted with the weights.
     dq_w = dequantised_bytes(arch.linear_shapes, REUSE_DEQUANT.active(cfg, method, device), e) \
