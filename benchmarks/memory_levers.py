@@ -136,10 +136,9 @@ def device_info(device: torch.device) -> dict:
 
 def probe_config(args: argparse.Namespace, spec: dict):  # noqa: ANN201 (Config)
     """The recipe a probe runs: its levers as set (not train.plan's for this card), the baseline's or the spec's
-    overrides, --override, and one batch shape, as packed rows have (it sizes the pinned-memory check of activation
-    offload)."""
+    overrides, --override, and its rows of --seq tokens (each one document: qlora.report.measure.random_batch)."""
     return base_config(args.size, [*AS_SET, *([] if spec.get("recipe") else BASELINE), *spec.get("overrides", []),
-                                   *args.override, f"--data.max_seq_len={args.seq}", "--data.pack=true"])
+                                   *args.override, f"--data.max_seq_len={args.seq}"])
 
 
 def probe(args: argparse.Namespace, spec: dict) -> dict:
