@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from qlora.adapters.loftq import save_shifts
 from qlora.adapters.master import MasterWeights
+from qlora.base.attention import use_kernel
 from qlora.base.load import resolve_device
 from qlora.cli import run
 from qlora.commands import TRAIN, help_text, wants_help
@@ -189,6 +190,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     t, run_dir = cfg.train, Path(cfg.output.dir)
     rundir.check_run_dir(run_dir, cfg, resume, overwrite)
     device = ranks.device if ranks.several else resolve_device(t.device)
+    use_kernel(cfg, device)  # SDPA's CUDA kernel as model.sdpa_backend asks
     if t.plan == "fastest":  # the levers for this card and host, printed and recorded before loading
         use_plan(cfg, device, ranks.size)
     # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base

@@ -173,6 +173,11 @@ CASES = [
      r"sdpa"),
     ("unknown attention", [TINY, "--model.attn_implementation=bogus"], r"model.attn_implementation='bogus': use sdpa, "
                                                                        r"eager, flash_attention_2"),
+    ("unknown sdpa kernel", [TINY, "--model.sdpa_backend=xformers"], r"model.sdpa_backend='xformers': use auto, "
+                                                                      r"flash, cudnn"),
+    ("sdpa kernel without sdpa", [TINY, "--model.attn_implementation=eager", "--model.sdpa_backend=flash"],
+     r"model.sdpa_backend=flash picks a kernel of SDPA, and model.attn_implementation=eager: set "
+     r"--model.sdpa_backend=auto"),
     ("seed beyond 64 bits", [TINY, "--train.seed=99999999999999999999999"], r"train.seed=9+ does not fit in 64 bits"),
     ("seed beyond 32 bits", [TINY, "--train.seed=4294967296"], r"train.seed=4294967296 must lie in \[0, 2\*\*32\)"),
     ("negative seed", [TINY, "--train.seed=-1"], r"train.seed=-1 must lie in \[0, 2\*\*32\)"),

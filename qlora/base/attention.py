@@ -1,4 +1,4 @@
-"""Attention by document: a packed row runs through SDPA one document at a time, and no T x T mask is ever made.
+"""SDPA as the trainer runs it: a packed row one document at a time, with no T x T mask; and which CUDA kernel.
 
 transformers reads packed documents' boundaries from restarting position ids and, for `sdpa`, builds a boolean mask of
 the whole row (masking_utils.sdpa_mask: batch x T x T bytes, 4.3 GB at 65,536 tokens, 90 GB at 300,000). A mask then
@@ -18,14 +18,24 @@ does, on torch's kernels and in memory that grows with T, not T squared.
 What autograd keeps beyond the stock path (qlora/memory/activations.py counts it): the documents' outputs, which SDPA
 saves, are concatenated into o_proj's input, a second T x q copy; in the backward the documents' q, k and v gradients
 are concatenated as well, one more T x (q + 2 kv) while the pieces are alive. SDPA's own buffers are a document's.
+
+On CUDA, SDPA runs cuDNN's attention or FlashAttention-2 (`model.sdpa_backend`; auto is torch's choice), and their
+backward allocates differently for grouped-query attention: FlashAttention-2 writes dk and dv at every query head
+before summing them (flash_api.cpp mha_bwd), cuDNN sums in the kernel and takes only an fp32 dq accumulator and row
+sums as workspace (cudnn-frontend CompositeSDPABackwardNode, through the caching allocator: MHA.cpp). The estimate
+counts the one `cuda_kernel` names.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from qlora.config import Config
+from qlora.errors import ConfigError
 
 SDPA_BY_DOCUMENT = "qlora_sdpa"
 # The position ids last split, and their document lengths: every layer of a forward (and a checkpointed layer's
@@ -95,3 +105,39 @@ def implementation(name: str) -> str:
     AttentionInterface.register(SDPA_BY_DOCUMENT, sdpa_by_document)
     AttentionMaskInterface.register(SDPA_BY_DOCUMENT, mask_unless_padded)
     return SDPA_BY_DOCUMENT
+
+
+def cudnn_first(device: int | torch.device | None = None) -> bool:
+    """Whether torch tries cuDNN's attention before FlashAttention-2 on this card. torch 2.11's rule
+    (sdp_utils.cpp, check_prefer_cudnn_attention): cuDNN newer than 9.15.0 on an sm90 or sm100 card (H100, H200,
+    B200; a CUDA 12 build only minor 0 or 3), unless TORCH_CUDNN_SDPA_DEPRIORITIZED=1. The GPU image's torch 2.11
+    (CUDA 13) carries cuDNN 9.19."""
+    if os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED") == "1" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    major, minor = torch.cuda.get_device_capability(device)
+    cuda_major = int((torch.version.cuda or "0").split(".")[0])
+    return (torch.backends.cudnn.version() or 0) > 91500 and major in (9, 10) and (cuda_major >= 13 or minor in (0, 3))
+
+
+def cuda_kernel(cfg: Config) -> str:
+    """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn. auto asks the card where this process already uses
+    CUDA; else (the trainer's check before loading, which touches no GPU, a parent that measures in children) flash,
+    whose backward holds more: an upper bound."""
+    if cfg.model.sdpa_backend != "auto":
+        return cfg.model.sdpa_backend
+    return "cudnn" if torch.cuda.is_initialized() and cudnn_first() else "flash"
+
+
+def use_kernel(cfg: Config, device: torch.device) -> None:
+    """Hold torch to `model.sdpa_backend` on a CUDA device, before anything runs."""
+    chosen = cfg.model.sdpa_backend
+    if device.type != "cuda" or cfg.model.attn_implementation != "sdpa" or chosen == "auto":
+        return
+    if chosen == "flash":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide: the next in torch's order is flash
+    elif not cudnn_first(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"model.sdpa_backend=cudnn: torch runs cuDNN's attention first only on sm90/sm100 cards "
+                          f"with cuDNN newer than 9.15 (this is sm{major}{minor} with cuDNN "
+                          f"{torch.backends.cudnn.version()}, or TORCH_CUDNN_SDPA_DEPRIORITIZED=1 is set): use "
+                          "--model.sdpa_backend=auto or flash")

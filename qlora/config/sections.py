@@ -24,6 +24,8 @@ METHODS = ("qlora", "lora", "full")
 PLANS = ("recipe", "fastest")  # train.plan: the levers as set, or the fastest that fit (qlora/memory/plan.py)
 # Attention kernels transformers offers for our models, and the package each needs beyond torch.
 ATTENTION = {"sdpa": None, "eager": None, "flash_attention_2": "flash_attn"}
+# SDPA's CUDA kernel: torch's own choice, FlashAttention-2, or cuDNN's (qlora/base/attention.py).
+SDPA_BACKENDS = ("auto", "flash", "cudnn")
 
 # Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
 ALIASES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
@@ -97,6 +99,9 @@ class ModelConfig(*FIELDS["model"]):
     """Load pytorch_model.bin (a pickle) when the checkpoint has no safetensors. Off: unpickling can run code."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa (default), eager or flash_attention_2."""
+    sdpa_backend: str = "auto"
+    """SDPA's kernel on CUDA: auto (torch's choice: cuDNN's on H100/H200/B200, FlashAttention-2 on other cards), flash
+    or cudnn. Their backward needs different buffers; the estimate counts the one that runs."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -110,6 +115,12 @@ class ModelConfig(*FIELDS["model"]):
             raise ConfigError(f"model.attn_implementation={self.attn_implementation} needs the {package} package, "
                               f"which is not installed: pip install {package.replace('_', '-')} (CUDA only), or "
                               "use --model.attn_implementation=sdpa")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ConfigError(f"model.sdpa_backend={self.sdpa_backend!r}: use {', '.join(SDPA_BACKENDS)}")
+        if self.sdpa_backend != "auto" and self.attn_implementation != "sdpa":
+            raise ConfigError(f"model.sdpa_backend={self.sdpa_backend} picks a kernel of SDPA, and "
+                              f"model.attn_implementation={self.attn_implementation}: set --model.sdpa_backend=auto, "
+                              "or --model.attn_implementation=sdpa")
         check_lever_fields(self, "model")
 
 

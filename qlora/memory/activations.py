@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlora.base.attention import cuda_kernel
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers.lm_head.memory import dequantised_bytes
@@ -145,16 +146,18 @@ def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norm
     return " + ".join(parts)
 
 
-def sdpa_backward_bytes(arch: Arch, e: int, device: str, documents: bool = False) -> int:
-    """Per token, what SDPA's flash backward allocates: dq, dk, dv, and with grouped-query attention dk and dv first
-    at the query heads' count. CUDA (FlashAttention-2, flash_api.cpp mha_bwd): dk_expanded and dv_expanded, an fp32 dq
-    accumulator and fp32 softmax row sums. CPU (torch's flash kernel, measured on torch 2.13): one such buffer, plus a
-    few MiB of per-thread blocks that do not grow with the sequence (not counted). By `documents`
-    (qlora/base/attention.py): the buffers are one document's (at most the row's), and once every document is done its
-    dq, dk and dv pieces are concatenated, dq the largest, q e more while the pieces are alive."""
+def sdpa_backward_bytes(arch: Arch, e: int, kernel: str, documents: bool = False) -> int:
+    """Per token, what SDPA's backward allocates: dq, dk, dv and the kernel's buffers. `kernel`: flash
+    (FlashAttention-2 on CUDA, flash_api.cpp mha_bwd: with grouped-query attention dk and dv first at every query head,
+    an fp32 dq accumulator, fp32 softmax row sums), cudnn (cuDNN's, cudnn-frontend's CompositeSDPABackwardNode: the
+    fp32 dq accumulator and row sums; dk and dv summed over the group in the kernel) or cpu (torch's flash kernel,
+    measured on torch 2.13: dk and dv at every query head, plus a few MiB of per-thread blocks that do not grow with
+    the sequence, not counted). By `documents` (qlora/base/attention.py): the buffers are one document's (at most the
+    row's), and once every document is done its dq, dk and dv pieces are concatenated, dq the largest, q e more while
+    the pieces are alive."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    gqa = arch.kv_heads != arch.heads
-    buffers = (2 * q * e if gqa else 0) + 4 * q + 4 * arch.heads if device == "cuda" else (q * e if gqa else 0)
+    expanded = q * e if arch.kv_heads != arch.heads else 0  # dk or dv at every query head
+    buffers = {"flash": 2 * expanded + 4 * q + 4 * arch.heads, "cudnn": 4 * q + 4 * arch.heads, "cpu": expanded}[kernel]
     return e * (q + 2 * kv) + (max(buffers, q * e) if documents else buffers)
 
 
@@ -194,7 +197,8 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     # output's, SDPA's own buffers (and a projection tile) are alive.
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
-    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, device, by_document(cfg))) + \
+    kernel = cuda_kernel(cfg) if device == "cuda" else "cpu"
+    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, kernel, by_document(cfg))) + \
         (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
     scores_fx = ""
     if eager(cfg):
@@ -209,7 +213,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
                                              norms_tiled else f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer "
                                              "output's gradient and the norm's fp32 temporaries)") + ", less the MLP "
                                             "side",
-          "SDPA backward": "T (h e + q e) + SDPA's gradients and buffers" +
+          "SDPA backward": f"T (h e + q e) + SDPA's gradients and buffers ({kernel})" +
                            (f" + b nh s^2 x {score_bytes(cfg, arch, e)[1]} (the scores' fp32 gradients)"
                             if eager(cfg) else "") + ", less the MLP side"}[phase]
     return saved, moments[phase], \

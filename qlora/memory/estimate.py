@@ -32,6 +32,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+from qlora.base.attention import cuda_kernel
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers import LEVERS
@@ -399,6 +400,21 @@ def levers(cfg: Config, method: str, device: str) -> list[str]:
     return out
 
 
+def attention_text(cfg: Config, device: str) -> str:
+    """How the estimate takes attention: which kernel and what it stores."""
+    if eager(cfg):
+        return "eager attention: every head's s x s scores stored, in fp32"
+    kernel = {"flash": "FlashAttention-2's, which writes dk and dv at every query head first",
+              "cudnn": "cuDNN's, which sums dk and dv over the group in the kernel"}
+    chosen = cuda_kernel(cfg)
+    why = "model.sdpa_backend" if cfg.model.sdpa_backend != "auto" else \
+        "torch's choice on this card" if chosen == "cudnn" else "torch's on a card other than an H100/H200/B200, " \
+        "or the larger of the two where no card is at hand"
+    return (f"attention through SDPA, no s x s matrix stored; its backward's buffers {kernel[chosen]} ({why})"
+            if device == "cuda" else "attention through SDPA's flash kernel, no s x s matrix stored") + \
+        ("; packed rows one document at a time, no T x T mask (qlora/base/attention.py)" if by_document(cfg) else "")
+
+
 def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
     t, cuda = cfg.train, device == "cuda"
     optimizer = {"adamw": "torch AdamW (moments in the parameter dtype)",
@@ -420,10 +436,7 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
            "(where the inputs wait: the checkpoint plan)" if t.gradient_checkpointing
            else "no gradient checkpointing: every layer keeps its activations",
            f"loss over {f'chunks of {t.loss_chunk_size}' if t.loss_chunk_size else 'all'} positions, fp32 logits; "
-           "attention through SDPA's flash kernel (no s x s matrix is stored; its backward's buffers as "
-           "FlashAttention-2 allocates them on CUDA, cuDNN's attention, which recent torch prefers on H100, not "
-           "modelled apart)" + ("; packed rows one document at a time, no T x T mask (qlora/base/attention.py)"
-                                if by_document(cfg) else "")]
+           + attention_text(cfg, device)]
     if t.tile_size and method != "full":
         out.append(f"sequence tiles of {t.tile_size} tokens: one tile's intermediates at a time, the module's input "
                    "at full length (qlora/levers/tiling/tiles.py)")

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, read_adapter_config
+from qlora.base.attention import cuda_kernel, use_kernel
 from qlora.base.load import compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.data.pack import check_packing, pack_examples, packing_summary
@@ -69,6 +70,7 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
         raise ConfigError("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would "
                           "underflow to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU "
                           "without bf16")
+    use_kernel(cfg, device)
     model, tokenizer, base_path = load_model(cfg, device, place=ranks.base_place(cfg, device))
     if profiler is not None:
         profiler.watch(model)
@@ -115,6 +117,10 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
                 for p in model.parameters())
     mean_len = sum(len(r["input_ids"]) for r in run["train_rows"]) / len(run["train_rows"])
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
+    if run["device"].type == "cuda" and cfg.model.attn_implementation == "sdpa":
+        kernel = {"cudnn": "cuDNN's attention", "flash": "FlashAttention-2"}[cuda_kernel(cfg)]
+        print(f"attention: SDPA through {kernel} ("
+              f"{'model.sdpa_backend' if cfg.model.sdpa_backend != 'auto' else 'torch picks it on this card'})")
     print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     paged = t.optimizer.startswith("paged") and run["device"].type == "cpu"
     print(f"optimizer {t.optimizer}{': on CPU nothing pages (bitsandbytes pages CUDA memory only)' if paged else ''}")

@@ -1,0 +1,79 @@
+"""SDPA's CUDA kernel (qlora/base/attention.py): which one torch runs, holding it to model.sdpa_backend, and what the
+estimate counts for each. The card is a stand-in here (monkeypatched capability and cuDNN version): CI has no GPU,
+and torch's rule is read off its source (sdp_utils.cpp, check_prefer_cudnn_attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.base import attention
+from qlora.config import Config, apply_overrides, load_recipe
+from qlora.errors import ConfigError
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+
+
+def card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], cudnn: int, cuda: str = "13.0") -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.delenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", raising=False)
+
+
+@pytest.mark.parametrize(("capability", "cudnn", "cuda", "first"), [
+    ((9, 0), 91900, "13.0", True),   # H100/H200 with the GPU image's torch 2.11 (cuDNN 9.19)
+    ((10, 0), 91600, "13.0", True),  # B200
+    ((10, 3), 91900, "12.9", True),
+    ((12, 0), 91900, "12.9", False),  # RTX 5090: flash
+    ((8, 9), 91900, "13.0", False),  # RTX 4090, L40S: flash
+    ((9, 0), 91500, "13.0", False),  # cuDNN 9.15.0 is not newer than 9.15.0
+])
+def test_cudnn_comes_first_where_torch_puts_it_first(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
+                                                     cudnn: int, cuda: str, first: bool) -> None:
+    card(monkeypatch, capability, cudnn, cuda)
+    assert attention.cudnn_first() is first
+    monkeypatch.setenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", "1")
+    assert not attention.cudnn_first()
+
+
+def llama8b(*overrides: str) -> Config:
+    return apply_overrides(load_recipe("recipes/llama8b.py"), [
+        "--data.max_seq_len=131072", "--train.plan=recipe", "--train.plan_batch=false", *overrides])
+
+
+def test_the_estimate_counts_the_kernel_that_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8B at 131,072 tokens, where SDPA's backward is the layer's peak: cuDNN's backward holds one dk and one dv at
+    every query head fewer than FlashAttention-2's (2 q e a token). auto counts flash where no card is at hand (the
+    upper bound), cuDNN on an H200 this process uses."""
+    arch = load_arch(llama8b())
+    peak = {k: estimate(llama8b(f"--model.sdpa_backend={k}"), arch, "qlora", "cuda") for k in ("flash", "cudnn")}
+    assert "SDPA backward" in peak["flash"].formulas["activations"]
+    q, T = arch.heads * arch.head_dim, 131072
+    assert peak["flash"].peak_bytes - peak["cudnn"].peak_bytes == 2 * q * 2 * T
+    assert "FlashAttention-2's" in "; ".join(peak["flash"].assumptions)
+    assert "cuDNN's" in "; ".join(peak["cudnn"].assumptions)
+    auto = llama8b()
+    assert not torch.cuda.is_initialized() and estimate(auto, arch, "qlora", "cuda").peak_bytes == \
+        peak["flash"].peak_bytes
+    card(monkeypatch, (9, 0), 91900)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert attention.cuda_kernel(auto) == "cudnn"
+    assert estimate(auto, arch, "qlora", "cuda").peak_bytes == peak["cudnn"].peak_bytes
+
+
+def test_the_kernel_asked_for_is_held_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    card(monkeypatch, (8, 9), 91900)
+    with pytest.raises(ConfigError, match=r"model.sdpa_backend=cudnn: torch runs cuDNN's attention first only on "
+                                          r"sm90/sm100 cards .* \(this is sm89 with cuDNN 91900.*use "
+                                          r"--model.sdpa_backend=auto or flash"):
+        attention.use_kernel(llama8b("--model.sdpa_backend=cudnn"), cuda)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        attention.use_kernel(llama8b("--model.sdpa_backend=flash"), torch.device("cpu"))  # a CPU run: nothing
+        assert torch.backends.cuda.cudnn_sdp_enabled() == was
+        attention.use_kernel(llama8b("--model.sdpa_backend=flash"), cuda)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
