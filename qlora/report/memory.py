@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.base.attention import cuda_kernel
 from qlora.base.build import config_json_path
 from qlora.cli import run
 from qlora.commands import MEMORY, help_text, wants_help
@@ -96,12 +97,15 @@ def versions() -> dict[str, str]:
             out[name] = "not installed"
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda or ""
+        out["cudnn"] = str(torch.backends.cudnn.version() or "")
     return out
 
 
 def settings(cfg: Config, device: str) -> dict:
     t = cfg.train
-    return {"seq_len": cfg.data.max_seq_len, "batch_size": t.batch_size, "lora_r": cfg.lora.r,
+    return {"seq_len": cfg.data.max_seq_len, "batch_size": t.batch_size, "attention": cfg.model.attn_implementation,
+            **({"sdpa_kernel": cuda_kernel(cfg)} if device == "cuda" and cfg.model.attn_implementation == "sdpa"
+               else {}), "lora_r": cfg.lora.r,
             "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout, "lora_targets": cfg.lora.targets,
             "optimizer": t.optimizer, "gradient_checkpointing": t.gradient_checkpointing,
             "loss_chunk_size": t.loss_chunk_size, "offload_activations": t.offload_activations,
