@@ -77,3 +77,26 @@ def test_the_kernel_asked_for_is_held_or_refused(monkeypatch: pytest.MonkeyPatch
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_packed_documents_run_through_flash_and_are_counted_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN's attention would build a graph for every new document length: the documents of a packed row run with
+    cuDNN's kernel switched off, and the estimate counts FlashAttention-2's buffers for them whatever the setting."""
+    arch = load_arch(llama8b())
+    packed = [estimate(llama8b("--data.pack=true", f"--model.sdpa_backend={k}"), arch, "qlora", "cuda").peak_bytes
+              for k in ("flash", "cudnn")]
+    assert packed[0] == packed[1]
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    module = torch.nn.Module()
+    out, _ = attention.sdpa_by_document(module, q, k, k, None, position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4,
+                                                                                            5, 6]]))
+    assert seen == [False, False] and out.shape == (1, 12, 4, 8)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was, after

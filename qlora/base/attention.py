@@ -23,7 +23,7 @@ On CUDA, SDPA runs cuDNN's attention or FlashAttention-2 (`model.sdpa_backend`; 
 backward allocates differently for grouped-query attention: FlashAttention-2 writes dk and dv at every query head
 before summing them (flash_api.cpp mha_bwd), cuDNN sums in the kernel and takes only an fp32 dq accumulator and row
 sums as workspace (cudnn-frontend CompositeSDPABackwardNode, through the caching allocator: MHA.cpp). The estimate
-counts the one `cuda_kernel` names.
+counts the one `cuda_kernel` names; a packed row's documents run through FlashAttention-2 (BY_DOCUMENT).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qlora.config import Config
 from qlora.errors import ConfigError
@@ -41,6 +42,9 @@ SDPA_BY_DOCUMENT = "qlora_sdpa"
 # The position ids last split, and their document lengths: every layer of a forward (and a checkpointed layer's
 # recompute) gets the same tensor, and reading it costs a device-to-host copy.
 _last: tuple[weakref.ref, list[list[int]] | None] | None = None
+# Documents come in every length, and cuDNN's attention builds an execution graph for each new one, tens of ms of host
+# apiece (MHA.cpp: the graph cache's key holds s_q and s_kv); FlashAttention-2 takes any length as it comes.
+BY_DOCUMENT = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def document_lengths(position_ids: torch.Tensor | None) -> list[list[int]] | None:
@@ -78,9 +82,11 @@ def sdpa_by_document(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # that this is a view, and that the documents' gradients concatenate into the one the projections' backward reads.
     docs = [n for row in lengths for n in row]
     q, k, v = (x.transpose(1, 2).reshape(1, b * t, x.shape[1], x.shape[3]).split(docs, 1) for x in (query, key, value))
-    out = [F.scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2), dropout_p=dropout,
-                                          is_causal=True, scale=scaling, enable_gqa=heads != key.shape[1])
-           for qd, kd, vd in zip(q, k, v, strict=True)]
+    with sdpa_kernel(BY_DOCUMENT):
+        out = [F.scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
+                                              dropout_p=dropout, is_causal=True, scale=scaling,
+                                              enable_gqa=heads != key.shape[1])
+               for qd, kd, vd in zip(q, k, v, strict=True)]
     return torch.cat([o.transpose(1, 2) for o in out], dim=1).view(b, t, heads, d), None
 
 

@@ -197,7 +197,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     # output's, SDPA's own buffers (and a projection tile) are alive.
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
-    kernel = cuda_kernel(cfg) if device == "cuda" else "cpu"
+    kernel = ("flash" if by_document(cfg) else cuda_kernel(cfg)) if device == "cuda" else "cpu"
     sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, kernel, by_document(cfg))) + \
         (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
     scores_fx = ""

@@ -406,13 +406,15 @@ def attention_text(cfg: Config, device: str) -> str:
         return "eager attention: every head's s x s scores stored, in fp32"
     kernel = {"flash": "FlashAttention-2's, which writes dk and dv at every query head first",
               "cudnn": "cuDNN's, which sums dk and dv over the group in the kernel"}
+    if by_document(cfg):
+        return "attention through SDPA, packed rows one document at a time, no T x T mask (qlora/base/attention.py)" + \
+            ("; its backward's buffers FlashAttention-2's, which runs the documents" if device == "cuda" else "")
     chosen = cuda_kernel(cfg)
     why = "model.sdpa_backend" if cfg.model.sdpa_backend != "auto" else \
         "torch's choice on this card" if chosen == "cudnn" else "torch's on a card other than an H100/H200/B200, " \
         "or the larger of the two where no card is at hand"
-    return (f"attention through SDPA, no s x s matrix stored; its backward's buffers {kernel[chosen]} ({why})"
-            if device == "cuda" else "attention through SDPA's flash kernel, no s x s matrix stored") + \
-        ("; packed rows one document at a time, no T x T mask (qlora/base/attention.py)" if by_document(cfg) else "")
+    return f"attention through SDPA, no s x s matrix stored; its backward's buffers {kernel[chosen]} ({why})" \
+        if device == "cuda" else "attention through SDPA's flash kernel, no s x s matrix stored"
 
 
 def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:

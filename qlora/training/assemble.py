@@ -120,7 +120,8 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     if run["device"].type == "cuda" and cfg.model.attn_implementation == "sdpa":
         kernel = {"cudnn": "cuDNN's attention", "flash": "FlashAttention-2"}[cuda_kernel(cfg)]
         print(f"attention: SDPA through {kernel} ("
-              f"{'model.sdpa_backend' if cfg.model.sdpa_backend != 'auto' else 'torch picks it on this card'})")
+              f"{'model.sdpa_backend' if cfg.model.sdpa_backend != 'auto' else 'torch picks it on this card'})"
+              f"{'; packed rows document by document, through FlashAttention-2' if cfg.data.pack else ''}")
     print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     paged = t.optimizer.startswith("paged") and run["device"].type == "cpu"
     print(f"optimizer {t.optimizer}{': on CPU nothing pages (bitsandbytes pages CUDA memory only)' if paged else ''}")
