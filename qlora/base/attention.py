@@ -17,7 +17,8 @@ does, on torch's kernels and in memory that grows with T, not T squared.
 
 What autograd keeps beyond the stock path (qlora/memory/activations.py counts it): the documents' outputs, which SDPA
 saves, are concatenated into o_proj's input, a second T x q copy; in the backward the documents' q, k and v gradients
-are concatenated as well, one more T x (q + 2 kv) while the pieces are alive. SDPA's own buffers are a document's.
+are concatenated as well, one at a time, so one more T x q at most while the pieces are alive. SDPA's own buffers are
+a document's.
 
 On CUDA, SDPA runs cuDNN's attention or FlashAttention-2 (`model.sdpa_backend`; auto is torch's choice), and their
 backward allocates differently for grouped-query attention: FlashAttention-2 writes dk and dv at every query head
