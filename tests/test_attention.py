@@ -32,9 +32,9 @@ def card(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], cudnn: in
 def test_cudnn_comes_first_where_torch_puts_it_first(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int],
                                                      cudnn: int, cuda: str, first: bool) -> None:
     card(monkeypatch, capability, cudnn, cuda)
-    assert attention.cudnn_first() is first
+    assert attention.cudnn_first(capability) is first
     monkeypatch.setenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", "1")
-    assert not attention.cudnn_first()
+    assert not attention.cudnn_first(capability)
 
 
 def llama8b(*overrides: str) -> Config:
@@ -45,7 +45,7 @@ def llama8b(*overrides: str) -> Config:
 def test_the_estimate_counts_the_kernel_that_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """8B at 131,072 tokens, where SDPA's backward is the layer's peak: cuDNN's backward holds one dk and one dv at
     every query head fewer than FlashAttention-2's (2 q e a token). auto counts flash where no card is at hand (the
-    upper bound), cuDNN on an H200 this process uses."""
+    upper bound), cuDNN on an H200 that this process uses or that nvidia-smi names."""
     arch = load_arch(llama8b())
     peak = {k: estimate(llama8b(f"--model.sdpa_backend={k}"), arch, "qlora", "cuda") for k in ("flash", "cudnn")}
     assert "SDPA backward" in peak["flash"].formulas["activations"]
@@ -54,12 +54,37 @@ def test_the_estimate_counts_the_kernel_that_runs(monkeypatch: pytest.MonkeyPatc
     assert "FlashAttention-2's" in "; ".join(peak["flash"].assumptions)
     assert "cuDNN's" in "; ".join(peak["cudnn"].assumptions)
     auto = llama8b()
+    monkeypatch.setattr(attention, "visible_capability", lambda: None)  # no nvidia-smi, as in CI
     assert not torch.cuda.is_initialized() and estimate(auto, arch, "qlora", "cuda").peak_bytes == \
         peak["flash"].peak_bytes
     card(monkeypatch, (9, 0), 91900)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     assert attention.cuda_kernel(auto) == "cudnn"
     assert estimate(auto, arch, "qlora", "cuda").peak_bytes == peak["cudnn"].peak_bytes
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # before CUDA is set up: nvidia-smi's cards
+    monkeypatch.setattr(attention, "visible_capability", lambda: (8, 9))
+    assert attention.cuda_kernel(auto) == "flash"
+    monkeypatch.setattr(attention, "visible_capability", lambda: (9, 0))
+    assert attention.cuda_kernel(auto) == "cudnn"
+
+
+def test_nvidia_smi_is_read_for_one_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import types
+
+    def smi(out: str) -> None:
+        attention.visible_capability.cache_clear()
+        monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout=out))
+
+    try:
+        smi("9.0\n9.0\n")
+        assert attention.visible_capability() == (9, 0)
+        smi("9.0\n8.9\n")  # cards that differ: no one answer
+        assert attention.visible_capability() is None
+        smi("No devices were found\n")
+        assert attention.visible_capability() is None
+    finally:
+        attention.visible_capability.cache_clear()
 
 
 def test_the_kernel_asked_for_is_held_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:

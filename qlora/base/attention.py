@@ -29,7 +29,10 @@ counts the one `cuda_kernel` names; a packed row's documents run through FlashAt
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import subprocess
 import weakref
 
 import torch
@@ -114,25 +117,39 @@ def implementation(name: str) -> str:
     return SDPA_BY_DOCUMENT
 
 
-def cudnn_first(device: int | torch.device | None = None) -> bool:
-    """Whether torch tries cuDNN's attention before FlashAttention-2 on this card. torch 2.11's rule
-    (sdp_utils.cpp, check_prefer_cudnn_attention): cuDNN newer than 9.15.0 on an sm90 or sm100 card (H100, H200,
-    B200; a CUDA 12 build only minor 0 or 3), unless TORCH_CUDNN_SDPA_DEPRIORITIZED=1. The GPU image's torch 2.11
-    (CUDA 13) carries cuDNN 9.19."""
+def cudnn_first(capability: tuple[int, int]) -> bool:
+    """Whether torch tries cuDNN's attention before FlashAttention-2 on a card of this compute capability. torch
+    2.11's rule (sdp_utils.cpp, check_prefer_cudnn_attention): cuDNN newer than 9.15.0 on an sm90 or sm100 card (H100,
+    H200, B200; a CUDA 12 build only minor 0 or 3), unless TORCH_CUDNN_SDPA_DEPRIORITIZED=1. The GPU image's torch
+    2.11 (CUDA 13) carries cuDNN 9.19."""
     if os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED") == "1" or not torch.backends.cuda.cudnn_sdp_enabled():
         return False
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability
     cuda_major = int((torch.version.cuda or "0").split(".")[0])
     return (torch.backends.cudnn.version() or 0) > 91500 and major in (9, 10) and (cuda_major >= 13 or minor in (0, 3))
 
 
+@functools.cache
+def visible_capability() -> tuple[int, int] | None:
+    """The cards' compute capability from nvidia-smi, without setting CUDA up in this process (the trainer's check
+    before loading touches no GPU; a parent that measures in children must not hold a context); None without
+    nvidia-smi or where the cards differ."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    caps = {(int(m[1]), int(m[2])) for m in map(re.compile(r"(\d+)\.(\d+)").fullmatch, out) if m}
+    return caps.pop() if len(caps) == 1 else None
+
+
 def cuda_kernel(cfg: Config) -> str:
-    """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn. auto asks the card where this process already uses
-    CUDA; else (the trainer's check before loading, which touches no GPU, a parent that measures in children) flash,
-    whose backward holds more: an upper bound."""
+    """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn. auto asks the card this process uses, or the
+    machine's cards; with none to ask, flash, whose backward holds more: an upper bound."""
     if cfg.model.sdpa_backend != "auto":
         return cfg.model.sdpa_backend
-    return "cudnn" if torch.cuda.is_initialized() and cudnn_first() else "flash"
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_initialized() else visible_capability()
+    return "cudnn" if capability is not None and cudnn_first(capability) else "flash"
 
 
 def use_kernel(cfg: Config, device: torch.device) -> None:
@@ -142,7 +159,7 @@ def use_kernel(cfg: Config, device: torch.device) -> None:
         return
     if chosen == "flash":
         torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide: the next in torch's order is flash
-    elif not cudnn_first(device):
+    elif not cudnn_first(torch.cuda.get_device_capability(device)):
         major, minor = torch.cuda.get_device_capability(device)
         raise ConfigError(f"model.sdpa_backend=cudnn: torch runs cuDNN's attention first only on sm90/sm100 cards "
                           f"with cuDNN newer than 9.15 (this is sm{major}{minor} with cuDNN "
