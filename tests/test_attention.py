@@ -125,3 +125,12 @@ def test_packed_documents_run_through_flash_and_are_counted_so(monkeypatch: pyte
                                                                                             5, 6]]))
     assert seen == [False, False] and out.shape == (1, 12, 4, 8)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was, after
+
+
+def test_documents_are_read_off_the_position_ids() -> None:
+    """A new document wherever the position does not grow by one, as transformers reads packed rows; None when no row
+    holds two."""
+    rows = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8], [4, 5, 6, 0, 1, 2, 3, 0, 0]])
+    assert attention.document_lengths(rows) == [[3, 2, 4], [9], [3, 4, 1, 1]]
+    assert attention.document_lengths(torch.arange(6).expand(2, 6).clone()) is None
+    assert attention.document_lengths(None) is None
