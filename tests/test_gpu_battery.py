@@ -134,6 +134,21 @@ def test_the_batterys_gpu_tests_run_in_one_process_and_its_cpu_suite_without_the
     assert "addopts=-ra" in cpu_tests() and "-n" not in " ".join(cpu_tests())
 
 
+def test_the_emulated_small_cards_run_the_attention_kernel_of_the_cards_they_stand_for() -> None:
+    """The 24 and 45 GiB cards (RTX 4090, L40S: sm89) run FlashAttention-2, which the H200 emulating them would not
+    (it runs cuDNN's attention, qlora/base/attention.py); the 79.6 GiB H100 runs cuDNN's, as the H200 does."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu import plan
+
+    cards = {i.name: i.cmd for i in plan("full", Path("/w"), "python")
+             if i.name.startswith("context-") and any(a.startswith("--budget-gib=") for a in i.cmd)}
+    flash = "--override=--model.sdpa_backend=flash"
+    assert {"context-8b-24", "context-8b-45", "context-70b-45", "context-70b-24gb-24", "context-8b-79.6"} <= set(cards)
+    for name, cmd in cards.items():
+        budget = next(float(a.split("=")[1]) for a in cmd if a.startswith("--budget-gib="))
+        assert (flash in cmd) == (budget < 79), name
+
+
 def test_a_cut_wheel_installs_without_the_members_dropped(tmp_path: Path) -> None:
     """benchmarks/wheels.py, as gpu_wheels.sh cuts bitsandbytes to the image's CUDA library: the members matching a
     glob and their RECORD lines go, and pip installs the rest."""
