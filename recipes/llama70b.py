@@ -10,10 +10,10 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
 
 Memory levers (issue 13), each on because it pays, by the estimate for one 80 GB card and a 128 GiB host (a step at
 2048 tokens, in GB; the longest context on 48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's
-H200 rows showed). All on: 39.5 GB, 49,152 / 165,888. Each off alone: offload_activations 42.1 GB, 25,600 / 92,160;
-optimizer_on_cpu 42.0 GB, 39,936 / 157,696; embeddings_on_cpu 41.6 GB, 40,960 / 158,720; quantize_lm_head 41.0 GB,
-43,008 / 160,768; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size (and with it the other tile switches)
-17,408 / 63,488 tokens; tile_projections 38,912 / 139,264 tokens; tile_norms 33,792 / 115,712 tokens. The tile
+H200 rows showed). All on: 39.5 GB, 53,248 / 177,152. Each off alone: offload_activations 42.1 GB, 26,624 / 95,232;
+optimizer_on_cpu 42.0 GB, 44,032 / 167,936; embeddings_on_cpu 41.6 GB, 45,056 / 168,960; quantize_lm_head 41.0 GB,
+47,104 / 171,008; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size (and with it the other tile switches)
+17,408 / 63,488 tokens; tile_projections 40,960 / 139,264 tokens; tile_norms 33,792 / 115,712 tokens. The tile
 switches change nothing at 2048 tokens (one tile).
 
 Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
@@ -22,9 +22,10 @@ reads them as they stand; before loading, the trainer keeps of them only what th
 the cost table (qlora/memory/costs.py) first, and prints why. quantize_lm_head changes the numbers, so it is the
 recipe's, not the plan's. By the estimate, with 120 GiB of host memory available, at 2048 tokens: a 48 or 80 GiB card
 keeps checkpointing alone (46.5 GiB; +39% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
-+0%). At 32,768 tokens a 48 GiB card keeps every lever but tile_projections (46.3 GiB, +142%), an 80 GiB one
-checkpointing, loss chunks and offloaded layer inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB,
-+39%). No plan fits 24 GiB: the NF4 weights alone exceed it. --train.plan=recipe runs every lever as set.
++0%). At 32,768 tokens a 48 GiB card keeps checkpointing, tiles with tile_norms, loss chunks, offloaded layer
+inputs and the optimizer on the CPU (47.7 GiB, +141%), an 80 GiB one checkpointing, loss chunks and offloaded layer
+inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB, +39%). No plan fits 24 GiB: the NF4 weights alone
+exceed it. --train.plan=recipe runs every lever as set.
 train.plan_batch=True leaves it the batch shape as well: the 16 rows of a step may run as fewer, larger
 micro-batches where the card holds them (docs/speed.md), once a GPU has measured the fixed part of a micro-batch
 for the cost table; until then the trainer runs 1 x 16 as set and says so.

@@ -9,11 +9,11 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
     python -m qlora.memory recipes/llama8b.py --measure  # on a GPU: real steps on synthetic weights
 
 Memory levers (issue 13), each on because it pays, by the estimate for a 128 GiB host (the longest context on 24 /
-48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's H200 rows showed). All on: 137,216 /
-321,536 / 535,552. Each off alone: offload_activations 90,112 / 210,944 / 370,688; tile_size (and with it the other
+48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's H200 rows showed). All on: 147,456 /
+342,016 / 567,296. Each off alone: offload_activations 94,208 / 219,136 / 387,072; tile_size (and with it the other
 tile switches) 50,176 / 118,784 / 208,896; tile_projections 114,688 / 267,264 / 459,776; tile_norms 96,256 / 224,256 /
-394,240; embeddings_on_cpu 130,048 / 314,368 / 528,384. Left off: quantize_lm_head (no gain here, error in the logits)
-and optimizer_on_cpu (141,312 / 324,608 / 538,624: 1-3%, for a host round trip and a CPU update per step).
+394,240; embeddings_on_cpu 139,264 / 334,848 / 560,128. Left off: quantize_lm_head (no gain here, error in the logits)
+and optimizer_on_cpu (150,528 / 346,112 / 571,392: 1-2%, for a host round trip and a CPU update per step).
 
 Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
 what the longest rows on a 24 GiB card need, and `python -m qlora.memory` (the estimate, --max-context, --measure)

@@ -12,12 +12,12 @@ step at 2048 tokens.
 
 Estimates only, nothing here measured yet (qlora/memory/estimate.py, with the allocator's margin that issue 22's H200
 rows showed; a 128 GiB host, of which this plan takes 11.5 GiB): a step at 2048 tokens needs 2.91 GiB of the card;
-the longest context on a 4 / 6 / 8 GiB card is 14,336 / 32,768 / 48,128 tokens. Each lever off alone, at 2048 tokens
-and on 4 / 6 / 8 GiB cards: stream_base 6.06 GiB, 0 / 1,024 / 22,528; offload_activations 3.40 GiB, 3,072 / 10,240 /
-16,384; optimizer_on_cpu 3.38 GiB, 9,216 / 28,672 / 44,032; embeddings_on_cpu 3.89 GiB, 3,072 / 24,576 / 40,960;
-quantize_lm_head 3.14 GiB, 7,168 / 26,624 / 43,008; tile_projections 10,240 / 24,576 / 38,912; tile_norms 11,264 /
+the longest context on a 4 / 6 / 8 GiB card is 17,408 / 35,840 / 52,224 tokens. Each lever off alone, at 2048 tokens
+and on 4 / 6 / 8 GiB cards: stream_base 6.06 GiB, 0 / 1,024 / 26,624; offload_activations 3.40 GiB, 3,072 / 10,240 /
+17,408; optimizer_on_cpu 3.38 GiB, 11,264 / 31,744 / 48,128; embeddings_on_cpu 3.89 GiB, 3,072 / 27,648 / 44,032;
+quantize_lm_head 3.14 GiB, 8,192 / 29,696 / 46,080; tile_projections 10,240 / 26,624 / 40,960; tile_norms 11,264 /
 23,552 / 33,792; tile_size (and with it the other tile switches) 6,144 / 12,288 / 17,408; loss_chunk_size 1024
-instead of 256 4.01 GiB (the NF4 head's dequantised weight and a chunk's logits at once), 1,024 / 32,768 / 48,128.
+instead of 256 4.01 GiB (the NF4 head's dequantised weight and a chunk's logits at once), 1,024 / 35,840 / 52,224.
 """
 
 from pathlib import Path

@@ -26,7 +26,9 @@ o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q
 
 A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
 Tiled norms (train.tile_norms) keep their bf16 inputs: the first is the layer's input itself (which the checkpoint plan
-counts), the second the residual stream after attention, h e.
+counts), the second the residual stream after attention, h e. Each is folded into the tiles it feeds (the input norm
+into q/k/v's when they are tiled, the post-attention norm into the MLP's), which then keep that input instead of a
+normalised copy: no "(tile input)" h e for them.
 """
 
 from __future__ import annotations
@@ -123,9 +125,12 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     drop, m = cfg.lora.dropout > 0, mask_bytes(e, device)
     in_tile = set(MLP if tiled else ()) | set(PROJECTIONS if tiled_projections else ())
     adapters = {n: cfg.lora.r * e + (a * (e + m) if drop else 0) for n, (a, _) in adapted.items() if n not in in_tile}
-    # An input is kept once if an adapter reads it undropped, or if a tiled module keeps it for its recompute.
-    inputs = {"qkv": h * e if (not drop and any(n in adapted for n in QKV)) or tiled_projections else 0,
-              "mlp": h * e if (not drop and any(n in adapted for n in MLP[:2])) or tiled else 0,
+    # An input is kept once if an adapter reads it undropped, or if a tiled module keeps it for its recompute; a norm
+    # folded into the tiles it feeds (qlora/levers/tiling/tiles.py) leaves them its own input, counted with the norms.
+    fold_qkv, fold_mlp = tiled_norms and tiled_projections, tiled_norms
+    inputs = {"qkv": h * e if ((not drop and any(n in adapted for n in QKV)) or tiled_projections) and not fold_qkv
+              else 0,
+              "mlp": h * e if ((not drop and any(n in adapted for n in MLP[:2])) or tiled) and not fold_mlp else 0,
               "down": i * e if not drop and "down_proj" in adapted and not tiled else 0,
               "o": copy if (not drop and "o_proj" in adapted) or tiled_projections else 0}
     return Layer(norms, attention, mlp, inputs, adapters)
@@ -185,21 +190,21 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     tile = min(t.tile_size, T) if tiled else 0
     # The MLP's backward: the layer output's gradient and the MLP input's, and the MLP's two intermediate gradients
     # at full length, or one tile's working set.
-    mlp = 2 * T * h * e + (tile * mlp_tile_bytes(mlp_saved(arch, method, cfg, e, device), h, i, e) if tiled
-                           else 2 * T * i * e)
+    # A norm folded into the tiles runs its backward after the tile's own is done with: the larger of the two.
+    mlp = 2 * T * h * e + (tile * max(mlp_tile_bytes(mlp_saved(arch, method, cfg, e, device), h, i, e),
+                                      norm_tile_bytes(h) if norms_tiled else 0) if tiled else 2 * T * i * e)
     mlp_side = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + sum(layer.adapters.get(n, 0) for n in MLP)
     # The post-attention norm's backward: the MLP side is done with, the layer output's gradient and the norm's fp32
     # temporaries are alive beside everything attention saved. Tiled: the norm output's gradient and its input's at
     # full length, the fp32 temporaries of one tile's recompute and backward.
-    norm = T * (3 * h * e - mlp_side) + tile * norm_tile_bytes(h) if norms_tiled else \
-        T * (h * e + NORM_BACKWARD_FP32 * 4 * h - mlp_side)
+    # Folded into the MLP's tiles (tile_norms), its backward is theirs.
+    norm = 0 if norms_tiled else T * (h * e + NORM_BACKWARD_FP32 * 4 * h - mlp_side)
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
-    # output's, SDPA's own buffers (and a projection tile) are alive.
+    # output's and SDPA's own buffers are alive (o_proj's tiles are done, q/k/v's not begun).
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
     kernel = ("flash" if by_document(cfg) else cuda_kernel(cfg)) if device == "cuda" else "cpu"
-    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, kernel, by_document(cfg))) + \
-        (tile * projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e) if proj else 0)
+    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, kernel, by_document(cfg)))
     scores_fx = ""
     if eager(cfg):
         scores = t.batch_size * arch.heads * cfg.data.max_seq_len ** 2
@@ -207,12 +212,19 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
         saved, sdpa, scores_fx = saved + kept * scores, sdpa + held * scores, \
             f" + b nh s^2 x {kept} (eager attention's scores)"
     moments = {"MLP backward": mlp, "post-attention norm's backward": norm, "SDPA backward": sdpa}
+    if proj:  # q/k/v's tiles, after SDPA's backward: what attention saved is freed; dq, dk and dv wait beside the
+        # residual stream's gradient and one tile's working set (the input norm's, folded in, after the projection's)
+        kv = arch.kv_heads * arch.head_dim
+        moments["q/k/v tiles' backward"] = -T * (done + layer.attention) + T * (h * e + e * (q + 2 * kv)) + \
+            tile * max(projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e),
+                       norm_tile_bytes(h) if norms_tiled else 0)
     phase = max(moments, key=moments.get)
-    at = {"MLP backward": "2 T h e + " + (f"t x one MLP tile's working set (t={tile})" if tiled else "2 T i e"),
-          "post-attention norm's backward": (f"3 T h e + t x one norm tile's fp32 working set (t={tile})" if
-                                             norms_tiled else f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer "
-                                             "output's gradient and the norm's fp32 temporaries)") + ", less the MLP "
-                                            "side",
+    at = {"MLP backward": "2 T h e + " + (f"t x one MLP tile's working set (t={tile}"
+                                          f"{', the norm folded in' if norms_tiled else ''})" if tiled else "2 T i e"),
+          "post-attention norm's backward": f"T (h e + {NORM_BACKWARD_FP32} x 4h) (the layer output's gradient and "
+                                            "the norm's fp32 temporaries), less the MLP side",
+          "q/k/v tiles' backward": f"T (h e + e (q + 2 kv)) + t x one projection tile's working set (t={tile}), less "
+                                   "what attention saved and the MLP side",
           "SDPA backward": f"T (h e + q e) + SDPA's gradients and buffers ({kernel})" +
                            (f" + b nh s^2 x {score_bytes(cfg, arch, e)[1]} (the scores' fp32 gradients)"
                             if eager(cfg) else "") + ", less the MLP side"}[phase]

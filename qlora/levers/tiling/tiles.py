@@ -11,7 +11,10 @@ checkpointed layer's recompute already ran it once: three in all). DeepSpeed's `
 path; its forward tiles run under no_grad, ours with autograd on and nothing saved, so that bitsandbytes and the speed
 levers choose the same kernels in the forward as in the recompute. An RMSNorm is position-wise too, and once the MLP
 is tiled its intermediates are the layer's largest: transformers' norm computes in fp32, so autograd keeps an fp32
-copy of its input and the backward holds five fp32 tensors of the row at once (train.tile_norms tiles it).
+copy of its input and the backward holds five fp32 tensors of the row at once (train.tile_norms tiles it). Where a
+norm feeds only tiled modules (a Llama layer's input norm its q/k/v projections, its post-attention norm its MLP), it
+is not tiled apart but folded into them: each consumer normalises its own tile, so what it keeps is the norm's input,
+which the layer keeps anyway, not a normalised copy of the row (h e bytes a token less for each).
 
 Each tile's forward and its recompute see the same random state (LoRA dropout draws the same mask), as
 `torch.utils.checkpoint` arranges. The sums over tokens that make a weight gradient are added tile by tile (in fp32,
@@ -121,9 +124,30 @@ def is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm")
 
 
+def fold_norm(norm: nn.Module, consumers: list[nn.Module]) -> None:
+    """`norm` passes its input on as it is, and each of `consumers` (its only readers) normalises it first."""
+    normalise = norm.forward
+    norm.forward = lambda x: x
+    for module in consumers:
+        module.forward = lambda x, inner=module.forward: inner(normalise(x))
+
+
+def foldable(layer: nn.Module, projections: bool) -> dict[str, list[nn.Module]]:
+    """A Llama-style layer's norms and the tiled modules that alone read each: the input norm q/k/v (when the
+    projections are tiled), the post-attention norm the MLP. Other layouts (Gemma's four norms) fold nothing."""
+    names = {name for name, child in layer.named_children() if is_norm(child)}
+    if names != {"input_layernorm", "post_attention_layernorm"}:
+        return {}
+    qkv = [getattr(layer.self_attn, n, None) for n in PROJECTIONS[:3]]
+    folds = {"post_attention_layernorm": [layer.mlp]}
+    if projections and all(qkv):
+        folds["input_layernorm"] = qkv
+    return folds
+
+
 def tile_layers(model: nn.Module, tile: int, projections: bool, norms: bool = False) -> int:
     """Tile each decoder layer's MLP and, with `projections`, its q/k/v/o projections, with `norms` its RMSNorms and
-    the final one; return how many modules."""
+    the final one (folded into the tiles they feed where they can be); return how many modules run in tiles."""
     layers = [m for m in model.modules() if hasattr(m, "mlp") and hasattr(m, "self_attn")]
     if not layers:
         raise ConfigError("train.tile_size found no decoder layer with an mlp and a self_attn in this model: set "
@@ -140,7 +164,12 @@ def tile_layers(model: nn.Module, tile: int, projections: bool, norms: bool = Fa
         if not norms_found:  # the estimate counts them tiled: say so rather than run them as they are
             raise ConfigError("train.tile_norms found no RMSNorm in this model's decoder layers: set "
                               "--train.tile_norms=false")
-        targets += norms_found
+        folded = set()
+        for layer in layers:
+            for name, consumers in foldable(layer, projections).items():
+                fold_norm(getattr(layer, name), consumers)
+                folded.add(id(getattr(layer, name)))
+        targets += [norm for norm in norms_found if id(norm) not in folded]
     for module in targets:
         tile_module(module, tile)
     return len(targets)
