@@ -20,6 +20,7 @@ from qlora.adapters.lora import lora_layers
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
+from qlora.report.recorder import record_steps
 from qlora.training.assemble import build_model
 from qlora.training.loss import loss_sum
 
@@ -85,6 +86,13 @@ def estimated(*overrides: str) -> int:
     """The estimator's CPU peak for recipes/tiny.py with `overrides`, as a qlora run: what `measured` is held to."""
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), list(overrides))
     return estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+
+
+def recorded_and_estimated(*overrides: str) -> tuple[int, int]:
+    """One training step of recipes/tiny.py with `overrides`, recorded tensor by tensor on the CPU
+    (qlora/report/recorder.py): its peak, and the estimator's."""
+    _, recorded = record_steps(apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), list(overrides)), 1)
+    return recorded, estimated(*overrides)
 
 
 def finished_run(recipe: str, out_dir: Path, **train_fields: object) -> tuple[Config, dict]:

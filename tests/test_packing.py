@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from support import recorded_and_estimated
 
-from qlora.config import Config, apply_overrides, load_recipe
+from qlora.config import Config, apply_overrides
 from qlora.data.pack import check_packing, join_documents, pack_examples
 from qlora.data.read import IGNORE, collate, tokenize_rows
 from qlora.errors import ConfigError
-from qlora.memory.arch import load_arch
-from qlora.memory.estimate import estimate
-from qlora.report.recorder import record_steps
 from qlora.training.assemble import build_model, prepare
 from qlora.training.loss import loss_sum, target_hidden
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["the quick brown fox", "jumps", "over the lazy dog and keeps running far away",
          "a b c", "packing must not leak", "x"]
 
@@ -149,14 +144,11 @@ def test_packed_rows_attend_by_document_with_no_row_sized_mask(monkeypatch: pyte
 
     base = ["--model.synthetic=true", "--model.config_json=tests/snapshots/narrow-llama.json",
             "--data.max_seq_len=2048", "--train.batch_size=1", "--train.device=cpu"]
-    recorded, estimated = {}, {}
-    for pack in (False, True):
-        cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [*base, f"--data.pack={pack}"])
-        _, recorded[pack] = record_steps(cfg, 1)
-        estimated[pack] = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+    recorded, estimated = zip(*(recorded_and_estimated(*base, f"--data.pack={pack}") for pack in (False, True)),
+                              strict=True)
     copy = 2048 * 256 * 4  # T q e: fp32 on a CPU, q = 8 heads x 32
     assert estimated[True] - estimated[False] == copy
     assert abs(recorded[True] - recorded[False] - copy) <= 2**16, recorded
     monkeypatch.setattr(qlora.base.synthetic, "implementation", lambda name: name)  # transformers' sdpa as it is
-    _, stock = record_steps(cfg, 1)
+    stock, _ = recorded_and_estimated(*base, "--data.pack=true")
     assert stock - recorded[True] > 2048 * 2048, (stock, recorded)

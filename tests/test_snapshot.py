@@ -23,6 +23,7 @@ from qlora.report.recorder import AllocationRecorder, record_steps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import snapshot_fixture  # noqa: E402  (the committed snapshot's recipe and its stray block)
+from support import recorded_and_estimated  # noqa: E402
 
 ACTIONS = {"alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
            "segment_unmap", "snapshot", "oom"}
@@ -187,9 +188,7 @@ def test_tiled_norms_save_in_a_bf16_step_what_the_estimate_says() -> None:
             "--train.tile_projections=true", "--quant.compute_dtype=bf16", "--train.loss_chunk_size=1024"]
     recorded, estimated = {}, {}
     for norms in (False, True):
-        cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [*base, f"--train.tile_norms={norms}"])
-        _, recorded[norms] = record_steps(cfg, 1)
-        estimated[norms] = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
+        recorded[norms], estimated[norms] = recorded_and_estimated(*base, f"--train.tile_norms={norms}")
         assert abs(estimated[norms] / recorded[norms] - 1) <= 0.05, (norms, estimated[norms], recorded[norms])
     saving = recorded[False] - recorded[True]
     assert saving > 0.3 * recorded[False]
@@ -201,12 +200,10 @@ def test_eager_attentions_scores_are_in_the_estimate(dtype: str) -> None:
     """model.attn_implementation=eager keeps s x s scores per head: a recorded step of the narrow Llama at 2,048
     tokens holds ten times the sdpa step's memory, and the estimate follows it within 5%. Recorded on this CPU: 405.2
     MiB in bf16 and 418.4 in fp32, estimated 412.7 and 430.9 (36.8 and 63.9 MiB with sdpa)."""
-    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [
+    recorded, estimated = recorded_and_estimated(
         "--model.synthetic=true", "--model.config_json=tests/snapshots/narrow-llama.json", "--data.max_seq_len=2048",
-        "--train.batch_size=1", f"--quant.compute_dtype={dtype}", "--model.attn_implementation=eager"])
-    _, recorded = record_steps(cfg, 1)
+        "--train.batch_size=1", f"--quant.compute_dtype={dtype}", "--model.attn_implementation=eager")
     assert recorded > 8 * 2048 * 2048 * 8  # more than two fp32 scores of every head: the case is the scores
-    estimated = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
     assert abs(estimated / recorded - 1) <= 0.05, (estimated, recorded)
 
 

@@ -51,6 +51,11 @@ _last: tuple[weakref.ref, list[list[int]] | None] | None = None
 BY_DOCUMENT = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def by_document(cfg: Config) -> bool:
+    """Whether a packed row attends one document at a time: packed rows through `sdpa`."""
+    return cfg.data.pack and cfg.model.attn_implementation == "sdpa"
+
+
 def document_lengths(position_ids: torch.Tensor | None) -> list[list[int]] | None:
     """Per row, its documents' lengths: a new document wherever the position does not grow by one. None when no row
     holds more than one."""
@@ -147,8 +152,11 @@ def visible_capability() -> tuple[int, int] | None:
 
 
 def cuda_kernel(cfg: Config) -> str:
-    """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn. auto asks the card this process uses, or the
-    machine's cards; with none to ask, flash, whose backward holds more: an upper bound."""
+    """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn: flash for a packed row's documents (BY_DOCUMENT);
+    else auto asks the card this process uses, or the machine's cards; with none to ask, flash, whose backward holds
+    more: an upper bound."""
+    if by_document(cfg):
+        return "flash"
     if cfg.model.sdpa_backend != "auto":
         return cfg.model.sdpa_backend
     capability = torch.cuda.get_device_capability() if torch.cuda.is_initialized() else visible_capability()
@@ -162,8 +170,9 @@ def use_kernel(cfg: Config, device: torch.device) -> None:
         return
     if chosen == "flash":
         torch.backends.cuda.enable_cudnn_sdp(False)  # process-wide: the next in torch's order is flash
-    elif not cudnn_first(torch.cuda.get_device_capability(device)):
-        major, minor = torch.cuda.get_device_capability(device)
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if not cudnn_first((major, minor)):
         raise ConfigError(f"model.sdpa_backend=cudnn: torch runs cuDNN's attention first only on sm90/sm100 cards "
                           f"with cuDNN newer than 9.15 (this is sm{major}{minor} with cuDNN "
                           f"{torch.backends.cudnn.version()}, or TORCH_CUDNN_SDPA_DEPRIORITIZED=1 is set): use "

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlora.base.attention import cuda_kernel
+from qlora.base.attention import by_document, cuda_kernel
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers.lm_head.memory import dequantised_bytes
@@ -91,17 +91,12 @@ class Layer:
             self.full_norm_outputs
 
 
-def by_document(cfg: Config) -> bool:
-    """Whether attention runs one packed document at a time (qlora/base/attention.py)."""
-    return cfg.data.pack and cfg.model.attn_implementation == "sdpa"
-
-
 def eager(cfg: Config) -> bool:
     """Whether attention is transformers' eager path, which stores s x s scores (the module docstring)."""
     return cfg.model.attn_implementation == "eager"
 
 
-def score_bytes(cfg: Config, arch: Arch, e: int) -> tuple[int, int]:
+def score_bytes(e: int) -> tuple[int, int]:
     """Eager attention's s x s terms of one layer, per score (b nh s^2 of them): (saved, its backward's beyond)."""
     cast = e if e != 4 else 0  # the softmax output's cast to the compute dtype, the same tensor at fp32
     return 4 + cast, 8 - cast
@@ -195,20 +190,19 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
                                       norm_tile_bytes(h) if norms_tiled else 0) if tiled else 2 * T * i * e)
     mlp_side = layer.mlp + layer.inputs["mlp"] + layer.inputs["down"] + sum(layer.adapters.get(n, 0) for n in MLP)
     # The post-attention norm's backward: the MLP side is done with, the layer output's gradient and the norm's fp32
-    # temporaries are alive beside everything attention saved. Tiled: the norm output's gradient and its input's at
-    # full length, the fp32 temporaries of one tile's recompute and backward.
-    # Folded into the MLP's tiles (tile_norms), its backward is theirs.
+    # temporaries are alive beside everything attention saved. Folded into the MLP's tiles (tile_norms), its backward
+    # is theirs.
     norm = 0 if norms_tiled else T * (h * e + NORM_BACKWARD_FP32 * 4 * h - mlp_side)
     # SDPA's backward: the MLP side and the second norm are done with; the residual stream's gradient, the attention
     # output's and SDPA's own buffers are alive (o_proj's tiles are done, q/k/v's not begun).
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
-    kernel = ("flash" if by_document(cfg) else cuda_kernel(cfg)) if device == "cuda" else "cpu"
+    kernel = cuda_kernel(cfg) if device == "cuda" else "cpu"
     sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, kernel, by_document(cfg)))
     scores_fx = ""
     if eager(cfg):
         scores = t.batch_size * arch.heads * cfg.data.max_seq_len ** 2
-        kept, held = score_bytes(cfg, arch, e)
+        kept, held = score_bytes(e)
         saved, sdpa, scores_fx = saved + kept * scores, sdpa + held * scores, \
             f" + b nh s^2 x {kept} (eager attention's scores)"
     moments = {"MLP backward": mlp, "post-attention norm's backward": norm, "SDPA backward": sdpa}
@@ -226,7 +220,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
           "q/k/v tiles' backward": f"T (h e + e (q + 2 kv)) + t x one projection tile's working set (t={tile}), less "
                                    "what attention saved and the MLP side",
           "SDPA backward": f"T (h e + q e) + SDPA's gradients and buffers ({kernel})" +
-                           (f" + b nh s^2 x {score_bytes(cfg, arch, e)[1]} (the scores' fp32 gradients)"
+                           (f" + b nh s^2 x {score_bytes(e)[1]} (the scores' fp32 gradients)"
                             if eager(cfg) else "") + ", less the MLP side"}[phase]
     return saved, moments[phase], \
         f"T [{layer_formula(layer, tiled, proj, norms_tiled)}]{scores_fx} + at the {phase}: {at}"

@@ -32,7 +32,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from qlora.base.attention import cuda_kernel
+from qlora.base.attention import by_document, cuda_kernel
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers import LEVERS
@@ -47,7 +47,7 @@ from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
 from qlora.levers.stream_base.memory import StreamPlan, stream_plan
 from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import norms_tiled
-from qlora.memory.activations import adapted_layers, by_document, eager, layer_backward, loss_bytes
+from qlora.memory.activations import adapted_layers, eager, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
 # NF4 with double quantisation (QLoRA paper, sec. 3): 4 bits per weight, one 8-bit absmax per block of 64 weights,

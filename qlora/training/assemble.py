@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, read_adapter_config
-from qlora.base.attention import cuda_kernel, use_kernel
+from qlora.base.attention import by_document, cuda_kernel, use_kernel
 from qlora.base.load import compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.data.pack import check_packing, pack_examples, packing_summary
@@ -119,9 +119,9 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
     if run["device"].type == "cuda" and cfg.model.attn_implementation == "sdpa":
         kernel = {"cudnn": "cuDNN's attention", "flash": "FlashAttention-2"}[cuda_kernel(cfg)]
-        print(f"attention: SDPA through {kernel} ("
-              f"{'model.sdpa_backend' if cfg.model.sdpa_backend != 'auto' else 'torch picks it on this card'})"
-              f"{'; packed rows document by document, through FlashAttention-2' if cfg.data.pack else ''}")
+        why = "packed rows, document by document" if by_document(cfg) else "model.sdpa_backend" \
+            if cfg.model.sdpa_backend != "auto" else "torch picks it on this card"
+        print(f"attention: SDPA through {kernel} ({why})")
     print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     paged = t.optimizer.startswith("paged") and run["device"].type == "cpu"
     print(f"optimizer {t.optimizer}{': on CPU nothing pages (bitsandbytes pages CUDA memory only)' if paged else ''}")
