@@ -134,3 +134,22 @@ def test_documents_are_read_off_the_position_ids() -> None:
     assert attention.document_lengths(rows) == [[3, 2, 4], [9], [3, 4, 1, 1]]
     assert attention.document_lengths(torch.arange(6).expand(2, 6).clone()) is None
     assert attention.document_lengths(None) is None
+
+
+def test_the_max_context_table_counts_flash_for_every_card_size_whatever_card_is_here(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--max-context --gpu-gib 24,48,80` asks about cards of those sizes, not this machine's: on an H200 it must not
+    count cuDNN's smaller buffers for a 24 GB card (an RTX 4090 runs FlashAttention-2). A recipe's explicit kernel
+    stands."""
+    from qlora.memory.context import context_report
+
+    card(monkeypatch, (9, 0), 91900)
+    monkeypatch.setattr(attention, "visible_capability", lambda: (9, 0))
+    cfg = llama8b()
+    assert attention.cuda_kernel(cfg) == "cudnn"
+    here = context_report(cfg, [24.0], 128.0)
+    flash = context_report(llama8b("--model.sdpa_backend=flash"), [24.0], 128.0)
+    cudnn = context_report(llama8b("--model.sdpa_backend=cudnn"), [24.0], 128.0)
+    assert here["rows"][0]["tokens"] == flash["rows"][0]["tokens"] < cudnn["rows"][0]["tokens"]
+    assert any("FlashAttention-2, which the 24 and 48 GB cards run" in a for a in here["assumptions"])
+    assert cfg.model.sdpa_backend == "auto"  # the recipe's config is not changed under it

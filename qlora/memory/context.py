@@ -164,10 +164,24 @@ def streamed_row(est: Estimate) -> dict:
             "describe": s.describe()}
 
 
+def hypothetical_card(cfg: Config) -> Config:
+    """`cfg` for cards of any size, not this machine's: SDPA's kernel left to torch (auto) counts FlashAttention-2's
+    backward buffers, the larger, which the 24 and 48 GB cards (sm89: RTX 4090, L40S) run, and an upper bound for an
+    H100's cuDNN attention. Without this, the table asked on an H200 would count cuDNN's for a 24 GB card too."""
+    if cfg.model.attn_implementation != "sdpa" or cfg.model.sdpa_backend != "auto":
+        return cfg
+    out = copy.copy(cfg)
+    out.model = copy.copy(cfg.model)
+    out.model.sdpa_backend = "flash"
+    return out
+
+
 def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
     """The --max-context report: one row per card size, each with its plan, as a JSON-ready dict."""
     from qlora.base.build import config_json_path
 
+    sized = hypothetical_card(cfg)
+    kernel, cfg = sized is not cfg, sized
     rows = []
     for size in gpu_gib:
         fit = fit_context(cfg, int(size * GIB), int(host_gib * GIB))
@@ -194,4 +208,7 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
                 "(CUDA context and the allocator's margin included) and whose host side fits the host; the recipe's "
                 "levers as they are, the "
                 "checkpoint plan (offload budget, checkpoint_every) chosen per length: offload what the host holds, "
-                "keep the rest on the card, and only if that fails keep every k-th layer input, smallest k first"]}
+                "keep the rest on the card, and only if that fails keep every k-th layer input, smallest k first"] + (
+                ["SDPA's kernel counted for every card size: FlashAttention-2, which the 24 and 48 GB cards run, "
+                 "whatever card this machine has (an H100 or H200 runs cuDNN's attention, which holds 2 q e bytes a "
+                 "token less in the backward: --model.sdpa_backend=cudnn counts it)"] if kernel else [])}

@@ -410,7 +410,7 @@ def attention_text(cfg: Config, device: str) -> str:
         return "attention through SDPA, packed rows one document at a time, no T x T mask (qlora/base/attention.py)" + \
             ("; its backward's buffers FlashAttention-2's, which runs the documents" if device == "cuda" else "")
     chosen = cuda_kernel(cfg)
-    why = "model.sdpa_backend" if cfg.model.sdpa_backend != "auto" else \
+    why = f"model.sdpa_backend={chosen}" if cfg.model.sdpa_backend != "auto" else \
         "torch's choice on this machine's card" if chosen == "cudnn" else "torch's on a card other than an " \
         "H100/H200/B200, and the larger of the two where no card is at hand"
     return f"attention through SDPA, no s x s matrix stored; its backward's buffers {kernel[chosen]} ({why})" \
