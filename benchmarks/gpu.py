@@ -21,10 +21,11 @@ stops itself in time); each part first installs the wheels missing here from --w
      context-8b-45, context-8b-79.6 (--budget-gib: nvidia-smi's totals for an L40S, an H100 80GB, an RTX 4090; the
      70B's weights alone exceed 24 GiB). Their reports go to memory_reports/ (in reports.tar.gz).
   6  issue 24, each item alone under nine minutes: speed-8b (throughput.py at 8B, 1 x 2048: the standard stack, ours
-     as shipped, ours with train.plan=fastest on the whole card and within 14 GiB (the standard stack's peak), ours on
-     a 16-bit base; 2 more steps of each profiled: the kernel table
-     and the SDPA backend that ran), unsloth-8b (the same command with Unsloth's stack added: only Unsloth is measured,
-     the others come from speed-8b's log, and the report holds all five side by side), speed-70b (the standard stack,
+     as shipped, ours with train.plan=fastest on the whole card and within 14 GiB (the standard stack's peak), each
+     also with our fused paths set (fuse_lora, and dequant_once or reuse_dequant), ours on a 16-bit base; 2 more
+     steps of each profiled: the kernel table and the SDPA backend that ran), unsloth-8b (the same command with
+     Unsloth's stack added: only Unsloth is measured, the others come from speed-8b's log, and the report holds them
+     all side by side), speed-70b (the standard stack,
      the 70B recipe as shipped and its fastest plan, with their kernel tables), lever-costs-8b (every lever's step
      time at 8B: the CUDA column of qlora/memory/costs.py)
   7  issue 25, the 4-bit base streamed from host memory (train.stream_base), each item alone under nine minutes:
@@ -68,6 +69,9 @@ from provenance import git_commit  # noqa: E402
 GRACE = 20  # seconds between an item's own deadline and the kill: to write its report and end its probe
 APART_BYTES = 15 * 2**20  # traces.tar, snapshots.tar: under the 16 MiB a file from $OUT may have
 UNSLOTH_SITE = "/tmp/qlora-unsloth-site"  # WHEELS/unsloth/ installed apart: Unsloth pins datasets < 5, trl <= 1.15
+# speed-8b's stacks (benchmarks/throughput.py): the standard stack, ours as shipped, the plan on the whole card and
+# within the standard stack's peak, each with and without our fused paths, and ours on a 16-bit base.
+STACKS_8B = "standard,ours,ours-fastest,ours-fastest-fused,ours-fastest-14gib,ours-fastest-14gib-fused,ours-lora16"
 
 
 @dataclass
@@ -184,10 +188,10 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
              ["memory_reports/llama8b-rows-*.md"], True),
         card("70b", 45.0), card("70b", 79.6), card("8b", 24.0), card("8b", 45.0), card("8b", 79.6),
         # Issue 24. Unsloth's item runs speed-8b's command with its stack added: the others come from the log.
-        Item(6, "speed-8b", [*speed8b, "--stacks=standard,ours,ours-fastest,ours-fastest-14gib,ours-lora16",
+        Item(6, "speed-8b", [*speed8b, f"--stacks={STACKS_8B}",
                              "--probe-timeout=150"],
              420, ["benchmarks/results/throughput-*-8b.md"], True),
-        Item(6, "unsloth-8b", [*speed8b, "--stacks=standard,ours,ours-fastest,ours-fastest-14gib,ours-lora16,unsloth",
+        Item(6, "unsloth-8b", [*speed8b, f"--stacks={STACKS_8B},unsloth",
                                "--probe-timeout=420"], 500, ["benchmarks/results/throughput-*-8b.md"], True),
         Item(6, "speed-70b", [*speed, "--size=70b", "--stacks=standard,ours,ours-fastest", "--steps=3", "--profile=1",
                               "--probe-timeout=240"], 540, ["benchmarks/results/throughput-*-70b.md"], True),

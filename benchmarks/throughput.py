@@ -16,6 +16,8 @@ rank, alpha, dropout and targets (every linear layer but lm_head):
                 loss_sum, the recipe's optimizer, same clip
     ours-lora16 ours on a 16-bit base (quant.method=lora): the QLoRA-vs-LoRA step-time ratio of issue 5
     ours-fastest ours with train.plan=fastest: the levers the trainer picks for this card (qlora/memory/plan.py)
+    ours-fastest-fused, ours-fastest-14gib-fused  the same plans with train.fuse_lora and train.dequant_once (whole
+                card) or train.reuse_dequant (14 GiB) set, which the plan keeps until a GPU has measured their cost
     ours-batched ours-fastest with the batch shape left to the plan too (train.plan_batch): a step is one micro-batch
                 of the rows the plan chose (of the recipe's rows a step), not --batch (not in the default --stacks)
     ours-streamed  ours with the 4-bit base streamed from host memory (train.stream_base): its step time against
@@ -91,6 +93,12 @@ STACKS = {"standard": None, "ours": [], "ours-lora16": ["--quant.method=lora"],
           # Issue 24's target is 2x the standard stack's tokens/s at no more than its peak: 14.89 GiB on the H200 of
           # 2026-12-04 (benchmarks/results/throughput-cuda-8b.md), so the plan gets 14 GiB.
           "ours-fastest-14gib": ["--train.plan=fastest", "--train.plan_gib=14"],
+          # The plan with our fused paths set (the plan keeps a speed lever as set until the GPU's lever-costs item
+          # has measured it, qlora/memory/costs.py): what the plan reaches once they pay. On a big card every weight
+          # dequantised once for the run; within 14 GiB (no room for a 16-bit copy) once fewer per step.
+          "ours-fastest-fused": ["--train.plan=fastest", "--train.fuse_lora=true", "--train.dequant_once=true"],
+          "ours-fastest-14gib-fused": ["--train.plan=fastest", "--train.plan_gib=14", "--train.fuse_lora=true",
+                                       "--train.reuse_dequant=true"],
           # Issue 25: the same recipe with its 4-bit base streamed from host memory (train.stream_base).
           "ours-streamed": ["--train.stream_base=true"]}
 UNSLOTH_SITE = "/tmp/qlora-unsloth-site"  # benchmarks/gpu.py installs .whl/unsloth/*.whl there
@@ -396,7 +404,8 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     """The ratios issue 24 sets targets for, for each of our stacks that ran (as shipped, and the plan's)."""
     ok = {k: v for k, v in results.items() if "error" not in v}
     out = {}
-    for ours in ("ours", "ours-fastest", "ours-fastest-14gib", "ours-batched"):
+    for ours in ("ours", "ours-fastest", "ours-fastest-14gib", "ours-fastest-fused", "ours-fastest-14gib-fused",
+                 "ours-batched"):
         if ours in ok and "standard" in ok:
             out[f"tokens_per_s {ours}/standard (target >= 2.0)"] = ok[ours]["tokens_per_s"] / \
                 ok["standard"]["tokens_per_s"]
