@@ -95,6 +95,8 @@ def test_a_pinned_buffer_stays_pinned_while_any_view_of_it_lives(monkeypatch: py
     gc.collect()
     (_, ptr, size), (_, other_ptr, other_size) = log
     assert [entry[0] for entry in log] == ["pin", "pin"] and ptr % PAGE == 0 == other_ptr % PAGE
+    # Tensor.is_pinned asks the driver about the storage's first byte: it must be the first byte registered.
+    assert views[0].untyped_storage().data_ptr() == ptr and other.untyped_storage().data_ptr() == other_ptr
     pages = set(range(ptr // PAGE, -(-(ptr + size) // PAGE)))
     assert not pages & set(range(other_ptr // PAGE, -(-(other_ptr + other_size) // PAGE)))
     views[0].fill_(1.0)  # still in use, still pinned

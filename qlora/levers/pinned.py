@@ -28,12 +28,13 @@ def pinned_buffer(nbytes: int, pin: bool) -> torch.Tensor:
 
 
 def page_aligned(nbytes: int) -> torch.Tensor:
-    """`nbytes` of CPU memory as a flat uint8 tensor that starts on a page boundary, inside an allocation a page longer
-    at each end: the pages it covers hold nothing else. cudaHostRegister pins whole pages and refuses a page another
-    registration holds, which two small buffers side by side in malloc's heap would share."""
-    raw = torch.empty(nbytes + 2 * PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % PAGE
-    return raw[start:start + nbytes]
+    """`nbytes` of CPU memory as a flat uint8 tensor on pages of its own: an anonymous mapping, whose storage starts on
+    a page boundary. cudaHostRegister pins whole pages and refuses a page another registration holds, which two small
+    buffers side by side in malloc's heap would share; and `Tensor.is_pinned` asks the driver about the storage's first
+    byte (ATen's Memory.cpp), which a view into a larger allocation would not have registered."""
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # the tensor keeps the mapping alive
 
 
 def pin_in_place(buffer: torch.Tensor) -> None:
