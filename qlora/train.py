@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 from qlora.adapters.loftq import save_shifts
-from qlora.adapters.master import MasterWeights
 from qlora.base.attention import use_kernel
 from qlora.base.load import resolve_device
 from qlora.cli import run
@@ -36,7 +35,14 @@ from qlora.memory.profiler import PhaseTracker, peak_bytes
 from qlora.training import checkpoint, distributed, guard, rundir
 from qlora.training.assemble import prepare, print_summary
 from qlora.training.metrics import MetricsLog
-from qlora.training.optimizer import build_optimizer, build_scheduler, retarget, stepped_params
+from qlora.training.optimizer import (
+    build_optimizer,
+    build_scheduler,
+    restart_from_weights,
+    retarget,
+    stepped_params,
+    updated_weights,
+)
 from qlora.training.step import announce_evaluation, evaluate, forward_backward, to_device
 
 USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
@@ -115,7 +121,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         good = guard.finite(loss, grad_norm)
         if good:
             optimizer.step()
-            if not guard.all_finite(params):  # a finite gradient, an update too large: the weights are lost
+            if not guard.all_finite(updated_weights(optimizer)):  # a finite gradient, an update too large
                 raise guard.non_finite_weights(cfg, step + 1)
         scheduler.step()  # a skipped step still counts: the schedule and the data move on past its batch
         profiler.mark("optimizer_step" if first_step else "steady")  # before zero_grad: the breakdown shows gradients
@@ -239,8 +245,7 @@ def _resume(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimize
     ranks.restore_rng(state)
     print(f"resumed from {resumed} at step {progress.step}" + (" (the newest usable checkpoint)" if damaged else ""))
     if "optimizer_restarted" in state:  # cfg's optimizer, fresh; its fp32 masters from the resumed weights
-        if isinstance(optimizer, MasterWeights):
-            optimizer.copy_from_params()
+        restart_from_weights(optimizer)
         print(f"train.optimizer {state['optimizer_restarted']} -> {cfg.train.optimizer}: its state starts afresh")
     retarget(optimizer, scheduler, cfg)
     return progress, [p for p, _ in damaged]

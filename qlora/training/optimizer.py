@@ -62,6 +62,19 @@ def stepped_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def updated_weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """What a step writes, to look for non-finite values after it: the host optimizer's fp32 masters (its
+    param_groups hold stand-ins for the gradients, zeros), else what it steps."""
+    return optimizer.masters if isinstance(optimizer, HostOptimizer) else stepped_params(optimizer)
+
+
+def restart_from_weights(optimizer: torch.optim.Optimizer) -> None:
+    """A fresh optimizer after a resume loaded the weights (train.optimizer changed, its old state of no use): its
+    fp32 masters, where it keeps any, from those weights."""
+    if isinstance(optimizer, MasterWeights | HostOptimizer):
+        optimizer.copy_from_params()
+
+
 def retarget(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config) -> None:
     """After a resume: the lr, schedule and weight decay of `cfg`, not those the checkpoint's state dicts carry, from
     the resumed step on (so `--resume --train.lr=1e-4` trains at 1e-4). Unchanged settings give back the very same

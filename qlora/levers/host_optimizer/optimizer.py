@@ -77,6 +77,14 @@ class HostOptimizer(torch.optim.Optimizer):
             # buffers may be reused.
             p.copy_(master, non_blocking=True)
 
+    @torch.no_grad()
+    def copy_from_params(self) -> None:
+        """The fp32 masters set from the weights: after those were loaded by another route than this optimizer's
+        state (a resume that changed train.optimizer): else the first step would write the masters of the fresh
+        adapters back over the resumed ones."""
+        for master, p in zip(self.masters, self.params, strict=True):
+            master.copy_(p)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)  # the device side: the gradients the next backward sums afresh
 

@@ -82,3 +82,55 @@ def test_optimizer_on_cpu_is_a_noop_on_a_cpu_device(tiny_config: Config, capsys:
     model = build(cfg)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     assert not isinstance(optimizer, HostOptimizer) and "nothing to do" in capsys.readouterr().out
+
+
+def test_a_resume_that_restarts_the_optimizer_keeps_the_resumed_weights(tiny_config: Config, batch: dict) -> None:
+    """A resume that changed train.optimizer loads the weights, not the old state, after the optimizer was built over
+    the fresh adapters: its masters must come from the loaded weights (qlora/train.py), or the first step writes the
+    fresh adapters back. The step then equals that of an optimizer built over the loaded weights."""
+    from qlora.training.optimizer import restart_from_weights
+
+    cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16"])
+    trained = build(cfg)
+    steps(trained, batch, host_optimizer(trained, cfg), cfg, n=2)
+    weights = {n: p.detach().clone() for n, p in trained.named_parameters() if p.requires_grad}
+
+    def resumed() -> tuple[torch.nn.Module, HostOptimizer]:
+        model = build(cfg)
+        optimizer = host_optimizer(model, cfg)  # built first, as the trainer builds it, then the weights load
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(weights[name])
+        return model, optimizer
+
+    model, optimizer = resumed()
+    restart_from_weights(optimizer)
+    torch.testing.assert_close(optimizer.masters, [weights[n].float() for n, p in model.named_parameters()
+                                                   if p.requires_grad], rtol=0, atol=0)
+    fresh = build(cfg)
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if p.requires_grad:
+                p.copy_(weights[name])
+    expected, got = steps(fresh, batch, host_optimizer(fresh, cfg), cfg, n=1), steps(model, batch, optimizer, cfg, n=1)
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
+    model, optimizer = resumed()  # without it, the fresh adapters come back
+    stale = steps(model, batch, optimizer, cfg, n=1)
+    assert any(not torch.equal(stale[n], expected[n]) for n in expected)
+
+
+def test_the_weights_checked_after_a_step_are_what_it_wrote(tiny_config: Config) -> None:
+    """After each step the trainer looks for non-finite weights in what the step wrote. The host optimizer's
+    param_groups hold zero stand-ins for 16-bit adapters' gradients: its masters are what it writes."""
+    from qlora.training import guard
+    from qlora.training.optimizer import updated_weights
+
+    cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16"])
+    model = build(cfg)
+    optimizer = host_optimizer(model, cfg)
+    assert updated_weights(optimizer) is optimizer.masters and guard.all_finite(updated_weights(optimizer))
+    with torch.no_grad():
+        optimizer.masters[0][0, 0] = float("nan")
+    assert not guard.all_finite(updated_weights(optimizer))
