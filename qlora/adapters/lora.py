@@ -37,7 +37,12 @@ class LoRALinear(nn.Module):
         # PEFT's names (lora_A / lora_B as nn.Linear) keep the state dict keys identical to a PEFT adapter's.
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
+        # nn.Linear's own init, as in PEFT, drawn from the CPU generator wherever the base lies: the same seed gives
+        # the same adapters on any device, and with the base held on the host (train.stream_base) as on the card.
+        start = torch.empty(r, base_layer.in_features)
+        nn.init.kaiming_uniform_(start, a=math.sqrt(5))
+        with torch.no_grad():
+            self.lora_A.weight.copy_(start)
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
         self.fuse_add = False
