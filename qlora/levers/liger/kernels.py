@@ -3,7 +3,8 @@
 Each RMSNorm and each gated MLP of the model gets a forward of its own that calls liger-kernel's functional ops
 (`liger_kernel.transformers.functional`); the module, its weights and names stay. RoPE is a function transformers
 calls from its attention module, `apply_rotary_pos_emb` in the model's modeling file, which is replaced there, as
-liger-kernel's own `apply_liger_kernel_to_llama` does: for every model of that family in the process. The kernels are
+liger-kernel's own `apply_liger_kernel_to_llama` does: for every model of that family in the process (CUDA tensors
+only: others keep PyTorch's). The kernels are
 Triton, CUDA only: on a CPU device the lever says so and changes nothing. What each kernel saves for its backward is
 less than the plain path's (memory.py), and its arithmetic differs in rounding only: qlora/levers/liger/test_liger.py
 holds it to the plain path on a GPU, in fp32.
@@ -66,7 +67,16 @@ def use_liger_kernels(model: nn.Module) -> tuple[int, int, str | None]:
     modeling = sys.modules.get(type(attention).__module__) if attention is not None else None
     patched = None
     if modeling is not None and hasattr(modeling, "apply_rotary_pos_emb"):
-        modeling.apply_rotary_pos_emb = liger_rope  # the name the attention's forward looks up, as liger patches it
+        # The name the attention's forward looks up, as liger patches it: for the whole process, so tensors on
+        # another device (a CPU model beside this one: an evaluation, a test's reference) keep PyTorch's RoPE.
+        plain = getattr(modeling.apply_rotary_pos_emb, "plain", modeling.apply_rotary_pos_emb)
+
+        def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *args: object,
+                 **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+            return (liger_rope if q.is_cuda else plain)(q, k, cos, sin, *args, **kwargs)
+
+        rope.plain = plain
+        modeling.apply_rotary_pos_emb = rope
         patched = modeling.__name__
     return norms, mlps, patched
 

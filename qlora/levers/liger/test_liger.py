@@ -26,8 +26,11 @@ def test_liger_kernels_keep_loss_and_grads_on_cuda(tiny_config: Config, batch: d
     gpu = {k: v.cuda() for k, v in batch.items()}
     on_cuda = ("--train.device=cuda", "--quant.compute_dtype=fp32")
     plain = loss_and_grads(build(tiny_config, *on_cuda), gpu)
+    on_cpu = loss_and_grads(build(tiny_config), batch)
     model = build(tiny_config, *on_cuda, "--train.liger_kernels=true")
     patched = [m for m in model.modules() if "forward" in vars(m) and type(m).__name__.endswith(("RMSNorm", "MLP"))]
     assert len(patched) == 2 * 2 + 1 + 2  # two norms per layer, the final norm, one MLP per layer
     # Triton's fp32 reductions run in another order than PyTorch's.
     assert_same(loss_and_grads(model, gpu), plain, rtol=1e-4, atol=1e-5)
+    # RoPE is switched for the whole process (kernels.py): a CPU model beside it keeps PyTorch's, to the bit.
+    assert_same(loss_and_grads(build(tiny_config), batch), on_cpu, rtol=0, atol=0)
