@@ -8,6 +8,7 @@ liger-kernel) cannot run on the CPU; the offload hooks are exercised there with 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -31,8 +32,9 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def build(cfg: Config, *overrides: str) -> torch.nn.Module:
     """The trainer's model for `cfg` + overrides, in training mode, with every adapter's B non-zero (a fresh B is
     zero, which would leave A without gradient and the adapters without effect). On the CPU, in fp32, unless an
-    override names another device: the comparisons below are exact."""
-    model = build_model(apply_overrides(cfg, ["--train.device=cpu", *overrides]))["model"]
+    override names another device: the comparisons below are exact. `cfg` itself stays as it was (apply_overrides
+    changes the config it is given), so that builds side by side differ by their own overrides alone."""
+    model = build_model(apply_overrides(copy.deepcopy(cfg), ["--train.device=cpu", *overrides]))["model"]
     generator = torch.Generator().manual_seed(1)
     for layer in lora_layers(model).values():
         with torch.no_grad():

@@ -4,6 +4,8 @@ folder, qlora/levers/<lever>/test_<lever>.py."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from support import CUDA_SAME, assert_same, build, cuda_only, loss_and_grads
@@ -58,13 +60,14 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
                   "--train.tile_norms=true")
     exact = loss_and_grads(build(tiny_config, "--train.device=cuda", "--quant.compute_dtype=fp32"), batch)
     assert_tiles_as_close_in_bf16(loss_and_grads(tiled, batch), reference, exact)
-    cfg = apply_overrides(tiny_config, ["--train.device=cuda", "--train.optimizer_on_cpu=true"])
+    cfg = apply_overrides(copy.deepcopy(tiny_config), ["--train.device=cuda", "--train.optimizer_on_cpu=true"])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     host = build_optimizer(list(params.values()), cfg)
     # Its fp32 masters and their gradients: views of two host buffers pinned at their exact size.
     assert isinstance(host, HostOptimizer) and all(t.is_pinned() for t in host.masters + host.host_grads)
     device_opt = build_optimizer([p for p in plain.parameters() if p.requires_grad],
-                                 apply_overrides(tiny_config, ["--train.device=cuda"]))
+                                 apply_overrides(copy.deepcopy(tiny_config), ["--train.device=cuda"]))
+    assert not isinstance(device_opt, HostOptimizer)
     for m in (model, plain):  # not loss_and_grads: each optimizer's hooks move the gradients to its fp32 copies
         m.zero_grad(set_to_none=True)
         loss_sum(m, batch).backward()
