@@ -239,7 +239,9 @@ def stop_history(args: argparse.Namespace, recorder: object, cfg, device: torch.
     est = estimate(cfg, load_arch(cfg), cfg.quant.method, device.type)
     text = snapshot.report(snapshot.load(path), shape, int(args.history_min_mib * 2**20), est)
     attribution = path.with_name(path.name.split(".")[0] + ".txt")
-    attribution.write_text(text + "\n")
+    title = f"Allocator snapshot of one probe: {args.size} at {args.seq:,} tokens, {path.name}"
+    attribution.write_text("\n".join([*header(title, record("memory_levers.py", device.type), device.type), text])
+                           + "\n")
     return {"snapshot": str(path), "bytes": path.stat().st_size, "attribution": str(attribution)}
 
 

@@ -132,6 +132,21 @@ def test_the_autograd_node_is_read_from_a_named_or_a_mangled_frame(name: str) ->
     assert snapshot.autograd_node(frames[:1]) == ""
 
 
+def test_frames_are_read_wherever_the_libraries_are_installed() -> None:
+    """The GPU image keeps every library under /opt/torch/.venv: a transformers frame there is not torch's own, and
+    bitsandbytes quantising a checkpoint that transformers loads makes quantised weights."""
+    site = "/opt/torch/.venv/lib/python3.12/site-packages"
+    frame = lambda file, name: {"filename": f"{site}/{file}", "line": 1, "name": name}  # noqa: E731
+    loaded = snapshot.Block(0, 2**20, [frame("bitsandbytes/nn/modules.py", "_quantize"),
+                                       frame("transformers/modeling_utils.py", "from_pretrained")])
+    assert snapshot.phase(loaded.frames) == "load" and snapshot.term(loaded, None) == "quantized_weights"
+    plain = snapshot.Block(0, 2**20, [frame("torch/nn/modules/module.py", "to"),
+                                      frame("transformers/modeling_utils.py", "from_pretrained")])
+    assert snapshot.term(plain, None) == "unquantized_weights"
+    assert not snapshot.in_torch(f"{site}/transformers/modeling_utils.py")
+    assert snapshot.in_torch(f"{site}/torch/nn/functional.py") and snapshot.in_torch("torch/autograd/graph.py")
+
+
 def test_an_rmsnorm_backward_holds_the_fp32_temporaries_the_estimate_counts() -> None:
     """transformers' LlamaRMSNorm in bf16 computes in fp32; torch's autograd formulas for it hold NORM_BACKWARD_FP32
     fp32 tensors of the input's size at once (the term behind the 70B's missing ~110 KB per token on the H200)."""

@@ -181,6 +181,12 @@ def _has(frames: list[tuple[str, str]], path: str, *names: str) -> bool:
     return any(file.endswith(path) and (not names or name in names) for file, name in frames)
 
 
+def in_torch(file: str) -> bool:
+    """A frame of torch itself: its installed package (not any path with a torch folder in it, such as the GPU
+    image's /opt/torch/.venv, where every library lives)."""
+    return file.startswith("torch/") or "-packages/torch/" in file
+
+
 PROJECT = ("qlora/", "transformers/", "bitsandbytes/", "peft/")
 # Frames that say where in the step a block was made, innermost first wins: a layer recomputed for its backward runs
 # inside the tile whose saved input asked for it, and a tile's forward runs inside a recompute.
@@ -228,7 +234,7 @@ def phase(frames: list[dict]) -> str:
     py = [x for x in f if x[0].endswith(".py")]
     if not py:
         return "backward"
-    own = next((x for x in py if not (x[0].startswith("torch/") or "/torch/" in x[0])), None)
+    own = next((x for x in py if not in_torch(x[0])), None)
     first = next((x for x in py if any(p in x[0] for p in PROJECT)), None)
     if first is not None and first[0].endswith("qlora/training/loss.py"):
         return "loss"  # the loss's own tensors: the targets' hidden states, labels
@@ -256,7 +262,7 @@ def term(block: Block, shape: Shape | None) -> str | None:
         return any(c in classes for c in sizes)
 
     if where == "load":
-        quantized = _has(files, "bitsandbytes/") or _has(files, "qlora/base/quantize.py")
+        quantized = any("bitsandbytes/" in file for file, _ in files) or _has(files, "qlora/base/quantize.py")
         return "quantized_weights" if quantized else "unquantized_weights"
     if where in ("lora", "optimizer", "gradients"):
         return {"lora": "adapters", "optimizer": "optimizer_state", "gradients": "gradients"}[where]
