@@ -148,9 +148,13 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
         # The 24 and 45 GiB cards (RTX 4090, L40S) are sm89, where torch runs FlashAttention-2; the H200 would run
         # cuDNN's attention, whose backward holds less (qlora/base/attention.py). The 79.6 GiB H100 runs cuDNN's.
         kernel = ["--override=--model.sdpa_backend=flash"] if budget < 79 else []
+        # On the 79.6 GiB card a probe is long (8B at 640K tokens: ~3e16 FLOPs of attention in two layers, a minute
+        # or more): steps of 10% from the estimate's length, so that an estimate within 10% is bracketed by two
+        # probes and one bisection ends the search within its 1/16.
+        growth = ["--growth=1.1"] if budget >= 79 else []
         return Item(part, f"context-{size}-{budget:g}", [*issue22, f"--size={size}", "--max-context", "--depth=auto",
                                                       f"--budget-gib={budget}", "--probe-timeout=300",
-                                                      "--max-seq=1048576", *kernel], 540,
+                                                      "--max-seq=1048576", *kernel, *growth], 540,
                     [f"memory_reports/{recipe}-context-cuda-{name}.md"], True)
 
     def table(part: int, size: str, cap: float) -> Item:
@@ -191,11 +195,13 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
         Item(6, "speed-8b", [*speed8b, f"--stacks={STACKS_8B}",
                              "--probe-timeout=150"],
              420, ["benchmarks/results/throughput-*-8b.md"], True),
-        Item(6, "unsloth-8b", [*speed8b, f"--stacks={STACKS_8B},unsloth",
+        # Unsloth first: on a fresh machine (no speed-8b log to take the others from) they come after it.
+        Item(6, "unsloth-8b", [*speed8b, f"--stacks=unsloth,{STACKS_8B}",
                                "--probe-timeout=420"], 500, ["benchmarks/results/throughput-*-8b.md"], True),
         Item(6, "speed-70b", [*speed, "--size=70b", "--stacks=standard,ours,ours-fastest", "--steps=3", "--profile=1",
                               "--probe-timeout=240"], 540, ["benchmarks/results/throughput-*-70b.md"], True),
-        Item(6, "lever-costs-8b", [python, "benchmarks/lever_costs.py", res, "--size=8b", "--probe-timeout=120"], 540,
+        Item(6, "lever-costs-8b", [python, "benchmarks/lever_costs.py", res, "--size=8b", "--steps=5", "--warmup=1",
+                                     "--probe-timeout=120"], 540,
              ["benchmarks/results/lever-costs-*-8b.md"], True),
         # Issue 25. stream-70b's peak at 2,048 tokens is the card it needs: judged against the smallest-card target.
         Item(7, "stream-tests", [*pytest, "-k", "cuda", "qlora/levers/stream_base/test_stream_base.py"], 150),
@@ -291,8 +297,9 @@ class Battery:
         with open(self.out / "log.txt", "a") as f:
             f.write(text + "\n")
 
-    def prepare(self) -> None:
-        """Install what is missing, then read the versions and the device as the items will see them."""
+    def prepare(self, items: list[Item]) -> None:
+        """Install what is missing (Unsloth's site only for the items that run it: some 18 wheels), then read the
+        versions and the device as the items will see them."""
         wheels, site = Path(self.args.wheels), self.args.site
         try:
             installed = install(wheels, Path(site), self.args.python)
@@ -301,7 +308,10 @@ class Battery:
         except RuntimeError as err:
             installed, self.setup["install"] = [], str(err)
         unsloth = Path(self.args.wheels) / "unsloth"
-        if unsloth.is_dir() and any(unsloth.glob("*.whl")) and not (Path(UNSLOTH_SITE) / "unsloth").is_dir():
+        wanted = any(a.startswith("--stacks=") and "unsloth" in a.split("=", 1)[1].split(",") for i in items
+                     for a in i.cmd)
+        if wanted and unsloth.is_dir() and any(unsloth.glob("*.whl")) and \
+                not (Path(UNSLOTH_SITE) / "unsloth").is_dir():
             pip = subprocess.run([self.args.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                                   "--no-compile", "--no-cache-dir", "--upgrade", "--target", UNSLOTH_SITE,
                                   *map(str, sorted(unsloth.glob("*.whl")))], capture_output=True, text=True)
@@ -440,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"part {i.part} {i.name} (<= {i.cap:.0f} s): {shlex.join(i.cmd)}")
         return 0
     battery = Battery(args)
-    battery.prepare()
+    battery.prepare(items)
     battery.write()
     for item in items:
         battery.rows.append(battery.run(item))
