@@ -139,9 +139,9 @@ def cudnn_first(capability: tuple[int, int]) -> bool:
 
 @functools.cache
 def visible_capability() -> tuple[int, int] | None:
-    """The cards' compute capability from nvidia-smi, without setting CUDA up in this process (the trainer's check
-    before loading touches no GPU; a parent that measures in children must not hold a context); None without
-    nvidia-smi or where the cards differ."""
+    """The cards' compute capability from nvidia-smi, without setting CUDA up in this process (a parent that measures
+    in children, as the benchmarks do, must not hold a CUDA context of its own); None without nvidia-smi or where the
+    cards differ."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30).stdout.split()
