@@ -13,6 +13,8 @@ quantised on its first move to a device), so a layer rebuilt here with the defau
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable
 
 import torch
@@ -68,9 +70,12 @@ def dequantize(layer: bnb.nn.Linear4bit) -> torch.Tensor:
 
 def roundtrip(weight: torch.Tensor, quant: QuantConfig, load_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """`weight` as the 4-bit model holds it: cast to the load dtype (as transformers casts each checkpoint tensor),
-    quantised as `params4bit` does, dequantised to fp32."""
+    quantised as `params4bit` does, dequantised to fp32 exactly. bitsandbytes dequantises to the dtype it quantised
+    from (QuantState.dtype): from a bf16 load, that would round each code x absmax to bf16 first."""
     param = params4bit(weight.to(load_dtype), quant, device)
-    return bnb.functional.dequantize_4bit(param.data, param.quant_state).float()
+    state = copy.copy(param.quant_state)
+    state.dtype = torch.float32
+    return bnb.functional.dequantize_4bit(param.data, state)
 
 
 def quant_tensors(param: torch.Tensor) -> list[torch.Tensor]:
