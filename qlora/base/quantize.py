@@ -14,7 +14,6 @@ quantised on its first move to a device), so a layer rebuilt here with the defau
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable
 
 import torch
