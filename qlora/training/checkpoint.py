@@ -267,6 +267,21 @@ def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> Non
                 raise Unusable(f"{OPTIMIZER}: {name} of parameter {index} holds nan or inf")
 
 
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load `saved` into `optimizer`. A state with fp32 masters (16-bit adapters, qlora/adapters/master.py: a run on
+    CUDA) into an optimizer that keeps none (the run resumed with fp32 adapters: on the CPU, or with
+    --quant.compute_dtype=fp32) gives the inner optimizer's state, and the masters, the fp32 weights the 16-bit
+    adapter was rounded from, become the adapters."""
+    if "masters" not in saved or hasattr(optimizer, "masters"):  # MasterWeights and HostOptimizer read both
+        optimizer.load_state_dict(saved)
+        return
+    optimizer.load_state_dict(saved["inner"])
+    with torch.no_grad():
+        for param, master in zip((p for g in optimizer.param_groups for p in g["params"]), saved["masters"],
+                                 strict=True):
+            param.copy_(master)
+
+
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer,
                     scheduler: object) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `ckpt`; return the trainer state (step, ...).
@@ -290,7 +305,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, cfg: Config, optimizer: 
         raise Unusable(f"{weights} is unusable ({_reason(err)})") from err
     try:
         if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+            load_optimizer(optimizer, optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], run_device(model))
     except Exception as err:  # well-formed files whose contents still do not fit (a state from another version)
