@@ -154,8 +154,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         if too_many_bad:  # the adapter, not the data, if held-out rows fail too: a checkpoint of it is of no use
             probe = next(eval_batches(run["eval_rows"], t.batch_size, pad_id))
             probe = to_device(probe, device)
-            if not guard.finite_held_out(model, probe):  # every process: the same rows
-                base_fails = not guard.finite_held_out(model, probe, adapters=False)
+            if not guard.finite_held_out(model, probe, chunk_size=t.loss_chunk_size):  # every process: same rows
+                base_fails = not guard.finite_held_out(model, probe, adapters=False, chunk_size=t.loss_chunk_size)
                 raise guard.diverged(cfg, step, progress.bad_steps, where, base_fails)
         if (t.save_every and step % t.save_every == 0) or step == t.steps or too_many_bad or stop_signal:
             watch.at("saving a checkpoint", step)

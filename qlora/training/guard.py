@@ -104,7 +104,8 @@ def all_finite(params: list[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapters: bool = True) -> bool:
+def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor], adapters: bool = True,
+                    chunk_size: int = 0) -> bool:
     """Whether the model as it stands gives a finite loss on a held-out batch: after a run of non-finite steps, tells
     an adapter that diverged (every batch fails) from rows that did. `adapters=False`: the base alone (each LoRA
     layer's scaling 0 for the call; its weights are finite, checked after every update), which tells a base that gives
@@ -116,7 +117,7 @@ def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor], adap
     try:
         for layer in layers:
             layer.scaling = 0.0
-        return math.isfinite(eval_stats(model, batch)[0])
+        return math.isfinite(eval_stats(model, batch, chunk_size)[0])
     finally:
         for layer, scaling in zip(layers, scalings, strict=True):
             layer.scaling = scaling

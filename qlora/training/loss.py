@@ -43,16 +43,24 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size:
 
 
 @torch.no_grad()
-def eval_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int, int, int]:
-    """(loss sum, target tokens, rows whose every target token is the argmax, rows) for one held-out batch.
+def eval_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+               chunk_size: int = 0) -> tuple[float, int, int, int]:
+    """(loss sum, target tokens, rows whose every target token is the argmax, rows) for one held-out batch, the
+    logits `chunk_size` target positions at a time as in training (train.loss_chunk_size; 0: all at once): a row of
+    100K targets would otherwise hold 100K x vocabulary fp32 logits, 51 GB for Llama-3's 128,256 tokens.
 
     A row counts as exactly right when greedy decoding would reproduce its whole answer and end-of-turn token:
     with teacher forcing, argmax == label at every target position is the same condition.
     """
     hidden, labels, rows = target_hidden(model, batch)
-    logits = model.get_output_embeddings()(hidden).float()
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    wrong = (logits.argmax(-1) != labels).float()
+    head = model.get_output_embeddings()
+    size = chunk_size if chunk_size > 0 else max(labels.numel(), 1)
+    loss, wrong = torch.zeros((), device=hidden.device), torch.zeros(labels.numel(), device=hidden.device)
+    for start in range(0, labels.numel(), size):
+        logits = head(hidden[start:start + size]).float()
+        target = labels[start:start + size]
+        loss += F.cross_entropy(logits, target, reduction="sum")
+        wrong[start:start + size] = (logits.argmax(-1) != target).float()
     n_rows = batch["input_ids"].shape[0]
     wrong_per_row = torch.zeros(n_rows, device=wrong.device).index_add_(0, rows, wrong)
     has_target = torch.zeros(n_rows, device=wrong.device).index_add_(0, rows, torch.ones_like(wrong)) > 0

@@ -55,7 +55,7 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     n = -(-len(scored) // size)
     shared = ranks.share(eval_batches(scored, size, pad_id), n)
     for batch, counted in progress(shared, -(-n // ranks.size), "evaluate", "batch", show=ranks.main):
-        b_loss, b_tokens, b_exact, b_rows = eval_stats(model, to_device(batch, device))
+        b_loss, b_tokens, b_exact, b_rows = eval_stats(model, to_device(batch, device), cfg.train.loss_chunk_size)
         if counted:
             loss, tokens, exact, rows = loss + b_loss, tokens + b_tokens, exact + b_exact, rows + b_rows
     loss, tokens, exact, rows = ranks.sum_values(loss, tokens, exact, rows)

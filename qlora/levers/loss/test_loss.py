@@ -37,3 +37,20 @@ def test_liger_ce_matches_pytorch_chunks_on_cuda(tiny_config: Config, batch: dic
     assert use_liger_ce(model)
     # bf16 logits from two different kernels: close, not bitwise.
     assert_same(loss_and_grads(model, batch), reference, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_the_held_out_loss_takes_the_logits_in_chunks_too(tiny_config: Config, batch: dict, chunk_size: int) -> None:
+    """Evaluation (qlora.eval, the trainer's, the divergence probe) makes the logits train.loss_chunk_size target
+    positions at a time, as training does: the same loss and exact matches, and never more positions at once."""
+    from qlora.training.loss import eval_stats
+
+    model = build(tiny_config).eval()
+    whole = eval_stats(model, batch)
+    widest = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widest.append(i[0].shape[0]))
+    chunked = eval_stats(model, batch, chunk_size)
+    hook.remove()
+    assert chunked[1:] == whole[1:] and whole[1] > chunk_size
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=0)
+    assert max(widest) == chunk_size and sum(widest) == whole[1]
