@@ -31,7 +31,7 @@ from qlora.data.read import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, use_plan
 from qlora.memory.preflight import check_fits
-from qlora.memory.profiler import PhaseTracker, peak_bytes
+from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, rundir
 from qlora.training.assemble import prepare, print_summary
 from qlora.training.metrics import MetricsLog
@@ -136,7 +136,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
 
         # log
         last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "tokens_per_s": tokens / (time.perf_counter() - started), "peak_gib": peak_bytes(device) / 2**30}
+                "tokens_per_s": tokens / (time.perf_counter() - started), "peak_gib": profiler.highest() / 2**30}
         if step % t.log_every == 0 or step == t.steps:
             metrics.write(last)
         _show_step(bar, last, t.steps)

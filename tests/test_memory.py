@@ -238,6 +238,11 @@ def test_training_run_writes_memory_json(tiny_config, capsys):
     assert summary["estimated_peak_bytes"] == est.peak_bytes
     assert summary["peak_by_category"]["adapters"] == est.components["adapters"]
     assert "memory: peak resident set" in capsys.readouterr().out
+    # The progress bar's and the metrics' peak is memory.json's training peak so far: at the last step, the same.
+    logged = [json.loads(line) for line in (Path(tiny_config.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in logged if "peak_gib" in row]
+    assert steps[-1]["peak_gib"] == summary["peak_bytes"] / 2**30 > 0
+    assert [row["peak_gib"] for row in steps] == sorted(row["peak_gib"] for row in steps)
 
 
 SUMMARY = {"peak_bytes": 600 * 2**20, "estimated_peak_bytes": 660 * 2**20, "peak_phase": "backward",

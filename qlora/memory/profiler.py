@@ -264,6 +264,11 @@ class PhaseTracker:
         name = max(phases, key=self.phases.get)
         return name, self.records[name]
 
+    def highest(self) -> int:
+        """The training peak so far, as memory.json will report it (DEFINITION): what the progress bar shows."""
+        found = self.peak()
+        return self.phases[found[0]] if found else 0
+
     def summary(self, estimate: int | None = None, shape: tuple[int, int] | None = None) -> dict:
         """memory.json: every phase, the training peak by category, and the estimate (for batches of `shape`, rows x
         tokens) when one is given."""
