@@ -157,7 +157,8 @@ def keep_sensitive_layers(model: nn.Module, cfg: Config, tokenizer: object, base
         return chosen
     names = candidates(model)
     batches = calibration_batches(cfg, tokenizer)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+    device = next(model.parameters()).device  # a CPU run on a machine with a GPU sets no CUDA up
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         moments = input_output_moments(model, batches, names, cfg.train.loss_chunk_size)
     costs = layer_costs(model, base_path, moments, dtype)
     base = weight_bytes(model)
