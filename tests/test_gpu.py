@@ -141,3 +141,31 @@ def test_transformers_offload_probe_on_cuda_keeps_the_loss(tiny_config: Config) 
             memory_levers.hf_offload(model)
         losses.append(float(loss_sum(model, batch)))
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["PagedAdamW32bit", "PagedAdamW8bit"])
+def test_a_resumed_paged_optimizer_keeps_its_state_paged(name: str) -> None:
+    """bitsandbytes' load_state_dict puts the state on the card as ordinary allocations; the resume pages it again
+    (qlora/training/optimizer.py repage), with the same values and the same next step."""
+    import bitsandbytes as bnb
+
+    from qlora.training.checkpoint import load_optimizer
+
+    def stepped(p: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> None:
+        p.grad = torch.ones_like(p) * 1e-3
+        optimizer.step()
+
+    first = torch.nn.Parameter(torch.randn(1024, 512, device="cuda"))  # over bitsandbytes' 1e5 elements: paged
+    opt = getattr(bnb.optim, name)([first], lr=1e-3)
+    stepped(first, opt)
+    assert all(getattr(v, "is_paged", False) for v in opt.state[first].values() if v.shape == first.shape)
+    second = torch.nn.Parameter(first.detach().clone())
+    resumed = getattr(bnb.optim, name)([second], lr=1e-3)
+    load_optimizer(resumed, opt.state_dict())
+    big = [k for k, v in resumed.state[second].items() if isinstance(v, torch.Tensor) and v.shape == second.shape]
+    assert big and all(getattr(resumed.state[second][k], "is_paged", False) for k in big)
+    for k in big:
+        torch.testing.assert_close(resumed.state[second][k], opt.state[first][k], rtol=0, atol=0)
+    stepped(first, opt)
+    stepped(second, resumed)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)

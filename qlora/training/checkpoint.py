@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import DISK_FULL, EXIT_SAVE, ConfigError, Stop
+from qlora.training.optimizer import repage
 
 STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
@@ -274,12 +275,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     adapter was rounded from, become the adapters."""
     if "masters" not in saved or hasattr(optimizer, "masters"):  # MasterWeights and HostOptimizer read both
         optimizer.load_state_dict(saved)
-        return
-    optimizer.load_state_dict(saved["inner"])
-    with torch.no_grad():
-        for param, master in zip((p for g in optimizer.param_groups for p in g["params"]), saved["masters"],
-                                 strict=True):
-            param.copy_(master)
+    else:
+        optimizer.load_state_dict(saved["inner"])
+        with torch.no_grad():
+            for param, master in zip((p for g in optimizer.param_groups for p in g["params"]), saved["masters"],
+                                     strict=True):
+                param.copy_(master)
+    repage(optimizer)
 
 
 def load_checkpoint(ckpt: Path, model: torch.nn.Module, cfg: Config, optimizer: torch.optim.Optimizer,

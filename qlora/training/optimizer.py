@@ -68,6 +68,22 @@ def updated_weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return optimizer.masters if isinstance(optimizer, HostOptimizer) else stepped_params(optimizer)
 
 
+def repage(optimizer: torch.optim.Optimizer) -> None:
+    """After a resume: a paged bitsandbytes optimizer's state back in paged memory. bitsandbytes' load_state_dict moves
+    each state tensor to its parameter's device as an ordinary allocation (optim/optimizer.py), so a resumed run's
+    state would stay on the card under pressure, where the first run's paged to the host."""
+    inner = getattr(optimizer, "inner", optimizer)  # MasterWeights, HostOptimizer: the optimizer they step
+    if not getattr(inner, "is_paged", False):
+        return
+    for param, values in inner.state.items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) and value.is_cuda and value.shape == param.shape and \
+                    not getattr(value, "is_paged", False):
+                buffer = inner.get_state_buffer(param, dtype=value.dtype)  # paged where bitsandbytes pages it
+                buffer.copy_(value)
+                values[key] = buffer
+
+
 def restart_from_weights(optimizer: torch.optim.Optimizer) -> None:
     """A fresh optimizer after a resume loaded the weights (train.optimizer changed, its old state of no use): its
     fp32 masters, where it keeps any, from those weights."""
