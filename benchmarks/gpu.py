@@ -397,9 +397,10 @@ class Battery:
 
 
 def capped(files: list[Path], folder: str, tar_path: Path) -> None:
-    """`files` (gzipped already) into an uncompressed tar under `folder`/, as many as fit APART_BYTES in order; none
-    larger than that alone. No tar when none fits."""
-    kept = [f for f in files if f.stat().st_size <= APART_BYTES]
+    """`files` (gzipped already) into an uncompressed tar under `folder`/, as many as fit APART_BYTES, smallest first
+    (a full-size profile is several MB: the most of them that fit); none larger than that alone. No tar when none
+    fits. The kernel tables they were read into are in the reports whatever comes back."""
+    kept = sorted((f for f in files if f.stat().st_size <= APART_BYTES), key=lambda f: f.stat().st_size)
     kept = [f for i, f in enumerate(kept) if sum(k.stat().st_size for k in kept[:i + 1]) <= APART_BYTES]
     if kept:
         tmp = tar_path.with_name(f".{tar_path.name}.tmp")
