@@ -27,7 +27,7 @@ from provenance import header, record, write_result  # noqa: E402  (a sibling sc
 
 from qlora.data.read import load_splits, read_rows, render_chat  # noqa: E402
 from qlora.export import TYPES, check_export, export  # noqa: E402
-from qlora.training.assemble import load_run  # noqa: E402
+from qlora.training.assemble import load_run_fp32  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def main() -> None:
         runtime = f"llama-cpp-python {llama_cpp.__version__}"
     except ImportError:
         runtime = None
-    cfg, model, tokenizer, _ = trained = load_run(args.run_dir, "cpu", "fp32")
+    cfg, model, tokenizer, _ = trained = load_run_fp32(args.run_dir)
     examples = load_splits(cfg.data, tokenizer, cfg.train.seed)[1][:args.rows]
     conversations = [r["messages"] for r in read_rows(cfg.data.eval or cfg.data.train)
                      if isinstance(r.get("messages"), list)][:args.rows]

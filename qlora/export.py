@@ -17,11 +17,11 @@ place.
 
 Then it checks itself. transformers reads the file back (its own GGUF loader, tokenizer and chat template included):
 the file's template must render a held-out conversation exactly as the trained tokenizer does, and its tokenizer give
-the same ids on held-out text. Held-out rows go through the trained model (qlora.eval.load_run: the run as it
-trained, adapter on its NF4 base) and through the exported one; the mean KL divergence per token and the top-1
-agreement must lie within BOUNDS for the type (--skip-check skips this, for a model too big to load twice). A file
-that fails its check is kept for inspection and the command exits 1, as qlora.merge does for a merge beyond its
-tolerance.
+the same ids on held-out text. Held-out rows go through the trained model (assemble.load_run_fp32: the run as it
+trained, adapter on its NF4 base, computing in fp32) and through the exported one; the mean KL divergence per token
+and the top-1 agreement must lie within BOUNDS for the type (--skip-check skips this, for a model too big to load
+twice). A file that fails its check is kept for inspection and the command exits 1, as qlora.merge does for a merge
+beyond its tolerance.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from qlora.data.read import collate, load_splits, read_rows, render_chat
 from qlora.errors import ConfigError, Stop, check_writable
 from qlora.merge import MergeSource, folding, merge_source
 from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
-from qlora.training.assemble import load_run, read_run_config
+from qlora.training.assemble import load_run_fp32, read_run_config
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -408,13 +408,13 @@ def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
                  path: Path | None = None) -> dict:
     """Read `out` back with transformers and hold it to the run: the chat template and tokenizer, then KL and top-1
     agreement on `rows` held-out rows against BOUNDS[kind]. `trained` (the run's config, model and tokenizer from
-    load_run) and `exported` (read_back's) are passed by a caller that holds them already. Raises Stop (exit 1)
+    load_run_fp32) and `exported` (read_back's) are passed by a caller that holds them already. Raises Stop (exit 1)
     beyond the bound, or with `refuse=False` (a benchmark) says so in the result. `path`: where the file is read
     from, when it does not have its name `out` yet."""
     out = Path(out)
     announce(f"checking {out}: transformers reads it back; its chat template and tokenizer against the run's, then "
              f"{rows} held-out rows through the trained model and the file, both on CPU in fp32")
-    cfg, model, tokenizer = trained or load_run(Path(run_dir), "cpu", "fp32")[:3]
+    cfg, model, tokenizer = trained or load_run_fp32(Path(run_dir))[:3]
     exported_tokenizer, exported_model = exported or read_back(out, path)
     conversations = [r["messages"] for r in read_rows(cfg.data.eval or cfg.data.train)
                      if isinstance(r.get("messages"), list)][:rows]

@@ -41,7 +41,7 @@ from qlora.adapters.loftq import load_shifts, shifted
 from qlora.adapters.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
 from qlora.base.bnb import bnb
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, local_checkpoint
-from qlora.base.load import DTYPES, compute_dtype, load_tokenizer, quantization_config, resolve_device
+from qlora.base.load import DTYPES, load_tokenizer, quantization_config, resolve_device
 from qlora.base.model_dir import check_model_dir
 from qlora.base.quantize import roundtrip
 from qlora.cli import run
@@ -51,7 +51,7 @@ from qlora.console import announce, progress, quiet_libraries, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
 from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned, write_aside
-from qlora.training.assemble import load_run, read_run_config
+from qlora.training.assemble import load_run_fp32, read_run_config, trained_dtype
 
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -279,7 +279,8 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
     B A, in fp32, rounded once to `dtype`. Leaving the block checks that every adapter layer found its weight.
     """
     cfg, dev, scaling = source.cfg, source.device, source.scaling
-    load_dtype = compute_dtype(cfg.quant, dev)  # what the 4-bit load casts each tensor to before quantising it
+    # What the run's load cast each tensor to (and quantised from): the dtype it trained in, not this machine's.
+    load_dtype = DTYPES[trained_dtype(source.run_dir)]
     quantized = quantized_modules(source.base, cfg) if source.dequantise else set()
     # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.loftq.shifted).
     shifts = (load_shifts(source.run_dir) if source.dequantise and cfg.lora.init == "loftq"
@@ -293,6 +294,8 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
             module = name.removesuffix(".weight")
             if not tensor.is_floating_point():
                 return tensor
+            if module not in quantized or f"{module}.A" not in shifts:
+                tensor = tensor.to(load_dtype)  # the value the run trained with (a 4-bit layer's before quantising)
             if name.endswith(".weight") and module in quantized:
                 if f"{module}.A" in shifts:
                     tensor = shifted(tensor.to(dev, torch.float32), shifts[f"{module}.A"], shifts[f"{module}.B"],
@@ -388,7 +391,7 @@ def merge_error(run_dir: Path, out: Path) -> dict:
     for i, (label, method, base_path) in enumerate(references):
         announce(f"checking the merge: logits at every position of {len(PROMPTS)} prompts, merged model against the "
                  f"adapter on the {label} base, both on CPU in fp32 (--skip-check skips this)")
-        _, ref_model, tokenizer, _ = load_run(run_dir, "cpu", "fp32", method, base_path)
+        _, ref_model, tokenizer, _ = load_run_fp32(run_dir, method, base_path)
         reference = prompt_logits(ref_model, tokenizer)
         del ref_model
         diff = max(float((m - r).abs().max()) for m, r in zip(merged, reference, strict=True))

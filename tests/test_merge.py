@@ -287,3 +287,24 @@ def test_a_bf16_loads_base_is_dequantised_exactly_for_the_merge() -> None:
     assert exact.dtype == torch.float32 and rounded.dtype == torch.bfloat16
     torch.testing.assert_close(exact.to(torch.bfloat16), rounded, rtol=0, atol=0)  # the same codes and absmax
     assert not torch.equal(exact, rounded.float())  # what bf16 rounds away
+
+
+def test_a_run_trained_in_bf16_merges_onto_the_base_it_trained_on(tmp_path: Path, capsys) -> None:
+    """On CUDA a run loads its base in bf16 and quantises that, whatever the checkpoint stores (the tiny one: fp32).
+    The merge folds into that base, and its check's reference is that base computing in fp32 (load_run_fp32):
+    --dtype fp32 within 0.01%. The reference once quantised the fp32 weights instead, another NF4 base (0.93 of
+    10.9 logits apart: exit 1 for every --dtype). Emulated on the CPU with compute in bf16."""
+    from qlora.config import load_recipe
+    from qlora.train import train
+    from qlora.training.assemble import trained_dtype
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)
+    cfg.output.dir, cfg.quant.compute_dtype = str(tmp_path / "run"), "bf16"
+    cfg.train.steps, cfg.train.eval_every, cfg.train.eval_before = 2, 0, False
+    train(cfg)
+    assert trained_dtype(tmp_path / "run") == "bf16" and read_run_config(tmp_path / "run").quant.compute_dtype == "bf16"
+    capsys.readouterr()
+    assert merge.main([str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "fp32",
+                       "--device", "cpu"]) == 0
+    assert "within the tolerance of 0.01%" in capsys.readouterr().out

@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, read_adapter_config
 from qlora.base.attention import by_document, cuda_kernel, use_kernel
-from qlora.base.load import compute_dtype, load_base, resolve_device
+from qlora.base.bnb import bnb
+from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.data.read import load_splits
@@ -182,3 +183,30 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     levers.on_complete(model, cfg, dev, compute_dtype(cfg.quant, dev))
     model.eval()
     return cfg, model, tokenizer, dev
+
+
+def trained_dtype(run_dir: Path) -> str:
+    """The compute dtype the run trained in (bf16, fp16 or fp32), read off its saved adapter, which is kept in it: its
+    base was loaded, and quantised, in that dtype. run_config.json may say auto: bf16 on CUDA, fp32 on the CPU."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(run_dir) / ADAPTER_WEIGHTS), "pt") as f:
+        dtype = f.get_tensor(next(iter(f.keys()))).dtype
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def load_run_fp32(run_dir: Path, method: str | None = None, base_path: str | None = None
+                  ) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
+    """The run as it trained, computing in fp32 on the CPU: its base loaded, and quantised, in the dtype it trained in
+    (a run on CUDA: bf16, whatever the checkpoint stores), then every weight widened to fp32 exactly and the 4-bit
+    ones dequantised to fp32, not to that dtype. What merge folds and the GGUF export writes, and the reference both
+    are checked against."""
+    cfg, model, tokenizer, dev = load_run(run_dir, "cpu", trained_dtype(run_dir), method, base_path)
+    torch.nn.Module.float(model)  # transformers' own .float() refuses a quantised model: its 4-bit weights are uint8
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = torch.float32
+            module.weight.quant_state.dtype = torch.float32  # bitsandbytes dequantises to it: code x absmax, exact
+    cfg.quant.compute_dtype = "fp32"
+    return cfg, model, tokenizer, dev
+
