@@ -197,3 +197,17 @@ def test_an_overwrite_cut_short_leaves_the_old_run_or_the_new_one(cli, tmp_path)
     assert result.status == 128 + signal.SIGTERM, result.stderr
     assert list_checkpoints(out) == [] and "checkpoint-" not in result.stderr, result.stderr
     assert json.loads((out / "run_config.json").read_text())["train"]["seed"] == 7
+
+
+def test_a_runs_files_are_ordinary_files(cli, tmp_path):
+    """Every file a run writes has the mode open() gives under the umask (safetensors writes its own 0600): another
+    user or a serving process reads the adapter as it reads the rest."""
+    out = tmp_path / "run"
+    result = cli.run([TINY, *QUICK, f"--output.dir={out}", "--train.save_every=1"])
+    assert result.status == 0, result.stderr
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert any(f.name == "adapter_model.safetensors" and f.parent.name.startswith("checkpoint-") for f in files)
+    for f in files:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f

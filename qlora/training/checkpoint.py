@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import DISK_FULL, EXIT_SAVE, ConfigError, Stop
+from qlora.partial import ordinary_modes
 from qlora.training.optimizer import repage
 
 STATE = "trainer_state.pt"
@@ -81,6 +82,7 @@ def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: P
         save_file(state, str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
     else:
         save_adapter(model, cfg.lora, base_path, out_dir)
+    ordinary_modes(out_dir)  # safetensors writes its files 0600: the run's files are ordinary ones, as its others
 
 
 def load_weights(model: torch.nn.Module, cfg: Config, ckpt: Path) -> None:
