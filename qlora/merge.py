@@ -294,7 +294,7 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
             module = name.removesuffix(".weight")
             if not tensor.is_floating_point():
                 return tensor
-            if module not in quantized or f"{module}.A" not in shifts:
+            if f"{module}.A" not in shifts:  # LoftQ's shifted layers are quantised from an fp32 difference below
                 tensor = tensor.to(load_dtype)  # the value the run trained with (a 4-bit layer's before quantising)
             if name.endswith(".weight") and module in quantized:
                 if f"{module}.A" in shifts:

@@ -209,4 +209,3 @@ def load_run_fp32(run_dir: Path, method: str | None = None, base_path: str | Non
             module.weight.quant_state.dtype = torch.float32  # bitsandbytes dequantises to it: code x absmax, exact
     cfg.quant.compute_dtype = "fp32"
     return cfg, model, tokenizer, dev
-

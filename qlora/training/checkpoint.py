@@ -29,7 +29,7 @@ from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import DISK_FULL, EXIT_SAVE, ConfigError, Stop
 from qlora.partial import ordinary_modes
-from qlora.training.optimizer import repage
+from qlora.training.optimizer import keeps_masters, repage, stepped_params
 
 STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
@@ -243,7 +243,7 @@ def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> Non
     """Raise Unusable unless `saved` is a state of `optimizer`'s parameters with finite moments: torch checks only the
     group sizes, and a moment of another shape would fail at the next step, after the run directory was written."""
     if "masters" in saved:  # adapters/master.py: the fp32 copies of 16-bit adapters, beside the inner optimizer's state
-        masters, ours = saved["masters"], [p for g in optimizer.param_groups for p in g["params"]]
+        masters, ours = saved["masters"], stepped_params(optimizer)
         if not isinstance(masters, list) or [getattr(m, "shape", None) for m in masters] != [p.shape for p in ours]:
             raise Unusable(f"{OPTIMIZER} holds fp32 master weights of other shapes than this model's adapters")
         if not all(torch.isfinite(m).all() for m in masters):
@@ -253,7 +253,7 @@ def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> Non
     if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [
             len(g["params"]) for g in optimizer.param_groups]:
         raise Unusable(f"{OPTIMIZER} is the state of other parameters than this model's adapters")
-    ours = [p for g in optimizer.param_groups for p in g["params"]]
+    ours = stepped_params(optimizer)
     params = dict(zip((i for g in groups for i in g["params"]), ours, strict=True))
     for index, state in saved.get("state", {}).items():
         if index not in params:
@@ -275,13 +275,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     CUDA) into an optimizer that keeps none (the run resumed with fp32 adapters: on the CPU, or with
     --quant.compute_dtype=fp32) gives the inner optimizer's state, and the masters, the fp32 weights the 16-bit
     adapter was rounded from, become the adapters."""
-    if "masters" not in saved or hasattr(optimizer, "masters"):  # MasterWeights and HostOptimizer read both
+    if "masters" not in saved or keeps_masters(optimizer):  # those read either format
         optimizer.load_state_dict(saved)
     else:
         optimizer.load_state_dict(saved["inner"])
         with torch.no_grad():
-            for param, master in zip((p for g in optimizer.param_groups for p in g["params"]), saved["masters"],
-                                     strict=True):
+            for param, master in zip(stepped_params(optimizer), saved["masters"], strict=True):
                 param.copy_(master)
     repage(optimizer)
 

@@ -84,10 +84,16 @@ def repage(optimizer: torch.optim.Optimizer) -> None:
                 values[key] = buffer
 
 
+def keeps_masters(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether it steps fp32 master copies of the weights (qlora/adapters/master.py, or in host memory), whose state
+    dict holds them beside the inner optimizer's."""
+    return isinstance(optimizer, MasterWeights | HostOptimizer)
+
+
 def restart_from_weights(optimizer: torch.optim.Optimizer) -> None:
     """A fresh optimizer after a resume loaded the weights (train.optimizer changed, its old state of no use): its
     fp32 masters, where it keeps any, from those weights."""
-    if isinstance(optimizer, MasterWeights | HostOptimizer):
+    if keeps_masters(optimizer):
         optimizer.copy_from_params()
 
 
