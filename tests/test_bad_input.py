@@ -83,7 +83,10 @@ CONFIGS = {"mismatch": {"hidden_size": 64}, "zero_heads": {"num_attention_heads"
            "heads_kv": {"num_key_value_heads": 3},
            "transformers_refuses": {"num_attention_heads": 3, "num_key_value_heads": 1},
            "unknown_act": {"hidden_act": "nonesuch"}, "pad_past_vocab": {"pad_token_id": 100000},
-           "unknown_rope": {"rope_parameters": {"rope_type": "nonesuch", "rope_theta": 10000.0}}}
+           "unknown_rope": {"rope_parameters": {"rope_type": "nonesuch", "rope_theta": 10000.0}},
+           # what transformers loads and this trainer would train wrongly without a word (model_dir.check_supported)
+           "experts": {"num_local_experts": 8, "num_experts_per_tok": 2}, "logit_scale": {"logit_scale": 0.0625},
+           "softcap": {"final_logit_softcapping": 30.0}, "vision": {"vision_config": {"hidden_size": 32}}}
 
 # (id, arguments after the recipe, or with {d}/ a recipe from the scratch folder; the one line must match this)
 CASES = [
@@ -244,6 +247,18 @@ CASES = [
      r"config.json has rope_parameters.rope_type=\"nonesuch\", a rotary scaling transformers does not know"),
     ("pad token past the vocabulary", [TINY, "--model.path={d}/pad_past_vocab", "--model.build=none"],
      r"config.json has pad_token_id=100000, outside the embedding's 259 rows"),
+    ("mixture of experts", [TINY, "--model.path={d}/experts", "--model.build=none"],
+     r"model.path=.*experts: config.json has num_local_experts=8, a mixture-of-experts model: its experts are not "
+     r"linear layers, so they would stay 16-bit and untrained"),
+    ("synthetic mixture of experts", [TINY, "--model.synthetic=true", "--model.config_json={d}/experts/config.json"],
+     r"model.config_json=.*experts/config.json: config.json has num_local_experts=8, a mixture-of-experts model"),
+    ("logits scaled after the head", [TINY, "--model.path={d}/logit_scale", "--model.build=none"],
+     r"config.json has logit_scale=0.0625: transformers transforms this model's logits after lm_head, and qlora's "
+     r"loss computes them without"),
+    ("logits capped after the head", [TINY, "--model.path={d}/softcap", "--model.build=none"],
+     r"config.json has final_logit_softcapping=30.0: transformers transforms"),
+    ("multimodal checkpoint", [TINY, "--model.path={d}/vision", "--model.build=none"],
+     r"config.json has a vision_config, a multimodal model: qlora trains text decoders"),
     ("synthetic config count zero", [TINY, "--model.synthetic=true", "--model.config_json={d}/zero_heads/config.json"],
      r"model.config_json=.*zero_heads/config.json: config.json has num_attention_heads=0"),
     ("tokenizer past the embedding", [TINY, "--model.path={d}/vocab", "--model.build=none"],

@@ -211,6 +211,28 @@ def test_synthetic_weights_have_the_loaded_model_layout(method):
     assert all(p.grad is not None for n, p in synthetic.named_parameters() if p.requires_grad)
 
 
+def test_synthetic_weights_of_a_tied_config_share_the_head_with_the_embeddings(tmp_path):
+    """transformers leaves them apart under init_empty_weights: a synthetic SmolLM2 or Llama-3.2-1B held the head
+    twice, V h more than the model it stands for (and than the estimate, which counted them tied)."""
+    cfg = tiny("--quant.method=lora")
+    config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    cfg.model.synthetic, cfg.model.config_json = True, str(tmp_path / "config.json")
+    synthetic, _, _ = load_base(cfg, CPU)
+    assert synthetic.lm_head.weight is synthetic.model.embed_tokens.weight
+    assert sum(p.numel() for p in synthetic.parameters()) == load_arch(cfg).params
+
+
+def test_the_estimator_refuses_an_architecture_whose_layers_it_does_not_know(tmp_path):
+    """Phi-3 fuses q/k/v and gate/up into one layer each: its adapters and activations are not linear_shapes'."""
+    cfg = tiny()
+    config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+    cfg.model.config_json = str(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"config.json is a phi3 model: the estimator knows the layers of llama, "):
+        load_arch(cfg)
+
+
 def test_training_run_writes_memory_json(tiny_config, capsys):
     import ctypes
 

@@ -24,6 +24,11 @@ from qlora.errors import ConfigError
 COUNTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
           "head_dim", "vocab_size", "max_position_embeddings")
 RESTORE = "restore the config.json that came with the weights"
+# How config.json counts experts (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, ...): any above 1 is a mixture.
+EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# Logits transformed after lm_head, with the value that leaves them as they are: Cohere multiplies them by
+# logit_scale, Gemma 2 caps them by final_logit_softcapping (tanh), Granite divides them by logits_scaling.
+LOGIT_TRANSFORMS = {"logit_scale": 1.0, "final_logit_softcapping": None, "logits_scaling": 1.0}
 
 
 def damaged(what: str, err: Exception) -> str:
@@ -43,6 +48,7 @@ def check_config_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what}: config.json holds a JSON {type(config).__name__}, not an object of settings "
                           f"(hidden_size, num_hidden_layers, ...): {RESTORE}")
     c = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    check_supported(config, c, what)
     for key in COUNTS:
         value = c.get(key)
         if key in c and not (value is None and key in ("head_dim", "num_key_value_heads")) and (
@@ -59,6 +65,26 @@ def check_config_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what}: config.json has hidden_size={hidden}, not a multiple of num_attention_heads="
                           f"{heads}, and no head_dim: {RESTORE}")
     check_named_values(c, what)
+
+
+def check_supported(config: dict, c: dict, what: str) -> None:
+    """Refuse what this trainer would train wrongly without a word, though transformers loads it: experts in fused 3D
+    tensors, which are no nn.Linear (bitsandbytes would leave them 16-bit, LoRA untrained, the estimate uncounted);
+    logits that transformers transforms after lm_head, which the loss (qlora/training/loss.py) computes without; a
+    vision tower beside the decoder."""
+    experts = next((k for k in EXPERTS if isinstance(c.get(k), int) and c[k] > 1), None)
+    if experts:
+        raise ConfigError(f"{what}: config.json has {experts}={c[experts]}, a mixture-of-experts model: its experts "
+                          "are not linear layers, so they would stay 16-bit and untrained and the memory estimate "
+                          "would miss them: qlora trains dense decoders (Llama, Mistral, Qwen2/3, Gemma)")
+    for key, plain in LOGIT_TRANSFORMS.items():
+        if key in c and c[key] != plain:
+            raise ConfigError(f"{what}: config.json has {key}={json.dumps(c[key])}: transformers transforms this "
+                              "model's logits after lm_head, and qlora's loss computes them without, so training "
+                              "would fit another function than the model you deploy: not supported")
+    if isinstance(config.get("vision_config"), dict):
+        raise ConfigError(f"{what}: config.json has a vision_config, a multimodal model: qlora trains text decoders, "
+                          "and its vision tower would be adapted and counted nowhere: use the text-only model")
 
 
 def check_named_values(c: dict, what: str) -> None:

@@ -101,6 +101,8 @@ def load_synthetic(cfg: Config, device: torch.device, dtype: torch.dtype,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=implementation(cfg.model.attn_implementation),
                                                  trust_remote_code=cfg.model.trust_remote_code)
+    if getattr(config, "tie_word_embeddings", False):  # under init_empty_weights transformers leaves them apart
+        model.tie_weights()
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
     std = getattr(config, "initializer_range", 0.02)
     if cfg.quant.method == "qlora":

@@ -15,7 +15,12 @@ from qlora.base.model_dir import check_config_file
 from qlora.config import Config
 from qlora.errors import ConfigError
 
-UNTIED_BY_DEFAULT = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
+# The model types whose decoder layers are linear_shapes' (separate q/k/v projections, a gated MLP), each with
+# whether transformers 5 ties the output head to the embeddings when config.json does not say. Others are refused
+# rather than estimated wrongly: a fused qkv_proj (Phi-3), an MLP without a gate (StarCoder2), low-rank attention
+# (DeepSeek). A config without a model_type is taken as one of these.
+MODELLED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "olmo2": False, "gemma": True,
+            "gemma3_text": True}
 
 
 @dataclass(frozen=True)
@@ -66,16 +71,19 @@ def load_arch(cfg: Config) -> Arch:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path} is not a readable config.json ({err}): point model.config_json at one") from err
     check_config_file(path, f"model.config_json={path}" if cfg.model.config_json else f"model.path={path.parent}")
-    # multimodal checkpoints nest the language model's
+    # some checkpoints nest the language model's (multimodal ones are refused above)
     c = c["text_config"] if isinstance(c.get("text_config"), dict) else c
     numbers = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in numbers if not (isinstance(c.get(k), int) and c[k] > 0)]
     if missing:
         raise ConfigError(f"{path} has no positive integer {', '.join(missing)}: the estimator knows Llama-style "
                           "decoders only")
+    kind = c.get("model_type")
+    if kind is not None and kind not in MODELLED:
+        raise ConfigError(f"{path} is a {kind} model: the estimator knows the layers of {', '.join(MODELLED)} "
+                          "decoders only, so it gives no estimate for it")
     heads = c["num_attention_heads"]
-    # transformers' default when the key is absent: False for these families, True (PretrainedConfig) otherwise.
-    tied = c.get("tie_word_embeddings", c.get("model_type") not in UNTIED_BY_DEFAULT)
+    tied = c.get("tie_word_embeddings", MODELLED.get(kind, True))  # absent: transformers' default
     return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
                 intermediate=c["intermediate_size"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
                 head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"], tied=bool(tied))
