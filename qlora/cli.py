@@ -33,6 +33,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise Stop(EXIT_BAD_INPUT, f"{message} (usage: {usage})")
 
 
+# A command process (`python -m qlora.<command>`) whose command has ended, its status decided, while the interpreter
+# shuts down: nothing is left to stop, and "while starting: nothing was written" would no longer be true. A SIGTERM
+# (torchrun stopping what is left of a run whose other process failed) is ignored, so the status stays the one
+# decided: SIG_IGN also outlives the shutdown, which resets Python's own handlers to the default. Ctrl-C ends it
+# silently.
+ENDED = {signal.SIGTERM: signal.SIG_IGN, signal.SIGINT: signal.SIG_DFL}
+
+
 class SignalInterrupt(KeyboardInterrupt):
     """Ctrl-C or SIGTERM outside the training loop's own handling, raised as a KeyboardInterrupt (so every cleanup
     that runs for Ctrl-C runs for SIGTERM too)."""
@@ -79,7 +87,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
     finally:
         Session.intact = Session.signal = None  # a later command in this process starts afresh
         for sig, handler in replaced.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not exit_while_starting else ENDED[sig])
 
 
 def exit_while_starting(signum: int, frame: object) -> None:

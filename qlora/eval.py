@@ -38,11 +38,13 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
     """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
     rows = read_rows(data) if data is not None else None  # a missing file is found before the model loads
     cfg, model, tokenizer, dev = load_run(Path(run_dir), device)
-    if data is None:
-        # The split training held out: the same file, or the same seeded carve-out of the train file.
+    if data is None and not cfg.data.eval:
+        # The split training held out: the same seeded carve-out of the train file.
         _, examples = load_splits(cfg.data, tokenizer, cfg.train.seed)
-        data = cfg.data.eval or f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
-    else:
+        data = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
+    else:  # `data`, or the run's held-out file (its train file is not read: tokenising it took as long as the rest)
+        data = data if data is not None else cfg.data.eval
+        rows = rows if rows is not None else read_rows(data)
         fmt = detect_format(rows, data) if cfg.data.format == "auto" else cfg.data.format
         examples = tokenize_rows(rows, fmt, tokenizer, data, cfg.data.max_seq_len)
     started = announce_evaluation(examples, cfg, f"of {data}")
@@ -90,8 +92,8 @@ def _main(argv: list[str]) -> int:
         check_json_path(args.json, args.run_dir, args.data)
     quiet_libraries()
     result = evaluate_run(args.run_dir, args.data, args.device)
-    capped = " (capped by train.eval_batches)" if read_run_config(args.run_dir).train.eval_batches else ""
-    print(f"{result['data']}: {result['rows']} rows{capped}")
+    capped = f" of {result['rows']} (capped by train.eval_batches)" if result["eval_rows"] < result["rows"] else ""
+    print(f"{result['data']}: {result['eval_rows']} rows{capped}")
     print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "
           f"exact match {100 * result['eval_exact_match']:.1f}% ({result['seconds']:g} s)")
     if args.json:

@@ -38,10 +38,17 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 256,
-             temperature: float = 0.0, stream: bool = True) -> str:
-    """Complete one prompt (greedy when temperature is 0); print tokens as they come when `stream`; return the text."""
+             temperature: float = 0.0, stream: bool = True, where: str = "--prompt") -> str:
+    """Complete one prompt (greedy when temperature is 0); print tokens as they come when `stream`; return the text.
+    A prompt that leaves no room for `max_new_tokens` in the model's context is refused, naming `where`."""
     # add_special_tokens=False: the template already holds every special token, as in qlora.data.read's tokenisation.
     inputs = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(model.device)
+    n, context = inputs["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
+    if context and n + max_new_tokens > context:  # positions past it: rotary tables the model never trained on
+        raise ConfigError(f"{where}: the prompt is {n} tokens (with the chat template), and with --max-new-tokens="
+                          f"{max_new_tokens} it exceeds the model's context of {context} tokens "
+                          f"(max_position_embeddings): shorten it to at most {max(0, context - max_new_tokens)} "
+                          "tokens, or lower --max-new-tokens")
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, use_cache=True,
@@ -52,7 +59,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
 def read_prompt(line: str, jsonl: bool, number: int) -> str:
     """The prompt on one stdin line: the line itself, or with `jsonl` the JSON string (or "prompt" field) on it."""
     if not jsonl:
-        return line.rstrip("\n")
+        return line.rstrip("\r\n")  # the line's end, Windows' too
     try:
         value = json.loads(line)
     except json.JSONDecodeError as err:
@@ -62,6 +69,8 @@ def read_prompt(line: str, jsonl: bool, number: int) -> str:
     if not isinstance(value, str):
         raise ConfigError(f'stdin:{number}: with --jsonl a line is a JSON string or an object with a "prompt" '
                           "string")
+    if not value:
+        raise ConfigError(f"stdin:{number}: the prompt is empty: give the text to complete")
     return value
 
 
@@ -108,7 +117,7 @@ def _main(argv: list[str]) -> int:
         if line.strip():
             prompt = read_prompt(line, args.jsonl, number)
             check_utf8(prompt, f"stdin:{number}")
-            generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature)
+            generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, where=f"stdin:{number}")
 
 
 def check_utf8(prompt: str, where: str) -> None:

@@ -123,6 +123,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             optimizer.step()
             if not guard.all_finite(updated_weights(optimizer)):  # a finite gradient, an update too large
                 raise guard.non_finite_weights(cfg, step + 1)
+        lr = optimizer.param_groups[0]["lr"]  # the one this step ran at, logged with it
         scheduler.step()  # a skipped step still counts: the schedule and the data move on past its batch
         profiler.mark("optimizer_step" if first_step else "steady")  # before zero_grad: the breakdown shows gradients
         optimizer.zero_grad(set_to_none=True)
@@ -135,7 +136,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
                       f"({progress.bad_steps} of train.max_bad_steps={t.max_bad_steps})", file=sys.stderr)
 
         # log
-        last = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+        last = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens / (time.perf_counter() - started), "peak_gib": profiler.highest() / 2**30}
         if step % t.log_every == 0 or step == t.steps:
             metrics.write(last)
@@ -161,6 +162,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             watch.at("saving a checkpoint", step)
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
+                     "rows": [n_rows, len(run["eval_rows"])],
                      "optimizer": t.optimizer, **ranks.rng_states()}
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
                                   scheduler, extra)
@@ -177,8 +179,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
     first = progress.first_eval
     if first:
+        # train.eval_batches caps the rows in batches of train.batch_size, which a resume may change
+        other = "" if first.get("eval_rows", final["eval_rows"]) == final["eval_rows"] else \
+            f"; before on {first['eval_rows']} rows, after on {final['eval_rows']}: train.batch_size changed since"
         print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
-              f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}% ({since(started)})")
+              f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}% ({since(started)}"
+              f"{other})")
     else:  # train.eval_before=false
         print(f"held-out loss {final['eval_loss']:.4f}, exact match {100 * final['eval_exact_match']:.1f}% "
               f"({since(started)})")
@@ -194,7 +200,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     data, the optimizer and schedule, the newest intact checkpoint; then the run's first write and its metrics file.
     From here on SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint."""
     t, run_dir = cfg.train, Path(cfg.output.dir)
-    rundir.check_run_dir(run_dir, cfg, resume, overwrite)
+    seen = rundir.check_run_dir(run_dir, cfg, resume, overwrite)
     device = ranks.device if ranks.several else resolve_device(t.device)
     use_kernel(cfg, device)  # SDPA's CUDA kernel as model.sdpa_backend asks
     if t.plan == "fastest":  # the levers for this card and host, printed and recorded before loading
@@ -216,8 +222,9 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg)
     progress, damaged = _resume(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
+    same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
-    ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, damaged)
+    ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
     if run["loftq_shifts"]:
         ranks.on_main(save_shifts, run_dir, run["loftq_shifts"])
     metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=progress.state.get("metrics_bytes", 0),
@@ -249,6 +256,20 @@ def _resume(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimize
         print(f"train.optimizer {state['optimizer_restarted']} -> {cfg.train.optimizer}: its state starts afresh")
     retarget(optimizer, scheduler, cfg)
     return progress, [p for p, _ in damaged]
+
+
+def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
+    """Refuse to resume on other rows than the checkpoint's: the batch order and the held-out split are functions of
+    the row count (data.read.batch_rows), so a row more or less reorders the rest of the epoch and changes what the
+    losses before and after compare. A shorter data.max_seq_len drops the rows whose learned part it cuts off."""
+    rows = state.get("rows")
+    if rows is None or rows == [n_train, n_eval]:  # a fresh run, or a checkpoint written before rows were recorded
+        return
+    raise ConfigError(f"the data now gives {n_train} training and {n_eval} held-out rows, the run trained on "
+                      f"{rows[0]} and held out {rows[1]}: a data file changed, or data.max_seq_len="
+                      f"{cfg.data.max_seq_len} drops rows whose learned part lies beyond it, which would reorder the "
+                      "rest of the epoch and the held-out set; resume with the run's data and a data.max_seq_len that "
+                      "keeps every row (its run_config.json has the one it trained with), or start a new run")
 
 
 def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
@@ -287,6 +308,8 @@ def _main(argv: list[str]) -> None:
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ConfigError(_flag_error(unknown[0]))
+    if not distributed.from_env().main:  # rank 0 speaks for the run, from its first line on
+        distributed.quiet()
     if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
         cfg = rundir.resume_config(cfg, overrides)
     if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's

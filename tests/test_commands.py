@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.base.build import TINY_LLAMA, byte_tokenizer
 from qlora.config import load_recipe
+from qlora.errors import ConfigError
+from qlora.generate import read_prompt
 
 TINY = "recipes/tiny.py"
 TINY_R = load_recipe(Path(__file__).resolve().parent.parent / TINY).lora.r
@@ -190,6 +192,10 @@ CASES = [
     ("generate: tokens not a number", "qlora.generate", ["{run}", "--max-new-tokens=ten"], noop,
      r"argument --max-new-tokens: invalid int value: 'ten'"),
     ("generate: empty prompt", "qlora.generate", ["{run}", "--prompt="], noop, r"--prompt is empty"),
+    ("generate: prompt beyond the context", "qlora.generate", ["{run}", "--prompt=" + "red dog sun " * 400,
+                                                               "--max-new-tokens=4"], noop,
+     r"--prompt: the prompt is \d+ tokens \(with the chat template\), and with --max-new-tokens=4 it exceeds the "
+     r"model's context of 1024 tokens \(max_position_embeddings\): shorten it to at most 1020 tokens"),
     ("generate: adapter of another rank", "qlora.generate", ["{run}", "--prompt=hi"], lower_rank,
      r"does not fit the run's base"),
     ("merge: --out is a file", "qlora.merge", ["{run}", "--out={tmp}/merged"], a_file("merged"),
@@ -396,3 +402,12 @@ def test_a_run_trained_on_cuda_read_back_without_a_gpu_says_so_and_the_flag(cli,
                                      "--device=cpu (or auto)")
     assert cli.run([str(run), "--device=cpu"], module="qlora.eval").status == 0
 
+
+
+def test_a_prompt_on_stdin_is_its_line_without_the_line_end_and_never_empty():
+    """Windows' \\r\\n went to the model as part of the prompt; an empty --jsonl prompt was generated from, where
+    --prompt= is refused."""
+    assert read_prompt("reverse: red dog sun\r\n", jsonl=False, number=1) == "reverse: red dog sun"
+    assert read_prompt('{"prompt": "a\\nb"}\n', jsonl=True, number=2) == "a\nb"
+    with pytest.raises(ConfigError, match=r"^stdin:3: the prompt is empty: give the text to complete$"):
+        read_prompt('{"prompt": ""}\n', jsonl=True, number=3)

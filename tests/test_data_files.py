@@ -87,3 +87,34 @@ def test_a_json_array_mixing_formats_names_the_row_that_lacks_the_first_rows_fie
     got = read_rows(str(array))
     assert got == rows
     assert detect_format(got, str(array)) == ("messages" if first == "chat" else "text")
+
+
+def test_csv_cells_are_the_text_written_and_each_row_is_named_by_the_line_it_starts_on(tmp_path: Path) -> None:
+    """pandas read a column of digits as numbers (zip code 00501 trained as `501.0`) and "NA" or "None" as missing;
+    a blank line and a quoted field that spans lines moved the line a bad row was named by."""
+    text = 'instruction,output\nZip of Holtsville?,00501\nSodium?,NA\nSay none,None\n\n"two\nlines",3.10\nlast,\n'
+    for name in ("train.csv", "TRAIN.CSV"):  # an upper-case extension is a CSV file too
+        path = tmp_path / name
+        path.write_text(text)
+        rows = read_rows(str(path))
+        assert [r["output"] for r in rows] == ["00501", "NA", "None", "3.10", ""]
+        assert rows[3]["instruction"] == "two\nlines"
+        assert rows.places == [f"{path}:{n}" for n in (2, 3, 4, 6, 8)]
+
+
+def test_only_assistant_turns_are_learned_when_one_opens_the_conversation() -> None:
+    """Rendered alone, a first assistant turn brings the template's header with it (SmolLM2's its default system
+    prompt too), and all of it was learned; an instruction row's input of 0 was taken for none."""
+    from qlora.base.build import ensure_checkpoint
+    from qlora.base.load import load_tokenizer
+    from qlora.config import load_recipe
+    from qlora.data.read import IGNORE, tokenize_row
+
+    tokenizer = load_tokenizer(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
+    turns = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "ok"}]
+    row = tokenize_row({"messages": turns}, "messages", tokenizer, "row")
+    learned = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE]
+    assert tokenizer.decode(learned) == "Hello!<|im_end|>\nok<|im_end|>\n"
+    zero = tokenize_row({"instruction": "Add one", "input": 0, "output": "1"}, "instruction", tokenizer, "row")
+    assert "### Input:\n0" in tokenizer.decode(zero["input_ids"])

@@ -215,6 +215,8 @@ def test_kill_9_of_one_rank_stops_the_other_with_one_line_and_resume_ends_the_sa
         assert list_checkpoints(out)
     results = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}", "--resume"])
     assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    assert f"resuming {out} with the settings" in results[0].stdout  # rank 0 speaks for the run, from its first line
+    assert "resuming" not in results[1].stdout + results[1].stderr
     assert_same_run(out, two_ranks[0])
 
 
@@ -301,3 +303,35 @@ def test_memory_report_for_several_gpus(tmp_path, capsys):
     assert main(["recipes/llama70b.py", "--gpus", "0", f"--out-dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --gpus '0': give the number of GPUs (processes), e.g. --gpus 2"]
+
+
+def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):
+    """torchrun stops the rest of a run whose process died with SIGTERM, as the survivor takes its group down having
+    said which checkpoint is intact: that ended it -15, or 143 under "while starting: nothing was written" (8 and 1 of
+    9 tries), never 6. The forked ranks above have no torchrun to send it."""
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nproc-per-node=2", "-m", "qlora.train", "recipes/tiny.py",
+                             f"--output.dir={out}", "--train.steps=1000000", "--train.save_every=2",
+                             "--train.eval_every=0", "--train.eval_before=false", *TWO],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list_checkpoints(out):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+
+    def rank_of(pid: str) -> str | None:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
+        # this run's workers: torchrun itself has no RANK
+        return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), None) \
+            if str(out).encode() in cmdline else None
+
+    victim = next(int(pid) for pid in os.listdir("/proc") if pid.isdigit() and rank_of(pid) == "1")
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 6 ", err), err
+    assert "error: lost the other processes of this run" in err and "while starting" not in err, err

@@ -8,6 +8,7 @@ resume that falls back to checkpoint-3 must end bitwise equal to the uninterrupt
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import re
@@ -22,7 +23,9 @@ from test_crash import adapter, assert_same_run, metrics
 from qlora.adapters.lora import ADAPTER_WEIGHTS
 from qlora.config import load_recipe
 from qlora.data.read import batch_rows, resume_position
+from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
+from qlora.training.rundir import resume_config
 
 TINY = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py")
 TINY_STEPS, TINY_R = TINY.train.steps, TINY.lora.r
@@ -130,6 +133,32 @@ def test_a_smaller_batch_on_resume_continues_from_the_same_row(cli, partial, tmp
     assert "data.max_seq_len 128 -> 96, train.steps 4 -> 6, train.batch_size 4 -> 2, train.grad_accum 1 -> 2" in \
         result.stdout
     assert torch.load(out / "checkpoint-6" / STATE, weights_only=True)["micro_batch"] == 12  # rows 16-23: 8 + 4
+    # train.eval_batches=2 caps the held-out rows in batches of train.batch_size: the closing line says they differ
+    assert "; before on 8 rows, after on 4: train.batch_size changed since)" in result.stdout
+
+
+def test_a_shorter_max_seq_len_that_drops_rows_is_refused_before_writing(cli, partial, tmp_path):
+    """A row fewer reorders the rest of the epoch (batch_rows permutes the row count) and changes the held-out set:
+    at 42 tokens 223 of the 600 training rows have their answer cut off. 96 keeps every row (the test above)."""
+    out = copy_of(partial, tmp_path)
+    before = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=6", "--data.max_seq_len=42", f"--output.dir={out}", "--resume"])
+    assert result.status == 2, result.stderr
+    assert re.fullmatch(r"error: the data now gives \d+ training and \d+ held-out rows, the run trained on 600 and "
+                        r"held out 100: a data file changed, or data.max_seq_len=42 drops rows .* or start a new run",
+                        error_lines(result)[-1]), result.stderr
+    assert snapshot(out) == before
+
+
+def test_packed_rows_keep_their_length_on_resume(tmp_path):
+    """Packing fills rows of data.max_seq_len tokens: another length packs other rows."""
+    cfg = copy.deepcopy(TINY)
+    cfg.data.pack, cfg.output.dir = True, str(tmp_path)
+    (tmp_path / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(ConfigError, match=r"--resume cannot change data.max_seq_len \(128 -> 64\): it fixes the rows "
+                                          r"the documents are packed into \(data.pack\)"):
+        resume_config(cfg, ["--data.max_seq_len=64"])
 
 
 @pytest.mark.parametrize(("n", "old", "new", "seen"), [(200, 4, 2, 4), (200, 4, 3, 7), (200, 8, 5, 30), (10, 3, 4, 5)])
@@ -182,6 +211,10 @@ def pickle_with_code(path: Path) -> None:
     torch.save({"step": 4, "when": datetime.date(2026, 1, 1)}, path)  # weights_only refuses arbitrary objects
 
 
+def edit_state(path: Path, **fields: object) -> None:
+    torch.save({**torch.load(path, weights_only=True), **fields}, path)
+
+
 DAMAGE = {
     "adapter cut short": (ADAPTER_WEIGHTS, truncate, r"the adapter is unusable \("),
     "adapter missing": (ADAPTER_WEIGHTS, lambda p: p.unlink(), r"the adapter is unusable \(No such file"),
@@ -194,6 +227,15 @@ DAMAGE = {
                                                                                      r"unreadable \("),
     "trainer state with code": (STATE, pickle_with_code, r"trainer_state.pt is unreadable \(.*[Ww]eights"),
     "trainer state missing": (STATE, lambda p: p.unlink(), r"trainer_state.pt is unreadable \(No such file"),
+    # fields a resume reads, edited: a traceback after the run dir was written, or a silent resume elsewhere
+    "trainer state field of a wrong type": (STATE, lambda p: edit_state(p, metrics_bytes="abc"),
+                                            r"trainer_state.pt: metrics_bytes='abc' is not an integer >= 0"),
+    "trainer state field out of range": (STATE, lambda p: edit_state(p, micro_batch=-5),
+                                         r"trainer_state.pt: micro_batch=-5 is not an integer >= 0"),
+    "trainer state of another step": (STATE, lambda p: edit_state(p, step=2),
+                                      r"trainer_state.pt holds step 2, not the 4 its folder is named after"),
+    "trainer state without scores": (STATE, lambda p: edit_state(p, first_eval=[1]),
+                                     r"trainer_state.pt: first_eval=\[1\] is not the scores of an evaluation"),
 }
 
 
@@ -212,6 +254,20 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(cli, pa
     assert lines[0].endswith("it is set aside as checkpoint-4.damaged for inspection"), lines[0]
     assert f"resumed from {out}/checkpoint-3 at step 3 (the newest usable checkpoint)" in result.stdout
     assert snapshot(out / "checkpoint-4.damaged") == damaged
+    assert_same_run(out, reference)
+
+
+def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_not_resumed(cli, partial, reference, tmp_path):
+    """checkpoint-9 holding step 4 sorted newest: it was resumed at step 4, and each checkpoint written after it pruned
+    at once, as older than it."""
+    out = copy_of(partial, tmp_path)
+    (out / "checkpoint-4").rename(out / "checkpoint-9")
+    result = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert f"{out}/checkpoint-9 is damaged (trainer_state.pt holds step 4, not the 9 its folder is named after)" in \
+        result.stderr
+    assert f"resumed from {out}/checkpoint-3 at step 3 (the newest usable checkpoint)" in result.stdout
+    assert list_checkpoints(out)[-1] == out / "checkpoint-6"
     assert_same_run(out, reference)
 
 

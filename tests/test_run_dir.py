@@ -15,7 +15,8 @@ import pytest
 from test_crash import wait_for_step
 
 import qlora.train as train_module
-from qlora.errors import Stop
+from qlora.errors import ConfigError, Stop
+from qlora.training import rundir
 from qlora.training.checkpoint import list_checkpoints
 
 TINY = "recipes/tiny.py"
@@ -211,3 +212,22 @@ def test_a_runs_files_are_ordinary_files(cli, tmp_path):
     assert any(f.name == "adapter_model.safetensors" and f.parent.name.startswith("checkpoint-") for f in files)
     for f in files:
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+
+
+def test_a_directory_written_while_the_run_loaded_is_refused_at_its_first_write(tiny_config):
+    """The lock is taken at the run's first write, the base and data loaded: a second trainer started meanwhile on
+    the same directory (a fresh start, not --resume) had trained over the first's finished run, exit 0."""
+    out = Path(tiny_config.output.dir)
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=False)
+    out.mkdir()  # what the other trainer wrote while this one loaded
+    (out / "run_config.json").write_text("{}")
+    (out / "checkpoint-1").mkdir()
+    with pytest.raises(ConfigError, match=rf"output.dir={out} changed while this run loaded: another trainer wrote to "
+                                          r"it. Nothing was written"):
+        rundir.start_run(out, tiny_config, overwrite=False, seen=seen)
+    assert (out / "run_config.json").read_text() == "{}" and (out / "checkpoint-1").is_dir()
+    (out / "run_config.json").unlink()  # the lock went with the refusal: once the directory is as seen, it starts
+    shutil.rmtree(out / "checkpoint-1")
+    rundir.start_run(out, tiny_config, overwrite=False, seen=seen)
+    rundir.unlock(out)
+    assert json.loads((out / "run_config.json").read_text())["output"]["dir"] == str(out)

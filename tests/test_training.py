@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -184,3 +185,13 @@ def test_an_evaluation_scores_its_rows_shortest_first_and_keeps_the_capped_subse
     rows = [{"input_ids": [0] * n} for n in (5, 9, 2, 7, 3, 8)]
     assert [len(r["input_ids"]) for r in eval_rows(rows, 2)] == [2, 3, 5, 7, 8, 9]
     assert [len(r["input_ids"]) for r in eval_rows(rows, 2, max_batches=2)] == [2, 5, 7, 9]  # the first 4 rows
+
+
+def test_the_lr_logged_with_a_step_is_the_one_it_ran_at(tiny_config):
+    """The log gave each step the lr of the next (the schedule had already moved on), and the last step 0."""
+    tiny_config.train.steps = 2
+    train(tiny_config)
+    logged = [json.loads(line) for line in (Path(tiny_config.output.dir) / "metrics.jsonl").read_text().splitlines()]
+    lrs = [line["lr"] for line in logged if "lr" in line]
+    peak, warmup = tiny_config.train.lr, tiny_config.train.warmup_steps
+    assert lrs == [peak * 1 / (warmup + 1), peak * 2 / (warmup + 1)]  # warmup's factors at steps 0 and 1

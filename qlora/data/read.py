@@ -7,6 +7,7 @@ and the micro-batch index, so a resumed run sees exactly the batches an uninterr
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Iterator
@@ -41,20 +42,27 @@ class Rows(list):
 def read_rows(source: str) -> Rows:
     """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
     path = Path(source).expanduser()
-    if path.suffix in LOADERS or not looks_like_hub_id(source):
+    suffix = path.suffix.lower()  # train.JSONL too
+    if suffix in LOADERS or not looks_like_hub_id(source):
         if not path.is_file():
             problem = ("is a directory, not a file" if path.is_dir() else
                        "is not a regular file" if path.exists() else "not found")
             raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
-        if path.suffix == ".jsonl":
+        if suffix == ".jsonl":
             return _read_jsonl(path)
-        if path.suffix not in LOADERS:
+        if suffix not in LOADERS:
             raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
         import datasets
 
         logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
+        header, lines = csv_records(path) if suffix == ".csv" else ([], [])
+        # A CSV's cells are text as written: pandas would read a column of digits as numbers (zip code 00501 as 501.0)
+        # and "NA", "None" or "null" as missing.
+        text = dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
+                    keep_default_na=False, na_filter=False) if header else {}
         try:
-            rows = columnar_rows(datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train"))
+            rows = columnar_rows(datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train",
+                                                       **text))
         except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
             cause = err
             while cause.__cause__ or cause.__context__:
@@ -62,8 +70,10 @@ def read_rows(source: str) -> Rows:
             text = (str(cause).strip() or "no details").splitlines()[0]
             raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
                               "or convert it to JSONL") from err
-        csv = path.suffix == ".csv"  # a row per line after the header (unless a quoted field spans lines)
-        return Rows(rows, [f"{path}:{i + 2}" if csv else f"{path}: row {i + 1}" for i in range(len(rows))])
+        if suffix == ".csv":  # a row per line after the header where pandas read the file otherwise
+            lines = lines if len(lines) == len(rows) else range(2, len(rows) + 2)
+            return Rows(rows, [f"{path}:{line}" for line in lines])
+        return Rows(rows, [f"{path}: row {i + 1}" for i in range(len(rows))])
     import datasets
 
     offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
@@ -74,6 +84,24 @@ def read_rows(source: str) -> Rows:
         why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
         raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
                           "give a local file, or download the dataset first") from err
+
+
+def csv_records(path: Path) -> tuple[list[str], list[int]]:
+    """A CSV file's column names, and the line an editor shows for each row: where its record begins, counting the
+    header, blank lines (which pandas skips) and quoted fields that span lines."""
+    header, starts, end = [], [], 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for record in reader:
+                if record and not header:
+                    header = record
+                elif record:  # [] for a blank line
+                    starts.append(end + 1)
+                end = reader.line_num
+    except (UnicodeDecodeError, csv.Error):  # pandas names what is wrong with the file
+        return [], []
+    return header, starts
 
 
 def columnar_rows(table: object) -> list[dict]:
@@ -144,7 +172,7 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
                               f"got {type(row['messages']).__name__}")
         return _tokenize_chat(row["messages"], tokenizer, where)
     if fmt == "instruction":
-        template = ALPACA_PROMPT_INPUT if row.get("input") else ALPACA_PROMPT
+        template = ALPACA_PROMPT_INPUT if row.get("input") not in (None, "") else ALPACA_PROMPT  # 0 is an input
         prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
         return _join([(prompt, False), (str(row["output"]) + tokenizer.eos_token, True)], tokenizer)
     return _join([(str(row["text"]) + tokenizer.eos_token, True)], tokenizer)
@@ -180,16 +208,35 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
     segments, previous = [], ""
     for i, message in enumerate(messages):
         prefix = messages[: i + 1]
+        text = render_chat(tokenizer, prefix, where)
         if message["role"] == "assistant":
-            head = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True) if i else ""
+            head = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True) if i else \
+                opening_head(tokenizer, message["content"], text, where)
             segments.append((head[len(previous):], False))
             previous = head
-        text = render_chat(tokenizer, prefix, where)
         if not text.startswith(previous):
             raise ConfigError(f"{where}: the chat template re-renders earlier turns, so turns cannot be masked")
         segments.append((text[len(previous):], message["role"] == "assistant"))
         previous = text
     return _join(segments, tokenizer)
+
+
+def opening_head(tokenizer: PreTrainedTokenizerBase, content: str, text: str, where: str) -> str:
+    """What the template writes before the text of an assistant turn that opens the conversation (`text`, rendered
+    alone): the assistant header of an empty conversation, unless the template adds more before a first turn (SmolLM2
+    its default system prompt), then all that precedes the turn's content. Never learned."""
+    try:
+        head = render_chat(tokenizer, [], where, add_generation_prompt=True)
+    except ConfigError:  # a template that refuses an empty conversation
+        head = None
+    if head is not None and text.startswith(head):
+        return head
+    at = text.find(content) if content else -1
+    if at < 0:
+        raise ConfigError(f"{where}: the conversation opens with an assistant turn, and where its text begins in what "
+                          f"the chat template of {tokenizer.name_or_path} writes cannot be found: open it with a "
+                          "user (or system) turn")
+    return text[:at]
 
 
 def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:

@@ -117,6 +117,7 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     total = sum(packed.get(id(p), getattr(getattr(p, "quant_state", None), "shape", p)).numel()
                 for p in model.parameters())
     mean_len = sum(len(r["input_ids"]) for r in run["train_rows"]) / len(run["train_rows"])
+    longest = max(len(r["input_ids"]) for r in run["train_rows"])
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
     if run["device"].type == "cuda" and cfg.model.attn_implementation == "sdpa":
         kernel = {"cudnn": "cuDNN's attention", "flash": "FlashAttention-2"}[cuda_kernel(cfg)]
@@ -128,8 +129,9 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     print(f"optimizer {t.optimizer}{': on CPU nothing pages (bitsandbytes pages CUDA memory only)' if paged else ''}")
     rows = t.batch_size * t.grad_accum * processes
     print(f"{t.batch_size} rows x {t.grad_accum} accum{f' x {processes} processes' if processes > 1 else ''} = "
-          f"{rows} rows/step, about {rows * mean_len:,.0f} tokens/step (mean row {mean_len:.0f} tokens, "
-          f"max {cfg.data.max_seq_len}); {len(run['train_rows'])} train rows, {len(run['eval_rows'])} held out")
+          f"{rows} rows/step, about {rows * mean_len:,.0f} tokens/step (mean row {mean_len:.0f} tokens, longest "
+          f"{longest} of max_seq_len {cfg.data.max_seq_len}); {len(run['train_rows'])} train rows, "
+          f"{len(run['eval_rows'])} held out")
 
 
 def read_run_config(run_dir: Path) -> Config:

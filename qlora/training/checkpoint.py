@@ -184,7 +184,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
             raise SaveError(f"could not write checkpoint-{step} in {run_dir} ({_reason(err)}); {_intact(run_dir)}: "
                             f"{_fix(err, run_dir)}, then continue with --resume") from err
         raise  # KeyboardInterrupt, SystemExit: the .tmp- directory is gone, the rest untouched
-    for old in list_checkpoints(run_dir)[:-cfg.train.keep_checkpoints]:
+    others = [p for p in list_checkpoints(run_dir) if p != final]  # the one just written is kept, whatever else is
+    for old in others[:max(0, len(others) - (cfg.train.keep_checkpoints - 1))]:
         remove_checkpoint(old)
     return final
 
@@ -270,6 +271,35 @@ def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> Non
                 raise Unusable(f"{OPTIMIZER}: {name} of parameter {index} holds nan or inf")
 
 
+def _count(value: object, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_state(state: dict, ckpt: Path) -> None:
+    """Raise Unusable unless trainer_state.pt holds what a resume reads, of the types it reads, for the step its
+    folder is named after: a checkpoint renamed, or edited, would continue another point of the run."""
+    if not _count(state.get("step")) or not isinstance(state.get("scheduler"), dict) \
+            or not isinstance(state.get("rng"), dict):
+        raise Unusable(f"{STATE} lacks the step, scheduler or RNG state of a checkpoint")
+    if (m := PATTERN.match(ckpt.name)) and int(m.group(1)) != state["step"]:
+        raise Unusable(f"{STATE} holds step {state['step']}, not the {m.group(1)} its folder is named after")
+    for key, least in (("bad_steps", 0), ("metrics_bytes", 0), ("micro_batch", 0), ("batch_size", 1)):
+        if key in state and not _count(state[key], least):
+            raise Unusable(f"{STATE}: {key}={state[key]!r} is not an integer >= {least}")
+    first = state.get("first_eval", {})
+    if not isinstance(first, dict) or (first and not all(
+            isinstance(first.get(k), int | float) and not isinstance(first.get(k), bool)
+            for k in ("eval_loss", "eval_exact_match"))):
+        raise Unusable(f"{STATE}: first_eval={first!r} is not the scores of an evaluation")
+    if state.get("optimizer", "adamw") not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
+        raise Unusable(f"{STATE}: optimizer={state['optimizer']!r} is no optimizer this trainer builds")
+    if "rows" in state and not (isinstance(state["rows"], list) and len(state["rows"]) == 2 and
+                                all(_count(n, 1) for n in state["rows"])):
+        raise Unusable(f"{STATE}: rows={state['rows']!r} is not the training and held-out row counts")
+    if not isinstance(state.get("rng_ranks", []), list):
+        raise Unusable(f"{STATE}: rng_ranks is not a list of the processes' RNG states")
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load `saved` into `optimizer`. A state with fp32 masters (16-bit adapters, qlora/adapters/master.py: a run on
     CUDA) into an optimizer that keeps none (the run resumed with fp32 adapters: on the CPU, or with
@@ -294,9 +324,7 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, cfg: Config, optimizer: 
     the optimizer then starts afresh, and the returned state says so under "optimizer_restarted").
     """
     state = _read(ckpt, STATE)
-    if not isinstance(state.get("step"), int) or state["step"] < 0 or not isinstance(state.get("scheduler"), dict) \
-            or not isinstance(state.get("rng"), dict):
-        raise Unusable(f"{STATE} lacks the step, scheduler or RNG state of a checkpoint")
+    _check_state(state, ckpt)
     same_optimizer = state.get("optimizer", cfg.train.optimizer) == cfg.train.optimizer
     optimizer_state = _read(ckpt, OPTIMIZER) if same_optimizer else None
     if optimizer_state is not None:

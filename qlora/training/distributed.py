@@ -25,7 +25,9 @@ import contextlib
 import datetime
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -255,6 +257,10 @@ def joined(cfg: Config) -> Iterator[Ranks]:
         yield ranks
     except RuntimeError as err:  # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
         if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
+            if threading.current_thread() is threading.main_thread():
+                # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down
+                # and says which checkpoint is intact: the ending is decided, and exit 6 says it (cli.ENDED)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise Stop(EXIT_PEER, peer_lost(err, cfg)) from err
         raise
     finally:

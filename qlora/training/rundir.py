@@ -10,7 +10,8 @@ and to check that the directory holds this recipe's run. A setting given on the 
     FIXED_ON_RESUME;
   - changes anything else from the resumed step on, and is said: how long (train.steps), how it learns (lr,
     schedule, warmup, weight decay, clipping, optimizer: its state then starts afresh, dropout), in how much memory
-    and how fast (data.max_seq_len, batch_size and grad_accum: the data continues from the same row, the levers),
+    and how fast (data.max_seq_len, batch_size and grad_accum: the data continues from the same row, the levers;
+    a data.max_seq_len that drops rows, or any other with data.pack, is refused: the rows would be others),
     and how it reports (eval, eval_before: only at step 0, log, save, keep, max_bad_steps, device).
 
 One trainer at a time: `start_run` takes an exclusive lock (flock on `.qlora.lock`, released when the run or its
@@ -60,6 +61,9 @@ FIXED_ON_RESUME = {
     "data.train": DATA, "data.format": DATA, "data.pack": DATA,
     "data.eval": HELD_OUT, "data.eval_fraction": HELD_OUT, "train.seed": "the data order and the held-out split",
 }
+
+# Packed rows are filled to data.max_seq_len: another length packs other rows (qlora/data/pack.py).
+PACKED = "the rows the documents are packed into (data.pack)"
 
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without flock (some network mounts)
 _held: dict[Path, int] = {}  # run dir -> the file descriptor holding its lock
@@ -131,9 +135,27 @@ def _check_paths(run_dir: Path) -> None:
                               "it away, or use another output.dir")
 
 
-def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+def contents(run_dir: Path) -> tuple:
+    """What of a run the directory holds, to tell whether another trainer wrote to it: each checkpoint's name, and
+    each of a run's files with its size and modification time."""
+    if not run_dir.is_dir():
+        return ()
+    files = tuple((name, s.st_size, s.st_mtime_ns) for name in RUN_FILES
+                  if (s := _stat(run_dir / name)) is not None)
+    return files + tuple(p.name for p in checkpoint_dirs(run_dir))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> tuple:
     """Refuse an output dir that holds another run, one in use, one the run cannot write, or a run that would be
-    started over by mistake. Reads only."""
+    started over by mistake. Reads only; returns what it found (`contents`), for `start_run` to check again under the
+    lock."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output.dir and --overwrite discards it: pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
@@ -144,11 +166,12 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
                           "the adapter written there with the base from then on; choose another output.dir")
     _check_paths(run_dir)
     if not run_dir.is_dir():
-        return
+        return ()
     if (pid := _lock_holder(run_dir)) is not None:
         raise _in_use(run_dir, pid)
+    seen = contents(run_dir)
     if overwrite:
-        return
+        return seen
     if (run_dir / RUN_CONFIG).is_file():
         _check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir)
     latest = checkpoint_dirs(run_dir)
@@ -159,6 +182,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
                           "another output.dir, or --overwrite to replace it")
+    return seen
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
@@ -177,11 +201,11 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
     before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
     changed = [k for k in after if after[k] != before[k] and k != "output.dir"]
-    fixed = [k for k in changed if k in FIXED_ON_RESUME]
+    fixed = [k for k in changed if k in FIXED_ON_RESUME or (k == "data.max_seq_len" and after["data.pack"])]
     if fixed and checkpoint_dirs(run_dir):
         k = fixed[0]
         raise ConfigError(f"--resume cannot change {k} ({before[k]!r} -> {after[k]!r}): it fixes "
-                          f"{FIXED_ON_RESUME[k]}; drop --{k} to continue the run, or start a new run with "
+                          f"{FIXED_ON_RESUME.get(k, PACKED)}; drop --{k} to continue the run, or start a new run with "
                           "--overwrite or another output.dir")
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
                if recipe[k] != after[k] and k != "output.dir"]
@@ -243,14 +267,20 @@ def deferred_signals() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
-def start_run(run_dir: Path, cfg: Config, overwrite: bool, damaged: list[Path] | tuple = ()) -> None:
-    """The first write of a run, once every input is validated: take the lock, clear a replaced run, set damaged
-    checkpoints aside, remove this code's own leftovers, record the config."""
+def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged: list[Path] | tuple = ()) -> None:
+    """The first write of a run, once every input is validated: take the lock, check that the directory still holds
+    what `check_run_dir` saw (`seen`), clear a replaced run, set damaged checkpoints aside, remove this code's own
+    leftovers, record the config."""
     try:
         # Ctrl-C or SIGTERM in here would leave half of a replaced run: they wait for the new run_config.json.
         with deferred_signals():
             run_dir.mkdir(parents=True, exist_ok=True)
             _lock(run_dir)
+            # The lock is taken only now, the base and data loaded: a trainer started meanwhile on the same directory
+            # may have written to it, and what was checked (its run, its checkpoints) no longer holds.
+            if contents(run_dir) != seen:
+                raise ConfigError(f"output.dir={run_dir} changed while this run loaded: another trainer wrote to it. "
+                                  "Nothing was written: check what it holds, then run the command again")
             if overwrite:  # run_config.json last: until it goes, what is left is the old run, resumable as it was
                 for path in sorted(run_dir.iterdir(), key=lambda p: p.name == RUN_CONFIG):
                     if RUN_DIRS.match(path.name):

@@ -61,10 +61,13 @@ def evaluate(model: torch.nn.Module, examples: list[dict], cfg: Config, pad_id: 
     loss, tokens, exact, rows = ranks.sum_values(loss, tokens, exact, rows)
     model.train(was_training)
     mean = loss / max(tokens, 1)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1)}
+    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50)), "eval_exact_match": exact / max(rows, 1),
+            "eval_rows": int(rows)}
 
 
 def announce_evaluation(examples: list[dict], cfg: Config, when: str, note: str = "") -> float:
     """The line before an evaluation: when, how many rows and batches; returns its start (console.announce)."""
     n, size = len(eval_rows(examples, cfg.train.batch_size, cfg.train.eval_batches)), cfg.train.batch_size
-    return announce(f"evaluating {n} held-out rows {when} ({-(-n // size)} batches of {size}{note})")
+    batches = -(-n // size)
+    return announce(f"evaluating {n} held-out rows {when} ({batches} batch{'es' if batches != 1 else ''} of "
+                    f"{size}{note})")
