@@ -51,6 +51,8 @@ class SignalInterrupt(KeyboardInterrupt):
 
 
 def raise_signal_interrupt(signum: int, frame: object) -> None:
+    if Session.ended is not None:  # the ending is decided (a lost process: exit 6) and being reported
+        return
     # Recorded before raising: an import interrupted midway may surface as another error entirely (transformers'
     # lazy modules turn it into a ModuleNotFoundError, sometimes after a RecursionError, with no trace of the signal).
     Session.signal = signum
@@ -66,7 +68,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         signum, Session.signal = Session.signal, None
         print(f"stopped by {signal.Signals(signum).name} while starting: nothing was written", file=sys.stderr)
         return 128 + signum
-    Session.intact = None
+    Session.intact = Session.ended = None
     replaced = {}  # from here on a signal is raised, so that what a command started can be cleaned up
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIG_DFL: SIGTERM would end the process without a word
         if signal.getsignal(sig) in (signal.SIG_DFL, exit_while_starting):
@@ -85,7 +87,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             print(line, file=sys.stderr)
         return code
     finally:
-        Session.intact = Session.signal = None  # a later command in this process starts afresh
+        Session.intact = Session.signal = Session.ended = None  # a later command in this process starts afresh
         for sig, handler in replaced.items():
             signal.signal(sig, handler if handler is not exit_while_starting else ENDED[sig])
 

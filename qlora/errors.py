@@ -44,10 +44,12 @@ class Stop(Exception):
 
 class Session:
     """What the command has reached, for the line it ends with: what of its run is intact (set by a command once it
-    has a run directory whose checkpoints may be), and the signal that is ending it, if one is."""
+    has a run directory whose checkpoints may be), the signal that is ending it, if one is, and the exit status its
+    ending has decided before it is reported (a Ctrl-C or SIGTERM then would only replace it: qlora/cli.py)."""
 
     intact: Callable[[], str] | None = None
     signal: int | None = None
+    ended: int | None = None
 
 
 def check_writable(path: Path, what: str, directory: bool = False) -> None:

@@ -181,7 +181,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     if first:
         # train.eval_batches caps the rows in batches of train.batch_size, which a resume may change
         other = "" if first.get("eval_rows", final["eval_rows"]) == final["eval_rows"] else \
-            f"; before on {first['eval_rows']} rows, after on {final['eval_rows']}: train.batch_size changed since"
+            f"; before on {first['eval_rows']} rows, after on {final['eval_rows']}: train.batch_size or " \
+            "train.eval_batches changed since"
         print(f"held-out loss {first['eval_loss']:.4f} -> {final['eval_loss']:.4f}, exact match "
               f"{100 * first['eval_exact_match']:.1f}% -> {100 * final['eval_exact_match']:.1f}% ({since(started)}"
               f"{other})")
@@ -267,9 +268,10 @@ def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
         return
     raise ConfigError(f"the data now gives {n_train} training and {n_eval} held-out rows, the run trained on "
                       f"{rows[0]} and held out {rows[1]}: a data file changed, or data.max_seq_len="
-                      f"{cfg.data.max_seq_len} drops rows whose learned part lies beyond it, which would reorder the "
-                      "rest of the epoch and the held-out set; resume with the run's data and a data.max_seq_len that "
-                      "keeps every row (its run_config.json has the one it trained with), or start a new run")
+                      f"{cfg.data.max_seq_len} keeps other rows than the run's length did (a row whose learned part "
+                      "lies beyond it is dropped), which would reorder the rest of the epoch and the held-out set; "
+                      "resume with the run's data and a data.max_seq_len that keeps the same rows (its "
+                      "run_config.json has the one it trained with), or start a new run")
 
 
 def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:

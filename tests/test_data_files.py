@@ -100,6 +100,11 @@ def test_csv_cells_are_the_text_written_and_each_row_is_named_by_the_line_it_sta
         assert [r["output"] for r in rows] == ["00501", "NA", "None", "3.10", ""]
         assert rows[3]["instruction"] == "two\nlines"
         assert rows.places == [f"{path}:{n}" for n in (2, 3, 4, 6, 8)]
+    # pandas' own to_csv writes its index under an empty name; a cell past the csv module's 128 KiB default
+    path = tmp_path / "index.csv"
+    path.write_text(',text,output\n0,' + "x" * 200_000 + ',1\n1,NA,00501\n')
+    rows = read_rows(str(path))
+    assert [(r["Unnamed: 0"], len(r["text"]), r["output"]) for r in rows] == [("0", 200_000, "1"), ("1", 2, "00501")]
 
 
 def test_only_assistant_turns_are_learned_when_one_opens_the_conversation() -> None:

@@ -58,8 +58,10 @@ def read_rows(source: str) -> Rows:
         header, lines = csv_records(path) if suffix == ".csv" else ([], [])
         # A CSV's cells are text as written: pandas would read a column of digits as numbers (zip code 00501 as 501.0)
         # and "NA", "None" or "null" as missing.
-        text = dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
-                    keep_default_na=False, na_filter=False) if header else {}
+        # Converters by column position: pandas names the columns itself (an empty name `Unnamed: 0`, as its own
+        # to_csv writes an index; a repeated one `text.1`).
+        text = dict(converters=dict.fromkeys(range(len(header)), str), keep_default_na=False,
+                    na_filter=False) if header else {}
         try:
             rows = columnar_rows(datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train",
                                                        **text))
@@ -90,6 +92,7 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
     """A CSV file's column names, and the line an editor shows for each row: where its record begins, counting the
     header, blank lines (which pandas skips) and quoted fields that span lines."""
     header, starts, end = [], [], 0
+    limit = csv.field_size_limit(2**31 - 1)  # a cell of any length, as pandas reads it (the default is 128 KiB)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -101,6 +104,8 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
                 end = reader.line_num
     except (UnicodeDecodeError, csv.Error):  # pandas names what is wrong with the file
         return [], []
+    finally:
+        csv.field_size_limit(limit)
     return header, starts
 
 

@@ -25,9 +25,7 @@ import contextlib
 import datetime
 import math
 import os
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +41,7 @@ from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
 from qlora.data.read import target_tokens
-from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Stop, exit_status
+from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status
 from qlora.training import guard
 from qlora.training.checkpoint import list_checkpoints, rng_state, set_rng_state
 
@@ -257,10 +255,9 @@ def joined(cfg: Config) -> Iterator[Ranks]:
         yield ranks
     except RuntimeError as err:  # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
         if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
-            if threading.current_thread() is threading.main_thread():
-                # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down
-                # and says which checkpoint is intact: the ending is decided, and exit 6 says it (cli.ENDED)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down and
+            # says which checkpoint is intact: the ending is decided, and exit 6 says it
+            Session.ended = EXIT_PEER
             raise Stop(EXIT_PEER, peer_lost(err, cfg)) from err
         raise
     finally:
