@@ -412,6 +412,7 @@ def test_probes_of_the_max_context_search_run_the_plan_the_trainer_accepts():
 
 def test_max_context_is_the_longest_that_fits_card_and_host():
     from qlora.memory.context import GRANULARITY, fit_context, fitting_plan
+    from qlora.memory.preflight import fits
 
     cfg = llama("llama70b")
     arch = load_arch(cfg)
@@ -419,9 +420,11 @@ def test_max_context_is_the_longest_that_fits_card_and_host():
         fit = fit_context(cfg, gpu, host)
         assert fit.estimate.peak_bytes <= gpu and fit.estimate.host_bytes <= host
         assert fitting_plan(cfg, arch, fit.tokens + GRANULARITY, gpu, host) is None  # one step more fits no plan
-        # The plan's overrides reproduce it on the recipe, estimated the ordinary way.
+        # The plan's overrides reproduce it on the recipe, estimated the ordinary way, and the trainer's check before
+        # loading (the allocator's margin included) takes it: an offload budget printed rounded down to 0.01 GiB
+        # pinned one layer input fewer, and the 70B step at 177,152 tokens came to 82.6 GiB of the 80.
         again = estimate(apply_overrides(copy.deepcopy(cfg), fit.overrides), arch, "qlora", "cuda")
-        assert again.peak_bytes <= gpu and again.host_bytes <= host
+        assert again.peak_bytes <= gpu and again.host_bytes <= host and fits(again, gpu, host)
         assert_the_trainer_pins_it(apply_overrides(copy.deepcopy(cfg), fit.overrides), arch, again, host)
     # A small host: the layer inputs the card cannot take must wait somewhere, and that limits the context.
     small = fit_context(cfg, 80 * 2**30, 48 * 2**30)
@@ -464,3 +467,17 @@ def test_committed_llama_reports_agree_with_the_estimator(name):
     for row in table["rows"]:
         tokens, limit, _ = max_context(cfg, int(row["gpu_gib"] * 2**30), int(table["host_gib"] * 2**30))
         assert (row["tokens"], row["limit"]) == (tokens, limit), row["gpu_gib"]
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("--quant.compute_dtype=fp16", "error: quant.compute_dtype=fp16: this trainer has no loss scaling"),
+    ("--lora.r=5000", "error: lora.r=5000 exceeds the smaller side of each decoder layer's k_proj (1024 x 4096): use "
+                      "a rank up to 1024"),
+])
+@pytest.mark.parametrize("flags", [[], ["--max-context"]])
+def test_the_memory_tool_refuses_what_the_trainer_would(capsys, override, line, flags):
+    """It estimated both (8B at r=5000: 225 GiB, and a context to train it with) for runs the trainer refuses."""
+    from qlora.report.memory import main
+
+    assert main(["recipes/llama8b.py", override, *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)

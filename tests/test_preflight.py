@@ -88,9 +88,11 @@ def test_a_micro_batch_beyond_the_host_is_refused_naming_the_largest_that_fits()
     message = str(refused.value)
     assert message.startswith("train.batch_size=100000 x data.max_seq_len=128: the step is estimated at ")
     batch = int(message.split("--train.batch_size=")[1].split()[0])
-    assert f"--train.grad_accum={-(-100000 // batch)}, the most that fits" in message
+    # the same rows per step in micro-batches that divide them (it said 3 x 1 -> 2 x 2, 5 x 3 -> 4 x 4)
+    assert 100000 % batch == 0 and f"--train.grad_accum={100000 // batch}, the most that fits" in message
+    larger = min(b for b in range(batch + 1, 100001) if 100000 % b == 0)
     rows = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={batch}"])
-    more = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={batch + 1}"])
+    more = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={larger}"])
     assert fits(at(rows, 128, "cpu"), 2 * GIB, None) and not fits(at(more, 128, "cpu"), 2 * GIB, None)
 
 

@@ -237,3 +237,36 @@ def test_the_command_reads_a_snapshot_and_compacts_it(tmp_path: Path) -> None:
                              cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.strip() == "error: --recipe needs --tokens: the length of " \
                                                                   "the run's rows"
+
+
+class RunsCode:
+    """What a hostile snapshot would hold: a pickle that calls a function as it loads."""
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(sys.argv[0]).with_name("ran"),))
+
+
+@pytest.mark.parametrize("content", ["code", "cut short", "empty", "text", "a list", "segments not a list",
+                                     "an event without an address"])
+def test_a_file_that_is_no_snapshot_is_one_line_and_runs_nothing(tmp_path: Path, content: str) -> None:
+    """pickle.loads ran whatever the file named (the battery brings snapshots back from another machine), and every
+    malformed file ended in a traceback."""
+    import gzip
+    import pickle
+
+    committed = (ROOT / "tests" / "snapshots" / "narrow-bf16-512.pickle.gz").read_bytes()
+    ran = tmp_path / "ran"
+    events = {"segments": [], "device_traces": [[{"action": "alloc", "size": 512}]]}
+    data = {"code": lambda: pickle.dumps({"segments": [RunsCode()]}).replace(
+                str(Path(sys.argv[0]).with_name("ran")).encode(), str(ran).encode()),
+            "cut short": lambda: committed[:5000], "empty": lambda: b"", "text": lambda: gzip.compress(b"hello"),
+            "a list": lambda: pickle.dumps([1, 2]), "segments not a list": lambda: pickle.dumps({"segments": 5}),
+            "an event without an address": lambda: pickle.dumps(events)}[content]()
+    path = tmp_path / "snapshot.pickle"
+    path.write_bytes(data)
+    proc = subprocess.run([sys.executable, "-m", "qlora.report.snapshot", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {path} is not an allocator snapshot ("), lines[0]
+    assert not ran.exists()

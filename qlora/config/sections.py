@@ -83,6 +83,10 @@ def _has_type(value: object, hint: object) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
+# The trainer refuses it before loading (qlora/training/assemble.py), and qlora.memory before estimating.
+FP16_ON_CUDA = ("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would underflow "
+                "to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU without bf16")
+
 @dataclass
 class ModelConfig(*FIELDS["model"]):
     path: str = ""

@@ -17,6 +17,7 @@ each of its probes runs at its length.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -108,8 +109,14 @@ def plan_overrides(cfg: Config, est: Estimate) -> list[str]:
     if chosen is not None and chosen.every != cfg.train.checkpoint_every:
         out.append(f"--train.checkpoint_every={chosen.every}")
     if chosen is not None and chosen.offload and chosen.on_device:  # the host's budget binds: say how much
-        out.append(f"--train.offload_budget_gib={chosen.host_bytes / GIB:.2f}")
+        out.append(f"--train.offload_budget_gib={budget_text(chosen.host_bytes / GIB)}")
     return out
+
+
+def budget_text(gib: float) -> str:
+    """A budget in GiB as an override gives it back: rounded up to a KiB, never down. Rounded down to 0.01, the 70B
+    plan for 80 GiB (105.421875 GiB, 39 layer inputs) read back as 105.42, pinned 38, and the step no longer fit."""
+    return f"{math.ceil(gib * 2**20) / 2**20:.6f}".rstrip("0").rstrip(".")
 
 
 def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -> list[str]:

@@ -44,7 +44,7 @@ from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers.tiling.settings import tiled
 from qlora.memory.arch import Arch, load_arch
-from qlora.memory.context import planned, plans
+from qlora.memory.context import budget_text, planned, plans
 from qlora.memory.costs import COSTS, MEASURED_TOKENS, TABLE, LeverCost
 from qlora.memory.estimate import HOST_RUNTIME, Estimate, estimate
 from qlora.memory.preflight import fits, room
@@ -77,7 +77,7 @@ class Plan:
         out = []
         for key, value in self.settings.items():
             if get(cfg, key) != value:
-                shown = str(value).lower() if isinstance(value, bool) else f"{value:.2f}" if isinstance(
+                shown = str(value).lower() if isinstance(value, bool) else budget_text(value) if isinstance(
                     value, float) else value
                 out.append(f"--{key}={shown}")
         return out

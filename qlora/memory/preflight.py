@@ -115,8 +115,10 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
         need = f"the plan keeps {host / GIB:.2f} GiB in host memory and {host_bytes / GIB:.2f} GiB is available"
     longest, batch = fitting(cfg, arch, device.type, device_bytes, host_bytes, gpus)
     fixes = [f"--data.max_seq_len={longest}"] if longest else []
-    if batch:  # as many rows per step, in smaller micro-batches
-        fixes.append(f"--train.batch_size={batch} --train.grad_accum={-(-t.batch_size * t.grad_accum // batch)}")
+    if batch:  # as many rows per step, in smaller micro-batches: one that divides them
+        rows = t.batch_size * t.grad_accum
+        batch = max(b for b in range(1, batch + 1) if rows % b == 0)
+        fixes.append(f"--train.batch_size={batch} --train.grad_accum={rows // batch}")
     if fixes:
         fix = "set " + " or ".join(fixes) + ", the most that fits as the recipe stands" + \
             (" (python -m qlora.memory RECIPE --max-context finds plans that reach further)" if est.margin else "")

@@ -36,7 +36,9 @@ from qlora.base.build import config_json_path
 from qlora.cli import run
 from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, parse_args
+from qlora.config.sections import FP16_ON_CUDA
 from qlora.errors import ConfigError, check_writable
+from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
 from qlora.memory.profiler import available_bytes, meminfo_bytes
@@ -325,6 +327,7 @@ def _main(argv: list[str]) -> int:
     cfg, flags = parse_args(cli.rest, USAGE)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
+    refuse_untrainable(cfg, "cuda" if cli.max_context else target_device(cfg))
     if cli.max_context:
         return max_context_main(cli, argv, cfg)
     report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus)
@@ -339,6 +342,21 @@ def _main(argv: list[str]) -> int:
     for line in summary_lines(report) + [written_line(written, ".md, .json and .png")]:
         print(line, file=sys.stderr if cli.as_json else sys.stdout)
     return 0
+
+
+def refuse_untrainable(cfg: Config, device: str) -> None:
+    """What the trainer refuses only once it loads, refused before an estimate of a run that could not start: fp16 on
+    CUDA, a rank beyond the narrowest adapted layer (Llama-3.1-8B at lora.r=5000 was estimated at 225 GiB)."""
+    if device == "cuda" and cfg.quant.compute_dtype == "fp16":
+        raise ConfigError(FP16_ON_CUDA)
+    if cfg.quant.method == "full":
+        return
+    sides = adapted_layers(load_arch(cfg), cfg.lora.targets)
+    narrowest = min(sides, key=lambda name: min(sides[name]))
+    if cfg.lora.r > min(sides[narrowest]):
+        raise ConfigError(f"lora.r={cfg.lora.r} exceeds the smaller side of each decoder layer's {narrowest} "
+                          f"({sides[narrowest][1]} x {sides[narrowest][0]}): use a rank up to "
+                          f"{min(sides[narrowest])}, e.g. --lora.r={min(16, min(sides[narrowest]))}")
 
 
 def written_line(paths: list[Path] | None, kinds: str) -> str:

@@ -21,12 +21,19 @@ segment_map/segment_unmap.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from qlora.errors import ConfigError
+
+T = TypeVar("T")
 
 MIB, GIB = 2**20, 2**30
 ROUND = 512  # the CUDA caching allocator rounds every block up to this (kMinBlockSize)
@@ -57,9 +64,28 @@ class Peak:
     reserved_end: int
 
 
+class PlainData(pickle.Unpickler):
+    """A pickle of plain data only (dicts, lists, strings, numbers: all an allocator snapshot holds). One that names a
+    class or a function would run its code as it loads, and snapshots come back from another machine."""
+
+    def find_class(self, module: str, name: str) -> object:
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and a snapshot is plain data")
+
+
 def load(path: str | Path) -> dict:
-    data = Path(path).read_bytes()
-    return pickle.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    """The snapshot in `path` (gzip-compressed or not); ConfigError, naming the file, for anything that is not one."""
+    try:
+        data = Path(path).read_bytes()
+        snapshot = PlainData(io.BytesIO(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)).load()
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # gzip's BadGzipFile is an OSError
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err) or type(err).__name__
+        raise ConfigError(f"{path} is not an allocator snapshot ({why}): give the .pickle or .pickle.gz that "
+                          "torch.cuda.memory._dump_snapshot (or the GPU battery) wrote") from None
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("segments", []), list) or \
+            not isinstance(snapshot.get("device_traces", []), list):
+        raise ConfigError(f"{path} is not an allocator snapshot (a {type(snapshot).__name__} without a list of "
+                          "segments and device traces): give the file torch.cuda.memory._dump_snapshot wrote")
+    return snapshot
 
 
 def device_of(snapshot: dict) -> int:
@@ -415,17 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--min-mib", type=float, default=2.0, help="blocks this large or more are listed")
         parser.add_argument("--compact", help="write the compacted snapshot here (gzip) and stop")
         a = parser.parse_args(args)
+        if not 0 <= a.min_mib < float("inf"):  # nan fails too
+            parser.error(f"--min-mib={a.min_mib} must be a finite number of MiB >= 0, e.g. 2")
         snapshot = load(a.snapshot)
         if a.compact:
             from qlora.report.recorder import write_snapshot
 
-            write_snapshot(compact(snapshot), Path(a.compact))
+            write_snapshot(shaped(a.snapshot, compact, snapshot), Path(a.compact))
             print(f"wrote {a.compact} ({Path(a.compact).stat().st_size / MIB:.1f} MiB)")
             return 0
         shape = est = None
         if a.recipe:
             from qlora.config import apply_overrides, load_recipe
-            from qlora.errors import ConfigError
             from qlora.memory.arch import load_arch
             from qlora.memory.estimate import estimate
 
@@ -434,10 +461,21 @@ def main(argv: list[str] | None = None) -> int:
             cfg = apply_overrides(load_recipe(a.recipe), [*a.override, f"--data.max_seq_len={a.tokens}"])
             shape = shape_for(cfg, a.tokens, a.device)
             est = estimate(cfg, load_arch(cfg), cfg.quant.method, a.device)
-        print(report(snapshot, shape, int(a.min_mib * MIB), est))
+        print(shaped(a.snapshot, report, snapshot, shape, int(a.min_mib * MIB), est))
         return 0
 
     return run(_main, argv)
+
+
+def shaped(path: str, work: Callable[..., T], snapshot: dict, *args: object) -> T:
+    """`work(snapshot, *args)`, with a snapshot whose entries lack what the allocator writes (a segment without
+    blocks, an event without an address) named in one line as the file it came from."""
+    try:
+        return work(snapshot, *args)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ConfigError(f"{path} is not an allocator snapshot (its entries lack what torch writes: "
+                          f"{type(err).__name__}: {err}): give the file torch.cuda.memory._dump_snapshot wrote") \
+            from None
 
 
 if __name__ == "__main__":

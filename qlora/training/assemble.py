@@ -16,6 +16,7 @@ from qlora.base.attention import by_document, cuda_kernel, use_kernel
 from qlora.base.bnb import bnb
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
+from qlora.config.sections import FP16_ON_CUDA
 from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.data.read import load_splits
 from qlora.errors import ConfigError
@@ -68,9 +69,7 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     device = ranks.device if ranks.several else resolve_device(cfg.train.device)
     dtype = compute_dtype(cfg.quant, device)
     if dtype == torch.float16 and device.type == "cuda":
-        raise ConfigError("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would "
-                          "underflow to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU "
-                          "without bf16")
+        raise ConfigError(FP16_ON_CUDA)
     use_kernel(cfg, device)
     model, tokenizer, base_path = load_model(cfg, device, place=ranks.base_place(cfg, device))
     if profiler is not None:

@@ -271,10 +271,11 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int, widt
     if seq:
         offer(f"--data.max_seq_len={seq}", "the longest that fits; longer rows are cut", data__max_seq_len=seq)
     rows = t.batch_size * t.grad_accum
-    bs = max((b for b in range(1, t.batch_size) if peak(train__batch_size=b) <= budget), default=0)
+    # micro-batches that divide the step's rows: the loss and the schedule stay the run's
+    bs = max((b for b in range(1, t.batch_size) if rows % b == 0 and peak(train__batch_size=b) <= budget), default=0)
     if bs:
-        offer(f"--train.batch_size={bs} --train.grad_accum={math.ceil(rows / bs)}",
-              f"the largest micro-batch that fits, about the same {rows} rows per step", train__batch_size=bs)
+        offer(f"--train.batch_size={bs} --train.grad_accum={rows // bs}",
+              f"the largest micro-batch that fits, the same {rows} rows per step", train__batch_size=bs)
     if not t.gradient_checkpointing:
         offer("--train.gradient_checkpointing=true", "keep one layer's activations, not all",
               train__gradient_checkpointing=True)
@@ -310,8 +311,10 @@ def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int) -> 
                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
     if (seq := int(min(width or cfg.data.max_seq_len, cfg.data.max_seq_len) * f) // 64 * 64) >= 64:
         out.append(f"  --data.max_seq_len={seq}")
-    if (bs := int(t.batch_size * f)) >= 1 and bs < t.batch_size:
-        out.append(f"  --train.batch_size={bs} --train.grad_accum={math.ceil(t.batch_size * t.grad_accum / bs)}")
+    rows = t.batch_size * t.grad_accum
+    if (most := int(t.batch_size * f)) >= 1 and most < t.batch_size:  # a divisor of the rows: the same rows per step
+        bs = max(b for b in range(1, most + 1) if rows % b == 0)
+        out.append(f"  --train.batch_size={bs} --train.grad_accum={rows // bs}")
     if not t.gradient_checkpointing:
         out.append("  --train.gradient_checkpointing=true")
     if not t.loss_chunk_size:
