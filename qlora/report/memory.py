@@ -280,8 +280,8 @@ def parse_cli(argv: list[str]) -> Cli:
     args = iter(argv)
     for arg in args:
         name, sep, value = arg.partition("=")
-        if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus") and not sep:
-            value = next(args, "")
+        if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir") and not sep:
+            value, arg = next(args, ""), f"{name}={value}"
         if name == "--gpus":
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"--gpus {value!r}: give the number of GPUs (processes), e.g. --gpus 2")
@@ -300,7 +300,10 @@ def parse_cli(argv: list[str]) -> Cli:
         elif name == "--gpu-gib":
             cli.gpu_gib, sized = _numbers(name, value), sized + [name]
         elif name == "--host-gib":
-            cli.host_gib, sized = _numbers(name, value)[0], sized + [name]
+            if len(sizes := _numbers(name, value)) > 1:
+                raise ConfigError(f"--host-gib {value!r}: give the one host's memory in GiB, e.g. --host-gib 128 (the "
+                                  "cards are --gpu-gib's list)")
+            cli.host_gib, sized = sizes[0], sized + [name]
         elif arg.startswith("--out-dir="):
             cli.out_dir = Path(value)
             if not value.strip():
@@ -312,6 +315,10 @@ def parse_cli(argv: list[str]) -> Cli:
         raise ConfigError(f"{sized[0]} sizes the cards of --max-context: add --max-context ({USAGE})")
     if cli.max_context and cli.gpus > 1:
         raise ConfigError("--max-context sizes one card; --gpus N asks about several: drop one of them")
+    if cli.max_context and (cli.measure or cli.methods != Cli().methods):
+        flag = "--measure" if cli.measure else "--methods"
+        raise ConfigError(f"--max-context estimates the recipe's own method on cards of several sizes; {flag} asks "
+                          "for the report of one: drop one of them")
     return cli
 
 
