@@ -51,6 +51,8 @@ FILES = {  # name -> content, in a scratch folder: data files, recipes
     "no_config.py": "from qlora.config import Config\nx = 1\n",
     "name_error.py": "from qlora.config import *\n\nconfig = Config(model=ModelConfig(path=undefined), data=None)\n",
     "syntax_error.py": "config = (\n",
+    "null_byte.py": "config = 1\0\n",
+    "base_exception.py": "class Stop(BaseException):\n    pass\n\n\nraise Stop('no')\n",
     "wrong_type.py": RECIPE + "config = Config(**required, lora=LoRAConfig(r='8'))\n",
     "unknown_key.py": RECIPE + "config = Config(**required, lora=LoRAConfig(rank=8))\n",
     "bad_value.py": RECIPE + "config = Config(**required, train=TrainConfig(lr=-1.0))\n",
@@ -94,6 +96,9 @@ CASES = [
     ("recipe without config", ["{d}/no_config.py"], r"no_config.py defines no `config = Config\(...\)`: add one"),
     ("recipe NameError", ["{d}/name_error.py"], r"name_error.py:3: NameError: name 'undefined' is not defined"),
     ("recipe syntax error", ["{d}/syntax_error.py"], r"syntax_error.py:1: syntax error"),
+    ("recipe with a NUL byte", ["{d}/null_byte.py"], r"null_byte.py: syntax error: source code string cannot contain "
+                                                     r"null bytes"),
+    ("recipe raising a BaseException", ["{d}/base_exception.py"], r"base_exception.py:5: Stop: no"),
     ("recipe wrong type", ["{d}/wrong_type.py"], r"wrong_type.py:3: lora.r='8' is a str: set it to an integer"),
     ("recipe unknown key", ["{d}/unknown_key.py"], r"unknown_key.py:3: unknown key lora.rank: did you mean lora.r\?"),
     ("recipe invalid value", ["{d}/bad_value.py"], r"bad_value.py:3: train.lr=-1.0 must be positive"),
@@ -115,8 +120,15 @@ CASES = [
     ("negative steps", [TINY, "--train.steps=-5"], r"train.steps=-5 must be a positive integer"),
     ("dropout = 1", [TINY, "--lora.dropout=1"], r"lora.dropout=1.0 must lie in \[0, 1\)"),
     ("dropout < 0", [TINY, "--lora.dropout=-0.1"], r"lora.dropout=-0.1 must lie in \[0, 1\)"),
-    ("targets match nothing", [TINY, "--lora.targets=qkv_proj"], r"lora.targets=qkv_proj matches no linear layer: "
-                                                                 r"use all-linear or some of down_proj,gate_proj"),
+    ("targets match nothing", [TINY, "--lora.targets=qkv_proj"], r"lora.targets=qkv_proj: 'qkv_proj' matches no "
+                                                                 r"linear layer: use all-linear, or some of "
+                                                                 r"down_proj,gate_proj"),
+    # each entry names layers: these trained only v_proj, only q_proj, and only q_proj, without a word
+    ("targets as a bracketed list", [TINY, "--lora.targets=[q_proj,v_proj,o_proj]"],
+     r"lora.targets=\[q_proj,v_proj,o_proj\]: '\[q_proj' matches no linear layer"),
+    ("targets all-linear beside others", [TINY, "--lora.targets=all-linear,q_proj"],
+     r"'all-linear' matches no linear layer \(all-linear stands alone\)"),
+    ("targets with a misspelt one", [TINY, "--lora.targets=q_proj,bogus"], r"'bogus' matches no linear layer"),
     ("missing data file", [TINY, "--data.train={d}/nope.jsonl"], r"data file .*nope.jsonl not found"),
     ("data file is a directory", [TINY, "--data.train={d}/folder.jsonl"], r"folder.jsonl is a directory, not a file"),
     ("data file not UTF-8", [TINY, "--data.train={d}/not_utf8.jsonl"], r"not_utf8.jsonl:2: not UTF-8 .*re-encode"),
@@ -357,7 +369,7 @@ def test_pickle_weights_load_when_the_recipe_opts_in(cli, scratch, tmp_path):
     # Fails later, at lora.targets, only because the model loaded: the opt-in reached from_pretrained.
     result = cli.run([TINY, f"--model.path={scratch}/pickle", "--model.build=none", "--model.allow_pickle=true",
                       "--lora.targets=qkv_proj", f"--output.dir={tmp_path}"])
-    check_refused(result, "lora.targets=qkv_proj matches no linear layer")
+    check_refused(result, "lora.targets=qkv_proj: 'qkv_proj' matches no linear layer")
 
 
 def write_run(out: Path, **changes: object) -> None:

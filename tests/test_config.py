@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from qlora.config import apply_overrides, load_recipe, parse_args
@@ -84,3 +86,17 @@ def test_parse_args_separates_flags_from_overrides():
     assert flags == ["--resume"] and cfg.train.steps == 2
     with pytest.raises(ConfigError, match="no recipe given"):
         parse_args(["--train.steps=2"], "usage")
+
+
+def test_a_recipe_runs_as_python_runs_a_script(tmp_path):
+    """A dataclass of its own under `from __future__ import annotations` (dataclasses looks the module up in
+    sys.modules: 'NoneType' object has no attribute '__dict__') and a module beside it (ModuleNotFoundError)."""
+    (tmp_path / "knobs.py").write_text("STEPS = 3\n")
+    (tmp_path / "recipe.py").write_text(
+        "from __future__ import annotations\n\nfrom dataclasses import dataclass\n\nimport knobs\n\n"
+        "from qlora.config import Config, DataConfig, ModelConfig, TrainConfig\n\n\n@dataclass\nclass Extra:\n"
+        "    warmup: int = 2\n\n\nconfig = Config(model=ModelConfig(path='m'), data=DataConfig(train='t.jsonl'),\n"
+        "                train=TrainConfig(steps=knobs.STEPS, warmup_steps=Extra().warmup))\n")
+    cfg = load_recipe(tmp_path / "recipe.py")
+    assert (cfg.train.steps, cfg.train.warmup_steps) == (3, 2)
+    assert str(tmp_path) not in sys.path and "qlora_recipe_recipe" not in sys.modules  # as they were

@@ -100,12 +100,15 @@ def target_names(model: nn.Module, targets: list[str]) -> list[str]:
     candidates = linear_names(model)
     if targets == ["all-linear"]:
         return candidates
-    chosen = [name for name in candidates if name.rsplit(".", 1)[-1] in targets or name in targets]
-    if not chosen:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
-        raise ConfigError(f"lora.targets={','.join(targets)} matches no linear layer: "
-                          f"use all-linear or some of {','.join(suffixes)}")
-    return chosen
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    # Every entry names layers: one that names none (a misspelling, `[q_proj` of a bracketed list, all-linear beside
+    # others) would train fewer layers than asked without a word.
+    unmatched = [t for t in targets if not any(name.rsplit(".", 1)[-1] == t or name == t for name in candidates)]
+    if unmatched:
+        alone = " (all-linear stands alone)" if "all-linear" in unmatched else ""
+        raise ConfigError(f"lora.targets={','.join(targets)}: {unmatched[0]!r} matches no linear layer{alone}: "
+                          f"use all-linear, or some of {','.join(suffixes)} separated by commas")
+    return [name for name in candidates if name.rsplit(".", 1)[-1] in targets or name in targets]
 
 
 def attach_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> list[str]:

@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import inspect
 import re
+import sys
 import textwrap
 import traceback
 import types
@@ -62,16 +63,26 @@ def load_recipe(path: str | Path) -> Config:
         raise ConfigError(f"recipe {path} is not a .py file: a recipe is Python; rename it to {path.stem}.py")
     spec = importlib.util.spec_from_file_location(f"qlora_recipe_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    # As Python runs a script: the module registered while it runs (a dataclass defined under `from __future__ import
+    # annotations` looks its module up there) and its folder first on the path (a sibling module imports).
+    sys.modules[spec.name], folder = module, str(path.resolve().parent)
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
-        raise ConfigError(f"{path}:{err.lineno}: syntax error: {err.msg}") from err
+        line = f":{err.lineno}" if err.lineno else ""  # none for a NUL byte
+        raise ConfigError(f"{path}{line}: syntax error: {err.msg}") from err
     except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
         raise ConfigError(f"{path}: the recipe called exit({err.code!r}): a recipe only builds `config`") from None
-    except (Exception, GeneratorExit) as err:  # a failed check, a NameError, an unknown keyword...: the recipe's line
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it runs: the command's to report
+        raise
+    except BaseException as err:  # a failed check, a NameError, an unknown keyword...: the recipe's line
         frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
         raise ConfigError(f"{where}: {_recipe_error(err)}") from err
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(folder)
     try:
         config = getattr(module, "config", None)
     except Exception as err:  # noqa: BLE001  a module-level __getattr__ of the recipe's own
