@@ -25,7 +25,7 @@ from qlora.base.attention import use_kernel
 from qlora.base.load import resolve_device
 from qlora.cli import run
 from qlora.commands import TRAIN, help_text, wants_help
-from qlora.config import Config, apply_overrides, load_recipe, split_args
+from qlora.config import Config, apply_overrides, load_recipe, resolve_paths, split_args
 from qlora.console import announce, quiet_libraries, since
 from qlora.data.read import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
@@ -306,7 +306,7 @@ def _main(argv: list[str]) -> None:
         return
     quiet_libraries()  # for a run started in-process; `python -m qlora.train` did it before importing transformers
     recipe, flags, overrides = split_args(argv, USAGE)
-    cfg = apply_overrides(load_recipe(recipe), overrides)
+    cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides))
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ConfigError(_flag_error(unknown[0]))

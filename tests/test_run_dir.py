@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,15 @@ def test_a_directory_written_while_the_run_loaded_is_refused_at_its_first_write(
     rundir.start_run(out, tiny_config, overwrite=False, seen=seen)
     rundir.unlock(out)
     assert json.loads((out / "run_config.json").read_text())["output"]["dir"] == str(out)
+
+
+def test_a_run_records_its_local_paths_absolute_and_is_evaluated_from_anywhere(cli, tmp_path):
+    """run_config.json kept `recipes/data/tiny/...` as the recipe wrote it: qlora.eval from another directory loaded
+    the model, then found no data."""
+    out = tmp_path / "run"
+    assert cli.run([TINY, *QUICK, f"--output.dir={out}"]).status == 0
+    data = json.loads((out / "run_config.json").read_text())["data"]
+    assert Path(data["train"]).is_absolute() and Path(data["train"]).is_file() and Path(data["eval"]).is_file()
+    proc = subprocess.run([sys.executable, "-m", "qlora.eval", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "held-out loss" in proc.stdout, proc.stderr

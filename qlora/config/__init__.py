@@ -4,7 +4,15 @@
 Recipes import what they build from here: `from qlora.config import Config, ModelConfig, DataConfig, ...`.
 """
 
-from qlora.config.recipe import apply_overrides, describe, field_docs, load_recipe, parse_args, split_args
+from qlora.config.recipe import (
+    apply_overrides,
+    describe,
+    field_docs,
+    load_recipe,
+    parse_args,
+    resolve_paths,
+    split_args,
+)
 from qlora.config.sections import (
     METHODS,
     Config,
@@ -21,4 +29,4 @@ from qlora.errors import ConfigError
 
 __all__ = ["METHODS", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "OutputConfig", "QuantConfig",
            "TrainConfig", "apply_overrides", "config_from_dict", "describe", "field_docs", "load_recipe", "parse_args",
-           "read_config_json", "split_args"]
+           "read_config_json", "resolve_paths", "split_args"]

@@ -7,7 +7,7 @@ import sys
 
 from qlora.cli import run
 from qlora.commands import CONFIG, help_text, wants_help
-from qlora.config import parse_args
+from qlora.config import parse_args, resolve_paths
 from qlora.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def print_resolved(argv: list[str]) -> None:
     cfg, flags = parse_args(argv, usage)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {usage}")
-    print(json.dumps(cfg.to_dict(), indent=2))
+    print(json.dumps(resolve_paths(cfg).to_dict(), indent=2))  # as qlora.train records it in run_config.json
 
 
 def main(argv: list[str] | None = None) -> int:

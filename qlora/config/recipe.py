@@ -53,6 +53,20 @@ def describe(config: Config, width: int = 100) -> str:
     return "\n".join(lines)
 
 
+# The settings that name local files: absolute once resolved, so a run's run_config.json means the same files from any
+# working directory (qlora.eval from elsewhere found no recipes/data/...), and a resume from elsewhere continues it.
+PATHS = (("model", "path"), ("model", "config_json"), ("data", "train"), ("data", "eval"))
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """`cfg` with each of PATHS that names an existing local file or folder made absolute (a hub id stays as it is)."""
+    for section, name in PATHS:
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value and Path(value).expanduser().exists():
+            setattr(getattr(cfg, section), name, str(Path(value).expanduser().resolve()))
+    return cfg
+
+
 def load_recipe(path: str | Path) -> Config:
     """Execute a recipe file and return its `config`."""
     path = Path(path)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from qlora.config import Config, apply_overrides, read_config_json
+from qlora.config import Config, apply_overrides, read_config_json, resolve_paths
 from qlora.errors import DISK_FULL, ConfigError, check_writable
 from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 
@@ -195,9 +195,9 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
                               f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
-    saved = read_config_json(path)
+    saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
     _check_identity(saved, cfg, run_dir)
-    resumed = apply_overrides(copy.deepcopy(saved), overrides)
+    resumed = resolve_paths(apply_overrides(copy.deepcopy(saved), overrides))
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
     before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
     changed = [k for k in after if after[k] != before[k] and k != "output.dir"]
