@@ -299,3 +299,14 @@ def test_a_run_resumed_where_the_plan_picks_another_micro_batch_continues_exactl
                 if "loss" in json.loads(line)]
 
     assert len(losses(part)) == 8 and losses(part) == pytest.approx(losses(full), rel=1e-5)
+
+
+def test_a_ceiling_no_plan_fits_is_refused_not_passed_over(tiny_config: Config) -> None:
+    """train.plan_gib is the most the plan may use: below anything that fits, the run went on with the recipe's
+    levers, past the ceiling, having said only that nothing fit."""
+    from qlora.memory.plan import use_plan
+
+    cfg = apply_overrides(tiny_config, ["--train.plan=fastest", "--train.plan_gib=0.001"])
+    with pytest.raises(ConfigError, match=r"no combination of levers fits train.plan_gib=0.001 \(.*\): raise "
+                                          r"train.plan_gib \(0 = the whole card\), or shorten data.max_seq_len"):
+        use_plan(cfg, torch.device("cpu"))

@@ -352,6 +352,9 @@ def use_plan(cfg: Config, device: torch.device, gpus: int = 1) -> Plan | None:
     except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
         print(f"train.plan=fastest: no estimate for this model ({err}): the recipe's levers as set")
         return None
+    if plan is None and cfg.train.plan_gib and card < room(device)[0]:  # the user's ceiling: not to be passed over
+        raise ConfigError(f"train.plan=fastest: no combination of levers fits train.plan_gib={cfg.train.plan_gib:g} "
+                          f"({where}): raise train.plan_gib (0 = the whole card), or shorten data.max_seq_len")
     if plan is None:
         print(f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set")
         return None

@@ -21,6 +21,7 @@ from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.data.read import load_splits
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
+from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
 from qlora.memory.profiler import PhaseTracker, available_bytes
 from qlora.training import checkpoint, distributed
 from qlora.training.sensitivity import keep_sensitive_layers
@@ -115,6 +116,8 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     packed = {id(m.weight): m.quant_state.shape for m in model.modules() if getattr(m, "quant_state", None) is not None}
     total = sum(packed.get(id(p), getattr(getattr(p, "quant_state", None), "shape", p)).numel()
                 for p in model.parameters())
+    # model.embeddings_on_cpu keeps the table as a plain attribute, no parameter: it is still the model's
+    total += sum(m.weight.numel() for m in model.modules() if isinstance(m, CPUEmbedding))
     mean_len = sum(len(r["input_ids"]) for r in run["train_rows"]) / len(run["train_rows"])
     longest = max(len(r["input_ids"]) for r in run["train_rows"])
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
