@@ -481,3 +481,10 @@ def test_the_memory_tool_refuses_what_the_trainer_would(capsys, override, line, 
 
     assert main(["recipes/llama8b.py", override, *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)
+
+
+def test_out_dir_takes_its_value_after_a_space_as_the_other_flags_do(tmp_path):
+    from qlora.report.memory import main
+
+    assert main(["recipes/tiny.py", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "tiny-none.json").is_file()

@@ -18,6 +18,7 @@ from torch import nn
 
 from qlora.base.bnb import bnb
 from qlora.config import LoRAConfig
+from qlora.config.sections import check_rank
 from qlora.errors import ConfigError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -101,14 +102,18 @@ def target_names(model: nn.Module, targets: list[str]) -> list[str]:
     if targets == ["all-linear"]:
         return candidates
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+
+    def named(name: str, target: str) -> bool:  # by its last part (q_proj) or in full
+        return name.rsplit(".", 1)[-1] == target or name == target
+
     # Every entry names layers: one that names none (a misspelling, `[q_proj` of a bracketed list, all-linear beside
     # others) would train fewer layers than asked without a word.
-    unmatched = [t for t in targets if not any(name.rsplit(".", 1)[-1] == t or name == t for name in candidates)]
+    unmatched = [t for t in targets if not any(named(name, t) for name in candidates)]
     if unmatched:
         alone = " (all-linear stands alone)" if "all-linear" in unmatched else ""
         raise ConfigError(f"lora.targets={','.join(targets)}: {unmatched[0]!r} matches no linear layer{alone}: "
                           f"use all-linear, or some of {','.join(suffixes)} separated by commas")
-    return [name for name in candidates if name.rsplit(".", 1)[-1] in targets or name in targets]
+    return [name for name in candidates if any(named(name, t) for t in targets)]
 
 
 def attach_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> list[str]:
@@ -116,14 +121,8 @@ def attach_lora(model: nn.Module, cfg: LoRAConfig, dtype: torch.dtype) -> list[s
     for param in model.parameters():
         param.requires_grad_(False)
     names = target_names(model, cfg.targets)
-    # A rank beyond a layer's smaller side adds parameters, never expressiveness; an absurd one would only fail later,
-    # allocating its matrices.
-    sides = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in names}
-    narrowest = min(sides, key=lambda name: min(sides[name]))
-    if cfg.r > min(sides[narrowest]):
-        raise ConfigError(f"lora.r={cfg.r} exceeds the smaller side of layer {narrowest} ({sides[narrowest][1]} x "
-                          f"{sides[narrowest][0]}): use a rank up to {min(sides[narrowest])}, e.g. "
-                          f"--lora.r={min(16, min(sides[narrowest]))}")
+    check_rank(cfg.r, {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features)
+                       for name in names}, "layer {}")
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -86,6 +86,19 @@ def _has_type(value: object, hint: object) -> bool:
 # The trainer refuses it before loading (qlora/training/assemble.py), and qlora.memory before estimating.
 FP16_ON_CUDA = ("quant.compute_dtype=fp16: this trainer has no loss scaling, so small fp16 gradients would underflow "
                 "to zero on CUDA: use --quant.compute_dtype=bf16 (or auto), or fp32 on a GPU without bf16")
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")  # train.optimizer's choices
+
+
+def check_rank(r: int, sides: dict[str, tuple[int, int]], layer: str) -> None:
+    """Refuse a rank beyond the smaller side of the narrowest of the layers `sides` gives (in, out) for: it adds
+    parameters, never expressiveness, and an absurd one would only fail later, allocating its matrices. `layer`
+    words a layer's name for the message ("layer {}")."""
+    narrowest = min(sides, key=lambda name: min(sides[name]))
+    if r > min(sides[narrowest]):
+        raise ConfigError(f"lora.r={r} exceeds the smaller side of {layer.format(narrowest)} ({sides[narrowest][1]} x "
+                          f"{sides[narrowest][0]}): use a rank up to {min(sides[narrowest])}, e.g. "
+                          f"--lora.r={min(16, min(sides[narrowest]))}")
+
 
 @dataclass
 class ModelConfig(*FIELDS["model"]):
@@ -330,7 +343,7 @@ class TrainConfig(*FIELDS["train"]):
             raise ConfigError(f"train.seed={self.seed} must lie in [0, 2**32), e.g. --train.seed=0")
         if self.schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.schedule={self.schedule!r}: use cosine or constant")
-        if self.optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer={self.optimizer!r}: use paged_adamw_32bit, paged_adamw_8bit or adamw")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"train.device={self.device!r}: use auto, cuda or cpu")

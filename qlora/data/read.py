@@ -60,11 +60,11 @@ def read_rows(source: str) -> Rows:
         # and "NA", "None" or "null" as missing.
         # Converters by column position: pandas names the columns itself (an empty name `Unnamed: 0`, as its own
         # to_csv writes an index; a repeated one `text.1`).
-        text = dict(converters=dict.fromkeys(range(len(header)), str), keep_default_na=False,
-                    na_filter=False) if header else {}
+        as_text = dict(converters=dict.fromkeys(range(len(header)), str), keep_default_na=False,
+                       na_filter=False) if header else {}
         try:
             rows = columnar_rows(datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train",
-                                                       **text))
+                                                       **as_text))
         except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
             cause = err
             while cause.__cause__ or cause.__context__:

@@ -47,7 +47,7 @@ from qlora.memory.arch import Arch, load_arch
 from qlora.memory.context import budget_text, planned, plans
 from qlora.memory.costs import COSTS, MEASURED_TOKENS, TABLE, LeverCost
 from qlora.memory.estimate import HOST_RUNTIME, Estimate, estimate
-from qlora.memory.preflight import fits, room
+from qlora.memory.preflight import divisors, fits, room
 from qlora.memory.profiler import available_bytes
 
 GIB = 2**30
@@ -155,11 +155,6 @@ def sizes(cfg: Config, device: str) -> tuple[list[int], str | None]:
     if BATCH.figure(device) is None:
         return [t.batch_size], f"no {device} figure in the cost table yet"
     return divisors(t.batch_size * t.grad_accum), None
-
-
-def divisors(rows: int) -> list[int]:
-    """The micro-batch sizes that run `rows` rows a step in whole micro-batches."""
-    return [b for b in range(1, rows + 1) if rows % b == 0]
 
 
 def shaped(cfg: Config, b: int) -> dict[str, int]:

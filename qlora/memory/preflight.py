@@ -46,6 +46,11 @@ def needs(est: Estimate) -> tuple[int, int]:
     return est.card_bytes, est.host_bytes - est.host.get("runtime", 0)
 
 
+def divisors(rows: int) -> list[int]:
+    """The micro-batch sizes that run `rows` rows a step in whole micro-batches."""
+    return [b for b in range(1, rows + 1) if rows % b == 0]
+
+
 def fits(est: Estimate, device_bytes: int, host_bytes: int | None) -> bool:
     card, host = needs(est)
     return card <= device_bytes and (host_bytes is None or est.device == "cpu" or host <= host_bytes)
@@ -117,7 +122,7 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     fixes = [f"--data.max_seq_len={longest}"] if longest else []
     if batch:  # as many rows per step, in smaller micro-batches: one that divides them
         rows = t.batch_size * t.grad_accum
-        batch = max(b for b in range(1, batch + 1) if rows % b == 0)
+        batch = max(b for b in divisors(rows) if b <= batch)
         fixes.append(f"--train.batch_size={batch} --train.grad_accum={rows // batch}")
     if fixes:
         fix = "set " + " or ".join(fixes) + ", the most that fits as the recipe stands" + \

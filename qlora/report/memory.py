@@ -36,7 +36,7 @@ from qlora.base.build import config_json_path
 from qlora.cli import run
 from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, parse_args
-from qlora.config.sections import FP16_ON_CUDA
+from qlora.config.sections import FP16_ON_CUDA, check_rank
 from qlora.errors import ConfigError, check_writable
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, load_arch
@@ -281,7 +281,7 @@ def parse_cli(argv: list[str]) -> Cli:
     for arg in args:
         name, sep, value = arg.partition("=")
         if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir") and not sep:
-            value, arg = next(args, ""), f"{name}={value}"
+            value = next(args, "")
         if name == "--gpus":
             if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"--gpus {value!r}: give the number of GPUs (processes), e.g. --gpus 2")
@@ -304,7 +304,7 @@ def parse_cli(argv: list[str]) -> Cli:
                 raise ConfigError(f"--host-gib {value!r}: give the one host's memory in GiB, e.g. --host-gib 128 (the "
                                   "cards are --gpu-gib's list)")
             cli.host_gib, sized = sizes[0], sized + [name]
-        elif arg.startswith("--out-dir="):
+        elif name == "--out-dir":
             cli.out_dir = Path(value)
             if not value.strip():
                 raise ConfigError("--out-dir= is empty: give the directory for the report, e.g. --out-dir=reports")
@@ -358,12 +358,7 @@ def refuse_untrainable(cfg: Config, device: str) -> None:
         raise ConfigError(FP16_ON_CUDA)
     if cfg.quant.method == "full":
         return
-    sides = adapted_layers(load_arch(cfg), cfg.lora.targets)
-    narrowest = min(sides, key=lambda name: min(sides[name]))
-    if cfg.lora.r > min(sides[narrowest]):
-        raise ConfigError(f"lora.r={cfg.lora.r} exceeds the smaller side of each decoder layer's {narrowest} "
-                          f"({sides[narrowest][1]} x {sides[narrowest][0]}): use a rank up to "
-                          f"{min(sides[narrowest])}, e.g. --lora.r={min(16, min(sides[narrowest]))}")
+    check_rank(cfg.lora.r, adapted_layers(load_arch(cfg), cfg.lora.targets), "each decoder layer's {}")
 
 
 def written_line(paths: list[Path] | None, kinds: str) -> str:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
+from qlora.config.sections import OPTIMIZERS
 from qlora.errors import DISK_FULL, EXIT_SAVE, ConfigError, Stop
 from qlora.partial import ordinary_modes
 from qlora.training.optimizer import keeps_masters, repage, stepped_params
@@ -291,7 +292,7 @@ def _check_state(state: dict, ckpt: Path) -> None:
             isinstance(first.get(k), int | float) and not isinstance(first.get(k), bool)
             for k in ("eval_loss", "eval_exact_match"))):
         raise Unusable(f"{STATE}: first_eval={first!r} is not the scores of an evaluation")
-    if state.get("optimizer", "adamw") not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
+    if state.get("optimizer", "adamw") not in OPTIMIZERS:
         raise Unusable(f"{STATE}: optimizer={state['optimizer']!r} is no optimizer this trainer builds")
     if "rows" in state and not (isinstance(state["rows"], list) and len(state["rows"]) == 2 and
                                 all(_count(n, 1) for n in state["rows"])):

@@ -20,6 +20,7 @@ from qlora.adapters.lora import lora_layers
 from qlora.config import Config
 from qlora.data.read import batch_rows
 from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop
+from qlora.memory.preflight import divisors
 from qlora.memory.profiler import meminfo_bytes, resident_bytes
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.loss import eval_stats
@@ -272,7 +273,7 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int, widt
         offer(f"--data.max_seq_len={seq}", "the longest that fits; longer rows are cut", data__max_seq_len=seq)
     rows = t.batch_size * t.grad_accum
     # micro-batches that divide the step's rows: the loss and the schedule stay the run's
-    bs = max((b for b in range(1, t.batch_size) if rows % b == 0 and peak(train__batch_size=b) <= budget), default=0)
+    bs = max((b for b in divisors(rows) if b < t.batch_size and peak(train__batch_size=b) <= budget), default=0)
     if bs:
         offer(f"--train.batch_size={bs} --train.grad_accum={rows // bs}",
               f"the largest micro-batch that fits, the same {rows} rows per step", train__batch_size=bs)
@@ -313,7 +314,7 @@ def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int) -> 
         out.append(f"  --data.max_seq_len={seq}")
     rows = t.batch_size * t.grad_accum
     if (most := int(t.batch_size * f)) >= 1 and most < t.batch_size:  # a divisor of the rows: the same rows per step
-        bs = max(b for b in range(1, most + 1) if rows % b == 0)
+        bs = max(b for b in divisors(rows) if b <= most)
         out.append(f"  --train.batch_size={bs} --train.grad_accum={rows // bs}")
     if not t.gradient_checkpointing:
         out.append("  --train.gradient_checkpointing=true")
