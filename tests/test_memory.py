@@ -434,6 +434,41 @@ def test_max_context_is_the_longest_that_fits_card_and_host():
     assert fit_context(cfg, 24 * 2**30, 128 * 2**30).tokens == 0
 
 
+def test_the_longest_context_is_found_past_the_tiles_where_a_shorter_row_does_not_fit():
+    """Rows up to train.tile_size run untiled and need more than a row just past it: the estimate falls where the
+    tiles begin. A plain bisection over the lengths stopped below that drop (8B with tiles of 32,768 on 16 GiB:
+    27,648 tokens where 35,840 fit); the search and the check before loading take each side apart."""
+    from qlora.memory.context import GRANULARITY, fit_context, fitting_plan
+    from qlora.memory.preflight import fitting
+
+    cfg = llama("llama8b", "--train.tile_size=32768")
+    arch, gpu, host = load_arch(cfg), 16 * 2**30, 125 * 2**30
+    fit = fit_context(cfg, gpu, host)
+    fitting_rows = [k * GRANULARITY for k in range(1, 64) if fitting_plan(cfg, arch, k * GRANULARITY, gpu, host)]
+    assert fit.tokens == max(fitting_rows) > cfg.train.tile_size and fit.limit == "card"
+    assert any(n not in fitting_rows for n in range(GRANULARITY, fit.tokens, GRANULARITY))  # the drop is there
+    longest, _ = fitting(apply_overrides(copy.deepcopy(cfg), ["--data.max_seq_len=40960"]), arch, "cuda", gpu, host)
+    assert cfg.train.tile_size < longest <= fit.tokens + GRANULARITY
+    # Past the drop nothing fits: the search goes back to the untiled side.
+    assert 0 < fit_context(cfg, 11 * 2**30, host).tokens <= cfg.train.tile_size
+
+
+def test_max_context_says_what_ends_a_row():
+    """A card no row fits because the host cannot hold its part says so, not the card's figure; a row that fits at
+    the search's last length says the search ended it."""
+    from qlora.memory.context import LONGEST, context_report
+    from qlora.report.markdown import context_lines
+
+    report = context_report(llama("llama70b"), [48, 24], 1)
+    report["recipe"] = "recipes/llama70b.py"
+    lines = context_lines(report)
+    assert "48 GiB card:         0 tokens, limited by the host (the host would need " in lines[1]
+    assert "limited by the card (weights, adapters and context alone take" in lines[2]
+    tiny = context_report(load_recipe(ROOT / "recipes" / "tiny.py"), [10_000], 100_000)
+    assert tiny["rows"][0]["tokens"] == LONGEST and tiny["rows"][0]["limit"] == "search"
+    assert "limited by the search (the search ends there; " in context_lines(tiny)[1]
+
+
 def test_max_context_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama8b.py", "--max-context", "--gpu-gib",
                            "24,80", "--host-gib=128", f"--out-dir={tmp_path}"], cwd=ROOT, capture_output=True,

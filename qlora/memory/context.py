@@ -2,13 +2,14 @@
 
     python -m qlora.memory RECIPE.py --max-context [--gpu-gib 24,48,80] [--host-gib 128]
 
-For each card size the sequence length is bisected (in steps of 1024 tokens, batch as in the recipe) with the recipe's
-levers as they are, except the one choice that depends on the length and the host: where the checkpointed layer
-inputs wait. With `train.offload_activations` they go to pinned host memory as far as the host holds them (after the
-process's own allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot
-take the rest either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as
-that costs the least recompute. A plan needing more host memory than the host has is no plan, nor one pinning more
-than the trainer's check before the first step allows (qlora/levers/checkpoints/layer_inputs.py, `check_pinned_memory`).
+For each card size the sequence length is bisected (in steps of 1024 tokens, batch as in the recipe; rows past
+train.tile_size apart from those up to it, which run untiled and can need more) with the recipe's levers as they are,
+except the one choice that depends on the length and the host: where the checkpointed layer inputs wait. With
+`train.offload_activations` they go to pinned host memory as far as the host holds them (after the process's own
+allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot take the rest
+either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as that costs the
+least recompute. A plan needing more host memory than the host has is no plan, nor one pinning more than the trainer's
+check before the first step allows (qlora/levers/checkpoints/layer_inputs.py, `check_pinned_memory`).
 
 `max_context(cfg, gpu_bytes, host_bytes)` is where the GPU battery's search starts, and `probe_overrides` the plan
 each of its probes runs at its length.
@@ -24,8 +25,10 @@ from dataclasses import dataclass, field
 from qlora.config import Config
 from qlora.levers.checkpoints.memory import PINNED_HEADROOM
 from qlora.levers.stream_base.settings import STREAM_BASE
+from qlora.levers.tiling.settings import untiled_up_to
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
+from qlora.memory.preflight import largest
 
 GIB = 2**30
 GRANULARITY = 1024
@@ -39,7 +42,8 @@ class Fit:
 
     tokens: int
     limit: str
-    """What stops a longer context: "card" (device memory) or "host" (host memory: the card would take more)."""
+    """What stops a longer context: "card" (device memory), "host" (host memory: the card would take more) or
+    "search" (it fits at LONGEST, where the search ends)."""
     levers: list[str]
     """The recipe's levers in this plan (where the layer inputs wait: `estimate.checkpoints`)."""
     overrides: list[str] = field(default_factory=list)
@@ -132,16 +136,10 @@ def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -
 
 def longest(cfg: Config, arch: Arch, gpu_bytes: int, host_bytes: int | None) -> tuple[int, Config | None,
                                                                                          Estimate | None]:
-    """Bisect the longest multiple of GRANULARITY that fits; (0, None, None) if not even one does."""
-    lo, hi, best = 0, LONGEST // GRANULARITY, (None, None)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        found = fitting_plan(cfg, arch, mid * GRANULARITY, gpu_bytes, host_bytes)
-        if found:
-            lo, best = mid, found
-        else:
-            hi = mid - 1
-    return lo * GRANULARITY, *best
+    """The longest multiple of GRANULARITY that fits, its plan and estimate; (0, None, None) if not even one does."""
+    tokens = largest(lambda n: fitting_plan(cfg, arch, n, gpu_bytes, host_bytes) is not None, LONGEST + 1,
+                     GRANULARITY, untiled_up_to(cfg, cfg.quant.method, cfg.train.batch_size))
+    return (tokens, *fitting_plan(cfg, arch, tokens, gpu_bytes, host_bytes)) if tokens else (0, None, None)
 
 
 def max_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> tuple[int, str, list[str]]:
@@ -156,7 +154,7 @@ def fit_context(cfg: Config, gpu_bytes: int, host_bytes: int) -> Fit:
     arch = load_arch(cfg)
     tokens, plan, est = longest(cfg, arch, gpu_bytes, host_bytes)
     # Host memory limits when the card alone would take a longer context.
-    limit = "host" if longest(cfg, arch, gpu_bytes, None)[0] > tokens else "card"
+    limit = "search" if tokens == LONGEST else "host" if longest(cfg, arch, gpu_bytes, None)[0] > tokens else "card"
     if plan is None:
         return Fit(0, limit, [])
     return Fit(tokens, limit, est.levers, [f"--data.max_seq_len={tokens}", *plan_overrides(cfg, est)], est)
@@ -209,7 +207,8 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
     return {"model": cfg.model.path, "config_json": str(config_json_path(cfg)), "method": cfg.quant.method,
             "estimate_for": "cuda", "host_gib": host_gib, "granularity": GRANULARITY,
             "batch_size": cfg.train.batch_size, "lora_r": cfg.lora.r, "lora_targets": cfg.lora.targets,
-            "fixed_bytes": fixed, "rows": rows, "levers": shortest.levers,
+            "fixed_bytes": fixed, "fixed_host_bytes": shortest.host_bytes, "longest_searched": LONGEST, "rows": rows,
+            "levers": shortest.levers,
             "assumptions": [a for a in shortest.assumptions if not a.startswith("batch ")] + [
                 f"the longest data.max_seq_len in steps of {GRANULARITY} tokens whose estimated step fits the card "
                 "(CUDA context and the allocator's margin included) and whose host side fits the host; the recipe's "

@@ -21,6 +21,7 @@ import torch
 
 from qlora.config import Config
 from qlora.errors import ConfigError
+from qlora.levers.tiling.settings import untiled_up_to
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
@@ -56,9 +57,13 @@ def fits(est: Estimate, device_bytes: int, host_bytes: int | None) -> bool:
     return card <= device_bytes and (host_bytes is None or est.device == "cpu" or host <= host_bytes)
 
 
-def largest(ok: Callable[[int], bool], below: int, step: int) -> int:
-    """The largest multiple of `step` under `below` for which `ok` holds (it holds for all smaller ones), else 0."""
-    lo, hi = 0, max(0, (below - 1) // step)
+def largest(ok: Callable[[int], bool], below: int, step: int, drop: int = 0) -> int:
+    """The largest multiple of `step` under `below` for which `ok` holds, else 0. `ok` holds for all smaller ones up
+    to `drop`, and apart from that for all smaller ones past it: the need falls where tiles begin (untiled_up_to),
+    so the side past `drop` is searched first, if its first value fits."""
+    top = max(0, (below - 1) // step)
+    edge = drop // step if 0 < drop // step < top else 0
+    lo, hi = (edge + 1, top) if edge and ok((edge + 1) * step) else (0, edge or top)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if ok(mid * step) else (lo, mid - 1)
@@ -75,8 +80,11 @@ def fitting(cfg: Config, arch: Arch, device: str, device_bytes: int, host_bytes:
         setattr(getattr(c, section), key, value)
         return fits(estimate(c, arch, c.quant.method, device, gpus), device_bytes, host_bytes)
 
-    return (largest(lambda n: ok("data", "max_seq_len", n), cfg.data.max_seq_len, STEP),
-            largest(lambda n: ok("train", "batch_size", n), cfg.train.batch_size, 1))
+    method = cfg.quant.method
+    return (largest(lambda n: ok("data", "max_seq_len", n), cfg.data.max_seq_len, STEP,
+                    untiled_up_to(cfg, method, cfg.train.batch_size)),
+            largest(lambda n: ok("train", "batch_size", n), cfg.train.batch_size, 1,
+                    untiled_up_to(cfg, method, cfg.data.max_seq_len)))
 
 
 def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: int | None = None,

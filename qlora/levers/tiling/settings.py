@@ -51,6 +51,13 @@ def tiled(cfg: RunConfig, method: str, tokens: int) -> bool:
     return 0 < cfg.train.tile_size < tokens and method != "full"
 
 
+def untiled_up_to(cfg: RunConfig, method: str, per: int) -> int:
+    """The most rows of `per` tokens (or tokens in each of `per` rows) a micro-batch holds and still runs untiled, 0
+    where tiles never act: past it the tiles begin and a step's estimate falls (a tile's working set replaces the
+    whole length's), so a search for the longest row that fits treats the two sides apart."""
+    return cfg.train.tile_size // per if cfg.train.tile_size and method != "full" else 0
+
+
 def norms_tiled(cfg: RunConfig, method: str, tokens: int) -> bool:
     """Whether the RMSNorms of a micro-batch of `tokens` run in tiles (train.tile_norms, where tiles act)."""
     return tiled(cfg, method, tokens) and cfg.train.tile_norms
