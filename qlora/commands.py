@@ -62,7 +62,8 @@ TRAIN = RecipeCommand(
 
 MEMORY = RecipeCommand(
     usage="python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] "
-          "[--out-dir=DIR] [--max-context [--gpu-gib 24,48,80] [--host-gib 128]] [--section.key=value ...]",
+          "[--out-dir=DIR] [--gpu-gib N [--host-gib 128]] [--max-context [--gpu-gib 24,48,80] [--host-gib 128]] "
+          "[--section.key=value ...]",
     about="Peak memory of full fine-tuning, 16-bit LoRA and QLoRA for the recipe: estimated from config.json "
           "(seconds,\nnothing loaded), and measured with --measure. Prints the report; writes files only into "
           "--out-dir.",
@@ -75,8 +76,11 @@ MEMORY = RecipeCommand(
                          "ones)",
            "--max-context": "instead, the longest context that trains on each card size, and the overrides that "
                             "train it (estimated)",
-           "--gpu-gib LIST": "the card sizes --max-context tries, in GiB (default 24,48,80)",
-           "--host-gib N": "the host memory --max-context may use, in GiB (default 128)",
+           "--gpu-gib LIST": "the card sizes --max-context tries, in GiB (default 24,48,80); without it, the one "
+                             "card the report is drawn against, and a recipe's train.plan=fastest chooses its levers "
+                             "for it as qlora.train would there",
+           "--host-gib N": "the host memory --max-context, or the plan for --gpu-gib's card, may use, in GiB "
+                           "(default 128)",
            "--debug": "show an error's traceback instead of its one line"})
 
 CONFIG = RecipeCommand(

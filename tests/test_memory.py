@@ -480,7 +480,12 @@ def test_max_context_cli(tmp_path):
     assert "levers: offload_activations" in proc.stdout and "Estimate only" in (tmp_path / "llama8b-max-context.md"
                                                                                  ).read_text()
     for args, message in ((["--gpu-gib=0"], "--gpu-gib '0': use positive sizes"),
-                          (["--gpu-gib=80"], "sizes the cards of --max-context: add --max-context")):
+                          (["--host-gib=64"], "--host-gib sizes the host beside the card --gpu-gib names, or the "
+                                              "cards of --max-context: add --gpu-gib N or --max-context"),
+                          (["--gpu-gib=24,48"], "--gpu-gib 24,48: the report is drawn against one card"),
+                          (["--gpu-gib=24", "--measure"], "--gpu-gib draws the estimate against a card of that size"),
+                          (["--gpu-gib=24", "--train.device=cpu"], "--gpu-gib sizes CUDA cards and the recipe trains "
+                                                                   "on the CPU (train.device=cpu)")):
         bad = subprocess.run([sys.executable, "-m", "qlora.memory", "recipes/llama8b.py", *args] +
                              (["--max-context"] if args == ["--gpu-gib=0"] else []) + [f"--out-dir={tmp_path}"],
                              cwd=ROOT, capture_output=True, text=True)
@@ -516,6 +521,31 @@ def test_the_memory_tool_refuses_what_the_trainer_would(capsys, override, line, 
 
     assert main(["recipes/llama8b.py", override, *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)
+
+
+def test_the_memory_tool_shows_the_plan_the_trainer_would_choose_for_a_card_named(capsys, tmp_path):
+    """The 8B and 70B recipes leave their levers to the trainer (train.plan=fastest): the report of the recipe's
+    levers is the least it needs, and --gpu-gib N shows the plan a run on that card takes, as qlora.train chooses it
+    (qlora/memory/plan.py, plan_for), with every method estimated with it; train.plan_gib caps it there too."""
+    from qlora.memory.plan import plan_for
+    from qlora.report.memory import main
+
+    assert main(["recipes/llama8b.py", "--methods=qlora"]) == 0
+    assert "--gpu-gib N [--host-gib H] shows them for a card" in capsys.readouterr().out
+    for extra, card, checkpointing in (([], 80, False), (["--train.plan_gib=14"], 14, True)):
+        assert main(["recipes/llama8b.py", "--gpu-gib", "80", "--host-gib=64", "--json", *extra,
+                     f"--out-dir={tmp_path}"]) == 0
+        out = capsys.readouterr()
+        report = json.loads(out.out)
+        cfg = llama("llama8b", *extra)
+        plan, lines = plan_for(cfg, "cuda", 80 * 2**30, "a card of 80 GiB (--gpu-gib)", 64 * 2**30)
+        assert report["plan"]["chose"] == cfg.train.plan_chose and report["plan"]["lines"] == lines
+        assert plan.estimate.card_bytes <= card * 2**30 and out.err.startswith(lines[0])
+        qlora = report["methods"]["qlora"]
+        assert qlora["estimated_peak_bytes"] == plan.estimate.peak_bytes and qlora["fits"]
+        assert report["device_memory"] == "a card of 80 GiB (--gpu-gib)" and report["estimate_for"] == "cuda"
+        assert lines[0] in (tmp_path / "llama8b-none.md").read_text()
+        assert report["settings"]["gradient_checkpointing"] is checkpointing  # the recipe's is on
 
 
 def test_out_dir_takes_its_value_after_a_space_as_the_other_flags_do(tmp_path):

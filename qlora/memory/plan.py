@@ -339,25 +339,33 @@ def use_plan(cfg: Config, device: torch.device, gpus: int = 1) -> Plan | None:
     and print what was chosen and why; with several processes the host is not counted, so that every process
     chooses alike (each checks its own host before loading)."""
     card, where = room(device)
+    host = available_bytes() if device.type == "cuda" and gpus == 1 else None
+    plan, lines = plan_for(cfg, device.type, card, where, host, gpus)
+    print("\n".join(lines))
+    return plan
+
+
+def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
+             gpus: int = 1) -> tuple[Plan | None, list[str]]:
+    """The plan for a card of `card` bytes (`where` says which) and `host` bytes of host memory (None: not counted),
+    its levers set on `cfg`, and the lines that say what was chosen and why: qlora.train's choice on the card it
+    finds, and `python -m qlora.memory RECIPE --gpu-gib N`'s for a card named."""
+    whole = card
     if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
-    host = available_bytes() if device.type == "cuda" and gpus == 1 else None
     try:
-        plan = choose(cfg, device.type, card, host, gpus)
+        plan = choose(cfg, device, card, host, gpus)
     except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
-        print(f"train.plan=fastest: no estimate for this model ({err}): the recipe's levers as set")
-        return None
-    if plan is None and cfg.train.plan_gib and card < room(device)[0]:  # the user's ceiling: not to be passed over
+        return None, [f"train.plan=fastest: no estimate for this model ({err}): the recipe's levers as set"]
+    if plan is None and card < whole:  # the user's ceiling: not to be passed over
         raise ConfigError(f"train.plan=fastest: no combination of levers fits train.plan_gib={cfg.train.plan_gib:g} "
                           f"({where}): raise train.plan_gib (0 = the whole card), or shorten data.max_seq_len")
     if plan is None:
-        print(f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set")
-        return None
-    lines = explain(cfg, plan, device.type, where + (f", {host / GIB:.2f} GiB of host memory available"
-                                                     if host is not None else ""))
+        return None, [f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set"]
+    lines = explain(cfg, plan, device, where + (f", {host / GIB:.2f} GiB of host memory available"
+                                                if host is not None else ""))
     cfg.train.plan_chose = plan.overrides(cfg)
     for key, value in plan.settings.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
-    print("\n".join(lines))
-    return plan
+    return plan, lines

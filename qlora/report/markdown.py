@@ -85,6 +85,10 @@ def markdown(report: dict, png_name: str) -> str:
     if measured:
         lines += ["", f"**Measured** means: {report['measurement']}. Peak over the training phases (first forward, "
                       "backward, optimizer step, steady state); loading is listed apart."]
+    if report.get("plan"):
+        lines += ["", "## The plan", "", "The recipe leaves its levers to the trainer (train.plan=fastest); for this "
+                  "card it chooses as follows, and every method above is estimated with that choice.", "", "```",
+                  *report["plan"]["lines"], "```"]
     lines += ["", "## Components", "", "GiB at each method's estimated peak; measured columns break the measured peak "
               "down by the tensors alive at that phase's end, the rest being activations and temporaries.", "",
               "| component | " + " | ".join(f"{m} est." + (f" | {m} meas." if measured else "") for m in methods)

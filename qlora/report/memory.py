@@ -121,10 +121,11 @@ def settings(cfg: Config, device: str) -> dict:
 
 
 def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str], methods: list[str],
-                 measure: bool, gpus: int = 1) -> dict:
-    device = target_device(cfg)
+                 measure: bool, gpus: int = 1, card: tuple[int, str] | None = None) -> dict:
+    """The report's dict; `card` (bytes, label): the CUDA card to draw it against, named rather than found."""
+    device = "cuda" if card is not None else target_device(cfg)
     arch = load_arch(cfg)
-    total, total_label = device_memory(device)
+    total, total_label = card or device_memory(device)
     if measure and device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--measure: the recipe trains on CUDA (train.device=cuda) but no GPU is visible; drop "
                           "--measure for an estimate, or measure on CPU with --train.device=cpu")
@@ -263,6 +264,9 @@ class Cli:
     max_context: bool = False
     gpu_gib: list[float] = field(default_factory=lambda: [24.0, 48.0, 80.0])
     host_gib: float = 128.0
+    card_gib: float | None = None
+    """Without --max-context, the one card --gpu-gib names: the report is drawn against it, and a recipe's
+    train.plan=fastest chooses its levers for it (and --host-gib's host)."""
 
 
 def _numbers(flag: str, value: str) -> list[float]:
@@ -312,7 +316,16 @@ def parse_cli(argv: list[str]) -> Cli:
         else:
             cli.rest.append(arg)
     if sized and not cli.max_context:
-        raise ConfigError(f"{sized[0]} sizes the cards of --max-context: add --max-context ({USAGE})")
+        if "--gpu-gib" not in sized:
+            raise ConfigError("--host-gib sizes the host beside the card --gpu-gib names, or the cards of "
+                              "--max-context: add --gpu-gib N or --max-context")
+        if len(cli.gpu_gib) > 1:
+            raise ConfigError(f"--gpu-gib {','.join(f'{g:g}' for g in cli.gpu_gib)}: the report is drawn against one "
+                              "card, e.g. --gpu-gib 48 (several are --max-context's: add --max-context)")
+        if cli.measure:
+            raise ConfigError("--gpu-gib draws the estimate against a card of that size; --measure measures the card "
+                              "here: drop one of them")
+        cli.card_gib = cli.gpu_gib[0]
     if cli.max_context and cli.gpus > 1:
         raise ConfigError("--max-context sizes one card; --gpus N asks about several: drop one of them")
     if cli.max_context and (cli.measure or cli.methods != Cli().methods):
@@ -334,10 +347,22 @@ def _main(argv: list[str]) -> int:
     cfg, flags = parse_args(cli.rest, USAGE)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
-    refuse_untrainable(cfg, "cuda" if cli.max_context else target_device(cfg))
+    sized = cli.max_context or cli.card_gib is not None
+    if sized and cfg.train.device == "cpu":
+        flag = "--max-context" if cli.max_context else "--gpu-gib"
+        raise ConfigError(f"{flag} sizes CUDA cards and the recipe trains on the CPU (train.device=cpu): set "
+                          f"--train.device=cuda, or drop {flag}")
+    refuse_untrainable(cfg, "cuda" if sized else target_device(cfg))
     if cli.max_context:
         return max_context_main(cli, argv, cfg)
-    report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus)
+    card, plan = None, None
+    if cli.card_gib is not None:
+        card = (int(cli.card_gib * GIB), f"a card of {cli.card_gib:g} GiB (--gpu-gib)")
+        if cfg.train.plan == "fastest":
+            plan = card_plan(cfg, cli, card[0])
+    report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus, card)
+    if plan is not None:
+        report["plan"] = plan
     if cli.as_json:
         print(json.dumps(report, indent=2))
     from qlora.report.markdown import summary_lines
@@ -346,9 +371,25 @@ def _main(argv: list[str]) -> int:
     if cli.out_dir is not None:
         md = write_report(report, cli.out_dir)
         written = [md, md.with_suffix(".json"), md.with_suffix(".png")]
-    for line in summary_lines(report) + [written_line(written, ".md, .json and .png")]:
+    note = []
+    if cfg.train.plan == "fastest" and plan is None:
+        note = ["train.plan=fastest: the levers above are the recipe's, the least it needs; a run takes the fastest "
+                "that fit its card and host: --gpu-gib N [--host-gib H] shows them for a card"]
+    lines = (plan["lines"] if plan else []) + summary_lines(report) + note
+    for line in lines + [written_line(written, ".md, .json and .png")]:
         print(line, file=sys.stderr if cli.as_json else sys.stdout)
     return 0
+
+
+def card_plan(cfg: Config, cli: Cli, card: int) -> dict:
+    """train.plan=fastest for --gpu-gib's card and --host-gib's host, as qlora.train would choose it there (with
+    several processes the host is not counted, as there): its levers set on `cfg`, and what it chose and why."""
+    from qlora.memory.plan import plan_for
+
+    host = int(cli.host_gib * GIB) if cli.gpus == 1 else None
+    chosen, lines = plan_for(cfg, "cuda", card, f"a card of {cli.card_gib:g} GiB (--gpu-gib)", host, cli.gpus)
+    return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
+            "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
 
 
 def refuse_untrainable(cfg: Config, device: str) -> None:
