@@ -29,7 +29,8 @@ from qlora.config import Config, apply_overrides, load_recipe, resolve_paths, sp
 from qlora.console import announce, quiet_libraries, since
 from qlora.data.read import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
-from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, use_plan
+from qlora.levers.stream_base.settings import check_processes
+from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, unplanned, use_plan
 from qlora.memory.preflight import check_fits
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, rundir
@@ -314,7 +315,10 @@ def _main(argv: list[str]) -> None:
         distributed.quiet()
     if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
         cfg = rundir.resume_config(cfg, overrides)
+    # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
+    check_processes(cfg, distributed.from_env().size)
     if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's
+        unplanned(cfg, overrides)
         keep_overridden(cfg, overrides)
     # An interruption or a full disk from here on names what is intact.
     Session.intact = functools.partial(checkpoint.intact_line, Path(cfg.output.dir))

@@ -22,10 +22,12 @@ reads them as they stand; before loading, the trainer keeps of them only what th
 the cost table (qlora/memory/costs.py) first, and prints why. quantize_lm_head changes the numbers, so it is the
 recipe's, not the plan's. By the estimate, with 120 GiB of host memory available, at 2048 tokens: a 48 or 80 GiB card
 keeps checkpointing alone (46.5 GiB; +39% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
-+0%). At 32,768 tokens a 48 GiB card keeps checkpointing, tiles with tile_norms, loss chunks, offloaded layer
-inputs and the optimizer on the CPU (47.7 GiB, +141%), an 80 GiB one checkpointing, loss chunks and offloaded layer
-inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB, +39%). No plan fits 24 GiB: the NF4 weights alone
-exceed it. --train.plan=recipe runs every lever as set.
++0%). At 32,768 tokens a 48 GiB card keeps checkpointing, loss chunks and offloaded layer inputs and streams the base
+from host memory (train.stream_base, issue 25: 30.6 GiB, +90%), an 80 GiB one checkpointing, loss chunks and offloaded
+layer inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB, +39%). The NF4 weights alone exceed 24 GiB, so
+there the base is streamed: with checkpointing at 2048 tokens (14.5 GiB, 38.9 GiB pinned in host memory, +69%), and
+tiles, loss chunks and offloaded layer inputs besides at 32,768 (22.2 GiB, +153%). Streaming's +30% is the table's
+assumption until a GPU measures it. --train.plan=recipe runs every lever as set.
 train.plan_batch=True leaves it the batch shape as well: the 16 rows of a step may run as fewer, larger
 micro-batches where the card holds them (docs/speed.md), once a GPU has measured the fixed part of a micro-batch
 for the cost table; until then the trainer runs 1 x 16 as set and says so.

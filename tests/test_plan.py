@@ -86,7 +86,15 @@ def test_a_kept_lever_stays_as_set_and_nothing_fits_where_the_weights_do_not() -
     assert "train.offload_activations" not in plan.settings and plan.left["train.offload_activations"] == \
         "train.plan_keep"
     assert plan.estimate.host["checkpoints"] > 0  # still offloaded, as the recipe sets it
-    assert choose(recipe("llama70b"), "cuda", 24 * GIB, HOST) is None  # 70B's NF4 weights alone exceed 24 GiB
+    # 70B's NF4 weights alone exceed 24 GiB: the plan streams the base from host memory (issue 25), where the host
+    # can pin it, and nothing fits where it cannot, or where the card is below even two layers and their work.
+    streamed = choose(recipe("llama70b"), "cuda", 24 * GIB, HOST)
+    assert streamed.settings["train.stream_base"] is True and streamed.estimate.card_bytes <= 24 * GIB
+    assert streamed.estimate.host["streamed_base"] > 30 * GIB and streamed.estimate.host_bytes <= HOST
+    assert choose(recipe("llama70b"), "cuda", 24 * GIB, 32 * GIB) is None
+    assert choose(recipe("llama70b"), "cuda", 2 * GIB, HOST) is None
+    # One process's lever: with several, left as the recipe sets it.
+    assert "train.stream_base" not in {row.lever for row, _ in choices(recipe("llama70b"), "cuda", gpus=2)[0]}
 
 
 def test_on_a_cpu_device_the_host_is_the_card(tiny_config: Config) -> None:
@@ -169,12 +177,12 @@ def test_the_batch_shape_is_the_recipes_unless_left_to_the_plan_and_measured(mon
 
 
 def test_a_smaller_micro_batch_is_the_plans_way_to_fit_a_small_card(monkeypatch: pytest.MonkeyPatch) -> None:
-    """48 rows x 2048 tokens in one micro-batch fit 16 GiB with no lever; the plan splits them rather than give up."""
+    """48 rows x 2048 tokens in one micro-batch fit 16 GiB with no lever (the base kept on the card); the plan splits
+    them rather than give up."""
     with_batch_figure(monkeypatch, 0.1)
-    assert choose(recipe("llama8b", "--train.plan_batch=false", "--train.batch_size=48", "--train.grad_accum=1"),
-                  "cuda", 16 * GIB, HOST) is None
-    plan = choose(recipe("llama8b", "--train.plan_batch=true", "--train.batch_size=48", "--train.grad_accum=1"), "cuda",
-                  16 * GIB, HOST)
+    rows = ["--train.batch_size=48", "--train.grad_accum=1", "--train.plan_keep=train.stream_base"]
+    assert choose(recipe("llama8b", "--train.plan_batch=false", *rows), "cuda", 16 * GIB, HOST) is None
+    plan = choose(recipe("llama8b", "--train.plan_batch=true", *rows), "cuda", 16 * GIB, HOST)
     assert plan is not None and plan.settings["train.batch_size"] < 48 and plan.estimate.card_bytes <= 16 * GIB
     assert plan.settings["train.batch_size"] * plan.settings["train.grad_accum"] == 48
 
@@ -310,3 +318,29 @@ def test_a_ceiling_no_plan_fits_is_refused_not_passed_over(tiny_config: Config) 
     with pytest.raises(ConfigError, match=r"no combination of levers fits train.plan_gib=0.001 \(.*\): raise "
                                           r"train.plan_gib \(0 = the whole card\), or shorten data.max_seq_len"):
         use_plan(cfg, torch.device("cpu"))
+
+
+def test_a_resumed_run_is_planned_from_the_recipe_not_from_the_plan_before() -> None:
+    """run_config.json holds the levers a plan chose; a resume plans again (its card may differ). Planned from those,
+    a lever the first plan turned off came back at the cost table's setting, not the recipe's: llama8b_6gb planned
+    on 80 GiB, then resumed on 4 GiB, found no plan where a fresh start fits (loss_chunk_size=256). train.plan_from
+    holds the recipe's values; a lever set on the resume's command line stays as set."""
+    from qlora.config.sections import config_from_dict
+    from qlora.memory.plan import plan_for, unplanned
+
+    def planned(cfg: Config, card_gib: float) -> tuple[Config, object]:
+        return cfg, plan_for(cfg, "cuda", int(card_gib * GIB), f"{card_gib} GiB", HOST)[0]
+
+    for seq in (2048, 16_384):
+        fresh = recipe("llama8b_6gb", f"--data.max_seq_len={seq}")
+        first, _ = planned(copy.deepcopy(fresh), 80)
+        assert first.train.plan_from and first.train.loss_chunk_size == 0  # a big card needs no chunks
+        saved = config_from_dict(json.loads(json.dumps(first.to_dict())), "run_config.json")
+        unplanned(saved, [])
+        assert saved.to_dict() == fresh.to_dict()
+        resumed, plan = planned(saved, 4)
+        again, fresh_plan = planned(copy.deepcopy(fresh), 4)
+        assert plan is not None and plan.settings == fresh_plan.settings and resumed.to_dict() == again.to_dict()
+    kept = apply_overrides(copy.deepcopy(first), ["--train.tile_size=2048"])
+    unplanned(kept, ["--train.tile_size=2048"])
+    assert kept.train.tile_size == 2048 and kept.train.loss_chunk_size == fresh.train.loss_chunk_size

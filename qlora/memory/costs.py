@@ -13,7 +13,7 @@ which measurement. What the kinds of cost are:
                    chunk)
     host traffic   bytes cross PCIe each step: layer inputs (offload_activations; scaled by the share of them the
                    plan pins on the host), the adapters' gradients and weights and a CPU update (optimizer_on_cpu),
-                   each step's embedding rows (embeddings_on_cpu)
+                   each step's embedding rows (embeddings_on_cpu), the base's layers (stream_base)
     kernels        the same arithmetic in other kernels: speed levers, negative where they save time
     batch shape    train.batch_size (with train.plan_batch): its figure is of another kind, the share of a one-row
                    micro-batch's step (checkpointing on, as recipes run) that does not grow with its rows (every
@@ -26,7 +26,9 @@ has run benchmarks/lever_costs.py. Until the GPU battery's `lever-costs-8b` item
     dequantisation weighs more in it;
   - for host traffic, an assumption (marked ASSUMED), ordered by the bytes each moves per step for Llama-3.1-8B at
     2048 tokens: embedding rows 16 MiB, layer inputs 2 x 512 MiB overlapped with compute on a side stream, the
-    adapters' fp32 gradients and weights 2 x 160 MiB plus a CPU AdamW over 42M parameters, not overlapped;
+    adapters' fp32 gradients and weights 2 x 160 MiB plus a CPU AdamW over 42M parameters, not overlapped; and
+    last, the whole 4-bit base twice a micro-batch (stream_base: 6.8 GB, 69 GB for 70B), behind the compute only in
+    part, at the 1.3x of a resident step issue 25 bounds it to;
   - for speed levers, None: the plan leaves a lever it has no figure for as the recipe sets it, so no speed lever is
     chosen on CUDA before a GPU measured that it pays.
 Replace the CUDA column from the battery's report (benchmarks/results/lever-costs-cuda-8b.md) and say so in `source`.
@@ -87,6 +89,8 @@ TABLE: tuple[LeverCost, ...] = (
     LeverCost("model.embeddings_on_cpu", "host traffic", True, None, 0.01, ASSUMED),
     LeverCost("train.offload_activations", "host traffic", True, None, 0.05, ASSUMED),
     LeverCost("train.optimizer_on_cpu", "host traffic", True, None, 0.10, ASSUMED),
+    LeverCost("train.stream_base", "host traffic", True, None, 0.30,
+              f"{ASSUMED}: issue 25's bound on it at 4,096 tokens (the battery's throughput-70b-stream measures it)"),
     LeverCost("train.batch_size", "batch shape", None, 0.18, None, f"{MEASURED}; {NO_GPU}"),
     LeverCost("train.fuse_lora_add", "kernels", True, -0.05, None, f"{MEASURED}; {NO_GPU}"),
     LeverCost("train.fuse_lora", "kernels", True, -0.09, None, f"{MEASURED}; {NO_GPU}"),

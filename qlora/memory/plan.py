@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora.config import Config
+from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
+from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import tiled
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.context import budget_text, planned, plans
@@ -74,13 +75,17 @@ class Plan:
 
     def overrides(self, cfg: Config) -> list[str]:
         """The overrides that turn `cfg` into this plan (those settings that differ from it)."""
-        out = []
-        for key, value in self.settings.items():
-            if get(cfg, key) != value:
-                shown = str(value).lower() if isinstance(value, bool) else budget_text(value) if isinstance(
-                    value, float) else value
-                out.append(f"--{key}={shown}")
-        return out
+        return [override(key, value) for key, value in self.settings.items() if get(cfg, key) != value]
+
+    def undo(self, cfg: Config) -> list[str]:
+        """The overrides that turn this plan back into `cfg`: the values it changed, as `cfg` has them."""
+        return [override(key, get(cfg, key)) for key, value in self.settings.items() if get(cfg, key) != value]
+
+
+def override(key: str, value: object) -> str:
+    """`--key=value` as the command line writes it and reads it back."""
+    shown = str(value).lower() if isinstance(value, bool) else budget_text(value) if isinstance(value, float) else value
+    return f"--{key}={shown}"
 
 
 def get(cfg: Config, key: str) -> object:
@@ -117,7 +122,7 @@ def with_settings(cfg: Config, settings: dict[str, object]) -> Config | None:
     return out
 
 
-def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], dict[str, str]]:
+def choices(cfg: Config, device: str, gpus: int = 1) -> tuple[list[tuple[LeverCost, object]], dict[str, str]]:
     """The levers the plan chooses among, each with its "on" value; and those it leaves as set, with why."""
     keep = set(cfg.train.plan_keep)
     out, left = [], {}
@@ -127,6 +132,8 @@ def choices(cfg: Config, device: str) -> tuple[list[tuple[LeverCost, object]], d
         figure = row.figure(device)
         if device == "cpu" and row.cpu is None:
             continue  # a CUDA-only lever: it does nothing on a CPU device, whatever it is set to
+        if gpus > 1 and row.lever == STREAM_BASE.name:
+            continue  # one process's lever (refused with several): as the recipe sets it
         if row.lever in keep:
             left[row.lever] = "train.plan_keep"
         elif figure is None:
@@ -197,7 +204,9 @@ def checkpoint_plans(cfg: Config, arch: Arch, device: str, host_bytes: int | Non
                                                else host_bytes + HOST_RUNTIME))
     else:  # a CPU device offloads nothing; several processes keep the recipe's placement
         kept = gpus > 1 or EVERY.lever in cfg.train.plan_keep
-        everies = [cfg.train.checkpoint_every] if kept else range(1, arch.layers + 1)
+        # A streamed base keeps every layer input (its rules refuse checkpoint_every > 1), as context.plans has it.
+        streamed = STREAM_BASE.active(cfg, cfg.quant.method, device)
+        everies = [cfg.train.checkpoint_every] if kept else range(1, 2 if streamed else arch.layers + 1)
         candidates = ((p, estimate(p, arch, cfg.quant.method, device, gpus))
                       for p in (planned(cfg, tokens, k, None) for k in everies))
     for plan, est in candidates:
@@ -215,7 +224,7 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
     """The fastest plan whose estimate fits `card_bytes` (and the host's `host_bytes`, None: unbounded); None if none
     does. `device`: "cuda" or "cpu", whose column of the cost table counts."""
     arch = load_arch(cfg)
-    options, left = choices(cfg, device)
+    options, left = choices(cfg, device, gpus)
     shapes, why = sizes(cfg, device)
     if why is not None:
         left[BATCH.lever] = why
@@ -328,6 +337,14 @@ def fewer_rows(cfg: Config, most: int) -> None:
         f"--train.batch_size={b}", f"--train.grad_accum={rows // b}"]
 
 
+def unplanned(cfg: Config, overrides: list[str]) -> None:
+    """A resumed run's levers as they were before its plan (train.plan_from), but those set on this command line: the
+    plan starts again from the recipe, not from the plan it chose before, on whatever card the run now has."""
+    keys = {override_key(item) for item in overrides}
+    apply_overrides(cfg, [item for item in cfg.train.plan_from if override_key(item) not in keys])
+    cfg.train.plan_chose, cfg.train.plan_from = [], []
+
+
 def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     """A lever set on the command line stays as set: add it to train.plan_keep."""
     keys = [override_key(item) for item in overrides]
@@ -364,7 +381,7 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
         return None, [f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set"]
     lines = explain(cfg, plan, device, where + (f", {host / GIB:.2f} GiB of host memory available"
                                                 if host is not None else ""))
-    cfg.train.plan_chose = plan.overrides(cfg)
+    cfg.train.plan_chose, cfg.train.plan_from = plan.overrides(cfg), plan.undo(cfg)
     for key, value in plan.settings.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)

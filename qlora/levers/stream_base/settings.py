@@ -36,6 +36,14 @@ def check(cfg: RunConfig) -> None:
                           "in the order of the backward): set --train.checkpoint_every=1")
 
 
+def check_processes(cfg: RunConfig, processes: int) -> None:
+    """One process streams its base: with several (torchrun), refused before anything loads, for each process would
+    otherwise load the whole base into host memory first."""
+    if cfg.train.stream_base and processes > 1:
+        raise ConfigError(f"train.stream_base streams one process's base, and this run has {processes} processes: "
+                          "run one, or shard the base over them with --train.shard_base=true instead")
+
+
 STREAM_BASE = Lever(
     name="train.stream_base", kind="memory",
     # On a CPU device too: host and device are the same memory there, so it saves nothing, but it runs the same

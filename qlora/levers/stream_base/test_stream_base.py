@@ -187,3 +187,35 @@ def test_max_context_plans_the_streamed_70b_on_a_24_gib_card(capsys: pytest.Capt
     tokens = int(row.split("card:")[1].split("tokens")[0].replace(",", ""))
     assert tokens >= 2048 and "train.checkpoint_every" not in "\n".join(lines)
     assert any(line.strip().startswith("base streamed: 80 layers of 420.9 MiB in pinned host memory") for line in lines)
+
+
+def test_the_fastest_plan_never_replays_layers_of_a_streamed_base(tiny_config: Config, deep: list[str]) -> None:
+    """train.plan=fastest on a CPU device (where the plan searches checkpoint_every itself, not through
+    context.plans): on cards just below the step that keeps every layer input, it never picks checkpoint_every > 1
+    beside train.stream_base, which the lever's rules refuse (a run so planned trained, and its run_config.json then
+    refused eval, generate and --resume)."""
+    from qlora.memory.plan import choose
+
+    cfg = apply_overrides(copy.deepcopy(tiny_config), [*deep, "--train.stream_base=true", "--train.plan=fastest",
+                                                       "--data.max_seq_len=4096", "--train.batch_size=1"])
+    whole = estimate(cfg, load_arch(cfg), "qlora", "cpu").card_bytes
+    for share in (1.0, 0.98, 0.97, 0.9):
+        plan = choose(cfg, "cpu", int(whole * share), None)
+        if plan is not None:
+            assert plan.settings["train.checkpoint_every"] == 1, (share, plan.settings)
+            apply_overrides(copy.deepcopy(cfg), plan.overrides(cfg))  # the rules take what the plan chose
+
+
+def test_several_processes_are_refused_before_anything_loads(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """torchrun's WORLD_SIZE=2: exit 2 and one line before the processes join and each loads the whole base into
+    host memory (the streamer's own check comes after the load)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    assert main(["recipes/tiny.py", "--train.stream_base=true", f"--output.dir={out}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("error: train.stream_base streams one process's base, and this run has 2 "
+                                    "processes: run one, or shard the base over them with --train.shard_base=true "
+                                    "instead"), captured.err
+    assert "loading" not in captured.out and not out.exists()
