@@ -464,6 +464,7 @@ def test_max_context_says_what_ends_a_row():
     lines = context_lines(report)
     assert "48 GiB card:         0 tokens, limited by the host (the host would need " in lines[1]
     assert "limited by the card (weights, adapters and context alone take" in lines[2]
+    assert lines[2].endswith("GiB; --train.stream_base=true keeps the 4-bit base in host memory)")
     tiny = context_report(load_recipe(ROOT / "recipes" / "tiny.py"), [10_000], 100_000)
     assert tiny["rows"][0]["tokens"] == LONGEST and tiny["rows"][0]["limit"] == "search"
     assert "limited by the search (the search ends there; " in context_lines(tiny)[1]

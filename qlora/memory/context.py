@@ -207,6 +207,7 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
     return {"model": cfg.model.path, "config_json": str(config_json_path(cfg)), "method": cfg.quant.method,
             "estimate_for": "cuda", "host_gib": host_gib, "granularity": GRANULARITY,
             "batch_size": cfg.train.batch_size, "lora_r": cfg.lora.r, "lora_targets": cfg.lora.targets,
+            "streamable": cfg.quant.method == "qlora" and not cfg.train.stream_base,
             "fixed_bytes": fixed, "fixed_host_bytes": shortest.host_bytes, "longest_searched": LONGEST, "rows": rows,
             "levers": shortest.levers,
             "assumptions": [a for a in shortest.assumptions if not a.startswith("batch ")] + [

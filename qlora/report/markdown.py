@@ -176,7 +176,8 @@ def _row_note(row: dict, report: dict) -> str:
     if not row["tokens"] and row["limit"] == "host":
         return f"the host would need {gib(report['fixed_host_bytes'])} GiB even at {report['granularity']:,} tokens"
     if not row["tokens"]:
-        return f"weights, adapters and context alone take {gib(report['fixed_bytes'])} GiB"
+        return f"weights, adapters and context alone take {gib(report['fixed_bytes'])} GiB" + (
+            "; --train.stream_base=true keeps the 4-bit base in host memory" if report.get("streamable") else "")
     return ("the search ends there; " if row["limit"] == "search" else "") + \
         f"{gib(row['card_bytes'])} GiB on the card with the allocator's margin, {gib(row['host_bytes'])} GiB of host"
 
