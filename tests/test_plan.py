@@ -301,6 +301,11 @@ def test_a_run_resumed_where_the_plan_picks_another_micro_batch_continues_exactl
     resumed = cli.run([*base, "--train.steps=8", f"--output.dir={part}", "--resume", f"--train.plan_gib={one_row}"])
     assert resumed.status == 0, resumed.stderr
     assert "batch: 1 row x 8 micro-batches a step (the recipe: 8 x 1;" in resumed.stdout
+    # What the plan chose is planned again from the recipe, not reported as the recipe's values left unused.
+    resuming = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming "))
+    assert "plan_chose" not in resuming and "gradient_checkpointing" not in resuming, resuming
+    recorded = json.loads((part / "run_config.json").read_text())["train"]
+    assert "--train.batch_size=8" in recorded["plan_from"] and "--train.batch_size=1" in recorded["plan_chose"]
 
     def losses(run: Path) -> list[float]:
         return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()

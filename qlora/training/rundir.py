@@ -207,8 +207,11 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
         raise ConfigError(f"--resume cannot change {k} ({before[k]!r} -> {after[k]!r}): it fixes "
                           f"{FIXED_ON_RESUME.get(k, PACKED)}; drop --{k} to continue the run, or start a new run with "
                           "--overwrite or another output.dir")
+    # What the plan chose is the run's, and planned again from the recipe's values (qlora/memory/plan.py, unplanned).
+    planned = {"train.plan_chose", "train.plan_from"} | ({item[2:].split("=", 1)[0] for item in saved.train.plan_from}
+                                                         if resumed.train.plan == "fastest" else set())
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
-               if recipe[k] != after[k] and k != "output.dir"]
+               if recipe[k] != after[k] and k != "output.dir" and k not in planned]
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
     if changed:
         line += "; changed on the command line: " + ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed)
