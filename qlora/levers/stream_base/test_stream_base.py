@@ -42,7 +42,8 @@ def deep(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 @pytest.mark.parametrize(("device", "checkpointing"), [("cpu", True), ("cpu", False),
-                                                      pytest.param("cuda", True, marks=cuda_only)])
+                                                      pytest.param("cuda", True, marks=cuda_only),
+                                                      pytest.param("cuda", False, marks=cuda_only)])
 def test_streamed_base_keeps_loss_and_grads(tiny_config: Config, batch: dict, deep: list[str], device: str,
                                             checkpointing: bool) -> None:
     """Two steps with a forward without gradients between them (an evaluation, which leaves other layers in the
