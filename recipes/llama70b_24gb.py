@@ -3,7 +3,7 @@ streamed from host memory (issue 25), QLoRA r=16 on every linear layer, 2048 tok
 
     python -m qlora.memory recipes/llama70b_24gb.py            # the estimate, from config.json alone, in seconds
     python -m qlora.memory recipes/llama70b_24gb.py --max-context --gpu-gib 12,24 --host-gib 128  # longest context
-    bash benchmarks/gpu.sh OUT --part 6                        # on a GPU: the measured rows (below: none yet)
+    bash benchmarks/gpu.sh OUT --part 7 --items stream-tests,stream-70b  # on a GPU: the measured rows (below: none yet)
 
 train.stream_base keeps every decoder layer's packed weights and absmax in pinned host memory (80 x 420.9 MiB = 32.9
 GiB) and the card two of them (0.82 GiB) instead of all (33.4 GiB): each layer is copied in on a side stream while

@@ -3,7 +3,7 @@ host memory (issue 25) and three levers more, QLoRA r=16 on every linear layer, 
 
     python -m qlora.memory recipes/llama8b_6gb.py            # the estimate, from config.json alone, in seconds
     python -m qlora.memory recipes/llama8b_6gb.py --max-context --gpu-gib 4,6,8 --host-gib 128  # longest context
-    bash benchmarks/gpu.sh OUT --part 6                      # on a GPU: the measured row (below: none yet)
+    bash benchmarks/gpu.sh OUT --part 7 --items stream-tests,stream-8b  # on a GPU: the measured row (below: none yet)
 
 train.stream_base keeps every decoder layer's packed weights and absmax in pinned host memory (32 x 107.3 MiB = 3.35
 GiB) and the card two of them (0.21 GiB): 2 x 30 layers = 6.8 GB copied per micro-batch, 0.27 s at 25 GB/s, behind a
