@@ -40,6 +40,12 @@ def test_every_command_answers_help_before_importing_torch(name: str, flag: str)
     assert not imported(proc) & set(HEAVY), imported(proc) & set(HEAVY)
 
 
+def test_the_measuring_child_answers_help_too() -> None:
+    """qlora.memory --measure runs it, and failures.md names it: `--help` was refused as an unknown flag (exit 2)."""
+    proc = command("qlora.report.measure", "--help")
+    assert proc.returncode == 0 and "python -m qlora.report.measure RECIPE.py --quant.method=qlora" in proc.stdout
+
+
 def test_train_help_after_a_recipe_lists_every_field_with_type_value_and_docstring() -> None:
     proc = command("qlora.train", "recipes/tiny.py", "--lora.r=4", "--train.lr=1e-3", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from qlora.cli import run
+from qlora.commands import wants_help
 from qlora.config import Config, parse_args
 from qlora.errors import ConfigError, check_writable
 from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if wants_help(argv):  # qlora.memory --measure runs it; a user may too
+        print(__doc__, end="")
+        return 0
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), None)
     counts = {}
     for flag, default in (("--steps=", 3), ("--runs=", 1)):
