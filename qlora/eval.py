@@ -22,11 +22,14 @@ from pathlib import Path
 
 from qlora.cli import run
 from qlora.commands import eval_parser
+from qlora.config import Config
 from qlora.console import quiet_libraries
+from qlora.data.pack import pack_examples
 from qlora.data.read import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
+from qlora.training.checkpoint import STATE, list_checkpoints
 from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
 
@@ -36,11 +39,15 @@ RESULT_KEYS = {"eval_loss", "eval_ppl", "eval_exact_match", "data", "rows"}
 
 def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None) -> dict:
     """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
-    rows = read_rows(data) if data is not None else None  # a missing file is found before the model loads
+    # A missing or malformed file (--data, or the run's data.eval) is found before the model loads.
+    source = data if data is not None else read_run_config(Path(run_dir)).data.eval
+    rows = read_rows(source) if source is not None else None
     cfg, model, tokenizer, dev = load_run(Path(run_dir), device)
     if data is None and not cfg.data.eval:
         # The split training held out: the same seeded carve-out of the train file.
-        _, examples = load_splits(cfg.data, tokenizer, cfg.train.seed)
+        train, examples = load_splits(cfg.data, tokenizer, cfg.train.seed)
+        check_split(Path(run_dir), cfg, len(pack_examples(train, cfg.data.max_seq_len)) if cfg.data.pack
+                    else len(train), len(examples))
         data = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
     else:  # `data`, or the run's held-out file (its train file is not read: tokenising it took as long as the rest)
         data = data if data is not None else cfg.data.eval
@@ -50,6 +57,26 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
     started = announce_evaluation(examples, cfg, f"of {data}")
     scores = evaluate(model, examples, cfg, tokenizer.pad_token_id, dev)
     return {**scores, "data": data, "rows": len(examples), "seconds": round(time.perf_counter() - started, 1)}
+
+
+def check_split(run_dir: Path, cfg: Config, n_train: int, n_eval: int) -> None:
+    """Refuse a held-out split carved from a data.train that changed since the run: the split is a seeded permutation
+    of the row count, so one row more or fewer holds out other rows, most of them trained on. The row counts the run
+    recorded are in its checkpoints (trainer_state.pt); without one there is nothing to compare with."""
+    import torch
+
+    states = [run_dir / STATE] if (run_dir / STATE).is_file() else \
+        [c / STATE for c in reversed(list_checkpoints(run_dir))]
+    for state in states:
+        try:
+            rows = torch.load(state, map_location="cpu", weights_only=True).get("rows")
+        except Exception:  # noqa: BLE001  a damaged checkpoint says nothing: try the one before
+            continue
+        if isinstance(rows, list) and rows != [n_train, n_eval]:
+            raise ConfigError(f"{cfg.data.train} now gives {n_train} training and {n_eval} held-out rows, the run had "
+                              f"{rows[0]} and {rows[1]}: the file changed, so the held-out split carved from it by "
+                              "seed would hold rows the run trained on; restore the file, or pass --data FILE")
+        return
 
 
 def is_result(path: Path) -> bool:

@@ -26,6 +26,8 @@ beyond its tolerance.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -263,6 +265,17 @@ def encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(tensor.contiguous().numpy(), qtype)
 
 
+def write_tensor(writer: gguf.GGUFWriter, data: np.ndarray, out: Path) -> None:
+    """Append one tensor's bytes. numpy's tofile checks the free space itself and reports a full disk as an OSError
+    without an errno ("Not enough free space to write ..."): raised as the ENOSPC it is (exit 5, one line)."""
+    try:
+        writer.write_tensor_data(data)
+    except OSError as err:
+        if err.errno is None and "free space" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from err
+        raise
+
+
 FOLD_DTYPES = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}  # others are folded in fp32, then quantised
 
 
@@ -304,7 +317,7 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
                     tensor = interleave_rotary(tensor, heads)
                 elif p.source.endswith(("k_proj.weight", "k_proj.bias")):
                     tensor = interleave_rotary(tensor, kv_heads)
-                writer.write_tensor_data(encode(tensor, p.qtype))
+                write_tensor(writer, encode(tensor, p.qtype), out)
         writer.close()
         ordinary_modes(Path(tmp))  # mkstemp's file is private; the model is an ordinary file
         print(f"wrote {len(planned)} tensors ({len(merged)} with the adapter folded in), "
@@ -316,9 +329,12 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
             os.replace(tmp, out)  # too far from the trained model: kept for inspection, as the line says
             raise
         os.replace(tmp, out)
-    except BaseException:
-        writer.close()
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # on a full disk, flushing what was buffered fails too
+            writer.close()
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            err.filename = str(out)  # name the file the user asked for, not its hidden copy, which is gone
         raise
     print(f"wrote {out}")
     return {"gguf": str(out), "type": kind, "tensors": len(planned), "merged_layers": len(merged),
@@ -453,7 +469,9 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"--gguf={out} exists: choose another path or delete it")
     if args.rows < 1:
         raise ConfigError(f"--rows={args.rows}: the check needs at least one held-out row, e.g. --rows=32")
-    read_run_config(args.run_dir)  # a missing run is named before anything loads
+    cfg = read_run_config(args.run_dir)  # a missing run is named before anything loads
+    if not args.skip_check:  # the data the check reads, found missing or malformed before the export, not after it
+        read_rows(cfg.data.eval or cfg.data.train)
     check = None if args.skip_check else lambda path: check_export(args.run_dir, out, args.type, args.rows, path=path)
     export(args.run_dir, out, args.type, args.device, check)
     return 0

@@ -69,7 +69,7 @@ def read_prompt(line: str, jsonl: bool, number: int) -> str:
     if not isinstance(value, str):
         raise ConfigError(f'stdin:{number}: with --jsonl a line is a JSON string or an object with a "prompt" '
                           "string")
-    if not value:
+    if not value.strip():  # as --prompt: blanks alone are no text to complete
         raise ConfigError(f"stdin:{number}: the prompt is empty: give the text to complete")
     return value
 

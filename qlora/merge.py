@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,7 +51,7 @@ from qlora.console import announce, progress, quiet_libraries, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
 from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned, write_aside
-from qlora.training.assemble import load_run_fp32, read_run_config, trained_dtype
+from qlora.training.assemble import load_run_fp32, read_run_adapter_config, read_run_config, trained_dtype
 
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -162,6 +162,18 @@ def copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def save_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with a failed write (a full disk, a read-only one) raised as the OSError it is:
+    safetensors reports it as a SafetensorError whose text ends in "(os error 28)", which would end in a traceback."""
+    try:
+        save_file(shard, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
+
+
 def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tensor], torch.Tensor],
                  dtype: torch.dtype, max_bytes: int) -> int:
     """Read every base tensor once, pass it through `fold`, write safetensors shards (+ index); return the bytes."""
@@ -177,7 +189,7 @@ def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tenso
                 shard[name] = fold(name, f.get_tensor(name)).contiguous()
             weight_map[name] = file_name
             total += shard[name].numel() * shard[name].element_size()
-        save_file(shard, str(out / file_name), metadata={"format": "pt"})
+        save_shard(shard, out / file_name)
         del shard  # only this shard's tensors were ever held
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -194,7 +206,7 @@ def read_scaling(run_dir: Path, cfg: Config) -> float:
     if not (run_dir / ADAPTER_WEIGHTS).is_file():
         raise ConfigError(f"{run_dir / ADAPTER_WEIGHTS} not found: the run has not finished; pass one of its "
                           "checkpoint-N directories instead")
-    adapter_cfg = read_adapter_config(run_dir)
+    adapter_cfg = read_run_adapter_config(run_dir, cfg)  # an edited one would merge at another scale than trained
     return adapter_cfg["lora_alpha"] / adapter_cfg["r"]
 
 
@@ -208,6 +220,9 @@ def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
     path = run_dir / ADAPTER_WEIGHTS
     try:
         with safe_open(str(path), "pt") as adapter:
+            if not any(key.endswith(".lora_A.weight") for key in adapter.keys()):
+                raise ConfigError(f"{path} holds no adapter layers (no lora_A weights): restore it from the run (its "
+                                  "checkpoint-N directories hold copies)")
             for key in adapter.keys():
                 if not key.endswith(".lora_A.weight"):
                     continue
@@ -333,6 +348,11 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     check_writable(out, "--out", directory=True)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
+    if out.exists():  # empty: the finished merge takes its place, by rename
+        if out.resolve() == Path.cwd().resolve():
+            raise ConfigError(f"--out {out} is the current directory, which the finished merge would replace: name "
+                              f"it from outside (--out ../{Path.cwd().name}) or choose another")
+        out = out.resolve()  # a link to an empty directory: the merge goes where it points, the link stays
     source = merge_source(run_dir, base_16bit, device)
     base = source.base
     started = announce(f"merging {run_dir} onto {source.onto}, written as {str(dtype).removeprefix('torch.')}")
@@ -355,8 +375,10 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and str(err.filename or "").startswith(str(tmp)):
+            err.filename = str(out)  # name the output the user gave, not its hidden copy, which is gone
         raise
     print(f"wrote {len(merged)} merged layers, {total / 1e9:.3f} GB, to {out} ({since(started)})")
     return info

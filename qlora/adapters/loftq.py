@@ -121,7 +121,12 @@ def load_shifts(run_dir: Path) -> dict[str, torch.Tensor]:
     if path is None:
         raise ConfigError(f"{run_dir / SHIFTS} not found: a run with lora.loftq_iters > 1 keeps the shifts its 4-bit "
                           "base was quantised with there, and its base cannot be rebuilt without them")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as err:  # cut short or not safetensors (SafetensorError), unreadable (OSError)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path} is unreadable ({reason}): the run's 4-bit base cannot be rebuilt without it; "
+                          "restore it from a copy of the run") from err
 
 
 def apply_shifts(model: nn.Module, cfg: Config, base_path: str, shifts: dict[str, torch.Tensor]) -> None:

@@ -146,6 +146,17 @@ def read_run_config(run_dir: Path) -> Config:
     return read_config_json(path)
 
 
+def read_run_adapter_config(run_dir: Path, cfg: Config) -> dict:
+    """RUN_DIR/adapter_config.json, checked against the run's own lora.r and lora.alpha: PEFT and a merge read the
+    adapter's scaling there, the model here, so an edited one would scale the update otherwise than it trained."""
+    adapter = read_adapter_config(run_dir)
+    if (adapter["r"], adapter["lora_alpha"]) != (cfg.lora.r, cfg.lora.alpha):
+        raise ConfigError(f"{run_dir / ADAPTER_CONFIG} says r={adapter['r']}, lora_alpha={adapter['lora_alpha']} "
+                          f"but run_config.json lora.r={cfg.lora.r}, lora.alpha={cfg.lora.alpha}: restore the "
+                          "one that was edited (the checkpoint-N directories hold copies)")
+    return adapter
+
+
 def load_run(run_dir: Path, device: str | None = None, compute: str | None = None, method: str | None = None,
              base_path: str | None = None) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
     """Rebuild a run's trained model in eval mode: its base as it trained (NF4 for qlora), adapters loaded.
@@ -170,12 +181,8 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     if not (run_dir / weights).is_file():
         raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
                           "checkpoint-N directories instead")
-    if cfg.quant.method != "full":  # PEFT and a merge read the adapter's scaling there, the model here: the same
-        adapter = read_adapter_config(run_dir)
-        if (adapter["r"], adapter["lora_alpha"]) != (cfg.lora.r, cfg.lora.alpha):
-            raise ConfigError(f"{run_dir / ADAPTER_CONFIG} says r={adapter['r']}, lora_alpha={adapter['lora_alpha']} "
-                              f"but run_config.json lora.r={cfg.lora.r}, lora.alpha={cfg.lora.alpha}: restore the "
-                              "one that was edited (the checkpoint-N directories hold copies)")
+    if cfg.quant.method != "full":
+        read_run_adapter_config(run_dir, cfg)
     model, tokenizer, path = load_model(cfg, dev)
     attach_adapters(model, cfg, path, compute_dtype(cfg.quant, dev), run_dir)
     try:

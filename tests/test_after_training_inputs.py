@@ -1,0 +1,171 @@
+"""What merge, export and eval do with an odd run folder or output path: an adapter_config.json edited by hand, an
+adapter file without layers, `--out .` and a linked --out, a full disk under a merge, data the check reads that is
+gone. Each ends in one line and its exit status, before the work where it can be found first, and leaves no partial.
+
+One short qlora run of the tiny recipe is trained once for the module; each test copies what it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from support import finished_run
+
+from qlora import eval as run_eval
+from qlora import export, merge
+from qlora.training.checkpoint import RUN_CONFIG
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg, _ = finished_run("tiny.py", tmp_path_factory.mktemp("qlora") / "run", steps=4, eval_every=0, log_every=4,
+                          eval_before=False)
+    return Path(cfg.output.dir)
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("checkpoint-*", ".qlora.lock"))
+    return out
+
+
+def one_error(capsys: pytest.CaptureFixture) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_merge_refuses_an_adapter_config_edited_away_from_the_run_even_with_skip_check(run, tmp_path, capsys) -> None:
+    """lora_alpha 32 -> 64 in adapter_config.json: a merge would fold the update in at twice the scale it trained at."""
+    edited = copy_run(run, tmp_path)
+    spec = json.loads((edited / "adapter_config.json").read_text())
+    spec["lora_alpha"] *= 2
+    (edited / "adapter_config.json").write_text(json.dumps(spec))
+    assert merge.main([str(edited), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
+    assert "adapter_config.json says r=32, lora_alpha=64 but run_config.json lora.r=32, lora.alpha=32" in \
+        one_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_merge_refuses_an_adapter_file_without_layers(run, tmp_path, capsys) -> None:
+    emptied = copy_run(run, tmp_path)
+    save_file({}, str(emptied / "adapter_model.safetensors"))
+    assert merge.main([str(emptied), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
+    assert "adapter_model.safetensors holds no adapter layers" in one_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_merge_into_the_current_directory_is_refused_before_merging(run, tmp_path, capsys, monkeypatch) -> None:
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert merge.main([str(run), "--out", ".", "--skip-check"]) == 2
+    assert "--out . is the current directory" in one_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any((tmp_path / "here").iterdir())
+
+
+def test_merge_into_a_link_to_an_empty_directory_fills_that_directory(run, tmp_path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert merge.main([str(run), "--out", str(tmp_path / "link"), "--skip-check"]) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_under_a_merge_is_exit_5_naming_out(run, tmp_path, capsys, monkeypatch) -> None:
+    def full(*args: object, **kwargs: object) -> None:  # what safetensors raises on ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(merge, "save_file", full)
+    assert merge.main([str(run), "--out", str(tmp_path / "merged"), "--skip-check"]) == 5
+    assert one_error(capsys) == (f"error: could not write {tmp_path / 'merged'} (No space left on device); free some "
+                                 "space, then run the command again")
+    assert list(tmp_path.iterdir()) == []  # the partial is gone
+
+
+def gone_heldout(run: Path, tmp_path: Path) -> Path:
+    moved = copy_run(run, tmp_path)
+    raw = json.loads((moved / RUN_CONFIG).read_text())
+    raw["data"]["eval"] = str(tmp_path / "moved.jsonl")
+    (moved / RUN_CONFIG).write_text(json.dumps(raw))
+    return moved
+
+
+def test_eval_names_a_missing_heldout_file_before_loading_the_model(run, tmp_path, capsys, monkeypatch) -> None:
+    moved = gone_heldout(run, tmp_path)
+    monkeypatch.setattr(run_eval, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert run_eval.main([str(moved)]) == 2
+    assert f"data file {tmp_path / 'moved.jsonl'} not found" in one_error(capsys)
+
+
+def test_export_names_a_missing_heldout_file_before_exporting(run, tmp_path, capsys, monkeypatch) -> None:
+    """The check reads the held-out rows after the whole file is written: a file gone is found first, not then."""
+    moved = gone_heldout(run, tmp_path)
+    monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("exported first"))
+    assert export.main([str(moved), "--gguf", str(tmp_path / "out.gguf")]) == 2
+    assert f"data file {tmp_path / 'moved.jsonl'} not found" in one_error(capsys)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_a_damaged_loftq_shifts_file_is_one_line(run, tmp_path, capsys) -> None:
+    """A run with lora.loftq_iters > 1 rebuilds its base from loftq_shifts.safetensors: cut short, it is named."""
+    damaged = copy_run(run, tmp_path)
+    raw = json.loads((damaged / RUN_CONFIG).read_text())
+    raw["lora"].update(init="loftq", loftq_iters=2)
+    (damaged / RUN_CONFIG).write_text(json.dumps(raw))
+    (damaged / "loftq_shifts.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    assert run_eval.main([str(damaged)]) == 2
+    assert "loftq_shifts.safetensors is unreadable (Error while deserializing header" in one_error(capsys)
+
+
+def test_eval_refuses_a_heldout_split_of_a_train_file_that_changed(tmp_path, capsys) -> None:
+    """Without data.eval the held-out rows are a seeded permutation of data.train's row count: one row appended holds
+    out 29 of 30 rows the run trained on. The run's checkpoint recorded the counts, so the change is named."""
+    from qlora.config import load_recipe
+    from qlora.train import train
+
+    data = tmp_path / "train.jsonl"
+    shutil.copy(Path(__file__).resolve().parent.parent / "recipes/data/tiny/train.jsonl", data)
+    cfg = load_recipe(Path(__file__).resolve().parent.parent / "recipes/tiny.py")
+    cfg.data.train, cfg.data.eval, cfg.output.dir = str(data), None, str(tmp_path / "run")
+    cfg.train.steps, cfg.train.eval_every, cfg.train.eval_before, cfg.train.log_every = 2, 0, False, 2
+    train(cfg)
+    assert run_eval.main([str(tmp_path / "run")]) == 0  # the file as trained: its own held-out split
+    capsys.readouterr()
+    with data.open("a") as f:
+        f.write(data.read_text().splitlines()[0] + "\n")
+    assert run_eval.main([str(tmp_path / "run")]) == 2
+    assert "now gives 571 training and 30 held-out rows, the run had 570 and 30: the file changed" in one_error(capsys)
+    assert run_eval.main([str(tmp_path / "run"), "--data", str(cfg.data.train)]) == 0  # another file: as asked
+
+
+def test_a_full_disk_under_an_export_is_exit_5_naming_the_file(tmp_path) -> None:
+    """numpy's tofile, which gguf's writer appends each tensor with, checks the free space itself and says so in an
+    OSError without an errno: it ends as a full disk does (exit 5, one line naming --gguf), not in a traceback."""
+    import errno
+
+    import numpy as np
+
+    from qlora.errors import exit_status
+
+    class FullDisk:
+        def write_tensor_data(self, data: np.ndarray) -> None:
+            raise OSError("Not enough free space to write 56623104 bytes after offset 1785376")
+
+    out = tmp_path / "model.gguf"
+    with pytest.raises(OSError) as caught:
+        export.write_tensor(FullDisk(), np.zeros(4, np.float32), out)
+    assert caught.value.errno == errno.ENOSPC
+    assert exit_status(caught.value) == (5, f"error: could not write {out} (No space left on device); free some "
+                                            "space, then run the command again")
+
+
+def test_a_blank_jsonl_prompt_is_empty_as_a_blank_prompt_flag_is() -> None:
+    from qlora import generate as gen
+    from qlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stdin:3: the prompt is empty"):
+        gen.read_prompt(json.dumps({"prompt": " \n\t"}), jsonl=True, number=3)
