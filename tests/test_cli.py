@@ -24,6 +24,14 @@ def test_config_command_prints_the_resolved_recipe() -> None:
     assert json.loads(proc.stdout)["train"]["lr"] == 1e-3
 
 
+def test_config_command_says_a_plan_chooses_the_levers_at_start() -> None:
+    """With train.plan=fastest the levers printed are the recipe's, not what a run uses: said on stderr."""
+    proc = command("qlora.config", "recipes/tiny.py", "--train.plan=fastest")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["train"]["plan"] == "fastest"
+    assert proc.stderr.startswith("train.plan=fastest: qlora.train chooses the levers above for the card")
+    assert command("qlora.config", "recipes/tiny.py").stderr == ""
+
+
 def test_config_command_bad_override_is_one_line() -> None:
     proc = command("qlora.config", "recipes/tiny.py", "--train.lr=fast")
     assert proc.returncode == 2

@@ -20,6 +20,10 @@ def print_resolved(argv: list[str]) -> None:
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {usage}")
     print(json.dumps(resolve_paths(cfg).to_dict(), indent=2))  # as qlora.train records it in run_config.json
+    if cfg.train.plan == "fastest":  # the levers are then the card's, chosen as the run starts
+        print("train.plan=fastest: qlora.train chooses the levers above for the card and host it finds, and records "
+              "its choice in run_config.json; python -m qlora.memory RECIPE --gpu-gib N shows it for a card",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
