@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     profiler.watch(model, optimizer)
     model.train()
     watch.bar = bar = _progress_bar(cfg, progress.step, ranks)
-    step, last, longest = progress.step, {}, 0
+    # the run's earlier processes' peaks and longest micro-batch: the memory line and memory.json are the whole run's
+    profiler.restore(progress.state.get("memory"))
+    step, last, longest = progress.step, {}, progress.state.get("longest", 0)
     while step < t.steps:
         first_step, started = step == progress.step, time.perf_counter()
         indexed = [next(batches) for _ in range(t.grad_accum)]
@@ -164,7 +167,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
                      "rows": [n_rows, len(run["eval_rows"])],
-                     "optimizer": t.optimizer, **ranks.rng_states()}
+                     "optimizer": t.optimizer, "longest": longest, "memory": profiler.carried(),
+                     **ranks.rng_states()}
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
                                   scheduler, extra)
         if too_many_bad:
@@ -175,8 +179,15 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
 
     # the end: the final evaluation, the adapter, and one memory line (the peak by category, beside the estimate for
     # the longest micro-batch this run padded to; rank 0's with several processes)
+    # A signal heard while the last checkpoint was written, or during the final evaluation, stops here as it would
+    # after a step: with that checkpoint (written at the last step), exit 130/143, and --resume writes the adapter.
+    last_checkpoint = run_dir / f"checkpoint-{step}" if step else None
+    if ranks.agree_signal(watch):
+        raise watch.stopped_by_signal(step, last_checkpoint)
     watch.at("the final evaluation", step)
     final, started = held_out(step, "after training")
+    if ranks.agree_signal(watch):
+        raise watch.stopped_by_signal(step, last_checkpoint)
     ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
     first = progress.first_eval
     if first:
@@ -227,6 +238,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
+    if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)
+        ranks.on_main(checkpoint.prune, run_dir, t.keep_checkpoints, run_dir / f"checkpoint-{progress.step}")
     if run["loftq_shifts"]:
         ranks.on_main(save_shifts, run_dir, run["loftq_shifts"])
     metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=progress.state.get("metrics_bytes", 0),
@@ -280,10 +293,21 @@ def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
     tokens/s are the global batch's."""
     t = cfg.train
     bar = tqdm(total=t.steps, initial=step, desc="train" if not ranks.several else f"train ({ranks.size} processes)",
-               dynamic_ncols=True, disable=None if ranks.main else True)
+               dynamic_ncols=True, disable=None if ranks.main and _sized_terminal(sys.stderr) else True)
     if bar.disable:
         announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
     return bar
+
+
+def _sized_terminal(stream: object) -> bool:
+    """Whether tqdm can draw on `stream`: a terminal not reporting 0 rows or columns (`script -c CMD`, a pty no one
+    sized: tqdm hides every bar there), or not a terminal at all (tqdm's disable=None then writes nothing, and the
+    log lines take over)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return True
+    return size.columns > 0 and size.lines > 0
 
 
 def _show_step(bar: tqdm, last: dict, steps: int) -> None:

@@ -170,9 +170,11 @@ def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, e: int, device: str)
         formula = "8 P_train (fp32 m and v)"
     paged = sum(b for n, b in zip(sizes, per, strict=True) if n >= PAGED_MIN_NUMEL) if device == "cuda" else 0
     # CUDA: one fused in-place kernel. CPU (bitsandbytes falls back to torch ops, backends/cpu/ops.py): the scaled
-    # gradient, sqrt(v), the denominator and the update coexist for the largest tensor, in fp32.
+    # gradient, sqrt(v), the denominator and the update coexist for the largest tensor, in fp32; the 8-bit update
+    # (_optimizer_update_8bit_blockwise_cpu) first dequantises m and v to fp32, 8 bytes per element more.
     largest = max(sizes)
-    transient = 0 if device == "cuda" else 12 * largest + (8 * largest if e < 4 else 0)
+    dequantised = 8 * largest if optimizer == "paged_adamw_8bit" and largest >= MIN_8BIT_NUMEL else 0
+    transient = 0 if device == "cuda" else 12 * largest + dequantised + (8 * largest if e < 4 else 0)
     return sum(per), paged, transient, formula + (f"; {paged / 2**30:.2f} GiB of it paged" if paged else "")
 
 

@@ -256,6 +256,26 @@ class PhaseTracker:
         reset_peak(self.device)
         return record
 
+    def carried(self) -> dict:
+        """The training phases' peaks and records so far, for a checkpoint: a resumed run's memory.json, closing line
+        and `peak_gib` report the whole run's peak, not only what the process that resumed it met."""
+        skip = ("loaded", "lora_attached")
+        return {"phases": {p: v for p, v in self.phases.items() if p not in skip},
+                "records": {p: v for p, v in self.records.items() if p not in skip}}
+
+    def restore(self, carried: object) -> None:
+        """Take back `carried()` of the run's earlier processes (anything malformed is ignored: it only reports)."""
+        if not isinstance(carried, dict):
+            return
+        phases, records = carried.get("phases"), carried.get("records")
+        if not isinstance(phases, dict) or not isinstance(records, dict):
+            return
+        for phase, value in phases.items():
+            if isinstance(value, int) and isinstance(records.get(phase), dict) and phase not in self.phases:
+                self.phases[phase], self.records[phase] = value, records[phase]
+                if self.device.type != "cuda":
+                    self._high[phase] = value  # a later mark of this phase is measured only above it
+
     def peak(self, skip: tuple[str, ...] = ("loaded", "lora_attached", "evaluate")) -> tuple[str, dict] | None:
         """The training phase with the highest peak (loading and evaluation are reported, not counted)."""
         phases = [p for p in self.phases if p not in skip]

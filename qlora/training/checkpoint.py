@@ -185,10 +185,17 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
             raise SaveError(f"could not write checkpoint-{step} in {run_dir} ({_reason(err)}); {_intact(run_dir)}: "
                             f"{_fix(err, run_dir)}, then continue with --resume") from err
         raise  # KeyboardInterrupt, SystemExit: the .tmp- directory is gone, the rest untouched
-    others = [p for p in list_checkpoints(run_dir) if p != final]  # the one just written is kept, whatever else is
-    for old in others[:max(0, len(others) - (cfg.train.keep_checkpoints - 1))]:
-        remove_checkpoint(old)
+    prune(run_dir, cfg.train.keep_checkpoints, final)
     return final
+
+
+def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond the newest `keep`; `newest` (the one just written, or resumed
+    from) is kept whatever else is. A resume calls it too: a kill between a checkpoint's rename and this pruning
+    leaves one checkpoint too many, and a run resumed at its last step writes no checkpoint that would prune it."""
+    others = [p for p in list_checkpoints(run_dir) if p != newest]
+    for old in others[:max(0, len(others) - (keep - 1 if newest is not None else keep))]:
+        remove_checkpoint(old)
 
 
 def save_final(model: torch.nn.Module, cfg: Config, base_path: str, run_dir: Path) -> None:
@@ -284,7 +291,7 @@ def _check_state(state: dict, ckpt: Path) -> None:
         raise Unusable(f"{STATE} lacks the step, scheduler or RNG state of a checkpoint")
     if (m := PATTERN.match(ckpt.name)) and int(m.group(1)) != state["step"]:
         raise Unusable(f"{STATE} holds step {state['step']}, not the {m.group(1)} its folder is named after")
-    for key, least in (("bad_steps", 0), ("metrics_bytes", 0), ("micro_batch", 0), ("batch_size", 1)):
+    for key, least in (("bad_steps", 0), ("metrics_bytes", 0), ("micro_batch", 0), ("batch_size", 1), ("longest", 0)):
         if key in state and not _count(state[key], least):
             raise Unusable(f"{STATE}: {key}={state[key]!r} is not an integer >= {least}")
     first = state.get("first_eval", {})
