@@ -29,7 +29,7 @@ from qlora.data.read import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
-from qlora.training.checkpoint import STATE, list_checkpoints
+from qlora.training.checkpoint import recorded_rows
 from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
 
@@ -51,7 +51,6 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
         data = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
     else:  # `data`, or the run's held-out file (its train file is not read: tokenising it took as long as the rest)
         data = data if data is not None else cfg.data.eval
-        rows = rows if rows is not None else read_rows(data)
         fmt = detect_format(rows, data) if cfg.data.format == "auto" else cfg.data.format
         examples = tokenize_rows(rows, fmt, tokenizer, data, cfg.data.max_seq_len)
     started = announce_evaluation(examples, cfg, f"of {data}")
@@ -62,21 +61,12 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
 def check_split(run_dir: Path, cfg: Config, n_train: int, n_eval: int) -> None:
     """Refuse a held-out split carved from a data.train that changed since the run: the split is a seeded permutation
     of the row count, so one row more or fewer holds out other rows, most of them trained on. The row counts the run
-    recorded are in its checkpoints (trainer_state.pt); without one there is nothing to compare with."""
-    import torch
-
-    states = [run_dir / STATE] if (run_dir / STATE).is_file() else \
-        [c / STATE for c in reversed(list_checkpoints(run_dir))]
-    for state in states:
-        try:
-            rows = torch.load(state, map_location="cpu", weights_only=True).get("rows")
-        except Exception:  # noqa: BLE001  a damaged checkpoint says nothing: try the one before
-            continue
-        if isinstance(rows, list) and rows != [n_train, n_eval]:
-            raise ConfigError(f"{cfg.data.train} now gives {n_train} training and {n_eval} held-out rows, the run had "
-                              f"{rows[0]} and {rows[1]}: the file changed, so the held-out split carved from it by "
-                              "seed would hold rows the run trained on; restore the file, or pass --data FILE")
-        return
+    recorded are in its checkpoints; without one there is nothing to compare with."""
+    rows = recorded_rows(run_dir)
+    if isinstance(rows, list) and rows != [n_train, n_eval]:
+        raise ConfigError(f"{cfg.data.train} now gives {n_train} training and {n_eval} held-out rows, the run had "
+                          f"{rows[0]} and {rows[1]}: the file changed, so the held-out split carved from it by seed "
+                          "would hold rows the run trained on; restore the file, or pass --data FILE")
 
 
 def is_result(path: Path) -> bool:

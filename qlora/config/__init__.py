@@ -9,6 +9,7 @@ from qlora.config.recipe import (
     describe,
     field_docs,
     load_recipe,
+    override_key,
     parse_args,
     resolve_paths,
     split_args,
@@ -28,5 +29,5 @@ from qlora.config.sections import (
 from qlora.errors import ConfigError
 
 __all__ = ["METHODS", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "OutputConfig", "QuantConfig",
-           "TrainConfig", "apply_overrides", "config_from_dict", "describe", "field_docs", "load_recipe", "parse_args",
-           "read_config_json", "resolve_paths", "split_args"]
+           "TrainConfig", "apply_overrides", "config_from_dict", "describe", "field_docs", "load_recipe",
+           "override_key", "parse_args", "read_config_json", "resolve_paths", "split_args"]

@@ -137,6 +137,11 @@ def _hint(key: str, known: list[str]) -> str:
     return f"did you mean {close[0]}?" if close else "see the fields in qlora/config/sections.py"
 
 
+def override_key(item: str) -> str:
+    """The field an override sets: `--train.batch_size=8` -> train.batch_size."""
+    return item[2:].split("=", 1)[0]
+
+
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
     """Apply `--section.key=value` overrides, each parsed to the field's type, then re-run every check."""
     sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

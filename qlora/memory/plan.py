@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora.config import Config, apply_overrides
+from qlora.config import Config, apply_overrides, override_key
 from qlora.errors import ConfigError
 from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import tiled
@@ -311,11 +311,6 @@ def why_off(cfg: Config, plan: Plan, row: LeverCost, figure: float) -> str:
     if with_settings(cfg, {**plan.settings, row.lever: on_value(cfg, row)}) is None:
         return "not allowed beside the levers on"
     return "does not fit beside the levers on"
-
-
-def override_key(item: str) -> str:
-    """The field an override sets: `--train.batch_size=8` -> train.batch_size."""
-    return item[2:].split("=", 1)[0]
 
 
 def reshaped(cfg: Config) -> bool:

@@ -359,7 +359,7 @@ def _main(argv: list[str]) -> int:
     if cli.card_gib is not None:
         card = (int(cli.card_gib * GIB), f"a card of {cli.card_gib:g} GiB (--gpu-gib)")
         if cfg.train.plan == "fastest":
-            plan = card_plan(cfg, cli, card[0])
+            plan = card_plan(cfg, cli, card)
     report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus, card)
     if plan is not None:
         report["plan"] = plan
@@ -381,13 +381,13 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def card_plan(cfg: Config, cli: Cli, card: int) -> dict:
+def card_plan(cfg: Config, cli: Cli, card: tuple[int, str]) -> dict:
     """train.plan=fastest for --gpu-gib's card and --host-gib's host, as qlora.train would choose it there (with
     several processes the host is not counted, as there): its levers set on `cfg`, and what it chose and why."""
     from qlora.memory.plan import plan_for
 
     host = int(cli.host_gib * GIB) if cli.gpus == 1 else None
-    chosen, lines = plan_for(cfg, "cuda", card, f"a card of {cli.card_gib:g} GiB (--gpu-gib)", host, cli.gpus)
+    chosen, lines = plan_for(cfg, "cuda", *card, host, cli.gpus)
     return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
             "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
 

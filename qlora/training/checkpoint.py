@@ -237,6 +237,17 @@ def intact_line(run_dir: Path) -> str:
     return f"{latest[-1]} is intact" if latest else "no checkpoint was written"
 
 
+def recorded_rows(run_dir: Path) -> object:
+    """The training and held-out row counts the newest readable checkpoint of `run_dir` (or `run_dir` itself, a
+    checkpoint-N) recorded, as stored; None where no checkpoint, or one written before rows were recorded."""
+    for ckpt in [run_dir] if (run_dir / STATE).is_file() else reversed(list_checkpoints(run_dir)):
+        try:
+            return _read(ckpt, STATE).get("rows")
+        except Unusable:  # a damaged checkpoint says nothing: the one before may
+            continue
+    return None
+
+
 def _read(ckpt: Path, name: str) -> dict:
     # weights_only: a checkpoint is data, never code (torch.load's pickle would run whatever it holds).
     try:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from qlora.config import Config, apply_overrides, read_config_json, resolve_paths
+from qlora.config import Config, apply_overrides, override_key, read_config_json, resolve_paths
 from qlora.errors import DISK_FULL, ConfigError, check_writable
 from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 
@@ -208,7 +208,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                           f"{FIXED_ON_RESUME.get(k, PACKED)}; drop --{k} to continue the run, or start a new run with "
                           "--overwrite or another output.dir")
     # What the plan chose is the run's, and planned again from the recipe's values (qlora/memory/plan.py, unplanned).
-    planned = {"train.plan_chose", "train.plan_from"} | ({item[2:].split("=", 1)[0] for item in saved.train.plan_from}
+    planned = {"train.plan_chose", "train.plan_from"} | ({override_key(item) for item in saved.train.plan_from}
                                                          if resumed.train.plan == "fastest" else set())
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
                if recipe[k] != after[k] and k != "output.dir" and k not in planned]
