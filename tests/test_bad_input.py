@@ -133,8 +133,8 @@ CASES = [
     ("data file is a directory", [TINY, "--data.train={d}/folder.jsonl"], r"folder.jsonl is a directory, not a file"),
     ("data file not UTF-8", [TINY, "--data.train={d}/not_utf8.jsonl"], r"not_utf8.jsonl:2: not UTF-8 .*re-encode"),
     ("malformed JSONL line", [TINY, "--data.train={d}/malformed.jsonl"], r"malformed.jsonl:2: malformed JSON"),
-    ("malformed JSON file", [TINY, "--data.train={d}/broken.json"], r"broken.json could not be read \(.+\): fix the "
-                                                                    r"file, or convert it to JSONL"),
+    ("malformed JSON file", [TINY, "--data.train={d}/broken.json"], r"broken.json:1: malformed JSON \(Expecting "
+                                                                    r"value\): fix the file, or convert it to JSONL"),
     ("mistyped data path", [TINY, "--data.train=recipes/data/tiny/train"], r"data file recipes/data/tiny/train not "
                                                                            r"found"),
     ("lone surrogate", [TINY, "--data.train={d}/surrogate.jsonl"], r"surrogate.jsonl:2: holds a lone UTF-16 "

@@ -123,3 +123,95 @@ def test_only_assistant_turns_are_learned_when_one_opens_the_conversation() -> N
     assert tokenizer.decode(learned) == "Hello!<|im_end|>\nok<|im_end|>\n"
     zero = tokenize_row({"instruction": "Add one", "input": 0, "output": "1"}, "instruction", tokenizer, "row")
     assert "### Input:\n0" in tokenizer.decode(zero["input_ids"])
+
+
+def test_messy_jsonl_reads_where_it_is_good_and_names_line_and_key_where_it_is_not(tmp_path: Path) -> None:
+    """Files joined with `cat` carry a byte order mark at the start of a later line (refused as malformed, with the
+    advice to delete a good row); a key written twice kept the last silently (a second `messages` replaced the
+    conversation); a JSON document in a .jsonl file was "malformed JSON (Expecting value)"; a link looping onto itself
+    was "not found"."""
+    row = '{"text": "a"}'
+    joined = tmp_path / "joined.jsonl"
+    joined.write_bytes(f"\ufeff{row}\r\n{row}\r\n\ufeff{row}\r\n".encode())
+    assert read_rows(str(joined)) == [{"text": "a"}] * 3
+    assert read_rows(str(joined)).places[2] == f"{joined}:3"
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(row + '\n{"messages": [{"role": "user", "content": "q", "role": "assistant"}]}\n')
+    with pytest.raises(ConfigError, match=r"twice.jsonl:2: key 'role' appears twice in one object.*: keep one"):
+        read_rows(str(twice))
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text(json.dumps([{"text": "a"}], indent=2))
+    with pytest.raises(ConfigError, match=r"pretty.jsonl:1: a JSON document written over several lines.*\.json"):
+        read_rows(str(pretty))
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError, match=r"loop.jsonl is a link that leads nowhere"):
+        read_rows(str(loop))
+
+
+def test_nan_and_infinity_are_refused_not_trained_as_text(tmp_path: Path) -> None:
+    """json.dumps writes a pandas gap as NaN, and Parquet keeps it as a float: both trained as the text "nan"."""
+    from qlora.base.build import byte_tokenizer
+    from qlora.data.read import tokenize_rows
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q", "output": NaN}\n')
+    with pytest.raises(ConfigError, match=r"train.jsonl:2: field output must be text, got NaN"):
+        tokenize_rows(read_rows(str(jsonl)), "instruction", byte_tokenizer(), str(jsonl), 64)
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": 1.5}, {"text": float("-inf")}]), parquet)
+    with pytest.raises(ConfigError, match=r"train.parquet: row 2: field text must be text, got -Infinity"):
+        tokenize_rows(read_rows(str(parquet)), "text", byte_tokenizer(), str(parquet), 64)
+
+
+def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> None:
+    """The message was the turn's repr: a tool result of 100,000 characters gave a line as long as its cut."""
+    from qlora.base.build import byte_tokenizer
+    from qlora.data.read import tokenize_rows
+
+    turns = [{"role": "user", "content": "q"}, {"role": "tool", "content": "x" * 100_000}]
+    with pytest.raises(ConfigError, match=r"^rows: row 1: each message .*; message 2 has role 'tool' \(.*\): fix or "
+                                          r"drop that turn$") as err:
+        tokenize_rows([{"messages": turns}], "messages", byte_tokenizer(), "rows", 64)
+    assert len(str(err.value)) < 250
+    call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}
+    with pytest.raises(ConfigError, match=r"message 2 \(assistant\) has content null beside tool_calls"):
+        tokenize_rows([{"messages": [turns[0], call]}], "messages", byte_tokenizer(), "rows", 64)
+
+
+# Llama 3's template, on the tiny tokenizer: the beginning-of-text token (here `<|im_start|>`) only before the first
+# turn, so an empty conversation's header is not where a first turn starts; each content trimmed.
+LLAMA3 = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>"
+          "\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + "
+          "content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>"
+          "assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize(("content", "learned"), [("start", "start<|eot_id|>"), (" padded\n", "padded<|eot_id|>")])
+def test_an_opening_assistant_turn_learns_its_text_only_under_a_llama3_template(content: str, learned: str) -> None:
+    """Its start was searched for in the rendered text: content that also occurs in the header ("start" in
+    <|im_start|>) learned the header from there on, and content the template trims was refused."""
+    from qlora.base.build import byte_tokenizer
+    from qlora.data.read import IGNORE, tokenize_row
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = LLAMA3
+    turns = [{"role": "assistant", "content": content}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "ok"}]
+    row = tokenize_row({"messages": turns}, "messages", tokenizer, "row")
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(turns, tokenize=False)
+    kept = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE]
+    assert tokenizer.decode(kept) == learned + "ok<|eot_id|>"
+
+
+def test_a_malformed_json_file_is_named_by_the_line_that_breaks_it(tmp_path: Path) -> None:
+    """`datasets` names a byte position at best ("Expected object or value at position 14"), in a JSON array and in
+    JSON Lines written to a .json file alike."""
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([{"text": "a"}] * 3, indent=1).replace('"a"', "a", 1))
+    with pytest.raises(ConfigError, match=r"array.json:3: malformed JSON \(Expecting value\): fix the file"):
+        read_rows(str(array))
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"text": "a"}\n' * 5 + '{"text": oops}\n')
+    with pytest.raises(ConfigError, match=r"lines.json:6: malformed JSON"):
+        read_rows(str(lines))

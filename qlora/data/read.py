@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ ROLES = ("system", "user", "assistant")
 _LEARNED = {"messages": "assistant turn", "instruction": "output", "text": "text"}  # what a row's labels are
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+CONTENT_STAND_IN = "QLORA-CONTENT-7f3a9c"  # an opening turn's stand-in: no template writes it, none trims or escapes it
 
 
 class Rows(list):
@@ -46,7 +48,9 @@ def read_rows(source: str) -> Rows:
     if suffix in LOADERS or not looks_like_hub_id(source):
         if not path.is_file():
             problem = ("is a directory, not a file" if path.is_dir() else
-                       "is not a regular file" if path.exists() else "not found")
+                       "is not a regular file" if path.exists() else
+                       "is a link that leads nowhere (a loop, or a missing target)" if path.is_symlink() else
+                       "not found")
             raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
         if suffix == ".jsonl":
             return _read_jsonl(path)
@@ -70,6 +74,8 @@ def read_rows(source: str) -> Rows:
             while cause.__cause__ or cause.__context__:
                 cause = cause.__cause__ or cause.__context__
             text = (str(cause).strip() or "no details").splitlines()[0]
+            if suffix == ".json":
+                json_syntax_error(path)
             raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
                               "or convert it to JSONL") from err
         if suffix == ".csv":  # a row per line after the header where pandas read the file otherwise
@@ -124,24 +130,68 @@ def _read_jsonl(path: Path) -> Rows:
         raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
     for number, raw in enumerate(lines, 1):
         try:
-            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark some editors write
+            # A byte order mark some editors write; at the start of any line, since files joined with `cat` carry
+            # each one's mark where it begins.
+            line = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
             raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
                               "as UTF-8") from None
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except DuplicateKey as err:
+            raise ConfigError(f"{path}:{number}: key {err.key!r} appears twice in one object, and JSON would keep only "
+                              "the last: keep one of them") from None
         except json.JSONDecodeError as err:
+            if line.strip() in ("[", "{"):  # json.dump(rows, f, indent=2) into a file named .jsonl
+                raise ConfigError(f"{path}:{number}: a JSON document written over several lines, not one JSON object "
+                                  "per line (JSONL): name the file .json, or write one row per line") from None
             raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
         except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; objects nested too deep
             why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
             raise ConfigError(f"{path}:{number}: unreadable JSON ({why}): fix or delete that line") from None
         if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
+            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}{hint}")
         rows.append(row)
         places.append(f"{path}:{number}")
     return Rows(rows, places)
+
+
+def json_syntax_error(path: Path) -> None:
+    """Name the line where a .json file that `datasets` could not read breaks JSON: its own message gives a byte
+    position at best ("Expected object or value at position 14"). Returns where Python reads the file (the trouble
+    lay elsewhere, and `datasets`' message stands)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # a value per line (JSON Lines, which `datasets` reads in a .json file too)
+            _read_jsonl(path)  # names the first bad line, if any
+            return
+        raise ConfigError(f"{path}:{err.lineno}: malformed JSON ({err.msg}): fix the file, or convert it to "
+                          "JSONL") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return
+
+
+class DuplicateKey(ValueError):
+    """A key written twice in one JSON object."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing a key written twice: json.loads keeps the last silently, and a second
+    `messages` (a generator's bug) would replace the conversation without a word."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return row
 
 
 def detect_format(rows: list[dict], source: str) -> str:
@@ -169,7 +219,10 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
         value = row.get(name)
         if name == "input" and value is None:  # absent, or null: no input (as many Alpaca-style sets write it)
             continue
-        if isinstance(value, bool) or not isinstance(value, str | int | float):  # a number is its digits
+        # A number is its digits, but not NaN or Infinity: json.dumps writes a pandas gap as NaN, and it trained as
+        # the text "nan" (a null is refused alike).
+        if isinstance(value, bool) or not isinstance(value, str | int | float) or \
+                isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}: field {name} must be text, got {json.dumps(value)[:60]}: fix that row")
     if fmt == "messages":
         if not isinstance(row["messages"], list):
@@ -205,9 +258,11 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
     if tokenizer.chat_template is None:
         raise ConfigError(f"{where}: chat data needs a tokenizer with a chat template, and this one has none: "
                           "use a chat model's tokenizer or data.format=instruction/text")
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ConfigError(f"{where}: each message needs a role in {ROLES} and a string content, got {m!r}")
+    for n, m in enumerate(messages, 1):
+        problem = message_problem(m)
+        if problem:
+            raise ConfigError(f"{where}: each message needs a role in {ROLES} and a string content; message {n} "
+                              f"{problem}: fix or drop that turn")
     # Render the conversation one turn longer at a time; the text each turn adds is its segment. Assistant segments
     # (content + end-of-turn) are learned; everything the template adds around them is masked.
     segments, previous = [], ""
@@ -216,7 +271,7 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
         text = render_chat(tokenizer, prefix, where)
         if message["role"] == "assistant":
             head = render_chat(tokenizer, messages[:i], where, add_generation_prompt=True) if i else \
-                opening_head(tokenizer, message["content"], text, where)
+                opening_head(tokenizer, message, text, where)
             segments.append((head[len(previous):], False))
             previous = head
         if not text.startswith(previous):
@@ -226,22 +281,45 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
     return _join(segments, tokenizer)
 
 
-def opening_head(tokenizer: PreTrainedTokenizerBase, content: str, text: str, where: str) -> str:
+def message_problem(message: object) -> str | None:
+    """What keeps one chat turn from training, in a few words (not the turn itself: its content may be megabytes),
+    or None."""
+    def kind(value: object) -> str:
+        return "null" if value is None else repr(value)[:40] if isinstance(value, str) else type(value).__name__
+
+    if not isinstance(message, dict):
+        return f"is {kind(message)}, not a {{role, content}} object"
+    if "role" not in message:
+        return f"has no role (its keys: {', '.join(map(str, message))[:80]}; ShareGPT's from/value become role/content)"
+    if message["role"] not in ROLES:
+        return f"has role {kind(message['role'])} (tool calls and tool results are not trained here)"
+    if not isinstance(message.get("content"), str):
+        what = f"content {kind(message['content'])}" if "content" in message else "no content"
+        return f"({message['role']}) has {what}" + (" beside tool_calls" if "tool_calls" in message else "")
+    return None
+
+
+def opening_head(tokenizer: PreTrainedTokenizerBase, message: dict, text: str, where: str) -> str:
     """What the template writes before the text of an assistant turn that opens the conversation (`text`, rendered
     alone): the assistant header of an empty conversation, unless the template adds more before a first turn (SmolLM2
-    its default system prompt), then all that precedes the turn's content. Never learned."""
+    its default system prompt, Llama 3 its begin-of-text), then all that precedes the turn's content. Never learned.
+
+    That is found by rendering the turn with a stand-in content, not by searching `text` for the content: the content
+    may occur in the header first ("begin" in Llama 3's <|begin_of_text|>: the header was learned from there on), or
+    not at all in the form written (Llama 3 trims it)."""
     try:
         head = render_chat(tokenizer, [], where, add_generation_prompt=True)
     except ConfigError:  # a template that refuses an empty conversation
         head = None
     if head is not None and text.startswith(head):
         return head
-    at = text.find(content) if content else -1
-    if at < 0:
+    probe = render_chat(tokenizer, [{**message, "content": CONTENT_STAND_IN}], where)
+    at = probe.find(CONTENT_STAND_IN)
+    if at < 0 or not text.startswith(probe[:at]):
         raise ConfigError(f"{where}: the conversation opens with an assistant turn, and where its text begins in what "
                           f"the chat template of {tokenizer.name_or_path} writes cannot be found: open it with a "
                           "user (or system) turn")
-    return text[:at]
+    return probe[:at]
 
 
 def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
