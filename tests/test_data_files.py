@@ -215,3 +215,25 @@ def test_a_malformed_json_file_is_named_by_the_line_that_breaks_it(tmp_path: Pat
     lines.write_text('{"text": "a"}\n' * 5 + '{"text": oops}\n')
     with pytest.raises(ConfigError, match=r"lines.json:6: malformed JSON"):
         read_rows(str(lines))
+
+
+def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A row written twice lands on both sides of the seeded split, and a held-out file cut from the training one
+    shares its rows: the held-out loss then scores memorisation, and nothing said so."""
+    from qlora.base.build import byte_tokenizer
+    from qlora.config.sections import DataConfig
+    from qlora.data.read import load_splits
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(20)))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": "row 3"}) + "\n" + json.dumps({"text": "new"}) + "\n")
+    cfg = DataConfig(train=str(train), eval=str(held), max_seq_len=64)
+    load_splits(cfg, byte_tokenizer(), 0)
+    assert f"{held}: 1 of 2 held-out rows are also training rows" in capsys.readouterr().out
+    cfg = DataConfig(train=str(train), max_seq_len=64, eval_fraction=0.2)
+    load_splits(cfg, byte_tokenizer(), 0)
+    assert "held-out rows are also training rows" not in capsys.readouterr().out
+    train.write_text(train.read_text() * 2)  # every row twice: with seed 0 no row has both copies held out
+    _, rows = load_splits(cfg, byte_tokenizer(), 0)
+    assert f"{train}: {len(rows)} of {len(rows)} held-out rows are also training rows" in capsys.readouterr().out

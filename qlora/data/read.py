@@ -389,13 +389,27 @@ def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) 
     fmt = detect_format(rows, cfg.train) if cfg.format == "auto" else cfg.format
     train = tokenize_rows(rows, fmt, tokenizer, cfg.train, cfg.max_seq_len)
     if cfg.eval:
-        eval_rows = read_rows(cfg.eval)
-        return train, tokenize_rows(eval_rows, fmt, tokenizer, cfg.eval, cfg.max_seq_len)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = max(1, round(len(train) * cfg.eval_fraction))
-    if n_eval >= len(train):
-        raise ConfigError(f"{cfg.train}: {len(train)} rows are too few to hold out {n_eval}: give data.eval")
-    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+        held = tokenize_rows(read_rows(cfg.eval), fmt, tokenizer, cfg.eval, cfg.max_seq_len)
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = max(1, round(len(train) * cfg.eval_fraction))
+        if n_eval >= len(train):
+            raise ConfigError(f"{cfg.train}: {len(train)} rows are too few to hold out {n_eval}: give data.eval")
+        train, held = [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+    seen = repeated(train, held)
+    if seen:
+        print(f"{cfg.eval or cfg.train}: {seen} of {len(held)} held-out rows are also training rows (within "
+              f"max_seq_len={cfg.max_seq_len}): their loss reads what was learned by heart; remove the duplicates")
+    return train, held
+
+
+def repeated(train: list[dict], held: list[dict]) -> int:
+    """How many held-out examples are token for token a training example. A duplicated row lands on both sides of a
+    seeded split, and a held-out file is often cut from the training one; either makes the held-out loss a
+    memorisation score. Rows are compared by a hash of their ids: a set of the ids themselves would hold the data
+    twice."""
+    trained = {hash(tuple(ex["input_ids"])) for ex in train}
+    return sum(hash(tuple(ex["input_ids"])) in trained for ex in held)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
