@@ -78,13 +78,20 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     model, device, pad_id, n_rows = run["model"], run["device"], run["tokenizer"].pad_token_id, len(run["train_rows"])
     params = stepped_params(optimizer)  # what is clipped, stepped and (with several processes) summed
 
+    def base_fails() -> bool:
+        """Whether the first held-out batch gives a non-finite loss with the adapters off (every process: same rows)."""
+        probe = to_device(next(eval_batches(run["eval_rows"], t.batch_size, pad_id)), device)
+        return not guard.finite_held_out(model, probe, adapters=False, chunk_size=t.loss_chunk_size)
+
     def held_out(step: int, when: str, note: str = "") -> tuple[dict, float]:
         """Score the held-out rows, log them, refuse a non-finite loss; (scores, when it started)."""
         started = announce_evaluation(run["eval_rows"], cfg, when, note)
         scores = evaluate(model, run["eval_rows"], cfg, pad_id, device, ranks)
         metrics.write({"step": step, **scores})
         if not math.isfinite(scores["eval_loss"]):  # never the result of a run, whatever its weights
-            raise guard.non_finite_eval(cfg, step, scores["eval_loss"])
+            # Before max_bad_steps is reached (train.eval_before=false, an early eval_every) a nan base meets an
+            # evaluation first: tell it from a diverged adapter as the bad-step check does.
+            raise guard.non_finite_eval(cfg, step, scores["eval_loss"], step > 0 and base_fails())
         return scores, started
 
     if progress.step == 0 and t.eval_before:
@@ -157,11 +164,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
         stop_signal, too_many_bad = ranks.agree_signal(watch), not good and progress.bad_steps > t.max_bad_steps
         if too_many_bad:  # the adapter, not the data, if held-out rows fail too: a checkpoint of it is of no use
-            probe = next(eval_batches(run["eval_rows"], t.batch_size, pad_id))
-            probe = to_device(probe, device)
+            probe = to_device(next(eval_batches(run["eval_rows"], t.batch_size, pad_id)), device)
             if not guard.finite_held_out(model, probe, chunk_size=t.loss_chunk_size):  # every process: same rows
-                base_fails = not guard.finite_held_out(model, probe, adapters=False, chunk_size=t.loss_chunk_size)
-                raise guard.diverged(cfg, step, progress.bad_steps, where, base_fails)
+                raise guard.diverged(cfg, step, progress.bad_steps, where, base_fails())
         if (t.save_every and step % t.save_every == 0) or step == t.steps or too_many_bad or stop_signal:
             watch.at("saving a checkpoint", step)
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,

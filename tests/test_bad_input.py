@@ -21,7 +21,7 @@ import torch
 from forked_cli import ROOT
 from safetensors.torch import load_file
 
-from qlora.base.build import ensure_checkpoint
+from qlora.base.build import INDEX, ensure_checkpoint
 from qlora.config import load_recipe
 from qlora.training.checkpoint import list_checkpoints
 
@@ -88,7 +88,12 @@ CONFIGS = {"mismatch": {"hidden_size": 64}, "zero_heads": {"num_attention_heads"
            "unknown_rope": {"rope_parameters": {"rope_type": "nonesuch", "rope_theta": 10000.0}},
            # what transformers loads and this trainer would train wrongly without a word (model_dir.check_supported)
            "experts": {"num_local_experts": 8, "num_experts_per_tok": 2}, "logit_scale": {"logit_scale": 0.0625},
-           "softcap": {"final_logit_softcapping": 30.0}, "vision": {"vision_config": {"hidden_size": 32}}}
+           "softcap": {"final_logit_softcapping": 30.0}, "vision": {"vision_config": {"hidden_size": 32}},
+           # a classifier transformers would load as a causal LM, its head random (model_dir.check_causal_lm)
+           "classifier": {"architectures": ["LlamaForSequenceClassification"]},
+           # weights stored quantised, which transformers loads its own way whatever quant.method asks
+           "gptq": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}},
+           "bnb": {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}}
 
 # (id, arguments after the recipe, or with {d}/ a recipe from the scratch folder; the one line must match this)
 CASES = [
@@ -273,6 +278,27 @@ CASES = [
      r"config.json has a vision_config, a multimodal model: qlora trains text decoders"),
     ("synthetic config count zero", [TINY, "--model.synthetic=true", "--model.config_json={d}/zero_heads/config.json"],
      r"model.config_json=.*zero_heads/config.json: config.json has num_attention_heads=0"),
+    ("not a causal language model", [TINY, "--model.path={d}/classifier", "--model.build=none"],
+     r'model.path=.*classifier: config.json has architectures=\["LlamaForSequenceClassification"\], not a causal '
+     r"language model with its head .*: qlora trains decoder-only text generators"),
+    ("gptq checkpoint", [TINY, "--model.path={d}/gptq", "--model.build=none", "--quant.method=lora"],
+     r"model.path=.*gptq: config.json has a quantization_config \(quant_method=gptq\): the weights are already "
+     r"quantised, .* point model.path at the unquantised model"),
+    ("bitsandbytes checkpoint", [TINY, "--model.path={d}/bnb", "--model.build=none"],
+     r"config.json has a quantization_config \(quant_method=bitsandbytes\)"),
+    ("index not a map", [TINY, "--model.path={d}/index_list", "--model.build=none"],
+     r"index_list/model.safetensors.index.json is unreadable \(its weight_map is no object of tensor names to file "
+     r"names\): download the checkpoint again"),
+    ("index names a tensor no shard holds", [TINY, "--model.path={d}/index_ghost", "--model.build=none"],
+     r"model.safetensors.index.json maps model.layers.0.ghost.weight to model.safetensors, but no safetensors file "
+     r"holds it \(1 tensor\(s\) in all\): the index and the shards are of different downloads"),
+    ("tokenizer without eos or pad", [TINY, "--model.path={d}/no_eos", "--model.build=none"],
+     r"no_eos: its tokenizer names no eos_token nor pad_token, which end and pad each example: set eos_token in its "
+     r"tokenizer_config.json"),
+    ("pickle holding code, opted in", [TINY, "--model.path={d}/pickle_code", "--model.build=none",
+                                       "--model.allow_pickle=true"],
+     r"pickle_code: its pytorch_model.bin holds more than tensors \(the Python global exec\), which unpickling would "
+     r"run, so it was not loaded"),
     ("tokenizer past the embedding", [TINY, "--model.path={d}/vocab", "--model.build=none"],
      r"the tokenizer has token '<\|extra\|>' at id 259, but the embedding \(config.json vocab_size=259\) ends at 258: "
      r"use the tokenizer that came with the weights"),
@@ -300,7 +326,8 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (d / name).write_bytes(text.encode("latin-1" if name == "not_utf8.jsonl" else "utf-8"))
     (d / "folder.jsonl").mkdir()
     tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))  # built into the cache on first use
-    for name in ("no_template", "damaged", "pickle", "remote", "vocab", *TEMPLATES, *CONFIGS):
+    for name in ("no_template", "damaged", "pickle", "pickle_code", "remote", "vocab", "index_list", "index_ghost",
+                 "no_eos", *TEMPLATES, *CONFIGS):
         shutil.copytree(tiny, d / name)
     for name, template in TEMPLATES.items():
         (d / name / "chat_template.jinja").write_text(template)
@@ -316,6 +343,16 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     weights.write_bytes(weights.read_bytes()[:5000])
     (d / "pickle" / "model.safetensors").unlink()
     torch.save(load_file(tiny / "model.safetensors"), d / "pickle" / "pytorch_model.bin")
+    (d / "pickle_code" / "model.safetensors").unlink()
+    torch.save({"model.norm.weight": RunsCode()}, d / "pickle_code" / "pytorch_model.bin")
+    names = list(load_file(tiny / "model.safetensors"))
+    (d / "index_list" / INDEX).write_text(json.dumps({"weight_map": names}))
+    weight_map = {**dict.fromkeys(names, "model.safetensors"), "model.layers.0.ghost.weight": "model.safetensors"}
+    (d / "index_ghost" / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tokenizer_config = json.loads((d / "no_eos" / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "pad_token"):
+        tokenizer_config.pop(key)
+    (d / "no_eos" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     config = json.loads((d / "remote" / "config.json").read_text())
     # An architecture transformers does not know, whose code ships with the checkpoint (a known model_type with an
     # auto_map loads the built-in class instead, which is safe and not this case).
@@ -325,6 +362,13 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "remote" / "modeling_x.py").write_text("raise SystemExit('the remote code ran')\n")
     (d / "remote" / "configuration_x.py").write_text("raise SystemExit('the remote code ran')\n")
     return d
+
+
+class RunsCode:
+    """Pickles as a call of exec: what a weights_only load refuses, and what would end the run if it were unpickled."""
+
+    def __reduce__(self) -> tuple:
+        return (exec, ("raise SystemExit('the pickle ran')",))
 
 
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:

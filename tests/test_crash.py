@@ -497,6 +497,20 @@ def test_a_base_that_gives_nan_stops_before_training(cli, tmp_path):
     assert list_checkpoints(out) == []
 
 
+def test_a_base_that_gives_nan_is_named_at_an_evaluation_before_max_bad_steps(cli, tmp_path):
+    """train.eval_before=false and an evaluation at step 1: the nan base meets the held-out check before the bad-step
+    one, and the line names the base, not a diverged adapter and a learning rate (no update was even applied)."""
+    base = nan_base(tmp_path)
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--model.path={base}", "--model.build=none", f"--output.dir={out}",
+                      "--train.eval_before=false", "--train.eval_every=1", "--train.max_bad_steps=5"])
+    assert result.status == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: stopped at step 1: the held-out loss is nan, and it stays so with the adapters switched off: the base "
+        "model gives non-finite logits (nan or inf in its weights, or an overflow in quant.compute_dtype=auto): check "
+        "model.path, or try --quant.compute_dtype=fp32, then start again with --overwrite")
+
+
 def slowed(target: str, seconds: float) -> str:
     """A prelude: `target` ("module:function" or "module:Class.method") writes {marker}, then waits `seconds`, before
     doing its work; a test sends its signal once the marker is there."""

@@ -171,11 +171,23 @@ def local_checkpoint(path: str) -> Path:
                           f"it first with huggingface-cli download {path}, or give a local directory") from err
 
 
+def index_weight_map(root: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: tensor name -> safetensors file name. One that is no such map (not JSON, no
+    weight_map, a list) is refused in one line: every reader of the shards would fail in its own words."""
+    try:
+        weight_map = json.loads((root / INDEX).read_text()).get("weight_map")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{root / INDEX} is unreadable ({err}): download the checkpoint again") from err
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ConfigError(f"{root / INDEX} is unreadable (its weight_map is no object of tensor names to file names): "
+                          "download the checkpoint again")
+    return weight_map
+
+
 def checkpoint_shards(root: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, in the order its index lists them."""
     if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-        return [root / name for name in dict.fromkeys(weight_map.values())]
+        return [root / name for name in dict.fromkeys(index_weight_map(root).values())]
     if (root / "model.safetensors").is_file():
         return [root / "model.safetensors"]
     raise ConfigError(f"{root} holds no model.safetensors or {INDEX}: the 16-bit weights are read from "

@@ -7,6 +7,8 @@ once by a builder into the cache and then loaded like any Hugging Face checkpoin
 from __future__ import annotations
 
 import os
+import pickle
+import re
 
 import torch
 from safetensors import SafetensorError
@@ -65,6 +67,12 @@ def load_error(path: str, err: Exception) -> str:
                 "convert them to safetensors, or set --model.allow_pickle=true if you trust the checkpoint")
     if isinstance(err, SafetensorError):
         return damaged(f"model.path={path}", err)
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met a global that is no tensor
+        # torch's own text advises allowlisting the global, the one thing not to do with weights: name it alone.
+        name = re.search(r"GLOBAL ([\w.]+)", str(err))
+        why = f"the Python global {name.group(1)}" if name else str(err).splitlines()[0]
+        return (f"model.path={path}: its pytorch_model.bin holds more than tensors ({why}), which unpickling would "
+                "run, so it was not loaded: convert a copy you trust to safetensors")
     return (f"model.path={path} could not be loaded ({str(err).splitlines()[0]}): "
             "check the path, or download the checkpoint first")
 
@@ -76,6 +84,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         raise ConfigError(load_error(path, err).replace("could not be loaded", "has no usable tokenizer")) from err
     if tokenizer.pad_token is None:  # Llama-3 has none; padding is masked out of the loss anyway
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:  # a TypeError in the first batch's collate otherwise
+        raise ConfigError(f"model.path={path}: its tokenizer names no eos_token nor pad_token, which end and pad "
+                          "each example: set eos_token in its tokenizer_config.json to the model's end-of-text token")
     return tokenizer
 
 
@@ -133,7 +144,7 @@ def load_base(cfg: Config, device: torch.device,
     started = announce(f"loading {path}{checkpoint_size(path)} as {load_form(cfg, dtype)} onto {device}")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying "not a usable checkpoint"
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError) as err:  # "not a usable checkpoint"
         if offline:
             raise ConfigError(f"model.path={path} is not a local directory, and the hub cannot be reached ({offline}) "
                               "nor holds it in its local cache: download it first, or point model.path at a local "

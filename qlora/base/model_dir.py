@@ -6,7 +6,9 @@ transformers meets each of these late and in its own words: a zero head count is
 LlamaConfig, a config that disagrees with its weights a RuntimeError after a report of every layer, a token id past
 the embedding an IndexError in the first forward. Worse, a layer the weights lack is initialised at random with a
 warning, and one the config does not know is dropped: the run then trains on another model than the user's. Here
-each is one line that names the file, the key or the layer, and the fix (exit 2), before a weight is read.
+each is one line that names the file, the key or the layer, and the fix (exit 2), before a weight is read. So is a
+checkpoint this trainer cannot train as asked though transformers loads it: no causal LM (an encoder, a classifier),
+weights already quantised, an index naming a tensor no shard holds.
 
 Reading config.json as JSON and the safetensors headers costs milliseconds; the model whose shapes they are compared
 with is built on the meta device (no memory for weights), as qlora.merge.quantized_modules does.
@@ -36,14 +38,15 @@ def damaged(what: str, err: Exception) -> str:
     return f"{what}: a safetensors file is damaged ({err}): download or build the checkpoint again"
 
 
-def check_config_file(path: Path, what: str) -> None:
-    """config.json's counts positive integers that divide as attention needs. `what` names the checkpoint for the
-    user (`model.path=DIR`). A file that is not JSON is left to the loader, which says so; JSON that is not an object
-    is refused here (transformers' own message for it changes between releases and names no key)."""
+def check_config_file(path: Path, what: str) -> dict | None:
+    """config.json's counts positive integers that divide as attention needs; return it (None where it is no JSON).
+    `what` names the checkpoint for the user (`model.path=DIR`). A file that is not JSON is left to the loader, which
+    says so; JSON that is not an object is refused here (transformers' own message for it changes between releases
+    and names no key)."""
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return
+        return None
     if not isinstance(config, dict):
         raise ConfigError(f"{what}: config.json holds a JSON {type(config).__name__}, not an object of settings "
                           f"(hidden_size, num_hidden_layers, ...): {RESTORE}")
@@ -65,6 +68,7 @@ def check_config_file(path: Path, what: str) -> None:
         raise ConfigError(f"{what}: config.json has hidden_size={hidden}, not a multiple of num_attention_heads="
                           f"{heads}, and no head_dim: {RESTORE}")
     check_named_values(c, what)
+    return config
 
 
 def check_supported(config: dict, c: dict, what: str) -> None:
@@ -112,6 +116,46 @@ def check_named_values(c: dict, what: str) -> None:
                                   f"(vocab_size): {RESTORE}")
 
 
+def check_causal_lm(config: dict, what: str) -> None:
+    """A text generator with its language-model head: transformers' AutoModelForCausalLM takes an encoder (BertModel),
+    a classifier (LlamaForSequenceClassification) or a decoder without head (LlamaModel) too, and the check of the
+    weights then names a missing lm_head with the wrong fix, or T5 fails in transformers' words. Code the checkpoint
+    ships (auto_map) names its own classes, so it is left to the loader."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if "auto_map" in config:
+        return
+    heads = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    kind = config.get("model_type")
+    # Old conversions name classes transformers no longer has (LLaMAForCausalLM, RWForCausalLM): the suffix says it.
+    if archs and not any(a in heads or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        named = f"architectures={json.dumps(archs)}"
+    elif not archs and kind in CONFIG_MAPPING_NAMES and kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        named = f"model_type={json.dumps(kind)}"
+    else:
+        return
+    raise ConfigError(f"{what}: config.json has {named}, not a causal language model with its head (a ...ForCausalLM): "
+                      "qlora trains decoder-only text generators (Llama, Mistral, Qwen2/3, Gemma, Phi-3): point "
+                      "model.path at one")
+
+
+def check_not_quantized(config: dict, what: str) -> None:
+    """Weights stored quantised (bitsandbytes, GPTQ, AWQ): transformers loads them its own way whatever quant.method
+    asks (a bitsandbytes checkpoint came up 4-bit under quant.method=lora), or fails in its words (GPTQ without
+    optimum: an ImportError; config and weights that disagree: an AssertionError in bitsandbytes); and merge, export
+    and quant.keep_16bit read 16-bit weights back from the files (a bitsandbytes one failed merge after training,
+    blaming the adapter's rank)."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    raise ConfigError(f"{what}: config.json has a quantization_config (quant_method={method}): the weights are already "
+                      "quantised, and qlora quantises a 16-bit checkpoint itself (quant.method) and reads its 16-bit "
+                      "weights back to merge and export: point model.path at the unquantised model")
+
+
 def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Tensor name -> (shape, file name), from the safetensors headers alone."""
     from safetensors import SafetensorError, safe_open
@@ -128,8 +172,8 @@ def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, .
 
 def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> None:
     """Every tensor of the model config.json describes is in the safetensors files, of its shape, and they hold no
-    other. A checkpoint transformers cannot describe (an unknown architecture, remote code, pickle weights only,
-    pre-quantised weights) is left to the loader."""
+    other. A checkpoint transformers cannot describe (an unknown architecture, remote code, pickle weights only) is
+    left to the loader; pre-quantised weights were refused before (check_not_quantized)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -145,8 +189,6 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     except Exception as err:  # transformers' own checks of the values (a strict dataclass validator)
         reason = str(err).strip().splitlines()[-1].strip()
         raise ConfigError(f"{what}: transformers refuses its config.json ({reason}): {RESTORE}") from err
-    if getattr(config, "quantization_config", None) is not None:
-        return
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -158,12 +200,8 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
         for name, buffer in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
                 expected[f"{module_name}.{name}" if module_name else name] = tuple(buffer.shape)
-    try:
-        stored = stored_shapes(checkpoint_shards(path), what)
-    except ConfigError:
-        raise
-    except (OSError, KeyError, ValueError) as err:  # an index that is not JSON or lacks its weight_map
-        raise ConfigError(f"{what}: {INDEX} is unreadable ({err}): download or build the checkpoint again") from err
+    stored = stored_shapes(checkpoint_shards(path), what)  # an unreadable index is refused by checkpoint_shards
+    check_index(path, stored, what)
     # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
     # transformers adds on load.
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
@@ -188,6 +226,21 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
                           f"no place for (transformers would drop it, {len(extra)} tensor(s) in all): {RESTORE}")
 
 
+def check_index(path: Path, stored: dict[str, tuple[tuple[int, ...], str]], what: str) -> None:
+    """Every tensor the index names is in a safetensors file. transformers reads each shard whole and never looks the
+    index's names up, so one no shard holds loads without a word: a shard from another download or revision."""
+    from qlora.base.build import INDEX, index_weight_map
+
+    if not (path / INDEX).is_file():
+        return
+    weight_map = index_weight_map(path)
+    ghost = [name for name in weight_map if name not in stored]
+    if ghost:
+        raise ConfigError(f"{what}: {INDEX} maps {ghost[0]} to {weight_map[ghost[0]]}, but no safetensors file holds "
+                          f"it ({len(ghost)} tensor(s) in all): the index and the shards are of different downloads; "
+                          "download the checkpoint again")
+
+
 def check_vocab(vocab_size: int, tokenizer: object, what: str) -> None:
     """No token id of the tokenizer lies past the embedding (an IndexError in the first forward otherwise)."""
     vocab = tokenizer.get_vocab()
@@ -202,5 +255,8 @@ def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False
     """config.json's values, then the weights against it (`what` names the directory for the user)."""
     path = Path(path)
     if (path / "config.json").is_file():
-        check_config_file(path / "config.json", what)
+        config = check_config_file(path / "config.json", what)
+        if config is not None:  # the weights of a model config.json describes, not of a synthetic one
+            check_causal_lm(config, what)
+            check_not_quantized(config, what)
         check_weights(path, what, trust_remote_code)

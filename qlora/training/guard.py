@@ -140,7 +140,13 @@ def non_finite_weights(cfg: Config, step: int) -> Stop:
                                 + _newest(cfg, "continue from it"))
 
 
-def non_finite_eval(cfg: Config, step: int, loss: float) -> Stop:
+def non_finite_eval(cfg: Config, step: int, loss: float, base_fails: bool = False) -> Stop:
+    """`base_fails`: the held-out loss is non-finite with the adapters switched off too."""
+    if base_fails:
+        return Stop(EXIT_NONFINITE, f"stopped at step {step}: the held-out loss is {loss}, and it stays so with the "
+                                    "adapters switched off: the base model gives non-finite logits (nan or inf in its "
+                                    f"weights, or an overflow in quant.compute_dtype={cfg.quant.compute_dtype}): check "
+                                    "model.path, or try --quant.compute_dtype=fp32, then start again with --overwrite")
     if step == 0:
         return Stop(EXIT_NONFINITE, f"the held-out loss before training is {loss}: the base model gives non-finite "
                                     f"logits on the held-out data (nan or inf in its weights, or an overflow in "
