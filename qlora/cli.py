@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from qlora.errors import EXIT_BAD_INPUT, EXIT_OOM, EXIT_PEER, Session, Stop, exit_status, interrupting_signal
+from qlora.errors import EXIT_BAD_INPUT, Session, Stop, exit_status, interrupting_signal, line_of_this_rank
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -98,15 +98,6 @@ def exit_while_starting(signum: int, frame: object) -> None:
     ends in "terminate called after throwing an instance of 'pybind11::error_already_set'" and SIGABRT."""
     os.write(2, f"stopped by {signal.Signals(signum).name} while starting: nothing was written\n".encode())
     os._exit(128 + signum)
-
-
-def line_of_this_rank(code: int, line: str) -> str | None:
-    """`line` on rank 0 (or a command run alone); on another rank of several, prefixed with it where the ending was
-    this process's own (exit 4 or 6), else None: rank 0 prints what every process met alike."""
-    rank = os.environ.get("RANK", "0")
-    if not rank.isdigit() or int(rank) == 0:
-        return line
-    return f"rank {rank}: {line}" if code in (EXIT_OOM, EXIT_PEER) else None
 
 
 def _early_excepthook(kind: type[BaseException], err: BaseException, tb: object) -> None:

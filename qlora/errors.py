@@ -94,3 +94,12 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
     if isinstance(err, OSError) and err.errno in UNUSABLE_PATH and err.filename is not None:
         return EXIT_BAD_INPUT, f"error: cannot use {err.filename} ({err.strerror}): check that path, or choose another"
     return None
+
+
+def line_of_this_rank(code: int, line: str) -> str | None:
+    """`line` on rank 0 (or a command run alone); on another rank of several, prefixed with it where the ending was
+    this process's own (exit 4 or 6), else None: rank 0 prints what every process met alike."""
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit() or int(rank) == 0:
+        return line
+    return f"rank {rank}: {line}" if code in (EXIT_OOM, EXIT_PEER) else None

@@ -220,6 +220,21 @@ def test_kill_9_of_one_rank_stops_the_other_with_one_line_and_resume_ends_the_sa
     assert_same_run(out, two_ranks[0])
 
 
+def test_one_process_resuming_two_ranks_checkpoint_ends_the_same_and_says_dropout_differs(cli, one_process,
+                                                                                           tmp_path):
+    # 2 ranks x batch 2 to step 3, then one process of batch 4: the same global batches, so the run of one process
+    out = tmp_path / "run"
+    halfway = [*ARGS[:1], "--train.steps=3", *ARGS[2:]]
+    assert [r.status for r in run_ranks(cli, [*halfway, *TWO, f"--output.dir={out}"])] == [0, 0]
+    result = cli.run([*ARGS, *ONE, f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert "the checkpoint was written by 2 process(es), this run has 1: dropout draws differ" in result.stdout
+    got, expected = metrics(out), [m for m in metrics(one_process) if m["step"] != 3 or "loss" in m]
+    torch.testing.assert_close(got, expected, **LOSS_TOL)  # the evaluation at step 3 was the first run's last
+    for key, value in adapter(one_process).items():
+        torch.testing.assert_close(adapter(out)[key], value, **ADAPTER_TOL)
+
+
 def test_a_hung_rank_stops_the_other_after_train_dist_timeout(cli, tmp_path):
     out = tmp_path / "run"
     pids = launch(cli, [*ARGS, *TWO, f"--output.dir={out}", "--train.dist_timeout=5"])
@@ -263,6 +278,26 @@ def test_bad_input_is_reported_once(cli, tmp_path, bad):
     assert rank0.status == rank1.status == 2
     assert len(rank0.stderr.strip().splitlines()) == 1 and rank0.stderr.startswith("error: ")
     assert rank1.stderr == ""
+    assert not (tmp_path / "run").exists()
+
+
+ALONE = """
+import qlora.training.assemble
+from qlora.errors import ConfigError
+def missing(*args, **kwargs):  # a data file missing on the machine of one process of several
+    raise ConfigError("data.train=/shared/train.jsonl not found: check the path")
+if os.environ["RANK"] == "1":
+    qlora.training.assemble.load_splits = missing
+"""
+
+
+def test_bad_input_one_rank_meets_alone_is_said_once_by_rank_0(cli, tmp_path):
+    # Rank 1 prints no bad input (rank 0 speaks for the run), and rank 0 did not meet it: rank 0 says rank 1's line
+    # rather than "see the other processes' output", which would hold nothing.
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}"], prelude=ALONE)
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert rank0.stderr.strip().splitlines() == [
+        "error: rank 1: data.train=/shared/train.jsonl not found: check the path"] and rank1.stderr == ""
     assert not (tmp_path / "run").exists()
 
 

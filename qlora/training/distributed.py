@@ -14,18 +14,22 @@ hooks the model's forward, and the loss calls the decoder and the head directly 
 every rank and are summed as in data parallel.
 
 Only rank 0 writes (checkpoints, adapter, metrics, memory report) and prints; an error every rank meets alike prints
-once. A rank that dies breaks the others' next collective within a second (gloo: "Connection reset by peer"); one that
-hangs trips `train.dist_timeout`. Either way the others stop with exit 6 and one line, and the newest checkpoint, which
-only rank 0 writes, atomically, is intact.
+once. An error one rank meets alone that it does not print itself (a data file missing on its machine) it posts in
+the store the processes met through, and rank 0, losing it, says it. A rank that dies breaks the others' next
+collective within a second (gloo: "Connection reset by peer"); one that hangs trips `train.dist_timeout`. Either
+way the others stop with exit 6 and one line, and the newest checkpoint, which only rank 0 writes, atomically, is
+intact.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,11 +45,15 @@ from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
 from qlora.data.read import target_tokens
-from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status
+from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
 from qlora.training import guard
 from qlora.training.checkpoint import list_checkpoints, rng_state, set_rng_state
 
 BUCKET_BYTES = 25 * 2**20  # gradients summed per all-reduce: DDP's default bucket_cap_mb
+# The store key where a rank posts an ending it does not print; torchrun --max-restarts keeps its store across the
+# attempts of a run, so each attempt posts under its own number.
+ENDED = "qlora/ended/{attempt}/{rank}"
+GLOO_DRAIN_S = 0.2  # what gloo's worker threads are given to finish with the GIL before the interpreter exits
 T = TypeVar("T")
 
 
@@ -58,6 +66,8 @@ class Ranks:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where this rank computes, and where its collectives' tensors live: its own GPU (NCCL) or CPU (gloo)."""
+    store: dist.Store | None = None
+    """The key-value store the processes met through (torchrun's, or rank 0's); it outlives a rank that ended."""
 
     @property
     def main(self) -> bool:
@@ -147,11 +157,12 @@ class Ranks:
 
     def restore_rng(self, state: dict) -> None:
         """After `checkpoint.load_checkpoint` (which restored rank 0's RNG everywhere): this rank's own."""
-        ranks = state.get("rng_ranks")
-        if self.several and ranks and len(ranks) == self.size:
-            set_rng_state(ranks[self.rank], self.device)
-        elif self.several:
-            print(f"the checkpoint was written by {len(ranks or [0])} process(es), this run has {self.size}: dropout "
+        ranks = state.get("rng_ranks") or [state.get("rng")]  # a one-process checkpoint: rank 0's alone
+        if len(ranks) == self.size:
+            if self.several:
+                set_rng_state(ranks[self.rank], self.device)
+        else:  # one process resuming the checkpoint of several is told too
+            print(f"the checkpoint was written by {len(ranks)} process(es), this run has {self.size}: dropout "
                   "draws differ from the run that wrote it, and so do the batches unless processes x "
                   "train.batch_size is the same")
 
@@ -182,6 +193,27 @@ class Ranks:
                 dist.broadcast(p.data, src=0)
         torch.manual_seed(cfg.train.seed * 100_003 + self.rank)
 
+    def post_ending(self, err: BaseException) -> None:
+        """Post this rank's ending for rank 0 to say, where this rank says nothing of its own (an error of bad input
+        it met alone would otherwise leave rank 0's "see the other processes' output" pointing at nothing)."""
+        ending = exit_status(err)
+        if self.store is None or self.main or ending is None or line_of_this_rank(*ending) is not None:
+            return
+        with contextlib.suppress(RuntimeError):  # a store already gone: rank 0 says it lost this rank, as before
+            self.store.set(ended_key(self.rank), json.dumps(ending))
+
+    def posted_ending(self) -> tuple[int, str] | None:
+        """On rank 0: the ending another rank posted (its exit status, and its line after its rank), or None."""
+        if self.store is None or not self.main:
+            return None
+        for rank in range(1, self.size):
+            key = ended_key(rank)
+            with contextlib.suppress(RuntimeError):
+                if self.store.check([key]):
+                    code, line = json.loads(self.store.get(key))
+                    return code, f"rank {rank}: {line.removeprefix('error: ')}"
+        return None
+
     def base_place(self, cfg: Config, device: torch.device) -> torch.device | None:
         """Where the base is loaded: CPU memory when it will be sharded onto the GPUs (no GPU holds it whole)."""
         return torch.device("cpu") if self.several and cfg.train.shard_base else None
@@ -200,6 +232,10 @@ def buckets(tensors: list[torch.Tensor], cap: int) -> Iterator[list[torch.Tensor
         size += nbytes
     if bucket:
         yield bucket
+
+
+def ended_key(rank: int) -> str:
+    return ENDED.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), rank=rank)
 
 
 def from_env() -> Ranks:
@@ -239,8 +275,12 @@ def start(cfg: Config, ranks: Ranks) -> None:
     ranks.device = device
     if not ranks.main:
         quiet()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(seconds=cfg.train.dist_timeout))
+    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
+    # init_process_group's own rendezvous, done here to keep the store: a rank posts there the ending it leaves unsaid
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
+                            world_size=ranks.size, timeout=timeout)
+    ranks.store = store
     ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
 
 
@@ -253,16 +293,24 @@ def joined(cfg: Config) -> Iterator[Ranks]:
     try:
         start(cfg, ranks)
         yield ranks
-    except RuntimeError as err:  # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
+    except Exception as err:
+        # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
         if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
             # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down and
-            # says which checkpoint is intact: the ending is decided, and exit 6 says it
-            Session.ended = EXIT_PEER
-            raise Stop(EXIT_PEER, peer_lost(err, cfg)) from err
+            # says which checkpoint is intact (or what the rank that ended posted): the ending is decided
+            code, line = ranks.posted_ending() or (EXIT_PEER, peer_lost(err, cfg))
+            Session.ended = code
+            raise Stop(code, line) from err
+        ranks.post_ending(err)
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            # gloo's worker threads outlive it here, and one may still hold the last collective's tensors, whose
+            # release takes the GIL: at interpreter exit that aborts the process ("terminate called without an
+            # active exception", SIGABRT, after a run that succeeded; pytorch PR 179291, abandoned). Hand them the
+            # GIL now.
+            time.sleep(GLOO_DRAIN_S)
 
 
 def peer_lost(err: BaseException, cfg: Config) -> str:
