@@ -301,6 +301,17 @@ def test_bad_input_one_rank_meets_alone_is_said_once_by_rank_0(cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_process_whose_partners_never_come_says_it_waits_and_stops_after_train_dist_timeout(cli, tmp_path):
+    """Launched with WORLD_SIZE=2 and alone, it waited train.dist_timeout (600 s by default) without a word."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "RANK": "0",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    alone = cli.wait(cli.start([*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}", "--train.dist_timeout=3"],
+                               prelude=f"import os\nos.environ.update({env!r})\n"))
+    assert "joining 2 processes (each has train.dist_timeout=3 s to arrive) ..." in alone.stdout
+    assert alone.status == 6 and alone.stderr.startswith("error: lost the other processes"), alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_torchrun_runs_the_recipe_as_the_readme_says(two_ranks, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

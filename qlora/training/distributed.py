@@ -44,6 +44,7 @@ from qlora.base import shard
 from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
+from qlora.console import announce
 from qlora.data.read import target_tokens
 from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
 from qlora.training import guard
@@ -276,6 +277,8 @@ def start(cfg: Config, ranks: Ranks) -> None:
     if not ranks.main:
         quiet()
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
+    # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
+    announce(f"joining {ranks.size} processes (each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
     # init_process_group's own rendezvous, done here to keep the store: a rank posts there the ending it leaves unsaid
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
