@@ -12,7 +12,8 @@ import torch
 from forked_cli import ForkedCLI
 
 from qlora.config import Config, load_recipe
-from qlora.data.read import collate, load_splits
+from qlora.data.batches import collate
+from qlora.data.labels import load_splits
 
 ROOT = Path(__file__).resolve().parent
 

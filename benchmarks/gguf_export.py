@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
 
-from qlora.data.read import load_splits, read_rows, render_chat  # noqa: E402
+from qlora.data.files import read_rows  # noqa: E402
+from qlora.data.labels import load_splits, render_chat  # noqa: E402
 from qlora.export import TYPES, check_export, export  # noqa: E402
 from qlora.training.assemble import load_run_fp32  # noqa: E402
 

@@ -7,7 +7,7 @@ Every stack trains recipes/smollm2_135m.py as it stands: SmolLM2-135M-Instruct i
 fp32 LoRA adapters (r 16, alpha 16, dropout 0.05) on every linear layer but lm_head, bitsandbytes' paged AdamW 32-bit
 (on CPU it pages nothing), lr 5e-4 with 3 warmup steps and cosine decay, gradient-norm clip 1.0, non-reentrant
 gradient checkpointing, SDPA attention, batches of 8 rows padded to their longest. Same data in the same order: our
-tokenised rows (labels on the assistant turn only), batch i holding the rows of `data.read.batch_rows(..., i)`, are
+tokenised rows (labels on the assistant turn only), batch i holding the rows of `data.batches.batch_rows(..., i)`, are
 handed to SFTTrainer pre-tokenised with a sequential sampler. Same seed. One thread (OMP_NUM_THREADS=1 and
 torch.set_num_threads(1)), each stack in a fresh process.
 
@@ -98,7 +98,8 @@ def run_trl(steps: int, out_dir: str) -> dict:
 
     from qlora.base.build import ensure_checkpoint
     from qlora.base.load import keep_cpu_weights_exact, load_tokenizer, quantization_config
-    from qlora.data.read import batch_rows, load_splits
+    from qlora.data.batches import batch_rows
+    from qlora.data.labels import load_splits
     from qlora.training.step import evaluate
 
     cfg = demo_config(steps, out_dir)

@@ -24,8 +24,9 @@ from qlora.cli import run
 from qlora.commands import eval_parser
 from qlora.config import Config
 from qlora.console import quiet_libraries
+from qlora.data.files import read_rows
+from qlora.data.labels import detect_format, load_splits, tokenize_rows
 from qlora.data.pack import pack_examples
-from qlora.data.read import detect_format, load_splits, read_rows, tokenize_rows
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config

@@ -53,7 +53,9 @@ from qlora.cli import run
 from qlora.commands import export_parser
 from qlora.config import Config
 from qlora.console import announce, progress, quiet_libraries, since
-from qlora.data.read import collate, load_splits, read_rows, render_chat
+from qlora.data.batches import collate
+from qlora.data.files import read_rows
+from qlora.data.labels import load_splits, render_chat
 from qlora.errors import ConfigError, Stop, check_writable
 from qlora.merge import MergeSource, folding, merge_source
 from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned

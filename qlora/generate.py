@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from qlora.cli import run
 from qlora.commands import generate_parser
 from qlora.console import quiet_libraries
-from qlora.data.read import render_chat
+from qlora.data.labels import render_chat
 from qlora.errors import ConfigError
 from qlora.training.assemble import load_run
 
@@ -41,7 +41,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
              temperature: float = 0.0, stream: bool = True, where: str = "--prompt") -> str:
     """Complete one prompt (greedy when temperature is 0); print tokens as they come when `stream`; return the text.
     A prompt that leaves no room for `max_new_tokens` in the model's context is refused, naming `where`."""
-    # add_special_tokens=False: the template already holds every special token, as in qlora.data.read's tokenisation.
+    # add_special_tokens=False: the template already holds every special token, as in qlora.data.labels' tokenisation.
     inputs = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(model.device)
     n, context = inputs["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
     if context and n + max_new_tokens > context:  # positions past it: rotary tables the model never trained on

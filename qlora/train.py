@@ -28,7 +28,7 @@ from qlora.cli import run
 from qlora.commands import TRAIN, help_text, wants_help
 from qlora.config import Config, apply_overrides, load_recipe, resolve_paths, split_args
 from qlora.console import announce, quiet_libraries, since
-from qlora.data.read import eval_batches, micro_batches, resume_position
+from qlora.data.batches import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
 from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, unplanned, use_plan
@@ -280,7 +280,7 @@ def _resume(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
     """Refuse to resume on other rows than the checkpoint's: the batch order and the held-out split are functions of
-    the row count (data.read.batch_rows), so a row more or less reorders the rest of the epoch and changes what the
+    the row count (data.batches.batch_rows), so a row more or less reorders the rest of the epoch and changes what the
     losses before and after compare. A shorter data.max_seq_len drops the rows whose learned part it cuts off."""
     rows = state.get("rows")
     if rows is None or rows == [n_train, n_eval]:  # a fresh run, or a checkpoint written before rows were recorded

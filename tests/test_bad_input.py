@@ -550,7 +550,7 @@ def test_cold_start_prints_one_line(tmp_path):
 
 def test_a_byte_order_mark_is_not_malformed_json(tmp_path):
     """Some editors start a UTF-8 file with a byte order mark; json.loads calls that line malformed."""
-    from qlora.data.read import read_rows
+    from qlora.data.files import read_rows
 
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + b'{"text": "a"}\n{"text": "b"}\n')

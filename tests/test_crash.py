@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.base.build import ensure_checkpoint
 from qlora.config import apply_overrides, load_recipe
-from qlora.data.read import batch_rows
+from qlora.data.batches import batch_rows
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.training.checkpoint import STATE, list_checkpoints

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora.config import Config, apply_overrides
-from qlora.data.read import collate
+from qlora.data.batches import collate
 from qlora.errors import ConfigError
 from qlora.training.assemble import build_model, prepare
 from qlora.training.optimizer import build_optimizer, empty_cache_before_state, stepped_params

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qlora.data.read import read_rows
+from qlora.data.files import read_rows
 from qlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_a_bad_row_is_named_by_its_line_in_the_file(tmp_path: Path) -> None:
     from qlora.base.build import ensure_checkpoint
     from qlora.base.load import load_tokenizer
     from qlora.config import load_recipe
-    from qlora.data.read import tokenize_rows
+    from qlora.data.labels import tokenize_rows
 
     tokenizer = load_tokenizer(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
     jsonl = tmp_path / "train.jsonl"
@@ -78,7 +78,7 @@ def test_a_json_array_mixing_formats_names_the_row_that_lacks_the_first_rows_fie
     """Arrow gives every row of a JSON array every column, a missing one as None: read as absent, so the format is
     the first row's and the other row is named for the field it lacks (not `messages must be a list, got NoneType`,
     nor a text row taken for a chat row)."""
-    from qlora.data.read import detect_format
+    from qlora.data.labels import detect_format
 
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     rows = [chat, {"text": "plain"}] if first == "chat" else [{"text": "plain"}, chat]
@@ -113,7 +113,7 @@ def test_only_assistant_turns_are_learned_when_one_opens_the_conversation() -> N
     from qlora.base.build import ensure_checkpoint
     from qlora.base.load import load_tokenizer
     from qlora.config import load_recipe
-    from qlora.data.read import IGNORE, tokenize_row
+    from qlora.data.labels import IGNORE, tokenize_row
 
     tokenizer = load_tokenizer(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
     turns = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "hi"},
@@ -152,7 +152,7 @@ def test_messy_jsonl_reads_where_it_is_good_and_names_line_and_key_where_it_is_n
 def test_nan_and_infinity_are_refused_not_trained_as_text(tmp_path: Path) -> None:
     """json.dumps writes a pandas gap as NaN, and Parquet keeps it as a float: both trained as the text "nan"."""
     from qlora.base.build import byte_tokenizer
-    from qlora.data.read import tokenize_rows
+    from qlora.data.labels import tokenize_rows
 
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q", "output": NaN}\n')
@@ -167,7 +167,7 @@ def test_nan_and_infinity_are_refused_not_trained_as_text(tmp_path: Path) -> Non
 def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> None:
     """The message was the turn's repr: a tool result of 100,000 characters gave a line as long as its cut."""
     from qlora.base.build import byte_tokenizer
-    from qlora.data.read import tokenize_rows
+    from qlora.data.labels import tokenize_rows
 
     turns = [{"role": "user", "content": "q"}, {"role": "tool", "content": "x" * 100_000}]
     with pytest.raises(ConfigError, match=r"^rows: row 1: each message .*; message 2 has role 'tool' \(.*\): fix or "
@@ -192,7 +192,7 @@ def test_an_opening_assistant_turn_learns_its_text_only_under_a_llama3_template(
     """Its start was searched for in the rendered text: content that also occurs in the header ("start" in
     <|im_start|>) learned the header from there on, and content the template trims was refused."""
     from qlora.base.build import byte_tokenizer
-    from qlora.data.read import IGNORE, tokenize_row
+    from qlora.data.labels import IGNORE, tokenize_row
 
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = LLAMA3
@@ -222,7 +222,7 @@ def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, c
     shares its rows: the held-out loss then scores memorisation, and nothing said so."""
     from qlora.base.build import byte_tokenizer
     from qlora.config.sections import DataConfig
-    from qlora.data.read import load_splits
+    from qlora.data.labels import load_splits
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(20)))

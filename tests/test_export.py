@@ -23,7 +23,7 @@ from qlora import export
 from qlora.adapters.lora import LoRALinear
 from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
-from qlora.data.read import load_splits
+from qlora.data.labels import load_splits
 from qlora.errors import Stop
 from qlora.training.assemble import load_run
 from qlora.training.checkpoint import RUN_CONFIG

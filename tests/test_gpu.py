@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from qlora.adapters.master import MasterWeights  # noqa: E402
 from qlora.base.build import ensure_checkpoint  # noqa: E402
 from qlora.config import Config, apply_overrides  # noqa: E402
-from qlora.data.read import collate  # noqa: E402
+from qlora.data.batches import collate  # noqa: E402
 from qlora.errors import ConfigError
 from qlora.levers.cpu_embeddings.embedding import embeddings_to_cpu  # noqa: E402
 from qlora.train import train  # noqa: E402

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from qlora.adapters.master import MasterWeights
 from qlora.config import Config, apply_overrides
-from qlora.data.read import collate
+from qlora.data.batches import collate
 from qlora.train import train
 from qlora.training.assemble import prepare
 from qlora.training.loss import loss_sum

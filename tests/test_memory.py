@@ -15,7 +15,8 @@ from support import estimated, measure
 from qlora.adapters.lora import attach_lora
 from qlora.base.load import compute_dtype, load_base, load_tokenizer
 from qlora.config import Config, apply_overrides, load_recipe
-from qlora.data.read import batch_rows, load_splits
+from qlora.data.batches import batch_rows
+from qlora.data.labels import load_splits
 from qlora.levers.tiling.tiles import tile_layers
 from qlora.memory.activations import layer_terms
 from qlora.memory.arch import load_arch

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from support import recorded_and_estimated
 
 from qlora.config import Config, apply_overrides
+from qlora.data.batches import collate
+from qlora.data.labels import IGNORE, tokenize_rows
 from qlora.data.pack import check_packing, join_documents, pack_examples
-from qlora.data.read import IGNORE, collate, tokenize_rows
 from qlora.errors import ConfigError
 from qlora.training.assemble import build_model, prepare
 from qlora.training.loss import loss_sum, target_hidden

@@ -19,7 +19,7 @@ from qlora import merge
 from qlora.base.load import keep_16bit, keep_cpu_weights_exact, load_base, load_tokenizer
 from qlora.base.quantize import dequantize, roundtrip, weight_bytes
 from qlora.config import Config, apply_overrides, load_recipe
-from qlora.data.read import IGNORE
+from qlora.data.labels import IGNORE
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate, nf4_bytes

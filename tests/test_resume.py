@@ -22,7 +22,7 @@ from test_crash import adapter, assert_same_run, metrics
 
 from qlora.adapters.lora import ADAPTER_WEIGHTS
 from qlora.config import load_recipe
-from qlora.data.read import batch_rows, resume_position
+from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
 from qlora.training.rundir import resume_config

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
-from qlora.data.read import cut_row, longest_token, tokenize_row, tokenize_rows
+from qlora.data.labels import cut_row, longest_token, tokenize_row, tokenize_rows
 
 TINY = "recipes/tiny.py"
 # huggingface_hub's endpoint moved to a port where nothing listens: the same as no network, on any machine.
@@ -114,15 +114,15 @@ def test_a_50_mb_line_costs_memory_for_its_kept_tokens_only(cli, tmp_path):
     data.write_text("\n".join([*rows, line]) + "\n")
     peaks = tmp_path / "peaks.json"
     measure = f"""
-import json, os, resource, qlora.data.read
-tokenize_rows = qlora.data.read.tokenize_rows
+import json, os, resource, qlora.data.labels
+tokenize_rows = qlora.data.labels.tokenize_rows
 def measured(*args, **kwargs):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = tokenize_rows(*args, **kwargs)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     open("{peaks}", "w").write(json.dumps([before, after, len(out)]))
     os._exit(0)
-qlora.data.read.tokenize_rows = measured
+qlora.data.labels.tokenize_rows = measured
 """
     result = cli.run([TINY, f"--data.train={data}", f"--output.dir={tmp_path}/run"], prelude=measure)
     assert result.status == 0, result.stderr

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora.base.load import keep_cpu_weights_exact
-from qlora.data.read import collate, eval_rows
+from qlora.data.batches import collate, eval_rows
 from qlora.train import train
 from qlora.training.assemble import prepare
 from qlora.training.step import forward_backward

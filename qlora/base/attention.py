@@ -10,7 +10,7 @@ does, on torch's kernels and in memory that grows with T, not T squared.
 `model.attn_implementation=sdpa` loads as SDPA_BY_DOCUMENT, registered with transformers' two interfaces:
 - its mask function makes no mask unless the caller passed a 2D mask with padding in it (then transformers' own
   `sdpa_mask`, packing included, and the stock path below take over): the trainer's rows are right-padded
-  (qlora.data.read.collate) and under causal attention no real token sees the padding, so it passes none;
+  (qlora.data.batches.collate) and under causal attention no real token sees the padding, so it passes none;
 - its attention function splits each row where the position ids do not grow by one, as transformers does
   (masking_utils.find_packed_sequence_indices), and gives a row of one document, a mask or a KV cache to
   transformers' `sdpa_attention_forward` unchanged.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 
 from qlora.config import Config
-from qlora.data.read import IGNORE
+from qlora.data.labels import IGNORE
 from qlora.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def pack_examples(examples: list[dict[str, list[int]]], max_seq_len: int) -> lis
     too_long = [len(ex["input_ids"]) for ex in examples if len(ex["input_ids"]) > max_seq_len]
     if too_long:
         raise ConfigError(f"{len(too_long)} examples are longer than data.max_seq_len={max_seq_len} "
-                          f"(longest {max(too_long)}): truncate them first (data.read.tokenize_rows does)")
+                          f"(longest {max(too_long)}): truncate them first (data.labels.tokenize_rows does)")
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     rows: list[list[int]] = []  # example indices per packed row
     free: list[tuple[int, int]] = []  # (tokens still free, row index), sorted: best fit is the first that fits

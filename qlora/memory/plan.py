@@ -23,7 +23,7 @@ part (every weight dequantised, every kernel launched) and a part that grows wit
 (b0 / b - 1) f / (f + b0 (1 - f) s / s_ref) of the recipe's step of b0 rows (batch_cost; f: the table's batch-shape
 figure, measured at s_ref tokens a row; s: data.max_seq_len). The loss of a step is its summed loss over its target
 tokens divided by their count (qlora/training/step.py) and the schedule counts optimizer steps, so neither changes.
-Micro-batch i of b k rows holds the rows of micro-batches i k ... i k + k - 1 of b rows (qlora/data/read.py), so a
+Micro-batch i of b k rows holds the rows of micro-batches i k ... i k + k - 1 of b rows (qlora/data/batches.py), so a
 step trains the same rows in the first epoch, and in every epoch where the training rows are a multiple of both
 micro-batch sizes (an epoch ends at its last whole micro-batch); with lora.dropout > 0 the masks are drawn in another
 order. The estimate counts every row at data.max_seq_len, so the shape chosen fits whatever the rows' lengths.

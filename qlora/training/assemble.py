@@ -17,8 +17,8 @@ from qlora.base.bnb import bnb
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.config.sections import FP16_ON_CUDA
+from qlora.data.labels import load_splits
 from qlora.data.pack import check_packing, pack_examples, packing_summary
-from qlora.data.read import load_splits
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding

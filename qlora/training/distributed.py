@@ -1,7 +1,7 @@
 """Several processes, one run: `torchrun --nproc-per-node=N -m qlora.train RECIPE.py` (or `accelerate launch`).
 
 Every process (rank) runs the same loop on its share of each batch. Micro-batch i of the run holds the rows one process
-with batch N*b would take (data.read.micro_batches); rank r collates its r-th b of them, and every rank divides its
+with batch N*b would take (data.batches.micro_batches); rank r collates its r-th b of them, and every rank divides its
 summed token loss by the target tokens of the whole global batch, so N ranks x batch b compute the loss and gradients
 of one process with batch N*b.
 
@@ -45,7 +45,7 @@ from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
 from qlora.console import announce
-from qlora.data.read import target_tokens
+from qlora.data.batches import target_tokens
 from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
 from qlora.training import guard
 from qlora.training.checkpoint import list_checkpoints, rng_state, set_rng_state

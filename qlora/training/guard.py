@@ -18,7 +18,7 @@ import torch
 
 from qlora.adapters.lora import lora_layers
 from qlora.config import Config
-from qlora.data.read import batch_rows
+from qlora.data.batches import batch_rows
 from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop
 from qlora.memory.preflight import divisors
 from qlora.memory.profiler import meminfo_bytes, resident_bytes

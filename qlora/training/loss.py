@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora.data.read import IGNORE
+from qlora.data.labels import IGNORE
 from qlora.levers.loss.chunks import chunked_ce_sum, liger_ce_sum
 
 

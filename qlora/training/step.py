@@ -12,7 +12,7 @@ import torch
 
 from qlora.config import Config
 from qlora.console import announce, progress
-from qlora.data.read import eval_batches, eval_rows
+from qlora.data.batches import eval_batches, eval_rows
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import distributed
 from qlora.training.loss import eval_stats, loss_sum

@@ -1,197 +1,29 @@
-"""Data: read rows (local JSONL/JSON/Parquet/CSV or a hub dataset), tokenise them with labels masked, batch them.
+"""Labels: rows tokenised with the loss masked, and the train and held-out splits.
 
 Labels are -100 wherever no loss is wanted: prompts, system and user turns, padding. Only assistant turns (chat), the
-output (instruction) or every token (text) are learned. The order of micro-batches is a pure function of the seed
-and the micro-batch index, so a resumed run sees exactly the batches an uninterrupted one would.
+output (instruction) or every token (text) are learned.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import logging
 import math
-from collections.abc import Iterator
-from pathlib import Path
 
 import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from qlora.base.build import hub_unreachable, looks_like_hub_id
 from qlora.config import DataConfig
+from qlora.data.files import read_rows
 from qlora.errors import ConfigError
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's ignore_index
-LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FORMAT_FIELDS = {"messages": ("messages",), "instruction": ("instruction", "output"), "text": ("text",)}
 ROLES = ("system", "user", "assistant")
 _LEARNED = {"messages": "assistant turn", "instruction": "output", "text": "text"}  # what a row's labels are
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 CONTENT_STAND_IN = "QLORA-CONTENT-7f3a9c"  # an opening turn's stand-in: no template writes it, none trims or escapes it
-
-
-class Rows(list):
-    """A source's rows, each with where it stands (`places`), for the messages that name a row: `file:LINE` in a
-    JSONL file (blank lines count) or a CSV file (its header is line 1), `file: row N` in the other kinds."""
-
-    def __init__(self, rows: list[dict], places: list[str]) -> None:
-        super().__init__(rows)
-        self.places = places
-
-
-def read_rows(source: str) -> Rows:
-    """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
-    path = Path(source).expanduser()
-    suffix = path.suffix.lower()  # train.JSONL too
-    if suffix in LOADERS or not looks_like_hub_id(source):
-        if not path.is_file():
-            problem = ("is a directory, not a file" if path.is_dir() else
-                       "is not a regular file" if path.exists() else
-                       "is a link that leads nowhere (a loop, or a missing target)" if path.is_symlink() else
-                       "not found")
-            raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix not in LOADERS:
-            raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
-        import datasets
-
-        logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
-        header, lines = csv_records(path) if suffix == ".csv" else ([], [])
-        # A CSV's cells are text as written: pandas would read a column of digits as numbers (zip code 00501 as 501.0)
-        # and "NA", "None" or "null" as missing.
-        # Converters by column position: pandas names the columns itself (an empty name `Unnamed: 0`, as its own
-        # to_csv writes an index; a repeated one `text.1`).
-        as_text = dict(converters=dict.fromkeys(range(len(header)), str), keep_default_na=False,
-                       na_filter=False) if header else {}
-        try:
-            rows = columnar_rows(datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train",
-                                                       **as_text))
-        except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
-            cause = err
-            while cause.__cause__ or cause.__context__:
-                cause = cause.__cause__ or cause.__context__
-            text = (str(cause).strip() or "no details").splitlines()[0]
-            if suffix == ".json":
-                json_syntax_error(path)
-            raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
-                              "or convert it to JSONL") from err
-        if suffix == ".csv":  # a row per line after the header where pandas read the file otherwise
-            lines = lines if len(lines) == len(rows) else range(2, len(rows) + 2)
-            return Rows(rows, [f"{path}:{line}" for line in lines])
-        return Rows(rows, [f"{path}: row {i + 1}" for i in range(len(rows))])
-    import datasets
-
-    offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
-    try:
-        rows = columnar_rows(datasets.load_dataset(source, split="train"))
-        return Rows(rows, [f"{source}: row {i + 1}" for i in range(len(rows))])
-    except Exception as err:
-        why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
-        raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
-                          "give a local file, or download the dataset first") from err
-
-
-def csv_records(path: Path) -> tuple[list[str], list[int]]:
-    """A CSV file's column names, and the line an editor shows for each row: where its record begins, counting the
-    header, blank lines (which pandas skips) and quoted fields that span lines."""
-    header, starts, end = [], [], 0
-    limit = csv.field_size_limit(2**31 - 1)  # a cell of any length, as pandas reads it (the default is 128 KiB)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            for record in reader:
-                if record and not header:
-                    header = record
-                elif record:  # [] for a blank line
-                    starts.append(end + 1)
-                end = reader.line_num
-    except (UnicodeDecodeError, csv.Error):  # pandas names what is wrong with the file
-        return [], []
-    finally:
-        csv.field_size_limit(limit)
-    return header, starts
-
-
-def columnar_rows(table: object) -> list[dict]:
-    """A `datasets` table's rows as the file wrote them. Arrow gives every row every column, a field the row lacks as
-    None (a JSON array of chat rows and text rows: `messages: None` in each text row), so None is taken for absent,
-    as a CSV's empty cell is (its input field, say)."""
-    return [{k: v for k, v in row.items() if v is not None} for row in table.to_list()]
-
-
-def _read_jsonl(path: Path) -> Rows:
-    rows, places = [], []
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as err:
-        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
-    for number, raw in enumerate(lines, 1):
-        try:
-            # A byte order mark some editors write; at the start of any line, since files joined with `cat` carry
-            # each one's mark where it begins.
-            line = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
-                              "as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line, object_pairs_hook=_unique_keys)
-        except DuplicateKey as err:
-            raise ConfigError(f"{path}:{number}: key {err.key!r} appears twice in one object, and JSON would keep only "
-                              "the last: keep one of them") from None
-        except json.JSONDecodeError as err:
-            if line.strip() in ("[", "{"):  # json.dump(rows, f, indent=2) into a file named .jsonl
-                raise ConfigError(f"{path}:{number}: a JSON document written over several lines, not one JSON object "
-                                  "per line (JSONL): name the file .json, or write one row per line") from None
-            raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
-        except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; objects nested too deep
-            why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
-            raise ConfigError(f"{path}:{number}: unreadable JSON ({why}): fix or delete that line") from None
-        if not isinstance(row, dict):
-            hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
-            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}{hint}")
-        rows.append(row)
-        places.append(f"{path}:{number}")
-    return Rows(rows, places)
-
-
-def json_syntax_error(path: Path) -> None:
-    """Name the line where a .json file that `datasets` could not read breaks JSON: its own message gives a byte
-    position at best ("Expected object or value at position 14"). Returns where Python reads the file (the trouble
-    lay elsewhere, and `datasets`' message stands)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-        json.loads(text)
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # a value per line (JSON Lines, which `datasets` reads in a .json file too)
-            _read_jsonl(path)  # names the first bad line, if any
-            return
-        raise ConfigError(f"{path}:{err.lineno}: malformed JSON ({err.msg}): fix the file, or convert it to "
-                          "JSONL") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return
-
-
-class DuplicateKey(ValueError):
-    """A key written twice in one JSON object."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object as a dict, refusing a key written twice: json.loads keeps the last silently, and a second
-    `messages` (a generator's bug) would replace the conversation without a word."""
-    row = dict(pairs)
-    if len(row) < len(pairs):
-        seen = set()
-        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return row
 
 
 def detect_format(rows: list[dict], source: str) -> str:
@@ -410,79 +242,3 @@ def repeated(train: list[dict], held: list[dict]) -> int:
     twice."""
     trained = {hash(tuple(ex["input_ids"])) for ex in train}
     return sum(hash(tuple(ex["input_ids"])) in trained for ex in held)
-
-
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row in the batch (right padding, masked out of attention and loss)."""
-    width = max(len(ex["input_ids"]) for ex in examples)
-    batch = {"input_ids": torch.full((len(examples), width), pad_id),
-             "labels": torch.full((len(examples), width), IGNORE),
-             "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
-    packed = "position_ids" in examples[0]  # rows from qlora.data.pack: documents keep apart by restarting positions
-    if packed:
-        batch["position_ids"] = torch.zeros(len(examples), width, dtype=torch.long)
-    for i, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
-        batch["labels"][i, :n] = torch.tensor(ex["labels"])
-        batch["attention_mask"][i, :n] = 1
-        if packed:
-            # The padding tail restarts at 0 too, so it forms its own segment that no document attends to.
-            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
-            batch["position_ids"][i, n:] = torch.arange(width - n)
-    return batch
-
-
-def micro_batches(examples: list[dict], batch_size: int, seed: int, pad_id: int, start: int = 0, rank: int = 0,
-                  world: int = 1) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Endless (index, batch) pairs from micro-batch `start` on; each epoch is a fresh permutation by seed.
-
-    The batch at index i depends only on (seed, i), which is what makes resume exact. With `world` processes, micro-
-    batch i of the run holds the rows one process with batch `world * batch_size` would take, and process `rank`
-    takes its rank-th `batch_size` of them: N processes x batch b see exactly the rows of 1 process x batch N b.
-    """
-    index = start
-    while True:
-        rows = batch_rows(len(examples), batch_size * world, seed, index)[rank * batch_size:(rank + 1) * batch_size]
-        yield index, collate([examples[i] for i in rows], pad_id)
-        index += 1
-
-
-def target_tokens(examples: list[dict], batch_size: int, seed: int, index: int) -> int:
-    """Target tokens of micro-batch `index` (labels after the one-token shift that are not IGNORE), from the rows
-    alone: what a process divides its summed loss by when it collates only its share of the batch."""
-    return sum(sum(label != IGNORE for label in examples[i]["labels"][1:])
-               for i in batch_rows(len(examples), batch_size, seed, index))
-
-
-def batch_rows(n_examples: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Positions in the training split of the rows in micro-batch `index`."""
-    per_epoch = max(1, n_examples // batch_size)  # a ragged last batch would change the token count per step
-    epoch, offset = divmod(index, per_epoch)
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size].tolist()
-
-
-def resume_position(state: dict, batch_size: int, n_examples: int, default: int) -> int:
-    """The micro-batch a resumed run starts at: the one after the checkpoint's last (`state["micro_batch"]`), or,
-    when train.batch_size changed on --resume, the first of the new size that starts at or after the same row of the
-    same epoch, so no row is seen twice or skipped in that epoch. `default` serves checkpoints that do not record it."""
-    index, old_size = state.get("micro_batch", default), state.get("batch_size", batch_size)
-    if old_size == batch_size:
-        return index
-    epoch, offset = divmod(index, max(1, n_examples // old_size))
-    per_epoch = max(1, n_examples // batch_size)
-    return epoch * per_epoch + min(-(-offset * old_size // batch_size), per_epoch)
-
-
-def eval_rows(examples: list[dict], batch_size: int, max_batches: int = 0) -> list[dict]:
-    """The held-out rows an evaluation scores (the first `max_batches` batches' worth when > 0), shortest first: a
-    batch of similar lengths pads little (8% fewer tokens on the demo), and a row's score does not depend on its
-    neighbours."""
-    rows = examples[:max_batches * batch_size] if max_batches else examples
-    return sorted(rows, key=lambda ex: len(ex["input_ids"]))
-
-
-def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    for i in range(0, len(examples), batch_size):
-        yield collate(examples[i:i + batch_size], pad_id)

@@ -1,0 +1,174 @@
+"""Data files: the rows of a local JSONL, JSON, Parquet or CSV file, or of a hub dataset's train split, each with the
+place it came from (`file:LINE`) for the messages that name a bad row. Nothing here knows a tokenizer."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from qlora.base.build import hub_unreachable, looks_like_hub_id
+from qlora.errors import ConfigError
+
+LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+class Rows(list):
+    """A source's rows, each with where it stands (`places`), for the messages that name a row: `file:LINE` in a
+    JSONL file (blank lines count) or a CSV file (its header is line 1), `file: row N` in the other kinds."""
+
+    def __init__(self, rows: list[dict], places: list[str]) -> None:
+        super().__init__(rows)
+        self.places = places
+
+
+def read_rows(source: str) -> Rows:
+    """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()  # train.JSONL too
+    if suffix in LOADERS or not looks_like_hub_id(source):
+        if not path.is_file():
+            problem = ("is a directory, not a file" if path.is_dir() else
+                       "is not a regular file" if path.exists() else
+                       "is a link that leads nowhere (a loop, or a missing target)" if path.is_symlink() else
+                       "not found")
+            raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix not in LOADERS:
+            raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
+        import datasets
+
+        logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its own error line would repeat ours
+        header, lines = csv_records(path) if suffix == ".csv" else ([], [])
+        # A CSV's cells are text as written: pandas would read a column of digits as numbers (zip code 00501 as 501.0)
+        # and "NA", "None" or "null" as missing.
+        # Converters by column position: pandas names the columns itself (an empty name `Unnamed: 0`, as its own
+        # to_csv writes an index; a repeated one `text.1`).
+        as_text = dict(converters=dict.fromkeys(range(len(header)), str), keep_default_na=False,
+                       na_filter=False) if header else {}
+        try:
+            rows = columnar_rows(datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train",
+                                                       **as_text))
+        except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
+            cause = err
+            while cause.__cause__ or cause.__context__:
+                cause = cause.__cause__ or cause.__context__
+            text = (str(cause).strip() or "no details").splitlines()[0]
+            if suffix == ".json":
+                json_syntax_error(path)
+            raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
+                              "or convert it to JSONL") from err
+        if suffix == ".csv":  # a row per line after the header where pandas read the file otherwise
+            lines = lines if len(lines) == len(rows) else range(2, len(rows) + 2)
+            return Rows(rows, [f"{path}:{line}" for line in lines])
+        return Rows(rows, [f"{path}: row {i + 1}" for i in range(len(rows))])
+    import datasets
+
+    offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
+    try:
+        rows = columnar_rows(datasets.load_dataset(source, split="train"))
+        return Rows(rows, [f"{source}: row {i + 1}" for i in range(len(rows))])
+    except Exception as err:
+        why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
+        raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
+                          "give a local file, or download the dataset first") from err
+
+
+def csv_records(path: Path) -> tuple[list[str], list[int]]:
+    """A CSV file's column names, and the line an editor shows for each row: where its record begins, counting the
+    header, blank lines (which pandas skips) and quoted fields that span lines."""
+    header, starts, end = [], [], 0
+    limit = csv.field_size_limit(2**31 - 1)  # a cell of any length, as pandas reads it (the default is 128 KiB)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for record in reader:
+                if record and not header:
+                    header = record
+                elif record:  # [] for a blank line
+                    starts.append(end + 1)
+                end = reader.line_num
+    except (UnicodeDecodeError, csv.Error):  # pandas names what is wrong with the file
+        return [], []
+    finally:
+        csv.field_size_limit(limit)
+    return header, starts
+
+
+def columnar_rows(table: object) -> list[dict]:
+    """A `datasets` table's rows as the file wrote them. Arrow gives every row every column, a field the row lacks as
+    None (a JSON array of chat rows and text rows: `messages: None` in each text row), so None is taken for absent,
+    as a CSV's empty cell is (its input field, say)."""
+    return [{k: v for k, v in row.items() if v is not None} for row in table.to_list()]
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, places = [], []
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as err:
+        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
+    for number, raw in enumerate(lines, 1):
+        try:
+            # A byte order mark some editors write; at the start of any line, since files joined with `cat` carry
+            # each one's mark where it begins.
+            line = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
+                              "as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except DuplicateKey as err:
+            raise ConfigError(f"{path}:{number}: key {err.key!r} appears twice in one object, and JSON would keep only "
+                              "the last: keep one of them") from None
+        except json.JSONDecodeError as err:
+            if line.strip() in ("[", "{"):  # json.dump(rows, f, indent=2) into a file named .jsonl
+                raise ConfigError(f"{path}:{number}: a JSON document written over several lines, not one JSON object "
+                                  "per line (JSONL): name the file .json, or write one row per line") from None
+            raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
+        except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; objects nested too deep
+            why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+            raise ConfigError(f"{path}:{number}: unreadable JSON ({why}): fix or delete that line") from None
+        if not isinstance(row, dict):
+            hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
+            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}{hint}")
+        rows.append(row)
+        places.append(f"{path}:{number}")
+    return Rows(rows, places)
+
+
+def json_syntax_error(path: Path) -> None:
+    """Name the line where a .json file that `datasets` could not read breaks JSON: its own message gives a byte
+    position at best ("Expected object or value at position 14"). Returns where Python reads the file (the trouble
+    lay elsewhere, and `datasets`' message stands)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # a value per line (JSON Lines, which `datasets` reads in a .json file too)
+            _read_jsonl(path)  # names the first bad line, if any
+            return
+        raise ConfigError(f"{path}:{err.lineno}: malformed JSON ({err.msg}): fix the file, or convert it to "
+                          "JSONL") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return
+
+
+class DuplicateKey(ValueError):
+    """A key written twice in one JSON object."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object as a dict, refusing a key written twice: json.loads keeps the last silently, and a second
+    `messages` (a generator's bug) would replace the conversation without a word."""
+    row = dict(pairs)
+    if len(row) < len(pairs):
+        seen = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return row
