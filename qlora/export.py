@@ -15,7 +15,8 @@ model (for a 70B, its largest, the 4.2 GB fp32 embedding, and what quantising it
 hidden `.OUT.gguf.partial-PID-*` that the next export to the same path removes if a kill left it, and renamed into
 place.
 
-Then it checks itself. transformers reads the file back (its own GGUF loader, tokenizer and chat template included):
+Then it checks itself. transformers reads the file back (its own GGUF loader, tokenizer and chat template included,
+given back the rotary scaling and biases that loader drops: base.convert.read_gguf):
 the file's template must render a held-out conversation exactly as the trained tokenizer does, and its tokenizer give
 the same ids on held-out text. Held-out rows go through the trained model (assemble.load_run_fp32: the run as it
 trained, adapter on its NF4 base, computing in fp32) and through the exported one; the mean KL divergence per token
@@ -82,6 +83,8 @@ class Bound(NamedTuple):
 BOUNDS = {"f16": Bound(0.001, 0.99), "bf16": Bound(0.005, 0.98), "q8_0": Bound(0.03, 0.90), "q4_0": Bound(0.15, 0.85)}
 
 ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
+# What a refused model can do instead: llama.cpp's own converter covers more architectures, scalings and tokenizers.
+CONVERT_INSTEAD = "merge it with python -m qlora.merge and convert that with llama.cpp's convert_hf_to_gguf.py"
 ROPE_TYPES = ("default", "linear", "llama3")
 
 # llama.cpp picks its pre-tokenizer (how text is split before BPE) by a hash of the ids a tokenizer gives CHECK_TEXT
@@ -96,6 +99,17 @@ CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (norm
               "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
               "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll "
               "make it, 'D you like some tea? We'Ve a'lL")
+
+# A tokenizer trained anew on a known pre-tokenizer has ids, so a hash, of its own: named by its definition in
+# tokenizer.json instead, where that is the very split llama.cpp's pre-tokenizer of that name makes (llama-vocab.cpp:
+# llama-bpe splits by Llama 3's regex, then maps bytes). Without a name llama.cpp falls back to its default split, whose
+# first rule cuts at every punctuation mark ("it's" as it ' s, where Llama 3's split keeps 's): other tokens than the
+# run trained on.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPECS = {"llama-bpe": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
+                                      "invert": False},
+                                     {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
 
 
 class Planned(NamedTuple):
@@ -114,19 +128,19 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{base} is a {arch}: the GGUF export writes {', '.join(ARCHITECTURES)} models only (Llama "
-                          "1-3, SmolLM); merge it with python -m qlora.merge and convert that with llama.cpp's "
-                          "convert_hf_to_gguf.py")
+                          f"1-3, SmolLM); {CONVERT_INSTEAD}")
     if rope(config)["rope_type"] not in ROPE_TYPES:
         raise ConfigError(f"{base} scales its rotary embedding by {rope(config)['rope_type']!r}: the export writes "
-                          f"{', '.join(ROPE_TYPES)} only")
+                          f"{', '.join(ROPE_TYPES)} only; {CONVERT_INSTEAD}")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"{base} uses hidden_act={config.hidden_act!r}: llama.cpp's llama architecture is SiLU only")
+        raise ConfigError(f"{base} uses hidden_act={config.hidden_act!r}: llama.cpp's llama architecture is SiLU only; "
+                          "run the merged checkpoint (python -m qlora.merge) with transformers instead")
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer.is_fast else {}
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get(
             "pre_tokenizer")):
         raise ConfigError(f"the tokenizer of {base} is not a byte-level BPE one (as Llama 3's and SmolLM's are): "
-                          "SentencePiece-style tokenizers (Llama 2, Mistral) are not exported yet")
+                          f"SentencePiece-style tokenizers (Llama 2, Mistral) are not exported yet; {CONVERT_INSTEAD}")
     if not model.get("merges"):  # gguf's writer refuses an empty array, and llama.cpp a BPE file without merges
         raise ConfigError(f"the tokenizer of {base} is byte-level BPE without merges (one token per byte), which "
                           "llama.cpp cannot load: export a model whose tokenizer learned merges")
@@ -247,7 +261,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, b
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
     writer.add_tokenizer_model("gpt2")
-    pre = PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest())
+    pre = PRE_TOKENIZERS.get(sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()) or pre_by_definition(
+        tokenizer)
     if pre:
         writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -256,6 +271,15 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, b
     special.chat_template = tokenizer.chat_template  # the one the run rendered its data with
     special.add_to_gguf(writer, quiet=True)
     return pre or "unknown to llama.cpp (it will split text by its default rules; transformers reads it as trained)"
+
+
+def pre_by_definition(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The llama.cpp pre-tokenizer whose split the tokenizer's own pre_tokenizer is (PRE_TOKENIZER_SPECS), or None.
+    Offsets are left out of the comparison (trim_offsets): they do not change the tokens."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    steps = [{k: v for k, v in step.items() if k != "trim_offsets"} for step in steps]
+    return next((name for name, known in PRE_TOKENIZER_SPECS.items() if steps == known), None)
 
 
 def encode(tensor: torch.Tensor, qtype: Q) -> np.ndarray:

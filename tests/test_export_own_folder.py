@@ -1,0 +1,138 @@
+"""The GGUF export (qlora/export.py) of runs trained from a user's own Hugging Face folder, as a user makes one: a tiny
+LlamaForCausalLM saved with save_pretrained beside a byte-level BPE tokenizer trained here on Llama 3's split, with its
+special tokens and chat template. Each folder varies what the demo does not: rotary scaling (linear, Llama 3.1's
+rope_freqs), biases, tied embeddings, GQA, a 16-bit dtype, a vocabulary padded beyond the tokenizer's.
+
+transformers' GGUF loader drops rotary scaling and biases, which llama.cpp runs: read back as it is, the check held
+correct files to a model llama.cpp never runs (qlora.base.convert.what_transformers_drops). The trained tokenizer has
+its own ids, so llama.cpp's hash of them names no pre-tokenizer: its split is named by its definition instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from qlora import export
+from qlora.config import apply_overrides, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = 8
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+                   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def llama3_style_tokenizer(split: str = export.LLAMA3_SPLIT) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the repo's docs and data with Llama 3's pre-tokenizer, specials after the learned
+    vocabulary (as Llama 3's), bos added by the post-processor."""
+    corpus = [line for path in [*ROOT.glob("docs/*.md"), *ROOT.glob("recipes/data/*/*.jsonl")]
+              for line in path.read_text().splitlines()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1000, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   chat_template=LLAMA3_TEMPLATE)
+
+
+FOLDERS = {
+    "linear rope, untied, fp32": dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
+    "llama3 rope, tied, GQA, bf16, padded vocab": dict(
+        tie_word_embeddings=True, num_key_value_heads=1, dtype="bfloat16", pad=24,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 256, "rope_theta": 500000.0}),
+    "attention and MLP biases, fp16": dict(attention_bias=True, mlp_bias=True, dtype="float16"),
+}
+
+
+def build_folder(out: Path, pad: int = 0, dtype: str = "float32", **fields: object) -> None:
+    tokenizer = llama3_style_tokenizer()
+    config = LlamaConfig(**{**dict(vocab_size=len(tokenizer) + pad, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+                                   initializer_range=0.1), **fields})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # biases start at zero, where a file that lost them would still pass
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@pytest.fixture(scope="module", params=FOLDERS, ids=list(FOLDERS))
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder, and a finished 6-step qlora run of recipes/tiny.py (messages under the Llama 3 template) on it."""
+    from qlora.train import train
+
+    tmp = tmp_path_factory.mktemp("folder")
+    build_folder(tmp / "base", **FOLDERS[request.param])
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [
+        f"--model.path={tmp / 'base'}", "--model.build=none", f"--output.dir={tmp / 'run'}", "--lora.r=16",
+        f"--data.train={ROOT / 'recipes/data/tiny/train.jsonl'}",
+        f"--data.eval={ROOT / 'recipes/data/tiny/heldout.jsonl'}",
+        "--train.steps=6", "--train.warmup_steps=1", "--train.eval_before=false", "--train.eval_batches=1"])
+    train(cfg)
+    return tmp / "run"
+
+
+def test_the_check_reads_the_file_as_llama_cpp_runs_it(run: Path, tmp_path: Path) -> None:
+    """Scaled rotary frequencies and biases are in the file and in its read-back: the rotary frequencies are the
+    folder's own (transformers' implementation of its rope_type), and the file is the trained model to f16 rounding
+    (about 1e-7 nats/token; read back without them: 2.7e-3 with linear x4, 8.5e-5 with rope_freqs, 0.3 without
+    biases)."""
+    out = tmp_path / "model.gguf"
+    export.export(run, out, "f16", "cpu")
+    scores = export.check_export(run, out, "f16", ROWS)
+    assert scores["within"] and scores["kl_mean"] < 1e-6 and scores["top1"] == 1.0, scores
+    base = json.loads((run / "run_config.json").read_text())["model"]["path"]
+    expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).model.rotary_emb.inv_freq
+    read = export.read_back(out)[1]
+    torch.testing.assert_close(read.model.rotary_emb.inv_freq, expected)
+    assert read.config.attention_bias == AutoConfig.from_pretrained(base).attention_bias
+
+
+def test_the_tokenizer_is_written_as_llama_cpp_reads_it(run: Path, tmp_path: Path) -> None:
+    """Llama 3's split named (llama-bpe), not left to llama.cpp's default rules; every token, merge, special id and
+    the chat template as the trained tokenizer has them, the padding rows unused."""
+    out = tmp_path / "model.gguf"
+    export.export(run, out, "q8_0", "cpu")
+    base = json.loads((run / "run_config.json").read_text())["model"]["path"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    fields = gguf.GGUFReader(out).fields
+    value = {key: field.contents() for key, field in fields.items() if key.startswith("tokenizer.")}
+    assert value["tokenizer.ggml.model"] == "gpt2" and value["tokenizer.ggml.pre"] == "llama-bpe"
+    vocab_size = AutoConfig.from_pretrained(base).vocab_size
+    assert len(value["tokenizer.ggml.tokens"]) == vocab_size
+    assert all(value["tokenizer.ggml.tokens"][i] == token for token, i in tokenizer.get_vocab().items())
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    assert value["tokenizer.ggml.merges"] == [" ".join(m) for m in spec["merges"]]
+    assert value["tokenizer.ggml.bos_token_id"] == tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
+    assert value["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    types = value["tokenizer.ggml.token_type"]
+    assert {types[tokenizer.convert_tokens_to_ids(s)] for s in SPECIALS} == {gguf.TokenType.CONTROL}
+    assert set(types[len(tokenizer):]) <= {gguf.TokenType.UNUSED}
+    assert value["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_only_the_very_split_is_named() -> None:
+    """One character off Llama 3's regex is another split, which llama-bpe would not reproduce: no name."""
+    assert export.pre_by_definition(llama3_style_tokenizer()) == "llama-bpe"
+    assert export.pre_by_definition(llama3_style_tokenizer(export.LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))) \
+        is None
