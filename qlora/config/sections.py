@@ -313,8 +313,9 @@ class TrainConfig(*FIELDS["train"]):
     """With plan=fastest: levers left as the recipe sets them, whatever the card (e.g. train.compile). A lever set on
     the command line of qlora.train is added here."""
     plan_gib: float = 0.0
-    """With plan=fastest: the most device memory the plan may use, in GiB (with the allocator's margin); 0 = the
-    card's (on a CPU device, the host's available memory)."""
+    """With plan=fastest: the most device memory the plan may use, in GiB (with the allocator's margin; on a CPU
+    device with the process's libraries and malloc's free lists, preflight.process_margin); 0 = the card's (on a CPU
+    device, the host's available memory)."""
     plan_chose: list[str] = field(default_factory=list)
     """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers, for the record."""
     plan_from: list[str] = field(default_factory=list)

@@ -48,7 +48,7 @@ from qlora.memory.arch import Arch, load_arch
 from qlora.memory.context import budget_text, planned, plans
 from qlora.memory.costs import COSTS, MEASURED_TOKENS, TABLE, LeverCost
 from qlora.memory.estimate import HOST_RUNTIME, Estimate, estimate
-from qlora.memory.preflight import divisors, fits, room
+from qlora.memory.preflight import divisors, fits, needs, room
 from qlora.memory.profiler import available_bytes
 
 GIB = 2**30
@@ -235,7 +235,7 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
     if frugal is not None and frugal.train.gradient_checkpointing:
         least = min((e for _, e, _ in checkpoint_plans(frugal, arch, device, host_bytes, gpus)),
                     key=lambda e: e.card_bytes, default=None)
-        if least is not None and least.card_bytes > card_bytes:
+        if least is not None and needs(least)[0] > card_bytes:
             return None
     combos = []
     for switches in itertools.product((False, True), repeat=len(options)):

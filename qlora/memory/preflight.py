@@ -1,9 +1,9 @@
 """Before the base is loaded: will the step fit where it runs? The trainer asks the estimator, with the allocator's
 margin (qlora/memory/estimate.py), and refuses in one line a step that does not fit the card, or the host's available
-memory on a CPU device, naming the longest `data.max_seq_len` that does (and, for micro-batches of several rows, the
-largest `train.batch_size`). Loading a 70B base takes minutes; running out
-of memory after it helps nobody (issue 22: `--train.device=cpu` would start a 70B run the estimator puts at 49 GiB on a
-23 GiB machine).
+memory on a CPU device (with what the process holds there beyond its tensors: process_margin), naming the longest
+`data.max_seq_len` that does (and, for micro-batches of several rows, the largest `train.batch_size`). Loading a 70B
+base takes minutes; running out of memory after it helps nobody (issue 22: `--train.device=cpu` would start a 70B run
+the estimator puts at 49 GiB on a 23 GiB machine).
 
 On CUDA the host side is checked too: what the plan keeps in host memory (offloaded layer inputs, the optimizer on the
 CPU, the embedding table, a base streamed from there) against what the host has available, beside the process's own
@@ -29,6 +29,22 @@ from qlora.memory.profiler import available_bytes
 
 GIB = 2**30
 STEP = 64  # the suggested lengths are multiples of this
+# On a CPU device the trainer's resident set outgrows its tensors, which MemAvailable at this check cannot know: the
+# libraries and kernel caches its first load and step bring in, and malloc's free lists, which glibc's defaults let
+# grow with the activations (the threshold for returning a freed block to the OS rises to the largest block freed,
+# up to 32 MiB). A fixed 1 MiB threshold held them down at +26% CPU time a step (the demo +52%), so the trainer keeps
+# the defaults and the check counts them. Measured (docs/memory.md): above the estimate, the tiny Llama at 4,096 and
+# 8,192 tokens took 70 MiB + 2.07 x its activations, SmolLM2-135M (the demo) 70 MiB + about 1 x.
+CPU_LIBRARIES = 96 * 2**20
+CPU_FREE_LISTS = 2.5  # times the estimate's activations
+
+
+def process_margin(est: Estimate) -> int:
+    """What a CPU process holds at its peak beyond the estimated tensors: libraries and malloc's free lists (0 on
+    CUDA, where the allocator's margin is the estimate's own)."""
+    if est.device != "cpu":
+        return 0
+    return CPU_LIBRARIES + int(CPU_FREE_LISTS * est.components.get("activations", 0))
 
 
 def room(device: torch.device) -> tuple[int, str]:
@@ -42,9 +58,10 @@ def room(device: torch.device) -> tuple[int, str]:
 
 
 def needs(est: Estimate) -> tuple[int, int]:
-    """(device bytes, host bytes) a step needs: the peak with the allocator's margin, and on CUDA what its plan keeps
-    in host memory beside the process's own allowance (which the available memory already excludes)."""
-    return est.card_bytes, est.host_bytes - est.host.get("runtime", 0)
+    """(device bytes, host bytes) a step needs: the peak with the allocator's margin (on a CPU device, the process's,
+    process_margin), and on CUDA what its plan keeps in host memory beside the process's own allowance (which the
+    available memory already excludes)."""
+    return est.card_bytes + process_margin(est), est.host_bytes - est.host.get("runtime", 0)
 
 
 def divisors(rows: int) -> list[int]:
@@ -103,7 +120,8 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     where = None
     if device_bytes is None:
         device_bytes, where = room(device)
-    where = where or f"the card has {device_bytes / GIB:.2f} GiB"
+    where = where or (f"the card has {device_bytes / GIB:.2f} GiB" if device.type == "cuda" else
+                      f"the host has {device_bytes / GIB:.2f} GiB available")
     if device.type == "cuda" and host_bytes is None:
         host_bytes = available_bytes()
     if fits(est, device_bytes, host_bytes):
@@ -122,8 +140,10 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     shape = f"data.max_seq_len={cfg.data.max_seq_len}" if t.batch_size == 1 else \
         f"train.batch_size={t.batch_size} x data.max_seq_len={cfg.data.max_seq_len}"
     if card > device_bytes:
-        need = f"the step is estimated at {card / GIB:.2f} GiB" + \
-            (" with the allocator's margin" if est.margin else "") + f" and {where}"
+        margin = " with the allocator's margin" if est.margin else \
+            f" ({process_margin(est) / GIB:.2f} GiB of it the process's libraries and malloc's free lists beside " \
+            "the tensors)" if est.device == "cpu" else ""
+        need = f"the step is estimated at {card / GIB:.2f} GiB{margin} and {where}"
     else:
         need = f"the plan keeps {host / GIB:.2f} GiB in host memory and {host_bytes / GIB:.2f} GiB is available"
     longest, batch = fitting(cfg, arch, device.type, device_bytes, host_bytes, gpus)

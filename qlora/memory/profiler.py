@@ -71,7 +71,9 @@ def glibc_returns_freed_memory() -> None:
     Otherwise a long-lived process serves new tensors from freed pages that are still resident, and its peak RSS no
     longer rises with them: in a full test session the measured step peak came out 0. The price is speed: every
     block of MEASURE_MMAP_THRESHOLD or more is a fresh mmap whose pages fault in on first touch (~1.7x CPU time per
-    training step on SmolLM2-135M at 64 KiB), so ordinary training keeps glibc's defaults.
+    training step on SmolLM2-135M at 64 KiB; +26% on the tiny Llama at 4,096 tokens at 1 MiB, the highest that still
+    bounds the free lists there), so ordinary training keeps glibc's defaults and the check before loading counts
+    the free lists instead (preflight.process_margin).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
