@@ -93,7 +93,9 @@ CONFIGS = {"mismatch": {"hidden_size": 64}, "zero_heads": {"num_attention_heads"
            "classifier": {"architectures": ["LlamaForSequenceClassification"]},
            # weights stored quantised, which transformers loads its own way whatever quant.method asks
            "gptq": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}},
-           "bnb": {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}}
+           "bnb": {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+           # 16-bit weights with a leftover key: not "already quantised", which would send the user elsewhere
+           "empty_quant": {"quantization_config": {}}}
 
 # (id, arguments after the recipe, or with {d}/ a recipe from the scratch folder; the one line must match this)
 CASES = [
@@ -286,6 +288,9 @@ CASES = [
      r"quantised, .* point model.path at the unquantised model"),
     ("bitsandbytes checkpoint", [TINY, "--model.path={d}/bnb", "--model.build=none"],
      r"config.json has a quantization_config \(quant_method=bitsandbytes\)"),
+    ("empty quantization_config", [TINY, "--model.path={d}/empty_quant", "--model.build=none"],
+     r"empty_quant: config.json has an empty quantization_config, which transformers refuses .*: delete that key "
+     r"from config.json"),
     ("index not a map", [TINY, "--model.path={d}/index_list", "--model.build=none"],
      r"index_list/model.safetensors.index.json is unreadable \(its weight_map is no object of tensor names to file "
      r"names\): download the checkpoint again"),

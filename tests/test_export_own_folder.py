@@ -108,6 +108,23 @@ def test_the_check_reads_the_file_as_llama_cpp_runs_it(run: Path, tmp_path: Path
     assert read.config.attention_bias == AutoConfig.from_pretrained(base).attention_bias
 
 
+def test_the_read_back_parses_the_file_once(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' loader parses the whole file for the config, the tokenizer and the model, and
+    what_transformers_drops reads it too: one parse serves all four (each was 3.3 s on SmolLM2's, the demo's build)."""
+    out = tmp_path / "model.gguf"
+    export.export(run, out, "f16", "cpu")
+    parses = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, path: Path, *args: object, **kwargs: object) -> None:
+            parses.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    export.read_back(out)
+    assert [Path(p) for p in parses] == [out]
+
+
 def test_the_tokenizer_is_written_as_llama_cpp_reads_it(run: Path, tmp_path: Path) -> None:
     """Llama 3's split named (llama-bpe), not left to llama.cpp's default rules; every token, merge, special id and
     the chat template as the trained tokenizer has them, the padding rows unused."""

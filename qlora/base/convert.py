@@ -109,22 +109,43 @@ def name_map_built_once() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
+@contextlib.contextmanager
+def parsed_once(path: Path) -> Iterator[gguf.GGUFReader]:
+    """The file's GGUFReader, which every reader of `path` gets while this lasts. transformers' GGUF loader parses the
+    whole file for the config, the tokenizer and the model alike (GGUFReader reads every field eagerly: 3.3 s each for
+    SmolLM2's vocabulary and merges on a 2-core machine), and what_transformers_drops reads it too; the reader is only
+    read, so one parse serves all four."""
+    import gguf
+
+    original = gguf.GGUFReader
+    reader = original(path)
+
+    def shared(file: os.PathLike | str, *args: object, **kwargs: object) -> gguf.GGUFReader:
+        same = not args and not kwargs and Path(file).resolve() == path.resolve()
+        return reader if same else original(file, *args, **kwargs)
+
+    gguf.GGUFReader = shared
+    try:
+        yield reader
+    finally:
+        gguf.GGUFReader = original
+
+
 def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """A GGUF file's tokenizer and (dequantised) model as transformers' own GGUF loader reads them, corrected where
     that loader drops what llama.cpp runs (what_transformers_drops). The metadata is parsed for the config once and
     given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token vocabulary and 48,900 merges);
-    gguf's name map is built once (name_map_built_once)."""
-    import gguf
-
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    biases, inv_freq = what_transformers_drops(gguf.GGUFReader(path))
-    for flag in biases:
-        setattr(config, flag, True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
-    with name_map_built_once():
-        # PyTorch's own layers (export's read-back compares logits): transformers 5.25 would look for hub kernels
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                     **{"use_kernels": False, **model_kwargs})
+    gguf's name map is built once (name_map_built_once), and the file parsed once (parsed_once)."""
+    with parsed_once(path) as reader:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        biases, inv_freq = what_transformers_drops(reader)
+        for flag in biases:
+            setattr(config, flag, True)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
+        with name_map_built_once():
+            # PyTorch's own layers (export's read-back compares logits): transformers 5.25 would look for hub kernels
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                         **{"use_kernels": False, **model_kwargs})
     if inv_freq is not None:
         for module in model.modules():
             if isinstance(getattr(module, "inv_freq", None), torch.Tensor):

@@ -150,6 +150,10 @@ def check_not_quantized(config: dict, what: str) -> None:
     quant = config.get("quantization_config")
     if quant is None:
         return
+    if quant == {}:  # a leftover of an editor or converter: 16-bit weights, which transformers refuses to load
+        raise ConfigError(f"{what}: config.json has an empty quantization_config, which transformers refuses (it "
+                          "names no quant_method); the weights are not quantised by it: delete that key from "
+                          "config.json")
     method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
     raise ConfigError(f"{what}: config.json has a quantization_config (quant_method={method}): the weights are already "
                       "quantised, and qlora quantises a 16-bit checkpoint itself (quant.method) and reads its 16-bit "
