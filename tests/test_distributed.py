@@ -320,6 +320,7 @@ def test_torchrun_runs_the_recipe_as_the_readme_says(two_ranks, tmp_path):
                              *ARGS, *TWO, f"--output.dir={out}"], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "joining 2 processes" in result.stdout and "joined by all 2 processes (gloo) in " in result.stdout
     assert_same_run(out, two_ranks[0])
 
 

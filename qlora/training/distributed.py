@@ -44,7 +44,7 @@ from qlora.base import shard
 from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
-from qlora.console import announce
+from qlora.console import announce, since
 from qlora.data.batches import target_tokens
 from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
 from qlora.training import guard
@@ -278,11 +278,14 @@ def start(cfg: Config, ranks: Ranks) -> None:
         quiet()
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
     # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
-    announce(f"joining {ranks.size} processes (each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
+    started = announce(f"joining {ranks.size} processes "
+                       f"(each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
     # init_process_group's own rendezvous, done here to keep the store: a rank posts there the ending it leaves unsaid
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
                             world_size=ranks.size, timeout=timeout)
+    if ranks.main:
+        print(f"joined by all {ranks.size} processes ({dist.get_backend()}) in {since(started)}")
     ranks.store = store
     ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
 
@@ -308,12 +311,14 @@ def joined(cfg: Config) -> Iterator[Ranks]:
         raise
     finally:
         if dist.is_initialized():
+            gloo = dist.get_backend() == "gloo"
             dist.destroy_process_group()
             # gloo's worker threads outlive it here, and one may still hold the last collective's tensors, whose
             # release takes the GIL: at interpreter exit that aborts the process ("terminate called without an
             # active exception", SIGABRT, after a run that succeeded; pytorch PR 179291, abandoned). Hand them the
-            # GIL now.
-            time.sleep(GLOO_DRAIN_S)
+            # GIL now (NCCL has no such threads).
+            if gloo:
+                time.sleep(GLOO_DRAIN_S)
 
 
 def peer_lost(err: BaseException, cfg: Config) -> str:
