@@ -316,6 +316,32 @@ def test_a_run_resumed_where_the_plan_picks_another_micro_batch_continues_exactl
     assert len(losses(part)) == 8 and losses(part) == pytest.approx(losses(full), rel=1e-5)
 
 
+def test_a_planned_run_resumed_with_the_plan_off_goes_on_with_the_levers_it_chose(cli, tmp_path: Path) -> None:
+    """--train.plan=recipe on resuming a planned run was refused for train.plan_keep ("leave train.plan_keep empty"),
+    which the first command line had filled (its --train.batch_size): a key the user never set. Now the plan's own
+    fields go with it and the run goes on with the levers the plan chose: bitwise the run that never stopped (fp32,
+    dropout on)."""
+    from test_crash import adapter, metrics
+
+    base = ["recipes/tiny.py", "--train.batch_size=4", "--train.schedule=constant", "--train.warmup_steps=0",
+            "--train.eval_before=false", "--train.eval_every=0", "--train.eval_batches=1", "--train.log_every=1",
+            "--lora.dropout=0.1"]
+    planned = [*base, "--train.plan=fastest", "--train.plan_batch=true"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert cli.run([*planned, "--train.steps=4", f"--output.dir={full}"]).status == 0
+    assert cli.run([*planned, "--train.steps=2", f"--output.dir={part}"]).status == 0
+    resumed = cli.run([*base, "--train.steps=4", f"--output.dir={part}", "--resume", "--train.plan=recipe"])
+    assert resumed.status == 0, resumed.stderr
+    assert "train.plan 'fastest' -> 'recipe', train.plan_keep ['train.batch_size'] -> [], train.plan_batch True -> " \
+        "False" in resumed.stdout
+    recorded = json.loads((part / "run_config.json").read_text())["train"]
+    assert recorded["fuse_lora"] and not recorded["gradient_checkpointing"]  # the plan's choice on a CPU device
+    assert adapter(part).keys() == adapter(full).keys()
+    for key, value in adapter(full).items():
+        torch.testing.assert_close(adapter(part)[key], value, rtol=0, atol=0)
+    assert metrics(part) == metrics(full)
+
+
 def test_a_ceiling_no_plan_fits_is_refused_not_passed_over(tiny_config: Config) -> None:
     """train.plan_gib is the most the plan may use: below anything that fits, the run went on with the recipe's
     levers, past the ceiling, having said only that nothing fit."""

@@ -197,7 +197,13 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
         return cfg
     saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
     _check_identity(saved, cfg, run_dir)
-    resumed = resolve_paths(apply_overrides(copy.deepcopy(saved), overrides))
+    resumed = copy.deepcopy(saved)
+    if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
+                                          if override_key(item) == "train.plan"][-1:] == ["recipe"]:
+        # plan_keep (which the first command line filled) and plan_batch steer a plan, and are refused without one:
+        # they go with it, and the run goes on with the levers the plan chose, as its run_config.json records them.
+        resumed.train.plan_keep, resumed.train.plan_batch = [], False
+    resumed = resolve_paths(apply_overrides(resumed, overrides))
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
     before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
     changed = [k for k in after if after[k] != before[k] and k != "output.dir"]
