@@ -46,6 +46,15 @@ def test_the_measuring_child_answers_help_too() -> None:
     assert proc.returncode == 0 and "python -m qlora.report.measure RECIPE.py --quant.method=qlora" in proc.stdout
 
 
+def test_the_allocation_recorder_answers_help_too(capsys: pytest.CaptureFixture) -> None:
+    """memory_reports/README.md names `python -m qlora.report.recorder`: `--help` was refused as 'no output file'
+    (exit 2)."""
+    from qlora.report.recorder import main
+
+    assert main(["--help"]) == 0
+    assert "python -m qlora.report.recorder RECIPE.py OUT.pickle.gz" in capsys.readouterr().out
+
+
 def test_train_help_after_a_recipe_lists_every_field_with_type_value_and_docstring() -> None:
     proc = command("qlora.train", "recipes/tiny.py", "--lora.r=4", "--train.lr=1e-3", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]

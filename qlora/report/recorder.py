@@ -154,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from qlora.commands import wants_help
     from qlora.config import parse_args
     from qlora.errors import ConfigError
 
+    if wants_help(argv):  # memory_reports/README.md sends a user here; `--help` was refused as 'no output file'
+        print(__doc__, end="")
+        return 0
     steps = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--steps=")), 1))
     rest = [a for a in argv if not a.startswith("--steps=")]
     out = next((a for a in rest[1:] if not a.startswith("--")), None)
