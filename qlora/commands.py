@@ -98,6 +98,8 @@ def run_dir_parser(command: str, about: str,
     parser = ArgumentParser(prog=f"python -m {command}", description=about)
     parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device)
+    # qlora.cli.run takes --debug off the command line before the parser sees it: listed here so that help says so.
+    parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of its one line")
     return parser
 
 
@@ -116,7 +118,8 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--jsonl", action="store_true",
                         help='each stdin line is a JSON string ("line one\\nline two") or an object with a "prompt" '
                              "field, so a prompt may hold newlines; without --jsonl each stdin line is one prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per prompt at most "
+                                                                         "(default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     return parser
 
@@ -141,7 +144,8 @@ def export_parser() -> ArgumentParser:
     parser.add_argument("--gguf", type=Path, required=True, help="the file to write, e.g. runs/mine.gguf (new)")
     parser.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default="f16",
                         help="type of the weight matrices (norms stay f32); default f16, the trained model to rounding")
-    parser.add_argument("--rows", type=int, default=32, help="held-out rows the check runs through both models")
+    parser.add_argument("--rows", type=int, default=32, help="held-out rows the check runs through both models "
+                                                                     "(default 32)")
     parser.add_argument("--skip-check", action="store_true",
                         help="skip reading the file back and comparing it with the trained model (it loads both on "
                              "CPU: too much for a huge model)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.commands import running_command
+from qlora.commands import PARSERS, running_command
 from qlora.config import Config, apply_overrides, field_docs, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,16 @@ def test_the_allocation_recorder_answers_help_too(capsys: pytest.CaptureFixture)
 
     assert main(["--help"]) == 0
     assert "python -m qlora.report.recorder RECIPE.py OUT.pickle.gz" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_help_of_a_command_on_a_run_says_what_every_flag_does(name: str) -> None:
+    """`--max-new-tokens` had no help (nor its default), and `--debug`, which every command takes, was missing from
+    eval's, generate's, merge's and export's help though train's, memory's and config's list it."""
+    parser = PARSERS[name]()
+    bare = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not bare, bare
+    assert "--debug" in parser.format_help()
 
 
 def test_train_help_after_a_recipe_lists_every_field_with_type_value_and_docstring() -> None:
