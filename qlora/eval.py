@@ -30,7 +30,7 @@ from qlora.data.pack import pack_examples
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
-from qlora.training.checkpoint import recorded_rows
+from qlora.training.checkpoint import RUN_CONFIG, recorded_rows
 from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
 
@@ -42,7 +42,8 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
     """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
     # A missing or malformed file (--data, or the run's data.eval) is found before the model loads.
     source = data if data is not None else read_run_config(Path(run_dir)).data.eval
-    rows = read_rows(source) if source is not None else None
+    key = "--data" if data is not None else f"data.eval in {Path(run_dir) / RUN_CONFIG}, or give --data FILE"
+    rows = read_rows(source, key) if source is not None else None
     cfg, model, tokenizer, dev = load_run(Path(run_dir), device)
     if data is None and not cfg.data.eval:
         # The split training held out: the same seeded carve-out of the train file.

@@ -61,6 +61,7 @@ from qlora.errors import ConfigError, Stop, check_writable
 from qlora.merge import MergeSource, folding, merge_source
 from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
 from qlora.training.assemble import load_run_fp32, read_run_config
+from qlora.training.checkpoint import RUN_CONFIG
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -458,7 +459,7 @@ def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
              f"{rows} held-out rows through the trained model and the file, both on CPU in fp32")
     cfg, model, tokenizer = trained or load_run_fp32(Path(run_dir))[:3]
     exported_tokenizer, exported_model = exported or read_back(out, path)
-    conversations = [r["messages"] for r in read_rows(cfg.data.eval or cfg.data.train)
+    conversations = [r["messages"] for r in read_rows(*held_out_source(cfg, run_dir))
                      if isinstance(r.get("messages"), list)][:rows]
     template = check_template(tokenizer, exported_tokenizer, conversations, out)
     print(f"chat template and tokenizer: {template}")
@@ -476,6 +477,12 @@ def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
                       "kept for inspection, but do not use it")
     return {**scores, "rows": len(examples), "template": template, "bound": bound._asdict(), "within": within,
             "type": kind}
+
+
+def held_out_source(cfg: Config, run_dir: Path) -> tuple[str, str]:
+    """The file the check reads its held-out conversations from, and the setting of the run that names it."""
+    key = "data.eval" if cfg.data.eval else "data.train"
+    return cfg.data.eval or cfg.data.train, f"{key} in {Path(run_dir) / RUN_CONFIG}, or export with --skip-check"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,7 +504,7 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"--rows={args.rows}: the check needs at least one held-out row, e.g. --rows=32")
     cfg = read_run_config(args.run_dir)  # a missing run is named before anything loads
     if not args.skip_check:  # the data the check reads, found missing or malformed before the export, not after it
-        read_rows(cfg.data.eval or cfg.data.train)
+        read_rows(*held_out_source(cfg, args.run_dir))
     check = None if args.skip_check else lambda path: check_export(args.run_dir, out, args.type, args.rows, path=path)
     export(args.run_dir, out, args.type, args.device, check)
     return 0

@@ -98,7 +98,8 @@ def test_eval_names_a_missing_heldout_file_before_loading_the_model(run, tmp_pat
     moved = gone_heldout(run, tmp_path)
     monkeypatch.setattr(run_eval, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
     assert run_eval.main([str(moved)]) == 2
-    assert f"data file {tmp_path / 'moved.jsonl'} not found" in one_error(capsys)
+    assert f"data file {tmp_path / 'moved.jsonl'} not found: check data.eval in {moved / RUN_CONFIG}, or give --data " \
+           "FILE" in one_error(capsys)
 
 
 def test_export_names_a_missing_heldout_file_before_exporting(run, tmp_path, capsys, monkeypatch) -> None:
@@ -106,7 +107,8 @@ def test_export_names_a_missing_heldout_file_before_exporting(run, tmp_path, cap
     moved = gone_heldout(run, tmp_path)
     monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("exported first"))
     assert export.main([str(moved), "--gguf", str(tmp_path / "out.gguf")]) == 2
-    assert f"data file {tmp_path / 'moved.jsonl'} not found" in one_error(capsys)
+    assert f"data file {tmp_path / 'moved.jsonl'} not found: check data.eval in {moved / RUN_CONFIG}, or export with " \
+           "--skip-check" in one_error(capsys)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".out.gguf*"))
 
 

@@ -237,3 +237,18 @@ def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, c
     train.write_text(train.read_text() * 2)  # every row twice: with seed 0 no row has both copies held out
     _, rows = load_splits(cfg, byte_tokenizer(), 0)
     assert f"{train}: {len(rows)} of {len(rows)} held-out rows are also training rows" in capsys.readouterr().out
+
+
+def test_a_missing_data_file_is_named_by_the_setting_or_flag_that_named_it(tmp_path: Path) -> None:
+    """Every missing file said 'check data.train / data.eval', `qlora.eval --data FILE` too, where neither is the
+    setting to fix."""
+    from qlora.base.build import byte_tokenizer
+    from qlora.config.sections import DataConfig
+    from qlora.data.labels import load_splits
+    from qlora.eval import evaluate_run
+
+    missing = tmp_path / "held.jsonl"
+    with pytest.raises(ConfigError, match=r"held.jsonl not found: check data.eval$"):
+        load_splits(DataConfig(train=str(CHAT), eval=str(missing)), byte_tokenizer(), 0)
+    with pytest.raises(ConfigError, match=r"held.jsonl not found: check --data$"):
+        evaluate_run(tmp_path, data=str(missing))

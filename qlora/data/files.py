@@ -21,8 +21,9 @@ class Rows(list):
         self.places = places
 
 
-def read_rows(source: str) -> Rows:
-    """Rows of a local file, or of a hub dataset's train split when `source` is no local path."""
+def read_rows(source: str, key: str = "data.train / data.eval") -> Rows:
+    """Rows of a local file, or of a hub dataset's train split when `source` is no local path; `key` is the setting
+    or flag that named it, for the message when it is not there."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()  # train.JSONL too
     if suffix in LOADERS or not looks_like_hub_id(source):
@@ -31,7 +32,7 @@ def read_rows(source: str) -> Rows:
                        "is not a regular file" if path.exists() else
                        "is a link that leads nowhere (a loop, or a missing target)" if path.is_symlink() else
                        "not found")
-            raise ConfigError(f"data file {path} {problem}: check data.train / data.eval")
+            raise ConfigError(f"data file {path} {problem}: check {key}")
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix not in LOADERS:

@@ -217,11 +217,11 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
 
 def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[dict], list[dict]]:
     """Tokenised train and held-out examples; the held-out split is carved from train by seed when not given."""
-    rows = read_rows(cfg.train)
+    rows = read_rows(cfg.train, "data.train")
     fmt = detect_format(rows, cfg.train) if cfg.format == "auto" else cfg.format
     train = tokenize_rows(rows, fmt, tokenizer, cfg.train, cfg.max_seq_len)
     if cfg.eval:
-        held = tokenize_rows(read_rows(cfg.eval), fmt, tokenizer, cfg.eval, cfg.max_seq_len)
+        held = tokenize_rows(read_rows(cfg.eval, "data.eval"), fmt, tokenizer, cfg.eval, cfg.max_seq_len)
     else:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         n_eval = max(1, round(len(train) * cfg.eval_fraction))
