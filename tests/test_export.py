@@ -88,7 +88,7 @@ def test_the_file_takes_its_name_only_once_checked(run: Path, tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []
 
     def too_far(path: Path) -> None:
-        raise Stop(1, f"{out} is further from the trained model than README.md states")
+        raise Stop(1, f"{out} is further from the trained model than docs/after-training.md bounds")
 
     with pytest.raises(Stop):
         export.export(run, out, "f16", "cpu", too_far)
@@ -217,3 +217,13 @@ def test_an_export_that_cannot_be_made_is_refused_in_one_line(cli, run, tmp_path
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing removed
+
+
+def test_a_file_outside_its_bound_is_named_with_the_page_that_states_it_and_what_to_do() -> None:
+    """The line named README.md, which gives only two of the four bounds, and no way forward."""
+    line = export.outside_bound(Path("runs/x-q4_0.gguf"), "q4_0", {"kl_mean": 2.41, "top1": 0.3807})
+    assert line == ("runs/x-q4_0.gguf is further from the trained model than docs/after-training.md bounds q4_0 "
+                    "(mean KL 2.41e+00 nats/token against at most 0.15, top-1 agreement 38.07% against at least 85%): "
+                    "the file is kept for inspection, but do not use it; export with --type f16, bf16 or q8_0 "
+                    "instead")
+    assert "--type f16 instead" in export.outside_bound(Path("x.gguf"), "bf16", {"kl_mean": 0.01, "top1": 0.9})
