@@ -403,10 +403,23 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output_dir(cli, scratc
 
 
 def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
-    """Found after the model is loaded (the data is read after it): still nothing on disk."""
+    """Found after the model is loaded (the data is tokenised with its tokenizer): still nothing on disk."""
     out = tmp_path / "new" / "run"
     check_refused(cli.run([TINY, "--data.max_seq_len=4", f"--output.dir={out}"]), "labels masked")
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(("flag", "pattern"), [
+    ("--data.train={d}/nope.jsonl", r"data file .*nope.jsonl not found"),
+    ("--data.eval={d}/nope.jsonl", r"data file .*nope.jsonl not found"),
+    ("--data.train={d}/malformed.jsonl", r"malformed.jsonl:2: "),
+], ids=["train missing", "held-out missing", "bad line"])
+def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, pattern):
+    """A missing file or a bad line cost a load of the base first (minutes for a 70B) before it was said."""
+    (tmp_path / "malformed.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    result = cli.run([TINY, flag.replace("{d}", str(tmp_path)), f"--output.dir={tmp_path / 'run'}"])
+    check_refused(result, pattern)
+    assert "loading " not in result.stdout and "building " not in result.stdout, result.stdout
 
 
 def test_debug_shows_the_traceback(cli, tmp_path):

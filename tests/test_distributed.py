@@ -287,7 +287,7 @@ from qlora.errors import ConfigError
 def missing(*args, **kwargs):  # a data file missing on the machine of one process of several
     raise ConfigError("data.train=/shared/train.jsonl not found: check the path")
 if os.environ["RANK"] == "1":
-    qlora.training.assemble.load_splits = missing
+    qlora.training.assemble.read_splits = missing
 """
 
 

@@ -215,13 +215,22 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
     return examples
 
 
-def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[list[dict], list[dict]]:
-    """Tokenised train and held-out examples; the held-out split is carved from train by seed when not given."""
+def read_splits(cfg: DataConfig) -> tuple[str, list[dict], list[dict] | None]:
+    """(format, train rows, held-out rows or None) as the files hold them, before any tokenizer: what a trainer reads
+    before it loads a base, so that a missing file or a bad line costs no load of minutes."""
     rows = read_rows(cfg.train, "data.train")
     fmt = detect_format(rows, cfg.train) if cfg.format == "auto" else cfg.format
+    return fmt, rows, read_rows(cfg.eval, "data.eval") if cfg.eval else None
+
+
+def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                read: tuple[str, list[dict], list[dict] | None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Tokenised train and held-out examples (of `read`, read_splits' rows, when given); the held-out split is carved
+    from train by seed when not given."""
+    fmt, rows, held_rows = read or read_splits(cfg)
     train = tokenize_rows(rows, fmt, tokenizer, cfg.train, cfg.max_seq_len)
-    if cfg.eval:
-        held = tokenize_rows(read_rows(cfg.eval, "data.eval"), fmt, tokenizer, cfg.eval, cfg.max_seq_len)
+    if held_rows is not None:
+        held = tokenize_rows(held_rows, fmt, tokenizer, cfg.eval, cfg.max_seq_len)
     else:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         n_eval = max(1, round(len(train) * cfg.eval_fraction))

@@ -17,7 +17,7 @@ from qlora.base.bnb import bnb
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.config.sections import FP16_ON_CUDA
-from qlora.data.labels import load_splits
+from qlora.data.labels import load_splits, read_splits
 from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
@@ -97,9 +97,11 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
 
 def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = False,
             ranks: distributed.Ranks | None = None) -> dict:
-    """Load the base, attach adapters, read the data: everything the loop needs, as one dict."""
+    """Read the data, load the base, attach adapters, tokenise the data: everything the loop needs, as one dict."""
+    read = read_splits(cfg.data)  # first: a missing file or a bad line is said before a load of minutes
     run = build_model(cfg, profiler, resuming, ranks)
-    train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed)
+    train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed, read)
+    del read
     if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
         packed = pack_examples(train_rows, cfg.data.max_seq_len)
         print(packing_summary(train_rows, packed, cfg.data.max_seq_len))
