@@ -19,8 +19,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 if sys.argv[:1] == ["-m"]:  # `python -m qlora.<command>`: runpy imports this package before the command's imports
     from qlora.cli import catch_early_signals
     from qlora.commands import answer_help_early
-    from qlora.console import quiet_libraries
+    from qlora.console import fill_closed_streams, quiet_libraries
 
+    fill_closed_streams()  # `>&-`: their lines go nowhere, and the run goes on
     catch_early_signals()  # a Ctrl-C or SIGTERM while torch loads ends in one line, not a traceback
     answer_help_early()  # `--help` is answered (and the process ends) before the command imports torch
     quiet_libraries()  # before transformers is imported: its progress bars only on a terminal

@@ -17,6 +17,24 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def fill_closed_streams() -> None:
+    """A command started with stdout or stderr closed (`>&-`, a launcher that closes them) writes those lines to
+    /dev/null. Python leaves such a stream None, and the first phase line (`tqdm.write`, then `flush`) failed on it:
+    the run ended with exit 1 before loading. A descriptor still free is held with /dev/null too, or the first file
+    the run opens (metrics.jsonl, a checkpoint's) would take it and receive what a C library prints."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115  for the life of the process
+
+
 def quiet_libraries() -> None:
     """Library output we know and accept, said once in our words or not at all. Called as every `python -m qlora.*`
     command starts (qlora/__init__.py), and again by each command for runs started in-process; idempotent.

@@ -4,6 +4,7 @@ and on a terminal a stop line that starts a line of its own."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -123,3 +124,20 @@ def test_a_stop_on_a_terminal_ends_the_bar_before_its_line(tmp_path: Path) -> No
     assert sent and os.waitstatus_to_exitcode(status) == 130, text[-2000:]
     assert re.search(r"\n\s*stopped by SIGINT after step \d+", text), text[-2000:]
     assert not re.search(r"[^\n\s]stopped by SIGINT", text), text[-2000:]
+
+
+def test_a_run_with_stdout_and_stderr_closed_trains_and_saves(tmp_path: Path) -> None:
+    """`python -m qlora.train ... >&- 2>&-`: Python leaves sys.stdout None, and the first phase line ended the run
+    with exit 1 before loading, nothing written."""
+
+    def close_both() -> None:  # in the child, after subprocess set up its descriptors
+        os.close(1)
+        os.close(2)
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={out}",
+                           "--train.steps=2", "--train.eval_batches=1"], cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=close_both)  # noqa: PLW1509
+    assert proc.returncode == 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 2]
