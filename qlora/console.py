@@ -2,7 +2,8 @@
 a progress bar under it on a terminal, and the libraries' own chatter kept out of the way.
 
 Phase lines go to stdout with the command's other lines (so that stderr holds only an error's one line); bars go to
-stderr and only when it is a terminal, as tqdm's `disable=None` decides, so a log file gets lines, not bar frames.
+stderr and only where they can be drawn (`draws_bars`: a sized terminal, not TERM=dumb), so a log file gets lines, not
+bar frames.
 """
 
 from __future__ import annotations
@@ -39,15 +40,16 @@ def quiet_libraries() -> None:
     """Library output we know and accept, said once in our words or not at all. Called as every `python -m qlora.*`
     command starts (qlora/__init__.py), and again by each command for runs started in-process; idempotent.
 
-    - transformers' "Loading weights" and datasets' bars: only on a terminal. The environment switches work when set
-      before transformers is imported; transformers' own switch covers a process that imported it already.
+    - transformers' "Loading weights" and datasets' bars: only on a terminal that draws them (`draws_bars`). The
+      environment switches work when set before transformers is imported; transformers' own switch covers a process
+      that imported it already.
     - bars of libraries that leave `disable` to tqdm's default (transformers' "Converting and de-quantizing GGUF
-      tensors" as the demo builds SmolLM2): TQDM_DISABLE, off the terminal only. tqdm reads it as a default, so the
+      tensors" as the demo builds SmolLM2): TQDM_DISABLE, off such a terminal only. tqdm reads it as a default, so the
       bars that pass `disable` themselves (ours: `progress`, the training bar) still decide for themselves.
     - bitsandbytes' "Paged optimizers are not supported on CPU" (a two-line UserWarning at the first optimizer step,
       in the middle of the progress bar): the trainer's summary says instead that nothing pages on CPU.
     """
-    if not sys.stderr.isatty():
+    if not draws_bars(sys.stderr):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
@@ -59,6 +61,34 @@ def quiet_libraries() -> None:
     # A step skipped for a non-finite loss steps the schedule on purpose (the data and the schedule move on); if it is
     # the first, torch warns that the scheduler stepped before its optimizer.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step")
+
+
+def draws_bars(stream: object, figures: str = "") -> bool:
+    """Whether a progress bar can be drawn on `stream`: a terminal, sized (a pty no one sized, `script -c CMD` or some
+    CI runners, reports 0 rows and columns, and tqdm hides every bar there), that moves the cursor (TERM=dumb does not:
+    a bar under another, the evaluation's under the training's, printed its escape codes as text), and wider than the
+    bar's `figures` (tqdm cuts its line at the edge: on 20 columns a count of 10/300 read 10/30). Elsewhere lines take
+    over."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # not a terminal, or no descriptor (a StringIO)
+        return False
+    return size.columns > len(figures) and size.lines > 0 and os.environ.get("TERM") != "dumb"
+
+
+def terminal_columns(stream: object) -> int:
+    """The width of the terminal `stream` is, now (a window can be resized during a run); 0 if it is none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # not a terminal, or no descriptor (a StringIO)
+        return 0
+
+
+def widest_meter(total: int, what: str, unit: str = "it") -> str:
+    """tqdm's own figures for a bar of `total` at their widest (the last item, hours in), with no room for the bar."""
+    from tqdm import tqdm
+
+    return tqdm.format_meter(total - 1, total, 99 * 3600, prefix=what, unit=unit, bar_format="{l_bar}{r_bar}")
 
 
 def announce(what: str) -> float:
@@ -80,9 +110,9 @@ def since(started: float) -> str:
 
 
 def progress(items: Iterable[T], total: int, what: str, unit: str, show: bool = True) -> Iterator[T]:
-    """`items` with a progress bar on a terminal (stderr), gone when done; nothing otherwise, or without `show` (a
-    process of several other than rank 0)."""
+    """`items` with a progress bar on a terminal that draws it (stderr), gone when done; nothing otherwise, or without
+    `show` (a process of several other than rank 0)."""
     from tqdm import tqdm
 
-    yield from tqdm(items, total=total, desc=what, unit=unit, leave=False, disable=None if show else True,
-                    dynamic_ncols=True)
+    yield from tqdm(items, total=total, desc=what, unit=unit, leave=False,
+                    disable=not (show and draws_bars(sys.stderr, widest_meter(total, what, unit))), dynamic_ncols=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from qlora.base.load import resolve_device
 from qlora.cli import run
 from qlora.commands import TRAIN, help_text, wants_help
 from qlora.config import Config, apply_overrides, load_recipe, resolve_paths, split_args
-from qlora.console import announce, quiet_libraries, since
+from qlora.console import announce, draws_bars, quiet_libraries, since, terminal_columns, widest_meter
 from qlora.data.batches import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
@@ -295,34 +294,39 @@ def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
 
 def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
     """Rank 0's bar, or in a log a line per tenth of the run (the bar's frames would be noise there); loss and
-    tokens/s are the global batch's."""
+    tokens/s are the global batch's. A terminal narrower than the bar's own figures gets the lines too: tqdm cuts its
+    line at the edge, and on 20 columns `10/300` read `10/30`."""
     t = cfg.train
-    bar = tqdm(total=t.steps, initial=step, desc="train" if not ranks.several else f"train ({ranks.size} processes)",
-               dynamic_ncols=True, disable=None if ranks.main and _sized_terminal(sys.stderr) else True)
+    desc = "train" if not ranks.several else f"train ({ranks.size} processes)"
+    bar = tqdm(total=t.steps, initial=step, desc=desc, dynamic_ncols=True,
+               disable=not (ranks.main and draws_bars(sys.stderr, widest_meter(t.steps, desc))))
     if bar.disable:
         announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
     return bar
 
 
-def _sized_terminal(stream: object) -> bool:
-    """Whether tqdm can draw on `stream`: a terminal not reporting 0 rows or columns (`script -c CMD`, a pty no one
-    sized: tqdm hides every bar there), or not a terminal at all (tqdm's disable=None then writes nothing, and the
-    log lines take over)."""
-    try:
-        size = os.get_terminal_size(stream.fileno())
-    except (AttributeError, OSError, ValueError):
-        return True
-    return size.columns > 0 and size.lines > 0
-
-
 def _show_step(bar: tqdm, last: dict, steps: int) -> None:
-    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}",
-                    mem=f"{last['peak_gib']:.2f}G")
+    if not bar.disable:  # shown with the step's count: set_postfix's own redraw paired it with the step before
+        fields = [f"loss={last['loss']:.4f}", f"lr={last['lr']:.2e}", f"tok_s={last['tokens_per_s']:.0f}",
+                  f"mem={last['peak_gib']:.2f}G"]
+        bar.set_postfix_str(_fitting(bar, fields, terminal_columns(sys.stderr)), refresh=False)
     bar.update(1)
     step = last["step"]
     if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
         print(f"step {step}/{steps}: loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
               f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_gib']:.2f} GiB", flush=True)
+
+
+def _fitting(bar: tqdm, fields: list[str], columns: int) -> str:
+    """The leading `fields` that fit whole beside the bar's own figures (after its next update) on a terminal `columns`
+    wide. tqdm cuts its line at the edge, mid-number: on 80 columns `mem=0.09G` read `mem=0.0` and tokens/s was gone,
+    on 90 `tok_s=` had no number."""
+    meter = {**bar.format_dict, "n": bar.n + 1, "ncols": None, "bar_format": "{l_bar}{r_bar}"}
+    for k in range(len(fields), 0, -1):
+        postfix = ", ".join(fields[:k])
+        if len(tqdm.format_meter(**{**meter, "postfix": postfix})) < columns:  # and a column of bar
+            return postfix
+    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

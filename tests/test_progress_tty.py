@@ -1,14 +1,25 @@
 """A terminal that reports 0 rows or columns (a pty no one sized: `script -q -c CMD /dev/null`, some CI runners): tqdm
-hides every bar there, so the trainer must fall back to the log lines rather than show no progress at all."""
+hides every bar there, so the trainer must fall back to the log lines rather than show no progress at all. A terminal
+too narrow for the bar's figures, or TERM=dumb, gets the lines too; on one wide enough, the figures beside the bar are
+whole."""
 
 from __future__ import annotations
 
+import fcntl
+import io
 import os
 import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
 
 from forked_cli import ROOT
+from tqdm import tqdm
+
+from qlora import train
+from qlora.console import draws_bars, widest_meter
 
 
 def test_an_unsized_terminal_gets_the_step_lines(tmp_path):
@@ -25,3 +36,45 @@ def test_an_unsized_terminal_gets_the_step_lines(tmp_path):
         os.close(master)
     assert result.returncode == 0
     assert "training 2 steps of 4 rows" in result.stdout and "step 2/2: loss" in result.stdout, result.stdout
+
+
+def sized_pty(columns: int) -> tuple[int, int]:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    return master, slave
+
+
+def test_a_terminal_too_narrow_or_dumb_gets_the_step_lines(monkeypatch):
+    """On 20 columns tqdm cut the bar's own count (10/300 read `10/30`), and under TERM=dumb the evaluation's bar
+    below the training's printed its cursor-up escape codes as text: both get the lines instead."""
+    monkeypatch.setenv("TERM", "xterm")
+    for columns, draws in ((120, True), (60, True), (20, False)):
+        master, slave = sized_pty(columns)
+        with os.fdopen(slave, "w") as stream:
+            assert draws_bars(stream, widest_meter(300, "train")) is draws, columns
+            assert draws_bars(stream, widest_meter(13, "evaluate", "batch")) is draws, columns
+            monkeypatch.setenv("TERM", "dumb")
+            assert not draws_bars(stream)
+            monkeypatch.setenv("TERM", "xterm")
+        os.close(master)
+
+
+def test_the_bar_shows_whole_figures_beside_their_own_step(monkeypatch):
+    """tqdm cuts its line at the terminal's edge, mid-number: on 80 columns `mem=0.09G` read `mem=0.0` and tokens/s
+    was gone; and set_postfix's own redraw showed a step's loss beside the count of the step before."""
+    for columns in (200, 100, 90, 80, 60):
+        monkeypatch.setattr(train, "terminal_columns", lambda stream, c=columns: c)
+        frames = io.StringIO()
+        bar = tqdm(total=300, desc="train", file=frames, ncols=columns, mininterval=0, disable=False)
+        for step in (1, 2, 3, 10):
+            bar.n = step - 1
+            train._show_step(bar, {"step": step, "loss": step + 0.123456, "lr": 3e-3, "tokens_per_s": 14236.4,
+                                   "peak_gib": 0.0872}, 300)
+        shown = [f for f in frames.getvalue().split("\r") if "=" in f]
+        assert shown or columns < 80, (columns, frames.getvalue())  # on 60 no figure fits beside a fast rate
+        for frame in shown:
+            count = int(re.search(r"\| *(\d+)/300", frame)[1])
+            whole = {f"loss={count}.1235", "lr=3.00e-03", "tok_s=14236", "mem=0.09G"}
+            assert set(re.findall(r"\w+=[^,\]\s]*", frame)) <= whole, (columns, frame)
+        if columns == 200:
+            assert all(field in shown[-1] for field in ("loss=10.1235", "lr=", "tok_s=14236", "mem=0.09G"))
