@@ -84,7 +84,10 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             raise
         code, line = ending
         if (line := line_of_this_rank(code, line)) is not None:
-            print(line, file=sys.stderr)
+            try:
+                print(line, file=sys.stderr)
+            except BrokenPipeError:  # its reader left too (`2>&1 | head`, a run stopped for it): the status says it
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         return code
     finally:
         Session.intact = Session.signal = Session.ended = None  # a later command in this process starts afresh

@@ -141,3 +141,26 @@ def test_a_run_with_stdout_and_stderr_closed_trains_and_saves(tmp_path: Path) ->
     assert proc.returncode == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 2, 2]
+
+
+@pytest.mark.parametrize("stderr", [subprocess.PIPE, subprocess.STDOUT], ids=["stdout", "stdout and stderr"])
+def test_a_run_whose_stdout_reader_leaves_stops_with_a_checkpoint(tmp_path: Path, stderr: int) -> None:
+    """`python -m qlora.train ... | head`: the first line after the reader left raised BrokenPipeError and the run
+    ended at once (exit 141), every step since its last checkpoint lost and no line saying so. It stops as for a
+    signal: after the step in flight, with a checkpoint, and says so on stderr. With stderr in the same pipe
+    (`2>&1 | head`) that line failed in turn: exit 1."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={out}",
+                             "--train.eval_before=false", "--train.eval_every=0"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("training 300 steps"):  # the step lines come every 30 steps from here
+            break
+    proc.stdout.close()  # as `head` does once it has its lines
+    err = proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=600) == 128 + signal.SIGPIPE, err
+    (saved,) = out.glob("checkpoint-*")
+    assert int(saved.name.removeprefix("checkpoint-")) < 300
+    if proc.stderr:
+        assert err == f"stopped by SIGPIPE after step {saved.name.removeprefix('checkpoint-')}; {saved} holds it: " \
+                      "continue with --resume\n", err
