@@ -109,6 +109,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     profiler.watch(model, optimizer)
     model.train()
     watch.bar = bar = _progress_bar(cfg, progress.step, ranks)
+    began = progress.step, time.perf_counter()  # the step lines' time left: this process's steps, not its loading
     # the run's earlier processes' peaks and longest micro-batch: the memory line and memory.json are the whole run's
     profiler.restore(progress.state.get("memory"))
     step, last, longest = progress.step, {}, progress.state.get("longest", 0)
@@ -150,7 +151,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
                 "tokens_per_s": tokens / (time.perf_counter() - started), "peak_gib": profiler.highest() / 2**30}
         if step % t.log_every == 0 or step == t.steps:
             metrics.write(last)
-        _show_step(bar, last, t.steps)
+        _show_step(bar, last, t.steps, began)
 
         # evaluate
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
@@ -305,7 +306,10 @@ def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
     return bar
 
 
-def _show_step(bar: tqdm, last: dict, steps: int) -> None:
+def _show_step(bar: tqdm, last: dict, steps: int, began: tuple[int, float]) -> None:
+    """The step on the bar, or every tenth of the run a line with the same figures. Its time left, as the bar's, is
+    from this process's steps so far (`began`: the first and when; evaluations and checkpoints count, loading not):
+    the lines had none, and a run in a log said nothing of when it would end."""
     if not bar.disable:  # shown with the step's count: set_postfix's own redraw paired it with the step before
         fields = [f"loss={last['loss']:.4f}", f"lr={last['lr']:.2e}", f"tok_s={last['tokens_per_s']:.0f}",
                   f"mem={last['peak_gib']:.2f}G"]
@@ -313,8 +317,11 @@ def _show_step(bar: tqdm, last: dict, steps: int) -> None:
     bar.update(1)
     step = last["step"]
     if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
+        first, started = began
+        left = (time.perf_counter() - started) / (step - first) * (steps - step)
         print(f"step {step}/{steps}: loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
-              f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_gib']:.2f} GiB", flush=True)
+              f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_gib']:.2f} GiB, {tqdm.format_interval(left)} "
+              "left", flush=True)
 
 
 def _fitting(bar: tqdm, fields: list[str], columns: int) -> str:

@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 
 from forked_cli import ROOT
 from tqdm import tqdm
@@ -69,7 +70,7 @@ def test_the_bar_shows_whole_figures_beside_their_own_step(monkeypatch):
         for step in (1, 2, 3, 10):
             bar.n = step - 1
             train._show_step(bar, {"step": step, "loss": step + 0.123456, "lr": 3e-3, "tokens_per_s": 14236.4,
-                                   "peak_gib": 0.0872}, 300)
+                                   "peak_gib": 0.0872}, 300, (0, time.perf_counter()))
         shown = [f for f in frames.getvalue().split("\r") if "=" in f]
         assert shown or columns < 80, (columns, frames.getvalue())  # on 60 no figure fits beside a fast rate
         for frame in shown:
@@ -78,3 +79,15 @@ def test_the_bar_shows_whole_figures_beside_their_own_step(monkeypatch):
             assert set(re.findall(r"\w+=[^,\]\s]*", frame)) <= whole, (columns, frame)
         if columns == 200:
             assert all(field in shown[-1] for field in ("loss=10.1235", "lr=", "tok_s=14236", "mem=0.09G"))
+
+
+def test_the_step_lines_say_the_time_left_from_this_process_steps(capsys):
+    """The lines that stand in for the bar in a log said loss, lr, tokens/s and peak, but not when the run would end;
+    after a resume, the time left counts the steps this process ran, not its loading."""
+    bar = tqdm(total=300, disable=True)
+    fields = {"loss": 1.5, "lr": 3e-3, "tokens_per_s": 9000.0, "peak_gib": 0.09}
+    train._show_step(bar, {"step": 30, **fields}, 300, (0, time.perf_counter() - 30))  # 1 s a step
+    train._show_step(bar, {"step": 120, **fields}, 300, (100, time.perf_counter() - 40))  # resumed at 100: 2 s a step
+    assert capsys.readouterr().out.splitlines() == [
+        "step 30/300: loss 1.5000, lr 3.00e-03, 9000 tokens/s, peak 0.09 GiB, 04:30 left",
+        "step 120/300: loss 1.5000, lr 3.00e-03, 9000 tokens/s, peak 0.09 GiB, 06:00 left"]
