@@ -86,7 +86,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         if (line := line_of_this_rank(code, line)) is not None:
             try:
                 print(line, file=sys.stderr)
-            except BrokenPipeError:  # its reader left too (`2>&1 | head`, a run stopped for it): the status says it
+            except OSError:  # its reader left too (`2>&1 | head`), or its terminal (SIGHUP): the status says it
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
         return code
     finally:

@@ -164,3 +164,41 @@ def test_a_run_whose_stdout_reader_leaves_stops_with_a_checkpoint(tmp_path: Path
     if proc.stderr:
         assert err == f"stopped by SIGPIPE after step {saved.name.removeprefix('checkpoint-')}; {saved} holds it: " \
                       "continue with --resume\n", err
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["terminal closed", "under nohup"])
+def test_a_run_whose_terminal_closes_stops_with_a_checkpoint(tmp_path: Path, nohup: bool) -> None:
+    """An ssh session lost: the kernel sends SIGHUP, whose default ended the run at once, every step since its last
+    checkpoint lost (measured: exit -1 (SIGHUP) with no checkpoint-N, 15 steps in). It stops as for SIGTERM, after the
+    step in flight, with a checkpoint (exit 129). Under `nohup` (SIGHUP ignored) it is not the trainer's to stop."""
+    out = tmp_path / "run"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdin, stdout and stderr are the terminal
+        os.chdir(ROOT)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if nohup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # kept across exec, as nohup does it
+        os.execv(sys.executable, [sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={out}",
+                                  "--train.steps=3000", "--train.eval_before=false", "--train.eval_every=0"])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    seen, deadline = b"", time.monotonic() + 300
+    while time.monotonic() < deadline and not re.search(rb"train: +\d+%.*\| *[1-9]\d*/3000", seen):
+        if select.select([fd], [], [], 1)[0]:
+            seen += os.read(fd, 4096)
+    if nohup:
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(1)
+        os.kill(pid, signal.SIGTERM)
+        while select.select([fd], [], [], 1)[0]:  # the terminal stays open: read it until the child closes it
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    os.close(fd)  # without nohup: the terminal goes away, and the kernel hangs up its session
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + (signal.SIGTERM if nohup else signal.SIGHUP), seen[-2000:]
+    (saved,) = out.glob("checkpoint-*")
+    step = saved.name.removeprefix("checkpoint-")
+    assert 0 < int(step) < 3000
+    if nohup:
+        assert f"stopped by SIGTERM after step {step}" in seen.decode(errors="replace")

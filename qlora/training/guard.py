@@ -6,7 +6,9 @@ Each ends in a `qlora.errors.Stop` carrying its exit status (listed in qlora/err
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import math
 import os
 import re
@@ -57,15 +59,17 @@ class RunGuard:
             raise Stop(EXIT_OOM, oom_report(self, err)) from err
 
     def catch_signals(self) -> None:
-        """From here on, SIGINT and SIGTERM ask the loop to stop after the step in flight; so does stdout's reader
-        leaving (SIGPIPE: `| head`, a `tee` that was killed)."""
+        """From here on, SIGINT and SIGTERM ask the loop to stop after the step in flight; so do SIGHUP (the terminal
+        closed: an ssh session lost) unless it is ignored (`nohup`), and stdout's reader leaving (SIGPIPE: `| head`,
+        a `tee` that was killed)."""
         # One that came while a library was loading, and that the library caught and went on from, is not lost.
         self.signal = self.signal or Session.signal
         if self._stdout is None:
             self._stdout, sys.stdout = sys.stdout, WatchedStdout(sys.stdout, self)
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def release_signals(self) -> None:
         for sig, handler in self._previous.items():
@@ -79,8 +83,9 @@ class RunGuard:
             # A step of a large model takes minutes: say at once that the signal was heard. os.write, not print: the
             # handler runs between two bytecodes of the main thread, perhaps inside a print to the same stream.
             name = signal.Signals(signum).name
-            os.write(2, f"\n{name}: stopping after the step in flight, with a checkpoint ({name} again stops at "
-                        "once)\n".encode())
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone: EIO
+                os.write(2, f"\n{name}: stopping after the step in flight, with a checkpoint ({name} again stops at "
+                            "once)\n".encode())
 
     def stopped_by_signal(self, step: int, saved: Path | None) -> Stop:
         name = signal.Signals(self.signal).name
@@ -100,7 +105,8 @@ class WatchedStdout:
     """sys.stdout while the loop runs. A write or flush that finds its reader gone (BrokenPipeError) ends a command at
     once elsewhere (qlora/cli.py); a run would lose every step since its last checkpoint (measured: killed at step 5 of
     12 with save_every=4, exit 141, no line said what was kept). Here it asks the loop to stop after the step in
-    flight, with a checkpoint, as a SIGPIPE (exit 141); stdout is /dev/null from then, so no later line fails."""
+    flight, with a checkpoint, as a SIGPIPE (exit 141); stdout is /dev/null from then, so no later line fails. A
+    terminal that was closed (EIO after a SIGHUP) is gone the same way."""
 
     def __init__(self, stream: object, watch: RunGuard) -> None:
         self.stream, self.watch = stream, watch
@@ -108,21 +114,23 @@ class WatchedStdout:
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as err:
+            self._reader_gone(err)
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as err:
+            self._reader_gone(err)
 
-    def _reader_gone(self) -> None:
+    def _reader_gone(self, err: OSError) -> None:
+        if err.errno not in (errno.EPIPE, errno.EIO):
+            raise err
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, self.stream.fileno())  # what the stream still holds is flushed there, at exit too
         os.close(null)
-        self.watch.signal = self.watch.signal or signal.SIGPIPE
+        self.watch.signal = self.watch.signal or (signal.SIGPIPE if err.errno == errno.EPIPE else signal.SIGHUP)
 
     def __getattr__(self, name: str) -> object:  # fileno, isatty, encoding, ...: the stream's own
         return getattr(self.stream, name)
