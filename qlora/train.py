@@ -301,7 +301,7 @@ def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
     desc = "train" if not ranks.several else f"train ({ranks.size} processes)"
     bar = tqdm(total=t.steps, initial=step, desc=desc, dynamic_ncols=True,
                disable=not (ranks.main and draws_bars(sys.stderr, widest_meter(t.steps, desc))))
-    if bar.disable:
+    if bar.disable and step < t.steps:  # resumed after its last step (stopped in the final evaluation): none
         announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
     return bar
 

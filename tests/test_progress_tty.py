@@ -15,6 +15,7 @@ import subprocess
 import sys
 import termios
 import time
+import types
 
 from forked_cli import ROOT
 from tqdm import tqdm
@@ -91,3 +92,13 @@ def test_the_step_lines_say_the_time_left_from_this_process_steps(capsys):
     assert capsys.readouterr().out.splitlines() == [
         "step 30/300: loss 1.5000, lr 3.00e-03, 9000 tokens/s, peak 0.09 GiB, 04:30 left",
         "step 120/300: loss 1.5000, lr 3.00e-03, 9000 tokens/s, peak 0.09 GiB, 06:00 left"]
+
+
+def test_a_run_resumed_after_its_last_step_announces_no_training(tiny_config, capsys):
+    """Stopped during its final evaluation and resumed, a run said `training 0 steps of 8 rows ...` before it."""
+    ranks = types.SimpleNamespace(main=True, several=False, size=1)
+    for step, said in ((0, "training 300 steps of 8 rows ...\n"), (120, "training 180 steps of 8 rows ...\n"),
+                       (300, "")):
+        tiny_config.train.steps = 300
+        train._progress_bar(tiny_config, step, ranks).close()
+        assert capsys.readouterr().out == said
