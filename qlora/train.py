@@ -4,7 +4,8 @@ recipe -> base in NF4 -> LoRA on every linear layer -> data -> this loop -> adap
 
 The loop is read top to bottom: set up, resume, evaluate before, then per step forward and backward, clip and step,
 log, evaluate, save or stop; then the final evaluation, the adapter and one memory line. Everything it calls is a
-component under qlora/ (qlora/training/ for what only training needs) that never imports this file back.
+component under qlora/ (qlora/training/ for what only training needs: where the run stands and its progress bar in
+progress.py, what stops it in guard.py) that never imports this file back.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import functools
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from qlora.base.load import resolve_device
 from qlora.cli import run
 from qlora.commands import TRAIN, help_text, wants_help
 from qlora.config import Config, apply_overrides, load_recipe, resolve_paths, split_args
-from qlora.console import announce, draws_bars, quiet_libraries, since, terminal_columns, widest_meter
+from qlora.console import quiet_libraries, since
 from qlora.data.batches import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
@@ -36,29 +36,11 @@ from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, rundir
 from qlora.training.assemble import prepare, print_summary
 from qlora.training.metrics import MetricsLog
-from qlora.training.optimizer import (
-    build_optimizer,
-    build_scheduler,
-    restart_from_weights,
-    retarget,
-    stepped_params,
-    updated_weights,
-)
+from qlora.training.optimizer import build_optimizer, build_scheduler, stepped_params, updated_weights
+from qlora.training.progress import Progress, progress_bar, resume_progress, same_rows, show_step
 from qlora.training.step import announce_evaluation, evaluate, forward_backward, to_device
 
 USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
-
-
-@dataclass
-class Progress:
-    """Where the run stands: what a checkpoint carries over to the process that resumes it."""
-
-    step: int = 0
-    first_eval: dict = field(default_factory=dict)
-    """The held-out scores before training, for the closing "before -> after" line."""
-    bad_steps: int = 0
-    state: dict = field(default_factory=dict)
-    """The resumed checkpoint's trainer state (data position, metrics length, RNG), or empty."""
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
@@ -108,7 +90,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
                             world=ranks.size)
     profiler.watch(model, optimizer)
     model.train()
-    watch.bar = bar = _progress_bar(cfg, progress.step, ranks)
+    watch.bar = bar = progress_bar(cfg, progress.step, ranks)
     began = progress.step, time.perf_counter()  # the step lines' time left: this process's steps, not its loading
     # the run's earlier processes' peaks and longest micro-batch: the memory line and memory.json are the whole run's
     profiler.restore(progress.state.get("memory"))
@@ -151,7 +133,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
                 "tokens_per_s": tokens / (time.perf_counter() - started), "peak_gib": profiler.highest() / 2**30}
         if step % t.log_every == 0 or step == t.steps:
             metrics.write(last)
-        _show_step(bar, last, t.steps, began)
+        show_step(bar, last, t.steps, began)
 
         # evaluate
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
@@ -239,7 +221,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     print_summary(cfg, run, ranks.size)
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    progress, damaged = _resume(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
+    progress, damaged = resume_progress(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
     same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
@@ -251,89 +233,6 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
                          write=ranks.main)
     watch.catch_signals()
     return run, optimizer, scheduler, progress, metrics, profiler
-
-
-def _resume(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LambdaLR, ranks: distributed.Ranks) -> tuple[Progress, list[Path]]:
-    """Load the newest intact checkpoint into the model, optimizer and scheduler (damaged newer ones are named and,
-    once the run starts writing, set aside); the progress it carries and the damaged checkpoints."""
-    run_dir = Path(cfg.output.dir)
-    resumed, state, damaged = checkpoint.resume_latest(run_dir, model, cfg, optimizer, scheduler)
-    for path, why in damaged if ranks.main else ():
-        print(f"{path} is damaged ({why}): it is set aside as {rundir.aside_name(path).name} for inspection",
-              file=sys.stderr)
-    if resumed is None:
-        print(f"no checkpoint in {run_dir} yet: starting at step 0")
-        return Progress(state=state), [p for p, _ in damaged]
-    progress = Progress(state["step"], state.get("first_eval", {}), state.get("bad_steps", 0), state)
-    if progress.step > cfg.train.steps:
-        raise ConfigError(f"train.steps={cfg.train.steps} is below step {progress.step}, where {resumed} stands: "
-                          f"set --train.steps={progress.step} or more to continue")
-    ranks.restore_rng(state)
-    print(f"resumed from {resumed} at step {progress.step}" + (" (the newest usable checkpoint)" if damaged else ""))
-    if "optimizer_restarted" in state:  # cfg's optimizer, fresh; its fp32 masters from the resumed weights
-        restart_from_weights(optimizer)
-        print(f"train.optimizer {state['optimizer_restarted']} -> {cfg.train.optimizer}: its state starts afresh")
-    retarget(optimizer, scheduler, cfg)
-    return progress, [p for p, _ in damaged]
-
-
-def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
-    """Refuse to resume on other rows than the checkpoint's: the batch order and the held-out split are functions of
-    the row count (data.batches.batch_rows), so a row more or less reorders the rest of the epoch and changes what the
-    losses before and after compare. A shorter data.max_seq_len drops the rows whose learned part it cuts off."""
-    rows = state.get("rows")
-    if rows is None or rows == [n_train, n_eval]:  # a fresh run, or a checkpoint written before rows were recorded
-        return
-    raise ConfigError(f"the data now gives {n_train} training and {n_eval} held-out rows, the run trained on "
-                      f"{rows[0]} and held out {rows[1]}: a data file changed, or data.max_seq_len="
-                      f"{cfg.data.max_seq_len} keeps other rows than the run's length did (a row whose learned part "
-                      "lies beyond it is dropped), which would reorder the rest of the epoch and the held-out set; "
-                      "resume with the run's data and a data.max_seq_len that keeps the same rows (its "
-                      "run_config.json has the one it trained with), or start a new run")
-
-
-def _progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
-    """Rank 0's bar, or in a log a line per tenth of the run (the bar's frames would be noise there); loss and
-    tokens/s are the global batch's. A terminal narrower than the bar's own figures gets the lines too: tqdm cuts its
-    line at the edge, and on 20 columns `10/300` read `10/30`."""
-    t = cfg.train
-    desc = "train" if not ranks.several else f"train ({ranks.size} processes)"
-    bar = tqdm(total=t.steps, initial=step, desc=desc, dynamic_ncols=True,
-               disable=not (ranks.main and draws_bars(sys.stderr, widest_meter(t.steps, desc))))
-    if bar.disable and step < t.steps:  # resumed after its last step (stopped in the final evaluation): none
-        announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
-    return bar
-
-
-def _show_step(bar: tqdm, last: dict, steps: int, began: tuple[int, float]) -> None:
-    """The step on the bar, or every tenth of the run a line with the same figures. Its time left, as the bar's, is
-    from this process's steps so far (`began`: the first and when; evaluations and checkpoints count, loading not):
-    the lines had none, and a run in a log said nothing of when it would end."""
-    if not bar.disable:  # shown with the step's count: set_postfix's own redraw paired it with the step before
-        fields = [f"loss={last['loss']:.4f}", f"lr={last['lr']:.2e}", f"tok_s={last['tokens_per_s']:.0f}",
-                  f"mem={last['peak_gib']:.2f}G"]
-        bar.set_postfix_str(_fitting(bar, fields, terminal_columns(sys.stderr)), refresh=False)
-    bar.update(1)
-    step = last["step"]
-    if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
-        first, started = began
-        left = (time.perf_counter() - started) / (step - first) * (steps - step)
-        print(f"step {step}/{steps}: loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
-              f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_gib']:.2f} GiB, {tqdm.format_interval(left)} "
-              "left", flush=True)
-
-
-def _fitting(bar: tqdm, fields: list[str], columns: int) -> str:
-    """The leading `fields` that fit whole beside the bar's own figures (after its next update) on a terminal `columns`
-    wide. tqdm cuts its line at the edge, mid-number: on 80 columns `mem=0.09G` read `mem=0.0` and tokens/s was gone,
-    on 90 `tok_s=` had no number."""
-    meter = {**bar.format_dict, "n": bar.n + 1, "ncols": None, "bar_format": "{l_bar}{r_bar}"}
-    for k in range(len(fields), 0, -1):
-        postfix = ", ".join(fields[:k])
-        if len(tqdm.format_meter(**{**meter, "postfix": postfix})) < columns:  # and a column of bar
-            return postfix
-    return ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ from qlora.data.batches import batch_rows
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.training.checkpoint import STATE, list_checkpoints
-from qlora.training.guard import HEADROOM
 from qlora.training.metrics import MetricsLog
+from qlora.training.oom import HEADROOM
 
 STEPS = 8
 # 4 rows x 2 micro-batches per step, dropout on (resume must restore its RNG), an evaluation every 3 steps.
@@ -321,8 +321,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_their_position(cli
 
 OOM = """
 import torch
-import qlora.training.guard
-qlora.training.guard._device_total = lambda device: {total}  # a device just too small for this recipe
+import qlora.training.oom
+qlora.training.oom._device_total = lambda device: {total}  # a device just too small for this recipe
 forwards = [0]
 def out_of_memory(module, args, output):
     if type(module).__name__ == "LlamaModel" and module.training:

@@ -116,9 +116,9 @@ def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, ca
     (["--train.tile_size=0", "--train.tile_projections=false", "--train.tile_norms=false"],
      "--train.tile_size=4096 --train.tile_projections=true --train.tile_norms=true: the MLP, projections and norms")])
 def test_out_of_memory_advice_offers_the_tiles_the_recipe_lacks(overrides: list[str], offered: str) -> None:
-    """What a CUDA out-of-memory names as fitting (qlora/training/guard.py): the 8B recipe at 131,072 tokens on a
+    """What a CUDA out-of-memory names as fitting (qlora/training/oom.py): the 8B recipe at 131,072 tokens on a
     24 GiB card, without tiled norms (or without any tiles), fits once the missing switch is on, by the estimate."""
-    from qlora.training.guard import suggestions
+    from qlora.training.oom import suggestions
 
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), ["--data.max_seq_len=131072", *overrides])
     lines = suggestions(cfg, torch.device("cuda"), 24 * GIB, 0, 40)

@@ -20,8 +20,8 @@ import types
 from forked_cli import ROOT
 from tqdm import tqdm
 
-from qlora import train
 from qlora.console import draws_bars, widest_meter
+from qlora.training import progress
 
 
 def test_an_unsized_terminal_gets_the_step_lines(tmp_path):
@@ -65,13 +65,13 @@ def test_the_bar_shows_whole_figures_beside_their_own_step(monkeypatch):
     """tqdm cuts its line at the terminal's edge, mid-number: on 80 columns `mem=0.09G` read `mem=0.0` and tokens/s
     was gone; and set_postfix's own redraw showed a step's loss beside the count of the step before."""
     for columns in (200, 100, 90, 80, 60):
-        monkeypatch.setattr(train, "terminal_columns", lambda stream, c=columns: c)
+        monkeypatch.setattr(progress, "terminal_columns", lambda stream, c=columns: c)
         frames = io.StringIO()
         bar = tqdm(total=300, desc="train", file=frames, ncols=columns, mininterval=0, disable=False)
         for step in (1, 2, 3, 10):
             bar.n = step - 1
-            train._show_step(bar, {"step": step, "loss": step + 0.123456, "lr": 3e-3, "tokens_per_s": 14236.4,
-                                   "peak_gib": 0.0872}, 300, (0, time.perf_counter()))
+            progress.show_step(bar, {"step": step, "loss": step + 0.123456, "lr": 3e-3, "tokens_per_s": 14236.4,
+                                      "peak_gib": 0.0872}, 300, (0, time.perf_counter()))
         shown = [f for f in frames.getvalue().split("\r") if "=" in f]
         assert shown or columns < 80, (columns, frames.getvalue())  # on 60 no figure fits beside a fast rate
         for frame in shown:
@@ -87,8 +87,8 @@ def test_the_step_lines_say_the_time_left_from_this_process_steps(capsys):
     after a resume, the time left counts the steps this process ran, not its loading."""
     bar = tqdm(total=300, disable=True)
     fields = {"loss": 1.5, "lr": 3e-3, "tokens_per_s": 9000.0, "peak_gib": 0.09}
-    train._show_step(bar, {"step": 30, **fields}, 300, (0, time.perf_counter() - 30))  # 1 s a step
-    train._show_step(bar, {"step": 120, **fields}, 300, (100, time.perf_counter() - 40))  # resumed at 100: 2 s a step
+    progress.show_step(bar, {"step": 30, **fields}, 300, (0, time.perf_counter() - 30))  # 1 s a step
+    progress.show_step(bar, {"step": 120, **fields}, 300, (100, time.perf_counter() - 40))  # resumed at 100: 2 s a step
     assert capsys.readouterr().out.splitlines() == [
         "step 30/300: loss 1.5000, lr 3.00e-03, 9000 tokens/s, peak 0.09 GiB, 04:30 left",
         "step 120/300: loss 1.5000, lr 3.00e-03, 9000 tokens/s, peak 0.09 GiB, 06:00 left"]
@@ -100,5 +100,5 @@ def test_a_run_resumed_after_its_last_step_announces_no_training(tiny_config, ca
     for step, said in ((0, "training 300 steps of 8 rows ...\n"), (120, "training 180 steps of 8 rows ...\n"),
                        (300, "")):
         tiny_config.train.steps = 300
-        train._progress_bar(tiny_config, step, ranks).close()
+        progress.progress_bar(tiny_config, step, ranks).close()
         assert capsys.readouterr().out == said

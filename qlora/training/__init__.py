@@ -7,7 +7,9 @@
     metrics.py      metrics.jsonl
     checkpoint.py   atomic checkpoints, read back with every file checked
     rundir.py       the output directory: whose run, what --resume may change, the lock, the first write
+    progress.py     where the run stands: what a checkpoint carries over and --resume reads back; the progress bar
     guard.py        signals, out of memory, non-finite steps: stop cleanly and explain
+    oom.py          the out-of-memory report: the phase, the memory, the changes that would fit
     distributed.py  several processes (torchrun): ranks, summed gradients, a lost process
     sensitivity.py  quant.keep_16bit_budget: the layers whose 4-bit rounding costs most, measured
 """

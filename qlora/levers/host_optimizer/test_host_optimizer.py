@@ -86,8 +86,8 @@ def test_optimizer_on_cpu_is_a_noop_on_a_cpu_device(tiny_config: Config, capsys:
 
 def test_a_resume_that_restarts_the_optimizer_keeps_the_resumed_weights(tiny_config: Config, batch: dict) -> None:
     """A resume that changed train.optimizer loads the weights, not the old state, after the optimizer was built over
-    the fresh adapters: its masters must come from the loaded weights (qlora/train.py), or the first step writes the
-    fresh adapters back. The step then equals that of an optimizer built over the loaded weights."""
+    the fresh adapters: its masters must come from the loaded weights (qlora/training/progress.py), or the first step
+    writes the fresh adapters back. The step then equals that of an optimizer built over the loaded weights."""
     from qlora.training.optimizer import restart_from_weights
 
     cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16"])

@@ -1,0 +1,116 @@
+"""Where a run stands, and how it is shown: the progress a checkpoint carries over to the process that resumes it
+(`resume_progress` reads it back; `same_rows` refuses rows other than the run's), and the loop's progress bar, which
+shows each step on a terminal, or in a log a line per tenth of the run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qlora.config import Config
+from qlora.console import announce, draws_bars, terminal_columns, widest_meter
+from qlora.errors import ConfigError
+from qlora.training import checkpoint, distributed, rundir
+from qlora.training.optimizer import restart_from_weights, retarget
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint carries over to the process that resumes it."""
+
+    step: int = 0
+    first_eval: dict = field(default_factory=dict)
+    """The held-out scores before training, for the closing "before -> after" line."""
+    bad_steps: int = 0
+    state: dict = field(default_factory=dict)
+    """The resumed checkpoint's trainer state (data position, metrics length, RNG), or empty."""
+
+
+def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LambdaLR,
+                    ranks: distributed.Ranks) -> tuple[Progress, list[Path]]:
+    """Load the newest intact checkpoint into the model, optimizer and scheduler (damaged newer ones are named and,
+    once the run starts writing, set aside); the progress it carries and the damaged checkpoints."""
+    run_dir = Path(cfg.output.dir)
+    resumed, state, damaged = checkpoint.resume_latest(run_dir, model, cfg, optimizer, scheduler)
+    for path, why in damaged if ranks.main else ():
+        print(f"{path} is damaged ({why}): it is set aside as {rundir.aside_name(path).name} for inspection",
+              file=sys.stderr)
+    if resumed is None:
+        print(f"no checkpoint in {run_dir} yet: starting at step 0")
+        return Progress(state=state), [p for p, _ in damaged]
+    progress = Progress(state["step"], state.get("first_eval", {}), state.get("bad_steps", 0), state)
+    if progress.step > cfg.train.steps:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below step {progress.step}, where {resumed} stands: "
+                          f"set --train.steps={progress.step} or more to continue")
+    ranks.restore_rng(state)
+    print(f"resumed from {resumed} at step {progress.step}" + (" (the newest usable checkpoint)" if damaged else ""))
+    if "optimizer_restarted" in state:  # cfg's optimizer, fresh; its fp32 masters from the resumed weights
+        restart_from_weights(optimizer)
+        print(f"train.optimizer {state['optimizer_restarted']} -> {cfg.train.optimizer}: its state starts afresh")
+    retarget(optimizer, scheduler, cfg)
+    return progress, [p for p, _ in damaged]
+
+
+def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
+    """Refuse to resume on other rows than the checkpoint's: the batch order and the held-out split are functions of
+    the row count (data.batches.batch_rows), so a row more or less reorders the rest of the epoch and changes what the
+    losses before and after compare. A shorter data.max_seq_len drops the rows whose learned part it cuts off."""
+    rows = state.get("rows")
+    if rows is None or rows == [n_train, n_eval]:  # a fresh run, or a checkpoint written before rows were recorded
+        return
+    raise ConfigError(f"the data now gives {n_train} training and {n_eval} held-out rows, the run trained on "
+                      f"{rows[0]} and held out {rows[1]}: a data file changed, or data.max_seq_len="
+                      f"{cfg.data.max_seq_len} keeps other rows than the run's length did (a row whose learned part "
+                      "lies beyond it is dropped), which would reorder the rest of the epoch and the held-out set; "
+                      "resume with the run's data and a data.max_seq_len that keeps the same rows (its "
+                      "run_config.json has the one it trained with), or start a new run")
+
+
+def progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
+    """Rank 0's bar, or in a log a line per tenth of the run (the bar's frames would be noise there); loss and
+    tokens/s are the global batch's. A terminal narrower than the bar's own figures gets the lines too: tqdm cuts its
+    line at the edge, and on 20 columns `10/300` read `10/30`."""
+    t = cfg.train
+    desc = "train" if not ranks.several else f"train ({ranks.size} processes)"
+    bar = tqdm(total=t.steps, initial=step, desc=desc, dynamic_ncols=True,
+               disable=not (ranks.main and draws_bars(sys.stderr, widest_meter(t.steps, desc))))
+    if bar.disable and step < t.steps:  # resumed after its last step (stopped in the final evaluation): none
+        announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
+    return bar
+
+
+def show_step(bar: tqdm, last: dict, steps: int, began: tuple[int, float]) -> None:
+    """The step on the bar, or every tenth of the run a line with the same figures. Its time left, as the bar's, is
+    from this process's steps so far (`began`: the first and when; evaluations and checkpoints count, loading not):
+    the lines had none, and a run in a log said nothing of when it would end."""
+    if not bar.disable:  # shown with the step's count: set_postfix's own redraw paired it with the step before
+        fields = [f"loss={last['loss']:.4f}", f"lr={last['lr']:.2e}", f"tok_s={last['tokens_per_s']:.0f}",
+                  f"mem={last['peak_gib']:.2f}G"]
+        bar.set_postfix_str(_fitting(bar, fields, terminal_columns(sys.stderr)), refresh=False)
+    bar.update(1)
+    step = last["step"]
+    if bar.disable and (step % max(1, steps // 10) == 0 or step == steps):
+        first, started = began
+        left = (time.perf_counter() - started) / (step - first) * (steps - step)
+        print(f"step {step}/{steps}: loss {last['loss']:.4f}, lr {last['lr']:.2e}, "
+              f"{last['tokens_per_s']:.0f} tokens/s, peak {last['peak_gib']:.2f} GiB, {tqdm.format_interval(left)} "
+              "left", flush=True)
+
+
+def _fitting(bar: tqdm, fields: list[str], columns: int) -> str:
+    """The leading `fields` that fit whole beside the bar's own figures (after its next update) on a terminal `columns`
+    wide. tqdm cuts its line at the edge, mid-number: on 80 columns `mem=0.09G` read `mem=0.0` and tokens/s was gone,
+    on 90 `tok_s=` had no number."""
+    meter = {**bar.format_dict, "n": bar.n + 1, "ncols": None, "bar_format": "{l_bar}{r_bar}"}
+    for k in range(len(fields), 0, -1):
+        postfix = ", ".join(fields[:k])
+        if len(tqdm.format_meter(**{**meter, "postfix": postfix})) < columns:  # and a column of bar
+            return postfix
+    return ""
