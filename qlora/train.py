@@ -35,7 +35,7 @@ from qlora.memory.preflight import check_fits
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, rundir
 from qlora.training.assemble import prepare, print_summary
-from qlora.training.metrics import MetricsLog
+from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.optimizer import build_optimizer, build_scheduler, stepped_params, updated_weights
 from qlora.training.progress import Progress, progress_bar, resume_progress, same_rows, show_step
 from qlora.training.step import announce_evaluation, evaluate, forward_backward, to_device
@@ -223,6 +223,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     scheduler = build_scheduler(optimizer, cfg)
     progress, damaged = resume_progress(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
     same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]))
+    if ranks.main:  # only rank 0 writes metrics.jsonl
+        check_kept(run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
     if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)

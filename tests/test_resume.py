@@ -301,3 +301,19 @@ def test_a_run_of_16_bit_adapters_resumes_with_fp32_ones(cli, tmp_path):
     b4 = {k: v for k, v in adapter(out / "checkpoint-4").items() if "lora_B" in k}
     assert all(v.dtype == torch.float32 for v in b4.values()) and len(masters) == 2 * len(b4)
     assert sum(float(v.float().norm()) for v in b4.values()) > 0.9 * sum(float(v.float().norm()) for v in b3.values())
+
+
+def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing(cli, partial, tmp_path):
+    """Resumed onto it, the first line appended joined the torn one (`...}{"step": 5, ...}`); deleted, the file
+    starts afresh."""
+    out = copy_of(partial, tmp_path)
+    truncate(out / "metrics.jsonl")
+    before = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 2, result.stderr
+    line = error_lines(result)[-1]
+    assert line.startswith(f"error: {out}/metrics.jsonl holds ") and "restore it, or move it away" in line, line
+    assert snapshot(out) == before
+    (out / "metrics.jsonl").unlink()
+    assert cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"]).status == 0
+    assert [r["step"] for r in metrics(out)] == [5, 6, 6]

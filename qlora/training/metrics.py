@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from qlora.errors import ConfigError
+
 
 def finite_or_null(value: object) -> object:
     """A non-finite float (a diverged loss, an overflowing grad norm) as None: NaN and Infinity are not JSON, and a
@@ -18,6 +20,22 @@ def finite_or_null(value: object) -> object:
     if isinstance(value, list | tuple):
         return [finite_or_null(v) for v in value]
     return value
+
+
+def check_kept(path: Path, keep_bytes: int) -> None:
+    """Refuse to resume onto a metrics.jsonl cut short since the checkpoint recorded its length: the first line
+    appended would join the torn one (measured: a file cut mid-line after a 4-step run, resumed to 6 steps, held
+    `...}{"step": 5, ...}` on one line, steps 3 and 4 gone). A file deleted starts afresh, as a new run's."""
+    if not keep_bytes or not path.is_file():
+        return
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, min(size, keep_bytes) - 1))
+        last = f.read(1)
+    if size < keep_bytes or last != b"\n":
+        raise ConfigError(f"{path} holds {size} bytes, the checkpoint recorded {keep_bytes} ending a line: it was "
+                          "cut short or replaced, and the lines appended would join its torn one; restore it, or move "
+                          "it away to continue the run with a new metrics.jsonl")
 
 
 class MetricsLog:
