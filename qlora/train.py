@@ -153,7 +153,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             watch.at("saving a checkpoint", step)
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
-                     "rows": [n_rows, len(run["eval_rows"])],
+                     "rows": [n_rows, len(run["eval_rows"])], "config": cfg.to_dict(),
                      "optimizer": t.optimizer, "longest": longest, "memory": profiler.carried(),
                      **ranks.rng_states()}
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,

@@ -317,3 +317,22 @@ def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing
     (out / "metrics.jsonl").unlink()
     assert cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"]).status == 0
     assert [r["step"] for r in metrics(out)] == [5, 6, 6]
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (lambda c: c["train"].update(seed=7), r"run_config.json has train.seed=7, but checkpoint-4 was written with 0, "
+                                          r"which a resume may not change: restore train.seed in run_config.json"),
+    (lambda c: c["train"].pop("lr"), r"run_config.json lacks train.lr, which checkpoint-4 was written with \(0.003\): "
+                                     r"the default would stand in; restore train.lr in run_config.json"),
+], ids=["a fixed value changed", "a key removed"])
+def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli, partial, tmp_path, edit, pattern):
+    """Both resumed without a word before: at another data order, or at the default lr 2e-4 instead of the run's."""
+    out = copy_of(partial, tmp_path)
+    raw = json.loads((out / "run_config.json").read_text())
+    edit(raw)
+    (out / "run_config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    before = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 2, result.stderr
+    assert len(error_lines(result)) == 1 and re.search(pattern, error_lines(result)[0]), result.stderr
+    assert snapshot(out) == before

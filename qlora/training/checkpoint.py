@@ -237,15 +237,20 @@ def intact_line(run_dir: Path) -> str:
     return f"{latest[-1]} is intact" if latest else "no checkpoint was written"
 
 
-def recorded_rows(run_dir: Path) -> object:
-    """The training and held-out row counts the newest readable checkpoint of `run_dir` (or `run_dir` itself, a
-    checkpoint-N) recorded, as stored; None where no checkpoint, or one written before rows were recorded."""
+def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
+    """What the newest readable checkpoint of `run_dir` (or `run_dir` itself, a checkpoint-N) recorded under `key`,
+    as stored, and that checkpoint; (None, None) where no checkpoint, or one written before `key` was recorded."""
     for ckpt in [run_dir] if (run_dir / STATE).is_file() else reversed(list_checkpoints(run_dir)):
         try:
-            return _read(ckpt, STATE).get("rows")
+            return ckpt, _read(ckpt, STATE).get(key)
         except Unusable:  # a damaged checkpoint says nothing: the one before may
             continue
-    return None
+    return None, None
+
+
+def recorded_rows(run_dir: Path) -> object:
+    """The training and held-out row counts the newest readable checkpoint recorded (`recorded`), or None."""
+    return recorded(run_dir, "rows")[1]
 
 
 def _read(ckpt: Path, name: str) -> dict:
@@ -315,6 +320,8 @@ def _check_state(state: dict, ckpt: Path) -> None:
     if "rows" in state and not (isinstance(state["rows"], list) and len(state["rows"]) == 2 and
                                 all(_count(n, 1) for n in state["rows"])):
         raise Unusable(f"{STATE}: rows={state['rows']!r} is not the training and held-out row counts")
+    if not isinstance(state.get("config", {}), dict):
+        raise Unusable(f"{STATE}: config is not the run's settings (a dict of sections)")
     if not isinstance(state.get("rng_ranks", []), list):
         raise Unusable(f"{STATE}: rng_ranks is not a list of the processes' RNG states")
 

@@ -38,7 +38,7 @@ from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, apply_overrides, override_key, read_config_json, resolve_paths
 from qlora.errors import DISK_FULL, ConfigError, check_writable
-from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
+from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, recorded, remove_checkpoint
 
 MEMORY = "memory.json"
 LOCK = ".qlora.lock"
@@ -185,6 +185,30 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     return seen
 
 
+def _check_recorded(saved: Config, path: Path) -> None:
+    """Refuse a run_config.json edited since its newest checkpoint was written: a key removed (its default would
+    stand in), or a value the checkpoints fix changed (measured on the tiny recipe: train.seed edited from 0 to 7, or
+    train.lr removed, resumed without a word at another data order, or at lr 2e-4 instead of 3e-3). Each checkpoint
+    records the settings it was written under; one written before that is not checked."""
+    ckpt, record = recorded(path.parent, "config")
+    if not isinstance(record, dict):
+        return
+    ours, theirs, raw = _flat(saved.to_dict()), _flat(record), _flat(json.loads(path.read_text()))
+    missing = [k for k in theirs if k not in raw and k in ours]
+    if missing:
+        k = missing[0]
+        raise ConfigError(f"{path} lacks {k}, which {ckpt.name} was written with ({theirs[k]!r}): the default would "
+                          f"stand in; restore {k} in {RUN_CONFIG} to resume the run, or start a new run with "
+                          "--overwrite")
+    fixed = [*IDENTITY, *FIXED_ON_RESUME, *(["data.max_seq_len"] if theirs.get("data.pack") else [])]
+    for k in fixed:
+        if k in theirs and k in ours and not (_same_path(theirs[k], ours[k]) if k == "model.path"
+                                              else theirs[k] == ours[k]):
+            raise ConfigError(f"{path} has {k}={ours[k]!r}, but {ckpt.name} was written with {theirs[k]!r}, which a "
+                              f"resume may not change: restore {k} in {RUN_CONFIG} to resume the run, or start a new "
+                              "run with --overwrite")
+
+
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
     """The config `--resume` continues with: the run's run_config.json, changed by the command line's overrides where
     the rules above allow (said in one line); `cfg` (recipe and overrides) if the directory holds no run yet."""
@@ -196,6 +220,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                               f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
     saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
+    _check_recorded(saved, path)
     _check_identity(saved, cfg, run_dir)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
