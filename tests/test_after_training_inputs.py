@@ -171,3 +171,25 @@ def test_a_blank_jsonl_prompt_is_empty_as_a_blank_prompt_flag_is() -> None:
 
     with pytest.raises(ConfigError, match="stdin:3: the prompt is empty"):
         gen.read_prompt(json.dumps({"prompt": " \n\t"}), jsonl=True, number=3)
+
+
+def test_a_run_config_edited_since_its_checkpoints_is_refused_before_loading(run, tmp_path, capsys,
+                                                                           monkeypatch) -> None:
+    """quant.double_quant edited to false: qlora.eval scored the adapter on another base (4.0106 for 4.0087), and
+    merge folded it into one, without a word; a key removed would have had its default stand in."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".qlora.lock"))
+    raw = json.loads((out / RUN_CONFIG).read_text())
+    raw["quant"]["double_quant"] = False
+    (out / RUN_CONFIG).write_text(json.dumps(raw))
+    monkeypatch.setattr(run_eval, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
+    assert run_eval.main([str(out)]) == 2
+    assert one_error(capsys).endswith(f"{out / RUN_CONFIG} has quant.double_quant=False, but checkpoint-4 was written "
+                                      "with True, which the checkpoints fix: restore quant.double_quant in "
+                                      "run_config.json to use the run, or start a new run with --overwrite")
+    del raw["quant"]["double_quant"]
+    (out / RUN_CONFIG).write_text(json.dumps(raw))
+    assert merge.main([str(out), "--out", str(tmp_path / "merged")]) == 2
+    assert f"{out / RUN_CONFIG} lacks quant.double_quant, which checkpoint-4 was written with (True)" in \
+        one_error(capsys)
+    assert not (tmp_path / "merged").exists()

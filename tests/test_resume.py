@@ -321,7 +321,7 @@ def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing
 
 @pytest.mark.parametrize(("edit", "pattern"), [
     (lambda c: c["train"].update(seed=7), r"run_config.json has train.seed=7, but checkpoint-4 was written with 0, "
-                                          r"which a resume may not change: restore train.seed in run_config.json"),
+                                          r"which the checkpoints fix: restore train.seed in run_config.json"),
     (lambda c: c["train"].pop("lr"), r"run_config.json lacks train.lr, which checkpoint-4 was written with \(0.003\): "
                                      r"the default would stand in; restore train.lr in run_config.json"),
 ], ids=["a fixed value changed", "a key removed"])

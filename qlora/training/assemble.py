@@ -24,6 +24,7 @@ from qlora.levers import apply as levers
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
 from qlora.memory.profiler import PhaseTracker, available_bytes
 from qlora.training import checkpoint, distributed
+from qlora.training.rundir import MOVABLE, check_recorded
 from qlora.training.sensitivity import keep_sensitive_layers
 
 
@@ -145,7 +146,10 @@ def read_run_config(run_dir: Path) -> Config:
     if path is None:
         raise ConfigError(f"{run_dir / checkpoint.RUN_CONFIG} not found: RUN_DIR must be a training output directory "
                           "(the --output.dir of python -m qlora.train)")
-    return read_config_json(path)
+    cfg = read_config_json(path)
+    # edited since its checkpoints were written: another base, another split (data.eval, moved, may be pointed at)
+    check_recorded(cfg, path, run_dir, movable=(*MOVABLE, "data.train", "data.eval"))
+    return cfg
 
 
 def read_run_adapter_config(run_dir: Path, cfg: Config) -> dict:

@@ -185,12 +185,19 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     return seen
 
 
-def _check_recorded(saved: Config, path: Path) -> None:
-    """Refuse a run_config.json edited since its newest checkpoint was written: a key removed (its default would
-    stand in), or a value the checkpoints fix changed (measured on the tiny recipe: train.seed edited from 0 to 7, or
-    train.lr removed, resumed without a word at another data order, or at lr 2e-4 instead of 3e-3). Each checkpoint
-    records the settings it was written under; one written before that is not checked."""
-    ckpt, record = recorded(path.parent, "config")
+# Where a file lies is no setting a checkpoint fixes: a base or a data file moved is pointed at in run_config.json.
+MOVABLE = ("model.path",)
+
+
+def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movable: tuple = MOVABLE) -> None:
+    """Refuse a run_config.json (`path`, read as `saved`) edited since the newest checkpoint of `run_dir` (its own
+    directory; or a checkpoint-N) was written: a key removed (its default would stand in), or a value the checkpoints
+    fix changed (measured on the tiny recipe: train.seed edited from 0 to 7, or train.lr removed, resumed without a
+    word at another data order, or at lr 2e-4 instead of 3e-3; quant.double_quant edited to false, qlora.eval scored
+    the adapter on another base, 4.0106 for 4.0087). Each checkpoint records the settings it was written under; one
+    written before that is not checked. The keys in `movable` may differ (a resume holds data.train and data.eval to
+    the run's; the weights and the row counts are checked on their own)."""
+    ckpt, record = recorded(run_dir or path.parent, "config")
     if not isinstance(record, dict):
         return
     ours, theirs, raw = _flat(saved.to_dict()), _flat(record), _flat(json.loads(path.read_text()))
@@ -198,15 +205,14 @@ def _check_recorded(saved: Config, path: Path) -> None:
     if missing:
         k = missing[0]
         raise ConfigError(f"{path} lacks {k}, which {ckpt.name} was written with ({theirs[k]!r}): the default would "
-                          f"stand in; restore {k} in {RUN_CONFIG} to resume the run, or start a new run with "
+                          f"stand in; restore {k} in {RUN_CONFIG} to use the run, or start a new run with "
                           "--overwrite")
     fixed = [*IDENTITY, *FIXED_ON_RESUME, *(["data.max_seq_len"] if theirs.get("data.pack") else [])]
     for k in fixed:
-        if k in theirs and k in ours and not (_same_path(theirs[k], ours[k]) if k == "model.path"
-                                              else theirs[k] == ours[k]):
-            raise ConfigError(f"{path} has {k}={ours[k]!r}, but {ckpt.name} was written with {theirs[k]!r}, which a "
-                              f"resume may not change: restore {k} in {RUN_CONFIG} to resume the run, or start a new "
-                              "run with --overwrite")
+        if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]:
+            raise ConfigError(f"{path} has {k}={ours[k]!r}, but {ckpt.name} was written with {theirs[k]!r}, which the "
+                              f"checkpoints fix: restore {k} in {RUN_CONFIG} to use the run, or start a new run with "
+                              "--overwrite")
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
@@ -220,7 +226,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                               f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
     saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
-    _check_recorded(saved, path)
+    check_recorded(saved, path)
     _check_identity(saved, cfg, run_dir)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
