@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -336,3 +337,30 @@ def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli,
     assert result.status == 2, result.stderr
     assert len(error_lines(result)) == 1 and re.search(pattern, error_lines(result)[0]), result.stderr
     assert snapshot(out) == before
+
+
+class RunsCode:
+    """Unpickled, it would create the file it names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.path,))
+
+
+def test_an_optimizer_file_that_would_run_code_is_set_aside_in_one_line(cli, partial, reference, tmp_path):
+    """A protocol-4 pickle (pickle.dumps' default) that runs code: never run, and said in the one line of a damaged
+    checkpoint. torch's warning about the protocol came before it (two more lines on stderr), and the reason was
+    torch's last line, which only pointed at its documentation."""
+    out = copy_of(partial, tmp_path)
+    (out / "checkpoint-4" / OPTIMIZER).write_bytes(pickle.dumps({"state": RunsCode(tmp_path / "ran")}))
+    result = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and re.fullmatch(
+        rf"{out}/checkpoint-4 is damaged \(optimizer.pt is unreadable \(torch.load\(weights_only=True\) refused it: "
+        r"Unsupported operand \d+; a checkpoint holds tensors and plain data, never code\)\): it is set aside as "
+        r"checkpoint-4.damaged for inspection", lines[0]), result.stderr
+    assert not (tmp_path / "ran").exists()
+    assert_same_run(out, reference)

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -253,11 +255,23 @@ def recorded_rows(run_dir: Path) -> object:
     return recorded(run_dir, "rows")[1]
 
 
+def _refused(err: pickle.UnpicklingError) -> str:
+    """What weights_only refused, from torch's message: its last line only pointed at the documentation, and the rest
+    advises weights_only=False, which would run the file's code."""
+    text = " ".join(str(err).split("WeightsUnpickler error:", 1)[-1].split())
+    return text.split("Check the documentation")[0].split(". ")[0].strip(" .") or "not plain data"
+
+
 def _read(ckpt: Path, name: str) -> dict:
     # weights_only: a checkpoint is data, never code (torch.load's pickle would run whatever it holds).
     try:
-        value = torch.load(ckpt / name, map_location="cpu", weights_only=True)
-    except Exception as err:  # missing, truncated, not a torch file, a pickle that is not plain data
+        with warnings.catch_warnings():  # torch's warning of a pickle protocol it may not read: two lines of noise
+            warnings.simplefilter("ignore", UserWarning)
+            value = torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a pickle that is not plain data: never run
+        raise Unusable(f"{name} is unreadable (torch.load(weights_only=True) refused it: {_refused(err)}; a "
+                       "checkpoint holds tensors and plain data, never code)") from err
+    except Exception as err:  # missing, truncated, not a torch file
         raise Unusable(f"{name} is unreadable ({_reason(err)})") from err
     if not isinstance(value, dict):
         raise Unusable(f"{name} holds a {type(value).__name__}, not a state dict")
