@@ -364,3 +364,20 @@ def test_an_optimizer_file_that_would_run_code_is_set_aside_in_one_line(cli, par
         r"checkpoint-4.damaged for inspection", lines[0]), result.stderr
     assert not (tmp_path / "ran").exists()
     assert_same_run(out, reference)
+
+
+def test_a_checkpoint_linked_from_another_disk_is_pruned_as_a_link(cli, partial, tmp_path):
+    """Pruned, its link was renamed to .trash-checkpoint-1, which rmtree refused to delete; the next resume then failed
+    on it with 'output.dir=... cannot be written (None)'. What a link points at is never deleted."""
+    out, moved = copy_of(partial, tmp_path), tmp_path / "other-disk"
+    moved.mkdir()
+    for step in (1, 2):
+        shutil.move(out / f"checkpoint-{step}", moved / f"checkpoint-{step}")
+        (out / f"checkpoint-{step}").symlink_to(moved / f"checkpoint-{step}")
+    (out / ".trash-checkpoint-2").symlink_to(moved / "checkpoint-2")  # as a killed run would have left it
+    kept = snapshot(moved)
+    for steps in (6, 7):
+        result = cli.run([*ARGS, f"--train.steps={steps}", f"--output.dir={out}", "--resume"])
+        assert result.status == 0, result.stderr
+    assert not [p for p in out.iterdir() if p.name.startswith(".trash-")] and snapshot(moved) == kept
+    assert list_checkpoints(out) == [out / f"checkpoint-{s}" for s in range(4, 8)]

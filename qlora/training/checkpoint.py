@@ -155,7 +155,12 @@ def _intact(run_dir: Path) -> str:
 
 
 def remove_checkpoint(path: Path) -> None:
-    """Delete a directory by first renaming it out of the checkpoint namespace: never half-deleted under its name."""
+    """Delete a directory by first renaming it out of the checkpoint namespace: never half-deleted under its name. A
+    link (a checkpoint moved to another disk) is removed, never what it points at: rmtree refuses a link, and the
+    `.trash-` link it left failed the next start ("cannot be written (None)")."""
+    if path.is_symlink():
+        path.unlink()
+        return
     trash = path.with_name(f".trash-{path.name}")
     shutil.rmtree(trash, ignore_errors=True)
     os.replace(path, trash)

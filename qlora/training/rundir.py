@@ -330,8 +330,8 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
             for path in damaged:
                 os.replace(path, aside_name(path))  # out of the checkpoint names: never resumed, pruned or overwritten
             for path in run_dir.iterdir():
-                if LEFTOVER.match(path.name):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if LEFTOVER.match(path.name):  # a link is removed, never what it points at
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             tmp = run_dir / f".tmp-{RUN_CONFIG}"
             tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
             os.replace(tmp, run_dir / RUN_CONFIG)
@@ -339,8 +339,8 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
         unlock(run_dir)
         if err.errno in DISK_FULL:
             raise  # not the user's choice of directory: reported as a full disk, exit 5
-        raise ConfigError(f"output.dir={run_dir} cannot be written ({err.strerror}): choose another output.dir") \
-            from err
+        raise ConfigError(f"output.dir={run_dir} cannot be written ({err.strerror or err}): choose another "
+                          "output.dir") from err
     except BaseException:
         unlock(run_dir)
         raise
