@@ -186,7 +186,8 @@ def test_a_run_config_edited_since_its_checkpoints_is_refused_before_loading(run
     assert run_eval.main([str(out)]) == 2
     assert one_error(capsys).endswith(f"{out / RUN_CONFIG} has quant.double_quant=False, but checkpoint-4 was written "
                                       "with True, which the checkpoints fix: restore quant.double_quant in "
-                                      "run_config.json to use the run, or start a new run with --overwrite")
+                                      "run_config.json (or, if checkpoint-4 came from another run, move it away) to "
+                                      "use the run, or start a new run with --overwrite")
     del raw["quant"]["double_quant"]
     (out / RUN_CONFIG).write_text(json.dumps(raw))
     assert merge.main([str(out), "--out", str(tmp_path / "merged")]) == 2

@@ -211,8 +211,8 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movab
     for k in fixed:
         if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]:
             raise ConfigError(f"{path} has {k}={ours[k]!r}, but {ckpt.name} was written with {theirs[k]!r}, which the "
-                              f"checkpoints fix: restore {k} in {RUN_CONFIG} to use the run, or start a new run with "
-                              "--overwrite")
+                              f"checkpoints fix: restore {k} in {RUN_CONFIG} (or, if {ckpt.name} came from another "
+                              "run, move it away) to use the run, or start a new run with --overwrite")
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
