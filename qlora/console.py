@@ -69,19 +69,21 @@ def draws_bars(stream: object, figures: str = "") -> bool:
     a bar under another, the evaluation's under the training's, printed its escape codes as text), and wider than the
     bar's `figures` (tqdm cuts its line at the edge: on 20 columns a count of 10/300 read 10/30). Elsewhere lines take
     over."""
-    try:
-        size = os.get_terminal_size(stream.fileno())
-    except (AttributeError, OSError, ValueError):  # not a terminal, or no descriptor (a StringIO)
-        return False
-    return size.columns > len(figures) and size.lines > 0 and os.environ.get("TERM") != "dumb"
+    size = _terminal_size(stream)
+    return size is not None and size.columns > len(figures) and size.lines > 0 and os.environ.get("TERM") != "dumb"
 
 
 def terminal_columns(stream: object) -> int:
     """The width of the terminal `stream` is, now (a window can be resized during a run); 0 if it is none."""
+    size = _terminal_size(stream)
+    return size.columns if size is not None else 0
+
+
+def _terminal_size(stream: object) -> os.terminal_size | None:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        return os.get_terminal_size(stream.fileno())
     except (AttributeError, OSError, ValueError):  # not a terminal, or no descriptor (a StringIO)
-        return 0
+        return None
 
 
 def widest_meter(total: int, what: str, unit: str = "it") -> str:
