@@ -252,3 +252,14 @@ def test_a_missing_data_file_is_named_by_the_setting_or_flag_that_named_it(tmp_p
         load_splits(DataConfig(train=str(CHAT), eval=str(missing)), byte_tokenizer(), 0)
     with pytest.raises(ConfigError, match=r"held.jsonl not found: check --data$"):
         evaluate_run(tmp_path, data=str(missing))
+
+
+def test_a_missing_relative_data_file_names_the_directory_it_was_read_from(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe run from another folder (`cd /tmp && python -m qlora.train /repo/recipes/tiny.py`) said only
+    'data file recipes/data/tiny/train.jsonl not found', which reads as if the file were missing from the checkout."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        read_rows("recipes/data/tiny/train.jsonl", "data.train")
+    assert str(err.value) == ("data file recipes/data/tiny/train.jsonl not found (relative to the directory the "
+                              f"command runs in, {tmp_path}): check data.train")

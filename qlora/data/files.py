@@ -32,7 +32,9 @@ def read_rows(source: str, key: str = "data.train / data.eval") -> Rows:
                        "is not a regular file" if path.exists() else
                        "is a link that leads nowhere (a loop, or a missing target)" if path.is_symlink() else
                        "not found")
-            raise ConfigError(f"data file {path} {problem}: check {key}")
+            # A recipe's relative paths are read from where the command runs, not from the recipe's folder.
+            where = "" if path.is_absolute() else f" (relative to the directory the command runs in, {Path.cwd()})"
+            raise ConfigError(f"data file {path} {problem}{where}: check {key}")
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix not in LOADERS:
