@@ -58,7 +58,7 @@ from qlora.data.batches import collate
 from qlora.data.files import read_rows
 from qlora.data.labels import load_splits, render_chat
 from qlora.errors import ConfigError, Stop, check_writable
-from qlora.merge import MergeSource, folding, merge_source
+from qlora.merge.fold import MergeSource, folding, merge_source
 from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
 from qlora.training.assemble import load_run_fp32, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG

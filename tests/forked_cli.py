@@ -145,7 +145,7 @@ def _wait(pid: int, timeout: float = TIMEOUT) -> int:
 
 
 def _serve() -> None:
-    import qlora.merge  # noqa: F401  the expensive imports (torch, transformers, bitsandbytes, the training
+    import qlora.merge.checkpoint  # noqa: F401  the expensive imports (torch, transformers, bitsandbytes, the training
     import qlora.train  # noqa: F401  components), shared by every child
 
     print(json.dumps({"ready": True}), flush=True)

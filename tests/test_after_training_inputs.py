@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from support import finished_run
 
 from qlora import eval as run_eval
-from qlora import export, merge
+from qlora import export
+from qlora.merge import __main__ as merge_command
+from qlora.merge import checkpoint
 from qlora.training.checkpoint import RUN_CONFIG
 
 
@@ -46,7 +48,7 @@ def test_merge_refuses_an_adapter_config_edited_away_from_the_run_even_with_skip
     spec = json.loads((edited / "adapter_config.json").read_text())
     spec["lora_alpha"] *= 2
     (edited / "adapter_config.json").write_text(json.dumps(spec))
-    assert merge.main([str(edited), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
+    assert merge_command.main([str(edited), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
     assert "adapter_config.json says r=32, lora_alpha=64 but run_config.json lora.r=32, lora.alpha=32" in \
         one_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -55,7 +57,7 @@ def test_merge_refuses_an_adapter_config_edited_away_from_the_run_even_with_skip
 def test_merge_refuses_an_adapter_file_without_layers(run, tmp_path, capsys) -> None:
     emptied = copy_run(run, tmp_path)
     save_file({}, str(emptied / "adapter_model.safetensors"))
-    assert merge.main([str(emptied), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
+    assert merge_command.main([str(emptied), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
     assert "adapter_model.safetensors holds no adapter layers" in one_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -63,7 +65,7 @@ def test_merge_refuses_an_adapter_file_without_layers(run, tmp_path, capsys) -> 
 def test_merge_into_the_current_directory_is_refused_before_merging(run, tmp_path, capsys, monkeypatch) -> None:
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
-    assert merge.main([str(run), "--out", ".", "--skip-check"]) == 2
+    assert merge_command.main([str(run), "--out", ".", "--skip-check"]) == 2
     assert "--out . is the current directory" in one_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any((tmp_path / "here").iterdir())
 
@@ -71,7 +73,7 @@ def test_merge_into_the_current_directory_is_refused_before_merging(run, tmp_pat
 def test_merge_into_a_link_to_an_empty_directory_fills_that_directory(run, tmp_path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    assert merge.main([str(run), "--out", str(tmp_path / "link"), "--skip-check"]) == 0
+    assert merge_command.main([str(run), "--out", str(tmp_path / "link"), "--skip-check"]) == 0
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
 
 
@@ -79,8 +81,8 @@ def test_a_full_disk_under_a_merge_is_exit_5_naming_out(run, tmp_path, capsys, m
     def full(*args: object, **kwargs: object) -> None:  # what safetensors raises on ENOSPC
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(merge, "save_file", full)
-    assert merge.main([str(run), "--out", str(tmp_path / "merged"), "--skip-check"]) == 5
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert merge_command.main([str(run), "--out", str(tmp_path / "merged"), "--skip-check"]) == 5
     assert one_error(capsys) == (f"error: could not write {tmp_path / 'merged'} (No space left on device); free some "
                                  "space, then run the command again")
     assert list(tmp_path.iterdir()) == []  # the partial is gone
@@ -190,7 +192,7 @@ def test_a_run_config_edited_since_its_checkpoints_is_refused_before_loading(run
                                       "use the run, or start a new run with --overwrite")
     del raw["quant"]["double_quant"]
     (out / RUN_CONFIG).write_text(json.dumps(raw))
-    assert merge.main([str(out), "--out", str(tmp_path / "merged")]) == 2
+    assert merge_command.main([str(out), "--out", str(tmp_path / "merged")]) == 2
     assert f"{out / RUN_CONFIG} lacks quant.double_quant, which checkpoint-4 was written with (True)" in \
         one_error(capsys)
     assert not (tmp_path / "merged").exists()

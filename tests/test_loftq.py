@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora import merge
 from qlora.adapters.loftq import SHIFTS, init_loftq, rank_r_factors
 from qlora.adapters.lora import attach_lora, lora_layers
 from qlora.base.load import load_base
 from qlora.config import apply_overrides
 from qlora.errors import ConfigError
 from qlora.eval import evaluate_run
+from qlora.merge.checkpoint import merge, merge_error
 from qlora.train import train
 from qlora.training.assemble import load_run
 
@@ -94,10 +94,10 @@ def test_a_loftq_run_resumes_exactly_and_merges_onto_the_dequantised_base(tiny_c
         torch.testing.assert_close(resumed[key], adapter[key], rtol=0, atol=0)
 
     with pytest.raises(ConfigError, match="drop --base-16bit"):
-        merge.merge(run_dir, tmp_path / "merged16", base_16bit=str(run_dir))
-    info = merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
+        merge(run_dir, tmp_path / "merged16", base_16bit=str(run_dir))
+    info = merge(run_dir, tmp_path / "merged", dtype=torch.float32)
     assert info["base_weights"] == "dequantised-nf4"
-    assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
+    assert merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
 
 
 def test_more_loftq_steps_remove_more_error_and_every_reload_rebuilds_that_base(tiny_config, tmp_path: Path) -> None:
@@ -135,8 +135,8 @@ def test_more_loftq_steps_remove_more_error_and_every_reload_rebuilds_that_base(
     tiny_config.output.dir = str(resumed)
     assert train(apply_overrides(tiny_config, ["--lora.loftq_iters=3"]), resume=True)["after"] == whole["after"]
 
-    merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
-    assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
+    merge(run_dir, tmp_path / "merged", dtype=torch.float32)
+    assert merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
     (run_dir / SHIFTS).unlink()
     with pytest.raises(ConfigError, match=f"{SHIFTS} not found"):
         load_run(run_dir)

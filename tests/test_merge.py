@@ -21,19 +21,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from qlora import eval as run_eval
 from qlora import generate as gen
-from qlora import merge
 from qlora.adapters import lora
 from qlora.adapters.lora import merge_all
+from qlora.base.build import INDEX
 from qlora.base.load import load_base
 from qlora.base.quantize import roundtrip
 from qlora.errors import ConfigError
+from qlora.merge import __main__ as merge_command
+from qlora.merge.checkpoint import INFO, TOLERANCE, merge, merge_error, prompt_logits
+from qlora.merge.fold import quantized_modules, read_scaling, round_stochastic
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tolerances docs/after-training.md states, as a share of the largest |logit|.
-FP32_REL_TOL, BF16_REL_TOL = merge.TOLERANCE["float32"], merge.TOLERANCE["bfloat16"]
+FP32_REL_TOL, BF16_REL_TOL = TOLERANCE["float32"], TOLERANCE["bfloat16"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def logits(model: torch.nn.Module, tokenizer: object) -> torch.Tensor:
-    return torch.cat(merge.prompt_logits(model, tokenizer))
+    return torch.cat(prompt_logits(model, tokenizer))
 
 
 def plain_model(path: Path) -> torch.nn.Module:
@@ -63,7 +66,7 @@ def test_nf4_roundtrip_equals_the_4bit_load(run: dict, tmp_path: Path, stored: t
     cfg4.model.path, cfg4.model.build = str(base), None
     model, _, _ = load_base(cfg4, torch.device("cpu"))
     four_bit = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    assert merge.quantized_modules(str(base), cfg4) == set(four_bit)
+    assert quantized_modules(str(base), cfg4) == set(four_bit)
     stored_weights = load_file(base / "model.safetensors")
     for name, module in four_bit.items():
         held = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
@@ -75,22 +78,22 @@ def test_merge_matches_the_adapter_on_the_4bit_base(run: dict, tmp_path: Path) -
     _, reference_model, tokenizer, _ = load_run(run["dir"], "cpu", "fp32")
     reference = logits(reference_model, tokenizer)
 
-    info = merge.merge(run["dir"], tmp_path / "fp32", dtype=torch.float32)
+    info = merge(run["dir"], tmp_path / "fp32", dtype=torch.float32)
     assert info["base_weights"] == "dequantised-nf4" and info["merged_layers"] == 14
     torch.testing.assert_close(logits(plain_model(tmp_path / "fp32"), tokenizer), reference, rtol=0,
                                atol=FP32_REL_TOL * reference.abs().max())
 
-    merge.merge(run["dir"], tmp_path / "bf16")
+    merge(run["dir"], tmp_path / "bf16")
     merged = logits(plain_model(tmp_path / "bf16"), tokenizer)
     assert (merged - reference).abs().max() <= BF16_REL_TOL * reference.abs().max()
     # The adapter matters at this tolerance: the bare dequantised base is further from the adapter model.
     bare = logits(_bare_4bit(run), tokenizer)
     assert (bare - reference).abs().max() > 10 * (merged - reference).abs().max()
 
-    recorded = merge.merge_error(run["dir"], tmp_path / "bf16")["vs adapter on 4-bit base"]
+    recorded = merge_error(run["dir"], tmp_path / "bf16")["vs adapter on 4-bit base"]
     assert recorded["max_abs_logit_diff"] == pytest.approx(float((merged - reference).abs().max()), rel=1e-6)
     assert recorded["within_tolerance"]
-    assert json.loads((tmp_path / "bf16" / merge.INFO).read_text())["merge_error"]["vs adapter on 4-bit base"]
+    assert json.loads((tmp_path / "bf16" / INFO).read_text())["merge_error"]["vs adapter on 4-bit base"]
 
 
 def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
@@ -101,7 +104,7 @@ def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
     (tmp_path / "run" / RUN_CONFIG).write_text(json.dumps(raw))
     _, reference_model, tokenizer, _ = load_run(tmp_path / "run", "cpu", "fp32")
     assert isinstance(reference_model.lm_head, bnb.nn.Linear4bit)
-    merge.merge(tmp_path / "run", tmp_path / "m", dtype=torch.float32)
+    merge(tmp_path / "run", tmp_path / "m", dtype=torch.float32)
     reference = logits(reference_model, tokenizer)
     torch.testing.assert_close(logits(plain_model(tmp_path / "m"), tokenizer), reference, rtol=0,
                                atol=FP32_REL_TOL * reference.abs().max())
@@ -117,7 +120,7 @@ def _bare_4bit(run: dict) -> torch.nn.Module:
 def test_merge_onto_16bit_weights_equals_loralinear_merge(run: dict, tmp_path: Path) -> None:
     """--base-16bit folds the same update as our LoRALinear.merge does on the 16-bit base."""
     base = run["cfg"].model.path
-    info = merge.merge(run["dir"], tmp_path / "m", base_16bit=base, dtype=torch.float32)
+    info = merge(run["dir"], tmp_path / "m", base_16bit=base, dtype=torch.float32)
     assert info["base_weights"] == "16bit"
     _, model, tokenizer, _ = load_run(run["dir"], "cpu", "fp32", method="lora", base_path=base)
     unmerged = logits(model, tokenizer)
@@ -135,7 +138,7 @@ def test_round_stochastic_is_unbiased_and_picks_a_neighbour() -> None:
     step = 2.0**-7  # bf16's spacing in [1, 2)
     x = (1 + torch.arange(8) * step / 8).repeat(20_000)  # every eighth of a step between 1 and 1 + step
     x = torch.cat([x, -x, torch.tensor([0.0, 3.0, -0.5])])  # negatives, and values bf16 holds exactly
-    out = merge.round_stochastic(x, torch.bfloat16, seed=0, chunk=10_000).float()  # several chunks
+    out = round_stochastic(x, torch.bfloat16, seed=0, chunk=10_000).float()  # several chunks
     assert torch.all((out[:-3].abs() == 1) | (out[:-3].abs() == 1 + step))
     assert torch.equal(out[-3:], x[-3:])
     means = out[:160_000].view(20_000, 8).mean(0)
@@ -152,14 +155,14 @@ def test_bf16_merge_onto_a_bf16_base_keeps_a_small_update(run: dict, tmp_path: P
     base = tmp_path / "base"
     shutil.copytree(run["cfg"].model.path, base)
     plain_model(Path(run["cfg"].model.path)).to(torch.bfloat16).save_pretrained(base)
-    merge.merge(run_dir, tmp_path / "m", base_16bit=str(base))
+    merge(run_dir, tmp_path / "m", base_16bit=str(base))
 
     merged, w0, small = load_file(tmp_path / "m" / "model.safetensors"), load_file(base / "model.safetensors"), {}
     for key in adapter:
         if key.endswith(".lora_A.weight"):
             name = key.removeprefix(lora.PEFT_PREFIX).removesuffix(".lora_A.weight") + ".weight"
             b = adapter[key.replace("lora_A", "lora_B")] * 1e-3
-            small[name] = merge.read_scaling(run_dir, run["cfg"]) * (b @ adapter[key])
+            small[name] = read_scaling(run_dir, run["cfg"]) * (b @ adapter[key])
     d = torch.cat([small[n].flatten() for n in small])
     w = torch.cat([w0[n].float().flatten() for n in small])
     kept = torch.cat([merged[n].float().flatten() for n in small]) - w
@@ -169,9 +172,9 @@ def test_bf16_merge_onto_a_bf16_base_keeps_a_small_update(run: dict, tmp_path: P
 
 
 def test_merged_checkpoint_is_a_plain_sharded_hf_checkpoint(run: dict, tmp_path: Path) -> None:
-    merge.merge(run["dir"], tmp_path / "one")
-    merge.merge(run["dir"], tmp_path / "sharded", max_shard_bytes=merge.parse_size("200KB"))
-    index = json.loads((tmp_path / "sharded" / merge.INDEX).read_text())
+    merge(run["dir"], tmp_path / "one")
+    merge(run["dir"], tmp_path / "sharded", max_shard_bytes=merge_command.parse_size("200KB"))
+    index = json.loads((tmp_path / "sharded" / INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((tmp_path / "sharded" / s).stat().st_size < 300_000 for s in shards)
 
@@ -189,9 +192,9 @@ def test_merged_checkpoint_is_a_plain_sharded_hf_checkpoint(run: dict, tmp_path:
     base = run["cfg"].model.path
     shutil.copytree(base, tmp_path / "base")
     plain_model(Path(base)).save_pretrained(tmp_path / "base", max_shard_size="300KB")
-    assert (tmp_path / "base" / merge.INDEX).is_file()
-    merge.merge(run["dir"], tmp_path / "from-sharded", base_16bit=str(tmp_path / "base"))
-    merge.merge(run["dir"], tmp_path / "from-one", base_16bit=base)
+    assert (tmp_path / "base" / INDEX).is_file()
+    merge(run["dir"], tmp_path / "from-sharded", base_16bit=str(tmp_path / "base"))
+    merge(run["dir"], tmp_path / "from-one", base_16bit=base)
     one, sharded = (load_file(tmp_path / d / "model.safetensors") for d in ("from-one", "from-sharded"))
     assert set(one) == set(sharded)
     for name, tensor in one.items():
@@ -205,14 +208,14 @@ def test_merge_refuses_what_it_cannot_do(run: dict, tmp_path: Path) -> None:
     raw["quant"]["method"] = "full"
     (tmp_path / "full" / RUN_CONFIG).write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="full fine-tuning run"):
-        merge.merge(tmp_path / "full", tmp_path / "out")
+        merge(tmp_path / "full", tmp_path / "out")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    assert merge.main([str(run["dir"]), "--out", str(tmp_path / "taken"), "--skip-check"]) == 2
+    assert merge_command.main([str(run["dir"]), "--out", str(tmp_path / "taken"), "--skip-check"]) == 2
     assert not list(tmp_path.glob(".taken.partial-*"))
-    assert merge.parse_size("5GB") == 5 * 10**9 and merge.parse_size("2GiB") == 2 * 2**30
+    assert merge_command.parse_size("5GB") == 5 * 10**9 and merge_command.parse_size("2GiB") == 2 * 2**30
     with pytest.raises(ConfigError, match="max-shard-size"):
-        merge.parse_size("lots")
+        merge_command.parse_size("lots")
 
 
 def test_generate_streams_the_greedy_completion(run: dict, capsys: pytest.CaptureFixture) -> None:
@@ -305,6 +308,6 @@ def test_a_run_trained_in_bf16_merges_onto_the_base_it_trained_on(tmp_path: Path
     train(cfg)
     assert trained_dtype(tmp_path / "run") == "bf16" and read_run_config(tmp_path / "run").quant.compute_dtype == "bf16"
     capsys.readouterr()
-    assert merge.main([str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "fp32",
+    assert merge_command.main([str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "fp32",
                        "--device", "cpu"]) == 0
     assert "within the tolerance of 0.01%" in capsys.readouterr().out

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 from qlora import eval as run_eval
-from qlora import merge
 from qlora.base.load import keep_16bit, keep_cpu_weights_exact, load_base, load_tokenizer
 from qlora.base.quantize import dequantize, roundtrip, weight_bytes
 from qlora.config import Config, apply_overrides, load_recipe
@@ -24,6 +23,8 @@ from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate, nf4_bytes
 from qlora.memory.profiler import estimated_peak, tensor_categories
+from qlora.merge.checkpoint import merge, merge_error
+from qlora.merge.fold import quantized_modules
 from qlora.train import train
 from qlora.training.assemble import checkpoint_every_layer, load_run
 from qlora.training.sensitivity import calibration_batches, candidates, choose, input_output_moments, layer_costs
@@ -144,9 +145,9 @@ def test_kept_layers_are_exactly_the_16bit_ones_within_the_budget(tiny_config: C
     assert memory["peak_by_category"]["unquantized_weights"] == real["unquantized_weights"]
 
     # The merge takes the kept layers as they are and dequantises the rest.
-    info = merge.merge(run_dir, tmp_path / "merged", dtype=torch.float32)
-    assert merge.quantized_modules(cfg.model.path, cfg) == set(bases) - set(kept)
-    assert merge.merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
+    info = merge(run_dir, tmp_path / "merged", dtype=torch.float32)
+    assert quantized_modules(cfg.model.path, cfg) == set(bases) - set(kept)
+    assert merge_error(run_dir, tmp_path / "merged")["vs adapter on 4-bit base"]["within_tolerance"]
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     layer = model.get_submodule(kept[0])
     torch.testing.assert_close(merged[f"{kept[0]}.weight"], weights[f"{kept[0]}.weight"].float() +

@@ -11,7 +11,7 @@ checkpoint this trainer cannot train as asked though transformers loads it: no c
 weights already quantised, an index naming a tensor no shard holds.
 
 Reading config.json as JSON and the safetensors headers costs milliseconds; the model whose shapes they are compared
-with is built on the meta device (no memory for weights), as qlora.merge.quantized_modules does.
+with is built on the meta device (no memory for weights), as qlora.merge.fold.quantized_modules does.
 """
 
 from __future__ import annotations
