@@ -27,7 +27,8 @@ from provenance import header, record, write_result  # noqa: E402  (a sibling sc
 
 from qlora.data.files import read_rows  # noqa: E402
 from qlora.data.labels import load_splits, render_chat  # noqa: E402
-from qlora.export import TYPES, check_export, export  # noqa: E402
+from qlora.export.check import check_export  # noqa: E402
+from qlora.export.gguf_file import TYPES, export  # noqa: E402
 from qlora.training.assemble import load_run_fp32  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

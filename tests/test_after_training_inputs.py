@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from support import finished_run
 
 from qlora import eval as run_eval
-from qlora import export
+from qlora.export import __main__ as export_command
+from qlora.export.gguf_file import write_tensor
 from qlora.merge import __main__ as merge_command
 from qlora.merge import checkpoint
 from qlora.training.checkpoint import RUN_CONFIG
@@ -107,8 +108,8 @@ def test_eval_names_a_missing_heldout_file_before_loading_the_model(run, tmp_pat
 def test_export_names_a_missing_heldout_file_before_exporting(run, tmp_path, capsys, monkeypatch) -> None:
     """The check reads the held-out rows after the whole file is written: a file gone is found first, not then."""
     moved = gone_heldout(run, tmp_path)
-    monkeypatch.setattr(export, "export", lambda *a, **k: pytest.fail("exported first"))
-    assert export.main([str(moved), "--gguf", str(tmp_path / "out.gguf")]) == 2
+    monkeypatch.setattr(export_command, "export", lambda *a, **k: pytest.fail("exported first"))
+    assert export_command.main([str(moved), "--gguf", str(tmp_path / "out.gguf")]) == 2
     assert f"data file {tmp_path / 'moved.jsonl'} not found: check data.eval in {moved / RUN_CONFIG}, or export with " \
            "--skip-check" in one_error(capsys)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".out.gguf*"))
@@ -161,7 +162,7 @@ def test_a_full_disk_under_an_export_is_exit_5_naming_the_file(tmp_path) -> None
 
     out = tmp_path / "model.gguf"
     with pytest.raises(OSError) as caught:
-        export.write_tensor(FullDisk(), np.zeros(4, np.float32), out)
+        write_tensor(FullDisk(), np.zeros(4, np.float32), out)
     assert caught.value.errno == errno.ENOSPC
     assert exit_status(caught.value) == (5, f"error: could not write {out} (No space left on device); free some "
                                             "space, then run the command again")

@@ -1,4 +1,4 @@
-"""The GGUF export (qlora/export.py) on the demo model, SmolLM2-135M-Instruct: one short qlora run, exported once per
+"""The GGUF export (qlora/export/) on the demo model, SmolLM2-135M-Instruct: one short qlora run, exported once per
 type (f16, q8_0) and read back by transformers' own GGUF loader, held to README.md's bounds; the file's chat template
 and tokenizer against the run's; and what the export refuses, through the real CLI: one line, exit 2, nothing written.
 
@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 from support import finished_run
 
-from qlora import export
 from qlora.adapters.lora import LoRALinear
 from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
 from qlora.data.labels import load_splits
 from qlora.errors import Stop
+from qlora.export.check import BOUNDS, check_export, check_template, divergence, outside_bound, read_back
+from qlora.export.gguf_file import export
 from qlora.training.assemble import load_run
 from qlora.training.checkpoint import RUN_CONFIG
 
@@ -57,7 +58,7 @@ def files(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     (out / f".{KINDS[0]}.gguf.partial-{dead.pid}-abcd").write_bytes(b"GGUF cut short")
     (out / f".{KINDS[0]}.gguf.partial-{os.getpid()}-efgh").write_bytes(b"GGUF being written")
     for kind in KINDS:
-        export.export(run, out / f"{kind}.gguf", kind, "cpu")
+        export(run, out / f"{kind}.gguf", kind, "cpu")
     return {kind: out / f"{kind}.gguf" for kind in KINDS}
 
 
@@ -82,7 +83,7 @@ def test_the_file_takes_its_name_only_once_checked(run: Path, tmp_path: Path) ->
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        export.export(run, out, "f16", "cpu", interrupted)
+        export(run, out, "f16", "cpu", interrupted)
     [(name, existed, size)] = seen
     assert name.startswith(".x.gguf.partial-") and name.endswith(".gguf") and not existed and size > 0
     assert list(tmp_path.iterdir()) == []
@@ -91,20 +92,20 @@ def test_the_file_takes_its_name_only_once_checked(run: Path, tmp_path: Path) ->
         raise Stop(1, f"{out} is further from the trained model than docs/after-training.md bounds")
 
     with pytest.raises(Stop):
-        export.export(run, out, "f16", "cpu", too_far)
+        export(run, out, "f16", "cpu", too_far)
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
 
 
 @pytest.fixture(scope="module")
 def read(files: dict[str, Path]) -> dict[str, tuple]:
     """Each file's tokenizer and model as transformers' GGUF loader reads them, once."""
-    return {kind: export.read_back(path) for kind, path in files.items()}
+    return {kind: read_back(path) for kind, path in files.items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_file_read_back_is_the_trained_model_within_its_bound(run, trained, files, read, kind, capsys) -> None:
-    result = export.check_export(run, files[kind], kind, ROWS, trained, read[kind])
-    bound = export.BOUNDS[kind]
+    result = check_export(run, files[kind], kind, ROWS, trained, read[kind])
+    bound = BOUNDS[kind]
     assert result["kl_mean"] <= bound.kl and result["top1"] >= bound.top1, result
     assert result["positions"] > 200 and result["rows"] == ROWS
     out = capsys.readouterr().out
@@ -127,11 +128,11 @@ def test_the_bound_notices_a_file_without_the_adapter(trained, read) -> None:
     try:
         for m in adapters:
             m.scaling = 0.0
-        bare = export.divergence(model, read["f16"][1], examples, tokenizer.pad_token_id)
+        bare = divergence(model, read["f16"][1], examples, tokenizer.pad_token_id)
     finally:
         for m, s in zip(adapters, scalings, strict=True):
             m.scaling = s
-    assert bare["kl_mean"] > export.BOUNDS["q8_0"].kl, bare
+    assert bare["kl_mean"] > BOUNDS["q8_0"].kl, bare
 
 
 def test_the_template_check_refuses_a_template_that_renders_otherwise(trained, files, read) -> None:
@@ -142,14 +143,14 @@ def test_the_template_check_refuses_a_template_that_renders_otherwise(trained, f
     assert exported.chat_template == tokenizer.chat_template
     conversations = [json.loads(line)["messages"] for line in
                      (ROOT / "recipes/data/destination/heldout.jsonl").read_text().splitlines()[:2]]
-    assert "render identically" in export.check_template(tokenizer, exported, conversations, files["q8_0"])
+    assert "render identically" in check_template(tokenizer, exported, conversations, files["q8_0"])
     original = exported.chat_template
     try:
         exported.chat_template = original.replace("<|im_start|>", "<|im_start|> ", 1)
         with pytest.raises(Stop, match=r"renders held-out conversation 1 otherwise than the trained tokenizer: "
                                        r"' system\\nYou are.*' where it had 'system\\nYou are.*' \(character 12\): "
                                        r"do not use the file"):
-            export.check_template(tokenizer, exported, conversations, files["q8_0"])
+            check_template(tokenizer, exported, conversations, files["q8_0"])
     finally:
         exported.chat_template = original
 
@@ -221,9 +222,9 @@ def test_an_export_that_cannot_be_made_is_refused_in_one_line(cli, run, tmp_path
 
 def test_a_file_outside_its_bound_is_named_with_the_page_that_states_it_and_what_to_do() -> None:
     """The line named README.md, which gives only two of the four bounds, and no way forward."""
-    line = export.outside_bound(Path("runs/x-q4_0.gguf"), "q4_0", {"kl_mean": 2.41, "top1": 0.3807})
+    line = outside_bound(Path("runs/x-q4_0.gguf"), "q4_0", {"kl_mean": 2.41, "top1": 0.3807})
     assert line == ("runs/x-q4_0.gguf is further from the trained model than docs/after-training.md bounds q4_0 "
                     "(mean KL 2.41e+00 nats/token against at most 0.15, top-1 agreement 38.07% against at least 85%): "
                     "the file is kept for inspection, but do not use it; export with --type f16, bf16 or q8_0 "
                     "instead")
-    assert "--type f16 instead" in export.outside_bound(Path("x.gguf"), "bf16", {"kl_mean": 0.01, "top1": 0.9})
+    assert "--type f16 instead" in outside_bound(Path("x.gguf"), "bf16", {"kl_mean": 0.01, "top1": 0.9})

@@ -1,4 +1,4 @@
-"""The GGUF export (qlora/export.py) of runs trained from a user's own Hugging Face folder, as a user makes one: a tiny
+"""The GGUF export (qlora/export/) of runs trained from a user's own Hugging Face folder, as a user makes one: a tiny
 LlamaForCausalLM saved with save_pretrained beside a byte-level BPE tokenizer trained here on Llama 3's split, with its
 special tokens and chat template. Each folder varies what the demo does not: rotary scaling (linear, Llama 3.1's
 rope_freqs), biases, tied embeddings, GQA, a 16-bit dtype, a vocabulary padded beyond the tokenizer's.
@@ -19,8 +19,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from qlora import export
 from qlora.config import apply_overrides, load_recipe
+from qlora.export.check import check_export, read_back
+from qlora.export.gguf_file import export
+from qlora.export.tokenizer import LLAMA3_SPLIT, pre_by_definition
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 8
@@ -31,7 +33,7 @@ LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_heade
                    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
-def llama3_style_tokenizer(split: str = export.LLAMA3_SPLIT) -> PreTrainedTokenizerFast:
+def llama3_style_tokenizer(split: str = LLAMA3_SPLIT) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the repo's docs and data with Llama 3's pre-tokenizer, specials after the learned
     vocabulary (as Llama 3's), bos added by the post-processor."""
     corpus = [line for path in [*ROOT.glob("docs/*.md"), *ROOT.glob("recipes/data/*/*.jsonl")]
@@ -98,12 +100,12 @@ def test_the_check_reads_the_file_as_llama_cpp_runs_it(run: Path, tmp_path: Path
     (about 1e-7 nats/token; read back without them: 2.7e-3 with linear x4, 8.5e-5 with rope_freqs, 0.3 without
     biases)."""
     out = tmp_path / "model.gguf"
-    export.export(run, out, "f16", "cpu")
-    scores = export.check_export(run, out, "f16", ROWS)
+    export(run, out, "f16", "cpu")
+    scores = check_export(run, out, "f16", ROWS)
     assert scores["within"] and scores["kl_mean"] < 1e-6 and scores["top1"] == 1.0, scores
     base = json.loads((run / "run_config.json").read_text())["model"]["path"]
     expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).model.rotary_emb.inv_freq
-    read = export.read_back(out)[1]
+    read = read_back(out)[1]
     torch.testing.assert_close(read.model.rotary_emb.inv_freq, expected)
     assert read.config.attention_bias == AutoConfig.from_pretrained(base).attention_bias
 
@@ -112,7 +114,7 @@ def test_the_read_back_parses_the_file_once(run: Path, tmp_path: Path, monkeypat
     """transformers' loader parses the whole file for the config, the tokenizer and the model, and
     what_transformers_drops reads it too: one parse serves all four (each was 3.3 s on SmolLM2's, the demo's build)."""
     out = tmp_path / "model.gguf"
-    export.export(run, out, "f16", "cpu")
+    export(run, out, "f16", "cpu")
     parses = []
 
     class Counted(gguf.GGUFReader):
@@ -121,7 +123,7 @@ def test_the_read_back_parses_the_file_once(run: Path, tmp_path: Path, monkeypat
             super().__init__(path, *args, **kwargs)
 
     monkeypatch.setattr(gguf, "GGUFReader", Counted)
-    export.read_back(out)
+    read_back(out)
     assert [Path(p) for p in parses] == [out]
 
 
@@ -129,7 +131,7 @@ def test_the_tokenizer_is_written_as_llama_cpp_reads_it(run: Path, tmp_path: Pat
     """Llama 3's split named (llama-bpe), not left to llama.cpp's default rules; every token, merge, special id and
     the chat template as the trained tokenizer has them, the padding rows unused."""
     out = tmp_path / "model.gguf"
-    export.export(run, out, "q8_0", "cpu")
+    export(run, out, "q8_0", "cpu")
     base = json.loads((run / "run_config.json").read_text())["model"]["path"]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
     fields = gguf.GGUFReader(out).fields
@@ -150,6 +152,6 @@ def test_the_tokenizer_is_written_as_llama_cpp_reads_it(run: Path, tmp_path: Pat
 
 def test_only_the_very_split_is_named() -> None:
     """One character off Llama 3's regex is another split, which llama-bpe would not reproduce: no name."""
-    assert export.pre_by_definition(llama3_style_tokenizer()) == "llama-bpe"
-    assert export.pre_by_definition(llama3_style_tokenizer(export.LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))) \
+    assert pre_by_definition(llama3_style_tokenizer()) == "llama-bpe"
+    assert pre_by_definition(llama3_style_tokenizer(LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"))) \
         is None
