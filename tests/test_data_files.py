@@ -221,7 +221,7 @@ def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, c
     """A row written twice lands on both sides of the seeded split, and a held-out file cut from the training one
     shares its rows: the held-out loss then scores memorisation, and nothing said so."""
     from qlora.base.build import byte_tokenizer
-    from qlora.config.sections import DataConfig
+    from qlora.config.run import DataConfig
     from qlora.data.labels import load_splits
 
     train = tmp_path / "train.jsonl"
@@ -243,7 +243,7 @@ def test_a_missing_data_file_is_named_by_the_setting_or_flag_that_named_it(tmp_p
     """Every missing file said 'check data.train / data.eval', `qlora.eval --data FILE` too, where neither is the
     setting to fix."""
     from qlora.base.build import byte_tokenizer
-    from qlora.config.sections import DataConfig
+    from qlora.config.run import DataConfig
     from qlora.data.labels import load_splits
     from qlora.eval import evaluate_run
 

@@ -358,7 +358,7 @@ def test_a_resumed_run_is_planned_from_the_recipe_not_from_the_plan_before() -> 
     a lever the first plan turned off came back at the cost table's setting, not the recipe's: llama8b_6gb planned
     on 80 GiB, then resumed on 4 GiB, found no plan where a fresh start fits (loss_chunk_size=256). train.plan_from
     holds the recipe's values; a lever set on the resume's command line stays as set."""
-    from qlora.config.sections import config_from_dict
+    from qlora.config.config import config_from_dict
     from qlora.memory.plan import plan_for, unplanned
 
     def planned(cfg: Config, card_gib: float) -> tuple[Config, object]:

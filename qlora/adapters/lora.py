@@ -18,7 +18,7 @@ from torch import nn
 
 from qlora.base.bnb import bnb
 from qlora.config import LoRAConfig
-from qlora.config.sections import check_rank
+from qlora.config.model import check_rank
 from qlora.errors import ConfigError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -19,9 +19,14 @@ import types
 import typing
 from pathlib import Path
 
-from qlora.config import sections
-from qlora.config.sections import ALIASES, Config, check_all
+from qlora.config.config import Config, check_all
 from qlora.errors import ConfigError
+
+# Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "lora_r": "r", "rank": "r", "lora_alpha": "alpha",
+           "lora_dropout": "dropout", "target_modules": "targets", "max_length": "max_seq_len",
+           "seq_len": "max_seq_len", "output_dir": "dir", "warmup": "warmup_steps", "lr_scheduler_type": "schedule"}
 
 
 def field_docs(section: type) -> dict[str, str]:
@@ -119,7 +124,8 @@ def _recipe_error(err: BaseException) -> str:
     if isinstance(err, ConfigError):
         return text
     unknown = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", text)
-    section = unknown and vars(sections).get(unknown.group(1))
+    classes = {cls.__name__: cls for cls in (Config, *typing.get_type_hints(Config).values())}
+    section = unknown and classes.get(unknown.group(1))
     if section is Config:
         names = ", ".join(f.name for f in dataclasses.fields(Config))
         return f"Config has no section {unknown.group(2)!r}: use {names}"
@@ -134,7 +140,7 @@ def _hint(key: str, known: list[str]) -> str:
     """The closest real key: a transformers/peft name's equivalent first, then the nearest spelling."""
     alias = ALIASES.get(key.rsplit(".", 1)[-1])
     close = [k for k in known if k.endswith(f".{alias}")] or difflib.get_close_matches(key, known, 1, 0.4)
-    return f"did you mean {close[0]}?" if close else "see the fields in qlora/config/sections.py"
+    return f"did you mean {close[0]}?" if close else "see the fields in qlora/config/model.py and qlora/config/run.py"
 
 
 def override_key(item: str) -> str:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# A run's Config. The levers' fields are part of it (qlora/config/sections.py inherits them), so a lever cannot import
-# its type: it reads the sections by name.
+# A run's Config. The levers' fields are part of it (the sections in qlora/config/model.py and run.py inherit them), so
+# a lever cannot import its type: it reads the sections by name.
 RunConfig = Any
 
 

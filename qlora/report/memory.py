@@ -36,7 +36,7 @@ from qlora.base.build import config_json_path
 from qlora.cli import run
 from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, parse_args
-from qlora.config.sections import FP16_ON_CUDA, check_rank
+from qlora.config.model import FP16_ON_CUDA, check_rank
 from qlora.errors import ConfigError, check_writable
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, load_arch

@@ -16,7 +16,7 @@ from qlora.base.attention import by_document, cuda_kernel, use_kernel
 from qlora.base.bnb import bnb
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
-from qlora.config.sections import FP16_ON_CUDA
+from qlora.config.model import FP16_ON_CUDA
 from qlora.data.labels import load_splits, read_splits
 from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.errors import ConfigError

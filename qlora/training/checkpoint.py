@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
-from qlora.config.sections import OPTIMIZERS
+from qlora.config.run import OPTIMIZERS
 from qlora.errors import DISK_FULL, EXIT_SAVE, ConfigError, Stop
 from qlora.partial import ordinary_modes
 from qlora.training.optimizer import keeps_masters, repage, stepped_params
