@@ -385,7 +385,7 @@ def test_llama70b_as_shipped_fits_40_gb_and_the_context_targets():
 def assert_the_trainer_pins_it(cfg: Config, arch, est, host: int) -> None:  # noqa: ANN001 (Arch, Estimate)
     """The trainer's own check before the first step (qlora/levers/checkpoints/) passes the plan on a host of
     `host` bytes, whose available memory is then taken as the host less the process's allowance and its embeddings."""
-    from qlora.levers.checkpoints.layer_inputs import check_pinned_memory
+    from qlora.levers.checkpoints.memory import check_pinned_memory
 
     available = host - est.host.get("runtime", 0) - est.host.get("embeddings", 0)
     if cfg.train.offload_activations and cfg.train.gradient_checkpointing:

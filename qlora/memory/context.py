@@ -9,7 +9,7 @@ except the one choice that depends on the length and the host: where the checkpo
 allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot take the rest
 either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as that costs the
 least recompute. A plan needing more host memory than the host has is no plan, nor one pinning more than the trainer's
-check before the first step allows (qlora/levers/checkpoints/layer_inputs.py, `check_pinned_memory`).
+check before the first step allows (qlora/levers/checkpoints/memory.py, `check_pinned_memory`).
 
 `max_context(cfg, gpu_bytes, host_bytes)` is where the GPU battery's search starts, and `probe_overrides` the plan
 each of its probes runs at its length.

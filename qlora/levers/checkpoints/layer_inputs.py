@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qlora.errors import ConfigError
-from qlora.levers.checkpoints.memory import GIB, PINNED_HEADROOM, pinned_need
-from qlora.levers.checkpoints.settings import EVERY, OFFLOAD, CheckpointFields
+from qlora.levers.checkpoints.memory import GIB, check_pinned_memory
+from qlora.levers.checkpoints.settings import EVERY, OFFLOAD
 from qlora.levers.lever import RunConfig
 from qlora.levers.pinned import pinned_buffer
 
@@ -273,22 +273,6 @@ def keep_layer_inputs(model: nn.Module, device: torch.device, offload: bool, eve
           f"layers keep their input, in {where}" + (f"; the other {len(layers) - kept} are replayed from their "
                                                      "group's first layer" if every > 1 else ""))
     return store
-
-
-def check_pinned_memory(layers: int, train: CheckpointFields, seq: int, hidden: int, elem_bytes: int,
-                        available: int) -> None:
-    """Refuse, before the first step, an offload whose pinned buffers cannot fit in the host's available memory,
-    naming the budget that does. `train` is the recipe's train section (batch_size and this lever's fields)."""
-    size = train.batch_size * seq * hidden * elem_bytes
-    need = pinned_need(train, layers, size)
-    room = int(available * PINNED_HEADROOM)
-    if need <= room:
-        return
-    raise ConfigError(
-        f"train.offload_activations would pin {need / GIB:,.1f} GiB of host memory ({need // size} layer inputs of "
-        f"{train.batch_size} x {seq:,} tokens x {hidden} x {elem_bytes} B) but {available / GIB:,.1f} GiB is "
-        f"available: set --train.offload_budget_gib={room / GIB:.1f} (the other inputs stay on the device), or "
-        f"--train.checkpoint_every={train.checkpoint_every * 2}, or --train.offload_activations=false")
 
 
 def apply(model: nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype, available: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qlora.errors import ConfigError
 from qlora.levers.checkpoints.settings import CheckpointFields
 
 GIB = 2**30
@@ -73,3 +74,19 @@ def pinned_need(train: CheckpointFields, layers: int, input_bytes: int) -> int:
     train.offload_budget_gib allows, each at its exact size (qlora/levers/pinned.py: one buffer per input, reused by
     every step and grown to the longest batch, so rows of other lengths add nothing)."""
     return checkpoint_plan(train, layers, input_bytes, "cuda").host_bytes if train.offload_activations else 0
+
+
+def check_pinned_memory(layers: int, train: CheckpointFields, seq: int, hidden: int, elem_bytes: int,
+                        available: int) -> None:
+    """Refuse, before the first step, an offload whose pinned buffers cannot fit in the host's available memory,
+    naming the budget that does. `train` is the recipe's train section (batch_size and this lever's fields)."""
+    size = train.batch_size * seq * hidden * elem_bytes
+    need = pinned_need(train, layers, size)
+    room = int(available * PINNED_HEADROOM)
+    if need <= room:
+        return
+    raise ConfigError(
+        f"train.offload_activations would pin {need / GIB:,.1f} GiB of host memory ({need // size} layer inputs of "
+        f"{train.batch_size} x {seq:,} tokens x {hidden} x {elem_bytes} B) but {available / GIB:,.1f} GiB is "
+        f"available: set --train.offload_budget_gib={room / GIB:.1f} (the other inputs stay on the device), or "
+        f"--train.checkpoint_every={train.checkpoint_every * 2}, or --train.offload_activations=false")

@@ -10,8 +10,8 @@ from support import CUDA_SAME, assert_same, build, cuda_only, estimated, loss_an
 
 from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
-from qlora.levers.checkpoints.layer_inputs import LayerInputs, check_pinned_memory, keep_layer_inputs
-from qlora.levers.checkpoints.memory import GIB, pinned_need
+from qlora.levers.checkpoints.layer_inputs import LayerInputs, keep_layer_inputs
+from qlora.levers.checkpoints.memory import GIB, check_pinned_memory, pinned_need
 
 
 def test_activation_offload_keeps_loss_and_grads_and_fetches_ahead(tiny_config: Config, batch: dict) -> None:
