@@ -38,7 +38,7 @@ from qlora.training.assemble import read_run_adapter_config, read_run_config, tr
 
 def quantized_modules(base_path: str, cfg: Config) -> set[str]:
     """Names of the layers the 4-bit load holds in NF4: those transformers' own quantizer converts, plus the output
-    head under quant.quantize_lm_head (qlora.model.quantize_lm_head), less those in quant.keep_16bit.
+    head under quant.quantize_lm_head (qlora/levers/lm_head/head.py: quantize_lm_head), less those in quant.keep_16bit.
 
     Run on a weightless (meta) copy of the model, so it costs nothing and follows whatever transformers skips
     (the output head, tied weights, a model's fp32-only modules) without restating its rules here.
