@@ -1,4 +1,4 @@
-"""The CPU update's temporaries (estimate.optimizer_bytes) against the resident memory a real bitsandbytes step adds.
+"""The CPU update's temporaries (terms.optimizer_bytes) against the resident memory a real bitsandbytes step adds.
 
 bitsandbytes' CPU fallback (backends/cpu/ops.py) runs each parameter's update in torch ops; the 8-bit one first
 dequantises m and v to fp32, so for the largest tensor it holds 8 bytes per element more than the 32-bit update.
@@ -13,7 +13,7 @@ import sys
 import pytest
 from support import ROOT
 
-from qlora.memory.estimate import optimizer_bytes
+from qlora.memory.terms import optimizer_bytes
 
 N = 4 * 2**20  # elements of the one trained tensor: 16 MiB in fp32, far above what Python and torch move around
 

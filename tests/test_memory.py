@@ -20,8 +20,9 @@ from qlora.data.labels import load_splits
 from qlora.levers.tiling.tiles import tile_layers
 from qlora.memory.activations import layer_terms
 from qlora.memory.arch import load_arch
-from qlora.memory.estimate import compute_bytes, estimate, nf4_bytes
+from qlora.memory.estimate import compute_bytes, estimate
 from qlora.memory.profiler import PhaseTracker, one_line, tensor_categories
+from qlora.memory.terms import nf4_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")

@@ -47,9 +47,10 @@ from qlora.levers.tiling.settings import tiled
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.context import budget_text, planned, plans
 from qlora.memory.costs import COSTS, MEASURED_TOKENS, TABLE, LeverCost
-from qlora.memory.estimate import HOST_RUNTIME, Estimate, estimate
+from qlora.memory.estimate import Estimate, estimate
 from qlora.memory.preflight import divisors, fits, needs, room
 from qlora.memory.profiler import available_bytes
+from qlora.memory.terms import HOST_RUNTIME
 
 GIB = 2**30
 EVERY = COSTS["train.checkpoint_every"]

@@ -186,7 +186,8 @@ class Shape:
 
 def shape_for(cfg, tokens: int, device: str) -> Shape:  # noqa: ANN001 (Config: imported lazily, the CLI is fast)
     from qlora.memory.arch import load_arch
-    from qlora.memory.estimate import compute_bytes, trainable_tensors
+    from qlora.memory.estimate import compute_bytes
+    from qlora.memory.terms import trainable_tensors
 
     arch, (_, e) = load_arch(cfg), compute_bytes(cfg, device)
     b = cfg.train.batch_size
