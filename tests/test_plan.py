@@ -15,9 +15,10 @@ import torch
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
+from qlora.memory.candidates import choices, off, with_settings
 from qlora.memory.costs import COSTS, TABLE
 from qlora.memory.estimate import estimate
-from qlora.memory.plan import choices, choose, off, with_settings
+from qlora.memory.plan import choose
 from qlora.memory.preflight import needs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,9 +134,9 @@ def with_batch_figure(monkeypatch: pytest.MonkeyPatch, figure: float) -> None:
     """A CUDA figure for the batch shape (none is measured yet: the GPU battery's lever-costs-8b measures it)."""
     import dataclasses
 
-    from qlora.memory import plan
+    from qlora.memory import candidates
 
-    monkeypatch.setattr(plan, "BATCH", dataclasses.replace(plan.BATCH, cuda=figure))
+    monkeypatch.setattr(candidates, "BATCH", dataclasses.replace(candidates.BATCH, cuda=figure))
 
 
 @pytest.mark.parametrize("card_gib", [16, 24, 48, 80, 139.8])
@@ -190,8 +191,8 @@ def test_a_smaller_micro_batch_is_the_plans_way_to_fit_a_small_card(monkeypatch:
 
 
 def test_the_batch_cost_follows_the_fixed_share_of_a_micro_batch() -> None:
+    from qlora.memory.candidates import BATCH, batch_cost
     from qlora.memory.costs import MEASURED_TOKENS
-    from qlora.memory.plan import BATCH, batch_cost
 
     f = BATCH.cpu
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [

@@ -111,7 +111,7 @@ class TrainConfig(*FIELDS["train"]):
     """With plan=fastest: the batch shape is the plan's too. The rows per step (batch_size x grad_accum) stay; the plan
     runs them as micro-batches of any size that divides them (fewer, larger ones where the card holds them and the
     cost table says they save time; smaller ones where the card needs it). The loss (summed over the step's target
-    tokens, divided by their count) and the schedule are unchanged (qlora/memory/plan.py). Setting batch_size or
+    tokens, divided by their count) and the schedule are unchanged (qlora/memory/candidates.py). Setting batch_size or
     grad_accum on the command line keeps the shape."""
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ which measurement. What the kinds of cost are:
     batch shape    train.batch_size (with train.plan_batch): its figure is of another kind, the share of a one-row
                    micro-batch's step (checkpointing on, as recipes run) that does not grow with its rows (every
                    weight dequantised, every kernel launched, the optimizer), measured as 2 - t(2 rows) / t(1 row)
-                   at MEASURED_TOKENS[device] tokens a row; plan.batch_cost turns it into a share of the step
+                   at MEASURED_TOKENS[device] tokens a row; candidates.batch_cost turns it into a share of the step
 
 PROVENANCE, read before trusting an order. The CPU column is measured (below); the CUDA column is NOT yet: no GPU
 has run benchmarks/lever_costs.py. Until the GPU battery's `lever-costs-8b` item does, the CUDA column holds
