@@ -61,7 +61,7 @@ def measured(cli: ForkedCLI, tmp_path_factory: pytest.TempPathFactory):  # noqa:
     """Measured CPU peaks of recipes/tiny.py by override tuple, taken once per session: the smaller of two runs in one
     measuring process (qlora.report.measure --runs=2: a warm-up, then two measured runs, each freed before the
     next), should one of them meet a machine's own disturbance. Before measurement runs mmapped every block of 8 KiB
-    or more (profiler.MEASURE_MMAP_THRESHOLD; it was 64 KiB), holes in malloc's heap made the same step's peak vary
+    or more (readings.MEASURE_MMAP_THRESHOLD; it was 64 KiB), holes in malloc's heap made the same step's peak vary
     by up to 38 MiB from run to run."""
     from support import measure
 

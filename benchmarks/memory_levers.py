@@ -304,7 +304,7 @@ def estimated_start(cfg, budget_bytes: float, granularity: int, max_seq: int) ->
 
 def host_bytes() -> int:
     """This machine's memory (MemTotal): what a plan's pinned layer inputs and host optimizer must fit in."""
-    from qlora.memory.profiler import meminfo_bytes
+    from qlora.memory.readings import meminfo_bytes
 
     return meminfo_bytes("MemTotal")
 

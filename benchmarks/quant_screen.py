@@ -49,7 +49,7 @@ def screen(recipe: str, method: str, overrides: list[str], batches: list[dict], 
            ) -> tuple[dict, list[torch.Tensor] | None]:
     """Build one method's untrained model and score it; return its numbers (and its log-probs, for 16-bit LoRA)."""
     from qlora.config import apply_overrides, load_recipe
-    from qlora.memory.profiler import tensor_categories
+    from qlora.memory.readings import tensor_categories
     from qlora.training.assemble import prepare
     from qlora.training.step import evaluate
 

@@ -152,20 +152,20 @@ def base_parameters(model: torch.nn.Module) -> int:
 
 
 def reset_peak(device: torch.device) -> None:
-    from qlora.memory import profiler as memory
+    from qlora.memory import readings
 
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-    memory.reset_peak(device)
+    readings.reset_peak(device)
 
 
 def card_peak(device: torch.device) -> dict[str, float]:
     """Peak since the last reset, in GiB. CUDA: what a user compares with the card (issue 4): PyTorch's peak
     reserved + memory outside its allocator (CUDA context, cuBLAS workspaces, NCCL) read now from the driver.
     CPU: the process's peak resident set."""
-    from qlora.memory import profiler as memory
+    from qlora.memory import readings
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,7 +174,7 @@ def card_peak(device: torch.device) -> dict[str, float]:
         reserved = torch.cuda.max_memory_reserved(device)
         return {"peak_gib": (reserved + outside) / 2**30, "reserved_gib": reserved / 2**30,
                 "allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30, "outside_gib": outside / 2**30}
-    return {"peak_gib": memory.peak_bytes(device) / 2**30}
+    return {"peak_gib": readings.peak_bytes(device) / 2**30}
 
 
 # --- the stacks ---

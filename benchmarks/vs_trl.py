@@ -139,7 +139,7 @@ def worker(stack: str, steps: int, out: Path) -> None:
 
     torch.set_num_threads(1)
     if stack == "ours-exact-alloc":
-        from qlora.memory.profiler import glibc_returns_freed_memory
+        from qlora.memory.readings import glibc_returns_freed_memory
 
         glibc_returns_freed_memory()
     clock = StepClock()

@@ -19,7 +19,7 @@ N = 4 * 2**20  # elements of the one trained tensor: 16 MiB in fp32, far above w
 
 PROBE = f"""
 import json, re, torch
-from qlora.memory.profiler import glibc_returns_freed_memory
+from qlora.memory.readings import glibc_returns_freed_memory
 from qlora.training.optimizer import build_optimizer
 from qlora.config import load_recipe
 glibc_returns_freed_memory()  # the resident set follows the live tensors

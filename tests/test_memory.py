@@ -21,7 +21,8 @@ from qlora.levers.tiling.tiles import tile_layers
 from qlora.memory.activations import layer_terms
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import compute_bytes, estimate
-from qlora.memory.profiler import PhaseTracker, one_line, tensor_categories
+from qlora.memory.profiler import PhaseTracker, one_line
+from qlora.memory.readings import tensor_categories
 from qlora.memory.terms import nf4_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -305,7 +306,7 @@ def test_phase_tracker_keeps_the_larger_peak_of_a_repeated_phase():
 ALLOCATOR_PROBE = """
 import resource, sys, torch
 from qlora.config import apply_overrides, load_recipe
-from qlora.memory.profiler import glibc_returns_freed_memory
+from qlora.memory.readings import glibc_returns_freed_memory
 
 if sys.argv[1] == "measure":
     glibc_returns_freed_memory()  # as qlora.report.measure does, before anything is allocated

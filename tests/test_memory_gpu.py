@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 from qlora.config import apply_overrides, load_recipe  # noqa: E402
 from qlora.memory.arch import load_arch  # noqa: E402
 from qlora.memory.estimate import estimate  # noqa: E402
-from qlora.memory.profiler import PhaseTracker, tensor_categories  # noqa: E402
+from qlora.memory.profiler import PhaseTracker  # noqa: E402
+from qlora.memory.readings import tensor_categories  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

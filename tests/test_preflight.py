@@ -18,7 +18,7 @@ from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.preflight import check_fits, fits, needs
-from qlora.memory.profiler import available_bytes
+from qlora.memory.readings import available_bytes
 from qlora.train import main  # before fake_gpu: bitsandbytes picks its backend at import
 
 ROOT = Path(__file__).resolve().parent.parent

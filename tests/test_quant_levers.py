@@ -22,7 +22,8 @@ from qlora.data.labels import IGNORE
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
-from qlora.memory.profiler import estimated_peak, tensor_categories
+from qlora.memory.profiler import estimated_peak
+from qlora.memory.readings import tensor_categories
 from qlora.memory.terms import nf4_bytes
 from qlora.merge.checkpoint import merge, merge_error
 from qlora.merge.fold import quantized_modules

@@ -9,6 +9,7 @@
     assumptions.py  the estimate's assumptions and levers in words
     context.py      the longest context a recipe trains on a card, and the plan that reaches it
     profiler.py     peak per named phase of a run, by category (memory.json)
+    readings.py     what the profiler reads: the card's or the process's peak, host memory, tensors by category
 
 Nothing is imported here: the trainer needs only parts of it, and none of it needs the trainer.
 """

@@ -50,7 +50,7 @@ from qlora.memory.context import budget_text
 from qlora.memory.costs import COSTS, LeverCost
 from qlora.memory.estimate import Estimate, estimate
 from qlora.memory.preflight import divisors, fits, needs, room
-from qlora.memory.profiler import available_bytes
+from qlora.memory.readings import available_bytes
 
 GIB = 2**30
 

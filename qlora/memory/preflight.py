@@ -25,7 +25,7 @@ from qlora.levers.tiling.settings import untiled_up_to
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
-from qlora.memory.profiler import available_bytes
+from qlora.memory.readings import available_bytes
 
 GIB = 2**30
 STEP = 64  # the suggested lengths are multiples of this

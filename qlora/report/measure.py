@@ -11,7 +11,7 @@ The steps take the trainer's own path: `qlora.training.assemble.prepare` (load, 
 Each method gets a fresh process, so that no method inherits another's allocator caches. On CPU the process first
 runs the same load and one step once and frees them (a warm-up), so that one-time costs (imports, kernel and thread
 pool set-up, per-shape kernel caches) stay out of the figure; and glibc is told to return every block of 8 KiB or
-more to the OS when freed (profiler.MEASURE_MMAP_THRESHOLD), so that the resident set follows the live tensors instead
+more to the OS when freed (readings.MEASURE_MMAP_THRESHOLD), so that the resident set follows the live tensors instead
 of malloc's free lists.
 """
 
@@ -33,7 +33,8 @@ from qlora.cli import run
 from qlora.commands import wants_help
 from qlora.config import Config, parse_args
 from qlora.errors import ConfigError, check_writable
-from qlora.memory.profiler import PhaseTracker, glibc_returns_freed_memory, resident_bytes
+from qlora.memory.profiler import PhaseTracker
+from qlora.memory.readings import glibc_returns_freed_memory, resident_bytes
 from qlora.partial import write_aside
 from qlora.training.assemble import prepare
 from qlora.training.loss import loss_sum

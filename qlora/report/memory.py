@@ -41,7 +41,7 @@ from qlora.errors import ConfigError, check_writable
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
-from qlora.memory.profiler import available_bytes, meminfo_bytes
+from qlora.memory.readings import available_bytes, meminfo_bytes
 from qlora.partial import remove_abandoned
 
 USAGE = MEMORY.usage

@@ -22,7 +22,8 @@ from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
-from qlora.memory.profiler import PhaseTracker, available_bytes
+from qlora.memory.profiler import PhaseTracker
+from qlora.memory.readings import available_bytes
 from qlora.training import checkpoint, distributed
 from qlora.training.rundir import MOVABLE, check_recorded
 from qlora.training.sensitivity import keep_sensitive_layers

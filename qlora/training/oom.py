@@ -15,7 +15,8 @@ import torch
 
 from qlora.config import Config
 from qlora.memory.preflight import divisors
-from qlora.memory.profiler import PhaseTracker, meminfo_bytes, resident_bytes
+from qlora.memory.profiler import PhaseTracker
+from qlora.memory.readings import meminfo_bytes, resident_bytes
 from qlora.training.checkpoint import list_checkpoints
 
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates

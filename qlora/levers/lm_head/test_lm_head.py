@@ -13,7 +13,7 @@ from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
-from qlora.memory.profiler import tensor_categories
+from qlora.memory.readings import tensor_categories
 from qlora.training.assemble import load_model
 from qlora.training.loss import target_hidden
 
