@@ -223,7 +223,8 @@ def stop_history(args: argparse.Namespace, recorder: object, cfg, device: torch.
     the frames of blocks under 1 MiB are left out, which keeps a 70B probe's snapshot to a few MB."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
-    from qlora.report import snapshot
+    from qlora.report import replay, snapshot
+    from qlora.report.attribution import shape_for
     from qlora.report.recorder import write_snapshot
 
     if recorder == "cuda":
@@ -234,10 +235,10 @@ def stop_history(args: argparse.Namespace, recorder: object, cfg, device: torch.
         recorder.__exit__(None, None, None)
     path = Path(args.history)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_snapshot(snapshot.compact(taken, frames_from=2**20 if device.type == "cuda" else 0), path)
-    shape = snapshot.shape_for(cfg, args.seq, device.type)
+    write_snapshot(replay.compact(taken, frames_from=2**20 if device.type == "cuda" else 0), path)
+    shape = shape_for(cfg, args.seq, device.type)
     est = estimate(cfg, load_arch(cfg), cfg.quant.method, device.type)
-    text = snapshot.report(snapshot.load(path), shape, int(args.history_min_mib * 2**20), est)
+    text = snapshot.report(replay.load(path), shape, int(args.history_min_mib * 2**20), est)
     attribution = path.with_name(path.name.split(".")[0] + ".txt")
     title = f"Allocator snapshot of one probe: {args.size} at {args.seq:,} tokens, {path.name}"
     attribution.write_text("\n".join([*header(title, record("memory_levers.py", device.type), device.type), text])

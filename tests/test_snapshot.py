@@ -17,7 +17,7 @@ from qlora.levers.tiling.tiles import tile_module
 from qlora.memory.activations import NORM_BACKWARD_FP32
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
-from qlora.report import snapshot
+from qlora.report import attribution, replay, snapshot
 from qlora.report.recorder import AllocationRecorder, record_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +31,12 @@ ACTIONS = {"alloc", "free_requested", "free_completed", "segment_alloc", "segmen
 
 @pytest.fixture(scope="module")
 def committed() -> dict:
-    return snapshot.load(snapshot_fixture.FIXTURE)
+    return replay.load(snapshot_fixture.FIXTURE)
 
 
 @pytest.fixture(scope="module")
-def shape() -> snapshot.Shape:
-    return snapshot.shape_for(snapshot_fixture.config(), snapshot_fixture.TOKENS, "cpu")
+def shape() -> attribution.Shape:
+    return attribution.shape_for(snapshot_fixture.config(), snapshot_fixture.TOKENS, "cpu")
 
 
 def test_the_committed_snapshot_is_small_and_in_the_allocators_format(committed: dict) -> None:
@@ -54,9 +54,9 @@ def test_the_committed_snapshot_is_small_and_in_the_allocators_format(committed:
     assert "qlora/levers/tiling/tiles.py" in files and not any(f.startswith(("/work", "/home", "/root")) for f in files)
 
 
-def test_every_block_at_the_peak_is_named_but_the_stray_one(committed: dict, shape: snapshot.Shape) -> None:
-    found = snapshot.peak(committed)
-    terms, unexplained, small = snapshot.attribute(found, shape, 64 * 2**10)
+def test_every_block_at_the_peak_is_named_but_the_stray_one(committed: dict, shape: attribution.Shape) -> None:
+    found = replay.peak(committed)
+    terms, unexplained, small = attribution.attribute(found, shape, 64 * 2**10)
     assert [b.size for b in unexplained] == [snapshot_fixture.STRAY_BYTES]
     assert snapshot.where_text(unexplained[0]).count("stray_buffer") == 1
     assert sum(b.size for blocks in terms.values() for b in blocks) + unexplained[0].size + small == found.allocated
@@ -71,7 +71,7 @@ def test_the_estimate_accounts_for_the_recorded_peak(committed: dict) -> None:
     """The recording counts tensors as the estimator does, without the noise of a resident set: the peak less the
     stray block within 5% of the estimate for the same recipe and shape."""
     cfg = snapshot_fixture.config()
-    tensors = snapshot.peak(committed).allocated - snapshot_fixture.STRAY_BYTES
+    tensors = replay.peak(committed).allocated - snapshot_fixture.STRAY_BYTES
     est = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
     assert abs(est / tensors - 1) <= 0.05, (est, tensors)
 
@@ -84,13 +84,13 @@ def test_the_replayed_peak_is_the_recorders_even_when_the_trace_lost_its_start()
                           ["--model.synthetic=true", "--model.config_json=tests/snapshots/narrow-llama.json",
                            "--data.max_seq_len=256", "--train.batch_size=1"])
     recorded, live_peak = record_steps(cfg, 1)
-    whole = snapshot.peak(recorded)
+    whole = replay.peak(recorded)
     assert whole.allocated == live_peak and whole.allocated == sum(b.size for b in whole.blocks)
     cut = copy.copy(recorded)
     events = recorded["device_traces"][0]
     drop = whole.index // 2
     cut["device_traces"] = [events[drop:]]
-    lost = snapshot.peak(cut)
+    lost = replay.peak(cut)
     assert lost.allocated == whole.allocated and lost.index == whole.index - drop
     assert sorted((b.addr, b.size) for b in lost.blocks) == sorted((b.addr, b.size) for b in whole.blocks)
 
@@ -114,7 +114,7 @@ def test_reserved_memory_follows_the_segments_and_expandable_mappings() -> None:
                 {"device": 0, "address": 100 * mib, "total_size": 20 * mib, "blocks": [
                     {"address": 100 * mib, "size": 10 * mib, "state": "active_allocated", "frames": []},
                     {"address": 110 * mib, "size": 10 * mib, "state": "inactive", "frames": []}]}]
-    found = snapshot.peak({"segments": segments, "device_traces": [trace]})
+    found = replay.peak({"segments": segments, "device_traces": [trace]})
     assert (found.allocated, found.index, found.reserved_then, found.peak_reserved) == (38 * mib, 3, 52 * mib,
                                                                                        52 * mib)
     assert (found.allocated_end, found.reserved_end) == (18 * mib, 40 * mib)
@@ -128,8 +128,8 @@ def test_the_autograd_node_is_read_from_a_named_or_a_mangled_frame(name: str) ->
     for (TORCH_SYMBOLIZE_MODE): either names the node, which tells an RMSNorm's fp32 gradients from SDPA's."""
     frames = [{"filename": "", "line": 0, "name": "c10::cuda::CUDACachingAllocator::malloc"},
               {"filename": "", "line": 0, "name": name}]
-    assert snapshot.autograd_node(frames) == "PowBackward0"
-    assert snapshot.autograd_node(frames[:1]) == ""
+    assert attribution.autograd_node(frames) == "PowBackward0"
+    assert attribution.autograd_node(frames[:1]) == ""
 
 
 def test_frames_are_read_wherever_the_libraries_are_installed() -> None:
@@ -137,14 +137,14 @@ def test_frames_are_read_wherever_the_libraries_are_installed() -> None:
     bitsandbytes quantising a checkpoint that transformers loads makes quantised weights."""
     site = "/opt/torch/.venv/lib/python3.12/site-packages"
     frame = lambda file, name: {"filename": f"{site}/{file}", "line": 1, "name": name}  # noqa: E731
-    loaded = snapshot.Block(0, 2**20, [frame("bitsandbytes/nn/modules.py", "_quantize"),
+    loaded = replay.Block(0, 2**20, [frame("bitsandbytes/nn/modules.py", "_quantize"),
                                        frame("transformers/modeling_utils.py", "from_pretrained")])
-    assert snapshot.phase(loaded.frames) == "load" and snapshot.term(loaded, None) == "quantized_weights"
-    plain = snapshot.Block(0, 2**20, [frame("torch/nn/modules/module.py", "to"),
+    assert attribution.phase(loaded.frames) == "load" and attribution.term(loaded, None) == "quantized_weights"
+    plain = replay.Block(0, 2**20, [frame("torch/nn/modules/module.py", "to"),
                                       frame("transformers/modeling_utils.py", "from_pretrained")])
-    assert snapshot.term(plain, None) == "unquantized_weights"
-    assert not snapshot.in_torch(f"{site}/transformers/modeling_utils.py")
-    assert snapshot.in_torch(f"{site}/torch/nn/functional.py") and snapshot.in_torch("torch/autograd/graph.py")
+    assert attribution.term(plain, None) == "unquantized_weights"
+    assert not attribution.in_torch(f"{site}/transformers/modeling_utils.py")
+    assert attribution.in_torch(f"{site}/torch/nn/functional.py") and attribution.in_torch("torch/autograd/graph.py")
 
 
 def test_an_rmsnorm_backward_holds_the_fp32_temporaries_the_estimate_counts() -> None:

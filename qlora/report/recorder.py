@@ -128,7 +128,7 @@ class AllocationRecorder(TorchDispatchMode):
 
 
 def write_snapshot(snapshot: dict, path: Path) -> None:
-    """Pickle `snapshot` to `path`, gzip-compressed when the name ends in .gz (snapshot.load reads either)."""
+    """Pickle `snapshot` to `path`, gzip-compressed when the name ends in .gz (replay.load reads either)."""
     data = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
     Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
 
