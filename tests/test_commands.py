@@ -238,7 +238,7 @@ CASES = [
     ("memory: infinite card", "qlora.memory", [TINY, "--max-context", "--gpu-gib=inf"], noop,
      r"--gpu-gib 'inf': use positive sizes in GiB up to 1048576"),
     ("memory: host beyond a pebibyte", "qlora.memory", [TINY, "--max-context", "--host-gib=1e300"], noop,
-     r"--host-gib '1e300': use positive sizes in GiB up to 1048576"),
+     r"--host-gib '1e300': use positive sizes in GiB up to 1048576, e.g. --host-gib=128$"),
     ("measure: steps a superscript digit", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=\u00b2"],
      noop, r"--steps=\u00b2: give a whole number of at least 1"),
     ("measure: steps not a number", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=two"], noop,

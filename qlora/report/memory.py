@@ -110,7 +110,8 @@ def _numbers(flag: str, value: str) -> list[float]:
     except ValueError:
         out = []
     if not out or any(not 0 < v <= 2**20 for v in out):  # 1 PiB: beyond it the bisection's sizes overflow
-        raise ConfigError(f"{flag} {value!r}: use positive sizes in GiB up to 1048576, e.g. {flag}=24,48,80")
+        example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
+        raise ConfigError(f"{flag} {value!r}: use positive sizes in GiB up to 1048576, e.g. {example}")
     return out
 
 
