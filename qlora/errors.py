@@ -6,7 +6,7 @@
     3      more than train.max_bad_steps steps with a non-finite loss or gradient; a checkpoint is saved
     4      out of memory; the last checkpoint is kept, the message says what would fit
     5      a file could not be written (disk full); the message names what is intact
-    6      several processes: another one died or hung; the newest checkpoint is intact (qlora/training/distributed.py)
+    6      several processes: another one died or hung; the newest checkpoint is intact (qlora/training/launch.py)
     128+N  stopped by signal N: 130 for Ctrl-C (SIGINT), 143 for SIGTERM; in training 129 for SIGHUP (the terminal
            closed) and 141 for SIGPIPE (stdout's reader gone), each with a checkpoint
 

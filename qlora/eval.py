@@ -30,7 +30,8 @@ from qlora.data.pack import pack_examples
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
-from qlora.training.checkpoint import RUN_CONFIG, recorded_rows
+from qlora.training.checkpoint import RUN_CONFIG
+from qlora.training.restore import recorded_rows
 from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
 

@@ -33,7 +33,7 @@ from qlora.levers.stream_base.settings import check_processes
 from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, unplanned, use_plan
 from qlora.memory.preflight import check_fits
 from qlora.memory.profiler import PhaseTracker
-from qlora.training import checkpoint, distributed, guard, rundir
+from qlora.training import checkpoint, distributed, guard, launch, runconfig, rundir
 from qlora.training.assemble import prepare, print_summary
 from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.optimizer import build_optimizer, build_scheduler, stepped_params, updated_weights
@@ -46,7 +46,7 @@ USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
-    with distributed.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main) as watch:
+    with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main) as watch:
         try:
             return _train(cfg, resume, overwrite, watch, ranks)
         finally:
@@ -252,12 +252,12 @@ def _main(argv: list[str]) -> None:
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ConfigError(_flag_error(unknown[0]))
-    if not distributed.from_env().main:  # rank 0 speaks for the run, from its first line on
-        distributed.quiet()
+    if not launch.from_env().main:  # rank 0 speaks for the run, from its first line on
+        launch.quiet()
     if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
-        cfg = rundir.resume_config(cfg, overrides)
+        cfg = runconfig.resume_config(cfg, overrides)
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
-    check_processes(cfg, distributed.from_env().size)
+    check_processes(cfg, launch.from_env().size)
     if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's
         unplanned(cfg, overrides)
         keep_overridden(cfg, overrides)

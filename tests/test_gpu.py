@@ -149,7 +149,7 @@ def test_a_resumed_paged_optimizer_keeps_its_state_paged(name: str) -> None:
     (qlora/training/optimizer.py repage), with the same values and the same next step."""
     import bitsandbytes as bnb
 
-    from qlora.training.checkpoint import load_optimizer
+    from qlora.training.restore import load_optimizer
 
     def stepped(p: torch.nn.Parameter, optimizer: torch.optim.Optimizer) -> None:
         p.grad = torch.ones_like(p) * 1e-3

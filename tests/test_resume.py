@@ -26,7 +26,7 @@ from qlora.config import load_recipe
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
-from qlora.training.rundir import resume_config
+from qlora.training.runconfig import resume_config
 
 TINY = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py")
 TINY_STEPS, TINY_R = TINY.train.steps, TINY.lora.r

@@ -25,7 +25,7 @@ from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import available_bytes
 from qlora.training import checkpoint, distributed
-from qlora.training.rundir import MOVABLE, check_recorded
+from qlora.training.runconfig import MOVABLE, check_recorded
 from qlora.training.sensitivity import keep_sensitive_layers
 
 

@@ -13,27 +13,15 @@ hooks the model's forward, and the loss calls the decoder and the head directly 
 `train.shard_base`: the frozen base sharded over the ranks by FSDP2 (qlora/base/shard.py); the adapters stay whole on
 every rank and are summed as in data parallel.
 
-Only rank 0 writes (checkpoints, adapter, metrics, memory report) and prints; an error every rank meets alike prints
-once. An error one rank meets alone that it does not print itself (a data file missing on its machine) it posts in
-the store the processes met through, and rank 0, losing it, says it. A rank that dies breaks the others' next
-collective within a second (gloo: "Connection reset by peer"); one that hangs trips `train.dist_timeout`. Either
-way the others stop with exit 6 and one line, and the newest checkpoint, which only rank 0 writes, atomically, is
-intact.
+Every rank runs the same collectives in the same order; how the processes meet, and how a run of them ends, is
+qlora/training/launch.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import json
 import math
-import os
-import sys
-import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -41,20 +29,13 @@ import torch.distributed as dist
 from torch import nn
 
 from qlora.base import shard
-from qlora.base.build import ensure_checkpoint
-from qlora.base.load import resolve_device
 from qlora.config import Config
-from qlora.console import announce, since
 from qlora.data.batches import target_tokens
-from qlora.errors import EXIT_BUG, EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
+from qlora.errors import EXIT_BUG, Stop, exit_status
 from qlora.training import guard
-from qlora.training.checkpoint import list_checkpoints, rng_state, set_rng_state
+from qlora.training.checkpoint import rng_state, set_rng_state
 
 BUCKET_BYTES = 25 * 2**20  # gradients summed per all-reduce: DDP's default bucket_cap_mb
-# The store key where a rank posts an ending it does not print; torchrun --max-restarts keeps its store across the
-# attempts of a run, so each attempt posts under its own number.
-ENDED = "qlora/ended/{attempt}/{rank}"
-GLOO_DRAIN_S = 0.2  # what gloo's worker threads are given to finish with the GIL before the interpreter exits
 T = TypeVar("T")
 
 
@@ -157,7 +138,7 @@ class Ranks:
         return {"rng_ranks": states}
 
     def restore_rng(self, state: dict) -> None:
-        """After `checkpoint.load_checkpoint` (which restored rank 0's RNG everywhere): this rank's own."""
+        """After `restore.load_checkpoint` (which restored rank 0's RNG everywhere): this rank's own."""
         ranks = state.get("rng_ranks") or [state.get("rng")]  # a one-process checkpoint: rank 0's alone
         if len(ranks) == self.size:
             if self.several:
@@ -194,26 +175,6 @@ class Ranks:
                 dist.broadcast(p.data, src=0)
         torch.manual_seed(cfg.train.seed * 100_003 + self.rank)
 
-    def post_ending(self, err: BaseException) -> None:
-        """Post this rank's ending for rank 0 to say, where this rank says nothing of its own (an error of bad input
-        it met alone would otherwise leave rank 0's "see the other processes' output" pointing at nothing)."""
-        ending = exit_status(err)
-        if self.store is None or self.main or ending is None or line_of_this_rank(*ending) is not None:
-            return
-        with contextlib.suppress(RuntimeError):  # a store already gone: rank 0 says it lost this rank, as before
-            self.store.set(ended_key(self.rank), json.dumps(ending))
-
-    def posted_ending(self) -> tuple[int, str] | None:
-        """On rank 0: the ending another rank posted (its exit status, and its line after its rank), or None."""
-        if self.store is None or not self.main:
-            return None
-        for rank in range(1, self.size):
-            key = ended_key(rank)
-            with contextlib.suppress(RuntimeError):
-                if self.store.check([key]):
-                    code, line = json.loads(self.store.get(key))
-                    return code, f"rank {rank}: {line.removeprefix('error: ')}"
-        return None
 
     def base_place(self, cfg: Config, device: torch.device) -> torch.device | None:
         """Where the base is loaded: CPU memory when it will be sharded onto the GPUs (no GPU holds it whole)."""
@@ -233,99 +194,3 @@ def buckets(tensors: list[torch.Tensor], cap: int) -> Iterator[list[torch.Tensor
         size += nbytes
     if bucket:
         yield bucket
-
-
-def ended_key(rank: int) -> str:
-    return ENDED.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), rank=rank)
-
-
-def from_env() -> Ranks:
-    """This process's rank, from the variables torchrun and accelerate launch set (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    try:
-        return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                     int(os.environ.get("LOCAL_RANK", "0")))
-    except ValueError as err:
-        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({err}): launch with torchrun "
-                          "--nproc-per-node=N -m qlora.train RECIPE.py") from None
-
-
-def quiet() -> None:
-    """Ranks but 0 print nothing of their own: rank 0 speaks for the run. Their errors still reach stderr."""
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115  for the life of the process
-    warnings.simplefilter("ignore")
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def start(cfg: Config, ranks: Ranks) -> None:
-    """Join the run's other processes (nothing to do when alone) and build the base checkpoint once, on rank 0."""
-    if not ranks.several:
-        if cfg.train.shard_base:
-            print("train.shard_base: one process, nothing to shard (launch with torchrun --nproc-per-node=N)")
-        return
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda":
-        if ranks.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={ranks.local_rank} but {torch.cuda.device_count()} GPU(s) are visible: "
-                              f"launch at most --nproc-per-node={torch.cuda.device_count()}")
-        torch.cuda.set_device(ranks.local_rank)  # "cuda" means this rank's GPU from here on
-        device = torch.device("cuda", ranks.local_rank)
-    ranks.device = device
-    if not ranks.main:
-        quiet()
-    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
-    # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
-    started = announce(f"joining {ranks.size} processes "
-                       f"(each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
-    # init_process_group's own rendezvous, done here to keep the store: a rank posts there the ending it leaves unsaid
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
-                            world_size=ranks.size, timeout=timeout)
-    if ranks.main:
-        print(f"joined by all {ranks.size} processes ({dist.get_backend()}) in {since(started)}")
-    ranks.store = store
-    ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
-
-
-@contextlib.contextmanager
-def joined(cfg: Config) -> Iterator[Ranks]:
-    """The run's processes, for the length of a run: a collective broken by a process that died or hung becomes a
-    `Stop` with exit 6 and one line; the process group is taken down at the end (a gloo group left to the
-    interpreter's exit aborts it with "terminate called without an active exception")."""
-    ranks = from_env()
-    try:
-        start(cfg, ranks)
-        yield ranks
-    except Exception as err:
-        # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
-        if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
-            # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down and
-            # says which checkpoint is intact (or what the rank that ended posted): the ending is decided
-            code, line = ranks.posted_ending() or (EXIT_PEER, peer_lost(err, cfg))
-            Session.ended = code
-            raise Stop(code, line) from err
-        ranks.post_ending(err)
-        raise
-    finally:
-        if dist.is_initialized():
-            gloo = dist.get_backend() == "gloo"
-            dist.destroy_process_group()
-            # gloo's worker threads outlive it here, and one may still hold the last collective's tensors, whose
-            # release takes the GIL: at interpreter exit that aborts the process ("terminate called without an
-            # active exception", SIGABRT, after a run that succeeded; pytorch PR 179291, abandoned). Hand them the
-            # GIL now (NCCL has no such threads).
-            if gloo:
-                time.sleep(GLOO_DRAIN_S)
-
-
-def peer_lost(err: BaseException, cfg: Config) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    reason = text.split("] ", 1)[-1].split(". This is", 1)[0]  # gloo: "[.../pair.cc:537] Read error ...: why."
-    latest = list_checkpoints(Path(cfg.output.dir))
-    kept = (f"{latest[-1]} is intact: see the other processes' output, then continue with --resume" if latest else
-            "no checkpoint was written yet: see the other processes' output and start again")
-    return (f"lost the other processes of this run ({reason}): one died or hung (train.dist_timeout="
-            f"{cfg.train.dist_timeout}s); {kept}")

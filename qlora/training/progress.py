@@ -16,7 +16,7 @@ from tqdm import tqdm
 from qlora.config import Config
 from qlora.console import announce, draws_bars, terminal_columns, widest_meter
 from qlora.errors import ConfigError
-from qlora.training import checkpoint, distributed, rundir
+from qlora.training import distributed, restore, rundir
 from qlora.training.optimizer import restart_from_weights, retarget
 
 
@@ -38,7 +38,7 @@ def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
     """Load the newest intact checkpoint into the model, optimizer and scheduler (damaged newer ones are named and,
     once the run starts writing, set aside); the progress it carries and the damaged checkpoints."""
     run_dir = Path(cfg.output.dir)
-    resumed, state, damaged = checkpoint.resume_latest(run_dir, model, cfg, optimizer, scheduler)
+    resumed, state, damaged = restore.resume_latest(run_dir, model, cfg, optimizer, scheduler)
     for path, why in damaged if ranks.main else ():
         print(f"{path} is damaged ({why}): it is set aside as {rundir.aside_name(path).name} for inspection",
               file=sys.stderr)

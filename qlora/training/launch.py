@@ -1,0 +1,158 @@
+"""How the processes of a run meet and part: `torchrun --nproc-per-node=N -m qlora.train RECIPE.py` (or `accelerate
+launch`) starts them, `joined` makes them one run (the process group, the base built once) for its length, and says
+how a run of several ends. What the joined processes do together at each step is qlora/training/distributed.py's.
+
+Only rank 0 writes (checkpoints, adapter, metrics, memory report) and prints; an error every rank meets alike prints
+once. An error one rank meets alone that it does not print itself (a data file missing on its machine) it posts in
+the store the processes met through, and rank 0, losing it, says it. A rank that dies breaks the others' next
+collective within a second (gloo: "Connection reset by peer"); one that hangs trips `train.dist_timeout`. Either
+way the others stop with exit 6 and one line, and the newest checkpoint, which only rank 0 writes, atomically, is
+intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from qlora.base.build import ensure_checkpoint
+from qlora.base.load import resolve_device
+from qlora.config import Config
+from qlora.console import announce, since
+from qlora.errors import EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
+from qlora.training.checkpoint import list_checkpoints
+from qlora.training.distributed import Ranks
+
+# The store key where a rank posts an ending it does not print; torchrun --max-restarts keeps its store across the
+# attempts of a run, so each attempt posts under its own number.
+ENDED = "qlora/ended/{attempt}/{rank}"
+GLOO_DRAIN_S = 0.2  # what gloo's worker threads are given to finish with the GIL before the interpreter exits
+
+
+def from_env() -> Ranks:
+    """This process's rank, from the variables torchrun and accelerate launch set (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    try:
+        return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                     int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as err:
+        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({err}): launch with torchrun "
+                          "--nproc-per-node=N -m qlora.train RECIPE.py") from None
+
+
+def quiet() -> None:
+    """Ranks but 0 print nothing of their own: rank 0 speaks for the run. Their errors still reach stderr."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115  for the life of the process
+    warnings.simplefilter("ignore")
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def start(cfg: Config, ranks: Ranks) -> None:
+    """Join the run's other processes (nothing to do when alone) and build the base checkpoint once, on rank 0."""
+    if not ranks.several:
+        if cfg.train.shard_base:
+            print("train.shard_base: one process, nothing to shard (launch with torchrun --nproc-per-node=N)")
+        return
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK={ranks.local_rank} but {torch.cuda.device_count()} GPU(s) are visible: "
+                              f"launch at most --nproc-per-node={torch.cuda.device_count()}")
+        torch.cuda.set_device(ranks.local_rank)  # "cuda" means this rank's GPU from here on
+        device = torch.device("cuda", ranks.local_rank)
+    ranks.device = device
+    if not ranks.main:
+        quiet()
+    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
+    # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
+    started = announce(f"joining {ranks.size} processes "
+                       f"(each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
+    # init_process_group's own rendezvous, done here to keep the store: a rank posts there the ending it leaves unsaid
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
+                            world_size=ranks.size, timeout=timeout)
+    if ranks.main:
+        print(f"joined by all {ranks.size} processes ({dist.get_backend()}) in {since(started)}")
+    ranks.store = store
+    ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
+
+
+@contextlib.contextmanager
+def joined(cfg: Config) -> Iterator[Ranks]:
+    """The run's processes, for the length of a run: a collective broken by a process that died or hung becomes a
+    `Stop` with exit 6 and one line; the process group is taken down at the end (a gloo group left to the
+    interpreter's exit aborts it with "terminate called without an active exception")."""
+    ranks = from_env()
+    try:
+        start(cfg, ranks)
+        yield ranks
+    except Exception as err:
+        # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
+        if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
+            # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down and
+            # says which checkpoint is intact (or what the rank that ended posted): the ending is decided
+            code, line = posted_ending(ranks) or (EXIT_PEER, peer_lost(err, cfg))
+            Session.ended = code
+            raise Stop(code, line) from err
+        post_ending(ranks, err)
+        raise
+    finally:
+        if dist.is_initialized():
+            gloo = dist.get_backend() == "gloo"
+            dist.destroy_process_group()
+            # gloo's worker threads outlive it here, and one may still hold the last collective's tensors, whose
+            # release takes the GIL: at interpreter exit that aborts the process ("terminate called without an
+            # active exception", SIGABRT, after a run that succeeded; pytorch PR 179291, abandoned). Hand them the
+            # GIL now (NCCL has no such threads).
+            if gloo:
+                time.sleep(GLOO_DRAIN_S)
+
+
+def post_ending(ranks: Ranks, err: BaseException) -> None:
+    """Post this rank's ending for rank 0 to say, where this rank says nothing of its own (an error of bad input
+    it met alone would otherwise leave rank 0's "see the other processes' output" pointing at nothing)."""
+    ending = exit_status(err)
+    if ranks.store is None or ranks.main or ending is None or line_of_this_rank(*ending) is not None:
+        return
+    with contextlib.suppress(RuntimeError):  # a store already gone: rank 0 says it lost this rank, as before
+        ranks.store.set(ended_key(ranks.rank), json.dumps(ending))
+
+
+def posted_ending(ranks: Ranks) -> tuple[int, str] | None:
+    """On rank 0: the ending another rank posted (its exit status, and its line after its rank), or None."""
+    if ranks.store is None or not ranks.main:
+        return None
+    for rank in range(1, ranks.size):
+        key = ended_key(rank)
+        with contextlib.suppress(RuntimeError):
+            if ranks.store.check([key]):
+                code, line = json.loads(ranks.store.get(key))
+                return code, f"rank {rank}: {line.removeprefix('error: ')}"
+    return None
+
+
+def ended_key(rank: int) -> str:
+    return ENDED.format(attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), rank=rank)
+
+
+def peer_lost(err: BaseException, cfg: Config) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = text.split("] ", 1)[-1].split(". This is", 1)[0]  # gloo: "[.../pair.cc:537] Read error ...: why."
+    latest = list_checkpoints(Path(cfg.output.dir))
+    kept = (f"{latest[-1]} is intact: see the other processes' output, then continue with --resume" if latest else
+            "no checkpoint was written yet: see the other processes' output and start again")
+    return (f"lost the other processes of this run ({reason}): one died or hung (train.dist_timeout="
+            f"{cfg.train.dist_timeout}s); {kept}")
