@@ -325,9 +325,14 @@ def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing
                                           r"which the checkpoints fix: restore train.seed in run_config.json"),
     (lambda c: c["train"].pop("lr"), r"run_config.json lacks train.lr, which checkpoint-4 was written with \(0.003\): "
                                      r"the default would stand in; restore train.lr in run_config.json"),
-], ids=["a fixed value changed", "a key removed"])
+    (lambda c: c["train"].update(lr=0.001), r"run_config.json has train.lr=0.001, but checkpoint-4 was written "
+                                            r"with 0.003: restore train.lr in run_config.json \(or, if checkpoint-4 "
+                                            r"came from another run, move it away\) to continue the run as it was, or "
+                                            r"pass --train.lr=0.001 to resume with it$"),
+], ids=["a fixed value changed", "a key removed", "a value a resume may change, changed"])
 def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli, partial, tmp_path, edit, pattern):
-    """Both resumed without a word before: at another data order, or at the default lr 2e-4 instead of the run's."""
+    """Each resumed without a word before: at another data order, at the default lr 2e-4 instead of the run's, or at
+    the edited lr 1e-3 (a resume changes it on the command line, where it is said)."""
     out = copy_of(partial, tmp_path)
     raw = json.loads((out / "run_config.json").read_text())
     edit(raw)
@@ -338,6 +343,18 @@ def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli,
     assert len(error_lines(result)) == 1 and re.search(pattern, error_lines(result)[0]), result.stderr
     assert snapshot(out) == before
 
+
+
+def test_a_value_given_on_the_command_line_is_not_refused_as_edited(cli, partial, tmp_path):
+    """What a resume with --train.lr=0.001 leaves when it is killed before its first checkpoint: run_config.json says
+    the new lr, the newest checkpoint the old one. The same command again resumes at the new lr."""
+    out = copy_of(partial, tmp_path)
+    raw = json.loads((out / "run_config.json").read_text())
+    raw["train"]["lr"] = 0.001
+    (out / "run_config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    result = cli.run([*ARGS, "--train.steps=6", "--train.lr=0.001", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert [line["lr"] for line in metrics(out) if line["step"] > 4 and "lr" in line] == [0.001, 0.001]
 
 class RunsCode:
     """Unpickled, it would create the file it names."""

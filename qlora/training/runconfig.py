@@ -11,6 +11,8 @@ and to check that the directory holds this recipe's run. A setting given on the 
     and how fast (data.max_seq_len, batch_size and grad_accum: the data continues from the same row, the levers;
     a data.max_seq_len that drops rows, or any other with data.pack, is refused: the rows would be others),
     and how it reports (eval, eval_before: only at step 0, log, save, keep, max_bad_steps, device).
+Each checkpoint records the settings it was written under, and run_config.json is checked against the newest one's: a
+value there that differs from it is refused (`check_recorded`, `resume_config`), unless this command line gives it.
 """
 
 from __future__ import annotations
@@ -69,17 +71,19 @@ def check_identity(saved: Config, cfg: Config, run_dir: Path) -> None:
 MOVABLE = ("model.path",)
 
 
-def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movable: tuple = MOVABLE) -> None:
+def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
+                   movable: tuple = MOVABLE) -> tuple[Path | None, dict]:
     """Refuse a run_config.json (`path`, read as `saved`) edited since the newest checkpoint of `run_dir` (its own
     directory; or a checkpoint-N) was written: a key removed (its default would stand in), or a value the checkpoints
     fix changed (measured on the tiny recipe: train.seed edited from 0 to 7, or train.lr removed, resumed without a
     word at another data order, or at lr 2e-4 instead of 3e-3; quant.double_quant edited to false, qlora.eval scored
     the adapter on another base, 4.0106 for 4.0087). Each checkpoint records the settings it was written under; one
     written before that is not checked. The keys in `movable` may differ (a resume holds data.train and data.eval to
-    the run's; the weights and the row counts are checked on their own)."""
+    the run's; the weights and the row counts are checked on their own). Returns that checkpoint and its settings,
+    flat ({} where none), for `resume_config` to compare the values a resume may change."""
     ckpt, record = recorded(run_dir or path.parent, "config")
     if not isinstance(record, dict):
-        return
+        return None, {}
     ours, theirs, raw = _flat(saved.to_dict()), _flat(record), _flat(json.loads(path.read_text()))
     missing = [k for k in theirs if k not in raw and k in ours]
     if missing:
@@ -93,6 +97,14 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movab
             raise ConfigError(f"{path} has {k}={ours[k]!r}, but {ckpt.name} was written with {theirs[k]!r}, which the "
                               f"checkpoints fix: restore {k} in {RUN_CONFIG} (or, if {ckpt.name} came from another "
                               "run, move it away) to use the run, or start a new run with --overwrite")
+    return ckpt, theirs
+
+
+def _flag(key: str, value: object) -> str:
+    """`--key=value` as the command line reads it back (a float whole, as repr writes it)."""
+    if isinstance(value, list):
+        value = ",".join(value)
+    return f"--{key}={str(value).lower() if isinstance(value, bool) or value is None else value}"
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
@@ -106,7 +118,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                               f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
     saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
-    check_recorded(saved, path)
+    ckpt, theirs = check_recorded(saved, path)
     check_identity(saved, cfg, run_dir)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
@@ -127,6 +139,17 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     # What the plan chose is the run's, and planned again from the recipe's values (qlora/memory/plan.py, unplanned).
     planned = {"train.plan_chose", "train.plan_from"} | ({override_key(item) for item in saved.train.plan_from}
                                                          if resumed.train.plan == "fastest" else set())
+    # A value a resume may change that run_config.json changed since the newest checkpoint, by an edit (or a resume cut
+    # short before its first checkpoint), would change the run unsaid (measured on the tiny recipe: train.lr edited
+    # 0.003 -> 0.001 resumed at 1e-3 without a word); the command line changes it, and says so.
+    kept = {*MOVABLE, "output.dir", *(override_key(item) for item in overrides), *planned,
+            *(override_key(item) for item in theirs.get("train.plan_from", []) if resumed.train.plan == "fastest")}
+    edited = [k for k in theirs if k in before and theirs[k] != before[k] and k not in kept]
+    if edited:
+        k = edited[0]
+        raise ConfigError(f"{path} has {k}={before[k]!r}, but {ckpt.name} was written with {theirs[k]!r}: restore {k} "
+                          f"in {RUN_CONFIG} (or, if {ckpt.name} came from another run, move it away) to continue the "
+                          f"run as it was, or pass {_flag(k, before[k])} to resume with it")
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
                if recipe[k] != after[k] and k != "output.dir" and k not in planned]
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
