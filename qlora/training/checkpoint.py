@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -43,18 +42,17 @@ class SaveError(Stop):
 
 
 def rng_state(device: torch.device) -> dict:
-    """The generators a resumed run must continue: Python's, the CPU's and, on a CUDA run, its own GPU's only. A CPU
-    run never touches CUDA (in a forked process that would fail; on a shared machine another process owns the other
-    GPUs)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The generators a resumed run must continue: the CPU's and, on a CUDA run, its own GPU's only. A CPU run never
+    touches CUDA (in a forked process that would fail; on a shared machine another process owns the other GPUs).
+    Python's `random` is none of them: nothing in a run draws from it (tests/test_resume.py)."""
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"])  # Python's, in a checkpoint written before it was dropped, is left unread
     cuda = state.get("cuda")
     if cuda is not None and device.type == "cuda":
         if isinstance(cuda, list):  # checkpoints written before this: every visible GPU's, by index
