@@ -190,6 +190,32 @@ def test_fewer_steps_than_the_checkpoint_are_refused_before_writing(cli, partial
     assert snapshot(out) == before
 
 
+EVERY = ["--train.eval_every=2", "--train.log_every=3"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(cli, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of 6 steps straight through, evaluated every 2 steps and logged every 3."""
+    out = tmp_path_factory.mktemp("evaluated") / "run"
+    assert cli.run([*ARGS, *EVERY, "--train.steps=6", f"--output.dir={out}"]).status == 0
+    return out
+
+
+@pytest.mark.parametrize("first", [4, 3], ids=["ended at an evaluation", "ended at a logged step"])
+def test_a_finished_run_given_more_steps_writes_the_rows_of_a_run_straight_through(cli, evaluated, tmp_path, first):
+    """A 4-step run resumed to 6 lacked the evaluation a run straight through writes at step 4 (its final evaluation
+    there, written after checkpoint-4, is cut from metrics.jsonl with the rest), and kept the training line it logged
+    at step 4 only for being its last (log_every=3): measured on the tiny recipe, eval_every=2, log_every=3, a 4-step
+    run resumed to 8 logged eval rows at 0, 2, 6, 8 and training rows at 3, 4, 6, 8; straight through, eval rows at 0,
+    2, 4, 6, 8 and training rows at 3, 6, 8, every value bitwise the same. Step 3 is no evaluation: none is added."""
+    out = tmp_path / "run"
+    assert cli.run([*ARGS, *EVERY, f"--train.steps={first}", f"--output.dir={out}"]).status == 0
+    result = cli.run([*ARGS, *EVERY, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert_same_run(out, evaluated)
+    assert (f"step {first}: held-out loss" in result.stdout) == (first == 4), result.stdout
+
+
 # --- a damaged newest checkpoint ------------------------------------------------------------------------------------
 
 def truncate(path: Path) -> None:

@@ -38,16 +38,29 @@ def check_kept(path: Path, keep_bytes: int) -> None:
                           "it away to continue the run with a new metrics.jsonl")
 
 
+def _is_training_line(line: bytes, step: int) -> bool:
+    """Whether `line` is the training line of `step` (not its evaluation, nor a line of another step)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and row.get("step") == step and "loss" in row
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step and eval, non-finite numbers as null. Each checkpoint records the
     file's length when it was saved; resuming from it cuts the file back to that length, dropping what was logged after
     the save (steps about to be run again, a final evaluation, a line cut short by a kill -9)."""
 
-    def __init__(self, path: Path, keep_bytes: int = 0, write: bool = True) -> None:
+    def __init__(self, path: Path, keep_bytes: int = 0, write: bool = True, unlogged: int | None = None) -> None:
+        """`unlogged`: a step whose training line, the last one kept, goes too (the last step of a shorter run)."""
         self.path, self.enabled = path, write  # only rank 0 of several processes writes
         if not write:
             return
         kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
+        start = kept.rstrip(b"\n").rfind(b"\n") + 1
+        if unlogged is not None and _is_training_line(kept[start:], unlogged):
+            kept = kept[:start]
         tmp = path.with_name(f".tmp-{path.name}")
         tmp.write_bytes(kept)
         os.replace(tmp, path)

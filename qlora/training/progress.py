@@ -31,6 +31,12 @@ class Progress:
     state: dict = field(default_factory=dict)
     """The resumed checkpoint's trainer state (data position, metrics length, RNG), or empty."""
 
+    @property
+    def ended(self) -> bool:
+        """Whether the resumed checkpoint was written at the last step of its run's train.steps: the evaluation there
+        was that run's final one, written after the checkpoint, and its training line was logged for being the last."""
+        return self.step > 0 and self.state.get("config", {}).get("train", {}).get("steps") == self.step
+
 
 def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LambdaLR,
