@@ -147,7 +147,7 @@ def base_parameters(model: torch.nn.Module) -> int:
     """N: every base weight (4-bit ones counted by their unpacked shape, a CPU-resident embedding table included)."""
     n = sum(getattr(getattr(p, "quant_state", None), "shape", p).numel()
             for name, p in model.named_parameters() if "lora_" not in name)
-    table = getattr(model.get_input_embeddings(), "table", None)  # qlora.offload.CPUEmbedding
+    table = getattr(model.get_input_embeddings(), "table", None)  # qlora.levers.cpu_embeddings.embedding.CPUEmbedding
     return n + (table.numel() if table is not None else 0)
 
 

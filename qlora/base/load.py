@@ -107,7 +107,7 @@ def load_base(cfg: Config, device: torch.device,
     """Load the base model for `cfg.quant.method` to compute on `device`; return it, its tokenizer and its path.
 
     `place`, when given, is where the weights are loaded instead: a base that several processes will shard is loaded
-    into CPU memory, and each process moves only its shard to `device` (qlora/training/distributed.py); a base
+    into CPU memory, and each process moves only its shard to `device` (shard.py); a base
     streamed from host memory (train.stream_base) likewise. Synthetic weights are still drawn and quantised on
     `device`, one at a time, and moved to `place` at once (bitsandbytes quantises on one CPU core at ~100 ns a
     weight here: two hours for 70B's)."""

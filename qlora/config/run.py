@@ -85,7 +85,7 @@ class TrainConfig(*FIELDS["train"]):
     """Steps with a non-finite loss or gradient that are skipped before the run stops."""
     shard_base: bool = False
     """Several processes (torchrun): shard the frozen base across them with FSDP2's fully_shard, so each holds about
-    1/N of it (qlora/training/distributed.py). Off: each process holds the whole model (data parallel).
+    1/N of it (qlora/base/shard.py). Off: each process holds the whole model (data parallel).
     Adapters are whole on every process either way."""
     dist_timeout: int = 600
     """Several processes: seconds one waits in a collective for the others before the run stops (exit 6). Bounds the

@@ -137,7 +137,7 @@ def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                          "outside_allocator"), 0)
     adapters = [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
     ids = {id(p) for p in adapters}
-    # Sharded by FSDP, a 4-bit weight is a DTensor, its quant state left on the module (qlora/training/distributed.py).
+    # Sharded by FSDP, a 4-bit weight is a DTensor, its quant state left on the module (qlora/base/shard.py).
     quantized = {id(p): (p, p.quant_state) for p in model.parameters() if getattr(p, "quant_state", None) is not None}
     quantized.update({id(m.weight): (m.weight, m.quant_state) for m in model.modules()
                       if isinstance(getattr(m, "weight", None), DTensor)

@@ -181,7 +181,7 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
     # What the run's load cast each tensor to (and quantised from): the dtype it trained in, not this machine's.
     load_dtype = DTYPES[trained_dtype(source.run_dir)]
     quantized = quantized_modules(source.base, cfg) if source.dequantise else set()
-    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.loftq.shifted).
+    # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.adapters.loftq.shifted).
     shifts = (load_shifts(source.run_dir) if source.dequantise and cfg.lora.init == "loftq"
               and cfg.lora.loftq_iters > 1 else {})
     merged = set()

@@ -1,5 +1,5 @@
 """Read a CUDA allocator snapshot and say what the peak held: every block over a few MiB alive at the peak of allocated
-memory, each put to a term of the estimator (qlora/memory/estimate.py, activations.py) by its stack and its size, what
+memory, each put to a term of the estimator (qlora/memory/terms.py, activations.py) by its stack and its size, what
 no term explains, and what the allocator held beyond it (reserved but not allocated).
 
     python -m qlora.report.snapshot SNAPSHOT [--recipe R --tokens N] [--device cuda|cpu] [--min-mib 2] [--compact OUT]

@@ -116,7 +116,7 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     model, t = run["model"], cfg.train
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # A 4-bit weight is stored packed (two to a byte), so count its elements from the quant state's shape, which a
-    # sharded one keeps on its module (qlora/training/distributed.py).
+    # sharded one keeps on its module (qlora/base/shard.py).
     packed = {id(m.weight): m.quant_state.shape for m in model.modules() if getattr(m, "quant_state", None) is not None}
     total = sum(packed.get(id(p), getattr(getattr(p, "quant_state", None), "shape", p)).numel()
                 for p in model.parameters())

@@ -1,4 +1,5 @@
-"""Checkpoints and the final adapter: written atomically, read back with every file checked.
+"""Checkpoints and the final adapter, written atomically; the weights and random state each in the one form it is
+read back in (`load_weights`, `set_rng_state`); which checkpoints a run directory holds.
 
 Every write is atomic. A checkpoint is written into `.tmp-checkpoint-<step>/`, flushed to disk, then renamed to
 `checkpoint-<step>/`, so a directory of that name is always complete and a run killed mid-save leaves only a `.tmp-`

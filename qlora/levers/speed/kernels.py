@@ -1,4 +1,4 @@
-"""Speed levers, each behind a `train.*` switch and each tested equal to the plain path on CPU (tests/test_levers.py).
+"""Speed levers, each behind a `train.*` switch and each tested equal to the plain path on CPU (test_speed.py).
 
 - `reuse_dequant`: bitsandbytes dequantises an NF4 weight in the forward and again in the backward
   (`MatMul4Bit.backward`: `matmul(grad, dequantize_4bit(B))`); at more than 1536 tokens its CUDA forward is the same

@@ -1,4 +1,5 @@
-"""Speed levers (reuse_dequant, fuse_lora_add, compile): loss and gradients of the plain path."""
+"""Speed levers (reuse_dequant, fuse_lora_add, fuse_lora, dequant_once, compile): loss and gradients of the plain
+path."""
 
 from __future__ import annotations
 

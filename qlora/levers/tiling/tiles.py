@@ -19,7 +19,7 @@ which the layer keeps anyway, not a normalised copy of the row (h e bytes a toke
 Each tile's forward and its recompute see the same random state (LoRA dropout draws the same mask), as
 `torch.utils.checkpoint` arranges. The sums over tokens that make a weight gradient are added tile by tile (in fp32,
 whatever the adapters' dtype), so the gradients equal the untiled ones up to floating-point rounding, not bitwise
-(tests/test_levers.py states the tolerance). In bf16 the untiled path is no exact reference either: both are held to
+(test_tiling.py states the tolerance). In bf16 the untiled path is no exact reference either: both are held to
 their distance from an fp32 run instead.
 """
 
