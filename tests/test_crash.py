@@ -351,7 +351,7 @@ def test_out_of_memory_reports_the_phase_and_what_would_fit_and_keeps_the_checkp
                         r"tokens: CUDA out of memory\. Tried to allocate 1\.50 GiB\..*", lines[0]), lines[0]
     assert lines[1].startswith("memory when it failed: ")
     assert lines[2].startswith("peaks of the phases before: ")
-    assert lines[3].startswith("estimated peak of this recipe ") and "(qlora.estimate)" in lines[3]
+    assert lines[3].startswith("estimated peak of this recipe ") and "(qlora.memory.estimate)" in lines[3]
     assert any(line.startswith("  --data.max_seq_len=64: the longest that fits") for line in lines)
     assert lines[-1] == f"{out}/checkpoint-2 is kept: apply one of these, then continue with --resume"
     assert "Traceback" not in result.stderr

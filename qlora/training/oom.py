@@ -91,7 +91,7 @@ def latest_checkpoint(cfg: Config) -> Path | None:
 
 
 def suggestions(cfg: Config, device: torch.device, total: int, needed: int, width: int) -> list[str]:
-    """Changes that would fit under HEADROOM x `total`, each alone, from qlora.estimate where it knows the model
+    """Changes that would fit under HEADROOM x `total`, each alone, from qlora.memory.estimate where it knows the model
     (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
@@ -144,7 +144,7 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int, widt
     if cfg.quant.method != "full" and cfg.lora.r > 1:
         offer(f"--lora.r={cfg.lora.r // 2}", "half the adapter, gradient and optimizer memory; a rank cannot change "
               "on --resume: start a new run with it (--overwrite or another output.dir)", lora__r=cfg.lora.r // 2)
-    head = [f"estimated peak of this recipe {_size(peak())} (qlora.estimate"
+    head = [f"estimated peak of this recipe {_size(peak())} (qlora.memory.estimate"
             + (f", scaled x{scale:.2f} to what the failed step needed" if scale > 1 else "")
             + f"); each of these alone fits under {_size(budget)}:"]
     return head + (out or ["  nothing this recipe can change fits: the model needs a larger device"])
@@ -168,4 +168,4 @@ def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int) -> 
     if not t.loss_chunk_size:
         out.append("  --train.loss_chunk_size=1024")
     return [f"the step needed at least {_size(needed)} of {_size(budget)}; scaling the tokens per "
-            "micro-batch by that ratio (qlora.estimate does not know this model), each of these alone:"] + out
+            "micro-batch by that ratio (qlora.memory.estimate does not know this model), each of these alone:"] + out
