@@ -156,3 +156,25 @@ def test_every_name_imported_from_the_package_exists(tmp_path: Path) -> None:
     assert missing_imports([stale]) == [
         "test_stale.py:4: qlora.levers.host_optimizer.optimizer has no embeddings_to_cpu",
         "test_stale.py:5: no module qlora.levers.nowhere"]
+
+
+def private_imports(paths: list[Path]) -> list[str]:
+    """Every `from qlora.x import _name` in `paths`, inside functions too: a leading underscore keeps a name to its
+    module, so a second module that needs it needs it public."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "qlora":
+                where = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}:{node.lineno}"
+                out += [f"{where}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    return out
+
+
+def test_no_name_with_a_leading_underscore_is_imported_from_another_module(tmp_path: Path) -> None:
+    paths = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             ROOT / "conftest.py"]
+    assert private_imports(paths) == []
+    private = tmp_path / "test_private.py"  # the check can fail: tests/test_startup.py had this line until 2026-12-06
+    private.write_text("def test():\n    from qlora.base.bnb import __all__, _compiled_on_first_call\n")
+    assert private_imports([private]) == ["test_private.py:2: qlora.base.bnb._compiled_on_first_call"]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import transformers
 
-from qlora.base.bnb import _compiled_on_first_call
+from qlora.base.bnb import compiled_on_first_call
 
 CHECK = "import sys\nsys.exit(3 if 'torch._dynamo' in sys.modules else 0)\n"
 
@@ -37,10 +37,10 @@ def test_a_deferred_compile_compiles_on_its_first_call_with_its_options() -> Non
     import torch._dynamo.utils
 
     frames = torch._dynamo.utils.counters["frames"]["total"]
-    double = _compiled_on_first_call(torch.compile)(lambda x: x * 2, backend="eager", dynamic=False)
+    double = compiled_on_first_call(torch.compile)(lambda x: x * 2, backend="eager", dynamic=False)
     assert torch._dynamo.utils.counters["frames"]["total"] == frames  # nothing compiled yet
     assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
     assert torch._dynamo.utils.counters["frames"]["total"] > frames  # compiled, by dynamo, at the call
     assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
-    as_decorator = _compiled_on_first_call(torch.compile)(backend="eager")(lambda x: x + 1)
+    as_decorator = compiled_on_first_call(torch.compile)(backend="eager")(lambda x: x + 1)
     assert torch.equal(as_decorator(torch.zeros(2)), torch.ones(2))

@@ -21,7 +21,10 @@ from types import ModuleType
 import torch
 
 
-def _compiled_on_first_call(compile_: Callable) -> Callable:
+def compiled_on_first_call(compile_: Callable) -> Callable:
+    """`compile_` (torch.compile) deferred: what it would compile is compiled with the same options on its first call,
+    so nothing it imports is imported before then."""
+
     def deferred(fn: Callable | None = None, **options: object) -> Callable:
         if fn is None:  # used as @torch.compile(**options)
             return lambda f: deferred(f, **options)
@@ -43,7 +46,7 @@ def _import() -> ModuleType:
     if "bitsandbytes" in sys.modules:  # imported already (by a library, or a test): as it is
         return sys.modules["bitsandbytes"]
     compile_ = torch.compile
-    torch.compile = _compiled_on_first_call(compile_)
+    torch.compile = compiled_on_first_call(compile_)
     try:
         return importlib.import_module("bitsandbytes")
     finally:
