@@ -53,6 +53,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -60,6 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
 from throughput import AS_SET, RESULTS, SIZES, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
+
+if TYPE_CHECKING:  # the hints only: qlora is imported where used, to keep --help fast
+    from qlora.config import Config
 
 BASELINE = ["--train.gradient_checkpointing=true", "--train.offload_activations=false", "--train.loss_chunk_size=0",
             "--train.liger_ce=false", "--quant.quantize_lm_head=false", "--model.embeddings_on_cpu=false",
@@ -134,7 +138,7 @@ def device_info(device: torch.device) -> dict:
     return {"device_name": "cpu", "total_gib": None}
 
 
-def probe_config(args: argparse.Namespace, spec: dict):  # noqa: ANN201 (Config)
+def probe_config(args: argparse.Namespace, spec: dict) -> Config:
     """The recipe a probe runs: its levers as set (not train.plan's for this card), the baseline's or the spec's
     overrides, --override, and its rows of --seq tokens (each one document: qlora.report.measure.random_batch)."""
     return base_config(args.size, [*AS_SET, *([] if spec.get("recipe") else BASELINE), *spec.get("overrides", []),
@@ -189,7 +193,7 @@ def probe(args: argparse.Namespace, spec: dict) -> dict:
     return result
 
 
-def depth_of(args: argparse.Namespace, spec: dict, cfg, device: str) -> int | None:  # noqa: ANN001 (Config)
+def depth_of(args: argparse.Namespace, spec: dict, cfg: Config, device: str) -> int | None:
     """The decoder layers this probe runs (None: all of them): --depth, or with --depth=auto the fewest whose peak
     stands for the whole model's (qlora/memory/depth.py; the whole model where that takes more than half of it)."""
     wanted = spec.get("depth", args.depth)
@@ -218,7 +222,7 @@ def start_history(args: argparse.Namespace, device: torch.device) -> object | No
     return AllocationRecorder().__enter__()
 
 
-def stop_history(args: argparse.Namespace, recorder: object, cfg, device: torch.device) -> dict:  # noqa: ANN001
+def stop_history(args: argparse.Namespace, recorder: object, cfg: Config, device: torch.device) -> dict:
     """Write the snapshot (compacted, gzip) to --history and the attribution of its peak beside it (.txt); on CUDA
     the frames of blocks under 1 MiB are left out, which keeps a 70B probe's snapshot to a few MB."""
     from qlora.memory.arch import load_arch
@@ -294,7 +298,7 @@ def search_max_context(fits: Callable[[int], bool | None], start: int, granulari
     return lo, hi
 
 
-def estimated_start(cfg, budget_bytes: float, granularity: int, max_seq: int) -> int:  # noqa: ANN001 (Config)
+def estimated_start(cfg: Config, budget_bytes: float, granularity: int, max_seq: int) -> int:
     """Where the measured search starts: the estimator's longest context for the recipe on a card of `budget_bytes`
     and this host's memory (qlora/memory/context.py, as `python -m qlora.memory --max-context` prints it)."""
     from qlora.memory.context import max_context

@@ -63,12 +63,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
+
+if TYPE_CHECKING:  # the hints only: qlora is imported where used, to keep --help fast
+    from qlora.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -121,7 +125,7 @@ LEVERS = {  # --levers: ours with one speed lever on
 # names, and a stack that measures the plan says --train.plan=fastest after these.
 AS_SET = ["--train.plan_batch=false", "--train.plan=recipe"]
 
-def base_config(size: str, overrides: list[str]):  # noqa: ANN201 (Config; imported lazily to keep --help fast)
+def base_config(size: str, overrides: list[str]) -> Config:
     """The recipe for `size` with `overrides`; for 8b/70b a synthetic-weights config when the recipe is missing."""
     from qlora.config import Config, DataConfig, ModelConfig, apply_overrides, load_recipe
 
@@ -179,7 +183,7 @@ def card_peak(device: torch.device) -> dict[str, float]:
 
 # --- the stacks ---
 
-def build_ours(cfg, adjust: Callable[[torch.nn.Module], None] | None = None  # noqa: ANN001
+def build_ours(cfg: Config, adjust: Callable[[torch.nn.Module], None] | None = None
                ) -> tuple[torch.nn.Module, Callable, torch.device]:
     """Our trainer's model, optimizer and step; `adjust` may change the model first (memory_levers.py uses it)."""
     from qlora.base.load import resolve_device
@@ -226,7 +230,7 @@ def hf_step(model: torch.nn.Module, params: list, optimizer: torch.optim.Optimiz
     return step
 
 
-def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.device]:  # noqa: ANN001
+def build_standard(cfg: Config, prep: str) -> tuple[torch.nn.Module, Callable, torch.device]:
     """What a Hugging Face user runs: the 4-bit base as transformers' loader leaves it (for synthetic weights the same
     Linear4bit layers, marked as the loader marks them), peft's prepare_model_for_kbit_training (it upcasts every
     other weight to fp32 and, seeing a 4-bit model, checkpoints every decoder layer, non-reentrant), get_peft_model
@@ -259,7 +263,7 @@ def build_standard(cfg, prep: str) -> tuple[torch.nn.Module, Callable, torch.dev
     return model, hf_step(model, params, optimizer, device, dtype), device
 
 
-def unsloth_checkpoint(cfg, seq: int, device: torch.device) -> Path:  # noqa: ANN001
+def unsloth_checkpoint(cfg: Config, seq: int, device: torch.device) -> Path:
     """A 16-bit checkpoint of the recipe's architecture with random weights, for Unsloth, which loads from files:
     made on the device (fast), written once per machine beside the results (runs/ by default), with the byte-level
     tokenizer our synthetic runs use."""
@@ -282,7 +286,7 @@ def unsloth_checkpoint(cfg, seq: int, device: torch.device) -> Path:  # noqa: AN
     return path
 
 
-def build_unsloth(cfg, seq: int) -> tuple[torch.nn.Module, Callable, torch.device]:  # noqa: ANN001
+def build_unsloth(cfg: Config, seq: int) -> tuple[torch.nn.Module, Callable, torch.device]:
     """Unsloth as its notebooks run it: FastLanguageModel.from_pretrained(load_in_4bit=True) (its NF4 load with double
     quant), get_peft_model on the seven projections with use_gradient_checkpointing="unsloth" (its offloaded
     checkpointing), and the step of the other stacks: model(labels=...).loss, backward, clip 1.0, paged AdamW 32-bit.
@@ -352,7 +356,7 @@ def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | N
             "profiled_step_ms": wall_ms}
 
 
-def stack_config(args: argparse.Namespace, extra: list[str]):  # noqa: ANN201 (Config)
+def stack_config(args: argparse.Namespace, extra: list[str]) -> Config:
     """A stack's recipe: the levers as set, then --override and the stack's own (ours-fastest: the plan's)."""
     return base_config(args.size, [*AS_SET, *args.override, *extra] + ([f"--lora.r={args.rank}"] if args.rank else []))
 

@@ -43,9 +43,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
+
+if TYPE_CHECKING:  # the hints only: qlora is imported in the worker only
+    from qlora.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "smollm2_135m.py"
@@ -75,7 +79,7 @@ class StepClock:
         self.last = now
 
 
-def demo_config(steps: int, out_dir: str):  # noqa: ANN201 (a qlora Config; qlora is imported in the worker only)
+def demo_config(steps: int, out_dir: str) -> Config:
     from qlora.config import apply_overrides, load_recipe
 
     return apply_overrides(load_recipe(RECIPE), [f"--train.steps={steps}", f"--output.dir={out_dir}",

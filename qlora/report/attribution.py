@@ -8,8 +8,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qlora.report.replay import Block, Peak
+
+if TYPE_CHECKING:  # the hints only: the command imports the recipe's modules only when given --recipe
+    from qlora.config import Config
 
 ROUND = 512  # the CUDA caching allocator rounds every block up to this (kMinBlockSize)
 ALIGN_TOKENS = (1, 128, 256)  # FlashAttention pads the query length of its fp32 buffers to a multiple of 128
@@ -46,7 +50,7 @@ class Shape:
         return out
 
 
-def shape_for(cfg, tokens: int, device: str) -> Shape:  # noqa: ANN001 (Config: imported lazily, the CLI is fast)
+def shape_for(cfg: Config, tokens: int, device: str) -> Shape:
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import compute_bytes
     from qlora.memory.terms import trainable_tensors

@@ -24,11 +24,15 @@ import pickle
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+if TYPE_CHECKING:  # the hints only: this module imports qlora's modules where they are used
+    from qlora.config import Config
 
 ROUND = 512  # the CUDA caching allocator's block granularity (kMinBlockSize)
 SKIPPED = (__file__, "torch/utils/_python_dispatch.py", "torch/_ops.py")
@@ -133,7 +137,7 @@ def write_snapshot(snapshot: dict, path: Path) -> None:
     Path(path).write_bytes(gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
 
 
-def record_steps(cfg, steps: int, roots: tuple[str, ...] = ()) -> tuple[dict, int]:  # noqa: ANN001 (Config)
+def record_steps(cfg: Config, steps: int, roots: tuple[str, ...] = ()) -> tuple[dict, int]:
     """Load `cfg`'s model and run `steps` training steps on random tokens (the measurement's own path) under the
     recorder; return the snapshot and the recorder's live peak."""
     from qlora.report.measure import train_steps
