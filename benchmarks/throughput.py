@@ -263,7 +263,7 @@ def build_standard(cfg: Config, prep: str) -> tuple[torch.nn.Module, Callable, t
     return model, hf_step(model, params, optimizer, device, dtype), device
 
 
-def unsloth_checkpoint(cfg: Config, seq: int, device: torch.device) -> Path:
+def unsloth_checkpoint(cfg: Config, device: torch.device) -> Path:
     """A 16-bit checkpoint of the recipe's architecture with random weights, for Unsloth, which loads from files:
     made on the device (fast), written once per machine beside the results (runs/ by default), with the byte-level
     tokenizer our synthetic runs use."""
@@ -301,7 +301,7 @@ def build_unsloth(cfg: Config, seq: int) -> tuple[torch.nn.Module, Callable, tor
                            f"{type(err).__name__}: {err}") from err
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = unsloth_checkpoint(cfg, seq, device)
+    path = unsloth_checkpoint(cfg, device)
     model, _ = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=seq, dtype=torch.bfloat16,
                                                  load_in_4bit=True, full_finetuning=False)
     model = FastLanguageModel.get_peft_model(

@@ -47,7 +47,6 @@ class SignalInterrupt(KeyboardInterrupt):
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def raise_signal_interrupt(signum: int, frame: object) -> None:

@@ -121,7 +121,7 @@ def test_out_of_memory_advice_offers_the_tiles_the_recipe_lacks(overrides: list[
     from qlora.training.oom import suggestions
 
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), ["--data.max_seq_len=131072", *overrides])
-    lines = suggestions(cfg, torch.device("cuda"), 24 * GIB, 0, 40)
+    lines = suggestions(cfg, torch.device("cuda"), 24 * GIB, 0)
     assert lines[0].startswith("estimated peak of this recipe") and "fits under 22.80 GiB" in lines[0]
     assert any(line.strip().startswith(offered) for line in lines[1:]), lines
 

@@ -131,7 +131,7 @@ def batch_cost(cfg: Config, b: int, device: str) -> float:
     return (b0 / b - 1) * f / (f + b0 * per_row)
 
 
-def step_cost(cfg: Config, arch: Arch, device: str, on: list[tuple[LeverCost, object]]) -> float:
+def step_cost(cfg: Config, device: str, on: list[tuple[LeverCost, object]]) -> float:
     """The levers' figures, each counted only where it acts at this row length."""
     tokens = cfg.train.batch_size * cfg.data.max_seq_len
     total = 0.0

@@ -97,8 +97,3 @@ def truncated_config(cfg: Config, depth: int, folder: Path) -> Config:
     out.model.synthetic, out.model.config_json = True, str(path)
     return out
 
-
-def depth_overrides(cfg: Config, depth: int, folder: Path) -> list[str]:
-    """The overrides that give the recipe `depth` decoder layers (`truncated_config`)."""
-    truncated = truncated_config(cfg, depth, folder)
-    return ["--model.synthetic=true", f"--model.config_json={truncated.model.config_json}"]

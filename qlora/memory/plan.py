@@ -114,7 +114,7 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
         settings = {**settings, **shaped(cfg, b)}
         candidate = with_settings(cfg, settings)
         if candidate is not None:
-            cost = step_cost(candidate, arch, device, on) + batch_cost(cfg, b, device)
+            cost = step_cost(candidate, device, on) + batch_cost(cfg, b, device)
             scored.append((cost, len(on) + (b != cfg.train.batch_size), settings, candidate))
     scored.sort(key=lambda x: (round(x[0], 9), x[1]))
     best: Plan | None = None

@@ -74,7 +74,7 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     if dtype == torch.float16 and device.type == "cuda":
         raise ConfigError(FP16_ON_CUDA)
     use_kernel(cfg, device)
-    model, tokenizer, base_path = load_model(cfg, device, place=ranks.base_place(cfg, device))
+    model, tokenizer, base_path = load_model(cfg, device, place=ranks.base_place(cfg))
     if profiler is not None:
         profiler.watch(model)
         profiler.mark("loaded")

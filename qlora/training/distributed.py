@@ -176,7 +176,7 @@ class Ranks:
         torch.manual_seed(cfg.train.seed * 100_003 + self.rank)
 
 
-    def base_place(self, cfg: Config, device: torch.device) -> torch.device | None:
+    def base_place(self, cfg: Config) -> torch.device | None:
         """Where the base is loaded: CPU memory when it will be sharded onto the GPUs (no GPU holds it whole)."""
         return torch.device("cpu") if self.several and cfg.train.shard_base else None
 

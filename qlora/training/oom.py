@@ -72,7 +72,7 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
         lines.append("peaks of the phases before: " + ", ".join(f"{k} {_size(v)}" for k, v in phases.items()))
     needed, width = peak + _requested(err), (batch_shape or (0, 0))[1]
     try:
-        lines += suggestions(cfg, device, total, needed, width)
+        lines += suggestions(cfg, device, total, needed)
     except Exception:  # an architecture the estimator does not model: scale the measurement instead
         lines += _scaled_suggestions(cfg, HEADROOM * total, needed, width)
     if phase == "the optimizer step" and cfg.train.optimizer == "paged_adamw_32bit":
@@ -90,7 +90,7 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     return found[-1] if found else None
 
 
-def suggestions(cfg: Config, device: torch.device, total: int, needed: int, width: int) -> list[str]:
+def suggestions(cfg: Config, device: torch.device, total: int, needed: int) -> list[str]:
     """Changes that would fit under HEADROOM x `total`, each alone, from qlora.memory.estimate where it knows the model
     (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak."""
     from qlora.memory.arch import load_arch
