@@ -322,7 +322,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_their_position(cli
 OOM = """
 import torch
 import qlora.training.oom
-qlora.training.oom._device_total = lambda device: {total}  # a device just too small for this recipe
+qlora.training.oom.device_total = lambda device: {total}  # a device just too small for this recipe
 forwards = [0]
 def out_of_memory(module, args, output):
     if type(module).__name__ == "LlamaModel" and module.training:

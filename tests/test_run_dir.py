@@ -111,7 +111,7 @@ def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli,
     fail = ("import errno, qlora.training.checkpoint as c\n"
             "def refuse(obj, path):\n"
             "    raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
-            "c._torch_save = refuse\n")
+            "c.torch_save = refuse\n")
     result = cli.run([TINY, *QUICK, f"--output.dir={out}"], prelude=fail)
     assert result.status == 5, result.stderr
     last = result.stderr.strip().splitlines()[-1]

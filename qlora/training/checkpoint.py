@@ -132,7 +132,8 @@ def _fix(err: BaseException, run_dir: Path) -> str:
     return "remove the cause"
 
 
-def _torch_save(obj: object, path: Path) -> None:
+def torch_save(obj: object, path: Path) -> None:
+    """torch.save of `obj` to `path` (tests replace it with a write the system refuses)."""
     with open(path, "wb") as f:  # through a Python file, so a failed write surfaces as its OSError (ENOSPC, ...)
         torch.save(obj, f)
 
@@ -164,9 +165,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
     try:
         tmp.mkdir(parents=True)
         save_weights(model, cfg, base_path, tmp)
-        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
-        _torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra},
-                    tmp / STATE)
+        torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra},
+                   tmp / STATE)
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)

@@ -28,7 +28,8 @@ def out_of_host_memory(err: BaseException | None) -> bool:
     return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
-def _device_total(device: torch.device) -> int:
+def device_total(device: torch.device) -> int:
+    """The device's memory: the card's, or on CPU the host's (tests replace it with a smaller device's)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return meminfo_bytes("MemTotal")
@@ -56,7 +57,7 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
                batch_shape: tuple[int, ...] | None, profiler: PhaseTracker | None) -> str:
     """What ran out and where (`phase`, after or during `step`, on a micro-batch of `batch_shape`), the memory then and
     in the phases `profiler` marked before, what would fit instead, and where to go on from."""
-    total = _device_total(device)
+    total = device_total(device)
     now, peak = _in_use(device)
     where = f"in {phase}"
     if phase in ("the forward and backward", "the optimizer step"):
