@@ -230,8 +230,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     scheduler = build_scheduler(optimizer, cfg)
     progress, damaged = resume_progress(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
     same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]))
-    if ranks.main:  # only rank 0 writes metrics.jsonl
-        check_kept(run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0))
+    kept = check_kept(run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0),
+                      progress.step if progress.ended else 0) if ranks.main else 0  # only rank 0 writes metrics.jsonl
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
     if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)
@@ -241,8 +241,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     # A run resumed past the last step of a shorter one: the training line logged there for being the last is none of
     # a run straight through, unless train.log_every logs it.
     unlogged = progress.step if progress.ended and progress.step < t.steps and progress.step % t.log_every else None
-    metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=progress.state.get("metrics_bytes", 0),
-                         write=ranks.main, unlogged=unlogged)
+    metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=kept, write=ranks.main, unlogged=unlogged)
     watch.catch_signals()
     return run, optimizer, scheduler, progress, metrics, profiler
 

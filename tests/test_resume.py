@@ -15,12 +15,13 @@ import pickle
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_crash import adapter, assert_same_run, metrics
+from test_crash import adapter, assert_same_run, interrupt, metrics, slowed
 
 from qlora.adapters.lora import ADAPTER_WEIGHTS
 from qlora.config import load_recipe
@@ -214,6 +215,23 @@ def test_a_finished_run_given_more_steps_writes_the_rows_of_a_run_straight_throu
     assert result.status == 0, result.stderr
     assert_same_run(out, evaluated)
     assert (f"step {first}: held-out loss" in result.stdout) == (first == 4), result.stdout
+
+
+@pytest.mark.parametrize("where", ["qlora.training.step:eval_stats", "qlora.training.checkpoint:save_checkpoint"],
+                         ids=["in the evaluation at step 4", "as checkpoint-5 is written"])
+def test_a_finished_run_given_more_steps_and_killed_before_its_next_checkpoint_resumes(cli, evaluated, tmp_path,
+                                                                                       where):
+    """The same command again was refused (`metrics.jsonl holds 387 bytes, the checkpoint recorded 540 ending a line:
+    it was cut short or replaced`, whose fix, moving the file away, loses the run's rows): the resume had dropped the
+    training line of step 4, which checkpoint-4 counted, as it started, and written its own rows in its place."""
+    out = tmp_path / "run"
+    assert cli.run([*ARGS, *EVERY, "--train.steps=4", f"--output.dir={out}"]).status == 0
+    longer = [*ARGS, *EVERY, "--train.steps=6", f"--output.dir={out}", "--resume"]
+    assert interrupt(cli, longer, slowed(where, 60), tmp_path / "here", signal.SIGKILL).status == -signal.SIGKILL
+    assert list_checkpoints(out)[-1].name == "checkpoint-4"
+    result = cli.run(longer)
+    assert result.status == 0, result.stderr
+    assert_same_run(out, evaluated)
 
 
 # --- a damaged newest checkpoint ------------------------------------------------------------------------------------

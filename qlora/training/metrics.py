@@ -22,29 +22,66 @@ def finite_or_null(value: object) -> object:
     return value
 
 
-def check_kept(path: Path, keep_bytes: int) -> None:
-    """Refuse to resume onto a metrics.jsonl cut short since the checkpoint recorded its length: the first line
-    appended would join the torn one (measured: a file cut mid-line after a 4-step run, resumed to 6 steps, held
-    `...}{"step": 5, ...}` on one line, steps 3 and 4 gone). A file deleted starts afresh, as a new run's."""
-    if not keep_bytes or not path.is_file():
-        return
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, min(size, keep_bytes) - 1))
-        last = f.read(1)
-    if size < keep_bytes or last != b"\n":
-        raise ConfigError(f"{path} holds {size} bytes, the checkpoint recorded {keep_bytes} ending a line: it was "
-                          "cut short or replaced, and the lines appended would join its torn one; restore it, or move "
-                          "it away to continue the run with a new metrics.jsonl")
+def _row(line: bytes) -> dict | None:
+    """A whole line of metrics.jsonl as its row; None for a torn or foreign one."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if line.endswith(b"\n") and isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def _is_training_line(line: bytes, step: int) -> bool:
     """Whether `line` is the training line of `step` (not its evaluation, nor a line of another step)."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return False
-    return isinstance(row, dict) and row.get("step") == step and "loss" in row
+    row = _row(line)
+    return row is not None and row["step"] == step and "loss" in row
+
+
+def _last_line_start(data: bytes) -> int:
+    return data.rstrip(b"\n").rfind(b"\n") + 1
+
+
+def _rows_before(data: bytes, step: int) -> int | None:
+    """The length of `data`'s whole rows before its first row at `step` or later, or None where no such row follows
+    them (a torn or foreign line comes first, or none at all)."""
+    start = 0
+    for line in data.splitlines(keepends=True):
+        row = _row(line)
+        if row is None:
+            return None
+        if row["step"] >= step:
+            return start
+        start += len(line)
+    return None
+
+
+def check_kept(path: Path, keep_bytes: int, ended: int = 0) -> int:
+    """The length of metrics.jsonl a resume keeps: `keep_bytes`, what the checkpoint recorded. Refuse a file cut
+    short since: the first line appended would join the torn one (measured: a file cut mid-line after a 4-step run,
+    resumed to 6 steps, held `...}{"step": 5, ...}` on one line, steps 3 and 4 gone). A file deleted starts afresh, as
+    a new run's. From a checkpoint at the last step (`ended`) of a shorter run, a resume to more steps drops that
+    run's training line there as it writes its first row (MetricsLog): stopped before its own first checkpoint, it
+    leaves the rows before that line, then its own; the rows before are kept."""
+    if not keep_bytes or not path.is_file():
+        return keep_bytes
+    data = path.read_bytes()
+    kept = data[:keep_bytes]
+    if ended and not _is_training_line(kept[_last_line_start(kept):], ended):
+        start = _rows_before(data, ended)
+        if start is not None and start < keep_bytes:
+            return start
+    if len(kept) < keep_bytes or not kept.endswith(b"\n"):
+        raise ConfigError(f"{path} holds {len(data)} bytes, the checkpoint recorded {keep_bytes} ending a line: it "
+                          "was cut short or replaced, and the lines appended would join its torn one; restore it, or "
+                          "move it away to continue the run with a new metrics.jsonl")
+    return keep_bytes
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write `path` whole, in one rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -53,22 +90,30 @@ class MetricsLog:
     the save (steps about to be run again, a final evaluation, a line cut short by a kill -9)."""
 
     def __init__(self, path: Path, keep_bytes: int = 0, write: bool = True, unlogged: int | None = None) -> None:
-        """`unlogged`: a step whose training line, the last one kept, goes too (the last step of a shorter run)."""
-        self.path, self.enabled = path, write  # only rank 0 of several processes writes
+        """`unlogged`: a step whose training line, the last one kept, goes too (the last step of a shorter run). It
+        goes with the first row written in its place, not before: until then checkpoint-`unlogged` counts it."""
+        self.path, self.enabled, self.cut = path, write, None  # only rank 0 of several processes writes
         if not write:
             return
         kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
-        start = kept.rstrip(b"\n").rfind(b"\n") + 1
+        start = _last_line_start(kept)
         if unlogged is not None and _is_training_line(kept[start:], unlogged):
-            kept = kept[:start]
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_bytes(kept)
-        os.replace(tmp, path)
+            self.cut = start
+        _replace(path, kept)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+        if not self.enabled:
+            return
+        line = (json.dumps(finite_or_null(record), allow_nan=False) + "\n").encode()
+        if self.cut is not None:  # the line to drop and the first row after it: one rename, never the one alone
+            _replace(self.path, self.path.read_bytes()[:self.cut] + line)
+            self.cut = None
+            return
+        with open(self.path, "ab") as f:
+            f.write(line)
 
     def size(self) -> int:
-        return self.path.stat().st_size if self.enabled else 0
+        """The length a checkpoint records: without a line still to drop."""
+        if not self.enabled:
+            return 0
+        return self.cut if self.cut is not None else self.path.stat().st_size
