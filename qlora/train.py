@@ -75,9 +75,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             raise guard.non_finite_eval(cfg, step, scores["eval_loss"], step > 0 and base_fails())
         return scores, started
 
-    def scheduled_evaluation(step: int) -> None:
-        """The evaluation every train.eval_every steps (the final one aside), logged and shown."""
-        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+    def scheduled_evaluation(step: int, every: int) -> None:
+        """The evaluation every `every` steps (train.eval_every; the final one aside), logged and shown."""
+        if every and step % every == 0 and step < t.steps:
             watch.at("an evaluation", step)
             scores, started = held_out(step, f"at step {step}")
             tqdm.write(f"step {step}: held-out loss {scores['eval_loss']:.4f}, exact match "
@@ -93,8 +93,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         if ranks.agree_signal(watch):  # no step is in flight: stop now rather than after one
             raise watch.stopped_by_signal(0, None)
 
-    if progress.ended:  # resumed past the last step of a shorter run, whose final evaluation there is cut from
-        scheduled_evaluation(progress.step)  # metrics.jsonl with the rest after its checkpoint: as straight through
+    # Resumed past the last step of a shorter run: its final evaluation there is cut from metrics.jsonl with the rest
+    # after its checkpoint. As straight through, and as its train.eval_every had it: that step ran under its settings.
+    if progress.ended:
+        scheduled_evaluation(progress.step, progress.ran.get("eval_every", t.eval_every))
 
     # The next micro-batch (batch_size x processes rows): after the checkpoint's, from the same row if either changed.
     index = resume_position(progress.state, t.batch_size * ranks.size, n_rows, progress.step * t.grad_accum)
@@ -148,7 +150,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         show_step(bar, last, t.steps, began)
 
         # evaluate
-        scheduled_evaluation(step)
+        scheduled_evaluation(step, t.eval_every)
 
         # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
         stop_signal, too_many_bad = ranks.agree_signal(watch), not good and progress.bad_steps > t.max_bad_steps
@@ -239,8 +241,9 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     if run["loftq_shifts"]:
         ranks.on_main(save_shifts, run_dir, run["loftq_shifts"])
     # A run resumed past the last step of a shorter one: the training line logged there for being the last is none of
-    # a run straight through, unless train.log_every logs it.
-    unlogged = progress.step if progress.ended and progress.step < t.steps and progress.step % t.log_every else None
+    # a run straight through, unless that run's train.log_every logged it (the step ran under its settings).
+    unlogged = progress.step if progress.ended and progress.step < t.steps and \
+        progress.step % progress.ran.get("log_every", t.log_every) else None
     metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=kept, write=ranks.main, unlogged=unlogged)
     watch.catch_signals()
     return run, optimizer, scheduler, progress, metrics, profiler

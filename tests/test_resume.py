@@ -234,6 +234,24 @@ def test_a_finished_run_given_more_steps_and_killed_before_its_next_checkpoint_r
     assert_same_run(out, evaluated)
 
 
+def test_a_finished_run_given_more_steps_keeps_its_last_step_as_its_own_settings_had_it(cli, tmp_path):
+    """Step 4 of a 4-step run ran under its settings, as in a run stopped after checkpoint-4 and resumed: given 6
+    steps, --train.log_every=3 and --train.eval_every=3, a 4-step run logged every step and evaluated every 2 lost its
+    training line at step 4 (taken for one logged only for being its last: 4 % 3) and made no evaluation there (4 % 3
+    again), where a 6-step run of its settings, resumed from checkpoint-4 with the same command, keeps both."""
+    first, then = [*ARGS, "--train.eval_every=2", "--train.log_every=1"], [*ARGS, "--train.eval_every=3",
+                                                                           "--train.log_every=3"]
+    ended, stopped = tmp_path / "ended", tmp_path / "stopped"
+    assert cli.run([*first, "--train.steps=4", f"--output.dir={ended}"]).status == 0
+    assert cli.run([*first, "--train.steps=6", f"--output.dir={stopped}"]).status == 0
+    for step in (5, 6):  # as a kill -9 after checkpoint-4 leaves it
+        shutil.rmtree(stopped / f"checkpoint-{step}")
+    for out in (ended, stopped):
+        result = cli.run([*then, "--train.steps=6", f"--output.dir={out}", "--resume"])
+        assert result.status == 0, result.stderr
+    assert_same_run(ended, stopped)
+
+
 # --- a damaged newest checkpoint ------------------------------------------------------------------------------------
 
 def truncate(path: Path) -> None:

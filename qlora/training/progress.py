@@ -32,10 +32,16 @@ class Progress:
     """The resumed checkpoint's trainer state (data position, metrics length, RNG), or empty."""
 
     @property
+    def ran(self) -> dict:
+        """The train settings the resumed checkpoint was written under ({} for one written before they were recorded):
+        its step ran under them, whatever a resume changes from there."""
+        return self.state.get("config", {}).get("train", {})
+
+    @property
     def ended(self) -> bool:
         """Whether the resumed checkpoint was written at the last step of its run's train.steps: the evaluation there
         was that run's final one, written after the checkpoint, and its training line was logged for being the last."""
-        return self.step > 0 and self.state.get("config", {}).get("train", {}).get("steps") == self.step
+        return self.step > 0 and self.ran.get("steps") == self.step
 
 
 def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
