@@ -97,6 +97,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     # after its checkpoint. As straight through, and as its train.eval_every had it: that step ran under its settings.
     if progress.ended:
         scheduled_evaluation(progress.step, progress.ran.get("eval_every", t.eval_every))
+        if ranks.agree_signal(watch):  # as before training: no step is in flight, and its checkpoint is there
+            raise watch.stopped_by_signal(progress.step, run_dir / f"checkpoint-{progress.step}")
 
     # The next micro-batch (batch_size x processes rows): after the checkpoint's, from the same row if either changed.
     index = resume_position(progress.state, t.batch_size * ranks.size, n_rows, progress.step * t.grad_accum)

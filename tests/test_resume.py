@@ -252,6 +252,24 @@ def test_a_finished_run_given_more_steps_keeps_its_last_step_as_its_own_settings
     assert_same_run(ended, stopped)
 
 
+def test_a_signal_in_the_evaluation_at_a_finished_runs_last_step_stops_without_a_step(cli, evaluated, tmp_path):
+    """It trained a step and wrote checkpoint-5 first (`stopped by SIGTERM after step 5`; on a large model a step and a
+    checkpoint more of waiting), where a signal in the evaluation before training stops at once: no step is in
+    flight. The same command then ends as a run straight through."""
+    out = tmp_path / "run"
+    assert cli.run([*ARGS, *EVERY, "--train.steps=4", f"--output.dir={out}"]).status == 0
+    longer = [*ARGS, *EVERY, "--train.steps=6", f"--output.dir={out}", "--resume"]
+    evaluating = slowed("qlora.training.step:eval_stats", 0.5)
+    result = interrupt(cli, longer, evaluating, tmp_path / "evaluating", signal.SIGTERM)
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert error_lines(result)[-1] == (f"stopped by SIGTERM after step 4; {out / 'checkpoint-4'} holds it: continue "
+                                       "with --resume")
+    assert list_checkpoints(out)[-1].name == "checkpoint-4"
+    result = cli.run(longer)
+    assert result.status == 0, result.stderr
+    assert_same_run(out, evaluated)
+
+
 # --- a damaged newest checkpoint ------------------------------------------------------------------------------------
 
 def truncate(path: Path) -> None:
