@@ -426,16 +426,22 @@ def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli,
 
 
 
-def test_a_value_given_on_the_command_line_is_not_refused_as_edited(cli, partial, tmp_path):
+@pytest.mark.parametrize(("lr", "said"), [(0.001, ", train.lr 0.003 -> 0.001"), (0.003, "")],
+                         ids=["the same command", "the checkpoint's value"])
+def test_a_value_given_on_the_command_line_is_not_refused_as_edited(cli, partial, tmp_path, lr, said):
     """What a resume with --train.lr=0.001 leaves when it is killed before its first checkpoint: run_config.json says
-    the new lr, the newest checkpoint the old one. The same command again resumes at the new lr."""
+    the new lr, the newest checkpoint the old one. The same command again resumes at the new lr; one with the
+    checkpoint's lr at that. The line said the change from run_config.json's value, not the checkpoint's: nothing
+    of the first (the run's lr was 0.003 to step 4), 'train.lr 0.001 -> 0.003' for the second (no change)."""
     out = copy_of(partial, tmp_path)
     raw = json.loads((out / "run_config.json").read_text())
     raw["train"]["lr"] = 0.001
     (out / "run_config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    result = cli.run([*ARGS, "--train.steps=6", "--train.lr=0.001", f"--output.dir={out}", "--resume"])
+    result = cli.run([*ARGS, "--train.steps=6", f"--train.lr={lr}", f"--output.dir={out}", "--resume"])
     assert result.status == 0, result.stderr
-    assert [line["lr"] for line in metrics(out) if line["step"] > 4 and "lr" in line] == [0.001, 0.001]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("resuming "))
+    assert line.endswith(f"changed on the command line: train.steps 4 -> 6{said}"), line
+    assert [line["lr"] for line in metrics(out) if line["step"] > 4 and "lr" in line] == [lr, lr]
 
 
 def test_a_checkpoint_keeps_the_random_state_of_torch_alone(partial):

@@ -129,11 +129,15 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     resumed = resolve_paths(apply_overrides(resumed, overrides))
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
     before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
-    changed = [k for k in after if after[k] != before[k] and k != "output.dir"]
+    given = {override_key(item) for item in overrides}
+    # What the command line changes, it changes from the newest checkpoint's value: run_config.json may hold its own
+    # already, left by the same command cut short before its first checkpoint.
+    was = {k: theirs.get(k, value) if k in given else value for k, value in before.items()}
+    changed = [k for k in after if after[k] != was[k] and k != "output.dir"]
     fixed = [k for k in changed if k in FIXED_ON_RESUME or (k == "data.max_seq_len" and after["data.pack"])]
     if fixed and checkpoint_dirs(run_dir):
         k = fixed[0]
-        raise ConfigError(f"--resume cannot change {k} ({before[k]!r} -> {after[k]!r}): it fixes "
+        raise ConfigError(f"--resume cannot change {k} ({was[k]!r} -> {after[k]!r}): it fixes "
                           f"{FIXED_ON_RESUME.get(k, PACKED)}; drop --{k} to continue the run, or start a new run with "
                           "--overwrite or another output.dir")
     # What the plan chose is the run's, and planned again from the recipe's values (qlora/memory/plan.py, unplanned).
@@ -142,7 +146,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     # A value a resume may change that run_config.json changed since the newest checkpoint, by an edit (or a resume cut
     # short before its first checkpoint), would change the run unsaid (measured on the tiny recipe: train.lr edited
     # 0.003 -> 0.001 resumed at 1e-3 without a word); the command line changes it, and says so.
-    kept = {*MOVABLE, "output.dir", *(override_key(item) for item in overrides), *planned,
+    kept = {*MOVABLE, "output.dir", *given, *planned,
             *(override_key(item) for item in theirs.get("train.plan_from", []) if resumed.train.plan == "fastest")}
     edited = [k for k in theirs if k in before and theirs[k] != before[k] and k not in kept]
     if edited:
@@ -154,7 +158,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                if recipe[k] != after[k] and k != "output.dir" and k not in planned]
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
     if changed:
-        line += "; changed on the command line: " + ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in changed)
+        line += "; changed on the command line: " + ", ".join(f"{k} {was[k]!r} -> {after[k]!r}" for k in changed)
     if ignored:
         line += "; the recipe's own values are not used: " + ", ".join(ignored)
     print(line)
