@@ -410,10 +410,12 @@ def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing
                                             r"with 0.003: restore train.lr in run_config.json \(or, if checkpoint-4 "
                                             r"came from another run, move it away\) to continue the run as it was, or "
                                             r"pass --train.lr=0.001 to resume with it$"),
-], ids=["a fixed value changed", "a key removed", "a value a resume may change, changed"])
+    (lambda c: c["model"].update(build="tiny llama"), r"pass --model.build='tiny llama' to resume with it$"),
+], ids=["a fixed value changed", "a key removed", "a value a resume may change, changed", "one with a space"])
 def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli, partial, tmp_path, edit, pattern):
     """Each resumed without a word before: at another data order, at the default lr 2e-4 instead of the run's, or at
-    the edited lr 1e-3 (a resume changes it on the command line, where it is said)."""
+    the edited lr 1e-3 (a resume changes it on the command line, where it is said). The flag to pass is quoted for a
+    shell where its value needs it: `--model.build=tiny llama` gave the shell two words."""
     out = copy_of(partial, tmp_path)
     raw = json.loads((out / "run_config.json").read_text())
     edit(raw)

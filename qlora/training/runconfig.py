@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 from pathlib import Path
 
 from qlora.config import Config, apply_overrides, override_key, read_config_json, resolve_paths
@@ -101,10 +102,12 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
 
 
 def _flag(key: str, value: object) -> str:
-    """`--key=value` as the command line reads it back (a float whole, as repr writes it)."""
+    """`--key=value` as the command line reads it back (a float whole, as repr writes it), the value quoted for a
+    shell where it needs it (`--model.build='tiny llama'`: unquoted, the shell passed two words)."""
     if isinstance(value, list):
         value = ",".join(value)
-    return f"--{key}={str(value).lower() if isinstance(value, bool) or value is None else value}"
+    text = str(value).lower() if isinstance(value, bool) or value is None else str(value)
+    return f"--{key}={shlex.quote(text) if text else ''}"
 
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
