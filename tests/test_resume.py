@@ -87,6 +87,29 @@ def test_resume_without_overrides_continues_the_run_on_disk_not_the_recipe(cli, 
     assert json.loads((out / "run_config.json").read_text())["train"]["steps"] == 4
 
 
+def test_a_moved_base_is_pointed_at_with_model_path_on_resume(cli, partial, tmp_path):
+    """A base folder moved since the run began: --resume alone, and --resume --model.path=NEW, were both refused as
+    'holds another run ... or --overwrite to replace that run', advice that would lose the run. The refusal now names
+    the way on, and --model.path=NEW continues the run, recorded in run_config.json."""
+    base, moved, out = tmp_path / "base-a", tmp_path / "base-b", tmp_path / "run"
+    shutil.copytree(json.loads((partial / "run_config.json").read_text())["model"]["path"], base)
+    assert cli.run([*ARGS, "--train.steps=2", f"--model.path={base}", f"--output.dir={out}"]).status == 0
+    base.rename(moved)
+    kept = snapshot(out)
+    refused = cli.run([*ARGS, "--train.steps=3", f"--output.dir={out}", "--resume"])
+    assert refused.status == 2 and f"if the base moved from {base}, continue with --resume --model.path=NEW_FOLDER" \
+        in refused.stderr, refused.stderr
+    assert snapshot(out) == kept
+    result = cli.run([*ARGS, "--train.steps=3", f"--model.path={moved}", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert f"model.path '{base}' -> '{moved}'" in result.stdout
+    assert json.loads((out / "run_config.json").read_text())["model"]["path"] == str(moved)
+    assert max(line["step"] for line in metrics(out)) == 3
+    shutil.copytree(moved, base)  # the recorded base there again: another folder is another base
+    other = cli.run([*ARGS, "--train.steps=4", f"--model.path={base}", f"--output.dir={out}", "--resume"])
+    assert other.status == 2 and "holds another run" in other.stderr and "if the base moved" not in other.stderr
+
+
 def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):
     """The exit-3 advice "lower train.lr, then --resume" works: the resumed steps run at the new lr, in the optimizer
     (the adapter moves ~30x less per step) as in the log."""

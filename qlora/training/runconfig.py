@@ -57,14 +57,20 @@ def _same_path(a: object, b: object) -> bool:
     return norm[0] == norm[1]
 
 
-def check_identity(saved: Config, cfg: Config, run_dir: Path) -> None:
-    """Refuse a recipe (`cfg`) whose IDENTITY differs from the run in `run_dir` (`saved`): another run."""
+def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = False) -> None:
+    """Refuse a recipe (`cfg`) whose IDENTITY differs from the run in `run_dir` (`saved`): another run. With `moved`
+    (a resume given --model.path), a base whose recorded folder is gone may be the one at cfg's model.path."""
     theirs, ours = _flat(saved.to_dict()), _flat(cfg.to_dict())
     keys = [k for k in IDENTITY if not (k.startswith("lora.") and cfg.quant.method == "full")]
+    gone = not Path(str(theirs["model.path"])).expanduser().exists()
     differ = [f"{k}={theirs[k]!r}, this recipe {ours[k]!r}" for k in keys
-              if not (_same_path(theirs[k], ours[k]) if k == "model.path" else theirs[k] == ours[k])]
+              if not ((_same_path(theirs[k], ours[k]) or (moved and gone)) if k == "model.path" else
+                      theirs[k] == ours[k])]
     if differ:
-        raise ConfigError(f"output.dir={run_dir} holds another run ({'; '.join(differ)}): use another "
+        # A base folder moved since the run began reads as another base; the advice to --overwrite would lose the run.
+        hint = (f"; if the base moved from {theirs['model.path']}, continue with --resume --model.path=NEW_FOLDER"
+                if gone and theirs["model.path"] != ours["model.path"] else "")
+        raise ConfigError(f"output.dir={run_dir} holds another run ({'; '.join(differ)}{hint}): use another "
                           "output.dir, or --overwrite to replace that run")
 
 
@@ -122,7 +128,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
         return cfg
     saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
     ckpt, theirs = check_recorded(saved, path)
-    check_identity(saved, cfg, run_dir)
+    check_identity(saved, cfg, run_dir, moved=any(override_key(item) == "model.path" for item in overrides))
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
                                           if override_key(item) == "train.plan"][-1:] == ["recipe"]:

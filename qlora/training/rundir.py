@@ -124,7 +124,8 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if overwrite:
         return seen
     if (run_dir / RUN_CONFIG).is_file():
-        check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir)
+        # On --resume cfg is the run's own (resume_config): a model.path that differs there was a moved base, given.
+        check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir, moved=resume)
     latest = checkpoint_dirs(run_dir)
     if latest and not resume:
         raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
