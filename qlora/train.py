@@ -164,9 +164,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             watch.at("saving a checkpoint", step)
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
-                     "rows": [n_rows, len(run["eval_rows"])], "config": cfg.to_dict(),
-                     "optimizer": t.optimizer, "longest": longest, "memory": profiler.carried(),
-                     **ranks.rng_states()}
+                     "rows": [n_rows, len(run["eval_rows"])], "rows_sha256": run["rows_sha256"],
+                     "config": cfg.to_dict(), "optimizer": t.optimizer, "longest": longest,
+                     "memory": profiler.carried(), **ranks.rng_states()}
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
                                   scheduler, extra)
         if too_many_bad:
@@ -233,7 +233,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg)
     progress, damaged = resume_progress(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
-    same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]))
+    same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]), run["rows_sha256"])
     kept = check_kept(run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0),
                       progress.step if progress.ended else 0) if ranks.main else 0  # only rank 0 writes metrics.jsonl
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)

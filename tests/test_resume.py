@@ -28,6 +28,7 @@ from qlora.config import load_recipe
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
+from qlora.training.progress import same_rows
 from qlora.training.runconfig import resume_config
 
 TINY = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py")
@@ -108,6 +109,79 @@ def test_a_moved_base_is_pointed_at_with_model_path_on_resume(cli, partial, tmp_
     shutil.copytree(moved, base)  # the recorded base there again: another folder is another base
     other = cli.run([*ARGS, "--train.steps=4", f"--model.path={base}", f"--output.dir={out}", "--resume"])
     assert other.status == 2 and "holds another run" in other.stderr and "if the base moved" not in other.stderr
+
+
+def moved_data_run(cli, tmp_path: Path, steps: int) -> tuple[Path, Path, Path]:
+    """A run of `steps` on the tiny data copied to tmp_path/a, then the folder moved to tmp_path/b: (a, b, run)."""
+    old, new, out = tmp_path / "a", tmp_path / "b", tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "recipes" / "data" / "tiny", old)
+    result = cli.run([*ARGS, f"--train.steps={steps}", f"--data.train={old / 'train.jsonl'}",
+                      f"--data.eval={old / 'heldout.jsonl'}", f"--output.dir={out}"])
+    assert result.status == 0, result.stderr
+    old.rename(new)
+    return old, new, out
+
+
+def test_a_moved_data_file_is_given_with_data_train_on_resume(cli, reference, tmp_path):
+    """A data file moved since the run began: --resume --data.train=NEW was refused as a change of the data the run
+    trains on, and the only way on was the old path restored. The recorded path gone, the new one is taken where its
+    rows are the run's (their sha256, recorded in the checkpoint), said and recorded in run_config.json; the run ends
+    as one straight through on the recipe's copy of the same rows."""
+    old, new, out = moved_data_run(cli, tmp_path, 4)
+    kept = snapshot(out)
+    refused = cli.run([*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"])
+    assert refused.status == 2 and f"data.train={old / 'train.jsonl'} is gone since the run began: if the file " \
+        "moved, continue with --resume --data.train=NEW_FILE" in refused.stderr, refused.stderr
+    assert snapshot(out) == kept
+    result = cli.run([*ARGS, "--train.steps=6", f"--data.train={new / 'train.jsonl'}",
+                      f"--data.eval={new / 'heldout.jsonl'}", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert f"changed on the command line: data.train '{old / 'train.jsonl'}' -> '{new / 'train.jsonl'}', " \
+        f"data.eval '{old / 'heldout.jsonl'}' -> '{new / 'heldout.jsonl'}'" in result.stdout, result.stdout
+    assert json.loads((out / "run_config.json").read_text())["data"] == {
+        **json.loads((reference / "run_config.json").read_text())["data"],
+        "train": str(new / "train.jsonl"), "eval": str(new / "heldout.jsonl")}
+    assert_same_run(out, reference)
+
+
+def test_a_moved_data_file_with_other_rows_is_refused_before_writing(cli, tmp_path):
+    """As many rows, one of them another: a count alone took it for the run's file."""
+    old, new, out = moved_data_run(cli, tmp_path, 2)
+    lines = (new / "train.jsonl").read_text().splitlines()
+    (new / "train.jsonl").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    kept = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=3", f"--data.train={new / 'train.jsonl'}",
+                      f"--data.eval={new / 'heldout.jsonl'}", f"--output.dir={out}", "--resume"])
+    assert result.status == 2
+    assert error_lines(result) == [
+        f"error: data.train={new / 'train.jsonl'} holds other rows than {old / 'train.jsonl'}, which the run trained "
+        f"on (their sha256 differs): resume with --data.train at the file {old / 'train.jsonl'} moved to, or start "
+        "a new run with --overwrite or another output.dir"], result.stderr
+    assert snapshot(out) == kept
+    shutil.copytree(new, old)  # the recorded file there again: another path is another data set, as before
+    other = cli.run([*ARGS, "--train.steps=3", f"--data.train={new / 'train.jsonl'}", f"--output.dir={out}",
+                     "--resume"])
+    assert other.status == 2 and "--resume cannot change data.train" in other.stderr, other.stderr
+    assert snapshot(out) == kept
+
+
+def test_rows_without_a_fingerprint_are_checked_by_their_counts_and_said(capsys):
+    """A checkpoint written before rows_sha256 takes a moved file by its row counts, and says so; one with them
+    refuses a file edited in place to other rows of the same count."""
+    cfg = copy.deepcopy(TINY)
+    state = {"rows": [600, 100], "config": {"data": {"train": "/old/train.jsonl", "eval": cfg.data.eval}}}
+    same_rows(cfg, state, 600, 100, ["t", "e"])
+    assert "data.train=recipes/data/tiny/train.jsonl is taken for the run's file, moved, by its row counts alone" \
+        in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="the data now gives 599 training"):
+        same_rows(cfg, state, 599, 100, ["t", "e"])
+    capsys.readouterr()
+    state = {**state, "rows_sha256": ["t", "e"], "config": {"data": {"train": cfg.data.train, "eval": cfg.data.eval}}}
+    same_rows(cfg, state, 600, 100, ["t", "e"])
+    assert not capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"^data.eval=recipes/data/tiny/heldout.jsonl holds other rows than when the "
+                                          r"run trained on it \(their sha256 differs\): restore the file to resume"):
+        same_rows(cfg, state, 600, 100, ["t", "other"])
 
 
 def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):

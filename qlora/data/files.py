@@ -4,6 +4,7 @@ place it came from (`file:LINE`) for the messages that name a bad row. Nothing h
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -75,6 +76,16 @@ def read_rows(source: str, key: str = "data.train / data.eval") -> Rows:
         why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
         raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
                           "give a local file, or download the dataset first") from err
+
+
+def rows_sha256(rows: list[dict]) -> str:
+    """A fingerprint of the rows as read, for a resume to tell the run's rows from others where a data file moved
+    (a count alone takes any file of the same length): of the rows, not the file's bytes, so the same rows written
+    with other spacing or key order are the same. One json.dumps per row, a small share of tokenising it."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=repr).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def csv_records(path: Path) -> tuple[list[str], list[int]]:

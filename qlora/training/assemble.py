@@ -17,6 +17,7 @@ from qlora.base.bnb import bnb
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.config import Config, read_config_json
 from qlora.config.model import FP16_ON_CUDA
+from qlora.data.files import rows_sha256
 from qlora.data.labels import load_splits, read_splits
 from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.errors import ConfigError
@@ -103,6 +104,8 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
     read = read_splits(cfg.data)  # first: a missing file or a bad line is said before a load of minutes
     run = build_model(cfg, profiler, resuming, ranks)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed, read)
+    # data.train's and data.eval's rows as read (a held-out split carved by seed: in data.train's), for same_rows
+    run["rows_sha256"] = [rows_sha256(read[1]), rows_sha256(read[2]) if read[2] is not None else None]
     del read
     if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
         packed = pack_examples(train_rows, cfg.data.max_seq_len)

@@ -70,10 +70,24 @@ def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
     return progress, [p for p, _ in damaged]
 
 
-def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int) -> None:
+def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int, sha256: list) -> None:
     """Refuse to resume on other rows than the checkpoint's: the batch order and the held-out split are functions of
     the row count (data.batches.batch_rows), so a row more or less reorders the rest of the epoch and changes what the
-    losses before and after compare. A shorter data.max_seq_len drops the rows whose learned part it cuts off."""
+    losses before and after compare. A shorter data.max_seq_len drops the rows whose learned part it cuts off. The
+    rows' fingerprints (`sha256`, of data.train's and data.eval's rows as read) tell a data file moved since
+    (runconfig.resume_config) from another of as many rows; a checkpoint written before them has the counts alone."""
+    ran, recorded = state.get("config", {}).get("data", {}), state.get("rows_sha256")
+    moved = [k for k in ("train", "eval") if ran.get(k, getattr(cfg.data, k)) != getattr(cfg.data, k)]
+    for key, was, now in zip(("train", "eval"), recorded or [], sha256, strict=False):
+        if was != now:
+            old, new = ran.get(key), getattr(cfg.data, key)
+            than, fix = (f"{old}, which the run trained on", f"resume with --data.{key} at the file {old} moved to") \
+                if key in moved else ("when the run trained on it", "restore the file to resume")
+            raise ConfigError(f"data.{key}={new} holds other rows than {than} (their sha256 differs): {fix}, or start "
+                              "a new run with --overwrite or another output.dir")
+    if "rows" in state and not recorded and moved:
+        print(f"the checkpoint holds no fingerprint of its rows (written before they were recorded): data.{moved[0]}="
+              f"{getattr(cfg.data, moved[0])} is taken for the run's file, moved, by its row counts alone")
     rows = state.get("rows")
     if rows is None or rows == [n_train, n_eval]:  # a fresh run, or a checkpoint written before rows were recorded
         return

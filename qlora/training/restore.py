@@ -132,6 +132,9 @@ def _check_state(state: dict, ckpt: Path) -> None:
     if "rows" in state and not (isinstance(state["rows"], list) and len(state["rows"]) == 2 and
                                 all(_count(n, 1) for n in state["rows"])):
         raise Unusable(f"{STATE}: rows={state['rows']!r} is not the training and held-out row counts")
+    if not (isinstance(state.get("rows_sha256", []), list) and all(
+            isinstance(h, str | None) for h in state.get("rows_sha256", []))):
+        raise Unusable(f"{STATE}: rows_sha256={state['rows_sha256']!r} is not the fingerprints of the rows")
     if not isinstance(state.get("config", {}), dict):
         raise Unusable(f"{STATE}: config is not the run's settings (a dict of sections)")
     if not isinstance(state.get("rng_ranks", []), list):

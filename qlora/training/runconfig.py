@@ -78,6 +78,16 @@ def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = Fals
 MOVABLE = ("model.path",)
 
 
+# A data file moved since the run began (its recorded path gone) may be given anew on the command line with --resume;
+# progress.same_rows checks that it holds the run's rows.
+MOVED_DATA = ("data.train", "data.eval")
+
+
+def _gone(path: object) -> bool:
+    """A local file the run recorded (recorded paths are absolute; a hub id is not) that is no longer there."""
+    return isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists()
+
+
 def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
                    movable: tuple = MOVABLE) -> tuple[Path | None, dict]:
     """Refuse a run_config.json (`path`, read as `saved`) edited since the newest checkpoint of `run_dir` (its own
@@ -86,8 +96,8 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
     word at another data order, or at lr 2e-4 instead of 3e-3; quant.double_quant edited to false, qlora.eval scored
     the adapter on another base, 4.0106 for 4.0087). Each checkpoint records the settings it was written under; one
     written before that is not checked. The keys in `movable` may differ (a resume holds data.train and data.eval to
-    the run's; the weights and the row counts are checked on their own). Returns that checkpoint and its settings,
-    flat ({} where none), for `resume_config` to compare the values a resume may change."""
+    the run's unless it gives a moved one; the weights and the rows are checked on their own). Returns that checkpoint
+    and its settings, flat ({} where none), for `resume_config` to compare the values a resume may change."""
     ckpt, record = recorded(run_dir or path.parent, "config")
     if not isinstance(record, dict):
         return None, {}
@@ -127,7 +137,10 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                               f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
         return cfg
     saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
-    ckpt, theirs = check_recorded(saved, path)
+    given = {override_key(item) for item in overrides}
+    # A moved data file given may be in run_config.json already, left by the same command cut short before its first
+    # checkpoint: it is checked against the checkpoint's below, as a change.
+    ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection(MOVED_DATA)))
     check_identity(saved, cfg, run_dir, moved=any(override_key(item) == "model.path" for item in overrides))
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
@@ -138,12 +151,16 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     resumed = resolve_paths(apply_overrides(resumed, overrides))
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
     before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
-    given = {override_key(item) for item in overrides}
     # What the command line changes, it changes from the newest checkpoint's value: run_config.json may hold its own
     # already, left by the same command cut short before its first checkpoint.
     was = {k: theirs.get(k, value) if k in given else value for k, value in before.items()}
+    lost = [k for k in MOVED_DATA if k not in given and _gone(before[k])]
+    if lost and checkpoint_dirs(run_dir):  # read_rows' "not found" would send the user to edit run_config.json
+        raise ConfigError(f"{lost[0]}={before[lost[0]]} is gone since the run began: if the file moved, continue with "
+                          f"--resume --{lost[0]}=NEW_FILE (checked to hold the run's rows)")
     changed = [k for k in after if after[k] != was[k] and k != "output.dir"]
-    fixed = [k for k in changed if k in FIXED_ON_RESUME or (k == "data.max_seq_len" and after["data.pack"])]
+    fixed = [k for k in changed if (k in FIXED_ON_RESUME or (k == "data.max_seq_len" and after["data.pack"]))
+             and not (k in MOVED_DATA and k in given and _gone(was[k]) and isinstance(after[k], str))]
     if fixed and checkpoint_dirs(run_dir):
         k = fixed[0]
         raise ConfigError(f"--resume cannot change {k} ({was[k]!r} -> {after[k]!r}): it fixes "
