@@ -184,6 +184,18 @@ def test_rows_without_a_fingerprint_are_checked_by_their_counts_and_said(capsys)
         same_rows(cfg, state, 600, 100, ["t", "other"])
 
 
+def test_another_hub_model_on_resume_is_another_run_not_a_moved_base(tmp_path):
+    """A base named by a hub id is never 'gone': --resume --model.path=another/model continued a run of org/model-a on
+    org/model-b as if the base had moved (the check took any path not on disk for a moved folder)."""
+    from qlora.training.runconfig import check_identity
+
+    saved, cfg = load_recipe("recipes/tiny.py"), load_recipe("recipes/tiny.py")
+    saved.model.path, cfg.model.path = "org/model-a", "org/model-b"
+    with pytest.raises(ConfigError, match=r"holds another run \(model.path='org/model-a', this recipe "
+                                          r"'org/model-b'\): use another output.dir"):
+        check_identity(saved, cfg, tmp_path, moved=True)
+
+
 def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):
     """The exit-3 advice "lower train.lr, then --resume" works: the resumed steps run at the new lr, in the optimizer
     (the adapter moves ~30x less per step) as in the log."""

@@ -57,12 +57,17 @@ def _same_path(a: object, b: object) -> bool:
     return norm[0] == norm[1]
 
 
+def _gone(path: object) -> bool:
+    """A local file or folder the run recorded (recorded paths are absolute; a hub id is not), no longer there."""
+    return isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists()
+
+
 def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = False) -> None:
     """Refuse a recipe (`cfg`) whose IDENTITY differs from the run in `run_dir` (`saved`): another run. With `moved`
     (a resume given --model.path), a base whose recorded folder is gone may be the one at cfg's model.path."""
     theirs, ours = _flat(saved.to_dict()), _flat(cfg.to_dict())
     keys = [k for k in IDENTITY if not (k.startswith("lora.") and cfg.quant.method == "full")]
-    gone = not Path(str(theirs["model.path"])).expanduser().exists()
+    gone = _gone(theirs["model.path"])  # a hub id is never gone: another one is another base
     differ = [f"{k}={theirs[k]!r}, this recipe {ours[k]!r}" for k in keys
               if not ((_same_path(theirs[k], ours[k]) or (moved and gone)) if k == "model.path" else
                       theirs[k] == ours[k])]
@@ -81,11 +86,6 @@ MOVABLE = ("model.path",)
 # A data file moved since the run began (its recorded path gone) may be given anew on the command line with --resume;
 # progress.same_rows checks that it holds the run's rows.
 MOVED_DATA = ("data.train", "data.eval")
-
-
-def _gone(path: object) -> bool:
-    """A local file the run recorded (recorded paths are absolute; a hub id is not) that is no longer there."""
-    return isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists()
 
 
 def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
@@ -141,7 +141,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     # A moved data file given may be in run_config.json already, left by the same command cut short before its first
     # checkpoint: it is checked against the checkpoint's below, as a change.
     ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection(MOVED_DATA)))
-    check_identity(saved, cfg, run_dir, moved=any(override_key(item) == "model.path" for item in overrides))
+    check_identity(saved, cfg, run_dir, moved="model.path" in given)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
                                           if override_key(item) == "train.plan"][-1:] == ["recipe"]:
