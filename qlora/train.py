@@ -148,7 +148,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         last = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens / (time.perf_counter() - started), "peak_gib": profiler.highest() / 2**30}
         if step % t.log_every == 0 or step == t.steps:
-            metrics.write(last)
+            logged = metrics.write(last)
         show_step(bar, last, t.steps, began)
 
         # evaluate
@@ -166,7 +166,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
                      "rows": [n_rows, len(run["eval_rows"])], "rows_sha256": run["rows_sha256"],
                      "config": cfg.to_dict(), "optimizer": t.optimizer, "longest": longest,
-                     "memory": profiler.carried(), **ranks.rng_states()}
+                     "memory": profiler.carried(), **ranks.rng_states(),
+                     **({"ended_line": logged} if step == t.steps else {})}  # put back by check_kept
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
                                   scheduler, extra)
         if too_many_bad:
@@ -235,7 +236,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     progress, damaged = resume_progress(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
     same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]), run["rows_sha256"])
     kept = check_kept(run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0),
-                      progress.step if progress.ended else 0) if ranks.main else 0  # only rank 0 writes metrics.jsonl
+                      progress.step if progress.ended else 0, progress.state.get("ended_line", "")) \
+        if ranks.main else b""  # only rank 0 writes metrics.jsonl
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
     if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)
@@ -246,7 +248,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     # a run straight through, unless that run's train.log_every logged it (the step ran under its settings).
     unlogged = progress.step if progress.ended and progress.step < t.steps and \
         progress.step % progress.ran.get("log_every", t.log_every) else None
-    metrics = MetricsLog(run_dir / checkpoint.METRICS, keep_bytes=kept, write=ranks.main, unlogged=unlogged)
+    metrics = MetricsLog(run_dir / checkpoint.METRICS, kept=kept, write=ranks.main, unlogged=unlogged)
     watch.catch_signals()
     return run, optimizer, scheduler, progress, metrics, profiler
 

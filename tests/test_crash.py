@@ -30,7 +30,7 @@ from qlora.data.batches import batch_rows
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.training.checkpoint import STATE, list_checkpoints
-from qlora.training.metrics import MetricsLog
+from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.oom import HEADROOM
 
 STEPS = 8
@@ -404,7 +404,7 @@ def test_resume_cuts_metrics_back_to_what_the_checkpoint_saw(tmp_path):
     path = tmp_path / "metrics.jsonl"
     kept = '{"step": 0, "eval_loss": 5.0}\n{"step": 1, "loss": 4.0}\n'  # logged before checkpoint-1 was saved
     path.write_text(kept + '{"step": 2, "loss": 3.9}\n{"step": 3, "lo')  # after it; the last line cut by a kill
-    log = MetricsLog(path, keep_bytes=len(kept))
+    log = MetricsLog(path, check_kept(path, len(kept)))
     assert path.read_text() == kept and log.size() == len(kept)
 
 

@@ -343,6 +343,23 @@ def test_a_finished_run_given_more_steps_and_killed_before_its_next_checkpoint_r
     assert_same_run(out, evaluated)
 
 
+def test_a_finished_run_given_more_steps_killed_and_resumed_to_its_own_steps_ends_as_it_did(cli, tmp_path):
+    """The resume to more steps drops the training line of step 4 as it writes its evaluation there; killed before its
+    next checkpoint and resumed with the old --train.steps=4, the run lacked that line (measured on the tiny recipe,
+    log_every=3, eval_every=2): checkpoint-4 now records it, and it is put back."""
+    out, ended = tmp_path / "run", tmp_path / "ended"
+    assert cli.run([*ARGS, *EVERY, "--train.steps=4", f"--output.dir={out}"]).status == 0
+    shutil.copytree(out, ended)
+    longer = [*ARGS, *EVERY, "--train.steps=6", f"--output.dir={out}", "--resume"]
+    killed = interrupt(cli, longer, slowed("qlora.training.checkpoint:save_checkpoint", 60), tmp_path / "here",
+                       signal.SIGKILL)
+    assert killed.status == -signal.SIGKILL
+    assert b'"step": 4, "loss"' not in (out / "metrics.jsonl").read_bytes()  # as the kill left it
+    result = cli.run([*ARGS, *EVERY, "--train.steps=4", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert_same_run(out, ended)
+
+
 def test_a_finished_run_given_more_steps_keeps_its_last_step_as_its_own_settings_had_it(cli, tmp_path):
     """Step 4 of a 4-step run ran under its settings, as in a run stopped after checkpoint-4 and resumed: given 6
     steps, --train.log_every=3 and --train.eval_every=3, a 4-step run logged every step and evaluated every 2 lost its

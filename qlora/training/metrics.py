@@ -55,26 +55,30 @@ def _rows_before(data: bytes, step: int) -> int | None:
     return None
 
 
-def check_kept(path: Path, keep_bytes: int, ended: int = 0) -> int:
-    """The length of metrics.jsonl a resume keeps: `keep_bytes`, what the checkpoint recorded. Refuse a file cut
-    short since: the first line appended would join the torn one (measured: a file cut mid-line after a 4-step run,
-    resumed to 6 steps, held `...}{"step": 5, ...}` on one line, steps 3 and 4 gone). A file deleted starts afresh, as
-    a new run's. From a checkpoint at the last step (`ended`) of a shorter run, a resume to more steps drops that
-    run's training line there as it writes its first row (MetricsLog): stopped before its own first checkpoint, it
-    leaves the rows before that line, then its own; the rows before are kept."""
+def check_kept(path: Path, keep_bytes: int, ended: int = 0, ended_line: str = "") -> bytes:
+    """The rows of metrics.jsonl a resume keeps: its first `keep_bytes`, what the checkpoint recorded. Refuse a file
+    cut short since: the first line appended would join the torn one (measured: a file cut mid-line after a 4-step
+    run, resumed to 6 steps, held `...}{"step": 5, ...}` on one line, steps 3 and 4 gone). A file deleted starts
+    afresh, as a new run's. From a checkpoint at the last step (`ended`) of a shorter run, a resume to more steps drops
+    that run's training line there as it writes its first row (MetricsLog): stopped before its own first checkpoint,
+    it leaves the rows before that line, then its own. The rows before are kept, and the line is put back from the
+    checkpoint (`ended_line`; "" from one written before 2026-12-06), so a resume to the old train.steps ends as the
+    run did (measured: without it, a 4-step run extended to 8, killed after its evaluation at step 4 and resumed with
+    --train.steps=4, lacked the training line of step 4 its run straight through has)."""
     if not keep_bytes or not path.is_file():
-        return keep_bytes
+        return b""
     data = path.read_bytes()
     kept = data[:keep_bytes]
     if ended and not _is_training_line(kept[_last_line_start(kept):], ended):
         start = _rows_before(data, ended)
+        line = ended_line.encode()  # "" from a checkpoint written before it was recorded
         if start is not None and start < keep_bytes:
-            return start
+            return data[:start] + (line if _is_training_line(line, ended) else b"")
     if len(kept) < keep_bytes or not kept.endswith(b"\n"):
         raise ConfigError(f"{path} holds {len(data)} bytes, the checkpoint recorded {keep_bytes} ending a line: it "
                           "was cut short or replaced, and the lines appended would join its torn one; restore it, or "
                           "move it away to continue the run with a new metrics.jsonl")
-    return keep_bytes
+    return kept
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -89,28 +93,31 @@ class MetricsLog:
     file's length when it was saved; resuming from it cuts the file back to that length, dropping what was logged after
     the save (steps about to be run again, a final evaluation, a line cut short by a kill -9)."""
 
-    def __init__(self, path: Path, keep_bytes: int = 0, write: bool = True, unlogged: int | None = None) -> None:
-        """`unlogged`: a step whose training line, the last one kept, goes too (the last step of a shorter run). It
-        goes with the first row written in its place, not before: until then checkpoint-`unlogged` counts it."""
+    def __init__(self, path: Path, kept: bytes = b"", write: bool = True, unlogged: int | None = None) -> None:
+        """`kept`: the rows a resume keeps (check_kept). `unlogged`: a step whose training line, the last one kept,
+        goes too (the last step of a shorter run). It goes with the first row written in its place, not before: until
+        then checkpoint-`unlogged` counts it."""
         self.path, self.enabled, self.cut = path, write, None  # only rank 0 of several processes writes
         if not write:
             return
-        kept = path.read_bytes()[:keep_bytes] if keep_bytes and path.exists() else b""
         start = _last_line_start(kept)
         if unlogged is not None and _is_training_line(kept[start:], unlogged):
             self.cut = start
         _replace(path, kept)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict) -> str:
+        """Append `record` as a line; the line (written by rank 0 only)."""
+        text = json.dumps(finite_or_null(record), allow_nan=False) + "\n"
         if not self.enabled:
-            return
-        line = (json.dumps(finite_or_null(record), allow_nan=False) + "\n").encode()
+            return text
+        line = text.encode()
         if self.cut is not None:  # the line to drop and the first row after it: one rename, never the one alone
             _replace(self.path, self.path.read_bytes()[:self.cut] + line)
             self.cut = None
-            return
+            return text
         with open(self.path, "ab") as f:
             f.write(line)
+        return text
 
     def size(self) -> int:
         """The length a checkpoint records: without a line still to drop."""

@@ -139,6 +139,8 @@ def _check_state(state: dict, ckpt: Path) -> None:
         raise Unusable(f"{STATE}: config is not the run's settings (a dict of sections)")
     if not isinstance(state.get("rng_ranks", []), list):
         raise Unusable(f"{STATE}: rng_ranks is not a list of the processes' RNG states")
+    if not isinstance(state.get("ended_line", ""), str):
+        raise Unusable(f"{STATE}: ended_line is not the training line of a run's last step")
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict) -> None:
