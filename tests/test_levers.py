@@ -63,14 +63,17 @@ def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: 
     cfg = apply_overrides(copy.deepcopy(tiny_config), ["--train.device=cuda", "--train.optimizer_on_cpu=true"])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     host = build_optimizer(list(params.values()), cfg)
-    # Its fp32 masters and their gradients: views of two host buffers pinned at their exact size.
-    assert isinstance(host, HostOptimizer) and all(t.is_pinned() for t in host.masters + host.host_grads)
+    # Its fp32 masters, their gradients and the 16-bit gradients on their way: views of host buffers pinned at their
+    # exact size.
+    assert isinstance(host, HostOptimizer) and host.staged
+    assert all(t.is_pinned() for t in host.masters + host.host_grads + list(host.staged.values()))
     device_opt = build_optimizer([p for p in plain.parameters() if p.requires_grad],
                                  apply_overrides(copy.deepcopy(tiny_config), ["--train.device=cuda"]))
     assert not isinstance(device_opt, HostOptimizer)
     for m in (model, plain):  # not loss_and_grads: each optimizer's hooks move the gradients to its fp32 copies
         m.zero_grad(set_to_none=True)
         loss_sum(m, batch).backward()
+    assert all(p.grad is None for p in params.values()) and not any(h.grad.is_cuda for h in host.holders)
     host.step()
     device_opt.step()
     for name, p in plain.named_parameters():

@@ -76,8 +76,9 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
                    "optimizer state only on CUDA; the CUDA-only levers (offload_activations, optimizer_on_cpu, "
                    "embeddings_on_cpu) change nothing here")
     elif t.optimizer_on_cpu:
-        out.append("CUDA: the optimizer state, the fp32 masters and the update in host memory, the fp32 gradients "
-                   f"summed on the card (train.optimizer_on_cpu); {ALLOCATOR}")
+        out.append("CUDA: the optimizer state, the fp32 masters and the update in host memory, each 16-bit gradient "
+                   "copied there as the backward sums it and summed in fp32 there (train.optimizer_on_cpu; several "
+                   f"processes sum theirs in fp32 on the card); {ALLOCATOR}")
     else:
         out.append("CUDA: paged optimizer state counted as resident on the GPU (it moves to CPU memory only under "
                    f"pressure); {ALLOCATOR}")

@@ -109,10 +109,10 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     tally = Tally()
     count_weights(tally, cfg, arch, method, device, e, shards)
     sizes = tuple(trainable_tensors(arch, method, cfg))
-    g, step_tmp = count_trained(tally, cfg, sizes, method, device, e)
+    g, step_tmp, staged = count_trained(tally, cfg, sizes, method, device, e, gpus)
     if gpus > 1:  # the gradients are summed across processes in buckets, each concatenated into one tensor
         step_tmp += min(sum(sizes) * g, ALLREDUCE_BUCKET)
-    phases, plan = count_step(tally, cfg, arch, method, device, e, g, sum(sizes) * g, step_tmp)
+    phases, plan = count_step(tally, cfg, arch, method, device, e, g, sum(sizes) * g, step_tmp, staged)
     gathered = gathered_bytes(cfg, arch, method, e) if shards > 1 else {}
     streamed = tally.streamed
     if streamed is not None:  # the streamer's two slots, there from the first step to the last
@@ -132,7 +132,8 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
     fx["activations"] = f"at {peak_phase}: {fx['activations'][peak_phase]}"
     if peak_phase != "layer_backward":
         fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
-                           "optimizer_step": f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
+                           "optimizer_step": "none on the device: in host memory (train.optimizer_on_cpu)" if staged
+                           else f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
     margin, margin_fx = 0, ""
     if device == "cuda":
         comp["cuda_context"] = CUDA_CONTEXT

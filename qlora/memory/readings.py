@@ -124,12 +124,16 @@ def tensor_categories(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                       device: torch.device | None = None) -> dict[str, int]:
     """Bytes of the model's and optimizer's tensors by category (each storage once), plus `outside_allocator`:
     the optimizer state bitsandbytes paged into CUDA managed memory. On a CUDA `device`, tensors kept in host memory
-    (train.optimizer_on_cpu's state, model.embeddings_on_cpu's table) are not the card's and are left out; a paged
-    tensor says `cpu` too (bitsandbytes wraps the managed pointer with torch.frombuffer) but is the card's."""
+    (train.optimizer_on_cpu's state and gradients, model.embeddings_on_cpu's table) are not the card's and are left
+    out; a paged tensor says `cpu` too (bitsandbytes wraps the managed pointer with torch.frombuffer) but is the
+    card's."""
     # Storages already counted; host tensors are marked seen up front so that no category counts them.
     seen: set[int] = set()
     if device is not None and device.type == "cuda":
+        own = [t for group in (optimizer.param_groups if optimizer is not None else ()) for p in group["params"]
+               for t in (p, p.grad)]  # the host optimizer's stand-ins and the fp32 gradients they hold there
         host = [p for p in model.parameters() if p.device.type == "cpu"] + [
+            t for t in own if t is not None and t.device.type == "cpu"] + [
             v for state in (optimizer.state.values() if optimizer is not None else ()) for v in state.values()
             if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not getattr(v, "is_paged", False)]
         _storages(host, seen)

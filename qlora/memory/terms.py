@@ -170,9 +170,10 @@ def count_weights(tally: Tally, cfg: Config, arch: Arch, method: str, device: st
 
 
 def count_trained(tally: Tally, cfg: Config, sizes: tuple[int, ...], method: str, device: str,
-                  e: int) -> tuple[int, int]:
+                  e: int, gpus: int = 1) -> tuple[int, int, bool]:
     """What trains and its optimizer: adapters, optimizer state and fp32 masters, on the device or (optimizer_on_cpu)
-    the host. Returns (bytes per gradient element, the update's temporaries)."""
+    the host. Returns (bytes per gradient element, the update's temporaries, whether the gradients leave the device
+    as the backward sums them)."""
     comp, fx, t = tally.comp, tally.fx, cfg.train
     if method != "full":
         comp["adapters"] = sum(sizes) * e
@@ -185,23 +186,26 @@ def count_trained(tally: Tally, cfg: Config, sizes: tuple[int, ...], method: str
         # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py); the host optimizer keeps
         # fp32 masters for every 16-bit weight, full fine-tuning's too (qlora/levers/host_optimizer/optimizer.py)
         g, masters = 4, 4 * sum(sizes)
-    if host_opt:  # state, fp32 masters and the update in host memory; gradients summed on the card
+    # One process's 16-bit gradients go to the host as they are summed (several sum theirs on the card first)
+    staged = host_opt and e < 4 and gpus == 1
+    if host_opt:  # state, fp32 masters and the update in host memory
         _, _, host_tmp, _ = optimizer_bytes(sizes, t.optimizer, 4, "cpu")
-        tally.host["optimizer"] = host_optimizer.host_bytes(state, sum(sizes), host_tmp)
-        tally.hfx["optimizer"] = f"{state_fx.split(';')[0]} {host_optimizer.FORMULA}"
+        tally.host["optimizer"] = host_optimizer.host_bytes(state, sum(sizes), host_tmp, e if staged else 0)
+        tally.hfx["optimizer"] = f"{state_fx.split(';')[0]} {host_optimizer.FORMULA}" + \
+            (f" {host_optimizer.STAGED_FORMULA}" if staged else "")
         step_tmp, fx["optimizer_state"] = 0, "none on the device: train.optimizer_on_cpu"
     else:
         comp["optimizer_state"] = state + masters
         fx["optimizer_state"] = state_fx + (" + 4 P_train (fp32 master copies)" if masters else "")
-    return g, step_tmp
+    return (e, step_tmp, True) if staged else (g, step_tmp, False)
 
 
 def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, e: int, g: int, grads: int,
-               step_tmp: int) -> tuple[dict[str, tuple[int, int]], CheckpointPlan | None]:
+               step_tmp: int, staged: bool = False) -> tuple[dict[str, tuple[int, int]], CheckpointPlan | None]:
     """The candidate peak moments of a step, each as (activation-side bytes, gradient bytes), and where the
     checkpointed layer inputs wait. zero_grad(set_to_none=True) frees gradients before each forward, so none exist
-    in the loss's backward; they build up layer by layer after it. `g`: bytes per gradient element, `grads`: all of
-    them."""
+    in the loss's backward; they build up layer by layer after it, or (`staged`, count_trained) leave for the host
+    as each is summed, one layer's at most on the device. `g`: bytes per gradient element, `grads`: all of them."""
     t, L, h, fx = cfg.train, arch.layers, arch.hidden, tally.fx
     T = t.batch_size * cfg.data.max_seq_len
     g_fx = "e" if g == e else "4"
@@ -214,11 +218,12 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     # none with train.dequant_once, whose copies are counted with the weights.
     dq_w = dequantised_bytes(arch.linear_shapes, REUSE_DEQUANT.active(cfg, method, device), e) \
         if method == "qlora" and not DEQUANT_ONCE.active(cfg, method, device) else 0
-    phases = {"optimizer_step": (step_tmp, grads)}
+    held = grads // arch.layers if staged else grads  # on the device at the backward's end
+    phases = {"optimizer_step": (step_tmp, 0 if staged else grads)}
     step_fx = "the update's temporaries (CPU: 12 B x the largest tensor)"
     if not t.gradient_checkpointing:
         phases["loss_backward"] = (L * saved + rotary + loss, 0)
-        phases["layer_backward"] = (L * saved + extra + rotary + dq_w, grads // L)
+        phases["layer_backward"] = (L * saved + extra + rotary + dq_w, grads // L)  # staged or not
         fx["activations"] = {"loss_backward": f"L layers' saved tensors + {loss_fx}",
                              "layer_backward": f"L layers' saved tensors + the last one's backward: {layer_fx}",
                              "optimizer_step": step_fx}
@@ -231,7 +236,7 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     # First layer of the backward: the inputs kept on the device beside the group being replayed, one layer's
     # gradients; last: its group's inputs, all gradients.
     first = (plan.device_inputs("first") * size + rotary + work + dq_w, grads // L)
-    last = (plan.device_inputs("last") * size + rotary + work + dq_w, grads)
+    last = (plan.device_inputs("last") * size + rotary + work + dq_w, held)
     phases["layer_backward"] = max(first, last, key=sum)
     phases["loss_backward"] = (plan.device_inputs("loss") * size + rotary + loss, 0)
     at_first = phases["layer_backward"] is first
@@ -242,7 +247,8 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
                                            (" (the backward's first layer)" if at_first
                                             else " (its last layer: every gradient)"),
                          "optimizer_step": step_fx}
-    fx["gradients"] = f"P_train {g_fx} / L: one layer's" if at_first else f"P_train {g_fx}, all of them"
+    fx["gradients"] = f"P_train {g_fx} / L: one layer's" + (", on its way to the host" if staged else "") \
+        if at_first or staged else f"P_train {g_fx}, all of them"
     if plan.host:
         tally.host["checkpoints"] = plan.host_bytes
         tally.hfx["checkpoints"] = f"{plan.host} x T h e: offloaded layer inputs, pinned"

@@ -21,8 +21,9 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Config) -> torch.opti
     `optimizer.param_groups`. With train.optimizer_on_cpu on CUDA, the masters, the state and the update live in host
     memory from the start (qlora/levers/host_optimizer/optimizer.py)."""
     if cfg.train.optimizer_on_cpu:
-        if any(p.is_cuda for p in params):
-            return HostOptimizer(params, functools.partial(make_optimizer, cfg=cfg, paged=False))
+        if any(p.is_cuda for p in params):  # several processes sum the gradients on their cards (NCCL) first
+            alone = not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1)
+            return HostOptimizer(params, functools.partial(make_optimizer, cfg=cfg, paged=False), alone)
         print("train.optimizer_on_cpu: the parameters are in CPU memory already: nothing to do")
     make = functools.partial(make_optimizer, cfg=cfg)
     return MasterWeights(params, make) if cfg.quant.method != "full" and needs_masters(params) else make(params)

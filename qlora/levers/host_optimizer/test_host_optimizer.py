@@ -13,13 +13,18 @@ from qlora.levers.host_optimizer.optimizer import HostOptimizer
 from qlora.training.loss import loss_sum
 
 
-def steps(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg: Config, n: int = 3) -> dict:
-    """`n` of the trainer's steps: backward, clip what the optimizer steps (a norm small enough to bite), step."""
+def steps(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg: Config, n: int = 3,
+          accum: int = 1) -> dict:
+    """`n` of the trainer's steps: backward (of `accum` micro-batches: the batch's halves), clip what the optimizer
+    steps (a norm small enough to bite), step."""
     from qlora.training.optimizer import build_scheduler, stepped_params
 
     scheduler = build_scheduler(optimizer, cfg)
+    rows = batch["input_ids"].shape[0]
+    micro = [{k: v[i * rows // accum:(i + 1) * rows // accum] for k, v in batch.items()} for i in range(accum)]
     for _ in range(n):
-        (loss_sum(model, batch) / 100).backward()
+        for part in micro:
+            (loss_sum(model, part) / 100).backward()
         assert torch.nn.utils.clip_grad_norm_(stepped_params(optimizer), 0.05) > 0.05
         optimizer.step()
         scheduler.step()
@@ -27,28 +32,33 @@ def steps(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def host_optimizer(model: torch.nn.Module, cfg: Config) -> HostOptimizer:
+def host_optimizer(model: torch.nn.Module, cfg: Config, to_host: bool = True) -> HostOptimizer:
     """Built directly: on a CPU device train.optimizer_on_cpu has nothing to move, and build_optimizer says so."""
     from qlora.training.optimizer import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return HostOptimizer(params, functools.partial(make_optimizer, cfg=cfg, paged=False))
+    return HostOptimizer(params, functools.partial(make_optimizer, cfg=cfg, paged=False), to_host)
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
+@pytest.mark.parametrize("to_host", [True, False], ids=["gradients to the host", "gradients summed on the device"])
+@pytest.mark.parametrize("accum", [1, 2])
 def test_host_optimizer_steps_as_the_optimizer_on_the_device(tiny_config: Config, batch: dict, optimizer: str,
-                                                             compute: str) -> None:
-    # bf16 adapters: the device path steps fp32 masters on the device (qlora/adapters/master.py), this one on the host.
+                                                             compute: str, to_host: bool, accum: int) -> None:
+    # bf16 adapters: the device path steps fp32 masters on the device (qlora/adapters/master.py), this one on the host,
+    # its gradients summed in fp32 in host memory (one process) or on the device (several).
     from qlora.training.optimizer import build_optimizer
 
     cfg = apply_overrides(tiny_config, [f"--train.optimizer={optimizer}", f"--quant.compute_dtype={compute}"])
     model = build(cfg)
-    reference = steps(model, batch, build_optimizer([p for p in model.parameters() if p.requires_grad], cfg), cfg)
+    reference = steps(model, batch, build_optimizer([p for p in model.parameters() if p.requires_grad], cfg), cfg,
+                      accum=accum)
     model = build(cfg)
-    host = host_optimizer(model, cfg)
+    host = host_optimizer(model, cfg, to_host)
     assert all(m.dtype == torch.float32 and not m.is_cuda for m in host.masters)
-    got = steps(model, batch, host, cfg)
+    assert len(host.staged) == (len(host.params) if to_host and compute == "bf16" else 0)
+    got = steps(model, batch, host, cfg, accum=accum)
     assert got.keys() == reference.keys()
     for name in got:  # the same update on copies: exact
         torch.testing.assert_close(got[name], reference[name], rtol=0, atol=0, msg=name)
@@ -134,3 +144,21 @@ def test_the_weights_checked_after_a_step_are_what_it_wrote(tiny_config: Config)
     with torch.no_grad():
         optimizer.masters[0][0, 0] = float("nan")
     assert not guard.all_finite(updated_weights(optimizer))
+
+
+def test_16_bit_gradients_leave_the_parameters_as_the_backward_sums_them(tiny_config: Config, batch: dict) -> None:
+    """One process: no gradient stays with a 16-bit parameter (on CUDA, none on the card after the backward); the
+    fp32 sums wait in host memory, where the stand-ins the trainer clips hold them, the sums of each micro-batch's."""
+    cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16"])
+    model = build(cfg)
+    optimizer = host_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = [torch.zeros(p.shape) for p in params]
+    for _ in range(2):
+        (loss_sum(model, batch) / 100).backward()
+        assert all(p.grad is None for p in params) and not optimizer.landing
+        for total, grad in zip(sums, optimizer.staged.values(), strict=True):
+            total.add_(grad)
+    for holder, grad, total in zip(optimizer.holders, optimizer.host_grads, sums, strict=True):
+        assert holder.grad is grad and holder.device.type == "cpu"
+        torch.testing.assert_close(grad, total, rtol=0, atol=0)

@@ -174,7 +174,7 @@ def test_a_host_that_cannot_pin_the_streamed_base_is_refused_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and not out.exists(), err
     assert err[0].startswith("error: train.stream_base keeps the 4-bit base in pinned host memory: the plan keeps "
-                             "40.43 GiB there (32.89 GiB of it the base) and this host has 32.00 GiB available"), err
+                             "40.82 GiB there (32.89 GiB of it the base) and this host has 32.00 GiB available"), err
     cfg = load_recipe(ROOT / "recipes" / "llama70b_24gb.py")
     assert check_fits(cfg, torch.device("cuda"), device_bytes=24 * GIB, host_bytes=48 * GIB) is not None
 
