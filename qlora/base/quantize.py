@@ -38,10 +38,10 @@ def params4bit(weight: torch.Tensor, quant: QuantConfig, device: torch.device | 
 
 
 def linear4bit(weight: torch.Tensor, bias: torch.Tensor | None, quant: QuantConfig,
-               dtype: torch.dtype) -> bnb.nn.Linear4bit:
-    """A frozen `Linear4bit` holding `weight` quantised on its own device, computing in `dtype`."""
+               dtype: torch.dtype, cls: type[bnb.nn.Linear4bit] | None = None) -> bnb.nn.Linear4bit:
+    """A frozen `Linear4bit` (or subclass `cls`) holding `weight` quantised on its own device, computing in `dtype`."""
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
+    layer = (cls or bnb.nn.Linear4bit)(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
                               compress_statistics=quant.double_quant, quant_type=quant.quant_type,
                               quant_storage=torch.uint8, device="meta")
     layer.weight = params4bit(weight, quant, weight.device, module=layer)

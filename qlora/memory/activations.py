@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from qlora.base.attention import by_document, cuda_kernel
 from qlora.config import Config
 from qlora.errors import ConfigError
+from qlora.levers.lm_head.memory import FORMULA as HEAD_FORMULA
 from qlora.levers.lm_head.memory import dequantised_bytes
 from qlora.levers.lm_head.settings import LM_HEAD
 from qlora.levers.loss.memory import logits_bytes
@@ -239,5 +240,5 @@ def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tup
     if method == "full":
         total, formula = total + T * h * e, formula + " + T h e"
     if LM_HEAD.active(cfg, method, device):  # the NF4 head, dequantised to compute
-        total, formula = total + dequantised_bytes(V, h, e), formula + " + V h e (NF4 head dequantised)"
+        total, formula = total + dequantised_bytes(V, h, e, cfg.quant.blocksize), f"{formula} + {HEAD_FORMULA}"
     return total, formula

@@ -12,8 +12,8 @@ from qlora.levers.lever import Lever, LeverFields, RunConfig
 class LMHeadFields(LeverFields):
     quantize_lm_head: bool = False
     """Store the (frozen) output head in NF4 as well: saves ~3/4 of vocab x hidden x 2 bytes (0.75 GiB for 8B,
-    1.5 GiB for 70B) at the cost of quantisation error in the logits; its backward still dequantises it whole for a
-    moment. qlora only; needs untied embeddings."""
+    1.5 GiB for 70B) at the cost of quantisation error in the logits; it is dequantised 256 MiB at a time to compute
+    (qlora/levers/lm_head/head.py). qlora only; needs untied embeddings."""
 
 
 def check(cfg: RunConfig) -> None:

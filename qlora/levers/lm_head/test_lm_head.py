@@ -58,3 +58,41 @@ def test_quantized_lm_head_saves_what_the_estimate_says(tiny_config: Config) -> 
         est = estimate(cfg, load_arch(cfg), "qlora", "cpu").components
         for key in ("quantized_weights", "unquantized_weights"):
             assert est[key] == real[key], (cfg.quant.quantize_lm_head, key)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("slice_bytes", [4096, 2**30], ids=["several slices", "one slice"])
+def test_the_head_dequantised_a_slice_at_a_time_computes_as_bitsandbytes_does(
+        tiny_config: Config, batch: dict, monkeypatch: pytest.MonkeyPatch, double_quant: bool,
+        slice_bytes: int) -> None:
+    """The logits and their input gradient as bitsandbytes' whole-weight matmul gives them, from the same weights to
+    the bit, with no more than SLICE_BYTES of the head dequantised at once (the tiny head: 259 x 128 in fp32, 4 KiB
+    slices of 8 rows and of 64 columns)."""
+    import bitsandbytes as bnb
+
+    from qlora.levers.lm_head import head as sliced
+    from qlora.levers.lm_head import memory
+
+    model = build(tiny_config, "--quant.quantize_lm_head=true", f"--quant.double_quant={str(double_quant).lower()}")
+    head = model.get_output_embeddings()
+    assert type(head) is sliced.NF4Head and head.weight.quant_state.nested == double_quant
+    monkeypatch.setattr(memory, "SLICE_BYTES", slice_bytes)
+    dequantised = []
+    monkeypatch.setattr(sliced, "_dequantised", lambda *args, f=sliced._dequantised: dequantised.append(f(*args))
+                        or dequantised[-1])
+    with torch.no_grad():
+        hidden = target_hidden(model, batch)[0]
+    got, expected = (hidden.clone().requires_grad_(True) for _ in range(2))
+    out, reference = head(got), bnb.nn.Linear4bit.forward(head, expected)
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    rows = list(dequantised)
+    dequantised.clear()
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    reference.backward(upstream)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-6, atol=1e-6)
+    whole = bnb.functional.dequantize_4bit(head.weight, head.weight.quant_state)
+    cols = dequantised
+    assert torch.equal(torch.cat(rows), whole) and torch.equal(torch.cat(cols, dim=1), whole)
+    assert len(rows) == (33 if slice_bytes == 4096 else 1) and len(cols) == (2 if slice_bytes == 4096 else 1)
+    assert max(w.numel() * w.element_size() for w in rows + cols) <= max(slice_bytes, 259 * 64 * 4)
