@@ -101,7 +101,8 @@ def plan(size: str, work: Path, python: str) -> list[Item]:
     # The 8B estimate test measures what memory-llama8b measures: it runs last, in what part 4 leaves.
     gpu_tests = [*pytest, "-k", "(gpu or on_cuda) and not llama8b", "tests/test_gpu.py", "tests/test_memory_gpu.py",
                  "tests/test_levers.py", "qlora/levers/liger/test_liger.py",
-                 "qlora/levers/checkpoints/test_checkpoints.py", "qlora/levers/loss/test_loss.py"]
+                 "qlora/levers/checkpoints/test_checkpoints.py", "qlora/levers/loss/test_loss.py",
+                 "qlora/levers/lm_head/test_lm_head.py"]
     # The CPU suite on the image's versions, the GPU hidden (so that no test touches it), in 8 workers where the image
     # has pytest-xdist (it had on 2026-11-17): one process would not finish in its cap.
     xdist = " -n 8 --dist loadfile" if importlib.util.find_spec("xdist") else ""

@@ -4,12 +4,13 @@ saves what the estimate says."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
-from support import build, loss_and_grads
+from support import build, cuda_only, loss_and_grads
 
-from qlora.config import Config, apply_overrides
+from qlora.config import Config, QuantConfig, apply_overrides
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
@@ -96,3 +97,34 @@ def test_the_head_dequantised_a_slice_at_a_time_computes_as_bitsandbytes_does(
     assert torch.equal(torch.cat(rows), whole) and torch.equal(torch.cat(cols, dim=1), whole)
     assert len(rows) == (33 if slice_bytes == 4096 else 1) and len(cols) == (2 if slice_bytes == 4096 else 1)
     assert max(w.numel() * w.element_size() for w in rows + cols) <= max(slice_bytes, 259 * 64 * 4)
+
+
+@cuda_only
+def test_on_cuda_llama3s_head_is_never_dequantised_whole() -> None:
+    """Llama-3's head (128,256 x 8,192, 1.96 GiB in bf16) over a 256-token chunk of the loss, forward and backward:
+    bitsandbytes' forward holds its whole dequantised weight; ours at most a slice of it, with the same numbers."""
+    import bitsandbytes as bnb
+
+    from qlora.base.quantize import linear4bit
+    from qlora.levers.lm_head.head import NF4Head
+
+    weight = torch.randn(128256, 8192, dtype=torch.bfloat16, device="cuda") * 0.02
+    head = linear4bit(weight, None, QuantConfig(), torch.bfloat16, NF4Head)
+    del weight
+    torch.cuda.empty_cache()
+    peaks, results = [], []
+    for forward in (head.forward, functools.partial(bnb.nn.Linear4bit.forward, head)):
+        x = (torch.randn(256, 8192, dtype=torch.bfloat16, device="cuda")).requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = forward(x)
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+        results.append((out.detach(), x.grad))
+        del out, x
+    (ours, ours_grad), (theirs, their_grad) = results
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours_grad, their_grad, rtol=2e-2, atol=2e-1)
+    assert peaks[0] < 0.6 * 2**30 < 1.9 * 2**30 < peaks[1], [p / 2**30 for p in peaks]
