@@ -245,6 +245,7 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
                          "layer_backward": f"{kept_fx} + {layer_fx}" +
                                            (" + one dequantised weight" if method == "qlora" else "") +
                                            (" (the backward's first layer)" if at_first
+                                            else " (its last layer)" if staged
                                             else " (its last layer: every gradient)"),
                          "optimizer_step": step_fx}
     fx["gradients"] = f"P_train {g_fx} / L: one layer's" + (", on its way to the host" if staged else "") \

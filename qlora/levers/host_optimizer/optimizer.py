@@ -77,7 +77,7 @@ class HostOptimizer(torch.optim.Optimizer):
         if p.grad.is_cuda:  # freed on the stream that copies it, whichever allocated it
             p.grad.record_stream(torch.cuda.current_stream(p.grad.device))
         p.grad = None
-        if not self.landing:
+        if not self.landing:  # run once this backward ends (the hook FSDP's post-backward uses too)
             torch.autograd.Variable._execution_engine.queue_callback(self._land)
         self.landing.append(i)
 
