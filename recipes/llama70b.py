@@ -10,10 +10,10 @@ download. To train the real model, point `path` at a local copy of meta-llama/Ll
 
 Memory levers (issue 13), each on because it pays, by the estimate for one 80 GB card and a 128 GiB host (a step at
 2048 tokens, in GB; the longest context on 48 / 80 GiB cards, in tokens, with the allocator's margin that issue 22's
-H200 rows showed). All on: 39.5 GB, 53,248 / 177,152. Each off alone: offload_activations 42.1 GB, 26,624 / 95,232;
-optimizer_on_cpu 42.0 GB, 44,032 / 167,936; embeddings_on_cpu 41.6 GB, 45,056 / 168,960; quantize_lm_head 41.0 GB,
-47,104 / 171,008; loss_chunk_size 1024 instead of 256 40.6 GB; tile_size (and with it the other tile switches)
-17,408 / 63,488 tokens; tile_projections 40,960 / 139,264 tokens; tile_norms 33,792 / 115,712 tokens. The tile
+H200 rows showed). All on: 38.7 GB, 53,248 / 177,152. Each off alone: offload_activations 41.3 GB, 26,624 / 95,232;
+optimizer_on_cpu 42.0 GB, 44,032 / 167,936; embeddings_on_cpu 40.8 GB, 45,056 / 168,960; quantize_lm_head 40.3 GB,
+47,104 / 171,008; loss_chunk_size 1024 instead of 256 38.9 GB; tile_size (and with it the other tile switches)
+17,408 / 63,488 tokens; tile_projections 41,984 / 139,264 tokens; tile_norms 33,792 / 115,712 tokens. The tile
 switches change nothing at 2048 tokens (one tile).
 
 Which of them a run uses is the trainer's: train.plan="fastest" (issue 24, qlora/memory/plan.py). The levers above are
@@ -21,11 +21,11 @@ what a 48 GiB card needs for the longest rows, and `python -m qlora.memory` (the
 reads them as they stand; before loading, the trainer keeps of them only what the card it finds needs, the cheapest by
 the cost table (qlora/memory/costs.py) first, and prints why. quantize_lm_head changes the numbers, so it is the
 recipe's, not the plan's. By the estimate, with 120 GiB of host memory available, at 2048 tokens: a 48 or 80 GiB card
-keeps checkpointing alone (46.5 GiB; +39% of a plain step by the table); an H200 (139.8 GiB) drops it too (121.6 GiB,
+keeps checkpointing alone (45.0 GiB; +39% of a plain step by the table); an H200 (139.8 GiB) drops it too (120.0 GiB,
 +0%). At 32,768 tokens a 48 GiB card keeps checkpointing, loss chunks and offloaded layer inputs and streams the base
 from host memory (train.stream_base, issue 25: 30.6 GiB, +90%), an 80 GiB one checkpointing, loss chunks and offloaded
-layer inputs (62.7 GiB, +60%), an H200 checkpointing alone (130.9 GiB, +39%). The NF4 weights alone exceed 24 GiB, so
-there the base is streamed: with checkpointing at 2048 tokens (14.5 GiB, 38.9 GiB pinned in host memory, +69%), and
+layer inputs (62.7 GiB, +60%), an H200 checkpointing alone (129.3 GiB, +39%). The NF4 weights alone exceed 24 GiB, so
+there the base is streamed: with checkpointing at 2048 tokens (12.9 GiB, 38.9 GiB pinned in host memory, +69%), and
 tiles, loss chunks and offloaded layer inputs besides at 32,768 (22.2 GiB, +153%). Streaming's +30% is the table's
 assumption until a GPU measures it. --train.plan=recipe runs every lever as set.
 train.plan_batch=True leaves it the batch shape as well: the 16 rows of a step may run as fewer, larger

@@ -13,14 +13,14 @@ recompute, backward), ~15 s on a 4090 at 150 TFLOP/s, so the copies hide behind 
 tokens a row up (a layer's forward at T tokens computes 2 x 0.86e9 x T FLOPs while its 0.44 GB arrive).
 
 Estimates only, nothing here measured yet (qlora/memory/estimate.py, with the allocator's margin that issue 22's H200
-rows showed; a 128 GiB host): a step at 2048 tokens needs 5.23 GiB of the card and 46.4 GiB of the host (the base
-32.9, the optimizer 3.1, the embeddings 2.0, the layer inputs 2.5, the process 6.0); the longest context on a 12 / 24
-GiB card is 35,840 / 67,584 tokens (19,456 / 27,648 with a 64 GiB host, which then limits: the layer inputs it pins).
-Each lever off alone, at 2048 tokens and on 12 / 24 GiB cards: stream_base 37.3 GiB, nothing fits;
-offload_activations 7.66 GiB, 5,120 / 13,312; optimizer_on_cpu 7.55 GiB, 25,600 / 66,560; embeddings_on_cpu 7.19 GiB,
-27,648 / 67,584; quantize_lm_head 6.69 GiB, 29,696 / 67,584; tile_projections 25,600 / 64,512; tile_norms 22,528 /
-56,320; tile_size (and with it the other tile switches) 11,264 / 28,672; loss_chunk_size 1024 instead of 256
-6.29 GiB. train.checkpoint_every stays 1: the streamer follows
+rows showed; a 128 GiB host): a step at 2048 tokens needs 4.50 GiB of the card and 46.8 GiB of the host (the base
+32.9, the optimizer 3.5, the embeddings 2.0, the layer inputs 2.5, the process 6.0); the longest context on a 12 / 24
+GiB card is 36,864 / 67,584 tokens (18,432 / 27,648 with a 64 GiB host, which then limits: the layer inputs it pins).
+Each lever off alone, at 2048 tokens and on 12 / 24 GiB cards: stream_base 36.6 GiB, nothing fits;
+offload_activations 6.93 GiB, 5,120 / 13,312; optimizer_on_cpu 7.55 GiB, 25,600 / 66,560; embeddings_on_cpu 6.45 GiB,
+28,672 / 67,584; quantize_lm_head 5.95 GiB, 30,720 / 67,584; tile_projections 26,624 / 64,512; tile_norms 23,552 /
+56,320; tile_size (and with it the other tile switches) 12,288 / 29,696; loss_chunk_size 1024 instead of 256
+4.71 GiB. train.checkpoint_every stays 1: the streamer follows
 the backward's order, which a group's replay would break (its rules refuse it).
 
 A real checkpoint (synthetic=False) is quantised on the CPU as it loads into host memory, which for 70B takes long;
