@@ -22,16 +22,16 @@ from pathlib import Path
 
 from qlora.cli import run
 from qlora.commands import eval_parser
-from qlora.config import Config
+from qlora.config import DataConfig
 from qlora.console import quiet_libraries
-from qlora.data.files import read_rows
+from qlora.data.files import read_rows, rows_sha256
 from qlora.data.labels import detect_format, load_splits, tokenize_rows
 from qlora.data.pack import pack_examples
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG
-from qlora.training.restore import recorded_rows
+from qlora.training.restore import recorded
 from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
 from qlora.training.step import announce_evaluation, evaluate
 
@@ -41,35 +41,68 @@ RESULT_KEYS = {"eval_loss", "eval_ppl", "eval_exact_match", "data", "rows"}
 
 def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None) -> dict:
     """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
-    # A missing or malformed file (--data, or the run's data.eval) is found before the model loads.
-    source = data if data is not None else read_run_config(Path(run_dir)).data.eval
-    key = "--data" if data is not None else f"data.eval in {Path(run_dir) / RUN_CONFIG}, or give --data FILE"
-    rows = read_rows(source, key) if source is not None else None
-    cfg, model, tokenizer, dev = load_run(Path(run_dir), device)
-    if data is None and not cfg.data.eval:
-        # The split training held out: the same seeded carve-out of the train file.
-        train, examples = load_splits(cfg.data, tokenizer, cfg.train.seed)
-        check_split(Path(run_dir), cfg, len(pack_examples(train, cfg.data.max_seq_len)) if cfg.data.pack
-                    else len(train), len(examples))
+    run_dir = Path(run_dir)
+    # The rows are read, and the run's own checked to be the run's, before the model loads: a missing, malformed or
+    # changed file is named first. Without data.eval the held-out split is carved from data.train's rows.
+    if data is not None:
+        source, key, counted = data, "--data", False
+        rows = read_rows(source, key)
+    else:
+        ran = read_run_config(run_dir).data
+        source, key = ran.eval or ran.train, "data.eval" if ran.eval else "data.train"
+        rows = read_rows(source, f"{key} in {run_dir / RUN_CONFIG}, or give --data FILE")
+        counted = not same_held_out(run_dir, ran, source, rows)
+    cfg, model, tokenizer, dev = load_run(run_dir, device)
+    fmt = detect_format(rows, source, key) if cfg.data.format == "auto" else cfg.data.format
+    if data is None and not cfg.data.eval:  # the split training held out: the same seeded carve-out
+        train, examples = load_splits(cfg.data, tokenizer, cfg.train.seed, (fmt, rows, None))
+        counts = [len(pack_examples(train, cfg.data.max_seq_len)) if cfg.data.pack else len(train), len(examples)]
         data = f"{cfg.data.train} (held-out {cfg.data.eval_fraction:.0%}, seed {cfg.train.seed})"
     else:  # `data`, or the run's held-out file (its train file is not read: tokenising it took as long as the rest)
-        data = data if data is not None else cfg.data.eval
-        fmt = detect_format(rows, data) if cfg.data.format == "auto" else cfg.data.format
-        examples = tokenize_rows(rows, fmt, tokenizer, data, cfg.data.max_seq_len)
+        examples = tokenize_rows(rows, fmt, tokenizer, source, cfg.data.max_seq_len)
+        counts, data = [None, len(examples)], source
+    if counted:
+        same_counts(run_dir, source, counts)
     started = announce_evaluation(examples, cfg, f"of {data}")
     scores = evaluate(model, examples, cfg, tokenizer.pad_token_id, dev)
     return {**scores, "data": data, "rows": len(examples), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def check_split(run_dir: Path, cfg: Config, n_train: int, n_eval: int) -> None:
-    """Refuse a held-out split carved from a data.train that changed since the run: the split is a seeded permutation
-    of the row count, so one row more or fewer holds out other rows, most of them trained on. The row counts the run
-    recorded are in its checkpoints; without one there is nothing to compare with."""
-    rows = recorded_rows(run_dir)
-    if isinstance(rows, list) and rows != [n_train, n_eval]:
-        raise ConfigError(f"{cfg.data.train} now gives {n_train} training and {n_eval} held-out rows, the run had "
+def same_held_out(run_dir: Path, ran: DataConfig, source: str, rows: list[dict]) -> bool:
+    """Refuse held-out rows other than those the run was evaluated on, by the sha256 of the rows its checkpoints
+    record (as --resume does, progress.same_rows): a held-out file edited, or moved and pointed at in
+    run_config.json, holds other rows; so does a data.train whose seeded split would then hold out rows the run
+    trained on, even as many (two rows swapped). False where no checkpoint records them: `same_counts` decides."""
+    _, recorded_sha = recorded(run_dir, "rows_sha256")
+    if not (isinstance(recorded_sha, list) and len(recorded_sha) == 2):
+        return False
+    fix = "restore it, or pass --data FILE to score a file as it is"
+    if (recorded_sha[1] is None) == bool(ran.eval):  # run_config.json's data.eval set or cleared since the run
+        held = "its own data.eval file" if recorded_sha[1] is not None else "a seeded split of data.train"
+        raise ConfigError(f"{run_dir / RUN_CONFIG} has data.eval={ran.eval or 'null'}, but the run held out {held}: "
+                          f"{fix}")
+    if rows_sha256(rows) != recorded_sha[bool(ran.eval)]:
+        key, why = ("data.eval", "they are not the rows the run was evaluated on") if ran.eval else (
+            "data.train", "the split carved from them by seed would hold out rows the run trained on")
+        raise ConfigError(f"{key}={source} holds other rows than the run's (their sha256 differs), so {why}: {fix}")
+    return True
+
+
+def same_counts(run_dir: Path, source: str, counts: list[int | None]) -> None:
+    """For a run whose checkpoints predate rows_sha256: refuse held-out rows of other counts than the run's (training
+    rows too where the split is carved from them, `counts[0]`), and say that the counts alone decided."""
+    ckpt, rows = recorded(run_dir, "rows")
+    if not isinstance(rows, list):
+        return  # no checkpoint (an adapter alone): nothing to compare with
+    if counts[0] is not None and rows != counts:
+        raise ConfigError(f"{source} now gives {counts[0]} training and {counts[1]} held-out rows, the run had "
                           f"{rows[0]} and {rows[1]}: the file changed, so the held-out split carved from it by seed "
                           "would hold rows the run trained on; restore the file, or pass --data FILE")
+    if counts[1] != rows[1]:
+        raise ConfigError(f"{source} now gives {counts[1]} held-out rows, the run had {rows[1]}: the file changed, so "
+                          "they are not the rows the run was evaluated on; restore the file, or pass --data FILE")
+    print(f"{ckpt.name} holds no fingerprint of the run's rows (written before they were recorded): {source} is "
+          "taken for the run's by its row counts alone")
 
 
 def is_result(path: Path) -> bool:

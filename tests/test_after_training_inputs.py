@@ -21,7 +21,7 @@ from qlora.export import __main__ as export_command
 from qlora.export.gguf_file import write_tensor
 from qlora.merge import __main__ as merge_command
 from qlora.merge import checkpoint
-from qlora.training.checkpoint import RUN_CONFIG
+from qlora.training.checkpoint import RUN_CONFIG, STATE
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,11 @@ def test_a_damaged_loftq_shifts_file_is_one_line(run, tmp_path, capsys) -> None:
 
 
 def test_eval_refuses_a_heldout_split_of_a_train_file_that_changed(tmp_path, capsys) -> None:
-    """Without data.eval the held-out rows are a seeded permutation of data.train's row count: one row appended holds
-    out 29 of 30 rows the run trained on. The run's checkpoint recorded the counts, so the change is named."""
+    """Without data.eval the held-out rows are a seeded split of data.train's rows: two rows swapped (as many rows,
+    which the counts took) hold out other rows, most of them trained on. The checkpoint's rows_sha256 names it, as
+    --resume does; a checkpoint written before it is checked by its row counts, and says so."""
+    import torch
+
     from qlora.config import load_recipe
     from qlora.train import train
 
@@ -140,11 +143,43 @@ def test_eval_refuses_a_heldout_split_of_a_train_file_that_changed(tmp_path, cap
     train(cfg)
     assert run_eval.main([str(tmp_path / "run")]) == 0  # the file as trained: its own held-out split
     capsys.readouterr()
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    assert run_eval.main([str(tmp_path / "run")]) == 2
+    assert one_error(capsys) == (f"error: data.train={data} holds other rows than the run's (their sha256 differs), "
+                                 "so the split carved from them by seed would hold out rows the run trained on: "
+                                 "restore it, or pass --data FILE to score a file as it is")
+    state = tmp_path / "run" / "checkpoint-2" / STATE  # as written before rows_sha256: the counts decide
+    torch.save({k: v for k, v in torch.load(state, weights_only=True).items() if k != "rows_sha256"}, state)
+    assert run_eval.main([str(tmp_path / "run")]) == 0
+    assert ("checkpoint-2 holds no fingerprint of the run's rows (written before they were recorded): "
+            f"{data} is taken for the run's by its row counts alone") in capsys.readouterr().out
     with data.open("a") as f:
-        f.write(data.read_text().splitlines()[0] + "\n")
+        f.write(lines[0])
     assert run_eval.main([str(tmp_path / "run")]) == 2
     assert "now gives 571 training and 30 held-out rows, the run had 570 and 30: the file changed" in one_error(capsys)
     assert run_eval.main([str(tmp_path / "run"), "--data", str(cfg.data.train)]) == 0  # another file: as asked
+
+
+def test_eval_refuses_a_heldout_file_edited_or_moved_to_other_rows(run, tmp_path, capsys, monkeypatch) -> None:
+    """data.eval pointed at a copy of the held-out file with two rows swapped, or one row fewer: not the rows the run
+    was evaluated on, named before the model loads; the copy as it was is the run's, wherever it lies."""
+    moved = tmp_path / "run"
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns(".qlora.lock"))  # its checkpoint records the rows
+    raw = json.loads((moved / RUN_CONFIG).read_text())
+    held = Path(raw["data"]["eval"]).read_text().splitlines(keepends=True)
+    raw["data"]["eval"] = str(tmp_path / "moved.jsonl")
+    (moved / RUN_CONFIG).write_text(json.dumps(raw))
+    monkeypatch.setattr(run_eval, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
+    for edited in ([held[1], held[0], *held[2:]], held[1:], []):
+        (tmp_path / "moved.jsonl").write_text("".join(edited))
+        assert run_eval.main([str(moved)]) == 2
+        assert one_error(capsys) == (f"error: data.eval={tmp_path / 'moved.jsonl'} holds other rows than the run's "
+                                     "(their sha256 differs), so they are not the rows the run was evaluated on: "
+                                     "restore it, or pass --data FILE to score a file as it is")
+    monkeypatch.undo()
+    (tmp_path / "moved.jsonl").write_text("".join(held))
+    assert run_eval.main([str(moved)]) == 0
 
 
 def test_a_full_disk_under_an_export_is_exit_5_naming_the_file(tmp_path) -> None:

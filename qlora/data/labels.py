@@ -26,9 +26,10 @@ ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\
 CONTENT_STAND_IN = "QLORA-CONTENT-7f3a9c"  # an opening turn's stand-in: no template writes it, none trims or escapes it
 
 
-def detect_format(rows: list[dict], source: str) -> str:
+def detect_format(rows: list[dict], source: str, key: str = "data.train") -> str:
+    """The format of `rows` (read from `source`, which the setting or flag `key` names), from its first row's fields."""
     if not rows:
-        raise ConfigError(f"{source} holds no rows: add data or point data.train at another file")
+        raise ConfigError(f"{source} holds no rows: add data or point {key} at another file")
     for fmt, fields in FORMAT_FIELDS.items():
         if all(f in rows[0] for f in fields):
             return fmt
