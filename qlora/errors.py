@@ -69,6 +69,13 @@ def check_writable(path: Path, what: str, directory: bool = False) -> None:
                                    "path or make it writable")
 
 
+def json_trouble(err: ValueError | RecursionError) -> str:
+    """Why json.loads refused a text, in a few words for the one line: JSON's own message and where, the first clause
+    of the limit an integer of over 4,300 digits meets (a ValueError), or JSON nested past Python's recursion limit
+    (a RecursionError, which a file of 100,000 brackets meets)."""
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
+
+
 def interrupting_signal(err: BaseException) -> int | None:
     """The signal that ended the command, whatever `err` it surfaced as; None if none did."""
     if Session.signal is not None:

@@ -20,7 +20,7 @@ from qlora.cli import run
 from qlora.commands import generate_parser
 from qlora.console import quiet_libraries
 from qlora.data.labels import render_chat
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, json_trouble
 from qlora.training.assemble import load_run
 
 # Below this, sampling is greedy decoding in all but name, and far below it the logits divided by the temperature
@@ -62,8 +62,10 @@ def read_prompt(line: str, jsonl: bool, number: int) -> str:
         return line.rstrip("\r\n")  # the line's end, Windows' too
     try:
         value = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"stdin:{number}: not JSON ({err.msg}): with --jsonl write each prompt as a JSON string, "
+    # an integer of over 4,300 digits is a ValueError, arrays nested too deep a RecursionError: neither is a prompt
+    except (ValueError, RecursionError) as err:
+        why = err.msg if isinstance(err, json.JSONDecodeError) else json_trouble(err)  # one line: no line number
+        raise ConfigError(f"stdin:{number}: not JSON ({why}): with --jsonl write each prompt as a JSON string, "
                           'e.g. "first line\\nsecond line"') from None
     value = value.get("prompt") if isinstance(value, dict) else value
     if not isinstance(value, str):

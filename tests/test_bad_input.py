@@ -520,7 +520,7 @@ def broken(name: str, content: bytes | None) -> Callable[[Path], None]:
     (broken("run_config.json", b'{"model": {"path": "m"}, "data": {"train": "t"}, "train": {"lr": -1.0}}'),
      ["--resume"], r"run_config.json: train.lr=-1.0 must be positive"),
     (broken("run_config.json", b'{"model": {"path": "m", "size": 7}, "data": {"train": "t"}}'), ["--resume"],
-     r"run_config.json does not fit this version of qlora.config \(.*unexpected keyword argument 'size'\)"),
+     r"run_config.json has an unknown key model.size: restore the file$"),
     (broken("run_config.json", b"\xff\xfe{}"), ["--resume"], r"run_config.json is unreadable \('utf-8' codec"),
     (broken("run_config.json", b'{"model": "tiny", "data": {"train": "t"}}'), [], r"is not a run config"),
 ], ids=["run config is a dir", "metrics is a dir", "adapter is a dir", "checkpoint is a file", "run config cut short",

@@ -145,8 +145,18 @@ CASES = [
     ("eval: run config invalid value", "qlora.eval", ["{run}"],
      edit_json("run_config.json", lambda c: c["lora"].update(r=0)), r"run_config.json: lora.r=0 must be a positive"),
     ("eval: run config unknown key", "qlora.eval", ["{run}"],
-     edit_json("run_config.json", lambda c: c["train"].update(learning_rate=1)), r"does not fit this version of "
-                                                                                 r"qlora.config"),
+     edit_json("run_config.json", lambda c: c["train"].update(stepz=1)),
+     r"run_config.json has an unknown key train.stepz \(did you mean train.steps\?\): restore the file$"),
+    ("eval: run config nested too deeply", "qlora.eval", ["{run}"], write("run_config.json", b"[" * 100000),
+     r"run_config.json is unreadable \(nested too deeply\): restore it"),
+    ("merge: run config integer of 5,000 digits", "qlora.merge", ["{run}", "--out={tmp}/m"],
+     write("run_config.json", b'{"lora": {"r": ' + b"1" * 5000 + b"}}"),
+     r"run_config.json is unreadable \(Exceeds the limit \(4300 digits\) for integer string conversion: value has "
+     r"5000 digits\): restore it"),
+    ("eval: adapter config nested too deeply", "qlora.eval", ["{run}"], write(ADAPTER_CONFIG, b"[" * 100000),
+     r"adapter_config.json is unreadable \(nested too deeply\): restore it from the run"),
+    ("merge: adapter config integer of 5,000 digits", "qlora.merge", ["{run}", "--out={tmp}/m"],
+     write(ADAPTER_CONFIG, b'{"r": ' + b"1" * 5000 + b"}"), r"adapter_config.json is unreadable \(Exceeds the limit"),
     ("eval: adapter of another rank", "qlora.eval", ["{run}"], lower_rank,
      r"adapter_model.safetensors does not fit the run's base .*tiny-llama\S* \(adapter tensor .* has shape \(4, 128\), "
      rf"this model's \({TINY_R}, 128\): was it trained with another lora.r or another base\?\)"),
@@ -413,3 +423,8 @@ def test_a_prompt_on_stdin_is_its_line_without_the_line_end_and_never_empty():
     assert read_prompt('{"prompt": "a\\nb"}\n', jsonl=True, number=2) == "a\nb"
     with pytest.raises(ConfigError, match=r"^stdin:3: the prompt is empty: give the text to complete$"):
         read_prompt('{"prompt": ""}\n', jsonl=True, number=3)
+    # JSON that json.loads refuses otherwise than as malformed: a traceback, before
+    with pytest.raises(ConfigError, match=r"^stdin:4: not JSON \(nested too deeply\): with --jsonl write each"):
+        read_prompt("[" * 100000, jsonl=True, number=4)
+    with pytest.raises(ConfigError, match=r"^stdin:5: not JSON \(Exceeds the limit \(4300 digits\) for integer"):
+        read_prompt("1" * 5000, jsonl=True, number=5)

@@ -19,7 +19,7 @@ from torch import nn
 from qlora.base.bnb import bnb
 from qlora.config import LoRAConfig
 from qlora.config.model import check_rank
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, json_trouble
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -198,9 +198,11 @@ def read_adapter_config(run_dir: Path) -> dict:
     path = run_dir / ADAPTER_CONFIG
     try:
         adapter_cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} is unreadable ({getattr(err, 'strerror', None) or err}): restore it from the run "
-                          "(its checkpoint-N directories hold copies)") from None
+    # ValueError: not UTF-8, not JSON, or an integer of over 4,300 digits; RecursionError: arrays nested too deep
+    except (OSError, ValueError, RecursionError) as err:
+        reason = err.strerror if isinstance(err, OSError) else json_trouble(err)
+        raise ConfigError(f"{path} is unreadable ({reason}): restore it from the run (its checkpoint-N directories "
+                          "hold copies)") from None
     numbers = [adapter_cfg.get(k) if isinstance(adapter_cfg, dict) else None for k in ("r", "lora_alpha")]
     if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and n > 0 for n in numbers):
         raise ConfigError(f"{path} lacks a positive r and lora_alpha: restore it from the run (its checkpoint-N "

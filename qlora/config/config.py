@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora.config.model import LoRAConfig, ModelConfig, QuantConfig
 from qlora.config.run import DataConfig, OutputConfig, TrainConfig
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, json_trouble
 from qlora.levers import check_levers
 
 
@@ -91,9 +91,16 @@ def config_from_dict(raw: object, source: str) -> Config:
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"{source} has no section {unknown[0]!r} in this version of qlora: restore the file")
+    for name in sections:  # a key edited in by hand: named, as a recipe's is, not as the TypeError of __init__
+        known = [f.name for f in dataclasses.fields(sections[name])]
+        for key in raw.get(name, {}):
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"{source} has an unknown key {name}.{key}"
+                                  + (f" (did you mean {name}.{close[0]}?)" if close else "") + ": restore the file")
     try:
         return Config(**{name: sections[name](**raw[name]) for name in sections if name in raw})
-    except TypeError as err:  # a key this version of Config does not know, or a missing section
+    except TypeError as err:  # a missing section
         raise ConfigError(f"{source} does not fit this version of qlora.config ({err})") from None
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
@@ -103,8 +110,9 @@ def read_config_json(path: Path) -> Config:
     """The Config a run recorded in `path` (its run_config.json)."""
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else str(err)
+    # ValueError: not UTF-8, not JSON, or an integer of over 4,300 digits; RecursionError: arrays nested too deep
+    except (OSError, ValueError, RecursionError) as err:
+        reason = err.strerror if isinstance(err, OSError) else json_trouble(err)
         raise ConfigError(f"{path} is unreadable ({reason}): restore it, or start the run again with --overwrite") \
             from None
     return config_from_dict(raw, str(path))

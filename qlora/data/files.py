@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from qlora.base.build import hub_unreachable, looks_like_hub_id
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, json_trouble
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 class Rows(list):
@@ -143,8 +143,8 @@ def _read_jsonl(path: Path) -> Rows:
                                   "per line (JSONL): name the file .json, or write one row per line") from None
             raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
         except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; objects nested too deep
-            why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(";")[0]
-            raise ConfigError(f"{path}:{number}: unreadable JSON ({why}): fix or delete that line") from None
+            raise ConfigError(f"{path}:{number}: unreadable JSON ({json_trouble(err)}): fix or delete that line") \
+                from None
         if not isinstance(row, dict):
             hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
             raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}{hint}")
