@@ -95,6 +95,12 @@ def int_adapter(run: Path, other: Path) -> None:
     save_file({k: v.to(torch.int32) for k, v in tensors.items()}, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
+def f64_adapter(run: Path, other: Path) -> None:
+    """The adapter's tensors re-saved as float64, a dtype no run trains in (merge read its base's dtype off it)."""
+    tensors = load_file(str(run / ADAPTER_WEIGHTS))
+    save_file({k: v.double() for k, v in tensors.items()}, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
 def edit_adapter_config(**changes: object) -> Callable[[Path, Path], None]:
     def setup(run: Path, other: Path) -> None:
         config = json.loads((run / ADAPTER_CONFIG).read_text())
@@ -142,6 +148,9 @@ CASES = [
     ("eval: adapter stored as int32", "qlora.eval", ["{run}"], int_adapter, r"is int32, not floating point"),
     ("merge: adapter stored as int32", "qlora.merge", ["{run}", "--out={tmp}/m"], int_adapter,
      r"is stored as torch.int32 / torch.int32, not floating point"),
+    ("merge: adapter stored as float64", "qlora.merge", ["{run}", "--out={tmp}/m"], f64_adapter,
+     r"is stored as torch.float64 / torch.float64, where a run saves its whole adapter in the one dtype it trained in "
+     r"\(bf16, fp16 or fp32\): restore it from the run$"),
     ("eval: run config invalid value", "qlora.eval", ["{run}"],
      edit_json("run_config.json", lambda c: c["lora"].update(r=0)), r"run_config.json: lora.r=0 must be a positive"),
     ("eval: run config unknown key", "qlora.eval", ["{run}"],

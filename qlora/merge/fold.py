@@ -101,7 +101,7 @@ def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-    path = run_dir / ADAPTER_WEIGHTS
+    path, stored = run_dir / ADAPTER_WEIGHTS, set()
     try:
         with safe_open(str(path), "pt") as adapter:
             if not any(key.endswith(".lora_A.weight") for key in adapter.keys()):
@@ -120,6 +120,13 @@ def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
                 if not (a.is_floating_point() and b.is_floating_point()):  # folded in, they would be cast silently
                     raise ConfigError(f"{path}: the adapter of {module} is stored as {a.dtype} / {b.dtype}, not "
                                       "floating point: restore it from the run")
+                stored |= {a.dtype, b.dtype}
+                # A run keeps its adapter in the dtype it trained in, which the fold reads back (trained_dtype) as
+                # the dtype its base was loaded and quantised in: another one (float64) has no such dtype.
+                if len(stored) > 1 or not stored <= set(DTYPES.values()):
+                    raise ConfigError(f"{path}: the adapter of {module} is stored as {a.dtype} / {b.dtype}, where a "
+                                      "run saves its whole adapter in the one dtype it trained in (bf16, fp16 or "
+                                      "fp32): restore it from the run")
                 if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                     raise ConfigError(f"{path}: the adapter of {module} holds nan or inf: there is nothing to merge")
     except ConfigError:
