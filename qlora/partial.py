@@ -24,9 +24,18 @@ def write_aside(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        name_output(err, tmp, path)
         raise
+
+
+def name_output(err: BaseException, hidden: Path | str, out: Path) -> None:
+    """Make an OSError met while writing `hidden` (the hidden copy of `out`, or a file inside it) name `out`, the path
+    the user gave: the hidden copy is gone by the time the line is read, and a write the disk refused as the file was
+    closed (a full disk) names no file at all ("could not write a file")."""
+    if isinstance(err, OSError) and (err.filename is None or str(err.filename).startswith(str(hidden))):
+        err.filename = str(out)
 
 
 def partial_prefix(out: Path) -> str:

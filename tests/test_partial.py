@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qlora.partial import remove_abandoned
 
 
@@ -53,3 +55,30 @@ def test_a_build_killed_before_its_rename_is_cleared_by_the_next(tmp_path: Path)
     assert built.returncode == 0, built.stderr
     assert f"removed {left} left by a run that was killed" in built.stdout
     assert [p.name for p in tmp_path.iterdir()] == [Path(built.stdout.strip().splitlines()[-1]).name]
+
+
+def test_a_full_disk_under_a_file_written_aside_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    """A full disk refuses a small file as it is closed, in an OSError without a filename: `qlora.eval --json` and a
+    memory report on a full tmpfs said 'could not write a file (No space left on device)'. The path asked for is
+    named, the earlier file is kept and no hidden copy is left."""
+    import errno
+
+    from qlora.errors import exit_status
+    from qlora.partial import write_aside
+    from qlora.report.memory import write_together
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as close() raises it: no filename
+
+    (tmp_path / "eval.json").write_text("the earlier result\n")
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError) as caught:
+        write_aside(tmp_path / "eval.json", "{}\n")
+    assert exit_status(caught.value) == (5, f"error: could not write {tmp_path / 'eval.json'} (No space left on "
+                                            "device); free some space, then run the command again")
+    monkeypatch.undo()
+    with pytest.raises(OSError) as caught:
+        write_together(tmp_path, {"r.md": lambda path: path.write_text("report\n"), "r.json": full})
+    assert caught.value.filename == str(tmp_path / "r.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    assert (tmp_path / "eval.json").read_text() == "the earlier result\n"

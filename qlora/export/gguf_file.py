@@ -40,7 +40,7 @@ from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, Stop
 from qlora.export.tokenizer import add_tokenizer
 from qlora.merge.fold import MergeSource, folding, merge_source
-from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned
+from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -255,8 +255,7 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
         with contextlib.suppress(OSError):  # on a full disk, flushing what was buffered fails too
             writer.close()
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
-            err.filename = str(out)  # name the file the user asked for, not its hidden copy, which is gone
+        name_output(err, tmp, out)
         raise
     print(f"wrote {out}")
     return {"gguf": str(out), "type": kind, "tensors": len(planned), "merged_layers": len(merged),

@@ -28,7 +28,7 @@ from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
 from qlora.merge.fold import folding, merge_source, read_scaling
-from qlora.partial import ordinary_modes, partial_prefix, remove_abandoned, write_aside
+from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned, write_aside
 from qlora.training.assemble import load_run_fp32, read_run_config
 
 INFO = "merge_info.json"
@@ -161,8 +161,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
         os.replace(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and str(err.filename or "").startswith(str(tmp)):
-            err.filename = str(out)  # name the output the user gave, not its hidden copy, which is gone
+        name_output(err, tmp, out)
         raise
     print(f"wrote {len(merged)} merged layers, {total / 1e9:.3f} GB, to {out} ({since(started)})")
     return info

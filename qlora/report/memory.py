@@ -36,7 +36,7 @@ from qlora.config.model import FP16_ON_CUDA, check_rank
 from qlora.errors import ConfigError, check_writable
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import load_arch
-from qlora.partial import remove_abandoned
+from qlora.partial import name_output, remove_abandoned
 from qlora.report.contents import build_report, target_device, versions
 
 USAGE = MEMORY.usage
@@ -73,14 +73,17 @@ def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) 
         remove_abandoned(out_dir / stem)  # a killed report's temporaries
     # The suffix stays last: matplotlib picks the image format from it.
     temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
+    name = None
     try:
         for name, write in writers.items():
             write(temps[name])
         for name, tmp in temps.items():
             os.replace(tmp, out_dir / name)
-    except BaseException:
+    except BaseException as err:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+        if name is not None:
+            name_output(err, temps[name], out_dir / name)
         raise
 
 
