@@ -124,15 +124,24 @@ def check_json_path(path: Path, run_dir: Path, data: str | None) -> None:
     for source in (data, cfg.data.train, cfg.data.eval):
         if source and path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise ConfigError(f"--json={path} is the data file {source}: writing it would destroy the data; {fix}")
-    target, run = path.resolve(), Path(run_dir).resolve()
-    if not target.is_relative_to(run):
-        return
-    top = target.relative_to(run).parts[0]
-    if top in RUN_FILES or top == LOCK or RUN_DIRS.match(top) or LEFTOVER.match(top):
+    if (top := run_owned(path, run_dir)) is not None:
         raise ConfigError(f"--json={path} is the run's own {top}: writing it would damage the run; {fix}")
-    if path.exists() and not is_result(path):
+    if path.resolve().is_relative_to(Path(run_dir).resolve()) and path.exists() and not is_result(path):
         raise ConfigError(f"--json={path} is a file in the run {run_dir} that qlora.eval did not write: writing it "
                           f"would destroy it; {fix}")
+
+
+def run_owned(path: Path, run_dir: Path) -> str | None:
+    """The name in the run of `run_dir` (that directory, or the one a checkpoint-N lies in) under which `path` lies,
+    where the trainer owns that name: its files, lock, checkpoints and what a killed run leaves, which a resume or the
+    next checkpoint reads, renames or removes. None for a path anywhere else."""
+    run = Path(run_dir).resolve()
+    run = run.parent if RUN_DIRS.match(run.name) else run
+    target = Path(path).resolve()
+    if not target.is_relative_to(run) or target == run:
+        return None
+    top = target.relative_to(run).parts[0]
+    return top if top in RUN_FILES or top == LOCK or RUN_DIRS.match(top) or LEFTOVER.match(top) else None
 
 
 def main(argv: list[str] | None = None) -> int:

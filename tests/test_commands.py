@@ -223,6 +223,16 @@ CASES = [
      r"--out=.*merged is a file: give a directory"),
     ("merge: --out under a file", "qlora.merge", ["{run}", "--out={tmp}/merged/here"], a_file("merged"),
      r"--out=.*merged/here cannot be created: .*merged is a file"),
+    ("merge: --out a checkpoint's name in the run", "qlora.merge", ["{run}", "--out={run}/checkpoint-9"], noop,
+     r"--out .*run/checkpoint-9 is the run's own checkpoint-9, which its training reads, renames or removes: choose a "
+     r"directory outside the run, e.g. .*run-merged$"),
+    ("merge: --out a leftover's name in the run", "qlora.merge", ["{run}", "--out={run}/.tmp-final"], noop,
+     r"is the run's own .tmp-final, which its training"),
+    ("merge: --out in a checkpoint given as the run", "qlora.merge",
+     ["{run}/checkpoint-2", "--out={run}/checkpoint-2/m"], noop, r"is the run's own checkpoint-2, which its training"),
+    ("export: --gguf in a checkpoint", "qlora.export", ["{run}", "--gguf={run}/checkpoint-2/m.gguf"], noop,
+     r"--gguf=.*run/checkpoint-2/m.gguf lies in the run's own checkpoint-2, which its training reads, renames or "
+     r"removes: choose a path outside it, e.g. .*run.gguf$"),
     ("merge: no --out", "qlora.merge", ["{run}"], noop, r"the following arguments are required: --out"),
     ("merge: zero shard size", "qlora.merge", ["{run}", "--out={tmp}/m", "--max-shard-size=0"], noop,
      r"--max-shard-size='0' must be more than 0 bytes"),

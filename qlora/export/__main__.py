@@ -10,6 +10,7 @@ from qlora.commands import export_parser
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows
 from qlora.errors import ConfigError, check_writable
+from qlora.eval import run_owned
 from qlora.export.check import check_export, held_out_source
 from qlora.export.gguf_file import export
 from qlora.training.assemble import read_run_config
@@ -30,6 +31,9 @@ def _main(argv: list[str]) -> int:
                           f"use {out.with_suffix('.gguf').name}")
     if out.exists():
         raise ConfigError(f"--gguf={out} exists: choose another path or delete it")
+    if (top := run_owned(out, args.run_dir)) is not None:  # a checkpoint, which the run may rename or remove
+        raise ConfigError(f"--gguf={out} lies in the run's own {top}, which its training reads, renames or removes: "
+                          f"choose a path outside it, e.g. {args.run_dir.resolve()}.gguf")
     if args.rows < 1:
         raise ConfigError(f"--rows={args.rows}: the check needs at least one held-out row, e.g. --rows=32")
     cfg = read_run_config(args.run_dir)  # a missing run is named before anything loads

@@ -26,6 +26,7 @@ from qlora.base.build import INDEX, checkpoint_shards
 from qlora.base.load import load_tokenizer
 from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, check_writable
+from qlora.eval import run_owned
 from qlora.generate import render
 from qlora.merge.fold import folding, merge_source, read_scaling
 from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned, write_aside
@@ -130,6 +131,9 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     run_dir, out = Path(run_dir), Path(out)
     read_scaling(run_dir, read_run_config(run_dir))  # a run that cannot be merged is named before --out
     check_writable(out, "--out", directory=True)
+    if (top := run_owned(out, run_dir)) is not None:  # a resume would take it for a checkpoint, or remove it
+        raise ConfigError(f"--out {out} is the run's own {top}, which its training reads, renames or removes: choose a "
+                          f"directory outside the run, e.g. {run_dir.resolve()}-merged")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty: choose another directory or delete it")
     if out.exists():  # empty: the finished merge takes its place, by rename
