@@ -266,6 +266,8 @@ CASES = [
      a_file("c.json", "[1]"), r"model.config_json=.*c.json: config.json holds a JSON list, not an object"),
     ("measure: no runs", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--runs=0"], noop,
      r"--runs=0: give a whole number of at least 1"),
+    ("memory: --gpus a superscript digit", "qlora.memory", [TINY, "--gpus=\u00b2"], noop,
+     r"--gpus '\u00b2': give the number of GPUs \(processes\), e.g. --gpus 2$"),
     ("memory: infinite card", "qlora.memory", [TINY, "--max-context", "--gpu-gib=inf"], noop,
      r"--gpu-gib 'inf': use positive sizes in GiB up to 1048576"),
     ("memory: host beyond a pebibyte", "qlora.memory", [TINY, "--max-context", "--host-gib=1e300"], noop,

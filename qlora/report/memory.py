@@ -126,7 +126,7 @@ def parse_cli(argv: list[str]) -> Cli:
         if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir") and not sep:
             value = next(args, "")
         if name == "--gpus":
-            if not value.isdigit() or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes "²"
                 raise ConfigError(f"--gpus {value!r}: give the number of GPUs (processes), e.g. --gpus 2")
             cli.gpus = int(value)
         elif arg == "--measure":
