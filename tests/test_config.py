@@ -81,6 +81,19 @@ def test_recipe_errors_name_the_file(tmp_path):
         load_recipe(bad)
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("'q_proj'", r"lora.targets='q_proj' is a str: set it to a list of strings such as \['q_proj', 'v_proj'\]$"),
+    ("('q_proj',)", r"lora.targets=\('q_proj',\) is a tuple: set it to a list of strings"),
+])
+def test_a_list_of_another_type_is_named_as_a_list(tmp_path, value, message):
+    """The type named was the list's element type's: "lora.targets='q_proj' is a str: set it to a string"."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("from qlora.config import *\nconfig = Config(model=ModelConfig(path='m'), "
+                      f"data=DataConfig(train='t.jsonl'), lora=LoRAConfig(targets={value}))\n")
+    with pytest.raises(ConfigError, match=r"recipe.py:2: " + message):
+        load_recipe(recipe)
+
+
 def test_parse_args_separates_flags_from_overrides():
     cfg, flags = parse_args([TINY, "--resume", "--train.steps=2"], "usage")
     assert flags == ["--resume"] and cfg.train.steps == 2

@@ -25,9 +25,13 @@ def check_types(section: object) -> None:
     for f in dataclasses.fields(section):
         value, hint = getattr(section, f.name), hints[f.name]
         if not _has_type(value, hint):
-            wanted = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            # A union's first other member (str | None: str); any other hint itself (list[str]: not its str).
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            wanted = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
             origin = typing.get_origin(wanted[0]) or wanted[0]
-            raise ConfigError(f"{name}.{f.name}={value!r} is a {type(value).__name__}: set it to "
+            kind = type(value).__name__
+            kind = f"{'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind}"  # an int, a str
+            raise ConfigError(f"{name}.{f.name}={value!r} is {kind}: set it to "
                               f"{TYPE_EXAMPLES.get(origin, getattr(origin, '__name__', origin))}"
                               f"{' or None' if type(None) in typing.get_args(hint) else ''}")
         if isinstance(value, float) and not math.isfinite(value):
