@@ -81,6 +81,15 @@ def test_recipe_errors_name_the_file(tmp_path):
         load_recipe(bad)
 
 
+@pytest.mark.parametrize("raw", ["q_proj,v_proj", "['q_proj', 'v_proj']", "[q_proj,v_proj]", '["q_proj","v_proj"]'])
+def test_a_list_is_read_as_names_or_as_help_shows_it(raw):
+    """--help shows lora.targets as ['all-linear']; given so (or as a shell leaves it, [q_proj,v_proj]), each part was
+    a name, brackets and quotes and all, refused only after the base had loaded ("['q_proj'" matches no layer)."""
+    assert apply_overrides(load_recipe(TINY), [f"--lora.targets={raw}"]).lora.targets == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match=r"""^--lora.targets=\['q_proj': "\['q_proj'" is no name: give names """):
+        apply_overrides(load_recipe(TINY), ["--lora.targets=['q_proj'"])
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("'q_proj'", r"lora.targets='q_proj' is a str: set it to a list of strings such as \['q_proj', 'v_proj'\]$"),
     ("('q_proj',)", r"lora.targets=\('q_proj',\) is a tuple: set it to a list of strings"),

@@ -190,8 +190,23 @@ def _parse(raw: str, annotation: object, key: str) -> object:
         except ValueError:
             raise ConfigError(f"--{key}={raw}: expected {annotation.__name__}, e.g. --{key}=1") from None
     if typing.get_origin(annotation) is list:
-        return [part.strip() for part in raw.split(",") if part.strip()]
+        return _parse_list(raw, key)
     return raw
+
+
+def _parse_list(raw: str, key: str) -> list[str]:
+    """`a,b`, or the list as --help and run_config.json show it: `['a', 'b']` (`[a,b]` once a shell took the quotes).
+    Each part was taken as a name, brackets and quotes and all, and refused only after the base had loaded."""
+    text = raw.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    parts = [part.strip() for part in text.split(",")]
+    parts = [p[1:-1].strip() if len(p) > 1 and p[0] == p[-1] and p[0] in "'\"" else p for p in parts]
+    odd = [p for p in parts if any(c in p for c in "[]'\"")]
+    if odd:
+        raise ConfigError(f"--{key}={raw}: {odd[0]!r} is no name: give names separated by commas, "
+                          f"e.g. --{key}=NAME,NAME")
+    return [p for p in parts if p]
 
 
 def split_args(argv: list[str], usage: str) -> tuple[str, list[str], list[str]]:
