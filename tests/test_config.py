@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -101,6 +102,13 @@ def test_a_list_of_another_type_is_named_as_a_list(tmp_path, value, message):
                       f"data=DataConfig(train='t.jsonl'), lora=LoRAConfig(targets={value}))\n")
     with pytest.raises(ConfigError, match=r"recipe.py:2: " + message):
         load_recipe(recipe)
+
+
+def test_a_recipe_that_is_a_pipe_is_not_said_to_be_missing(tmp_path):
+    """`python -m qlora.train <(...)` names /dev/fd/63, which exists: it was 'not found'."""
+    os.mkfifo(tmp_path / "recipe.py")
+    with pytest.raises(ConfigError, match=r"recipe.py is not a regular file \(a pipe or a device\)"):
+        load_recipe(tmp_path / "recipe.py")
 
 
 def test_parse_args_separates_flags_from_overrides():

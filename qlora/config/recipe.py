@@ -76,7 +76,9 @@ def load_recipe(path: str | Path) -> Config:
     """Execute a recipe file and return its `config`."""
     path = Path(path)
     if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "not found"
+        # A pipe (`<(...)`: /dev/fd/63) or a device exists: "not found" sent the user looking for a file that is there.
+        problem = ("is a directory" if path.is_dir() else "is not a regular file (a pipe or a device)" if path.exists()
+                   else "not found")
         raise ConfigError(f"recipe {path} {problem}: pass the path of a recipe file such as recipes/tiny.py")
     if path.suffix != ".py":  # importlib finds no loader for any other name, and would fail in its own words
         raise ConfigError(f"recipe {path} is not a .py file: a recipe is Python; rename it to {path.stem}.py")
