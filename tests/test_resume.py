@@ -537,11 +537,24 @@ def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing
                                             r"came from another run, move it away\) to continue the run as it was, or "
                                             r"pass --train.lr=0.001 to resume with it$"),
     (lambda c: c["model"].update(build="tiny llama"), r"pass --model.build='tiny llama' to resume with it$"),
-], ids=["a fixed value changed", "a key removed", "a value a resume may change, changed", "one with a space"])
+    (lambda c: c["quant"].update(double_quant=False) or c["train"].update(seed=7),
+     r"run_config.json has quant.double_quant=False, train.seed=7, but checkpoint-4 was written with "
+     r"quant.double_quant=True, train.seed=0, which the checkpoints fix: restore quant.double_quant, train.seed in "),
+    (lambda c: c["lora"].pop("dropout") and c["train"].pop("lr"),
+     r"run_config.json lacks lora.dropout, train.lr, which checkpoint-4 was written with \(lora.dropout=0.1, "
+     r"train.lr=0.003\): the default would stand in; restore lora.dropout, train.lr in run_config.json"),
+    (lambda c: c["train"].update(lr=0.001, max_grad_norm=0.5),
+     r"run_config.json has train.lr=0.001, train.max_grad_norm=0.5, but checkpoint-4 was written with train.lr=0.003, "
+     r"train.max_grad_norm=1.0: restore train.lr, train.max_grad_norm in run_config.json \(or, if checkpoint-4 came "
+     r"from another run, move it away\) to continue the run as it was, or pass --train.lr=0.001 "
+     r"--train.max_grad_norm=0.5 to resume with them$"),
+], ids=["a fixed value changed", "a key removed", "a value a resume may change, changed", "one with a space",
+        "two fixed values changed", "two keys removed", "two values a resume may change, changed"])
 def test_a_run_config_edited_since_the_checkpoint_is_refused_before_writing(cli, partial, tmp_path, edit, pattern):
     """Each resumed without a word before: at another data order, at the default lr 2e-4 instead of the run's, or at
     the edited lr 1e-3 (a resume changes it on the command line, where it is said). The flag to pass is quoted for a
-    shell where its value needs it: `--model.build=tiny llama` gave the shell two words."""
+    shell where its value needs it: `--model.build=tiny llama` gave the shell two words. Several edited values are
+    named together: the line named the first alone, and the resume its fix suggested was refused for the second."""
     out = copy_of(partial, tmp_path)
     raw = json.loads((out / "run_config.json").read_text())
     edit(raw)

@@ -102,19 +102,26 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
     if not isinstance(record, dict):
         return None, {}
     ours, theirs, raw = _flat(saved.to_dict()), _flat(record), _flat(json.loads(path.read_text()))
+    # Each refusal names every key it is for: named one at a time, each fix met the next refusal.
     missing = [k for k in theirs if k not in raw and k in ours]
     if missing:
-        k = missing[0]
-        raise ConfigError(f"{path} lacks {k}, which {ckpt.name} was written with ({theirs[k]!r}): the default would "
-                          f"stand in; restore {k} in {RUN_CONFIG} to use the run, or start a new run with "
+        keys, then = ", ".join(missing), _values(missing, theirs)
+        raise ConfigError(f"{path} lacks {keys}, which {ckpt.name} was written with ({then}): the default would "
+                          f"stand in; restore {keys} in {RUN_CONFIG} to use the run, or start a new run with "
                           "--overwrite")
     fixed = [*IDENTITY, *FIXED_ON_RESUME, *(["data.max_seq_len"] if theirs.get("data.pack") else [])]
-    for k in fixed:
-        if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]:
-            raise ConfigError(f"{path} has {k}={ours[k]!r}, but {ckpt.name} was written with {theirs[k]!r}, which the "
-                              f"checkpoints fix: restore {k} in {RUN_CONFIG} (or, if {ckpt.name} came from another "
-                              "run, move it away) to use the run, or start a new run with --overwrite")
+    changed = [k for k in fixed if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]]
+    if changed:
+        raise ConfigError(f"{path} has {_values(changed, ours, named=True)}, but {ckpt.name} was written with "
+                          f"{_values(changed, theirs)}, which the checkpoints fix: restore {', '.join(changed)} in "
+                          f"{RUN_CONFIG} (or, if {ckpt.name} came from another run, move it away) to use the run, or "
+                          "start a new run with --overwrite")
     return ckpt, theirs
+
+
+def _values(keys: list[str], values: dict, named: bool = False) -> str:
+    """`keys`' values as a refusal names them: `k=v, ...`, or the value alone for one key not `named`."""
+    return ", ".join(f"{k}={values[k]!r}" if named or len(keys) > 1 else repr(values[k]) for k in keys)
 
 
 def _flag(key: str, value: object) -> str:
@@ -175,11 +182,12 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     kept = {*MOVABLE, "output.dir", *given, *planned,
             *(override_key(item) for item in theirs.get("train.plan_from", []) if resumed.train.plan == "fastest")}
     edited = [k for k in theirs if k in before and theirs[k] != before[k] and k not in kept]
-    if edited:
-        k = edited[0]
-        raise ConfigError(f"{path} has {k}={before[k]!r}, but {ckpt.name} was written with {theirs[k]!r}: restore {k} "
-                          f"in {RUN_CONFIG} (or, if {ckpt.name} came from another run, move it away) to continue the "
-                          f"run as it was, or pass {_flag(k, before[k])} to resume with it")
+    if edited:  # every one, as check_recorded names them
+        raise ConfigError(f"{path} has {_values(edited, before, named=True)}, but {ckpt.name} was written with "
+                          f"{_values(edited, theirs)}: restore {', '.join(edited)} in {RUN_CONFIG} (or, if {ckpt.name} "
+                          "came from another run, move it away) to continue the run as it was, or pass "
+                          f"{' '.join(_flag(k, before[k]) for k in edited)} to resume with "
+                          f"{'it' if len(edited) == 1 else 'them'}")
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
                if recipe[k] != after[k] and k != "output.dir" and k not in planned]
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
