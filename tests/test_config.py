@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
-from qlora.config import apply_overrides, load_recipe, parse_args
+from qlora.config import apply_overrides, load_recipe, parse_args, resolve_paths
 from qlora.errors import ConfigError
 
 TINY = "recipes/tiny.py"
@@ -109,6 +110,14 @@ def test_a_recipe_that_is_a_pipe_is_not_said_to_be_missing(tmp_path):
     os.mkfifo(tmp_path / "recipe.py")
     with pytest.raises(ConfigError, match=r"recipe.py is not a regular file \(a pipe or a device\)"):
         load_recipe(tmp_path / "recipe.py")
+
+
+def test_a_run_directory_under_home_is_there():
+    """`--output.dir=~/runs/x` (a shell expands no ~ after `=`) wrote to a folder named ~ in the working directory,
+    where model.path and data.train expand theirs."""
+    cfg = resolve_paths(apply_overrides(load_recipe(TINY), ["--output.dir=~/runs/x"]))
+    assert cfg.output.dir == str(Path.home() / "runs" / "x")
+    assert resolve_paths(load_recipe(TINY)).output.dir == "runs/tiny"  # a relative one stays as it is
 
 
 def test_parse_args_separates_flags_from_overrides():

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import inspect
+import os
 import re
 import sys
 import textwrap
@@ -64,11 +65,15 @@ PATHS = (("model", "path"), ("model", "config_json"), ("data", "train"), ("data"
 
 
 def resolve_paths(cfg: Config) -> Config:
-    """`cfg` with each of PATHS that names an existing local file or folder made absolute (a hub id stays as it is)."""
+    """`cfg` with each of PATHS that names an existing local file or folder made absolute (a hub id stays as it is),
+    and a leading ~ of output.dir expanded."""
     for section, name in PATHS:
         value = getattr(getattr(cfg, section), name)
         if isinstance(value, str) and value and Path(value).expanduser().exists():
             setattr(getattr(cfg, section), name, str(Path(value).expanduser().resolve()))
+    # The run directory need not exist yet, but its ~ is the home folder as theirs is: a shell expands none after
+    # `--output.dir=`, and the run went to a folder named ~ in the working directory (which `rm -r ~` then takes).
+    cfg.output.dir = os.path.expanduser(cfg.output.dir)
     return cfg
 
 
