@@ -14,7 +14,6 @@ imports of the scripts in this folder.)
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
 
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
 from qlora.data.files import read_rows  # noqa: E402
 from qlora.data.labels import load_splits, render_chat  # noqa: E402
 from qlora.export.check import check_export  # noqa: E402
@@ -63,13 +63,13 @@ def llama_cpp_scores(path: Path, trained: torch.nn.Module, tokenizer: object, ex
             "kl_mean": kl_sum / positions, "top1": agree / positions, "positions": positions}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--types", default="f16,bf16,q8_0,q4_0")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "gguf")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     kinds = args.types.split(",")
     unknown = [k for k in kinds if k not in TYPES]
     if unknown:
@@ -117,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

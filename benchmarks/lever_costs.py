@@ -31,6 +31,8 @@ import throughput  # noqa: E402  (sibling scripts, not a package)
 from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402
 from provenance import header, record, write_result  # noqa: E402
 
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
+
 ROOT = Path(__file__).resolve().parent.parent
 # The CPU model: 4 Llama layers of hidden 256 (8 heads, 4 KV heads), MLP 704, vocabulary 8192; 1 x 512 tokens.
 SMALL = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -112,7 +114,7 @@ def round_robin(spec: argparse.Namespace, overrides: dict[str, list[str]]) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["small", "8b", "70b"], default="small")
     parser.add_argument("--seq", type=int, help="tokens per row (default 512 small, 2048 otherwise)")
     parser.add_argument("--steps", type=int, default=9, help="timed steps per configuration (the median is kept)")
@@ -193,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

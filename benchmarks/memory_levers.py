@@ -62,6 +62,9 @@ from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noq
 from provenance import gpu, header, record, write_result  # noqa: E402
 from throughput import AS_SET, RESULTS, SIZES, base_config, build_ours, card_peak, reset_peak, synthetic_batch  # noqa: E402
 
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
+from qlora.errors import ConfigError  # noqa: E402
+
 if TYPE_CHECKING:  # the hints only: qlora is imported where used, to keep --help fast
     from qlora.config import Config
 
@@ -352,8 +355,7 @@ class Run:
             keys = [k.strip() for k in self.args.levers.split(",") if k.strip()]
             unknown = [k for k in keys if k not in chosen]
             if unknown:
-                print(f"error: --levers {unknown[0]}: use all or some of {','.join(chosen)}", file=sys.stderr)
-                raise SystemExit(2)
+                raise ConfigError(f"--levers {unknown[0]}: use all or some of {','.join(chosen)}")
             chosen = {k: chosen[k] for k in keys}
         for key, spec in chosen.items():
             print(f"== {spec['name']} at seq {self.args.seq}", flush=True)
@@ -572,7 +574,7 @@ UNSLOTH = {("70b", 45.0): 12_106, ("70b", 79.6): 89_389, ("8b", 24.0): 78_475, (
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["tiny", "8b", "70b", "70b-24gb", "8b-6gb"], default="tiny",
                         help="a recipe: tiny, llama8b, llama70b, and (issue 25, the base streamed) llama70b_24gb, "
                         "llama8b_6gb")
@@ -642,4 +644,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

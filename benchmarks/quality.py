@@ -23,7 +23,6 @@ benchmarks/results/quality-<device>.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shlex
@@ -35,6 +34,9 @@ from statistics import mean, stdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
+
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
+from qlora.errors import ConfigError, Stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each method: its label, a short name for plots and lists, and the overrides that make it. Every run names its init,
@@ -78,7 +80,8 @@ def train_one(recipe: str, method: str, run_dir: Path, overrides: list[str]) -> 
             if "it/s]" not in line and "s/it]" not in line:  # progress bars stay in the log only
                 print(line, end="", flush=True)
     if proc.wait():
-        raise SystemExit(f"{method} training failed (exit {proc.returncode}): see {run_dir.with_suffix('.log')}")
+        status = proc.returncode if proc.returncode > 0 else 128 - proc.returncode  # -9: killed by SIGKILL
+        raise Stop(status, f"{method} training failed (exit {status}): see {run_dir.with_suffix('.log')}")
     return time.perf_counter() - started
 
 
@@ -323,7 +326,7 @@ def parse_seeds(text: str | None, methods: list[str], default: int) -> dict[str,
     for item in (item for item in items if ":" in item):
         method, seed = item.split(":", 1)
         if method not in methods:
-            raise SystemExit(f"--seeds {item}: {method} is not among --methods {','.join(methods)}")
+            raise ConfigError(f"--seeds {item}: {method} is not among --methods {','.join(methods)}")
         chosen.setdefault(method, []).append(int(seed))
     return {method: chosen.get(method, every) for method in methods}
 
@@ -352,7 +355,7 @@ def finished_with(run_dir: Path, cfg: object) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default="recipes/smollm2_135m.py")
     parser.add_argument("--full-lr", type=float, default=None,
                         help="learning rate for full fine-tuning (default: the recipe's lr / 10)")
@@ -380,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; use some of {', '.join(METHODS)}")
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)}; use some of {', '.join(METHODS)}")
     if "lora" not in methods:  # every verdict, the noise line and the before-training line compare with it
-        raise SystemExit(f"--methods {args.methods}: add lora, the reference every other method is held to "
-                         "(with --reuse its finished runs are re-read, not trained)")
+        raise ConfigError(f"--methods {args.methods}: add lora, the reference every other method is held to "
+                          "(with --reuse its finished runs are re-read, not trained)")
     seeds = parse_seeds(args.seeds, methods, base.train.seed)
 
     runs: dict[str, dict[int, dict]] = {m: {} for m in methods}
@@ -405,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.earlier:
         earlier = json.loads(args.earlier.read_text())
         if (earlier["recipe"], earlier["steps"]) != (args.recipe, base.train.steps):
-            raise SystemExit(f"--earlier {args.earlier}: its runs trained {earlier['recipe']} for {earlier['steps']} "
-                             f"steps, not {args.recipe} for {base.train.steps}: use a result of the same recipe")
+            raise ConfigError(f"--earlier {args.earlier}: its runs trained {earlier['recipe']} for {earlier['steps']} "
+                              f"steps, not {args.recipe} for {base.train.steps}: use a result of the same recipe")
         taken = take_earlier(runs, earlier)
         runs = {m: runs[m] for m in METHODS if m in runs}
     result = {
@@ -430,4 +433,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

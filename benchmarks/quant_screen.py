@@ -13,7 +13,6 @@ frozen weights as loaded. Writes benchmarks/results/quant-screen-<device>.{md,js
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
 from quality import DEFAULTS, METHODS  # noqa: E402
+
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
+from qlora.errors import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +92,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", nargs="?", default="recipes/smollm2_135m.py")
     parser.add_argument("--methods", default="qlora,qlora-loftq,qlora-loftq3,qlora-bs32,qlora-keep5,qlora-keep10,"
                                              "qlora-keep5-bs32", help="comma-separated, from " + ", ".join(METHODS))
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m != "lora"]
     unknown = [m for m in methods if m not in METHODS or m == "full"]
     if unknown:
-        raise SystemExit(f"--methods: {', '.join(unknown)} cannot be screened; use some of "
+        raise ConfigError(f"--methods: {', '.join(unknown)} cannot be screened; use some of "
                          f"{', '.join(m for m in METHODS if m not in ('full', 'lora'))}")
     base = apply_overrides(load_recipe(ROOT / args.recipe), overrides)
     tokenizer = load_tokenizer(base.model.path)
@@ -130,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

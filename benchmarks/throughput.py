@@ -71,6 +71,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import CUT_SHORT, Deadline, ProbeLog, child_command, measured  # noqa: E402  (sibling scripts)
 from provenance import gpu, header, record, write_result  # noqa: E402
 
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
+
 if TYPE_CHECKING:  # the hints only: qlora is imported where used, to keep --help fast
     from qlora.config import Config
 
@@ -468,7 +470,7 @@ def report(args: argparse.Namespace, prov: dict, device: str, device_name: str, 
 
 def main(argv: list[str] | None = None) -> int:
     """0 when every stack was measured; CUT_SHORT when the deadline left some out (a rerun measures only those)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--seq", type=int, help="tokens per row (default: 128 tiny, 2048 otherwise)")
     parser.add_argument("--batch", type=int, help="rows per step (default: 2 tiny, 1 otherwise)")
@@ -557,4 +559,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

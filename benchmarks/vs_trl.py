@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import header, record, write_result  # noqa: E402  (a sibling script, not a package)
 
+from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
+
 if TYPE_CHECKING:  # the hints only: qlora is imported in the worker only
     from qlora.config import Config
 
@@ -192,13 +194,13 @@ def report(prov: dict, results: dict[str, dict], loads: dict[str, str], steps: i
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=36, help="optimizer steps per stack (the demo's 36)")
     parser.add_argument("--stacks", default=",".join(STACKS), help=f"comma-separated subset of {','.join(STACKS)}")
     parser.add_argument("--worker", choices=STACKS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.steps, args.out)
         return
@@ -231,4 +233,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -4,6 +4,7 @@ the transformers of the GPU image, and the max-context search is bounded. Tiny s
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -196,3 +197,19 @@ def test_probes_and_stacks_measure_the_levers_they_name_not_the_plans(size: str)
     assert throughput.stack_config(args, throughput.STACKS["ours-fastest"]).train.plan == "fastest"
     batched = throughput.stack_config(args, throughput.STACKS["ours-batched"]).train
     assert batched.plan == "fastest" and batched.plan_batch
+
+
+
+@pytest.mark.parametrize(("script", "args", "line"), [
+    ("quality.py", ["recipes/tiny.py", "--methods=foo"], "error: --methods: unknown foo; use some of "),
+    ("quant_screen.py", ["recipes/missing.py"], "error: recipe "),
+    ("memory_levers.py", ["--size=tiny", "--levers=zzz", "--out-dir={tmp}"], "error: --levers zzz: use all or some "),
+    ("lever_costs.py", ["--size=huge"], "error: argument --size: invalid choice: 'huge' "),
+], ids=["its own check", "a recipe's", "its own line", "argparse's"])
+def test_a_benchmark_ends_bad_input_as_every_command_does(tmp_path, script, args, line) -> None:
+    """One line and exit 2 (docs/failures.md), through qlora.cli.run: they ended in exit 1 with the line alone
+    (raise SystemExit(message)), a traceback (a recipe's ConfigError), or argparse's usage above its error."""
+    command = [sys.executable, str(ROOT / "benchmarks" / script), *(a.format(tmp=tmp_path) for a in args)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(line), result.stderr
