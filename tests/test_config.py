@@ -76,6 +76,10 @@ def test_recipe_errors_name_the_file(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ConfigError, match=r"empty.py defines no `config = Config\(...\)`"):
         load_recipe(empty)
+    as_dict = tmp_path / "as_dict.py"  # it defines one, of another type: it was said to define none
+    as_dict.write_text("config = {'train': {'lr': 1e-3}}\n")
+    with pytest.raises(ConfigError, match=r"as_dict.py defines `config` of type dict, not a Config: build it with "):
+        load_recipe(as_dict)
     bad = tmp_path / "bad.py"
     bad.write_text("from qlora.config import *\nconfig = Config(model=ModelConfig(path='x'), data=DataConfig(train='y',"
                    " max_seq_len=-1))\n")

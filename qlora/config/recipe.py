@@ -114,8 +114,11 @@ def load_recipe(path: str | Path) -> Config:
     except Exception as err:  # noqa: BLE001  a module-level __getattr__ of the recipe's own
         raise ConfigError(f"{path}: reading its `config` raised {type(err).__name__}: a recipe defines `config = "
                           "Config(...)` at module level") from err
-    if not isinstance(config, Config):
+    if config is None:
         raise ConfigError(f"{path} defines no `config = Config(...)`: add one at module level (see recipes/tiny.py)")
+    if not isinstance(config, Config):  # `config = {...}`: "defines no config" sent the user looking for a missing one
+        raise ConfigError(f"{path} defines `config` of type {type(config).__name__}, not a Config: build it with "
+                          "`config = Config(...)` (see recipes/tiny.py)")
     try:  # a recipe is plain Python: it may change its config after building it (`config.train = None`)
         return check_all(config)
     except ConfigError as err:
