@@ -318,6 +318,9 @@ CASES = [
     ("template does not parse", [TINY, "--model.path={d}/template_syntax", "--model.build=none"],
      r"train.jsonl:1: the chat template of .*template_syntax does not parse \(its line 1: unexpected '}'\): fix its "
      r"chat_template.jinja"),
+    ("rows past the base's learned positions", [TINY, "--model.path={d}/opt_32", "--model.build=none"],
+     r"rows of up to \d+ tokens run past the 32 positions of the base's learned position embeddings .*: set "
+     r"--data.max_seq_len=32 or less$"),
     ("template raises a TypeError", [TINY, "--model.path={d}/template_type_error", "--model.build=none"],
      r"train.jsonl:1: the chat template .* fails on the turns \[user\] \(TypeError: "),
 ]
@@ -358,6 +361,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for key in ("eos_token", "pad_token"):
         tokenizer_config.pop(key)
     (d / "no_eos" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    opt_with_32_positions(d / "opt_32")
     config = json.loads((d / "remote" / "config.json").read_text())
     # An architecture transformers does not know, whose code ships with the checkpoint (a known model_type with an
     # auto_map loads the built-in class instead, which is safe and not this case).
@@ -367,6 +371,37 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "remote" / "modeling_x.py").write_text("raise SystemExit('the remote code ran')\n")
     (d / "remote" / "configuration_x.py").write_text("raise SystemExit('the remote code ran')\n")
     return d
+
+
+def opt_with_32_positions(out: Path) -> None:
+    """A tiny OPT: learned position embeddings for 32 positions, fewer than the tiny recipe's rows have (~60)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from qlora.base.build import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    OPTForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def test_a_rotary_base_trains_past_its_context_and_says_so(capsys: pytest.CaptureFixture) -> None:
+    """Rows past max_position_embeddings: refused for learned positions (the case above; it was an IndexError
+    mid-run), said for rotary ones, which compute any position (a longer context is learned that way)."""
+    from transformers import LlamaConfig, OPTConfig
+
+    from qlora.errors import ConfigError
+    from qlora.training.assemble import check_positions
+
+    rows = [{"input_ids": list(range(n))} for n in (10, 60, 32)]
+    check_positions(LlamaConfig(max_position_embeddings=32), rows)
+    assert "rows of up to 60 tokens run past the base's max_position_embeddings=32" in capsys.readouterr().out
+    check_positions(OPTConfig(max_position_embeddings=60), rows)
+    with pytest.raises(ConfigError, match="set --data.max_seq_len=59 or less"):
+        check_positions(OPTConfig(max_position_embeddings=59), rows)
 
 
 class RunsCode:

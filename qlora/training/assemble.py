@@ -104,6 +104,7 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
     read = read_splits(cfg.data)  # first: a missing file or a bad line is said before a load of minutes
     run = build_model(cfg, profiler, resuming, ranks)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed, read)
+    check_positions(run["model"].config, train_rows + eval_rows)  # before packing: each document's own positions
     # data.train's and data.eval's rows as read (a held-out split carved by seed: in data.train's), for same_rows
     run["rows_sha256"] = [rows_sha256(read[1]), rows_sha256(read[2]) if read[2] is not None else None]
     del read
@@ -112,6 +113,25 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
         print(packing_summary(train_rows, packed, cfg.data.max_seq_len))
         train_rows = packed
     return dict(**run, train_rows=train_rows, eval_rows=eval_rows)
+
+
+def check_positions(config: object, rows: list[dict]) -> None:
+    """Refuse rows longer than a base with learned position embeddings has positions (config.json's
+    max_position_embeddings or n_positions: OPT, GPT-2): the first such batch ended in an IndexError mid-run on the
+    CPU (measured on a tiny OPT with 32 positions, rows of ~60 tokens), a device-side assert on CUDA. A rotary base
+    computes any position, and a run past its context is how a longer one is learned: it is said, not refused."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    longest = max((len(r["input_ids"]) for r in rows), default=0)
+    if not isinstance(context, int) or longest <= context:
+        return
+    if getattr(c, "rope_parameters", None) or getattr(c, "rope_theta", None):
+        print(f"rows of up to {longest:,} tokens run past the base's max_position_embeddings={context:,}: its rotary "
+              "positions beyond that were never trained, and this run trains them")
+        return
+    raise ConfigError(f"rows of up to {longest:,} tokens run past the {context:,} positions of the base's learned "
+                      f"position embeddings (config.json max_position_embeddings): set --data.max_seq_len={context} "
+                      "or less")
 
 
 def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
