@@ -183,6 +183,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     last_checkpoint = run_dir / f"checkpoint-{step}" if step else None
     if ranks.agree_signal(watch):
         raise watch.stopped_by_signal(step, last_checkpoint)
+    if step and progress.bad_steps >= step:  # within train.max_bad_steps, but no step updated the adapter
+        raise guard.nothing_trained(step)
     watch.at("the final evaluation", step)
     final, started = held_out(step, "after training")
     if ranks.agree_signal(watch):

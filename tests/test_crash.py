@@ -426,6 +426,18 @@ def test_a_diverging_lr_never_saves_the_diverged_adapter(cli, tmp_path):
     assert list_checkpoints(out) == [] and not (out / "adapter_model.safetensors").exists()
 
 
+def test_a_run_whose_every_step_was_skipped_ends_in_an_error_not_an_untrained_adapter(cli, tmp_path):
+    """lora.alpha=1e30: every gradient overflows, each step is skipped within train.max_bad_steps=3, and the run
+    ended with exit 0 and the adapter it started with as its result."""
+    out = tmp_path / "run"
+    result = cli.run(["recipes/tiny.py", "--train.steps=2", "--lora.alpha=1e30", "--train.eval_before=false",
+                      f"--output.dir={out}"])
+    assert result.status == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: all 2 steps had a non-finite loss or gradient and were skipped"), result.stderr
+    assert not (out / "adapter_model.safetensors").exists()
+
+
 def test_a_nan_held_out_loss_is_never_the_result(cli, tmp_path):
     """With enough bad steps allowed, the diverged run reaches its end: the final held-out loss is nan, so the adapter
     is not written and the run exits 3 (it used to exit 0 with every adapter tensor nan)."""

@@ -219,6 +219,14 @@ def too_many_bad_steps(step: int, bad_steps: int, limit: int, where: str, saved:
                                 "train.max_bad_steps, then continue with --resume")
 
 
+def nothing_trained(steps: int) -> Stop:
+    """Every step of the run was skipped: it ended within train.max_bad_steps with the adapter it started with, which
+    a run reported as done (measured: --lora.alpha=1e30 --train.steps=2, both steps non-finite, exit 0)."""
+    return Stop(EXIT_NONFINITE, f"all {steps} steps had a non-finite loss or gradient and were skipped (the lines "
+                                "above name their rows): the adapter never changed and none is written. Check those "
+                                "rows, lower train.lr or lora.alpha, and start again with --overwrite")
+
+
 def data_position(first_index: int, count: int, n_examples: int, batch_size: int, seed: int) -> str:
     """Micro-batches first_index .. first_index+count-1, and the training-split rows in them."""
     indices = range(first_index, first_index + count)
