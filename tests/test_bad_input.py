@@ -131,8 +131,8 @@ CASES = [
                                                                  r"linear layer: use all-linear, or some of "
                                                                  r"down_proj,gate_proj"),
     # each entry names layers: these trained only v_proj, only q_proj, and only q_proj, without a word
-    ("targets as a bracketed list", [TINY, "--lora.targets=[q_proj,v_proj,o_proj]"],
-     r"lora.targets=\[q_proj,v_proj,o_proj\]: '\[q_proj' matches no linear layer"),
+    ("targets as an unclosed list", [TINY, "--lora.targets=[q_proj,v_proj"],
+     r"--lora.targets=\[q_proj,v_proj: '\[q_proj' is no name: give names separated by commas"),
     ("targets all-linear beside others", [TINY, "--lora.targets=all-linear,q_proj"],
      r"'all-linear' matches no linear layer \(all-linear stands alone\)"),
     ("targets with a misspelt one", [TINY, "--lora.targets=q_proj,bogus"], r"'bogus' matches no linear layer"),
