@@ -124,7 +124,10 @@ class HostOptimizer(torch.optim.Optimizer):
             master.copy_(p)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)  # the device side: the gradients the next backward sums afresh
+        super().zero_grad(set_to_none)  # the gradients the next backward sums afresh
+        # A backward that raised never ran its callback: what it staged is no gradient of the next one, which must
+        # queue its own (a stale entry would keep it from queueing, and its sums would never land).
+        self.landing.clear()
 
     def state_dict(self) -> dict:
         self._sync_groups()

@@ -162,3 +162,24 @@ def test_16_bit_gradients_leave_the_parameters_as_the_backward_sums_them(tiny_co
     for holder, grad, total in zip(optimizer.holders, optimizer.host_grads, sums, strict=True):
         assert holder.grad is grad and holder.device.type == "cpu"
         torch.testing.assert_close(grad, total, rtol=0, atol=0)
+
+
+def test_a_backward_that_raised_leaves_nothing_for_the_next_step(tiny_config: Config, batch: dict) -> None:
+    """A backward stopped by an error after some gradients were staged never runs its end-of-backward callback; after
+    zero_grad the next backward lands all of its own."""
+    cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16"])
+    model = build(cfg)
+    optimizer = host_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def fail(grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("out of memory")
+
+    handle = params[0].register_hook(fail)  # the first adapter's gradient, the backward's last: others came first
+    with pytest.raises(RuntimeError, match="out of memory"):
+        (loss_sum(model, batch) / 100).backward()
+    handle.remove()
+    assert optimizer.landing
+    optimizer.zero_grad(set_to_none=True)
+    (loss_sum(model, batch) / 100).backward()
+    assert not optimizer.landing and all(h.grad is not None for h in optimizer.holders)
