@@ -32,7 +32,7 @@ from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG
 from qlora.training.restore import recorded
-from qlora.training.rundir import LEFTOVER, LOCK, RUN_DIRS, RUN_FILES
+from qlora.training.rundir import run_owned
 from qlora.training.step import announce_evaluation, evaluate
 
 # The keys of evaluate_run's result, none of which a file of the trainer holds all of: how an earlier --json is known.
@@ -129,19 +129,6 @@ def check_json_path(path: Path, run_dir: Path, data: str | None) -> None:
     if path.resolve().is_relative_to(Path(run_dir).resolve()) and path.exists() and not is_result(path):
         raise ConfigError(f"--json={path} is a file in the run {run_dir} that qlora.eval did not write: writing it "
                           f"would destroy it; {fix}")
-
-
-def run_owned(path: Path, run_dir: Path) -> str | None:
-    """The name in the run of `run_dir` (that directory, or the one a checkpoint-N lies in) under which `path` lies,
-    where the trainer owns that name: its files, lock, checkpoints and what a killed run leaves, which a resume or the
-    next checkpoint reads, renames or removes. None for a path anywhere else."""
-    run = Path(run_dir).resolve()
-    run = run.parent if RUN_DIRS.match(run.name) else run
-    target = Path(path).resolve()
-    if not target.is_relative_to(run) or target == run:
-        return None
-    top = target.relative_to(run).parts[0]
-    return top if top in RUN_FILES or top == LOCK or RUN_DIRS.match(top) or LEFTOVER.match(top) else None
 
 
 def main(argv: list[str] | None = None) -> int:

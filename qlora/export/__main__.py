@@ -10,10 +10,10 @@ from qlora.commands import export_parser
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows
 from qlora.errors import ConfigError, check_writable
-from qlora.eval import run_owned
 from qlora.export.check import check_export, held_out_source
 from qlora.export.gguf_file import export
 from qlora.training.assemble import read_run_config
+from qlora.training.rundir import run_owned
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,11 +26,11 @@ from qlora.base.build import INDEX, checkpoint_shards
 from qlora.base.load import load_tokenizer
 from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, check_writable
-from qlora.eval import run_owned
 from qlora.generate import render
 from qlora.merge.fold import folding, merge_source, read_scaling
 from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned, write_aside
 from qlora.training.assemble import load_run_fp32, read_run_config
+from qlora.training.rundir import run_owned
 
 INFO = "merge_info.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")

@@ -7,7 +7,7 @@
     metrics.py      metrics.jsonl
     checkpoint.py   checkpoints and the adapter, written atomically
     restore.py      a checkpoint read back with every file checked; --resume from the newest usable one
-    rundir.py       the output directory: whose run it holds, the lock, the first write
+    rundir.py       the output directory: whose run it holds, the names it owns, the lock, the first write
     runconfig.py    run_config.json: what its checkpoints fix in it, what --resume may change
     progress.py     where the run stands: what a checkpoint carries over and --resume reads back; the progress bar
     guard.py        signals, out of memory, non-finite steps: stop cleanly and explain

@@ -1,5 +1,6 @@
-"""The output directory: whose run it holds, the lock, and the first write of a run (what `--resume` may change in
-it: qlora/training/runconfig.py).
+"""The output directory: whose run it holds, the names its trainer owns there (`run_owned`, which merge, export and
+eval keep their outputs out of), the lock, and the first write of a run (what `--resume` may change in it:
+qlora/training/runconfig.py).
 
 Everything here but `start_run` only reads, so a refused command leaves the directory as it was.
 
@@ -40,6 +41,19 @@ RUN_DIRS = re.compile(r"^checkpoint-\d+(\.damaged(-\d+)?)?$")  # a run's checkpo
 
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without flock (some network mounts)
 _held: dict[Path, int] = {}  # run dir -> the file descriptor holding its lock
+
+
+def run_owned(path: Path, run_dir: Path) -> str | None:
+    """The name in the run of `run_dir` (that directory, or the one a checkpoint-N lies in) under which `path` lies,
+    where the trainer owns that name: its files, lock, checkpoints and what a killed run leaves, which a resume or the
+    next checkpoint reads, renames or removes. None for a path anywhere else."""
+    run = Path(run_dir).resolve()
+    run = run.parent if RUN_DIRS.match(run.name) else run
+    target = Path(path).resolve()
+    if not target.is_relative_to(run) or target == run:
+        return None
+    top = target.relative_to(run).parts[0]
+    return top if top in RUN_FILES or top == LOCK or RUN_DIRS.match(top) or LEFTOVER.match(top) else None
 
 
 def _lock_holder(run_dir: Path) -> str | None:
