@@ -199,7 +199,6 @@ def test_probes_and_stacks_measure_the_levers_they_name_not_the_plans(size: str)
     assert batched.plan == "fastest" and batched.plan_batch
 
 
-
 @pytest.mark.parametrize(("script", "args", "line"), [
     ("quality.py", ["recipes/tiny.py", "--methods=foo"], "error: --methods: unknown foo; use some of "),
     ("quant_screen.py", ["recipes/missing.py"], "error: recipe "),

@@ -48,11 +48,6 @@ def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
     return None, None
 
 
-def recorded_rows(run_dir: Path) -> object:
-    """The training and held-out row counts the newest readable checkpoint recorded (`recorded`), or None."""
-    return recorded(run_dir, "rows")[1]
-
-
 def _refused(err: pickle.UnpicklingError) -> str:
     """What weights_only refused, from torch's message: its last line only pointed at the documentation, and the rest
     advises weights_only=False, which would run the file's code."""
