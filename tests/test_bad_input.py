@@ -500,6 +500,9 @@ def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, fl
 @pytest.mark.parametrize(("override", "pattern"), [
     ("--train.seed=1", r"--resume cannot change train.seed \(0 -> 1\): it fixes the data order and the held-out split; "
                        r"drop --train.seed to continue the run, or start a new run with --overwrite"),
+    ("--train.seed=1 --lora.init=loftq", r"--resume cannot change lora.init \('zero' -> 'loftq'\), train.seed "
+                                         r"\(0 -> 1\): they fix how the adapter started and the data order and the "
+                                         r"held-out split; drop --lora.init --train.seed to continue"),
     ("--data.train=recipes/data/tiny/heldout.jsonl", r"--resume cannot change data.train .*: it fixes the data the run "
                                                      r"trains on"),
     ("--data.eval=none", r"--resume cannot change data.eval .*: it fixes the held-out split"),
@@ -515,7 +518,8 @@ def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, fl
                                        rf"{float(2 * TINY_ALPHA)!r}\)"),
     ("--quant.method=lora", r"holds another run \(quant.method='qlora', this recipe 'lora'\)"),
     ("--train.lr=nan", r"train.lr=nan is not a finite number"),
-], ids=["seed", "train data", "held-out data", "packing", "double quant", "lora init", "block size", "16-bit budget",
+], ids=["seed", "seed and lora init",
+        "train data", "held-out data", "packing", "double quant", "lora init", "block size", "16-bit budget",
         "16-bit layers", "calibration rows", "alpha", "method", "lr nan"])
 def test_resume_refuses_what_may_not_change_before_writing_anything(cli, tmp_path, override, pattern):
     """The run on disk (run_config.json, checkpoint-50) is left byte for byte as it was: a refused resume rewrites
@@ -523,7 +527,7 @@ def test_resume_refuses_what_may_not_change_before_writing_anything(cli, tmp_pat
     out = tmp_path / "run"
     write_run(out)
     before = snapshot(out)
-    check_refused(cli.run([TINY, f"--output.dir={out}", "--resume", override]), pattern)
+    check_refused(cli.run([TINY, f"--output.dir={out}", "--resume", *override.split()]), pattern)
     assert snapshot(out) == before
 
 

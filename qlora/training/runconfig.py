@@ -168,10 +168,11 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     changed = [k for k in after if after[k] != was[k] and k != "output.dir"]
     fixed = [k for k in changed if (k in FIXED_ON_RESUME or (k == "data.max_seq_len" and after["data.pack"]))
              and not (k in MOVED_DATA and k in given and _gone(was[k]) and isinstance(after[k], str))]
-    if fixed and checkpoint_dirs(run_dir):
-        k = fixed[0]
-        raise ConfigError(f"--resume cannot change {k} ({was[k]!r} -> {after[k]!r}): it fixes "
-                          f"{FIXED_ON_RESUME.get(k, PACKED)}; drop --{k} to continue the run, or start a new run with "
+    if fixed and checkpoint_dirs(run_dir):  # every one, as check_recorded names them
+        what = ", ".join(f"{k} ({was[k]!r} -> {after[k]!r})" for k in fixed)
+        why = " and ".join(dict.fromkeys(FIXED_ON_RESUME.get(k, PACKED) for k in fixed))
+        raise ConfigError(f"--resume cannot change {what}: {'it fixes' if len(fixed) == 1 else 'they fix'} {why}; "
+                          f"drop {' '.join(f'--{k}' for k in fixed)} to continue the run, or start a new run with "
                           "--overwrite or another output.dir")
     # What the plan chose is the run's, and planned again from the recipe's values (qlora/memory/plan.py, unplanned).
     planned = {"train.plan_chose", "train.plan_from"} | ({override_key(item) for item in saved.train.plan_from}
