@@ -448,10 +448,20 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     ("--data.train={d}/nope.jsonl", r"data file .*nope.jsonl not found"),
     ("--data.eval={d}/nope.jsonl", r"data file .*nope.jsonl not found"),
     ("--data.train={d}/malformed.jsonl", r"malformed.jsonl:2: "),
-], ids=["train missing", "held-out missing", "bad line"])
+    ("--data.train={d}/late.jsonl", r"late.jsonl:3: row lacks field\(s\) text that format 'text' needs: fix or "
+                                    r"delete that row"),
+    ("--data.eval={d}/turn.jsonl", r"turn.jsonl:1: each message needs a role .* message 2 \(assistant\) has no "
+                                   r"content"),
+    ("--data.eval={d}/blank.jsonl", r"blank.jsonl holds no rows: add data or point data.eval at another file"),
+], ids=["train missing", "held-out missing", "bad line", "row without its field", "bad held-out turn",
+        "held-out file of blank lines"])
 def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, pattern):
-    """A missing file or a bad line cost a load of the base first (minutes for a 70B) before it was said."""
+    """A missing file, a bad line, or a row the format cannot train on cost a load of the base first (minutes for a
+    70B) before it was said."""
     (tmp_path / "malformed.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    (tmp_path / "late.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n')
+    (tmp_path / "turn.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n')
+    (tmp_path / "blank.jsonl").write_text("\n \n\n")
     result = cli.run([TINY, flag.replace("{d}", str(tmp_path)), f"--output.dir={tmp_path / 'run'}"])
     check_refused(result, pattern)
     assert "loading " not in result.stdout and "building " not in result.stdout, result.stdout

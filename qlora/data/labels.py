@@ -37,11 +37,13 @@ def detect_format(rows: list[dict], source: str, key: str = "data.train") -> str
                       "messages / instruction+output / text: rename the fields or set data.format")
 
 
-def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
-    """Token ids and labels (prompt tokens masked) for one row; `where` names the row in errors (file:line)."""
+def check_row(row: dict, fmt: str, where: str) -> None:
+    """Refuse a row format `fmt` cannot train on (a field missing or not text, a chat turn without role or content);
+    `where` names the row (file:line). No tokenizer needed: read_splits checks every row before a base loads."""
     missing = [f for f in FORMAT_FIELDS[fmt] if f not in row]
     if missing:
-        raise ConfigError(f"{where}: row lacks field(s) {', '.join(missing)} that format {fmt!r} needs")
+        raise ConfigError(f"{where}: row lacks field(s) {', '.join(missing)} that format {fmt!r} needs: fix or "
+                          "delete that row")
     try:  # tokenizers refuse what UTF-8 cannot hold: a lone surrogate (JSON's "\ud800" escape)
         json.dumps(row, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as err:
@@ -61,6 +63,17 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
         if not isinstance(row["messages"], list):
             raise ConfigError(f"{where}: messages must be a list of {{role, content}} objects, "
                               f"got {type(row['messages']).__name__}")
+        for n, m in enumerate(row["messages"], 1):
+            problem = message_problem(m)
+            if problem:
+                raise ConfigError(f"{where}: each message needs a role in {ROLES} and a string content; message {n} "
+                                  f"{problem}: fix or drop that turn")
+
+
+def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
+    """Token ids and labels (prompt tokens masked) for one row; `where` names the row in errors (file:line)."""
+    check_row(row, fmt, where)
+    if fmt == "messages":
         return _tokenize_chat(row["messages"], tokenizer, where)
     if fmt == "instruction":
         template = ALPACA_PROMPT_INPUT if row.get("input") not in (None, "") else ALPACA_PROMPT  # 0 is an input
@@ -91,11 +104,6 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
     if tokenizer.chat_template is None:
         raise ConfigError(f"{where}: chat data needs a tokenizer with a chat template, and this one has none: "
                           "use a chat model's tokenizer or data.format=instruction/text")
-    for n, m in enumerate(messages, 1):
-        problem = message_problem(m)
-        if problem:
-            raise ConfigError(f"{where}: each message needs a role in {ROLES} and a string content; message {n} "
-                              f"{problem}: fix or drop that turn")
     # Render the conversation one turn longer at a time; the text each turn adds is its segment. Assistant segments
     # (content + end-of-turn) are learned; everything the template adds around them is masked.
     segments, previous = [], ""
@@ -219,9 +227,16 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
 def read_splits(cfg: DataConfig) -> tuple[str, list[dict], list[dict] | None]:
     """(format, train rows, held-out rows or None) as the files hold them, before any tokenizer: what a trainer reads
     before it loads a base, so that a missing file or a bad line costs no load of minutes."""
-    rows = read_rows(cfg.train, "data.train")
-    fmt = detect_format(rows, cfg.train) if cfg.format == "auto" else cfg.format
-    return fmt, rows, read_rows(cfg.eval, "data.eval") if cfg.eval else None
+    splits = [(source, key, read_rows(source, key)) for source, key in ((cfg.train, "data.train"),
+                                                                        (cfg.eval, "data.eval")) if source]
+    for source, key, rows in splits:
+        if not rows:
+            raise ConfigError(f"{source} holds no rows: add data or point {key} at another file")
+    fmt = detect_format(splits[0][2], cfg.train) if cfg.format == "auto" else cfg.format
+    for _, _, rows in splits:  # every row, as tokenising would: a bad one at the end of a large file costs no load
+        for row, where in zip(rows, rows.places, strict=True):
+            check_row(row, fmt, where)
+    return fmt, splits[0][2], splits[1][2] if len(splits) > 1 else None
 
 
 def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
