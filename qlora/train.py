@@ -229,9 +229,11 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     if t.batch_size * ranks.size > n_rows and reshaped(cfg):  # the plan chose the shape before the rows were counted
         fewer_rows(cfg, n_rows // ranks.size)
     if t.batch_size * ranks.size > n_rows:
+        # fewer rows than processes: no batch size gives each process a row
+        fix = f"use at most --train.batch_size={n_rows // ranks.size}" if n_rows >= ranks.size else \
+            f"launch at most {n_rows} process(es), or add rows"
         raise ConfigError(f"train.batch_size={t.batch_size}{f' x {ranks.size} processes' if ranks.several else ''} "
-                          f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: use at "
-                          f"most --train.batch_size={max(1, n_rows // ranks.size)}")
+                          f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: {fix}")
     print_summary(cfg, run, ranks.size)
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg)

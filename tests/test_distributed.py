@@ -281,6 +281,17 @@ def test_bad_input_is_reported_once(cli, tmp_path, bad):
     assert not (tmp_path / "run").exists()
 
 
+def test_fewer_training_rows_than_processes_asks_for_fewer_processes(cli, tmp_path):
+    """It asked for --train.batch_size=1, which two processes and one row refuse alike."""
+    one = tmp_path / "one.jsonl"
+    one.write_text((ROOT / "recipes/data/tiny/train.jsonl").read_text().splitlines()[0] + "\n")
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--data.train={one}", f"--output.dir={tmp_path / 'run'}"])
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert rank0.stderr.strip().splitlines() == ["error: train.batch_size=2 x 2 processes exceeds the 1 training "
+                                                 "rows: launch at most 1 process(es), or add rows"]
+    assert rank1.stderr == ""
+
+
 ALONE = """
 import qlora.training.assemble
 from qlora.errors import ConfigError
