@@ -49,19 +49,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = "") -> list[int]:
-    """Start `world` ranks of `python -m qlora.train ARGV`, as torchrun would; return their pids, rank 0 first."""
+def launch(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = "", last: list[str] = ()) -> list[int]:
+    """Start `world` ranks of `python -m qlora.train ARGV`, as torchrun would (the last rank with `last` added, as
+    torchrun on another machine may be given); return their pids, rank 0 first."""
     port = free_port()
     pids = []
     for rank in range(world):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
                "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
-        pids.append(cli.start(argv, prelude=f"import os\nos.environ.update({env!r})\n{prelude}"))
+        pids.append(cli.start([*argv, *(last if rank == world - 1 else [])],
+                              prelude=f"import os\nos.environ.update({env!r})\n{prelude}"))
     return pids
 
 
-def run_ranks(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = "") -> list[Result]:
-    return [cli.wait(pid) for pid in launch(cli, argv, world, prelude)]
+def run_ranks(cli: ForkedCLI, argv: list[str], world: int = 2, prelude: str = "", last: list[str] = ()) -> list[Result]:
+    return [cli.wait(pid) for pid in launch(cli, argv, world, prelude, last)]
 
 
 def assert_same_run(run: Path, reference: Path, loss_tol: dict | None = None, adapter_tol: dict | None = None) -> None:
@@ -290,6 +292,24 @@ def test_fewer_training_rows_than_processes_asks_for_fewer_processes(cli, tmp_pa
     assert rank0.stderr.strip().splitlines() == ["error: train.batch_size=2 x 2 processes exceeds the 1 training "
                                                  "rows: launch at most 1 process(es), or add rows"]
     assert rank1.stderr == ""
+
+
+@pytest.mark.parametrize(("last", "line"), [
+    (["--train.lr=1e-3"], "rank 1 has train.lr=0.001 where rank 0 has 0.003: launch every process with the same "
+                          "recipe and overrides"),
+    (["--data.train={d}/fewer.jsonl"], r"rank 1 has data.train='599 rows of sha256 \w{12}' where rank 0 has '600 "
+                                       r"rows of sha256 \w{12}': give every process the same data files"),
+], ids=["another override", "other rows"])
+def test_processes_launched_with_other_settings_or_data_are_refused(cli, tmp_path, last, line):
+    """torchrun on each of several machines is given its own command line: a rank with another train.lr trained its
+    adapters into the sum without a word."""
+    rows = (ROOT / "recipes/data/tiny/train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "fewer.jsonl").write_text("".join(rows[:-1]))
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}"],
+                             last=[a.replace("{d}", str(tmp_path)) for a in last])
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert re.fullmatch(f"error: {line}\n", rank0.stderr) and rank1.stderr == "", (rank0.stderr, rank1.stderr)
+    assert "loading " not in rank0.stdout and not (tmp_path / "run").exists()
 
 
 ALONE = """

@@ -102,11 +102,16 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
             ranks: distributed.Ranks | None = None) -> dict:
     """Read the data, load the base, attach adapters, tokenise the data: everything the loop needs, as one dict."""
     read = read_splits(cfg.data)  # first: a missing file or a bad line is said before a load of minutes
+    # data.train's and data.eval's rows as read (a held-out split carved by seed: in data.train's), for same_rows
+    sha = [rows_sha256(read[1]), rows_sha256(read[2]) if read[2] is not None else None]
+    if ranks is not None:
+        ranks.check_same({key: f"{len(rows)} rows of sha256 {digest[:12]}" for key, rows, digest in
+                          zip(("data.train", "data.eval"), read[1:], sha, strict=True) if rows is not None},
+                         "give every process the same data files")
     run = build_model(cfg, profiler, resuming, ranks)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed, read)
     check_positions(run["model"].config, train_rows + eval_rows)  # before packing: each document's own positions
-    # data.train's and data.eval's rows as read (a held-out split carved by seed: in data.train's), for same_rows
-    run["rows_sha256"] = [rows_sha256(read[1]), rows_sha256(read[2]) if read[2] is not None else None]
+    run["rows_sha256"] = sha
     del read
     if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
         packed = pack_examples(train_rows, cfg.data.max_seq_len)

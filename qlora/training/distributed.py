@@ -31,7 +31,7 @@ from torch import nn
 from qlora.base import shard
 from qlora.config import Config
 from qlora.data.batches import target_tokens
-from qlora.errors import EXIT_BUG, Stop, exit_status
+from qlora.errors import EXIT_BUG, ConfigError, Stop, exit_status
 from qlora.training import guard
 from qlora.training.checkpoint import rng_state, set_rng_state
 
@@ -85,6 +85,21 @@ class Ranks:
         if not self.several:
             return None
         return sum(target_tokens(examples, batch_size * self.size, seed, i) for i in indices)
+
+    def check_same(self, values: dict, fix: str) -> None:
+        """Refuse `values` that differ between the ranks, naming the first that differs from rank 0's. Each rank may
+        have its own command line, recipe file and data (torchrun on each of several machines): a rank with another
+        train.lr trained its own adapters into the sum without a word. Every rank raises alike; rank 0 says it."""
+        if not self.several:
+            return
+        every: list[dict] = [{} for _ in range(self.size)]
+        dist.all_gather_object(every, values)
+        for rank, theirs in enumerate(every[1:], 1):
+            differ = [k for k in dict.fromkeys([*every[0], *theirs]) if every[0].get(k) != theirs.get(k)]
+            if differ:
+                key, more = differ[0], f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+                raise ConfigError(f"rank {rank} has {key}={theirs.get(key)!r} where rank 0 has "
+                                  f"{every[0].get(key)!r}{more}: {fix}")
 
     def sum_gradients(self, params: list[nn.Parameter], loss: float, tokens: int) -> tuple[float, int]:
         """Sum the adapters' gradients over the ranks, once per optimizer step (DDP's all-reduce under no_sync for

@@ -32,10 +32,12 @@ from qlora.console import announce, since
 from qlora.errors import EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.distributed import Ranks
+from qlora.training.runconfig import flat
 
 # The store key where a rank posts an ending it does not print; torchrun --max-restarts keeps its store across the
 # attempts of a run, so each attempt posts under its own number.
 ENDED = "qlora/ended/{attempt}/{rank}"
+OWN_PATHS = ("model.path", "model.config_json", "data.train", "data.eval", "output.dir")
 GLOO_DRAIN_S = 0.2  # what gloo's worker threads are given to finish with the GIL before the interpreter exits
 
 
@@ -87,6 +89,9 @@ def start(cfg: Config, ranks: Ranks) -> None:
     if ranks.main:
         print(f"joined by all {ranks.size} processes ({dist.get_backend()}) in {since(started)}")
     ranks.store = store
+    # Where each machine keeps the base and the data is its own; the rows read are compared once read (assemble).
+    ranks.check_same({k: v for k, v in flat(cfg.to_dict()).items() if k not in OWN_PATHS},
+                     "launch every process with the same recipe and overrides")
     ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
 
 

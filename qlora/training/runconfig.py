@@ -45,10 +45,11 @@ FIXED_ON_RESUME = {
 PACKED = "the rows the documents are packed into (data.pack)"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat(d: dict, prefix: str = "") -> dict:
+    """A config's dict as `section.key: value`, the keys a command line names."""
     out = {}
     for key, value in d.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
 
 
@@ -65,7 +66,7 @@ def _gone(path: object) -> bool:
 def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = False) -> None:
     """Refuse a recipe (`cfg`) whose IDENTITY differs from the run in `run_dir` (`saved`): another run. With `moved`
     (a resume given --model.path), a base whose recorded folder is gone may be the one at cfg's model.path."""
-    theirs, ours = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    theirs, ours = flat(saved.to_dict()), flat(cfg.to_dict())
     keys = [k for k in IDENTITY if not (k.startswith("lora.") and cfg.quant.method == "full")]
     gone = _gone(theirs["model.path"])  # a hub id is never gone: another one is another base
     differ = [f"{k}={theirs[k]!r}, this recipe {ours[k]!r}" for k in keys
@@ -101,7 +102,7 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
     ckpt, record = recorded(run_dir or path.parent, "config")
     if not isinstance(record, dict):
         return None, {}
-    ours, theirs, raw = _flat(saved.to_dict()), _flat(record), _flat(json.loads(path.read_text()))
+    ours, theirs, raw = flat(saved.to_dict()), flat(record), flat(json.loads(path.read_text()))
     # Each refusal names every key it is for: named one at a time, each fix met the next refusal.
     missing = [k for k in theirs if k not in raw and k in ours]
     if missing:
@@ -157,7 +158,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
         resumed.train.plan_keep, resumed.train.plan_batch = [], False
     resumed = resolve_paths(apply_overrides(resumed, overrides))
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
-    before, after, recipe = _flat(saved.to_dict()), _flat(resumed.to_dict()), _flat(cfg.to_dict())
+    before, after, recipe = flat(saved.to_dict()), flat(resumed.to_dict()), flat(cfg.to_dict())
     # What the command line changes, it changes from the newest checkpoint's value: run_config.json may hold its own
     # already, left by the same command cut short before its first checkpoint.
     was = {k: theirs.get(k, value) if k in given else value for k, value in before.items()}
