@@ -215,6 +215,11 @@ def test_a_malformed_json_file_is_named_by_the_line_that_breaks_it(tmp_path: Pat
     lines.write_text('{"text": "a"}\n' * 5 + '{"text": oops}\n')
     with pytest.raises(ConfigError, match=r"lines.json:6: malformed JSON"):
         read_rows(str(lines))
+    mixed = tmp_path / "mixed.json"  # JSON, but `datasets` named "row 0" for the second row, a string
+    mixed.write_text('[{"text": "a"}, "b", {"text": "c"}]')
+    with pytest.raises(ConfigError, match=r"mixed.json: row 2: expected a JSON object per row, got str: fix or delete "
+                                          r"that row$"):
+        read_rows(str(mixed))
 
 
 def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -154,12 +154,12 @@ def _read_jsonl(path: Path) -> Rows:
 
 
 def json_syntax_error(path: Path) -> None:
-    """Name the line where a .json file that `datasets` could not read breaks JSON: its own message gives a byte
-    position at best ("Expected object or value at position 14"). Returns where Python reads the file (the trouble
-    lay elsewhere, and `datasets`' message stands)."""
+    """Name the line where a .json file that `datasets` could not read breaks JSON, or the row of its array that is
+    no object: its own message gives a byte position at best ("Expected object or value at position 14"). Returns
+    where Python reads the file (the trouble lay elsewhere, and `datasets`' message stands)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-        json.loads(text)
+        rows = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # a value per line (JSON Lines, which `datasets` reads in a .json file too)
             _read_jsonl(path)  # names the first bad line, if any
@@ -168,6 +168,12 @@ def json_syntax_error(path: Path) -> None:
                           "JSONL") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return
+    # JSON, but an array with a row that is no object (`datasets`: "changed from object to string in row 0")
+    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None) if isinstance(rows, list) \
+        else None
+    if bad is not None:
+        raise ConfigError(f"{path}: row {bad}: expected a JSON object per row, got {type(rows[bad - 1]).__name__}: "
+                          "fix or delete that row")
 
 
 class DuplicateKey(ValueError):
