@@ -25,7 +25,7 @@ from qlora.commands import eval_parser
 from qlora.config import DataConfig
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows, rows_sha256
-from qlora.data.labels import detect_format, load_splits, tokenize_rows
+from qlora.data.labels import check_rows, detect_format, load_splits, tokenize_rows
 from qlora.data.pack import pack_examples
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
@@ -47,13 +47,15 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
     if data is not None:
         source, key, counted = data, "--data", False
         rows = read_rows(source, key)
+        ran = read_run_config(run_dir).data
     else:
         ran = read_run_config(run_dir).data
         source, key = ran.eval or ran.train, "data.eval" if ran.eval else "data.train"
         rows = read_rows(source, f"{key} in {run_dir / RUN_CONFIG}, or give --data FILE")
         counted = not same_held_out(run_dir, ran, source, rows)
+    fmt = detect_format(rows, source, key) if ran.format == "auto" else ran.format
+    check_rows(rows, fmt)
     cfg, model, tokenizer, dev = load_run(run_dir, device)
-    fmt = detect_format(rows, source, key) if cfg.data.format == "auto" else cfg.data.format
     if data is None and not cfg.data.eval:  # the split training held out: the same seeded carve-out
         train, examples = load_splits(cfg.data, tokenizer, cfg.train.seed, (fmt, rows, None))
         counts = [len(pack_examples(train, cfg.data.max_seq_len)) if cfg.data.pack else len(train), len(examples)]

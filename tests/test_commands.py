@@ -322,6 +322,18 @@ def test_generate_still_answers(cli, finished):
     assert result.status == 0, result.stderr
 
 
+def test_eval_reads_every_row_of_its_data_before_the_run_loads(cli, finished, tmp_path):
+    """A row the run's format cannot score, last in --data, is named before the base loads (minutes for a 70B), as
+    training names it."""
+    rows = tmp_path / "held.jsonl"
+    rows.write_text('{"text": "red dog"}\n{"text": "sun moon"}\n{"txt": "dog"}\n')
+    result = cli.run([str(finished), f"--data={rows}"], module="qlora.eval")
+    assert result.status == 2, result.stderr
+    assert result.stderr.strip() == (f"error: {rows}:3: row lacks field(s) text that format 'text' needs: fix or "
+                                     "delete that row")
+    assert "loading " not in result.stdout and "building " not in result.stdout, result.stdout
+
+
 # In the child, before the command: the first write_text of a text holding MARK writes half of it, then the process
 # dies (kill -9: no cleanup runs), as a kill in the middle of writing a file would leave it.
 KILL_MID_WRITE = """
