@@ -8,6 +8,7 @@ The CLI runs in real processes forked from one that imported qlora.train once (t
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -453,8 +454,12 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     ("--data.eval={d}/turn.jsonl", r"turn.jsonl:1: each message needs a role .* message 2 \(assistant\) has no "
                                    r"content"),
     ("--data.eval={d}/blank.jsonl", r"blank.jsonl holds no rows: add data or point data.eval at another file"),
+    ("--data.train={d}/wrapped.json", r"wrapped.json is one JSON object holding its rows under 'data': write them as "
+                                      r"the file's top-level array, or one object per line \(.jsonl\)"),
+    ("--data.train={d}/rows.jsonl.gz", r"rows.jsonl.gz is compressed: gunzip it and point data.train at the file it "
+                                       r"holds \(.jsonl, .json, .parquet, .csv\)"),
 ], ids=["train missing", "held-out missing", "bad line", "row without its field", "bad held-out turn",
-        "held-out file of blank lines"])
+        "held-out file of blank lines", "rows wrapped in an object", "compressed"])
 def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, pattern):
     """A missing file, a bad line, or a row the format cannot train on cost a load of the base first (minutes for a
     70B) before it was said."""
@@ -462,6 +467,8 @@ def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, 
     (tmp_path / "late.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n')
     (tmp_path / "turn.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n')
     (tmp_path / "blank.jsonl").write_text("\n \n\n")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a b"}, {"text": "c d"}]}))
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
     result = cli.run([TINY, flag.replace("{d}", str(tmp_path)), f"--output.dir={tmp_path / 'run'}"])
     check_refused(result, pattern)
     assert "loading " not in result.stdout and "building " not in result.stdout, result.stdout

@@ -13,6 +13,9 @@ from qlora.base.build import hub_unreachable, looks_like_hub_id
 from qlora.errors import ConfigError, json_trouble
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSED = {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd", ".zip": "unzip"}
+
+
 class Rows(list):
     """A source's rows, each with where it stands (`places`), for the messages that name a row: `file:LINE` in a
     JSONL file (blank lines count) or a CSV file (its header is line 1), `file: row N` in the other kinds."""
@@ -38,6 +41,9 @@ def read_rows(source: str, key: str = "data.train / data.eval") -> Rows:
             raise ConfigError(f"data file {path} {problem}{where}: check {key}")
         if suffix == ".jsonl":
             return _read_jsonl(path)
+        if suffix in COMPRESSED:
+            raise ConfigError(f"data file {path} is compressed: {COMPRESSED[suffix]} it and point {key} at the file "
+                              f"it holds ({', '.join(LOADERS)})")
         if suffix not in LOADERS:
             raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
         import datasets

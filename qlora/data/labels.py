@@ -33,6 +33,11 @@ def detect_format(rows: list[dict], source: str, key: str = "data.train") -> str
     for fmt, fields in FORMAT_FIELDS.items():
         if all(f in rows[0] for f in fields):
             return fmt
+    wrapped = [k for k, v in rows[0].items() if len(rows) == 1 and isinstance(v, list) and v and
+               isinstance(v[0], dict) and any(all(f in v[0] for f in fields) for fields in FORMAT_FIELDS.values())]
+    if wrapped:  # {"data": [rows]}, as many exports write a .json file: read as one row
+        raise ConfigError(f"{source} is one JSON object holding its rows under {wrapped[0]!r}: write them as the "
+                          "file's top-level array, or one object per line (.jsonl)")
     raise ConfigError(f"{source}: first row has fields {sorted(rows[0])}, none of the formats "
                       "messages / instruction+output / text: rename the fields or set data.format")
 
