@@ -31,7 +31,7 @@ from qlora.data.batches import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
 from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, unplanned, use_plan
-from qlora.memory.preflight import check_fits
+from qlora.memory.preflight import check_fits, room
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, launch, runconfig, rundir
 from qlora.training.assemble import prepare, print_summary
@@ -218,7 +218,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     device = ranks.device if ranks.several else resolve_device(t.device)
     use_kernel(cfg, device)  # SDPA's CUDA kernel as model.sdpa_backend asks
     if t.plan == "fastest":  # the levers for this card and host, printed and recorded before loading
-        use_plan(cfg, device, ranks.size)
+        use_plan(cfg, device, ranks.size, ranks.least(room(device)))
     # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base
     # is loaded, with the longest data.max_seq_len that fits.
     check_fits(cfg, device, ranks.size)

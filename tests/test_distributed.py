@@ -22,9 +22,10 @@ import torch
 from forked_cli import ROOT, ForkedCLI, Result
 from test_crash import adapter, metrics, wait_for_step  # the run dir's adapter, metrics, progress (rank 0 writes)
 
-from qlora.config import load_recipe
+from qlora.config import apply_overrides, load_recipe
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
+from qlora.memory.preflight import needs
 from qlora.training.checkpoint import list_checkpoints
 
 STEPS = 6
@@ -310,6 +311,28 @@ def test_processes_launched_with_other_settings_or_data_are_refused(cli, tmp_pat
     assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
     assert re.fullmatch(f"error: {line}\n", rank0.stderr) and rank1.stderr == "", (rank0.stderr, rank1.stderr)
     assert "loading " not in rank0.stdout and not (tmp_path / "run").exists()
+
+
+SMALL_HOST = """
+import qlora.memory.preflight
+if os.environ["RANK"] == "1":  # a host with less memory available than rank 0's
+    qlora.memory.preflight.available_bytes = lambda: {tight}
+"""
+
+
+def test_every_process_plans_for_the_least_memory_of_them(cli, tmp_path):
+    """train.plan=fastest chose by each process's own card, or on CPU its host's available memory: with rank 1's host
+    just large enough for the recipe's own step, rank 0 dropped checkpointing and rank 1 kept it, and rank 0's plan
+    was recorded as the run's. Every process plans for the least of them, and rank 0 says so."""
+    argv = ["recipes/tiny.py", "--train.plan=fastest", "--train.steps=1", "--train.eval_before=false",
+            "--train.eval_batches=1", *TWO]
+    cfg = apply_overrides(load_recipe(ROOT / argv[0]), argv[1:])
+    tight = needs(estimate(cfg, load_arch(cfg), "qlora", "cpu", 2))[0]
+    rank0, rank1 = run_ranks(cli, [*argv, f"--output.dir={tmp_path / 'run'}"], prelude=SMALL_HOST.format(tight=tight))
+    assert rank0.status == rank1.status == 0, (rank0.stderr, rank1.stderr)
+    assert f"this host has {tight / 2**30:.2f} GiB available, the least of 2 processes'" in rank0.stdout, rank0.stdout
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]
+    assert recorded["gradient_checkpointing"] is True, recorded["plan_chose"]
 
 
 ALONE = """

@@ -210,11 +210,12 @@ def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     cfg.train.plan_keep += [key for key in keys if (key in COSTS or key in SHAPE) and key not in cfg.train.plan_keep]
 
 
-def use_plan(cfg: Config, device: torch.device, gpus: int = 1) -> Plan | None:
-    """Choose the plan for `device` and the host, set its levers on `cfg` (train.plan_chose records the overrides)
-    and print what was chosen and why; with several processes the host is not counted, so that every process
-    chooses alike (each checks its own host before loading)."""
-    card, where = room(device)
+def use_plan(cfg: Config, device: torch.device, gpus: int = 1, card: tuple[int, str] | None = None) -> Plan | None:
+    """Choose the plan for `device` (or `card`: its bytes and what they are) and the host, set its levers on `cfg`
+    (train.plan_chose records the overrides) and print what was chosen and why; with several processes the host is
+    not counted, and `card` is the least of theirs, so that every process chooses alike (each checks its own card and
+    host before loading)."""
+    card, where = card or room(device)
     host = available_bytes() if device.type == "cuda" and gpus == 1 else None
     plan, lines = plan_for(cfg, device.type, card, where, host, gpus)
     print("\n".join(lines))

@@ -79,6 +79,18 @@ class Ranks:
             raise original or Stop(*value)
         return value
 
+    def least(self, room: tuple[int, str]) -> tuple[int, str]:
+        """The least of every rank's `room` (bytes, what they are): what a choice every rank must make alike is made
+        for. The plan (train.plan=fastest) chose by each rank's own card or host memory differed between cards of
+        other sizes, or on CPU between hosts (or moments) of other available memory (with train.plan_batch, the
+        rows each takes too)."""
+        if not self.several:
+            return room
+        every: list[tuple[int, str]] = [(0, "")] * self.size
+        dist.all_gather_object(every, room)
+        least = min(every, key=lambda r: r[0])
+        return least[0], f"{least[1]}, the least of {self.size} processes'"
+
     def global_targets(self, examples: list[dict], batch_size: int, seed: int, indices: list[int]) -> int | None:
         """Target tokens of the global batch made of micro-batches `indices`; None for one process (forward_backward
         counts its own micro-batches, which are the whole batch)."""
