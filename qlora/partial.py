@@ -1,4 +1,5 @@
-"""Outputs written aside and renamed into place, and what a killed writer left of them.
+"""Outputs written aside and renamed into place, and what a killed writer left of them; safetensors files written so
+that a failed write is the OSError it is (`save_tensors`).
 
 A checkpoint built from GGUF, a merged model, a GGUF export and a memory report are each written under a hidden name
 beside their path (`.NAME.partial-PID-...`, `.NAME.building-PID`), then renamed: the path holds the whole output or
@@ -13,6 +14,27 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with a failed write (a full disk, a read-only one) raised as the OSError it is, naming
+    `path`: safetensors reports it as a SafetensorError whose text ends in "(os error 28)", which ended a merge in a
+    traceback, and a checkpoint in `remove the cause` where the fix is to free some space."""
+    # imported here: qlora.base.build imports this module, and `--help` answers before torch is imported
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def write_aside(path: Path, text: str) -> None:

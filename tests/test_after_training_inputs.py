@@ -20,7 +20,6 @@ from qlora import eval as run_eval
 from qlora.export import __main__ as export_command
 from qlora.export.gguf_file import write_tensor
 from qlora.merge import __main__ as merge_command
-from qlora.merge import checkpoint
 from qlora.training.checkpoint import RUN_CONFIG, STATE
 
 
@@ -82,7 +81,7 @@ def test_a_full_disk_under_a_merge_is_exit_5_naming_out(run, tmp_path, capsys, m
     def full(*args: object, **kwargs: object) -> None:  # what safetensors raises on ENOSPC
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr("safetensors.torch.save_file", full)
     assert merge_command.main([str(run), "--out", str(tmp_path / "merged"), "--skip-check"]) == 5
     assert one_error(capsys) == (f"error: could not write {tmp_path / 'merged'} (No space left on device); free some "
                                  "space, then run the command again")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from qlora.adapters.lora import lora_layers
@@ -36,6 +36,7 @@ from qlora.base.load import compute_dtype
 from qlora.base.quantize import dequantize, linear4bit, params4bit, rebuild_from_checkpoint
 from qlora.config import Config
 from qlora.errors import ConfigError
+from qlora.partial import save_tensors
 
 SHIFTS = "loftq_shifts.safetensors"  # lora.loftq_iters > 1: what the base was quantised with, for every reload
 
@@ -111,7 +112,7 @@ def init_loftq(model: nn.Module, cfg: Config, base_path: str) -> tuple[float, di
 def save_shifts(run_dir: Path, shifts: dict[str, torch.Tensor]) -> None:
     """The shifts of a run with lora.loftq_iters > 1, beside its adapter: without them its base cannot be rebuilt."""
     tmp = run_dir / f".tmp-{SHIFTS}"
-    save_file({k: v.contiguous() for k, v in shifts.items()}, str(tmp), metadata={"format": "pt"})
+    save_tensors({k: v.contiguous() for k, v in shifts.items()}, tmp)
     os.replace(tmp, run_dir / SHIFTS)
 
 

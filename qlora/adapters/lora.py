@@ -13,13 +13,14 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from qlora.base.bnb import bnb
 from qlora.config import LoRAConfig
 from qlora.config.model import check_rank
 from qlora.errors import ConfigError, json_trouble
+from qlora.partial import save_tensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -189,7 +190,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
         "inference_mode": True,
     }
     state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
-    save_file(state, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_tensors(state, out_dir / ADAPTER_WEIGHTS)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from qlora.base.build import INDEX, checkpoint_shards
@@ -28,7 +27,7 @@ from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
 from qlora.merge.fold import folding, merge_source, read_scaling
-from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned, write_aside
+from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned, save_tensors, write_aside
 from qlora.training.assemble import load_run_fp32, read_run_config
 from qlora.training.rundir import run_owned
 
@@ -84,18 +83,6 @@ def copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, with a failed write (a full disk, a read-only one) raised as the OSError it is:
-    safetensors reports it as a SafetensorError whose text ends in "(os error 28)", which would end in a traceback."""
-    try:
-        save_file(shard, str(path), metadata={"format": "pt"})
-    except SafetensorError as err:
-        code = re.search(r"\(os error (\d+)\)", str(err))
-        if code is None:
-            raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
-
-
 def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tensor], torch.Tensor],
                  dtype: torch.dtype, max_bytes: int) -> int:
     """Read every base tensor once, pass it through `fold`, write safetensors shards (+ index); return the bytes."""
@@ -111,7 +98,7 @@ def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tenso
                 shard[name] = fold(name, f.get_tensor(name)).contiguous()
             weight_map[name] = file_name
             total += shard[name].numel() * shard[name].element_size()
-        save_shard(shard, out / file_name)
+        save_tensors(shard, out / file_name)
         del shard  # only this shard's tensors were ever held
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -20,12 +20,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import DISK_FULL, EXIT_SAVE, Stop
-from qlora.partial import ordinary_modes
+from qlora.partial import ordinary_modes, save_tensors
 
 STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
@@ -70,7 +70,7 @@ def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: P
     """The trained weights: a PEFT adapter for LoRA methods, every trainable tensor for full fine-tuning."""
     if cfg.quant.method == "full":
         state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(state, str(out_dir / FULL_WEIGHTS), metadata={"format": "pt"})
+        save_tensors(state, out_dir / FULL_WEIGHTS)
     else:
         save_adapter(model, cfg.lora, base_path, out_dir)
     ordinary_modes(out_dir)  # safetensors writes its files 0600: the run's files are ordinary ones, as its others
