@@ -8,6 +8,7 @@ by a `prelude` that patches torch in the child before the CLI starts.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -27,11 +28,14 @@ from safetensors.torch import load_file, save_file
 from qlora.base.build import ensure_checkpoint
 from qlora.config import apply_overrides, load_recipe
 from qlora.data.batches import batch_rows
+from qlora.errors import exit_status
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
+from qlora.memory.profiler import PhaseTracker
 from qlora.training.checkpoint import STATE, list_checkpoints
 from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.oom import HEADROOM
+from qlora.training.rundir import start_run
 
 STEPS = 8
 # 4 rows x 2 micro-batches per step, dropout on (resume must restore its RNG), an evaluation every 3 steps.
@@ -272,6 +276,40 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cli, reference, tmp
     assert result.status == 0, result.stderr
     assert "checkpoint-2 at step 2" in result.stdout
     assert_same_run(moved, reference)
+
+
+def test_a_full_disk_under_a_runs_own_files_names_each(tiny_config, tmp_path, monkeypatch):
+    """A small file's write on a full disk fails as it is closed, in an OSError without a filename: on a tmpfs filled
+    before each, the lock's pid, run_config.json, metrics.jsonl (as a run starts, and at a step) and memory.json ended
+    the run in 'could not write a file (No space left on device)'."""
+    run = tmp_path / "run"
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as close() raises it: no filename
+
+    with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
+        patched.setattr(os, "write", full)
+        start_run(run, tiny_config, False, ())
+    assert exit_status(caught.value) == (5, f"error: could not write {run / '.qlora.lock'} (No space left on "
+                                            "device); free some space, then run the command again")
+    with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
+        patched.setattr(Path, "write_text", full)
+        start_run(run, tiny_config, False, ())
+    assert caught.value.filename == str(run / "run_config.json")
+    with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
+        patched.setattr(Path, "write_bytes", full)
+        MetricsLog(run / "metrics.jsonl", b'{"step": 0}\n')
+    assert caught.value.filename == str(run / "metrics.jsonl")
+    log = MetricsLog(run / "metrics.jsonl")
+    for name in ("metrics.jsonl", "memory.json"):
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to("/dev/full")  # a write there fails with ENOSPC
+    with pytest.raises(OSError) as caught:
+        log.write({"step": 1, "loss": 4.0})
+    assert caught.value.filename == str(run / "metrics.jsonl")
+    with pytest.raises(OSError) as caught:
+        PhaseTracker(torch.device("cpu")).write(run / "memory.json")
+    assert caught.value.filename == str(run / "memory.json")
 
 
 NON_FINITE = """

@@ -17,6 +17,7 @@ import torch
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.memory.readings import nvml_used, reset_peak, resident_bytes, tensor_categories, unused_file_pages
+from qlora.partial import name_output
 
 GIB = 2**30
 
@@ -141,7 +142,11 @@ class PhaseTracker:
             shape = (cfg.train.batch_size, seq_len or cfg.data.max_seq_len)
             estimate = estimated_peak(cfg, self.device, shape[1])
         summary = self.summary(estimate, shape)
-        Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            Path(path).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as err:
+            name_output(err, path, Path(path))
+            raise
         return one_line(summary)
 
 

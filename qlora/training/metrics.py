@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from qlora.errors import ConfigError
+from qlora.partial import name_output
 
 
 def finite_or_null(value: object) -> object:
@@ -84,7 +85,11 @@ def check_kept(path: Path, keep_bytes: int, ended: int = 0, ended_line: str = ""
 def _replace(path: Path, data: bytes) -> None:
     """Write `path` whole, in one rename: a kill leaves the old file or the new one."""
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError as err:
+        name_output(err, tmp, path)
+        raise
     os.replace(tmp, path)
 
 
@@ -115,8 +120,12 @@ class MetricsLog:
             _replace(self.path, self.path.read_bytes()[:self.cut] + line)
             self.cut = None
             return text
-        with open(self.path, "ab") as f:
-            f.write(line)
+        try:
+            with open(self.path, "ab") as f:
+                f.write(line)
+        except OSError as err:
+            name_output(err, self.path, self.path)
+            raise
         return text
 
     def size(self) -> int:

@@ -27,6 +27,7 @@ from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
 from qlora.errors import DISK_FULL, ConfigError, check_writable
+from qlora.partial import name_output
 from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 from qlora.training.runconfig import check_identity
 
@@ -164,8 +165,13 @@ def _lock(run_dir: Path) -> None:
         if err.errno in NO_LOCKS:
             return  # the run goes on unguarded rather than not at all
         raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as err:  # a full disk: the first write of a run is its pid here
+        os.close(fd)
+        name_output(err, run_dir / LOCK, run_dir / LOCK)
+        raise
     _held[run_dir.resolve()] = fd
 
 
@@ -226,7 +232,11 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
                 if LEFTOVER.match(path.name):  # a link is removed, never what it points at
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             tmp = run_dir / f".tmp-{RUN_CONFIG}"
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            try:
+                tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            except OSError as err:
+                name_output(err, tmp, run_dir / RUN_CONFIG)
+                raise
             os.replace(tmp, run_dir / RUN_CONFIG)
     except OSError as err:
         unlock(run_dir)
