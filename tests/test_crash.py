@@ -24,6 +24,7 @@ import pytest
 import torch
 from forked_cli import ROOT
 from safetensors.torch import load_file, save_file
+from support import finished_run
 
 from qlora.base.build import ensure_checkpoint
 from qlora.config import apply_overrides, load_recipe
@@ -310,6 +311,32 @@ def test_a_full_disk_under_a_runs_own_files_names_each(tiny_config, tmp_path, mo
     with pytest.raises(OSError) as caught:
         PhaseTracker(torch.device("cpu")).write(run / "memory.json")
     assert caught.value.filename == str(run / "memory.json")
+
+
+def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_path, monkeypatch):
+    """A power cut keeps a checkpoint (flushed before its rename) but may lose what was written and not flushed: the
+    last lines of metrics.jsonl, which the checkpoint counts (--resume then refuses the file as cut short), and a fresh
+    run's run_config.json (then empty: refused as malformed). Both are flushed before each checkpoint is renamed."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def flush(fd: int) -> None:
+        events.append(("flushed", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def rename(src: object, dst: object) -> None:
+        events.append(("renamed", str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", flush)
+    monkeypatch.setattr(os, "replace", rename)
+    run = (tmp_path / "run").resolve()
+    finished_run("tiny.py", run, steps=2, save_every=1, log_every=1, eval_every=0, eval_before=False)
+    start = 0
+    for step in (1, 2):
+        end = events.index(("renamed", str(run / f"checkpoint-{step}")))
+        flushed = {path for what, path in events[start:end] if what == "flushed"}
+        assert {str(run / "metrics.jsonl"), str(run / "run_config.json")} <= flushed, step
+        start = end
 
 
 NON_FINITE = """

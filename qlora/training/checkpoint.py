@@ -1,9 +1,10 @@
 """Checkpoints and the final adapter, written atomically; the weights and random state each in the one form it is
 read back in (`load_weights`, `set_rng_state`); which checkpoints a run directory holds.
 
-Every write is atomic. A checkpoint is written into `.tmp-checkpoint-<step>/`, flushed to disk, then renamed to
-`checkpoint-<step>/`, so a directory of that name is always complete and a run killed mid-save leaves only a `.tmp-`
-directory that resume ignores (and the next start removes). Old checkpoints are renamed away before they are deleted,
+Every write is atomic. A checkpoint is written into `.tmp-checkpoint-<step>/`, flushed to disk (with the run's
+run_config.json and metrics.jsonl, which a resume reads with it), then renamed to `checkpoint-<step>/`, so a
+directory of that name is always complete and a run killed mid-save leaves only a `.tmp-` directory that resume
+ignores (and the next start removes). Old checkpoints are renamed away before they are deleted,
 so a half-deleted one is never taken for complete either. The final adapter files are written the same way, each
 renamed over its predecessor. A failed save (disk full) removes its own `.tmp-` directory and leaves every earlier
 checkpoint as it was.
@@ -168,7 +169,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra},
                    tmp / STATE)
-        for file in tmp.iterdir():
+        # With it, what a resume from it reads beside it: run_config.json, and metrics.jsonl to the length it records
+        # (a power cut could keep the checkpoint yet lose those lines, and --resume refuses a file cut short).
+        beside = [run_dir / name for name in (RUN_CONFIG, METRICS) if (run_dir / name).is_file()]
+        for file in [*tmp.iterdir(), *beside]:
             _fsync(file)
         _fsync(tmp)
         if final.exists():  # a re-save of the same step: the old one goes only once the new one is whole
