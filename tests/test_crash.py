@@ -302,15 +302,24 @@ def test_a_full_disk_under_a_runs_own_files_names_each(tiny_config, tmp_path, mo
         MetricsLog(run / "metrics.jsonl", b'{"step": 0}\n')
     assert caught.value.filename == str(run / "metrics.jsonl")
     log = MetricsLog(run / "metrics.jsonl")
-    for name in ("metrics.jsonl", "memory.json"):
-        (run / name).unlink(missing_ok=True)
-        (run / name).symlink_to("/dev/full")  # a write there fails with ENOSPC
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to("/dev/full")  # a write there fails with ENOSPC
     with pytest.raises(OSError) as caught:
         log.write({"step": 1, "loss": 4.0})
     assert caught.value.filename == str(run / "metrics.jsonl")
-    with pytest.raises(OSError) as caught:
+    (run / "memory.json").write_text("{}\n")
+    write_text = Path.write_text
+
+    def half(self: Path, text: str) -> None:  # the disk fills halfway through the file
+        write_text(self, text[:len(text) // 2])
+        full()
+
+    with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
+        patched.setattr(Path, "write_text", half)
         PhaseTracker(torch.device("cpu")).write(run / "memory.json")
     assert caught.value.filename == str(run / "memory.json")
+    assert (run / "memory.json").read_text() == "{}\n" and sorted(p.name for p in run.iterdir() if "memory" in p.name) \
+        == ["memory.json"]  # the earlier file whole, nothing half-written beside it
 
 
 def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_path, monkeypatch):

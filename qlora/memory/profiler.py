@@ -17,7 +17,7 @@ import torch
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.memory.readings import nvml_used, reset_peak, resident_bytes, tensor_categories, unused_file_pages
-from qlora.partial import name_output
+from qlora.partial import write_aside
 
 GIB = 2**30
 
@@ -142,11 +142,7 @@ class PhaseTracker:
             shape = (cfg.train.batch_size, seq_len or cfg.data.max_seq_len)
             estimate = estimated_peak(cfg, self.device, shape[1])
         summary = self.summary(estimate, shape)
-        try:
-            Path(path).write_text(json.dumps(summary, indent=2) + "\n")
-        except OSError as err:
-            name_output(err, path, Path(path))
-            raise
+        write_aside(Path(path), json.dumps(summary, indent=2) + "\n")  # a kill while writing leaves no half file
         return one_line(summary)
 
 
