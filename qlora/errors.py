@@ -25,7 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 EXIT_BUG, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OOM, EXIT_SAVE, EXIT_PEER = 1, 2, 3, 4, 5, 6
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# What gives room to a write the system refused for want of it: a full disk or quota, or a file-size limit (ulimit -f,
+# a FAT32 disk's 4 GiB: Python ignores SIGXFSZ, so the write fails with EFBIG), which no space freed would lift.
+ROOM_FIX = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+            errno.EFBIG: "raise the file-size limit (ulimit -f), or write to a file system that takes larger files"}
 # Errors of a path the user chose, not of the program: "cannot use PATH (reason)", exit 2.
 UNUSABLE_PATH = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
                  errno.ENAMETOOLONG, errno.ELOOP)
@@ -94,11 +97,11 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
         return EXIT_BAD_INPUT, "error: " + str(err).replace("\r", "\\r").replace("\n", "\\n")
     if isinstance(err, Stop):
         return err.code, str(err) if err.code >= 128 else f"error: {err}"
-    if isinstance(err, OSError) and err.errno in DISK_FULL:  # outside a checkpoint: metrics.jsonl, run_config.json
-        intact = Session.intact() if Session.intact else ""
+    if isinstance(err, OSError) and err.errno in ROOM_FIX:  # outside a checkpoint: metrics.jsonl, run_config.json
+        intact, fix = Session.intact() if Session.intact else "", ROOM_FIX[err.errno]
         return EXIT_SAVE, (f"error: could not write {err.filename or 'a file'} ({err.strerror}); "
-                           + (f"{intact}: free some space, then continue with --resume" if "intact" in intact
-                              else "free some space, then run the command again"))
+                           + (f"{intact}: {fix}, then continue with --resume" if "intact" in intact
+                              else f"{fix}, then run the command again"))
     if isinstance(err, OSError) and err.errno in UNUSABLE_PATH and err.filename is not None:
         return EXIT_BAD_INPUT, f"error: cannot use {err.filename} ({err.strerror}): check that path, or choose another"
     return None

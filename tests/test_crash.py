@@ -279,6 +279,22 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(cli, reference, tmp
     assert_same_run(moved, reference)
 
 
+def test_a_file_size_limit_is_said_with_its_fix(cli, tmp_path):
+    """A write beyond a file-size limit (`ulimit -f`, a FAT32 disk's 4 GiB) failing as 'File too large' ended a
+    checkpoint in 'remove the cause', and run_config.json in 'choose another output.dir': neither lifts it. Run under
+    a limit of 300 KB the tiny recipe's 512 KiB adapter cannot be written; with no limit, the run resumes."""
+    ensure_checkpoint(load_recipe(ROOT / "recipes/tiny.py"))  # the base's cache, written before the limit
+    out = tmp_path / "run"
+    argv = [*ARGS, f"--output.dir={out}"]
+    limit = "import resource\nresource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))\n"
+    limited = cli.run(argv, prelude=limit)
+    assert limited.status == 5, limited.stderr
+    assert re.fullmatch(r"error: could not write checkpoint-1 in \S+ \(File too large\); there is no earlier "
+                        r"checkpoint: raise the file-size limit \(ulimit -f\), or write to a file system that takes "
+                        r"larger files, then continue with --resume\n", limited.stderr), limited.stderr
+    assert cli.run([*argv, "--resume"]).status == 0
+
+
 def test_a_full_disk_under_a_runs_own_files_names_each(tiny_config, tmp_path, monkeypatch):
     """A small file's write on a full disk fails as it is closed, in an OSError without a filename: on a tmpfs filled
     before each, the lock's pid, run_config.json, metrics.jsonl (as a run starts, and at a step) and memory.json ended

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
-from qlora.errors import DISK_FULL, EXIT_SAVE, Stop
+from qlora.errors import EXIT_SAVE, ROOM_FIX, Stop
 from qlora.partial import ordinary_modes, save_tensors
 
 STATE = "trainer_state.pt"
@@ -124,10 +124,11 @@ def root_cause(err: BaseException) -> str:
 
 
 def _fix(err: BaseException, run_dir: Path) -> str:
-    """What to do about a failed save, by its cause: only a full disk is helped by freeing space."""
+    """What to do about a failed save, by its cause: only a full disk is helped by freeing space (a file-size limit,
+    by raising it)."""
     code = getattr(_os_cause(err), "errno", None)
-    if code in DISK_FULL:
-        return "free some space"
+    if code in ROOM_FIX:
+        return ROOM_FIX[code]
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"make {run_dir} writable"
     return "remove the cause"

@@ -26,7 +26,7 @@ from pathlib import Path
 from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
-from qlora.errors import DISK_FULL, ConfigError, check_writable
+from qlora.errors import ROOM_FIX, ConfigError, check_writable
 from qlora.partial import name_output
 from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 from qlora.training.runconfig import check_identity
@@ -240,8 +240,8 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
             os.replace(tmp, run_dir / RUN_CONFIG)
     except OSError as err:
         unlock(run_dir)
-        if err.errno in DISK_FULL:
-            raise  # not the user's choice of directory: reported as a full disk, exit 5
+        if err.errno in ROOM_FIX:
+            raise  # not the user's choice of directory: reported as a full disk (or file-size limit), exit 5
         raise ConfigError(f"output.dir={run_dir} cannot be written ({err.strerror or err}): choose another "
                           "output.dir") from err
     except BaseException:
