@@ -107,10 +107,31 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def launched_ranks() -> tuple[int, int, int]:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun and accelerate launch set them (0, 1, 0 for a process alone): each
+    ASCII digits (int() also takes " 1", "-1" and "٣", and "²" passes isdigit), the ranks below the world size.
+    RANK=1 alone trained on no rows and crashed in its first step; WORLD_SIZE=0 divided by zero in the first
+    evaluation."""
+    values = {name: os.environ.get(name, default) for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"),
+                                                                        ("LOCAL_RANK", "0"))}
+    fix = "launch with torchrun --nproc-per-node=N -m qlora.train RECIPE.py, which sets them, or unset them"
+    for name, value in values.items():
+        if not (value.isascii() and value.isdigit()) or len(value) > 9:  # int() refuses 4,300 digits
+            raise ConfigError(f"{name}={value!r} is not a whole number of up to 9 digits: {fix}")
+    rank, size, local_rank = (int(v) for v in values.values())
+    if max(rank, local_rank) >= size:
+        raise ConfigError(f"RANK={rank} and LOCAL_RANK={local_rank} with WORLD_SIZE={size}: each rank lies in [0, "
+                          f"WORLD_SIZE); {fix}")
+    return rank, size, local_rank
+
+
 def line_of_this_rank(code: int, line: str) -> str | None:
     """`line` on rank 0 (or a command run alone); on another rank of several, prefixed with it where the ending was
     this process's own (exit 4 or 6), else None: rank 0 prints what every process met alike."""
-    rank = os.environ.get("RANK", "0")
-    if not rank.isdigit() or int(rank) == 0:
+    try:
+        rank = launched_ranks()[0]
+    except ConfigError:  # a process whose ranks are refused has no rank 0 to speak for it: the refusal is its line
+        return line
+    if rank == 0:
         return line
     return f"rank {rank}: {line}" if code in (EXIT_OOM, EXIT_PEER) else None

@@ -438,6 +438,20 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output_dir(cli, scratc
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(("env", "pattern"), [
+    ({"RANK": "²"}, r"RANK='²' is not a whole number"),  # isdigit takes it, int() does not: a traceback
+    ({"RANK": "٣"}, r"RANK='٣' is not a whole number"),  # int() takes it as 3: rank 3 printed nothing
+    ({"LOCAL_RANK": "-1"}, r"LOCAL_RANK='-1' is not a whole number"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, r"RANK=1 and LOCAL_RANK=0 with WORLD_SIZE=1: each rank lies in \[0, "
+                                       r"WORLD_SIZE\); launch with torchrun"),  # trained on no rows, then crashed
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE=0: each rank lies in"),  # divided by zero in the first evaluation
+], ids=["superscript", "arabic digit", "negative", "rank past the world", "no world"])
+def test_launch_variables_that_are_no_ranks_are_refused(cli, tmp_path, env, pattern):
+    out = tmp_path / "run"
+    check_refused(cli.run([TINY, f"--output.dir={out}"], env=env), pattern)
+    assert not out.exists()
+
+
 def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     """Found after the model is loaded (the data is tokenised with its tokenizer): still nothing on disk."""
     out = tmp_path / "new" / "run"

@@ -29,7 +29,7 @@ from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
 from qlora.console import announce, since
-from qlora.errors import EXIT_PEER, ConfigError, Session, Stop, exit_status, line_of_this_rank
+from qlora.errors import EXIT_PEER, ConfigError, Session, Stop, exit_status, launched_ranks, line_of_this_rank
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.distributed import Ranks
 from qlora.training.runconfig import flat
@@ -43,12 +43,7 @@ GLOO_DRAIN_S = 0.2  # what gloo's worker threads are given to finish with the GI
 
 def from_env() -> Ranks:
     """This process's rank, from the variables torchrun and accelerate launch set (RANK, WORLD_SIZE, LOCAL_RANK)."""
-    try:
-        return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                     int(os.environ.get("LOCAL_RANK", "0")))
-    except ValueError as err:
-        raise ConfigError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers ({err}): launch with torchrun "
-                          "--nproc-per-node=N -m qlora.train RECIPE.py") from None
+    return Ranks(*launched_ranks())
 
 
 def quiet() -> None:
