@@ -403,7 +403,7 @@ def test_memory_report_for_several_gpus(tmp_path, capsys):
     assert "## On 2 GPUs, per GPU (estimated)" in md and "base sharded" in proc.err
     assert main(["recipes/llama70b.py", "--gpus", "0", f"--out-dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --gpus '0': give the number of GPUs (processes), e.g. --gpus 2"]
+        "error: --gpus '0': give the number of GPUs (processes), up to 9 digits, e.g. --gpus 2"]
 
 
 def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):

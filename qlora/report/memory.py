@@ -126,8 +126,10 @@ def parse_cli(argv: list[str]) -> Cli:
         if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir") and not sep:
             value = next(args, "")
         if name == "--gpus":
-            if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes "²"
-                raise ConfigError(f"--gpus {value!r}: give the number of GPUs (processes), e.g. --gpus 2")
+            # isdigit alone takes "²"; 9 digits, as WORLD_SIZE (int() refuses 4,300, and 10**23 GPUs were estimated)
+            if not (value.isascii() and value.isdigit()) or len(value) > 9 or int(value) < 1:
+                raise ConfigError(f"--gpus {value[:20]!r}: give the number of GPUs (processes), up to 9 digits, e.g. "
+                                  "--gpus 2")
             cli.gpus = int(value)
         elif arg == "--measure":
             cli.measure = True
