@@ -6,13 +6,17 @@ beside their path (`.NAME.partial-PID-...`, `.NAME.building-PID`), then renamed:
 the earlier one, never half of one. A kill -9 runs no cleanup, so the hidden copy stays: a whole model's size each
 (140 GB for a 70B merge). The pid in its name tells a later writer a copy of a live process, which it keeps, from
 one of a process that is gone, which it removes and names.
+
+The folders a writer creates for its output are removed again if it fails (`new_folders`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +53,25 @@ def write_aside(path: Path, text: str) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         name_output(err, tmp, path)
+        raise
+
+
+@contextlib.contextmanager
+def new_folders(folder: Path) -> Iterator[None]:
+    """Create `folder` and the parents it lacks for the block; if the block fails, remove those it created that are
+    still empty: a command that wrote nothing leaves no empty folder behind (--out-dir on a full disk did)."""
+    made = []
+    for path in (folder, *folder.parents):  # deepest first; from the first that exists up, all exist
+        if os.path.lexists(path):
+            break
+        made.append(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):  # no longer empty: another writer's now
+                path.rmdir()
         raise
 
 

@@ -82,10 +82,10 @@ def test_a_full_disk_under_a_merge_is_exit_5_naming_out(run, tmp_path, capsys, m
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr("safetensors.torch.save_file", full)
-    assert merge_command.main([str(run), "--out", str(tmp_path / "merged"), "--skip-check"]) == 5
-    assert one_error(capsys) == (f"error: could not write {tmp_path / 'merged'} (No space left on device); free some "
-                                 "space, then run the command again")
-    assert list(tmp_path.iterdir()) == []  # the partial is gone
+    assert merge_command.main([str(run), "--out", str(tmp_path / "new" / "merged"), "--skip-check"]) == 5
+    assert one_error(capsys) == (f"error: could not write {tmp_path / 'new' / 'merged'} (No space left on device); "
+                                 "free some space, then run the command again")
+    assert list(tmp_path.iterdir()) == []  # the partial is gone, and the folder the merge created for it
 
 
 def gone_heldout(run: Path, tmp_path: Path) -> Path:

@@ -77,8 +77,8 @@ def test_a_full_disk_under_a_file_written_aside_names_the_file(tmp_path: Path, m
     assert exit_status(caught.value) == (5, f"error: could not write {tmp_path / 'eval.json'} (No space left on "
                                             "device); free some space, then run the command again")
     monkeypatch.undo()
-    with pytest.raises(OSError) as caught:
-        write_together(tmp_path, {"r.md": lambda path: path.write_text("report\n"), "r.json": full})
-    assert caught.value.filename == str(tmp_path / "r.json")
+    with pytest.raises(OSError) as caught:  # into folders it creates, which it removes again (they were left empty)
+        write_together(tmp_path / "reports" / "new", {"r.md": lambda path: path.write_text("report\n"), "r.json": full})
+    assert caught.value.filename == str(tmp_path / "reports" / "new" / "r.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     assert (tmp_path / "eval.json").read_text() == "the earlier result\n"

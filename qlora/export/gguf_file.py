@@ -40,7 +40,7 @@ from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, Stop
 from qlora.export.tokenizer import add_tokenizer
 from qlora.merge.fold import MergeSource, folding, merge_source
-from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned
+from qlora.partial import name_output, new_folders, ordinary_modes, partial_prefix, remove_abandoned
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -213,50 +213,50 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     started = announce(f"exporting {source.run_dir} merged onto {source.onto} to {out} as {kind} ({len(planned)} "
                        f"tensors, {total / 1e6:.1f} MB)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(out)  # what an export killed before its rename left: a whole model's size each
-    fd, tmp = tempfile.mkstemp(prefix=partial_prefix(out), suffix=".gguf", dir=out.parent)  # transformers reads
-    # a GGUF file by that suffix
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
-        add_hyperparameters(writer, config, kind, source.run_dir.resolve().name)
-        pre = add_tokenizer(writer, tokenizer, source.base, config.vocab_size)
-        for p in planned:
-            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), math.prod(
-                gguf.quant_shape_to_byte_shape(p.shape, p.qtype)), raw_dtype=p.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with folding(source) as (fold, merged):
-            for p in progress(planned, len(planned), "export", "tensor"):
-                if not p.source:  # the one tensor not in the checkpoint: Llama 3's rotary factors
-                    tensor = llama3_rope_factors(config)
-                else:
-                    with safe_open(str(p.shard), "pt") as f:  # memory-mapped: opening it per tensor costs nothing
-                        tensor = fold(p.source, f.get_tensor(p.source), FOLD_DTYPES.get(p.qtype, torch.float32))
-                if p.source.endswith(("q_proj.weight", "q_proj.bias")):
-                    tensor = interleave_rotary(tensor, heads)
-                elif p.source.endswith(("k_proj.weight", "k_proj.bias")):
-                    tensor = interleave_rotary(tensor, kv_heads)
-                write_tensor(writer, encode(tensor, p.qtype), out)
-        writer.close()
-        ordinary_modes(Path(tmp))  # mkstemp's file is private; the model is an ordinary file
-        print(f"wrote {len(planned)} tensors ({len(merged)} with the adapter folded in), "
-              f"{Path(tmp).stat().st_size / 1e6:.1f} MB, pre-tokenizer {pre} ({since(started)})")
+    with new_folders(out.parent):  # removed again if the export fails
+        remove_abandoned(out)  # what an export killed before its rename left: a whole model's size each
+        fd, tmp = tempfile.mkstemp(prefix=partial_prefix(out), suffix=".gguf", dir=out.parent)  # transformers reads
+        # a GGUF file by that suffix
+        os.close(fd)
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         try:
-            if check is not None:
-                check(Path(tmp))
-        except Stop:
-            os.replace(tmp, out)  # too far from the trained model: kept for inspection, as the line says
-            raise
-        os.replace(tmp, out)
-    except BaseException as err:
-        with contextlib.suppress(OSError):  # on a full disk, flushing what was buffered fails too
+            add_hyperparameters(writer, config, kind, source.run_dir.resolve().name)
+            pre = add_tokenizer(writer, tokenizer, source.base, config.vocab_size)
+            for p in planned:
+                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), math.prod(
+                    gguf.quant_shape_to_byte_shape(p.shape, p.qtype)), raw_dtype=p.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with folding(source) as (fold, merged):
+                for p in progress(planned, len(planned), "export", "tensor"):
+                    if not p.source:  # the one tensor not in the checkpoint: Llama 3's rotary factors
+                        tensor = llama3_rope_factors(config)
+                    else:
+                        with safe_open(str(p.shard), "pt") as f:  # memory-mapped: opening it per tensor costs nothing
+                            tensor = fold(p.source, f.get_tensor(p.source), FOLD_DTYPES.get(p.qtype, torch.float32))
+                    if p.source.endswith(("q_proj.weight", "q_proj.bias")):
+                        tensor = interleave_rotary(tensor, heads)
+                    elif p.source.endswith(("k_proj.weight", "k_proj.bias")):
+                        tensor = interleave_rotary(tensor, kv_heads)
+                    write_tensor(writer, encode(tensor, p.qtype), out)
             writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        name_output(err, tmp, out)
-        raise
+            ordinary_modes(Path(tmp))  # mkstemp's file is private; the model is an ordinary file
+            print(f"wrote {len(planned)} tensors ({len(merged)} with the adapter folded in), "
+                  f"{Path(tmp).stat().st_size / 1e6:.1f} MB, pre-tokenizer {pre} ({since(started)})")
+            try:
+                if check is not None:
+                    check(Path(tmp))
+            except Stop:
+                os.replace(tmp, out)  # too far from the trained model: kept for inspection, as the line says
+                raise
+            os.replace(tmp, out)
+        except BaseException as err:
+            with contextlib.suppress(OSError):  # on a full disk, flushing what was buffered fails too
+                writer.close()
+            Path(tmp).unlink(missing_ok=True)
+            name_output(err, tmp, out)
+            raise
     print(f"wrote {out}")
     return {"gguf": str(out), "type": kind, "tensors": len(planned), "merged_layers": len(merged),
             "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - started, 1)}

@@ -27,7 +27,15 @@ from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
 from qlora.merge.fold import folding, merge_source, read_scaling
-from qlora.partial import name_output, ordinary_modes, partial_prefix, remove_abandoned, save_tensors, write_aside
+from qlora.partial import (
+    name_output,
+    new_folders,
+    ordinary_modes,
+    partial_prefix,
+    remove_abandoned,
+    save_tensors,
+    write_aside,
+)
 from qlora.training.assemble import load_run_fp32, read_run_config
 from qlora.training.rundir import run_owned
 
@@ -132,28 +140,28 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     base = source.base
     started = announce(f"merging {run_dir} onto {source.onto}, written as {str(dtype).removeprefix('torch.')}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(out)  # before writing: a 70B merge needs the space a killed one holds
-    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out), dir=out.parent))
-    try:
-        with folding(source) as (fold, merged):
-            total = write_shards(checkpoint_shards(Path(base)), tmp, lambda name, t: fold(name, t, dtype), dtype,
-                                 max_shard_bytes)
-        copy_side_files(Path(base), tmp, dtype)
-        info = {"run_dir": str(run_dir.resolve()), "base": str(base), "merged_onto": source.onto,
-                "base_weights": "dequantised-nf4" if source.dequantise else "16bit",
-                "dtype": str(dtype).removeprefix("torch."), "scaling": source.scaling, "merged_layers": len(merged)}
-        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if check:
-            info["merge_error"] = merge_error(run_dir, tmp)  # records itself in tmp's merge_info.json
-        ordinary_modes(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        name_output(err, tmp, out)
-        raise
+    with new_folders(out.parent):  # removed again if the merge fails
+        remove_abandoned(out)  # before writing: a 70B merge needs the space a killed one holds
+        tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out), dir=out.parent))
+        try:
+            with folding(source) as (fold, merged):
+                total = write_shards(checkpoint_shards(Path(base)), tmp, lambda name, t: fold(name, t, dtype), dtype,
+                                     max_shard_bytes)
+            copy_side_files(Path(base), tmp, dtype)
+            info = {"run_dir": str(run_dir.resolve()), "base": str(base), "merged_onto": source.onto,
+                    "base_weights": "dequantised-nf4" if source.dequantise else "16bit",
+                    "dtype": str(dtype).removeprefix("torch."), "scaling": source.scaling, "merged_layers": len(merged)}
+            (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+            if check:
+                info["merge_error"] = merge_error(run_dir, tmp)  # records itself in tmp's merge_info.json
+            ordinary_modes(tmp)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(tmp, out)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            name_output(err, tmp, out)
+            raise
     print(f"wrote {len(merged)} merged layers, {total / 1e9:.3f} GB, to {out} ({since(started)})")
     return info
 

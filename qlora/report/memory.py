@@ -36,7 +36,7 @@ from qlora.config.model import FP16_ON_CUDA, check_rank
 from qlora.errors import ConfigError, check_writable
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import load_arch
-from qlora.partial import name_output, remove_abandoned
+from qlora.partial import name_output, new_folders, remove_abandoned
 from qlora.report.contents import build_report, target_device, versions
 
 USAGE = MEMORY.usage
@@ -68,23 +68,23 @@ def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) 
     kill between the renames (microseconds) can mix them. The .json goes last: it is the record a tool reads, with the
     command that made it, so a .json is never newer than the .md and .png beside it.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stem in {Path(name).stem for name in writers}:
-        remove_abandoned(out_dir / stem)  # a killed report's temporaries
-    # The suffix stays last: matplotlib picks the image format from it.
-    temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
-    name = None
-    try:
-        for name, write in writers.items():
-            write(temps[name])
-        for name, tmp in temps.items():
-            os.replace(tmp, out_dir / name)
-    except BaseException as err:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        if name is not None:
-            name_output(err, temps[name], out_dir / name)
-        raise
+    with new_folders(out_dir):  # removed again if the report fails (a full disk left it empty)
+        for stem in {Path(name).stem for name in writers}:
+            remove_abandoned(out_dir / stem)  # a killed report's temporaries
+        # The suffix stays last: matplotlib picks the image format from it.
+        temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
+        name = None
+        try:
+            for name, write in writers.items():
+                write(temps[name])
+            for name, tmp in temps.items():
+                os.replace(tmp, out_dir / name)
+        except BaseException as err:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+            if name is not None:
+                name_output(err, temps[name], out_dir / name)
+            raise
 
 
 @dataclass
