@@ -7,12 +7,14 @@ the earlier one, never half of one. A kill -9 runs no cleanup, so the hidden cop
 (140 GB for a 70B merge). The pid in its name tells a later writer a copy of a live process, which it keeps, from
 one of a process that is gone, which it removes and names.
 
-The folders a writer creates for its output are removed again if it fails (`new_folders`).
+The rename of a new file never replaces one that appeared while it was written (`rename_new`), and the folders a
+writer creates for its output are removed again if it fails (`new_folders`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -20,8 +22,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qlora.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
+
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)  # vfat, some FUSE and network mounts
+TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)  # what a rename onto a name in use meets
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -53,6 +60,33 @@ def write_aside(path: Path, text: str) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         name_output(err, tmp, path)
+        raise
+
+
+def rename_new(tmp: Path | str, out: Path, flag: str) -> None:
+    """Give the whole output `tmp` (a file or a directory) the name `out`, which must still be free (for a directory:
+    free or an empty directory). Checked as the command started, it may have been taken since (another export to the
+    same path, minutes in), and os.replace would overwrite a file there. A hard link takes a name only if it is free,
+    and rename(2) puts a directory only where nothing, or an empty directory, is; where the file system has no hard
+    links, the name is checked again just before."""
+    try:
+        if os.path.isdir(tmp):
+            os.rename(tmp, out)
+            return
+        try:
+            os.link(tmp, out)
+        except OSError as err:
+            if err.errno not in NO_HARD_LINKS:
+                raise
+            if os.path.lexists(out):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out)) from None
+            os.replace(tmp, out)
+            return
+        os.unlink(tmp)
+    except OSError as err:
+        if err.errno in TAKEN:
+            raise ConfigError(f"{flag}={out} appeared while this command wrote it (another command writing the same "
+                              "path?): it is left as it is; choose another path, or delete it and run again") from None
         raise
 
 

@@ -20,6 +20,7 @@ from qlora import eval as run_eval
 from qlora.export import __main__ as export_command
 from qlora.export.gguf_file import write_tensor
 from qlora.merge import __main__ as merge_command
+from qlora.merge import checkpoint
 from qlora.training.checkpoint import RUN_CONFIG, STATE
 
 
@@ -86,6 +87,26 @@ def test_a_full_disk_under_a_merge_is_exit_5_naming_out(run, tmp_path, capsys, m
     assert one_error(capsys) == (f"error: could not write {tmp_path / 'new' / 'merged'} (No space left on device); "
                                  "free some space, then run the command again")
     assert list(tmp_path.iterdir()) == []  # the partial is gone, and the folder the merge created for it
+
+
+def test_a_directory_that_appears_at_out_while_merging_is_left_as_it_is(run, tmp_path, capsys, monkeypatch) -> None:
+    """Another merge fills --out while this one works (it was free as this one started): the rename ended in a
+    traceback (OSError: Directory not empty). Refused in one line; the other merge's files stay (the export's
+    file: tests/test_export.py)."""
+    merged = tmp_path / "merged"
+
+    def other_merge(run_dir: Path, tmp: Path) -> dict:
+        merged.mkdir()
+        (merged / "model.safetensors").write_text("the other merge's\n")
+        return {}
+
+    monkeypatch.setattr(checkpoint, "merge_error", other_merge)
+    assert merge_command.main([str(run), "--out", str(merged)]) == 2
+    assert one_error(capsys) == (f"error: --out={merged} appeared while this command wrote it (another command "
+                                 "writing the same path?): it is left as it is; choose another path, or delete it and "
+                                 "run again")
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no partial left
+    assert (merged / "model.safetensors").read_text() == "the other merge's\n"
 
 
 def gone_heldout(run: Path, tmp_path: Path) -> Path:

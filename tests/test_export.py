@@ -23,7 +23,7 @@ from qlora.adapters.lora import LoRALinear
 from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
 from qlora.data.labels import load_splits
-from qlora.errors import Stop
+from qlora.errors import ConfigError, Stop
 from qlora.export.check import BOUNDS, check_export, check_template, divergence, outside_bound, read_back
 from qlora.export.gguf_file import export
 from qlora.training.assemble import load_run
@@ -94,6 +94,19 @@ def test_the_file_takes_its_name_only_once_checked(run: Path, tmp_path: Path) ->
     with pytest.raises(Stop):
         export(run, out, "f16", "cpu", too_far)
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"]
+
+
+def test_a_file_that_takes_the_name_meanwhile_is_not_overwritten(run: Path, tmp_path: Path) -> None:
+    """--gguf is checked free as the command starts, minutes before the rename: another export to the same path that
+    finished meanwhile had its file replaced by this one's."""
+    out = tmp_path / "x.gguf"
+
+    def another_export(path: Path) -> None:
+        out.write_text("the other export's\n")
+
+    with pytest.raises(ConfigError, match=r"--gguf=.*x.gguf appeared while this command wrote it"):
+        export(run, out, "f16", "cpu", another_export)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"] and out.read_text() == "the other export's\n"
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, Stop
 from qlora.export.tokenizer import add_tokenizer
 from qlora.merge.fold import MergeSource, folding, merge_source
-from qlora.partial import name_output, new_folders, ordinary_modes, partial_prefix, remove_abandoned
+from qlora.partial import name_output, new_folders, ordinary_modes, partial_prefix, remove_abandoned, rename_new
 
 Q = gguf.GGMLQuantizationType
 TYPES = {"f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16), "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
@@ -248,9 +248,9 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
                 if check is not None:
                     check(Path(tmp))
             except Stop:
-                os.replace(tmp, out)  # too far from the trained model: kept for inspection, as the line says
+                rename_new(tmp, out, "--gguf")  # too far from the trained model: kept for inspection, as said
                 raise
-            os.replace(tmp, out)
+            rename_new(tmp, out, "--gguf")
         except BaseException as err:
             with contextlib.suppress(OSError):  # on a full disk, flushing what was buffered fails too
                 writer.close()

@@ -10,7 +10,6 @@ whole and checked; a killed merge leaves a hidden `.OUT.partial-PID-*` that the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from qlora.partial import (
     ordinary_modes,
     partial_prefix,
     remove_abandoned,
+    rename_new,
     save_tensors,
     write_aside,
 )
@@ -155,9 +155,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
             if check:
                 info["merge_error"] = merge_error(run_dir, tmp)  # records itself in tmp's merge_info.json
             ordinary_modes(tmp)
-            if out.exists():
-                out.rmdir()  # empty, checked above
-            os.replace(tmp, out)
+            rename_new(tmp, out, "--out")  # onto nothing, or the empty directory checked above
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
             name_output(err, tmp, out)
