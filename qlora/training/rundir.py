@@ -149,6 +149,12 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
                           "another output.dir, or --overwrite to replace it")
+    # A run writes run_config.json before any other file: without it, these are someone else's (a metrics.jsonl of
+    # another tool, a home folder's memory.json), and a run would write over them without a word.
+    theirs = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if theirs and not (run_dir / RUN_CONFIG).exists() and not latest:
+        raise ConfigError(f"output.dir={run_dir} holds {', '.join(theirs)} but no {RUN_CONFIG}, so no run's files, "
+                          "which this run would write over: use another output.dir, or --overwrite to replace them")
     return seen
 
 
