@@ -64,6 +64,10 @@ def check_writable(path: Path, what: str, directory: bool = False) -> None:
                                    f"{'a directory' if directory else 'the path of a file'}")
     probe = path
     while not probe.exists() and probe != probe.parent:  # the nearest existing ancestor: where creating starts
+        if probe.is_symlink():  # a loop or a link to nothing: what resolves the path (run_owned) raised RuntimeError
+            where = "" if probe == path else f" cannot be created: {probe}"
+            raise Stop(EXIT_BAD_INPUT, f"{what}={path}{where} is a link that leads nowhere (a loop, or a missing "
+                                       "target): remove the link, or choose another path")
         probe = probe.parent
     if not probe.is_dir() and probe != path:
         raise Stop(EXIT_BAD_INPUT, f"{what}={path} cannot be created: {probe} is a file")

@@ -109,6 +109,21 @@ def test_a_directory_that_appears_at_out_while_merging_is_left_as_it_is(run, tmp
     assert (merged / "model.safetensors").read_text() == "the other merge's\n"
 
 
+def test_an_output_path_through_a_link_loop_is_refused_in_one_line(run, tmp_path, capsys) -> None:
+    """A link loop at (or above) --out, --gguf or --json ended in a traceback: RuntimeError: Symlink loop, from
+    Path.resolve where the path is checked against the run's own names."""
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    loop = tmp_path / "loop"
+    assert merge_command.main([str(run), "--out", str(loop / "merged"), "--skip-check"]) == 2
+    assert one_error(capsys) == (f"error: --out={loop / 'merged'} cannot be created: {loop} is a link that leads "
+                                 "nowhere (a loop, or a missing target): remove the link, or choose another path")
+    assert export_command.main([str(run), "--gguf", str(loop / "m.gguf")]) == 2
+    assert f"error: --gguf={loop / 'm.gguf'} cannot be created: {loop} is a link" in one_error(capsys)
+    assert run_eval.main([str(run), "--json", str(loop)]) == 2
+    assert f"error: --json={loop} is a link that leads nowhere" in one_error(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"]
+
+
 def gone_heldout(run: Path, tmp_path: Path) -> Path:
     moved = copy_run(run, tmp_path)
     raw = json.loads((moved / RUN_CONFIG).read_text())

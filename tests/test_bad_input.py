@@ -623,9 +623,12 @@ def test_a_damaged_run_dir_is_refused_in_one_line(cli, tmp_path, setup, flags, p
     ("{tmp}/notes.txt/run", r"output.dir=.*notes.txt/run cannot be created: .*notes.txt is a file"),
     ("{tmp}/notes.txt", r"output.dir=.*notes.txt is a file: point output.dir at a directory"),
     ("", r"output.dir is empty: set it to the run directory"),
-], ids=["under a file", "a file", "empty"])
+    # a traceback (RuntimeError: Symlink loop, from Path.resolve) after the refusal
+    ("{tmp}/loop", r"output.dir=.*loop is a link that leads nowhere \(a loop, or a missing target\): remove the link"),
+], ids=["under a file", "a file", "empty", "a link loop"])
 def test_an_output_dir_that_cannot_be_one_is_refused(cli, tmp_path, where, pattern):
     (tmp_path / "notes.txt").write_text("the user's own file\n")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     check_refused(cli.run([TINY, f"--output.dir={where.replace('{tmp}', str(tmp_path))}"]), pattern)
     assert (tmp_path / "notes.txt").read_text() == "the user's own file\n"
 

@@ -41,7 +41,7 @@ LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|
 RUN_DIRS = re.compile(r"^checkpoint-\d+(\.damaged(-\d+)?)?$")  # a run's checkpoints, damaged ones set aside included
 
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without flock (some network mounts)
-_held: dict[Path, int] = {}  # run dir -> the file descriptor holding its lock
+_held: dict[str, int] = {}  # run dir (realpath: resolve() raises on a link loop) -> the fd holding its lock
 
 
 def run_owned(path: Path, run_dir: Path) -> str | None:
@@ -178,12 +178,12 @@ def _lock(run_dir: Path) -> None:
         os.close(fd)
         name_output(err, run_dir / LOCK, run_dir / LOCK)
         raise
-    _held[run_dir.resolve()] = fd
+    _held[os.path.realpath(run_dir)] = fd
 
 
 def unlock(run_dir: Path) -> None:
     """Release the lock `start_run` took (a process that ends releases it anyway)."""
-    fd = _held.pop(Path(run_dir).resolve(), None)
+    fd = _held.pop(os.path.realpath(run_dir), None)
     if fd is not None:
         os.close(fd)
 
