@@ -110,8 +110,8 @@ def test_a_directory_that_appears_at_out_while_merging_is_left_as_it_is(run, tmp
 
 
 def test_an_output_path_through_a_link_loop_is_refused_in_one_line(run, tmp_path, capsys) -> None:
-    """A link loop at (or above) --out, --gguf or --json ended in a traceback: RuntimeError: Symlink loop, from
-    Path.resolve where the path is checked against the run's own names."""
+    """A link loop at (or above) --out, --gguf or --json, or given as the export's RUN_DIR, ended in a traceback:
+    RuntimeError: Symlink loop, from Path.resolve where the path is checked against the run's own names."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     loop = tmp_path / "loop"
     assert merge_command.main([str(run), "--out", str(loop / "merged"), "--skip-check"]) == 2
@@ -121,6 +121,8 @@ def test_an_output_path_through_a_link_loop_is_refused_in_one_line(run, tmp_path
     assert f"error: --gguf={loop / 'm.gguf'} cannot be created: {loop} is a link" in one_error(capsys)
     assert run_eval.main([str(run), "--json", str(loop)]) == 2
     assert f"error: --json={loop} is a link that leads nowhere" in one_error(capsys)
+    assert export_command.main([str(loop), "--gguf", str(tmp_path / "m.gguf")]) == 2  # the run itself
+    assert f"error: {loop / RUN_CONFIG} not found: RUN_DIR must be" in one_error(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["loop"]
 
 

@@ -136,6 +136,9 @@ def a_dir(name: str) -> Callable[[Path, Path], None]:
 
 # (id, module, arguments: {run} is a finished run's copy, {tmp} its parent; setup; the one line must match this)
 CASES = [
+    # its folder's run_config.json was read, then the adapter beside the file was "not found: the run has not finished"
+    ("merge: RUN_DIR a file", "qlora.merge", ["{run}/run_config.json", "--out={tmp}/m"], noop,
+     r"RUN_DIR .*run/run_config.json is a file: pass the training output directory it lies in"),
     ("eval: no run", "qlora.eval", ["{tmp}/nothing"], noop, r"nothing/run_config.json not found: RUN_DIR must be a "
                                                             r"training output directory"),
     ("eval: run config cut short", "qlora.eval", ["{run}"], write("run_config.json", b'{"model": {'),

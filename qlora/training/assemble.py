@@ -170,7 +170,11 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
 
 def read_run_config(run_dir: Path) -> Config:
     """The recipe a run trained with, from RUN_DIR/run_config.json (or its parent's, for RUN_DIR/checkpoint-N)."""
-    candidates = (d / checkpoint.RUN_CONFIG for d in (run_dir, run_dir.parent))
+    if run_dir.is_file():  # its folder's run_config.json was found, then the adapter "not found" beside the file
+        raise ConfigError(f"RUN_DIR {run_dir} is a file: pass the training output directory it lies in (the "
+                          "--output.dir of python -m qlora.train), or one of its checkpoint-N")
+    # The parent only for a folder that is there (a checkpoint-N): a mistyped one is not found, not "not finished".
+    candidates = (d / checkpoint.RUN_CONFIG for d in (run_dir, run_dir.parent) if run_dir.is_dir())
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise ConfigError(f"{run_dir / checkpoint.RUN_CONFIG} not found: RUN_DIR must be a training output directory "
