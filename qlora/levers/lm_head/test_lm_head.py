@@ -99,6 +99,45 @@ def test_the_head_dequantised_a_slice_at_a_time_computes_as_bitsandbytes_does(
     assert max(w.numel() * w.element_size() for w in rows + cols) <= max(slice_bytes, 259 * 64 * 4)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only, id="on_cuda")])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_every_blocksize_is_sliced_as_bitsandbytes_packs_it(monkeypatch: pytest.MonkeyPatch, device: str,
+                                                           double_quant: bool, blocksize: int) -> None:
+    """Every quant.blocksize the config allows, on bitsandbytes' CPU kernels and its CUDA ones (the sliced head has
+    run only the CPU's): each slice cut from the packed bytes and absmax dequantises to bitsandbytes' whole weight
+    bit for bit. 48 x 8,192 in bf16 with 256 KiB slices: 3 of 16 rows; 4 of 2,720 columns (blocks of 32, the last
+    32 wide) down to 2,048, or 2 of one 4,096 block."""
+    import bitsandbytes as bnb
+
+    from qlora.base.quantize import linear4bit
+    from qlora.levers.lm_head import head as sliced
+    from qlora.levers.lm_head import memory
+
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(48, 8192, generator=generator) * 0.02).to(device, torch.bfloat16)
+    quant = QuantConfig(blocksize=blocksize, double_quant=double_quant)
+    head = linear4bit(weight, None, quant, torch.bfloat16, sliced.NF4Head)
+    monkeypatch.setattr(memory, "SLICE_BYTES", 16 * 8192 * 2)
+    dequantised = []
+    monkeypatch.setattr(sliced, "_dequantised", lambda *args, f=sliced._dequantised: dequantised.append(f(*args))
+                        or dequantised[-1])
+    x = (torch.randn(3, 5, 8192, generator=generator)).to(device, torch.bfloat16)
+    got, expected = (x.clone().requires_grad_(True) for _ in range(2))
+    out, reference = head(got), bnb.nn.Linear4bit.forward(head, expected)
+    rows = list(dequantised)
+    dequantised.clear()
+    upstream = torch.randn(out.shape, generator=generator).to(device, out.dtype)
+    out.backward(upstream)
+    reference.backward(upstream)
+    whole = bnb.functional.dequantize_4bit(head.weight, head.weight.quant_state)
+    assert len(rows) == 3 and len(dequantised) == (2 if blocksize == 4096 else 4)
+    assert torch.equal(torch.cat(rows), whole) and torch.equal(torch.cat(dequantised, dim=1), whole)
+    # The same dot products, in bf16 through other matmul shapes: as close as bf16 rounding leaves them.
+    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=2e-2, atol=2e-2)
+
+
 @cuda_only
 def test_on_cuda_llama3s_head_is_never_dequantised_whole() -> None:
     """Llama-3's head (128,256 x 8,192, 1.96 GiB in bf16) over a 256-token chunk of the loss, forward and backward:
