@@ -42,12 +42,24 @@ def pin_in_place(buffer: torch.Tensor) -> None:
     its pages come into memory one copy at a time: pinning first would fault them all in at once, beside whatever is
     being copied into it."""
     if buffer.numel():
-        from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
+        from torch.cuda._pin_memory_utils import pin_memory
 
         pin_memory(buffer.data_ptr(), buffer.numel() * buffer.element_size())
         # Unregistered when the storage goes, before its memory returns to the allocator: not when this tensor object
         # goes, for views of it (typed_views) may outlive it and still be copied to and from the card.
-        weakref.finalize(buffer.untyped_storage(), unpin_memory, buffer.data_ptr())
+        weakref.finalize(buffer.untyped_storage(), _unpin, buffer.data_ptr())
+
+
+def _unpin(ptr: int) -> None:
+    """Unregister the pages at `ptr` once no copy to or from them is in flight. cudaHostUnregister is not documented
+    to wait for one (torch's caching host allocator records an event at each use for this), and a buffer may go right
+    after its last asynchronous copy was queued: the host optimizer's masters as the run's last step ends, a model
+    dropped between two measurements (qlora.report.measure). Buffers go rarely (a slot outgrown, a run's end), so the
+    wait costs nothing a step would see."""
+    from torch.cuda._pin_memory_utils import unpin_memory
+
+    torch.cuda.synchronize()
+    unpin_memory(ptr)
 
 
 def typed_views(buffer: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
