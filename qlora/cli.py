@@ -58,8 +58,10 @@ def raise_signal_interrupt(signum: int, frame: object) -> None:
     raise SignalInterrupt(signum)
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
-    """Run a command's `main(argv)`; return its exit status, printing one line for every ending but a bug."""
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, ranked: bool = False) -> int:
+    """Run a command's `main(argv)`; return its exit status, printing one line for every ending but a bug. `ranked`:
+    the command runs as one of several processes where launched so (qlora.train), and rank 0 speaks for them all;
+    the others run alone whatever RANK says (an eval in a job script that set it stayed silent on rank 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -82,7 +84,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
         if debug or ending is None:
             raise
         code, line = ending
-        if (line := line_of_this_rank(code, line)) is not None:
+        if (line := line_of_this_rank(code, line) if ranked else line) is not None:
             try:
                 print(line, file=sys.stderr)
             except OSError:  # its reader left too (`2>&1 | head`), or its terminal (SIGHUP): the status says it

@@ -259,7 +259,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 when the run completes, else an exit status of qlora/errors.py with one line on stderr."""
-    return run(_main, argv)
+    return run(_main, argv, ranked=True)
 
 
 def _main(argv: list[str]) -> None:

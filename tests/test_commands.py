@@ -339,6 +339,15 @@ def test_eval_reads_every_row_of_its_data_before_the_run_loads(cli, finished, tm
     assert "loading " not in result.stdout and "building " not in result.stdout, result.stdout
 
 
+def test_a_command_that_runs_alone_speaks_whatever_rank_the_environment_names(cli, finished, tmp_path):
+    """Only qlora.train runs as one of several processes, rank 0 speaking for them: an eval in a job script that set
+    RANK=1 (as torchrun sets it for its second process) exited 2 and printed nothing."""
+    ranked = "import os\nos.environ.update(RANK='1', LOCAL_RANK='1', WORLD_SIZE='2')\n"
+    result = cli.run([str(finished), f"--data={tmp_path / 'none.jsonl'}"], module="qlora.eval", prelude=ranked)
+    assert result.status == 2 and result.stderr.startswith(f"error: data file {tmp_path / 'none.jsonl'} not found"), \
+        result.stderr
+
+
 # In the child, before the command: the first write_text of a text holding MARK writes half of it, then the process
 # dies (kill -9: no cleanup runs), as a kill in the middle of writing a file would leave it.
 KILL_MID_WRITE = """
