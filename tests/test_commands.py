@@ -5,6 +5,7 @@ nothing. Real processes, forked from one that imported them once (tests/forked_c
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from qlora.base.build import TINY_LLAMA, byte_tokenizer
 from qlora.config import load_recipe
 from qlora.errors import ConfigError
 from qlora.generate import read_prompt
+from qlora.training.checkpoint import list_checkpoints
+from qlora.training.rundir import LOCK
 
 TINY = "recipes/tiny.py"
 TINY_R = load_recipe(Path(__file__).resolve().parent.parent / TINY).lora.r
@@ -346,6 +349,28 @@ def test_a_command_that_runs_alone_speaks_whatever_rank_the_environment_names(cl
     result = cli.run([str(finished), f"--data={tmp_path / 'none.jsonl'}"], module="qlora.eval", prelude=ranked)
     assert result.status == 2 and result.stderr.startswith(f"error: data file {tmp_path / 'none.jsonl'} not found"), \
         result.stderr
+
+
+def test_a_run_being_trained_is_used_by_its_checkpoints(cli, finished, tmp_path):
+    """A run being trained (its lock held: here by this test, as the trainer holds it from its first write to its
+    end) has no final weights yet, or those of an earlier end where it was extended with --resume, which eval, merge
+    and export took without a word. They are refused, naming its newest checkpoint, which is used as it is."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    newest = list_checkpoints(run)[-1]
+    with open(run / LOCK, "w") as lock:
+        lock.write("4242\n")
+        lock.flush()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for module, args in [("qlora.eval", []), ("qlora.merge", [f"--out={tmp_path / 'm'}"]),
+                             ("qlora.export", [f"--gguf={tmp_path / 'm.gguf'}"])]:
+            result = cli.run([str(run), *args], module=module)
+            assert result.status == 2, result.stderr
+            assert result.stderr == (f"error: {run} is being trained now (pid 4242): its final weights are not where "
+                                     f"it has got to; pass {newest} to use its newest checkpoint, or wait for the run "
+                                     "to end\n")
+        assert cli.run([str(newest)], module="qlora.eval").status == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 # In the child, before the command: the first write_text of a text holding MARK writes half of it, then the process

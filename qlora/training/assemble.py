@@ -27,6 +27,7 @@ from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import available_bytes
 from qlora.training import checkpoint, distributed
 from qlora.training.runconfig import MOVABLE, check_recorded
+from qlora.training.rundir import lock_holder
 from qlora.training.sensitivity import keep_sensitive_layers
 
 
@@ -179,6 +180,12 @@ def read_run_config(run_dir: Path) -> Config:
     if path is None:
         raise ConfigError(f"{run_dir / checkpoint.RUN_CONFIG} not found: RUN_DIR must be a training output directory "
                           "(the --output.dir of python -m qlora.train)")
+    if path.parent == run_dir and (pid := lock_holder(run_dir)) is not None:
+        # Its final weights are written as it ends: until then none, or those of an earlier end (a run extended).
+        newest = checkpoint.list_checkpoints(run_dir)
+        use = f"pass {newest[-1]} to use its newest checkpoint" if newest else "wait for its first checkpoint"
+        raise ConfigError(f"{run_dir} is being trained now (pid {pid}): its final weights are not where it has got "
+                          f"to; {use}, or wait for the run to end")
     cfg = read_config_json(path)
     # edited since its checkpoints were written: another base, another split (data.eval, moved, may be pointed at)
     check_recorded(cfg, path, run_dir, movable=(*MOVABLE, "data.train", "data.eval"))

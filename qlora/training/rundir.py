@@ -57,7 +57,7 @@ def run_owned(path: Path, run_dir: Path) -> str | None:
     return top if top in RUN_FILES or top == LOCK or RUN_DIRS.match(top) or LEFTOVER.match(top) else None
 
 
-def _lock_holder(run_dir: Path) -> str | None:
+def lock_holder(run_dir: Path) -> str | None:
     """The pid written by the process that holds the directory's lock, or None if no process holds it."""
     path = run_dir / LOCK
     if not path.is_file():
@@ -133,7 +133,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     _check_paths(run_dir)
     if not run_dir.is_dir():
         return ()
-    if (pid := _lock_holder(run_dir)) is not None:
+    if (pid := lock_holder(run_dir)) is not None:
         raise _in_use(run_dir, pid)
     seen = contents(run_dir)
     if overwrite:
