@@ -227,7 +227,7 @@ CASES = [
     ("cpu embeddings with full", [TINY, "--model.embeddings_on_cpu=true", "--quant.method=full"],
      r"model.embeddings_on_cpu keeps a frozen table, but quant.method=full"),
     ("recipe is a directory", ["recipes"], r"recipe recipes is a directory"),
-    ("recipe calls exit", ["{d}/exits.py"], r"exits.py: the recipe called exit\(3\): a recipe only builds"),
+    ("recipe calls exit", ["{d}/exits.py"], r"exits.py:2: the recipe called exit\(3\): a recipe only builds"),
     ("data file not a regular file", [TINY, "--data.train=/dev/null"], r"data file /dev/null is not a regular file"),
     ("model path is a file", [TINY, "--model.path={d}/exits.py", "--model.build=none"],
      r"model.path=.*exits.py is a file, not a checkpoint directory"),

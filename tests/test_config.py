@@ -143,3 +143,27 @@ def test_a_recipe_runs_as_python_runs_a_script(tmp_path):
     cfg = load_recipe(tmp_path / "recipe.py")
     assert (cfg.train.steps, cfg.train.warmup_steps) == (3, 2)
     assert str(tmp_path) not in sys.path and "qlora_recipe_recipe" not in sys.modules  # as they were
+
+
+RECIPE = "from qlora.config import *\nconfig = Config(model=ModelConfig(path='m'), data=DataConfig(train='t'))\n"
+
+
+@pytest.mark.parametrize(("code", "message"), [
+    ("class E:\n    def __repr__(self):\n        raise ValueError\nsys.exit(E())",
+     r"recipe.py:5: the recipe called exit\(<E object>\): a recipe only builds `config`$"),
+    ("sys.exit('x' * 100000)", r"recipe.py:2: the recipe called exit\('x{199}\.\.\.\): a recipe only builds"),
+], ids=["its repr raises", "a long text"])
+def test_a_recipe_that_exits_is_named_at_its_line_in_one_short_line(tmp_path, code, message):
+    """exit() of an object whose repr raises ended in a traceback (ValueError, in the handler), and one of a long text
+    came out whole, a line of 100,000 characters."""
+    (tmp_path / "recipe.py").write_text(f"import sys\n{code}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(tmp_path / "recipe.py")
+
+
+def test_a_recipe_may_replace_sys_path(tmp_path):
+    """Its folder, put first on sys.path while it runs, was removed afterwards with list.remove: a recipe that had
+    replaced sys.path (or dropped its folder) ended in ValueError: list.remove(x): x not in list."""
+    (tmp_path / "recipe.py").write_text("import sys\nsys.path = sys.path[1:]\n" + RECIPE)
+    assert load_recipe(tmp_path / "recipe.py").model.path == "m"
+

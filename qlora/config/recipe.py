@@ -99,16 +99,16 @@ def load_recipe(path: str | Path) -> Config:
         line = f":{err.lineno}" if err.lineno else ""  # none for a NUL byte
         raise ConfigError(f"{path}{line}: syntax error: {err.msg}") from err
     except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
-        raise ConfigError(f"{path}: the recipe called exit({err.code!r}): a recipe only builds `config`") from None
+        raise ConfigError(f"{_recipe_line(path, err)}: the recipe called exit({_shown(err.code)}): a recipe only "
+                          "builds `config`") from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it runs: the command's to report
         raise
     except BaseException as err:  # a failed check, a NameError, an unknown keyword...: the recipe's line
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
-        where = f"{path}:{frames[-1].lineno}" if frames else str(path)
-        raise ConfigError(f"{where}: {_recipe_error(err)}") from err
+        raise ConfigError(f"{_recipe_line(path, err)}: {_recipe_error(err)}") from err
     finally:
         sys.modules.pop(spec.name, None)
-        sys.path.remove(folder)
+        if folder in sys.path:  # a recipe may have replaced sys.path, or removed its own folder from it
+            sys.path.remove(folder)
     try:
         config = getattr(module, "config", None)
     except Exception as err:  # noqa: BLE001  a module-level __getattr__ of the recipe's own
@@ -124,6 +124,22 @@ def load_recipe(path: str | Path) -> Config:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err} (set after the recipe built its Config: change it inside Config(...))") \
             from None
+
+
+def _recipe_line(path: Path, err: BaseException) -> str:
+    """`path:line` of the recipe's own line that `err` was raised from, or `path` where no frame is the recipe's."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    return f"{path}:{frames[-1].lineno}" if frames else str(path)
+
+
+def _shown(value: object) -> str:
+    """repr(value) for the one line: cut to 200 characters (sys.exit's whole text came out, 100,000 characters of
+    it), and a type name where its own __repr__ fails."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  a recipe's object whose __repr__ raises
+        return f"<{type(value).__name__} object>"
+    return text if len(text) <= 200 else f"{text[:200]}..."
 
 
 def _recipe_error(err: BaseException) -> str:
