@@ -93,6 +93,7 @@ def load_recipe(path: str | Path) -> Config:
     # annotations` looks its module up there) and its folder first on the path (a sibling module imports).
     sys.modules[spec.name], folder = module, str(path.resolve().parent)
     sys.path.insert(0, folder)
+    dtype = _default_dtype()
     try:
         spec.loader.exec_module(module)
     except SyntaxError as err:
@@ -109,6 +110,12 @@ def load_recipe(path: str | Path) -> Config:
         sys.modules.pop(spec.name, None)
         if folder in sys.path:  # a recipe may have replaced sys.path, or removed its own folder from it
             sys.path.remove(folder)
+    if _default_dtype() != dtype:  # restored, and refused: it is no setting the run records
+        set_to = _default_dtype()
+        sys.modules["torch"].set_default_dtype(getattr(sys.modules["torch"], dtype.removeprefix("torch.")))
+        raise ConfigError(f"{path}: the recipe set torch's default dtype to {set_to}, which every tensor the run "
+                          "creates would take (the adapters, the optimizer state) whatever quant.compute_dtype says: "
+                          "remove the call, and set quant.compute_dtype")
     try:
         config = getattr(module, "config", None)
     except Exception as err:  # noqa: BLE001  a module-level __getattr__ of the recipe's own
@@ -124,6 +131,12 @@ def load_recipe(path: str | Path) -> Config:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err} (set after the recipe built its Config: change it inside Config(...))") \
             from None
+
+
+def _default_dtype() -> str:
+    """torch's default dtype, without importing torch where nothing has (its default is then float32)."""
+    torch = sys.modules.get("torch")
+    return str(torch.get_default_dtype()) if torch is not None else "torch.float32"
 
 
 def _recipe_line(path: Path, err: BaseException) -> str:
