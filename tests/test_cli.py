@@ -32,6 +32,17 @@ def test_config_command_says_a_plan_chooses_the_levers_at_start() -> None:
     assert command("qlora.config", "recipes/tiny.py").stderr == ""
 
 
+def test_a_recipe_that_prints_leaves_the_json_whole(tmp_path: Path) -> None:
+    """A recipe's own print() came first on stdout, and `qlora.config RECIPE > cfg.json` (or qlora.memory --json)
+    wrote a file json.loads refuses: the recipe's prints go to stderr there."""
+    recipe = tmp_path / "chatty.py"
+    recipe.write_text((ROOT / "recipes/tiny.py").read_text() + "print('built the config')\n")
+    for args in [("qlora.config", str(recipe)), ("qlora.memory", str(recipe), "--json", "--methods=qlora")]:
+        proc = command(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) and proc.stderr.startswith("built the config\n"), (proc.stdout, proc.stderr)
+
+
 def test_config_command_bad_override_is_one_line() -> None:
     proc = command("qlora.config", "recipes/tiny.py", "--train.lr=fast")
     assert proc.returncode == 2

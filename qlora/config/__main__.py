@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -16,7 +17,8 @@ def print_resolved(argv: list[str]) -> None:
         print(help_text("qlora.config", argv), end="")
         return
     usage = CONFIG.usage
-    cfg, flags = parse_args(argv, usage)
+    with contextlib.redirect_stdout(sys.stderr):  # a recipe's own prints: stdout is the JSON a script reads
+        cfg, flags = parse_args(argv, usage)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {usage}")
     print(json.dumps(resolve_paths(cfg).to_dict(), indent=2))  # as qlora.train records it in run_config.json

@@ -19,6 +19,7 @@ contents.py's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -185,7 +186,8 @@ def _main(argv: list[str]) -> int:
         print(help_text("qlora.memory", argv), end="")
         return 0
     cli = parse_cli(argv)
-    cfg, flags = parse_args(cli.rest, USAGE)
+    with contextlib.redirect_stdout(sys.stderr if cli.as_json else sys.stdout):  # --json: stdout is the JSON
+        cfg, flags = parse_args(cli.rest, USAGE)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
     sized = cli.max_context or cli.card_gib is not None
