@@ -95,6 +95,8 @@ def _main(argv: list[str]) -> int:
         parser.error("--prompt is empty: give the text to complete")
     if args.prompt is not None:
         check_utf8(args.prompt, "--prompt")
+    elif sys.stdin is None:  # started with stdin closed (`<&-`, a launcher's): Python leaves it None
+        parser.error("no --prompt, and stdin is closed: give --prompt TEXT, or pipe prompts to stdin")
     _, model, tokenizer, _ = load_run(args.run_dir, args.device)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.max_new_tokens > context:

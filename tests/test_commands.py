@@ -330,6 +330,16 @@ def test_generate_still_answers(cli, finished):
     assert result.status == 0, result.stderr
 
 
+def test_generate_with_stdin_closed_and_no_prompt_says_so_before_loading(cli, tmp_path):
+    """`qlora.generate RUN <&-` loaded the run, then ended in AttributeError: 'NoneType' object has no attribute
+    'isatty' (Python leaves sys.stdin None for a closed descriptor 0)."""
+    result = cli.run([str(tmp_path)], module="qlora.generate", prelude="import sys\nsys.stdin = None\n")
+    assert result.status == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error: no --prompt, and stdin is closed: give --prompt TEXT, or pipe "
+                                            "prompts to stdin (usage: python -m qlora.generate"), result.stderr
+    assert "loading" not in result.stdout
+
+
 def test_eval_reads_every_row_of_its_data_before_the_run_loads(cli, finished, tmp_path):
     """A row the run's format cannot score, last in --data, is named before the base loads (minutes for a 70B), as
     training names it."""
