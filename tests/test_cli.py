@@ -92,6 +92,21 @@ def test_a_closed_stdout_ends_quietly():
     assert proc.returncode == 128 + signal.SIGPIPE
 
 
+def test_a_recipe_printing_to_a_closed_stdout_ends_quietly(tmp_path):
+    """`python -m qlora.train RECIPE | head -1` of a recipe that prints: its print() met the closed pipe and the
+    command ended in 'error: RECIPE:2: BrokenPipeError: [Errno 32] Broken pipe', exit 2, as a mistake in the recipe."""
+    recipe = tmp_path / "chatty.py"
+    recipe.write_text("for _ in range(100000):\n    print('x' * 80)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "qlora.train", str(recipe), f"--output.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does once it has its line
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert err == "" and proc.returncode == 128 + signal.SIGPIPE, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_signal_a_library_swallowed_while_importing_still_stops_the_command(capsys):
     """transformers' lazy imports can turn a Ctrl-C into an ImportError that a caller catches and goes on from: the
     signal, recorded as it came, still ends the command before it does anything."""

@@ -102,7 +102,8 @@ def load_recipe(path: str | Path) -> Config:
     except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
         raise ConfigError(f"{_recipe_line(path, err)}: the recipe called exit({_shown(err.code)}): a recipe only "
                           "builds `config`") from None
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it runs: the command's to report
+    # Ctrl-C or SIGTERM while it runs, or its print() to a stdout whose reader left (`| head`): the command's to end
+    except (KeyboardInterrupt, BrokenPipeError):
         raise
     except BaseException as err:  # a failed check, a NameError, an unknown keyword...: the recipe's line
         raise ConfigError(f"{_recipe_line(path, err)}: {_recipe_error(err)}") from err
