@@ -121,6 +121,10 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per prompt at most "
                                                                          "(default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    parser.add_argument("--format", choices=["messages", "instruction", "text"],
+                        help="render each prompt as the rows of this data format were (messages: a user turn in the "
+                             "chat template; instruction: the Alpaca prompt; text: as it is); default: the format "
+                             "the run trained on")
     return parser
 
 

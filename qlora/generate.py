@@ -1,8 +1,9 @@
 """`python -m qlora.generate RUN_DIR [--prompt TEXT]`: talk to a trained adapter on its 4-bit base, unmerged.
 
 The model is exactly the one training evaluated (base as it trained, adapters beside it), so what it says is what the
-run learned, before any merge or export. Tokens are printed as they are generated. Each prompt is one user turn,
-rendered with the tokenizer's chat template when it has one, as the chat training data was. Without --prompt, every
+run learned, before any merge or export. Tokens are printed as they are generated. Each prompt is rendered as the
+prompt part of the rows the run trained on (`--format` chooses another): a user turn in the chat template (messages),
+the Alpaca prompt (instruction), or as it is (text), as qlora.data.labels tokenises them. Without --prompt, every
 line read from stdin is a prompt, until end of input; with --jsonl each line is a JSON string or an object with a
 "prompt" field, so a prompt can hold newlines (`{"prompt": "Tom flies to Rome.\\nDestination city?"}`).
 """
@@ -18,34 +19,53 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from qlora.cli import run
 from qlora.commands import generate_parser
+from qlora.config import DataConfig
 from qlora.console import quiet_libraries
-from qlora.data.labels import render_chat
+from qlora.data.files import read_rows
+from qlora.data.labels import ALPACA_PROMPT, detect_format, render_chat
 from qlora.errors import ConfigError, json_trouble
-from qlora.training.assemble import load_run
+from qlora.training.assemble import load_run, read_run_config
 
 # Below this, sampling is greedy decoding in all but name, and far below it the logits divided by the temperature
 # overflow float32, so sampling fails on infinities (1e-320 did).
 MIN_TEMPERATURE = 1e-4
 
 
-def render(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The prompt as a user turn plus the assistant header when the tokenizer has a chat template, else as is."""
-    if tokenizer.chat_template:
+def render(tokenizer: PreTrainedTokenizerBase, prompt: str, fmt: str = "messages") -> str:
+    """The prompt as rows of data format `fmt` hold it before what is learned: a user turn plus the assistant header
+    (where the tokenizer has a chat template), the Alpaca prompt, or the text as it is."""
+    if fmt == "instruction":
+        return ALPACA_PROMPT.format(instruction=prompt)
+    if fmt == "messages" and tokenizer.chat_template:
         return render_chat(tokenizer, [{"role": "user", "content": prompt}], f"prompt {prompt[:40]!r}",
                            add_generation_prompt=True)
     return prompt
 
 
+def trained_format(data: DataConfig) -> str:
+    """The data format the run trained on: data.format, or where it is auto the one training found in data.train's
+    rows (a run on instruction rows was prompted in the chat template, which it never trained on). `messages`, said,
+    where the file cannot be read any more."""
+    if data.format != "auto":
+        return data.format
+    try:
+        return detect_format(read_rows(data.train, "data.train"), data.train)
+    except ConfigError as err:
+        print(f"the run's data format is unknown ({err}): each prompt is rendered as a chat turn; --format chooses")
+        return "messages"
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 256,
-             temperature: float = 0.0, stream: bool = True, where: str = "--prompt") -> str:
-    """Complete one prompt (greedy when temperature is 0); print tokens as they come when `stream`; return the text.
-    A prompt that leaves no room for `max_new_tokens` in the model's context is refused, naming `where`."""
+             temperature: float = 0.0, stream: bool = True, where: str = "--prompt", fmt: str = "messages") -> str:
+    """Complete one prompt, rendered as rows of data format `fmt` (greedy when temperature is 0); print tokens as
+    they come when `stream`; return the text. A prompt that leaves no room for `max_new_tokens` in the model's
+    context is refused, naming `where`."""
     # add_special_tokens=False: the template already holds every special token, as in qlora.data.labels' tokenisation.
-    inputs = tokenizer(render(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").to(model.device)
+    inputs = tokenizer(render(tokenizer, prompt, fmt), add_special_tokens=False, return_tensors="pt").to(model.device)
     n, context = inputs["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
     if context and n + max_new_tokens > context:  # positions past it: rotary tables the model never trained on
-        raise ConfigError(f"{where}: the prompt is {n} tokens (with the chat template), and with --max-new-tokens="
+        raise ConfigError(f"{where}: the prompt is {n} tokens (rendered as {fmt} rows), and with --max-new-tokens="
                           f"{max_new_tokens} it exceeds the model's context of {context} tokens "
                           f"(max_position_embeddings): shorten it to at most {max(0, context - max_new_tokens)} "
                           "tokens, or lower --max-new-tokens")
@@ -97,13 +117,14 @@ def _main(argv: list[str]) -> int:
         check_utf8(args.prompt, "--prompt")
     elif sys.stdin is None:  # started with stdin closed (`<&-`, a launcher's): Python leaves it None
         parser.error("no --prompt, and stdin is closed: give --prompt TEXT, or pipe prompts to stdin")
+    fmt = args.format or trained_format(read_run_config(args.run_dir).data)
     _, model, tokenizer, _ = load_run(args.run_dir, args.device)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.max_new_tokens > context:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} exceeds the model's context of {context} tokens "
                           f"(max_position_embeddings): use at most {context}")
     if args.prompt is not None:
-        generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
+        generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, fmt=fmt)
         return 0
     interactive = sys.stdin.isatty()
     number = 0
@@ -121,7 +142,8 @@ def _main(argv: list[str]) -> int:
         if line.strip():
             prompt = read_prompt(line, args.jsonl, number)
             check_utf8(prompt, f"stdin:{number}")
-            generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, where=f"stdin:{number}")
+            generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, where=f"stdin:{number}",
+                     fmt=fmt)
 
 
 def check_utf8(prompt: str, where: str) -> None:

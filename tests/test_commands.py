@@ -221,7 +221,7 @@ CASES = [
     ("generate: empty prompt", "qlora.generate", ["{run}", "--prompt="], noop, r"--prompt is empty"),
     ("generate: prompt beyond the context", "qlora.generate", ["{run}", "--prompt=" + "red dog sun " * 400,
                                                                "--max-new-tokens=4"], noop,
-     r"--prompt: the prompt is \d+ tokens \(with the chat template\), and with --max-new-tokens=4 it exceeds the "
+     r"--prompt: the prompt is \d+ tokens \(rendered as messages rows\), and with --max-new-tokens=4 it exceeds the "
      r"model's context of 1024 tokens \(max_position_embeddings\): shorten it to at most 1020 tokens"),
     ("generate: adapter of another rank", "qlora.generate", ["{run}", "--prompt=hi"], lower_rank,
      r"does not fit the run's base"),
@@ -328,6 +328,32 @@ def test_generate_still_answers(cli, finished):
     """The checks above refuse bad input only: a plain prompt still gets its tokens."""
     result = cli.run([str(finished), "--prompt=dog moon red", "--max-new-tokens=4"], module="qlora.generate")
     assert result.status == 0, result.stderr
+    result = cli.run([str(finished), "--prompt=dog moon red", "--max-new-tokens=4", "--format=instruction"],
+                     module="qlora.generate")
+    assert result.status == 0, result.stderr
+
+
+def test_a_prompt_is_rendered_as_the_rows_the_run_trained_on(tmp_path, capsys):
+    """Every prompt was wrapped in the chat template where the tokenizer has one: a run trained on text rows, or on
+    instruction rows (the Alpaca prompt), was prompted in a form it never trained on."""
+    from qlora.config import DataConfig
+    from qlora.data.labels import ALPACA_PROMPT
+    from qlora.generate import render, trained_format
+
+    tokenizer = byte_tokenizer()
+    assert tokenizer.chat_template  # else every format would render the prompt as it is
+    rows = {"messages": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "instruction": {"instruction": "a", "output": "b"}, "text": {"text": "a b"}}
+    for fmt, row in rows.items():
+        (tmp_path / f"{fmt}.jsonl").write_text(json.dumps(row) + "\n")
+        assert trained_format(DataConfig(train=str(tmp_path / f"{fmt}.jsonl"))) == fmt
+    assert trained_format(DataConfig(train=str(tmp_path / "text.jsonl"), format="instruction")) == "instruction"
+    assert render(tokenizer, "dog moon", "text") == "dog moon"
+    assert render(tokenizer, "dog moon", "instruction") == ALPACA_PROMPT.format(instruction="dog moon")
+    assert render(tokenizer, "dog moon", "messages") == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "dog moon"}], tokenize=False, add_generation_prompt=True)
+    assert trained_format(DataConfig(train=str(tmp_path / "gone.jsonl"))) == "messages"
+    assert "the run's data format is unknown (data file" in capsys.readouterr().out
 
 
 def test_generate_with_stdin_closed_and_no_prompt_says_so_before_loading(cli, tmp_path):
