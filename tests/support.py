@@ -18,6 +18,7 @@ from forked_cli import ForkedCLI
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.adapters.lora import lora_layers
+from qlora.base.build import TINY_ARCHITECTURES, cache_dir
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
@@ -27,6 +28,13 @@ from qlora.training.loss import loss_sum
 
 ROOT = Path(__file__).resolve().parent.parent
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: side streams, pinned memory")
+
+
+def architecture(build: str) -> list[str]:
+    """Overrides that put recipes/tiny.py on the tiny base of `build`, a name in TINY_ARCHITECTURES (built once into
+    the cache, as the recipe's own is); none for tiny-llama, the recipe's."""
+    assert build in TINY_ARCHITECTURES, build
+    return [] if build == "tiny-llama" else [f"--model.path={cache_dir() / build}", f"--model.build={build}"]
 
 
 def build(cfg: Config, *overrides: str) -> torch.nn.Module:

@@ -6,9 +6,12 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from support import architecture
 
 from qlora.adapters.lora import LoRALinear, attach_lora, lora_layers, merge_all, target_names, unmerge_all
+from qlora.base.build import TINY_ARCHITECTURES
 from qlora.base.load import load_base
+from qlora.config import apply_overrides
 from qlora.errors import ConfigError
 
 
@@ -41,14 +44,22 @@ def test_zero_initialised_adapter_leaves_outputs_unchanged(tiny_config, method):
         assert (model(x).logits - before).abs().max() > 1e-3
 
 
-def test_every_linear_layer_but_lm_head_is_adapted(tiny_config):
-    model, _, _ = load_base(tiny_config, torch.device("cpu"))
-    names = attach_lora(model, tiny_config.lora, torch.float32)
+@pytest.mark.parametrize("build", list(TINY_ARCHITECTURES))
+def test_every_linear_layer_but_lm_head_is_adapted(tiny_config, build):
+    cfg = apply_overrides(tiny_config, architecture(build))
+    model, _, _ = load_base(cfg, torch.device("cpu"))
+    names = attach_lora(model, cfg.lora, torch.float32)
     kinds = {name.rsplit(".", 1)[-1] for name in names}
-    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    assert len(names) == 7 * model.config.num_hidden_layers
+    # Phi-3 fuses q/k/v into one layer and gate/up into another: each is adapted whole, as PEFT's all-linear does.
+    expected = ({"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if build == "tiny-phi3" else
+                {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    assert kinds == expected
+    assert len(names) == len(expected) * model.config.num_hidden_layers
     assert not isinstance(model.get_output_embeddings(), LoRALinear)
     assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in lora_layers(model).values())
+    left = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))
+            and ".lora_" not in n and not n.endswith(".base_layer")]
+    assert left == ["lm_head"]
 
 
 def test_only_adapters_require_grad_and_change(tiny_config):

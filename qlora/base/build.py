@@ -61,15 +61,31 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
                                    pad_token="<|endoftext|>", chat_template=CHATML)
 
 
-def build_tiny_llama(out_dir: Path) -> None:
+# The tiny Llama's shapes in the other dense decoders the trainer takes, each keeping what sets it apart: tied
+# embeddings (Llama 3.2 1B/3B), q/k/v biases (Qwen2), a sliding window shorter than the tiny task's rows of ~45-60
+# tokens (Mistral; Gemma 3's sliding layers), Gemma 3's extra norms and a head_dim apart from hidden / heads, Phi-3's
+# fused qkv_proj and gate_up_proj.
+TINY_ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("llama", {}),
+    "tiny-llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "tiny-qwen2": ("qwen2", {}),
+    "tiny-mistral": ("mistral", dict(sliding_window=16)),
+    "tiny-gemma3": ("gemma3_text", dict(head_dim=48, query_pre_attn_scalar=48, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)),
+    "tiny-phi3": ("phi3", {}),
+}
+
+
+def build_tiny(model_type: str, fields: dict, out_dir: Path) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_LLAMA)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **{**TINY_LLAMA, **fields})
     torch.manual_seed(0)  # the same tiny base on every machine
-    LlamaForCausalLM(config).save_pretrained(out_dir, safe_serialization=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
@@ -79,7 +95,9 @@ def build_smollm2(out_dir: Path) -> None:
     write_smollm2_checkpoint(out_dir)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"tiny-llama": build_tiny_llama, "smollm2-135m-instruct": build_smollm2}
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    **{name: functools.partial(build_tiny, *arch) for name, arch in TINY_ARCHITECTURES.items()},
+    "smollm2-135m-instruct": build_smollm2}
 
 
 def ensure_checkpoint(cfg: Config) -> str:
