@@ -8,8 +8,9 @@ see each other, so here each is one causal SDPA call on its own slice of the row
 does, on torch's kernels and in memory that grows with T, not T squared.
 
 `model.attn_implementation=sdpa` loads as SDPA_BY_DOCUMENT, registered with transformers' two interfaces:
-- its mask function makes no mask unless the caller passed a 2D mask with padding in it (then transformers' own
-  `sdpa_mask`, packing included, and the stock path below take over): the trainer's rows are right-padded
+- its mask function makes no mask unless the caller passed a 2D mask with padding in it, or the layer attends within
+  a sliding window shorter than the row (then transformers' own `sdpa_mask`, packing and window included, and the
+  stock path below take over, a batch x T x T mask the estimate does not count): the trainer's rows are right-padded
   (qlora.data.batches.collate) and under causal attention no real token sees the padding, so it passes none;
 - its attention function splits each row where the position ids do not grow by one, as transformers does
   (masking_utils.find_packed_sequence_indices), and gives a row of one document, a mask or a KV cache to
@@ -103,8 +104,12 @@ def sdpa_by_document(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 def mask_unless_padded(attention_mask: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor | None:
-    """transformers' mask-function signature: no mask, unless a 2D mask with padding in it came with the inputs."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """transformers' mask-function signature: no mask, unless a 2D mask with padding in it came with the inputs, or
+    the layer attends within a sliding window (Mistral's sliding_window, Gemma 2/3's sliding layers: local_size)
+    shorter than the keys, which plain causal attention would let every query see past."""
+    window = kwargs.get("local_size")
+    windowed = window is not None and kwargs.get("kv_length", 0) > window
+    if not windowed and (attention_mask is None or bool(attention_mask.all())):
         return None
     from transformers.masking_utils import sdpa_mask
 
