@@ -21,6 +21,11 @@ from qlora.errors import ConfigError
 # (DeepSeek). A config without a model_type is taken as one of these.
 MODELLED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "olmo2": False, "gemma": True,
             "gemma3_text": True}
+# What a decoder layer keeps in 16-bit beyond its two RMSNorms, from (hidden, q width, kv width, head_dim): Qwen2's
+# q/k/v biases; Gemma 3's norms before and after the MLP and its q and k norms (one head wide). Small (0.001% of
+# Qwen2.5-72B, 0.007% of Gemma-3-1B), but the estimate's weights are the loaded model's to the byte.
+LAYER_EXTRAS = {"qwen2": lambda h, q, kv, d: q + 2 * kv, "gemma3_text": lambda h, q, kv, d: 2 * h + 2 * d}
+GEMMA3_BUFFERS = 4  # Gemma 3's embedding scale, an fp32 scalar buffer
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,10 @@ class Arch:
     head_dim: int
     vocab: int
     tied: bool
+    layer_extra: int = 0
+    """Per decoder layer, the 16-bit parameters beyond its two RMSNorms (LAYER_EXTRAS)."""
+    rotary_tables: int = 1
+    """Rotary modules: Gemma 3 has one for its sliding layers and one for its global ones."""
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -50,8 +59,9 @@ class Arch:
 
     @property
     def other_params(self) -> int:
-        """Embeddings, lm_head (unless tied) and the 2L+1 RMSNorm weights: never quantised."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+        """Embeddings, lm_head (unless tied), the 2L+1 RMSNorm weights and each layer's extras: never quantised."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden + \
+            self.layers * self.layer_extra
 
     @property
     def params(self) -> int:
@@ -59,8 +69,8 @@ class Arch:
 
     @property
     def buffer_bytes(self) -> int:
-        """The rotary tables' inverse frequencies (inv_freq and original_inv_freq, fp32)."""
-        return 2 * (self.head_dim // 2) * 4
+        """The rotary tables' inverse frequencies (inv_freq and original_inv_freq, fp32), Gemma 3's embedding scale."""
+        return self.rotary_tables * 2 * (self.head_dim // 2) * 4 + (GEMMA3_BUFFERS if self.rotary_tables > 1 else 0)
 
 
 def load_arch(cfg: Config) -> Arch:
@@ -82,8 +92,11 @@ def load_arch(cfg: Config) -> Arch:
     if kind is not None and kind not in MODELLED:
         raise ConfigError(f"{path} is a {kind} model: the estimator knows the layers of {', '.join(MODELLED)} "
                           "decoders only, so it gives no estimate for it")
-    heads = c["num_attention_heads"]
+    heads, hidden = c["num_attention_heads"], c["hidden_size"]
+    kv_heads, head_dim = c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads
     tied = c.get("tie_word_embeddings", MODELLED.get(kind, True))  # absent: transformers' default
-    return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
-                intermediate=c["intermediate_size"], heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-                head_dim=c.get("head_dim") or c["hidden_size"] // heads, vocab=c["vocab_size"], tied=bool(tied))
+    extra = LAYER_EXTRAS[kind](hidden, heads * head_dim, kv_heads * head_dim, head_dim) if kind in LAYER_EXTRAS else 0
+    return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=hidden,
+                intermediate=c["intermediate_size"], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                vocab=c["vocab_size"], tied=bool(tied), layer_extra=extra,
+                rotary_tables=2 if kind == "gemma3_text" else 1)

@@ -74,7 +74,8 @@ def kept_16bit(arch: Arch, names: list[str]) -> list[tuple[int, int]]:
 def trainable_tensors(arch: Arch, method: str, cfg: Config) -> list[int]:
     """Element counts of every trained tensor (the optimizer keeps state for each)."""
     if method == "full":
-        per_layer = [a * b for a, b in arch.linear_shapes.values()] + [arch.hidden, arch.hidden]
+        per_layer = [a * b for a, b in arch.linear_shapes.values()] + [arch.hidden, arch.hidden] + \
+            ([arch.layer_extra] if arch.layer_extra else [])  # biases, extra norms: small, counted as one tensor
         heads = [arch.vocab * arch.hidden] * (1 if arch.tied else 2)
         return per_layer * arch.layers + heads + [arch.hidden]
     r = cfg.lora.r
@@ -145,7 +146,8 @@ def count_weights(tally: Tally, cfg: Config, arch: Arch, method: str, device: st
                                               "layer's packed weights and absmax, pinned at their exact size")
         unquantized = arch.other_params - (V * h if head_nf4 else 0) - (V * h if emb_off else 0) + \
             sum(a * o for a, o in kept)
-        fx["unquantized_weights"] = f"(V h {'' if arch.tied else 'x 2 '}+ (2L+1) h) e: embeddings, lm_head, norms" + \
+        fx["unquantized_weights"] = f"(V h {'' if arch.tied else 'x 2 '}+ (2L+1) h" + \
+            (f" + L x {arch.layer_extra:,}" if arch.layer_extra else "") + ") e: embeddings, lm_head, norms" + \
             (" - V h e (lm_head in NF4)" if head_nf4 else "") + (" - V h e (embeddings on CPU)" if emb_off else "") + \
             (f" + {len(kept)} linear layers kept in 16-bit (quant.keep_16bit)" if kept else "")
     else:
