@@ -34,10 +34,10 @@ LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_heade
 
 
 def llama3_style_tokenizer(split: str = LLAMA3_SPLIT) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the repo's docs and data with Llama 3's pre-tokenizer, specials after the learned
-    vocabulary (as Llama 3's), bos added by the post-processor."""
-    corpus = [line for path in [*ROOT.glob("docs/*.md"), *ROOT.glob("recipes/data/*/*.jsonl")]
-              for line in path.read_text().splitlines()]
+    """Byte-level BPE trained on the repo's data with Llama 3's pre-tokenizer, specials after the learned vocabulary
+    (as Llama 3's), bos added by the post-processor. Not on its docs: each edit of them made another tokenizer, so
+    another trained run, whose f16 read-back may flip a near tie (one of 168 argmaxes, after a docs change)."""
+    corpus = [line for path in sorted(ROOT.glob("recipes/data/*/*.jsonl")) for line in path.read_text().splitlines()]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

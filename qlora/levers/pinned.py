@@ -58,7 +58,8 @@ def _unpin(ptr: int) -> None:
     wait costs nothing a step would see."""
     from torch.cuda._pin_memory_utils import unpin_memory
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_initialized():  # registering the pages initialised it, unless the driver was not called
+        torch.cuda.synchronize()
     unpin_memory(ptr)
 
 
