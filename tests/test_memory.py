@@ -391,6 +391,22 @@ def test_estimate_within_10_percent_at_long_context_on_cpu(measured, norms):
     assert abs(est / got - 1) <= 0.10, (est / 2**20, got / 2**20)
 
 
+@pytest.mark.parametrize(("config", "window"), [
+    (dict(model_type="mistral", sliding_window=4096), (4096, 32)),  # Mistral-7B-v0.1
+    (dict(model_type="mistral", sliding_window=None), (None, 0)),  # v0.2 and later
+    (dict(model_type="gemma3_text", sliding_window=512, sliding_window_pattern=6), (512, 27)),  # every 6th global
+    (dict(model_type="gemma3_text", sliding_window=512, layer_types=["sliding_attention", "full_attention"] * 16),
+     (512, 16)),
+    (dict(model_type="qwen2", sliding_window=131072, use_sliding_window=False), (None, 0)),  # Qwen2.5's
+    (dict(model_type="llama"), (None, 0)),
+])
+def test_the_sliding_window_is_read_as_transformers_reads_it(config, window, tmp_path):
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, vocab_size=100)
+    (tmp_path / "config.json").write_text(json.dumps({**shape, **config}))
+    arch = load_arch(tiny(f"--model.config_json={tmp_path / 'config.json'}"))
+    assert (arch.window, arch.windowed_layers) == window
+
+
 def llama(name: str, *overrides: str) -> Config:
     return apply_overrides(load_recipe(ROOT / "recipes" / f"{name}.py"), list(overrides))
 

@@ -26,6 +26,9 @@ MODELLED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "o
 # Qwen2.5-72B, 0.007% of Gemma-3-1B), but the estimate's weights are the loaded model's to the byte.
 LAYER_EXTRAS = {"qwen2": lambda h, q, kv, d: q + 2 * kv, "gemma3_text": lambda h, q, kv, d: 2 * h + 2 * d}
 GEMMA3_BUFFERS = 4  # Gemma 3's embedding scale, an fp32 scalar buffer
+# The model types whose layers may attend within a sliding window, and transformers 5's window where config.json names
+# none (MistralConfig, Gemma3TextConfig: 4096; Qwen2/3 only with use_sliding_window, from layer max_window_layers on).
+WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen2": 4096, "qwen3": 4096}
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class Arch:
     """Per decoder layer, the 16-bit parameters beyond its two RMSNorms (LAYER_EXTRAS)."""
     rotary_tables: int = 1
     """Rotary modules: Gemma 3 has one for its sliding layers and one for its global ones."""
+    window: int | None = None
+    """The sliding window of the layers that have one, in tokens (None: every layer attends to the whole row)."""
+    windowed_layers: int = 0
+    """How many layers attend within `window`: Mistral's all, Gemma 3's five in six (its layer_types)."""
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -96,7 +103,27 @@ def load_arch(cfg: Config) -> Arch:
     kv_heads, head_dim = c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads
     tied = c.get("tie_word_embeddings", MODELLED.get(kind, True))  # absent: transformers' default
     extra = LAYER_EXTRAS[kind](hidden, heads * head_dim, kv_heads * head_dim, head_dim) if kind in LAYER_EXTRAS else 0
+    window, windowed = sliding_window(c, kind)
     return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=hidden,
                 intermediate=c["intermediate_size"], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                 vocab=c["vocab_size"], tied=bool(tied), layer_extra=extra,
-                rotary_tables=2 if kind == "gemma3_text" else 1)
+                rotary_tables=2 if kind == "gemma3_text" else 1, window=window, windowed_layers=windowed)
+
+
+def sliding_window(c: dict, kind: str | None) -> tuple[int | None, int]:
+    """(window, layers that attend within it) as transformers 5 reads config.json (the model types' configuration
+    classes): layer_types where given, else Gemma 3's sliding_window_pattern (every 6th layer global), Qwen's layers
+    from max_window_layers on, Mistral's all."""
+    window = c.get("sliding_window", WINDOW_DEFAULT.get(kind))
+    if kind not in WINDOW_DEFAULT or window is None or (kind in ("qwen2", "qwen3") and not c.get("use_sliding_window")):
+        return None, 0
+    layers = c["num_hidden_layers"]
+    if isinstance(c.get("layer_types"), list):
+        windowed = c["layer_types"].count("sliding_attention")
+    elif kind == "gemma3_text":
+        windowed = sum(bool((i + 1) % c.get("sliding_window_pattern", 6)) for i in range(layers))
+    elif kind in ("qwen2", "qwen3"):
+        windowed = max(layers - c.get("max_window_layers", 28), 0)
+    else:
+        windowed = layers
+    return (window, windowed) if windowed else (None, 0)
