@@ -10,8 +10,9 @@ does, on torch's kernels and in memory that grows with T, not T squared.
 `model.attn_implementation=sdpa` loads as SDPA_BY_DOCUMENT, registered with transformers' two interfaces:
 - its mask function makes no mask unless the caller passed a 2D mask with padding in it, or the layer attends within
   a sliding window shorter than the row (then transformers' own `sdpa_mask`, packing and window included, and the
-  stock path below take over, a batch x T x T mask the estimate does not count): the trainer's rows are right-padded
-  (qlora.data.batches.collate) and under causal attention no real token sees the padding, so it passes none;
+  stock path below take over, a batch x T x T mask, which qlora/memory/window.py counts): the trainer's rows are
+  right-padded (qlora.data.batches.collate) and under causal attention no real token sees the padding, so it passes
+  none;
 - its attention function splits each row where the position ids do not grow by one, as transformers does
   (masking_utils.find_packed_sequence_indices), and gives a row of one document, a mask or a KV cache to
   transformers' `sdpa_attention_forward` unchanged.
@@ -156,16 +157,19 @@ def visible_capability() -> tuple[int, int] | None:
     return caps.pop() if len(caps) == 1 else None
 
 
-def cuda_kernel(cfg: Config) -> str:
+def cuda_kernel(cfg: Config, masked: bool = False) -> str:
     """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn: flash for a packed row's documents (BY_DOCUMENT);
     else auto asks the card this process uses, or the machine's cards; with none to ask, flash, whose backward holds
-    more: an upper bound."""
-    if by_document(cfg):
+    more: an upper bound. `masked`, where the layer is given a mask (a sliding window shorter than the row, which
+    takes the stock path, packed or not): FlashAttention-2 takes none (torch's can_use_flash_attention,
+    check_for_attn_mask), so flash becomes efficient, the memory-efficient kernel, next in torch's order."""
+    if by_document(cfg) and not masked:
         return "flash"
-    if cfg.model.sdpa_backend != "auto":
-        return cfg.model.sdpa_backend
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_initialized() else visible_capability()
-    return "cudnn" if capability is not None and cudnn_first(capability) else "flash"
+    chosen = cfg.model.sdpa_backend
+    if chosen == "auto":
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_initialized() else visible_capability()
+        chosen = "cudnn" if capability is not None and cudnn_first(capability) else "flash"
+    return "efficient" if masked and chosen == "flash" else chosen
 
 
 def use_kernel(cfg: Config, device: torch.device) -> None:

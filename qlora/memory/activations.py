@@ -22,7 +22,8 @@ two more fp32 score tensors (recorded on the narrow Llama at 2,048 tokens: three
 q, K and V repeated to every head and its output's copy, 4 q e, and the model one s x s mask in the compute dtype.
 
 Packed rows (data.pack) through sdpa attend one document at a time (qlora/base/attention.py): no T x T mask, but
-o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q e more.
+o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q e more. A sliding window shorter than
+the row takes a mask and the stock path instead, packed or not: its terms are window.py's.
 
 A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
 Tiled norms (train.tile_norms) keep their bf16 inputs: the first is the layer's input itself (which the checkpoint plan
@@ -45,6 +46,7 @@ from qlora.levers.loss.memory import logits_bytes
 from qlora.levers.loss.settings import LIGER
 from qlora.levers.tiling import settings as tiling
 from qlora.levers.tiling.memory import mlp_tile_bytes, norm_tile_bytes, projection_tile_bytes
+from qlora.memory import window
 from qlora.memory.arch import Arch
 
 QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
@@ -109,11 +111,13 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     q/k/v/o projections, with `tiled_norms` the two norms) keep only their input."""
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norms = h * e if tiled_norms else 8 * h + 8
-    attention, mlp = e * (2 * q + 2 * kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
+    masked = window.windowed(cfg, arch)
+    saved_kv = window.repeated_kv(arch) if masked else kv  # given a mask, SDPA keeps K and V at every query head
+    attention, mlp = e * (2 * q + 2 * saved_kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
     if eager(cfg):  # q, K and V at every head, and the output's copy (o_proj's input); the scores apart
         attention = 4 * q * e
     # o_proj's input is SDPA's output, which SDPA keeps anyway; by document it is their concatenation, a copy.
-    copy = q * e if by_document(cfg) else 0
+    copy = q * e if by_document(cfg) and not masked else 0
     if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
         return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e, "o": copy}, {},
                      2 * h * e)
@@ -198,9 +202,14 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     # output's and SDPA's own buffers are alive (o_proj's tiles are done, q/k/v's not begun).
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
-    kernel = cuda_kernel(cfg) if device == "cuda" else "cpu"
-    sdpa = -T * done + T * (h * e + q * e + sdpa_backward_bytes(arch, e, kernel, by_document(cfg)))
-    scores_fx = ""
+    masked = window.windowed(cfg, arch)
+    kernel = cuda_kernel(cfg, masked) if device == "cuda" else "cpu"
+    grads = window.backward_bytes(arch, e, kernel) if masked else sdpa_backward_bytes(arch, e, kernel,
+                                                                                       by_document(cfg))
+    sdpa = -T * done + T * (h * e + q * e + grads)
+    scores_fx, additive = "", window.additive_bytes(cfg, e) if masked else 0
+    if masked:  # the layer's additive mask, saved by SDPA for its backward and freed by it
+        saved, scores_fx = saved + additive, f" + {window.ADDITIVE_FORMULA}"
     if eager(cfg):
         scores = t.batch_size * arch.heads * cfg.data.max_seq_len ** 2
         kept, held = score_bytes(e)
@@ -210,7 +219,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     if proj:  # q/k/v's tiles, after SDPA's backward: what attention saved is freed; dq, dk and dv wait beside the
         # residual stream's gradient and one tile's working set (the input norm's, folded in, after the projection's)
         kv = arch.kv_heads * arch.head_dim
-        moments["q/k/v tiles' backward"] = -T * (done + layer.attention) + T * (h * e + e * (q + 2 * kv)) + \
+        moments["q/k/v tiles' backward"] = -T * (done + layer.attention) - additive + T * (h * e + e * (q + 2 * kv)) + \
             tile * max(projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e),
                        norm_tile_bytes(h) if norms_tiled else 0)
     phase = max(moments, key=moments.get)

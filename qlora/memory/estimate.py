@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from qlora.config import Config
 from qlora.levers.checkpoints.memory import CheckpointPlan
 from qlora.levers.stream_base.memory import StreamPlan
+from qlora.memory import window
 from qlora.memory.arch import Arch
 from qlora.memory.assumptions import assumptions, levers
 from qlora.memory.terms import (
@@ -143,6 +144,8 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
         margin = RESERVE_HIDDEN_STATES * T * arch.hidden * e + OUTSIDE_BEYOND_CONTEXT
         margin_fx = f"{RESERVE_HIDDEN_STATES} T h e + {OUTSIDE_BEYOND_CONTEXT / 2**30:.1f} GiB (fitted on an H200)"
     notes = assumptions(cfg, method, dname, device)
+    if window.windowed(cfg, arch):
+        notes.append(window.note(cfg, arch, device))
     if streamed is not None:
         notes.append(f"train.stream_base: {streamed.describe()} (hidden behind the compute where a layer computes "
                      "longer than its copy takes" + ("" if device == "cuda" else "; on a CPU device host and device "

@@ -23,6 +23,7 @@ from qlora.levers.speed.settings import DEQUANT_ONCE, REUSE_DEQUANT
 from qlora.levers.stream_base.memory import StreamPlan, stream_plan
 from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import norms_tiled
+from qlora.memory import window
 from qlora.memory.activations import adapted_layers, eager, layer_backward, loss_bytes
 from qlora.memory.arch import Arch
 
@@ -213,9 +214,12 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     g_fx = "e" if g == e else "4"
     saved, extra, layer_fx = layer_backward(arch, method, cfg, e, device, T)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
-    # Every layer's inputs: the rotary tables and, for eager attention, the model's s x s mask in the compute dtype.
-    s = cfg.data.max_seq_len
-    rotary = 2 * s * arch.head_dim * e + (t.batch_size * s * s * e if eager(cfg) else 0)
+    # Every layer's inputs: the rotary tables and, for eager attention, the model's s x s mask in the compute dtype;
+    # through SDPA with a sliding window shorter than the row, its boolean mask (qlora/memory/window.py).
+    s, masked = cfg.data.max_seq_len, window.windowed(cfg, arch)
+    rotary = 2 * s * arch.head_dim * e + (t.batch_size * s * s * e if eager(cfg) else 0) + \
+        (window.mask_bytes(cfg) if masked else 0)
+    mask_fx = f" + {window.MASK_FORMULA}" if masked else ""
     # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward;
     # none with train.dequant_once, whose copies are counted with the weights.
     dq_w = dequantised_bytes(arch.linear_shapes, REUSE_DEQUANT.active(cfg, method, device), e) \
@@ -224,10 +228,13 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     phases = {"optimizer_step": (step_tmp, 0 if staged else grads)}
     step_fx = "the update's temporaries (CPU: 12 B x the largest tensor)"
     if not t.gradient_checkpointing:
-        phases["loss_backward"] = (L * saved + rotary + loss, 0)
-        phases["layer_backward"] = (L * saved + extra + rotary + dq_w, grads // L)  # staged or not
-        fx["activations"] = {"loss_backward": f"L layers' saved tensors + {loss_fx}",
-                             "layer_backward": f"L layers' saved tensors + the last one's backward: {layer_fx}",
+        # `saved` is a windowed layer's where any is: the layers attending to the whole row keep less.
+        every = L * saved - ((L - arch.windowed_layers) * window.layer_bytes(cfg, arch, e) if masked else 0)
+        phases["loss_backward"] = (every + rotary + loss, 0)
+        phases["layer_backward"] = (every + extra + rotary + dq_w, grads // L)  # staged or not
+        fx["activations"] = {"loss_backward": f"L layers' saved tensors + {loss_fx}{mask_fx}",
+                             "layer_backward": f"L layers' saved tensors + the last one's backward: {layer_fx}"
+                                               f"{mask_fx}",
                              "optimizer_step": step_fx}
         return phases, None
     plan = checkpoint_plan(t, arch.layers, T * h * e, device)
@@ -243,8 +250,8 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     phases["loss_backward"] = (plan.device_inputs("loss") * size + rotary + loss, 0)
     at_first = phases["layer_backward"] is first
     kept_fx = f"{plan.device_inputs('first' if at_first else 'last')} T h e (layer inputs: {plan.describe()})"
-    fx["activations"] = {"loss_backward": f"{plan.device_inputs('loss')} T h e (layer inputs) + {loss_fx}",
-                         "layer_backward": f"{kept_fx} + {layer_fx}" +
+    fx["activations"] = {"loss_backward": f"{plan.device_inputs('loss')} T h e (layer inputs) + {loss_fx}{mask_fx}",
+                         "layer_backward": f"{kept_fx}{mask_fx} + {layer_fx}" +
                                            (" + one dequantised weight" if method == "qlora" else "") +
                                            (" (the backward's first layer)" if at_first
                                             else " (its last layer)" if staged
