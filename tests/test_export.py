@@ -204,7 +204,8 @@ def no_merges(text: bytes) -> bytes:
 
 @pytest.mark.parametrize(("change", "args", "pattern"), [
     (rewrite("config.json", json_edit(architectures=["MistralForCausalLM"], model_type="mistral")), [],
-     r"is a MistralForCausalLM: the GGUF export writes LlamaForCausalLM models only"),
+     r"is a MistralForCausalLM: the GGUF export writes LlamaForCausalLM \(Llama 1-3, SmolLM\), Qwen2ForCausalLM "
+     r"\(Qwen2, Qwen2.5\) models only"),
     (rewrite("model.safetensors", lambda text: text[:5000]), [], r"a safetensors file is damaged \(model.safetensors"),
     (rewrite("config.json", json_edit(num_key_value_heads=2)), [],
      r"config.json has num_attention_heads=9, not a multiple of num_key_value_heads=2"),

@@ -5,31 +5,57 @@ rest: architectures, rotary scalings, activations and tokenizers it does not wri
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import gguf
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from qlora.errors import ConfigError
 
-ARCHITECTURES = {"LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA}
+
+class Layout(NamedTuple):
+    """How llama.cpp stores one transformers architecture (convert_hf_to_gguf.py's class for it)."""
+
+    arch: gguf.MODEL_ARCH
+    """llama.cpp's architecture: the file's tensor names and metadata keys."""
+    interleave: bool
+    """q and k rows permuted within each head (LlamaModel.undo_permute): llama.cpp's llama architecture rotates
+    dimension i with i + 1, transformers with i + d/2. Its qwen2 rotates as transformers does (NEOX), unpermuted."""
+    rope_types: tuple[str, ...]
+    """The rotary scalings llama.cpp runs in it: linear is a key every architecture reads, Llama 3's rope_freqs a
+    tensor only the llama architecture loads (its qwen2 would count one tensor too many and refuse the file)."""
+    family: str
+    """The models a refusal names as written: the architecture alone says little to a user."""
+
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, True, ("default", "linear", "llama3"), "Llama 1-3, SmolLM"),
+    "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, False, ("default", "linear"), "Qwen2, Qwen2.5"),
+}
 # What a refused model can do instead: llama.cpp's own converter covers more architectures, scalings and tokenizers.
 CONVERT_INSTEAD = "merge it with python -m qlora.merge and convert that with llama.cpp's convert_hf_to_gguf.py"
-ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, base: str) -> None:
-    """Refuse, in one line, what this export does not write correctly: other architectures, rotary scalings other
-    than none, linear and Llama 3's, activations other than SiLU, tokenizers other than byte-level BPE with merges."""
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{base} is a {arch}: the GGUF export writes {', '.join(ARCHITECTURES)} models only (Llama "
-                          f"1-3, SmolLM); {CONVERT_INSTEAD}")
-    if rope(config)["rope_type"] not in ROPE_TYPES:
+def layout(config: PretrainedConfig) -> Layout | None:
+    """llama.cpp's layout for the checkpoint's architecture, or None where the export writes none."""
+    return ARCHITECTURES.get((getattr(config, "architectures", None) or ["?"])[0])
+
+
+def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, base: str) -> Layout:
+    """llama.cpp's layout for the checkpoint, refusing in one line what this export does not write correctly: other
+    architectures, rotary scalings other than the layout's, activations other than SiLU, tokenizers other than
+    byte-level BPE with merges."""
+    arch, found = (getattr(config, "architectures", None) or ["?"])[0], layout(config)
+    if found is None:
+        families = ", ".join(f"{name} ({known.family})" for name, known in ARCHITECTURES.items())
+        raise ConfigError(f"{base} is a {arch}: the GGUF export writes {families} models only; {CONVERT_INSTEAD}")
+    name = gguf.MODEL_ARCH_NAMES[found.arch]
+    if rope(config)["rope_type"] not in found.rope_types:
         raise ConfigError(f"{base} scales its rotary embedding by {rope(config)['rope_type']!r}: the export writes "
-                          f"{', '.join(ROPE_TYPES)} only; {CONVERT_INSTEAD}")
+                          f"{', '.join(found.rope_types)} for llama.cpp's {name} architecture; {CONVERT_INSTEAD}")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ConfigError(f"{base} uses hidden_act={config.hidden_act!r}: llama.cpp's llama architecture is SiLU only; "
-                          "run the merged checkpoint (python -m qlora.merge) with transformers instead")
+        raise ConfigError(f"{base} uses hidden_act={config.hidden_act!r}: llama.cpp's {name} architecture is SiLU "
+                          "only; run the merged checkpoint (python -m qlora.merge) with transformers instead")
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if tokenizer.is_fast else {}
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in json.dumps(spec.get(
@@ -39,6 +65,7 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
     if not model.get("merges"):  # gguf's writer refuses an empty array, and llama.cpp a BPE file without merges
         raise ConfigError(f"the tokenizer of {base} is byte-level BPE without merges (one token per byte), which "
                           "llama.cpp cannot load: export a model whose tokenizer learned merges")
+    return found
 
 
 def rope(config: PretrainedConfig) -> dict:

@@ -1,12 +1,12 @@
-"""The GGUF file: a Llama-style run merged and streamed into llama.cpp's layout.
+"""The GGUF file: a run merged and streamed into llama.cpp's layout for its architecture (architecture.py).
 
     W = W0 + (alpha / r) B A        qlora.merge's fold: W0 as the run trained on it (dequantised NF4, LoftQ shifts)
 
-The layout is llama.cpp's for Llama-style models (convert_hf_to_gguf.py, LlamaModel): tensor names from gguf's
-TensorNameMap; the rows of q_proj and k_proj permuted within each head, since transformers' rotary embedding turns
-dimension i with i + d/2 and llama.cpp's with i + 1; norms and other vectors in F32, the matrices in --type (gguf's
-quantisers). The metadata holds the hyperparameters, the tokenizer the run trained with (tokenizer.py) and its chat
-template.
+The layout is llama.cpp's (convert_hf_to_gguf.py, LlamaModel and Qwen2Model): tensor names from gguf's
+TensorNameMap for the architecture; in llama's, the rows of q_proj and k_proj permuted within each head, since
+transformers' rotary embedding turns dimension i with i + d/2 and llama.cpp's llama with i + 1; norms and other
+vectors in F32, the matrices in --type (gguf's quantisers). The metadata holds the hyperparameters, the tokenizer
+the run trained with (tokenizer.py) and its chat template.
 
 The file is streamed: the tensor infos are planned from the safetensors headers, the header, metadata and infos
 written, then each base tensor is read, merged, quantised and appended in turn, so memory holds one tensor, not the
@@ -37,7 +37,7 @@ from qlora.base.build import checkpoint_shards
 from qlora.base.load import load_tokenizer
 from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, Stop
-from qlora.export.architecture import check_exportable, head_dim, rope
+from qlora.export.architecture import Layout, check_exportable, head_dim, rope
 from qlora.export.tokenizer import add_tokenizer
 from qlora.merge.fold import MergeSource, folding, merge_source
 from qlora.partial import name_output, new_folders, ordinary_modes, partial_prefix, remove_abandoned, rename_new
@@ -56,9 +56,9 @@ class Planned(NamedTuple):
     qtype: Q
 
 
-def plan(base: str, config: PretrainedConfig, kind: str) -> list[Planned]:
+def plan(base: str, config: PretrainedConfig, layout: Layout, kind: str) -> list[Planned]:
     """Every tensor of the file, in the checkpoint's order, from the safetensors headers alone."""
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(layout.arch, config.num_hidden_layers)
     qtype = TYPES[kind][0]
     planned = []
     for shard in checkpoint_shards(Path(base)):
@@ -68,8 +68,9 @@ def plan(base: str, config: PretrainedConfig, kind: str) -> list[Planned]:
                     continue
                 name = names.get_name(source, try_suffixes=(".weight", ".bias"))
                 if name is None:
-                    raise ConfigError(f"{shard}: tensor {source} has no place in llama.cpp's llama layout: the "
-                                      "checkpoint is not a plain Llama")
+                    arch = gguf.MODEL_ARCH_NAMES[layout.arch]
+                    raise ConfigError(f"{shard}: tensor {source} has no place in llama.cpp's {arch} layout: the "
+                                      f"checkpoint is not a plain {layout.family} model")
                 shape = tuple(f.get_slice(source).get_shape())
                 planned.append(Planned(source, shard, name, shape, tensor_type(name, shape, qtype)))
     if rope(config)["rope_type"] == "llama3":
@@ -159,13 +160,13 @@ def write_tensor(writer: gguf.GGUFWriter, data: np.ndarray, out: Path) -> None:
 FOLD_DTYPES = {Q.F16: torch.float16, Q.BF16: torch.bfloat16}  # others are folded in fp32, then quantised
 
 
-def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, out: Path,
-               kind: str, check: Callable[[Path], object] | None = None) -> dict:
+def write_gguf(source: MergeSource, config: PretrainedConfig, layout: Layout, tokenizer: PreTrainedTokenizerBase,
+               out: Path, kind: str, check: Callable[[Path], object] | None = None) -> dict:
     """Stream the merged model into `out`: infos planned first, then one tensor at a time. `check` is run on the file
     while it still has its hidden name, so `out` appears only once checked: a kill in the check leaves no unchecked
     file under the name llama.cpp would load (a file the check finds too far is renamed all the same, for
     inspection)."""
-    planned = plan(source.base, config, kind)
+    planned = plan(source.base, config, layout, kind)
     total = sum(math.prod(gguf.quant_shape_to_byte_shape(p.shape, p.qtype)) for p in planned)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -176,7 +177,7 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
         fd, tmp = tempfile.mkstemp(prefix=partial_prefix(out), suffix=".gguf", dir=out.parent)  # transformers reads
         # a GGUF file by that suffix
         os.close(fd)
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[layout.arch])
         try:
             add_hyperparameters(writer, config, kind, source.run_dir.resolve().name)
             pre = add_tokenizer(writer, tokenizer, source.base, config.vocab_size)
@@ -193,9 +194,9 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, tokenizer: PreTrai
                     else:
                         with safe_open(str(p.shard), "pt") as f:  # memory-mapped: opening it per tensor costs nothing
                             tensor = fold(p.source, f.get_tensor(p.source), FOLD_DTYPES.get(p.qtype, torch.float32))
-                    if p.source.endswith(("q_proj.weight", "q_proj.bias")):
+                    if layout.interleave and p.source.endswith(("q_proj.weight", "q_proj.bias")):
                         tensor = interleave_rotary(tensor, heads)
-                    elif p.source.endswith(("k_proj.weight", "k_proj.bias")):
+                    elif layout.interleave and p.source.endswith(("k_proj.weight", "k_proj.bias")):
                         tensor = interleave_rotary(tensor, kv_heads)
                     write_tensor(writer, encode(tensor, p.qtype), out)
             writer.close()
@@ -228,7 +229,7 @@ def export(run_dir: Path, out: Path, kind: str = "f16", device: str | None = Non
     trust = source.cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(source.base, trust_remote_code=trust)
     tokenizer = load_tokenizer(source.base, trust)
-    check_exportable(config, tokenizer, source.base)
-    return write_gguf(source, config, tokenizer, Path(out), kind, check)
+    layout = check_exportable(config, tokenizer, source.base)
+    return write_gguf(source, config, layout, tokenizer, Path(out), kind, check)
 
 

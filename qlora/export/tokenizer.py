@@ -11,9 +11,11 @@ import gguf
 from transformers import PreTrainedTokenizerBase
 
 # llama.cpp picks its pre-tokenizer (how text is split before BPE) by a hash of the ids a tokenizer gives CHECK_TEXT
-# (convert_hf_to_gguf.py, get_vocab_base_pre; llama.cpp PR 6920). The Llama-style families this trainer's recipes use.
+# (convert_hf_to_gguf.py, get_vocab_base_pre; llama.cpp PR 6920). The families the export writes (architecture.py).
 PRE_TOKENIZERS = {"0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
-                  "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm"}  # SmolLM, SmolLM2
+                  "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
+                  # Qwen1.5-7B's, in llama.cpp's list; Qwen2 and Qwen2.5 kept its vocabulary and split
+                  "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2"}
 CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) "
               "\U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 "
               "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
@@ -30,9 +32,12 @@ CHECK_TEXT = ("\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (norm
 # run trained on.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPECS = {"llama-bpe": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated",
-                                      "invert": False},
-                                     {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+# Qwen2's (tokenization_qwen2.py), llama.cpp's qwen2: Llama 3's but for one digit a token where Llama 3 takes up to 3.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPECS = {name: [{"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+                              {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]
+                       for name, split in (("llama-bpe", LLAMA3_SPLIT), ("qwen2", QWEN2_SPLIT))}
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, base: str, vocab_size: int) -> str:
