@@ -203,9 +203,12 @@ def no_merges(text: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(("change", "args", "pattern"), [
-    (rewrite("config.json", json_edit(architectures=["MistralForCausalLM"], model_type="mistral")), [],
-     r"is a MistralForCausalLM: the GGUF export writes LlamaForCausalLM \(Llama 1-3, SmolLM\), Qwen2ForCausalLM "
-     r"\(Qwen2, Qwen2.5\) models only"),
+    (rewrite("config.json", json_edit(architectures=["GemmaForCausalLM"], model_type="gemma", head_dim=64)), [],
+     r"is a GemmaForCausalLM: the GGUF export writes LlamaForCausalLM \(Llama 1-3, SmolLM\), MistralForCausalLM "
+     r"\(Mistral without a sliding window\), Qwen2ForCausalLM \(Qwen2, Qwen2.5\) models only"),
+    (rewrite("config.json", json_edit(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)),
+     [], r"attends within a sliding window of 16 tokens \(sliding_window, in a context of 8192\), which llama.cpp's "
+         r"llama architecture does not store"),
     (rewrite("model.safetensors", lambda text: text[:5000]), [], r"a safetensors file is damaged \(model.safetensors"),
     (rewrite("config.json", json_edit(num_key_value_heads=2)), [],
      r"config.json has num_attention_heads=9, not a multiple of num_key_value_heads=2"),
@@ -216,8 +219,8 @@ def no_merges(text: bytes) -> bytes:
     (None, ["--gguf={tmp}/notes.gguf"], r"--gguf=.*notes.gguf exists: choose another path or delete it"),
     (None, ["--type=q4_k"], r"argument --type: invalid choice: 'q4_k'"),
     (None, ["--rows=0"], r"--rows=0: the check needs at least one held-out row"),
-], ids=["other architecture", "damaged weights", "impossible config", "tokenizer without merges", "not .gguf",
-        "a directory", "under a file", "exists", "unknown type", "no rows"])
+], ids=["other architecture", "a sliding window", "damaged weights", "impossible config", "tokenizer without merges",
+        "not .gguf", "a directory", "under a file", "exists", "unknown type", "no rows"])
 def test_an_export_that_cannot_be_made_is_refused_in_one_line(cli, run, tmp_path, change, args, pattern) -> None:
     runs = run_with_base(run, tmp_path, change) if change else run
     (tmp_path / "notes.txt").write_text("the user's own file\n")

@@ -1,8 +1,8 @@
 """The GGUF export (qlora/export/) of runs trained from a user's own Hugging Face folder, as a user makes one: a tiny
-LlamaForCausalLM or Qwen2ForCausalLM saved with save_pretrained beside a byte-level BPE tokenizer trained here on its
-family's split (Llama 3's, Qwen2's), with its special tokens and chat template. Each folder varies what the demo does
-not: the architecture, rotary scaling (linear, Llama 3.1's rope_freqs) and base, biases, tied embeddings, GQA, a 16-bit
-dtype, a vocabulary padded beyond the tokenizer's.
+LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM saved with save_pretrained beside a byte-level BPE tokenizer
+trained here on its family's split (Llama 3's, for Mistral too; Qwen2's), with its special tokens and chat template.
+Each folder varies what the demo does not: the architecture, rotary scaling (linear, Llama 3.1's rope_freqs) and
+base, biases, tied embeddings, GQA, a sliding window, a 16-bit dtype, a vocabulary padded beyond the tokenizer's.
 
 transformers' GGUF loader drops rotary scaling and biases, which llama.cpp runs: read back as it is, the check held
 correct files to a model llama.cpp never runs (qlora.base.convert.what_transformers_drops). The trained tokenizer has
@@ -77,6 +77,9 @@ FOLDERS = {
     # Qwen2's q/k/v biases are always there; Qwen2.5's rope_theta, and tied as Qwen2.5 0.5B-3B are
     "qwen2, tied, rope_theta 1e6, bf16": dict(model_type="qwen2", tie_word_embeddings=True, dtype="bfloat16",
                                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    # Mistral v0.2 on: no window; v0.1's 4,096 exports where it never binds, in a context no longer than it
+    "mistral, no window, GQA": dict(model_type="mistral", sliding_window=None, num_key_value_heads=1),
+    "mistral, window beyond the context, fp16": dict(model_type="mistral", sliding_window=4096, dtype="float16"),
     "qwen2, untied, linear rope, padded vocab": dict(
         model_type="qwen2", pad=24,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),

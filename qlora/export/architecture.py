@@ -30,6 +30,9 @@ class Layout(NamedTuple):
 
 ARCHITECTURES = {
     "LlamaForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, True, ("default", "linear", "llama3"), "Llama 1-3, SmolLM"),
+    # llama.cpp's converter writes Mistral as a Llama (LlamaModel): the same layers, and no key for its window
+    "MistralForCausalLM": Layout(gguf.MODEL_ARCH.LLAMA, True, ("default", "linear", "llama3"),
+                                 "Mistral without a sliding window"),
     "Qwen2ForCausalLM": Layout(gguf.MODEL_ARCH.QWEN2, False, ("default", "linear"), "Qwen2, Qwen2.5"),
 }
 # What a refused model can do instead: llama.cpp's own converter covers more architectures, scalings and tokenizers.
@@ -43,13 +46,18 @@ def layout(config: PretrainedConfig) -> Layout | None:
 
 def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, base: str) -> Layout:
     """llama.cpp's layout for the checkpoint, refusing in one line what this export does not write correctly: other
-    architectures, rotary scalings other than the layout's, activations other than SiLU, tokenizers other than
-    byte-level BPE with merges."""
+    architectures, a sliding window llama.cpp would not keep, rotary scalings other than the layout's, activations
+    other than SiLU, tokenizers other than byte-level BPE with merges."""
     arch, found = (getattr(config, "architectures", None) or ["?"])[0], layout(config)
     if found is None:
         families = ", ".join(f"{name} ({known.family})" for name, known in ARCHITECTURES.items())
         raise ConfigError(f"{base} is a {arch}: the GGUF export writes {families} models only; {CONVERT_INSTEAD}")
     name = gguf.MODEL_ARCH_NAMES[found.arch]
+    if window := binding_window(config):
+        raise ConfigError(f"{base} attends within a sliding window of {window} tokens (sliding_window, in a context "
+                          f"of {config.max_position_embeddings}), which llama.cpp's {name} architecture does not "
+                          "store: it would attend past the window, as the run never did; run the merged checkpoint "
+                          "(python -m qlora.merge) with transformers instead")
     if rope(config)["rope_type"] not in found.rope_types:
         raise ConfigError(f"{base} scales its rotary embedding by {rope(config)['rope_type']!r}: the export writes "
                           f"{', '.join(found.rope_types)} for llama.cpp's {name} architecture; {CONVERT_INSTEAD}")
@@ -66,6 +74,17 @@ def check_exportable(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBas
         raise ConfigError(f"the tokenizer of {base} is byte-level BPE without merges (one token per byte), which "
                           "llama.cpp cannot load: export a model whose tokenizer learned merges")
     return found
+
+
+def binding_window(config: PretrainedConfig) -> int | None:
+    """The sliding window the model's layers attend within, where it is shorter than the context: Mistral's
+    sliding_window (v0.1: 4,096 of 32,768; v0.2 on: none), Qwen2's where use_sliding_window gave layers one
+    (transformers leaves sliding_window None otherwise). llama.cpp's llama and qwen2 read no window."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return window if window < config.max_position_embeddings else None
 
 
 def rope(config: PretrainedConfig) -> dict:
