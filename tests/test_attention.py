@@ -153,3 +153,27 @@ def test_the_max_context_table_counts_flash_for_every_card_size_whatever_card_is
     assert here["rows"][0]["tokens"] == flash["rows"][0]["tokens"] < cudnn["rows"][0]["tokens"]
     assert any("FlashAttention-2, which the 24 and 48 GB cards run" in a for a in here["assumptions"])
     assert cfg.model.sdpa_backend == "auto"  # the recipe's config is not changed under it
+
+
+def test_right_padded_rows_are_given_no_mask(tiny_config: Config, batch: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of other lengths, unpacked, came with a 2D mask holding their padding, and transformers built a batch x T x
+    T mask for every forward (the estimate counts none; on CUDA it keeps SDPA off FlashAttention-2). Under causal
+    attention no real token sees the right padding after it: each row's hidden states are the row's alone."""
+    import transformers.masking_utils as masking
+
+    from qlora.base.load import load_base
+    from qlora.training.loss import target_hidden
+
+    model, _, _ = load_base(tiny_config, torch.device("cpu"))
+    lengths = batch["attention_mask"].sum(1)
+    assert len(set(lengths.tolist())) > 1  # rows of other lengths: padding in the batch
+    built = []
+    sdpa_mask = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda *a, **k: built.append(1) or sdpa_mask(*a, **k))
+    with torch.no_grad():
+        hidden, _, rows = target_hidden(model, batch)
+        assert not built
+        alone = [target_hidden(model, {k: v[i:i + 1, :n] for k, v in batch.items()})[0]
+                 for i, n in enumerate(lengths.tolist())]
+    torch.testing.assert_close(hidden, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert rows.unique().tolist() == list(range(len(lengths)))
