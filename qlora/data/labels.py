@@ -26,15 +26,19 @@ ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\
 CONTENT_STAND_IN = "QLORA-CONTENT-7f3a9c"  # an opening turn's stand-in: no template writes it, none trims or escapes it
 
 
+def format_of(row: dict) -> str | None:
+    """The first format whose fields `row` has, or None."""
+    return next((fmt for fmt, fields in FORMAT_FIELDS.items() if all(f in row for f in fields)), None)
+
+
 def detect_format(rows: list[dict], source: str, key: str = "data.train") -> str:
     """The format of `rows` (read from `source`, which the setting or flag `key` names), from its first row's fields."""
     if not rows:
         raise ConfigError(f"{source} holds no rows: add data or point {key} at another file")
-    for fmt, fields in FORMAT_FIELDS.items():
-        if all(f in rows[0] for f in fields):
-            return fmt
+    if fmt := format_of(rows[0]):
+        return fmt
     wrapped = [k for k, v in rows[0].items() if len(rows) == 1 and isinstance(v, list) and v and
-               isinstance(v[0], dict) and any(all(f in v[0] for f in fields) for fields in FORMAT_FIELDS.values())]
+               isinstance(v[0], dict) and format_of(v[0])]
     if wrapped:  # {"data": [rows]}, as many exports write a .json file: read as one row
         raise ConfigError(f"{source} is one JSON object holding its rows under {wrapped[0]!r}: write them as the "
                           "file's top-level array, or one object per line (.jsonl)")

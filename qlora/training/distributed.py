@@ -79,6 +79,12 @@ class Ranks:
             raise original or Stop(*value)
         return value
 
+    def gathered(self, value: T) -> list[T]:
+        """Every rank's `value`, rank 0's first (a collective: every rank calls it)."""
+        every: list[T] = [value] * self.size
+        dist.all_gather_object(every, value)
+        return every
+
     def least(self, room: tuple[int, str]) -> tuple[int, str]:
         """The least of every rank's `room` (bytes, what they are): what a choice every rank must make alike is made
         for. The plan (train.plan=fastest) chose by each rank's own card or host memory differed between cards of
@@ -86,9 +92,7 @@ class Ranks:
         rows each takes too)."""
         if not self.several:
             return room
-        every: list[tuple[int, str]] = [(0, "")] * self.size
-        dist.all_gather_object(every, room)
-        least = min(every, key=lambda r: r[0])
+        least = min(self.gathered(room), key=lambda r: r[0])
         return least[0], f"{least[1]}, the least of {self.size} processes'"
 
     def global_targets(self, examples: list[dict], batch_size: int, seed: int, indices: list[int]) -> int | None:
@@ -104,8 +108,7 @@ class Ranks:
         train.lr trained its own adapters into the sum without a word. Every rank raises alike; rank 0 says it."""
         if not self.several:
             return
-        every: list[dict] = [{} for _ in range(self.size)]
-        dist.all_gather_object(every, values)
+        every = self.gathered(values)
         for rank, theirs in enumerate(every[1:], 1):
             differ = [k for k in dict.fromkeys([*every[0], *theirs]) if every[0].get(k) != theirs.get(k)]
             if differ:
