@@ -1,11 +1,17 @@
-"""SDPA's CUDA kernel (qlora/base/attention.py): which one torch runs, holding it to model.sdpa_backend, and what the
-estimate counts for each. The card is a stand-in here (monkeypatched capability and cuDNN version): CI has no GPU,
-and torch's rule is read off its source (sdp_utils.cpp, check_prefer_cudnn_attention)."""
+"""SDPA as the trainer runs it (qlora/base/attention.py, sliding_window.py): packed rows by document, a sliding window
+block by block, against transformers' own paths; and its CUDA kernel: which one torch runs, holding it to
+model.sdpa_backend, and what the estimate counts for each. The card is a stand-in here (monkeypatched capability and
+cuDNN version): CI has no GPU, and torch's rule is read off its source (sdp_utils.cpp, check_prefer_cudnn_attention)."""
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from support import architecture
 
 from qlora.base import attention
 from qlora.config import Config, apply_overrides, load_recipe
@@ -177,3 +183,150 @@ def test_right_padded_rows_are_given_no_mask(tiny_config: Config, batch: dict, m
                  for i, n in enumerate(lengths.tolist())]
     torch.testing.assert_close(hidden, torch.cat(alone), atol=1e-5, rtol=1e-5)
     assert rows.unique().tolist() == list(range(len(lengths)))
+
+
+def windowed_case(window: int, rows: list[list[int]], heads: int, kv: int) -> tuple:
+    """Random q, k, v (fp32, (b, heads, T, hd) as the projections' views give them) for rows of these documents, their
+    position ids, and a stand-in for the attention module."""
+    generator, b, t, d = torch.Generator().manual_seed(0), len(rows), sum(rows[0]), 32
+    q, k, v = (torch.randn(b, t, n, d, generator=generator).transpose(1, 2).requires_grad_() for n in (heads, kv, kv))
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv, True
+    return q, k, v, positions, module
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["enable_gqa", "K and V repeated (CUDA before pytorch#191085)"])
+@pytest.mark.parametrize(("window", "rows", "heads", "kv"), [
+    (16, [[700]], 4, 2),  # a plain row, the window dividing it in no block: 3 blocks of 256 queries, the last short
+    (100, [[300, 20, 380], [700]], 4, 2),  # packed, documents longer and shorter than the window; batch 2
+    (300, [[1000], [250, 750]], 6, 2),  # a window that does not divide T (blocks of 320), GQA 3:1
+    (256, [[1024], [1024]], 4, 4),  # one that does (blocks of 256), no grouping
+    (512, [[2000]], 8, 1),  # one K and V head for eight
+], ids=["plain row", "packed, batch 2", "window not dividing T", "window dividing T", "MQA"])
+def test_a_window_attends_block_by_block_as_the_dense_mask_does(window: int, rows: list[list[int]], heads: int,
+                                                                 kv: int, grouped: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's SDPA within a sliding window (qlora/base/sliding_window.py) against transformers' own: its dense
+    mask (create_sliding_window_causal_mask, packing included) through the stock sdpa path, and eager attention. Output
+    and q, k and v gradients within 2e-5 in fp32 (the blocks sum in another order: 6e-6 apart at most, measured);
+    attending past the window, or across documents, is off by O(1). What SDPA saves is the blocks' outputs and
+    logsumexp and the one block mask: no T x T tensor."""
+    from transformers import AutoConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_sliding_window_causal_mask
+    from transformers.models.mistral.modeling_mistral import eager_attention_forward
+
+    from qlora.base import sliding_window
+
+    if not grouped:
+        monkeypatch.setattr(sliding_window, "grouped", lambda *args: False)
+    q, k, v, positions, module = windowed_case(window, rows, heads, kv)
+    b, t, scale = len(rows), positions.shape[1], 32 ** -0.5
+    weights = torch.randn(b, t, heads, 32, generator=torch.Generator().manual_seed(1))
+    config = AutoConfig.for_model("mistral", sliding_window=window)
+    results, saved = {}, []
+    for name in ("blocks", "sdpa", "eager"):
+        for x in (q, k, v):
+            x.grad = None
+        if name == "blocks":
+            with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+                out, _ = attention.sdpa_by_document(module, q, k, v, None, scaling=scale, position_ids=positions,
+                                                    sliding_window=window)
+        else:
+            config._attn_implementation = name
+            mask = create_sliding_window_causal_mask(config=config, inputs_embeds=torch.zeros(b, t, 8),
+                                                     attention_mask=None, cache=None, position_ids=positions)
+            forward = sdpa_attention_forward if name == "sdpa" else eager_attention_forward
+            out, _ = forward(module, q, k, v, mask, scaling=scale, dropout=0.0)
+        (out * weights).sum().backward()
+        results[name] = (out.detach(), q.grad, k.grad, v.grad)
+    for name in ("sdpa", "eager"):
+        for what, ours, theirs in zip(("output", "dq", "dk", "dv"), results["blocks"], results[name], strict=True):
+            torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5,
+                                       msg=lambda m, n=name, w=what: f"{n} {w}: {m}")
+    inputs = {x.untyped_storage().data_ptr() for x in (q, k, v)}
+    kept = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in saved
+            if x.untyped_storage().data_ptr() not in inputs}
+    mask = sliding_window.window_mask(window, torch.float32, torch.device("cpu"))
+    if grouped:  # each block's output (T x heads x hd in all) and logsumexp, and the mask
+        assert sum(kept.values()) <= 4 * b * t * heads * (32 + 1) + mask.untyped_storage().nbytes(), kept
+    assert max(kept.values()) < b * t * t, kept
+
+
+# Each windowed model type, tiny and random, with a window of 16 (Gemma 3 and Qwen's on one layer of two).
+WINDOWED = {"mistral": dict(sliding_window=16), "phi3": dict(sliding_window=16),
+            "gemma3_text": dict(sliding_window=16, head_dim=16, query_pre_attn_scalar=16,
+                                layer_types=["sliding_attention", "full_attention"]),
+            "qwen2": dict(sliding_window=16, use_sliding_window=True, max_window_layers=1),
+            "qwen3": dict(sliding_window=16, use_sliding_window=True, max_window_layers=1)}
+
+
+@pytest.mark.parametrize("model_type", list(WINDOWED))
+def test_windowed_layers_build_no_dense_mask_unless_a_row_is_padded(model_type: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of 300 tokens (two blocks) past a window of 16, as made, packed and padded (without a KV cache, as the
+    trainer runs them: with one transformers reads no packing), and greedy generation (a KV cache): logits within 1e-4
+    of transformers' eager attention, the same tokens generated. transformers' dense mask (sdpa_mask) is built for the
+    padded rows and at most the cached decoding steps: a model type the blocks were not checked on (BY_BLOCKS) keeps
+    it."""
+    import transformers.masking_utils as masking
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.base import sliding_window
+
+    config = AutoConfig.for_model(model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                  max_position_embeddings=1024, pad_token_id=0, use_cache=False,
+                                  **WINDOWED[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.implementation("sdpa")).eval()
+    ids = torch.randint(3, 100, (2, 300), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[1, 290:] = 0
+    packed = torch.cat([torch.arange(270), torch.arange(30)]).expand(2, 300)
+    cases = {"as made": dict(input_ids=ids), "packed": dict(input_ids=ids, position_ids=packed),
+             "padded": dict(input_ids=ids, attention_mask=padded)}
+    built = []
+    sdpa_mask = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda *a, **k: built.append(k["q_length"]) or sdpa_mask(*a, **k))
+    with torch.no_grad():
+        ours = {}
+        for name, case in cases.items():
+            built.clear()
+            ours[name] = model(**case).logits
+            assert bool(built) == (name == "padded"), (name, built)
+        built.clear()
+        generated = model.generate(ids[:1, :40], max_new_tokens=5, do_sample=False, use_cache=True)
+        assert set(built) <= {1}, built  # the prompt by blocks; a cached step the stock way
+        monkeypatch.setattr(sliding_window, "BY_BLOCKS", ())
+        built.clear()
+        model(**cases["as made"])
+        assert built, "a model type not in BY_BLOCKS builds the dense mask"
+        model.set_attn_implementation("eager")
+        eager = {name: model(**case).logits for name, case in cases.items()}
+        assert torch.equal(generated, model.generate(ids[:1, :40], max_new_tokens=5, do_sample=False, use_cache=True))
+    for name, case in cases.items():
+        real = case.get("attention_mask", torch.ones_like(ids)).bool()
+        torch.testing.assert_close(ours[name][real], eager[name][real], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_tiny_mistral_trains_by_blocks_as_with_the_dense_mask(tiny_config: Config, pack: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny recipe on tiny-mistral (window 16, rows of ~45-60 tokens; packed, rows of 256 holding several), 4
+    steps: the losses by blocks within 1e-5 (relative) of those with transformers' dense mask and stock path, which the
+    trainer ran before (sliding_window.left_to_blocks refused)."""
+    from qlora.train import train
+
+    losses = []
+    for dense in (False, True):
+        cfg = apply_overrides(copy.deepcopy(tiny_config), [
+            *architecture("tiny-mistral"), f"--data.pack={pack}", "--data.max_seq_len=256",
+            f"--output.dir={tiny_config.output.dir}-{dense}"])
+        if dense:
+            monkeypatch.setattr(attention, "left_to_blocks", lambda kwargs: False)
+        train(cfg)
+        lines = [json.loads(line) for line in Path(cfg.output.dir, "metrics.jsonl").read_text().splitlines()]
+        losses.append([line["loss"] for line in lines if "loss" in line])
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5), losses

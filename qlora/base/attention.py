@@ -8,13 +8,15 @@ see each other, so here each is one causal SDPA call on its own slice of the row
 does, on torch's kernels and in memory that grows with T, not T squared.
 
 `model.attn_implementation=sdpa` loads as SDPA_BY_DOCUMENT, registered with transformers' two interfaces:
-- its mask function makes no mask unless the caller passed a 2D mask with padding in it, or the layer attends within
-  a sliding window shorter than the row (then transformers' own `sdpa_mask`, packing and window included, and the
-  stock path below take over, a batch x T x T mask, which qlora/memory/window.py counts): the trainer's rows are
-  right-padded (qlora.data.batches.collate) and under causal attention no real token sees the padding, so it passes
-  none;
+- its mask function makes no mask unless the caller passed a 2D mask with padding in it (the trainer's rows are
+  right-padded, qlora.data.batches.collate, and under causal attention no real token sees the padding, so it passes
+  none), or the layer attends within a sliding window shorter than the keys and the attention function cannot keep
+  it (a KV cache, a pattern added to the mask, a model type not checked: sliding_window.left_to_blocks). Then
+  transformers' own `sdpa_mask`, packing and window included, and the stock path below take over, a batch x T x T
+  mask;
 - its attention function splits each row where the position ids do not grow by one, as transformers does
-  (masking_utils.find_packed_sequence_indices), and gives a row of one document, a mask or a KV cache to
+  (masking_utils.find_packed_sequence_indices), attends within a layer's sliding window block by block
+  (qlora/base/sliding_window.py), and gives a row of one document without a window, a mask or a KV cache to
   transformers' `sdpa_attention_forward` unchanged.
 
 What autograd keeps beyond the stock path (qlora/memory/activations.py counts it): the documents' outputs, which SDPA
@@ -41,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from qlora.base.sliding_window import binding, left_to_blocks, within_window
 from qlora.config import Config
 from qlora.errors import ConfigError
 
@@ -84,33 +87,45 @@ def sdpa_by_document(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     """transformers' attention-function signature: query (b, nh, T, hd), key and value (b, nkv, T, hd); returns the
     output as (b, T, nh, hd)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    packed = attention_mask is None and causal and query.shape[2] == key.shape[2] > 1  # not a decoding step
-    lengths = document_lengths(kwargs.get("position_ids")) if packed else None
-    if lengths is None or len(lengths) != query.shape[0] or any(sum(r) != query.shape[2] for r in lengths):
+    b, t, heads, d = query.shape[0], query.shape[2], query.shape[1], value.shape[3]
+    whole = attention_mask is None and causal and t == key.shape[2] > 1  # not a decoding step
+    window = binding(module, kwargs, t) if whole else None
+    lengths = document_lengths(kwargs.get("position_ids")) if whole else None
+    if lengths is not None and len(lengths) == 1 < b:  # one row's position ids for all, as transformers reads them
+        lengths = lengths * b
+    if lengths is not None and (len(lengths) != b or any(sum(r) != t for r in lengths)):
+        lengths = None
+        if window is not None:  # its mask was left to the blocks (mask_unless_padded): no stock path keeps the window
+            raise ValueError(f"position_ids of shape {tuple(kwargs['position_ids'].shape)} for {b} rows of {t} tokens")
+    if lengths is None and window is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    b, t, heads, d = query.shape[0], query.shape[2], query.shape[1], value.shape[3]
     # The rows end to end, each document a slice, in (b, T, heads, hd) order: the layout the projections wrote, so
     # that this is a view, and that the documents' gradients concatenate into the one the projections' backward reads.
-    docs = [n for row in lengths for n in row]
+    docs = [n for row in (lengths or [[t]] * b) for n in row]
     q, k, v = (x.transpose(1, 2).reshape(1, b * t, x.shape[1], x.shape[3]).split(docs, 1) for x in (query, key, value))
     with sdpa_kernel(BY_DOCUMENT):
-        out = [F.scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
-                                              dropout_p=dropout, is_causal=True, scale=scaling,
-                                              enable_gqa=heads != key.shape[1])
-               for qd, kd, vd in zip(q, k, v, strict=True)]
-    return torch.cat([o.transpose(1, 2) for o in out], dim=1).view(b, t, heads, d), None
+        if window is not None:
+            out = [o for qd, kd, vd in zip(q, k, v, strict=True)
+                   for o in within_window(qd, kd, vd, window, dropout, scaling)]
+        else:
+            out = [F.scaled_dot_product_attention(qd.transpose(1, 2), kd.transpose(1, 2), vd.transpose(1, 2),
+                                                  dropout_p=dropout, is_causal=True, scale=scaling,
+                                                  enable_gqa=heads != key.shape[1]).transpose(1, 2)
+                   for qd, kd, vd in zip(q, k, v, strict=True)]
+    return torch.cat(out, dim=1).view(b, t, heads, d), None
 
 
 def mask_unless_padded(attention_mask: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor | None:
     """transformers' mask-function signature: no mask, unless a 2D mask with padding in it came with the inputs, or
     the layer attends within a sliding window (Mistral's sliding_window, Gemma 2/3's sliding layers: local_size)
-    shorter than the keys, which plain causal attention would let every query see past."""
+    shorter than the keys that the attention function cannot keep block by block (left_to_blocks: a KV cache, an
+    added pattern, a model type not checked), where plain causal attention would let every query see past it."""
     window = kwargs.get("local_size")
     windowed = window is not None and kwargs.get("kv_length", 0) > window
-    if not windowed and (attention_mask is None or bool(attention_mask.all())):
+    if (attention_mask is None or bool(attention_mask.all())) and (not windowed or left_to_blocks(kwargs)):
         return None
     from transformers.masking_utils import sdpa_mask
 

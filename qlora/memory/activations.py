@@ -23,7 +23,8 @@ q, K and V repeated to every head and its output's copy, 4 q e, and the model on
 
 Packed rows (data.pack) through sdpa attend one document at a time (qlora/base/attention.py): no T x T mask, but
 o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q e more. A sliding window shorter than
-the row takes a mask and the stock path instead, packed or not: its terms are window.py's.
+the row is attended block by block, packed or not: o_proj's input is the blocks' outputs joined, as for documents; the
+rest of its terms are window.py's.
 
 A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
 Tiled norms (train.tile_norms) keep their bf16 inputs: the first is the layer's input itself (which the checkpoint plan
@@ -112,12 +113,12 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     norms = h * e if tiled_norms else 8 * h + 8
     masked = window.windowed(cfg, arch)
-    saved_kv = window.repeated_kv(arch) if masked else kv  # given a mask, SDPA keeps K and V at every query head
+    saved_kv = window.saved_kv(arch, device) if masked else kv  # on CUDA, a window's blocks may repeat K and V
     attention, mlp = e * (2 * q + 2 * saved_kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
     if eager(cfg):  # q, K and V at every head, and the output's copy (o_proj's input); the scores apart
         attention = 4 * q * e
-    # o_proj's input is SDPA's output, which SDPA keeps anyway; by document it is their concatenation, a copy.
-    copy = q * e if by_document(cfg) and not masked else 0
+    # o_proj's input is SDPA's output, which SDPA keeps anyway; by document or block it is their concatenation, a copy.
+    copy = q * e if by_document(cfg) or masked else 0
     if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
         return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e, "o": copy}, {},
                      2 * h * e)
@@ -143,7 +144,7 @@ def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norm
     if layer.full_norm_outputs:
         return " + ".join(parts + ["e(2h + i)" + (" + qe (o_proj's, the documents' outputs joined)"
                                                   if layer.inputs["o"] else ""), "2he"])
-    parts += [{"qkv": "he", "mlp": "he", "down": "ie", "o": "qe (the documents' outputs joined)"}[k] +
+    parts += [{"qkv": "he", "mlp": "he", "down": "ie", "o": "qe (the documents' or blocks' outputs joined)"}[k] +
               (" (tile input)" if (k == "mlp" and tiled) or (k in ("qkv", "o") and tiled_projections) else "")
               for k, v in layer.inputs.items() if v]
     if layer.adapters:
@@ -155,14 +156,16 @@ def sdpa_backward_bytes(arch: Arch, e: int, kernel: str, documents: bool = False
     """Per token, what SDPA's backward allocates: dq, dk, dv and the kernel's buffers. `kernel`: flash
     (FlashAttention-2 on CUDA, flash_api.cpp mha_bwd: with grouped-query attention dk and dv first at every query head,
     an fp32 dq accumulator, fp32 softmax row sums), cudnn (cuDNN's, cudnn-frontend's CompositeSDPABackwardNode: the
-    fp32 dq accumulator and row sums; dk and dv summed over the group in the kernel) or cpu (torch's flash kernel,
+    fp32 dq accumulator and row sums; dk and dv summed over the group in the kernel), efficient (the memory-efficient
+    kernel, which runs a sliding window's blocks only: its buffers a block's, not counted) or cpu (torch's flash kernel,
     measured on torch 2.13: dk and dv at every query head, plus a few MiB of per-thread blocks that do not grow with
-    the sequence, not counted). By `documents` (qlora/base/attention.py): the buffers are one document's (at most the
-    row's), and once every document is done its dq, dk and dv pieces are concatenated, dq the largest, q e more while
-    the pieces are alive."""
+    the sequence, not counted). By `documents` (qlora/base/attention.py; a window's blocks too): the buffers are one
+    document's (at most the row's), and once every document is done its dq, dk and dv pieces are concatenated, dq the
+    largest, q e more while the pieces are alive."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     expanded = q * e if arch.kv_heads != arch.heads else 0  # dk or dv at every query head
-    buffers = {"flash": 2 * expanded + 4 * q + 4 * arch.heads, "cudnn": 4 * q + 4 * arch.heads, "cpu": expanded}[kernel]
+    buffers = {"flash": 2 * expanded + 4 * q + 4 * arch.heads, "cudnn": 4 * q + 4 * arch.heads, "efficient": 0,
+               "cpu": expanded}[kernel]
     return e * (q + 2 * kv) + (max(buffers, q * e) if documents else buffers)
 
 
@@ -204,12 +207,12 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
     masked = window.windowed(cfg, arch)
     kernel = cuda_kernel(cfg, masked) if device == "cuda" else "cpu"
-    grads = window.backward_bytes(arch, e, kernel) if masked else sdpa_backward_bytes(arch, e, kernel,
-                                                                                       by_document(cfg))
+    grads = sdpa_backward_bytes(arch, e, kernel, by_document(cfg) or masked)
+    if masked and arch.windowed_layers < arch.layers:  # Gemma 3's full-attention layers, through the row's kernel
+        grads = max(grads, sdpa_backward_bytes(arch, e, cuda_kernel(cfg) if device == "cuda" else "cpu",
+                                               by_document(cfg)))
     sdpa = -T * done + T * (h * e + q * e + grads)
-    scores_fx, additive = "", window.additive_bytes(cfg, e) if masked else 0
-    if masked:  # the layer's additive mask, saved by SDPA for its backward and freed by it
-        saved, scores_fx = saved + additive, f" + {window.ADDITIVE_FORMULA}"
+    scores_fx = ""
     if eager(cfg):
         scores = t.batch_size * arch.heads * cfg.data.max_seq_len ** 2
         kept, held = score_bytes(e)
@@ -219,7 +222,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     if proj:  # q/k/v's tiles, after SDPA's backward: what attention saved is freed; dq, dk and dv wait beside the
         # residual stream's gradient and one tile's working set (the input norm's, folded in, after the projection's)
         kv = arch.kv_heads * arch.head_dim
-        moments["q/k/v tiles' backward"] = -T * (done + layer.attention) - additive + T * (h * e + e * (q + 2 * kv)) + \
+        moments["q/k/v tiles' backward"] = -T * (done + layer.attention) + T * (h * e + e * (q + 2 * kv)) + \
             tile * max(projection_tile_bytes(projection_saved(arch, method, cfg, e, device), e),
                        norm_tile_bytes(h) if norms_tiled else 0)
     phase = max(moments, key=moments.get)

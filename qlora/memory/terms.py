@@ -10,6 +10,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
+from qlora.base.attention import by_document
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers.checkpoints.memory import CheckpointPlan, checkpoint_plan
@@ -215,10 +216,10 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     saved, extra, layer_fx = layer_backward(arch, method, cfg, e, device, T)
     loss, loss_fx = loss_bytes(arch, method, cfg, e, device)
     # Every layer's inputs: the rotary tables and, for eager attention, the model's s x s mask in the compute dtype;
-    # through SDPA with a sliding window shorter than the row, its boolean mask (qlora/memory/window.py).
+    # through SDPA with a sliding window shorter than the row, the blocks' mask, kept (qlora/memory/window.py).
     s, masked = cfg.data.max_seq_len, window.windowed(cfg, arch)
     rotary = 2 * s * arch.head_dim * e + (t.batch_size * s * s * e if eager(cfg) else 0) + \
-        (window.mask_bytes(cfg) if masked else 0)
+        (window.mask_bytes(arch, e) if masked else 0)
     mask_fx = f" + {window.MASK_FORMULA}" if masked else ""
     # The largest dequantised weight (a whole layer's with train.reuse_dequant), alive through a linear's backward;
     # none with train.dequant_once, whose copies are counted with the weights.
@@ -229,7 +230,8 @@ def count_step(tally: Tally, cfg: Config, arch: Arch, method: str, device: str, 
     step_fx = "the update's temporaries (CPU: 12 B x the largest tensor)"
     if not t.gradient_checkpointing:
         # `saved` is a windowed layer's where any is: the layers attending to the whole row keep less.
-        every = L * saved - ((L - arch.windowed_layers) * window.layer_bytes(cfg, arch, e) if masked else 0)
+        every = L * saved - ((L - arch.windowed_layers) * window.layer_bytes(cfg, arch, e, device, by_document(cfg))
+                             if masked else 0)
         phases["loss_backward"] = (every + rotary + loss, 0)
         phases["layer_backward"] = (every + extra + rotary + dq_w, grads // L)  # staged or not
         fx["activations"] = {"loss_backward": f"L layers' saved tensors + {loss_fx}{mask_fx}",
