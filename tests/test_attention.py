@@ -281,6 +281,7 @@ def test_windowed_layers_build_no_dense_mask_unless_a_row_is_padded(model_type: 
                                   **WINDOWED[model_type])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.implementation("sdpa")).eval()
+    assert sliding_window.configured_window(model.config) == 16
     ids = torch.randint(3, 100, (2, 300), generator=torch.Generator().manual_seed(0))
     padded = torch.ones_like(ids)
     padded[1, 290:] = 0
@@ -330,3 +331,23 @@ def test_tiny_mistral_trains_by_blocks_as_with_the_dense_mask(tiny_config: Confi
         lines = [json.loads(line) for line in Path(cfg.output.dir, "metrics.jsonl").read_text().splitlines()]
         losses.append([line["loss"] for line in lines if "loss" in line])
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5), losses
+
+
+@pytest.mark.parametrize(("build", "kernel"), [
+    ("tiny-mistral", "the memory-efficient kernel (a sliding window shorter than the rows, in blocks with a mask; not "
+                     "measured on a GPU)"),
+    ("tiny-qwen2", "FlashAttention-2 (torch picks it on this card)")])  # no use_sliding_window: no window
+def test_the_start_up_line_names_the_kernel_a_window_runs(tiny_config: Config, build: str, kernel: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """On a CUDA device (a stand-in here: the line is printed before anything runs) the blocks of a window shorter
+    than the rows carry a mask, which FlashAttention-2 does not take: the memory-efficient kernel runs them (cuDNN's
+    is kept off, as for documents), whatever torch would pick for the whole row."""
+    from qlora.training.assemble import prepare, print_summary
+
+    run = prepare(apply_overrides(tiny_config, [*architecture(build), "--train.device=cpu"]))
+    monkeypatch.setattr(attention, "visible_capability", lambda: (8, 9))  # a card that runs FlashAttention-2
+    print_summary(tiny_config, {**run, "device": torch.device("cuda")})
+    assert f"attention: SDPA through {kernel}\n" in capsys.readouterr().out
+    assert attention.cuda_kernel(apply_overrides(tiny_config, ["--model.sdpa_backend=cudnn"]), masked=True) == \
+        "efficient"

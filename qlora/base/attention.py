@@ -173,18 +173,22 @@ def visible_capability() -> tuple[int, int] | None:
 
 
 def cuda_kernel(cfg: Config, masked: bool = False) -> str:
-    """The SDPA kernel a CUDA step of `cfg` runs, flash or cudnn: flash for a packed row's documents (BY_DOCUMENT);
-    else auto asks the card this process uses, or the machine's cards; with none to ask, flash, whose backward holds
-    more: an upper bound. `masked`, where the layer is given a mask (a sliding window shorter than the row, which
-    takes the stock path, packed or not): FlashAttention-2 takes none (torch's can_use_flash_attention,
-    check_for_attn_mask), so flash becomes efficient, the memory-efficient kernel, next in torch's order."""
-    if by_document(cfg) and not masked:
+    """The SDPA kernel a CUDA step of `cfg` runs, flash, cudnn or efficient: flash for a packed row's documents
+    (BY_DOCUMENT); else auto asks the card this process uses, or the machine's cards; with none to ask, flash, whose
+    backward holds more: an upper bound. `masked`, where a layer attends within a sliding window shorter than the row:
+    its blocks (qlora/base/sliding_window.py) each carry a mask, which FlashAttention-2 does not take (torch's
+    can_use_flash_attention, check_for_attn_mask), and run under BY_DOCUMENT, cuDNN's kept off as for documents (a
+    graph for every new shape): efficient, the memory-efficient kernel, whatever model.sdpa_backend says. Not
+    measured on a GPU."""
+    if masked:
+        return "efficient"
+    if by_document(cfg):
         return "flash"
     chosen = cfg.model.sdpa_backend
     if chosen == "auto":
         capability = torch.cuda.get_device_capability() if torch.cuda.is_initialized() else visible_capability()
         chosen = "cudnn" if capability is not None and cudnn_first(capability) else "flash"
-    return "efficient" if masked and chosen == "flash" else chosen
+    return chosen
 
 
 def use_kernel(cfg: Config, device: torch.device) -> None:

@@ -56,6 +56,17 @@ def binding(module: torch.nn.Module, kwargs: dict, tokens: int) -> int | None:
     return window if window is not None and tokens > window else None
 
 
+def configured_window(config: object) -> int | None:
+    """The window a model's sliding layers attend within, from its transformers config, where the blocks take it
+    (BY_BLOCKS): sliding_window, which Qwen's configs leave None without use_sliding_window, where layer_types (if
+    given) hold a sliding layer."""
+    config = config.get_text_config()
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if config.model_type not in BY_BLOCKS or window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return window
+
+
 def left_to_blocks(kwargs: dict) -> bool:
     """transformers' mask-function arguments: whether a windowed layer's mask is the plain causal window of a whole
     row (no cache: the keys are the queries; no patterns added: use_vmap; not bidirectional), of a model type whose

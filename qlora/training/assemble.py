@@ -15,6 +15,7 @@ from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, re
 from qlora.base.attention import by_document, cuda_kernel, use_kernel
 from qlora.base.bnb import bnb
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
+from qlora.base.sliding_window import configured_window
 from qlora.config import Config, read_config_json
 from qlora.config.model import FP16_ON_CUDA
 from qlora.data.files import rows_sha256
@@ -23,10 +24,8 @@ from qlora.data.pack import check_packing, pack_examples, packing_summary
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
-from qlora.memory.arch import load_arch
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import available_bytes
-from qlora.memory.window import windowed
 from qlora.training import checkpoint, distributed
 from qlora.training.runconfig import MOVABLE, check_recorded
 from qlora.training.rundir import lock_holder
@@ -157,13 +156,12 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     longest = max(len(r["input_ids"]) for r in run["train_rows"])
     print(f"device {run['device']} | compute {str(run['dtype']).removeprefix('torch.')} | method {cfg.quant.method}")
     if run["device"].type == "cuda" and cfg.model.attn_implementation == "sdpa":
-        try:  # a sliding window shorter than the rows comes as a mask, which FlashAttention-2 does not take
-            masked = windowed(cfg, load_arch(cfg))
-        except (ConfigError, OSError, ValueError, KeyError):  # an architecture the estimator does not know
-            masked = False
+        # a sliding window shorter than the rows runs in blocks with a mask, which FlashAttention-2 does not take
+        window = configured_window(model.config)
+        masked = window is not None and longest > window
         kernel = {"cudnn": "cuDNN's attention", "flash": "FlashAttention-2",
                   "efficient": "the memory-efficient kernel"}[cuda_kernel(cfg, masked)]
-        why = "a sliding window shorter than the rows, as a mask" if masked else \
+        why = "a sliding window shorter than the rows, in blocks with a mask; not measured on a GPU" if masked else \
             "packed rows, document by document" if by_document(cfg) else "model.sdpa_backend" \
             if cfg.model.sdpa_backend != "auto" else "torch picks it on this card"
         print(f"attention: SDPA through {kernel} ({why})")
