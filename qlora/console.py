@@ -1,7 +1,8 @@
 """What a command shows while it works, besides its results: a line for each long phase saying what and how many,
 a progress bar under it on a terminal, and the libraries' own chatter kept out of the way.
 
-Phase lines go to stdout with the command's other lines (so that stderr holds only an error's one line); bars go to
+Phase lines go to stdout with the command's other lines (so that stderr holds only an error's one line), except where
+stdout is what the command makes (qlora.generate's text): there they go to stderr with a failure's line. Bars go to
 stderr and only where they can be drawn (`draws_bars`: a sized terminal, not TERM=dumb), so a log file gets lines, not
 bar frames.
 """

@@ -1,15 +1,17 @@
 """`python -m qlora.generate RUN_DIR [--prompt TEXT]`: talk to a trained adapter on its 4-bit base, unmerged.
 
 The model is exactly the one training evaluated (base as it trained, adapters beside it), so what it says is what the
-run learned, before any merge or export. Tokens are printed as they are generated. Each prompt is rendered as the
-prompt part of the rows the run trained on (`--format` chooses another): a user turn in the chat template (messages),
-the Alpaca prompt (instruction), or as it is (text), as qlora.data.labels tokenises them. Without --prompt, every
-line read from stdin is a prompt, until end of input; with --jsonl each line is a JSON string or an object with a
-"prompt" field, so a prompt can hold newlines (`{"prompt": "Tom flies to Rome.\\nDestination city?"}`).
+run learned, before any merge or export. Tokens are printed as they are generated, alone on stdout (what loading
+says goes to stderr, so `> out.txt` holds the text). Each prompt is rendered as the prompt part of the rows the run
+trained on (`--format` chooses another): a user turn in the chat template (messages), the Alpaca prompt (instruction),
+or as it is (text), as qlora.data.labels tokenises them. Without --prompt, every line read from stdin is a prompt,
+until end of input; with --jsonl each line is a JSON string or an object with a "prompt" field, so a prompt can hold
+newlines (`{"prompt": "Tom flies to Rome.\\nDestination city?"}`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -117,8 +119,10 @@ def _main(argv: list[str]) -> int:
         check_utf8(args.prompt, "--prompt")
     elif sys.stdin is None:  # started with stdin closed (`<&-`, a launcher's): Python leaves it None
         parser.error("no --prompt, and stdin is closed: give --prompt TEXT, or pipe prompts to stdin")
-    fmt = args.format or trained_format(read_run_config(args.run_dir).data)
-    _, model, tokenizer, _ = load_run(args.run_dir, args.device)
+    # stdout holds the generated text alone (`--prompt ... > out.txt`): what loading says goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        fmt = args.format or trained_format(read_run_config(args.run_dir).data)
+        _, model, tokenizer, _ = load_run(args.run_dir, args.device)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.max_new_tokens > context:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} exceeds the model's context of {context} tokens "
@@ -130,7 +134,7 @@ def _main(argv: list[str]) -> int:
     number = 0
     while True:
         if interactive:
-            print("> ", end="", flush=True)
+            print("> ", end="", file=sys.stderr, flush=True)  # as a shell's prompt: not part of the text
         number += 1
         try:
             line = sys.stdin.readline()

@@ -307,8 +307,11 @@ def test_a_bad_input_to_a_command_is_one_line_and_exit_2(cli, finished, other_ba
     result = cli.run(argv, module=module)
     lines = [line for line in result.stderr.splitlines() if line.strip()]  # no loading bar in a log either
     assert result.status == 2, result.stderr
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert lines and "Traceback" not in result.stderr, result.stderr
+    # qlora.generate's stdout is the text it makes: what loading said before the refusal is on stderr, above it
+    said = [line for line in lines[:-1] if module != "qlora.generate" or line.startswith("error")]
+    assert not said, result.stderr
+    assert lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), lines[-1]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing removed
 
 
@@ -325,9 +328,13 @@ def test_eval_of_a_run_whose_held_out_loss_is_nan_does_not_succeed(cli, finished
 
 
 def test_generate_still_answers(cli, finished):
-    """The checks above refuse bad input only: a plain prompt still gets its tokens."""
+    """The checks above refuse bad input only: a plain prompt still gets its tokens, alone on stdout (`> out.txt` held
+    the loading lines above the text)."""
     result = cli.run([str(finished), "--prompt=dog moon red", "--max-new-tokens=4"], module="qlora.generate")
     assert result.status == 0, result.stderr
+    assert result.stderr.startswith("loading ") and "\nloaded in " in result.stderr, result.stderr
+    assert "loading" not in result.stdout and "loaded in" not in result.stdout, result.stdout
+    assert result.stdout.endswith("\n") and result.stdout.count("\n") <= 4, result.stdout  # 4 tokens: the text
     result = cli.run([str(finished), "--prompt=dog moon red", "--max-new-tokens=4", "--format=instruction"],
                      module="qlora.generate")
     assert result.status == 0, result.stderr
