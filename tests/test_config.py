@@ -131,6 +131,17 @@ def test_parse_args_separates_flags_from_overrides():
         parse_args(["--train.steps=2"], "usage")
 
 
+def test_a_key_given_twice_on_the_command_line_takes_the_last_and_says_so(capsys):
+    """`--train.lr=1e-4 ... --train.lr=2e-4` trained at 2e-4 without a word. The last still stands (a base command
+    line, then a case's own: the tests and benchmarks/quality.py write them so), and the line says which."""
+    cfg, _ = parse_args([TINY, "--train.lr=1e-4", "--resume", "--train.steps=3", "--train.lr=2e-4"], "usage")
+    assert (cfg.train.lr, cfg.train.steps) == (2e-4, 3)
+    assert capsys.readouterr().out == ("--train.lr is given 2 times: the last, --train.lr=2e-4, stands (not "
+                                       "--train.lr=1e-4)\n")
+    parse_args([TINY, "--train.lr=1e-4", "--train.lr=1e-4", "--lora.r=4"], "usage")  # the same value: nothing to say
+    assert capsys.readouterr().out == ""
+
+
 def test_a_recipe_runs_as_python_runs_a_script(tmp_path):
     """A dataclass of its own under `from __future__ import annotations` (dataclasses looks the module up in
     sys.modules: 'NoneType' object has no attribute '__dict__') and a module beside it (ModuleNotFoundError)."""

@@ -250,11 +250,22 @@ def _parse_list(raw: str, key: str) -> list[str]:
 
 
 def split_args(argv: list[str], usage: str) -> tuple[str, list[str], list[str]]:
-    """Split argv into the recipe path, flags (--resume, ...) and overrides (--section.key=value)."""
+    """Split argv into the recipe path, flags (--resume, ...) and overrides (--section.key=value). A key given twice
+    with other values takes the last, as a base command line followed by a case's own is written (`$BASE
+    --train.lr=2e-4`), and says so: it took it without a word, and a key repeated by mistake trained the run at a
+    value the user did not see."""
     if not argv or argv[0].startswith("-"):
         raise ConfigError(f"no recipe given: {usage}")
     flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
-    return argv[0], flags, [a for a in argv[1:] if a not in flags]
+    overrides = [a for a in argv[1:] if a not in flags]
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        if item.startswith("--"):  # anything else apply_overrides refuses
+            given.setdefault(override_key(item), []).append(item)
+    for key, items in given.items():
+        if len(set(items)) > 1:
+            print(f"--{key} is given {len(items)} times: the last, {items[-1]}, stands (not {', '.join(items[:-1])})")
+    return argv[0], flags, overrides
 
 
 def parse_args(argv: list[str], usage: str) -> tuple[Config, list[str]]:
