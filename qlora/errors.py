@@ -90,6 +90,13 @@ def interrupting_signal(err: BaseException) -> int | None:
     return signal.SIGINT if isinstance(err, KeyboardInterrupt) else None  # Ctrl-C under Python's own handler
 
 
+def came_of_a_signal() -> bool:
+    """Whether a KeyboardInterrupt being handled now came of a signal. Every command's handler records the signal as
+    it raises (qlora/cli.py), so one with none recorded was raised by code (a recipe's `raise KeyboardInterrupt`).
+    Under Python's own handler (a command called in-process) the two look alike: taken for a signal."""
+    return Session.signal is not None or signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def exit_status(err: BaseException) -> tuple[int, str] | None:
     """The exit status and the line for an error that ends a command, or None for a bug (show the traceback)."""
     signum = interrupting_signal(err)

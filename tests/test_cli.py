@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,26 @@ def test_config_command_prints_the_resolved_recipe() -> None:
     proc = command("qlora.config", "recipes/tiny.py", "--train.lr=1e-3")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["train"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize(("code", "status", "line"), [
+    ("raise KeyboardInterrupt", 2, r"error: RECIPE:3: the recipe raised KeyboardInterrupt\(\), not a Ctrl-C: a "
+                                   r"recipe only builds `config`"),
+    ("class Stop(KeyboardInterrupt):\n    pass\nraise Stop('done')", 2,
+     r"error: RECIPE:5: the recipe raised Stop\('done'\), not a Ctrl-C: a recipe only builds `config`"),
+    ("sys.exit('no GPU here')", 2, r"error: RECIPE:3: the recipe called exit\('no GPU here'\): a recipe only "
+                                   r"builds `config`"),
+    ("class Done(BaseException):\n    pass\nraise Done('x')", 2, r"error: RECIPE:5: Done: x"),
+    ("os.kill(os.getpid(), signal.SIGINT)", 130, r"stopped by SIGINT"),  # a Ctrl-C while it runs: still one
+], ids=["KeyboardInterrupt", "its subclass", "exit with a message", "BaseException subclass", "a real Ctrl-C"])
+def test_a_recipe_that_raises_an_interrupt_is_named_not_taken_for_ctrl_c(tmp_path, code, status, line) -> None:
+    """A recipe that raised KeyboardInterrupt (or a subclass) was reported as the user's Ctrl-C: 'stopped by SIGINT',
+    exit 130, no word of the recipe."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(f"import os, signal, sys\n\n{code}\n")
+    proc = command("qlora.config", str(recipe))
+    assert proc.returncode == status and proc.stdout == "", proc.stderr
+    assert re.fullmatch(line.replace("RECIPE", re.escape(str(recipe))) + "\n", proc.stderr), proc.stderr
 
 
 def test_config_command_says_a_plan_chooses_the_levers_at_start() -> None:

@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 
 from qlora.config.config import Config, check_all
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, came_of_a_signal
 
 # Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
 ALIASES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
@@ -102,9 +102,13 @@ def load_recipe(path: str | Path) -> Config:
     except SystemExit as err:  # sys.exit() in a recipe: a recipe describes a run, it does not end the command
         raise ConfigError(f"{_recipe_line(path, err)}: the recipe called exit({_shown(err.code)}): a recipe only "
                           "builds `config`") from None
-    # Ctrl-C or SIGTERM while it runs, or its print() to a stdout whose reader left (`| head`): the command's to end
-    except (KeyboardInterrupt, BrokenPipeError):
+    except BrokenPipeError:  # its print() to a stdout whose reader left (`| head`): the command's to end
         raise
+    except KeyboardInterrupt as err:
+        if came_of_a_signal():  # Ctrl-C or SIGTERM while it ran: the command's to end
+            raise
+        raise ConfigError(f"{_recipe_line(path, err)}: the recipe raised {_shown(err)}, not a Ctrl-C: a recipe only "
+                          "builds `config`") from None
     except BaseException as err:  # a failed check, a NameError, an unknown keyword...: the recipe's line
         raise ConfigError(f"{_recipe_line(path, err)}: {_recipe_error(err)}") from err
     finally:
