@@ -338,6 +338,30 @@ def test_a_full_disk_under_a_runs_own_files_names_each(tiny_config, tmp_path, mo
         == ["memory.json"]  # the earlier file whole, nothing half-written beside it
 
 
+def test_a_full_disk_halfway_through_a_runs_own_file_leaves_no_half_copy(tiny_config, tmp_path, monkeypatch):
+    """run_config.json and metrics.jsonl are written aside and renamed, as qlora.eval's --json and memory.json are
+    (partial.write_aside): a disk that filled halfway left the half copy, .tmp-run_config.json or .tmp-metrics.jsonl,
+    taking its space until the next start removed it."""
+    run = tmp_path / "run"
+    write_text, write_bytes = Path.write_text, Path.write_bytes
+
+    def half(self: Path, data: str | bytes) -> None:  # the disk fills halfway through the file
+        (write_bytes if isinstance(data, bytes) else write_text)(self, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
+        patched.setattr(Path, "write_text", half)
+        start_run(run, tiny_config, False, ())
+    assert caught.value.filename == str(run / "run_config.json")
+    (run / "metrics.jsonl").write_bytes(b'{"step": 0}\n')
+    with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
+        patched.setattr(Path, "write_bytes", half)
+        MetricsLog(run / "metrics.jsonl", b'{"step": 0}\n{"step": 1}\n')
+    assert caught.value.filename == str(run / "metrics.jsonl")
+    assert sorted(p.name for p in run.iterdir()) == [".qlora.lock", "metrics.jsonl"]
+    assert (run / "metrics.jsonl").read_bytes() == b'{"step": 0}\n'  # the earlier file whole
+
+
 def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_path, monkeypatch):
     """A power cut keeps a checkpoint (flushed before its rename) but may lose what was written and not flushed: the
     last lines of metrics.jsonl, which the checkpoint counts (--resume then refuses the file as cut short), and a fresh

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from qlora.errors import ConfigError
-from qlora.partial import name_output
+from qlora.partial import name_output, write_aside
 
 
 def finite_or_null(value: object) -> object:
@@ -82,17 +81,6 @@ def check_kept(path: Path, keep_bytes: int, ended: int = 0, ended_line: str = ""
     return kept
 
 
-def _replace(path: Path, data: bytes) -> None:
-    """Write `path` whole, in one rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        tmp.write_bytes(data)
-    except OSError as err:
-        name_output(err, tmp, path)
-        raise
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step and eval, non-finite numbers as null. Each checkpoint records the
     file's length when it was saved; resuming from it cuts the file back to that length, dropping what was logged after
@@ -103,12 +91,15 @@ class MetricsLog:
         goes too (the last step of a shorter run). It goes with the first row written in its place, not before: until
         then checkpoint-`unlogged` counts it."""
         self.path, self.enabled, self.cut = path, write, None  # only rank 0 of several processes writes
+        # Rewritten whole in one rename: a kill leaves the old file or the new one, and `.tmp-metrics.jsonl`, which
+        # the next start removes (qlora/training/rundir.py's LEFTOVER).
+        self.hidden = f".tmp-{path.name}"
         if not write:
             return
         start = _last_line_start(kept)
         if unlogged is not None and _is_training_line(kept[start:], unlogged):
             self.cut = start
-        _replace(path, kept)
+        write_aside(path, kept, self.hidden)
 
     def write(self, record: dict) -> str:
         """Append `record` as a line; the line (written by rank 0 only)."""
@@ -117,7 +108,7 @@ class MetricsLog:
             return text
         line = text.encode()
         if self.cut is not None:  # the line to drop and the first row after it: one rename, never the one alone
-            _replace(self.path, self.path.read_bytes()[:self.cut] + line)
+            write_aside(self.path, self.path.read_bytes()[:self.cut] + line, self.hidden)
             self.cut = None
             return text
         try:

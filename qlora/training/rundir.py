@@ -27,7 +27,7 @@ from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
 from qlora.errors import ROOM_FIX, ConfigError, check_writable
-from qlora.partial import name_output
+from qlora.partial import name_output, write_aside
 from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 from qlora.training.runconfig import check_identity
 
@@ -237,13 +237,7 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
             for path in run_dir.iterdir():
                 if LEFTOVER.match(path.name):  # a link is removed, never what it points at
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            tmp = run_dir / f".tmp-{RUN_CONFIG}"
-            try:
-                tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-            except OSError as err:
-                name_output(err, tmp, run_dir / RUN_CONFIG)
-                raise
-            os.replace(tmp, run_dir / RUN_CONFIG)
+            write_aside(run_dir / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n", hidden=f".tmp-{RUN_CONFIG}")
     except OSError as err:
         unlock(run_dir)
         if err.errno in ROOM_FIX:
