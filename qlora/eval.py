@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qlora.cli import run
 from qlora.commands import eval_parser
-from qlora.config import DataConfig
+from qlora.config import Config, DataConfig
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows, rows_sha256
 from qlora.data.labels import check_rows, detect_format, load_splits, tokenize_rows
@@ -39,23 +39,24 @@ from qlora.training.step import announce_evaluation, evaluate
 RESULT_KEYS = {"eval_loss", "eval_ppl", "eval_exact_match", "data", "rows"}
 
 
-def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None) -> dict:
-    """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`."""
+def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = None, cfg: Config | None = None) -> dict:
+    """Held-out loss, perplexity and exact match of a finished run, on its own held-out split or on `data`. `cfg`:
+    its run_config.json as read_run_config read it already."""
     run_dir = Path(run_dir)
     # The rows are read, and the run's own checked to be the run's, before the model loads: a missing, malformed or
     # changed file is named first. Without data.eval the held-out split is carved from data.train's rows.
     if data is not None:
         source, key, counted = data, "--data", False
         rows = read_rows(source, key)
-        ran = read_run_config(run_dir).data
-    else:
-        ran = read_run_config(run_dir).data
+    cfg = cfg or read_run_config(run_dir)
+    ran = cfg.data
+    if data is None:
         source, key = ran.eval or ran.train, "data.eval" if ran.eval else "data.train"
         rows = read_rows(source, f"{key} in {run_dir / RUN_CONFIG}, or give --data FILE")
         counted = not same_held_out(run_dir, ran, source, rows)
     fmt = detect_format(rows, source, key) if ran.format == "auto" else ran.format
     check_rows(rows, fmt)
-    cfg, model, tokenizer, dev = load_run(run_dir, device)
+    cfg, model, tokenizer, dev = load_run(run_dir, device, cfg=cfg)
     if data is None and not cfg.data.eval:  # the split training held out: the same seeded carve-out
         train, examples = load_splits(cfg.data, tokenizer, cfg.train.seed, (fmt, rows, None))
         counts = [len(pack_examples(train, cfg.data.max_seq_len)) if cfg.data.pack else len(train), len(examples)]
@@ -118,11 +119,11 @@ def is_result(path: Path) -> bool:
     return isinstance(found, dict) and RESULT_KEYS <= found.keys()
 
 
-def check_json_path(path: Path, run_dir: Path, data: str | None) -> None:
-    """Refuse (exit 2) a --json that would overwrite the run's own files or the data the evaluation reads."""
+def check_json_path(path: Path, run_dir: Path, data: str | None, cfg: Config) -> None:
+    """Refuse (exit 2) a --json that would overwrite the run's own files (of the run `cfg` read from `run_dir`) or the
+    data the evaluation reads."""
     check_writable(path, "--json")
     fix = f"choose another path, e.g. {Path(run_dir) / 'eval.json'}"
-    cfg = read_run_config(Path(run_dir))
     for source in (data, cfg.data.train, cfg.data.eval):
         if source and path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise ConfigError(f"--json={path} is the data file {source}: writing it would destroy the data; {fix}")
@@ -139,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = eval_parser().parse_args(argv)
+    cfg = read_run_config(args.run_dir)  # once: the run --json is checked against is the run evaluated
     if args.json:
-        check_json_path(args.json, args.run_dir, args.data)
+        check_json_path(args.json, args.run_dir, args.data, cfg)
     quiet_libraries()
-    result = evaluate_run(args.run_dir, args.data, args.device)
+    result = evaluate_run(args.run_dir, args.data, args.device, cfg)
     capped = f" of {result['rows']} (capped by train.eval_batches)" if result["eval_rows"] < result["rows"] else ""
     print(f"{result['data']}: {result['eval_rows']} rows{capped}")
     print(f"held-out loss {result['eval_loss']:.4f} | perplexity {result['eval_ppl']:.3f} | "

@@ -121,8 +121,9 @@ def _main(argv: list[str]) -> int:
         parser.error("no --prompt, and stdin is closed: give --prompt TEXT, or pipe prompts to stdin")
     # stdout holds the generated text alone (`--prompt ... > out.txt`): what loading says goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
-        fmt = args.format or trained_format(read_run_config(args.run_dir).data)
-        _, model, tokenizer, _ = load_run(args.run_dir, args.device)
+        cfg = read_run_config(args.run_dir)
+        fmt = args.format or trained_format(cfg.data)
+        _, model, tokenizer, _ = load_run(args.run_dir, args.device, cfg=cfg)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and args.max_new_tokens > context:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} exceeds the model's context of {context} tokens "

@@ -340,6 +340,22 @@ def test_generate_still_answers(cli, finished):
     assert result.status == 0, result.stderr
 
 
+@pytest.mark.parametrize(("module", "args"), [("qlora.generate", ["--prompt=dog", "--max-new-tokens=1"]),
+                                              ("qlora.eval", []), ("qlora.eval", ["--json={tmp}/eval.json"])])
+def test_eval_and_generate_read_the_run_config_once(cli, finished, tmp_path, module, args):
+    """Each read the run's run_config.json, and its newest checkpoint's record of it, twice (generate for the data's
+    format, eval for its rows and --json once more), then again to load: what was checked and what loaded could be two
+    files, a run extended in between."""
+    reads = tmp_path / "reads"
+    count = ("import qlora.training.assemble as assemble\nread = assemble.read_config_json\n"
+             f"def counted(path):\n    open({str(reads)!r}, 'a').write(f'{{path}}\\n')\n    return read(path)\n"
+             "assemble.read_config_json = counted\n")
+    result = cli.run([str(finished), *(a.replace("{tmp}", str(tmp_path)) for a in args)], module=module,
+                     prelude=count)
+    assert result.status == 0, result.stderr
+    assert reads.read_text() == f"{finished / 'run_config.json'}\n"
+
+
 def test_a_prompt_is_rendered_as_the_rows_the_run_trained_on(tmp_path, capsys):
     """Every prompt was wrapped in the chat template where the tokenizer has one: a run trained on text rows, or on
     instruction rows (the Alpaca prompt), was prompted in a form it never trained on."""

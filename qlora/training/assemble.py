@@ -210,14 +210,16 @@ def read_run_adapter_config(run_dir: Path, cfg: Config) -> dict:
 
 
 def load_run(run_dir: Path, device: str | None = None, compute: str | None = None, method: str | None = None,
-             base_path: str | None = None) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
+             base_path: str | None = None, cfg: Config | None = None,
+             ) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
     """Rebuild a run's trained model in eval mode: its base as it trained (NF4 for qlora), adapters loaded.
 
     `device`, `compute` (a quant.compute_dtype), `method` (qlora or lora: the same adapter on a 4-bit or a 16-bit
-    base) and `base_path` (another copy of the base) override the run's own settings.
+    base) and `base_path` (another copy of the base) override the run's own settings. `cfg`: the run's config as
+    read_run_config read it already (what the caller checked is what loads), changed here as those say.
     """
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg = cfg or read_run_config(run_dir)
     asked = "--device=cuda" if device else f"{run_dir} trained with train.device=cuda,"
     dev = resolve_device(device or cfg.train.device, asked, "pass --device=cpu (or auto)")  # before any loading
     if device is not None:
