@@ -54,7 +54,7 @@ def evaluate_run(run_dir: Path, data: str | None = None, device: str | None = No
         source, key = ran.eval or ran.train, "data.eval" if ran.eval else "data.train"
         rows = read_rows(source, f"{key} in {run_dir / RUN_CONFIG}, or give --data FILE")
         counted = not same_held_out(run_dir, ran, source, rows)
-    fmt = detect_format(rows, source, key) if ran.format == "auto" else ran.format
+    fmt = detect_format(rows, source) if ran.format == "auto" else ran.format
     check_rows(rows, fmt)
     cfg, model, tokenizer, dev = load_run(run_dir, device, cfg=cfg)
     if data is None and not cfg.data.eval:  # the split training held out: the same seeded carve-out

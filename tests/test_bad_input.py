@@ -467,7 +467,7 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
                                     r"delete that row"),
     ("--data.eval={d}/turn.jsonl", r"turn.jsonl:1: each message needs a role .* message 2 \(assistant\) has no "
                                    r"content"),
-    ("--data.eval={d}/blank.jsonl", r"blank.jsonl holds no rows: add data or point data.eval at another file"),
+    ("--data.eval={d}/blank.jsonl", r"blank.jsonl holds no rows: add data, or check data.eval$"),
     ("--data.train={d}/wrapped.json", r"wrapped.json is one JSON object holding its rows under 'data': write them as "
                                       r"the file's top-level array, or one object per line \(.jsonl\)"),
     ("--data.train={d}/rows.jsonl.gz", r"rows.jsonl.gz is compressed: gunzip it and point data.train at the file it "

@@ -201,7 +201,7 @@ CASES = [
     ("eval: --data missing", "qlora.eval", ["{run}", "--data={tmp}/none.jsonl"], noop, r"data file .*none.jsonl not "
                                                                                        r"found"),
     ("eval: --data empty", "qlora.eval", ["{run}", "--data={tmp}/empty.jsonl"], a_file("empty.jsonl", ""),
-     r"empty.jsonl holds no rows: add data or point --data at another file"),
+     r"empty.jsonl holds no rows: add data, or check --data$"),
     ("eval: bad --device", "qlora.eval", ["{run}", "--device=tpu"], noop,
      r"argument --device: invalid choice: 'tpu' .*\(usage: python -m qlora.eval "),
     ("eval: no arguments", "qlora.eval", [], noop, r"the following arguments are required: run_dir \(usage: "),

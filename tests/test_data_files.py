@@ -46,6 +46,16 @@ def test_csv_gives_the_instruction_rows_it_was_written_from(tmp_path: Path) -> N
     assert read_rows(str(path)) == rows
 
 
+@pytest.mark.parametrize("content", ["", "\n \n"], ids=["empty", "blank lines"])
+def test_a_file_of_no_rows_is_refused_as_it_is_read(tmp_path: Path, content: str) -> None:
+    """Each reader refused an empty file itself, or none did: read_splits and detect_format named the key, tokenising
+    ('data.train / data.eval' for qlora.eval --data of a run whose data.format is set, once its model had loaded) and
+    the export's held-out check nothing."""
+    (tmp_path / "held.jsonl").write_text(content)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'held.jsonl'} holds no rows: add data, or check --data$"):
+        read_rows(str(tmp_path / "held.jsonl"), "--data")
+
+
 def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "train.parquet"
     path.write_bytes(b"PAR1 not really")

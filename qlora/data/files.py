@@ -26,8 +26,15 @@ class Rows(list):
 
 
 def read_rows(source: str, key: str = "data.train / data.eval") -> Rows:
-    """Rows of a local file, or of a hub dataset's train split when `source` is no local path; `key` is the setting
-    or flag that named it, for the message when it is not there."""
+    """Rows of a local file, or of a hub dataset's train split when `source` is no local path, refused where it holds
+    none; `key` is the setting or flag that named it, for the message when it is not there or empty."""
+    rows = _read(source, key)
+    if not rows:
+        raise ConfigError(f"{source} holds no rows: add data, or check {key}")
+    return rows
+
+
+def _read(source: str, key: str) -> Rows:
     path = Path(source).expanduser()
     suffix = path.suffix.lower()  # train.JSONL too
     if suffix in LOADERS or not looks_like_hub_id(source):

@@ -31,10 +31,9 @@ def format_of(row: dict) -> str | None:
     return next((fmt for fmt, fields in FORMAT_FIELDS.items() if all(f in row for f in fields)), None)
 
 
-def detect_format(rows: list[dict], source: str, key: str = "data.train") -> str:
-    """The format of `rows` (read from `source`, which the setting or flag `key` names), from its first row's fields."""
-    if not rows:
-        raise ConfigError(f"{source} holds no rows: add data or point {key} at another file")
+def detect_format(rows: list[dict], source: str) -> str:
+    """The format of `rows` (read from `source` by read_rows, which refuses a file of none), from its first row's
+    fields."""
     if fmt := format_of(rows[0]):
         return fmt
     wrapped = [k for k, v in rows[0].items() if len(rows) == 1 and isinstance(v, list) and v and
@@ -218,8 +217,6 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
     (`longest_token`). Text beyond that lies past max_seq_len tokens, where the row is truncated anyway, assuming (as
     for every BPE or SentencePiece tokenizer) that where a field ends changes only the tokens of its last word.
     """
-    if not rows:
-        raise ConfigError(f"{source} holds no rows: add data or point data.train / data.eval at another file")
     limit = (max_seq_len + 1) * longest_token(tokenizer)
     examples, dropped = [], []
     places = getattr(rows, "places", None) or [f"{source}: row {n}" for n in range(1, len(rows) + 1)]
@@ -245,9 +242,6 @@ def read_splits(cfg: DataConfig) -> tuple[str, list[dict], list[dict] | None]:
     before it loads a base, so that a missing file or a bad line costs no load of minutes."""
     splits = [(source, key, read_rows(source, key)) for source, key in ((cfg.train, "data.train"),
                                                                         (cfg.eval, "data.eval")) if source]
-    for source, key, rows in splits:
-        if not rows:
-            raise ConfigError(f"{source} holds no rows: add data or point {key} at another file")
     fmt = detect_format(splits[0][2], cfg.train) if cfg.format == "auto" else cfg.format
     for _, _, rows in splits:
         check_rows(rows, fmt)
