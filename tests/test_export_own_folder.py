@@ -19,9 +19,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from qlora.base.build import CHATML
+from qlora.base.convert import special_tokens_as_written
 from qlora.config import apply_overrides, load_recipe
 from qlora.export.check import check_export, read_back
 from qlora.export.gguf_file import export
@@ -178,6 +179,28 @@ def test_the_tokenizer_is_written_as_llama_cpp_reads_it(run: Path, tmp_path: Pat
     assert {types[i] for i in tokenizer.added_tokens_decoder} == {gguf.TokenType.CONTROL}
     assert set(types[len(tokenizer):]) <= {gguf.TokenType.UNUSED}
     assert value["tokenizer.chat_template"] == tokenizer.chat_template
+
+
+def test_the_read_back_adds_and_ends_as_the_file_says(run: Path, tmp_path: Path) -> None:
+    """The read-back's bos and eos are the file's ids, and it adds bos and eos where the file says llama.cpp does. Here
+    from a tokenizer read as transformers 5.17 (the GPU image's) reads it: neither flag, and the bos token for eos
+    too, which put a Llama 3 file's text to the check without its bos; 5.25 reads all four."""
+    out = tmp_path / "model.gguf"
+    export(run, out, "f16", "cpu")
+    reader = gguf.GGUFReader(out)
+    value = {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.ggml.")}
+    tokenizer = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    tokenizer.add_bos_token = tokenizer.add_eos_token = False
+    if tokenizer.bos_token is not None:
+        tokenizer.eos_token = tokenizer.bos_token
+    special_tokens_as_written(tokenizer, reader)
+    assert tokenizer.bos_token_id == value.get("tokenizer.ggml.bos_token_id")
+    assert tokenizer.eos_token_id == value["tokenizer.ggml.eos_token_id"]
+    ids = tokenizer.encode("reverse: sun bird dog")
+    plain = tokenizer.encode("reverse: sun bird dog", add_special_tokens=False)
+    bos, eos = value.get("tokenizer.ggml.add_bos_token", False), value.get("tokenizer.ggml.add_eos_token", False)
+    assert ids == [tokenizer.bos_token_id] * bos + plain + [tokenizer.eos_token_id] * eos
+    assert bos == (reader.fields["general.architecture"].contents() != "qwen2")  # Llama 3's post-processor adds it
 
 
 def test_only_the_very_split_is_named() -> None:

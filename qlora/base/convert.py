@@ -133,15 +133,17 @@ def parsed_once(path: Path) -> Iterator[gguf.GGUFReader]:
 
 def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """A GGUF file's tokenizer and (dequantised) model as transformers' own GGUF loader reads them, corrected where
-    that loader drops what llama.cpp runs (what_transformers_drops). The metadata is parsed for the config once and
-    given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token vocabulary and 48,900 merges);
-    gguf's name map is built once (name_map_built_once), and the file parsed once (parsed_once)."""
+    that loader drops what llama.cpp runs (what_transformers_drops, special_tokens_as_written). The metadata is parsed
+    for the config once and given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token
+    vocabulary and 48,900 merges); gguf's name map is built once (name_map_built_once), and the file parsed once
+    (parsed_once)."""
     with parsed_once(path) as reader:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         biases, inv_freq = what_transformers_drops(reader)
         for flag in biases:
             setattr(config, flag, True)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
+        special_tokens_as_written(tokenizer, reader)
         with name_map_built_once():
             # PyTorch's own layers (export's read-back compares logits): transformers 5.25 would look for hub kernels
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
@@ -152,6 +154,27 @@ def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBa
                 module.inv_freq.copy_(inv_freq)
                 module.original_inv_freq.copy_(inv_freq)
     return tokenizer, model
+
+
+# The fields llama.cpp takes its bos and eos from, and whether it adds them to a text (llama-vocab.cpp), by the
+# tokenizer's attribute each sets.
+SPECIAL_TOKEN_FIELDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id"}
+ADD_TOKEN_FIELDS = {"add_bos_token": "tokenizer.ggml.add_bos_token", "add_eos_token": "tokenizer.ggml.add_eos_token"}
+
+
+def special_tokens_as_written(tokenizer: PreTrainedTokenizerBase, reader: gguf.GGUFReader) -> None:
+    """The tokenizer's bos and eos, and whether it adds them, set to the file's where transformers read them
+    otherwise. transformers 5.17 (the GPU image's) reads neither flag and takes the bos token for eos too: a Llama 3
+    file, whose bos llama.cpp adds, read back without it, and the export's check refused every such file as split
+    into other tokens than the trained ones. 5.25 reads all four, and this changes nothing there."""
+    for name, key in SPECIAL_TOKEN_FIELDS.items():
+        if key in reader.fields:
+            token = tokenizer.convert_ids_to_tokens(int(reader.fields[key].contents()))
+            if getattr(tokenizer, name) != token:
+                setattr(tokenizer, name, token)
+    for name, key in ADD_TOKEN_FIELDS.items():
+        if key in reader.fields and getattr(tokenizer, name) != bool(reader.fields[key].contents()):
+            setattr(tokenizer, name, bool(reader.fields[key].contents()))  # its setter rebuilds the post-processor
 
 
 # A Llama file's optional biases, by the tensor that shows them and the config flag that gives the model their slots.
