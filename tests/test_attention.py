@@ -6,6 +6,7 @@ cuDNN version): CI has no GPU, and torch's rule is read off its source (sdp_util
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 
@@ -225,6 +226,9 @@ def test_a_window_attends_block_by_block_as_the_dense_mask_does(window: int, row
     b, t, scale = len(rows), positions.shape[1], 32 ** -0.5
     weights = torch.randn(b, t, heads, 32, generator=torch.Generator().manual_seed(1))
     config = AutoConfig.for_model("mistral", sliding_window=window)
+    # transformers 5.17 (the GPU image's) names the cache past_key_values, 5.25 cache (the old name deprecated)
+    no_cache = {"cache" if "cache" in inspect.signature(create_sliding_window_causal_mask).parameters
+                else "past_key_values": None}
     results, saved = {}, []
     for name in ("blocks", "sdpa", "eager"):
         for x in (q, k, v):
@@ -236,7 +240,7 @@ def test_a_window_attends_block_by_block_as_the_dense_mask_does(window: int, row
         else:
             config._attn_implementation = name
             mask = create_sliding_window_causal_mask(config=config, inputs_embeds=torch.zeros(b, t, 8),
-                                                     attention_mask=None, cache=None, position_ids=positions)
+                                                     attention_mask=None, position_ids=positions, **no_cache)
             forward = sdpa_attention_forward if name == "sdpa" else eager_attention_forward
             out, _ = forward(module, q, k, v, mask, scaling=scale, dropout=0.0)
         (out * weights).sum().backward()
