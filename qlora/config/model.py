@@ -51,7 +51,9 @@ class ModelConfig(*FIELDS["model"]):
     """Attention kernel passed to transformers: sdpa (default), eager or flash_attention_2."""
     sdpa_backend: str = "auto"
     """SDPA's kernel on CUDA: auto (torch's choice: cuDNN's on H100/H200/B200, FlashAttention-2 on other cards), flash
-    or cudnn. Their backward needs different buffers; the estimate counts the one that runs."""
+    or cudnn. Their backward needs different buffers; the estimate counts the one that runs. Whatever it says, packed
+    rows run FlashAttention-2, and a sliding window shorter than the rows the memory-efficient kernel (its blocks carry
+    a mask)."""
 
     def __post_init__(self) -> None:
         check_types(self)
