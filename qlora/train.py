@@ -287,8 +287,6 @@ def _main(argv: list[str]) -> None:
 
 
 def _flag_error(flag: str) -> str:
-    if "." in flag:
-        return f"{flag} has no value: write {flag}=VALUE"
     close = difflib.get_close_matches(flag, FLAGS, 1, 0.5)
     return f"unknown flag {flag}: {f'did you mean {close[0]}? ' if close else ''}{USAGE}"
 

@@ -131,6 +131,17 @@ def test_parse_args_separates_flags_from_overrides():
         parse_args(["--train.steps=2"], "usage")
 
 
+@pytest.mark.parametrize("module", ["qlora.config.__main__", "qlora.report.memory"])
+def test_a_key_without_its_value_is_named_so_by_every_command_that_reads_a_recipe(capsys, module):
+    """`qlora.config RECIPE --train.lr` (or `--train.lr 1e-4`, the value a word of its own) said 'unknown flag
+    --train.lr', as did qlora.memory and qlora.report.measure, sending the user to look for a flag; qlora.train said
+    what was wrong. split_args, which they all read the command line with, says it."""
+    main = __import__(module, fromlist=["main"]).main
+    for argv in ([TINY, "--train.lr"], [TINY, "--train.lr", "1e-4"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == "error: --train.lr has no value: write --train.lr=VALUE\n"
+
+
 def test_a_key_given_twice_on_the_command_line_takes_the_last_and_says_so(capsys):
     """`--train.lr=1e-4 ... --train.lr=2e-4` trained at 2e-4 without a word. The last still stands (a base command
     line, then a case's own: the tests and benchmarks/quality.py write them so), and the line says which."""

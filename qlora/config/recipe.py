@@ -261,6 +261,9 @@ def split_args(argv: list[str], usage: str) -> tuple[str, list[str], list[str]]:
     if not argv or argv[0].startswith("-"):
         raise ConfigError(f"no recipe given: {usage}")
     flags = [a for a in argv[1:] if a.startswith("--") and "=" not in a]
+    for flag in flags:  # a key, not a flag: no command has a flag with a dot
+        if "." in flag:
+            raise ConfigError(f"{flag} has no value: write {flag}=VALUE")
     overrides = [a for a in argv[1:] if a not in flags]
     given: dict[str, list[str]] = {}
     for item in overrides:
