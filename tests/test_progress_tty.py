@@ -98,7 +98,7 @@ def test_a_run_resumed_after_its_last_step_announces_no_training(tiny_config, ca
     """Stopped during its final evaluation and resumed, a run said `training 0 steps of 8 rows ...` before it."""
     ranks = types.SimpleNamespace(main=True, several=False, size=1)
     for step, said in ((0, "training 300 steps of 8 rows ...\n"), (120, "training 180 steps of 8 rows ...\n"),
-                       (300, "")):
+                       (299, "training 1 step of 8 rows ...\n"), (300, "")):
         tiny_config.train.steps = 300
         progress.progress_bar(tiny_config, step, ranks).close()
         assert capsys.readouterr().out == said

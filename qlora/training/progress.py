@@ -108,7 +108,8 @@ def progress_bar(cfg: Config, step: int, ranks: distributed.Ranks) -> tqdm:
     bar = tqdm(total=t.steps, initial=step, desc=desc, dynamic_ncols=True,
                disable=not (ranks.main and draws_bars(sys.stderr, widest_meter(t.steps, desc))))
     if bar.disable and step < t.steps:  # resumed after its last step (stopped in the final evaluation): none
-        announce(f"training {t.steps - step} steps of {t.batch_size * t.grad_accum * ranks.size} rows")
+        left, rows = t.steps - step, t.batch_size * t.grad_accum * ranks.size
+        announce(f"training {left} step{'s' * (left != 1)} of {rows} row{'s' * (rows != 1)}")
     return bar
 
 
