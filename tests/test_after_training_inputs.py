@@ -95,7 +95,7 @@ def test_a_directory_that_appears_at_out_while_merging_is_left_as_it_is(run, tmp
     file: tests/test_export.py)."""
     merged = tmp_path / "merged"
 
-    def other_merge(run_dir: Path, tmp: Path) -> dict:
+    def other_merge(run_dir: Path, tmp: Path, cfg: object) -> dict:
         merged.mkdir()
         (merged / "model.safetensors").write_text("the other merge's\n")
         return {}

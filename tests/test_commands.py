@@ -341,11 +341,14 @@ def test_generate_still_answers(cli, finished):
 
 
 @pytest.mark.parametrize(("module", "args"), [("qlora.generate", ["--prompt=dog", "--max-new-tokens=1"]),
-                                              ("qlora.eval", []), ("qlora.eval", ["--json={tmp}/eval.json"])])
-def test_eval_and_generate_read_the_run_config_once(cli, finished, tmp_path, module, args):
+                                              ("qlora.eval", []), ("qlora.eval", ["--json={tmp}/eval.json"]),
+                                              ("qlora.merge", ["--out={tmp}/m"]),
+                                              ("qlora.merge", ["--out={tmp}/m", "--skip-check"])])
+def test_eval_generate_and_merge_read_the_run_config_once(cli, finished, tmp_path, module, args):
     """Each read the run's run_config.json, and its newest checkpoint's record of it, twice (generate for the data's
-    format, eval for its rows and --json once more), then again to load: what was checked and what loaded could be two
-    files, a run extended in between."""
+    format, eval for its rows and --json once more), then again to load; merge four times (before --out, for what it
+    folds, for its check and the check's reference). What was checked and what loaded could be two files, a run
+    extended in between. (qlora.export: tests/test_export.py, on a run whose tokenizer it can write.)"""
     reads = tmp_path / "reads"
     count = ("import qlora.training.assemble as assemble\nread = assemble.read_config_json\n"
              f"def counted(path):\n    open({str(reads)!r}, 'a').write(f'{{path}}\\n')\n    return read(path)\n"

@@ -24,8 +24,10 @@ from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
 from qlora.data.labels import load_splits
 from qlora.errors import ConfigError, Stop
+from qlora.export import __main__ as export_command
 from qlora.export.check import BOUNDS, check_export, check_template, divergence, outside_bound, read_back
 from qlora.export.gguf_file import export
+from qlora.training import assemble
 from qlora.training.assemble import load_run
 from qlora.training.checkpoint import RUN_CONFIG
 
@@ -107,6 +109,17 @@ def test_a_file_that_takes_the_name_meanwhile_is_not_overwritten(run: Path, tmp_
     with pytest.raises(ConfigError, match=r"--gguf=.*x.gguf appeared while this command wrote it"):
         export(run, out, "f16", "cpu", another_export)
     assert [p.name for p in tmp_path.iterdir()] == ["x.gguf"] and out.read_text() == "the other export's\n"
+
+
+def test_the_command_reads_the_run_config_once(run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """It read the run's run_config.json, and its newest checkpoint's record of it, three times (as it started, for
+    what it folds, for the check's reference): what was checked and what was exported could be two files, a run
+    extended in between."""
+    reads = []
+    read = assemble.read_config_json
+    monkeypatch.setattr(assemble, "read_config_json", lambda path: reads.append(path) or read(path))
+    assert export_command.main([str(run), f"--gguf={tmp_path / 'm.gguf'}", "--type=q8_0", "--rows=1"]) == 0
+    assert reads == [run / RUN_CONFIG]
 
 
 @pytest.fixture(scope="module")

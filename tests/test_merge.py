@@ -5,6 +5,7 @@ One short qlora run of the tiny recipe is trained once for the module; every tes
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import re
@@ -132,6 +133,18 @@ def test_merge_onto_16bit_weights_equals_loralinear_merge(run: dict, tmp_path: P
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
     merged = logits(plain_model(tmp_path / "m"), tokenizer)
     torch.testing.assert_close(merged, unmerged, rtol=0, atol=FP32_REL_TOL * unmerged.abs().max())
+
+
+def test_load_run_leaves_the_config_it_is_handed_as_read(run: dict) -> None:
+    """A merge's check loads the run twice from the one run_config.json it read (--base-16bit: on the 16-bit base,
+    then on the 4-bit one): the first load's --base-16bit path and quantize_lm_head=false stayed in it for the
+    second."""
+    cfg = read_run_config(run["dir"])
+    cfg.quant.quantize_lm_head = True
+    handed = copy.deepcopy(cfg)
+    loaded = load_run(run["dir"], "cpu", "fp32", method="lora", base_path=cfg.model.path, cfg=cfg)[0]
+    assert cfg == handed and cfg.model.build is not None
+    assert (loaded.quant.method, loaded.quant.quantize_lm_head, loaded.model.build) == ("lora", False, None)
 
 
 def test_round_stochastic_is_unbiased_and_picks_a_neighbour() -> None:

@@ -31,7 +31,9 @@ def _main(argv: list[str]) -> int:
                           f"use {out.with_suffix('.gguf').name}")
     if out.exists():
         raise ConfigError(f"--gguf={out} exists: choose another path or delete it")
-    cfg = read_run_config(args.run_dir)  # a missing run is named before anything loads, or run_owned resolves it
+    # Once: a missing run is named before anything loads (or run_owned resolves it), and the run checked here is the
+    # run exported and the check's reference
+    cfg = read_run_config(args.run_dir)
     if (top := run_owned(out, args.run_dir)) is not None:  # a checkpoint, which the run may rename or remove
         raise ConfigError(f"--gguf={out} lies in the run's own {top}, which its training reads, renames or removes: "
                           f"choose a path outside it, e.g. {args.run_dir.resolve()}.gguf")
@@ -39,8 +41,9 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"--rows={args.rows}: the check needs at least one held-out row, e.g. --rows=32")
     if not args.skip_check:  # the data the check reads, found missing or malformed before the export, not after it
         read_rows(*held_out_source(cfg, args.run_dir))
-    check = None if args.skip_check else lambda path: check_export(args.run_dir, out, args.type, args.rows, path=path)
-    export(args.run_dir, out, args.type, args.device, check)
+    check = None if args.skip_check else (
+        lambda path: check_export(args.run_dir, out, args.type, args.rows, path=path, cfg=cfg))
+    export(args.run_dir, out, args.type, args.device, check, cfg)
     return 0
 
 

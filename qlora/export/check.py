@@ -125,16 +125,16 @@ def outside_bound(out: Path, kind: str, scores: dict) -> str:
 def check_export(run_dir: Path, out: Path, kind: str, rows: int = 32,
                  trained: tuple[Config, torch.nn.Module, PreTrainedTokenizerBase] | None = None,
                  exported: tuple[PreTrainedTokenizerBase, torch.nn.Module] | None = None, refuse: bool = True,
-                 path: Path | None = None) -> dict:
+                 path: Path | None = None, cfg: Config | None = None) -> dict:
     """Read `out` back with transformers and hold it to the run: the chat template and tokenizer, then KL and top-1
     agreement on `rows` held-out rows against BOUNDS[kind]. `trained` (the run's config, model and tokenizer from
     load_run_fp32) and `exported` (read_back's) are passed by a caller that holds them already. Raises Stop (exit 1)
     beyond the bound, or with `refuse=False` (a benchmark) says so in the result. `path`: where the file is read
-    from, when it does not have its name `out` yet."""
+    from, when it does not have its name `out` yet; `cfg`: the run's run_config.json as read_run_config read it."""
     out = Path(out)
     announce(f"checking {out}: transformers reads it back; its chat template and tokenizer against the run's, then "
              f"{rows} held-out rows through the trained model and the file, both on CPU in fp32")
-    cfg, model, tokenizer = trained or load_run_fp32(Path(run_dir))[:3]
+    cfg, model, tokenizer = trained or load_run_fp32(Path(run_dir), cfg=cfg)[:3]
     exported_tokenizer, exported_model = exported or read_back(out, path)
     conversations = [r["messages"] for r in read_rows(*held_out_source(cfg, run_dir))
                      if isinstance(r.get("messages"), list)][:rows]

@@ -35,6 +35,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from qlora.base.build import checkpoint_shards
 from qlora.base.load import load_tokenizer
+from qlora.config import Config
 from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, Stop
 from qlora.export.architecture import Layout, check_exportable, head_dim, rope
@@ -222,10 +223,11 @@ def write_gguf(source: MergeSource, config: PretrainedConfig, layout: Layout, to
 
 
 def export(run_dir: Path, out: Path, kind: str = "f16", device: str | None = None,
-           check: Callable[[Path], object] | None = None) -> dict:
+           check: Callable[[Path], object] | None = None, cfg: Config | None = None) -> dict:
     """Merge the run's adapter onto its base as it trained and write it to `out` as a `kind` GGUF file (`check`: run
-    on the file before it takes that name, write_gguf)."""
-    source = merge_source(Path(run_dir), device=device)
+    on the file before it takes that name, write_gguf). `cfg`: the run's run_config.json as read_run_config read it
+    already."""
+    source = merge_source(Path(run_dir), device=device, cfg=cfg)
     trust = source.cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(source.base, trust_remote_code=trust)
     tokenizer = load_tokenizer(source.base, trust)

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from qlora.base.build import INDEX, checkpoint_shards
 from qlora.base.load import load_tokenizer
+from qlora.config import Config
 from qlora.console import announce, progress, since
 from qlora.errors import ConfigError, check_writable
 from qlora.generate import render
@@ -124,7 +125,8 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
     the killed run's partial (remove_abandoned).
     """
     run_dir, out = Path(run_dir), Path(out)
-    read_scaling(run_dir, read_run_config(run_dir))  # a run that cannot be merged is named before --out
+    cfg = read_run_config(run_dir)  # once: the run checked here is the run folded and the check's reference
+    read_scaling(run_dir, cfg)  # a run that cannot be merged is named before --out
     check_writable(out, "--out", directory=True)
     if (top := run_owned(out, run_dir)) is not None:  # a resume would take it for a checkpoint, or remove it
         raise ConfigError(f"--out {out} is the run's own {top}, which its training reads, renames or removes: choose a "
@@ -136,7 +138,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
             raise ConfigError(f"--out {out} is the current directory, which the finished merge would replace: name "
                               f"it from outside (--out ../{Path.cwd().name}) or choose another")
         out = out.resolve()  # a link to an empty directory: the merge goes where it points, the link stays
-    source = merge_source(run_dir, base_16bit, device)
+    source = merge_source(run_dir, base_16bit, device, cfg)
     base = source.base
     started = announce(f"merging {run_dir} onto {source.onto}, written as {str(dtype).removeprefix('torch.')}")
 
@@ -153,7 +155,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
                     "dtype": str(dtype).removeprefix("torch."), "scaling": source.scaling, "merged_layers": len(merged)}
             (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
             if check:
-                info["merge_error"] = merge_error(run_dir, tmp)  # records itself in tmp's merge_info.json
+                info["merge_error"] = merge_error(run_dir, tmp, cfg)  # records itself in tmp's merge_info.json
             ordinary_modes(tmp)
             rename_new(tmp, out, "--out")  # onto nothing, or the empty directory checked above
         except BaseException as err:
@@ -174,26 +176,26 @@ def prompt_logits(model: torch.nn.Module, tokenizer: object) -> list[torch.Tenso
     return out
 
 
-def merge_error(run_dir: Path, out: Path) -> dict:
+def merge_error(run_dir: Path, out: Path, cfg: Config | None = None) -> dict:
     """max |logits merged - logits of the adapter model| over PROMPTS, both on CPU in fp32.
 
     The reference is the adapter on the base it was merged onto, held to TOLERANCE: the 4-bit base for a default
     merge, the 16-bit base for --base-16bit (and then also, for information, the 4-bit base the adapter trained on,
-    whose gap includes NF4's rounding).
+    whose gap includes NF4's rounding). `cfg`: the run's run_config.json as the merge read it.
     """
     info = json.loads((Path(out) / INFO).read_text())
     # PyTorch's own layers, as the references run them (transformers 5.25 would swap in hub kernels by default)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"}, use_kernels=False)
     merged = prompt_logits(model, load_tokenizer(str(out)))
     del model
-    cfg = read_run_config(Path(run_dir))
+    cfg = cfg or read_run_config(Path(run_dir))
     references = [("4-bit", "qlora", None)] if info["base_weights"] == "dequantised-nf4" else [
         ("16-bit", "lora", info["base"])] + ([("4-bit", "qlora", None)] if cfg.quant.method == "qlora" else [])
     errors, tolerance = {}, TOLERANCE[info["dtype"]]
     for i, (label, method, base_path) in enumerate(references):
         announce(f"checking the merge: logits at every position of {len(PROMPTS)} prompts, merged model against the "
                  f"adapter on the {label} base, both on CPU in fp32 (--skip-check skips this)")
-        _, ref_model, tokenizer, _ = load_run_fp32(run_dir, method, base_path)
+        _, ref_model, tokenizer, _ = load_run_fp32(run_dir, method, base_path, cfg)
         reference = prompt_logits(ref_model, tokenizer)
         del ref_model
         diff = max(float((m - r).abs().max()) for m, r in zip(merged, reference, strict=True))

@@ -153,10 +153,12 @@ class MergeSource:
     """The base in words, for the announcement and merge_info.json."""
 
 
-def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | None = None) -> MergeSource:
-    """The run's adapter and the base it folds onto, each checked: a finished, finite adapter that fits the base."""
+def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | None = None,
+                 cfg: Config | None = None) -> MergeSource:
+    """The run's adapter and the base it folds onto, each checked: a finished, finite adapter that fits the base.
+    `cfg`: its run_config.json as read_run_config read it already."""
     run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    cfg = cfg or read_run_config(run_dir)
     scaling = read_scaling(run_dir, cfg)
     if base_16bit is not None and cfg.lora.init == "loftq":
         raise ConfigError(f"{run_dir} started its adapter as a correction of NF4 rounding (lora.init=loftq), so it "

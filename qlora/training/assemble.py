@@ -5,6 +5,7 @@ path for a run about to train (`build_model`, `prepare`) and for a finished run 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -216,10 +217,11 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
 
     `device`, `compute` (a quant.compute_dtype), `method` (qlora or lora: the same adapter on a 4-bit or a 16-bit
     base) and `base_path` (another copy of the base) override the run's own settings. `cfg`: the run's config as
-    read_run_config read it already (what the caller checked is what loads), changed here as those say.
+    read_run_config read it already (what the caller checked is what loads); those change a copy of it, returned, so
+    that a caller loading the run twice (merge's check, on two bases) starts each load from the run's own settings.
     """
     run_dir = Path(run_dir)
-    cfg = cfg or read_run_config(run_dir)
+    cfg = copy.deepcopy(cfg) if cfg is not None else read_run_config(run_dir)
     asked = "--device=cuda" if device else f"{run_dir} trained with train.device=cuda,"
     dev = resolve_device(device or cfg.train.device, asked, "pass --device=cpu (or auto)")  # before any loading
     if device is not None:
@@ -260,13 +262,13 @@ def trained_dtype(run_dir: Path) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
-def load_run_fp32(run_dir: Path, method: str | None = None, base_path: str | None = None
+def load_run_fp32(run_dir: Path, method: str | None = None, base_path: str | None = None, cfg: Config | None = None,
                   ) -> tuple[Config, torch.nn.Module, PreTrainedTokenizerBase, torch.device]:
     """The run as it trained, computing in fp32 on the CPU: its base loaded, and quantised, in the dtype it trained in
     (a run on CUDA: bf16, whatever the checkpoint stores), then every weight widened to fp32 exactly and the 4-bit
     ones dequantised to fp32, not to that dtype. What merge folds and the GGUF export writes, and the reference both
-    are checked against."""
-    cfg, model, tokenizer, dev = load_run(run_dir, "cpu", trained_dtype(run_dir), method, base_path)
+    are checked against. `cfg`: as load_run's."""
+    cfg, model, tokenizer, dev = load_run(run_dir, "cpu", trained_dtype(run_dir), method, base_path, cfg)
     torch.nn.Module.float(model)  # transformers' own .float() refuses a quantised model: its 4-bit weights are uint8
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
