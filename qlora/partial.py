@@ -48,15 +48,19 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
-def write_aside(path: Path, data: str | bytes, hidden: str | None = None) -> None:
-    """Write `data` under a hidden name beside `path` (through a symlink, to its target, as write_text would), then
-    rename it into place: a kill leaves the earlier file whole, never half of one. `hidden`: that name, where another
-    than `.NAME.partial-PID` is looked for (a run directory's `.tmp-NAME`, which the next run removes)."""
+def write_aside(path: Path, data: str | bytes | dict[str, torch.Tensor], hidden: str | None = None) -> None:
+    """Write `data` (text, bytes, or tensors as a safetensors file) under a hidden name beside `path` (through a
+    symlink, to its target, as write_text would), then rename it into place: a kill leaves the earlier file whole,
+    never half of one. `hidden`: that name, where another than `.NAME.partial-PID` is looked for (a run directory's
+    `.tmp-NAME`, which the next run removes)."""
     target = path.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(hidden or f".{target.name}.partial-{os.getpid()}")
     try:
-        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+        if isinstance(data, dict):
+            save_tensors(data, tmp)
+        else:
+            tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
         os.replace(tmp, target)
     except BaseException as err:
         tmp.unlink(missing_ok=True)

@@ -170,3 +170,29 @@ def test_peft_loads_a_multi_step_loftq_adapter_onto_the_rebuilt_base(tiny_config
     with torch.no_grad():
         torch.testing.assert_close(logits[True], ours(x).logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits[False], logits[True], rtol=1e-3, atol=1e-3)
+
+
+def test_a_full_disk_under_the_shifts_names_them_and_leaves_no_half_copy(tmp_path: Path, monkeypatch) -> None:
+    """save_shifts wrote its own copy aside: a disk that filled halfway through the file left the half copy,
+    .tmp-loftq_shifts.safetensors, and the error named it rather than the file asked for. It is written as every file
+    written aside is (partial.write_aside); the earlier file stays whole."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from qlora.adapters.loftq import save_shifts
+
+    def half(tensors: dict, path: str, metadata: dict | None = None) -> None:  # the disk fills halfway through it
+        Path(path).write_bytes(safetensors.torch.save(tensors)[:100])
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
+
+    shifts = {"model.layers.0.mlp.up_proj.A": torch.ones(2, 4), "model.layers.0.mlp.up_proj.B": torch.ones(4, 2)}
+    save_shifts(tmp_path, shifts)
+    monkeypatch.setattr(safetensors.torch, "save_file", half)
+    with pytest.raises(OSError) as caught:
+        save_shifts(tmp_path, {name: 2 * value for name, value in shifts.items()})
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(tmp_path / SHIFTS))
+    assert [p.name for p in tmp_path.iterdir()] == [SHIFTS]
+    assert load_file(tmp_path / SHIFTS).keys() == shifts.keys()
+    assert all(torch.equal(value, shifts[name]) for name, value in load_file(tmp_path / SHIFTS).items())

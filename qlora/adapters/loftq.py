@@ -21,7 +21,6 @@ residual (fp32), freed before the next.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from qlora.base.load import compute_dtype
 from qlora.base.quantize import dequantize, linear4bit, params4bit, rebuild_from_checkpoint
 from qlora.config import Config
 from qlora.errors import ConfigError
-from qlora.partial import save_tensors
+from qlora.partial import write_aside
 
 SHIFTS = "loftq_shifts.safetensors"  # lora.loftq_iters > 1: what the base was quantised with, for every reload
 
@@ -111,9 +110,7 @@ def init_loftq(model: nn.Module, cfg: Config, base_path: str) -> tuple[float, di
 
 def save_shifts(run_dir: Path, shifts: dict[str, torch.Tensor]) -> None:
     """The shifts of a run with lora.loftq_iters > 1, beside its adapter: without them its base cannot be rebuilt."""
-    tmp = run_dir / f".tmp-{SHIFTS}"
-    save_tensors({k: v.contiguous() for k, v in shifts.items()}, tmp)
-    os.replace(tmp, run_dir / SHIFTS)
+    write_aside(run_dir / SHIFTS, {k: v.contiguous() for k, v in shifts.items()}, hidden=f".tmp-{SHIFTS}")
 
 
 def load_shifts(run_dir: Path) -> dict[str, torch.Tensor]:
