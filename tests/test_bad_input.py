@@ -468,12 +468,15 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     ("--data.eval={d}/turn.jsonl", r"turn.jsonl:1: each message needs a role .* message 2 \(assistant\) has no "
                                    r"content"),
     ("--data.eval={d}/blank.jsonl", r"blank.jsonl holds no rows: add data, or check data.eval$"),
+    ("--data.train={d}/none.json", r"none.json holds no rows: add data, or check data.train$"),
+    ("--data.eval={d}/header.csv", r"header.csv holds no rows: add data, or check data.eval$"),
     ("--data.train={d}/wrapped.json", r"wrapped.json is one JSON object holding its rows under 'data': write them as "
                                       r"the file's top-level array, or one object per line \(.jsonl\)"),
     ("--data.train={d}/rows.jsonl.gz", r"rows.jsonl.gz is compressed: gunzip it and point data.train at the file it "
                                        r"holds \(.jsonl, .json, .parquet, .csv\)"),
 ], ids=["train missing", "held-out missing", "bad line", "row without its field", "bad held-out turn",
-        "held-out file of blank lines", "rows wrapped in an object", "compressed"])
+        "held-out file of blank lines", "an empty JSON array", "held-out CSV of its header alone",
+        "rows wrapped in an object", "compressed"])
 def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, pattern):
     """A missing file, a bad line, or a row the format cannot train on cost a load of the base first (minutes for a
     70B) before it was said."""
@@ -481,6 +484,8 @@ def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, 
     (tmp_path / "late.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"txt": "c"}\n')
     (tmp_path / "turn.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n')
     (tmp_path / "blank.jsonl").write_text("\n \n\n")
+    (tmp_path / "none.json").write_text("[]\n")
+    (tmp_path / "header.csv").write_text("instruction,output\n")
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a b"}, {"text": "c d"}]}))
     (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
     result = cli.run([TINY, flag.replace("{d}", str(tmp_path)), f"--output.dir={tmp_path / 'run'}"])

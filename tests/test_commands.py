@@ -131,6 +131,12 @@ def held_out_copy(run: Path, other: Path) -> None:
     shutil.copy("recipes/data/tiny/heldout.jsonl", run.parent / "held.jsonl")
 
 
+def held_out_header_alone(run: Path, other: Path) -> None:
+    """The run's data.eval pointed at a CSV file of its header alone."""
+    (run.parent / "held.csv").write_text("instruction,output\n")
+    edit_json("run_config.json", lambda c: c["data"].update(eval=str(run.parent / "held.csv")))(run, other)
+
+
 def a_dir(name: str) -> Callable[[Path, Path], None]:
     def setup(run: Path, other: Path) -> None:
         (run.parent / name).mkdir()
@@ -202,6 +208,8 @@ CASES = [
                                                                                        r"found"),
     ("eval: --data empty", "qlora.eval", ["{run}", "--data={tmp}/empty.jsonl"], a_file("empty.jsonl", ""),
      r"empty.jsonl holds no rows: add data, or check --data$"),
+    ("eval: --data an empty JSON array", "qlora.eval", ["{run}", "--data={tmp}/empty.json"],
+     a_file("empty.json", "[]\n"), r"empty.json holds no rows: add data, or check --data$"),
     ("eval: bad --device", "qlora.eval", ["{run}", "--device=tpu"], noop,
      r"argument --device: invalid choice: 'tpu' .*\(usage: python -m qlora.eval "),
     ("eval: no arguments", "qlora.eval", [], noop, r"the following arguments are required: run_dir \(usage: "),
@@ -239,6 +247,9 @@ CASES = [
     ("export: --gguf in a checkpoint", "qlora.export", ["{run}", "--gguf={run}/checkpoint-2/m.gguf"], noop,
      r"--gguf=.*run/checkpoint-2/m.gguf lies in the run's own checkpoint-2, which its training reads, renames or "
      r"removes: choose a path outside it, e.g. .*run.gguf$"),
+    ("export: held-out file a CSV of its header alone", "qlora.export", ["{run}", "--gguf={tmp}/m.gguf"],
+     held_out_header_alone, r"held.csv holds no rows: add data, or check data.eval in .*run/run_config.json, or "
+                            r"export with --skip-check$"),
     ("merge: no --out", "qlora.merge", ["{run}"], noop, r"the following arguments are required: --out"),
     ("merge: zero shard size", "qlora.merge", ["{run}", "--out={tmp}/m", "--max-shard-size=0"], noop,
      r"--max-shard-size='0' must be more than 0 bytes"),

@@ -56,6 +56,23 @@ def test_a_file_of_no_rows_is_refused_as_it_is_read(tmp_path: Path, content: str
         read_rows(str(tmp_path / "held.jsonl"), "--data")
 
 
+@pytest.mark.parametrize(("name", "content"), [("held.json", "[]\n"), ("held.json", " \n"), ("held.csv", "a,b\n"),
+                                             ("held.csv", ""), ("held.parquet", None)],
+                         ids=["empty JSON array", "blank JSON file", "CSV header alone", "empty CSV", "parquet"])
+def test_a_file_of_no_rows_that_datasets_reads_is_refused_in_the_same_words(tmp_path: Path, name: str,
+                                                                              content: str | None) -> None:
+    """datasets refuses these itself, in words that name no empty file: 'could not be read (ValueError: Instruction
+    "train" corresponds to no data!)' for an empty array and a header alone, 'EmptyDataError: No columns to parse
+    from file' for an empty CSV, 'ArrowInvalid: BatchSize must be greater than 0' for a Parquet file of no rows."""
+    path = tmp_path / name
+    if content is None:
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    else:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=rf"^{path} holds no rows: add data, or check --data$"):
+        read_rows(str(path), "--data")
+
+
 def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "train.parquet"
     path.write_bytes(b"PAR1 not really")

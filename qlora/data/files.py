@@ -67,6 +67,8 @@ def _read(source: str, key: str) -> Rows:
             rows = columnar_rows(datasets.load_dataset(LOADERS[suffix], data_files=str(path), split="train",
                                                        **as_text))
         except Exception as err:  # datasets wraps the parser's error ("An error occurred while generating ...")
+            if holds_no_rows(path, suffix, header, lines):
+                return Rows([], [])  # read_rows names it, as it names an empty JSONL file
             cause = err
             while cause.__cause__ or cause.__context__:
                 cause = cause.__cause__ or cause.__context__
@@ -120,6 +122,24 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
     finally:
         csv.field_size_limit(limit)
     return header, starts
+
+
+def holds_no_rows(path: Path, suffix: str, header: list[str], lines: list[int]) -> bool:
+    """Whether a file `datasets` could not read holds no rows, which it refuses in its own words ('Instruction "train"
+    corresponds to no data!' for a JSON array of none or a CSV of its header alone, 'No columns to parse from file'
+    for an empty CSV, 'BatchSize must be greater than 0' for a Parquet file of none). `header` and `lines`: a CSV's,
+    from csv_records."""
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows == 0
+        text = path.read_text(encoding="utf-8-sig")
+        if not text.strip():
+            return True
+        return bool(header) and not lines if suffix == ".csv" else json.loads(text) == []
+    except Exception:  # noqa: BLE001  unreadable or damaged: not a file of no rows, and datasets' error stands
+        return False
 
 
 def columnar_rows(table: object) -> list[dict]:
