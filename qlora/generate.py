@@ -15,13 +15,16 @@ import contextlib
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
+from qlora.base.build import ensure_checkpoint, looks_like_hub_id
+from qlora.base.load import load_tokenizer
 from qlora.cli import run
 from qlora.commands import generate_parser
-from qlora.config import DataConfig
+from qlora.config import Config, DataConfig
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows
 from qlora.data.labels import ALPACA_PROMPT, detect_format, render_chat
@@ -65,17 +68,64 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
     context is refused, naming `where`."""
     # add_special_tokens=False: the template already holds every special token, as in qlora.data.labels' tokenisation.
     inputs = tokenizer(render(tokenizer, prompt, fmt), add_special_tokens=False, return_tensors="pt").to(model.device)
-    n, context = inputs["input_ids"].shape[1], getattr(model.config, "max_position_embeddings", None)
-    if context and n + max_new_tokens > context:  # positions past it: rotary tables the model never trained on
-        raise ConfigError(f"{where}: the prompt is {n} tokens (rendered as {fmt} rows), and with --max-new-tokens="
-                          f"{max_new_tokens} it exceeds the model's context of {context} tokens "
-                          f"(max_position_embeddings): shorten it to at most {max(0, context - max_new_tokens)} "
-                          "tokens, or lower --max-new-tokens")
+    check_context(getattr(model.config, "max_position_embeddings", None), max_new_tokens, inputs["input_ids"].shape[1],
+                  where, fmt)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, use_cache=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def check_context(context: int | None, max_new_tokens: int, prompt_tokens: int | None = None,
+                  where: str = "--prompt", fmt: str = "messages") -> None:
+    """Refuse --max-new-tokens, or a prompt of `prompt_tokens` (named `where`, rendered as `fmt` rows) with them,
+    beyond the model's `context` (None: unknown, nothing refused): positions past it take rotary tables the model
+    never trained on."""
+    if not context:
+        return
+    if max_new_tokens > context:
+        raise ConfigError(f"--max-new-tokens={max_new_tokens} exceeds the model's context of {context} tokens "
+                          f"(max_position_embeddings): use at most {context}")
+    if prompt_tokens is not None and prompt_tokens + max_new_tokens > context:
+        raise ConfigError(f"{where}: the prompt is {prompt_tokens} tokens (rendered as {fmt} rows), and with "
+                          f"--max-new-tokens={max_new_tokens} it exceeds the model's context of {context} tokens "
+                          f"(max_position_embeddings): shorten it to at most {context - max_new_tokens} tokens, or "
+                          "lower --max-new-tokens")
+
+
+def local_base(cfg: Config) -> Path | None:
+    """The run's base as a directory on this machine, before it loads: its checkpoint (built first where the recipe
+    builds it) or a hub id's copy in the local cache; None where there is none (synthetic weights, a hub id never
+    downloaded here), and the loaded model is asked instead."""
+    if cfg.model.synthetic:
+        return None
+    path = Path(ensure_checkpoint(cfg))
+    if not (path / "config.json").is_file() and looks_like_hub_id(cfg.model.path):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(cfg.model.path, "config.json")  # reads the cache only, never the network
+        path = Path(cached).parent if isinstance(cached, str) else path
+    return path if (path / "config.json").is_file() else None
+
+
+def check_before_loading(cfg: Config, max_new_tokens: int, prompt: str | None, fmt: str) -> None:
+    """check_context from the base's own config.json and tokenizer, before the base loads (minutes for a 70B), where
+    the base is on this machine (local_base). Its max_position_embeddings is what the loaded model's config holds."""
+    base = local_base(cfg)
+    try:
+        config = json.loads((base / "config.json").read_text()) if base else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # the load names what is wrong with it
+    config = config.get("text_config", config) if isinstance(config, dict) else None
+    context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if not isinstance(context, int) or isinstance(context, bool) or context <= 0:
+        return
+    check_context(context, max_new_tokens)
+    if prompt is not None:
+        tokenizer = load_tokenizer(str(base), cfg.model.trust_remote_code)
+        ids = tokenizer(render(tokenizer, prompt, fmt), add_special_tokens=False)["input_ids"]
+        check_context(context, max_new_tokens, len(ids), "--prompt", fmt)
 
 
 def read_prompt(line: str, jsonl: bool, number: int) -> str:
@@ -123,11 +173,9 @@ def _main(argv: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr):
         cfg = read_run_config(args.run_dir)
         fmt = args.format or trained_format(cfg.data)
+        check_before_loading(cfg, args.max_new_tokens, args.prompt, fmt)
         _, model, tokenizer, _ = load_run(args.run_dir, args.device, cfg=cfg)
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and args.max_new_tokens > context:
-        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} exceeds the model's context of {context} tokens "
-                          f"(max_position_embeddings): use at most {context}")
+    check_context(getattr(model.config, "max_position_embeddings", None), args.max_new_tokens)  # a base not at hand
     if args.prompt is not None:
         generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, fmt=fmt)
         return 0

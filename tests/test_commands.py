@@ -23,6 +23,7 @@ from qlora.base.build import TINY_LLAMA, byte_tokenizer
 from qlora.config import load_recipe
 from qlora.errors import ConfigError
 from qlora.generate import read_prompt
+from qlora.training.assemble import read_run_config
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.rundir import LOCK
 
@@ -222,15 +223,9 @@ CASES = [
      r"--temperature=1e-320 is below 0.0001, where sampling is greedy decoding"),
     ("generate: prompt not UTF-8", "qlora.generate", ["{run}", "--prompt=caf\udce9"], noop,
      r"--prompt: not UTF-8 text \('\\udce9'\): give the prompt as UTF-8"),
-    ("generate: more tokens than the context", "qlora.generate", ["{run}", "--max-new-tokens=100000", "--prompt=hi"],
-     noop, r"--max-new-tokens=100000 exceeds the model's context of \d+ tokens"),
     ("generate: tokens not a number", "qlora.generate", ["{run}", "--max-new-tokens=ten"], noop,
      r"argument --max-new-tokens: invalid int value: 'ten'"),
     ("generate: empty prompt", "qlora.generate", ["{run}", "--prompt="], noop, r"--prompt is empty"),
-    ("generate: prompt beyond the context", "qlora.generate", ["{run}", "--prompt=" + "red dog sun " * 400,
-                                                               "--max-new-tokens=4"], noop,
-     r"--prompt: the prompt is \d+ tokens \(rendered as messages rows\), and with --max-new-tokens=4 it exceeds the "
-     r"model's context of 1024 tokens \(max_position_embeddings\): shorten it to at most 1020 tokens"),
     ("generate: adapter of another rank", "qlora.generate", ["{run}", "--prompt=hi"], lower_rank,
      r"does not fit the run's base"),
     ("merge: --out is a file", "qlora.merge", ["{run}", "--out={tmp}/merged"], a_file("merged"),
@@ -391,6 +386,43 @@ def test_a_prompt_is_rendered_as_the_rows_the_run_trained_on(tmp_path, capsys):
         [{"role": "user", "content": "dog moon"}], tokenize=False, add_generation_prompt=True)
     assert trained_format(DataConfig(train=str(tmp_path / "gone.jsonl"))) == "messages"
     assert "the run's data format is unknown (data file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "pattern"), [
+    (["--max-new-tokens=100000", "--prompt=hi"], r"--max-new-tokens=100000 exceeds the model's context of 1024 tokens "
+                                                 r"\(max_position_embeddings\): use at most 1024$"),
+    (["--prompt=" + "red dog sun " * 400, "--max-new-tokens=4"],
+     r"--prompt: the prompt is \d+ tokens \(rendered as messages rows\), and with --max-new-tokens=4 it exceeds the "
+     r"model's context of 1024 tokens \(max_position_embeddings\): shorten it to at most 1020 tokens")],
+    ids=["more new tokens", "a longer prompt"])
+def test_generate_refuses_what_the_context_cannot_hold_before_loading(cli, finished, args, pattern):
+    """Both were refused once the base had loaded (minutes for a 70B): the context is in the base's config.json."""
+    result = cli.run([str(finished), *args], module="qlora.generate")
+    assert result.status == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.match(r"error: " + pattern, result.stderr), result.stderr
+
+
+def test_a_hub_base_is_found_in_the_local_cache_before_loading(finished, tmp_path, monkeypatch):
+    """A run on a hub id: its config.json is read from the hub's local cache, never the network; a base not there is
+    left to the load."""
+    import huggingface_hub.constants
+
+    from qlora.generate import check_before_loading, local_base
+
+    cfg = read_run_config(finished)
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    shutil.copy(Path(cfg.model.path) / "config.json", repo / "snapshots" / "abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg.model.path, cfg.model.build = "someone/tiny", None
+    assert local_base(cfg) == repo / "snapshots" / "abc"
+    with pytest.raises(ConfigError, match=r"^--max-new-tokens=2000 exceeds the model's context of 1024 tokens"):
+        check_before_loading(cfg, 2000, None, "messages")
+    cfg.model.path = "someone/other"
+    assert local_base(cfg) is None
+    check_before_loading(cfg, 2000, None, "messages")
 
 
 def test_generate_with_stdin_closed_and_no_prompt_says_so_before_loading(cli, tmp_path):
