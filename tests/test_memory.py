@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,12 @@ from support import architecture, estimated, measure
 
 from qlora.adapters.lora import attach_lora
 from qlora.base.load import compute_dtype, load_base, load_tokenizer
+from qlora.base.sliding_window import block_size, reach
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.data.batches import batch_rows
 from qlora.data.labels import load_splits
 from qlora.levers.tiling.tiles import tile_layers
-from qlora.memory.activations import layer_terms
+from qlora.memory.activations import layer_backward, layer_terms
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import compute_bytes, estimate
 from qlora.memory.profiler import PhaseTracker, one_line
@@ -407,6 +409,30 @@ def test_estimate_counts_the_sliding_window_blocks_on_cpu(measured):
         windowed, whole = (estimate(cfg, a, "qlora", "cpu").peak_bytes for a in (arch, unwindowed))
         q, block = arch.heads * arch.head_dim, 256  # fp32: 4 bytes; blocks of 256 queries, 16 keys before each
         assert windowed - whole == (tokens * q * 4 + block * (16 + block) * 4 if tokens > 16 else 0), tokens
+
+
+def evaluated(formula: str, **symbols: int) -> float:
+    """A formula as the estimate prints it (products written side by side: 2q, e(...), 4nh) at `symbols`."""
+    python, prev = "", ""
+    for token in re.findall(r"\d+|[A-Za-z]+|[()+\-*/]", formula):
+        if prev and (prev[-1].isalnum() or prev == ")") and (token[0].isalnum() or token == "("):
+            python += "*"
+        python, prev = python + str(symbols.get(token, token)), token
+    return eval(python)  # digits, the symbols' values and operators only
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_printed_attention_term_of_a_windowed_layer_is_its_number(device):
+    """On CUDA with grouped-query attention a window's blocks save K and V repeated to every query head (1a69f6f):
+    the number counted them, the printed formula still read e(2q + 2kv) + 4nh, 288 bytes a token short of it on
+    tiny-mistral in bf16 (784 for 1,072)."""
+    cfg = tiny(*architecture("tiny-mistral"), "--quant.compute_dtype=bf16")
+    arch, e = load_arch(cfg), 2
+    formula = layer_backward(arch, "qlora", cfg, e, device, cfg.data.max_seq_len)[2]
+    term = formula[formula.index("e(2q"):formula.index("+ 4nh") + len("+ 4nh")]
+    symbols = dict(e=e, q=arch.heads * arch.head_dim, kv=arch.kv_heads * arch.head_dim, nh=arch.heads,
+                   B=block_size(arch.window), R=reach(arch.window))
+    assert evaluated(term, **symbols) == layer_terms(arch, "qlora", cfg, e, device).attention, term
 
 
 @pytest.mark.parametrize(("config", "window"), [

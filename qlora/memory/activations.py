@@ -137,8 +137,12 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     return Layer(norms, attention, mlp, inputs, adapters)
 
 
-def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norms: bool = False) -> str:
-    parts = ["he (tiled norms' input)" if tiled_norms else "8h + 8", "e(2q + 2kv) + 4nh"]
+def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norms: bool = False,
+                  kv: str = "2kv") -> str:
+    """`layer`'s terms in symbols; `kv`: what SDPA saves of K and V per token, their own width or (a sliding window's
+    blocks on CUDA) window.REPEATED_KV_FORMULA."""
+    repeated = "" if kv == "2kv" else " (K and V repeated to every query head: R + B keys for each block of B queries)"
+    parts = ["he (tiled norms' input)" if tiled_norms else "8h + 8", f"e(2q + {kv}) + 4nh{repeated}"]
     if not tiled:
         parts.append("3ie")
     if layer.full_norm_outputs:
@@ -206,6 +210,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     second_norm = h * e if norms_tiled else 4 * h + 4  # its saved input (and rsqrt)
     done = mlp_side + second_norm + layer.adapters.get("o_proj", 0) + layer.inputs["o"]
     masked = window.windowed(cfg, arch)
+    repeated = masked and window.saved_kv(arch, device) != arch.kv_heads * arch.head_dim
     kernel = cuda_kernel(cfg, masked) if device == "cuda" else "cpu"
     grads = sdpa_backward_bytes(arch, e, kernel, by_document(cfg) or masked)
     if masked and arch.windowed_layers < arch.layers:  # Gemma 3's full-attention layers, through the row's kernel
@@ -236,7 +241,8 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
                            (f" + b nh s^2 x {score_bytes(e)[1]} (the scores' fp32 gradients)"
                             if eager(cfg) else "") + ", less the MLP side"}[phase]
     return saved, moments[phase], \
-        f"T [{layer_formula(layer, tiled, proj, norms_tiled)}]{scores_fx} + at the {phase}: {at}"
+        f"T [{layer_formula(layer, tiled, proj, norms_tiled, window.REPEATED_KV_FORMULA if repeated else '2kv')}]" \
+        f"{scores_fx} + at the {phase}: {at}"
 
 
 def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:

@@ -27,6 +27,8 @@ from qlora.config import Config
 from qlora.memory.arch import Arch
 
 MASK_FORMULA = "B (R + B) e (the window's block mask)"
+# saved_kv's width where K and V are repeated, in the layer formula's symbols (activations.layer_formula)
+REPEATED_KV_FORMULA = "2q (1 + R/B)"
 
 
 def windowed(cfg: Config, arch: Arch) -> bool:
