@@ -208,12 +208,16 @@ def test_eval_refuses_a_heldout_file_edited_or_moved_to_other_rows(run, tmp_path
     raw["data"]["eval"] = str(tmp_path / "moved.jsonl")
     (moved / RUN_CONFIG).write_text(json.dumps(raw))
     monkeypatch.setattr(run_eval, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
-    for edited in ([held[1], held[0], *held[2:]], held[1:], []):
+    for edited in ([held[1], held[0], *held[2:]], held[1:]):
         (tmp_path / "moved.jsonl").write_text("".join(edited))
         assert run_eval.main([str(moved)]) == 2
         assert one_error(capsys) == (f"error: data.eval={tmp_path / 'moved.jsonl'} holds other rows than the run's "
                                      "(their sha256 differs), so they are not the rows the run was evaluated on: "
                                      "restore it, or pass --data FILE to score a file as it is")
+    (tmp_path / "moved.jsonl").write_text("")  # no rows at all: said as read_rows says it of any file
+    assert run_eval.main([str(moved)]) == 2
+    assert one_error(capsys) == (f"error: {tmp_path / 'moved.jsonl'} holds no rows: add data, or check data.eval in "
+                                 f"{moved / RUN_CONFIG}, or give --data FILE")
     monkeypatch.undo()
     (tmp_path / "moved.jsonl").write_text("".join(held))
     assert run_eval.main([str(moved)]) == 0
