@@ -472,11 +472,13 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     ("--data.eval={d}/header.csv", r"header.csv holds no rows: add data, or check data.eval$"),
     ("--data.train={d}/wrapped.json", r"wrapped.json is one JSON object holding its rows under 'data': write them as "
                                       r"the file's top-level array, or one object per line \(.jsonl\)"),
+    ("--data.train={d}/wrapped-none.json", r"wrapped-none.json is one JSON object holding no rows \(under 'data'\): "
+                                           r"add data, as the file's top-level array or one object per line"),
     ("--data.train={d}/rows.jsonl.gz", r"rows.jsonl.gz is compressed: gunzip it and point data.train at the file it "
                                        r"holds \(.jsonl, .json, .parquet, .csv\)"),
 ], ids=["train missing", "held-out missing", "bad line", "row without its field", "bad held-out turn",
         "held-out file of blank lines", "an empty JSON array", "held-out CSV of its header alone",
-        "rows wrapped in an object", "compressed"])
+        "rows wrapped in an object", "no rows wrapped in an object", "compressed"])
 def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, pattern):
     """A missing file, a bad line, or a row the format cannot train on cost a load of the base first (minutes for a
     70B) before it was said."""
@@ -487,6 +489,7 @@ def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, 
     (tmp_path / "none.json").write_text("[]\n")
     (tmp_path / "header.csv").write_text("instruction,output\n")
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a b"}, {"text": "c d"}]}))
+    (tmp_path / "wrapped-none.json").write_text(json.dumps({"data": []}))
     (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
     result = cli.run([TINY, flag.replace("{d}", str(tmp_path)), f"--output.dir={tmp_path / 'run'}"])
     check_refused(result, pattern)

@@ -41,6 +41,9 @@ def detect_format(rows: list[dict], source: str) -> str:
     if wrapped:  # {"data": [rows]}, as many exports write a .json file: read as one row
         raise ConfigError(f"{source} is one JSON object holding its rows under {wrapped[0]!r}: write them as the "
                           "file's top-level array, or one object per line (.jsonl)")
+    if len(rows) == 1 and rows[0] and all(v == [] for v in rows[0].values()):  # {"data": []}: the same, of none
+        raise ConfigError(f"{source} is one JSON object holding no rows (under {next(iter(rows[0]))!r}): add data, "
+                          "as the file's top-level array or one object per line (.jsonl)")
     raise ConfigError(f"{source}: first row has fields {sorted(rows[0])}, none of the formats "
                       "messages / instruction+output / text: rename the fields or set data.format")
 
