@@ -105,9 +105,10 @@ def recorded_and_estimated(*overrides: str) -> tuple[int, int]:
     return recorded, estimated(*overrides)
 
 
-def finished_run(recipe: str, out_dir: Path, **train_fields: object) -> tuple[Config, dict]:
-    """A finished run of `recipe` (a path under recipes/) into `out_dir`, with `train_fields` set on its train section:
-    its config and train()'s final metrics. Data paths are made absolute, so the run does not depend on the cwd."""
+def finished_run(recipe: str, out_dir: Path, lora: dict | None = None, **train_fields: object) -> tuple[Config, dict]:
+    """A finished run of `recipe` (a path under recipes/) into `out_dir`, with `train_fields` set on its train section
+    and `lora` on its lora section: its config and train()'s final metrics. Data paths are made absolute, so the run
+    does not depend on the cwd."""
     from qlora.train import train
 
     cfg = load_recipe(ROOT / "recipes" / recipe)
@@ -115,4 +116,6 @@ def finished_run(recipe: str, out_dir: Path, **train_fields: object) -> tuple[Co
     cfg.output.dir = str(out_dir)
     for key, value in train_fields.items():
         setattr(cfg.train, key, value)
+    for key, value in (lora or {}).items():
+        setattr(cfg.lora, key, value)
     return cfg, train(cfg)

@@ -362,10 +362,12 @@ def test_a_full_disk_halfway_through_a_runs_own_file_leaves_no_half_copy(tiny_co
     assert (run / "metrics.jsonl").read_bytes() == b'{"step": 0}\n'  # the earlier file whole
 
 
-def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [{}, {"init": "loftq", "loftq_iters": 2}], ids=["plain", "LoftQ shifts"])
+def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_path, monkeypatch, lora):
     """A power cut keeps a checkpoint (flushed before its rename) but may lose what was written and not flushed: the
-    last lines of metrics.jsonl, which the checkpoint counts (--resume then refuses the file as cut short), and a fresh
-    run's run_config.json (then empty: refused as malformed). Both are flushed before each checkpoint is renamed."""
+    last lines of metrics.jsonl, which the checkpoint counts (--resume then refuses the file as cut short), a fresh
+    run's run_config.json (then empty: refused as malformed), and with lora.loftq_iters > 1 the shifts its base was
+    quantised with. Each is flushed before each checkpoint is renamed."""
     events, fsync, replace = [], os.fsync, os.replace
 
     def flush(fd: int) -> None:
@@ -379,12 +381,13 @@ def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_pat
     monkeypatch.setattr(os, "fsync", flush)
     monkeypatch.setattr(os, "replace", rename)
     run = (tmp_path / "run").resolve()
-    finished_run("tiny.py", run, steps=2, save_every=1, log_every=1, eval_every=0, eval_before=False)
+    finished_run("tiny.py", run, steps=2, save_every=1, log_every=1, eval_every=0, eval_before=False, lora=lora)
+    beside = {"metrics.jsonl", "run_config.json"} | ({"loftq_shifts.safetensors"} if lora else set())
     start = 0
     for step in (1, 2):
         end = events.index(("renamed", str(run / f"checkpoint-{step}")))
         flushed = {path for what, path in events[start:end] if what == "flushed"}
-        assert {str(run / "metrics.jsonl"), str(run / "run_config.json")} <= flushed, step
+        assert {str(run / name) for name in beside} <= flushed, step
         start = end
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import EXIT_SAVE, ROOM_FIX, Stop
@@ -170,9 +171,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra},
                    tmp / STATE)
-        # With it, what a resume from it reads beside it: run_config.json, and metrics.jsonl to the length it records
-        # (a power cut could keep the checkpoint yet lose those lines, and --resume refuses a file cut short).
-        beside = [run_dir / name for name in (RUN_CONFIG, METRICS) if (run_dir / name).is_file()]
+        # With it, what a resume from it reads beside it: run_config.json, metrics.jsonl to the length it records
+        # (a power cut could keep the checkpoint yet lose those lines, and --resume refuses a file cut short), and
+        # the LoftQ shifts its base was quantised with (without them no reload rebuilds that base).
+        beside = [run_dir / name for name in (RUN_CONFIG, METRICS, SHIFTS) if (run_dir / name).is_file()]
         for file in [*tmp.iterdir(), *beside]:
             _fsync(file)
         _fsync(tmp)
