@@ -435,6 +435,17 @@ def test_the_printed_attention_term_of_a_windowed_layer_is_its_number(device):
     assert evaluated(term, **symbols) == layer_terms(arch, "qlora", cfg, e, device).attention, term
 
 
+def test_the_printed_attention_term_of_an_eager_layer_is_its_number():
+    """Eager attention saves q, K and V at every head and its output, 4 q e a token (its scores apart): the printed
+    formula read SDPA's e(2q + 2kv) + 4nh, 272 bytes a token from it on the tiny Llama in bf16."""
+    cfg = tiny("--model.attn_implementation=eager", "--quant.compute_dtype=bf16")
+    arch, e = load_arch(cfg), 2
+    formula = layer_backward(arch, "qlora", cfg, e, "cpu", cfg.data.max_seq_len)[2]
+    term = formula[formula.index("8h + 8 + ") + len("8h + 8 + "):formula.index(" (eager")]
+    assert evaluated(term, e=e, q=arch.heads * arch.head_dim) == layer_terms(arch, "qlora", cfg, e, "cpu").attention, \
+        formula
+
+
 @pytest.mark.parametrize(("config", "window"), [
     (dict(model_type="mistral", sliding_window=4096), (4096, 32)),  # Mistral-7B-v0.1
     (dict(model_type="mistral", sliding_window=None), (None, 0)),  # v0.2 and later

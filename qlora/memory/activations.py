@@ -138,11 +138,14 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
 
 
 def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norms: bool = False,
-                  kv: str = "2kv") -> str:
+                  kv: str = "2kv", eager_scores: bool = False) -> str:
     """`layer`'s terms in symbols; `kv`: what SDPA saves of K and V per token, their own width or (a sliding window's
-    blocks on CUDA) window.REPEATED_KV_FORMULA."""
+    blocks on CUDA) window.REPEATED_KV_FORMULA; `eager_scores`: eager attention, which saves q, K and V at every
+    head and its output instead (its scores counted apart)."""
     repeated = "" if kv == "2kv" else " (K and V repeated to every query head: R + B keys for each block of B queries)"
-    parts = ["he (tiled norms' input)" if tiled_norms else "8h + 8", f"e(2q + {kv}) + 4nh{repeated}"]
+    attention = "4 q e (eager: q, K and V at every head, the output)" if eager_scores else \
+        f"e(2q + {kv}) + 4nh{repeated}"
+    parts = ["he (tiled norms' input)" if tiled_norms else "8h + 8", attention]
     if not tiled:
         parts.append("3ie")
     if layer.full_norm_outputs:
@@ -240,9 +243,9 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
           "SDPA backward": f"T (h e + q e) + SDPA's gradients and buffers ({kernel})" +
                            (f" + b nh s^2 x {score_bytes(e)[1]} (the scores' fp32 gradients)"
                             if eager(cfg) else "") + ", less the MLP side"}[phase]
-    return saved, moments[phase], \
-        f"T [{layer_formula(layer, tiled, proj, norms_tiled, window.REPEATED_KV_FORMULA if repeated else '2kv')}]" \
-        f"{scores_fx} + at the {phase}: {at}"
+    terms = layer_formula(layer, tiled, proj, norms_tiled, window.REPEATED_KV_FORMULA if repeated else "2kv",
+                          eager(cfg))
+    return saved, moments[phase], f"T [{terms}]{scores_fx} + at the {phase}: {at}"
 
 
 def loss_bytes(arch: Arch, method: str, cfg: Config, e: int, device: str) -> tuple[int, str]:
