@@ -14,8 +14,8 @@ class TilingFields(LeverFields):
     """Run each decoder layer's MLP this many tokens at a time, forward and backward (recomputing each tile), so none
     of its seq x intermediate tensors exists at full length; one more MLP forward per step. 0 = off."""
     tile_projections: bool = False
-    """With tile_size: tile the attention's q/k/v/o projections too, which keeps LoRA dropout's dropped inputs and
-    masks (seq x hidden each) out of memory; pays only with lora.dropout > 0."""
+    """With tile_size: tile the attention's q/k/v/o projections too (Phi-3's qkv_proj and o_proj), which keeps LoRA
+    dropout's dropped inputs and masks (seq x hidden each) out of memory; pays only with lora.dropout > 0."""
     tile_norms: bool = False
     """With tile_size: run the RMSNorms (each decoder layer's and the final one) in tiles too. transformers' RMSNorm
     computes in fp32: autograd keeps an fp32 copy of each norm's input, and its backward holds five more fp32 tensors

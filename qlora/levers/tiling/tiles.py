@@ -34,7 +34,9 @@ from qlora.errors import ConfigError
 from qlora.levers.lever import RunConfig
 from qlora.levers.tiling.settings import TILES
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# What reads the input norm's output in each layout: q/k/v, or Phi-3's one qkv_proj (split into views after it).
+QKV = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+PROJECTIONS = (*QKV[0], *QKV[1], "o_proj")
 
 
 def _discard(tensor: torch.Tensor) -> None:
@@ -133,14 +135,16 @@ def fold_norm(norm: nn.Module, consumers: list[nn.Module]) -> None:
 
 
 def foldable(layer: nn.Module, projections: bool) -> dict[str, list[nn.Module]]:
-    """A Llama-style layer's norms and the tiled modules that alone read each: the input norm q/k/v (when the
-    projections are tiled), the post-attention norm the MLP. Other layouts (Gemma's four norms) fold nothing."""
+    """A Llama-style layer's norms and the tiled modules that alone read each: the input norm q/k/v or Phi-3's
+    qkv_proj (when the projections are tiled), the post-attention norm the MLP. Other layouts (Gemma's four norms)
+    fold nothing."""
     names = {name for name, child in layer.named_children() if is_norm(child)}
     if names != {"input_layernorm", "post_attention_layernorm"}:
         return {}
-    qkv = [getattr(layer.self_attn, n, None) for n in PROJECTIONS[:3]]
+    qkv = next(([getattr(layer.self_attn, n) for n in layout] for layout in QKV
+                if all(hasattr(layer.self_attn, n) for n in layout)), None)
     folds = {"post_attention_layernorm": [layer.mlp]}
-    if projections and all(qkv):
+    if projections and qkv:
         folds["input_layernorm"] = qkv
     return folds
 
