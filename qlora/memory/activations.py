@@ -26,6 +26,12 @@ o_proj's input is then a copy of the documents' outputs, which SDPA keeps too, q
 the row is attended block by block, packed or not: o_proj's input is the blocks' outputs joined, as for documents; the
 rest of its terms are window.py's.
 
+Phi-3 (Arch.fused) computes q, k and v in one qkv_proj and gate and up in one gate_up_proj, each adapted whole; checked
+tensor by tensor on tiny-phi3 as on the Llama. Its V is a view of qkv_proj's output, so SDPA keeps that output whole,
+e(q + kv) more than its V; its rotary embedding writes q in the heads' layout, SDPA its output alike, and transformers
+copies that for o_proj, q e more (kept by o_proj's adapter, as for documents). gate and up are halves of one output,
+which the activation keeps whole (gate is a view of it) and the product up: with act(gate), 3ie, as for a Llama.
+
 A tiled module (qlora/levers/tiling/) keeps only its input at full length; the rest exists for one tile at a time.
 Tiled norms (train.tile_norms) keep their bf16 inputs: the first is the layer's input itself (which the checkpoint plan
 counts), the second the residual stream after attention, h e. Each is folded into the tiles it feeds (the input norm
@@ -50,8 +56,12 @@ from qlora.levers.tiling.memory import mlp_tile_bytes, norm_tile_bytes, projecti
 from qlora.memory import window
 from qlora.memory.arch import Arch
 
-QKV, MLP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+# The linear layers by the input they read: the input norm's output (q/k/v, Phi-3's fused qkv_proj), the
+# post-attention norm's (gate/up, Phi-3's gate_up_proj), act(gate) * up (down).
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj", "qkv_proj"), ("gate_proj", "up_proj", "gate_up_proj")
+MLP = (*GATE_UP, "down_proj")
 PROJECTIONS = (*QKV, "o_proj")
+COPY = "SDPA's output copied: the documents' or blocks' joined, Phi-3's from its heads' layout"  # o_proj's input
 # fp32 tensors of one hidden state's width that an RMSNorm's backward holds at once (transformers' LlamaRMSNorm upcasts
 # to fp32; torch's autograd formulas, FunctionsManual.cpp): MulBackward0's gradient of the fp32 input, waiting to be
 # summed; MeanBackward1's mean gradient, expanded and divided; PowBackward0's x^1, 2 x^1 and grad * 2 x. Found at the
@@ -106,6 +116,15 @@ def score_bytes(e: int) -> tuple[int, int]:
     return 4 + cast, 8 - cast
 
 
+def whole_qkv(arch: Arch, cfg: Config, device: str) -> bool:
+    """Whether attention keeps Phi-3's whole qkv_proj output: its V is a view of it, which SDPA saves as it came,
+    unless a window's blocks repeat V to every query head first, a copy (CUDA, window.saved_kv). Eager attention's
+    matmul saves copies of its own (measured on CPU: with grouped heads and without)."""
+    if not arch.fused or eager(cfg):
+        return False
+    return not window.windowed(cfg, arch) or window.saved_kv(arch, device) == arch.kv_heads * arch.head_dim
+
+
 def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled: bool = False,
                 tiled_projections: bool = False, tiled_norms: bool = False) -> Layer:
     """What one recomputed layer keeps at full length; with `tiled`, the MLP (and with `tiled_projections`, the
@@ -117,8 +136,12 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     attention, mlp = e * (2 * q + 2 * saved_kv) + 4 * arch.heads, 0 if tiled else 3 * i * e
     if eager(cfg):  # q, K and V at every head, and the output's copy (o_proj's input); the scores apart
         attention = 4 * q * e
+    if whole_qkv(arch, cfg, device):
+        attention += e * (q + kv)
     # o_proj's input is SDPA's output, which SDPA keeps anyway; by document or block it is their concatenation, a copy.
-    copy = q * e if by_document(cfg) or masked else 0
+    # Phi-3's rotary embedding writes q as (b, nh, s, hd) (its cat with the part left unrotated), and SDPA its output
+    # alike, which transformers copies into (b, s, q) for o_proj (measured on CPU; flash and cuDNN allocate it as q).
+    copy = q * e if by_document(cfg) or masked or (arch.fused and not eager(cfg)) else 0
     if method == "full":  # every linear layer trains: each keeps its input; the norms' weights keep theirs
         return Layer(norms, attention, 3 * i * e, {"qkv": h * e, "mlp": h * e, "down": i * e, "o": copy}, {},
                      2 * h * e)
@@ -131,27 +154,26 @@ def layer_terms(arch: Arch, method: str, cfg: Config, e: int, device: str, tiled
     fold_qkv, fold_mlp = tiled_norms and tiled_projections, tiled_norms
     inputs = {"qkv": h * e if ((not drop and any(n in adapted for n in QKV)) or tiled_projections) and not fold_qkv
               else 0,
-              "mlp": h * e if ((not drop and any(n in adapted for n in MLP[:2])) or tiled) and not fold_mlp else 0,
+              "mlp": h * e if ((not drop and any(n in adapted for n in GATE_UP)) or tiled) and not fold_mlp else 0,
               "down": i * e if not drop and "down_proj" in adapted and not tiled else 0,
               "o": copy if (not drop and "o_proj" in adapted) or tiled_projections else 0}
     return Layer(norms, attention, mlp, inputs, adapters)
 
 
 def layer_formula(layer: Layer, tiled: bool, tiled_projections: bool, tiled_norms: bool = False,
-                  kv: str = "2kv", eager_scores: bool = False) -> str:
+                  kv: str = "2kv", eager_scores: bool = False, whole: bool = False) -> str:
     """`layer`'s terms in symbols; `kv`: what SDPA saves of K and V per token, their own width or (a sliding window's
     blocks on CUDA) window.REPEATED_KV_FORMULA; `eager_scores`: eager attention, which saves q, K and V at every
-    head and its output instead (its scores counted apart)."""
+    head and its output instead (its scores counted apart); `whole`: Phi-3's qkv_proj output kept whole (whole_qkv)."""
     repeated = "" if kv == "2kv" else " (K and V repeated to every query head: R + B keys for each block of B queries)"
     attention = "4 q e (eager: q, K and V at every head, the output)" if eager_scores else \
-        f"e(2q + {kv}) + 4nh{repeated}"
+        f"e(2q + {kv}) + 4nh{repeated}" + (" + e(q + kv) (V a view of qkv_proj's output, kept whole)" if whole else "")
     parts = ["he (tiled norms' input)" if tiled_norms else "8h + 8", attention]
     if not tiled:
         parts.append("3ie")
     if layer.full_norm_outputs:
-        return " + ".join(parts + ["e(2h + i)" + (" + qe (o_proj's, the documents' outputs joined)"
-                                                  if layer.inputs["o"] else ""), "2he"])
-    parts += [{"qkv": "he", "mlp": "he", "down": "ie", "o": "qe (the documents' or blocks' outputs joined)"}[k] +
+        return " + ".join(parts + ["e(2h + i)" + (f" + qe (o_proj's, {COPY})" if layer.inputs["o"] else ""), "2he"])
+    parts += [{"qkv": "he", "mlp": "he", "down": "ie", "o": f"qe ({COPY})"}[k] +
               (" (tile input)" if (k == "mlp" and tiled) or (k in ("qkv", "o") and tiled_projections) else "")
               for k, v in layer.inputs.items() if v]
     if layer.adapters:
@@ -244,7 +266,7 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
                            (f" + b nh s^2 x {score_bytes(e)[1]} (the scores' fp32 gradients)"
                             if eager(cfg) else "") + ", less the MLP side"}[phase]
     terms = layer_formula(layer, tiled, proj, norms_tiled, window.REPEATED_KV_FORMULA if repeated else "2kv",
-                          eager(cfg))
+                          eager(cfg), whole_qkv(arch, cfg, device))
     return saved, moments[phase], f"T [{terms}]{scores_fx} + at the {phase}: {at}"
 
 

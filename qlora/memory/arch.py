@@ -2,7 +2,7 @@
 
 Llama-style decoders: per layer q/k/v/o attention projections (grouped-query: k and v have kv_heads heads) and a
 gated MLP (gate, up, down), RMSNorm before each, an embedding table and an output head that may share its weights.
-Llama, Mistral, Qwen2/3, SmolLM and their kin all fit.
+Llama, Mistral, Qwen2/3, SmolLM and their kin all fit, and Phi-3, whose q/k/v are one linear layer and gate/up another.
 """
 
 from __future__ import annotations
@@ -15,20 +15,24 @@ from qlora.base.model_dir import check_config_file
 from qlora.config import Config
 from qlora.errors import ConfigError
 
-# The model types whose decoder layers are linear_shapes' (separate q/k/v projections, a gated MLP), each with
-# whether transformers 5 ties the output head to the embeddings when config.json does not say. Others are refused
-# rather than estimated wrongly: a fused qkv_proj (Phi-3), an MLP without a gate (StarCoder2), low-rank attention
-# (DeepSeek). A config without a model_type is taken as one of these.
+# The model types whose decoder layers are linear_shapes' (q/k/v projections, a gated MLP), each with whether
+# transformers 5 ties the output head to the embeddings when config.json does not say. Others are refused rather than
+# estimated wrongly: an MLP without a gate (StarCoder2), low-rank attention (DeepSeek). A config without a model_type
+# is taken as one of these.
 MODELLED = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "olmo2": False, "gemma": True,
-            "gemma3_text": True}
+            "gemma3_text": True, "phi3": False}
+# Phi-3 (transformers' Phi3Attention, Phi3MLP): q/k/v computed by one qkv_proj and split into views, gate/up by one
+# gate_up_proj and chunked; adapters attach to the fused layers, as PEFT's all-linear does.
+FUSED = ("phi3",)
 # What a decoder layer keeps in 16-bit beyond its two RMSNorms, from (hidden, q width, kv width, head_dim): Qwen2's
 # q/k/v biases; Gemma 3's norms before and after the MLP and its q and k norms (one head wide). Small (0.001% of
 # Qwen2.5-72B, 0.007% of Gemma-3-1B), but the estimate's weights are the loaded model's to the byte.
 LAYER_EXTRAS = {"qwen2": lambda h, q, kv, d: q + 2 * kv, "gemma3_text": lambda h, q, kv, d: 2 * h + 2 * d}
 GEMMA3_BUFFERS = 4  # Gemma 3's embedding scale, an fp32 scalar buffer
 # The model types whose layers may attend within a sliding window, and transformers 5's window where config.json names
-# none (MistralConfig, Gemma3TextConfig: 4096; Qwen2/3 only with use_sliding_window, from layer max_window_layers on).
-WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen2": 4096, "qwen3": 4096}
+# none (MistralConfig, Gemma3TextConfig: 4096; Qwen2/3 only with use_sliding_window, from layer max_window_layers on;
+# Phi3Config none, every layer where config.json names one: Phi-3-mini and -medium 2,047).
+WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen2": 4096, "qwen3": 4096, "phi3": None}
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,15 @@ class Arch:
     """The sliding window of the layers that have one, in tokens (None: every layer attends to the whole row)."""
     windowed_layers: int = 0
     """How many layers attend within `window`: Mistral's all, Gemma 3's five in six (its layer_types)."""
+    fused: bool = False
+    """Phi-3's layout: one qkv_proj for q/k/v, one gate_up_proj for gate/up (FUSED)."""
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer in one decoder layer."""
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
@@ -99,6 +107,9 @@ def load_arch(cfg: Config) -> Arch:
     if kind is not None and kind not in MODELLED:
         raise ConfigError(f"{path} is a {kind} model: the estimator knows the layers of {', '.join(MODELLED)} "
                           "decoders only, so it gives no estimate for it")
+    if kind == "phi3" and c.get("resid_pdrop", 0):  # transformers' Phi3DecoderLayer drops the residual in training
+        raise ConfigError(f"{path} has resid_pdrop={c['resid_pdrop']}: the estimator does not count the masks of "
+                          "Phi-3's residual dropout, so it gives no estimate for it (Phi-3's own configs have 0.0)")
     heads, hidden = c["num_attention_heads"], c["hidden_size"]
     kv_heads, head_dim = c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads
     tied = c.get("tie_word_embeddings", MODELLED.get(kind, True))  # absent: transformers' default
@@ -107,7 +118,8 @@ def load_arch(cfg: Config) -> Arch:
     return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=hidden,
                 intermediate=c["intermediate_size"], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                 vocab=c["vocab_size"], tied=bool(tied), layer_extra=extra,
-                rotary_tables=2 if kind == "gemma3_text" else 1, window=window, windowed_layers=windowed)
+                rotary_tables=2 if kind == "gemma3_text" else 1, window=window, windowed_layers=windowed,
+                fused=kind in FUSED)
 
 
 def sliding_window(c: dict, kind: str | None) -> tuple[int | None, int]:

@@ -1,9 +1,10 @@
 """A sliding window shorter than the row: what attending within it block by block keeps.
 
-Where a layer attends within a window (Arch.window: Mistral's sliding_window, Gemma 3's sliding layers, Qwen's with
-use_sliding_window) and the row is longer, `sdpa` attention cuts each document into blocks of B queries, each with the
-R keys before it and one B x (R + B) mask (qlora/base/sliding_window.py): no b x s x s mask. Symbols as in estimate.py
-(b rows of s tokens, T = b s); B and R from the window W (block_size, reach: W and W - 1 rounded up).
+Where a layer attends within a window (Arch.window: Mistral's sliding_window, Gemma 3's sliding layers, Phi-3's,
+Qwen's with use_sliding_window) and the row is longer, `sdpa` attention cuts each document into blocks of B queries,
+each with the R keys before it and one B x (R + B) mask (qlora/base/sliding_window.py): no b x s x s mask. Symbols
+as in estimate.py (b rows of s tokens, T = b s); B and R from the window W (block_size, reach: W and W - 1 rounded
+up).
 
     mask        B (R + B) e     the blocks' additive mask, made once per run and kept (about 2 W^2 e)
     copy        q e             per token and windowed layer: the blocks' outputs, which SDPA saves, concatenated into
