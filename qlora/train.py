@@ -267,13 +267,13 @@ def _main(argv: list[str]) -> None:
         print(help_text("qlora.train", argv), end="")
         return
     quiet_libraries()  # for a run started in-process; `python -m qlora.train` did it before importing transformers
+    if not launch.from_env().main:  # rank 0 speaks for the run, from its first line on (a repeated key's note too)
+        launch.quiet()
     recipe, flags, overrides = split_args(argv, USAGE)
     cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides))
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ConfigError(_flag_error(unknown[0]))
-    if not launch.from_env().main:  # rank 0 speaks for the run, from its first line on
-        launch.quiet()
     if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
         cfg = runconfig.resume_config(cfg, overrides)
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.

@@ -153,6 +153,24 @@ def test_a_key_given_twice_on_the_command_line_takes_the_last_and_says_so(capsys
     assert capsys.readouterr().out == ""
 
 
+def test_only_rank_0_notes_a_repeated_key(capsys, monkeypatch):
+    """Under torchrun every process printed the repeated key's note: split_args ran before the ranks but 0 went
+    quiet, so 8 processes said it 8 times."""
+    import transformers
+
+    from qlora.train import main
+
+    for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)  # launch.quiet sets it; this test's alone
+    verbosity = transformers.utils.logging.get_verbosity()
+    try:
+        assert main([TINY, "--train.lr=1e-4", "--train.lr=2e-4", "--no-such-flag"]) == 2
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    assert capsys.readouterr().out == ""  # (rank 0 names the unknown flag)
+
+
 def test_a_recipe_runs_as_python_runs_a_script(tmp_path):
     """A dataclass of its own under `from __future__ import annotations` (dataclasses looks the module up in
     sys.modules: 'NoneType' object has no attribute '__dict__') and a module beside it (ModuleNotFoundError)."""
