@@ -66,6 +66,11 @@ PUBLISHED = {
                                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
                                       vocab_size=32064, sliding_window=2047, tie_word_embeddings=False),
                                  13_960_238_080),
+    # Phi-4-mini: Phi-3's layers, tied embeddings, and rotary on 3/4 of each head (counted the same: below).
+    "Phi-4-mini-instruct": (dict(model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                                 num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+                                 partial_rotary_factor=0.75, sliding_window=262144, tie_word_embeddings=True),
+                            3_836_021_760),
 }
 
 
@@ -428,6 +433,25 @@ def test_estimate_counts_the_sliding_window_blocks_on_cpu(measured):
         windowed, whole = (estimate(cfg, a, "qlora", "cpu").peak_bytes for a in (arch, unwindowed))
         q, block = arch.heads * arch.head_dim, 256  # fp32: 4 bytes; blocks of 256 queries, 16 keys before each
         assert windowed - whole == (tokens * q * 4 + block * (16 + block) * 4 if tokens > 16 else 0), tokens
+
+
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_partial_rotary_saves_what_the_layer_formula_counts(compute, tmp_path):
+    """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor 0.75), the rest passed through and joined by a
+    cat: autograd keeps the same bytes as with the whole head rotated, the formula's, to the byte."""
+    config = json.loads(config_json_path(tiny(*architecture("tiny-phi3"))).read_text())
+    rope = {**config.get("rope_parameters", {}), "partial_rotary_factor": 0.75}  # where transformers 5 reads it
+    config |= {"partial_rotary_factor": 0.75, "rope_parameters": rope}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = tiny(*architecture("tiny-phi3"), "--model.synthetic=true", f"--model.config_json={tmp_path / 'config.json'}",
+               f"--quant.compute_dtype={compute}", "--train.batch_size=2", "--data.max_seq_len=32",
+               "--train.gradient_checkpointing=false")
+    model, _, _ = load_base(cfg, CPU)
+    assert model.model.rotary_emb.inv_freq.numel() * 2 == load_arch(cfg).head_dim * 3 // 4  # rotated: 3/4
+    dtype = compute_dtype(cfg.quant, CPU)
+    layer = layer_terms(load_arch(cfg), "qlora", cfg, dtype.itemsize, "cpu", tiled=False, tiled_projections=False,
+                        tiled_norms=False)
+    assert saved_bytes_of_layer(cfg, "qlora", dtype) == layer.saved * 2 * 32
 
 
 def phi3_windowed(directory: Path) -> Path:
