@@ -31,7 +31,7 @@ from qlora.data.batches import eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
 from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, unplanned, use_plan
-from qlora.memory.preflight import check_fits, room
+from qlora.memory.preflight import check_fits, cpu_instead, room
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, launch, runconfig, rundir
 from qlora.training.assemble import prepare, print_summary
@@ -215,7 +215,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     From here on SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint."""
     t, run_dir = cfg.train, Path(cfg.output.dir)
     seen = rundir.check_run_dir(run_dir, cfg, resume, overwrite)
-    device = ranks.device if ranks.several else resolve_device(t.device)
+    no_gpu = t.device == "cuda" and not ranks.several and not torch.cuda.is_available()
+    device = ranks.device if ranks.several else resolve_device(t.device, fix=cpu_instead(cfg) if no_gpu else "")
     use_kernel(cfg, device)  # SDPA's CUDA kernel as model.sdpa_backend asks
     if t.plan == "fastest":  # the levers for this card and host, printed and recorded before loading
         use_plan(cfg, device, ranks.size, ranks.least(room(device)))

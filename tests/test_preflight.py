@@ -111,6 +111,25 @@ def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, ca
         "loaded): not even one row of 64 tokens fits: use a GPU, or a machine with more memory" in err[0], err
 
 
+@pytest.mark.parametrize("recipe,fix", [
+    ("llama70b.py", "on the CPU the step is estimated at 69.44 GiB and this host has 16.00 GiB available: run it where "
+                    "a CUDA GPU is visible"),
+    ("tiny.py", "use --train.device=cpu or auto (on the CPU the step is estimated at 0.14 GiB, and the host has "
+                "16.00 GiB available)")])
+def test_no_gpu_sends_to_the_cpu_only_a_step_the_host_holds(recipe: str, fix: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.device=cuda without a GPU said 'use --train.device=cpu or auto' to every recipe: the 70B one then
+    needed 69 GiB of the host's 16 (issue 22). The line says which a CPU run would hold, before anything loads."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: 16 * GIB)
+    code = main([f"recipes/{recipe}", "--train.device=cuda", f"--output.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: train.device=cuda but no CUDA GPU is visible: "
+                                                             f"{fix}"), err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("overrides,offered", [
     (["--train.tile_norms=false"], "--train.tile_norms=true: the norms in tiles too"),
     (["--train.tile_size=0", "--train.tile_projections=false", "--train.tile_norms=false"],

@@ -160,3 +160,21 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
                                                        if device.type == "cuda" else
                                                        "use a GPU, or a machine with more memory")
     raise ConfigError(f"{shape}: {need} (python -m qlora.memory RECIPE estimates it, nothing loaded): {fix}")
+
+
+def cpu_instead(cfg: Config) -> str:
+    """The fix for a recipe that asks for a GPU where none is visible: the CPU where the step fits the host's
+    available memory, else a machine with a GPU. The refusal sent every recipe to --train.device=cpu, a 70B one too,
+    which the check above then refused for needing 69 GiB of a 21 GiB host."""
+    fix = "use --train.device=cpu or auto"
+    try:
+        est = estimate(cfg, load_arch(cfg), cfg.quant.method, "cpu")
+    except (ConfigError, OSError, ValueError, KeyError):
+        return fix  # the CPU run's own check says what it needs
+    need, free = needs(est)[0], available_bytes()
+    if need <= free:
+        return f"{fix} (on the CPU the step is estimated at {need / GIB:.2f} GiB, and the host has {free / GIB:.2f} " \
+               "GiB available)"
+    return f"on the CPU the step is estimated at {need / GIB:.2f} GiB and this host has {free / GIB:.2f} GiB " \
+           "available: run it where a CUDA GPU is visible (python -m qlora.memory RECIPE --max-context shows what " \
+           "fits each card)"
