@@ -247,11 +247,16 @@ def test_llama70b_estimate_from_config_alone(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
-def test_synthetic_weights_have_the_loaded_model_layout(method):
+def test_synthetic_weights_have_the_loaded_model_layout(method, capsys):
     cfg = tiny(f"--quant.method={method}")
     real, _, _ = load_base(cfg, CPU)
     cfg.model.synthetic, cfg.model.config_json = True, str(Path(cfg.model.path) / "config.json")
+    capsys.readouterr()
     synthetic, tokenizer, _ = load_base(cfg, CPU)
+    # Said before the minutes a CPU takes for 8B (it was silent), and how long it took
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"drawing {load_arch(cfg).params:,} random weights for ")
+    assert out[-1].startswith("drawn in ")
     layout = {n: (type(p), p.dtype, p.shape) for n, p in real.named_parameters()}
     assert {n: (type(p), p.dtype, p.shape) for n, p in synthetic.named_parameters()} == layout
     assert tensor_categories(synthetic) == tensor_categories(real)
