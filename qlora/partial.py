@@ -31,16 +31,17 @@ NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)  # v
 TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)  # what a rename onto a name in use meets
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, with a failed write (a full disk, a read-only one) raised as the OSError it is, naming
-    `path`: safetensors reports it as a SafetensorError whose text ends in "(os error 28)", which ended a merge in a
-    traceback, and a checkpoint in `remove the cause` where the fix is to free some space."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file (`metadata` in its header beside "format"), with a failed write (a full disk, a
+    read-only one) raised as the OSError it is, naming `path`: safetensors reports it as a SafetensorError whose text
+    ends in "(os error 28)", which ended a merge in a traceback, and a checkpoint in `remove the cause` where the fix
+    is to free some space."""
     # imported here: qlora.base.build imports this module, and `--help` answers before torch is imported
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
+        save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
     except SafetensorError as err:
         code = re.search(r"\(os error (\d+)\)", str(err))
         if code is None:

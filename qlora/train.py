@@ -189,7 +189,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     final, started = held_out(step, "after training")
     if ranks.agree_signal(watch):
         raise watch.stopped_by_signal(step, last_checkpoint)
-    ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir)
+    ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir, step)
     first = progress.first_eval
     if first:
         # train.eval_batches caps the rows in batches of train.batch_size, which a resume may change

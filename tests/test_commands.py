@@ -456,6 +456,15 @@ def test_a_command_that_runs_alone_speaks_whatever_rank_the_environment_names(cl
         result.stderr
 
 
+def each_refuses(cli, run: Path, tmp_path: Path, line: str) -> None:
+    """eval, merge and export of `run` each end in `line`, exit 2, writing nothing."""
+    for module, args in [("qlora.eval", []), ("qlora.merge", [f"--out={tmp_path / 'm'}"]),
+                         ("qlora.export", [f"--gguf={tmp_path / 'm.gguf'}"])]:
+        result = cli.run([str(run), *args], module=module)
+        assert result.status == 2, result.stderr
+        assert result.stderr == f"error: {line}\n"
+
+
 def test_a_run_being_trained_is_used_by_its_checkpoints(cli, finished, tmp_path):
     """A run being trained (its lock held: here by this test, as the trainer holds it from its first write to its
     end) has no final weights yet, or those of an earlier end where it was extended with --resume, which eval, merge
@@ -467,15 +476,53 @@ def test_a_run_being_trained_is_used_by_its_checkpoints(cli, finished, tmp_path)
         lock.write("4242\n")
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
-        for module, args in [("qlora.eval", []), ("qlora.merge", [f"--out={tmp_path / 'm'}"]),
-                             ("qlora.export", [f"--gguf={tmp_path / 'm.gguf'}"])]:
-            result = cli.run([str(run), *args], module=module)
-            assert result.status == 2, result.stderr
-            assert result.stderr == (f"error: {run} is being trained now (pid 4242): its final weights are not where "
-                                     f"it has got to; pass {newest} to use its newest checkpoint, or wait for the run "
-                                     "to end\n")
+        each_refuses(cli, run, tmp_path, f"{run} is being trained now (pid 4242): its final weights are not where it "
+                     f"has got to; pass {newest} to use its newest checkpoint, or wait for the run to end")
         assert cli.run([str(newest)], module="qlora.eval").status == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+KILL_AT_FINAL_SAVE = """
+import os, signal
+import qlora.training.checkpoint as ckpt
+ckpt.save_final = lambda *args: os.kill(os.getpid(), signal.SIGKILL)  # its last checkpoint written, not its adapter
+"""
+
+
+def test_a_run_extended_and_killed_is_used_by_its_checkpoints_not_its_earlier_adapter(cli, finished, tmp_path):
+    """A finished run given more steps with --resume keeps the adapter of its earlier end until it ends again. Killed
+    before that, its lock is gone, and eval, merge and export took that adapter without a word (measured on the tiny
+    recipe: 8 steps extended to 12, killed after checkpoint-10, eval scored the adapter of step 8). They are refused
+    as while it trains, naming its newest checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    result = cli.run([TINY, "--train.steps=3", "--train.eval_every=0", "--train.eval_batches=1", f"--output.dir={run}",
+                      "--resume"], prelude=KILL_AT_FINAL_SAVE)
+    assert result.status == -signal.SIGKILL, result.stderr
+    newest = list_checkpoints(run)[-1]
+    assert newest.name == "checkpoint-3"
+    each_refuses(cli, run, tmp_path, f"{run} was extended past its adapter_model.safetensors (of an earlier end) and "
+                 f"stopped at checkpoint-3: pass {newest} to use its newest checkpoint, or continue the run with "
+                 "--resume to write its weights")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_adapter_of_no_recorded_step_is_of_an_earlier_end_where_the_run_is_short_of_its_steps(cli, finished,
+                                                                                                tmp_path):
+    """An adapter written before each recorded its step: a run whose newest checkpoint is short of its train.steps
+    (as an extension to 3 steps, stopped at its first checkpoint, leaves it) was extended past it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    save_file(load_file(str(run / ADAPTER_WEIGHTS)), str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**config, "train": {**config["train"], "steps": 3}}))
+    newest = list_checkpoints(run)[-1]
+    each_refuses(cli, run, tmp_path, f"{run} was extended past its adapter_model.safetensors (of an earlier end) and "
+                 f"stopped at {newest.name}: pass {newest} to use its newest checkpoint, or continue the run with "
+                 "--resume to write its weights")
+    config["train"]["steps"] = 2  # the run as it ended: its adapter is where it got to
+    (run / "run_config.json").write_text(json.dumps(config))
+    assert cli.run([str(run)], module="qlora.eval").status == 0
 
 
 # In the child, before the command: the first write_text of a text holding MARK writes half of it, then the process

@@ -141,8 +141,8 @@ KILL_IN_FINAL_SAVE = """
 import os, signal
 import qlora.training.checkpoint as ckpt
 save_weights = ckpt.save_weights
-def killing_save_weights(model, cfg, base_path, out_dir):
-    save_weights(model, cfg, base_path, out_dir)
+def killing_save_weights(model, cfg, base_path, out_dir, *args):
+    save_weights(model, cfg, base_path, out_dir, *args)
     if out_dir.name == ".tmp-final":  # the adapter is written, but not yet renamed into place
         os.kill(os.getpid(), signal.SIGKILL)
 ckpt.save_weights = killing_save_weights

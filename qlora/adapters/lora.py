@@ -168,8 +168,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
                 getattr(layer, part).weight.copy_(state[f"{PEFT_PREFIX}{name}.{part}.weight"])
 
 
-def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Path) -> None:
-    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format."""
+def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format (`metadata` in the latter's header,
+    which PEFT does not read)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(lora_layers(model))
     peft_config = {
@@ -190,7 +192,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
         "inference_mode": True,
     }
     state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
-    save_tensors(state, out_dir / ADAPTER_WEIGHTS)
+    save_tensors(state, out_dir / ADAPTER_WEIGHTS, metadata)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 

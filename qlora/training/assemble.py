@@ -196,6 +196,17 @@ def read_run_config(run_dir: Path) -> Config:
     cfg = read_config_json(path)
     # edited since its checkpoints were written: another base, another split (data.eval, moved, may be pointed at)
     check_recorded(cfg, path, run_dir, movable=(*MOVABLE, "data.train", "data.eval"))
+    # Extended by --resume and stopped (kill -9, a signal, an error) before it ended again: its final weights are the
+    # earlier end's, as while it trained, which the lock no longer tells. Weights of no recorded step (written before
+    # it was) are taken for the earlier end's where the newest checkpoint is short of train.steps.
+    newest = checkpoint.list_checkpoints(run_dir) if path.parent == run_dir else []
+    weights = run_dir / (checkpoint.FULL_WEIGHTS if cfg.quant.method == "full" else ADAPTER_WEIGHTS)
+    if newest and weights.is_file():
+        at, last = checkpoint.weights_step(weights), int(checkpoint.PATTERN.match(newest[-1].name)[1])
+        if at < last if at is not None else last < cfg.train.steps:
+            raise ConfigError(f"{run_dir} was extended past its {weights.name} (of an earlier end) and stopped at "
+                              f"{newest[-1].name}: pass {newest[-1]} to use its newest checkpoint, or continue the "
+                              "run with --resume to write its weights")
     return cfg
 
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qlora.adapters.loftq import SHIFTS
@@ -68,14 +69,27 @@ def run_device(model: torch.nn.Module) -> torch.device:
     return next(p for p in model.parameters() if p.requires_grad).device
 
 
-def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: Path) -> None:
-    """The trained weights: a PEFT adapter for LoRA methods, every trainable tensor for full fine-tuning."""
+def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: Path, step: int) -> None:
+    """The trained weights: a PEFT adapter for LoRA methods, every trainable tensor for full fine-tuning; the step
+    they are of in the file's header (`weights_step`)."""
+    metadata = {"step": str(step)}
     if cfg.quant.method == "full":
         state = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_tensors(state, out_dir / FULL_WEIGHTS)
+        save_tensors(state, out_dir / FULL_WEIGHTS, metadata)
     else:
-        save_adapter(model, cfg.lora, base_path, out_dir)
+        save_adapter(model, cfg.lora, base_path, out_dir, metadata)
     ordinary_modes(out_dir)  # safetensors writes its files 0600: the run's files are ordinary ones, as its others
+
+
+def weights_step(path: Path) -> int | None:
+    """The step the weights file `path` was saved at; None for one written before it was recorded, or unreadable
+    (its loading says why)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = (f.metadata() or {}).get("step", "")
+    except Exception:  # a damaged file: left to the load that names it
+        return None
+    return int(step) if step.isdigit() else None
 
 
 def load_weights(model: torch.nn.Module, cfg: Config, ckpt: Path) -> None:
@@ -167,7 +181,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_weights(model, cfg, base_path, tmp)
+        save_weights(model, cfg, base_path, tmp, step)
         torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
         torch_save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(run_device(model)), **extra},
                    tmp / STATE)
@@ -201,13 +215,13 @@ def prune(run_dir: Path, keep: int, newest: Path | None = None) -> None:
         remove_checkpoint(old)
 
 
-def save_final(model: torch.nn.Module, cfg: Config, base_path: str, run_dir: Path) -> None:
-    """The trained adapter at the top of the run dir; each file replaces its predecessor in one rename."""
+def save_final(model: torch.nn.Module, cfg: Config, base_path: str, run_dir: Path, step: int) -> None:
+    """The trained adapter at the top of the run dir, of `step`; each file replaces its predecessor in one rename."""
     tmp = run_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_weights(model, cfg, base_path, tmp)
+        save_weights(model, cfg, base_path, tmp, step)
         files = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".json")  # weights first, then the config
         for file in files:
             _fsync(file)
