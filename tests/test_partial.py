@@ -82,3 +82,49 @@ def test_a_full_disk_under_a_file_written_aside_names_the_file(tmp_path: Path, m
     assert caught.value.filename == str(tmp_path / "reports" / "new" / "r.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     assert (tmp_path / "eval.json").read_text() == "the earlier result\n"
+
+
+def test_a_file_system_without_hard_links_never_renames_over_a_file_that_appeared(tmp_path: Path, monkeypatch) -> None:
+    """Where os.link is refused (vfat, some FUSE mounts), rename_new checks the name again and renames: a file that
+    took the name while the command wrote (another export's) is kept, and a free name gets the whole output."""
+    import errno
+
+    from qlora.errors import ConfigError
+    from qlora.partial import rename_new
+
+    def no_links(*args: object) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    (tmp_path / ".x.gguf.partial").write_text("this export's\n")
+    (tmp_path / "x.gguf").write_text("the other export's\n")
+    with pytest.raises(ConfigError, match=r"--gguf=.*x.gguf appeared while this command wrote it"):
+        rename_new(tmp_path / ".x.gguf.partial", tmp_path / "x.gguf", "--gguf")
+    assert (tmp_path / "x.gguf").read_text() == "the other export's\n"
+    rename_new(tmp_path / ".x.gguf.partial", tmp_path / "y.gguf", "--gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf", "y.gguf"]
+    assert (tmp_path / "y.gguf").read_text() == "this export's\n"
+
+
+def test_the_copy_of_another_users_live_process_is_kept(tmp_path: Path, monkeypatch) -> None:
+    """os.kill(pid, 0) on a process of another user is refused (EPERM): it lives, and its copy is not removed."""
+    def not_yours(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    (tmp_path / ".merged.partial-4242-ab12").mkdir()
+    monkeypatch.setattr(os, "kill", not_yours)
+    remove_abandoned(tmp_path / "merged")
+    assert [p.name for p in tmp_path.iterdir()] == [".merged.partial-4242-ab12"]
+
+
+def test_a_file_written_aside_through_a_link_is_written_to_its_target(tmp_path: Path) -> None:
+    """A run's run_config.json or eval.json kept on another disk behind a link: the new file goes where the link points
+    and the link stays, as write_text would have it; renamed over the link itself, the target would keep the old one."""
+    from qlora.partial import write_aside
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "eval.json").write_text("the earlier result\n")
+    (tmp_path / "eval.json").symlink_to(tmp_path / "elsewhere" / "eval.json")
+    write_aside(tmp_path / "eval.json", "{}\n")
+    assert (tmp_path / "eval.json").is_symlink() and (tmp_path / "elsewhere" / "eval.json").read_text() == "{}\n"
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["eval.json"]
