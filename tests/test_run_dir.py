@@ -245,3 +245,74 @@ def test_a_run_records_its_local_paths_absolute_and_is_evaluated_from_anywhere(c
     proc = subprocess.run([sys.executable, "-m", "qlora.eval", str(out)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "held-out loss" in proc.stdout, proc.stderr
+
+
+def test_a_damaged_checkpoint_is_set_aside_under_a_name_still_free(tmp_path):
+    """A resume sets a damaged checkpoint aside by os.replace, which fails onto a folder that is not empty: the name is
+    one that no earlier resume took."""
+    checkpoint = tmp_path / "checkpoint-8"
+    assert rundir.aside_name(checkpoint) == tmp_path / "checkpoint-8.damaged"
+    for taken in ("checkpoint-8.damaged", "checkpoint-8.damaged-2"):
+        (tmp_path / taken).mkdir()
+        (tmp_path / taken / "adapter_model.safetensors").write_bytes(b"set aside by an earlier resume")
+    assert rundir.aside_name(checkpoint) == tmp_path / "checkpoint-8.damaged-3"
+
+
+def test_the_lock_holds_this_runs_pid_alone_over_a_killed_runs_longer_one(tiny_config):
+    """The lock file outlives its run: written over a longer pid, this run's must not keep that one's tail, or the
+    trainer refused next names a pid that is neither (4242 over 4194304 read '4242\\n04')."""
+    out = Path(tiny_config.output.dir)
+    out.mkdir()
+    (out / rundir.LOCK).write_text("4194304\n")  # a killed run's, released with its process
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=False)
+    rundir.start_run(out, tiny_config, overwrite=False, seen=seen)
+    try:
+        assert rundir.lock_holder(out) == str(os.getpid())
+    finally:
+        rundir.unlock(out)
+
+
+def test_the_names_a_run_owns_are_told_from_the_rest_of_its_directory(tmp_path):
+    """What merge, export and eval refuse to write into (run_owned): the run's files, checkpoints and leftovers, found
+    from the run or from a checkpoint given as the run; not the run's directory itself (it has no name in the run: an
+    IndexError), a file of the user's in it, or a path outside it."""
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    owned = {run: None, run / "checkpoint-2": "checkpoint-2", run / "checkpoint-2" / "m": "checkpoint-2",
+             run / "metrics.jsonl": "metrics.jsonl", run / ".qlora.lock": ".qlora.lock",
+             run / ".tmp-final": ".tmp-final", run / "checkpoint-3.damaged": "checkpoint-3.damaged",
+             run / "eval.json": None, run / "notes" / "m": None, tmp_path / "run-merged": None}
+    for given in (run, run / "checkpoint-2"):
+        assert {path: rundir.run_owned(path, given) for path in owned} == owned, given
+
+
+def test_a_start_refused_by_the_system_releases_the_lock(tiny_config, monkeypatch):
+    """In one process (a notebook, a sweep), a run whose first write the system refused leaves its directory to the
+    next try, not 'in use by another trainer' (this very process)."""
+    import errno
+
+    out = Path(tiny_config.output.dir)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=False)
+    monkeypatch.setattr(rundir, "write_aside", refused)
+    with pytest.raises(ConfigError, match=rf"output.dir={out} cannot be written \(Permission denied\)"):
+        rundir.start_run(out, tiny_config, overwrite=False, seen=seen)
+    assert rundir.lock_holder(out) is None
+
+
+def test_a_run_config_rewritten_at_the_same_size_while_the_run_loaded_is_refused(tiny_config):
+    """Another trainer's --overwrite with train.seed=2 over one with seed=1 writes a run_config.json of the same size:
+    the run that loaded meanwhile is refused by the file's time, and the other's file is kept."""
+    out = Path(tiny_config.output.dir)
+    out.mkdir()
+    (out / "run_config.json").write_text('{"train": {"seed": 1}}\n')
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=True)
+    (out / "run_config.json").write_text('{"train": {"seed": 2}}\n')
+    stat = (out / "run_config.json").stat()
+    os.utime(out / "run_config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a later write, however coarse
+    with pytest.raises(ConfigError, match=rf"output.dir={out} changed while this run loaded"):
+        rundir.start_run(out, tiny_config, overwrite=True, seen=seen)
+    assert (out / "run_config.json").read_text() == '{"train": {"seed": 2}}\n'
