@@ -204,7 +204,8 @@ def windowed_case(window: int, rows: list[list[int]], heads: int, kv: int) -> tu
     (300, [[1000], [250, 750]], 6, 2),  # a window that does not divide T (blocks of 320), GQA 3:1
     (256, [[1024], [1024]], 4, 4),  # one that does (blocks of 256), no grouping
     (512, [[2000]], 8, 1),  # one K and V head for eight
-], ids=["plain row", "packed, batch 2", "window not dividing T", "window dividing T", "MQA"])
+    (33, [[600]], 4, 2),  # W - 1 a multiple of 8 (R = W - 1): the mask's first key column is in the window
+], ids=["plain row", "packed, batch 2", "window not dividing T", "window dividing T", "MQA", "reach of W - 1 exactly"])
 def test_a_window_attends_block_by_block_as_the_dense_mask_does(window: int, rows: list[list[int]], heads: int,
                                                                  kv: int, grouped: bool,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,7 +224,7 @@ def test_a_window_attends_block_by_block_as_the_dense_mask_does(window: int, row
     if not grouped:
         monkeypatch.setattr(sliding_window, "grouped", lambda *args: False)
     q, k, v, positions, module = windowed_case(window, rows, heads, kv)
-    b, t, scale = len(rows), positions.shape[1], 32 ** -0.5
+    b, t, scale = len(rows), positions.shape[1], 0.1  # not SDPA's default of 1/sqrt(hd): Gemma 3's is its own
     weights = torch.randn(b, t, heads, 32, generator=torch.Generator().manual_seed(1))
     config = AutoConfig.for_model("mistral", sliding_window=window)
     # transformers 5.17 (the GPU image's) names the cache past_key_values, 5.25 cache (the old name deprecated)
@@ -256,6 +257,59 @@ def test_a_window_attends_block_by_block_as_the_dense_mask_does(window: int, row
     if grouped:  # each block's output (T x heads x hd in all) and logsumexp, and the mask
         assert sum(kept.values()) <= 4 * b * t * heads * (32 + 1) + mask.untyped_storage().nbytes(), kept
     assert max(kept.values()) < b * t * t, kept
+
+
+
+@pytest.mark.parametrize("window", [16, 100, 255, 256, 300, 4095, 4096])
+def test_a_windows_blocks_are_cut_where_the_cuda_kernel_takes_its_mask(window: int) -> None:
+    """On the CPU any cut attends as the dense mask does (the test above); on CUDA the memory-efficient kernel takes a
+    mask whose rows, and the start of each block's slice of it, are a multiple of 8: the R keys before a block are
+    W - 1 rounded up to 8 (no fewer, or a query loses the first of its window), a block of B queries is at least the
+    window and MIN_BLOCK, rounded to 64, and each query sees the W keys that end at it, no more."""
+    from qlora.base import sliding_window
+
+    block, before = sliding_window.block_size(window), sliding_window.reach(window)
+    assert before % 8 == 0 and window - 1 <= before < window + 7
+    assert block % 64 == 0 and max(window, sliding_window.MIN_BLOCK) <= block < max(window, 256) + 64
+    mask = sliding_window.window_mask(window, torch.float32, torch.device("cpu"))
+    assert mask.shape == (block, before + block)
+    seen = mask == 0
+    assert (seen.sum(1) == window).all()
+    assert seen[0, before] and not seen[0, before + 1] and seen[-1, -1]
+
+
+
+def test_a_window_is_left_to_the_blocks_only_for_a_whole_row_without_a_cache() -> None:
+    """The blocks take the keys to be the queries, from position 0: a KV cache's keys beyond the queries (generate), or
+    a cache that dropped those before the window, keep transformers' mask, as do an added pattern and a model type
+    whose layers do not pass their window on."""
+    from transformers import AutoConfig
+
+    from qlora.base.sliding_window import left_to_blocks
+
+    row = dict(config=AutoConfig.for_model("mistral", sliding_window=16), q_length=64, kv_length=64, q_offset=0,
+               kv_offset=0)
+    assert left_to_blocks(row)
+    for other in (dict(q_length=1, kv_length=65), dict(kv_offset=48), dict(q_offset=64), dict(use_vmap=True),
+                  dict(allow_is_bidirectional_skip=True), dict(config=AutoConfig.for_model("llama"))):
+        assert not left_to_blocks({**row, **other}), other
+
+
+@pytest.mark.parametrize(("config", "window"), [
+    (dict(model_type="mistral", sliding_window=16), 16),
+    (dict(model_type="gemma3_text", sliding_window=16, num_hidden_layers=2,
+          layer_types=["sliding_attention", "full_attention"]), 16),
+    (dict(model_type="gemma3_text", sliding_window=16, num_hidden_layers=2, layer_types=["full_attention"] * 2),
+     None),  # no sliding layer
+    (dict(model_type="mistral", sliding_window=None), None),
+    (dict(model_type="llama"), None),  # not a type whose layers pass the window on
+])
+def test_the_window_the_blocks_take_is_a_sliding_layers_own(config: dict, window: int | None) -> None:
+    from transformers import AutoConfig
+
+    from qlora.base.sliding_window import configured_window
+
+    assert configured_window(AutoConfig.for_model(**config)) == window
 
 
 # Each windowed model type, tiny and random, with a window of 16 (Gemma 3 and Qwen's on one layer of two).
