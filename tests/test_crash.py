@@ -33,7 +33,7 @@ from qlora.errors import exit_status
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.profiler import PhaseTracker
-from qlora.training.checkpoint import STATE, list_checkpoints
+from qlora.training.checkpoint import STATE, list_checkpoints, prune, remove_checkpoint
 from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.oom import HEADROOM
 from qlora.training.rundir import start_run
@@ -383,11 +383,14 @@ def test_a_checkpoint_is_flushed_with_the_files_a_resume_reads_beside_it(tmp_pat
     run = (tmp_path / "run").resolve()
     finished_run("tiny.py", run, steps=2, save_every=1, log_every=1, eval_every=0, eval_before=False, lora=lora)
     beside = {"metrics.jsonl", "run_config.json"} | ({"loftq_shifts.safetensors"} if lora else set())
+    own = [p.name for p in list_checkpoints(run)[-1].iterdir()]  # its own files too, and its folder's entries
     start = 0
     for step in (1, 2):
         end = events.index(("renamed", str(run / f"checkpoint-{step}")))
         flushed = {path for what, path in events[start:end] if what == "flushed"}
-        assert {str(run / name) for name in beside} <= flushed, step
+        tmp = run / f".tmp-checkpoint-{step}"
+        assert {str(run / name) for name in beside} | {str(tmp / name) for name in own} | {str(tmp)} <= flushed, step
+        assert events[end + 1] == ("flushed", str(run)), step  # the rename itself, before the run goes on
         start = end
 
 
@@ -486,6 +489,38 @@ def test_list_checkpoints_sees_only_complete_ones(tmp_path):
         for file in files:
             (tmp_path / name / file).write_bytes(b"")
     assert list_checkpoints(tmp_path) == [tmp_path / "checkpoint-3"]
+
+
+def test_checkpoints_go_by_their_step_and_the_oldest_are_pruned(tmp_path):
+    """checkpoint-10 is newer than checkpoint-9, though its name sorts first: a resume takes it, pruning keeps it."""
+    for step in (2, 9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for file in ("optimizer.pt", STATE):
+            (tmp_path / f"checkpoint-{step}" / file).write_bytes(b"")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
+    prune(tmp_path, 2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
+    prune(tmp_path, 1, newest=tmp_path / "checkpoint-9")  # a resume from checkpoint-9 keeps it, whatever is newer
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9"]
+
+
+def test_a_checkpoint_deleted_halfway_is_never_taken_for_a_complete_one(tmp_path, monkeypatch):
+    """Pruning stopped halfway (Ctrl-C, a kill) through an old checkpoint's files: what is left of it is under a
+    .trash- name, never under its own with its state and optimizer still there for a resume to take."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    for file in ("adapter_model.safetensors", "optimizer.pt", STATE):
+        (checkpoint / file).write_bytes(b"")
+
+    def stopped_halfway(path: Path, ignore_errors: bool = False) -> None:
+        if Path(path).is_dir():
+            (Path(path) / "adapter_model.safetensors").unlink()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        remove_checkpoint(checkpoint)
+    assert list_checkpoints(tmp_path) == []
 
 
 # The paged classes, whose state a CUDA run saves; on the CPU they run unpaged, and bitsandbytes warns that they do.
