@@ -220,6 +220,10 @@ CASES = [
     # More rows than the data has, few enough to fit the host (the check before loading would refuse 10^5 rows).
     ("batch beyond the data", [TINY, "--train.batch_size=1000"], r"train.batch_size=1000 exceeds the (\d+) "
                                                                  r"training rows: use at most --train.batch_size=\1"),
+    # The check before loading counted every micro-batch size up to the step's rows for its fix: this one hung.
+    ("batch beyond any host", [TINY, "--train.batch_size=100000000000"],
+     r"train.batch_size=100000000000 x data.max_seq_len=128: the step is estimated at .* set --train.batch_size=\d+ "
+     r"--train.grad_accum=\d+, the most that fits"),
     ("empty targets", [TINY, "--lora.targets=,"], r"lora.targets is empty"),
     ("unknown compute dtype", [TINY, "--quant.compute_dtype=fp8"], r"quant.compute_dtype='fp8': use auto, bf16"),
     ("unknown data format", [TINY, "--data.format=chat"], r"data.format='chat': use auto, messages"),

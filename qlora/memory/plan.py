@@ -188,7 +188,7 @@ def fewer_rows(cfg: Config, most: int) -> None:
     rows need less memory, so it still fits; printed and recorded in train.plan_chose."""
     t = cfg.train
     rows = t.batch_size * t.grad_accum
-    b = max(n for n in divisors(rows) if n <= max(1, most))
+    b = divisors(rows, max(1, most))[-1]
     print(f"train.plan=fastest: micro-batches of {t.batch_size} rows exceed the {most} training rows of a process: "
           f"{b} rows x {rows // b} micro-batches a step instead")
     t.batch_size, t.grad_accum = b, rows // b

@@ -15,6 +15,7 @@ checked: the loader's own refusal names the fix (and the out-of-memory report st
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
@@ -64,9 +65,12 @@ def needs(est: Estimate) -> tuple[int, int]:
     return est.card_bytes + process_margin(est), est.host_bytes - est.host.get("runtime", 0)
 
 
-def divisors(rows: int) -> list[int]:
-    """The micro-batch sizes that run `rows` rows a step in whole micro-batches."""
-    return [b for b in range(1, rows + 1) if rows % b == 0]
+def divisors(rows: int, most: int | None = None) -> list[int]:
+    """The micro-batch sizes (of at most `most` rows) that run `rows` rows a step in whole micro-batches, ascending.
+    Found in pairs up to the square root: counting to `rows` hung the check before loading at 10^11 rows."""
+    most = rows if most is None else min(most, rows)
+    small = [b for b in range(1, min(most, math.isqrt(rows)) + 1) if rows % b == 0]
+    return small + [rows // b for b in reversed(small) if b < rows // b <= most]
 
 
 def fits(est: Estimate, device_bytes: int, host_bytes: int | None) -> bool:
@@ -150,7 +154,7 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     fixes = [f"--data.max_seq_len={longest}"] if longest else []
     if batch:  # as many rows per step, in smaller micro-batches: one that divides them
         rows = t.batch_size * t.grad_accum
-        batch = max(b for b in divisors(rows) if b <= batch)
+        batch = divisors(rows, batch)[-1]
         fixes.append(f"--train.batch_size={batch} --train.grad_accum={rows // batch}")
     if fixes:
         fix = "set " + " or ".join(fixes) + ", the most that fits as the recipe stands" + \

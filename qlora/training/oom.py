@@ -121,7 +121,7 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int) -> l
         offer(f"--data.max_seq_len={seq}", "the longest that fits; longer rows are cut", data__max_seq_len=seq)
     rows = t.batch_size * t.grad_accum
     # micro-batches that divide the step's rows: the loss and the schedule stay the run's
-    bs = max((b for b in divisors(rows) if b < t.batch_size and peak(train__batch_size=b) <= budget), default=0)
+    bs = max((b for b in divisors(rows, t.batch_size - 1) if peak(train__batch_size=b) <= budget), default=0)
     if bs:
         offer(f"--train.batch_size={bs} --train.grad_accum={rows // bs}",
               f"the largest micro-batch that fits, the same {rows} rows per step", train__batch_size=bs)
@@ -162,7 +162,7 @@ def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int) -> 
         out.append(f"  --data.max_seq_len={seq}")
     rows = t.batch_size * t.grad_accum
     if (most := int(t.batch_size * f)) >= 1 and most < t.batch_size:  # a divisor of the rows: the same rows per step
-        bs = max(b for b in divisors(rows) if b <= most)
+        bs = divisors(rows, most)[-1]
         out.append(f"  --train.batch_size={bs} --train.grad_accum={rows // bs}")
     if not t.gradient_checkpointing:
         out.append("  --train.gradient_checkpointing=true")
