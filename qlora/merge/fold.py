@@ -94,9 +94,11 @@ def read_scaling(run_dir: Path, cfg: Config) -> float:
     return adapter_cfg["lora_alpha"] / adapter_cfg["r"]
 
 
-def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
-    """Every adapter pair fits a weight of the base, at the rank adapter_config.json says, with finite values: checked
-    from the safetensors headers (and the adapter's small tensors) before a single merged shard is written."""
+def check_adapter(run_dir: Path, adapter_cfg: dict, shards: list[Path]) -> None:
+    """Every adapter pair fits a weight of the base, at the rank adapter_config.json says, with finite values, and
+    every layer its target_modules name has one: checked from the safetensors headers (and the adapter's small
+    tensors) before a single merged shard is written."""
+    rank, targets = adapter_cfg["r"], adapter_cfg.get("target_modules")
     shapes = {}
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
@@ -129,6 +131,18 @@ def check_adapter(run_dir: Path, rank: int, shards: list[Path]) -> None:
                                       "fp32): restore it from the run")
                 if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                     raise ConfigError(f"{path}: the adapter of {module} holds nan or inf: there is nothing to merge")
+            # A layer without its pair would be merged as the base alone, without a word (eval and generate refuse
+            # it as they load the adapter): one whose A or B is gone, or whose pair is.
+            modules = {key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for key in adapter.keys()}
+            paired = {module for module in modules if {f"{PEFT_PREFIX}{module}.lora_{ab}.weight" for ab in "AB"}
+                      <= set(adapter.keys())}
+            named = {name.removesuffix(".weight") for name, shape in shapes.items() if len(shape) == 2 and
+                     isinstance(targets, list) and name.removesuffix(".weight").rsplit(".", 1)[-1] in targets}
+            missing = sorted((modules | named) - paired)
+            if missing:
+                raise ConfigError(f"{path} lacks the adapter pair (lora_A and lora_B) of {missing[0]} ({len(missing)} "
+                                  "layer(s) in all) that the run trained: restore it from the run (its checkpoint-N "
+                                  "directories hold copies)")
     except ConfigError:
         raise
     except Exception as err:  # damaged (SafetensorError), or an A without its B
@@ -166,7 +180,7 @@ def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | Non
     base = str(local_checkpoint(base_16bit or ensure_checkpoint(cfg)))
     check_model_dir(base, f"--base-16bit={base}" if base_16bit else f"the run's base {base}",
                     cfg.model.trust_remote_code)
-    check_adapter(run_dir, read_adapter_config(run_dir)["r"], checkpoint_shards(Path(base)))
+    check_adapter(run_dir, read_adapter_config(run_dir), checkpoint_shards(Path(base)))
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None
     double = " with double quant" if cfg.quant.double_quant else ""
