@@ -235,6 +235,9 @@ CASES = [
     ("data file not a regular file", [TINY, "--data.train=/dev/null"], r"data file /dev/null is not a regular file"),
     ("model path is a file", [TINY, "--model.path={d}/exits.py", "--model.build=none"],
      r"model.path=.*exits.py is a file, not a checkpoint directory"),
+    ("model path is a file to build into", [TINY, "--model.path={d}/exits.py"],
+     r"model.path=.*exits.py is a file, not a directory: model.build=tiny-llama builds a checkpoint directory there; "
+     r"point model.path at a new directory"),
     # Issue 26: five kinds of input that ended in a traceback, and their siblings.
     ("recipe not named .py", ["{d}/recipe.txt"], r"recipe .*recipe.txt is not a .py file: a recipe is Python; rename "
                                                  r"it to recipe.py"),

@@ -108,6 +108,9 @@ def ensure_checkpoint(cfg: Config) -> str:
     if cfg.model.build not in BUILDERS:
         raise ConfigError(f"model.build={cfg.model.build!r} is not one of {', '.join(BUILDERS)}")
     target = Path(path)
+    if target.exists() and not target.is_dir():  # the build failed at its rename, saying to remove "that directory"
+        raise ConfigError(f"model.path={target} is a file, not a directory: model.build={cfg.model.build} builds a "
+                          "checkpoint directory there; point model.path at a new directory")
     if not (target / "config.json").is_file():
         started = announce(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
         target.parent.mkdir(parents=True, exist_ok=True)
