@@ -244,9 +244,33 @@ def test_a_malformed_json_file_is_named_by_the_line_that_breaks_it(tmp_path: Pat
         read_rows(str(lines))
     mixed = tmp_path / "mixed.json"  # JSON, but `datasets` named "row 0" for the second row, a string
     mixed.write_text('[{"text": "a"}, "b", {"text": "c"}]')
-    with pytest.raises(ConfigError, match=r"mixed.json: row 2: expected a JSON object per row, got str: fix or delete "
-                                          r"that row$"):
+    with pytest.raises(ConfigError, match=r"mixed.json: row 2: expected a JSON object per row, got string: fix or "
+                                          r"delete that row$"):
         read_rows(str(mixed))
+
+
+
+@pytest.mark.parametrize("content,line", [
+    # datasets: "DataFrame constructor not properly called!"; of `null`, a segmentation fault (exit 139, no line)
+    ('"just text"', " holds one JSON string, not rows: write them as a top-level array of objects, or one object per "
+                    "line (.jsonl)"),
+    ("42", " holds one JSON number, not rows"), ("null", " holds one JSON null, not rows"),
+    ("null\n" + '{"text": "a"}\n', ":1: expected a JSON object per line, got null"),  # JSON Lines: a segfault too
+    # datasets took these for rows of a column it named `text`, and trained on "a" and "1"
+    ('["a", "b"]', ": row 1: expected a JSON object per row, got string: fix or delete that row"),
+    ('[{"text": "a"}, 1]', ": row 2: expected a JSON object per row, got number"),
+    ("[[1]]", ": row 1: expected a JSON object per row, got array"),
+    ('[{"text": "a"}, null]', ": row 2: expected a JSON object per row, got null"),
+    # datasets kept the last of the two
+    ('[{"text": "a", "text": "b"}]', ": key 'text' appears twice in one object, and JSON would keep only the last"),
+    ("{}", " holds no rows: add data, or check data.train / data.eval")])
+def test_a_json_file_that_holds_no_rows_of_objects_is_named_in_one_line(tmp_path: Path, content: str,
+                                                                          line: str) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        read_rows(str(path))
+    assert str(err.value).startswith(f"{path}{line}"), str(err.value)
 
 
 def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -48,6 +48,8 @@ def _read(source: str, key: str) -> Rows:
             raise ConfigError(f"data file {path} {problem}{where}: check {key}")
         if suffix == ".jsonl":
             return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
         if suffix in COMPRESSED:
             raise ConfigError(f"data file {path} is compressed: {COMPRESSED[suffix]} it and point {key} at the file "
                               f"it holds ({', '.join(LOADERS)})")
@@ -73,8 +75,6 @@ def _read(source: str, key: str) -> Rows:
             while cause.__cause__ or cause.__context__:
                 cause = cause.__cause__ or cause.__context__
             text = (str(cause).strip() or "no details").splitlines()[0]
-            if suffix == ".json":
-                json_syntax_error(path)
             raise ConfigError(f"data file {path} could not be read ({type(cause).__name__}: {text}): fix the file, "
                               "or convert it to JSONL") from err
         if suffix == ".csv":  # a row per line after the header where pandas read the file otherwise
@@ -126,9 +126,9 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
 
 def holds_no_rows(path: Path, suffix: str, header: list[str], lines: list[int]) -> bool:
     """Whether a file `datasets` could not read holds no rows, which it refuses in its own words ('Instruction "train"
-    corresponds to no data!' for a JSON array of none or a CSV of its header alone, 'No columns to parse from file'
-    for an empty CSV, 'BatchSize must be greater than 0' for a Parquet file of none). `header` and `lines`: a CSV's,
-    from csv_records."""
+    corresponds to no data!' for a CSV of its header alone, 'No columns to parse from file' for an empty CSV,
+    'BatchSize must be greater than 0' for a Parquet file of none). `header` and `lines`: a CSV's, from
+    csv_records."""
     try:
         if suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -137,7 +137,7 @@ def holds_no_rows(path: Path, suffix: str, header: list[str], lines: list[int]) 
         text = path.read_text(encoding="utf-8-sig")
         if not text.strip():
             return True
-        return bool(header) and not lines if suffix == ".csv" else json.loads(text) == []
+        return bool(header) and not lines
     except Exception:  # noqa: BLE001  unreadable or damaged: not a file of no rows, and datasets' error stands
         return False
 
@@ -180,33 +180,53 @@ def _read_jsonl(path: Path) -> Rows:
                 from None
         if not isinstance(row, dict):
             hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
-            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}{hint}")
+            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {_json_kind(row)}{hint}")
         rows.append(row)
         places.append(f"{path}:{number}")
     return Rows(rows, places)
 
 
-def json_syntax_error(path: Path) -> None:
-    """Name the line where a .json file that `datasets` could not read breaks JSON, or the row of its array that is
-    no object: its own message gives a byte position at best ("Expected object or value at position 14"). Returns
-    where Python reads the file (the trouble lay elsewhere, and `datasets`' message stands)."""
+def _read_json(path: Path) -> Rows:
+    """A .json file: an array of row objects, one object (one row: detect_format names rows wrapped in it), or JSON
+    Lines under a .json name. Read with Python's json, as JSONL is, not with `datasets`, whose reader ended the
+    process in a segmentation fault on a file of `null`, took an array of strings or numbers for rows of a column it
+    named `text`, and named a byte position at best where a file broke JSON."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-        rows = json.loads(text)
+    except OSError as err:
+        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file as UTF-8") \
+            from None
+    if not text.strip():
+        return Rows([], [])  # read_rows names it
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as err:
+        raise ConfigError(f"{path}: key {err.key!r} appears twice in one object, and JSON would keep only the last: "
+                          "keep one of them") from None
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # a value per line (JSON Lines, which `datasets` reads in a .json file too)
-            _read_jsonl(path)  # names the first bad line, if any
-            return
+        if err.msg == "Extra data":  # a value per line (JSON Lines), which `datasets` read in a .json file too
+            return _read_jsonl(path)
         raise ConfigError(f"{path}:{err.lineno}: malformed JSON ({err.msg}): fix the file, or convert it to "
                           "JSONL") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return
-    # JSON, but an array with a row that is no object (`datasets`: "changed from object to string in row 0")
-    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None) if isinstance(rows, list) \
-        else None
+    except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; arrays nested too deep
+        raise ConfigError(f"{path}: unreadable JSON ({json_trouble(err)}): fix the file") from None
+    rows = ([value] if value else []) if isinstance(value, dict) else value
+    if not isinstance(rows, list):
+        raise ConfigError(f"{path} holds one JSON {_json_kind(value)}, not rows: write them as a top-level array of "
+                          "objects, or one object per line (.jsonl)")
+    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
     if bad is not None:
-        raise ConfigError(f"{path}: row {bad}: expected a JSON object per row, got {type(rows[bad - 1]).__name__}: "
-                          "fix or delete that row")
+        raise ConfigError(f"{path}: row {bad}: expected a JSON object per row, got {_json_kind(rows[bad - 1])}: fix "
+                          "or delete that row")
+    return Rows(rows, [f"{path}: row {n}" for n in range(1, len(rows) + 1)])
+
+
+def _json_kind(value: object) -> str:
+    """What JSON calls `value`'s type, as the file wrote it."""
+    kinds = {str: "string", bool: "boolean", type(None): "null", list: "array", dict: "object"}
+    return kinds.get(type(value), "number")
 
 
 class DuplicateKey(ValueError):
