@@ -201,6 +201,17 @@ def test_a_recipe_that_exits_is_named_at_its_line_in_one_short_line(tmp_path, co
         load_recipe(tmp_path / "recipe.py")
 
 
+@pytest.mark.parametrize(("code", "message"), [
+    ("x = [0] * 10**12", r"recipe.py:1: MemoryError: the recipe asked for more memory than the host has: a recipe "
+                         r"only builds `config`$"),
+    ("raise ValueError", r"recipe.py:1: ValueError$")], ids=["out of memory", "no message"])
+def test_a_recipe_error_of_no_message_ends_in_no_colon(tmp_path, code, message):
+    """An exception of no words ended the line in 'MemoryError: ', a colon and nothing after it."""
+    (tmp_path / "recipe.py").write_text(f"{code}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(tmp_path / "recipe.py")
+
+
 def test_a_recipe_may_replace_sys_path(tmp_path):
     """Its folder, put first on sys.path while it runs, was removed afterwards with list.remove: a recipe that had
     replaced sys.path (or dropped its folder) ended in ValueError: list.remove(x): x not in list."""

@@ -177,7 +177,9 @@ def _recipe_error(err: BaseException) -> str:
         name = section.__name__.removesuffix("Config").lower()
         known = [f"{name}.{f.name}" for f in dataclasses.fields(section)]
         return f"unknown key {name}.{unknown.group(2)}: {_hint(f'{name}.{unknown.group(2)}', known)}"
-    return f"{type(err).__name__}: {text}"
+    if not text and isinstance(err, MemoryError):  # `x = [0] * 10**12`: Python's own, of no words
+        return "MemoryError: the recipe asked for more memory than the host has: a recipe only builds `config`"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _hint(key: str, known: list[str]) -> str:
