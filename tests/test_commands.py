@@ -482,6 +482,18 @@ def test_a_run_being_trained_is_used_by_its_checkpoints(cli, finished, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_a_half_written_checkpoint_a_kill_left_is_no_run(cli, finished, tmp_path):
+    """A `.tmp-checkpoint-N` folder, which a kill mid-save leaves and the next start clears, was taken as a
+    checkpoint of the run: eval scored whatever half of it was there."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    half = run / ".tmp-checkpoint-9"
+    shutil.copytree(list_checkpoints(run)[-1], half)
+    each_refuses(cli, half, tmp_path, f"{half} is a folder the trainer writes before it renames it (a kill left it "
+                 f"half written), not a checkpoint: pass {run} or one of its checkpoint-N")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 KILL_AT_FINAL_SAVE = """
 import os, signal
 import qlora.training.checkpoint as ckpt

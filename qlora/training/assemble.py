@@ -187,6 +187,9 @@ def read_run_config(run_dir: Path) -> Config:
     if path is None:
         raise ConfigError(f"{run_dir / checkpoint.RUN_CONFIG} not found: RUN_DIR must be a training output directory "
                           "(the --output.dir of python -m qlora.train)")
+    if path.parent != run_dir and run_dir.name.startswith("."):  # .tmp-checkpoint-N, .tmp-final: a kill left it
+        raise ConfigError(f"{run_dir} is a folder the trainer writes before it renames it (a kill left it half "
+                          f"written), not a checkpoint: pass {run_dir.parent} or one of its checkpoint-N")
     if path.parent == run_dir and (pid := lock_holder(run_dir)) is not None:
         # Its final weights are written as it ends: until then none, or those of an earlier end (a run extended).
         newest = checkpoint.list_checkpoints(run_dir)
