@@ -436,3 +436,18 @@ def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 6 ", err), err
     assert "error: lost the other processes of this run" in err and "while starting" not in err, err
+
+
+def test_sigterm_with_dropout_resumes_each_ranks_own_dropout_draws(cli, tmp_path):
+    """Each rank draws its own dropout masks: the checkpoint keeps every rank's RNG state (rng_ranks) and a resume
+    gives each its own back, so a run stopped by SIGTERM halfway ends bitwise as the one that never stopped."""
+    dropout = [*ARGS, *TWO, "--train.steps=4", "--lora.dropout=0.1", "--train.eval_batches=1"]
+    full, out = tmp_path / "full", tmp_path / "run"
+    assert [r.status for r in run_ranks(cli, [*dropout, f"--output.dir={full}"])] == [0, 0]
+    pids = launch(cli, [*dropout, f"--output.dir={out}", "--train.save_every=0"])
+    wait_for_step(out, 2)
+    os.kill(pids[0], signal.SIGTERM)
+    assert [cli.wait(pid).status for pid in pids] == [128 + signal.SIGTERM] * 2
+    results = run_ranks(cli, [*dropout, f"--output.dir={out}", "--resume"])
+    assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    assert_same_run(out, full)
