@@ -109,6 +109,27 @@ def test_kill_9_at_random_moments_then_resume_ends_with_the_same_adapter(cli, re
     assert_same_run(out, reference)
 
 
+# The levers a user combines, each with state a resume must carry or rebuild: packed rows, sequence tiles (MLP,
+# projections, norms), a chunked loss, warmup then cosine, 8-bit paged Adam's state. Checked by hand for each alone.
+LEVERS = ["--data.pack=true", "--train.tile_size=16", "--train.tile_projections=true", "--train.tile_norms=true",
+          "--train.loss_chunk_size=16", "--train.schedule=cosine", "--train.warmup_steps=3",
+          "--train.optimizer=paged_adamw_8bit"]
+
+
+def test_kill_9_then_resume_with_the_levers_on_ends_with_the_same_adapter(cli, tmp_path):
+    reference = tmp_path / "reference"
+    assert cli.run([*ARGS, *LEVERS, f"--output.dir={reference}"]).status == 0
+    out = tmp_path / "run"
+    pid = cli.start([*ARGS, *LEVERS, f"--output.dir={out}"])
+    wait_for_step(out, 3)  # mid-warmup, between an evaluation and the next checkpoint's save
+    time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    assert cli.wait(pid).status == -signal.SIGKILL, "the run ended before the kill: nothing was tested"
+    result = cli.run([*ARGS, *LEVERS, f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert_same_run(out, reference)
+
+
 KILL_ON_SAVE = """
 import os, signal, torch
 save, calls = torch.save, [0]
