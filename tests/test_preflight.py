@@ -163,3 +163,14 @@ def test_a_cpu_run_stays_within_what_the_check_held_it_to(cli: ForkedCLI, tmp_pa
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), overrides)
     held_to, _ = needs(estimate(cfg, load_arch(cfg), "qlora", "cpu"))
     assert peak <= held_to, (peak / 2**20, held_to / 2**20)
+
+
+def test_a_rank_equal_to_a_layers_side_is_checked_and_one_above_is_left_to_the_loader() -> None:
+    """The tiny Llama's k_proj and v_proj are 128 x 64: lora.r=64 is an adapter they can have (attach_lora takes a rank
+    up to the smaller side), so a step beyond the host is refused before loading; lora.r=65 is one they cannot, and
+    the check leaves it to attach_lora, whose refusal names the largest rank."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--data.max_seq_len=1048576"])
+    with pytest.raises(ConfigError, match=r"^train.batch_size=8 x data.max_seq_len=1048576: the step is estimated"):
+        check_fits(apply_overrides(copy.deepcopy(cfg), ["--lora.r=64"]), torch.device("cpu"), device_bytes=GIB)
+    assert check_fits(apply_overrides(copy.deepcopy(cfg), ["--lora.r=65"]), torch.device("cpu"),
+                      device_bytes=GIB) is None
