@@ -174,3 +174,21 @@ def test_a_rank_equal_to_a_layers_side_is_checked_and_one_above_is_left_to_the_l
         check_fits(apply_overrides(copy.deepcopy(cfg), ["--lora.r=64"]), torch.device("cpu"), device_bytes=GIB)
     assert check_fits(apply_overrides(copy.deepcopy(cfg), ["--lora.r=65"]), torch.device("cpu"),
                       device_bytes=GIB) is None
+
+
+def test_the_largest_micro_batch_is_found_past_the_tiles_where_a_smaller_one_does_not_fit() -> None:
+    """8B rows of 2,048 tokens with tiles of 32,768 on 16 GiB: micro-batches of up to 16 rows run untiled, and of
+    those up to 13 fit; 17 rows are tiled and fit too. 31 x 17 rows a step is refused naming 17 x 31, not 1 x 527 (a
+    plain bisection over the rows stops below the drop, at 13, which does not divide 527)."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), [
+        "--train.tile_size=32768", "--data.max_seq_len=2048", "--train.batch_size=31", "--train.grad_accum=17"])
+    card, host = 16 * GIB, 125 * GIB
+
+    def fits_rows(rows: int) -> bool:
+        c = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={rows}"])
+        return fits(estimate(c, load_arch(c), "qlora", "cuda"), card, host)
+
+    assert fits_rows(13) and not fits_rows(15) and fits_rows(17) and not fits_rows(18)
+    with pytest.raises(ConfigError, match=r"set --data.max_seq_len=\d+ or --train.batch_size=17 "
+                                          r"--train.grad_accum=31, the most that fits"):
+        check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host)
