@@ -378,3 +378,16 @@ def test_a_resumed_run_is_planned_from_the_recipe_not_from_the_plan_before() -> 
     kept = apply_overrides(copy.deepcopy(first), ["--train.tile_size=2048"])
     unplanned(kept, ["--train.tile_size=2048"])
     assert kept.train.tile_size == 2048 and kept.train.loss_chunk_size == fresh.train.loss_chunk_size
+
+
+def test_a_plan_without_checkpointing_fits_the_host_too() -> None:
+    """The 8B recipe on a card 0.05 GiB short of its plain step: the cheapest lever is the embedding table in host
+    memory (+1%, 0.98 GiB there); a host with 0.5 GiB available cannot take it, so the plan saves elsewhere, within
+    the host, rather than choose a plan the check before loading refuses."""
+    cfg = recipe("llama8b")
+    card = choose(cfg, "cuda", 200 * GIB, HOST).estimate.card_bytes - GIB // 20
+    roomy = choose(cfg, "cuda", card, HOST)
+    assert roomy.settings["model.embeddings_on_cpu"] is True and not roomy.settings["train.gradient_checkpointing"]
+    small = choose(cfg, "cuda", card, GIB // 2)
+    assert small.settings["model.embeddings_on_cpu"] is False and small.cost > roomy.cost
+    assert needs(small.estimate)[1] <= GIB // 2 and small.estimate.card_bytes <= card
