@@ -391,3 +391,20 @@ def test_a_plan_without_checkpointing_fits_the_host_too() -> None:
     small = choose(cfg, "cuda", card, GIB // 2)
     assert small.settings["model.embeddings_on_cpu"] is False and small.cost > roomy.cost
     assert needs(small.estimate)[1] <= GIB // 2 and small.estimate.card_bytes <= card
+
+
+def test_no_lever_the_plan_turns_on_could_be_off() -> None:
+    """The 8B recipe at 16,384 tokens on 10 GiB: every lever the plan turns on that costs time is needed, its plan
+    with that lever off does not fit. Comparing a candidate's table cost without what its checkpoint plan adds let a
+    later candidate with the embeddings in host memory (+1%) pass for cheaper, the same step with a needless lever."""
+    from qlora.memory.preflight import fits
+
+    cfg = recipe("llama8b", "--data.max_seq_len=16384")
+    card = 10 * GIB
+    plan = choose(cfg, "cuda", card, HOST)
+    on = [row for row in plan.considered if plan.settings[row.lever] != off(row.lever) and row.cuda]
+    assert len(on) >= 3
+    for row in on:
+        without = with_settings(cfg, {**plan.settings, row.lever: off(row.lever)})
+        if without is not None:
+            assert not fits(estimate(without, load_arch(without), "qlora", "cuda"), card, HOST), row.lever
