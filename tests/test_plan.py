@@ -408,3 +408,17 @@ def test_no_lever_the_plan_turns_on_could_be_off() -> None:
         without = with_settings(cfg, {**plan.settings, row.lever: off(row.lever)})
         if without is not None:
             assert not fits(estimate(without, load_arch(without), "qlora", "cuda"), card, HOST), row.lever
+
+
+def test_a_host_that_takes_only_some_layer_inputs_gets_a_budget() -> None:
+    """The 8B recipe at 65,536 tokens on 40 GiB with 8 GiB of host memory: the host takes 14 of the 32 layer inputs,
+    so the plan sets train.offload_budget_gib; without one (0: no limit) all 32 go to the host, twice what it has,
+    and the check before loading refuses the plan."""
+    from qlora.memory.preflight import fits
+
+    cfg = recipe("llama8b", "--data.max_seq_len=65536")
+    card, host = 40 * GIB, 8 * GIB
+    plan = choose(cfg, "cuda", card, host)
+    planned, est = as_user_runs_it(cfg, plan.overrides(cfg))
+    assert 0 < planned.train.offload_budget_gib <= 8 and planned.train.offload_activations
+    assert fits(est, card, host) and est.card_bytes == plan.estimate.card_bytes
