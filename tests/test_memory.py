@@ -284,8 +284,19 @@ def test_synthetic_weights_of_a_tied_config_share_the_head_with_the_embeddings(t
     (dict(model_type="starcoder2"), r"config.json is a starcoder2 model: the estimator knows the layers of llama, "),
     # Phi-3's residual dropout, off in its own configs, would keep masks the estimate does not count.
     (dict(model_type="phi3", resid_pdrop=0.1), r"config.json has resid_pdrop=0.1: the estimator does not count "),
+    # Values it reads, each a traceback (TypeError, ZeroDivisionError, OverflowError) or a silent miscount before.
+    (dict(num_hidden_layers=10**30), r"num_hidden_layers=10{30}, beyond any decoder's \(the estimator takes up to "),
+    (dict(model_type=["llama"]), r'model_type=\["llama"\], not a name: write the model\'s type as a string'),
+    (dict(tie_word_embeddings="false"), r'tie_word_embeddings="false": write true or false'),
+    (dict(model_type="mistral", sliding_window="4096"), r'sliding_window="4096": write the tokens a layer attends '),
+    (dict(model_type="mistral", sliding_window=0), r"sliding_window=0: write the tokens a layer attends to: a "),
+    (dict(model_type="gemma3_text", sliding_window_pattern=0), r"sliding_window_pattern=0: write every how many "),
+    (dict(model_type="qwen2", use_sliding_window=True, max_window_layers=None), r"max_window_layers=null: write "),
+    (dict(model_type="qwen2", use_sliding_window="yes"), r'use_sliding_window="yes": write true or false'),
+    (dict(model_type="mistral", sliding_window=16, layer_types=["sliding_attention"] * 99),
+     r"layer_types=\[.*: write a list of num_hidden_layers=\d+ entries, each"),
 ])
-def test_the_estimator_refuses_what_it_does_not_count(fields, line, tmp_path):
+def test_the_estimator_refuses_what_it_does_not_count_or_cannot_read(fields, line, tmp_path):
     cfg = tiny()
     config = json.loads((Path(cfg.model.path) / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **fields}))
@@ -555,6 +566,8 @@ def test_the_printed_attention_term_of_an_eager_layer_is_its_number():
     (dict(model_type="llama"), (None, 0)),
     (dict(model_type="phi3", sliding_window=2047), (2047, 32)),  # Phi-3-mini and -medium
     (dict(model_type="phi3"), (None, 0)),  # Phi3Config's default
+    # below 0 transformers makes every layer windowed, not more layers than the model has
+    (dict(model_type="qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=-5), (64, 32)),
 ])
 def test_the_sliding_window_is_read_as_transformers_reads_it(config, window, tmp_path):
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, vocab_size=100)

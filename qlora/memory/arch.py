@@ -33,6 +33,9 @@ GEMMA3_BUFFERS = 4  # Gemma 3's embedding scale, an fp32 scalar buffer
 # none (MistralConfig, Gemma3TextConfig: 4096; Qwen2/3 only with use_sliding_window, from layer max_window_layers on;
 # Phi3Config none, every layer where config.json names one: Phi-3-mini and -medium 2,047).
 WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen2": 4096, "qwen3": 4096, "phi3": None}
+# The estimate walks the layers (a list per layer, every checkpoint spacing up to L): num_hidden_layers=10**6 hung
+# --max-context and 10**30 ended in an OverflowError. The deepest released decoders have under 200 (Llama-3.1-405B 126).
+MAX_LAYERS = 1024
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,13 @@ def load_arch(cfg: Config) -> Arch:
     if missing:
         raise ConfigError(f"{path} has no positive integer {', '.join(missing)}: the estimator knows Llama-style "
                           "decoders only")
+    if c["num_hidden_layers"] > MAX_LAYERS:
+        raise ConfigError(f"{path} has num_hidden_layers={c['num_hidden_layers']}, beyond any decoder's (the estimator "
+                          f"takes up to {MAX_LAYERS}): restore the config.json that came with the weights")
     kind = c.get("model_type")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{path} has model_type={json.dumps(kind)}, not a name: write the model's type as a string, "
+                          'e.g. "llama"')
     if kind is not None and kind not in MODELLED:
         raise ConfigError(f"{path} is a {kind} model: the estimator knows the layers of {', '.join(MODELLED)} "
                           "decoders only, so it gives no estimate for it")
@@ -113,29 +122,56 @@ def load_arch(cfg: Config) -> Arch:
     heads, hidden = c["num_attention_heads"], c["hidden_size"]
     kv_heads, head_dim = c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads
     tied = c.get("tie_word_embeddings", MODELLED.get(kind, True))  # absent: transformers' default
+    if not isinstance(tied, bool):  # "false" would count as tied; transformers 5 refuses it as it loads
+        raise ConfigError(f"{path} has tie_word_embeddings={json.dumps(tied)}: write true or false (JSON booleans)")
     extra = LAYER_EXTRAS[kind](hidden, heads * head_dim, kv_heads * head_dim, head_dim) if kind in LAYER_EXTRAS else 0
-    window, windowed = sliding_window(c, kind)
+    window, windowed = sliding_window(c, kind, path)
     return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=hidden,
                 intermediate=c["intermediate_size"], heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                vocab=c["vocab_size"], tied=bool(tied), layer_extra=extra,
+                vocab=c["vocab_size"], tied=tied, layer_extra=extra,
                 rotary_tables=2 if kind == "gemma3_text" else 1, window=window, windowed_layers=windowed,
                 fused=kind in FUSED)
 
 
-def sliding_window(c: dict, kind: str | None) -> tuple[int | None, int]:
+def sliding_window(c: dict, kind: str | None, path: object = "config.json") -> tuple[int | None, int]:
     """(window, layers that attend within it) as transformers 5 reads config.json (the model types' configuration
     classes): layer_types where given, else Gemma 3's sliding_window_pattern (every 6th layer global), Qwen's layers
-    from max_window_layers on, Mistral's all."""
+    from max_window_layers on, Mistral's all. A value transformers would refuse, or a window of no tokens, is refused
+    here by its key: a string window was a TypeError, a pattern of 0 a ZeroDivisionError, and layer_types longer than
+    the model counted more windowed layers than it has."""
     window = c.get("sliding_window", WINDOW_DEFAULT.get(kind))
+    if kind in ("qwen2", "qwen3"):
+        checked_value(c, "use_sliding_window", path, bool, "true or false")
     if kind not in WINDOW_DEFAULT or window is None or (kind in ("qwen2", "qwen3") and not c.get("use_sliding_window")):
         return None, 0
+    checked_value(c, "sliding_window", path, int, "the tokens a layer attends to: a positive integer, or null for none",
+                  1)
     layers = c["num_hidden_layers"]
-    if isinstance(c.get("layer_types"), list):
-        windowed = c["layer_types"].count("sliding_attention")
+    if "layer_types" in c:
+        types = c["layer_types"]
+        if not (isinstance(types, list) and len(types) == layers and
+                set(types) <= {"sliding_attention", "full_attention"}):
+            raise ConfigError(f"{path} has layer_types={json.dumps(types)[:80]}: write a list of num_hidden_layers="
+                              f'{layers} entries, each "sliding_attention" or "full_attention"')
+        windowed = types.count("sliding_attention")
     elif kind == "gemma3_text":
-        windowed = sum(bool((i + 1) % c.get("sliding_window_pattern", 6)) for i in range(layers))
+        pattern = checked_value(c, "sliding_window_pattern", path, int, "every how many layers one is global", 1, 6)
+        windowed = sum(bool((i + 1) % pattern) for i in range(layers))
     elif kind in ("qwen2", "qwen3"):
-        windowed = max(layers - c.get("max_window_layers", 28), 0)
+        first = checked_value(c, "max_window_layers", path, int, "the index of the first windowed layer (an integer)",
+                              None, 28)
+        windowed = layers - min(max(first, 0), layers)  # below 0 transformers makes every layer windowed, as 0 does
     else:
         windowed = layers
     return (window, windowed) if windowed else (None, 0)
+
+
+def checked_value(c: dict, key: str, path: object, kind: type, what: str, least: int | None = None,
+                  default: object = None) -> object:
+    """c[key] (or `default` where absent) if it is a `kind` (a JSON boolean is no integer) of at least `least`; else
+    the line naming the key and what it holds."""
+    value = c.get(key, default)
+    if key in c and (not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or
+                     (least is not None and value < least)):
+        raise ConfigError(f"{path} has {key}={json.dumps(value)}: write {what}")
+    return value
