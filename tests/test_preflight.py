@@ -130,6 +130,30 @@ def test_no_gpu_sends_to_the_cpu_only_a_step_the_host_holds(recipe: str, fix: st
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("change,line", [
+    ({"tie_word_embeddings": "false"}, 'has tie_word_embeddings="false": write true or false (JSON booleans)'),
+    ({"sliding_window": 0}, "has sliding_window=0: write the tokens a layer attends to: a positive integer, or null "
+                            "for none")])
+def test_a_config_value_the_estimator_refuses_is_refused_before_building(change: dict, line: str, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """The check before loading took any refusal of the estimator for a model it does not know, and left it to the
+    loader: tie_word_embeddings="false" ended in transformers' multi-line validation traceback, exit 1, and a window
+    of 0 tokens trained (a red-team pass stopped it at step 217)."""
+    from support import architecture
+
+    from qlora.base.build import config_json_path
+
+    tiny = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), architecture("tiny-mistral"))
+    config = json.loads(config_json_path(tiny).read_text())  # built first where it is not yet
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**config, **change}))
+    code = main(["recipes/tiny.py", *architecture("tiny-mistral"), "--model.synthetic=true",
+                 f"--model.config_json={path}", f"--output.dir={tmp_path / 'run'}"])
+    out, err = capsys.readouterr()
+    assert (code, err.splitlines()) == (2, [f"error: {path} {line}"])
+    assert "drawing " not in out and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("overrides,offered", [
     (["--train.tile_norms=false"], "--train.tile_norms=true: the norms in tiles too"),
     (["--train.tile_size=0", "--train.tile_projections=false", "--train.tile_norms=false"],

@@ -38,6 +38,11 @@ WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen2": 4096, "qwen3": 
 MAX_LAYERS = 1024
 
 
+class BadConfigValue(ConfigError):
+    """A config.json value transformers would refuse too, or none a decoder has: refused before loading, where a model
+    the estimator does not know is left to the loader (qlora/memory/preflight.py)."""
+
+
 @dataclass(frozen=True)
 class Arch:
     """The numbers of a Llama-style decoder that memory depends on, read from its config.json."""
@@ -107,12 +112,12 @@ def load_arch(cfg: Config) -> Arch:
         raise ConfigError(f"{path} has no positive integer {', '.join(missing)}: the estimator knows Llama-style "
                           "decoders only")
     if c["num_hidden_layers"] > MAX_LAYERS:
-        raise ConfigError(f"{path} has num_hidden_layers={c['num_hidden_layers']}, beyond any decoder's (the estimator "
-                          f"takes up to {MAX_LAYERS}): restore the config.json that came with the weights")
+        raise BadConfigValue(f"{path} has num_hidden_layers={c['num_hidden_layers']}, beyond any decoder's (the "
+                             f"estimator takes up to {MAX_LAYERS}): restore the config.json that came with the weights")
     kind = c.get("model_type")
     if kind is not None and not isinstance(kind, str):
-        raise ConfigError(f"{path} has model_type={json.dumps(kind)}, not a name: write the model's type as a string, "
-                          'e.g. "llama"')
+        raise BadConfigValue(f"{path} has model_type={json.dumps(kind)}, not a name: write the model's type as a "
+                             'string, e.g. "llama"')
     if kind is not None and kind not in MODELLED:
         raise ConfigError(f"{path} is a {kind} model: the estimator knows the layers of {', '.join(MODELLED)} "
                           "decoders only, so it gives no estimate for it")
@@ -123,7 +128,7 @@ def load_arch(cfg: Config) -> Arch:
     kv_heads, head_dim = c.get("num_key_value_heads") or heads, c.get("head_dim") or hidden // heads
     tied = c.get("tie_word_embeddings", MODELLED.get(kind, True))  # absent: transformers' default
     if not isinstance(tied, bool):  # "false" would count as tied; transformers 5 refuses it as it loads
-        raise ConfigError(f"{path} has tie_word_embeddings={json.dumps(tied)}: write true or false (JSON booleans)")
+        raise BadConfigValue(f"{path} has tie_word_embeddings={json.dumps(tied)}: write true or false (JSON booleans)")
     extra = LAYER_EXTRAS[kind](hidden, heads * head_dim, kv_heads * head_dim, head_dim) if kind in LAYER_EXTRAS else 0
     window, windowed = sliding_window(c, kind, path)
     return Arch(name=path.parent.name, layers=c["num_hidden_layers"], hidden=hidden,
@@ -151,8 +156,8 @@ def sliding_window(c: dict, kind: str | None, path: object = "config.json") -> t
         types = c["layer_types"]
         if not (isinstance(types, list) and len(types) == layers and
                 set(types) <= {"sliding_attention", "full_attention"}):
-            raise ConfigError(f"{path} has layer_types={json.dumps(types)[:80]}: write a list of num_hidden_layers="
-                              f'{layers} entries, each "sliding_attention" or "full_attention"')
+            raise BadConfigValue(f"{path} has layer_types={json.dumps(types)[:80]}: write a list of "
+                                 f'num_hidden_layers={layers} entries, each "sliding_attention" or "full_attention"')
         windowed = types.count("sliding_attention")
     elif kind == "gemma3_text":
         pattern = checked_value(c, "sliding_window_pattern", path, int, "every how many layers one is global", 1, 6)
@@ -173,5 +178,5 @@ def checked_value(c: dict, key: str, path: object, kind: type, what: str, least:
     value = c.get(key, default)
     if key in c and (not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or
                      (least is not None and value < least)):
-        raise ConfigError(f"{path} has {key}={json.dumps(value)}: write {what}")
+        raise BadConfigValue(f"{path} has {key}={json.dumps(value)}: write {what}")
     return value

@@ -30,7 +30,7 @@ import torch
 
 from qlora.config import Config, apply_overrides, override_key
 from qlora.errors import ConfigError
-from qlora.memory.arch import load_arch
+from qlora.memory.arch import BadConfigValue, load_arch
 from qlora.memory.candidates import (
     BATCH,
     OFFLOAD,
@@ -232,6 +232,8 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
     try:
         plan = choose(cfg, device, card, host, gpus)
+    except BadConfigValue:  # a value no decoder has: refused, as by the check before loading
+        raise
     except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
         return None, [f"train.plan=fastest: no estimate for this model ({err}): the recipe's levers as set"]
     if plan is None and card < whole:  # the user's ceiling: not to be passed over

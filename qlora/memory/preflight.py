@@ -24,7 +24,7 @@ from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.levers.tiling.settings import untiled_up_to
 from qlora.memory.activations import adapted_layers
-from qlora.memory.arch import Arch, load_arch
+from qlora.memory.arch import Arch, BadConfigValue, load_arch
 from qlora.memory.estimate import Estimate, estimate
 from qlora.memory.readings import available_bytes
 
@@ -117,6 +117,8 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
         arch = load_arch(cfg)
         adapted = adapted_layers(arch, cfg.lora.targets) if cfg.quant.method != "full" else {}
         est = estimate(cfg, arch, cfg.quant.method, device.type, gpus)
+    except BadConfigValue:  # transformers would refuse it too, in a traceback, or train on a window of no tokens
+        raise
     except (ConfigError, OSError, ValueError, KeyError):
         return None  # the loader says what is wrong with the model, or the out-of-memory report scales instead
     if any(cfg.lora.r > min(shape) for shape in adapted.values()):
