@@ -136,8 +136,11 @@ def check_adapter(run_dir: Path, adapter_cfg: dict, shards: list[Path]) -> None:
             modules = {key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for key in adapter.keys()}
             paired = {module for module in modules if {f"{PEFT_PREFIX}{module}.lora_{ab}.weight" for ab in "AB"}
                       <= set(adapter.keys())}
+            # Only in the stacks of layers the run adapted: a multimodal base's vision tower has q_proj layers too.
+            stacks = {module.split(".layers.")[0] for module in paired if ".layers." in module}
             named = {name.removesuffix(".weight") for name, shape in shapes.items() if len(shape) == 2 and
-                     isinstance(targets, list) and name.removesuffix(".weight").rsplit(".", 1)[-1] in targets}
+                     isinstance(targets, list) and name.removesuffix(".weight").rsplit(".", 1)[-1] in targets and
+                     name.split(".layers.")[0] in stacks}
             missing = sorted((modules | named) - paired)
             if missing:
                 raise ConfigError(f"{path} lacks the adapter pair (lora_A and lora_B) of {missing[0]} ({len(missing)} "
