@@ -106,10 +106,12 @@ def check_adapter(run_dir: Path, adapter_cfg: dict, shards: list[Path]) -> None:
     path, stored = run_dir / ADAPTER_WEIGHTS, set()
     try:
         with safe_open(str(path), "pt") as adapter:
-            if not any(key.endswith(".lora_A.weight") for key in adapter.keys()):
+            names = adapter.keys()
+            keys = set(names)
+            if not any(key.endswith(".lora_A.weight") for key in names):
                 raise ConfigError(f"{path} holds no adapter layers (no lora_A weights): restore it from the run (its "
                                   "checkpoint-N directories hold copies)")
-            for key in adapter.keys():
+            for key in names:
                 if not key.endswith(".lora_A.weight"):
                     continue
                 module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
@@ -133,13 +135,13 @@ def check_adapter(run_dir: Path, adapter_cfg: dict, shards: list[Path]) -> None:
                     raise ConfigError(f"{path}: the adapter of {module} holds nan or inf: there is nothing to merge")
             # A layer without its pair would be merged as the base alone, without a word (eval and generate refuse
             # it as they load the adapter): one whose A or B is gone, or whose pair is.
-            modules = {key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for key in adapter.keys()}
+            modules = {key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for key in keys}
             paired = {module for module in modules if {f"{PEFT_PREFIX}{module}.lora_{ab}.weight" for ab in "AB"}
-                      <= set(adapter.keys())}
+                      <= keys}
             # Only in the stacks of layers the run adapted: a multimodal base's vision tower has q_proj layers too.
             stacks = {module.split(".layers.")[0] for module in paired if ".layers." in module}
-            named = {name.removesuffix(".weight") for name, shape in shapes.items() if len(shape) == 2 and
-                     isinstance(targets, list) and name.removesuffix(".weight").rsplit(".", 1)[-1] in targets and
+            linear = (name.removesuffix(".weight") for name, shape in shapes.items() if len(shape) == 2)
+            named = {name for name in linear if isinstance(targets, list) and name.rsplit(".", 1)[-1] in targets and
                      name.split(".layers.")[0] in stacks}
             missing = sorted((modules | named) - paired)
             if missing:
