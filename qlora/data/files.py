@@ -154,7 +154,7 @@ def _read_jsonl(path: Path) -> Rows:
     try:
         lines = path.read_bytes().splitlines()
     except OSError as err:
-        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
+        raise _unreadable(path, err) from err
     for number, raw in enumerate(lines, 1):
         try:
             # A byte order mark some editors write; at the start of any line, since files joined with `cat` carry
@@ -194,7 +194,7 @@ def _read_json(path: Path) -> Rows:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as err:
-        raise ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions") from err
+        raise _unreadable(path, err) from err
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file as UTF-8") \
             from None
@@ -221,6 +221,11 @@ def _read_json(path: Path) -> Rows:
         raise ConfigError(f"{path}: row {bad}: expected a JSON object per row, got {_json_kind(rows[bad - 1])}: fix "
                           "or delete that row")
     return Rows(rows, [f"{path}: row {n}" for n in range(1, len(rows) + 1)])
+
+
+def _unreadable(path: Path, err: OSError) -> ConfigError:
+    """A data file the OS would not let us read (its permissions), for the JSON and JSONL readers alike."""
+    return ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions")
 
 
 def _json_kind(value: object) -> str:
