@@ -63,13 +63,14 @@ def test_merge_refuses_an_adapter_file_without_layers(run, tmp_path, capsys) -> 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-@pytest.mark.parametrize("drop", ["lora_A", "pair"])
+@pytest.mark.parametrize("drop", ["lora_A", "lora_B", "pair"])
 def test_merge_refuses_an_adapter_file_that_lost_a_layer(run, tmp_path, capsys, drop) -> None:
-    """One layer's lora_A, or its pair, gone from the file: the merge folded that layer as the base alone, exit 0."""
+    """One layer's lora_A, or its pair, gone from the file: the merge folded that layer as the base alone, exit 0. Its
+    lora_B alone gone: the file was called unreadable."""
     lost = copy_run(run, tmp_path)
     tensors = load_file(str(lost / "adapter_model.safetensors"))
     layer = "base_model.model.model.layers.1.self_attn.v_proj"
-    kept = {k: v for k, v in tensors.items() if not k.startswith(f"{layer}.{'lora_A' if drop == 'lora_A' else ''}")}
+    kept = {k: v for k, v in tensors.items() if not k.startswith(f"{layer}.{'' if drop == 'pair' else drop}")}
     save_file(kept, str(lost / "adapter_model.safetensors"))
     assert merge_command.main([str(lost), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
     assert "adapter_model.safetensors lacks the adapter pair (lora_A and lora_B) of model.layers.1.self_attn.v_proj " \

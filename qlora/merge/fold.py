@@ -111,6 +111,21 @@ def check_adapter(run_dir: Path, adapter_cfg: dict, shards: list[Path]) -> None:
             if not any(key.endswith(".lora_A.weight") for key in names):
                 raise ConfigError(f"{path} holds no adapter layers (no lora_A weights): restore it from the run (its "
                                   "checkpoint-N directories hold copies)")
+            # A layer without its pair would be merged as the base alone, without a word (eval and generate refuse
+            # it as they load the adapter): one whose A or B is gone, or whose pair is.
+            modules = {key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for key in keys}
+            paired = {module for module in modules if {f"{PEFT_PREFIX}{module}.lora_{ab}.weight" for ab in "AB"}
+                      <= keys}
+            # Only in the stacks of layers the run adapted: a multimodal base's vision tower has q_proj layers too.
+            stacks = {module.split(".layers.")[0] for module in paired if ".layers." in module}
+            linear = (name.removesuffix(".weight") for name, shape in shapes.items() if len(shape) == 2)
+            named = {name for name in linear if isinstance(targets, list) and name.rsplit(".", 1)[-1] in targets and
+                     name.split(".layers.")[0] in stacks}
+            missing = sorted((modules | named) - paired)
+            if missing:
+                raise ConfigError(f"{path} lacks the adapter pair (lora_A and lora_B) of {missing[0]} ({len(missing)} "
+                                  "layer(s) in all) that the run trained: restore it from the run (its checkpoint-N "
+                                  "directories hold copies)")
             for key in names:
                 if not key.endswith(".lora_A.weight"):
                     continue
@@ -133,24 +148,9 @@ def check_adapter(run_dir: Path, adapter_cfg: dict, shards: list[Path]) -> None:
                                       "fp32): restore it from the run")
                 if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                     raise ConfigError(f"{path}: the adapter of {module} holds nan or inf: there is nothing to merge")
-            # A layer without its pair would be merged as the base alone, without a word (eval and generate refuse
-            # it as they load the adapter): one whose A or B is gone, or whose pair is.
-            modules = {key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for key in keys}
-            paired = {module for module in modules if {f"{PEFT_PREFIX}{module}.lora_{ab}.weight" for ab in "AB"}
-                      <= keys}
-            # Only in the stacks of layers the run adapted: a multimodal base's vision tower has q_proj layers too.
-            stacks = {module.split(".layers.")[0] for module in paired if ".layers." in module}
-            linear = (name.removesuffix(".weight") for name, shape in shapes.items() if len(shape) == 2)
-            named = {name for name in linear if isinstance(targets, list) and name.rsplit(".", 1)[-1] in targets and
-                     name.split(".layers.")[0] in stacks}
-            missing = sorted((modules | named) - paired)
-            if missing:
-                raise ConfigError(f"{path} lacks the adapter pair (lora_A and lora_B) of {missing[0]} ({len(missing)} "
-                                  "layer(s) in all) that the run trained: restore it from the run (its checkpoint-N "
-                                  "directories hold copies)")
     except ConfigError:
         raise
-    except Exception as err:  # damaged (SafetensorError), or an A without its B
+    except Exception as err:  # damaged (SafetensorError)
         raise ConfigError(f"{path} is unreadable ({str(err).strip().splitlines()[0]}): restore it from the run") \
             from err
 
