@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from support import finished_run
 
 from qlora.adapters.lora import LoRALinear
@@ -258,3 +259,33 @@ def test_a_file_outside_its_bound_is_named_with_the_page_that_states_it_and_what
                     "the file is kept for inspection, but do not use it; export with --type f16, bf16 or q8_0 "
                     "instead")
     assert "--type f16 instead" in outside_bound(Path("x.gguf"), "bf16", {"kl_mean": 0.01, "top1": 0.9})
+
+
+def test_a_file_outside_on_top_1_alone_says_its_changes_were_near_ties() -> None:
+    """A tiny untied Qwen2 run's q4_0 file (KL 1.05e-2, within; top-1 69%) failed its check with the line of a file
+    far from its model, though each top token it changed was a near tie of a flat distribution (0.36 logits at
+    most). The line says so where they were; a wider change, or a KL outside, is said as before."""
+    scores = {"kl_mean": 1.05e-2, "top1": 0.6944, "flip_margin": 0.36}
+    line = outside_bound(Path("x.gguf"), "q4_0", scores)
+    assert ("85%); top-1 agreement alone is outside, the mean KL within: each top token that changed was a near tie, "
+            "the trained model's two best within 0.36 logits, as on a tiny or barely trained model's flat "
+            "distributions, which any rounding flips: the file is kept") in line
+    assert "near tie" not in outside_bound(Path("x.gguf"), "q4_0", {**scores, "flip_margin": 2.0})
+    assert "near tie" not in outside_bound(Path("x.gguf"), "q4_0", {**scores, "kl_mean": 0.2})
+
+
+def test_the_divergence_measures_the_margin_of_each_changed_top_token() -> None:
+    """flip_margin: the widest gap between the trained model's two best logits where the file's top token differs."""
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits: list[list[float]]) -> None:
+            super().__init__()
+            self.logits = torch.tensor([logits])
+
+        def forward(self, **kwargs: object) -> object:
+            return type("Out", (), {"logits": self.logits})
+
+    trained = Fixed([[2.0, 1.7, 0.0], [3.0, 0.0, 0.0], [1.0, 0.9, 0.0]])
+    exported = Fixed([[1.7, 2.0, 0.0], [3.0, 0.0, 0.0], [0.9, 1.0, 0.0]])
+    scores = divergence(trained, exported, [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}], pad_id=0)
+    assert scores["top1"] == pytest.approx(1 / 3) and scores["flip_margin"] == pytest.approx(0.3)
+    assert divergence(trained, trained, [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}], pad_id=0)["flip_margin"] == 0
