@@ -80,6 +80,12 @@ def lower_rank(run: Path, other: Path) -> None:
     save_file(cut, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
+def truncated_adapter(run: Path, other: Path) -> None:
+    """The adapter file cut in its tensor data, as a full disk or a killed copy leaves it."""
+    data = (run / ADAPTER_WEIGHTS).read_bytes()
+    (run / ADAPTER_WEIGHTS).write_bytes(data[:len(data) // 2])
+
+
 def nan_adapter(run: Path, other: Path) -> None:
     tensors = load_file(str(run / ADAPTER_WEIGHTS))
     for value in tensors.values():
@@ -186,7 +192,10 @@ CASES = [
      r"adapter_model.safetensors does not fit the run's base .*other-base.* has shape .*, this model's"),
     ("eval: adapter holds nan", "qlora.eval", ["{run}"], nan_adapter, r"holds nan or inf: the adapter is broken"),
     ("eval: adapter cut short", "qlora.eval", ["{run}"], write(ADAPTER_WEIGHTS, b"\x08\x00\x00\x00\x00\x00\x00\x00{"),
-     r"adapter_model.safetensors does not fit the run's base"),
+     r"adapter_model.safetensors is unreadable \(Error while deserializing header: .*\): restore it from the run "
+     r"\(its checkpoint-N directories hold copies\)$"),
+    ("generate: adapter cut short", "qlora.generate", ["{run}", "--prompt=hi"], truncated_adapter,
+     r"adapter_model.safetensors is unreadable \(Error while deserializing header: .*\): restore it from the run"),
     ("eval: --json is a directory", "qlora.eval", ["{run}", "--json={tmp}/out"], a_dir("out"),
      r"--json=.*out is a directory: give the path of a file"),
     ("eval: --json under a file", "qlora.eval", ["{run}", "--json={tmp}/out/x.json"], a_file("out"),

@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
 from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
@@ -259,6 +260,9 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
         checkpoint.load_weights(model, cfg, run_dir)  # checks names, shapes and values against the base
     except Exception as err:  # another rank or base than run_config.json says, a damaged file (SafetensorError), nan
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, SafetensorError):  # cut short or overwritten: no other base or run would read it either
+            raise ConfigError(f"{run_dir / weights} is unreadable ({reason}): restore it from the run (its "
+                              "checkpoint-N directories hold copies)") from err
         raise ConfigError(f"{run_dir / weights} does not fit the run's base {cfg.model.path} ({reason}): pass the "
                           "run directory that wrote it, untouched") from err
     levers.on_complete(model, cfg, dev, compute_dtype(cfg.quant, dev))
