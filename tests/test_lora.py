@@ -121,6 +121,36 @@ def test_lora_math_matches_the_formula():
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_a_fresh_adapter_and_its_dropout_are_peft_s(dropout):
+    """At one seed PEFT's LoRA layer draws the same A (Kaiming-uniform, a=sqrt(5)) and zero B; with B set, both give
+    the same output in training (the same dropout mask, with the update added by train.fuse_lora_add's GEMM too) and
+    in evaluation (no dropout)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    base = torch.nn.Linear(16, 12, bias=False)
+    torch.manual_seed(0)
+    ours = LoRALinear(base, r=4, alpha=8, dropout=dropout, dtype=torch.float32)
+    torch.manual_seed(0)
+    theirs = PeftLinear(base, "default", LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout), r=4, lora_alpha=8)
+    torch.testing.assert_close(ours.lora_A.weight, theirs.lora_A["default"].weight, rtol=0, atol=0)
+    torch.testing.assert_close(ours.lora_B.weight, theirs.lora_B["default"].weight, rtol=0, atol=0)
+    with torch.no_grad():
+        b = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
+        ours.lora_B.weight.copy_(b)
+        theirs.lora_B["default"].weight.copy_(b)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    for training, fused in ((True, False), (True, True), (False, False)):  # fused: train.fuse_lora_add's GEMM
+        ours.train(training)
+        theirs.train(training)
+        ours.fuse_add = fused
+        torch.manual_seed(3)
+        got = ours(x)
+        torch.manual_seed(3)
+        torch.testing.assert_close(got, theirs(x), rtol=1e-6, atol=1e-6)
+
+
 def test_nf4_double_quant_error_is_in_the_expected_range():
     """NF4 on N(0, 1) weights, blocksize 64: relative RMS error about 0.095 (QLoRA's NF4 is near-optimal for normal
     data; plain 4-bit uniform is about 0.12). Double quant adds almost nothing: its constants are 8-bit."""
