@@ -108,6 +108,7 @@ def test_targets_by_suffix_and_an_unmatched_target(tiny_config):
     model, _, _ = load_base(tiny_config, torch.device("cpu"))
     names = target_names(model, ["q_proj", "v_proj"])
     assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
+    assert target_names(model, ["model.layers.1.mlp.down_proj"]) == ["model.layers.1.mlp.down_proj"]  # in full
     with pytest.raises(ConfigError, match="matches no linear layer.*q_proj"):
         target_names(model, ["query"])
 
