@@ -8,7 +8,7 @@ import pytest
 import torch
 from support import architecture
 
-from qlora.adapters.lora import LoRALinear, attach_lora, lora_layers, merge_all, target_names, unmerge_all
+from qlora.adapters.lora import LoRALinear, attach_lora, lora_layers, merge_all, save_adapter, target_names, unmerge_all
 from qlora.base.build import TINY_ARCHITECTURES
 from qlora.base.load import load_base
 from qlora.config import apply_overrides
@@ -150,6 +150,25 @@ def test_a_fresh_adapter_and_its_dropout_are_peft_s(dropout):
         got = ours(x)
         torch.manual_seed(3)
         torch.testing.assert_close(got, theirs(x), rtol=1e-6, atol=1e-6)
+
+
+def test_peft_loads_an_adapter_of_alpha_other_than_r_with_equal_logits(tiny_config, tmp_path):
+    """The tiny recipe has alpha = r, where a scale read or written as alpha, r or 1 goes unseen: here alpha/r = 3."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = apply_overrides(tiny_config, ["--quant.method=lora", "--lora.r=8", "--lora.alpha=24",
+                                        "--lora.targets=q_proj,down_proj"])
+    model, _, base_path = load_base(cfg, torch.device("cpu"))
+    attach_lora(model, cfg.lora, torch.float32)
+    randomise_b(model)
+    save_adapter(model, cfg.lora, base_path, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                       str(tmp_path / "adapter")).eval()
+    model.eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_nf4_double_quant_error_is_in_the_expected_range():
