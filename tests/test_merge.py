@@ -96,6 +96,24 @@ def test_merge_matches_the_adapter_on_the_4bit_base(run: dict, tmp_path: Path) -
     assert json.loads((tmp_path / "bf16" / INFO).read_text())["merge_error"]["vs adapter on 4-bit base"]
 
 
+def test_a_run_of_alpha_other_than_r_merges_to_its_adapter_model(run: dict, tmp_path: Path) -> None:
+    """The tiny recipe has alpha = r, where a fold that drops alpha/r, or takes r/alpha, merges the same weights: the
+    run's copy with alpha set to 3r in both its configs (as a run trained so would have them) merges at 3x."""
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run["dir"], copy_dir, ignore=shutil.ignore_patterns("checkpoint-*"))  # they keep alpha = r
+    run_config, adapter_config = (json.loads((copy_dir / name).read_text()) for name in (RUN_CONFIG,
+                                                                                         lora.ADAPTER_CONFIG))
+    run_config["lora"]["alpha"] = adapter_config["lora_alpha"] = 3 * adapter_config["r"]
+    (copy_dir / RUN_CONFIG).write_text(json.dumps(run_config))
+    (copy_dir / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter_config))
+    assert read_scaling(copy_dir, read_run_config(copy_dir)) == 3
+    _, reference_model, tokenizer, _ = load_run(copy_dir, "cpu", "fp32")
+    reference = logits(reference_model, tokenizer)
+    merge(copy_dir, tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(logits(plain_model(tmp_path / "merged"), tokenizer), reference, rtol=0,
+                               atol=FP32_REL_TOL * reference.abs().max())
+
+
 def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
     """Under quant.quantize_lm_head the adapter trained beside an NF4 head: the merge dequantises that head too."""
     shutil.copytree(run["dir"], tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
