@@ -110,3 +110,16 @@ def test_fp32_adapters_train_without_masters(tiny_config: Config, optimizer: str
     built = build_optimizer(params, apply_overrides(tiny_config, [f"--train.optimizer={optimizer}"]))
     assert not isinstance(built, MasterWeights)
     assert all(a is b for a, b in zip(stepped_params(built), params, strict=True))
+
+
+def test_fp16_adapters_train_through_masters(tiny_config: Config) -> None:
+    """fp16 (quant.compute_dtype=fp16, cards without bf16) keeps 11 significant bits: at 0.05 it moves in steps of
+    3.1e-5, so an AdamW update of 1e-5 rounds away unless an fp32 copy takes it."""
+    param = torch.nn.Parameter(torch.full((4, 4), 0.05, dtype=torch.float16))
+    optimizer = build_optimizer([param], apply_overrides(tiny_config, ["--train.optimizer=adamw", "--train.lr=1e-5"]))
+    assert isinstance(optimizer, MasterWeights)
+    param.float().square().sum().backward()
+    optimizer.step()
+    (master,) = stepped_params(optimizer)
+    assert master.dtype == torch.float32 and (master < 0.05).all()
+    torch.testing.assert_close(param.detach(), master.detach().half(), rtol=0, atol=0)
