@@ -38,6 +38,16 @@ def test_rank_r_factors_give_the_truncated_svd() -> None:
     torch.testing.assert_close(0.5 * b @ a, low, rtol=1e-4, atol=1e-4)
 
 
+
+def test_a_later_step_quantises_the_weight_less_the_correction() -> None:
+    """LoftQ alg. 1: Q_t = NF4(W - scaling B A). With the sign turned every step still removes some error and every
+    reload rebuilds the same base, so only the formula itself tells it apart."""
+    from qlora.adapters.loftq import shifted
+
+    gen = torch.Generator().manual_seed(0)
+    w, a, b = torch.randn(12, 16, generator=gen), torch.randn(4, 16, generator=gen), torch.randn(12, 4, generator=gen)
+    torch.testing.assert_close(shifted(w, a, b, 2.0), w - 2.0 * b @ a)
+
 def test_loftq_brings_each_layer_and_the_logits_closer_to_16bit(tiny_config) -> None:
     tiny_config.lora.r = 32
     dense, _, _ = load_base(apply_overrides(tiny_config, ["--quant.method=lora"]), torch.device("cpu"))
