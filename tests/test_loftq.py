@@ -136,6 +136,7 @@ def test_more_loftq_steps_remove_more_error_and_every_reload_rebuilds_that_base(
         plain.get_submodule(name.removesuffix(".base_layer")).weight.quant_state))
     again = evaluate_run(run_dir)
     assert {key: again[key] for key in whole["after"]} == whole["after"]  # the same base as in training
+    load_run(run_dir / "checkpoint-1")  # a checkpoint's base is rebuilt from its run's shifts
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
