@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import pytest
@@ -183,3 +185,17 @@ def test_nf4_double_quant_error_is_in_the_expected_range():
         assert packed.numel() == weight.numel() // 2  # two 4-bit codes per byte
     assert 0.07 < errors[False] < 0.12, errors
     assert abs(errors[True] - errors[False]) < 0.005, errors
+
+
+@pytest.mark.parametrize("flag", ["use_dora", "use_rslora", "fan_in_fan_out"])
+def test_an_adapter_config_of_another_lora_variant_is_refused(tmp_path, flag):
+    """DoRA scales each column, rsLoRA by alpha/sqrt(r), fan_in_fan_out stores B A transposed: eval, generate and a
+    merge that took them for plain LoRA would run or fold another model than PEFT's."""
+    from qlora.adapters.lora import ADAPTER_CONFIG, read_adapter_config
+
+    config = {"r": 8, "lora_alpha": 16, "use_dora": False, "use_rslora": False, "fan_in_fan_out": False}
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(config))
+    assert read_adapter_config(tmp_path)["lora_alpha"] == 16
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**config, flag: True}))
+    with pytest.raises(ConfigError, match="DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge"):
+        read_adapter_config(tmp_path)
