@@ -78,6 +78,20 @@ def test_merge_refuses_an_adapter_file_that_lost_a_layer(run, tmp_path, capsys, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+
+@pytest.mark.parametrize("side", ["rank", "in_features"])
+def test_merge_refuses_a_lora_a_that_does_not_fit_its_b_or_base(run, tmp_path, capsys, side) -> None:
+    """One layer's lora_A a row (rank) or a column (in_features) short, its B as trained: without the check the
+    fold's B A ends in a traceback ('mat1 and mat2 shapes cannot be multiplied')."""
+    cut = copy_run(run, tmp_path)
+    tensors = load_file(str(cut / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    tensors[key] = (tensors[key][1:] if side == "rank" else tensors[key][:, 1:]).contiguous()
+    save_file(tensors, str(cut / "adapter_model.safetensors"))
+    assert merge_command.main([str(cut), "--out", str(tmp_path / "merged"), "--skip-check"]) == 2
+    assert "the adapter of model.layers.1.self_attn.v_proj (B (" in one_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
 def test_merge_into_the_current_directory_is_refused_before_merging(run, tmp_path, capsys, monkeypatch) -> None:
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
