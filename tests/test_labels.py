@@ -1,0 +1,41 @@
+"""Which tokens a row trains on (qlora/data/labels.py), on the tiny recipe's tokenizer: what the README says is
+learned (an instruction row's output and end token, a chat row's assistant turns) and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from qlora.base.build import ensure_checkpoint
+from qlora.base.load import load_tokenizer
+from qlora.config import load_recipe
+from qlora.data.labels import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, tokenize_row
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return load_tokenizer(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
+
+
+def split(tokenizer: PreTrainedTokenizerBase, example: dict) -> tuple[str, str]:
+    """(the masked text, the learned text) of a tokenised row; the learned tokens must follow every masked one."""
+    learned = [label != IGNORE for label in example["labels"]]
+    first = learned.index(True)
+    assert all(learned[first:]), "a masked token inside the learned part"
+    assert example["labels"][first:] == example["input_ids"][first:]
+    return tokenizer.decode(example["input_ids"][:first]), tokenizer.decode(example["input_ids"][first:])
+
+
+@pytest.mark.parametrize("extra", [{}, {"input": "red blue"}], ids=["no input", "input"])
+def test_an_instruction_row_learns_its_output_and_end_token_and_not_its_prompt(tokenizer: PreTrainedTokenizerBase,
+                                                                              extra: dict) -> None:
+    """The prompt learned (the model trained to write instructions) or the end token dropped (it never learns to
+    stop) passed every test of the data."""
+    row = {"instruction": "reverse the words", "output": "blue red", **extra}
+    prompt = (ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT).format(instruction=row["instruction"], **extra)
+    assert split(tokenizer, tokenize_row(row, "instruction", tokenizer, "row")) == (prompt,
+                                                                                   "blue red" + tokenizer.eos_token)
