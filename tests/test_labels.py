@@ -39,3 +39,16 @@ def test_an_instruction_row_learns_its_output_and_end_token_and_not_its_prompt(t
     prompt = (ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT).format(instruction=row["instruction"], **extra)
     assert split(tokenizer, tokenize_row(row, "instruction", tokenizer, "row")) == (prompt,
                                                                                    "blue red" + tokenizer.eos_token)
+
+
+def test_a_chat_row_learns_its_assistant_turns_only(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A system turn learned (the mask keyed on role != "user") passed every test of the data: the model would be
+    trained to write the system prompt."""
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "reverse: red blue"},
+             {"role": "assistant", "content": "blue red"}, {"role": "user", "content": "again"},
+             {"role": "assistant", "content": "red blue"}]
+    example = tokenize_row({"messages": turns}, "messages", tokenizer, "row")
+    assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(turns, tokenize=False)
+    learned = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE]
+    assert tokenizer.decode(learned) == "blue red<|im_end|>\nred blue<|im_end|>\n"
+
