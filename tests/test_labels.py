@@ -11,7 +11,8 @@ from transformers import PreTrainedTokenizerBase
 from qlora.base.build import ensure_checkpoint
 from qlora.base.load import load_tokenizer
 from qlora.config import load_recipe
-from qlora.data.labels import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, tokenize_row
+from qlora.data.labels import ALPACA_PROMPT, ALPACA_PROMPT_INPUT, IGNORE, tokenize_row, tokenize_rows
+from qlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +53,14 @@ def test_a_chat_row_learns_its_assistant_turns_only(tokenizer: PreTrainedTokeniz
     learned = [i for i, label in zip(example["input_ids"], example["labels"], strict=True) if label != IGNORE]
     assert tokenizer.decode(learned) == "blue red<|im_end|>\nred blue<|im_end|>\n"
 
+
+def test_a_row_whose_only_label_is_its_first_token_is_dropped(tokenizer: PreTrainedTokenizerBase,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """Position t predicts token t+1, so an empty text (its end token alone) has nothing to learn; kept (the check
+    reading labels[0] too), it passed every test of the data, and a file of them would train on no token at all."""
+    examples = tokenize_rows([{"text": ""}, {"text": "a"}], "text", tokenizer, "rows", 64)
+    assert [tokenizer.decode(ex["input_ids"]) for ex in examples] == ["a" + tokenizer.eos_token]
+    assert "rows: dropped 1 of 2 rows with no learnable token within max_seq_len=64 (the first: rows: row 1)" in \
+        capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"^rows: every row has all its labels masked \(no text within"):
+        tokenize_rows([{"text": ""}], "text", tokenizer, "rows", 64)
