@@ -101,6 +101,9 @@ def test_flash_attention_packing_needs_batch_of_one(tiny_config: Config) -> None
     cfg.model.attn_implementation = "flash_attention_2"  # past Config's own check, which wants flash-attn installed
     with pytest.raises(ConfigError, match="batch_size=1"):
         check_packing(cfg)
+    cfg.train.batch_size = 2  # two rows already: flash-attention reads packed boundaries in a batch of one alone
+    with pytest.raises(ConfigError, match="batch_size=1"):
+        check_packing(cfg)
     cfg.train.batch_size = 1
     check_packing(cfg)
 
