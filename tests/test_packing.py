@@ -96,6 +96,24 @@ def test_pack_examples_places_every_document_once_within_max_len() -> None:
         pack_examples(examples, max_seq_len=10)
 
 
+def test_packed_documents_keep_their_masked_prompts(tiny_config: Config) -> None:
+    """Every document above learns all its tokens, so packed labels built from the ids (a masked prompt learned)
+    passed: here instruction rows, whose prompts are masked, keep exactly their own labels, the first masked too."""
+    from qlora.base.build import ensure_checkpoint
+    from qlora.base.load import load_tokenizer
+
+    tokenizer = load_tokenizer(ensure_checkpoint(tiny_config))
+    rows = [{"instruction": f"reverse: {t}", "output": " ".join(reversed(t.split()))} for t in TEXTS]
+    examples = tokenize_rows(rows, "instruction", tokenizer, "test", max_seq_len=128)
+    packed = pack_examples(examples, max_seq_len=128)
+    assert len(packed) < len(examples)  # documents do share rows
+    own = {tuple(ex["input_ids"]): ex["labels"] for ex in examples}
+    for row in packed:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for start, end in zip(starts, starts[1:], strict=False):
+            assert row["labels"][start:end] == [IGNORE] + own[tuple(row["input_ids"][start:end])][1:]
+
+
 def test_flash_attention_packing_needs_batch_of_one(tiny_config: Config) -> None:
     cfg = apply_overrides(tiny_config, ["--data.pack=true"])
     cfg.model.attn_implementation = "flash_attention_2"  # past Config's own check, which wants flash-attn installed
