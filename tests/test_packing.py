@@ -92,6 +92,7 @@ def test_pack_examples_places_every_document_once_within_max_len() -> None:
             assert len(set(row["input_ids"][start:end])) == 1  # one document per segment
             assert row["labels"][start] == IGNORE and row["labels"][start + 1:end] == row["input_ids"][start + 1:end]
     assert pack_examples(examples, 16) == packed  # deterministic, so resume packs the same rows
+    assert len(pack_examples(examples[3:5], max_seq_len=19)) == 1  # 12 + 7: a document fills a row's room exactly
     with pytest.raises(ConfigError, match="longer than data.max_seq_len"):
         pack_examples(examples, max_seq_len=10)
 
