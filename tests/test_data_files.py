@@ -102,18 +102,21 @@ def test_a_bad_row_is_named_by_its_line_in_the_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("first", ["chat", "text"])
 def test_a_json_array_mixing_formats_names_the_row_that_lacks_the_first_rows_field(tmp_path: Path, first: str) -> None:
-    """Arrow gives every row of a JSON array every column, a missing one as None: read as absent, so the format is
-    the first row's and the other row is named for the field it lacks (not `messages must be a list, got NoneType`,
-    nor a text row taken for a chat row)."""
+    """Arrow gives every row of a Parquet file (and of a JSON array, as `datasets` read it) every column, a missing
+    one as None: read as absent, so the format is the first row's and the other row is named for the field it lacks
+    (not `messages must be a list, got NoneType`, nor a text row taken for a chat row)."""
     from qlora.data.labels import detect_format
 
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     rows = [chat, {"text": "plain"}] if first == "chat" else [{"text": "plain"}, chat]
     array = tmp_path / "train.json"
     array.write_text(json.dumps(rows))
-    got = read_rows(str(array))
-    assert got == rows
-    assert detect_format(got, str(array)) == ("messages" if first == "chat" else "text")
+    parquet = tmp_path / "train.parquet"  # a column per field, None where a row lacks it: kept, a text row was chat
+    pq.write_table(pa.Table.from_pydict({k: [row.get(k) for row in rows] for k in ("messages", "text")}), parquet)
+    for path in (array, parquet):
+        got = read_rows(str(path))
+        assert got == rows
+        assert detect_format(got, str(path)) == ("messages" if first == "chat" else "text")
 
 
 def test_csv_cells_are_the_text_written_and_each_row_is_named_by_the_line_it_starts_on(tmp_path: Path) -> None:
