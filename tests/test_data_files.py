@@ -73,10 +73,15 @@ def test_a_file_of_no_rows_that_datasets_reads_is_refused_in_the_same_words(tmp_
         read_rows(str(path), "--data")
 
 
-def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path: Path) -> None:
+def test_a_damaged_parquet_or_csv_file_is_one_line_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "train.parquet"
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(ConfigError, match=r"data file .*train.parquet could not be read \(.*\): fix the file"):
+        read_rows(str(path))
+    # A CSV file with rows is not taken for its header alone ('holds no rows') where pandas refuses one of them.
+    path = tmp_path / "train.csv"
+    path.write_text("instruction,output\na,b\nc,d,e,f\n")
+    with pytest.raises(ConfigError, match=r"train.csv could not be read \(ParserError: .*Expected 2 fields in line 3"):
         read_rows(str(path))
 
 
