@@ -114,6 +114,23 @@ def test_a_run_of_alpha_other_than_r_merges_to_its_adapter_model(run: dict, tmp_
                                atol=FP32_REL_TOL * reference.abs().max())
 
 
+def test_a_lora_run_merges_onto_the_16bit_weights_it_trained_on(run: dict, tmp_path: Path) -> None:
+    """quant.method=lora trains its adapter against the 16-bit base: the merge folds it there, where a fold that
+    dequantised NF4 for every run would merge onto a base the adapter never saw. The run's copy, marked lora."""
+    copy_dir = tmp_path / "run"
+    shutil.copytree(run["dir"], copy_dir, ignore=shutil.ignore_patterns("checkpoint-*"))
+    raw = json.loads((copy_dir / RUN_CONFIG).read_text())
+    raw["quant"]["method"] = "lora"
+    (copy_dir / RUN_CONFIG).write_text(json.dumps(raw))
+    _, reference_model, tokenizer, _ = load_run(copy_dir, "cpu", "fp32")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in reference_model.modules())
+    reference = logits(reference_model, tokenizer)
+    info = merge(copy_dir, tmp_path / "merged", dtype=torch.float32)
+    assert info["base_weights"] == "16bit"
+    torch.testing.assert_close(logits(plain_model(tmp_path / "merged"), tokenizer), reference, rtol=0,
+                               atol=FP32_REL_TOL * reference.abs().max())
+
+
 def test_merge_rebuilds_a_4bit_lm_head(run: dict, tmp_path: Path) -> None:
     """Under quant.quantize_lm_head the adapter trained beside an NF4 head: the merge dequantises that head too."""
     shutil.copytree(run["dir"], tmp_path / "run", ignore=shutil.ignore_patterns("checkpoint-*"))
