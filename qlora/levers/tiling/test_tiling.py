@@ -25,8 +25,11 @@ def test_tiles_keep_loss_and_grads(tiny_config: Config, batch: dict, projections
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     plain = loss_and_grads(build(tiny_config), batch)
     calls = count_tile_backwards(monkeypatch)
-    # 16-token tiles over 4 rows of the batch: 14 tiles, the last one short.
-    model = build(tiny_config, "--train.tile_size=16", f"--train.tile_projections={projections}",
+    # 36-token tiles over the batch's 4 rows of 60: 7 tiles, the last one short (24 tokens, real ones, with targets),
+    # so a tile loop that stopped at the last whole tile, in the forward or the backward, is seen. (16-token tiles
+    # divide the 240 tokens evenly.)
+    assert batch["input_ids"].numel() % 36 and (batch["labels"][-1, -24:] != -100).any()
+    model = build(tiny_config, "--train.tile_size=36", f"--train.tile_projections={projections}",
                   f"--train.tile_norms={norms}")
     tiled = loss_and_grads(model, batch)
     # Each layer's MLP (and 4 projections), and the final norm. The layer's norms fold into the tiles they feed: the
