@@ -10,6 +10,7 @@ import torch
 from support import assert_same, build, loss_and_grads
 
 from qlora.config import Config
+from qlora.training.loss import loss_sum
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 32])
@@ -18,6 +19,30 @@ def test_chunked_loss_matches_unchunked(tiny_config: Config, batch: dict, chunk_
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     assert n_targets > chunk_size  # otherwise loss_sum takes the one-chunk path and nothing is compared
     assert_same(loss_and_grads(model, batch, chunk_size), loss_and_grads(model, batch, 0))
+
+
+def test_the_training_step_makes_the_logits_in_chunks(tiny_config: Config, batch: dict) -> None:
+    """forward_backward hands train.loss_chunk_size down to the head: never more than that many positions' logits at
+    once, in the forward or the checkpointed recompute, and the loss and gradients of all at once. A step that took
+    every logit at once computes the same numbers, so only the head's widths tell the lever is off."""
+    from qlora.training.step import forward_backward
+
+    model = build(tiny_config)
+    whole = forward_backward(model, [batch])
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    widest = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: widest.append(i[0].shape[0]))
+    chunked = forward_backward(model, [batch], chunk_size=7)
+    hook.remove()
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    assert max(widest) == 7 and sum(widest) == 2 * n_targets  # each chunk run twice: forward, then recompute
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    with torch.no_grad():  # the step's loss is the mean over the target tokens, not over every position
+        assert whole == pytest.approx(float(loss_sum(model, batch)) / n_targets, rel=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-7)
 
 
 def test_liger_ce_needs_the_package_or_falls_back(tiny_config: Config, capsys: pytest.CaptureFixture) -> None:
