@@ -22,6 +22,10 @@ class CPUEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, device: torch.device) -> None:
         super().__init__()
         self.table = embedding.weight.detach().to("cpu")
+        # Gemma's scaled embeddings (transformers' *ScaledWordEmbedding) multiply each row by embed_scale, sqrt(hidden),
+        # in their forward: a plain lookup would drop it.
+        scale = getattr(embedding, "embed_scale", None)
+        self.scale = None if scale is None else torch.as_tensor(scale).detach().to("cpu", self.table.dtype)
         self.padding_idx = embedding.padding_idx
         self.device = device
         self.num_embeddings, self.embedding_dim = self.table.shape
@@ -32,6 +36,8 @@ class CPUEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         vectors = nn.functional.embedding(input_ids.to("cpu"), self.table, self.padding_idx)
+        if self.scale is not None:
+            vectors = vectors * self.scale
         if self.device.type == "cuda":
             vectors = vectors.pin_memory()  # lets the copy below run asynchronously
         return vectors.to(self.device, non_blocking=True)
@@ -46,6 +52,10 @@ def embeddings_to_cpu(model: nn.Module, device: torch.device) -> int:
     embedding = model.get_input_embeddings()
     if not isinstance(embedding, nn.Embedding):
         raise ConfigError(f"model.embeddings_on_cpu expects an nn.Embedding, found {type(embedding).__name__}")
+    if type(embedding).forward is not nn.Embedding.forward and not hasattr(embedding, "embed_scale"):
+        raise ConfigError(f"model.embeddings_on_cpu looks rows up in a plain table, but this model's "
+                          f"{type(embedding).__name__} computes more in its forward: "
+                          "set --model.embeddings_on_cpu=false")
     output = model.get_output_embeddings()
     if output is not None and output.weight is embedding.weight:
         raise ConfigError("model.embeddings_on_cpu: this model ties lm_head to the input embeddings, so the table "

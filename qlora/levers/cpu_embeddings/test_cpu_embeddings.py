@@ -9,6 +9,7 @@ import torch
 from support import assert_same, build, loss_and_grads
 
 from qlora.config import Config
+from qlora.errors import ConfigError
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding, embeddings_to_cpu
 
 
@@ -19,6 +20,35 @@ def test_embeddings_on_cpu_keep_loss_and_grads(tiny_config: Config, batch: dict)
     assert isinstance(embedding, CPUEmbedding)
     assert not any(p is embedding.table for p in model.parameters())  # .to(device) must not move it back
     assert_same(loss_and_grads(model, batch), plain)
+
+
+def test_a_scaled_embedding_keeps_its_scale_and_every_row_is_looked_up() -> None:
+    """Gemma 3's embedding multiplies each row by sqrt(hidden) in its forward: the table on the host did not (6.6 of
+    rows of ~1 apart at scale 4), so an untied model so built would train on other inputs than the model's. Every id
+    is looked up as the module itself does, the table's last rows included."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    ids = torch.arange(259).view(7, 37)
+    for module in (torch.nn.Embedding(259, 16, padding_idx=0), Gemma3TextScaledWordEmbedding(259, 16, 0, 4.0)):
+        torch.testing.assert_close(CPUEmbedding(module, torch.device("cpu"))(ids), module(ids), rtol=0, atol=0)
+
+
+def test_embeddings_on_cpu_refuse_what_they_cannot_hold(tiny_config: Config) -> None:
+    """A head tied to the table needs it on the device anyway; an embedding whose forward does more than a lookup
+    (and is not a scaled one) would lose it."""
+    from support import architecture
+
+    with pytest.raises(ConfigError, match=r"^model.embeddings_on_cpu: this model ties lm_head to the input "):
+        build(tiny_config, *architecture("tiny-llama-tied"), "--model.embeddings_on_cpu=true")
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) + 1
+
+    model = build(tiny_config)
+    model.set_input_embeddings(Shifted(259, model.config.hidden_size))
+    with pytest.raises(ConfigError, match=r"but this model's Shifted computes more in its forward: set "):
+        embeddings_to_cpu(model, torch.device("cpu"))
 
 
 def test_embeddings_to_cpu_empties_the_cache_once_the_old_table_is_unreferenced(tiny_config: Config,
