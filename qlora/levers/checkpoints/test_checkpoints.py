@@ -71,6 +71,32 @@ def test_checkpoint_every_replays_the_group_exactly(tiny_config: Config, batch: 
     assert [what for what, _ in store.log] == ["drop", "replay"]
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_checkpoint_every_replays_groups_of_three_and_a_short_last_one(tiny_config: Config, batch: dict,
+                                                                        tmp_path, dropout: float) -> None:
+    """The tiny Llama's two layers make one group of two, where a layer's input is one replay from the group's first:
+    five layers (synthetic weights) at checkpoint_every=3 make groups 0-2 and 3-4, so layer 2's input must come from
+    replaying layers 0 and 1 in turn, each with its own function and random state, and the short last group must be
+    replayed too."""
+    from transformers import LlamaConfig
+
+    from qlora.base.build import TINY_LLAMA
+
+    path = tmp_path / "config.json"
+    LlamaConfig(vocab_size=259, **{**TINY_LLAMA, "num_hidden_layers": 5}).to_json_file(path)
+    deep = ["--model.synthetic=true", f"--model.config_json={path}", f"--lora.dropout={dropout}"]
+    reference = build(tiny_config, *deep)
+    torch.manual_seed(0)  # both forwards draw their dropout masks from the same state
+    plain = loss_and_grads(reference, batch)
+    model = build(tiny_config, *deep, "--train.checkpoint_every=3")
+    store = model.model.layers[0]._gradient_checkpointing_func.func.__self__
+    store.log = []
+    torch.manual_seed(0)
+    assert_same(loss_and_grads(model, batch), plain)
+    # Layers 1, 2 and 4 dropped; one replay per group, layer 1's input kept from the replay that made layer 2's.
+    assert [what for what, _ in store.log] == ["drop"] * 3 + ["replay"] * 2
+
+
 def test_checkpoint_every_composes_with_offload_and_its_budget(tiny_config: Config, batch: dict) -> None:
     plain = loss_and_grads(build(tiny_config), batch)
     model = build(tiny_config, "--train.checkpoint_every=2")
