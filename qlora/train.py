@@ -240,9 +240,9 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     scheduler = build_scheduler(optimizer, cfg)
     progress, damaged = resume_progress(cfg, run["model"], optimizer, scheduler, ranks) if resume else (Progress(), [])
     same_rows(cfg, progress.state, n_rows, len(run["eval_rows"]), run["rows_sha256"])
-    kept = check_kept(run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0),
-                      progress.step if progress.ended else 0, progress.state.get("ended_line", "")) \
-        if ranks.main else b""  # only rank 0 writes metrics.jsonl
+    # Rank 0 alone reads metrics.jsonl (it alone writes it), and on_main ends every process as rank 0 ended.
+    kept = ranks.on_main(check_kept, run_dir / checkpoint.METRICS, progress.state.get("metrics_bytes", 0),
+                         progress.step if progress.ended else 0, progress.state.get("ended_line", ""))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
     if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)

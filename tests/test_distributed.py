@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -353,6 +354,19 @@ def test_bad_input_one_rank_meets_alone_is_said_once_by_rank_0(cli, tmp_path):
     assert rank0.stderr.strip().splitlines() == [
         "error: rank 1: data.train=/shared/train.jsonl not found: check the path"] and rank1.stderr == ""
     assert not (tmp_path / "run").exists()
+
+
+def test_a_metrics_file_cut_short_is_refused_once_by_every_rank(cli, two_ranks, tmp_path):
+    """Rank 0 alone reads metrics.jsonl (it alone writes it): its refusal of a file cut short left rank 1 saying
+    `rank 1: error: lost the other processes of this run ...: one died or hung`, exit 6."""
+    out = tmp_path / "run"
+    shutil.copytree(two_ranks[0], out)
+    shutil.rmtree(out / f"checkpoint-{STEPS}")  # resumed from the one before, whose rows the file must hold
+    (out / "metrics.jsonl").write_bytes((out / "metrics.jsonl").read_bytes()[:100])
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}", "--resume"])
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert re.fullmatch(r"error: \S+metrics.jsonl holds 100 bytes, the checkpoint recorded \d+ ending a line: .+\n",
+                        rank0.stderr) and rank1.stderr == "", (rank0.stderr, rank1.stderr)
 
 
 def test_a_process_whose_partners_never_come_says_it_waits_and_stops_after_train_dist_timeout(cli, tmp_path):
