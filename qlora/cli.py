@@ -67,7 +67,8 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     argv = [a for a in argv if a != "--debug"]
     if Session.signal is not None:  # a Ctrl-C during the imports that a library caught and went on from
         signum, Session.signal = Session.signal, None
-        print(f"stopped by {signal.Signals(signum).name} while starting: nothing was written", file=sys.stderr)
+        if (line := said_while_starting(signum, ranked)) is not None:
+            print(line, file=sys.stderr)
         return 128 + signum
     Session.intact = Session.ended = None
     replaced = {}  # from here on a signal is raised, so that what a command started can be cleaned up
@@ -96,11 +97,35 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
             signal.signal(sig, handler if handler is not exit_while_starting else ENDED[sig])
 
 
+def running_command() -> str | None:
+    """The `X` of `python [options] -m X ...`, from the interpreter's own command line; None otherwise."""
+    args = iter(getattr(sys, "orig_argv", [])[1:])
+    for arg in args:
+        if arg in ("-X", "-W", "--check-hash-based-pycs"):  # the interpreter's options that take a value
+            next(args, None)
+        elif arg.startswith("-m"):
+            return arg[2:] or next(args, None)
+        elif arg.startswith("-c") or not arg.startswith("-"):  # code or a script: no module is run
+            return None
+    return None
+
+
+RANKED = "qlora.train"  # the command run as one of several processes (torchrun): run(..., ranked=True)
+
+
+def said_while_starting(signum: int, ranked: bool) -> str | None:
+    """The line of a Ctrl-C or SIGTERM that ends a command as it starts; None on a process of several but rank 0,
+    which speaks for them (torchrun passes a Ctrl-C on to every process, and each of them said it)."""
+    line = f"stopped by {signal.Signals(signum).name} while starting: nothing was written"
+    return line_of_this_rank(128 + signum, line) if ranked else line
+
+
 def exit_while_starting(signum: int, frame: object) -> None:
     """Ctrl-C or SIGTERM during the imports, before `run` took over: nothing is written yet, so the process ends here,
     at once. Raising instead can abort the interpreter: an exception thrown through torch's C++ while it imports
     ends in "terminate called after throwing an instance of 'pybind11::error_already_set'" and SIGABRT."""
-    os.write(2, f"stopped by {signal.Signals(signum).name} while starting: nothing was written\n".encode())
+    if (line := said_while_starting(signum, running_command() == RANKED)) is not None:
+        os.write(2, f"{line}\n".encode())
     os._exit(128 + signum)
 
 
@@ -108,8 +133,9 @@ def _early_excepthook(kind: type[BaseException], err: BaseException, tb: object)
     """A Ctrl-C or SIGTERM raised during the imports (with --debug, or one a library turned into another error):
     one line, and the signal's exit status."""
     if (signum := interrupting_signal(err)) is not None and "--debug" not in sys.argv:
-        print(f"stopped by {signal.Signals(signum).name} while starting: nothing was written", file=sys.stderr)
-        sys.stderr.flush()
+        if (line := said_while_starting(signum, running_command() == RANKED)) is not None:
+            print(line, file=sys.stderr)
+            sys.stderr.flush()
         os._exit(128 + signum)
     sys.__excepthook__(kind, err, tb)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora.cli import ArgumentParser, run
+from qlora.cli import ArgumentParser, run, running_command
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -170,19 +170,6 @@ def help_text(command: str, argv: list[str]) -> str:
     if command in RECIPE_COMMANDS:
         return RECIPE_COMMANDS[command].help(argv)
     return PARSERS[command]().format_help()
-
-
-def running_command() -> str | None:
-    """The `X` of `python [options] -m X ...`, from the interpreter's own command line; None otherwise."""
-    args = iter(getattr(sys, "orig_argv", [])[1:])
-    for arg in args:
-        if arg in ("-X", "-W", "--check-hash-based-pycs"):  # the interpreter's options that take a value
-            next(args, None)
-        elif arg.startswith("-m"):
-            return arg[2:] or next(args, None)
-        elif arg.startswith("-c") or not arg.startswith("-"):  # code or a script: no module is run
-            return None
-    return None
 
 
 def answer_help_early() -> None:

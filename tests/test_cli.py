@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -100,6 +101,33 @@ def test_every_command_ends_in_one_line_when_interrupted_while_importing(tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     assert err.strip().splitlines() == [f"stopped by {sig.name} while starting: nothing was written"], err
+
+
+@pytest.mark.parametrize(("module", "args", "said"), [
+    ("qlora.train", ["recipes/tiny.py", "--output.dir={tmp}/run"], False), ("qlora.eval", ["runs/none"], True),
+], ids=["train: rank 0 alone says it", "eval: runs alone whatever RANK says"])
+def test_rank_1_interrupted_while_importing_leaves_the_line_to_rank_0(tmp_path, module, args, said):
+    """torchrun passes a Ctrl-C or SIGTERM on to every process: during the imports each of them said `stopped by
+    SIGTERM while starting: nothing was written`, where rank 0 speaks for the run."""
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", module, *(a.replace("{tmp}", str(tmp_path)) for a in args)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # torch is still loading
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err == ("stopped by SIGTERM while starting: nothing was written\n" if said else ""), err
+
+
+@pytest.mark.parametrize(("rank", "said"), [("0", True), ("1", False)])
+def test_a_signal_swallowed_while_importing_is_said_by_rank_0_alone(capsys, monkeypatch, rank, said):
+    from qlora import cli
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.Session.signal = signal.SIGINT  # as raise_signal_interrupt records it, in the middle of an import
+    assert cli.run(lambda argv: 0, [], ranked=True) == 130
+    assert capsys.readouterr().err == ("stopped by SIGINT while starting: nothing was written\n" if said else "")
 
 
 def test_a_closed_stdout_ends_quietly():

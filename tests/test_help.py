@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.commands import PARSERS, running_command
+from qlora.cli import running_command
+from qlora.commands import PARSERS
 from qlora.config import Config, apply_overrides, field_docs, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
