@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -354,6 +355,20 @@ def test_bad_input_one_rank_meets_alone_is_said_once_by_rank_0(cli, tmp_path):
     assert rank0.stderr.strip().splitlines() == [
         "error: rank 1: data.train=/shared/train.jsonl not found: check the path"] and rank1.stderr == ""
     assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_rank_0_meets_alone_ends_the_others_in_silence(tmp_path):
+    """Under torchrun (whose agent holds the store) rank 0's data file missing on its machine, as ALONE does for
+    rank 1: rank 1 said `rank 1: error: lost the other processes of this run ...: one died or hung`, exit 6."""
+    (tmp_path / "sitecustomize.py").write_text("import os\nif os.environ.get('RANK') == '0':  # not torchrun\n"
+                                               + textwrap.indent(ALONE.replace('"1"', '"0"'), "    "))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "qlora.train",
+                             *ARGS, *TWO, f"--output.dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=300)
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\s*exitcode\s*: 2 ", result.stderr), result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert lines == ["error: data.train=/shared/train.jsonl not found: check the path"], result.stderr
 
 
 def test_a_metrics_file_cut_short_is_refused_once_by_every_rank(cli, two_ranks, tmp_path):

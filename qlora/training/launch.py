@@ -4,10 +4,11 @@ how a run of several ends. What the joined processes do together at each step is
 
 Only rank 0 writes (checkpoints, adapter, metrics, memory report) and prints; an error every rank meets alike prints
 once. An error one rank meets alone that it does not print itself (a data file missing on its machine) it posts in
-the store the processes met through, and rank 0, losing it, says it. A rank that dies breaks the others' next
-collective within a second (gloo: "Connection reset by peer"); one that hangs trips `train.dist_timeout`. Either
-way the others stop with exit 6 and one line, and the newest checkpoint, which only rank 0 writes, atomically, is
-intact.
+the store the processes met through, and rank 0, losing it, says it; one rank 0 meets alone (its own data file
+missing) it posts too, and the others, losing it, end with its exit status in silence. A rank that dies breaks the
+others' next collective within a second (gloo: "Connection reset by peer"); one that hangs trips
+`train.dist_timeout`. Either way the others stop with exit 6 and one line, and the newest checkpoint, which only
+rank 0 writes, atomically, is intact.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from qlora.base.build import ensure_checkpoint
 from qlora.base.load import resolve_device
 from qlora.config import Config
 from qlora.console import announce, since
-from qlora.errors import EXIT_PEER, ConfigError, Session, Stop, exit_status, launched_ranks, line_of_this_rank
+from qlora.errors import EXIT_OOM, EXIT_PEER, ConfigError, Session, Stop, exit_status, launched_ranks
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.distributed import Ranks
 from qlora.training.runconfig import flat
@@ -122,20 +123,24 @@ def joined(cfg: Config) -> Iterator[Ranks]:
 
 
 def post_ending(ranks: Ranks, err: BaseException) -> None:
-    """Post this rank's ending for rank 0 to say, where this rank says nothing of its own (an error of bad input
-    it met alone would otherwise leave rank 0's "see the other processes' output" pointing at nothing)."""
+    """Post this rank's ending, where it is not this rank's own to say (exit 4 and 6 are): for rank 0 to say (an
+    error of bad input met alone would otherwise leave rank 0's "see the other processes' output" pointing at
+    nothing), or, from rank 0, for the others to end with in silence (each said it had lost rank 0, exit 6)."""
     ending = exit_status(err)
-    if ranks.store is None or ranks.main or ending is None or line_of_this_rank(*ending) is not None:
+    if ranks.store is None or ending is None or ending[0] in (EXIT_OOM, EXIT_PEER):
         return
     with contextlib.suppress(RuntimeError):  # a store already gone: rank 0 says it lost this rank, as before
         ranks.store.set(ended_key(ranks.rank), json.dumps(ending))
 
 
 def posted_ending(ranks: Ranks) -> tuple[int, str] | None:
-    """On rank 0: the ending another rank posted (its exit status, and its line after its rank), or None."""
-    if ranks.store is None or not ranks.main:
+    """The ending another rank posted (its exit status, and its line after its rank), or None: on rank 0 any
+    other's; on the others rank 0's (its line is rank 0's to say: qlora.cli prints none of it there), where the store
+    outlives rank 0 (torchrun's agent holds it)."""
+    # Launched by hand (no torchrun), rank 0 hosts the store itself, and asking a dead one prints a TCPStore warning.
+    if ranks.store is None or not (ranks.main or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
         return None
-    for rank in range(1, ranks.size):
+    for rank in range(1, ranks.size) if ranks.main else (0,):
         key = ended_key(rank)
         with contextlib.suppress(RuntimeError):
             if ranks.store.check([key]):
