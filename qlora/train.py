@@ -215,6 +215,8 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     From here on SIGINT/SIGTERM stop the run at the end of a step, with a checkpoint."""
     t, run_dir = cfg.train, Path(cfg.output.dir)
     seen = rundir.check_run_dir(run_dir, cfg, resume, overwrite)
+    if resume and not overwrite:
+        launch.check_same_checkpoints(ranks, run_dir)
     no_gpu = t.device == "cuda" and not ranks.several and not torch.cuda.is_available()
     device = ranks.device if ranks.several else resolve_device(t.device, fix=cpu_instead(cfg) if no_gpu else "")
     use_kernel(cfg, device)  # SDPA's CUDA kernel as model.sdpa_backend asks

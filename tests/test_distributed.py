@@ -371,6 +371,19 @@ def test_bad_input_rank_0_meets_alone_ends_the_others_in_silence(tmp_path):
     assert lines == ["error: data.train=/shared/train.jsonl not found: check the path"], result.stderr
 
 
+def test_processes_resuming_other_checkpoints_are_refused(cli, two_ranks, tmp_path):
+    """On machines without a shared output.dir, rank 0 resumed at step 6 and rank 1, finding none, started afresh:
+    they waited for each other until train.dist_timeout, then each said it had lost the other (exit 6)."""
+    out = tmp_path / "run"
+    shutil.copytree(two_ranks[0], out)
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--output.dir={out}", "--resume", "--train.dist_timeout=5"],
+                             last=[f"--output.dir={tmp_path / 'elsewhere'}"])
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert rank0.stderr == (f"error: rank 1 has output.dir's newest checkpoint=None where rank 0 has 'checkpoint-"
+                            f"{STEPS}': give every process the same output.dir, on a file system they share\n")
+    assert rank1.stderr == "" and not (tmp_path / "elsewhere").exists()
+
+
 def test_a_metrics_file_cut_short_is_refused_once_by_every_rank(cli, two_ranks, tmp_path):
     """Rank 0 alone reads metrics.jsonl (it alone writes it): its refusal of a file cut short left rank 1 saying
     `rank 1: error: lost the other processes of this run ...: one died or hung`, exit 6."""

@@ -31,7 +31,7 @@ from qlora.base.load import resolve_device
 from qlora.config import Config
 from qlora.console import announce, since
 from qlora.errors import EXIT_OOM, EXIT_PEER, ConfigError, Session, Stop, exit_status, launched_ranks
-from qlora.training.checkpoint import list_checkpoints
+from qlora.training.checkpoint import checkpoint_dirs, list_checkpoints
 from qlora.training.distributed import Ranks
 from qlora.training.runconfig import flat
 
@@ -89,6 +89,15 @@ def start(cfg: Config, ranks: Ranks) -> None:
     ranks.check_same({k: v for k, v in flat(cfg.to_dict()).items() if k not in OWN_PATHS},
                      "launch every process with the same recipe and overrides")
     ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
+
+
+def check_same_checkpoints(ranks: Ranks, run_dir: Path) -> None:
+    """Refuse a --resume whose processes find other newest checkpoints in their output.dir (a path of each machine's
+    own: OWN_PATHS). Without a shared file system one resumed at step 3 and another started afresh: they waited for
+    each other until train.dist_timeout (600 s), then each said it had lost the other."""
+    newest = found[-1].name if (found := checkpoint_dirs(run_dir)) else None
+    ranks.check_same({"output.dir's newest checkpoint": newest},
+                     "give every process the same output.dir, on a file system they share")
 
 
 @contextlib.contextmanager
