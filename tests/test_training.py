@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -204,3 +205,56 @@ def test_the_lr_logged_with_a_step_is_the_one_it_ran_at(tiny_config):
     lrs = [line["lr"] for line in logged if "lr" in line]
     peak, warmup = tiny_config.train.lr, tiny_config.train.warmup_steps
     assert lrs == [peak * 1 / (warmup + 1), peak * 2 / (warmup + 1)]  # warmup's factors at steps 0 and 1
+
+
+def test_each_step_clips_decays_and_schedules_as_a_loop_of_torchs_own(tiny_config, monkeypatch):
+    """Three steps of 2 micro-batches with a clip that bites, weight decay and a warmup, against the same steps taken
+    with torch's clip_grad_norm_, AdamW and the documented schedule: metrics.jsonl's loss (the mean over the target
+    tokens of all micro-batches), grad_norm (before clipping) and the adapter written. A clock that ticks 1 s per
+    reading makes tokens/s the step's tokens, padding not counted."""
+    import types
+
+    import qlora.train
+    from qlora.adapters.lora import adapter_state_dict
+    from qlora.data.batches import micro_batches
+
+    tiny_config = apply_overrides(tiny_config, [
+        "--train.steps=3", "--train.batch_size=2", "--train.grad_accum=2", "--train.optimizer=adamw",
+        "--train.max_grad_norm=0.05", "--train.weight_decay=0.5", "--train.warmup_steps=1", "--train.lr=1e-2",
+        "--train.eval_before=false", "--train.eval_batches=1"])
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(qlora.train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    train(tiny_config)
+    logged = [json.loads(line) for line in open(f"{tiny_config.output.dir}/metrics.jsonl") if '"loss"' in line]
+
+    t = tiny_config.train
+    run = prepare(tiny_config)
+    model, rows = run["model"], run["train_rows"]
+    batches = micro_batches(rows, t.batch_size, t.seed, run["tokenizer"].pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 / 2 if k < 1 else 0.5 * (
+        1 + math.cos(math.pi * (k - 1) / 2)))
+    model.train()
+    for step in range(3):
+        micro = [next(batches)[1] for _ in range(t.grad_accum)]
+        targets = [b["labels"][:, 1:][b["labels"][:, 1:] != -100] for b in micro]
+        n_targets = sum(len(x) for x in targets)
+        loss = 0.0
+        for b, target in zip(micro, targets, strict=True):
+            logits = model(input_ids=b["input_ids"]).logits[:, :-1][b["labels"][:, 1:] != -100]
+            part = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum") / n_targets
+            part.backward()
+            loss += float(part.detach())
+        norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        assert norm > t.max_grad_norm  # the clip bites
+        assert logged[step]["loss"] == pytest.approx(loss, rel=1e-5)
+        assert logged[step]["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+        assert logged[step]["tokens_per_s"] == sum(int(b["attention_mask"].sum()) for b in micro)
+        assert logged[step]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    written = load_file(f"{tiny_config.output.dir}/adapter_model.safetensors")
+    for key, value in adapter_state_dict(model).items():
+        torch.testing.assert_close(written[key], value, rtol=1e-4, atol=1e-6)
