@@ -461,6 +461,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_their_position(cli
     assert any(not torch.equal(a[3][key], a[2][key]) for key in a[1])
     assert all(torch.isfinite(t).all() for t in a[4].values())
     assert torch.load(out / "checkpoint-4" / STATE, weights_only=True)["bad_steps"] == 2
+    # a skipped step still moves the schedule on: step k at its own warmup lr, k / 6 of 3e-3 (warmup_steps=5)
+    assert [row["lr"] for row in metrics(out) if "lr" in row] == pytest.approx([3e-3 * k / 6 for k in range(1, 5)])
 
 
 OOM = """
