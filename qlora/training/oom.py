@@ -65,7 +65,8 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
     elif step:
         where += f" after step {step}"
     shape = f", micro-batch {batch_shape[0]} rows x {batch_shape[1]} tokens" if batch_shape else ""
-    lines = [f"out of memory {where}{shape}: {str(err).strip().splitlines()[0]}",
+    said = str(err).strip().splitlines() or [type(err).__name__]  # Python's own MemoryError has no words
+    lines = [f"out of memory {where}{shape}: {said[0]}",
              f"memory when it failed: {_size(now)} in use, peak {_size(peak)} in this phase, {_size(total)} on "
              f"{device}"]
     phases = getattr(profiler, "phases", {})

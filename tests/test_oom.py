@@ -1,0 +1,85 @@
+"""What an out-of-memory stop says (qlora/training/oom.py, through qlora/training/guard.py's RunGuard), on a device
+and a memory reading the tests set."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from qlora.config import Config, apply_overrides
+from qlora.errors import EXIT_OOM, Stop
+from qlora.training import oom
+from qlora.training.guard import RunGuard
+
+GIB = 2**30
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 2 GiB"
+
+
+@pytest.fixture
+def memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 GiB device whose process holds 1 GiB, at its peak too."""
+    monkeypatch.setattr(oom, "device_total", lambda device: 2 * GIB)
+    monkeypatch.setattr(oom, "resident_bytes", lambda name: GIB)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    "1073741824 bytes.")], ids=["MemoryError", "CPU allocator"])
+def test_host_memory_running_out_is_an_out_of_memory_stop(tiny_config: Config, memory: None,
+                                                         error: Exception) -> None:
+    with pytest.raises(Stop) as stop, RunGuard(tiny_config):
+        raise error
+    said = str(stop.value).splitlines()[0]
+    assert stop.value.code == EXIT_OOM and said == f"out of memory in loading the model: {str(error) or 'MemoryError'}"
+    with pytest.raises(RuntimeError, match="mat1 and mat2"), RunGuard(tiny_config):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+
+def test_the_report_names_the_phases_memory_and_the_8_bit_moments_in_the_optimizer_step(tiny_config: Config,
+                                                                                     memory: None) -> None:
+    profiler = types.SimpleNamespace(phases={"load": 3 * 2**20, "backward": 3 * GIB // 2})
+    for phase, eight_bit in (("the optimizer step", True), ("the forward and backward", False)):
+        lines = oom.oom_report(torch.OutOfMemoryError(CUDA_OOM), tiny_config, torch.device("cpu"), phase, 6, (8, 60),
+                               profiler).splitlines()
+        assert lines[0] == f"out of memory in {phase} of step 7, micro-batch 8 rows x 60 tokens: {CUDA_OOM}"
+        assert lines[1:3] == ["memory when it failed: 1.00 GiB in use, peak 1.00 GiB in this phase, 2.00 GiB on cpu",
+                              "peaks of the phases before: load 3.0 MiB, backward 1.50 GiB"]
+        assert any(line.startswith("  --train.optimizer=paged_adamw_8bit: 8-bit moments") for line in lines) \
+            is eight_bit
+
+
+def test_without_an_estimate_the_tokens_of_a_micro_batch_shrink_by_what_the_step_needed(
+        tiny_config: Config, memory: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An architecture the estimator does not model: the step needed its 1 GiB and the 2 GiB it asked for, 3 GiB of
+    the 1.90 GiB under the headroom, so rows of 128 tokens become 64 and micro-batches of 8 rows 4, the step's 8 rows
+    kept in 2 of them; the logits are offered in chunks (the tiny recipe checkpoints its layers already)."""
+    def unmodelled(*args: object) -> list[str]:
+        raise KeyError("model_type")
+
+    monkeypatch.setattr(oom, "suggestions", unmodelled)
+    cfg = apply_overrides(tiny_config, ["--train.batch_size=8", "--train.grad_accum=1"])
+    lines = oom.oom_report(torch.OutOfMemoryError(CUDA_OOM), cfg, torch.device("cpu"), "the forward and backward", 0,
+                           (8, 128), None).splitlines()
+    assert lines[2:6] == ["the step needed at least 3.00 GiB of 1.90 GiB; scaling the tokens per micro-batch by that "
+                          "ratio (qlora.memory.estimate does not know this model), each of these alone:",
+                          "  --data.max_seq_len=64", "  --train.batch_size=4 --train.grad_accum=2",
+                          "  --train.loss_chunk_size=1024"], lines
+
+
+def test_the_largest_micro_batch_that_fits_keeps_the_rows_of_a_step(tiny_config: Config) -> None:
+    """A device between the estimates of micro-batches of 4 and 8 rows: 4 is offered, in 2 micro-batches a step, so
+    the loss and the schedule stay the run's."""
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+
+    cfg = apply_overrides(tiny_config, ["--train.batch_size=8", "--train.grad_accum=1"])
+    peaks = {}
+    for rows in (4, 8):
+        c = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={rows}"])
+        peaks[rows] = estimate(c, load_arch(c), "qlora", "cpu").peak_bytes
+    lines = oom.suggestions(cfg, torch.device("cpu"), int((peaks[4] + peaks[8]) / 2 / oom.HEADROOM), 0)
+    assert any(line.startswith("  --train.batch_size=4 --train.grad_accum=2: the largest micro-batch that fits, the "
+                               "same 8 rows per step") for line in lines), lines
