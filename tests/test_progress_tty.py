@@ -102,3 +102,25 @@ def test_a_run_resumed_after_its_last_step_announces_no_training(tiny_config, ca
         tiny_config.train.steps = 300
         progress.progress_bar(tiny_config, step, ranks).close()
         assert capsys.readouterr().out == said
+
+
+def test_a_resumed_bar_counts_on_from_its_step_and_a_log_names_the_rows_of_every_micro_batch(tiny_config, capsys,
+                                                                                            monkeypatch):
+    """On a terminal the resumed run's bar stands at its step (120/300, its rate and time left from there); in a log
+    the announcement counts a step's rows over its micro-batches, and the last step has its line however the run's
+    steps divide into tenths."""
+    ranks = types.SimpleNamespace(main=True, several=False, size=1)
+    tiny_config.train.steps, tiny_config.train.grad_accum = 300, 4
+    progress.progress_bar(tiny_config, 120, ranks).close()
+    assert capsys.readouterr().out == "training 180 steps of 32 rows ...\n"
+    monkeypatch.setattr(progress, "draws_bars", lambda stream, figures="": True)
+    bar = progress.progress_bar(tiny_config, 120, ranks)
+    assert not bar.disable and (bar.n, bar.total) == (120, 300)
+    bar.close()
+
+    fields = {"loss": 1.5, "lr": 3e-3, "tokens_per_s": 9000.0, "peak_gib": 0.09}
+    lines = tqdm(total=25, disable=True)
+    for step in range(1, 26):  # a line every 2 steps, and one at step 25
+        progress.show_step(lines, {"step": step, **fields}, 25, (0, time.perf_counter() - step))
+    said = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in said] == [f"step {k}/25" for k in (*range(2, 25, 2), 25)]
