@@ -258,3 +258,12 @@ def test_each_step_clips_decays_and_schedules_as_a_loop_of_torchs_own(tiny_confi
     written = load_file(f"{tiny_config.output.dir}/adapter_model.safetensors")
     for key, value in adapter_state_dict(model).items():
         torch.testing.assert_close(written[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_the_last_step_is_logged_whatever_train_log_every(tiny_config):
+    """train.log_every=2 over 3 steps: the lines of steps 2 and 3, the last (where a run extended on --resume goes on
+    from), though 3 is not a multiple of 2."""
+    tiny_config.train.steps, tiny_config.train.log_every, tiny_config.train.eval_before = 3, 2, False
+    train(tiny_config)
+    logged = [json.loads(line) for line in open(f"{tiny_config.output.dir}/metrics.jsonl")]
+    assert [row["step"] for row in logged if "loss" in row] == [2, 3]
