@@ -167,16 +167,18 @@ class Ranks:
         dist.all_gather_object(states, rng_state(self.device))
         return {"rng_ranks": states}
 
-    def restore_rng(self, state: dict) -> None:
-        """After `restore.load_checkpoint` (which restored rank 0's RNG everywhere): this rank's own."""
+    def restore_rng(self, state: dict, dropout: bool) -> None:
+        """After `restore.load_checkpoint` (which restored rank 0's RNG everywhere): this rank's own. `dropout`:
+        whether the step draws random numbers (lora.dropout), which another number of processes draws otherwise."""
         ranks = state.get("rng_ranks") or [state.get("rng")]  # a one-process checkpoint: rank 0's alone
         if len(ranks) == self.size:
             if self.several:
                 set_rng_state(ranks[self.rank], self.device)
         else:  # one process resuming the checkpoint of several is told too
-            print(f"the checkpoint was written by {len(ranks)} process(es), this run has {self.size}: dropout "
-                  "draws differ from the run that wrote it, and so do the batches unless processes x "
-                  "train.batch_size is the same")
+            draws = "dropout draws differ from the run that wrote it, and so do the batches" if dropout else \
+                "the batches differ from the run that wrote it"
+            print(f"the checkpoint was written by {len(ranks)} process(es), this run has {self.size}: {draws} "
+                  "unless processes x train.batch_size is the same")
 
     def share(self, batches: Iterable[T], n: int) -> Iterator[tuple[T, bool]]:
         """This rank's share of the first `n` batches (round robin), each with whether its statistics count. Every

@@ -61,7 +61,7 @@ def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
     if progress.step > cfg.train.steps:
         raise ConfigError(f"train.steps={cfg.train.steps} is below step {progress.step}, where {resumed} stands: "
                           f"set --train.steps={progress.step} or more to continue")
-    ranks.restore_rng(state)
+    ranks.restore_rng(state, cfg.lora.dropout > 0)
     print(f"resumed from {resumed} at step {progress.step}" + (" (the newest usable checkpoint)" if damaged else ""))
     if "optimizer_restarted" in state:  # cfg's optimizer, fresh; its fp32 masters from the resumed weights
         restart_from_weights(optimizer)
