@@ -203,7 +203,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         print(f"held-out loss {final['eval_loss']:.4f}, exact match {100 * final['eval_exact_match']:.1f}% "
               f"({since(started)})")
     print(f"adapter written to {run_dir}")
-    print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg, longest or None))
+    print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg, longest or None, ranks.size))
     return {"before": first, "after": final, "last_step": last}
 
 

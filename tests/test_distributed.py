@@ -116,6 +116,19 @@ def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(one_process, two_ran
     assert rank1.stdout == "" and rank1.stderr == ""  # rank 0 speaks for the run
     # Rank 0 alone wrote, and what a one-process run writes.
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    # memory.json: rank 0's peak, said so, beside the estimate per process of 2 (it gave the one-process estimate,
+    # which with train.shard_base counts the whole base)
+    from qlora.config import read_config_json
+    from qlora.memory.profiler import estimated_peak
+
+    memory = json.loads((out / "memory.json").read_text())
+    assert memory["processes"] == 2 and memory["definition"].endswith("; rank 0's, one process of 2")
+    assert "processes" not in json.loads((one_process / "memory.json").read_text())
+    cfg, tokens, cpu = read_config_json(out / "run_config.json"), memory["estimated_for"]["seq_len"], \
+        torch.device("cpu")
+    assert memory["estimated_peak_bytes"] == estimated_peak(cfg, cpu, tokens, 2)
+    cfg.train.shard_base = True
+    assert estimated_peak(cfg, cpu, tokens, 2) < estimated_peak(cfg, cpu, tokens)
 
 
 def test_the_adapter_of_two_ranks_loads_in_peft(one_process, two_ranks):

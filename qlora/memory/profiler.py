@@ -133,15 +133,19 @@ class PhaseTracker:
                                        "cuda_context": rec.get("cuda_context", 0)}
         return out
 
-    def write(self, path: Path, cfg: Config | None = None, seq_len: int | None = None) -> str:
+    def write(self, path: Path, cfg: Config | None = None, seq_len: int | None = None, processes: int = 1) -> str:
         """Write memory.json and return the one-line summary. With `cfg`, the estimator's figure beside the measured
         one, for the shape the run met: `cfg.train.batch_size` rows of `seq_len` tokens (the longest micro-batch
-        it padded to; the estimator's worst case is data.max_seq_len, which a run with shorter rows never reaches)."""
+        it padded to; the estimator's worst case is data.max_seq_len, which a run with shorter rows never reaches).
+        `processes`: the run's; rank 0 measures its own, which the estimate is of (per process of several)."""
         estimate, shape = None, None
         if cfg is not None:
             shape = (cfg.train.batch_size, seq_len or cfg.data.max_seq_len)
-            estimate = estimated_peak(cfg, self.device, shape[1])
+            estimate = estimated_peak(cfg, self.device, shape[1], processes)
         summary = self.summary(estimate, shape)
+        if processes > 1:
+            summary["processes"] = processes
+            summary["definition"] += f"; rank 0's, one process of {processes}"
         write_aside(Path(path), json.dumps(summary, indent=2) + "\n")  # a kill while writing leaves no half file
         return one_line(summary)
 
@@ -154,9 +158,9 @@ DEFINITION = {
 }
 
 
-def estimated_peak(cfg: Config, device: torch.device, seq_len: int | None = None) -> int | None:
-    """The estimator's peak for this run (at `seq_len` tokens per row if given, else data.max_seq_len), or None
-    where it cannot tell (an architecture it does not know)."""
+def estimated_peak(cfg: Config, device: torch.device, seq_len: int | None = None, processes: int = 1) -> int | None:
+    """The estimator's peak for this run (at `seq_len` tokens per row if given, else data.max_seq_len; per process of
+    `processes`), or None where it cannot tell (an architecture it does not know)."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
 
@@ -164,7 +168,7 @@ def estimated_peak(cfg: Config, device: torch.device, seq_len: int | None = None
         cfg = copy.deepcopy(cfg)
         cfg.data.max_seq_len = seq_len
     try:
-        return estimate(cfg, load_arch(cfg), cfg.quant.method, device.type).peak_bytes
+        return estimate(cfg, load_arch(cfg), cfg.quant.method, device.type, processes).peak_bytes
     except (ConfigError, OSError, ValueError, KeyError) as err:
         print(f"memory: no estimate for this model ({err})", file=sys.stderr)
         return None
