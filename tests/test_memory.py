@@ -90,15 +90,22 @@ def test_compute_dtype_mirrors_the_loader():
             assert compute_bytes(cfg, device)[1] == compute_dtype(cfg.quant, torch.device(device)).itemsize
 
 
-@pytest.mark.parametrize(("method", "compute", "build"), [
-    ("qlora", "fp32", "tiny-llama"), ("lora", "fp32", "tiny-llama"), ("full", "fp32", "tiny-llama"),
-    ("qlora", "bf16", "tiny-llama"), ("lora", "bf16", "tiny-llama"),
-    *[(method, "fp32", build) for build in ("tiny-llama-tied", "tiny-qwen2", "tiny-mistral", "tiny-gemma3", "tiny-phi3")
-      for method in ("qlora", "full")]])
-def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compute, build):
+@pytest.mark.parametrize(("method", "compute", "build", "optimizer"), [
+    *[(*case, "paged_adamw_32bit") for case in (
+        ("qlora", "fp32", "tiny-llama"), ("lora", "fp32", "tiny-llama"), ("full", "fp32", "tiny-llama"),
+        ("qlora", "bf16", "tiny-llama"), ("lora", "bf16", "tiny-llama"),
+        *[(method, "fp32", build) for build in ("tiny-llama-tied", "tiny-qwen2", "tiny-mistral", "tiny-gemma3",
+                                                "tiny-phi3") for method in ("qlora", "full")])],
+    # The other optimizers: torch AdamW's moments in the dtype of what it steps (bf16 adapters' fp32 masters), the
+    # 8-bit state with 32-bit state for tensors under 4,096 elements (the tiny Llama's k/v B) and its two maps.
+    *[("qlora", compute, "tiny-llama", optimizer) for compute in ("fp32", "bf16")
+      for optimizer in ("adamw", "paged_adamw_8bit")],
+    ("full", "fp32", "tiny-llama", "adamw"), ("full", "fp32", "tiny-llama", "paged_adamw_8bit")])
+def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compute, build, optimizer):
     """The estimator's static components equal the bytes of the loaded tiny model's tensors, to the byte; bf16
     adapters add their fp32 masters to the optimizer state and keep fp32 gradients. On each tiny architecture."""
-    cfg = tiny(f"--quant.method={method}", f"--quant.compute_dtype={compute}", *architecture(build))
+    cfg = tiny(f"--quant.method={method}", f"--quant.compute_dtype={compute}", *architecture(build),
+               f"--train.optimizer={optimizer}")
     model, _, _ = load_base(cfg, CPU)
     if method == "full":
         for p in model.parameters():

@@ -34,6 +34,9 @@ NF4_BLOCK, NF4_NESTED_BLOCK = 64, 256
 NF4_TABLES = 16 * 4 + 256 * 4 + 4  # per quantised layer: NF4 code, nested code (fp32) and the nested offset
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state buffer only for tensors of >= 1e5 elements (optimizer.py)
 MIN_8BIT_NUMEL = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (Optimizer2State, min_8bit_size)
+# The 8-bit state's signed and unsigned dynamic maps, 256 fp32 values each, shared by every tensor on the device
+# (bitsandbytes Optimizer8bit.fill_qmap)
+QMAPS = 2 * 256 * 4
 # The CUDA context (driver, kernels, cuBLAS handles) that nvidia-smi counts beside PyTorch's memory; ~0.5 GiB is
 # typical for CUDA 12 with lazy module loading. memory.json measures the real figure on each run.
 CUDA_CONTEXT = 512 * 2**20
@@ -85,13 +88,20 @@ def trainable_tensors(arch: Arch, method: str, cfg: Config) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)  # max_context asks thousands of times for the same adapters
-def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, e: int, device: str) -> tuple[int, int, int, str]:
-    """(state bytes, the part paged into CUDA managed memory, temporaries of one step, formula)."""
-    if optimizer == "adamw":  # torch: moments in the parameter dtype; foreach ops hold about one temporary per state
-        return 2 * e * sum(sizes), 0, e * sum(sizes), "2 P_train e (torch AdamW: moments in the parameter dtype)"
+def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, e: int, device: str,
+                    stepped: int = 0) -> tuple[int, int, int, str]:
+    """(state bytes, the part paged into CUDA managed memory, temporaries of one step, formula). `stepped`: bytes per
+    element of what the optimizer steps where not `e`: 4 for 16-bit adapters' fp32 masters."""
+    if optimizer == "adamw":  # torch: moments in the dtype of what it steps; foreach ops hold ~one temporary per state
+        s = stepped or e
+        counts = 4 * len(sizes) if device == "cpu" else 0  # each tensor's step, an fp32 scalar kept on the host
+        return 2 * s * sum(sizes) + counts, 0, s * sum(sizes), \
+            f"2 P_train {'4' if s != e else 'e'} (torch AdamW: moments in the stepped parameters' dtype)"
+    maps = 0
     if optimizer == "paged_adamw_8bit":
         per = [2 * n + 8 * math.ceil(n / 256) if n >= MIN_8BIT_NUMEL else 8 * n for n in sizes]
-        formula = "P_train (2 + 8/256) B (8-bit m and v, fp32 absmax per 256)"
+        maps = QMAPS if max(sizes) >= MIN_8BIT_NUMEL else 0
+        formula = "P_train (2 + 8/256) B (8-bit m and v, fp32 absmax per 256) + 2 KB of maps"
     else:
         per = [8 * n for n in sizes]
         formula = "8 P_train (fp32 m and v)"
@@ -102,7 +112,7 @@ def optimizer_bytes(sizes: tuple[int, ...], optimizer: str, e: int, device: str)
     largest = max(sizes)
     dequantised = 8 * largest if optimizer == "paged_adamw_8bit" and largest >= MIN_8BIT_NUMEL else 0
     transient = 0 if device == "cuda" else 12 * largest + dequantised + (8 * largest if e < 4 else 0)
-    return sum(per), paged, transient, formula + (f"; {paged / 2**30:.2f} GiB of it paged" if paged else "")
+    return sum(per) + maps, paged, transient, formula + (f"; {paged / 2**30:.2f} GiB of it paged" if paged else "")
 
 
 @dataclass
@@ -182,7 +192,6 @@ def count_trained(tally: Tally, cfg: Config, sizes: tuple[int, ...], method: str
     if method != "full":
         comp["adapters"] = sum(sizes) * e
         fx["adapters"] = "L r sum(in + out of each adapted layer) e"
-    state, _paged, step_tmp, state_fx = optimizer_bytes(sizes, t.optimizer, e, device)
     g = e  # bytes per gradient element
     masters = 0
     host_opt = HOST_OPTIMIZER.active(cfg, method, device)
@@ -190,6 +199,7 @@ def count_trained(tally: Tally, cfg: Config, sizes: tuple[int, ...], method: str
         # 16-bit adapters train through fp32 masters, gradients summed in fp32 (master.py); the host optimizer keeps
         # fp32 masters for every 16-bit weight, full fine-tuning's too (qlora/levers/host_optimizer/optimizer.py)
         g, masters = 4, 4 * sum(sizes)
+    state, _paged, step_tmp, state_fx = optimizer_bytes(sizes, t.optimizer, e, device, 4 if masters else 0)
     # One process's 16-bit gradients go to the host as they are summed (several sum theirs on the card first)
     staged = host_opt and e < 4 and gpus == 1
     if host_opt:  # state, fp32 masters and the update in host memory
