@@ -201,7 +201,7 @@ def test_a_resumed_run_keeps_the_layers_chosen_at_its_start(tiny_config: Config,
     assert json.loads((resumed / "run_config.json").read_text())["quant"]["keep_16bit"] == kept
 
 
-@pytest.mark.parametrize("overrides", [["--quant.blocksize=32"],
+@pytest.mark.parametrize("overrides", [["--quant.blocksize=32"], ["--quant.double_quant=false"],
                                        ["--quant.keep_16bit=model.layers.0.mlp.down_proj,model.layers.1.self_attn.q_proj"],
                                        ["--quant.keep_16bit_budget=0.05"]])
 def test_the_estimate_counts_kept_layers_and_block_size(overrides: list[str]) -> None:
