@@ -27,7 +27,7 @@ from qlora.memory.arch import load_arch
 from qlora.memory.estimate import compute_bytes, estimate
 from qlora.memory.profiler import PhaseTracker, one_line
 from qlora.memory.readings import tensor_categories
-from qlora.memory.terms import nf4_bytes
+from qlora.memory.terms import Tally, count_trained, nf4_bytes, trainable_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -123,7 +123,9 @@ def test_weights_adapters_and_optimizer_state_match_the_real_model(method, compu
     est = estimate(cfg, load_arch(cfg), method, "cpu").components
     for key in ("quantized_weights", "unquantized_weights", "adapters", "optimizer_state"):
         assert est[key] == real[key], key
-    assert real["gradients"] == sum(p.numel() for p in params) * 4
+    arch, e = load_arch(cfg), compute_bytes(cfg, "cpu")[1]
+    per_grad = count_trained(Tally(), cfg, tuple(trainable_tensors(arch, method, cfg)), method, "cpu", e)[0]
+    assert real["gradients"] == sum(p.numel() for p in params) * per_grad == sum(p.numel() for p in params) * 4
 
 
 def test_paged_state_is_the_cards_though_its_tensor_says_cpu():
