@@ -577,6 +577,8 @@ def test_the_printed_attention_term_of_an_eager_layer_is_its_number():
     (dict(model_type="phi3"), (None, 0)),  # Phi3Config's default
     # below 0 transformers makes every layer windowed, not more layers than the model has
     (dict(model_type="qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=-5), (64, 32)),
+    # layers from max_window_layers on: Qwen2Config's layer_types has 4 of 32 sliding
+    (dict(model_type="qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=28), (64, 4)),
 ])
 def test_the_sliding_window_is_read_as_transformers_reads_it(config, window, tmp_path):
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4, vocab_size=100)
