@@ -587,6 +587,18 @@ def test_the_sliding_window_is_read_as_transformers_reads_it(config, window, tmp
     assert (arch.window, arch.windowed_layers) == window
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma", "gemma3_text", "phi3"])
+def test_a_head_tied_or_not_where_config_json_does_not_say_is_transformers_default(kind, tmp_path):
+    """Gemma's configuration classes tie the head by default, the others' not: a config.json without
+    tie_word_embeddings counts the head (V h, 1 GiB of Llama-3.1-8B's in bf16) as transformers builds it."""
+    from transformers import CONFIG_MAPPING
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    (tmp_path / "config.json").write_text(json.dumps({**shape, "model_type": kind}))
+    arch = load_arch(tiny(f"--model.config_json={tmp_path / 'config.json'}"))
+    assert arch.tied == CONFIG_MAPPING[kind]().tie_word_embeddings
+
+
 def llama(name: str, *overrides: str) -> Config:
     return apply_overrides(load_recipe(ROOT / "recipes" / f"{name}.py"), list(overrides))
 
