@@ -288,6 +288,17 @@ def test_synthetic_weights_of_a_tied_config_share_the_head_with_the_embeddings(t
     assert sum(p.numel() for p in synthetic.parameters()) == load_arch(cfg).params
 
 
+def test_a_sharded_base_keeps_a_tied_table_whole_on_every_process():
+    """qlora/base/shard.py leaves a tied embedding table out of fully_shard (the head uses it outside the decoder):
+    each of 2 processes holds all V h of it beside its half of the norms, as a process of one does."""
+    cfg = tiny(*architecture("tiny-llama-tied"), "--train.shard_base=true")
+    arch = load_arch(cfg)
+    L, h, V, e = 2, 128, 259, 4  # the tiny Llama's config.json, fp32 on the CPU
+    assert (arch.layers, arch.hidden, arch.vocab, arch.tied) == (L, h, V, True)
+    half = estimate(cfg, arch, "qlora", "cpu", gpus=2).components["unquantized_weights"]
+    assert half == V * h * e + -(-(2 * L + 1) * h * e // 2) + arch.buffer_bytes
+
+
 @pytest.mark.parametrize(("fields", "line"), [
     # StarCoder2's MLP has no gate: its activations are not linear_shapes'.
     (dict(model_type="starcoder2"), r"config.json is a starcoder2 model: the estimator knows the layers of llama, "),
