@@ -8,9 +8,9 @@ import functools
 
 import pytest
 import torch
-from support import build, cuda_only, loss_and_grads
+from support import ROOT, build, cuda_only, loss_and_grads
 
-from qlora.config import Config, QuantConfig, apply_overrides
+from qlora.config import Config, QuantConfig, apply_overrides, load_recipe
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
@@ -59,6 +59,19 @@ def test_quantized_lm_head_saves_what_the_estimate_says(tiny_config: Config) -> 
         est = estimate(cfg, load_arch(cfg), "qlora", "cpu").components
         for key in ("quantized_weights", "unquantized_weights"):
             assert est[key] == real[key], (cfg.quant.quantize_lm_head, key)
+
+
+def test_the_loss_counts_the_slice_of_the_head_dequantised_at_once() -> None:
+    """The 70B recipe's NF4 head (V=128,256, h=8,192, bf16) in the loss's backward: its column slice, 1,024 columns
+    (256 MiB over V rows x 2 bytes, in whole blocks of 64), dequantised beside its packed bytes and absmax, and every
+    block's absmax in fp32: 0.40 GB that the loss holds beyond a 16-bit head's."""
+    V, h, cols = 128_256, 8_192, 1_024
+    slice_ = V * cols * 2 + V * cols // 2 + V * (cols // 64) * 4
+    head = load_recipe(ROOT / "recipes" / "llama70b.py")
+    assert head.quant.quantize_lm_head
+    plain = apply_overrides(copy.deepcopy(head), ["--quant.quantize_lm_head=false"])
+    loss = [estimate(cfg, load_arch(cfg), "qlora", "cuda").phases["loss_backward"] for cfg in (head, plain)]
+    assert loss[0] - loss[1] == slice_ + V * h // 64 * 4
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
