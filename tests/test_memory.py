@@ -299,6 +299,16 @@ def test_a_sharded_base_keeps_a_tied_table_whole_on_every_process():
     assert half == V * h * e + -(-(2 * L + 1) * h * e // 2) + arch.buffer_bytes
 
 
+def test_several_processes_sum_the_gradients_a_bucket_at_a_time():
+    """Data parallel on 2 processes adds to the update one bucket of the gradients being summed, at most 25 MiB
+    (qlora/training/distributed.py BUCKET_BYTES), not every gradient at once: the 8B recipe's adapters have 84
+    million."""
+    cfg = llama("llama8b")
+    arch = load_arch(cfg)
+    one, two = (estimate(cfg, arch, "qlora", "cuda", gpus=n).phases["optimizer_step"] for n in (1, 2))
+    assert two - one == 25 * 2**20
+
+
 @pytest.mark.parametrize(("fields", "line"), [
     # StarCoder2's MLP has no gate: its activations are not linear_shapes'.
     (dict(model_type="starcoder2"), r"config.json is a starcoder2 model: the estimator knows the layers of llama, "),
