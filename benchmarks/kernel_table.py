@@ -92,6 +92,20 @@ def kernel_table(prof: torch.profiler.profile, rank: int, steps: int) -> dict[st
     return {name: ms / steps for name, ms in totals.items()}
 
 
+def unclassified(prof: torch.profiler.profile, rank: int, steps: int, most: int = 20) -> dict[str, float]:
+    """The `most` operators (or kernels) whose time the table puts under `other`, ms per step, largest first: what a
+    GPU run's `other` row holds, to read on a CPU afterwards."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    on_device = any(e.kernels for e in events)
+    found: dict[str, float] = {}
+    for event in events:
+        for name, us in ([(k.name, k.duration) for k in event.kernels] if on_device else
+                         [(event.name, event.self_cpu_time_total)]):
+            if family(event, rank, name if on_device else "") == "other":
+                found[name] = found.get(name, 0.0) + us / 1e3 / steps
+    return dict(sorted(found.items(), key=lambda item: -item[1])[:most])
+
+
 def sdpa_backends(prof: torch.profiler.profile) -> dict[str, int]:
     """Calls of each SDPA backend's forward operator in the record (flash, cudnn, efficient, math)."""
     found: dict[str, int] = {}

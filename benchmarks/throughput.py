@@ -332,7 +332,7 @@ def flops_per_token(model: torch.nn.Module, n_params: int, seq: int) -> tuple[fl
 
 def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | None) -> dict:
     """`steps` more steps under torch.profiler: the kernel table (ms per step by family) and the SDPA backend."""
-    from kernel_table import kernel_table, sdpa_backends
+    from kernel_table import kernel_table, sdpa_backends, unclassified
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -354,8 +354,8 @@ def profiled(step: Callable, batch: dict, steps: int, rank: int, trace: Path | N
         with open(raw, "rb") as src, gzip.open(trace, "wb") as dst:
             shutil.copyfileobj(src, dst)
         raw.unlink()
-    return {"kernels": kernel_table(prof, rank, steps), "sdpa": sdpa_backends(prof), "profiled_steps": steps,
-            "profiled_step_ms": wall_ms}
+    return {"kernels": kernel_table(prof, rank, steps), "other_ops": unclassified(prof, rank, steps),
+            "sdpa": sdpa_backends(prof), "profiled_steps": steps, "profiled_step_ms": wall_ms}
 
 
 def stack_config(args: argparse.Namespace, extra: list[str]) -> Config:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import re
 import sys
 from pathlib import Path
 
@@ -43,13 +44,18 @@ def cfg(tiny_config: Config) -> Config:
 
 def test_every_family_of_our_step_is_found_and_they_add_up(cfg: Config) -> None:
     found, _ = profile(cfg)
-    table, total = found["kernels"], sum(found["kernels"].values())
+    table = found["kernels"]
     assert set(table) == set(FAMILIES)
     for family in ("dequantisation", "base matmuls", "LoRA matmuls", "attention", "norms/activations", "loss",
                    "optimizer"):
         assert table[family] > 0, (family, table)
     assert table["host copies"] == 0  # a CPU device copies nothing between host and card
-    assert table["other"] < 0.5 * total
+    # No operator of the step's work lands in `other` (its share of the time is no test: on a loaded machine the
+    # autograd engine's own time between operators, which it holds, passed half of a tiny step's)
+    work = re.compile(r"^aten::(mm|addmm|bmm|matmul|linear|_?softmax|log_softmax|.*rms_norm|silu|.*cross_entropy.*|"
+                      r"nll_loss.*|.*scaled_dot_product.*|embedding_dense_backward)$|gemm|dequantize", re.I)
+    assert found["other_ops"] and not [name for name in found["other_ops"] if work.search(name)], found["other_ops"]
+    assert sum(found["other_ops"].values()) <= table["other"] * (1 + 1e-9)
     assert found["sdpa"] and set(found["sdpa"]) <= {"flash", "math"}  # what torch's CPU SDPA has
     lines = table_text({"ours": table}, {"ours": 12.5})
     assert lines[0] == "| family | ours |" and lines[-2].startswith("| total, every stream | ")
