@@ -271,6 +271,7 @@ def test_a_malformed_json_file_is_named_by_the_line_that_breaks_it(tmp_path: Pat
     ('[{"text": "a"}, null]', ": row 2: expected a JSON object per row, got null"),
     # datasets kept the last of the two
     ('[{"text": "a", "text": "b"}]', ": key 'text' appears twice in one object, and JSON would keep only the last"),
+    ('[{"n": 1' + "0" * 5000 + "}]", ": unreadable JSON ("), ("[" * 100_000 + "]" * 100_000, ": unreadable JSON ("),
     ("{}", " holds no rows: add data, or check data.train / data.eval")])
 def test_a_json_file_that_holds_no_rows_of_objects_is_named_in_one_line(tmp_path: Path, content: str,
                                                                           line: str) -> None:

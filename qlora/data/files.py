@@ -161,23 +161,16 @@ def _read_jsonl(path: Path) -> Rows:
             # each one's mark where it begins.
             line = raw.decode("utf-8-sig")
         except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file "
-                              "as UTF-8") from None
+            raise _not_utf8(f"{path}:{number}", err) from None
         if not line.strip():
             continue
         try:
-            row = json.loads(line, object_pairs_hook=_unique_keys)
-        except DuplicateKey as err:
-            raise ConfigError(f"{path}:{number}: key {err.key!r} appears twice in one object, and JSON would keep only "
-                              "the last: keep one of them") from None
+            row = _parse(line, f"{path}:{number}", "fix or delete that line")
         except json.JSONDecodeError as err:
             if line.strip() in ("[", "{"):  # json.dump(rows, f, indent=2) into a file named .jsonl
                 raise ConfigError(f"{path}:{number}: a JSON document written over several lines, not one JSON object "
                                   "per line (JSONL): name the file .json, or write one row per line") from None
             raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
-        except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; objects nested too deep
-            raise ConfigError(f"{path}:{number}: unreadable JSON ({json_trouble(err)}): fix or delete that line") \
-                from None
         if not isinstance(row, dict):
             hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
             raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {_json_kind(row)}{hint}")
@@ -196,22 +189,16 @@ def _read_json(path: Path) -> Rows:
     except OSError as err:
         raise _unreadable(path, err) from err
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file as UTF-8") \
-            from None
+        raise _not_utf8(str(path), err) from None
     if not text.strip():
         return Rows([], [])  # read_rows names it
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys)
-    except DuplicateKey as err:
-        raise ConfigError(f"{path}: key {err.key!r} appears twice in one object, and JSON would keep only the last: "
-                          "keep one of them") from None
+        value = _parse(text, str(path), "fix the file")
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # a value per line (JSON Lines), which `datasets` read in a .json file too
             return _read_jsonl(path)
         raise ConfigError(f"{path}:{err.lineno}: malformed JSON ({err.msg}): fix the file, or convert it to "
                           "JSONL") from None
-    except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits; arrays nested too deep
-        raise ConfigError(f"{path}: unreadable JSON ({json_trouble(err)}): fix the file") from None
     rows = ([value] if value else []) if isinstance(value, dict) else value
     if not isinstance(rows, list):
         raise ConfigError(f"{path} holds one JSON {_json_kind(value)}, not rows: write them as a top-level array of "
@@ -221,6 +208,26 @@ def _read_json(path: Path) -> Rows:
         raise ConfigError(f"{path}: row {bad}: expected a JSON object per row, got {_json_kind(rows[bad - 1])}: fix "
                           "or delete that row")
     return Rows(rows, [f"{path}: row {n}" for n in range(1, len(rows) + 1)])
+
+
+def _parse(text: str, where: str, fix: str) -> object:
+    """`text` as JSON, each object's keys unique (_unique_keys), for the JSON and JSONL readers alike: a key written
+    twice, an integer of over 4,300 digits or objects nested too deep refused naming `where` (the file, or its line)
+    and `fix`. Malformed JSON (JSONDecodeError) is the caller's to say: what it means depends on the file's kind."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as err:
+        raise ConfigError(f"{where}: key {err.key!r} appears twice in one object, and JSON would keep only the last: "
+                          "keep one of them") from None
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{where}: unreadable JSON ({json_trouble(err)}): {fix}") from None
+
+
+def _not_utf8(where: str, err: UnicodeDecodeError) -> ConfigError:
+    """A data file (or its line, `where`) that is not UTF-8."""
+    return ConfigError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file as UTF-8")
 
 
 def _unreadable(path: Path, err: OSError) -> ConfigError:
