@@ -204,7 +204,7 @@ def read_run_config(run_dir: Path) -> Config:
     # earlier end's, as while it trained, which the lock no longer tells. Weights of no recorded step (written before
     # it was) are taken for the earlier end's where the newest checkpoint is short of train.steps.
     newest = checkpoint.list_checkpoints(run_dir) if path.parent == run_dir else []
-    weights = run_dir / (checkpoint.FULL_WEIGHTS if cfg.quant.method == "full" else ADAPTER_WEIGHTS)
+    weights = run_dir / checkpoint.weights_file(cfg)
     if newest and weights.is_file():
         at, last = checkpoint.weights_step(weights), int(checkpoint.PATTERN.match(newest[-1].name)[1])
         if at < last if at is not None else last < cfg.train.steps:
@@ -248,7 +248,7 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
         cfg.quant.quantize_lm_head &= method == "qlora"  # a 16-bit base keeps its 16-bit head
     if base_path is not None:
         cfg.model.path, cfg.model.build = base_path, None
-    weights = checkpoint.FULL_WEIGHTS if cfg.quant.method == "full" else ADAPTER_WEIGHTS
+    weights = checkpoint.weights_file(cfg)
     if not (run_dir / weights).is_file():
         raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
                           "checkpoint-N directories instead")

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qlora.adapters.loftq import SHIFTS
-from qlora.adapters.lora import load_adapter, save_adapter
+from qlora.adapters.lora import ADAPTER_WEIGHTS, load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import EXIT_SAVE, ROOM_FIX, Stop
 from qlora.partial import ordinary_modes, save_tensors
@@ -79,6 +79,11 @@ def save_weights(model: torch.nn.Module, cfg: Config, base_path: str, out_dir: P
     else:
         save_adapter(model, cfg.lora, base_path, out_dir, metadata)
     ordinary_modes(out_dir)  # safetensors writes its files 0600: the run's files are ordinary ones, as its others
+
+
+def weights_file(cfg: Config) -> str:
+    """The name of the trained weights' file `save_weights` writes for `cfg`'s method."""
+    return FULL_WEIGHTS if cfg.quant.method == "full" else ADAPTER_WEIGHTS
 
 
 def weights_step(path: Path) -> int | None:
