@@ -7,6 +7,7 @@ torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); one test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.preflight import needs
 from qlora.training.checkpoint import list_checkpoints
+from qlora.training.rundir import lock_holder
 
 STEPS = 6
 # 2 micro-batches per step, an evaluation every 3 steps (held-out batches shared by the ranks), a checkpoint per step.
@@ -503,6 +505,33 @@ def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 6 ", err), err
     assert "error: lost the other processes of this run" in err and "while starting" not in err, err
+
+
+def test_kill_9_of_torchrun_stops_its_processes_after_a_step_with_a_checkpoint(tmp_path):
+    """kill -9 of torchrun left its processes training on their own, to the end (measured: from step 4 to step 180
+    and beyond of 1,000,000, the run's lock held); they stop as for a SIGTERM, every rank after the same step."""
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nproc-per-node=2", "-m", "qlora.train", "recipes/tiny.py",
+                             f"--output.dir={out}", "--train.steps=1000000", "--train.save_every=2",
+                             "--train.eval_every=0", "--train.eval_before=false", *TWO],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list_checkpoints(out):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)  # stderr ends when the last of torchrun's processes has
+    finally:
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):  # none is left behind, pass or fail
+            with contextlib.suppress(OSError):
+                if str(out).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+    assert f"the launcher (pid {proc.pid}) that started this run's processes is gone" in err, err
+    m = re.search(r"stopped by SIGTERM after step (\d+); (.+) holds it: continue with --resume\n$", err)
+    assert m and list_checkpoints(out)[-1] == out / f"checkpoint-{m.group(1)}", err
+    assert lock_holder(out) is None
 
 
 def test_sigterm_with_dropout_resumes_each_ranks_own_dropout_draws(cli, tmp_path):
