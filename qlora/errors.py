@@ -72,6 +72,9 @@ def check_writable(path: Path, what: str, directory: bool = False) -> None:
     if not probe.is_dir() and probe != path:
         raise Stop(EXIT_BAD_INPUT, f"{what}={path} cannot be created: {probe} is a file")
     if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
+        if os.statvfs(probe).f_flag & os.ST_RDONLY:  # access() says EROFS too: no permission would help
+            raise Stop(EXIT_BAD_INPUT, f"{what}={path} is not writable ({probe} is on a read-only file system): "
+                                       "choose another path, or remount it read-write")
         raise Stop(EXIT_BAD_INPUT, f"{what}={path} is not writable ({probe}: permission denied): choose another "
                                    "path or make it writable")
 

@@ -105,18 +105,38 @@ def test_an_unwritable_output_dir_is_refused_before_loading(cli, tmp_path):
     assert result.status == 2 and "is not writable" in result.stderr, result.stderr
 
 
-def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli, tmp_path):
+def test_an_output_dir_on_a_read_only_file_system_is_refused_as_such(cli, tmp_path):
+    """It was refused as "permission denied: ... make it writable", which no chmod helps."""
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(read_only)], capture_output=True).returncode:
+        pytest.skip("mounting a read-only file system needs root (CAP_SYS_ADMIN)")
+    try:
+        result = cli.run([TINY, *QUICK, f"--output.dir={read_only}/run"])
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert result.status == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: output.dir={read_only}/run is not writable ({read_only} is on a read-only file system): choose "
+        "another path, or remount it read-write")
+
+
+@pytest.mark.parametrize(("error", "fix"), [("PermissionError(errno.EACCES, 'Permission denied'", "make {} writable"),
+                                           ("OSError(errno.EROFS, 'Read-only file system'",
+                                            "remount the file system of {} read-write")], ids=["EACCES", "EROFS"])
+def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli, tmp_path, error, fix):
     """A save that fails for another reason than a full disk does not tell the user to free space."""
     out = tmp_path / "run"
     fail = ("import errno, qlora.training.checkpoint as c\n"
             "def refuse(obj, path):\n"
-            "    raise PermissionError(errno.EACCES, 'Permission denied', str(path))\n"
+            f"    raise {error}, str(path))\n"
             "c.torch_save = refuse\n")
     result = cli.run([TINY, *QUICK, f"--output.dir={out}"], prelude=fail)
     assert result.status == 5, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last == (f"error: could not write checkpoint-1 in {out} (Permission denied); there is no earlier "
-                    f"checkpoint: make {out} writable, then continue with --resume")
+    why = error.split("'")[1]
+    assert last == (f"error: could not write checkpoint-1 in {out} ({why}); there is no earlier "
+                    f"checkpoint: {fix.format(out)}, then continue with --resume")
 
 
 def test_a_trained_adapter_without_checkpoints_is_never_trained_over(cli, tmp_path):

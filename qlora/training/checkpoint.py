@@ -149,7 +149,9 @@ def _fix(err: BaseException, run_dir: Path) -> str:
     code = getattr(_os_cause(err), "errno", None)
     if code in ROOM_FIX:
         return ROOM_FIX[code]
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if code == errno.EROFS:
+        return f"remount the file system of {run_dir} read-write"
+    if code in (errno.EACCES, errno.EPERM):
         return f"make {run_dir} writable"
     return "remove the cause"
 
