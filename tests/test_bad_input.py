@@ -403,7 +403,6 @@ def test_a_rotary_base_trains_past_its_context_and_says_so(capsys: pytest.Captur
     mid-run), said for rotary ones, which compute any position (a longer context is learned that way)."""
     from transformers import LlamaConfig, OPTConfig
 
-    from qlora.errors import ConfigError
     from qlora.training.assemble import check_positions
 
     rows = [{"input_ids": list(range(n))} for n in (10, 60, 32)]
