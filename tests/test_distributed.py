@@ -475,11 +475,8 @@ def test_memory_report_for_several_gpus(tmp_path, capsys):
         "error: --gpus '0': give the number of GPUs (processes), up to 9 digits, e.g. --gpus 2"]
 
 
-def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):
-    """torchrun stops the rest of a run whose process died with SIGTERM, as the survivor takes its group down having
-    said which checkpoint is intact: that ended it -15, or 143 under "while starting: nothing was written" (8 and 1 of
-    9 tries), never 6. The forked ranks above have no torchrun to send it."""
-    out = tmp_path / "run"
+def torchrun_until_a_checkpoint(out: Path) -> subprocess.Popen:
+    """torchrun's 2 processes of the tiny recipe, endless, once the first checkpoint is in `out` (stderr piped)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.Popen([str(torchrun), "--nproc-per-node=2", "-m", "qlora.train", "recipes/tiny.py",
                              f"--output.dir={out}", "--train.steps=1000000", "--train.save_every=2",
@@ -489,6 +486,15 @@ def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):
     while not list_checkpoints(out):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
         time.sleep(0.2)
+    return proc
+
+
+def test_under_torchrun_the_survivor_of_a_lost_process_exits_6(tmp_path):
+    """torchrun stops the rest of a run whose process died with SIGTERM, as the survivor takes its group down having
+    said which checkpoint is intact: that ended it -15, or 143 under "while starting: nothing was written" (8 and 1 of
+    9 tries), never 6. The forked ranks above have no torchrun to send it."""
+    out = tmp_path / "run"
+    proc = torchrun_until_a_checkpoint(out)
 
     def rank_of(pid: str) -> str | None:
         try:
@@ -511,15 +517,7 @@ def test_kill_9_of_torchrun_stops_its_processes_after_a_step_with_a_checkpoint(t
     """kill -9 of torchrun left its processes training on their own, to the end (measured: from step 4 to step 180
     and beyond of 1,000,000, the run's lock held); they stop as for a SIGTERM, every rank after the same step."""
     out = tmp_path / "run"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.Popen([str(torchrun), "--nproc-per-node=2", "-m", "qlora.train", "recipes/tiny.py",
-                             f"--output.dir={out}", "--train.steps=1000000", "--train.save_every=2",
-                             "--train.eval_every=0", "--train.eval_before=false", *TWO],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while not list_checkpoints(out):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.2)
+    proc = torchrun_until_a_checkpoint(out)
     os.kill(proc.pid, signal.SIGKILL)
     try:
         _, err = proc.communicate(timeout=120)  # stderr ends when the last of torchrun's processes has
