@@ -55,7 +55,7 @@ class LoRALinear(nn.Module):
             return result
         # Cast the input to the adapter dtype (peft/tuners/lora/bnb.py): the 4-bit layer may hand back another dtype.
         down = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))
-        if self.fuse_add and result.is_contiguous():  # train.fuse_lora_add (qlora/levers/speed/)
+        if self.fuse_add and writable(result):  # train.fuse_lora_add (qlora/levers/speed/)
             return self.add_in_place(result, down)
         return result + (self.lora_B(down) * self.scaling).to(result.dtype)
 
@@ -88,6 +88,14 @@ class LoRALinear(nn.Module):
     def _require_dense(self, what: str) -> None:
         if isinstance(self.base_layer, bnb.nn.Linear4bit):
             raise ValueError(f"cannot {what} into a 4-bit layer: merge onto dequantised weights with qlora.merge")
+
+
+def writable(result: torch.Tensor) -> bool:
+    """Whether autograd lets `result` be added to in place. Not a view made inside a custom autograd Function:
+    bitsandbytes' MatMul4Bit returns F.linear's output, which with a bias (Qwen2's q/k/v) is a view of addmm's, and
+    writing it raised "Output 0 of View is a view and is being modified inplace" at the first step."""
+    custom = isinstance(result.grad_fn, torch.autograd.function.BackwardCFunction)
+    return result.is_contiguous() and not (custom and result._is_view())
 
 
 def linear_names(model: nn.Module) -> list[str]:
