@@ -279,6 +279,34 @@ def test_a_windows_blocks_are_cut_where_the_cuda_kernel_takes_its_mask(window: i
 
 
 
+@pytest.mark.parametrize("window", [None, 100], ids=["by document", "by block"])
+def test_attention_dropout_is_drawn_by_document_and_by_block(window: int | None) -> None:
+    """A config's attention_dropout reaches every document's and block's SDPA in training (dropping it survived every
+    test: the tiny recipe's is 0): outputs differ from the undropped ones, alike for a seed, apart for another."""
+    q, k, v, positions, module = windowed_case(window or 1000, [[300, 20, 380], [700]], 4, 2)
+
+    def attend(dropout: float, seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return attention.sdpa_by_document(module, q, k, v, None, dropout=dropout, position_ids=positions,
+                                          sliding_window=window)[0]
+
+    plain, dropped = attend(0.0), attend(0.5)
+    # row 1, one document of 700 tokens: attended whole (by document) or in blocks (by block), never causally alone
+    assert not torch.allclose(dropped[1], plain[1], atol=0.1) and torch.equal(dropped, attend(0.5))
+    assert not torch.equal(dropped, attend(0.5, seed=1))
+
+
+def test_one_rows_position_ids_serve_every_row_of_the_batch() -> None:
+    """transformers may hand one row of position ids (1, T) for a batch: its documents are every row's, as
+    transformers reads them; without that they were read as none, and each row attended across its documents."""
+    q, k, v, positions, module = windowed_case(1000, [[300, 400], [300, 400]], 4, 2)
+    shared, _ = attention.sdpa_by_document(module, q, k, v, None, position_ids=positions[:1])
+    each, _ = attention.sdpa_by_document(module, q, k, v, None, position_ids=positions)
+    torch.testing.assert_close(shared, each, rtol=0, atol=0)
+    whole, _ = attention.sdpa_by_document(module, q, k, v, None, position_ids=torch.arange(700)[None])
+    assert not torch.allclose(whole[:, 300:], each[:, 300:], atol=1e-3)
+
+
 def test_a_window_is_left_to_the_blocks_only_for_a_whole_row_without_a_cache() -> None:
     """The blocks take the keys to be the queries, from position 0: a KV cache's keys beyond the queries (generate), or
     a cache that dropped those before the window, keep transformers' mask, as do an added pattern and a model type
