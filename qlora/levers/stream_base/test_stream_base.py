@@ -6,6 +6,7 @@ so every slot is refilled in the forward and again in the backward."""
 from __future__ import annotations
 
 import copy
+import functools
 import types
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from qlora.base.build import TINY_LLAMA
 from qlora.base.quantize import linear4bit
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.errors import ConfigError
-from qlora.levers.stream_base.stream import LayerStream, travelling
+from qlora.levers.stream_base.stream import LayerStream, in_backward, travelling
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.preflight import check_fits, needs
@@ -72,6 +73,35 @@ def test_a_streamed_run_trains_the_same_adapter(deep: list[str], tmp_path: Path)
     for name, extra in (("plain", []), ("streamed", ["--train.stream_base=true"])):
         assert main([*args, f"--output.dir={tmp_path / name}", *extra]) == 0
     assert_same_run(tmp_path / "streamed", tmp_path / "plain")
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_each_layer_computes_beside_the_next_one_it_needs(tiny_config: Config, batch: dict, deep: list[str],
+                                                          checkpointing: bool) -> None:
+    """What the device slots hold as each layer runs: in the forward that layer and the next (its copy started
+    before this one computes), in the backward that layer and the one before. On CPU the copies are synchronous, so
+    a streamer that stopped prefetching (each layer then copied as it is about to run, on CUDA nothing overlapped)
+    or fetched the wrong neighbour still gave the same losses."""
+    model = build(tiny_config, *deep, "--train.stream_base=true",
+                  f"--train.gradient_checkpointing={str(checkpointing).lower()}")
+    stream, seen = model.layer_stream, []
+
+    def forward(i: int, module: nn.Module, args: tuple, output: object) -> None:
+        if in_backward():  # a checkpointed layer's recompute: its backward's slots are checked below
+            return
+        seen.append(("forward", i, set(stream.occupant)))
+        out = output[0] if isinstance(output, tuple) else output
+        # Registered after the streamer's own hook on this tensor, so it runs after the streamer brought layer i in.
+        out.register_hook(lambda grad: seen.append(("backward", i, set(stream.occupant))))
+
+    for i, layer in enumerate(model.get_decoder().layers):  # after the streamer's hooks, so they run after them
+        layer.register_forward_hook(functools.partial(forward, i))
+    for _ in range(2):  # the second step starts from the slots the first one's backward left
+        loss_and_grads(model, batch)
+    last = LAYERS - 1
+    expected = [("forward", i, {i, i + 1 if i < last else i - 1}) for i in range(LAYERS)] + \
+               [("backward", i, {i, i - 1 if i > 0 else 1}) for i in reversed(range(LAYERS))]
+    assert seen == expected * 2
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
