@@ -182,6 +182,17 @@ def test_estimate_counts_what_the_streamer_pins_holds_and_moves(tiny_config: Con
     assert on_cuda.streamed.moved_bytes == 2 * (LAYERS - 2) * on_cuda.streamed.layer_bytes
 
 
+def test_layers_kept_in_16_bit_are_left_out_of_the_pinned_base(tiny_config: Config, deep: list[str]) -> None:
+    """quant.keep_16bit layers of the decoder stay on the device and never travel: the host buffer the estimate
+    counts is the streamer's, without them (counted in, a host that fits the base would be refused)."""
+    kept = ["--quant.keep_16bit=model.layers.0.mlp.down_proj,model.layers.3.self_attn.q_proj"]
+    cfg = apply_overrides(tiny_config, [*deep, *kept, "--train.device=cpu", "--train.stream_base=true"])
+    stream = build(tiny_config, *deep, *kept, "--train.stream_base=true").layer_stream
+    est = estimate(cfg, load_arch(cfg), "qlora", "cuda")
+    whole = estimate(apply_overrides(copy.deepcopy(cfg), ["--quant.keep_16bit="]), load_arch(cfg), "qlora", "cuda")
+    assert est.host["streamed_base"] == stream.buffer.numel() < whole.host["streamed_base"]
+
+
 def test_stream_base_refuses_what_it_cannot_stream(tiny_config: Config) -> None:
     for flags, says in ((["--quant.method=lora"], "quant.method=lora loads a 16-bit one"),
                         (["--train.checkpoint_every=2"], "set --train.checkpoint_every=1"),
