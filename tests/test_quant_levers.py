@@ -11,10 +11,12 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from support import architecture
 from torch import nn
 
 from qlora import eval as run_eval
+from qlora.base.build import ensure_checkpoint
 from qlora.base.load import keep_16bit, keep_cpu_weights_exact, load_base, load_tokenizer
 from qlora.base.quantize import dequantize, roundtrip, weight_bytes
 from qlora.config import Config, apply_overrides, load_recipe
@@ -294,6 +296,40 @@ def test_smaller_blocks_are_the_loaders_rounding_at_that_size_and_closer_to_16bi
         errors[64] += float((dequantize(plain.get_submodule(name)) - w16).square().sum())
     assert errors[32] < 0.95 * errors[64], errors
     assert nf4_bytes(128 * 256, blocksize=32) > nf4_bytes(128 * 256)
+
+
+def test_layers_rebuilt_from_a_bf16_checkpoint_are_cast_and_biased_as_the_loader_makes_them(tmp_path: Path) -> None:
+    """The tiny Qwen2 (q/k/v biases, drawn here: its builder leaves them zero) saved in bf16 and loaded to compute in
+    fp32 (CPU): transformers casts each tensor to fp32 before quantising, so the layers read back from the checkpoint
+    are cast too, and keep their biases. The one kept in 16-bit holds the checkpoint's bf16 values and bias in fp32
+    (not a bf16 layer in an fp32 model), those quantised again at blocksize 32 are the rounding of the fp32 weight,
+    dequantising to fp32, beside their bias. An uncast rebuild, or one that dropped the bias, kept every test on the
+    tiny Llama's fp32 checkpoint, which has no biases, green."""
+    qwen2 = tiny(*architecture("tiny-qwen2"))
+    source = Path(ensure_checkpoint(qwen2))
+    for item in source.iterdir():
+        if item.name != "model.safetensors":
+            (tmp_path / item.name).symlink_to(item)
+    generator = torch.Generator().manual_seed(0)
+    weights = {k: (torch.randn(v.shape, generator=generator) if k.endswith(".bias") else v).to(torch.bfloat16)
+               for k, v in checkpoint_weights(qwen2).items()}
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    kept = "model.layers.0.self_attn.q_proj"
+    cfg = tiny(f"--model.path={tmp_path}", "--model.build=none", "--quant.blocksize=32", f"--quant.keep_16bit={kept}")
+    model, _, _ = load_base(cfg, CPU)
+    layer = model.get_submodule(kept)
+    assert layer.weight.dtype == torch.float32
+    torch.testing.assert_close(layer.weight, weights[f"{kept}.weight"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias, weights[f"{kept}.bias"].float(), rtol=0, atol=0)
+    for name, layer in model.named_modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            w = weights[f"{name}.weight"].float()
+            torch.testing.assert_close(dequantize(layer), roundtrip(w, cfg.quant, torch.float32, CPU), rtol=0, atol=0)
+            bias = weights.get(f"{name}.bias")
+            assert (layer.bias is None) == (bias is None), name
+            if bias is not None:
+                torch.testing.assert_close(layer.bias, bias.float(), rtol=0, atol=0)
+    assert model(torch.randint(0, 200, (1, 8))).logits.dtype == torch.float32
 
 
 def test_bad_settings_are_refused_with_the_key_and_the_fix() -> None:
