@@ -140,6 +140,46 @@ def test_the_check_reads_the_file_as_llama_cpp_runs_it(run: Path, tmp_path: Path
                                                                                    if n.endswith(".bias")}
 
 
+def test_the_hyperparameters_and_tensors_are_the_folders_as_llama_cpp_reads_them(run: Path, tmp_path: Path) -> None:
+    """gguf's own reader against the folder's config.json and safetensors header: the keys llama.cpp sizes and runs
+    the model by, each tensor under its name in ggml's order of dimensions (the fastest first: an HF row-major (out,
+    in) matrix is (in, out) there), vectors and norms in F32, matrices in the type asked for. transformers' reader
+    takes the model's shape from the tensors and a wrong epsilon or context length moves its logits by less than f16
+    rounding, so the check cannot see these; llama.cpp runs what the keys say."""
+    out = tmp_path / "model.gguf"
+    export(run, out, "f16", "cpu")
+    base = Path(json.loads((run / "run_config.json").read_text())["model"]["path"])
+    config = json.loads((base / "config.json").read_text())
+    reader = gguf.GGUFReader(out)
+    arch = reader.fields["general.architecture"].contents()
+    value = {key.removeprefix(f"{arch}."): field.contents() for key, field in reader.fields.items()}
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rope = config["rope_parameters"]
+    assert {key: value.get(key) for key in ("block_count", "context_length", "embedding_length", "feed_forward_length",
+                                            "attention.head_count", "attention.head_count_kv", "rope.dimension_count",
+                                            "rope.freq_base")} == {
+        "block_count": config["num_hidden_layers"], "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"], "feed_forward_length": config["intermediate_size"],
+        "attention.head_count": config["num_attention_heads"],
+        "attention.head_count_kv": config["num_key_value_heads"], "rope.dimension_count": head_dim,
+        "rope.freq_base": rope["rope_theta"]}
+    assert value["attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"], rel=1e-6)  # an f32
+    linear = rope["rope_type"] == "linear"
+    assert (value.get("rope.scaling.type"), value.get("rope.scaling.factor")) == (
+        ("linear", rope["factor"]) if linear else (None, None))
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
+                                     config["num_hidden_layers"])
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        expected = {names.get_name(key, try_suffixes=(".weight", ".bias")):
+                    tuple(reversed(f.get_slice(key).get_shape())) for key in f.keys()}
+    if rope["rope_type"] == "llama3":  # Llama 3.1's divisors, one per rotated pair
+        expected["rope_freqs.weight"] = (head_dim // 2,)
+    assert {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors} == expected
+    assert {t.name: t.tensor_type for t in reader.tensors} == {
+        name: gguf.GGMLQuantizationType.F16 if len(shape) == 2 else gguf.GGMLQuantizationType.F32
+        for name, shape in expected.items()}
+
+
 def test_the_read_back_parses_the_file_once(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' loader parses the whole file for the config, the tokenizer and the model, and
     what_transformers_drops reads it too: one parse serves all four (each was 3.3 s on SmolLM2's, the demo's build)."""
