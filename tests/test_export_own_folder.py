@@ -24,6 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from qlora.base.build import CHATML
 from qlora.base.convert import special_tokens_as_written
 from qlora.config import apply_overrides, load_recipe
+from qlora.errors import ConfigError
+from qlora.export.architecture import check_exportable
 from qlora.export.check import check_export, read_back
 from qlora.export.gguf_file import export
 from qlora.export.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, pre_by_definition
@@ -241,6 +243,23 @@ def test_the_read_back_adds_and_ends_as_the_file_says(run: Path, tmp_path: Path)
     bos, eos = value.get("tokenizer.ggml.add_bos_token", False), value.get("tokenizer.ggml.add_eos_token", False)
     assert ids == [tokenizer.bos_token_id] * bos + plain + [tokenizer.eos_token_id] * eos
     assert bos == (reader.fields["general.architecture"].contents() != "qwen2")  # Llama 3's post-processor adds it
+
+
+@pytest.mark.parametrize(("model_type", "fields", "says"), [
+    ("llama", dict(hidden_act="gelu"), r"uses hidden_act='gelu': llama.cpp's llama architecture is SiLU only"),
+    ("qwen2", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+                                    "rope_theta": 500000.0}),
+     r"scales its rotary embedding by 'llama3': the export writes default, linear for llama.cpp's qwen2"),
+], ids=["gelu", "qwen2 with rope_freqs"])
+def test_what_llama_cpp_would_run_otherwise_is_refused(model_type: str, fields: dict, says: str) -> None:
+    """A GELU model would run as SiLU in llama.cpp, and a qwen2 file with Llama 3.1's rope_freqs tensor holds one
+    tensor more than llama.cpp's qwen2 loads: refused before anything is written."""
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    config = AutoConfig.for_model(model_type, architectures=[architecture], **fields)
+    tokenizer = qwen2_style_tokenizer() if model_type == "qwen2" else llama3_style_tokenizer()
+    with pytest.raises(ConfigError, match=says):
+        check_exportable(config, tokenizer, "base")
 
 
 def test_only_the_very_split_is_named() -> None:
