@@ -27,7 +27,7 @@ from qlora.config import apply_overrides, load_recipe
 from qlora.errors import ConfigError
 from qlora.export.architecture import check_exportable
 from qlora.export.check import check_export, read_back
-from qlora.export.gguf_file import export
+from qlora.export.gguf_file import export, tensor_type
 from qlora.export.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, pre_by_definition
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,6 +260,17 @@ def test_what_llama_cpp_would_run_otherwise_is_refused(model_type: str, fields: 
     tokenizer = qwen2_style_tokenizer() if model_type == "qwen2" else llama3_style_tokenizer()
     with pytest.raises(ConfigError, match=says):
         check_exportable(config, tokenizer, "base")
+
+
+def test_q4_0_keeps_the_embedding_and_head_at_8_bits() -> None:
+    """As llama.cpp's quantize keeps them above 4 bits: token_embd and output in Q8_0, the layers' matrices in Q4_0,
+    norms in F32. At 4 bits they passed every test, none of which exports q4_0 (its check fails on a tiny run)."""
+    q = gguf.GGMLQuantizationType
+    assert {name: tensor_type(name, shape, q.Q4_0) for name, shape in (
+        ("token_embd.weight", (259, 64)), ("output.weight", (259, 64)), ("blk.0.attn_q.weight", (64, 64)),
+        ("blk.0.ffn_down.weight", (64, 128)), ("output_norm.weight", (64,)))} == {
+        "token_embd.weight": q.Q8_0, "output.weight": q.Q8_0, "blk.0.attn_q.weight": q.Q4_0,
+        "blk.0.ffn_down.weight": q.Q4_0, "output_norm.weight": q.F32}
 
 
 def test_only_the_very_split_is_named() -> None:
