@@ -165,8 +165,10 @@ def watched(model, cfg, size, device):
     shard_base(model, cfg, size, device)
     gc.collect()
     with open(os.environ["FREED_LOG"] + os.environ["RANK"], "w") as f:
+        from torch.distributed.fsdp import FSDPModule
         json.dump({"alive": sum(r() is not None for r in base), "of": len(base),
-                   "held": qlora.base.shard.base_bytes(model)}, f)
+                   "held": qlora.base.shard.base_bytes(model),
+                   "units": [isinstance(m, FSDPModule) for m in model.get_decoder().layers]}, f)
 qlora.base.shard.shard_base = watched
 """
 
@@ -192,6 +194,9 @@ def test_a_sharded_base_gives_the_same_run_with_half_the_base_per_rank(cli, two_
     for rank in (0, 1):  # the unsharded weights were let go: what each rank holds is its shard alone
         freed = json.loads(Path(f"{log}{rank}").read_text())
         assert freed["of"] > 0 and freed["alive"] == 0, freed
+        # Each decoder layer a unit of its own, so a forward gathers one layer (and the next) at a time: sharded as
+        # one unit with the decoder, every rank held the whole base from its first layer to its last.
+        assert freed["units"] and all(freed["units"]), freed
         assert freed["held"] == pytest.approx(est["quantized_weights"] + est["unquantized_weights"], rel=0.01)
 
 
