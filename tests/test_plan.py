@@ -422,3 +422,20 @@ def test_a_host_that_takes_only_some_layer_inputs_gets_a_budget() -> None:
     planned, est = as_user_runs_it(cfg, plan.overrides(cfg))
     assert 0 < planned.train.offload_budget_gib <= 8 and planned.train.offload_activations
     assert fits(est, card, host) and est.card_bytes == plan.estimate.card_bytes
+
+
+def test_the_plans_cost_is_the_tables_figures_for_the_layers_replayed_and_the_inputs_offloaded() -> None:
+    """The 8B recipe at 65,536 tokens on 24 GiB with 8 GiB of host memory: checkpointing, tiles, loss chunks, and of
+    the 32 layer inputs every second kept, 14 of those 16 on the host. What the plan costs (printed as "+141% of a
+    plain step"), by the table: each lever's figure, checkpoint_every's for the 1 of 2 layers replayed, offloading's
+    for the 14 of 16 kept inputs it moves."""
+    plan = choose(recipe("llama8b", "--data.max_seq_len=65536"), "cuda", 24 * GIB, 8 * GIB)
+    cp = plan.estimate.checkpoints
+    assert (cp.every, cp.kept, cp.host) == (2, 16, 14)
+    on = {lever for lever, value in plan.settings.items() if lever in COSTS and value != off(lever)}
+    assert on == {"train.gradient_checkpointing", "train.tile_size", "train.loss_chunk_size",
+                  "train.offload_activations", "train.checkpoint_every"}
+    figure = {lever: COSTS[lever].cuda for lever in on}
+    assert plan.cost == pytest.approx(figure["train.gradient_checkpointing"] + figure["train.tile_size"] +
+                                      figure["train.loss_chunk_size"] + figure["train.checkpoint_every"] * 1 / 2 +
+                                      figure["train.offload_activations"] * 14 / 16)
