@@ -65,6 +65,10 @@ def test_every_block_at_the_peak_is_named_but_the_stray_one(committed: dict, sha
             "optimizer_state", "layer inputs (checkpoint plan: kept on the device)"} <= terms.keys()
     text = snapshot.report(committed, shape, 64 * 2**10)
     assert "| **unexplained** | 1 | 0.750 | 1,536 | 3.00 |" in text and "stray_buffer" in text
+    # The terms largest first, as the reader looks for what the peak holds most of.
+    held = [float(line.split(" | ")[2]) for line in text.splitlines() if line.startswith("| ") and
+            not line.startswith(("| term ", "| **"))]
+    assert len(held) == len(terms) and held == sorted(held, reverse=True) and held[0] > held[-1]
 
 
 def test_the_estimate_accounts_for_the_recorded_peak(committed: dict) -> None:
@@ -270,3 +274,30 @@ def test_a_file_that_is_no_snapshot_is_one_line_and_runs_nothing(tmp_path: Path,
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: {path} is not an allocator snapshot ("), lines[0]
     assert not ran.exists()
+
+
+def test_the_report_counts_the_blocks_at_the_peak_and_the_reserve_then() -> None:
+    """An older snapshot's segment (blocks without addresses: they lie one after another), one block of it pending
+    its free (no longer allocated), a block of exactly --min-mib, and a segment reserved after the peak: the report's
+    first lines say what was allocated and reserved at the peak, and every block at it of --min-mib or more."""
+    mib = 2**20
+
+    def event(action: str, addr: int, size: int) -> dict:
+        return {"action": action, "addr": addr, "size": size, "stream": 0, "frames": []}
+
+    old = [{"size": 2 * mib, "state": "active_allocated"}, {"size": 3 * mib, "state": "active_pending_free"},
+           {"size": 4 * mib, "state": "active_allocated"}, {"size": 7 * mib, "state": "inactive"}]
+    segments = [{"device": 0, "address": 0, "total_size": 16 * mib, "blocks": old},
+                {"device": 0, "address": 100 * mib, "total_size": 8 * mib, "blocks": [
+                    {"address": 100 * mib, "size": 8 * mib, "state": "inactive", "frames": []}]},
+                {"device": 0, "address": 200 * mib, "total_size": 32 * mib, "blocks": [
+                    {"address": 200 * mib, "size": 32 * mib, "state": "inactive", "frames": []}]}]
+    trace = [event("segment_alloc", 100 * mib, 8 * mib), event("alloc", 100 * mib, 6 * mib),  # 2 + 4 + 6 of 24
+             event("free_requested", 100 * mib, 6 * mib), event("segment_alloc", 200 * mib, 32 * mib)]
+    found = replay.peak({"segments": segments, "device_traces": [trace]})
+    assert sorted((b.addr, b.size) for b in found.blocks) == [(0, 2 * mib), (5 * mib, 4 * mib), (100 * mib, 6 * mib)]
+    lines = snapshot.report({"segments": segments, "device_traces": [trace]}, min_bytes=2 * mib).splitlines()
+    assert lines[0] == "peak allocated 12.000 MiB after event 1 of 4; reserved then 24.000 MiB, 12.000 MiB of it " \
+                       "not allocated (the allocator's reserve and fragmentation); peak reserved 56.000 MiB"
+    assert lines[1] == "3 blocks of 2 MiB or more alive at the peak; smaller blocks 0.000 MiB"
+
