@@ -301,3 +301,11 @@ def test_the_report_counts_the_blocks_at_the_peak_and_the_reserve_then() -> None
                        "not allocated (the allocator's reserve and fragmentation); peak reserved 56.000 MiB"
     assert lines[1] == "3 blocks of 2 MiB or more alive at the peak; smaller blocks 0.000 MiB"
 
+
+def test_a_frameless_block_of_the_targets_hidden_states_is_the_losss(shape: attribution.Shape) -> None:
+    """On CUDA autograd's engine leaves no Python frame: a block of N h 4 (the targets' hidden states in fp32, N the
+    row's tokens less the last, which predicts no label) is read as the loss's by its size alone."""
+    assert shape.targets == snapshot_fixture.TOKENS - 1  # one row a micro-batch
+    h = shape.widths["h"]
+    block = replay.Block(0, -(-(snapshot_fixture.TOKENS - 1) * h * 4 // 512) * 512)
+    assert attribution.term(block, shape) == "loss (final norm, labels, logits)"
