@@ -309,3 +309,14 @@ def test_a_frameless_block_of_the_targets_hidden_states_is_the_losss(shape: attr
     h = shape.widths["h"]
     block = replay.Block(0, -(-(snapshot_fixture.TOKENS - 1) * h * 4 // 512) * 512)
     assert attribution.term(block, shape) == "loss (final norm, labels, logits)"
+
+
+def test_a_frameless_block_of_a_trained_tensors_fp32_gradient_is_a_gradient(shape: attribution.Shape) -> None:
+    """A bf16 run's adapters train with fp32 gradients (their masters sum them in fp32): on CUDA, where autograd's
+    engine leaves no frame, a block of the largest adapter's elements x 4 bytes is read as a gradient by its size."""
+    from qlora.memory.terms import trainable_tensors
+
+    cfg = snapshot_fixture.config()
+    assert shape.e == 2
+    largest = max(trainable_tensors(load_arch(cfg), "qlora", cfg))
+    assert attribution.term(replay.Block(0, -(-largest * 4 // 512) * 512), shape) == "gradients"
