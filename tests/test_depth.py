@@ -14,7 +14,8 @@ from qlora.base.build import TINY_LLAMA
 from qlora.config import apply_overrides, load_recipe
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
-from qlora.memory.depth import full_depth, probe_depth, truncated_config
+from qlora.memory.depth import depth_estimate, full_depth, probe_depth, truncated_config
+from qlora.memory.estimate import estimate
 from qlora.report.recorder import record_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +61,19 @@ def test_a_probe_that_peaks_elsewhere_than_the_whole_model_is_refused(tmp_path: 
                                           r"optimizer_step: its measurement says nothing of the whole's; probe 3 "
                                           r"layers$"):
         full_depth(cfg, 1, 10**6, "cpu")
+
+
+def test_the_missing_layers_are_those_of_l_less_k(tmp_path: Path) -> None:
+    """6 layers probed at 2 (4 missing, where the test above's 4 at 2 cannot tell L - k from k): the prediction adds
+    four layers' known bytes to what was measured, four times what one missing layer adds (each layer alike: its
+    input kept, fp32 at 4096 x 128, its weights, adapters and their state), and from the estimate of the probe it
+    gives the estimate of the whole."""
+    cfg = deep_tiny(tmp_path, 6, *LONG)
+    measured = 10**8  # any figure: the known bytes are added to it
+    four, one = full_depth(cfg, 2, measured, "cpu"), full_depth(cfg, 5, measured, "cpu")
+    assert (four.layers, four.depth) == (6, 2)
+    assert four.known["activations"] == 4 * 4096 * 128 * 4 and one.known["activations"] == 4096 * 128 * 4
+    assert four.predicted - measured == 4 * (one.predicted - measured) > 4 * 4096 * 128 * 4
+    arch = load_arch(cfg)
+    probe = full_depth(cfg, 2, depth_estimate(cfg, arch, 2, "cpu").peak_bytes, "cpu")
+    assert probe.predicted == estimate(cfg, arch, "qlora", "cpu").peak_bytes
