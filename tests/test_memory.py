@@ -812,3 +812,17 @@ def test_out_dir_takes_its_value_after_a_space_as_the_other_flags_do(tmp_path):
 
     assert main(["recipes/tiny.py", "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "tiny-none.json").is_file()
+
+
+def test_a_card_of_exactly_a_lengths_estimate_takes_that_length_and_no_more():
+    """The 8B recipe without checkpointing (one plan a length): on a card of exactly the step's estimate at 20,480
+    tokens, with the allocator's margin, --max-context says 20,480, limited by the card; 1,024 tokens more do not
+    fit, and a card a byte smaller takes 19,456."""
+    from qlora.memory.context import fit_context, planned
+
+    cfg = llama("llama8b", "--train.gradient_checkpointing=false", "--train.offload_activations=false")
+    host = 128 * 2**30
+    card = estimate(planned(cfg, 20_480, 1, None), load_arch(cfg), "qlora", "cuda").card_bytes
+    fit = fit_context(cfg, card, host)
+    assert (fit.tokens, fit.limit, fit.estimate.card_bytes) == (20_480, "card", card)
+    assert fit_context(cfg, card - 1, host).tokens == 19_456
