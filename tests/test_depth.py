@@ -5,6 +5,7 @@ noise or a fresh process per run)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,19 @@ def test_the_missing_layers_are_those_of_l_less_k(tmp_path: Path) -> None:
     arch = load_arch(cfg)
     probe = full_depth(cfg, 2, depth_estimate(cfg, arch, 2, "cpu").peak_bytes, "cpu")
     assert probe.predicted == estimate(cfg, arch, "qlora", "cpu").peak_bytes
+
+
+def test_the_probe_depth_keeps_the_models_checkpoint_groups_and_its_per_layer_lists(tmp_path: Path) -> None:
+    """With train.checkpoint_every=3 of 12 layers the probe is 3 layers, one whole group (2 would split it); a model
+    of 2 layers has no shorter probe than itself; a cut config.json keeps one entry of layer_types a layer."""
+    grouped = deep_tiny(tmp_path, 12, "--data.max_seq_len=256", "--train.batch_size=1", "--train.checkpoint_every=3")
+    assert probe_depth(grouped, "cpu") == 3
+    assert probe_depth(deep_tiny(tmp_path, 2, "--data.max_seq_len=256", "--train.batch_size=1"), "cpu") == 2
+    typed = deep_tiny(tmp_path, 4)
+    path = Path(typed.model.config_json)
+    path.write_text(path.read_text().replace('"num_hidden_layers": 4', '"layer_types": ["full_attention", '
+                                             '"sliding_attention", "full_attention", "sliding_attention"], '
+                                             '"num_hidden_layers": 4'))
+    cut = truncated_config(typed, 2, tmp_path / "cut")
+    written = json.loads(Path(cut.model.config_json).read_text())
+    assert written["num_hidden_layers"] == 2 and written["layer_types"] == ["full_attention", "sliding_attention"]
