@@ -216,3 +216,15 @@ def test_the_largest_micro_batch_is_found_past_the_tiles_where_a_smaller_one_doe
     with pytest.raises(ConfigError, match=r"set --data.max_seq_len=\d+ or --train.batch_size=17 "
                                           r"--train.grad_accum=31, the most that fits"):
         check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host)
+
+
+def test_a_step_that_needs_exactly_the_card_and_the_host_is_accepted() -> None:
+    """The 8B recipe (embeddings, layer inputs in host memory) on a card and a host of exactly what its step needs:
+    accepted; a byte less of the host is refused for the host's part, naming what the plan keeps there."""
+    cfg = load_recipe(ROOT / "recipes" / "llama8b.py")
+    card, host = needs(at(cfg, cfg.data.max_seq_len, "cuda"))
+    assert host > GIB  # the embedding table alone is 1 GiB in bf16
+    assert check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host) is not None
+    with pytest.raises(ConfigError, match=rf"^data.max_seq_len=2048: the plan keeps {host / GIB:.2f} GiB in host "
+                                          rf"memory and {(host - 1) / GIB:.2f} GiB is available \("):
+        check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host - 1)
