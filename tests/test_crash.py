@@ -33,6 +33,7 @@ from qlora.errors import exit_status
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.profiler import PhaseTracker
+from qlora.training import checkpoint
 from qlora.training.checkpoint import STATE, list_checkpoints, prune, remove_checkpoint
 from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.oom import HEADROOM
@@ -177,6 +178,30 @@ def test_a_kill_while_the_adapter_is_written_leaves_no_half_adapter(cli, referen
     result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])
     assert result.status == 0, result.stderr
     assert_same_run(out, reference)
+
+
+def test_a_kill_between_the_adapters_renames_leaves_no_adapter_config_without_its_weights(tmp_path, monkeypatch):
+    """The final adapter's files are renamed into place one by one, the weights first: killed between the two, the
+    run dir holds the new weights and no adapter_config.json, never a config that PEFT takes for an adapter beside no
+    weights (or the earlier end's)."""
+    def weights_and_config(model, cfg, base_path, out_dir, step):
+        (out_dir / "adapter_model.safetensors").write_bytes(b"weights")
+        (out_dir / "adapter_config.json").write_text("{}")
+
+    renamed, replace = [], os.replace
+
+    def killed_after_one(src: object, dst: object) -> None:
+        if renamed:
+            raise KeyboardInterrupt  # as a kill: nothing after it runs
+        renamed.append(Path(dst).name)
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint, "save_weights", weights_and_config)
+    monkeypatch.setattr(os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_final(None, None, "", tmp_path, 1)
+    assert renamed == ["adapter_model.safetensors"]
+    assert not (tmp_path / "adapter_config.json").exists()
 
 
 # A run stopped after its last checkpoint (killed between that checkpoint's rename and the pruning of older ones, or
@@ -525,6 +550,21 @@ def test_checkpoints_go_by_their_step_and_the_oldest_are_pruned(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
     prune(tmp_path, 1, newest=tmp_path / "checkpoint-9")  # a resume from checkpoint-9 keeps it, whatever is newer
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9"]
+
+
+def test_a_pruned_checkpoint_linked_from_another_disk_leaves_no_trash_and_its_target(tmp_path):
+    """A link is unlinked, not renamed to .trash-checkpoint-N, which rmtree refuses and leaves until the next start
+    (a finished run kept it); what it points at is never deleted."""
+    other = tmp_path / "other-disk" / "checkpoint-1"
+    run = tmp_path / "run"
+    for path in (other, run / "checkpoint-2"):
+        path.mkdir(parents=True)
+        for file in ("optimizer.pt", STATE):
+            (path / file).write_bytes(b"x")
+    (run / "checkpoint-1").symlink_to(other)
+    prune(run, 1)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in other.iterdir()) == ["optimizer.pt", STATE]
 
 
 def test_a_checkpoint_deleted_halfway_is_never_taken_for_a_complete_one(tmp_path, monkeypatch):
