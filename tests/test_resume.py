@@ -196,6 +196,23 @@ def test_another_hub_model_on_resume_is_another_run_not_a_moved_base(tmp_path):
         check_identity(saved, cfg, tmp_path, moved=True)
 
 
+@pytest.mark.parametrize(("key", "value"), [("lora.r", 8), ("lora.alpha", 64.0), ("lora.targets", ["q_proj"]),
+                                          ("quant.quant_type", "fp4"), ("quant.method", "lora")])
+def test_a_recipe_of_another_adapter_or_base_is_another_run(tmp_path, key, value):
+    """Each key of the run's identity, changed in the recipe or on the command line, is another run: refused, naming
+    it. Without lora.alpha (or quant.quant_type) there, --resume --lora.alpha=64 went on at another scale of the update
+    (or on an fp4 base), the checkpoints loading into adapters of the same shapes; without lora.r, it called every
+    checkpoint damaged."""
+    from qlora.training.runconfig import check_identity
+
+    saved, cfg = load_recipe("recipes/tiny.py"), load_recipe("recipes/tiny.py")
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=rf"holds another run \({re.escape(key)}="):
+        check_identity(saved, cfg, tmp_path)
+    check_identity(saved, saved, tmp_path)
+
+
 def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):
     """The exit-3 advice "lower train.lr, then --resume" works: the resumed steps run at the new lr, in the optimizer
     (the adapter moves ~30x less per step) as in the log."""
