@@ -433,6 +433,12 @@ def reshape_optimizer_state(path: Path) -> None:
     torch.save(state, path)
 
 
+def nan_optimizer_state(path: Path) -> None:
+    state = torch.load(path, weights_only=True)
+    state["state"][0]["__bnb_optimizer_quant_state__"]["state1"][0, 0] = float("nan")  # the next step's update: nan
+    torch.save(state, path)
+
+
 def pickle_with_code(path: Path) -> None:
     torch.save({"step": 4, "when": datetime.date(2026, 1, 1)}, path)  # weights_only refuses arbitrary objects
 
@@ -449,6 +455,7 @@ DAMAGE = {
     "optimizer of another shape": (OPTIMIZER, reshape_optimizer_state,
                                    rf"optimizer.pt: state1 of parameter 0 has shape \({TINY_R}, 2\), not "
                                    rf"\({TINY_R}, 128\)"),
+    "optimizer holds nan": (OPTIMIZER, nan_optimizer_state, r"optimizer.pt: state1 of parameter 0 holds nan or inf"),
     "trainer state garbage": (STATE, lambda p: p.write_bytes(b"not a torch file"), r"trainer_state.pt is "
                                                                                      r"unreadable \("),
     "trainer state with code": (STATE, pickle_with_code, r"trainer_state.pt is unreadable \(.*[Ww]eights"),
