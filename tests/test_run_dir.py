@@ -336,3 +336,19 @@ def test_a_run_config_rewritten_at_the_same_size_while_the_run_loaded_is_refused
     with pytest.raises(ConfigError, match=rf"output.dir={out} changed while this run loaded"):
         rundir.start_run(out, tiny_config, overwrite=True, seen=seen)
     assert (out / "run_config.json").read_text() == '{"train": {"seed": 2}}\n'
+
+
+def test_a_held_lock_is_refused_by_the_check_before_loading(tiny_config):
+    """check_run_dir, run before the base and data load, refuses a directory another trainer holds: left to the lock
+    start_run takes, the refusal came only once the base was loaded (minutes on a large model), the same line."""
+    out = Path(tiny_config.output.dir)
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=False)
+    rundir.start_run(out, tiny_config, overwrite=False, seen=seen)  # this process holds the lock, as another would
+    try:
+        in_use = rf"output.dir={out} is in use by another trainer \(pid {os.getpid()}\)"
+        for resume, overwrite in ((False, False), (True, False), (False, True)):
+            with pytest.raises(ConfigError, match=in_use):
+                rundir.check_run_dir(out, tiny_config, resume=resume, overwrite=overwrite)
+    finally:
+        rundir.unlock(out)
+    assert rundir.check_run_dir(out, tiny_config, resume=True, overwrite=False) == rundir.contents(out)
