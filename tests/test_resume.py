@@ -520,19 +520,23 @@ def test_no_usable_checkpoint_is_refused_and_nothing_is_touched(cli, partial, tm
 def test_a_run_of_16_bit_adapters_resumes_with_fp32_ones(cli, tmp_path):
     """A run on CUDA trains bf16 adapters through fp32 masters; resumed on the CPU (or with compute in fp32) its
     adapters are fp32 and its optimizer keeps no masters: the checkpoint's inner state loads, and its masters, the
-    fp32 weights the bf16 adapter was rounded from, become the adapters (every checkpoint was refused as unusable)."""
+    fp32 weights the bf16 adapter was rounded from, become the adapters (every checkpoint was refused as unusable).
+    Step 4 runs at lr 1e-30, which moves no fp32 weight of the adapters' size: its adapters are the masters to the
+    bit (taking the bf16 adapter instead survived the test: 0.4% apart)."""
     out = tmp_path / "run"
     assert cli.run([*ARGS, "--quant.compute_dtype=bf16", f"--output.dir={out}", "--train.steps=3"]).status == 0
     masters = torch.load(out / "checkpoint-3" / OPTIMIZER, weights_only=True)["masters"]
-    result = cli.run([*ARGS, "--quant.compute_dtype=fp32", f"--output.dir={out}", "--train.steps=4", "--resume"])
+    result = cli.run([*ARGS, "--quant.compute_dtype=fp32", f"--output.dir={out}", "--train.steps=4", "--resume",
+                      "--train.lr=1e-30"])
     assert result.status == 0, result.stderr
     assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
     saved = torch.load(out / "checkpoint-4" / OPTIMIZER, weights_only=True)
     assert "masters" not in saved and saved["state"]  # the fp32 run's own optimizer, its moments carried on
-    b3 = {k: v for k, v in adapter(out / "checkpoint-3").items() if "lora_B" in k}
-    b4 = {k: v for k, v in adapter(out / "checkpoint-4").items() if "lora_B" in k}
-    assert all(v.dtype == torch.float32 for v in b4.values()) and len(masters) == 2 * len(b4)
-    assert sum(float(v.float().norm()) for v in b4.values()) > 0.9 * sum(float(v.float().norm()) for v in b3.values())
+    trained = adapter(out / "checkpoint-4")
+    assert all(v.dtype == torch.float32 for v in trained.values()) and len(masters) == len(trained)
+    assert all(any(torch.equal(v, m) for m in masters) for v in trained.values())
+    rounded = adapter(out / "checkpoint-3")
+    assert not any(torch.equal(trained[k], v.float()) for k, v in rounded.items() if "lora_B" in k)
 
 
 def test_a_metrics_file_cut_short_since_the_checkpoint_is_refused_before_writing(cli, partial, tmp_path):
