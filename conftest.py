@@ -57,6 +57,21 @@ def batch(tiny_config: Config) -> dict:
 
 
 @pytest.fixture(scope="session")
+def unlike_tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (a function of a base's name)
+    """The overrides that put recipes/tiny.py on a base of support.UNLIKE_TINY, each built once per session."""
+    from support import build_unlike_tiny
+
+    built: dict[str, list[str]] = {}
+
+    def overrides(name: str) -> list[str]:
+        if name not in built:
+            built[name] = build_unlike_tiny(name, tmp_path_factory.mktemp(name))
+        return built[name]
+
+    return overrides
+
+
+@pytest.fixture(scope="session")
 def measured(cli: ForkedCLI, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 (a function of overrides)
     """Measured CPU peaks of recipes/tiny.py by override tuple, taken once per session: the smaller of two runs in one
     measuring process (qlora.report.measure --runs=2: a warm-up, then two measured runs, each freed before the

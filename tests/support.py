@@ -18,7 +18,7 @@ from forked_cli import ForkedCLI
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.adapters.lora import lora_layers
-from qlora.base.build import TINY_ARCHITECTURES, cache_dir
+from qlora.base.build import TINY_ARCHITECTURES, build_tiny, cache_dir
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
@@ -35,6 +35,35 @@ def architecture(build: str) -> list[str]:
     the cache, as the recipe's own is); none for tiny-llama, the recipe's."""
     assert build in TINY_ARCHITECTURES, build
     return [] if build == "tiny-llama" else [f"--model.path={cache_dir() / build}", f"--model.build={build}"]
+
+
+# Bases unlike the tiny recipe's Llama (no biases, untied, full attention), each built as build_tiny builds the tiny
+# bases, with every bias drawn non-zero (transformers starts them at zero, where a path that dropped them would pass):
+# biases on every linear layer (attention_bias, mlp_bias), Qwen2's q/k/v biases with tied embeddings, and Mistral's
+# sliding window shorter than the batch's rows of 60 tokens.
+UNLIKE_TINY: dict[str, tuple[str, dict]] = {
+    "biased": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "mistral-window": ("mistral", dict(sliding_window=16)),
+}
+# Adapters with alpha != r (scaling 3) and dropout, where the recipe's have alpha = r (scaling 1) and none: a path
+# that dropped alpha/r or the dropout would pass on the recipe.
+SCALED_LORA = ("--lora.r=8", "--lora.alpha=24", "--lora.dropout=0.1")
+
+
+def build_unlike_tiny(name: str, folder: Path) -> list[str]:
+    """Build UNLIKE_TINY[name] into `folder`; the overrides that put recipes/tiny.py on it."""
+    from transformers import AutoModelForCausalLM
+
+    build_tiny(*UNLIKE_TINY[name], folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(folder)
+    return [f"--model.path={folder}", "--model.build=none"]
 
 
 def build(cfg: Config, *overrides: str) -> torch.nn.Module:

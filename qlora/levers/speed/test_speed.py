@@ -3,11 +3,9 @@ path."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from support import CountOps, assert_same, build, loss_and_grads
+from support import SCALED_LORA, CountOps, assert_same, build, loss_and_grads
 
 from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
@@ -77,40 +75,18 @@ def test_fuse_lora_keeps_loss_and_grads(tiny_config: Config, batch: dict, method
     assert ops.calls.get("aten.addmm_.default", 0) == 2 * adapters + (adapters if dropout == "0" else 0)
 
 
-def biased(cfg: Config, folder: Path) -> Config:
-    """The tiny recipe's base with biases on every linear layer (attention_bias, mlp_bias: Qwen2 has q/k/v biases),
-    drawn non-zero, where the recipe's Llama has none."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from qlora.base.build import ensure_checkpoint
-
-    source = ensure_checkpoint(cfg)
-    config = AutoConfig.from_pretrained(source)
-    config.attention_bias = config.mlp_bias = True
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
-    return apply_overrides(cfg, [f"--model.path={folder}", "--model.build=none"])
-
-
 @pytest.mark.parametrize(("method", "lever"), [("qlora", "fuse_lora"), ("qlora", "fuse_lora_add"),
                                                ("qlora", "dequant_once"), ("qlora", "reuse_dequant"),
                                                ("lora", "fuse_lora"), ("lora", "fuse_lora_add")])
-def test_fused_paths_keep_biases_and_the_scaling(tiny_config: Config, batch: dict, tmp_path: Path, lever: str,
+def test_fused_paths_keep_biases_and_the_scaling(tiny_config: Config, batch: dict, unlike_tiny, lever: str,
                                                  method: str) -> None:
     """The tiny recipe has alpha = r (scaling 1) and no biases: a fused node or a kept dequantised weight without its
     bias, or the fused node without alpha/r in the forward, in the adapter's input gradient or in B's gradient,
     passed the tests above; and fuse_lora_add on a 4-bit layer with a bias raised at the first step
     (lora.writable)."""
-    cfg = biased(tiny_config, tmp_path / "biased")
-    overrides = (f"--quant.method={method}", "--lora.r=8", "--lora.alpha=24", "--lora.dropout=0.1")
-    plain = loss_and_grads(build(cfg, *overrides), batch)
-    assert_same(loss_and_grads(build(cfg, *overrides, f"--train.{lever}=true"), batch), plain, **FUSED_TOL)
+    overrides = (*unlike_tiny("biased"), f"--quant.method={method}", *SCALED_LORA)
+    plain = loss_and_grads(build(tiny_config, *overrides), batch)
+    assert_same(loss_and_grads(build(tiny_config, *overrides, f"--train.{lever}=true"), batch), plain, **FUSED_TOL)
 
 
 def test_dequant_once_dequantises_each_weight_once_for_the_run(tiny_config: Config, batch: dict) -> None:
