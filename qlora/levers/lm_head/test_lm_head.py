@@ -43,13 +43,35 @@ def test_quantized_lm_head_computes_with_its_dequantised_weight(tiny_config: Con
         assert torch.cosine_similarity(quantised[1][name].flatten(), grad.flatten(), dim=0) >= 0.98, name
 
 
-def test_quantized_lm_head_refuses_tied_embeddings(tiny_config: Config) -> None:
+def test_quantized_lm_head_refuses_tied_embeddings(tiny_config: Config, unlike_tiny) -> None:
     from qlora.levers.lm_head.head import quantize_lm_head
 
     model = build(tiny_config)
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
     with pytest.raises(ConfigError, match="ties lm_head"):
         quantize_lm_head(model, tiny_config.quant, torch.float32)
+    # A tied base (Qwen2's small models, Llama 3.2's) as the trainer loads it: one line, naming the key.
+    with pytest.raises(ConfigError, match=r"^quant.quantize_lm_head: this model ties lm_head[^\n]*$"):
+        build(tiny_config, *unlike_tiny("qwen2-tied"), "--quant.quantize_lm_head=true")
+
+
+def test_quantized_lm_head_keeps_the_heads_bias(tiny_config: Config, batch: dict) -> None:
+    """No base the tests build has a biased head, so a quantised head that lost its bias (not copied, or not added
+    after the sliced matmul) passed every other test."""
+    import bitsandbytes as bnb
+
+    from qlora.levers.lm_head.head import quantize_lm_head
+
+    model = build(tiny_config)
+    head = model.get_output_embeddings()
+    bias = torch.randn(head.out_features, generator=torch.Generator().manual_seed(0))
+    head.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    quantize_lm_head(model, tiny_config.quant, torch.float32)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        hidden = target_hidden(model, batch)[0]
+        w = bnb.functional.dequantize_4bit(head.weight, head.weight.quant_state)
+        torch.testing.assert_close(head(hidden), hidden @ w.T + bias)
 
 
 def test_quantized_lm_head_saves_what_the_estimate_says(tiny_config: Config) -> None:
