@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from support import assert_same, build, loss_and_grads
+from support import SCALED_LORA, assert_same, build, loss_and_grads
 
 from qlora.config import Config
 from qlora.training.loss import loss_sum
@@ -19,6 +19,30 @@ def test_chunked_loss_matches_unchunked(tiny_config: Config, batch: dict, chunk_
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     assert n_targets > chunk_size  # otherwise loss_sum takes the one-chunk path and nothing is compared
     assert_same(loss_and_grads(model, batch, chunk_size), loss_and_grads(model, batch, 0))
+
+
+def test_the_chunks_are_the_models_own_logits_on_a_tied_biased_head(tiny_config: Config, batch: dict,
+                                                                    unlike_tiny) -> None:
+    """The loss runs the head itself after the decoder (training/loss.py's target_hidden), not the model's forward:
+    on the tied Qwen2 (r=8, alpha=24), its head given a bias (no base the tests build has one), the summed loss and
+    gradients of transformers' own logits, whole and in chunks. The tests above compare the lever with the same
+    target_hidden, so hidden states taken one position off passed them."""
+    import torch.nn.functional as F
+
+    # Without dropout: the model's forward and the loss's draw their masks from different random states.
+    model = build(tiny_config, *unlike_tiny("qwen2-tied"), *SCALED_LORA, "--lora.dropout=0")
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight
+    head.bias = torch.nn.Parameter(torch.randn(head.out_features, generator=torch.Generator().manual_seed(0)),
+                                   requires_grad=False)
+    model.zero_grad(set_to_none=True)
+    labels = batch["labels"][:, 1:]
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1][labels != -100]
+    loss = F.cross_entropy(logits.float(), labels[labels != -100], reduction="sum")
+    loss.backward()
+    own = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for chunk_size in (0, 7):
+        assert_same(loss_and_grads(model, batch, chunk_size), own, rtol=1e-5, atol=1e-5)
 
 
 def test_the_training_step_makes_the_logits_in_chunks(tiny_config: Config, batch: dict) -> None:
