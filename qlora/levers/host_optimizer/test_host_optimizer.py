@@ -47,10 +47,12 @@ def host_optimizer(model: torch.nn.Module, cfg: Config, to_host: bool = True) ->
 def test_host_optimizer_steps_as_the_optimizer_on_the_device(tiny_config: Config, batch: dict, optimizer: str,
                                                              compute: str, to_host: bool, accum: int) -> None:
     # bf16 adapters: the device path steps fp32 masters on the device (qlora/adapters/master.py), this one on the host,
-    # its gradients summed in fp32 in host memory (one process) or on the device (several).
+    # its gradients summed in fp32 in host memory (one process) or on the device (several). With weight decay, which
+    # the inner optimizer applies once.
     from qlora.training.optimizer import build_optimizer
 
-    cfg = apply_overrides(tiny_config, [f"--train.optimizer={optimizer}", f"--quant.compute_dtype={compute}"])
+    cfg = apply_overrides(tiny_config, [f"--train.optimizer={optimizer}", f"--quant.compute_dtype={compute}",
+                                        "--train.weight_decay=0.1"])
     model = build(cfg)
     reference = steps(model, batch, build_optimizer([p for p in model.parameters() if p.requires_grad], cfg), cfg,
                       accum=accum)
@@ -183,3 +185,24 @@ def test_a_backward_that_raised_leaves_nothing_for_the_next_step(tiny_config: Co
     optimizer.zero_grad(set_to_none=True)
     (loss_sum(model, batch) / 100).backward()
     assert not optimizer.landing and all(h.grad is not None for h in optimizer.holders)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_estimate_of_host_memory_is_what_the_host_optimizer_holds(tiny_config: Config, batch: dict,
+                                                                       gpus: int) -> None:
+    """The estimator's host term for train.optimizer_on_cpu, less the CPU update's temporaries, against the bytes
+    a real HostOptimizer holds after a step of bf16 adapters: fp32 masters and gradients, the inner optimizer's
+    state and, with one process, the 16-bit gradients on their way (several sum theirs on the card)."""
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+    from qlora.memory.terms import optimizer_bytes
+
+    cfg = apply_overrides(tiny_config, ["--quant.compute_dtype=bf16", "--train.optimizer=paged_adamw_32bit",
+                                        "--train.optimizer_on_cpu=true"])
+    model = build(cfg)
+    host = host_optimizer(model, cfg, to_host=gpus == 1)
+    steps(model, batch, host, cfg, n=1)
+    held = sum(t.numel() * t.element_size() for t in host.masters + host.host_grads + list(host.staged.values()))
+    held += sum(v.numel() * v.element_size() for s in host.state.values() for v in s.values() if torch.is_tensor(v))
+    temporaries = optimizer_bytes(tuple(p.numel() for p in host.params), cfg.train.optimizer, 4, "cpu")[2]
+    assert estimate(cfg, load_arch(cfg), "qlora", "cuda", gpus).host["optimizer"] - temporaries == held
