@@ -50,6 +50,13 @@ def _swiglu_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(liger_swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def is_silu(mlp: nn.Module) -> bool:
+    """Whether a gated MLP's activation is SiLU: torch's module, or transformers' own (from 5.0 ACT2FN["silu"] is
+    transformers.activations.SiLUActivation, not an nn.SiLU)."""
+    act = getattr(mlp, "act_fn", None)
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 def use_liger_kernels(model: nn.Module) -> tuple[int, int, str | None]:
     """Switch the model's RMSNorms, SwiGLU MLPs and RoPE to liger-kernel; (norms, MLPs, the patched modeling file)."""
     from liger_kernel.transformers.functional import liger_rope
@@ -59,8 +66,7 @@ def use_liger_kernels(model: nn.Module) -> tuple[int, int, str | None]:
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rms_norm, module)
             norms += 1
-        elif all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")) and \
-                isinstance(getattr(module, "act_fn", None), nn.SiLU):
+        elif all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")) and is_silu(module):
             module.forward = types.MethodType(_swiglu_mlp, module)
             mlps += 1
     attention = next((m for m in model.modules() if type(m).__name__.endswith("Attention")), None)
