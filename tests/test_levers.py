@@ -35,6 +35,11 @@ def test_levers_compose(tiny_config: Config, batch: dict) -> None:
     (["--train.checkpoint_every=2", "--train.gradient_checkpointing=false"], "train.checkpoint_every chooses"),
     (["--train.tile_size=512", "--train.shard_base=true"], "train.shard_base with train.tile_size: not supported"),
     (["--train.checkpoint_every=2", "--train.shard_base=true"], "with train.checkpoint_every: not supported"),
+    (["--quant.quantize_lm_head=true", "--quant.method=lora"], "quant.quantize_lm_head needs quant.method=qlora"),
+    (["--train.fuse_lora=true", "--train.fuse_lora_add=true"], "train.fuse_lora adds the update in place already"),
+    (["--train.fuse_lora=true", "--train.compile=lora"], "train.fuse_lora with train.compile=lora"),
+    (["--model.embeddings_on_cpu=true", "--train.shard_base=true"], "train.shard_base shards the embeddings"),
+    (["--train.dequant_once=true", "--train.shard_base=true"], "train.shard_base with train.dequant_once"),
 ])
 def test_lever_combinations_that_cannot_work_are_refused(tiny_config: Config, overrides: list[str],
                                                          message: str) -> None:
