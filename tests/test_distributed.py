@@ -111,6 +111,27 @@ def test_every_rank_runs_as_many_evaluation_forwards_and_each_batch_counts_once(
     assert sorted(b for share in shares for b, counted in share if counted) == list(range(n))
 
 
+def test_a_setting_that_differs_on_any_rank_is_refused_and_the_least_room_is_every_ranks(monkeypatch):
+    """Three ranks, what each gathered stood in for (the launched tests run two): the third rank's other train.lr,
+    or a key rank 0 lacks, is refused naming that rank and key; the plan is made for the least room of all three."""
+    from qlora.errors import ConfigError
+    from qlora.training.distributed import Ranks
+
+    ranks = Ranks(0, 3)
+    same = {"train.lr": 0.003, "data.train": "600 rows"}
+    every = [same, dict(same), {"train.lr": 0.001, "data.train": "599 rows"}]
+    monkeypatch.setattr(ranks, "gathered", lambda value: every)
+    with pytest.raises(ConfigError, match=r"^rank 2 has train.lr=0.001 where rank 0 has 0.003 \(and 1 more\): fix$"):
+        ranks.check_same(same, "fix")
+    every[2] = {**same, "data.eval": "40 rows"}  # a data file rank 0 was not given
+    with pytest.raises(ConfigError, match=r"^rank 2 has data.eval='40 rows' where rank 0 has None: fix$"):
+        ranks.check_same(same, "fix")
+    every[2] = dict(same)
+    ranks.check_same(same, "fix")
+    every[:] = [(5, "rank 0's card"), (7, "rank 1's card"), (3, "rank 2's card")]
+    assert ranks.least(every[0]) == (3, "rank 2's card, the least of 3 processes'")
+
+
 def test_two_ranks_of_batch_b_equal_one_process_of_batch_2b(one_process, two_ranks):
     out, (rank0, rank1) = two_ranks
     assert_same_run(out, one_process, LOSS_TOL, ADAPTER_TOL)
