@@ -96,6 +96,18 @@ def test_the_loss_counts_the_slice_of_the_head_dequantised_at_once() -> None:
     assert loss[0] - loss[1] == slice_ + V * h // 64 * 4
 
 
+def test_the_memory_report_gives_an_nf4_head_to_qlora_alone() -> None:
+    """The memory report estimates a qlora recipe for lora and full fine-tuning too, whose 16-bit bases keep a 16-bit
+    head: their columns must not list quant.quantize_lm_head among the levers, nor count it."""
+    head = load_recipe(ROOT / "recipes" / "llama70b.py")
+    plain = apply_overrides(copy.deepcopy(head), ["--quant.quantize_lm_head=false"])
+    for method in ("lora", "full"):
+        got, expected = (estimate(cfg, load_arch(cfg), method, "cuda") for cfg in (head, plain))
+        assert (got.levers, got.peak_bytes) == (expected.levers, expected.peak_bytes), method
+    assert estimate(head, load_arch(head), "qlora", "cuda").levers != estimate(plain, load_arch(plain), "qlora",
+                                                                                "cuda").levers
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("slice_bytes", [4096, 2**30], ids=["several slices", "one slice"])
 def test_the_head_dequantised_a_slice_at_a_time_computes_as_bitsandbytes_does(
