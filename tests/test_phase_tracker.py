@@ -1,0 +1,81 @@
+"""The profiler's CPU readings in this process: each phase's peak above the resident set before loading, reset at each
+mark, less the unused pages of mapped checkpoint files; the training peak and what a resumed run carries."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import torch
+
+from qlora.memory.profiler import PhaseTracker
+from qlora.memory.readings import unused_file_pages
+
+CPU = torch.device("cpu")
+MIB = 2**20
+
+
+def touch(mib: int) -> None:
+    """Raise the resident set's high-water mark by `mib` MiB and free it (over 32 MiB: glibc maps it, and unmaps it)."""
+    big = torch.ones(mib * MIB // 4)
+    del big
+
+
+def test_each_phase_reads_its_own_peak_above_the_start():
+    """A phase's peak is the resident set's rise above its level before loading, since the mark before: clear_refs
+    resets the high-water mark at each mark, and a phase that touched nothing reads close to 0, not the process's
+    resident set (hundreds of MiB of torch and Python) nor the phase before's 64 MiB."""
+    tracker = PhaseTracker(CPU)
+    tracker.watch(torch.nn.Linear(1024, 1024, bias=False))  # 4 MiB of fp32 weights, made after the start
+    touch(64)
+    first = tracker.mark("backward")
+    second = tracker.mark("optimizer_step")["allocated"]
+    assert 64 * MIB <= first["allocated"] < 80 * MIB, first
+    assert second < 16 * MIB, second
+    # What the tensors by category do not name is the rest: here the 64 MiB touched and freed.
+    assert first["categories"]["unquantized_weights"] == 4 * MIB
+    assert first["activations"] == first["allocated"] - 4 * MIB
+
+
+def test_the_training_peak_leaves_out_loading_and_evaluation():
+    """memory.json's peak is the training phases' highest: a larger peak while loading or evaluating is reported as
+    its phase's, not as the run's, and a lower training phase is not it."""
+    tracker = PhaseTracker(CPU)
+    for phase, mib in (("loaded", 64), ("backward", 40), ("steady", 0), ("evaluate", 64)):
+        touch(mib)
+        tracker.mark(phase)
+    assert tracker.phases["evaluate"] > tracker.phases["backward"] > tracker.phases["steady"]
+    summary = tracker.summary()
+    assert summary["peak_phase"] == "backward" and summary["peak_bytes"] == tracker.phases["backward"]
+    assert tracker.highest() == tracker.phases["backward"]
+
+
+def test_a_resumed_run_reports_the_peak_its_earlier_process_met():
+    """A checkpoint carries the training phases' peaks (not loading's): the resumed process's memory.json is the whole
+    run's, and a phase the new process meets again keeps the larger of the two."""
+    earlier = PhaseTracker(CPU)
+    for phase in ("loaded", "backward", "steady"):
+        touch(64)
+        earlier.mark(phase)
+    carried = earlier.carried()
+    assert set(carried["phases"]) == {"backward", "steady"}
+    resumed = PhaseTracker(CPU)
+    resumed.restore(carried)
+    touch(40)
+    resumed.mark("steady")
+    assert resumed.phases == {"backward": earlier.phases["backward"], "steady": earlier.phases["steady"]}
+    assert resumed.summary()["peak_bytes"] == max(earlier.phases["backward"], earlier.phases["steady"])
+
+
+def test_unused_pages_of_a_mapped_checkpoint_are_those_no_tensor_lies_in(tmp_path: Path):
+    """Of a mapped .safetensors file of 8 MiB, every page read, a parameter holding its first 4 MiB: the other 4 MiB
+    are resident file pages the kernel may drop, subtracted from the peak."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(8 * MIB))
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    assert sum(mapped[i] for i in range(0, 8 * MIB, mmap.PAGESIZE)) == 0  # every page resident
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.frombuffer(mapped, dtype=torch.uint8, count=4 * MIB), requires_grad=False)
+    assert unused_file_pages(model) == 4 * MIB
+    del model
