@@ -1,0 +1,98 @@
+"""What the memory report says: the committed reports rendered from their .json, and the figures of a measured one
+(Llama-3.1-70B on an H200) read from its bytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora.config import METHODS, apply_overrides, load_recipe
+from qlora.memory.arch import load_arch
+from qlora.memory.estimate import estimate
+from qlora.report.contents import build_report, method_config
+from qlora.report.markdown import markdown, summary_lines
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = ROOT / "memory_reports"
+GIB = 2**30
+
+
+def report(name: str) -> dict:
+    return json.loads((REPORTS / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["llama70b-h200", "llama8b-h200", "smollm2_135m-h200", "llama70b-none",
+                                  "llama8b-none"])
+def test_a_committed_report_is_what_its_json_renders(name):
+    """Each .md is markdown() of the .json beside it (regenerate with the command each names)."""
+    assert markdown(report(name), f"{name}.png") == (REPORTS / f"{name}.md").read_text()
+
+
+def test_a_measured_report_gives_gib_gb_and_the_error_of_the_estimate():
+    """The 70B QLoRA row: 39,484,015,876 bytes estimated are 36.77 GiB (39.5 GB), 14,547,156,992 of host 13.55 GiB,
+    41,075,671,040 measured 38.25 GiB, and the estimate is 3.9% under the measured; full fine-tuning, 395.82 GiB, is
+    not measured on the 139.80 GiB card and does not fit."""
+    r = report("llama70b-h200")
+    q = r["methods"]["qlora"]
+    est, host, got = q["estimated_peak_bytes"], q["host_bytes"], q["measured_peak_bytes"]
+    assert (est, host, got) == (39_484_015_876, 14_547_156_992, 41_075_671_040)
+    assert (f"{est / GIB:.2f}", f"{est / 1e9:.1f}", f"{host / GIB:.2f}", f"{got / GIB:.2f}",
+            f"{100 * (est / got - 1):+.1f}") == ("36.77", "39.5", "13.55", "38.25", "-3.9")
+    md = markdown(r, "llama70b-h200.png")
+    assert "| QLoRA, NF4 + double quant | 36.77 (39.5) | 13.55 | 38.25 | -3.9% | fits |" in md
+    assert "| full fine-tuning | 395.82 (425.0) | 1,071.57 | not measured: the estimate (395.8 GiB) exceeds the " \
+           "139.8 GiB available | – | **does not fit** (395.82 > 139.80 GiB) |" in md
+    # The measured column is the measured breakdown (activations: the rest of 38.25), the estimate's beside it.
+    rest = q["measured_components"]["activations"]
+    assert f"| activations and temporaries (measured: the rest) | {q['components']['activations'] / GIB:.2f} | " \
+           f"{rest / GIB:.2f} |" in md and f"{rest / GIB:.2f}" == "1.81"
+    assert f"| backward | {got / GIB:.2f} | 132.81 | – |" in md
+    assert summary_lines(r)[1] == "  qlora estimated 36.77 GiB (39.5 GB), host 13.55 GiB, measured 38.25 GiB " \
+                                  "(estimate -3.9%)"
+
+
+@pytest.mark.parametrize("name", ["llama70b", "llama8b"])
+def test_each_methods_column_is_the_estimate_of_that_method(name):
+    """16-bit LoRA's column is estimated (and measured, with the overrides it is given) on a 16-bit base, its head
+    too, and full fine-tuning's with every weight's gradient and optimizer state, not QLoRA's figures; a method fits a
+    card that holds its peak and the allocator's margin, and one a byte smaller does not."""
+    cfg = load_recipe(ROOT / "recipes" / f"{name}.py")
+    qlora = estimate(cfg, load_arch(cfg), "qlora", "cuda")
+    card = qlora.card_bytes
+    r = build_report(f"recipes/{name}.py", [], cfg, [], list(METHODS), False, card=(card, "a card"))
+    for method, entry in r["methods"].items():
+        mcfg, extra = method_config(cfg, method)
+        apply_overrides(load_recipe(ROOT / "recipes" / f"{name}.py"), extra)  # what --measure runs: the trainer takes
+        est = estimate(mcfg, load_arch(mcfg), method, "cuda")
+        assert (entry["estimated_peak_bytes"], entry["components"]) == (est.peak_bytes, est.components), method
+    lora, full = r["methods"]["lora"]["components"], r["methods"]["full"]["components"]
+    assert lora["quantized_weights"] == 0 and lora["unquantized_weights"] > 2 * r["arch"]["linear_params"]
+    assert full["adapters"] == 0 and full["gradients"] + r["methods"]["full"]["host_bytes"] >= \
+        2 * r["arch"]["params"]
+    assert r["methods"]["qlora"]["fits"] and qlora.margin > 0
+    smaller = build_report(f"recipes/{name}.py", [], cfg, [], ["qlora"], False, card=(card - 1, "a card"))
+    assert not smaller["methods"]["qlora"]["fits"]
+    line = summary_lines(r)[1]
+    assert f"{qlora.peak_bytes / GIB:.2f} GiB ({qlora.peak_bytes / 1e9:.1f} GB), {card / GIB:.2f} GiB with the " \
+           "allocator's margin" in line, line
+
+
+def test_a_measured_entry_gives_the_estimates_error_against_the_measured_peak(monkeypatch):
+    """`--measure`'s entry: the error is the estimate's against the measured peak (estimate / measured - 1: 25% more
+    measured is -20%), and a phase measured on CUDA is its card's total (reserved + outside + context), elsewhere the
+    allocated bytes."""
+    import qlora.report.measure
+    from qlora.report.contents import measure_entry
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu")
+    measured = est.peak_bytes * 5 // 4
+    got = {"measured_peak_bytes": measured, "measured_components": {"adapters": 1}, "peak_phase": "backward",
+           "phases": {"loaded": {"allocated": 3}, "backward": {"allocated": 5, "card_total": 7}},
+           "load_peak_bytes": 3, "seconds": 1.0, "device": "cpu"}
+    monkeypatch.setattr(qlora.report.measure, "measure_in_subprocess", lambda *args: got)
+    entry = measure_entry("recipes/tiny.py", [], est, "cpu")
+    assert entry["error"] == pytest.approx(est.peak_bytes / measured - 1) and round(entry["error"], 3) == -0.2
+    assert entry["measured_peak_bytes"] == measured and entry["measured_phases"] == {"loaded": 3, "backward": 7}
