@@ -1,5 +1,6 @@
 """The profiler's CPU readings in this process: each phase's peak above the resident set before loading, reset at each
-mark, less the unused pages of mapped checkpoint files; the training peak and what a resumed run carries."""
+mark, less the unused pages of mapped checkpoint files; the training peak, what a resumed run carries, and what
+`qlora.memory --measure` takes of its runs."""
 
 from __future__ import annotations
 
@@ -79,3 +80,42 @@ def test_unused_pages_of_a_mapped_checkpoint_are_those_no_tensor_lies_in(tmp_pat
     model.weight = torch.nn.Parameter(torch.frombuffer(mapped, dtype=torch.uint8, count=4 * MIB), requires_grad=False)
     assert unused_file_pages(model) == 4 * MIB
     del model
+
+
+def test_measure_takes_the_smaller_runs_training_peak_with_loading_apart(monkeypatch):
+    """`qlora.memory --measure` (qlora.report.measure): of --runs=2, after a warm-up whose figure is dropped, the run
+    with the smaller training peak is the figure; loading's peak (lora_attached's here, above loaded's) is reported
+    apart and does not set it. Phases here touch known sizes in place of a model's steps."""
+    import qlora.report.measure as measuring
+    from qlora.config import load_recipe
+
+    runs = iter([(40, 40, 120), (40, 96, 48), (40, 96, 64)])  # MiB while loaded, lora_attached, backward
+
+    def steps(cfg, n, tracker):
+        loaded, attached, backward = next(runs)
+        for phase, mib in (("loaded", loaded), ("lora_attached", attached), ("first_forward", 0),
+                           ("backward", backward), ("optimizer_step", 0)):
+            touch(mib)
+            tracker.mark(phase)
+
+    monkeypatch.setattr(measuring, "train_steps", steps)
+    monkeypatch.setattr(measuring, "glibc_returns_freed_memory", lambda: None)  # this process keeps its allocator
+    got = measuring.measure(load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py"), 1, 2)
+    smaller, larger = got["runs"]
+    assert 44 * MIB < smaller < 56 * MIB < larger < 72 * MIB, got["runs"]  # 48 and 64 MiB, give or take pages
+    assert got["measured_peak_bytes"] == smaller and got["peak_phase"] == "backward"
+    assert got["load_peak_bytes"] > 88 * MIB > got["phases"]["loaded"]["allocated"]
+
+
+def test_the_measured_optimizer_step_holds_the_gradients():
+    """The measured steps mark the optimizer step before zero_grad: its breakdown holds the adapters' fp32 gradients,
+    as many bytes as the fp32 adapters."""
+    from qlora.config import apply_overrides, load_recipe
+    from qlora.report.measure import train_steps
+
+    cfg = apply_overrides(load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py"),
+                          ["--train.device=cpu", "--quant.compute_dtype=fp32"])
+    tracker = PhaseTracker(CPU)
+    train_steps(cfg, 1, tracker)
+    step = tracker.records["optimizer_step"]["categories"]
+    assert step["gradients"] == step["adapters"] > 0
