@@ -320,3 +320,14 @@ def test_a_frameless_block_of_a_trained_tensors_fp32_gradient_is_a_gradient(shap
     assert shape.e == 2
     largest = max(trainable_tensors(load_arch(cfg), "qlora", cfg))
     assert attribution.term(replay.Block(0, -(-largest * 4 // 512) * 512), shape) == "gradients"
+
+
+def test_a_recorded_block_takes_the_cuda_allocators_512_byte_granularity() -> None:
+    """The recorder sizes each block as the CUDA caching allocator would (kMinBlockSize, 512 bytes) and keeps the bytes
+    asked for beside it: 100 bytes are a block of 512, 1,000 of 1,024, so that a CPU recording replays as a CUDA one."""
+    with AllocationRecorder() as recorder:
+        alive = torch.ones(100, dtype=torch.uint8), torch.ones(1000, dtype=torch.uint8)  # both alive at the snapshot
+        recorded = recorder.snapshot()
+    blocks = {b["requested_size"]: b["size"] for s in recorded["segments"] for b in s["blocks"]}
+    assert blocks[100] == 512 and blocks[1000] == 1024 and len(alive) == 2
+    assert recorder.peak_bytes == replay.peak(recorded).allocated == 512 + 1024
