@@ -96,3 +96,15 @@ def test_a_measured_entry_gives_the_estimates_error_against_the_measured_peak(mo
     entry = measure_entry("recipes/tiny.py", [], est, "cpu")
     assert entry["error"] == pytest.approx(est.peak_bytes / measured - 1) and round(entry["error"], 3) == -0.2
     assert entry["measured_peak_bytes"] == measured and entry["measured_phases"] == {"loaded": 3, "backward": 7}
+
+
+def test_the_command_draws_the_report_against_the_card_and_methods_named(capsys):
+    """`--gpu-gib 24` is a card of 24 GiB (25,769,803,776 bytes, not 24 GB), `--methods` the methods reported,
+    `--measure` a measured report, and a report measured on an NVIDIA H200 is named `-h200` (memory_reports/)."""
+    from qlora.report.memory import device_slug, main, parse_cli
+
+    assert main(["recipes/llama8b.py", "--methods=qlora,full", "--gpu-gib", "24", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device_memory_bytes"] == 24 * GIB == 25_769_803_776 and list(r["methods"]) == ["qlora", "full"]
+    assert parse_cli(["recipes/tiny.py", "--measure"]).measure and not parse_cli(["recipes/tiny.py"]).measure
+    assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu" and device_slug("none") == "none"
