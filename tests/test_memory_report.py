@@ -23,8 +23,8 @@ def report(name: str) -> dict:
     return json.loads((REPORTS / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["llama70b-h200", "llama8b-h200", "smollm2_135m-h200", "llama70b-none",
-                                  "llama8b-none"])
+@pytest.mark.parametrize("name", ["llama70b-h200", "llama8b-h200", "smollm2_135m-h200", "smollm2_135m-cpu",
+                                  "llama70b-none", "llama8b-none"])
 def test_a_committed_report_is_what_its_json_renders(name):
     """Each .md is markdown() of the .json beside it (regenerate with the command each names)."""
     assert markdown(report(name), f"{name}.png") == (REPORTS / f"{name}.md").read_text()
