@@ -23,7 +23,8 @@ from forked_cli import ROOT
 from safetensors.torch import load_file
 
 from qlora.base import convert
-from qlora.base.build import INDEX, ensure_checkpoint
+from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, weight_locations
+from qlora.base.model_dir import check_model_dir
 from qlora.config import load_recipe
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import list_checkpoints
@@ -307,6 +308,11 @@ CASES = [
     ("index names a tensor no shard holds", [TINY, "--model.path={d}/index_ghost", "--model.build=none"],
      r"model.safetensors.index.json maps model.layers.0.ghost.weight to model.safetensors, but no safetensors file "
      r"holds it \(1 tensor\(s\) in all\): the index and the shards are of different downloads"),
+    ("sharded base missing a shard", [TINY, "--model.path={d}/shard_missing", "--model.build=none"],
+     r"shard_missing: a safetensors file is damaged \(model-00002-of-00012.safetensors: No such file or directory"),
+    ("shard holding another shard's tensors", [TINY, "--model.path={d}/shard_other", "--model.build=none"],
+     r"shard_other: model.safetensors.index.json maps model.embed_tokens.weight to model-00002-of-00012.safetensors, "
+     r"but no safetensors file holds it"),
     ("tokenizer without eos or pad", [TINY, "--model.path={d}/no_eos", "--model.build=none"],
      r"no_eos: its tokenizer names no eos_token nor pad_token, which end and pad each example: set eos_token in its "
      r"tokenizer_config.json"),
@@ -367,6 +373,12 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "index_list" / INDEX).write_text(json.dumps({"weight_map": names}))
     weight_map = {**dict.fromkeys(names, "model.safetensors"), "model.layers.0.ghost.weight": "model.safetensors"}
     (d / "index_ghost" / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ("sharded", "shard_missing", "shard_other"):  # the tiny Llama in 12 shards of at most 100 KB
+        shutil.copytree(tiny, d / name, ignore=shutil.ignore_patterns("model.safetensors"))
+        save_shards(tiny, d / name)
+    (d / "shard_missing" / "model-00002-of-00012.safetensors").unlink()
+    shutil.copy(d / "shard_other" / "model-00003-of-00012.safetensors",
+                d / "shard_other" / "model-00002-of-00012.safetensors")
     tokenizer_config = json.loads((d / "no_eos" / "tokenizer_config.json").read_text())
     for key in ("eos_token", "pad_token"):
         tokenizer_config.pop(key)
@@ -381,6 +393,28 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "remote" / "modeling_x.py").write_text("raise SystemExit('the remote code ran')\n")
     (d / "remote" / "configuration_x.py").write_text("raise SystemExit('the remote code ran')\n")
     return d
+
+
+def save_shards(tiny: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny).save_pretrained(out, max_shard_size="100KB")
+    assert len(set(json.loads((out / INDEX).read_text())["weight_map"].values())) == 12
+
+
+def test_a_sharded_base_is_read_through_its_index(scratch: Path) -> None:
+    """Sharded with no model.safetensors beside it (merge's sharded base keeps one): checked, and each tensor read from
+    the shard its index names, which holds the single file's tensor."""
+    sharded, tiny = scratch / "sharded", Path(ensure_checkpoint(load_recipe(ROOT / TINY)))
+    check_model_dir(sharded, f"model.path={sharded}")
+    weight_map = json.loads((sharded / INDEX).read_text())["weight_map"]
+    assert checkpoint_shards(sharded) == [sharded / f for f in dict.fromkeys(weight_map.values())]
+    where = weight_locations(str(sharded))
+    assert where == {name: str(sharded / file) for name, file in weight_map.items()}
+    whole = load_file(tiny / "model.safetensors")
+    assert set(whole) == set(where)
+    for name, file in where.items():
+        torch.testing.assert_close(load_file(file)[name], whole[name], rtol=0, atol=0)
 
 
 def opt_with_32_positions(out: Path) -> None:
