@@ -186,6 +186,8 @@ CASES = [
      r"has only pickle weights \(pytorch_model.bin\).*--model.allow_pickle=true"),
     ("remote code", [TINY, "--model.path={d}/remote", "--model.build=none"],
      r"ships its own Python code .* --model.trust_remote_code=true"),
+    ("tokenizer ships code", [TINY, "--model.path={d}/tokenizer_code", "--model.build=none"],
+     r"tokenizer_code ships its own Python code .* --model.trust_remote_code=true"),
     ("resume and overwrite", [TINY, "--resume", "--overwrite"], r"pass one of them"),
     # Every field's domain, checked before anything is read or written (issue 12, kind 1).
     ("log_every = 0", [TINY, "--train.log_every=0"], r"train.log_every=0 must be a positive integer"),
@@ -392,6 +394,13 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "remote" / "config.json").write_text(json.dumps(config))
     (d / "remote" / "modeling_x.py").write_text("raise SystemExit('the remote code ran')\n")
     (d / "remote" / "configuration_x.py").write_text("raise SystemExit('the remote code ran')\n")
+    # The model is transformers' own, the tokenizer's class the checkpoint's code.
+    shutil.copytree(tiny, d / "tokenizer_code")
+    config = json.loads((d / "tokenizer_code" / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "XTokenizer"
+    config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", "tokenization_x.XTokenizer"]}
+    (d / "tokenizer_code" / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "tokenizer_code" / "tokenization_x.py").write_text("raise SystemExit('the remote code ran')\n")
     return d
 
 
