@@ -187,7 +187,8 @@ CASES = [
     ("remote code", [TINY, "--model.path={d}/remote", "--model.build=none"],
      r"ships its own Python code .* --model.trust_remote_code=true"),
     ("tokenizer ships code", [TINY, "--model.path={d}/tokenizer_code", "--model.build=none"],
-     r"tokenizer_code ships its own Python code .* --model.trust_remote_code=true"),
+     r"tokenizer_code ships its own Python code \(an auto_map in its config.json or tokenizer_config.json\): read "
+     r"that code, then set --model.trust_remote_code=true"),
     ("resume and overwrite", [TINY, "--resume", "--overwrite"], r"pass one of them"),
     # Every field's domain, checked before anything is read or written (issue 12, kind 1).
     ("log_every = 0", [TINY, "--train.log_every=0"], r"train.log_every=0 must be a positive integer"),

@@ -58,8 +58,8 @@ def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesC
 def load_error(path: str, err: Exception) -> str:
     """One line for a checkpoint transformers could not load: the cause in the user's terms, and the fix."""
     if "trust_remote_code" in str(err):
-        return (f"model.path={path} ships its own Python code (auto_map in its config.json): read that code, then "
-                "set --model.trust_remote_code=true to run it")
+        return (f"model.path={path} ships its own Python code (an auto_map in its config.json or "
+                "tokenizer_config.json): read that code, then set --model.trust_remote_code=true to run it")
     has_pickle = any(os.path.isfile(os.path.join(path, name))
                      for name in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
     if isinstance(err, OSError) and has_pickle:
