@@ -1,0 +1,67 @@
+"""The tiny checkpoints built into the cache (qlora/base/build.py): the same base from every build, in fp32, of the
+config asked; a folder without config.json never taken for a built one, and one another process built kept."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora.base import build
+from qlora.config import Config
+
+
+def header(path: Path) -> dict:
+    """The safetensors file's JSON header as stored: 8 bytes of its length, then the JSON."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-tied"])
+def test_every_build_of_a_tiny_base_is_the_same_fp32_checkpoint_of_its_config(tmp_path: Path, name: str) -> None:
+    for out in ("one", "two"):
+        build.BUILDERS[name](tmp_path / out)
+    one, two = (load_file(tmp_path / out / "model.safetensors") for out in ("one", "two"))
+    assert set(one) == set(two)
+    for key, tensor in one.items():
+        torch.testing.assert_close(two[key], tensor, rtol=0, atol=0)
+    dtypes = {v["dtype"] for k, v in header(tmp_path / "one" / "model.safetensors").items() if k != "__metadata__"}
+    assert dtypes == {"F32"}
+    model_type, fields = build.TINY_ARCHITECTURES[name]
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config["model_type"] == model_type
+    assert {k: config[k] for k in build.TINY_LLAMA} == {**build.TINY_LLAMA, **fields}
+    assert ("lm_head.weight" in one) == (not config["tie_word_embeddings"])
+
+
+def test_a_folder_without_config_json_is_built_over(tiny_config: Config, tmp_path: Path) -> None:
+    """A copy cut short, or a folder made by hand, is no checkpoint: built into place, not returned as one."""
+    tiny_config.model.path = str(tmp_path / "tiny")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "tokenizer.json").write_text("{}")
+    assert build.ensure_checkpoint(tiny_config) == str(tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "tiny" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "tiny" / "tokenizer.json").read_text())
+
+
+def test_a_checkpoint_another_process_built_first_is_kept(tiny_config: Config, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two first runs build at once: the later one keeps the checkpoint in place, which the other may be reading."""
+    target = tmp_path / "tiny"
+    tiny_config.model.path = str(target)
+    real = build.BUILDERS["tiny-llama"]
+
+    def racing(out: Path) -> None:
+        real(out)
+        real(target)  # the other process's rename, while this one built
+        (target / "theirs").write_text("")
+
+    monkeypatch.setitem(build.BUILDERS, "tiny-llama", racing)
+    assert build.ensure_checkpoint(tiny_config) == str(target)
+    assert (target / "theirs").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
