@@ -354,3 +354,27 @@ def test_a_run_trained_in_bf16_merges_onto_the_base_it_trained_on(tmp_path: Path
     assert merge_command.main([str(tmp_path / "run"), "--out", str(tmp_path / "merged"), "--dtype", "fp32",
                        "--device", "cpu"]) == 0
     assert "within the tolerance of 0.01%" in capsys.readouterr().out
+
+
+def test_a_run_of_other_quant_settings_and_targets_is_evaluated_as_it_trained(tmp_path: Path) -> None:
+    """run_config.json alone rebuilds the run: an fp4 base at blocksize 32 without double quant, adapters on q and v
+    only, with dropout that evaluation switches off. Each read back as the recipe's default scores another model."""
+    from qlora.config import load_recipe
+    from qlora.train import train
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)
+    cfg.output.dir = str(tmp_path / "run")
+    cfg.train.steps, cfg.train.eval_every, cfg.train.log_every = 4, 0, 4
+    cfg.quant.quant_type, cfg.quant.double_quant, cfg.quant.blocksize = "fp4", False, 32
+    cfg.lora.targets, cfg.lora.dropout = ["q_proj", "v_proj"], 0.5
+    final = train(cfg)["after"]
+    _, model, _, _ = load_run(tmp_path / "run", "cpu")
+    assert not any(m.training for m in model.modules())
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert {(s.quant_type, s.nested, s.blocksize) for s in states} == {("fp4", False, 32)}
+    adapted = {n.split(".")[-3] for n, _ in model.named_parameters() if n.endswith(".lora_A.weight")}
+    assert adapted == {"q_proj", "v_proj"}
+    again = run_eval.evaluate_run(tmp_path / "run")
+    for key in ("eval_loss", "eval_exact_match"):
+        assert again[key] == pytest.approx(final[key], rel=1e-6, abs=1e-9), key
