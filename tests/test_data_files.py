@@ -78,10 +78,29 @@ def test_a_damaged_parquet_or_csv_file_is_one_line_naming_it(tmp_path: Path) -> 
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(ConfigError, match=r"data file .*train.parquet could not be read \(.*\): fix the file"):
         read_rows(str(path))
-    # A CSV file with rows is not taken for its header alone ('holds no rows') where pandas refuses one of them.
+    # A CSV file with rows is not taken for its header alone ('holds no rows') where pandas cannot read one of them.
     path = tmp_path / "train.csv"
-    path.write_text("instruction,output\na,b\nc,d,e,f\n")
-    with pytest.raises(ConfigError, match=r"train.csv could not be read \(ParserError: .*Expected 2 fields in line 3"):
+    path.write_text('instruction,output\na,b\n"c\n')
+    with pytest.raises(ConfigError, match=r"train.csv could not be read \(ParserError: .*EOF inside string"):
+        read_rows(str(path))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("instruction,output\nreverse: a, b,b a\nreverse: c d,d c\n",
+     r":2: 3 field\(s\) where the header has 2 \(instruction, output\): quote the field that holds a comma"),
+    ("instruction,output\nreverse: a b,b a\n\nreverse: c d\n",
+     r":4: 1 field\(s\) where the header has 2 \(instruction, output\): add the missing cells"),
+    ("instruction,output,output\nreverse: a b,b a,x\n", r":1: column 'output' appears twice in the header, and only "
+                                                         r"the first would be read: rename or drop one"),
+], ids=["unquoted comma", "missing cell", "column twice"])
+def test_a_csv_row_whose_cells_pandas_would_misplace_is_named_by_its_line(tmp_path: Path, content: str,
+                                                                          message: str) -> None:
+    """pandas read these without a word: one row with an unquoted comma made the first column an index and shifted
+    every row's cells one column left (each output trained as its instruction), a short row's missing output became
+    empty text (the row trained to answer nothing), and a second `output` column became `output.1`."""
+    path = tmp_path / "train.csv"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=rf"^{path}{message}"):
         read_rows(str(path))
 
 

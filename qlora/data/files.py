@@ -105,16 +105,30 @@ def rows_sha256(rows: list[dict]) -> str:
 
 def csv_records(path: Path) -> tuple[list[str], list[int]]:
     """A CSV file's column names, and the line an editor shows for each row: where its record begins, counting the
-    header, blank lines (which pandas skips) and quoted fields that span lines."""
+    header, blank lines (which pandas skips) and quoted fields that span lines.
+
+    Refuses a row of more or fewer fields than the header, and a column named twice, which pandas reads without a
+    word: one row with an unquoted comma made it take the first column for an index and shift every row's cells one
+    column left (outputs trained as instructions), a short row's missing cells became empty text, and a second
+    `output` column became `output.1`, never read."""
     header, starts, end = [], [], 0
     limit = csv.field_size_limit(2**31 - 1)  # a cell of any length, as pandas reads it (the default is 128 KiB)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            reader = csv.reader(f, strict=True)  # an unclosed quote is csv.Error, not a short row
             for record in reader:
                 if record and not header:
                     header = record
+                    twice = next((name for n, name in enumerate(header) if name and name in header[:n]), None)
+                    if twice is not None:
+                        raise ConfigError(f"{path}:{reader.line_num}: column {twice!r} appears twice in the header, "
+                                          "and only the first would be read: rename or drop one")
                 elif record:  # [] for a blank line
+                    if len(record) != len(header):
+                        fix = ("quote the field that holds a comma (\"a, b\")" if len(record) > len(header) else
+                               "add the missing cells (an empty one is written as nothing between two commas)")
+                        raise ConfigError(f"{path}:{end + 1}: {len(record)} field(s) where the header has "
+                                          f"{len(header)} ({', '.join(header)}): {fix}")
                     starts.append(end + 1)
                 end = reader.line_num
     except (UnicodeDecodeError, csv.Error):  # pandas names what is wrong with the file
