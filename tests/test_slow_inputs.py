@@ -104,6 +104,24 @@ def test_tokenize_rows_cuts_before_tokenising(tokenizers, monkeypatch):
     assert max(seen) <= 65 * longest_token(tokenizer) + len(tokenizer.eos_token)
 
 
+def test_a_conversation_of_many_turns_is_rendered_only_as_far_as_max_seq_len(tokenizers, monkeypatch):
+    """Each turn's labels come from rendering the conversation up to it, so rendering every turn cost time quadratic
+    in the turns (2,000 short turns took 19 s; a 50 MB line of them would not end). Turns past the characters
+    max_seq_len + 1 tokens can cover are not rendered, and the kept tokens are those of the whole conversation."""
+    tokenizer, rendered = tokenizers["tiny"], []
+    render = type(tokenizer).apply_chat_template
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, messages, *a, **k: (rendered.append(len(messages)), render(self, messages, *a,
+                                                                                               **k))[1])
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"word {i}"} for i in range(400)]
+    [kept] = tokenize_rows([{"messages": turns}], "messages", tokenizer, "rows", 64)
+    # Each turn renders to at least its content's 6 characters, so the limit falls within its first turns.
+    assert max(rendered) <= 65 * longest_token(tokenizer) // 6 + 1 < len(turns), max(rendered)
+    monkeypatch.undo()
+    whole = tokenize_row({"messages": turns}, "messages", tokenizer, "row")
+    assert kept == {k: v[:64] for k, v in whole.items()}
+
+
 def test_a_50_mb_line_costs_memory_for_its_kept_tokens_only(cli, tmp_path):
     """Tokenising the data (a 50 MB line among ordinary rows) raises the process's peak memory by little; it used to
     by 2 GB. The child records its peak before and after tokenising, then stops."""

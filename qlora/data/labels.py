@@ -88,11 +88,13 @@ def check_rows(rows: list[dict], fmt: str) -> None:
         check_row(row, fmt, where)
 
 
-def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
-    """Token ids and labels (prompt tokens masked) for one row; `where` names the row in errors (file:line)."""
+def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where: str,
+                 limit: int | None = None) -> dict[str, list[int]]:
+    """Token ids and labels (prompt tokens masked) for one row; `where` names the row in errors (file:line). With
+    `limit`, a conversation's turns past its first `limit` characters are not rendered (see _tokenize_chat)."""
     check_row(row, fmt, where)
     if fmt == "messages":
-        return _tokenize_chat(row["messages"], tokenizer, where)
+        return _tokenize_chat(row["messages"], tokenizer, where, limit)
     if fmt == "instruction":
         template = ALPACA_PROMPT_INPUT if row.get("input") not in (None, "") else ALPACA_PROMPT  # 0 is an input
         prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
@@ -118,7 +120,8 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where:
                           "them") from err
 
 
-def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, where: str) -> dict[str, list[int]]:
+def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, where: str,
+                   limit: int | None) -> dict[str, list[int]]:
     if tokenizer.chat_template is None:
         raise ConfigError(f"{where}: chat data needs a tokenizer with a chat template, and this one has none: "
                           "use a chat model's tokenizer or data.format=instruction/text")
@@ -126,6 +129,10 @@ def _tokenize_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, whe
     # (content + end-of-turn) are learned; everything the template adds around them is masked.
     segments, previous = [], ""
     for i, message in enumerate(messages):
+        # Past `limit` characters the rest lies beyond max_seq_len tokens (tokenize_rows). Rendering every prefix is
+        # quadratic in the turns: a row of 2,000 short turns took 19 s, a 50 MB line of them would never end.
+        if limit is not None and len(previous) > limit:
+            break
         prefix = messages[: i + 1]
         text = render_chat(tokenizer, prefix, where)
         if message["role"] == "assistant":
@@ -218,13 +225,14 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
     Memory per row is bounded whatever the data holds (a single 50 MB line once took 2 GB for a row cut to 128
     tokens): each text field is cut before tokenisation to the characters max_seq_len + 1 tokens can cover at most
     (`longest_token`). Text beyond that lies past max_seq_len tokens, where the row is truncated anyway, assuming (as
-    for every BPE or SentencePiece tokenizer) that where a field ends changes only the tokens of its last word.
+    for every BPE or SentencePiece tokenizer) that where a field ends changes only the tokens of its last word. So is
+    time: a conversation's turns are rendered until its text passes those characters, not to its last turn.
     """
     limit = (max_seq_len + 1) * longest_token(tokenizer)
     examples, dropped = [], []
     places = getattr(rows, "places", None) or [f"{source}: row {n}" for n in range(1, len(rows) + 1)]
     for row, where in zip(rows, places, strict=True):
-        ex = tokenize_row(cut_row(row, limit), fmt, tokenizer, where)
+        ex = tokenize_row(cut_row(row, limit), fmt, tokenizer, where, limit)
         ex = {k: v[:max_seq_len] for k, v in ex.items()}
         # Position t predicts token t+1, so a label at position 0 is never learned.
         if all(label == IGNORE for label in ex["labels"][1:]):
