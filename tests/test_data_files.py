@@ -87,20 +87,25 @@ def test_a_damaged_parquet_or_csv_file_is_one_line_naming_it(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(("content", "message"), [
     ("instruction,output\nreverse: a, b,b a\nreverse: c d,d c\n",
-     r":2: 3 field\(s\) where the header has 2 \(instruction, output\): quote the field that holds a comma"),
+     r":2: 3 field\(s\) where the header has 2 \(instruction, output\): quote the field that holds a comma "
+     r"\(\"a, b\"\)"),
     ("instruction,output\nreverse: a b,b a\n\nreverse: c d\n",
-     r":4: 1 field\(s\) where the header has 2 \(instruction, output\): add the missing cells"),
+     r":4: 1 field\(s\) where the header has 2 \(instruction, output\): add the missing cells \(an empty one is "
+     r"written as nothing between two commas\)"),
     ("instruction,output,output\nreverse: a b,b a,x\n", r":1: column 'output' appears twice in the header, and only "
                                                          r"the first would be read: rename or drop one"),
-], ids=["unquoted comma", "missing cell", "column twice"])
-def test_a_csv_row_whose_cells_pandas_would_misplace_is_named_by_its_line(tmp_path: Path, content: str,
-                                                                          message: str) -> None:
+    # Excel's export in cp1252, once "could not be read (ArrowInvalid: Invalid UTF8 sequence at string index 1)"
+    ("instruction,output\nreverse: a b,b a\nreverse: caf\xe9 d,d caf\xe9\n",
+     r":3: not UTF-8 \(invalid continuation byte at byte 12\): re-encode the file as UTF-8"),
+], ids=["unquoted comma", "missing cell", "column twice", "not UTF-8"])
+def test_a_csv_row_pandas_would_misread_is_named_by_its_line(tmp_path: Path, content: str, message: str) -> None:
     """pandas read these without a word: one row with an unquoted comma made the first column an index and shifted
     every row's cells one column left (each output trained as its instruction), a short row's missing output became
-    empty text (the row trained to answer nothing), and a second `output` column became `output.1`."""
+    empty text (the row trained to answer nothing), and a second `output` column became `output.1`. A file not in
+    UTF-8 was named by no line."""
     path = tmp_path / "train.csv"
-    path.write_text(content)
-    with pytest.raises(ConfigError, match=rf"^{path}{message}"):
+    path.write_bytes(content.encode("cp1252"))
+    with pytest.raises(ConfigError, match=rf"^{path}{message}$"):
         read_rows(str(path))
 
 

@@ -131,7 +131,14 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
                                           f"{len(header)} ({', '.join(header)}): {fix}")
                     starts.append(end + 1)
                 end = reader.line_num
-    except (UnicodeDecodeError, csv.Error):  # pandas names what is wrong with the file
+    except UnicodeDecodeError:  # named by its line, as in a JSONL file: pandas named no line, nor the encoding
+        for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                raw.decode("utf-8-sig")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(f"{path}:{number}", err) from None
+        return [], []
+    except csv.Error:  # pandas names what is wrong with the file
         return [], []
     finally:
         csv.field_size_limit(limit)
