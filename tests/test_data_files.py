@@ -233,6 +233,12 @@ def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> Non
                                           r"drop that turn$") as err:
         tokenize_rows([{"messages": turns}], "messages", byte_tokenizer(), "rows", 64)
     assert len(str(err.value)) < 250
+    # Each of these was told that tool calls and tool results are not trained here.
+    for role, said in (("human", r"'human' \(ShareGPT's human and gpt are user and assistant\)"),
+                       ("User", r"'User' \(roles are lower case\)"), (None, "null")):
+        with pytest.raises(ConfigError, match=rf"; message 2 has role {said}: fix or drop that turn$"):
+            tokenize_rows([{"messages": [turns[0], {"role": role, "content": "a"}]}], "messages", byte_tokenizer(),
+                          "rows", 64)
     call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}
     with pytest.raises(ConfigError, match=r"message 2 \(assistant\) has content null beside tool_calls"):
         tokenize_rows([{"messages": [turns[0], call]}], "messages", byte_tokenizer(), "rows", 64)
