@@ -285,6 +285,11 @@ def test_a_malformed_json_file_is_named_by_the_line_that_breaks_it(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"mixed.json: row 2: expected a JSON object per row, got string: fix or "
                                           r"delete that row$"):
         read_rows(str(mixed))
+    latin = tmp_path / "latin.json"  # named by no line: "not UTF-8 (invalid continuation byte at byte 29)"
+    latin.write_bytes('[{"text": "a"},\n{"text": "café"}]'.encode("cp1252"))
+    with pytest.raises(ConfigError, match=r"latin.json:2: not UTF-8 \(invalid continuation byte at byte 13\): "
+                                          r"re-encode the file as UTF-8$"):
+        read_rows(str(latin))
 
 
 

@@ -131,13 +131,8 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
                                           f"{len(header)} ({', '.join(header)}): {fix}")
                     starts.append(end + 1)
                 end = reader.line_num
-    except UnicodeDecodeError:  # named by its line, as in a JSONL file: pandas named no line, nor the encoding
-        for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-            try:
-                raw.decode("utf-8-sig")
-            except UnicodeDecodeError as err:
-                raise _not_utf8(f"{path}:{number}", err) from None
-        return [], []
+    except UnicodeDecodeError as err:  # pandas named no line, nor the encoding
+        raise _not_utf8_line(path, err) from None
     except csv.Error:  # pandas names what is wrong with the file
         return [], []
     finally:
@@ -210,7 +205,7 @@ def _read_json(path: Path) -> Rows:
     except OSError as err:
         raise _unreadable(path, err) from err
     except UnicodeDecodeError as err:
-        raise _not_utf8(str(path), err) from None
+        raise _not_utf8_line(path, err) from None
     if not text.strip():
         return Rows([], [])  # read_rows names it
     try:
@@ -249,6 +244,17 @@ def _parse(text: str, where: str, fix: str) -> object:
 def _not_utf8(where: str, err: UnicodeDecodeError) -> ConfigError:
     """A data file (or its line, `where`) that is not UTF-8."""
     return ConfigError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file as UTF-8")
+
+
+def _not_utf8_line(path: Path, err: UnicodeDecodeError) -> ConfigError:
+    """A data file read whole that is not UTF-8 (`err`, at a byte of the whole file), named by the line that is not,
+    as a JSONL file's: no UTF-8 sequence holds a line break's byte, so that line fails alone."""
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            raw.decode("utf-8-sig")
+        except UnicodeDecodeError as line_err:
+            return _not_utf8(f"{path}:{number}", line_err)
+    return _not_utf8(str(path), err)
 
 
 def _unreadable(path: Path, err: OSError) -> ConfigError:
