@@ -128,6 +128,8 @@ CASES = [
     ("lr <= 0", [TINY, "--train.lr=0"], r"train.lr=0.0 must be positive"),
     ("lr nan", [TINY, "--train.lr=nan"], r"train.lr=nan is not a finite number"),
     ("seq len <= 0", [TINY, "--data.max_seq_len=0"], r"data.max_seq_len=0 must be positive"),
+    ("seq len 1", [TINY, "--data.max_seq_len=1"], r"data.max_seq_len=1 leaves no token to learn \(each is learned "
+                                                  r"from the tokens before it\): set it to 2 or more"),
     ("negative steps", [TINY, "--train.steps=-5"], r"train.steps=-5 must be a positive integer"),
     ("dropout = 1", [TINY, "--lora.dropout=1"], r"lora.dropout=1.0 must lie in \[0, 1\)"),
     ("dropout < 0", [TINY, "--lora.dropout=-0.1"], r"lora.dropout=-0.1 must lie in \[0, 1\)"),

@@ -38,6 +38,9 @@ class DataConfig:
             raise ConfigError(f"data.format={self.format!r}: use auto, messages, instruction or text")
         if self.max_seq_len <= 0:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len} must be positive, e.g. --data.max_seq_len=2048")
+        if self.max_seq_len == 1:  # refused after the base loaded, as if the data were at fault
+            raise ConfigError("data.max_seq_len=1 leaves no token to learn (each is learned from the tokens before "
+                              "it): set it to 2 or more, e.g. --data.max_seq_len=2048")
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must lie in (0, 1), e.g. 0.05")
 
