@@ -239,6 +239,10 @@ def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> Non
         with pytest.raises(ConfigError, match=rf"; message 2 has role {said}: fix or drop that turn$"):
             tokenize_rows([{"messages": [turns[0], {"role": role, "content": "a"}]}], "messages", byte_tokenizer(),
                           "rows", 64)
+    parts = {"role": "user", "content": [{"type": "text", "text": "a"}]}  # was told only 'has content list'
+    with pytest.raises(ConfigError, match=r"message 1 \(user\) has content list of parts \(OpenAI's multimodal form\): "
+                                          r"join their text into one string: fix or drop that turn$"):
+        tokenize_rows([{"messages": [parts, turns[0]]}], "messages", byte_tokenizer(), "rows", 64)
     call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}
     with pytest.raises(ConfigError, match=r"message 2 \(assistant\) has content null beside tool_calls"):
         tokenize_rows([{"messages": [turns[0], call]}], "messages", byte_tokenizer(), "rows", 64)

@@ -167,7 +167,9 @@ def message_problem(message: object) -> str | None:
         return f"has role {kind(role)}" + (f" ({note})" if note else "")
     if not isinstance(message.get("content"), str):
         what = f"content {kind(message['content'])}" if "content" in message else "no content"
-        return f"({message['role']}) has {what}" + (" beside tool_calls" if "tool_calls" in message else "")
+        parts = " of parts (OpenAI's multimodal form): join their text into one string" \
+            if isinstance(message.get("content"), list) else ""
+        return f"({message['role']}) has {what}{parts}" + (" beside tool_calls" if "tool_calls" in message else "")
     return None
 
 
