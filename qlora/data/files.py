@@ -161,8 +161,16 @@ def holds_no_rows(path: Path, suffix: str, header: list[str], lines: list[int]) 
 def columnar_rows(table: object) -> list[dict]:
     """A `datasets` table's rows as the file wrote them. Arrow gives every row every column, a field the row lacks as
     None (a JSON array of chat rows and text rows: `messages: None` in each text row), so None is taken for absent,
-    as a CSV's empty cell is (its input field, say)."""
-    return [{k: v for k, v in row.items() if v is not None} for row in table.to_list()]
+    as a CSV's empty cell is (its input field, say). So in a chat row's messages: one message with a `name` gave
+    every other message `name: None`, which a chat template that prints a name where it is given rendered as "None"."""
+    return [_present(row) for row in table.to_list()]
+
+
+def _present(value: object) -> object:
+    """`value` with the None fields of its objects dropped, at any depth."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    return [_present(v) for v in value] if isinstance(value, list) else value
 
 
 def _read_jsonl(path: Path) -> Rows:
