@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import bitsandbytes as bnb
@@ -199,3 +200,23 @@ def test_an_adapter_config_of_another_lora_variant_is_refused(tmp_path, flag):
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**config, flag: True}))
     with pytest.raises(ConfigError, match="DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge"):
         read_adapter_config(tmp_path)
+
+
+def test_train_seed_alone_draws_the_adapters(tiny_config) -> None:
+    """build_model seeds torch with train.seed before the adapters are drawn: the same seed the same A whatever the
+    process drew before (a notebook, a second run in one process), another seed another A. Unseeded, or seeded after
+    the adapters, train.seed changed nothing a fresh process draws and two runs of one seed differed in one process."""
+    from qlora.training.assemble import build_model
+
+    def adapters(seed: int, before: int) -> dict:
+        torch.manual_seed(before)
+        torch.rand(7)
+        cfg = apply_overrides(copy.deepcopy(tiny_config), [f"--train.seed={seed}"])
+        model = build_model(cfg)["model"]
+        return {name: layer.lora_A.weight.detach().clone() for name, layer in lora_layers(model).items()}
+
+    first, again, other = adapters(0, before=1), adapters(0, before=2), adapters(1, before=1)
+    assert first and first.keys() == again.keys() == other.keys()
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0)
+        assert not torch.equal(other[name], first[name]), name

@@ -214,3 +214,33 @@ def test_on_cuda_llama3s_head_is_never_dequantised_whole() -> None:
     torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(ours_grad, their_grad, rtol=2e-2, atol=2e-1)
     assert peaks[0] < 0.6 * 2**30 < 1.9 * 2**30 < peaks[1], [p / 2**30 for p in peaks]
+
+
+def test_a_bf16_runs_nf4_head_is_read_back_in_fp32_exactly(tmp_path) -> None:
+    """load_run_fp32 is the reference merge and the GGUF export are checked against: a run that trained in bf16 (its
+    base loaded and quantised in bf16, as on CUDA), computing in fp32 with each 4-bit weight dequantised to code x
+    absmax in fp32. The NF4 head dequantises its slices in its quant state's dtype: left at bf16, the reference's
+    logits were rounded (on the tiny base within merge's tolerance, so no merge could tell)."""
+    import bitsandbytes as bnb
+
+    from qlora.train import train
+    from qlora.training.assemble import load_run_fp32
+
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    cfg.data.train, cfg.data.eval = str(ROOT / cfg.data.train), str(ROOT / cfg.data.eval)
+    cfg.output.dir, cfg.quant.compute_dtype, cfg.quant.quantize_lm_head = str(tmp_path / "run"), "bf16", True
+    cfg.train.steps, cfg.train.eval_every, cfg.train.eval_before = 1, 0, False
+    train(cfg)
+    _, model, _, _ = load_run_fp32(tmp_path / "run")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert model.get_output_embeddings() in layers
+    for layer in layers:
+        x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+        state = copy.copy(layer.weight.quant_state)
+        state.dtype = torch.float32
+        exact = bnb.functional.dequantize_4bit(layer.weight.data, state)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ exact.T, rtol=1e-6, atol=1e-6)
+    state.dtype = torch.bfloat16
+    rounded = bnb.functional.dequantize_4bit(layer.weight.data, state).float()
+    assert not torch.allclose(x @ rounded.T, x @ exact.T, rtol=1e-6, atol=1e-6)  # what bf16 would round away

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import types
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from qlora.base.build import TINY_LLAMA
 from qlora.base.quantize import linear4bit
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.errors import ConfigError
+from qlora.eval import evaluate_run
 from qlora.levers.stream_base.stream import LayerStream, in_backward, travelling
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.preflight import check_fits, needs
 from qlora.report.memory import main as memory_main
 from qlora.train import main  # before fake_gpu: bitsandbytes picks its backend at import
+from qlora.training.assemble import load_run
 
 ROOT = Path(__file__).resolve().parents[3]
 GIB = 2**30
@@ -73,6 +76,25 @@ def test_a_streamed_run_trains_the_same_adapter(deep: list[str], tmp_path: Path)
     for name, extra in (("plain", []), ("streamed", ["--train.stream_base=true"])):
         assert main([*args, f"--output.dir={tmp_path / name}", *extra]) == 0
     assert_same_run(tmp_path / "streamed", tmp_path / "plain")
+
+
+def test_a_streamed_run_is_read_back_streamed(deep: list[str], tmp_path: Path) -> None:
+    """eval, generate and merge's check read a finished run back with load_run: a streamed run's base streamed again
+    (on a card it was streamed to fit), once, each layer's copy started by one hook, and scoring what training
+    scored. The levers' last hook left out, or run twice, gave the same losses on the CPU."""
+    assert main(["recipes/tiny.py", *deep, "--train.steps=1", "--train.eval_every=1", "--train.eval_batches=1",
+                 f"--output.dir={tmp_path}", "--train.stream_base=true"]) == 0
+    _, model, _, _ = load_run(tmp_path, "cpu")
+    stream = model.layer_stream
+    assert len(stream.host) == LAYERS
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in model.get_decoder().layers)
+    # every travelling tensor a view of a device slot, as the streamer made it: a second streamer's pinned copy not
+    slots = {s.untyped_storage().data_ptr() for s in stream.slots}
+    layers = model.get_decoder().layers
+    assert all(getattr(owner, name).untyped_storage().data_ptr() in slots
+               for layer in layers for owner, name in travelling(layer))
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert evaluate_run(tmp_path)["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
