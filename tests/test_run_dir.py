@@ -255,6 +255,23 @@ def test_a_directory_written_while_the_run_loaded_is_refused_at_its_first_write(
     assert json.loads((out / "run_config.json").read_text())["output"]["dir"] == str(out)
 
 
+def test_a_run_file_rewritten_at_its_own_size_while_the_run_loaded_is_refused(tiny_config):
+    """--overwrite of a run while another trainer replaced it with a run of its own: the other's run_config.json is
+    as long as the one seen (another train.lr of as many digits), so only its modification time tells. Compared by
+    name and size alone, the first write went on and deleted the other trainer's run."""
+    out = Path(tiny_config.output.dir)
+    out.mkdir()
+    (out / "run_config.json").write_text('{"train": {"lr": 0.0002}}')
+    (out / "checkpoint-1").mkdir()
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=True)
+    (out / "run_config.json").write_text('{"train": {"lr": 0.0003}}')  # the other trainer's run, the same size
+    stat = (out / "run_config.json").stat()
+    os.utime(out / "run_config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match=rf"output.dir={out} changed while this run loaded"):
+        rundir.start_run(out, tiny_config, overwrite=True, seen=seen)
+    assert (out / "run_config.json").read_text() == '{"train": {"lr": 0.0003}}' and (out / "checkpoint-1").is_dir()
+
+
 def test_a_run_records_its_local_paths_absolute_and_is_evaluated_from_anywhere(cli, tmp_path):
     """run_config.json kept `recipes/data/tiny/...` as the recipe wrote it: qlora.eval from another directory loaded
     the model, then found no data."""
