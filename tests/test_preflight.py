@@ -228,3 +228,17 @@ def test_a_step_that_needs_exactly_the_card_and_the_host_is_accepted() -> None:
     with pytest.raises(ConfigError, match=rf"^data.max_seq_len=2048: the plan keeps {host / GIB:.2f} GiB in host "
                                           rf"memory and {(host - 1) / GIB:.2f} GiB is available \("):
         check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host - 1)
+
+
+def test_the_host_part_leaves_out_the_processs_own_allowance() -> None:
+    """The available memory the host's part is checked against already excludes this process (MemAvailable, read
+    after loading), so the 6 GiB the estimate allows the process itself is not asked of it again: the 8B recipe's
+    plan is accepted on a host with exactly what it keeps there beside that (embeddings, layer inputs, optimizer
+    state) and refused a byte less. Counting the allowance again refused it with 6 GiB to spare."""
+    cfg = load_recipe(ROOT / "recipes" / "llama8b.py")
+    est = at(cfg, cfg.data.max_seq_len, "cuda")
+    kept = sum(v for k, v in est.host.items() if k != "runtime")
+    assert est.host["runtime"] == 6 * GIB and kept > GIB
+    assert check_fits(cfg, torch.device("cuda"), device_bytes=est.card_bytes, host_bytes=kept) is not None
+    with pytest.raises(ConfigError, match=rf"the plan keeps {kept / GIB:.2f} GiB in host memory"):
+        check_fits(cfg, torch.device("cuda"), device_bytes=est.card_bytes, host_bytes=kept - 1)
