@@ -57,6 +57,16 @@ def test_a_step_beyond_the_card_is_refused_naming_the_longest_that_fits() -> Non
                       device_bytes=card, host_bytes=host) is not None
 
 
+def test_the_card_holds_the_peak_and_the_allocators_margin_once() -> None:
+    """The margin fitted on an H200 (issue 22), worked by hand for the 70B recipe at 2,048 tokens: 4 hidden states a
+    token, 4 x 2,048 x 8,192 x 2 bytes = 134,217,728, and 0.4 GiB outside the allocator, 429,496,729: added once to
+    the peak for the card. A CPU has no allocator's margin."""
+    cfg = load_recipe(ROOT / "recipes" / "llama70b.py")
+    cuda, cpu = at(cfg, 2048, "cuda"), at(cfg, 2048, "cpu")
+    assert cuda.margin == 134_217_728 + 429_496_729 and cuda.card_bytes == cuda.peak_bytes + cuda.margin
+    assert cpu.margin == 0 and cpu.card_bytes == cpu.peak_bytes
+
+
 def test_the_trainer_refuses_before_loading_on_a_small_card(tmp_path: Path, small_card: int,
                                                            capsys: pytest.CaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
