@@ -1,0 +1,100 @@
+"""The figures the benchmarks publish from a GPU run (tokens/s, the two MFUs, the ratios of issue 24), against numbers
+worked out by hand: a wrong formula here publishes a wrong figure that no re-run on the GPU would question. Fake
+models and a fake clock where the arithmetic is the point; the tiny Llama where the parameter count is."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from qlora.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts, not a package
+import throughput  # noqa: E402
+
+
+class Fake(nn.Module):
+    """2 layers, 4 heads of 16 (d = 64; head_dim given apart, as Gemma's differs from hidden / heads), vocabulary 100:
+    an input table and an output head of 100 x 64 = 6,400 parameters each."""
+
+    def __init__(self, tied: bool = False, head_dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(100, 64), nn.Linear(64, 100, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+        self.config = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, head_dim=head_dim,
+                                      tie_word_embeddings=tied)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+
+def test_flops_per_token_counts_the_tables_that_multiply_and_causal_attention() -> None:
+    # seq 7: attention 12 L d (s + 1) / 2 = 12 x 2 x 64 x 8 / 2 = 6,144 per token.
+    untied = throughput.flops_per_token(Fake(), 10_000, 7)
+    assert untied == (60_000, 4 * (10_000 - 6_400) + 6_144)  # the input table is looked up, never multiplied
+    tied = throughput.flops_per_token(Fake(tied=True), 10_000, 7)
+    assert tied == (60_000, 4 * 10_000 + 6_144)  # tied: the one table is the output head's matmul
+    wide = throughput.flops_per_token(Fake(head_dim=32), 10_000, 7)  # d = 4 x 32 = 128, not hidden_size's 64
+    assert wide[1] == 4 * 3_600 + 12 * 2 * 128 * 8 / 2
+
+
+def test_base_parameters_count_4bit_weights_unpacked_and_no_adapters(tiny_config: Config) -> None:
+    """The tiny Llama (hidden 128, MLP 256, 2 layers, 4 heads and 2 KV heads of 32, vocabulary 259) in NF4: q and o
+    128 x 128, k and v 128 x 64, gate, up and down 128 x 256, two norms of 128 a layer: 147,712 a layer; the input
+    table and the head 259 x 128 = 33,152 each; the final norm 128. N = 2 x 147,712 + 2 x 33,152 + 128 = 361,856,
+    where the packed 4-bit storage holds half a byte a weight and the adapters are no part of the base."""
+    model, _, _ = throughput.build_ours(tiny_config)
+    assert any(hasattr(p, "quant_state") for p in model.parameters())
+    assert throughput.base_parameters(model) == 361_856
+
+
+def test_measure_turns_step_time_into_tokens_per_second_and_both_mfus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 rows x 10 tokens a step at 0.5 s a step: 60 tokens/s, every token counted (each is a label: the docstring's
+    batch). N = 12,800 (table and head of 6,400), so 6N = 76,800 FLOPs a token; useful = 4 x 6,400 (the head) +
+    12 x 2 x 64 x 11 / 2 (attention) = 34,048. Against 100 TFLOP/s: 76,800 x 60 / 1e14 and 34,048 x 60 / 1e14."""
+    model, shapes = Fake(), []
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        shapes.append(tuple(batch["input_ids"].shape))
+        return 1.0
+
+    ticks = itertools.count()  # the clock moves 0.5 s at each reading: two a step (CPU), so a step takes 0.5 s
+    monkeypatch.setattr(throughput, "build_ours", lambda cfg: (model, step, torch.device("cpu")))
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
+    args = argparse.Namespace(size="tiny", override=[], rank=None, batch=3, seq=10, warmup=1, steps=3,
+                              peak_tflops=100.0, profile=0)
+    result = throughput.measure(args, "ours", [])
+    assert shapes == [(3, 10)] * 4
+    assert result["step_s"] == 0.5 and result["tokens_per_s"] == 60.0 and result["n_params"] == 12_800
+    assert result["mfu"] == pytest.approx(76_800 * 60 / 1e14)
+    assert result["useful_mfu"] == pytest.approx(34_048 * 60 / 1e14)
+
+
+def test_ratios_put_our_stack_over_the_one_it_is_compared_with() -> None:
+    """Issue 24's targets read 'ours over theirs': tokens/s above 2.0 and peak below 1.0 against the standard stack
+    are ours winning, and the QLoRA step over the 16-bit LoRA step below 1.1."""
+    results = {"standard": {"tokens_per_s": 1_000.0, "peak_gib": 15.0, "step_s": 2.0},
+               "unsloth": {"tokens_per_s": 2_000.0, "peak_gib": 10.0, "step_s": 1.0},
+               "ours": {"tokens_per_s": 3_000.0, "peak_gib": 12.0, "step_s": 1.0},
+               "ours-lora16": {"tokens_per_s": 3_750.0, "peak_gib": 20.0, "step_s": 0.8},
+               "ours-streamed": {"tokens_per_s": 2_500.0, "peak_gib": 5.0, "step_s": 1.2},
+               "ours+liger_ce": {"tokens_per_s": 3_300.0, "peak_gib": 11.0, "step_s": 0.9},
+               "ours-fastest": {"error": "out of memory"}}
+    assert throughput.ratios(results) == {
+        "tokens_per_s ours/standard (target >= 2.0)": 3.0,  # 3,000 / 1,000
+        "peak ours/standard (target <= 1.0)": 0.8,  # 12 / 15
+        "tokens_per_s ours/unsloth (target > 1.0)": 1.5,  # 3,000 / 2,000
+        "peak ours/unsloth": 1.2,  # 12 / 10
+        "step time ours streamed/resident base (target <= 1.3)": 1.2,  # 1.2 s / 1.0 s
+        "step time ours QLoRA/ours 16-bit LoRA (target <= 1.1)": 1.25,  # 1.0 s / 0.8 s
+        "tokens_per_s ours+liger_ce/ours": pytest.approx(1.1),  # 3,300 / 3,000
+    }
