@@ -9,6 +9,7 @@ import gc
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -91,11 +92,57 @@ def test_mfu_conventions(cfg: Config) -> None:
 ])
 def test_cuda_kernel_names_land_in_their_families(ops: list[str], kernel: str, expected: str) -> None:
     """Device kernels by the names CUDA libraries give them, under the operators that launch them (outermost first)."""
-    from types import SimpleNamespace
-
     from kernel_table import family
 
     event = None
     for name in ops:
         event = SimpleNamespace(name=name, cpu_parent=event, input_shapes=[])
     assert family(event, 16, kernel) == expected
+
+
+def fake_profile(cuda: bool) -> SimpleNamespace:
+    """Two steps' record, times in microseconds as torch.profiler gives them: the optimizer 400, a base projection
+    (linear 20 of its own over mm 600, in 128 x 128), an adapter's mm 100 (its side of rank 8), SDPA's flash forward
+    200 and backward 300, a mul 40, an index 10. On CUDA each operator launches one kernel of 1.5x its CPU time, and a
+    copy launches a 500 us copy to the host and a 300 us one from it."""
+    def op(name: str, us: float, shapes: list | None = None, parent: object = None, kernel: str = "kernel",
+           total: float | None = None) -> SimpleNamespace:
+        kernels = [SimpleNamespace(name=kernel, duration=1.5 * us)] if cuda else []
+        return SimpleNamespace(name=name, self_cpu_time_total=us, cpu_time_total=total or us, input_shapes=shapes or [],
+                               cpu_parent=parent, kernels=kernels, device_type=torch.autograd.DeviceType.CPU)
+
+    linear = op("aten::linear", 20, [[48, 128], [128, 128]], total=620)
+    events = [op("Optimizer.step#AdamW.step", 400), linear, op("aten::mm", 600, [[48, 128], [128, 128]], linear),
+              op("aten::mm", 100, [[48, 8], [8, 128]]), op("aten::_scaled_dot_product_flash_attention", 200),
+              op("aten::_scaled_dot_product_flash_attention_backward", 300), op("aten::mul", 40),
+              op("aten::index", 10)]
+    if cuda:
+        copy = op("aten::copy_", 0)
+        copy.kernels = [SimpleNamespace(name="Memcpy DtoH (Device -> Pinned)", duration=500),
+                        SimpleNamespace(name="Memcpy HtoD (Pinned -> Device)", duration=300)]
+        events[-1].kernels[0].name = "index_elementwise_kernel"  # an elementwise kernel of an `other` operator
+        events.append(copy)
+    return SimpleNamespace(events=lambda: events)
+
+
+def test_the_table_sums_each_operators_own_time_per_step_in_its_family() -> None:
+    """CPU: self time / 1,000 / 2 steps: optimizer 0.2 ms, base matmuls (20 + 600) 0.31, LoRA 0.05, attention
+    (200 + 300) 0.25, norms/activations 0.02, other 0.005; a parent's total time (620 holding its mm's 600) would
+    count the mm twice. CUDA: the kernels' device time, 1.5x, and the copies (500 + 300) / 1,000 / 2 = 0.4 ms."""
+    from kernel_table import kernel_table, sdpa_backends
+
+    cpu = {"optimizer": 0.2, "base matmuls": 0.31, "LoRA matmuls": 0.05, "attention": 0.25, "norms/activations": 0.02,
+           "other": 0.005}
+    assert kernel_table(fake_profile(False), 8, 2) == pytest.approx({**dict.fromkeys(FAMILIES, 0.0), **cpu})
+    on_device = {k: 1.5 * v for k, v in cpu.items()} | {"norms/activations": 0.03 + 0.0075, "other": 0.0,
+                                                         "host copies": 0.4}
+    assert kernel_table(fake_profile(True), 8, 2) == pytest.approx({**dict.fromkeys(FAMILIES, 0.0), **on_device})
+    assert sdpa_backends(fake_profile(False)) == {"flash": 1}  # its backward is the same call, not another
+
+
+def test_the_table_text_gives_each_family_its_share_of_the_total() -> None:
+    lines = table_text({"ours": {"base matmuls": 3.0, "other": 1.0}, "theirs": {"attention": 2.0}})
+    assert "| base matmuls | 3.0 ms (75%) | 0.0 ms (0%) |" in lines  # 3 of the 4 ms
+    assert "| other | 1.0 ms (25%) | 0.0 ms (0%) |" in lines
+    assert "| attention | 0.0 ms (0%) | 2.0 ms (100%) |" in lines
+    assert lines[-1] == "| total, every stream | 4.0 ms | 2.0 ms |"
