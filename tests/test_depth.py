@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from transformers import LlamaConfig
@@ -89,8 +90,20 @@ def test_the_probe_depth_keeps_the_models_checkpoint_groups_and_its_per_layer_li
     typed = deep_tiny(tmp_path, 4)
     path = Path(typed.model.config_json)
     path.write_text(path.read_text().replace('"num_hidden_layers": 4', '"layer_types": ["full_attention", '
-                                             '"sliding_attention", "full_attention", "sliding_attention"], '
+                                             '"sliding_attention", "sliding_attention", "sliding_attention"], '
                                              '"num_hidden_layers": 4'))
     cut = truncated_config(typed, 2, tmp_path / "cut")
-    written = json.loads(Path(cut.model.config_json).read_text())
+    written = json.loads(Path(cut.model.config_json).read_text())  # the first two layers' entries, in order
     assert written["num_hidden_layers"] == 2 and written["layer_types"] == ["full_attention", "sliding_attention"]
+
+
+def test_the_probe_depth_steps_by_whole_checkpoint_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups of 3 of 12 layers, where the estimator says 3 layers peak elsewhere than the whole model and 4 or more
+    at the same moment: the probe is 6 layers, two whole groups; 4 would cut its second group after one layer."""
+    import qlora.memory.depth as depth
+
+    monkeypatch.setattr(depth, "estimate", lambda *a, **k: SimpleNamespace(peak_phase="layer_backward"))
+    monkeypatch.setattr(depth, "depth_estimate", lambda cfg, arch, layers, device: SimpleNamespace(
+        peak_phase="layer_backward" if layers >= 4 else "optimizer_step"))
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--train.checkpoint_every=3"])
+    assert probe_depth(cfg, "cpu", SimpleNamespace(layers=12)) == 6
