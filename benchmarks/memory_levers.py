@@ -143,9 +143,12 @@ def device_info(device: torch.device) -> dict:
 
 def probe_config(args: argparse.Namespace, spec: dict) -> Config:
     """The recipe a probe runs: its levers as set (not train.plan's for this card), the baseline's or the spec's
-    overrides, --override, and its rows of --seq tokens (each one document: qlora.report.measure.random_batch)."""
+    overrides, --override, and its --batch rows of --seq tokens (each one document:
+    qlora.report.measure.random_batch), so that the estimate beside it and a truncated probe's known bytes are of
+    the rows it runs, not the recipe's batch_size."""
     return base_config(args.size, [*AS_SET, *([] if spec.get("recipe") else BASELINE), *spec.get("overrides", []),
-                                   *args.override, f"--data.max_seq_len={args.seq}"])
+                                   *args.override, f"--data.max_seq_len={args.seq}",
+                                   f"--train.batch_size={args.batch}"])
 
 
 def probe(args: argparse.Namespace, spec: dict) -> dict:

@@ -98,3 +98,20 @@ def test_ratios_put_our_stack_over_the_one_it_is_compared_with() -> None:
         "step time ours QLoRA/ours 16-bit LoRA (target <= 1.1)": 1.25,  # 1.0 s / 0.8 s
         "tokens_per_s ours+liger_ce/ours": pytest.approx(1.1),  # 3,300 / 3,000
     }
+
+
+def test_a_truncated_probe_reports_the_whole_models_peak_and_the_rows_it_ran(tmp_path: Path) -> None:
+    """memory_levers.py's probe at one of the tiny Llama's two layers, 1 row of 512 tokens: the peak it reports is the
+    probe's measured peak plus the known bytes of the missing layer (qlora/memory/depth.py), among them that layer's
+    input kept for the backward, 1 x 512 x 128 x 4 B (fp32) = 262,144 B, for the 1 row the probe ran (the recipe's 8
+    rows would add 2,097,152 B); the estimate beside it is of the same row."""
+    import memory_levers
+
+    args = memory_levers.parse(["--size=tiny", "--depth=1", "--seq=512", "--batch=1", "--probe-steps=1",
+                                "--budget-gib=100", f"--out-dir={tmp_path}"])
+    result = memory_levers.probe(args, {"recipe": True})
+    assert result["ok"] and (result["depth"], result["layers"]) == (1, 2)
+    assert result["known_gib"]["activations"] * 2**30 == pytest.approx(1 * 512 * 128 * 4)
+    assert result["peak_gib"] == pytest.approx(result["probe_peak_gib"] + sum(result["known_gib"].values()))
+    one_row = memory_levers.probe_config(args, {"recipe": True})
+    assert one_row.train.batch_size == 1 and one_row.data.max_seq_len == 512

@@ -188,7 +188,7 @@ def test_probes_and_stacks_measure_the_levers_they_name_not_the_plans(size: str)
     import argparse
 
     assert throughput.base_config(size, []).train.plan == "fastest"
-    args = argparse.Namespace(size=size, override=[], seq=2048, rank=None)
+    args = argparse.Namespace(size=size, override=[], seq=2048, rank=None, batch=1)
     given = memory_levers.probe_config(args, {"recipe": True, "overrides": ["--train.loss_chunk_size=512"]})
     assert given.train.plan == "recipe" and given.train.loss_chunk_size == 512 and not given.data.pack
     baseline = memory_levers.probe_config(args, {"name": "baseline"})
