@@ -115,3 +115,25 @@ def test_a_truncated_probe_reports_the_whole_models_peak_and_the_rows_it_ran(tmp
     assert result["peak_gib"] == pytest.approx(result["probe_peak_gib"] + sum(result["known_gib"].values()))
     one_row = memory_levers.probe_config(args, {"recipe": True})
     assert one_row.train.batch_size == 1 and one_row.data.max_seq_len == 512
+
+
+def test_the_longest_context_is_the_longest_length_that_fit_beside_unsloths_figure(tmp_path: Path) -> None:
+    """The 8B recipe on the emulated 24.0 GiB card, probes logged as a search leaves them: 49,152 refused (a plan
+    refused, shorter than what fit: it says nothing of the limit), 98,304 and 110,592 fit, 116,736 timed out (says
+    neither), 122,880 out of memory. Found: 110,592; first failing: 122,880. Unsloth's 78,475 on that card; issue 22's
+    target 1.5 x 78,475 = 117,712.5, so 117,713 tokens (117,712 would fall short of it)."""
+    import memory_levers
+
+    args = memory_levers.parse(["--size=8b", "--max-context", "--no-levers", "--depth=auto", "--budget-gib=24.0",
+                                f"--out-dir={tmp_path}"])
+    run = memory_levers.Run(args, cuda=False)
+    for seq, result in [(98_304, {"ok": True, "peak_gib": 21.5}), (122_880, {"ok": False, "oom": True}),
+                        (110_592, {"ok": True, "peak_gib": 23.2}), (49_152, {"ok": False, "refused": "the plan"}),
+                        (116_736, {"error": "timed out after 300 s", "timed_out": True})]:
+        run.log.put(f"context seq {seq}", result, 1.0)
+    assert run.bracket() == (110_592, 122_880)
+    text = memory_levers.report(run)
+    assert "Max context of the recipe within 24.00 GiB: **110,592 tokens**; 122,880 does not fit" in text
+    assert "Unsloth's published figure for this card: 78,475 tokens (QLoRA r=32, batch 1); issue 22's target, " \
+        "1.5x: 117,713." in text
+
