@@ -137,3 +137,16 @@ def test_the_longest_context_is_the_longest_length_that_fit_beside_unsloths_figu
     assert "Unsloth's published figure for this card: 78,475 tokens (QLoRA r=32, batch 1); issue 22's target, " \
         "1.5x: 117,713." in text
 
+
+def test_every_card_unsloth_published_a_figure_for_is_searched_at_that_budget() -> None:
+    """The report finds Unsloth's figure by (size, --budget-gib): a battery item at another budget (24.5 for 24.0)
+    would publish its longest context with no figure beside it."""
+    import gpu
+    import memory_levers
+
+    searched = set()
+    for item in gpu.plan("full", Path("/work"), "python"):
+        flags = dict(a.removeprefix("--").split("=", 1) for a in item.cmd if a.startswith("--") and "=" in a)
+        if "--max-context" in item.cmd and "budget-gib" in flags:
+            searched.add((flags["size"], float(flags["budget-gib"])))
+    assert set(memory_levers.UNSLOTH) <= searched, set(memory_levers.UNSLOTH) - searched
