@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -150,3 +151,31 @@ def test_every_card_unsloth_published_a_figure_for_is_searched_at_that_budget() 
         if "--max-context" in item.cmd and "budget-gib" in flags:
             searched.add((flags["size"], float(flags["budget-gib"])))
     assert set(memory_levers.UNSLOTH) <= searched, set(memory_levers.UNSLOTH) - searched
+
+
+def test_lever_costs_are_added_time_over_the_plain_step_against_each_levers_reference(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step times (s) as the CPU child would log them: plain 0.5, checkpointing 1.3, checkpoint_every=4 1.25,
+    tiles 1.45, tiles + tile_projections 1.5, loss chunks 1.2, two rows 2.0. Cost = (t - t(reference)) / t(plain):
+    checkpointing (1.3 - 0.5) / 0.5 = +1.6; checkpoint_every against checkpointing (1.25 - 1.3) / 0.5 = -0.1 (it saves
+    time); tiles (1.45 - 1.3) / 0.5 = +0.3; tile_projections against tiles (1.5 - 1.45) / 0.5 = +0.1; loss chunks
+    (1.2 - 1.3) / 0.5 = -0.2; the batch shape 2 - 2.0 / 1.3 = 0.4615. Without the plain step only the batch shape,
+    which does not divide by it, has a figure."""
+    import lever_costs
+
+    steps = {"plain": 0.5, "train.gradient_checkpointing": 1.3, "train.checkpoint_every": 1.25,
+             "train.tile_size": 1.45, "train.tile_projections": 1.5, "train.loss_chunk_size": 1.2,
+             "train.batch_size": 2.0}
+    monkeypatch.setattr(lever_costs, "measured", lambda log, deadline, key, *a, **k: {
+        name: {"step_s": steps[name]} for name in key.split(",")})
+    monkeypatch.setattr(lever_costs.throughput.torch.cuda, "is_available", lambda: False)
+    assert lever_costs.main(["--size=small", f"--out-dir={tmp_path}", f"--only={','.join(steps)}"]) == 0
+    expected = {"train.gradient_checkpointing": 1.6, "train.checkpoint_every": -0.1, "train.tile_size": 0.3,
+                "train.tile_projections": 0.1, "train.loss_chunk_size": -0.2, "train.batch_size": 2 - 2.0 / 1.3}
+    found = json.loads((tmp_path / "lever-costs-cpu-small.json").read_text())["costs"]
+    assert found == pytest.approx(expected)
+    report = (tmp_path / "lever-costs-cpu-small.md").read_text()
+    assert "| train.loss_chunk_size | 1.2000 | train.gradient_checkpointing | -0.200 |" in report  # saves time
+    assert "| train.tile_projections | 1.5000 | train.tile_size | +0.100 |" in report
+    no_plain = {name: {"step_s": t} for name, t in steps.items() if name != "plain"} | {"plain": {"error": "oom"}}
+    assert lever_costs.costs(no_plain, lever_costs.configs(512, 4)) == {"train.batch_size": pytest.approx(2 - 2 / 1.3)}
