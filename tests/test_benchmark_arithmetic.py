@@ -179,3 +179,39 @@ def test_lever_costs_are_added_time_over_the_plain_step_against_each_levers_refe
     assert "| train.tile_projections | 1.5000 | train.tile_size | +0.100 |" in report
     no_plain = {name: {"step_s": t} for name, t in steps.items() if name != "plain"} | {"plain": {"error": "oom"}}
     assert lever_costs.costs(no_plain, lever_costs.configs(512, 4)) == {"train.batch_size": pytest.approx(2 - 2 / 1.3)}
+
+
+def test_estimate_against_measurement_rows_print_the_estimates_error_signed(tmp_path: Path) -> None:
+    """Issue 22's rows: error = estimate / measured - 1, printed signed, so + says the estimate is over the card's
+    peak. 2,048 tokens: 22 GiB estimated, 20 measured: +10.0%. 29,696: 18 against 20, -10.0%, predicted from a probe
+    of 2 of the 32 layers that peaked at 10 GiB. 58,368: over the budget at 25 GiB, still a measurement: 24 / 25 - 1
+    = -4.0%. 100,352: out of memory, no figure. The lever table's column is each lever's peak less the baseline's:
+    offload 0.75 - 1.0 = -0.250."""
+    import memory_levers
+
+    args = memory_levers.parse(["--size=8b", "--rows=2048,29696,58368,100352", "--depth=auto", "--budget-gib=79.6",
+                                f"--out-dir={tmp_path}"])
+    run = memory_levers.Run(args, cuda=False)
+    for seq, result in [(100_352, {"ok": False, "oom": True, "estimated_gib": 30.0, "layers": 32}),
+                        (58_368, {"ok": False, "over_budget": True, "peak_gib": 25.0, "estimated_gib": 24.0,
+                                  "layers": 32}),
+                        (2_048, {"ok": True, "peak_gib": 20.0, "estimated_gib": 22.0, "layers": 32}),
+                        (29_696, {"ok": True, "peak_gib": 20.0, "probe_peak_gib": 10.0, "estimated_gib": 18.0,
+                                  "depth": 2, "layers": 32})]:
+        run.log.put(f"row seq {seq}", result, 1.0)
+    rows = run.row_results()
+    assert [r["tokens"] for r in rows] == [2_048, 29_696, 58_368, 100_352]
+    assert [r["error"] for r in rows[:3]] == pytest.approx([0.1, -0.1, -0.04]) and rows[3]["error"] is None
+    assert [(r["measured_gib"], r["probe_gib"], r["depth"]) for r in rows] == [
+        (20.0, 20.0, 32), (20.0, 10.0, 2), (25.0, 25.0, 32), (None, None, 32)]
+    text = memory_levers.rows_report(run)
+    for cells in ("| 2,048 | 79.60 | 22.00 | 20.00 | +10.0% | 32 of 32 | 20.00 |",
+                  "| 29,696 | 79.60 | 18.00 | 20.00 | -10.0% | 2 of 32 | 10.00 |",
+                  "| 58,368 | 79.60 | 24.00 | 25.00 | -4.0% | 32 of 32 | 25.00 |",
+                  "| 100,352 | 79.60 | 30.00 | – | out of memory | 32 of 32 | – |"):
+        assert cells in text, text
+
+    levers = memory_levers.Run(memory_levers.parse(["--size=tiny", f"--out-dir={tmp_path / 'levers'}"]), cuda=False)
+    levers.log.put("lever baseline seq 128", {"ok": True, "peak_gib": 1.0}, 1.0)
+    levers.log.put("lever offload seq 128", {"ok": True, "peak_gib": 0.75}, 1.0)
+    assert "| offload_activations (ours, async) | 0.750 | -0.250 |" in memory_levers.report(levers)
