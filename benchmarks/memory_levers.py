@@ -394,9 +394,14 @@ class Run:
             return []
         from qlora.memory.context import probe_overrides
 
-        cfg = base_config(self.args.size, self.args.override)
-        return [o for o in probe_overrides(cfg, seq, self.card_bytes, host_bytes())
+        return [o for o in probe_overrides(self.searched(), seq, self.card_bytes, host_bytes())
                 if not o.startswith("--data.max_seq_len=")]
+
+    def searched(self) -> Config:
+        """The recipe the context search plans and starts from, at the --batch rows its probes run (probe_config):
+        at the recipe's train.batch_size, a search of 1-row probes on a recipe of 8 rows planned their levers and
+        started at the lengths 8 rows fit."""
+        return base_config(self.args.size, [*self.args.override, f"--train.batch_size={self.args.batch}"])
 
     @functools.cached_property  # nvidia-smi once, not at every probe
     def card_bytes(self) -> int:
@@ -408,8 +413,7 @@ class Run:
         start = args.start_seq
         if start is None:
             if self.cuda:
-                start = estimated_start(base_config(args.size, args.override), self.card_bytes, args.granularity,
-                                        args.max_seq)
+                start = estimated_start(self.searched(), self.card_bytes, args.granularity, args.max_seq)
             else:
                 start = args.seq
         print(f"== max context of the recipe, starting at {start:,} tokens", flush=True)

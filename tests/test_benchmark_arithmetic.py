@@ -116,6 +116,7 @@ def test_a_truncated_probe_reports_the_whole_models_peak_and_the_rows_it_ran(tmp
     assert result["peak_gib"] == pytest.approx(result["probe_peak_gib"] + sum(result["known_gib"].values()))
     one_row = memory_levers.probe_config(args, {"recipe": True})
     assert one_row.train.batch_size == 1 and one_row.data.max_seq_len == 512
+    assert memory_levers.Run(args, cuda=False).searched().train.batch_size == 1  # the search plans the same row
 
 
 def test_the_longest_context_is_the_longest_length_that_fit_beside_unsloths_figure(tmp_path: Path) -> None:
