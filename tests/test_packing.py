@@ -88,7 +88,7 @@ def test_pack_examples_places_every_document_once_within_max_len() -> None:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         ends = starts[1:] + [len(row["input_ids"])]
         for start, end in zip(starts, ends, strict=True):
-            assert row["position_ids"][start:end] == list(range(end - start))
+            assert list(row["position_ids"][start:end]) == list(range(end - start))
             assert len(set(row["input_ids"][start:end])) == 1  # one document per segment
             assert row["labels"][start] == IGNORE and row["labels"][start + 1:end] == row["input_ids"][start + 1:end]
     assert pack_examples(examples, 16) == packed  # deterministic, so resume packs the same rows
@@ -112,7 +112,7 @@ def test_packed_documents_keep_their_masked_prompts(tiny_config: Config) -> None
     for row in packed:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
         for start, end in zip(starts, starts[1:], strict=False):
-            assert row["labels"][start:end] == [IGNORE] + own[tuple(row["input_ids"][start:end])][1:]
+            assert list(row["labels"][start:end]) == [IGNORE, *own[tuple(row["input_ids"][start:end])][1:]]
 
 
 def test_flash_attention_packing_needs_batch_of_one(tiny_config: Config) -> None:

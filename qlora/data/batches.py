@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from qlora.data.labels import IGNORE
+from qlora.data.tokens import as_tensor
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -21,12 +22,12 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         batch["position_ids"] = torch.zeros(len(examples), width, dtype=torch.long)
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(ex["input_ids"])
-        batch["labels"][i, :n] = torch.tensor(ex["labels"])
+        batch["input_ids"][i, :n] = as_tensor(ex["input_ids"])
+        batch["labels"][i, :n] = as_tensor(ex["labels"])
         batch["attention_mask"][i, :n] = 1
         if packed:
             # The padding tail restarts at 0 too, so it forms its own segment that no document attends to.
-            batch["position_ids"][i, :n] = torch.tensor(ex["position_ids"])
+            batch["position_ids"][i, :n] = as_tensor(ex["position_ids"])
             batch["position_ids"][i, n:] = torch.arange(width - n)
     return batch
 

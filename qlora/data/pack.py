@@ -20,13 +20,16 @@ lengths, and deterministically, so a resumed run packs exactly the same rows.
 from __future__ import annotations
 
 import bisect
+from array import array
+from collections.abc import Sequence
 
 from qlora.config import Config
 from qlora.data.labels import IGNORE
+from qlora.data.tokens import INT32
 from qlora.errors import ConfigError
 
 
-def pack_examples(examples: list[dict[str, list[int]]], max_seq_len: int) -> list[dict[str, list[int]]]:
+def pack_examples(examples: list[dict[str, Sequence[int]]], max_seq_len: int) -> list[dict[str, array]]:
     """Pack tokenised examples into rows of at most `max_seq_len` tokens, each with restarting `position_ids`."""
     too_long = [len(ex["input_ids"]) for ex in examples if len(ex["input_ids"]) > max_seq_len]
     if too_long:
@@ -48,17 +51,20 @@ def pack_examples(examples: list[dict[str, list[int]]], max_seq_len: int) -> lis
     return [join_documents([examples[i] for i in row]) for row in rows]
 
 
-def join_documents(docs: list[dict[str, list[int]]]) -> dict[str, list[int]]:
-    """One packed row from whole documents: ids and labels concatenated, positions restarting per document."""
-    input_ids, labels, position_ids = [], [], []
+def join_documents(docs: list[dict[str, Sequence[int]]]) -> dict[str, array]:
+    """One packed row from whole documents: ids and labels concatenated, positions restarting per document; each an
+    int32 array, as tokenize_rows holds a row (qlora/data/tokens.py)."""
+    input_ids, labels, position_ids = array(INT32), array(INT32), array(INT32)
     for doc in docs:
         n = len(doc["input_ids"])
-        input_ids += doc["input_ids"]
+        input_ids.extend(doc["input_ids"])
         # Mask the first label: the previous document's last position would otherwise learn to predict it. Unpacked,
         # a label at position 0 is never learned either, so this changes no document's loss.
-        labels += [IGNORE] + doc["labels"][1:]
-        position_ids += list(range(n))
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        labels.append(IGNORE)
+        labels.extend(doc["labels"][1:])
+        position_ids.extend(range(n))
+    # A slice is an exact-size copy: extend leaves up to 1/16 spare room (13.1 bytes a token packed, not 12.4).
+    return {"input_ids": input_ids[:], "labels": labels[:], "position_ids": position_ids[:]}
 
 
 def check_packing(cfg: Config) -> None:
