@@ -108,3 +108,15 @@ def test_the_command_draws_the_report_against_the_card_and_methods_named(capsys)
     assert r["device_memory_bytes"] == 24 * GIB == 25_769_803_776 and list(r["methods"]) == ["qlora", "full"]
     assert parse_cli(["recipes/tiny.py", "--measure"]).measure and not parse_cli(["recipes/tiny.py"]).measure
     assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu" and device_slug("none") == "none"
+
+
+def test_a_cpu_report_names_the_tokenised_rows_measured_and_not_estimated():
+    """A CPU peak is host memory, the tokenised rows part of it (the profiler names them, qlora/data/tokens.py); the
+    report gives them a row of their own, measured only: no estimate is made before the data is read. A report
+    measured before they were named has no such row."""
+    r = report("smollm2_135m-cpu")
+    assert "tokenised rows" not in markdown(r, "smollm2_135m-cpu.png")
+    for n, e in enumerate(r["methods"].values(), 1):
+        e["measured_components"]["tokenised_rows"] = n * 2**20
+    assert "| tokenised rows (host memory, measured only) | – | 0.001 | – | 0.002 | – | 0.003 |" in \
+        markdown(r, "smollm2_135m-cpu.png")

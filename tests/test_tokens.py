@@ -14,12 +14,13 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora.base.build import ensure_checkpoint
 from qlora.base.load import load_tokenizer
-from qlora.config import load_recipe
+from qlora.config import Config, load_recipe
 from qlora.data.batches import batch_rows, collate, micro_batches
 from qlora.data.labels import tokenize_rows
 from qlora.data.pack import pack_examples
 from qlora.data.tokens import INT32_MAX, held_bytes
 from qlora.errors import ConfigError
+from qlora.memory.profiler import PhaseTracker
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "red blue green tree bird cat dog moon sun star".split()
@@ -111,3 +112,17 @@ def test_an_id_past_int32_is_refused_not_wrapped() -> None:
     with pytest.raises(ConfigError, match=r"data.jsonl: row 1: token id 2,147,483,648 does not fit the int32"):
         tokenize_rows(row, "text", WideTokenizer([1, INT32_MAX + 1]), "data.jsonl", max_seq_len=8)
 
+
+def test_the_rows_bytes_are_said_and_named_in_a_cpu_peak(tiny_config: Config, capsys: pytest.CaptureFixture) -> None:
+    """print_summary says the rows' host bytes; on CPU, where the measured peak is the process's resident memory,
+    the profiler names them as a category rather than leaving them in the rest."""
+    from qlora.training.assemble import prepare, print_summary
+
+    tracker = PhaseTracker(torch.device("cpu"))
+    run = prepare(tiny_config, profiler=tracker)
+    held = held_bytes(run["train_rows"]) + held_bytes(run["eval_rows"])
+    assert tracker.rows_bytes == held > 0
+    assert tracker.mark("first_forward")["categories"]["tokenised_rows"] == held
+    print_summary(tiny_config, run)
+    tokens = sum(len(r["input_ids"]) for r in run["train_rows"])
+    assert f"tokenised rows in host memory: train {tokens:,} tokens held in " in capsys.readouterr().out

@@ -40,3 +40,8 @@ def held_bytes(examples: list[dict]) -> int:
     """Host bytes of tokenised rows: the list, each row's dict, and each sequence with its buffer."""
     return sys.getsizeof(examples) + sum(sys.getsizeof(ex) + sum(map(sys.getsizeof, ex.values())) for ex in examples)
 
+
+def held_line(train: list[dict], held: list[dict]) -> str:
+    """'train N tokens held in X MiB, held out ...': each split's tokens (input_ids') and its bytes (every sequence)."""
+    return ", ".join(f"{name} {sum(len(ex['input_ids']) for ex in rows):,} tokens held in "
+                     f"{held_bytes(rows) / 2**20:,.1f} MiB" for name, rows in (("train", train), ("held out", held)))

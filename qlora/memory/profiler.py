@@ -36,6 +36,7 @@ class PhaseTracker:
         self._high: dict[str, int] = {}  # CPU: the raw high-water mark above the baseline at each phase's record
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.rows_bytes = 0  # the tokenised rows' host bytes (qlora/data/tokens.py), a category of a CPU peak
         self.context = 0
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)  # creates the context if nothing has yet
@@ -46,10 +47,12 @@ class PhaseTracker:
             self.baseline = resident_bytes("VmRSS")
         reset_peak(device)
 
-    def watch(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Break later marks down by category over these."""
+    def watch(self, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+              rows_bytes: int | None = None) -> None:
+        """Break later marks down by category over these (and on CPU, the tokenised rows' `rows_bytes`)."""
         self.model = model if model is not None else self.model
         self.optimizer = optimizer if optimizer is not None else self.optimizer
+        self.rows_bytes = rows_bytes if rows_bytes is not None else self.rows_bytes
 
     def mark(self, phase: str) -> dict:
         """Ends the phase: its peak since the last mark, kept if it is the phase's largest; returns the phase's record.
@@ -75,6 +78,8 @@ class PhaseTracker:
         else:
             peak = max(0, high - unused_file_pages(self.model))
             record = {"allocated": peak, "reserved": peak, "active": peak, "outside_allocator": 0}
+            if self.rows_bytes:  # read after the baseline, so inside the resident peak; on CUDA not the card's
+                cats["tokenised_rows"] = self.rows_bytes
         record["categories"] = cats
         # Everything the categories do not name: activations, temporaries, allocator slack, (CPU) Python objects.
         record["activations"] = max(0, peak - sum(cats.values()))

@@ -100,6 +100,10 @@ def markdown(report: dict, png_name: str) -> str:
             if measured:
                 row.append(gib((e.get("measured_components") or {}).get(cat)) if e.get("measured_components") else "–")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
+    held = [(e.get("measured_components") or {}).get("tokenised_rows") for e in methods.values()]
+    if measured and any(held):  # a CPU peak is host memory, the rows part of it; no estimate is made before reading
+        lines.append("| tokenised rows (host memory, measured only) | " + " | ".join(f"– | {gib(n)}" for n in held)
+                     + " |")
     if any(e.get("allocator_margin_bytes") for e in methods.values()):
         lines.append("| *beside the peak: the allocator's margin* | " + " | ".join(
             gib(e.get("allocator_margin_bytes") or 0) + (" | –" if measured else "") for e in methods.values()) + " |")
