@@ -782,6 +782,18 @@ def test_the_memory_tool_refuses_what_the_trainer_would(capsys, override, line, 
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(line)
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "model.gguf"])
+def test_the_memory_tool_refuses_a_model_path_that_is_a_file(capsys, tmp_path, name):
+    """It said there was no config.json at model.safetensors/config.json and to set model.config_json."""
+    from qlora.report.memory import main
+
+    (tmp_path / name).write_bytes(b"weights")
+    assert main(["recipes/tiny.py", f"--model.path={tmp_path / name}", "--model.build=none"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: model.path={tmp_path / name} is a file, not a checkpoint directory: point it at the directory "
+        "holding config.json and the weights")
+
+
 def test_the_memory_tool_shows_the_plan_the_trainer_would_choose_for_a_card_named(capsys, tmp_path):
     """The 8B and 70B recipes leave their levers to the trainer (train.plan=fastest): the report of the recipe's
     levers is the least it needs, and --gpu-gib N shows the plan a run on that card takes, as qlora.train chooses it

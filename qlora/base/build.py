@@ -226,11 +226,19 @@ def weight_locations(base_path: str) -> dict[str, str]:
     return where
 
 
+def not_a_directory(path: str) -> str:
+    """The line for a model.path that names a file (a .safetensors or .gguf file) rather than its directory."""
+    return (f"model.path={path} is a file, not a checkpoint directory: point it at the directory holding config.json "
+            "and the weights")
+
+
 def config_json_path(cfg: Config) -> Path:
     """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
     if cfg.model.config_json:
         path = Path(cfg.model.config_json).expanduser()
         return path / "config.json" if path.is_dir() else path
+    if Path(cfg.model.path).expanduser().is_file() and not cfg.model.build:  # a .gguf or .safetensors file
+        raise ConfigError(not_a_directory(cfg.model.path))
     path = Path(cfg.model.path).expanduser() / "config.json"
     if not path.is_file() and cfg.model.build:
         path = Path(ensure_checkpoint(cfg)) / "config.json"

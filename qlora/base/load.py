@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora.base.attention import implementation
 from qlora.base.bnb import bnb
-from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id
+from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id, not_a_directory
 from qlora.base.model_dir import check_model_dir, check_vocab, damaged
 from qlora.base.quantize import (
     LOADER_BLOCKSIZE,
@@ -123,8 +123,7 @@ def load_base(cfg: Config, device: torch.device,
     offline = None
     if not os.path.isdir(path):
         if os.path.exists(path):
-            raise ConfigError(f"model.path={path} is a file, not a checkpoint directory: point it at the directory "
-                              "holding config.json and the weights")
+            raise ConfigError(not_a_directory(path))
         if not looks_like_hub_id(path):
             raise ConfigError(f"model.path={path} does not exist: point it at a checkpoint directory or a hub id")
         offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
