@@ -180,8 +180,9 @@ CASES = [
      r"train.jsonl:1: chat data needs a tokenizer with a chat template"),
     ("missing model path", [TINY, "--model.path={d}/no_model", "--model.build=none"],
      r"model.path=.*no_model does not exist"),
-    ("model dir without config", [TINY, "--model.path={d}", "--model.build=none"], r"model.path=.* could not be "
-                                                                                   r"loaded"),
+    ("model dir without config", [TINY, "--model.path={d}", "--model.build=none"],
+     r"model.path=.*: the directory holds no config.json, which says what model the weights are: copy the "
+     r"config.json that came with the weights into it"),
     ("damaged safetensors", [TINY, "--model.path={d}/damaged", "--model.build=none"], r"a safetensors file is "
                                                                                       r"damaged"),
     ("pickle weights only", [TINY, "--model.path={d}/pickle", "--model.build=none"],

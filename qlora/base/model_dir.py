@@ -258,9 +258,11 @@ def check_vocab(vocab_size: int, tokenizer: object, what: str) -> None:
 def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False) -> None:
     """config.json's values, then the weights against it (`what` names the directory for the user)."""
     path = Path(path)
-    if (path / "config.json").is_file():
-        config = check_config_file(path / "config.json", what)
-        if config is not None:  # the weights of a model config.json describes, not of a synthetic one
-            check_causal_lm(config, what)
-            check_not_quantized(config, what)
-        check_weights(path, what, trust_remote_code)
+    if not (path / "config.json").is_file():  # transformers: "Should have a `model_type` key in its config.json"
+        raise ConfigError(f"{what}: the directory holds no config.json, which says what model the weights are: copy "
+                          "the config.json that came with the weights into it")
+    config = check_config_file(path / "config.json", what)
+    if config is not None:  # the weights of a model config.json describes, not of a synthetic one
+        check_causal_lm(config, what)
+        check_not_quantized(config, what)
+    check_weights(path, what, trust_remote_code)
