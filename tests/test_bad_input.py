@@ -326,6 +326,14 @@ CASES = [
                                        "--model.allow_pickle=true"],
      r"pickle_code: its pytorch_model.bin holds more than tensors \(the Python global exec\), which unpickling would "
      r"run, so it was not loaded"),
+    ("tokenizer.json of no tokenizer", [TINY, "--model.path={d}/tokenizer_json", "--model.build=none"],
+     r"tokenizer_json: its tokenizer.json is no tokenizer the tokenizers library reads \(.*\): restore the "
+     r"tokenizer.json that came with the weights"),
+    ("tokenizer.json not JSON", [TINY, "--model.path={d}/tokenizer_cut", "--model.build=none"],
+     r"tokenizer_cut: its tokenizer.json is no tokenizer the tokenizers library reads \(.* at line \d+ column"),
+    ("no tokenizer files", [TINY, "--model.path={d}/no_tokenizer", "--model.build=none"],
+     r"no_tokenizer: the directory holds no tokenizer \(tokenizer.json, \*.model, vocab.json, vocab.txt or "
+     r"\*.tiktoken\): copy the tokenizer files that came with the weights into it"),
     ("tokenizer past the embedding", [TINY, "--model.path={d}/vocab", "--model.build=none"],
      r"the tokenizer has token '<\|extra\|>' at id 259, but the embedding \(config.json vocab_size=259\) ends at 258: "
      r"use the tokenizer that came with the weights"),
@@ -357,18 +365,22 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "folder.jsonl").mkdir()
     tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))  # built into the cache on first use
     for name in ("no_template", "damaged", "pickle", "pickle_code", "remote", "vocab", "index_list", "index_ghost",
-                 "no_eos", *TEMPLATES, *CONFIGS):
+                 "no_eos", "tokenizer_json", "tokenizer_cut", "no_tokenizer", *TEMPLATES, *CONFIGS):
         shutil.copytree(tiny, d / name)
     for name, template in TEMPLATES.items():
         (d / name / "chat_template.jinja").write_text(template)
     for name, changes in CONFIGS.items():
         config = json.loads((d / name / "config.json").read_text())
         (d / name / "config.json").write_text(json.dumps({**config, **changes}))
-    spec = json.loads((d / "vocab" / "tokenizer.json").read_text())  # one added token past the 259-row embedding
+    spec_text = (d / "vocab" / "tokenizer.json").read_text()
+    spec = json.loads(spec_text)  # one added token past the 259-row embedding
     spec["added_tokens"].append({"id": 259, "content": "<|extra|>", "single_word": False, "lstrip": False,
                                  "rstrip": False, "normalized": False, "special": True})
     (d / "vocab" / "tokenizer.json").write_text(json.dumps(spec))
     (d / "no_template" / "chat_template.jinja").unlink()
+    (d / "tokenizer_json" / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')  # a KeyError before
+    (d / "tokenizer_cut" / "tokenizer.json").write_text(spec_text[:100])
+    (d / "no_tokenizer" / "tokenizer.json").unlink()
     weights = d / "damaged" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     (d / "pickle" / "model.safetensors").unlink()

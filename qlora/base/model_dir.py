@@ -1,6 +1,6 @@
 """A model directory checked before anything loads it: config.json's counts possible, the weights the model that
-config.json describes (every tensor there, of its shape, nothing else), each safetensors file readable, the tokenizer
-within the embedding.
+config.json describes (every tensor there, of its shape, nothing else), each safetensors file readable, a tokenizer
+beside them that reads, within the embedding.
 
 transformers meets each of these late and in its own words: a zero head count is a ZeroDivisionError inside
 LlamaConfig, a config that disagrees with its weights a RuntimeError after a report of every layer, a token id past
@@ -31,6 +31,9 @@ EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_expe
 # Logits transformed after lm_head, with the value that leaves them as they are: Cohere multiplies them by
 # logit_scale, Gemma 2 caps them by final_logit_softcapping (tanh), Granite divides them by logits_scaling.
 LOGIT_TRANSFORMS = {"logit_scale": 1.0, "final_logit_softcapping": None, "logits_scaling": 1.0}
+# The files transformers builds a tokenizer from: the tokenizers library's, SentencePiece's (tokenizer.model,
+# sentencepiece.bpe.model, ...), byte-level BPE's, WordPiece's, tiktoken's.
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
 def damaged(what: str, err: Exception) -> str:
@@ -255,8 +258,33 @@ def check_vocab(vocab_size: int, tokenizer: object, what: str) -> None:
                           "weights")
 
 
+def check_tokenizer_files(path: Path, what: str) -> None:
+    """A tokenizer beside the weights, its tokenizer.json one the tokenizers library reads. transformers meets a
+    missing one after the weights have loaded, as "Couldn't instantiate the backend tokenizer from one of: ", and a
+    tokenizer.json that is JSON but no tokenizer as a KeyError ('added_tokens'). A tokenizer the checkpoint's own code
+    builds (an auto_map in tokenizer_config.json) or another library reads (tiktoken) is left to the loader."""
+    from tokenizers import Tokenizer
+
+    if (path / "tokenizer.json").is_file():
+        try:
+            Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as err:  # noqa: BLE001  the tokenizers library raises Exception itself, with serde's text
+            raise ConfigError(f"{what}: its tokenizer.json is no tokenizer the tokenizers library reads ("
+                              f"{str(err).splitlines()[0]}): restore the tokenizer.json that came with the weights"
+                              ) from err
+        return
+    config = path / "tokenizer_config.json"
+    # The text, not the JSON: a tokenizer_config.json that does not parse is the loader's to name.
+    if any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES) or (
+            config.is_file() and "auto_map" in config.read_text(errors="replace")):
+        return
+    raise ConfigError(f"{what}: the directory holds no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or "
+                      f"{TOKENIZER_FILES[-1]}): copy the tokenizer files that came with the weights into it")
+
+
 def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False) -> None:
-    """config.json's values, then the weights against it (`what` names the directory for the user)."""
+    """config.json's values, then the weights against it, then the tokenizer's files (`what` names the directory for
+    the user)."""
     path = Path(path)
     if not (path / "config.json").is_file():  # transformers: "Should have a `model_type` key in its config.json"
         raise ConfigError(f"{what}: the directory holds no config.json, which says what model the weights are: copy "
@@ -266,3 +294,4 @@ def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False
         check_causal_lm(config, what)
         check_not_quantized(config, what)
     check_weights(path, what, trust_remote_code)
+    check_tokenizer_files(path, what)
