@@ -49,6 +49,7 @@ def quiet_libraries() -> None:
       bars that pass `disable` themselves (ours: `progress`, the training bar) still decide for themselves.
     - bitsandbytes' "Paged optimizers are not supported on CPU" (a two-line UserWarning at the first optimizer step,
       in the middle of the progress bar): the trainer's summary says instead that nothing pages on CPU.
+    - torch's "Detected pickle protocol 4 in the checkpoint", before the line that refuses that pickle.
     """
     if not draws_bars(sys.stderr):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -59,6 +60,9 @@ def quiet_libraries() -> None:
 
             logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    # torch's weights-only reader on a pytorch_model.bin that pickle.dump wrote (model.allow_pickle=true): a two-line
+    # UserWarning before the line that refuses the file (qlora/base/load.py, load_error).
+    warnings.filterwarnings("ignore", message="Detected pickle protocol")
     # A step skipped for a non-finite loss steps the schedule on purpose (the data and the schedule move on); if it is
     # the first, torch warns that the scheduler stepped before its optimizer.
     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step")

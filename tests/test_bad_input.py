@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
 import re
 import shutil
 import subprocess
@@ -326,6 +327,13 @@ CASES = [
                                        "--model.allow_pickle=true"],
      r"pickle_code: its pytorch_model.bin holds more than tensors \(the Python global exec\), which unpickling would "
      r"run, so it was not loaded"),
+    # pickle.dump's own file, not torch.save's: torch's weights-only reader stops at its first frame, and its text then
+    # begins with the advice to load with weights_only=False, the one thing not to do.
+    ("plain pickle, opted in", [TINY, "--model.path={d}/pickle_plain", "--model.build=none",
+                                "--model.allow_pickle=true"],
+     r"pickle_plain: its pytorch_model.bin holds more than tensors \(pickle operand 149, which torch's weights-only "
+     r"reader does not take\), which unpickling would run, so it was not loaded: convert a copy you trust to "
+     r"safetensors$"),
     ("tokenizer.json of no tokenizer", [TINY, "--model.path={d}/tokenizer_json", "--model.build=none"],
      r"tokenizer_json: its tokenizer.json is no tokenizer the tokenizers library reads \(.*\): restore the "
      r"tokenizer.json that came with the weights"),
@@ -365,7 +373,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "folder.jsonl").mkdir()
     tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))  # built into the cache on first use
     for name in ("no_template", "damaged", "pickle", "pickle_code", "remote", "vocab", "index_list", "index_ghost",
-                 "no_eos", "tokenizer_json", "tokenizer_cut", "no_tokenizer", *TEMPLATES, *CONFIGS):
+                 "no_eos", "pickle_plain", "tokenizer_json", "tokenizer_cut", "no_tokenizer", *TEMPLATES, *CONFIGS):
         shutil.copytree(tiny, d / name)
     for name, template in TEMPLATES.items():
         (d / name / "chat_template.jinja").write_text(template)
@@ -387,6 +395,9 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(load_file(tiny / "model.safetensors"), d / "pickle" / "pytorch_model.bin")
     (d / "pickle_code" / "model.safetensors").unlink()
     torch.save({"model.norm.weight": RunsCode()}, d / "pickle_code" / "pytorch_model.bin")
+    (d / "pickle_plain" / "model.safetensors").unlink()
+    with open(d / "pickle_plain" / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.norm.weight": RunsCode()}, f, protocol=4)
     names = list(load_file(tiny / "model.safetensors"))
     (d / "index_list" / INDEX).write_text(json.dumps({"weight_map": names}))
     weight_map = {**dict.fromkeys(names, "model.safetensors"), "model.layers.0.ghost.weight": "model.safetensors"}

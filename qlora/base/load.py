@@ -68,9 +68,13 @@ def load_error(path: str, err: Exception) -> str:
     if isinstance(err, SafetensorError):
         return damaged(f"model.path={path}", err)
     if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) met a global that is no tensor
-        # torch's own text advises allowlisting the global, the one thing not to do with weights: name it alone.
-        name = re.search(r"GLOBAL ([\w.]+)", str(err))
-        why = f"the Python global {name.group(1)}" if name else str(err).splitlines()[0]
+        # torch's own text advises allowlisting the global, or its first line loading with weights_only=False, the one
+        # thing not to do with weights: name what it refused alone. A file pickle.dump wrote (protocol 4 and up, not
+        # torch.save's 2) stops at its first frame, operand 149, before any global.
+        found = re.search(r"GLOBAL ([\w.]+)|Unsupported operand (\d+)", str(err))
+        why = (f"the Python global {found.group(1)}" if found and found.group(1) else
+               f"pickle operand {found.group(2)}, which torch's weights-only reader does not take" if found else
+               "what torch's weights-only reader does not take")
         return (f"model.path={path}: its pytorch_model.bin holds more than tensors ({why}), which unpickling would "
                 "run, so it was not loaded: convert a copy you trust to safetensors")
     return (f"model.path={path} could not be loaded ({str(err).splitlines()[0]}): "
