@@ -356,6 +356,9 @@ CASES = [
     ("template does not parse", [TINY, "--model.path={d}/template_syntax", "--model.build=none"],
      r"train.jsonl:1: the chat template of .*template_syntax does not parse \(its line 1: unexpected '}'\): fix its "
      r"chat_template.jinja"),
+    ("GPT-2's Conv1D layers", [TINY, "--model.path={d}/gpt2", "--model.build=none"],
+     r"gpt2: its transformer.h.0.attn.c_attn is a transformers Conv1D \(GPT-2's layout, the weight transposed\), not a "
+     r"linear layer: qlora quantises, adapts and merges nn.Linear layers; it trains dense decoders such as Llama"),
     ("rows past the base's learned positions", [TINY, "--model.path={d}/opt_32", "--model.build=none"],
      r"rows of up to \d+ tokens run past the 32 positions of the base's learned position embeddings .*: set "
      r"--data.max_seq_len=32 or less$"),
@@ -413,6 +416,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tokenizer_config.pop(key)
     (d / "no_eos" / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     opt_with_32_positions(d / "opt_32")
+    gpt2(d / "gpt2")
     config = json.loads((d / "remote" / "config.json").read_text())
     # An architecture transformers does not know, whose code ships with the checkpoint (a known model_type with an
     # auto_map loads the built-in class instead, which is safe and not this case).
@@ -465,6 +469,20 @@ def opt_with_32_positions(out: Path) -> None:
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     OPTForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def gpt2(out: Path) -> None:
+    """A tiny GPT-2, a causal LM with its head whose layers are Conv1D: under quant.method=qlora it trained, under
+    lora a ValueError (no linear layer to size the rank by)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qlora.base.build import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

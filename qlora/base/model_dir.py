@@ -19,8 +19,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 # Counts a decoder config holds, each a positive integer where present (head_dim and num_key_value_heads may be null).
 COUNTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -201,6 +205,7 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001  no causal LM class for it: the loader says so in its own line
         return
+    check_linear_layers(model, what)
     # named_parameters lists a tied weight (lm_head sharing the embedding) once, as the checkpoint stores it.
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     for module_name, module in model.named_modules():
@@ -231,6 +236,19 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     if extra:
         raise ConfigError(f"{what}: {stored[extra[0]][1]} holds {extra[0]}, which the model config.json describes has "
                           f"no place for (transformers would drop it, {len(extra)} tensor(s) in all): {RESTORE}")
+
+
+def check_linear_layers(model: torch.nn.Module, what: str) -> None:
+    """No transformers Conv1D (GPT-2's layers, their weights stored transposed): bitsandbytes quantises it under qlora
+    and the run trains, but a 16-bit method finds no linear layer to adapt (a ValueError in the rank check), and merge
+    and export read every weight back as nn.Linear's."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = next((name for name, module in model.named_modules() if isinstance(module, Conv1D)), None)
+    if conv:
+        raise ConfigError(f"{what}: its {conv} is a transformers Conv1D (GPT-2's layout, the weight transposed), not "
+                          "a linear layer: qlora quantises, adapts and merges nn.Linear layers; it trains dense "
+                          "decoders such as Llama, Mistral, Qwen2/3, Gemma and Phi-3")
 
 
 def check_index(path: Path, stored: dict[str, tuple[tuple[int, ...], str]], what: str) -> None:
