@@ -262,6 +262,9 @@ CASES = [
     ("config disagrees with weights", [TINY, "--model.path={d}/mismatch", "--model.build=none"],
      r"model.path=.*mismatch: config.json makes model.embed_tokens.weight \[259, 64\], but model.safetensors holds "
      r"it as \[259, 128\]: the config and the weights are of different models; restore the config.json"),
+    ("weight stored as integers", [TINY, "--model.path={d}/weight_i32", "--model.build=none"],
+     r"weight_i32: model.safetensors holds the weight model.layers.0.self_attn.q_proj.weight as I32, not floating "
+     r"point: the file is damaged or holds no model's weights; download or build the checkpoint again"),
     ("config lists a layer the weights lack", [TINY, "--model.path={d}/extra_layer", "--model.build=none"],
      r"config.json describes model.layers.2.self_attn.q_proj.weight, which no safetensors file holds \(transformers "
      r"would fill it with random numbers, 9 tensor\(s\) in all\)"),
@@ -376,7 +379,8 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "folder.jsonl").mkdir()
     tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))  # built into the cache on first use
     for name in ("no_template", "damaged", "pickle", "pickle_code", "remote", "vocab", "index_list", "index_ghost",
-                 "no_eos", "pickle_plain", "tokenizer_json", "tokenizer_cut", "no_tokenizer", *TEMPLATES, *CONFIGS):
+                 "no_eos", "pickle_plain", "weight_i32", "tokenizer_json", "tokenizer_cut", "no_tokenizer", *TEMPLATES,
+                 *CONFIGS):
         shutil.copytree(tiny, d / name)
     for name, template in TEMPLATES.items():
         (d / name / "chat_template.jinja").write_text(template)
@@ -398,6 +402,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(load_file(tiny / "model.safetensors"), d / "pickle" / "pytorch_model.bin")
     (d / "pickle_code" / "model.safetensors").unlink()
     torch.save({"model.norm.weight": RunsCode()}, d / "pickle_code" / "pytorch_model.bin")
+    relabel(d / "weight_i32" / "model.safetensors", "model.layers.0.self_attn.q_proj.weight", "I32")
     (d / "pickle_plain" / "model.safetensors").unlink()
     with open(d / "pickle_plain" / "pytorch_model.bin", "wb") as f:
         pickle.dump({"model.norm.weight": RunsCode()}, f, protocol=4)
@@ -433,6 +438,18 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "tokenizer_code" / "tokenizer_config.json").write_text(json.dumps(config))
     (d / "tokenizer_code" / "tokenization_x.py").write_text("raise SystemExit('the remote code ran')\n")
     return d
+
+
+def relabel(weights: Path, name: str, dtype: str) -> None:
+    """Make the safetensors header of `weights` say `dtype` for `name`, of the same width: its bytes read as another
+    type (all 2 steps of the tiny recipe were then non-finite, blamed on the rows and the learning rate)."""
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header[name]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
 
 
 def save_shards(tiny: Path, out: Path) -> None:

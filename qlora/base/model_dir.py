@@ -35,6 +35,8 @@ EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_expe
 # Logits transformed after lm_head, with the value that leaves them as they are: Cohere multiplies them by
 # logit_scale, Gemma 2 caps them by final_logit_softcapping (tanh), Granite divides them by logits_scaling.
 LOGIT_TRANSFORMS = {"logit_scale": 1.0, "final_logit_softcapping": None, "logits_scaling": 1.0}
+# The floating-point dtypes of safetensors' headers a weight is stored in.
+FLOATS = ("F16", "BF16", "F32", "F64")
 # The files transformers builds a tokenizer from: the tokenizers library's, SentencePiece's (tokenizer.model,
 # sentencepiece.bpe.model, ...), byte-level BPE's, WordPiece's, tiktoken's.
 TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
@@ -167,15 +169,16 @@ def check_not_quantized(config: dict, what: str) -> None:
                       "weights back to merge and export: point model.path at the unquantised model")
 
 
-def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Tensor name -> (shape, file name), from the safetensors headers alone."""
+def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """Tensor name -> (shape, file name, dtype as safetensors names it: F32, BF16, I64), from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     shapes = {}
     for shard in shards:
         try:
             with safe_open(str(shard), "pt") as f:
-                shapes.update({name: (tuple(f.get_slice(name).get_shape()), shard.name) for name in f.keys()})
+                shapes.update({name: (tuple(f.get_slice(name).get_shape()), shard.name, f.get_slice(name).get_dtype())
+                               for name in f.keys()})
         except (SafetensorError, OSError) as err:
             raise ConfigError(damaged(what, f"{shard.name}: {err}")) from err
     return shapes
@@ -218,11 +221,17 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     # transformers adds on load.
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
     stored = {prefix + n if prefix + n in expected and n not in expected else n: v for n, v in stored.items()}
+    parameters = dict(model.named_parameters())
     for name, shape in expected.items():
-        if name in stored and stored[name][0] != shape:
-            got, file = stored[name]
+        got, file, dtype = stored.get(name, (shape, "", "F32"))
+        if got != shape:
             raise ConfigError(f"{what}: config.json makes {name} {list(shape)}, but {file} holds it as {list(got)}: "
                               f"the config and the weights are of different models; {RESTORE}")
+        # A header that says I32 for a weight's bytes loads them as integers, cast: ~1e9 each, every step then
+        # non-finite and blamed on the rows and the learning rate.
+        if name in parameters and dtype not in FLOATS:
+            raise ConfigError(f"{what}: {file} holds the weight {name} as {dtype}, not floating point: the file is "
+                              "damaged or holds no model's weights; download or build the checkpoint again")
     if 2 * len(expected.keys() & stored.keys()) < len(expected):
         return  # names in a scheme of transformers' own conversions (legacy checkpoints): the loader maps them
     ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or [])]
