@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from qlora.base.attention import implementation
 from qlora.base.bnb import bnb
 from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id, not_a_directory
-from qlora.base.model_dir import check_model_dir, check_vocab, damaged
+from qlora.base.model_dir import check_model_dir, check_vocab
 from qlora.base.quantize import (
     LOADER_BLOCKSIZE,
     dense_linear,
@@ -25,6 +25,7 @@ from qlora.base.quantize import (
     rebuild_from_checkpoint,
     weight_bytes,
 )
+from qlora.base.stored_weights import damaged
 from qlora.config import Config, QuantConfig
 from qlora.console import announce, since
 from qlora.errors import ConfigError

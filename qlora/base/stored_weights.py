@@ -1,0 +1,134 @@
+"""The weights of a model directory against its config.json, from the safetensors headers alone: every tensor of the
+model config.json describes there, of its shape, a weight in floating point, nothing else; each file readable; the
+index naming only tensors a shard holds; the layers linear ones (no GPT-2 Conv1D).
+
+transformers initialises a layer the weights lack at random with a warning, drops one the config does not know, and
+meets a shape that disagrees in a RuntimeError after a report of every layer: the run would train another model than
+the user's. The model whose shapes the headers are compared with is built on the meta device (no memory for weights).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+RESTORE = "restore the config.json that came with the weights"
+# The floating-point dtypes of safetensors' headers a weight is stored in.
+FLOATS = ("F16", "BF16", "F32", "F64")
+
+
+def damaged(what: str, err: Exception) -> str:
+    """The line for a safetensors file that cannot be read."""
+    return f"{what}: a safetensors file is damaged ({err}): download or build the checkpoint again"
+
+
+def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """Tensor name -> (shape, file name, dtype as safetensors names it: F32, BF16, I64), from the headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt") as f:
+                shapes.update({name: (tuple(f.get_slice(name).get_shape()), shard.name, f.get_slice(name).get_dtype())
+                               for name in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(damaged(what, f"{shard.name}: {err}")) from err
+    return shapes
+
+
+def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> None:
+    """Every tensor of the model config.json describes is in the safetensors files, of its shape, and they hold no
+    other. A checkpoint transformers cannot describe (an unknown architecture, remote code, pickle weights only) is
+    left to the loader; pre-quantised weights were refused before (check_not_quantized)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora.base.build import INDEX, checkpoint_shards
+
+    path = Path(path)
+    if not ((path / "model.safetensors").is_file() or (path / INDEX).is_file()):
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # not JSON, an unknown architecture, remote code: the loader's line says which
+        return
+    except Exception as err:  # transformers' own checks of the values (a strict dataclass validator)
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise ConfigError(f"{what}: transformers refuses its config.json ({reason}): {RESTORE}") from err
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001  no causal LM class for it: the loader says so in its own line
+        return
+    check_linear_layers(model, what)
+    # named_parameters lists a tied weight (lm_head sharing the embedding) once, as the checkpoint stores it.
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                expected[f"{module_name}.{name}" if module_name else name] = tuple(buffer.shape)
+    stored = stored_shapes(checkpoint_shards(path), what)  # an unreadable index is refused by checkpoint_shards
+    check_index(path, stored, what)
+    # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
+    # transformers adds on load.
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    stored = {prefix + n if prefix + n in expected and n not in expected else n: v for n, v in stored.items()}
+    parameters = dict(model.named_parameters())
+    for name, shape in expected.items():
+        got, file, dtype = stored.get(name, (shape, "", "F32"))
+        if got != shape:
+            raise ConfigError(f"{what}: config.json makes {name} {list(shape)}, but {file} holds it as {list(got)}: "
+                              f"the config and the weights are of different models; {RESTORE}")
+        # A header that says I32 for a weight's bytes loads them as integers, cast: ~1e9 each, every step then
+        # non-finite and blamed on the rows and the learning rate.
+        if name in parameters and dtype not in FLOATS:
+            raise ConfigError(f"{what}: {file} holds the weight {name} as {dtype}, not floating point: the file is "
+                              "damaged or holds no model's weights; download or build the checkpoint again")
+    if 2 * len(expected.keys() & stored.keys()) < len(expected):
+        return  # names in a scheme of transformers' own conversions (legacy checkpoints): the loader maps them
+    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or [])]
+    missing = [n for n in expected if n not in stored and not any(p.search(n) for p in ignored)]
+    if missing:
+        raise ConfigError(f"{what}: config.json describes {missing[0]}, which no safetensors file holds (transformers "
+                          f"would fill it with random numbers, {len(missing)} tensor(s) in all): {RESTORE}")
+    ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_unexpected or [])]
+    extra = [n for n in stored if n not in expected and not any(p.search(n) for p in ignored)
+             and n not in (model._tied_weights_keys or {})]
+    if extra:
+        raise ConfigError(f"{what}: {stored[extra[0]][1]} holds {extra[0]}, which the model config.json describes has "
+                          f"no place for (transformers would drop it, {len(extra)} tensor(s) in all): {RESTORE}")
+
+
+def check_linear_layers(model: torch.nn.Module, what: str) -> None:
+    """No transformers Conv1D (GPT-2's layers, their weights stored transposed): bitsandbytes quantises it under qlora
+    and the run trains, but a 16-bit method finds no linear layer to adapt (a ValueError in the rank check), and merge
+    and export read every weight back as nn.Linear's."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = next((name for name, module in model.named_modules() if isinstance(module, Conv1D)), None)
+    if conv:
+        raise ConfigError(f"{what}: its {conv} is a transformers Conv1D (GPT-2's layout, the weight transposed), not "
+                          "a linear layer: qlora quantises, adapts and merges nn.Linear layers; it trains dense "
+                          "decoders such as Llama, Mistral, Qwen2/3, Gemma and Phi-3")
+
+
+def check_index(path: Path, stored: dict[str, tuple[tuple[int, ...], str, str]], what: str) -> None:
+    """Every tensor the index names is in a safetensors file. transformers reads each shard whole and never looks the
+    index's names up, so one no shard holds loads without a word: a shard from another download or revision."""
+    from qlora.base.build import INDEX, index_weight_map
+
+    if not (path / INDEX).is_file():
+        return
+    weight_map = index_weight_map(path)
+    ghost = [name for name in weight_map if name not in stored]
+    if ghost:
+        raise ConfigError(f"{what}: {INDEX} maps {ghost[0]} to {weight_map[ghost[0]]}, but no safetensors file holds "
+                          f"it ({len(ghost)} tensor(s) in all): the index and the shards are of different downloads; "
+                          "download the checkpoint again")
