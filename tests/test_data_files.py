@@ -93,12 +93,14 @@ def test_a_damaged_parquet_or_csv_file_is_one_line_naming_it(tmp_path: Path) -> 
     ("instruction,output\nreverse: a b,b a\n\nreverse: c d\n",
      r":4: 1 field\(s\) where the header has 2 \(instruction, output\): add the missing cells \(an empty one is "
      r"written as nothing between two commas\)"),
+    # named by the line it begins on, where an editor shows the row, not the line its quoted line break ends on
+    ('instruction,output\n"reverse:\nred blue",blue, red\n', r":2: 3 field\(s\) where the header has 2 .*"),
     ("instruction,output,output\nreverse: a b,b a,x\n", r":1: column 'output' appears twice in the header, and only "
                                                          r"the first would be read: rename or drop one"),
     # Excel's export in cp1252, once "could not be read (ArrowInvalid: Invalid UTF8 sequence at string index 1)"
     ("instruction,output\nreverse: a b,b a\nreverse: caf\xe9 d,d caf\xe9\n",
      r":3: not UTF-8 \(invalid continuation byte at byte 12\): re-encode the file as UTF-8"),
-], ids=["unquoted comma", "missing cell", "column twice", "not UTF-8"])
+], ids=["unquoted comma", "missing cell", "comma in a row of two lines", "column twice", "not UTF-8"])
 def test_a_csv_row_pandas_would_misread_is_named_by_its_line(tmp_path: Path, content: str, message: str) -> None:
     """pandas read these without a word: one row with an unquoted comma made the first column an index and shifted
     every row's cells one column left (each output trained as its instruction), a short row's missing output became
