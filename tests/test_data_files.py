@@ -29,6 +29,7 @@ def instruction_rows() -> list[dict]:
 def test_a_json_array_and_parquet_give_the_chat_rows_of_the_jsonl_file(tmp_path: Path) -> None:
     rows = read_rows(str(CHAT))
     rows[0]["messages"][0]["name"] = "ada"  # Arrow gives every other message `name: None`: absent, not "None"
+    rows[0]["messages"][1]["weight"] = 0  # a value, not absent as None is: a turn not trained (axolotl's weight)
     array = tmp_path / "train.json"
     array.write_text(json.dumps(rows))
     parquet = tmp_path / "train.parquet"
