@@ -168,6 +168,8 @@ def test_csv_cells_are_the_text_written_and_each_row_is_named_by_the_line_it_sta
     path.write_text(',text,output\n0,' + "x" * 200_000 + ',1\n1,NA,00501\n')
     rows = read_rows(str(path))
     assert [(r["Unnamed: 0"], len(r["text"]), r["output"]) for r in rows] == [("0", 200_000, "1"), ("1", 2, "00501")]
+    path.write_text(",,text,output\n0,a,hi,1\n")  # a two-level index's two empty names: no column named twice
+    assert read_rows(str(path)) == [{"Unnamed: 0": "0", "Unnamed: 1": "a", "text": "hi", "output": "1"}]
 
 
 def test_only_assistant_turns_are_learned_when_one_opens_the_conversation() -> None:
