@@ -239,9 +239,11 @@ def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> Non
                                           r"drop that turn$") as err:
         tokenize_rows([{"messages": turns}], "messages", byte_tokenizer(), "rows", 64)
     assert len(str(err.value)) < 250
-    # Each of these was told that tool calls and tool results are not trained here.
-    for role, said in (("human", r"'human' \(ShareGPT's human and gpt are user and assistant\)"),
-                       ("User", r"'User' \(roles are lower case\)"), (None, "null")):
+    # The note each role fits: human, User and null were told that tool calls and tool results are not trained here.
+    sharegpt, lower = "ShareGPT's human and gpt are user and assistant", "roles are lower case"
+    tool = "tool calls and tool results are not trained here"
+    notes = {"human": sharegpt, "gpt": sharegpt, "User": lower, "ASSISTANT": lower, "function": tool, "ipython": tool}
+    for role, said in [*((role, rf"'{role}' \({note}\)") for role, note in notes.items()), (None, "null")]:
         with pytest.raises(ConfigError, match=rf"; message 2 has role {said}: fix or drop that turn$"):
             tokenize_rows([{"messages": [turns[0], {"role": role, "content": "a"}]}], "messages", byte_tokenizer(),
                           "rows", 64)
@@ -249,6 +251,9 @@ def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> Non
     with pytest.raises(ConfigError, match=r"message 1 \(user\) has content list of parts \(OpenAI's multimodal form\): "
                                           r"join their text into one string: fix or drop that turn$"):
         tokenize_rows([{"messages": [parts, turns[0]]}], "messages", byte_tokenizer(), "rows", 64)
+    with pytest.raises(ConfigError, match=r"message 1 \(user\) has content dict: fix or drop that turn$"):  # no parts
+        tokenize_rows([{"messages": [{**parts, "content": {"text": "a"}}, turns[0]]}], "messages", byte_tokenizer(),
+                      "rows", 64)
     call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}
     with pytest.raises(ConfigError, match=r"message 2 \(assistant\) has content null beside tool_calls"):
         tokenize_rows([{"messages": [turns[0], call]}], "messages", byte_tokenizer(), "rows", 64)
