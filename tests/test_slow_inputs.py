@@ -122,6 +122,18 @@ def test_a_conversation_of_many_turns_is_rendered_only_as_far_as_max_seq_len(tok
     assert kept == {k: v[:64] for k, v in whole.items()}
 
 
+def test_a_conversation_is_rendered_to_the_first_turn_that_passes_the_limit(tokenizers):
+    """tokenize_rows keeps a row's first max_seq_len tokens from the text of its turns up to the first that passes
+    `limit` characters: stopping at the limit, or a turn before it, passed the test above, whose limit (65 tokens of the
+    tiny tokenizer's longest entry, 13 characters) lies far past its 64 tokens of one byte each."""
+    tokenizer = tokenizers["tiny"]
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"word {i}"} for i in range(6)]
+    ends = [len(tokenizer.apply_chat_template(turns[:n], tokenize=False)) for n in range(1, len(turns) + 1)]
+    for limit in range(ends[-1] + 1):
+        row = tokenize_row({"messages": turns}, "messages", tokenizer, "row", limit)
+        assert len(tokenizer.decode(row["input_ids"])) == next((end for end in ends if end > limit), ends[-1]), limit
+
+
 def test_a_50_mb_line_costs_memory_for_its_kept_tokens_only(cli, tmp_path):
     """Tokenising the data (a 50 MB line among ordinary rows) raises the process's peak memory by little; it used to
     by 2 GB. The child records its peak before and after tokenising, then stops."""
