@@ -57,6 +57,11 @@ def test_bad_values_are_refused_with_the_key_and_the_fix(override, message):
         apply_overrides(load_recipe(TINY), [override])
 
 
+def test_the_shortest_max_seq_len_that_learns_a_token_is_taken():
+    """Two tokens learn one (the second, from the first): max_seq_len=1 is refused, and a bound at 3 refused 2 too."""
+    assert apply_overrides(load_recipe(TINY), ["--data.max_seq_len=2"]).data.max_seq_len == 2
+
+
 def test_tiles_off_on_a_recipe_with_both_tile_switches_names_both_in_one_line():
     """--train.tile_size=0 on the 8B recipe: one line for the two switches that tile by it, not one per attempt."""
     with pytest.raises(ConfigError, match=r"^train.tile_projections and train.tile_norms tile by train.tile_size, "
