@@ -242,7 +242,8 @@ def test_a_turn_that_cannot_train_is_named_by_its_place_in_a_short_line() -> Non
     # The note each role fits: human, User and null were told that tool calls and tool results are not trained here.
     sharegpt, lower = "ShareGPT's human and gpt are user and assistant", "roles are lower case"
     tool = "tool calls and tool results are not trained here"
-    notes = {"human": sharegpt, "gpt": sharegpt, "User": lower, "ASSISTANT": lower, "function": tool, "ipython": tool}
+    notes = {"human": sharegpt, "gpt": sharegpt, "Human": sharegpt, "GPT": sharegpt, "User": lower, "ASSISTANT": lower,
+             "function": tool, "ipython": tool}
     for role, said in [*((role, rf"'{role}' \({note}\)") for role, note in notes.items()), (None, "null")]:
         with pytest.raises(ConfigError, match=rf"; message 2 has role {said}: fix or drop that turn$"):
             tokenize_rows([{"messages": [turns[0], {"role": role, "content": "a"}]}], "messages", byte_tokenizer(),

@@ -160,11 +160,11 @@ def message_problem(message: object) -> str | None:
     if "role" not in message:
         return f"has no role (its keys: {', '.join(map(str, message))[:80]}; ShareGPT's from/value become role/content)"
     if message["role"] not in ROLES:
-        # The note for each role it fits: 'human' or 'User' was told that tool calls are not trained here.
         role = message["role"]
-        note = ("ShareGPT's human and gpt are user and assistant" if role in ("human", "gpt") else
+        low = role.lower() if isinstance(role, str) else role  # the note each role fits, in any case: Human, GPT
+        note = ("ShareGPT's human and gpt are user and assistant" if low in ("human", "gpt") else
                 "roles are lower case" if isinstance(role, str) and role.lower() in ROLES else
-                "tool calls and tool results are not trained here" if role in ("tool", "function", "ipython") else
+                "tool calls and tool results are not trained here" if low in ("tool", "function", "ipython") else
                 None)
         return f"has role {kind(role)}" + (f" ({note})" if note else "")
     if not isinstance(message.get("content"), str):
