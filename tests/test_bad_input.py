@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from qlora.base import convert
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, weight_locations
-from qlora.base.model_dir import check_model_dir
+from qlora.base.model_dir import check_model_dir, unrun_code
 from qlora.config import load_recipe
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import list_checkpoints
@@ -854,3 +854,20 @@ def test_a_damaged_smollm2_gguf_is_refused_in_one_line(tmp_path, monkeypatch, ed
     with pytest.raises(ConfigError, match=f"{re.escape(str(path))} {pattern}"):
         ensure_checkpoint(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "written.gguf"]
+
+
+def test_model_code_a_checkpoint_ships_and_that_is_not_run_is_said(tmp_path: Path) -> None:
+    """A config.json of a model_type transformers knows, with an auto_map naming the checkpoint's own model class: the
+    built-in class loaded in silence, another model than the checkpoint's code describes. Said in one line; nothing
+    said without an auto_map for the model, and an unknown model_type is the load's refusal (load_error)."""
+    config = {"model_type": "llama", "auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                                  "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert unrun_code(tmp_path, "model.path=M") == (
+        "model.path=M ships model code of its own (config.json's auto_map: modeling_x.XForCausalLM), which is not "
+        "run: transformers' own llama is loaded; read that code and set --model.trust_remote_code=true to run it "
+        "instead")
+    for other in ({"model_type": "llama", "auto_map": {"AutoTokenizer": ["x", "x"]}}, {"model_type": "llama"},
+                  {**config, "model_type": "x-model"}, {"model_type": "llama", "auto_map": ["modeling_x"]}):
+        (tmp_path / "config.json").write_text(json.dumps(other))
+        assert unrun_code(tmp_path, "model.path=M") is None, other

@@ -57,3 +57,17 @@ def test_the_tokenizer_pads_with_its_own_pad_token_else_its_eos(tiny_config: Con
     (tmp_path / "no_pad" / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(tmp_path / "no_pad").pad_token is None
     assert load_tokenizer(str(tmp_path / "no_pad")).pad_token == "<|im_end|>"
+
+
+def test_a_checkpoints_own_model_code_not_run_is_said_as_it_loads(tiny_config: Config, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """The tiny checkpoint with an auto_map naming its own model class: transformers' Llama loads in its place, and
+    load_base says so (qlora.base.model_dir.unrun_code), once."""
+    copy = tmp_path / "own-code"
+    shutil.copytree(ensure_checkpoint(tiny_config), copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (copy / "config.json").write_text(json.dumps(config))
+    load_base(apply_overrides(tiny_config, [f"--model.path={copy}", "--model.build=none"]), CPU)
+    assert capsys.readouterr().out.count("ships model code of its own (config.json's auto_map: modeling_x.XForCausalLM)"
+                                         ", which is not run: transformers' own llama is loaded") == 1

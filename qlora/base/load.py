@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from qlora.base.attention import implementation
 from qlora.base.bnb import bnb
 from qlora.base.build import ensure_checkpoint, hub_unreachable, looks_like_hub_id, not_a_directory
-from qlora.base.model_dir import check_model_dir, check_vocab
+from qlora.base.model_dir import check_model_dir, check_vocab, unrun_code
 from qlora.base.quantize import (
     LOADER_BLOCKSIZE,
     dense_linear,
@@ -134,6 +134,8 @@ def load_base(cfg: Config, device: torch.device,
         offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     else:
         check_model_dir(path, f"model.path={path}", cfg.model.trust_remote_code)
+        if not cfg.model.trust_remote_code and (note := unrun_code(path, f"model.path={path}")):
+            print(note)
     kwargs = dict(dtype=dtype, device_map={"": device},
                   attn_implementation=implementation(cfg.model.attn_implementation),
                   trust_remote_code=cfg.model.trust_remote_code,

@@ -205,3 +205,20 @@ def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False
         check_not_quantized(config, what)
     check_weights(path, what, trust_remote_code)
     check_tokenizer_files(path, what)
+
+
+def unrun_code(path: str | Path, what: str) -> str | None:
+    """The line for a checkpoint whose config.json names model code of its own (auto_map) that is not run (no
+    model.trust_remote_code): with a model_type transformers knows, it loads its built-in class in silence, and the
+    run trains a model other than the one the checkpoint's code describes. None where there is nothing to say (an
+    unknown model_type is refused by the load: load.load_error)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    code = config.get("auto_map") if isinstance(config, dict) else None
+    if not isinstance(code, dict) or "AutoModelForCausalLM" not in code or \
+            config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        return None
+    return (f"{what} ships model code of its own (config.json's auto_map: {code['AutoModelForCausalLM']}), which is "
+            f"not run: transformers' own {config['model_type']} is loaded; read that code and set "
+            "--model.trust_remote_code=true to run it instead")
