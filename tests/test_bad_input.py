@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from forked_cli import ROOT
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qlora.base import convert
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, weight_locations
@@ -472,6 +472,17 @@ def test_a_sharded_base_is_read_through_its_index(scratch: Path) -> None:
     assert set(whole) == set(where)
     for name, file in where.items():
         torch.testing.assert_close(load_file(file)[name], whole[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["F16", "BF16", "F64"])
+def test_weights_stored_in_any_floating_point_type_pass(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The check that refuses an I32 weight takes every float a checkpoint is stored in: the tiny bases are F32, so
+    one refusing BF16 (most of the hub's) or F16 passed every other test."""
+    tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))
+    shutil.copytree(tiny, tmp_path / "m", ignore=shutil.ignore_patterns("model.safetensors"))
+    save_file({k: v.to(dtype) for k, v in load_file(tiny / "model.safetensors").items()},
+              tmp_path / "m" / "model.safetensors")
+    check_model_dir(tmp_path / "m", "model.path=m")
 
 
 def opt_with_32_positions(out: Path) -> None:
