@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.base import convert
 from qlora.base.build import INDEX, checkpoint_shards, ensure_checkpoint, weight_locations
-from qlora.base.model_dir import check_model_dir, unrun_code
+from qlora.base.model_dir import check_model_dir, check_tokenizer_files, unrun_code
 from qlora.config import load_recipe
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import list_checkpoints
@@ -483,6 +483,20 @@ def test_weights_stored_in_any_floating_point_type_pass(tmp_path: Path, dtype: t
     save_file({k: v.to(dtype) for k, v in load_file(tiny / "model.safetensors").items()},
               tmp_path / "m" / "model.safetensors")
     check_model_dir(tmp_path / "m", "model.path=m")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "cl100k.tiktoken",
+                                  "tokenizer_config.json"])
+def test_a_tokenizer_of_another_kind_than_tokenizer_json_passes(tmp_path: Path, name: str) -> None:
+    """A folder without tokenizer.json is refused only when it holds no other tokenizer file transformers builds one
+    from (SentencePiece's *.model, BPE's vocab.json, WordPiece's vocab.txt, tiktoken's) and no tokenizer code of its
+    own (an auto_map in tokenizer_config.json; one without is refused)."""
+    auto_map = {"auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
+    (tmp_path / name).write_text(json.dumps(auto_map) if name == "tokenizer_config.json" else "")
+    check_tokenizer_files(tmp_path, "model.path=m")
+    (tmp_path / name).write_text("{}") if name == "tokenizer_config.json" else (tmp_path / name).unlink()
+    with pytest.raises(ConfigError, match=r"model.path=m: the directory holds no tokenizer"):
+        check_tokenizer_files(tmp_path, "model.path=m")
 
 
 def opt_with_32_positions(out: Path) -> None:
