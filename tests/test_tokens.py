@@ -77,6 +77,20 @@ def test_held_bytes_of_short_rows_is_what_tracemalloc_sees() -> None:
     assert held_line(examples, []) == f"train 50,000 tokens held in {mib:,.1f} MiB, held out 0 tokens held in 0.0 MiB"
 
 
+def test_a_batch_is_an_int64_copy_of_its_rows() -> None:
+    """collate copies each row into the batch: a batch of one full row read straight from the row's buffer
+    (torch.frombuffer) would be int32, and an in-place op on it (a loss masking its labels) would change the row that
+    every later epoch trains on."""
+    want = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "position_ids": [0, 1, 2]}
+    row = {k: int32(v, "r") for k, v in want.items()}
+    for examples in ([row], [row, {k: int32(list(range(5)), "r") for k in row}]):
+        batch = collate(examples, 0)
+        for key in ("input_ids", "labels", "position_ids"):
+            assert batch[key].dtype == torch.int64, key
+            batch[key].fill_(9)
+        assert {k: list(v) for k, v in row.items()} == want
+
+
 def reference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """collate as it was on rows of plain lists: int64 tensors padded right, positions restarting in the padding."""
     plain = [{k: list(v) for k, v in ex.items()} for ex in examples]
