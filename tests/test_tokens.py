@@ -153,8 +153,25 @@ def test_the_rows_bytes_are_said_and_named_in_a_cpu_peak(tiny_config: Config, ca
     run = prepare(tiny_config, profiler=tracker)
     held = held_bytes(run["train_rows"]) + held_bytes(run["eval_rows"])
     assert tracker.rows_bytes == held > 0
-    assert tracker.mark("first_forward")["categories"]["tokenised_rows"] == held
+    tracker.watch(tracker.model)  # as train.py's watch(model, optimizer): no rows_bytes, and the rows stay named
+    record = tracker.mark("first_forward")
+    assert record["categories"]["tokenised_rows"] == held
+    # Named once: what the categories leave of the peak is the rest, the rows not counted in it again.
+    assert record["activations"] == max(0, record["allocated"] - sum(record["categories"].values()))
     print_summary(tiny_config, run)
     tokens = sum(len(r["input_ids"]) for r in run["train_rows"])
     assert f"tokenised rows in host memory: train {tokens:,} tokens held in " in capsys.readouterr().out
 
+
+def test_on_cuda_the_rows_are_no_category_of_the_cards_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows live in host memory: a CUDA peak (faked here, 2 MiB allocated) names no tokenised_rows and leaves
+    all of the peak to the rest, however many bytes of rows watch was given."""
+    mib = 2**20
+    for name, value in {"mem_get_info": (8 * mib, 16 * mib), "memory_reserved": 0, "memory_stats": {},
+                        "max_memory_reserved": 3 * mib, "max_memory_allocated": 2 * mib}.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *_, value=value: value)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *_: None)
+    tracker = PhaseTracker(torch.device("cuda"))
+    tracker.watch(rows_bytes=10 * mib)
+    record = tracker.mark("first_forward")
+    assert record["categories"] == {} and record["activations"] == 2 * mib
