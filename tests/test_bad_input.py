@@ -474,15 +474,29 @@ def test_a_sharded_base_is_read_through_its_index(scratch: Path) -> None:
         torch.testing.assert_close(load_file(file)[name], whole[name], rtol=0, atol=0)
 
 
+def stored_in(out: Path, dtype: torch.dtype) -> Path:
+    """A copy of the tiny Llama at `out`, its weights stored in `dtype`."""
+    tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))
+    shutil.copytree(tiny, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    save_file({k: v.to(dtype) for k, v in load_file(tiny / "model.safetensors").items()}, out / "model.safetensors")
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=["F16", "BF16", "F64"])
 def test_weights_stored_in_any_floating_point_type_pass(tmp_path: Path, dtype: torch.dtype) -> None:
     """The check that refuses an I32 weight takes every float a checkpoint is stored in: the tiny bases are F32, so
     one refusing BF16 (most of the hub's) or F16 passed every other test."""
-    tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))
-    shutil.copytree(tiny, tmp_path / "m", ignore=shutil.ignore_patterns("model.safetensors"))
-    save_file({k: v.to(dtype) for k, v in load_file(tiny / "model.safetensors").items()},
-              tmp_path / "m" / "model.safetensors")
-    check_model_dir(tmp_path / "m", "model.path=m")
+    check_model_dir(stored_in(tmp_path / "m", dtype), "model.path=m")
+
+
+@pytest.mark.parametrize(("dtype", "label"), [(torch.float32, "U32"), (torch.float16, "I16"), (torch.bfloat16, "U16")])
+def test_a_weight_relabelled_as_any_integer_of_its_width_is_refused(tmp_path: Path, dtype: torch.dtype,
+                                                                     label: str) -> None:
+    """Not I32 alone (the case above): every integer type of a float's width reads its bytes as numbers."""
+    weights = stored_in(tmp_path / "m", dtype) / "model.safetensors"
+    relabel(weights, "model.layers.0.self_attn.q_proj.weight", label)
+    with pytest.raises(ConfigError, match=rf"holds the weight model.layers.0.self_attn.q_proj.weight as {label}, not "):
+        check_model_dir(tmp_path / "m", "model.path=m")
 
 
 @pytest.mark.parametrize("name", ["tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "cl100k.tiktoken",
