@@ -342,6 +342,9 @@ CASES = [
      r"tokenizer.json that came with the weights"),
     ("tokenizer.json not JSON", [TINY, "--model.path={d}/tokenizer_cut", "--model.build=none"],
      r"tokenizer_cut: its tokenizer.json is no tokenizer the tokenizers library reads \(.* at line \d+ column"),
+    ("config.json not JSON", [TINY, "--model.path={d}/config_not_json", "--model.build=none"],
+     r"config_not_json could not be loaded \(It looks like the config file at .*config.json' is not a valid JSON "
+     r"file.\): check the path"),
     ("no tokenizer files", [TINY, "--model.path={d}/no_tokenizer", "--model.build=none"],
      r"no_tokenizer: the directory holds no tokenizer \(tokenizer.json, \*.model, vocab.json, vocab.txt or "
      r"\*.tiktoken\): copy the tokenizer files that came with the weights into it"),
@@ -379,14 +382,15 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "folder.jsonl").mkdir()
     tiny = Path(ensure_checkpoint(load_recipe(ROOT / TINY)))  # built into the cache on first use
     for name in ("no_template", "damaged", "pickle", "pickle_code", "remote", "vocab", "index_list", "index_ghost",
-                 "no_eos", "pickle_plain", "weight_i32", "tokenizer_json", "tokenizer_cut", "no_tokenizer", *TEMPLATES,
-                 *CONFIGS):
+                 "no_eos", "pickle_plain", "weight_i32", "tokenizer_json", "tokenizer_cut", "no_tokenizer",
+                 "config_not_json", *TEMPLATES, *CONFIGS):
         shutil.copytree(tiny, d / name)
     for name, template in TEMPLATES.items():
         (d / name / "chat_template.jinja").write_text(template)
     for name, changes in CONFIGS.items():
         config = json.loads((d / name / "config.json").read_text())
         (d / name / "config.json").write_text(json.dumps({**config, **changes}))
+    (d / "config_not_json" / "config.json").write_text("{'model_type': 'llama'}")  # Python's quotes, not JSON's
     spec_text = (d / "vocab" / "tokenizer.json").read_text()
     spec = json.loads(spec_text)  # one added token past the 259-row embedding
     spec["added_tokens"].append({"id": 259, "content": "<|extra|>", "single_word": False, "lstrip": False,
@@ -895,18 +899,17 @@ def test_a_damaged_smollm2_gguf_is_refused_in_one_line(tmp_path, monkeypatch, ed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "written.gguf"]
 
 
-def test_model_code_a_checkpoint_ships_and_that_is_not_run_is_said(tmp_path: Path) -> None:
+def test_model_code_a_checkpoint_ships_and_that_is_not_run_is_said() -> None:
     """A config.json of a model_type transformers knows, with an auto_map naming the checkpoint's own model class: the
     built-in class loaded in silence, another model than the checkpoint's code describes. Said in one line; nothing
-    said without an auto_map for the model, and an unknown model_type is the load's refusal (load_error)."""
+    said without an auto_map for the model, for an unknown model_type (the load's refusal: load_error), or for a
+    config.json that is no JSON (check_model_dir's None: the loader's line)."""
     config = {"model_type": "llama", "auto_map": {"AutoConfig": "configuration_x.XConfig",
                                                   "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert unrun_code(tmp_path, "model.path=M") == (
+    assert unrun_code(config, "model.path=M") == (
         "model.path=M ships model code of its own (config.json's auto_map: modeling_x.XForCausalLM), which is not "
         "run: transformers' own llama is loaded; read that code and set --model.trust_remote_code=true to run it "
         "instead")
     for other in ({"model_type": "llama", "auto_map": {"AutoTokenizer": ["x", "x"]}}, {"model_type": "llama"},
-                  {**config, "model_type": "x-model"}, {"model_type": "llama", "auto_map": ["modeling_x"]}):
-        (tmp_path / "config.json").write_text(json.dumps(other))
-        assert unrun_code(tmp_path, "model.path=M") is None, other
+                  {**config, "model_type": "x-model"}, {"model_type": "llama", "auto_map": ["modeling_x"]}, None):
+        assert unrun_code(other, "model.path=M") is None, other

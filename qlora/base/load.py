@@ -133,8 +133,8 @@ def load_base(cfg: Config, device: torch.device,
             raise ConfigError(f"model.path={path} does not exist: point it at a checkpoint directory or a hub id")
         offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     else:
-        check_model_dir(path, f"model.path={path}", cfg.model.trust_remote_code)
-        if not cfg.model.trust_remote_code and (note := unrun_code(path, f"model.path={path}")):
+        config = check_model_dir(path, f"model.path={path}", cfg.model.trust_remote_code)
+        if not cfg.model.trust_remote_code and (note := unrun_code(config, f"model.path={path}")):
             print(note)
     kwargs = dict(dtype=dtype, device_map={"": device},
                   attn_implementation=implementation(cfg.model.attn_implementation),

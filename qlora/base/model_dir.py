@@ -192,9 +192,9 @@ def check_tokenizer_files(path: Path, what: str) -> None:
                       f"{TOKENIZER_FILES[-1]}): copy the tokenizer files that came with the weights into it")
 
 
-def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False) -> None:
+def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False) -> dict | None:
     """config.json's values, then the weights against it, then the tokenizer's files (`what` names the directory for
-    the user)."""
+    the user); return config.json as read (None where it is no JSON: the loader says so)."""
     path = Path(path)
     if not (path / "config.json").is_file():  # transformers: "Should have a `model_type` key in its config.json"
         raise ConfigError(f"{what}: the directory holds no config.json, which says what model the weights are: copy "
@@ -205,17 +205,18 @@ def check_model_dir(path: str | Path, what: str, trust_remote_code: bool = False
         check_not_quantized(config, what)
     check_weights(path, what, trust_remote_code)
     check_tokenizer_files(path, what)
+    return config
 
 
-def unrun_code(path: str | Path, what: str) -> str | None:
-    """The line for a checkpoint whose config.json names model code of its own (auto_map) that is not run (no
-    model.trust_remote_code): with a model_type transformers knows, it loads its built-in class in silence, and the
-    run trains a model other than the one the checkpoint's code describes. None where there is nothing to say (an
-    unknown model_type is refused by the load: load.load_error)."""
+def unrun_code(config: dict | None, what: str) -> str | None:
+    """The line for a checkpoint whose config.json (`config`, as check_model_dir read it) names model code of its own
+    (auto_map) that is not run (no model.trust_remote_code): with a model_type transformers knows, it loads its
+    built-in class in silence, and the run trains a model other than the one the checkpoint's code describes. None
+    where there is nothing to say (an unknown model_type is refused by the load: load.load_error; a config.json that
+    is no JSON, by the loader)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    code = config.get("auto_map") if isinstance(config, dict) else None
+    code = config.get("auto_map") if config is not None else None
     if not isinstance(code, dict) or "AutoModelForCausalLM" not in code or \
             config.get("model_type") not in CONFIG_MAPPING_NAMES:
         return None
