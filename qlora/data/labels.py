@@ -163,7 +163,7 @@ def message_problem(message: object) -> str | None:
         role = message["role"]
         low = role.lower() if isinstance(role, str) else role  # the note each role fits, in any case: Human, GPT
         note = ("ShareGPT's human and gpt are user and assistant" if low in ("human", "gpt") else
-                "roles are lower case" if isinstance(role, str) and role.lower() in ROLES else
+                "roles are lower case" if low in ROLES else
                 "tool calls and tool results are not trained here" if low in ("tool", "function", "ipython") else
                 None)
         return f"has role {kind(role)}" + (f" ({note})" if note else "")
