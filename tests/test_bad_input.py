@@ -321,8 +321,15 @@ CASES = [
     ("sharded base missing a shard", [TINY, "--model.path={d}/shard_missing", "--model.build=none"],
      r"shard_missing: a safetensors file is damaged \(model-00002-of-00012.safetensors: No such file or directory"),
     ("shard holding another shard's tensors", [TINY, "--model.path={d}/shard_other", "--model.build=none"],
-     r"shard_other: model.safetensors.index.json maps model.embed_tokens.weight to model-00002-of-00012.safetensors, "
-     r"but no safetensors file holds it"),
+     r"shard_other: model-00002-of-00012.safetensors and model-00003-of-00012.safetensors both hold "
+     r"model.layers.0.mlp.down_proj.weight: the shards are of different downloads or revisions"),
+    ("index naming the wrong shard", [TINY, "--model.path={d}/shard_misnamed", "--model.build=none"],
+     r"shard_misnamed: model.safetensors.index.json maps model.layers.0.self_attn.k_proj.weight to "
+     r"model-00010-of-00012.safetensors, but model-00006-of-00012.safetensors holds it \(1 tensor\(s\) in all\): "
+     r"the index and the shards are of different downloads"),
+    ("tensor in two shards", [TINY, "--model.path={d}/shard_twice", "--model.build=none"],
+     r"shard_twice: model-00002-of-00012.safetensors and model-00003-of-00012.safetensors both hold "
+     r"model.embed_tokens.weight: the shards are of different downloads or revisions; download the checkpoint again"),
     ("tokenizer without eos or pad", [TINY, "--model.path={d}/no_eos", "--model.build=none"],
      r"no_eos: its tokenizer names no eos_token nor pad_token, which end and pad each example: set eos_token in its "
      r"tokenizer_config.json"),
@@ -414,9 +421,15 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (d / "index_list" / INDEX).write_text(json.dumps({"weight_map": names}))
     weight_map = {**dict.fromkeys(names, "model.safetensors"), "model.layers.0.ghost.weight": "model.safetensors"}
     (d / "index_ghost" / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for name in ("sharded", "shard_missing", "shard_other"):  # the tiny Llama in 12 shards of at most 100 KB
+    for name in ("sharded", "shard_missing", "shard_other", "shard_misnamed", "shard_twice"):
         shutil.copytree(tiny, d / name, ignore=shutil.ignore_patterns("model.safetensors"))
-        save_shards(tiny, d / name)
+        save_shards(tiny, d / name)  # the tiny Llama in 12 shards of at most 100 KB
+    index = json.loads((d / "shard_misnamed" / INDEX).read_text())
+    index["weight_map"]["model.layers.0.self_attn.k_proj.weight"] = "model-00010-of-00012.safetensors"  # in 6
+    (d / "shard_misnamed" / INDEX).write_text(json.dumps(index))
+    first, second = (d / "shard_twice" / f"model-0000{i}-of-00012.safetensors" for i in (2, 3))
+    embedding = load_file(first)["model.embed_tokens.weight"]
+    save_file({**load_file(second), "model.embed_tokens.weight": torch.zeros_like(embedding)}, second)
     (d / "shard_missing" / "model-00002-of-00012.safetensors").unlink()
     shutil.copy(d / "shard_other" / "model-00003-of-00012.safetensors",
                 d / "shard_other" / "model-00002-of-00012.safetensors")

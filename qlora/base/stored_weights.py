@@ -1,6 +1,6 @@
 """The weights of a model directory against its config.json, from the safetensors headers alone: every tensor of the
-model config.json describes there, of its shape, a weight in floating point, nothing else; each file readable; the
-index naming only tensors a shard holds; the layers linear ones (no GPT-2 Conv1D).
+model config.json describes there, of its shape, a weight in floating point, nothing else; each file readable; each
+tensor in one shard, the one the index names; the layers linear ones (no GPT-2 Conv1D).
 
 transformers initialises a layer the weights lack at random with a warning, drops one the config does not know, and
 meets a shape that disagrees in a RuntimeError after a report of every layer: the run would train another model than
@@ -36,10 +36,16 @@ def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, .
     for shard in shards:
         try:
             with safe_open(str(shard), "pt") as f:
-                shapes.update({name: (tuple(f.get_slice(name).get_shape()), shard.name, f.get_slice(name).get_dtype())
-                               for name in f.keys()})
+                held = {name: (tuple(f.get_slice(name).get_shape()), shard.name, f.get_slice(name).get_dtype())
+                        for name in f.keys()}
         except (SafetensorError, OSError) as err:
             raise ConfigError(damaged(what, f"{shard.name}: {err}")) from err
+        # transformers reads every shard whole, so of a tensor two shards hold the last one read is trained.
+        twice = next((name for name in held if name in shapes), None)
+        if twice:
+            raise ConfigError(f"{what}: {shapes[twice][1]} and {shard.name} both hold {twice}: the shards are of "
+                              "different downloads or revisions; download the checkpoint again")
+        shapes.update(held)
     return shapes
 
 
@@ -120,8 +126,9 @@ def check_linear_layers(model: torch.nn.Module, what: str) -> None:
 
 
 def check_index(path: Path, stored: dict[str, tuple[tuple[int, ...], str, str]], what: str) -> None:
-    """Every tensor the index names is in a safetensors file. transformers reads each shard whole and never looks the
-    index's names up, so one no shard holds loads without a word: a shard from another download or revision."""
+    """Every tensor the index names is in the safetensors file it names. transformers reads each shard whole and never
+    looks the index's names up, so one no shard holds, or another shard holds, loads without a word: a shard from
+    another download or revision."""
     from qlora.base.build import INDEX, index_weight_map
 
     if not (path / INDEX).is_file():
@@ -132,3 +139,8 @@ def check_index(path: Path, stored: dict[str, tuple[tuple[int, ...], str, str]],
         raise ConfigError(f"{what}: {INDEX} maps {ghost[0]} to {weight_map[ghost[0]]}, but no safetensors file holds "
                           f"it ({len(ghost)} tensor(s) in all): the index and the shards are of different downloads; "
                           "download the checkpoint again")
+    moved = [name for name, file in weight_map.items() if stored[name][1] != file]
+    if moved:
+        raise ConfigError(f"{what}: {INDEX} maps {moved[0]} to {weight_map[moved[0]]}, but {stored[moved[0]][1]} "
+                          f"holds it ({len(moved)} tensor(s) in all): the index and the shards are of different "
+                          "downloads; download the checkpoint again")
