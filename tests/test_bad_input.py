@@ -516,6 +516,19 @@ def test_a_weight_relabelled_as_any_integer_of_its_width_is_refused(tmp_path: Pa
         check_model_dir(tmp_path / "m", "model.path=m")
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_weight_stored_in_eight_bit_floats_is_refused_as_fp8(tmp_path: Path, dtype: torch.dtype) -> None:
+    """An FP8 release's weights are floats, but scaled by tensors of their own: not 'damaged', not 'not floating
+    point', as the integer check above says."""
+    weights = stored_in(tmp_path / "m", torch.float32) / "model.safetensors"
+    stored = load_file(weights)
+    stored["model.layers.0.self_attn.q_proj.weight"] = stored["model.layers.0.self_attn.q_proj.weight"].to(dtype)
+    save_file(stored, weights)
+    line = r"q_proj.weight as F8_E[45]M[32], an 8-bit float \(an FP8 checkpoint.*point model.path at the 16-bit"
+    with pytest.raises(ConfigError, match=line):
+        check_model_dir(tmp_path / "m", "model.path=m")
+
+
 @pytest.mark.parametrize("name", ["tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "cl100k.tiktoken",
                                   "tokenizer_config.json"])
 def test_a_tokenizer_of_another_kind_than_tokenizer_json_passes(tmp_path: Path, name: str) -> None:

@@ -94,6 +94,10 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
                               f"the config and the weights are of different models; {RESTORE}")
         # A header that says I32 for a weight's bytes loads them as integers, cast: ~1e9 each, every step then
         # non-finite and blamed on the rows and the learning rate.
+        if name in parameters and dtype.startswith("F8"):  # F8_E4M3, F8_E5M2: FP8 releases, scaled by other tensors
+            raise ConfigError(f"{what}: {file} holds the weight {name} as {dtype}, an 8-bit float (an FP8 checkpoint, "
+                              "its weights scaled by tensors qlora does not read): point model.path at the 16-bit "
+                              "(BF16, F16 or F32) weights of the model")
         if name in parameters and dtype not in FLOATS:
             raise ConfigError(f"{what}: {file} holds the weight {name} as {dtype}, not floating point: the file is "
                               "damaged or holds no model's weights; download or build the checkpoint again")
