@@ -378,4 +378,5 @@ def test_a_missing_relative_data_file_names_the_directory_it_was_read_from(tmp_p
     with pytest.raises(ConfigError) as err:
         read_rows("recipes/data/tiny/train.jsonl", "data.train")
     assert str(err.value) == ("data file recipes/data/tiny/train.jsonl not found (relative to the directory the "
-                              f"command runs in, {tmp_path}): check data.train")
+                              f"command runs in, {tmp_path}): check data.train, or run the command from the folder "
+                              "the path is relative to (the shipped recipes': the project's)")

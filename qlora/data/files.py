@@ -44,8 +44,10 @@ def _read(source: str, key: str) -> Rows:
                        "is a link that leads nowhere (a loop, or a missing target)" if path.is_symlink() else
                        "not found")
             # A recipe's relative paths are read from where the command runs, not from the recipe's folder.
-            where = "" if path.is_absolute() else f" (relative to the directory the command runs in, {Path.cwd()})"
-            raise ConfigError(f"data file {path} {problem}{where}: check {key}")
+            where, fix = ("", "") if path.is_absolute() else (
+                f" (relative to the directory the command runs in, {Path.cwd()})",
+                ", or run the command from the folder the path is relative to (the shipped recipes': the project's)")
+            raise ConfigError(f"data file {path} {problem}{where}: check {key}{fix}")
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix == ".json":
