@@ -16,13 +16,13 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from qlora.report.markdown import model_name  # noqa: E402
 
-COLORS = {"quantized_weights": "#1d4e89", "unquantized_weights": "#7fb3e6", "adapters": "#3f9b4a",
-          "gradients": "#f0a030", "optimizer_state": "#d9534f", "activations": "#9b7fd1", "cuda_context": "#9e9e9e",
-          "tokenised_rows": "#c8b400"}
+COLORS = {"quantized_weights": "#1d4e89", "unquantized_weights": "#7fb3e6", "gathered_weights": "#4a7fb0",
+          "adapters": "#3f9b4a", "gradients": "#f0a030", "optimizer_state": "#d9534f", "activations": "#9b7fd1",
+          "cuda_context": "#9e9e9e", "tokenised_rows": "#c8b400"}
 NAMES = {"quantized_weights": "NF4 base weights + quant state", "unquantized_weights": "16/32-bit weights",
-         "adapters": "LoRA adapters", "gradients": "gradients", "optimizer_state": "optimizer state",
-         "activations": "activations & temporaries", "cuda_context": "CUDA context",
-         "tokenised_rows": "tokenised rows (host)"}
+         "gathered_weights": "gathered weights (sharded or streamed base)", "adapters": "LoRA adapters",
+         "gradients": "gradients", "optimizer_state": "optimizer state", "activations": "activations & temporaries",
+         "cuda_context": "CUDA context", "tokenised_rows": "tokenised rows (host)"}
 DARK = ("quantized_weights", "adapters", "optimizer_state", "activations")
 TITLES = {"qlora": "QLoRA\nNF4 base", "lora": "LoRA\n16-bit base", "full": "full\nfine-tuning"}
 
