@@ -196,3 +196,51 @@ def test_a_streamed_bases_gathered_weights_are_drawn_in_its_bar(tmp_path, monkey
     ax = drawn(r, tmp_path, monkeypatch)
     assert sum(h for _, h, _ in stacks(ax)[0]) == pytest.approx(r["methods"]["qlora"]["estimated_peak_bytes"] / GIB)
     assert "gathered weights (sharded or streamed base)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_the_assumptions_say_what_the_estimate_counts_for_the_settings_given():
+    """The report's assumptions and levers, each set off its default: on a CPU, NF4 without double quant in blocks
+    of 128 (not the paper's 4.127 bits), layers kept by budget, fp32 adapters without masters, torch AdamW, no
+    checkpointing, the loss whole, eager attention, no host allowance and no lever; on CUDA the 8B with the optimizer
+    on the host, 8-bit moments and two layers kept, tiles for QLoRA and not for full fine-tuning, nor the levers
+    QLoRA alone takes."""
+    from qlora.memory.assumptions import assumptions, levers
+
+    cpu = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [
+        "--quant.double_quant=false", "--quant.blocksize=128", "--quant.keep_16bit_budget=0.1",
+        "--train.gradient_checkpointing=false", "--train.loss_chunk_size=0", "--train.optimizer=adamw"])
+    said = assumptions(cpu, "qlora", "fp32", "cpu")
+    assert said[0] == ("linear layers in NF4 in blocks of 128, but those chosen by quant.keep_16bit_budget=0.1 in "
+                       "fp32, counted at the full budget; embeddings, lm_head, norms in fp32; adapters and their "
+                       "gradients in fp32; torch AdamW (moments in the parameter dtype) over the adapters")
+    assert said[2:4] == ["no gradient checkpointing: every layer keeps its activations",
+                         "loss over all positions, fp32 logits; attention through SDPA's flash kernel, no s x s "
+                         "matrix stored"]
+    assert len(said) == 5 and said[4].startswith("CPU: weights and compute in fp32") and not levers(cpu, "qlora", "cpu")
+    eager = apply_overrides(cpu, ["--model.attn_implementation=eager"])
+    assert assumptions(eager, "qlora", "fp32", "cpu")[3].endswith("eager attention: every head's s x s scores "
+                                                                  "stored, in fp32")
+
+    cuda = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), [
+        "--train.plan=recipe", "--train.plan_batch=false", "--train.optimizer_on_cpu=true",
+        "--train.optimizer=paged_adamw_8bit",
+        "--quant.keep_16bit=model.layers.0.mlp.down_proj,model.layers.1.mlp.down_proj"])
+    qlora, full = assumptions(cuda, "qlora", "bf16", "cuda"), assumptions(cuda, "full", "bf16", "cuda")
+    assert qlora[0].startswith("linear layers in NF4 with double quant in blocks of 64, 4.127 bits per parameter "
+                               "(QLoRA paper, sec. 3), but 2 kept in bf16 (quant.keep_16bit); embeddings, lm_head, "
+                               "norms in bf16; adapters in bf16, with fp32 master copies and fp32 gradients")
+    assert qlora[3] == full[3] == (
+        "loss over chunks of 1024 positions, fp32 logits; attention through SDPA, no s x s matrix stored; its "
+        "backward's buffers FlashAttention-2's, which writes dk and dv at every query head first (torch's on a card "
+        "other than an H100/H200/B200, and the larger of the two where no card is at hand)")
+    assert qlora[4].startswith("sequence tiles of 4096 tokens") and qlora[5:] == full[4:]
+    assert full[4].startswith("CUDA: the optimizer state, the fp32 masters and the update in host memory") and \
+        "the allocator's margin, 4 T h e + 0.4 GiB" in full[4]
+    assert full[5].startswith("host: 6 GiB allowed for the process itself and the OS") and len(full) == 6
+    assert levers(cuda, "full", "cuda") == [
+        "offload_activations: layer inputs in pinned host memory", "loss_chunk_size=1024: logits 1024 positions at a "
+        "time", "optimizer_on_cpu: the optimizer state in host memory", "paged_adamw_8bit: 8-bit moments"]
+    assert "embeddings_on_cpu: the input embeddings in host memory" in levers(cuda, "qlora", "cuda")
+    cudnn = apply_overrides(cuda, ["--model.sdpa_backend=cudnn"])
+    assert assumptions(cudnn, "qlora", "bf16", "cuda")[3].endswith(
+        "cuDNN's, which sums dk and dv over the group in the kernel (model.sdpa_backend=cudnn)")
