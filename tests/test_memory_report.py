@@ -234,6 +234,9 @@ def test_the_assumptions_say_what_the_estimate_counts_for_the_settings_given():
         "backward's buffers FlashAttention-2's, which writes dk and dv at every query head first (torch's on a card "
         "other than an H100/H200/B200, and the larger of the two where no card is at hand)")
     assert qlora[4].startswith("sequence tiles of 4096 tokens") and qlora[5:] == full[4:]
+    # The host optimizer keeps fp32 masters of full fine-tuning's 16-bit weights (the estimate counts them there).
+    assert full[0].endswith("bitsandbytes paged AdamW with 8-bit moments; fp32 master copies in host memory "
+                            "(train.optimizer_on_cpu)")
     assert full[4].startswith("CUDA: the optimizer state, the fp32 masters and the update in host memory") and \
         "the allocator's margin, 4 T h e + 0.4 GiB" in full[4]
     assert full[5].startswith("host: 6 GiB allowed for the process itself and the OS") and len(full) == 6
@@ -244,3 +247,7 @@ def test_the_assumptions_say_what_the_estimate_counts_for_the_settings_given():
     cudnn = apply_overrides(cuda, ["--model.sdpa_backend=cudnn"])
     assert assumptions(cudnn, "qlora", "bf16", "cuda")[3].endswith(
         "cuDNN's, which sums dk and dv over the group in the kernel (model.sdpa_backend=cudnn)")
+    on_card = apply_overrides(cudnn, ["--train.optimizer_on_cpu=false"])
+    assert assumptions(on_card, "full", "bf16", "cuda")[0].endswith("8-bit moments; no fp32 master copy (as "
+                                                                    "qlora.train runs it: mixed-precision trainers "
+                                                                    "that keep one add 4 bytes per parameter)")

@@ -52,8 +52,11 @@ def assumptions(cfg: Config, method: str, dname: str, device: str) -> list[str]:
                  "paged_adamw_32bit": "bitsandbytes paged AdamW with fp32 moments"}[t.optimizer]
     adapters = f"adapters and their gradients in {dname}" if dname == "fp32" else \
         f"adapters in {dname}, with fp32 master copies and fp32 gradients (qlora/adapters/master.py)"
-    out = [{"full": f"every weight and its gradient in {dname}; {optimizer}; no fp32 master copy (as qlora.train "
-                    "runs it: mixed-precision trainers that keep one add 4 bytes per parameter)",
+    # The host optimizer steps fp32 masters of every 16-bit weight, full fine-tuning's too (count_trained).
+    masters = "fp32 master copies in host memory (train.optimizer_on_cpu)" if cuda and t.optimizer_on_cpu and \
+        dname != "fp32" else "no fp32 master copy (as qlora.train runs it: mixed-precision trainers that keep one " \
+        "add 4 bytes per parameter)"
+    out = [{"full": f"every weight and its gradient in {dname}; {optimizer}; {masters}",
             "lora": f"frozen base in {dname}; {adapters}; {optimizer} over the adapters",
             "qlora": f"linear layers in {cfg.quant.quant_type.upper()}"
                      f"{' with double quant' if cfg.quant.double_quant else ''} in blocks of {cfg.quant.blocksize}"
