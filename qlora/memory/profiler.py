@@ -136,6 +136,8 @@ class PhaseTracker:
             rec = found[1]
             out["peak_by_category"] = {**rec["categories"], "activations": rec["activations"],
                                        "cuda_context": rec.get("cuda_context", 0)}
+            if self.device.type == "cuda":  # held by the allocator in no tensor: the rest of the card's peak
+                out["peak_by_category"]["allocator_cache"] = rec["reserved"] - rec["allocated"]
         return out
 
     def write(self, path: Path, cfg: Config | None = None, seq_len: int | None = None, processes: int = 1) -> str:

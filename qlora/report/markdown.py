@@ -18,7 +18,8 @@ def gib(n: int | None) -> str:
 def _verdict(entry: dict, report: dict) -> str:
     if entry["fits"]:
         return "fits"
-    return f"**does not fit** ({gib(entry['estimated_peak_bytes'])} > {gib(report['device_memory_bytes'])} GiB)"
+    card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0)  # what `fits` weighed
+    return f"**does not fit** ({gib(card)} > {gib(report['device_memory_bytes'])} GiB)"
 
 
 def model_name(model: str) -> str:
@@ -82,15 +83,19 @@ def markdown(report: dict, png_name: str) -> str:
                      f" | {gib(e['host_bytes']) if e.get('host_bytes') else '–'}"
                      f" | {gib(got) if got else e.get('measure_error', 'not measured')} | {error} | "
                      f"{_verdict(e, report)} |")
+    margins = [e.get("allocator_margin_bytes") for e in methods.values()]
     if measured:
         lines += ["", f"**Measured** means: {report['measurement']}. Peak over the training phases (first forward, "
-                      "backward, optimizer step, steady state); loading is listed apart."]
+                      "backward, optimizer step, steady state); loading is listed apart." +
+                  (" The estimate set against it is the peak with the allocator's margin." if any(margins) else "")]
     if report.get("plan"):
         lines += ["", "## The plan", "", "The recipe leaves its levers to the trainer (train.plan=fastest); for this "
                   "card it chooses as follows, and every method above is estimated with that choice.", "", "```",
                   *report["plan"]["lines"], "```"]
+    cache = [(e.get("measured_components") or {}).get("allocator_cache") for e in methods.values()]
     lines += ["", "## Components", "", "GiB at each method's estimated peak; measured columns break the measured peak "
-              "down by the tensors alive at that phase's end, the rest being activations and temporaries.", "",
+              "down by the tensors alive at that phase's end, the rest being activations and temporaries" +
+              (", and what the allocator held in no tensor." if any(cache) else "."), "",
               "| component | " + " | ".join(f"{m} est." + (f" | {m} meas." if measured else "") for m in methods)
               + " |", "|---|" + "---|" * (len(methods) * (2 if measured else 1))]
     for cat, label in LABELS.items():
@@ -104,9 +109,12 @@ def markdown(report: dict, png_name: str) -> str:
     if measured and any(held):  # a CPU peak is host memory, the rows part of it; no estimate is made before reading
         lines.append("| tokenised rows (host memory, measured only) | " + " | ".join(f"– | {gib(n)}" for n in held)
                      + " |")
-    if any(e.get("allocator_margin_bytes") for e in methods.values()):
-        lines.append("| *beside the peak: the allocator's margin* | " + " | ".join(
-            gib(e.get("allocator_margin_bytes") or 0) + (" | –" if measured else "") for e in methods.values()) + " |")
+    if any(margins) or any(cache):  # measured: the card's peak less what its tensors and the context hold
+        cells = [gib(m) + (f" | {gib(c)}" if measured else "") for m, c in zip(margins, cache, strict=True)]
+        lines.append("| *beside the peak: the allocator's margin" +
+                     (" (measured: held by the allocator in no tensor)" if measured else "") + "* | " +
+                     " | ".join(cells) + " |")
+    if any(margins):
         lines += ["", "The allocator's margin: " + next(e["allocator_margin_formula"] for e in methods.values()) +
                   "; a card must hold the peak and the margin."]
     if report.get("gpus"):
