@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 
 from qlora.base.bnb import compiled_on_first_call
@@ -34,13 +35,31 @@ def test_importing_the_trainer_leaves_dynamo_unimported(cli) -> None:
 
 
 def test_a_deferred_compile_compiles_on_its_first_call_with_its_options() -> None:
+    """The options reach torch.compile: the backend given compiles each function once (left out, inductor would)."""
     import torch._dynamo.utils
 
+    graphs = []
+
+    def backend(graph: torch.fx.GraphModule, inputs: list) -> object:  # dynamo's backend contract: a callable back
+        graphs.append(graph)
+        return graph.forward
+
     frames = torch._dynamo.utils.counters["frames"]["total"]
-    double = compiled_on_first_call(torch.compile)(lambda x: x * 2, backend="eager", dynamic=False)
+    double = compiled_on_first_call(torch.compile)(lambda x: x * 2, backend=backend, dynamic=False)
     assert torch._dynamo.utils.counters["frames"]["total"] == frames  # nothing compiled yet
     assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
     assert torch._dynamo.utils.counters["frames"]["total"] > frames  # compiled, by dynamo, at the call
     assert torch.equal(double(torch.ones(3)), torch.full((3,), 2.0))
-    as_decorator = compiled_on_first_call(torch.compile)(backend="eager")(lambda x: x + 1)
-    assert torch.equal(as_decorator(torch.zeros(2)), torch.ones(2))
+    assert len(graphs) == 1
+    as_decorator = compiled_on_first_call(torch.compile)(backend=backend)(lambda x: x + 1)
+    assert torch.equal(as_decorator(torch.zeros(2)), torch.ones(2)) and len(graphs) == 2
+
+
+def test_importing_bitsandbytes_gives_torch_compile_back_and_a_decorator_defers_too() -> None:
+    """torch.compile is deferred only while bitsandbytes is imported: left so, the process's every later compile
+    (the user's own torch.compile(model) a function, not a module) would be; and @torch.compile(options) is deferred
+    as the plain call is, importing no dynamo where it decorates."""
+    code = ("import sys, torch\ncompile_ = torch.compile\nfrom qlora.base.bnb import bnb, compiled_on_first_call\n"
+            "assert torch.compile is compile_, 'torch.compile left deferred'\n"
+            "compiled_on_first_call(torch.compile)(backend='eager')(lambda x: x)\n")
+    assert subprocess.run([sys.executable, "-c", f"{code}{CHECK}"], timeout=120).returncode == 0
