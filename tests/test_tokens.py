@@ -72,8 +72,8 @@ def test_held_bytes_of_short_rows_is_what_tracemalloc_sees() -> None:
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    # Exact to 0.13% (200 rows: to the byte); the list's 8 bytes a row are 1.8%, which 5% did not see.
-    assert held_bytes(examples) == pytest.approx(held, rel=0.005)
+    # Within 0.13-0.52% (200 rows: to the byte); the list's 8 bytes a row are 1.8%, which 5% did not see.
+    assert held_bytes(examples) == pytest.approx(held, rel=0.01)
     mib = held_bytes(examples) / 2**20  # some 2 MiB: in MB, 5% more
     assert held_line(examples, []) == f"train 50,000 tokens held in {mib:,.1f} MiB, held out 0 tokens held in 0.0 MiB"
 
