@@ -12,8 +12,6 @@ import contextlib
 import functools
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +28,6 @@ from transformers import (
 )
 
 from qlora.errors import ConfigError
-from qlora.partial import partial_prefix, remove_abandoned
 
 if TYPE_CHECKING:  # imported where used: the builder names a missing gguf package itself (write_smollm2_checkpoint)
     import gguf
@@ -67,33 +64,15 @@ def find_gguf() -> Path:
 
 
 def write_smollm2_checkpoint(out_dir: Path) -> None:
-    """Write SmolLM2-135M-Instruct as safetensors + tokenizer + generation config into `out_dir` (must not exist).
-
-    Built in a temporary sibling directory and renamed into place, so an interrupted conversion never leaves a
-    half-written checkpoint at `out_dir`.
-    """
+    """Write SmolLM2-135M-Instruct as safetensors + tokenizer + generation config into `out_dir` (must not exist):
+    ensure_checkpoint's private folder, which it renames into place once complete and removes if this fails."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: delete it to convert again")
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"transformers needs the gguf package to read the weights: {INSTALL_HINT}")
     gguf = find_gguf()
-    reader = smollm2_gguf(gguf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, not /tmp: the final rename must stay on one filesystem to be atomic.
-    remove_abandoned(out_dir)  # what a conversion killed before its rename left
-    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir), dir=out_dir.parent))
-    try:
-        _build(gguf, tmp, reader)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not (out_dir / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp)  # another process converted concurrently and renamed first; keep its copy
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _build(gguf, out_dir, smollm2_gguf(gguf))
 
 
 @contextlib.contextmanager
