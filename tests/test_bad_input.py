@@ -128,6 +128,8 @@ CASES = [
     ("alpha <= 0", [TINY, "--lora.alpha=0"], r"lora.alpha=0.0 must be positive"),
     ("lr <= 0", [TINY, "--train.lr=0"], r"train.lr=0.0 must be positive"),
     ("lr nan", [TINY, "--train.lr=nan"], r"train.lr=nan is not a finite number"),
+    ("lr below float32", [TINY, "--train.lr=1e-300"], r"train.lr=1e-300 is below float32's smallest normal number "
+                                                      r"\(1.2e-38\), so each update rounds to nothing"),
     ("seq len <= 0", [TINY, "--data.max_seq_len=0"], r"data.max_seq_len=0 must be positive"),
     ("seq len 1", [TINY, "--data.max_seq_len=1"], r"data.max_seq_len=1 leaves no token to learn \(each is learned "
                                                   r"from the tokens before it\): set it to 2 or more"),

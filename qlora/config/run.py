@@ -12,6 +12,7 @@ from qlora.errors import ConfigError
 from qlora.levers import FIELDS
 
 PLANS = ("recipe", "fastest")  # train.plan: the levers as set, or the fastest that fit (qlora/memory/plan.py)
+FP32_TINY = 2.0**-126  # torch.finfo(torch.float32).tiny, without importing torch for --help
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")  # train.optimizer's choices
 
 
@@ -128,6 +129,9 @@ class TrainConfig(*FIELDS["train"]):
                 raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}=0")
         if not self.lr > 0:  # nan and inf are refused by check_types
             raise ConfigError(f"train.lr={self.lr} must be positive, e.g. --train.lr=2e-4")
+        if self.lr < FP32_TINY:  # 1e-300 trained nothing and exited 0: the optimizers compute the update in float32
+            raise ConfigError(f"train.lr={self.lr} is below float32's smallest normal number ({FP32_TINY:.2g}), so "
+                              "each update rounds to nothing and the run would train nothing: e.g. --train.lr=2e-4")
         for key in ("weight_decay", "max_grad_norm"):  # AdamW refuses a negative decay; a negative clip flips gradients
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}="
