@@ -27,10 +27,10 @@ from qlora.cli import run
 from qlora.commands import TRAIN, help_text, wants_help
 from qlora.config import Config, apply_overrides, load_recipe, resolve_paths, split_args
 from qlora.console import quiet_libraries, since
-from qlora.data.batches import eval_batches, micro_batches, resume_position
+from qlora.data.batches import check_step_rows, eval_batches, micro_batches, resume_position
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
-from qlora.memory.plan import fewer_rows, keep_overridden, reshaped, unplanned, use_plan
+from qlora.memory.plan import keep_overridden, unplanned, use_plan
 from qlora.memory.preflight import check_fits, cpu_instead, room
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, launch, runconfig, rundir
@@ -229,14 +229,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
     n_rows = len(run["train_rows"])
-    if t.batch_size * ranks.size > n_rows and reshaped(cfg):  # the plan chose the shape before the rows were counted
-        fewer_rows(cfg, n_rows // ranks.size)
-    if t.batch_size * ranks.size > n_rows:
-        # fewer rows than processes: no batch size gives each process a row
-        fix = f"use at most --train.batch_size={n_rows // ranks.size}" if n_rows >= ranks.size else \
-            f"launch at most {n_rows} process(es), or add rows"
-        raise ConfigError(f"train.batch_size={t.batch_size}{f' x {ranks.size} processes' if ranks.several else ''} "
-                          f"exceeds the {n_rows} training rows{' (after packing)' if cfg.data.pack else ''}: {fix}")
+    check_step_rows(t.batch_size, t.grad_accum, n_rows, ranks.size, cfg.data.pack)
     print_summary(cfg, run, ranks.size)
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)
     scheduler = build_scheduler(optimizer, cfg)

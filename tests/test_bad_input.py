@@ -230,8 +230,14 @@ CASES = [
                                                                                  r"in \(0, 1\)"),
     ("keep no checkpoint", [TINY, "--train.keep_checkpoints=0"], r"train.keep_checkpoints=0 must be at least 1"),
     # More rows than the data has, few enough to fit the host (the check before loading would refuse 10^5 rows).
-    ("batch beyond the data", [TINY, "--train.batch_size=1000"], r"train.batch_size=1000 exceeds the (\d+) "
-                                                                 r"training rows: use at most --train.batch_size=\1"),
+    ("batch beyond the data", [TINY, "--train.batch_size=1000"], r"1000 rows x 1 accum = 1,000 rows a step exceed "
+     r"the 600 training rows, so a step would see rows twice: make train.batch_size x train.grad_accum at most 600 "
+     r"\(--train.batch_size=600 --train.grad_accum=1\), or add rows"),
+    # A step past the last row runs on into the next epoch's order: 800 rows a step over 600 saw 200 of them twice
+    # (grad_accum=1000000 planned 8,000,000 rows a step and never ended one).
+    ("step beyond the data", [TINY, "--train.grad_accum=100"], r"8 rows x 100 accum = 800 rows a step exceed the 600 "
+     r"training rows, so a step would see rows twice: make train.batch_size x train.grad_accum at most 600 "
+     r"\(--train.grad_accum=75\), or add rows"),
     # The check before loading counted every micro-batch size up to the step's rows for its fix: this one hung.
     ("batch beyond any host", [TINY, "--train.batch_size=100000000000"],
      r"train.batch_size=100000000000 x data.max_seq_len=128: the step is estimated at .* set --train.batch_size=\d+ "
@@ -579,7 +585,7 @@ def test_a_rotary_base_trains_past_its_context_and_says_so(capsys: pytest.Captur
     mid-run), said for rotary ones, which compute any position (a longer context is learned that way)."""
     from transformers import LlamaConfig, OPTConfig
 
-    from qlora.training.assemble import check_positions
+    from qlora.data.batches import check_positions
 
     rows = [{"input_ids": list(range(n))} for n in (10, 60, 32)]
     check_positions(LlamaConfig(max_position_embeddings=32), rows)

@@ -345,8 +345,9 @@ def test_fewer_training_rows_than_processes_asks_for_fewer_processes(cli, tmp_pa
     one.write_text((ROOT / "recipes/data/tiny/train.jsonl").read_text().splitlines()[0] + "\n")
     rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, f"--data.train={one}", f"--output.dir={tmp_path / 'run'}"])
     assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
-    assert rank0.stderr.strip().splitlines() == ["error: train.batch_size=2 x 2 processes exceeds the 1 training "
-                                                 "rows: launch at most 1 process(es), or add rows"]
+    assert rank0.stderr.strip().splitlines() == ["error: 2 rows x 2 accum x 2 processes = 8 rows a step exceed the 1 "
+                                                 "training rows, so a step would see rows twice: launch at most 1 "
+                                                 "process(es), or add rows"]
     assert rank1.stderr == ""
 
 

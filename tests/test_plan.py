@@ -233,10 +233,11 @@ def test_the_same_rows_in_other_micro_batches_give_the_same_losses_and_adapter(t
         assert torch.allclose(value, a4[name], rtol=1e-3, atol=1e-5), name
 
 
-def test_the_trainer_runs_the_planned_shape_and_cuts_it_to_the_rows_there_are(tiny_config: Config, tmp_path: Path,
-                                                                             capsys) -> None:
-    """On a CPU device with room, 1 x 8 rows become one micro-batch of 8; with 6 training rows, micro-batches of 4
-    (the largest that divides the 8 rows a step and that the rows fill); run_config.json records either."""
+def test_the_trainer_runs_the_planned_shape_and_refuses_a_step_past_the_rows(tiny_config: Config, tmp_path: Path,
+                                                                            capsys) -> None:
+    """On a CPU device with room, 1 x 8 rows become one micro-batch of 8, recorded in run_config.json; with 6 training
+    rows the step's 8 rows, which the plan keeps, would see rows twice whatever the shape: refused, naming the most
+    rows a step (it cut the micro-batch to 4 x 2 and trained 8 rows a step over 6)."""
     from qlora.train import train
 
     base = ["--train.plan=fastest", "--train.plan_batch=true", "--train.batch_size=1", "--train.grad_accum=8",
@@ -252,11 +253,11 @@ def test_the_trainer_runs_the_planned_shape_and_cuts_it_to_the_rows_there_are(ti
     (tmp_path / "six.jsonl").write_text("\n".join(rows[:6]) + "\n")
     few = apply_overrides(copy.deepcopy(tiny_config), [*base, f"--data.train={tmp_path / 'six.jsonl'}",
                                                        f"--output.dir={tmp_path / 'six'}"])
-    train(few)
-    assert "exceed the 6 training rows of a process: 4 rows x 2 micro-batches a step instead" in capsys.readouterr().out
-    recorded = json.loads((tmp_path / "six" / "run_config.json").read_text())["train"]
-    assert (recorded["batch_size"], recorded["grad_accum"]) == (4, 2)
-    assert {"--train.batch_size=4", "--train.grad_accum=2"} <= set(recorded["plan_chose"])
+    with pytest.raises(ConfigError, match=r"^8 rows x 1 accum = 8 rows a step exceed the 6 training rows, so a step "
+                                          r"would see rows twice: make train.batch_size x train.grad_accum at most 6 "
+                                          r"\(--train.batch_size=6 --train.grad_accum=1\), or add rows$"):
+        train(few)
+    assert not (tmp_path / "six" / "run_config.json").exists()
 
 
 def test_a_batch_shape_set_on_the_command_line_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

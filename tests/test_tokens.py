@@ -162,7 +162,15 @@ def test_the_rows_bytes_are_said_and_named_in_a_cpu_peak(tiny_config: Config, ca
     assert record["activations"] == max(0, record["allocated"] - sum(record["categories"].values()))
     print_summary(tiny_config, run)
     tokens = sum(len(r["input_ids"]) for r in run["train_rows"])
-    assert f"tokenised rows in host memory: train {tokens:,} tokens held in " in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"tokenised rows in host memory: train {tokens:,} tokens held in " in said
+    # The recipe's warmup of 5 steps over a run of 4: the schedule's lr never passes 4/6 of its peak, said once.
+    assert (tiny_config.train.steps, tiny_config.train.warmup_steps) == (4, 5)
+    assert "train.warmup_steps=5 is not shorter than the run's 4 steps: the learning rate rises to 66.7% of " \
+           "train.lr=0.003 and never decays" in said
+    tiny_config.train.warmup_steps = 3
+    print_summary(tiny_config, run)
+    assert "warmup_steps" not in capsys.readouterr().out
 
 
 def test_on_cuda_the_rows_are_no_category_of_the_cards_peak(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,6 @@
 """Batches: tokenised rows padded into micro-batches. Their order is a pure function of the seed and the micro-batch
-index, so a resumed run sees exactly the batches an uninterrupted one would."""
+index, so a resumed run sees exactly the batches an uninterrupted one would. Before the first step the rows are
+checked against the batch shape (a step within the training rows) and the base (rows within its learned positions)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from qlora.data.labels import IGNORE
 from qlora.data.tokens import as_tensor
+from qlora.errors import ConfigError
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -62,6 +64,25 @@ def batch_rows(n_examples: int, batch_size: int, seed: int, index: int) -> list[
     return order[offset * batch_size:(offset + 1) * batch_size].tolist()
 
 
+def check_step_rows(batch_size: int, grad_accum: int, n_rows: int, processes: int = 1, packed: bool = False) -> None:
+    """A step within the training rows. batch_rows carries a step past the last row into the next epoch's order, so a
+    step of more rows than there are sees rows twice (measured: grad_accum=100 on the tiny recipe's 600 rows, 800 rows
+    a step; grad_accum=1000000 planned 8,000,000 and never ended a step); a micro-batch past them is one such step."""
+    step = batch_size * grad_accum * processes
+    if step <= n_rows:
+        return
+    if n_rows < processes:  # no shape gives each process a row
+        fix = f"launch at most {n_rows} process(es), or add rows"
+    else:
+        shape = f"--train.grad_accum={n_rows // (batch_size * processes)}" if batch_size * processes <= n_rows else \
+            f"--train.batch_size={n_rows // processes} --train.grad_accum=1"
+        fix = f"make train.batch_size x train.grad_accum at most {n_rows // processes} ({shape}), or add rows"
+    after = " (after packing)" if packed else ""
+    raise ConfigError(f"{batch_size} rows x {grad_accum} accum{f' x {processes} processes' if processes > 1 else ''} "
+                      f"= {step:,} rows a step exceed the {n_rows} training rows{after}, so a step would see rows "
+                      f"twice: {fix}")
+
+
 def resume_position(state: dict, batch_size: int, n_examples: int, default: int) -> int:
     """The micro-batch a resumed run starts at: the one after the checkpoint's last (`state["micro_batch"]`), or,
     when train.batch_size changed on --resume, the first of the new size that starts at or after the same row of the
@@ -85,3 +106,22 @@ def eval_rows(examples: list[dict], batch_size: int, max_batches: int = 0) -> li
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     for i in range(0, len(examples), batch_size):
         yield collate(examples[i:i + batch_size], pad_id)
+
+
+def check_positions(config: object, rows: list[dict]) -> None:
+    """Refuse rows longer than a base with learned position embeddings has positions (config.json's
+    max_position_embeddings or n_positions: OPT, GPT-2): the first such batch ended in an IndexError mid-run on the
+    CPU (measured on a tiny OPT with 32 positions, rows of ~60 tokens), a device-side assert on CUDA. A rotary base
+    computes any position, and a run past its context is how a longer one is learned: it is said, not refused."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    longest = max((len(r["input_ids"]) for r in rows), default=0)
+    if not isinstance(context, int) or longest <= context:
+        return
+    if getattr(c, "rope_parameters", None) or getattr(c, "rope_theta", None):
+        print(f"rows of up to {longest:,} tokens run past the base's max_position_embeddings={context:,}: its rotary "
+              "positions beyond that were never trained, and this run trains them")
+        return
+    raise ConfigError(f"rows of up to {longest:,} tokens run past the {context:,} positions of the base's learned "
+                      f"position embeddings (config.json max_position_embeddings): set --data.max_seq_len={context} "
+                      "or less")

@@ -49,7 +49,7 @@ from qlora.memory.candidates import (
 from qlora.memory.context import budget_text
 from qlora.memory.costs import COSTS, LeverCost
 from qlora.memory.estimate import Estimate, estimate
-from qlora.memory.preflight import divisors, fits, needs, room
+from qlora.memory.preflight import fits, needs, room
 from qlora.memory.readings import available_bytes
 
 GIB = 2**30
@@ -175,25 +175,6 @@ def why_off(cfg: Config, plan: Plan, row: LeverCost, figure: float) -> str:
     if with_settings(cfg, {**plan.settings, row.lever: on_value(cfg, row)}) is None:
         return "not allowed beside the levers on"
     return "does not fit beside the levers on"
-
-
-def reshaped(cfg: Config) -> bool:
-    """Whether the plan changed the recipe's batch shape."""
-    return any(override_key(item) in SHAPE for item in cfg.train.plan_chose)
-
-
-def fewer_rows(cfg: Config, most: int) -> None:
-    """With the batch shape the plan's and fewer training rows per process than its micro-batch (known only once the
-    data is read, after the plan): the largest micro-batch of at most `most` rows that divides the step's rows. Fewer
-    rows need less memory, so it still fits; printed and recorded in train.plan_chose."""
-    t = cfg.train
-    rows = t.batch_size * t.grad_accum
-    b = divisors(rows, max(1, most))[-1]
-    print(f"train.plan=fastest: micro-batches of {t.batch_size} rows exceed the {most} training rows of a process: "
-          f"{b} rows x {rows // b} micro-batches a step instead")
-    t.batch_size, t.grad_accum = b, rows // b
-    t.plan_chose = [item for item in t.plan_chose if override_key(item) not in SHAPE] + [
-        f"--train.batch_size={b}", f"--train.grad_accum={rows // b}"]
 
 
 def unplanned(cfg: Config, overrides: list[str]) -> None:

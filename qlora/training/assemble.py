@@ -20,6 +20,7 @@ from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.base.sliding_window import configured_window
 from qlora.config import Config, read_config_json
 from qlora.config.model import FP16_ON_CUDA
+from qlora.data.batches import check_positions
 from qlora.data.files import rows_sha256
 from qlora.data.labels import load_splits, read_splits
 from qlora.data.pack import check_packing, pack_examples, packing_summary
@@ -127,25 +128,6 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
     return dict(**run, train_rows=train_rows, eval_rows=eval_rows)
 
 
-def check_positions(config: object, rows: list[dict]) -> None:
-    """Refuse rows longer than a base with learned position embeddings has positions (config.json's
-    max_position_embeddings or n_positions: OPT, GPT-2): the first such batch ended in an IndexError mid-run on the
-    CPU (measured on a tiny OPT with 32 positions, rows of ~60 tokens), a device-side assert on CUDA. A rotary base
-    computes any position, and a run past its context is how a longer one is learned: it is said, not refused."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    context = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-    longest = max((len(r["input_ids"]) for r in rows), default=0)
-    if not isinstance(context, int) or longest <= context:
-        return
-    if getattr(c, "rope_parameters", None) or getattr(c, "rope_theta", None):
-        print(f"rows of up to {longest:,} tokens run past the base's max_position_embeddings={context:,}: its rotary "
-              "positions beyond that were never trained, and this run trains them")
-        return
-    raise ConfigError(f"rows of up to {longest:,} tokens run past the {context:,} positions of the base's learned "
-                      f"position embeddings (config.json max_position_embeddings): set --data.max_seq_len={context} "
-                      "or less")
-
-
 def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
     """Derived quantities, once, before the first step."""
     model, t = run["model"], cfg.train
@@ -179,6 +161,9 @@ def print_summary(cfg: Config, run: dict, processes: int = 1) -> None:
           f"{longest} of max_seq_len {cfg.data.max_seq_len}); {len(run['train_rows'])} train rows, "
           f"{len(run['eval_rows'])} held out")
     print(f"tokenised rows in host memory: {held_line(run['train_rows'], run['eval_rows'])}")
+    if t.warmup_steps >= t.steps:  # the schedule's warmup: lr (step + 1) / (warmup_steps + 1) of train.lr
+        print(f"train.warmup_steps={t.warmup_steps} is not shorter than the run's {t.steps} steps: the learning rate "
+              f"rises to {t.steps / (t.warmup_steps + 1):.1%} of train.lr={t.lr:g} and never decays")
 
 
 def read_run_config(run_dir: Path) -> Config:
