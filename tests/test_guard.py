@@ -1,0 +1,139 @@
+"""How a run's watch (qlora/training/guard.py) hears SIGINT, SIGTERM, SIGHUP and a reader that left, in this process:
+what it installs, what it says, the stop it gives and what it puts back; and how a skipped step names its rows. The
+runs that end so are in tests/test_crash.py and tests/test_console.py (minutes); these call the guard itself."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pty
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from tqdm import tqdm
+
+from qlora.config import Config
+from qlora.data.batches import batch_rows
+from qlora.errors import Session
+from qlora.training.guard import RunGuard, WatchedStdout, data_position
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture
+def heard() -> list[int]:
+    """The handlers a command had before the loop (cli.py's): each records its signal here; put back after."""
+    got: list[int] = []
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig in SIGNALS:
+        signal.signal(sig, lambda signum, frame: got.append(signum))
+    yield got
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+def test_the_watch_stops_after_the_step_in_flight_and_puts_back_what_it_replaced(
+        tiny_config: Config, heard: list[int], capfd: pytest.CaptureFixture) -> None:
+    handlers, stdout = {sig: signal.getsignal(sig) for sig in SIGNALS}, sys.stdout
+    with RunGuard(tiny_config) as watch:
+        watch.catch_signals()
+        assert isinstance(sys.stdout, WatchedStdout)
+        watch.bar = bar = tqdm(total=4, file=io.StringIO())
+        signal.raise_signal(signal.SIGTERM)
+        assert watch.signal == signal.SIGTERM and heard == []  # heard, not acted on: the step goes on
+        assert capfd.readouterr().err == ("\nSIGTERM: stopping after the step in flight, with a checkpoint (SIGTERM "
+                                          "again stops at once)\n")
+        signal.raise_signal(signal.SIGTERM)  # the second acts at once, as the command's own handler has it
+        assert heard == [signal.SIGTERM]
+        stop = watch.stopped_by_signal(3, Path("run/checkpoint-3"))
+        assert (stop.code, str(stop)) == (143, "stopped by SIGTERM after step 3; run/checkpoint-3 holds it: continue "
+                                               "with --resume")
+        stop = watch.stopped_by_signal(0, None)
+        assert (stop.code, str(stop)) == (143, "stopped by SIGTERM before the first step; no checkpoint was written: "
+                                               "run the command again to start")
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == handlers and sys.stdout is stdout
+    assert bar.disable  # closed: its line ended before the stop's
+    signal.raise_signal(signal.SIGINT)  # after the run, the command's own handler again
+    assert heard == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_a_process_that_does_not_speak_for_the_run_hears_a_signal_without_a_word(
+        tiny_config: Config, heard: list[int], capfd: pytest.CaptureFixture) -> None:
+    with RunGuard(tiny_config, main=False) as watch:
+        watch.catch_signals()
+        signal.raise_signal(signal.SIGINT)
+        assert watch.signal == signal.SIGINT and heard == []
+    assert capfd.readouterr().err == ""
+
+
+def test_sighup_is_heard_unless_ignored_and_a_signal_while_loading_is_kept(
+        tiny_config: Config, heard: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # under nohup: not the trainer's to stop
+    with RunGuard(tiny_config) as watch:
+        watch.catch_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and watch.signal is None
+    signal.raise_signal(signal.SIGTERM)  # a run that heard none puts back the command's handlers too
+    assert heard == [signal.SIGTERM]
+    signal.signal(signal.SIGHUP, lambda signum, frame: heard.append(signum))
+    # A Ctrl-C that came while a library loaded, and that the library caught and went on from (qlora/cli.py)
+    monkeypatch.setattr(Session, "signal", signal.SIGINT)
+    with RunGuard(tiny_config) as watch:
+        watch.catch_signals()
+        assert watch.signal == signal.SIGINT
+        signal.raise_signal(signal.SIGHUP)
+        assert watch.signal == signal.SIGHUP and heard == [signal.SIGTERM]
+
+
+def test_a_reader_that_left_stops_the_run_as_sigpipe_or_sighup_after_any_signal_before(tiny_config: Config) -> None:
+    def reader_gone(make: Callable[[], io.TextIOWrapper], already: int | None = None) -> int | None:
+        """A line written to, then flushed on, a stream whose reader `make` closes; the signal the watch then has."""
+        watch = RunGuard(tiny_config)
+        watch.signal = already
+        stream = make()
+        out = WatchedStdout(stream, watch)
+        assert out.write("a line\n") == len("a line\n")  # line-buffered: written through, into the closed pipe
+        out.write("more")
+        out.flush()
+        out.write("and more\n")  # into /dev/null from then on
+        stream.close()
+        return watch.signal
+
+    def pipe() -> io.TextIOWrapper:  # `| head` that has its lines
+        read, write = os.pipe()
+        os.close(read)
+        return open(write, "w", buffering=1)
+
+    def terminal() -> io.TextIOWrapper:  # a terminal closed: EIO
+        main, follower = pty.openpty()
+        os.close(main)
+        return open(follower, "w", buffering=1)
+
+    def buffered_pipe() -> io.TextIOWrapper:  # the reader leaves between a write and its flush
+        read, write = os.pipe()
+        os.close(read)
+        return open(write, "w")
+
+    assert reader_gone(pipe) == signal.SIGPIPE
+    assert reader_gone(buffered_pipe) == signal.SIGPIPE
+    assert reader_gone(terminal) == signal.SIGHUP
+    assert reader_gone(pipe, signal.SIGTERM) == signal.SIGTERM  # the first to come decides the exit status
+    with open("/dev/full", "w") as full:  # a disk full is no reader gone: the error it is
+        out = WatchedStdout(full, RunGuard(tiny_config))
+        out.write("x")
+        with pytest.raises(OSError) as err:
+            out.flush()
+        assert err.value.errno == errno.ENOSPC
+        full.buffer.raw.close()  # the line it kept would only fail again on closing
+
+
+def test_a_skipped_step_names_its_micro_batches_and_their_rows() -> None:
+    def rows(*indices: int) -> str:
+        return ", ".join(map(str, sorted(r for i in indices for r in batch_rows(20, 2, 0, i))))
+
+    # train.grad_accum=1: one micro-batch a step
+    assert data_position(5, 1, 20, 2, 0) == f"micro-batch 5 (rows {rows(5)} of the training split)"
+    assert data_position(5, 2, 20, 2, 0) == f"micro-batches 5-6 (rows {rows(5, 6)} of the training split)"
