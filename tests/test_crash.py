@@ -519,7 +519,8 @@ def test_out_of_memory_reports_the_phase_and_what_would_fit_and_keeps_the_checkp
     report = result.stderr[result.stderr.index("error: out of memory"):]  # after the library warnings
     lines = report.strip().splitlines()
     assert re.fullmatch(r"error: out of memory in the forward and backward of step 3, micro-batch 4 rows x \d+ "
-                        r"tokens: CUDA out of memory\. Tried to allocate 1\.50 GiB\..*", lines[0]), lines[0]
+                        r"tokens \(the step's longest\): CUDA out of memory\. Tried to allocate 1\.50 GiB\..*",
+                        lines[0]), lines[0]
     assert lines[1].startswith("memory when it failed: ")
     assert lines[2].startswith("peaks of the phases before: ")
     assert lines[3].startswith("estimated peak of this recipe ") and "(qlora.memory.estimate)" in lines[3]

@@ -137,3 +137,23 @@ def test_a_skipped_step_names_its_micro_batches_and_their_rows() -> None:
     # train.grad_accum=1: one micro-batch a step
     assert data_position(5, 1, 20, 2, 0) == f"micro-batch 5 (rows {rows(5)} of the training split)"
     assert data_position(5, 2, 20, 2, 0) == f"micro-batches 5-6 (rows {rows(5, 6)} of the training split)"
+
+
+def test_the_shape_an_out_of_memory_report_names_is_the_steps_longest_micro_batch(tiny_config: Config) -> None:
+    """The report's 'micro-batch R rows x T tokens', and the width its suggestions scale from where the estimator has
+    no model: the first micro-batch's, whatever ran out (a step of 8 x 30 then 8 x 60 tokens was reported as 8 x 30)."""
+    import torch
+
+    from qlora.training.oom import oom_report
+
+    watch = RunGuard(tiny_config)
+    micro = [{"input_ids": torch.zeros(8, width, dtype=torch.long)} for width in (30, 60, 45)]
+    watch.at("the forward and backward", 6, micro)
+    assert watch.batch_shape == (8, 60)
+    tiny_config.train.grad_accum = 3
+    report = oom_report(MemoryError(), tiny_config, torch.device("cpu"), watch.phase, watch.step, watch.batch_shape,
+                        None)
+    assert report.startswith("out of memory in the forward and backward of step 7, micro-batch 8 rows x 60 tokens "
+                             "(the step's longest): MemoryError")
+    watch.at("the optimizer step", 6)
+    assert watch.batch_shape is None

@@ -93,7 +93,8 @@ class RunGuard:
     def at(self, phase: str, step: int, micro: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Name the phase in flight, for the report if it runs out of memory."""
         self.phase, self.step = phase, step
-        self.batch_shape = tuple(micro[0]["input_ids"].shape) if micro else None
+        # the step's longest micro-batch: the one its memory and the report's suggestions scale with
+        self.batch_shape = max((tuple(b["input_ids"].shape) for b in micro), key=lambda s: s[1]) if micro else None
 
 
 class WatchedStdout:

@@ -64,7 +64,8 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
         where += f" of step {step + 1}"
     elif step:
         where += f" after step {step}"
-    shape = f", micro-batch {batch_shape[0]} rows x {batch_shape[1]} tokens" if batch_shape else ""
+    longest = " (the step's longest)" if cfg.train.grad_accum > 1 else ""
+    shape = f", micro-batch {batch_shape[0]} rows x {batch_shape[1]} tokens{longest}" if batch_shape else ""
     said = str(err).strip().splitlines() or [type(err).__name__]  # Python's own MemoryError has no words
     lines = [f"out of memory {where}{shape}: {said[0]}",
              f"memory when it failed: {_size(now)} in use, peak {_size(peak)} in this phase, {_size(total)} on "
