@@ -409,6 +409,10 @@ def test_closing_memory_line_compares_like_with_like_on_cuda_and_says_what_each_
     assert "activations and the rest 0.49 GiB" in cpu and "the estimate, 0.64 GiB for batches of 8 x 61 tokens, " \
         "counts tensors only" in cpu, cpu
     assert len(cpu) <= 240 and len(cuda) <= 240  # was ~560: one line, not a paragraph
+    # A category under 1% of the peak is left out: a CPU peak's 0-byte CUDA context, 3 MiB of gradients in 600 MiB.
+    small = one_line({**SUMMARY, "device": "cpu", "peak_by_category": {
+        **SUMMARY["peak_by_category"], "gradients": 3 * 2**20, "adapters": 6 * 2**20, "cuda_context": 0}})
+    assert "adapters 6.0 MiB" in small and "gradients" not in small and "context" not in small, small
 
 
 def test_phase_tracker_keeps_the_larger_peak_of_a_repeated_phase():

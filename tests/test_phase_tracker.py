@@ -106,6 +106,18 @@ def test_unused_pages_of_a_mapped_checkpoint_are_those_no_tensor_lies_in(tmp_pat
     model = torch.nn.Module()
     model.weight = torch.nn.Parameter(torch.frombuffer(mapped, dtype=torch.uint8, count=4 * MIB), requires_grad=False)
     assert unused_file_pages(model) == 4 * MIB
+    # A second parameter on the first's storage is the same pages; a buffer in the file is used as a parameter is.
+    model.head = torch.nn.Parameter(model.weight[:MIB], requires_grad=False)
+    model.register_buffer("scale", torch.frombuffer(mapped, dtype=torch.uint8, count=2 * MIB, offset=4 * MIB))
+    assert unused_file_pages(model) == 2 * MIB
+    del model
+    mapped.close()
+    # A parameter on pages never read: no resident page is unused, and its own are not taken off the others'.
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.frombuffer(mapped, dtype=torch.uint8), requires_grad=False)
+    assert unused_file_pages(model) == 0
     del model
 
 
@@ -148,3 +160,80 @@ def test_the_measured_optimizer_step_holds_the_gradients():
     train_steps(cfg, 1, tracker)
     step = tracker.records["optimizer_step"]["categories"]
     assert step["gradients"] == step["adapters"] > 0
+
+
+@in_a_fresh_process
+def test_a_repeated_phase_takes_a_higher_step_and_a_lower_step_resets_the_peak():
+    """A step below the phase's record ends at the high-water mark check, which still resets the peak: the next phase
+    reads its own, not that step's 48 MiB; a later step above the record is measured and kept."""
+    tracker = PhaseTracker(CPU)
+    touch(72)
+    first = tracker.mark("steady")["allocated"]
+    touch(48)
+    assert tracker.mark("steady")["allocated"] == first  # lower: the record stands
+    assert tracker.mark("evaluate")["allocated"] < 16 * MIB
+    touch(96)
+    tracker.mark("steady")
+    assert first < 88 * MIB <= tracker.phases["steady"], (first, tracker.phases)
+
+
+@in_a_fresh_process
+def test_a_marks_peak_leaves_out_mapped_checkpoint_pages_no_tensor_lies_in(tmp_path: Path):
+    """A 64 MiB .safetensors file mapped and read after the start, a parameter on its first 8 MiB: the other 56 MiB
+    are resident but the kernel's to drop, so the phase's peak is the 8 MiB, not the 64."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(64 * MIB))
+    tracker = PhaseTracker(CPU)  # after the write: its 64 MiB of bytes are not the phase's
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    assert sum(mapped[i] for i in range(0, 64 * MIB, mmap.PAGESIZE)) == 0  # every page resident
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.frombuffer(mapped, dtype=torch.uint8, count=8 * MIB), requires_grad=False)
+    tracker.watch(model)
+    record = tracker.mark("backward")
+    assert 8 * MIB <= record["allocated"] < 24 * MIB, record
+    assert record["categories"]["unquantized_weights"] == 8 * MIB
+    del model, tracker
+
+
+def test_a_cuda_mark_counts_paged_state_once_and_keeps_a_repeated_phases_larger_peak(monkeypatch):
+    """A CUDA mark, the card's counters set by hand (context 4 MiB): optimizer state paged outside the allocator
+    (1 MiB) is optimizer state in the categories and outside the allocator in the card's total, not a category of its
+    own as well; a later step of the same phase with a smaller card total leaves the larger."""
+    card = {"mem_get_info": (10 * MIB, 16 * MIB), "memory_reserved": 2 * MIB, "memory_stats": {},
+            "max_memory_reserved": 9 * MIB, "max_memory_allocated": 7 * MIB, "reset_peak_memory_stats": None,
+            "device_memory_used": 12 * MIB}
+    for name in card:
+        monkeypatch.setattr(torch.cuda, name, lambda *_, name=name: card[name])
+    model = torch.nn.Linear(512, 512)  # host tensors, the optimizer's and a frozen bias: not the card's
+    model.bias.requires_grad_(False)
+    optimizer = torch.optim.AdamW([model.weight])
+    model(torch.randn(2, 512)).sum().backward()
+    optimizer.step()
+    optimizer.state[model.weight]["exp_avg"].is_paged = True
+    tracker = PhaseTracker(torch.device("cuda", 0))
+    assert tracker.context == 4 * MIB
+    tracker.watch(model, optimizer)
+    card["memory_reserved"] = 5 * MIB
+    first = tracker.mark("steady")
+    assert first["categories"] == {"quantized_weights": 0, "unquantized_weights": 0, "adapters": 0, "gradients": 0,
+                                   "optimizer_state": MIB}
+    assert (first["outside_allocator"], first["card_total"], first["card_total_now"]) == (MIB, 14 * MIB, 10 * MIB)
+    assert first["activations"] == 7 * MIB  # allocated + outside, less the categories
+    card.update(max_memory_reserved=6 * MIB, max_memory_allocated=5 * MIB)
+    tracker.mark("steady")
+    assert tracker.phases == {"steady": 14 * MIB} and tracker.records["steady"] is first
+
+
+def test_a_malformed_carried_record_is_ignored_on_resume():
+    """What a checkpoint carries is read back only where it is a phase's int peak with a record beside it: a string
+    peak or a missing record is dropped, not taken to fail the resumed run's next mark or its memory.json."""
+    tracker = PhaseTracker(CPU)
+    record = {"allocated": 7, "reserved": 7, "active": 7, "outside_allocator": 0, "categories": {}, "activations": 7}
+    for carried in (None, [], {"phases": []}, {"phases": {}, "records": None}):
+        tracker.restore(carried)
+    tracker.restore({"phases": {"steady": "12", "backward": 9, "optimizer_step": 7},
+                     "records": {"steady": record, "backward": None, "optimizer_step": record}})
+    assert tracker.phases == {"optimizer_step": 7}
+    tracker.mark("steady")
+    assert tracker.summary()["peak_phase"] in ("optimizer_step", "steady")
