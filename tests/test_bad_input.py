@@ -649,6 +649,23 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("where", ["metrics.jsonl", "checkpoint-2/rows.jsonl"])
+@pytest.mark.parametrize("key", ["train", "eval"])
+def test_a_data_file_at_a_name_the_run_writes_is_refused(cli, tmp_path, key, where):
+    """--data.train=out/metrics.jsonl --output.dir=out --overwrite read the rows, then deleted the user's data file as
+    an earlier run's metrics and trained on with exit 0 (found by h42)."""
+    out = tmp_path / "run"
+    (out / where).parent.mkdir(parents=True)
+    shutil.copy(ROOT / f"recipes/data/tiny/{'heldout' if key == 'eval' else 'train'}.jsonl", out / where)
+    before = snapshot(out)
+    result = cli.run([TINY, f"--data.{key}={out / where}", f"--output.dir={out}", "--overwrite", "--train.steps=1"])
+    check_refused(result, rf"data.{key}=.*{where} lies at {where.split('/')[0]} in output.dir=.*run, a name the "
+                          r"run writes \(and --overwrite removes\): move the data file out of it, or use another "
+                          r"output.dir")
+    assert snapshot(out) == before
+    assert "loading " not in result.stdout
+
+
 @pytest.mark.parametrize(("flag", "pattern"), [
     ("--data.train={d}/nope.jsonl", r"data file .*nope.jsonl not found"),
     ("--data.eval={d}/nope.jsonl", r"data file .*nope.jsonl not found"),
