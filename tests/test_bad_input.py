@@ -649,6 +649,18 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize(("kept", "shown"), [("model.layers.9.mlp.down_proj", "model.layers.9.mlp.down_proj"),
+                                             ("model.layers.0.mlp.up_proj,down_proj", "down_proj")])
+def test_a_kept_layer_the_base_lacks_is_refused_before_loading(cli, tmp_path, kept, shown):
+    """quant.keep_16bit naming no layer (layer 9 of 2, a bare suffix) was refused only after the base was loaded (a
+    70B's minutes); the safetensors headers tell it first (found by h42)."""
+    result = cli.run([TINY, f"--quant.keep_16bit={kept}", f"--output.dir={tmp_path / 'run'}"])
+    check_refused(result, rf"quant.keep_16bit names {shown}, which is not a linear layer of .*tiny-llama-v2: use full "
+                          r"names such as model.layers.0.mlp.down_proj$")
+    assert "loading " not in result.stdout, result.stdout
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("where", ["metrics.jsonl", "checkpoint-2/rows.jsonl"])
 @pytest.mark.parametrize("key", ["train", "eval"])
 def test_a_data_file_at_a_name_the_run_writes_is_refused(cli, tmp_path, key, where):

@@ -339,7 +339,7 @@ def test_bad_settings_are_refused_with_the_key_and_the_fix() -> None:
         tiny("--quant.keep_16bit_budget=1.5")
     with pytest.raises(ConfigError, match="quant.method=lora loads none"):
         tiny("--quant.method=lora", "--quant.keep_16bit_budget=0.05")
-    with pytest.raises(ConfigError, match="quant.keep_16bit names model.layers.9.mlp.up_proj, which is not a 4-bit"):
+    with pytest.raises(ConfigError, match="keep_16bit names model.layers.9.mlp.up_proj, which is not a linear"):
         load_base(tiny("--quant.keep_16bit=model.layers.9.mlp.up_proj"), CPU)
 
 

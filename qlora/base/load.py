@@ -25,7 +25,7 @@ from qlora.base.quantize import (
     rebuild_from_checkpoint,
     weight_bytes,
 )
-from qlora.base.stored_weights import damaged
+from qlora.base.stored_weights import check_kept_layers, damaged
 from qlora.config import Config, QuantConfig
 from qlora.console import announce, since
 from qlora.errors import ConfigError
@@ -134,6 +134,7 @@ def load_base(cfg: Config, device: torch.device,
         offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     else:
         config = check_model_dir(path, f"model.path={path}", cfg.model.trust_remote_code)
+        check_kept_layers(cfg.quant.keep_16bit, path)
         if not cfg.model.trust_remote_code and (note := unrun_code(config, f"model.path={path}")):
             print(note)
     kwargs = dict(dtype=dtype, device_map={"": device},

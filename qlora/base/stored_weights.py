@@ -148,3 +148,22 @@ def check_index(path: Path, stored: dict[str, tuple[tuple[int, ...], str, str]],
         raise ConfigError(f"{what}: {INDEX} maps {moved[0]} to {weight_map[moved[0]]}, but {stored[moved[0]][1]} "
                           f"holds it ({len(moved)} tensor(s) in all): the index and the shards are of different "
                           "downloads; download the checkpoint again")
+
+
+def check_kept_layers(names: list[str], path: str | Path) -> None:
+    """quant.keep_16bit against the safetensors headers, before the base is loaded: a name with no matrix stored
+    under it is no linear layer of the checkpoint (refused after the load before, a 70B's minutes later). A name
+    stored without the base model's prefix (`layers.0...` for `model.layers.0...`) counts as its own."""
+    from qlora.base.build import INDEX, checkpoint_shards
+
+    path = Path(path)
+    if not names or not ((path / "model.safetensors").is_file() or (path / INDEX).is_file()):
+        return
+    stored = stored_shapes(checkpoint_shards(path), f"model.path={path}")
+    matrices = sorted(n.removesuffix(".weight") for n, (shape, _, _) in stored.items()
+                      if n.endswith(".weight") and len(shape) == 2)
+    unknown = [n for n in names if not any(n == m or n.endswith(f".{m}") for m in matrices)]
+    if unknown and matrices:  # none: names of a scheme the loader maps, left to its own check after the load
+        example = next((m for m in matrices if ".layers." in m), matrices[0])
+        raise ConfigError(f"quant.keep_16bit names {unknown[0]}, which is not a linear layer of {path}: use full "
+                          f"names such as {example}")
