@@ -201,6 +201,13 @@ CASES = [
     ("log_every < 0", [TINY, "--train.log_every=-3"], r"train.log_every=-3 must be a positive integer"),
     ("negative weight decay", [TINY, "--train.weight_decay=-1"], r"train.weight_decay=-1.0 must not be negative"),
     ("infinite weight decay", [TINY, "--train.weight_decay=inf"], r"train.weight_decay=inf is not a finite number"),
+    # 3 steps at 1e6 (lr x decay = 500 from step 1) trained with exit 0: the loss up from 5.76 to 6.95, a step
+    # non-finite, the held-out loss worse than the base's, the adapter written (found by h42)
+    ("decay past 1 / lr", [TINY, "--train.weight_decay=1e6"], r"train.weight_decay=1e\+06 x train.lr=0.003 = 3000 "
+     r"is not below 1, so each step would flip or zero the adapters .*: set train.weight_decay below 333.333, e.g. "
+     r"--train.weight_decay=0.01$"),
+    ("decay at 1 / lr", [TINY, "--train.lr=0.5", "--train.weight_decay=2"], r"train.weight_decay=2 x train.lr=0.5 = 1 "
+     r"is not below 1"),
     ("negative clipping", [TINY, "--train.max_grad_norm=-1"], r"train.max_grad_norm=-1.0 must not be negative"),
     ("nan clipping", [TINY, "--train.max_grad_norm=nan"], r"train.max_grad_norm=nan is not a finite number"),
     ("flash attention not installed", [TINY, "--model.attn_implementation=flash_attention_2"],

@@ -136,6 +136,11 @@ class TrainConfig(*FIELDS["train"]):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}="
                                   f"{getattr(TrainConfig, key)}")
+        if self.lr * self.weight_decay >= 1:  # AdamW's decoupled decay: each step multiplies a weight by 1 - lr x decay
+            raise ConfigError(f"train.weight_decay={self.weight_decay:g} x train.lr={self.lr:g} = "
+                              f"{self.lr * self.weight_decay:g} is not below 1, so each step would flip or zero the "
+                              "adapters (AdamW multiplies them by 1 - lr x decay): set train.weight_decay below "
+                              f"{1 / self.lr:g}, e.g. --train.weight_decay=0.01")
         if not 0 <= self.seed < 2**32:  # torch seeds are 64-bit, and batch order mixes the seed with the epoch
             raise ConfigError(f"train.seed={self.seed} must lie in [0, 2**32), e.g. --train.seed=0")
         if self.schedule not in ("cosine", "constant"):
