@@ -208,6 +208,9 @@ CASES = [
      r"--train.weight_decay=0.01$"),
     ("decay at 1 / lr", [TINY, "--train.lr=0.5", "--train.weight_decay=2"], r"train.weight_decay=2 x train.lr=0.5 = 1 "
      r"is not below 1"),
+    # trained with exit 0 and the adapters unmoved: each step's loss the base's on its rows (found by h42)
+    ("clipping to nothing", [TINY, "--train.max_grad_norm=1e-30"], r"train.max_grad_norm=1e-30 clips the adapters' "
+     r"gradient below AdamW's eps .* set it to 0 \(off\) or at least 1e-06, e.g. --train.max_grad_norm=1.0$"),
     ("negative clipping", [TINY, "--train.max_grad_norm=-1"], r"train.max_grad_norm=-1.0 must not be negative"),
     ("nan clipping", [TINY, "--train.max_grad_norm=nan"], r"train.max_grad_norm=nan is not a finite number"),
     ("flash attention not installed", [TINY, "--model.attn_implementation=flash_attention_2"],

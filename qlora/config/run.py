@@ -14,6 +14,9 @@ from qlora.levers import FIELDS
 PLANS = ("recipe", "fastest")  # train.plan: the levers as set, or the fastest that fit (qlora/memory/plan.py)
 FP32_TINY = 2.0**-126  # torch.finfo(torch.float32).tiny, without importing torch for --help
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")  # train.optimizer's choices
+# Below it, a gradient clipped to this norm has elements under AdamW's eps of 1e-8 in any adapter of 10^4 or more
+# weights (1e-6 / sqrt(1e4)): the step is eps-dominated, and 1e-30 trained the tiny recipe not at all.
+MIN_CLIP = 1e-6
 
 
 @dataclass
@@ -136,6 +139,10 @@ class TrainConfig(*FIELDS["train"]):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must not be negative, e.g. --train.{key}="
                                   f"{getattr(TrainConfig, key)}")
+        if 0 < self.max_grad_norm < MIN_CLIP:
+            raise ConfigError(f"train.max_grad_norm={self.max_grad_norm:g} clips the adapters' gradient below AdamW's "
+                              "eps (1e-8 per element), so the updates shrink to nothing and the run trains nothing: "
+                              f"set it to 0 (off) or at least {MIN_CLIP:g}, e.g. --train.max_grad_norm=1.0")
         if self.lr * self.weight_decay >= 1:  # AdamW's decoupled decay: each step multiplies a weight by 1 - lr x decay
             raise ConfigError(f"train.weight_decay={self.weight_decay:g} x train.lr={self.lr:g} = "
                               f"{self.lr * self.weight_decay:g} is not below 1, so each step would flip or zero the "
