@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from test_crash import adapter, assert_same_run, interrupt, metrics, slowed
 
 from qlora.adapters.lora import ADAPTER_WEIGHTS
-from qlora.config import load_recipe
+from qlora.config import load_recipe, resolve_paths
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
@@ -289,6 +289,27 @@ def test_packed_rows_keep_their_length_on_resume(tmp_path):
     with pytest.raises(ConfigError, match=r"--resume cannot change data.max_seq_len \(128 -> 64\): it fixes the rows "
                                           r"the documents are packed into \(data.pack\)"):
         resume_config(cfg, ["--data.max_seq_len=64"])
+
+
+@pytest.mark.parametrize(("override", "fixes"), [
+    ("--data.format=text", "the data the run trains on"),
+    ("--data.eval_fraction=0.2", "the held-out split its losses compare"),
+])
+def test_a_setting_the_checkpoints_fix_is_refused_on_resume(tmp_path, override, fixes):
+    """Each went on from the checkpoint without a word where left out of FIXED_ON_RESUME (tests/test_bad_input.py
+    changes the others): the rows read as plain text where the run read them by their format (other tokens, other
+    targets), or another share of the training file held out (the split redrawn, held-out rows trained on). Refused
+    once a checkpoint exists, naming what it fixes; before one, the resume is a new start and takes it."""
+    cfg = copy.deepcopy(TINY)
+    cfg.output.dir, cfg.data.eval = str(tmp_path), None  # the held-out rows split off the training file
+    (tmp_path / "run_config.json").write_text(json.dumps(resolve_paths(copy.deepcopy(cfg)).to_dict()))
+    key = override[2:].split("=")[0]
+    section, name = key.split(".")
+    assert getattr(getattr(resume_config(cfg, [override]), section), name) != getattr(getattr(cfg, section), name)
+    (tmp_path / "checkpoint-1").mkdir()
+    with pytest.raises(ConfigError, match=rf"^--resume cannot change {re.escape(key)} \(.*\): it fixes {fixes}; "
+                                          rf"drop --{re.escape(key)} to continue the run"):
+        resume_config(cfg, [override])
 
 
 @pytest.mark.parametrize(("n", "old", "new", "seen"), [(200, 4, 2, 4), (200, 4, 3, 7), (200, 8, 5, 30), (10, 3, 4, 5)])
