@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from test_crash import adapter, assert_same_run, interrupt, metrics, slowed
 
 from qlora.adapters.lora import ADAPTER_WEIGHTS
-from qlora.config import load_recipe, resolve_paths
+from qlora.config import config_from_dict, load_recipe, resolve_paths
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
@@ -310,6 +310,31 @@ def test_a_setting_the_checkpoints_fix_is_refused_on_resume(tmp_path, override, 
     with pytest.raises(ConfigError, match=rf"^--resume cannot change {re.escape(key)} \(.*\): it fixes {fixes}; "
                                           rf"drop --{re.escape(key)} to continue the run"):
         resume_config(cfg, [override])
+
+
+@pytest.mark.parametrize(("section", "edit"), [("lora", {"alpha": 64}), ("quant", {"quant_type": "fp4"}),
+                                              ("data", {"max_seq_len": 64})])
+def test_an_identity_or_packed_length_edited_in_run_config_is_refused(tmp_path, section, edit):
+    """run_config.json edited since the checkpoint: lora.alpha (or quant.quant_type) there, and qlora.eval, which
+    checks the file against the checkpoint alone, scored the adapter at another scale of its update (or on another
+    base); data.max_seq_len of a packed run, its held-out rows packed into others."""
+    from qlora.training.runconfig import check_recorded
+
+    cfg = copy.deepcopy(TINY)
+    cfg.data.pack = True
+    (tmp_path / "checkpoint-1").mkdir()
+    torch.save({"config": cfg.to_dict()}, tmp_path / "checkpoint-1" / STATE)
+    (tmp_path / "checkpoint-1" / OPTIMIZER).touch()  # a checkpoint is listed with both files; only STATE is read
+    raw = cfg.to_dict()
+    (tmp_path / "run_config.json").write_text(json.dumps(raw))
+    assert check_recorded(cfg, tmp_path / "run_config.json")[0] == tmp_path / "checkpoint-1"
+    raw[section].update(edit)
+    (tmp_path / "run_config.json").write_text(json.dumps(raw))
+    (key, value), = edit.items()
+    with pytest.raises(ConfigError, match=rf"run_config.json has {section}.{key}={value!r}, but checkpoint-1 was "
+                                          rf"written with {getattr(getattr(TINY, section), key)!r}, which the "
+                                          rf"checkpoints fix: restore {section}.{key} in run_config.json"):
+        check_recorded(config_from_dict(raw, "run_config.json"), tmp_path / "run_config.json")
 
 
 @pytest.mark.parametrize(("n", "old", "new", "seen"), [(200, 4, 2, 4), (200, 4, 3, 7), (200, 8, 5, 30), (10, 3, 4, 5)])
