@@ -213,6 +213,20 @@ def test_a_recipe_of_another_adapter_or_base_is_another_run(tmp_path, key, value
     check_identity(saved, saved, tmp_path)
 
 
+def test_the_same_base_written_otherwise_and_a_full_runs_lora_keys_are_the_same_run(tmp_path):
+    """Not another run: a base recorded by a run_config.json written before paths were absolute (relative to where
+    the run started) that the recipe names absolute, and lora.r or lora.targets changed in the recipe of a full
+    fine-tuning run, which has no adapters. Refused, each was sent to --overwrite, which deletes the run."""
+    from qlora.training.runconfig import check_identity
+
+    saved, cfg = load_recipe("recipes/tiny.py"), load_recipe("recipes/tiny.py")
+    saved.model.path, cfg.model.path = "recipes/data", str(Path("recipes/data").resolve())
+    check_identity(saved, cfg, tmp_path)
+    saved.quant.method = cfg.quant.method = "full"
+    cfg.lora.r, cfg.lora.targets = 8, ["q_proj"]
+    check_identity(saved, cfg, tmp_path)
+
+
 def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):
     """The exit-3 advice "lower train.lr, then --resume" works: the resumed steps run at the new lr, in the optimizer
     (the adapter moves ~30x less per step) as in the log."""
