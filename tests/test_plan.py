@@ -202,6 +202,16 @@ def test_the_batch_cost_follows_the_fixed_share_of_a_micro_batch() -> None:
     assert batch_cost(cfg, 2, "cpu") > batch_cost(cfg, 4, "cpu") > batch_cost(cfg, 16, "cpu")
     longer = apply_overrides(copy.deepcopy(cfg), [f"--data.max_seq_len={4 * MEASURED_TOKENS['cpu']}"])
     assert batch_cost(cfg, 16, "cpu") < batch_cost(longer, 16, "cpu") < 0  # the fixed part weighs less in long rows
+    # A recipe of 4 x 4 rows: a micro-batch of b rows at the measured length takes f + b (1 - f) of a 1-row one, so a
+    # step (16 / b of them) takes 16 / b (f + b (1 - f)); the cost is against the recipe's 4-row micro-batches (with 1
+    # row, the recipe's rows dropped out of the sum: 1-row micro-batches were weighed as 4-row ones).
+    four = apply_overrides(copy.deepcopy(cfg), ["--train.batch_size=4", "--train.grad_accum=4"])
+
+    def step(b: int) -> float:
+        return 16 / b * (f + b * (1 - f))
+
+    for b in (1, 2, 8, 16):
+        assert batch_cost(four, b, "cpu") == pytest.approx(step(b) / step(4) - 1), b
 
 
 def test_the_same_rows_in_other_micro_batches_give_the_same_losses_and_adapter(tiny_config: Config,
