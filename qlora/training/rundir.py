@@ -130,12 +130,16 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if base is not None and base.is_dir() and run_dir.is_dir() and os.path.samefile(base, run_dir):
         raise ConfigError(f"output.dir={run_dir} is the base model's directory (model.path): transformers would load "
                           "the adapter written there with the base from then on; choose another output.dir")
+    _check_paths(run_dir)  # first: a link loop here is refused in its line, not met by a resolve below
     for key in ("train", "eval"):  # read before the first write, then written over or removed (--overwrite) by it
         data = getattr(cfg.data, key)
-        if data and (name := run_owned(Path(data).expanduser(), run_dir)) is not None:
+        try:
+            name = run_owned(Path(data).expanduser(), run_dir) if data else None
+        except (OSError, RuntimeError):  # a data path in a link loop: the data reader's line says so
+            name = None
+        if name is not None:
             raise ConfigError(f"data.{key}={data} lies at {name} in output.dir={run_dir}, a name the run writes (and "
                               "--overwrite removes): move the data file out of it, or use another output.dir")
-    _check_paths(run_dir)
     if not run_dir.is_dir():
         return ()
     if (pid := lock_holder(run_dir)) is not None:
