@@ -26,10 +26,12 @@ from forked_cli import ROOT, ForkedCLI, Result
 from test_crash import adapter, metrics, wait_for_step  # the run dir's adapter, metrics, progress (rank 0 writes)
 
 from qlora.config import apply_overrides, load_recipe
+from qlora.errors import Stop
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.preflight import needs
 from qlora.training.checkpoint import list_checkpoints
+from qlora.training.launch import LauncherWatch, from_env, joined
 from qlora.training.rundir import lock_holder
 
 STEPS = 6
@@ -557,6 +559,24 @@ def test_kill_9_of_torchrun_stops_its_processes_after_a_step_with_a_checkpoint(t
     m = re.search(r"stopped by SIGTERM after step (\d+); (.+) holds it: continue with --resume\n$", err)
     assert m and list_checkpoints(out)[-1] == out / f"checkpoint-{m.group(1)}", err
     assert lock_holder(out) is None
+
+
+def test_rank_0_says_the_launcher_is_gone_when_another_rank_saw_it_first(monkeypatch, capfd):
+    """Another rank's watch may see the launcher gone first and pass its SIGTERM on (Ranks.agree_signal) before rank
+    0's looks: the run ended "stopped by SIGTERM after step 6" alone (a fresh clone's CI). Rank 0 says it as the run
+    ends, once, and nothing where the launcher is there."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(LauncherWatch, "start", lambda self: self)  # rank 0's own watch has not looked yet
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    for gone in (False, True, True):
+        monkeypatch.setattr(LauncherWatch, "gone", lambda self, gone=gone: gone)
+        with pytest.raises(Stop), joined(cfg):
+            raise Stop(143, "stopped by SIGTERM after step 6")
+        said = capfd.readouterr().err.count("that started this run's processes is gone")
+        assert said == gone, said
+    watch = LauncherWatch(from_env())
+    watch.say(), watch.say()
+    assert capfd.readouterr().err.count("is gone") == 1
 
 
 def test_sigterm_with_dropout_resumes_each_ranks_own_dropout_draws(cli, tmp_path):

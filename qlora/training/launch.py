@@ -109,11 +109,13 @@ def joined(cfg: Config) -> Iterator[Ranks]:
     `Stop` with exit 6 and one line; the process group is taken down at the end (a gloo group left to the
     interpreter's exit aborts it with "terminate called without an active exception")."""
     ranks = from_env()
-    outlive_no_launcher(ranks)
+    launcher = LauncherWatch(ranks).start() if "TORCHELASTIC_RUN_ID" in os.environ else None
     try:
         start(cfg, ranks)
         yield ranks
     except Exception as err:
+        if launcher:
+            launcher.say()
         # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
         if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
             # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down and
@@ -135,26 +137,38 @@ def joined(cfg: Config) -> Iterator[Ranks]:
                 time.sleep(GLOO_DRAIN_S)
 
 
-def outlive_no_launcher(ranks: Ranks) -> None:
+class LauncherWatch:
     """Under torchrun (or accelerate launch, which runs it), stop as for a SIGTERM when the launcher is gone. Its
     kill -9 left the processes it started running on their own (measured: 2 ranks of the tiny recipe at 1,000,000
     steps went on from step 4 to 180 and beyond, with no terminal to stop them and the run's lock held); a SIGTERM to
     torchrun reaches them, a kill -9 does not. They stop after the step in flight, with a checkpoint, as for SIGTERM
     (every rank agrees on the step: Ranks.agree_signal). Not for a process launched otherwise: a run left behind by
     the shell that started it (nohup, a closed ssh session) is meant to go on."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    launcher = os.getppid()
 
-    def watch() -> None:
-        while os.getppid() == launcher:  # the launcher's children are handed to init (or a subreaper) when it dies
+    def __init__(self, ranks: Ranks) -> None:
+        self.pid, self.main = os.getppid(), ranks.main
+        self._unsaid = threading.Lock()  # held once the line is said: said once, by whichever thread comes first
+
+    def start(self) -> LauncherWatch:
+        threading.Thread(target=self._watch, name="qlora: launcher watch", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        while not self.gone():
             time.sleep(LAUNCHER_POLL_S)
-        if ranks.main:
-            with contextlib.suppress(OSError):
-                os.write(2, f"\nthe launcher (pid {launcher}) that started this run's processes is gone\n".encode())
+        self.say()
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, name="qlora: launcher watch", daemon=True).start()
+    def gone(self) -> bool:
+        return os.getppid() != self.pid  # the launcher's children are handed to init (or a subreaper) when it dies
+
+    def say(self) -> None:
+        """On rank 0, once, where the launcher is gone: why the run stopped. Also said as a run ends, for another
+        rank may have seen it first and passed the SIGTERM on (Ranks.agree_signal) before rank 0's watch looked (a
+        fresh clone's CI: "stopped by SIGTERM after step 6" alone); all are handed on at the launcher's death."""
+        if self.main and self.gone() and self._unsaid.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                os.write(2, f"\nthe launcher (pid {self.pid}) that started this run's processes is gone\n".encode())
 
 
 def post_ending(ranks: Ranks, err: BaseException) -> None:
