@@ -13,7 +13,7 @@ from forked_cli import ForkedCLI
 
 from qlora.config import Config, load_recipe
 from qlora.data.batches import collate
-from qlora.data.labels import load_splits
+from qlora.data.splits import load_splits
 
 ROOT = Path(__file__).resolve().parent
 

@@ -26,7 +26,8 @@ from provenance import header, record, write_result  # noqa: E402  (a sibling sc
 
 from qlora import cli  # noqa: E402  (one line and its exit status for each ending)
 from qlora.data.files import read_rows  # noqa: E402
-from qlora.data.labels import load_splits, render_chat  # noqa: E402
+from qlora.data.labels import render_chat  # noqa: E402
+from qlora.data.splits import load_splits  # noqa: E402
 from qlora.export.check import check_export  # noqa: E402
 from qlora.export.gguf_file import TYPES, export  # noqa: E402
 from qlora.training.assemble import load_run_fp32  # noqa: E402

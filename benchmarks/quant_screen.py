@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from qlora.base.load import load_tokenizer, resolve_device
     from qlora.config import apply_overrides, load_recipe
     from qlora.data.batches import collate
-    from qlora.data.labels import load_splits
+    from qlora.data.splits import load_splits
 
     methods = [m for m in args.methods.split(",") if m != "lora"]
     unknown = [m for m in methods if m not in METHODS or m == "full"]

@@ -105,7 +105,7 @@ def run_trl(steps: int, out_dir: str) -> dict:
     from qlora.base.build import ensure_checkpoint
     from qlora.base.load import keep_cpu_weights_exact, load_tokenizer, quantization_config
     from qlora.data.batches import batch_rows
-    from qlora.data.labels import load_splits
+    from qlora.data.splits import load_splits
     from qlora.training.step import evaluate
 
     cfg = demo_config(steps, out_dir)

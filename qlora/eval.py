@@ -25,8 +25,9 @@ from qlora.commands import eval_parser
 from qlora.config import Config, DataConfig
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows, rows_sha256
-from qlora.data.labels import check_rows, detect_format, load_splits, tokenize_rows
+from qlora.data.labels import check_rows, detect_format, tokenize_rows
 from qlora.data.pack import pack_examples
+from qlora.data.splits import load_splits
 from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config

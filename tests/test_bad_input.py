@@ -705,9 +705,17 @@ def test_a_data_file_at_a_name_the_run_writes_is_refused(cli, tmp_path, key, whe
                                            r"add data, as the file's top-level array or one object per line"),
     ("--data.train={d}/rows.jsonl.gz", r"rows.jsonl.gz is compressed: gunzip it and point data.train at the file it "
                                        r"holds \(.jsonl, .json, .parquet, .csv\)"),
+    # a step past the training rows, the held-out ones carved from them or in a file of their own
+    ("--train.grad_accum=100", r"8 rows x 100 accum = 800 rows a step exceed the 600 training rows, so a step would "
+                               r"see rows twice: make train.batch_size x train.grad_accum at most 600 "
+                               r"\(--train.grad_accum=75\), or add rows$"),
+    ("--data.train={d}/seven.jsonl --data.eval=none",
+     r"8 rows x 1 accum = 8 rows a step exceed the 6 training rows, so a step would see rows twice: make "
+     r"train.batch_size x train.grad_accum at most 6 \(--train.batch_size=6 --train.grad_accum=1\), or add rows$"),
 ], ids=["train missing", "held-out missing", "bad line", "row without its field", "bad held-out turn",
         "held-out file of blank lines", "an empty JSON array", "held-out CSV of its header alone",
-        "rows wrapped in an object", "no rows wrapped in an object", "compressed"])
+        "rows wrapped in an object", "no rows wrapped in an object", "compressed", "step past the rows",
+        "step past the rows less the held-out ones"])
 def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, pattern):
     """A missing file, a bad line, or a row the format cannot train on cost a load of the base first (minutes for a
     70B) before it was said."""
@@ -720,7 +728,9 @@ def test_the_data_files_are_read_before_the_base_is_loaded(cli, tmp_path, flag, 
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [{"text": "a b"}, {"text": "c d"}]}))
     (tmp_path / "wrapped-none.json").write_text(json.dumps({"data": []}))
     (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n'))
-    result = cli.run([TINY, flag.replace("{d}", str(tmp_path)), f"--output.dir={tmp_path / 'run'}"])
+    rows = (ROOT / "recipes/data/tiny/train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "seven.jsonl").write_text("".join(rows[:7]))
+    result = cli.run([TINY, *flag.replace("{d}", str(tmp_path)).split(" "), f"--output.dir={tmp_path / 'run'}"])
     check_refused(result, pattern)
     assert "loading " not in result.stdout and "building " not in result.stdout, result.stdout
 

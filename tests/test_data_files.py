@@ -338,7 +338,7 @@ def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, c
     shares its rows: the held-out loss then scores memorisation, and nothing said so."""
     from qlora.base.build import byte_tokenizer
     from qlora.config.run import DataConfig
-    from qlora.data.labels import load_splits
+    from qlora.data.splits import load_splits
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(20)))
@@ -360,7 +360,7 @@ def test_a_missing_data_file_is_named_by_the_setting_or_flag_that_named_it(tmp_p
     setting to fix."""
     from qlora.base.build import byte_tokenizer
     from qlora.config.run import DataConfig
-    from qlora.data.labels import load_splits
+    from qlora.data.splits import load_splits
     from qlora.eval import evaluate_run
 
     missing = tmp_path / "held.jsonl"

@@ -23,7 +23,7 @@ from support import finished_run
 from qlora.adapters.lora import LoRALinear
 from qlora.base.build import ensure_checkpoint
 from qlora.config import load_recipe
-from qlora.data.labels import load_splits
+from qlora.data.splits import load_splits
 from qlora.errors import ConfigError, Stop
 from qlora.export import __main__ as export_command
 from qlora.export.check import BOUNDS, check_export, check_template, divergence, outside_bound, read_back

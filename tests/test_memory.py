@@ -20,7 +20,7 @@ from qlora.base.load import compute_dtype, load_base, load_tokenizer
 from qlora.base.sliding_window import block_size, reach
 from qlora.config import Config, apply_overrides, load_recipe
 from qlora.data.batches import batch_rows
-from qlora.data.labels import load_splits
+from qlora.data.splits import load_splits
 from qlora.levers.tiling.tiles import tile_layers
 from qlora.memory.activations import layer_backward, layer_terms
 from qlora.memory.arch import load_arch

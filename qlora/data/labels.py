@@ -1,4 +1,4 @@
-"""Labels: rows tokenised with the loss masked, and the train and held-out splits.
+"""Labels: rows tokenised with the loss masked.
 
 Labels are -100 wherever no loss is wanted: prompts, system and user turns, padding. Only assistant turns (chat), the
 output (instruction) or every token (text) are learned.
@@ -11,11 +11,8 @@ import math
 from array import array
 
 import jinja2
-import torch
 from transformers import PreTrainedTokenizerBase
 
-from qlora.config import DataConfig
-from qlora.data.files import read_rows
 from qlora.data.tokens import int32
 from qlora.errors import ConfigError
 
@@ -257,44 +254,3 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
         print(f"{source}: dropped {len(dropped)} of {len(rows)} rows with no learnable token within "
               f"max_seq_len={max_seq_len} (the first: {dropped[0]})")
     return examples
-
-
-def read_splits(cfg: DataConfig) -> tuple[str, list[dict], list[dict] | None]:
-    """(format, train rows, held-out rows or None) as the files hold them, before any tokenizer: what a trainer reads
-    before it loads a base, so that a missing file or a bad line costs no load of minutes."""
-    splits = [(source, key, read_rows(source, key)) for source, key in ((cfg.train, "data.train"),
-                                                                        (cfg.eval, "data.eval")) if source]
-    fmt = detect_format(splits[0][2], cfg.train) if cfg.format == "auto" else cfg.format
-    for _, _, rows in splits:
-        check_rows(rows, fmt)
-    return fmt, splits[0][2], splits[1][2] if len(splits) > 1 else None
-
-
-def load_splits(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
-                read: tuple[str, list[dict], list[dict] | None] | None = None) -> tuple[list[dict], list[dict]]:
-    """Tokenised train and held-out examples (of `read`, read_splits' rows, when given); the held-out split is carved
-    from train by seed when not given."""
-    fmt, rows, held_rows = read or read_splits(cfg)
-    train = tokenize_rows(rows, fmt, tokenizer, cfg.train, cfg.max_seq_len)
-    if held_rows is not None:
-        held = tokenize_rows(held_rows, fmt, tokenizer, cfg.eval, cfg.max_seq_len)
-    else:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_eval = max(1, round(len(train) * cfg.eval_fraction))
-        if n_eval >= len(train):
-            raise ConfigError(f"{cfg.train}: {len(train)} rows are too few to hold out {n_eval}: give data.eval")
-        train, held = [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
-    seen = repeated(train, held)
-    if seen:
-        print(f"{cfg.eval or cfg.train}: {seen} of {len(held)} held-out rows are also training rows (within "
-              f"max_seq_len={cfg.max_seq_len}): their loss reads what was learned by heart; remove the duplicates")
-    return train, held
-
-
-def repeated(train: list[dict], held: list[dict]) -> int:
-    """How many held-out examples are token for token a training example. A duplicated row lands on both sides of a
-    seeded split, and a held-out file is often cut from the training one; either makes the held-out loss a
-    memorisation score. Rows are compared by a hash of their ids: a set of the ids themselves would hold the data
-    twice."""
-    trained = {hash(tuple(ex["input_ids"])) for ex in train}
-    return sum(hash(tuple(ex["input_ids"])) in trained for ex in held)

@@ -21,7 +21,8 @@ from qlora.config import Config
 from qlora.console import announce
 from qlora.data.batches import collate
 from qlora.data.files import read_rows
-from qlora.data.labels import load_splits, render_chat
+from qlora.data.labels import render_chat
+from qlora.data.splits import load_splits
 from qlora.errors import Stop
 from qlora.training.assemble import load_run_fp32
 from qlora.training.checkpoint import RUN_CONFIG

@@ -20,10 +20,10 @@ from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.base.sliding_window import configured_window
 from qlora.config import Config, read_config_json
 from qlora.config.model import FP16_ON_CUDA
-from qlora.data.batches import check_positions
+from qlora.data.batches import check_positions, check_step_rows
 from qlora.data.files import rows_sha256
-from qlora.data.labels import load_splits, read_splits
 from qlora.data.pack import check_packing, pack_examples, packing_summary
+from qlora.data.splits import load_splits, read_splits, training_rows_at_most
 from qlora.data.tokens import held_bytes, held_line
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
@@ -114,6 +114,10 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
         ranks.check_same({key: f"{len(rows)} rows of sha256 {digest[:12]}" for key, rows, digest in
                           zip(("data.train", "data.eval"), read[1:], sha, strict=True) if rows is not None},
                          "give every process the same data files")
+    # A step past the training rows, refused before a load of minutes (the rows' exact count is checked once
+    # tokenised and packed: train.py)
+    check_step_rows(cfg.train.batch_size, cfg.train.grad_accum, training_rows_at_most(cfg.data, read),
+                    ranks.size if ranks is not None else 1)
     run = build_model(cfg, profiler, resuming, ranks)
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed, read)
     check_positions(run["model"].config, train_rows + eval_rows)  # before packing: each document's own positions

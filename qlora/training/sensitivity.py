@@ -34,7 +34,7 @@ from qlora.base.load import keep_16bit
 from qlora.base.quantize import dequantize, quant_tensors, weight_bytes
 from qlora.config import Config
 from qlora.data.batches import micro_batches
-from qlora.data.labels import load_splits
+from qlora.data.splits import load_splits
 from qlora.errors import ConfigError
 from qlora.training.loss import loss_sum
 
