@@ -132,6 +132,18 @@ def test_tiles_leave_evaluation_untiled(tiny_config: Config, batch: dict, monkey
     assert not calls
 
 
+@pytest.mark.parametrize(("tile", "said"), [
+    (1023, "train.tile_size=1023: 10 modules run in sequence tiles"),
+    (1024, "train.tile_size=1024 is not below a micro-batch's 8 x 128 = 1,024 tokens at most: its 10 modules run each "
+           "as one tile, saving nothing (set --train.tile_size below 1,024 to tile, or 0)")])
+def test_a_tile_no_micro_batch_exceeds_is_said_to_save_nothing(tiny_config: Config, tile: int, said: str,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """A tile_size at or above a micro-batch's most tokens (train.batch_size x data.max_seq_len) tiles nothing, yet
+    the run said its modules ran in sequence tiles."""
+    build(tiny_config, f"--train.tile_size={tile}", "--train.tile_projections=true")
+    assert said in capsys.readouterr().out.splitlines()
+
+
 def test_a_model_without_decoder_layers_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
     """Issue 23: this was a ValueError and a traceback; as every bad input, it is one line and exit 2."""
     from qlora.cli import run

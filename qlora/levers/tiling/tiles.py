@@ -182,5 +182,10 @@ def tile_layers(model: nn.Module, tile: int, projections: bool, norms: bool = Fa
 def apply(model: nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> None:
     """The trainer's hook, last: a tile runs whatever forward its module has by then (a speed lever's included)."""
     if TILES.active(cfg, cfg.quant.method, device.type):
-        n = tile_layers(model, cfg.train.tile_size, cfg.train.tile_projections, cfg.train.tile_norms)
-        print(f"train.tile_size={cfg.train.tile_size}: {n} modules run in sequence tiles")
+        t, longest = cfg.train, cfg.data.max_seq_len
+        n = tile_layers(model, t.tile_size, t.tile_projections, t.tile_norms)
+        most = t.batch_size * longest  # a micro-batch of at most tile_size tokens runs as one tile (tile_module)
+        print(f"train.tile_size={t.tile_size}: {n} modules run in sequence tiles" if t.tile_size < most else
+              f"train.tile_size={t.tile_size} is not below a micro-batch's {t.batch_size} x {longest} = {most:,} "
+              f"tokens at most: its {n} modules run each as one tile, saving nothing (set --train.tile_size below "
+              f"{most:,} to tile, or 0)")
