@@ -32,6 +32,9 @@ ROOM_FIX = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
 # Errors of a path the user chose, not of the program: "cannot use PATH (reason)", exit 2.
 UNUSABLE_PATH = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
                  errno.ENAMETOOLONG, errno.ELOOP)
+# What a refusal of `--resume` names to start a new run instead: the trainer refuses --resume with --overwrite, so
+# "--overwrite" alone, added to the command refused, met that refusal next.
+OVERWRITE_ON_RESUME = "--overwrite in place of --resume"
 
 
 class ConfigError(ValueError):

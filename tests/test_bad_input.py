@@ -762,8 +762,9 @@ def write_run(out: Path, **changes: object) -> None:
 
 @pytest.mark.parametrize(("changes", "flags", "pattern"), [
     ({"lora__r": 4}, [], rf"holds another run \(lora.r=4, this recipe {TINY_R}\): use another output.dir, or "
-                         r"--overwrite"),
-    ({"lora__r": 4}, ["--resume"], rf"holds another run \(lora.r=4, this recipe {TINY_R}\)"),
+                         r"--overwrite to replace that run"),
+    ({"lora__r": 4}, ["--resume"], rf"holds another run \(lora.r=4, this recipe {TINY_R}\): use another output.dir, "
+                                   r"or --overwrite in place of --resume to replace that run"),
     ({"model__path": "/models/other"}, ["--resume"], r"holds another run \(model.path='/models/other', this recipe"),
     ({}, [], r"already holds a run \(up to checkpoint-50\): pass --resume to continue it, or --overwrite"),
 ], ids=["other rank", "other rank, --resume", "other base, --resume", "same run without --resume"])
@@ -791,7 +792,8 @@ def test_an_output_dir_holding_files_of_no_run_is_refused(cli, tmp_path):
 
 @pytest.mark.parametrize(("override", "pattern"), [
     ("--train.seed=1", r"--resume cannot change train.seed \(0 -> 1\): it fixes the data order and the held-out split; "
-                       r"drop --train.seed to continue the run, or start a new run with --overwrite"),
+                       r"drop --train.seed to continue the run, or start a new run with --overwrite in place of "
+                       r"--resume"),
     ("--train.seed=1 --lora.init=loftq", r"--resume cannot change lora.init \('zero' -> 'loftq'\), train.seed "
                                          r"\(0 -> 1\): they fix how the adapter started and the data order and the "
                                          r"held-out split; drop --lora.init --train.seed to continue"),
@@ -844,7 +846,8 @@ def broken(name: str, content: bytes | None) -> Callable[[Path], None]:
     (broken("checkpoint-60", b"my notes"), ["--resume"], r"run/checkpoint-60 is not a checkpoint directory, yet the "
                                                          r"run writes one under that name"),
     (broken("run_config.json", b'{"model": '), ["--resume"], r"run_config.json is unreadable \(Expecting value.*\): "
-                                                            r"restore it, or start the run again with --overwrite"),
+                                                            r"restore it, or start the run again with --overwrite in "
+                                                            r"place of --resume"),
     (broken("run_config.json", b"[1, 2]"), [], r"run_config.json is not a run config \(a JSON object of sections"),
     (broken("run_config.json", b'{"model": {"path": "m"}, "data": {"train": "t"}, "extra": {}}'), ["--resume"],
      r"run_config.json has no section 'extra' in this version of qlora"),

@@ -30,6 +30,7 @@ from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
 from qlora.training.progress import same_rows
 from qlora.training.runconfig import resume_config
+from qlora.training.rundir import check_run_dir
 
 TINY = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.py")
 TINY_STEPS, TINY_R = TINY.train.steps, TINY.lora.r
@@ -156,7 +157,7 @@ def test_a_moved_data_file_with_other_rows_is_refused_before_writing(cli, tmp_pa
     assert error_lines(result) == [
         f"error: data.train={new / 'train.jsonl'} holds other rows than {old / 'train.jsonl'}, which the run trained "
         f"on (their sha256 differs): resume with --data.train at the file {old / 'train.jsonl'} moved to, or start "
-        "a new run with --overwrite or another output.dir"], result.stderr
+        "a new run with --overwrite in place of --resume or another output.dir"], result.stderr
     assert snapshot(out) == kept
     shutil.copytree(new, old)  # the recorded file there again: another path is another data set, as before
     other = cli.run([*ARGS, "--train.steps=3", f"--data.train={new / 'train.jsonl'}", f"--output.dir={out}",
@@ -225,6 +226,37 @@ def test_the_same_base_written_otherwise_and_a_full_runs_lora_keys_are_the_same_
     saved.quant.method = cfg.quant.method = "full"
     cfg.lora.r, cfg.lora.targets = 8, ["q_proj"]
     check_identity(saved, cfg, tmp_path)
+
+
+def test_a_refused_resume_names_overwrite_in_place_of_resume(tmp_path):
+    """--resume and --overwrite are refused together, yet the refusals of a --resume that a new run gets past sent the
+    user to --overwrite: added to the command, it met 'pass one of them' next (measured: the tiny recipe out of memory
+    at step 1, its suggestion --lora.r=16 given with --resume refused as another run 'or --overwrite to replace that
+    run', then --resume --lora.r=16 --overwrite refused). Each names --overwrite in place of --resume now; a command
+    without --resume is told --overwrite, and that command is taken."""
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = copy.deepcopy(TINY)
+    cfg.output.dir = str(out)
+    (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")  # stopped before a checkpoint
+    other = copy.deepcopy(cfg)
+    other.lora.r = TINY_R // 2
+    with pytest.raises(ConfigError, match=rf"holds another run \(lora.r={TINY_R}, this recipe {TINY_R // 2}\): use "
+                                          r"another output.dir, or --overwrite in place of --resume to replace that "
+                                          r"run$"):
+        resume_config(other, [f"--lora.r={TINY_R // 2}"])
+    with pytest.raises(ConfigError, match=r"use another output.dir, or --overwrite to replace that run$"):
+        check_run_dir(out, other, resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match=r"pass one of them$"):
+        check_run_dir(out, other, resume=True, overwrite=True)
+    check_run_dir(out, other, resume=False, overwrite=True)  # what the refusal of the --resume named
+    (out / ADAPTER_WEIGHTS).write_bytes(b"")  # a finished run, its checkpoints deleted to save space
+    with pytest.raises(ConfigError, match=r"no checkpoint to continue from: use another output.dir, or --overwrite in "
+                                          r"place of --resume to replace it$"):
+        check_run_dir(out, resume_config(cfg, []), resume=True, overwrite=False)
+    (out / "run_config.json").write_text('{"model": ')
+    with pytest.raises(ConfigError, match=r"restore it, or start the run again with --overwrite in place of --resume$"):
+        resume_config(cfg, [])
 
 
 def test_a_lower_lr_on_resume_takes_effect(cli, partial, tmp_path):
@@ -573,7 +605,8 @@ def test_no_usable_checkpoint_is_refused_and_nothing_is_touched(cli, partial, tm
     assert result.status == 2, result.stderr
     line = error_lines(result)[-1]
     assert line.startswith(f"error: no checkpoint in {out} can be resumed from (checkpoint-4: the adapter is unusable")
-    assert "checkpoint-1: " in line and line.endswith("restore one, or start again with --overwrite")
+    assert "checkpoint-1: " in line
+    assert line.endswith("restore one, or start again with --overwrite in place of --resume")
     assert snapshot(out) == before
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora.config.model import LoRAConfig, ModelConfig, QuantConfig
 from qlora.config.run import DataConfig, OutputConfig, TrainConfig
-from qlora.errors import ConfigError, json_trouble
+from qlora.errors import OVERWRITE_ON_RESUME, ConfigError, json_trouble
 from qlora.levers import check_levers
 
 
@@ -82,12 +82,13 @@ def check_all(config: Config) -> Config:
     return config
 
 
-def config_from_dict(raw: object, source: str) -> Config:
-    """A Config from its `to_dict()` form (a run's run_config.json), checked as a recipe is; `source` names it."""
+def config_from_dict(raw: object, source: str, resume: bool = False) -> Config:
+    """A Config from its `to_dict()` form (a run's run_config.json), checked as a recipe is; `source` names it.
+    `resume`: read for --resume, which --overwrite then replaces."""
     sections = typing.get_type_hints(Config)
     if not isinstance(raw, dict) or not all(isinstance(raw.get(name, {}), dict) for name in sections):
         raise ConfigError(f"{source} is not a run config (a JSON object of sections model, data, ...): restore it, "
-                          "or start the run again with --overwrite")
+                          f"or start the run again with {OVERWRITE_ON_RESUME if resume else '--overwrite'}")
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"{source} has no section {unknown[0]!r} in this version of qlora: restore the file")
@@ -106,13 +107,13 @@ def config_from_dict(raw: object, source: str) -> Config:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def read_config_json(path: Path) -> Config:
-    """The Config a run recorded in `path` (its run_config.json)."""
+def read_config_json(path: Path, resume: bool = False) -> Config:
+    """The Config a run recorded in `path` (its run_config.json); `resume`: read for --resume."""
     try:
         raw = json.loads(path.read_text())
     # ValueError: not UTF-8, not JSON, or an integer of over 4,300 digits; RecursionError: arrays nested too deep
     except (OSError, ValueError, RecursionError) as err:
         reason = err.strerror if isinstance(err, OSError) else json_trouble(err)
-        raise ConfigError(f"{path} is unreadable ({reason}): restore it, or start the run again with --overwrite") \
-            from None
-    return config_from_dict(raw, str(path))
+        raise ConfigError(f"{path} is unreadable ({reason}): restore it, or start the run again with "
+                          f"{OVERWRITE_ON_RESUME if resume else '--overwrite'}") from None
+    return config_from_dict(raw, str(path), resume)

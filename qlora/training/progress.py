@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from qlora.config import Config
 from qlora.console import announce, draws_bars, terminal_columns, widest_meter
-from qlora.errors import ConfigError
+from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
 from qlora.training import distributed, restore, rundir
 from qlora.training.optimizer import restart_from_weights, retarget
 
@@ -84,7 +84,7 @@ def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int, sha256: list)
             than, fix = (f"{old}, which the run trained on", f"resume with --data.{key} at the file {old} moved to") \
                 if key in moved else ("when the run trained on it", "restore the file to resume")
             raise ConfigError(f"data.{key}={new} holds other rows than {than} (their sha256 differs): {fix}, or start "
-                              "a new run with --overwrite or another output.dir")
+                              f"a new run with {OVERWRITE_ON_RESUME} or another output.dir")
     if "rows" in state and not recorded and moved:
         print(f"the checkpoint holds no fingerprint of its rows (written before they were recorded): data.{moved[0]}="
               f"{getattr(cfg.data, moved[0])} is taken for the run's file, moved, by its row counts alone")

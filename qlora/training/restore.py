@@ -17,7 +17,7 @@ import torch
 
 from qlora.config import Config
 from qlora.config.run import OPTIMIZERS
-from qlora.errors import ConfigError
+from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
 from qlora.training.checkpoint import (
     FULL_WEIGHTS,
     OPTIMIZER,
@@ -197,5 +197,5 @@ def resume_latest(run_dir: Path, model: torch.nn.Module, cfg: Config, optimizer:
     if damaged:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
         raise ConfigError(f"no checkpoint in {run_dir} can be resumed from ({reasons}): restore one, or start "
-                          "again with --overwrite")
+                          f"again with {OVERWRITE_ON_RESUME}")
     return None, {}, []

@@ -24,7 +24,7 @@ import shlex
 from pathlib import Path
 
 from qlora.config import Config, apply_overrides, override_key, read_config_json, resolve_paths
-from qlora.errors import ConfigError
+from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
 from qlora.training.checkpoint import RUN_CONFIG, checkpoint_dirs
 from qlora.training.restore import recorded
 
@@ -63,9 +63,10 @@ def _gone(path: object) -> bool:
     return isinstance(path, str) and Path(path).is_absolute() and not Path(path).exists()
 
 
-def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = False) -> None:
+def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = False, resume: bool = False) -> None:
     """Refuse a recipe (`cfg`) whose IDENTITY differs from the run in `run_dir` (`saved`): another run. With `moved`
-    (a resume given --model.path), a base whose recorded folder is gone may be the one at cfg's model.path."""
+    (a resume given --model.path), a base whose recorded folder is gone may be the one at cfg's model.path. `resume`:
+    the command has --resume, which --overwrite then replaces."""
     theirs, ours = flat(saved.to_dict()), flat(cfg.to_dict())
     keys = [k for k in IDENTITY if not (k.startswith("lora.") and cfg.quant.method == "full")]
     gone = _gone(theirs["model.path"])  # a hub id is never gone: another one is another base
@@ -77,7 +78,7 @@ def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = Fals
         hint = (f"; if the base moved from {theirs['model.path']}, continue with --resume --model.path=NEW_FOLDER"
                 if gone and theirs["model.path"] != ours["model.path"] else "")
         raise ConfigError(f"output.dir={run_dir} holds another run ({'; '.join(differ)}{hint}): use another "
-                          "output.dir, or --overwrite to replace that run")
+                          f"output.dir, or {OVERWRITE_ON_RESUME if resume else '--overwrite'} to replace that run")
 
 
 # Where a file lies is no setting a checkpoint fixes: a base or a data file moved is pointed at in run_config.json.
@@ -89,8 +90,8 @@ MOVABLE = ("model.path",)
 MOVED_DATA = ("data.train", "data.eval")
 
 
-def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
-                   movable: tuple = MOVABLE) -> tuple[Path | None, dict]:
+def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movable: tuple = MOVABLE,
+                   resume: bool = False) -> tuple[Path | None, dict]:
     """Refuse a run_config.json (`path`, read as `saved`) edited since the newest checkpoint of `run_dir` (its own
     directory; or a checkpoint-N) was written: a key removed (its default would stand in), or a value the checkpoints
     fix changed (measured on the tiny recipe: train.seed edited from 0 to 7, or train.lr removed, resumed without a
@@ -98,10 +99,12 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
     the adapter on another base, 4.0106 for 4.0087). Each checkpoint records the settings it was written under; one
     written before that is not checked. The keys in `movable` may differ (a resume holds data.train and data.eval to
     the run's unless it gives a moved one; the weights and the rows are checked on their own). Returns that checkpoint
-    and its settings, flat ({} where none), for `resume_config` to compare the values a resume may change."""
+    and its settings, flat ({} where none), for `resume_config` to compare the values a resume may change. `resume`:
+    the command has --resume, which --overwrite then replaces."""
     ckpt, record = recorded(run_dir or path.parent, "config")
     if not isinstance(record, dict):
         return None, {}
+    restart = OVERWRITE_ON_RESUME if resume else "--overwrite"
     ours, theirs, raw = flat(saved.to_dict()), flat(record), flat(json.loads(path.read_text()))
     # Each refusal names every key it is for: named one at a time, each fix met the next refusal.
     missing = [k for k in theirs if k not in raw and k in ours]
@@ -109,14 +112,14 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None,
         keys, then = ", ".join(missing), _values(missing, theirs)
         raise ConfigError(f"{path} lacks {keys}, which {ckpt.name} was written with ({then}): the default would "
                           f"stand in; restore {keys} in {RUN_CONFIG} to use the run, or start a new run with "
-                          "--overwrite")
+                          f"{restart}")
     fixed = [*IDENTITY, *FIXED_ON_RESUME, *(["data.max_seq_len"] if theirs.get("data.pack") else [])]
     changed = [k for k in fixed if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]]
     if changed:
         raise ConfigError(f"{path} has {_values(changed, ours, named=True)}, but {ckpt.name} was written with "
                           f"{_values(changed, theirs)}, which the checkpoints fix: restore {', '.join(changed)} in "
                           f"{RUN_CONFIG} (or, if {ckpt.name} came from another run, move it away) to use the run, or "
-                          "start a new run with --overwrite")
+                          f"start a new run with {restart}")
     return ckpt, theirs
 
 
@@ -142,14 +145,14 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     if not path.is_file():  # one that is no file is check_run_dir's to name
         if not (path.exists() or path.is_symlink()) and checkpoint_dirs(run_dir):  # a cut-short --overwrite?
             raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
-                              f"checked: restore {RUN_CONFIG}, or start over with --overwrite")
+                              f"checked: restore {RUN_CONFIG}, or start over with {OVERWRITE_ON_RESUME}")
         return cfg
-    saved = resolve_paths(read_config_json(path))  # a run written before its paths were absolute: from here
+    saved = resolve_paths(read_config_json(path, resume=True))  # one written before paths were absolute: from here
     given = {override_key(item) for item in overrides}
     # A moved data file given may be in run_config.json already, left by the same command cut short before its first
     # checkpoint: it is checked against the checkpoint's below, as a change.
-    ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection(MOVED_DATA)))
-    check_identity(saved, cfg, run_dir, moved="model.path" in given)
+    ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection(MOVED_DATA)), resume=True)
+    check_identity(saved, cfg, run_dir, moved="model.path" in given, resume=True)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
                                           if override_key(item) == "train.plan"][-1:] == ["recipe"]:
@@ -174,7 +177,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
         why = " and ".join(dict.fromkeys(FIXED_ON_RESUME.get(k, PACKED) for k in fixed))
         raise ConfigError(f"--resume cannot change {what}: {'it fixes' if len(fixed) == 1 else 'they fix'} {why}; "
                           f"drop {' '.join(f'--{k}' for k in fixed)} to continue the run, or start a new run with "
-                          "--overwrite or another output.dir")
+                          f"{OVERWRITE_ON_RESUME} or another output.dir")
     # What the plan chose is the run's, and planned again from the recipe's values (qlora/memory/plan.py, unplanned).
     planned = {"train.plan_chose", "train.plan_from"} | ({override_key(item) for item in saved.train.plan_from}
                                                          if resumed.train.plan == "fastest" else set())

@@ -26,7 +26,7 @@ from pathlib import Path
 from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
-from qlora.errors import ROOM_FIX, ConfigError, check_writable
+from qlora.errors import OVERWRITE_ON_RESUME, ROOM_FIX, ConfigError, check_writable
 from qlora.partial import name_output, write_aside
 from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 from qlora.training.runconfig import check_identity
@@ -149,21 +149,22 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         return seen
     if (run_dir / RUN_CONFIG).is_file():
         # On --resume cfg is the run's own (resume_config): a model.path that differs there was a moved base, given.
-        check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir, moved=resume)
+        check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir, moved=resume, resume=resume)
     latest = checkpoint_dirs(run_dir)
     if latest and not resume:
         raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
                           "continue it, or --overwrite to start over")
+    restart = OVERWRITE_ON_RESUME if resume else "--overwrite"  # the two are refused together
     finished = next((name for name in (ADAPTER_WEIGHTS, FULL_WEIGHTS) if (run_dir / name).exists()), None)
     if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
-                          "another output.dir, or --overwrite to replace it")
+                          f"another output.dir, or {restart} to replace it")
     # A run writes run_config.json before any other file: without it, these are someone else's (a metrics.jsonl of
     # another tool, a home folder's memory.json), and a run would write over them without a word.
     theirs = [name for name in RUN_FILES if (run_dir / name).exists()]
     if theirs and not (run_dir / RUN_CONFIG).exists() and not latest:
         raise ConfigError(f"output.dir={run_dir} holds {', '.join(theirs)} but no {RUN_CONFIG}, so no run's files, "
-                          "which this run would write over: use another output.dir, or --overwrite to replace them")
+                          f"which this run would write over: use another output.dir, or {restart} to replace them")
     return seen
 
 
