@@ -108,7 +108,8 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
     signum = interrupting_signal(err)
     if signum is not None and not (isinstance(err, Stop) and err.code >= 128):  # the loop's own stop says more
         intact = Session.intact() if Session.intact else ""
-        tail = (f"; {intact}" + (": continue with --resume" if "intact" in intact else "")) if intact else ""
+        tail = (f"; {intact}" + (": continue with --resume" if "intact" in intact else ": run the command again to "
+                                 "start")) if intact else ""
         return 128 + signum, f"stopped by {signal.Signals(signum).name}{tail}"
     if isinstance(err, ConfigError):  # one line, whatever the bad value held (`--train.steps=$'3\n4'`)
         return EXIT_BAD_INPUT, "error: " + str(err).replace("\r", "\\r").replace("\n", "\\n")

@@ -780,7 +780,8 @@ def test_a_signal_while_the_model_loads_ends_in_one_line(cli, tmp_path, sig):
     slow_load = slowed("transformers:AutoModelForCausalLM.from_pretrained", 60)
     result = interrupt(cli, [*ARGS, f"--output.dir={out}"], slow_load, tmp_path / "loading", sig)
     assert result.status == 128 + sig, result.stderr
-    assert result.stderr.strip().splitlines() == [f"stopped by {sig.name}; no checkpoint was written"]
+    assert result.stderr.strip().splitlines() == [f"stopped by {sig.name}; no checkpoint was written: run the "
+                                                  "command again to start"]
     assert not out.exists()
 
 
