@@ -247,7 +247,7 @@ def test_a_refused_resume_names_overwrite_in_place_of_resume(tmp_path):
         resume_config(other, [f"--lora.r={TINY_R // 2}"])
     with pytest.raises(ConfigError, match=r"use another output.dir, or --overwrite to replace that run$"):
         check_run_dir(out, other, resume=False, overwrite=False)
-    with pytest.raises(ConfigError, match=r"pass one of them$"):
+    with pytest.raises(ConfigError, match=r"pass one of them \(--overwrite alone starts over\)$"):
         check_run_dir(out, other, resume=True, overwrite=True)
     check_run_dir(out, other, resume=False, overwrite=True)  # what the refusal of the --resume named
     (out / ADAPTER_WEIGHTS).write_bytes(b"")  # a finished run, its checkpoints deleted to save space

@@ -123,7 +123,8 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     started over by mistake. Reads only; returns what it found (`contents`), for `start_run` to check again under the
     lock."""
     if resume and overwrite:
-        raise ConfigError("--resume continues the run in output.dir and --overwrite discards it: pass one of them")
+        raise ConfigError("--resume continues the run in output.dir and --overwrite discards it: pass one of them "
+                          "(--overwrite alone starts over)")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output.dir={run_dir} is a file: point output.dir at a directory")
     base = Path(cfg.model.path).expanduser() if cfg.model.path else None
