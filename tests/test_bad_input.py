@@ -747,8 +747,9 @@ def test_pickle_weights_load_when_the_recipe_opts_in(cli, scratch, tmp_path):
     check_refused(result, "lora.targets=qkv_proj: 'qkv_proj' matches no linear layer")
 
 
-def write_run(out: Path, **changes: object) -> None:
-    """An output dir as a finished tiny run leaves it: run_config.json and a complete checkpoint-50."""
+def write_run(out: Path, finished: bool = False, **changes: object) -> None:
+    """An output dir as a tiny run leaves it: run_config.json and a complete checkpoint-50 (`finished`: and the
+    adapter its last step wrote)."""
     cfg = load_recipe(ROOT / TINY)
     cfg.output.dir = str(out)
     for key, value in changes.items():
@@ -757,6 +758,8 @@ def write_run(out: Path, **changes: object) -> None:
     (out / "checkpoint-50").mkdir(parents=True)
     for name in ("trainer_state.pt", "optimizer.pt", "adapter_model.safetensors"):
         (out / "checkpoint-50" / name).write_bytes(b"x")
+    if finished:
+        (out / "adapter_model.safetensors").write_bytes(b"x")
     (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
@@ -767,7 +770,12 @@ def write_run(out: Path, **changes: object) -> None:
                                    r"or --overwrite in place of --resume to replace that run"),
     ({"model__path": "/models/other"}, ["--resume"], r"holds another run \(model.path='/models/other', this recipe"),
     ({}, [], r"already holds a run \(up to checkpoint-50\): pass --resume to continue it, or --overwrite"),
-], ids=["other rank", "other rank, --resume", "other base, --resume", "same run without --resume"])
+    # the same command again once the run is done: --resume alone would write the same adapter again
+    ({"train__steps": 50, "finished": True}, [], r"already holds a finished run \(50 of 50 steps, "
+     r"adapter_model.safetensors written\): train it further with --resume --train.steps=N \(N > 50\), start over "
+     r"with --overwrite, or use another output.dir$"),
+], ids=["other rank", "other rank, --resume", "other base, --resume", "same run without --resume",
+        "same run finished, without --resume"])
 def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, flags, pattern):
     out = tmp_path / "run"
     write_run(out, **changes)

@@ -148,15 +148,22 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     seen = contents(run_dir)
     if overwrite:
         return seen
-    if (run_dir / RUN_CONFIG).is_file():
+    recorded = read_config_json(run_dir / RUN_CONFIG, resume) if (run_dir / RUN_CONFIG).is_file() else None
+    if recorded is not None:
         # On --resume cfg is the run's own (resume_config): a model.path that differs there was a moved base, given.
-        check_identity(read_config_json(run_dir / RUN_CONFIG), cfg, run_dir, moved=resume, resume=resume)
+        check_identity(recorded, cfg, run_dir, moved=resume, resume=resume)
     latest = checkpoint_dirs(run_dir)
+    finished = next((name for name in (ADAPTER_WEIGHTS, FULL_WEIGHTS) if (run_dir / name).exists()), None)
     if latest and not resume:
+        steps = recorded.train.steps if recorded is not None else None
+        if finished and steps is not None and int(latest[-1].name.removeprefix("checkpoint-")) >= steps:
+            # the same command run again, most likely: --resume alone would rewrite the same adapter
+            raise ConfigError(f"output.dir={run_dir} already holds a finished run ({steps} of {steps} steps, "
+                              f"{finished} written): train it further with --resume --train.steps=N (N > {steps}), "
+                              "start over with --overwrite, or use another output.dir")
         raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
                           "continue it, or --overwrite to start over")
     restart = OVERWRITE_ON_RESUME if resume else "--overwrite"  # the two are refused together
-    finished = next((name for name in (ADAPTER_WEIGHTS, FULL_WEIGHTS) if (run_dir / name).exists()), None)
     if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
                           f"another output.dir, or {restart} to replace it")
