@@ -266,11 +266,15 @@ def _main(argv: list[str]) -> None:
     if not launch.from_env().main:  # rank 0 speaks for the run, from its first line on (a repeated key's note too)
         launch.quiet()
     recipe, flags, overrides = split_args(argv, USAGE)
-    cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides))
+    resuming = "--resume" in flags and "--overwrite" not in flags
+    # A resume's overrides change the run on disk, and resume_config checks them against its values: against the
+    # recipe's, --lora.loftq_iters=3 on a run with lora.init=loftq was refused as needing lora.init=loftq (the recipe's
+    # zero), the run's value.
+    cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides, check=not resuming))
     unknown = [f for f in flags if f not in FLAGS]
     if unknown:
         raise ConfigError(_flag_error(unknown[0]))
-    if "--resume" in flags and "--overwrite" not in flags:  # the run on disk, changed only where the rules allow
+    if resuming:  # the run on disk, changed only where the rules allow
         cfg = runconfig.resume_config(cfg, overrides)
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
     check_processes(cfg, launch.from_env().size)

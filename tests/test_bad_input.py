@@ -115,6 +115,9 @@ CASES = [
     ("recipe unknown key", ["{d}/unknown_key.py"], r"unknown_key.py:3: unknown key lora.rank: did you mean lora.r\?"),
     ("recipe invalid value", ["{d}/bad_value.py"], r"bad_value.py:3: train.lr=-1.0 must be positive"),
     ("override wrong type", [TINY, "--train.steps=ten"], r"--train.steps=ten: expected int"),
+    # a resume checks its overrides against the run's values; with no run yet, against the recipe's
+    ("override needing another, resuming no run", [TINY, "--resume", "--lora.loftq_iters=3"],
+     r"lora.loftq_iters=3 needs lora.init=loftq: set --lora.init=loftq or --lora.loftq_iters=1$"),
     ("override unknown key", [TINY, "--train.learning_rate=1e-4"], r"unknown key --train.learning_rate: did you "
                                                                    r"mean --train.lr\?"),
     ("override without value", [TINY, "--train.lr"], r"--train.lr has no value: write --train.lr=VALUE"),
@@ -830,6 +833,36 @@ def test_resume_refuses_what_may_not_change_before_writing_anything(cli, tmp_pat
     write_run(out)
     before = snapshot(out)
     check_refused(cli.run([TINY, f"--output.dir={out}", "--resume", *override.split()]), pattern)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(("run", "override", "pattern"), [
+    ({"model__synthetic": True}, "--model.synthetic=false",
+     r"--resume cannot change model.synthetic \(True -> False\): it fixes the base the adapter trains against; drop "
+     r"--model.synthetic to continue the run"),
+    ({}, "--model.synthetic=true --model.config_json={tmp}/config.json",
+     r"--resume cannot change model.synthetic \(False -> True\), model.config_json \(None -> '.*/config.json'\): "
+     r"they fix the base the adapter trains against; drop --model.synthetic --model.config_json to continue"),
+    ({"model__synthetic": True}, "--model.config_json={tmp}/other.json",
+     r"--resume cannot change model.config_json \('.*/config.json' -> '.*/other.json'\): it fixes the base"),
+    ({"quant__quantize_lm_head": True}, "--quant.quantize_lm_head=false",
+     r"--resume cannot change quant.quantize_lm_head \(True -> False\): it fixes the base the adapter trains against"),
+    # refused as needing lora.init=loftq, which the run has (the recipe's zero was checked)
+    ({"lora__init": "loftq", "lora__loftq_iters": 2}, "--lora.loftq_iters=3",
+     r"--resume cannot change lora.loftq_iters \(2 -> 3\): it fixes how the adapter started \(and the base LoftQ "
+     r"made\); drop --lora.loftq_iters to continue the run"),
+    ({"lora__init": "loftq"}, "--lora.loftq_iters=2", r"--resume cannot change lora.loftq_iters \(1 -> 2\)"),
+], ids=["synthetic off", "synthetic on", "synthetic config", "4-bit head", "loftq iters", "loftq iters from 1"])
+def test_resume_refuses_another_base_or_loftq_before_writing_anything(cli, tmp_path, run, override, pattern):
+    """As above, for a run whose base or adapter start the recipe does not set: a synthetic base (random NF4 weights
+    from a config.json), a 4-bit output head, LoftQ's iterations. Each is checked against the run's own values."""
+    out = tmp_path / "run"
+    (tmp_path / "config.json").write_text("{}\n")
+    synthetic = {"model__config_json": str(tmp_path / "config.json")} if run.get("model__synthetic") else {}
+    write_run(out, **run, **synthetic)
+    before = snapshot(out)
+    flags = override.format(tmp=tmp_path).split()
+    check_refused(cli.run([TINY, f"--output.dir={out}", "--resume", *flags]), pattern)
     assert snapshot(out) == before
 
 

@@ -5,7 +5,7 @@ RECIPE.py` prints it resolved (__main__.py).
 Recipes import what they build from here: `from qlora.config import Config, ModelConfig, DataConfig, ...`.
 """
 
-from qlora.config.config import Config, config_from_dict, read_config_json
+from qlora.config.config import Config, check_all, config_from_dict, read_config_json
 from qlora.config.model import METHODS, LoRAConfig, ModelConfig, QuantConfig
 from qlora.config.recipe import (
     apply_overrides,
@@ -21,5 +21,5 @@ from qlora.config.run import DataConfig, OutputConfig, TrainConfig
 from qlora.errors import ConfigError
 
 __all__ = ["METHODS", "Config", "ConfigError", "DataConfig", "LoRAConfig", "ModelConfig", "OutputConfig", "QuantConfig",
-           "TrainConfig", "apply_overrides", "config_from_dict", "describe", "field_docs", "load_recipe",
+           "TrainConfig", "apply_overrides", "check_all", "config_from_dict", "describe", "field_docs", "load_recipe",
            "override_key", "parse_args", "read_config_json", "resolve_paths", "split_args"]

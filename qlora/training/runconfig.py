@@ -23,7 +23,7 @@ import os
 import shlex
 from pathlib import Path
 
-from qlora.config import Config, apply_overrides, override_key, read_config_json, resolve_paths
+from qlora.config import Config, apply_overrides, check_all, override_key, read_config_json, resolve_paths
 from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
 from qlora.training.checkpoint import RUN_CONFIG, checkpoint_dirs
 from qlora.training.restore import recorded
@@ -139,27 +139,28 @@ def _flag(key: str, value: object) -> str:
 
 def resume_config(cfg: Config, overrides: list[str]) -> Config:
     """The config `--resume` continues with: the run's run_config.json, changed by the command line's overrides where
-    the rules above allow (said in one line); `cfg` (recipe and overrides) if the directory holds no run yet."""
+    the rules above allow (said in one line); `cfg` (recipe and overrides, checked here: a resume reads it unchecked)
+    if the directory holds no run yet."""
     run_dir = Path(cfg.output.dir)
     path = run_dir / RUN_CONFIG
     if not path.is_file():  # one that is no file is check_run_dir's to name
         if not (path.exists() or path.is_symlink()) and checkpoint_dirs(run_dir):  # a cut-short --overwrite?
             raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
                               f"checked: restore {RUN_CONFIG}, or start over with {OVERWRITE_ON_RESUME}")
-        return cfg
+        return check_all(cfg)
     saved = resolve_paths(read_config_json(path, resume=True))  # one written before paths were absolute: from here
     given = {override_key(item) for item in overrides}
     # A moved data file given may be in run_config.json already, left by the same command cut short before its first
     # checkpoint: it is checked against the checkpoint's below, as a change.
     ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection(MOVED_DATA)), resume=True)
-    check_identity(saved, cfg, run_dir, moved="model.path" in given, resume=True)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
                                           if override_key(item) == "train.plan"][-1:] == ["recipe"]:
         # plan_keep (which the first command line filled) and plan_batch steer a plan, and are refused without one:
         # they go with it, and the run goes on with the levers the plan chose, as its run_config.json records them.
         resumed.train.plan_keep, resumed.train.plan_batch = [], False
-    resumed = resolve_paths(apply_overrides(resumed, overrides))
+    resumed = resolve_paths(apply_overrides(resumed, overrides))  # each override checked against the run's values
+    check_identity(saved, cfg, run_dir, moved="model.path" in given, resume=True)
     resumed.output.dir = cfg.output.dir  # the directory being resumed, wherever it was first written
     before, after, recipe = flat(saved.to_dict()), flat(resumed.to_dict()), flat(cfg.to_dict())
     # What the command line changes, it changes from the newest checkpoint's value: run_config.json may hold its own
