@@ -450,3 +450,26 @@ def test_the_plans_cost_is_the_tables_figures_for_the_layers_replayed_and_the_in
     assert plan.cost == pytest.approx(figure["train.gradient_checkpointing"] + figure["train.tile_size"] +
                                       figure["train.loss_chunk_size"] + figure["train.checkpoint_every"] * 1 / 2 +
                                       figure["train.offload_activations"] * 14 / 16)
+
+
+def test_several_processes_keep_the_recipes_layer_inputs_placement() -> None:
+    """The 8B recipe at 65,536 tokens on 40 GiB with 8 GiB of host memory: one process offloads 14 of its 32 layer
+    inputs within a budget sized to the host; two would each pin that budget on the one host, twice what it has, so
+    with several the plan keeps the recipe's checkpoint_every and sizes no budget (saving elsewhere, at more cost)."""
+    cfg = recipe("llama8b", "--data.max_seq_len=65536")
+    one = choose(cfg, "cuda", 40 * GIB, 8 * GIB)
+    assert one.settings["train.offload_budget_gib"] > 0 and one.estimate.checkpoints.host == 14
+    two = choose(cfg, "cuda", 40 * GIB, 8 * GIB, gpus=2)
+    assert two.settings["train.offload_budget_gib"] == 0 and two.estimate.checkpoints.host == 0
+    assert two.settings["train.checkpoint_every"] == cfg.train.checkpoint_every and two.cost > one.cost
+
+
+def test_a_kept_checkpoint_every_is_not_replanned() -> None:
+    """The 8B recipe at 65,536 tokens on 30 GiB with 8 GiB of host memory: the plan replays 2 of every 3 layers; with
+    train.checkpoint_every in train.plan_keep (as qlora.train puts it where the command line sets it) it keeps the
+    recipe's every layer input and saves elsewhere, at more cost, rather than change what the user set."""
+    cfg = recipe("llama8b", "--data.max_seq_len=65536")
+    free = choose(cfg, "cuda", 30 * GIB, 8 * GIB)
+    kept = choose(apply_overrides(cfg, ["--train.plan_keep=train.checkpoint_every"]), "cuda", 30 * GIB, 8 * GIB)
+    assert free.estimate.checkpoints.every == 3
+    assert kept.estimate.checkpoints.every == cfg.train.checkpoint_every == 1 and kept.cost > free.cost
