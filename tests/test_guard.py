@@ -24,6 +24,12 @@ from qlora.training.guard import RunGuard, WatchedStdout, data_position
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+@pytest.fixture(autouse=True)
+def undecided(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop decides the command's ending (Session.ended): put back after, for the tests that follow in-process."""
+    monkeypatch.setattr(Session, "ended", None)
+
+
 @pytest.fixture
 def heard() -> list[int]:
     """The handlers a command had before the loop (cli.py's): each records its signal here; put back after."""
@@ -59,6 +65,27 @@ def test_the_watch_stops_after_the_step_in_flight_and_puts_back_what_it_replaced
     assert bar.disable  # closed: its line ended before the stop's
     signal.raise_signal(signal.SIGINT)  # after the run, the command's own handler again
     assert heard == [signal.SIGTERM, signal.SIGINT]
+
+
+def test_a_signal_met_as_a_stop_unwinds_leaves_the_stops_line(tiny_config: Config,
+                                                              capfd: pytest.CaptureFixture) -> None:
+    """kill -9 of torchrun: rank 0 stopped for the SIGTERM another rank passed on (Ranks.agree_signal), then its own
+    launcher watch's SIGTERM came as the stop unwound, was raised in its place, and the run ended "stopped by SIGTERM;
+    .../checkpoint-5 is intact" (tests/test_distributed.py's kill -9 case, 1 of 15 tries)."""
+    from qlora.cli import run
+
+    def stopped(argv: list[str]) -> None:
+        try:
+            with RunGuard(tiny_config) as watch:
+                watch.catch_signals()
+                watch.signal = signal.SIGTERM  # as agree_signal sets it: this process heard none itself
+                raise watch.stopped_by_signal(5, Path("run/checkpoint-5"))
+        finally:  # as launch.joined's, which takes the process group down: the command's own handler again
+            signal.raise_signal(signal.SIGTERM)  # the launcher watch's
+
+    assert run(stopped, []) == 143
+    assert capfd.readouterr().err == ("stopped by SIGTERM after step 5; run/checkpoint-5 holds it: continue with "
+                                      "--resume\n")
 
 
 def test_a_process_that_does_not_speak_for_the_run_hears_a_signal_without_a_word(

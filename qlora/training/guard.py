@@ -83,6 +83,10 @@ class RunGuard:
                             "once)\n".encode())
 
     def stopped_by_signal(self, step: int, saved: Path | None) -> Stop:
+        """The stop for the signal heard. Its ending is decided: a signal met as it unwinds is ignored (qlora/cli.py),
+        not raised in its place (kill -9 of torchrun: rank 0 stopped for the SIGTERM another rank passed on, its own
+        launcher watch's came as it unwound, and the line became "stopped by SIGTERM; checkpoint-5 is intact")."""
+        Session.ended = 128 + self.signal
         name = signal.Signals(self.signal).name
         if saved is None:
             return Stop(128 + self.signal, f"stopped by {name} before the first step; no checkpoint was written: "
