@@ -662,6 +662,19 @@ def test_a_refused_run_creates_no_output_dir(cli, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("module", ["qlora.train", "qlora.memory"])
+def test_a_model_path_holding_other_files_is_not_emptied_to_build_into(cli, tmp_path, module):
+    """model.build builds into model.path: a directory of other files there (a run's output dir, ~) was emptied."""
+    mine = tmp_path / "mine"
+    (mine / "checkpoint-3").mkdir(parents=True)
+    (mine / "run_config.json").write_text("{}\n")
+    before = snapshot(mine)
+    check_refused(cli.run([TINY, f"--model.path={mine}", f"--output.dir={tmp_path / 'run'}"], module=module),
+                  r"model.path=.*mine is a directory without config.json that holds other files: "
+                  r"model.build=tiny-llama builds a checkpoint into a new or empty directory; point model.path at one$")
+    assert snapshot(mine) == before
+
+
 @pytest.mark.parametrize(("kept", "shown"), [("model.layers.9.mlp.down_proj", "model.layers.9.mlp.down_proj"),
                                              ("model.layers.0.mlp.up_proj,down_proj", "down_proj")])
 def test_a_kept_layer_the_base_lacks_is_refused_before_loading(cli, tmp_path, kept, shown):
