@@ -65,6 +65,9 @@ def check_writable(path: Path, what: str, directory: bool = False) -> None:
     if path.exists() and path.is_dir() != directory:
         raise Stop(EXIT_BAD_INPUT, f"{what}={path} is a {'directory' if path.is_dir() else 'file'}: give "
                                    f"{'a directory' if directory else 'the path of a file'}")
+    if not directory and path.exists() and not path.is_file():  # renamed over, /dev/zero was a 208-byte file
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} is not a regular file (a pipe or a device), which writing would "
+                                   "replace: give the path of a file")
     probe = path
     while not probe.exists() and probe != probe.parent:  # the nearest existing ancestor: where creating starts
         if probe.is_symlink():  # a loop or a link to nothing: what resolves the path (run_owned) raised RuntimeError

@@ -144,6 +144,12 @@ def held_out_header_alone(run: Path, other: Path) -> None:
     edit_json("run_config.json", lambda c: c["data"].update(eval=str(run.parent / "held.csv")))(run, other)
 
 
+def a_fifo(name: str) -> Callable[[Path, Path], None]:
+    def setup(run: Path, other: Path) -> None:
+        os.mkfifo(run.parent / name)
+    return setup
+
+
 def a_dir(name: str) -> Callable[[Path, Path], None]:
     def setup(run: Path, other: Path) -> None:
         (run.parent / name).mkdir()
@@ -198,6 +204,10 @@ CASES = [
      r"adapter_model.safetensors is unreadable \(Error while deserializing header: .*\): restore it from the run"),
     ("eval: --json is a directory", "qlora.eval", ["{run}", "--json={tmp}/out"], a_dir("out"),
      r"--json=.*out is a directory: give the path of a file"),
+    # renamed over: as root, --json=/dev/zero left a 208-byte file where the device was
+    ("eval: --json is a fifo", "qlora.eval", ["{run}", "--json={tmp}/pipe"], a_fifo("pipe"),
+     r"--json=.*pipe is not a regular file \(a pipe or a device\), which writing would replace: give the path of a "
+     r"file$"),
     ("eval: --json under a file", "qlora.eval", ["{run}", "--json={tmp}/out/x.json"], a_file("out"),
      r"--json=.*out/x.json cannot be created: .*out is a file"),
     ("eval: --json is the run's config", "qlora.eval", ["{run}", "--json={run}/run_config.json"], noop,
