@@ -289,6 +289,10 @@ CASES = [
     ("memory: malformed config_json", "qlora.memory", [TINY, "--model.synthetic=true",
                                                        "--model.config_json={tmp}/config.json", "--out-dir={tmp}/r"],
      a_file("config.json"), r"config.json is not a readable config.json"),
+    ("memory: config_json a fifo", "qlora.memory", [TINY, "--model.synthetic=true",
+                                                   "--model.config_json={tmp}/pipe", "--out-dir={tmp}/r"],
+     a_fifo("pipe"), r"model.config_json=.*pipe is not a regular file \(a pipe or a device\): point it at a model's "
+                     r"config.json$"),
     ("memory: config_json a list", "qlora.memory", [TINY, "--model.synthetic=true", "--model.config_json={tmp}/c.json",
                                                     "--out-dir={tmp}/r"], a_file("c.json", "[1]"),
      r"c.json: config.json holds a JSON list, not an object"),

@@ -240,7 +240,11 @@ def config_json_path(cfg: Config) -> Path:
     """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
     if cfg.model.config_json:
         path = Path(cfg.model.config_json).expanduser()
-        return path / "config.json" if path.is_dir() else path
+        path = path / "config.json" if path.is_dir() else path
+        if path.exists() and not path.is_file():  # read whole: a fifo hung the estimate, /dev/zero filled memory
+            raise ConfigError(f"model.config_json={path} is not a regular file (a pipe or a device): point it at a "
+                              "model's config.json")
+        return path
     if Path(cfg.model.path).expanduser().is_file() and not cfg.model.build:  # a .gguf or .safetensors file
         raise ConfigError(not_a_directory(cfg.model.path))
     path = Path(cfg.model.path).expanduser() / "config.json"
