@@ -8,6 +8,7 @@ merge, export) with the parsers below (qlora.cli.ArgumentParser: an error is one
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,12 +92,20 @@ CONFIG = RecipeCommand(
 RECIPE_COMMANDS = {"qlora.train": TRAIN, "qlora.memory": MEMORY, "qlora.config": CONFIG}
 
 
+def a_path(text: str) -> Path:
+    """A path argument; an empty one is refused (as Path it was ".": --out= merged into the current directory's name,
+    --json= said "--json=. is a directory")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty: give one")
+    return Path(text)
+
+
 def run_dir_parser(command: str, about: str,
                    device: str = "default: the run's train.device") -> ArgumentParser:
     """The part every command on a finished run shares: the run directory, and the device to use (`device`: its
     help)."""
     parser = ArgumentParser(prog=f"python -m {command}", description=about)
-    parser.add_argument("run_dir", type=Path, help="a training output directory (or one of its checkpoint-N)")
+    parser.add_argument("run_dir", type=a_path, help="a training output directory (or one of its checkpoint-N)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help=device)
     # qlora.cli.run takes --debug off the command line before the parser sees it: listed here so that help says so.
     parser.add_argument("--debug", action="store_true", help="show an error's traceback instead of its one line")
@@ -107,7 +116,7 @@ def eval_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.eval", "Reload a finished run and score it on held-out data: loss per target "
                                           "token, perplexity, exact match.")
     parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
-    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--json", type=a_path, help="also write the numbers to this file")
     return parser
 
 
@@ -131,7 +140,7 @@ def generate_parser() -> ArgumentParser:
 def merge_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.merge", "Fold a trained adapter into a plain bf16 Hugging Face checkpoint.",
                             "where to quantise and merge; default: the run's train.device")
-    parser.add_argument("--out", type=Path, required=True, help="directory for the merged checkpoint (new or empty)")
+    parser.add_argument("--out", type=a_path, required=True, help="directory for the merged checkpoint (new or empty)")
     parser.add_argument("--base-16bit", metavar="PATH",
                         help="merge onto these original 16-bit weights instead of the dequantised NF4 base")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the merged weights")
@@ -145,7 +154,7 @@ def export_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.export", "Write the trained model (adapter merged onto its base as it trained) as "
                                             "one GGUF file for llama.cpp, Ollama or LM Studio, then check it against "
                                             "the run.", "where to quantise and merge; default: the run's train.device")
-    parser.add_argument("--gguf", type=Path, required=True, help="the file to write, e.g. runs/mine.gguf (new)")
+    parser.add_argument("--gguf", type=a_path, required=True, help="the file to write, e.g. runs/mine.gguf (new)")
     parser.add_argument("--type", choices=("f16", "bf16", "q8_0", "q4_0"), default="f16",
                         help="type of the weight matrices (norms stay f32); default f16, the trained model to rounding")
     parser.add_argument("--rows", type=int, default=32, help="held-out rows the check runs through both models "

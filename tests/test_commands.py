@@ -232,6 +232,12 @@ CASES = [
      a_file("empty.json", "[]\n"), r"empty.json holds no rows: add data, or check --data$"),
     ("eval: bad --device", "qlora.eval", ["{run}", "--device=tpu"], noop,
      r"argument --device: invalid choice: 'tpu' .*\(usage: python -m qlora.eval "),
+    # an empty path was ".": "--json=. is a directory", "--out . exists and is not empty", "./run_config.json"
+    ("eval: empty --json", "qlora.eval", ["{run}", "--json="], noop, r"argument --json: the path is empty: give one "
+                                                                      r"\(usage: python -m qlora.eval "),
+    ("merge: empty --out", "qlora.merge", ["{run}", "--out="], noop, r"argument --out: the path is empty: give one"),
+    ("export: empty --gguf", "qlora.export", ["{run}", "--gguf="], noop, r"argument --gguf: the path is empty"),
+    ("generate: empty run dir", "qlora.generate", ["", "--prompt=hi"], noop, r"argument run_dir: the path is empty"),
     ("eval: no arguments", "qlora.eval", [], noop, r"the following arguments are required: run_dir \(usage: "),
     ("eval: unknown flag", "qlora.eval", ["{run}", "--bogus"], noop, r"unrecognized arguments: --bogus"),
     ("generate: no new tokens", "qlora.generate", ["{run}", "--max-new-tokens=0", "--prompt=hi"], noop,
