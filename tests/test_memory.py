@@ -861,3 +861,14 @@ def test_a_card_of_exactly_a_lengths_estimate_takes_that_length_and_no_more():
     fit = fit_context(cfg, card, host)
     assert (fit.tokens, fit.limit, fit.estimate.card_bytes) == (20_480, "card", card)
     assert fit_context(cfg, card - 1, host).tokens == 19_456
+
+
+@pytest.mark.parametrize("flags", [["--gpu-gib=40", "--gpu-gib", "80"], ["--gpus=2", "--gpus=3"]])
+def test_a_flag_given_twice_with_other_values_says_the_last_stands(capsys, flags):
+    """As a recipe key given twice: the second took over without a word, and the report was of a card not meant."""
+    from qlora.report.memory import main
+
+    assert main(["recipes/llama70b.py", *flags]) == 0
+    last = flags[-1] if "=" in flags[-1] else f"{flags[-2]}={flags[-1]}"
+    assert capsys.readouterr().out.splitlines()[0] == (f"{last.split('=')[0]} is given 2 times: the last, {last}, "
+                                                      f"stands (not {flags[0]})")

@@ -106,6 +106,8 @@ class Cli:
     card_gib: float | None = None
     """Without --max-context, the one card --gpu-gib names: the report is drawn against it, and a recipe's
     train.plan=fastest chooses its levers for it (and --host-gib's host)."""
+    repeated: list[str] = field(default_factory=list)
+    """A line for each flag given twice with other values: the last stands, as for the recipe's keys."""
 
 
 def _numbers(flag: str, value: str) -> list[float]:
@@ -120,12 +122,14 @@ def _numbers(flag: str, value: str) -> list[float]:
 
 
 def parse_cli(argv: list[str]) -> Cli:
-    cli, sized = Cli(), []
+    cli, sized, given = Cli(), [], {}
     args = iter(argv)
     for arg in args:
         name, sep, value = arg.partition("=")
         if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir") and not sep:
             value = next(args, "")
+        if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir"):
+            given.setdefault(name, []).append(f"{name}={value}")
         if name == "--gpus":
             # isdigit alone takes "²"; 9 digits, as WORLD_SIZE (int() refuses 4,300, and 10**23 GPUs were estimated)
             if not (value.isascii() and value.isdigit()) or len(value) > 9 or int(value) < 1:
@@ -157,6 +161,10 @@ def parse_cli(argv: list[str]) -> Cli:
             check_writable(cli.out_dir, "--out-dir", directory=True)  # before the report is built, not after
         else:
             cli.rest.append(arg)
+    for name, items in given.items():  # --gpu-gib 40 --gpu-gib 80 drew the report against 80 without a word
+        if len(set(items)) > 1:
+            cli.repeated.append(f"{name} is given {len(items)} times: the last, {items[-1]}, stands (not "
+                                f"{', '.join(items[:-1])})")
     if sized and not cli.max_context:
         if "--gpu-gib" not in sized:
             raise ConfigError("--host-gib sizes the host beside the card --gpu-gib names, or the cards of "
@@ -187,6 +195,8 @@ def _main(argv: list[str]) -> int:
         return 0
     cli = parse_cli(argv)
     with contextlib.redirect_stdout(sys.stderr if cli.as_json else sys.stdout):  # --json: stdout is the JSON
+        for line in cli.repeated:
+            print(line)
         cfg, flags = parse_args(cli.rest, USAGE)
     if flags:
         raise ConfigError(f"unknown flag {flags[0]}: {USAGE}")
