@@ -286,7 +286,10 @@ CASES = [
     ("merge: adapter holds nan", "qlora.merge", ["{run}", "--out={tmp}/m"], nan_adapter, r"holds nan or inf: there is "
                                                                                         r"nothing to merge"),
     ("merge: missing 16-bit base", "qlora.merge", ["{run}", "--out={tmp}/m", "--base-16bit={tmp}/none"], noop,
-     r"base .*none is neither a local directory nor a reachable hub checkpoint \(no directory"),
+     r"base .*none not found: give the directory holding its config.json and weights$"),
+    ("merge: 16-bit base a file", "qlora.merge", ["{run}", "--out={tmp}/m", "--base-16bit={run}/run_config.json"],
+     noop, r"base .*run_config.json is a file, not a checkpoint directory: give the directory holding its config.json "
+           r"and weights$"),
     ("memory: --out-dir is a file", "qlora.memory", [TINY, "--out-dir={tmp}/report"], a_file("report"),
      r"--out-dir=.*report is a file: give a directory"),
     ("memory: empty --out-dir", "qlora.memory", [TINY, "--out-dir="], noop, r"--out-dir= is empty"),

@@ -184,11 +184,11 @@ def local_checkpoint(path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    hub = looks_like_hub_id(path)
-    offline = hub_unreachable() if hub else None
+    if not looks_like_hub_id(path):  # said "fetch it first with huggingface-cli download /a/local/path"
+        what = "is a file, not a checkpoint directory" if os.path.exists(path) else "not found"
+        raise ConfigError(f"base {path} {what}: give the directory holding its config.json and weights")
+    offline = hub_unreachable()
     try:
-        if not hub:
-            raise FileNotFoundError(f"no directory {path}")
         return Path(snapshot_download(path, allow_patterns=patterns))
     except Exception as err:  # huggingface_hub raises several types for a missing repo or no network
         why = f"{offline}, and it is not in the local cache" if offline else str(err).splitlines()[0]
