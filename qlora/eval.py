@@ -130,9 +130,11 @@ def check_json_path(path: Path, run_dir: Path, data: str | None, cfg: Config) ->
             raise ConfigError(f"--json={path} is the data file {source}: writing it would destroy the data; {fix}")
     if (top := run_owned(path, run_dir)) is not None:
         raise ConfigError(f"--json={path} is the run's own {top}: writing it would damage the run; {fix}")
-    if path.resolve().is_relative_to(Path(run_dir).resolve()) and path.exists() and not is_result(path):
-        raise ConfigError(f"--json={path} is a file in the run {run_dir} that qlora.eval did not write: writing it "
-                          f"would destroy it; {fix}")
+    # Outside the run too: --json=notes.json replaced the user's file without a word. An empty one (mktemp's) is free.
+    if path.exists() and path.stat().st_size and not is_result(path):
+        where = f" in the run {run_dir}" if path.resolve().is_relative_to(Path(run_dir).resolve()) else ""
+        raise ConfigError(f"--json={path} is a file{where} that qlora.eval did not write: writing it would destroy "
+                          f"it; {fix}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,6 +222,9 @@ CASES = [
     ("eval: --json is the user's file in the run", "qlora.eval", ["{run}", "--json={run}/notes.json"],
      in_run("notes.json"), r"notes.json is a file in the run .* that qlora.eval did not write: writing it would "
                            r"destroy it"),
+    ("eval: --json is the user's file outside the run", "qlora.eval", ["{run}", "--json={tmp}/notes.json"],
+     a_file("notes.json"), r"--json=.*/notes.json is a file that qlora.eval did not write: writing it would destroy "
+                           r"it; choose another path"),
     ("eval: --json is the --data file", "qlora.eval", ["{run}", "--data={tmp}/held.jsonl", "--json={tmp}/held.jsonl"],
      held_out_copy, r"--json=.*held.jsonl is the data file .*held.jsonl: writing it would destroy the data"),
     ("eval: --data missing", "qlora.eval", ["{run}", "--data={tmp}/none.jsonl"], noop, r"data file .*none.jsonl not "
