@@ -295,6 +295,9 @@ CASES = [
            r"and weights$"),
     ("memory: --out-dir is a file", "qlora.memory", [TINY, "--out-dir={tmp}/report"], a_file("report"),
      r"--out-dir=.*report is a file: give a directory"),
+    ("memory: --out-dir in a run's checkpoint", "qlora.memory", [TINY, "--out-dir={run}/checkpoint-2/report"], noop,
+     r"--out-dir=.*run/checkpoint-2/report lies in the run .*run's own checkpoint-2, which its training reads, renames "
+     r"or removes: choose a directory outside it$"),
     ("memory: empty --out-dir", "qlora.memory", [TINY, "--out-dir="], noop, r"--out-dir= is empty"),
     ("memory: unknown method", "qlora.memory", [TINY, "--methods=qlora,int8"], noop, r"--methods 'qlora,int8': use"),
     ("memory: bad override", "qlora.memory", [TINY, "--lora.r=-1", "--out-dir={tmp}/r"], noop, r"lora.r=-1 must be"),

@@ -159,6 +159,7 @@ def parse_cli(argv: list[str]) -> Cli:
             if not value.strip():
                 raise ConfigError("--out-dir= is empty: give the directory for the report, e.g. --out-dir=reports")
             check_writable(cli.out_dir, "--out-dir", directory=True)  # before the report is built, not after
+            refuse_in_a_run(cli.out_dir)
         else:
             cli.rest.append(arg)
     for name, items in given.items():  # --gpu-gib 40 --gpu-gib 80 drew the report against 80 without a word
@@ -183,6 +184,17 @@ def parse_cli(argv: list[str]) -> Cli:
         raise ConfigError(f"--max-context estimates the recipe's own method on cards of several sizes; {flag} asks "
                           "for the report of one: drop one of them")
     return cli
+
+
+def refuse_in_a_run(out_dir: Path) -> None:
+    """Refuse an --out-dir in a training run's checkpoint-N (or what a killed run left), which that run's next
+    checkpoint removes with the report in it; the run's own directory is free, as merge's and export's are."""
+    from qlora.training.rundir import run_owned
+
+    for run_dir in Path(out_dir).resolve().parents:
+        if (run_dir / "run_config.json").is_file() and (top := run_owned(out_dir, run_dir)) is not None:
+            raise ConfigError(f"--out-dir={out_dir} lies in the run {run_dir}'s own {top}, which its training reads, "
+                              "renames or removes: choose a directory outside it")
 
 
 def main(argv: list[str] | None = None) -> int:
