@@ -33,7 +33,7 @@ from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG
 from qlora.training.restore import recorded
-from qlora.training.rundir import run_owned
+from qlora.training.rundir import RUN_DIRS, run_owned
 from qlora.training.step import announce_evaluation, evaluate
 
 # The keys of evaluate_run's result, none of which a file of the trainer holds all of: how an earlier --json is known.
@@ -124,7 +124,8 @@ def check_json_path(path: Path, run_dir: Path, data: str | None, cfg: Config) ->
     """Refuse (exit 2) a --json that would overwrite the run's own files (of the run `cfg` read from `run_dir`) or the
     data the evaluation reads."""
     check_writable(path, "--json")
-    fix = f"choose another path, e.g. {Path(run_dir) / 'eval.json'}"
+    run = Path(run_dir).parent if RUN_DIRS.match(Path(run_dir).name) else Path(run_dir)  # not in the checkpoint
+    fix = f"choose another path, e.g. {run / 'eval.json'}"
     for source in (data, cfg.data.train, cfg.data.eval):
         if source and path.exists() and Path(source).exists() and os.path.samefile(path, source):
             raise ConfigError(f"--json={path} is the data file {source}: writing it would destroy the data; {fix}")

@@ -219,6 +219,10 @@ CASES = [
      rf"is the run's own {ADAPTER_WEIGHTS}"),
     ("eval: --json in a checkpoint", "qlora.eval", ["{run}", "--json={run}/checkpoint-2/eval.json"], noop,
      r"is the run's own checkpoint-2"),
+    # the path it offered, RUN/checkpoint-2/eval.json, lay in the checkpoint too
+    ("eval: --json in the checkpoint given as the run", "qlora.eval",
+     ["{run}/checkpoint-2", "--json={run}/checkpoint-2/e.json"], noop,
+     r"is the run's own checkpoint-2: writing it would damage the run; choose another path, e.g. .*/run/eval.json$"),
     ("eval: --json is the user's file in the run", "qlora.eval", ["{run}", "--json={run}/notes.json"],
      in_run("notes.json"), r"notes.json is a file in the run .* that qlora.eval did not write: writing it would "
                            r"destroy it"),
