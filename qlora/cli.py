@@ -19,18 +19,51 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from qlora.errors import EXIT_BAD_INPUT, Session, Stop, exit_status, interrupting_signal, line_of_this_rank
+from qlora.errors import (
+    EXIT_BAD_INPUT,
+    Session,
+    Stop,
+    exit_status,
+    interrupting_signal,
+    line_of_this_rank,
+    repeated_notes,
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors as one line and exit 2, like every other bad input (argparse prints a usage line
-    above the error)."""
+    above the error), and a flag given twice with other values said on stderr, as a recipe's key is (argparse took
+    the last without a word: `qlora.merge RUN --out A --out B` wrote B)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        for name in (None, "store"):  # None: an argument named without an action
+            self.register("action", name, NotedStore)
+        self.given: dict[str, list[str]] = {}
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        self.given = {}
+        parsed = super().parse_known_args(args, namespace)
+        for line in repeated_notes(self.given):
+            print(line, file=sys.stderr)
+        return parsed
 
     def error(self, message: str) -> None:  # type: ignore[override]
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
         raise Stop(EXIT_BAD_INPUT, f"{message} (usage: {usage})")
+
+
+class NotedStore(argparse._StoreAction):
+    """argparse's `store`, recording each value an option is given (ArgumentParser.given)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if option_string is not None and isinstance(parser, ArgumentParser):
+            parser.given.setdefault(self.option_strings[-1], []).append(f"{self.option_strings[-1]}={values}")
+        super().__call__(parser, namespace, values, option_string)
 
 
 # A command process (`python -m qlora.<command>`) whose command has ended, its status decided, while the interpreter

@@ -156,3 +156,10 @@ def line_of_this_rank(code: int, line: str) -> str | None:
     if rank == 0:
         return line
     return f"rank {rank}: {line}" if code in (EXIT_OOM, EXIT_PEER) else None
+
+
+def repeated_notes(given: dict[str, list[str]]) -> list[str]:
+    """For each flag or key given more than once with other values (`given`: its name and each `--name=value`), the
+    line saying which stands: the last, as argparse and the recipe's overrides take it."""
+    return [f"{name} is given {len(items)} times: the last, {items[-1]}, stands (not {', '.join(items[:-1])})"
+            for name, items in given.items() if len(set(items)) > 1]

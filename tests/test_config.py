@@ -147,6 +147,20 @@ def test_a_key_without_its_value_is_named_so_by_every_command_that_reads_a_recip
         assert capsys.readouterr().err == "error: --train.lr has no value: write --train.lr=VALUE\n"
 
 
+@pytest.mark.parametrize("parser", ["merge", "export", "eval", "generate"])
+def test_a_flag_of_a_command_given_twice_takes_the_last_and_says_so(parser, capsys):
+    """argparse took the last without a word: `qlora.merge RUN --out A --out B` wrote B. It says which stands now, on
+    stderr (stdout may be the command's answer), as a recipe's key does; the same value twice says nothing."""
+    from qlora.commands import PARSERS
+
+    flag = {"merge": "--out", "export": "--gguf", "eval": "--json", "generate": "--prompt"}[parser]
+    args = PARSERS[f"qlora.{parser}"]().parse_args(["run", f"{flag}=a", f"{flag}", "b", f"{flag}=b"])
+    assert str(getattr(args, flag[2:])) == "b"
+    assert capsys.readouterr().err == f"{flag} is given 3 times: the last, {flag}=b, stands (not {flag}=a, {flag}=b)\n"
+    PARSERS[f"qlora.{parser}"]().parse_args(["run", f"{flag}=a", f"{flag}=a"])
+    assert capsys.readouterr().err == ""
+
+
 def test_a_key_given_twice_on_the_command_line_takes_the_last_and_says_so(capsys):
     """`--train.lr=1e-4 ... --train.lr=2e-4` trained at 2e-4 without a word. The last still stands (a base command
     line, then a case's own: the tests and benchmarks/quality.py write them so), and the line says which."""

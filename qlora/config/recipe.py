@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 
 from qlora.config.config import Config, check_all
-from qlora.errors import ConfigError, came_of_a_signal
+from qlora.errors import ConfigError, came_of_a_signal, repeated_notes
 
 # Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
 ALIASES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
@@ -271,10 +271,9 @@ def split_args(argv: list[str], usage: str) -> tuple[str, list[str], list[str]]:
     given: dict[str, list[str]] = {}
     for item in overrides:
         if item.startswith("--"):  # anything else apply_overrides refuses
-            given.setdefault(override_key(item), []).append(item)
-    for key, items in given.items():
-        if len(set(items)) > 1:
-            print(f"--{key} is given {len(items)} times: the last, {items[-1]}, stands (not {', '.join(items[:-1])})")
+            given.setdefault(f"--{override_key(item)}", []).append(item)
+    for line in repeated_notes(given):
+        print(line)
     return argv[0], flags, overrides
 
 

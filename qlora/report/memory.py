@@ -34,7 +34,7 @@ from qlora.cli import run
 from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, parse_args
 from qlora.config.model import FP16_ON_CUDA, check_rank
-from qlora.errors import ConfigError, check_writable
+from qlora.errors import ConfigError, check_writable, repeated_notes
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import load_arch
 from qlora.partial import name_output, new_folders, remove_abandoned
@@ -162,10 +162,7 @@ def parse_cli(argv: list[str]) -> Cli:
             refuse_in_a_run(cli.out_dir)
         else:
             cli.rest.append(arg)
-    for name, items in given.items():  # --gpu-gib 40 --gpu-gib 80 drew the report against 80 without a word
-        if len(set(items)) > 1:
-            cli.repeated.append(f"{name} is given {len(items)} times: the last, {items[-1]}, stands (not "
-                                f"{', '.join(items[:-1])})")
+    cli.repeated = repeated_notes(given)  # --gpu-gib 40 --gpu-gib 80 drew the report against 80 without a word
     if sized and not cli.max_context:
         if "--gpu-gib" not in sized:
             raise ConfigError("--host-gib sizes the host beside the card --gpu-gib names, or the cards of "
