@@ -579,6 +579,30 @@ def test_rank_0_says_the_launcher_is_gone_when_another_rank_saw_it_first(monkeyp
     assert capfd.readouterr().err.count("is gone") == 1
 
 
+def test_a_launcher_watch_that_looks_after_the_run_ended_sends_no_signal(monkeypatch, capfd):
+    """Where another rank saw the launcher gone first, rank 0's watch looks later, perhaps while the run is ending
+    (gloo's drain, the stop line): its SIGTERM then met the command's own handler, and a SignalInterrupt took the place
+    of "stopped by SIGTERM after step 6; ... holds it". The watch ends with the run, and signals only a run going on."""
+    import qlora.training.launch as launch
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(launch, "LAUNCHER_POLL_S", 0.01)
+    gone, watches, heard = [False], [], []
+    monkeypatch.setattr(LauncherWatch, "gone", lambda self: gone[0])
+    start = LauncherWatch.start
+    monkeypatch.setattr(LauncherWatch, "start", lambda self: watches.append(self) or start(self))
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        with pytest.raises(Stop), joined(load_recipe(ROOT / "recipes" / "tiny.py")):
+            raise Stop(143, "stopped by SIGTERM after step 6")
+        gone[0] = True  # the launcher dies as the run ends: the watch looks now
+        watches[0].thread.join(timeout=60)
+        assert not watches[0].thread.is_alive() and heard == [], heard
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capfd.readouterr().err == ""  # the run had ended: the line was for its end to say, and it was not gone
+
+
 def test_sigterm_with_dropout_resumes_each_ranks_own_dropout_draws(cli, tmp_path):
     """Each rank draws its own dropout masks: the checkpoint keeps every rank's RNG state (rng_ranks) and a resume
     gives each its own back, so a run stopped by SIGTERM halfway ends bitwise as the one that never stopped."""

@@ -115,6 +115,7 @@ def joined(cfg: Config) -> Iterator[Ranks]:
         yield ranks
     except Exception as err:
         if launcher:
+            launcher.end()
             launcher.say()
         # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
         if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
@@ -126,6 +127,8 @@ def joined(cfg: Config) -> Iterator[Ranks]:
         post_ending(ranks, err)
         raise
     finally:
+        if launcher:
+            launcher.end()
         if dist.is_initialized():
             gloo = dist.get_backend() == "gloo"
             dist.destroy_process_group()
@@ -148,16 +151,26 @@ class LauncherWatch:
     def __init__(self, ranks: Ranks) -> None:
         self.pid, self.main = os.getppid(), ranks.main
         self._unsaid = threading.Lock()  # held once the line is said: said once, by whichever thread comes first
+        self._ended = threading.Event()  # the run is ending: nothing left to stop
+        self.thread = threading.Thread(target=self._watch, name="qlora: launcher watch", daemon=True)
 
     def start(self) -> LauncherWatch:
-        threading.Thread(target=self._watch, name="qlora: launcher watch", daemon=True).start()
+        self.thread.start()
         return self
+
+    def end(self) -> None:
+        """The run is ending (joined's exit): the watch stops looking. Where another rank saw the launcher gone first
+        and the run stopped for it, this watch may look only now; its SIGTERM then met the command's own handler
+        while the run ended, and a `stopped by SIGTERM` without the step took the place of the run's own line."""
+        self._ended.set()
 
     def _watch(self) -> None:
         while not self.gone():
-            time.sleep(LAUNCHER_POLL_S)
-        self.say()
-        os.kill(os.getpid(), signal.SIGTERM)
+            if self._ended.wait(LAUNCHER_POLL_S):
+                return
+        if not self._ended.is_set():  # a run going on: stop it as for SIGTERM
+            self.say()
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def gone(self) -> bool:
         return os.getppid() != self.pid  # the launcher's children are handed to init (or a subreaper) when it dies
