@@ -176,8 +176,9 @@ CASES = [
     ("empty data file", [TINY, "--data.train={d}/empty.jsonl"], r"empty.jsonl holds no rows"),
     ("empty after filtering", [TINY, "--data.max_seq_len=4"], r"train.jsonl: every row has all its labels masked "
                                                               r"\(no assistant turn within data.max_seq_len=4\)"),
-    ("all labels masked", [TINY, "--data.train={d}/no_assistant.jsonl"], r"no_assistant.jsonl: every row has all "
-                                                                         r"its labels masked"),
+    # a file of a few rows, each a micro-batch of its own: a step past the rows is refused before the load
+    ("all labels masked", [TINY, "--data.train={d}/no_assistant.jsonl", "--train.batch_size=1"],
+     r"no_assistant.jsonl: every row has all its labels masked"),
     ("unknown chat role", [TINY, "--data.train={d}/bad_role.jsonl"], r"bad_role.jsonl:2: each message needs a role "
                                                                      r"in \('system', 'user', 'assistant'\)"),
     ("messages not a list", [TINY, "--data.train={d}/messages_null.jsonl"], r"messages_null.jsonl:1: messages must "
@@ -380,11 +381,11 @@ CASES = [
      r"the tokenizer has token '<\|extra\|>' at id 259, but the embedding \(config.json vocab_size=259\) ends at 258: "
      r"use the tokenizer that came with the weights"),
     ("template refuses a system turn", [TINY, "--model.path={d}/no_system", "--model.build=none",
-                                        "--data.train={d}/system.jsonl"],
+                                        "--data.train={d}/system.jsonl", "--train.batch_size=1"],
      r"system.jsonl:1: the chat template of .*no_system fails on the turns \[system\] \(TemplateError: System role "
      r"not supported\): drop or merge the turns it refuses"),
     ("template refuses two user turns", [TINY, "--model.path={d}/alternating", "--model.build=none",
-                                         "--data.train={d}/two_users.jsonl"],
+                                         "--data.train={d}/two_users.jsonl", "--train.batch_size=1"],
      r"two_users.jsonl:1: the chat template .* fails on the turns \[user, user\] \(TemplateError: Conversation "
      r"roles must alternate"),
     ("template does not parse", [TINY, "--model.path={d}/template_syntax", "--model.build=none"],

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from qlora.base import build
 from qlora.config import Config
+from qlora.errors import ConfigError
 
 
 def header(path: Path) -> dict:
@@ -39,14 +40,19 @@ def test_every_build_of_a_tiny_base_is_the_same_fp32_checkpoint_of_its_config(tm
     assert ("lm_head.weight" in one) == (not config["tie_word_embeddings"])
 
 
-def test_a_folder_without_config_json_is_built_over(tiny_config: Config, tmp_path: Path) -> None:
-    """A copy cut short, or a folder made by hand, is no checkpoint: built into place, not returned as one."""
+def test_a_folder_without_config_json_is_refused_with_its_files_kept(tiny_config: Config, tmp_path: Path) -> None:
+    """A copy cut short, or a folder made by hand, is no checkpoint, and was emptied to build into: a run's output dir
+    given as model.path lost its adapter and checkpoints (h47). It is refused, every file kept; an empty one is built
+    into."""
     tiny_config.model.path = str(tmp_path / "tiny")
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a directory without config.json that holds other files"):
+        build.ensure_checkpoint(tiny_config)
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == ["tokenizer.json"]
+    (tmp_path / "tiny" / "tokenizer.json").unlink()
     assert build.ensure_checkpoint(tiny_config) == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "tiny" / "model.safetensors").is_file()
-    assert json.loads((tmp_path / "tiny" / "tokenizer.json").read_text())
 
 
 def test_a_checkpoint_another_process_built_first_is_kept(tiny_config: Config, tmp_path: Path,

@@ -144,15 +144,15 @@ def test_a_50_mb_line_costs_memory_for_its_kept_tokens_only(cli, tmp_path):
     data.write_text("\n".join([*rows, line]) + "\n")
     peaks = tmp_path / "peaks.json"
     measure = f"""
-import json, os, resource, qlora.data.labels
-tokenize_rows = qlora.data.labels.tokenize_rows
+import json, os, resource, qlora.data.splits
+tokenize_rows = qlora.data.splits.tokenize_rows
 def measured(*args, **kwargs):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = tokenize_rows(*args, **kwargs)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     open("{peaks}", "w").write(json.dumps([before, after, len(out)]))
     os._exit(0)
-qlora.data.labels.tokenize_rows = measured
+qlora.data.splits.tokenize_rows = measured  # where load_splits looks it up
 """
     result = cli.run([TINY, f"--data.train={data}", f"--output.dir={tmp_path}/run"], prelude=measure)
     assert result.status == 0, result.stderr
