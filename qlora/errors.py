@@ -37,6 +37,11 @@ UNUSABLE_PATH = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENO
 OVERWRITE_ON_RESUME = "--overwrite in place of --resume"
 
 
+def start_over(resume: bool) -> str:
+    """The flag a refusal names to start a new run in output.dir: in place of --resume where the command has it."""
+    return OVERWRITE_ON_RESUME if resume else "--overwrite"
+
+
 class ConfigError(ValueError):
     """A mistake in a recipe, an override or another input; the message names the key (or file) and the fix."""
 

@@ -111,12 +111,12 @@ def ensure_checkpoint(cfg: Config) -> str:
     if target.exists() and not target.is_dir():  # the build failed at its rename, saying to remove "that directory"
         raise ConfigError(f"model.path={target} is a file, not a directory: model.build={cfg.model.build} builds a "
                           "checkpoint directory there; point model.path at a new directory")
-    if not (target / "config.json").is_file() and target.is_dir() and any(target.iterdir()):
-        # It was emptied to make room: a run's output dir, or ~, given as model.path lost every file in it.
-        raise ConfigError(f"model.path={target} is a directory without config.json that holds other files: "
-                          f"model.build={cfg.model.build} builds a checkpoint into a new or empty directory; point "
-                          "model.path at one")
     if not (target / "config.json").is_file():
+        if target.is_dir() and any(target.iterdir()):
+            # It was emptied to make room: a run's output dir, or ~, given as model.path lost every file in it.
+            raise ConfigError(f"model.path={target} is a directory without config.json that holds other files: "
+                              f"model.build={cfg.model.build} builds a checkpoint into a new or empty directory; "
+                              "point model.path at one")
         started = announce(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed

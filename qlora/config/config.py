@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qlora.config.model import LoRAConfig, ModelConfig, QuantConfig
 from qlora.config.run import DataConfig, OutputConfig, TrainConfig
-from qlora.errors import OVERWRITE_ON_RESUME, ConfigError, json_trouble
+from qlora.errors import ConfigError, json_trouble, start_over
 from qlora.levers import check_levers
 
 
@@ -88,7 +88,7 @@ def config_from_dict(raw: object, source: str, resume: bool = False) -> Config:
     sections = typing.get_type_hints(Config)
     if not isinstance(raw, dict) or not all(isinstance(raw.get(name, {}), dict) for name in sections):
         raise ConfigError(f"{source} is not a run config (a JSON object of sections model, data, ...): restore it, "
-                          f"or start the run again with {OVERWRITE_ON_RESUME if resume else '--overwrite'}")
+                          f"or start the run again with {start_over(resume)}")
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"{source} has no section {unknown[0]!r} in this version of qlora: restore the file")
@@ -115,5 +115,5 @@ def read_config_json(path: Path, resume: bool = False) -> Config:
     except (OSError, ValueError, RecursionError) as err:
         reason = err.strerror if isinstance(err, OSError) else json_trouble(err)
         raise ConfigError(f"{path} is unreadable ({reason}): restore it, or start the run again with "
-                          f"{OVERWRITE_ON_RESUME if resume else '--overwrite'}") from None
+                          f"{start_over(resume)}") from None
     return config_from_dict(raw, str(path), resume)

@@ -126,9 +126,8 @@ def parse_cli(argv: list[str]) -> Cli:
     args = iter(argv)
     for arg in args:
         name, sep, value = arg.partition("=")
-        if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir") and not sep:
-            value = next(args, "")
         if name in ("--methods", "--gpu-gib", "--host-gib", "--gpus", "--out-dir"):
+            value = value if sep else next(args, "")
             given.setdefault(name, []).append(f"{name}={value}")
         if name == "--gpus":
             # isdigit alone takes "²"; 9 digits, as WORLD_SIZE (int() refuses 4,300, and 10**23 GPUs were estimated)

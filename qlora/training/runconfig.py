@@ -24,7 +24,7 @@ import shlex
 from pathlib import Path
 
 from qlora.config import Config, apply_overrides, check_all, override_key, read_config_json, resolve_paths
-from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
+from qlora.errors import OVERWRITE_ON_RESUME, ConfigError, start_over
 from qlora.training.checkpoint import RUN_CONFIG, checkpoint_dirs
 from qlora.training.restore import recorded
 
@@ -78,7 +78,7 @@ def check_identity(saved: Config, cfg: Config, run_dir: Path, moved: bool = Fals
         hint = (f"; if the base moved from {theirs['model.path']}, continue with --resume --model.path=NEW_FOLDER"
                 if gone and theirs["model.path"] != ours["model.path"] else "")
         raise ConfigError(f"output.dir={run_dir} holds another run ({'; '.join(differ)}{hint}): use another "
-                          f"output.dir, or {OVERWRITE_ON_RESUME if resume else '--overwrite'} to replace that run")
+                          f"output.dir, or {start_over(resume)} to replace that run")
 
 
 # Where a file lies is no setting a checkpoint fixes: a base or a data file moved is pointed at in run_config.json.
@@ -104,7 +104,7 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movab
     ckpt, record = recorded(run_dir or path.parent, "config")
     if not isinstance(record, dict):
         return None, {}
-    restart = OVERWRITE_ON_RESUME if resume else "--overwrite"
+    restart = start_over(resume)
     ours, theirs, raw = flat(saved.to_dict()), flat(record), flat(json.loads(path.read_text()))
     # Each refusal names every key it is for: named one at a time, each fix met the next refusal.
     missing = [k for k in theirs if k not in raw and k in ours]

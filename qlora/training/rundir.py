@@ -26,9 +26,9 @@ from pathlib import Path
 from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
-from qlora.errors import OVERWRITE_ON_RESUME, ROOM_FIX, ConfigError, check_writable
+from qlora.errors import ROOM_FIX, ConfigError, check_writable, start_over
 from qlora.partial import name_output, write_aside
-from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
+from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, PATTERN, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
 from qlora.training.runconfig import check_identity
 
 MEMORY = "memory.json"
@@ -156,14 +156,14 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     finished = next((name for name in (ADAPTER_WEIGHTS, FULL_WEIGHTS) if (run_dir / name).exists()), None)
     if latest and not resume:
         steps = recorded.train.steps if recorded is not None else None
-        if finished and steps is not None and int(latest[-1].name.removeprefix("checkpoint-")) >= steps:
+        if finished and steps is not None and int(PATTERN.match(latest[-1].name)[1]) >= steps:
             # the same command run again, most likely: --resume alone would rewrite the same adapter
             raise ConfigError(f"output.dir={run_dir} already holds a finished run ({steps} of {steps} steps, "
                               f"{finished} written): train it further with --resume --train.steps=N (N > {steps}), "
                               "start over with --overwrite, or use another output.dir")
         raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
                           "continue it, or --overwrite to start over")
-    restart = OVERWRITE_ON_RESUME if resume else "--overwrite"  # the two are refused together
+    restart = start_over(resume)  # the two are refused together
     if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
                           f"another output.dir, or {restart} to replace it")
