@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from test_crash import adapter, assert_same_run, interrupt, metrics, slowed
 
 from qlora.adapters.lora import ADAPTER_WEIGHTS
-from qlora.config import config_from_dict, load_recipe, resolve_paths
+from qlora.config import Config, config_from_dict, load_recipe, resolve_paths
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
@@ -164,6 +164,31 @@ def test_a_moved_data_file_with_other_rows_is_refused_before_writing(cli, tmp_pa
                      "--resume"])
     assert other.status == 2 and "--resume cannot change data.train" in other.stderr, other.stderr
     assert snapshot(out) == kept
+
+
+def config_run(tmp_path: Path, synthetic: bool) -> tuple[Config, Path, Path, Path]:
+    """A run of the tiny recipe in tmp_path with model.config_json at a.json, its run_config.json and checkpoint-1;
+    b.json a copy of a.json, c.json another config: (its config, a, b, c)."""
+    first, copied, other = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    first.write_text('{"model_type": "llama"}\n')
+    copied.write_text(first.read_text())
+    other.write_text('{"model_type": "llama", "hidden_size": 64}\n')
+    cfg = copy.deepcopy(TINY)
+    cfg.output.dir, cfg.model.config_json, cfg.model.synthetic = str(tmp_path), str(first), synthetic
+    cfg = resolve_paths(cfg)
+    (tmp_path / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "checkpoint-1" / OPTIMIZER).touch()  # a checkpoint is listed with both files; only STATE is read
+    torch.save({"config": cfg.to_dict()}, tmp_path / "checkpoint-1" / STATE)
+    return cfg, first, copied, other
+
+
+def test_the_config_json_of_a_base_loaded_from_its_weights_may_change_on_resume(tmp_path, capsys):
+    """model.config_json fixes a synthetic base alone: for a base loaded from its weights it only feeds the memory
+    estimate, yet --resume --model.config_json=X was refused as changing the base the adapter trains against."""
+    cfg, first, _, other = config_run(tmp_path, synthetic=False)
+    assert resume_config(cfg, [f"--model.config_json={other}"]).model.config_json == str(other)
+    assert f"changed on the command line: model.config_json '{first}' -> '{other}'" in capsys.readouterr().out
 
 
 def test_rows_without_a_fingerprint_are_checked_by_their_counts_and_said(capsys):

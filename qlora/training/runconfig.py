@@ -43,6 +43,16 @@ FIXED_ON_RESUME = {
 
 # Packed rows are filled to data.max_seq_len: another length packs other rows (qlora/data/pack.py).
 PACKED = "the rows the documents are packed into (data.pack)"
+CONFIG = "model.config_json"
+
+
+def _fixes(key: str, run: dict) -> bool:
+    """Whether the checkpoints of a run with the settings `run` (flat) fix `key`: model.config_json for a synthetic
+    base alone (a base loaded from its weights plays no part in it: it is read by the memory estimate only),
+    data.max_seq_len for packed rows alone."""
+    if key == CONFIG:
+        return bool(run.get("model.synthetic"))
+    return key in FIXED_ON_RESUME or (key == "data.max_seq_len" and bool(run.get("data.pack")))
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -113,7 +123,7 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movab
         raise ConfigError(f"{path} lacks {keys}, which {ckpt.name} was written with ({then}): the default would "
                           f"stand in; restore {keys} in {RUN_CONFIG} to use the run, or start a new run with "
                           f"{restart}")
-    fixed = [*IDENTITY, *FIXED_ON_RESUME, *(["data.max_seq_len"] if theirs.get("data.pack") else [])]
+    fixed = [*IDENTITY, *(k for k in (*FIXED_ON_RESUME, "data.max_seq_len") if _fixes(k, theirs))]
     changed = [k for k in fixed if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]]
     if changed:
         raise ConfigError(f"{path} has {_values(changed, ours, named=True)}, but {ckpt.name} was written with "
@@ -171,7 +181,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
         raise ConfigError(f"{lost[0]}={before[lost[0]]} is gone since the run began: if the file moved, continue with "
                           f"--resume --{lost[0]}=NEW_FILE (checked to hold the run's rows)")
     changed = [k for k in after if after[k] != was[k] and k != "output.dir"]
-    fixed = [k for k in changed if (k in FIXED_ON_RESUME or (k == "data.max_seq_len" and after["data.pack"]))
+    fixed = [k for k in changed if (_fixes(k, was) or _fixes(k, after))
              and not (k in MOVED_DATA and k in given and _gone(was[k]) and isinstance(after[k], str))]
     if fixed and checkpoint_dirs(run_dir):  # every one, as check_recorded names them
         what = ", ".join(f"{k} ({was[k]!r} -> {after[k]!r})" for k in fixed)
