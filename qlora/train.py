@@ -165,6 +165,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
                      "rows": [n_rows, len(run["eval_rows"])], "rows_sha256": run["rows_sha256"],
+                     "config_json_sha256": run["config_json_sha256"],
                      "config": cfg.to_dict(), "optimizer": t.optimizer, "longest": longest,
                      "memory": profiler.carried(), **ranks.rng_states(),
                      **({"ended_line": logged} if step == t.steps else {})}  # put back by check_kept

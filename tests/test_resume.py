@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import json
 import pickle
 import random
@@ -166,6 +167,39 @@ def test_a_moved_data_file_with_other_rows_is_refused_before_writing(cli, tmp_pa
     assert snapshot(out) == kept
 
 
+def test_a_moved_synthetic_config_is_given_with_model_config_json_on_resume(cli, tmp_path):
+    """A synthetic base's config.json moved since the run began: --resume --model.config_json=NEW was refused as a
+    change of the base, and --resume alone failed to find the file. The new path is taken where the file holds the
+    run's content (its sha256, recorded in the checkpoint), said and recorded; another content is refused in one line
+    naming both paths; a later --resume from a checkpoint that recorded the old path takes the run as it is."""
+    old, new, other, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json", tmp_path / "run"
+    config = json.loads((Path(TINY.model.path) / "config.json").read_text())
+    old.write_text(json.dumps(config))
+    other.write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+    assert cli.run([*ARGS, "--model.synthetic=true", f"--model.config_json={old}", "--train.steps=2",
+                    f"--output.dir={out}"]).status == 0
+    old.rename(new)
+    kept = snapshot(out)
+    refused = cli.run([*ARGS, "--train.steps=3", f"--output.dir={out}", "--resume"])
+    assert error_lines(refused) == [f"error: model.config_json={old} is gone since the run began: if the file moved, "
+                                    "continue with --resume --model.config_json=NEW_FILE (checked to hold the same "
+                                    "content)"], refused.stderr
+    another = cli.run([*ARGS, "--train.steps=3", f"--model.config_json={other}", f"--output.dir={out}", "--resume"])
+    assert error_lines(another) == [
+        f"error: model.config_json={other} holds another config.json than the run's {old} (their sha256 differ): the "
+        "base would be drawn from another architecture; point it at the run's file (or a copy of it), or start a new "
+        "run with --overwrite in place of --resume or another output.dir"], another.stderr
+    assert snapshot(out) == kept
+    result = cli.run([*ARGS, "--train.steps=3", f"--model.config_json={new}", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert f"changed on the command line: model.config_json '{old}' -> '{new}'" in result.stdout, result.stdout
+    assert json.loads((out / "run_config.json").read_text())["model"]["config_json"] == str(new)
+    assert max(line["step"] for line in metrics(out)) == 3
+    shutil.rmtree(out / "checkpoint-3")  # the newest checkpoint now the one that recorded the old path
+    again = cli.run([*ARGS, "--train.steps=4", f"--output.dir={out}", "--resume"])
+    assert again.status == 0 and "changed on the command line: train.steps 2 -> 4;" in again.stdout, again.stdout
+
+
 def config_run(tmp_path: Path, synthetic: bool) -> tuple[Config, Path, Path, Path]:
     """A run of the tiny recipe in tmp_path with model.config_json at a.json, its run_config.json and checkpoint-1;
     b.json a copy of a.json, c.json another config: (its config, a, b, c)."""
@@ -189,6 +223,47 @@ def test_the_config_json_of_a_base_loaded_from_its_weights_may_change_on_resume(
     cfg, first, _, other = config_run(tmp_path, synthetic=False)
     assert resume_config(cfg, [f"--model.config_json={other}"]).model.config_json == str(other)
     assert f"changed on the command line: model.config_json '{first}' -> '{other}'" in capsys.readouterr().out
+
+
+def test_a_synthetic_config_is_checked_by_its_content_not_its_path(tmp_path):
+    """For a synthetic base the content decides, not the path: the sha256 a checkpoint records, or for one written
+    before that, the file at the old path; with neither there, it cannot be checked, and says so. run_config.json
+    pointed at a copy (a moved resume cut short before its checkpoint) is taken by qlora.eval's check and --resume
+    alike; one pointed at another content, or the file edited where it lies, is refused."""
+    from qlora.training.runconfig import check_recorded
+
+    cfg, first, copied, other = config_run(tmp_path, synthetic=True)
+    (tmp_path / "run_config.json").write_text(json.dumps(cfg.to_dict()))
+    sha = hashlib.sha256(first.read_bytes()).hexdigest()
+    for recorded in ({"config_json_sha256": sha}, {}):  # a checkpoint of now, one written before the sha256
+        torch.save({"config": cfg.to_dict(), **recorded}, tmp_path / "checkpoint-1" / STATE)
+        assert resume_config(cfg, [f"--model.config_json={copied}"]).model.config_json == str(copied)
+        with pytest.raises(ConfigError, match=rf"^model.config_json={other} holds another config.json than the run's "
+                                              rf"{first} \(their sha256 differ\)"):
+            resume_config(cfg, [f"--model.config_json={other}"])
+    first.unlink()
+    with pytest.raises(ConfigError, match=rf"^model.config_json={copied} cannot be checked against the run's {first}: "
+                                          r"that file is gone, and checkpoint-1 was written before checkpoints "
+                                          rf"recorded its sha256; put the file back at {first}, or start a new run"):
+        resume_config(cfg, [f"--model.config_json={copied}"])
+    torch.save({"config": cfg.to_dict(), "config_json_sha256": sha}, tmp_path / "checkpoint-1" / STATE)
+    raw = json.loads((tmp_path / "run_config.json").read_text())
+    for path in (copied, other):
+        raw["model"]["config_json"] = str(path)
+        (tmp_path / "run_config.json").write_text(json.dumps(raw))
+        if path == copied:
+            check_recorded(config_from_dict(raw, "run_config.json"), tmp_path / "run_config.json")
+            assert resume_config(cfg, []).model.config_json == str(copied)
+            continue
+        with pytest.raises(ConfigError, match=rf"^model.config_json={other} holds another config.json"):
+            check_recorded(config_from_dict(raw, "run_config.json"), tmp_path / "run_config.json")
+    copied.write_text(other.read_text())  # edited where it lies, where the checkpoint recorded it
+    raw["model"]["config_json"] = str(copied)
+    (tmp_path / "run_config.json").write_text(json.dumps(raw))
+    torch.save({"config": raw, "config_json_sha256": sha}, tmp_path / "checkpoint-1" / STATE)
+    with pytest.raises(ConfigError, match=rf"^model.config_json={copied} holds another config.json than the run's, "
+                                          r"edited since \(its sha256 differs\)"):
+        resume_config(cfg, [])
 
 
 def test_rows_without_a_fingerprint_are_checked_by_their_counts_and_said(capsys):

@@ -8,6 +8,7 @@ heavy is imported at module level: recipes import `cache_dir` from here, and rea
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -236,11 +237,23 @@ def not_a_directory(path: str) -> str:
             "and the weights")
 
 
+def config_file(config_json: str) -> Path:
+    """model.config_json's file: the path given, or the config.json in the folder it names."""
+    path = Path(config_json).expanduser()
+    return path / "config.json" if path.is_dir() else path
+
+
+def config_sha256(config_json: str | None) -> str | None:
+    """The sha256 of model.config_json's file (None where there is none): the architecture a synthetic base is drawn
+    from, which each checkpoint records, so that a resume tells a moved copy from another file by content."""
+    path = config_file(config_json) if config_json else None
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+
+
 def config_json_path(cfg: Config) -> Path:
     """model.config_json if set, else the checkpoint's own config.json (built checkpoints are built first: no hub)."""
     if cfg.model.config_json:
-        path = Path(cfg.model.config_json).expanduser()
-        path = path / "config.json" if path.is_dir() else path
+        path = config_file(cfg.model.config_json)
         if path.exists() and not path.is_file():  # read whole: a fifo hung the estimate, /dev/zero filled memory
             raise ConfigError(f"model.config_json={path} is not a regular file (a pipe or a device): point it at a "
                               "model's config.json")

@@ -16,6 +16,7 @@ from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, read_adapter_config
 from qlora.base.attention import by_document, cuda_kernel, use_kernel
 from qlora.base.bnb import bnb
+from qlora.base.build import config_sha256
 from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
 from qlora.base.sliding_window import configured_window
 from qlora.config import Config, read_config_json
@@ -122,6 +123,7 @@ def prepare(cfg: Config, profiler: PhaseTracker | None = None, resuming: bool = 
     train_rows, eval_rows = load_splits(cfg.data, run["tokenizer"], cfg.train.seed, read)
     check_positions(run["model"].config, train_rows + eval_rows)  # before packing: each document's own positions
     run["rows_sha256"] = sha
+    run["config_json_sha256"] = config_sha256(cfg.model.config_json) if cfg.model.synthetic else None  # its base's
     del read
     if cfg.data.pack:  # held-out rows stay unpacked: exact match is scored per row
         packed = pack_examples(train_rows, cfg.data.max_seq_len)

@@ -130,6 +130,9 @@ def _check_state(state: dict, ckpt: Path) -> None:
     if not (isinstance(state.get("rows_sha256", []), list) and all(
             isinstance(h, str | None) for h in state.get("rows_sha256", []))):
         raise Unusable(f"{STATE}: rows_sha256={state['rows_sha256']!r} is not the fingerprints of the rows")
+    if not isinstance(state.get("config_json_sha256"), str | None):
+        raise Unusable(f"{STATE}: config_json_sha256={state['config_json_sha256']!r} is not the fingerprint of a "
+                       "config.json")
     if not isinstance(state.get("config", {}), dict):
         raise Unusable(f"{STATE}: config is not the run's settings (a dict of sections)")
     if not isinstance(state.get("rng_ranks", []), list):

@@ -23,6 +23,7 @@ import os
 import shlex
 from pathlib import Path
 
+from qlora.base.build import config_sha256
 from qlora.config import Config, apply_overrides, check_all, override_key, read_config_json, resolve_paths
 from qlora.errors import OVERWRITE_ON_RESUME, ConfigError, start_over
 from qlora.training.checkpoint import RUN_CONFIG, checkpoint_dirs
@@ -53,6 +54,28 @@ def _fixes(key: str, run: dict) -> bool:
     if key == CONFIG:
         return bool(run.get("model.synthetic"))
     return key in FIXED_ON_RESUME or (key == "data.max_seq_len" and bool(run.get("data.pack")))
+
+
+def _same_config(was: str | None, now: str | None, run_dir: Path, fix: str) -> bool:
+    """Whether `now`, the config.json a synthetic base is drawn from, holds the run's (`was` where the newest checkpoint
+    of `run_dir` was written), by content: the sha256 that checkpoint recorded, or, one written before it did, `was`'s
+    file's. A moved copy is the same; False where `now` is no file. Refused, with `fix`, where it holds another, or
+    where the run's cannot be known."""
+    ours = config_sha256(now)
+    if ours is None:
+        return False
+    ckpt, theirs = recorded(run_dir, "config_json_sha256")
+    theirs = theirs or config_sha256(was)
+    if theirs is None:
+        raise ConfigError(f"{CONFIG}={now} cannot be checked against the run's {was}: that file is gone, and "
+                          f"{ckpt.name if ckpt else 'its checkpoint'} was written before checkpoints recorded its "
+                          f"sha256; put the file back at {was}, or {fix}")
+    if ours != theirs:
+        than = "the run's, edited since (its sha256 differs)" if now == was else \
+            f"the run's {was} (their sha256 differ)"
+        raise ConfigError(f"{CONFIG}={now} holds another config.json than {than}: the base would be drawn from "
+                          f"another architecture; point it at the run's file (or a copy of it), or {fix}")
+    return True
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -124,7 +147,9 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movab
                           f"stand in; restore {keys} in {RUN_CONFIG} to use the run, or start a new run with "
                           f"{restart}")
     fixed = [*IDENTITY, *(k for k in (*FIXED_ON_RESUME, "data.max_seq_len") if _fixes(k, theirs))]
-    changed = [k for k in fixed if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]]
+    changed = [k for k in fixed if k in theirs and k in ours and k not in movable and theirs[k] != ours[k]
+               and not (k == CONFIG and _same_config(theirs[k], ours[k], run_dir or path.parent,
+                                                     f"start a new run with {restart}"))]  # moved
     if changed:
         raise ConfigError(f"{path} has {_values(changed, ours, named=True)}, but {ckpt.name} was written with "
                           f"{_values(changed, theirs)}, which the checkpoints fix: restore {', '.join(changed)} in "
@@ -162,7 +187,8 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     given = {override_key(item) for item in overrides}
     # A moved data file given may be in run_config.json already, left by the same command cut short before its first
     # checkpoint: it is checked against the checkpoint's below, as a change.
-    ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection(MOVED_DATA)), resume=True)
+    ckpt, theirs = check_recorded(saved, path, movable=(*MOVABLE, *given.intersection((*MOVED_DATA, CONFIG))),
+                                  resume=True)
     resumed = copy.deepcopy(saved)
     if saved.train.plan == "fastest" and [item.split("=", 1)[1] for item in overrides
                                           if override_key(item) == "train.plan"][-1:] == ["recipe"]:
@@ -176,13 +202,17 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     # What the command line changes, it changes from the newest checkpoint's value: run_config.json may hold its own
     # already, left by the same command cut short before its first checkpoint.
     was = {k: theirs.get(k, value) if k in given else value for k, value in before.items()}
-    lost = [k for k in MOVED_DATA if k not in given and _gone(before[k])]
+    lost = [k for k in (*MOVED_DATA, CONFIG) if k not in given and _gone(before[k]) and _fixes(k, before)]
     if lost and checkpoint_dirs(run_dir):  # read_rows' "not found" would send the user to edit run_config.json
+        held = "the run's rows" if lost[0] in MOVED_DATA else "the same content"
         raise ConfigError(f"{lost[0]}={before[lost[0]]} is gone since the run began: if the file moved, continue with "
-                          f"--resume --{lost[0]}=NEW_FILE (checked to hold the run's rows)")
+                          f"--resume --{lost[0]}=NEW_FILE (checked to hold {held})")
     changed = [k for k in after if after[k] != was[k] and k != "output.dir"]
     fixed = [k for k in changed if (_fixes(k, was) or _fixes(k, after))
              and not (k in MOVED_DATA and k in given and _gone(was[k]) and isinstance(after[k], str))]
+    if _fixes(CONFIG, was) and _fixes(CONFIG, after) and checkpoint_dirs(run_dir) and _same_config(
+            was[CONFIG], after[CONFIG], run_dir, f"start a new run with {OVERWRITE_ON_RESUME} or another output.dir"):
+        fixed = [k for k in fixed if k != CONFIG]  # the run's config.json, moved: a change said below
     if fixed and checkpoint_dirs(run_dir):  # every one, as check_recorded names them
         what = ", ".join(f"{k} ({was[k]!r} -> {after[k]!r})" for k in fixed)
         why = " and ".join(dict.fromkeys(FIXED_ON_RESUME.get(k, PACKED) for k in fixed))
@@ -195,7 +225,8 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     # A value a resume may change that run_config.json changed since the newest checkpoint, by an edit (or a resume cut
     # short before its first checkpoint), would change the run unsaid (measured on the tiny recipe: train.lr edited
     # 0.003 -> 0.001 resumed at 1e-3 without a word); the command line changes it, and says so.
-    kept = {*MOVABLE, "output.dir", *given, *planned,
+    # A synthetic base's config.json moved (its content checked by check_recorded) is one more place a file lies.
+    kept = {*MOVABLE, "output.dir", *given, *planned, *([CONFIG] if _fixes(CONFIG, theirs) else []),
             *(override_key(item) for item in theirs.get("train.plan_from", []) if resumed.train.plan == "fastest")}
     edited = [k for k in theirs if k in before and theirs[k] != before[k] and k not in kept]
     if edited:  # every one, as check_recorded names them
