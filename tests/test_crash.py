@@ -808,5 +808,7 @@ def test_a_base_that_gives_nan_is_named_when_training_starts_without_an_evaluati
     assert result.status == 3, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "a held-out batch fails even with the adapters switched off: the base model gives non-finite logits" in last
-    assert last.endswith("then start again with --overwrite (what this run saved trained on that base)"), last
+    assert last.endswith(f"try --quant.compute_dtype=fp32 and continue from {out}/checkpoint-1 with --resume, or "
+                         "check model.path and start again with --overwrite (what this run saved trained on that "
+                         "base)"), last
     assert "lr_scheduler" not in result.stderr, result.stderr

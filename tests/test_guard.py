@@ -184,3 +184,24 @@ def test_the_shape_an_out_of_memory_report_names_is_the_steps_longest_micro_batc
                              "(the step's longest): MemoryError")
     watch.at("the optimizer step", 6)
     assert watch.batch_shape is None
+
+
+@pytest.mark.parametrize("stop", ["eval", "diverged"])
+def test_a_base_that_gives_nan_names_resume_where_a_checkpoint_holds_the_run(tiny_config: Config, tmp_path: Path,
+                                                                             stop: str) -> None:
+    """A base whose logits are non-finite: with fp32 compute the newest checkpoint can go on (an overflow in the
+    compute dtype), yet the line said 'then start again with --overwrite' whatever the run held, advice that deletes
+    its checkpoints. With one, it names it and --resume; with none, --overwrite as before."""
+    from qlora.training.guard import diverged, non_finite_eval
+
+    def line() -> str:
+        return str(non_finite_eval(tiny_config, 3, float("nan"), base_fails=True) if stop == "eval" else
+                   diverged(tiny_config, 3, 2, "micro-batch 2", base_fails=True))
+
+    tiny_config.output.dir = str(tmp_path)
+    assert "try --quant.compute_dtype=fp32, then start again with --overwrite" in line()
+    (tmp_path / "checkpoint-2").mkdir()
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        (tmp_path / "checkpoint-2" / name).touch()
+    assert f"try --quant.compute_dtype=fp32 and continue from {tmp_path / 'checkpoint-2'} with --resume, or check " \
+           "model.path and start again with --overwrite" in line(), line()

@@ -176,6 +176,17 @@ def _newest(cfg: Config, then: str) -> str:
             "--overwrite if that one has diverged too")
 
 
+def _base_fix(cfg: Config, saved: str = "") -> str:
+    """How to go on from a base that gives non-finite logits: another model.path is another run (--overwrite, `saved`
+    saying why where there is something to say); fp32 compute, where the overflow was the compute dtype's, continues
+    the newest checkpoint with --resume where there is one, which --overwrite would delete."""
+    latest = latest_checkpoint(cfg)
+    if latest is None:
+        return "check model.path, or try --quant.compute_dtype=fp32, then start again with --overwrite" + saved
+    return (f"try --quant.compute_dtype=fp32 and continue from {latest} with --resume, or check model.path and start "
+            "again with --overwrite" + saved)
+
+
 def non_finite_weights(cfg: Config, step: int) -> Stop:
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: its update left trainable weights nan or inf (train.lr="
                                 f"{cfg.train.lr:g} is too high for them), and nothing of it was saved. "
@@ -187,8 +198,8 @@ def non_finite_eval(cfg: Config, step: int, loss: float, base_fails: bool = Fals
     if base_fails:
         return Stop(EXIT_NONFINITE, f"stopped at step {step}: the held-out loss is {loss}, and it stays so with the "
                                     "adapters switched off: the base model gives non-finite logits (nan or inf in its "
-                                    f"weights, or an overflow in quant.compute_dtype={cfg.quant.compute_dtype}): check "
-                                    "model.path, or try --quant.compute_dtype=fp32, then start again with --overwrite")
+                                    f"weights, or an overflow in quant.compute_dtype={cfg.quant.compute_dtype}): "
+                                    + _base_fix(cfg))
     if step == 0:
         return Stop(EXIT_NONFINITE, f"the held-out loss before training is {loss}: the base model gives non-finite "
                                     f"logits on the held-out data (nan or inf in its weights, or an overflow in "
@@ -208,9 +219,8 @@ def diverged(cfg: Config, step: int, bad_steps: int, where: str, base_fails: boo
         return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, "
                                     f"the last in {where}, and a held-out batch fails even with the adapters switched "
                                     "off: the base model gives non-finite logits (nan or inf in its weights, or an "
-                                    f"overflow in quant.compute_dtype={cfg.quant.compute_dtype}): check model.path, or "
-                                    "try --quant.compute_dtype=fp32, then start again with --overwrite (what this run "
-                                    "saved trained on that base)")
+                                    f"overflow in quant.compute_dtype={cfg.quant.compute_dtype}): "
+                                    + _base_fix(cfg, " (what this run saved trained on that base)"))
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: {bad_steps} steps with a non-finite loss or gradient, the "
                                 f"last in {where}, and a held-out batch fails too: the adapter itself has diverged "
                                 f"(train.lr={cfg.train.lr:g} is too high), so no checkpoint was written of it. "
