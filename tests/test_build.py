@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from qlora.base import build
 from qlora.config import Config
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, Stop
 
 
 def header(path: Path) -> dict:
@@ -53,6 +53,21 @@ def test_a_folder_without_config_json_is_refused_with_its_files_kept(tiny_config
     (tmp_path / "tiny" / "tokenizer.json").unlink()
     assert build.ensure_checkpoint(tiny_config) == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "tiny" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("points_at", ["loop", "missing/tiny"])
+def test_a_link_that_leads_nowhere_is_refused_before_the_build_is_announced(tiny_config: Config, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture,
+                                                                             points_at: str) -> None:
+    """A link in a loop announced the build, built, then failed its rename saying "Not a directory"; a link to a
+    missing folder was replaced by the checkpoint. Both are refused first and alone, the link kept."""
+    link = tmp_path / "loop"
+    link.symlink_to(points_at)
+    tiny_config.model.path = str(link)
+    with pytest.raises(Stop, match=r"^model.path=.*loop is a link that leads nowhere \(a loop, or a missing target\)"):
+        build.ensure_checkpoint(tiny_config)
+    assert capsys.readouterr().out == ""
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
 
 
 def test_a_checkpoint_another_process_built_first_is_kept(tiny_config: Config, tmp_path: Path,

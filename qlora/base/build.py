@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from qlora.config import Config
 from qlora.console import announce, since
-from qlora.errors import ConfigError
+from qlora.errors import ConfigError, check_writable
 from qlora.partial import remove_abandoned
 
 if TYPE_CHECKING:
@@ -118,6 +118,9 @@ def ensure_checkpoint(cfg: Config) -> str:
             raise ConfigError(f"model.path={target} is a directory without config.json that holds other files: "
                               f"model.build={cfg.model.build} builds a checkpoint into a new or empty directory; "
                               "point model.path at one")
+        # A link in a loop or to nothing, a file above it, a read-only folder: refused before the announcement (a
+        # loop announced the build, then failed its rename saying "Not a directory").
+        check_writable(target, "model.path", directory=True)
         started = announce(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed
