@@ -34,6 +34,10 @@ from qlora.training.assemble import load_run, read_run_config
 # Below this, sampling is greedy decoding in all but name, and far below it the logits divided by the temperature
 # overflow float32, so sampling fails on infinities (1e-320 did).
 MIN_TEMPERATURE = 1e-4
+# Above this, logits a model spreads over ~30 nats differ by e^3 at most, so every token of the vocabulary is all but
+# equally likely: the text is noise (1e300 printed bytes at random, and past float32's 3.4e38 the logits divided by
+# it are 0, or nan where -inf).
+MAX_TEMPERATURE = 10.0
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: str, fmt: str = "messages") -> str:
@@ -160,6 +164,10 @@ def _main(argv: list[str]) -> int:
         parser.error(f"--max-new-tokens={args.max_new_tokens} must be positive, e.g. 256")
     if not 0 <= args.temperature < math.inf:  # nan fails too
         parser.error(f"--temperature={args.temperature} must be a finite number >= 0 (0 decodes greedily)")
+    if args.temperature > MAX_TEMPERATURE:
+        parser.error(f"--temperature={args.temperature:g} is above {MAX_TEMPERATURE:g}, where every token is all but "
+                     f"equally likely and the text is noise: use 0 to decode greedily, or {MIN_TEMPERATURE:g} to "
+                     f"{MAX_TEMPERATURE:g} (1 samples the model as it is)")
     if 0 < args.temperature < MIN_TEMPERATURE:
         parser.error(f"--temperature={args.temperature} is below {MIN_TEMPERATURE}, where sampling is greedy decoding "
                      f"(and tinier values overflow float32): use 0 to decode greedily, or at least {MIN_TEMPERATURE}")

@@ -253,6 +253,10 @@ CASES = [
      r"--temperature=nan must be a finite number >= 0"),
     ("generate: temperature below 1e-4", "qlora.generate", ["{run}", "--temperature=1e-320", "--prompt=hi"], noop,
      r"--temperature=1e-320 is below 0.0001, where sampling is greedy decoding"),
+    # accepted, it printed random bytes (all tokens as likely), and past float32's range the logits became 0 or nan
+    ("generate: temperature 1e300", "qlora.generate", ["{run}", "--temperature=1e300", "--prompt=hi"], noop,
+     r"--temperature=1e\+300 is above 10, where every token is all but equally likely and the text is noise: use 0 "
+     r"to decode greedily, or 0.0001 to 10 "),
     ("generate: prompt not UTF-8", "qlora.generate", ["{run}", "--prompt=caf\udce9"], noop,
      r"--prompt: not UTF-8 text \('\\udce9'\): give the prompt as UTF-8"),
     ("generate: tokens not a number", "qlora.generate", ["{run}", "--max-new-tokens=ten"], noop,
