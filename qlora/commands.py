@@ -100,6 +100,14 @@ def a_path(text: str) -> Path:
     return Path(text)
 
 
+def a_source(text: str) -> str:
+    """A data file or hub dataset id; an empty one is refused (it was looked up on the hub: "data source '' is
+    neither a local file nor a reachable hub dataset")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the data source is empty: give a data file or a hub dataset id")
+    return text
+
+
 def run_dir_parser(command: str, about: str,
                    device: str = "default: the run's train.device") -> ArgumentParser:
     """The part every command on a finished run shares: the run directory, and the device to use (`device`: its
@@ -115,7 +123,7 @@ def run_dir_parser(command: str, about: str,
 def eval_parser() -> ArgumentParser:
     parser = run_dir_parser("qlora.eval", "Reload a finished run and score it on held-out data: loss per target "
                                           "token, perplexity, exact match.")
-    parser.add_argument("--data", help="held-out file to score instead of the run's own held-out split")
+    parser.add_argument("--data", type=a_source, help="held-out file to score instead of the run's own held-out split")
     parser.add_argument("--json", type=a_path, help="also write the numbers to this file")
     return parser
 

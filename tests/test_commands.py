@@ -242,6 +242,9 @@ CASES = [
     # an empty path was ".": "--json=. is a directory", "--out . exists and is not empty", "./run_config.json"
     ("eval: empty --json", "qlora.eval", ["{run}", "--json="], noop, r"argument --json: the path is empty: give one "
                                                                       r"\(usage: python -m qlora.eval "),
+    # it was looked up on the hub: "data source '' is neither a local file nor a reachable hub dataset"
+    ("eval: empty --data", "qlora.eval", ["{run}", "--data="], noop,
+     r"argument --data: the data source is empty: give a data file or a hub dataset id \(usage: python -m qlora.eval "),
     ("merge: empty --out", "qlora.merge", ["{run}", "--out="], noop, r"argument --out: the path is empty: give one"),
     ("export: empty --gguf", "qlora.export", ["{run}", "--gguf="], noop, r"argument --gguf: the path is empty"),
     ("generate: empty run dir", "qlora.generate", ["", "--prompt=hi"], noop, r"argument run_dir: the path is empty"),
