@@ -332,9 +332,16 @@ CASES = [
     ("memory: --gpus 10**23", "qlora.memory", [TINY, f"--gpus={10**23}"], noop, r"--gpus '1000+': give the number"),
     ("memory: --gpus of 5000 digits", "qlora.memory", [TINY, "--gpus=" + "9" * 5000], noop, r"--gpus '9{20}':"),
     ("memory: infinite card", "qlora.memory", [TINY, "--max-context", "--gpu-gib=inf"], noop,
-     r"--gpu-gib 'inf': use positive sizes in GiB up to 1048576"),
+     r"--gpu-gib 'inf': use sizes in GiB above 0.5 \(a CUDA context, or a process holding torch, takes that alone\) "
+     r"and up to 1048576"),
     ("memory: host beyond a pebibyte", "qlora.memory", [TINY, "--max-context", "--host-gib=1e300"], noop,
-     r"--host-gib '1e300': use positive sizes in GiB up to 1048576, e.g. --host-gib=128$"),
+     r"--host-gib '1e300': use sizes in GiB above 0.5 .* and up to 1048576, e.g. --host-gib=128$"),
+    # drawn, planned for and tabled: "0.001 GiB card: 0 tokens"
+    ("memory: a card smaller than a CUDA context", "qlora.memory", [TINY, "--train.device=cuda", "--gpu-gib=0.001"],
+     noop, r"--gpu-gib '0.001': use sizes in GiB above 0.5 \(a CUDA context, .*e.g. --gpu-gib=24,48,80$"),
+    ("memory: a host of a CUDA context", "qlora.memory",
+     [TINY, "--train.device=cuda", "--max-context", "--gpu-gib=24", "--host-gib=0.5"], noop,
+     r"--host-gib '0.5': use sizes in GiB above 0.5 "),
     ("measure: steps a superscript digit", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=\u00b2"],
      noop, r"--steps=\u00b2: give a whole number of at least 1"),
     ("measure: steps not a number", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=two"], noop,

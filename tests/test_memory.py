@@ -761,7 +761,7 @@ def test_max_context_cli(tmp_path):
         assert f"{row['tokens']:,} tokens, limited by the {row['limit']}" in proc.stdout
     assert "levers: offload_activations" in proc.stdout and "Estimate only" in (tmp_path / "llama8b-max-context.md"
                                                                                  ).read_text()
-    for args, message in ((["--gpu-gib=0"], "--gpu-gib '0': use positive sizes"),
+    for args, message in ((["--gpu-gib=0"], "--gpu-gib '0': use sizes in GiB above 0.5"),
                           (["--host-gib=64"], "--host-gib sizes the host beside the card --gpu-gib names, or the "
                                               "cards of --max-context: add --gpu-gib N or --max-context"),
                           (["--gpu-gib=24,48"], "--gpu-gib 24,48: the report is drawn against one card"),

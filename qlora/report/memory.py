@@ -37,6 +37,7 @@ from qlora.config.model import FP16_ON_CUDA, check_rank
 from qlora.errors import ConfigError, check_writable, repeated_notes
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import load_arch
+from qlora.memory.terms import CUDA_CONTEXT
 from qlora.partial import name_output, new_folders, remove_abandoned
 from qlora.report.contents import build_report, target_device, versions
 
@@ -115,9 +116,13 @@ def _numbers(flag: str, value: str) -> list[float]:
         out = [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         out = []
-    if not out or any(not 0 < v <= 2**20 for v in out):  # 1 PiB: beyond it the bisection's sizes overflow
+    # At most 1 PiB: beyond it the bisection's sizes overflow. Above a CUDA context (or a process holding torch): a
+    # card of 0.001 GiB was drawn and planned for.
+    least = CUDA_CONTEXT / 2**30
+    if not out or any(not least < v <= 2**20 for v in out):
         example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
-        raise ConfigError(f"{flag} {value!r}: use positive sizes in GiB up to 1048576, e.g. {example}")
+        raise ConfigError(f"{flag} {value!r}: use sizes in GiB above {least:g} (a CUDA context, or a process holding "
+                          f"torch, takes that alone) and up to 1048576, e.g. {example}")
     return out
 
 
