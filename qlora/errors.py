@@ -66,7 +66,12 @@ class Session:
 
 def check_writable(path: Path, what: str, directory: bool = False) -> None:
     """Refuse (exit 2) a `path` a command is told to write (a file, or with `directory` one to create or fill) that
-    cannot be: of the other kind, under a file, or in a directory it may not write. Checked before any work."""
+    cannot be: of the other kind, under a file, or in a directory it may not write; or that holds a control character
+    (a newline split the `written:` line naming it, and a script reading that line got two paths). Checked before any
+    work."""
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in str(path)):
+        raise Stop(EXIT_BAD_INPUT, f"{what}={str(path)!a} holds a control character (a newline or a tab), which would "
+                                   "split the line that names it: choose a path without one")
     if path.exists() and path.is_dir() != directory:
         raise Stop(EXIT_BAD_INPUT, f"{what}={path} is a {'directory' if path.is_dir() else 'file'}: give "
                                    f"{'a directory' if directory else 'the path of a file'}")

@@ -351,6 +351,14 @@ CASES = [
     ("measure: --out under a file", "qlora.report.measure", [TINY, "--out={tmp}/notes/m.json"], a_file("notes"),
      r"--out=.*notes/m.json cannot be created: .*notes is a file"),
     ("measure: empty --out", "qlora.report.measure", [TINY, "--out="], noop, r"--out= is empty: give the path"),
+    # the `written:` line (the adapter's, the report's) split in two at the newline: a script reading it got two paths
+    ("train: newline in output.dir", "qlora.train", [TINY, "--train.steps=1", "--output.dir={tmp}/a\nb"], noop,
+     r"^error: output.dir='.*/a\\nb' holds a control character \(a newline or a tab\), which would split the line "
+     r"that names it: choose a path without one$"),
+    ("memory: newline in --out-dir", "qlora.memory", [TINY, "--out-dir={tmp}/a\nb"], noop,
+     r"--out-dir='.*/a\\nb' holds a control character"),
+    ("eval: tab in --json", "qlora.eval", ["{run}", "--json={tmp}/a\tb.json"], noop,
+     r"--json='.*/a\\tb.json' holds a control character"),
     ("config: a flag", "qlora.config", [TINY, "--resume"], noop, r"unknown flag --resume"),
     ("config: seed beyond 64 bits", "qlora.config", [TINY, "--train.seed=18446744073709551616"], noop,
      r"train.seed=18446744073709551616 does not fit in 64 bits"),
