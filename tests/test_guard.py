@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import pty
 import signal
@@ -205,3 +206,19 @@ def test_a_base_that_gives_nan_names_resume_where_a_checkpoint_holds_the_run(tin
         (tmp_path / "checkpoint-2" / name).touch()
     assert f"try --quant.compute_dtype=fp32 and continue from {tmp_path / 'checkpoint-2'} with --resume, or check " \
            "model.path and start again with --overwrite" in line(), line()
+
+
+def test_a_diverged_evaluation_names_the_checkpoint_of_a_relative_output_dir_as_it_is(
+        tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The line's sentence after 'not written as the result.' was capitalised by its first letter, and with a relative
+    output.dir (the tiny recipe's runs/tiny) that letter is the path's: it named Runs/x/checkpoint-2, no folder."""
+    from qlora.training.guard import non_finite_eval
+
+    monkeypatch.chdir(tmp_path)
+    tiny_config.output.dir = "runs/x"
+    (tmp_path / "runs" / "x" / "checkpoint-2").mkdir(parents=True)
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        (tmp_path / "runs" / "x" / "checkpoint-2" / name).touch()
+    line = str(non_finite_eval(tiny_config, 2, float("nan")))
+    assert "result. runs/x/checkpoint-2 is the newest checkpoint: continue from it with --resume" in line, line
+    assert "result. Start again with a lower train.lr (--overwrite)" in str(non_finite_eval(tiny_config, 4, math.nan))

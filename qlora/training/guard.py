@@ -206,12 +206,13 @@ def non_finite_eval(cfg: Config, step: int, loss: float, base_fails: bool = Fals
                                     f"quant.compute_dtype={cfg.quant.compute_dtype}): check model.path, or try "
                                     "--quant.compute_dtype=fp32")
     # After the last step, its checkpoint holds the very adapter that failed: resuming it would only evaluate it again.
-    then = ("start again with a lower train.lr (--overwrite)" if step >= cfg.train.steps else
+    # Each sentence begins capitalised where it is written: one that begins with a relative output.dir is a path
+    # (upper-casing its first letter named 'Runs/tiny/checkpoint-2', a folder that is not there).
+    then = ("Start again with a lower train.lr (--overwrite)" if step >= cfg.train.steps else
             _newest(cfg, "continue from it"))
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: the held-out loss is {loss} although every trainable weight "
                                 "is finite: the adapter has diverged (or the forward overflows in quant.compute_dtype="
-                                f"{cfg.quant.compute_dtype}); it is not written as the result. " + then[0].upper()
-                                + then[1:])
+                                f"{cfg.quant.compute_dtype}); it is not written as the result. " + then)
 
 
 def diverged(cfg: Config, step: int, bad_steps: int, where: str, base_fails: bool = False) -> Stop:
