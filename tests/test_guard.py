@@ -222,3 +222,31 @@ def test_a_diverged_evaluation_names_the_checkpoint_of_a_relative_output_dir_as_
     line = str(non_finite_eval(tiny_config, 2, float("nan")))
     assert "result. runs/x/checkpoint-2 is the newest checkpoint: continue from it with --resume" in line, line
     assert "result. Start again with a lower train.lr (--overwrite)" in str(non_finite_eval(tiny_config, 4, math.nan))
+
+
+def test_a_final_evaluation_that_fails_names_the_way_to_an_earlier_checkpoint_that_keeps_it(
+        tiny_config: Config, tmp_path: Path) -> None:
+    """The last step's checkpoint holds the adapter that failed, so the line said 'start again with a lower train.lr
+    (--overwrite)', which deletes the earlier good checkpoints train.save_every kept too. With one, it names the move
+    that sets the newest aside and --resume from the earlier one; the move it names leaves that one the newest that
+    --resume takes. Without one, --overwrite as before."""
+    import shlex
+
+    from qlora.training.checkpoint import list_checkpoints
+    from qlora.training.guard import non_finite_eval
+
+    run = Path(tiny_config.output.dir)
+    (run / "checkpoint-4").mkdir(parents=True)
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        (run / "checkpoint-4" / name).touch()
+    assert str(non_finite_eval(tiny_config, 4, math.nan)).endswith("Start again with a lower train.lr (--overwrite)")
+    (run / "checkpoint-2").mkdir()
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        (run / "checkpoint-2" / name).touch()
+    line = str(non_finite_eval(tiny_config, 4, math.nan))
+    said = f"{run / 'checkpoint-4'} holds this adapter, {run / 'checkpoint-2'} an earlier one: set the newest aside"
+    assert said in line and "continue from checkpoint-2 with --resume and a lower train.lr" in line, line
+    move = shlex.split(line.split("(mv ", 1)[1].split(")", 1)[0])
+    assert move == [str(run / "checkpoint-4"), str(run / "checkpoint-4.damaged")]
+    (run / "checkpoint-4").rename(move[1])
+    assert list_checkpoints(run) == [run / "checkpoint-2"]

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -22,8 +23,10 @@ from qlora.adapters.lora import lora_layers
 from qlora.config import Config
 from qlora.data.batches import batch_rows
 from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop
+from qlora.training.checkpoint import list_checkpoints
 from qlora.training.loss import eval_stats
 from qlora.training.oom import latest_checkpoint, oom_report, out_of_host_memory
+from qlora.training.rundir import aside_name
 
 
 class RunGuard:
@@ -176,6 +179,21 @@ def _newest(cfg: Config, then: str) -> str:
             "--overwrite if that one has diverged too")
 
 
+def _after_last_step(cfg: Config) -> str:
+    """How to go on from an adapter that fails the final evaluation. The last step's checkpoint holds that very adapter:
+    resuming it would only evaluate it again. An earlier one (train.save_every, train.keep_checkpoints > 1) is resumed
+    once the newest is renamed out of the checkpoint names, as a damaged one is (rundir.aside_name); --overwrite would
+    delete it with the rest (measured on the tiny recipe: checkpoint-4 renamed checkpoint-4.damaged, --resume
+    --train.lr=1e-3 resumed from checkpoint-2 and wrote the adapter)."""
+    found = list_checkpoints(Path(cfg.output.dir))
+    if len(found) < 2:
+        return "Start again with a lower train.lr (--overwrite)"
+    newest, aside = found[-1], aside_name(found[-1])
+    return (f"{newest} holds this adapter, {found[-2]} an earlier one: set the newest aside (mv "
+            f"{shlex.quote(str(newest))} {shlex.quote(str(aside))}) and continue from {found[-2].name} with --resume "
+            "and a lower train.lr, or start again with a lower train.lr (--overwrite, which deletes every checkpoint)")
+
+
 def _base_fix(cfg: Config, saved: str = "") -> str:
     """How to go on from a base that gives non-finite logits: another model.path is another run (--overwrite, `saved`
     saying why where there is something to say); fp32 compute, where the overflow was the compute dtype's, continues
@@ -205,11 +223,9 @@ def non_finite_eval(cfg: Config, step: int, loss: float, base_fails: bool = Fals
                                     f"logits on the held-out data (nan or inf in its weights, or an overflow in "
                                     f"quant.compute_dtype={cfg.quant.compute_dtype}): check model.path, or try "
                                     "--quant.compute_dtype=fp32")
-    # After the last step, its checkpoint holds the very adapter that failed: resuming it would only evaluate it again.
     # Each sentence begins capitalised where it is written: one that begins with a relative output.dir is a path
     # (upper-casing its first letter named 'Runs/tiny/checkpoint-2', a folder that is not there).
-    then = ("Start again with a lower train.lr (--overwrite)" if step >= cfg.train.steps else
-            _newest(cfg, "continue from it"))
+    then = _after_last_step(cfg) if step >= cfg.train.steps else _newest(cfg, "continue from it")
     return Stop(EXIT_NONFINITE, f"stopped at step {step}: the held-out loss is {loss} although every trainable weight "
                                 "is finite: the adapter has diverged (or the forward overflows in quant.compute_dtype="
                                 f"{cfg.quant.compute_dtype}); it is not written as the result. " + then)
