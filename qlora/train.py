@@ -229,7 +229,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     profiler = PhaseTracker(resolve_device(t.device))  # before loading: on CPU its baseline is the process without it
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)
-    n_rows = len(run["train_rows"])
+    n_rows, watch.rows = len(run["train_rows"]), (run["train_rows"], run["eval_rows"])
     check_step_rows(t.batch_size, t.grad_accum, n_rows, ranks.size, cfg.data.pack)
     print_summary(cfg, run, ranks.size)
     optimizer = build_optimizer([p for p in run["model"].parameters() if p.requires_grad], cfg)

@@ -64,3 +64,15 @@ def test_a_row_whose_only_label_is_its_first_token_is_dropped(tokenizer: PreTrai
         capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"^rows: every row has all its labels masked \(no text within"):
         tokenize_rows([{"text": ""}], "text", tokenizer, "rows", 64)
+
+
+def test_the_shortest_length_that_keeps_every_row_is_the_one_tokenize_rows_keeps_them_at(
+        tokenizer: PreTrainedTokenizerBase) -> None:
+    """shortest_keeping (what an out-of-memory report checks a suggested data.max_seq_len against, since --resume
+    refuses one that drops rows) is where tokenize_rows starts dropping: every row kept at it, one fewer below."""
+    from qlora.data.labels import shortest_keeping
+
+    rows = [{"instruction": "reverse: " + "red " * n, "output": "blue"} for n in (2, 9, 5)]
+    least = shortest_keeping(tokenize_rows(rows, "instruction", tokenizer, "rows", 128))
+    assert len(tokenize_rows(rows, "instruction", tokenizer, "rows", least)) == 3
+    assert len(tokenize_rows(rows, "instruction", tokenizer, "rows", least - 1)) == 2

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import copy
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from qlora.config import Config, apply_overrides
+from qlora.data.labels import IGNORE
+from qlora.data.tokens import int32
 from qlora.errors import EXIT_OOM, Stop
 from qlora.training import oom
 from qlora.training.guard import RunGuard
@@ -83,3 +86,31 @@ def test_the_largest_micro_batch_that_fits_keeps_the_rows_of_a_step(tiny_config:
     lines = oom.suggestions(cfg, torch.device("cpu"), int((peaks[4] + peaks[8]) / 2 / oom.HEADROOM), 0)
     assert any(line.startswith("  --train.batch_size=4 --train.grad_accum=2: the largest micro-batch that fits, the "
                                "same 8 rows per step") for line in lines), lines
+
+
+def test_a_shorter_length_offered_beside_a_checkpoint_says_when_resume_refuses_it(tiny_config: Config, memory: None,
+                                                                                   tmp_path: Path) -> None:
+    """The report offered --data.max_seq_len=64 and ended 'checkpoint-2 is kept: apply one of these, then continue
+    with --resume', which refuses that length for packed data (it fixes the packed rows) and where it drops rows (a
+    learned part starting past it): either now says it starts a new run. A length that keeps every row, or no
+    checkpoint to resume, says nothing more."""
+    def seq_line(cfg: Config, rows: tuple[list, list] | None) -> str:
+        lines = oom.oom_report(torch.OutOfMemoryError(CUDA_OOM), cfg, torch.device("cpu"), "the forward and backward",
+                               2, (8, 128), None, rows).splitlines()
+        return next(line for line in lines if line.startswith("  --data.max_seq_len=64: "))
+
+    late, early = {"labels": int32([IGNORE] * 99 + [5, 6], "row")}, {"labels": int32([IGNORE] * 9 + [5, 6], "row")}
+    new_run = "start a new run with it (--overwrite or another output.dir)"
+    assert new_run not in seq_line(tiny_config, ([late], []))  # no checkpoint: a new run anyway
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        (tmp_path / "run" / "checkpoint-2" / name).touch()
+    assert seq_line(tiny_config, ([early], [early])).startswith("  --data.max_seq_len=64: the longest that fits; "
+                                                                "longer rows are cut (estimated peak")
+    assert f"; it drops rows of the run (their learned part starts past 64 tokens; 100 keeps every row), which " \
+           f"--resume refuses: {new_run}" in seq_line(tiny_config, ([early], [late]))
+    assert f"; --resume refuses it if it drops rows of the run (a row whose learned part starts past it): then " \
+           f"{new_run}" in seq_line(tiny_config, None)  # out of memory before the rows were loaded
+    packed = apply_overrides(tiny_config, ["--data.pack=true"])
+    assert f"; data.pack fixes data.max_seq_len on --resume (another length packs other rows): {new_run}" in \
+        seq_line(packed, ([early], [early]))

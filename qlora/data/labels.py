@@ -13,7 +13,7 @@ from array import array
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from qlora.data.tokens import int32
+from qlora.data.tokens import as_tensor, int32
 from qlora.errors import ConfigError
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's ignore_index
@@ -254,3 +254,13 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer: PreTrainedTokenizerBase
         print(f"{source}: dropped {len(dropped)} of {len(rows)} rows with no learnable token within "
               f"max_seq_len={max_seq_len} (the first: {dropped[0]})")
     return examples
+
+
+def shortest_keeping(examples: list[dict[str, array]]) -> int:
+    """The shortest max_seq_len that keeps every one of `examples` (tokenised, unpacked): `tokenize_rows` drops a row
+    whose labels past position 0 are all masked within it, so each needs its first learned label's position + 1."""
+    need = 0
+    for ex in examples:
+        learned = (as_tensor(ex["labels"])[1:] != IGNORE).nonzero()
+        need = max(need, int(learned[0]) + 2 if len(learned) else 0)
+    return need

@@ -39,6 +39,7 @@ class RunGuard:
         self.signal: int | None = None
         self.phase, self.step, self.batch_shape = "loading the model", 0, None
         self.device, self.profiler = torch.device("cpu"), None
+        self.rows = None  # the run's training and held-out rows, once loaded: which data.max_seq_len keeps them
         self.bar = None  # the loop's progress bar: closed (its line ended) before any line that ends the run
         self._previous: dict[int, object] = {}
         self._stdout = None  # sys.stdout before catch_signals watched it
@@ -54,7 +55,7 @@ class RunGuard:
             self.bar.close()
         if isinstance(err, torch.OutOfMemoryError) or out_of_host_memory(err):
             raise Stop(EXIT_OOM, oom_report(err, self.cfg, self.device, self.phase, self.step, self.batch_shape,
-                                            self.profiler)) from err
+                                            self.profiler, self.rows)) from err
 
     def catch_signals(self) -> None:
         """From here on, SIGINT and SIGTERM ask the loop to stop after the step in flight; so do SIGHUP (the terminal

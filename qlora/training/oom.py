@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from qlora.config import Config
+from qlora.data.labels import shortest_keeping
 from qlora.memory.preflight import divisors
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import meminfo_bytes, resident_bytes
@@ -54,9 +56,11 @@ def _requested(err: BaseException) -> int:
 
 
 def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str, step: int,
-               batch_shape: tuple[int, ...] | None, profiler: PhaseTracker | None) -> str:
+               batch_shape: tuple[int, ...] | None, profiler: PhaseTracker | None,
+               rows: tuple[list, list] | None = None) -> str:
     """What ran out and where (`phase`, after or during `step`, on a micro-batch of `batch_shape`), the memory then and
-    in the phases `profiler` marked before, what would fit instead, and where to go on from."""
+    in the phases `profiler` marked before, what would fit instead, and where to go on from. `rows`: the run's
+    training and held-out rows, once loaded (which data.max_seq_len a resume keeps them at)."""
     total = device_total(device)
     now, peak = _in_use(device)
     where = f"in {phase}"
@@ -74,17 +78,36 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
     if phases:
         lines.append("peaks of the phases before: " + ", ".join(f"{k} {_size(v)}" for k, v in phases.items()))
     needed, width = peak + _requested(err), (batch_shape or (0, 0))[1]
+    latest = latest_checkpoint(cfg)
+    note = (lambda seq: _seq_on_resume(cfg, seq, rows)) if latest else None
     try:
-        lines += suggestions(cfg, device, total, needed)
+        lines += suggestions(cfg, device, total, needed, note)
     except Exception:  # an architecture the estimator does not model: scale the measurement instead
-        lines += _scaled_suggestions(cfg, HEADROOM * total, needed, width)
+        lines += _scaled_suggestions(cfg, HEADROOM * total, needed, width, note)
     if phase == "the optimizer step" and cfg.train.optimizer == "paged_adamw_32bit":
         lines.append("  --train.optimizer=paged_adamw_8bit: 8-bit moments, a quarter of the optimizer state (on "
                      "--resume the optimizer state starts afresh)")
-    latest = latest_checkpoint(cfg)
     lines.append(f"{latest} is kept: apply one of these, then continue with --resume" if latest else
                  "no checkpoint was written yet: apply one of these and start again")
     return "\n".join(lines)
+
+
+def _seq_on_resume(cfg: Config, seq: int, rows: tuple[list, list] | None) -> str:
+    """What a suggested data.max_seq_len=`seq` says where a checkpoint would be resumed with it: nothing where --resume
+    takes it, else why it refuses it and that it starts a new run (runconfig.FIXED_ON_RESUME, progress.same_rows). The
+    line said 'continue with --resume' below a length that resume refuses: any with data.pack, or one that drops rows
+    of the run's (`rows`; before they are loaded that cannot be told, and is said so)."""
+    new_run = "start a new run with it (--overwrite or another output.dir)"
+    if cfg.data.pack:
+        return f"; data.pack fixes data.max_seq_len on --resume (another length packs other rows): {new_run}"
+    if rows is None:
+        return (f"; --resume refuses it if it drops rows of the run (a row whose learned part starts past it): then "
+                f"{new_run}")
+    least = shortest_keeping([*rows[0], *rows[1]])
+    if seq >= least:
+        return ""
+    return (f"; it drops rows of the run (their learned part starts past {seq} tokens; {least} keeps every row), which "
+            f"--resume refuses: {new_run}")
 
 
 def latest_checkpoint(cfg: Config) -> Path | None:
@@ -93,9 +116,11 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     return found[-1] if found else None
 
 
-def suggestions(cfg: Config, device: torch.device, total: int, needed: int) -> list[str]:
+def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
+                note: Callable[[int], str] | None = None) -> list[str]:
     """Changes that would fit under HEADROOM x `total`, each alone, from qlora.memory.estimate where it knows the model
-    (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak."""
+    (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak. `note`: what a
+    suggested data.max_seq_len adds, where a checkpoint would be resumed with it (`_seq_on_resume`)."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
 
@@ -120,7 +145,8 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int) -> l
 
     seq = max((s for s in range(64, cfg.data.max_seq_len, 64) if peak(data__max_seq_len=s) <= budget), default=0)
     if seq:
-        offer(f"--data.max_seq_len={seq}", "the longest that fits; longer rows are cut", data__max_seq_len=seq)
+        offer(f"--data.max_seq_len={seq}", "the longest that fits; longer rows are cut" + (note(seq) if note else ""),
+              data__max_seq_len=seq)
     rows = t.batch_size * t.grad_accum
     # micro-batches that divide the step's rows: the loss and the schedule stay the run's
     bs = max((b for b in divisors(rows, t.batch_size - 1) if peak(train__batch_size=b) <= budget), default=0)
@@ -153,7 +179,8 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int) -> l
     return head + (out or ["  nothing this recipe can change fits: the model needs a larger device"])
 
 
-def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int) -> list[str]:
+def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int,
+                        note: Callable[[int], str] | None = None) -> list[str]:
     """Without an estimate: activations grow about linearly with the tokens of a micro-batch, so shrink those by
     budget / needed. A rough guide: the fixed memory (weights, optimizer) does not shrink with them."""
     f, t, out = budget / max(needed, 1), cfg.train, []
@@ -161,7 +188,7 @@ def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int) -> 
         return ["the failed step needed no more than the device holds: the allocator is fragmented; set "
                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
     if (seq := int(min(width or cfg.data.max_seq_len, cfg.data.max_seq_len) * f) // 64 * 64) >= 64:
-        out.append(f"  --data.max_seq_len={seq}")
+        out.append(f"  --data.max_seq_len={seq}" + (f": {note(seq)[2:]}" if note and note(seq) else ""))
     rows = t.batch_size * t.grad_accum
     if (most := int(t.batch_size * f)) >= 1 and most < t.batch_size:  # a divisor of the rows: the same rows per step
         bs = divisors(rows, most)[-1]
