@@ -667,7 +667,10 @@ def test_a_nan_held_out_loss_is_never_the_result(cli, tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last == (f"error: stopped at step {STEPS}: the held-out loss is nan although every trainable weight is "
                     "finite: the adapter has diverged (or the forward overflows in quant.compute_dtype=auto); it is "
-                    "not written as the result. Start again with a lower train.lr (--overwrite)")
+                    f"not written as the result. {out}/checkpoint-{STEPS} holds this adapter, {out}/checkpoint-"
+                    f"{STEPS - 1} an earlier one: set the newest aside (mv {out}/checkpoint-{STEPS} {out}/checkpoint-"
+                    f"{STEPS}.damaged) and continue from checkpoint-{STEPS - 1} with --resume and a lower train.lr, or "
+                    "start again with a lower train.lr (--overwrite, which deletes every checkpoint)")
     assert not (out / "adapter_model.safetensors").exists() and all_finite(out)
     # metrics.jsonl stays strict JSON: the nan loss is null, not a bare NaN that jq or JavaScript refuse
     final = [json.loads(line, parse_constant=refuse_constant) for line in (out / "metrics.jsonl").open()][-1]
