@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import qlora.train as train_module
 from qlora.errors import ConfigError, Stop
 from qlora.training import rundir
 from qlora.training.checkpoint import list_checkpoints
+from qlora.training.runconfig import resume_config
 
 TINY = "recipes/tiny.py"
 QUICK = ["--train.steps=1", "--train.eval_every=0", "--train.eval_batches=1"]
@@ -369,3 +371,55 @@ def test_a_held_lock_is_refused_by_the_check_before_loading(tiny_config):
     finally:
         rundir.unlock(out)
     assert rundir.check_run_dir(out, tiny_config, resume=True, overwrite=False) == rundir.contents(out)
+
+
+# A Hugging Face Trainer's checkpoint (with PEFT): optimizer.pt and the adapter's names are ours too.
+HF_CHECKPOINT = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt",
+                 "trainer_state.json", "training_args.bin")
+
+
+def files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(("name", "held", "ours_beside", "why"), [
+    ("checkpoint-500", HF_CHECKPOINT, False, r"it holds rng_state.pth, scheduler.pt, trainer_state.json, \.\.\., "
+                                             r"which ours never hold"),
+    ("checkpoint-500", HF_CHECKPOINT, True, r"it holds rng_state.pth, scheduler.pt, trainer_state.json, \.\.\., "
+                                            r"which ours never hold"),
+    ("checkpoint-500.damaged", HF_CHECKPOINT, False, r"it holds rng_state.pth"),
+    ("checkpoint-500", ("optimizer.pt", "adapter_model.safetensors"), False,
+     r"it holds no trainer_state.pt, and no run_config.json lies beside it"),
+], ids=["Trainer's, alone", "Trainer's, in a run of ours", "set aside as damaged", "only names of ours"])
+def test_another_tools_checkpoint_is_refused_and_never_deleted(tiny_config, name, held, ours_beside, why):
+    """Another tool's checkpoint-500 was taken for a run of ours: refused with "pass --resume to continue it", and
+    --overwrite deleted it. Now refused before loading, whatever the flags, naming the folder; nothing is touched.
+    Our own checkpoints, damaged since they were written, are still set aside or deleted as before."""
+    out = Path(tiny_config.output.dir)
+    (out / name).mkdir(parents=True)
+    for held_name in held:
+        (out / name / held_name).write_bytes(b"another tool's " + held_name.encode())
+    (out / "notes.txt").write_text("mine")
+    if ours_beside:
+        (out / "run_config.json").write_text(json.dumps(tiny_config.to_dict(), indent=2) + "\n")
+    before = files(out)
+    refusal = (rf"^{out}/{re.escape(name)} is another tool's checkpoint, not this trainer's \({why}.*\), which a run "
+               rf"here would set aside or delete as its own: move it out of {out}, or use another output.dir$")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(ConfigError, match=refusal):
+            rundir.check_run_dir(out, tiny_config, resume=resume, overwrite=overwrite)
+    if not ours_beside and not name.endswith("damaged"):
+        with pytest.raises(ConfigError, match=refusal):  # --resume reads the run's config first: not "restore it"
+            resume_config(tiny_config, [])
+    assert files(out) == before
+    # Moved away, as the line says: checkpoints of ours, damaged since, are ours still, and --overwrite deletes them.
+    (out / name).rename(out.parent / name)
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "optimizer.pt").write_bytes(b"ours, its trainer_state.pt removed")
+    (out / "checkpoint-3.damaged").mkdir()
+    (out / "run_config.json").write_text(json.dumps(tiny_config.to_dict(), indent=2) + "\n")
+    seen = rundir.check_run_dir(out, tiny_config, resume=False, overwrite=True)
+    rundir.start_run(out, tiny_config, overwrite=True, seen=seen)
+    rundir.unlock(out)
+    assert sorted(p.name for p in out.iterdir()) == [".qlora.lock", "notes.txt", "run_config.json"]
+

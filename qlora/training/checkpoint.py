@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qlora.adapters.loftq import SHIFTS
-from qlora.adapters.lora import ADAPTER_WEIGHTS, load_adapter, save_adapter
+from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from qlora.config import Config
-from qlora.errors import EXIT_SAVE, ROOM_FIX, Stop
+from qlora.errors import EXIT_SAVE, ROOM_FIX, ConfigError, Stop
 from qlora.partial import ordinary_modes, save_tensors
 
 STATE = "trainer_state.pt"
@@ -36,6 +36,10 @@ FULL_WEIGHTS = "trainable.safetensors"
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# All a checkpoint of ours holds (save_checkpoint). Hugging Face's Trainer writes checkpoint-N/ folders too, with
+# trainer_state.json, optimizer.pt and adapter_model.safetensors: taken for a damaged one of ours, --overwrite deleted
+# it, and a run beside it said "pass --resume to continue it".
+CHECKPOINT_FILES = (STATE, OPTIMIZER, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS)
 
 
 class SaveError(Stop):
@@ -240,6 +244,27 @@ def save_final(model: torch.nn.Module, cfg: Config, base_path: str, run_dir: Pat
                         f"{_fix(err, run_dir)}, then rerun with --resume to write it") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_ours(ckpt: Path) -> None:
+    """Refuse a folder under a checkpoint's name (checkpoint-N, or one set aside as damaged) that this trainer did not
+    write, before a run resumes, sets aside, prunes or deletes it as its own: one holding a name ours never hold, or
+    without our trainer_state.pt in a directory without our run_config.json. Ours, damaged since (a file cut short or
+    removed), pass."""
+    try:
+        names = sorted(p.name for p in ckpt.iterdir())
+    except OSError as err:
+        raise ConfigError(f"{ckpt} cannot be read ({err.strerror or err}): make it readable, move it out of "
+                          f"{ckpt.parent}, or use another output.dir") from err
+    other = [name for name in names if name not in CHECKPOINT_FILES]
+    if other:
+        why = f"it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, which ours never hold"
+    elif STATE not in names and not (ckpt.parent / RUN_CONFIG).is_file():
+        why = f"it holds no {STATE}, and no {RUN_CONFIG} lies beside it"
+    else:
+        return
+    raise ConfigError(f"{ckpt} is another tool's checkpoint, not this trainer's ({why}), which a run here would set "
+                      f"aside or delete as its own: move it out of {ckpt.parent}, or use another output.dir")
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from qlora.base.build import config_sha256
 from qlora.config import Config, apply_overrides, check_all, override_key, read_config_json, resolve_paths
 from qlora.errors import OVERWRITE_ON_RESUME, ConfigError, start_over
-from qlora.training.checkpoint import RUN_CONFIG, checkpoint_dirs
+from qlora.training.checkpoint import RUN_CONFIG, check_ours, checkpoint_dirs
 from qlora.training.restore import recorded
 
 # What makes two runs the same run: the base and its quantisation, and the adapters' shape.
@@ -179,6 +179,8 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     run_dir = Path(cfg.output.dir)
     path = run_dir / RUN_CONFIG
     if not path.is_file():  # one that is no file is check_run_dir's to name
+        for ckpt in checkpoint_dirs(run_dir):  # another tool's is named as such, not as a run to restore
+            check_ours(ckpt)
         if not (path.exists() or path.is_symlink()) and checkpoint_dirs(run_dir):  # a cut-short --overwrite?
             raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
                               f"checked: restore {RUN_CONFIG}, or start over with {OVERWRITE_ON_RESUME}")

@@ -28,7 +28,15 @@ from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
 from qlora.errors import ROOM_FIX, ConfigError, check_writable, start_over
 from qlora.partial import name_output, write_aside
-from qlora.training.checkpoint import FULL_WEIGHTS, METRICS, PATTERN, RUN_CONFIG, checkpoint_dirs, remove_checkpoint
+from qlora.training.checkpoint import (
+    FULL_WEIGHTS,
+    METRICS,
+    PATTERN,
+    RUN_CONFIG,
+    check_ours,
+    checkpoint_dirs,
+    remove_checkpoint,
+)
 from qlora.training.runconfig import check_identity
 
 MEMORY = "memory.json"
@@ -99,6 +107,8 @@ def _check_paths(run_dir: Path) -> None:
         if RUN_DIRS.match(path.name) and not path.is_dir():
             raise ConfigError(f"{path} is not a checkpoint directory, yet the run writes one under that name: move "
                               "it away, or use another output.dir")
+        if RUN_DIRS.match(path.name):  # a run resumes, sets aside, prunes or deletes (--overwrite) each as its own
+            check_ours(path)
 
 
 def contents(run_dir: Path) -> tuple:
