@@ -803,16 +803,18 @@ def test_an_output_dir_holding_another_run_is_refused(cli, tmp_path, changes, fl
 
 def test_an_output_dir_holding_files_of_no_run_is_refused(cli, tmp_path):
     """Files under a run's names, and no run_config.json, which a run writes first: another tool's or the user's,
-    which a run wrote over without a word."""
+    which a run wrote over without a word, and --overwrite deleted."""
     out = tmp_path / "home"
     out.mkdir()
     (out / "metrics.jsonl").write_text("the user's own metrics\n")
     (out / "memory.json").write_text("{}\n")
     before = snapshot(out)
-    check_refused(cli.run([TINY, f"--output.dir={out}"]), r"output.dir=.*home holds metrics.jsonl, memory.json but no "
-                                                          r"run_config.json, so no run's files, which this run would "
-                                                          r"write over: use another output.dir, or --overwrite")
-    assert snapshot(out) == before
+    for flags in ([], ["--overwrite"]):  # which deleted them
+        check_refused(cli.run([TINY, f"--output.dir={out}", *flags]),
+                      r"output.dir=.*home holds metrics.jsonl, memory.json but no run_config.json, so no run's files, "
+                      r"which this run would write over \(and --overwrite delete\): move them out of it, or use "
+                      r"another output.dir")
+        assert snapshot(out) == before
 
 
 @pytest.mark.parametrize(("override", "pattern"), [

@@ -423,3 +423,23 @@ def test_another_tools_checkpoint_is_refused_and_never_deleted(tiny_config, name
     rundir.unlock(out)
     assert sorted(p.name for p in out.iterdir()) == [".qlora.lock", "notes.txt", "run_config.json"]
 
+
+def test_another_tools_adapter_is_never_deleted_by_overwrite(tiny_config):
+    """An adapter (or metrics.jsonl) in a folder without run_config.json, which a run writes first, is another tool's:
+    --overwrite deleted it, as the refusal without it offered. A checkpoint's own folder given is still ours."""
+    out = Path(tiny_config.output.dir)
+    out.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl"):
+        (out / name).write_text("another tool's")
+    before = files(out)
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(ConfigError, match=rf"^output.dir={out} holds metrics.jsonl, adapter_model.safetensors, "
+                                              r"adapter_config.json but no run_config.json, so no run's files, which "
+                                              r"this run would write over \(and --overwrite delete\): move them out "
+                                              r"of it, or use another output.dir$"):
+            rundir.check_run_dir(out, tiny_config, resume=resume, overwrite=overwrite)
+    assert files(out) == before
+    (out / "metrics.jsonl").unlink()
+    (out / "trainer_state.pt").write_bytes(b"ours")  # out is a checkpoint-N of ours: its own refusal stands
+    with pytest.raises(ConfigError, match=r"holds a trained adapter_model.safetensors and no checkpoint to continue"):
+        rundir.check_run_dir(out, tiny_config, resume=False, overwrite=False)

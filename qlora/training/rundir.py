@@ -33,6 +33,7 @@ from qlora.training.checkpoint import (
     METRICS,
     PATTERN,
     RUN_CONFIG,
+    STATE,
     check_ours,
     checkpoint_dirs,
     remove_checkpoint,
@@ -156,6 +157,15 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if (pid := lock_holder(run_dir)) is not None:
         raise _in_use(run_dir, pid)
     seen = contents(run_dir)
+    # A run writes run_config.json before any other file: without it, these are someone else's (a metrics.jsonl or an
+    # adapter of another tool, a home folder's memory.json), unless beside checkpoints of ours or in one (its own
+    # folder given). A run would write over them, and --overwrite deleted them.
+    theirs = [name for name in RUN_FILES if (run_dir / name).exists()]
+    of_a_run = (run_dir / RUN_CONFIG).exists() or checkpoint_dirs(run_dir) or (run_dir / STATE).is_file()
+    if theirs and not of_a_run:
+        raise ConfigError(f"output.dir={run_dir} holds {', '.join(theirs)} but no {RUN_CONFIG}, so no run's files, "
+                          "which this run would write over (and --overwrite delete): move them out of it, or use "
+                          "another output.dir")
     if overwrite:
         return seen
     recorded = read_config_json(run_dir / RUN_CONFIG, resume) if (run_dir / RUN_CONFIG).is_file() else None
@@ -177,12 +187,6 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
                           f"another output.dir, or {restart} to replace it")
-    # A run writes run_config.json before any other file: without it, these are someone else's (a metrics.jsonl of
-    # another tool, a home folder's memory.json), and a run would write over them without a word.
-    theirs = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if theirs and not (run_dir / RUN_CONFIG).exists() and not latest:
-        raise ConfigError(f"output.dir={run_dir} holds {', '.join(theirs)} but no {RUN_CONFIG}, so no run's files, "
-                          f"which this run would write over: use another output.dir, or {restart} to replace them")
     return seen
 
 
