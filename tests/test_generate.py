@@ -1,0 +1,107 @@
+"""qlora.generate's decoding (qlora/generate.py) against a plain loop over the model's logits, on a real tiny run:
+greedy is the argmax whatever the base's generation_config.json says, sampling is at the temperature asked for, and the
+answer ends at the tokenizer's end-of-turn token, printed without it."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support import finished_run
+
+from qlora import generate as gen
+from qlora.training.assemble import load_run
+
+PROMPT = "reverse: dog moon red"
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A finished 20-step run of the tiny recipe, loaded as qlora.generate loads it: (model, tokenizer, its dir)."""
+    cfg, _ = finished_run("tiny.py", tmp_path_factory.mktemp("generate") / "run", steps=20, eval_every=0,
+                          log_every=10)
+    _, model, tokenizer, _ = load_run(Path(cfg.output.dir), "cpu")
+    return model, tokenizer, Path(cfg.output.dir)
+
+
+def argmax_loop(model: torch.nn.Module, tokenizer: object, n: int) -> str:
+    """The greedy answer to PROMPT, one full forward per token, stopping after the end-of-turn token."""
+    ids = tokenizer(gen.render(tokenizer, PROMPT), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            token = model(input_ids=ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            if token == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+def test_greedy_is_the_argmax_whatever_the_generation_config_asks(loaded) -> None:
+    """A hub model's generation_config.json often asks for sampling (Llama-3.1-Instruct: do_sample, temperature 0.6):
+    --temperature 0 must decode greedily anyway, and the answer holds --max-new-tokens tokens (none is an eos here)."""
+    model, tokenizer, _ = loaded
+    expected = argmax_loop(model, tokenizer, 5)
+    assert len(tokenizer(expected, add_special_tokens=False)["input_ids"]) == 5
+    saved = model.generation_config.do_sample, model.generation_config.temperature
+    model.generation_config.do_sample, model.generation_config.temperature = True, 5.0
+    try:
+        for seed in range(3):
+            torch.manual_seed(seed)
+            assert gen.generate(model, tokenizer, PROMPT, max_new_tokens=5, stream=False) == expected
+    finally:
+        model.generation_config.do_sample, model.generation_config.temperature = saved
+
+
+def test_sampling_is_at_the_temperature_asked_for(loaded) -> None:
+    """At --temperature 1e-4 sampling is the greedy answer, and at 10 it is not (the model's own default of 1 would
+    make the first differ from greedy and the second too close to it to tell)."""
+    model, tokenizer, _ = loaded
+    expected = argmax_loop(model, tokenizer, 8)
+    answers = {}
+    for temperature in (1e-4, 10.0):
+        answers[temperature] = set()
+        for seed in range(4):
+            torch.manual_seed(seed)
+            answers[temperature].add(gen.generate(model, tokenizer, PROMPT, 8, temperature, stream=False))
+    assert answers[1e-4] == {expected}
+    assert expected not in answers[10.0] and len(answers[10.0]) == 4
+
+
+def test_the_answer_ends_at_the_end_of_turn_token(loaded, capsys) -> None:
+    """A model that says <|im_end|> as its third token: the answer is the two tokens before it, printed and returned
+    without it, however many more --max-new-tokens allows."""
+    model, tokenizer, _ = loaded
+    expected = argmax_loop(model, tokenizer, 2)
+    calls = []
+
+    def end_third(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        calls.append(1)  # one forward per new token (the prompt's, then each with the KV cache)
+        if len(calls) == 3:
+            logits = logits.clone()
+            logits[..., -1, tokenizer.eos_token_id] = logits.max() + 100
+        return logits
+
+    hook = model.get_output_embeddings().register_forward_hook(end_third)
+    try:
+        text = gen.generate(model, tokenizer, PROMPT, max_new_tokens=10)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and text == expected and len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 2
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_format_renders_the_prompt_given_and_each_stdin_line(loaded, capsys, monkeypatch) -> None:
+    """--format=text: --prompt and every stdin line are completed as the text itself, not in the chat template the
+    run's messages rows trained on (the answers differ)."""
+    model, tokenizer, run = loaded
+    as_text = gen.generate(model, tokenizer, PROMPT, 4, stream=False, fmt="text")
+    assert as_text != gen.generate(model, tokenizer, PROMPT, 4, stream=False)
+    assert gen.main([str(run), "--prompt", PROMPT, "--format=text", "--max-new-tokens=4"]) == 0
+    assert capsys.readouterr().out == as_text + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT + "\n"))
+    assert gen.main([str(run), "--format=text", "--max-new-tokens=4"]) == 0
+    assert capsys.readouterr().out == as_text + "\n"
