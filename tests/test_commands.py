@@ -720,6 +720,7 @@ def test_a_prompt_on_stdin_is_its_line_without_the_line_end_and_never_empty():
     """Windows' \\r\\n went to the model as part of the prompt; an empty --jsonl prompt was generated from, where
     --prompt= is refused."""
     assert read_prompt("reverse: red dog sun\r\n", jsonl=False, number=1) == "reverse: red dog sun"
+    assert read_prompt("  def f(x): \t\n", jsonl=False, number=1) == "  def f(x): \t"  # its own blanks are its text
     assert read_prompt('{"prompt": "a\\nb"}\n', jsonl=True, number=2) == "a\nb"
     with pytest.raises(ConfigError, match=r"^stdin:3: the prompt is empty: give the text to complete$"):
         read_prompt('{"prompt": ""}\n', jsonl=True, number=3)
