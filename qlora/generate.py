@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase, TextStreamer
+from transformers import GenerationConfig, PreTrainedTokenizerBase, TextStreamer
 
 from qlora.base.build import ensure_checkpoint, looks_like_hub_id
 from qlora.base.load import load_tokenizer
@@ -74,10 +74,19 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
     inputs = tokenizer(render(tokenizer, prompt, fmt), add_special_tokens=False, return_tensors="pt").to(model.device)
     check_context(getattr(model.config, "max_position_embeddings", None), max_new_tokens, inputs["input_ids"].shape[1],
                   where, fmt)
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    # Sampling at the temperature alone: transformers adds its top_k=50 where no value is set.
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **sampling)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, use_cache=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+    # What transformers' generate leaves unset it takes from the base's generation_config.json first: a repetition
+    # penalty, top_p, top_k or beams a hub model ships there (Qwen2.5-Instruct's repetition_penalty 1.05, top_p 0.8,
+    # top_k 20) changed the greedy answer, and the sampling one, without a word. The base's is set aside meanwhile.
+    base, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(**inputs, generation_config=config, streamer=streamer)
+    finally:
+        model.generation_config = base
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -5,6 +5,7 @@ answer ends at the tokenizer's end-of-turn token, printed without it."""
 from __future__ import annotations
 
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -105,3 +106,37 @@ def test_format_renders_the_prompt_given_and_each_stdin_line(loaded, capsys, mon
     monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPT + "\n"))
     assert gen.main([str(run), "--format=text", "--max-new-tokens=4"]) == 0
     assert capsys.readouterr().out == as_text + "\n"
+
+
+def test_the_bases_generation_config_adds_no_penalty_or_cut(loaded) -> None:
+    """A base's generation_config.json (Qwen2.5-Instruct's repetition_penalty 1.05, top_p 0.8, top_k 20) was applied
+    where qlora.generate sets nothing, and transformers' own top_k=50 too: the greedy answer must stay the argmax, and
+    sampling draw from every token. The head is made to give every token all but the same logit (the end of turn's
+    -inf), so that 200 tokens sampled at temperature 1 come from the whole vocabulary, not the 50 or 1 a top_k keeps."""
+    model, tokenizer, _ = loaded
+    expected = argmax_loop(model, tokenizer, 6)
+    saved = model.generation_config
+    model.generation_config = saved.__class__(repetition_penalty=1e4, no_repeat_ngram_size=1, top_k=1, top_p=0.01,
+                                              num_beams=2, bad_words_ids=[[int(t)] for t in tokenizer(
+                                                  expected, add_special_tokens=False)["input_ids"]])
+    try:
+        assert gen.generate(model, tokenizer, PROMPT, max_new_tokens=6, stream=False) == expected
+        fed = []
+
+        def flat(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+            logits = torch.linspace(0, -1, logits.shape[-1]).expand_as(logits).clone()  # distinct: no ties at a cut
+            logits[..., tokenizer.eos_token_id] = -math.inf
+            return logits
+
+        hooks = [model.get_output_embeddings().register_forward_hook(flat),
+                 model.get_input_embeddings().register_forward_pre_hook(lambda m, args: fed.append(args[0][0, -1]))]
+        try:
+            torch.manual_seed(0)
+            gen.generate(model, tokenizer, PROMPT, max_new_tokens=200, temperature=1.0, stream=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    finally:
+        model.generation_config = saved
+    drawn = {int(t) for t in fed[1:]}  # the tokens fed back after the prompt: each one sampled
+    assert len(fed) == 200 and len(drawn) > 100, (len(fed), len(drawn), len(tokenizer))
