@@ -108,8 +108,6 @@ def _check_paths(run_dir: Path) -> None:
         if RUN_DIRS.match(path.name) and not path.is_dir():
             raise ConfigError(f"{path} is not a checkpoint directory, yet the run writes one under that name: move "
                               "it away, or use another output.dir")
-        if RUN_DIRS.match(path.name):  # a run resumes, sets aside, prunes or deletes (--overwrite) each as its own
-            check_ours(path)
 
 
 def contents(run_dir: Path) -> tuple:
@@ -154,6 +152,9 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
                               "--overwrite removes): move the data file out of it, or use another output.dir")
     if not run_dir.is_dir():
         return ()
+    for path in run_dir.iterdir():  # after the data: a data file in a checkpoint-N is named as such, not as another's
+        if RUN_DIRS.match(path.name):  # a run resumes, sets aside, prunes or deletes (--overwrite) each as its own
+            check_ours(path)
     if (pid := lock_holder(run_dir)) is not None:
         raise _in_use(run_dir, pid)
     seen = contents(run_dir)
