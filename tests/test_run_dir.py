@@ -143,15 +143,16 @@ def test_a_write_refused_by_the_system_is_one_line_not_the_disk_full_advice(cli,
 
 def test_a_trained_adapter_without_checkpoints_is_never_trained_over(cli, tmp_path):
     """A finished run whose checkpoints were deleted to save space, and a checkpoint's own folder given as output.dir:
-    a new run (or --resume, which would start at step 0) once replaced the adapter and exited 0."""
+    a new run (or --resume, which would start at step 0) once replaced the adapter and exited 0; --overwrite on the
+    checkpoint deleted its adapter files."""
     out = tmp_path / "run"
     assert cli.run([TINY, "--train.steps=2", "--train.save_every=1", "--train.eval_every=0",
                     "--train.keep_checkpoints=1", f"--output.dir={out}"]).status == 0
-    for target, flags in ((out / "checkpoint-2", []), (out / "checkpoint-2", ["--resume"])):
+    for target, flags in ((out / "checkpoint-2", []), (out / "checkpoint-2", ["--resume"]),
+                          (out / "checkpoint-2", ["--overwrite"])):
         before = {p.name: p.read_bytes() for p in target.iterdir()}
         result = cli.run([TINY, *QUICK, f"--output.dir={target}", *flags])
-        assert result.status == 2 and "holds a trained adapter_model.safetensors and no checkpoint to continue " \
-                                       "from" in result.stderr, result.stderr
+        assert result.status == 2 and "is a checkpoint, not a run's folder" in result.stderr, result.stderr
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     for path in list_checkpoints(out):
         shutil.rmtree(path)
@@ -441,5 +442,31 @@ def test_another_tools_adapter_is_never_deleted_by_overwrite(tiny_config):
     assert files(out) == before
     (out / "metrics.jsonl").unlink()
     (out / "trainer_state.pt").write_bytes(b"ours")  # out is a checkpoint-N of ours: its own refusal stands
-    with pytest.raises(ConfigError, match=r"holds a trained adapter_model.safetensors and no checkpoint to continue"):
+    with pytest.raises(ConfigError, match=r"is a checkpoint, not a run's folder"):
         rundir.check_run_dir(out, tiny_config, resume=False, overwrite=False)
+
+
+@pytest.mark.parametrize("name", ["checkpoint-4", "best"], ids=["in its run", "copied out as best"])
+def test_a_checkpoint_given_as_output_dir_is_refused_whatever_the_flags(tiny_config, name):
+    """--output.dir=RUN/checkpoint-4 --overwrite deleted the checkpoint's adapter files and wrote a run_config.json
+    into it (without --overwrite: "holds a trained adapter ... or --overwrite to replace it"). A checkpoint (our
+    trainer_state.pt in it) is never a run's output.dir: refused with or without either flag, nothing touched."""
+    run = Path(tiny_config.output.dir)
+    ckpt = run / name
+    ckpt.mkdir(parents=True)
+    (run / "run_config.json").write_text(json.dumps(tiny_config.to_dict(), indent=2) + "\n")
+    for held in ("trainer_state.pt", "optimizer.pt", "adapter_model.safetensors", "adapter_config.json"):
+        (ckpt / held).write_bytes(held.encode())
+    before = files(run)
+    refusal = (rf"^output.dir={ckpt} is a checkpoint, not a run's folder \(a run there would write over it, and "
+               rf"--overwrite delete it\): continue its run with --resume and --output.dir={run}, or use another "
+               r"output.dir$")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(ConfigError, match=refusal):
+            rundir.check_run_dir(ckpt, tiny_config, resume=resume, overwrite=overwrite)
+    (ckpt / "trainer_state.pt").unlink()  # damaged since: still a checkpoint-N of the run beside it
+    if name.startswith("checkpoint-"):
+        with pytest.raises(ConfigError, match=refusal):
+            rundir.check_run_dir(ckpt, tiny_config, resume=False, overwrite=True)
+    (ckpt / "trainer_state.pt").write_bytes(b"trainer_state.pt")
+    assert files(run) == before

@@ -141,6 +141,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise ConfigError(f"output.dir={run_dir} is the base model's directory (model.path): transformers would load "
                           "the adapter written there with the base from then on; choose another output.dir")
     _check_paths(run_dir)  # first: a link loop here is refused in its line, not met by a resolve below
+    _check_not_checkpoint(run_dir)
     for key in ("train", "eval"):  # read before the first write, then written over or removed (--overwrite) by it
         data = getattr(cfg.data, key)
         try:
@@ -159,10 +160,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise _in_use(run_dir, pid)
     seen = contents(run_dir)
     # A run writes run_config.json before any other file: without it, these are someone else's (a metrics.jsonl or an
-    # adapter of another tool, a home folder's memory.json), unless beside checkpoints of ours or in one (its own
-    # folder given). A run would write over them, and --overwrite deleted them.
+    # adapter of another tool, a home folder's memory.json), unless beside checkpoints of ours. A run would write over
+    # them, and --overwrite deleted them.
     theirs = [name for name in RUN_FILES if (run_dir / name).exists()]
-    of_a_run = (run_dir / RUN_CONFIG).exists() or checkpoint_dirs(run_dir) or (run_dir / STATE).is_file()
+    of_a_run = (run_dir / RUN_CONFIG).exists() or checkpoint_dirs(run_dir)
     if theirs and not of_a_run:
         raise ConfigError(f"output.dir={run_dir} holds {', '.join(theirs)} but no {RUN_CONFIG}, so no run's files, "
                           "which this run would write over (and --overwrite delete): move them out of it, or use "
@@ -185,10 +186,20 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise ConfigError(f"output.dir={run_dir} already holds a run (up to {latest[-1].name}): pass --resume to "
                           "continue it, or --overwrite to start over")
     restart = start_over(resume)  # the two are refused together
-    if finished and not latest:  # its checkpoints deleted to save space, or a checkpoint's own folder
+    if finished and not latest:  # its checkpoints deleted to save space
         raise ConfigError(f"output.dir={run_dir} holds a trained {finished} and no checkpoint to continue from: use "
                           f"another output.dir, or {restart} to replace it")
     return seen
+
+
+def _check_not_checkpoint(run_dir: Path) -> None:
+    """Refuse a checkpoint of ours as output.dir (our trainer_state.pt in it, or a checkpoint-N beside a run's config):
+    a run there wrote its run_config.json into it, and --overwrite deleted its adapter files."""
+    run = run_dir.parent
+    if (run_dir / STATE).is_file() or (RUN_DIRS.match(run_dir.name) and (run / RUN_CONFIG).is_file()):
+        raise ConfigError(f"output.dir={run_dir} is a checkpoint, not a run's folder (a run there would write over it, "
+                          f"and --overwrite delete it): continue its run with --resume and --output.dir={run}, or use "
+                          "another output.dir")
 
 
 def _lock(run_dir: Path) -> None:
