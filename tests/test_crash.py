@@ -702,8 +702,9 @@ def test_an_update_that_leaves_a_weight_nan_stops_before_saving_it(cli, tmp_path
     last = result.stderr.strip().splitlines()[-1]
     assert last == ("error: stopped at step 3: its update left trainable weights nan or inf (train.lr=0.003 is too "
                     f"high for them), and nothing of it was saved. {out}/checkpoint-2 is the newest checkpoint: "
-                    "continue from it with --resume and a lower train.lr, or start again with --overwrite if that one "
-                    "has diverged too")
+                    "continue from it with --resume and a lower train.lr; if it has diverged too, set it aside (mv "
+                    f"{out}/checkpoint-2 {out}/checkpoint-2.damaged) and continue from checkpoint-1 the same way, or "
+                    "start again (--overwrite, which deletes every checkpoint)")
     assert list_checkpoints(out) == [out / "checkpoint-1", out / "checkpoint-2"] and all_finite(out)
     result = cli.run([*ARGS, f"--output.dir={out}", "--resume", "--train.lr=1e-3"])  # the advice works
     assert result.status == 0, result.stderr

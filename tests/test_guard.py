@@ -250,3 +250,36 @@ def test_a_final_evaluation_that_fails_names_the_way_to_an_earlier_checkpoint_th
     assert move == [str(run / "checkpoint-4"), str(run / "checkpoint-4.damaged")]
     (run / "checkpoint-4").rename(move[1])
     assert list_checkpoints(run) == [run / "checkpoint-2"]
+
+
+@pytest.mark.parametrize("stop", ["weights", "eval", "diverged"])
+def test_a_stop_for_its_numbers_names_the_earlier_checkpoint_before_overwrite(tiny_config: Config, stop: str) -> None:
+    """A stop before the last step said 'or start again with --overwrite if that one has diverged too', which deletes
+    the earlier checkpoints train.save_every and train.keep_checkpoints kept too. With one, it names the move that sets
+    the newest aside and the earlier one to continue from; the move it names leaves that one the newest --resume takes.
+    With the newest alone, --overwrite as before."""
+    import shlex
+
+    from qlora.training.checkpoint import list_checkpoints
+    from qlora.training.guard import diverged, non_finite_eval, non_finite_weights
+
+    def line() -> str:
+        return str(non_finite_weights(tiny_config, 3) if stop == "weights" else
+                   non_finite_eval(tiny_config, 3, math.nan) if stop == "eval" else
+                   diverged(tiny_config, 3, 2, "micro-batch 2"))
+
+    run = Path(tiny_config.output.dir)
+    for name in ("checkpoint-2", "checkpoint-1"):
+        (run / name).mkdir(parents=True)
+        for held in ("trainer_state.pt", "optimizer.pt"):
+            (run / name / held).touch()
+        if name == "checkpoint-2":
+            assert line().endswith(f"{run / name} is the newest checkpoint: continue from it with --resume and a lower "
+                                   "train.lr, or start again with --overwrite if that one has diverged too"), line()
+    assert line().endswith(f"{run / 'checkpoint-2'} is the newest checkpoint: continue from it with --resume and a "
+                           f"lower train.lr; if it has diverged too, set it aside (mv {run / 'checkpoint-2'} "
+                           f"{run / 'checkpoint-2.damaged'}) and continue from checkpoint-1 the same way, or start "
+                           "again (--overwrite, which deletes every checkpoint)"), line()
+    move = shlex.split(line().split("(mv ", 1)[1].split(")", 1)[0])
+    (run / "checkpoint-2").rename(move[1])
+    assert list_checkpoints(run) == [run / "checkpoint-1"]

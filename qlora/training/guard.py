@@ -172,12 +172,22 @@ def finite_held_out(model: torch.nn.Module, batch: dict[str, torch.Tensor], adap
 
 
 def _newest(cfg: Config, then: str) -> str:
-    """Where a run stopped for its numbers stands: the newest checkpoint and how to go on from it."""
-    latest = latest_checkpoint(cfg)
-    if latest is None:
+    """Where a run stopped for its numbers stands: the newest checkpoint and how to go on from it. If that one has
+    diverged too, an earlier one (train.save_every, train.keep_checkpoints > 1) is resumed once the newest is set aside
+    (_after_last_step); --overwrite, which the line offered for that case alone, deletes it with the rest."""
+    found = list_checkpoints(Path(cfg.output.dir))
+    if not found:
         return "No checkpoint was written: start again with a lower train.lr (--overwrite)"
-    return (f"{latest} is the newest checkpoint: {then} with --resume and a lower train.lr, or start again with "
-            "--overwrite if that one has diverged too")
+    line = f"{found[-1]} is the newest checkpoint: {then} with --resume and a lower train.lr"
+    if len(found) < 2:
+        return line + ", or start again with --overwrite if that one has diverged too"
+    return (line + f"; if it has diverged too, set it aside ({_move_aside(found[-1])}) and continue from "
+            f"{found[-2].name} the same way, or start again (--overwrite, which deletes every checkpoint)")
+
+
+def _move_aside(newest: Path) -> str:
+    """The command that renames `newest` out of the checkpoint names, as a damaged one is (never resumed or pruned)."""
+    return f"mv {shlex.quote(str(newest))} {shlex.quote(str(aside_name(newest)))}"
 
 
 def _after_last_step(cfg: Config) -> str:
@@ -189,10 +199,9 @@ def _after_last_step(cfg: Config) -> str:
     found = list_checkpoints(Path(cfg.output.dir))
     if len(found) < 2:
         return "Start again with a lower train.lr (--overwrite)"
-    newest, aside = found[-1], aside_name(found[-1])
-    return (f"{newest} holds this adapter, {found[-2]} an earlier one: set the newest aside (mv "
-            f"{shlex.quote(str(newest))} {shlex.quote(str(aside))}) and continue from {found[-2].name} with --resume "
-            "and a lower train.lr, or start again with a lower train.lr (--overwrite, which deletes every checkpoint)")
+    return (f"{found[-1]} holds this adapter, {found[-2]} an earlier one: set the newest aside "
+            f"({_move_aside(found[-1])}) and continue from {found[-2].name} with --resume and a lower train.lr, or "
+            "start again with a lower train.lr (--overwrite, which deletes every checkpoint)")
 
 
 def _base_fix(cfg: Config, saved: str = "") -> str:
