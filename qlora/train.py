@@ -46,7 +46,7 @@ USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
-    with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main) as watch:
+    with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main, overwrite) as watch:
         try:
             return _train(cfg, resume, overwrite, watch, ranks)
         finally:
@@ -241,6 +241,9 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
                          progress.step if progress.ended else 0, progress.state.get("ended_line", ""))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
+    # the old run cleared (--overwrite): a checkpoint from here on is this run's, to continue with --resume (the line
+    # the command sets, where one does: _main)
+    watch.replacing, Session.intact = False, Session.intact and functools.partial(checkpoint.intact_line, run_dir)
     if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)
         ranks.on_main(checkpoint.prune, run_dir, t.keep_checkpoints, run_dir / f"checkpoint-{progress.step}")
     if run["loftq_shifts"]:
@@ -283,7 +286,8 @@ def _main(argv: list[str]) -> None:
         unplanned(cfg, overrides)
         keep_overridden(cfg, overrides)
     # An interruption or a full disk from here on names what is intact.
-    Session.intact = functools.partial(checkpoint.intact_line, Path(cfg.output.dir))
+    # Under --overwrite the run there is the old one until start_run clears it: never "continue with --resume".
+    Session.intact = functools.partial(checkpoint.intact_line, Path(cfg.output.dir), "--overwrite" in flags)
     train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
 
 

@@ -816,3 +816,28 @@ def test_a_base_that_gives_nan_is_named_when_training_starts_without_an_evaluati
                          "check model.path and start again with --overwrite (what this run saved trained on that "
                          "base)"), last
     assert "lr_scheduler" not in result.stderr, result.stderr
+
+
+def test_a_stop_before_overwrite_cleared_the_old_run_never_sends_to_resume_it(cli, tmp_path):
+    """SIGTERM while loading under --overwrite said 'checkpoint-2 is intact: continue with --resume', which continues
+    the old run, not this one (whose recipe may differ in a key a resume refuses): it says now that the old run is as it
+    was. Once the old run is cleared, a checkpoint of this run is named to continue from again (out of memory in its
+    step 2: 'checkpoint-1 is kept')."""
+    out = tmp_path / "run"
+    assert cli.run([*ARGS, "--train.steps=2", "--train.eval_every=0", f"--output.dir={out}"]).status == 0
+    def held() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+    before = held()
+    argv = [*ARGS, "--train.steps=2", "--train.eval_every=0", "--lora.r=4", f"--output.dir={out}", "--overwrite"]
+    slow_load = slowed("transformers:AutoModelForCausalLM.from_pretrained", 60)
+    result = interrupt(cli, argv, slow_load, tmp_path / "loading", signal.SIGTERM)
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM; nothing of this run was written, and the "
+                                                      f"run it replaces ({out}/checkpoint-2 the newest) is as it was: "
+                                                      "run the command again to start")
+    assert held() == before
+    result = cli.run(argv, prelude=OOM.format(total=2**40).replace("== 5:", "== 3:"))  # step 2's first micro-batch
+    assert result.status == 4, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"{out}/checkpoint-1 is kept: apply one of these, then continue " \
+                                                     "with --resume"

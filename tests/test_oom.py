@@ -114,3 +114,28 @@ def test_a_shorter_length_offered_beside_a_checkpoint_says_when_resume_refuses_i
     packed = apply_overrides(tiny_config, ["--data.pack=true"])
     assert f"; data.pack fixes data.max_seq_len on --resume (another length packs other rows): {new_run}" in \
         seq_line(packed, ([early], [early]))
+
+
+def test_out_of_memory_before_overwrite_cleared_the_old_run_never_sends_to_resume_it(tiny_config: Config,
+                                                                                      memory: None) -> None:
+    """Out of memory while loading under --overwrite, the old run's checkpoints still there (rundir.start_run clears
+    them later): the report ended 'checkpoint-2 is kept: ... continue with --resume', which continues the old run (and
+    is refused as another run where the fix is lora.r). It says now that the old run is as it was, and to run the
+    command again; no length is said to be refused by a resume. Without a checkpoint, as before."""
+    def report(replacing: bool) -> list[str]:
+        with pytest.raises(Stop) as stop, RunGuard(tiny_config, replacing=replacing):
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return str(stop.value).splitlines()
+
+    run = Path(tiny_config.output.dir)
+    assert report(True)[-1] == "no checkpoint was written yet: apply one of these and start again"
+    (run / "checkpoint-2").mkdir(parents=True)
+    for name in ("trainer_state.pt", "optimizer.pt"):
+        (run / "checkpoint-2" / name).touch()
+    kept = report(False)
+    assert kept[-1] == f"{run / 'checkpoint-2'} is kept: apply one of these, then continue with --resume"
+    assert any("--resume refuses" in line for line in kept), kept
+    lines = report(True)
+    assert lines[-1] == (f"nothing of this run was written, and the run it replaces ({run / 'checkpoint-2'} the "
+                         "newest) is as it was: apply one of these, then run the command again"), lines
+    assert not any("--resume refuses" in line for line in lines), lines

@@ -280,7 +280,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in checkpoint_dirs(run_dir) if (p / STATE).is_file() and (p / OPTIMIZER).is_file()]
 
 
-def intact_line(run_dir: Path) -> str:
-    """What an interrupted command says of `run_dir` (qlora.errors.Session.intact): its newest complete checkpoint."""
+def intact_line(run_dir: Path, replacing: bool = False) -> str:
+    """What an interrupted command says of `run_dir` (qlora.errors.Session.intact): its newest complete checkpoint.
+    `replacing`: --overwrite, before the old run is cleared (rundir.start_run): its checkpoints are not this run's, and
+    "intact: continue with --resume" would continue it, not start this one."""
     latest = list_checkpoints(run_dir)
+    if latest and replacing:
+        return f"nothing of this run was written, and the run it replaces ({latest[-1]} the newest) is as it was"
     return f"{latest[-1]} is intact" if latest else "no checkpoint was written"

@@ -33,9 +33,10 @@ class RunGuard:
     """One run's watch: turns SIGINT/SIGTERM into a flag the loop checks between steps, and an out-of-memory error
     anywhere in the run into a `Stop` carrying the memory profile of the phase in flight and what would fit."""
 
-    def __init__(self, cfg: Config, main: bool = True) -> None:
+    def __init__(self, cfg: Config, main: bool = True, replacing: bool = False) -> None:
         self.cfg = cfg
         self.main = main  # the process that speaks for the run (rank 0 of several)
+        self.replacing = replacing  # --overwrite, until start_run clears the old run: its checkpoints aren't this run's
         self.signal: int | None = None
         self.phase, self.step, self.batch_shape = "loading the model", 0, None
         self.device, self.profiler = torch.device("cpu"), None
@@ -55,7 +56,7 @@ class RunGuard:
             self.bar.close()
         if isinstance(err, torch.OutOfMemoryError) or out_of_host_memory(err):
             raise Stop(EXIT_OOM, oom_report(err, self.cfg, self.device, self.phase, self.step, self.batch_shape,
-                                            self.profiler, self.rows)) from err
+                                            self.profiler, self.rows, self.replacing)) from err
 
     def catch_signals(self) -> None:
         """From here on, SIGINT and SIGTERM ask the loop to stop after the step in flight; so do SIGHUP (the terminal

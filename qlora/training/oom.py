@@ -19,7 +19,7 @@ from qlora.data.labels import shortest_keeping
 from qlora.memory.preflight import divisors
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import meminfo_bytes, resident_bytes
-from qlora.training.checkpoint import list_checkpoints
+from qlora.training.checkpoint import intact_line, list_checkpoints
 
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
 GIB = 2**30
@@ -57,10 +57,11 @@ def _requested(err: BaseException) -> int:
 
 def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str, step: int,
                batch_shape: tuple[int, ...] | None, profiler: PhaseTracker | None,
-               rows: tuple[list, list] | None = None) -> str:
+               rows: tuple[list, list] | None = None, replacing: bool = False) -> str:
     """What ran out and where (`phase`, after or during `step`, on a micro-batch of `batch_shape`), the memory then and
     in the phases `profiler` marked before, what would fit instead, and where to go on from. `rows`: the run's
-    training and held-out rows, once loaded (which data.max_seq_len a resume keeps them at)."""
+    training and held-out rows, once loaded (which data.max_seq_len a resume keeps them at). `replacing`: --overwrite,
+    the old run not yet cleared: its checkpoints are not this run's to continue (checkpoint.intact_line)."""
     total = device_total(device)
     now, peak = _in_use(device)
     where = f"in {phase}"
@@ -78,7 +79,7 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
     if phases:
         lines.append("peaks of the phases before: " + ", ".join(f"{k} {_size(v)}" for k, v in phases.items()))
     needed, width = peak + _requested(err), (batch_shape or (0, 0))[1]
-    latest = latest_checkpoint(cfg)
+    latest = None if replacing else latest_checkpoint(cfg)
     note = (lambda seq: _seq_on_resume(cfg, seq, rows)) if latest else None
     try:
         lines += suggestions(cfg, device, total, needed, note)
@@ -87,8 +88,10 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
     if phase == "the optimizer step" and cfg.train.optimizer == "paged_adamw_32bit":
         lines.append("  --train.optimizer=paged_adamw_8bit: 8-bit moments, a quarter of the optimizer state (on "
                      "--resume the optimizer state starts afresh)")
+    old = replacing and latest_checkpoint(cfg) is not None
     lines.append(f"{latest} is kept: apply one of these, then continue with --resume" if latest else
-                 "no checkpoint was written yet: apply one of these and start again")
+                 f"{intact_line(Path(cfg.output.dir), True)}: apply one of these, then run the command again" if old
+                 else "no checkpoint was written yet: apply one of these and start again")
     return "\n".join(lines)
 
 
