@@ -241,8 +241,7 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
                          progress.step if progress.ended else 0, progress.state.get("ended_line", ""))
     # the first write: the run's config (model, data and checkpoint are checked by now, by every process)
     ranks.on_main(rundir.start_run, run_dir, cfg, overwrite, seen, damaged)
-    # the old run cleared (--overwrite): a checkpoint from here on is this run's, to continue with --resume (the line
-    # the command sets, where one does: _main)
+    # the old run cleared (--overwrite): from here on a checkpoint is this run's, to continue with --resume (_main)
     watch.replacing, Session.intact = False, Session.intact and functools.partial(checkpoint.intact_line, run_dir)
     if progress.step:  # a kill between a checkpoint's rename and its pruning left one too many (train.keep_checkpoints)
         ranks.on_main(checkpoint.prune, run_dir, t.keep_checkpoints, run_dir / f"checkpoint-{progress.step}")
