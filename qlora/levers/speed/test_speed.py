@@ -110,15 +110,21 @@ def test_dequant_once_dequantises_each_weight_once_for_the_run(tiny_config: Conf
     assert ops.calls.get("bitsandbytes.dequantize_4bit.default", 0) == n_4bit
 
 
-def test_dequant_once_is_counted_by_the_estimate(tiny_config: Config) -> None:
-    from qlora.levers.speed.memory import kept_dequantised_bytes
+def test_the_dequantised_weights_are_counted_by_the_estimate(tiny_config: Config) -> None:
+    """The layer backward holds the largest dequantised weight (gate/up/down: 131,072 B in fp32), a whole layer's
+    with reuse_dequant (589,824 B), none with dequant_once, whose copies of every layer are counted with the weights
+    (2 x 589,824 B). The estimate without reuse_dequant's layer, or with dequant_once's transient weight as well as
+    its copies, passed a test that compared the copies with their own formula."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
 
     arch = load_arch(tiny_config)
     plain = estimate(tiny_config, arch, "qlora", "cpu")
-    once = estimate(apply_overrides(tiny_config, ["--train.dequant_once=true"]), arch, "qlora", "cpu")
-    extra = once.components["unquantized_weights"] - plain.components["unquantized_weights"]
-    assert extra == kept_dequantised_bytes(arch.linear_shapes, arch.layers, 4) > 0
-    with pytest.raises(ConfigError, match="reuse_dequant"):
+    reuse = estimate(apply_overrides(tiny_config, ["--train.reuse_dequant=true"]), arch, "qlora", "cpu")
+    assert (reuse.peak_phase, reuse.peak_bytes - plain.peak_bytes) == ("layer_backward", 589_824 - 131_072)
+    once = estimate(apply_overrides(tiny_config, ["--train.reuse_dequant=false", "--train.dequant_once=true"]), arch,
+                    "qlora", "cpu")
+    assert once.components["unquantized_weights"] - plain.components["unquantized_weights"] == 2 * 589_824
+    assert (once.peak_phase, once.peak_bytes - plain.peak_bytes) == ("layer_backward", 2 * 589_824 - 131_072)
+    with pytest.raises(ConfigError, match="train.dequant_once keeps every dequantised weight"):
         apply_overrides(tiny_config, ["--train.reuse_dequant=true"])
