@@ -73,3 +73,18 @@ def test_the_start_up_line_counts_the_table_on_the_host(tiny_config: Config, cap
         print_summary(tiny_config, prepare(tiny_config))
         totals.append(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("trainable ")))
     assert totals[0] == totals[1] == "trainable 131,072 of 492,928 parameters (26.590%)"
+
+
+def test_a_scaled_embedding_is_taken_and_its_vectors_are_sent_to_the_device(tiny_config: Config) -> None:
+    """Gemma's scaled embedding is a lookup times embed_scale, which CPUEmbedding keeps: embeddings_to_cpu must take
+    it, not refuse it as a forward that computes more. The looked-up vectors go to the model's device (meta here, the
+    one device besides the CPU on every machine): left in CPU memory, they meet a first layer on the GPU."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    model = build(tiny_config)
+    hidden = model.config.hidden_size
+    model.set_input_embeddings(Gemma3TextScaledWordEmbedding(259, hidden, 0, hidden**0.5))
+    assert embeddings_to_cpu(model, torch.device("meta")) == 0
+    embedding = model.get_input_embeddings()
+    vectors = embedding(torch.arange(259).view(7, 37))
+    assert (vectors.device.type, vectors.shape, embedding.table.device.type) == ("meta", (7, 37, hidden), "cpu")
