@@ -157,3 +157,28 @@ def test_a_4bit_head_is_left_to_bitsandbytes_by_reuse_dequant_and_dequant_once(t
     arch = load_arch(tiny_config)
     assert sum(w.numel() * w.element_size() for w in kept) == kept_dequantised_bytes(arch.linear_shapes, arch.layers,
                                                                                       4) == 2 * 589_824
+
+
+def test_fuse_lora_leaves_adapters_in_another_dtype_than_the_input_to_the_plain_path() -> None:
+    """An input in another dtype than the adapters (a layer before handing back its own dtype: LoRALinear.forward's
+    cast) is the plain path's, which casts it: the fused node multiplies the two as they come, and would raise at the
+    first step. Every test above runs in fp32 alone, where the guard is never needed."""
+    from qlora.adapters.lora import LoRALinear
+    from qlora.levers.speed.fused import fuse_lora
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 8, dtype=torch.bfloat16).requires_grad_(False), r=4, alpha=8,
+                       dropout=0.0, dtype=torch.float32)
+    torch.nn.init.normal_(layer.lora_B.weight)  # B starts at zero: the update would add nothing
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    plain = layer(x)
+    plain.sum().backward()
+    grads = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+    assert fuse_lora(layer) == 1
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    fused = layer(x)
+    fused.sum().backward()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0)
+    for grad, t in zip(grads, (x, layer.lora_A.weight, layer.lora_B.weight), strict=True):
+        torch.testing.assert_close(t.grad, grad, rtol=0, atol=0)
