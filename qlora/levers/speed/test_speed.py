@@ -182,3 +182,15 @@ def test_fuse_lora_leaves_adapters_in_another_dtype_than_the_input_to_the_plain_
     torch.testing.assert_close(fused, plain, rtol=0, atol=0)
     for grad, t in zip(grads, (x, layer.lora_A.weight, layer.lora_B.weight), strict=True):
         torch.testing.assert_close(t.grad, grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("what", "modules"), [("lora", 14), ("layers", 4)])
+def test_the_compile_switch_compiles_what_it_names(tiny_config: Config, what: str, modules: int,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """train.compile reaches the model through apply_speed_levers, which the case above passes by (it calls
+    compile_model itself): the switch compiling nothing for one target passed it. torch.compile is lazy, so this
+    builds the model alone: 7 adapters x 2 layers, or attention and MLP x 2 layers."""
+    model = build(tiny_config, f"--train.compile={what}")
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled) == modules
+    assert f"train.compile={what}: {modules} modules" in capsys.readouterr().out
