@@ -79,7 +79,8 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
     if phases:
         lines.append("peaks of the phases before: " + ", ".join(f"{k} {_size(v)}" for k, v in phases.items()))
     needed, width = peak + _requested(err), (batch_shape or (0, 0))[1]
-    latest = None if replacing else latest_checkpoint(cfg)
+    found = latest_checkpoint(cfg)
+    latest = None if replacing else found  # replacing: the old run's, not this run's to continue
     note = (lambda seq: _seq_on_resume(cfg, seq, rows)) if latest else None
     try:
         lines += suggestions(cfg, device, total, needed, note)
@@ -88,9 +89,8 @@ def oom_report(err: BaseException, cfg: Config, device: torch.device, phase: str
     if phase == "the optimizer step" and cfg.train.optimizer == "paged_adamw_32bit":
         lines.append("  --train.optimizer=paged_adamw_8bit: 8-bit moments, a quarter of the optimizer state (on "
                      "--resume the optimizer state starts afresh)")
-    old = replacing and latest_checkpoint(cfg) is not None
     lines.append(f"{latest} is kept: apply one of these, then continue with --resume" if latest else
-                 f"{intact_line(Path(cfg.output.dir), True)}: apply one of these, then run the command again" if old
+                 f"{intact_line(Path(cfg.output.dir), True)}: apply one of these, then run the command again" if found
                  else "no checkpoint was written yet: apply one of these and start again")
     return "\n".join(lines)
 

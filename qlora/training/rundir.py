@@ -163,8 +163,8 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     # adapter of another tool, a home folder's memory.json), unless beside checkpoints of ours. A run would write over
     # them, and --overwrite deleted them.
     theirs = [name for name in RUN_FILES if (run_dir / name).exists()]
-    of_a_run = (run_dir / RUN_CONFIG).exists() or checkpoint_dirs(run_dir)
-    if theirs and not of_a_run:
+    latest = checkpoint_dirs(run_dir)
+    if theirs and not (run_dir / RUN_CONFIG).exists() and not latest:
         raise ConfigError(f"output.dir={run_dir} holds {', '.join(theirs)} but no {RUN_CONFIG}, so no run's files, "
                           "which this run would write over (and --overwrite delete): move them out of it, or use "
                           "another output.dir")
@@ -174,7 +174,6 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if recorded is not None:
         # On --resume cfg is the run's own (resume_config): a model.path that differs there was a moved base, given.
         check_identity(recorded, cfg, run_dir, moved=resume, resume=resume)
-    latest = checkpoint_dirs(run_dir)
     finished = next((name for name in (ADAPTER_WEIGHTS, FULL_WEIGHTS) if (run_dir / name).exists()), None)
     if latest and not resume:
         steps = recorded.train.steps if recorded is not None else None
