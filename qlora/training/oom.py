@@ -191,7 +191,8 @@ def _scaled_suggestions(cfg: Config, budget: float, needed: int, width: int,
         return ["the failed step needed no more than the device holds: the allocator is fragmented; set "
                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"]
     if (seq := int(min(width or cfg.data.max_seq_len, cfg.data.max_seq_len) * f) // 64 * 64) >= 64:
-        out.append(f"  --data.max_seq_len={seq}" + (f": {note(seq)[2:]}" if note and note(seq) else ""))
+        said = note(seq) if note else ""  # once: it reads every row of the run
+        out.append(f"  --data.max_seq_len={seq}" + (f": {said[2:]}" if said else ""))
     rows = t.batch_size * t.grad_accum
     if (most := int(t.batch_size * f)) >= 1 and most < t.batch_size:  # a divisor of the rows: the same rows per step
         bs = divisors(rows, most)[-1]
