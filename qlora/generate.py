@@ -76,7 +76,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
                   where, fmt)
     # Sampling at the temperature alone: transformers adds its top_k=50 where no value is set.
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=tokenizer.eos_token_id,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, use_cache=True,
+                              eos_token_id=stop_tokens(tokenizer, model.generation_config),
                               pad_token_id=tokenizer.pad_token_id, **sampling)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     # What transformers' generate leaves unset it takes from the base's generation_config.json first: a repetition
@@ -88,6 +89,15 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
     finally:
         model.generation_config = base
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def stop_tokens(tokenizer: PreTrainedTokenizerBase, base: GenerationConfig) -> list[int]:
+    """The tokens an answer ends at: the tokenizer's eos (the one training appended to each answer), then those the
+    base's generation_config.json lists. Llama-3.1-Instruct lists <|end_of_text|>, <|eom_id|> and <|eot_id|>, and
+    Qwen2.5-Instruct <|im_end|> and <|endoftext|>: a model that ends with one the tokenizer does not name went on
+    past its answer to --max-new-tokens."""
+    listed = base.eos_token_id if isinstance(base.eos_token_id, list) else [base.eos_token_id]
+    return list(dict.fromkeys(t for t in [tokenizer.eos_token_id, *listed] if t is not None))
 
 
 def check_context(context: int | None, max_new_tokens: int, prompt_tokens: int | None = None,

@@ -72,25 +72,33 @@ def test_sampling_is_at_the_temperature_asked_for(loaded) -> None:
     assert expected not in answers[10.0] and len(answers[10.0]) == 4
 
 
-def test_the_answer_ends_at_the_end_of_turn_token(loaded, capsys) -> None:
+@pytest.mark.parametrize("listed", [False, True], ids=["tokenizer's eos", "base's generation_config eos"])
+def test_the_answer_ends_at_the_end_of_turn_token(loaded, capsys, listed: bool) -> None:
     """A model that says <|im_end|> as its third token: the answer is the two tokens before it, printed and returned
-    without it, however many more --max-new-tokens allows."""
+    without it, however many more --max-new-tokens allows. The same for a special token the base's
+    generation_config.json lists as an eos beside the tokenizer's (Llama-3.1-Instruct's <|eom_id|>, Qwen2.5's
+    <|endoftext|>): the answer went on past it to --max-new-tokens."""
     model, tokenizer, _ = loaded
     expected = argmax_loop(model, tokenizer, 2)
+    end = tokenizer.bos_token_id if listed else tokenizer.eos_token_id
+    assert end != tokenizer.eos_token_id or not listed
     calls = []
 
     def end_third(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
         calls.append(1)  # one forward per new token (the prompt's, then each with the KV cache)
         if len(calls) == 3:
             logits = logits.clone()
-            logits[..., -1, tokenizer.eos_token_id] = logits.max() + 100
+            logits[..., -1, end] = logits.max() + 100
         return logits
 
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end] if listed else tokenizer.eos_token_id
     hook = model.get_output_embeddings().register_forward_hook(end_third)
     try:
         text = gen.generate(model, tokenizer, PROMPT, max_new_tokens=10)
     finally:
         hook.remove()
+        model.generation_config.eos_token_id = saved
     assert len(calls) == 3 and text == expected and len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 2
     assert capsys.readouterr().out == expected + "\n"
 
