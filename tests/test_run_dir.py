@@ -19,7 +19,7 @@ from test_crash import wait_for_step
 
 import qlora.train as train_module
 from qlora.errors import ConfigError, Stop
-from qlora.training import rundir
+from qlora.training import checkpoint, rundir
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.runconfig import resume_config
 
@@ -423,6 +423,20 @@ def test_another_tools_checkpoint_is_refused_and_never_deleted(tiny_config, name
     rundir.start_run(out, tiny_config, overwrite=True, seen=seen)
     rundir.unlock(out)
     assert sorted(p.name for p in out.iterdir()) == [".qlora.lock", "notes.txt", "run_config.json"]
+
+
+@pytest.mark.parametrize("junk", [".DS_Store", "._optimizer.pt", "Thumbs.db", "desktop.ini"])
+def test_a_file_browsers_files_leave_a_checkpoint_ours(tiny_config, junk):
+    """A checkpoint of ours opened in macOS Finder (its .DS_Store; ._NAME on a drive of another format) or Windows
+    Explorer was refused as another tool's, and the run could not resume. Ours still; a name of another kind is not."""
+    out = Path(tiny_config.output.dir)
+    (out / "checkpoint-4").mkdir(parents=True)
+    for name in ("trainer_state.pt", "optimizer.pt", junk):
+        (out / "checkpoint-4" / name).write_bytes(b"x")
+    checkpoint.check_ours(out / "checkpoint-4")
+    (out / "checkpoint-4" / f"x{junk}").write_bytes(b"x")
+    with pytest.raises(ConfigError, match=rf"\(it holds x{re.escape(junk)}, which ours never hold\)"):
+        checkpoint.check_ours(out / "checkpoint-4")
 
 
 def test_another_tools_adapter_is_never_deleted_by_overwrite(tiny_config):

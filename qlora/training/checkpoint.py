@@ -40,6 +40,9 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # trainer_state.json, optimizer.pt and adapter_model.safetensors: taken for a damaged one of ours, --overwrite deleted
 # it, and a run beside it said "pass --resume to continue it".
 CHECKPOINT_FILES = (STATE, OPTIMIZER, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS)
+# What a file browser leaves in a folder it shows (macOS Finder; its ._NAME twins on a drive of another format;
+# Windows Explorer): a checkpoint of ours that holds one is ours still.
+BROWSER_FILES = re.compile(r"\.DS_Store|\._.+|Thumbs\.db|desktop\.ini")
 
 
 class SaveError(Stop):
@@ -256,7 +259,7 @@ def check_ours(ckpt: Path) -> None:
     except OSError as err:
         raise ConfigError(f"{ckpt} cannot be read ({err.strerror or err}): make it readable, move it out of "
                           f"{ckpt.parent}, or use another output.dir") from err
-    other = [name for name in names if name not in CHECKPOINT_FILES]
+    other = [name for name in names if name not in CHECKPOINT_FILES and not BROWSER_FILES.fullmatch(name)]
     if other:
         why = f"it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}, which ours never hold"
     elif STATE not in names and not (ckpt.parent / RUN_CONFIG).is_file():
