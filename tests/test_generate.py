@@ -4,6 +4,7 @@ answer ends at the tokenizer's end-of-turn token, printed without it."""
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import finished_run
+from tokenizers import processors
 
 from qlora import generate as gen
 from qlora.training.assemble import load_run
@@ -55,6 +57,26 @@ def test_greedy_is_the_argmax_whatever_the_generation_config_asks(loaded) -> Non
             assert gen.generate(model, tokenizer, PROMPT, max_new_tokens=5, stream=False) == expected
     finally:
         model.generation_config.do_sample, model.generation_config.temperature = saved
+
+
+def test_the_prompt_holds_the_bos_of_the_template_once(loaded) -> None:
+    """Under a tokenizer that adds bos itself, as Llama 3's post-processor does, where the chat template writes it too:
+    the ids the model is given are the rendered template's, one bos first, as in the rows it trained on
+    (qlora.data.labels), not a second bos before the template's."""
+    model, tokenizer, _ = loaded
+    adds_bos = copy.deepcopy(tokenizer)
+    adds_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    rendered = gen.render(tokenizer, PROMPT)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id != ids[1] and adds_bos(rendered)["input_ids"] == [ids[0], *ids]
+    given = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: given.append(kwargs["input_ids"]), with_kwargs=True)
+    try:
+        gen.generate(model, adds_bos, PROMPT, max_new_tokens=1, stream=False)
+    finally:
+        hook.remove()
+    assert given[0].tolist() == [ids]
 
 
 def test_sampling_is_at_the_temperature_asked_for(loaded) -> None:
