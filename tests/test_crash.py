@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -710,12 +711,14 @@ def test_an_update_that_leaves_a_weight_nan_stops_before_saving_it(cli, tmp_path
     assert result.status == 0, result.stderr
 
 
-def nan_base(tmp_path: Path) -> Path:
-    """A copy of the tiny Llama whose final norm is nan: every logit it gives is nan, whatever the adapter."""
+def nan_base(tmp_path: Path, norm: float = float("nan")) -> Path:
+    """A copy of the tiny Llama whose final norm's weights are all `norm`: nan, every logit it gives is nan, whatever
+    the adapter; 1e37, every token's loss is finite (about 3e36) and their sum over a held-out batch overflows fp32 to
+    inf (measured: 1e36 left the first batch's finite)."""
     base = tmp_path / "base"
     shutil.copytree(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")), base)
     weights = load_file(str(base / "model.safetensors"))
-    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], norm)
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
     return base
 
@@ -732,18 +735,22 @@ def test_a_base_that_gives_nan_stops_before_training(cli, tmp_path):
     assert list_checkpoints(out) == []
 
 
-def test_a_base_that_gives_nan_is_named_at_an_evaluation_before_max_bad_steps(cli, tmp_path):
+@pytest.mark.parametrize("norm", [float("nan"), 1e37], ids=["nan", "inf"])
+def test_a_base_that_gives_nan_is_named_at_an_evaluation_before_max_bad_steps(cli, tmp_path, norm):
     """train.eval_before=false and an evaluation at step 1: the nan base meets the held-out check before the bad-step
-    one, and the line names the base, not a diverged adapter and a learning rate (no update was even applied)."""
-    base = nan_base(tmp_path)
+    one, and the line names the base, not a diverged adapter and a learning rate (no update was even applied). So does
+    a base whose held-out loss is inf, not nan: a check of isnan alone trained on to max_bad_steps, and said the
+    adapter had diverged."""
+    base = nan_base(tmp_path, norm)
     out = tmp_path / "run"
     result = cli.run([*ARGS, f"--model.path={base}", "--model.build=none", f"--output.dir={out}",
                       "--train.eval_before=false", "--train.eval_every=1", "--train.max_bad_steps=5"])
     assert result.status == 3, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: stopped at step 1: the held-out loss is nan, and it stays so with the adapters switched off: the base "
-        "model gives non-finite logits (nan or inf in its weights, or an overflow in quant.compute_dtype=auto): check "
-        "model.path, or try --quant.compute_dtype=fp32, then start again with --overwrite")
+        f"error: stopped at step 1: the held-out loss is {'nan' if math.isnan(norm) else 'inf'}, and it stays so with "
+        "the adapters switched off: the base model gives non-finite logits (nan or inf in its weights, or an overflow "
+        "in quant.compute_dtype=auto): check model.path, or try --quant.compute_dtype=fp32, then start again with "
+        "--overwrite")
 
 
 def slowed(target: str, seconds: float) -> str:
