@@ -70,17 +70,21 @@ def updated_weights(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def repage(optimizer: torch.optim.Optimizer) -> None:
-    """After a resume: a paged bitsandbytes optimizer's state back in paged memory. bitsandbytes' load_state_dict moves
-    each state tensor to its parameter's device as an ordinary allocation (optim/optimizer.py), so a resumed run's
-    state would stay on the card under pressure, where the first run's paged to the host."""
+    """After a resume: a paged bitsandbytes optimizer's moments back in paged memory. A paged moment is a CPU tensor
+    over CUDA managed memory marked `is_paged` (bitsandbytes functional.get_paged); load_state_dict deep-copies the
+    state, and deepcopy (as torch.save and torch.load) keeps a tensor's Python attributes, so each moment comes back as
+    ordinary host memory still marked paged, which bitsandbytes' to_gpu leaves where it is and its CUDA kernels and
+    prefetch are then handed. Each moment of a CUDA parameter goes into a buffer of bitsandbytes' own (paged where it
+    pages one: 1e5 elements or more)."""
     inner = getattr(optimizer, "inner", optimizer)  # MasterWeights, HostOptimizer: the optimizer they step
     if not getattr(inner, "is_paged", False):
         return
     for param, values in inner.state.items():
+        if not param.is_cuda:
+            continue
         for key, value in values.items():
-            if isinstance(value, torch.Tensor) and value.is_cuda and value.shape == param.shape and \
-                    not getattr(value, "is_paged", False):
-                buffer = inner.get_state_buffer(param, dtype=value.dtype)  # paged where bitsandbytes pages it
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                buffer = inner.get_state_buffer(param, dtype=value.dtype)
                 buffer.copy_(value)
                 values[key] = buffer
 
