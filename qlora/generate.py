@@ -27,7 +27,7 @@ from qlora.commands import generate_parser
 from qlora.config import Config, DataConfig
 from qlora.console import quiet_libraries
 from qlora.data.files import read_rows
-from qlora.data.labels import ALPACA_PROMPT, detect_format, render_chat
+from qlora.data.labels import ALPACA_PROMPT, detect_format, missing_bos, render_chat
 from qlora.errors import ConfigError, json_trouble
 from qlora.training.assemble import load_run, read_run_config
 
@@ -51,6 +51,15 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: str, fmt: str = "messages
     return prompt
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, fmt: str = "messages") -> list[int]:
+    """The prompt's token ids as the rows of data format `fmt` begin, tokenised as qlora.data.labels does: a chat
+    template holds every special token itself (add_special_tokens=False: no second bos before its own); the other
+    formats begin as the tokenizer begins a text (missing_bos)."""
+    text = render(tokenizer, prompt, fmt)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if fmt == "messages" and tokenizer.chat_template else missing_bos(tokenizer, ids) + ids
+
+
 def trained_format(data: DataConfig) -> str:
     """The data format the run trained on: data.format, or where it is auto the one training found in data.train's
     rows (a run on instruction rows was prompted in the chat template, which it never trained on). `messages`, said,
@@ -70,10 +79,10 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
     """Complete one prompt, rendered as rows of data format `fmt` (greedy when temperature is 0); print tokens as
     they come when `stream`; return the text. A prompt that leaves no room for `max_new_tokens` in the model's
     context is refused, naming `where`."""
-    # add_special_tokens=False: the template already holds every special token, as in qlora.data.labels' tokenisation.
-    inputs = tokenizer(render(tokenizer, prompt, fmt), add_special_tokens=False, return_tensors="pt").to(model.device)
-    check_context(getattr(model.config, "max_position_embeddings", None), max_new_tokens, inputs["input_ids"].shape[1],
-                  where, fmt)
+    ids = prompt_ids(tokenizer, prompt, fmt)
+    check_context(getattr(model.config, "max_position_embeddings", None), max_new_tokens, len(ids), where, fmt)
+    inputs = {"input_ids": torch.tensor([ids], device=model.device)}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     # Sampling at the temperature alone: transformers adds its top_k=50 where no value is set.
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
     config = GenerationConfig(max_new_tokens=max_new_tokens, use_cache=True,
@@ -88,7 +97,7 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt:
         out = model.generate(**inputs, generation_config=config, streamer=streamer)
     finally:
         model.generation_config = base
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 def stop_tokens(tokenizer: PreTrainedTokenizerBase, base: GenerationConfig) -> list[int]:
@@ -147,8 +156,7 @@ def check_before_loading(cfg: Config, max_new_tokens: int, prompt: str | None, f
     check_context(context, max_new_tokens)
     if prompt is not None:
         tokenizer = load_tokenizer(str(base), cfg.model.trust_remote_code)
-        ids = tokenizer(render(tokenizer, prompt, fmt), add_special_tokens=False)["input_ids"]
-        check_context(context, max_new_tokens, len(ids), "--prompt", fmt)
+        check_context(context, max_new_tokens, len(prompt_ids(tokenizer, prompt, fmt)), "--prompt", fmt)
 
 
 def read_prompt(line: str, jsonl: bool, number: int) -> str:

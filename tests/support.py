@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from forked_cli import ForkedCLI
+from tokenizers import processors
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora.adapters.lora import lora_layers
@@ -148,3 +149,11 @@ def finished_run(recipe: str, out_dir: Path, lora: dict | None = None, **train_f
     for key, value in (lora or {}).items():
         setattr(cfg.lora, key, value)
     return cfg, train(cfg)
+
+
+def adding_bos(tokenizer: object) -> object:
+    """A copy of `tokenizer` that puts its bos before every text of its own accord, as Llama 3's post-processor does."""
+    adds = copy.deepcopy(tokenizer)
+    adds.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    return adds

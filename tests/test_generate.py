@@ -4,7 +4,6 @@ answer ends at the tokenizer's end-of-turn token, printed without it."""
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import finished_run
-from tokenizers import processors
+from support import adding_bos, finished_run
 
 from qlora import generate as gen
 from qlora.training.assemble import load_run
@@ -59,24 +57,30 @@ def test_greedy_is_the_argmax_whatever_the_generation_config_asks(loaded) -> Non
         model.generation_config.do_sample, model.generation_config.temperature = saved
 
 
-def test_the_prompt_holds_the_bos_of_the_template_once(loaded) -> None:
+@pytest.mark.parametrize("fmt", ["messages", "text", "instruction"])
+def test_the_prompt_begins_with_one_bos_as_the_rows_did(loaded, fmt: str) -> None:
     """Under a tokenizer that adds bos itself, as Llama 3's post-processor does, where the chat template writes it too:
     the ids the model is given are the rendered template's, one bos first, as in the rows it trained on
-    (qlora.data.labels), not a second bos before the template's."""
+    (qlora.data.labels), not a second bos before the template's. Rendered without a template (text, instruction),
+    the prompt begins with the tokenizer's bos, as those rows do (qlora.data.labels.missing_bos)."""
     model, tokenizer, _ = loaded
-    adds_bos = copy.deepcopy(tokenizer)
-    adds_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
-    rendered = gen.render(tokenizer, PROMPT)
+    adds_bos = adding_bos(tokenizer)
+    rendered = gen.render(tokenizer, PROMPT, fmt)
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id != ids[1] and adds_bos(rendered)["input_ids"] == [ids[0], *ids]
+    assert adds_bos(rendered)["input_ids"] == [tokenizer.bos_token_id, *ids]
+    if fmt == "messages":
+        assert ids[0] == tokenizer.bos_token_id != ids[1]
+    else:
+        assert tokenizer.bos_token_id not in ids
+        ids = [tokenizer.bos_token_id, *ids]
     given = []
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: given.append(kwargs["input_ids"]), with_kwargs=True)
     try:
-        gen.generate(model, adds_bos, PROMPT, max_new_tokens=1, stream=False)
+        gen.generate(model, adds_bos, PROMPT, max_new_tokens=1, stream=False, fmt=fmt)
     finally:
         hook.remove()
     assert given[0].tolist() == [ids]
+    assert gen.prompt_ids(tokenizer, PROMPT, fmt) == (ids if fmt == "messages" else ids[1:])
 
 
 def test_sampling_is_at_the_temperature_asked_for(loaded) -> None:

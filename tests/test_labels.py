@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import adding_bos
 from transformers import PreTrainedTokenizerBase
 
 from qlora.base.build import ensure_checkpoint
@@ -40,6 +41,25 @@ def test_an_instruction_row_learns_its_output_and_end_token_and_not_its_prompt(t
     prompt = (ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT).format(instruction=row["instruction"], **extra)
     assert split(tokenizer, tokenize_row(row, "instruction", tokenizer, "row")) == (prompt,
                                                                                    "blue red" + tokenizer.eos_token)
+
+
+@pytest.mark.parametrize(("fmt", "row"), [("instruction", {"instruction": "reverse the words", "output": "blue red"}),
+                                          ("text", {"text": "red blue"})])
+def test_a_row_without_a_template_begins_as_the_tokenizer_begins_a_text(tokenizer: PreTrainedTokenizerBase, fmt: str,
+                                                                        row: dict) -> None:
+    """Under a tokenizer that begins each text with its bos (Llama 3's <|begin_of_text|>, Llama 2's <s>), instruction
+    and text rows were tokenised without it: trained on a start the model never met in pretraining, nor meets in
+    llama.cpp after export. They begin with it now, once, never learned; a text that holds it already gets no second,
+    and a tokenizer that adds none (SmolLM2's, the tiny one) is as before."""
+    adds = adding_bos(tokenizer)
+    plain = tokenize_row(row, fmt, tokenizer, "row")
+    assert plain["input_ids"][0] != tokenizer.bos_token_id
+    example = tokenize_row(row, fmt, adds, "row")
+    assert example == {"input_ids": [tokenizer.bos_token_id, *plain["input_ids"]],
+                       "labels": [IGNORE, *plain["labels"]]}
+    if fmt == "text":
+        again = tokenize_row({"text": tokenizer.bos_token + row["text"]}, fmt, adds, "row")
+        assert again["input_ids"] == example["input_ids"]
 
 
 def test_a_chat_row_learns_its_assistant_turns_only(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -97,8 +97,8 @@ def tokenize_row(row: dict, fmt: str, tokenizer: PreTrainedTokenizerBase, where:
     if fmt == "instruction":
         template = ALPACA_PROMPT_INPUT if row.get("input") not in (None, "") else ALPACA_PROMPT  # 0 is an input
         prompt = template.format(instruction=row["instruction"], input=row.get("input", ""))
-        return _join([(prompt, False), (str(row["output"]) + tokenizer.eos_token, True)], tokenizer)
-    return _join([(str(row["text"]) + tokenizer.eos_token, True)], tokenizer)
+        return _join([(prompt, False), (str(row["output"]) + tokenizer.eos_token, True)], tokenizer, bos=True)
+    return _join([(str(row["text"]) + tokenizer.eos_token, True)], tokenizer, bos=True)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
@@ -195,13 +195,29 @@ def opening_head(tokenizer: PreTrainedTokenizerBase, message: dict, text: str, w
     return probe[:at]
 
 
-def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+def _join(segments: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase,
+          bos: bool = False) -> dict[str, list[int]]:
+    """The segments' ids, each learned or masked; with `bos`, begun as the tokenizer begins a text (missing_bos)."""
     input_ids, labels = [], []
     for text, learn in segments:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if learn else [IGNORE] * len(ids)
-    return {"input_ids": input_ids, "labels": labels}
+    start = missing_bos(tokenizer, input_ids) if bos else []
+    return {"input_ids": start + input_ids, "labels": [IGNORE] * len(start) + labels}
+
+
+def missing_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    """The ids the tokenizer puts before a text of its own accord (Llama 3's <|begin_of_text|>, Llama 2's <s>; none
+    for SmolLM2 or Qwen2.5), where `ids` (a text without a chat template, which writes them itself) does not begin
+    with them already. Every text of such a model's pretraining began so, and llama.cpp begins each prompt so (the
+    add_bos_token of an exported GGUF): an instruction or text row without it trained the model on a start it never
+    meets."""
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return [] if ids[:at] == full[:at] else full[:at]
 
 
 def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
