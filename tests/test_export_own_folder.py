@@ -147,7 +147,8 @@ def test_the_hyperparameters_and_tensors_are_the_folders_as_llama_cpp_reads_them
     the model by, each tensor under its name in ggml's order of dimensions (the fastest first: an HF row-major (out,
     in) matrix is (in, out) there), vectors and norms in F32, matrices in the type asked for. transformers' reader
     takes the model's shape from the tensors and a wrong epsilon or context length moves its logits by less than f16
-    rounding, so the check cannot see these; llama.cpp runs what the keys say."""
+    rounding, so the check cannot see these; llama.cpp runs what the keys say (a key_length of the hidden size, or a
+    file type other than the tensors', passed every test)."""
     out = tmp_path / "model.gguf"
     export(run, out, "f16", "cpu")
     base = Path(json.loads((run / "run_config.json").read_text())["model"]["path"])
@@ -159,12 +160,14 @@ def test_the_hyperparameters_and_tensors_are_the_folders_as_llama_cpp_reads_them
     rope = config["rope_parameters"]
     assert {key: value.get(key) for key in ("block_count", "context_length", "embedding_length", "feed_forward_length",
                                             "attention.head_count", "attention.head_count_kv", "rope.dimension_count",
-                                            "rope.freq_base")} == {
+                                            "attention.key_length", "attention.value_length", "vocab_size",
+                                            "rope.freq_base", "general.file_type")} == {
         "block_count": config["num_hidden_layers"], "context_length": config["max_position_embeddings"],
         "embedding_length": config["hidden_size"], "feed_forward_length": config["intermediate_size"],
         "attention.head_count": config["num_attention_heads"],
         "attention.head_count_kv": config["num_key_value_heads"], "rope.dimension_count": head_dim,
-        "rope.freq_base": rope["rope_theta"]}
+        "attention.key_length": head_dim, "attention.value_length": head_dim, "vocab_size": config["vocab_size"],
+        "rope.freq_base": rope["rope_theta"], "general.file_type": gguf.LlamaFileType.MOSTLY_F16}
     assert value["attention.layer_norm_rms_epsilon"] == pytest.approx(config["rms_norm_eps"], rel=1e-6)  # an f32
     linear = rope["rope_type"] == "linear"
     assert (value.get("rope.scaling.type"), value.get("rope.scaling.factor")) == (
