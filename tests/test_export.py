@@ -82,13 +82,14 @@ def test_the_file_takes_its_name_only_once_checked(run: Path, tmp_path: Path) ->
     out, seen = tmp_path / "x.gguf", []
 
     def interrupted(path: Path) -> None:
-        seen.append((path.name, out.exists(), path.stat().st_size))
+        seen.append((path.name, path.parent, out.exists(), path.stat().st_size))
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         export(run, out, "f16", "cpu", interrupted)
-    [(name, existed, size)] = seen
+    [(name, folder, existed, size)] = seen
     assert name.startswith(".x.gguf.partial-") and name.endswith(".gguf") and not existed and size > 0
+    assert folder == tmp_path  # beside it: one rename on one file system, and found there if a kill left it
     assert list(tmp_path.iterdir()) == []
 
     def too_far(path: Path) -> None:
