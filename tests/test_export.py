@@ -122,6 +122,8 @@ def test_the_command_reads_the_run_config_once(run: Path, tmp_path: Path, monkey
     monkeypatch.setattr(assemble, "read_config_json", lambda path: reads.append(path) or read(path))
     assert export_command.main([str(run), f"--gguf={tmp_path / 'm.gguf'}", "--type=q8_0", "--rows=1"]) == 0
     assert reads == [run / RUN_CONFIG]
+    # and the check ran, held to the type asked for: without --skip-check, a command that never checked passed this
+    assert re.search(r"mean KL .* top-1 agreement .*: within the q8_0 bound", capsys.readouterr().out)
 
 
 @pytest.fixture(scope="module")
