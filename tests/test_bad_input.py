@@ -87,7 +87,7 @@ TEMPLATES = {
 CONFIGS = {"mismatch": {"hidden_size": 64}, "zero_heads": {"num_attention_heads": 0},
            "kv_zero": {"num_key_value_heads": 0}, "count_string": {"hidden_size": "128"},
            "extra_layer": {"num_hidden_layers": 3}, "fewer_layers": {"num_hidden_layers": 1},
-           "heads_kv": {"num_key_value_heads": 3},
+           "layers_5": {"num_hidden_layers": 5}, "heads_kv": {"num_key_value_heads": 3},
            "transformers_refuses": {"num_attention_heads": 3, "num_key_value_heads": 1},
            "unknown_act": {"hidden_act": "nonesuch"}, "pad_past_vocab": {"pad_token_id": 100000},
            "unknown_rope": {"rope_parameters": {"rope_type": "nonesuch", "rope_theta": 10000.0}},
@@ -290,6 +290,11 @@ CASES = [
     ("config lists a layer the weights lack", [TINY, "--model.path={d}/extra_layer", "--model.build=none"],
      r"config.json describes model.layers.2.self_attn.q_proj.weight, which no safetensors file holds \(transformers "
      r"would fill it with random numbers, 9 tensor\(s\) in all\)"),
+    # Over twice the layers stored: fewer than half the names matched, taken for another naming scheme; it loaded 3
+    # random layers (a bitsandbytes assertion on CPU) (found by h58).
+    ("config lists over twice the layers stored", [TINY, "--model.path={d}/layers_5", "--model.build=none"],
+     r"layers_5: config.json describes model.layers.2.self_attn.q_proj.weight, which no safetensors file holds "
+     r"\(transformers would fill it with random numbers, 27 tensor\(s\) in all\): restore the config.json"),
     ("weights hold a layer the config lacks", [TINY, "--model.path={d}/fewer_layers", "--model.build=none"],
      r"model.safetensors holds model.layers.1.input_layernorm.weight, which the model config.json describes has no "
      r"place for \(transformers would drop it, 9 tensor\(s\) in all\)"),
