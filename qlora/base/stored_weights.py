@@ -55,6 +55,8 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     left to the loader; pre-quantised weights were refused before (check_not_quantized)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
 
     from qlora.base.build import INDEX, checkpoint_shards
 
@@ -82,6 +84,9 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
                 expected[f"{module_name}.{name}" if module_name else name] = tuple(buffer.shape)
     stored = stored_shapes(checkpoint_shards(path), what)  # an unreadable index is refused by checkpoint_shards
     check_index(path, stored, what)
+    # The names transformers renames on load, as it does (GPT-NeoX's embed_out.weight is its lm_head.weight).
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    stored = {apply_renamings(n, renamings): v for n, v in stored.items()}
     # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
     # transformers adds on load.
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
