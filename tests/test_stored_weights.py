@@ -4,15 +4,90 @@ test_bad_input.py."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from qlora.base.stored_weights import check_weights
+from qlora.base.build import BUILDERS, INDEX, ensure_checkpoint
+from qlora.base.stored_weights import check_kept_layers, check_weights
+from qlora.config import load_recipe
 from qlora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_copy(out: Path) -> tuple[Path, dict]:
+    """A copy of the tiny Llama at `out` without its weights, and the weights."""
+    tiny = Path(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
+    shutil.copytree(tiny, out, ignore=shutil.ignore_patterns("model.safetensors"))
+    return out, load_file(tiny / "model.safetensors")
+
+
+def test_a_tied_checkpoint_that_stores_its_head_too_passes(tmp_path: Path) -> None:
+    """Some tied checkpoints store lm_head.weight beside the embedding it shares: the model has no parameter of its
+    own for it, and transformers ties it; it is no tensor the config has no place for."""
+    BUILDERS["tiny-llama-tied"](tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in weights
+    save_file({**weights, "lm_head.weight": weights["model.embed_tokens.weight"].clone()},
+              tmp_path / "model.safetensors")
+    check_weights(tmp_path, "model.path=m")
+
+
+def test_weights_stored_without_the_base_models_prefix_are_checked_under_it(tmp_path: Path) -> None:
+    """`layers.0...` for `model.layers.0...` (transformers adds the prefix on load): checked as the model's own names,
+    so a shape the config disagrees with is refused as it is for names with the prefix."""
+    path, weights = tiny_copy(tmp_path / "m")
+    save_file({k.removeprefix("model."): v for k, v in weights.items()}, path / "model.safetensors")
+    check_weights(path, "model.path=m")
+    save_file({k.removeprefix("model."): v[:, :64].contiguous() if k == "model.embed_tokens.weight" else v
+               for k, v in weights.items()}, path / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"config.json makes model.embed_tokens.weight \[259, 128\], but "
+                                          r"model.safetensors holds it as \[259, 64\]"):
+        check_weights(path, "model.path=m")
+
+
+def test_a_tensor_the_config_has_no_place_for_is_named_with_the_shard_holding_it(tmp_path: Path) -> None:
+    """Sharded: the line names the shard that holds the stray tensor, not another of the checkpoint's files."""
+    path, weights = tiny_copy(tmp_path / "m")
+    names = list(weights)
+    first = {n: weights[n] for n in names[:len(names) // 2]}
+    second = {n: weights[n] for n in names[len(names) // 2:]}
+    save_file({**first, "model.layers.9.mlp.up_proj.weight": weights["model.layers.0.mlp.up_proj.weight"].clone()},
+              path / "model-00001-of-00002.safetensors")
+    save_file(second, path / "model-00002-of-00002.safetensors")
+    weight_map = {**dict.fromkeys([*first, "model.layers.9.mlp.up_proj.weight"], "model-00001-of-00002.safetensors"),
+                  **dict.fromkeys(second, "model-00002-of-00002.safetensors")}
+    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ConfigError, match=r"model.path=m: model-00001-of-00002.safetensors holds "
+                                          r"model.layers.9.mlp.up_proj.weight, which the model config.json describes "
+                                          r"has no place for \(transformers would drop it, 1 tensor\(s\) in all\)"):
+        check_weights(path, "model.path=m")
+
+
+@pytest.mark.parametrize("name", ["model.norm", "model.layers.0.input_layernorm"])
+def test_a_kept_layer_that_is_a_norm_is_refused_from_the_headers(name: str) -> None:
+    """quant.keep_16bit names linear layers: a norm's weight is stored too, but as a vector, no matrix."""
+    tiny = ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py"))
+    check_kept_layers(["model.layers.0.mlp.down_proj"], tiny)
+    with pytest.raises(ConfigError, match=rf"quant.keep_16bit names {name}, which is not a linear layer of "):
+        check_kept_layers([name], tiny)
+
+
+def test_the_model_compared_with_is_built_without_memory_for_its_weights(tmp_path: Path) -> None:
+    """The model whose shapes the headers are compared with is built on the meta device: a config.json of a model
+    far past the host's memory (here 2^40 embedding rows, 512 TiB) over small weights gets its line, where a build
+    in memory fails to allocate and leaves the weights unchecked."""
+    path, weights = tiny_copy(tmp_path / "m")
+    save_file(weights, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": 2**40}))
+    with pytest.raises(ConfigError, match=r"config.json makes model.embed_tokens.weight \[1099511627776, 128\], but "
+                                          r"model.safetensors holds it as \[259, 128\]"):
+        check_weights(path, "model.path=m")
 
 
 def test_a_gpt_neox_checkpoint_passes_under_the_names_transformers_loads_it_by(tmp_path: Path) -> None:
@@ -33,4 +108,3 @@ def test_a_gpt_neox_checkpoint_passes_under_the_names_transformers_loads_it_by(t
               tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match=r"holds gpt_neox.layers.0.attention.scale, which the model config.json "):
         check_weights(tmp_path, "model.path=m")
-
