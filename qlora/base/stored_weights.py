@@ -49,14 +49,24 @@ def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, .
     return shapes
 
 
+def load_renamings(model: torch.nn.Module) -> list:
+    """The renamings transformers applies to a checkpoint's names as it loads `model` (never the converters that fuse
+    or split tensors), in its order. Each renaming's own rename_source_key: transformers 5.17, the GPU image's, has no
+    apply_renamings. None where a transformers keeps no such list."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
 def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> None:
     """Every tensor of the model config.json describes is in the safetensors files, of its shape, and they hold no
     other. A checkpoint transformers cannot describe (an unknown architecture, remote code, pickle weights only) is
     left to the loader; pre-quantised weights were refused before (check_not_quantized)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
 
     from qlora.base.build import INDEX, checkpoint_shards
 
@@ -85,8 +95,8 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     stored = stored_shapes(checkpoint_shards(path), what)  # an unreadable index is refused by checkpoint_shards
     check_index(path, stored, what)
     # The names transformers renames on load, as it does (GPT-NeoX's embed_out.weight is its lm_head.weight).
-    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-    stored = {apply_renamings(n, renamings): v for n, v in stored.items()}
+    for renaming in load_renamings(model):
+        stored = {renaming.rename_source_key(n)[0]: v for n, v in stored.items()}
     # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
     # transformers adds on load.
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
