@@ -52,7 +52,7 @@ def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, .
 def load_renamings(model: torch.nn.Module) -> list:
     """The renamings transformers applies to a checkpoint's names as it loads `model` (never the converters that fuse
     or split tensors), in its order. Each renaming's own rename_source_key: transformers 5.17, the GPU image's, has no
-    apply_renamings. None where a transformers keeps no such list."""
+    apply_renamings. Empty where a transformers keeps no such list."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
