@@ -204,6 +204,23 @@ def test_estimate_counts_what_the_streamer_pins_holds_and_moves(tiny_config: Con
     assert on_cuda.streamed.moved_bytes == 2 * (LAYERS - 2) * on_cuda.streamed.layer_bytes
 
 
+@pytest.mark.parametrize(("layers", "flags"), [(LAYERS, ["--quant.double_quant=false"]), (1, [])])
+def test_the_estimate_counts_the_streamer_without_double_quant_and_with_one_layer(
+        tiny_config: Config, tmp_path: Path, layers: int, flags: list[str]) -> None:
+    """Without double quantisation each absmax is fp32 (4 bytes a block) and no nested one travels; one decoder layer
+    has one device slot. The host buffer, the device's slots and the plan's line are the streamer's (with double
+    quantisation and five layers only, an absmax counted a byte a block, or two slots for one layer, passed)."""
+    path = tmp_path / "config.json"
+    LlamaConfig(vocab_size=259, **{**TINY_LLAMA, "num_hidden_layers": layers}).to_json_file(path)
+    shape = ["--model.synthetic=true", f"--model.config_json={path}", *flags]
+    cfg = apply_overrides(copy.deepcopy(tiny_config), [*shape, "--train.device=cpu", "--train.stream_base=true"])
+    est = estimate(cfg, load_arch(cfg), "qlora", "cuda")
+    stream = build(tiny_config, *shape, "--train.stream_base=true").layer_stream
+    assert est.host["streamed_base"] == stream.buffer.numel()
+    assert est.components["gathered_weights"] == sum(slot.numel() for slot in stream.slots)
+    assert f", {len(stream.slots)} on the device;" in est.streamed.describe()
+
+
 def test_layers_kept_in_16_bit_are_left_out_of_the_pinned_base(tiny_config: Config, deep: list[str]) -> None:
     """quant.keep_16bit layers of the decoder stay on the device and never travel: the host buffer the estimate
     counts is the streamer's, without them (counted in, a host that fits the base would be refused)."""
