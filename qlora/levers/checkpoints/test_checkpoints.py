@@ -153,6 +153,22 @@ def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
 
 
+def test_the_pinned_check_counts_every_row_and_takes_a_need_equal_to_the_room(tiny_config: Config) -> None:
+    """Two rows of 100,000 tokens pin 40 inputs of 2 x 1.53 GiB (122.1 GiB, over 130 GiB's 117 of room), where one
+    row's 61 GiB would fit; and inputs that need exactly the room (0.9 of what is available) are taken."""
+    train = tiny_config.train
+    train.batch_size, train.offload_activations, train.checkpoint_every = 2, True, 2
+    with pytest.raises(ConfigError, match=r"pin 122.1 GiB of host memory \(40 layer inputs of 2 x 100,000 tokens"):
+        check_pinned_memory(80, train, 100_000, 8192, 2, 130 * GIB)
+    train.batch_size, train.checkpoint_every = 1, 1
+    need = pinned_need(train, 80, 100_000 * 8192 * 2)
+    available = 145_635_555_556  # int(available * 0.9) is the need, to the byte
+    assert int(available * 0.9) == need
+    check_pinned_memory(80, train, 100_000, 8192, 2, available)
+    with pytest.raises(ConfigError):
+        check_pinned_memory(80, train, 100_000, 8192, 2, available - 2)
+
+
 def test_a_model_without_checkpointed_layers_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
     """Issue 23: this was a ValueError and a traceback; as every bad input, it is one line and exit 2."""
     from qlora.cli import run
