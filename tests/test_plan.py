@@ -473,3 +473,22 @@ def test_a_kept_checkpoint_every_is_not_replanned() -> None:
     kept = choose(apply_overrides(cfg, ["--train.plan_keep=train.checkpoint_every"]), "cuda", 30 * GIB, 8 * GIB)
     assert free.estimate.checkpoints.every == 3
     assert kept.estimate.checkpoints.every == cfg.train.checkpoint_every == 1 and kept.cost > free.cost
+
+
+def test_the_cost_tables_cpu_column_is_the_committed_measurement_and_host_traffic_is_ordered_by_bytes() -> None:
+    """The CPU column is benchmarks/results/lever-costs-cpu-small.json's costs rounded to 0.01 (checkpoint_every's
+    scaled by 4/3 to a whole forward, tile_norms from its own run), at the row length it measured; the ASSUMED CUDA
+    host-traffic figures are ordered by the bytes each moves a step (qlora/memory/costs.py's docstring)."""
+    from qlora.memory.costs import MEASURED_TOKENS
+
+    results = ROOT / "benchmarks" / "results"
+    run = json.loads((results / "lever-costs-cpu-small.json").read_text())
+    norms = json.loads((results / "lever-costs-cpu-small-tile-norms.json").read_text())["costs"]["train.tile_norms"]
+    measured = dict(run["costs"], **{"train.checkpoint_every": run["costs"]["train.checkpoint_every"] * 4 / 3,
+                                     "train.tile_norms": norms})
+    assert {row.lever: row.cpu for row in TABLE if row.cpu is not None} == \
+        {lever: round(cost, 2) for lever, cost in measured.items()}
+    assert MEASURED_TOKENS["cpu"] == run["setup"]["seq"]
+    host = ["model.embeddings_on_cpu", "train.offload_activations", "train.optimizer_on_cpu", "train.stream_base"]
+    assert [COSTS[lever].cuda for lever in host] == sorted(COSTS[lever].cuda for lever in host)
+    assert [row.lever for row in TABLE if row.kind == "host traffic"] == host
