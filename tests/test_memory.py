@@ -504,6 +504,24 @@ def test_estimate_counts_the_sliding_window_blocks_on_cpu(measured):
         assert windowed - whole == (tokens * q * 4 + block * (16 + block) * 4 if tokens > 16 else 0), tokens
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_layers_past_the_window_keep_the_joined_outputs_only_where_documents_do_not(pack):
+    """Without checkpointing every layer's saved tensors are counted, the windowed layers' with the blocks' outputs
+    joined into o_proj's input (T q e); a layer attending to the whole row keeps none, unless the row is packed and
+    attends by document (its documents' outputs are joined too). A model with 1 of its 2 layers windowed: less by T q e
+    than both windowed, or the same where packed (counting the copy for those layers there too, mutant W4, survived
+    every test)."""
+    overrides = (*architecture("tiny-mistral"), "--data.max_seq_len=4096", "--train.batch_size=1",
+                 "--train.gradient_checkpointing=false", f"--data.pack={str(pack).lower()}")
+    cfg = tiny(*overrides)
+    arch = load_arch(cfg)
+    assert arch.windowed_layers == arch.layers == 2
+    one = dataclasses.replace(arch, windowed_layers=1)
+    both, mixed = (estimate(cfg, a, "qlora", "cpu").peak_bytes for a in (arch, one))
+    q = arch.heads * arch.head_dim
+    assert both - mixed == (0 if pack else 4096 * q * 4)
+
+
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_partial_rotary_saves_what_the_layer_formula_counts(compute, tmp_path):
     """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor 0.75), the rest passed through and joined by a
