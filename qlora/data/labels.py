@@ -6,6 +6,7 @@ output (instruction) or every token (text) are learned.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from array import array
@@ -213,11 +214,19 @@ def missing_bos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]
     with them already. Every text of such a model's pretraining began so, and llama.cpp begins each prompt so (the
     add_bos_token of an exported GGUF): an instruction or text row without it trained the model on a start it never
     meets."""
+    start = list(_leading_specials(tokenizer))
+    return [] if ids[:len(start)] == start else start
+
+
+@functools.lru_cache(maxsize=8)
+def _leading_specials(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """What the tokenizer adds before a text: a probe tokenised with and without its special tokens. Once per
+    tokenizer, not per row: per row they took an instruction row's tokenisation from 141 to 231 us (SmolLM2's)."""
     probe = "a"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe)["input_ids"]
     at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-    return [] if ids[:at] == full[:at] else full[:at]
+    return tuple(full[:at])
 
 
 def longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
