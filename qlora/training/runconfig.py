@@ -179,9 +179,10 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     run_dir = Path(cfg.output.dir)
     path = run_dir / RUN_CONFIG
     if not path.is_file():  # one that is no file is check_run_dir's to name
-        for ckpt in checkpoint_dirs(run_dir):  # another tool's is named as such, not as a run to restore
+        found = checkpoint_dirs(run_dir)
+        for ckpt in found:  # another tool's is named as such, not as a run to restore
             check_ours(ckpt)
-        if not (path.exists() or path.is_symlink()) and checkpoint_dirs(run_dir):  # a cut-short --overwrite?
+        if not (path.exists() or path.is_symlink()) and found:  # a cut-short --overwrite?
             raise ConfigError(f"{run_dir} holds checkpoints but no {RUN_CONFIG}, so which run they continue cannot be "
                               f"checked: restore {RUN_CONFIG}, or start over with {OVERWRITE_ON_RESUME}")
         return check_all(cfg)
