@@ -82,9 +82,9 @@ def build_tiny(model_type: str, fields: dict, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    config = AutoConfig.for_model(model_type, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **{**TINY_LLAMA, **fields})
+                                  **{"vocab_size": len(tokenizer), **TINY_LLAMA, **fields})
     torch.manual_seed(0)  # the same tiny base on every machine
     AutoModelForCausalLM.from_config(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
