@@ -45,8 +45,8 @@ def test_weights_stored_without_the_base_models_prefix_are_checked_under_it(tmp_
     check_weights(path, "model.path=m")
     save_file({k.removeprefix("model."): v[:, :64].contiguous() if k == "model.embed_tokens.weight" else v
                for k, v in weights.items()}, path / "model.safetensors")
-    with pytest.raises(ConfigError, match=r"config.json makes model.embed_tokens.weight \[259, 128\], but "
-                                          r"model.safetensors holds it as \[259, 64\]"):
+    with pytest.raises(ConfigError, match=r"config.json makes model.embed_tokens.weight \(embed_tokens.weight in "
+                                          r"the file\) \[259, 128\], but model.safetensors holds it as \[259, 64\]"):
         check_weights(path, "model.path=m")
 
 
@@ -107,4 +107,9 @@ def test_a_gpt_neox_checkpoint_passes_under_the_names_transformers_loads_it_by(t
     save_file({**weights, **masks, "gpt_neox.layers.0.attention.scale": torch.tensor(1.0)},
               tmp_path / "model.safetensors")
     with pytest.raises(ConfigError, match=r"holds gpt_neox.layers.0.attention.scale, which the model config.json "):
+        check_weights(tmp_path, "model.path=m")
+    # A line about a renamed tensor names it as the file does too: no embed_out.weight is called lm_head there.
+    save_file({**weights, "embed_out.weight": weights["embed_out.weight"][:32]}, tmp_path / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"config.json makes lm_head.weight \(embed_out.weight in the file\) \[64, "
+                                          r"32\], but model.safetensors holds it as \[32, 32\]"):
         check_weights(tmp_path, "model.path=m")

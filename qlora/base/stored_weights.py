@@ -94,28 +94,35 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
                 expected[f"{module_name}.{name}" if module_name else name] = tuple(buffer.shape)
     stored = stored_shapes(checkpoint_shards(path), what)  # an unreadable index is refused by checkpoint_shards
     check_index(path, stored, what)
-    # The names transformers renames on load, as it does (GPT-NeoX's embed_out.weight is its lm_head.weight).
+    # The names transformers renames on load, as it does (GPT-NeoX's embed_out.weight is its lm_head.weight), each
+    # with the name the file holds it by (`in_file`), which a line below says beside the model's.
+    in_file = {n: n for n in stored}
     for renaming in load_renamings(model):
-        stored = {renaming.rename_source_key(n)[0]: v for n, v in stored.items()}
+        in_file = {renaming.rename_source_key(n)[0]: was for n, was in in_file.items()}
     # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
     # transformers adds on load.
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
-    stored = {prefix + n if prefix + n in expected and n not in expected else n: v for n, v in stored.items()}
+    in_file = {prefix + n if prefix + n in expected and n not in expected else n: was for n, was in in_file.items()}
+    stored = {n: stored[was] for n, was in in_file.items()}
+
+    def held(name: str) -> str:  # "lm_head.weight (embed_out.weight in the file)"
+        return name if in_file[name] == name else f"{name} ({in_file[name]} in the file)"
+
     parameters = dict(model.named_parameters())
     for name, shape in expected.items():
         got, file, dtype = stored.get(name, (shape, "", "F32"))
         if got != shape:
-            raise ConfigError(f"{what}: config.json makes {name} {list(shape)}, but {file} holds it as {list(got)}: "
-                              f"the config and the weights are of different models; {RESTORE}")
+            raise ConfigError(f"{what}: config.json makes {held(name)} {list(shape)}, but {file} holds it as "
+                              f"{list(got)}: the config and the weights are of different models; {RESTORE}")
         # A header that says I32 for a weight's bytes loads them as integers, cast: ~1e9 each, every step then
         # non-finite and blamed on the rows and the learning rate.
         if name in parameters and dtype.startswith("F8"):  # F8_E4M3, F8_E5M2: FP8 releases, scaled by other tensors
-            raise ConfigError(f"{what}: {file} holds the weight {name} as {dtype}, an 8-bit float (an FP8 checkpoint, "
-                              "its weights scaled by tensors qlora does not read): point model.path at the 16-bit "
-                              "(BF16, F16 or F32) weights of the model")
+            raise ConfigError(f"{what}: {file} holds the weight {held(name)} as {dtype}, an 8-bit float (an FP8 "
+                              "checkpoint, its weights scaled by tensors qlora does not read): point model.path at "
+                              "the 16-bit (BF16, F16 or F32) weights of the model")
         if name in parameters and dtype not in FLOATS:
-            raise ConfigError(f"{what}: {file} holds the weight {name} as {dtype}, not floating point: the file is "
-                              "damaged or holds no model's weights; download or build the checkpoint again")
+            raise ConfigError(f"{what}: {file} holds the weight {held(name)} as {dtype}, not floating point: the file "
+                              "is damaged or holds no model's weights; download or build the checkpoint again")
     # Names in a scheme of transformers' own conversions (legacy checkpoints) leave most names on both sides unmatched:
     # the loader maps them. Weights under a config.json of over twice their layers match most of theirs: refused below.
     if 2 * len(expected.keys() & stored.keys()) < min(len(expected), len(stored)):
@@ -129,8 +136,9 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     extra = [n for n in stored if n not in expected and not any(p.search(n) for p in ignored)
              and n not in (model._tied_weights_keys or {})]
     if extra:
-        raise ConfigError(f"{what}: {stored[extra[0]][1]} holds {extra[0]}, which the model config.json describes has "
-                          f"no place for (transformers would drop it, {len(extra)} tensor(s) in all): {RESTORE}")
+        raise ConfigError(f"{what}: {stored[extra[0]][1]} holds {held(extra[0])}, which the model config.json "
+                          f"describes has no place for (transformers would drop it, {len(extra)} tensor(s) in all): "
+                          f"{RESTORE}")
 
 
 def check_linear_layers(model: torch.nn.Module, what: str) -> None:
