@@ -29,7 +29,7 @@ def test_levers_compose(tiny_config: Config, batch: dict) -> None:
     assert offload.offloaded_bytes > 0
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
+REFUSED = [
     (["--train.tile_size=512", "--train.compile=layers"], "torch.compile cannot trace the tiles"),
     (["--train.tile_size=512", "--train.tile_projections=true", "--train.compile=lora"], "inside a compiled adapter"),
     (["--train.tile_size=512", "--quant.method=full"], "train.tile_size is for adapters on a frozen base"),
@@ -60,11 +60,63 @@ def test_levers_compose(tiny_config: Config, batch: dict) -> None:
      "--train.tile_projections=false"),
     (["--train.tile_projections=true", "--train.tile_norms=true", "--train.tile_size=0"],
      "train.tile_projections and train.tile_norms tile by train.tile_size, which is 0"),
-])
+    # compile=lora under FSDP as compile=layers (mutant S14: the rule narrowed to layers survived every test)
+    (["--train.compile=lora", "--train.shard_base=true"], "train.shard_base with train.compile: not supported"),
+    (["--train.reuse_dequant=true", "--train.gradient_checkpointing=false"], "train.reuse_dequant keeps dequantised"),
+    (["--train.reuse_dequant=true", "--train.dequant_once=true"], "train.dequant_once keeps every dequantised"),
+    (["--train.stream_base=true", "--quant.method=lora"], "quant.method=lora loads a 16-bit one"),
+    (["--train.stream_base=true", "--train.dequant_once=true"], "train.stream_base keeps in host memory"),
+    (["--train.stream_base=true", "--train.checkpoint_every=2"], "train.stream_base with train.checkpoint_every"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), REFUSED)
 def test_lever_combinations_that_cannot_work_are_refused(tiny_config: Config, overrides: list[str],
                                                          message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         apply_overrides(tiny_config, overrides)
+
+
+def test_each_fix_a_refusal_names_is_accepted(tiny_config: Config) -> None:
+    """Every --key=value a refusal offers as its fix, applied on top, is taken (mutants S27-S29: a fix naming the
+    wrong value survived every test; tiles with projections under compile=lora named --train.tile_size=0, which
+    train.tile_projections then refused in turn)."""
+    taken = []
+    for overrides, _ in REFUSED:
+        with pytest.raises(ConfigError) as refused:
+            apply_overrides(copy.deepcopy(tiny_config), overrides)
+        for choice in re.split(r",? or ", str(refused.value)):  # "--a=x or --b=y --c=z": two fixes, the second both
+            fix = re.findall(r"--[\w.]+=[^\s,)]+", choice)
+            if not fix:
+                continue
+            try:
+                apply_overrides(copy.deepcopy(tiny_config), [*overrides, *fix])
+            except ConfigError as again:
+                raise AssertionError(f"{overrides} + {fix}, the fix of {refused.value}: {again}") from None
+            taken.append(fix)
+    assert len(taken) >= 20, taken
+
+
+@pytest.mark.parametrize("overrides", [
+    ["--train.offload_activations=true", "--train.offload_budget_gib=4"],  # mutant S2: the budget refused always
+    ["--train.tile_size=512", "--train.compile=lora"],  # mutant S22: tiles without projections in a compiled adapter
+    ["--train.tile_size=512", "--train.tile_projections=true", "--train.compile=layers", "--train.compile=none"],
+    ["--train.checkpoint_every=2", "--train.offload_activations=true", "--train.reuse_dequant=true"],
+    ["--train.stream_base=true", "--train.fuse_lora=true", "--train.compile=layers"],
+])
+def test_lever_combinations_that_work_are_accepted(tiny_config: Config, overrides: list[str]) -> None:
+    apply_overrides(tiny_config, overrides)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_no_lever_acts_on_a_recipe_that_sets_none(tiny_config: Config, device: str) -> None:
+    """Every lever's default leaves the run as it is: on the CPU a default flipped to on changes nothing that the
+    tests measure for most of them (liger, the host optimizer, offload), so it is held here, where the trainer and
+    the estimate ask."""
+    from qlora.levers import LEVERS
+
+    assert [lever.name for lever in LEVERS for method in ("qlora", "lora", "full")
+            if lever.active(tiny_config, method, device)] == []
 
 
 @cuda_only

@@ -37,10 +37,12 @@ def check(cfg: RunConfig) -> None:
     if t.tile_size and t.shard_base:
         raise ConfigError("train.shard_base with train.tile_size: not supported together (the tiles' recompute runs "
                           "outside the decoder layers' FSDP hooks; untested): turn one of them off")
-    if t.tile_size and t.compile == "layers" or t.tile_projections and t.compile == "lora":
-        raise ConfigError(f"train.tile_size: torch.compile cannot trace the tiles inside a compiled "
-                          f"{'layer' if t.compile == 'layers' else 'adapter'}: set --train.compile=none or "
-                          "--train.tile_size=0")
+    if t.tile_size and t.compile == "layers":
+        raise ConfigError("train.tile_size: torch.compile cannot trace the tiles inside a compiled layer: set "
+                          "--train.compile=none or --train.tile_size=0")
+    if t.tile_projections and t.compile == "lora":  # the MLP's tiles hold no adapter's compiled update; q/k/v/o's do
+        raise ConfigError("train.tile_projections: torch.compile cannot trace the tiles inside a compiled adapter: "
+                          "set --train.compile=none or --train.tile_projections=false")
     if t.tile_size and cfg.quant.method == "full":
         raise ConfigError("train.tile_size is for adapters on a frozen base: with quant.method=full each tile "
                           "would add up full-size weight gradients: set --train.tile_size=0 or use qlora/lora")
