@@ -22,6 +22,7 @@ from qlora.config import Config, apply_overrides, load_recipe
 from qlora.data.batches import batch_rows
 from qlora.data.splits import load_splits
 from qlora.levers.tiling.tiles import tile_layers
+from qlora.memory import window
 from qlora.memory.activations import layer_backward, layer_terms
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import compute_bytes, estimate
@@ -536,6 +537,27 @@ def test_layers_past_the_window_keep_the_joined_outputs_only_where_documents_do_
     q = arch.heads * arch.head_dim
     assert both - mixed == (0 if pack else 4096 * q * 4)
 
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_windowed_layer_on_cuda_keeps_k_and_v_repeated_to_every_query_head(device):
+    """tiny-mistral (4 query heads, 2 K/V heads of 32, window 16) at 4,096 tokens in bf16, no checkpointing, 1 of its
+    2 layers windowed against both: a windowed layer keeps the blocks' joined outputs, T q e, and on CUDA K and V
+    repeated to every query head for the R + B = 16 + 256 keys of each block of 256, 2 T e (ceil(q (R + B) / B) - kv)
+    = 2 x 4,096 x 2 x (136 - 64); on the CPU (enable_gqa) none (mutants W6a, W6b: half of it, or none, survived every
+    test). With a K/V head per query head nothing is repeated, and the note says so (W5a, W7a, W7b)."""
+    cfg = tiny(*architecture("tiny-mistral"), "--data.max_seq_len=4096", "--train.batch_size=1",
+               "--quant.compute_dtype=bf16", "--train.gradient_checkpointing=false")
+    arch = load_arch(cfg)
+    assert (arch.heads, arch.kv_heads, arch.head_dim, arch.window, arch.windowed_layers) == (4, 2, 32, 16, 2)
+    both, mixed = (estimate(cfg, a, "qlora", device).phases["loss_backward"]
+                   for a in (arch, dataclasses.replace(arch, windowed_layers=1)))
+    assert both - mixed == 4096 * (128 * 2 + (2 * 2 * (136 - 64) if device == "cuda" else 0))
+    assert ("K and V repeated" in window.note(cfg, arch, device)) == (device == "cuda")
+    heads = dataclasses.replace(arch, kv_heads=arch.heads)
+    assert layer_terms(heads, "qlora", cfg, 2, device).attention == 2 * (2 * 128 + 2 * 128) + 4 * 4
+    assert "K and V repeated" not in window.note(cfg, heads, device)
+    assert ("memory-efficient kernel, not measured on a GPU" in window.note(cfg, heads, device)) == (device == "cuda")
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_partial_rotary_saves_what_the_layer_formula_counts(compute, tmp_path):
