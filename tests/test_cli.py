@@ -24,7 +24,7 @@ def loading_torch(proc: subprocess.Popen, timeout: float = 120) -> None:
     """Until `proc` maps torch's library: its imports have reached torch, and the seconds of them are ahead. A fixed
     sleep of 0.3 s sent the signal before the interpreter had run a line of qlora on a loaded 2-core machine (measured:
     10 of 12 starts still in site or qlora/__init__.py's first imports, ending -15 or in a KeyboardInterrupt
-    traceback), which no command can say a line about."""
+    traceback): the interpreter's own start-up no command can say a line about (its first imports, see below)."""
     deadline = time.monotonic() + timeout
     while b"libtorch_cpu" not in Path(f"/proc/{proc.pid}/maps").read_bytes():
         assert proc.poll() is None and time.monotonic() < deadline, "torch never loaded"
@@ -97,6 +97,23 @@ def test_signal_while_importing_ends_in_one_line(tmp_path: Path, sig: signal.Sig
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stopped by {sig.name}"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_early_handlers_are_installed_ends_in_one_line(sig: signal.Signals) -> None:
+    """The first lines of qlora/__init__.py, as `python -m` runs them, imported logging and qlora.cli before the
+    handler was in place (30-55 ms of a loaded CPU's start-up): a Ctrl-C there was a KeyboardInterrupt traceback, a
+    SIGTERM an exit without a word. The signal comes here as qlora.cli is looked for, at once, from an import hook."""
+    code = ("import os, signal, sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name == 'qlora.cli': os.kill(os.getpid(), {int(sig)})\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            "sys.argv = ['-m', 'recipes/tiny.py']  # as runpy has it while it imports the package\n"
+            "import qlora\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + sig, proc.stderr
+    assert proc.stderr == f"stopped by {sig.name} while starting: nothing was written\n"
 
 
 @pytest.mark.parametrize(("module", "args", "sig"), [
