@@ -178,9 +178,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     bar.close()
 
     # the end: the final evaluation, the adapter, and one memory line (the peak by category, beside the estimate for
-    # the longest micro-batch this run padded to; rank 0's with several processes)
-    # A signal heard while the last checkpoint was written, or during the final evaluation, stops here as it would
-    # after a step: with that checkpoint (written at the last step), exit 130/143, and --resume writes the adapter.
+    # the longest micro-batch this run padded to; rank 0's with several processes). A signal heard until the adapter
+    # is begun stops as after a step, with the last step's checkpoint (exit 130/143; --resume writes the adapter).
     last_checkpoint = run_dir / f"checkpoint-{step}" if step else None
     if ranks.agree_signal(watch):
         raise watch.stopped_by_signal(step, last_checkpoint)
@@ -190,6 +189,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
     final, started = held_out(step, "after training")
     if ranks.agree_signal(watch):
         raise watch.stopped_by_signal(step, last_checkpoint)
+    watch.at(guard.FINAL_SAVE, step)  # a signal from here on lets the run end, done (guard.py)
     ranks.on_main(checkpoint.save_final, model, cfg, run["base_path"], run_dir, step)
     first = progress.first_eval
     if first:
@@ -205,6 +205,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
               f"({since(started)})")
     print(f"adapter written to {run_dir}")
     print(ranks.on_main(profiler.write, run_dir / rundir.MEMORY, cfg, longest or None, ranks.size))
+    Session.ended = 0  # done: a signal as the command unwinds and exits leaves its status 0 (qlora/cli.py)
     return {"before": first, "after": final, "last_step": last}
 
 

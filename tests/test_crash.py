@@ -160,16 +160,18 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(cli, refere
     assert_same_run(out, reference)
 
 
-KILL_IN_FINAL_SAVE = """
+SIGNAL_IN_FINAL_SAVE = """
 import os, signal
 import qlora.training.checkpoint as ckpt
 save_weights = ckpt.save_weights
-def killing_save_weights(model, cfg, base_path, out_dir, *args):
+def signalling_save_weights(model, cfg, base_path, out_dir, *args):
     save_weights(model, cfg, base_path, out_dir, *args)
     if out_dir.name == ".tmp-final":  # the adapter is written, but not yet renamed into place
-        os.kill(os.getpid(), signal.SIGKILL)
-ckpt.save_weights = killing_save_weights
+        for _ in range({times}):
+            os.kill(os.getpid(), signal.{sig})
+ckpt.save_weights = signalling_save_weights
 """
+KILL_IN_FINAL_SAVE = SIGNAL_IN_FINAL_SAVE.format(sig="SIGKILL", times=1)
 
 
 def test_a_kill_while_the_adapter_is_written_leaves_no_half_adapter(cli, reference, tmp_path):
@@ -179,6 +181,37 @@ def test_a_kill_while_the_adapter_is_written_leaves_no_half_adapter(cli, referen
     result = cli.run([*ARGS, f"--output.dir={out}", "--resume"])
     assert result.status == 0, result.stderr
     assert_same_run(out, reference)
+
+
+def test_a_signal_while_the_adapter_is_written_lets_the_finished_run_end_done(cli, reference, tmp_path):
+    """SIGTERM after the final evaluation, as the adapter was written, said "stopping after the step in flight, with a
+    checkpoint" and then the run ended 0, its adapter written: the line was not true. It says now that the run ends
+    done; a second signal stops it at once, with the last step's checkpoint, as the line says."""
+    out, again = tmp_path / "run", tmp_path / "again"
+    result = cli.run([*ARGS, f"--output.dir={out}"], prelude=SIGNAL_IN_FINAL_SAVE.format(sig="SIGTERM", times=1))
+    assert result.status == 0, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "SIGTERM: the run is done but for writing its adapter and memory.json: it ends when they are written, exit 0 "
+        "(SIGTERM again stops at once, and --resume then writes them)"), result.stderr
+    assert f"adapter written to {out}" in result.stdout and (out / "memory.json").is_file()
+    assert_same_run(out, reference)
+    result = cli.run([*ARGS, f"--output.dir={again}"], prelude=SIGNAL_IN_FINAL_SAVE.format(sig="SIGTERM", times=2))
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM; {again}/checkpoint-{STEPS} is intact: "
+                                                      "continue with --resume")
+    assert not (again / "adapter_model.safetensors").exists()  # --resume writes it (as after a kill there, above)
+
+
+def test_a_signal_as_a_finished_run_unwinds_leaves_it_done(cli, tmp_path):
+    """Once the run's watch had put the command's handlers back, a SIGTERM ended the finished run 143 with "stopped by
+    SIGTERM; .../checkpoint-1 is intact: continue with --resume", its adapter and memory.json written."""
+    out = tmp_path / "run"
+    prelude = ("import os, signal\nfrom qlora.training.guard import RunGuard\nexit_ = RunGuard.__exit__\n"
+               "def signalled(self, *args):\n    exit_(self, *args)\n    os.kill(os.getpid(), signal.SIGTERM)\n"
+               "RunGuard.__exit__ = signalled\n")
+    result = cli.run([*ARGS, "--train.steps=1", f"--output.dir={out}"], prelude=prelude)
+    assert result.status == 0 and "stopped" not in result.stderr, result.stderr
+    assert (out / "adapter_model.safetensors").is_file() and (out / "memory.json").is_file()
 
 
 def test_a_kill_between_the_adapters_renames_leaves_no_adapter_config_without_its_weights(tmp_path, monkeypatch):

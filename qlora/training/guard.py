@@ -28,6 +28,10 @@ from qlora.training.loss import eval_stats
 from qlora.training.oom import latest_checkpoint, oom_report, out_of_host_memory
 from qlora.training.rundir import aside_name
 
+# The run's last phase, after its final evaluation: the adapter and memory.json are written, and nothing is left to
+# stop (the last step's checkpoint is written too). A signal then lets the run end, done; a second stops it at once.
+FINAL_SAVE = "saving the adapter"
+
 
 class RunGuard:
     """One run's watch: turns SIGINT/SIGTERM into a flag the loop checks between steps, and an out-of-memory error
@@ -83,9 +87,12 @@ class RunGuard:
             # A step of a large model takes minutes: say at once that the signal was heard. os.write, not print: the
             # handler runs between two bytecodes of the main thread, perhaps inside a print to the same stream.
             name = signal.Signals(signum).name
+            said = f"stopping after the step in flight, with a checkpoint ({name} again stops at once)"
+            if self.phase == FINAL_SAVE:  # it said that, then ended 0 with the adapter written
+                said = (f"the run is done but for writing its adapter and memory.json: it ends when they are written, "
+                        f"exit 0 ({name} again stops at once, and --resume then writes them)")
             with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone: EIO
-                os.write(2, f"\n{name}: stopping after the step in flight, with a checkpoint ({name} again stops at "
-                            "once)\n".encode())
+                os.write(2, f"\n{name}: {said}\n".encode())
 
     def stopped_by_signal(self, step: int, saved: Path | None) -> Stop:
         """The stop for the signal heard. Its ending is decided: a signal met as it unwinds is ignored (qlora/cli.py),
