@@ -154,7 +154,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
         # evaluate
         scheduled_evaluation(step, t.eval_every)
 
-        # save; stop if told to (a signal from here on waits for the next step) or if too many steps were skipped
+        # save; stop if told to (by a signal heard until the checkpoint is written) or if too many steps were skipped
         stop_signal, too_many_bad = ranks.agree_signal(watch), not good and progress.bad_steps > t.max_bad_steps
         if too_many_bad:  # the adapter, not the data, if held-out rows fail too: a checkpoint of it is of no use
             probe = to_device(next(eval_batches(run["eval_rows"], t.batch_size, pad_id)), device)
@@ -165,12 +165,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard, ra
             extra = {"first_eval": progress.first_eval, "bad_steps": progress.bad_steps,
                      "metrics_bytes": metrics.size(), "micro_batch": index, "batch_size": t.batch_size * ranks.size,
                      "rows": [n_rows, len(run["eval_rows"])], "rows_sha256": run["rows_sha256"],
-                     "config_json_sha256": run["config_json_sha256"],
-                     "config": cfg.to_dict(), "optimizer": t.optimizer, "longest": longest,
-                     "memory": profiler.carried(), **ranks.rng_states(),
+                     "config_json_sha256": run["config_json_sha256"], "config": cfg.to_dict(), "optimizer": t.optimizer,
+                     "longest": longest, "memory": profiler.carried(), **ranks.rng_states(),
                      **({"ended_line": logged} if step == t.steps else {})}  # put back by check_kept
             saved = ranks.on_main(checkpoint.save_checkpoint, run_dir, step, model, cfg, run["base_path"], optimizer,
                                   scheduler, extra)
+            stop_signal = stop_signal or ranks.agree_signal(watch)  # heard as it was written: it holds this step
         if too_many_bad:
             raise guard.too_many_bad_steps(step, progress.bad_steps, t.max_bad_steps, where, saved)
         if stop_signal:

@@ -160,18 +160,18 @@ def test_a_half_written_checkpoint_is_never_taken_for_a_complete_one(cli, refere
     assert_same_run(out, reference)
 
 
-SIGNAL_IN_FINAL_SAVE = """
+SIGNAL_IN_SAVE = """
 import os, signal
 import qlora.training.checkpoint as ckpt
 save_weights = ckpt.save_weights
 def signalling_save_weights(model, cfg, base_path, out_dir, *args):
     save_weights(model, cfg, base_path, out_dir, *args)
-    if out_dir.name == ".tmp-final":  # the adapter is written, but not yet renamed into place
+    if out_dir.name == "{folder}":  # the adapter is written, the folder not yet renamed into place
         for _ in range({times}):
             os.kill(os.getpid(), signal.{sig})
 ckpt.save_weights = signalling_save_weights
 """
-KILL_IN_FINAL_SAVE = SIGNAL_IN_FINAL_SAVE.format(sig="SIGKILL", times=1)
+KILL_IN_FINAL_SAVE = SIGNAL_IN_SAVE.format(sig="SIGKILL", times=1, folder=".tmp-final")
 
 
 def test_a_kill_while_the_adapter_is_written_leaves_no_half_adapter(cli, reference, tmp_path):
@@ -187,19 +187,32 @@ def test_a_signal_while_the_adapter_is_written_lets_the_finished_run_end_done(cl
     """SIGTERM after the final evaluation, as the adapter was written, said "stopping after the step in flight, with a
     checkpoint" and then the run ended 0, its adapter written: the line was not true. It says now that the run ends
     done; a second signal stops it at once, with the last step's checkpoint, as the line says."""
-    out, again = tmp_path / "run", tmp_path / "again"
-    result = cli.run([*ARGS, f"--output.dir={out}"], prelude=SIGNAL_IN_FINAL_SAVE.format(sig="SIGTERM", times=1))
+    out, again, final = tmp_path / "run", tmp_path / "again", {"sig": "SIGTERM", "folder": ".tmp-final"}
+    result = cli.run([*ARGS, f"--output.dir={out}"], prelude=SIGNAL_IN_SAVE.format(times=1, **final))
     assert result.status == 0, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "SIGTERM: the run is done but for writing its adapter and memory.json: it ends when they are written, exit 0 "
         "(SIGTERM again stops at once, and --resume then writes them)"), result.stderr
     assert f"adapter written to {out}" in result.stdout and (out / "memory.json").is_file()
     assert_same_run(out, reference)
-    result = cli.run([*ARGS, f"--output.dir={again}"], prelude=SIGNAL_IN_FINAL_SAVE.format(sig="SIGTERM", times=2))
+    result = cli.run([*ARGS, f"--output.dir={again}"], prelude=SIGNAL_IN_SAVE.format(times=2, **final))
     assert result.status == 128 + signal.SIGTERM, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM; {again}/checkpoint-{STEPS} is intact: "
                                                       "continue with --resume")
     assert not (again / "adapter_model.safetensors").exists()  # --resume writes it (as after a kill there, above)
+
+
+def test_a_signal_while_a_checkpoint_is_written_stops_with_it(cli, tmp_path):
+    """SIGTERM as checkpoint-3 was written let the run train step 4 (minutes of a large model, perhaps past a
+    scheduler's grace period) before it stopped with checkpoint-4; that step 3's checkpoint holds the run."""
+    out = tmp_path / "run"
+    result = cli.run([*ARGS, f"--output.dir={out}"],
+                     prelude=SIGNAL_IN_SAVE.format(sig="SIGTERM", times=1, folder=".tmp-checkpoint-3"))
+    assert result.status == 128 + signal.SIGTERM, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"stopped by SIGTERM after step 3; {out}/checkpoint-3 holds it: "
+                                                      "continue with --resume")
+    assert [line["step"] for line in metrics(out) if "loss" in line] == [1, 2, 3]
+    assert list_checkpoints(out)[-1] == out / "checkpoint-3"
 
 
 def test_a_signal_as_a_finished_run_unwinds_leaves_it_done(cli, tmp_path):
