@@ -30,8 +30,8 @@ from qlora.errors import Stop
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
 from qlora.memory.preflight import needs
-from qlora.training.checkpoint import list_checkpoints
-from qlora.training.launch import LauncherWatch, from_env, joined
+from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
+from qlora.training.launch import LauncherWatch, from_env, joined, peer_lost
 from qlora.training.rundir import lock_holder
 
 STEPS = 6
@@ -618,3 +618,26 @@ def test_sigterm_with_dropout_resumes_each_ranks_own_dropout_draws(cli, tmp_path
     results = run_ranks(cli, [*dropout, f"--output.dir={out}", "--resume"])
     assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
     assert_same_run(out, full)
+
+
+def test_only_rank_0_says_the_launcher_is_gone(monkeypatch, capfd):
+    """Every rank's watch sees the launcher gone and each says why the run ends as it ends: the line is rank 0's."""
+    monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(LauncherWatch, "gone", lambda self: True)
+    LauncherWatch(from_env()).say()
+    assert capfd.readouterr().err == ""
+
+
+def test_a_lost_process_names_the_newest_checkpoint_as_the_one_to_resume(tmp_path):
+    """keep_checkpoints=2 leaves two: the line says which one --resume continues from."""
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [f"--output.dir={tmp_path}"])
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in (STATE, OPTIMIZER):
+            (tmp_path / f"checkpoint-{step}" / name).touch()
+    err = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:5: Connection "
+                       "reset by peer. This is a sign of a process that died")
+    assert peer_lost(err, cfg) == (
+        "lost the other processes of this run (Read error [127.0.0.1]:5: Connection reset by peer): one died or hung "
+        f"(train.dist_timeout=600s); {tmp_path / 'checkpoint-4'} is intact: see the other processes' output, then "
+        "continue with --resume")
