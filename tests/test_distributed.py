@@ -641,3 +641,19 @@ def test_a_lost_process_names_the_newest_checkpoint_as_the_one_to_resume(tmp_pat
         "lost the other processes of this run (Read error [127.0.0.1]:5: Connection reset by peer): one died or hung "
         f"(train.dist_timeout=600s); {tmp_path / 'checkpoint-4'} is intact: see the other processes' output, then "
         "continue with --resume")
+
+
+def test_a_launcher_watch_that_first_looks_once_the_run_ended_sends_no_signal(monkeypatch, capfd):
+    """The watch may find the launcher gone on its first look, after the run ended (its thread late to start, or the
+    launcher dying between two looks as joined exits): the same SIGTERM as above would meet the run's ending."""
+    monkeypatch.setattr(LauncherWatch, "gone", lambda self: True)
+    heard = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        watch = LauncherWatch(from_env())
+        watch.end()
+        watch.start().thread.join(timeout=60)
+        assert not watch.thread.is_alive() and heard == [], heard
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capfd.readouterr().err == ""
