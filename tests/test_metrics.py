@@ -44,3 +44,17 @@ def test_a_metrics_file_cut_or_replaced_since_the_checkpoint_is_refused(tmp_path
         check_kept(path, SAVED)
     assert path.read_bytes() == now
 
+
+
+def test_a_checkpoint_before_a_resumes_first_row_counts_the_rows_without_the_line_it_drops(tmp_path):
+    """Resumed past the end of a run of 2 steps, the training line of step 2 goes with the first row written. Saved
+    before that row (no evaluation at step 2, step 3 not logged), checkpoint-3 recorded the line: resumed from it, a
+    run kept a training row at step 2 that a run straight through has not; killed after the row, before checkpoint-4,
+    its resume was refused (the file, the line dropped, held less than checkpoint-3 recorded)."""
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path, ROWS, unlogged=2)
+    assert log.size() == SAVED and path.read_bytes() == ROWS  # the line is there until a row takes its place
+    log.write({"step": 4, "loss": 3.8})
+    log.write({"step": 5, "loss": 3.7})
+    assert path.read_bytes() == ROWS[:SAVED] + b'{"step": 4, "loss": 3.8}\n{"step": 5, "loss": 3.7}\n'
+    assert log.size() == path.stat().st_size
