@@ -415,6 +415,26 @@ def test_bad_input_one_rank_meets_alone_is_said_once_by_rank_0(cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+OOM_ALONE = """
+import qlora.training.step
+import torch
+def out_of_memory(*args, **kwargs):  # rank 1's card full, rank 0's not
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+if os.environ["RANK"] == "1":
+    qlora.training.step.forward_backward = out_of_memory  # qlora.train, run afresh, imports it
+"""
+
+
+def test_out_of_memory_one_rank_meets_alone_is_said_by_that_rank_only(cli, tmp_path):
+    """Rank 1 says its own out-of-memory report (exit 4), and rank 0 that it lost it (exit 6): posted as a bad input
+    is, the report was said twice, by rank 1 and again by rank 0, which ended with exit 4 for a memory it never ran
+    out of."""
+    rank0, rank1 = run_ranks(cli, [*ARGS, *TWO, "--train.steps=2", f"--output.dir={tmp_path / 'run'}"],
+                             prelude=OOM_ALONE)
+    assert (rank0.status, rank1.status) == (6, 4), (rank0.stderr, rank1.stderr)
+    assert rank1.stderr.count("rank 1: ") == 1 and "rank 1: " not in rank0.stderr, (rank0.stderr, rank1.stderr)
+    assert "error: lost the other processes of this run" in rank0.stderr, rank0.stderr
+
 def test_bad_input_rank_0_meets_alone_ends_the_others_in_silence(tmp_path):
     """Under torchrun (whose agent holds the store) rank 0's data file missing on its machine, as ALONE does for
     rank 1: rank 1 said `rank 1: error: lost the other processes of this run ...: one died or hung`, exit 6."""
