@@ -559,6 +559,27 @@ def test_a_windowed_layer_on_cuda_keeps_k_and_v_repeated_to_every_query_head(dev
     assert "K and V repeated" not in window.note(cfg, heads, device)
     assert ("memory-efficient kernel, not measured on a GPU" in window.note(cfg, heads, device)) == (device == "cuda")
 
+@pytest.mark.parametrize(("build", "per_token"), [("tiny-mistral", 704), ("tiny-gemma3", 2256)])
+def test_sdpa_backward_on_cuda_counts_the_blocks_kernel_and_where_some_layers_attend_the_row_the_larger(build,
+                                                                                                      per_token):
+    """At 4,096 tokens in bf16, no checkpointing, the MLP and norms in tiles of 64, SDPA's backward is a layer's peak
+    on CUDA: T (h e + q e + dq dk dv + buffers - (the second norm's h e + o_proj's r e + its input q e)). tiny-mistral
+    (q 128, kv 64, every layer windowed): the blocks run the memory-efficient kernel, whose buffers are a block's, so
+    dq, dk and dv, 2 (128 + 2 x 64), and dq's pieces joined, 2 x 128: 256 + 256 + 512 + 256 - 576 = 704; with
+    FlashAttention-2's buffers (mutant W8: the row's kernel) 1,488. tiny-gemma3 (q 192, kv 96, 1 of 2 layers windowed):
+    its full layer runs flash, whose dk and dv at every query head, fp32 dq and row sums, 2 (2 x 192) + 4 x 192 + 16,
+    outweigh the blocks' 2 x 192: 256 + 384 + 768 + 1,552 - 704 = 2,256; the blocks' alone (W9: the larger of the two
+    dropped or the smaller taken) 1,088."""
+    cfg = tiny(*architecture(build), "--data.max_seq_len=4096", "--train.batch_size=1", "--quant.compute_dtype=bf16",
+               "--train.gradient_checkpointing=false", "--train.tile_size=64", "--train.tile_norms=true",
+               "--model.sdpa_backend=flash")
+    arch = load_arch(cfg)
+    assert (arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.hidden, cfg.lora.r) == \
+        ((128, 64) if build == "tiny-mistral" else (192, 96)) + (128, 32)
+    _, at, formula = layer_backward(arch, "qlora", cfg, 2, "cuda", 4096)
+    assert at == 4096 * per_token and "at the SDPA backward" in formula
+
+
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_partial_rotary_saves_what_the_layer_formula_counts(compute, tmp_path):
     """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor 0.75), the rest passed through and joined by a
