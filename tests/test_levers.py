@@ -119,6 +119,42 @@ def test_no_lever_acts_on_a_recipe_that_sets_none(tiny_config: Config, device: s
             if lever.active(tiny_config, method, device)] == []
 
 
+
+# Every memory lever on, as the memory report estimates one recipe for each method (qlora/report/memory.py): where
+# each acts, the estimate's list names it; CUDA-only levers on CUDA only, frozen-base levers not under full, the NF4
+# head and the streamed base under qlora only.
+EVERY_MEMORY_LEVER = ["--train.offload_activations=true", "--train.checkpoint_every=2", "--train.tile_size=512",
+                      "--train.loss_chunk_size=16", "--train.liger_ce=true", "--train.optimizer_on_cpu=true",
+                      "--quant.quantize_lm_head=true", "--model.embeddings_on_cpu=true"]
+ACTING = {
+    ("qlora", "cuda"): ["offload_activations", "checkpoint_every=2", "tile_size=512", "loss_chunk_size=16", "liger_ce",
+                        "optimizer_on_cpu", "quantize_lm_head", "embeddings_on_cpu"],
+    ("qlora", "cpu"): ["checkpoint_every=2", "tile_size=512", "loss_chunk_size=16", "quantize_lm_head"],
+    ("lora", "cuda"): ["offload_activations", "checkpoint_every=2", "tile_size=512", "loss_chunk_size=16", "liger_ce",
+                       "optimizer_on_cpu", "embeddings_on_cpu"],
+    ("lora", "cpu"): ["checkpoint_every=2", "tile_size=512", "loss_chunk_size=16"],
+    ("full", "cuda"): ["offload_activations", "checkpoint_every=2", "loss_chunk_size=16", "liger_ce",
+                       "optimizer_on_cpu"],
+    ("full", "cpu"): ["checkpoint_every=2", "loss_chunk_size=16"],
+}
+
+
+@pytest.mark.parametrize(("method", "device"), list(ACTING))
+def test_each_memory_lever_acts_for_its_methods_and_devices_only(tiny_config: Config, method: str,
+                                                                 device: str) -> None:
+    """Mutants A6, A8, A10, A11 (quantize_lm_head under lora, liger_ce on the CPU, stream_base under lora, tile_size
+    under full: a lever's method or CUDA-only condition dropped from its `active`) survived every test."""
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+
+    cfg = apply_overrides(copy.deepcopy(tiny_config), EVERY_MEMORY_LEVER)
+    assert [line.split(":")[0] for line in estimate(cfg, load_arch(cfg), method, device).levers] == \
+        ACTING[method, device]
+    streamed = apply_overrides(copy.deepcopy(tiny_config), ["--train.stream_base=true"])
+    assert [line.split(":")[0] for line in estimate(streamed, load_arch(streamed), method, device).levers] == \
+        (["stream_base"] if method == "qlora" else [])
+
+
 @cuda_only
 def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: dict) -> None:
     """Tiles, every-k-th inputs offloaded into exact-size pinned buffers, and the optimizer in host memory, on the

@@ -580,6 +580,16 @@ def test_sdpa_backward_on_cuda_counts_the_blocks_kernel_and_where_some_layers_at
     assert at == 4096 * per_token and "at the SDPA backward" in formula
 
 
+def test_a_tile_as_long_as_the_micro_batch_runs_untiled():
+    """tile_size equal to the micro-batch's tokens is one tile: the modules run as they are, and the estimate counts
+    them so (mutant A12: tiling.tiled's `<` as `<=` counted a tile's working set there)."""
+    plain, one_tile = (tiny("--data.max_seq_len=1024", "--train.batch_size=1", f"--train.tile_size={n}")
+                       for n in (0, 1024))
+    arch = load_arch(plain)
+    assert layer_backward(arch, "qlora", one_tile, 4, "cpu", 1024) == layer_backward(arch, "qlora", plain, 4, "cpu",
+                                                                                      1024)
+
+
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_partial_rotary_saves_what_the_layer_formula_counts(compute, tmp_path):
     """Phi-4-mini rotates 3/4 of each head (partial_rotary_factor 0.75), the rest passed through and joined by a
