@@ -67,6 +67,10 @@ REFUSED = [
     (["--train.stream_base=true", "--quant.method=lora"], "quant.method=lora loads a 16-bit one"),
     (["--train.stream_base=true", "--train.dequant_once=true"], "train.stream_base keeps in host memory"),
     (["--train.stream_base=true", "--train.checkpoint_every=2"], "train.stream_base with train.checkpoint_every"),
+    # quant.method=full as lora (mutants R4, R5: each rule narrowed to lora survived every test)
+    (["--train.stream_base=true", "--quant.method=full"], "quant.method=full loads a 16-bit one"),
+    (["--quant.quantize_lm_head=true", "--quant.method=full"], "quant.quantize_lm_head needs quant.method=qlora (got "
+                                                               "'full')"),
 ]
 
 
