@@ -559,6 +559,7 @@ def test_a_windowed_layer_on_cuda_keeps_k_and_v_repeated_to_every_query_head(dev
     assert "K and V repeated" not in window.note(cfg, heads, device)
     assert ("memory-efficient kernel, not measured on a GPU" in window.note(cfg, heads, device)) == (device == "cuda")
 
+
 @pytest.mark.parametrize(("build", "per_token"), [("tiny-mistral", 704), ("tiny-gemma3", 2256)])
 def test_sdpa_backward_on_cuda_counts_the_blocks_kernel_and_where_some_layers_attend_the_row_the_larger(build,
                                                                                                       per_token):
@@ -578,6 +579,9 @@ def test_sdpa_backward_on_cuda_counts_the_blocks_kernel_and_where_some_layers_at
         ((128, 64) if build == "tiny-mistral" else (192, 96)) + (128, 32)
     _, at, formula = layer_backward(arch, "qlora", cfg, 2, "cuda", 4096)
     assert at == 4096 * per_token and "at the SDPA backward" in formula
+    # The formula names the kernel counted: the blocks' where it is theirs, the full layers' flash where that is larger
+    # (it said "efficient" for tiny-gemma3, whose figure was flash's).
+    assert f"SDPA's gradients and buffers ({'efficient' if build == 'tiny-mistral' else 'flash'})" in formula
 
 
 def test_a_tile_as_long_as_the_micro_batch_runs_untiled():

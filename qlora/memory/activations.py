@@ -239,8 +239,9 @@ def layer_backward(arch: Arch, method: str, cfg: Config, e: int, device: str, T:
     kernel = cuda_kernel(cfg, masked) if device == "cuda" else "cpu"
     grads = sdpa_backward_bytes(arch, e, kernel, by_document(cfg) or masked)
     if masked and arch.windowed_layers < arch.layers:  # Gemma 3's full-attention layers, through the row's kernel
-        grads = max(grads, sdpa_backward_bytes(arch, e, cuda_kernel(cfg) if device == "cuda" else "cpu",
-                                               by_document(cfg)))
+        row_kernel = cuda_kernel(cfg) if device == "cuda" else "cpu"
+        if (row := sdpa_backward_bytes(arch, e, row_kernel, by_document(cfg))) > grads:  # the formula names it
+            grads, kernel = row, row_kernel
     sdpa = -T * done + T * (h * e + q * e + grads)
     scores_fx = ""
     if eager(cfg):
