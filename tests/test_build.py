@@ -4,6 +4,7 @@ config asked; a folder without config.json never taken for a built one, and one 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def test_a_folder_without_config_json_is_refused_with_its_files_kept(tiny_config
     (tmp_path / "tiny" / "tokenizer.json").unlink()
     assert build.ensure_checkpoint(tiny_config) == str(tmp_path / "tiny")
     assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "tiny" / "model.safetensors").is_file()
+    # Every file as open() would make it (0644 under umask 022): the weights were 0600, unreadable to another user
+    # of a shared QLORA_CACHE (or a container of another uid) though its config.json was not.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "tiny").iterdir()}["model.safetensors"] == \
+        0o666 & ~umask
 
 
 @pytest.mark.parametrize("points_at", ["loop", "missing/tiny"])

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from qlora.config import Config
 from qlora.console import announce, since
 from qlora.errors import ConfigError, check_writable
-from qlora.partial import remove_abandoned
+from qlora.partial import ordinary_modes, remove_abandoned
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -133,6 +133,7 @@ def ensure_checkpoint(cfg: Config) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             BUILDERS[cfg.model.build](tmp)
+            ordinary_modes(tmp)  # safetensors writes 0600: another user of a shared QLORA_CACHE could not read it
             if not (target / "config.json").is_file():
                 try:  # onto a missing or empty directory; another process's checkpoint there stays
                     os.replace(tmp, target)
