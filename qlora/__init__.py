@@ -5,15 +5,15 @@ import signal
 import sys
 
 if sys.argv[:1] == ["-m"]:  # `python -m qlora.<command>`: runpy imports this package before the command's imports
-    # Ctrl-C and SIGTERM are held (blocked) from this first line until the command's handlers are in place, then
-    # delivered to them: a Ctrl-C while qlora.cli was imported, or logging before it, was a KeyboardInterrupt
+    # Ctrl-C, SIGTERM and SIGHUP are held (blocked) from this first line until the command's handlers are in place,
+    # then delivered to them: a Ctrl-C while qlora.cli was imported, or logging before it, was a KeyboardInterrupt
     # traceback, and a SIGTERM ended the process without a word (measured: 30-55 ms of a loaded CPU's start-up).
     # Before this line only the interpreter's own start-up (its site module) is exposed.
-    _held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     try:
         from qlora.cli import catch_early_signals
 
-        catch_early_signals()  # a Ctrl-C or SIGTERM while torch loads ends in one line, not a traceback
+        catch_early_signals()  # a Ctrl-C, SIGTERM or SIGHUP while torch loads ends in one line
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, _held)
 

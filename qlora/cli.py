@@ -5,7 +5,7 @@ Of several processes of one run (torchrun sets RANK), rank 0 speaks for all: an 
 prints once; one that befell a single process (it lost the others, ran out of memory) prints there, after its rank.
 
 Every `python -m qlora.<command>` calls `run(main)`; `--debug` anywhere on its command line shows the traceback
-instead of the line. A Ctrl-C or SIGTERM that arrives while Python is still importing torch ends in one line too:
+instead of the line. A Ctrl-C, SIGTERM or SIGHUP that arrives while Python still imports torch ends in one line too:
 `qlora/__init__.py` calls `catch_early_signals()` as such a command starts. argparse's own errors are one line with
 exit 2 as well (`ArgumentParser`). A closed stdout (`... | head`) ends the command quietly.
 
@@ -16,6 +16,7 @@ else is loaded (and `python -m qlora.config` must find qlora.config not yet impo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -69,14 +70,21 @@ class NotedStore(argparse._StoreAction):
 # A command process (`python -m qlora.<command>`) whose command has ended, its status decided, while the interpreter
 # shuts down: nothing is left to stop, and "while starting: nothing was written" would no longer be true. A SIGTERM
 # (torchrun stopping what is left of a run whose other process failed) is ignored, so the status stays the one
-# decided: SIG_IGN also outlives the shutdown, which resets Python's own handlers to the default. Ctrl-C ends it
-# silently.
-ENDED = {signal.SIGTERM: signal.SIG_IGN, signal.SIGINT: signal.SIG_DFL}
+# decided: SIG_IGN also outlives the shutdown, which resets Python's own handlers to the default; a SIGHUP alike.
+# Ctrl-C ends it silently.
+ENDED = {signal.SIGTERM: signal.SIG_IGN, signal.SIGHUP: signal.SIG_IGN, signal.SIGINT: signal.SIG_DFL}
+
+
+def stopping_signals() -> list[int]:
+    """The signals a command ends for with one line: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed, an ssh session
+    lost) unless ignored (`nohup`). Uncaught, a SIGHUP while the base loaded ended the process without a word."""
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 class SignalInterrupt(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM outside the training loop's own handling, raised as a KeyboardInterrupt (so every cleanup
-    that runs for Ctrl-C runs for SIGTERM too)."""
+    """Ctrl-C, SIGTERM or SIGHUP outside the training loop's own handling, raised as a KeyboardInterrupt (so every
+    cleanup that runs for Ctrl-C runs for the others too)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -105,7 +113,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
         return 128 + signum
     Session.intact = Session.ended = None
     replaced = {}  # from here on a signal is raised, so that what a command started can be cleaned up
-    for sig in (signal.SIGINT, signal.SIGTERM):  # SIG_DFL: SIGTERM would end the process without a word
+    for sig in stopping_signals():  # SIG_DFL: SIGTERM or SIGHUP would end the process without a word
         if signal.getsignal(sig) in (signal.SIG_DFL, exit_while_starting):
             replaced[sig] = signal.signal(sig, raise_signal_interrupt)
     try:
@@ -158,7 +166,8 @@ def exit_while_starting(signum: int, frame: object) -> None:
     at once. Raising instead can abort the interpreter: an exception thrown through torch's C++ while it imports
     ends in "terminate called after throwing an instance of 'pybind11::error_already_set'" and SIGABRT."""
     if (line := said_while_starting(signum, running_command() == RANKED)) is not None:
-        os.write(2, f"{line}\n".encode())
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal is gone: EIO; the status says it
+            os.write(2, f"{line}\n".encode())
     os._exit(128 + signum)
 
 
@@ -174,9 +183,9 @@ def _early_excepthook(kind: type[BaseException], err: BaseException, tb: object)
 
 
 def catch_early_signals() -> None:
-    """From the first import of a command on, Ctrl-C and SIGTERM end it with one line (with --debug, by raising:
-    the traceback shows where the imports were)."""
+    """From the first import of a command on, Ctrl-C, SIGTERM and SIGHUP end it with one line (with --debug, by
+    raising: the traceback shows where the imports were)."""
     handler = raise_signal_interrupt if "--debug" in sys.argv else exit_while_starting
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in stopping_signals():
+        signal.signal(sig, handler)
     sys.excepthook = _early_excepthook

@@ -7,8 +7,8 @@
     4      out of memory; the last checkpoint is kept, the message says what would fit
     5      a file could not be written (disk full); the message names what is intact
     6      several processes: another one died or hung; the newest checkpoint is intact (qlora/training/launch.py)
-    128+N  stopped by signal N: 130 for Ctrl-C (SIGINT), 143 for SIGTERM; in training 129 for SIGHUP (the terminal
-           closed) and 141 for SIGPIPE (stdout's reader gone), each with a checkpoint
+    128+N  stopped by signal N: 130 for Ctrl-C (SIGINT), 143 for SIGTERM, 129 for SIGHUP (the terminal closed; not
+           under nohup), and in training 141 for SIGPIPE (stdout's reader gone); in training each with a checkpoint
 
 A file or directory the command cannot use (permission denied, a read-only disk, a directory where a file should be,
 or the other way round) is bad input too (2), whichever command met it. Every module may import this one: it imports

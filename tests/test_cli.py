@@ -82,10 +82,11 @@ def test_config_command_bad_override_is_one_line() -> None:
     assert proc.stderr.strip().splitlines() == ["error: --train.lr=fast: expected float, e.g. --train.lr=1"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 @pytest.mark.parametrize("delay", [0, 0.7])
 def test_signal_while_importing_ends_in_one_line(tmp_path: Path, sig: signal.Signals, delay: float) -> None:
-    """Ctrl-C or SIGTERM while torch and transformers still load: no traceback, nothing written, 128 + signal."""
+    """Ctrl-C, SIGTERM or SIGHUP while torch and transformers still load: no traceback, nothing written, 128 + signal.
+    A SIGHUP (an ssh session lost while the base loaded) ended the process without a word: killed by it, status -1."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={out}"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -99,7 +100,7 @@ def test_signal_while_importing_ends_in_one_line(tmp_path: Path, sig: signal.Sig
     assert not out.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_before_the_early_handlers_are_installed_ends_in_one_line(sig: signal.Signals) -> None:
     """The first lines of qlora/__init__.py, as `python -m` runs them, imported logging and qlora.cli before the
     handler was in place (30-55 ms of a loaded CPU's start-up): a Ctrl-C there was a KeyboardInterrupt traceback, a

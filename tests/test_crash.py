@@ -830,9 +830,9 @@ def interrupt(cli, argv: list[str], prelude: str, marker: Path, sig: int):
     return cli.wait(pid)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_while_the_model_loads_ends_in_one_line(cli, tmp_path, sig):
-    """SIGTERM while loading once ended the process without a word."""
+    """SIGTERM while loading once ended the process without a word; SIGHUP (an ssh session lost) did until h69."""
     out = tmp_path / "run"
     slow_load = slowed("transformers:AutoModelForCausalLM.from_pretrained", 60)
     result = interrupt(cli, [*ARGS, f"--output.dir={out}"], slow_load, tmp_path / "loading", sig)

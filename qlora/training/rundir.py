@@ -242,10 +242,11 @@ def aside_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held back until the block ends, then delivered as they would have been."""
+    """Ctrl-C, SIGTERM and SIGHUP (unless ignored: `nohup`) held back until the block ends, then delivered as they
+    would have been."""
     heard: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: heard.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    held = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, lambda signum, frame: heard.append(signum)) for sig in held}
     try:
         yield
     finally:
@@ -260,7 +261,7 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
     what `check_run_dir` saw (`seen`), clear a replaced run, set damaged checkpoints aside, remove this code's own
     leftovers, record the config."""
     try:
-        # Ctrl-C or SIGTERM in here would leave half of a replaced run: they wait for the new run_config.json.
+        # Ctrl-C, SIGTERM or SIGHUP in here would leave half of a replaced run: they wait for the new run_config.json.
         with deferred_signals():
             run_dir.mkdir(parents=True, exist_ok=True)
             _lock(run_dir)
