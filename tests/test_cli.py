@@ -198,12 +198,15 @@ def test_a_signal_a_library_swallowed_while_importing_still_stops_the_command(ca
     assert main(["recipes/tiny.py"]) == 0  # the next command in this process starts afresh
 
 
-def test_a_sigterm_after_the_command_ended_keeps_its_status_and_says_nothing():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_after_the_command_ended_keeps_its_status_and_says_nothing(sig: signal.Signals) -> None:
     """torchrun stops what is left of a run whose other process died with SIGTERM, as the survivor shuts down having
     said which checkpoint is intact: it ended -15 (the interpreter's shutdown resets Python's handlers), or 143 under
-    "while starting: nothing was written" (`run` put exit_while_starting back). The status stays the command's."""
+    "while starting: nothing was written" (`run` put exit_while_starting back). The status stays the command's.
+    A Ctrl-C there ended a finished training run -2 without a word (a shell's 130): measured 2.5 s between its last
+    line and its exit on a loaded 2-core CPU, the adapter and memory.json written."""
     code = ("import os, signal, sys; sys.argv = ['-m']; import qlora; from qlora.cli import run; "
-            "status = run(lambda argv: 6, []); os.kill(os.getpid(), signal.SIGTERM); "
-            "import atexit; atexit.register(os.kill, os.getpid(), signal.SIGTERM); sys.exit(status)")
+            f"status = run(lambda argv: 6, []); os.kill(os.getpid(), {int(sig)}); "
+            f"import atexit; atexit.register(os.kill, os.getpid(), {int(sig)}); sys.exit(status)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 6 and proc.stderr == "", proc.stderr
