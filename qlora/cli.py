@@ -30,6 +30,7 @@ from qlora.errors import (
     interrupting_signal,
     line_of_this_rank,
     repeated_notes,
+    stopping_signals,
 )
 
 
@@ -74,13 +75,6 @@ class NotedStore(argparse._StoreAction):
 # SIG_DFL a Ctrl-C in the 2.5 s between a finished run's last line and its exit (a loaded 2-core CPU) ended it -2, 130
 # in a shell, without a word: a `train && merge` script stopped at a run that was done.
 ENDED = {signal.SIGTERM: signal.SIG_IGN, signal.SIGHUP: signal.SIG_IGN, signal.SIGINT: signal.SIG_IGN}
-
-
-def stopping_signals() -> list[int]:
-    """The signals a command ends for with one line: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed, an ssh session
-    lost) unless ignored (`nohup`). Uncaught, a SIGHUP while the base loaded ended the process without a word."""
-    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 class SignalInterrupt(KeyboardInterrupt):

@@ -54,6 +54,13 @@ class Stop(Exception):
         self.code = code
 
 
+def stopping_signals() -> list[int]:
+    """The signals a command ends for with one line: Ctrl-C, SIGTERM, and SIGHUP (its terminal closed, an ssh session
+    lost) unless ignored (`nohup`). Uncaught, a SIGHUP while the base loaded ended the process without a word."""
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
+
+
 class Session:
     """What the command has reached, for the line it ends with: what of its run is intact (set by a command once it
     has a run directory whose checkpoints may be), the signal that is ending it, if one is, and the exit status its

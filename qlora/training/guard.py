@@ -22,7 +22,7 @@ import torch
 from qlora.adapters.lora import lora_layers
 from qlora.config import Config
 from qlora.data.batches import batch_rows
-from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop
+from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop, stopping_signals
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.loss import eval_stats
 from qlora.training.oom import latest_checkpoint, oom_report, out_of_host_memory
@@ -71,9 +71,8 @@ class RunGuard:
         if self._stdout is None:
             self._stdout, sys.stdout = sys.stdout, WatchedStdout(sys.stdout, self)
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._on_signal)
+            for sig in stopping_signals():
+                self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def release_signals(self) -> None:
         for sig, handler in self._previous.items():

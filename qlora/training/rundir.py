@@ -26,7 +26,7 @@ from pathlib import Path
 from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config, read_config_json
-from qlora.errors import ROOM_FIX, ConfigError, check_writable, start_over
+from qlora.errors import ROOM_FIX, ConfigError, check_writable, start_over, stopping_signals
 from qlora.partial import name_output, write_aside
 from qlora.training.checkpoint import (
     FULL_WEIGHTS,
@@ -245,8 +245,7 @@ def deferred_signals() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP (unless ignored: `nohup`) held back until the block ends, then delivered as they
     would have been."""
     heard: list[int] = []
-    held = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {sig: signal.signal(sig, lambda signum, frame: heard.append(signum)) for sig in held}
+    previous = {sig: signal.signal(sig, lambda signum, frame: heard.append(signum)) for sig in stopping_signals()}
     try:
         yield
     finally:
