@@ -12,8 +12,9 @@ gives every layer's E[x^2] and E[g^2] (a vector each: the memory of the measurem
 then each layer's 16-bit weight is read from the checkpoint, one at a time, for W - Q.
 
 Layers are kept greedily by cost per extra byte until the budget is spent. On SmolLM2-135M one MLP output projection
-(layer 11's down_proj, which carries the model's massive activations) holds ~94% of the estimated cost; a weight-only
-criterion (relative rounding error) ranks it nowhere near the top.
+(layer 11's down_proj, which carries the model's massive activations) holds ~91% of the estimated cost
+(benchmarks/results/keep-16bit-cpu-smollm2.md); a weight-only criterion (relative rounding error) ranks it nowhere
+near the top.
 """
 
 from __future__ import annotations
