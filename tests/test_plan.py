@@ -492,3 +492,17 @@ def test_the_cost_tables_cpu_column_is_the_committed_measurement_and_host_traffi
     host = ["model.embeddings_on_cpu", "train.offload_activations", "train.optimizer_on_cpu", "train.stream_base"]
     assert [COSTS[lever].cuda for lever in host] == sorted(COSTS[lever].cuda for lever in host)
     assert [row.lever for row in TABLE if row.kind == "host traffic"] == host
+
+
+def test_the_longest_context_max_context_finds_is_planned_not_said_to_fit_nowhere() -> None:
+    """The 70B recipe on 80 GiB with 128 GiB of host: `--max-context` says 177,152 tokens train with every second
+    layer input kept. The plan at that length once said no combination of levers fits: its quick check switched every
+    memory lever on, the streamed base too, whose rules keep every layer input, and so it never tried a replay."""
+    from qlora.memory.context import max_context
+    from qlora.memory.preflight import fits
+
+    tokens, _, _ = max_context(recipe("llama70b"), 80 * GIB, 128 * GIB)
+    assert tokens == 177_152
+    plan = choose(recipe("llama70b", f"--data.max_seq_len={tokens}"), "cuda", 80 * GIB, 128 * GIB)
+    assert plan is not None and plan.estimate.checkpoints.every == 2
+    assert not plan.settings["train.stream_base"] and fits(plan.estimate, 80 * GIB, 128 * GIB)

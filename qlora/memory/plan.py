@@ -30,6 +30,7 @@ import torch
 
 from qlora.config import Config, apply_overrides, override_key
 from qlora.errors import ConfigError
+from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.memory.arch import BadConfigValue, load_arch
 from qlora.memory.candidates import (
     BATCH,
@@ -93,11 +94,14 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
     if why is not None:
         left[BATCH.lever] = why
     # Where even every memory lever on, the smallest micro-batch and the fewest layer inputs kept do not fit, nothing
-    # does: said at once.
-    frugal = with_settings(cfg, {**{row.lever: value for row, value in options if row.kind != "kernels"},
-                                 **shaped(cfg, min(shapes))})
-    if frugal is not None and frugal.train.gradient_checkpointing:
-        least = min((e for _, e, _ in checkpoint_plans(frugal, arch, device, host_bytes, gpus)),
+    # does: said at once. A streamed base keeps every layer input (its rules refuse checkpoint_every > 1), so with it
+    # on the fewest inputs kept are not the fewest: the same without it is the other bound (the 70B recipe at 177,152
+    # tokens on 80 GiB was "no combination fits", where checkpoint_every=2 without streaming fits).
+    memory = {row.lever: value for row, value in options if row.kind != "kernels"}
+    bounds = [memory] + ([{**memory, STREAM_BASE.name: False}] if memory.get(STREAM_BASE.name) else [])
+    frugal = [f for f in (with_settings(cfg, {**m, **shaped(cfg, min(shapes))}) for m in bounds) if f is not None]
+    if frugal and all(f.train.gradient_checkpointing for f in frugal):
+        least = min((e for f in frugal for _, e, _ in checkpoint_plans(f, arch, device, host_bytes, gpus)),
                     key=lambda e: e.card_bytes, default=None)
         if least is not None and needs(least)[0] > card_bytes:
             return None
