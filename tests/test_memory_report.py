@@ -115,6 +115,21 @@ def test_the_command_draws_the_report_against_the_card_and_methods_named(capsys)
     assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu" and device_slug("none") == "none"
 
 
+def test_the_plan_for_a_card_named_keeps_a_lever_the_command_line_sets(capsys):
+    """`--gpu-gib N` shows train.plan=fastest's choice "as qlora.train would there", and qlora.train keeps a lever set
+    on its command line: the 70B recipe on 24 GiB with --train.stream_base=false was shown streaming its base (the
+    plan's choice), where the run keeps it in place, finds no plan and is refused."""
+    from qlora.report.memory import main
+
+    args = ["recipes/llama70b.py", "--methods=qlora", "--gpu-gib", "24", "--json"]
+    assert main(args) == 0
+    assert "--train.stream_base=true" in json.loads(capsys.readouterr().out)["plan"]["chose"]
+    assert main([*args, "--train.stream_base=false"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    qlora = r["methods"]["qlora"]
+    assert r["plan"]["chose"] is None and not qlora["fits"] and not qlora.get("streamed")
+
+
 def test_a_cpu_report_names_the_tokenised_rows_measured_and_not_estimated():
     """A CPU peak is host memory, the tokenised rows part of it (the profiler names them, qlora/data/tokens.py); the
     report gives them a row of their own, measured only: no estimate is made before the data is read. A report

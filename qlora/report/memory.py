@@ -250,8 +250,9 @@ def _main(argv: list[str]) -> int:
 def card_plan(cfg: Config, cli: Cli, card: tuple[int, str]) -> dict:
     """train.plan=fastest for --gpu-gib's card and --host-gib's host, as qlora.train would choose it there (with
     several processes the host is not counted, as there): its levers set on `cfg`, and what it chose and why."""
-    from qlora.memory.plan import plan_for
+    from qlora.memory.plan import keep_overridden, plan_for
 
+    keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
     host = int(cli.host_gib * GIB) if cli.gpus == 1 else None
     chosen, lines = plan_for(cfg, "cuda", *card, host, cli.gpus)
     return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
