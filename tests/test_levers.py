@@ -123,6 +123,23 @@ def test_no_lever_acts_on_a_recipe_that_sets_none(tiny_config: Config, device: s
             if lever.active(tiny_config, method, device)] == []
 
 
+def test_start_up_names_the_speed_levers_before_the_base_loads(tiny_config: Config, capsys) -> None:
+    """A speed lever changes how the step computes, yet its `effect` was read by a test only: start-up said
+    `train.fuse_lora on 14 adapters` once the base had loaded, and nothing for a lever that finds nothing to act on.
+    A recipe with none prints as before; one that does nothing on this method or device (fuse_lora under full,
+    liger_kernels on the CPU) is not named."""
+    from qlora.levers.speed.settings import DEQUANT_ONCE, FUSE_LORA
+
+    speed = ["--train.dequant_once=true", "--train.fuse_lora=true", "--train.liger_kernels=true"]
+    build(tiny_config, *speed)
+    lines = capsys.readouterr().out.splitlines()
+    said = "; ".join(lever.effect(tiny_config, "qlora") for lever in (DEQUANT_ONCE, FUSE_LORA))
+    assert lines[0] == f"speed levers: {said}" and lines[1].startswith("loading "), lines
+    for overrides in ([], [*speed, "--quant.method=full"]):
+        build(tiny_config, *overrides)
+        assert "speed levers" not in capsys.readouterr().out, overrides
+
+
 
 # Every memory lever on, as the memory report estimates one recipe for each method (qlora/report/memory.py): where
 # each acts, the estimate's list names it; CUDA-only levers on CUDA only, frozen-base levers not under full, the NF4

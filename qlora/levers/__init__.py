@@ -57,6 +57,12 @@ FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
+def in_effect(cfg: RunConfig, method: str, device: str, kind: str) -> list[str]:
+    """What each lever of `kind` (memory or speed) does where it acts for `method` on `device`, as its `effect` says
+    it: the estimate's lever list (memory) and the trainer's start-up line (speed)."""
+    return [lever.effect(cfg, method) for lever in LEVERS if lever.kind == kind and lever.active(cfg, method, device)]
+
+
 def check_levers(cfg: RunConfig) -> None:
     """Every lever's rules across sections (qlora.config.Config runs them once its sections are set)."""
     for lever in LEVERS:

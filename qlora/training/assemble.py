@@ -28,6 +28,7 @@ from qlora.data.splits import load_splits, read_splits, training_rows_at_most
 from qlora.data.tokens import held_bytes, held_line
 from qlora.errors import ConfigError
 from qlora.levers import apply as levers
+from qlora.levers import in_effect
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import available_bytes
@@ -82,6 +83,8 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
     if dtype == torch.float16 and device.type == "cuda":
         raise ConfigError(FP16_ON_CUDA)
     use_kernel(cfg, device)
+    if speed := in_effect(cfg, cfg.quant.method, device.type, "speed"):  # said before a load of minutes
+        print("speed levers: " + "; ".join(speed))
     model, tokenizer, base_path = load_model(cfg, device, place=ranks.base_place(cfg))
     if profiler is not None:
         profiler.watch(model)
