@@ -28,6 +28,7 @@ from qlora.adapters.lora import ADAPTER_WEIGHTS
 from qlora.config import Config, config_from_dict, load_recipe, resolve_paths
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
+from qlora.training.assemble import read_run_config
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
 from qlora.training.progress import same_rows
 from qlora.training.runconfig import resume_config
@@ -229,7 +230,7 @@ def test_a_synthetic_config_is_checked_by_its_content_not_its_path(tmp_path):
     """For a synthetic base the content decides, not the path: the sha256 a checkpoint records, or for one written
     before that, the file at the old path; with neither there, it cannot be checked, and says so. run_config.json
     pointed at a copy (a moved resume cut short before its checkpoint) is taken by qlora.eval's check and --resume
-    alike; one pointed at another content, or the file edited where it lies, is refused."""
+    alike; one pointed at another content, or the file edited where it lies, is refused by both."""
     from qlora.training.runconfig import check_recorded
 
     cfg, first, copied, other = config_run(tmp_path, synthetic=True)
@@ -264,6 +265,10 @@ def test_a_synthetic_config_is_checked_by_its_content_not_its_path(tmp_path):
     with pytest.raises(ConfigError, match=rf"^model.config_json={copied} holds another config.json than the run's, "
                                           r"edited since \(its sha256 differs\)"):
         resume_config(cfg, [])
+    # eval, generate, merge and export read the run through read_run_config: they drew another base from the edit
+    with pytest.raises(ConfigError, match=rf"^model.config_json={copied} holds another config.json than the run's, "
+                                          r"edited since \(its sha256 differs\)"):
+        read_run_config(tmp_path)
 
 
 def test_rows_without_a_fingerprint_are_checked_by_their_counts_and_said(capsys):
