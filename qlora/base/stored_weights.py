@@ -49,16 +49,19 @@ def stored_shapes(shards: list[Path], what: str) -> dict[str, tuple[tuple[int, .
     return shapes
 
 
-def load_renamings(model: torch.nn.Module) -> list:
-    """The renamings transformers applies to a checkpoint's names as it loads `model` (never the converters that fuse
-    or split tensors), in its order. Each renaming's own rename_source_key: transformers 5.17, the GPU image's, has no
-    apply_renamings. Empty where a transformers keeps no such list."""
+def load_renamings(model: torch.nn.Module) -> tuple[list, bool]:
+    """The renamings transformers applies to a checkpoint's names as it loads `model`, in its order, and whether it
+    converts more than names (converters that fuse or split tensors, prefix changes), which the check does not replay.
+    Each renaming's own rename_source_key: transformers 5.17, the GPU image's, has no apply_renamings. ([], False)
+    where a transformers keeps no such list."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
     except ImportError:
-        return []
-    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        return [], False
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    return renamings, len(renamings) < len(mapping)
 
 
 def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> None:
@@ -97,7 +100,8 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
     # The names transformers renames on load, as it does (GPT-NeoX's embed_out.weight is its lm_head.weight), each
     # with the name the file holds it by (`in_file`), which a line below says beside the model's.
     in_file = {n: n for n in stored}
-    for renaming in load_renamings(model):
+    renamings, converts = load_renamings(model)
+    for renaming in renamings:
         in_file = {renaming.rename_source_key(n)[0]: was for n, was in in_file.items()}
     # Some checkpoints store the base model's weights without its prefix (`h.0...` for `transformer.h.0...`), which
     # transformers adds on load.
@@ -125,8 +129,15 @@ def check_weights(path: Path, what: str, trust_remote_code: bool = False) -> Non
                               "is damaged or holds no model's weights; download or build the checkpoint again")
     # Names in a scheme of transformers' own conversions (legacy checkpoints) leave most names on both sides unmatched:
     # the loader maps them. Weights under a config.json of over twice their layers match most of theirs: refused below.
+    # A model the loader only renames for (Llama) has no other scheme: a Llama in Meta's own names (tok_embeddings,
+    # layers.0.attention.wq) passed here, loaded as random weights and ended in a bitsandbytes AssertionError.
     if 2 * len(expected.keys() & stored.keys()) < min(len(expected), len(stored)):
-        return
+        if converts:
+            return
+        theirs, ours = (next(n for n in a if n not in b) for a, b in ((stored, expected), (expected, stored)))
+        raise ConfigError(f"{what}: most tensors of its safetensors files are named otherwise than transformers loads "
+                          f"{type(model).__name__} by ({held(theirs)} where it expects {ours}): the weights are in "
+                          "another format; use the model's Hugging Face (transformers) checkpoint")
     ignored = [re.compile(p) for p in (model._keys_to_ignore_on_load_missing or [])]
     missing = [n for n in expected if n not in stored and not any(p.search(n) for p in ignored)]
     if missing:
