@@ -44,7 +44,8 @@ def resolve_device(name: str, asked: str = "train.device=cuda", fix: str = "use 
 
 
 def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
-    """bf16 on CUDA; fp32 on CPU, where a bf16 matmul is ~40x slower (1024x576x1536: 152 ms vs 23 ms forward)."""
+    """bf16 on CUDA; fp32 on CPU, where a bf16 matmul is 18-66x slower (1024x576x1536 under load:
+    benchmarks/results/bf16-matmul-cpu.md)."""
     if quant.compute_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[quant.compute_dtype]

@@ -85,7 +85,8 @@ class QuantConfig(*FIELDS["quant"]):
     double_quant: bool = True
     """Quantise the quantisation constants too: 0.37 bits/param saved (QLoRA paper, sec. 3)."""
     compute_dtype: str = "auto"
-    """auto: bf16 on CUDA, fp32 on CPU (a bf16 matmul is ~40x slower than fp32 on our CPUs)."""
+    """auto: bf16 on CUDA, fp32 on CPU (a bf16 matmul is 18-66x slower than fp32 on our CPUs:
+    benchmarks/results/bf16-matmul-cpu.md)."""
     blocksize: int = 64
     """Weights per 4-bit block, each with its own scale (absmax): 64 as in the QLoRA paper and transformers' load.
     32 rounds each weight against a scale fitted to fewer neighbours, for 1/8 bit more per parameter with double
