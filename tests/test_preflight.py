@@ -17,7 +17,7 @@ from qlora.config import apply_overrides, load_recipe
 from qlora.errors import ConfigError
 from qlora.memory.arch import load_arch
 from qlora.memory.estimate import estimate
-from qlora.memory.preflight import check_fits, fits, needs
+from qlora.memory.preflight import check_fits, fits, needs, process_margin, say_fits
 from qlora.memory.readings import available_bytes
 from qlora.train import main  # before fake_gpu: bitsandbytes picks its backend at import
 
@@ -252,3 +252,27 @@ def test_the_host_part_leaves_out_the_processs_own_allowance() -> None:
     assert check_fits(cfg, torch.device("cuda"), device_bytes=est.card_bytes, host_bytes=kept) is not None
     with pytest.raises(ConfigError, match=rf"the plan keeps {kept / GIB:.2f} GiB in host memory"):
         check_fits(cfg, torch.device("cuda"), device_bytes=est.card_bytes, host_bytes=kept - 1)
+
+
+def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loading(
+        fake_gpu: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The 8B recipe on an 80 GiB card: one line, before anything loads, of what the step is estimated to hold on the
+    card (with the allocator's margin) and in host memory, and the memory levers that bring it there, as the
+    estimate counts them; on a CPU device the process's share beside the tensors is named."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=80 * GIB, name="an 80 GiB card"))
+    cfg = load_recipe(ROOT / "recipes" / "llama8b.py")
+    est = say_fits(cfg, torch.device("cuda"))
+    card, host = needs(est)
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"the step is estimated at {card / GIB:.2f} GiB with the allocator's margin and an 80 GiB "
+                           f"card has 80.00 GiB; {host / GIB:.2f} GiB in host memory, "), line
+    assert line.endswith("; memory levers: offload_activations, tile_size=4096 with tile_projections and tile_norms, "
+                         "loss_chunk_size=1024, embeddings_on_cpu"), line
+    tiny = load_recipe(ROOT / "recipes" / "tiny.py")
+    est = say_fits(tiny, torch.device("cpu"))
+    line, = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"the step is estimated at {needs(est)[0] / GIB:.2f} GiB ({process_margin(est) / GIB:.2f} "
+                           "of it the process's libraries and malloc's free lists beside the tensors) and this host "
+                           "has "), line
+    assert "levers" not in line  # the tiny recipe sets none

@@ -168,6 +168,27 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     raise ConfigError(f"{shape}: {need} (python -m qlora.memory RECIPE estimates it, nothing loaded): {fix}")
 
 
+def say_fits(cfg: Config, device: torch.device, gpus: int = 1) -> Estimate | None:
+    """check_fits, then one line of what the step is estimated to hold against what it has, and the memory levers
+    that bring it there: before the base loads (minutes for 70B), the numbers the run's own memory line later sets
+    against the measured peak. Nothing where the estimator does not know the architecture."""
+    est = check_fits(cfg, device, gpus)
+    if est is None:
+        return None
+    card, host = needs(est)
+    have, where = room(device)
+    margin = " with the allocator's margin" if est.margin else \
+        f" ({process_margin(est) / GIB:.2f} of it the process's libraries and malloc's free lists beside the tensors)" \
+        if est.device == "cpu" else ""
+    line = f"the step is estimated at {card / GIB:.2f} GiB{margin} and {where}"
+    if est.device == "cuda" and host > 0:
+        line += f"; {host / GIB:.2f} GiB in host memory, {available_bytes() / GIB:.2f} GiB available"
+    if levers := [said.split(":")[0] for said in est.levers]:
+        line += "; memory levers: " + ", ".join(levers)
+    print(line)
+    return est
+
+
 def cpu_instead(cfg: Config) -> str:
     """The fix for a recipe that asks for a GPU where none is visible: the CPU where the step fits the host's
     available memory, else a machine with a GPU. The refusal sent every recipe to --train.device=cpu, a 70B one too,
