@@ -80,8 +80,9 @@ MEMORY = RecipeCommand(
            "--gpu-gib LIST": "the card sizes --max-context tries, in GiB (default 24,48,80); without it, the one "
                              "card the report is drawn against, and a recipe's train.plan=fastest chooses its levers "
                              "for it as qlora.train would there",
-           "--host-gib N": "the host memory --max-context, or the plan for --gpu-gib's card, may use, in GiB "
-                           "(default 128)",
+           "--host-gib N": "the host's memory in GiB (default 128), for --max-context and for the plan for "
+                           "--gpu-gib's card alike: 6 GiB of it the process's and the OS's, the rest what the plan "
+                           "may keep there",
            "--debug": "show an error's traceback instead of its one line"})
 
 CONFIG = RecipeCommand(

@@ -912,6 +912,7 @@ def test_the_memory_tool_shows_the_plan_the_trainer_would_choose_for_a_card_name
     levers is the least it needs, and --gpu-gib N shows the plan a run on that card takes, as qlora.train chooses it
     (qlora/memory/plan.py, plan_for), with every method estimated with it; train.plan_gib caps it there too."""
     from qlora.memory.plan import plan_for
+    from qlora.memory.preflight import available_on
     from qlora.report.memory import main
 
     assert main(["recipes/llama8b.py", "--methods=qlora"]) == 0
@@ -922,7 +923,9 @@ def test_the_memory_tool_shows_the_plan_the_trainer_would_choose_for_a_card_name
         out = capsys.readouterr()
         report = json.loads(out.out)
         cfg = llama("llama8b", *extra)
-        plan, lines = plan_for(cfg, "cuda", 80 * 2**30, "a card of 80 GiB (--gpu-gib)", 64 * 2**30)
+        # --host-gib=64 is the host's size: the trainer there finds it less the process's and the OS's available
+        plan, lines = plan_for(cfg, "cuda", 80 * 2**30, "a card of 80 GiB (--gpu-gib), a host of 64 GiB (--host-gib)",
+                               available_on(64 * 2**30))
         assert report["plan"]["chose"] == cfg.train.plan_chose and report["plan"]["lines"] == lines
         assert plan.estimate.card_bytes <= card * 2**30 and out.err.startswith(lines[0])
         qlora = report["methods"]["qlora"]

@@ -276,3 +276,22 @@ def test_the_assumptions_say_what_the_estimate_counts_for_the_settings_given():
     assert assumptions(on_card, "full", "bf16", "cuda")[0].endswith("8-bit moments; no fp32 master copy (as "
                                                                     "qlora.train runs it: mixed-precision trainers "
                                                                     "that keep one add 4 bytes per parameter)")
+
+
+def test_the_plan_for_a_card_and_host_named_agrees_with_max_context_there(capsys):
+    """--host-gib is one machine's size for --max-context and the plan alike (qlora.train weighs the memory it finds
+    available, the host less the process's and the OS's allowance). At 177,152 tokens, the 70B recipe's longest on
+    80 GiB with 128 GiB of host, the plan took --host-gib as available, 6 GiB more: 40 layer inputs on the host where
+    --max-context keeps 39 and 1 on the card."""
+    from qlora.memory.context import fit_context
+    from qlora.report.memory import main
+
+    fit = fit_context(load_recipe(ROOT / "recipes/llama70b.py"), 80 * GIB, 128 * GIB)
+    assert fit.tokens == 177_152
+    args = ["recipes/llama70b.py", "--methods=qlora", "--gpu-gib", "80", "--host-gib", "128", "--json"]
+    assert main([*args, f"--data.max_seq_len={fit.tokens}"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    qlora = r["methods"]["qlora"]
+    assert qlora["checkpoints"] == fit.estimate.checkpoints.describe() and qlora["fits"]
+    assert qlora["host_bytes"] == fit.estimate.host_bytes
+    assert "--train.checkpoint_every=2" in fit.overrides and "--train.checkpoint_every=2" in r["plan"]["chose"]

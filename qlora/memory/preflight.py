@@ -27,6 +27,7 @@ from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, BadConfigValue, load_arch
 from qlora.memory.estimate import Estimate, estimate
 from qlora.memory.readings import available_bytes
+from qlora.memory.terms import HOST_RUNTIME
 
 GIB = 2**30
 STEP = 64  # the suggested lengths are multiples of this
@@ -63,6 +64,13 @@ def needs(est: Estimate) -> tuple[int, int]:
     process_margin), and on CUDA what its plan keeps in host memory beside the process's own allowance (which the
     available memory already excludes)."""
     return est.card_bytes + process_margin(est), est.host_bytes - est.host.get("runtime", 0)
+
+
+def available_on(host_bytes: int) -> int:
+    """The host memory the trainer finds available before loading (MemAvailable, what `needs` and the plan weigh) on
+    a host of `host_bytes` (--host-gib: a machine's size, as --max-context and the estimate's host total count it):
+    the host less the estimate's allowance for the process itself and the OS (HOST_RUNTIME)."""
+    return host_bytes - HOST_RUNTIME
 
 
 def divisors(rows: int, most: int | None = None) -> list[int]:

@@ -251,10 +251,14 @@ def card_plan(cfg: Config, cli: Cli, card: tuple[int, str]) -> dict:
     """train.plan=fastest for --gpu-gib's card and --host-gib's host, as qlora.train would choose it there (with
     several processes the host is not counted, as there): its levers set on `cfg`, and what it chose and why."""
     from qlora.memory.plan import keep_overridden, plan_for
+    from qlora.memory.preflight import available_on
 
     keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
-    host = int(cli.host_gib * GIB) if cli.gpus == 1 else None
-    chosen, lines = plan_for(cfg, "cuda", *card, host, cli.gpus)
+    # qlora.train weighs the memory it finds available, the host less what the process and the OS hold: --host-gib
+    # taken as available was 6 GiB more than --max-context's host (40 layer inputs offloaded where it said 39).
+    host = available_on(int(cli.host_gib * GIB)) if cli.gpus == 1 else None
+    where = card[1] + (f", a host of {cli.host_gib:g} GiB (--host-gib)" if host is not None else "")
+    chosen, lines = plan_for(cfg, "cuda", card[0], where, host, cli.gpus)
     return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
             "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
 
