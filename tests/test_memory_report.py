@@ -295,3 +295,27 @@ def test_the_plan_for_a_card_and_host_named_agrees_with_max_context_there(capsys
     assert qlora["checkpoints"] == fit.estimate.checkpoints.describe() and qlora["fits"]
     assert qlora["host_bytes"] == fit.estimate.host_bytes
     assert "--train.checkpoint_every=2" in fit.overrides and "--train.checkpoint_every=2" in r["plan"]["chose"]
+
+
+def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys):
+    """With --gpu-gib and --host-gib the report's "fits" is the trainer's check before loading (preflight.check_fits):
+    the card and the host. The 70B recipe's own levers at 131,072 tokens keep every layer input on the host, 171 GiB
+    against a host of 128: the card takes the step, qlora.train refuses it in one line, and the report said it fits."""
+    import torch
+
+    from qlora.errors import ConfigError
+    from qlora.memory.preflight import available_on, check_fits
+    from qlora.report.memory import main
+
+    args = ["recipes/llama70b.py", "--methods=qlora", "--gpu-gib", "80", "--host-gib", "128", "--json",
+            "--data.max_seq_len=131072", "--train.plan=recipe", "--train.plan_batch=false"]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    qlora = json.loads(out.out)["methods"]["qlora"]
+    assert qlora["host_bytes"] > 128 * GIB and not qlora["fits"]
+    assert "[does not fit the host of 128.00 GiB]" in out.err
+    cfg = apply_overrides(load_recipe(ROOT / args[0]), args[7:])
+    with pytest.raises(ConfigError, match="host memory"):
+        check_fits(cfg, torch.device("cuda"), device_bytes=80 * GIB, host_bytes=available_on(128 * GIB))
+    assert main([*args[:5], "200", *args[6:]]) == 0  # a host that holds it: fits
+    assert json.loads(capsys.readouterr().out)["methods"]["qlora"]["fits"]

@@ -20,6 +20,7 @@ from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
+from qlora.memory.preflight import available_on, needs
 from qlora.memory.readings import available_bytes, meminfo_bytes
 
 GIB = 2**30
@@ -98,8 +99,9 @@ def settings(cfg: Config, device: str) -> dict:
 
 
 def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str], methods: list[str],
-                 measure: bool, gpus: int = 1, card: tuple[int, str] | None = None) -> dict:
-    """The report's dict; `card` (bytes, label): the CUDA card to draw it against, named rather than found."""
+                 measure: bool, gpus: int = 1, card: tuple[int, str] | None = None, host: int | None = None) -> dict:
+    """The report's dict; `card` (bytes, label): the CUDA card to draw it against, named rather than found; `host`
+    (bytes, --host-gib's machine): the host a step's host side must fit too, as qlora.train checks before loading."""
     device = "cuda" if card is not None else target_device(cfg)
     arch = load_arch(cfg)
     total, total_label = card or device_memory(device)
@@ -114,7 +116,7 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
     for method in methods:
         mcfg, extra = method_config(cfg, method)
         est = estimate(mcfg, arch, method, device)
-        entry = estimate_entry(est, total)
+        entry = estimate_entry(est, total, host)
         if measure:
             entry.update(measure_entry(recipe, overrides + extra, est, device))
             if "measured_device" in entry:
@@ -124,6 +126,8 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
         report["methods"][method] = entry
     if gpus > 1:
         report["gpus"] = gpus
+    if host is not None:
+        report["host_memory_bytes"] = host
     if measure:
         from qlora.report.measure import CPU_DEFINITION
 
@@ -154,10 +158,14 @@ def arch_dict(arch: Arch) -> dict:
             "params": arch.params, "linear_params": arch.linear_params}
 
 
-def estimate_entry(est: Estimate, device_total: int) -> dict:
+def estimate_entry(est: Estimate, device_total: int, host: int | None = None) -> dict:
+    """One estimate's entry; `fits`: the card holds the step and (unless `host` is None) the host of `host` bytes
+    holds what it keeps there, the trainer's check before loading (preflight.check_fits) on such a machine."""
+    host_fits = None if host is None else needs(est)[1] <= available_on(host)
     return {"estimated_peak_bytes": est.peak_bytes, "measured_peak_bytes": None, "error": None,
             "allocator_margin_bytes": est.margin, "allocator_margin_formula": est.margin_formula,
-            "fits": est.card_bytes <= device_total, "components": est.components, "formulas": est.formulas,
+            "fits": est.card_bytes <= device_total and host_fits is not False, "host_fits": host_fits,
+            "components": est.components, "formulas": est.formulas,
             "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions,
             "levers": est.levers, "checkpoints": est.checkpoints.describe() if est.checkpoints else None,
             "host_bytes": est.host_bytes, "host": est.host, "host_formulas": est.host_formulas,

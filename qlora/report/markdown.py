@@ -19,7 +19,20 @@ def _verdict(entry: dict, report: dict) -> str:
     if entry["fits"]:
         return "fits"
     card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0)  # what `fits` weighed
-    return f"**does not fit** ({gib(card)} > {gib(report['device_memory_bytes'])} GiB)"
+    over = [f"{gib(card)} > {gib(report['device_memory_bytes'])} GiB"] if card > report["device_memory_bytes"] else []
+    if entry.get("host_fits") is False:
+        over.append(f"host {gib(entry['host_bytes'])} > {gib(report['host_memory_bytes'])} GiB")
+    return f"**does not fit** ({'; '.join(over)})"
+
+
+def _mark(entry: dict, report: dict) -> str:
+    """The summary's mark: none where the step fits, else what it does not fit (the host named)."""
+    if entry["fits"]:
+        return ""
+    if entry.get("host_fits") is not False:
+        return " [does not fit]"
+    card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0) > report["device_memory_bytes"]
+    return f" [does not fit {'the card nor ' if card else ''}the host of {gib(report['host_memory_bytes'])} GiB]"
 
 
 def model_name(model: str) -> str:
@@ -39,8 +52,7 @@ def summary_lines(report: dict) -> list[str]:
         margin = e.get("allocator_margin_bytes") or 0
         card = f", {gib(e['estimated_peak_bytes'] + margin)} GiB with the allocator's margin" if margin else ""
         out.append(f"  {method:5s} estimated {gib(e['estimated_peak_bytes'])} GiB "
-                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){card}{host}{vs}"
-                   f"{'' if e['fits'] else ' [does not fit]'}")
+                   f"({e['estimated_peak_bytes'] / 1e9:,.1f} GB){card}{host}{vs}{_mark(e, report)}")
         if e.get("streamed"):
             out.append(f"        base streamed: {e['streamed']}")
         if "per_gpu" in e:

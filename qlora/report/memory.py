@@ -221,14 +221,14 @@ def _main(argv: list[str]) -> int:
     refuse_untrainable(cfg, "cuda" if sized else target_device(cfg))
     if cli.max_context:
         return max_context_main(cli, argv, cfg)
-    card, plan = None, None
+    card, plan, host = None, None, None
     if cli.card_gib is not None:
         card = (int(cli.card_gib * GIB), f"a card of {cli.card_gib:g} GiB (--gpu-gib)")
+        host = int(cli.host_gib * GIB) if cli.gpus == 1 else None  # several processes share it: not counted
         if cfg.train.plan == "fastest":
-            plan = card_plan(cfg, cli, card)
-    report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus, card)
-    if plan is not None:
-        report["plan"] = plan
+            plan = card_plan(cfg, cli, card, host)
+    report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus, card, host)
+    report.update({"plan": plan} if plan is not None else {})
     if cli.as_json:
         print(json.dumps(report, indent=2))
     from qlora.report.markdown import summary_lines
@@ -247,18 +247,16 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def card_plan(cfg: Config, cli: Cli, card: tuple[int, str]) -> dict:
-    """train.plan=fastest for --gpu-gib's card and --host-gib's host, as qlora.train would choose it there (with
-    several processes the host is not counted, as there): its levers set on `cfg`, and what it chose and why."""
+def card_plan(cfg: Config, cli: Cli, card: tuple[int, str], host: int | None) -> dict:
+    """train.plan=fastest for --gpu-gib's card and --host-gib's host of `host` bytes, as qlora.train would choose it
+    there, given what it would find available (None: several processes, the host not counted, as there): its levers
+    set on `cfg`, what it chose and why."""
     from qlora.memory.plan import keep_overridden, plan_for
     from qlora.memory.preflight import available_on
 
     keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
-    # qlora.train weighs the memory it finds available, the host less what the process and the OS hold: --host-gib
-    # taken as available was 6 GiB more than --max-context's host (40 layer inputs offloaded where it said 39).
-    host = available_on(int(cli.host_gib * GIB)) if cli.gpus == 1 else None
     where = card[1] + (f", a host of {cli.host_gib:g} GiB (--host-gib)" if host is not None else "")
-    chosen, lines = plan_for(cfg, "cuda", card[0], where, host, cli.gpus)
+    chosen, lines = plan_for(cfg, "cuda", card[0], where, None if host is None else available_on(host), cli.gpus)
     return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
             "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
 
@@ -288,8 +286,7 @@ def max_context_main(cli: Cli, argv: list[str], cfg: Config) -> int:
 
     report = context_report(cfg, cli.gpu_gib, cli.host_gib)
     report.update(recipe=cli.rest[0], command="python -m qlora.memory " + shlex.join(argv),
-                  date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                  versions=versions())
+                  date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), versions=versions())
     written = None
     if cli.out_dir is not None:
         stem = f"{Path(cli.rest[0]).stem}-max-context"

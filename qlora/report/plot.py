@@ -39,7 +39,8 @@ def _bars(report: dict) -> list[dict]:
         e = report["methods"][method]
         margin = e.get("allocator_margin_bytes") or 0  # what the card holds beside the peak, as measured bars show
         bars.append({"method": method, "kind": "estimated", "parts": {**e["components"], "allocator_cache": margin},
-                     "total": e["estimated_peak_bytes"] + margin, "fits": e["fits"]})
+                     "total": e["estimated_peak_bytes"] + margin,  # the card's bar: the card alone, not the host
+                     "fits": e["estimated_peak_bytes"] + margin <= report["device_memory_bytes"]})
         if e.get("measured_peak_bytes"):
             bars.append({"method": method, "kind": "measured", "parts": e["measured_components"],
                          "total": e["measured_peak_bytes"], "fits": True, "error": e["error"]})
