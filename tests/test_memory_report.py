@@ -319,3 +319,27 @@ def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys)
         check_fits(cfg, torch.device("cuda"), device_bytes=80 * GIB, host_bytes=available_on(128 * GIB))
     assert main([*args[:5], "200", *args[6:]]) == 0  # a host that holds it: fits
     assert json.loads(capsys.readouterr().out)["methods"]["qlora"]["fits"]
+
+
+def test_the_plan_keeps_an_offload_budget_the_command_line_sets(capsys):
+    """qlora.train keeps a lever set on its command line (plan.keep_overridden): --train.offload_budget_gib was not
+    among them, so the plan for 80 GiB and a host of 140 estimated every layer input it keeps on the host (119.56 GiB
+    there) and then set the user's budget, which offloads 39 of the 40: the summary, and the run, 116.86 GiB."""
+    from qlora.report.memory import main
+
+    budget = "--train.offload_budget_gib=105.421875"
+    assert main(["recipes/llama70b.py", "--methods=qlora", "--gpu-gib", "80", "--host-gib", "140", "--json",
+                 "--data.max_seq_len=177152", budget]) == 0
+    r = json.loads(capsys.readouterr().out)
+    qlora = r["methods"]["qlora"]
+    assert f"{qlora['host_bytes'] / GIB:.2f} GiB in host memory" in r["plan"]["lines"][0] and qlora["fits"]
+    assert not any(o.startswith("--train.offload_budget_gib=") for o in r["plan"]["chose"])
+    assert "  as set: train.offload_budget_gib=105.421875 (train.plan_keep)" in r["plan"]["lines"]
+    assert r["settings"]["offload_budget_gib"] == 105.421875
+    # A recipe's budget (not kept: the plan's to set) is set as the estimate had it: none, every input on the host.
+    from qlora.memory.plan import plan_for
+    from qlora.memory.preflight import available_on
+
+    cfg = apply_overrides(load_recipe(ROOT / "recipes/llama70b.py"), ["--data.max_seq_len=177152", budget])
+    plan, _ = plan_for(cfg, "cuda", 80 * GIB, "a card of 80 GiB", available_on(140 * GIB))
+    assert estimate(cfg, load_arch(cfg), "qlora", "cuda").host_bytes == plan.estimate.host_bytes

@@ -37,6 +37,7 @@ OFFLOAD = COSTS["train.offload_activations"]
 BATCH = COSTS["train.batch_size"]
 SHAPE = ("train.batch_size", "train.grad_accum")
 TILE_SWITCHES = ("train.tile_size", "train.tile_projections", "train.tile_norms")
+BUDGET = "train.offload_budget_gib"  # chosen with the checkpoint plan, unless train.plan_keep keeps it as set
 
 
 def get(cfg: Config, key: str) -> object:
@@ -94,6 +95,8 @@ def choices(cfg: Config, device: str, gpus: int = 1) -> tuple[list[tuple[LeverCo
             continue  # costs time and saves no memory: never chosen
         else:
             out.append((row, on_value(cfg, row)))
+    if BUDGET in keep:
+        left[BUDGET] = "train.plan_keep"
     return out, left
 
 
@@ -150,10 +153,10 @@ def checkpoint_plans(cfg: Config, arch: Arch, device: str, host_bytes: int | Non
                      ) -> Iterator[tuple[Config, Estimate, float]]:
     """Where the layer inputs wait, fewest replayed layers first: (config, estimate, its added cost)."""
     tokens = cfg.data.max_seq_len
-    if device == "cuda" and gpus == 1 and EVERY.lever not in cfg.train.plan_keep:
+    if device == "cuda" and gpus == 1 and not {EVERY.lever, BUDGET} & set(cfg.train.plan_keep):
         candidates = ((p, e) for p, e in plans(cfg, arch, tokens, None if host_bytes is None
                                                else host_bytes + HOST_RUNTIME))
-    else:  # a CPU device offloads nothing; several processes keep the recipe's placement
+    else:  # a CPU device offloads nothing; several processes keep the recipe's placement, a budget kept its own
         kept = gpus > 1 or EVERY.lever in cfg.train.plan_keep
         # A streamed base keeps every layer input (its rules refuse checkpoint_every > 1), as context.plans has it.
         streamed = STREAM_BASE.active(cfg, cfg.quant.method, device)

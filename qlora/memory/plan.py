@@ -13,8 +13,9 @@ What the plan may choose, and what it leaves alone:
 - a lever "on" is the recipe's setting (loss_chunk_size=256, say), or the table's where the recipe leaves the lever
   at its default; a lever "off" is its default (gradient_checkpointing: false). So a recipe lists the memory levers
   its smallest card needs (the memory tools read them as they stand) and the trainer drops those this card does not;
-- a lever in train.plan_keep stays as set (qlora.train adds every lever set on its command line), and so does one
-  the table has no figure for on this device (no speed lever is chosen on CUDA before a GPU measured it);
+- a lever in train.plan_keep stays as set (qlora.train adds every lever set on its command line, and
+  train.offload_budget_gib, which the checkpoint plan sets otherwise), and so does one the table has no figure for on
+  this device (no speed lever is chosen on CUDA before a GPU measured it);
 - levers that change the numbers (quant.quantize_lm_head, the 8-bit optimizer) are the recipe's: not in the table.
 
 The batch shape, where the recipe leaves it to the plan (train.plan_batch), is chosen beside the levers: candidates.py
@@ -34,6 +35,7 @@ from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.memory.arch import BadConfigValue, load_arch
 from qlora.memory.candidates import (
     BATCH,
+    BUDGET,
     OFFLOAD,
     SHAPE,
     batch_cost,
@@ -110,8 +112,8 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
         on = [option for option, s in zip(options, switches, strict=True) if s]
         settings = {row.lever: value if s else off(row.lever)
                     for (row, value), s in zip(options, switches, strict=True)}
-        if settings.get(OFFLOAD.lever) is False:
-            settings["train.offload_budget_gib"] = 0.0  # a budget limits offloading: none without it
+        if settings.get(OFFLOAD.lever) is False and BUDGET not in cfg.train.plan_keep:
+            settings[BUDGET] = 0.0  # a budget limits offloading: none without it
         combos.append((settings, on))
     scored = []
     for (settings, on), b in itertools.product(combos, shapes):
@@ -135,11 +137,12 @@ def choose(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gp
         if hit is not None and (best is None or cost + hit[2] < best.cost):
             plan, est, extra = hit
             cp = est.checkpoints
-            # A budget only where the host cannot take every kept input (as `--max-context` says it).
-            budget = plan.train.offload_budget_gib if cp is not None and cp.offload and cp.on_device else \
-                (candidate.train.offload_budget_gib if candidate.train.offload_activations else 0.0)
-            chosen = {**settings, "train.checkpoint_every": plan.train.checkpoint_every,
-                      "train.offload_budget_gib": budget}
+            chosen = {**settings, "train.checkpoint_every": plan.train.checkpoint_every}
+            if BUDGET not in cfg.train.plan_keep:  # one kept bounded the estimate as set (checkpoint_plans)
+                # A budget only where the host cannot take every kept input (as `--max-context` says it): otherwise
+                # none, as the estimate had it (a recipe's, kept, put inputs on the card the estimate had offloaded).
+                chosen[BUDGET] = plan.train.offload_budget_gib if cp is not None and cp.offload and cp.on_device \
+                    else 0.0
             best = Plan(chosen, cost + extra, est, [row for row, _ in options], left)
     return best
 
@@ -192,7 +195,8 @@ def unplanned(cfg: Config, overrides: list[str]) -> None:
 def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     """A lever set on the command line stays as set: add it to train.plan_keep."""
     keys = [override_key(item) for item in overrides]
-    cfg.train.plan_keep += [key for key in keys if (key in COSTS or key in SHAPE) and key not in cfg.train.plan_keep]
+    ours = [key for key in keys if key in COSTS or key in SHAPE or key == BUDGET]
+    cfg.train.plan_keep += [key for key in dict.fromkeys(ours) if key not in cfg.train.plan_keep]
 
 
 def use_plan(cfg: Config, device: torch.device, gpus: int = 1, card: tuple[int, str] | None = None) -> Plan | None:
