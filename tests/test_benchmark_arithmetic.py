@@ -19,6 +19,7 @@ from qlora.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks are scripts, not a package
+import merge_fidelity  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -219,3 +220,19 @@ def test_estimate_against_measurement_rows_print_the_estimates_error_signed(tmp_
     levers.log.put("lever baseline seq 128", {"ok": True, "peak_gib": 1.0}, 1.0)
     levers.log.put("lever offload seq 128", {"ok": True, "peak_gib": 0.75}, 1.0)
     assert "| offload_activations (ours, async) | 0.750 | -0.250 |" in memory_levers.report(levers)
+
+
+def test_rounding_loss_counts_entries_left_at_w0_and_the_share_of_the_update_lost() -> None:
+    """W0 = 1.0 on the bf16 grid, whose step above 1 is 2^-7 = 0.0078125. Half the entries move 0.001 (under half a
+    step: nearest rounding hands back W0), half a whole step (kept exactly). Lost: 1 - sum u x kept / sum u^2 =
+    1 - 0.0078125^2 / (0.001^2 + 0.0078125^2) = 0.001^2 / (0.001^2 + 0.0078125^2)."""
+    w0 = torch.ones(1000)
+    exact = w0 + torch.tensor([0.001, 0.0078125]).repeat(500)
+    unchanged, carried, total = merge_fidelity.rounding_loss(w0, exact, exact.to(torch.bfloat16))
+    assert unchanged == 500
+    assert 1 - carried / total == pytest.approx(0.001**2 / (0.001**2 + 0.0078125**2), rel=1e-4)
+    w0 = torch.ones(100_000)
+    small = w0 + 0.001  # stochastic rounding keeps the update in expectation: 1 - E[kept] / u = 0
+    unchanged, carried, total = merge_fidelity.rounding_loss(w0, small, merge_fidelity.round_stochastic(
+        small, torch.bfloat16, seed=0))
+    assert 1 - carried / total == pytest.approx(0, abs=0.01) and 86_500 < unchanged < 88_000  # 1 - 0.128
