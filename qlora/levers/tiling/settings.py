@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from qlora.errors import ConfigError
 from qlora.levers.lever import Lever, LeverFields, RunConfig
 
+# The smallest tile allowed. Each tile runs its module once more (dequantising its NF4 weights again), so the step's
+# time grows with the count of tiles: the tiny recipe's step (8 rows, 480 tokens, one thread) took 5.0x the untiled
+# one at 16 tokens, 9.2x at 8, 20x at 4, 24x at 3 and 81x at 1 (docs/memory.md), while a 16-token tile's
+# intermediates are under 3 MB even for Llama-70B (gate, up and act: 3 x 16 x 28,672 x 2 bytes in bf16), so a
+# smaller tile saves almost nothing more.
+MIN_TILE = 16
+
 
 @dataclass
 class TilingFields(LeverFields):
@@ -25,6 +32,10 @@ class TilingFields(LeverFields):
     def check_fields(self) -> None:
         if self.tile_size < 0:
             raise ConfigError(f"train.tile_size={self.tile_size} must not be negative, e.g. --train.tile_size=0")
+        if 0 < self.tile_size < MIN_TILE:
+            raise ConfigError(f"train.tile_size={self.tile_size}: a tile under {MIN_TILE} tokens multiplies a step's "
+                              f"time (81x at 1 token on the tiny recipe) for almost no memory: set "
+                              f"--train.tile_size={MIN_TILE} or more (the recipes use 4096), or 0 for no tiles")
         switches = [name for name in ("tile_projections", "tile_norms") if getattr(self, name)]
         if switches and not self.tile_size:  # both named at once: --train.tile_size=0 on a recipe with both on
             raise ConfigError(f"{' and '.join(f'train.{n}' for n in switches)} tile{'s' if len(switches) == 1 else ''}"
