@@ -176,6 +176,26 @@ def test_each_memory_lever_acts_for_its_methods_and_devices_only(tiny_config: Co
         (["stream_base"] if method == "qlora" else [])
 
 
+@pytest.mark.parametrize("lever", ["dequant_once", "reuse_dequant"])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_estimate_names_the_speed_levers_whose_memory_it_counts(tiny_config: Config, lever: str,
+                                                                    device: str) -> None:
+    """train.dequant_once (every 16-bit copy kept) and train.reuse_dequant (a layer's) change the estimate's figure
+    under qlora, yet its lever list named memory levers only: a report with either read as if the recipe set none.
+    Named where they change the figure, marked as speed levers; a speed lever that holds nothing (fuse_lora) and
+    either one under lora (no NF4 weight) are not."""
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+
+    cfg = apply_overrides(copy.deepcopy(tiny_config), [f"--train.{lever}=true", "--train.fuse_lora=true"])
+    arch = load_arch(cfg)
+    on, off = estimate(cfg, arch, "qlora", device), estimate(tiny_config, arch, "qlora", device)
+    assert sum(on.components.values()) != sum(off.components.values())
+    assert [line.split(":")[0] for line in on.levers] == [lever]
+    assert on.levers[0].endswith("(a speed lever: the memory it holds is counted)")
+    assert estimate(cfg, arch, "lora", device).levers == []
+
+
 @cuda_only
 def test_issue13_levers_on_cuda_keep_loss_and_grads(tiny_config: Config, batch: dict) -> None:
     """Tiles, every-k-th inputs offloaded into exact-size pinned buffers, and the optimizer in host memory, on the

@@ -63,6 +63,14 @@ def in_effect(cfg: RunConfig, method: str, device: str, kind: str) -> list[str]:
     return [lever.effect(cfg, method) for lever in LEVERS if lever.kind == kind and lever.active(cfg, method, device)]
 
 
+def counted(cfg: RunConfig, method: str, device: str) -> list[str]:
+    """The levers whose memory the estimate counts where they act: every memory lever, then the speed levers that
+    hold memory (`Lever.holds_memory`), each as its `effect` says it, a speed lever marked as one."""
+    return in_effect(cfg, method, device, "memory") + \
+        [f"{lever.effect(cfg, method)} (a speed lever: the memory it holds is counted)" for lever in LEVERS
+         if lever.kind == "speed" and lever.holds_memory and lever.active(cfg, method, device)]
+
+
 def check_levers(cfg: RunConfig) -> None:
     """Every lever's rules across sections (qlora.config.Config runs them once its sections are set)."""
     for lever in LEVERS:

@@ -38,3 +38,6 @@ class Lever:
     check: Callable[[RunConfig], None] = no_rule
     """Rules across sections (with the method, other levers, several processes), raised as ConfigError; rules on its
     own fields are checked by its fields' `check_fields` as the section is set."""
+    holds_memory: bool = False
+    """A speed lever that holds memory the estimate counts where it acts (train.dequant_once, train.reuse_dequant):
+    the estimate's lever list names it beside the memory levers."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from qlora.base.attention import by_document, cuda_kernel
 from qlora.config import Config
-from qlora.levers import in_effect
+from qlora.levers import counted
 from qlora.memory.activations import eager
 from qlora.memory.terms import HOST_RUNTIME, OUTSIDE_BEYOND_CONTEXT, RESERVE_HIDDEN_STATES
 
@@ -19,9 +19,10 @@ ALLOCATOR = (f"PyTorch's caching allocator reserves more than the tensors, and m
 
 
 def levers(cfg: Config, method: str, device: str) -> list[str]:
-    """The memory levers this estimate counts, each as its lever says what it does (where the layer inputs wait is
-    the checkpoint plan's to say: `Estimate.checkpoints`), and the 8-bit optimizer's moments."""
-    out = in_effect(cfg, method, device, "memory")
+    """The memory levers this estimate counts and the speed levers that hold memory it counts (train.dequant_once's
+    copies, train.reuse_dequant's layer), each as its lever says what it does (where the layer inputs wait is the
+    checkpoint plan's to say: `Estimate.checkpoints`), and the 8-bit optimizer's moments."""
+    out = counted(cfg, method, device)
     if cfg.train.optimizer == "paged_adamw_8bit":
         out.append("paged_adamw_8bit: 8-bit moments")
     return out

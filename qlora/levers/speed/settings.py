@@ -60,7 +60,7 @@ REUSE_DEQUANT = Lever(
     name="train.reuse_dequant", kind="speed",
     active=lambda cfg, method, device: cfg.train.reuse_dequant and method == "qlora",
     effect=lambda cfg, method: "reuse_dequant: each NF4 weight dequantised once per layer recompute and backward",
-    check=check)
+    check=check, holds_memory=True)
 
 FUSE_LORA_ADD = Lever(
     name="train.fuse_lora_add", kind="speed",
@@ -76,7 +76,8 @@ COMPILE = Lever(
 DEQUANT_ONCE = Lever(
     name="train.dequant_once", kind="speed",
     active=lambda cfg, method, device: cfg.train.dequant_once and method == "qlora",
-    effect=lambda cfg, method: "dequant_once: each NF4 weight dequantised once, its 16-bit copy kept")
+    effect=lambda cfg, method: "dequant_once: each NF4 weight dequantised once, its 16-bit copy kept",
+    holds_memory=True)
 
 FUSE_LORA = Lever(
     name="train.fuse_lora", kind="speed",
