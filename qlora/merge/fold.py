@@ -61,9 +61,10 @@ def round_stochastic(x: torch.Tensor, dtype: torch.dtype, seed: int, chunk: int 
     to the other: unbiased, E[result] = x.
 
     Used where W0 already lies on the output grid (a bf16 base, merged to bf16). A LoRA update is small against its
-    weight (~0.2% of |W| in the SmolLM2 runs, under bf16's ~0.4% step), so rounding W0 + update to nearest hands back
-    W0 for most entries (62% there) and erases ~60% of the update: the merged logits drifted 7% of their range from
-    the adapter model's, the held-out loss 10%. Stochastic rounding keeps the update in expectation (0.9%, 1.5%).
+    weight (0.18% of |W| in the SmolLM2 runs, under bf16's ~0.4% step), so rounding W0 + update to nearest hands back
+    W0 for most entries (62% there) and loses 18% of the update along it: the merged logits drifted 7% of their range
+    from the adapter model's, the held-out loss 10%. Stochastic rounding keeps the update in expectation (0.9%, 1.5%;
+    benchmarks/results/merge-cpu.md).
     A dequantised NF4 base lies off the grid, so nearest rounding is unbiased there and adds less noise: it is kept.
     Seeded per tensor, so a merge is reproducible whatever the shard layout.
     """
