@@ -18,7 +18,7 @@ from qlora.memory.arch import load_arch
 from qlora.memory.candidates import choices, off, with_settings
 from qlora.memory.costs import COSTS, TABLE
 from qlora.memory.estimate import estimate
-from qlora.memory.plan import choose
+from qlora.memory.plan import choose, plan_for, unplanned
 from qlora.memory.preflight import needs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,12 +366,11 @@ def test_a_ceiling_no_plan_fits_is_refused_not_passed_over(tiny_config: Config) 
 
 
 def test_a_resumed_run_is_planned_from_the_recipe_not_from_the_plan_before() -> None:
-    """run_config.json holds the levers a plan chose; a resume plans again (its card may differ). Planned from those,
+    """run_config.json holds the levers a plan chose; a resume where they no longer fit plans again. Planned from those,
     a lever the first plan turned off came back at the cost table's setting, not the recipe's: llama8b_6gb planned
     on 80 GiB, then resumed on 4 GiB, found no plan where a fresh start fits (loss_chunk_size=256). train.plan_from
     holds the recipe's values; a lever set on the resume's command line stays as set."""
     from qlora.config.config import config_from_dict
-    from qlora.memory.plan import plan_for, unplanned
 
     def planned(cfg: Config, card_gib: float) -> tuple[Config, object]:
         return cfg, plan_for(cfg, "cuda", int(card_gib * GIB), f"{card_gib} GiB", HOST)[0]
@@ -382,7 +381,10 @@ def test_a_resumed_run_is_planned_from_the_recipe_not_from_the_plan_before() -> 
         assert first.train.plan_from and first.train.loss_chunk_size == 0  # a big card needs no chunks
         saved = config_from_dict(json.loads(json.dumps(first.to_dict())), "run_config.json")
         unplanned(saved, [])
+        assert saved.train.plan_chose == first.train.plan_chose  # the run's plan, kept where it still fits
+        saved.train.plan_chose = []
         assert saved.to_dict() == fresh.to_dict()
+        saved.train.plan_chose = first.train.plan_chose  # which 4 GiB does not hold: planned again, as fresh
         resumed, plan = planned(saved, 4)
         again, fresh_plan = planned(copy.deepcopy(fresh), 4)
         assert plan is not None and plan.settings == fresh_plan.settings and resumed.to_dict() == again.to_dict()
@@ -506,3 +508,35 @@ def test_the_longest_context_max_context_finds_is_planned_not_said_to_fit_nowher
     plan = choose(recipe("llama70b", f"--data.max_seq_len={tokens}"), "cuda", 80 * GIB, 128 * GIB)
     assert plan is not None and plan.estimate.checkpoints.every == 2
     assert not plan.settings["train.stream_base"] and fits(plan.estimate, 80 * GIB, 128 * GIB)
+
+
+def test_a_resume_keeps_the_runs_own_plan_where_it_still_fits(tiny_config: Config) -> None:
+    """A resume plans again only where the run's plan no longer fits (or the command line asks for a new one): on a
+    CPU device the host's available memory moves between runs, and a plan that then turned on tiles or the chunked
+    loss would continue the run as another one. The tiny recipe planned on a host with room for its own step alone
+    (checkpointing on), resumed on a roomy host: the run's plan kept, said so, and recorded as before."""
+    cfg = apply_overrides(tiny_config, ["--train.plan=fastest"])
+    tight = needs(estimate(cfg, load_arch(cfg), "qlora", "cpu"))[0]
+    ran = copy.deepcopy(cfg)
+    plan, _ = plan_for(ran, "cpu", tight, "a tight host", None)
+    assert plan.settings["train.gradient_checkpointing"] is True and ran.train.plan_chose
+
+    def resumed(overrides: list[str], room: int) -> tuple[Config, list[str]]:
+        again = copy.deepcopy(ran)  # run_config.json as the run wrote it
+        unplanned(again, overrides)
+        return again, plan_for(again, "cpu", room, "a roomy host", None)[1]
+
+    again, lines = resumed([], 64 * GIB)
+    assert again.train.gradient_checkpointing is True and again.train.plan_chose == ran.train.plan_chose
+    assert lines[1] == "  the run's own plan, as it chose at its start (train.plan_chose), which still fits: kept"
+    # A plan asked for anew on the command line: planned again for the roomy host.
+    again, lines = resumed(["--train.plan_gib=0"], 64 * GIB)
+    assert again.train.gradient_checkpointing is False and "kept" not in lines[1]
+    # A roomy run's plan resumed where it no longer fits: planned again, and said.
+    roomy = copy.deepcopy(cfg)
+    plan_for(roomy, "cpu", 64 * GIB, "a roomy host", None)
+    ran = roomy
+    again, lines = resumed([], tight)
+    assert again.train.gradient_checkpointing is True
+    assert lines[1].startswith("  the run's own plan (--train.gradient_checkpointing=false") and \
+        "does not fit here: planned again" in lines[1], lines

@@ -113,7 +113,7 @@ class TrainConfig(*FIELDS["train"]):
     """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers, for the record."""
     plan_from: list[str] = field(default_factory=list)
     """Filled by the trainer with plan=fastest: the recipe's values of the levers the plan changed, as overrides. A
-    resume restores them before it plans again, so a run resumed on another card is planned from the recipe."""
+    resume restores them, keeps plan_chose where it still fits, and otherwise plans again from the recipe."""
     plan_batch: bool = False
     """With plan=fastest: the batch shape is the plan's too. The rows per step (batch_size x grad_accum) stay; the plan
     runs them as micro-batches of any size that divides them (fewer, larger ones where the card holds them and the

@@ -24,6 +24,7 @@ says which micro-batch sizes are choices and what each costs.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 
@@ -186,10 +187,37 @@ def why_off(cfg: Config, plan: Plan, row: LeverCost, figure: float) -> str:
 
 def unplanned(cfg: Config, overrides: list[str]) -> None:
     """A resumed run's levers as they were before its plan (train.plan_from), but those set on this command line: the
-    plan starts again from the recipe, not from the plan it chose before, on whatever card the run now has."""
+    plan starts again from the recipe, on whatever card the run now has. What it chose before stays in
+    train.plan_chose for plan_for to keep where it still fits, unless this command line sets a lever or the plan's own
+    keys (a new plan asked for)."""
     keys = {override_key(item) for item in overrides}
     apply_overrides(cfg, [item for item in cfg.train.plan_from if override_key(item) not in keys])
-    cfg.train.plan_chose, cfg.train.plan_from = [], []
+    asked = any(key in COSTS or key in SHAPE or key == BUDGET or key.startswith("train.plan") for key in keys)
+    cfg.train.plan_chose, cfg.train.plan_from = [] if asked else cfg.train.plan_chose, []
+
+
+def kept_plan(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gpus: int = 1) -> Plan | None:
+    """A resumed run's own plan (train.plan_chose, over the recipe's levers) where it still fits this card and host,
+    else None. Planning again where it fits would follow the card's free memory, not the run: on a CPU device the
+    host's available memory moves between runs, and a plan that then turns on tiles or the chunked loss draws other
+    dropout masks or sums the loss otherwise, so the resumed run is no longer the one it continues (measured on the
+    tiny recipe: tiles switched on at a resume moved the adapter by 1.1e-2 from a straight run's; the same levers
+    keep it bitwise)."""
+    if not cfg.train.plan_chose:
+        return None
+    try:
+        ran = apply_overrides(copy.deepcopy(cfg), cfg.train.plan_chose)
+        est = estimate(ran, load_arch(ran), ran.quant.method, device, gpus)
+    except (ConfigError, OSError, ValueError, KeyError):
+        return None  # the choice of another recipe, or a model the estimator does not know: plan again
+    if not fits(est, card_bytes, host_bytes):
+        return None
+    options, left = choices(cfg, device, gpus)
+    on = [(row, value) for row, value in options if get(ran, row.lever) != off(row.lever)]
+    chosen = [*(row.lever for row, _ in options), "train.checkpoint_every", BUDGET, *SHAPE]
+    settings = {key: get(ran, key) for key in chosen}
+    cost = step_cost(ran, device, on) + batch_cost(cfg, ran.train.batch_size, device)
+    return Plan(settings, cost, est, [row for row, _ in options], left)
 
 
 def keep_overridden(cfg: Config, overrides: list[str]) -> None:
@@ -220,7 +248,8 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
     if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
     try:
-        plan = choose(cfg, device, card, host, gpus)
+        plan = kept = kept_plan(cfg, device, card, host, gpus)
+        plan = plan or choose(cfg, device, card, host, gpus)
     except BadConfigValue:  # a value no decoder has: refused, as by the check before loading
         raise
     except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
@@ -232,6 +261,12 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
         return None, [f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set"]
     lines = explain(cfg, plan, device, where + (f", {host / GIB:.2f} GiB of host memory available"
                                                 if host is not None else ""))
+    if kept is not None:
+        lines.insert(1, "  the run's own plan, as it chose at its start (train.plan_chose), which still fits: kept")
+    elif cfg.train.plan_chose and sorted(plan.overrides(cfg)) != sorted(cfg.train.plan_chose):
+        lines.insert(1, f"  the run's own plan ({' '.join(cfg.train.plan_chose)}) does not fit here: planned again "
+                        "(levers that change the numbers, tiles or the loss's chunks, make it another run than a "
+                        "straight one)")
     cfg.train.plan_chose, cfg.train.plan_from = plan.overrides(cfg), plan.undo(cfg)
     for key, value in plan.settings.items():
         section, name = key.split(".")
