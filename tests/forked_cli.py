@@ -88,6 +88,15 @@ class ForkedCLI:
         return self.wait(self.start(argv, prelude, cwd, module, env))
 
 
+def hangup_at_default() -> None:
+    """SIGHUP at its default, as a terminal's shell starts a command (and a subprocess's preexec_fn here): a suite
+    run under nohup passes SIG_IGN on to every process it starts, which the trainer then leaves ignored, as it must
+    (docs/failures.md), and the tests that hang a run up saw it train to its end (exit 0 for 129)."""
+    import signal
+
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _child(command: dict) -> None:
     """In the forked child: become `python -m MODULE ARGV`, then exit with its status. Never returns."""
     import runpy
@@ -102,6 +111,7 @@ def _child(command: dict) -> None:
                                 (2, command["stderr"], os.O_WRONLY | os.O_CREAT)):
             os.dup2(os.open(path, flags | (os.O_TRUNC if fd else 0), 0o644), fd)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        hangup_at_default()
         if command["prelude"]:
             exec(command["prelude"], {"__name__": "prelude"})
         module = command["module"]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from forked_cli import hangup_at_default
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +91,8 @@ def test_signal_while_importing_ends_in_one_line(tmp_path: Path, sig: signal.Sig
     A SIGHUP (an ssh session lost while the base loaded) ended the process without a word: killed by it, status -1."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "qlora.train", "recipes/tiny.py", f"--output.dir={out}"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=hangup_at_default)
     loading_torch(proc)
     time.sleep(delay)  # as torch starts, or deeper into it and transformers
     proc.send_signal(sig)
@@ -113,7 +115,8 @@ def test_a_signal_before_the_early_handlers_are_installed_ends_in_one_line(sig: 
             "sys.meta_path.insert(0, Interrupt())\n"
             "sys.argv = ['-m', 'recipes/tiny.py']  # as runpy has it while it imports the package\n"
             "import qlora\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=hangup_at_default)
     assert proc.returncode == 128 + sig, proc.stderr
     assert proc.stderr == f"stopped by {sig.name} while starting: nothing was written\n"
 
