@@ -540,3 +540,18 @@ def test_a_resume_keeps_the_runs_own_plan_where_it_still_fits(tiny_config: Confi
     assert again.train.gradient_checkpointing is True
     assert lines[1].startswith("  the run's own plan (--train.gradient_checkpointing=false") and \
         "does not fit here: planned again" in lines[1], lines
+
+
+def test_a_plan_that_kept_the_recipes_levers_is_kept_on_resume(tiny_config: Config) -> None:
+    """A plan that changes none of the recipe's levers recorded no override, so a resume took the run for unplanned
+    and planned again: the tiny recipe planned at exactly its own step's need (checkpointing on, as the recipe), then
+    resumed on a roomy host, dropped checkpointing. It is recorded as made now, and kept where it fits."""
+    cfg = apply_overrides(tiny_config, ["--train.plan=fastest", "--train.plan_batch=false"])
+    tight = needs(estimate(cfg, load_arch(cfg), "qlora", "cpu"))[0]
+    cfg = apply_overrides(cfg, choose(cfg, "cpu", tight, None).overrides(cfg))  # a recipe that sets what it chooses
+    ran = copy.deepcopy(cfg)
+    plan, _ = plan_for(ran, "cpu", tight, "a tight host", None)
+    assert plan.overrides(cfg) == [] and ran.train.plan_chose == ["--train.plan=fastest"]
+    unplanned(ran, [])
+    plan, lines = plan_for(ran, "cpu", 64 * GIB, "a roomy host", None)
+    assert ran.train.gradient_checkpointing is True and "which still fits: kept" in lines[1], lines

@@ -110,7 +110,8 @@ class TrainConfig(*FIELDS["train"]):
     device with the process's libraries and malloc's free lists, preflight.process_margin); 0 = the card's (on a CPU
     device, the host's available memory)."""
     plan_chose: list[str] = field(default_factory=list)
-    """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers, for the record."""
+    """Filled by the trainer with plan=fastest: the overrides it applied to the recipe's levers (just
+    --train.plan=fastest where it kept them as they are); a resume keeps them where they still fit."""
     plan_from: list[str] = field(default_factory=list)
     """Filled by the trainer with plan=fastest: the recipe's values of the levers the plan changed, as overrides. A
     resume restores them, keeps plan_chose where it still fits, and otherwise plans again from the recipe."""

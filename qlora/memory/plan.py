@@ -57,6 +57,7 @@ from qlora.memory.preflight import fits, needs, room
 from qlora.memory.readings import available_bytes
 
 GIB = 2**30
+MADE = "--train.plan=fastest"  # train.plan_chose of a plan that kept the recipe's levers as they are
 
 
 @dataclass
@@ -264,10 +265,12 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
     if kept is not None:
         lines.insert(1, "  the run's own plan, as it chose at its start (train.plan_chose), which still fits: kept")
     elif cfg.train.plan_chose and sorted(plan.overrides(cfg)) != sorted(cfg.train.plan_chose):
-        lines.insert(1, f"  the run's own plan ({' '.join(cfg.train.plan_chose)}) does not fit here: planned again "
+        ran = "the recipe's levers" if cfg.train.plan_chose == [MADE] else " ".join(cfg.train.plan_chose)
+        lines.insert(1, f"  the run's own plan ({ran}) does not fit here: planned again "
                         "(levers that change the numbers, tiles or the loss's chunks, make it another run than a "
                         "straight one)")
-    cfg.train.plan_chose, cfg.train.plan_from = plan.overrides(cfg), plan.undo(cfg)
+    # A plan that changes nothing is recorded as made (a resume keeps it where it fits: kept_plan), not as none.
+    cfg.train.plan_chose, cfg.train.plan_from = plan.overrides(cfg) or [MADE], plan.undo(cfg)
     for key, value in plan.settings.items():
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
