@@ -273,6 +273,6 @@ def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loa
     est = say_fits(tiny, torch.device("cpu"))
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith(f"the step is estimated at {needs(est)[0] / GIB:.2f} GiB ({process_margin(est) / GIB:.2f} "
-                           "of it the process's libraries and malloc's free lists beside the tensors) and this host "
-                           "has "), line
+                           "GiB of it the process's libraries and malloc's free lists beside the tensors) and this "
+                           "host has "), line
     assert "levers" not in line  # the tiny recipe sets none

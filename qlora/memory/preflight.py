@@ -154,10 +154,7 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     shape = f"data.max_seq_len={cfg.data.max_seq_len}" if t.batch_size == 1 else \
         f"train.batch_size={t.batch_size} x data.max_seq_len={cfg.data.max_seq_len}"
     if card > device_bytes:
-        margin = " with the allocator's margin" if est.margin else \
-            f" ({process_margin(est) / GIB:.2f} GiB of it the process's libraries and malloc's free lists beside " \
-            "the tensors)" if est.device == "cpu" else ""
-        need = f"the step is estimated at {card / GIB:.2f} GiB{margin} and {where}"
+        need = estimated_at(est, where)
     else:
         need = f"the plan keeps {host / GIB:.2f} GiB in host memory and {host_bytes / GIB:.2f} GiB is available"
     longest, batch = fitting(cfg, arch, device.type, device_bytes, host_bytes, gpus)
@@ -176,6 +173,15 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     raise ConfigError(f"{shape}: {need} (python -m qlora.memory RECIPE estimates it, nothing loaded): {fix}")
 
 
+def estimated_at(est: Estimate, where: str) -> str:
+    """'the step is estimated at N GiB ... and {where}': what a step needs (`needs`), with what beside the tensors is
+    counted in it, set against where it runs; the refusal and the line of a step that fits say it alike."""
+    margin = " with the allocator's margin" if est.margin else \
+        f" ({process_margin(est) / GIB:.2f} GiB of it the process's libraries and malloc's free lists beside " \
+        "the tensors)" if est.device == "cpu" else ""
+    return f"the step is estimated at {needs(est)[0] / GIB:.2f} GiB{margin} and {where}"
+
+
 def say_fits(cfg: Config, device: torch.device, gpus: int = 1) -> Estimate | None:
     """check_fits, then one line of what the step is estimated to hold against what it has, and the memory levers
     that bring it there: before the base loads (minutes for 70B), the numbers the run's own memory line later sets
@@ -183,12 +189,8 @@ def say_fits(cfg: Config, device: torch.device, gpus: int = 1) -> Estimate | Non
     est = check_fits(cfg, device, gpus)
     if est is None:
         return None
-    card, host = needs(est)
-    have, where = room(device)
-    margin = " with the allocator's margin" if est.margin else \
-        f" ({process_margin(est) / GIB:.2f} of it the process's libraries and malloc's free lists beside the tensors)" \
-        if est.device == "cpu" else ""
-    line = f"the step is estimated at {card / GIB:.2f} GiB{margin} and {where}"
+    host = needs(est)[1]
+    line = estimated_at(est, room(device)[1])
     if est.device == "cuda" and host > 0:
         line += f"; {host / GIB:.2f} GiB in host memory, {available_bytes() / GIB:.2f} GiB available"
     if levers := [said.split(":")[0] for said in est.levers]:
