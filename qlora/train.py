@@ -46,7 +46,7 @@ USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
-    with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main, overwrite) as watch:
+    with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main, overwrite, ranks.several) as watch:
         try:
             return _train(cfg, resume, overwrite, watch, ranks)
         finally:

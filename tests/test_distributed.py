@@ -281,6 +281,36 @@ def test_kill_9_of_one_rank_stops_the_other_with_one_line_and_resume_ends_the_sa
     assert_same_run(out, two_ranks[0])
 
 
+# torchrun's SIGTERM to what is left of a run whose process died, at the worst moment it can come: once the guard has
+# handed the signal handlers back as the broken collective unwinds, before launch.joined has said the run's line.
+SIGTERM_AS_THE_GUARD_ENDS = """
+import os, signal
+from qlora.training import guard
+_exit = guard.RunGuard.__exit__
+def _exit_then_sigterm(self, kind, err, tb):
+    _exit(self, kind, err, tb)
+    if err is not None:
+        os.kill(os.getpid(), signal.SIGTERM)
+guard.RunGuard.__exit__ = _exit_then_sigterm
+"""
+
+
+def test_a_sigterm_as_the_lost_process_is_said_leaves_the_survivors_exit_6(cli, tmp_path):
+    """Under torchrun 1 in 7 fresh-clone tries ended rank 0 "stopped by SIGTERM; checkpoint-2 is intact", exit 143:
+    the launcher's SIGTERM came after the guard handed the handlers back and took the place of the decided ending."""
+    out = tmp_path / "run"
+    pids = launch(cli, ["recipes/tiny.py", "--train.steps=1000000", "--train.save_every=2", "--train.eval_every=0",
+                        "--train.eval_before=false", "--train.log_every=1", *TWO, f"--output.dir={out}"],
+                  prelude=SIGTERM_AS_THE_GUARD_ENDS)
+    wait_for_step(out, 2)
+    os.kill(pids[1], signal.SIGKILL)
+    survivor = cli.wait(pids[0])
+    assert cli.wait(pids[1]).status == -signal.SIGKILL
+    assert survivor.status == 6 and "error: lost the other processes of this run" in survivor.stderr, \
+        (survivor.status, survivor.stderr)
+    assert "stopped by SIGTERM" not in survivor.stderr, survivor.stderr
+
+
 def test_one_process_resuming_two_ranks_checkpoint_ends_the_same_and_says_so(cli, one_process, tmp_path):
     # 2 ranks x batch 2 to step 3, then one process of batch 4: the same global batches, so the run of one process
     out = tmp_path / "run"

@@ -18,11 +18,12 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from qlora.adapters.lora import lora_layers
 from qlora.config import Config
 from qlora.data.batches import batch_rows
-from qlora.errors import EXIT_NONFINITE, EXIT_OOM, Session, Stop, stopping_signals
+from qlora.errors import EXIT_NONFINITE, EXIT_OOM, EXIT_PEER, Session, Stop, stopping_signals
 from qlora.training.checkpoint import list_checkpoints
 from qlora.training.loss import eval_stats
 from qlora.training.oom import latest_checkpoint, oom_report, out_of_host_memory
@@ -37,9 +38,10 @@ class RunGuard:
     """One run's watch: turns SIGINT/SIGTERM into a flag the loop checks between steps, and an out-of-memory error
     anywhere in the run into a `Stop` carrying the memory profile of the phase in flight and what would fit."""
 
-    def __init__(self, cfg: Config, main: bool = True, replacing: bool = False) -> None:
+    def __init__(self, cfg: Config, main: bool = True, replacing: bool = False, several: bool = False) -> None:
         self.cfg = cfg
         self.main = main  # the process that speaks for the run (rank 0 of several)
+        self.several = several  # one of several processes: a collective another broke ends it exit 6 (launch.joined)
         self.replacing = replacing  # --overwrite, until start_run clears the old run: its checkpoints aren't this run's
         self.signal: int | None = None
         self.phase, self.step, self.batch_shape = "loading the model", 0, None
@@ -53,6 +55,12 @@ class RunGuard:
         return self
 
     def __exit__(self, kind: type | None, err: BaseException | None, tb: object) -> None:
+        if self.several and err is not None and broken_collective(err):
+            # Its ending is decided (launch.joined says which: exit 6, or what the rank that ended posted). torchrun
+            # stops what is left of a run whose process died with SIGTERM, which may come once the handlers are
+            # handed back and before joined's line: it took the ending's place ("stopped by SIGTERM; checkpoint-2 is
+            # intact", exit 143: 1 in 7 tries of a fresh clone's CI). Ignored from here (qlora/cli.py).
+            Session.ended = EXIT_PEER
         self.release_signals()
         if self._stdout is not None:
             sys.stdout, self._stdout = self._stdout, None
@@ -145,6 +153,11 @@ class WatchedStdout:
 
     def __getattr__(self, name: str) -> object:  # fileno, isatty, encoding, ...: the stream's own
         return getattr(self.stream, name)
+
+
+def broken_collective(err: BaseException) -> bool:
+    """Whether `err` is a collective that another process broke, by dying or hanging (of a process of several)."""
+    return isinstance(err, dist.DistError) or "gloo/" in str(err)  # gloo raises plain RuntimeErrors; NCCL, DistError
 
 
 def finite(loss: float, grad_norm: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ from qlora.console import announce, since
 from qlora.errors import EXIT_OOM, EXIT_PEER, ConfigError, Session, Stop, exit_status, launched_ranks
 from qlora.training.checkpoint import checkpoint_dirs, list_checkpoints
 from qlora.training.distributed import Ranks
+from qlora.training.guard import broken_collective
 from qlora.training.runconfig import flat
 
 # The store key where a rank posts an ending it does not print; torchrun --max-restarts keeps its store across the
@@ -117,8 +118,7 @@ def joined(cfg: Config) -> Iterator[Ranks]:
         if launcher:
             launcher.end()
             launcher.say()
-        # gloo raises plain RuntimeErrors; NCCL, torch.distributed.DistError (a subclass)
-        if ranks.several and (isinstance(err, dist.DistError) or "gloo/" in str(err)):
+        if ranks.several and broken_collective(err):
             # torchrun stops the rest of a run whose process died with SIGTERM, as this one takes its group down and
             # says which checkpoint is intact (or what the rank that ended posted): the ending is decided
             code, line = posted_ending(ranks) or (EXIT_PEER, peer_lost(err, cfg))
