@@ -354,6 +354,19 @@ def test_a_planned_run_resumed_with_the_plan_off_goes_on_with_the_levers_it_chos
     assert metrics(part) == metrics(full)
 
 
+def test_a_plain_resume_names_the_runs_levers_not_the_plan_keep_its_command_line_filled(cli, tmp_path: Path) -> None:
+    """--resume of a planned run whose first command line set train.batch_size said "the recipe's own values are not
+    used: train.batch_size=8 (the run has 2), ..., train.plan_keep=[] (the run has ['train.batch_size'])": a key the
+    user never set, filled by that command line, beside the lever it names."""
+    out = tmp_path / "run"
+    args = ["recipes/tiny.py", f"--output.dir={out}", "--train.eval_before=false", "--train.eval_batches=1"]
+    assert cli.run([*args, "--train.steps=2", "--train.plan=fastest", "--train.batch_size=2"]).status == 0
+    resumed = cli.run([*args, "--train.steps=3", "--resume"])
+    assert resumed.status == 0, resumed.stderr
+    resuming = next(line for line in resumed.stdout.splitlines() if line.startswith("resuming "))
+    assert "train.batch_size=8 (the run has 2)" in resuming and "plan_keep" not in resuming, resuming
+
+
 def test_a_ceiling_no_plan_fits_is_refused_not_passed_over(tiny_config: Config) -> None:
     """train.plan_gib is the most the plan may use: below anything that fits, the run went on with the recipe's
     levers, past the ceiling, having said only that nothing fit."""

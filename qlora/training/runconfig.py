@@ -242,8 +242,10 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                           "came from another run, move it away) to continue the run as it was, or pass "
                           f"{' '.join(_flag(k, before[k]) for k in edited)} to resume with "
                           f"{'it' if len(edited) == 1 else 'them'}")
+    # The run's train.plan_keep holds the levers its first command line set (keep_overridden), each said as itself.
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
-               if recipe[k] != after[k] and k != "output.dir" and k not in planned]
+               if recipe[k] != after[k] and k != "output.dir" and k not in planned
+               and not (k == "train.plan_keep" and set(recipe[k]) <= set(after[k]))]
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
     if changed:
         line += "; changed on the command line: " + ", ".join(f"{k} {was[k]!r} -> {after[k]!r}" for k in changed)
