@@ -296,8 +296,9 @@ guard.RunGuard.__exit__ = _exit_then_sigterm
 
 
 def test_a_sigterm_as_the_lost_process_is_said_leaves_the_survivors_exit_6(cli, tmp_path):
-    """Under torchrun 1 in 7 fresh-clone tries ended rank 0 "stopped by SIGTERM; checkpoint-2 is intact", exit 143:
-    the launcher's SIGTERM came after the guard handed the handlers back and took the place of the decided ending."""
+    """Under torchrun a fresh clone's CI (and 1 of 7 tries here) ended rank 0 "stopped by SIGTERM; checkpoint-2 is
+    intact", exit 143: the launcher's SIGTERM came after the guard handed the handlers back and took the place of the
+    decided ending."""
     out = tmp_path / "run"
     pids = launch(cli, ["recipes/tiny.py", "--train.steps=1000000", "--train.save_every=2", "--train.eval_every=0",
                         "--train.eval_before=false", "--train.log_every=1", *TWO, f"--output.dir={out}"],

@@ -59,7 +59,7 @@ class RunGuard:
             # Its ending is decided (launch.joined says which: exit 6, or what the rank that ended posted). torchrun
             # stops what is left of a run whose process died with SIGTERM, which may come once the handlers are
             # handed back and before joined's line: it took the ending's place ("stopped by SIGTERM; checkpoint-2 is
-            # intact", exit 143: 1 in 7 tries of a fresh clone's CI). Ignored from here (qlora/cli.py).
+            # intact", exit 143: a fresh clone's CI, and 1 of 7 tries here). Ignored from here (qlora/cli.py).
             Session.ended = EXIT_PEER
         self.release_signals()
         if self._stdout is not None:
