@@ -568,3 +568,39 @@ def test_a_plan_that_kept_the_recipes_levers_is_kept_on_resume(tiny_config: Conf
     unplanned(ran, [])
     plan, lines = plan_for(ran, "cpu", 64 * GIB, "a roomy host", None)
     assert ran.train.gradient_checkpointing is True and "which still fits: kept" in lines[1], lines
+
+
+def test_a_kept_plan_sets_every_lever_and_the_batch_shape_it_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume on the card and host the run started on keeps its plan: every lever the plan set (checkpoint_every
+    and the offload budget too), the micro-batch it chose, at the cost it had; where the host no longer holds what the
+    plan keeps there, it plans again within the host. The kept plan was priced without the layers it replays and the
+    inputs it offloads: the 8B recipe at 65,536 tokens on 24 GiB with 8 GiB of host, +141% at the start, +118% kept.
+    Mutants of kept_plan (the host not weighed, checkpoint_every, the budget or the batch shape not set) survived."""
+    from qlora.config.config import config_from_dict
+    from qlora.memory.candidates import get
+    from qlora.memory.preflight import fits
+
+    def resumed(first: Config, card: int, host: int) -> tuple[Config, object, list[str]]:
+        saved = config_from_dict(json.loads(json.dumps(first.to_dict())), "run_config.json")
+        unplanned(saved, [])
+        return saved, *plan_for(saved, "cuda", card, "a card", host)
+
+    with_batch_figure(monkeypatch, 0.1)
+    for seq, card, host in ((65_536, 24 * GIB, 8 * GIB), (2048, 80 * GIB, HOST)):
+        first = recipe("llama8b", f"--data.max_seq_len={seq}", "--train.plan_batch=true")
+        chosen, _ = plan_for(first, "cuda", card, "a card", host)
+        saved, kept, lines = resumed(first, card, host)
+        assert lines[1].endswith("which still fits: kept"), lines
+        for key, value in chosen.settings.items():
+            assert get(saved, key) == pytest.approx(value, abs=2e-6), key  # a budget read back: up to 2e-6 over
+        assert kept.cost == pytest.approx(chosen.cost) and kept.estimate.card_bytes == chosen.estimate.card_bytes
+    assert chosen.settings["train.batch_size"] > 1  # 80 GiB: a larger micro-batch than the recipe's 1
+    # A host that no longer holds what the plan keeps there: planned again, within it.
+    first = recipe("llama8b", "--data.max_seq_len=65536")
+    chosen, _ = plan_for(first, "cuda", 24 * GIB, "a card", 8 * GIB)
+    smaller = needs(chosen.estimate)[1] - GIB
+    saved, again, lines = resumed(first, 24 * GIB, smaller)
+    assert "does not fit here: planned again" in lines[1], lines
+    assert fits(again.estimate, 24 * GIB, smaller)
+
+

@@ -164,11 +164,15 @@ def checkpoint_plans(cfg: Config, arch: Arch, device: str, host_bytes: int | Non
         candidates = ((p, estimate(p, arch, cfg.quant.method, device, gpus))
                       for p in (planned(cfg, tokens, k, None) for k in everies))
     for plan, est in candidates:
-        cp = est.checkpoints
-        if cp is None:
-            yield plan, est, 0.0
-            continue
-        cost = EVERY.figure(device) * (cp.every - 1) / cp.every
-        if plan.train.offload_activations and device == "cuda" and cp.kept:
-            cost += OFFLOAD.figure(device) * cp.host / cp.kept
-        yield plan, est, cost
+        yield plan, est, checkpoint_cost(plan, est, device)
+
+
+def checkpoint_cost(cfg: Config, est: Estimate, device: str) -> float:
+    """What where the layer inputs wait adds to the step: the layers replayed and the kept inputs offloaded."""
+    cp = est.checkpoints
+    if cp is None:
+        return 0.0
+    cost = EVERY.figure(device) * (cp.every - 1) / cp.every
+    if cfg.train.offload_activations and device == "cuda" and cp.kept:
+        cost += OFFLOAD.figure(device) * cp.host / cp.kept
+    return cost

@@ -40,6 +40,7 @@ from qlora.memory.candidates import (
     OFFLOAD,
     SHAPE,
     batch_cost,
+    checkpoint_cost,
     checkpoint_plans,
     choices,
     get,
@@ -217,7 +218,8 @@ def kept_plan(cfg: Config, device: str, card_bytes: int, host_bytes: int | None,
     on = [(row, value) for row, value in options if get(ran, row.lever) != off(row.lever)]
     chosen = [*(row.lever for row, _ in options), "train.checkpoint_every", BUDGET, *SHAPE]
     settings = {key: get(ran, key) for key in chosen}
-    cost = step_cost(ran, device, on) + batch_cost(cfg, ran.train.batch_size, device)
+    cost = step_cost(ran, device, on) + batch_cost(cfg, ran.train.batch_size, device) + \
+        checkpoint_cost(ran, est, device)  # the layers replayed and the inputs offloaded, as choose counts them
     return Plan(settings, cost, est, [row for row, _ in options], left)
 
 
