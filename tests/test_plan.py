@@ -604,3 +604,14 @@ def test_a_kept_plan_sets_every_lever_and_the_batch_shape_it_chose(monkeypatch: 
     assert fits(again.estimate, 24 * GIB, smaller)
 
 
+
+@pytest.mark.parametrize("item", ["--train.tile_size=2048", "--train.grad_accum=4", "--train.offload_budget_gib=4",
+                                  "--train.plan_gib=0"])
+def test_a_resume_that_sets_a_lever_the_shape_or_a_budget_asks_for_a_new_plan(item: str) -> None:
+    """A lever, the batch shape, the offload budget or a train.plan* key on the resume's command line asks for a new
+    plan: the run's own (train.plan_chose) is not kept over what the user set."""
+    cfg = recipe("llama8b", "--train.plan_chose=--train.checkpoint_every=2")
+    unplanned(cfg, [item])
+    assert cfg.train.plan_chose == []
+    unplanned(again := recipe("llama8b", "--train.plan_chose=--train.checkpoint_every=2"), ["--data.max_seq_len=4096"])
+    assert again.train.plan_chose == ["--train.checkpoint_every=2"]  # not a lever: the run's plan stays on record
