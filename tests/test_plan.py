@@ -604,6 +604,15 @@ def test_a_kept_plan_sets_every_lever_and_the_batch_shape_it_chose(monkeypatch: 
     assert fits(again.estimate, 24 * GIB, smaller)
 
 
+@pytest.mark.parametrize("gib", [7.1999999993, 105.421875, 0.1 + 0.2, 1e-7, 0.0])
+def test_a_budget_written_as_an_override_reads_back_as_the_same_text(gib: float) -> None:
+    """A kept plan writes its offload budget again at every resume: rounded up to a KiB and printed to 6 places, a
+    budget's text read back grew by 1e-6 GiB each time (7.200001, 7.200002, ...). Never below the budget either."""
+    from qlora.memory.context import budget_text
+
+    text = budget_text(gib)
+    assert gib <= float(text) <= gib + 1e-6 and budget_text(float(text)) == text, text
+
 
 @pytest.mark.parametrize("item", ["--train.tile_size=2048", "--train.grad_accum=4", "--train.offload_budget_gib=4",
                                   "--train.plan_gib=0"])

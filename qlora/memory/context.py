@@ -18,9 +18,9 @@ each of its probes runs at its length.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
 
 from qlora.config import Config
 from qlora.levers.checkpoints.memory import PINNED_HEADROOM
@@ -118,9 +118,12 @@ def plan_overrides(cfg: Config, est: Estimate) -> list[str]:
 
 
 def budget_text(gib: float) -> str:
-    """A budget in GiB as an override gives it back: rounded up to a KiB, never down. Rounded down to 0.01, the 70B
-    plan for 80 GiB (105.421875 GiB, 39 layer inputs) read back as 105.42, pinned 38, and the step no longer fit."""
-    return f"{math.ceil(gib * 2**20) / 2**20:.6f}".rstrip("0").rstrip(".")
+    """A budget in GiB as an override gives it back: rounded up to a millionth of a GiB (about a KiB), never down.
+    Rounded down to 0.01, the 70B plan for 80 GiB (105.421875 GiB, 39 layer inputs) read back as 105.42, pinned 38,
+    and the step no longer fit. Its own text reads back as itself: rounded up to a KiB and then printed to 6 places,
+    a resumed plan's budget grew by 1e-6 GiB at every resume (7.200001, 7.200002, ...)."""
+    text = str(Decimal(repr(gib)).quantize(Decimal("1e-6"), rounding=ROUND_CEILING))
+    return text.rstrip("0").rstrip(".")
 
 
 def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -> list[str]:
