@@ -439,7 +439,7 @@ def test_no_lever_the_plan_turns_on_could_be_off() -> None:
 def test_a_host_that_takes_only_some_layer_inputs_gets_a_budget() -> None:
     """The 8B recipe at 65,536 tokens on 40 GiB with 8 GiB of host memory: the host takes 14 of the 32 layer inputs,
     so the plan sets train.offload_budget_gib; without one (0: no limit) all 32 go to the host, twice what it has,
-    and the check before loading refuses the plan."""
+    and the check before loading refuses the plan. A host that takes all 32 gets none (a budget only binds)."""
     from qlora.memory.preflight import fits
 
     cfg = recipe("llama8b", "--data.max_seq_len=65536")
@@ -448,6 +448,19 @@ def test_a_host_that_takes_only_some_layer_inputs_gets_a_budget() -> None:
     planned, est = as_user_runs_it(cfg, plan.overrides(cfg))
     assert 0 < planned.train.offload_budget_gib <= 8 and planned.train.offload_activations
     assert fits(est, card, host) and est.card_bytes == plan.estimate.card_bytes
+    roomy = choose(cfg, "cuda", card, HOST)  # a host that takes all 32: no budget, none in the overrides
+    assert roomy.estimate.checkpoints.host == 32 and roomy.settings["train.offload_budget_gib"] == 0
+
+
+def test_a_budget_the_command_line_set_stays_as_set() -> None:
+    """The 8B recipe with --train.offload_budget_gib=4 (kept: train.plan_keep, as qlora.train keeps what its command
+    line sets) on 200 GiB: the plan keeps the 4 GiB, and so offloading and checkpointing, which a budget needs; it
+    neither writes its own budget over it nor turns offloading off and the budget to 0."""
+    cfg = recipe("llama8b", "--train.offload_budget_gib=4", "--train.plan_keep=train.offload_budget_gib")
+    plan = choose(cfg, "cuda", 200 * GIB, HOST)
+    planned, _ = as_user_runs_it(cfg, plan.overrides(cfg))
+    assert planned.train.offload_budget_gib == 4 and planned.train.offload_activations
+    assert not any(item.startswith("--train.offload_budget_gib") for item in plan.overrides(cfg))
 
 
 def test_the_plans_cost_is_the_tables_figures_for_the_layers_replayed_and_the_inputs_offloaded() -> None:
