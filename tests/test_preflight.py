@@ -258,18 +258,23 @@ def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loa
         fake_gpu: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """The 8B recipe on an 80 GiB card: one line, before anything loads, of what the step is estimated to hold on the
     card (with the allocator's margin) and in host memory, and the memory levers that bring it there, as the
-    estimate counts them; on a CPU device the process's share beside the tensors is named."""
+    estimate counts them, against the host's available memory (a host of 100 GiB available here); a step that keeps
+    nothing in host memory (the tiny recipe) says no host part; on a CPU device the process's share beside the tensors
+    is named."""
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(total_memory=80 * GIB, name="an 80 GiB card"))
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: 100 * GIB)
     cfg = load_recipe(ROOT / "recipes" / "llama8b.py")
     est = say_fits(cfg, torch.device("cuda"))
     card, host = needs(est)
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith(f"the step is estimated at {card / GIB:.2f} GiB with the allocator's margin and an 80 GiB "
-                           f"card has 80.00 GiB; {host / GIB:.2f} GiB in host memory, "), line
+                           f"card has 80.00 GiB; {host / GIB:.2f} GiB in host memory, 100.00 GiB available; "), line
     assert line.endswith("; memory levers: offload_activations, tile_size=4096 with tile_projections and tile_norms, "
                          "loss_chunk_size=1024, embeddings_on_cpu"), line
     tiny = load_recipe(ROOT / "recipes" / "tiny.py")
+    assert needs(say_fits(tiny, torch.device("cuda")))[1] == 0
+    assert "host memory" not in capsys.readouterr().out
     est = say_fits(tiny, torch.device("cpu"))
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith(f"the step is estimated at {needs(est)[0] / GIB:.2f} GiB ({process_margin(est) / GIB:.2f} "
