@@ -300,7 +300,8 @@ def test_the_plan_for_a_card_and_host_named_agrees_with_max_context_there(capsys
 def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys):
     """With --gpu-gib and --host-gib the report's "fits" is the trainer's check before loading (preflight.check_fits):
     the card and the host. The 70B recipe's own levers at 131,072 tokens keep every layer input on the host, 171 GiB
-    against a host of 128: the card takes the step, qlora.train refuses it in one line, and the report said it fits."""
+    against a host of 128: the card takes the step, qlora.train refuses it in one line, and the report said it fits.
+    A host 2 GiB short of the estimate's host total (its 6 GiB for the process itself included) does not fit either."""
     import torch
 
     from qlora.errors import ConfigError
@@ -319,6 +320,9 @@ def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys)
         check_fits(cfg, torch.device("cuda"), device_bytes=80 * GIB, host_bytes=available_on(128 * GIB))
     assert main([*args[:5], "200", *args[6:]]) == 0  # a host that holds it: fits
     assert json.loads(capsys.readouterr().out)["methods"]["qlora"]["fits"]
+    short = str(qlora["host_bytes"] // GIB - 2)  # holds what the plan keeps, not that beside the 6 GiB allowance
+    assert main([*args[:5], short, *args[6:]]) == 0
+    assert not json.loads(capsys.readouterr().out)["methods"]["qlora"]["fits"]
 
 
 def test_the_plan_keeps_an_offload_budget_the_command_line_sets(capsys):
