@@ -312,9 +312,11 @@ def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys)
             "--data.max_seq_len=131072", "--train.plan=recipe", "--train.plan_batch=false"]
     assert main(args) == 0
     out = capsys.readouterr()
-    qlora = json.loads(out.out)["methods"]["qlora"]
+    report = json.loads(out.out)
+    qlora = report["methods"]["qlora"]
     assert qlora["host_bytes"] > 128 * GIB and not qlora["fits"]
     assert "[does not fit the host of 128.00 GiB]" in out.err
+    assert f"**does not fit** (host {qlora['host_bytes'] / GIB:.2f} > 128.00 GiB)" in markdown(report, "r.png")
     cfg = apply_overrides(load_recipe(ROOT / args[0]), args[7:])
     with pytest.raises(ConfigError, match="host memory"):
         check_fits(cfg, torch.device("cuda"), device_bytes=80 * GIB, host_bytes=available_on(128 * GIB))
