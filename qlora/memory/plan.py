@@ -194,7 +194,7 @@ def unplanned(cfg: Config, overrides: list[str]) -> None:
     keys (a new plan asked for)."""
     keys = {override_key(item) for item in overrides}
     apply_overrides(cfg, [item for item in cfg.train.plan_from if override_key(item) not in keys])
-    asked = any(key in COSTS or key in SHAPE or key == BUDGET or key.startswith("train.plan") for key in keys)
+    asked = any(planned_lever(key) or key.startswith("train.plan") for key in keys)
     cfg.train.plan_chose, cfg.train.plan_from = [] if asked else cfg.train.plan_chose, []
 
 
@@ -223,10 +223,15 @@ def kept_plan(cfg: Config, device: str, card_bytes: int, host_bytes: int | None,
     return Plan(settings, cost, est, [row for row, _ in options], left)
 
 
+def planned_lever(key: str) -> bool:
+    """Whether the plan sets `key`: a lever of the cost table, the batch shape or the offload budget."""
+    return key in COSTS or key in SHAPE or key == BUDGET
+
+
 def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     """A lever set on the command line stays as set: add it to train.plan_keep."""
     keys = [override_key(item) for item in overrides]
-    ours = [key for key in keys if key in COSTS or key in SHAPE or key == BUDGET]
+    ours = [key for key in keys if planned_lever(key)]
     cfg.train.plan_keep += [key for key in dict.fromkeys(ours) if key not in cfg.train.plan_keep]
 
 
@@ -251,8 +256,8 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
     if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
     try:
-        plan = kept = kept_plan(cfg, device, card, host, gpus)
-        plan = plan or choose(cfg, device, card, host, gpus)
+        kept = kept_plan(cfg, device, card, host, gpus)
+        plan = kept or choose(cfg, device, card, host, gpus)
     except BadConfigValue:  # a value no decoder has: refused, as by the check before loading
         raise
     except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
