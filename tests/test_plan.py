@@ -568,6 +568,25 @@ def test_a_resume_keeps_the_runs_own_plan_where_it_still_fits(tiny_config: Confi
         "does not fit here: planned again" in lines[1], lines
 
 
+def test_a_runs_plan_this_version_cannot_read_is_planned_again_and_said(tiny_config: Config) -> None:
+    """A resumed run's train.plan_chose that names a lever renamed since the run began, or a value that no longer
+    parses: the resume plans again, as a fresh start on that host does, and says why in one line (it said "does not
+    fit here"). A mutant of kept_plan that caught OSError alone survived: the ConfigError reached plan_for's "no
+    estimate for this model", and the run went on unplanned, with the recipe's levers."""
+    cfg = apply_overrides(tiny_config, ["--train.plan=fastest"])
+    fresh = copy.deepcopy(cfg)
+    plan_for(fresh, "cpu", 64 * GIB, "a roomy host", None)
+    for chose, why in (("--train.dequant_at_once=true", "unknown key --train.dequant_at_once: did you mean "
+                                                        "--train.dequant_once?"),
+                       ("--train.tile_size=4k", "--train.tile_size=4k: expected int, e.g. --train.tile_size=1")):
+        again = copy.deepcopy(cfg)
+        again.train.plan_chose = ["--train.gradient_checkpointing=false", chose]
+        plan, lines = plan_for(again, "cpu", 64 * GIB, "a roomy host", None)
+        assert plan is not None and again.train.plan_chose == fresh.train.plan_chose, lines
+        assert lines[1].startswith(f"  the run's own plan (--train.gradient_checkpointing=false {chose}) no longer "
+                                   f"applies ({why}): planned again"), lines
+
+
 def test_a_plan_that_kept_the_recipes_levers_is_kept_on_resume(tiny_config: Config) -> None:
     """A plan that changes none of the recipe's levers recorded no override, so a resume took the run for unplanned
     and planned again: the tiny recipe planned at exactly its own step's need (checkpointing on, as the recipe), then

@@ -198,29 +198,32 @@ def unplanned(cfg: Config, overrides: list[str]) -> None:
     cfg.train.plan_chose, cfg.train.plan_from = [] if asked else cfg.train.plan_chose, []
 
 
-def kept_plan(cfg: Config, device: str, card_bytes: int, host_bytes: int | None, gpus: int = 1) -> Plan | None:
+def kept_plan(cfg: Config, device: str, card_bytes: int, host_bytes: int | None,
+              gpus: int = 1) -> tuple[Plan | None, str]:
     """A resumed run's own plan (train.plan_chose, over the recipe's levers) where it still fits this card and host,
     else None. Planning again where it fits would follow the card's free memory, not the run: on a CPU device the
     host's available memory moves between runs, and a plan that then turns on tiles or the chunked loss draws other
     dropout masks or sums the loss otherwise, so the resumed run is no longer the one it continues (measured on the
     tiny recipe: tiles switched on at a resume moved the adapter by 1.1e-2 from a straight run's; the same levers
-    keep it bitwise)."""
+    keep it bitwise). Beside it, why it is not kept, for the line that says the run planned again."""
     if not cfg.train.plan_chose:
-        return None
+        return None, ""
     try:
         ran = apply_overrides(copy.deepcopy(cfg), cfg.train.plan_chose)
         est = estimate(ran, load_arch(ran), ran.quant.method, device, gpus)
-    except (ConfigError, OSError, ValueError, KeyError):
-        return None  # the choice of another recipe, or a model the estimator does not know: plan again
+    except (ConfigError, OSError, ValueError, KeyError) as err:
+        # A lever renamed since the run began, or a value this version reads otherwise: plan again (a model the
+        # estimator does not know fails choose too, and is said there).
+        return None, f"no longer applies ({err})"
     if not fits(est, card_bytes, host_bytes):
-        return None
+        return None, "does not fit here"
     options, left = choices(cfg, device, gpus)
     on = [(row, value) for row, value in options if get(ran, row.lever) != off(row.lever)]
     chosen = [*(row.lever for row, _ in options), "train.checkpoint_every", BUDGET, *SHAPE]
     settings = {key: get(ran, key) for key in chosen}
     cost = step_cost(ran, device, on) + batch_cost(cfg, ran.train.batch_size, device) + \
         checkpoint_cost(ran, est, device)  # the layers replayed and the inputs offloaded, as choose counts them
-    return Plan(settings, cost, est, [row for row, _ in options], left)
+    return Plan(settings, cost, est, [row for row, _ in options], left), ""
 
 
 def planned_lever(key: str) -> bool:
@@ -256,7 +259,7 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
     if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
     try:
-        kept = kept_plan(cfg, device, card, host, gpus)
+        kept, why = kept_plan(cfg, device, card, host, gpus)
         plan = kept or choose(cfg, device, card, host, gpus)
     except BadConfigValue:  # a value no decoder has: refused, as by the check before loading
         raise
@@ -273,7 +276,7 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
         lines.insert(1, "  the run's own plan, as it chose at its start (train.plan_chose), which still fits: kept")
     elif cfg.train.plan_chose and sorted(plan.overrides(cfg)) != sorted(cfg.train.plan_chose):
         ran = "the recipe's levers" if cfg.train.plan_chose == [MADE] else " ".join(cfg.train.plan_chose)
-        lines.insert(1, f"  the run's own plan ({ran}) does not fit here: planned again "
+        lines.insert(1, f"  the run's own plan ({ran}) {why}: planned again "
                         "(levers that change the numbers, tiles or the loss's chunks, make it another run than a "
                         "straight one)")
     # A plan that changes nothing is recorded as made (a resume keeps it where it fits: kept_plan), not as none.
