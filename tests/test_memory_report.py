@@ -327,6 +327,40 @@ def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys)
     assert not json.loads(capsys.readouterr().out)["methods"]["qlora"]["fits"]
 
 
+def test_over_several_gpus_the_plan_leaves_the_host_out_and_the_verdict_weighs_it(capsys):
+    """qlora.train over several processes plans without the host (plan.use_plan: every process chooses alike), then
+    each process checks its own card and host before loading (preflight.check_fits). The 8B recipe at 65,536 tokens on
+    cards of 24 GiB over 2 GPUs, with a host of 8 GiB: the plan keeps 16 GiB a process on the host, which the trainer
+    refuses, and the report said it fits, --host-gib dropped without a word. A mutant that counted --host-gib in the
+    plan with --gpus 2 survived: its plan is not the one the trainer runs."""
+    import torch
+
+    from qlora.errors import ConfigError
+    from qlora.memory.plan import plan_for
+    from qlora.memory.preflight import available_on, check_fits
+    from qlora.report.memory import main
+
+    args = ["recipes/llama8b.py", "--methods=qlora", "--gpu-gib", "24", "--host-gib", "8", "--gpus", "2", "--json",
+            "--data.max_seq_len=65536", "--train.plan=fastest"]
+    cfg = apply_overrides(load_recipe(ROOT / args[0]), args[9:])
+    plan_for(cfg, "cuda", 24 * GIB, "a card of 24 GiB", None, 2)  # as use_plan chooses for 2 processes
+    for host_gib, fits in ((8, False), (128, True)):
+        assert main([*args[:5], str(host_gib), *args[6:]]) == 0
+        out = capsys.readouterr()
+        r = json.loads(out.out)
+        assert r["plan"]["chose"] == cfg.train.plan_chose and "the host not counted" in r["plan"]["lines"][0]
+        each = r["methods"]["qlora"]["per_gpu"]["data_parallel"]
+        assert each["fits"] is fits and each["host_fits"] is fits
+        if fits:
+            est = check_fits(cfg, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=available_on(128 * GIB))
+            assert each["host_bytes"] == est.host_bytes
+        else:
+            assert f"data parallel {each['estimated_peak_bytes'] / GIB:.2f} GiB [does not fit the host of 8.00 GiB]" \
+                in out.err
+            with pytest.raises(ConfigError, match="host memory"):
+                check_fits(cfg, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=available_on(8 * GIB))
+
+
 def test_the_plan_keeps_an_offload_budget_the_command_line_sets(capsys):
     """qlora.train keeps a lever set on its command line (plan.keep_overridden): --train.offload_budget_gib was not
     among them, so the plan for 80 GiB and a host of 140 estimated every layer input it keeps on the host (119.56 GiB

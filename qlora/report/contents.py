@@ -122,7 +122,7 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
             if "measured_device" in entry:
                 report["device"] = entry.pop("measured_device")
         if gpus > 1:
-            entry["per_gpu"] = per_gpu(mcfg, arch, method, device, gpus, total)
+            entry["per_gpu"] = per_gpu(mcfg, arch, method, device, gpus, total, host)
         report["methods"][method] = entry
     if gpus > 1:
         report["gpus"] = gpus
@@ -136,8 +136,10 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
     return report
 
 
-def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device_total: int) -> dict:
-    """The estimate per process of `gpus`: data parallel, and (qlora, lora) with the frozen base sharded."""
+def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device_total: int,
+            host: int | None = None) -> dict:
+    """The estimate per process of `gpus`: data parallel, and (qlora, lora) with the frozen base sharded; each
+    against the card and (unless `host` is None) the host, as each process checks its own before loading."""
     out = {}
     for case, shard in (("data_parallel", False), ("shard_base", True)):
         if shard and method == "full":  # every weight trains: qlora.train refuses train.shard_base
@@ -148,7 +150,7 @@ def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device
         if shard:  # what qlora.train refuses beside a sharded base: embeddings in CPU memory, sequence tiles
             c.model.embeddings_on_cpu, c.train.tile_size, c.train.tile_projections = False, 0, False
             c.train.tile_norms = False
-        out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total)
+        out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total, host)
     return out
 
 

@@ -57,7 +57,7 @@ def summary_lines(report: dict) -> list[str]:
             out.append(f"        base streamed: {e['streamed']}")
         if "per_gpu" in e:
             out.append(f"        on {report['gpus']} GPUs, per GPU: " + ", ".join(
-                f"{CASES[case]} {gib(c['estimated_peak_bytes'])} GiB{'' if c['fits'] else ' [does not fit]'}"
+                f"{CASES[case]} {gib(c['estimated_peak_bytes'])} GiB{_mark(c, report)}"
                 for case, c in e["per_gpu"].items()))
     return out
 

@@ -224,9 +224,9 @@ def _main(argv: list[str]) -> int:
     card, plan, host = None, None, None
     if cli.card_gib is not None:
         card = (int(cli.card_gib * GIB), f"a card of {cli.card_gib:g} GiB (--gpu-gib)")
-        host = int(cli.host_gib * GIB) if cli.gpus == 1 else None  # several processes share it: not counted
+        host = int(cli.host_gib * GIB)  # each process checks its own before loading; a plan for several does not
         if cfg.train.plan == "fastest":
-            plan = card_plan(cfg, cli, card, host)
+            plan = card_plan(cfg, cli, card, host if cli.gpus == 1 else None)
     report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus, card, host)
     report.update({"plan": plan} if plan is not None else {})
     if cli.as_json:
@@ -255,7 +255,7 @@ def card_plan(cfg: Config, cli: Cli, card: tuple[int, str], host: int | None) ->
     from qlora.memory.preflight import available_on
 
     keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
-    where = card[1] + (f", a host of {cli.host_gib:g} GiB (--host-gib)" if host is not None else "")
+    where = card[1] + (f", a host of {cli.host_gib:g} GiB (--host-gib)" if host else ", the host not counted (--gpus)")
     chosen, lines = plan_for(cfg, "cuda", card[0], where, None if host is None else available_on(host), cli.gpus)
     return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
             "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
