@@ -367,6 +367,29 @@ def test_a_plain_resume_names_the_runs_levers_not_the_plan_keep_its_command_line
     assert "train.batch_size=8 (the run has 2)" in resuming and "plan_keep" not in resuming, resuming
 
 
+def test_a_lever_the_recipe_keeps_since_the_run_began_is_named_on_resume(cli, tmp_path: Path, capsys) -> None:
+    """A recipe whose train.plan_keep gained a lever after the run began: the resume goes on with the run's plan_keep
+    (the run's plan stays where it fits, the gained lever as that plan set it), and its line names the recipe's list as
+    not used, beside the run's; a gained lever the run keeps already (its first command line set it) changes nothing
+    and is not named. A mutant that never named train.plan_keep survived test_plan.py and test_resume.py."""
+    from qlora.config import resolve_paths
+    from qlora.training.runconfig import resume_config
+
+    out = tmp_path / "run"
+    args = [f"--output.dir={out}", "--train.eval_before=false", "--train.eval_batches=1"]
+    assert cli.run(["recipes/tiny.py", *args, "--train.steps=2", "--train.plan=fastest", "--train.batch_size=2",
+                    "--train.dequant_once=true"]).status == 0
+    ours = ["train.batch_size", "train.dequant_once"]  # the run's plan_keep, as its first command line filled it
+    for gained, named in ((["train.fuse_lora"], True), (["train.dequant_once"], False)):
+        edited = recipe("tiny", *args, "--train.steps=3")  # the recipe as it reads now, with the resume's overrides
+        edited.train.plan_keep = gained
+        resumed = resume_config(resolve_paths(edited), [*args, "--train.steps=3"])
+        resuming = capsys.readouterr().out
+        assert resumed.train.plan_keep == ours and "train.batch_size=8 (the run has 2)" in resuming
+        assert (f"train.plan_keep={gained!r} (the run has {ours!r})" in resuming) is named, resuming
+        assert ("plan_keep" in resuming) is named, resuming
+
+
 def test_a_ceiling_no_plan_fits_is_refused_not_passed_over(tiny_config: Config) -> None:
     """train.plan_gib is the most the plan may use: below anything that fits, the run went on with the recipe's
     levers, past the ceiling, having said only that nothing fit."""
