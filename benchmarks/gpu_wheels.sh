@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wheels the GPU image lacks, fetched here (with a network) into one gitignored folder that a GPU command
-# carries along; benchmarks/gpu.sh installs the ones missing there, offline (README: "Measuring on a GPU").
+# carries along; benchmarks/gpu.sh installs the ones missing there, offline (docs/gpu.md).
 #   bash benchmarks/gpu_wheels.sh [FOLDER]        (default .whl)
 # For the image's Python 3.12 on manylinux x86_64 (torch 2.11 on CUDA 13.0, transformers 5.17, peft 0.21):
 #   FOLDER/          what every item may import: bitsandbytes cut to the CUDA 13.0 library the image loads (43 MB
