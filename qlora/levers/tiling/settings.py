@@ -9,7 +9,7 @@ from qlora.levers.lever import Lever, LeverFields, RunConfig
 
 # The smallest tile allowed. Each tile runs its module once more (dequantising its NF4 weights again), so the step's
 # time grows with the count of tiles: the tiny recipe's step (8 rows, 480 tokens, one thread) took 5.0x the untiled
-# one at 16 tokens, 9.2x at 8, 20x at 4, 24x at 3 and 81x at 1 (docs/memory.md), while a 16-token tile's
+# one at 16 tokens, 9.2x at 8, 20x at 4, 24x at 3 and 81x at 1 (commit 3e1fb18), while a 16-token tile's
 # intermediates are under 3 MB even for Llama-70B (gate, up and act: 3 x 16 x 28,672 x 2 bytes in bf16), so a
 # smaller tile saves almost nothing more.
 MIN_TILE = 16
