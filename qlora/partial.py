@@ -8,7 +8,8 @@ the earlier one, never half of one. A kill -9 runs no cleanup, so the hidden cop
 one of a process that is gone, which it removes and names.
 
 The rename of a new file never replaces one that appeared while it was written (`rename_new`), and the folders a
-writer creates for its output are removed again if it fails (`new_folders`).
+writer creates for its output are removed again if it fails (`new_folders`). The files of one memory report are
+written aside together and renamed one after another, the .json last (`write_together`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import errno
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,6 +114,34 @@ def new_folders(folder: Path) -> Iterator[None]:
             with contextlib.suppress(OSError):  # no longer empty: another writer's now
                 path.rmdir()
         raise
+
+
+def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) -> None:
+    """Write each file of a report (its name -> a function that writes it at a path) under a hidden temporary name in
+    out_dir, then rename them into place, in the order given; on failure remove the temporaries.
+
+    The files are one report: written in place, a kill (the plot takes most of the time) would leave a new .json
+    beside an old .md, or a 0-byte .png. Written aside, a kill while writing leaves the old set as it was, and only a
+    kill between the renames (microseconds) can mix them. The .json goes last: it is the record a tool reads, with the
+    command that made it, so a .json is never newer than the .md and .png beside it.
+    """
+    with new_folders(out_dir):  # removed again if the report fails (a full disk left it empty)
+        for stem in {Path(name).stem for name in writers}:
+            remove_abandoned(out_dir / stem)  # a killed report's temporaries
+        # The suffix stays last: matplotlib picks the image format from it.
+        temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
+        name = None
+        try:
+            for name, write in writers.items():
+                write(temps[name])
+            for name, tmp in temps.items():
+                os.replace(tmp, out_dir / name)
+        except BaseException as err:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+            if name is not None:
+                name_output(err, temps[name], out_dir / name)
+            raise
 
 
 def name_output(err: BaseException, hidden: Path | str, out: Path) -> None:

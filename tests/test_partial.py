@@ -64,8 +64,7 @@ def test_a_full_disk_under_a_file_written_aside_names_the_file(tmp_path: Path, m
     import errno
 
     from qlora.errors import exit_status
-    from qlora.partial import write_aside
-    from qlora.report.memory import write_together
+    from qlora.partial import write_aside, write_together
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as close() raises it: no filename

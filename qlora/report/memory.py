@@ -22,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import re
 import shlex
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from qlora.errors import ConfigError, check_writable, repeated_notes
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import load_arch
 from qlora.memory.terms import CUDA_CONTEXT
-from qlora.partial import name_output, new_folders, remove_abandoned
+from qlora.partial import write_together
 from qlora.report.contents import build_report, target_device, versions
 
 USAGE = MEMORY.usage
@@ -59,34 +57,6 @@ def write_report(report: dict, out_dir: Path) -> Path:
                              f"{stem}.md": lambda path: path.write_text(markdown(report, f"{stem}.png")),
                              f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n")})
     return out_dir / f"{stem}.md"
-
-
-def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) -> None:
-    """Write each file of a report (its name -> a function that writes it at a path) under a hidden temporary name in
-    out_dir, then rename them into place, in the order given; on failure remove the temporaries.
-
-    The files are one report: written in place, a kill (the plot takes most of the time) would leave a new .json
-    beside an old .md, or a 0-byte .png. Written aside, a kill while writing leaves the old set as it was, and only a
-    kill between the renames (microseconds) can mix them. The .json goes last: it is the record a tool reads, with the
-    command that made it, so a .json is never newer than the .md and .png beside it.
-    """
-    with new_folders(out_dir):  # removed again if the report fails (a full disk left it empty)
-        for stem in {Path(name).stem for name in writers}:
-            remove_abandoned(out_dir / stem)  # a killed report's temporaries
-        # The suffix stays last: matplotlib picks the image format from it.
-        temps = {name: out_dir / f".{Path(name).stem}.partial-{os.getpid()}{Path(name).suffix}" for name in writers}
-        name = None
-        try:
-            for name, write in writers.items():
-                write(temps[name])
-            for name, tmp in temps.items():
-                os.replace(tmp, out_dir / name)
-        except BaseException as err:
-            for tmp in temps.values():
-                tmp.unlink(missing_ok=True)
-            if name is not None:
-                name_output(err, temps[name], out_dir / name)
-            raise
 
 
 @dataclass
