@@ -125,6 +125,10 @@ def write_together(out_dir: Path, writers: dict[str, Callable[[Path], object]]) 
     kill between the renames (microseconds) can mix them. The .json goes last: it is the record a tool reads, with the
     command that made it, so a .json is never newer than the .md and .png beside it.
     """
+    for name in writers:  # met at its rename, a directory failed the report after the files before it were renamed
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():  # a link is replaced, as a file is
+            raise ConfigError(f"{out_dir / name} is a directory, where the report writes its {Path(name).suffix} "
+                              "file: move it away, or choose another --out-dir")
     with new_folders(out_dir):  # removed again if the report fails (a full disk left it empty)
         for stem in {Path(name).stem for name in writers}:
             remove_abandoned(out_dir / stem)  # a killed report's temporaries

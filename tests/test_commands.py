@@ -306,6 +306,9 @@ CASES = [
            r"and weights$"),
     ("memory: --out-dir is a file", "qlora.memory", [TINY, "--out-dir={tmp}/report"], a_file("report"),
      r"--out-dir=.*report is a file: give a directory"),
+    ("memory: a directory at a report's name", "qlora.memory", [TINY, "--out-dir={tmp}"], a_dir("tiny-none.json"),
+     r"tiny-none.json is a directory, where the report writes its .json file: move it away, or choose another "
+     r"--out-dir$"),
     ("memory: --out-dir in a run's checkpoint", "qlora.memory", [TINY, "--out-dir={run}/checkpoint-2/report"], noop,
      r"--out-dir=.*run/checkpoint-2/report lies in the run .*run's own checkpoint-2, which its training reads, renames "
      r"or removes: choose a directory outside it$"),
