@@ -156,6 +156,17 @@ def a_dir(name: str) -> Callable[[Path, Path], None]:
     return setup
 
 
+def before_first_checkpoint(run: Path, other: Path) -> None:
+    """What a run killed before its first checkpoint leaves: its run_config.json, no weights, no checkpoint-N."""
+    (run / ADAPTER_WEIGHTS).unlink()
+    shutil.rmtree(run / "checkpoint-2")
+
+
+def a_dir_for_the_adapter(run: Path, other: Path) -> None:
+    (run / ADAPTER_WEIGHTS).unlink()
+    (run / ADAPTER_WEIGHTS).mkdir()
+
+
 # (id, module, arguments: {run} is a finished run's copy, {tmp} its parent; setup; the one line must match this)
 CASES = [
     # its folder's run_config.json was read, then the adapter beside the file was "not found: the run has not finished"
@@ -306,6 +317,15 @@ CASES = [
            r"and weights$"),
     ("memory: --out-dir is a file", "qlora.memory", [TINY, "--out-dir={tmp}/report"], a_file("report"),
      r"--out-dir=.*report is a file: give a directory"),
+    ("eval: a run killed before its first checkpoint", "qlora.eval", ["{run}"], before_first_checkpoint,
+     r"run/adapter_model.safetensors not found: the run has not finished; it stopped before its first checkpoint, so "
+     r"nothing was trained to use: train it again$"),
+    ("generate: a checkpoint that lost its adapter", "qlora.generate", ["{run}/checkpoint-2", "--prompt=dog"],
+     write(f"checkpoint-2/{ADAPTER_WEIGHTS}", None), r"checkpoint-2/adapter_model.safetensors not found: the "
+     r"checkpoint lost it since it was written; no checkpoint of the run holds one: restore it, or train the run "
+     r"again$"),
+    ("merge: a directory for the adapter", "qlora.merge", ["{run}", "--out={tmp}/m"], a_dir_for_the_adapter,
+     r"run/adapter_model.safetensors is not a file; pass .*run/checkpoint-2 instead$"),
     ("memory: a directory at a report's name", "qlora.memory", [TINY, "--out-dir={tmp}"], a_dir("tiny-none.json"),
      r"tiny-none.json is a directory, where the report writes its .json file: move it away, or choose another "
      r"--out-dir$"),

@@ -34,6 +34,7 @@ from qlora.base.quantize import roundtrip
 from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.training.assemble import read_run_adapter_config, read_run_config, trained_dtype
+from qlora.training.restore import require_weights
 
 
 def quantized_modules(base_path: str, cfg: Config) -> set[str]:
@@ -88,9 +89,7 @@ def read_scaling(run_dir: Path, cfg: Config) -> float:
         raise ConfigError(f"{run_dir} is a full fine-tuning run (quant.method=full): it has no adapter to merge")
     if cfg.model.synthetic:
         raise ConfigError(f"{run_dir} trained on synthetic weights (model.synthetic=true): there is no base to merge")
-    if not (run_dir / ADAPTER_WEIGHTS).is_file():
-        raise ConfigError(f"{run_dir / ADAPTER_WEIGHTS} not found: the run has not finished; pass one of its "
-                          "checkpoint-N directories instead")
+    require_weights(run_dir, ADAPTER_WEIGHTS)
     adapter_cfg = read_run_adapter_config(run_dir, cfg)  # an edited one would merge at another scale than trained
     return adapter_cfg["lora_alpha"] / adapter_cfg["r"]
 

@@ -33,6 +33,7 @@ from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import available_bytes
 from qlora.training import checkpoint, distributed
+from qlora.training.restore import require_weights
 from qlora.training.runconfig import MOVABLE, check_recorded
 from qlora.training.rundir import lock_holder
 from qlora.training.sensitivity import keep_sensitive_layers
@@ -247,9 +248,7 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     if base_path is not None:
         cfg.model.path, cfg.model.build = base_path, None
     weights = checkpoint.weights_file(cfg)
-    if not (run_dir / weights).is_file():
-        raise ConfigError(f"{run_dir / weights} not found: the run has not finished; pass one of its "
-                          "checkpoint-N directories instead")
+    require_weights(run_dir, weights)
     if cfg.quant.method != "full":
         read_run_adapter_config(run_dir, cfg)
     model, tokenizer, path = load_model(cfg, dev)

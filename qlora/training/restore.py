@@ -48,6 +48,21 @@ def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
     return None, None
 
 
+def require_weights(run_dir: Path, weights: str) -> None:
+    """Refuse a RUN_DIR (or checkpoint-N) without its weights file, naming a fix that exists: "pass one of its
+    checkpoint-N directories" was said to a run killed before its first checkpoint, and to a checkpoint-N itself."""
+    path, ckpt = run_dir / weights, PATTERN.match(run_dir.name)
+    if path.is_file():
+        return
+    kept = [c for c in list_checkpoints(run_dir.parent if ckpt else run_dir) if (c / weights).is_file()]
+    why = ("is not a file" if path.exists() else "not found: the checkpoint lost it since it was written" if ckpt
+           else "not found: the run has not finished")
+    use = (f"pass {kept[-1]} instead" if kept else "no checkpoint of the run holds one: restore it, or train the run "
+           "again" if checkpoint_dirs(run_dir.parent if ckpt else run_dir) else "it stopped before its first "
+           "checkpoint, so nothing was trained to use: train it again")
+    raise ConfigError(f"{path} {why}; {use}")
+
+
 def _refused(err: pickle.UnpicklingError) -> str:
     """What weights_only refused, from torch's message: its last line only pointed at the documentation, and the rest
     advises weights_only=False, which would run the file's code."""
