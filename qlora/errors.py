@@ -145,22 +145,27 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def launched_ranks() -> tuple[int, int, int]:
-    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun and accelerate launch set them (0, 1, 0 for a process alone): each
-    ASCII digits (int() also takes " 1", "-1" and "٣", and "²" passes isdigit), the ranks below the world size.
-    RANK=1 alone trained on no rows and crashed in its first step; WORLD_SIZE=0 divided by zero in the first
-    evaluation."""
-    values = {name: os.environ.get(name, default) for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"),
-                                                                        ("LOCAL_RANK", "0"))}
+def launched_ranks() -> tuple[int, int, int, int]:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun and accelerate launch set them (0, 1, 0, 1 for a
+    process alone): each ASCII digits (int() also takes " 1", "-1" and "٣", and "²" passes isdigit), the ranks below
+    the world size. RANK=1 alone trained on no rows and crashed in its first step; WORLD_SIZE=0 divided by zero in
+    the first evaluation. A launcher that leaves LOCAL_WORLD_SIZE unset is taken to start every process on this host:
+    the share of its memory each counts on (preflight.host_share) is then never more than its own."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    values = {name: os.environ.get(name, default) for name, default in (
+        ("RANK", "0"), ("WORLD_SIZE", size), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", size))}
     fix = "launch with torchrun --nproc-per-node=N -m qlora.train RECIPE.py, which sets them, or unset them"
     for name, value in values.items():
         if not (value.isascii() and value.isdigit()) or len(value) > 9:  # int() refuses 4,300 digits
             raise ConfigError(f"{name}={value!r} is not a whole number of up to 9 digits: {fix}")
-    rank, size, local_rank = (int(v) for v in values.values())
+    rank, size, local_rank, local_size = (int(v) for v in values.values())
     if max(rank, local_rank) >= size:
         raise ConfigError(f"RANK={rank} and LOCAL_RANK={local_rank} with WORLD_SIZE={size}: each rank lies in [0, "
                           f"WORLD_SIZE); {fix}")
-    return rank, size, local_rank
+    if not local_rank < local_size <= size:
+        raise ConfigError(f"LOCAL_RANK={local_rank} with LOCAL_WORLD_SIZE={local_size} of WORLD_SIZE={size}: this "
+                          f"host's ranks lie in [0, LOCAL_WORLD_SIZE), and it has at most WORLD_SIZE; {fix}")
+    return rank, size, local_rank, local_size
 
 
 def line_of_this_rank(code: int, line: str) -> str | None:

@@ -31,7 +31,7 @@ from qlora.data.batches import check_step_rows, eval_batches, micro_batches, res
 from qlora.errors import ConfigError, Session
 from qlora.levers.stream_base.settings import check_processes
 from qlora.memory.plan import keep_overridden, unplanned, use_plan
-from qlora.memory.preflight import cpu_instead, room, say_fits
+from qlora.memory.preflight import cpu_instead, say_fits
 from qlora.memory.profiler import PhaseTracker
 from qlora.training import checkpoint, distributed, guard, launch, runconfig, rundir
 from qlora.training.assemble import prepare, print_summary
@@ -223,10 +223,10 @@ def _start(cfg: Config, resume: bool, overwrite: bool, watch: guard.RunGuard,
     device = ranks.device if ranks.several else resolve_device(t.device, fix=cpu_instead(cfg) if no_gpu else "")
     use_kernel(cfg, device)  # SDPA's CUDA kernel as model.sdpa_backend asks
     if t.plan == "fastest":  # the levers for this card and host, printed and recorded before loading
-        use_plan(cfg, device, ranks.size, ranks.least(room(device)))
+        use_plan(cfg, device, ranks.size, ranks.local_size, ranks.least)
     # A step the estimate (with the allocator's margin) puts beyond the card, or the host, is refused before the base
     # is loaded, with the longest data.max_seq_len that fits; one that fits is said with its estimate.
-    say_fits(cfg, device, ranks.size)
+    say_fits(cfg, device, ranks.size, ranks.local_size)
     profiler = PhaseTracker(resolve_device(t.device))  # before loading: on CPU its baseline is the process without it
     watch.device, watch.profiler = profiler.device, profiler  # for the report if memory runs out, loading included
     run = prepare(cfg, profiler, resuming=resume and bool(checkpoint.checkpoint_dirs(run_dir)), ranks=ranks)

@@ -654,7 +654,10 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output_dir(cli, scratc
     ({"RANK": "1", "WORLD_SIZE": "1"}, r"RANK=1 and LOCAL_RANK=0 with WORLD_SIZE=1: each rank lies in \[0, "
                                        r"WORLD_SIZE\); launch with torchrun"),  # trained on no rows, then crashed
     ({"WORLD_SIZE": "0"}, r"WORLD_SIZE=0: each rank lies in"),  # divided by zero in the first evaluation
-], ids=["superscript", "arabic digit", "negative", "rank past the world", "no world"])
+    # each process would count on a third of the host's memory, two of them on it
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "3"}, r"LOCAL_RANK=0 with LOCAL_WORLD_SIZE=3 of WORLD_SIZE=2: this "
+                                                   r"host's ranks lie in \[0, LOCAL_WORLD_SIZE\)"),
+], ids=["superscript", "arabic digit", "negative", "rank past the world", "no world", "more on the host"])
 def test_launch_variables_that_are_no_ranks_are_refused(cli, tmp_path, env, pattern):
     out = tmp_path / "run"
     check_refused(cli.run([TINY, f"--output.dir={out}"], env=env), pattern)

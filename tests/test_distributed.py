@@ -414,16 +414,34 @@ if os.environ["RANK"] == "1":  # a host with less memory available than rank 0's
 def test_every_process_plans_for_the_least_memory_of_them(cli, tmp_path):
     """train.plan=fastest chose by each process's own card, or on CPU its host's available memory: with rank 1's host
     just large enough for the recipe's own step, rank 0 dropped checkpointing and rank 1 kept it, and rank 0's plan
-    was recorded as the run's. Every process plans for the least of them, and rank 0 says so."""
+    was recorded as the run's. Every process plans for the least of them, and rank 0 says so. Both share their host
+    (LOCAL_WORLD_SIZE=2): rank 1's holds the step twice, once for each."""
     argv = ["recipes/tiny.py", "--train.plan=fastest", "--train.steps=1", "--train.eval_before=false",
             "--train.eval_batches=1", *TWO]
     cfg = apply_overrides(load_recipe(ROOT / argv[0]), argv[1:])
     tight = needs(estimate(cfg, load_arch(cfg), "qlora", "cpu", 2))[0]
-    rank0, rank1 = run_ranks(cli, [*argv, f"--output.dir={tmp_path / 'run'}"], prelude=SMALL_HOST.format(tight=tight))
+    rank0, rank1 = run_ranks(cli, [*argv, f"--output.dir={tmp_path / 'run'}"],
+                             prelude=SMALL_HOST.format(tight=2 * tight))
     assert rank0.status == rank1.status == 0, (rank0.stderr, rank1.stderr)
-    assert f"this host has {tight / 2**30:.2f} GiB available, the least of 2 processes'" in rank0.stdout, rank0.stdout
+    assert f"this host's {2 * tight / 2**30:.2f} GiB available, shared by 2 processes: {tight / 2**30:.2f} GiB " \
+           "each, the least of 2 processes'" in rank0.stdout, rank0.stdout
     recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())["train"]
     assert recorded["gradient_checkpointing"] is True, recorded["plan_chose"]
+
+
+def test_processes_on_one_host_each_check_their_share_of_it(cli, tmp_path):
+    """Two processes on one host (LOCAL_WORLD_SIZE=2) each weighed the host's whole available memory as their own:
+    on a host that holds the step once and a half, both passed the check before loading and together asked it for
+    twice. Each checks its share, and the run is refused before loading, the share named."""
+    argv = ["recipes/tiny.py", "--train.steps=1", "--train.eval_before=false", *TWO]
+    cfg = apply_overrides(load_recipe(ROOT / argv[0]), argv[1:])
+    host = int(1.5 * needs(estimate(cfg, load_arch(cfg), "qlora", "cpu", 2))[0])
+    both = f"import qlora.memory.preflight\nqlora.memory.preflight.available_bytes = lambda: {host}\n"
+    rank0, rank1 = run_ranks(cli, [*argv, f"--output.dir={tmp_path / 'run'}"], prelude=both)
+    assert rank0.status == rank1.status == 2, (rank0.stderr, rank1.stderr)
+    assert f"this host's {host / 2**30:.2f} GiB available, shared by 2 processes: {host // 2 / 2**30:.2f} GiB " \
+           "each (python -m qlora.memory" in rank0.stderr, rank0.stderr
+    assert "loading " not in rank0.stdout
 
 
 ALONE = """

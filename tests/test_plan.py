@@ -442,6 +442,35 @@ def test_a_plan_without_checkpointing_fits_the_host_too() -> None:
     assert needs(small.estimate)[1] <= GIB // 2 and small.estimate.card_bytes <= card
 
 
+def test_processes_on_one_host_plan_for_their_share_of_it(fake_gpu: None, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Two CUDA processes on one host planned without it (use_plan), so the plan could keep in host memory what each
+    process's check before loading then refused. The 8B recipe on a card 0.05 GiB short of its plain step, on a host
+    that takes the cheapest lever's embedding table once and a half: one process keeps it there; each of two counts
+    its share, the least over the processes (here the same), and saves elsewhere within it."""
+    import types
+
+    from qlora.memory.plan import use_plan
+
+    cfg = recipe("llama8b", "--train.plan=fastest")
+    card = choose(cfg, "cuda", 200 * GIB, HOST, 2).estimate.card_bytes - GIB // 20
+    roomy = choose(copy.deepcopy(cfg), "cuda", card, HOST, 2)
+    assert roomy.settings["model.embeddings_on_cpu"] is True
+    available = int(1.5 * needs(roomy.estimate)[1])
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=card, name="a card"))
+    monkeypatch.setattr("qlora.memory.plan.available_bytes", lambda: available)
+    alone = use_plan(copy.deepcopy(cfg), torch.device("cuda"), 2)
+    assert alone.settings["model.embeddings_on_cpu"] is True
+    capsys.readouterr()
+    seen = []
+    shared = use_plan(copy.deepcopy(cfg), torch.device("cuda"), 2, 2, lambda room: seen.append(room) or room)
+    assert not shared.settings["model.embeddings_on_cpu"] and needs(shared.estimate)[1] <= available // 2
+    assert seen[1][0] == available // 2  # every process's share, the least of them
+    assert f"this host's {available / GIB:.2f} GiB available, shared by 2 processes: {available // 2 / GIB:.2f} " \
+           "GiB each" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_no_lever_the_plan_turns_on_could_be_off() -> None:
     """The 8B recipe at 16,384 tokens on 10 GiB: every lever the plan turns on that costs time is needed, its plan
     with that lever off does not fit. Comparing a candidate's table cost without what its checkpoint plan adds let a

@@ -91,6 +91,21 @@ def test_the_trainer_refuses_before_loading_on_a_small_card(tmp_path: Path, smal
     assert "not even one row of 64 tokens fits: use a larger card" in capsys.readouterr().err
 
 
+def test_processes_on_one_host_each_weigh_their_share_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes of a run on one CPU host (torchrun --nproc-per-node=2) load and step at once: each weighed the
+    host's whole available memory as its own and passed a step that fits the host once, not twice. A step that fits
+    the whole host but not half of it is refused for each of 2, naming the share; for one it still fits."""
+    cfg = load_recipe(ROOT / "recipes" / "tiny.py")
+    need = needs(at(cfg, cfg.data.max_seq_len, "cpu"))[0]
+    available = int(1.5 * need)
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: available)
+    assert check_fits(cfg, torch.device("cpu")) is not None
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, torch.device("cpu"), 2, processes=2)
+    assert f"and this host's {available / GIB:.2f} GiB available, shared by 2 processes: " \
+           f"{available // 2 / GIB:.2f} GiB each (python -m qlora.memory" in str(refused.value)
+
+
 def test_a_micro_batch_beyond_the_host_is_refused_naming_the_largest_that_fits() -> None:
     """The tiny recipe's rows of 128 tokens in micro-batches of 10^5 rows on a 2 GiB host: fewer rows at a time,
     with as many rows per step, or shorter rows."""
@@ -236,7 +251,7 @@ def test_a_step_that_needs_exactly_the_card_and_the_host_is_accepted() -> None:
     assert host > GIB  # the embedding table alone is 1 GiB in bf16
     assert check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host) is not None
     with pytest.raises(ConfigError, match=rf"^data.max_seq_len=2048: the plan keeps {host / GIB:.2f} GiB in host "
-                                          rf"memory and {(host - 1) / GIB:.2f} GiB is available \("):
+                                          rf"memory and this host has {(host - 1) / GIB:.2f} GiB available \("):
         check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host - 1)
 
 
@@ -269,7 +284,8 @@ def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loa
     card, host = needs(est)
     line, = capsys.readouterr().out.splitlines()
     assert line.startswith(f"the step is estimated at {card / GIB:.2f} GiB with the allocator's margin and an 80 GiB "
-                           f"card has 80.00 GiB; {host / GIB:.2f} GiB in host memory, 100.00 GiB available; "), line
+                           f"card has 80.00 GiB; {host / GIB:.2f} GiB in host memory, and this host has 100.00 GiB "
+                           "available; "), line
     assert line.endswith("; memory levers: offload_activations, tile_size=4096 with tile_projections and tile_norms, "
                          "loss_chunk_size=1024, embeddings_on_cpu"), line
     tiny = load_recipe(ROOT / "recipes" / "tiny.py")

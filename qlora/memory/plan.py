@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ from qlora.memory.candidates import (
 from qlora.memory.context import budget_text
 from qlora.memory.costs import COSTS, LeverCost
 from qlora.memory.estimate import Estimate, estimate
-from qlora.memory.preflight import fits, needs, room
+from qlora.memory.preflight import fits, host_share, needs, room
 from qlora.memory.readings import available_bytes
 
 GIB = 2**30
@@ -238,21 +239,23 @@ def keep_overridden(cfg: Config, overrides: list[str]) -> None:
     cfg.train.plan_keep += [key for key in dict.fromkeys(ours) if key not in cfg.train.plan_keep]
 
 
-def use_plan(cfg: Config, device: torch.device, gpus: int = 1, card: tuple[int, str] | None = None) -> Plan | None:
-    """Choose the plan for `device` (or `card`: its bytes and what they are) and the host, set its levers on `cfg`
-    (train.plan_chose records the overrides) and print what was chosen and why; with several processes the host is
-    not counted, and `card` is the least of theirs, so that every process chooses alike (each checks its own card and
-    host before loading)."""
-    card, where = card or room(device)
-    host = available_bytes() if device.type == "cuda" and gpus == 1 else None
-    plan, lines = plan_for(cfg, device.type, card, where, host, gpus)
+def use_plan(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 1,
+             least: Callable[[tuple[int, str]], tuple[int, str]] = lambda room: room) -> Plan | None:
+    """Choose the plan for `device` and the host, set its levers on `cfg` (train.plan_chose records the overrides)
+    and print what was chosen and why. Each of the run's `processes` on this host counts its share of the host
+    (preflight.host_share), as its check before loading does; `least` (Ranks.least: the least over every process of
+    the card or the share) makes every process choose alike."""
+    card, where = least(room(device, processes))
+    host, host_where = least(host_share(available_bytes(), processes)) if device.type == "cuda" else (None, "")
+    plan, lines = plan_for(cfg, device.type, card, where, host, gpus, host_where)
     print("\n".join(lines))
     return plan
 
 
-def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
-             gpus: int = 1) -> tuple[Plan | None, list[str]]:
-    """The plan for a card of `card` bytes (`where` says which) and `host` bytes of host memory (None: not counted),
+def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None, gpus: int = 1,
+             host_where: str = "") -> tuple[Plan | None, list[str]]:
+    """The plan for a card of `card` bytes (`where` says which) and `host` bytes of host memory (None: not counted;
+    `host_where` says what they are),
     its levers set on `cfg`, and the lines that say what was chosen and why: qlora.train's choice on the card it
     finds, and `python -m qlora.memory RECIPE --gpu-gib N`'s for a card named."""
     whole = card
@@ -270,8 +273,9 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None,
                           f"({where}): raise train.plan_gib (0 = the whole card), or shorten data.max_seq_len")
     if plan is None:
         return None, [f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set"]
-    lines = explain(cfg, plan, device, where + (f", {host / GIB:.2f} GiB of host memory available"
-                                                if host is not None else ""))
+    if host is not None:
+        where += ", " + (host_where or f"{host / GIB:.2f} GiB of host memory available")
+    lines = explain(cfg, plan, device, where)
     if kept is not None:
         lines.insert(1, "  the run's own plan, as it chose at its start (train.plan_chose), which still fits: kept")
     elif cfg.train.plan_chose and sorted(plan.overrides(cfg)) != sorted(cfg.train.plan_chose):

@@ -7,9 +7,10 @@ the estimator puts at 49 GiB on a 23 GiB machine).
 
 On CUDA the host side is checked too: what the plan keeps in host memory (offloaded layer inputs, the optimizer on the
 CPU, the embedding table, a base streamed from there) against what the host has available, beside the process's own
-use; a streamed base the host cannot pin is refused as such, for no shorter row would help. An architecture the
-estimator does not know, or adapters the model cannot have (a rank above a layer's side, targets it lacks), is not
-checked: the loader's own refusal names the fix (and the out-of-memory report still names what would fit).
+use (each process of several on one host against its share: host_share); a streamed base the host cannot pin is
+refused as such, for no shorter row would help. An architecture the estimator does not know, or adapters the model
+cannot have (a rank above a layer's side, targets it lacks), is not checked: the loader's own refusal names the fix
+(and the out-of-memory report still names what would fit).
 """
 
 from __future__ import annotations
@@ -49,14 +50,25 @@ def process_margin(est: Estimate) -> int:
     return CPU_LIBRARIES + int(CPU_FREE_LISTS * est.components.get("activations", 0))
 
 
-def room(device: torch.device) -> tuple[int, str]:
-    """(bytes, what they are) of the memory a step on `device` has: the card's, or on a CPU device the host's
-    available memory (MemAvailable: what the kernel can hand out now, beside this process's own use so far)."""
+def room(device: torch.device, processes: int = 1) -> tuple[int, str]:
+    """(bytes, what they are) of the memory a step on `device` has: the card's, or on a CPU device this process's
+    share of the host (host_share) among the `processes` of the run on this host."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"{props.name} has {props.total_memory / GIB:.2f} GiB"
-    free = available_bytes()
-    return free, f"this host has {free / GIB:.2f} GiB available"
+    return host_share(available_bytes(), processes)
+
+
+def host_share(available: int, processes: int = 1, host: str = "this host") -> tuple[int, str]:
+    """(bytes, what they are) of a host's `available` memory (MemAvailable: what the kernel can hand out now, beside
+    the processes' own use so far) that one of the run's `processes` on that host may count on: an equal share, the
+    whole for one. Each loads and steps at once, so each weighing the whole host passed a step that together they
+    asked of it `processes` times over."""
+    if processes <= 1:
+        return available, f"{host} has {available / GIB:.2f} GiB available"
+    each = available // processes
+    return each, (f"{host}'s {available / GIB:.2f} GiB available, shared by {processes} processes: "
+                  f"{each / GIB:.2f} GiB each")
 
 
 def needs(est: Estimate) -> tuple[int, int]:
@@ -117,10 +129,11 @@ def fitting(cfg: Config, arch: Arch, device: str, device_bytes: int, host_bytes:
 
 
 def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: int | None = None,
-               host_bytes: int | None = None) -> Estimate | None:
-    """Refuse (ConfigError) a step whose estimate does not fit `device`: the card's memory (or, on a CPU device, the
-    host's available memory) unless `device_bytes` is given, and on CUDA the host's available memory for what the
-    plan keeps there. Returns the estimate, or None for an architecture the estimator does not know."""
+               host_bytes: int | None = None, processes: int = 1) -> Estimate | None:
+    """Refuse (ConfigError) a step whose estimate does not fit `device`: the card's memory (or, on a CPU device, this
+    process's share of the host's available memory among the run's `processes` on this host) unless `device_bytes`
+    is given, and on CUDA that share for what the plan keeps there unless `host_bytes` is. Returns the estimate, or
+    None for an architecture the estimator does not know."""
     try:
         arch = load_arch(cfg)
         adapted = adapted_layers(arch, cfg.lora.targets) if cfg.quant.method != "full" else {}
@@ -131,13 +144,14 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
         return None  # the loader says what is wrong with the model, or the out-of-memory report scales instead
     if any(cfg.lora.r > min(shape) for shape in adapted.values()):
         return None  # no such adapter: attach_lora refuses it, naming the layer and the largest rank
-    where = None
+    where = host_where = None
     if device_bytes is None:
-        device_bytes, where = room(device)
+        device_bytes, where = room(device, processes)
     where = where or (f"the card has {device_bytes / GIB:.2f} GiB" if device.type == "cuda" else
                       f"the host has {device_bytes / GIB:.2f} GiB available")
-    if device.type == "cuda" and host_bytes is None:
-        host_bytes = available_bytes()
+    if device.type == "cuda":
+        host_bytes, host_where = host_share(available_bytes(), processes) if host_bytes is None else \
+            host_share(host_bytes)
     if fits(est, device_bytes, host_bytes):
         return est
     card, host = needs(est)
@@ -146,17 +160,16 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     fixed = streamed + est.host.get("optimizer", 0) + est.host.get("embeddings", 0)
     if streamed and card <= device_bytes and est.device == "cuda" and fixed > host_bytes:
         raise ConfigError(f"train.stream_base keeps the 4-bit base in pinned host memory: the plan keeps "
-                          f"{host / GIB:.2f} GiB there ({streamed / GIB:.2f} GiB of it the base) and this host has "
-                          f"{host_bytes / GIB:.2f} GiB available (python -m qlora.memory RECIPE estimates it, nothing "
-                          "loaded): use a host with more memory, or a card that holds the base with "
-                          "--train.stream_base=false")
+                          f"{host / GIB:.2f} GiB there ({streamed / GIB:.2f} GiB of it the base) and {host_where} "
+                          "(python -m qlora.memory RECIPE estimates it, nothing loaded): use a host with more "
+                          "memory, or a card that holds the base with --train.stream_base=false")
     t = cfg.train
     shape = f"data.max_seq_len={cfg.data.max_seq_len}" if t.batch_size == 1 else \
         f"train.batch_size={t.batch_size} x data.max_seq_len={cfg.data.max_seq_len}"
     if card > device_bytes:
         need = estimated_at(est, where)
     else:
-        need = f"the plan keeps {host / GIB:.2f} GiB in host memory and {host_bytes / GIB:.2f} GiB is available"
+        need = f"the plan keeps {host / GIB:.2f} GiB in host memory and {host_where}"
     longest, batch = fitting(cfg, arch, device.type, device_bytes, host_bytes, gpus)
     fixes = [f"--data.max_seq_len={longest}"] if longest else []
     if batch:  # as many rows per step, in smaller micro-batches: one that divides them
@@ -182,17 +195,17 @@ def estimated_at(est: Estimate, where: str) -> str:
     return f"the step is estimated at {needs(est)[0] / GIB:.2f} GiB{margin} and {where}"
 
 
-def say_fits(cfg: Config, device: torch.device, gpus: int = 1) -> Estimate | None:
+def say_fits(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 1) -> Estimate | None:
     """check_fits, then one line of what the step is estimated to hold against what it has, and the memory levers
     that bring it there: before the base loads (minutes for 70B), the numbers the run's own memory line later sets
     against the measured peak. Nothing where the estimator does not know the architecture."""
-    est = check_fits(cfg, device, gpus)
+    est = check_fits(cfg, device, gpus, processes=processes)
     if est is None:
         return None
     host = needs(est)[1]
-    line = estimated_at(est, room(device)[1])
+    line = estimated_at(est, room(device, processes)[1])
     if est.device == "cuda" and host > 0:
-        line += f"; {host / GIB:.2f} GiB in host memory, {available_bytes() / GIB:.2f} GiB available"
+        line += f"; {host / GIB:.2f} GiB in host memory, and {host_share(available_bytes(), processes)[1]}"
     if levers := [said.split(":")[0] for said in est.levers]:
         line += "; memory levers: " + ", ".join(levers)
     print(line)

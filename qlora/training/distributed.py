@@ -46,6 +46,8 @@ class Ranks:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1
+    """The run's processes on this host (torchrun's LOCAL_WORLD_SIZE), which share its memory."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where this rank computes, and where its collectives' tensors live: its own GPU (NCCL) or CPU (gloo)."""
     store: dist.Store | None = None

@@ -47,7 +47,8 @@ LAUNCHER_POLL_S = 1.0  # how often a process torchrun started checks that torchr
 
 
 def from_env() -> Ranks:
-    """This process's rank, from the variables torchrun and accelerate launch set (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    """This process's rank, from the variables torchrun and accelerate launch set (RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE)."""
     return Ranks(*launched_ranks())
 
 
