@@ -327,38 +327,52 @@ def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys)
     assert not json.loads(capsys.readouterr().out)["methods"]["qlora"]["fits"]
 
 
-def test_over_several_gpus_the_plan_leaves_the_host_out_and_the_verdict_weighs_it(capsys):
-    """qlora.train over several processes plans without the host (plan.use_plan: every process chooses alike), then
-    each process checks its own card and host before loading (preflight.check_fits). The 8B recipe at 65,536 tokens on
-    cards of 24 GiB over 2 GPUs, with a host of 8 GiB: the plan keeps 16 GiB a process on the host, which the trainer
-    refuses, and the report said it fits, --host-gib dropped without a word. A mutant that counted --host-gib in the
-    plan with --gpus 2 survived: its plan is not the one the trainer runs."""
+def test_over_several_gpus_the_plan_and_the_verdict_weigh_each_process_share_of_the_host(capsys):
+    """qlora.train over several processes on one host: each plans for (plan.use_plan) and checks before loading
+    (preflight.check_fits) its share of the host's available memory (preflight.host_share). The 8B recipe at 65,536
+    tokens on cards of 24 GiB over 2 GPUs keeps its layer inputs in host memory: on a host whose available memory
+    holds one process's once and a half, the report's per-GPU verdict weighed the whole host as each process's (it
+    fits), and its plan left the host out. Both are each process's share now, as the trainer's: the step with the
+    recipe's levers does not fit it (one process alone does), and the plan is the one use_plan makes of it."""
+    import copy
+
     import torch
 
     from qlora.errors import ConfigError
     from qlora.memory.plan import plan_for
-    from qlora.memory.preflight import available_on, check_fits
+    from qlora.memory.preflight import available_on, check_fits, host_share, needs
+    from qlora.memory.terms import HOST_RUNTIME
     from qlora.report.memory import main
 
-    args = ["recipes/llama8b.py", "--methods=qlora", "--gpu-gib", "24", "--host-gib", "8", "--gpus", "2", "--json",
-            "--data.max_seq_len=65536", "--train.plan=fastest"]
+    args = ["recipes/llama8b.py", "--methods=qlora", "--gpu-gib", "24", "--host-gib", "128", "--gpus", "2", "--json",
+            "--data.max_seq_len=65536"]
     cfg = apply_overrides(load_recipe(ROOT / args[0]), args[9:])
-    plan_for(cfg, "cuda", 24 * GIB, "a card of 24 GiB", None, 2)  # as use_plan chooses for 2 processes
-    for host_gib, fits in ((8, False), (128, True)):
-        assert main([*args[:5], str(host_gib), *args[6:]]) == 0
-        out = capsys.readouterr()
-        r = json.loads(out.out)
-        assert r["plan"]["chose"] == cfg.train.plan_chose and "the host not counted" in r["plan"]["lines"][0]
-        each = r["methods"]["qlora"]["per_gpu"]["data_parallel"]
-        assert each["fits"] is fits and each["host_fits"] is fits
-        if fits:
-            est = check_fits(cfg, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=available_on(128 * GIB))
-            assert each["host_bytes"] == est.host_bytes
-        else:
-            assert f"data parallel {each['estimated_peak_bytes'] / GIB:.2f} GiB [does not fit the host of 8.00 GiB]" \
-                in out.err
-            with pytest.raises(ConfigError, match="host memory"):
-                check_fits(cfg, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=available_on(8 * GIB))
+    each = estimate(cfg, load_arch(cfg), "qlora", "cuda", 2)
+    host_gib = (HOST_RUNTIME + 1.5 * needs(each)[1]) / GIB  # what it finds available holds it once and a half
+    share = host_share(available_on(int(host_gib * GIB)), 2)[0]
+    assert needs(each)[1] > share and needs(each)[1] <= available_on(int(host_gib * GIB))
+    assert main([*args[:5], f"{host_gib}", *args[6:]]) == 0
+    out = capsys.readouterr()
+    r = json.loads(out.out)
+    assert r["methods"]["qlora"]["host_fits"] is True  # one process has the whole host
+    per = r["methods"]["qlora"]["per_gpu"]["data_parallel"]
+    assert per["host_bytes"] == each.host_bytes and per["fits"] is False and per["host_fits"] is False
+    assert f"data parallel {per['estimated_peak_bytes'] / GIB:.2f} GiB [does not fit the host of " \
+           f"{int(host_gib * GIB) / GIB:.2f} GiB shared by 2 processes]" in out.err
+    with pytest.raises(ConfigError, match=r"host memory and this host has .* GiB available"):
+        check_fits(cfg, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=share)
+    # The plan: the one each process makes of its share (none fits this one), which its check then passes.
+    for gib in (host_gib, 128):
+        assert main([*args[:5], f"{gib}", *args[6:], "--train.plan=fastest"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        share = host_share(available_on(int(gib * GIB)), 2)[0]
+        planned = apply_overrides(copy.deepcopy(cfg), ["--train.plan=fastest"])
+        plan, _ = plan_for(planned, "cuda", 24 * GIB, "a card of 24 GiB", share, 2)
+        assert (plan is None) is (gib == host_gib) and r["plan"]["chose"] == (plan and planned.train.plan_chose)
+        if plan is not None:
+            assert f"shared by 2 processes: {share / GIB:.2f} GiB each" in r["plan"]["lines"][0]
+            assert r["methods"]["qlora"]["per_gpu"]["data_parallel"]["fits"] is True
+            assert check_fits(planned, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=share) is not None
 
 
 def test_the_plan_keeps_an_offload_budget_the_command_line_sets(capsys):

@@ -20,7 +20,7 @@ from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
-from qlora.memory.preflight import available_on, needs
+from qlora.memory.preflight import available_on, host_share, needs
 from qlora.memory.readings import available_bytes, meminfo_bytes
 
 GIB = 2**30
@@ -139,7 +139,7 @@ def build_report(recipe: str, argv: list[str], cfg: Config, overrides: list[str]
 def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device_total: int,
             host: int | None = None) -> dict:
     """The estimate per process of `gpus`: data parallel, and (qlora, lora) with the frozen base sharded; each
-    against the card and (unless `host` is None) the host, as each process checks its own before loading."""
+    against the card and (unless `host` is None) its share of the host, as each process checks before loading."""
     out = {}
     for case, shard in (("data_parallel", False), ("shard_base", True)):
         if shard and method == "full":  # every weight trains: qlora.train refuses train.shard_base
@@ -150,7 +150,7 @@ def per_gpu(cfg: Config, arch: Arch, method: str, device: str, gpus: int, device
         if shard:  # what qlora.train refuses beside a sharded base: embeddings in CPU memory, sequence tiles
             c.model.embeddings_on_cpu, c.train.tile_size, c.train.tile_projections = False, 0, False
             c.train.tile_norms = False
-        out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total, host)
+        out[case] = estimate_entry(estimate(c, arch, method, device, gpus), device_total, host, gpus)
     return out
 
 
@@ -160,10 +160,11 @@ def arch_dict(arch: Arch) -> dict:
             "params": arch.params, "linear_params": arch.linear_params}
 
 
-def estimate_entry(est: Estimate, device_total: int, host: int | None = None) -> dict:
-    """One estimate's entry; `fits`: the card holds the step and (unless `host` is None) the host of `host` bytes
-    holds what it keeps there, the trainer's check before loading (preflight.check_fits) on such a machine."""
-    host_fits = None if host is None else needs(est)[1] <= available_on(host)
+def estimate_entry(est: Estimate, device_total: int, host: int | None = None, processes: int = 1) -> dict:
+    """One estimate's entry; `fits`: the card holds the step and (unless `host` is None) the share of the host of
+    `host` bytes that one of `processes` on it has holds what it keeps there, the trainer's check before loading
+    (preflight.check_fits) on such a machine."""
+    host_fits = None if host is None else needs(est)[1] <= host_share(available_on(host), processes)[0]
     return {"estimated_peak_bytes": est.peak_bytes, "measured_peak_bytes": None, "error": None,
             "allocator_margin_bytes": est.margin, "allocator_margin_formula": est.margin_formula,
             "fits": est.card_bytes <= device_total and host_fits is not False, "host_fits": host_fits,
@@ -171,7 +172,8 @@ def estimate_entry(est: Estimate, device_total: int, host: int | None = None) ->
             "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions,
             "levers": est.levers, "checkpoints": est.checkpoints.describe() if est.checkpoints else None,
             "host_bytes": est.host_bytes, "host": est.host, "host_formulas": est.host_formulas,
-            "streamed": est.streamed.describe() if est.streamed else None}
+            "streamed": est.streamed.describe() if est.streamed else None,
+            **({"host_shared_by": processes} if host is not None and processes > 1 else {})}
 
 
 def measure_entry(recipe: str, overrides: list[str], est: Estimate, device: str) -> dict:

@@ -21,7 +21,7 @@ def _verdict(entry: dict, report: dict) -> str:
     card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0)  # what `fits` weighed
     over = [f"{gib(card)} > {gib(report['device_memory_bytes'])} GiB"] if card > report["device_memory_bytes"] else []
     if entry.get("host_fits") is False:
-        over.append(f"host {gib(entry['host_bytes'])} > {gib(report['host_memory_bytes'])} GiB")
+        over.append(f"host {gib(entry['host_bytes'])} > {gib(report['host_memory_bytes'])} GiB{_shared(entry)}")
     return f"**does not fit** ({'; '.join(over)})"
 
 
@@ -32,7 +32,13 @@ def _mark(entry: dict, report: dict) -> str:
     if entry.get("host_fits") is not False:
         return " [does not fit]"
     card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0) > report["device_memory_bytes"]
-    return f" [does not fit {'the card nor ' if card else ''}the host of {gib(report['host_memory_bytes'])} GiB]"
+    return f" [does not fit {'the card nor ' if card else ''}the host of {gib(report['host_memory_bytes'])} GiB" \
+           f"{_shared(entry)}]"
+
+
+def _shared(entry: dict) -> str:
+    """Of a process of several on the host: each weighs its share of it (preflight.host_share)."""
+    return f" shared by {n} processes" if (n := entry.get("host_shared_by")) else ""
 
 
 def model_name(model: str) -> str:

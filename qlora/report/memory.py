@@ -194,9 +194,9 @@ def _main(argv: list[str]) -> int:
     card, plan, host = None, None, None
     if cli.card_gib is not None:
         card = (int(cli.card_gib * GIB), f"a card of {cli.card_gib:g} GiB (--gpu-gib)")
-        host = int(cli.host_gib * GIB)  # each process checks its own before loading; a plan for several does not
+        host = int(cli.host_gib * GIB)
         if cfg.train.plan == "fastest":
-            plan = card_plan(cfg, cli, card, host if cli.gpus == 1 else None)
+            plan = card_plan(cfg, cli, card, host)
     report = build_report(cli.rest[0], argv, cfg, cli.rest[1:], cli.methods, cli.measure, cli.gpus, card, host)
     report.update({"plan": plan} if plan is not None else {})
     if cli.as_json:
@@ -217,17 +217,17 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def card_plan(cfg: Config, cli: Cli, card: tuple[int, str], host: int | None) -> dict:
+def card_plan(cfg: Config, cli: Cli, card: tuple[int, str], host: int) -> dict:
     """train.plan=fastest for --gpu-gib's card and --host-gib's host of `host` bytes, as qlora.train would choose it
-    there, given what it would find available (None: several processes, the host not counted, as there): its levers
-    set on `cfg`, what it chose and why."""
+    there, given what it would find available (with --gpus N, each process's share): its levers set on `cfg`, what
+    it chose and why."""
     from qlora.memory.plan import keep_overridden, plan_for
-    from qlora.memory.preflight import available_on
+    from qlora.memory.preflight import available_on, host_share
 
     keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
-    where = card[1] + (f", a host of {cli.host_gib:g} GiB (--host-gib)" if host else ", the host not counted (--gpus)")
-    chosen, lines = plan_for(cfg, "cuda", card[0], where, None if host is None else available_on(host), cli.gpus)
-    return {"card_gib": cli.card_gib, "host_gib": cli.host_gib if host is not None else None,
+    share, where = host_share(available_on(host), cli.gpus, f"a host of {cli.host_gib:g} GiB (--host-gib)")
+    chosen, lines = plan_for(cfg, "cuda", card[0], card[1], share, cli.gpus, where)
+    return {"card_gib": cli.card_gib, "host_gib": cli.host_gib,
             "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
 
 
