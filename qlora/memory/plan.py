@@ -255,9 +255,8 @@ def use_plan(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 
 def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None, gpus: int = 1,
              host_where: str = "") -> tuple[Plan | None, list[str]]:
     """The plan for a card of `card` bytes (`where` says which) and `host` bytes of host memory (None: not counted;
-    `host_where` says what they are),
-    its levers set on `cfg`, and the lines that say what was chosen and why: qlora.train's choice on the card it
-    finds, and `python -m qlora.memory RECIPE --gpu-gib N`'s for a card named."""
+    `host_where` says what they are), its levers set on `cfg`, and the lines that say what was chosen and why:
+    qlora.train's choice on the card it finds, and `python -m qlora.memory RECIPE --gpu-gib N`'s for a card named."""
     whole = card
     if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
