@@ -8,6 +8,7 @@ One short qlora run of the tiny recipe is trained once for the module; each test
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -302,3 +303,40 @@ def test_a_run_config_edited_since_its_checkpoints_is_refused_before_loading(run
     assert f"{out / RUN_CONFIG} lacks quant.double_quant, which checkpoint-4 was written with (True)" in \
         one_error(capsys)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_run_or_checkpoint_without_its_adapter_names_the_newest_checkpoint_that_holds_one(run, tmp_path) -> None:
+    """require_weights, which eval, generate, export and merge share, offers the newest checkpoint-N that still holds
+    the adapter, for the run and for a checkpoint-N beside it; the command table tries each path with one checkpoint
+    only, where a mutant that offered the oldest (kept[0]), or looked for them inside the checkpoint given, survived,
+    as did one that called a checkpoint-N's directory at the adapter's name "not found"."""
+    from qlora.errors import ConfigError
+    from qlora.training.checkpoint import OPTIMIZER
+    from qlora.training.restore import require_weights
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".qlora.lock"))
+    weights = "adapter_model.safetensors"
+    first, last = (out / "checkpoint-2", out / "checkpoint-4")
+    shutil.copytree(last, first)  # as train.checkpoint_every=2 leaves it (train.keep_checkpoints=2): an older one
+
+    def said(path: Path) -> str:
+        with pytest.raises(ConfigError) as caught:
+            require_weights(path, weights)
+        return str(caught.value)
+
+    (out / weights).unlink()
+    assert said(out) == f"{out / weights} not found: the run has not finished; pass {last} instead"
+    (last / weights).unlink()
+    assert said(last) == f"{last / weights} not found: the checkpoint lost it since it was written; pass {first} " \
+                         "instead"
+    (last / weights).mkdir()
+    assert said(last) == f"{last / weights} is not a file; pass {first} instead"
+    (last / weights).rmdir()
+    os.mkfifo(last / weights)  # neither file nor directory: is_dir() in place of exists() called it "not found"
+    assert said(last) == f"{last / weights} is not a file; pass {first} instead"
+    (first / weights).unlink()
+    for ckpt in (first, last):  # damaged: no complete checkpoint, yet the run wrote some: restore, not "stopped before"
+        (ckpt / OPTIMIZER).unlink()
+    assert said(out) == f"{out / weights} not found: the run has not finished; no checkpoint of the run holds one: " \
+                        "restore it, or train the run again"
