@@ -4,6 +4,7 @@ gone, kept while it lives; a build of the cache and a memory report clean up aft
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,34 @@ def test_a_file_written_aside_through_a_link_is_written_to_its_target(tmp_path: 
     write_aside(tmp_path / "eval.json", "{}\n")
     assert (tmp_path / "eval.json").is_symlink() and (tmp_path / "elsewhere" / "eval.json").read_text() == "{}\n"
     assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["eval.json"]
+
+
+def test_a_directory_at_any_of_a_reports_names_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """write_together refuses a directory at the name of any file of the report, not only the .json the command table
+    tries (a mutant that looked at the last name alone survived), before any file is replaced; a link to a directory
+    there is replaced, as a file is, and its directory left as it was (a mutant that refused it survived)."""
+    from qlora.errors import ConfigError
+    from qlora.partial import write_together
+
+    names = ("r.png", "r.md", "r.json")
+    writers = {name: (lambda path, name=name: path.write_text(f"new {name}\n")) for name in names}
+    for name in names:
+        out = tmp_path / name.replace(".", "-")
+        out.mkdir()
+        for other in names:
+            (out / other).write_text(f"old {other}\n")
+        (out / name).unlink()
+        (out / name).mkdir()
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(out / name))} is a directory, where the report "
+                                              rf"writes its \{name[1:]} file: move it away, or choose another "
+                                              r"--out-dir$"):
+            write_together(out, writers)
+        assert {p.name: p.is_dir() or p.read_text() for p in out.iterdir()} == \
+            {other: other == name or f"old {other}\n" for other in names}
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "r.md").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    write_together(tmp_path / "linked", writers)
+    assert {p.name: p.is_symlink() or p.read_text() for p in (tmp_path / "linked").iterdir()} == \
+        {name: f"new {name}\n" for name in names}
+    assert list((tmp_path / "elsewhere").iterdir()) == []
