@@ -295,6 +295,7 @@ def test_the_plan_for_a_card_and_host_named_agrees_with_max_context_there(capsys
     assert qlora["checkpoints"] == fit.estimate.checkpoints.describe() and qlora["fits"]
     assert qlora["host_bytes"] == fit.estimate.host_bytes
     assert "--train.checkpoint_every=2" in fit.overrides and "--train.checkpoint_every=2" in r["plan"]["chose"]
+    assert r["plan"]["host_gib"] == 128  # the record of the host it planned for
 
 
 def test_a_step_the_host_cannot_hold_is_marked_as_the_trainer_refuses_it(capsys):
@@ -365,6 +366,7 @@ def test_over_several_gpus_the_plan_and_the_verdict_weigh_each_process_share_of_
     for gib in (host_gib, 128):
         assert main([*args[:5], f"{gib}", *args[6:], "--train.plan=fastest"]) == 0
         r = json.loads(capsys.readouterr().out)
+        assert r["plan"]["host_gib"] == gib  # the record of the host whose share it planned for
         share = host_share(available_on(int(gib * GIB)), 2)[0]
         planned = apply_overrides(copy.deepcopy(cfg), ["--train.plan=fastest"])
         plan, _ = plan_for(planned, "cuda", 24 * GIB, "a card of 24 GiB", share, 2)
