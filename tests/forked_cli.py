@@ -171,4 +171,7 @@ def _serve() -> None:
 
 
 if __name__ == "__main__":
+    # Run as a script, its path starts at tests/, and `import qlora` found the installed one: in another checkout of
+    # the project (a second clone beside an editable install) the children ran that checkout's code, not this one's.
+    sys.path.insert(0, str(ROOT))
     _serve()
