@@ -335,8 +335,20 @@ def test_a_run_or_checkpoint_without_its_adapter_names_the_newest_checkpoint_tha
     (last / weights).rmdir()
     os.mkfifo(last / weights)  # neither file nor directory: is_dir() in place of exists() called it "not found"
     assert said(last) == f"{last / weights} is not a file; pass {first} instead"
-    (first / weights).unlink()
+    # eval, generate and merge read a checkpoint-N's adapter and adapter_config.json, not its optimizer.pt or
+    # trainer_state.pt: one that lost either loads as a whole one does, so it is offered (the newest of those); one
+    # without its adapter_config.json is refused as it loads, so it is not.
+    (last / weights).unlink()
+    shutil.copy(first / weights, last / weights)
+    for lost in (OPTIMIZER, STATE):
+        (last / lost).unlink()
+        assert said(out) == f"{out / weights} not found: the run has not finished; pass {last} instead"
+    (last / "adapter_config.json").rename(tmp_path / "adapter_config.json")
+    assert said(out) == f"{out / weights} not found: the run has not finished; pass {first} instead"
+    (tmp_path / "adapter_config.json").rename(last / "adapter_config.json")
+    for ckpt in (first, last):
+        (ckpt / weights).unlink()
     for ckpt in (first, last):  # damaged: no complete checkpoint, yet the run wrote some: restore, not "stopped before"
-        (ckpt / OPTIMIZER).unlink()
+        (ckpt / OPTIMIZER).unlink(missing_ok=True)
     assert said(out) == f"{out / weights} not found: the run has not finished; no checkpoint of the run holds one: " \
                         "restore it, or train the run again"

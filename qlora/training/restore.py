@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from qlora.config import Config
 from qlora.config.run import OPTIMIZERS
 from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
@@ -50,11 +51,14 @@ def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
 
 def require_weights(run_dir: Path, weights: str) -> None:
     """Refuse a RUN_DIR (or checkpoint-N) without its weights file, naming a fix that exists: "pass one of its
-    checkpoint-N directories" was said to a run killed before its first checkpoint, and to a checkpoint-N itself."""
+    checkpoint-N directories" was said to a run killed before its first checkpoint, and to a checkpoint-N itself.
+    The checkpoint-N offered need not be whole: eval, generate, export and merge read its weights (and their config)
+    and the run's run_config.json, not its optimizer.pt or trainer_state.pt."""
     path, ckpt = run_dir / weights, PATTERN.match(run_dir.name)
     if path.is_file():
         return
-    kept = [c for c in list_checkpoints(run_dir.parent if ckpt else run_dir) if (c / weights).is_file()]
+    needs = (weights, ADAPTER_CONFIG) if weights == ADAPTER_WEIGHTS else (weights,)
+    kept = [c for c in checkpoint_dirs(run_dir.parent if ckpt else run_dir) if all((c / n).is_file() for n in needs)]
     why = ("is not a file" if path.exists() else "not found: the checkpoint lost it since it was written" if ckpt
            else "not found: the run has not finished")
     use = (f"pass {kept[-1]} instead" if kept else "no checkpoint of the run holds one: restore it, or train the run "
