@@ -32,7 +32,7 @@ from qlora.errors import EXIT_NONFINITE, ConfigError, Stop, check_writable
 from qlora.partial import write_aside
 from qlora.training.assemble import load_run, read_run_config
 from qlora.training.checkpoint import RUN_CONFIG
-from qlora.training.restore import recorded
+from qlora.training.restore import recorded, unrecorded
 from qlora.training.rundir import RUN_DIRS, run_owned
 from qlora.training.step import announce_evaluation, evaluate
 
@@ -96,8 +96,11 @@ def same_counts(run_dir: Path, source: str, counts: list[int | None]) -> None:
     """For a run whose checkpoints predate rows_sha256: refuse held-out rows of other counts than the run's (training
     rows too where the split is carved from them, `counts[0]`), and say that the counts alone decided."""
     ckpt, rows = recorded(run_dir, "rows")
-    if not isinstance(rows, list):
-        return  # no checkpoint (an adapter alone): nothing to compare with
+    if not isinstance(rows, list):  # no checkpoint (an adapter alone): nothing to compare with
+        if why := unrecorded(run_dir):  # or none readable: said, not skipped in silence
+            print(f"{source} is not checked against the run's held-out rows (their sha256, which its checkpoint "
+                  f"records): {why}")
+        return
     if counts[0] is not None and rows != counts:
         raise ConfigError(f"{source} now gives {counts[0]} training and {counts[1]} held-out rows, the run had "
                           f"{rows[0]} and {rows[1]}: the file changed, so the held-out split carved from it by seed "

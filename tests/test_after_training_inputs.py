@@ -352,3 +352,24 @@ def test_a_run_or_checkpoint_without_its_adapter_names_the_newest_checkpoint_tha
         (ckpt / OPTIMIZER).unlink(missing_ok=True)
     assert said(out) == f"{out / weights} not found: the run has not finished; no checkpoint of the run holds one: " \
                         "restore it, or train the run again"
+
+
+def test_a_run_whose_only_checkpoint_state_is_damaged_says_which_checks_it_could_not_make(run, tmp_path,
+                                                                                          capsys) -> None:
+    """The held-out rows' sha256 and the settings run_config.json is compared with are read from the checkpoint's
+    trainer_state.pt: cut short (or gone), eval and merge skipped both in silence, so run_config.json edited besides
+    went unnoticed. Each check skipped is said in one line naming the file, and the command goes on."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".qlora.lock"))
+    state = out / "checkpoint-4" / STATE
+    state.write_bytes(state.read_bytes()[:100])
+    held = json.loads((out / RUN_CONFIG).read_text())["data"]["eval"]
+    said = [f"{out / RUN_CONFIG} is not checked against the settings the run's checkpoint records: ",
+            f"{held} is not checked against the run's held-out rows (their sha256, which its checkpoint records): "]
+    assert run_eval.main([str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "is not checked" in line]
+    assert [line.split(str(state))[0] for line in lines] == said
+    assert all(line.split(str(state))[1].startswith(" is unreadable (PytorchStreamReader") for line in lines)
+    state.unlink()  # gone, and the checkpoint-N given itself: said as well
+    assert merge_command.main([str(out / "checkpoint-4"), "--out", str(tmp_path / "merged")]) == 0
+    assert f"{said[0]}{state} is unreadable (No such file or directory)" in capsys.readouterr().out.splitlines()

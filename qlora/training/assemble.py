@@ -33,7 +33,7 @@ from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import available_bytes
 from qlora.training import checkpoint, distributed
-from qlora.training.restore import require_weights
+from qlora.training.restore import require_weights, unrecorded
 from qlora.training.runconfig import MOVABLE, check_recorded
 from qlora.training.rundir import lock_holder
 from qlora.training.sensitivity import keep_sensitive_layers
@@ -198,7 +198,9 @@ def read_run_config(run_dir: Path) -> Config:
                           f"to; {use}, or wait for the run to end")
     cfg = read_config_json(path)
     # edited since its checkpoints were written: another base, another split (data.eval, moved, may be pointed at)
-    check_recorded(cfg, path, run_dir, movable=(*MOVABLE, "data.train", "data.eval"))
+    if check_recorded(cfg, path, run_dir, movable=(*MOVABLE, "data.train", "data.eval"))[0] is None and \
+            (why := unrecorded(run_dir)):  # said, not skipped in silence: an edit besides would go unnoticed
+        print(f"{path} is not checked against the settings the run's checkpoint records: {why}")
     # Extended by --resume and stopped (kill -9, a signal, an error) before it ended again: its final weights are the
     # earlier end's, as while it trained, which the lock no longer tells. Weights of no recorded step (written before
     # it was) are taken for the earlier end's where the newest checkpoint is short of train.steps.

@@ -49,6 +49,19 @@ def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
     return None, None
 
 
+def unrecorded(run_dir: Path) -> str | None:
+    """Why `recorded` found nothing in `run_dir` (or `run_dir` itself, a checkpoint-N) that wrote checkpoints: each
+    one's trainer_state.pt, damaged or gone, named with what is wrong, newest first; None where none is."""
+    ckpts = [run_dir] if PATTERN.match(run_dir.name) else reversed(checkpoint_dirs(run_dir))
+    reasons = []
+    for ckpt in ckpts:
+        try:
+            _read(ckpt, STATE)
+        except Unusable as err:
+            reasons.append(f"{ckpt / STATE}{str(err).removeprefix(STATE)}")
+    return "; ".join(reasons) or None
+
+
 def require_weights(run_dir: Path, weights: str) -> None:
     """Refuse a RUN_DIR (or checkpoint-N) without its weights file, naming a fix that exists: "pass one of its
     checkpoint-N directories" was said to a run killed before its first checkpoint, and to a checkpoint-N itself.
