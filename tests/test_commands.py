@@ -357,6 +357,12 @@ CASES = [
     ("memory: infinite card", "qlora.memory", [TINY, "--max-context", "--gpu-gib=inf"], noop,
      r"--gpu-gib 'inf': use sizes in GiB above 0.5 \(a CUDA context, or a process holding torch, takes that alone\) "
      r"and up to 1048576"),
+    # read as 24,48 and 24: a size left out by a slip, and a card evaluated twice, went unsaid
+    ("memory: an empty card size", "qlora.memory", [TINY, "--max-context", "--gpu-gib=24,,48"], noop,
+     r"--gpu-gib '24,,48' has an empty item \(two commas together, or one at an end\): give a size between each two "
+     r"commas, e.g. --gpu-gib=24,48,80$"),
+    ("memory: a card size given twice", "qlora.memory", [TINY, "--max-context", "--gpu-gib=24,24.0"], noop,
+     r"--gpu-gib '24,24.0' names 24 GiB twice: give each size once, e.g. --gpu-gib=24,48,80$"),
     ("memory: host beyond a pebibyte", "qlora.memory", [TINY, "--max-context", "--host-gib=1e300"], noop,
      r"--host-gib '1e300': use sizes in GiB above 0.5 .* and up to 1048576, e.g. --host-gib=128$"),
     # drawn, planned for and tabled: "0.001 GiB card: 0 tokens"

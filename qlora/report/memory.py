@@ -82,17 +82,24 @@ class Cli:
 
 
 def _numbers(flag: str, value: str) -> list[float]:
+    items = [v.strip() for v in value.split(",")]
+    example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
+    if len(items) > 1 and "" in items:  # 24,,48 was read as 24,48: a size left out by mistake went unsaid
+        raise ConfigError(f"{flag} {value!r} has an empty item (two commas together, or one at an end): give a size "
+                          f"between each two commas, e.g. {example}")
     try:
-        out = [float(v) for v in value.split(",") if v.strip()]
+        out = [float(v) for v in items if v]
     except ValueError:
         out = []
     # At most 1 PiB: beyond it the bisection's sizes overflow. Above a CUDA context (or a process holding torch): a
     # card of 0.001 GiB was drawn and planned for.
     least = CUDA_CONTEXT / 2**30
     if not out or any(not least < v <= 2**20 for v in out):
-        example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
         raise ConfigError(f"{flag} {value!r}: use sizes in GiB above {least:g} (a CUDA context, or a process holding "
                           f"torch, takes that alone) and up to 1048576, e.g. {example}")
+    # Refused, not taken once: 24,24 is more likely a slip for 24,48 than a wish, and the card meant would go unsaid.
+    if twice := next((v for i, v in enumerate(out) if v in out[:i]), None):
+        raise ConfigError(f"{flag} {value!r} names {twice:g} GiB twice: give each size once, e.g. {example}")
     return out
 
 
