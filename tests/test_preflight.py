@@ -106,6 +106,24 @@ def test_processes_on_one_host_each_weigh_their_share_of_it(monkeypatch: pytest.
            f"{available // 2 / GIB:.2f} GiB each (python -m qlora.memory" in str(refused.value)
 
 
+def test_cuda_processes_on_one_host_each_weigh_their_share_of_it_for_the_host_part(
+        fake_gpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA each of 2 processes on one host keeps its host part (the 8B recipe's embedding table, offloaded layer
+    inputs) there beside the other's: a host whose available memory holds it once and a half passes one process, and
+    refuses each of 2, naming the share, however large the card."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=80 * GIB, name="an 80 GiB card"))
+    cfg = load_recipe(ROOT / "recipes" / "llama8b.py")
+    host = needs(estimate(cfg, load_arch(cfg), "qlora", "cuda", 2))[1]
+    available = int(1.5 * host)
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: available)
+    assert check_fits(cfg, torch.device("cuda"), 2) is not None
+    with pytest.raises(ConfigError) as refused:
+        check_fits(cfg, torch.device("cuda"), 2, processes=2)
+    assert f"the plan keeps {host / GIB:.2f} GiB in host memory and this host's {available / GIB:.2f} GiB available, " \
+           f"shared by 2 processes: {available // 2 / GIB:.2f} GiB each" in str(refused.value)
+
+
 def test_a_micro_batch_beyond_the_host_is_refused_naming_the_largest_that_fits() -> None:
     """The tiny recipe's rows of 128 tokens in micro-batches of 10^5 rows on a 2 GiB host: fewer rows at a time,
     with as many rows per step, or shorter rows."""
@@ -297,3 +315,9 @@ def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loa
                            "GiB of it the process's libraries and malloc's free lists beside the tensors) and this "
                            "host has "), line
     assert "levers" not in line  # the tiny recipe sets none
+    # One of 2 processes on this host says the share it was checked against, of the card's host part and on a CPU
+    shared = "this host's 100.00 GiB available, shared by 2 processes: 50.00 GiB each"
+    each = needs(say_fits(cfg, torch.device("cuda"), 2, processes=2))[1]
+    assert f"{each / GIB:.2f} GiB in host memory, and {shared}; " in capsys.readouterr().out
+    say_fits(tiny, torch.device("cpu"), 2, processes=2)
+    assert capsys.readouterr().out.endswith(f"beside the tensors) and {shared}\n")
