@@ -657,7 +657,11 @@ def test_bad_input_gives_one_line_exit_2_and_an_untouched_output_dir(cli, scratc
     # each process would count on a third of the host's memory, two of them on it
     ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "3"}, r"LOCAL_RANK=0 with LOCAL_WORLD_SIZE=3 of WORLD_SIZE=2: this "
                                                    r"host's ranks lie in \[0, LOCAL_WORLD_SIZE\)"),
-], ids=["superscript", "arabic digit", "negative", "rank past the world", "no world", "more on the host"])
+    # a local rank past this host's processes: torchrun gives each host's ranks 0 to LOCAL_WORLD_SIZE - 1
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, r"LOCAL_RANK=1 with LOCAL_WORLD_SIZE=1 of "
+                                                                      r"WORLD_SIZE=2: this host's ranks lie in"),
+], ids=["superscript", "arabic digit", "negative", "rank past the world", "no world", "more on the host",
+        "local rank past the host"])
 def test_launch_variables_that_are_no_ranks_are_refused(cli, tmp_path, env, pattern):
     out = tmp_path / "run"
     check_refused(cli.run([TINY, f"--output.dir={out}"], env=env), pattern)

@@ -444,6 +444,38 @@ def test_processes_on_one_host_each_check_their_share_of_it(cli, tmp_path):
     assert "loading " not in rank0.stdout
 
 
+
+def test_processes_on_hosts_of_their_own_each_weigh_their_whole_host(cli, tmp_path):
+    """One process on each of two hosts (torchrun --nnodes=2: LOCAL_WORLD_SIZE=1, each LOCAL_RANK 0) shares its host
+    with no other: each weighs the whole of it, not half as the run's WORLD_SIZE would have it. On hosts that hold
+    the step once and a half, both are checked, planned and trained, and each says its host's whole."""
+    argv = ["recipes/tiny.py", "--train.plan=fastest", "--train.steps=1", "--train.eval_before=false",
+            "--train.eval_batches=1", *TWO]
+    cfg = apply_overrides(load_recipe(ROOT / argv[0]), argv[1:])
+    host = int(1.5 * needs(estimate(cfg, load_arch(cfg), "qlora", "cpu", 2))[0])
+    own = ("os.environ.update(LOCAL_RANK='0', LOCAL_WORLD_SIZE='1')\nimport qlora.memory.preflight\n"
+           f"qlora.memory.preflight.available_bytes = lambda: {host}\n")
+    rank0, rank1 = run_ranks(cli, [*argv, f"--output.dir={tmp_path / 'run'}"], prelude=own)
+    assert rank0.status == rank1.status == 0, (rank0.stderr, rank1.stderr)
+    assert f"this host has {host / 2**30:.2f} GiB available, the least of 2 processes'" in rank0.stdout, rank0.stdout
+    assert f"and this host has {host / 2**30:.2f} GiB available" in rank0.stdout and "shared by" not in rank0.stdout
+
+
+
+@pytest.mark.parametrize(("local", "size"), [(None, 4), ("2", 2), ("4", 4)],
+                         ids=["unset: every process here", "2 of 4 here", "all 4 here"])
+def test_the_processes_sharing_this_host_are_local_world_size_else_the_whole_run(monkeypatch, local, size):
+    """Ranks.local_size, which each process divides its host's memory by, is LOCAL_WORLD_SIZE; a launcher that leaves
+    it unset is taken to start every process of the run on this host (so that none counts on more than its share)."""
+    monkeypatch.setenv("WORLD_SIZE", "4"), monkeypatch.setenv("RANK", "1"), monkeypatch.setenv("LOCAL_RANK", "1")
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    ranks = from_env()
+    assert (ranks.rank, ranks.size, ranks.local_rank, ranks.local_size) == (1, 4, 1, size)
+
+
 ALONE = """
 import qlora.training.assemble
 from qlora.errors import ConfigError
