@@ -360,6 +360,8 @@ def test_over_several_gpus_the_plan_and_the_verdict_weigh_each_process_share_of_
     assert per["host_bytes"] == each.host_bytes and per["fits"] is False and per["host_fits"] is False
     assert f"data parallel {per['estimated_peak_bytes'] / GIB:.2f} GiB [does not fit the host of " \
            f"{int(host_gib * GIB) / GIB:.2f} GiB shared by 2 processes]" in out.err
+    assert f"| {per['estimated_peak_bytes'] / GIB:.2f} (**does not fit** (host {per['host_bytes'] / GIB:.2f} > " \
+           f"{int(host_gib * GIB) / GIB:.2f} GiB shared by 2 processes)) |" in markdown(r, "r.png")  # its table's cell
     with pytest.raises(ConfigError, match=r"host memory and this host has .* GiB available"):
         check_fits(cfg, torch.device("cuda"), 2, device_bytes=24 * GIB, host_bytes=share)
     # The plan: the one each process makes of its share (none fits this one), which its check then passes.
