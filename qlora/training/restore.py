@@ -71,12 +71,18 @@ def require_weights(run_dir: Path, weights: str) -> None:
     if path.is_file():
         return
     needs = (weights, ADAPTER_CONFIG) if weights == ADAPTER_WEIGHTS else (weights,)
-    kept = [c for c in checkpoint_dirs(run_dir.parent if ckpt else run_dir) if all((c / n).is_file() for n in needs)]
-    why = ("is not a file" if path.exists() else "not found: the checkpoint lost it since it was written" if ckpt
-           else "not found: the run has not finished")
-    use = (f"pass {kept[-1]} instead" if kept else "no checkpoint of the run holds one: restore it, or train the run "
-           "again" if checkpoint_dirs(run_dir.parent if ckpt else run_dir) else "it stopped before its first "
-           "checkpoint, so nothing was trained to use: train it again")
+    ckpts = checkpoint_dirs(run_dir.parent if ckpt else run_dir)
+    kept = [c for c in ckpts if all((c / n).is_file() for n in needs)]
+    if path.exists():
+        why = "is not a file"
+    else:
+        why = "not found: " + ("the checkpoint lost it since it was written" if ckpt else "the run has not finished")
+    if kept:
+        use = f"pass {kept[-1]} instead"
+    elif ckpts:
+        use = "no checkpoint of the run holds one: restore it, or train the run again"
+    else:
+        use = "it stopped before its first checkpoint, so nothing was trained to use: train it again"
     raise ConfigError(f"{path} {why}; {use}")
 
 
