@@ -925,8 +925,8 @@ def test_the_memory_tool_shows_the_plan_the_trainer_would_choose_for_a_card_name
         cfg = llama("llama8b", *extra)
         # --host-gib=64 is the host's size: the trainer there finds it less the process's and the OS's available
         host = available_on(64 * 2**30)
-        plan, lines = plan_for(cfg, "cuda", 80 * 2**30, "a card of 80 GiB (--gpu-gib)", host, 1,
-                               f"a host of 64 GiB (--host-gib) has {host / 2**30:.2f} GiB available")
+        plan, lines = plan_for(cfg, "cuda", 80 * 2**30, "a card of 80 GiB (--gpu-gib)",
+                               (host, f"a host of 64 GiB (--host-gib) has {host / 2**30:.2f} GiB available"))
         assert report["plan"]["chose"] == cfg.train.plan_chose and report["plan"]["lines"] == lines
         assert plan.estimate.card_bytes <= card * 2**30 and out.err.startswith(lines[0])
         qlora = report["methods"]["qlora"]

@@ -371,7 +371,7 @@ def test_over_several_gpus_the_plan_and_the_verdict_weigh_each_process_share_of_
         assert r["plan"]["host_gib"] == gib  # the record of the host whose share it planned for
         share = host_share(available_on(int(gib * GIB)), 2)[0]
         planned = apply_overrides(copy.deepcopy(cfg), ["--train.plan=fastest"])
-        plan, _ = plan_for(planned, "cuda", 24 * GIB, "a card of 24 GiB", share, 2)
+        plan, _ = plan_for(planned, "cuda", 24 * GIB, "a card of 24 GiB", (share, "a share"), 2)
         assert (plan is None) is (gib == host_gib) and r["plan"]["chose"] == (plan and planned.train.plan_chose)
         if plan is not None:
             assert f"shared by 2 processes: {share / GIB:.2f} GiB each" in r["plan"]["lines"][0]
@@ -399,5 +399,5 @@ def test_the_plan_keeps_an_offload_budget_the_command_line_sets(capsys):
     from qlora.memory.preflight import available_on
 
     cfg = apply_overrides(load_recipe(ROOT / "recipes/llama70b.py"), ["--data.max_seq_len=177152", budget])
-    plan, _ = plan_for(cfg, "cuda", 80 * GIB, "a card of 80 GiB", available_on(140 * GIB))
+    plan, _ = plan_for(cfg, "cuda", 80 * GIB, "a card of 80 GiB", (available_on(140 * GIB), "a host"))
     assert estimate(cfg, load_arch(cfg), "qlora", "cuda").host_bytes == plan.estimate.host_bytes

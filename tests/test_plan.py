@@ -409,7 +409,7 @@ def test_a_resumed_run_is_planned_from_the_recipe_not_from_the_plan_before() -> 
     from qlora.config.config import config_from_dict
 
     def planned(cfg: Config, card_gib: float) -> tuple[Config, object]:
-        return cfg, plan_for(cfg, "cuda", int(card_gib * GIB), f"{card_gib} GiB", HOST)[0]
+        return cfg, plan_for(cfg, "cuda", int(card_gib * GIB), f"{card_gib} GiB", (HOST, "a host"))[0]
 
     for seq in (2048, 16_384):
         fresh = recipe("llama8b_6gb", f"--data.max_seq_len={seq}")
@@ -667,12 +667,12 @@ def test_a_kept_plan_sets_every_lever_and_the_batch_shape_it_chose(monkeypatch: 
     def resumed(first: Config, card: int, host: int) -> tuple[Config, object, list[str]]:
         saved = config_from_dict(json.loads(json.dumps(first.to_dict())), "run_config.json")
         unplanned(saved, [])
-        return saved, *plan_for(saved, "cuda", card, "a card", host)
+        return saved, *plan_for(saved, "cuda", card, "a card", (host, "a host"))
 
     with_batch_figure(monkeypatch, 0.1)
     for seq, card, host in ((65_536, 24 * GIB, 8 * GIB), (2048, 80 * GIB, HOST)):
         first = recipe("llama8b", f"--data.max_seq_len={seq}", "--train.plan_batch=true")
-        chosen, _ = plan_for(first, "cuda", card, "a card", host)
+        chosen, _ = plan_for(first, "cuda", card, "a card", (host, "a host"))
         saved, kept, lines = resumed(first, card, host)
         assert lines[1].endswith("which still fits: kept"), lines
         for key, value in chosen.settings.items():
@@ -681,7 +681,7 @@ def test_a_kept_plan_sets_every_lever_and_the_batch_shape_it_chose(monkeypatch: 
     assert chosen.settings["train.batch_size"] > 1  # 80 GiB: a larger micro-batch than the recipe's 1
     # A host that no longer holds what the plan keeps there: planned again, within it.
     first = recipe("llama8b", "--data.max_seq_len=65536")
-    chosen, _ = plan_for(first, "cuda", 24 * GIB, "a card", 8 * GIB)
+    chosen, _ = plan_for(first, "cuda", 24 * GIB, "a card", (8 * GIB, "a host"))
     smaller = needs(chosen.estimate)[1] - GIB
     saved, again, lines = resumed(first, 24 * GIB, smaller)
     assert "does not fit here: planned again" in lines[1], lines

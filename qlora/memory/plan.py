@@ -246,23 +246,24 @@ def use_plan(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 
     (preflight.host_share), as its check before loading does; `least` (Ranks.least: the least over every process of
     the card or the share) makes every process choose alike."""
     card, where = least(room(device, processes))
-    host, host_where = least(host_share(available_bytes(), processes)) if device.type == "cuda" else (None, "")
-    plan, lines = plan_for(cfg, device.type, card, where, host, gpus, host_where)
+    host = least(host_share(available_bytes(), processes)) if device.type == "cuda" else None
+    plan, lines = plan_for(cfg, device.type, card, where, host, gpus)
     print("\n".join(lines))
     return plan
 
 
-def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None, gpus: int = 1,
-             host_where: str = "") -> tuple[Plan | None, list[str]]:
-    """The plan for a card of `card` bytes (`where` says which) and `host` bytes of host memory (None: not counted;
-    `host_where` says what they are), its levers set on `cfg`, and the lines that say what was chosen and why:
-    qlora.train's choice on the card it finds, and `python -m qlora.memory RECIPE --gpu-gib N`'s for a card named."""
-    whole = card
+def plan_for(cfg: Config, device: str, card: int, where: str, host: tuple[int, str] | None,
+             gpus: int = 1) -> tuple[Plan | None, list[str]]:
+    """The plan for a card of `card` bytes (`where` says which) and the host memory `host` (its bytes and what they
+    are, as host_share gives them; None: not counted), its levers set on `cfg`, and the lines that say what was chosen
+    and why: qlora.train's choice on the card it finds, and `python -m qlora.memory RECIPE --gpu-gib N`'s for a card
+    named."""
+    whole, host_bytes = card, host[0] if host is not None else None
     if cfg.train.plan_gib:  # the recipe's own ceiling, below the card's
         card, where = min(card, int(cfg.train.plan_gib * GIB)), f"{where}, train.plan_gib={cfg.train.plan_gib:g}"
     try:
-        kept, why = kept_plan(cfg, device, card, host, gpus)
-        plan = kept or choose(cfg, device, card, host, gpus)
+        kept, why = kept_plan(cfg, device, card, host_bytes, gpus)
+        plan = kept or choose(cfg, device, card, host_bytes, gpus)
     except BadConfigValue:  # a value no decoder has: refused, as by the check before loading
         raise
     except (ConfigError, OSError, ValueError, KeyError) as err:  # a model the estimator does not know
@@ -273,7 +274,7 @@ def plan_for(cfg: Config, device: str, card: int, where: str, host: int | None, 
     if plan is None:
         return None, [f"train.plan=fastest: no combination of levers fits ({where}): the recipe's levers as set"]
     if host is not None:
-        where += ", " + (host_where or f"{host / GIB:.2f} GiB of host memory available")
+        where += ", " + host[1]
     lines = explain(cfg, plan, device, where)
     if kept is not None:
         lines.insert(1, "  the run's own plan, as it chose at its start (train.plan_chose), which still fits: kept")

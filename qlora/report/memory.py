@@ -232,8 +232,8 @@ def card_plan(cfg: Config, cli: Cli, card: tuple[int, str], host: int) -> dict:
     from qlora.memory.preflight import available_on, host_share
 
     keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
-    share, where = host_share(available_on(host), cli.gpus, f"a host of {cli.host_gib:g} GiB (--host-gib)")
-    chosen, lines = plan_for(cfg, "cuda", card[0], card[1], share, cli.gpus, where)
+    share = host_share(available_on(host), cli.gpus, f"a host of {cli.host_gib:g} GiB (--host-gib)")
+    chosen, lines = plan_for(cfg, "cuda", card[0], card[1], share, cli.gpus)
     return {"card_gib": cli.card_gib, "host_gib": cli.host_gib,
             "chose": cfg.train.plan_chose if chosen is not None else None, "lines": lines}
 
