@@ -334,6 +334,9 @@ CASES = [
      r"or removes: choose a directory outside it$"),
     ("memory: empty --out-dir", "qlora.memory", [TINY, "--out-dir="], noop, r"--out-dir= is empty"),
     ("memory: unknown method", "qlora.memory", [TINY, "--methods=qlora,int8"], noop, r"--methods 'qlora,int8': use"),
+    ("memory: an empty method", "qlora.memory", [TINY, "--methods=qlora,,lora"], noop,  # read as qlora,lora: unsaid
+     r"--methods 'qlora,,lora' has an empty item \(two commas together, or one at an end\): give a method between "
+     r"each two commas, e.g. --methods=qlora,lora,full$"),
     ("memory: bad override", "qlora.memory", [TINY, "--lora.r=-1", "--out-dir={tmp}/r"], noop, r"lora.r=-1 must be"),
     ("memory: malformed config_json", "qlora.memory", [TINY, "--model.synthetic=true",
                                                        "--model.config_json={tmp}/config.json", "--out-dir={tmp}/r"],

@@ -124,7 +124,11 @@ def parse_cli(argv: list[str]) -> Cli:
         elif arg == "--max-context":
             cli.max_context = True
         elif name == "--methods":
-            cli.methods = [m.strip() for m in value.split(",") if m.strip()]
+            cli.methods = [m.strip() for m in value.split(",")]
+            if len(cli.methods) > 1 and "" in cli.methods:  # qlora,,lora was read as qlora,lora, as --gpu-gib was
+                raise ConfigError(f"--methods {value!r} has an empty item (two commas together, or one at an end): "
+                                  f"give a method between each two commas, e.g. --methods={','.join(METHODS)}")
+            cli.methods = [m for m in cli.methods if m]
             unknown = [m for m in cli.methods if m not in METHODS]
             if unknown or not cli.methods:
                 raise ConfigError(f"--methods {value!r}: use a comma-separated subset of {','.join(METHODS)}")
