@@ -50,13 +50,14 @@ def process_margin(est: Estimate) -> int:
     return CPU_LIBRARIES + int(CPU_FREE_LISTS * est.components.get("activations", 0))
 
 
-def room(device: torch.device, processes: int = 1) -> tuple[int, str]:
+def room(device: torch.device, processes: int = 1, available: int | None = None) -> tuple[int, str]:
     """(bytes, what they are) of the memory a step on `device` has: the card's, or on a CPU device this process's
-    share of the host (host_share) among the `processes` of the run on this host."""
+    share of the host (host_share) among the `processes` of the run on this host, of `available` bytes where the
+    caller read them (None: read MemAvailable here)."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"{props.name} has {props.total_memory / GIB:.2f} GiB"
-    return host_share(available_bytes(), processes)
+    return host_share(available_bytes() if available is None else available, processes)
 
 
 def host_share(available: int, processes: int = 1, host: str = "this host") -> tuple[int, str]:
@@ -129,11 +130,12 @@ def fitting(cfg: Config, arch: Arch, device: str, device_bytes: int, host_bytes:
 
 
 def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: int | None = None,
-               host_bytes: int | None = None, processes: int = 1) -> Estimate | None:
+               host_bytes: int | None = None, processes: int = 1, available: int | None = None) -> Estimate | None:
     """Refuse (ConfigError) a step whose estimate does not fit `device`: the card's memory (or, on a CPU device, this
     process's share of the host's available memory among the run's `processes` on this host) unless `device_bytes`
     is given, and on CUDA that share for what the plan keeps there unless `host_bytes` is. Returns the estimate, or
-    None for an architecture the estimator does not know."""
+    None for an architecture the estimator does not know. `available`: the host's MemAvailable as the caller read
+    it (None: read here)."""
     try:
         arch = load_arch(cfg)
         adapted = adapted_layers(arch, cfg.lora.targets) if cfg.quant.method != "full" else {}
@@ -146,12 +148,13 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
         return None  # no such adapter: attach_lora refuses it, naming the layer and the largest rank
     where = host_where = None
     if device_bytes is None:
-        device_bytes, where = room(device, processes)
+        device_bytes, where = room(device, processes, available)
     where = where or (f"the card has {device_bytes / GIB:.2f} GiB" if device.type == "cuda" else
                       f"the host has {device_bytes / GIB:.2f} GiB available")
-    if device.type == "cuda":
-        host_bytes, host_where = host_share(available_bytes(), processes) if host_bytes is None else \
-            host_share(host_bytes)
+    if device.type == "cuda" and host_bytes is None:
+        host_bytes, host_where = host_share(available_bytes() if available is None else available, processes)
+    elif device.type == "cuda":
+        host_bytes, host_where = host_share(host_bytes)
     if fits(est, device_bytes, host_bytes):
         return est
     card, host = needs(est)
@@ -199,13 +202,16 @@ def say_fits(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 
     """check_fits, then one line of what the step is estimated to hold against what it has, and the memory levers
     that bring it there: before the base loads (minutes for 70B), the numbers the run's own memory line later sets
     against the measured peak. Nothing where the estimator does not know the architecture."""
-    est = check_fits(cfg, device, gpus, processes=processes)
+    # Read once: read for the check and again for the line, a host whose memory fell between the two (another process
+    # loading) was said to have less than the step the check had just passed.
+    available = available_bytes()
+    est = check_fits(cfg, device, gpus, processes=processes, available=available)
     if est is None:
         return None
     host = needs(est)[1]
-    line = estimated_at(est, room(device, processes)[1])
+    line = estimated_at(est, room(device, processes, available)[1])
     if est.device == "cuda" and host > 0:
-        line += f"; {host / GIB:.2f} GiB in host memory, and {host_share(available_bytes(), processes)[1]}"
+        line += f"; {host / GIB:.2f} GiB in host memory, and {host_share(available, processes)[1]}"
     if levers := [said.split(":")[0] for said in est.levers]:
         line += "; memory levers: " + ", ".join(levers)
     print(line)
