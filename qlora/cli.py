@@ -7,7 +7,8 @@ prints once; one that befell a single process (it lost the others, ran out of me
 Every `python -m qlora.<command>` calls `run(main)`; `--debug` anywhere on its command line shows the traceback
 instead of the line. A Ctrl-C, SIGTERM or SIGHUP that arrives while Python still imports torch ends in one line too:
 `qlora/__init__.py` calls `catch_early_signals()` as such a command starts. argparse's own errors are one line with
-exit 2 as well (`ArgumentParser`). A closed stdout (`... | head`) ends the command quietly.
+exit 2 as well (`ArgumentParser`). A closed stdout (`... | head`) ends the command quietly, whether a print met it
+or the last flush did.
 
 Nothing is imported here at module level but the standard library and qlora.errors: this module runs before anything
 else is loaded (and `python -m qlora.config` must find qlora.config not yet imported).
@@ -114,7 +115,12 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
         if signal.getsignal(sig) in (signal.SIG_DFL, exit_while_starting):
             replaced[sig] = signal.signal(sig, raise_signal_interrupt)
     try:
-        return main(argv) or 0
+        code = main(argv) or 0
+        # Flushed here, not at the interpreter's exit: with stdout a pipe (block-buffered) a short result waited there
+        # for a reader that had left, and the exit printed "Exception ignored ... BrokenPipeError" and ended 120.
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return code
     except BrokenPipeError:  # stdout closed by its reader (`| head`): nothing more to say, and no one to say it to
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE

@@ -164,9 +164,13 @@ def test_a_signal_swallowed_while_importing_is_said_by_rank_0_alone(capsys, monk
     assert capsys.readouterr().err == ("stopped by SIGINT while starting: nothing was written\n" if said else "")
 
 
-def test_a_closed_stdout_ends_quietly():
-    """`python -m qlora.config RECIPE | head -1`: the reader goes away; no BrokenPipeError traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "qlora.config", "recipes/tiny.py"], cwd=ROOT,
+@pytest.mark.parametrize("args", [["qlora.config"], ["qlora.memory", "--methods=qlora"]], ids=["config", "memory"])
+def test_a_closed_stdout_ends_quietly(args):
+    """`python -m qlora.config RECIPE | head -1`: the reader goes away; no BrokenPipeError traceback. Without
+    PYTHONUNBUFFERED (a shell's default) the short result waited in stdout's buffer for the interpreter's exit, which
+    printed "Exception ignored ... BrokenPipeError" and ended 120."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", args[0], "recipes/tiny.py", *args[1:]], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # as `head` does once it has its line
     err = proc.stderr.read()
