@@ -8,7 +8,8 @@ Every `python -m qlora.<command>` calls `run(main)`; `--debug` anywhere on its c
 instead of the line. A Ctrl-C, SIGTERM or SIGHUP that arrives while Python still imports torch ends in one line too:
 `qlora/__init__.py` calls `catch_early_signals()` as such a command starts. argparse's own errors are one line with
 exit 2 as well (`ArgumentParser`). A closed stdout (`... | head`) ends the command quietly, whether a print met it
-or the last flush did.
+or the last flush did; a command whose result is what it prints (config's JSON, the memory report, generated text)
+refuses to start with stdout closed (`>&-`: `require_stdout`).
 
 Nothing is imported here at module level but the standard library and qlora.errors: this module runs before anything
 else is loaded (and `python -m qlora.config` must find qlora.config not yet imported).
@@ -143,6 +144,16 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
             signal.signal(sig, handler if handler is not exit_while_starting else ENDED[sig])
         if ended:  # the interpreter's shutdown is all that is left: see skip_final_collection
             skip_final_collection()
+
+
+def require_stdout(what: str, fix: str = "give it a file or a pipe (> FILE)") -> None:
+    """Refuse (exit 2), before any work, a command whose result is `what` it prints on stdout, started with stdout
+    closed (`>&-`, a launcher's): fill_closed_streams sends stdout to /dev/null so that a training run's progress
+    lines go nowhere and it trains, but `qlora.config RECIPE >&-` printed its JSON there and ended 0, nothing said."""
+    from qlora.console import CLOSED_AT_START
+
+    if sys.stdout is None or "stdout" in CLOSED_AT_START:
+        raise Stop(EXIT_BAD_INPUT, f"stdout is closed, where {what} would be printed: {fix}")
 
 
 def skip_final_collection() -> None:

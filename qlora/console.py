@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+CLOSED_AT_START: set[str] = set()
+"""The streams fill_closed_streams found closed ("stdout", "stderr"): what is printed there goes nowhere."""
 
 
 def fill_closed_streams() -> None:
@@ -27,6 +29,7 @@ def fill_closed_streams() -> None:
     for fd, name in ((1, "stdout"), (2, "stderr")):
         if getattr(sys, name) is not None:
             continue
+        CLOSED_AT_START.add(name)  # a command whose result is its stdout refuses to start (qlora.cli.require_stdout)
         try:
             os.fstat(fd)
         except OSError:

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from qlora.cli import run
+from qlora.cli import require_stdout, run
 from qlora.commands import eval_parser
 from qlora.config import Config, DataConfig
 from qlora.console import quiet_libraries
@@ -150,6 +150,8 @@ def _main(argv: list[str]) -> int:
     cfg = read_run_config(args.run_dir)  # once: the run --json is checked against is the run evaluated
     if args.json:
         check_json_path(args.json, args.run_dir, args.data, cfg)
+    else:  # with --json FILE the file holds the numbers
+        require_stdout("the evaluation's numbers", "give it a file or a pipe (> FILE), or write them with --json FILE")
     quiet_libraries()
     result = evaluate_run(args.run_dir, args.data, args.device, cfg)
     capped = f" of {result['rows']} (capped by train.eval_batches)" if result["eval_rows"] < result["rows"] else ""

@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, TextStreamer
 
 from qlora.base.build import ensure_checkpoint, looks_like_hub_id
 from qlora.base.load import load_tokenizer
-from qlora.cli import run
+from qlora.cli import require_stdout, run
 from qlora.commands import generate_parser
 from qlora.config import Config, DataConfig
 from qlora.console import quiet_libraries
@@ -204,6 +204,7 @@ def _main(argv: list[str]) -> int:
         check_utf8(args.prompt, "--prompt")
     elif sys.stdin is None:  # started with stdin closed (`<&-`, a launcher's): Python leaves it None
         parser.error("no --prompt, and stdin is closed: give --prompt TEXT, or pipe prompts to stdin")
+    require_stdout("the generated text")
     # stdout holds the generated text alone (`--prompt ... > out.txt`): what loading says goes to stderr
     with contextlib.redirect_stdout(sys.stderr):
         cfg = read_run_config(args.run_dir)

@@ -179,6 +179,30 @@ def test_a_closed_stdout_ends_quietly(args):
     assert proc.returncode == 128 + signal.SIGPIPE
 
 
+OR_OUT_DIR = ", or write the report with --out-dir=DIR"
+
+
+@pytest.mark.parametrize(("args", "what"), [
+    (["qlora.config"], "the resolved config"),
+    (["qlora.memory", "--methods=qlora"], "the report" + OR_OUT_DIR),
+    (["qlora.memory", "--methods=qlora", "--json"], "the report's JSON" + OR_OUT_DIR),
+    (["qlora.memory", "--methods=qlora", "--out-dir={tmp}"], None),  # the files hold the report
+], ids=["config", "memory", "memory --json", "memory --out-dir"])
+def test_a_command_whose_result_is_its_stdout_refuses_a_closed_one(tmp_path, args, what):
+    """`python -m qlora.config RECIPE >&-`: Python leaves sys.stdout None, fill_closed_streams sends it to /dev/null
+    (so training runs), and the JSON went there with exit 0, nothing said. Refused in one line, exit 2."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", argv[0], "recipes/tiny.py", *argv[1:]], cwd=ROOT, timeout=300,
+                          stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))  # noqa: PLW1509
+    if what is None:
+        assert proc.returncode == 0 and (tmp_path / "tiny-none.md").is_file(), proc.stderr
+        return
+    result, _, fix = what.partition(",")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"error: stdout is closed, where {result} would be printed: give it a file or "
+                                        f"a pipe (> FILE){',' if fix else ''}{fix}"], proc.stderr
+
+
 def test_a_recipe_printing_to_a_closed_stdout_ends_quietly(tmp_path):
     """`python -m qlora.train RECIPE | head -1` of a recipe that prints: its print() met the closed pipe and the
     command ended in 'error: RECIPE:2: BrokenPipeError: [Errno 32] Broken pipe', exit 2, as a mistake in the recipe."""

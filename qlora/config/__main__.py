@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 
-from qlora.cli import run
+from qlora.cli import require_stdout, run
 from qlora.commands import CONFIG, help_text, wants_help
 from qlora.config import parse_args, resolve_paths
 from qlora.errors import ConfigError
@@ -16,6 +16,7 @@ def print_resolved(argv: list[str]) -> None:
     if wants_help(argv):
         print(help_text("qlora.config", argv), end="")
         return
+    require_stdout("the resolved config")
     usage = CONFIG.usage
     with contextlib.redirect_stdout(sys.stderr):  # a recipe's own prints: stdout is the JSON a script reads
         cfg, flags = parse_args(argv, usage)

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora.cli import run
+from qlora.cli import require_stdout, run
 from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, parse_args
 from qlora.config.model import FP16_ON_CUDA, check_rank
@@ -188,6 +188,9 @@ def _main(argv: list[str]) -> int:
         print(help_text("qlora.memory", argv), end="")
         return 0
     cli = parse_cli(argv)
+    if cli.out_dir is None:  # with --out-dir the files hold the report
+        require_stdout("the report" if not cli.as_json else "the report's JSON",
+                       "give it a file or a pipe (> FILE), or write the report with --out-dir=DIR")
     with contextlib.redirect_stdout(sys.stderr if cli.as_json else sys.stdout):  # --json: stdout is the JSON
         for line in cli.repeated:
             print(line)
