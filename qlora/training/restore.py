@@ -39,8 +39,9 @@ class Unusable(Exception):
 
 
 def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
-    """What the newest readable checkpoint of `run_dir` (or `run_dir` itself, a checkpoint-N) recorded under `key`,
-    as stored, and that checkpoint; (None, None) where no checkpoint, or one written before `key` was recorded."""
+    """The newest readable checkpoint of `run_dir` (or `run_dir` itself, a checkpoint-N) and what it recorded under
+    `key`, as stored: (None, None) where there is none, (that checkpoint, None) for one written before `key` was
+    recorded (whose name a refusal may give: runconfig._same_config)."""
     for ckpt in [run_dir] if (run_dir / STATE).is_file() else reversed(list_checkpoints(run_dir)):
         try:
             return ckpt, _read(ckpt, STATE).get(key)
