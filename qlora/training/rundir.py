@@ -1,6 +1,6 @@
-"""The output directory: whose run it holds, the names its trainer owns there (`run_owned`, which merge, export and
-eval keep their outputs out of), the lock, and the first write of a run (what `--resume` may change in it:
-qlora/training/runconfig.py).
+"""The output directory: whose run it holds, the names its trainer owns there (`run_owned`, which merge, export,
+eval and qlora.memory's --out-dir keep their outputs out of), the lock, and the first write of a run (what `--resume`
+may change in it: qlora/training/runconfig.py).
 
 Everything here but `start_run` only reads, so a refused command leaves the directory as it was.
 
@@ -43,8 +43,8 @@ from qlora.training.runconfig import check_identity
 MEMORY = "memory.json"
 LOCK = ".qlora.lock"
 RUN_FILES = (RUN_CONFIG, METRICS, ADAPTER_WEIGHTS, ADAPTER_CONFIG, FULL_WEIGHTS, MEMORY, SHIFTS)  # a run's own files
-# What a killed run may leave half-written (checkpoint.py, metrics.MetricsLog, start_run): never read, so only
-# in the way. Nothing else is removed, whatever its name.
+# What a killed run may leave half-written (checkpoint.py, metrics.MetricsLog, start_run, loftq.save_shifts): never
+# read, so only in the way. Nothing else is removed, whatever its name.
 LEFTOVER = re.compile(r"^\.(tmp|trash)-(checkpoint-\d+(\.damaged(-\d+)?)?|final|run_config\.json|metrics\.jsonl"
                       r"|loftq_shifts\.safetensors)$")
 RUN_DIRS = re.compile(r"^checkpoint-\d+(\.damaged(-\d+)?)?$")  # a run's checkpoints, damaged ones set aside included
