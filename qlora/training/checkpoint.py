@@ -2,8 +2,8 @@
 read back in (`load_weights`, `set_rng_state`); which checkpoints a run directory holds.
 
 Every write is atomic. A checkpoint is written into `.tmp-checkpoint-<step>/`, flushed to disk (with the run's
-run_config.json and metrics.jsonl, which a resume reads with it), then renamed to `checkpoint-<step>/`, so a
-directory of that name is always complete and a run killed mid-save leaves only a `.tmp-` directory that resume
+run_config.json, metrics.jsonl and LoftQ shifts, which a resume reads with it), then renamed to `checkpoint-<step>/`,
+so a directory of that name is always complete and a run killed mid-save leaves only a `.tmp-` directory that resume
 ignores (and the next start removes). Old checkpoints are renamed away before they are deleted,
 so a half-deleted one is never taken for complete either. The final adapter files are written the same way, each
 renamed over its predecessor. A failed save (disk full) removes its own `.tmp-` directory and leaves every earlier
