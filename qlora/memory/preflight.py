@@ -134,8 +134,8 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     """Refuse (ConfigError) a step whose estimate does not fit `device`: the card's memory (or, on a CPU device, this
     process's share of the host's available memory among the run's `processes` on this host) unless `device_bytes`
     is given, and on CUDA that share for what the plan keeps there unless `host_bytes` is. Returns the estimate, or
-    None for an architecture the estimator does not know. `available`: the host's MemAvailable as the caller read
-    it (None: read here)."""
+    None where nothing is checked: an architecture the estimator does not know, or a lora.r beyond an adapted layer's
+    side (attach_lora refuses it). `available`: the host's MemAvailable as the caller read it (None: read here)."""
     try:
         arch = load_arch(cfg)
         adapted = adapted_layers(arch, cfg.lora.targets) if cfg.quant.method != "full" else {}
