@@ -1,10 +1,12 @@
 """The memory report: estimated (and, with --measure, measured) peak of full fine-tuning, LoRA and QLoRA for a recipe.
 
     python -m qlora.memory RECIPE.py [--measure] [--methods qlora,lora,full] [--gpus N] [--json] [--section.key=v ...]
+    python -m qlora.memory RECIPE.py --gpu-gib N [--host-gib 128] [--out-dir=DIR] ...
     python -m qlora.memory RECIPE.py --max-context [--gpu-gib 24,48,80] [--host-gib 128]
 
 With --gpus N the report adds each method's peak per process of a run over N GPUs (torchrun): data parallel, and for
-qlora and lora the frozen base sharded (train.shard_base), estimated only.
+qlora and lora the frozen base sharded (train.shard_base), estimated only. With --gpu-gib N the report is drawn
+against a card of N GiB, and a recipe's train.plan=fastest chooses its levers for that card and --host-gib's host.
 
 Prints the report's summary (all of it as JSON with --json). Only with --out-dir=DIR does it write files:
 DIR/<recipe>-<device>.md, .json and .png, where <device> is the device that measured ("cpu", the GPU's name) or
