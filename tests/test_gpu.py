@@ -50,9 +50,28 @@ def test_embeddings_to_cpu_frees_the_table_on_the_card(tiny_config: Config) -> N
 def test_offload_that_cannot_pin_its_inputs_is_refused_before_a_step(tiny_config: Config) -> None:
     # 2 layers x 2^30 tokens x 128 x 2 B: two 256 GiB pinned blocks, more than any host here.
     cfg = on_cuda(tiny_config, "--train.offload_activations=true", "--data.max_seq_len=1073741824")
-    with pytest.raises(ConfigError, match=r"train.offload_activations would pin 4,096.0 GiB of host memory .* GiB is "
-                                          r"available: set --train.offload_budget_gib="):
+    with pytest.raises(ConfigError, match=r"train.offload_activations would pin 4,096.0 GiB of host memory .* "
+                                          r"this host has .* GiB available: set --train.offload_budget_gib="):
         build_model(cfg)
+
+
+def test_each_process_on_the_host_pins_its_inputs_within_its_share(tiny_config: Config,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check after loading weighs this process's share of the host (Ranks.local_size, torchrun's
+    LOCAL_WORLD_SIZE): a host whose available memory holds the pinned inputs once and four fifths over takes them
+    for one process, and refuses them for each of two, naming the share. Ranks of 2 on this one card: the check
+    comes before anything is distributed."""
+    from qlora.levers.checkpoints.memory import pinned_need
+    from qlora.training.distributed import Ranks
+
+    cfg = on_cuda(tiny_config, "--train.offload_activations=true", "--data.max_seq_len=65536")
+    need = pinned_need(cfg.train, 2, cfg.train.batch_size * 65536 * 128 * 2)  # 2 layers x hidden 128 in bf16
+    monkeypatch.setattr("qlora.training.assemble.available_bytes", lambda: 2 * need)  # room: 1.8 x the need
+    build_model(cfg)
+    two = Ranks(rank=0, size=2, local_rank=0, local_size=2, device=torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match=r"and this host's .* GiB available, shared by 2 processes: .* GiB each: "
+                                          r"set --train.offload_budget_gib="):
+        build_model(cfg, ranks=two)
 
 
 def test_the_cache_is_emptied_before_the_paged_state_is_allocated(tiny_config: Config) -> None:

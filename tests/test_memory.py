@@ -756,10 +756,11 @@ def assert_the_trainer_pins_it(cfg: Config, arch, est, host: int) -> None:  # no
     """The trainer's own check before the first step (qlora/levers/checkpoints/) passes the plan on a host of
     `host` bytes, whose available memory is then taken as the host less the process's allowance and its embeddings."""
     from qlora.levers.checkpoints.memory import check_pinned_memory
+    from qlora.memory.preflight import host_share
 
     available = host - est.host.get("runtime", 0) - est.host.get("embeddings", 0)
     if cfg.train.offload_activations and cfg.train.gradient_checkpointing:
-        check_pinned_memory(arch.layers, cfg.train, cfg.data.max_seq_len, arch.hidden, 2, available)
+        check_pinned_memory(arch.layers, cfg.train, cfg.data.max_seq_len, arch.hidden, 2, host_share(available))
 
 
 def test_probes_of_the_max_context_search_run_the_plan_the_trainer_accepts():

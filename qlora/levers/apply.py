@@ -40,9 +40,10 @@ def at_load(model: torch.nn.Module, cfg: RunConfig, device: torch.device, dtype:
 
 
 def on_model(model: torch.nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype,
-             available: int) -> None:
-    """`available`: the host's available memory, which the checkpoints lever checks its pinned buffers against."""
-    layer_inputs.apply(model, cfg, device, dtype, available)
+             host: tuple[int, str]) -> None:
+    """`host`: (bytes, what they are) of the host memory this process may count on, its share of the host's
+    available memory, which the checkpoints lever checks its pinned buffers against."""
+    layer_inputs.apply(model, cfg, device, dtype, host)
     for hook in ON_MODEL:
         hook(model, cfg, device, dtype)
 

@@ -275,16 +275,17 @@ def keep_layer_inputs(model: nn.Module, device: torch.device, offload: bool, eve
     return store
 
 
-def apply(model: nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype, available: int) -> None:
+def apply(model: nn.Module, cfg: RunConfig, device: torch.device, dtype: torch.dtype, host: tuple[int, str]) -> None:
     """The trainer's hook: with gradient checkpointing on, where each layer input waits (offload_activations on CUDA
-    after checking the host can pin them, every k-th kept). `available`: the host's available memory."""
+    after checking the host can pin them, every k-th kept). `host`: (bytes, what they are) of the host memory this
+    process may count on (check_pinned_memory)."""
     t = cfg.train
     if not t.gradient_checkpointing:
         return
     if OFFLOAD.active(cfg, cfg.quant.method, device.type):  # refused now, not when pinning fails mid-run
         text = model.config.get_text_config()
         check_pinned_memory(text.num_hidden_layers, t, cfg.data.max_seq_len, text.hidden_size, dtype.itemsize,
-                            available)
+                            host)
     keep_layer_inputs(model, device, t.offload_activations,
                       t.checkpoint_every if EVERY.active(cfg, cfg.quant.method, device.type) else 1,
                       t.offload_budget_gib)

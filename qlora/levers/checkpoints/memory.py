@@ -77,9 +77,12 @@ def pinned_need(train: CheckpointFields, layers: int, input_bytes: int) -> int:
 
 
 def check_pinned_memory(layers: int, train: CheckpointFields, seq: int, hidden: int, elem_bytes: int,
-                        available: int) -> None:
-    """Refuse, before the first step, an offload whose pinned buffers cannot fit in the host's available memory,
-    naming the budget that does. `train` is the recipe's train section (batch_size and this lever's fields)."""
+                        host: tuple[int, str]) -> None:
+    """Refuse, before the first step, an offload whose pinned buffers cannot fit in the host memory this process may
+    count on, naming the budget that does. `train` is the recipe's train section (batch_size and this lever's
+    fields); `host`: (bytes, what they are) of that memory, this process's share of the host's available memory
+    (qlora/memory/preflight.py host_share: each process of several on one host pins its own buffers)."""
+    available, where = host
     size = train.batch_size * seq * hidden * elem_bytes
     need = pinned_need(train, layers, size)
     room = int(available * PINNED_HEADROOM)
@@ -87,6 +90,6 @@ def check_pinned_memory(layers: int, train: CheckpointFields, seq: int, hidden: 
         return
     raise ConfigError(
         f"train.offload_activations would pin {need / GIB:,.1f} GiB of host memory ({need // size} layer inputs of "
-        f"{train.batch_size} x {seq:,} tokens x {hidden} x {elem_bytes} B) but {available / GIB:,.1f} GiB is "
-        f"available: set --train.offload_budget_gib={room / GIB:.1f} (the other inputs stay on the device), or "
+        f"{train.batch_size} x {seq:,} tokens x {hidden} x {elem_bytes} B) and {where}: set "
+        f"--train.offload_budget_gib={room / GIB:.1f} (the other inputs stay on the device), or "
         f"--train.checkpoint_every={train.checkpoint_every * 2}, or --train.offload_activations=false")

@@ -12,6 +12,7 @@ from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
 from qlora.levers.checkpoints.layer_inputs import LayerInputs, keep_layer_inputs
 from qlora.levers.checkpoints.memory import GIB, check_pinned_memory, pinned_need
+from qlora.memory.preflight import host_share
 
 
 def test_activation_offload_keeps_loss_and_grads_and_fetches_ahead(tiny_config: Config, batch: dict) -> None:
@@ -138,19 +139,35 @@ def test_pinned_need_is_each_offloaded_layer_input_at_its_exact_size(tiny_config
 
 
 def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits(tiny_config: Config) -> None:
-    available = 130 * GIB  # 117 GiB of room: the 122 GiB of inputs do not fit
+    available = host_share(130 * GIB)  # 117 GiB of room: the 122 GiB of inputs do not fit
     train = tiny_config.train
     train.batch_size, train.offload_activations = 1, True
     with pytest.raises(ConfigError) as refused:
         check_pinned_memory(80, train, 100_000, 8192, 2, available)
     message = str(refused.value)
     assert message.startswith("train.offload_activations would pin 122.1 GiB of host memory (80 layer inputs of 1 x")
-    assert "but 130.0 GiB is available: set --train.offload_budget_gib=117.0 (the other inputs stay" in message
+    assert "and this host has 130.00 GiB available: set --train.offload_budget_gib=117.0 (the other inputs stay" \
+        in message
     assert "\n" not in message
     train.offload_budget_gib = 117.0  # what it names does fit
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
     train.offload_budget_gib, train.checkpoint_every = 0.0, 2  # as does keeping every other input
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
+
+
+def test_each_process_of_several_on_a_host_pins_within_its_share(tiny_config: Config) -> None:
+    """Two processes on a host of 200 GiB available: each would pin 122.1 GiB of inputs, which the host's 180 GiB of
+    room holds once but not twice; each weighs its 100 GiB (90 of room) and is refused, with the budget that fits its
+    share, and the line names the share."""
+    train = tiny_config.train
+    train.batch_size, train.offload_activations = 1, True
+    check_pinned_memory(80, train, 100_000, 8192, 2, host_share(200 * GIB))
+    with pytest.raises(ConfigError) as refused:
+        check_pinned_memory(80, train, 100_000, 8192, 2, host_share(200 * GIB, 2))
+    assert ("and this host's 200.00 GiB available, shared by 2 processes: 100.00 GiB each: set "
+            "--train.offload_budget_gib=90.0 (the other") in str(refused.value)
+    train.offload_budget_gib = 90.0  # what it names fits the share
+    check_pinned_memory(80, train, 100_000, 8192, 2, host_share(200 * GIB, 2))
 
 
 def test_the_pinned_check_counts_every_row_and_takes_a_need_equal_to_the_room(tiny_config: Config) -> None:
@@ -159,14 +176,14 @@ def test_the_pinned_check_counts_every_row_and_takes_a_need_equal_to_the_room(ti
     train = tiny_config.train
     train.batch_size, train.offload_activations, train.checkpoint_every = 2, True, 2
     with pytest.raises(ConfigError, match=r"pin 122.1 GiB of host memory \(40 layer inputs of 2 x 100,000 tokens"):
-        check_pinned_memory(80, train, 100_000, 8192, 2, 130 * GIB)
+        check_pinned_memory(80, train, 100_000, 8192, 2, host_share(130 * GIB))
     train.batch_size, train.checkpoint_every = 1, 1
     need = pinned_need(train, 80, 100_000 * 8192 * 2)
     available = 145_635_555_556  # int(available * 0.9) is the need, to the byte
     assert int(available * 0.9) == need
-    check_pinned_memory(80, train, 100_000, 8192, 2, available)
+    check_pinned_memory(80, train, 100_000, 8192, 2, host_share(available))
     with pytest.raises(ConfigError):
-        check_pinned_memory(80, train, 100_000, 8192, 2, available - 2)
+        check_pinned_memory(80, train, 100_000, 8192, 2, host_share(available - 2))
 
 
 def test_a_model_without_checkpointed_layers_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
