@@ -283,7 +283,7 @@ def _main(argv: list[str]) -> None:
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
     check_processes(cfg, launch.from_env().size)
     if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's
-        unplanned(cfg, overrides)
+        unplanned(cfg, overrides, Path(cfg.output.dir) / checkpoint.RUN_CONFIG if resuming else None)
         keep_overridden(cfg, overrides)
     # An interruption or a full disk from here on names what is intact.
     # Under --overwrite the run there is the old one until start_run clears it: never "continue with --resume".

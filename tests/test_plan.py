@@ -354,6 +354,34 @@ def test_a_planned_run_resumed_with_the_plan_off_goes_on_with_the_levers_it_chos
     assert metrics(part) == metrics(full)
 
 
+def test_a_resume_whose_plan_from_no_longer_applies_names_run_config_and_goes_on_off_the_plan(cli,
+                                                                                              tmp_path: Path) -> None:
+    """A lever renamed since the run began (here: run_config.json edited) left in train.plan_from: the resume said
+    "unknown key --train.fuse_lora_old: ..." as if from the command line, naming neither the run's run_config.json
+    nor a way on. Now the line names both, and the fix it names runs: the run goes on with the levers the plan chose,
+    to its last step."""
+    out = tmp_path / "run"
+    args = ["recipes/tiny.py", f"--output.dir={out}", "--train.eval_before=false", "--train.eval_every=0",
+            "--train.eval_batches=1"]
+    assert cli.run([*args, "--train.steps=2", "--train.plan=fastest"]).status == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    undo = saved["train"]["plan_from"]
+    assert "--train.fuse_lora=false" in undo  # the plan turned it on, on a CPU device
+    undo[undo.index("--train.fuse_lora=false")] = "--train.fuse_lora_old=false"
+    (out / "run_config.json").write_text(json.dumps(saved))
+    refused = cli.run([*args, "--train.steps=3", "--resume"])
+    assert refused.status == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: {out / 'run_config.json'}'s train.plan_from (the recipe's values of the "
+                                     "levers the run's plan changed) no longer applies (unknown key "
+                                     "--train.fuse_lora_old: "), refused.stderr
+    assert refused.stderr.rstrip().endswith(": continue with --resume --train.plan=recipe to keep the levers the plan "
+                                            "chose, or correct train.plan_from there"), refused.stderr
+    resumed = cli.run([*args, "--train.steps=3", "--resume", "--train.plan=recipe"])
+    assert resumed.status == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and (out / "checkpoint-3").is_dir()
+    assert json.loads((out / "run_config.json").read_text())["train"]["fuse_lora"] is True  # as the plan chose
+
+
 def test_a_plain_resume_names_the_runs_levers_not_the_plan_keep_its_command_line_filled(cli, tmp_path: Path) -> None:
     """--resume of a planned run whose first command line set train.batch_size said "the recipe's own values are not
     used: train.batch_size=8 (the run has 2), ..., train.plan_keep=[] (the run has ['train.batch_size'])": a key the

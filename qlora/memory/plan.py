@@ -28,6 +28,7 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -188,13 +189,21 @@ def why_off(cfg: Config, plan: Plan, row: LeverCost, figure: float) -> str:
     return "does not fit beside the levers on"
 
 
-def unplanned(cfg: Config, overrides: list[str]) -> None:
+def unplanned(cfg: Config, overrides: list[str], run_config: Path | None = None) -> None:
     """A resumed run's levers as they were before its plan (train.plan_from), but those set on this command line: the
     plan starts again from the recipe, on whatever card the run now has. What it chose before stays in
     train.plan_chose for plan_for to keep where it still fits, unless this command line sets a lever or the plan's own
-    keys (a new plan asked for)."""
+    keys (a new plan asked for). `run_config`: a resumed run's run_config.json, where train.plan_from was read."""
     keys = {override_key(item) for item in overrides}
-    apply_overrides(cfg, [item for item in cfg.train.plan_from if override_key(item) not in keys])
+    try:
+        apply_overrides(cfg, [item for item in cfg.train.plan_from if override_key(item) not in keys])
+    except ConfigError as err:
+        if run_config is None or not run_config.is_file():  # the recipe's or the command line's: they name it
+            raise
+        # A lever renamed since the run began, or an edited file; with the plan off, the levers stay as it chose them
+        raise ConfigError(f"{run_config}'s train.plan_from (the recipe's values of the levers the run's plan "
+                          f"changed) no longer applies ({err}): continue with --resume --train.plan=recipe to keep "
+                          "the levers the plan chose, or correct train.plan_from there") from None
     asked = any(planned_lever(key) or key.startswith("train.plan") for key in keys)
     cfg.train.plan_chose, cfg.train.plan_from = [] if asked else cfg.train.plan_chose, []
 
