@@ -22,7 +22,7 @@ from qlora.export import __main__ as export_command
 from qlora.export.gguf_file import write_tensor
 from qlora.merge import __main__ as merge_command
 from qlora.merge import checkpoint
-from qlora.training.checkpoint import RUN_CONFIG, STATE
+from qlora.training.checkpoint import OPTIMIZER, RUN_CONFIG, STATE
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +303,26 @@ def test_a_run_config_edited_since_its_checkpoints_is_refused_before_loading(run
     assert f"{out / RUN_CONFIG} lacks quant.double_quant, which checkpoint-4 was written with (True)" in \
         one_error(capsys)
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_run_config_edited_since_a_checkpoint_that_lost_its_optimizer_state_is_refused(run, tmp_path,
+                                                                                           capsys) -> None:
+    """The settings run_config.json is compared with were read from complete checkpoints only: the newest one without
+    its optimizer.pt (deleted to save room: eval, generate, export and merge never read it) was passed over for an
+    older one, or, the only one, left run_config.json unchecked without a word, and qlora.eval scored the adapter
+    on the base quant.double_quant=false (edited) draws. The record lies in trainer_state.pt, and is read there."""
+    out = tmp_path / "run"
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns(".qlora.lock"))
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-4"]
+    (out / "checkpoint-4" / OPTIMIZER).unlink()
+    raw = json.loads((out / RUN_CONFIG).read_text())
+    raw["quant"]["double_quant"] = False
+    (out / RUN_CONFIG).write_text(json.dumps(raw))
+    assert run_eval.main([str(out)]) == 2
+    assert one_error(capsys).endswith(f"{out / RUN_CONFIG} has quant.double_quant=False, but checkpoint-4 was written "
+                                      "with True, which the checkpoints fix: restore quant.double_quant in "
+                                      "run_config.json (or, if checkpoint-4 came from another run, move it away) to "
+                                      "use the run, or start a new run with --overwrite")
 
 
 def test_a_run_or_checkpoint_without_its_adapter_names_the_newest_checkpoint_that_holds_one(run, tmp_path) -> None:

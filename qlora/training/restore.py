@@ -25,7 +25,6 @@ from qlora.training.checkpoint import (
     PATTERN,
     STATE,
     checkpoint_dirs,
-    list_checkpoints,
     load_weights,
     root_cause,
     run_device,
@@ -41,8 +40,10 @@ class Unusable(Exception):
 def recorded(run_dir: Path, key: str) -> tuple[Path | None, object]:
     """The newest readable checkpoint of `run_dir` (or `run_dir` itself, a checkpoint-N) and what it recorded under
     `key`, as stored: (None, None) where there is none, (that checkpoint, None) for one written before `key` was
-    recorded (whose name a refusal may give: runconfig._same_config)."""
-    for ckpt in [run_dir] if (run_dir / STATE).is_file() else reversed(list_checkpoints(run_dir)):
+    recorded (whose name a refusal may give: runconfig._same_config). The record is its trainer_state.pt's: a
+    checkpoint that lost its optimizer.pt (which eval, generate, export and merge never read) still holds it, and
+    passed over, run_config.json was checked against an older one's, or not at all."""
+    for ckpt in [run_dir] if (run_dir / STATE).is_file() else reversed(checkpoint_dirs(run_dir)):
         try:
             return ckpt, _read(ckpt, STATE).get(key)
         except Unusable:  # a damaged checkpoint says nothing: the one before may
