@@ -37,7 +37,7 @@ from qlora.training import checkpoint, distributed, guard, launch, runconfig, ru
 from qlora.training.assemble import prepare, print_summary
 from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.optimizer import build_optimizer, build_scheduler, stepped_params, updated_weights
-from qlora.training.progress import Progress, progress_bar, resume_progress, same_rows, show_step
+from qlora.training.progress import Progress, finished, progress_bar, resume_progress, same_rows, show_step
 from qlora.training.step import announce_evaluation, evaluate, forward_backward, to_device
 
 USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
@@ -275,18 +275,18 @@ def _main(argv: list[str]) -> None:
     # recipe's, --lora.loftq_iters=3 on a run with lora.init=loftq was refused as needing lora.init=loftq (the recipe's
     # zero), the run's value.
     cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides, check=not resuming))
-    unknown = [f for f in flags if f not in FLAGS]
-    if unknown:
+    if unknown := [f for f in flags if f not in FLAGS]:
         raise ConfigError(_flag_error(unknown[0]))
-    if resuming:  # the run on disk, changed only where the rules allow
+    if resuming:  # the run on disk, changed only where the rules allow; one finished is said, not loaded (progress.py)
         cfg = runconfig.resume_config(cfg, overrides)
+        if finished(cfg):  # before a plan changes cfg from its run_config.json
+            return
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
     check_processes(cfg, launch.from_env().size)
     if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's
         unplanned(cfg, overrides, Path(cfg.output.dir) / checkpoint.RUN_CONFIG if resuming else None)
         keep_overridden(cfg, overrides)
-    # An interruption or a full disk from here on names what is intact.
-    # Under --overwrite the run there is the old one until start_run clears it: never "continue with --resume".
+    # An interruption or a full disk from here on names what is intact (under --overwrite, the old run's: intact_line)
     Session.intact = functools.partial(checkpoint.intact_line, Path(cfg.output.dir), "--overwrite" in flags)
     train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
 

@@ -80,11 +80,11 @@ def error_lines(result) -> list[str]:
 # --- what --resume continues, and what may change --------------------------------------------------------------------
 
 def test_resume_without_overrides_continues_the_run_on_disk_not_the_recipe(cli, partial, tmp_path):
-    """The run was started with --train.steps=4; the recipe says more. --resume alone ends the run at 4."""
+    """The run was started with --train.steps=4; the recipe says more. --resume alone ends the run at 4, where it is."""
     out = copy_of(partial, tmp_path)
     result = cli.run(["recipes/tiny.py", f"--output.dir={out}", "--resume"])
     assert result.status == 0, result.stderr
-    assert "resumed from" in result.stdout and "checkpoint-4 at step 4" in result.stdout
+    assert f"{out} has finished, at step 4 of 4" in result.stdout
     assert "the recipe's own values are not used: " in result.stdout and f"train.steps={TINY_STEPS} (the run has 4)" \
         in result.stdout
     assert max(line["step"] for line in metrics(out)) == 4
@@ -608,6 +608,65 @@ def test_a_signal_in_the_evaluation_at_a_finished_runs_last_step_stops_without_a
     result = cli.run(longer)
     assert result.status == 0, result.stderr
     assert_same_run(out, evaluated)
+
+
+# --- a finished run resumed -----------------------------------------------------------------------------------------
+
+def files_and_times(path: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_finished_run_resumed_says_so_and_writes_nothing(cli, partial, tmp_path):
+    """It loaded the base, evaluated again and wrote its end anew, no step left (measured on the tiny recipe, 3 steps:
+    the lock, run_config.json, metrics.jsonl, the adapter and memory.json rewritten, the adapter's and memory.json's
+    bytes changed)."""
+    out = copy_of(partial, tmp_path)  # its files' times kept
+    before = files_and_times(out)
+    result = cli.run([*ARGS, "--train.steps=4", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith(f"resuming {out} with the settings in its run_config.json")
+    assert result.stdout.splitlines()[1:] == [
+        f"{out} has finished, at step 4 of 4: its adapter is {out / ADAPTER_WEIGHTS}; nothing was loaded or written "
+        "(to train it further: --resume --train.steps=N, N > 4)"]
+    assert files_and_times(out) == before
+
+
+MEMORY_WRITE = "qlora.memory.profiler:PhaseTracker.write"
+
+
+@pytest.mark.parametrize("where", ["qlora.training.checkpoint:save_final", MEMORY_WRITE],
+                         ids=["before the adapter", "before memory.json"])
+def test_a_run_killed_after_its_last_checkpoint_is_ended_by_its_resume(cli, partial, tmp_path, where):
+    """After its last checkpoint a run writes its final evaluation's row, the adapter, then memory.json: killed before
+    either file, it has not finished, and --resume writes them as the run would have."""
+    out = tmp_path / "run"
+    argv = [*ARGS, "--train.steps=4", f"--output.dir={out}"]
+    assert interrupt(cli, argv, slowed(where, 60), tmp_path / "here", signal.SIGKILL).status == -signal.SIGKILL
+    assert (out / ADAPTER_WEIGHTS).is_file() == (where == MEMORY_WRITE) and not (out / "memory.json").exists()
+    result = cli.run([*argv, "--resume"])
+    assert result.status == 0, result.stderr
+    assert f"adapter written to {out}" in result.stdout and (out / "memory.json").is_file()
+    assert_same_run(out, partial)
+
+
+@pytest.mark.parametrize("where", ["qlora.training.checkpoint:save_final", MEMORY_WRITE],
+                         ids=["before the adapter", "before memory.json"])
+def test_a_run_extended_and_killed_after_its_last_checkpoint_is_ended_by_its_resume(cli, partial, reference, tmp_path,
+                                                                                   where):
+    """The adapter and memory.json there are the shorter run's end (the adapter records step 4), or memory.json is,
+    older than the adapter of the new last step: neither is this end's."""
+    out = copy_of(partial, tmp_path)
+    stale = (out / "memory.json").stat().st_mtime_ns
+    longer = [*ARGS, "--train.steps=6", f"--output.dir={out}", "--resume"]
+    killed = interrupt(cli, longer, slowed(where, 60), tmp_path / "here", signal.SIGKILL)
+    assert killed.status == -signal.SIGKILL
+    assert (out / "memory.json").stat().st_mtime_ns == stale and list_checkpoints(out)[-1].name == "checkpoint-6"
+    result = cli.run(longer)
+    assert result.status == 0, result.stderr
+    assert f"adapter written to {out}" in result.stdout
+    assert (out / "memory.json").stat().st_mtime_ns > (out / ADAPTER_WEIGHTS).stat().st_mtime_ns
+    assert_same_run(out, reference)
 
 
 # --- a damaged newest checkpoint ------------------------------------------------------------------------------------

@@ -55,6 +55,15 @@ def _rows_before(data: bytes, step: int) -> int | None:
     return None
 
 
+def last_row(path: Path) -> dict | None:
+    """The last row of metrics.jsonl; None where the file is gone or empty, or its last line torn or foreign."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return _row(data[_last_line_start(data):]) if data else None
+
+
 def check_kept(path: Path, keep_bytes: int, ended: int = 0, ended_line: str = "") -> bytes:
     """The rows of metrics.jsonl a resume keeps: its first `keep_bytes`, what the checkpoint recorded. Refuse a file
     cut short since: the first line appended would join the torn one (measured: a file cut mid-line after a 4-step

@@ -5,6 +5,7 @@ shows each step on a terminal, or in a log a line per tenth of the run.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -13,10 +14,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from qlora.adapters.lora import ADAPTER_CONFIG
 from qlora.config import Config
 from qlora.console import announce, draws_bars, terminal_columns, widest_meter
 from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
-from qlora.training import distributed, restore, rundir
+from qlora.training import checkpoint, distributed, restore, rundir
+from qlora.training.metrics import last_row
 from qlora.training.optimizer import restart_from_weights, retarget
 
 
@@ -68,6 +71,42 @@ def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
         print(f"train.optimizer {state['optimizer_restarted']} -> {cfg.train.optimizer}: its state starts afresh")
     retarget(optimizer, scheduler, cfg)
     return progress, [p for p, _ in damaged]
+
+
+def finished(cfg: Config) -> bool:
+    """Whether `--resume` has nothing left to do in the run; if so, said in one line. Its end writes, after the last
+    checkpoint: the final evaluation's row in metrics.jsonl, the weights file (of that step, in its header), then
+    memory.json. A run killed before memory.json, or extended past that step and stopped before it ended again, is not
+    finished; nor is one whose run_config.json this resume would write otherwise (a setting changed on the command
+    line, train.steps raised above all: the resume goes on). A run copied without its files' times (memory.json then
+    perhaps older than the weights) is taken for unfinished, and its end written again."""
+    run_dir, steps = Path(cfg.output.dir), cfg.train.steps
+    kept, weights = checkpoint.list_checkpoints(run_dir), run_dir / checkpoint.weights_file(cfg)
+    if not kept or kept[-1] != checkpoint.checkpoint_dirs(run_dir)[-1] or kept[-1].name != f"checkpoint-{steps}":
+        return False
+    row = last_row(run_dir / checkpoint.METRICS)
+    try:  # memory.json gone, a file unreadable: not finished, and the resume rewrites or names it
+        done = row is not None and row["step"] == steps and "eval_loss" in row \
+            and restore.trainer_state(kept[-1]) is not None and checkpoint.weights_step(weights) == steps \
+            and (cfg.quant.method == "full" or (run_dir / ADAPTER_CONFIG).is_file()) \
+            and (run_dir / rundir.MEMORY).stat().st_mtime_ns >= weights.stat().st_mtime_ns \
+            and _same_run_config(run_dir / checkpoint.RUN_CONFIG, cfg)
+    except (OSError, ValueError):
+        return False
+    if done:
+        what = "adapter" if cfg.quant.method != "full" else "trained weights"
+        print(f"{run_dir} has finished, at step {steps} of {steps}: its {what} is {weights}; nothing was loaded or "
+              f"written (to train it further: --resume --train.steps=N, N > {steps})")
+    return done
+
+
+def _same_run_config(path: Path, cfg: Config) -> bool:
+    """Whether the run_config.json at `path` holds `cfg`: what a resume would write there, but output.dir (a run moved
+    since it was written is resumed where it is now)."""
+    recorded, ours = json.loads(path.read_text()), json.loads(rundir.config_text(cfg))
+    recorded.get("output", {}).pop("dir", None)
+    ours["output"].pop("dir")
+    return recorded == ours
 
 
 def same_rows(cfg: Config, state: dict, n_train: int, n_eval: int, sha256: list) -> None:

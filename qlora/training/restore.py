@@ -111,6 +111,16 @@ def _read(ckpt: Path, name: str) -> dict:
     return value
 
 
+def trainer_state(ckpt: Path) -> dict | None:
+    """`ckpt`'s trainer_state.pt, checked as a resume checks it; None where it is gone or damaged."""
+    try:
+        state = _read(ckpt, STATE)
+        _check_state(state, ckpt)
+    except Unusable:
+        return None
+    return state
+
+
 def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:
     """Raise Unusable unless `saved` is a state of `optimizer`'s parameters with finite moments: torch checks only the
     group sizes, and a moment of another shape would fail at the next step, after the run directory was written."""

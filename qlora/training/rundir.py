@@ -255,6 +255,11 @@ def deferred_signals() -> Iterator[None]:
             signal.raise_signal(sig)
 
 
+def config_text(cfg: Config) -> str:
+    """run_config.json as `start_run` writes it for `cfg`."""
+    return json.dumps(cfg.to_dict(), indent=2) + "\n"
+
+
 def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged: list[Path] | tuple = ()) -> None:
     """The first write of a run, once every input is validated: take the lock, check that the directory still holds
     what `check_run_dir` saw (`seen`), clear a replaced run, set damaged checkpoints aside, remove this code's own
@@ -280,7 +285,7 @@ def start_run(run_dir: Path, cfg: Config, overwrite: bool, seen: tuple, damaged:
             for path in run_dir.iterdir():
                 if LEFTOVER.match(path.name):  # a link is removed, never what it points at
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            write_aside(run_dir / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n", hidden=f".tmp-{RUN_CONFIG}")
+            write_aside(run_dir / RUN_CONFIG, config_text(cfg), hidden=f".tmp-{RUN_CONFIG}")
     except OSError as err:
         unlock(run_dir)
         if err.errno in ROOM_FIX:
