@@ -24,7 +24,7 @@ from qlora.config import load_recipe
 from qlora.errors import ConfigError
 from qlora.generate import read_prompt
 from qlora.training.assemble import read_run_config
-from qlora.training.checkpoint import list_checkpoints
+from qlora.training.checkpoint import OPTIMIZER, list_checkpoints
 from qlora.training.rundir import LOCK
 
 TINY = "recipes/tiny.py"
@@ -564,7 +564,8 @@ def each_refuses(cli, run: Path, tmp_path: Path, line: str) -> None:
 def test_a_run_being_trained_is_used_by_its_checkpoints(cli, finished, tmp_path):
     """A run being trained (its lock held: here by this test, as the trainer holds it from its first write to its
     end) has no final weights yet, or those of an earlier end where it was extended with --resume, which eval, merge
-    and export took without a word. They are refused, naming its newest checkpoint, which is used as it is."""
+    and export took without a word. They are refused, naming its newest checkpoint, which is used as it is; so is
+    one that lost its optimizer.pt, which they never read (complete ones only were named: "wait for its first")."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     newest = list_checkpoints(run)[-1]
@@ -572,9 +573,11 @@ def test_a_run_being_trained_is_used_by_its_checkpoints(cli, finished, tmp_path)
         lock.write("4242\n")
         lock.flush()
         fcntl.flock(lock, fcntl.LOCK_EX)
-        each_refuses(cli, run, tmp_path, f"{run} is being trained now (pid 4242): its final weights are not where it "
-                     f"has got to; pass {newest} to use its newest checkpoint, or wait for the run to end")
-        assert cli.run([str(newest)], module="qlora.eval").status == 0
+        for _ in range(2):
+            each_refuses(cli, run, tmp_path, f"{run} is being trained now (pid 4242): its final weights are not where "
+                         f"it has got to; pass {newest} to use its newest checkpoint, or wait for the run to end")
+            assert cli.run([str(newest)], module="qlora.eval").status == 0
+            (newest / OPTIMIZER).unlink(missing_ok=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -601,7 +604,8 @@ def test_a_run_extended_and_killed_is_used_by_its_checkpoints_not_its_earlier_ad
     """A finished run given more steps with --resume keeps the adapter of its earlier end until it ends again. Killed
     before that, its lock is gone, and eval, merge and export took that adapter without a word (measured on the tiny
     recipe: 8 steps extended to 12, killed after checkpoint-10, eval scored the adapter of step 8). They are refused
-    as while it trains, naming its newest checkpoint."""
+    as while it trains, naming its newest checkpoint, whole or not: one whose optimizer.pt was deleted (eval, merge
+    and export never read it) was passed over for checkpoint-2, of the earlier end, and eval scored that adapter."""
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     result = cli.run([TINY, "--train.steps=3", "--train.eval_every=0", "--train.eval_batches=1", f"--output.dir={run}",
@@ -609,9 +613,11 @@ def test_a_run_extended_and_killed_is_used_by_its_checkpoints_not_its_earlier_ad
     assert result.status == -signal.SIGKILL, result.stderr
     newest = list_checkpoints(run)[-1]
     assert newest.name == "checkpoint-3"
-    each_refuses(cli, run, tmp_path, f"{run} was extended past its adapter_model.safetensors (of an earlier end) and "
-                 f"stopped at checkpoint-3: pass {newest} to use its newest checkpoint, or continue the run with "
-                 "--resume to write its weights")
+    for _ in range(2):
+        each_refuses(cli, run, tmp_path, f"{run} was extended past its adapter_model.safetensors (of an earlier end) "
+                     f"and stopped at checkpoint-3: pass {newest} to use its newest checkpoint, or continue the run "
+                     "with --resume to write its weights")
+        (newest / OPTIMIZER).unlink(missing_ok=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

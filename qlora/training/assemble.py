@@ -195,7 +195,7 @@ def read_run_config(run_dir: Path) -> Config:
                           f"written), not a checkpoint: pass {run_dir.parent} or one of its checkpoint-N")
     if path.parent == run_dir and (pid := lock_holder(run_dir)) is not None:
         # Its final weights are written as it ends: until then none, or those of an earlier end (a run extended).
-        newest = checkpoint.list_checkpoints(run_dir)
+        newest = checkpoint.checkpoint_dirs(run_dir)
         use = f"pass {newest[-1]} to use its newest checkpoint" if newest else "wait for its first checkpoint"
         raise ConfigError(f"{run_dir} is being trained now (pid {pid}): its final weights are not where it has got "
                           f"to; {use}, or wait for the run to end")
@@ -206,8 +206,9 @@ def read_run_config(run_dir: Path) -> Config:
         print(f"{path} is not checked against the settings the run's checkpoint records: {why}")
     # Extended by --resume and stopped (kill -9, a signal, an error) before it ended again: its final weights are the
     # earlier end's, as while it trained, which the lock no longer tells. Weights of no recorded step (written before
-    # it was) are taken for the earlier end's where the newest checkpoint is short of train.steps.
-    newest = checkpoint.list_checkpoints(run_dir) if path.parent == run_dir else []
+    # it was) are taken for the earlier end's where the newest checkpoint is short of train.steps. Any checkpoint-N,
+    # whole or not (one that lost its optimizer.pt, which eval never reads, was passed over for an earlier one's step).
+    newest = checkpoint.checkpoint_dirs(run_dir) if path.parent == run_dir else []
     weights = run_dir / checkpoint.weights_file(cfg)
     if newest and weights.is_file():
         at, last = checkpoint.weights_step(weights), int(checkpoint.PATTERN.match(newest[-1].name)[1])
