@@ -203,6 +203,26 @@ def test_a_command_whose_result_is_its_stdout_refuses_a_closed_one(tmp_path, arg
                                         f"a pipe (> FILE){',' if fix else ''}{fix}"], proc.stderr
 
 
+def test_a_command_run_from_a_script_with_stdout_closed_refuses_or_ends_as_usual(capsys, monkeypatch, tmp_path):
+    """A script's own `run(main)` (not `python -m`, so fill_closed_streams never filled it) started with stdout closed:
+    Python leaves sys.stdout None and CLOSED_AT_START empty. qlora.config, whose result is its stdout, refuses it as
+    under `python -m` (print to a None stdout writes nothing: it ended 0, its JSON gone); qlora.memory --out-dir,
+    whose result is its files, ends 0 with them written (run's flush of stdout met None: an AttributeError)."""
+    from qlora.config.__main__ import main as config_main
+    from qlora.console import CLOSED_AT_START
+    from qlora.report.memory import main as memory_main
+
+    assert not CLOSED_AT_START  # this process's stdout was open: only the None says it is closed
+    with monkeypatch.context() as closed:
+        closed.setattr(sys, "stdout", None)
+        refused = config_main([str(ROOT / "recipes/tiny.py")])
+        written = memory_main([str(ROOT / "recipes/tiny.py"), "--methods=qlora", f"--out-dir={tmp_path}"])
+    assert refused == 2
+    assert capsys.readouterr().err.splitlines() == ["error: stdout is closed, where the resolved config would be "
+                                                    "printed: give it a file or a pipe (> FILE)"]
+    assert written == 0 and (tmp_path / "tiny-none.md").is_file()
+
+
 def test_a_recipe_printing_to_a_closed_stdout_ends_quietly(tmp_path):
     """`python -m qlora.train RECIPE | head -1` of a recipe that prints: its print() met the closed pipe and the
     command ended in 'error: RECIPE:2: BrokenPipeError: [Errno 32] Broken pipe', exit 2, as a mistake in the recipe."""
