@@ -326,13 +326,14 @@ def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loa
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_the_line_of_a_step_that_fits_names_the_memory_it_was_checked_against(monkeypatch, capsys, device):
     """say_fits read MemAvailable for the check and again for its line: a host whose available memory fell between
-    the two (another process loading) was said to have less than the step it had just passed (here 1 GiB, beside the
-    8B recipe's host part on a card, or the tiny step on the CPU)."""
+    the two (another process loading) was said to have less than the step it had just passed (here 1 MiB, less than
+    the 8B recipe's host part on a card or the tiny step on the CPU: a check that read it again, in room or for the
+    card's host part, refuses the step)."""
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(total_memory=80 * GIB, name="an 80 GiB card"))
-    readings = iter([100 * GIB, 1 * GIB])
+    readings = iter([100 * GIB, GIB // 1024])
     monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: next(readings))
     recipe = "llama8b.py" if device == "cuda" else "tiny.py"
     say_fits(load_recipe(ROOT / "recipes" / recipe), torch.device(device))
     line, = capsys.readouterr().out.splitlines()
-    assert "this host has 100.00 GiB available" in line and "1.00 GiB available" not in line, line
+    assert "this host has 100.00 GiB available" in line and " 0.00 GiB available" not in line, line
