@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,20 @@ def test_the_command_draws_the_report_against_the_card_and_methods_named(capsys)
     assert r["device_memory_bytes"] == 24 * GIB == 25_769_803_776 and list(r["methods"]) == ["qlora", "full"]
     assert parse_cli(["recipes/tiny.py", "--measure"]).measure and not parse_cli(["recipes/tiny.py"]).measure
     assert device_slug("NVIDIA H200") == "h200" and device_slug("cpu") == "cpu" and device_slug("none") == "none"
+
+
+@pytest.mark.parametrize("value", ["qlora,,lora", "qlora,", ",lora", " , lora"])
+def test_methods_with_an_empty_item_are_refused_and_spaces_around_one_are_not(value):
+    """--methods qlora,,lora was read as qlora,lora, the empty item dropped without a word: refused wherever it lies,
+    two items or more; an item's spaces (qlora, lora) are not the user's slip, and an empty --methods is no method."""
+    from qlora.errors import ConfigError
+    from qlora.report.memory import parse_cli
+
+    with pytest.raises(ConfigError, match=f"^--methods {re.escape(repr(value))} has an empty item"):
+        parse_cli(["recipes/tiny.py", f"--methods={value}"])
+    assert parse_cli(["recipes/tiny.py", "--methods= qlora , lora"]).methods == ["qlora", "lora"]
+    with pytest.raises(ConfigError, match=r"^--methods '': use a comma-separated subset of qlora,lora,full$"):
+        parse_cli(["recipes/tiny.py", "--methods="])
 
 
 def test_the_plan_for_a_card_named_keeps_a_lever_the_command_line_sets(capsys):
