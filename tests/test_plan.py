@@ -726,6 +726,16 @@ def test_a_budget_written_as_an_override_reads_back_as_the_same_text(gib: float)
     assert gib <= float(text) <= gib + 1e-6 and budget_text(float(text)) == text, text
 
 
+def test_a_plan_from_not_read_from_a_run_is_refused_as_the_user_gave_it(tmp_path: Path) -> None:
+    """A train.plan_from of the recipe's or the command line's (no run_config.json given, or none at the path given:
+    a --resume with no run there) that holds an unknown key is the user's own slip, refused as such, not sent to a
+    run_config.json that did not hold it."""
+    for run_config in (None, tmp_path / "run_config.json"):
+        cfg = recipe("tiny", "--train.plan_from=--train.fuse_lora_old=false")
+        with pytest.raises(ConfigError, match=r"^unknown key --train\.fuse_lora_old"):
+            unplanned(cfg, [], run_config)
+
+
 @pytest.mark.parametrize("item", ["--train.tile_size=2048", "--train.grad_accum=4", "--train.offload_budget_gib=4",
                                   "--train.plan_gib=0"])
 def test_a_resume_that_sets_a_lever_the_shape_or_a_budget_asks_for_a_new_plan(item: str) -> None:
