@@ -37,16 +37,19 @@ from qlora.training import checkpoint, distributed, guard, launch, runconfig, ru
 from qlora.training.assemble import prepare, print_summary
 from qlora.training.metrics import MetricsLog, check_kept
 from qlora.training.optimizer import build_optimizer, build_scheduler, stepped_params, updated_weights
-from qlora.training.progress import Progress, finished, progress_bar, resume_progress, same_rows, show_step
+from qlora.training.progress import Progress, finished, progress_bar, resume_progress, said_done, same_rows, show_step
 from qlora.training.step import announce_evaluation, evaluate, forward_backward, to_device
 
 USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how)."""
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, finished: bool | None = None) -> dict:
+    """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how).
+    `finished`: whether this process found the run finished (qlora.train --resume; several decide it once joined)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
     with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main, overwrite, ranks.several) as watch:
+        if finished is not None and said_done(cfg, ranks, finished):  # nothing loaded or written: none to unlock
+            return {}
         try:
             return _train(cfg, resume, overwrite, watch, ranks)
         finally:
@@ -276,10 +279,12 @@ def _main(argv: list[str]) -> None:
     # zero), the run's value.
     cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides, check=not resuming))
     if unknown := [f for f in flags if f not in FLAGS]:
-        raise ConfigError(_flag_error(unknown[0]))
+        close = difflib.get_close_matches(unknown[0], FLAGS, 1, 0.5)
+        raise ConfigError(f"unknown flag {unknown[0]}: {f'did you mean {close[0]}? ' if close else ''}{USAGE}")
     if resuming:  # the run on disk, changed only where the rules allow; one finished is said, not loaded (progress.py)
         cfg = runconfig.resume_config(cfg, overrides)
-        if finished(cfg):  # before a plan changes cfg from its run_config.json
+        done = finished(cfg)  # before a plan changes cfg from its run_config.json; several processes, once joined
+        if not launch.from_env().several and said_done(cfg, launch.from_env(), done):
             return
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
     check_processes(cfg, launch.from_env().size)
@@ -288,12 +293,7 @@ def _main(argv: list[str]) -> None:
         keep_overridden(cfg, overrides)
     # An interruption or a full disk from here on names what is intact (under --overwrite, the old run's: intact_line)
     Session.intact = functools.partial(checkpoint.intact_line, Path(cfg.output.dir), "--overwrite" in flags)
-    train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
-
-
-def _flag_error(flag: str) -> str:
-    close = difflib.get_close_matches(flag, FLAGS, 1, 0.5)
-    return f"unknown flag {flag}: {f'did you mean {close[0]}? ' if close else ''}{USAGE}"
+    train(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags, finished=done if resuming else None)
 
 
 if __name__ == "__main__":

@@ -543,6 +543,49 @@ def test_processes_resuming_other_checkpoints_are_refused(cli, two_ranks, tmp_pa
     assert rank1.stderr == "" and not (tmp_path / "elsewhere").exists()
 
 
+# A finished run of two processes whose train.dist_timeout bounds the wait for a process that never joins.
+FINISHED = ["recipes/tiny.py", "--train.steps=2", "--train.eval_batches=1", "--train.dist_timeout=20", *TWO]
+
+
+@pytest.fixture(scope="module")
+def finished_two(cli, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished-two") / "run"
+    results = run_ranks(cli, [*FINISHED, f"--output.dir={out}"])
+    assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+    return out
+
+
+@pytest.mark.parametrize("last, line", [
+    ([], None),
+    (["--train.lr=1e-3"], "rank 1 has train.lr=0.001 where rank 0 has 0.003: launch every process with the same "
+                          "recipe and overrides"),
+    (["--output.dir={tmp}/elsewhere"], "rank 1 has output.dir's newest checkpoint=None where rank 0 has "
+                                       "'checkpoint-2': give every process the same output.dir, on a file system "
+                                       "they share"),
+], ids=["alike", "another override", "another output.dir"])
+def test_a_finished_run_resumed_by_processes_is_finished_for_all_or_refused(cli, finished_two, tmp_path, last, line):
+    """Each process decided alone, before joining, that the run had finished: one given another setting, or another
+    machine's output.dir, went on to join, and waited train.dist_timeout for rank 0, which had said the run finished
+    and ended 0; then it ended 6 (measured: 40 s, c10d's traces and "lost the other processes" on rank 1's stderr).
+    They decide together once joined: finished for all is said once; otherwise what differs is refused, as for a run
+    not finished."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_two, out)  # its files' times kept
+    before = {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    rank0, rank1 = run_ranks(cli, [*FINISHED, f"--output.dir={out}", "--resume"],
+                             last=[a.replace("{tmp}", str(tmp_path)) for a in last])
+    assert rank1.stdout == rank1.stderr == "", (rank1.stdout, rank1.stderr)
+    after = {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before and not (tmp_path / "elsewhere").exists()
+    if line is not None:
+        assert rank0.status == rank1.status == 2 and rank0.stderr == f"error: {line}\n", (rank0.stderr, rank1.status)
+        return
+    assert rank0.status == rank1.status == 0, (rank0.stderr, rank1.stderr)
+    assert rank0.stdout.splitlines()[-1] == (
+        f"{out} has finished, at step 2 of 2: its adapter is {out / 'adapter_model.safetensors'}; nothing was loaded "
+        "or written (to train it further: --resume --train.steps=N, N > 2)") and rank0.stderr == ""
+
+
 def test_a_metrics_file_cut_short_is_refused_once_by_every_rank(cli, two_ranks, tmp_path):
     """Rank 0 alone reads metrics.jsonl (it alone writes it): its refusal of a file cut short left rank 1 saying
     `rank 1: error: lost the other processes of this run ...: one died or hung`, exit 6."""

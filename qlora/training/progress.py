@@ -74,7 +74,7 @@ def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def finished(cfg: Config) -> bool:
-    """Whether `--resume` has nothing left to do in the run; if so, said in one line. Its end writes, after the last
+    """Whether `--resume` has nothing left to do in the run (`said_done` says it). Its end writes, after the last
     checkpoint: the final evaluation's row in metrics.jsonl, the weights file (of that step, in its header), then
     memory.json. A run killed before memory.json, or extended past that step and stopped before it ended again, is not
     finished; nor is one whose run_config.json this resume would write otherwise (a setting changed on the command
@@ -93,11 +93,22 @@ def finished(cfg: Config) -> bool:
             and _same_run_config(run_dir / checkpoint.RUN_CONFIG, cfg)
     except (OSError, ValueError):
         return False
-    if done:
-        what = "adapter" if cfg.quant.method != "full" else "trained weights"
-        print(f"{run_dir} has finished, at step {steps} of {steps}: its {what} is {weights}; nothing was loaded or "
-              f"written (to train it further: --resume --train.steps=N, N > {steps})")
     return done
+
+
+def said_done(cfg: Config, ranks: distributed.Ranks, done: bool) -> bool:
+    """Whether every process of the run found it finished (`done`: this one's `finished`; several, joined), said once
+    if so. Each deciding alone, before joining, one that found it finished ended 0 and the others waited
+    train.dist_timeout for it, then ended 6 with pages of c10d's traces (tried: rank 1 given --train.lr=1e-3, which
+    joined is refused in one line naming it). Where one does not, all go on, as the resume of a run not finished (and
+    another machine's output.dir is refused by check_same_checkpoints)."""
+    if not (all(ranks.gathered(done)) if ranks.several else done):
+        return False
+    run_dir, steps = Path(cfg.output.dir), cfg.train.steps
+    what = "adapter" if cfg.quant.method != "full" else "trained weights"
+    print(f"{run_dir} has finished, at step {steps} of {steps}: its {what} is {run_dir / checkpoint.weights_file(cfg)};"
+          f" nothing was loaded or written (to train it further: --resume --train.steps=N, N > {steps})")
+    return True  # printed once: the other ranks print nothing of their own (launch.quiet)
 
 
 def _same_run_config(path: Path, cfg: Config) -> bool:
