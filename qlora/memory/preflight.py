@@ -37,7 +37,8 @@ STEP = 64  # the suggested lengths are multiples of this
 # grow with the activations (the threshold for returning a freed block to the OS rises to the largest block freed,
 # up to 32 MiB). A fixed 1 MiB threshold held them down at +26% CPU time a step (the demo +52%), so the trainer keeps
 # the defaults and the check counts them. Measured (docs/memory.md): above the estimate, the tiny Llama at 4,096 and
-# 8,192 tokens took 70 MiB + 2.07 x its activations, SmolLM2-135M (the demo) 70 MiB + about 1 x.
+# 8,192 tokens took 70 MiB + 2.07 x its activations, SmolLM2-135M (the demo) 70 MiB + about 1 x at its short rows
+# and 1.6 to 2.49 x with them filled (8 x 512 tokens: 2.49 x in one run of two, 47 MiB under this margin).
 CPU_LIBRARIES = 96 * 2**20
 CPU_FREE_LISTS = 2.5  # times the estimate's activations
 
