@@ -155,7 +155,7 @@ def test_the_70b_recipe_on_this_cpu_is_refused_before_loading(tmp_path: Path, ca
 
 
 @pytest.mark.parametrize("recipe,fix", [
-    ("llama70b.py", "on the CPU the step is estimated at 69.44 GiB and this host has 16.00 GiB available: run it where "
+    ("llama70b.py", "on the CPU the step is estimated at 73.68 GiB and this host has 16.00 GiB available: run it where "
                     "a CUDA GPU is visible"),
     ("tiny.py", "use --train.device=cpu or auto (on the CPU the step is estimated at 0.14 GiB, and the host has "
                 "16.00 GiB available)")])
