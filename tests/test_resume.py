@@ -12,6 +12,7 @@ import copy
 import datetime
 import hashlib
 import json
+import os
 import pickle
 import random
 import re
@@ -25,12 +26,12 @@ from safetensors.torch import load_file, save_file
 from test_crash import adapter, assert_same_run, interrupt, metrics, slowed
 
 from qlora.adapters.lora import ADAPTER_WEIGHTS
-from qlora.config import Config, config_from_dict, load_recipe, resolve_paths
+from qlora.config import Config, config_from_dict, load_recipe, read_config_json, resolve_paths
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
 from qlora.training.assemble import read_run_config
 from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
-from qlora.training.progress import same_rows
+from qlora.training.progress import finished, same_rows
 from qlora.training.runconfig import resume_config
 from qlora.training.rundir import check_run_dir
 
@@ -630,6 +631,60 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(cli, partial, tmp_pat
         f"{out} has finished, at step 4 of 4: its adapter is {out / ADAPTER_WEIGHTS}; nothing was loaded or written "
         "(to train it further: --resume --train.steps=N, N > 4)"]
     assert files_and_times(out) == before
+
+
+def rewrite_last_row(path: Path, edit) -> None:
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[:start] + edit(data[start:]))
+
+
+def weights_of_step(path: Path, step: int) -> None:
+    """The weights as they are, their header's step another, their time as it was (memory.json no older)."""
+    stat = path.stat()
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt", "step": str(step)})
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def memory_aged(out: Path, ns: int) -> None:
+    """memory.json's time `ns` from the adapter's (the order of a run's end: it is written last)."""
+    when = (out / ADAPTER_WEIGHTS).stat().st_mtime_ns + ns
+    os.utime(out / "memory.json", ns=(when, when))
+
+
+# Each spoils one thing finished() reads, the rest as the finished run left it (run_config.json is the resume's).
+NOT_FINISHED = {
+    "no checkpoint": lambda out: [shutil.rmtree(p) for p in out.glob("checkpoint-*")],
+    "the last checkpoint deleted": lambda out: shutil.rmtree(out / "checkpoint-4"),
+    "a newer checkpoint half written": lambda out: (out / "checkpoint-5").mkdir(),
+    "the last checkpoint's trainer state damaged": lambda out: truncate(out / "checkpoint-4" / STATE),
+    "the last checkpoint's trainer state of another step": lambda out: edit_state(out / "checkpoint-4" / STATE, step=2),
+    "no metrics.jsonl": lambda out: (out / "metrics.jsonl").unlink(),
+    "the last row of another step": lambda out: rewrite_last_row(
+        out / "metrics.jsonl", lambda line: json.dumps({**json.loads(line), "step": 3}).encode() + b"\n"),
+    "the last row no evaluation": lambda out: rewrite_last_row(
+        out / "metrics.jsonl", lambda line: json.dumps({"step": 4, "loss": 1.0}).encode() + b"\n"),
+    "the last row torn before its newline": lambda out: rewrite_last_row(out / "metrics.jsonl", bytes.rstrip),
+    "the weights of another step": lambda out: weights_of_step(out / ADAPTER_WEIGHTS, 3),
+    "no adapter_config.json": lambda out: (out / "adapter_config.json").unlink(),
+    "no memory.json": lambda out: (out / "memory.json").unlink(),
+    "memory.json older than the weights": lambda out: memory_aged(out, -1),
+    "run_config.json not JSON": lambda out: (out / "run_config.json").write_text("{"),
+    "another lr in run_config.json": lambda out: (out / "run_config.json").write_text(
+        (out / "run_config.json").read_text().replace('"lr": 0.003', '"lr": 0.001')),
+}
+FINISHED = {"as it ended": lambda out: None, "memory.json as old as the weights": lambda out: memory_aged(out, 0)}
+
+
+@pytest.mark.parametrize("spoil", [*FINISHED, *NOT_FINISHED])
+def test_finished_is_read_from_each_file_a_runs_end_writes(partial, tmp_path, spoil):
+    """The finished-run tests above pass every one of finished()'s checks, or fail several: each check is taken
+    alone here. A run moved (copied elsewhere, its times kept) is finished where it is now."""
+    out = copy_of(partial, tmp_path)
+    cfg = read_config_json(partial / "run_config.json")  # as --resume reads it: the run's settings, in its dir now
+    cfg.output.dir = str(out)
+    {**FINISHED, **NOT_FINISHED}[spoil](out)
+    assert finished(cfg) == (spoil in FINISHED)
 
 
 MEMORY_WRITE = "qlora.memory.profiler:PhaseTracker.write"
