@@ -83,14 +83,21 @@ class Cli:
     """A line for each flag given twice with other values: the last stands, as for the recipe's keys."""
 
 
-def _numbers(flag: str, value: str) -> list[float]:
+def _items(flag: str, value: str, what: str, example: str) -> list[str]:
+    """`value`'s comma-separated items, stripped, the empty ones left out; refused where one lies between or beside
+    commas: 24,,48 was read as 24,48, and a size (or method) left out by mistake went unsaid."""
     items = [v.strip() for v in value.split(",")]
-    example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
-    if len(items) > 1 and "" in items:  # 24,,48 was read as 24,48: a size left out by mistake went unsaid
-        raise ConfigError(f"{flag} {value!r} has an empty item (two commas together, or one at an end): give a size "
+    if len(items) > 1 and "" in items:
+        raise ConfigError(f"{flag} {value!r} has an empty item (two commas together, or one at an end): give {what} "
                           f"between each two commas, e.g. {example}")
+    return [v for v in items if v]
+
+
+def _numbers(flag: str, value: str) -> list[float]:
+    example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
+    items = _items(flag, value, "a size", example)
     try:
-        out = [float(v) for v in items if v]
+        out = [float(v) for v in items]
     except ValueError:
         out = []
     # At most 1 PiB: beyond it the bisection's sizes overflow. Above a CUDA context (or a process holding torch): a
@@ -126,11 +133,7 @@ def parse_cli(argv: list[str]) -> Cli:
         elif arg == "--max-context":
             cli.max_context = True
         elif name == "--methods":
-            cli.methods = [m.strip() for m in value.split(",")]
-            if len(cli.methods) > 1 and "" in cli.methods:  # qlora,,lora was read as qlora,lora, as --gpu-gib was
-                raise ConfigError(f"--methods {value!r} has an empty item (two commas together, or one at an end): "
-                                  f"give a method between each two commas, e.g. --methods={','.join(METHODS)}")
-            cli.methods = [m for m in cli.methods if m]
+            cli.methods = _items(name, value, "a method", f"--methods={','.join(METHODS)}")
             unknown = [m for m in cli.methods if m not in METHODS]
             if unknown or not cli.methods:
                 raise ConfigError(f"--methods {value!r}: use a comma-separated subset of {','.join(METHODS)}")
