@@ -270,13 +270,13 @@ def _main(argv: list[str]) -> None:
         print(help_text("qlora.train", argv), end="")
         return
     quiet_libraries()  # for a run started in-process; `python -m qlora.train` did it before importing transformers
-    if not launch.from_env().main:  # rank 0 speaks for the run, from its first line on (a repeated key's note too)
+    ranks = launch.from_env()
+    if not ranks.main:  # rank 0 speaks for the run, from its first line on (a repeated key's note too)
         launch.quiet()
     recipe, flags, overrides = split_args(argv, USAGE)
     resuming = "--resume" in flags and "--overwrite" not in flags
-    # A resume's overrides change the run on disk, and resume_config checks them against its values: against the
-    # recipe's, --lora.loftq_iters=3 on a run with lora.init=loftq was refused as needing lora.init=loftq (the recipe's
-    # zero), the run's value.
+    # A resume's overrides change the run on disk, and resume_config checks them against its values (against the
+    # recipe's, --lora.loftq_iters=3 on a run with lora.init=loftq was refused as needing lora.init=loftq, its own).
     cfg = resolve_paths(apply_overrides(load_recipe(recipe), overrides, check=not resuming))
     if unknown := [f for f in flags if f not in FLAGS]:
         close = difflib.get_close_matches(unknown[0], FLAGS, 1, 0.5)
@@ -284,10 +284,10 @@ def _main(argv: list[str]) -> None:
     if resuming:  # the run on disk, changed only where the rules allow; one finished is said, not loaded (progress.py)
         cfg = runconfig.resume_config(cfg, overrides)
         done = finished(cfg)  # before a plan changes cfg from its run_config.json; several processes, once joined
-        if not launch.from_env().several and said_done(cfg, launch.from_env(), done):
+        if not ranks.several and said_done(cfg, ranks, done):
             return
     # Before the processes join and each loads the whole base into host memory: a streamed base is one process's.
-    check_processes(cfg, launch.from_env().size)
+    check_processes(cfg, ranks.size)
     if cfg.train.plan == "fastest":  # a lever set on the command line is the user's, not the plan's
         unplanned(cfg, overrides, Path(cfg.output.dir) / checkpoint.RUN_CONFIG if resuming else None)
         keep_overridden(cfg, overrides)
