@@ -113,6 +113,38 @@ def round_robin(spec: argparse.Namespace, overrides: dict[str, list[str]]) -> di
     return {name: {"step_s": statistics.median(t), "steps_s": t} for name, t in times.items()}
 
 
+def _base(args: argparse.Namespace, device: str, work: Path) -> list[str]:
+    """The overrides every configuration runs with: on `small`, the tiny recipe's tokenizer and data on a synthetic
+    model of SMALL's shape, its config.json written into `work`."""
+    if args.size != "small":
+        return [f"--train.device={device}"]
+    from qlora.base.build import ensure_checkpoint
+    from qlora.config import load_recipe
+
+    tiny_dir = Path(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
+    tiny = json.loads((tiny_dir / "config.json").read_text())
+    (work / "config.json").write_text(json.dumps({**tiny, **SMALL}))
+    return ["--model.synthetic=true", f"--model.config_json={work / 'config.json'}", "--lora.r=16", "--lora.alpha=16",
+            "--lora.dropout=0.05", "--train.device=cpu"]
+
+
+def _measure(args: argparse.Namespace, log: ProbeLog, deadline: Deadline, names: list[str], table: dict,
+             base: list[str], cuda: bool) -> dict[str, dict]:
+    """Each configuration's step times, from children (on CPU one child, round-robin), logged as they come."""
+    results: dict[str, dict] = {}
+    groups = [names] if not cuda else [[name] for name in names]
+    for group in groups:
+        key = ",".join(group)
+        print(f"== {key}", flush=True)
+        cmd = child_command("lever_costs.py", ["--child", key, f"--size={args.size}", f"--seq={args.seq}",
+                                               f"--steps={args.steps}", f"--warmup={args.warmup}",
+                                               *[f"--override={o}" for o in base]])
+        found = measured(log, deadline, key, cmd, args.probe_timeout) or {"error": "not run (deadline)"}
+        # A group's child reports each configuration; one that failed fails every configuration of its group.
+        results.update(found if len(group) > 1 and "error" not in found else {name: found for name in group})
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["small", "8b", "70b"], default="small")
@@ -147,34 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     names = [n for n in table if cuda or n not in CUDA_ONLY] if not args.only else args.only.split(",")
-    base: list[str] = []
-    work = Path(tempfile.mkdtemp(prefix="lever-costs-"))
-    if args.size == "small":  # the tiny recipe's tokenizer and data, on a synthetic model of SMALL's shape
-        from qlora.base.build import ensure_checkpoint
-        from qlora.config import load_recipe
-
-        tiny_dir = Path(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
-        tiny = json.loads((tiny_dir / "config.json").read_text())
-        (work / "config.json").write_text(json.dumps({**tiny, **SMALL}))
-        base = ["--model.synthetic=true", f"--model.config_json={work / 'config.json'}", "--lora.r=16",
-                "--lora.alpha=16", "--lora.dropout=0.05", "--train.device=cpu"]
-    else:
-        base = [f"--train.device={device}"]
     stem = Path(args.out_dir) / f"lever-costs-{device}-{args.size}"
     setup = {"size": args.size, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
     log, deadline = ProbeLog(stem.with_suffix(".probes.jsonl"), setup, args.fresh), Deadline(args.deadline)
     prov = record("lever_costs.py", device, argv)
-    results: dict[str, dict] = {}
-    groups = [names] if not cuda else [[name] for name in names]  # CPU: one child, round-robin
-    for group in groups:
-        key = ",".join(group)
-        print(f"== {key}", flush=True)
-        cmd = child_command("lever_costs.py", ["--child", key, f"--size={args.size}", f"--seq={args.seq}",
-                                               f"--steps={args.steps}", f"--warmup={args.warmup}",
-                                               *[f"--override={o}" for o in base]])
-        found = measured(log, deadline, key, cmd, args.probe_timeout) or {"error": "not run (deadline)"}
-        # A group's child reports each configuration; one that failed fails every configuration of its group.
-        results.update(found if len(group) > 1 and "error" not in found else {name: found for name in group})
+    with tempfile.TemporaryDirectory(prefix="lever-costs-") as work:  # the small model's config.json, for the children
+        results = _measure(args, log, deadline, names, table, _base(args, device, Path(work)), cuda)
     found = costs(results, table)
     lines = header(f"Lever costs: {args.size} on {device}", prov, device,
                    "CPU figures: what the plan's cost table uses on a CPU device, and until a GPU measures them, "

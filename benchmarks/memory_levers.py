@@ -155,6 +155,11 @@ def probe_config(args: argparse.Namespace, spec: dict) -> Config:
 def probe(args: argparse.Namespace, spec: dict) -> dict:
     """One probe, in this (child) process: build, `--probe-steps` steps, the peak; or how it failed. With --depth the
     recipe runs cut to that many decoder layers and the whole model's peak is predicted from it."""
+    with tempfile.TemporaryDirectory(prefix="qlora-depth-") as work:  # the cut model's config.json, for this probe
+        return _probe(args, spec, Path(work))
+
+
+def _probe(args: argparse.Namespace, spec: dict, work: Path) -> dict:
     from qlora.base.load import resolve_device
     from qlora.errors import ConfigError
     from qlora.memory.arch import load_arch
@@ -166,7 +171,7 @@ def probe(args: argparse.Namespace, spec: dict) -> dict:
     if cut is not None:
         from qlora.memory.depth import truncated_config
 
-        cfg = truncated_config(whole, cut, Path(tempfile.mkdtemp(prefix="qlora-depth-")))
+        cfg = truncated_config(whole, cut, work)
     recorder = start_history(args, device)
     try:
         model, step, device = build_ours(cfg, hf_offload if spec.get("hf_offload") else None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ class ForkedCLI:
     def __exit__(self, *exc: object) -> None:
         self.server.stdin.close()
         self.server.wait(timeout=60)
+        shutil.rmtree(self.logs, ignore_errors=True)  # each command's stdout and stderr, read by then
 
     def _reply(self) -> dict:
         line = self.server.stdout.readline()

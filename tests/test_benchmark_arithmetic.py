@@ -8,6 +8,7 @@ import argparse
 import itertools
 import json
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,7 +103,8 @@ def test_ratios_put_our_stack_over_the_one_it_is_compared_with() -> None:
     }
 
 
-def test_a_truncated_probe_reports_the_whole_models_peak_and_the_rows_it_ran(tmp_path: Path) -> None:
+def test_a_truncated_probe_reports_the_whole_models_peak_and_the_rows_it_ran(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """memory_levers.py's probe at one of the tiny Llama's two layers, 1 row of 512 tokens: the peak it reports is the
     probe's measured peak plus the known bytes of the missing layer (qlora/memory/depth.py), among them that layer's
     input kept for the backward, 1 x 512 x 128 x 4 B (fp32) = 262,144 B, for the 1 row the probe ran (the recipe's 8
@@ -111,7 +113,11 @@ def test_a_truncated_probe_reports_the_whole_models_peak_and_the_rows_it_ran(tmp
 
     args = memory_levers.parse(["--size=tiny", "--depth=1", "--seq=512", "--batch=1", "--probe-steps=1",
                                 "--budget-gib=100", f"--out-dir={tmp_path}"])
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     result = memory_levers.probe(args, {"recipe": True})
+    assert not list(scratch.glob("qlora-depth-*"))  # the cut model's config.json went with the probe (a dir was left)
     assert result["ok"] and (result["depth"], result["layers"]) == (1, 2)
     assert result["known_gib"]["activations"] * 2**30 == pytest.approx(1 * 512 * 128 * 4)
     assert result["peak_gib"] == pytest.approx(result["probe_peak_gib"] + sum(result["known_gib"].values()))
@@ -174,7 +180,11 @@ def test_lever_costs_are_added_time_over_the_plain_step_against_each_levers_refe
     monkeypatch.setattr(lever_costs, "measured", lambda log, deadline, key, *a, **k: {
         name: {"step_s": steps[name]} for name in key.split(",")})
     monkeypatch.setattr(lever_costs.throughput.torch.cuda, "is_available", lambda: False)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert lever_costs.main(["--size=small", f"--out-dir={tmp_path}", f"--only={','.join(steps)}"]) == 0
+    assert not list(scratch.glob("lever-costs-*"))  # the small model's config.json went with the run (a dir was left)
     expected = {"train.gradient_checkpointing": 1.6, "train.checkpoint_every": -0.1, "train.tile_size": 0.3,
                 "train.tile_projections": 0.1, "train.loss_chunk_size": -0.2, "train.batch_size": 2 - 2.0 / 1.3}
     found = json.loads((tmp_path / "lever-costs-cpu-small.json").read_text())["costs"]
