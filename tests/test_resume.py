@@ -29,9 +29,10 @@ from qlora.adapters.lora import ADAPTER_WEIGHTS
 from qlora.config import Config, config_from_dict, load_recipe, read_config_json, resolve_paths
 from qlora.data.batches import batch_rows, resume_position
 from qlora.errors import ConfigError
+from qlora.training import launch
 from qlora.training.assemble import read_run_config
-from qlora.training.checkpoint import OPTIMIZER, STATE, list_checkpoints
-from qlora.training.progress import finished, same_rows
+from qlora.training.checkpoint import FULL_WEIGHTS, OPTIMIZER, STATE, list_checkpoints
+from qlora.training.progress import finished, said_done, same_rows
 from qlora.training.runconfig import resume_config
 from qlora.training.rundir import check_run_dir
 
@@ -631,6 +632,17 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(cli, partial, tmp_pat
         f"{out} has finished, at step 4 of 4: its adapter is {out / ADAPTER_WEIGHTS}; nothing was loaded or written "
         "(to train it further: --resume --train.steps=N, N > 4)"]
     assert files_and_times(out) == before
+
+
+def test_a_finished_full_run_says_its_trained_weights_are_there(tmp_path, capsys):
+    """A full-method run's end is its trained weights, not an adapter: the line read 'its trained weights is ...'."""
+    cfg = copy.deepcopy(TINY)
+    cfg.quant.method, cfg.output.dir = "full", str(tmp_path)
+    assert said_done(cfg, launch.from_env(), True)
+    assert capsys.readouterr().out == (
+        f"{tmp_path} has finished, at step {TINY_STEPS} of {TINY_STEPS}: its trained weights are "
+        f"{tmp_path / FULL_WEIGHTS}; nothing was loaded or written (to train it further: --resume "
+        f"--train.steps=N, N > {TINY_STEPS})\n")
 
 
 def rewrite_last_row(path: Path, edit) -> None:

@@ -105,8 +105,8 @@ def said_done(cfg: Config, ranks: distributed.Ranks, done: bool) -> bool:
     if not (all(ranks.gathered(done)) if ranks.several else done):
         return False
     run_dir, steps = Path(cfg.output.dir), cfg.train.steps
-    what = "adapter" if cfg.quant.method != "full" else "trained weights"
-    print(f"{run_dir} has finished, at step {steps} of {steps}: its {what} is {run_dir / checkpoint.weights_file(cfg)};"
+    what = "adapter is" if cfg.quant.method != "full" else "trained weights are"
+    print(f"{run_dir} has finished, at step {steps} of {steps}: its {what} {run_dir / checkpoint.weights_file(cfg)};"
           f" nothing was loaded or written (to train it further: --resume --train.steps=N, N > {steps})")
     return True  # printed once: the other ranks print nothing of their own (launch.quiet)
 
