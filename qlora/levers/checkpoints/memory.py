@@ -3,6 +3,7 @@ inputs wait on the device, how many in pinned host memory, and the pinned bytes 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from qlora.errors import ConfigError
@@ -88,8 +89,11 @@ def check_pinned_memory(layers: int, train: CheckpointFields, seq: int, hidden: 
     room = int(available * PINNED_HEADROOM)
     if need <= room:
         return
+    # Rounded down: rounded to nearest, a room of 1.854 GiB named 1.9, which pinned an input more and was refused
+    # again naming itself. Below 0.1 GiB there is no budget to name (0 means no limit).
+    budget = math.floor(room / GIB * 10) / 10
+    fix = f"--train.offload_budget_gib={budget:.1f} (the other inputs stay on the device), or " if budget else ""
     raise ConfigError(
         f"train.offload_activations would pin {need / GIB:,.1f} GiB of host memory ({need // size} layer inputs of "
-        f"{train.batch_size} x {seq:,} tokens x {hidden} x {elem_bytes} B) and {where}: set "
-        f"--train.offload_budget_gib={room / GIB:.1f} (the other inputs stay on the device), or "
+        f"{train.batch_size} x {seq:,} tokens x {hidden} x {elem_bytes} B) and {where}: set {fix}"
         f"--train.checkpoint_every={train.checkpoint_every * 2}, or --train.offload_activations=false")

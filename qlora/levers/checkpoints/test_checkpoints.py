@@ -4,6 +4,8 @@ step."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from support import CUDA_SAME, assert_same, build, cuda_only, estimated, loss_and_grads
@@ -153,6 +155,23 @@ def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
     train.offload_budget_gib, train.checkpoint_every = 0.0, 2  # as does keeping every other input
     check_pinned_memory(80, train, 100_000, 8192, 2, available)
+
+
+@pytest.mark.parametrize("available_gib", [2.06, 2.0, 0.1])
+def test_the_budget_a_refusal_names_is_not_refused_again(tiny_config: Config, available_gib: float) -> None:
+    """Inputs of 32 MiB (1 x 4,096 tokens x 4096 x 2 B): on 2.06 GiB available (1.854 GiB of room) the refusal named
+    --train.offload_budget_gib=1.9, rounded up, whose 60 inputs (1.875 GiB) were refused again naming 1.9. A room
+    under 0.1 GiB has no budget to name: 0.0 would mean no limit."""
+    train = tiny_config.train
+    train.batch_size, train.offload_activations, train.checkpoint_every = 1, True, 1
+    host = host_share(int(available_gib * GIB))
+    with pytest.raises(ConfigError) as refused:
+        check_pinned_memory(80, train, 4096, 4096, 2, host)
+    named = re.search(r"--train.offload_budget_gib=([0-9.]+) ", str(refused.value))
+    assert (named is None) == (available_gib < 1 / 0.9 * 0.1)
+    if named:
+        train.offload_budget_gib = float(named[1])
+        check_pinned_memory(80, train, 4096, 4096, 2, host)
 
 
 def test_each_process_of_several_on_a_host_pins_within_its_share(tiny_config: Config) -> None:
