@@ -506,11 +506,13 @@ def test_resume_position_neither_repeats_nor_skips_a_row_of_the_epoch(n, old, ne
         assert start == (epoch + 1) * (n // new) and offset * old + new > (n // new) * new
 
 
-def test_fewer_steps_than_the_checkpoint_are_refused_before_writing(cli, partial, tmp_path):
+def test_fewer_steps_than_the_checkpoint_are_refused_before_loading(cli, partial, tmp_path):
+    """Before the base loads and the rows are read: refused after them, a 70B run said so minutes late."""
     out = copy_of(partial, tmp_path)
     before = snapshot(out)
     result = cli.run([*ARGS, "--train.steps=2", f"--output.dir={out}", "--resume"])
     assert result.status == 2, result.stderr
+    assert "loading" not in result.stdout and "tokenised" not in result.stdout, result.stdout
     assert error_lines(result)[-1].startswith("error: train.steps=2 is below step 4, where ")
     assert error_lines(result)[-1].endswith("checkpoint-4 stands: set --train.steps=4 or more to continue")
     assert snapshot(out) == before

@@ -246,6 +246,11 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
     ignored = [f"{k}={recipe[k]!r} (the run has {after[k]!r})" for k in recipe
                if recipe[k] != after[k] and k != "output.dir" and k not in planned
                and not (k == "train.plan_keep" and set(recipe[k]) <= set(after[k]))]
+    # Before loading (minutes for 70B): resume_progress refused it only once the base was loaded and the rows read.
+    newest, step = recorded(run_dir, "step")
+    if isinstance(step, int) and step > resumed.train.steps:
+        raise ConfigError(f"train.steps={resumed.train.steps} is below step {step}, where {newest} stands: set "
+                          f"--train.steps={step} or more to continue")
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
     if changed:
         line += "; changed on the command line: " + ", ".join(f"{k} {was[k]!r} -> {after[k]!r}" for k in changed)
