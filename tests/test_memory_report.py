@@ -416,3 +416,36 @@ def test_the_plan_keeps_an_offload_budget_the_command_line_sets(capsys):
     cfg = apply_overrides(load_recipe(ROOT / "recipes/llama70b.py"), ["--data.max_seq_len=177152", budget])
     plan, _ = plan_for(cfg, "cuda", 80 * GIB, "a card of 80 GiB", (available_on(140 * GIB), "a host"))
     assert estimate(cfg, load_arch(cfg), "qlora", "cuda").host_bytes == plan.estimate.host_bytes
+
+
+def test_over_several_gpus_no_plan_is_shown_for_a_streamed_base_the_trainer_refuses(capsys):
+    """qlora.train refuses train.stream_base over several processes before it plans (check_processes). The report
+    for recipes/llama70b_24gb.py (a streamed base) over 2 GPUs of 24 GiB still planned, keeping the base streamed:
+    "the step estimated at 12.88 GiB", one process's figure, beside its own per-GPU rows (stream_base off) of 44.42
+    GiB data parallel and 27.75 base sharded, neither fitting. It says the trainer's refusal now; with the base not
+    streamed, the plan's figure is the per-GPU row's."""
+    import torch
+
+    from qlora.errors import ConfigError
+    from qlora.levers.stream_base.settings import check_processes
+    from qlora.memory.preflight import available_on, check_fits
+    from qlora.report.memory import main
+
+    args = ["recipes/llama70b_24gb.py", "--methods=qlora", "--gpu-gib", "24", "--gpus", "2", "--json"]
+    with pytest.raises(ConfigError) as refused:
+        check_processes(load_recipe(ROOT / args[0]), 2)
+    assert main(args) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["plan"]["chose"] is None and r["plan"]["lines"] == [
+        f"train.plan=fastest: none, for qlora.train refuses the run before it plans: {refused.value}"]
+    assert not r["methods"]["qlora"]["per_gpu"]["data_parallel"]["fits"]
+    # Not streamed, the plan is made, and its figure is each process's as the per-GPU row and the check have it.
+    assert main([*args[:3], "45", *args[4:], "--train.stream_base=false"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    per = r["methods"]["qlora"]["per_gpu"]["data_parallel"]
+    figure = per["estimated_peak_bytes"] + per["allocator_margin_bytes"]
+    assert r["plan"]["chose"] and f"the step estimated at {figure / GIB:.2f} GiB" in r["plan"]["lines"][0]
+    cfg = apply_overrides(load_recipe(ROOT / args[0]), ["--train.stream_base=false", *r["plan"]["chose"]])
+    host = available_on(128 * GIB)  # --host-gib's default, as the trainer would find it
+    assert check_fits(cfg, torch.device("cuda"), 2, device_bytes=45 * GIB, processes=2, available=host).card_bytes \
+        == figure

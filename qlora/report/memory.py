@@ -240,9 +240,15 @@ def card_plan(cfg: Config, cli: Cli, card: tuple[int, str], host: int) -> dict:
     """train.plan=fastest for --gpu-gib's card and --host-gib's host of `host` bytes, as qlora.train would choose it
     there, given what it would find available (with --gpus N, each process's share): its levers set on `cfg`, what
     it chose and why."""
+    from qlora.levers.stream_base.settings import check_processes
     from qlora.memory.plan import keep_overridden, plan_for
     from qlora.memory.preflight import available_on, host_share
 
+    try:  # qlora.train refuses a streamed base over several processes before it plans: no plan to show
+        check_processes(cfg, cli.gpus)
+    except ConfigError as err:  # its 12.88 GiB for llama70b_24gb over 2 GPUs was the streamed base's, one process's
+        return {"card_gib": cli.card_gib, "host_gib": cli.host_gib, "chose": None,
+                "lines": [f"train.plan=fastest: none, for qlora.train refuses the run before it plans: {err}"]}
     keep_overridden(cfg, cli.rest[1:])  # a lever set on the command line stays as set, as qlora.train keeps it
     share = host_share(available_on(host), cli.gpus, f"a host of {cli.host_gib:g} GiB (--host-gib)")
     chosen, lines = plan_for(cfg, "cuda", card[0], card[1], share, cli.gpus)
