@@ -449,3 +449,33 @@ def test_over_several_gpus_no_plan_is_shown_for_a_streamed_base_the_trainer_refu
     host = available_on(128 * GIB)  # --host-gib's default, as the trainer would find it
     assert check_fits(cfg, torch.device("cuda"), 2, device_bytes=45 * GIB, processes=2, available=host).card_bytes \
         == figure
+
+
+def test_on_a_cpu_device_the_verdict_is_the_check_before_loadings(capsys, monkeypatch):
+    """On a CPU device qlora.train's check counts the process's libraries and malloc's free lists beside the
+    estimated tensors (preflight.process_margin). The report's verdict left them out: recipes/llama8b.py on the CPU,
+    10.28 GiB of tensors and 17.97 GiB with them, "fits" a 16 GiB machine, which the trainer refuses it on. Both
+    weigh 17.97 now, and the verdict names it."""
+    import torch
+
+    from qlora.errors import ConfigError
+    from qlora.memory.preflight import check_fits, needs
+    from qlora.report.memory import main
+
+    args = ["recipes/llama8b.py", "--methods=qlora", "--train.device=cpu", "--json"]
+    cfg = apply_overrides(load_recipe(ROOT / args[0]), args[2:3])
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu")
+    for machine, fits in ((needs(est)[0], True), (needs(est)[0] - 1, False), (est.card_bytes, False)):
+        monkeypatch.setattr("qlora.report.contents.meminfo_bytes", lambda key, machine=machine: machine)
+        assert main(args) == 0
+        out = capsys.readouterr()
+        entry = json.loads(out.out)["methods"]["qlora"]
+        assert entry["fits"] is fits and ("[does not fit]" in out.err) is not fits
+        try:  # the trainer's check on such a machine, all of it available
+            check_fits(cfg, torch.device("cpu"), available=machine)
+            refused = False
+        except ConfigError:
+            refused = True
+        assert refused is not fits
+    assert f"**does not fit** ({needs(est)[0] / GIB:.2f} with the process's libraries and free lists > " \
+           f"{est.card_bytes / GIB:.2f} GiB)" in markdown(json.loads(out.out), "r.png")

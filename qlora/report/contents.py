@@ -20,7 +20,7 @@ from qlora.config import Config
 from qlora.errors import ConfigError
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
-from qlora.memory.preflight import available_on, host_share, needs
+from qlora.memory.preflight import available_on, host_share, needs, process_margin
 from qlora.memory.readings import available_bytes, meminfo_bytes
 
 GIB = 2**30
@@ -163,11 +163,15 @@ def arch_dict(arch: Arch) -> dict:
 def estimate_entry(est: Estimate, device_total: int, host: int | None = None, processes: int = 1) -> dict:
     """One estimate's entry; `fits`: the card holds the step and (unless `host` is None) the share of the host of
     `host` bytes that one of `processes` on it has holds what it keeps there, the trainer's check before loading
-    (preflight.check_fits) on such a machine."""
-    host_fits = None if host is None else needs(est)[1] <= host_share(available_on(host), processes)[0]
+    (preflight.check_fits) on such a machine. On a CPU device that check counts the process's libraries and
+    malloc's free lists beside the tensors (preflight.process_margin): the verdict left them out, and a CPU step of
+    llama8b (10.28 GiB, 17.97 with them) fitted a 16 GiB machine the trainer refuses it on."""
+    card, host_need = needs(est)
+    host_fits = None if host is None else host_need <= host_share(available_on(host), processes)[0]
     return {"estimated_peak_bytes": est.peak_bytes, "measured_peak_bytes": None, "error": None,
             "allocator_margin_bytes": est.margin, "allocator_margin_formula": est.margin_formula,
-            "fits": est.card_bytes <= device_total and host_fits is not False, "host_fits": host_fits,
+            "process_margin_bytes": process_margin(est),
+            "fits": card <= device_total and host_fits is not False, "host_fits": host_fits,
             "components": est.components, "formulas": est.formulas,
             "estimated_peak_phase": est.peak_phase, "estimated_phases": est.phases, "assumptions": est.assumptions,
             "levers": est.levers, "checkpoints": est.checkpoints.describe() if est.checkpoints else None,

@@ -18,8 +18,10 @@ def gib(n: int | None) -> str:
 def _verdict(entry: dict, report: dict) -> str:
     if entry["fits"]:
         return "fits"
-    card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0)  # what `fits` weighed
-    over = [f"{gib(card)} > {gib(report['device_memory_bytes'])} GiB"] if card > report["device_memory_bytes"] else []
+    card = _weighed(entry)
+    beside = " with the process's libraries and free lists" if entry.get("process_margin_bytes") else ""
+    over = [f"{gib(card)}{beside} > {gib(report['device_memory_bytes'])} GiB"] if card > report["device_memory_bytes"] \
+        else []
     if entry.get("host_fits") is False:
         over.append(f"host {gib(entry['host_bytes'])} > {gib(report['host_memory_bytes'])} GiB{_shared(entry)}")
     return f"**does not fit** ({'; '.join(over)})"
@@ -31,9 +33,16 @@ def _mark(entry: dict, report: dict) -> str:
         return ""
     if entry.get("host_fits") is not False:
         return " [does not fit]"
-    card = entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0) > report["device_memory_bytes"]
+    card = _weighed(entry) > report["device_memory_bytes"]
     return f" [does not fit {'the card nor ' if card else ''}the host of {gib(report['host_memory_bytes'])} GiB" \
            f"{_shared(entry)}]"
+
+
+def _weighed(entry: dict) -> int:
+    """What `fits` weighed against the device: the peak with the allocator's margin (CUDA) or the process's (CPU,
+    preflight.process_margin; absent from reports written before it was counted)."""
+    return entry["estimated_peak_bytes"] + (entry.get("allocator_margin_bytes") or 0) + \
+        entry.get("process_margin_bytes", 0)
 
 
 def _shared(entry: dict) -> str:
