@@ -73,16 +73,17 @@ def test_without_an_estimate_the_tokens_of_a_micro_batch_shrink_by_what_the_step
 
 
 def test_the_largest_micro_batch_that_fits_keeps_the_rows_of_a_step(tiny_config: Config) -> None:
-    """A device between the estimates of micro-batches of 4 and 8 rows: 4 is offered, in 2 micro-batches a step, so
-    the loss and the schedule stay the run's."""
+    """A device between the estimates of micro-batches of 4 and 8 rows (as the check before loading counts them): 4 is
+    offered, in 2 micro-batches a step, so the loss and the schedule stay the run's."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
+    from qlora.memory.preflight import needs
 
     cfg = apply_overrides(tiny_config, ["--train.batch_size=8", "--train.grad_accum=1"])
     peaks = {}
     for rows in (4, 8):
         c = apply_overrides(copy.deepcopy(cfg), [f"--train.batch_size={rows}"])
-        peaks[rows] = estimate(c, load_arch(c), "qlora", "cpu").peak_bytes
+        peaks[rows] = needs(estimate(c, load_arch(c), "qlora", "cpu"))[0]
     lines = oom.suggestions(cfg, torch.device("cpu"), int((peaks[4] + peaks[8]) / 2 / oom.HEADROOM), 0)
     assert any(line.startswith("  --train.batch_size=4 --train.grad_accum=2: the largest micro-batch that fits, the "
                                "same 8 rows per step") for line in lines), lines
@@ -139,3 +140,31 @@ def test_out_of_memory_before_overwrite_cleared_the_old_run_never_sends_to_resum
     assert lines[-1] == (f"nothing of this run was written, and the run it replaces ({run / 'checkpoint-2'} the "
                          "newest) is as it was: apply one of these, then run the command again"), lines
     assert not any("--resume refuses" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(("overrides", "device", "gib"), [
+    (["--data.max_seq_len=65536"], "cuda", 12), (["--data.max_seq_len=65536"], "cuda", 45),
+    (["--train.device=cpu", "--data.max_seq_len=8192"], "cpu", 24)])
+def test_what_the_report_offers_the_check_before_loading_takes(overrides: list[str], device: str, gib: int) -> None:
+    """Each change offered is weighed as the next run's check before loading weighs it (preflight.needs): by the
+    bare peak, llama8b at 65,536 tokens on 12 GiB was offered --data.max_seq_len=64000 (11.40 GiB), which the check
+    refuses at 13.75 GiB with the allocator's margin, and on a 24 GiB CPU host at 8,192 tokens 8128, refused at 34.98
+    GiB with the process's libraries and free lists (it names 3328)."""
+    from qlora.config import load_recipe
+    from qlora.errors import ConfigError
+    from qlora.memory.preflight import available_on, check_fits
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = apply_overrides(load_recipe(root / "recipes" / "llama8b.py"),
+                          ["--train.plan=recipe", "--train.plan_batch=false", *overrides])
+    total = gib * GIB
+    lines = oom.suggestions(copy.deepcopy(cfg), torch.device(device), total, 0)
+    offered = [[flag for flag in line.split(":")[0].split() if flag.startswith("--")] for line in lines[1:]]
+    assert any(flags and flags[0].startswith("--data.max_seq_len=") for flags in offered), lines
+    for flags in offered:
+        changed = apply_overrides(copy.deepcopy(cfg), flags)
+        try:  # the card and an ample host; on the CPU all of the host available
+            check_fits(changed, torch.device(device), **({"device_bytes": total, "host_bytes": available_on(128 * GIB)}
+                                                        if device == "cuda" else {"available": total}))
+        except ConfigError as err:
+            pytest.fail(f"{' '.join(flags)} was offered and the check refuses it: {err}")

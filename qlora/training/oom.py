@@ -16,7 +16,7 @@ import torch
 
 from qlora.config import Config
 from qlora.data.labels import shortest_keeping
-from qlora.memory.preflight import divisors
+from qlora.memory.preflight import divisors, needs, process_margin
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import meminfo_bytes, resident_bytes
 from qlora.training.checkpoint import intact_line, list_checkpoints
@@ -122,7 +122,10 @@ def latest_checkpoint(cfg: Config) -> Path | None:
 def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
                 note: Callable[[int], str] | None = None) -> list[str]:
     """Changes that would fit under HEADROOM x `total`, each alone, from qlora.memory.estimate where it knows the model
-    (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak. `note`: what a
+    (calibrated on CUDA by what the failed step really needed), else from scaling the measured peak. Each is weighed
+    as the check before loading weighs it (preflight.needs: the allocator's margin, on a CPU device the process's
+    libraries and malloc's free lists): by the bare peak, llama8b on a 24 GiB CPU host was offered
+    --data.max_seq_len=8128 (14.53 GiB), which that check refuses at 34.98 GiB, naming 3328. `note`: what a
     suggested data.max_seq_len adds, where a checkpoint would be resumed with it (`_seq_on_resume`)."""
     from qlora.memory.arch import load_arch
     from qlora.memory.estimate import estimate
@@ -134,12 +137,14 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
         for key, value in changes.items():
             section, name = key.split("__")
             setattr(getattr(c, section), name, value)
-        return estimate(c, arch, c.quant.method, device.type).peak_bytes * scale
+        return needs(estimate(c, arch, c.quant.method, device.type))[0] * scale
 
     scale = 1.0
-    base = estimate(cfg, arch, cfg.quant.method, device.type).peak_bytes
-    if device.type == "cuda" and needed > base:  # the estimate was short by this much: trust it only so far
-        scale = needed / base
+    est = estimate(cfg, arch, cfg.quant.method, device.type)
+    if device.type == "cuda" and needed > est.peak_bytes:  # the estimate was short by this much: trust it only so far
+        scale = needed / est.peak_bytes  # allocated against allocated: the margin is scaled with the rest
+    counted = "the allocator's margin" if est.margin else \
+        "the process's libraries and malloc's free lists" if process_margin(est) else ""
     t, out = cfg.train, []
 
     def offer(flag: str, why: str, **changes: object) -> None:
@@ -177,6 +182,7 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
         offer(f"--lora.r={cfg.lora.r // 2}", "half the adapter, gradient and optimizer memory; a rank cannot change "
               "on --resume: start a new run with it (--overwrite or another output.dir)", lora__r=cfg.lora.r // 2)
     head = [f"estimated peak of this recipe {_size(peak())} (qlora.memory.estimate"
+            + (f", with {counted}, as the check before loading counts it" if counted else "")
             + (f", scaled x{scale:.2f} to what the failed step needed" if scale > 1 else "")
             + f"); each of these alone fits under {_size(budget)}:"]
     return head + (out or ["  nothing this recipe can change fits: the model needs a larger device"])
