@@ -337,3 +337,32 @@ def test_the_line_of_a_step_that_fits_names_the_memory_it_was_checked_against(mo
     say_fits(load_recipe(ROOT / "recipes" / recipe), torch.device(device))
     line, = capsys.readouterr().out.splitlines()
     assert "this host has 100.00 GiB available" in line and " 0.00 GiB available" not in line, line
+
+
+@pytest.mark.parametrize(("name", "gib"), [("llama8b_6gb", 6), ("llama70b_24gb", 24), ("llama8b", 79.6)])
+def test_the_longest_context_the_memory_tool_names_is_the_checks(name: str, gib: float, capsys) -> None:
+    """Two doors, one answer: `python -m qlora.memory RECIPE --max-context --gpu-gib G` names the longest row (in
+    steps of 1024) and its plan; the trainer's check on that card and --host-gib's host takes that plan, refuses it
+    one step longer, and the refusal's longest data.max_seq_len (in steps of 64) lies within that step and is taken.
+    By the card (6 GiB: 35,840 tokens), with an offload budget (24 GiB: 67,584) and with checkpoint_every=2 (79.6
+    GiB: 564,224)."""
+    import re
+
+    from qlora.memory.preflight import available_on
+    from qlora.report.memory import main as memory
+
+    assert memory([f"recipes/{name}.py", "--max-context", "--gpu-gib", str(gib), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    card, host = int(gib * GIB), available_on(128 * GIB)
+
+    def check(tokens: int) -> None:
+        cfg = apply_overrides(load_recipe(ROOT / "recipes" / f"{name}.py"),
+                              [*row["overrides"], f"--data.max_seq_len={tokens}"])
+        check_fits(cfg, torch.device("cuda"), device_bytes=card, host_bytes=host)
+
+    check(row["tokens"])
+    with pytest.raises(ConfigError, match=r"set --data\.max_seq_len=(\d+)") as refused:
+        check(row["tokens"] + 1024)
+    longest = int(re.search(r"set --data\.max_seq_len=(\d+)", str(refused.value))[1])
+    assert row["tokens"] <= longest < row["tokens"] + 1024
+    check(longest)
