@@ -40,8 +40,14 @@ def check_processes(cfg: RunConfig, processes: int) -> None:
     """One process streams its base: with several (torchrun), refused before anything loads, for each process would
     otherwise load the whole base into host memory first."""
     if cfg.train.stream_base and processes > 1:
-        raise ConfigError(f"train.stream_base streams one process's base, and this run has {processes} processes: "
-                          "run one, or shard the base over them with --train.shard_base=true instead")
+        refuse_several(processes)
+
+
+def refuse_several(processes: int) -> None:
+    """The refusal of a streamed base in a run of several `processes`. Its fix turns the streaming off too: with
+    --train.shard_base=true alone the config refused the pair ("turn one of them off")."""
+    raise ConfigError(f"train.stream_base streams one process's base, and this run has {processes} processes: run "
+                      "one, or shard the base over them with --train.stream_base=false --train.shard_base=true")
 
 
 STREAM_BASE = Lever(

@@ -55,7 +55,7 @@ from qlora.errors import ConfigError
 from qlora.levers.lever import RunConfig
 from qlora.levers.pinned import page_aligned, pin_in_place, typed_views, views_size
 from qlora.levers.stream_base.memory import SLOTS
-from qlora.levers.stream_base.settings import STREAM_BASE
+from qlora.levers.stream_base.settings import STREAM_BASE, refuse_several
 
 
 def travelling(layer: nn.Module) -> list[tuple[object, str]]:
@@ -186,8 +186,7 @@ def base_place(cfg: RunConfig, device: torch.device) -> torch.device | None:
 def stream_base(model: nn.Module, device: torch.device) -> LayerStream:
     """Stream `model`'s decoder layers from host memory to `device` and put the rest of it there."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        raise ConfigError(f"train.stream_base streams one process's base, and this run has {dist.get_world_size()} "
-                          "processes: run one, or shard the base over them with --train.shard_base=true instead")
+        refuse_several(dist.get_world_size())
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):

@@ -303,6 +303,8 @@ def test_several_processes_are_refused_before_anything_loads(monkeypatch: pytest
     assert main(["recipes/tiny.py", "--train.stream_base=true", f"--output.dir={out}"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == ("error: train.stream_base streams one process's base, and this run has 2 "
-                                    "processes: run one, or shard the base over them with --train.shard_base=true "
-                                    "instead"), captured.err
+                                    "processes: run one, or shard the base over them with --train.stream_base=false "
+                                    "--train.shard_base=true"), captured.err
     assert "loading" not in captured.out and not out.exists()
+    fix = captured.err.split("shard the base over them with ")[1].split()  # taken by the config as it stands
+    apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--train.stream_base=true", *fix])
