@@ -825,6 +825,23 @@ def test_the_longest_context_is_found_past_the_tiles_where_a_shorter_row_does_no
     assert 0 < fit_context(cfg, 11 * 2**30, host).tokens <= cfg.train.tile_size
 
 
+def test_a_card_that_holds_rows_shorter_than_the_granularity_names_them():
+    """A card between the 8B step at 512 and at 1024 tokens: the search in steps of 1024 found 0 tokens, as if no row
+    fit, where the recipe's own shorter rows did (SmolLM2's 128-token rows on a card of their estimate: 0). Below the
+    granularity it searches in steps of 64: the longest such row fits and one step more does not."""
+    from qlora.memory.context import GRANULARITY, fit_context, fitting_plan
+    from qlora.memory.preflight import STEP, needs
+
+    cfg = llama("llama8b")
+    arch, host = load_arch(cfg), 128 * 2**30
+    gpu = needs(estimate(apply_overrides(copy.deepcopy(cfg), ["--data.max_seq_len=512"]), arch, "qlora", "cuda"))[0]
+    assert fitting_plan(cfg, arch, GRANULARITY, gpu, host) is None
+    fit = fit_context(cfg, gpu, host)
+    assert 512 <= fit.tokens < GRANULARITY and fit.tokens % STEP == 0
+    assert fit.overrides[0] == f"--data.max_seq_len={fit.tokens}"
+    assert fitting_plan(cfg, arch, fit.tokens + STEP, gpu, host) is None
+
+
 def test_max_context_says_what_ends_a_row():
     """A card no row fits because the host cannot hold its part says so, not the card's figure; a row that fits at
     the search's last length says the search ended it."""

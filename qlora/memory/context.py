@@ -2,9 +2,10 @@
 
     python -m qlora.memory RECIPE.py --max-context [--gpu-gib 24,48,80] [--host-gib 128]
 
-For each card size the sequence length is bisected (in steps of 1024 tokens, batch as in the recipe; rows past
-train.tile_size apart from those up to it, which run untiled and can need more) with the recipe's levers as they are,
-except the one choice that depends on the length and the host: where the checkpointed layer inputs wait. With
+For each card size the sequence length is bisected (in steps of 1024 tokens, of 64 where none fits; batch as in the
+recipe; rows past train.tile_size apart from those up to it, which run untiled and can need more) with the recipe's
+levers as they are, except the one choice that depends on the length and the host: where the checkpointed layer
+inputs wait. With
 `train.offload_activations` they go to pinned host memory as far as the host holds them (after the process's own
 allowance, the optimizer and embeddings kept there) and the rest stay on the card; when the card cannot take the rest
 either, only every k-th layer keeps its input (`train.checkpoint_every`), the smallest k that fits, as that costs the
@@ -28,7 +29,7 @@ from qlora.levers.stream_base.settings import STREAM_BASE
 from qlora.levers.tiling.settings import untiled_up_to
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, estimate
-from qlora.memory.preflight import largest
+from qlora.memory.preflight import STEP, largest
 
 GIB = 2**30
 GRANULARITY = 1024
@@ -139,9 +140,14 @@ def probe_overrides(cfg: Config, tokens: int, gpu_bytes: int, host_bytes: int) -
 
 def longest(cfg: Config, arch: Arch, gpu_bytes: int, host_bytes: int | None) -> tuple[int, Config | None,
                                                                                          Estimate | None]:
-    """The longest multiple of GRANULARITY that fits, its plan and estimate; (0, None, None) if not even one does."""
-    tokens = largest(lambda n: fitting_plan(cfg, arch, n, gpu_bytes, host_bytes) is not None, LONGEST + 1,
-                     GRANULARITY, untiled_up_to(cfg, cfg.quant.method, cfg.train.batch_size))
+    """The longest multiple of GRANULARITY that fits, its plan and estimate; where none does, the longest multiple of
+    preflight.STEP below it (a card that held the recipe's own 128-token rows was said to fit 0 tokens);
+    (0, None, None) if not even that."""
+    def fit(n: int) -> bool:
+        return fitting_plan(cfg, arch, n, gpu_bytes, host_bytes) is not None
+
+    drop = untiled_up_to(cfg, cfg.quant.method, cfg.train.batch_size)
+    tokens = largest(fit, LONGEST + 1, GRANULARITY, drop) or largest(fit, GRANULARITY, STEP, drop)
     return (tokens, *fitting_plan(cfg, arch, tokens, gpu_bytes, host_bytes)) if tokens else (0, None, None)
 
 
@@ -208,13 +214,14 @@ def context_report(cfg: Config, gpu_gib: list[float], host_gib: float) -> dict:
                         cfg.quant.method, "cuda")
     fixed = sum(v for k, v in shortest.components.items() if k not in ("activations", "gradients"))
     return {"model": cfg.model.path, "config_json": str(config_json_path(cfg)), "method": cfg.quant.method,
-            "estimate_for": "cuda", "host_gib": host_gib, "granularity": GRANULARITY,
+            "estimate_for": "cuda", "host_gib": host_gib, "granularity": GRANULARITY, "fine_granularity": STEP,
             "batch_size": cfg.train.batch_size, "lora_r": cfg.lora.r, "lora_targets": cfg.lora.targets,
             "streamable": cfg.quant.method == "qlora" and not cfg.train.stream_base,
             "fixed_bytes": fixed, "fixed_host_bytes": shortest.host_bytes, "longest_searched": LONGEST, "rows": rows,
             "levers": shortest.levers,
             "assumptions": [a for a in shortest.assumptions if not a.startswith("batch ")] + [
-                f"the longest data.max_seq_len in steps of {GRANULARITY} tokens whose estimated step fits the card "
+                f"the longest data.max_seq_len in steps of {GRANULARITY} tokens (of {STEP} where none fits) whose "
+                "estimated step fits the card "
                 "(CUDA context and the allocator's margin included) and whose host side fits the host; the recipe's "
                 "levers as they are, the "
                 "checkpoint plan (offload budget, checkpoint_every) chosen per length: offload what the host holds, "

@@ -246,7 +246,8 @@ def context_markdown(report: dict) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
              f"- command: `{report['command']}`",
              f"- shape: batch {report['batch_size']}, {report['method']} with LoRA r={report['lora_r']} on "
-             f"{','.join(report['lora_targets'])}; lengths in steps of {report['granularity']} tokens", "",
+             f"{','.join(report['lora_targets'])}; lengths in steps of {report['granularity']} tokens"
+             + (f" (of {fine} where none fits)" if (fine := report.get("fine_granularity")) else ""), "",
              "| card | longest context (tokens) | limited by | on the card GiB (with the allocator's margin) | "
              "host GiB | layer inputs | to train it |", "|---|---|---|---|---|---|---|"]
     for row in rows:
