@@ -168,3 +168,18 @@ def test_what_the_report_offers_the_check_before_loading_takes(overrides: list[s
                                                         if device == "cuda" else {"available": total}))
         except ConfigError as err:
             pytest.fail(f"{' '.join(flags)} was offered and the check refuses it: {err}")
+
+
+def test_offloading_the_layer_inputs_is_offered_only_where_it_fits() -> None:
+    """It was offered unweighed: llama8b at 65,536 tokens without it, on 12 GiB, was sent to a step of 13.94 GiB
+    (with the allocator's margin) that the check before loading refuses; on 16 GiB it fits, and is offered."""
+    from qlora.config import load_recipe
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = apply_overrides(load_recipe(root / "recipes" / "llama8b.py"), [
+        "--train.plan=recipe", "--train.plan_batch=false", "--data.max_seq_len=65536",
+        "--train.offload_activations=false"])
+    offered = {gib: [line for line in oom.suggestions(copy.deepcopy(cfg), torch.device("cuda"), gib * GIB, 0)
+                     if line.startswith("  --train.offload_activations=true")] for gib in (12, 16)}
+    assert not offered[12] and offered[16], offered
+    assert offered[16][0].endswith("wait in CPU memory (estimated peak 13.94 GiB)"), offered

@@ -166,7 +166,9 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
               train__gradient_checkpointing=True)
     elif device.type == "cuda" and not t.offload_activations:
         saved = arch.layers * t.batch_size * cfg.data.max_seq_len * arch.hidden * 2
-        out.append(f"  --train.offload_activations=true: the layer inputs ({_size(saved)}) wait in CPU memory")
+        # Weighed like the rest: offered unweighed, llama8b at 65,536 tokens on 12 GiB got it, a step of 13.94 GiB.
+        offer("--train.offload_activations=true", f"the layer inputs ({_size(saved)}) wait in CPU memory",
+              train__offload_activations=True)
     if not t.loss_chunk_size:
         offer("--train.loss_chunk_size=1024", "never all logits at once", train__loss_chunk_size=1024)
     if not t.tile_size and cfg.quant.method != "full":
