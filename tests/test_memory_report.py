@@ -477,5 +477,5 @@ def test_on_a_cpu_device_the_verdict_is_the_check_before_loadings(capsys, monkey
         except ConfigError:
             refused = True
         assert refused is not fits
-    assert f"**does not fit** ({needs(est)[0] / GIB:.2f} with the process's libraries and free lists > " \
+    assert f"**does not fit** ({needs(est)[0] / GIB:.2f} GiB with the process's libraries and free lists > " \
            f"{est.card_bytes / GIB:.2f} GiB)" in markdown(json.loads(out.out), "r.png")

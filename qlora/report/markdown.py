@@ -19,7 +19,7 @@ def _verdict(entry: dict, report: dict) -> str:
     if entry["fits"]:
         return "fits"
     card = _weighed(entry)
-    beside = " with the process's libraries and free lists" if entry.get("process_margin_bytes") else ""
+    beside = " GiB with the process's libraries and free lists" if entry.get("process_margin_bytes") else ""
     over = [f"{gib(card)}{beside} > {gib(report['device_memory_bytes'])} GiB"] if card > report["device_memory_bytes"] \
         else []
     if entry.get("host_fits") is False:
