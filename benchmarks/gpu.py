@@ -287,7 +287,7 @@ class Battery:
     def read(path: Path) -> dict[str, dict]:
         if not path.exists():
             return {}
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return {row["item"]: row for row in rows if row["status"] == "ok"}
 
     def left(self) -> float:
@@ -295,7 +295,7 @@ class Battery:
 
     def log(self, text: str) -> None:
         print(text, flush=True)
-        with open(self.out / "log.txt", "a") as f:
+        with open(self.out / "log.txt", "a", encoding="utf-8") as f:
             f.write(text + "\n")
 
     def prepare(self, items: list[Item]) -> None:
@@ -351,14 +351,14 @@ class Battery:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
                 rc, status = proc.returncode, "timed out"
-        text = item_log.read_text(errors="replace")
+        text = item_log.read_text(encoding="utf-8", errors="replace")
         self.log(text.rstrip())
         lines = [line for line in text.splitlines() if line.strip()]
         row.update(status=status or {0: "ok", CUT_SHORT: "cut short"}.get(rc, "failed"), rc=rc,
                    seconds=round(time.monotonic() - started, 1), last_line=lines[-1][:300] if lines else "",
                    reports=sorted(str(p.relative_to(self.work)) for pattern in item.reports
                                   for p in self.work.glob(pattern)))
-        with open(self.work / "results.jsonl", "a") as f:
+        with open(self.work / "results.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if row["status"] == "ok":
             self.done_before[item.name] = row
@@ -379,7 +379,7 @@ class Battery:
         for report in reports:
             path = self.work / report
             if path.suffix == ".md" and path.exists():
-                text = path.read_text()
+                text = path.read_text(encoding="utf-8")
                 lines += ["", f"## {report}", "", "##" + text if text.startswith("# ") else text]
         replace(self.out / "summary.md", "\n".join(lines) + "\n")
         replace(self.out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
@@ -413,7 +413,7 @@ def capped(files: list[Path], folder: str, tar_path: Path) -> None:
 
 def replace(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

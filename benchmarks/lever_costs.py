@@ -122,8 +122,8 @@ def _base(args: argparse.Namespace, device: str, work: Path) -> list[str]:
     from qlora.config import load_recipe
 
     tiny_dir = Path(ensure_checkpoint(load_recipe(ROOT / "recipes" / "tiny.py")))
-    tiny = json.loads((tiny_dir / "config.json").read_text())
-    (work / "config.json").write_text(json.dumps({**tiny, **SMALL}))
+    tiny = json.loads((tiny_dir / "config.json").read_text(encoding="utf-8"))
+    (work / "config.json").write_text(json.dumps({**tiny, **SMALL}), encoding="utf-8")
     return ["--model.synthetic=true", f"--model.config_json={work / 'config.json'}", "--lora.r=16", "--lora.alpha=16",
             "--lora.dropout=0.05", "--train.device=cpu"]
 

@@ -258,7 +258,7 @@ def stop_history(args: argparse.Namespace, recorder: object, cfg: Config, device
     attribution = path.with_name(path.name.split(".")[0] + ".txt")
     title = f"Allocator snapshot of one probe: {args.size} at {args.seq:,} tokens, {path.name}"
     attribution.write_text("\n".join([*header(title, record("memory_levers.py", device.type), device.type), text])
-                           + "\n")
+                           + "\n", encoding="utf-8")
     return {"snapshot": str(path), "bytes": path.stat().st_size, "attribution": str(attribution)}
 
 

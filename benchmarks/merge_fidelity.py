@@ -100,7 +100,7 @@ def merge_nearest(run_dir: Path, out: Path, cfg: object) -> dict:
     copy_side_files(Path(source.base), out, torch.bfloat16)
     info = {"run_dir": str(run_dir.resolve()), "base": source.base, "base_weights": "16bit", "dtype": "bfloat16",
             "rounded": "to nearest (benchmarks/merge_fidelity.py)", "merged_layers": len(merged)}
-    (out / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    (out / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     info["merge_error"] = merge_error(run_dir, out, cfg)
     n = counts["entries"]
     if n == 0:  # a base stored wider than bf16: the merge rounds to nearest there too, and there is nothing to count
@@ -129,7 +129,8 @@ def adapter_scores(run_dir: Path) -> dict:
     """The adapter model's held-out scores, its run's final eval (the same evaluate on the same rows, its base as it
     trained: on the CPU the 4-bit one computing in fp32), and the share of the check's prompt positions whose two
     best tokens it puts within NEAR_TIE logits (on its base in fp32, as the check runs it)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
     final = [r for r in records if "eval_loss" in r][-1]
     _, model, tokenizer, _ = load_run_fp32(run_dir)
     logits = torch.cat(prompt_logits(model, tokenizer))

@@ -27,7 +27,7 @@ def run_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None)
     {"error": ...}. Past `timeout` seconds the whole group is killed: {"error": "timed out ...", "timed_out": True}.
     A SIGTERM to this process (benchmarks/gpu.py at the end of its budget) kills the child's group first: a probe
     left running would hold the GPU."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                             start_new_session=True, env=env)
 
     def stop(signum: int, frame: object) -> None:
@@ -62,7 +62,7 @@ class ProbeLog:
         if fresh and path.exists():
             path.unlink()
         if path.exists():
-            for line in path.read_text().splitlines():
+            for line in path.read_text(encoding="utf-8").splitlines():
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill: measured again
@@ -78,7 +78,7 @@ class ProbeLog:
         entry = {"key": key, "setup": self.setup, "result": result, "seconds": round(seconds, 1)}
         self.done[key] = entry
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -70,7 +70,7 @@ def machine(device: str) -> str:
     cpu = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text(encoding="utf-8").splitlines()
                     if line.startswith("model name")), cpu)
     return f"{cpu}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads" + \
         (f", {gpu()}" if device == "cuda" else "")
@@ -98,7 +98,7 @@ def write_result(stem: Path, result: dict, text: str, quiet: bool = False) -> No
     files = {stem.with_suffix(".json"): json.dumps(result, indent=2) + "\n", stem.with_suffix(".md"): text}
     for path, content in files.items():
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(content)
+        tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     if not quiet:
         print(f"wrote {stem}.json and .md")

@@ -73,8 +73,9 @@ def train_one(recipe: str, method: str, run_dir: Path, overrides: list[str]) -> 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     print(f"\n== {METHODS[method][0]}: {shlex.join(cmd)}", flush=True)
     started = time.perf_counter()
-    with open(run_dir.with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(run_dir.with_suffix(".log"), "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
         for line in proc.stdout:
             log.write(line)
             if "it/s]" not in line and "s/it]" not in line:  # progress bars stay in the log only
@@ -87,9 +88,10 @@ def train_one(recipe: str, method: str, run_dir: Path, overrides: list[str]) -> 
 
 def read_run(run_dir: Path, seconds: float | None) -> dict:
     """Final and per-eval metrics from metrics.jsonl, trainable parameters from the training log."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
     evals = [r for r in records if "eval_loss" in r]
-    log = run_dir.with_suffix(".log").read_text()
+    log = run_dir.with_suffix(".log").read_text(encoding="utf-8")
     trainable = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", log)
     steps = [r for r in records if "tokens_per_s" in r]
     return {**base_weights(run_dir), "eval_loss": evals[-1]["eval_loss"], "eval_ppl": evals[-1]["eval_ppl"],
@@ -109,7 +111,7 @@ def base_weights(run_dir: Path) -> dict[str, int]:
     from qlora.memory.estimate import estimate
     from qlora.training.assemble import read_run_config
 
-    held = json.loads((run_dir / "memory.json").read_text())["phases"]["lora_attached"]["categories"]
+    held = json.loads((run_dir / "memory.json").read_text(encoding="utf-8"))["phases"]["lora_attached"]["categories"]
     cfg = read_run_config(run_dir)
     cuda = estimate(cfg, load_arch(cfg), cfg.quant.method, "cuda").components
     if cfg.quant.method == "full":  # every weight trains: the "base" is the model
@@ -315,7 +317,7 @@ def plot(path: Path, result: dict) -> None:
 def eval_rows(cfg: object) -> int | str:
     """How many held-out rows the recipe scores (a file's line count; "?" for a split carved out of train)."""
     path = Path(cfg.data.eval or "")
-    return sum(1 for line in path.open() if line.strip()) if cfg.data.eval and path.is_file() else "?"
+    return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if cfg.data.eval and path.is_file() else "?"
 
 
 def parse_seeds(text: str | None, methods: list[str], default: int) -> dict[str, list[int]]:
@@ -344,7 +346,7 @@ def finished_with(run_dir: Path, cfg: object) -> bool:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file() or not run_dir.with_suffix(".log").is_file():
         return False
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not any(r.get("step") == cfg.train.steps and "eval_loss" in r for r in records):
         return False
     theirs, ours = read_run_config(run_dir).to_dict(), cfg.to_dict()
@@ -401,12 +403,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {METHODS[method][0]}, seed {seed}: reusing {run_dir} (finished, same config)")
             else:
                 timing.parent.mkdir(parents=True, exist_ok=True)
-                timing.write_text(f"{train_one(args.recipe, method, run_dir, run_overrides)}\n")
-            runs[method][seed] = read_run(run_dir, float(timing.read_text()) if timing.is_file() else None)
+                timing.write_text(f"{train_one(args.recipe, method, run_dir, run_overrides)}\n", encoding="utf-8")
+            seconds = float(timing.read_text(encoding="utf-8")) if timing.is_file() else None
+            runs[method][seed] = read_run(run_dir, seconds)
 
     taken = None
     if args.earlier:
-        earlier = json.loads(args.earlier.read_text())
+        earlier = json.loads(args.earlier.read_text(encoding="utf-8"))
         if (earlier["recipe"], earlier["steps"]) != (args.recipe, base.train.steps):
             raise ConfigError(f"--earlier {args.earlier}: its runs trained {earlier['recipe']} for {earlier['steps']} "
                               f"steps, not {args.recipe} for {base.train.steps}: use a result of the same recipe")

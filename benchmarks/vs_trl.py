@@ -162,7 +162,7 @@ def worker(stack: str, steps: int, out: Path) -> None:
         "cpu_s_steps": [round(u + s, 3) for u, s in clock.steps],
         "run_cpu_s": usage.ru_utime + usage.ru_stime, "run_wall_s": time.perf_counter() - started,
         "peak_rss_bytes": usage.ru_maxrss * 1024, "eval_loss": scores["eval_loss"],
-        "eval_exact_match": scores["eval_exact_match"]}) + "\n")
+        "eval_exact_match": scores["eval_exact_match"]}) + "\n", encoding="utf-8")
 
 
 def load_average() -> str:
@@ -218,13 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             proc = subprocess.run([sys.executable, __file__, "--worker", stack, f"--steps={args.steps}",
-                                   f"--out={out}"], env=env, cwd=ROOT, capture_output=True, text=True)
+                                   f"--out={out}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                                  errors="replace")
             loads[stack] = load_average()
             if proc.returncode != 0 or not out.is_file():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
                 results[stack] = {"error": " ".join(tail) or f"exit status {proc.returncode}"}
             else:
-                results[stack] = json.loads(out.read_text())
+                results[stack] = json.loads(out.read_text(encoding="utf-8"))
         print(f"  {results[stack]}", flush=True)
     text = report(prov, results, loads, args.steps)
     write_result(RESULTS / "vs-trl-cpu", {**prov, "steps": args.steps, "load_average": loads, "results": results},

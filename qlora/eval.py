@@ -117,7 +117,7 @@ def is_result(path: Path) -> bool:
     try:
         if path.stat().st_size > 2**20:
             return False
-        found = json.loads(path.read_text())
+        found = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(found, dict) and RESULT_KEYS <= found.keys()

@@ -146,7 +146,7 @@ def check_before_loading(cfg: Config, max_new_tokens: int, prompt: str | None, f
     the base is on this machine (local_base). Its max_position_embeddings is what the loaded model's config holds."""
     base = local_base(cfg)
     try:
-        config = json.loads((base / "config.json").read_text()) if base else None
+        config = json.loads((base / "config.json").read_text(encoding="utf-8")) if base else None
     except (OSError, UnicodeDecodeError, ValueError):
         return  # the load names what is wrong with it
     config = config.get("text_config", config) if isinstance(config, dict) else None

@@ -62,7 +62,7 @@ def write_aside(path: Path, data: str | bytes | dict[str, torch.Tensor], hidden:
         if isinstance(data, dict):
             save_tensors(data, tmp)
         else:
-            tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+            tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, target)
     except BaseException as err:
         tmp.unlink(missing_ok=True)

@@ -201,14 +201,14 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
     }
     state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
     save_tensors(state, out_dir / ADAPTER_WEIGHTS, metadata)
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
 
 
 def read_adapter_config(run_dir: Path) -> dict:
     """adapter_config.json, checked for what eval, generate and a merge read from it (rank and alpha; no DoRA)."""
     path = run_dir / ADAPTER_CONFIG
     try:
-        adapter_cfg = json.loads(path.read_text())
+        adapter_cfg = json.loads(path.read_text(encoding="utf-8"))
     # ValueError: not UTF-8, not JSON, or an integer of over 4,300 digits; RecursionError: arrays nested too deep
     except (OSError, ValueError, RecursionError) as err:
         reason = err.strerror if isinstance(err, OSError) else json_trouble(err)

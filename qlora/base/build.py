@@ -205,7 +205,7 @@ def index_weight_map(root: Path) -> dict[str, str]:
     """A sharded checkpoint's index: tensor name -> safetensors file name. One that is no such map (not JSON, no
     weight_map, a list) is refused in one line: every reader of the shards would fail in its own words."""
     try:
-        weight_map = json.loads((root / INDEX).read_text()).get("weight_map")
+        weight_map = json.loads((root / INDEX).read_text(encoding="utf-8")).get("weight_map")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as err:
         raise ConfigError(f"{root / INDEX} is unreadable ({err}): download the checkpoint again") from err
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):

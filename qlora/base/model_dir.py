@@ -42,7 +42,7 @@ def check_config_file(path: Path, what: str) -> dict | None:
     says so; JSON that is not an object is refused here (transformers' own message for it changes between releases
     and names no key)."""
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(config, dict):
@@ -186,7 +186,7 @@ def check_tokenizer_files(path: Path, what: str) -> None:
     config = path / "tokenizer_config.json"
     # The text, not the JSON: a tokenizer_config.json that does not parse is the loader's to name.
     if any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES) or (
-            config.is_file() and "auto_map" in config.read_text(errors="replace")):
+            config.is_file() and "auto_map" in config.read_text(encoding="utf-8", errors="replace")):
         return
     raise ConfigError(f"{what}: the directory holds no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or "
                       f"{TOKENIZER_FILES[-1]}): copy the tokenizer files that came with the weights into it")

@@ -110,7 +110,7 @@ def config_from_dict(raw: object, source: str, resume: bool = False) -> Config:
 def read_config_json(path: Path, resume: bool = False) -> Config:
     """The Config a run recorded in `path` (its run_config.json); `resume`: read for --resume."""
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     # ValueError: not UTF-8, not JSON, or an integer of over 4,300 digits; RecursionError: arrays nested too deep
     except (OSError, ValueError, RecursionError) as err:
         reason = err.strerror if isinstance(err, OSError) else json_trouble(err)

@@ -100,7 +100,7 @@ def load_arch(cfg: Config) -> Arch:
     """Read config.json as plain JSON: no transformers import, so an estimate takes a second, not ten."""
     path = config_json_path(cfg)
     try:
-        c = json.loads(path.read_text())
+        c = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path} is not a readable config.json ({err}): point model.config_json at one") from err
     check_config_file(path, f"model.config_json={path}" if cfg.model.config_json else f"model.path={path.parent}")

@@ -84,7 +84,7 @@ def full_depth(cfg: Config, depth: int, measured: int, device: str = "cuda", arc
 def truncated_config(cfg: Config, depth: int, folder: Path) -> Config:
     """`cfg` with `depth` of its decoder layers: synthetic weights from a copy of its config.json written into
     `folder` (its `num_hidden_layers` set to `depth`), everything else as it was."""
-    source = json.loads(config_json_path(cfg).read_text())
+    source = json.loads(config_json_path(cfg).read_text(encoding="utf-8"))
     text = source.get("text_config", source)  # a multimodal checkpoint nests the language model's
     text["num_hidden_layers"] = depth
     for key in ("layer_types", "mlp_only_layers"):  # per-layer lists must match the depth
@@ -92,7 +92,7 @@ def truncated_config(cfg: Config, depth: int, folder: Path) -> Config:
             text[key] = text[key][:depth]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
-    path.write_text(json.dumps(source, indent=2) + "\n")
+    path.write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
     out = copy.deepcopy(cfg)
     out.model.synthetic, out.model.config_json = True, str(path)
     return out

@@ -29,7 +29,7 @@ CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def resident_bytes(name: str) -> int:
-    for line in PROC_STATUS.read_text().splitlines():
+    for line in PROC_STATUS.read_text(encoding="utf-8").splitlines():
         if line.startswith(name + ":"):
             return int(line.split()[1]) * 1024
     return 0
@@ -38,7 +38,7 @@ def resident_bytes(name: str) -> int:
 def meminfo_bytes(field: str) -> int:
     """One field of /proc/meminfo (MemTotal, MemAvailable, ...) in bytes; 0 where there is none (not Linux)."""
     path = Path("/proc/meminfo")
-    for line in path.read_text().splitlines() if path.exists() else ():
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else ():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
@@ -88,7 +88,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         try:
-            CLEAR_REFS.write_text("5")
+            CLEAR_REFS.write_text("5", encoding="utf-8")
         except OSError:  # not Linux, or not permitted: the peak then spans the whole process
             pass
 
@@ -172,7 +172,8 @@ def unused_file_pages(model: torch.nn.Module | None) -> int:
     if model is None or not smaps.exists():
         return 0
     maps = []
-    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps.read_text()):
+    # errors="replace": the kernel lists each mapped file's path as its bytes, which need not be UTF-8
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", smaps.read_text(encoding="utf-8", errors="replace")):
         head = block.split("\n", 1)[0]
         if head.endswith((".safetensors", ".bin", ".gguf")):
             start, end = (int(x, 16) for x in head.split()[0].split("-"))

@@ -83,13 +83,13 @@ def copy_side_files(base: Path, out: Path, dtype: torch.dtype) -> None:
     for item in base.iterdir():
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX:
             shutil.copy2(item, out / item.name)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     config.pop("quantization_config", None)  # the merged checkpoint is plain 16-bit, whatever the base was
     name = str(dtype).removeprefix("torch.")
     config["dtype"] = name  # transformers 5
     if "torch_dtype" in config:
         config["torch_dtype"] = name  # transformers 4
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tensor], torch.Tensor],
@@ -111,7 +111,7 @@ def write_shards(shards: list[Path], out: Path, fold: Callable[[str, torch.Tenso
         del shard  # only this shard's tensors were ever held
     if len(names) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return total
 
 
@@ -153,7 +153,7 @@ def merge(run_dir: Path, out: Path, base_16bit: str | None = None, dtype: torch.
             info = {"run_dir": str(run_dir.resolve()), "base": str(base), "merged_onto": source.onto,
                     "base_weights": "dequantised-nf4" if source.dequantise else "16bit",
                     "dtype": str(dtype).removeprefix("torch."), "scaling": source.scaling, "merged_layers": len(merged)}
-            (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
             if check:
                 info["merge_error"] = merge_error(run_dir, tmp, cfg)  # records itself in tmp's merge_info.json
             ordinary_modes(tmp)
@@ -183,7 +183,7 @@ def merge_error(run_dir: Path, out: Path, cfg: Config | None = None) -> dict:
     merge, the 16-bit base for --base-16bit (and then also, for information, the 4-bit base the adapter trained on,
     whose gap includes NF4's rounding). `cfg`: the run's run_config.json as the merge read it.
     """
-    info = json.loads((Path(out) / INFO).read_text())
+    info = json.loads((Path(out) / INFO).read_text(encoding="utf-8"))
     # PyTorch's own layers, as the references run them (transformers 5.25 would swap in hub kernels by default)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map={"": "cpu"}, use_kernels=False)
     merged = prompt_logits(model, load_tokenizer(str(out)))

@@ -147,11 +147,11 @@ def measure_in_subprocess(recipe: str, overrides: list[str], method: str, steps:
         out = Path(tmp) / "measured.json"
         cmd = [sys.executable, "-m", "qlora.report.measure", recipe, *overrides, f"--quant.method={method}",
                f"--out={out}", f"--steps={steps}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=os.environ.copy())
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
-        return json.loads(out.read_text())
+        return json.loads(out.read_text(encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

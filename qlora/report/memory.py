@@ -55,9 +55,10 @@ def write_report(report: dict, out_dir: Path) -> Path:
     from qlora.report.plot import plot_report
 
     stem = f"{Path(report['recipe']).stem}-{device_slug(report['device'])}"
-    write_together(out_dir, {f"{stem}.png": lambda path: plot_report(report, path),
-                             f"{stem}.md": lambda path: path.write_text(markdown(report, f"{stem}.png")),
-                             f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n")})
+    write_together(out_dir, {
+        f"{stem}.png": lambda path: plot_report(report, path),
+        f"{stem}.md": lambda path: path.write_text(markdown(report, f"{stem}.png"), encoding="utf-8"),
+        f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")})
     return out_dir / f"{stem}.md"
 
 
@@ -285,8 +286,9 @@ def max_context_main(cli: Cli, argv: list[str], cfg: Config) -> int:
     written = None
     if cli.out_dir is not None:
         stem = f"{Path(cli.rest[0]).stem}-max-context"
-        write_together(cli.out_dir, {f"{stem}.md": lambda path: path.write_text(context_markdown(report)),
-                                     f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n")})
+        write_together(cli.out_dir, {
+            f"{stem}.md": lambda path: path.write_text(context_markdown(report), encoding="utf-8"),
+            f"{stem}.json": lambda path: path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")})
         written = [cli.out_dir / f"{stem}.md", cli.out_dir / f"{stem}.json"]
     if cli.as_json:
         print(json.dumps(report, indent=2))

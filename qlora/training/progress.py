@@ -114,7 +114,7 @@ def said_done(cfg: Config, ranks: distributed.Ranks, done: bool) -> bool:
 def _same_run_config(path: Path, cfg: Config) -> bool:
     """Whether the run_config.json at `path` holds `cfg`: what a resume would write there, but output.dir (a run moved
     since it was written is resumed where it is now)."""
-    recorded, ours = json.loads(path.read_text()), json.loads(rundir.config_text(cfg))
+    recorded, ours = json.loads(path.read_text(encoding="utf-8")), json.loads(rundir.config_text(cfg))
     recorded.get("output", {}).pop("dir", None)
     ours["output"].pop("dir")
     return recorded == ours

@@ -138,7 +138,7 @@ def check_recorded(saved: Config, path: Path, run_dir: Path | None = None, movab
     if not isinstance(record, dict):
         return None, {}
     restart = start_over(resume)
-    ours, theirs, raw = flat(saved.to_dict()), flat(record), flat(json.loads(path.read_text()))
+    ours, theirs, raw = flat(saved.to_dict()), flat(record), flat(json.loads(path.read_text(encoding="utf-8")))
     # Each refusal names every key it is for: named one at a time, each fix met the next refusal.
     missing = [k for k in theirs if k not in raw and k in ours]
     if missing:

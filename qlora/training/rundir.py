@@ -76,7 +76,7 @@ def lock_holder(run_dir: Path) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken and, by the close below, released: a probe
         return None
     except BlockingIOError:
-        return path.read_text().strip() or "unknown"
+        return path.read_text(encoding="utf-8").strip() or "unknown"
     except OSError as err:
         if err.errno in NO_LOCKS:
             return None
@@ -206,7 +206,7 @@ def _lock(run_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = (run_dir / LOCK).read_text().strip() or "unknown"
+        pid = (run_dir / LOCK).read_text(encoding="utf-8").strip() or "unknown"
         os.close(fd)
         raise _in_use(run_dir, pid) from None
     except OSError as err:

@@ -153,7 +153,7 @@ def keep_sensitive_layers(model: nn.Module, cfg: Config, tokenizer: object, base
                           "has none: list the layers in quant.keep_16bit, or set --quant.keep_16bit_budget=0")
     saved = Path(cfg.output.dir) / "run_config.json"  # written by qlora.training.rundir.start_run when the run began
     if resuming and saved.is_file():
-        chosen = json.loads(saved.read_text())["quant"].get("keep_16bit", [])
+        chosen = json.loads(saved.read_text(encoding="utf-8"))["quant"].get("keep_16bit", [])
         keep_16bit(model, base_path, chosen, dtype)
         print(f"quant.keep_16bit_budget: {len(chosen)} layers kept in 16-bit, as chosen when the run started ({saved})")
         return chosen

@@ -93,7 +93,7 @@ def test_a_streamed_run_is_read_back_streamed(deep: list[str], tmp_path: Path) -
     layers = model.get_decoder().layers
     assert all(getattr(owner, name).untyped_storage().data_ptr() in slots
                for layer in layers for owner, name in travelling(layer))
-    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()][-1]
     assert evaluate_run(tmp_path)["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-6)
 
 
