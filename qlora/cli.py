@@ -9,7 +9,8 @@ instead of the line. A Ctrl-C, SIGTERM or SIGHUP that arrives while Python still
 `qlora/__init__.py` calls `catch_early_signals()` as such a command starts. argparse's own errors are one line with
 exit 2 as well (`ArgumentParser`). A closed stdout (`... | head`) ends the command quietly, whether a print met it
 or the last flush did; a command whose result is what it prints (config's JSON, the memory report, generated text)
-refuses to start with stdout closed (`>&-`: `require_stdout`).
+refuses to start with stdout closed (`>&-`: `require_stdout`). Under a locale that is not UTF-8, what stdout's and
+stderr's codec lacks is printed escaped (`escape_what_streams_cannot_hold`), never a UnicodeEncodeError.
 
 Nothing is imported here at module level but the standard library and qlora.errors: this module runs before anything
 else is loaded (and `python -m qlora.config` must find qlora.config not yet imported).
@@ -18,8 +19,10 @@ else is loaded (and `python -m qlora.config` must find qlora.config not yet impo
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import gc
+import io
 import os
 import signal
 import sys
@@ -105,6 +108,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    escape_what_streams_cannot_hold()
     if Session.signal is not None:  # a Ctrl-C during the imports that a library caught and went on from
         signum, Session.signal = Session.signal, None
         if (line := said_while_starting(signum, ranked)) is not None:
@@ -144,6 +148,34 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
             signal.signal(sig, handler if handler is not exit_while_starting else ENDED[sig])
         if ended:  # the interpreter's shutdown is all that is left: see skip_final_collection
             skip_final_collection()
+
+
+def escaped(err: UnicodeError) -> tuple[str | bytes, int]:
+    """The error handler ESCAPED: the character at `err.start` that the stream's codec lacks, as surrogateescape gives
+    it where it stands for a byte Python could not decode (a path from argv under LC_ALL=C, written back as the bytes
+    it came as, which Python's own surrogateescape on such a stdout did), else as backslashreplace writes it."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    one = UnicodeEncodeError(err.encoding, err.object, err.start, err.start + 1, err.reason)
+    if 0xDC80 <= ord(err.object[err.start]) <= 0xDCFF:
+        return codecs.lookup_error("surrogateescape")(one)
+    return codecs.backslashreplace_errors(one)
+
+
+ESCAPED = "qlora.escaped"
+codecs.register_error(ESCAPED, escaped)
+
+
+def escape_what_streams_cannot_hold() -> None:
+    """Under a locale that is not UTF-8 (latin-1, EUC, LC_ALL=C in a container with Python's coercion off), stdout and
+    stderr take its codec, and a print of text it lacks (a generated answer, a data row, the memory report's "–")
+    raised UnicodeEncodeError: the command ended in a traceback, its result half printed. Such characters are escaped
+    instead; the codec stays the locale's, which is what the terminal or the file reading them expects."""
+    for stream in (sys.stdout, sys.stderr):
+        if not isinstance(stream, io.TextIOWrapper) or stream.closed:  # a StringIO put in its place: no codec
+            continue
+        if codecs.lookup(stream.encoding).name != "utf-8":
+            stream.reconfigure(errors=ESCAPED)
 
 
 def require_stdout(what: str, fix: str = "give it a file or a pipe (> FILE)") -> None:

@@ -4,13 +4,18 @@ Each command runs in a subprocess, since the locale decides how Python sets up i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ASCII_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+UTF8_LOCALE = {"LC_ALL": "C.UTF-8", "PYTHONUTF8": "1"}
+PROMPT = "reverse: café naïve"
 
 
 def command(*args: str, stdin: bytes = b"", locale: dict[str, str] = ASCII_LOCALE) -> subprocess.CompletedProcess:
@@ -28,3 +33,51 @@ def test_the_memory_report_is_written_as_utf8(tmp_path):
     (md,) = tmp_path.glob("*.md")
     assert "–" in md.read_text(encoding="utf-8")
 
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The tiny recipe, 4 steps, under the ASCII locale, on rows of non-ASCII text in a file so named, into an
+    output.dir so named: (the run, the data file, the training command)."""
+    folder = tmp_path_factory.mktemp("locale")
+    rows = (ROOT / "recipes/data/tiny/train.jsonl").read_text(encoding="utf-8").splitlines()[:40]
+    rows[:8] = [json.dumps({"messages": [{"role": "user", "content": f"{PROMPT} {i}"},
+                                         {"role": "assistant", "content": f"{i} naïve café"}]}, ensure_ascii=False)
+                for i in range(8)]
+    data, run_dir = folder / "données.jsonl", folder / "rün"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    done = command("qlora.train", "recipes/tiny.py", f"--data.train={data}", "--train.steps=4",
+                   "--train.eval_every=2", f"--output.dir={run_dir}")
+    return run_dir, data, done
+
+
+def test_a_run_on_non_ascii_rows_into_a_folder_so_named_trains_and_its_files_are_utf8(trained):
+    run_dir, _, done = trained
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"adapter written to " + os.fsencode(run_dir) in done.stdout  # the path printed as the bytes it is
+    for name in ("run_config.json", "adapter_config.json", "memory.json"):
+        json.loads((run_dir / name).read_text(encoding="utf-8"))
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)][-1] == 4
+
+
+def test_eval_on_non_ascii_rows(trained, tmp_path):
+    run_dir, data, _ = trained
+    done = command("qlora.eval", str(run_dir), "--data", str(data), "--json", str(tmp_path / "ë.json"))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert json.loads((tmp_path / "ë.json").read_text(encoding="utf-8"))["eval_rows"] == 40
+
+
+def generated(run_dir: Path, *args: str, stdin: bytes = b"", locale: dict[str, str] = ASCII_LOCALE) -> bytes:
+    done = command("qlora.generate", str(run_dir), "--format=text", "--max-new-tokens=20", *args, stdin=stdin,
+                   locale=locale)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout
+
+
+def test_generated_text_the_locale_cannot_hold_is_printed_escaped(trained):
+    """The tiny run's answer to PROMPT holds characters ASCII lacks (U+FFFD of bytes that are no UTF-8): print raised
+    UnicodeEncodeError. The prompt comes as JSON escapes, ASCII itself."""
+    answer = generated(trained[0], "--prompt", PROMPT, locale=UTF8_LOCALE).decode("utf-8")
+    assert not answer.isascii()  # else this test would test nothing
+    prompt = json.dumps(PROMPT).encode("ascii") + b"\n"
+    assert generated(trained[0], "--jsonl", stdin=prompt) == answer.encode("ascii", "backslashreplace")
