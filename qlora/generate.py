@@ -11,9 +11,12 @@ newlines (`{"prompt": "Tom flies to Rome.\\nDestination city?"}`).
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -201,6 +204,7 @@ def _main(argv: list[str]) -> int:
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty: give the text to complete")
     if args.prompt is not None:
+        args.prompt = argv_text(args.prompt)
         check_utf8(args.prompt, "--prompt")
     elif sys.stdin is None:  # started with stdin closed (`<&-`, a launcher's): Python leaves it None
         parser.error("no --prompt, and stdin is closed: give --prompt TEXT, or pipe prompts to stdin")
@@ -215,6 +219,7 @@ def _main(argv: list[str]) -> int:
     if args.prompt is not None:
         generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, fmt=fmt)
         return 0
+    utf8_stdin()
     interactive = sys.stdin.isatty()
     number = 0
     while True:
@@ -233,6 +238,23 @@ def _main(argv: list[str]) -> int:
             check_utf8(prompt, f"stdin:{number}")
             generate(model, tokenizer, prompt, args.max_new_tokens, args.temperature, where=f"stdin:{number}",
                      fmt=fmt)
+
+
+def argv_text(arg: str) -> str:
+    """`arg` as the UTF-8 text its bytes on the command line are. Python decoded them with the locale's codec: under
+    LC_ALL=C "é" came as '\\udcc3\\udca9', refused as no UTF-8, under latin-1 as "Ã©". Bytes that are no UTF-8 stay as
+    Python gave them, for check_utf8 to refuse; so does a str that never was bytes (`main` called in-process)."""
+    try:
+        return os.fsencode(arg).decode("utf-8")
+    except UnicodeError:
+        return arg
+
+
+def utf8_stdin() -> None:
+    """Prompts on stdin read as UTF-8 whatever the locale (its codec, ASCII under LC_ALL=C, refused "é" as no UTF-8),
+    strictly: a line that is no UTF-8 is refused with its byte (the loop's UnicodeDecodeError)."""
+    if isinstance(sys.stdin, io.TextIOWrapper) and codecs.lookup(sys.stdin.encoding).name != "utf-8":
+        sys.stdin.reconfigure(encoding="utf-8", errors="strict")
 
 
 def check_utf8(prompt: str, where: str) -> None:

@@ -18,12 +18,16 @@ UTF8_LOCALE = {"LC_ALL": "C.UTF-8", "PYTHONUTF8": "1"}
 PROMPT = "reverse: café naïve"
 
 
-def command(*args: str, stdin: bytes = b"", locale: dict[str, str] = ASCII_LOCALE) -> subprocess.CompletedProcess:
+def command(*args: str | bytes, stdin: bytes = b"",
+            locale: dict[str, str] = ASCII_LOCALE) -> subprocess.CompletedProcess:
     """`python -m ARGS` from the repository root under `locale`; its output as bytes (their codec is the test's)."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=environment(locale), input=stdin,
+                          capture_output=True, timeout=600)
+
+
+def environment(locale: dict[str, str]) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "PYTHONIOENCODING"}  # it would set the codec
-    env.update(locale, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, input=stdin, capture_output=True,
-                          timeout=600)
+    return {**env, **locale, "PYTHONPATH": str(ROOT)}
 
 
 def test_the_memory_report_is_written_as_utf8(tmp_path):
@@ -74,10 +78,30 @@ def generated(run_dir: Path, *args: str, stdin: bytes = b"", locale: dict[str, s
     return done.stdout
 
 
-def test_generated_text_the_locale_cannot_hold_is_printed_escaped(trained):
+@pytest.fixture(scope="module")
+def answer(trained) -> str:
+    """The tiny run's answer to PROMPT under the UTF-8 locale."""
+    return generated(trained[0], "--prompt", PROMPT, locale=UTF8_LOCALE).decode("utf-8")
+
+
+def test_generated_text_the_locale_cannot_hold_is_printed_escaped(trained, answer):
     """The tiny run's answer to PROMPT holds characters ASCII lacks (U+FFFD of bytes that are no UTF-8): print raised
     UnicodeEncodeError. The prompt comes as JSON escapes, ASCII itself."""
-    answer = generated(trained[0], "--prompt", PROMPT, locale=UTF8_LOCALE).decode("utf-8")
     assert not answer.isascii()  # else this test would test nothing
     prompt = json.dumps(PROMPT).encode("ascii") + b"\n"
     assert generated(trained[0], "--jsonl", stdin=prompt) == answer.encode("ascii", "backslashreplace")
+
+
+def test_a_prompt_is_taken_as_utf8_on_the_command_line_and_on_stdin(trained, answer):
+    """Python decodes argv and stdin with the locale's codec: --prompt "é" came as '\\udcc3\\udca9' and was refused as
+    no UTF-8, and so was a stdin line. Each gives the answer the UTF-8 locale gives."""
+    assert generated(trained[0], "--prompt", PROMPT) == answer.encode("ascii", "backslashreplace")
+    assert generated(trained[0], stdin=PROMPT.encode("utf-8") + b"\n") == answer.encode("ascii", "backslashreplace")
+
+
+def test_a_prompt_that_is_no_utf8_is_still_refused(trained):
+    """Latin-1's "é", one byte: on the command line and on stdin, exit 2 and the line saying so, before generating."""
+    for args, stdin, where in (((b"--prompt", b"caf\xe9"), b"", b"--prompt"), ((), b"caf\xe9\n", b"stdin:1")):
+        done = command("qlora.generate", str(trained[0]), *args, stdin=stdin)
+        assert done.returncode == 2, done.stderr.decode(errors="replace")
+        assert b"error: " + where + b": not UTF-8" in done.stderr, done.stderr.decode(errors="replace")
