@@ -93,7 +93,8 @@ def check_writable(path: Path, what: str, directory: bool = False) -> None:
                                        "target): remove the link, or choose another path")
         probe = probe.parent
     if not probe.is_dir() and probe != path:
-        raise Stop(EXIT_BAD_INPUT, f"{what}={path} cannot be created: {probe} is a file")
+        raise Stop(EXIT_BAD_INPUT, f"{what}={path} cannot be created: {probe} is a file: move it aside, or choose "
+                                   "another path")
     if not os.access(probe, os.W_OK | (os.X_OK if probe.is_dir() else 0)):
         if os.statvfs(probe).f_flag & os.ST_RDONLY:  # access() says EROFS too: no permission would help
             raise Stop(EXIT_BAD_INPUT, f"{what}={path} is not writable ({probe} is on a read-only file system): "

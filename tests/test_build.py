@@ -93,3 +93,21 @@ def test_a_checkpoint_another_process_built_first_is_kept(tiny_config: Config, t
     assert build.ensure_checkpoint(tiny_config) == str(target)
     assert (target / "theirs").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_a_cache_that_cannot_be_created_names_qlora_cache(tiny_config: Config, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOME a file (or $QLORA_CACHE under one): the line said model.path cannot be created, a path the user never
+    set (the recipe's, in the cache); it names QLORA_CACHE, where built models go. A model.path of one's own does
+    not."""
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "afile" / "cache"))
+    tiny_config.model.path = str(build.cache_dir() / "tiny-llama-v2")
+    with pytest.raises(Stop, match=r"afile is a file: move it aside, or choose another path; built models go to "
+                                   r"\$QLORA_CACHE, else ~/.cache/qlora: set QLORA_CACHE to a folder this user may "
+                                   r"write$"):
+        build.ensure_checkpoint(tiny_config)
+    tiny_config.model.path = str(tmp_path / "afile" / "mine")
+    with pytest.raises(Stop) as refused:
+        build.ensure_checkpoint(tiny_config)
+    assert str(refused.value).endswith("afile is a file: move it aside, or choose another path")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from qlora.config import Config
 from qlora.console import announce, since
-from qlora.errors import ConfigError, check_writable
+from qlora.errors import ConfigError, Stop, check_writable
 from qlora.partial import ordinary_modes, remove_abandoned
 
 if TYPE_CHECKING:
@@ -120,7 +120,13 @@ def ensure_checkpoint(cfg: Config) -> str:
                               "point model.path at one")
         # A link in a loop or to nothing, a file above it, a read-only folder: refused before the announcement (a
         # loop announced the build, then failed its rename saying "Not a directory").
-        check_writable(target, "model.path", directory=True)
+        try:
+            check_writable(target, "model.path", directory=True)
+        except Stop as err:  # the recipe's model.path: the user set the cache, not it (HOME a file: "choose another")
+            if not target.is_relative_to(cache_dir()):
+                raise
+            raise Stop(err.code, f"{err}; built models go to $QLORA_CACHE, else ~/.cache/qlora: set QLORA_CACHE to a "
+                                 "folder this user may write") from None
         started = announce(f"building {cfg.model.build} into {target} (once; later runs reuse it)")
         target.parent.mkdir(parents=True, exist_ok=True)
         # Builders write into a path that does not exist yet; renaming it into place is atomic, so a run killed
