@@ -183,3 +183,31 @@ def test_offloading_the_layer_inputs_is_offered_only_where_it_fits() -> None:
                      if line.startswith("  --train.offload_activations=true")] for gib in (12, 16)}
     assert not offered[12] and offered[16], offered
     assert offered[16][0].endswith("wait in CPU memory (estimated peak 13.94 GiB)"), offered
+
+
+def test_a_step_that_needed_more_than_its_estimate_scales_each_offer_by_what_it_needed() -> None:
+    """On CUDA the failed step's own peak corrects the estimate, allocated against allocated (the estimate's bare
+    peak, never its margin): each offer and the head line's figure are the check's need (with the allocator's margin)
+    times that scale, once. A step that needed more than the bare peak but less than the peak with the margin is
+    scaled too."""
+    from qlora.config import load_recipe
+    from qlora.memory.arch import load_arch
+    from qlora.memory.estimate import estimate
+    from qlora.memory.preflight import needs
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = apply_overrides(load_recipe(root / "recipes" / "llama8b.py"),
+                          ["--train.plan=recipe", "--train.plan_batch=false", "--data.max_seq_len=65536"])
+    est, total = estimate(cfg, load_arch(cfg), "qlora", "cuda"), 45 * GIB
+    assert est.margin
+    for needed in ((est.peak_bytes + needs(est)[0]) // 2, est.peak_bytes * 3 // 2):
+        scale = needed / est.peak_bytes
+        lines = oom.suggestions(copy.deepcopy(cfg), torch.device("cuda"), total, needed)
+        assert lines[0] == (f"estimated peak of this recipe {needs(est)[0] * scale / GIB:.2f} GiB (qlora.memory."
+                            f"estimate, with the allocator's margin, as the check before loading counts it, scaled "
+                            f"x{scale:.2f} to what the failed step needed); each of these alone fits under "
+                            f"{oom.HEADROOM * total / GIB:.2f} GiB:"), lines
+        seq = int(lines[1].split("--data.max_seq_len=")[1].split(":")[0])
+        shorter = apply_overrides(copy.deepcopy(cfg), [f"--data.max_seq_len={seq}"])
+        figure = needs(estimate(shorter, load_arch(cfg), "qlora", "cuda"))[0] * scale
+        assert lines[1].endswith(f"(estimated peak {figure / GIB:.2f} GiB)"), lines
