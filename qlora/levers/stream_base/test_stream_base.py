@@ -8,6 +8,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -308,3 +311,28 @@ def test_several_processes_are_refused_before_anything_loads(monkeypatch: pytest
     assert "loading" not in captured.out and not out.exists()
     fix = captured.err.split("shard the base over them with ")[1].split()  # taken by the config as it stands
     apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--train.stream_base=true", *fix])
+
+
+RANK = """import sys, torch.distributed as dist, torch
+from qlora.errors import ConfigError
+from qlora.levers.stream_base.stream import stream_base
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+try:
+    stream_base(torch.nn.Module(), torch.device("cpu"))  # refused before the model is read
+except ConfigError as err:
+    print(err)
+dist.destroy_process_group()
+"""
+
+
+def test_the_streamer_refuses_a_group_of_several_processes_itself(tmp_path: Path) -> None:
+    """The check after loading, for a caller that joined the processes without qlora.train's check before it: the
+    same line, with its fix, on each of 2 ranks of a real gloo group."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(tmp_path / "store"), str(rank)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    said = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), said
+    assert [out for out, _ in said] == ["train.stream_base streams one process's base, and this run has 2 processes: "
+                                        "run one, or shard the base over them with --train.stream_base=false "
+                                        "--train.shard_base=true\n"] * 2, said
