@@ -842,6 +842,28 @@ def test_a_card_that_holds_rows_shorter_than_the_granularity_names_them():
     assert fitting_plan(cfg, arch, fit.tokens + STEP, gpu, host) is None
 
 
+
+def test_a_row_found_below_the_granularity_is_said_to_be_searched_so(tmp_path, capsys):
+    """--max-context's report names the finer step the row was found in: the JSON (fine_granularity), its
+    assumption and the markdown's shape line; a reader of 'in steps of 1024 tokens' alone took 576 for a misprint."""
+    from qlora.memory.context import GRANULARITY, fit_context
+    from qlora.memory.preflight import STEP, needs
+    from qlora.report.memory import main
+
+    cfg = llama("llama8b")
+    gpu = needs(estimate(apply_overrides(copy.deepcopy(cfg), ["--data.max_seq_len=512"]), load_arch(cfg), "qlora",
+                         "cuda"))[0]
+    assert main(["recipes/llama8b.py", "--max-context", "--gpu-gib", repr(gpu / 2**30), "--host-gib=128", "--json",
+                 f"--out-dir={tmp_path}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["rows"][0]["tokens"] == fit_context(cfg, gpu, 128 * 2**30).tokens < GRANULARITY
+    assert report["granularity"] == GRANULARITY and report["fine_granularity"] == STEP
+    assert any(f"in steps of {GRANULARITY} tokens (of {STEP} where none fits) whose" in a
+               for a in report["assumptions"]), report["assumptions"]
+    assert f"lengths in steps of {GRANULARITY} tokens (of {STEP} where none fits)\n" in \
+        (tmp_path / "llama8b-max-context.md").read_text()
+
+
 def test_max_context_says_what_ends_a_row():
     """A card no row fits because the host cannot hold its part says so, not the card's figure; a row that fits at
     the search's last length says the search ended it."""
