@@ -13,7 +13,7 @@ from support import CUDA_SAME, assert_same, build, cuda_only, estimated, loss_an
 from qlora.config import Config, apply_overrides
 from qlora.errors import ConfigError
 from qlora.levers.checkpoints.layer_inputs import LayerInputs, keep_layer_inputs
-from qlora.levers.checkpoints.memory import GIB, check_pinned_memory, pinned_need
+from qlora.levers.checkpoints.memory import GIB, PINNED_HEADROOM, check_pinned_memory, pinned_need
 from qlora.memory.preflight import host_share
 
 
@@ -161,7 +161,7 @@ def test_offload_that_cannot_pin_its_inputs_is_refused_with_the_budget_that_fits
 def test_the_budget_a_refusal_names_is_not_refused_again(tiny_config: Config, available_gib: float) -> None:
     """Inputs of 32 MiB (1 x 4,096 tokens x 4096 x 2 B): on 2.06 GiB available (1.854 GiB of room) the refusal named
     --train.offload_budget_gib=1.9, rounded up, whose 60 inputs (1.875 GiB) were refused again naming 1.9. A room
-    under 0.1 GiB has no budget to name: 0.0 would mean no limit."""
+    under 0.1 GiB has no budget to name: 0.0 would mean no limit. The budget named is the room's, to a tenth below."""
     train = tiny_config.train
     train.batch_size, train.offload_activations, train.checkpoint_every = 1, True, 1
     host = host_share(int(available_gib * GIB))
@@ -169,7 +169,8 @@ def test_the_budget_a_refusal_names_is_not_refused_again(tiny_config: Config, av
         check_pinned_memory(80, train, 4096, 4096, 2, host)
     named = re.search(r"--train.offload_budget_gib=([0-9.]+) ", str(refused.value))
     assert (named is None) == (available_gib < 1 / 0.9 * 0.1)
-    if named:
+    if named:  # the room rounded down to a tenth, not further: a whole GiB down named 1.0 of 1.854
+        assert int(host[0] * PINNED_HEADROOM) / GIB - 0.1 < float(named[1]), refused.value
         train.offload_budget_gib = float(named[1])
         check_pinned_memory(80, train, 4096, 4096, 2, host)
 
