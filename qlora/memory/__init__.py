@@ -15,6 +15,7 @@
     depth.py        probes of k of a model's L layers, and the full-depth peak computed from them
     profiler.py     peak per named phase of a run, by category (memory.json)
     readings.py     what the profiler reads: the card's or the process's peak, host memory, tensors by category
+    cgroup.py       the host memory a container's memory cgroup leaves the process (v1 and v2)
 
 Nothing is imported here: the trainer needs only parts of it, and none of it needs the trainer.
 """

@@ -27,7 +27,7 @@ from qlora.levers.tiling.settings import untiled_up_to
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import Arch, BadConfigValue, load_arch
 from qlora.memory.estimate import Estimate, estimate
-from qlora.memory.readings import available_bytes
+from qlora.memory.readings import available_bytes, container_limit
 from qlora.memory.terms import HOST_RUNTIME
 
 GIB = 2**30
@@ -62,16 +62,26 @@ def room(device: torch.device, processes: int = 1, available: int | None = None)
     return host_share(available_bytes() if available is None else available, processes)
 
 
-def host_share(available: int, processes: int = 1, host: str = "this host") -> tuple[int, str]:
+def host_share(available: int, processes: int = 1, host: str | None = None) -> tuple[int, str]:
     """(bytes, what they are) of a host's `available` memory (MemAvailable: what the kernel can hand out now, beside
-    the processes' own use so far) that one of the run's `processes` on that host may count on: an equal share, the
-    whole for one. Each loads and steps at once, so each weighing the whole host passed a step that together they
-    asked of it `processes` times over."""
+    the processes' own use so far, or less under a container's limit: readings.available_bytes) that one of the
+    run's `processes` on that host may count on: an equal share, the whole for one. Each loads and steps at once, so
+    each weighing the whole host passed a step that together they asked of it `processes` times over. `host`: the
+    words for another host than this one (None: this host, and its memory cgroup's limit where it has one)."""
+    within = "" if host is not None else under_limit()
+    host = host or "this host"
     if processes <= 1:
-        return available, f"{host} has {available / GIB:.2f} GiB available"
+        return available, f"{host} has {available / GIB:.2f} GiB available{within}"
     each = available // processes
-    return each, (f"{host}'s {available / GIB:.2f} GiB available, shared by {processes} processes: "
+    return each, (f"{host}'s {available / GIB:.2f} GiB available{within}, shared by {processes} processes: "
                   f"{each / GIB:.2f} GiB each")
+
+
+def under_limit() -> str:
+    """Words for the available memory of a process in a memory cgroup whose limit is below the host's: the refusal
+    that names only the available figure reads as a host with little free, not as the container's limit to raise."""
+    limit = container_limit()
+    return "" if limit is None else f" within its memory cgroup's limit of {limit / GIB:.2f} GiB"
 
 
 def needs(est: Estimate) -> tuple[int, int]:
@@ -232,7 +242,7 @@ def cpu_instead(cfg: Config) -> str:
     need, free = needs(est)[0], available_bytes()
     if need <= free:
         return f"{fix} (on the CPU the step is estimated at {need / GIB:.2f} GiB, and the host has {free / GIB:.2f} " \
-               "GiB available)"
+               f"GiB available{under_limit()})"
     return f"on the CPU the step is estimated at {need / GIB:.2f} GiB and this host has {free / GIB:.2f} GiB " \
-           "available: run it where a CUDA GPU is visible (python -m qlora.memory RECIPE --max-context shows what " \
-           "fits each card)"
+           f"available{under_limit()}: run it where a CUDA GPU is visible (python -m qlora.memory RECIPE " \
+           "--max-context shows what fits each card)"

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from qlora.memory.cgroup import ROOT, memory_limit
+
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -35,18 +37,34 @@ def resident_bytes(name: str) -> int:
     return 0
 
 
-def meminfo_bytes(field: str) -> int:
+def meminfo_bytes(field: str, root: Path = ROOT) -> int:
     """One field of /proc/meminfo (MemTotal, MemAvailable, ...) in bytes; 0 where there is none (not Linux)."""
-    path = Path("/proc/meminfo")
+    path = root / "proc/meminfo"
     for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else ():
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
-def available_bytes() -> int:
-    """Host memory the kernel can still hand out without swapping (MemAvailable)."""
-    return meminfo_bytes("MemAvailable")
+def available_bytes(root: Path = ROOT) -> int:
+    """Host memory the kernel can still hand out without swapping (MemAvailable), or less where the process's memory
+    cgroup leaves less (cgroup.py: a container's or a cluster job's limit, which /proc/meminfo does not show)."""
+    limit = memory_limit(root)
+    available = meminfo_bytes("MemAvailable", root)
+    return available if limit is None else min(available, limit.room)
+
+
+def total_bytes(root: Path = ROOT) -> int:
+    """The host's memory (MemTotal), or the process's memory cgroup's limit where that is less."""
+    limit = memory_limit(root)
+    total = meminfo_bytes("MemTotal", root)
+    return total if limit is None else min(total, limit.limit)
+
+
+def container_limit(root: Path = ROOT) -> int | None:
+    """The process's memory cgroup's limit where it is below the host's memory (MemTotal), else None."""
+    limit = memory_limit(root)
+    return limit.limit if limit is not None and limit.limit < meminfo_bytes("MemTotal", root) else None
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
