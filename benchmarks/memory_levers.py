@@ -320,10 +320,11 @@ def estimated_start(cfg: Config, budget_bytes: float, granularity: int, max_seq:
 
 
 def host_bytes() -> int:
-    """This machine's memory (MemTotal): what a plan's pinned layer inputs and host optimizer must fit in."""
-    from qlora.memory.readings import meminfo_bytes
+    """This machine's memory (MemTotal, or its memory cgroup's limit where that is less): what a plan's pinned layer
+    inputs and host optimizer must fit in."""
+    from qlora.memory.readings import total_bytes
 
-    return meminfo_bytes("MemTotal")
+    return total_bytes()
 
 
 def card_gib() -> float:

@@ -4,6 +4,7 @@ line where this process may make one."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -115,20 +116,36 @@ def made_cgroup(tmp_path: Path) -> Path:
     pytest.skip(f"no writable memory cgroup here ({why})")
 
 
+def run_in_cgroup(tmp_path: Path, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository, in a memory cgroup of 1 GiB made for it (made_cgroup)."""
+    child = made_cgroup(tmp_path)
+    try:
+        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300,
+                              preexec_fn=lambda: (child / "cgroup.procs").write_text(str(os.getpid())))
+    finally:
+        child.rmdir()
+
+
 def test_a_run_in_a_cgroup_smaller_than_its_step_is_refused_in_one_line(tmp_path: Path) -> None:
     """The tiny recipe at 8,192 tokens (its check wants ~3 GiB) in a 1 GiB cgroup of a host with ~20 GiB available:
     exit 2 and one line naming the limit. Reading /proc/meminfo alone passed it: it loaded and ran (its rows, ~60
     tokens, never fill 8,192), where a step that fills its rows meets the cgroup's OOM killer and SIGKILL."""
-    child = made_cgroup(tmp_path)
-    try:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        got = subprocess.run(
-            [sys.executable, "-m", "qlora.train", "recipes/tiny.py", "--data.max_seq_len=8192", "--train.steps=2",
-             f"--output.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-            preexec_fn=lambda: (child / "cgroup.procs").write_text(str(os.getpid())))
-    finally:
-        child.rmdir()
+    got = run_in_cgroup(tmp_path, "qlora.train", "recipes/tiny.py", "--data.max_seq_len=8192", "--train.steps=2",
+                        f"--output.dir={tmp_path / 'run'}")
     err = got.stderr.strip().splitlines()
     assert got.returncode == 2 and len(err) == 1, (got.returncode, got.stderr[-2000:])
     assert "GiB available within its memory cgroup's limit of 1.00 GiB (python -m qlora.memory" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_report_on_cpu_is_drawn_against_the_cgroups_limit(tmp_path: Path) -> None:
+    """`python -m qlora.memory RECIPE --train.device=cpu` drew a report in a 1 GiB cgroup against the whole machine's
+    MemTotal (24 GiB here), and so said fits for steps the trainer there refuses."""
+    got = run_in_cgroup(tmp_path, "qlora.memory", "recipes/tiny.py", "--methods=qlora", "--train.device=cpu",
+                        "--data.max_seq_len=16384", "--json")
+    assert got.returncode == 0, got.stderr[-2000:]
+    report = json.loads(got.stdout)
+    assert report["device_memory_bytes"] == GIB, report["device_memory"]
+    assert report["device_memory"] == "this machine's memory cgroup's limit (1.00 GiB)"
+    assert report["methods"]["qlora"]["fits"] is False and "[does not fit]" in got.stderr

@@ -466,7 +466,7 @@ def test_on_a_cpu_device_the_verdict_is_the_check_before_loadings(capsys, monkey
     cfg = apply_overrides(load_recipe(ROOT / args[0]), args[2:3])
     est = estimate(cfg, load_arch(cfg), "qlora", "cpu")
     for machine, fits in ((needs(est)[0], True), (needs(est)[0] - 1, False), (est.card_bytes, False)):
-        monkeypatch.setattr("qlora.report.contents.meminfo_bytes", lambda key, machine=machine: machine)
+        monkeypatch.setattr("qlora.report.contents.total_bytes", lambda machine=machine: machine)
         assert main(args) == 0
         out = capsys.readouterr()
         entry = json.loads(out.out)["methods"]["qlora"]

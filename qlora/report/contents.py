@@ -21,7 +21,7 @@ from qlora.errors import ConfigError
 from qlora.memory.arch import Arch, load_arch
 from qlora.memory.estimate import Estimate, compute_bytes, estimate
 from qlora.memory.preflight import available_on, host_share, needs, process_margin
-from qlora.memory.readings import available_bytes, meminfo_bytes
+from qlora.memory.readings import available_bytes, container_limit, total_bytes
 
 GIB = 2**30
 REFERENCE_GPU = 80 * 10**9  # an estimate for CUDA made without a GPU is drawn against one 80 GB card (A100/H100)
@@ -64,7 +64,9 @@ def device_memory(device: str) -> tuple[int, str]:
         return props.total_memory, f"{props.name} ({props.total_memory / GIB:.0f} GiB)"
     if device == "cuda":
         return REFERENCE_GPU, "an 80 GB GPU (reference)"
-    total = meminfo_bytes("MemTotal")
+    total = total_bytes()  # a container's limit where it is less: what the kernel lets this process have
+    if container_limit() is not None:
+        return total, f"this machine's memory cgroup's limit ({total / GIB:.2f} GiB)"
     return total, f"this machine's RAM ({total / GIB:.0f} GiB)"
 
 

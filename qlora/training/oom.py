@@ -18,7 +18,7 @@ from qlora.config import Config
 from qlora.data.labels import shortest_keeping
 from qlora.memory.preflight import divisors, needs, process_margin
 from qlora.memory.profiler import PhaseTracker
-from qlora.memory.readings import meminfo_bytes, resident_bytes
+from qlora.memory.readings import resident_bytes, total_bytes
 from qlora.training.checkpoint import intact_line, list_checkpoints
 
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
@@ -31,10 +31,11 @@ def out_of_host_memory(err: BaseException | None) -> bool:
 
 
 def device_total(device: torch.device) -> int:
-    """The device's memory: the card's, or on CPU the host's (tests replace it with a smaller device's)."""
+    """The device's memory: the card's, or on CPU the host's, or its memory cgroup's limit where that is less (tests
+    replace it with a smaller device's)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return meminfo_bytes("MemTotal")
+    return total_bytes()
 
 
 def _in_use(device: torch.device) -> tuple[int, int]:
