@@ -420,8 +420,8 @@ def test_a_full_disk_under_a_runs_own_files_names_each(tiny_config, tmp_path, mo
     (run / "memory.json").write_text("{}\n")
     write_text = Path.write_text
 
-    def half(self: Path, text: str) -> None:  # the disk fills halfway through the file
-        write_text(self, text[:len(text) // 2])
+    def half(self: Path, text: str, **kwargs: object) -> None:  # the disk fills halfway through the file
+        write_text(self, text[:len(text) // 2], **kwargs)
         full()
 
     with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
@@ -439,8 +439,8 @@ def test_a_full_disk_halfway_through_a_runs_own_file_leaves_no_half_copy(tiny_co
     run = tmp_path / "run"
     write_text, write_bytes = Path.write_text, Path.write_bytes
 
-    def half(self: Path, data: str | bytes) -> None:  # the disk fills halfway through the file
-        (write_bytes if isinstance(data, bytes) else write_text)(self, data[:len(data) // 2])
+    def half(self: Path, data: str | bytes, **kwargs: object) -> None:  # the disk fills halfway through the file
+        (write_bytes if isinstance(data, bytes) else write_text)(self, data[:len(data) // 2], **kwargs)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patched, pytest.raises(OSError) as caught:
