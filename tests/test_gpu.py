@@ -66,7 +66,7 @@ def test_each_process_on_the_host_pins_its_inputs_within_its_share(tiny_config: 
 
     cfg = on_cuda(tiny_config, "--train.offload_activations=true", "--data.max_seq_len=65536")
     need = pinned_need(cfg.train, 2, cfg.train.batch_size * 65536 * 128 * 2)  # 2 layers x hidden 128 in bf16
-    monkeypatch.setattr("qlora.training.assemble.available_bytes", lambda: 2 * need)  # room: 1.8 x the need
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: 2 * need)  # this_host: room 1.8 x need
     build_model(cfg)
     two = Ranks(rank=0, size=2, local_rank=0, local_size=2, device=torch.device("cuda", 0))
     with pytest.raises(ConfigError, match=r"and this host's .* GiB available, shared by 2 processes: .* GiB each: "

@@ -487,7 +487,7 @@ def test_processes_on_one_host_plan_for_their_share_of_it(fake_gpu: None, monkey
     available = int(1.5 * needs(roomy.estimate)[1])
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device=None: types.SimpleNamespace(total_memory=card, name="a card"))
-    monkeypatch.setattr("qlora.memory.plan.available_bytes", lambda: available)
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: available)  # this_host
     alone = use_plan(copy.deepcopy(cfg), torch.device("cuda"), 2)
     assert alone.settings["model.embeddings_on_cpu"] is True
     capsys.readouterr()

@@ -56,8 +56,7 @@ from qlora.memory.candidates import (
 from qlora.memory.context import budget_text
 from qlora.memory.costs import COSTS, LeverCost
 from qlora.memory.estimate import Estimate, estimate
-from qlora.memory.preflight import fits, host_share, needs, room
-from qlora.memory.readings import available_bytes
+from qlora.memory.preflight import fits, needs, room, this_host
 
 GIB = 2**30
 MADE = "--train.plan=fastest"  # train.plan_chose of a plan that kept the recipe's levers as they are
@@ -252,10 +251,10 @@ def use_plan(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 
              least: Callable[[tuple[int, str]], tuple[int, str]] = lambda room: room) -> Plan | None:
     """Choose the plan for `device` and the host, set its levers on `cfg` (train.plan_chose records the overrides)
     and print what was chosen and why. Each of the run's `processes` on this host counts its share of the host
-    (preflight.host_share), as its check before loading does; `least` (Ranks.least: the least over every process of
+    (preflight.this_host), as its check before loading does; `least` (Ranks.least: the least over every process of
     the card or the share) makes every process choose alike."""
     card, where = least(room(device, processes))
-    host = least(host_share(available_bytes(), processes)) if device.type == "cuda" else None
+    host = least(this_host(processes)) if device.type == "cuda" else None
     plan, lines = plan_for(cfg, device.type, card, where, host, gpus)
     print("\n".join(lines))
     return plan

@@ -59,17 +59,22 @@ def room(device: torch.device, processes: int = 1, available: int | None = None)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"{props.name} has {props.total_memory / GIB:.2f} GiB"
-    return host_share(available_bytes() if available is None else available, processes)
+    return this_host(processes, available)
 
 
-def host_share(available: int, processes: int = 1, host: str | None = None) -> tuple[int, str]:
+def this_host(processes: int = 1, available: int | None = None) -> tuple[int, str]:
+    """host_share of this machine's available memory (readings.available_bytes, or `available` where the caller read
+    it), its memory cgroup's limit named where it has one. Other hosts (--host-gib's, a check given host_bytes) are
+    host_share's alone: the limit is this machine's, and reading it for them read the cgroup's files for nothing."""
+    return host_share(available_bytes() if available is None else available, processes, within=under_limit())
+
+
+def host_share(available: int, processes: int = 1, host: str = "this host", within: str = "") -> tuple[int, str]:
     """(bytes, what they are) of a host's `available` memory (MemAvailable: what the kernel can hand out now, beside
     the processes' own use so far, or less under a container's limit: readings.available_bytes) that one of the
     run's `processes` on that host may count on: an equal share, the whole for one. Each loads and steps at once, so
-    each weighing the whole host passed a step that together they asked of it `processes` times over. `host`: the
-    words for another host than this one (None: this host, and its memory cgroup's limit where it has one)."""
-    within = "" if host is not None else under_limit()
-    host = host or "this host"
+    each weighing the whole host passed a step that together they asked of it `processes` times over. `within`: what
+    bounds that memory beside the host's own (this_host: its memory cgroup's limit)."""
     if processes <= 1:
         return available, f"{host} has {available / GIB:.2f} GiB available{within}"
     each = available // processes
@@ -164,7 +169,7 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
     where = where or (f"the card has {device_bytes / GIB:.2f} GiB" if device.type == "cuda" else
                       f"the host has {device_bytes / GIB:.2f} GiB available")
     if device.type == "cuda" and host_bytes is None:
-        host_bytes, host_where = host_share(available_bytes() if available is None else available, processes)
+        host_bytes, host_where = this_host(processes, available)
     elif device.type == "cuda":
         host_bytes, host_where = host_share(host_bytes)
     if fits(est, device_bytes, host_bytes):
@@ -223,7 +228,7 @@ def say_fits(cfg: Config, device: torch.device, gpus: int = 1, processes: int = 
     host = needs(est)[1]
     line = estimated_at(est, room(device, processes, available)[1])
     if est.device == "cuda" and host > 0:
-        line += f"; {host / GIB:.2f} GiB in host memory, and {host_share(available, processes)[1]}"
+        line += f"; {host / GIB:.2f} GiB in host memory, and {this_host(processes, available)[1]}"
     if levers := [said.split(":")[0] for said in est.levers]:
         line += "; memory levers: " + ", ".join(levers)
     print(line)

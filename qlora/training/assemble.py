@@ -30,9 +30,8 @@ from qlora.errors import ConfigError
 from qlora.levers import apply as levers
 from qlora.levers import in_effect
 from qlora.levers.cpu_embeddings.embedding import CPUEmbedding
-from qlora.memory.preflight import host_share
+from qlora.memory.preflight import this_host
 from qlora.memory.profiler import PhaseTracker
-from qlora.memory.readings import available_bytes
 from qlora.training import checkpoint, distributed
 from qlora.training.restore import require_weights, unrecorded
 from qlora.training.runconfig import MOVABLE, check_recorded
@@ -102,9 +101,9 @@ def build_model(cfg: Config, profiler: PhaseTracker | None = None, resuming: boo
         held, shifts = init_loftq(model, cfg, base_path)
         print(f"lora.init=loftq: after {cfg.lora.loftq_iters} step(s) at rank {cfg.lora.r}, base and adapters "
               f"remove {100 * held:.1f}% of the plain NF4 rounding error (squared norm)")
-    # Each of the run's processes on this host pins its own buffers: each weighs its share (host_share), as the check
+    # Each of the run's processes on this host pins its own buffers: each weighs its share (this_host), as the check
     # before loading did; weighing the whole, two processes could each pin what the host holds once.
-    levers.on_model(model, cfg, device, dtype, host_share(available_bytes(), ranks.local_size))
+    levers.on_model(model, cfg, device, dtype, this_host(ranks.local_size))
     levers.on_complete(model, cfg, device, dtype)
     ranks.distribute(model, cfg, device)
     if profiler is not None:
