@@ -355,6 +355,23 @@ def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, c
     assert f"{train}: {len(rows)} of {len(rows)} held-out rows are also training rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("n_rows", "fraction", "held"), [(1, 0.05, 1), (2, 0.9, 2)])
+def test_a_train_file_too_small_to_hold_rows_out_is_refused_as_it_is_read(tmp_path: Path, n_rows: int,
+                                                                        fraction: float, held: int) -> None:
+    """One row and no data.eval: the held-out row left none to train on, and the step check before loading said
+    "exceed the 0 training rows ...: launch at most 0 process(es), or add rows" to a run of one process."""
+    from qlora.config.run import DataConfig
+    from qlora.data.splits import read_splits
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"row {n}"}) + "\n" for n in range(n_rows)))
+    with pytest.raises(ConfigError, match=rf"^{train}: its {n_rows} row\(s\) are too few to hold out {held} "
+                                          rf"\(data.eval_fraction={fraction:g}\) and train on the rest: give a "
+                                          r"held-out file as data.eval, or add rows$"):
+        read_splits(DataConfig(train=str(train), eval_fraction=fraction))
+    assert len(read_splits(DataConfig(train=str(train), eval=str(train)))[1]) == n_rows  # a held-out file: trains
+
+
 def test_a_missing_data_file_is_named_by_the_setting_or_flag_that_named_it(tmp_path: Path) -> None:
     """Every missing file said 'check data.train / data.eval', `qlora.eval --data FILE` too, where neither is the
     setting to fix."""

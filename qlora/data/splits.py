@@ -20,6 +20,13 @@ def read_splits(cfg: DataConfig) -> tuple[str, list[dict], list[dict] | None]:
     fmt = detect_format(splits[0][2], cfg.train) if cfg.format == "auto" else cfg.format
     for _, _, rows in splits:
         check_rows(rows, fmt)
+    # Said here, before a base loads: the step check after this read a train split of none as too few for the
+    # processes ("launch at most 0 process(es)" for one process).
+    n = len(splits[0][2])
+    if len(splits) == 1 and n <= (n_eval := held_out_count(n, cfg.eval_fraction)):
+        raise ConfigError(f"{cfg.train}: its {n} row(s) are too few to hold out {n_eval} (data.eval_fraction="
+                          f"{cfg.eval_fraction:g}) and train on the rest: give a held-out file as data.eval, or add "
+                          "rows")
     return fmt, splits[0][2], splits[1][2] if len(splits) > 1 else None
 
 
