@@ -355,6 +355,31 @@ def test_held_out_rows_that_are_also_training_rows_are_counted(tmp_path: Path, c
     assert f"{train}: {len(rows)} of {len(rows)} held-out rows are also training rows" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("kind", "tool"), [(".gz", "gunzip -c"), (".bz2", "bunzip2 -c"), (".xz", "unxz -c"),
+                                           (".zip", "unzip -p")])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_a_compressed_file_under_a_data_files_name_is_refused_with_the_command_that_unpacks_it(
+        tmp_path: Path, kind: str, tool: str, suffix: str) -> None:
+    """`gzip -c rows.jsonl > train.jsonl`: refused as 'not UTF-8 ...: re-encode the file as UTF-8' (JSONL, JSON,
+    CSV), or in pyarrow's words (Parquet); `gunzip` itself refuses the name, so the fix names -c."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    rows = b'{"text": "a"}\n'
+    path = tmp_path / f"train{suffix}"
+    if kind == ".zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("train.jsonl", rows)
+    else:
+        path.write_bytes({".gz": gzip, ".bz2": bz2, ".xz": lzma}[kind].compress(rows))
+    with pytest.raises(ConfigError, match=rf"^data file {path} is \{kind} compressed, though named \{suffix}: unpack "
+                                          rf"it \({tool} {path} > NEW\{suffix}\) and point data.train at the file it "
+                                          r"holds$"):
+        read_rows(str(path), "data.train")
+
+
 @pytest.mark.parametrize(("n_rows", "fraction", "held"), [(1, 0.05, 1), (2, 0.9, 2)])
 def test_a_train_file_too_small_to_hold_rows_out_is_refused_as_it_is_read(tmp_path: Path, n_rows: int,
                                                                         fraction: float, held: int) -> None:

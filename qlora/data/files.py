@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 
 from qlora.base.build import hub_unreachable, looks_like_hub_id
+from qlora.data.compressed import refuse_compressed
 from qlora.errors import ConfigError, json_trouble
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-COMPRESSED = {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd", ".zip": "unzip"}
 
 
 class Rows(list):
@@ -48,13 +48,11 @@ def _read(source: str, key: str) -> Rows:
                 f" (relative to the directory the command runs in, {Path.cwd()})",
                 ", or run the command from the folder the path is relative to (the shipped recipes': the project's)")
             raise ConfigError(f"data file {path} {problem}{where}: check {key}{fix}")
+        refuse_compressed(path, key, ", ".join(LOADERS))
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix == ".json":
             return _read_json(path)
-        if suffix in COMPRESSED:
-            raise ConfigError(f"data file {path} is compressed: {COMPRESSED[suffix]} it and point {key} at the file "
-                              f"it holds ({', '.join(LOADERS)})")
         if suffix not in LOADERS:
             raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
         import datasets
