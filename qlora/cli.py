@@ -30,8 +30,10 @@ from collections.abc import Callable, Sequence
 
 from qlora.errors import (
     EXIT_BAD_INPUT,
+    ConfigError,
     Session,
     Stop,
+    check_ascii_number,
     exit_status,
     interrupting_signal,
     line_of_this_rank,
@@ -58,6 +60,14 @@ class ArgumentParser(argparse.ArgumentParser):
         for line in repeated_notes(self.given):
             print(line, file=sys.stderr)
         return parsed
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> object:
+        if action.type in (int, float):  # check_ascii_number's line, as an override's and qlora.memory's numbers
+            try:
+                check_ascii_number(action.option_strings[0] if action.option_strings else action.dest, arg_string)
+            except ConfigError as err:  # a ValueError, which argparse would take for its own "invalid int value"
+                raise Stop(EXIT_BAD_INPUT, str(err)) from None
+        return super()._get_value(action, arg_string)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")

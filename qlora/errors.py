@@ -146,6 +146,22 @@ def exit_status(err: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def check_ascii_number(flag: str, text: str) -> None:
+    """Refuse a number given to `flag` in other digits than ASCII's or with '_' in it: int() and float() read '٣' as
+    3 and '1_000' as 1000, which --gpus and WORLD_SIZE refused; one rule and one line for every number a command
+    takes (an override's, qlora.memory's sizes, the commands' --rows, --temperature ...)."""
+    if text.isascii() and "_" not in text:
+        return
+    read = ""  # what Python makes of it, not a suggestion: '0_5' is 5, and 0.5 may have been meant
+    for kind in (int, float):
+        try:
+            read = f" (Python reads it as {kind(text)!r})"
+            break
+        except ValueError:
+            continue
+    raise ConfigError(f"{flag}={text!a}: write numbers in ASCII digits (0-9), without '_'{read}")
+
+
 def launched_ranks() -> tuple[int, int, int, int]:
     """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun and accelerate launch set them (0, 1, 0, 1 for a
     process alone): each ASCII digits (int() also takes " 1", "-1" and "٣", and "²" passes isdigit), the ranks below

@@ -354,7 +354,7 @@ CASES = [
     ("measure: no runs", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--runs=0"], noop,
      r"--runs=0: give a whole number of at least 1"),
     ("memory: --gpus a superscript digit", "qlora.memory", [TINY, "--gpus=\u00b2"], noop,
-     r"--gpus '\u00b2': give the number of GPUs \(processes\), up to 9 digits, e.g. --gpus 2$"),
+     r"--gpus='\\xb2': write numbers in ASCII digits \(0-9\), without '_'$"),
     ("memory: --gpus 10**23", "qlora.memory", [TINY, f"--gpus={10**23}"], noop, r"--gpus '1000+': give the number"),
     ("memory: --gpus of 5000 digits", "qlora.memory", [TINY, "--gpus=" + "9" * 5000], noop, r"--gpus '9{20}':"),
     ("memory: infinite card", "qlora.memory", [TINY, "--max-context", "--gpu-gib=inf"], noop,
@@ -375,7 +375,7 @@ CASES = [
      [TINY, "--train.device=cuda", "--max-context", "--gpu-gib=24", "--host-gib=0.5"], noop,
      r"--host-gib '0.5': use sizes in GiB above 0.5 "),
     ("measure: steps a superscript digit", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=\u00b2"],
-     noop, r"--steps=\u00b2: give a whole number of at least 1"),
+     noop, r"--steps='\\xb2': write numbers in ASCII digits \(0-9\), without '_'$"),
     ("measure: steps not a number", "qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps=two"], noop,
      r"--steps=two: give a whole number of at least 1"),
     ("measure: --out is a directory", "qlora.report.measure", [TINY, "--out={tmp}/out"], a_dir("out"),
@@ -415,6 +415,31 @@ def test_a_bad_input_to_a_command_is_one_line_and_exit_2(cli, finished, other_ba
     assert not said, result.stderr
     assert lines[-1].startswith("error: ") and re.search(pattern, lines[-1]), lines[-1]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing removed
+
+
+NUMBERS = [("qlora.config", [TINY, "--train.steps={}"]), ("qlora.config", [TINY, "--train.lr={}"]),
+           ("qlora.memory", [TINY, "--train.device=cuda", "--gpu-gib={}"]),
+           ("qlora.memory", [TINY, "--train.device=cuda", "--gpu-gib=24", "--host-gib={}"]),
+           ("qlora.memory", [TINY, "--gpus={}"]), ("qlora.generate", ["{tmp}", "--max-new-tokens={}"]),
+           ("qlora.generate", ["{tmp}", "--temperature={}"]),
+           ("qlora.export", ["{tmp}", "--gguf={tmp}/m.gguf", "--rows={}"]),
+           ("qlora.report.measure", [TINY, "--out={tmp}/m.json", "--steps={}"]),
+           ("qlora.report.snapshot", ["{tmp}/s.pickle", "--min-mib={}"])]
+
+
+@pytest.mark.parametrize(("text", "read"), [("\u0663", "3"), ("1_0", "10")], ids=["Arabic-Indic digit", "underscore"])
+@pytest.mark.parametrize(("module", "args"), NUMBERS, ids=[f"{m} {a[-1].split('=')[0]}" for m, a in NUMBERS])
+def test_a_number_of_other_digits_or_with_underscores_is_refused_in_one_line_by_every_command(
+        cli, tmp_path, module, args, text, read):
+    """int() and float() read '\u0663' as 3 and '1_0' as 10: --gpus, measure's --steps and WORLD_SIZE refused them,
+    an override, qlora.memory's sizes and the commands' --rows or --temperature took them without a word."""
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{}", text) for a in args]
+    result = cli.run(argv, module=module)
+    flag = argv[-1].split("=", 1)[0]
+    assert result.status == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: {flag}={text!a}: write numbers in ASCII digits (0-9), without '_' (Python reads it as {read})"
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_eval_of_a_run_whose_held_out_loss_is_nan_does_not_succeed(cli, finished, tmp_path):

@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 
 from qlora.config.config import Config, check_all
-from qlora.errors import ConfigError, came_of_a_signal, repeated_notes
+from qlora.errors import ConfigError, came_of_a_signal, check_ascii_number, repeated_notes
 
 # Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
 ALIASES = {"learning_rate": "lr", "max_steps": "steps", "per_device_train_batch_size": "batch_size",
@@ -232,6 +232,7 @@ def _parse(raw: str, annotation: object, key: str) -> object:
             return False
         raise ConfigError(f"--{key}={raw}: expected true or false")
     if annotation in (int, float):
+        check_ascii_number(f"--{key}", raw)
         try:
             return annotation(raw)
         except ValueError:

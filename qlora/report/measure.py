@@ -32,7 +32,7 @@ import torch
 from qlora.cli import run
 from qlora.commands import wants_help
 from qlora.config import Config, parse_args
-from qlora.errors import ConfigError, check_writable
+from qlora.errors import ConfigError, check_ascii_number, check_writable
 from qlora.memory.profiler import PhaseTracker
 from qlora.memory.readings import glibc_returns_freed_memory, resident_bytes
 from qlora.partial import write_aside
@@ -166,6 +166,7 @@ def _main(argv: list[str]) -> int:
     counts = {}
     for flag, default in (("--steps=", 3), ("--runs=", 1)):
         value = next((a.split("=", 1)[1] for a in argv if a.startswith(flag)), str(default))
+        check_ascii_number(flag[:-1], value)
         if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes '²', int() does not
             raise ConfigError(f"{flag}{value}: give a whole number of at least 1 ({USAGE})")
         counts[flag] = int(value)

@@ -34,7 +34,7 @@ from qlora.cli import require_stdout, run
 from qlora.commands import MEMORY, help_text, wants_help
 from qlora.config import METHODS, Config, parse_args
 from qlora.config.model import FP16_ON_CUDA, check_rank
-from qlora.errors import ConfigError, check_writable, repeated_notes
+from qlora.errors import ConfigError, check_ascii_number, check_writable, repeated_notes
 from qlora.memory.activations import adapted_layers
 from qlora.memory.arch import load_arch
 from qlora.memory.terms import CUDA_CONTEXT
@@ -96,6 +96,7 @@ def _items(flag: str, value: str, what: str, example: str) -> list[str]:
 
 def _numbers(flag: str, value: str) -> list[float]:
     example = "--host-gib=128" if flag == "--host-gib" else f"{flag}=24,48,80"  # one host, several cards
+    check_ascii_number(flag, value)
     items = _items(flag, value, "a size", example)
     try:
         out = [float(v) for v in items]
@@ -122,6 +123,7 @@ def parse_cli(argv: list[str]) -> Cli:
             value = value if sep else next(args, "")
             given.setdefault(name, []).append(f"{name}={value}")
         if name == "--gpus":
+            check_ascii_number(name, value)
             # isdigit alone takes "²"; 9 digits, as WORLD_SIZE (int() refuses 4,300, and 10**23 GPUs were estimated)
             if not (value.isascii() and value.isdigit()) or len(value) > 9 or int(value) < 1:
                 raise ConfigError(f"--gpus {value[:20]!r}: give the number of GPUs (processes), up to 9 digits, e.g. "
