@@ -105,3 +105,22 @@ def test_a_prompt_that_is_no_utf8_is_still_refused(trained):
         done = command("qlora.generate", str(trained[0]), *args, stdin=stdin)
         assert done.returncode == 2, done.stderr.decode(errors="replace")
         assert b"error: " + where + b": not UTF-8" in done.stderr, done.stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("setting", "old", "new"), [("output.dir", '"runs/tiny"', '"runs/rün"'),
+                                                      ("data.train", '"recipes/data/tiny/train.jsonl"',
+                                                       '"recipes/data/tiny/données.jsonl"')])
+def test_a_recipes_path_the_locale_cannot_name_is_refused_in_one_line(tmp_path, setting, old, new):
+    """A recipe's non-ASCII output.dir ended in a UnicodeEncodeError traceback under an ASCII locale (twice: the run
+    directory's lock was released with the same path), and its data.train was "not found" (Path.exists() is False
+    for a path it cannot encode). From the command line the same names come as bytes and train (above)."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text((ROOT / "recipes/tiny.py").read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+    done = command("qlora.train", str(recipe), "--train.steps=1")
+    assert done.returncode == 2, done.stderr.decode(errors="replace")
+    escaped = new.strip('"').replace("ü", "\\xfc").replace("é", "\\xe9")
+    assert done.stderr.decode().splitlines() == [
+        f"error: {recipe}:11: {setting}='{escaped}' cannot be a file name under "
+        "this locale's file system encoding (ascii): run under a UTF-8 locale (LC_ALL=C.UTF-8, or PYTHONUTF8=1), or "
+        "name an ASCII path"]
+    assert command("qlora.config", str(recipe), locale=UTF8_LOCALE).returncode == 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,10 @@ from qlora.config.model import LoRAConfig, ModelConfig, QuantConfig
 from qlora.config.run import DataConfig, OutputConfig, TrainConfig
 from qlora.errors import ConfigError, json_trouble, start_over
 from qlora.levers import check_levers
+
+# The settings that name local files: absolute once resolved, so a run's run_config.json means the same files from any
+# working directory (qlora.eval from elsewhere found no recipes/data/...), and a resume from elsewhere continues it.
+PATHS = (("model", "path"), ("model", "config_json"), ("data", "train"), ("data", "eval"))
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_sections(self)
+        check_encodable(self)
         if self.train.shard_base and self.quant.keep_16bit_budget and not self.quant.keep_16bit:
             raise ConfigError("quant.keep_16bit_budget measures each layer on the whole base before train.shard_base "
                               "shards it, which every process would do on its CPU copy: choose the layers in a "
@@ -80,6 +87,20 @@ def check_all(config: Config) -> Config:
         getattr(config, f.name).__post_init__()
     config.__post_init__()
     return config
+
+
+def check_encodable(config: Config) -> None:
+    """Refuse a path setting the file system's encoding cannot write: under an ASCII locale (LC_ALL=C, UTF-8 mode off)
+    a recipe's output.dir="runs/rün" ended in a UnicodeEncodeError traceback, and its data.train="données.jsonl" was
+    "not found" (Path.exists() is False for it). One from the command line is always encodable: it came as bytes."""
+    for section, name in (*PATHS, ("output", "dir")):
+        value = getattr(getattr(config, section), name)
+        try:
+            os.fsencode(value) if isinstance(value, str) else None
+        except UnicodeEncodeError:
+            raise ConfigError(f"{section}.{name}={value!a} cannot be a file name under this locale's file system "
+                              f"encoding ({sys.getfilesystemencoding()}): run under a UTF-8 locale (LC_ALL=C.UTF-8, "
+                              "or PYTHONUTF8=1), or name an ASCII path") from None
 
 
 def config_from_dict(raw: object, source: str, resume: bool = False) -> Config:

@@ -20,7 +20,7 @@ import types
 import typing
 from pathlib import Path
 
-from qlora.config.config import Config, check_all
+from qlora.config.config import PATHS, Config, check_all
 from qlora.errors import ConfigError, came_of_a_signal, check_ascii_number, repeated_notes
 
 # Names that transformers' TrainingArguments and peft's LoraConfig use for our keys: suggested before spelling matches.
@@ -57,11 +57,6 @@ def describe(config: Config, width: int = 100) -> str:
             lines.append(f"  {section.name}.{f.name}: {f.type} = {getattr(obj, f.name)!r}")
             lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
-
-
-# The settings that name local files: absolute once resolved, so a run's run_config.json means the same files from any
-# working directory (qlora.eval from elsewhere found no recipes/data/...), and a resume from elsewhere continues it.
-PATHS = (("model", "path"), ("model", "config_json"), ("data", "train"), ("data", "eval"))
 
 
 def resolve_paths(cfg: Config) -> Config:
