@@ -208,6 +208,9 @@ def test_messy_jsonl_reads_where_it_is_good_and_names_line_and_key_where_it_is_n
     pretty.write_text(json.dumps([{"text": "a"}], indent=2))
     with pytest.raises(ConfigError, match=r"pretty.jsonl:1: a JSON document written over several lines.*\.json"):
         read_rows(str(pretty))
+    pretty.write_text('[{"text": "a"},\n {"text": "b"}]\n')  # a row per line, in an array: "Expecting value"
+    with pytest.raises(ConfigError, match=r"pretty.jsonl:1: a JSON document written over several lines.*\.json"):
+        read_rows(str(pretty))
     loop = tmp_path / "loop.jsonl"
     loop.symlink_to(loop)
     with pytest.raises(ConfigError, match=r"loop.jsonl is a link that leads nowhere"):

@@ -191,7 +191,8 @@ def _read_jsonl(path: Path) -> Rows:
         try:
             row = _parse(line, f"{path}:{number}", "fix or delete that line")
         except json.JSONDecodeError as err:
-            if line.strip() in ("[", "{"):  # json.dump(rows, f, indent=2) into a file named .jsonl
+            # json.dump(rows, f, indent=2) into a file named .jsonl, or an array written a row per line by hand
+            if line.strip() in ("[", "{") or not rows and line.lstrip().startswith("["):
                 raise ConfigError(f"{path}:{number}: a JSON document written over several lines, not one JSON object "
                                   "per line (JSONL): name the file .json, or write one row per line") from None
             raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
