@@ -43,9 +43,9 @@ from qlora.training.step import announce_evaluation, evaluate, forward_backward,
 USAGE, FLAGS = TRAIN.usage, TRAIN.flag_names
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, finished: bool | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, finished: tuple | None = None) -> dict:
     """Run the recipe; return the final metrics. A run that ends early raises Stop (qlora/training/guard.py: how).
-    `finished`: whether this process found the run finished (qlora.train --resume; several decide it once joined)."""
+    `finished`: this process's progress.finished (qlora.train --resume; several decide it once joined)."""
     # RunGuard turns an out-of-memory error anywhere below into a report; joined, a lost process into exit 6.
     with launch.joined(cfg) as ranks, guard.RunGuard(cfg, ranks.main, overwrite, ranks.several) as watch:
         if finished is not None and said_done(cfg, ranks, finished):  # nothing loaded or written: none to unlock

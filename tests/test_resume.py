@@ -636,11 +636,34 @@ def test_a_finished_run_resumed_says_so_and_writes_nothing(cli, partial, tmp_pat
     assert files_and_times(out) == before
 
 
+@pytest.mark.parametrize("given, asked", [
+    (["--train.lr=1e-5"], "train.lr 0.003 -> 1e-05 to act on; nothing was loaded or written (to train it further: "
+                          "--resume --train.steps=N, N > 4, with it)"),
+    (["--train.steps=4", "--train.eval_every=3", "--lora.dropout=0.0"],
+     "lora.dropout 0.1 -> 0.0, train.eval_every 0 -> 3 to act on; nothing was loaded or written (to train it further: "
+     "--resume --train.steps=N, N > 4, with them)"),
+], ids=["lr", "eval_every and dropout"])
+def test_a_finished_run_resumed_with_other_settings_is_refused_before_loading(cli, partial, tmp_path, given, asked):
+    """It loaded the base, trained nothing, and rewrote its adapter, memory.json and a run_config.json that recorded the
+    new setting, which no step ran under (measured on the tiny recipe: --resume --train.lr=1e-5 of a finished 4-step
+    run, exit 0). A value given as the run has it changes nothing, and is said finished as above."""
+    out = copy_of(partial, tmp_path)
+    before = files_and_times(out)
+    result = cli.run(["recipes/tiny.py", f"--output.dir={out}", "--resume", *given])
+    assert result.status == 2, result.stderr
+    assert error_lines(result) == [f"error: {out} has finished, at step 4 of 4, so no step is left for the command "
+                                   f"line's {asked}"]
+    assert files_and_times(out) == before
+    result = cli.run(["recipes/tiny.py", f"--output.dir={out}", "--resume", "--train.lr=0.003"])
+    assert result.status == 0 and f"{out} has finished, at step 4 of 4: its adapter" in result.stdout, result.stderr
+    assert files_and_times(out) == before
+
+
 def test_a_finished_full_run_says_its_trained_weights_are_there(tmp_path, capsys):
     """A full-method run's end is its trained weights, not an adapter: the line read 'its trained weights is ...'."""
     cfg = copy.deepcopy(TINY)
     cfg.quant.method, cfg.output.dir = "full", str(tmp_path)
-    assert said_done(cfg, launch.from_env(), True)
+    assert said_done(cfg, launch.from_env(), (True, []))
     assert capsys.readouterr().out == (
         f"{tmp_path} has finished, at step {TINY_STEPS} of {TINY_STEPS}: its trained weights are "
         f"{tmp_path / FULL_WEIGHTS}; nothing was loaded or written (to train it further: --resume "
@@ -698,7 +721,7 @@ def test_finished_is_read_from_each_file_a_runs_end_writes(partial, tmp_path, sp
     cfg = read_config_json(partial / "run_config.json")  # as --resume reads it: the run's settings, in its dir now
     cfg.output.dir = str(out)
     {**FINISHED, **NOT_FINISHED}[spoil](out)
-    assert finished(cfg) == (spoil in FINISHED)
+    assert finished(cfg) == (spoil in FINISHED, [])
 
 
 MEMORY_WRITE = "qlora.memory.profiler:PhaseTracker.write"

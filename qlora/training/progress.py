@@ -21,6 +21,7 @@ from qlora.errors import OVERWRITE_ON_RESUME, ConfigError
 from qlora.training import checkpoint, distributed, restore, rundir
 from qlora.training.metrics import last_row
 from qlora.training.optimizer import restart_from_weights, retarget
+from qlora.training.runconfig import CONFIG, MOVABLE, MOVED_DATA, flat
 
 
 @dataclass
@@ -73,41 +74,65 @@ def resume_progress(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
     return progress, [p for p, _ in damaged]
 
 
-def finished(cfg: Config) -> bool:
-    """Whether `--resume` has nothing left to do in the run (`said_done` says it). Its end writes, after the last
-    checkpoint: the final evaluation's row in metrics.jsonl, the weights file (of that step, in its header), then
-    memory.json. A run killed before memory.json, or extended past that step and stopped before it ended again, is not
-    finished; nor is one whose run_config.json this resume would write otherwise (a setting changed on the command
-    line, train.steps raised above all: the resume goes on). A run copied without its files' times (memory.json then
-    perhaps older than the weights) is taken for unfinished, and its end written again."""
+def finished(cfg: Config) -> tuple[bool, list[str]]:
+    """Whether `--resume` has nothing left to do in the run (`said_done` says it), and what its command line changes
+    from the newest checkpoint's settings, which no step is left to act on (`said_done` refuses them). Its end writes,
+    after the last checkpoint: the final evaluation's row in metrics.jsonl, the weights file (of that step, in its
+    header), then memory.json. A run killed before memory.json, or extended past that step and stopped before it ended
+    again, is not finished; nor is one whose run_config.json alone differs from what this resume would write (a resume
+    to more steps cut short before its first checkpoint, now resumed to its own steps: the resume writes its end
+    again), or that is given a moved file (run_config.json then records where it is). A run copied without its files'
+    times (memory.json then perhaps older than the weights) is taken for unfinished, and its end written again."""
     run_dir, steps = Path(cfg.output.dir), cfg.train.steps
     kept, weights = checkpoint.list_checkpoints(run_dir), run_dir / checkpoint.weights_file(cfg)
     if not kept or kept[-1] != checkpoint.checkpoint_dirs(run_dir)[-1] or kept[-1].name != f"checkpoint-{steps}":
-        return False
-    row = last_row(run_dir / checkpoint.METRICS)
+        return False, []
+    row, state = last_row(run_dir / checkpoint.METRICS), restore.trainer_state(kept[-1])
     try:  # memory.json gone, a file unreadable: not finished, and the resume rewrites or names it
-        done = row is not None and row["step"] == steps and "eval_loss" in row \
-            and restore.trainer_state(kept[-1]) is not None and checkpoint.weights_step(weights) == steps \
+        done = row is not None and row["step"] == steps and "eval_loss" in row and state is not None \
+            and checkpoint.weights_step(weights) == steps \
             and (cfg.quant.method == "full" or (run_dir / ADAPTER_CONFIG).is_file()) \
-            and (run_dir / rundir.MEMORY).stat().st_mtime_ns >= weights.stat().st_mtime_ns \
-            and _same_run_config(run_dir / checkpoint.RUN_CONFIG, cfg)
+            and (run_dir / rundir.MEMORY).stat().st_mtime_ns >= weights.stat().st_mtime_ns
+        same = done and _same_run_config(run_dir / checkpoint.RUN_CONFIG, cfg)
     except (OSError, ValueError):
-        return False
-    return done
+        return False, []
+    asked = _asked(cfg, state.get("config", {})) if done else []
+    return done and (same or bool(asked)), asked
 
 
-def said_done(cfg: Config, ranks: distributed.Ranks, done: bool) -> bool:
+# Where a file lies, and how long the run is (train.steps at the checkpoint's step, checked by `finished`), are no
+# change a finished run refuses: a resume that gives them writes run_config.json anew.
+PLACES = ("output.dir", "train.steps", *MOVABLE, *MOVED_DATA, CONFIG)
+
+
+def _asked(cfg: Config, ran: dict) -> list[str]:
+    """What `cfg` changes from `ran`, the settings the newest checkpoint was written under, said as resume_config
+    says it (`train.lr 0.003 -> 1e-05`); none for a checkpoint written before they were recorded."""
+    ours, theirs = flat(cfg.to_dict()), flat(ran)
+    return [f"{k} {theirs[k]!r} -> {ours[k]!r}" for k in ours if k in theirs and ours[k] != theirs[k]
+            and k not in PLACES]
+
+
+def said_done(cfg: Config, ranks: distributed.Ranks, done: tuple[bool, list[str]]) -> bool:
     """Whether every process of the run found it finished (`done`: this one's `finished`; several, joined), said once
-    if so. Each deciding alone, before joining, one that found it finished ended 0 and the others waited
-    train.dist_timeout for it, then ended 6 with pages of c10d's traces (tried: rank 1 given --train.lr=1e-3, which
-    joined is refused in one line naming it). Where one does not, all go on, as the resume of a run not finished (and
-    another machine's output.dir is refused by check_same_checkpoints)."""
-    if not (all(ranks.gathered(done)) if ranks.several else done):
+    if so; refused (ConfigError) where every one is given the same change of settings, which no step is left to act
+    on (measured on the tiny recipe: --resume --train.lr=1e-5 of a finished 4-step run loaded the base, trained
+    nothing, rewrote its adapter, memory.json and a run_config.json that said lr 1e-05, and ended 0). Each deciding
+    alone, before joining, one that found it finished ended 0 and the others waited train.dist_timeout for it, then
+    ended 6 with pages of c10d's traces (tried: rank 1 given --train.lr=1e-3, which joined is refused in one line
+    naming it). Where one does not, or they differ in what they change, all go on, as the resume of a run not
+    finished (and another machine's output.dir is refused by check_same_checkpoints)."""
+    every = ranks.gathered(done) if ranks.several else [done]
+    if not all(ended for ended, _ in every) or any(asked != every[0][1] for _, asked in every):
         return False
-    run_dir, steps = Path(cfg.output.dir), cfg.train.steps
+    run_dir, steps, asked = Path(cfg.output.dir), cfg.train.steps, every[0][1]
     what = "adapter is" if cfg.quant.method != "full" else "trained weights are"
-    print(f"{run_dir} has finished, at step {steps} of {steps}: its {what} {run_dir / checkpoint.weights_file(cfg)};"
-          f" nothing was loaded or written (to train it further: --resume --train.steps=N, N > {steps})")
+    where = f"{run_dir} has finished, at step {steps} of {steps}"
+    further = f"to train it further: --resume --train.steps=N, N > {steps}"
+    if asked:
+        raise ConfigError(f"{where}, so no step is left for the command line's {', '.join(asked)} to act on; nothing "
+                          f"was loaded or written ({further}, with {'it' if len(asked) == 1 else 'them'})")
+    print(f"{where}: its {what} {run_dir / checkpoint.weights_file(cfg)}; nothing was loaded or written ({further})")
     return True  # printed once: the other ranks print nothing of their own (launch.quiet)
 
 
