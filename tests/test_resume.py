@@ -838,6 +838,26 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(cli, pa
     assert_same_run(out, reference)
 
 
+@pytest.mark.parametrize("damage", ["adapter cut short", "adapter missing", "optimizer cut short"])
+def test_fewer_steps_are_judged_by_the_checkpoint_the_restore_uses(cli, partial, tmp_path, damage):
+    """Judged by the newest trainer_state.pt, --train.steps=3 was refused ("below step 4, where checkpoint-4 stands")
+    of a run whose checkpoint-4 the restore passes over: it resumes from checkpoint-3 and ends there; 2 is refused
+    before loading, naming checkpoint-3."""
+    name, spoil, _ = DAMAGE[damage]
+    out = copy_of(partial, tmp_path)
+    spoil(out / "checkpoint-4" / name)
+    before = snapshot(out)
+    result = cli.run([*ARGS, "--train.steps=2", f"--output.dir={out}", "--resume"])
+    assert result.status == 2 and "loading" not in result.stdout, result.stderr
+    assert error_lines(result) == [f"error: train.steps=2 is below step 3, where {out}/checkpoint-3 stands: set "
+                                   "--train.steps=3 or more to continue"]
+    assert snapshot(out) == before
+    result = cli.run([*ARGS, "--train.steps=3", f"--output.dir={out}", "--resume"])
+    assert result.status == 0, result.stderr
+    assert f"resumed from {out}/checkpoint-3 at step 3 (the newest usable checkpoint)" in result.stdout
+    assert max(line["step"] for line in metrics(out)) == 3 and (out / "checkpoint-4.damaged").is_dir()
+
+
 def test_a_checkpoint_renamed_to_a_later_step_is_set_aside_not_resumed(cli, partial, reference, tmp_path):
     """checkpoint-9 holding step 4 sorted newest: it was resumed at step 4, and each checkpoint written after it pruned
     at once, as older than it."""

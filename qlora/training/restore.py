@@ -9,6 +9,7 @@ torch.load(weights_only=True): a checkpoint is data, never code.
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from qlora.training.checkpoint import (
     root_cause,
     run_device,
     set_rng_state,
+    weights_file,
 )
 from qlora.training.optimizer import keeps_masters, repage, stepped_params
 
@@ -119,6 +121,43 @@ def trainer_state(ckpt: Path) -> dict | None:
     except Unusable:
         return None
     return state
+
+
+def restorable(run_dir: Path, cfg: Config) -> tuple[Path | None, dict]:
+    """The newest checkpoint of `run_dir` whose files `resume_latest` gets past before it needs the model, and its
+    trainer state: a trainer_state.pt that passes its checks, an optimizer.pt torch can open (where the run keeps its
+    optimizer), `cfg`'s weights file whole by its header. A refusal before loading (runconfig.resume_config:
+    train.steps below its step) judges by it, as the restore falls back past a newer damaged one: judged by the
+    newest trainer_state.pt, --train.steps=3 was refused of a run whose checkpoint-4 had its adapter cut short, which
+    the restore resumes from checkpoint-3. Shapes and values need the model: the restore may still pass over the one
+    named here, and then judges by the one it uses (progress.resume_progress). (None, {}) where none is."""
+    for ckpt in reversed(checkpoint_dirs(run_dir)):
+        try:
+            state = _read(ckpt, STATE)
+            _check_state(state, ckpt)
+            if state.get("optimizer", cfg.train.optimizer) == cfg.train.optimizer:
+                with warnings.catch_warnings():  # mmap: the zip's directory is read, not the moments
+                    warnings.simplefilter("ignore", UserWarning)
+                    torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True, mmap=True)
+            _covered(ckpt / weights_file(cfg))
+        except Exception:  # any file the restore would find unusable passes this checkpoint over
+            continue
+        return ckpt, state
+    return None, {}
+
+
+def _covered(path: Path) -> None:
+    """Raise unless the safetensors file at `path` is as long as its header says: safe_open took a file cut to half
+    its length, which load_file then refused ("incomplete metadata, file not fully covered")."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= size - 8:
+            raise ValueError(f"{path.name}: a header of {length} bytes in a file of {size}")
+        header = json.loads(f.read(length))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        raise ValueError(f"{path.name} holds {size} bytes, its header {8 + length + end}")
 
 
 def _check_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> None:

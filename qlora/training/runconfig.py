@@ -27,7 +27,7 @@ from qlora.base.build import config_sha256
 from qlora.config import Config, apply_overrides, check_all, override_key, read_config_json, resolve_paths
 from qlora.errors import OVERWRITE_ON_RESUME, ConfigError, start_over
 from qlora.training.checkpoint import RUN_CONFIG, check_ours, checkpoint_dirs
-from qlora.training.restore import recorded
+from qlora.training.restore import recorded, restorable
 
 # What makes two runs the same run: the base and its quantisation, and the adapters' shape.
 IDENTITY = ("model.path", "quant.method", "quant.quant_type", "lora.r", "lora.alpha", "lora.targets")
@@ -247,10 +247,10 @@ def resume_config(cfg: Config, overrides: list[str]) -> Config:
                if recipe[k] != after[k] and k != "output.dir" and k not in planned
                and not (k == "train.plan_keep" and set(recipe[k]) <= set(after[k]))]
     # Before loading (minutes for 70B): resume_progress refused it only once the base was loaded and the rows read.
-    newest, step = recorded(run_dir, "step")
-    if isinstance(step, int) and step > resumed.train.steps:
-        raise ConfigError(f"train.steps={resumed.train.steps} is below step {step}, where {newest} stands: set "
-                          f"--train.steps={step} or more to continue")
+    newest, state = restorable(run_dir, resumed)  # the one the restore uses, past a newer damaged one
+    if newest is not None and state["step"] > resumed.train.steps:
+        raise ConfigError(f"train.steps={resumed.train.steps} is below step {state['step']}, where {newest} stands: "
+                          f"set --train.steps={state['step']} or more to continue")
     line = f"resuming {run_dir} with the settings in its {RUN_CONFIG}"
     if changed:
         line += "; changed on the command line: " + ", ".join(f"{k} {was[k]!r} -> {after[k]!r}" for k in changed)
