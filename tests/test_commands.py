@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -111,6 +112,15 @@ def f64_adapter(run: Path, other: Path) -> None:
     save_file({k: v.double() for k, v in tensors.items()}, str(run / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
+def fp16_adapter(run: Path, other: Path) -> None:
+    """The adapter of a run in fp32 re-saved as fp16, its header kept (halving the file, as a user might): merge read
+    the dtype its base was quantised in off it, and rebuilt another NF4 base (5% of the weights a step off)."""
+    with safe_open(str(run / ADAPTER_WEIGHTS), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(run / ADAPTER_WEIGHTS))
+    save_file({k: v.half() for k, v in tensors.items()}, str(run / ADAPTER_WEIGHTS), metadata=metadata)
+
+
 def edit_adapter_config(**changes: object) -> Callable[[Path, Path], None]:
     def setup(run: Path, other: Path) -> None:
         config = json.loads((run / ADAPTER_CONFIG).read_text())
@@ -187,6 +197,10 @@ CASES = [
     ("merge: adapter stored as float64", "qlora.merge", ["{run}", "--out={tmp}/m"], f64_adapter,
      r"is stored as torch.float64 / torch.float64, where a run saves its whole adapter in the one dtype it trained in "
      r"\(bf16, fp16 or fp32\): restore it from the run$"),
+    ("merge: adapter cast to fp16 since", "qlora.merge", ["{run}", "--out={tmp}/m", "--skip-check"], fp16_adapter,
+     r"adapter_model.safetensors holds the adapter as fp16, but the run trained, and saved it, in fp32 \(its header "
+     r"says\), the dtype its base was quantised in: restore it from the run \(its checkpoint-N directories hold "
+     r"copies\)$"),
     ("eval: run config invalid value", "qlora.eval", ["{run}"],
      edit_json("run_config.json", lambda c: c["lora"].update(r=0)), r"run_config.json: lora.r=0 must be a positive"),
     ("eval: run config unknown key", "qlora.eval", ["{run}"],

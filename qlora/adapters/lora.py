@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from qlora.base.bnb import bnb
+from qlora.base.load import DTYPES
 from qlora.config import LoRAConfig
 from qlora.config.model import check_rank
 from qlora.errors import ConfigError, json_trouble
@@ -179,7 +181,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Path,
                  metadata: dict[str, str] | None = None) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's format (`metadata` in the latter's header,
-    which PEFT does not read)."""
+    which PEFT does not read, with the dtype the adapter trained in: `trained_dtype`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(lora_layers(model))
     peft_config = {
@@ -200,7 +202,8 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
         "inference_mode": True,
     }
     state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
-    save_tensors(state, out_dir / ADAPTER_WEIGHTS, metadata)
+    dtype = next((name for name, d in DTYPES.items() if d == next(iter(state.values())).dtype), None)
+    save_tensors(state, out_dir / ADAPTER_WEIGHTS, {**(metadata or {}), **({"dtype": dtype} if dtype else {})})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -221,6 +224,24 @@ def read_adapter_config(run_dir: Path) -> dict:
     if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
         raise ConfigError(f"{path}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
     return adapter_cfg
+
+
+def trained_dtype(run_dir: Path) -> str:
+    """The compute dtype the run trained in (bf16, fp16 or fp32), read off its saved adapter, which is kept in it: its
+    base was loaded, and quantised, in that dtype. run_config.json may say auto: bf16 on CUDA, fp32 on the CPU.
+
+    An adapter cast since (to fp16, to halve it) would rebuild another NF4 base: 5% of a tiny run's merged weights a
+    quantisation step off, its check passing against that same base. The header's dtype, written with it, refuses it.
+    """
+    path = Path(run_dir) / ADAPTER_WEIGHTS
+    with safe_open(str(path), "pt") as f:
+        dtype, recorded = f.get_tensor(next(iter(f.keys()))).dtype, (f.metadata() or {}).get("dtype")
+    name = next(name for name, d in DTYPES.items() if d == dtype)
+    if recorded is not None and recorded != name:
+        raise ConfigError(f"{path} holds the adapter as {name}, but the run trained, and saved it, in {recorded} (its "
+                          "header says), the dtype its base was quantised in: restore it from the run (its "
+                          "checkpoint-N directories hold copies)")
+    return name
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:

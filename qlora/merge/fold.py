@@ -25,7 +25,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qlora.adapters.loftq import load_shifts, shifted
-from qlora.adapters.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
+from qlora.adapters.lora import ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config, trained_dtype
 from qlora.base.bnb import bnb
 from qlora.base.build import checkpoint_shards, ensure_checkpoint, local_checkpoint
 from qlora.base.load import DTYPES, quantization_config, resolve_device
@@ -33,7 +33,7 @@ from qlora.base.model_dir import check_model_dir
 from qlora.base.quantize import roundtrip
 from qlora.config import Config
 from qlora.errors import ConfigError
-from qlora.training.assemble import read_run_adapter_config, read_run_config, trained_dtype
+from qlora.training.assemble import read_run_adapter_config, read_run_config
 from qlora.training.restore import require_weights
 
 
@@ -186,6 +186,7 @@ def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | Non
     check_model_dir(base, f"--base-16bit={base}" if base_16bit else f"the run's base {base}",
                     cfg.model.trust_remote_code)
     check_adapter(run_dir, read_adapter_config(run_dir), checkpoint_shards(Path(base)))
+    trained_dtype(run_dir)  # an adapter cast since it was saved: refused before anything is written
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None
     double = " with double quant" if cfg.quant.double_quant else ""

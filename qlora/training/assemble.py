@@ -13,11 +13,11 @@ from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
 from qlora.adapters.loftq import apply_shifts, init_loftq, load_shifts
-from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_lora, read_adapter_config
+from qlora.adapters.lora import ADAPTER_CONFIG, attach_lora, read_adapter_config, trained_dtype
 from qlora.base.attention import by_document, cuda_kernel, use_kernel
 from qlora.base.bnb import bnb
 from qlora.base.build import config_sha256
-from qlora.base.load import DTYPES, compute_dtype, load_base, resolve_device
+from qlora.base.load import compute_dtype, load_base, resolve_device
 from qlora.base.sliding_window import configured_window
 from qlora.config import Config, read_config_json
 from qlora.config.model import FP16_ON_CUDA
@@ -270,16 +270,6 @@ def load_run(run_dir: Path, device: str | None = None, compute: str | None = Non
     levers.on_complete(model, cfg, dev, compute_dtype(cfg.quant, dev))
     model.eval()
     return cfg, model, tokenizer, dev
-
-
-def trained_dtype(run_dir: Path) -> str:
-    """The compute dtype the run trained in (bf16, fp16 or fp32), read off its saved adapter, which is kept in it: its
-    base was loaded, and quantised, in that dtype. run_config.json may say auto: bf16 on CUDA, fp32 on the CPU."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(run_dir) / ADAPTER_WEIGHTS), "pt") as f:
-        dtype = f.get_tensor(next(iter(f.keys()))).dtype
-    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def load_run_fp32(run_dir: Path, method: str | None = None, base_path: str | None = None, cfg: Config | None = None,
