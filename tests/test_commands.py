@@ -191,6 +191,16 @@ CASES = [
      r"adapter_config.json lacks a positive r and lora_alpha"),
     ("eval: adapter config of another alpha", "qlora.eval", ["{run}"], edit_adapter_config(lora_alpha=1),
      r"adapter_config.json says r=\d+, lora_alpha=1 but run_config.json lora.r=\d+, lora.alpha="),
+    # PEFT loads the adapter into the model these build, where eval and a merge rebuild the run from run_config.json
+    # and passed: an edit of one loaded it into another model there than it trained in
+    ("eval: adapter config of other target modules", "qlora.eval", ["{run}"],
+     edit_adapter_config(target_modules=["q_proj", "v_proj"]),
+     r"adapter_config.json: its target_modules \['q_proj', 'v_proj'\] are not the layers adapter_model.safetensors "
+     r"beside it holds \['down_proj', .*\], so PEFT would load the adapter into another model than it trained in: "
+     r"restore both from the run \(its checkpoint-N directories hold copies\)$"),
+    ("merge: adapter config with an alpha pattern", "qlora.merge", ["{run}", "--out={tmp}/m", "--skip-check"],
+     edit_adapter_config(alpha_pattern={"q_proj": 64}), r"adapter_config.json: its alpha_pattern is not what the run "
+                                                        r"saved"),
     ("eval: adapter stored as int32", "qlora.eval", ["{run}"], int_adapter, r"is int32, not floating point"),
     ("merge: adapter stored as int32", "qlora.merge", ["{run}", "--out={tmp}/m"], int_adapter,
      r"is stored as torch.int32 / torch.int32, not floating point"),

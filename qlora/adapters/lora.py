@@ -27,6 +27,11 @@ from qlora.partial import save_tensors
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model: the two wrappers PEFT puts around the base
+# What PEFT reads from adapter_config.json, beyond r, alpha and target_modules, to build the model it loads an adapter
+# into, as save_adapter writes it (None: null or empty; a key absent is PEFT's default). eval and a merge here rebuild
+# the run from run_config.json, so an edit of one passed them while PEFT loaded the adapter into another model.
+AS_SAVED = {"peft_type": "LORA", "bias": "none", "modules_to_save": None, "rank_pattern": None, "alpha_pattern": None,
+            "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
 
 
 class LoRALinear(nn.Module):
@@ -208,7 +213,9 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
 
 
 def read_adapter_config(run_dir: Path) -> dict:
-    """adapter_config.json, checked for what eval, generate and a merge read from it (rank and alpha; no DoRA)."""
+    """adapter_config.json, checked for what eval, generate and a merge read from it (rank and alpha; no DoRA), and
+    for what PEFT builds the model it loads the adapter into from (target_modules, against the adapter file beside
+    it, and AS_SAVED)."""
     path = run_dir / ADAPTER_CONFIG
     try:
         adapter_cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -223,7 +230,29 @@ def read_adapter_config(run_dir: Path) -> dict:
                           "directories hold copies)")
     if adapter_cfg.get("use_dora") or adapter_cfg.get("use_rslora") or adapter_cfg.get("fan_in_fan_out"):
         raise ConfigError(f"{path}: DoRA, rsLoRA and fan_in_fan_out adapters are not ours to merge")
+    edited = [k for k, v in AS_SAVED.items() if k in adapter_cfg and (adapter_cfg[k] or None) != v]
+    if edited:
+        raise ConfigError(f"{path}: its {edited[0]} is not what the run saved, so PEFT would load the adapter into "
+                          "another model than it trained in: restore it from the run (its checkpoint-N directories "
+                          "hold copies)")
+    targets, found = adapter_cfg.get("target_modules"), _targets(run_dir / ADAPTER_WEIGHTS)
+    if found and not (isinstance(targets, list) and sorted(set(map(str, targets))) == found):
+        # Either file may be the one changed: an adapter file of fewer layers is named by what loads it too.
+        raise ConfigError(f"{path}: its target_modules {str(targets)[:80]} are not the layers {ADAPTER_WEIGHTS} "
+                          f"beside it holds {found}, so PEFT would load the adapter into another model than it "
+                          "trained in: restore both from the run (its checkpoint-N directories hold copies)")
     return adapter_cfg
+
+
+def _targets(weights: Path) -> list[str]:
+    """The module names (q_proj, ...) the adapter file holds pairs for, as save_adapter lists them in target_modules;
+    none for a file that does not read or holds none (what loads it names the damage)."""
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except Exception:
+        return []
+    return sorted({k.rsplit(".", 3)[-3] for k in keys if k.endswith((".lora_A.weight", ".lora_B.weight"))})
 
 
 def trained_dtype(run_dir: Path) -> str:
