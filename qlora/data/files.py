@@ -11,18 +11,10 @@ from pathlib import Path
 
 from qlora.base.build import hub_unreachable, looks_like_hub_id
 from qlora.data.compressed import refuse_compressed
-from qlora.errors import ConfigError, json_trouble
+from qlora.data.jsonl import Places, Rows, not_utf8_line, read_json, read_jsonl
+from qlora.errors import ConfigError
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class Rows(list):
-    """A source's rows, each with where it stands (`places`), for the messages that name a row: `file:LINE` in a
-    JSONL file (blank lines count) or a CSV file (its header is line 1), `file: row N` in the other kinds."""
-
-    def __init__(self, rows: list[dict], places: list[str]) -> None:
-        super().__init__(rows)
-        self.places = places
 
 
 def read_rows(source: str, key: str = "data.train / data.eval") -> Rows:
@@ -50,9 +42,9 @@ def _read(source: str, key: str) -> Rows:
             raise ConfigError(f"data file {path} {problem}{where}: check {key}{fix}")
         refuse_compressed(path, key, ", ".join(LOADERS))
         if suffix == ".jsonl":
-            return _read_jsonl(path)
+            return read_jsonl(path)
         if suffix == ".json":
-            return _read_json(path)
+            return read_json(path)
         if suffix not in LOADERS:
             raise ConfigError(f"data file {path}: unknown extension, use one of {', '.join(LOADERS)}")
         import datasets
@@ -79,14 +71,14 @@ def _read(source: str, key: str) -> Rows:
                               "or convert it to JSONL") from err
         if suffix == ".csv":  # a row per line after the header where pandas read the file otherwise
             lines = lines if len(lines) == len(rows) else range(2, len(rows) + 2)
-            return Rows(rows, [f"{path}:{line}" for line in lines])
-        return Rows(rows, [f"{path}: row {i + 1}" for i in range(len(rows))])
+            return Rows(rows, Places(f"{path}:", lines))
+        return Rows(rows, Places(f"{path}: row ", range(1, len(rows) + 1)))
     import datasets
 
     offline = hub_unreachable()  # with no network: fail at once, not after ~25 s of retries
     try:
         rows = columnar_rows(datasets.load_dataset(source, split="train"))
-        return Rows(rows, [f"{source}: row {i + 1}" for i in range(len(rows))])
+        return Rows(rows, Places(f"{source}: row ", range(1, len(rows) + 1)))
     except Exception as err:
         why = f"{offline}, and it is not in the datasets cache" if offline else str(err).splitlines()[0]
         raise ConfigError(f"data source {source!r} is neither a local file nor a reachable hub dataset ({why}): "
@@ -132,7 +124,7 @@ def csv_records(path: Path) -> tuple[list[str], list[int]]:
                     starts.append(end + 1)
                 end = reader.line_num
     except UnicodeDecodeError as err:  # pandas named no line, nor the encoding
-        raise _not_utf8_line(path, err) from None
+        raise not_utf8_line(path, err) from None
     except csv.Error:  # pandas names what is wrong with the file
         return [], []
     finally:
@@ -171,125 +163,3 @@ def _present(value: object) -> object:
     if isinstance(value, dict):
         return {k: _present(v) for k, v in value.items() if v is not None}
     return [_present(v) for v in value] if isinstance(value, list) else value
-
-
-def _read_jsonl(path: Path) -> Rows:
-    rows, places = [], []
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as err:
-        raise _unreadable(path, err) from err
-    for number, raw in enumerate(lines, 1):
-        try:
-            # A byte order mark some editors write; at the start of any line, since files joined with `cat` carry
-            # each one's mark where it begins.
-            line = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as err:
-            raise _not_utf8(f"{path}:{number}", err) from None
-        if not line.strip():
-            continue
-        try:
-            row = _parse(line, f"{path}:{number}", "fix or delete that line")
-        except json.JSONDecodeError as err:
-            # json.dump(rows, f, indent=2) into a file named .jsonl, or an array written a row per line by hand
-            if line.strip() in ("[", "{") or not rows and line.lstrip().startswith("["):
-                raise ConfigError(f"{path}:{number}: a JSON document written over several lines, not one JSON object "
-                                  "per line (JSONL): name the file .json, or write one row per line") from None
-            raise ConfigError(f"{path}:{number}: malformed JSON ({err.msg}): fix or delete that line") from None
-        if not isinstance(row, dict):
-            hint = ": a JSON array of rows belongs in a .json file" if isinstance(row, list) else ""
-            raise ConfigError(f"{path}:{number}: expected a JSON object per line, got {_json_kind(row)}{hint}")
-        rows.append(row)
-        places.append(f"{path}:{number}")
-    return Rows(rows, places)
-
-
-def _read_json(path: Path) -> Rows:
-    """A .json file: an array of row objects, one object (one row: detect_format names rows wrapped in it), or JSON
-    Lines under a .json name. Read with Python's json, as JSONL is, not with `datasets`, whose reader ended the
-    process in a segmentation fault on a file of `null`, took an array of strings or numbers for rows of a column it
-    named `text`, and named a byte position at best where a file broke JSON."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise _unreadable(path, err) from err
-    except UnicodeDecodeError as err:
-        raise _not_utf8_line(path, err) from None
-    if not text.strip():
-        return Rows([], [])  # read_rows names it
-    try:
-        value = _parse(text, str(path), "fix the file")
-    except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # a value per line (JSON Lines), which `datasets` read in a .json file too
-            return _read_jsonl(path)
-        raise ConfigError(f"{path}:{err.lineno}: malformed JSON ({err.msg}): fix the file, or convert it to "
-                          "JSONL") from None
-    rows = ([value] if value else []) if isinstance(value, dict) else value
-    if not isinstance(rows, list):
-        raise ConfigError(f"{path} holds one JSON {_json_kind(value)}, not rows: write them as a top-level array of "
-                          "objects, or one object per line (.jsonl)")
-    bad = next((n for n, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise ConfigError(f"{path}: row {bad}: expected a JSON object per row, got {_json_kind(rows[bad - 1])}: fix "
-                          "or delete that row")
-    return Rows(rows, [f"{path}: row {n}" for n in range(1, len(rows) + 1)])
-
-
-def _parse(text: str, where: str, fix: str) -> object:
-    """`text` as JSON, each object's keys unique (_unique_keys), for the JSON and JSONL readers alike: a key written
-    twice, an integer of over 4,300 digits or objects nested too deep refused naming `where` (the file, or its line)
-    and `fix`. Malformed JSON (JSONDecodeError) is the caller's to say: what it means depends on the file's kind."""
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
-    except DuplicateKey as err:
-        raise ConfigError(f"{where}: key {err.key!r} appears twice in one object, and JSON would keep only the last: "
-                          "keep one of them") from None
-    except json.JSONDecodeError:
-        raise
-    except (ValueError, RecursionError) as err:
-        raise ConfigError(f"{where}: unreadable JSON ({json_trouble(err)}): {fix}") from None
-
-
-def _not_utf8(where: str, err: UnicodeDecodeError) -> ConfigError:
-    """A data file (or its line, `where`) that is not UTF-8."""
-    return ConfigError(f"{where}: not UTF-8 ({err.reason} at byte {err.start}): re-encode the file as UTF-8")
-
-
-def _not_utf8_line(path: Path, err: UnicodeDecodeError) -> ConfigError:
-    """A data file read whole that is not UTF-8 (`err`, at a byte of the whole file), named by the line that is not,
-    as a JSONL file's: no UTF-8 sequence holds a line break's byte, so that line fails alone."""
-    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            raw.decode("utf-8-sig")
-        except UnicodeDecodeError as line_err:
-            return _not_utf8(f"{path}:{number}", line_err)
-    return _not_utf8(str(path), err)
-
-
-def _unreadable(path: Path, err: OSError) -> ConfigError:
-    """A data file the OS would not let us read (its permissions), for the JSON and JSONL readers alike."""
-    return ConfigError(f"data file {path} is unreadable ({err.strerror}): check its permissions")
-
-
-def _json_kind(value: object) -> str:
-    """What JSON calls `value`'s type, as the file wrote it."""
-    kinds = {str: "string", bool: "boolean", type(None): "null", list: "array", dict: "object"}
-    return kinds.get(type(value), "number")
-
-
-class DuplicateKey(ValueError):
-    """A key written twice in one JSON object."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object as a dict, refusing a key written twice: json.loads keeps the last silently, and a second
-    `messages` (a generator's bug) would replace the conversation without a word."""
-    row = dict(pairs)
-    if len(row) < len(pairs):
-        seen = set()
-        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return row
