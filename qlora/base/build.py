@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from qlora.config import Config
 from qlora.console import announce, since
 from qlora.errors import ConfigError, Stop, check_writable
-from qlora.partial import ordinary_modes, remove_abandoned
+from qlora.partial import ordinary_modes, remove_abandoned, sync, sync_tree
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -142,7 +142,9 @@ def ensure_checkpoint(cfg: Config) -> str:
             ordinary_modes(tmp)  # safetensors writes 0600: another user of a shared QLORA_CACHE could not read it
             if not (target / "config.json").is_file():
                 try:  # onto a missing or empty directory; another process's checkpoint there stays
+                    sync_tree(tmp)  # a power cut after the rename leaves the whole checkpoint, or none
                     os.replace(tmp, target)
+                    sync(target.parent)
                 except OSError as err:  # ENOTEMPTY, EEXIST: another process's rename came first
                     if not (target / "config.json").is_file():
                         raise ConfigError(f"could not put the built checkpoint at {target} ({err.strerror}): "

@@ -28,7 +28,7 @@ from qlora.adapters.loftq import SHIFTS
 from qlora.adapters.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from qlora.config import Config
 from qlora.errors import EXIT_SAVE, ROOM_FIX, ConfigError, Stop
-from qlora.partial import ordinary_modes, save_tensors
+from qlora.partial import ordinary_modes, save_tensors, sync
 
 STATE = "trainer_state.pt"
 OPTIMIZER = "optimizer.pt"
@@ -123,15 +123,6 @@ def load_weights(model: torch.nn.Module, cfg: Config, ckpt: Path) -> None:
         load_adapter(model, ckpt)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries (the renames in it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _os_cause(err: BaseException) -> OSError | None:
     """The OSError behind `err`: torch.save reports a full disk as "unexpected pos 704 vs 598", caused by one."""
     cause: BaseException | None = err
@@ -204,12 +195,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         # the LoftQ shifts its base was quantised with (without them no reload rebuilds that base).
         beside = [run_dir / name for name in (RUN_CONFIG, METRICS, SHIFTS) if (run_dir / name).is_file()]
         for file in [*tmp.iterdir(), *beside]:
-            _fsync(file)
-        _fsync(tmp)
+            sync(file)
+        sync(tmp)
         if final.exists():  # a re-save of the same step: the old one goes only once the new one is whole
             remove_checkpoint(final)
         os.replace(tmp, final)
-        _fsync(run_dir)
+        sync(run_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception):
@@ -238,10 +229,10 @@ def save_final(model: torch.nn.Module, cfg: Config, base_path: str, run_dir: Pat
         save_weights(model, cfg, base_path, tmp, step)
         files = sorted(tmp.iterdir(), key=lambda f: f.suffix == ".json")  # weights first, then the config
         for file in files:
-            _fsync(file)
+            sync(file)
         for file in files:
             os.replace(file, run_dir / file.name)
-        _fsync(run_dir)
+        sync(run_dir)
     except Exception as err:
         raise SaveError(f"could not write the adapter to {run_dir} ({root_cause(err)}); {_intact(run_dir)}: "
                         f"{_fix(err, run_dir)}, then rerun with --resume to write it") from err
