@@ -21,6 +21,14 @@ GIB = 2**30
 CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 2 GiB"
 
 
+@pytest.fixture(autouse=True)
+def ample_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host of 128 GiB, as the GPU machine's, for what a CUDA plan keeps there: not this machine's."""
+    from qlora.memory.preflight import available_on
+
+    monkeypatch.setattr(oom, "this_host", lambda processes=1, available=None: (available_on(128 * GIB), ""))
+
+
 @pytest.fixture
 def memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """A 2 GiB device whose process holds 1 GiB, at its peak too."""
@@ -211,3 +219,32 @@ def test_a_step_that_needed_more_than_its_estimate_scales_each_offer_by_what_it_
         shorter = apply_overrides(copy.deepcopy(cfg), [f"--data.max_seq_len={seq}"])
         figure = needs(estimate(shorter, load_arch(cfg), "qlora", "cuda"))[0] * scale
         assert lines[1].endswith(f"(estimated peak {figure / GIB:.2f} GiB)"), lines
+
+
+def test_what_the_host_cannot_hold_is_not_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the next run's check weighs the host too (what the plan keeps there, against what is available): on a
+    host of 128 GiB llama8b at 65,536 tokens is offered its layer inputs in host memory on 16 GiB, and as shipped
+    (those offloaded) the optimizer state in host memory on 15 GiB; with 3 GiB available (this process's own memory
+    counted as freed by then) the check refuses each, and the report offered them all the same."""
+    from qlora.config import load_recipe
+    from qlora.errors import ConfigError
+    from qlora.memory.preflight import check_fits
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = apply_overrides(load_recipe(root / "recipes" / "llama8b.py"), [
+        "--train.plan=recipe", "--train.plan_batch=false", "--data.max_seq_len=65536"])
+    cases = [(apply_overrides(copy.deepcopy(shipped), ["--train.offload_activations=false"]), 16,
+              "--train.offload_activations=true"), (shipped, 15, "--train.optimizer_on_cpu=true")]
+
+    def offered(cfg: Config, gib: int) -> list[str]:
+        lines = oom.suggestions(copy.deepcopy(cfg), torch.device("cuda"), gib * GIB, 0)
+        return [line.split(":")[0].strip() for line in lines[1:]]
+
+    assert [flag in offered(cfg, gib) for cfg, gib, flag in cases] == [True, True]
+    monkeypatch.setattr(oom, "resident_bytes", lambda name: GIB)
+    monkeypatch.setattr(oom, "this_host", lambda processes=1, available=None: (2 * GIB, ""))
+    for cfg, gib, flag in cases:
+        assert flag not in offered(cfg, gib), offered(cfg, gib)
+        with pytest.raises(ConfigError, match="in host memory"):  # what the check before loading says of it there
+            check_fits(apply_overrides(copy.deepcopy(cfg), [flag]), torch.device("cuda"), device_bytes=gib * GIB,
+                       host_bytes=3 * GIB)
