@@ -312,7 +312,8 @@ def test_a_step_that_fits_is_said_with_its_estimate_and_memory_levers_before_loa
                            "available; "), line
     assert line.endswith("; memory levers: offload_activations, tile_size=4096 with tile_projections and tile_norms, "
                          "loss_chunk_size=1024, embeddings_on_cpu"), line
-    tiny = load_recipe(ROOT / "recipes" / "tiny.py")
+    # with its data: its tokenised rows, 0.36 MiB, in host memory (rows.py)
+    tiny = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), ["--data.train=absent.jsonl", "--data.eval=none"])
     assert needs(say_fits(tiny, torch.device("cuda")))[1] == 0
     assert "host memory" not in capsys.readouterr().out
     est = say_fits(tiny, torch.device("cpu"))
@@ -372,3 +373,27 @@ def test_the_longest_context_the_memory_tool_names_is_the_checks(name: str, gib:
     longest = int(re.search(r"set --data\.max_seq_len=(\d+)", str(refused.value))[1])
     assert row["tokens"] <= longest < row["tokens"] + 1024
     check(longest)
+
+
+def test_the_tokenised_rows_are_counted_before_the_data_is_read(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows are held from before the base loads to the run's end, and the check counted none of them: a host that
+    holds the step but not the rows beside it passed (1M chat rows: ~6 GiB). Counted from the files' sizes, once:
+    on a CPU device a component of the process, on CUDA a host term; a file that is not there counts nothing."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"reverse: {n} " + "red " * 60},
+                                                     {"role": "assistant", "content": "der " * 60}]}) + "\n"
+                            for n in range(4000)))
+    cfg = apply_overrides(load_recipe(ROOT / "recipes" / "tiny.py"), [f"--data.train={rows}"])
+    size = rows.stat().st_size + Path(cfg.data.eval).stat().st_size
+    cpu, cuda = (estimate(cfg, load_arch(cfg), "qlora", device) for device in ("cpu", "cuda"))
+    assert cpu.components["tokenised_rows"] == cuda.host["tokenised_rows"] == int(4.4 * size) and not cpu.host
+    assert "tokenised_rows" not in cuda.components
+    without = apply_overrides(copy.deepcopy(cfg), [f"--data.train={tmp_path / 'absent.jsonl'}", "--data.eval=none"])
+    assert "tokenised_rows" not in estimate(without, load_arch(without), "qlora", "cpu").components
+    need = needs(cpu)[0]
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: need - cpu.components["tokenised_rows"])
+    with pytest.raises(ConfigError, match=r"the step is estimated at .* and this host has"):
+        check_fits(cfg, torch.device("cpu"))
+    monkeypatch.setattr("qlora.memory.preflight.available_bytes", lambda: need)
+    assert check_fits(cfg, torch.device("cpu")) is not None

@@ -22,8 +22,9 @@ for all three methods, and whole steps against CPU measurements with and without
 Two memories are counted. `components` is the device's (what the card would show, CUDA context included; on a CPU
 device, the process's RAM). `host` is the CPU memory a CUDA run needs besides: offloaded layer inputs (pinned), the
 optimizer when it runs on the CPU, the embedding table kept there, the 4-bit base streamed from there
-(train.stream_base: the device keeps two decoder layers of it, as `gathered_weights`, and the code tables), and the
-process's own runtime. A plan that does not fit the host is no plan (qlora/memory/context.py).
+(train.stream_base: the device keeps two decoder layers of it, as `gathered_weights`, and the code tables), the
+tokenised rows (rows.py; on a CPU device one of the `components`), and the process's own runtime. A plan that
+does not fit the host is no plan (qlora/memory/context.py).
 
 Each term, with its formula, is counted in terms.py; the estimate's assumptions in words are assumptions.py's.
 """
@@ -38,6 +39,7 @@ from qlora.levers.stream_base.memory import StreamPlan
 from qlora.memory import window
 from qlora.memory.arch import Arch
 from qlora.memory.assumptions import assumptions, levers
+from qlora.memory.rows import rows_bytes
 from qlora.memory.terms import (
     ALLREDUCE_BUCKET,
     CUDA_CONTEXT,
@@ -135,6 +137,14 @@ def estimate(cfg: Config, arch: Arch, method: str, device: str, gpus: int = 1) -
         fx["gradients"] = {"loss_backward": "none yet: freed before the forward",
                            "optimizer_step": "none on the device: in host memory (train.optimizer_on_cpu)" if staged
                            else f"P_train {'e' if g == e else 4}, all of them"}[peak_phase]
+    # Held from before the base loads to the run's end: on a CPU device with the rest of the process, of which the
+    # measured peak names them too (profiler: tokenised_rows); on CUDA, in host memory beside the card
+    held, held_fx = rows_bytes(cfg)
+    if held:
+        if device == "cpu":
+            comp["tokenised_rows"], fx["tokenised_rows"] = held, held_fx
+        else:
+            host["tokenised_rows"], hfx["tokenised_rows"] = held, held_fx
     margin, margin_fx = 0, ""
     if device == "cuda":
         comp["cuda_context"] = CUDA_CONTEXT

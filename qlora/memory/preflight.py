@@ -176,8 +176,8 @@ def check_fits(cfg: Config, device: torch.device, gpus: int = 1, device_bytes: i
         return est
     card, host = needs(est)
     streamed = est.host.get("streamed_base", 0)
-    # What no shorter row can shrink: the streamed base, and the optimizer and embeddings kept beside it.
-    fixed = streamed + est.host.get("optimizer", 0) + est.host.get("embeddings", 0)
+    # What no shorter row can shrink: the streamed base, and the optimizer, embeddings and data kept beside it.
+    fixed = streamed + sum(est.host.get(key, 0) for key in ("optimizer", "embeddings", "tokenised_rows"))
     if streamed and card <= device_bytes and est.device == "cuda" and fixed > host_bytes:
         raise ConfigError(f"train.stream_base keeps the 4-bit base in pinned host memory: the plan keeps "
                           f"{host / GIB:.2f} GiB there ({streamed / GIB:.2f} GiB of it the base) and {host_where} "

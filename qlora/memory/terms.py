@@ -41,7 +41,8 @@ QMAPS = 2 * 256 * 4
 # typical for CUDA 12 with lazy module loading. memory.json measures the real figure on each run.
 CUDA_CONTEXT = 512 * 2**20
 # What a CUDA PyTorch process holds in host memory of its own (libraries, the CUDA driver's host allocations, Python,
-# the tokenizer and data): an allowance, not a measurement, until a GPU run records it (VmRSS in memory.json).
+# the tokenizer; the tokenised rows are a term of their own, rows.py): an allowance, not a measurement, until a GPU run
+# records it (VmRSS in memory.json).
 HOST_RUNTIME = 6 * 2**30
 # The caching allocator's margin on CUDA (expandable segments): what it holds beyond the tensors at the peak, and what
 # lives outside it beyond the CUDA context. The H200 measured the 70B recipe (issue 22) reserving 1.74 / 2.72 / 3.49 GiB

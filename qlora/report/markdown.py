@@ -133,9 +133,11 @@ def markdown(report: dict, png_name: str) -> str:
                 row.append(gib((e.get("measured_components") or {}).get(cat)) if e.get("measured_components") else "–")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     held = [(e.get("measured_components") or {}).get("tokenised_rows") for e in methods.values()]
-    if measured and any(held):  # a CPU peak is host memory, the rows part of it; no estimate is made before reading
-        lines.append("| tokenised rows (host memory, measured only) | " + " | ".join(f"– | {gib(n)}" for n in held)
-                     + " |")
+    counted = [e["components"].get("tokenised_rows") for e in methods.values()]  # a CPU estimate's, from file sizes
+    if any(counted) or measured and any(held):  # a CPU peak is host memory, the rows part of it
+        lines.append(f"| tokenised rows (host memory{'' if any(counted) else ', measured only'}) | " + " | ".join(
+            (gib(c) if c else "–") + (f" | {gib(n)}" if measured else "") for c, n in zip(counted, held, strict=True))
+            + " |")
     if any(margins) or any(cache):  # measured: the card's peak less what its tensors and the context hold
         cells = [gib(m) + (f" | {gib(c)}" if measured else "") for m, c in zip(margins, cache, strict=True)]
         lines.append("| *beside the peak: the allocator's margin" +
