@@ -801,3 +801,39 @@ def test_a_launcher_watch_that_first_looks_once_the_run_ended_sends_no_signal(mo
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert capfd.readouterr().err == ""
+
+
+def test_a_process_whose_rank_0_never_comes_stops_within_train_dist_timeout_with_one_line(cli, tmp_path):
+    """Launched by hand without rank 0 (or with one that died first), rank 1 waited 2-3 times train.dist_timeout
+    (torch's client tried again after a random delay) and printed 41 lines of c10d's log and C++ frames before its
+    own. It waits for rank 0 at MASTER_ADDR:MASTER_PORT within about the timeout and says so in one line."""
+    port = free_port()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": "1",
+           "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    began = time.monotonic()
+    alone = cli.wait(cli.start([*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}", "--train.dist_timeout=4"],
+                               prelude=f"import os\nos.environ.update({env!r})\n"))
+    took = time.monotonic() - began
+    assert alone.status == 6 and alone.stdout == "", (alone.status, alone.stdout)
+    assert alone.stderr == (
+        f"rank 1: error: waited train.dist_timeout=4s for rank 0 at MASTER_ADDR:MASTER_PORT=127.0.0.1:{port}, which "
+        "never answered (connection refused): start rank 0 of this run's 2 processes with the same MASTER_ADDR, "
+        "MASTER_PORT and WORLD_SIZE (if it ended, its own output says why), or launch them all with torchrun\n")
+    assert 4 <= took < 6 and not (tmp_path / "run").exists(), took
+
+
+def test_a_rank_launched_before_rank_0_waits_for_it_and_the_run_goes_on(cli, tmp_path):
+    """The wait for rank 0's store lets a rank that came first join the one that comes after (its probe of the port
+    is no client of the store's)."""
+    port = free_port()
+    argv = ["recipes/tiny.py", "--train.steps=1", "--train.eval_batches=1", "--train.dist_timeout=20", *TWO,
+            f"--output.dir={tmp_path / 'run'}"]
+    pids = {}
+    for rank in (1, 0):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        pids[rank] = cli.start(argv, prelude=f"import os\nos.environ.update({env!r})\n")
+        time.sleep(2)
+    rank0, rank1 = cli.wait(pids[0]), cli.wait(pids[1])
+    assert rank0.status == rank1.status == 0 and rank0.stderr == rank1.stderr == "", (rank0.stderr, rank1.stderr)
+    assert "joined by all 2 processes (gloo)" in rank0.stdout and rank1.stdout == ""

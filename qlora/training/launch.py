@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ from qlora.training.runconfig import flat
 ENDED = "qlora/ended/{attempt}/{rank}"
 OWN_PATHS = ("model.path", "model.config_json", "data.train", "data.eval", "output.dir")
 GLOO_DRAIN_S = 0.2  # what gloo's worker threads are given to finish with the GIL before the interpreter exits
+WAIT_POLL_S = 0.2  # how often a rank launched by hand looks for rank 0's store before it connects
 LAUNCHER_POLL_S = 1.0  # how often a process torchrun started checks that torchrun is still there
 
 
@@ -83,8 +85,7 @@ def start(cfg: Config, ranks: Ranks) -> None:
     # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
     started = announce(f"joining {ranks.size} processes "
                        f"(each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
-    # init_process_group's own rendezvous, done here to keep the store: a rank posts there the ending it leaves unsaid
-    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    store = meet(ranks, timeout)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
                             world_size=ranks.size, timeout=timeout)
     if ranks.main:
@@ -94,6 +95,43 @@ def start(cfg: Config, ranks: Ranks) -> None:
     ranks.check_same({k: v for k, v in flat(cfg.to_dict()).items() if k not in OWN_PATHS},
                      "launch every process with the same recipe and overrides")
     ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
+
+
+def meet(ranks: Ranks, timeout: datetime.timedelta) -> dist.Store:
+    """The store the processes meet through: init_process_group's own rendezvous (env://), done here to keep the
+    store, where a rank posts the ending it leaves unsaid. Under torchrun its agent holds the store; launched by hand,
+    rank 0 hosts it, and another rank waits here, at most `timeout`, for rank 0 to listen at MASTER_ADDR:MASTER_PORT
+    before it connects. torch's client waited the timeout, then a random delay of up to about as long, then the
+    timeout again (measured: 15 s for train.dist_timeout=5, 20-30 min at the default), and printed 40 lines of c10d's
+    log and C++ frames before the run's own line."""
+    if ranks.main or "TORCHELASTIC_RUN_ID" in os.environ:
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        return store
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if host and port.isascii() and port.isdigit():  # else env:// refuses them, as it does on rank 0
+        wait_for_main(ranks, host, int(port), timeout)
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return store
+
+
+def wait_for_main(ranks: Ranks, host: str, port: int, timeout: datetime.timedelta) -> None:
+    """Return once something listens at host:port (rank 0's store, whose client then connects at once); a Stop with
+    exit 6 and one line where nothing did within `timeout`. A bare connection, closed unused, is nothing to the store:
+    its server counts the clients that join it, not the connections it accepts."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            why = err.strerror or str(err) or type(err).__name__  # a timeout's strerror is None
+        if time.monotonic() >= deadline:
+            raise Stop(EXIT_PEER, f"waited train.dist_timeout={timeout.total_seconds():g}s for rank 0 at "
+                                  f"MASTER_ADDR:MASTER_PORT={host}:{port}, which never answered ({why.lower()}): "
+                                  f"start rank 0 of this run's {ranks.size} processes with the same MASTER_ADDR, "
+                                  "MASTER_PORT and WORLD_SIZE (if it ended, its own output says why), or launch them "
+                                  "all with torchrun")
+        time.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
 def check_same_checkpoints(ranks: Ranks, run_dir: Path) -> None:
