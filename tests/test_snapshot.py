@@ -76,8 +76,9 @@ def test_the_estimate_accounts_for_the_recorded_peak(committed: dict) -> None:
     stray block within 5% of the estimate for the same recipe and shape."""
     cfg = snapshot_fixture.config()
     tensors = replay.peak(committed).allocated - snapshot_fixture.STRAY_BYTES
-    est = estimate(cfg, load_arch(cfg), "qlora", "cpu").peak_bytes
-    assert abs(est / tensors - 1) <= 0.05, (est, tensors)
+    est = estimate(cfg, load_arch(cfg), "qlora", "cpu")
+    held = est.peak_bytes - est.components.get("tokenised_rows", 0)  # Python's arrays, no tensor the recording sees
+    assert abs(held / tensors - 1) <= 0.05, (held, tensors)
 
 
 def test_the_replayed_peak_is_the_recorders_even_when_the_trace_lost_its_start() -> None:
