@@ -822,6 +822,23 @@ def test_a_process_whose_rank_0_never_comes_stops_within_train_dist_timeout_with
     assert 4 <= took < 6 and not (tmp_path / "run").exists(), took
 
 
+@pytest.mark.parametrize(("addr", "port"), [(None, "29500"), ("127.0.0.1", None), ("127.0.0.1", "99999")])
+def test_processes_without_a_place_to_meet_are_refused_in_one_line(cli, tmp_path, addr, port):
+    """WORLD_SIZE=2 without MASTER_ADDR or MASTER_PORT (launched by hand; torchrun sets both) ended each rank in
+    torch's env:// traceback, exit 1: refused before the join, in one line, nothing written."""
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    env.update({k: v for k, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if v is not None})
+    unset = [k for k, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if v is None]
+    prelude = f"import os\nos.environ.update({env!r})\n" + "".join(f"os.environ.pop({k!r}, None)\n" for k in unset)
+    done = cli.wait(cli.start([*ARGS, *TWO, f"--output.dir={tmp_path / 'run'}"], prelude=prelude))
+    assert done.status == 2 and "joining" not in done.stdout, (done.status, done.stdout)
+    assert done.stderr == (f"error: WORLD_SIZE=2 needs MASTER_ADDR (rank 0's host) and MASTER_PORT (a free port there, "
+                           f"1 to 65535), where the processes meet: MASTER_ADDR={addr or ''!r}, MASTER_PORT="
+                           f"{port or ''!r}; launch with torchrun --nproc-per-node=N -m qlora.train RECIPE.py, which "
+                           "sets them\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rank_launched_before_rank_0_waits_for_it_and_the_run_goes_on(cli, tmp_path):
     """The wait for rank 0's store lets a rank that came first join the one that comes after (its probe of the port
     is no client of the store's)."""

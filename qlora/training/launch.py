@@ -82,6 +82,7 @@ def start(cfg: Config, ranks: Ranks) -> None:
     if not ranks.main:
         quiet()
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
+    meeting_point(ranks)
     # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
     started = announce(f"joining {ranks.size} processes "
                        f"(each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
@@ -107,11 +108,21 @@ def meet(ranks: Ranks, timeout: datetime.timedelta) -> dist.Store:
     if ranks.main or "TORCHELASTIC_RUN_ID" in os.environ:
         store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
         return store
-    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    if host and port.isascii() and port.isdigit():  # else env:// refuses them, as it does on rank 0
-        wait_for_main(ranks, host, int(port), timeout)
+    wait_for_main(ranks, *meeting_point(ranks), timeout)
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     return store
+
+
+def meeting_point(ranks: Ranks) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT, where the processes meet (rank 0's store), checked: unset, each rank ended in
+    torch's env:// traceback, exit 1."""
+    host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 2**16):
+        raise ConfigError(f"WORLD_SIZE={ranks.size} needs MASTER_ADDR (rank 0's host) and MASTER_PORT (a free port "
+                          f"there, 1 to 65535), where the processes meet: MASTER_ADDR={host!r}, MASTER_PORT="
+                          f"{port[:20]!r}; launch with torchrun --nproc-per-node=N -m qlora.train RECIPE.py, which "
+                          "sets them")
+    return host, int(port)
 
 
 def wait_for_main(ranks: Ranks, host: str, port: int, timeout: datetime.timedelta) -> None:
