@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import platform
@@ -249,8 +250,12 @@ def build_standard(cfg: Config, prep: str) -> tuple[torch.nn.Module, Callable, t
     cfg.quant.quantize_lm_head = cfg.model.embeddings_on_cpu = False  # our levers, not the standard stack's
     model, _, _ = load_base(cfg, device)
     if prep == "kbit":
+        # peft 0.22 renamed the argument after transformers 5.23's rename, and warns at the old name; 0.21 (the
+        # lower bound) knows only the old one.
+        named = "activation_checkpointing_kwargs" if "activation_checkpointing_kwargs" in \
+            inspect.signature(prepare_model_for_kbit_training).parameters else "gradient_checkpointing_kwargs"
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+                                                **{named: {"use_reentrant": False}})
     else:
         checkpoint_every_layer(model)
         model.enable_input_require_grads()
