@@ -423,7 +423,7 @@ def test_closing_memory_line_compares_like_with_like_on_cuda_and_says_what_each_
     # Process memory against tensors: no percentage, and each figure says what it is.
     assert "%" not in cpu and "peak resident set 0.59 GiB above the start" in cpu, cpu
     assert "activations and the rest 0.49 GiB" in cpu and "the estimate, 0.64 GiB for batches of 8 x 61 tokens, " \
-        "counts tensors only" in cpu, cpu
+        "counts tensors and the rows only" in cpu, cpu
     assert len(cpu) <= 240 and len(cuda) <= 240  # was ~560: one line, not a paragraph
     # A category under 1% of the peak is left out: a CPU peak's 0-byte CUDA context, 3 MiB of gradients in 600 MiB.
     small = one_line({**SUMMARY, "device": "cpu", "peak_by_category": {

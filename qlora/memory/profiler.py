@@ -190,9 +190,9 @@ def one_line(summary: dict) -> str:
 
     On CUDA both count the same things (PyTorch's memory, paged optimizer state, the CUDA context), so the line gives
     the estimate's error. On CPU the measured figure is the process's resident set above its start, which includes
-    libraries loaded with the model and malloc's free lists, and the estimate counts tensors only: the line says so
-    instead of a percentage (`python -m qlora.memory RECIPE --measure` compares the two like with like; docs/memory.md
-    says how the run's figures relate).
+    libraries loaded with the model and malloc's free lists, and the estimate counts tensors and the tokenised rows
+    only: the line says so instead of a percentage (`python -m qlora.memory RECIPE --measure` compares the two like
+    with like; docs/memory.md says how the run's figures relate).
     """
     if summary.get("peak_bytes") is None:
         return "memory: no training step was recorded"
@@ -209,5 +209,5 @@ def one_line(summary: dict) -> str:
     if not cpu:
         vs = f"; estimated {human(est)} for {batch} ({100 * (est / peak - 1):+.0f}%)" if est else ""
         return f"memory: peak {human(peak)} in {summary['peak_phase']} on {summary['device']} ({parts}){vs}"
-    vs = f"; the estimate, {human(est)} for {batch}, counts tensors only" if est else ""
+    vs = f"; the estimate, {human(est)} for {batch}, counts tensors and the rows only" if est else ""
     return f"memory: peak resident set {human(peak)} above the start, in {summary['peak_phase']} ({parts}){vs}"
