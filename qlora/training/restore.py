@@ -132,9 +132,9 @@ def restorable(run_dir: Path, cfg: Config) -> tuple[Path | None, dict]:
     the restore resumes from checkpoint-3. Shapes and values need the model: the restore may still pass over the one
     named here, and then judges by the one it uses (progress.resume_progress). (None, {}) where none is."""
     for ckpt in reversed(checkpoint_dirs(run_dir)):
+        if (state := trainer_state(ckpt)) is None:
+            continue
         try:
-            state = _read(ckpt, STATE)
-            _check_state(state, ckpt)
             if state.get("optimizer", cfg.train.optimizer) == cfg.train.optimizer:
                 with warnings.catch_warnings():  # mmap: the zip's directory is read, not the moments
                     warnings.simplefilter("ignore", UserWarning)
