@@ -26,7 +26,7 @@ def ample_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """A host of 128 GiB, as the GPU machine's, for what a CUDA plan keeps there: not this machine's."""
     from qlora.memory.preflight import available_on
 
-    monkeypatch.setattr(oom, "this_host", lambda processes=1, available=None: (available_on(128 * GIB), ""))
+    monkeypatch.setattr(oom, "available_bytes", lambda: available_on(128 * GIB))
 
 
 @pytest.fixture
@@ -242,7 +242,7 @@ def test_what_the_host_cannot_hold_is_not_offered(monkeypatch: pytest.MonkeyPatc
 
     assert [flag in offered(cfg, gib) for cfg, gib, flag in cases] == [True, True]
     monkeypatch.setattr(oom, "resident_bytes", lambda name: GIB)
-    monkeypatch.setattr(oom, "this_host", lambda processes=1, available=None: (2 * GIB, ""))
+    monkeypatch.setattr(oom, "available_bytes", lambda: 2 * GIB)
     for cfg, gib, flag in cases:
         assert flag not in offered(cfg, gib), offered(cfg, gib)
         with pytest.raises(ConfigError, match="in host memory"):  # what the check before loading says of it there

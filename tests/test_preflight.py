@@ -210,7 +210,7 @@ def test_out_of_memory_advice_offers_the_tiles_the_recipe_lacks(overrides: list[
     from qlora.training import oom
     from qlora.training.oom import suggestions
 
-    monkeypatch.setattr(oom, "this_host", lambda processes=1, available=None: (available_on(128 * GIB), ""))
+    monkeypatch.setattr(oom, "available_bytes", lambda: available_on(128 * GIB))
 
     cfg = apply_overrides(load_recipe(ROOT / "recipes" / "llama8b.py"), ["--data.max_seq_len=131072", *overrides])
     lines = suggestions(cfg, torch.device("cuda"), 24 * GIB, 0)

@@ -16,9 +16,9 @@ import torch
 
 from qlora.config import Config
 from qlora.data.labels import shortest_keeping
-from qlora.memory.preflight import divisors, needs, process_margin, this_host
+from qlora.memory.preflight import divisors, needs, process_margin
 from qlora.memory.profiler import PhaseTracker
-from qlora.memory.readings import resident_bytes, total_bytes
+from qlora.memory.readings import available_bytes, resident_bytes, total_bytes
 from qlora.training.checkpoint import intact_line, list_checkpoints
 
 HEADROOM = 0.95  # suggestions aim under 95% of the device: the allocator fragments, and estimates are estimates
@@ -134,16 +134,16 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
     budget, arch = HEADROOM * total, load_arch(cfg)
     # On CUDA the rerun's check weighs the host too (what the plan keeps there: the optimizer on the CPU, offloaded
     # layer inputs), against what is available then: at most what is now, and what this process holds, freed by then.
-    host = this_host()[0] + resident_bytes("VmRSS") if device.type == "cuda" else None
+    host = available_bytes() + resident_bytes("VmRSS") if device.type == "cuda" else None
 
-    def peak(weigh_host: bool = True, **changes: object) -> float:
+    def peak(**changes: object) -> float:
         """The card's figure with `changes`, or inf where the host would not hold what the plan keeps there."""
         c = copy.deepcopy(cfg)
         for key, value in changes.items():
             section, name = key.split("__")
             setattr(getattr(c, section), name, value)
         card, kept = needs(estimate(c, arch, c.quant.method, device.type))
-        return card * scale if host is None or not weigh_host or kept <= host else float("inf")
+        return card * scale if host is None or kept <= host else float("inf")
 
     scale = 1.0
     est = estimate(cfg, arch, cfg.quant.method, device.type)
@@ -189,7 +189,7 @@ def suggestions(cfg: Config, device: torch.device, total: int, needed: int,
     if cfg.quant.method != "full" and cfg.lora.r > 1:
         offer(f"--lora.r={cfg.lora.r // 2}", "half the adapter, gradient and optimizer memory; a rank cannot change "
               "on --resume: start a new run with it (--overwrite or another output.dir)", lora__r=cfg.lora.r // 2)
-    head = [f"estimated peak of this recipe {_size(peak(weigh_host=False))} (qlora.memory.estimate"
+    head = [f"estimated peak of this recipe {_size(needs(est)[0] * scale)} (qlora.memory.estimate"
             + (f", with {counted}, as the check before loading counts it" if counted else "")
             + (f", scaled x{scale:.2f} to what the failed step needed" if scale > 1 else "")
             + f"); each of these alone fits under {_size(budget)}:"]
