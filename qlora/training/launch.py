@@ -82,11 +82,11 @@ def start(cfg: Config, ranks: Ranks) -> None:
     if not ranks.main:
         quiet()
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout)
-    meeting_point(ranks)
+    place = meeting_point(ranks)
     # Said before the wait: a process launched alone with WORLD_SIZE=2 waited the whole timeout without a word.
     started = announce(f"joining {ranks.size} processes "
                        f"(each has train.dist_timeout={cfg.train.dist_timeout} s to arrive)")
-    store = meet(ranks, timeout)
+    store = meet(ranks, place, timeout)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=ranks.rank,
                             world_size=ranks.size, timeout=timeout)
     if ranks.main:
@@ -98,17 +98,15 @@ def start(cfg: Config, ranks: Ranks) -> None:
     ranks.on_main(ensure_checkpoint, cfg)  # a builder run by every rank at once would race for the same folder
 
 
-def meet(ranks: Ranks, timeout: datetime.timedelta) -> dist.Store:
+def meet(ranks: Ranks, place: tuple[str, int], timeout: datetime.timedelta) -> dist.Store:
     """The store the processes meet through: init_process_group's own rendezvous (env://), done here to keep the
     store, where a rank posts the ending it leaves unsaid. Under torchrun its agent holds the store; launched by hand,
-    rank 0 hosts it, and another rank waits here, at most `timeout`, for rank 0 to listen at MASTER_ADDR:MASTER_PORT
-    before it connects. torch's client waited the timeout, then a random delay of up to about as long, then the
-    timeout again (measured: 15 s for train.dist_timeout=5, 20-30 min at the default), and printed 40 lines of c10d's
-    log and C++ frames before the run's own line."""
-    if ranks.main or "TORCHELASTIC_RUN_ID" in os.environ:
-        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
-        return store
-    wait_for_main(ranks, *meeting_point(ranks), timeout)
+    rank 0 hosts it, and another rank waits here, at most `timeout`, for rank 0 to listen at `place` (MASTER_ADDR and
+    MASTER_PORT) before it connects. torch's client waited the timeout, then a random delay of up to about as long,
+    then the timeout again (measured: 15 s for train.dist_timeout=5, 20-30 min at the default), and printed 40 lines
+    of c10d's log and C++ frames before the run's own line."""
+    if not ranks.main and "TORCHELASTIC_RUN_ID" not in os.environ:
+        wait_for_main(ranks, *place, timeout)
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     return store
 
