@@ -26,6 +26,7 @@ from qlora.partial import save_tensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}  # the compute dtypes' names, as recipes spell them
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> our model: the two wrappers PEFT puts around the base
 # What PEFT reads from adapter_config.json, beyond r, alpha and target_modules, to build the model it loads an adapter
 # into, as save_adapter writes it (None: null or empty; a key absent is PEFT's default). eval and a merge here rebuild
@@ -207,7 +208,7 @@ def save_adapter(model: nn.Module, cfg: LoRAConfig, base_path: str, out_dir: Pat
         "inference_mode": True,
     }
     state = {k: v.to("cpu") for k, v in adapter_state_dict(model).items()}
-    dtype = next((name for name, d in DTYPES.items() if d == next(iter(state.values())).dtype), None)
+    dtype = DTYPE_NAMES.get(next(iter(state.values())).dtype)
     save_tensors(state, out_dir / ADAPTER_WEIGHTS, {**(metadata or {}), **({"dtype": dtype} if dtype else {})})
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
 
@@ -265,7 +266,7 @@ def trained_dtype(run_dir: Path) -> str:
     path = Path(run_dir) / ADAPTER_WEIGHTS
     with safe_open(str(path), "pt") as f:
         dtype, recorded = f.get_tensor(next(iter(f.keys()))).dtype, (f.metadata() or {}).get("dtype")
-    name = next(name for name, d in DTYPES.items() if d == dtype)
+    name = DTYPE_NAMES[dtype]
     if recorded is not None and recorded != name:
         raise ConfigError(f"{path} holds the adapter as {name}, but the run trained, and saved it, in {recorded} (its "
                           "header says), the dtype its base was quantised in: restore it from the run (its "

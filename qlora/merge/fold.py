@@ -170,6 +170,8 @@ class MergeSource:
     device: torch.device
     onto: str
     """The base in words, for the announcement and merge_info.json."""
+    trained: str
+    """The dtype the run trained in, and its base was loaded and quantised in (trained_dtype)."""
 
 
 def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | None = None,
@@ -186,13 +188,14 @@ def merge_source(run_dir: Path, base_16bit: str | None = None, device: str | Non
     check_model_dir(base, f"--base-16bit={base}" if base_16bit else f"the run's base {base}",
                     cfg.model.trust_remote_code)
     check_adapter(run_dir, read_adapter_config(run_dir), checkpoint_shards(Path(base)))
-    trained_dtype(run_dir)  # an adapter cast since it was saved: refused before anything is written
+    trained = trained_dtype(run_dir)  # an adapter cast since it was saved: refused before anything is written
     # A qlora adapter trained against NF4 weights: rebuild those, unless told to use the 16-bit originals.
     dequantise = cfg.quant.method == "qlora" and base_16bit is None
     double = " with double quant" if cfg.quant.double_quant else ""
     onto = (f"the dequantised {cfg.quant.quant_type.upper()}{double} base of {base} (what the adapter trained on)"
             if dequantise else f"the original 16-bit weights of {base}")
-    return MergeSource(run_dir, cfg, base, dequantise, scaling, resolve_device(device or cfg.train.device), onto)
+    return MergeSource(run_dir, cfg, base, dequantise, scaling, resolve_device(device or cfg.train.device), onto,
+                       trained)
 
 
 Fold = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
@@ -208,7 +211,7 @@ def folding(source: MergeSource) -> Iterator[tuple[Fold, set[str]]]:
     """
     cfg, dev, scaling = source.cfg, source.device, source.scaling
     # What the run's load cast each tensor to (and quantised from): the dtype it trained in, not this machine's.
-    load_dtype = DTYPES[trained_dtype(source.run_dir)]
+    load_dtype = DTYPES[source.trained]
     quantized = quantized_modules(source.base, cfg) if source.dequantise else set()
     # lora.loftq_iters > 1: the base was quantised from W minus LoftQ's last correction (qlora.adapters.loftq.shifted).
     shifts = (load_shifts(source.run_dir) if source.dequantise and cfg.lora.init == "loftq"
